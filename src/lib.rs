@@ -1,0 +1,12 @@
+//! driveblk: a vhost-user-blk daemon that serves raw and QCOW2 images from a
+//! tiered store (RAM, local SSD cache, remote volume).
+//!
+//! Layers, top to bottom (see ARCHITECTURE.md):
+//! - [`vhost`]: the vhost-user-blk device: virtqueues, request parsing,
+//!   out-of-order completion.
+//! - [`format`]: raw / qcow2 translation from guest offsets to image-file offsets.
+//! - [`tier`]: where the image file's bytes live (local file; RAM/SSD/remote).
+//! - [`cli`]: command-line parsing into validated configuration.
+
+pub mod format;
+pub mod tier;

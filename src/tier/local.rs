@@ -1,0 +1,280 @@
+//! A local file as storage: positioned vectored I/O straight into the
+//! caller's buffers (guest memory), `RWF_NOWAIT` for the non-blocking fast
+//! path, hole punching for zeroes, `fdatasync` for flush.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::format::{IoMode, IoVec};
+use crate::tier::Storage;
+
+/// Maximum iovecs per preadv/pwritev call (IOV_MAX on Linux).
+const IOV_MAX: usize = 1024;
+
+/// A local image file.
+#[derive(Debug)]
+pub struct LocalFile {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    len: AtomicU64,
+    /// Cleared once the kernel says RWF_NOWAIT is unsupported here, so we stop
+    /// asking (the blocking worker then serves every request).
+    nowait_reads: AtomicBool,
+}
+
+impl LocalFile {
+    /// Opens an existing file, read-only or read-write.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() && !meta.file_type().is_block_device_like() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        let len = file_len(&file)?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            read_only,
+            len: AtomicU64::new(len),
+            nowait_reads: AtomicBool::new(true),
+        })
+    }
+
+    /// The path this file was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn readv_once(&self, offset: u64, iov: &[libc::iovec], nowait: bool) -> io::Result<usize> {
+        let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+        let n = iov.len().min(IOV_MAX);
+        // SAFETY: the iovecs describe memory valid for writes (IoVec invariant).
+        let r = unsafe { libc::preadv2(self.file.as_raw_fd(), iov.as_ptr(), n as i32, offset as i64, flags) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    fn writev_once(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<usize> {
+        let n = iov.len().min(IOV_MAX);
+        // SAFETY: the iovecs describe memory valid for reads (IoVec invariant).
+        let r = unsafe { libc::pwritev2(self.file.as_raw_fd(), iov.as_ptr(), n as i32, offset as i64, 0) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+}
+
+trait FileTypeExt {
+    fn is_block_device_like(&self) -> bool;
+}
+impl FileTypeExt for std::fs::FileType {
+    fn is_block_device_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt as _;
+        self.is_block_device()
+    }
+}
+
+fn file_len(file: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    // Works for block devices too, where metadata().len() is 0.
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+}
+
+/// Advances `iov` past `n` consumed bytes.
+fn advance(iov: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut drop_count = 0;
+    for v in iov.iter_mut() {
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            drop_count += 1;
+        } else {
+            v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) }.cast();
+            v.iov_len -= n;
+            break;
+        }
+    }
+    iov.drain(..drop_count);
+}
+
+impl Storage for LocalFile {
+    fn len(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        let total = bufs.len();
+        let nowait = mode == IoMode::NonBlocking;
+        if nowait && !self.nowait_reads.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let mut iov = bufs.as_iovecs();
+        let mut done = 0usize;
+        while done < total {
+            match self.readv_once(offset + done as u64, &iov, nowait) {
+                Ok(0) => {
+                    // End of file: the rest reads as zeroes.
+                    bufs.fill_zero(done, total - done);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    done += n;
+                    advance(&mut iov, n);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if nowait && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    self.nowait_reads.store(false, Ordering::Relaxed);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                // A short NOWAIT read followed by EAGAIN: the rest is re-read
+                // from the start by the blocking worker; reads are idempotent.
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "storage is read-only"));
+        }
+        // Buffered writes mostly land in the page cache without waiting; a
+        // write that would extend the file is left to the blocking path so
+        // the length bookkeeping stays simple.
+        let total = bufs.len() as u64;
+        let end = offset.checked_add(total).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if mode == IoMode::NonBlocking && end > self.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let mut iov = bufs.as_iovecs();
+        let mut done = 0u64;
+        while done < total {
+            match self.writev_once(offset + done, &iov) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing")),
+                Ok(n) => {
+                    done += n as u64;
+                    advance(&mut iov, n);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.len.fetch_max(end, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "storage is read-only"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let flen = self.len();
+        // Punch only inside the file; zero-extend past its end by writing.
+        let punch_end = (offset + len).min(flen);
+        if offset < punch_end {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: plain syscall on an owned fd.
+            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, (punch_end - offset) as i64) };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                // Filesystems without hole punching: write zeroes instead.
+                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(e);
+                }
+                write_zero_bytes(&self.file, offset, punch_end - offset)?;
+            }
+        }
+        if offset + len > flen {
+            let start = offset.max(flen);
+            write_zero_bytes(&self.file, start, offset + len - start)?;
+            self.len.fetch_max(offset + len, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.len.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
+    fn describe(&self) -> String {
+        format!("local file {}", self.path.display())
+    }
+}
+
+fn write_zero_bytes(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    while len > 0 {
+        let n = len.min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], offset)?;
+        offset += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_zero_and_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![7u8; 8192]).unwrap();
+        let f = LocalFile::open(&p, false).unwrap();
+        f.write_at(100, b"hello").unwrap();
+        let mut buf = vec![0u8; 10];
+        f.read_at(98, &mut buf).unwrap();
+        assert_eq!(&buf, &[7, 7, b'h', b'e', b'l', b'l', b'o', 7, 7, 7]);
+        f.write_zeroes_at(4096, 4096).unwrap();
+        let mut buf = vec![1u8; 4096];
+        f.read_at(4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        // Past EOF reads zero.
+        let mut buf = vec![1u8; 100];
+        f.read_at(8150, &mut buf).unwrap();
+        assert_eq!(&buf[..42], &[0u8; 42][..]);
+        assert!(buf[42..].iter().all(|&b| b == 0));
+        assert_eq!(f.len(), 8192);
+        f.write_at(10_000, b"x").unwrap();
+        assert_eq!(f.len(), 10_001);
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![0u8; 512]).unwrap();
+        let f = LocalFile::open(&p, true).unwrap();
+        assert!(f.write_at(0, b"x").is_err());
+        assert!(f.write_zeroes_at(0, 512).is_err());
+    }
+}

@@ -1,0 +1,66 @@
+//! Tier layer: where the image file's bytes live. [`Storage`] is the seam the
+//! format layer reads and writes through; [`LocalFile`] serves a plain local
+//! file, and the tiered RAM/SSD/remote store implements the same trait.
+
+pub mod local;
+
+use std::io;
+
+use crate::format::{IoMode, IoVec};
+
+pub use local::LocalFile;
+
+/// Byte-addressable storage holding one image file.
+///
+/// All methods take `&self` and must be safe to call from many threads at
+/// once; positioned I/O only, never a shared seek offset.
+pub trait Storage: Send + Sync {
+    /// Current length of the image file in bytes.
+    fn len(&self) -> u64;
+
+    /// True when the file is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True if the storage refuses writes.
+    fn read_only(&self) -> bool;
+
+    /// Reads `bufs.len()` bytes at `offset`. Bytes at or past the end of the
+    /// file read as zeroes. With [`IoMode::NonBlocking`] the call returns an
+    /// error of kind `WouldBlock` instead of waiting for slow media.
+    fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()>;
+
+    /// Writes `bufs.len()` bytes at `offset`, growing the file if needed.
+    fn write_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()>;
+
+    /// Makes `[offset, offset + len)` read as zeroes, releasing the space
+    /// where the storage can (hole punching). Does not change the length.
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Sets the file length (truncate or extend with zeroes).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Makes all completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Reads exactly `buf.len()` bytes at `offset`, blocking (metadata path).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_vectored_at(offset, &IoVec::from_slice(buf), IoMode::Blocking)
+    }
+
+    /// Writes all of `buf` at `offset`, blocking (metadata path).
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        // The IoVec API is shared with reads and so takes a mutable view; a
+        // write only ever reads from it, so copying to a scratch Vec would be
+        // wasted work. Build the vector from the raw pointer instead.
+        let mut v = IoVec::new();
+        // SAFETY: the storage only reads through a vector passed to a write,
+        // and `buf` outlives the call.
+        unsafe { v.push_raw(buf.as_ptr() as *mut u8, buf.len()) };
+        self.write_vectored_at(offset, &v, IoMode::Blocking)
+    }
+
+    /// One-line description for logs.
+    fn describe(&self) -> String;
+}
