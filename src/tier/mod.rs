@@ -61,6 +61,16 @@ pub trait Storage: Send + Sync {
         self.write_vectored_at(offset, &v, IoMode::Blocking)
     }
 
+    /// Declares `ranges` of the file to be metadata (qcow2 header, L1/L2 and
+    /// refcount tables): a tiered store fetches them now, in parallel, and
+    /// keeps them resident so no guest request waits on a remote round trip
+    /// for metadata. Callers still read them normally afterwards. Local
+    /// storage ignores it.
+    fn hint_metadata(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
+        let _ = ranges;
+        Ok(())
+    }
+
     /// One-line description for logs.
     fn describe(&self) -> String;
 }
