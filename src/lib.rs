@@ -8,5 +8,7 @@
 //! - [`tier`]: where the image file's bytes live (local file; RAM/SSD/remote).
 //! - [`cli`]: command-line parsing into validated configuration.
 
+pub mod cli;
 pub mod format;
 pub mod tier;
+pub mod vhost;

@@ -48,6 +48,18 @@ impl LocalFile {
         })
     }
 
+    /// Takes an advisory lock on the file (exclusive for a writer, shared for
+    /// readers) so a second driveblk cannot write the same image. Fails at
+    /// once, with `WouldBlock`, if another process holds a conflicting lock.
+    pub fn lock(&self, exclusive: bool) -> io::Result<()> {
+        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+        // SAFETY: plain syscall on an owned fd.
+        if unsafe { libc::flock(self.file.as_raw_fd(), op) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The path this file was opened from.
     pub fn path(&self) -> &Path {
         &self.path

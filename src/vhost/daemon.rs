@@ -1,0 +1,226 @@
+//! Serving a disk on a vhost-user socket: owns the listening socket, serves
+//! one frontend at a time with a fresh `VhostUserDaemon` per connection
+//! (a daemon cannot be reused after its frontend leaves), and shuts down
+//! cleanly on request: in-flight requests finish, the disk is flushed and
+//! closed, the socket file is removed.
+
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::format::{Disk, IoMode};
+use crate::vhost::backend::BlockBackend;
+use crate::vhost::config::DeviceConfig;
+use crate::vhost::pool::IoPool;
+use crate::vhost::request::GuestMem;
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("socket {path} is in use by a running daemon; stop it or choose another --socket")]
+    SocketInUse { path: PathBuf },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("vhost-user: {0}")]
+    Vhost(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Asks a running [`Server`] to stop; cheap to clone, usable from a signal
+/// thread.
+#[derive(Clone)]
+pub struct StopHandle {
+    inner: Arc<StopState>,
+}
+
+struct StopState {
+    requested: AtomicBool,
+    wake: EventNotifier,
+    current: Mutex<Option<ShutdownHandle>>,
+}
+
+impl StopHandle {
+    /// Requests shutdown: the current frontend is disconnected and the server
+    /// returns once in-flight requests are done and the disk is closed.
+    pub fn stop(&self) {
+        self.inner.requested.store(true, Ordering::Release);
+        let _ = self.inner.wake.notify();
+        if let Some(h) = self.inner.current.lock().as_ref() {
+            h.shutdown();
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.inner.requested.load(Ordering::Acquire)
+    }
+}
+
+/// A vhost-user-blk server for one disk on one socket.
+pub struct Server {
+    disk: Arc<dyn Disk>,
+    cfg: DeviceConfig,
+    socket: PathBuf,
+    listener: Listener,
+    pool: Arc<IoPool>,
+    stop: StopHandle,
+    wake: EventConsumer,
+}
+
+impl Server {
+    /// Binds the socket (replacing a stale socket file, refusing a live one)
+    /// and starts the I/O pool.
+    pub fn bind(disk: Arc<dyn Disk>, cfg: DeviceConfig, socket: &Path) -> Result<Self, ServeError> {
+        let listener = bind_socket(socket)?;
+        let pool = Arc::new(IoPool::new(cfg.io_threads)?);
+        let (wake, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        let stop = StopHandle {
+            inner: Arc::new(StopState { requested: AtomicBool::new(false), wake: notifier, current: Mutex::new(None) }),
+        };
+        Ok(Self { disk, cfg, socket: socket.to_path_buf(), listener: Listener::from(listener), pool, stop, wake })
+    }
+
+    /// A handle that stops the server from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Serves frontends one after another until stopped, then flushes and
+    /// closes the disk and removes the socket.
+    pub fn run(mut self) -> Result<(), ServeError> {
+        let result = self.serve_loop();
+        self.pool.shutdown();
+        let close = self.disk.close();
+        let _ = fs::remove_file(&self.socket);
+        if let Err(e) = &close {
+            tracing::error!("closing the image failed: {e}");
+        }
+        result?;
+        close.map_err(|e| ServeError::Io(io::Error::other(e.to_string())))
+    }
+
+    fn serve_loop(&mut self) -> Result<(), ServeError> {
+        loop {
+            if !self.wait_for_frontend()? {
+                return Ok(());
+            }
+            let backend = BlockBackend::new(self.disk.clone(), self.cfg.clone(), self.pool.clone());
+            let mem = GuestMemoryAtomic::new(GuestMem::new());
+            let mut daemon = VhostUserDaemon::new("driveblk".into(), backend.clone(), mem)
+                .map_err(|e| ServeError::Vhost(e.to_string()))?;
+            if let Err(e) = daemon.start(&mut self.listener) {
+                tracing::warn!("frontend connection failed: {e}");
+                backend.stop_workers();
+                continue;
+            }
+            tracing::info!("frontend connected");
+            *self.stop.inner.current.lock() = daemon.shutdown_handle();
+            // A stop requested between the accept and storing the handle.
+            if self.stop.requested() {
+                daemon.request_shutdown();
+            }
+            let res = daemon.wait();
+            self.stop.inner.current.lock().take();
+            backend.wait_idle();
+            backend.stop_workers();
+            match res {
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+                )) => tracing::info!("frontend disconnected"),
+                Err(e) => tracing::warn!("frontend connection ended: {e}"),
+            }
+            // The guest may be gone for good: make its writes durable now.
+            if let Err(e) = self.disk.flush(IoMode::Blocking) {
+                tracing::error!("flush after disconnect failed: {e}");
+            }
+            if self.stop.requested() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Blocks until a frontend is waiting to be accepted (true) or a stop was
+    /// requested (false).
+    fn wait_for_frontend(&self) -> Result<bool, ServeError> {
+        loop {
+            if self.stop.requested() {
+                return Ok(false);
+            }
+            let mut fds = [
+                libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: fds is a valid array of two pollfds.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            if fds[1].revents != 0 {
+                let _ = self.wake.consume();
+                continue;
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// Binds a listening socket at `path`. A socket file nobody listens on (left
+/// by a crash) is replaced; a live one or a non-socket file is refused.
+fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if socket_is_live(path) {
+                return Err(ServeError::SocketInUse { path: path.to_path_buf() });
+            }
+            tracing::info!(path = %path.display(), "replacing stale socket file");
+            fs::remove_file(path)?;
+        }
+        Ok(_) => return Err(ServeError::NotASocket { path: path.to_path_buf() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    UnixListener::bind(path).map_err(|source| ServeError::Bind { path: path.to_path_buf(), source })
+}
+
+/// True if some process listens on the socket. Looks in /proc/net/unix first
+/// so a live vhost-user daemon is not disturbed by a probe connection.
+fn socket_is_live(path: &Path) -> bool {
+    if let Ok(table) = fs::read_to_string("/proc/net/unix") {
+        let want = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let listed = table.lines().skip(1).any(|line| {
+            let mut cols = line.split_whitespace();
+            // Num RefCount Protocol Flags Type St Inode Path
+            let flags = cols.nth(3).and_then(|f| u32::from_str_radix(f, 16).ok()).unwrap_or(0);
+            let p = cols.nth(3);
+            flags & 0x10000 != 0 && p.is_some_and(|p| Path::new(p) == want || Path::new(p) == path)
+        });
+        if listed {
+            return true;
+        }
+    }
+    UnixStream::connect(path).is_ok()
+}

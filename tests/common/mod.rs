@@ -1,0 +1,201 @@
+//! Shared test helpers: start the driveblk binary, and a synchronous
+//! libblkio (virtio-blk-vhost-user) client to drive it.
+#![allow(dead_code)]
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// A driveblk daemon child process, stopped with SIGTERM on drop.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `driveblk serve --socket SOCK <args>` and waits for the socket.
+    pub fn start(socket: &Path, args: &[&str]) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn driveblk");
+        let mut d = Daemon { child: Some(child), socket: socket.to_path_buf() };
+        d.wait_for_socket();
+        d
+    }
+
+    fn wait_for_socket(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("driveblk exited early: {st}");
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                // That probe connection is served and closed like any client.
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("driveblk socket {} did not appear", self.socket.display());
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_timeout(&mut child, Duration::from_secs(30))
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, t: Duration) -> ExitStatus {
+    let deadline = Instant::now() + t;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("driveblk did not exit within {t:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A libblkio connection with one queue per worker and a shared buffer.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+    pub capacity: u64,
+}
+
+pub const BUF_LEN: usize = 8 << 20;
+
+impl Client {
+    pub fn connect(socket: &Path, num_queues: i32) -> Client {
+        let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio new");
+        b.set_str("path", socket.to_str().unwrap()).unwrap();
+        b.connect().expect("blkio connect");
+        b.set_i32("num-queues", num_queues).unwrap();
+        let out = b.start().expect("blkio start");
+        let capacity = b.get_u64("capacity").unwrap();
+        let region = b.alloc_mem_region(BUF_LEN).unwrap();
+        b.map_mem_region(&region).unwrap();
+        Client { blkio: b, queues: out.queues, region, capacity }
+    }
+
+    pub fn buf(&self) -> &mut [u8] {
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    /// Waits for `n` completions on queue `q`; returns them.
+    pub fn wait(&mut self, q: usize, n: usize) -> Vec<(usize, i32)> {
+        let mut out = Vec::new();
+        let mut comps: Vec<MaybeUninit<Completion>> = (0..n.max(1)).map(|_| MaybeUninit::uninit()).collect();
+        while out.len() < n {
+            let mut t = Duration::from_secs(30);
+            let got = self.queues[q].do_io(&mut comps[..n - out.len()], 1, Some(&mut t), None).expect("do_io");
+            assert!(got > 0, "timed out waiting for completions");
+            for c in &comps[..got] {
+                let c = unsafe { c.assume_init_read() };
+                out.push((c.user_data, c.ret));
+            }
+        }
+        out
+    }
+
+    fn one(&mut self, q: usize) -> i32 {
+        self.wait(q, 1)[0].1
+    }
+
+    pub fn read(&mut self, off: u64, len: usize) -> Result<Vec<u8>, i32> {
+        assert!(len <= BUF_LEN);
+        let p = self.region.addr as *mut u8;
+        self.queues[0].read(off, p, len, 0, ReqFlags::empty());
+        match self.one(0) {
+            0 => Ok(self.buf()[..len].to_vec()),
+            e => Err(e),
+        }
+    }
+
+    pub fn write(&mut self, off: u64, data: &[u8]) -> Result<(), i32> {
+        assert!(data.len() <= BUF_LEN);
+        self.buf()[..data.len()].copy_from_slice(data);
+        let p = self.region.addr as *const u8;
+        self.queues[0].write(off, p, data.len(), 0, ReqFlags::empty());
+        match self.one(0) {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    pub fn flush(&mut self) -> Result<(), i32> {
+        self.queues[0].flush(0, ReqFlags::empty());
+        match self.one(0) {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    pub fn discard(&mut self, off: u64, len: u64) -> Result<(), i32> {
+        self.queues[0].discard(off, len, 0, ReqFlags::empty());
+        match self.one(0) {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    pub fn write_zeroes(&mut self, off: u64, len: u64, unmap: bool) -> Result<(), i32> {
+        let flags = if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP };
+        self.queues[0].write_zeroes(off, len, 0, flags);
+        match self.one(0) {
+            0 => Ok(()),
+            e => Err(e),
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Creates a raw image file of `len` bytes filled with `pattern(seed)`.
+pub fn make_raw(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let data = pattern(seed, len);
+    std::fs::write(path, &data).unwrap();
+    data
+}
