@@ -135,6 +135,7 @@ impl BlockBackend {
                     }
                 }
             };
+            tracing::trace!(queue = qidx, chains = chains.len(), "popped");
             sh.inflight[qidx].add(chains.len());
             for chain in chains {
                 let req = Request::parse(chain, mem.clone(), capacity, read_only);
@@ -145,7 +146,10 @@ impl BlockBackend {
                 }
                 match req.execute(&*sh.disk, IoMode::NonBlocking, write_through, &sh.cfg.serial) {
                     Ok(n) => done.push((req.head, req.complete(STATUS_OK, n))),
-                    Err(DiskError::WouldBlock) => self.dispatch(qidx, vring.clone(), req, write_through),
+                    Err(DiskError::WouldBlock) => {
+                        tracing::trace!(queue = qidx, head = req.head, "would block: to the I/O pool");
+                        self.dispatch(qidx, vring.clone(), req, write_through)
+                    }
                     Err(e) => {
                         self.warn(format_args!("queue {qidx}: {:?} failed: {e}", req.op_name()));
                         done.push((req.head, req.complete(status_for(&e), 0)));
@@ -208,6 +212,7 @@ impl Shared {
                 true
             }
         };
+        tracing::trace!(queue = qidx, completed = done.len(), notify, "completed");
         if notify {
             if let Err(e) = vring.signal_used_queue() {
                 tracing::debug!(queue = qidx, "cannot signal used queue: {e}");

@@ -370,3 +370,7 @@ fn parse_extents(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

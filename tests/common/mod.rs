@@ -97,8 +97,14 @@ pub const BUF_LEN: usize = 8 << 20;
 
 impl Client {
     pub fn connect(socket: &Path, num_queues: i32) -> Client {
+        Self::connect_with(socket, num_queues, false)
+    }
+
+    /// Connects; a read-only device requires the client to ask for read-only.
+    pub fn connect_with(socket: &Path, num_queues: i32, read_only: bool) -> Client {
         let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio new");
         b.set_str("path", socket.to_str().unwrap()).unwrap();
+        b.set_bool("read-only", read_only).unwrap();
         b.connect().expect("blkio connect");
         b.set_i32("num-queues", num_queues).unwrap();
         let out = b.start().expect("blkio start");
