@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what driveblk's tests, demo and benchmark need, on Debian 12.
+# Idempotent and quick when everything is present. QEMU 10 comes from
+# bookworm-backports: plain bookworm's qemu-system-x86 (7.2) would replace
+# the qemu-utils 10 that the machine ships with.
+set -euo pipefail
+
+need_apt=()
+have() { command -v "$1" >/dev/null 2>&1; }
+qemu_major() { "$1" --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1; }
+
+for bin in qemu-system-x86_64 qemu-img qemu-io qemu-storage-daemon; do
+  if ! have "$bin" || [ "$(qemu_major "$bin")" -lt 8 ] 2>/dev/null; then
+    need_apt+=(qemu); break
+  fi
+done
+have busybox || need_apt+=(busybox-static)
+have cpio || need_apt+=(cpio)
+have fio || need_apt+=(fio)
+have zstd || need_apt+=(zstd)
+have xz || need_apt+=(xz-utils)
+
+if [ ${#need_apt[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "deps: installing ${need_apt[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo 'deb http://deb.debian.org/debian bookworm-backports main' > /etc/apt/sources.list.d/backports.list
+fi
+apt-get update -qq
+pkgs=()
+for p in "${need_apt[@]}"; do
+  case "$p" in
+    qemu) apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null ;;
+    *) pkgs+=("$p") ;;
+  esac
+done
+if [ ${#pkgs[@]} -gt 0 ]; then
+  apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+echo "deps: qemu $(qemu_major qemu-system-x86_64), qemu-img $(qemu_major qemu-img)" >&2
