@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod iovec;
+pub mod qcow2;
 pub mod raw;
 
 use std::fmt;
