@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use driveblk::cli::serve::ServeConfig;
 use driveblk::cli::{Cli, Command};
+use driveblk::format::qcow2::{LocalBackingOpener, Qcow2Disk, Qcow2Options};
 use driveblk::format::raw::RawDisk;
 use driveblk::format::{Disk, ImageFormat};
 use driveblk::tier::{LocalFile, Storage};
@@ -48,7 +49,10 @@ fn open_disk(cfg: &ServeConfig) -> anyhow::Result<Arc<dyn Disk>> {
     let storage: Arc<dyn Storage> = Arc::new(file);
     match cfg.format {
         ImageFormat::Raw => Ok(Arc::new(RawDisk::new(storage, read_only)?)),
-        ImageFormat::Qcow2 => bail!("qcow2 images are not supported by this build yet"),
+        ImageFormat::Qcow2 => {
+            let opts = Qcow2Options { read_only, ..Default::default() };
+            Ok(Arc::new(Qcow2Disk::open(storage, opts, &LocalBackingOpener::new(&cfg.image))?))
+        }
     }
 }
 
