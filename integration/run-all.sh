@@ -11,13 +11,15 @@
 #   --skip-qcow2             skip the qcow2 cases (also DRIVEBLK_SKIP_QCOW2=1)
 #   --only a,b               run only these cases (names below)
 #   --expect-discard yes|no|any   discard offered by the backend (default yes)
-#   --expect-wcache back|through|any  guest write-cache mode (default any)
+#   --expect-wcache back|through|any  guest write-cache mode (default: back
+#                            for driveblk, any for qsd, which is write-through)
 #   --fio-size SIZE          bytes per fio job (default 8M)
 #   --timeout SEC            per guest boot (default 240)
 #   --demo                   stream guest consoles
 #   --keep                   keep the work directory (images, logs)
 #   --list                   list the cases and exit
-# Cases: raw-1q raw-2q raw-ro-serial qcow2-2q qcow2-compressed-ro
+# Cases: raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty
+#        qcow2-compressed-ro   (--list; details at the bottom of this file)
 # Exit 0 only if every case passed.
 set -euo pipefail
 
@@ -25,8 +27,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib.sh
 . "$HERE/lib.sh"
 
-ALL_CASES=(raw-1q raw-2q raw-ro-serial qcow2-2q qcow2-compressed-ro)
-BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WCACHE=any
+ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty qcow2-compressed-ro)
+BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WCACHE=
 FIO_SIZE=8M TIMEOUT=240 DEMO=0 KEEP=0
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }
@@ -58,6 +60,9 @@ case $BACKEND in
     *) die "--backend must be driveblk or qsd" ;;
 esac
 case $EXP_DISCARD in yes|no|any) ;; *) die "--expect-discard yes|no|any" ;; esac
+if [ -z "$EXP_WCACHE" ]; then
+    if [ "$BACKEND" = driveblk ]; then EXP_WCACHE=back; else EXP_WCACHE=any; fi
+fi
 case $EXP_WCACHE in back|through|any) ;; *) die "--expect-wcache back|through|any" ;; esac
 for c in ${ONLY//,/ }; do
     [[ " ${ALL_CASES[*]} " == *" $c "* ]] || die "unknown case '$c' (see --list)"
@@ -91,12 +96,12 @@ make_raw() { # FILE BYTES
     head -c 65536 /dev/urandom | dd of="$1" oflag=seek_bytes seek=$(($2 - 65536)) conv=notrunc status=none
 }
 raw_hash() { head -c "$2" "$1" | sha256sum | cut -d' ' -f1; }   # FILE LEN
-img_hash() { # FILE FORMAT -> sha256 of the guest-visible bytes
+img_hash() { # FILE FORMAT LEN -> sha256 of the first LEN guest-visible bytes
     if [ "$2" = raw ]; then
-        raw_hash "$1" "$(stat -c %s "$1")"
+        raw_hash "$1" "$3"
     else
         qemu-img convert -f "$2" -O raw "$1" "$WORK/convert.raw"
-        raw_hash "$WORK/convert.raw" "$(stat -c %s "$WORK/convert.raw")"
+        raw_hash "$WORK/convert.raw" "$3"
         rm -f "$WORK/convert.raw"
     fi
 }
@@ -113,7 +118,7 @@ start_backend() {
             [ -z "$serial" ] || args+=(--serial "$serial")
             rm -f "$sock"
             echo "+ $BIN ${args[*]}" >"$blog"
-            "$BIN" "${args[@]}" >>"$blog" 2>&1 &
+            NO_COLOR=1 "$BIN" "${args[@]}" >>"$blog" 2>&1 &
             BPID=$!
             if ! wait_for_socket "$sock" "$BPID" 15; then
                 sed 's/^/  | /' "$blog" >&2
@@ -133,25 +138,45 @@ hostcheck() { # name status detail
     [ "$2" = PASS ] || CASE_OK=0
 }
 
-# run_case NAME FORMAT QUEUES RO(0|1) SERIAL SIZE [compressed]
+# run_case NAME FORMAT QUEUES RO(0|1) SERIAL SIZE [KEY=VALUE...]
+#   image=filled|empty|compressed   filled: random regions (qcow2: converted
+#       from such a raw file); empty: `qemu-img create`; compressed: qcow2
+#       with compressed clusters (qemu-img convert -c)
+#   hashlen=BYTES   how much of the disk the guest hashes (default: all of it)
+#   fio_offset=BYTES  where the guest's fio jobs start
+#   reboot=1        boot a second guest on the same backend process
 run_case() {
-    local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6 variant=${7:-}
+    local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6
+    shift 6
+    local image=filled hashlen=$size fio_offset=0 reboot=0 kv
+    for kv in "$@"; do
+        case $kv in
+            image=*|hashlen=*|fio_offset=*|reboot=*) local "$kv" ;;
+            *) die "run_case: bad option $kv" ;;
+        esac
+    done
     local img="$WORK/$name.$fmt" sock="$WORK/$name.sock" blog="$LOGDIR/$name.backend.log"
-    local t0 t1 rc before after gh
+    local t0 rc before after gh
     CASE_OK=1
     t0=$(date +%s.%N)
-    echo "=== case $name: $fmt queues=$nq ro=$ro serial=${serial:-none} size=$size${variant:+ $variant} backend=$BACKEND"
+    echo "=== case $name: $fmt/$image queues=$nq ro=$ro serial=${serial:-none} size=$size backend=$BACKEND"
 
-    make_raw "$WORK/$name.src.raw" "$size"
-    if [ "$fmt" = raw ]; then
-        mv "$WORK/$name.src.raw" "$img"
+    if [ "$image" = empty ]; then
+        rm -f "$img"
+        if [ "$fmt" = raw ]; then truncate -s "$size" "$img"
+        else qemu-img create -q -f "$fmt" "$img" "$size"; fi
     else
-        local copt=()
-        [ "$variant" != compressed ] || copt=(-c)
-        qemu-img convert -f raw -O qcow2 "${copt[@]}" "$WORK/$name.src.raw" "$img"
-        rm -f "$WORK/$name.src.raw"
+        make_raw "$WORK/$name.src.raw" "$size"
+        if [ "$fmt" = raw ]; then
+            mv "$WORK/$name.src.raw" "$img"
+        else
+            local copt=()
+            [ "$image" != compressed ] || copt=(-c)
+            qemu-img convert -f raw -O "$fmt" "${copt[@]}" "$WORK/$name.src.raw" "$img"
+            rm -f "$WORK/$name.src.raw"
+        fi
     fi
-    before=$(img_hash "$img" "$fmt")
+    before=$(img_hash "$img" "$fmt" "$hashlen")
 
     if ! start_backend "$sock" "$img" "$fmt" "$nq" "$ro" "$serial" "$blog"; then
         hostcheck backend-start FAIL "backend did not create $sock (log: $blog)"
@@ -160,9 +185,9 @@ run_case() {
     fi
 
     local args=(--socket "$sock" --size "$size" --queues "$nq" --ro "$([ "$ro" = 1 ] && echo yes || echo no)"
-        --hash "$size:$before" --fio-size "$FIO_SIZE" --timeout "$TIMEOUT" --no-build
-        --log "$LOGDIR/$name.serial.log")
-    [ "$ro" = 1 ] || args+=(--dump-hash "$size")
+        --hash "$hashlen:$before" --fio-size "$FIO_SIZE" --fio-offset "$fio_offset"
+        --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.serial.log")
+    [ "$ro" = 1 ] || args+=(--dump-hash "$hashlen")
     [ -z "$serial" ] || args+=(--serial "$(expected_serial "$serial")")
     # read-only disks: whether discard is offered is the backend's business
     [ "$EXP_DISCARD" = any ] || [ "$ro" = 1 ] || args+=(--discard "$EXP_DISCARD")
@@ -175,9 +200,9 @@ run_case() {
 
     # Second boot against the same backend process: QEMU reconnects, and
     # what the first guest wrote must still be there.
-    if [ "$name" = raw-1q ] && [ -n "$gh" ]; then
+    if [ "$reboot" = 1 ] && [ -n "$gh" ]; then
         echo "--- $name: second boot on the same backend (reconnect, data persists)"
-        local args2=(--socket "$sock" --size "$size" --queues "$nq" --hash "$size:$gh" --no-fio
+        local args2=(--socket "$sock" --size "$size" --queues "$nq" --hash "$hashlen:$gh" --no-fio
             --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.reboot.serial.log")
         [ "$DEMO" = 0 ] || args2+=(--demo)
         "$HERE/run-guest.sh" "${args2[@]}" || CASE_OK=0
@@ -202,16 +227,23 @@ run_case() {
             hostcheck qemu-img-check FAIL "$(head -c 300 "$LOGDIR/$name.qemu-img-check.txt" | tr '\n' ' ')"
         fi
     fi
-    after=$(img_hash "$img" "$fmt")
+    after=$(img_hash "$img" "$fmt" "$hashlen")
     if [ "$ro" = 1 ]; then
         if [ "$after" = "$before" ]; then hostcheck image-unchanged PASS "read-only image untouched"
         else hostcheck image-unchanged FAIL "read-only image changed"; fi
     elif [ -z "$gh" ]; then
         hostcheck image-matches-guest FAIL "guest printed no final HASH"
     elif [ "$after" = "$gh" ]; then
-        hostcheck image-matches-guest PASS "image content = guest's view (sha256 ${after:0:16}...)"
+        hostcheck image-matches-guest PASS "first $hashlen bytes of the image = guest's view (sha256 ${after:0:16}...)"
     else
         hostcheck image-matches-guest FAIL "image sha256 $after != guest's $gh"
+    fi
+    if [ "$fio_offset" -gt 0 ] && [ "$ro" = 0 ] && [ "$fmt" = raw ]; then
+        # fio's region lies beyond hashlen: its data must have reached the file there
+        local nz
+        nz=$(dd if="$img" bs=1M skip=$((fio_offset / 1048576)) count=8 status=none | tr -d '\000' | wc -c)
+        if [ "$nz" -gt 0 ]; then hostcheck high-offset-data PASS "$nz non-zero bytes at offset $fio_offset"
+        else hostcheck high-offset-data FAIL "no data in the image at offset $fio_offset"; fi
     fi
     if [ "$BACKEND" = driveblk ] && grep -qiE 'panic|panicked' "$blog"; then
         hostcheck backend-log FAIL "panic in $blog"
@@ -239,12 +271,19 @@ want() { # NAME -> run it?
 
 T_ALL=$(date +%s.%N)
 MiB=1048576
-want raw-1q && run_case raw-1q raw 1 0 "" $((32 * MiB))
+GiB=$((1024 * MiB))
+# 1 queue; then a second guest on the same backend process (reconnect)
+want raw-1q && run_case raw-1q raw 1 0 "" $((32 * MiB)) reboot=1
 want raw-2q && run_case raw-2q raw 2 0 "" $((32 * MiB))
+# 4 queues offered, 2 vCPUs: the guest uses only 2, the others stay idle
+want raw-4q && run_case raw-4q raw 4 0 "" $((32 * MiB))
 # odd size (not a multiple of 4 KiB) on purpose
 want raw-ro-serial && run_case raw-ro-serial raw 2 1 "drvblk-ro-0042" $((24 * MiB + 3 * 512))
+# 6 GiB sparse: fio straddles the 4 GiB mark (32-bit sector/offset bugs)
+want raw-big && run_case raw-big raw 2 0 "" $((6 * GiB)) hashlen=$((32 * MiB)) fio_offset=$((4 * GiB - 4 * MiB))
 want qcow2-2q && run_case qcow2-2q qcow2 2 0 "" $((32 * MiB))
-want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "" $((24 * MiB)) compressed
+want qcow2-empty && run_case qcow2-empty qcow2 1 0 "" $((32 * MiB)) image=empty
+want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')
 echo

@@ -17,6 +17,7 @@
 #   --fio-size SIZE      bytes per fio job, fio units (default 8M)
 #   --fio-runtime SEC    cap per fio job (default 60)
 #   --fio-jobs N         parallel jobs in the multi-queue fio job (default: hw queues)
+#   --fio-offset BYTES   start of the fio region (default 0)
 #   --no-fio             skip the fio jobs
 #   --hash LEN:SHA256    the first LEN bytes must hash to SHA256 (checked before writes)
 #   --dump-hash LEN      guest prints "HASH len=LEN sha256=..." after the tests
@@ -37,7 +38,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }
 
 SOCK= SIZE= SERIAL= SERIAL_SET=0 RO= DISCARD= DZERO=1 WCACHE= QUEUES=1 EXPECT_Q= QSIZE=
-FIO=1 FIO_SIZE=8M FIO_RUNTIME=60 FIO_JOBS= HASH= DUMPHASH= LOG= TIMEOUT=240
+FIO=1 FIO_SIZE=8M FIO_RUNTIME=60 FIO_JOBS= FIO_OFFSET=0 HASH= DUMPHASH= LOG= TIMEOUT=240
 SMP=2 MEM=512 QUIET=quiet DEMO=0 BUILD=1
 
 yesno() { case "$2" in yes|1|on|true) echo 1 ;; no|0|off|false) echo 0 ;; *) die "$1 wants yes|no, got '$2'" ;; esac; }
@@ -69,6 +70,7 @@ while [ $# -gt 0 ]; do
         --fio-size) [[ "$val" =~ ^[0-9]+[kKmMgG]?$ ]] || die "--fio-size: bad size '$val'"; FIO_SIZE=$val ;;
         --fio-runtime) FIO_RUNTIME=$(isnum "$opt" "$val") ;;
         --fio-jobs) FIO_JOBS=$(isnum "$opt" "$val") ;;
+        --fio-offset) FIO_OFFSET=$(isnum "$opt" "$val") ;;
         --hash) [[ "$val" =~ ^[0-9]+:[0-9a-f]{64}$ ]] || die "--hash wants LEN:SHA256HEX"; HASH=$val ;;
         --dump-hash) DUMPHASH=$(isnum "$opt" "$val") ;;
         --log) LOG=$val ;;
@@ -102,7 +104,7 @@ QLOG="${LOG%.log}.qemu.log"
 # ---- kernel command line -------------------------------------------------
 APPEND="console=ttyS0 $QUIET panic=-1 mitigations=off"
 APPEND+=" dbt.queues=$EXPECT_Q dbt.dzero=$DZERO dbt.fio=$FIO dbt.fio_size=$FIO_SIZE"
-APPEND+=" dbt.fio_runtime=$FIO_RUNTIME dbt.fio_jobs=$FIO_JOBS dbt.demo=$DEMO"
+APPEND+=" dbt.fio_runtime=$FIO_RUNTIME dbt.fio_jobs=$FIO_JOBS dbt.fio_offset=$FIO_OFFSET dbt.demo=$DEMO"
 [ -z "$SIZE" ] || APPEND+=" dbt.size=$SIZE"
 [ -z "$RO" ] || APPEND+=" dbt.ro=$RO"
 [ -z "$DISCARD" ] || APPEND+=" dbt.discard=$DISCARD"
