@@ -74,9 +74,12 @@ ensure_qemu
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/driveblk-integ.XXXXXX")"
 LOGDIR="$BUILD_DIR/logs/run-$(date -u +%Y%m%dT%H%M%S)-$BACKEND"
 mkdir -p "$LOGDIR"
-BPID=
+BPID= GPID=
 cleanup() {
     local rc=$?
+    trap - INT TERM
+    # run-guest.sh stops its QEMU on TERM
+    if [ -n "$GPID" ]; then stop_pid "$GPID" 15 || true; fi
     if [ -n "$BPID" ]; then stop_pid "$BPID" 5 || true; fi
     if [ "$KEEP" = 1 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
     exit "$rc"
@@ -129,6 +132,18 @@ start_backend() {
 }
 # The serial a backend reports: qsd always answers GET_ID with this.
 expected_serial() { if [ "$BACKEND" = qsd ]; then echo vhost_user_blk; else echo "$1"; fi; }
+
+# guest RESULT_FILE ARGS... : run-guest.sh in the background (so a signal to
+# this script is handled at once), its output shown and saved.
+guest() {
+    local out=$1 rc=0
+    shift
+    "$HERE/run-guest.sh" "$@" > >(tee "$out") 2>&1 &
+    GPID=$!
+    wait "$GPID" || rc=$?
+    GPID=
+    return "$rc"
+}
 
 # ---- one case ------------------------------------------------------------
 declare -a SUMMARY=()
@@ -194,7 +209,7 @@ run_case() {
     [ "$EXP_WCACHE" = any ] || args+=(--wcache "$EXP_WCACHE")
     [ "$DEMO" = 0 ] || args+=(--demo)
     rc=0
-    "$HERE/run-guest.sh" "${args[@]}" | tee "$LOGDIR/$name.result.txt" || rc=$?
+    guest "$LOGDIR/$name.result.txt" "${args[@]}" || rc=$?
     [ "$rc" = 0 ] || CASE_OK=0
     gh=$(sed -n 's/^ *HASH len=[0-9]* sha256=\([0-9a-f]*\).*/\1/p' "$LOGDIR/$name.result.txt" | tail -n1)
 
@@ -205,7 +220,7 @@ run_case() {
         local args2=(--socket "$sock" --size "$size" --queues "$nq" --hash "$hashlen:$gh" --no-fio
             --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.reboot.serial.log")
         [ "$DEMO" = 0 ] || args2+=(--demo)
-        "$HERE/run-guest.sh" "${args2[@]}" || CASE_OK=0
+        guest "$LOGDIR/$name.reboot.result.txt" "${args2[@]}" || CASE_OK=0
     fi
 
     # Stop the backend: SIGTERM must make it exit 0 and remove its socket.
