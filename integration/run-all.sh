@@ -98,8 +98,8 @@ make_raw() { # FILE BYTES
     head -c 200000 /dev/urandom | dd of="$1" oflag=seek_bytes seek=$((9 * 1048576 - 4096)) conv=notrunc status=none
     head -c 65536 /dev/urandom | dd of="$1" oflag=seek_bytes seek=$(($2 - 65536)) conv=notrunc status=none
 }
-raw_hash() { head -c "$2" "$1" | sha256sum | cut -d' ' -f1; }   # FILE LEN
-img_hash() { # FILE FORMAT LEN -> sha256 of the first LEN guest-visible bytes
+raw_hash() { head -c "$2" "$1" | md5sum | cut -d' ' -f1; }   # FILE LEN
+img_hash() { # FILE FORMAT LEN -> md5 of the first LEN guest-visible bytes
     if [ "$2" = raw ]; then
         raw_hash "$1" "$3"
     else
@@ -211,7 +211,7 @@ run_case() {
     rc=0
     guest "$LOGDIR/$name.result.txt" "${args[@]}" || rc=$?
     [ "$rc" = 0 ] || CASE_OK=0
-    gh=$(sed -n 's/^ *HASH len=[0-9]* sha256=\([0-9a-f]*\).*/\1/p' "$LOGDIR/$name.result.txt" | tail -n1)
+    gh=$(sed -n 's/^ *HASH len=[0-9]* md5=\([0-9a-f]*\).*/\1/p' "$LOGDIR/$name.result.txt" | tail -n1)
 
     # Second boot against the same backend process: QEMU reconnects, and
     # what the first guest wrote must still be there.
@@ -249,9 +249,9 @@ run_case() {
     elif [ -z "$gh" ]; then
         hostcheck image-matches-guest FAIL "guest printed no final HASH"
     elif [ "$after" = "$gh" ]; then
-        hostcheck image-matches-guest PASS "first $hashlen bytes of the image = guest's view (sha256 ${after:0:16}...)"
+        hostcheck image-matches-guest PASS "first $hashlen bytes of the image = guest's view (md5 ${after:0:16}...)"
     else
-        hostcheck image-matches-guest FAIL "image sha256 $after != guest's $gh"
+        hostcheck image-matches-guest FAIL "image md5 $after != guest's $gh"
     fi
     if [ "$fio_offset" -gt 0 ] && [ "$ro" = 0 ] && [ "$fmt" = raw ]; then
         # fio's region lies beyond hashlen: its data must have reached the file there

@@ -19,8 +19,8 @@
 #   --fio-jobs N         parallel jobs in the multi-queue fio job (default: hw queues)
 #   --fio-offset BYTES   start of the fio region (default 0)
 #   --no-fio             skip the fio jobs
-#   --hash LEN:SHA256    the first LEN bytes must hash to SHA256 (checked before writes)
-#   --dump-hash LEN      guest prints "HASH len=LEN sha256=..." after the tests
+#   --hash LEN:MD5    the first LEN bytes must hash to MD5 (checked before writes)
+#   --dump-hash LEN      guest prints "HASH len=LEN md5=..." after the tests
 #   --log FILE           serial log (default: integration/build/logs/guest-<time>-<pid>.log)
 #   --timeout SEC        kill the VM after SEC seconds (default 240)
 #   --smp N / --mem MB   guest CPUs (default 2) / memory (default 512)
@@ -71,7 +71,7 @@ while [ $# -gt 0 ]; do
         --fio-runtime) FIO_RUNTIME=$(isnum "$opt" "$val") ;;
         --fio-jobs) FIO_JOBS=$(isnum "$opt" "$val") ;;
         --fio-offset) FIO_OFFSET=$(isnum "$opt" "$val") ;;
-        --hash) [[ "$val" =~ ^[0-9]+:[0-9a-f]{64}$ ]] || die "--hash wants LEN:SHA256HEX"; HASH=$val ;;
+        --hash) [[ "$val" =~ ^[0-9]+:[0-9a-f]{32}$ ]] || die "--hash wants LEN:MD5HEX (32 hex digits)"; HASH=$val ;;
         --dump-hash) DUMPHASH=$(isnum "$opt" "$val") ;;
         --log) LOG=$val ;;
         --timeout) TIMEOUT=$(isnum "$opt" "$val") ;;
