@@ -3,6 +3,7 @@
 # Source it; do not execute it. Callers must use `set -euo pipefail`.
 
 INTEG_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck disable=SC2034  # used by the scripts that source this file
 BUILD_DIR="${DRIVEBLK_INTEG_BUILD:-$INTEG_DIR/build}"
 
 log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }

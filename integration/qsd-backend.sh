@@ -8,7 +8,7 @@
 #   integration/run-guest.sh --socket /tmp/vb.sock --size 67108864 --queues 2 --demo
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
 SOCK= IMG= FMT=raw RO=0 NQ=1

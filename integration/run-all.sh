@@ -24,7 +24,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
 ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty qcow2-compressed-ro)

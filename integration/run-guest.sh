@@ -32,7 +32,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }
@@ -119,6 +119,7 @@ fi
 DEV="vhost-user-blk-pci,chardev=c0,num-queues=$QUEUES"
 [ -z "$QSIZE" ] || DEV+=",queue-size=$QSIZE"
 
+# shellcheck disable=SC2054  # commas belong to QEMU option values
 QEMU_ARGS=(
     -accel tcg -cpu max -m "$MEM" -smp "$SMP"
     -nographic -nodefaults -no-user-config -no-reboot

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 GUEST_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=../lib.sh
+# shellcheck source=SCRIPTDIR/../lib.sh
 . "$GUEST_DIR/../lib.sh"
 
 FORCE=0
@@ -65,7 +65,13 @@ if [ -z "$deb" ] || ! dpkg-deb -f "$deb" Version | grep -qxF "$KVER_PKG"; then
     rm -f "$KDEB_DIR/${KPKG}_"*.deb
     log "downloading $KPKG $KVER_PKG"
     # apt-get download as root warns that _apt cannot write here; harmless.
-    (cd "$KDEB_DIR" && apt-get download "$KPKG" 2>&1 | grep -v 'unsandboxed' >&2 || true)
+    if ! (cd "$KDEB_DIR" && apt-get download "$KPKG" 2>&1 | { grep -v 'unsandboxed' >&2 || true; }); then
+        # stale package lists (the archive moved on): refresh and retry once
+        log "apt-get download failed; apt-get update and retry"
+        apt-get update >&2
+        [ "$(kernel_pkg)" = "$KPKG" ] || die "linux-image-cloud-amd64 now depends on $(kernel_pkg); rerun"
+        (cd "$KDEB_DIR" && apt-get download "$KPKG" 2>&1 | { grep -v 'unsandboxed' >&2 || true; }) || true
+    fi
     deb="$(ls "$KDEB_DIR/${KPKG}_"*.deb 2>/dev/null | head -n1 || true)"
     [ -n "$deb" ] || die "apt-get download $KPKG failed"
 fi
@@ -80,7 +86,7 @@ MODROOT="$(ls -d "$WORK"/k/lib/modules/* "$WORK"/k/usr/lib/modules/* 2>/dev/null
 # ---- initramfs tree ------------------------------------------------------
 R="$WORK/root"
 mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,run,etc,usr/bin,usr/lib,usr/lib64,lib/modules}
-rm -rf "$R/lib" && ln -s usr/lib "$R/lib" && ln -s usr/lib64 "$R/lib64"
+rm -rf "${R:?}/lib" && ln -s usr/lib "$R/lib" && ln -s usr/lib64 "$R/lib64"
 mkdir -p "$R/usr/lib/modules"
 
 cp /bin/busybox "$R/bin/busybox"
