@@ -11,6 +11,7 @@
 #   --skip-qcow2             skip the qcow2 cases (also DRIVEBLK_SKIP_QCOW2=1)
 #   --only a,b               run only these cases (names below)
 #   --expect-discard yes|no|any   discard offered by the backend (default yes)
+#   --expect-write-zeroes yes|no|any  WRITE_ZEROES offered (default yes)
 #   --expect-wcache back|through|any  guest write-cache mode (default: back
 #                            for driveblk, any for qsd, which is write-through)
 #   --fio-size SIZE          bytes per fio job (default 8M)
@@ -28,7 +29,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/lib.sh"
 
 ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty qcow2-compressed-ro)
-BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WCACHE=
+BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WZEROES=yes EXP_WCACHE=
 FIO_SIZE=8M TIMEOUT=240 DEMO=0 KEEP=0
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }
@@ -41,6 +42,7 @@ while [ $# -gt 0 ]; do
         --skip-qcow2) SKIP_QCOW2=1; shift ;;
         --only) ONLY=${2:?}; shift 2 ;;
         --expect-discard) EXP_DISCARD=${2:?}; shift 2 ;;
+        --expect-write-zeroes) EXP_WZEROES=${2:?}; shift 2 ;;
         --expect-wcache) EXP_WCACHE=${2:?}; shift 2 ;;
         --fio-size) FIO_SIZE=${2:?}; shift 2 ;;
         --timeout) TIMEOUT=${2:?}; shift 2 ;;
@@ -60,6 +62,7 @@ case $BACKEND in
     *) die "--backend must be driveblk or qsd" ;;
 esac
 case $EXP_DISCARD in yes|no|any) ;; *) die "--expect-discard yes|no|any" ;; esac
+case $EXP_WZEROES in yes|no|any) ;; *) die "--expect-write-zeroes yes|no|any" ;; esac
 if [ -z "$EXP_WCACHE" ]; then
     if [ "$BACKEND" = driveblk ]; then EXP_WCACHE=back; else EXP_WCACHE=any; fi
 fi
@@ -160,13 +163,15 @@ hostcheck() { # name status detail
 #   hashlen=BYTES   how much of the disk the guest hashes (default: all of it)
 #   fio_offset=BYTES  where the guest's fio jobs start
 #   reboot=1        boot a second guest on the same backend process
+#   restart=1       afterwards start a new backend process on the image and
+#                   boot a guest that checks the data is still there
 run_case() {
     local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6
     shift 6
-    local image=filled hashlen=$size fio_offset=0 reboot=0 kv
+    local image=filled hashlen=$size fio_offset=0 reboot=0 restart=0 kv
     for kv in "$@"; do
         case $kv in
-            image=*|hashlen=*|fio_offset=*|reboot=*) local "$kv" ;;
+            image=*|hashlen=*|fio_offset=*|reboot=*|restart=*) local "$kv" ;;
             *) die "run_case: bad option $kv" ;;
         esac
     done
@@ -206,6 +211,7 @@ run_case() {
     [ -z "$serial" ] || args+=(--serial "$(expected_serial "$serial")")
     # read-only disks: whether discard is offered is the backend's business
     [ "$EXP_DISCARD" = any ] || [ "$ro" = 1 ] || args+=(--discard "$EXP_DISCARD")
+    [ "$EXP_WZEROES" = any ] || [ "$ro" = 1 ] || args+=(--write-zeroes "$EXP_WZEROES")
     [ "$EXP_WCACHE" = any ] || args+=(--wcache "$EXP_WCACHE")
     [ "$DEMO" = 0 ] || args+=(--demo)
     rc=0
@@ -260,7 +266,22 @@ run_case() {
         if [ "$nz" -gt 0 ]; then hostcheck high-offset-data PASS "$nz non-zero bytes at offset $fio_offset"
         else hostcheck high-offset-data FAIL "no data in the image at offset $fio_offset"; fi
     fi
-    if [ "$BACKEND" = driveblk ] && grep -qiE 'panic|panicked' "$blog"; then
+    # A fresh backend process must read back what the previous one wrote
+    # (for qcow2: its own metadata, reopened).
+    if [ "$restart" = 1 ] && [ "$ro" = 0 ] && [ -n "$gh" ]; then
+        echo "--- $name: new backend process on the same image, data must persist"
+        if start_backend "$sock" "$img" "$fmt" "$nq" 0 "$serial" "$LOGDIR/$name.restart.backend.log"; then
+            local args3=(--socket "$sock" --size "$size" --queues "$nq" --hash "$hashlen:$gh" --no-fio
+                --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.restart.serial.log")
+            [ "$DEMO" = 0 ] || args3+=(--demo)
+            guest "$LOGDIR/$name.restart.result.txt" "${args3[@]}" || CASE_OK=0
+            stop_pid "$BPID" 10 || hostcheck backend-exit FAIL "restarted backend: exit status $? on SIGTERM"
+            BPID=
+        else
+            hostcheck backend-restart FAIL "backend did not start again on the written image"
+        fi
+    fi
+    if [ "$BACKEND" = driveblk ] && grep -qiE "panic|panicked" "$LOGDIR/$name".*backend.log; then
         hostcheck backend-log FAIL "panic in $blog"
     fi
     finish_case "$name" "$t0"
@@ -289,7 +310,7 @@ MiB=1048576
 GiB=$((1024 * MiB))
 # 1 queue; then a second guest on the same backend process (reconnect)
 want raw-1q && run_case raw-1q raw 1 0 "" $((32 * MiB)) reboot=1
-want raw-2q && run_case raw-2q raw 2 0 "" $((32 * MiB))
+want raw-2q && run_case raw-2q raw 2 0 "" $((32 * MiB)) restart=1
 # 4 queues offered, 2 vCPUs: the guest uses only 2, the others stay idle
 want raw-4q && run_case raw-4q raw 4 0 "" $((32 * MiB))
 # odd size (not a multiple of 4 KiB) on purpose
@@ -297,7 +318,7 @@ want raw-ro-serial && run_case raw-ro-serial raw 2 1 "drvblk-ro-0042" $((24 * Mi
 # 6 GiB sparse: fio straddles the 4 GiB mark (32-bit sector/offset bugs)
 want raw-big && run_case raw-big raw 2 0 "" $((6 * GiB)) hashlen=$((32 * MiB)) fio_offset=$((4 * GiB - 4 * MiB))
 want qcow2-2q && run_case qcow2-2q qcow2 2 0 "" $((32 * MiB))
-want qcow2-empty && run_case qcow2-empty qcow2 1 0 "" $((32 * MiB)) image=empty
+want qcow2-empty && run_case qcow2-empty qcow2 1 0 "" $((32 * MiB)) image=empty restart=1
 want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')

@@ -10,6 +10,7 @@
 #   --ro yes|no          expected read-only flag (yes also checks writes fail)
 #   --discard yes|no     discard expected to be offered (yes: blkdiscard must work)
 #   --discard-zeroes yes|no  discarded range must read back as zeroes (default yes)
+#   --write-zeroes yes|no    WRITE_ZEROES expected (yes: BLKZEROOUT must zero a range)
 #   --wcache back|through    expected guest write-cache mode (FLUSH offered = back)
 #   --queues N           num-queues of the vhost-user-blk-pci device (default 1)
 #   --expect-queues N    blk-mq hw queues the guest must see (default min(N, smp))
@@ -37,7 +38,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }
 
-SOCK= SIZE= SERIAL= SERIAL_SET=0 RO= DISCARD= DZERO=1 WCACHE= QUEUES=1 EXPECT_Q= QSIZE=
+SOCK= SIZE= SERIAL= SERIAL_SET=0 RO= DISCARD= DZERO=1 WZEROES= WCACHE= QUEUES=1 EXPECT_Q= QSIZE=
 FIO=1 FIO_SIZE=8M FIO_RUNTIME=60 FIO_JOBS= FIO_OFFSET=0 HASH= DUMPHASH= LOG= TIMEOUT=240
 SMP=2 MEM=512 QUIET=quiet DEMO=0 BUILD=1
 
@@ -63,6 +64,7 @@ while [ $# -gt 0 ]; do
         --ro) RO=$(yesno "$opt" "$val") ;;
         --discard) DISCARD=$(yesno "$opt" "$val") ;;
         --discard-zeroes) DZERO=$(yesno "$opt" "$val") ;;
+        --write-zeroes) WZEROES=$(yesno "$opt" "$val") ;;
         --wcache) case $val in back|through) WCACHE=$val ;; *) die "--wcache wants back|through" ;; esac ;;
         --queues) QUEUES=$(isnum "$opt" "$val") ;;
         --expect-queues) EXPECT_Q=$(isnum "$opt" "$val") ;;
@@ -108,6 +110,7 @@ APPEND+=" dbt.fio_runtime=$FIO_RUNTIME dbt.fio_jobs=$FIO_JOBS dbt.fio_offset=$FI
 [ -z "$SIZE" ] || APPEND+=" dbt.size=$SIZE"
 [ -z "$RO" ] || APPEND+=" dbt.ro=$RO"
 [ -z "$DISCARD" ] || APPEND+=" dbt.discard=$DISCARD"
+[ -z "$WZEROES" ] || APPEND+=" dbt.wzeroes=$WZEROES"
 [ -z "$WCACHE" ] || APPEND+=" dbt.wcache=$WCACHE"
 [ -z "$HASH" ] || APPEND+=" dbt.hash=$HASH"
 [ -z "$DUMPHASH" ] || APPEND+=" dbt.dumphash=$DUMPHASH"

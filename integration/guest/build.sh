@@ -43,6 +43,7 @@ stamp="$(
     {
         echo "kernel=$KPKG $KVER_PKG"
         echo "fio=$(dpkg-query -W -f='${Version}' fio)"
+        echo "util-linux=$(dpkg-query -W -f='${Version}' util-linux)"
         echo "busybox=$(dpkg-query -W -f='${Version}' busybox-static)"
         echo "modules=${WANT_MODULES[*]}"
         sha256sum "$GUEST_DIR/build.sh" "$GUEST_DIR/init" | cut -d' ' -f1
@@ -92,14 +93,23 @@ mkdir -p "$R/usr/lib/modules"
 cp /bin/busybox "$R/bin/busybox"
 install -m 0755 "$GUEST_DIR/init" "$R/init"
 
-# fio and every shared library it links (ldd), at the paths the host loader
-# resolved them to; /lib -> usr/lib as on Debian so both spellings work.
-cp -L "$(command -v fio)" "$R/usr/bin/fio"
-ldd "$(command -v fio)" | awk '/=> \//{print $3} /^[ \t]*\/[^ ]*ld-linux/{print $1}' | sort -u |
-while read -r lib; do
-    mkdir -p "$R$(dirname "$lib")"
-    cp -L "$lib" "$R$lib"
-done
+# fio, and util-linux blkdiscard (busybox's has no -z / BLKZEROOUT), with
+# every shared library they link (ldd), at the paths the host loader resolved
+# them to; /lib -> usr/lib as on Debian so both spellings work.
+copy_with_libs() { # SRC DST-in-root
+    cp -L "$1" "$R$2"
+    ldd "$1" | awk '/=> \//{print $3} /^[ \t]*\/[^ ]*ld-linux/{print $1}' | sort -u |
+    while read -r lib; do
+        [ -e "$R$lib" ] && continue
+        mkdir -p "$R$(dirname "$lib")"
+        cp -L "$lib" "$R$lib"
+    done
+}
+mkdir -p "$R/usr/sbin"
+copy_with_libs "$(command -v fio)" /usr/bin/fio
+UL_BLKDISCARD="$(PATH=/usr/sbin:/sbin:$PATH command -v blkdiscard || true)"
+[ -n "$UL_BLKDISCARD" ] || die "util-linux blkdiscard not found"
+copy_with_libs "$UL_BLKDISCARD" /usr/sbin/blkdiscard-ul
 [ -e "$R/lib64/ld-linux-x86-64.so.2" ] || die "dynamic loader was not copied"
 
 # Kernel modules: find each, pull in its dependencies, decompress on the host
