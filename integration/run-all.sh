@@ -1,0 +1,333 @@
+#!/usr/bin/env bash
+# Run the real-guest suite against a vhost-user-blk backend: for each case,
+# make an image, start the backend, boot the guest (run-guest.sh), stop the
+# backend, then check the image on the host.
+#
+# Usage: integration/run-all.sh [options] [DRIVEBLK_BIN]
+#   DRIVEBLK_BIN             driveblk binary (default backend when given;
+#                            also --bin PATH)
+#   --backend driveblk|qsd   which backend to test (qsd = qemu-storage-daemon,
+#                            the reference; default driveblk)
+#   --skip-qcow2             skip the qcow2 cases (also DRIVEBLK_SKIP_QCOW2=1)
+#   --only a,b               run only these cases (names below)
+#   --expect-discard yes|no|any   discard offered by the backend (default yes)
+#   --expect-write-zeroes yes|no|any  WRITE_ZEROES offered (default yes)
+#   --expect-wcache back|through|any  guest write-cache mode (default: back
+#                            for driveblk, any for qsd, which is write-through)
+#   --fio-size SIZE          bytes per fio job (default 8M)
+#   --timeout SEC            per guest boot (default 240)
+#   --demo                   stream guest consoles
+#   --keep                   keep the work directory (images, logs)
+#   --list                   list the cases and exit
+# Cases: raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty
+#        qcow2-compressed-ro   (--list; details at the bottom of this file)
+# Exit 0 only if every case passed.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$HERE/lib.sh"
+
+ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty qcow2-compressed-ro)
+BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WZEROES=yes EXP_WCACHE=
+FIO_SIZE=8M TIMEOUT=240 DEMO=0 KEEP=0
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }
+while [ $# -gt 0 ]; do
+    case $1 in
+        -h|--help) usage 0 ;;
+        --list) printf '%s\n' "${ALL_CASES[@]}"; exit 0 ;;
+        --backend) BACKEND=${2:?--backend needs a value}; shift 2 ;;
+        --bin) BIN=${2:?--bin needs a path}; shift 2 ;;
+        --skip-qcow2) SKIP_QCOW2=1; shift ;;
+        --only) ONLY=${2:?}; shift 2 ;;
+        --expect-discard) EXP_DISCARD=${2:?}; shift 2 ;;
+        --expect-write-zeroes) EXP_WZEROES=${2:?}; shift 2 ;;
+        --expect-wcache) EXP_WCACHE=${2:?}; shift 2 ;;
+        --fio-size) FIO_SIZE=${2:?}; shift 2 ;;
+        --timeout) TIMEOUT=${2:?}; shift 2 ;;
+        --demo) DEMO=1; shift ;;
+        --keep) KEEP=1; shift ;;
+        -*) echo "error: unknown option $1" >&2; usage ;;
+        *) [ -z "$BIN" ] || die "more than one binary given"; BIN=$1; shift ;;
+    esac
+done
+[ -n "$BACKEND" ] || BACKEND=driveblk
+case $BACKEND in
+    driveblk)
+        [ -n "$BIN" ] || die "give the driveblk binary (run-all.sh PATH/TO/driveblk), or --backend qsd"
+        [ -x "$BIN" ] || die "driveblk binary not found or not executable: $BIN"
+        BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")" ;;
+    qsd) ;;
+    *) die "--backend must be driveblk or qsd" ;;
+esac
+case $EXP_DISCARD in yes|no|any) ;; *) die "--expect-discard yes|no|any" ;; esac
+case $EXP_WZEROES in yes|no|any) ;; *) die "--expect-write-zeroes yes|no|any" ;; esac
+if [ -z "$EXP_WCACHE" ]; then
+    if [ "$BACKEND" = driveblk ]; then EXP_WCACHE=back; else EXP_WCACHE=any; fi
+fi
+case $EXP_WCACHE in back|through|any) ;; *) die "--expect-wcache back|through|any" ;; esac
+for c in ${ONLY//,/ }; do
+    [[ " ${ALL_CASES[*]} " == *" $c "* ]] || die "unknown case '$c' (see --list)"
+done
+
+ensure_qemu
+"$HERE/guest/build.sh"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/driveblk-integ.XXXXXX")"
+LOGDIR="$BUILD_DIR/logs/run-$(date -u +%Y%m%dT%H%M%S)-$BACKEND"
+mkdir -p "$LOGDIR"
+BPID= GPID=
+cleanup() {
+    local rc=$?
+    trap - INT TERM
+    # run-guest.sh stops its QEMU on TERM
+    if [ -n "$GPID" ]; then stop_pid "$GPID" 15 || true; fi
+    if [ -n "$BPID" ]; then stop_pid "$BPID" 5 || true; fi
+    if [ "$KEEP" = 1 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---- images --------------------------------------------------------------
+# Random data in a few regions (one crossing a 64 KiB cluster boundary), the
+# rest sparse zeroes, so reads of existing data are checked by hash.
+make_raw() { # FILE BYTES
+    rm -f "$1"
+    truncate -s "$2" "$1"
+    head -c $((3 * 1048576)) /dev/urandom | dd of="$1" bs=1M seek=0 conv=notrunc status=none
+    head -c 200000 /dev/urandom | dd of="$1" oflag=seek_bytes seek=$((9 * 1048576 - 4096)) conv=notrunc status=none
+    head -c 65536 /dev/urandom | dd of="$1" oflag=seek_bytes seek=$(($2 - 65536)) conv=notrunc status=none
+}
+raw_hash() { head -c "$2" "$1" | md5sum | cut -d' ' -f1; }   # FILE LEN
+img_hash() { # FILE FORMAT LEN -> md5 of the first LEN guest-visible bytes
+    if [ "$2" = raw ]; then
+        raw_hash "$1" "$3"
+    else
+        qemu-img convert -f "$2" -O raw "$1" "$WORK/convert.raw"
+        raw_hash "$WORK/convert.raw" "$3"
+        rm -f "$WORK/convert.raw"
+    fi
+}
+
+# ---- backends ------------------------------------------------------------
+# start_backend SOCK IMG FMT QUEUES RO(0|1) SERIAL LOG -> sets BPID
+start_backend() {
+    local sock=$1 img=$2 fmt=$3 nq=$4 ro=$5 serial=$6 blog=$7
+    case $BACKEND in
+        qsd) start_qsd "$sock" "$img" "$fmt" "$nq" "$ro" "$blog"; BPID=$QSD_PID ;;
+        driveblk)
+            local args=(serve --socket "$sock" --image "$img" --format "$fmt" --num-queues "$nq" --log-level info)
+            [ "$ro" = 0 ] || args+=(--read-only)
+            [ -z "$serial" ] || args+=(--serial "$serial")
+            rm -f "$sock"
+            echo "+ $BIN ${args[*]}" >"$blog"
+            NO_COLOR=1 "$BIN" "${args[@]}" >>"$blog" 2>&1 &
+            BPID=$!
+            if ! wait_for_socket "$sock" "$BPID" 15; then
+                sed 's/^/  | /' "$blog" >&2
+                BPID=
+                return 1
+            fi ;;
+    esac
+}
+# The serial a backend reports: qsd always answers GET_ID with this.
+expected_serial() { if [ "$BACKEND" = qsd ]; then echo vhost_user_blk; else echo "$1"; fi; }
+
+# guest RESULT_FILE ARGS... : run-guest.sh in the background (so a signal to
+# this script is handled at once), its output shown and saved.
+guest() {
+    local out=$1 rc=0
+    shift
+    "$HERE/run-guest.sh" "$@" > >(tee "$out") 2>&1 &
+    GPID=$!
+    wait "$GPID" || rc=$?
+    GPID=
+    return "$rc"
+}
+
+# ---- one case ------------------------------------------------------------
+declare -a SUMMARY=()
+FAILED=0
+hostcheck() { # name status detail
+    echo "  HOST name=$1 status=$2 detail=$3"
+    [ "$2" = PASS ] || CASE_OK=0
+}
+
+# run_case NAME FORMAT QUEUES RO(0|1) SERIAL SIZE [KEY=VALUE...]
+#   image=filled|empty|compressed   filled: random regions (qcow2: converted
+#       from such a raw file); empty: `qemu-img create`; compressed: qcow2
+#       with compressed clusters (qemu-img convert -c)
+#   hashlen=BYTES   how much of the disk the guest hashes (default: all of it)
+#   fio_offset=BYTES  where the guest's fio jobs start
+#   reboot=1        boot a second guest on the same backend process
+#   restart=1       afterwards start a new backend process on the image and
+#                   boot a guest that checks the data is still there
+run_case() {
+    local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6
+    shift 6
+    local image=filled hashlen=$size fio_offset=0 reboot=0 restart=0 kv
+    for kv in "$@"; do
+        case $kv in
+            image=*|hashlen=*|fio_offset=*|reboot=*|restart=*) local "$kv" ;;
+            *) die "run_case: bad option $kv" ;;
+        esac
+    done
+    local img="$WORK/$name.$fmt" sock="$WORK/$name.sock" blog="$LOGDIR/$name.backend.log"
+    local t0 rc before after gh
+    CASE_OK=1
+    t0=$(date +%s.%N)
+    echo "=== case $name: $fmt/$image queues=$nq ro=$ro serial=${serial:-none} size=$size backend=$BACKEND"
+
+    if [ "$image" = empty ]; then
+        rm -f "$img"
+        if [ "$fmt" = raw ]; then truncate -s "$size" "$img"
+        else qemu-img create -q -f "$fmt" "$img" "$size"; fi
+    else
+        make_raw "$WORK/$name.src.raw" "$size"
+        if [ "$fmt" = raw ]; then
+            mv "$WORK/$name.src.raw" "$img"
+        else
+            local copt=()
+            [ "$image" != compressed ] || copt=(-c)
+            qemu-img convert -f raw -O "$fmt" "${copt[@]}" "$WORK/$name.src.raw" "$img"
+            rm -f "$WORK/$name.src.raw"
+        fi
+    fi
+    before=$(img_hash "$img" "$fmt" "$hashlen")
+
+    if ! start_backend "$sock" "$img" "$fmt" "$nq" "$ro" "$serial" "$blog"; then
+        hostcheck backend-start FAIL "backend did not create $sock (log: $blog)"
+        finish_case "$name" "$t0"
+        return
+    fi
+
+    local args=(--socket "$sock" --size "$size" --queues "$nq" --ro "$([ "$ro" = 1 ] && echo yes || echo no)"
+        --hash "$hashlen:$before" --fio-size "$FIO_SIZE" --fio-offset "$fio_offset"
+        --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.serial.log")
+    [ "$ro" = 1 ] || args+=(--dump-hash "$hashlen")
+    [ -z "$serial" ] || args+=(--serial "$(expected_serial "$serial")")
+    # read-only disks: whether discard is offered is the backend's business
+    [ "$EXP_DISCARD" = any ] || [ "$ro" = 1 ] || args+=(--discard "$EXP_DISCARD")
+    [ "$EXP_WZEROES" = any ] || [ "$ro" = 1 ] || args+=(--write-zeroes "$EXP_WZEROES")
+    [ "$EXP_WCACHE" = any ] || args+=(--wcache "$EXP_WCACHE")
+    [ "$DEMO" = 0 ] || args+=(--demo)
+    rc=0
+    guest "$LOGDIR/$name.result.txt" "${args[@]}" || rc=$?
+    [ "$rc" = 0 ] || CASE_OK=0
+    gh=$(sed -n 's/^ *HASH len=[0-9]* md5=\([0-9a-f]*\).*/\1/p' "$LOGDIR/$name.result.txt" | tail -n1)
+
+    # Second boot against the same backend process: QEMU reconnects, and
+    # what the first guest wrote must still be there.
+    if [ "$reboot" = 1 ] && [ -n "$gh" ]; then
+        echo "--- $name: second boot on the same backend (reconnect, data persists)"
+        local args2=(--socket "$sock" --size "$size" --queues "$nq" --hash "$hashlen:$gh" --no-fio
+            --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.reboot.serial.log")
+        [ "$DEMO" = 0 ] || args2+=(--demo)
+        guest "$LOGDIR/$name.reboot.result.txt" "${args2[@]}" || CASE_OK=0
+    fi
+
+    # Stop the backend: SIGTERM must make it exit 0 and remove its socket.
+    rc=0
+    stop_pid "$BPID" 10 || rc=$?
+    BPID=
+    if [ "$rc" = 0 ]; then hostcheck backend-exit PASS "exit 0 on SIGTERM"
+    else hostcheck backend-exit FAIL "exit status $rc on SIGTERM (log: $blog)"; fi
+    if [ "$BACKEND" = driveblk ]; then
+        if [ -e "$sock" ]; then hostcheck socket-removed FAIL "$sock still exists"
+        else hostcheck socket-removed PASS "socket gone"; fi
+    fi
+
+    # What the guest saw must be what is in the image file.
+    if [ "$fmt" = qcow2 ]; then
+        if qemu-img check -q "$img" >"$LOGDIR/$name.qemu-img-check.txt" 2>&1; then
+            hostcheck qemu-img-check PASS "image consistent"
+        else
+            hostcheck qemu-img-check FAIL "$(head -c 300 "$LOGDIR/$name.qemu-img-check.txt" | tr '\n' ' ')"
+        fi
+    fi
+    after=$(img_hash "$img" "$fmt" "$hashlen")
+    if [ "$ro" = 1 ]; then
+        if [ "$after" = "$before" ]; then hostcheck image-unchanged PASS "read-only image untouched"
+        else hostcheck image-unchanged FAIL "read-only image changed"; fi
+    elif [ -z "$gh" ]; then
+        hostcheck image-matches-guest FAIL "guest printed no final HASH"
+    elif [ "$after" = "$gh" ]; then
+        hostcheck image-matches-guest PASS "first $hashlen bytes of the image = guest's view (md5 ${after:0:16}...)"
+    else
+        hostcheck image-matches-guest FAIL "image md5 $after != guest's $gh"
+    fi
+    if [ "$fio_offset" -gt 0 ] && [ "$ro" = 0 ] && [ "$fmt" = raw ]; then
+        # fio's region lies beyond hashlen: its data must have reached the file there
+        local nz
+        nz=$(dd if="$img" bs=1M skip=$((fio_offset / 1048576)) count=8 status=none | tr -d '\000' | wc -c)
+        if [ "$nz" -gt 0 ]; then hostcheck high-offset-data PASS "$nz non-zero bytes at offset $fio_offset"
+        else hostcheck high-offset-data FAIL "no data in the image at offset $fio_offset"; fi
+    fi
+    # A fresh backend process must read back what the previous one wrote
+    # (for qcow2: its own metadata, reopened).
+    if [ "$restart" = 1 ] && [ "$ro" = 0 ] && [ -n "$gh" ]; then
+        echo "--- $name: new backend process on the same image, data must persist"
+        if start_backend "$sock" "$img" "$fmt" "$nq" 0 "$serial" "$LOGDIR/$name.restart.backend.log"; then
+            local args3=(--socket "$sock" --size "$size" --queues "$nq" --hash "$hashlen:$gh" --no-fio
+                --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.restart.serial.log")
+            [ "$DEMO" = 0 ] || args3+=(--demo)
+            guest "$LOGDIR/$name.restart.result.txt" "${args3[@]}" || CASE_OK=0
+            stop_pid "$BPID" 10 || hostcheck backend-exit FAIL "restarted backend: exit status $? on SIGTERM"
+            BPID=
+        else
+            hostcheck backend-restart FAIL "backend did not start again on the written image"
+        fi
+    fi
+    if [ "$BACKEND" = driveblk ] && grep -qiE "panic|panicked" "$LOGDIR/$name".*backend.log; then
+        hostcheck backend-log FAIL "panic in $blog"
+    fi
+    finish_case "$name" "$t0"
+}
+
+finish_case() { # NAME T0
+    local t1 secs verdict
+    t1=$(date +%s.%N)
+    secs=$(awk -v a="$2" -v b="$t1" 'BEGIN{printf "%.1f", b - a}')
+    if [ "$CASE_OK" = 1 ]; then verdict=PASS; else verdict=FAIL; FAILED=$((FAILED + 1)); fi
+    echo "=== case $1: $verdict in ${secs}s"
+    SUMMARY+=("$(printf '%-22s %-4s %6ss' "$1" "$verdict" "$secs")")
+    rm -f "$WORK/$1".*
+}
+
+want() { # NAME -> run it?
+    [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]] || return 1
+    if [ "$SKIP_QCOW2" = 1 ] && [[ "$1" == qcow2* ]]; then
+        SUMMARY+=("$(printf '%-22s %-4s' "$1" SKIP)")
+        return 1
+    fi
+}
+
+T_ALL=$(date +%s.%N)
+MiB=1048576
+GiB=$((1024 * MiB))
+# 1 queue; then a second guest on the same backend process (reconnect)
+want raw-1q && run_case raw-1q raw 1 0 "" $((32 * MiB)) reboot=1
+want raw-2q && run_case raw-2q raw 2 0 "" $((32 * MiB)) restart=1
+# 4 queues offered, 2 vCPUs: the guest uses only 2, the others stay idle
+want raw-4q && run_case raw-4q raw 4 0 "" $((32 * MiB))
+# odd size (not a multiple of 4 KiB) on purpose
+want raw-ro-serial && run_case raw-ro-serial raw 2 1 "drvblk-ro-0042" $((24 * MiB + 3 * 512))
+# 6 GiB sparse: fio straddles the 4 GiB mark (32-bit sector/offset bugs)
+want raw-big && run_case raw-big raw 2 0 "" $((6 * GiB)) hashlen=$((32 * MiB)) fio_offset=$((4 * GiB - 4 * MiB))
+want qcow2-2q && run_case qcow2-2q qcow2 2 0 "" $((32 * MiB))
+want qcow2-empty && run_case qcow2-empty qcow2 1 0 "" $((32 * MiB)) image=empty restart=1
+want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "" $((24 * MiB)) image=compressed
+
+TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')
+echo
+echo "=== summary (backend $BACKEND${BIN:+ $BIN}; logs in $LOGDIR)"
+printf '  %s\n' "${SUMMARY[@]}"
+if [ "$FAILED" = 0 ]; then
+    echo "ALL PASS in ${TOTAL}s"
+else
+    echo "FAILED: $FAILED case(s), ${TOTAL}s"
+    exit 1
+fi
