@@ -286,6 +286,8 @@ cat "$REPTAB"
 
 if [[ $RECORD == 1 ]]; then
     DOC=$ROOT/docs/benchmarks.md
+    # Before writing: appending to DOC would itself make the tree look dirty.
+    COMMIT="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- 2>/dev/null || echo ' (dirty)')"
     mkdir -p "$(dirname "$DOC")"
     # shellcheck disable=SC2016 # literal backticks for markdown
     [[ -f $DOC ]] || printf '# driveblk benchmarks\n\nRecorded by `scripts/bench.sh --record`.\n' >"$DOC"
@@ -294,9 +296,9 @@ if [[ $RECORD == 1 ]]; then
         echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): $LABEL_A vs $LABEL_B"
         echo
         echo "- command: \`$CMDLINE\`$( [[ -n ${BENCH_A:-}${BENCH_B:-} ]] && echo " (BENCH_A=${BENCH_A:-} BENCH_B=${BENCH_B:-})")"
-        echo "- commit: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- 2>/dev/null || echo ' (dirty)')"
+        echo "- commit: $COMMIT"
         echo "- machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
-        echo "- load average at start: $START_LOAD"
+        echo "- load average (1/5/15 min) at start: $START_LOAD; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
         echo "- $(qemu-storage-daemon --version | head -1)"
         echo "- image: raw $SIZE on $(df --output=fstype "$WORK" | tail -1), page cache warm; ${RUNTIME}s measured after ${WARMUP}s warmup; medians of $REPS reps"
         echo
