@@ -13,6 +13,7 @@
 #   --keep           keep the work dir (images, logs, per-run JSON)
 #   --self-test-qsd  benchmark qsd against qsd (same as BENCH_A=qsd), to prove the harness
 # Env: BENCH_A / BENCH_B pick the two daemons (driveblk|qsd; default driveblk vs qsd).
+#      DRIVEBLK_BIN=path benchmarks a prebuilt driveblk instead of building this tree's.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,7 +36,7 @@ while [[ $# -gt 0 ]]; do
         --record) RECORD=1; shift ;;
         --keep) KEEP=1; shift ;;
         --self-test-qsd) A=qsd; shift ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -76,11 +77,13 @@ fi
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 GEN=$TARGET/release/driveblk-bench
-DRIVEBLK=$TARGET/release/driveblk
+DRIVEBLK=${DRIVEBLK_BIN:-$TARGET/release/driveblk}
 cd "$ROOT"
 log "building driveblk-bench (release)"
 cargo build --release -q -p driveblk-bench || die "driveblk-bench failed to build"
-if [[ $A == driveblk || $B == driveblk ]]; then
+if [[ -n ${DRIVEBLK_BIN:-} ]]; then
+    [[ -x $DRIVEBLK_BIN ]] || die "DRIVEBLK_BIN=$DRIVEBLK_BIN is not an executable"
+elif [[ $A == driveblk || $B == driveblk ]]; then
     log "building driveblk (release)"
     cargo build --release -q -p driveblk ||
         die "driveblk failed to build (BENCH_A=qsd or --self-test-qsd benchmarks qsd against itself)"
@@ -183,7 +186,11 @@ stop_daemon() { # daemon logfile: SIGTERM, must exit 0 within 10 s
 }
 
 # ---- Runs --------------------------------------------------------------------------------------
-RESULTS=$WORK/results.tsv # row daemon rep iops mbps p50 p99 (or FAIL)
+RESULTS=$WORK/results.tsv # row daemon rep iops mbps p50 p99 cpu% (or FAIL)
+CLK_TCK=$(getconf CLK_TCK)
+# utime + stime of all the daemon's threads, in clock ticks (fields 14 and 15 of stat, counted
+# after the ")" that ends the command name, which may contain spaces).
+cpu_ticks() { [[ -r /proc/$1/stat ]] && sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 : >"$RESULTS"
 FAILED=0
 run_one() { # row-index rep daemon key (key names the side in results: A and B may be one daemon)
@@ -193,14 +200,20 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
     img=${IMAGES[$kind]}
     tag="r${idx}-${rep}-${key//#/}"
     out=$WORK/$tag.json
-    local ok=1
+    local ok=1 cpu0 cpu1 t0 t1 cpu=nan
     if start_daemon "$d" "$img" "$q" "$dargs" "$qfmt" "$WORK/$tag.log"; then
+        cpu0=$(cpu_ticks "$DPID") t0=$EPOCHREALTIME
         # shellcheck disable=SC2086
         if ! "$GEN" --socket "$SOCK" --queues "$q" $gargs --runtime "$RUNTIME" --warmup "$WARMUP" \
             --io-timeout 20 --json >"$out" 2>"$WORK/$tag.err"; then
             log "generator failed: $name, $d, rep $rep:"; sed 's/^/    /' "$WORK/$tag.err" >&2
             log "$d log tail:"; tail -n 20 "$WORK/$tag.log" | sed 's/^/    /' >&2
             ok=0
+        fi
+        cpu1=$(cpu_ticks "$DPID") t1=$EPOCHREALTIME
+        if [[ -n $cpu0 && -n $cpu1 ]]; then
+            cpu=$(awk -v c="$((cpu1 - cpu0))" -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" \
+                'BEGIN {printf "%.0f", 100 * c / hz / (t1 - t0)}')
         fi
         stop_daemon "$d" "$WORK/$tag.log" || ok=0
         # Flush dirty pages of write rows now, so writeback never lands inside the next run.
@@ -209,9 +222,9 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
         ok=0
     fi
     if [[ $ok == 1 ]]; then
-        jq -r --arg n "$name" --arg d "$key" --arg r "$rep" \
-            '[$n, $d, $r, .iops, .mbps, .lat_us.p50, .lat_us.p99] | @tsv' "$out" >>"$RESULTS"
-        jq -r --arg d "$d" '"    \($d): \(.iops|round) IOPS  \(.mbps*10|round/10) MB/s  p50 \(.lat_us.p50) us  p99 \(.lat_us.p99) us"' "$out" >&2
+        jq -r --arg n "$name" --arg d "$key" --arg r "$rep" --arg cpu "$cpu" \
+            '[$n, $d, $r, .iops, .mbps, .lat_us.p50, .lat_us.p99, $cpu] | @tsv' "$out" >>"$RESULTS"
+        jq -r --arg d "$d" --arg cpu "$cpu" '"    \($d): \(.iops|round) IOPS  \(.mbps*10|round/10) MB/s  p50 \(.lat_us.p50) us  p99 \(.lat_us.p99) us  daemon CPU \($cpu)%"' "$out" >&2
     else
         printf '%s\t%s\t%s\tFAIL\n' "$name" "$key" "$rep" >>"$RESULTS"
         FAILED=1
@@ -250,13 +263,14 @@ med() { # row daemon column
 fmt() { # value decimals
     if [[ $1 == FAIL ]]; then echo FAIL; else awk -v x="$1" -v p="$2" 'BEGIN {printf "%." p "f", x}'; fi
 }
-fmtl() { # "p50/p99"
-    if [[ $1 == *FAIL* ]]; then echo FAIL; else awk -v s="$1" 'BEGIN {split(s, a, "/"); printf "%.0f / %.0f", a[1], a[2]}'; fi
+fmtl() { # "x/y" -> "x / y", each rounded or FAIL
+    awk -v s="$1" 'function f(x) { return x == "FAIL" ? x : sprintf("%.0f", x) }
+        BEGIN {split(s, a, "/"); printf "%s / %s", f(a[1]), f(a[2])}'
 }
 TABLE=$WORK/table.md
 {
-    echo "| row | $LABEL_A IOPS | $LABEL_B IOPS | $LABEL_A MB/s | $LABEL_B MB/s | $LABEL_A p50/p99 µs | $LABEL_B p50/p99 µs | IOPS $LABEL_A/$LABEL_B |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| row | $LABEL_A IOPS | $LABEL_B IOPS | $LABEL_A MB/s | $LABEL_B MB/s | $LABEL_A p50/p99 µs | $LABEL_B p50/p99 µs | daemon CPU % $LABEL_A / $LABEL_B | IOPS $LABEL_A/$LABEL_B |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     for i in "${SEL[@]}"; do
         name=${ROWS[$i]%%|*}
         ia=$(med "$name" "$A" 4) ib=$(med "$name" "$KEY_B" 4)
@@ -264,7 +278,8 @@ TABLE=$WORK/table.md
         la=$(med "$name" "$A" 6)/$(med "$name" "$A" 7)
         lb=$(med "$name" "$KEY_B" 6)/$(med "$name" "$KEY_B" 7)
         if [[ $ia == FAIL || $ib == FAIL ]]; then ratio=n/a; else ratio=$(awk -v a="$ia" -v b="$ib" 'BEGIN {printf "%.2f", a / b}'); fi
-        echo "| $name | $(fmt "$ia" 0) | $(fmt "$ib" 0) | $(fmt "$ma" 1) | $(fmt "$mb" 1) | $(fmtl "$la") | $(fmtl "$lb") | $ratio |"
+        ca=$(med "$name" "$A" 8)/$(med "$name" "$KEY_B" 8)
+        echo "| $name | $(fmt "$ia" 0) | $(fmt "$ib" 0) | $(fmt "$ma" 1) | $(fmt "$mb" 1) | $(fmtl "$la") | $(fmtl "$lb") | $(fmtl "$ca") | $ratio |"
     done
 } >"$TABLE"
 # Per-rep IOPS, so a reader can see the spread behind each median.
