@@ -57,7 +57,7 @@ ROWS=(
     "4K randwrite QD32 1q|raw|1|--rw randwrite --bs 4k --iodepth 32|--format raw|driver=raw"
     "4K randwrite QD32 2q|raw|2|--rw randwrite --bs 4k --iodepth 32|--format raw|driver=raw"
     "64K seqread QD8 1q|raw|1|--rw read --bs 64k --iodepth 8|--format raw|driver=raw"
-    # "4K randread QD32 1q qcow2|qcow2|1|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=8M"
+    # "4K randread QD32 1q qcow2|qcow2|1|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=8388608"
 )
 
 # ---- Tools -------------------------------------------------------------------------------------
