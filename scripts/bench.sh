@@ -186,7 +186,7 @@ stop_daemon() { # daemon logfile: SIGTERM, must exit 0 within 10 s
 }
 
 # ---- Runs --------------------------------------------------------------------------------------
-RESULTS=$WORK/results.tsv # row daemon rep iops mbps p50 p99 cpu% (or FAIL)
+RESULTS=$WORK/results.tsv # row daemon rep iops mbps p50 p99 daemon-cpu% gen-cpu% (or FAIL)
 CLK_TCK=$(getconf CLK_TCK)
 # utime + stime of all the daemon's threads, in clock ticks (fields 14 and 15 of stat, counted
 # after the ")" that ends the command name, which may contain spaces).
@@ -223,8 +223,8 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
     fi
     if [[ $ok == 1 ]]; then
         jq -r --arg n "$name" --arg d "$key" --arg r "$rep" --arg cpu "$cpu" \
-            '[$n, $d, $r, .iops, .mbps, .lat_us.p50, .lat_us.p99, $cpu] | @tsv' "$out" >>"$RESULTS"
-        jq -r --arg d "$d" --arg cpu "$cpu" '"    \($d): \(.iops|round) IOPS  \(.mbps*10|round/10) MB/s  p50 \(.lat_us.p50) us  p99 \(.lat_us.p99) us  daemon CPU \($cpu)%"' "$out" >&2
+            '[$n, $d, $r, .iops, .mbps, .lat_us.p50, .lat_us.p99, $cpu, (.gen_cpu_pct // "nan")] | @tsv' "$out" >>"$RESULTS"
+        jq -r --arg d "$d" --arg cpu "$cpu" '"    \($d): \(.iops|round) IOPS  \(.mbps*10|round/10) MB/s  p50 \(.lat_us.p50) us  p99 \(.lat_us.p99) us  daemon CPU \($cpu)%  generator CPU \(.gen_cpu_pct)%"' "$out" >&2
     else
         printf '%s\t%s\t%s\tFAIL\n' "$name" "$key" "$rep" >>"$RESULTS"
         FAILED=1
@@ -286,11 +286,12 @@ TABLE=$WORK/table.md
 REPTAB=$WORK/reps.md
 reps_line() { awk '{printf "%s%s", (NR > 1 ? ", " : ""), ($1 == "FAIL" ? "FAIL" : sprintf("%.0f", $1))}'; }
 {
-    echo "Per-repetition IOPS (run order A, B per rep):"
+    echo "Per-repetition IOPS (run order A, B per rep), and the load generator's own CPU use:"
     echo
     for i in "${SEL[@]}"; do
         name=${ROWS[$i]%%|*}
-        echo "- $name: $LABEL_A $(col "$name" "$A" 4 | reps_line); $LABEL_B $(col "$name" "$KEY_B" 4 | reps_line)"
+        echo "- $name: $LABEL_A $(col "$name" "$A" 4 | reps_line); $LABEL_B $(col "$name" "$KEY_B" 4 | reps_line)" \
+            "(generator CPU % median: $(fmtl "$(med "$name" "$A" 9)/$(med "$name" "$KEY_B" 9)"))"
     done
 } >"$REPTAB"
 

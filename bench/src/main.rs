@@ -287,6 +287,7 @@ fn run(args: &Args) -> Result<()> {
     // Windows are fixed just before the threads start so that connection and setup time never
     // count as warmup or measurement.
     let start = Instant::now();
+    let cpu_start = own_cpu_secs();
     let warm_until = start + plan.warmup;
     let end = plan.runtime.map(|r| warm_until + r);
     let jobs: Vec<Job> = queues
@@ -318,6 +319,8 @@ fn run(args: &Args) -> Result<()> {
         .collect();
     let (queues, outcomes) = run_jobs(jobs)?;
     let mut report = Report::new(&plan, &outcomes);
+    report.gen_cpu_pct =
+        cpu_start.zip(own_cpu_secs()).map(|(a, b)| 100.0 * (b - a) / start.elapsed().as_secs_f64().max(1e-9));
 
     if args.verify {
         let mut written = Bitmap::new(range, args.bs);
@@ -392,6 +395,19 @@ struct Report {
     writes: u64,
     hist: Histogram,
     verified_blocks: Option<u64>,
+    /// The generator's own CPU use (all threads, % of one core) over the run: if this nears
+    /// 100 × queues, the generator rather than the daemon may be the limit.
+    gen_cpu_pct: Option<f64>,
+}
+
+/// utime + stime of this process in seconds, from /proc/self/stat. Fields are counted after the
+/// ")" closing the command name; USER_HZ is 100 on every Linux ABI that exposes it this way.
+fn own_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 impl Report {
@@ -422,6 +438,7 @@ impl Report {
             writes: outcomes.iter().map(|o| o.writes).sum(),
             hist,
             verified_blocks: None,
+            gen_cpu_pct: None,
         }
     }
 
@@ -468,6 +485,9 @@ impl Report {
             self.us(0.999),
             self.hist.max() as f64 / 1000.0
         );
+        if let Some(c) = self.gen_cpu_pct {
+            println!("  generator CPU {c:.0}% of one core");
+        }
         if let Some(v) = self.verified_blocks {
             println!("  verify: {v} written blocks read back and matched");
         }
@@ -479,7 +499,7 @@ impl Report {
                 "{{\"workload\":\"{}\",\"bs\":{},\"queues\":{},\"elapsed_s\":{:.6},\"ops\":{},",
                 "\"reads\":{},\"writes\":{},\"bytes\":{},\"iops\":{:.1},\"mbps\":{:.3},",
                 "\"lat_us\":{{\"mean\":{:.2},\"p50\":{:.2},\"p90\":{:.2},\"p99\":{:.2},",
-                "\"p999\":{:.2},\"max\":{:.2}}},\"errors\":0,\"verified_blocks\":{}}}"
+                "\"p999\":{:.2},\"max\":{:.2}}},\"errors\":0,\"verified_blocks\":{},\"gen_cpu_pct\":{}}}"
             ),
             self.label,
             // The boot trace mixes 4-32 KiB requests: no single block size.
@@ -499,6 +519,7 @@ impl Report {
             self.us(0.999),
             self.hist.max() as f64 / 1000.0,
             self.verified_blocks.map_or("null".into(), |v| v.to_string()),
+            self.gen_cpu_pct.map_or("null".into(), |c| format!("{c:.1}")),
         )
     }
 }
