@@ -128,10 +128,7 @@ fn connect(args: &Args, read_only: bool) -> Result<Blkio> {
         b.set_bool("read-only", read_only)?;
         match b.connect() {
             Ok(()) => return Ok(b),
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => bail!("connecting to {}: {e}", args.socket.display()),
         }
     }

@@ -1,5 +1,6 @@
-//! End-to-end smoke test of the generator against qemu-storage-daemon (skipped when it is not
-//! installed): verified random writes, a sequential read, and a scaled-down boot trace.
+//! End-to-end smoke tests of the generator against qemu-storage-daemon (skipped when it is not
+//! installed): verified random writes, a sequential read, a scaled-down boot trace, and a
+//! write-dropping device that --verify must catch.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -18,7 +19,9 @@ impl Drop for Qsd {
     }
 }
 
-fn start_qsd(name: &str) -> Option<Qsd> {
+/// Starts qsd exporting `node` (a blockdev spec for node "disk0"; `{img}` is replaced by a fresh
+/// sparse 64 MiB file) on `<dir>/sock`.
+fn start_qsd(name: &str, node: &str) -> Option<Qsd> {
     if Command::new("qemu-storage-daemon").arg("--version").output().is_err() {
         eprintln!("qemu-storage-daemon not installed: skipping");
         return None;
@@ -30,8 +33,8 @@ fn start_qsd(name: &str) -> Option<Qsd> {
     let sock = dir.join("sock");
     let child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
-        .arg(format!("driver=file,node-name=file0,filename={},cache.direct=off", img.display()))
-        .args(["--blockdev", "driver=raw,node-name=disk0,file=file0", "--export"])
+        .arg(node.replace("{img}", &img.display().to_string()))
+        .arg("--export")
         .arg(format!(
             "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=2",
             sock.display()
@@ -62,7 +65,8 @@ fn json_u64(out: &Output, key: &str) -> u64 {
 
 #[test]
 fn generator_against_qsd() {
-    let Some(qsd) = start_qsd("smoke") else { return };
+    let node = "driver=raw,node-name=disk0,file.driver=file,file.filename={img},file.cache.direct=off";
+    let Some(qsd) = start_qsd("smoke", node) else { return };
     let sock = qsd.dir.join("sock");
 
     let out = bench(&sock, &["--rw", "randwrite", "--queues", "2", "--ios", "4000", "--verify", "--json"]);
@@ -76,6 +80,21 @@ fn generator_against_qsd() {
 
     let out = bench(&sock, &["--pattern", "boot", "--trace-reads", "2000", "--trace-bytes", "20m", "--json"]);
     assert_eq!(json_u64(&out, "ops"), 2000);
+}
+
+/// The checker is not vacuous: a device that drops writes and reads zeroes must fail --verify.
+#[test]
+fn verify_catches_a_device_that_drops_writes() {
+    let node = "driver=null-co,node-name=disk0,size=67108864,read-zeroes=on";
+    let Some(qsd) = start_qsd("null", node) else { return };
+    let out = Command::new(env!("CARGO_BIN_EXE_driveblk-bench"))
+        .arg("--socket")
+        .arg(qsd.dir.join("sock"))
+        .args(["--rw", "randwrite", "--ios", "200", "--verify"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("data mismatch"), "{out:?}");
 }
 
 #[test]
