@@ -313,6 +313,9 @@ if [[ $RECORD == 1 ]]; then
         echo
         echo "- command: \`$CMDLINE\`$( [[ -n ${BENCH_A:-}${BENCH_B:-} ]] && echo " (BENCH_A=${BENCH_A:-} BENCH_B=${BENCH_B:-})")"
         echo "- commit: $COMMIT"
+        if [[ -n ${DRIVEBLK_BIN:-} && ($A == driveblk || $B == driveblk) ]]; then
+            echo "- driveblk: prebuilt \`$DRIVEBLK_BIN\` (not built from this commit)"
+        fi
         echo "- machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
         echo "- load average (1/5/15 min) at start: $START_LOAD; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
         echo "- $(qemu-storage-daemon --version | head -1)"
