@@ -27,7 +27,7 @@ stage() { # name, command...
 cargo build --workspace --all-targets
 stage "rust tests" cargo nextest run --workspace --no-fail-fast
 if [ -x integration/run-all.sh ]; then
-  stage "guest tests" integration/run-all.sh "$PWD/target/debug/driveblk"
+  stage "guest tests" integration/run-all.sh "${CARGO_TARGET_DIR:-$PWD/target}/debug/driveblk"
 fi
 
 echo "test.sh: $passed passed, $failed failed"
