@@ -58,6 +58,7 @@ ROWS=(
     "4K randwrite QD32 2q|raw|2|--rw randwrite --bs 4k --iodepth 32|--format raw|driver=raw"
     "64K seqread QD8 1q|raw|1|--rw read --bs 64k --iodepth 8|--format raw|driver=raw"
     # "4K randread QD32 1q qcow2|qcow2|1|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=8388608"
+    # "boot trace QD8 1q|raw|1|--pattern boot --trace-reads 60000 --trace-bytes 600m|--format raw|driver=raw"
 )
 
 # ---- Tools -------------------------------------------------------------------------------------
@@ -202,9 +203,12 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
     out=$WORK/$tag.json
     local ok=1 cpu0 cpu1 t0 t1 cpu=nan
     if start_daemon "$d" "$img" "$q" "$dargs" "$qfmt" "$WORK/$tag.log"; then
+        # Trace rows (--pattern) replay a whole trace once, cold: no runtime, no warmup.
+        local timing=(--runtime "$RUNTIME" --warmup "$WARMUP")
+        [[ " $gargs " != *" --pattern "* ]] || timing=()
         cpu0=$(cpu_ticks "$DPID") t0=$EPOCHREALTIME
         # shellcheck disable=SC2086
-        if ! "$GEN" --socket "$SOCK" --queues "$q" $gargs --runtime "$RUNTIME" --warmup "$WARMUP" \
+        if ! "$GEN" --socket "$SOCK" --queues "$q" $gargs "${timing[@]}" \
             --io-timeout 20 --json >"$out" 2>"$WORK/$tag.err"; then
             log "generator failed: $name, $d, rep $rep:"; sed 's/^/    /' "$WORK/$tag.err" >&2
             log "$d log tail:"; tail -n 20 "$WORK/$tag.log" | sed 's/^/    /' >&2
@@ -302,8 +306,8 @@ cat "$REPTAB"
 
 if [[ $RECORD == 1 ]]; then
     DOC=$ROOT/docs/benchmarks.md
-    # Before writing: appending to DOC would itself make the tree look dirty.
-    COMMIT="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- 2>/dev/null || echo ' (dirty)')"
+    # Earlier records in DOC itself don't make the measured code dirty.
+    COMMIT="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- . ':!docs/benchmarks.md' 2>/dev/null || echo ' (dirty)')"
     mkdir -p "$(dirname "$DOC")"
     # shellcheck disable=SC2016 # literal backticks for markdown
     [[ -f $DOC ]] || printf '# driveblk benchmarks\n\nRecorded by `scripts/bench.sh --record`.\n' >"$DOC"
