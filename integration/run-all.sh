@@ -309,17 +309,18 @@ T_ALL=$(date +%s.%N)
 MiB=1048576
 GiB=$((1024 * MiB))
 # 1 queue; then a second guest on the same backend process (reconnect)
-want raw-1q && run_case raw-1q raw 1 0 "" $((32 * MiB)) reboot=1
-want raw-2q && run_case raw-2q raw 2 0 "" $((32 * MiB)) restart=1
-# 4 queues offered, 2 vCPUs: the guest uses only 2, the others stay idle
-want raw-4q && run_case raw-4q raw 4 0 "" $((32 * MiB))
+want raw-1q && run_case raw-1q raw 1 0 "drvblk-raw-1q" $((32 * MiB)) reboot=1
+want raw-2q && run_case raw-2q raw 2 0 "drvblk-raw-2q" $((32 * MiB)) restart=1
+# 4 queues offered, 2 vCPUs: the guest uses only 2, the others stay idle;
+# a serial of exactly 20 bytes (no NUL terminator in the GET_ID reply)
+want raw-4q && run_case raw-4q raw 4 0 "01234567890123456789" $((32 * MiB))
 # odd size (not a multiple of 4 KiB) on purpose
 want raw-ro-serial && run_case raw-ro-serial raw 2 1 "drvblk-ro-0042" $((24 * MiB + 3 * 512))
 # 6 GiB sparse: fio straddles the 4 GiB mark (32-bit sector/offset bugs)
-want raw-big && run_case raw-big raw 2 0 "" $((6 * GiB)) hashlen=$((32 * MiB)) fio_offset=$((4 * GiB - 4 * MiB))
-want qcow2-2q && run_case qcow2-2q qcow2 2 0 "" $((32 * MiB))
-want qcow2-empty && run_case qcow2-empty qcow2 1 0 "" $((32 * MiB)) image=empty restart=1
-want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "" $((24 * MiB)) image=compressed
+want raw-big && run_case raw-big raw 2 0 "drvblk-raw-big" $((6 * GiB)) hashlen=$((32 * MiB)) fio_offset=$((4 * GiB - 4 * MiB))
+want qcow2-2q && run_case qcow2-2q qcow2 2 0 "drvblk-qcow2-2q" $((32 * MiB))
+want qcow2-empty && run_case qcow2-empty qcow2 1 0 "drvblk-qcow2-empty" $((32 * MiB)) image=empty restart=1
+want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')
 echo
