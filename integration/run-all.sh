@@ -162,16 +162,17 @@ hostcheck() { # name status detail
 #       with compressed clusters (qemu-img convert -c)
 #   hashlen=BYTES   how much of the disk the guest hashes (default: all of it)
 #   fio_offset=BYTES  where the guest's fio jobs start
+#   qsize=N         virtqueue size of the QEMU device (default: QEMU's)
 #   reboot=1        boot a second guest on the same backend process
 #   restart=1       afterwards start a new backend process on the image and
 #                   boot a guest that checks the data is still there
 run_case() {
     local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6
     shift 6
-    local image=filled hashlen=$size fio_offset=0 reboot=0 restart=0 kv
+    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 kv
     for kv in "$@"; do
         case $kv in
-            image=*|hashlen=*|fio_offset=*|reboot=*|restart=*) local "$kv" ;;
+            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*) local "$kv" ;;
             *) die "run_case: bad option $kv" ;;
         esac
     done
@@ -179,7 +180,7 @@ run_case() {
     local t0 rc before after gh
     CASE_OK=1
     t0=$(date +%s.%N)
-    echo "=== case $name: $fmt/$image queues=$nq ro=$ro serial=${serial:-none} size=$size backend=$BACKEND"
+    echo "=== case $name: $fmt/$image queues=$nq${qsize:+ queue-size=$qsize} ro=$ro serial=${serial:-none} size=$size backend=$BACKEND"
 
     if [ "$image" = empty ]; then
         rm -f "$img"
@@ -208,6 +209,7 @@ run_case() {
         --hash "$hashlen:$before" --fio-size "$FIO_SIZE" --fio-offset "$fio_offset"
         --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.serial.log")
     [ "$ro" = 1 ] || args+=(--dump-hash "$hashlen")
+    [ -z "$qsize" ] || args+=(--queue-size "$qsize")
     [ -z "$serial" ] || args+=(--serial "$(expected_serial "$serial")")
     # read-only disks: whether discard is offered is the backend's business
     [ "$EXP_DISCARD" = any ] || [ "$ro" = 1 ] || args+=(--discard "$EXP_DISCARD")
@@ -309,17 +311,19 @@ T_ALL=$(date +%s.%N)
 MiB=1048576
 GiB=$((1024 * MiB))
 # 1 queue; then a second guest on the same backend process (reconnect)
-want raw-1q && run_case raw-1q raw 1 0 "" $((32 * MiB)) reboot=1
-want raw-2q && run_case raw-2q raw 2 0 "" $((32 * MiB)) restart=1
-# 4 queues offered, 2 vCPUs: the guest uses only 2, the others stay idle
-want raw-4q && run_case raw-4q raw 4 0 "" $((32 * MiB))
+want raw-1q && run_case raw-1q raw 1 0 "drvblk-raw-1q" $((32 * MiB)) reboot=1
+want raw-2q && run_case raw-2q raw 2 0 "drvblk-raw-2q" $((32 * MiB)) qsize=256 restart=1
+# 4 queues offered, 2 vCPUs: the guest uses only 2, the others stay idle;
+# a serial of exactly 20 bytes (no NUL terminator in the GET_ID reply);
+# 16-entry virtqueues: full rings, large requests in few descriptors
+want raw-4q && run_case raw-4q raw 4 0 "01234567890123456789" $((32 * MiB)) qsize=16
 # odd size (not a multiple of 4 KiB) on purpose
 want raw-ro-serial && run_case raw-ro-serial raw 2 1 "drvblk-ro-0042" $((24 * MiB + 3 * 512))
 # 6 GiB sparse: fio straddles the 4 GiB mark (32-bit sector/offset bugs)
-want raw-big && run_case raw-big raw 2 0 "" $((6 * GiB)) hashlen=$((32 * MiB)) fio_offset=$((4 * GiB - 4 * MiB))
-want qcow2-2q && run_case qcow2-2q qcow2 2 0 "" $((32 * MiB))
-want qcow2-empty && run_case qcow2-empty qcow2 1 0 "" $((32 * MiB)) image=empty restart=1
-want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "" $((24 * MiB)) image=compressed
+want raw-big && run_case raw-big raw 2 0 "drvblk-raw-big" $((6 * GiB)) hashlen=$((32 * MiB)) fio_offset=$((4 * GiB - 4 * MiB))
+want qcow2-2q && run_case qcow2-2q qcow2 2 0 "drvblk-qcow2-2q" $((32 * MiB))
+want qcow2-empty && run_case qcow2-empty qcow2 1 0 "drvblk-qcow2-empty" $((32 * MiB)) image=empty restart=1
+want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')
 echo

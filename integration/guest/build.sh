@@ -38,6 +38,9 @@ fi
 KVER_PKG="$(apt-cache policy "$KPKG" | sed -n 's/^ *Candidate: //p')"
 
 mkdir -p "$BUILD_DIR"
+# concurrent runs share the build directory: one builder at a time
+exec 9>"$BUILD_DIR/.build.lock"
+flock 9
 STAMP_FILE="$BUILD_DIR/guest.stamp"
 stamp="$(
     {
