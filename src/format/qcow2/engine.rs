@@ -140,12 +140,12 @@ impl Qcow2Disk {
         for c in 0..l1_bytes.div_ceil(cs) {
             metadata_clusters.insert(l1_offset + c * cs);
         }
+        for c in 0..u64::from(header.refcount_table_clusters) {
+            metadata_clusters.insert(header.refcount_table_offset + c * cs);
+        }
         let refs = if read_only {
             None
         } else {
-            for c in 0..u64::from(header.refcount_table_clusters) {
-                metadata_clusters.insert(header.refcount_table_offset + c * cs);
-            }
             let table = read_u64s(&*storage, header.refcount_table_offset, (rt_bytes / 8) as usize, "read refcount table")?;
             Some(Refcounts::new(
                 header.cluster_bits,

@@ -285,6 +285,20 @@ mod tests {
     }
 
     #[test]
+    fn adjust_refuses_overflow_and_underflow() {
+        // 1-bit refcounts: 1 is the maximum.
+        let mut r = Refcounts::new(9, 0, vec![512], 1024, 1);
+        let mut blk = vec![0u8; 512];
+        set_packed(&mut blk, 0, 5, 1);
+        r.set_block(0, blk.into());
+        assert!(r.adjust(5 * 512, 1).unwrap_err().to_string().contains("overflow"));
+        assert_eq!(r.adjust(5 * 512, -1).unwrap(), 0);
+        assert!(r.adjust(5 * 512, -1).unwrap_err().to_string().contains("below zero"));
+        // Cluster far beyond any block.
+        assert!(r.adjust(1 << 40, 1).is_err());
+    }
+
+    #[test]
     fn alloc_grows_blocks_and_table() {
         // 512-byte clusters, 64-bit refcounts: 64 clusters per block, 64 blocks per table cluster.
         let mut r = Refcounts::new(9, 6, vec![512], 1024, 1);
