@@ -627,6 +627,11 @@ impl Qcow2Disk {
         let e = cur.unwrap_or_default();
         let kind = e.kind(&geo);
         let backing = self.backing.is_some();
+        if kind == ClusterKind::None && self.reads_zero(&cur, 0, lay.cluster_size()) {
+            // Already zero with nothing to free: do not allocate an L2 table
+            // just to say so.
+            return Ok(());
+        }
         let keep = matches!(kind, ClusterKind::Allocated { copied: true, .. });
         let new = if geo.extended {
             match op {
@@ -827,6 +832,19 @@ fn read_u64s(storage: &dyn Storage, off: u64, count: usize, what: &'static str) 
     let mut buf = vec![0u8; count * 8];
     storage.read_at(off, &mut buf).map_err(|e| DiskError::io(what, off, e))?;
     Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+}
+
+impl Drop for Qcow2Disk {
+    /// A disk dropped without `close` is flushed best-effort, so metadata
+    /// held in memory is not lost (it would be consistent either way).
+    fn drop(&mut self) {
+        if !self.read_only && !self.closed.load(Ordering::Acquire) {
+            let mut st = self.alloc.lock();
+            if let Err(e) = self.flush_locked(&mut st).and_then(|_| self.flush_locked(&mut st)) {
+                tracing::warn!("qcow2: flush on drop failed: {e}");
+            }
+        }
+    }
 }
 
 impl Disk for Qcow2Disk {

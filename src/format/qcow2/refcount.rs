@@ -143,10 +143,10 @@ impl Refcounts {
             let end = (bi as u64 + 1) * per;
             while c < end {
                 if self.get(c) == 0 {
-                    let off = c << self.cluster_bits;
-                    if off.checked_add(self.cluster_size()).is_none_or(|e| e > MAX_HOST_OFFSET) {
-                        return Err(corrupt("image file would exceed the largest qcow2 host offset".into()));
-                    }
+                    let off = c
+                        .checked_mul(self.cluster_size())
+                        .filter(|o| o.checked_add(self.cluster_size()).is_some_and(|e| e <= MAX_HOST_OFFSET))
+                        .ok_or_else(|| corrupt("image file would exceed the largest qcow2 host offset".into()))?;
                     self.set_existing(c, 1)?;
                     self.free_hint = c + 1;
                     return Ok(off);
@@ -160,10 +160,10 @@ impl Refcounts {
     /// first cluster of the range it covers, so it counts itself.
     fn new_self_describing_block(&mut self, bi: usize) -> DiskResult<()> {
         let first = bi as u64 * self.per_block();
-        let off = first << self.cluster_bits;
-        if off >= MAX_HOST_OFFSET {
-            return Err(corrupt("image file would exceed the largest qcow2 host offset".into()));
-        }
+        let off = first
+            .checked_mul(self.cluster_size())
+            .filter(|&o| o < MAX_HOST_OFFSET)
+            .ok_or_else(|| corrupt("image file would exceed the largest qcow2 host offset".into()))?;
         self.table[bi] = off;
         self.blocks[bi] = Some(RefBlock { data: vec![0u8; self.cluster_size() as usize].into(), dirty: true });
         self.table_dirty = true;
