@@ -67,7 +67,14 @@ pub struct Qcow2Disk {
     /// Most L2 tables kept in memory (`None`: all).
     cache_tables: Option<usize>,
     closed: AtomicBool,
+    /// The last few inflated compressed clusters by host offset, so reading
+    /// one in small pieces does not inflate it again for every piece. The
+    /// engine never writes compressed data, so an entry cannot go stale.
+    inflated: Mutex<Vec<(u64, Arc<[u8]>)>>,
 }
+
+/// Inflated clusters kept per disk.
+const INFLATED_CACHE: usize = 4;
 
 impl Qcow2Disk {
     /// Opens a qcow2 image stored in `storage`. `backing` resolves the
@@ -238,6 +245,7 @@ impl Qcow2Disk {
             tick: AtomicU64::new(0),
             cache_tables,
             closed: AtomicBool::new(false),
+            inflated: Mutex::new(Vec::new()),
             header,
         })
     }
@@ -347,7 +355,16 @@ impl Qcow2Disk {
     }
 
     /// Reads and inflates a whole compressed cluster.
-    fn read_compressed(&self, host: u64, csize: u64, mode: IoMode) -> DiskResult<Vec<u8>> {
+    fn read_compressed(&self, host: u64, csize: u64, mode: IoMode) -> DiskResult<Arc<[u8]>> {
+        {
+            let mut cache = self.inflated.lock();
+            if let Some(i) = cache.iter().position(|(h, _)| *h == host) {
+                let hit = cache.remove(i);
+                let data = hit.1.clone();
+                cache.push(hit);
+                return Ok(data);
+            }
+        }
         let file_len = self.storage.len();
         if host >= file_len {
             return Err(corrupt(format!("compressed cluster at {host:#x} is past the end of the file ({file_len})")));
@@ -358,6 +375,12 @@ impl Qcow2Disk {
             .map_err(|e| DiskError::io("read compressed cluster", host, e))?;
         let mut out = vec![0u8; self.lay.cluster_size() as usize];
         decompress(self.header.compression, &input, &mut out, host)?;
+        let out: Arc<[u8]> = out.into();
+        let mut cache = self.inflated.lock();
+        if cache.len() >= INFLATED_CACHE {
+            cache.remove(0);
+        }
+        cache.push((host, out.clone()));
         Ok(out)
     }
 
@@ -518,7 +541,7 @@ impl Qcow2Disk {
         let geo = self.lay.geo;
         let scs = geo.subcluster_size();
         let n = data.len() as u64;
-        let mut inflated: Option<Vec<u8>> = None;
+        let mut inflated: Option<Arc<[u8]>> = None;
         let mut sc = s0;
         while sc <= s1 {
             let start = u64::from(sc) * scs;
