@@ -112,7 +112,8 @@ fn nonblocking_never_allocates_and_blocking_completes() {
 
 #[test]
 fn nonblocking_propagates_storage_wouldblock_only_for_data() {
-    let (_dir, p, _) = mem_image("cluster_size=65536", 4 * MIB, &["write -P 5 0 64k".into(), "write -z 128k 64k".into()]);
+    let (_dir, p, _) =
+        mem_image("cluster_size=65536", 4 * MIB, &["write -P 5 0 64k".into(), "write -z 128k 64k".into()]);
     let inner: Arc<dyn Storage> = Arc::new(LocalFile::open(&p, false).unwrap());
     let spy = Arc::new(Spy { inner, nowait_blocks: true, log: Mutex::new(Vec::new()) });
     let s: Arc<dyn Storage> = spy.clone();
@@ -166,12 +167,8 @@ fn capped_metadata_cache_reads_and_writes_correctly() {
     let (dir, p, _) = mem_image("cluster_size=512", 8 * MIB, &cmds);
     let mut model = qemu_raw(&p, &[]);
     let opts = Qcow2Options { metadata_cache_bytes: Some(4 * 512), ..Default::default() };
-    let disk = Qcow2Disk::open(
-        Arc::new(LocalFile::open(&p, false).unwrap()),
-        opts,
-        &LocalBackingOpener::new(&p),
-    )
-    .unwrap();
+    let disk =
+        Qcow2Disk::open(Arc::new(LocalFile::open(&p, false).unwrap()), opts, &LocalBackingOpener::new(&p)).unwrap();
     // An uncached table cannot be loaded without blocking.
     let mut buf = vec![0u8; 512];
     let r = disk.read(7 * MIB + 512, &IoVec::from_slice(&mut buf), IoMode::NonBlocking);
@@ -203,8 +200,18 @@ fn info_reports_the_header() {
     std::fs::write(&base, vec![0u8; MIB as usize]).unwrap();
     let p = dir.path().join("i.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-o", "cluster_size=16384,lazy_refcounts=on,refcount_bits=8,compression_type=zstd",
-        "-b", "b.raw", "-F", "raw", p.to_str().unwrap(), "3M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=16384,lazy_refcounts=on,refcount_bits=8,compression_type=zstd",
+        "-b",
+        "b.raw",
+        "-F",
+        "raw",
+        p.to_str().unwrap(),
+        "3M",
     ]);
     let i = info(&LocalFile::open(&p, true).unwrap()).unwrap();
     assert_eq!(i.version, 3);

@@ -227,7 +227,10 @@ fn exhaustive(create: &str, size: u64, steps: &[Step], points: usize) {
             let view = qemu_raw(&crashed, &[]);
             for (s, u) in unsure.iter().enumerate() {
                 let r = s * 512..(s + 1) * 512;
-                assert!(u | (view[r.clone()] == want[r.clone()]), "crash at event {p}/{total}: sector {s} lost a flushed write");
+                assert!(
+                    u | (view[r.clone()] == want[r.clone()]),
+                    "crash at event {p}/{total}: sector {s} lost a flushed write"
+                );
             }
         }
     }

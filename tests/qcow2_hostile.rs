@@ -326,7 +326,9 @@ fn backing_loops_and_missing_formats_are_refused() {
 fn random_metadata_damage_never_panics() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (k, opts) in ["cluster_size=4096", "cluster_size=512,refcount_bits=2", "extended_l2=on", "compat=0.10"].iter().enumerate() {
+    for (k, opts) in
+        ["cluster_size=4096", "cluster_size=512,refcount_bits=2", "extended_l2=on", "compat=0.10"].iter().enumerate()
+    {
         let p = d.join(format!("src{k}.qcow2"));
         qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p.to_str().unwrap(), "4M"]);
         qemu_io(&p, &["write -P 1 0 64k".into(), "write -z 1m 64k".into(), "write -P 3 3m 100k".into()]);

@@ -147,7 +147,8 @@ fn setup(dir: &Path, cfg: &Config) -> std::path::PathBuf {
         _ => {}
     }
     let img = dir.join("img.qcow2");
-    let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into(), "-o".into(), cfg.create.into()];
+    let mut args: Vec<String> =
+        vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into(), "-o".into(), cfg.create.into()];
     args.extend(backing_args);
     args.push(img.to_str().unwrap().into());
     args.push(size.clone());
@@ -166,7 +167,17 @@ fn setup(dir: &Path, cfg: &Config) -> std::path::PathBuf {
     if cfg.compressed {
         let tmp = dir.join("tmp.qcow2");
         std::fs::rename(&img, &tmp).unwrap();
-        qemu_img(&["convert", "-q", "-c", "-O", "qcow2", "-o", cfg.create, tmp.to_str().unwrap(), img.to_str().unwrap()]);
+        qemu_img(&[
+            "convert",
+            "-q",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            cfg.create,
+            tmp.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
         std::fs::remove_file(&tmp).unwrap();
     }
     img
@@ -280,7 +291,16 @@ fn refcount_table_growth_sequential_fill() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("grow.qcow2");
     let size = 24 * MIB;
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", path.to_str().unwrap(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512,refcount_bits=64",
+        path.to_str().unwrap(),
+        &size.to_string(),
+    ]);
     let rt_before = refcount_table_offset(&path);
     let disk = open(&path, rw());
     let chunk = 192 * 1024u64;

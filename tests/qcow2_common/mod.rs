@@ -102,7 +102,10 @@ pub fn check(path: &Path) -> u64 {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!text.contains("\"corruptions\""), "corruptions in {}: {text}", path.display());
-    text.split("\"leaks\":").nth(1).and_then(|s| s.trim().split([',', '\n', '}']).next()).map_or(0, |n| n.trim().parse().unwrap_or(0))
+    text.split("\"leaks\":")
+        .nth(1)
+        .and_then(|s| s.trim().split([',', '\n', '}']).next())
+        .map_or(0, |n| n.trim().parse().unwrap_or(0))
 }
 
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {

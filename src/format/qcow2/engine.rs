@@ -12,7 +12,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use super::backing::BackingOpener;
 use super::compressed::decompress;
-use super::header::{Header, OFF_AUTOCLEAR, OFF_REFCOUNT_TABLE, MAX_L1_BYTES};
+use super::header::{Header, MAX_L1_BYTES, OFF_AUTOCLEAR, OFF_REFCOUNT_TABLE};
 use super::l2::{
     bit_range, compressed_clusters, ClusterKind, Geometry, L2Entry, L2Table, SubState, BITMAP_ALL_ALLOC,
     BITMAP_ALL_ZERO, COPIED, OFFSET_MASK, ZERO,
@@ -134,9 +134,18 @@ impl Qcow2Disk {
                 let size = s.disk_size.unwrap_or(header.size);
                 let per_l1 = cs * lay.l2_entries;
                 if u64::from(s.l1_size) * 8 > MAX_L1_BYTES || u64::from(s.l1_size) < size.div_ceil(per_l1) {
-                    return Err(corrupt(format!("snapshot {:?}: L1 size {} invalid for {size} bytes", s.name, s.l1_size)));
+                    return Err(corrupt(format!(
+                        "snapshot {:?}: L1 size {} invalid for {size} bytes",
+                        s.name, s.l1_size
+                    )));
                 }
-                super::header::check_table("snapshot L1 table", s.l1_table_offset, u64::from(s.l1_size) * 8, cs, file_len)?;
+                super::header::check_table(
+                    "snapshot L1 table",
+                    s.l1_table_offset,
+                    u64::from(s.l1_size) * 8,
+                    cs,
+                    file_len,
+                )?;
                 (s.l1_table_offset, s.l1_size, size, Some(s.name.clone()))
             }
         };
@@ -153,7 +162,8 @@ impl Qcow2Disk {
         let refs = if read_only {
             None
         } else {
-            let table = read_u64s(&*storage, header.refcount_table_offset, (rt_bytes / 8) as usize, "read refcount table")?;
+            let table =
+                read_u64s(&*storage, header.refcount_table_offset, (rt_bytes / 8) as usize, "read refcount table")?;
             Some(Refcounts::new(
                 header.cluster_bits,
                 header.refcount_order,
@@ -227,7 +237,9 @@ impl Qcow2Disk {
         if !read_only && header.autoclear != 0 {
             // We do not maintain bitmaps or other autoclear features: clearing
             // the bits tells QEMU they are stale, as the spec requires.
-            storage.write_at(OFF_AUTOCLEAR, &[0u8; 8]).map_err(|e| DiskError::io("clear autoclear bits", OFF_AUTOCLEAR, e))?;
+            storage
+                .write_at(OFF_AUTOCLEAR, &[0u8; 8])
+                .map_err(|e| DiskError::io("clear autoclear bits", OFF_AUTOCLEAR, e))?;
             storage.flush().map_err(|e| DiskError::io("flush", 0, e))?;
         }
 
@@ -310,12 +322,11 @@ impl Qcow2Disk {
         let mut m = self.meta.write();
         if let Some(cap) = self.cache_tables {
             while m.l2.len() >= cap {
-                let victim = m
-                    .l2
-                    .iter()
-                    .filter(|(_, t)| !t.dirty)
-                    .min_by_key(|(_, t)| t.last_used.load(Ordering::Relaxed))
-                    .map(|(&k, _)| k);
+                let victim =
+                    m.l2.iter()
+                        .filter(|(_, t)| !t.dirty)
+                        .min_by_key(|(_, t)| t.last_used.load(Ordering::Relaxed))
+                        .map(|(&k, _)| k);
                 match victim {
                     Some(k) => {
                         m.l2.remove(&k);
@@ -560,7 +571,8 @@ impl Qcow2Disk {
                 // Fully overwritten: coalesce with following fully covered subclusters.
                 let mut last = sc;
                 while last < s1 && in_cluster + n >= u64::from(last + 2) * scs {
-                    let st = old.sub_state(&geo, last + 1).map_err(|m| corrupt(format!("guest {cluster_guest:#x}: {m}")))?;
+                    let st =
+                        old.sub_state(&geo, last + 1).map_err(|m| corrupt(format!("guest {cluster_guest:#x}: {m}")))?;
                     if !fresh && matches!(st, SubState::Data { .. }) {
                         break;
                     }
@@ -720,7 +732,10 @@ impl Qcow2Disk {
         // Extended L2: whole subclusters become zero by their bitmap bit.
         let fs0 = in_cluster.div_ceil(scs);
         let fs1 = (in_cluster + n) / scs; // exclusive
-        if geo.extended && fs0 < fs1 && !matches!(kind, ClusterKind::Compressed { .. } | ClusterKind::Allocated { copied: false, .. }) {
+        if geo.extended
+            && fs0 < fs1
+            && !matches!(kind, ClusterKind::Compressed { .. } | ClusterKind::Allocated { copied: false, .. })
+        {
             let range = bit_range(fs0 as u32, fs1 as u32 - 1);
             let new = L2Entry { word: e.word, bitmap: (e.bitmap & !range) | (range << 32) };
             {
@@ -792,7 +807,9 @@ impl Qcow2Disk {
                 let mut h = [0u8; 12];
                 h[..8].copy_from_slice(&off.to_be_bytes());
                 h[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
-                self.storage.write_at(OFF_REFCOUNT_TABLE, &h).map_err(|e| DiskError::io("write header", OFF_REFCOUNT_TABLE, e))?;
+                self.storage
+                    .write_at(OFF_REFCOUNT_TABLE, &h)
+                    .map_err(|e| DiskError::io("write header", OFF_REFCOUNT_TABLE, e))?;
                 self.sync()?;
             }
             let mut m = self.meta.write();
@@ -906,7 +923,9 @@ impl Disk for Qcow2Disk {
                             "guest offset {guest:#x} maps to {host:#x}, past the end of the file ({file_len})"
                         )));
                     }
-                    self.storage.read_vectored_at(host, &part, mode).map_err(|e| DiskError::io("read data", host, e))?;
+                    self.storage
+                        .read_vectored_at(host, &part, mode)
+                        .map_err(|e| DiskError::io("read data", host, e))?;
                 }
                 Extent::Compressed { host, csize, in_cluster } => {
                     let c = self.read_compressed(host, csize, mode)?;
@@ -930,7 +949,9 @@ impl Disk for Qcow2Disk {
             let part = bufs.slice(pos as usize, n as usize);
             match run {
                 WriteRun::InPlace { host } => {
-                    self.storage.write_vectored_at(host, &part, mode).map_err(|e| DiskError::io("write data", host, e))?;
+                    self.storage
+                        .write_vectored_at(host, &part, mode)
+                        .map_err(|e| DiskError::io("write data", host, e))?;
                 }
                 WriteRun::NeedsLoad { l1_index } => {
                     drop(gate);

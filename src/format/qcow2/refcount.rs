@@ -4,8 +4,8 @@
 //! engine writes dirty blocks and the table back at flush, blocks first.
 
 use super::corrupt;
-use super::header::MAX_REFTABLE_BYTES;
 use super::header::MAX_HOST_OFFSET;
+use super::header::MAX_REFTABLE_BYTES;
 use crate::format::DiskResult;
 
 /// One refcount block: a cluster of packed big-endian counters.
@@ -273,7 +273,7 @@ mod tests {
     fn packed_roundtrip_all_orders() {
         for order in 0..=6u32 {
             let mut data = vec![0u8; 512];
-            let entries = 512 * 8 >> order;
+            let entries = (512 * 8) >> order;
             let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
             for i in 0..entries {
                 set_packed(&mut data, order, i, (i as u64 * 7) & max);
