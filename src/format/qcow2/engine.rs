@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::backing::BackingOpener;
 use super::compressed::decompress;
@@ -31,6 +31,9 @@ struct AllocState {
     /// refcounts are decremented only after a flush has made the metadata
     /// that dropped them durable, so they cannot be reused too early.
     pending_free: Vec<u64>,
+    /// Guest clusters whose allocating write is doing its data I/O with the
+    /// mutex released; other changes to them wait on `alloc_done`.
+    inflight: HashSet<u64>,
 }
 
 /// What a guest zeroing operation asks for.
@@ -59,6 +62,8 @@ pub struct Qcow2Disk {
     served_snapshot: Option<String>,
     meta: RwLock<Meta>,
     alloc: Mutex<AllocState>,
+    /// Signalled when an in-flight allocating write publishes its cluster.
+    alloc_done: Condvar,
     /// Data I/O on clusters found by a lookup holds this shared; applying
     /// frees takes it exclusively, so no I/O still targets a cluster that is
     /// about to become reusable.
@@ -253,6 +258,7 @@ impl Qcow2Disk {
             served_snapshot,
             meta: RwLock::new(meta),
             alloc: Mutex::new(AllocState::default()),
+            alloc_done: Condvar::new(),
             gate: RwLock::new(()),
             tick: AtomicU64::new(0),
             cache_tables,
@@ -467,16 +473,30 @@ impl Qcow2Disk {
         self.storage.write_at(host, buf).map_err(|e| DiskError::io("write data", host, e))
     }
 
+    /// Takes the allocation mutex once no allocating write to guest cluster
+    /// `gc` is in flight.
+    fn lock_cluster(&self, gc: u64) -> MutexGuard<'_, AllocState> {
+        let mut st = self.alloc.lock();
+        while st.inflight.contains(&gc) {
+            self.alloc_done.wait(&mut st);
+        }
+        st
+    }
+
     /// Writes `data` at `guest`, within one cluster, allocating or copying
-    /// as needed. Holds the allocation mutex.
-    fn write_slow(&self, st: &mut AllocState, guest: u64, data: &IoVec<'_>) -> DiskResult<()> {
+    /// as needed. The decision and the allocation happen under the mutex;
+    /// the data I/O (which may read the backing file) runs without it, with
+    /// the guest cluster marked in flight; the L2 entry is published after.
+    fn write_slow(&self, guest: u64, data: &IoVec<'_>) -> DiskResult<()> {
         let lay = self.lay;
         let geo = lay.geo;
         let cs = lay.cluster_size();
         let scs = geo.subcluster_size();
         let (l1i, l2i, in_cluster) = lay.split(guest);
+        let gc = guest / cs;
         let n = data.len() as u64;
         debug_assert!(n > 0 && in_cluster + n <= cs);
+        let mut st = self.lock_cluster(gc);
         self.load_table_locked(l1i)?;
         let e = match self.meta.read().entry(&lay, l1i, l2i) {
             Ok(e) => e.unwrap_or_default(),
@@ -485,7 +505,9 @@ impl Qcow2Disk {
         let sc0 = (in_cluster / scs) as u32;
         let sc1 = ((in_cluster + n - 1) / scs) as u32;
         if e.writable_in_place(&geo, sc0, sc1) {
-            // Another request allocated it meanwhile.
+            // Another request allocated it meanwhile: write like the fast path.
+            drop(st);
+            let _g = self.gate.read();
             return self.write_host((e.word & OFFSET_MASK) + in_cluster, data);
         }
         let kind = e.kind(&geo);
@@ -506,10 +528,16 @@ impl Qcow2Disk {
                 (refs.alloc_cluster()?, true)
             }
         };
+        st.inflight.insert(gc);
+        drop(st);
         let res = self.fill_and_write(guest - in_cluster, &e, host, fresh, s0, s1, in_cluster, data);
+        let mut st = self.alloc.lock();
+        st.inflight.remove(&gc);
+        self.alloc_done.notify_all();
         if let Err(err) = res {
             if fresh {
-                // Nothing durable references it yet (flush needs the mutex we hold).
+                // Nothing references it: a flush meanwhile may have recorded
+                // refcount 1 on disk, which is only a leak until the next one.
                 let mut m = self.meta.write();
                 if let Some(refs) = m.refs.as_mut() {
                     let _ = refs.adjust(host, -1);
@@ -522,13 +550,15 @@ impl Qcow2Disk {
             let range = bit_range(s0, s1);
             new.bitmap = if compressed { BITMAP_ALL_ALLOC } else { (e.bitmap | range) & !(range << 32) };
         }
+        // A flush meanwhile may have evicted the (then clean) table.
+        self.load_table_locked(l1i)?;
         let mut m = self.meta.write();
         self.ensure_l2(&mut m, l1i)?;
         let table = m.l2.get_mut(&l1i).ok_or_else(|| corrupt(format!("L2 table {l1i} vanished")))?;
         table.set_entry(&geo, l2i, new);
         drop(m);
         if fresh {
-            self.free_entry(st, &e);
+            self.free_entry(&mut st, &e);
         }
         Ok(())
     }
@@ -632,7 +662,6 @@ impl Qcow2Disk {
         if mode == IoMode::NonBlocking {
             return Err(DiskError::WouldBlock);
         }
-        let mut st = self.alloc.lock();
         let cs = self.lay.cluster_size();
         let end = offset + len;
         let mut pos = offset;
@@ -644,19 +673,20 @@ impl Qcow2Disk {
             // a range reaching the disk end covers its cluster.
             let full = pos == cstart && (seg_end == cend || seg_end == self.capacity);
             if full {
-                self.zero_cluster(&mut st, cstart, op)?;
+                self.zero_cluster(cstart, op)?;
             } else {
-                self.zero_partial(&mut st, pos, seg_end - pos, op)?;
+                self.zero_partial(pos, seg_end - pos, op)?;
             }
             pos = seg_end;
         }
         Ok(())
     }
 
-    fn zero_cluster(&self, st: &mut AllocState, cstart: u64, op: ZeroOp) -> DiskResult<()> {
+    fn zero_cluster(&self, cstart: u64, op: ZeroOp) -> DiskResult<()> {
         let lay = self.lay;
         let geo = lay.geo;
         let (l1i, l2i, _) = lay.split(cstart);
+        let mut st = self.lock_cluster(cstart / lay.cluster_size());
         self.load_table_locked(l1i)?;
         let cur = self.meta.read().entry(&lay, l1i, l2i).map_err(|_| corrupt(format!("L2 table {l1i} vanished")))?;
         let e = cur.unwrap_or_default();
@@ -692,8 +722,9 @@ impl Qcow2Disk {
                     if self.reads_zero(&cur, 0, lay.cluster_size()) {
                         return Ok(());
                     }
+                    drop(st);
                     let mut zeroes = vec![0u8; lay.cluster_size() as usize];
-                    return self.write_slow(st, cstart, &IoVec::from_slice(&mut zeroes));
+                    return self.write_slow(cstart, &IoVec::from_slice(&mut zeroes));
                 }
             }
         };
@@ -707,12 +738,12 @@ impl Qcow2Disk {
         drop(m);
         let kept = new.word & OFFSET_MASK != 0 && new.word & OFFSET_MASK == e.word & OFFSET_MASK;
         if !kept {
-            self.free_entry(st, &e);
+            self.free_entry(&mut st, &e);
         }
         Ok(())
     }
 
-    fn zero_partial(&self, st: &mut AllocState, guest: u64, n: u64, op: ZeroOp) -> DiskResult<()> {
+    fn zero_partial(&self, guest: u64, n: u64, op: ZeroOp) -> DiskResult<()> {
         if op == ZeroOp::Discard {
             // Partial clusters keep their data (as in QEMU): allowed by the
             // discard contract and cheaper than copy-on-write.
@@ -722,6 +753,7 @@ impl Qcow2Disk {
         let geo = lay.geo;
         let scs = geo.subcluster_size();
         let (l1i, l2i, in_cluster) = lay.split(guest);
+        let st = self.lock_cluster(guest / lay.cluster_size());
         self.load_table_locked(l1i)?;
         let cur = self.meta.read().entry(&lay, l1i, l2i).map_err(|_| corrupt(format!("L2 table {l1i} vanished")))?;
         if self.reads_zero(&cur, in_cluster, n) {
@@ -744,20 +776,22 @@ impl Qcow2Disk {
                 let table = m.l2.get_mut(&l1i).ok_or_else(|| corrupt(format!("L2 table {l1i} vanished")))?;
                 table.set_entry(&geo, l2i, new);
             }
+            drop(st);
             let head = fs0 * scs - in_cluster;
             if head > 0 {
                 let mut z = vec![0u8; head as usize];
-                self.write_slow(st, guest, &IoVec::from_slice(&mut z))?;
+                self.write_slow(guest, &IoVec::from_slice(&mut z))?;
             }
             let tail_start = fs1 * scs;
             if tail_start < in_cluster + n {
                 let mut z = vec![0u8; (in_cluster + n - tail_start) as usize];
-                self.write_slow(st, guest - in_cluster + tail_start, &IoVec::from_slice(&mut z))?;
+                self.write_slow(guest - in_cluster + tail_start, &IoVec::from_slice(&mut z))?;
             }
             return Ok(());
         }
+        drop(st);
         let mut zeroes = vec![0u8; n as usize];
-        self.write_slow(st, guest, &IoVec::from_slice(&mut zeroes))
+        self.write_slow(guest, &IoVec::from_slice(&mut zeroes))
     }
 
     /// Writes back metadata in dependency order. Holds the allocation mutex.
@@ -963,8 +997,7 @@ impl Disk for Qcow2Disk {
                     if mode == IoMode::NonBlocking {
                         return Err(DiskError::WouldBlock);
                     }
-                    let mut st = self.alloc.lock();
-                    self.write_slow(&mut st, guest, &part)?;
+                    self.write_slow(guest, &part)?;
                 }
             }
             pos += n;
