@@ -18,6 +18,10 @@ use qcow2_common::*;
 const MIB: u64 = 1 << 20;
 
 fn crash_trials(create: &str, size: u64, cluster: u64, backing: bool, trials: u64) {
+    crash_trials_snap(create, size, cluster, backing, trials, false)
+}
+
+fn crash_trials_snap(create: &str, size: u64, cluster: u64, backing: bool, trials: u64, snapshot: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut rng0 = Rng(42);
     let mut bargs: Vec<&str> = vec![];
@@ -33,6 +37,9 @@ fn crash_trials(create: &str, size: u64, cluster: u64, backing: bool, trials: u6
     args.extend([img.to_str().unwrap(), size_s.as_str()]);
     qemu_img(&args);
     qemu_io(&img, &[format!("write -P 9 0 {}", 4 * cluster), format!("write -P 8 {} {}", size / 2, 3 * cluster)]);
+    if snapshot {
+        qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
+    }
     let initial_bytes = std::fs::read(&img).unwrap();
     let initial_view = qemu_raw(&img, &[]);
 
@@ -117,6 +124,13 @@ fn crash_trials(create: &str, size: u64, cluster: u64, backing: bool, trials: u6
                     &flushed[r.start..r.start + 4]
                 );
             }
+        }
+        if snapshot {
+            assert_same(
+                &format!("trial {trial}: snapshot after crash"),
+                &qemu_raw(&crashed, &["-l", "snapshot.name=s1"]),
+                &initial_view,
+            );
         }
         // The engine reopens the crashed image writable and agrees with QEMU.
         let d = open(&crashed, rw());
@@ -282,4 +296,9 @@ fn crash_sampled_events_refcount_table_growth() {
     steps.push(Step::Write(4 << 20, 512 * 1024, 99));
     steps.push(Step::Flush);
     exhaustive("cluster_size=512,refcount_bits=64", 6 * MIB, &steps, 40);
+}
+
+#[test]
+fn crash_with_internal_snapshot() {
+    crash_trials_snap("cluster_size=65536", 8 * MIB, 65536, false, 30, true);
 }

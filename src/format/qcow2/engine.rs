@@ -102,13 +102,6 @@ impl Qcow2Disk {
                         .into(),
                 ));
             }
-            if header.nb_snapshots > 0 {
-                return Err(unsupported(format!(
-                    "image has {} internal snapshots; writing would need copy-on-write of shared clusters, \
-                     which is not implemented: open it read-only or delete the snapshots",
-                    header.nb_snapshots
-                )));
-            }
         }
         let geo = Geometry { cluster_bits: header.cluster_bits, extended: header.extended_l2() };
         let lay = Layout { geo, l2_entries: header.l2_entries() };
@@ -178,6 +171,31 @@ impl Qcow2Disk {
             ))
         };
 
+        // Snapshots' tables are metadata too: data must not point into them.
+        let mut snapshot_l1s = Vec::new();
+        if !read_only {
+            let (_, table_bytes) = read_table(&*storage, header.snapshots_offset, header.nb_snapshots)?;
+            for c in 0..table_bytes.div_ceil(cs) {
+                metadata_clusters.insert(header.snapshots_offset + c * cs);
+            }
+            for s in &snapshots {
+                let bytes = u64::from(s.l1_size) * 8;
+                if bytes > MAX_L1_BYTES {
+                    return Err(corrupt(format!("snapshot {:?}: L1 table too large", s.name)));
+                }
+                super::header::check_table("snapshot L1 table", s.l1_table_offset, bytes, cs, file_len)?;
+                for c in 0..bytes.div_ceil(cs) {
+                    metadata_clusters.insert(s.l1_table_offset + c * cs);
+                }
+                snapshot_l1s.push(read_u64s(
+                    &*storage,
+                    s.l1_table_offset,
+                    s.l1_size as usize,
+                    "read snapshot L1 table",
+                )?);
+            }
+        }
+
         // Second hint: every L2 table and refcount block, now that we know them.
         let mut ranges = Vec::new();
         let mut l2_count = 0usize;
@@ -193,6 +211,15 @@ impl Qcow2Disk {
             claim_cluster("L2 table", i, off, cs, file_len, &mut metadata_clusters)?;
             ranges.push(off..off + cs);
             l2_count += 1;
+        }
+        for l1 in &snapshot_l1s {
+            for &e in l1 {
+                let off = e & OFFSET_MASK;
+                // Shared with the active L1 or another snapshot: legitimate.
+                if off != 0 && off % cs == 0 && metadata_clusters.insert(off) {
+                    ranges.push(off..off + cs);
+                }
+            }
         }
         if let Some(r) = &refs {
             for (i, &e) in r.table.iter().enumerate() {
@@ -439,12 +466,30 @@ impl Qcow2Disk {
 
     /// Makes sure L2 table `l1i` exists (allocating an empty one), with the
     /// allocation mutex held. Returns the refcounts' owner for chaining.
-    fn ensure_l2(&self, m: &mut Meta, l1i: usize) -> DiskResult<()> {
-        if m.l1[l1i] & OFFSET_MASK != 0 {
-            if m.l2.contains_key(&l1i) {
-                return Ok(());
+    /// Also copies a table shared with an internal snapshot (L1 entry
+    /// without COPIED) before it is changed; the data clusters it points at
+    /// already count the snapshot's reference, so only the table moves.
+    fn ensure_l2(&self, st: &mut AllocState, m: &mut Meta, l1i: usize) -> DiskResult<()> {
+        let cur = m.l1[l1i] & OFFSET_MASK;
+        if cur != 0 {
+            if !m.l2.contains_key(&l1i) {
+                return Err(corrupt(format!("L2 table {l1i} not loaded")));
             }
-            return Err(corrupt(format!("L2 table {l1i} not loaded")));
+            if m.l1[l1i] & COPIED == 0 {
+                let refs = m.refs.as_mut().ok_or(DiskError::ReadOnly)?;
+                let off = refs.alloc_cluster()?;
+                let copy = match m.l2.get(&l1i) {
+                    Some(t) => L2Table::from_words(t.words.clone()),
+                    None => return Err(corrupt(format!("L2 table {l1i} not loaded"))),
+                };
+                m.l2.insert(l1i, copy);
+                m.l1[l1i] = off | COPIED;
+                m.l1_dirty = true;
+                // The snapshot keeps the old table; drop our reference once
+                // the L1 entry pointing at the copy is durable.
+                st.pending_free.push(cur);
+            }
+            return Ok(());
         }
         let refs = m.refs.as_mut().ok_or(DiskError::ReadOnly)?;
         let off = refs.alloc_cluster()?;
@@ -512,18 +557,16 @@ impl Qcow2Disk {
         }
         let kind = e.kind(&geo);
         let compressed = matches!(kind, ClusterKind::Compressed { .. });
-        if geo.extended && matches!(kind, ClusterKind::Allocated { copied: false, .. }) {
-            return Err(unsupported("writing a shared (refcount > 1) cluster of an extended-L2 image".into()));
-        }
-        // Subclusters to write: the whole cluster unless we keep a cluster
-        // with subclusters.
-        let (s0, s1) = if geo.extended && !compressed { (sc0, sc1) } else { (0, geo.subclusters() - 1) };
+        let shared = matches!(kind, ClusterKind::Allocated { copied: false, .. });
+        // Subclusters to write: the whole cluster, unless we keep the
+        // cluster and only fill in some of its subclusters.
+        let (s0, s1) = if geo.extended && !compressed && !shared { (sc0, sc1) } else { (0, geo.subclusters() - 1) };
 
         let (host, fresh) = match kind {
             ClusterKind::Allocated { host, copied: true } => (host, false),
             _ => {
                 let mut m = self.meta.write();
-                self.ensure_l2(&mut m, l1i)?;
+                self.ensure_l2(&mut st, &mut m, l1i)?;
                 let refs = m.refs.as_mut().ok_or(DiskError::ReadOnly)?;
                 (refs.alloc_cluster()?, true)
             }
@@ -548,12 +591,12 @@ impl Qcow2Disk {
         let mut new = L2Entry { word: host | COPIED, bitmap: 0 };
         if geo.extended {
             let range = bit_range(s0, s1);
-            new.bitmap = if compressed { BITMAP_ALL_ALLOC } else { (e.bitmap | range) & !(range << 32) };
+            new.bitmap = if compressed || shared { BITMAP_ALL_ALLOC } else { (e.bitmap | range) & !(range << 32) };
         }
         // A flush meanwhile may have evicted the (then clean) table.
         self.load_table_locked(l1i)?;
         let mut m = self.meta.write();
-        self.ensure_l2(&mut m, l1i)?;
+        self.ensure_l2(&mut st, &mut m, l1i)?;
         let table = m.l2.get_mut(&l1i).ok_or_else(|| corrupt(format!("L2 table {l1i} vanished")))?;
         table.set_entry(&geo, l2i, new);
         drop(m);
@@ -732,7 +775,7 @@ impl Qcow2Disk {
             return Ok(());
         }
         let mut m = self.meta.write();
-        self.ensure_l2(&mut m, l1i)?;
+        self.ensure_l2(&mut st, &mut m, l1i)?;
         let table = m.l2.get_mut(&l1i).ok_or_else(|| corrupt(format!("L2 table {l1i} vanished")))?;
         table.set_entry(&geo, l2i, new);
         drop(m);
@@ -753,7 +796,7 @@ impl Qcow2Disk {
         let geo = lay.geo;
         let scs = geo.subcluster_size();
         let (l1i, l2i, in_cluster) = lay.split(guest);
-        let st = self.lock_cluster(guest / lay.cluster_size());
+        let mut st = self.lock_cluster(guest / lay.cluster_size());
         self.load_table_locked(l1i)?;
         let cur = self.meta.read().entry(&lay, l1i, l2i).map_err(|_| corrupt(format!("L2 table {l1i} vanished")))?;
         if self.reads_zero(&cur, in_cluster, n) {
@@ -772,7 +815,7 @@ impl Qcow2Disk {
             let new = L2Entry { word: e.word, bitmap: (e.bitmap & !range) | (range << 32) };
             {
                 let mut m = self.meta.write();
-                self.ensure_l2(&mut m, l1i)?;
+                self.ensure_l2(&mut st, &mut m, l1i)?;
                 let table = m.l2.get_mut(&l1i).ok_or_else(|| corrupt(format!("L2 table {l1i} vanished")))?;
                 table.set_entry(&geo, l2i, new);
             }

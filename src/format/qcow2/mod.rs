@@ -1,8 +1,9 @@
 //! QCOW2 images (v2 and v3) behind the [`Disk`](crate::format::Disk) trait:
 //! L1/L2 translation with all metadata held in memory, cluster allocation
 //! with copy-on-write, refcounts, zero clusters, discard, compressed
-//! clusters, extended L2 (subclusters), backing chains and read-only
-//! internal snapshots.
+//! clusters, extended L2 (subclusters), backing chains, and internal
+//! snapshots (listed, served read-only, and preserved by copy-on-write of
+//! shared L2 tables and data clusters when the active layer is written).
 //!
 //! Crash consistency comes from write ordering alone, so the dirty bit is
 //! never needed: guest data is written straight to its cluster, while L2
