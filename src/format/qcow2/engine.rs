@@ -95,13 +95,6 @@ impl Qcow2Disk {
                     "image is marked corrupt; repair it with `qemu-img check -r all` or open it read-only".into(),
                 ));
             }
-            if header.dirty() {
-                return Err(unsupported(
-                    "image was not closed cleanly (dirty bit set, lazy refcounts); run `qemu-img check -r all` \
-                     or open it read-only"
-                        .into(),
-                ));
-            }
         }
         let geo = Geometry { cluster_bits: header.cluster_bits, extended: header.extended_l2() };
         let lay = Layout { geo, l2_entries: header.l2_entries() };
@@ -173,8 +166,10 @@ impl Qcow2Disk {
 
         // Snapshots' tables are metadata too: data must not point into them.
         let mut snapshot_l1s = Vec::new();
+        let mut snapshot_table_bytes = 0;
         if !read_only {
             let (_, table_bytes) = read_table(&*storage, header.snapshots_offset, header.nb_snapshots)?;
+            snapshot_table_bytes = table_bytes;
             for c in 0..table_bytes.div_ceil(cs) {
                 metadata_clusters.insert(header.snapshots_offset + c * cs);
             }
@@ -241,6 +236,21 @@ impl Qcow2Disk {
                     storage.read_at(off, &mut buf).map_err(|e| DiskError::io("read refcount block", off, e))?;
                     r.set_block(i, buf.into());
                 }
+            }
+        }
+        if header.dirty() && !read_only {
+            // QEMU crashed with lazy refcounts: the counts on disk may lag.
+            if let Some(r) = meta.refs.as_mut() {
+                let input = super::repair::RepairInput {
+                    storage: &*storage,
+                    header: &header,
+                    lay,
+                    l1: &mut meta.l1,
+                    snapshots: &snapshots,
+                    snapshot_l1s: &snapshot_l1s,
+                    snapshot_table_bytes,
+                };
+                super::repair::rebuild_refcounts(input, r)?;
             }
         }
         let cache_tables = opts.metadata_cache_bytes.map(|b| ((b / cs) as usize).max(4));

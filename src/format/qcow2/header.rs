@@ -30,6 +30,7 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// Byte offsets of header fields the engine rewrites.
 pub const OFF_REFCOUNT_TABLE: u64 = 48;
+pub const OFF_INCOMPAT: u64 = 72;
 pub const OFF_AUTOCLEAR: u64 = 88;
 
 /// Limits QEMU also enforces; they keep a hostile header from making us

@@ -12,7 +12,8 @@
 //! (and header), syncs, L2 tables, syncs, the L1 table, syncs. Clusters that
 //! lose their last reference are freed only after that, so no cluster is
 //! reused while durable metadata still points at it. A crash at any point
-//! leaves at worst leaked clusters.
+//! leaves at worst leaked clusters. Images QEMU left dirty (lazy refcounts)
+//! get their refcounts rebuilt when opened writable.
 
 mod backing;
 mod compressed;
@@ -21,6 +22,7 @@ mod header;
 mod l2;
 mod metadata;
 mod refcount;
+mod repair;
 mod snapshot;
 
 use std::io;

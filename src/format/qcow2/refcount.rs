@@ -90,6 +90,11 @@ impl Refcounts {
         }
     }
 
+    /// Sets a refcount in an existing block (repair).
+    pub fn set(&mut self, cluster: u64, value: u64) -> DiskResult<()> {
+        self.set_existing(cluster, value)
+    }
+
     fn set_existing(&mut self, cluster: u64, value: u64) -> DiskResult<()> {
         let (bi, i) = self.split(cluster);
         let order = self.order;
