@@ -89,12 +89,10 @@ impl Qcow2Disk {
         let file_len = storage.len();
         let cs = header.cluster_size();
         let read_only = opts.read_only || storage.read_only() || opts.snapshot.is_some();
-        if !read_only {
-            if header.corrupt_bit() {
-                return Err(unsupported(
-                    "image is marked corrupt; repair it with `qemu-img check -r all` or open it read-only".into(),
-                ));
-            }
+        if !read_only && header.corrupt_bit() {
+            return Err(unsupported(
+                "image is marked corrupt; repair it with `qemu-img check -r all` or open it read-only".into(),
+            ));
         }
         let geo = Geometry { cluster_bits: header.cluster_bits, extended: header.extended_l2() };
         let lay = Layout { geo, l2_entries: header.l2_entries() };
@@ -180,7 +178,11 @@ impl Qcow2Disk {
                 }
                 super::header::check_table("snapshot L1 table", s.l1_table_offset, bytes, cs, file_len)?;
                 for c in 0..bytes.div_ceil(cs) {
-                    metadata_clusters.insert(s.l1_table_offset + c * cs);
+                    // Each snapshot has its own L1 copy; sharing would also
+                    // let a hostile image multiply what we read.
+                    if !metadata_clusters.insert(s.l1_table_offset + c * cs) {
+                        return Err(corrupt(format!("snapshot {:?}: L1 table overlaps other metadata", s.name)));
+                    }
                 }
                 snapshot_l1s.push(read_u64s(
                     &*storage,

@@ -59,34 +59,43 @@ pub fn rebuild_refcounts(inp: RepairInput<'_>, refs: &mut Refcounts) -> DiskResu
         }
     }
     // Each L1 counts once for every L2 table and data cluster it reaches.
-    let mut tables: HashMap<u64, L2Table> = HashMap::new();
-    let all_l1s = std::iter::once(&*l1).chain(snapshot_l1s.iter());
-    for table in all_l1s {
+    // Count references per distinct table first and walk each table once,
+    // so a hostile image cannot make the walk quadratic.
+    let mut table_refs: HashMap<u64, u64> = HashMap::new();
+    for table in std::iter::once(&*l1).chain(snapshot_l1s.iter()) {
         for &e in table {
             let off = e & OFFSET_MASK;
-            if off == 0 {
-                continue;
+            if off != 0 {
+                add(off, "L2 table")?;
+                *table_refs.entry(off).or_default() += 1;
             }
-            add(off, "L2 table")?;
-            if !tables.contains_key(&off) {
-                check_table("L2 table", off, cs, cs, file_len)?;
-                let mut buf = vec![0u8; cs as usize];
-                storage.read_at(off, &mut buf).map_err(|e| DiskError::io("read L2 table", off, e))?;
-                tables.insert(off, L2Table::from_bytes(&buf));
+        }
+    }
+    let mut tables: HashMap<u64, L2Table> = HashMap::new();
+    for (&off, &times) in &table_refs {
+        check_table("L2 table", off, cs, cs, file_len)?;
+        let mut buf = vec![0u8; cs as usize];
+        storage.read_at(off, &mut buf).map_err(|e| DiskError::io("read L2 table", off, e))?;
+        let t = L2Table::from_bytes(&buf);
+        let mut add_n = |c: u64, what: &str| -> DiskResult<()> {
+            if c % cs != 0 || c >= MAX_HOST_OFFSET {
+                return Err(corrupt(format!("{what} at {c:#x} is not a valid cluster offset")));
             }
-            let t = &tables[&off];
-            for i in 0..lay.l2_entries as usize {
-                match t.entry(&lay.geo, i).kind(&lay.geo) {
-                    ClusterKind::None => {}
-                    ClusterKind::Allocated { host, .. } => add(host, "data cluster")?,
-                    ClusterKind::Compressed { host, csize } => {
-                        for c in compressed_clusters(host, csize, cs) {
-                            add(c, "compressed cluster")?;
-                        }
+            *want.entry(c / cs).or_default() += times;
+            Ok(())
+        };
+        for i in 0..lay.l2_entries as usize {
+            match t.entry(&lay.geo, i).kind(&lay.geo) {
+                ClusterKind::None => {}
+                ClusterKind::Allocated { host, .. } => add_n(host, "data cluster")?,
+                ClusterKind::Compressed { host, csize } => {
+                    for c in compressed_clusters(host, csize, cs) {
+                        add_n(c, "compressed cluster")?;
                     }
                 }
             }
         }
+        tables.insert(off, t);
     }
     // Apply: every cluster with a block gets its count; a referenced
     // cluster without a block would need one placed somewhere known free,
