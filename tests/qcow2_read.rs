@@ -102,7 +102,19 @@ fn compressed_images_read_like_qemu() {
         ("v2", "compat=0.10"),
     ] {
         let out = dir.path().join(format!("c-{name}.qcow2"));
-        qemu_img(&["convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, src.to_str().unwrap(), out.to_str().unwrap()]);
+        qemu_img(&[
+            "convert",
+            "-q",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            opts,
+            src.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
         assert_same(name, &qemu_raw(&out, &[]), &bytes);
         compare_with_qemu(&out);
     }
@@ -122,8 +134,18 @@ fn backing_chains_read_like_qemu() {
     // extended L2, so subclusters fall through to the backing file.
     let top = dir.path().join("top.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2", "-F", "qcow2",
-        top.to_str().unwrap(), &(12 * MIB).to_string(),
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        &(12 * MIB).to_string(),
     ]);
     populate(&top, 12 * MIB, 65536, 12);
     let want = qemu_raw(&top, &[]);
@@ -163,7 +185,7 @@ fn snapshots_are_listed_and_served() {
     let by_id = open(&path, driveblk::format::qcow2::Qcow2Options { snapshot: Some("1".into()), ..ro() });
     assert_same("snapshot id 1", &read_all(&by_id), &want_first);
 
-    // Writing is refused clearly rather than risking the snapshots.
-    let err = try_open(&path, rw()).err().expect("writable open with snapshots must fail");
-    assert!(err.to_string().contains("snapshots"), "{err}");
+    // Writable opens keep the snapshots (see qcow2_write::snapshots_survive_writes).
+    open(&path, rw()).close().unwrap();
+    assert_same("snapshot first after rw open", &qemu_raw(&path, &["-l", "snapshot.name=first"]), &want_first);
 }

@@ -102,7 +102,10 @@ pub fn check(path: &Path) -> u64 {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!text.contains("\"corruptions\""), "corruptions in {}: {text}", path.display());
-    text.split("\"leaks\":").nth(1).and_then(|s| s.trim().split([',', '\n', '}']).next()).map_or(0, |n| n.trim().parse().unwrap_or(0))
+    text.split("\"leaks\":")
+        .nth(1)
+        .and_then(|s| s.trim().split([',', '\n', '}']).next())
+        .map_or(0, |n| n.trim().parse().unwrap_or(0))
 }
 
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
@@ -132,5 +135,134 @@ impl Rng {
     }
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
+    }
+}
+
+/// One thing that happened to a [`CrashStorage`].
+#[derive(Clone, Debug)]
+pub enum Event {
+    Write { off: u64, data: Vec<u8> },
+    Zero { off: u64, len: u64 },
+    SetLen(u64),
+    Sync,
+}
+
+/// In-memory storage that records every write and sync, so a test can
+/// build the file a crash at any point could have left: everything up to
+/// the last completed sync plus any subset of the writes after it.
+pub struct CrashStorage {
+    state: parking_lot::Mutex<(Vec<u8>, Vec<Event>)>,
+    base: Vec<u8>,
+}
+
+impl CrashStorage {
+    pub fn new(image: Vec<u8>) -> Self {
+        Self { state: parking_lot::Mutex::new((image.clone(), Vec::new())), base: image }
+    }
+
+    pub fn events(&self) -> usize {
+        self.state.lock().1.len()
+    }
+
+    /// The file after a crash when only `events[..upto]` had been issued:
+    /// writes before the last sync are kept, later ones each kept with
+    /// probability 1/2, sector by sector (a disk only promises that much).
+    pub fn crash_image(&self, upto: usize, rng: &mut Rng) -> Vec<u8> {
+        self.crash_image_with(upto, &mut || rng.below(2) == 0)
+    }
+
+    /// Same, with `keep` deciding for each unsynced sector.
+    pub fn crash_image_with(&self, upto: usize, keep: &mut dyn FnMut() -> bool) -> Vec<u8> {
+        let st = self.state.lock();
+        let events = &st.1[..upto];
+        let last_sync = events.iter().rposition(|e| matches!(e, Event::Sync));
+        let mut img = self.base.clone();
+        for (i, e) in events.iter().enumerate() {
+            let durable = last_sync.is_some_and(|s| i < s);
+            match e {
+                Event::Write { off, data } => {
+                    for (j, piece) in data.chunks(512).enumerate() {
+                        if durable || keep() {
+                            let o = *off as usize + j * 512;
+                            if img.len() < o + piece.len() {
+                                img.resize(o + piece.len(), 0);
+                            }
+                            img[o..o + piece.len()].copy_from_slice(piece);
+                        }
+                    }
+                }
+                Event::Zero { off, len } => {
+                    if durable || keep() {
+                        let end = (*off + *len) as usize;
+                        if img.len() < end {
+                            img.resize(end, 0);
+                        }
+                        img[*off as usize..end].fill(0);
+                    }
+                }
+                Event::SetLen(l) => {
+                    if durable || keep() {
+                        img.resize(*l as usize, 0);
+                    }
+                }
+                Event::Sync => {}
+            }
+        }
+        img
+    }
+}
+
+impl Storage for CrashStorage {
+    fn len(&self) -> u64 {
+        self.state.lock().0.len() as u64
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, _mode: IoMode) -> std::io::Result<()> {
+        let st = self.state.lock();
+        let data = &st.0;
+        let n = bufs.len();
+        let start = (offset as usize).min(data.len());
+        let end = (offset as usize + n).min(data.len());
+        bufs.copy_from_slice(0, &data[start..end]);
+        if end - start < n {
+            bufs.fill_zero(end - start, n - (end - start));
+        }
+        Ok(())
+    }
+    fn write_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, _mode: IoMode) -> std::io::Result<()> {
+        let v = bufs.to_vec();
+        let mut st = self.state.lock();
+        let end = offset as usize + v.len();
+        if st.0.len() < end {
+            st.0.resize(end, 0);
+        }
+        st.0[offset as usize..end].copy_from_slice(&v);
+        st.1.push(Event::Write { off: offset, data: v });
+        Ok(())
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut st = self.state.lock();
+        let end = (offset + len) as usize;
+        if st.0.len() < end {
+            st.0.resize(end, 0);
+        }
+        st.0[offset as usize..end].fill(0);
+        st.1.push(Event::Zero { off: offset, len });
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let mut st = self.state.lock();
+        st.0.resize(len as usize, 0);
+        st.1.push(Event::SetLen(len));
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.state.lock().1.push(Event::Sync);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "crash-simulating memory storage".into()
     }
 }

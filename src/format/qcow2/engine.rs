@@ -8,11 +8,11 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::backing::BackingOpener;
 use super::compressed::decompress;
-use super::header::{Header, OFF_AUTOCLEAR, OFF_REFCOUNT_TABLE, MAX_L1_BYTES};
+use super::header::{Header, MAX_L1_BYTES, OFF_AUTOCLEAR, OFF_REFCOUNT_TABLE};
 use super::l2::{
     bit_range, compressed_clusters, ClusterKind, Geometry, L2Entry, L2Table, SubState, BITMAP_ALL_ALLOC,
     BITMAP_ALL_ZERO, COPIED, OFFSET_MASK, ZERO,
@@ -31,6 +31,9 @@ struct AllocState {
     /// refcounts are decremented only after a flush has made the metadata
     /// that dropped them durable, so they cannot be reused too early.
     pending_free: Vec<u64>,
+    /// Guest clusters whose allocating write is doing its data I/O with the
+    /// mutex released; other changes to them wait on `alloc_done`.
+    inflight: HashSet<u64>,
 }
 
 /// What a guest zeroing operation asks for.
@@ -59,6 +62,8 @@ pub struct Qcow2Disk {
     served_snapshot: Option<String>,
     meta: RwLock<Meta>,
     alloc: Mutex<AllocState>,
+    /// Signalled when an in-flight allocating write publishes its cluster.
+    alloc_done: Condvar,
     /// Data I/O on clusters found by a lookup holds this shared; applying
     /// frees takes it exclusively, so no I/O still targets a cluster that is
     /// about to become reusable.
@@ -67,7 +72,14 @@ pub struct Qcow2Disk {
     /// Most L2 tables kept in memory (`None`: all).
     cache_tables: Option<usize>,
     closed: AtomicBool,
+    /// The last few inflated compressed clusters by host offset, so reading
+    /// one in small pieces does not inflate it again for every piece. The
+    /// engine never writes compressed data, so an entry cannot go stale.
+    inflated: Mutex<Vec<(u64, Arc<[u8]>)>>,
 }
+
+/// Inflated clusters kept per disk.
+const INFLATED_CACHE: usize = 4;
 
 impl Qcow2Disk {
     /// Opens a qcow2 image stored in `storage`. `backing` resolves the
@@ -77,26 +89,10 @@ impl Qcow2Disk {
         let file_len = storage.len();
         let cs = header.cluster_size();
         let read_only = opts.read_only || storage.read_only() || opts.snapshot.is_some();
-        if !read_only {
-            if header.corrupt_bit() {
-                return Err(unsupported(
-                    "image is marked corrupt; repair it with `qemu-img check -r all` or open it read-only".into(),
-                ));
-            }
-            if header.dirty() {
-                return Err(unsupported(
-                    "image was not closed cleanly (dirty bit set, lazy refcounts); run `qemu-img check -r all` \
-                     or open it read-only"
-                        .into(),
-                ));
-            }
-            if header.nb_snapshots > 0 {
-                return Err(unsupported(format!(
-                    "image has {} internal snapshots; writing would need copy-on-write of shared clusters, \
-                     which is not implemented: open it read-only or delete the snapshots",
-                    header.nb_snapshots
-                )));
-            }
+        if !read_only && header.corrupt_bit() {
+            return Err(unsupported(
+                "image is marked corrupt; repair it with `qemu-img check -r all` or open it read-only".into(),
+            ));
         }
         let geo = Geometry { cluster_bits: header.cluster_bits, extended: header.extended_l2() };
         let lay = Layout { geo, l2_entries: header.l2_entries() };
@@ -127,9 +123,18 @@ impl Qcow2Disk {
                 let size = s.disk_size.unwrap_or(header.size);
                 let per_l1 = cs * lay.l2_entries;
                 if u64::from(s.l1_size) * 8 > MAX_L1_BYTES || u64::from(s.l1_size) < size.div_ceil(per_l1) {
-                    return Err(corrupt(format!("snapshot {:?}: L1 size {} invalid for {size} bytes", s.name, s.l1_size)));
+                    return Err(corrupt(format!(
+                        "snapshot {:?}: L1 size {} invalid for {size} bytes",
+                        s.name, s.l1_size
+                    )));
                 }
-                super::header::check_table("snapshot L1 table", s.l1_table_offset, u64::from(s.l1_size) * 8, cs, file_len)?;
+                super::header::check_table(
+                    "snapshot L1 table",
+                    s.l1_table_offset,
+                    u64::from(s.l1_size) * 8,
+                    cs,
+                    file_len,
+                )?;
                 (s.l1_table_offset, s.l1_size, size, Some(s.name.clone()))
             }
         };
@@ -140,13 +145,14 @@ impl Qcow2Disk {
         for c in 0..l1_bytes.div_ceil(cs) {
             metadata_clusters.insert(l1_offset + c * cs);
         }
+        for c in 0..u64::from(header.refcount_table_clusters) {
+            metadata_clusters.insert(header.refcount_table_offset + c * cs);
+        }
         let refs = if read_only {
             None
         } else {
-            for c in 0..u64::from(header.refcount_table_clusters) {
-                metadata_clusters.insert(header.refcount_table_offset + c * cs);
-            }
-            let table = read_u64s(&*storage, header.refcount_table_offset, (rt_bytes / 8) as usize, "read refcount table")?;
+            let table =
+                read_u64s(&*storage, header.refcount_table_offset, (rt_bytes / 8) as usize, "read refcount table")?;
             Some(Refcounts::new(
                 header.cluster_bits,
                 header.refcount_order,
@@ -155,6 +161,37 @@ impl Qcow2Disk {
                 u64::from(header.refcount_table_clusters),
             ))
         };
+
+        // Snapshots' tables are metadata too: data must not point into them.
+        let mut snapshot_l1s = Vec::new();
+        let mut snapshot_table_bytes = 0;
+        if !read_only {
+            let (_, table_bytes) = read_table(&*storage, header.snapshots_offset, header.nb_snapshots)?;
+            snapshot_table_bytes = table_bytes;
+            for c in 0..table_bytes.div_ceil(cs) {
+                metadata_clusters.insert(header.snapshots_offset + c * cs);
+            }
+            for s in &snapshots {
+                let bytes = u64::from(s.l1_size) * 8;
+                if bytes > MAX_L1_BYTES {
+                    return Err(corrupt(format!("snapshot {:?}: L1 table too large", s.name)));
+                }
+                super::header::check_table("snapshot L1 table", s.l1_table_offset, bytes, cs, file_len)?;
+                for c in 0..bytes.div_ceil(cs) {
+                    // Each snapshot has its own L1 copy; sharing would also
+                    // let a hostile image multiply what we read.
+                    if !metadata_clusters.insert(s.l1_table_offset + c * cs) {
+                        return Err(corrupt(format!("snapshot {:?}: L1 table overlaps other metadata", s.name)));
+                    }
+                }
+                snapshot_l1s.push(read_u64s(
+                    &*storage,
+                    s.l1_table_offset,
+                    s.l1_size as usize,
+                    "read snapshot L1 table",
+                )?);
+            }
+        }
 
         // Second hint: every L2 table and refcount block, now that we know them.
         let mut ranges = Vec::new();
@@ -171,6 +208,15 @@ impl Qcow2Disk {
             claim_cluster("L2 table", i, off, cs, file_len, &mut metadata_clusters)?;
             ranges.push(off..off + cs);
             l2_count += 1;
+        }
+        for l1 in &snapshot_l1s {
+            for &e in l1 {
+                let off = e & OFFSET_MASK;
+                // Shared with the active L1 or another snapshot: legitimate.
+                if off != 0 && off % cs == 0 && metadata_clusters.insert(off) {
+                    ranges.push(off..off + cs);
+                }
+            }
         }
         if let Some(r) = &refs {
             for (i, &e) in r.table.iter().enumerate() {
@@ -192,6 +238,21 @@ impl Qcow2Disk {
                     storage.read_at(off, &mut buf).map_err(|e| DiskError::io("read refcount block", off, e))?;
                     r.set_block(i, buf.into());
                 }
+            }
+        }
+        if header.dirty() && !read_only {
+            // QEMU crashed with lazy refcounts: the counts on disk may lag.
+            if let Some(r) = meta.refs.as_mut() {
+                let input = super::repair::RepairInput {
+                    storage: &*storage,
+                    header: &header,
+                    lay,
+                    l1: &mut meta.l1,
+                    snapshots: &snapshots,
+                    snapshot_l1s: &snapshot_l1s,
+                    snapshot_table_bytes,
+                };
+                super::repair::rebuild_refcounts(input, r)?;
             }
         }
         let cache_tables = opts.metadata_cache_bytes.map(|b| ((b / cs) as usize).max(4));
@@ -220,7 +281,9 @@ impl Qcow2Disk {
         if !read_only && header.autoclear != 0 {
             // We do not maintain bitmaps or other autoclear features: clearing
             // the bits tells QEMU they are stale, as the spec requires.
-            storage.write_at(OFF_AUTOCLEAR, &[0u8; 8]).map_err(|e| DiskError::io("clear autoclear bits", OFF_AUTOCLEAR, e))?;
+            storage
+                .write_at(OFF_AUTOCLEAR, &[0u8; 8])
+                .map_err(|e| DiskError::io("clear autoclear bits", OFF_AUTOCLEAR, e))?;
             storage.flush().map_err(|e| DiskError::io("flush", 0, e))?;
         }
 
@@ -234,10 +297,12 @@ impl Qcow2Disk {
             served_snapshot,
             meta: RwLock::new(meta),
             alloc: Mutex::new(AllocState::default()),
+            alloc_done: Condvar::new(),
             gate: RwLock::new(()),
             tick: AtomicU64::new(0),
             cache_tables,
             closed: AtomicBool::new(false),
+            inflated: Mutex::new(Vec::new()),
             header,
         })
     }
@@ -302,12 +367,11 @@ impl Qcow2Disk {
         let mut m = self.meta.write();
         if let Some(cap) = self.cache_tables {
             while m.l2.len() >= cap {
-                let victim = m
-                    .l2
-                    .iter()
-                    .filter(|(_, t)| !t.dirty)
-                    .min_by_key(|(_, t)| t.last_used.load(Ordering::Relaxed))
-                    .map(|(&k, _)| k);
+                let victim =
+                    m.l2.iter()
+                        .filter(|(_, t)| !t.dirty)
+                        .min_by_key(|(_, t)| t.last_used.load(Ordering::Relaxed))
+                        .map(|(&k, _)| k);
                 match victim {
                     Some(k) => {
                         m.l2.remove(&k);
@@ -347,7 +411,16 @@ impl Qcow2Disk {
     }
 
     /// Reads and inflates a whole compressed cluster.
-    fn read_compressed(&self, host: u64, csize: u64, mode: IoMode) -> DiskResult<Vec<u8>> {
+    fn read_compressed(&self, host: u64, csize: u64, mode: IoMode) -> DiskResult<Arc<[u8]>> {
+        {
+            let mut cache = self.inflated.lock();
+            if let Some(i) = cache.iter().position(|(h, _)| *h == host) {
+                let hit = cache.remove(i);
+                let data = hit.1.clone();
+                cache.push(hit);
+                return Ok(data);
+            }
+        }
         let file_len = self.storage.len();
         if host >= file_len {
             return Err(corrupt(format!("compressed cluster at {host:#x} is past the end of the file ({file_len})")));
@@ -358,6 +431,12 @@ impl Qcow2Disk {
             .map_err(|e| DiskError::io("read compressed cluster", host, e))?;
         let mut out = vec![0u8; self.lay.cluster_size() as usize];
         decompress(self.header.compression, &input, &mut out, host)?;
+        let out: Arc<[u8]> = out.into();
+        let mut cache = self.inflated.lock();
+        if cache.len() >= INFLATED_CACHE {
+            cache.remove(0);
+        }
+        cache.push((host, out.clone()));
         Ok(out)
     }
 
@@ -399,12 +478,30 @@ impl Qcow2Disk {
 
     /// Makes sure L2 table `l1i` exists (allocating an empty one), with the
     /// allocation mutex held. Returns the refcounts' owner for chaining.
-    fn ensure_l2(&self, m: &mut Meta, l1i: usize) -> DiskResult<()> {
-        if m.l1[l1i] & OFFSET_MASK != 0 {
-            if m.l2.contains_key(&l1i) {
-                return Ok(());
+    /// Also copies a table shared with an internal snapshot (L1 entry
+    /// without COPIED) before it is changed; the data clusters it points at
+    /// already count the snapshot's reference, so only the table moves.
+    fn ensure_l2(&self, st: &mut AllocState, m: &mut Meta, l1i: usize) -> DiskResult<()> {
+        let cur = m.l1[l1i] & OFFSET_MASK;
+        if cur != 0 {
+            if !m.l2.contains_key(&l1i) {
+                return Err(corrupt(format!("L2 table {l1i} not loaded")));
             }
-            return Err(corrupt(format!("L2 table {l1i} not loaded")));
+            if m.l1[l1i] & COPIED == 0 {
+                let refs = m.refs.as_mut().ok_or(DiskError::ReadOnly)?;
+                let off = refs.alloc_cluster()?;
+                let copy = match m.l2.get(&l1i) {
+                    Some(t) => L2Table::from_words(t.words.clone()),
+                    None => return Err(corrupt(format!("L2 table {l1i} not loaded"))),
+                };
+                m.l2.insert(l1i, copy);
+                m.l1[l1i] = off | COPIED;
+                m.l1_dirty = true;
+                // The snapshot keeps the old table; drop our reference once
+                // the L1 entry pointing at the copy is durable.
+                st.pending_free.push(cur);
+            }
+            return Ok(());
         }
         let refs = m.refs.as_mut().ok_or(DiskError::ReadOnly)?;
         let off = refs.alloc_cluster()?;
@@ -433,16 +530,30 @@ impl Qcow2Disk {
         self.storage.write_at(host, buf).map_err(|e| DiskError::io("write data", host, e))
     }
 
+    /// Takes the allocation mutex once no allocating write to guest cluster
+    /// `gc` is in flight.
+    fn lock_cluster(&self, gc: u64) -> MutexGuard<'_, AllocState> {
+        let mut st = self.alloc.lock();
+        while st.inflight.contains(&gc) {
+            self.alloc_done.wait(&mut st);
+        }
+        st
+    }
+
     /// Writes `data` at `guest`, within one cluster, allocating or copying
-    /// as needed. Holds the allocation mutex.
-    fn write_slow(&self, st: &mut AllocState, guest: u64, data: &IoVec<'_>) -> DiskResult<()> {
+    /// as needed. The decision and the allocation happen under the mutex;
+    /// the data I/O (which may read the backing file) runs without it, with
+    /// the guest cluster marked in flight; the L2 entry is published after.
+    fn write_slow(&self, guest: u64, data: &IoVec<'_>) -> DiskResult<()> {
         let lay = self.lay;
         let geo = lay.geo;
         let cs = lay.cluster_size();
         let scs = geo.subcluster_size();
         let (l1i, l2i, in_cluster) = lay.split(guest);
+        let gc = guest / cs;
         let n = data.len() as u64;
         debug_assert!(n > 0 && in_cluster + n <= cs);
+        let mut st = self.lock_cluster(gc);
         self.load_table_locked(l1i)?;
         let e = match self.meta.read().entry(&lay, l1i, l2i) {
             Ok(e) => e.unwrap_or_default(),
@@ -451,31 +562,37 @@ impl Qcow2Disk {
         let sc0 = (in_cluster / scs) as u32;
         let sc1 = ((in_cluster + n - 1) / scs) as u32;
         if e.writable_in_place(&geo, sc0, sc1) {
-            // Another request allocated it meanwhile.
+            // Another request allocated it meanwhile: write like the fast path.
+            drop(st);
+            let _g = self.gate.read();
             return self.write_host((e.word & OFFSET_MASK) + in_cluster, data);
         }
         let kind = e.kind(&geo);
         let compressed = matches!(kind, ClusterKind::Compressed { .. });
-        if geo.extended && matches!(kind, ClusterKind::Allocated { copied: false, .. }) {
-            return Err(unsupported("writing a shared (refcount > 1) cluster of an extended-L2 image".into()));
-        }
-        // Subclusters to write: the whole cluster unless we keep a cluster
-        // with subclusters.
-        let (s0, s1) = if geo.extended && !compressed { (sc0, sc1) } else { (0, geo.subclusters() - 1) };
+        let shared = matches!(kind, ClusterKind::Allocated { copied: false, .. });
+        // Subclusters to write: the whole cluster, unless we keep the
+        // cluster and only fill in some of its subclusters.
+        let (s0, s1) = if geo.extended && !compressed && !shared { (sc0, sc1) } else { (0, geo.subclusters() - 1) };
 
         let (host, fresh) = match kind {
             ClusterKind::Allocated { host, copied: true } => (host, false),
             _ => {
                 let mut m = self.meta.write();
-                self.ensure_l2(&mut m, l1i)?;
+                self.ensure_l2(&mut st, &mut m, l1i)?;
                 let refs = m.refs.as_mut().ok_or(DiskError::ReadOnly)?;
                 (refs.alloc_cluster()?, true)
             }
         };
+        st.inflight.insert(gc);
+        drop(st);
         let res = self.fill_and_write(guest - in_cluster, &e, host, fresh, s0, s1, in_cluster, data);
+        let mut st = self.alloc.lock();
+        st.inflight.remove(&gc);
+        self.alloc_done.notify_all();
         if let Err(err) = res {
             if fresh {
-                // Nothing durable references it yet (flush needs the mutex we hold).
+                // Nothing references it: a flush meanwhile may have recorded
+                // refcount 1 on disk, which is only a leak until the next one.
                 let mut m = self.meta.write();
                 if let Some(refs) = m.refs.as_mut() {
                     let _ = refs.adjust(host, -1);
@@ -486,15 +603,17 @@ impl Qcow2Disk {
         let mut new = L2Entry { word: host | COPIED, bitmap: 0 };
         if geo.extended {
             let range = bit_range(s0, s1);
-            new.bitmap = if compressed { BITMAP_ALL_ALLOC } else { (e.bitmap | range) & !(range << 32) };
+            new.bitmap = if compressed || shared { BITMAP_ALL_ALLOC } else { (e.bitmap | range) & !(range << 32) };
         }
+        // A flush meanwhile may have evicted the (then clean) table.
+        self.load_table_locked(l1i)?;
         let mut m = self.meta.write();
-        self.ensure_l2(&mut m, l1i)?;
+        self.ensure_l2(&mut st, &mut m, l1i)?;
         let table = m.l2.get_mut(&l1i).ok_or_else(|| corrupt(format!("L2 table {l1i} vanished")))?;
         table.set_entry(&geo, l2i, new);
         drop(m);
         if fresh {
-            self.free_entry(st, &e);
+            self.free_entry(&mut st, &e);
         }
         Ok(())
     }
@@ -518,7 +637,7 @@ impl Qcow2Disk {
         let geo = self.lay.geo;
         let scs = geo.subcluster_size();
         let n = data.len() as u64;
-        let mut inflated: Option<Vec<u8>> = None;
+        let mut inflated: Option<Arc<[u8]>> = None;
         let mut sc = s0;
         while sc <= s1 {
             let start = u64::from(sc) * scs;
@@ -537,7 +656,8 @@ impl Qcow2Disk {
                 // Fully overwritten: coalesce with following fully covered subclusters.
                 let mut last = sc;
                 while last < s1 && in_cluster + n >= u64::from(last + 2) * scs {
-                    let st = old.sub_state(&geo, last + 1).map_err(|m| corrupt(format!("guest {cluster_guest:#x}: {m}")))?;
+                    let st =
+                        old.sub_state(&geo, last + 1).map_err(|m| corrupt(format!("guest {cluster_guest:#x}: {m}")))?;
                     if !fresh && matches!(st, SubState::Data { .. }) {
                         break;
                     }
@@ -597,7 +717,6 @@ impl Qcow2Disk {
         if mode == IoMode::NonBlocking {
             return Err(DiskError::WouldBlock);
         }
-        let mut st = self.alloc.lock();
         let cs = self.lay.cluster_size();
         let end = offset + len;
         let mut pos = offset;
@@ -609,24 +728,30 @@ impl Qcow2Disk {
             // a range reaching the disk end covers its cluster.
             let full = pos == cstart && (seg_end == cend || seg_end == self.capacity);
             if full {
-                self.zero_cluster(&mut st, cstart, op)?;
+                self.zero_cluster(cstart, op)?;
             } else {
-                self.zero_partial(&mut st, pos, seg_end - pos, op)?;
+                self.zero_partial(pos, seg_end - pos, op)?;
             }
             pos = seg_end;
         }
         Ok(())
     }
 
-    fn zero_cluster(&self, st: &mut AllocState, cstart: u64, op: ZeroOp) -> DiskResult<()> {
+    fn zero_cluster(&self, cstart: u64, op: ZeroOp) -> DiskResult<()> {
         let lay = self.lay;
         let geo = lay.geo;
         let (l1i, l2i, _) = lay.split(cstart);
+        let mut st = self.lock_cluster(cstart / lay.cluster_size());
         self.load_table_locked(l1i)?;
         let cur = self.meta.read().entry(&lay, l1i, l2i).map_err(|_| corrupt(format!("L2 table {l1i} vanished")))?;
         let e = cur.unwrap_or_default();
         let kind = e.kind(&geo);
         let backing = self.backing.is_some();
+        if kind == ClusterKind::None && self.reads_zero(&cur, 0, lay.cluster_size()) {
+            // Already zero with nothing to free: do not allocate an L2 table
+            // just to say so.
+            return Ok(());
+        }
         let keep = matches!(kind, ClusterKind::Allocated { copied: true, .. });
         let new = if geo.extended {
             match op {
@@ -652,8 +777,9 @@ impl Qcow2Disk {
                     if self.reads_zero(&cur, 0, lay.cluster_size()) {
                         return Ok(());
                     }
+                    drop(st);
                     let mut zeroes = vec![0u8; lay.cluster_size() as usize];
-                    return self.write_slow(st, cstart, &IoVec::from_slice(&mut zeroes));
+                    return self.write_slow(cstart, &IoVec::from_slice(&mut zeroes));
                 }
             }
         };
@@ -661,18 +787,18 @@ impl Qcow2Disk {
             return Ok(());
         }
         let mut m = self.meta.write();
-        self.ensure_l2(&mut m, l1i)?;
+        self.ensure_l2(&mut st, &mut m, l1i)?;
         let table = m.l2.get_mut(&l1i).ok_or_else(|| corrupt(format!("L2 table {l1i} vanished")))?;
         table.set_entry(&geo, l2i, new);
         drop(m);
         let kept = new.word & OFFSET_MASK != 0 && new.word & OFFSET_MASK == e.word & OFFSET_MASK;
         if !kept {
-            self.free_entry(st, &e);
+            self.free_entry(&mut st, &e);
         }
         Ok(())
     }
 
-    fn zero_partial(&self, st: &mut AllocState, guest: u64, n: u64, op: ZeroOp) -> DiskResult<()> {
+    fn zero_partial(&self, guest: u64, n: u64, op: ZeroOp) -> DiskResult<()> {
         if op == ZeroOp::Discard {
             // Partial clusters keep their data (as in QEMU): allowed by the
             // discard contract and cheaper than copy-on-write.
@@ -682,6 +808,7 @@ impl Qcow2Disk {
         let geo = lay.geo;
         let scs = geo.subcluster_size();
         let (l1i, l2i, in_cluster) = lay.split(guest);
+        let mut st = self.lock_cluster(guest / lay.cluster_size());
         self.load_table_locked(l1i)?;
         let cur = self.meta.read().entry(&lay, l1i, l2i).map_err(|_| corrupt(format!("L2 table {l1i} vanished")))?;
         if self.reads_zero(&cur, in_cluster, n) {
@@ -692,29 +819,34 @@ impl Qcow2Disk {
         // Extended L2: whole subclusters become zero by their bitmap bit.
         let fs0 = in_cluster.div_ceil(scs);
         let fs1 = (in_cluster + n) / scs; // exclusive
-        if geo.extended && fs0 < fs1 && !matches!(kind, ClusterKind::Compressed { .. } | ClusterKind::Allocated { copied: false, .. }) {
+        if geo.extended
+            && fs0 < fs1
+            && !matches!(kind, ClusterKind::Compressed { .. } | ClusterKind::Allocated { copied: false, .. })
+        {
             let range = bit_range(fs0 as u32, fs1 as u32 - 1);
             let new = L2Entry { word: e.word, bitmap: (e.bitmap & !range) | (range << 32) };
             {
                 let mut m = self.meta.write();
-                self.ensure_l2(&mut m, l1i)?;
+                self.ensure_l2(&mut st, &mut m, l1i)?;
                 let table = m.l2.get_mut(&l1i).ok_or_else(|| corrupt(format!("L2 table {l1i} vanished")))?;
                 table.set_entry(&geo, l2i, new);
             }
+            drop(st);
             let head = fs0 * scs - in_cluster;
             if head > 0 {
                 let mut z = vec![0u8; head as usize];
-                self.write_slow(st, guest, &IoVec::from_slice(&mut z))?;
+                self.write_slow(guest, &IoVec::from_slice(&mut z))?;
             }
             let tail_start = fs1 * scs;
             if tail_start < in_cluster + n {
                 let mut z = vec![0u8; (in_cluster + n - tail_start) as usize];
-                self.write_slow(st, guest - in_cluster + tail_start, &IoVec::from_slice(&mut z))?;
+                self.write_slow(guest - in_cluster + tail_start, &IoVec::from_slice(&mut z))?;
             }
             return Ok(());
         }
+        drop(st);
         let mut zeroes = vec![0u8; n as usize];
-        self.write_slow(st, guest, &IoVec::from_slice(&mut zeroes))
+        self.write_slow(guest, &IoVec::from_slice(&mut zeroes))
     }
 
     /// Writes back metadata in dependency order. Holds the allocation mutex.
@@ -764,7 +896,9 @@ impl Qcow2Disk {
                 let mut h = [0u8; 12];
                 h[..8].copy_from_slice(&off.to_be_bytes());
                 h[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
-                self.storage.write_at(OFF_REFCOUNT_TABLE, &h).map_err(|e| DiskError::io("write header", OFF_REFCOUNT_TABLE, e))?;
+                self.storage
+                    .write_at(OFF_REFCOUNT_TABLE, &h)
+                    .map_err(|e| DiskError::io("write header", OFF_REFCOUNT_TABLE, e))?;
                 self.sync()?;
             }
             let mut m = self.meta.write();
@@ -829,6 +963,19 @@ fn read_u64s(storage: &dyn Storage, off: u64, count: usize, what: &'static str) 
     Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
 }
 
+impl Drop for Qcow2Disk {
+    /// A disk dropped without `close` is flushed best-effort, so metadata
+    /// held in memory is not lost (it would be consistent either way).
+    fn drop(&mut self) {
+        if !self.read_only && !self.closed.load(Ordering::Acquire) {
+            let mut st = self.alloc.lock();
+            if let Err(e) = self.flush_locked(&mut st).and_then(|_| self.flush_locked(&mut st)) {
+                tracing::warn!("qcow2: flush on drop failed: {e}");
+            }
+        }
+    }
+}
+
 impl Disk for Qcow2Disk {
     fn capacity(&self) -> u64 {
         self.capacity
@@ -865,7 +1012,9 @@ impl Disk for Qcow2Disk {
                             "guest offset {guest:#x} maps to {host:#x}, past the end of the file ({file_len})"
                         )));
                     }
-                    self.storage.read_vectored_at(host, &part, mode).map_err(|e| DiskError::io("read data", host, e))?;
+                    self.storage
+                        .read_vectored_at(host, &part, mode)
+                        .map_err(|e| DiskError::io("read data", host, e))?;
                 }
                 Extent::Compressed { host, csize, in_cluster } => {
                     let c = self.read_compressed(host, csize, mode)?;
@@ -889,7 +1038,9 @@ impl Disk for Qcow2Disk {
             let part = bufs.slice(pos as usize, n as usize);
             match run {
                 WriteRun::InPlace { host } => {
-                    self.storage.write_vectored_at(host, &part, mode).map_err(|e| DiskError::io("write data", host, e))?;
+                    self.storage
+                        .write_vectored_at(host, &part, mode)
+                        .map_err(|e| DiskError::io("write data", host, e))?;
                 }
                 WriteRun::NeedsLoad { l1_index } => {
                     drop(gate);
@@ -901,8 +1052,7 @@ impl Disk for Qcow2Disk {
                     if mode == IoMode::NonBlocking {
                         return Err(DiskError::WouldBlock);
                     }
-                    let mut st = self.alloc.lock();
-                    self.write_slow(&mut st, guest, &part)?;
+                    self.write_slow(guest, &part)?;
                 }
             }
             pos += n;

@@ -30,6 +30,7 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// Byte offsets of header fields the engine rewrites.
 pub const OFF_REFCOUNT_TABLE: u64 = 48;
+pub const OFF_INCOMPAT: u64 = 72;
 pub const OFF_AUTOCLEAR: u64 = 88;
 
 /// Limits QEMU also enforces; they keep a hostile header from making us
@@ -131,9 +132,7 @@ impl Header {
     pub fn read(storage: &dyn Storage) -> DiskResult<Header> {
         let file_len = storage.len();
         let mut fixed = [0u8; 112];
-        storage
-            .read_at(0, &mut fixed)
-            .map_err(|e| crate::format::DiskError::io("read qcow2 header", 0, e))?;
+        storage.read_at(0, &mut fixed).map_err(|e| crate::format::DiskError::io("read qcow2 header", 0, e))?;
         if be32(&fixed, 0) != MAGIC {
             return Err(corrupt(format!("{}: not a qcow2 image (bad magic)", storage.describe())));
         }
@@ -151,9 +150,7 @@ impl Header {
         let size = be64(&fixed, 24);
         let crypt_method = be32(&fixed, 32);
         if crypt_method != 0 {
-            return Err(unsupported(format!(
-                "encrypted qcow2 images are not supported (crypt_method {crypt_method})"
-            )));
+            return Err(unsupported(format!("encrypted qcow2 images are not supported (crypt_method {crypt_method})")));
         }
         let mut h = Header {
             version,
@@ -207,9 +204,7 @@ impl Header {
 
         // The rest of the first cluster holds extensions and the backing name.
         let mut first = vec![0u8; cluster_size.min(file_len.max(112)) as usize];
-        storage
-            .read_at(0, &mut first)
-            .map_err(|e| crate::format::DiskError::io("read qcow2 header cluster", 0, e))?;
+        storage.read_at(0, &mut first).map_err(|e| crate::format::DiskError::io("read qcow2 header cluster", 0, e))?;
         h.parse_extensions(&first, backing_file_offset)?;
 
         let unknown = h.incompatible & !INCOMPAT_KNOWN;
@@ -262,10 +257,9 @@ impl Header {
                 return Ok(());
             }
             let data_start = off + 8;
-            let data_end = data_start
-                .checked_add(len)
-                .filter(|&e| e <= limit)
-                .ok_or_else(|| corrupt(format!("header extension {kind:#x} at {off} length {len} overruns the header")))?;
+            let data_end = data_start.checked_add(len).filter(|&e| e <= limit).ok_or_else(|| {
+                corrupt(format!("header extension {kind:#x} at {off} length {len} overruns the header"))
+            })?;
             let data = &first[data_start as usize..data_end as usize];
             match kind {
                 EXT_BACKING_FORMAT => {
@@ -314,10 +308,7 @@ impl Header {
         check_table("L1 table", self.l1_table_offset, l1_bytes, cs, file_len)?;
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if self.refcount_table_clusters == 0 || rt_bytes > MAX_REFTABLE_BYTES {
-            return Err(corrupt(format!(
-                "refcount table of {} clusters is invalid",
-                self.refcount_table_clusters
-            )));
+            return Err(corrupt(format!("refcount table of {} clusters is invalid", self.refcount_table_clusters)));
         }
         check_table("refcount table", self.refcount_table_offset, rt_bytes, cs, file_len)?;
         if self.nb_snapshots > MAX_SNAPSHOTS {

@@ -186,6 +186,11 @@ impl L2Table {
         Self { words, dirty: false, last_used: AtomicU64::new(0) }
     }
 
+    /// A new, dirty table with these entries.
+    pub fn from_words(words: Box<[u64]>) -> Self {
+        Self { words, dirty: true, last_used: AtomicU64::new(0) }
+    }
+
     pub fn zeroed(cluster_size: u64) -> Self {
         Self {
             words: vec![0u64; (cluster_size / 8) as usize].into_boxed_slice(),

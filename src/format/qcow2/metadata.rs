@@ -19,12 +19,20 @@ pub enum Extent {
     Unallocated,
     Zero,
     /// Contiguous host bytes starting here.
-    Data { host: u64 },
+    Data {
+        host: u64,
+    },
     /// Inside a compressed cluster; `in_cluster` is the offset of the run's
     /// start within the decompressed cluster.
-    Compressed { host: u64, csize: u64, in_cluster: u64 },
+    Compressed {
+        host: u64,
+        csize: u64,
+        in_cluster: u64,
+    },
     /// The L2 table at this L1 index is not in memory.
-    NeedsLoad { l1_index: usize },
+    NeedsLoad {
+        l1_index: usize,
+    },
 }
 
 /// Guest-offset arithmetic for one image.
@@ -91,9 +99,10 @@ impl Meta {
         };
         table.touch(tick);
         let state_at = |l2i: usize, sc: u32| -> DiskResult<SubState> {
-            table.entry(&lay.geo, l2i).sub_state(&lay.geo, sc).map_err(|m| {
-                corrupt(format!("L2 entry for guest cluster {:#x}: {m}", guest & !(cs - 1)))
-            })
+            table
+                .entry(&lay.geo, l2i)
+                .sub_state(&lay.geo, sc)
+                .map_err(|m| corrupt(format!("L2 entry for guest cluster {:#x}: {m}", guest & !(cs - 1))))
         };
         let mut sc = (in_cluster / scs) as u32;
         let first = state_at(l2i, sc)?;
@@ -133,13 +142,7 @@ impl Meta {
 
 /// Loads one L2 table from disk and checks its entries (writable images:
 /// no data inside metadata, every cluster referenced has a refcount).
-pub fn read_l2(
-    storage: &dyn Storage,
-    lay: &Layout,
-    meta: &Meta,
-    l1i: usize,
-    file_len: u64,
-) -> DiskResult<L2Table> {
+pub fn read_l2(storage: &dyn Storage, lay: &Layout, meta: &Meta, l1i: usize, file_len: u64) -> DiskResult<L2Table> {
     let cs = lay.cluster_size();
     let off = meta.l1[l1i] & OFFSET_MASK;
     let mut buf = vec![0u8; cs as usize];

@@ -1,8 +1,9 @@
 //! QCOW2 images (v2 and v3) behind the [`Disk`](crate::format::Disk) trait:
 //! L1/L2 translation with all metadata held in memory, cluster allocation
 //! with copy-on-write, refcounts, zero clusters, discard, compressed
-//! clusters, extended L2 (subclusters), backing chains and read-only
-//! internal snapshots.
+//! clusters, extended L2 (subclusters), backing chains, and internal
+//! snapshots (listed, served read-only, and preserved by copy-on-write of
+//! shared L2 tables and data clusters when the active layer is written).
 //!
 //! Crash consistency comes from write ordering alone, so the dirty bit is
 //! never needed: guest data is written straight to its cluster, while L2
@@ -11,7 +12,8 @@
 //! (and header), syncs, L2 tables, syncs, the L1 table, syncs. Clusters that
 //! lose their last reference are freed only after that, so no cluster is
 //! reused while durable metadata still points at it. A crash at any point
-//! leaves at worst leaked clusters.
+//! leaves at worst leaked clusters. Images QEMU left dirty (lazy refcounts)
+//! get their refcounts rebuilt when opened writable.
 
 mod backing;
 mod compressed;
@@ -20,6 +22,7 @@ mod header;
 mod l2;
 mod metadata;
 mod refcount;
+mod repair;
 mod snapshot;
 
 use std::io;

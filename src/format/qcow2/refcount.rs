@@ -4,8 +4,8 @@
 //! engine writes dirty blocks and the table back at flush, blocks first.
 
 use super::corrupt;
-use super::header::MAX_REFTABLE_BYTES;
 use super::header::MAX_HOST_OFFSET;
+use super::header::MAX_REFTABLE_BYTES;
 use crate::format::DiskResult;
 
 /// One refcount block: a cluster of packed big-endian counters.
@@ -90,6 +90,11 @@ impl Refcounts {
         }
     }
 
+    /// Sets a refcount in an existing block (repair).
+    pub fn set(&mut self, cluster: u64, value: u64) -> DiskResult<()> {
+        self.set_existing(cluster, value)
+    }
+
     fn set_existing(&mut self, cluster: u64, value: u64) -> DiskResult<()> {
         let (bi, i) = self.split(cluster);
         let order = self.order;
@@ -143,10 +148,10 @@ impl Refcounts {
             let end = (bi as u64 + 1) * per;
             while c < end {
                 if self.get(c) == 0 {
-                    let off = c << self.cluster_bits;
-                    if off.checked_add(self.cluster_size()).is_none_or(|e| e > MAX_HOST_OFFSET) {
-                        return Err(corrupt("image file would exceed the largest qcow2 host offset".into()));
-                    }
+                    let off = c
+                        .checked_mul(self.cluster_size())
+                        .filter(|o| o.checked_add(self.cluster_size()).is_some_and(|e| e <= MAX_HOST_OFFSET))
+                        .ok_or_else(|| corrupt("image file would exceed the largest qcow2 host offset".into()))?;
                     self.set_existing(c, 1)?;
                     self.free_hint = c + 1;
                     return Ok(off);
@@ -160,10 +165,10 @@ impl Refcounts {
     /// first cluster of the range it covers, so it counts itself.
     fn new_self_describing_block(&mut self, bi: usize) -> DiskResult<()> {
         let first = bi as u64 * self.per_block();
-        let off = first << self.cluster_bits;
-        if off >= MAX_HOST_OFFSET {
-            return Err(corrupt("image file would exceed the largest qcow2 host offset".into()));
-        }
+        let off = first
+            .checked_mul(self.cluster_size())
+            .filter(|&o| o < MAX_HOST_OFFSET)
+            .ok_or_else(|| corrupt("image file would exceed the largest qcow2 host offset".into()))?;
         self.table[bi] = off;
         self.blocks[bi] = Some(RefBlock { data: vec![0u8; self.cluster_size() as usize].into(), dirty: true });
         self.table_dirty = true;
@@ -273,7 +278,7 @@ mod tests {
     fn packed_roundtrip_all_orders() {
         for order in 0..=6u32 {
             let mut data = vec![0u8; 512];
-            let entries = 512 * 8 >> order;
+            let entries = (512 * 8) >> order;
             let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
             for i in 0..entries {
                 set_packed(&mut data, order, i, (i as u64 * 7) & max);
@@ -282,6 +287,20 @@ mod tests {
                 assert_eq!(get_packed(&data, order, i), (i as u64 * 7) & max, "order {order} i {i}");
             }
         }
+    }
+
+    #[test]
+    fn adjust_refuses_overflow_and_underflow() {
+        // 1-bit refcounts: 1 is the maximum.
+        let mut r = Refcounts::new(9, 0, vec![512], 1024, 1);
+        let mut blk = vec![0u8; 512];
+        set_packed(&mut blk, 0, 5, 1);
+        r.set_block(0, blk.into());
+        assert!(r.adjust(5 * 512, 1).unwrap_err().to_string().contains("overflow"));
+        assert_eq!(r.adjust(5 * 512, -1).unwrap(), 0);
+        assert!(r.adjust(5 * 512, -1).unwrap_err().to_string().contains("below zero"));
+        // Cluster far beyond any block.
+        assert!(r.adjust(1 << 40, 1).is_err());
     }
 
     #[test]

@@ -78,7 +78,8 @@ pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> DiskResult<
         } else {
             u64::from(vm_state_size32)
         };
-        let disk_size = if extra >= 16 { Some(u64::from_be_bytes(e[8..16].try_into().unwrap_or_default())) } else { None };
+        let disk_size =
+            if extra >= 16 { Some(u64::from_be_bytes(e[8..16].try_into().unwrap_or_default())) } else { None };
         let s = pos + 40 + extra;
         let id = String::from_utf8_lossy(&buf[s..s + id_len]).into_owned();
         let name = String::from_utf8_lossy(&buf[s + id_len..s + id_len + name_len]).into_owned();

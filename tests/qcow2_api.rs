@@ -1,0 +1,287 @@
+//! Engine contracts beyond byte equality: the IoMode::NonBlocking rules,
+//! the metadata hint, a capped metadata cache, `info`, and many threads
+//! allocating the same clusters over a backing file at once.
+
+mod qcow2_common;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use driveblk::format::qcow2::{info, LocalBackingOpener, NoBacking, Qcow2Disk, Qcow2Options};
+use driveblk::format::{Disk, IoMode, IoVec};
+use driveblk::tier::{LocalFile, Storage};
+use parking_lot::Mutex;
+use qcow2_common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Wraps a storage: fails NonBlocking reads with WouldBlock when asked, and
+/// records metadata hints and the reads that follow them.
+struct Spy {
+    inner: Arc<dyn Storage>,
+    nowait_blocks: bool,
+    log: Mutex<Vec<(bool, Range<u64>)>>,
+}
+
+impl Storage for Spy {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
+        if self.nowait_blocks && mode == IoMode::NonBlocking {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.log.lock().push((false, offset..offset + bufs.len() as u64));
+        self.inner.read_vectored_at(offset, bufs, mode)
+    }
+    fn write_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
+        self.inner.write_vectored_at(offset, bufs, mode)
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.write_zeroes_at(offset, len)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn hint_metadata(&self, ranges: &[Range<u64>]) -> std::io::Result<()> {
+        let mut l = self.log.lock();
+        for r in ranges {
+            l.push((true, r.clone()));
+        }
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "spy".into()
+    }
+}
+
+fn mem_image(opts: &str, size: u64, cmds: &[String]) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("img.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p.to_str().unwrap(), &size.to_string()]);
+    if !cmds.is_empty() {
+        qemu_io(&p, cmds);
+    }
+    let bytes = std::fs::read(&p).unwrap();
+    (dir, p, bytes)
+}
+
+#[test]
+fn nonblocking_never_allocates_and_blocking_completes() {
+    let (_dir, _p, bytes) = mem_image("cluster_size=65536", 4 * MIB, &["write -P 5 0 64k".into()]);
+    let storage = Arc::new(CrashStorage::new(bytes));
+    let s: Arc<dyn Storage> = storage.clone();
+    let disk = Qcow2Disk::open(s, Qcow2Options::default(), &NoBacking).unwrap();
+    let before = storage.events();
+    let mut buf = vec![9u8; 8192];
+    // Allocating write, zeroing, discard and flush would block.
+    for r in [
+        disk.write(MIB, &IoVec::from_slice(&mut buf), IoMode::NonBlocking),
+        disk.write_zeroes(0, 65536, false, IoMode::NonBlocking),
+        disk.discard(0, 65536, IoMode::NonBlocking),
+        disk.flush(IoMode::NonBlocking),
+    ] {
+        assert!(r.unwrap_err().is_would_block());
+    }
+    // A write spanning an allocated and an unallocated cluster: WouldBlock,
+    // and nothing but (re-doable) data in the allocated part was touched.
+    let mut big = vec![7u8; 65536 + 4096];
+    assert!(disk.write(4096, &IoVec::from_slice(&mut big), IoMode::NonBlocking).unwrap_err().is_would_block());
+    // At most the one in-place data write into cluster 0 reached storage.
+    assert!(storage.events() - before <= 1, "NonBlocking attempts touched storage {} times", storage.events() - before);
+    disk.flush(IoMode::Blocking).unwrap();
+    // No metadata was written by any of it: only data bytes in cluster 0.
+    let mut rd = vec![0u8; 65536];
+    disk.read(MIB, &IoVec::from_slice(&mut rd), IoMode::NonBlocking).unwrap();
+    assert!(rd.iter().all(|&b| b == 0), "unallocated cluster must still read as zeroes");
+    // The blocking retry does the work.
+    disk.write(4096, &IoVec::from_slice(&mut big), IoMode::Blocking).unwrap();
+    // Now both clusters are allocated: in-place writes and reads go NonBlocking.
+    disk.write(4096, &IoVec::from_slice(&mut big), IoMode::NonBlocking).unwrap();
+    let mut back = vec![0u8; big.len()];
+    disk.read(4096, &IoVec::from_slice(&mut back), IoMode::NonBlocking).unwrap();
+    assert_eq!(back, big);
+    disk.close().unwrap();
+}
+
+#[test]
+fn nonblocking_propagates_storage_wouldblock_only_for_data() {
+    let (_dir, p, _) =
+        mem_image("cluster_size=65536", 4 * MIB, &["write -P 5 0 64k".into(), "write -z 128k 64k".into()]);
+    let inner: Arc<dyn Storage> = Arc::new(LocalFile::open(&p, false).unwrap());
+    let spy = Arc::new(Spy { inner, nowait_blocks: true, log: Mutex::new(Vec::new()) });
+    let s: Arc<dyn Storage> = spy.clone();
+    let disk = Qcow2Disk::open(s, Qcow2Options::default(), &NoBacking).unwrap();
+    let mut buf = vec![1u8; 4096];
+    // Data cluster: the storage would block, so the disk does.
+    assert!(disk.read(0, &IoVec::from_slice(&mut buf), IoMode::NonBlocking).unwrap_err().is_would_block());
+    // Zero and unallocated clusters need no storage at all.
+    disk.read(128 * 1024, &IoVec::from_slice(&mut buf), IoMode::NonBlocking).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    buf.fill(1);
+    disk.read(2 * MIB, &IoVec::from_slice(&mut buf), IoMode::NonBlocking).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn metadata_is_hinted_before_it_is_read() {
+    let cmds: Vec<String> = (0..20).map(|i| format!("write -P {i} {} 4k", i * 3 * MIB / 2)).collect();
+    let (_dir, p, bytes) = mem_image("cluster_size=4096", 32 * MIB, &cmds);
+    let inner: Arc<dyn Storage> = Arc::new(LocalFile::open(&p, false).unwrap());
+    let spy = Arc::new(Spy { inner, nowait_blocks: false, log: Mutex::new(Vec::new()) });
+    let s: Arc<dyn Storage> = spy.clone();
+    let _disk = Qcow2Disk::open(s, Qcow2Options::default(), &NoBacking).unwrap();
+    let log = spy.log.lock().clone();
+    // Every L2 table from the image's L1 is hinted before it is read.
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let l1_size = u32::from_be_bytes(bytes[36..40].try_into().unwrap()) as usize;
+    let mut tables = 0;
+    for i in 0..l1_size {
+        let off = u64::from_be_bytes(bytes[l1 + 8 * i..l1 + 8 * i + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+        if off == 0 {
+            continue;
+        }
+        tables += 1;
+        let hinted = log.iter().position(|(h, r)| *h && r.start == off).expect("L2 table hinted");
+        let read = log.iter().position(|(h, r)| !*h && r.start == off).expect("L2 table read");
+        assert!(hinted < read);
+    }
+    assert!(tables >= 10);
+    // The header cluster, L1 and refcount table come in the first hint
+    // (only the header's fixed part is read before it, to find them).
+    let first_hint = log.iter().position(|(h, _)| *h).unwrap();
+    assert_eq!(log[first_hint].1, 0..4096);
+    assert!(log[..first_hint].iter().all(|(_, r)| r.end <= 4096));
+}
+
+#[test]
+fn capped_metadata_cache_reads_and_writes_correctly() {
+    // 512-byte clusters: one L2 table per 32 KiB of disk, 256 tables in all.
+    let cmds: Vec<String> = (0..64).map(|i| format!("write -P {} {} 1k", i + 1, i * 128 * 1024 + 512)).collect();
+    let (dir, p, _) = mem_image("cluster_size=512", 8 * MIB, &cmds);
+    let mut model = qemu_raw(&p, &[]);
+    let opts = Qcow2Options { metadata_cache_bytes: Some(4 * 512), ..Default::default() };
+    let disk =
+        Qcow2Disk::open(Arc::new(LocalFile::open(&p, false).unwrap()), opts, &LocalBackingOpener::new(&p)).unwrap();
+    // An uncached table cannot be loaded without blocking.
+    let mut buf = vec![0u8; 512];
+    let r = disk.read(7 * MIB + 512, &IoVec::from_slice(&mut buf), IoMode::NonBlocking);
+    assert!(r.unwrap_err().is_would_block());
+    let mut rng = Rng(77);
+    for i in 0..400 {
+        let len = (1 + rng.below(16)) * 512;
+        let off = rng.below((8 * MIB - len) / 512) * 512;
+        let pat = (i % 250 + 1) as u8;
+        let mut b = vec![pat; len as usize];
+        disk.write(off, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        model[off as usize..(off + len) as usize].fill(pat);
+        if i % 50 == 0 {
+            disk.flush(IoMode::Blocking).unwrap();
+        }
+    }
+    assert_same("capped cache view", &read_all(&disk), &model);
+    disk.close().unwrap();
+    drop(disk);
+    assert_eq!(check(&p), 0);
+    assert_same("qemu view", &qemu_raw(&p, &[]), &model);
+    drop(dir);
+}
+
+#[test]
+fn info_reports_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("b.raw");
+    std::fs::write(&base, vec![0u8; MIB as usize]).unwrap();
+    let p = dir.path().join("i.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=16384,lazy_refcounts=on,refcount_bits=8,compression_type=zstd",
+        "-b",
+        "b.raw",
+        "-F",
+        "raw",
+        p.to_str().unwrap(),
+        "3M",
+    ]);
+    let i = info(&LocalFile::open(&p, true).unwrap()).unwrap();
+    assert_eq!(i.version, 3);
+    assert_eq!(i.virtual_size, 3 * MIB);
+    assert_eq!(i.cluster_size, 16384);
+    assert_eq!(i.refcount_bits, 8);
+    assert_eq!(i.backing_file.as_deref(), Some("b.raw"));
+    assert_eq!(i.backing_format.as_deref(), Some("raw"));
+    assert!(i.lazy_refcounts && !i.dirty && !i.corrupt && !i.extended_l2);
+    assert_eq!(i.compression, driveblk::format::qcow2::CompressionType::Zstd);
+    assert!(i.snapshots.is_empty());
+}
+
+/// Eight threads write interleaved sectors of the same fresh clusters over
+/// a backing file: copy-on-write must not lose anyone's sectors nor let
+/// backing data come back.
+fn same_cluster_race(opts: &str) {
+    for _ in 0..3 {
+        same_cluster_race_once(opts);
+    }
+}
+
+fn same_cluster_race_once(opts: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(1);
+    let backing: Vec<u8> = (0..4 * MIB).map(|_| rng.next() as u8).collect();
+    std::fs::write(dir.path().join("base.raw"), &backing).unwrap();
+    let p = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw", p.to_str().unwrap()]);
+    let disk = open(&p, rw());
+    let threads = 8u64;
+    let sectors = 2 * MIB / 512;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let disk = &disk;
+            s.spawn(move || {
+                for sec in (0..sectors).filter(|s| s % 16 < 8 && s % threads == t) {
+                    let mut b = vec![(t + 1) as u8; 512];
+                    let mode = if sec % 3 == 0 { IoMode::NonBlocking } else { IoMode::Blocking };
+                    match disk.write(sec * 512, &IoVec::from_slice(&mut b), mode) {
+                        Err(e) if e.is_would_block() => {
+                            disk.write(sec * 512, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap()
+                        }
+                        r => r.unwrap(),
+                    }
+                    if sec % 5 == 0 {
+                        disk.write_zeroes(sec * 512, 512, sec % 2 == 0, IoMode::Blocking).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let mut want = backing.clone();
+    for sec in (0..sectors).filter(|s| s % 16 < 8) {
+        let r = (sec * 512) as usize..(sec * 512 + 512) as usize;
+        want[r].fill(if sec % 5 == 0 { 0 } else { (sec % threads + 1) as u8 });
+    }
+    assert_same(opts, &read_all(&disk), &want);
+    disk.close().unwrap();
+    drop(disk);
+    assert_eq!(check(&p), 0);
+    assert_same(opts, &qemu_raw(&p, &[]), &want);
+}
+
+#[test]
+fn concurrent_cow_same_clusters_standard() {
+    same_cluster_race("cluster_size=65536");
+}
+
+#[test]
+fn concurrent_cow_same_clusters_extended_l2() {
+    same_cluster_race("cluster_size=65536,extended_l2=on");
+}
