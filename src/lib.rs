@@ -10,3 +10,5 @@
 
 pub mod format;
 pub mod tier;
+pub mod remote;
+pub mod volume;
