@@ -104,7 +104,7 @@ fn dead_remote_still_serves_cached_data() {
     let mut o = cache_opts(&d.path().join("c"), remote);
     o.ram_cache = 0; // SSD tier only
     o.readahead_chunks = 0;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = volume::open(&vurl, o.clone()).unwrap();
     let half = bytes.len() / 2;
     let mut b = vec![0u8; half];
     s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
@@ -117,9 +117,21 @@ fn dead_remote_still_serves_cached_data() {
     let mut b3 = vec![0u8; 4096];
     let e = s.read_vectored_at(bytes.len() as u64 - 4096, &IoVec::from_slice(&mut b3), IoMode::Blocking).unwrap_err();
     assert!(e.to_string().contains("gave up after 3 attempts"), "{e}");
+    // Restart while the remote is down: the cache's copy of the header and
+    // manifest starts the volume, cached data is served.
+    drop(s);
+    let s = volume::open(&vurl, o.clone()).unwrap();
+    assert!(s.stats().offline);
+    let mut b2 = vec![0u8; half];
+    s.read_vectored_at(0, &IoVec::from_slice(&mut b2), IoMode::Blocking).unwrap();
+    assert!(b2[..] == bytes[..half]);
     faults.set_down(false);
     s.read_vectored_at(bytes.len() as u64 - 4096, &IoVec::from_slice(&mut b3), IoMode::Blocking).unwrap();
     assert!(b3[..] == bytes[bytes.len() - 4096..]);
+    // Without a cache the down remote is reported as such.
+    faults.set_down(true);
+    let e = volume::open(&vurl, cache_opts(&d.path().join("empty"), o.remote.clone())).err().unwrap();
+    assert!(matches!(e, VolumeError::Remote { .. }), "{e}");
 }
 
 #[test]

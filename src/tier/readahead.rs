@@ -41,6 +41,11 @@ impl Readahead {
         let (streams, clock) = &mut *g;
         *clock += 1;
         let now = *clock;
+        // The same read again (a non-blocking attempt retried on a worker)
+        // is not a new stream.
+        if streams.iter().any(|s| s.run > 0 && s.next == end) {
+            return 0..0;
+        }
         let i = match streams.iter().position(|s| s.run > 0 && s.next == offset) {
             Some(i) => {
                 streams[i].run += len;
@@ -84,6 +89,8 @@ mod tests {
         assert!(got[0].is_empty());
         assert_eq!(got[1], 1..3); // 256 KiB in: fetch chunks 1 and 2
         assert!(got[2].is_empty(), "nothing re-issued");
+        // Repeating the last read (a retry) neither triggers nor resets.
+        assert!(r.observe(39 * 128 << 10, 128 << 10).is_empty());
         // 5 MiB in, the window is 5 chunks past the current one.
         assert_eq!(got.iter().map(|g| g.end).max(), Some(10));
         // Random reads never trigger.

@@ -64,4 +64,6 @@ pub struct TierStats {
     pub hydrate_total: u64,
     pub hydrate_done: u64,
     pub hydrated: bool,
+    /// Started from the cache's copy of the volume: the remote was down.
+    pub offline: bool,
 }

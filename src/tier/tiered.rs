@@ -199,6 +199,7 @@ impl TieredStore {
             hydrate_total: l(&c.hydrate_total),
             hydrate_done: l(&c.hydrate_done),
             hydrated: c.hydrate_complete.load(Ordering::Relaxed),
+            offline: i.vol.offline,
         }
     }
 
@@ -404,12 +405,13 @@ impl Inner {
         if misses.is_empty() {
             return Ok(());
         }
-        self.counters.misses.fetch_add(misses.len() as u64, Ordering::Relaxed);
         let flights: Vec<_> = misses.iter().map(|p| self.flight(p.idx, true)).collect();
         if mode == IoMode::NonBlocking {
-            // The fetches are under way; the blocking retry will join them.
+            // The fetches are under way; the blocking retry will join them
+            // (and count the misses, so a retried request counts once).
             return Err(io::ErrorKind::WouldBlock.into());
         }
+        self.counters.misses.fetch_add(misses.len() as u64, Ordering::Relaxed);
         self.demand.fetch_add(1, Ordering::SeqCst);
         let results = self.wait(futures::future::join_all(flights));
         self.demand.fetch_sub(1, Ordering::SeqCst);

@@ -176,8 +176,26 @@ pub fn open(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStore>> {
         .enable_all()
         .build()
         .map_err(|e| VolumeError::io("starting tokio runtime for", &opts.cache_dir, e))?;
-    let reader = rt.block_on(VolumeReader::open(&u, &opts.remote))?;
-    TieredStore::new(rt, reader, &opts).map(Arc::new)
+    let reader = match rt.block_on(VolumeReader::open(&u, &opts.remote)) {
+        Ok(r) => r,
+        // Remote unreachable (not missing, not corrupt): start from the
+        // copies the cache kept, so cached data stays usable offline.
+        Err(VolumeError::Remote { context, source }) if !source.is_not_found() => match VolumeReader::open_offline(&u, &opts.cache_dir, &opts.remote) {
+            Ok(r) => {
+                tracing::warn!(url = %u, error = %source, "remote unreachable; serving from the local cache's copy of the volume");
+                r
+            }
+            Err(_) => return Err(VolumeError::Remote { context, source }),
+        },
+        Err(e) => return Err(e),
+    };
+    let store = TieredStore::new(rt, reader.clone(), &opts)?;
+    if !reader.offline {
+        if let Err(e) = reader.save_copies(&opts.cache_dir) {
+            tracing::warn!(dir = %opts.cache_dir.display(), error = %e, "could not keep an offline copy of the volume header");
+        }
+    }
+    Ok(Arc::new(store))
 }
 
 /// A conventional cache directory for a volume under a cache root (e.g.

@@ -1,6 +1,8 @@
 //! Opening a volume on its remote (header, newest committed generation,
 //! base file) and fetching single chunks with verification.
 
+use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -9,6 +11,10 @@ use super::format::{gen_key, parse_gen_key, ChunkRef, Manifest, VolumeHeader, GE
 use super::pack::decode_chunk;
 use super::{RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::{DynRemote, RemoteUrl, RetryingRemote};
+
+/// Names of the header and manifest copies in a cache directory.
+const OFFLINE_HEADER: &str = "volume.json";
+const OFFLINE_MANIFEST: &str = "manifest";
 
 /// Wraps a freshly opened backend in the caller's layers, then retry
 /// outermost so every attempt passes through (and is counted by) the layers.
@@ -38,6 +44,12 @@ pub struct VolumeReader {
     pub header: VolumeHeader,
     pub manifest: Manifest,
     pub base: Option<BaseFile>,
+    /// The header and manifest as read, so a cache can keep copies.
+    header_raw: Bytes,
+    manifest_raw: Bytes,
+    /// True when opened from the cache's copies because the remote was
+    /// unreachable.
+    pub offline: bool,
 }
 
 /// What one chunk fetch returned.
@@ -84,7 +96,53 @@ impl VolumeReader {
                 Some(BaseFile { url: b.url.clone(), remote: bremote, key: bkey, size: meta.size })
             }
         };
-        Ok(Arc::new(Self { url: url_s, remote, header, manifest, base }))
+        Ok(Arc::new(Self { url: url_s, remote, header, manifest, base, header_raw: header_bytes, manifest_raw: mbytes, offline: false }))
+    }
+
+    /// Keeps copies of the header and manifest in a cache directory, so
+    /// [`VolumeReader::open_offline`] can start the volume while the
+    /// remote is unreachable. Temp + rename: a copy is whole or absent.
+    pub fn save_copies(&self, dir: &Path) -> std::io::Result<()> {
+        let put = |name: &str, data: &[u8]| -> std::io::Result<()> {
+            let tmp = dir.join(format!("{name}.tmp"));
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, dir.join(name))
+        };
+        put(OFFLINE_HEADER, &self.header_raw)?;
+        put(OFFLINE_MANIFEST, &self.manifest_raw)?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+
+    /// Opens from the copies [`save_copies`](Self::save_copies) left in
+    /// `dir`, verifying them as strictly as remote ones. Chunks not cached
+    /// will fail to fetch until the remote is back (requests are retried
+    /// per request, so it recovers by itself).
+    pub fn open_offline(url: &RemoteUrl, dir: &Path, opts: &RemoteOptions) -> VolumeResult<Arc<Self>> {
+        let url_s = url.to_string();
+        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| VolumeError::io("reading offline copy", dir.join(name), e));
+        let header_raw = Bytes::from(read(OFFLINE_HEADER)?);
+        let manifest_raw = Bytes::from(read(OFFLINE_MANIFEST)?);
+        let header = VolumeHeader::from_bytes(&header_raw).map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
+        // The manifest names its own generation; from_bytes re-checks the
+        // checksum and that it belongs to this header.
+        let generation = serde_json::from_slice::<serde_json::Value>(manifest_raw.split(|&c| c == b'\n').next().unwrap_or(&[]))
+            .ok()
+            .and_then(|v| v.get("generation").and_then(|g| g.as_u64()))
+            .unwrap_or(0);
+        let key = format!("offline copy of {}", gen_key(generation));
+        let manifest = Manifest::from_bytes(&manifest_raw, &header, generation).map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key, reason })?;
+        let base = match &header.base {
+            None => None,
+            Some(b) => {
+                let burl = RemoteUrl::parse(&b.url)?;
+                let (backend, bkey) = burl.object();
+                Some(BaseFile { url: b.url.clone(), remote: connect(backend, opts), key: bkey, size: b.size })
+            }
+        };
+        let remote = connect(url.folder(), opts);
+        Ok(Arc::new(Self { url: url_s, remote, header, manifest, base, header_raw, manifest_raw, offline: true }))
     }
 
     /// Chunk size in bytes.
