@@ -26,7 +26,9 @@ fn first_packed(s: &driveblk::tier::TieredStore) -> (u64, String, u64, u64) {
     let v = s.volume();
     (0..v.chunk_count())
         .find_map(|i| match v.chunk_ref(i) {
-            ChunkRef::Packed { pack, offset, len, .. } => Some((i, v.manifest.packs[pack as usize].clone(), offset, len)),
+            ChunkRef::Packed { pack, offset, len, .. } => {
+                Some((i, v.manifest.packs[pack as usize].clone(), offset, len))
+            }
             _ => None,
         })
         .unwrap()
@@ -53,7 +55,10 @@ fn corrupt_pack_byte_is_detected_and_reported() {
     assert_eq!(s.stats().chunks_cached, 0);
     assert!(s.stats().fetch_errors >= 1);
     // Other chunks still read fine.
-    let other = (0..s.volume().chunk_count()).rev().find(|&i| matches!(s.volume().chunk_ref(i), ChunkRef::Packed { .. }) && i != idx).unwrap();
+    let other = (0..s.volume().chunk_count())
+        .rev()
+        .find(|&i| matches!(s.volume().chunk_ref(i), ChunkRef::Packed { .. }) && i != idx)
+        .unwrap();
     s.read_vectored_at(other * CS, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
     assert_eq!(&b[..], &bytes[(other * CS) as usize..(other * CS) as usize + 8192]);
 }
@@ -86,7 +91,11 @@ fn transient_faults_are_retried_without_errors() {
     let faults = FaultPlan::new(5);
     faults.set_failure_rate(0.3);
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), counted(m.clone(), Some(faults.clone()), Shaping::default()))).unwrap();
+    let s = volume::open(
+        &vurl,
+        cache_opts(&d.path().join("c"), counted(m.clone(), Some(faults.clone()), Shaping::default())),
+    )
+    .unwrap();
     assert!(read_all(&*s).unwrap() == bytes);
     assert!(faults.injected() > 3, "faults were injected: {}", faults.injected());
     assert_eq!(s.stats().fetch_errors, 0);

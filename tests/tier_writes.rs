@@ -81,7 +81,8 @@ fn dirty_writes_persist_across_restart_and_export() {
     // Export with the cache includes local writes; without, it is the
     // committed (imported) image.
     let out = d.path().join("with-cache.raw");
-    let sum = volume::export(&vurl, &out, &ExportOptions { cache_dir: Some(cache.clone()), ..Default::default() }).unwrap();
+    let sum =
+        volume::export(&vurl, &out, &ExportOptions { cache_dir: Some(cache.clone()), ..Default::default() }).unwrap();
     assert_eq!(sum.dirty_chunks, dirty);
     assert!(std::fs::read(&out).unwrap() == expect);
     let out2 = d.path().join("remote-only.raw");

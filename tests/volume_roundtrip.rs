@@ -42,7 +42,9 @@ fn import_then_read_cold_hot_warm_restart() {
         assert_eq!(s.len(), bytes.len() as u64);
         // A non-blocking read of a cold chunk says WouldBlock (and starts
         // the fetch); the blocking retry gets the data.
-        let first_packed = (0..info.chunks_total).find(|&i| matches!(s.volume().chunk_ref(i), volume::ChunkRef::Packed { .. })).unwrap();
+        let first_packed = (0..info.chunks_total)
+            .find(|&i| matches!(s.volume().chunk_ref(i), volume::ChunkRef::Packed { .. }))
+            .unwrap();
         let mut b = vec![0u8; 4096];
         let off = first_packed * CS;
         let e = s.read_vectored_at(off, &IoVec::from_slice(&mut b), IoMode::NonBlocking).unwrap_err();
@@ -90,7 +92,8 @@ fn import_then_read_cold_hot_warm_restart() {
     assert!(std::fs::read(&out).unwrap() == bytes);
     assert!(qemu_compare("qcow2", &src, &out));
     let out2 = d.path().join("out2.qcow2");
-    let sum = volume::export(&vurl, &out2, &ExportOptions { cache_dir: Some(cache.clone()), ..Default::default() }).unwrap();
+    let sum =
+        volume::export(&vurl, &out2, &ExportOptions { cache_dir: Some(cache.clone()), ..Default::default() }).unwrap();
     assert_eq!((sum.chunks_from_remote, sum.dirty_chunks), (0, 0));
     assert!(qemu_compare("qcow2", &src, &out2));
 }
@@ -108,9 +111,16 @@ fn attach_serves_base_file_without_upload() {
     assert_eq!(info.image_len, bytes.len() as u64);
     assert_eq!(info.chunks_base, info.chunks_total);
     assert_eq!(info.packs, 0);
-    let mut names: Vec<String> = std::fs::read_dir(drive.join("win10-vol")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(drive.join("win10-vol"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
-    assert_eq!(names, vec!["gen-00000000000000000001".to_string(), "volume.json".to_string()], "nothing but metadata uploaded");
+    assert_eq!(
+        names,
+        vec!["gen-00000000000000000001".to_string(), "volume.json".to_string()],
+        "nothing but metadata uploaded"
+    );
 
     let m = Arc::new(RemoteMetrics::default());
     let s = volume::open(&vurl, cache_opts(&d.path().join("c"), counted(m.clone(), None, Shaping::default()))).unwrap();

@@ -82,6 +82,14 @@ fn io_retryable(e: &io::Error) -> bool {
     use io::ErrorKind::*;
     matches!(
         e.kind(),
-        TimedOut | Interrupted | WouldBlock | ConnectionReset | ConnectionAborted | ConnectionRefused | BrokenPipe | UnexpectedEof | NotConnected
+        TimedOut
+            | Interrupted
+            | WouldBlock
+            | ConnectionReset
+            | ConnectionAborted
+            | ConnectionRefused
+            | BrokenPipe
+            | UnexpectedEof
+            | NotConnected
     ) || matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ESTALE) | Some(libc::EAGAIN))
 }

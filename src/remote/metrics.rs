@@ -74,7 +74,11 @@ impl MetricsRemote {
         Arc::new(Self::new(inner, metrics))
     }
 
-    async fn count<T>(&self, counter: &AtomicU64, fut: impl std::future::Future<Output = RemoteResult<T>>) -> RemoteResult<T> {
+    async fn count<T>(
+        &self,
+        counter: &AtomicU64,
+        fut: impl std::future::Future<Output = RemoteResult<T>>,
+    ) -> RemoteResult<T> {
         counter.fetch_add(1, Ordering::Relaxed);
         self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         let r = fut.await;

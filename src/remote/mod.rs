@@ -60,10 +60,7 @@ impl PutBody {
     pub fn from_bytes(data: impl Into<Bytes>) -> Self {
         let data: Bytes = data.into();
         let len = data.len() as u64;
-        Self {
-            len: Some(len),
-            make: Arc::new(move || Box::pin(stream::iter([Ok(data.clone())]))),
-        }
+        Self { len: Some(len), make: Arc::new(move || Box::pin(stream::iter([Ok(data.clone())]))) }
     }
 
     /// A body produced by `make`, called once per attempt. `len`, when

@@ -91,7 +91,12 @@ impl RetryingRemote {
                     attempt += 1;
                 }
                 Err(e) if e.is_retryable() => {
-                    return Err(RemoteError::RetriesExhausted { op, key: key.to_string(), attempts: attempt + 1, last: Box::new(e) })
+                    return Err(RemoteError::RetriesExhausted {
+                        op,
+                        key: key.to_string(),
+                        attempts: attempt + 1,
+                        last: Box::new(e),
+                    })
                 }
                 Err(e) => return Err(e),
             }

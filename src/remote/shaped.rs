@@ -122,7 +122,12 @@ impl ShapedRemote {
     }
 
     fn fault(&self, op: &'static str, key: &str) -> RemoteError {
-        RemoteError::Transient { remote: self.inner.describe(), op, key: key.to_string(), message: "injected fault".into() }
+        RemoteError::Transient {
+            remote: self.inner.describe(),
+            op,
+            key: key.to_string(),
+            message: "injected fault".into(),
+        }
     }
 
     /// Latency, then an injected failure if one is due.
@@ -204,7 +209,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let faults = FaultPlan::new(7);
         let shaped = ShapedRemote::wrap(Arc::new(DirRemote::new(d.path())), Shaping::default(), faults.clone());
-        let policy = RetryPolicy { max_attempts: 5, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(5), seed: Some(1) };
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+            seed: Some(1),
+        };
         let r = RetryingRemote::wrap(shaped, policy);
         faults.lose_put_replies(1);
         r.put("a", PutBody::from_bytes(b"abc".to_vec())).await.unwrap();

@@ -50,7 +50,11 @@ impl RemoteUrl {
             p = std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| PathBuf::from(rest));
         }
         let p = normalize(&p);
-        let name = p.file_name().and_then(|n| n.to_str()).map(str::to_string).ok_or_else(|| UrlError::NoName(s.to_string()))?;
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| UrlError::NoName(s.to_string()))?;
         let parent = p.parent().map(Path::to_path_buf).ok_or_else(|| UrlError::NoName(s.to_string()))?;
         Ok(Self { scheme: Scheme::Dir, parent, name })
     }

@@ -84,13 +84,13 @@ mod tests {
         let r = Readahead::new(1 << 20, 8);
         let mut got = Vec::new();
         for i in 0..40u64 {
-            got.push(r.observe(i * 128 << 10, 128 << 10));
+            got.push(r.observe((i * 128) << 10, 128 << 10));
         }
         assert!(got[0].is_empty());
         assert_eq!(got[1], 1..3); // 256 KiB in: fetch chunks 1 and 2
         assert!(got[2].is_empty(), "nothing re-issued");
         // Repeating the last read (a retry) neither triggers nor resets.
-        assert!(r.observe(39 * 128 << 10, 128 << 10).is_empty());
+        assert!(r.observe((39 * 128) << 10, 128 << 10).is_empty());
         // 5 MiB in, the window is 5 chunks past the current one.
         assert_eq!(got.iter().map(|g| g.end).max(), Some(10));
         // Random reads never trigger.

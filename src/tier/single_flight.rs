@@ -85,11 +85,16 @@ mod tests {
         let runs = Arc::new(AtomicU32::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let r = runs.clone();
-        let a = sf.join(rt.handle(), 1, || async move {
-            r.fetch_add(1, Ordering::SeqCst);
-            let _ = rx.await;
-            7
-        }, || 0);
+        let a = sf.join(
+            rt.handle(),
+            1,
+            || async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                let _ = rx.await;
+                7
+            },
+            || 0,
+        );
         let b = sf.join(rt.handle(), 1, || async { 99 }, || 0);
         assert_eq!(sf.len(), 1);
         tx.send(()).unwrap();

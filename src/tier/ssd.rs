@@ -123,7 +123,10 @@ fn read_state(path: &Path) -> Result<Option<(StateHeader, Vec<u8>)>, String> {
     let nl = body.iter().position(|&c| c == b'\n').ok_or("state file has no header line")?;
     let h: StateHeader = serde_json::from_slice(&body[..nl]).map_err(|e| format!("state header: {e}"))?;
     if h.format != STATE_MAGIC || h.version != STATE_VERSION {
-        return Err(format!("state file is {:?} version {}, expected {STATE_MAGIC:?} version {STATE_VERSION}", h.format, h.version));
+        return Err(format!(
+            "state file is {:?} version {}, expected {STATE_MAGIC:?} version {STATE_VERSION}",
+            h.format, h.version
+        ));
     }
     let states = body[nl + 1..].to_vec();
     if states.len() as u64 != h.chunks || states.iter().any(|&s| s > DIRTY) {
@@ -138,16 +141,30 @@ impl SsdCache {
     /// `cap` bytes of clean data (dirty data may exceed it: it cannot be
     /// dropped). In `Inspect` mode a missing or mismatched cache yields
     /// `Ok(None)` and nothing is changed.
-    pub fn open(dir: &Path, id: CacheIdentity, image_len: u64, cap: u64, mode: OpenMode) -> VolumeResult<Option<(Self, Opened)>> {
+    pub fn open(
+        dir: &Path,
+        id: CacheIdentity,
+        image_len: u64,
+        cap: u64,
+        mode: OpenMode,
+    ) -> VolumeResult<Option<(Self, Opened)>> {
         if mode == OpenMode::Inspect && !dir.join("state").exists() {
             return Ok(None);
         }
         std::fs::create_dir_all(dir).map_err(|e| VolumeError::io("creating cache directory", dir, e))?;
         let lock_path = dir.join("lock");
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| VolumeError::io("opening", &lock_path, e))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| VolumeError::io("opening", &lock_path, e))?;
         // SAFETY: plain syscall on an owned fd.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(cache_err(dir, "in use by another driveblk process (stop it first, or use another --cache-dir)"));
+            return Err(cache_err(
+                dir,
+                "in use by another driveblk process (stop it first, or use another --cache-dir)",
+            ));
         }
         let state_path = dir.join("state");
         let (opened, states, len) = match read_state(&state_path) {
@@ -185,10 +202,16 @@ impl SsdCache {
         let data_path = dir.join("data");
         if states.is_empty() || matches!(opened, Opened::Discarded(_)) {
             // Start clean: stale bytes in the data file are never trusted.
-            let f = OpenOptions::new().create(true).truncate(true).write(true).open(&data_path).map_err(|e| VolumeError::io("creating", &data_path, e))?;
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&data_path)
+                .map_err(|e| VolumeError::io("creating", &data_path, e))?;
             drop(f);
         }
-        let data = LocalFile::open(&data_path, mode == OpenMode::Inspect).map_err(|e| VolumeError::io("opening", &data_path, e))?;
+        let data = LocalFile::open(&data_path, mode == OpenMode::Inspect)
+            .map_err(|e| VolumeError::io("opening", &data_path, e))?;
         let cs = id.chunk_size;
         let n = len.div_ceil(cs) as usize;
         let slots: Vec<Slot> = (0..n.max(states.len())).map(|_| Slot::default()).collect();
@@ -363,7 +386,9 @@ impl SsdCache {
             _ => {
                 let whole = off == 0 && bufs.len() as u64 == self.chunk_size;
                 if !whole {
-                    let fill = fill.ok_or_else(|| io::Error::other("internal: partial write to an absent chunk without its content"))?;
+                    let fill = fill.ok_or_else(|| {
+                        io::Error::other("internal: partial write to an absent chunk without its content")
+                    })?;
                     self.data.write_at(base, fill)?;
                 }
                 self.set_state(idx, DIRTY);
@@ -385,7 +410,11 @@ impl SsdCache {
             slots
                 .iter()
                 .enumerate()
-                .filter(|(i, s)| *i as u64 != holding && s.state.load(Ordering::Relaxed) == CLEAN && !s.pinned.load(Ordering::Relaxed))
+                .filter(|(i, s)| {
+                    *i as u64 != holding
+                        && s.state.load(Ordering::Relaxed) == CLEAN
+                        && !s.pinned.load(Ordering::Relaxed)
+                })
                 .map(|(i, s)| (s.tick.load(Ordering::Relaxed), i as u64))
                 .collect()
         };
@@ -433,7 +462,13 @@ impl SsdCache {
         let mut persisted = self.persisted.lock();
         let snap: Vec<u8> = self.slots.read().iter().map(|s| s.state.load(Ordering::Acquire)).collect();
         self.data.flush()?;
-        let header = StateHeader { format: STATE_MAGIC.into(), version: STATE_VERSION, id: self.id.clone(), image_len: self.len(), chunks: snap.len() as u64 };
+        let header = StateHeader {
+            format: STATE_MAGIC.into(),
+            version: STATE_VERSION,
+            id: self.id.clone(),
+            image_len: self.len(),
+            chunks: snap.len() as u64,
+        };
         let mut body = serde_json::to_vec(&header).map_err(io::Error::other)?;
         body.push(b'\n');
         body.extend_from_slice(&snap);
@@ -455,7 +490,8 @@ impl SsdCache {
     pub fn needs_persist(&self) -> bool {
         let persisted = self.persisted.lock();
         let slots = self.slots.read();
-        slots.len() != persisted.len() || slots.iter().zip(persisted.iter()).any(|(s, p)| s.state.load(Ordering::Relaxed) != *p)
+        slots.len() != persisted.len()
+            || slots.iter().zip(persisted.iter()).any(|(s, p)| s.state.load(Ordering::Relaxed) != *p)
     }
 
     /// Releases the directory lock early (on close), so a new store can
@@ -487,7 +523,13 @@ impl SsdCache {
 
     /// Chunk indexes in a given state (for export and stats).
     pub fn chunks_in(&self, state: u8) -> Vec<u64> {
-        self.slots.read().iter().enumerate().filter(|(_, s)| s.state.load(Ordering::Relaxed) == state).map(|(i, _)| i as u64).collect()
+        self.slots
+            .read()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state.load(Ordering::Relaxed) == state)
+            .map(|(i, _)| i as u64)
+            .collect()
     }
 }
 

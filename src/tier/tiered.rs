@@ -119,7 +119,11 @@ impl TieredStore {
                 opts.ssd_cache
             )));
         }
-        let id = CacheIdentity { volume_id: vol.header.volume_id.clone(), generation: vol.manifest.generation, chunk_size: cs };
+        let id = CacheIdentity {
+            volume_id: vol.header.volume_id.clone(),
+            generation: vol.manifest.generation,
+            chunk_size: cs,
+        };
         let (ssd, opened) = SsdCache::open(&opts.cache_dir, id, vol.image_len(), opts.ssd_cache, OpenMode::Serve)?
             .ok_or_else(|| VolumeError::Cache { dir: opts.cache_dir.clone(), reason: "could not be opened".into() })?;
         if let Opened::Discarded(why) = &opened {
@@ -241,7 +245,8 @@ pub(crate) fn progress_bar(on: bool, len: u64, what: &str) -> indicatif::Progres
         return indicatif::ProgressBar::hidden();
     }
     let b = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} ({eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let style = indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} ({eta})")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     b.set_style(style);
     b.set_message(what.to_string());
     b
@@ -296,9 +301,16 @@ impl Inner {
     /// The single flight fetching chunk `idx` (joining one that runs).
     fn flight(self: &Arc<Self>, idx: u64, to_ram: bool) -> Flight<FetchResult> {
         let me = self.clone();
-        self.flights.join(&self.handle, idx, move || me.fetch_and_install(idx, to_ram), || {
-            Err(SharedError(Arc::new(VolumeError::InvalidOptions("chunk fetch was cancelled: the store is closing".into()))))
-        })
+        self.flights.join(
+            &self.handle,
+            idx,
+            move || me.fetch_and_install(idx, to_ram),
+            || {
+                Err(SharedError(Arc::new(VolumeError::InvalidOptions(
+                    "chunk fetch was cancelled: the store is closing".into(),
+                ))))
+            },
+        )
     }
 
     /// The whole chunk: from RAM or SSD when it is already local (the
@@ -515,7 +527,8 @@ impl Inner {
     /// Background hydration: every chunk not yet local, in order, a few at
     /// a time, pausing whenever a guest miss is waiting.
     async fn hydrate(self: Arc<Self>) {
-        let todo: Vec<u64> = (0..self.vol.chunk_count()).filter(|&i| self.ssd.state(i) == ABSENT && !self.is_zero(i)).collect();
+        let todo: Vec<u64> =
+            (0..self.vol.chunk_count()).filter(|&i| self.ssd.state(i) == ABSENT && !self.is_zero(i)).collect();
         self.counters.hydrate_total.store(todo.len() as u64, Ordering::Relaxed);
         let sem = Arc::new(Semaphore::new(self.hydrate_concurrency));
         let mut set = tokio::task::JoinSet::new();

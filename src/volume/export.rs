@@ -49,7 +49,11 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
     let cache = match &opts.cache_dir {
         None => None,
         Some(dir) => {
-            let id = CacheIdentity { volume_id: reader.header.volume_id.clone(), generation: reader.manifest.generation, chunk_size: reader.chunk_size() };
+            let id = CacheIdentity {
+                volume_id: reader.header.volume_id.clone(),
+                generation: reader.manifest.generation,
+                chunk_size: reader.chunk_size(),
+            };
             let c = SsdCache::open(dir, id, reader.image_len(), u64::MAX, OpenMode::Inspect)?;
             if c.is_none() {
                 tracing::warn!(dir = %dir.display(), "cache directory holds nothing for this volume; exporting the remote copy only");
@@ -59,8 +63,14 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
     };
     let len = cache.as_ref().map_or(reader.image_len(), |c| c.len());
     let cs = reader.chunk_size();
-    let tmp = file.with_file_name(format!(".{}.driveblk-partial", file.file_name().and_then(|n| n.to_str()).unwrap_or("export")));
-    let out = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp).map_err(|e| VolumeError::io("creating", &tmp, e))?;
+    let tmp = file
+        .with_file_name(format!(".{}.driveblk-partial", file.file_name().and_then(|n| n.to_str()).unwrap_or("export")));
+    let out = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&tmp)
+        .map_err(|e| VolumeError::io("creating", &tmp, e))?;
     // Sparse: chunks never written stay holes and read as zeroes.
     out.set_len(len).map_err(|e| VolumeError::io("sizing", &tmp, e))?;
     let nchunks = len.div_ceil(cs);
@@ -95,7 +105,9 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
     let parallel = if opts.parallel == 0 { 8 } else { opts.parallel };
     rt.block_on(async {
         let r = &reader;
-        let mut s = futures::stream::iter(remote_idx).map(|idx| async move { (idx, r.fetch_chunk(idx).await) }).buffered(parallel);
+        let mut s = futures::stream::iter(remote_idx)
+            .map(|idx| async move { (idx, r.fetch_chunk(idx).await) })
+            .buffered(parallel);
         while let Some((idx, res)) = s.next().await {
             write(idx, &res?.data)?;
             sum.chunks_from_remote += 1;

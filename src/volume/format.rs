@@ -88,7 +88,10 @@ impl VolumeHeader {
             return Err(format!("format is {:?}, expected {HEADER_MAGIC:?}", self.format));
         }
         if self.version != FORMAT_VERSION {
-            return Err(format!("format version {} is not supported (this driveblk reads version {FORMAT_VERSION})", self.version));
+            return Err(format!(
+                "format version {} is not supported (this driveblk reads version {FORMAT_VERSION})",
+                self.version
+            ));
         }
         check_chunk_size(self.chunk_size)?;
         if self.encryption != "none" {
@@ -213,11 +216,17 @@ impl Manifest {
         let want = trailer.strip_prefix(b"sha256:").ok_or("malformed sha256 trailer line")?;
         let got = hex::encode(Sha256::digest(body));
         if want != got.as_bytes() {
-            return Err(format!("checksum mismatch (trailer {}, content hashes to {got})", String::from_utf8_lossy(want)));
+            return Err(format!(
+                "checksum mismatch (trailer {}, content hashes to {got})",
+                String::from_utf8_lossy(want)
+            ));
         }
         let m: Self = serde_json::from_slice(body).map_err(|e| format!("not valid JSON for a manifest: {e}"))?;
         if m.format != MANIFEST_MAGIC || m.version != FORMAT_VERSION {
-            return Err(format!("format {:?} version {} is not {MANIFEST_MAGIC:?} version {FORMAT_VERSION}", m.format, m.version));
+            return Err(format!(
+                "format {:?} version {} is not {MANIFEST_MAGIC:?} version {FORMAT_VERSION}",
+                m.format, m.version
+            ));
         }
         if m.volume_id != header.volume_id {
             return Err(format!("belongs to volume {}, not {}", m.volume_id, header.volume_id));

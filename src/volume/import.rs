@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 
-use super::format::{check_chunk_size, gen_key, new_pack_key, BaseRef, ChunkRef, Manifest, VolumeHeader, HEADER_KEY, PACK_PREFIX};
+use super::format::{
+    check_chunk_size, gen_key, new_pack_key, BaseRef, ChunkRef, Manifest, VolumeHeader, HEADER_KEY, PACK_PREFIX,
+};
 use super::pack::PackWriter;
 use super::reader::{connect, VolumeReader};
 use super::{runtime, RemoteOptions, VolumeError, VolumeInfo, VolumeResult, DEFAULT_CHUNK_SIZE};
@@ -34,7 +36,13 @@ pub struct ImportOptions {
 impl Default for ImportOptions {
     /// 1 MiB chunks in 64 MiB packs, 2 uploads at a time, no progress bar.
     fn default() -> Self {
-        Self { chunk_size: DEFAULT_CHUNK_SIZE, pack_size: 64 << 20, parallel_uploads: 2, progress: false, remote: RemoteOptions::default() }
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            pack_size: 64 << 20,
+            parallel_uploads: 2,
+            progress: false,
+            remote: RemoteOptions::default(),
+        }
     }
 }
 
@@ -65,9 +73,15 @@ async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<()> {
 
 /// Writes the header, then the manifest (the commit point).
 async fn commit_new(remote: &DynRemote, url: &str, header: &VolumeHeader, manifest: &Manifest) -> VolumeResult<()> {
-    remote.put(HEADER_KEY, PutBody::from_bytes(header.to_bytes())).await.map_err(|e| VolumeError::remote(format!("writing {url}/{HEADER_KEY}"), e))?;
+    remote
+        .put(HEADER_KEY, PutBody::from_bytes(header.to_bytes()))
+        .await
+        .map_err(|e| VolumeError::remote(format!("writing {url}/{HEADER_KEY}"), e))?;
     let key = gen_key(manifest.generation);
-    remote.put(&key, PutBody::from_bytes(manifest.to_bytes())).await.map_err(|e| VolumeError::remote(format!("committing {url}/{key}"), e))?;
+    remote
+        .put(&key, PutBody::from_bytes(manifest.to_bytes()))
+        .await
+        .map_err(|e| VolumeError::remote(format!("committing {url}/{key}"), e))?;
     Ok(())
 }
 
@@ -97,15 +111,21 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     let mut pos = 0u64;
     // Ships the current pack in the background; at most
     // `parallel_uploads` are in memory and in flight at once.
-    let ship = |pack: PackWriter, manifest: &mut Manifest, uploads: &mut JoinSet<VolumeResult<()>>| -> VolumeResult<()> {
+    let ship = |pack: PackWriter,
+                manifest: &mut Manifest,
+                uploads: &mut JoinSet<VolumeResult<()>>|
+     -> VolumeResult<()> {
         let key = manifest.packs.last().cloned().expect("pack key registered before its chunks");
-        let permit = rt.block_on(sem.clone().acquire_owned()).map_err(|_| VolumeError::InvalidOptions("upload limiter closed".into()))?;
+        let permit = rt
+            .block_on(sem.clone().acquire_owned())
+            .map_err(|_| VolumeError::InvalidOptions("upload limiter closed".into()))?;
         let remote = remote.clone();
         let url = url_s.clone();
         let body = PutBody::from_bytes(pack.finish());
         uploads.spawn_on(
             async move {
-                let r = remote.put(&key, body).await.map_err(|e| VolumeError::remote(format!("uploading {url}/{key}"), e));
+                let r =
+                    remote.put(&key, body).await.map_err(|e| VolumeError::remote(format!("uploading {url}/{key}"), e));
                 drop(permit);
                 r.map(|_| ())
             },
@@ -123,7 +143,9 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
             }
             let pc = pack.add(data).map_err(|e| VolumeError::io("compressing a chunk of", image, e))?;
             let pack_no = (manifest.packs.len() - 1) as u32;
-            manifest.chunks.insert(idx, ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, sha256: pc.sha256 });
+            manifest
+                .chunks
+                .insert(idx, ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, sha256: pc.sha256 });
             if pack.len() as u64 >= opts.pack_size {
                 ship(std::mem::take(&mut pack), &mut manifest, &mut uploads)?;
             }

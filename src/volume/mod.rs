@@ -180,13 +180,15 @@ pub fn open(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStore>> {
         Ok(r) => r,
         // Remote unreachable (not missing, not corrupt): start from the
         // copies the cache kept, so cached data stays usable offline.
-        Err(VolumeError::Remote { context, source }) if !source.is_not_found() => match VolumeReader::open_offline(&u, &opts.cache_dir, &opts.remote) {
-            Ok(r) => {
-                tracing::warn!(url = %u, error = %source, "remote unreachable; serving from the local cache's copy of the volume");
-                r
+        Err(VolumeError::Remote { context, source }) if !source.is_not_found() => {
+            match VolumeReader::open_offline(&u, &opts.cache_dir, &opts.remote) {
+                Ok(r) => {
+                    tracing::warn!(url = %u, error = %source, "remote unreachable; serving from the local cache's copy of the volume");
+                    r
+                }
+                Err(_) => return Err(VolumeError::Remote { context, source }),
             }
-            Err(_) => return Err(VolumeError::Remote { context, source }),
-        },
+        }
         Err(e) => return Err(e),
     };
     let store = TieredStore::new(rt, reader.clone(), &opts)?;

@@ -71,32 +71,62 @@ impl VolumeReader {
             Err(e) if e.is_not_found() => return Err(VolumeError::NotFound { url: url_s }),
             Err(e) => return Err(VolumeError::remote(format!("reading {url_s}/{HEADER_KEY}"), e)),
         };
-        let header = VolumeHeader::from_bytes(&header_bytes).map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
-        let gens = remote.list(GEN_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing generations of {url_s}"), e))?;
-        let newest = gens.iter().filter_map(|m| parse_gen_key(&m.key)).max().ok_or_else(|| VolumeError::NoGeneration { url: url_s.clone() })?;
+        let header = VolumeHeader::from_bytes(&header_bytes)
+            .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
+        let gens = remote
+            .list(GEN_PREFIX)
+            .await
+            .map_err(|e| VolumeError::remote(format!("listing generations of {url_s}"), e))?;
+        let newest = gens
+            .iter()
+            .filter_map(|m| parse_gen_key(&m.key))
+            .max()
+            .ok_or_else(|| VolumeError::NoGeneration { url: url_s.clone() })?;
         let key = gen_key(newest);
-        let mbytes = remote.get(&key).await.map_err(|e| VolumeError::remote(format!("reading manifest {url_s}/{key}"), e))?;
+        let mbytes =
+            remote.get(&key).await.map_err(|e| VolumeError::remote(format!("reading manifest {url_s}/{key}"), e))?;
         // The newest generation being corrupt is an error, not a cue to fall
         // back: an older generation would silently lose committed writes.
-        let manifest = Manifest::from_bytes(&mbytes, &header, newest).map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key: key.clone(), reason })?;
+        let manifest = Manifest::from_bytes(&mbytes, &header, newest)
+            .map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key: key.clone(), reason })?;
         let base = match &header.base {
             None => None,
             Some(b) => {
                 let burl = RemoteUrl::parse(&b.url)?;
                 let (backend, bkey) = burl.object();
                 let bremote = connect(backend, opts);
-                let meta = bremote.head(&bkey).await.map_err(|e| VolumeError::remote(format!("base image {} of volume {url_s}", b.url), e))?;
+                let meta = bremote
+                    .head(&bkey)
+                    .await
+                    .map_err(|e| VolumeError::remote(format!("base image {} of volume {url_s}", b.url), e))?;
                 if meta.size != b.size {
-                    return Err(VolumeError::BaseChanged { url: url_s, base: b.url.clone(), what: format!("size was {}, is now {}", b.size, meta.size) });
+                    return Err(VolumeError::BaseChanged {
+                        url: url_s,
+                        base: b.url.clone(),
+                        what: format!("size was {}, is now {}", b.size, meta.size),
+                    });
                 }
                 if b.version.is_some() && meta.version.is_some() && meta.version != b.version {
-                    let what = format!("version was {}, is now {}", b.version.as_deref().unwrap_or("?"), meta.version.as_deref().unwrap_or("?"));
+                    let what = format!(
+                        "version was {}, is now {}",
+                        b.version.as_deref().unwrap_or("?"),
+                        meta.version.as_deref().unwrap_or("?")
+                    );
                     return Err(VolumeError::BaseChanged { url: url_s, base: b.url.clone(), what });
                 }
                 Some(BaseFile { url: b.url.clone(), remote: bremote, key: bkey, size: meta.size })
             }
         };
-        Ok(Arc::new(Self { url: url_s, remote, header, manifest, base, header_raw: header_bytes, manifest_raw: mbytes, offline: false }))
+        Ok(Arc::new(Self {
+            url: url_s,
+            remote,
+            header,
+            manifest,
+            base,
+            header_raw: header_bytes,
+            manifest_raw: mbytes,
+            offline: false,
+        }))
     }
 
     /// Keeps copies of the header and manifest in a cache directory, so
@@ -121,18 +151,23 @@ impl VolumeReader {
     /// per request, so it recovers by itself).
     pub fn open_offline(url: &RemoteUrl, dir: &Path, opts: &RemoteOptions) -> VolumeResult<Arc<Self>> {
         let url_s = url.to_string();
-        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| VolumeError::io("reading offline copy", dir.join(name), e));
+        let read = |name: &str| {
+            std::fs::read(dir.join(name)).map_err(|e| VolumeError::io("reading offline copy", dir.join(name), e))
+        };
         let header_raw = Bytes::from(read(OFFLINE_HEADER)?);
         let manifest_raw = Bytes::from(read(OFFLINE_MANIFEST)?);
-        let header = VolumeHeader::from_bytes(&header_raw).map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
+        let header = VolumeHeader::from_bytes(&header_raw)
+            .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
         // The manifest names its own generation; from_bytes re-checks the
         // checksum and that it belongs to this header.
-        let generation = serde_json::from_slice::<serde_json::Value>(manifest_raw.split(|&c| c == b'\n').next().unwrap_or(&[]))
-            .ok()
-            .and_then(|v| v.get("generation").and_then(|g| g.as_u64()))
-            .unwrap_or(0);
+        let generation =
+            serde_json::from_slice::<serde_json::Value>(manifest_raw.split(|&c| c == b'\n').next().unwrap_or(&[]))
+                .ok()
+                .and_then(|v| v.get("generation").and_then(|g| g.as_u64()))
+                .unwrap_or(0);
         let key = format!("offline copy of {}", gen_key(generation));
-        let manifest = Manifest::from_bytes(&manifest_raw, &header, generation).map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key, reason })?;
+        let manifest = Manifest::from_bytes(&manifest_raw, &header, generation)
+            .map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key, reason })?;
         let base = match &header.base {
             None => None,
             Some(b) => {
@@ -185,11 +220,9 @@ impl VolumeReader {
                     reason: format!("chunk {idx} refers to a base, but the volume has none"),
                 })?;
                 let start = idx * self.chunk_size();
-                let got: Bytes = base
-                    .remote
-                    .get_range(&base.key, start..start + want as u64)
-                    .await
-                    .map_err(|e| VolumeError::remote(format!("reading chunk {idx} of {} from base {}", self.url, base.url), e))?;
+                let got: Bytes = base.remote.get_range(&base.key, start..start + want as u64).await.map_err(|e| {
+                    VolumeError::remote(format!("reading chunk {idx} of {} from base {}", self.url, base.url), e)
+                })?;
                 let wire = got.len() as u64;
                 // A base shorter than the image (it was grown) reads as
                 // zeroes past its end.
@@ -199,12 +232,17 @@ impl VolumeReader {
             }
             ChunkRef::Packed { pack, offset, len, sha256 } => {
                 let key = &self.manifest.packs[pack as usize];
-                let frame = self
-                    .remote
-                    .get_range(key, offset..offset + len)
-                    .await
-                    .map_err(|e| VolumeError::remote(format!("reading chunk {idx} of {} from {key}", self.url), e))?;
-                let corrupt = |reason: String| VolumeError::CorruptChunk { url: self.url.clone(), chunk: idx, key: key.clone(), offset, reason };
+                let frame =
+                    self.remote.get_range(key, offset..offset + len).await.map_err(|e| {
+                        VolumeError::remote(format!("reading chunk {idx} of {} from {key}", self.url), e)
+                    })?;
+                let corrupt = |reason: String| VolumeError::CorruptChunk {
+                    url: self.url.clone(),
+                    chunk: idx,
+                    key: key.clone(),
+                    offset,
+                    reason,
+                };
                 if frame.len() as u64 != len {
                     return Err(corrupt(format!("pack is too short: got {} of {len} bytes", frame.len())));
                 }

@@ -74,14 +74,21 @@ pub fn counted(metrics: Arc<RemoteMetrics>, faults: Option<Arc<FaultPlan>>, shap
     let layer = Arc::new(move |r: DynRemote| -> DynRemote {
         let r = match &faults {
             Some(f) => ShapedRemote::wrap(r, shaping.clone(), f.clone()),
-            None if shaping.latency > Duration::ZERO || shaping.bandwidth_bps.is_some() => ShapedRemote::wrap(r, shaping.clone(), FaultPlan::new(0)),
+            None if shaping.latency > Duration::ZERO || shaping.bandwidth_bps.is_some() => {
+                ShapedRemote::wrap(r, shaping.clone(), FaultPlan::new(0))
+            }
             None => r,
         };
         MetricsRemote::wrap(r, metrics.clone())
     });
     RemoteOptions {
         layer: Some(layer),
-        retry: RetryPolicy { max_attempts: 30, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(20), seed: Some(3) },
+        retry: RetryPolicy {
+            max_attempts: 30,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(20),
+            seed: Some(3),
+        },
     }
 }
 
