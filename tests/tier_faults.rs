@@ -176,3 +176,44 @@ fn concurrent_misses_on_one_chunk_make_one_fetch() {
     assert_eq!(m.snapshot().gets - before, 1, "one remote read for {n} concurrent misses");
     assert_eq!(s.stats().remote_fetches, 1);
 }
+
+#[test]
+fn import_survives_flaky_uploads_and_lost_replies() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, bytes) = raw_image(d.path(), "src.raw", 3 << 20, 16);
+    let faults = FaultPlan::new(9);
+    faults.set_failure_rate(0.2);
+    faults.lose_put_replies(2);
+    let m = Arc::new(RemoteMetrics::default());
+    let remote = counted(m.clone(), Some(faults.clone()), Shaping::default());
+    let vurl = url(&d.path().join("remote/vol"));
+    let opts = ImportOptions { chunk_size: CS, pack_size: 512 << 10, remote: remote.clone(), ..Default::default() };
+    volume::import(&src, &vurl, &opts).unwrap();
+    assert!(faults.injected() > 2);
+    faults.set_failure_rate(0.0);
+    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), remote)).unwrap();
+    assert!(read_all(&*s).unwrap() == bytes);
+    // No temp files left behind by failed uploads.
+    let leftovers = std::fs::read_dir(d.path().join("remote/vol")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count();
+    assert_eq!(leftovers, 0);
+}
+
+#[test]
+fn many_chunks_are_fetched_in_parallel() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, bytes) = imported(d.path(), 4 << 20, 17);
+    let m = Arc::new(RemoteMetrics::default());
+    let shaping = Shaping { latency: Duration::from_millis(150), bandwidth_bps: None };
+    let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, shaping));
+    o.readahead_chunks = 0;
+    let s = volume::open(&vurl, o).unwrap();
+    let mut b = vec![0u8; bytes.len()];
+    let t0 = std::time::Instant::now();
+    s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+    let el = t0.elapsed();
+    assert!(b == bytes);
+    let fetched = s.stats().remote_fetches;
+    assert!(fetched >= 8, "{fetched}");
+    // Serially this would take fetched * 150 ms.
+    assert!(el < Duration::from_millis(150) * (fetched as u32) / 2, "{el:?} for {fetched} chunks");
+}

@@ -98,6 +98,12 @@ impl Remote for DirRemote {
         r.map(Bytes::from).map_err(|e| self.io_err("get_range", key, e))
     }
 
+    /// One read instead of the default `head` + `get_range`.
+    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
+        let path = self.path("get", key)?;
+        tokio::fs::read(&path).await.map(Bytes::from).map_err(|e| self.io_err("get", key, e))
+    }
+
     async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         let path = self.path("put", key)?;
         let tmp = self.root.join(format!("{TMP_PREFIX}{key}.{:016x}", rand::random::<u64>()));

@@ -97,6 +97,15 @@ impl fmt::Debug for PutBody {
 /// Objects are written whole and never patched (Drive cannot patch a file);
 /// a `put` to an existing key replaces it atomically — readers see the old
 /// object or the new one, never a mix or a prefix.
+///
+/// Keys are unique: a backend whose store allows duplicate names (Drive)
+/// must make `put` replace, and make a retried `put` whose first attempt
+/// landed recognise it (e.g. tag uploads with an appProperty and look before
+/// re-creating) — the retry wrapper re-sends puts blindly.
+///
+/// Errors must be classified ([`RemoteError::Transient`] vs
+/// [`RemoteError::Fatal`] / [`RemoteError::NotFound`]) so the retry wrapper
+/// can decide without knowing the backend.
 #[async_trait]
 pub trait Remote: Send + Sync + fmt::Debug {
     /// Bytes `range` of object `key`. A range reaching past the end of the

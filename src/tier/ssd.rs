@@ -172,7 +172,7 @@ impl SsdCache {
             Ok(Some((h, states))) if h.id == id => {
                 let dirty = states.iter().filter(|&&s| s == DIRTY).count() as u64;
                 let cached = states.iter().filter(|&&s| s != ABSENT).count() as u64;
-                (Opened::Reused { cached, dirty }, states, h.image_len.max(image_len))
+                (Opened::Reused { cached, dirty }, states, h.image_len)
             }
             Ok(Some((h, states))) => {
                 let dirty = states.iter().filter(|&&s| s == DIRTY).count();
@@ -200,7 +200,7 @@ impl SsdCache {
             }
         };
         let data_path = dir.join("data");
-        if states.is_empty() || matches!(opened, Opened::Discarded(_)) {
+        if mode == OpenMode::Serve && (states.is_empty() || matches!(opened, Opened::Discarded(_))) {
             // Start clean: stale bytes in the data file are never trusted.
             let f = OpenOptions::new()
                 .create(true)
