@@ -27,7 +27,14 @@ pub enum RemoteError {
     /// A failure the backend says is temporary (rate limit, 5xx, injected
     /// fault). Retried.
     #[error("{remote}: {op} {key:?}: temporary failure: {message}")]
-    Transient { remote: String, op: &'static str, key: String, message: String },
+    Transient {
+        remote: String,
+        op: &'static str,
+        key: String,
+        message: String,
+        /// How long the server asked us to wait (HTTP `Retry-After`).
+        retry_after: Option<std::time::Duration>,
+    },
 
     /// A failure retrying cannot fix (quota exceeded, no permission, bad
     /// request). Not retried.
@@ -52,6 +59,14 @@ impl RemoteError {
             RemoteError::NotFound { .. } | RemoteError::Fatal { .. } | RemoteError::RetriesExhausted { .. } => false,
             RemoteError::Transient { .. } => true,
             RemoteError::Io { source, .. } => io_retryable(source),
+        }
+    }
+
+    /// The wait the server asked for, if any.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            RemoteError::Transient { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 

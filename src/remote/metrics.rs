@@ -22,6 +22,9 @@ pub struct RemoteMetrics {
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Total time spent in requests, nanoseconds (mean latency =
+    /// `request_nanos / requests`).
+    pub request_nanos: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -36,6 +39,7 @@ pub struct RemoteMetricsSnapshot {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub in_flight: u64,
+    pub request_nanos: u64,
 }
 
 impl RemoteMetrics {
@@ -52,6 +56,7 @@ impl RemoteMetrics {
             bytes_read: l(&self.bytes_read),
             bytes_written: l(&self.bytes_written),
             in_flight: l(&self.in_flight),
+            request_nanos: l(&self.request_nanos),
         }
     }
 }
@@ -81,7 +86,9 @@ impl MetricsRemote {
     ) -> RemoteResult<T> {
         counter.fetch_add(1, Ordering::Relaxed);
         self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
         let r = fut.await;
+        self.metrics.request_nanos.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
         if r.is_err() {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);

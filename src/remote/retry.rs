@@ -85,7 +85,8 @@ impl RetryingRemote {
             match f().await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_retryable() && attempt + 1 < max => {
-                    let d = self.backoff(attempt);
+                    // Honour a server's Retry-After when it asks for longer.
+                    let d = self.backoff(attempt).max(e.retry_after().unwrap_or_default());
                     tracing::debug!(op, key, attempt, delay_ms = d.as_millis() as u64, error = %e, "remote request failed; retrying");
                     tokio::time::sleep(d).await;
                     attempt += 1;
@@ -135,5 +136,66 @@ impl Remote for RetryingRemote {
 
     fn describe(&self) -> String {
         self.inner.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Fails `fail` times with a Retry-After, then answers.
+    #[derive(Debug)]
+    struct Busy {
+        fail: AtomicU32,
+    }
+
+    #[async_trait]
+    impl Remote for Busy {
+        async fn get_range(&self, key: &str, _: Range<u64>) -> RemoteResult<Bytes> {
+            if self.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(RemoteError::Transient {
+                    remote: "busy".into(),
+                    op: "get_range",
+                    key: key.into(),
+                    message: "429".into(),
+                    retry_after: Some(Duration::from_secs(5)),
+                });
+            }
+            Ok(Bytes::from_static(b"ok"))
+        }
+        async fn put(&self, _: &str, _: PutBody) -> RemoteResult<ObjectMeta> {
+            unimplemented!()
+        }
+        async fn head(&self, _: &str) -> RemoteResult<ObjectMeta> {
+            unimplemented!()
+        }
+        async fn list(&self, _: &str) -> RemoteResult<Vec<ObjectMeta>> {
+            unimplemented!()
+        }
+        async fn delete(&self, _: &str) -> RemoteResult<()> {
+            unimplemented!()
+        }
+        fn describe(&self) -> String {
+            "busy".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn honours_retry_after_and_gives_up_eventually() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            seed: Some(1),
+        };
+        let r = RetryingRemote::new(Arc::new(Busy { fail: AtomicU32::new(2) }), policy.clone());
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(&r.get_range("k", 0..2).await.unwrap()[..], b"ok");
+        assert!(t0.elapsed() >= Duration::from_secs(10), "{:?}", t0.elapsed());
+        let r = RetryingRemote::new(Arc::new(Busy { fail: AtomicU32::new(5) }), policy);
+        let e = r.get_range("k", 0..2).await.unwrap_err();
+        assert!(matches!(e, RemoteError::RetriesExhausted { attempts: 3, .. }), "{e}");
+        assert!(!e.is_retryable());
     }
 }

@@ -127,6 +127,7 @@ impl ShapedRemote {
             op,
             key: key.to_string(),
             message: "injected fault".into(),
+            retry_after: None,
         }
     }
 

@@ -262,7 +262,13 @@ impl Drop for TieredStore {
         // holds the old one for a moment.
         self.inner.ssd.unlock();
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
+            if Handle::try_current().is_ok() {
+                // Dropped inside some async context, where blocking on the
+                // shutdown is not allowed.
+                rt.shutdown_background();
+            } else {
+                rt.shutdown_timeout(Duration::from_secs(2));
+            }
         }
     }
 }
