@@ -41,7 +41,7 @@ pub enum VolumeError {
     Remote {
         context: String,
         #[source]
-        source: RemoteError,
+        source: Box<RemoteError>,
     },
 
     #[error("{context} {}: {source}", path.display())]
@@ -62,7 +62,7 @@ pub enum VolumeError {
 impl VolumeError {
     /// Wraps a remote error with what was being done.
     pub fn remote(context: impl Into<String>, source: RemoteError) -> Self {
-        VolumeError::Remote { context: context.into(), source }
+        VolumeError::Remote { context: context.into(), source: Box::new(source) }
     }
 
     /// Wraps a local I/O error with what and where.
