@@ -188,3 +188,33 @@ fn small_ssd_cap_evicts_only_clean_chunks() {
     s.read_vectored_at(10, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
     assert_eq!(&b, b"dirty one");
 }
+
+#[test]
+fn write_zeroes_over_whole_chunks_punches_and_persists() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, vurl, bytes) = imported(d.path(), 3 << 20, 26);
+    let cache = d.path().join("c");
+    let mut expect = bytes.clone();
+    {
+        let s = volume::open(&vurl, cache_opts(&cache, Default::default())).unwrap();
+        read_all(&*s).unwrap();
+        s.flush().unwrap(); // every chunk persisted clean
+        let (off, len) = (CS / 2, 5 * CS);
+        s.write_zeroes_at(off, len).unwrap();
+        expect[off as usize..(off + len) as usize].fill(0);
+        // Inside one chunk, and straddling one boundary.
+        s.write_zeroes_at(8 * CS + 10, 100).unwrap();
+        expect[8 * CS as usize + 10..8 * CS as usize + 110].fill(0);
+        s.write_zeroes_at(10 * CS - 50, 100).unwrap();
+        expect[10 * CS as usize - 50..10 * CS as usize + 50].fill(0);
+        assert!(read_all(&*s).unwrap() == expect);
+        assert_eq!(s.stats().chunks_dirty, 6 + 1 + 2);
+        s.flush().unwrap();
+    }
+    let s = volume::open(&vurl, cache_opts(&cache, Default::default())).unwrap();
+    assert!(read_all(&*s).unwrap() == expect, "after restart");
+    drop(s);
+    let out = d.path().join("out.raw");
+    volume::export(&vurl, &out, &ExportOptions { cache_dir: Some(cache), ..Default::default() }).unwrap();
+    assert!(std::fs::read(&out).unwrap() == expect);
+}

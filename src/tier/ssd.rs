@@ -372,7 +372,7 @@ impl SsdCache {
     pub fn write(&self, idx: u64, off: u64, bufs: &IoVec<'_>, fill: Option<&[u8]>) -> io::Result<()> {
         let base = idx * self.chunk_size;
         match self.state(idx) {
-            DIRTY => {}
+            DIRTY => self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?,
             CLEAN => {
                 self.set_state(idx, DIRTY);
                 self.dirty.fetch_add(1, Ordering::Relaxed);
@@ -382,8 +382,11 @@ impl SsdCache {
                     // chunk clean before its bytes change.
                     self.persist()?;
                 }
+                self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
             }
             _ => {
+                // Bytes first, state after: a persist racing with this never
+                // records as dirty a chunk whose bytes are not yet there.
                 let whole = off == 0 && bufs.len() as u64 == self.chunk_size;
                 if !whole {
                     let fill = fill.ok_or_else(|| {
@@ -391,13 +394,63 @@ impl SsdCache {
                     })?;
                     self.data.write_at(base, fill)?;
                 }
+                self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
                 self.set_state(idx, DIRTY);
                 self.cached.fetch_add(1, Ordering::Relaxed);
                 self.dirty.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
         self.touch(idx);
+        Ok(())
+    }
+
+    /// Most chunks one [`zero_chunks`](Self::zero_chunks) call may cover.
+    pub const MAX_BATCH: u64 = STRIPES as u64;
+
+    /// Write-locks the stripes of every chunk in `range` (at most
+    /// [`MAX_BATCH`](Self::MAX_BATCH) chunks), in stripe order so two
+    /// batches can never deadlock.
+    pub fn lock_many(&self, range: std::ops::Range<u64>) -> Vec<RwLockWriteGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = range.map(|i| (i as usize) % STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes.into_iter().map(|s| self.stripes[s].write()).collect()
+    }
+
+    /// Makes whole chunks `range` read as zeroes and marks them dirty, with
+    /// at most one persist and one hole punch for the lot (a guest discarding
+    /// its whole disk must not cost an fsync per chunk). Caller holds
+    /// [`lock_many`](Self::lock_many) for `range`.
+    pub fn zero_chunks(&self, range: std::ops::Range<u64>) -> io::Result<()> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        let mut need_persist = false;
+        let mut absent = Vec::new();
+        {
+            let persisted = self.persisted.lock();
+            for idx in range.clone() {
+                match self.state(idx) {
+                    DIRTY => {}
+                    CLEAN => {
+                        self.set_state(idx, DIRTY);
+                        self.dirty.fetch_add(1, Ordering::Relaxed);
+                        need_persist |= persisted.get(idx as usize) == Some(&CLEAN);
+                    }
+                    _ => absent.push(idx),
+                }
+            }
+        }
+        if need_persist {
+            self.persist()?;
+        }
+        let cs = self.chunk_size;
+        self.data.write_zeroes_at(range.start * cs, (range.end - range.start) * cs)?;
+        for idx in absent {
+            self.set_state(idx, DIRTY);
+            self.cached.fetch_add(1, Ordering::Relaxed);
+            self.dirty.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 

@@ -497,6 +497,50 @@ impl Inner {
         Ok(())
     }
 
+    /// Zeroes `[offset, offset + len)`: partial chunks through the write
+    /// path, whole chunks in batches by hole punching (no fetch, one persist
+    /// per batch).
+    fn write_zeroes(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "volume was opened read-only"));
+        }
+        let end = offset.checked_add(len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = self.cs;
+        let first_whole = offset.div_ceil(cs);
+        let last_whole = end / cs; // exclusive
+        let zero_part = |from: u64, to: u64| -> io::Result<()> {
+            if from < to {
+                let mut z = vec![0u8; (to - from) as usize];
+                self.write(from, &IoVec::from_slice(&mut z), IoMode::Blocking)?;
+            }
+            Ok(())
+        };
+        if first_whole >= last_whole {
+            // Inside one chunk (or straddling one boundary): no whole chunk.
+            let mid = (first_whole * cs).clamp(offset, end);
+            zero_part(offset, mid)?;
+            return zero_part(mid, end);
+        }
+        zero_part(offset, first_whole * cs)?;
+        self.ssd.grow(end);
+        let mut a = first_whole;
+        while a < last_whole {
+            let b = (a + SsdCache::MAX_BATCH).min(last_whole);
+            let _locks = self.ssd.lock_many(a..b);
+            self.ssd.zero_chunks(a..b)?;
+            for idx in a..b {
+                if let Some(rb) = self.ram.get(idx) {
+                    rb.write().fill(0);
+                }
+            }
+            a = b;
+        }
+        zero_part(last_whole * cs, end)
+    }
+
     fn hint_metadata(self: &Arc<Self>, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
         let len = self.ssd.len();
         let mut idxs: Vec<u64> = Vec::new();
@@ -593,17 +637,7 @@ impl Storage for TieredStore {
     }
 
     fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
-        let cs = self.inner.cs;
-        let mut zeroes = vec![0u8; len.min(cs) as usize];
-        let mut done = 0u64;
-        while done < len {
-            // Chunk-aligned steps, so whole chunks skip the fetch.
-            let pos = offset + done;
-            let n = (cs - pos % cs).min(len - done) as usize;
-            self.inner.write(pos, &IoVec::from_slice(&mut zeroes[..n]), IoMode::Blocking)?;
-            done += n as u64;
-        }
-        Ok(())
+        self.inner.write_zeroes(offset, len)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
