@@ -255,12 +255,8 @@ pub(crate) fn progress_bar(on: bool, len: u64, what: &str) -> indicatif::Progres
 impl Drop for TieredStore {
     fn drop(&mut self) {
         self.inner.closed.store(true, Ordering::SeqCst);
-        if let Err(e) = self.inner.ssd.persist() {
-            tracing::warn!(error = %e, "could not persist the SSD cache state at close");
-        }
-        // Let a new store take the directory even if a stray task still
-        // holds the old one for a moment.
-        self.inner.ssd.unlock();
+        // Stop the tasks first (fetches, readahead, hydration), so nothing
+        // installs chunks behind the final persist.
         if let Some(rt) = self.rt.take() {
             if Handle::try_current().is_ok() {
                 // Dropped inside some async context, where blocking on the
@@ -270,6 +266,12 @@ impl Drop for TieredStore {
                 rt.shutdown_timeout(Duration::from_secs(2));
             }
         }
+        if let Err(e) = self.inner.ssd.persist() {
+            tracing::warn!(error = %e, "could not persist the SSD cache state at close");
+        }
+        // Release the directory now, even if a task abandoned by a
+        // background shutdown still holds a reference for a moment.
+        self.inner.ssd.unlock();
     }
 }
 
