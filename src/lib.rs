@@ -12,3 +12,5 @@ pub mod cli;
 pub mod format;
 pub mod tier;
 pub mod vhost;
+pub mod remote;
+pub mod volume;

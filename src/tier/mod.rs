@@ -3,12 +3,20 @@
 //! file, and the tiered RAM/SSD/remote store implements the same trait.
 
 pub mod local;
+pub mod ram;
+pub mod readahead;
+pub mod single_flight;
+pub mod ssd;
+pub mod stats;
+pub mod tiered;
 
 use std::io;
 
 use crate::format::{IoMode, IoVec};
 
 pub use local::LocalFile;
+pub use stats::TierStats;
+pub use tiered::TieredStore;
 
 /// Byte-addressable storage holding one image file.
 ///

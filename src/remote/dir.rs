@@ -1,0 +1,217 @@
+//! The `dir:` backend: objects are files in one folder (local disk, NFS or
+//! SMB). Uploads go to a hidden temp name, are fsynced, then renamed, so a
+//! half-written object is never visible under its key.
+
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::{ObjectMeta, PutBody, Remote, RemoteError, RemoteResult};
+
+/// Temp files start with this; `list` skips them and keys may not use it.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// A folder of objects.
+#[derive(Debug, Clone)]
+pub struct DirRemote {
+    root: PathBuf,
+}
+
+impl DirRemote {
+    /// A remote rooted at `root`. The folder is created on the first `put`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn name(&self) -> String {
+        format!("dir:{}", self.root.display())
+    }
+
+    /// The file for `key`, refusing keys that could escape the folder or
+    /// collide with temp files.
+    fn path(&self, op: &'static str, key: &str) -> RemoteResult<PathBuf> {
+        let bad = key.is_empty() || key.contains('/') || key.contains('\0') || key.starts_with('.');
+        if bad {
+            return Err(RemoteError::Fatal {
+                remote: self.name(),
+                op,
+                key: key.to_string(),
+                message: "invalid object key (empty, contains '/', or starts with '.')".into(),
+            });
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn io_err(&self, op: &'static str, key: &str, e: io::Error) -> RemoteError {
+        if e.kind() == io::ErrorKind::NotFound {
+            RemoteError::NotFound { remote: self.name(), key: key.to_string() }
+        } else {
+            RemoteError::Io { remote: self.name(), op, key: key.to_string(), source: e }
+        }
+    }
+}
+
+fn meta_of(key: &str, m: &std::fs::Metadata) -> ObjectMeta {
+    ObjectMeta {
+        key: key.to_string(),
+        size: m.len(),
+        version: Some(format!("{}.{:09}", m.mtime(), m.mtime_nsec())),
+        sha256: None,
+    }
+}
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(io::Error::other(format!("blocking task failed: {e}"))),
+    }
+}
+
+#[async_trait]
+impl Remote for DirRemote {
+    async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        let path = self.path("get_range", key)?;
+        let r = blocking(move || {
+            let f = std::fs::File::open(&path)?;
+            let size = f.metadata()?.len();
+            let end = range.end.min(size);
+            if range.start >= end {
+                return Ok(Vec::new());
+            }
+            let mut buf = vec![0u8; (end - range.start) as usize];
+            f.read_exact_at(&mut buf, range.start)?;
+            Ok(buf)
+        })
+        .await;
+        r.map(Bytes::from).map_err(|e| self.io_err("get_range", key, e))
+    }
+
+    /// One read instead of the default `head` + `get_range`.
+    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
+        let path = self.path("get", key)?;
+        tokio::fs::read(&path).await.map(Bytes::from).map_err(|e| self.io_err("get", key, e))
+    }
+
+    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        let path = self.path("put", key)?;
+        let tmp = self.root.join(format!("{TMP_PREFIX}{key}.{:016x}", rand::random::<u64>()));
+        let res: io::Result<ObjectMeta> = async {
+            tokio::fs::create_dir_all(&self.root).await?;
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            let mut s = body.stream();
+            while let Some(chunk) = s.next().await {
+                f.write_all(&chunk?).await?;
+            }
+            f.flush().await?;
+            // Data durable before the name appears: a crash leaves either no
+            // object or the whole object, never a prefix under the real key.
+            f.sync_all().await?;
+            drop(f);
+            tokio::fs::rename(&tmp, &path).await?;
+            let root = self.root.clone();
+            blocking(move || std::fs::File::open(&root)?.sync_all()).await?;
+            let m = tokio::fs::metadata(&path).await?;
+            Ok(meta_of(key, &m))
+        }
+        .await;
+        if res.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        res.map_err(|e| self.io_err("put", key, e))
+    }
+
+    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
+        let path = self.path("head", key)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_file() => Ok(meta_of(key, &m)),
+            Ok(_) => Err(RemoteError::Fatal {
+                remote: self.name(),
+                op: "head",
+                key: key.to_string(),
+                message: "is a directory, not an object".into(),
+            }),
+            Err(e) => Err(self.io_err("head", key, e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        let root = self.root.clone();
+        let prefix_owned = prefix.to_string();
+        let r = blocking(move || {
+            let mut out = Vec::new();
+            let rd = match std::fs::read_dir(&root) {
+                Ok(rd) => rd,
+                // A folder that does not exist yet holds no objects.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(e),
+            };
+            for ent in rd {
+                let ent = ent?;
+                let Ok(name) = ent.file_name().into_string() else { continue };
+                if name.starts_with('.') || !name.starts_with(&prefix_owned) {
+                    continue;
+                }
+                let m = ent.metadata()?;
+                if m.is_file() {
+                    out.push(meta_of(&name, &m));
+                }
+            }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+        .await;
+        r.map_err(|e| self.io_err("list", prefix, e))
+    }
+
+    async fn delete(&self, key: &str) -> RemoteResult<()> {
+        let path = self.path("delete", key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io_err("delete", key, e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_get_list_delete() {
+        let d = tempfile::tempdir().unwrap();
+        let r = DirRemote::new(d.path().join("vol"));
+        assert!(r.list("").await.unwrap().is_empty());
+        let m = r.put("pack-1", PutBody::from_bytes(b"hello world".to_vec())).await.unwrap();
+        assert_eq!(m.size, 11);
+        assert_eq!(&r.get_range("pack-1", 6..11).await.unwrap()[..], b"world");
+        assert_eq!(&r.get_range("pack-1", 6..100).await.unwrap()[..], b"world");
+        assert_eq!(r.get("pack-1").await.unwrap().len(), 11);
+        r.put("gen-1", PutBody::from_bytes(Bytes::from_static(b"x"))).await.unwrap();
+        let keys: Vec<_> = r.list("pack-").await.unwrap().into_iter().map(|m| m.key).collect();
+        assert_eq!(keys, vec!["pack-1"]);
+        // No temp files are left behind or listed.
+        assert_eq!(std::fs::read_dir(r.root()).unwrap().count(), 2);
+        r.delete("pack-1").await.unwrap();
+        r.delete("pack-1").await.unwrap();
+        assert!(r.head("pack-1").await.unwrap_err().is_not_found());
+        assert!(r.get_range("nope", 0..1).await.unwrap_err().is_not_found());
+        assert!(!r.put("../x", PutBody::from_bytes(vec![])).await.unwrap_err().is_retryable());
+    }
+}

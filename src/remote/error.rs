@@ -1,0 +1,110 @@
+//! Remote errors: one enum whose variants say whether retrying can help, so
+//! the retry wrapper classifies without knowing the backend.
+
+use std::io;
+
+/// Result alias for remote operations.
+pub type RemoteResult<T> = Result<T, RemoteError>;
+
+/// Why a remote operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The object does not exist. Never retried.
+    #[error("{remote}: object {key:?} not found")]
+    NotFound { remote: String, key: String },
+
+    /// An I/O error from the backend; retryable or not by its kind
+    /// (timeouts and resets are, permission errors are not).
+    #[error("{remote}: {op} {key:?}: {source}")]
+    Io {
+        remote: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A failure the backend says is temporary (rate limit, 5xx, injected
+    /// fault). Retried.
+    #[error("{remote}: {op} {key:?}: temporary failure: {message}")]
+    Transient {
+        remote: String,
+        op: &'static str,
+        key: String,
+        message: String,
+        /// How long the server asked us to wait (HTTP `Retry-After`).
+        retry_after: Option<std::time::Duration>,
+    },
+
+    /// A failure retrying cannot fix (quota exceeded, no permission, bad
+    /// request). Not retried.
+    #[error("{remote}: {op} {key:?}: {message}")]
+    Fatal { remote: String, op: &'static str, key: String, message: String },
+
+    /// The retry wrapper gave up; `last` is the final attempt's error.
+    #[error("{op} {key:?}: gave up after {attempts} attempts: {last}")]
+    RetriesExhausted {
+        op: &'static str,
+        key: String,
+        attempts: u32,
+        #[source]
+        last: Box<RemoteError>,
+    },
+}
+
+impl RemoteError {
+    /// True if the same request may succeed when sent again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RemoteError::NotFound { .. } | RemoteError::Fatal { .. } | RemoteError::RetriesExhausted { .. } => false,
+            RemoteError::Transient { .. } => true,
+            RemoteError::Io { source, .. } => io_retryable(source),
+        }
+    }
+
+    /// The wait the server asked for, if any.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            RemoteError::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// True for [`RemoteError::NotFound`], also under `RetriesExhausted`.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            RemoteError::NotFound { .. } => true,
+            RemoteError::RetriesExhausted { last, .. } => last.is_not_found(),
+            _ => false,
+        }
+    }
+
+    /// Converts to an `io::Error` for the `Storage` seam, keeping this error
+    /// as the source (never flattened to a string).
+    pub fn into_io(self) -> io::Error {
+        let kind = match &self {
+            RemoteError::NotFound { .. } => io::ErrorKind::NotFound,
+            RemoteError::Io { source, .. } => source.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, self)
+    }
+}
+
+/// Which I/O error kinds are worth a retry: the ones a network filesystem or
+/// a flaky link produces and that say nothing about the request itself.
+fn io_retryable(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        TimedOut
+            | Interrupted
+            | WouldBlock
+            | ConnectionReset
+            | ConnectionAborted
+            | ConnectionRefused
+            | BrokenPipe
+            | UnexpectedEof
+            | NotConnected
+    ) || matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ESTALE) | Some(libc::EAGAIN))
+}

@@ -1,0 +1,135 @@
+//! Metrics wrapper: counts requests, errors and bytes moved through a
+//! remote, without touching any backend.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteResult};
+
+/// Live counters, shared with whoever wants to read them.
+#[derive(Debug, Default)]
+pub struct RemoteMetrics {
+    pub gets: AtomicU64,
+    pub puts: AtomicU64,
+    pub heads: AtomicU64,
+    pub lists: AtomicU64,
+    pub deletes: AtomicU64,
+    pub errors: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub in_flight: AtomicU64,
+    /// Total time spent in requests, nanoseconds (mean latency =
+    /// `request_nanos / requests`).
+    pub request_nanos: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteMetricsSnapshot {
+    pub gets: u64,
+    pub puts: u64,
+    pub heads: u64,
+    pub lists: u64,
+    pub deletes: u64,
+    pub errors: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub in_flight: u64,
+    pub request_nanos: u64,
+}
+
+impl RemoteMetrics {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> RemoteMetricsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RemoteMetricsSnapshot {
+            gets: l(&self.gets),
+            puts: l(&self.puts),
+            heads: l(&self.heads),
+            lists: l(&self.lists),
+            deletes: l(&self.deletes),
+            errors: l(&self.errors),
+            bytes_read: l(&self.bytes_read),
+            bytes_written: l(&self.bytes_written),
+            in_flight: l(&self.in_flight),
+            request_nanos: l(&self.request_nanos),
+        }
+    }
+}
+
+/// Counts what passes through to `inner`.
+#[derive(Debug)]
+pub struct MetricsRemote {
+    inner: DynRemote,
+    metrics: Arc<RemoteMetrics>,
+}
+
+impl MetricsRemote {
+    /// Wraps `inner`, recording into `metrics`.
+    pub fn new(inner: DynRemote, metrics: Arc<RemoteMetrics>) -> Self {
+        Self { inner, metrics }
+    }
+
+    /// Wraps `inner` into a shared trait object.
+    pub fn wrap(inner: DynRemote, metrics: Arc<RemoteMetrics>) -> DynRemote {
+        Arc::new(Self::new(inner, metrics))
+    }
+
+    async fn count<T>(
+        &self,
+        counter: &AtomicU64,
+        fut: impl std::future::Future<Output = RemoteResult<T>>,
+    ) -> RemoteResult<T> {
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        let r = fut.await;
+        self.metrics.request_nanos.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if r.is_err() {
+            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+#[async_trait]
+impl Remote for MetricsRemote {
+    async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        let r = self.count(&self.metrics.gets, self.inner.get_range(key, range)).await?;
+        self.metrics.bytes_read.fetch_add(r.len() as u64, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
+        let r = self.count(&self.metrics.gets, self.inner.get(key)).await?;
+        self.metrics.bytes_read.fetch_add(r.len() as u64, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        let m = self.count(&self.metrics.puts, self.inner.put(key, body)).await?;
+        self.metrics.bytes_written.fetch_add(m.size, Ordering::Relaxed);
+        Ok(m)
+    }
+
+    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
+        self.count(&self.metrics.heads, self.inner.head(key)).await
+    }
+
+    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.count(&self.metrics.lists, self.inner.list(prefix)).await
+    }
+
+    async fn delete(&self, key: &str) -> RemoteResult<()> {
+        self.count(&self.metrics.deletes, self.inner.delete(key)).await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}

@@ -1,0 +1,156 @@
+//! Remote layer: the [`Remote`] trait — an immutable-object store with ranged
+//! reads, shaped after what Google Drive can do — plus its `dir:` backend and
+//! the wrappers (retry, metrics, latency/fault shaping) that stack around any
+//! backend as one trait object.
+
+pub mod dir;
+pub mod error;
+pub mod metrics;
+pub mod retry;
+pub mod shaped;
+pub mod url;
+
+use std::fmt;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{self, Stream};
+
+pub use dir::DirRemote;
+pub use error::{RemoteError, RemoteResult};
+pub use metrics::{MetricsRemote, RemoteMetrics, RemoteMetricsSnapshot};
+pub use retry::{RetryPolicy, RetryingRemote};
+pub use shaped::{FaultPlan, ShapedRemote, Shaping};
+pub use url::RemoteUrl;
+
+/// A stream of body chunks for an upload.
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// What a `head` or `list` reports about one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the remote's root (e.g. `pack-00a1...`).
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// A value that changes whenever the object's content is replaced
+    /// (dir: mtime in ns; Drive: `version`). Used to notice that a base
+    /// image was modified after a volume was attached to it.
+    pub version: Option<String>,
+    /// Hex sha256 of the content when the backend knows it cheaply (Drive
+    /// reports `sha256Checksum`; `dir` does not hash on `head`).
+    pub sha256: Option<String>,
+}
+
+/// The body of a whole-object upload.
+///
+/// An upload may be retried, and a stream can only be read once, so the body
+/// is a factory that makes a fresh stream per attempt.
+#[derive(Clone)]
+pub struct PutBody {
+    len: Option<u64>,
+    make: Arc<dyn Fn() -> ByteStream + Send + Sync>,
+}
+
+impl PutBody {
+    /// A body held in memory.
+    pub fn from_bytes(data: impl Into<Bytes>) -> Self {
+        let data: Bytes = data.into();
+        let len = data.len() as u64;
+        Self { len: Some(len), make: Arc::new(move || Box::pin(stream::iter([Ok(data.clone())]))) }
+    }
+
+    /// A body produced by `make`, called once per attempt. `len`, when
+    /// known, lets a backend announce the size up front (Drive resumable
+    /// uploads want it).
+    pub fn from_stream_fn(len: Option<u64>, make: impl Fn() -> ByteStream + Send + Sync + 'static) -> Self {
+        Self { len, make: Arc::new(make) }
+    }
+
+    /// Declared length, if known.
+    pub fn len(&self) -> Option<u64> {
+        self.len
+    }
+
+    /// True when the body is known to be empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == Some(0)
+    }
+
+    /// A fresh stream over the body.
+    pub fn stream(&self) -> ByteStream {
+        (self.make)()
+    }
+}
+
+impl fmt::Debug for PutBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PutBody").field("len", &self.len).finish()
+    }
+}
+
+/// A store of immutable objects under string keys, rooted at one folder.
+///
+/// Objects are written whole and never patched (Drive cannot patch a file);
+/// a `put` to an existing key replaces it atomically — readers see the old
+/// object or the new one, never a mix or a prefix.
+///
+/// Keys are unique: a backend whose store allows duplicate names (Drive)
+/// must make `put` replace, and make a retried `put` whose first attempt
+/// landed recognise it (e.g. tag uploads with an appProperty and look before
+/// re-creating) — the retry wrapper re-sends puts blindly.
+///
+/// Errors must be classified ([`RemoteError::Transient`] vs
+/// [`RemoteError::Fatal`] / [`RemoteError::NotFound`]) so the retry wrapper
+/// can decide without knowing the backend.
+#[async_trait]
+pub trait Remote: Send + Sync + fmt::Debug {
+    /// Bytes `range` of object `key`. A range reaching past the end of the
+    /// object is cut at the end (so the result may be shorter than asked);
+    /// callers that need an exact length check it.
+    async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes>;
+
+    /// The whole object.
+    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
+        let meta = self.head(key).await?;
+        self.get_range(key, 0..meta.size).await
+    }
+
+    /// Writes the whole object `key` from `body`; it becomes visible only
+    /// once complete.
+    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta>;
+
+    /// Size and version of `key`; [`RemoteError::NotFound`] if absent.
+    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta>;
+
+    /// Every object whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>>;
+
+    /// Deletes `key`; deleting an absent key is not an error.
+    async fn delete(&self, key: &str) -> RemoteResult<()>;
+
+    /// One-line description for logs and errors (e.g. `dir:/mnt/vols/win10`).
+    fn describe(&self) -> String;
+}
+
+/// A shared remote trait object.
+pub type DynRemote = Arc<dyn Remote>;
+
+/// A function that wraps a remote in more layers (metrics, shaping, faults).
+/// Volume functions apply it to every remote they open, so a test or the
+/// CLI's `--simulate` flags can slip a layer under the whole volume.
+pub type RemoteLayer = Arc<dyn Fn(DynRemote) -> DynRemote + Send + Sync>;
+
+/// Reads and concatenates a whole body stream (for backends and tests).
+pub async fn collect_body(body: &PutBody) -> std::io::Result<Vec<u8>> {
+    use futures::StreamExt;
+    let mut s = body.stream();
+    let mut out = Vec::with_capacity(body.len().unwrap_or(0) as usize);
+    while let Some(chunk) = s.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out)
+}

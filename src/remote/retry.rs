@@ -1,0 +1,201 @@
+//! Retry wrapper: re-sends requests that failed for a reason retrying can
+//! fix (per [`RemoteError::is_retryable`]), with truncated exponential
+//! backoff and full jitter, so backends stay free of retry loops.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult};
+
+/// How many times and how patiently to retry.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Attempts in total, including the first (1 = no retry).
+    pub max_attempts: u32,
+    /// Backoff before the first retry; doubles each time.
+    pub base_delay: Duration,
+    /// Backoff never exceeds this (Drive: 16-32 s).
+    pub max_delay: Duration,
+    /// Seed for the jitter; `None` seeds from the OS. Tests pass a seed so
+    /// retry timing is reproducible.
+    pub seed: Option<u64>,
+}
+
+impl Default for RetryPolicy {
+    /// Drive's guidance: 1 s, 2 s, 4 s ... capped at 32 s; ten attempts.
+    fn default() -> Self {
+        Self { max_attempts: 10, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(32), seed: None }
+    }
+}
+
+impl RetryPolicy {
+    /// Quick retries for local folders and tests: 10 ms doubling to 1 s.
+    pub fn fast() -> Self {
+        Self { max_attempts: 8, base_delay: Duration::from_millis(10), max_delay: Duration::from_secs(1), seed: None }
+    }
+}
+
+/// Retries a wrapped remote.
+#[derive(Debug)]
+pub struct RetryingRemote {
+    inner: DynRemote,
+    policy: RetryPolicy,
+    rng: Mutex<StdRng>,
+}
+
+impl RetryingRemote {
+    /// Wraps `inner`.
+    pub fn new(inner: DynRemote, policy: RetryPolicy) -> Self {
+        let rng = match policy.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        Self { inner, policy, rng: Mutex::new(rng) }
+    }
+
+    /// Wraps `inner` into a shared trait object.
+    pub fn wrap(inner: DynRemote, policy: RetryPolicy) -> DynRemote {
+        Arc::new(Self::new(inner, policy))
+    }
+
+    /// Full jitter: a uniform delay in [0, min(cap, base * 2^attempt)], which
+    /// spreads out many clients retrying after the same outage.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self.policy.base_delay.saturating_mul(1u32 << attempt.min(20));
+        let ceiling = exp.min(self.policy.max_delay);
+        let nanos = ceiling.as_nanos().min(u64::MAX as u128) as u64;
+        Duration::from_nanos(self.rng.lock().random_range(0..=nanos))
+    }
+
+    async fn run<T, F, Fut>(&self, op: &'static str, key: &str, mut f: F) -> RemoteResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = RemoteResult<T>>,
+    {
+        let max = self.policy.max_attempts.max(1);
+        let mut attempt = 0;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && attempt + 1 < max => {
+                    // Honour a server's Retry-After when it asks for longer.
+                    let d = self.backoff(attempt).max(e.retry_after().unwrap_or_default());
+                    tracing::debug!(op, key, attempt, delay_ms = d.as_millis() as u64, error = %e, "remote request failed; retrying");
+                    tokio::time::sleep(d).await;
+                    attempt += 1;
+                }
+                Err(e) if e.is_retryable() => {
+                    return Err(RemoteError::RetriesExhausted {
+                        op,
+                        key: key.to_string(),
+                        attempts: attempt + 1,
+                        last: Box::new(e),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Remote for RetryingRemote {
+    async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        self.run("get_range", key, || self.inner.get_range(key, range.clone())).await
+    }
+
+    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
+        self.run("get", key, || self.inner.get(key)).await
+    }
+
+    /// Re-sending a whole immutable object under the same key is safe: if
+    /// an earlier attempt landed but its reply was lost, the retry replaces
+    /// it with identical bytes.
+    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        self.run("put", key, || self.inner.put(key, body.clone())).await
+    }
+
+    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
+        self.run("head", key, || self.inner.head(key)).await
+    }
+
+    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.run("list", prefix, || self.inner.list(prefix)).await
+    }
+
+    async fn delete(&self, key: &str) -> RemoteResult<()> {
+        self.run("delete", key, || self.inner.delete(key)).await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Fails `fail` times with a Retry-After, then answers.
+    #[derive(Debug)]
+    struct Busy {
+        fail: AtomicU32,
+    }
+
+    #[async_trait]
+    impl Remote for Busy {
+        async fn get_range(&self, key: &str, _: Range<u64>) -> RemoteResult<Bytes> {
+            if self.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(RemoteError::Transient {
+                    remote: "busy".into(),
+                    op: "get_range",
+                    key: key.into(),
+                    message: "429".into(),
+                    retry_after: Some(Duration::from_secs(5)),
+                });
+            }
+            Ok(Bytes::from_static(b"ok"))
+        }
+        async fn put(&self, _: &str, _: PutBody) -> RemoteResult<ObjectMeta> {
+            unimplemented!()
+        }
+        async fn head(&self, _: &str) -> RemoteResult<ObjectMeta> {
+            unimplemented!()
+        }
+        async fn list(&self, _: &str) -> RemoteResult<Vec<ObjectMeta>> {
+            unimplemented!()
+        }
+        async fn delete(&self, _: &str) -> RemoteResult<()> {
+            unimplemented!()
+        }
+        fn describe(&self) -> String {
+            "busy".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn honours_retry_after_and_gives_up_eventually() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            seed: Some(1),
+        };
+        let r = RetryingRemote::new(Arc::new(Busy { fail: AtomicU32::new(2) }), policy.clone());
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(&r.get_range("k", 0..2).await.unwrap()[..], b"ok");
+        assert!(t0.elapsed() >= Duration::from_secs(10), "{:?}", t0.elapsed());
+        let r = RetryingRemote::new(Arc::new(Busy { fail: AtomicU32::new(5) }), policy);
+        let e = r.get_range("k", 0..2).await.unwrap_err();
+        assert!(matches!(e, RemoteError::RetriesExhausted { attempts: 3, .. }), "{e}");
+        assert!(!e.is_retryable());
+    }
+}

@@ -1,0 +1,69 @@
+//! Counters of the tiered store and the snapshot the CLI shows
+//! (`driveblk status`, progress bars).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Live counters, bumped on the I/O paths.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub ram_hits: AtomicU64,
+    pub ssd_hits: AtomicU64,
+    pub zero_hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub remote_fetches: AtomicU64,
+    pub remote_bytes: AtomicU64,
+    pub fetch_errors: AtomicU64,
+    pub readahead_chunks: AtomicU64,
+    pub hydrate_total: AtomicU64,
+    pub hydrate_done: AtomicU64,
+    pub hydrating: AtomicBool,
+    pub hydrate_complete: AtomicBool,
+}
+
+impl Counters {
+    pub(crate) fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of the tiered store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierStats {
+    pub volume_id: String,
+    pub generation: u64,
+    pub image_len: u64,
+    pub chunk_size: u64,
+    /// Chunks covering the image.
+    pub chunks_total: u64,
+    /// Chunks in the SSD tier (clean + dirty).
+    pub chunks_cached: u64,
+    /// Chunks with local writes not uploaded yet.
+    pub chunks_dirty: u64,
+    /// Chunks pinned in RAM (metadata).
+    pub chunks_pinned: u64,
+    /// Chunks that need no fetch (zero in the manifest).
+    pub chunks_zero: u64,
+    pub ram_bytes: u64,
+    pub ram_cap: u64,
+    pub ssd_bytes: u64,
+    pub ssd_cap: u64,
+    /// Chunk-parts served from RAM / SSD / known zero.
+    pub ram_hits: u64,
+    pub ssd_hits: u64,
+    pub zero_hits: u64,
+    /// Chunk-parts that had to wait for the remote.
+    pub misses: u64,
+    /// Chunks fetched from the remote and bytes that crossed the link.
+    pub remote_fetches: u64,
+    pub remote_bytes: u64,
+    pub fetch_errors: u64,
+    pub readahead_chunks: u64,
+    pub ssd_evictions: u64,
+    /// Background hydration: running, chunks to do and done, finished.
+    pub hydrating: bool,
+    pub hydrate_total: u64,
+    pub hydrate_done: u64,
+    pub hydrated: bool,
+    /// Started from the cache's copy of the volume: the remote was down.
+    pub offline: bool,
+}

@@ -1,0 +1,684 @@
+//! The tiered store: a volume's image file served as [`Storage`] from RAM,
+//! then the SSD cache, then the remote. Misses are fetched on a tokio
+//! runtime the store owns (single-flight per chunk, many chunks in
+//! parallel); sequential streams read ahead; hydration fills the SSD tier
+//! in the background; metadata hinted by the format layer is pinned.
+//!
+//! Writes land in the SSD tier as dirty chunks (never evicted, kept across
+//! restarts). Uploading them to the remote is not implemented yet: until it
+//! is, a volume's local changes live only in its cache directory, and
+//! `volume::export` with that directory is how to get them out.
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::Semaphore;
+
+use super::ram::{ChunkBuf, RamCache};
+use super::readahead::Readahead;
+use super::single_flight::{Flight, SingleFlight};
+use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, ABSENT, DIRTY};
+use super::stats::{Counters, TierStats};
+use super::Storage;
+use crate::format::{IoMode, IoVec};
+use crate::volume::{CacheOptions, ChunkRef, VolumeError, VolumeReader, VolumeResult};
+
+type FetchResult = Result<ChunkBuf, SharedError>;
+
+/// A volume error shared by every waiter of one flight.
+#[derive(Clone, Debug)]
+pub struct SharedError(pub Arc<VolumeError>);
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
+    }
+}
+
+impl SharedError {
+    fn into_io(self) -> io::Error {
+        let kind = match &*self.0 {
+            VolumeError::CorruptChunk { .. } | VolumeError::CorruptManifest { .. } => io::ErrorKind::InvalidData,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, self)
+    }
+}
+
+/// One chunk's share of a request.
+#[derive(Clone, Copy)]
+struct Piece {
+    idx: u64,
+    /// Offset inside the chunk.
+    off: usize,
+    /// Offset inside the request's buffers.
+    buf_off: usize,
+    len: usize,
+}
+
+fn pieces(offset: u64, len: usize, cs: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut done = 0usize;
+    while done < len {
+        let pos = offset + done as u64;
+        let idx = pos / cs;
+        let off = (pos % cs) as usize;
+        let n = (cs as usize - off).min(len - done);
+        out.push(Piece { idx, off, buf_off: done, len: n });
+        done += n;
+    }
+    out
+}
+
+struct Inner {
+    vol: Arc<VolumeReader>,
+    handle: Handle,
+    ram: RamCache,
+    ssd: SsdCache,
+    flights: SingleFlight<u64, FetchResult>,
+    counters: Counters,
+    fetch_sem: Semaphore,
+    /// Guest misses waiting right now; hydration pauses while any are.
+    demand: AtomicUsize,
+    readahead: Readahead,
+    read_only: bool,
+    closed: AtomicBool,
+    cs: u64,
+    ram_cap: u64,
+    chunks_zero: u64,
+    hydrate_concurrency: usize,
+}
+
+/// The tiered RAM/SSD/remote store of one volume.
+pub struct TieredStore {
+    inner: Arc<Inner>,
+    rt: Option<Runtime>,
+    opened: Opened,
+}
+
+impl TieredStore {
+    /// Builds the store over an opened volume. `rt` becomes the store's
+    /// runtime (fetches, readahead, hydration, periodic state persists).
+    pub fn new(rt: Runtime, vol: Arc<VolumeReader>, opts: &CacheOptions) -> VolumeResult<Self> {
+        let cs = vol.chunk_size();
+        if opts.hydrate && opts.ssd_cache < vol.image_len() {
+            return Err(VolumeError::InvalidOptions(format!(
+                "hydrate needs an SSD cache at least as large as the image ({} bytes), but ssd_cache is {}",
+                vol.image_len(),
+                opts.ssd_cache
+            )));
+        }
+        let id = CacheIdentity {
+            volume_id: vol.header.volume_id.clone(),
+            generation: vol.manifest.generation,
+            chunk_size: cs,
+        };
+        let (ssd, opened) = SsdCache::open(&opts.cache_dir, id, vol.image_len(), opts.ssd_cache, OpenMode::Serve)?
+            .ok_or_else(|| VolumeError::Cache { dir: opts.cache_dir.clone(), reason: "could not be opened".into() })?;
+        if let Opened::Discarded(why) = &opened {
+            tracing::info!(dir = %opts.cache_dir.display(), %why, "started a fresh SSD cache");
+        }
+        let chunks_zero = (0..vol.chunk_count()).filter(|&i| vol.chunk_ref(i) == ChunkRef::Zero).count() as u64;
+        let inner = Arc::new(Inner {
+            handle: rt.handle().clone(),
+            ram: RamCache::new(opts.ram_cache, cs),
+            ssd,
+            flights: SingleFlight::default(),
+            counters: Counters::default(),
+            fetch_sem: Semaphore::new(opts.fetch_concurrency.max(1)),
+            demand: AtomicUsize::new(0),
+            readahead: Readahead::new(cs, opts.readahead_chunks),
+            read_only: opts.read_only,
+            closed: AtomicBool::new(false),
+            cs,
+            ram_cap: opts.ram_cache,
+            chunks_zero,
+            hydrate_concurrency: opts.hydrate_concurrency.max(1),
+            vol,
+        });
+        // Clean chunks fetched since the last flush are recorded every few
+        // seconds, so a restart after a crash still finds most of them.
+        let bg = inner.clone();
+        rt.spawn(async move {
+            while !bg.closed.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if bg.ssd.needs_persist() {
+                    let me = bg.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.ssd.persist()).await;
+                }
+            }
+        });
+        let store = Self { inner, rt: Some(rt), opened };
+        if opts.hydrate {
+            store.start_hydrate();
+        }
+        Ok(store)
+    }
+
+    /// What was found in the cache directory at open.
+    pub fn cache_opened(&self) -> &Opened {
+        &self.opened
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> TierStats {
+        let i = &self.inner;
+        let c = &i.counters;
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        TierStats {
+            volume_id: i.vol.header.volume_id.clone(),
+            generation: i.vol.manifest.generation,
+            image_len: i.ssd.len(),
+            chunk_size: i.cs,
+            chunks_total: i.ssd.chunk_count(),
+            chunks_cached: i.ssd.cached_chunks(),
+            chunks_dirty: i.ssd.dirty_chunks(),
+            chunks_pinned: i.ram.pinned_count(),
+            chunks_zero: i.chunks_zero,
+            ram_bytes: i.ram.bytes(),
+            ram_cap: i.ram_cap,
+            ssd_bytes: i.ssd.cached_chunks() * i.cs,
+            ssd_cap: i.ssd.cap(),
+            ram_hits: l(&c.ram_hits),
+            ssd_hits: l(&c.ssd_hits),
+            zero_hits: l(&c.zero_hits),
+            misses: l(&c.misses),
+            remote_fetches: l(&c.remote_fetches),
+            remote_bytes: l(&c.remote_bytes),
+            fetch_errors: l(&c.fetch_errors),
+            readahead_chunks: l(&c.readahead_chunks),
+            ssd_evictions: i.ssd.evictions(),
+            hydrating: c.hydrating.load(Ordering::Relaxed),
+            hydrate_total: l(&c.hydrate_total),
+            hydrate_done: l(&c.hydrate_done),
+            hydrated: c.hydrate_complete.load(Ordering::Relaxed),
+            offline: i.vol.offline,
+        }
+    }
+
+    /// The volume being served.
+    pub fn volume(&self) -> &VolumeReader {
+        &self.inner.vol
+    }
+
+    /// Starts background hydration (no-op if already running).
+    pub fn start_hydrate(&self) {
+        if self.inner.counters.hydrating.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.inner.clone();
+        self.inner.handle.spawn(me.hydrate());
+    }
+
+    /// Blocks until background hydration finishes or `timeout` passes, with
+    /// a progress bar on stderr when `progress`. Returns true when every
+    /// chunk is local.
+    pub fn wait_hydrated(&self, timeout: Duration, progress: bool) -> bool {
+        let bar = progress_bar(progress, self.stats().hydrate_total, "hydrate");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.stats();
+            bar.set_length(s.hydrate_total);
+            bar.set_position(s.hydrate_done);
+            if !s.hydrating || std::time::Instant::now() >= deadline {
+                bar.finish_and_clear();
+                return s.hydrated;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub(crate) fn progress_bar(on: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !on {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} ({eta})")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    b.set_style(style);
+    b.set_message(what.to_string());
+    b
+}
+
+impl Drop for TieredStore {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        // Stop the tasks first (fetches, readahead, hydration), so nothing
+        // installs chunks behind the final persist.
+        if let Some(rt) = self.rt.take() {
+            if Handle::try_current().is_ok() {
+                // Dropped inside some async context, where blocking on the
+                // shutdown is not allowed.
+                rt.shutdown_background();
+            } else {
+                rt.shutdown_timeout(Duration::from_secs(2));
+            }
+        }
+        if let Err(e) = self.inner.ssd.persist() {
+            tracing::warn!(error = %e, "could not persist the SSD cache state at close");
+        }
+        // Release the directory now, even if a task abandoned by a
+        // background shutdown still holds a reference for a moment.
+        self.inner.ssd.unlock();
+    }
+}
+
+impl Inner {
+    fn is_zero(&self, idx: u64) -> bool {
+        self.vol.chunk_ref(idx) == ChunkRef::Zero
+    }
+
+    fn zero_buf(&self) -> ChunkBuf {
+        Arc::new(RwLock::new(vec![0u8; self.cs as usize]))
+    }
+
+    /// Serves a piece from RAM, SSD or a known-zero chunk. Ok(false) means
+    /// it has to come from the remote.
+    fn serve_local(&self, p: Piece, buf: &IoVec<'_>, mode: IoMode) -> io::Result<bool> {
+        if let Some(b) = self.ram.get(p.idx) {
+            buf.copy_from_slice(0, &b.read()[p.off..p.off + p.len]);
+            Counters::inc(&self.counters.ram_hits);
+            return Ok(true);
+        }
+        let _g = self.ssd.lock_read(p.idx);
+        if self.ssd.state(p.idx) != ABSENT {
+            self.ssd.read(p.idx, p.off as u64, buf, mode)?;
+            Counters::inc(&self.counters.ssd_hits);
+            return Ok(true);
+        }
+        if self.is_zero(p.idx) {
+            buf.fill_zero(0, p.len);
+            Counters::inc(&self.counters.zero_hits);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The single flight fetching chunk `idx` (joining one that runs).
+    fn flight(self: &Arc<Self>, idx: u64, to_ram: bool) -> Flight<FetchResult> {
+        let me = self.clone();
+        self.flights.join(
+            &self.handle,
+            idx,
+            move || me.fetch_and_install(idx, to_ram),
+            || {
+                Err(SharedError(Arc::new(VolumeError::InvalidOptions(
+                    "chunk fetch was cancelled: the store is closing".into(),
+                ))))
+            },
+        )
+    }
+
+    /// The whole chunk: from RAM or SSD when it is already local (the
+    /// flight may have started just after another one installed it),
+    /// otherwise fetched, verified and installed in SSD (and RAM).
+    async fn fetch_and_install(self: Arc<Self>, idx: u64, to_ram: bool) -> FetchResult {
+        if let Some(b) = self.ram.get(idx) {
+            return Ok(b);
+        }
+        if self.ssd.state(idx) != ABSENT {
+            let me = self.clone();
+            let local = tokio::task::spawn_blocking(move || {
+                let _g = me.ssd.lock_read(idx);
+                if me.ssd.state(idx) != ABSENT {
+                    me.ssd.read_chunk(idx).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .await;
+            if let Ok(Ok(Some(v))) = local {
+                return Ok(Arc::new(RwLock::new(v)));
+            }
+        }
+        if self.is_zero(idx) {
+            return Ok(self.zero_buf());
+        }
+        let fetched = {
+            let _permit = self.fetch_sem.acquire().await;
+            self.vol.fetch_chunk(idx).await
+        };
+        let fetched = fetched.map_err(|e| {
+            Counters::inc(&self.counters.fetch_errors);
+            tracing::warn!(chunk = idx, error = %e, "chunk fetch failed");
+            SharedError(Arc::new(e))
+        })?;
+        Counters::inc(&self.counters.remote_fetches);
+        self.counters.remote_bytes.fetch_add(fetched.wire_bytes, Ordering::Relaxed);
+        let mut data = fetched.data;
+        data.resize(self.cs as usize, 0);
+        let buf: ChunkBuf = Arc::new(RwLock::new(data));
+        let me = self.clone();
+        let b2 = buf.clone();
+        let _ = tokio::task::spawn_blocking(move || me.install(idx, &b2, to_ram)).await;
+        Ok(buf)
+    }
+
+    /// Puts a fetched chunk in the SSD tier (and RAM), unless a write made
+    /// it local meanwhile — then the local copy is newer and wins.
+    fn install(&self, idx: u64, buf: &ChunkBuf, to_ram: bool) {
+        let _g = self.ssd.lock_write(idx);
+        if self.ssd.state(idx) != ABSENT {
+            return;
+        }
+        if let Err(e) = self.ssd.install_clean(idx, &buf.read()) {
+            // The read still succeeds from the fetched bytes; the cache just
+            // does not keep them.
+            tracing::warn!(chunk = idx, error = %e, "could not store a chunk in the SSD cache");
+        }
+        if to_ram {
+            self.ram.insert(idx, buf.clone());
+        }
+    }
+
+    /// Runs `fut` on the store's runtime and blocks this (non-runtime)
+    /// thread until it completes.
+    fn wait<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> io::Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().map_err(|_| io::Error::other("tiered store runtime has shut down"))
+    }
+
+    fn start_readahead(self: &Arc<Self>, offset: u64, len: u64) {
+        let ra = self.readahead.observe(offset, len);
+        let end = ra.end.min(self.vol.chunk_count());
+        for idx in ra.start..end {
+            if self.ram.get(idx).is_none() && self.ssd.state(idx) == ABSENT && !self.is_zero(idx) {
+                Counters::inc(&self.counters.readahead_chunks);
+                drop(self.flight(idx, true));
+            }
+        }
+    }
+
+    fn read(self: &Arc<Self>, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        let total = bufs.len();
+        if total == 0 {
+            return Ok(());
+        }
+        let len = self.ssd.len();
+        // Bytes at or past the end read as zeroes.
+        let inside = len.saturating_sub(offset).min(total as u64) as usize;
+        if inside < total {
+            bufs.fill_zero(inside, total - inside);
+        }
+        let mut misses = Vec::new();
+        for p in pieces(offset, inside, self.cs) {
+            if !self.serve_local(p, &bufs.slice(p.buf_off, p.len), mode)? {
+                misses.push(p);
+            }
+        }
+        self.start_readahead(offset, inside as u64);
+        if misses.is_empty() {
+            return Ok(());
+        }
+        let flights: Vec<_> = misses.iter().map(|p| self.flight(p.idx, true)).collect();
+        if mode == IoMode::NonBlocking {
+            // The fetches are under way; the blocking retry will join them
+            // (and count the misses, so a retried request counts once).
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.counters.misses.fetch_add(misses.len() as u64, Ordering::Relaxed);
+        self.demand.fetch_add(1, Ordering::SeqCst);
+        let results = self.wait(futures::future::join_all(flights));
+        self.demand.fetch_sub(1, Ordering::SeqCst);
+        for (p, r) in misses.into_iter().zip(results?) {
+            let sub = bufs.slice(p.buf_off, p.len);
+            // Prefer the tiers (a write may have landed since the fetch).
+            if self.serve_local(p, &sub, IoMode::Blocking)? {
+                continue;
+            }
+            let b = r.map_err(SharedError::into_io)?;
+            sub.copy_from_slice(0, &b.read()[p.off..p.off + p.len]);
+        }
+        Ok(())
+    }
+
+    fn write(self: &Arc<Self>, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "volume was opened read-only"));
+        }
+        let total = bufs.len();
+        let end = offset.checked_add(total as u64).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if total == 0 {
+            return Ok(());
+        }
+        let ps = pieces(offset, total, self.cs);
+        if mode == IoMode::NonBlocking {
+            // Only writes into chunks already dirty are plain local writes;
+            // anything else may fetch or fsync, so it goes to a worker.
+            if end > self.ssd.len() || ps.iter().any(|p| self.ssd.state(p.idx) != DIRTY) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        }
+        self.ssd.grow(end);
+        for p in ps {
+            let sub = bufs.slice(p.buf_off, p.len);
+            let whole = p.off == 0 && p.len as u64 == self.cs;
+            loop {
+                // The read half of read-modify-write, outside the lock.
+                let fill = if !whole && self.ssd.state(p.idx) == ABSENT {
+                    if self.is_zero(p.idx) {
+                        Some(self.zero_buf())
+                    } else {
+                        let f = self.flight(p.idx, false);
+                        Some(self.wait(f)?.map_err(SharedError::into_io)?)
+                    }
+                } else {
+                    None
+                };
+                let _g = self.ssd.lock_write(p.idx);
+                if !whole && fill.is_none() && self.ssd.state(p.idx) == ABSENT {
+                    // Evicted between the check and the lock: fetch again.
+                    continue;
+                }
+                {
+                    let fill_guard = fill.as_ref().map(|b| b.read());
+                    self.ssd.write(p.idx, p.off as u64, &sub, fill_guard.as_deref().map(|v| v.as_slice()))?;
+                }
+                // Keep a RAM copy (pinned metadata especially) current.
+                if let Some(rb) = self.ram.get(p.idx) {
+                    sub.copy_to_slice(0, &mut rb.write()[p.off..p.off + p.len]);
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes `[offset, offset + len)`: partial chunks through the write
+    /// path, whole chunks in batches by hole punching (no fetch, one persist
+    /// per batch).
+    fn write_zeroes(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "volume was opened read-only"));
+        }
+        let end = offset.checked_add(len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = self.cs;
+        let first_whole = offset.div_ceil(cs);
+        let last_whole = end / cs; // exclusive
+        let zero_part = |from: u64, to: u64| -> io::Result<()> {
+            if from < to {
+                let mut z = vec![0u8; (to - from) as usize];
+                self.write(from, &IoVec::from_slice(&mut z), IoMode::Blocking)?;
+            }
+            Ok(())
+        };
+        if first_whole >= last_whole {
+            // Inside one chunk (or straddling one boundary): no whole chunk.
+            let mid = (first_whole * cs).clamp(offset, end);
+            zero_part(offset, mid)?;
+            return zero_part(mid, end);
+        }
+        zero_part(offset, first_whole * cs)?;
+        self.ssd.grow(end);
+        let mut a = first_whole;
+        while a < last_whole {
+            let b = (a + SsdCache::MAX_BATCH).min(last_whole);
+            let _locks = self.ssd.lock_many(a..b);
+            self.ssd.zero_chunks(a..b)?;
+            for idx in a..b {
+                if let Some(rb) = self.ram.get(idx) {
+                    rb.write().fill(0);
+                }
+            }
+            a = b;
+        }
+        zero_part(last_whole * cs, end)
+    }
+
+    fn hint_metadata(self: &Arc<Self>, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
+        let len = self.ssd.len();
+        let mut idxs: Vec<u64> = Vec::new();
+        for r in ranges {
+            let end = r.end.min(len);
+            if r.start >= end {
+                continue;
+            }
+            idxs.extend(r.start / self.cs..=(end - 1) / self.cs);
+        }
+        idxs.sort_unstable();
+        idxs.dedup();
+        idxs.retain(|&i| !self.ram.is_pinned(i));
+        let flights: Vec<_> = idxs.iter().map(|&i| self.flight(i, false)).collect();
+        let results = self.wait(futures::future::join_all(flights))?;
+        for (idx, r) in idxs.into_iter().zip(results) {
+            let fetched = r.map_err(SharedError::into_io)?;
+            let _g = self.ssd.lock_write(idx);
+            // Under the lock, take the newest copy: RAM, then SSD, then what
+            // was fetched (a write could have landed since the fetch).
+            let b = if let Some(rb) = self.ram.get(idx) {
+                rb
+            } else if self.ssd.state(idx) != ABSENT {
+                Arc::new(RwLock::new(self.ssd.read_chunk(idx)?))
+            } else {
+                fetched
+            };
+            self.ram.pin(idx, b);
+            self.ssd.set_pinned(idx);
+        }
+        Ok(())
+    }
+
+    /// Background hydration: every chunk not yet local, in order, a few at
+    /// a time, pausing whenever a guest miss is waiting.
+    async fn hydrate(self: Arc<Self>) {
+        let todo: Vec<u64> =
+            (0..self.vol.chunk_count()).filter(|&i| self.ssd.state(i) == ABSENT && !self.is_zero(i)).collect();
+        self.counters.hydrate_total.store(todo.len() as u64, Ordering::Relaxed);
+        let sem = Arc::new(Semaphore::new(self.hydrate_concurrency));
+        let mut set = tokio::task::JoinSet::new();
+        let mut failed = false;
+        for (n, idx) in todo.into_iter().enumerate() {
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            while self.demand.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let Ok(permit) = sem.clone().acquire_owned().await else { return };
+            let f = self.flight(idx, false);
+            let me = self.clone();
+            set.spawn(async move {
+                let ok = f.await.is_ok();
+                drop(permit);
+                if ok {
+                    Counters::inc(&me.counters.hydrate_done);
+                }
+                ok
+            });
+            while let Some(r) = set.try_join_next() {
+                failed |= !r.unwrap_or(false);
+            }
+            if n % 256 == 255 {
+                let me = self.clone();
+                let _ = tokio::task::spawn_blocking(move || me.ssd.persist()).await;
+            }
+        }
+        while let Some(r) = set.join_next().await {
+            failed |= !r.unwrap_or(false);
+        }
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.ssd.persist()).await;
+        self.counters.hydrate_complete.store(!failed, Ordering::SeqCst);
+        self.counters.hydrating.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Storage for TieredStore {
+    fn len(&self) -> u64 {
+        self.inner.ssd.len()
+    }
+
+    fn read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        self.inner.read(offset, bufs, mode)
+    }
+
+    fn write_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        self.inner.write(offset, bufs, mode)
+    }
+
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let old = self.inner.ssd.len();
+        if len < old {
+            // Zero what is cut off, so growing again later reads zeroes.
+            self.write_zeroes_at(len, old - len)?;
+        }
+        self.inner.ssd.set_len(len);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.inner.ssd.persist()
+    }
+
+    fn hint_metadata(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
+        self.inner.hint_metadata(ranges)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "volume {} (generation {}) cached in {}",
+            self.inner.vol.url,
+            self.inner.vol.manifest.generation,
+            self.inner.ssd.dir().display()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_chunk_bounds() {
+        let p = pieces(1000, 5000, 4096);
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].idx, p[0].off, p[0].buf_off, p[0].len), (0, 1000, 0, 3096));
+        assert_eq!((p[1].idx, p[1].off, p[1].buf_off, p[1].len), (1, 0, 3096, 1904));
+    }
+}

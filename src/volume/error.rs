@@ -1,0 +1,82 @@
+//! Volume errors: each names the volume or object that is wrong and, where
+//! there is one, what the user can do about it.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::remote::url::UrlError;
+use crate::remote::RemoteError;
+
+/// Result alias for volume operations.
+pub type VolumeResult<T> = Result<T, VolumeError>;
+
+/// Why a volume operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Url(#[from] UrlError),
+
+    #[error("no volume at {url}: volume.json not found — create one with `driveblk import` or `driveblk attach`")]
+    NotFound { url: String },
+
+    #[error("a volume already exists at {url} — choose another name, or delete that folder first")]
+    AlreadyExists { url: String },
+
+    #[error("volume header {url}/volume.json is unusable: {reason}")]
+    BadHeader { url: String, reason: String },
+
+    #[error("volume {url} has no committed generation (no gen-* manifest): it was created by an import that did not finish — delete the folder and import again")]
+    NoGeneration { url: String },
+
+    #[error("manifest {key} of volume {url} is corrupt: {reason} — the remote copy is damaged; restore it from a backup or re-import the image")]
+    CorruptManifest { url: String, key: String, reason: String },
+
+    #[error("chunk {chunk} of volume {url} (in {key} at offset {offset}) is corrupt: {reason} — the pack is damaged; no data was returned for it")]
+    CorruptChunk { url: String, chunk: u64, key: String, offset: u64, reason: String },
+
+    #[error("base image {base} of volume {url} changed since the volume was attached ({what}) — the volume's view of it would silently shift; re-attach it")]
+    BaseChanged { url: String, base: String, what: String },
+
+    #[error("{context}: {source}")]
+    Remote {
+        context: String,
+        #[source]
+        source: Box<RemoteError>,
+    },
+
+    #[error("{context} {}: {source}", path.display())]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("cache directory {}: {reason}", dir.display())]
+    Cache { dir: PathBuf, reason: String },
+
+    #[error("invalid option: {0}")]
+    InvalidOptions(String),
+}
+
+impl VolumeError {
+    /// Wraps a remote error with what was being done.
+    pub fn remote(context: impl Into<String>, source: RemoteError) -> Self {
+        VolumeError::Remote { context: context.into(), source: Box::new(source) }
+    }
+
+    /// Wraps a local I/O error with what and where.
+    pub fn io(context: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        VolumeError::Io { context, path: path.into(), source }
+    }
+
+    /// Converts for the `Storage` seam, keeping this error as the source.
+    pub fn into_io(self) -> io::Error {
+        let kind = match &self {
+            VolumeError::Io { source, .. } => source.kind(),
+            VolumeError::CorruptChunk { .. } | VolumeError::CorruptManifest { .. } => io::ErrorKind::InvalidData,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, self)
+    }
+}

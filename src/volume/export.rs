@@ -1,0 +1,123 @@
+//! Exporting a volume to a standalone image file: the committed chunks from
+//! the remote, overlaid with the local cache's chunks when its directory is
+//! given (which is how writes not uploaded yet get out).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+
+use super::reader::VolumeReader;
+use super::{runtime, ChunkRef, RemoteOptions, VolumeError, VolumeResult};
+use crate::remote::RemoteUrl;
+use crate::tier::ssd::{CacheIdentity, OpenMode, SsdCache, ABSENT, DIRTY};
+
+/// Options for [`export`].
+#[derive(Clone, Debug, Default)]
+pub struct ExportOptions {
+    /// The volume's cache directory: its dirty chunks (local writes not yet
+    /// uploaded) are included, and its clean chunks save downloads. The
+    /// daemon serving the volume must be stopped (the directory is locked).
+    pub cache_dir: Option<PathBuf>,
+    /// Parallel chunk fetches.
+    pub parallel: usize,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+    pub remote: RemoteOptions,
+}
+
+/// What an export did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// Length of the written file.
+    pub bytes: u64,
+    pub chunks_from_remote: u64,
+    pub chunks_from_cache: u64,
+    /// Of those from the cache, how many held local writes.
+    pub dirty_chunks: u64,
+    /// Chunks left as holes.
+    pub zero_chunks: u64,
+}
+
+/// Writes the image file of the volume at `url` to `file` (via a temp name
+/// and rename, so `file` is either the complete image or untouched).
+pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<ExportSummary> {
+    let u = RemoteUrl::parse(url)?;
+    let rt = runtime("driveblk-export")?;
+    let reader = rt.block_on(VolumeReader::open(&u, &opts.remote))?;
+    let cache = match &opts.cache_dir {
+        None => None,
+        Some(dir) => {
+            let id = CacheIdentity {
+                volume_id: reader.header.volume_id.clone(),
+                generation: reader.manifest.generation,
+                chunk_size: reader.chunk_size(),
+            };
+            let c = SsdCache::open(dir, id, reader.image_len(), u64::MAX, OpenMode::Inspect)?;
+            if c.is_none() {
+                tracing::warn!(dir = %dir.display(), "cache directory holds nothing for this volume; exporting the remote copy only");
+            }
+            c.map(|(c, _)| c)
+        }
+    };
+    let len = cache.as_ref().map_or(reader.image_len(), |c| c.len());
+    let cs = reader.chunk_size();
+    let tmp = file
+        .with_file_name(format!(".{}.driveblk-partial", file.file_name().and_then(|n| n.to_str()).unwrap_or("export")));
+    let out = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&tmp)
+        .map_err(|e| VolumeError::io("creating", &tmp, e))?;
+    // Sparse: chunks never written stay holes and read as zeroes.
+    out.set_len(len).map_err(|e| VolumeError::io("sizing", &tmp, e))?;
+    let nchunks = len.div_ceil(cs);
+    let bar = crate::tier::tiered::progress_bar(opts.progress, nchunks, "export");
+    let mut sum = ExportSummary { bytes: len, ..Default::default() };
+    let write = |idx: u64, data: &[u8]| -> VolumeResult<()> {
+        let n = (len - idx * cs).min(cs) as usize;
+        let data = &data[..n.min(data.len())];
+        if data.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        out.write_all_at(data, idx * cs).map_err(|e| VolumeError::io("writing", &tmp, e))
+    };
+    let mut remote_idx = Vec::new();
+    for idx in 0..nchunks {
+        match cache.as_ref().map(|c| c.state(idx)) {
+            Some(st) if st != ABSENT => {
+                let c = cache.as_ref().expect("checked");
+                let data = c.read_chunk(idx).map_err(|e| VolumeError::io("reading cache of", c.dir(), e))?;
+                write(idx, &data)?;
+                sum.chunks_from_cache += 1;
+                sum.dirty_chunks += (st == DIRTY) as u64;
+                bar.inc(1);
+            }
+            _ if reader.chunk_ref(idx) == ChunkRef::Zero => {
+                sum.zero_chunks += 1;
+                bar.inc(1);
+            }
+            _ => remote_idx.push(idx),
+        }
+    }
+    let parallel = if opts.parallel == 0 { 8 } else { opts.parallel };
+    rt.block_on(async {
+        let r = &reader;
+        let mut s = futures::stream::iter(remote_idx)
+            .map(|idx| async move { (idx, r.fetch_chunk(idx).await) })
+            .buffered(parallel);
+        while let Some((idx, res)) = s.next().await {
+            write(idx, &res?.data)?;
+            sum.chunks_from_remote += 1;
+            bar.inc(1);
+        }
+        Ok::<(), VolumeError>(())
+    })?;
+    bar.finish_and_clear();
+    out.sync_all().map_err(|e| VolumeError::io("syncing", &tmp, e))?;
+    drop(out);
+    std::fs::rename(&tmp, file).map_err(|e| VolumeError::io("renaming export into place at", file, e))?;
+    Ok(sum)
+}

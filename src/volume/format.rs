@@ -1,0 +1,317 @@
+//! On-remote structures of a volume (see docs/format.md): the immutable
+//! `volume.json` header, `gen-<N>` manifests and the naming of objects.
+//! Pure data and (de)serialisation; no I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Version of the volume format this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// `format` field of `volume.json`.
+pub const HEADER_MAGIC: &str = "driveblk-volume";
+/// `format` field of a manifest.
+pub const MANIFEST_MAGIC: &str = "driveblk-manifest";
+/// Key of the volume header.
+pub const HEADER_KEY: &str = "volume.json";
+/// Key prefix of manifests.
+pub const GEN_PREFIX: &str = "gen-";
+/// Key prefix of packs.
+pub const PACK_PREFIX: &str = "pack-";
+/// Default chunk size: large enough that a 40 GB image is ~40k chunks and a
+/// manifest stays a few MB, small enough that a 4 KiB miss costs one
+/// quick ranged read.
+pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
+/// Smallest and largest chunk sizes accepted (powers of two).
+pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+
+/// How chunks inside packs are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Zstd,
+}
+
+/// The existing image file a volume layers over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseRef {
+    /// Remote URL of the file, e.g. `dir:/mnt/drive/win10.qcow2`.
+    pub url: String,
+    /// Its size when the volume was attached.
+    pub size: u64,
+    /// Its version stamp then (dir: mtime); a change means the file was
+    /// modified and the volume's view of it would silently shift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// `volume.json`: written once when the volume is created, never changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeHeader {
+    pub format: String,
+    pub version: u32,
+    /// Random 128-bit id, hex; ties caches and manifests to this volume.
+    pub volume_id: String,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Length of the image file at creation (generations may change it).
+    pub image_len: u64,
+    pub chunk_size: u64,
+    pub compression: Compression,
+    /// Only "none" for now.
+    pub encryption: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRef>,
+}
+
+impl VolumeHeader {
+    /// A new header with a fresh id.
+    pub fn new(image_len: u64, chunk_size: u64, base: Option<BaseRef>) -> Self {
+        Self {
+            format: HEADER_MAGIC.into(),
+            version: FORMAT_VERSION,
+            volume_id: hex::encode(rand::random::<[u8; 16]>()),
+            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            image_len,
+            chunk_size,
+            compression: Compression::Zstd,
+            encryption: "none".into(),
+            base,
+        }
+    }
+
+    /// Checks the fields a reader relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format != HEADER_MAGIC {
+            return Err(format!("format is {:?}, expected {HEADER_MAGIC:?}", self.format));
+        }
+        if self.version != FORMAT_VERSION {
+            return Err(format!(
+                "format version {} is not supported (this driveblk reads version {FORMAT_VERSION})",
+                self.version
+            ));
+        }
+        check_chunk_size(self.chunk_size)?;
+        if self.encryption != "none" {
+            return Err(format!("encryption {:?} is not supported", self.encryption));
+        }
+        if self.volume_id.len() != 32 || hex::decode(&self.volume_id).is_err() {
+            return Err(format!("volume_id {:?} is not 32 hex digits", self.volume_id));
+        }
+        Ok(())
+    }
+
+    /// Serialises as pretty JSON (the header is meant to be read by people).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("header serialises");
+        v.push(b'\n');
+        v
+    }
+
+    /// Parses and validates.
+    pub fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        let h: Self = serde_json::from_slice(b).map_err(|e| format!("not valid JSON for a volume header: {e}"))?;
+        h.validate()?;
+        Ok(h)
+    }
+}
+
+/// Checks that a chunk size is a power of two within bounds.
+pub fn check_chunk_size(cs: u64) -> Result<(), String> {
+    if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+        return Err(format!("chunk size {cs} must be a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}"));
+    }
+    Ok(())
+}
+
+/// Where one chunk's bytes come from in a generation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkRef {
+    /// All zeroes; nothing stored.
+    Zero,
+    /// The same byte range of the base image file.
+    Base,
+    /// A zstd frame inside a pack.
+    Packed {
+        /// Index into [`Manifest::packs`].
+        pack: u32,
+        /// Byte offset of the compressed frame in the pack.
+        offset: u64,
+        /// Compressed length.
+        len: u64,
+        /// Hex sha256 of the uncompressed chunk.
+        sha256: String,
+    },
+}
+
+/// `gen-<N>`: the chunk map of one committed generation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub volume_id: String,
+    pub generation: u64,
+    /// Image length in this generation.
+    pub image_len: u64,
+    pub chunk_size: u64,
+    /// Pack keys referenced by `chunks`.
+    pub packs: Vec<String>,
+    /// Chunks not listed are [`ChunkRef::Base`] when the volume has a base,
+    /// [`ChunkRef::Zero`] otherwise — so an attach writes an empty map and a
+    /// sparse import lists only its data.
+    pub chunks: BTreeMap<u64, ChunkRef>,
+}
+
+impl Manifest {
+    /// An empty manifest for `header`.
+    pub fn new(header: &VolumeHeader, generation: u64) -> Self {
+        Self {
+            format: MANIFEST_MAGIC.into(),
+            version: FORMAT_VERSION,
+            volume_id: header.volume_id.clone(),
+            generation,
+            image_len: header.image_len,
+            chunk_size: header.chunk_size,
+            packs: Vec::new(),
+            chunks: BTreeMap::new(),
+        }
+    }
+
+    /// Number of chunks covering the image.
+    pub fn chunk_count(&self) -> u64 {
+        self.image_len.div_ceil(self.chunk_size)
+    }
+
+    /// Where chunk `idx` comes from; chunks past the end are zero.
+    pub fn chunk(&self, idx: u64, has_base: bool) -> ChunkRef {
+        match self.chunks.get(&idx) {
+            Some(r) => r.clone(),
+            None if has_base && idx < self.chunk_count() => ChunkRef::Base,
+            None => ChunkRef::Zero,
+        }
+    }
+
+    /// Serialises: one line of compact JSON, then `sha256:<hex of that
+    /// line>`. The trailer catches truncation and bit rot that would still
+    /// parse as JSON.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut body = serde_json::to_vec(self).expect("manifest serialises");
+        let sum = hex::encode(Sha256::digest(&body));
+        body.push(b'\n');
+        body.extend_from_slice(b"sha256:");
+        body.extend_from_slice(sum.as_bytes());
+        body.push(b'\n');
+        body
+    }
+
+    /// Verifies the trailer, parses, and checks the manifest against the
+    /// volume header and the generation its key names.
+    pub fn from_bytes(b: &[u8], header: &VolumeHeader, generation: u64) -> Result<Self, String> {
+        let text = b.strip_suffix(b"\n").ok_or("truncated: missing final newline")?;
+        let split = text.iter().rposition(|&c| c == b'\n').ok_or("truncated: missing sha256 trailer line")?;
+        let (body, trailer) = (&text[..split], &text[split + 1..]);
+        let want = trailer.strip_prefix(b"sha256:").ok_or("malformed sha256 trailer line")?;
+        let got = hex::encode(Sha256::digest(body));
+        if want != got.as_bytes() {
+            return Err(format!(
+                "checksum mismatch (trailer {}, content hashes to {got})",
+                String::from_utf8_lossy(want)
+            ));
+        }
+        let m: Self = serde_json::from_slice(body).map_err(|e| format!("not valid JSON for a manifest: {e}"))?;
+        if m.format != MANIFEST_MAGIC || m.version != FORMAT_VERSION {
+            return Err(format!(
+                "format {:?} version {} is not {MANIFEST_MAGIC:?} version {FORMAT_VERSION}",
+                m.format, m.version
+            ));
+        }
+        if m.volume_id != header.volume_id {
+            return Err(format!("belongs to volume {}, not {}", m.volume_id, header.volume_id));
+        }
+        if m.generation != generation {
+            return Err(format!("says generation {} but is stored as generation {generation}", m.generation));
+        }
+        if m.chunk_size != header.chunk_size {
+            return Err(format!("chunk size {} differs from the header's {}", m.chunk_size, header.chunk_size));
+        }
+        let n = m.chunk_count();
+        for (idx, r) in &m.chunks {
+            if *idx >= n {
+                return Err(format!("chunk {idx} lies past the image end ({n} chunks)"));
+            }
+            if let ChunkRef::Packed { pack, len, sha256, .. } = r {
+                if *pack as usize >= m.packs.len() {
+                    return Err(format!("chunk {idx} names pack #{pack}, but only {} packs are listed", m.packs.len()));
+                }
+                if *len == 0 || *len > 2 * m.chunk_size + 4096 || sha256.len() != 64 {
+                    return Err(format!("chunk {idx} has an implausible entry (len {len}, sha256 {sha256:?})"));
+                }
+            }
+            if *r == ChunkRef::Base && header.base.is_none() {
+                return Err(format!("chunk {idx} refers to a base, but the volume has none"));
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Key of generation `n`'s manifest; zero-padded so keys sort by number.
+pub fn gen_key(n: u64) -> String {
+    format!("{GEN_PREFIX}{n:020}")
+}
+
+/// Parses a manifest key back into its generation number.
+pub fn parse_gen_key(key: &str) -> Option<u64> {
+    let digits = key.strip_prefix(GEN_PREFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// A fresh pack key for generation `generation`: sortable by generation,
+/// random within it so an aborted upload never collides with its retry.
+pub fn new_pack_key(generation: u64) -> String {
+    format!("{PACK_PREFIX}{generation:020}-{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_roundtrip_and_corruption() {
+        let h = VolumeHeader::new(10 << 20, DEFAULT_CHUNK_SIZE, None);
+        let mut m = Manifest::new(&h, 3);
+        m.packs.push(new_pack_key(3));
+        m.chunks.insert(2, ChunkRef::Packed { pack: 0, offset: 0, len: 10, sha256: "a".repeat(64) });
+        m.chunks.insert(4, ChunkRef::Zero);
+        let b = m.to_bytes();
+        assert_eq!(Manifest::from_bytes(&b, &h, 3).unwrap(), m);
+        assert!(Manifest::from_bytes(&b, &h, 4).is_err());
+        let mut bad = b.clone();
+        bad[20] ^= 1;
+        assert!(Manifest::from_bytes(&bad, &h, 3).unwrap_err().contains("checksum"));
+        assert!(Manifest::from_bytes(&b[..b.len() - 10], &h, 3).is_err());
+        assert_eq!(m.chunk(2, false), m.chunks[&2]);
+        assert_eq!(m.chunk(3, true), ChunkRef::Base);
+        assert_eq!(m.chunk(3, false), ChunkRef::Zero);
+        assert_eq!(parse_gen_key(&gen_key(42)), Some(42));
+        assert_eq!(parse_gen_key("gen-12"), None);
+        assert!(gen_key(9) < gen_key(10));
+    }
+
+    #[test]
+    fn header_validation() {
+        let h = VolumeHeader::new(1, DEFAULT_CHUNK_SIZE, None);
+        assert_eq!(VolumeHeader::from_bytes(&h.to_bytes()).unwrap(), h);
+        let mut h2 = h.clone();
+        h2.version = 99;
+        assert!(VolumeHeader::from_bytes(&h2.to_bytes()).unwrap_err().contains("version 99"));
+        assert!(VolumeHeader::from_bytes(b"{").is_err());
+        assert!(check_chunk_size(3 << 20).is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! Creating volumes: `import` uploads an image file as packs plus
+//! generation 1; `attach` makes a volume over an image file already on the
+//! remote, uploading nothing but the header and an empty manifest.
+//!
+//! Order of writes (so a crash never publishes a reference to missing
+//! data): every pack, then `volume.json`, then `gen-1` last.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+
+use super::format::{
+    check_chunk_size, gen_key, new_pack_key, BaseRef, ChunkRef, Manifest, VolumeHeader, HEADER_KEY, PACK_PREFIX,
+};
+use super::pack::PackWriter;
+use super::reader::{connect, VolumeReader};
+use super::{runtime, RemoteOptions, VolumeError, VolumeInfo, VolumeResult, DEFAULT_CHUNK_SIZE};
+use crate::remote::{DynRemote, PutBody, RemoteUrl};
+
+/// Options for [`import`].
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    pub chunk_size: u64,
+    /// Target pack size; a pack is uploaded once it reaches this.
+    pub pack_size: u64,
+    /// Packs uploading at once.
+    pub parallel_uploads: usize,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+    pub remote: RemoteOptions,
+}
+
+impl Default for ImportOptions {
+    /// 1 MiB chunks in 64 MiB packs, 2 uploads at a time, no progress bar.
+    fn default() -> Self {
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            pack_size: 64 << 20,
+            parallel_uploads: 2,
+            progress: false,
+            remote: RemoteOptions::default(),
+        }
+    }
+}
+
+/// Options for [`attach`].
+#[derive(Clone, Debug, Default)]
+pub struct AttachOptions {
+    /// 0 means the default (1 MiB).
+    pub chunk_size: u64,
+    pub remote: RemoteOptions,
+}
+
+/// Refuses to create a volume where one exists; clears packs left behind
+/// by an import that died before writing its header (nothing refers to
+/// them).
+async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<()> {
+    match remote.head(HEADER_KEY).await {
+        Ok(_) => return Err(VolumeError::AlreadyExists { url: url.to_string() }),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(VolumeError::remote(format!("checking {url}/{HEADER_KEY}"), e)),
+    }
+    let stale = remote.list(PACK_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {url}"), e))?;
+    for m in stale {
+        tracing::info!(key = %m.key, "removing a pack left by an interrupted import");
+        remote.delete(&m.key).await.map_err(|e| VolumeError::remote(format!("deleting stale {url}/{}", m.key), e))?;
+    }
+    Ok(())
+}
+
+/// Writes the header, then the manifest (the commit point).
+async fn commit_new(remote: &DynRemote, url: &str, header: &VolumeHeader, manifest: &Manifest) -> VolumeResult<()> {
+    remote
+        .put(HEADER_KEY, PutBody::from_bytes(header.to_bytes()))
+        .await
+        .map_err(|e| VolumeError::remote(format!("writing {url}/{HEADER_KEY}"), e))?;
+    let key = gen_key(manifest.generation);
+    remote
+        .put(&key, PutBody::from_bytes(manifest.to_bytes()))
+        .await
+        .map_err(|e| VolumeError::remote(format!("committing {url}/{key}"), e))?;
+    Ok(())
+}
+
+/// Uploads the image file at `image` as a new volume at `url`: chunks it,
+/// skips all-zero chunks, compresses each chunk on its own into packs,
+/// uploads them, then commits generation 1. The image's bytes are stored
+/// as they are (a qcow2 file stays a qcow2 file).
+pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<VolumeInfo> {
+    check_chunk_size(opts.chunk_size).map_err(VolumeError::InvalidOptions)?;
+    let u = RemoteUrl::parse(url)?;
+    let url_s = u.to_string();
+    let mut file = File::open(image).map_err(|e| VolumeError::io("opening image", image, e))?;
+    let image_len = file.metadata().map_err(|e| VolumeError::io("reading size of", image, e))?.len();
+    let rt = runtime("driveblk-import")?;
+    let remote = connect(u.folder(), &opts.remote);
+    rt.block_on(prepare_new(&remote, &url_s))?;
+
+    let header = VolumeHeader::new(image_len, opts.chunk_size, None);
+    let mut manifest = Manifest::new(&header, 1);
+    let bar = crate::tier::tiered::progress_bar(opts.progress, image_len, "import");
+    let cs = opts.chunk_size as usize;
+    let mut buf = vec![0u8; cs];
+    let mut pack = PackWriter::new();
+    let mut uploads: JoinSet<VolumeResult<()>> = JoinSet::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel_uploads.max(1)));
+    let mut idx = 0u64;
+    let mut pos = 0u64;
+    // Ships the current pack in the background; at most
+    // `parallel_uploads` are in memory and in flight at once.
+    let ship = |pack: PackWriter,
+                manifest: &mut Manifest,
+                uploads: &mut JoinSet<VolumeResult<()>>|
+     -> VolumeResult<()> {
+        let key = manifest.packs.last().cloned().expect("pack key registered before its chunks");
+        let permit = rt
+            .block_on(sem.clone().acquire_owned())
+            .map_err(|_| VolumeError::InvalidOptions("upload limiter closed".into()))?;
+        let remote = remote.clone();
+        let url = url_s.clone();
+        let body = PutBody::from_bytes(pack.finish());
+        uploads.spawn_on(
+            async move {
+                let r =
+                    remote.put(&key, body).await.map_err(|e| VolumeError::remote(format!("uploading {url}/{key}"), e));
+                drop(permit);
+                r.map(|_| ())
+            },
+            rt.handle(),
+        );
+        Ok(())
+    };
+    while pos < image_len {
+        let n = (image_len - pos).min(cs as u64) as usize;
+        file.read_exact(&mut buf[..n]).map_err(|e| VolumeError::io("reading image", image, e))?;
+        let data = &buf[..n];
+        if data.iter().any(|&b| b != 0) {
+            if pack.is_empty() {
+                manifest.packs.push(new_pack_key(1));
+            }
+            let pc = pack.add(data).map_err(|e| VolumeError::io("compressing a chunk of", image, e))?;
+            let pack_no = (manifest.packs.len() - 1) as u32;
+            manifest
+                .chunks
+                .insert(idx, ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, sha256: pc.sha256 });
+            if pack.len() as u64 >= opts.pack_size {
+                ship(std::mem::take(&mut pack), &mut manifest, &mut uploads)?;
+            }
+        }
+        // Reap finished uploads early so a failure stops the import soon.
+        while let Some(r) = uploads.try_join_next() {
+            r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+        }
+        pos += n as u64;
+        idx += 1;
+        bar.set_position(pos);
+    }
+    if !pack.is_empty() {
+        ship(pack, &mut manifest, &mut uploads)?;
+    }
+    rt.block_on(async {
+        while let Some(r) = uploads.join_next().await {
+            r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+        }
+        Ok::<(), VolumeError>(())
+    })?;
+    bar.finish_and_clear();
+    // Every pack is durable on the remote; only now publish the volume.
+    rt.block_on(commit_new(&remote, &url_s, &header, &manifest))?;
+    let r = rt.block_on(VolumeReader::open(&u, &opts.remote))?;
+    Ok(VolumeInfo::from_reader(&r))
+}
+
+/// Creates a volume at `volume_url` whose base is the image file at
+/// `base_url` on the remote: every chunk reads from that file until
+/// written. Nothing is uploaded but `volume.json` and an empty `gen-1`.
+pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeResult<VolumeInfo> {
+    let cs = if opts.chunk_size == 0 { DEFAULT_CHUNK_SIZE } else { opts.chunk_size };
+    check_chunk_size(cs).map_err(VolumeError::InvalidOptions)?;
+    let bu = RemoteUrl::parse(base_url)?;
+    let vu = RemoteUrl::parse(volume_url)?;
+    let rt = runtime("driveblk-attach")?;
+    rt.block_on(async {
+        let (backend, key) = bu.object();
+        let base_remote = connect(backend, &opts.remote);
+        let meta = base_remote.head(&key).await.map_err(|e| VolumeError::remote(format!("base image {bu}"), e))?;
+        let remote = connect(vu.folder(), &opts.remote);
+        let url_s = vu.to_string();
+        prepare_new(&remote, &url_s).await?;
+        let base = BaseRef { url: bu.to_string(), size: meta.size, version: meta.version };
+        let header = VolumeHeader::new(meta.size, cs, Some(base));
+        let manifest = Manifest::new(&header, 1);
+        commit_new(&remote, &url_s, &header, &manifest).await?;
+        let r = VolumeReader::open(&vu, &opts.remote).await?;
+        Ok(VolumeInfo::from_reader(&r))
+    })
+}

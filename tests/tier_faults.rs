@@ -1,0 +1,219 @@
+//! The tiered store under failure: corrupt packs and manifests are
+//! reported (never served), transient remote faults are retried away, a
+//! dead remote still serves what is cached, and concurrent misses on one
+//! chunk make one fetch.
+
+#[path = "tier_support/mod.rs"]
+mod support;
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use driveblk::format::{IoMode, IoVec};
+use driveblk::remote::{FaultPlan, RemoteMetrics, Shaping};
+use driveblk::tier::Storage;
+use driveblk::volume::{self, ChunkRef, ImportOptions, VolumeError};
+use support::*;
+
+fn imported(d: &std::path::Path, len: usize, seed: u64) -> (String, Vec<u8>) {
+    let (src, bytes) = raw_image(d, "src.raw", len, seed);
+    let vurl = url(&d.join("remote/vol"));
+    volume::import(&src, &vurl, &ImportOptions { chunk_size: CS, pack_size: 1 << 20, ..Default::default() }).unwrap();
+    (vurl, bytes)
+}
+
+fn first_packed(s: &driveblk::tier::TieredStore) -> (u64, String, u64, u64) {
+    let v = s.volume();
+    (0..v.chunk_count())
+        .find_map(|i| match v.chunk_ref(i) {
+            ChunkRef::Packed { pack, offset, len, .. } => {
+                Some((i, v.manifest.packs[pack as usize].clone(), offset, len))
+            }
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn corrupt_pack_byte_is_detected_and_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, bytes) = imported(d.path(), 4 << 20, 11);
+    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
+    let (idx, pack, offset, len) = first_packed(&s);
+    let p = d.path().join("remote/vol").join(&pack);
+    let mut raw = std::fs::read(&p).unwrap();
+    raw[(offset + len / 2) as usize] ^= 0x10;
+    std::fs::write(&p, &raw).unwrap();
+
+    let mut b = vec![0xAAu8; 8192];
+    let e = s.read_vectored_at(idx * CS, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    let msg = e.to_string();
+    assert!(msg.contains(&format!("chunk {idx}")) && msg.contains("corrupt") && msg.contains(&pack), "{msg}");
+    // Bad data is neither returned nor cached.
+    assert!(b.iter().all(|&x| x == 0xAA));
+    assert_eq!(s.stats().chunks_cached, 0);
+    assert!(s.stats().fetch_errors >= 1);
+    // Other chunks still read fine.
+    let other = (0..s.volume().chunk_count())
+        .rev()
+        .find(|&i| matches!(s.volume().chunk_ref(i), ChunkRef::Packed { .. }) && i != idx)
+        .unwrap();
+    s.read_vectored_at(other * CS, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+    assert_eq!(&b[..], &bytes[(other * CS) as usize..(other * CS) as usize + 8192]);
+}
+
+#[test]
+fn corrupt_manifest_is_detected_and_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, _) = imported(d.path(), 2 << 20, 12);
+    let g = d.path().join("remote/vol/gen-00000000000000000001");
+    let mut raw = std::fs::read(&g).unwrap();
+    raw[30] ^= 0x01;
+    std::fs::write(&g, &raw).unwrap();
+    let e = volume::open(&vurl, cache_opts(&d.path().join("c"), Default::default())).err().unwrap();
+    assert!(matches!(e, VolumeError::CorruptManifest { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("gen-00000000000000000001") && msg.contains("corrupt"), "{msg}");
+    // Truncated manifest too.
+    std::fs::write(&g, &raw[..raw.len() / 2]).unwrap();
+    assert!(matches!(volume::info(&vurl), Err(VolumeError::CorruptManifest { .. })));
+    // And no manifest at all: an import that never committed.
+    std::fs::remove_file(&g).unwrap();
+    let e = volume::info(&vurl).unwrap_err();
+    assert!(matches!(e, VolumeError::NoGeneration { .. }), "{e}");
+}
+
+#[test]
+fn transient_faults_are_retried_without_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, bytes) = imported(d.path(), 6 << 20, 13);
+    let faults = FaultPlan::new(5);
+    faults.set_failure_rate(0.3);
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(
+        &vurl,
+        cache_opts(&d.path().join("c"), counted(m.clone(), Some(faults.clone()), Shaping::default())),
+    )
+    .unwrap();
+    assert!(read_all(&*s).unwrap() == bytes);
+    assert!(faults.injected() > 3, "faults were injected: {}", faults.injected());
+    assert_eq!(s.stats().fetch_errors, 0);
+    assert!(m.snapshot().errors >= faults.injected());
+}
+
+#[test]
+fn dead_remote_still_serves_cached_data() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, bytes) = imported(d.path(), 4 << 20, 14);
+    let faults = FaultPlan::new(1);
+    let m = Arc::new(RemoteMetrics::default());
+    let mut remote = counted(m.clone(), Some(faults.clone()), Shaping::default());
+    remote.retry.max_attempts = 3;
+    let mut o = cache_opts(&d.path().join("c"), remote);
+    o.ram_cache = 0; // SSD tier only
+    o.readahead_chunks = 0;
+    let s = volume::open(&vurl, o.clone()).unwrap();
+    let half = bytes.len() / 2;
+    let mut b = vec![0u8; half];
+    s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+    faults.set_down(true);
+    // Cached half: served.
+    let mut b2 = vec![0u8; half];
+    s.read_vectored_at(0, &IoVec::from_slice(&mut b2), IoMode::Blocking).unwrap();
+    assert!(b2[..] == bytes[..half]);
+    // Uncached half: a clear error after the retries, not a hang.
+    let mut b3 = vec![0u8; 4096];
+    let e = s.read_vectored_at(bytes.len() as u64 - 4096, &IoVec::from_slice(&mut b3), IoMode::Blocking).unwrap_err();
+    assert!(e.to_string().contains("gave up after 3 attempts"), "{e}");
+    // Restart while the remote is down: the cache's copy of the header and
+    // manifest starts the volume, cached data is served.
+    drop(s);
+    let s = volume::open(&vurl, o.clone()).unwrap();
+    assert!(s.stats().offline);
+    let mut b2 = vec![0u8; half];
+    s.read_vectored_at(0, &IoVec::from_slice(&mut b2), IoMode::Blocking).unwrap();
+    assert!(b2[..] == bytes[..half]);
+    faults.set_down(false);
+    s.read_vectored_at(bytes.len() as u64 - 4096, &IoVec::from_slice(&mut b3), IoMode::Blocking).unwrap();
+    assert!(b3[..] == bytes[bytes.len() - 4096..]);
+    // Without a cache the down remote is reported as such.
+    faults.set_down(true);
+    let e = volume::open(&vurl, cache_opts(&d.path().join("empty"), o.remote.clone())).err().unwrap();
+    assert!(matches!(e, VolumeError::Remote { .. }), "{e}");
+}
+
+#[test]
+fn concurrent_misses_on_one_chunk_make_one_fetch() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, bytes) = imported(d.path(), 2 << 20, 15);
+    let m = Arc::new(RemoteMetrics::default());
+    let shaping = Shaping { latency: Duration::from_millis(50), bandwidth_bps: None };
+    let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, shaping));
+    o.readahead_chunks = 0;
+    let s = volume::open(&vurl, o).unwrap();
+    let (idx, ..) = first_packed(&s);
+    let before = m.snapshot().gets;
+    let n = 8;
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|t| {
+            let s = s.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut b = vec![0u8; 4096];
+                barrier.wait();
+                let off = idx * CS + t as u64 * 4096;
+                s.read_vectored_at(off, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+                (off, b)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (off, b) = h.join().unwrap();
+        assert!(b[..] == bytes[off as usize..off as usize + 4096]);
+    }
+    assert_eq!(m.snapshot().gets - before, 1, "one remote read for {n} concurrent misses");
+    assert_eq!(s.stats().remote_fetches, 1);
+}
+
+#[test]
+fn import_survives_flaky_uploads_and_lost_replies() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, bytes) = raw_image(d.path(), "src.raw", 3 << 20, 16);
+    let faults = FaultPlan::new(9);
+    faults.set_failure_rate(0.2);
+    faults.lose_put_replies(2);
+    let m = Arc::new(RemoteMetrics::default());
+    let remote = counted(m.clone(), Some(faults.clone()), Shaping::default());
+    let vurl = url(&d.path().join("remote/vol"));
+    let opts = ImportOptions { chunk_size: CS, pack_size: 512 << 10, remote: remote.clone(), ..Default::default() };
+    volume::import(&src, &vurl, &opts).unwrap();
+    assert!(faults.injected() > 2);
+    faults.set_failure_rate(0.0);
+    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), remote)).unwrap();
+    assert!(read_all(&*s).unwrap() == bytes);
+    // No temp files left behind by failed uploads.
+    let leftovers = std::fs::read_dir(d.path().join("remote/vol")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count();
+    assert_eq!(leftovers, 0);
+}
+
+#[test]
+fn many_chunks_are_fetched_in_parallel() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, bytes) = imported(d.path(), 4 << 20, 17);
+    let m = Arc::new(RemoteMetrics::default());
+    let shaping = Shaping { latency: Duration::from_millis(150), bandwidth_bps: None };
+    let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, shaping));
+    o.readahead_chunks = 0;
+    let s = volume::open(&vurl, o).unwrap();
+    let mut b = vec![0u8; bytes.len()];
+    let t0 = std::time::Instant::now();
+    s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+    let el = t0.elapsed();
+    assert!(b == bytes);
+    let fetched = s.stats().remote_fetches;
+    assert!(fetched >= 8, "{fetched}");
+    // Serially this would take fetched * 150 ms.
+    assert!(el < Duration::from_millis(150) * (fetched as u32) / 2, "{el:?} for {fetched} chunks");
+}

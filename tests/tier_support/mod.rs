@@ -1,0 +1,107 @@
+//! Shared helpers for the volume/tier integration tests: source images made
+//! with qemu-img, remote layers that count and inject faults, whole-image
+//! reads through a Storage.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use driveblk::format::{IoMode, IoVec};
+use driveblk::remote::{DynRemote, FaultPlan, MetricsRemote, RemoteMetrics, RetryPolicy, ShapedRemote, Shaping};
+use driveblk::tier::Storage;
+use driveblk::volume::{CacheOptions, RemoteOptions};
+use rand::{Rng, SeedableRng};
+
+pub const CS: u64 = 256 << 10;
+
+/// A deterministic raw image of `len` bytes: random data in some regions,
+/// zeroes elsewhere, so imports have both packed and zero chunks.
+pub fn raw_image(dir: &Path, name: &str, len: usize, seed: u64) -> (PathBuf, Vec<u8>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; len];
+    let mut pos = 0;
+    while pos < len {
+        let run = rng.random_range(4096..(600 << 10)).min(len - pos);
+        if rng.random_bool(0.6) {
+            // Half random, half repetitive, so compression has work to do.
+            for (i, b) in data[pos..pos + run].iter_mut().enumerate() {
+                *b = if i % 2 == 0 { rng.random() } else { (i % 251) as u8 };
+            }
+        }
+        pos += run;
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, &data).unwrap();
+    (p, data)
+}
+
+/// A qcow2 image converted by qemu-img from a raw image; returns the qcow2
+/// path and the qcow2 file's own bytes (what a volume stores).
+pub fn qcow2_image(dir: &Path, len: usize, seed: u64) -> (PathBuf, Vec<u8>) {
+    let (raw, _) = raw_image(dir, "src.raw", len, seed);
+    let q = dir.join("src.qcow2");
+    let st = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&q).status().unwrap();
+    assert!(st.success());
+    let bytes = std::fs::read(&q).unwrap();
+    (q, bytes)
+}
+
+/// `qemu-img compare` of two images (format given for both).
+pub fn qemu_compare(fmt: &str, a: &Path, b: &Path) -> bool {
+    Command::new("qemu-img").args(["compare", "-q", "-f", fmt, "-F", fmt]).arg(a).arg(b).status().unwrap().success()
+}
+
+/// Reads all of `s` in pieces of varying, unaligned sizes.
+pub fn read_all(s: &dyn Storage) -> std::io::Result<Vec<u8>> {
+    let len = s.len() as usize;
+    let mut out = vec![0u8; len];
+    let mut pos = 0;
+    let mut step = 777usize;
+    while pos < len {
+        let n = step.min(len - pos);
+        s.read_vectored_at(pos as u64, &IoVec::from_slice(&mut out[pos..pos + n]), IoMode::Blocking)?;
+        pos += n;
+        step = (step * 7 + 4096) % (300 << 10) + 1;
+    }
+    Ok(out)
+}
+
+/// Remote options with a metrics layer (and optional faults/shaping) under
+/// fast retries.
+pub fn counted(metrics: Arc<RemoteMetrics>, faults: Option<Arc<FaultPlan>>, shaping: Shaping) -> RemoteOptions {
+    let layer = Arc::new(move |r: DynRemote| -> DynRemote {
+        let r = match &faults {
+            Some(f) => ShapedRemote::wrap(r, shaping.clone(), f.clone()),
+            None if shaping.latency > Duration::ZERO || shaping.bandwidth_bps.is_some() => {
+                ShapedRemote::wrap(r, shaping.clone(), FaultPlan::new(0))
+            }
+            None => r,
+        };
+        MetricsRemote::wrap(r, metrics.clone())
+    });
+    RemoteOptions {
+        layer: Some(layer),
+        retry: RetryPolicy {
+            max_attempts: 30,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(20),
+            seed: Some(3),
+        },
+    }
+}
+
+/// Cache options with small, test-friendly sizes.
+pub fn cache_opts(dir: &Path, remote: RemoteOptions) -> CacheOptions {
+    let mut o = CacheOptions::new(dir);
+    o.ram_cache = 8 * CS;
+    o.ssd_cache = 1 << 30;
+    o.remote = remote;
+    o
+}
+
+/// `dir:` URL for a path.
+pub fn url(p: &Path) -> String {
+    format!("dir:{}", p.display())
+}
