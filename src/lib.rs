@@ -10,7 +10,7 @@
 
 pub mod cli;
 pub mod format;
+pub mod remote;
 pub mod tier;
 pub mod vhost;
-pub mod remote;
 pub mod volume;

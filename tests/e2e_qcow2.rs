@@ -153,8 +153,14 @@ fn make_image(dir: &Path, scenario: &str, size: u64) -> std::path::PathBuf {
         }
         "small-clusters-refcount16" => {
             qemu_img(&[
-                "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,refcount_bits=16,lazy_refcounts=on",
-                img.to_str().unwrap(), &s,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096,refcount_bits=16,lazy_refcounts=on",
+                img.to_str().unwrap(),
+                &s,
             ]);
         }
         "backing" => {
@@ -162,9 +168,7 @@ fn make_image(dir: &Path, scenario: &str, size: u64) -> std::path::PathBuf {
             std::fs::write(&raw, common::pattern(77, size as usize)).unwrap();
             let back = dir.join("base.qcow2");
             qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), back.to_str().unwrap()]);
-            qemu_img(&[
-                "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", img.to_str().unwrap(),
-            ]);
+            qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", img.to_str().unwrap()]);
         }
         "compressed" => {
             let raw = dir.join("src.raw");
@@ -175,7 +179,15 @@ fn make_image(dir: &Path, scenario: &str, size: u64) -> std::path::PathBuf {
             }
             std::fs::write(&raw, data).unwrap();
             qemu_img(&[
-                "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), img.to_str().unwrap(),
+                "convert",
+                "-q",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                raw.to_str().unwrap(),
+                img.to_str().unwrap(),
             ]);
         }
         other => panic!("unknown scenario {other}"),
@@ -282,10 +294,12 @@ fn kill_9_during_writes_leaves_a_consistent_image_with_flushed_data() {
         let unflushed: Vec<(u64, u64)> =
             (0..32u64).map(|i| ((i * 7_654_321) % (SIZE - (128 << 10)) / 512 * 512, 4096)).collect();
         for (off, data) in &flushed {
-            let overlapped =
-                unflushed.iter().any(|(uo, ul)| *uo < off + data.len() as u64 && *off < uo + ul);
+            let overlapped = unflushed.iter().any(|(uo, ul)| *uo < off + data.len() as u64 && *off < uo + ul);
             if !overlapped {
-                assert!(got[*off as usize..*off as usize + data.len()] == data[..], "round {round}: flushed write at {off} lost");
+                assert!(
+                    got[*off as usize..*off as usize + data.len()] == data[..],
+                    "round {round}: flushed write at {off} lost"
+                );
             }
         }
         let _ = std::fs::remove_file(&sock);

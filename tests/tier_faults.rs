@@ -194,7 +194,10 @@ fn import_survives_flaky_uploads_and_lost_replies() {
     let s = volume::open(&vurl, cache_opts(&d.path().join("c"), remote)).unwrap();
     assert!(read_all(&*s).unwrap() == bytes);
     // No temp files left behind by failed uploads.
-    let leftovers = std::fs::read_dir(d.path().join("remote/vol")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count();
+    let leftovers = std::fs::read_dir(d.path().join("remote/vol"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
+        .count();
     assert_eq!(leftovers, 0);
 }
 

@@ -47,9 +47,9 @@ fn concurrent_reads_and_writes_stay_coherent_under_eviction() {
                         let r = s.write_vectored_at(off as u64, &IoVec::from_slice(&mut data), mode);
                         match r {
                             Ok(()) => {}
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                                s.write_vectored_at(off as u64, &IoVec::from_slice(&mut data), IoMode::Blocking).unwrap()
-                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => s
+                                .write_vectored_at(off as u64, &IoVec::from_slice(&mut data), IoMode::Blocking)
+                                .unwrap(),
                             Err(e) => panic!("{e}"),
                         }
                         model[off..off + BLOCK].copy_from_slice(&data);
@@ -68,7 +68,11 @@ fn concurrent_reads_and_writes_stay_coherent_under_eviction() {
                         }
                         for x in (start..end).step_by(BLOCK) {
                             if (x / BLOCK) % THREADS == t {
-                                assert!(b[x - start..x - start + BLOCK] == model[x..x + BLOCK], "thread {t} block {}", x / BLOCK);
+                                assert!(
+                                    b[x - start..x - start + BLOCK] == model[x..x + BLOCK],
+                                    "thread {t} block {}",
+                                    x / BLOCK
+                                );
                             }
                         }
                     }

@@ -1,11 +1,16 @@
-//! Command line: clap definitions and their validation into the typed
-//! configuration the daemon runs with. No I/O happens here.
+//! Command line: clap definitions, their validation into typed
+//! configuration, and the commands that run them.
 
+pub mod remote;
 pub mod serve;
+pub mod size;
+pub mod status;
+pub mod volume;
 
 use clap::{Parser, Subcommand};
 
-/// driveblk: serve VM disk images to QEMU over vhost-user-blk.
+/// driveblk: serve VM disk images to QEMU over vhost-user-blk, from local
+/// files or from remote volumes through a RAM/SSD cache.
 #[derive(Debug, Parser)]
 #[command(name = "driveblk", version, about, long_about = None)]
 pub struct Cli {
@@ -20,6 +25,31 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve an image as a vhost-user-blk device on a unix socket.
+    /// Serve an image file or a remote volume as a vhost-user-blk device.
     Serve(serve::ServeArgs),
+    /// Upload an image file as a new remote volume.
+    Import(volume::ImportArgs),
+    /// Create a volume over an image file already on the remote (no upload).
+    Attach(volume::AttachArgs),
+    /// Write a volume's image (with local writes) to a standalone file.
+    Export(volume::ExportArgs),
+    /// Describe a remote volume.
+    Info(volume::InfoArgs),
+    /// Download a whole volume into its local cache.
+    Hydrate(volume::HydrateArgs),
+    /// Show the cache and remote counters of a daemon serving a volume.
+    Status(volume::StatusArgs),
+}
+
+/// Runs a parsed command.
+pub fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Serve(a) => serve::ServeConfig::try_from(a).and_then(serve::run),
+        Command::Import(a) => volume::import(a),
+        Command::Attach(a) => volume::attach(a),
+        Command::Export(a) => volume::export(a),
+        Command::Info(a) => volume::info(a),
+        Command::Hydrate(a) => volume::hydrate(a),
+        Command::Status(a) => volume::status(a),
+    }
 }

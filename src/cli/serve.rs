@@ -1,13 +1,25 @@
-//! `driveblk serve`: arguments and their validation.
+//! `driveblk serve`: arguments, their validation, and running the server.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
-use crate::format::ImageFormat;
+use crate::cli::remote::RemoteArgs;
+use crate::cli::size::parse_size;
+use crate::cli::status::StatusWriter;
+use crate::format::qcow2::{BackingOpener, LocalBackingOpener, NoBacking, Qcow2Disk, Qcow2Options};
+use crate::format::raw::RawDisk;
+use crate::format::{Disk, ImageFormat};
+use crate::tier::tiered::TieredStore;
+use crate::tier::{LocalFile, Storage};
 use crate::vhost::config::ID_BYTES;
-use crate::vhost::DeviceConfig;
+use crate::vhost::{DeviceConfig, Server};
+use crate::volume::{self, CacheOptions};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -16,9 +28,13 @@ pub struct ServeArgs {
     #[arg(long)]
     pub socket: PathBuf,
 
-    /// Image file to serve.
-    #[arg(long)]
-    pub image: PathBuf,
+    /// Image file to serve from local disk.
+    #[arg(long, conflicts_with = "volume", required_unless_present = "volume")]
+    pub image: Option<PathBuf>,
+
+    /// Remote volume to serve through the RAM/SSD cache, e.g. dir:/mnt/nas/win10.
+    #[arg(long, value_name = "URL")]
+    pub volume: Option<String>,
 
     /// Image format: raw or qcow2. Never guessed from the contents.
     #[arg(long)]
@@ -41,15 +57,98 @@ pub struct ServeArgs {
     pub serial: String,
 
     /// Threads for requests that must wait (cache misses, allocation, flush).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub io_threads: usize,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// Cache settings for a volume (serve, hydrate).
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// The volume's local cache directory (SSD tier). Default: a directory
+    /// per volume under $DRIVEBLK_CACHE, /var/cache/driveblk (root) or
+    /// ~/.cache/driveblk.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// RAM tier size.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    pub ram_cache: u64,
+
+    /// SSD tier size for clean chunks (local writes are kept regardless).
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
+    pub ssd_cache: u64,
+
+    /// Download the whole volume into the SSD tier in the background, at
+    /// lowest priority; afterwards no read goes to the remote.
+    #[arg(long)]
+    pub hydrate: bool,
+
+    /// Parallel chunk fetches from the remote.
+    #[arg(long, default_value_t = 32)]
+    pub fetch_concurrency: usize,
+
+    /// Most chunks a sequential stream reads ahead (0 disables readahead).
+    #[arg(long, default_value_t = 8)]
+    pub readahead_chunks: u64,
+}
+
+impl CacheArgs {
+    /// Cache options for the volume at `url`.
+    pub fn options(&self, url: &str, read_only: bool, remote: &RemoteArgs) -> anyhow::Result<CacheOptions> {
+        if self.fetch_concurrency == 0 || self.fetch_concurrency > 1024 {
+            bail!("--fetch-concurrency must be between 1 and 1024");
+        }
+        let dir = match &self.cache_dir {
+            Some(d) => d.clone(),
+            None => default_cache_dir(url)?,
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+        let mut o = CacheOptions::new(dir);
+        o.ram_cache = self.ram_cache;
+        o.ssd_cache = self.ssd_cache;
+        o.hydrate = self.hydrate;
+        o.fetch_concurrency = self.fetch_concurrency;
+        o.readahead_chunks = self.readahead_chunks;
+        o.read_only = read_only;
+        o.remote = remote.options();
+        Ok(o)
+    }
+}
+
+/// `<cache root>/<first 16 hex digits of sha256(url)>`.
+pub fn default_cache_dir(url: &str) -> anyhow::Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let root = if let Some(d) = std::env::var_os("DRIVEBLK_CACHE") {
+        PathBuf::from(d)
+    } else if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/cache/driveblk")
+    } else if let Some(h) = std::env::var_os("HOME") {
+        PathBuf::from(h).join(".cache/driveblk")
+    } else {
+        bail!("no cache directory: pass --cache-dir or set DRIVEBLK_CACHE");
+    };
+    let digest = Sha256::digest(url.as_bytes());
+    Ok(root.join(hex::encode(&digest[..8])))
+}
+
+/// Where the image's bytes come from.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    File(PathBuf),
+    Volume { url: String, cache: CacheOptions },
 }
 
 /// Validated settings for `serve`.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub socket: PathBuf,
-    pub image: PathBuf,
+    pub source: ImageSource,
     pub format: ImageFormat,
     pub device: DeviceConfig,
 }
@@ -70,10 +169,19 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.io_threads == 0 || a.io_threads > 1024 {
             bail!("--io-threads must be between 1 and 1024 (got {})", a.io_threads);
         }
-        let image = a.image.canonicalize().with_context(|| format!("image {}", a.image.display()))?;
+        let source = match (a.image, a.volume) {
+            (Some(image), None) => {
+                ImageSource::File(image.canonicalize().with_context(|| format!("image {}", image.display()))?)
+            }
+            (None, Some(url)) => {
+                let cache = a.cache.options(&url, a.read_only, &a.remote)?;
+                ImageSource::Volume { url, cache }
+            }
+            _ => bail!("give exactly one of --image FILE or --volume URL"),
+        };
         Ok(ServeConfig {
             socket: a.socket,
-            image,
+            source,
             format: a.format,
             device: DeviceConfig {
                 num_queues: a.num_queues,
@@ -84,4 +192,62 @@ impl TryFrom<ServeArgs> for ServeConfig {
             },
         })
     }
+}
+
+/// Opens the image's format over its storage.
+fn open_format(
+    storage: Arc<dyn Storage>,
+    format: ImageFormat,
+    read_only: bool,
+    backing: &dyn BackingOpener,
+) -> anyhow::Result<Arc<dyn Disk>> {
+    Ok(match format {
+        ImageFormat::Raw => Arc::new(RawDisk::new(storage, read_only)?),
+        ImageFormat::Qcow2 => {
+            let opts = Qcow2Options { read_only, ..Default::default() };
+            Arc::new(Qcow2Disk::open(storage, opts, backing)?)
+        }
+    })
+}
+
+/// Runs `driveblk serve` until SIGTERM/SIGINT.
+pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    let read_only = cfg.device.read_only;
+    let mut status: Option<StatusWriter> = None;
+    let disk = match &cfg.source {
+        ImageSource::File(path) => {
+            let file =
+                LocalFile::open(path, read_only).with_context(|| format!("cannot open image {}", path.display()))?;
+            file.lock(!read_only).with_context(|| format!("image {} is in use by another process", path.display()))?;
+            open_format(Arc::new(file), cfg.format, read_only, &LocalBackingOpener::new(path))?
+        }
+        ImageSource::Volume { url, cache } => {
+            let store: Arc<TieredStore> = volume::open(url, cache.clone())?;
+            status =
+                Some(StatusWriter::start(store.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);
+            if cache.hydrate {
+                store.start_hydrate();
+            }
+            // Backing files of an image inside a volume would have to live in
+            // the volume too; that is not supported yet.
+            open_format(store, cfg.format, read_only, &NoBacking)
+                .with_context(|| format!("cannot open volume {url} as {}", cfg.format))?
+        }
+    };
+    tracing::info!(socket = %cfg.socket.display(), queues = cfg.device.num_queues, "serving {}", disk.describe());
+    let server = Server::bind(disk, cfg.device.clone(), &cfg.socket)?;
+    let stop = server.stop_handle();
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    std::thread::Builder::new().name("driveblk-signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
+            stop.stop();
+        }
+    })?;
+    server.run()?;
+    if let Some(s) = status {
+        s.finish();
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
 }

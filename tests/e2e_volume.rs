@@ -1,0 +1,252 @@
+//! Remote volumes through the whole daemon, read by libblkio: the bytes the
+//! guest sees equal `qemu-img convert -O raw` of the source, cold (empty
+//! cache), warm (SSD after restart), hot (RAM); a base-file volume works
+//! without upload; writes persist across restarts and into `export`; a
+//! corrupted pack is an error, never data; a slow remote still serves.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Client, Daemon};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_driveblk")
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    assert!(out.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A 48 MiB qcow2 with data, holes and zero regions, and its raw view.
+fn make_source(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let raw = dir.join("src.raw");
+    let mut data = common::pattern(5, 48 << 20);
+    data[8 << 20..20 << 20].fill(0); // a large zero region (sparse in qcow2)
+    for (i, b) in data[30 << 20..34 << 20].iter_mut().enumerate() {
+        *b = (i / 4096) as u8; // compressible
+    }
+    std::fs::write(&raw, &data).unwrap();
+    let q = dir.join("src.qcow2");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=65536",
+        raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    (q, data)
+}
+
+fn read_all(c: &mut Client) -> Vec<u8> {
+    let mut out = Vec::with_capacity(c.capacity as usize);
+    let mut off = 0;
+    while off < c.capacity {
+        let n = (c.capacity - off).min(4 << 20) as usize;
+        out.extend(c.read(off, n).unwrap());
+        off += n as u64;
+    }
+    out
+}
+
+/// The daemon's status file, after letting it refresh (it is written every second).
+fn status(cache: &Path) -> serde_json::Value {
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    let s = run_ok(&["status", "--cache-dir", cache.to_str().unwrap(), "--json"]);
+    serde_json::from_str(&s).unwrap()
+}
+
+fn serve(sock: &Path, url: &str, cache: &Path, extra: &[&str]) -> Daemon {
+    let mut args =
+        vec!["--volume", url, "--format", "qcow2", "--cache-dir", cache.to_str().unwrap(), "--num-queues", "2"];
+    args.extend_from_slice(extra);
+    Daemon::start(sock, &args)
+}
+
+#[test]
+fn imported_volume_reads_like_qemu_cold_warm_hot_and_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want) = make_source(dir.path());
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    let info = run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    assert!(info.contains("generation  1"), "{info}");
+    let cache = dir.path().join("cache");
+    let sock = dir.path().join("sock");
+
+    // Cold: empty cache, everything comes from the remote.
+    let d = serve(&sock, &url, &cache, &[]);
+    let mut c = Client::connect(&sock, 2);
+    assert_eq!(c.capacity, want.len() as u64);
+    assert!(read_all(&mut c) == want, "cold read differs from qemu-img's raw view");
+    let cold = status(&cache);
+    assert!(cold["remote"]["fetches"].as_u64().unwrap() > 0);
+    // Hot: same daemon, second pass from RAM.
+    let before = cold["remote"]["fetches"].as_u64().unwrap();
+    assert!(read_all(&mut c) == want);
+    let hot = status(&cache);
+    assert_eq!(hot["remote"]["fetches"].as_u64().unwrap(), before, "hot pass went to the remote");
+    assert!(hot["ram"]["hits"].as_u64().unwrap() > 0);
+    drop(c);
+    assert!(d.stop().success());
+
+    // Warm: restart on the same cache dir; the SSD tier serves everything.
+    let d = serve(&sock, &url, &cache, &[]);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want, "warm read differs");
+    drop(c);
+    assert!(d.stop().success());
+    let warm = status(&cache);
+    assert_eq!(warm["remote"]["fetches"].as_u64().unwrap(), 0, "warm restart fetched from the remote: {warm}");
+    assert!(warm["ssd"]["hits"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn attached_base_file_serves_without_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want) = make_source(dir.path());
+    let remote = dir.path().join("remote");
+    std::fs::create_dir(&remote).unwrap();
+    std::fs::copy(&src, remote.join("win10.qcow2")).unwrap();
+    let base = format!("dir:{}/win10.qcow2", remote.display());
+    let url = format!("dir:{}/win10-vol", remote.display());
+    run_ok(&["attach", &base, &url]);
+    // Nothing but the header and a manifest was written.
+    let names: Vec<String> = std::fs::read_dir(remote.join("win10-vol"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with("pack-")), "attach uploaded packs: {names:?}");
+    let cache = dir.path().join("cache");
+    let sock = dir.path().join("sock");
+    let d = serve(&sock, &url, &cache, &[]);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want, "base-file volume differs from the file");
+    drop(c);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn writes_persist_across_restart_and_into_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, mut want) = make_source(dir.path());
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    let cache = dir.path().join("cache");
+    let sock = dir.path().join("sock");
+    let writes: Vec<(u64, Vec<u8>)> = vec![
+        (4096, common::pattern(1, 8192)),
+        (10 << 20, common::pattern(2, 1 << 20)), // into the zero region: allocates
+        ((47 << 20) + 512, common::pattern(3, 4096)), // near the end
+    ];
+    let d = serve(&sock, &url, &cache, &[]);
+    let mut c = Client::connect(&sock, 1);
+    for (off, data) in &writes {
+        c.write(*off, data).unwrap();
+        want[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+    c.discard(40 << 20, 1 << 20).unwrap();
+    want[40 << 20..41 << 20].fill(0);
+    c.flush().unwrap();
+    drop(c);
+    assert!(d.stop().success());
+    assert!(status(&cache)["chunks"]["dirty"].as_u64().unwrap() > 0);
+
+    let d = serve(&sock, &url, &cache, &[]);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want, "writes lost across restart");
+    drop(c);
+    assert!(d.stop().success());
+
+    // Export includes the local writes; QEMU agrees on the result.
+    let out = dir.path().join("exported.qcow2");
+    run_ok(&["export", "--quiet", &url, out.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()]);
+    qemu_img(&["check", "-q", "-f", "qcow2", out.to_str().unwrap()]);
+    let raw = dir.path().join("exported.raw");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", out.to_str().unwrap(), raw.to_str().unwrap()]);
+    assert!(std::fs::read(&raw).unwrap() == want, "export differs from what the guest wrote");
+}
+
+#[test]
+fn corrupted_pack_is_an_error_never_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want) = make_source(dir.path());
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    // Flip bytes in the middle of the (single) pack: some chunk's frame.
+    let pack = std::fs::read_dir(dir.path().join("remote/vol"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("pack-"))
+        .unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    let mid = bytes.len() * 3 / 4;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&pack, bytes).unwrap();
+    let cache = dir.path().join("cache");
+    let sock = dir.path().join("sock");
+    let d = serve(&sock, &url, &cache, &[]);
+    let mut c = Client::connect(&sock, 1);
+    let mut errors = 0;
+    let mut off = 0u64;
+    while off < c.capacity {
+        match c.read(off, 1 << 20) {
+            Ok(got) => {
+                assert!(got == want[off as usize..off as usize + (1 << 20)], "wrong data at {off} instead of an error")
+            }
+            Err(_) => errors += 1,
+        }
+        off += 1 << 20;
+    }
+    assert!(errors > 0, "corruption went unnoticed");
+    assert!(status(&cache)["remote"]["errors"].as_u64().unwrap() > 0);
+    drop(c);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn slow_remote_still_serves_correct_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want) = make_source(dir.path());
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    let cache = dir.path().join("cache");
+    let sock = dir.path().join("sock");
+    let d = serve(&sock, &url, &cache, &["--remote-latency-ms", "40", "--remote-bandwidth-mbit", "800"]);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want);
+    drop(c);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn volume_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!("dir:{}/nothing-here", dir.path().display());
+    let out = Command::new(bin()).args(["info", &missing]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing-here"), "{err}");
+    let out = Command::new(bin()).args(["info", "ftp://x/y"]).output().unwrap();
+    assert!(!out.status.success());
+    // Importing onto an existing volume is refused.
+    let (src, _) = make_source(dir.path());
+    let url = format!("dir:{}/vol", dir.path().display());
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    let out = Command::new(bin()).args(["import", "--quiet", src.to_str().unwrap(), &url]).output().unwrap();
+    assert!(!out.status.success());
+}
