@@ -28,7 +28,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
-ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty qcow2-compressed-ro)
+ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 qcow2-compressed-ro)
+VOLUME_URL= VOLUME_CACHE=
 BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WZEROES=yes EXP_WCACHE=
 FIO_SIZE=8M TIMEOUT=240 DEMO=0 KEEP=0
 
@@ -119,7 +120,9 @@ start_backend() {
     case $BACKEND in
         qsd) start_qsd "$sock" "$img" "$fmt" "$nq" "$ro" "$blog"; BPID=$QSD_PID ;;
         driveblk)
-            local args=(serve --socket "$sock" --image "$img" --format "$fmt" --num-queues "$nq" --log-level info)
+            local args=(serve --socket "$sock" --format "$fmt" --num-queues "$nq" --log-level info)
+            if [ -n "$VOLUME_URL" ]; then args+=(--volume "$VOLUME_URL" --cache-dir "$VOLUME_CACHE")
+            else args+=(--image "$img"); fi
             [ "$ro" = 0 ] || args+=(--read-only)
             [ -z "$serial" ] || args+=(--serial "$serial")
             rm -f "$sock"
@@ -166,13 +169,16 @@ hostcheck() { # name status detail
 #   reboot=1        boot a second guest on the same backend process
 #   restart=1       afterwards start a new backend process on the image and
 #                   boot a guest that checks the data is still there
+#   source=volume   import the image into a dir: remote volume, delete the
+#                   local file, and serve the volume from an empty cache; the
+#                   host checks run on `driveblk export` of the volume
 run_case() {
     local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6
     shift 6
-    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 kv
+    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 source=file kv
     for kv in "$@"; do
         case $kv in
-            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*) local "$kv" ;;
+            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*|source=*) local "$kv" ;;
             *) die "run_case: bad option $kv" ;;
         esac
     done
@@ -198,6 +204,14 @@ run_case() {
         fi
     fi
     before=$(img_hash "$img" "$fmt" "$hashlen")
+    VOLUME_URL= VOLUME_CACHE=
+    if [ "$source" = volume ]; then
+        VOLUME_URL="dir:$WORK/$name.remote/vol" VOLUME_CACHE="$WORK/$name.cache"
+        mkdir -p "$WORK/$name.remote"
+        "$BIN" import --quiet "$img" "$VOLUME_URL" >"$LOGDIR/$name.import.log" 2>&1 \
+            || die "import into $VOLUME_URL failed (log: $LOGDIR/$name.import.log)"
+        rm -f "$img"   # the guest can only be reading the volume
+    fi
 
     if ! start_backend "$sock" "$img" "$fmt" "$nq" "$ro" "$serial" "$blog"; then
         hostcheck backend-start FAIL "backend did not create $sock (log: $blog)"
@@ -243,6 +257,13 @@ run_case() {
     fi
 
     # What the guest saw must be what is in the image file.
+    if [ "$source" = volume ]; then
+        if "$BIN" export --quiet "$VOLUME_URL" "$img" --cache-dir "$VOLUME_CACHE" >"$LOGDIR/$name.export.log" 2>&1; then
+            hostcheck volume-export PASS "exported the volume with its local writes"
+        else
+            hostcheck volume-export FAIL "export failed (log: $LOGDIR/$name.export.log)"
+        fi
+    fi
     if [ "$fmt" = qcow2 ]; then
         if qemu-img check -q "$img" >"$LOGDIR/$name.qemu-img-check.txt" 2>&1; then
             hostcheck qemu-img-check PASS "image consistent"
@@ -296,11 +317,16 @@ finish_case() { # NAME T0
     if [ "$CASE_OK" = 1 ]; then verdict=PASS; else verdict=FAIL; FAILED=$((FAILED + 1)); fi
     echo "=== case $1: $verdict in ${secs}s"
     SUMMARY+=("$(printf '%-22s %-4s %6ss' "$1" "$verdict" "$secs")")
-    rm -f "$WORK/$1".*
+    rm -rf "$WORK/$1".*
+    VOLUME_URL= VOLUME_CACHE=
 }
 
 want() { # NAME -> run it?
     [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]] || return 1
+    if [ "$BACKEND" = qsd ] && [[ "$1" == volume* ]]; then
+        SUMMARY+=("$(printf '%-22s %-4s' "$1" SKIP)")
+        return 1
+    fi
     if [ "$SKIP_QCOW2" = 1 ] && [[ "$1" == qcow2* ]]; then
         SUMMARY+=("$(printf '%-22s %-4s' "$1" SKIP)")
         return 1
@@ -323,6 +349,8 @@ want raw-ro-serial && run_case raw-ro-serial raw 2 1 "drvblk-ro-0042" $((24 * Mi
 want raw-big && run_case raw-big raw 2 0 "drvblk-raw-big" $((6 * GiB)) hashlen=$((32 * MiB)) fio_offset=$((4 * GiB - 4 * MiB))
 want qcow2-2q && run_case qcow2-2q qcow2 2 0 "drvblk-qcow2-2q" $((32 * MiB))
 want qcow2-empty && run_case qcow2-empty qcow2 1 0 "drvblk-qcow2-empty" $((32 * MiB)) image=empty restart=1
+# a remote volume (dir: remote, empty cache): lazy reads, local writes, export
+want volume-qcow2 && run_case volume-qcow2 qcow2 2 0 "drvblk-volume" $((32 * MiB)) source=volume restart=1
 want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')
