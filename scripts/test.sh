@@ -11,24 +11,41 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 
+# Totals over every stage, for the closing line: tests and guest cases.
 passed=0
 failed=0
+stages_failed=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 stage() { # name, command...
   local name=$1; shift
   echo "=== $name"
-  local t0=$SECONDS
-  if "$@"; then
-    passed=$((passed + 1)); echo "=== $name: ok ($((SECONDS - t0)) s)"
+  local t0=$SECONDS rc=0
+  "$@" 2>&1 | tee "$log" || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    echo "=== $name: ok ($((SECONDS - t0)) s)"
   else
-    failed=$((failed + 1)); echo "=== $name: FAILED ($((SECONDS - t0)) s)"
+    stages_failed=$((stages_failed + 1)); echo "=== $name: FAILED ($((SECONDS - t0)) s)"
   fi
+}
+count() { # passed-regex failed-regex: add the numbers the last stage printed
+  local p f
+  p=$(grep -oE "$1" "$log" | grep -oE '[0-9]+' | tail -1 || true)
+  f=$(grep -oE "$2" "$log" | grep -oE '[0-9]+' | tail -1 || true)
+  passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0}))
 }
 
 cargo build --workspace --all-targets
 stage "rust tests" cargo nextest run --workspace --no-fail-fast
+count '[0-9]+ passed' '[0-9]+ failed'
 if [ -x integration/run-all.sh ]; then
   stage "guest tests" integration/run-all.sh "${CARGO_TARGET_DIR:-$PWD/target}/debug/driveblk"
+  passed=$((passed + $(grep -cE '^  [a-z0-9-]+ +PASS ' "$log" || true)))
+  failed=$((failed + $(grep -cE '^  [a-z0-9-]+ +FAIL ' "$log" || true)))
 fi
 
+# A stage that failed without printing a count (a build error, a crash)
+# still counts as a failure.
+if [ "$stages_failed" -gt 0 ] && [ "$failed" -eq 0 ]; then failed=$stages_failed; fi
 echo "test.sh: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+[ "$stages_failed" -eq 0 ] && [ "$failed" -eq 0 ]
