@@ -105,3 +105,43 @@ pub fn cache_opts(dir: &Path, remote: RemoteOptions) -> CacheOptions {
 pub fn url(p: &Path) -> String {
     format!("dir:{}", p.display())
 }
+
+/// A remote whose ranged reads of packs wait at a gate until the test opens it, to
+/// force exact interleavings (a fetch in flight while a write lands).
+#[derive(Debug)]
+pub struct GatedRemote {
+    pub inner: DynRemote,
+    pub gate: Arc<tokio::sync::Semaphore>,
+    pub waiting: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl driveblk::remote::Remote for GatedRemote {
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> driveblk::remote::RemoteResult<bytes::Bytes> {
+        // Only chunk reads wait; opening the volume goes straight through.
+        if key.starts_with("pack-") {
+            self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.gate.acquire().await.unwrap().forget();
+        }
+        self.inner.get_range(key, range).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        body: driveblk::remote::PutBody,
+    ) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
+        self.inner.put(key, body).await
+    }
+    async fn head(&self, key: &str) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> driveblk::remote::RemoteResult<Vec<driveblk::remote::ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> driveblk::remote::RemoteResult<()> {
+        self.inner.delete(key).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
