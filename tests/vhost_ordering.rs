@@ -121,3 +121,60 @@ fn slow_read_does_not_hold_up_later_requests_and_shutdown_waits_for_it() {
     assert_eq!(&c.buf()[..4096], &data[1 << 20..(1 << 20) + 4096]);
     assert!(!sock.exists());
 }
+
+/// Panics on reads at one offset, on both the inline and the blocking path.
+struct PanickingDisk {
+    inner: RawDisk,
+    bad_offset: u64,
+}
+
+impl Disk for PanickingDisk {
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
+        if offset == self.bad_offset {
+            panic!("injected bug at offset {offset}");
+        }
+        self.inner.read(offset, bufs, mode)
+    }
+    fn write(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
+        self.inner.write(offset, bufs, mode)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, mode: IoMode) -> DiskResult<()> {
+        self.inner.write_zeroes(offset, len, unmap, mode)
+    }
+    fn discard(&self, offset: u64, len: u64, mode: IoMode) -> DiskResult<()> {
+        self.inner.discard(offset, len, mode)
+    }
+    fn flush(&self, mode: IoMode) -> DiskResult<()> {
+        self.inner.flush(mode)
+    }
+    fn describe(&self) -> String {
+        "panicking test disk".into()
+    }
+}
+
+#[test]
+fn a_panic_below_fails_only_its_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let sock = dir.path().join("sock");
+    let data = make_raw(&img, 4 << 20, 10);
+    let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(&img, false).unwrap());
+    let disk = Arc::new(PanickingDisk { inner: RawDisk::new(storage, false).unwrap(), bad_offset: 8192 });
+    let server = Server::bind(disk, DeviceConfig::default(), &sock).unwrap();
+    let stop = server.stop_handle();
+    let server_thread = std::thread::spawn(move || server.run());
+    let mut c = Client::connect(&sock, 1);
+    assert!(c.read(8192, 4096).is_err(), "the panicking request must fail");
+    assert_eq!(c.read(0, 4096).unwrap(), data[..4096], "the device must keep serving");
+    assert!(c.read(8192, 4096).is_err());
+    assert_eq!(c.read(1 << 20, 4096).unwrap(), data[1 << 20..(1 << 20) + 4096]);
+    drop(c);
+    stop.stop();
+    assert!(server_thread.join().unwrap().is_ok());
+}

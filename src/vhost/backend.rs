@@ -144,7 +144,7 @@ impl BlockBackend {
                     done.push((req.head, req.complete(status, 0)));
                     continue;
                 }
-                match req.execute(&*sh.disk, IoMode::NonBlocking, write_through, &sh.cfg.serial) {
+                match execute_guarded(&req, &*sh.disk, IoMode::NonBlocking, write_through, &sh.cfg.serial) {
                     Ok(n) => done.push((req.head, req.complete(STATUS_OK, n))),
                     Err(DiskError::WouldBlock) => {
                         tracing::trace!(queue = qidx, head = req.head, "would block: to the I/O pool");
@@ -173,15 +173,16 @@ impl BlockBackend {
     fn dispatch(&self, qidx: usize, vring: Vring, req: Request, write_through: bool) {
         let sh = self.shared.clone();
         let job = move || {
-            let (status, written) = match req.execute(&*sh.disk, IoMode::Blocking, write_through, &sh.cfg.serial) {
-                Ok(n) => (STATUS_OK, n),
-                Err(e) => {
-                    if let Some(suppressed) = sh.log_limit.allow() {
-                        tracing::warn!(queue = qidx, suppressed, "{} failed: {e}", req.op_name());
+            let (status, written) =
+                match execute_guarded(&req, &*sh.disk, IoMode::Blocking, write_through, &sh.cfg.serial) {
+                    Ok(n) => (STATUS_OK, n),
+                    Err(e) => {
+                        if let Some(suppressed) = sh.log_limit.allow() {
+                            tracing::warn!(queue = qidx, suppressed, "{} failed: {e}", req.op_name());
+                        }
+                        (status_for(&e), 0)
                     }
-                    (status_for(&e), 0)
-                }
-            };
+                };
             let len = req.complete(status, written);
             sh.complete(qidx, &vring, &[(req.head, len)]);
         };
@@ -191,6 +192,30 @@ impl BlockBackend {
     fn warn(&self, msg: std::fmt::Arguments<'_>) {
         if let Some(suppressed) = self.shared.log_limit.allow() {
             tracing::warn!(suppressed, "{msg}");
+        }
+    }
+}
+
+/// Runs a request, turning a panic anywhere below into an I/O error for
+/// this request: every accepted chain must reach the used ring, or the
+/// guest's queue stalls for good.
+fn execute_guarded(
+    req: &Request,
+    disk: &dyn Disk,
+    mode: IoMode,
+    write_through: bool,
+    serial: &[u8],
+) -> Result<u32, DiskError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| req.execute(disk, mode, write_through, serial))) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!("internal error while serving a {} request: {msg}", req.op_name());
+            Err(DiskError::Io { op: "internal error", offset: 0, source: io::Error::other(msg) })
         }
     }
 }
