@@ -116,8 +116,16 @@ impl Qcow2Disk {
             }
         }
 
-        // Second hint: every L2 table and refcount block, now that we know them.
-        let mut ranges = Vec::new();
+        // Second hint: the complete metadata set (a tiered store keeps what
+        // is hinted resident), now including every L2 table and refcount
+        // block the tables above point at.
+        let mut ranges = hint.clone();
+        if served_snapshot.is_some() {
+            ranges.push(l1_offset..l1_offset + u64::from(l1_size) * 8);
+        }
+        for s in snapshots.iter().filter(|_| !read_only) {
+            ranges.push(s.l1_table_offset..s.l1_table_offset + u64::from(s.l1_size) * 8);
+        }
         let mut l2_count = 0usize;
         for (i, &e) in l1.iter().enumerate() {
             let off = e & OFFSET_MASK;
