@@ -285,3 +285,82 @@ fn concurrent_cow_same_clusters_standard() {
 fn concurrent_cow_same_clusters_extended_l2() {
     same_cluster_race("cluster_size=65536,extended_l2=on");
 }
+
+/// Throughput smoke test, for release builds:
+/// `cargo test --release --test qcow2_api perf_smoke -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn perf_smoke() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("perf.qcow2");
+    let size = 1u64 << 30;
+    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), &size.to_string()]);
+    let disk = open(&p, rw());
+    let mut buf = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    for off in (0..size).step_by(1 << 20) {
+        disk.write(off, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
+    }
+    disk.flush(IoMode::Blocking).unwrap();
+    eprintln!("sequential allocating 1 MiB writes: {:.0} MiB/s", 1024.0 / t.elapsed().as_secs_f64());
+    for (name, write) in [("4K random reads", false), ("4K random in-place writes", true)] {
+        let t = Instant::now();
+        let ops = 50_000u64;
+        std::thread::scope(|s| {
+            for th in 0..4u64 {
+                let disk = &disk;
+                s.spawn(move || {
+                    let mut rng = Rng(th + 1);
+                    let mut b = vec![1u8; 4096];
+                    for _ in 0..ops {
+                        let off = rng.below(size / 4096) * 4096;
+                        let v = IoVec::from_slice(&mut b);
+                        let r = if write {
+                            disk.write(off, &v, IoMode::NonBlocking)
+                        } else {
+                            disk.read(off, &v, IoMode::NonBlocking)
+                        };
+                        if let Err(e) = r {
+                            assert!(e.is_would_block());
+                            if write {
+                                disk.write(off, &v, IoMode::Blocking).unwrap()
+                            } else {
+                                disk.read(off, &v, IoMode::Blocking).unwrap()
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        eprintln!("{name}, 4 threads: {:.0} IOPS", (4 * ops) as f64 / t.elapsed().as_secs_f64());
+    }
+    disk.close().unwrap();
+    drop(disk);
+    // Allocating 4K writes over a fresh image with a raw backing file.
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![3u8; 256 << 20]).unwrap();
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top.to_str().unwrap()]);
+    let disk = open(&top, rw());
+    let t = Instant::now();
+    let ops = 5_000u64;
+    std::thread::scope(|s| {
+        for th in 0..4u64 {
+            let disk = &disk;
+            s.spawn(move || {
+                let mut rng = Rng(th + 10);
+                let mut b = vec![1u8; 4096];
+                for _ in 0..ops {
+                    let off = rng.below((256 << 20) / 4096) * 4096;
+                    disk.write(off, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+                }
+            });
+        }
+    });
+    eprintln!(
+        "4K random allocating writes with COW from backing, 4 threads: {:.0} IOPS",
+        (4 * ops) as f64 / t.elapsed().as_secs_f64()
+    );
+    disk.close().unwrap();
+}

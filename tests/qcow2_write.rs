@@ -167,17 +167,25 @@ fn setup(dir: &Path, cfg: &Config) -> std::path::PathBuf {
     if cfg.compressed {
         let tmp = dir.join("tmp.qcow2");
         std::fs::rename(&img, &tmp).unwrap();
-        qemu_img(&[
-            "convert",
-            "-q",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            cfg.create,
-            tmp.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ]);
+        // With a backing file, keep it: only clusters that differ from it
+        // are written (compressed) into the new image.
+        let mut args = vec!["convert", "-q", "-c", "-O", "qcow2", "-o", cfg.create];
+        let (bname, bfmt) = match cfg.backing {
+            "raw" => ("base.raw", "raw"),
+            "qcow2" => ("base.qcow2", "qcow2"),
+            _ => ("", ""),
+        };
+        let bpath = dir.join(bname);
+        if !bname.is_empty() {
+            args.extend(["-B", bpath.to_str().unwrap(), "-F", bfmt]);
+        }
+        args.extend([tmp.to_str().unwrap(), img.to_str().unwrap()]);
+        qemu_img(&args);
+        let map = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);
+        assert!(map.contains("\"compressed\": true"), "no compressed clusters: {map}");
+        if !bname.is_empty() {
+            assert!(qemu_img(&["info", img.to_str().unwrap()]).contains("backing file"));
+        }
         std::fs::remove_file(&tmp).unwrap();
     }
     img

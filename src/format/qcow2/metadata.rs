@@ -97,7 +97,9 @@ impl Meta {
         let Some(table) = self.l2.get(&l1i) else {
             return Ok((Extent::NeedsLoad { l1_index: l1i }, max));
         };
-        table.touch(tick);
+        if tick != 0 {
+            table.touch(tick);
+        }
         let state_at = |l2i: usize, sc: u32| -> DiskResult<SubState> {
             table
                 .entry(&lay.geo, l2i)

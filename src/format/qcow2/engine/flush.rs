@@ -1,0 +1,113 @@
+//! Flush: writing dirty metadata back in dependency order, then releasing
+//! clusters whose last reference is durably gone.
+
+use super::*;
+
+impl Qcow2Disk {
+    /// Writes back metadata in dependency order. Holds the allocation mutex.
+    pub(super) fn flush_locked(&self, st: &mut AllocState) -> DiskResult<()> {
+        let cs = self.lay.cluster_size();
+        // 1. Refcount blocks. The sync after them also makes guest data
+        //    written to new clusters durable before any L2 entry points at it.
+        let blocks: Vec<(usize, u64, Vec<u8>)> = {
+            let m = self.meta.read();
+            match &m.refs {
+                Some(r) => r
+                    .blocks
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, b)| b.as_ref().filter(|b| b.dirty).map(|b| (i, r.table[i], b.data.to_vec())))
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        for (_, off, data) in &blocks {
+            self.storage.write_at(*off, data).map_err(|e| DiskError::io("write refcount block", *off, e))?;
+        }
+        self.sync()?;
+        {
+            let mut m = self.meta.write();
+            if let Some(r) = m.refs.as_mut() {
+                for (i, _, _) in &blocks {
+                    if let Some(b) = r.blocks[*i].as_mut() {
+                        b.dirty = false;
+                    }
+                }
+            }
+        }
+        // 2. Refcount table, then the header if the table moved.
+        let table = {
+            let m = self.meta.read();
+            m.refs.as_ref().filter(|r| r.table_dirty).map(|r| {
+                let mut bytes: Vec<u8> = r.table.iter().flat_map(|e| e.to_be_bytes()).collect();
+                bytes.resize((r.table_clusters * cs) as usize, 0);
+                (r.table_offset, r.table_clusters, bytes, r.header_dirty)
+            })
+        };
+        if let Some((off, clusters, bytes, header_dirty)) = table {
+            self.storage.write_at(off, &bytes).map_err(|e| DiskError::io("write refcount table", off, e))?;
+            self.sync()?;
+            if header_dirty {
+                let mut h = [0u8; 12];
+                h[..8].copy_from_slice(&off.to_be_bytes());
+                h[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+                self.storage
+                    .write_at(OFF_REFCOUNT_TABLE, &h)
+                    .map_err(|e| DiskError::io("write header", OFF_REFCOUNT_TABLE, e))?;
+                self.sync()?;
+            }
+            let mut m = self.meta.write();
+            if let Some(r) = m.refs.as_mut() {
+                r.table_dirty = false;
+                r.header_dirty = false;
+                for (o, n) in r.retired_tables.drain(..) {
+                    st.pending_free.extend((0..n).map(|c| o + c * cs));
+                }
+            }
+        }
+        // 3. L2 tables.
+        let l2s: Vec<(usize, u64, Vec<u8>)> = {
+            let m = self.meta.read();
+            m.l2.iter().filter(|(_, t)| t.dirty).map(|(&i, t)| (i, m.l1[i] & OFFSET_MASK, t.to_bytes())).collect()
+        };
+        for (_, off, bytes) in &l2s {
+            self.storage.write_at(*off, bytes).map_err(|e| DiskError::io("write L2 table", *off, e))?;
+        }
+        if !l2s.is_empty() {
+            self.sync()?;
+            let mut m = self.meta.write();
+            for (i, _, _) in &l2s {
+                if let Some(t) = m.l2.get_mut(i) {
+                    t.dirty = false;
+                }
+            }
+        }
+        // 4. L1 table.
+        let l1 = {
+            let m = self.meta.read();
+            m.l1_dirty.then(|| (m.l1_offset, m.l1.iter().flat_map(|e| e.to_be_bytes()).collect::<Vec<u8>>()))
+        };
+        if let Some((off, bytes)) = l1 {
+            self.storage.write_at(off, &bytes).map_err(|e| DiskError::io("write L1 table", off, e))?;
+            self.sync()?;
+            self.meta.write().l1_dirty = false;
+        }
+        // 5. Everything that dropped references is durable: free for reuse.
+        if !st.pending_free.is_empty() {
+            let _g = self.gate.write();
+            let mut m = self.meta.write();
+            if let Some(r) = m.refs.as_mut() {
+                let mut first_err = None;
+                for h in st.pending_free.drain(..) {
+                    if let Err(e) = r.adjust(h, -1) {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                if let Some(e) = first_err {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
