@@ -4,7 +4,7 @@
 # QEMU against the daemon. Installs what it needs first.
 #
 #   scripts/test.sh            # everything CI runs
-#   SOAK=1 scripts/test.sh     # plus the slow soak / crash-loop tests
+#   SOAK=1 scripts/test.sh     # plus a 10-minute fuzz run and the slow (ignored) benchmark tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +43,25 @@ if [ -x integration/run-all.sh ]; then
   passed=$((passed + $(grep -cE '^  [a-z0-9-]+ +PASS ' "$log" || true)))
   failed=$((failed + $(grep -cE '^  [a-z0-9-]+ +FAIL ' "$log" || true)))
 fi
+
+# The QCOW2 parser under libFuzzer: a short run here, a long one with SOAK=1.
+# cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP enables them on stable.
+fuzz_qcow2() {
+  command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+  local corpus
+  corpus=$(mktemp -d)
+  RUSTC_BOOTSTRAP=1 cargo fuzz run qcow2_open "$corpus" fuzz/seeds/qcow2_open -- \
+    -max_total_time="$1" -rss_limit_mb=2048 -print_final_stats=1
+  rm -rf "$corpus"
+}
+if [ "${SOAK:-0}" = 1 ]; then
+  stage "fuzz qcow2_open (600 s)" fuzz_qcow2 600
+  stage "slow tests (ignored by default: benchmarks of the tier and qcow2 engine)" \
+    cargo nextest run --workspace --run-ignored ignored-only --release
+else
+  stage "fuzz qcow2_open (60 s)" fuzz_qcow2 60
+fi
+if grep -q 'Done [0-9]* runs' "$log"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
 
 # A stage that failed without printing a count (a build error, a crash)
 # still counts as a failure.
