@@ -54,14 +54,18 @@ fuzz_qcow2() {
     -max_total_time="$1" -rss_limit_mb=2048 -print_final_stats=1
   rm -rf "$corpus"
 }
+fuzz_stage() { # seconds
+  stage "fuzz qcow2_open ($1 s)" fuzz_qcow2 "$1"
+  if grep -q 'Done [0-9]* runs' "$log"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+}
 if [ "${SOAK:-0}" = 1 ]; then
-  stage "fuzz qcow2_open (600 s)" fuzz_qcow2 600
+  fuzz_stage 600
   stage "slow tests (ignored by default: benchmarks of the tier and qcow2 engine)" \
     cargo nextest run --workspace --run-ignored ignored-only --release
+  count '[0-9]+ passed' '[0-9]+ failed'
 else
-  stage "fuzz qcow2_open (60 s)" fuzz_qcow2 60
+  fuzz_stage 60
 fi
-if grep -q 'Done [0-9]* runs' "$log"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
 
 # A stage that failed without printing a count (a build error, a crash)
 # still counts as a failure.
