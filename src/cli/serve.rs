@@ -60,6 +60,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32)]
     pub io_threads: usize,
 
+    /// Most qcow2 L2 tables to keep in memory, in bytes. Default: all of them
+    /// (lookups never do I/O). A smaller cap loads tables on demand.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub metadata_cache: Option<u64>,
+
     #[command(flatten)]
     pub cache: CacheArgs,
 
@@ -151,6 +156,7 @@ pub struct ServeConfig {
     pub source: ImageSource,
     pub format: ImageFormat,
     pub device: DeviceConfig,
+    pub metadata_cache: Option<u64>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -183,6 +189,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             socket: a.socket,
             source,
             format: a.format,
+            metadata_cache: a.metadata_cache,
             device: DeviceConfig {
                 num_queues: a.num_queues,
                 queue_size: a.queue_size,
@@ -197,14 +204,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
 /// Opens the image's format over its storage.
 fn open_format(
     storage: Arc<dyn Storage>,
-    format: ImageFormat,
-    read_only: bool,
+    cfg: &ServeConfig,
     backing: &dyn BackingOpener,
 ) -> anyhow::Result<Arc<dyn Disk>> {
-    Ok(match format {
+    let read_only = cfg.device.read_only;
+    Ok(match cfg.format {
         ImageFormat::Raw => Arc::new(RawDisk::new(storage, read_only)?),
         ImageFormat::Qcow2 => {
-            let opts = Qcow2Options { read_only, ..Default::default() };
+            let opts = Qcow2Options { read_only, metadata_cache_bytes: cfg.metadata_cache, ..Default::default() };
             Arc::new(Qcow2Disk::open(storage, opts, backing)?)
         }
     })
@@ -219,7 +226,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             let file =
                 LocalFile::open(path, read_only).with_context(|| format!("cannot open image {}", path.display()))?;
             file.lock(!read_only).with_context(|| format!("image {} is in use by another process", path.display()))?;
-            open_format(Arc::new(file), cfg.format, read_only, &LocalBackingOpener::new(path))?
+            open_format(Arc::new(file), &cfg, &LocalBackingOpener::new(path))?
         }
         ImageSource::Volume { url, cache } => {
             let store: Arc<TieredStore> = volume::open(url, cache.clone())?;
@@ -230,7 +237,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             }
             // Backing files of an image inside a volume would have to live in
             // the volume too; that is not supported yet.
-            open_format(store, cfg.format, read_only, &NoBacking)
+            open_format(store, &cfg, &NoBacking)
                 .with_context(|| format!("cannot open volume {url} as {}", cfg.format))?
         }
     };
