@@ -5,35 +5,13 @@
 //! an image `qemu-img check` accepts, with every flushed write present.
 
 mod common;
+mod qcow2_common;
 
 use std::path::Path;
 use std::process::Command;
 
 use common::{Client, Daemon};
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    sh(Command::new("qemu-img").args(args))
-}
-
-fn check_clean(img: &Path) {
-    let out = Command::new("qemu-img").args(["check", "-f", "qcow2", img.to_str().unwrap()]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    // Exit 0: clean; 3: leaked clusters only (allowed after a crash). Anything
-    // else is corruption or a check failure.
-    let code = out.status.code().unwrap_or(-1);
-    assert!(code == 0 || code == 3, "qemu-img check {}: exit {code}\n{text}", img.display());
-}
+use qcow2_common::{check, qemu_img, Rng};
 
 /// One operation of the workload, applied identically to both sides.
 #[derive(Clone, Debug)]
@@ -42,19 +20,6 @@ enum Op {
     Discard { off: u64, len: u64 },
     Zero { off: u64, len: u64, unmap: bool },
     Flush,
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// A workload confined to `[start, start + span)`, so queues working on
@@ -222,8 +187,8 @@ fn differential(scenario: &str, seed: u64) {
 
     let all: Vec<Op> = per_queue.concat();
     run_qemu_io(&oracle, "", &all);
-    check_clean(&img);
-    check_clean(&oracle);
+    check(&img);
+    check(&oracle);
     let out = Command::new("qemu-img")
         .args(["compare", "-f", "qcow2", "-F", "qcow2", img.to_str().unwrap(), oracle.to_str().unwrap()])
         .output()
@@ -285,7 +250,7 @@ fn kill_9_during_writes_leaves_a_consistent_image_with_flushed_data() {
         child.kill().unwrap();
         child.wait().unwrap();
         drop(c);
-        check_clean(&img);
+        check(&img);
         // Every flushed write is there, read by QEMU itself. Later unflushed
         // writes may overlap flushed ranges, so only check ranges untouched by them.
         let raw = dir.path().join("out.raw");

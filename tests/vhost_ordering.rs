@@ -14,15 +14,23 @@ use driveblk::format::{Disk, DiskError, DiskResult, IoMode, IoVec};
 use driveblk::tier::{LocalFile, Storage};
 use driveblk::vhost::{DeviceConfig, Server};
 
-/// Reads at `slow_offset` wait (on the blocking path) until the gate opens.
-struct GatedDisk {
+/// A raw disk with a hook that may take over reads (to delay or break them).
+struct HookedDisk {
     inner: RawDisk,
-    slow_offset: u64,
-    gate: Arc<(Mutex<bool>, Condvar)>,
-    slow_started: AtomicBool,
+    on_read: Box<dyn Fn(u64, IoMode) -> Option<DiskResult<()>> + Send + Sync>,
 }
 
-impl Disk for GatedDisk {
+impl HookedDisk {
+    fn new(
+        img: &std::path::Path,
+        on_read: impl Fn(u64, IoMode) -> Option<DiskResult<()>> + Send + Sync + 'static,
+    ) -> Self {
+        let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(img, false).unwrap());
+        Self { inner: RawDisk::new(storage, false).unwrap(), on_read: Box::new(on_read) }
+    }
+}
+
+impl Disk for HookedDisk {
     fn capacity(&self) -> u64 {
         self.inner.capacity()
     }
@@ -30,18 +38,10 @@ impl Disk for GatedDisk {
         false
     }
     fn read(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
-        if offset == self.slow_offset {
-            if mode == IoMode::NonBlocking {
-                return Err(DiskError::WouldBlock);
-            }
-            self.slow_started.store(true, Ordering::SeqCst);
-            let (m, cv) = &*self.gate;
-            let mut open = m.lock().unwrap();
-            while !*open {
-                open = cv.wait(open).unwrap();
-            }
+        match (self.on_read)(offset, mode) {
+            Some(r) => r,
+            None => self.inner.read(offset, bufs, mode),
         }
-        self.inner.read(offset, bufs, mode)
     }
     fn write(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
         self.inner.write(offset, bufs, mode)
@@ -56,7 +56,7 @@ impl Disk for GatedDisk {
         self.inner.flush(mode)
     }
     fn describe(&self) -> String {
-        "gated test disk".into()
+        "test disk".into()
     }
 }
 
@@ -72,15 +72,25 @@ fn slow_read_does_not_hold_up_later_requests_and_shutdown_waits_for_it() {
     let img = dir.path().join("disk.raw");
     let sock = dir.path().join("sock");
     let data = make_raw(&img, 8 << 20, 9);
-    let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(&img, false).unwrap());
     let gate = Arc::new((Mutex::new(false), Condvar::new()));
-    let disk = Arc::new(GatedDisk {
-        inner: RawDisk::new(storage, false).unwrap(),
-        slow_offset: 1 << 20,
-        gate: gate.clone(),
-        slow_started: AtomicBool::new(false),
-    });
-    let server = Server::bind(disk.clone(), DeviceConfig::default(), &sock).unwrap();
+    let slow_started = Arc::new(AtomicBool::new(false));
+    // Reads at 1 MiB wait (on the blocking path) until the gate opens.
+    let (g, started) = (gate.clone(), slow_started.clone());
+    let disk = Arc::new(HookedDisk::new(&img, move |offset, mode| {
+        if offset != 1 << 20 {
+            return None;
+        }
+        if mode == IoMode::NonBlocking {
+            return Some(Err(DiskError::WouldBlock));
+        }
+        started.store(true, Ordering::SeqCst);
+        let mut open = g.0.lock().unwrap();
+        while !*open {
+            open = g.1.wait(open).unwrap();
+        }
+        None
+    }));
+    let server = Server::bind(disk, DeviceConfig::default(), &sock).unwrap();
     let stop = server.stop_handle();
     let server_thread = std::thread::spawn(move || server.run());
 
@@ -103,7 +113,7 @@ fn slow_read_does_not_hold_up_later_requests_and_shutdown_waits_for_it() {
     }
     // The slow read reached the I/O pool and is parked on the gate.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !disk.slow_started.load(Ordering::SeqCst) {
+    while !slow_started.load(Ordering::SeqCst) {
         assert!(std::time::Instant::now() < deadline, "slow read never reached the I/O pool");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -122,50 +132,19 @@ fn slow_read_does_not_hold_up_later_requests_and_shutdown_waits_for_it() {
     assert!(!sock.exists());
 }
 
-/// Panics on reads at one offset, on both the inline and the blocking path.
-struct PanickingDisk {
-    inner: RawDisk,
-    bad_offset: u64,
-}
-
-impl Disk for PanickingDisk {
-    fn capacity(&self) -> u64 {
-        self.inner.capacity()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn read(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
-        if offset == self.bad_offset {
-            panic!("injected bug at offset {offset}");
-        }
-        self.inner.read(offset, bufs, mode)
-    }
-    fn write(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
-        self.inner.write(offset, bufs, mode)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, mode: IoMode) -> DiskResult<()> {
-        self.inner.write_zeroes(offset, len, unmap, mode)
-    }
-    fn discard(&self, offset: u64, len: u64, mode: IoMode) -> DiskResult<()> {
-        self.inner.discard(offset, len, mode)
-    }
-    fn flush(&self, mode: IoMode) -> DiskResult<()> {
-        self.inner.flush(mode)
-    }
-    fn describe(&self) -> String {
-        "panicking test disk".into()
-    }
-}
-
 #[test]
 fn a_panic_below_fails_only_its_request() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.raw");
     let sock = dir.path().join("sock");
     let data = make_raw(&img, 4 << 20, 10);
-    let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(&img, false).unwrap());
-    let disk = Arc::new(PanickingDisk { inner: RawDisk::new(storage, false).unwrap(), bad_offset: 8192 });
+    // Reads at 8 KiB panic, on both the inline and the blocking path.
+    let disk = Arc::new(HookedDisk::new(&img, |offset, _| {
+        if offset == 8192 {
+            panic!("injected bug at offset {offset}");
+        }
+        None
+    }));
     let server = Server::bind(disk, DeviceConfig::default(), &sock).unwrap();
     let stop = server.stop_handle();
     let server_thread = std::thread::spawn(move || server.run());
