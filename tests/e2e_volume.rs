@@ -250,3 +250,45 @@ fn volume_errors_are_clear() {
     let out = Command::new(bin()).args(["import", "--quiet", src.to_str().unwrap(), &url]).output().unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn hydrated_volume_needs_no_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want) = make_source(dir.path());
+    let remote = dir.path().join("remote");
+    let url = format!("dir:{}/vol", remote.display());
+    std::fs::create_dir(&remote).unwrap();
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    let sock = dir.path().join("sock");
+
+    // Background hydration while serving: the status shows it complete.
+    let cache1 = dir.path().join("cache1");
+    let d = serve(&sock, &url, &cache1, &["--hydrate"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let s = status(&cache1);
+        if s["hydrate"]["complete"].as_bool().unwrap() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "hydration did not finish: {s}");
+    }
+    assert!(d.stop().success());
+
+    // Foreground `driveblk hydrate` into another cache.
+    let cache2 = dir.path().join("cache2");
+    run_ok(&["hydrate", "--quiet", &url, "--cache-dir", cache2.to_str().unwrap()]);
+
+    // The remote disappears (its volume files move away): both caches still
+    // serve every byte, offline.
+    std::fs::rename(&remote, dir.path().join("remote-gone")).unwrap();
+    for cache in [&cache1, &cache2] {
+        let d = serve(&sock, &url, cache, &[]);
+        let mut c = Client::connect(&sock, 1);
+        assert!(read_all(&mut c) == want, "hydrated cache {} incomplete", cache.display());
+        drop(c);
+        assert!(d.stop().success());
+        let s = status(cache);
+        assert_eq!(s["remote"]["fetches"].as_u64().unwrap(), 0);
+        assert!(s["offline"].as_bool().unwrap(), "should have started from the cache's copy: {s}");
+    }
+}

@@ -189,6 +189,20 @@ pub fn open(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStore>> {
                 Err(_) => return Err(VolumeError::Remote { context, source }),
             }
         }
+        // Not found, but this cache holds a copy of the volume: an empty
+        // mountpoint of an unmounted share looks exactly like this, and the
+        // cache may hold the user's only copy of local writes. Serve it, loudly.
+        Err(VolumeError::NotFound { url }) => match VolumeReader::open_offline(&u, &opts.cache_dir, &opts.remote) {
+            Ok(r) => {
+                tracing::warn!(
+                    url = %url,
+                    cache = %opts.cache_dir.display(),
+                    "volume not found on the remote (share not mounted? volume deleted?); serving from the local cache's copy"
+                );
+                r
+            }
+            Err(_) => return Err(VolumeError::NotFound { url }),
+        },
         Err(e) => return Err(e),
     };
     let store = TieredStore::new(rt, reader.clone(), &opts)?;

@@ -37,9 +37,8 @@ fn inflate(input: &[u8], out: &mut [u8], host: u64) -> DiskResult<()> {
 fn unzstd(input: &[u8], out: &mut [u8], host: u64) -> DiskResult<()> {
     let err = |what: String| corrupt(format!("compressed cluster at {host:#x}: zstd {what}"));
     // One frame only: the slack after it is not another frame.
-    let mut dec = zstd::stream::read::Decoder::with_buffer(input)
-        .map_err(|e| err(format!("frame header: {e}")))?
-        .single_frame();
+    let mut dec =
+        zstd::stream::read::Decoder::with_buffer(input).map_err(|e| err(format!("frame header: {e}")))?.single_frame();
     let mut done = 0;
     while done < out.len() {
         match dec.read(&mut out[done..]) {
