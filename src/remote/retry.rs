@@ -150,6 +150,10 @@ mod tests {
         fail: AtomicU32,
     }
 
+    fn read_only(key: &str) -> RemoteError {
+        RemoteError::Fatal { remote: "busy".into(), op: "test", key: key.into(), message: "reads only".into() }
+    }
+
     #[async_trait]
     impl Remote for Busy {
         async fn get_range(&self, key: &str, _: Range<u64>) -> RemoteResult<Bytes> {
@@ -164,17 +168,18 @@ mod tests {
             }
             Ok(Bytes::from_static(b"ok"))
         }
-        async fn put(&self, _: &str, _: PutBody) -> RemoteResult<ObjectMeta> {
-            unimplemented!()
+        // This test remote serves reads only.
+        async fn put(&self, key: &str, _: PutBody) -> RemoteResult<ObjectMeta> {
+            Err(read_only(key))
         }
-        async fn head(&self, _: &str) -> RemoteResult<ObjectMeta> {
-            unimplemented!()
+        async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
+            Err(read_only(key))
         }
-        async fn list(&self, _: &str) -> RemoteResult<Vec<ObjectMeta>> {
-            unimplemented!()
+        async fn list(&self, key: &str) -> RemoteResult<Vec<ObjectMeta>> {
+            Err(read_only(key))
         }
-        async fn delete(&self, _: &str) -> RemoteResult<()> {
-            unimplemented!()
+        async fn delete(&self, key: &str) -> RemoteResult<()> {
+            Err(read_only(key))
         }
         fn describe(&self) -> String {
             "busy".into()
