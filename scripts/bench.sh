@@ -129,7 +129,7 @@ log "building driveblk-bench (release)"
 cargo build --release -q -p driveblk-bench || die "driveblk-bench failed to build"
 if [[ -n ${DRIVEBLK_BIN:-} ]]; then
     [[ -x $DRIVEBLK_BIN ]] || die "DRIVEBLK_BIN=$DRIVEBLK_BIN is not an executable"
-elif [[ $A == driveblk || $B == driveblk ]]; then
+elif [[ $A == driveblk || $B == driveblk || $COLD == 1 ]]; then
     log "building driveblk (release)"
     cargo build --release -q -p driveblk ||
         die "driveblk failed to build (BENCH_A=qsd or --self-test-qsd benchmarks qsd against itself)"
@@ -156,7 +156,7 @@ declare -A IMAGES
 SIZE_BYTES=$(numfmt --from=iec "$SIZE") || die "bad --size $SIZE"
 # qsd's l2-cache-size (an integer: qsd rejects suffixes): 8 bytes of L2 entry per 64 KiB cluster
 # for the whole disk, rounded up to 1 MiB, plus 1 MiB of slack.
-L2_BYTES=$(( (SIZE_BYTES / 65536 * 8 / 1048576 + 2) * 1048576 ))
+L2_BYTES=$(( (SIZE_BYTES * 8 / 65536 / 1048576 + 2) * 1048576 ))
 VOLURL="" SSD_CACHE=""
 ensure_image() { # kind: creates the image once per run (in this shell, so IMAGES persists)
     local kind=$1 path
@@ -186,14 +186,15 @@ ensure_image() { # kind: creates the image once per run (in this shell, so IMAGE
         vol-ram | vol-ssd | vol-ssd-drop)
             ensure_image qcow2
             path=${IMAGES[qcow2]}
-            if [[ -z $VOLURL ]]; then
+            # Only driveblk serves volumes (qsd vs qsd: both serve the qcow2 file).
+            if [[ -z $VOLURL && ($A == driveblk || $B == driveblk) ]]; then
                 VOLURL=dir:$WORK/remote/vol
                 mkdir -p "$WORK/remote"
                 log "importing $path into $VOLURL"
                 "$DRIVEBLK" import "$path" "$VOLURL" --quiet >"$WORK/import.log" 2>&1 ||
                     { sed 's/^/    /' "$WORK/import.log" >&2; die "driveblk import failed"; }
             fi
-            if [[ $kind != vol-ram && -z $SSD_CACHE ]]; then
+            if [[ -n $VOLURL && $kind != vol-ram && -z $SSD_CACHE ]]; then
                 SSD_CACHE=$WORK/cache-ssd
                 log "hydrating $VOLURL into $SSD_CACHE"
                 "$DRIVEBLK" hydrate "$VOLURL" --cache-dir "$SSD_CACHE" --quiet >"$WORK/hydrate.log" 2>&1 ||
