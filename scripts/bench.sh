@@ -3,7 +3,9 @@
 # (driveblk-bench, a libblkio vhost-user-blk client), same run, interleaved A/B per repetition.
 #
 # Usage: scripts/bench.sh [--reps N] [--quick] [--runtime S] [--warmup S] [--size SIZE]
-#                         [--rows REGEX] [--record] [--keep] [--self-test-qsd]
+#                         [--rows REGEX] [--record] [--keep] [--self-test-qsd] [--drop-caches]
+#                         [--cold] [--cold-only] [--cold-config SPEC]... [--cold-size SIZE]
+#                         [--cold-link "MS MBIT"] [--cold-no-export]
 #   --reps N         repetitions per row and daemon (default 3); the table shows medians
 #   --quick          fast smoke run: 1 rep, 1 s runs, 256 MiB image
 #   --runtime S      measured seconds per run (default 8); --warmup S unmeasured (default 1)
@@ -12,6 +14,18 @@
 #   --record         append the table, command, date and machine to docs/benchmarks.md
 #   --keep           keep the work dir (images, logs, per-run JSON)
 #   --self-test-qsd  benchmark qsd against qsd (same as BENCH_A=qsd), to prove the harness
+#   --drop-caches    also run the "page cache dropped" volume row (root: drop_caches before
+#                    every run of both daemons; slows everything else on the machine for a while)
+#   --cold           after the A/B rows, the cold boot-trace experiment (driveblk only, slow:
+#                    minutes per config): a --cold-size image (default 10G, first 60% random
+#                    data) imported as a raw volume, served over a simulated link, empty cache,
+#                    one --pattern boot replay per config; compared with the bandwidth floor and
+#                    with "download first" (driveblk export over the same link)
+#   --cold-only      only the cold experiment (no A/B rows)
+#   --cold-config S  CHUNK[:SERVE-ARGS], e.g. "256K:--fetch-concurrency 64"; repeatable; the
+#                    volume is imported once per chunk size (default "1M")
+#   --cold-link "MS MBIT"   simulated link (default "100 200": 100 ms per request, 200 Mbit/s)
+#   --cold-no-export skip the download-first measurement
 # Env: BENCH_A / BENCH_B pick the two daemons (driveblk|qsd; default driveblk vs qsd).
 #      DRIVEBLK_BIN=path benchmarks a prebuilt driveblk instead of building this tree's.
 set -euo pipefail
@@ -21,6 +35,7 @@ CMDLINE="scripts/bench.sh$(printf ' %q' "$@")"
 A=${BENCH_A:-driveblk}
 B=${BENCH_B:-qsd}
 REPS=3 RUNTIME=8 WARMUP=1 SIZE=2G ROWS_RE="" RECORD=0 KEEP=0 QUICK=0 REPS_SET=0
+DROP_CACHES=0 COLD=0 COLD_ONLY=0 COLD_SIZE=10G COLD_LINK="100 200" COLD_EXPORT=1 COLD_CONFIGS=()
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
 log() { echo "bench.sh: $*" >&2; }
@@ -36,7 +51,14 @@ while [[ $# -gt 0 ]]; do
         --record) RECORD=1; shift ;;
         --keep) KEEP=1; shift ;;
         --self-test-qsd) A=qsd; shift ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --drop-caches) DROP_CACHES=1; shift ;;
+        --cold) COLD=1; shift ;;
+        --cold-only) COLD=1 COLD_ONLY=1; shift ;;
+        --cold-config) COLD_CONFIGS+=("$2"); shift 2 ;;
+        --cold-size) COLD_SIZE=$2; shift 2 ;;
+        --cold-link) COLD_LINK=$2; shift 2 ;;
+        --cold-no-export) COLD_EXPORT=0; shift ;;
+        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -49,16 +71,39 @@ for d in "$A" "$B"; do [[ $d == driveblk || $d == qsd ]] || die "unknown daemon 
 
 # ---- Rows --------------------------------------------------------------------------------------
 # name | image kind | queues | generator args | driveblk args | qsd format blockdev (node disk0)
-# Image kinds: raw, qcow2 (made from the raw image by qemu-img). Add qcow2 or remote-volume rows
-# here; a new image kind needs a case in ensure_image().
+# Image kinds (made once per bench run by ensure_image; "@L2@" in the qsd column becomes an
+# l2-cache-size covering the whole disk, so both daemons keep all qcow2 metadata in memory):
+#   raw          --size of random data
+#   qcow2        the raw image converted to qcow2 (fully allocated)
+#   qcow2-empty  a fresh `qemu-img create -f qcow2` image: every run gets its own copy, so both
+#                daemons start from an empty image and allocate as they write
+#   overlay      an empty qcow2 overlay with the qcow2 image as backing file (qsd opens the
+#                backing file with the same file options); every run gets its own copy
+#   vol-ram      driveblk: the qcow2 image imported as a volume (dir: remote on local disk),
+#                served with an empty cache dir per run; a warm-up pass (1 MiB sequential reads
+#                of the whole disk, both daemons) fills its RAM tier. qsd: the qcow2 file.
+#   vol-ssd      driveblk: the same volume served from a cache dir hydrated once (`driveblk
+#                hydrate`), RAM tier 64M, so reads hit the SSD tier. qsd: the qcow2 file.
+#   vol-ssd-drop vol-ssd, but the page cache is dropped before each run of either daemon
+#                (only with --drop-caches): both read from the disk, not from memory.
 ROWS=(
     "4K randread QD32 1q|raw|1|--rw randread --bs 4k --iodepth 32|--format raw|driver=raw"
     "4K randread QD32 2q|raw|2|--rw randread --bs 4k --iodepth 32|--format raw|driver=raw"
     "4K randwrite QD32 1q|raw|1|--rw randwrite --bs 4k --iodepth 32|--format raw|driver=raw"
     "4K randwrite QD32 2q|raw|2|--rw randwrite --bs 4k --iodepth 32|--format raw|driver=raw"
     "64K seqread QD8 1q|raw|1|--rw read --bs 64k --iodepth 8|--format raw|driver=raw"
-    # "4K randread QD32 1q qcow2|qcow2|1|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=8388608"
-    # "boot trace QD8 1q|raw|1|--pattern boot --trace-reads 60000 --trace-bytes 600m|--format raw|driver=raw"
+    "qcow2 full: 4K randread QD32 1q|qcow2|1|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
+    "qcow2 full: 4K randread QD32 2q|qcow2|2|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
+    "qcow2 full: 4K randwrite QD32 1q|qcow2|1|--rw randwrite --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
+    "qcow2 full: 64K seqread QD8 1q|qcow2|1|--rw read --bs 64k --iodepth 8|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
+    "qcow2 sparse: 4K randwrite QD32 1q|qcow2-empty|1|--rw randwrite --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
+    "qcow2 sparse: 4K randwrite QD32 2q|qcow2-empty|2|--rw randwrite --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
+    "qcow2 overlay: 4K randread QD32 1q|overlay|1|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@,backing=base0"
+    "qcow2 overlay: 4K randwrite QD32 1q|overlay|1|--rw randwrite --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@,backing=base0"
+    "volume RAM-warm: 4K randread QD32 1q|vol-ram|1|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
+    "volume RAM-warm: 4K randread QD32 2q|vol-ram|2|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
+    "volume SSD-warm: 4K randread QD32 1q|vol-ssd|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M|driver=qcow2,l2-cache-size=@L2@"
+    "volume SSD, page cache dropped: 4K randread QD32 1q|vol-ssd-drop|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M|driver=qcow2,l2-cache-size=@L2@"
 )
 
 # ---- Tools -------------------------------------------------------------------------------------
@@ -84,7 +129,7 @@ log "building driveblk-bench (release)"
 cargo build --release -q -p driveblk-bench || die "driveblk-bench failed to build"
 if [[ -n ${DRIVEBLK_BIN:-} ]]; then
     [[ -x $DRIVEBLK_BIN ]] || die "DRIVEBLK_BIN=$DRIVEBLK_BIN is not an executable"
-elif [[ $A == driveblk || $B == driveblk ]]; then
+elif [[ $A == driveblk || $B == driveblk || $COLD == 1 ]]; then
     log "building driveblk (release)"
     cargo build --release -q -p driveblk ||
         die "driveblk failed to build (BENCH_A=qsd or --self-test-qsd benchmarks qsd against itself)"
@@ -108,6 +153,11 @@ trap 'exit 130' INT TERM
 
 # ---- Images ------------------------------------------------------------------------------------
 declare -A IMAGES
+SIZE_BYTES=$(numfmt --from=iec "$SIZE") || die "bad --size $SIZE"
+# qsd's l2-cache-size (an integer: qsd rejects suffixes): 8 bytes of L2 entry per 64 KiB cluster
+# for the whole disk, rounded up to 1 MiB, plus 1 MiB of slack.
+L2_BYTES=$(( (SIZE_BYTES * 8 / 65536 / 1048576 + 2) * 1048576 ))
+VOLURL="" SSD_CACHE=""
 ensure_image() { # kind: creates the image once per run (in this shell, so IMAGES persists)
     local kind=$1 path
     [[ -z ${IMAGES[$kind]:-} ]] || return 0
@@ -116,9 +166,7 @@ ensure_image() { # kind: creates the image once per run (in this shell, so IMAGE
             path=$WORK/disk.raw
             log "writing $SIZE of random data to $path"
             # Fully written (no holes), so both daemons read real data rather than sparse zeros.
-            local bytes
-            bytes=$(numfmt --from=iec "$SIZE") || die "bad --size $SIZE"
-            dd if=/dev/urandom of="$path" bs=1M count=$((bytes / 1048576)) status=none conv=fsync
+            dd if=/dev/urandom of="$path" bs=1M count=$((SIZE_BYTES / 1048576)) status=none conv=fsync
             ;;
         qcow2)
             ensure_image raw
@@ -126,19 +174,56 @@ ensure_image() { # kind: creates the image once per run (in this shell, so IMAGE
             log "converting the raw image to $path"
             qemu-img convert -f raw -O qcow2 "${IMAGES[raw]}" "$path"
             ;;
+        qcow2-empty)
+            path=$WORK/empty.qcow2
+            qemu-img create -q -f qcow2 "$path" "$SIZE_BYTES"
+            ;;
+        overlay)
+            ensure_image qcow2
+            path=$WORK/overlay.qcow2
+            qemu-img create -q -f qcow2 -b "${IMAGES[qcow2]}" -F qcow2 "$path"
+            ;;
+        vol-ram | vol-ssd | vol-ssd-drop)
+            ensure_image qcow2
+            path=${IMAGES[qcow2]}
+            # Only driveblk serves volumes (qsd vs qsd: both serve the qcow2 file).
+            if [[ -z $VOLURL && ($A == driveblk || $B == driveblk) ]]; then
+                VOLURL=dir:$WORK/remote/vol
+                mkdir -p "$WORK/remote"
+                log "importing $path into $VOLURL"
+                "$DRIVEBLK" import "$path" "$VOLURL" --quiet >"$WORK/import.log" 2>&1 ||
+                    { sed 's/^/    /' "$WORK/import.log" >&2; die "driveblk import failed"; }
+            fi
+            if [[ -n $VOLURL && $kind != vol-ram && -z $SSD_CACHE ]]; then
+                SSD_CACHE=$WORK/cache-ssd
+                log "hydrating $VOLURL into $SSD_CACHE"
+                "$DRIVEBLK" hydrate "$VOLURL" --cache-dir "$SSD_CACHE" --quiet >"$WORK/hydrate.log" 2>&1 ||
+                    { sed 's/^/    /' "$WORK/hydrate.log" >&2; die "driveblk hydrate failed"; }
+                sync -f "$WORK"
+            fi
+            ;;
         *) die "unknown image kind $kind" ;;
     esac
     cat "$path" >/dev/null # warm the page cache
     IMAGES[$kind]=$path
 }
+fresh_copy_kind() { [[ $1 == qcow2-empty || $1 == overlay ]]; }
 
 # ---- Daemons -----------------------------------------------------------------------------------
-start_daemon() { # daemon image queues driveblk-args qsd-fmt logfile
-    local d=$1 img=$2 q=$3 dargs=$4 qfmt=$5 logf=$6
+start_daemon() { # daemon image queues driveblk-args qsd-fmt logfile [driveblk source args...]
+    local d=$1 img=$2 q=$3 dargs=$4 qfmt=${5//@L2@/$L2_BYTES} logf=$6
+    shift 6
+    local src=("$@") pre=()
+    [[ ${#src[@]} -gt 0 ]] || src=(--image "$img")
     rm -f "$SOCK"
     case $d in
         qsd)
-            qemu-storage-daemon \
+            if [[ $qfmt == *backing=base0* ]]; then
+                # The overlay's backing file, opened like the overlay (io_uring, page cache).
+                pre=(--blockdev "driver=file,node-name=bfile0,filename=${IMAGES[qcow2]},aio=io_uring,cache.direct=off,read-only=on"
+                    --blockdev "driver=qcow2,node-name=base0,file=bfile0,read-only=on,l2-cache-size=$L2_BYTES")
+            fi
+            qemu-storage-daemon "${pre[@]}" \
                 --blockdev "driver=file,node-name=file0,filename=$img,aio=io_uring,cache.direct=off" \
                 --blockdev "$qfmt,node-name=disk0,file=file0" \
                 --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$q" \
@@ -146,7 +231,7 @@ start_daemon() { # daemon image queues driveblk-args qsd-fmt logfile
             ;;
         driveblk)
             # shellcheck disable=SC2086 # row args are word lists
-            "$DRIVEBLK" serve --socket "$SOCK" --image "$img" --num-queues "$q" $dargs >"$logf" 2>&1 &
+            "$DRIVEBLK" serve --socket "$SOCK" "${src[@]}" --num-queues "$q" $dargs >"$logf" 2>&1 &
             ;;
     esac
     DPID=$!
@@ -194,21 +279,45 @@ CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { [[ -r /proc/$1/stat ]] && sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 : >"$RESULTS"
 FAILED=0
+drop_page_cache() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches || die "cannot drop the page cache (needs root)"
+}
 run_one() { # row-index rep daemon key (key names the side in results: A and B may be one daemon)
-    local idx=$1 rep=$2 d=$3 key=$4 name kind q gargs dargs qfmt img tag out
+    local idx=$1 rep=$2 d=$3 key=$4 name kind q gargs dargs qfmt img tag out src=() cache=""
     IFS='|' read -r name kind q gargs dargs qfmt <<<"${ROWS[$idx]}"
     ensure_image "$kind"
     img=${IMAGES[$kind]}
     tag="r${idx}-${rep}-${key//#/}"
     out=$WORK/$tag.json
+    if fresh_copy_kind "$kind"; then
+        # Its own copy per run: writes of one run never leave allocated clusters for the next.
+        cp --sparse=always "$img" "$WORK/run.qcow2"
+        img=$WORK/run.qcow2
+    fi
+    case $kind in
+        vol-ram) cache=$WORK/cache-$tag; src=(--volume "$VOLURL" --cache-dir "$cache" --ram-cache $((SIZE_BYTES * 3 / 2))) ;;
+        vol-ssd*) cache=$SSD_CACHE; src=(--volume "$VOLURL" --cache-dir "$cache") ;;
+    esac
+    [[ $kind != vol-ssd-drop ]] || drop_page_cache
     local ok=1 cpu0 cpu1 t0 t1 cpu=nan
-    if start_daemon "$d" "$img" "$q" "$dargs" "$qfmt" "$WORK/$tag.log"; then
+    if start_daemon "$d" "$img" "$q" "$dargs" "$qfmt" "$WORK/$tag.log" "${src[@]}"; then
+        if [[ $kind == vol-ram ]]; then
+            # Warm-up pass, both daemons: read the whole disk once (fills driveblk's RAM tier;
+            # for qsd the qcow2 file is already in the page cache), then flush what it wrote.
+            if ! "$GEN" --socket "$SOCK" --rw read --bs 1m --iodepth 8 --ios $((SIZE_BYTES / 1048576)) \
+                --io-timeout 60 --json >"$WORK/$tag.warm.json" 2>"$WORK/$tag.warm.err"; then
+                log "warm-up pass failed: $name, $d, rep $rep:"; sed 's/^/    /' "$WORK/$tag.warm.err" >&2
+                ok=0
+            fi
+            sync -f "$WORK"
+        fi
         # Trace rows (--pattern) replay a whole trace once, cold: no runtime, no warmup.
         local timing=(--runtime "$RUNTIME" --warmup "$WARMUP")
         [[ " $gargs " != *" --pattern "* ]] || timing=()
         cpu0=$(cpu_ticks "$DPID") t0=$EPOCHREALTIME
         # shellcheck disable=SC2086
-        if ! "$GEN" --socket "$SOCK" --queues "$q" $gargs "${timing[@]}" \
+        if [[ $ok == 1 ]] && ! "$GEN" --socket "$SOCK" --queues "$q" $gargs "${timing[@]}" \
             --io-timeout 20 --json >"$out" 2>"$WORK/$tag.err"; then
             log "generator failed: $name, $d, rep $rep:"; sed 's/^/    /' "$WORK/$tag.err" >&2
             log "$d log tail:"; tail -n 20 "$WORK/$tag.log" | sed 's/^/    /' >&2
@@ -219,12 +328,20 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
             cpu=$(awk -v c="$((cpu1 - cpu0))" -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" \
                 'BEGIN {printf "%.0f", 100 * c / hz / (t1 - t0)}')
         fi
+        if [[ -n $cache && $d == driveblk ]]; then
+            # Where the reads were served from (status.json is refreshed every second).
+            sleep 1.2
+            jq -c '{ram_hits: .ram.hits, ram_bytes: .ram.bytes, ssd_hits: .ssd.hits, misses: .remote.misses, fetches: .remote.fetches}' "$cache/status.json" \
+                >"$WORK/$tag.status" 2>/dev/null && log "    driveblk tiers: $(cat "$WORK/$tag.status")"
+        fi
         stop_daemon "$d" "$WORK/$tag.log" || ok=0
         # Flush dirty pages of write rows now, so writeback never lands inside the next run.
         sync "$img"
     else
         ok=0
     fi
+    [[ $kind != vol-ram ]] || rm -rf "$cache"
+    ! fresh_copy_kind "$kind" || rm -f "$WORK/run.qcow2"
     if [[ $ok == 1 ]]; then
         jq -r --arg n "$name" --arg d "$key" --arg r "$rep" --arg cpu "$cpu" \
             '[$n, $d, $r, .iops, .mbps, .lat_us.p50, .lat_us.p99, $cpu, (.gen_cpu_pct // "nan")] | @tsv' "$out" >>"$RESULTS"
@@ -241,12 +358,15 @@ START_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 SEL=()
 for i in "${!ROWS[@]}"; do
     [[ ${ROWS[$i]} == \#* ]] && continue
-    name=${ROWS[$i]%%|*}
+    [[ $COLD_ONLY == 0 ]] || continue
+    IFS='|' read -r name kind _ <<<"${ROWS[$i]}"
+    [[ $kind != vol-ssd-drop || $DROP_CACHES == 1 ]] || continue
     [[ -z $ROWS_RE ]] || grep -qE -- "$ROWS_RE" <<<"$name" || continue
     SEL+=("$i")
 done
-[[ ${#SEL[@]} -gt 0 ]] || die "no row matches --rows '$ROWS_RE'"
-log "$LABEL_A vs $LABEL_B: ${#SEL[@]} rows x $REPS reps, ${RUNTIME}s + ${WARMUP}s warmup each; work dir $WORK"
+[[ ${#SEL[@]} -gt 0 || $COLD == 1 ]] || die "no row matches --rows '$ROWS_RE'"
+[[ ${#SEL[@]} -eq 0 ]] ||
+    log "$LABEL_A vs $LABEL_B: ${#SEL[@]} rows x $REPS reps, ${RUNTIME}s + ${WARMUP}s warmup each; work dir $WORK"
 for i in "${SEL[@]}"; do
     for ((rep = 1; rep <= REPS; rep++)); do
         log "${ROWS[$i]%%|*}: rep $rep/$REPS"
@@ -254,6 +374,92 @@ for i in "${SEL[@]}"; do
         run_one "$i" "$rep" "$B" "$KEY_B"
     done
 done
+AB_END_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- Cold boot trace ---------------------------------------------------------------------------
+# driveblk only: a raw volume behind a simulated link, empty cache, one --pattern boot replay per
+# config; then "download first": driveblk export of the whole volume over the same link.
+COLD_TAB=$WORK/cold.md
+cold_experiment() {
+    local lat mbit bytes span_mb img=$WORK/cold.raw spec cs args url cache tag out t0 t1 secs
+    read -r lat mbit <<<"$COLD_LINK"
+    local link="--remote-latency-ms $lat --remote-bandwidth-mbit $mbit"
+    local rate=$((mbit * 125000)) # bytes/s
+    [[ ${#COLD_CONFIGS[@]} -gt 0 ]] || COLD_CONFIGS=(1M)
+    bytes=$(numfmt --from=iec "$COLD_SIZE") || die "bad --cold-size $COLD_SIZE"
+    span_mb=$((bytes * 60 / 100 / 1048576))
+    log "cold: $COLD_SIZE image, first 60% ($span_mb MiB) random data, the rest a hole"
+    truncate -s "$bytes" "$img"
+    dd if=/dev/urandom of="$img" bs=1M count="$span_mb" conv=notrunc status=none
+    declare -A imported=()
+    local first_url=""
+    {
+        echo "Link: ${lat} ms per request, ${mbit} Mbit/s (= $((rate / 1000000)) MB/s) shared; image $COLD_SIZE raw, first 60% random data; QD8 boot trace (\`--pattern boot\`, defaults); empty cache dir per run; 1 run per config."
+        echo
+        echo "| config (import chunk : serve args) | import s | boot trace wall s | floor s (trace bytes / link) | wall / floor | trace MB | remote MB fetched | fetched / trace | remote fetches | guest misses | readahead chunks |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    } >"$COLD_TAB"
+    # All imports first (CPU-heavy), then the replays (link-bound).
+    for spec in "${COLD_CONFIGS[@]}"; do
+        cs=${spec%%:*}
+        url=dir:$WORK/remote/cold-$cs
+        [[ -n $first_url ]] || first_url=$url
+        if [[ -z ${imported[$cs]:-} ]]; then
+            log "cold: importing with --chunk-size $cs"
+            t0=$EPOCHREALTIME
+            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet >"$WORK/cold-import-$cs.log" 2>&1 ||
+                { sed 's/^/    /' "$WORK/cold-import-$cs.log" >&2; die "cold import failed"; }
+            sync -f "$WORK"
+            imported[$cs]=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.0f", b - a}')
+        fi
+    done
+    log "cold: imports done"
+    for spec in "${COLD_CONFIGS[@]}"; do
+        cs=${spec%%:*} args=""
+        [[ $spec != *:* ]] || args=${spec#*:}
+        url=dir:$WORK/remote/cold-$cs
+        tag=cold-${#COLD_ROWS[@]}
+        COLD_ROWS+=("$spec")
+        cache=$WORK/$tag-cache out=$WORK/$tag.json
+        rm -rf "$cache"
+        log "cold: $spec: serving $url over the link, replaying the boot trace"
+        # shellcheck disable=SC2086
+        start_daemon driveblk "" 1 "--format raw $link $args" "" "$WORK/$tag.log" \
+            --volume "$url" --cache-dir "$cache" || die "cold: daemon did not start"
+        if ! "$GEN" --socket "$SOCK" --pattern boot --io-timeout 300 --json >"$out" 2>"$WORK/$tag.err"; then
+            sed 's/^/    /' "$WORK/$tag.err" >&2
+            stop_daemon driveblk "$WORK/$tag.log" || true
+            die "cold: generator failed"
+        fi
+        sleep 1.5 # status.json is refreshed every second
+        cp "$cache/status.json" "$WORK/$tag.status.json"
+        stop_daemon driveblk "$WORK/$tag.log" || die "cold: daemon did not stop cleanly"
+        rm -rf "$cache"
+        jq -r --arg spec "$spec" --arg imp "${imported[$cs]}" --arg rate "$rate" --slurpfile st "$WORK/$tag.status.json" '
+            ($st[0]) as $s | (.bytes / ($rate | tonumber)) as $floor |
+            "| \($spec) | \($imp) | \(.elapsed_s * 10 | round / 10) | \($floor * 10 | round / 10) | \(.elapsed_s / $floor * 100 | round / 100) | \(.bytes / 1e6 | round) | \($s.remote.bytes / 1e6 | round) | \($s.remote.bytes / .bytes * 100 | round / 100) | \($s.remote.fetches) | \($s.remote.misses) | \($s.remote.readahead_chunks) |"' \
+            "$out" >>"$COLD_TAB"
+        log "    $(tail -1 "$COLD_TAB")"
+    done
+    if [[ $COLD_EXPORT == 1 ]]; then
+        log "cold: download first: driveblk export $first_url over the same link"
+        mkdir -p "$WORK/export-cache"
+        t0=$EPOCHREALTIME
+        # shellcheck disable=SC2086
+        "$DRIVEBLK" export "$first_url" "$WORK/export.raw" --cache-dir "$WORK/export-cache" --quiet $link \
+            >"$WORK/export.log" 2>&1 || { sed 's/^/    /' "$WORK/export.log" >&2; die "cold: export failed"; }
+        t1=$EPOCHREALTIME
+        secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}')
+        cmp -s "$img" "$WORK/export.raw" || log "cold: WARNING: exported image differs from the original"
+        rm -f "$WORK/export.raw"
+        {
+            echo
+            echo "Download first (\`driveblk export\` of the ${first_url##*/} volume, same link, default --parallel 16): $secs s for $((span_mb * 1048576 / 1000000)) MB of non-zero chunks (zero chunks are not stored; their own floor: $(awk -v b="$((span_mb * 1048576))" -v r="$rate" 'BEGIN {printf "%.1f", b / r}') s)."
+        } >>"$COLD_TAB"
+    fi
+}
+COLD_ROWS=()
+if [[ $COLD == 1 ]]; then cold_experiment; fi
 
 # ---- Table -------------------------------------------------------------------------------------
 median() { sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
@@ -271,7 +477,9 @@ fmtl() { # "x/y" -> "x / y", each rounded or FAIL
     awk -v s="$1" 'function f(x) { return x == "FAIL" ? x : sprintf("%.0f", x) }
         BEGIN {split(s, a, "/"); printf "%s / %s", f(a[1]), f(a[2])}'
 }
-TABLE=$WORK/table.md
+TABLE=$WORK/table.md REPTAB=$WORK/reps.md
+: >"$TABLE"; : >"$REPTAB"
+if [[ ${#SEL[@]} -gt 0 ]]; then
 {
     echo "| row | $LABEL_A IOPS | $LABEL_B IOPS | $LABEL_A MB/s | $LABEL_B MB/s | $LABEL_A p50/p99 µs | $LABEL_B p50/p99 µs | daemon CPU % $LABEL_A / $LABEL_B | IOPS $LABEL_A/$LABEL_B |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -287,7 +495,6 @@ TABLE=$WORK/table.md
     done
 } >"$TABLE"
 # Per-rep IOPS, so a reader can see the spread behind each median.
-REPTAB=$WORK/reps.md
 reps_line() { awk '{printf "%s%s", (NR > 1 ? ", " : ""), ($1 == "FAIL" ? "FAIL" : sprintf("%.0f", $1))}'; }
 {
     echo "Per-repetition IOPS (run order A, B per rep), and the load generator's own CPU use:"
@@ -303,6 +510,11 @@ echo
 cat "$TABLE"
 echo
 cat "$REPTAB"
+fi
+if [[ $COLD == 1 ]]; then
+    echo
+    cat "$COLD_TAB"
+fi
 
 if [[ $RECORD == 1 ]]; then
     DOC=$ROOT/docs/benchmarks.md
@@ -313,7 +525,11 @@ if [[ $RECORD == 1 ]]; then
     [[ -f $DOC ]] || printf '# driveblk benchmarks\n\nRecorded by `scripts/bench.sh --record`.\n' >"$DOC"
     {
         echo
-        echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): $LABEL_A vs $LABEL_B"
+        if [[ ${#SEL[@]} -gt 0 ]]; then
+            echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): $LABEL_A vs $LABEL_B"
+        else
+            echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): cold boot trace, driveblk volume over a simulated link"
+        fi
         echo
         echo "- command: \`$CMDLINE\`$( [[ -n ${BENCH_A:-}${BENCH_B:-} ]] && echo " (BENCH_A=${BENCH_A:-} BENCH_B=${BENCH_B:-})")"
         echo "- commit: $COMMIT"
@@ -322,12 +538,21 @@ if [[ $RECORD == 1 ]]; then
         fi
         echo "- machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
         echo "- load average (1/5/15 min) at start: $START_LOAD; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-        echo "- $(qemu-storage-daemon --version | head -1)"
-        echo "- image: raw $SIZE on $(df --output=fstype "$WORK" | tail -1), page cache warm; ${RUNTIME}s measured after ${WARMUP}s warmup; medians of $REPS reps"
-        echo
-        cat "$TABLE"
-        echo
-        cat "$REPTAB"
+        [[ ${#SEL[@]} -eq 0 ]] || echo "- $(qemu-storage-daemon --version | head -1)"
+        if [[ ${#SEL[@]} -gt 0 ]]; then
+            echo "- load average at the end of the A/B rows: $AB_END_LOAD"
+            echo "- image: raw $SIZE on $(df --output=fstype "$WORK" | tail -1) (qcow2 kinds derived from it, see scripts/bench.sh), page cache warm unless the row says otherwise; ${RUNTIME}s measured after ${WARMUP}s warmup; medians of $REPS reps"
+            echo
+            cat "$TABLE"
+            echo
+            cat "$REPTAB"
+        fi
+        if [[ $COLD == 1 ]]; then
+            echo
+            echo "### Cold boot trace (driveblk volume over a simulated link)"
+            echo
+            cat "$COLD_TAB"
+        fi
     } >>"$DOC"
     log "recorded in $DOC"
 fi
