@@ -60,6 +60,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32)]
     pub io_threads: usize,
 
+    /// Microseconds a queue worker keeps polling for new requests before it
+    /// sleeps: lower latency for busy guests, a little CPU when idle. 0 = off.
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub poll_us: u64,
+
     /// Most qcow2 L2 tables to keep in memory, in bytes. Default: all of them
     /// (lookups never do I/O). A smaller cap loads tables on demand.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -172,6 +177,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.serial.len() > ID_BYTES {
             bail!("--serial is {} bytes; at most {ID_BYTES} fit in a virtio-blk id", a.serial.len());
         }
+        if a.poll_us > 1_000_000 {
+            bail!("--poll-us must be at most 1000000 (one second)");
+        }
         if a.io_threads == 0 || a.io_threads > 1024 {
             bail!("--io-threads must be between 1 and 1024 (got {})", a.io_threads);
         }
@@ -196,6 +204,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 read_only: a.read_only,
                 serial: a.serial.into_bytes(),
                 io_threads: a.io_threads,
+                poll_us: a.poll_us,
             },
         })
     }

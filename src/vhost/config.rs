@@ -38,11 +38,21 @@ pub struct DeviceConfig {
     pub serial: Vec<u8>,
     /// Threads that run requests which would block (misses, allocation, flush).
     pub io_threads: usize,
+    /// How long a queue worker polls for more requests before sleeping, in
+    /// microseconds (0: never poll).
+    pub poll_us: u64,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        Self { num_queues: 1, queue_size: 256, read_only: false, serial: b"driveblk".to_vec(), io_threads: 16 }
+        Self {
+            num_queues: 1,
+            queue_size: 256,
+            read_only: false,
+            serial: b"driveblk".to_vec(),
+            io_threads: 16,
+            poll_us: 0,
+        }
     }
 }
 
