@@ -120,6 +120,7 @@ impl BlockBackend {
         let read_only = sh.cfg.read_only || sh.disk.read_only();
         let write_through = !sh.writeback.load(Ordering::Relaxed);
         let mut done: Vec<(u16, u32)> = Vec::new();
+        let mut dispatched = false;
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -162,6 +163,7 @@ impl BlockBackend {
                     Ok(n) => done.push((req.head, req.complete(STATUS_OK, n))),
                     Err(DiskError::WouldBlock) => {
                         tracing::trace!(queue = qidx, head = req.head, "would block: to the I/O pool");
+                        dispatched = true;
                         self.dispatch(qidx, vring.clone(), req, write_through)
                     }
                     Err(e) => {
@@ -177,8 +179,9 @@ impl BlockBackend {
             // Before going back to sleep, poll the ring briefly with guest
             // notifications still off: a busy guest's next request usually
             // arrives within microseconds, and catching it here saves both
-            // its kick and our wake-up.
-            if event_idx && self.poll_for_more(vring, &atomic.memory()) {
+            // its kick and our wake-up. Not when this wake-up handed work to
+            // the I/O pool: its threads need the CPU more than we do.
+            if event_idx && !dispatched && self.poll_for_more(vring, &atomic.memory()) {
                 continue;
             }
             // With EVENT_IDX, re-enabling notifications reports whether new
