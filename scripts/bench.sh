@@ -506,15 +506,23 @@ reps_line() { awk '{printf "%s%s", (NR > 1 ? ", " : ""), ($1 == "FAIL" ? "FAIL" 
     done
 } >"$REPTAB"
 
-echo
-cat "$TABLE"
-echo
-cat "$REPTAB"
 fi
-if [[ $COLD == 1 ]]; then
-    echo
-    cat "$COLD_TAB"
-fi
+
+# The result tables, as shown on the terminal and in a --record entry.
+print_results() {
+    if [[ ${#SEL[@]} -gt 0 ]]; then
+        echo
+        cat "$TABLE"
+        echo
+        cat "$REPTAB"
+    fi
+    if [[ $COLD == 1 ]]; then
+        echo
+        [[ -z ${1:-} ]] || { echo "$1"; echo; }
+        cat "$COLD_TAB"
+    fi
+}
+print_results
 
 if [[ $RECORD == 1 ]]; then
     DOC=$ROOT/docs/benchmarks.md
@@ -542,17 +550,8 @@ if [[ $RECORD == 1 ]]; then
         if [[ ${#SEL[@]} -gt 0 ]]; then
             echo "- load average at the end of the A/B rows: $AB_END_LOAD"
             echo "- image: raw $SIZE on $(df --output=fstype "$WORK" | tail -1) (qcow2 kinds derived from it, see scripts/bench.sh), page cache warm unless the row says otherwise; ${RUNTIME}s measured after ${WARMUP}s warmup; medians of $REPS reps"
-            echo
-            cat "$TABLE"
-            echo
-            cat "$REPTAB"
         fi
-        if [[ $COLD == 1 ]]; then
-            echo
-            echo "### Cold boot trace (driveblk volume over a simulated link)"
-            echo
-            cat "$COLD_TAB"
-        fi
+        print_results "### Cold boot trace (driveblk volume over a simulated link)"
     } >>"$DOC"
     log "recorded in $DOC"
 fi
