@@ -28,7 +28,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
-ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 qcow2-compressed-ro)
+ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 volume-profile-ro qcow2-compressed-ro)
 VOLUME_URL= VOLUME_CACHE=
 BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WZEROES=yes EXP_WCACHE=
 FIO_SIZE=8M TIMEOUT=240 DEMO=0 KEEP=0
@@ -172,13 +172,16 @@ hostcheck() { # name status detail
 #   source=volume   import the image into a dir: remote volume, delete the
 #                   local file, and serve the volume from an empty cache; the
 #                   host checks run on `driveblk export` of the volume
+#   coldagain=1     (source=volume, ro=1) afterwards boot again from a second,
+#                   empty cache: the first boot saved a boot profile, which
+#                   the second streams ahead of the guest
 run_case() {
     local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6
     shift 6
-    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 source=file kv
+    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 source=file coldagain=0 kv
     for kv in "$@"; do
         case $kv in
-            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*|source=*) local "$kv" ;;
+            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*|source=*|coldagain=*) local "$kv" ;;
             *) die "run_case: bad option $kv" ;;
         esac
     done
@@ -304,6 +307,38 @@ run_case() {
             hostcheck backend-restart FAIL "backend did not start again on the written image"
         fi
     fi
+    # Another machine, same volume: an empty cache streams the boot profile
+    # the first boot saved, and the guest reads the same bytes.
+    if [ "$coldagain" = 1 ] && [ "$source" = volume ]; then
+        echo "--- $name: boot again from an empty cache, with the saved boot profile"
+        if ls "$WORK/$name.remote/vol"/profile-* >/dev/null 2>&1; then
+            hostcheck profile-saved PASS "$(ls "$WORK/$name.remote/vol" | grep -c '^profile-.*[^k]$') profile index(es) on the remote"
+        else
+            hostcheck profile-saved FAIL "the first boot saved no boot profile (log: $blog)"
+        fi
+        VOLUME_CACHE="$WORK/$name.cache2"
+        if start_backend "$sock" "$img" "$fmt" "$nq" "$ro" "$serial" "$LOGDIR/$name.cold.backend.log"; then
+            local args4=(--socket "$sock" --size "$size" --queues "$nq" --ro "$([ "$ro" = 1 ] && echo yes || echo no)"
+                --hash "$hashlen:$before" --no-fio --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.cold.serial.log")
+            [ -z "$serial" ] || args4+=(--serial "$(expected_serial "$serial")")
+            [ "$DEMO" = 0 ] || args4+=(--demo)
+            guest "$LOGDIR/$name.cold.result.txt" "${args4[@]}" || CASE_OK=0
+            local st="$VOLUME_CACHE/status.json" segs sdone waits
+            sleep 1.2 # status.json is rewritten every second
+            segs=$(jq -r '.boot_profile.segments' "$st" 2>/dev/null || echo 0)
+            sdone=$(jq -r '.boot_profile.segments_done' "$st" 2>/dev/null || echo 0)
+            waits=$(jq -r '.boot_profile.waits' "$st" 2>/dev/null || echo 0)
+            if [ "${segs:-0}" -gt 0 ] && [ "$sdone" = "$segs" ]; then
+                hostcheck profile-streamed PASS "$sdone/$segs segments streamed, $waits guest misses waited on them"
+            else
+                hostcheck profile-streamed FAIL "segments $segs, streamed $sdone (status: $st)"
+            fi
+            stop_pid "$BPID" 10 || hostcheck backend-exit FAIL "cold backend: exit status $? on SIGTERM"
+            BPID=
+        else
+            hostcheck backend-restart FAIL "backend did not start on an empty cache"
+        fi
+    fi
     if [ "$BACKEND" = driveblk ] && grep -qiE "panic|panicked" "$LOGDIR/$name".*backend.log; then
         hostcheck backend-log FAIL "panic in $blog"
     fi
@@ -351,6 +386,9 @@ want qcow2-2q && run_case qcow2-2q qcow2 2 0 "drvblk-qcow2-2q" $((32 * MiB))
 want qcow2-empty && run_case qcow2-empty qcow2 1 0 "drvblk-qcow2-empty" $((32 * MiB)) image=empty restart=1
 # a remote volume (dir: remote, empty cache): lazy reads, local writes, export
 want volume-qcow2 && run_case volume-qcow2 qcow2 2 0 "drvblk-volume" $((32 * MiB)) source=volume restart=1
+# a read-only qcow2 volume booted twice from empty caches: the first boot
+# records a boot profile, the second streams it
+want volume-profile-ro && run_case volume-profile-ro qcow2 1 1 "" $((24 * MiB)) source=volume coldagain=1
 want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')

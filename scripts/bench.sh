@@ -19,8 +19,10 @@
 #   --cold           after the A/B rows, the cold boot-trace experiment (driveblk only, slow:
 #                    minutes per config): a --cold-size image (default 10G, first 60% random
 #                    data) imported as a raw volume, served over a simulated link, empty cache,
-#                    one --pattern boot replay per config; compared with the bandwidth floor and
-#                    with "download first" (driveblk export over the same link)
+#                    two --pattern boot replays per config: the first boot (records a boot
+#                    profile, saved at SIGTERM) and a cold start on a new cache with that profile;
+#                    compared with the bandwidth floor and with "download first" (driveblk
+#                    export over the same link)
 #   --cold-only      only the cold experiment (no A/B rows)
 #   --cold-config S  CHUNK[:SERVE-ARGS], e.g. "256K:--fetch-concurrency 64"; repeatable; the
 #                    volume is imported once per chunk size (default "1M")
@@ -251,16 +253,16 @@ start_daemon() { # daemon image queues driveblk-args qsd-fmt logfile [driveblk s
     return 1
 }
 
-stop_daemon() { # daemon logfile: SIGTERM, must exit 0 within 10 s
-    local d=$1 logf=$2 rc=0 i
+stop_daemon() { # daemon logfile [seconds]: SIGTERM, must exit 0 within 10 s (or the given time)
+    local d=$1 logf=$2 secs=${3:-10} rc=0 i
     [[ -n $DPID ]] || return 0
     kill -TERM "$DPID" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
+    for ((i = 0; i < secs * 10; i++)); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$DPID" 2>/dev/null; then
         kill -KILL "$DPID" 2>/dev/null || true
         wait "$DPID" 2>/dev/null || true
         DPID=""
-        log "$d did not exit within 10 s of SIGTERM (killed)"
+        log "$d did not exit within $secs s of SIGTERM (killed)"
         return 1
     fi
     wait "$DPID" || rc=$?
@@ -396,8 +398,10 @@ cold_experiment() {
     {
         echo "Link: ${lat} ms per request, ${mbit} Mbit/s (= $((rate / 1000000)) MB/s) shared; image $COLD_SIZE raw, first 60% random data; QD8 boot trace (\`--pattern boot\`, defaults); empty cache dir per run; 1 run per config."
         echo
-        echo "| config (import chunk : serve args) | import s | boot trace wall s | floor s (trace bytes / link) | wall / floor | trace MB | remote MB fetched | fetched / trace | remote fetches | guest misses | readahead chunks |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        echo "First boot: no boot profile yet; driveblk records one and saves it to the remote at SIGTERM (save time in its own column). Cold with profile: a new empty cache dir (another machine), same volume; driveblk streams the saved profile ahead of the guest."
+        echo
+        echo "| config (import chunk : serve args) | run | import s | boot trace wall s | floor s (trace bytes / link) | wall / floor | trace MB | remote MB fetched | fetched / trace | remote fetches | guest misses | misses served by profile | readahead chunks | profile saved at stop, s |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     } >"$COLD_TAB"
     # All imports first (CPU-heavy), then the replays (link-bound).
     for spec in "${COLD_CONFIGS[@]}"; do
@@ -418,28 +422,40 @@ cold_experiment() {
         cs=${spec%%:*} args=""
         [[ $spec != *:* ]] || args=${spec#*:}
         url=dir:$WORK/remote/cold-$cs
-        tag=cold-${#COLD_ROWS[@]}
-        COLD_ROWS+=("$spec")
-        cache=$WORK/$tag-cache out=$WORK/$tag.json
-        rm -rf "$cache"
-        log "cold: $spec: serving $url over the link, replaying the boot trace"
-        # shellcheck disable=SC2086
-        start_daemon driveblk "" 1 "--format raw $link $args" "" "$WORK/$tag.log" \
-            --volume "$url" --cache-dir "$cache" || die "cold: daemon did not start"
-        if ! "$GEN" --socket "$SOCK" --pattern boot --io-timeout 300 --json >"$out" 2>"$WORK/$tag.err"; then
-            sed 's/^/    /' "$WORK/$tag.err" >&2
-            stop_daemon driveblk "$WORK/$tag.log" || true
-            die "cold: generator failed"
-        fi
-        sleep 1.5 # status.json is refreshed every second
-        cp "$cache/status.json" "$WORK/$tag.status.json"
-        stop_daemon driveblk "$WORK/$tag.log" || die "cold: daemon did not stop cleanly"
-        rm -rf "$cache"
-        jq -r --arg spec "$spec" --arg imp "${imported[$cs]}" --arg rate "$rate" --slurpfile st "$WORK/$tag.status.json" '
-            ($st[0]) as $s | (.bytes / ($rate | tonumber)) as $floor |
-            "| \($spec) | \($imp) | \(.elapsed_s * 10 | round / 10) | \($floor * 10 | round / 10) | \(.elapsed_s / $floor * 100 | round / 100) | \(.bytes / 1e6 | round) | \($s.remote.bytes / 1e6 | round) | \($s.remote.bytes / .bytes * 100 | round / 100) | \($s.remote.fetches) | \($s.remote.misses) | \($s.remote.readahead_chunks) |"' \
-            "$out" >>"$COLD_TAB"
-        log "    $(tail -1 "$COLD_TAB")"
+        # Each config starts from a volume without a boot profile.
+        rm -f "$WORK/remote/cold-$cs"/profile-*
+        local run
+        for run in "first boot" "cold with profile"; do
+            tag=cold-${#COLD_ROWS[@]}
+            COLD_ROWS+=("$spec $run")
+            cache=$WORK/$tag-cache out=$WORK/$tag.json
+            rm -rf "$cache"
+            log "cold: $spec, $run: serving $url over the link, replaying the boot trace"
+            # shellcheck disable=SC2086
+            start_daemon driveblk "" 1 "--format raw $link $args" "" "$WORK/$tag.log" \
+                --volume "$url" --cache-dir "$cache" || die "cold: daemon did not start"
+            if ! "$GEN" --socket "$SOCK" --pattern boot --io-timeout 300 --json >"$out" 2>"$WORK/$tag.err"; then
+                sed 's/^/    /' "$WORK/$tag.err" >&2
+                stop_daemon driveblk "$WORK/$tag.log" || true
+                die "cold: generator failed"
+            fi
+            sleep 1.5 # status.json is refreshed every second
+            cp "$cache/status.json" "$WORK/$tag.status.json"
+            # The first boot saves its profile on the way out: over the link, that takes a while.
+            t0=$EPOCHREALTIME
+            stop_daemon driveblk "$WORK/$tag.log" 900 || die "cold: daemon did not stop cleanly"
+            secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}')
+            [[ $run != "first boot" ]] || ls "$WORK/remote/cold-$cs"/profile-* >/dev/null 2>&1 ||
+                die "cold: the first boot saved no boot profile (see $WORK/$tag.log)"
+            [[ $run == "first boot" ]] || secs="-"
+            rm -rf "$cache"
+            jq -r --arg spec "$spec" --arg run "$run" --arg imp "${imported[$cs]}" --arg rate "$rate" --arg save "$secs" \
+                --slurpfile st "$WORK/$tag.status.json" '
+                ($st[0]) as $s | (.bytes / ($rate | tonumber)) as $floor |
+                "| \($spec) | \($run) | \($imp) | \(.elapsed_s * 10 | round / 10) | \($floor * 10 | round / 10) | \(.elapsed_s / $floor * 100 | round / 100) | \(.bytes / 1e6 | round) | \($s.remote.bytes / 1e6 | round) | \($s.remote.bytes / .bytes * 100 | round / 100) | \($s.remote.fetches) | \($s.remote.misses) | \($s.boot_profile.waits // 0) | \($s.remote.readahead_chunks) | \($save) |"' \
+                "$out" >>"$COLD_TAB"
+            log "    $(tail -1 "$COLD_TAB")"
+        done
     done
     if [[ $COLD_EXPORT == 1 ]]; then
         log "cold: download first: driveblk export $first_url over the same link"

@@ -19,6 +19,7 @@ have cpio || need_apt+=(cpio)
 have fio || need_apt+=(fio)
 have zstd || need_apt+=(zstd)
 have xz || need_apt+=(xz-utils)
+have jq || need_apt+=(jq)
 
 if [ ${#need_apt[@]} -eq 0 ]; then
   exit 0

@@ -15,6 +15,7 @@ use crate::cli::status::StatusWriter;
 use crate::format::qcow2::{BackingOpener, LocalBackingOpener, NoBacking, Qcow2Disk, Qcow2Options};
 use crate::format::raw::RawDisk;
 use crate::format::{Disk, ImageFormat};
+use crate::tier::boot::BootProfileMode;
 use crate::tier::tiered::TieredStore;
 use crate::tier::{LocalFile, Storage};
 use crate::vhost::config::ID_BYTES;
@@ -106,6 +107,18 @@ pub struct CacheArgs {
     /// Most chunks a sequential stream reads ahead (0 disables readahead).
     #[arg(long, default_value_t = 8)]
     pub readahead_chunks: u64,
+
+    /// Boot profiles. auto: at start, stream the volume's newest boot
+    /// profile (the pages earlier boots read first) into the cache ahead of
+    /// the guest; if it has none, record this boot's and save it to the
+    /// remote. record: replay and record a new one anyway (the boot
+    /// changed). off: neither.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub boot_profile: BootProfileMode,
+
+    /// Seconds after the guest's first read that a boot is recorded.
+    #[arg(long, value_name = "SECS", default_value_t = 180)]
+    pub boot_profile_window: u64,
 }
 
 impl CacheArgs {
@@ -125,6 +138,11 @@ impl CacheArgs {
         o.hydrate = self.hydrate;
         o.fetch_concurrency = self.fetch_concurrency;
         o.readahead_chunks = self.readahead_chunks;
+        o.boot_profile = self.boot_profile;
+        if self.boot_profile_window == 0 {
+            bail!("--boot-profile-window must be at least 1 second (use --boot-profile off to disable)");
+        }
+        o.boot_profile_window = Duration::from_secs(self.boot_profile_window);
         o.read_only = read_only;
         o.remote = remote.options();
         Ok(o)

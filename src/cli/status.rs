@@ -79,6 +79,12 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
         "remote": { "misses": s.misses, "fetches": s.remote_fetches, "bytes": s.remote_bytes,
                     "errors": s.fetch_errors, "readahead_chunks": s.readahead_chunks },
         "hydrate": { "running": s.hydrating, "total": s.hydrate_total, "done": s.hydrate_done, "complete": s.hydrated },
+        "chunks_partial": s.chunks_partial,
+        "boot_profile": {
+            "recording": s.profile_recording, "recorded_bytes": s.profile_recorded_bytes, "saved": s.profile_saved,
+            "segments": s.profile_segments, "segments_done": s.profile_segments_done,
+            "bytes": s.profile_bytes, "waits": s.profile_waits,
+        },
     })
 }
 
@@ -109,9 +115,10 @@ pub fn render(v: &Value) -> String {
         human(u("/chunk_size"))
     );
     out += &format!(
-        "local       {} chunks cached ({:.1}%), {} dirty (not uploaded), {} zero\n",
+        "local       {} chunks cached ({:.1}%), {} partly, {} dirty (not uploaded), {} zero\n",
         u("/chunks/cached"),
         pct(u("/chunks/cached") + u("/chunks/zero"), u("/chunks/total")),
+        u("/chunks_partial"),
         u("/chunks/dirty"),
         u("/chunks/zero")
     );
@@ -140,6 +147,25 @@ pub fn render(v: &Value) -> String {
         "off".to_string()
     };
     out += &format!("hydration   {hyd}\n");
+    let (sd, st) = (u("/boot_profile/segments_done"), u("/boot_profile/segments"));
+    let mut prof = Vec::new();
+    if st > 0 {
+        prof.push(format!(
+            "replayed {sd}/{st} segments ({} of pages, {} guest misses served by it)",
+            human(u("/boot_profile/bytes")),
+            u("/boot_profile/waits")
+        ));
+    }
+    if b("/boot_profile/recording") {
+        prof.push(format!("recording this boot ({} so far)", human(u("/boot_profile/recorded_bytes"))));
+    }
+    if u("/boot_profile/saved") > 0 {
+        prof.push("saved this boot's profile to the remote".into());
+    }
+    if prof.is_empty() {
+        prof.push("none".into());
+    }
+    out += &format!("boot prof.  {}\n", prof.join("; "));
     out
 }
 

@@ -177,6 +177,8 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
 pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     let mut cache = a.cache.options(&a.url, false, &a.remote)?;
     cache.hydrate = true;
+    // No guest to record, and every chunk comes whole anyway.
+    cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
     let dir = cache.cache_dir.clone();
     let store = volume::open(&a.url, cache)
         .with_context(|| format!("(if a daemon is serving this volume, use `serve --hydrate` instead)"))?;

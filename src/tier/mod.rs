@@ -2,6 +2,7 @@
 //! format layer reads and writes through; [`LocalFile`] serves a plain local
 //! file, and the tiered RAM/SSD/remote store implements the same trait.
 
+pub mod boot;
 pub mod local;
 pub mod ram;
 pub mod readahead;

@@ -18,6 +18,11 @@ pub struct Counters {
     pub hydrate_done: AtomicU64,
     pub hydrating: AtomicBool,
     pub hydrate_complete: AtomicBool,
+    pub profile_saved: AtomicU64,
+    pub profile_segments: AtomicU64,
+    pub profile_segments_done: AtomicU64,
+    pub profile_bytes: AtomicU64,
+    pub profile_waits: AtomicU64,
 }
 
 impl Counters {
@@ -66,4 +71,16 @@ pub struct TierStats {
     pub hydrated: bool,
     /// Started from the cache's copy of the volume: the remote was down.
     pub offline: bool,
+    /// Chunks of which only some pages are local (boot profile pages).
+    pub chunks_partial: u64,
+    /// Boot profile: recording now, bytes recorded, profiles saved.
+    pub profile_recording: bool,
+    pub profile_recorded_bytes: u64,
+    pub profile_saved: u64,
+    /// Boot profile replay: segments in the profile, streamed (or found
+    /// local), bytes they brought, guest misses served by waiting on one.
+    pub profile_segments: u64,
+    pub profile_segments_done: u64,
+    pub profile_bytes: u64,
+    pub profile_waits: u64,
 }

@@ -22,13 +22,16 @@ use tokio::sync::Semaphore;
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
-use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, ABSENT, DIRTY};
+use super::boot::{for_each_chunk_part, BootProfileMode, Recorder, Replay};
+use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, PARTIAL};
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
+use crate::volume::profile::{self, ProfileBuilder};
 use crate::volume::{CacheOptions, ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 type FetchResult = Result<ChunkBuf, SharedError>;
+type SegmentResult = Result<(), SharedError>;
 
 /// A volume error shared by every waiter of one flight.
 #[derive(Clone, Debug)]
@@ -54,6 +57,12 @@ impl SharedError {
         };
         io::Error::new(kind, self)
     }
+}
+
+/// What a missed piece waits for.
+enum Pending {
+    Chunk(Flight<FetchResult>),
+    Segments(Vec<Flight<SegmentResult>>),
 }
 
 /// One chunk's share of a request.
@@ -98,6 +107,13 @@ struct Inner {
     ram_cap: u64,
     chunks_zero: u64,
     hydrate_concurrency: usize,
+    fetch_concurrency: usize,
+    /// Boot profile being recorded (None: recording is off).
+    recorder: Option<Recorder>,
+    /// Boot profile being replayed, once found.
+    replay: RwLock<Option<Arc<Replay>>>,
+    /// Profile segments being fetched (single flight per segment).
+    segment_flights: SingleFlight<usize, SegmentResult>,
 }
 
 /// The tiered RAM/SSD/remote store of one volume.
@@ -145,8 +161,16 @@ impl TieredStore {
             ram_cap: opts.ram_cache,
             chunks_zero,
             hydrate_concurrency: opts.hydrate_concurrency.max(1),
+            fetch_concurrency: opts.fetch_concurrency.max(1),
+            recorder: (opts.boot_profile != BootProfileMode::Off && !vol.offline)
+                .then(|| Recorder::new(vol.image_len(), opts.boot_profile_window)),
+            replay: RwLock::new(None),
+            segment_flights: SingleFlight::default(),
             vol,
         });
+        if opts.boot_profile != BootProfileMode::Off && !inner.vol.offline {
+            rt.spawn(inner.clone().boot_profile(opts.boot_profile));
+        }
         // Clean chunks fetched since the last flush are recorded every few
         // seconds, so a restart after a crash still finds most of them.
         let bg = inner.clone();
@@ -188,7 +212,7 @@ impl TieredStore {
             chunks_zero: i.chunks_zero,
             ram_bytes: i.ram.bytes(),
             ram_cap: i.ram_cap,
-            ssd_bytes: i.ssd.cached_chunks() * i.cs,
+            ssd_bytes: i.ssd.cached_bytes(),
             ssd_cap: i.ssd.cap(),
             ram_hits: l(&c.ram_hits),
             ssd_hits: l(&c.ssd_hits),
@@ -204,6 +228,14 @@ impl TieredStore {
             hydrate_done: l(&c.hydrate_done),
             hydrated: c.hydrate_complete.load(Ordering::Relaxed),
             offline: i.vol.offline,
+            chunks_partial: i.ssd.partial_chunks(),
+            profile_recording: i.recorder.as_ref().is_some_and(|r| r.active()),
+            profile_recorded_bytes: i.recorder.as_ref().map_or(0, |r| r.bytes()),
+            profile_saved: l(&c.profile_saved),
+            profile_segments: l(&c.profile_segments),
+            profile_segments_done: l(&c.profile_segments_done),
+            profile_bytes: l(&c.profile_bytes),
+            profile_waits: l(&c.profile_waits),
         }
     }
 
@@ -254,6 +286,20 @@ pub(crate) fn progress_bar(on: bool, len: u64, what: &str) -> indicatif::Progres
 
 impl Drop for TieredStore {
     fn drop(&mut self) {
+        // A boot shorter than the recording window still leaves a profile.
+        let recorded = self.inner.recorder.as_ref().is_some_and(|r| r.bytes() > 0);
+        if recorded && self.rt.is_some() {
+            if Handle::try_current().is_ok() {
+                tracing::warn!("boot profile not saved: the store was dropped inside an async context");
+            } else {
+                tracing::info!(
+                    bytes = self.inner.recorder.as_ref().map_or(0, |r| r.bytes()),
+                    "saving the boot profile recorded so far before closing"
+                );
+                let me = self.inner.clone();
+                let _ = self.inner.wait(me.save_profile());
+            }
+        }
         self.inner.closed.store(true, Ordering::SeqCst);
         // Stop the tasks first (fetches, readahead, hydration), so nothing
         // installs chunks behind the final persist.
@@ -293,7 +339,7 @@ impl Inner {
             return Ok(true);
         }
         let _g = self.ssd.lock_read(p.idx);
-        if self.ssd.state(p.idx) != ABSENT {
+        if self.ssd.has_pages(p.idx, p.off as u64, p.len as u64) {
             self.ssd.read(p.idx, p.off as u64, buf, mode)?;
             Counters::inc(&self.counters.ssd_hits);
             return Ok(true);
@@ -328,11 +374,11 @@ impl Inner {
         if let Some(b) = self.ram.get(idx) {
             return Ok(b);
         }
-        if self.ssd.state(idx) != ABSENT {
+        if self.ssd.has_chunk(idx) {
             let me = self.clone();
             let local = tokio::task::spawn_blocking(move || {
                 let _g = me.ssd.lock_read(idx);
-                if me.ssd.state(idx) != ABSENT {
+                if me.ssd.has_chunk(idx) {
                     me.ssd.read_chunk(idx).map(Some)
                 } else {
                     Ok(None)
@@ -370,7 +416,7 @@ impl Inner {
     /// it local meanwhile — then the local copy is newer and wins.
     fn install(&self, idx: u64, buf: &ChunkBuf, to_ram: bool) {
         let _g = self.ssd.lock_write(idx);
-        if self.ssd.state(idx) != ABSENT {
+        if self.ssd.has_chunk(idx) {
             return;
         }
         if let Err(e) = self.ssd.install_clean(idx, &buf.read()) {
@@ -396,8 +442,14 @@ impl Inner {
     fn start_readahead(self: &Arc<Self>, offset: u64, len: u64) {
         let ra = self.readahead.observe(offset, len);
         let end = ra.end.min(self.vol.chunk_count());
+        let replay = self.replay.read().clone();
         for idx in ra.start..end {
-            if self.ram.get(idx).is_none() && self.ssd.state(idx) == ABSENT && !self.is_zero(idx) {
+            // The profile brings the pages the boot reads; a whole chunk
+            // read ahead for them would compete with it for the link.
+            if replay.as_ref().is_some_and(|r| r.usable(idx)) {
+                continue;
+            }
+            if self.ram.get(idx).is_none() && !self.ssd.has_chunk(idx) && !self.is_zero(idx) {
                 Counters::inc(&self.counters.readahead_chunks);
                 drop(self.flight(idx, true));
             }
@@ -415,6 +467,9 @@ impl Inner {
         if inside < total {
             bufs.fill_zero(inside, total - inside);
         }
+        if let Some(rec) = &self.recorder {
+            rec.observe(offset, inside as u64);
+        }
         let mut misses = Vec::new();
         for p in pieces(offset, inside, self.cs) {
             if !self.serve_local(p, &bufs.slice(p.buf_off, p.len), mode)? {
@@ -425,7 +480,20 @@ impl Inner {
         if misses.is_empty() {
             return Ok(());
         }
-        let flights: Vec<_> = misses.iter().map(|p| self.flight(p.idx, true)).collect();
+        // A miss the boot profile covers waits for its segments (which
+        // bring exactly the pages the boot reads); any other fetches its
+        // whole chunk.
+        let replay = self.replay.read().clone();
+        let waits: Vec<Pending> = misses
+            .iter()
+            .map(|p| match replay.as_ref().and_then(|r| r.covering(p.idx, p.off as u64, p.len as u64)) {
+                Some(segs) => {
+                    let rp = replay.as_ref().expect("covering came from it");
+                    Pending::Segments(segs.into_iter().map(|s| self.segment_flight(rp, s)).collect())
+                }
+                None => Pending::Chunk(self.flight(p.idx, true)),
+            })
+            .collect();
         if mode == IoMode::NonBlocking {
             // The fetches are under way; the blocking retry will join them
             // (and count the misses, so a retried request counts once).
@@ -433,14 +501,44 @@ impl Inner {
         }
         self.counters.misses.fetch_add(misses.len() as u64, Ordering::Relaxed);
         self.demand.fetch_add(1, Ordering::SeqCst);
-        let results = self.wait(futures::future::join_all(flights));
+        if let Some(rec) = &self.recorder {
+            rec.stall_begin();
+        }
+        let results = self.wait(async move {
+            let mut out = Vec::with_capacity(waits.len());
+            for w in waits {
+                out.push(match w {
+                    Pending::Chunk(f) => Some(f.await),
+                    Pending::Segments(fs) => {
+                        futures::future::join_all(fs).await;
+                        None
+                    }
+                });
+            }
+            out
+        });
+        if let Some(rec) = &self.recorder {
+            rec.stall_end();
+        }
         self.demand.fetch_sub(1, Ordering::SeqCst);
         for (p, r) in misses.into_iter().zip(results?) {
             let sub = bufs.slice(p.buf_off, p.len);
             // Prefer the tiers (a write may have landed since the fetch).
             if self.serve_local(p, &sub, IoMode::Blocking)? {
+                if r.is_none() {
+                    Counters::inc(&self.counters.profile_waits);
+                }
                 continue;
             }
+            let r = match r {
+                Some(r) => r,
+                // The segment failed or its pages could not be kept: fetch
+                // the chunk instead.
+                None => {
+                    let f = self.flight(p.idx, true);
+                    self.wait(f)?
+                }
+            };
             let b = r.map_err(SharedError::into_io)?;
             sub.copy_from_slice(0, &b.read()[p.off..p.off + p.len]);
         }
@@ -470,7 +568,7 @@ impl Inner {
             let whole = p.off == 0 && p.len as u64 == self.cs;
             loop {
                 // The read half of read-modify-write, outside the lock.
-                let fill = if !whole && self.ssd.state(p.idx) == ABSENT {
+                let fill = if !whole && !self.ssd.has_chunk(p.idx) {
                     if self.is_zero(p.idx) {
                         Some(self.zero_buf())
                     } else {
@@ -481,7 +579,7 @@ impl Inner {
                     None
                 };
                 let _g = self.ssd.lock_write(p.idx);
-                if !whole && fill.is_none() && self.ssd.state(p.idx) == ABSENT {
+                if !whole && fill.is_none() && !self.ssd.has_chunk(p.idx) {
                     // Evicted between the check and the lock: fetch again.
                     continue;
                 }
@@ -565,7 +663,7 @@ impl Inner {
             // was fetched (a write could have landed since the fetch).
             let b = if let Some(rb) = self.ram.get(idx) {
                 rb
-            } else if self.ssd.state(idx) != ABSENT {
+            } else if self.ssd.has_chunk(idx) {
                 Arc::new(RwLock::new(self.ssd.read_chunk(idx)?))
             } else {
                 fetched
@@ -576,11 +674,250 @@ impl Inner {
         Ok(())
     }
 
+    /// The boot profile's background work: find the volume's newest
+    /// profile and stream it; record a new one when there is none (or when
+    /// asked to), and save it when the recording window closes.
+    async fn boot_profile(self: Arc<Self>, mode: BootProfileMode) {
+        match profile::find_latest(&self.vol.remote, &self.vol.header).await {
+            Ok(Some((key, index))) => {
+                if mode == BootProfileMode::Auto {
+                    if let Some(r) = &self.recorder {
+                        r.cancel();
+                    }
+                }
+                let vol = self.vol.clone();
+                let refs = index.chunk_refs.clone();
+                // Pages of chunks whose content changed since the profile
+                // was recorded (a newer generation) are not taken from it.
+                let rp = Replay::new(key, index, self.cs, |idx| {
+                    refs.get(&idx).is_some_and(|d| profile::ref_digest(&vol.chunk_ref(idx)).as_ref() == Some(d))
+                });
+                tracing::info!(
+                    profile = %rp.key,
+                    segments = rp.segments(),
+                    bytes = rp.index.raw_bytes(),
+                    "streaming the boot profile into the cache"
+                );
+                let rp = Arc::new(rp);
+                *self.replay.write() = Some(rp.clone());
+                self.clone().stream_profile(rp).await;
+            }
+            Ok(None) => tracing::debug!("the volume has no boot profile yet; recording this boot"),
+            Err(e) => tracing::warn!(error = %e, "could not look for a boot profile; recording this boot"),
+        }
+        // Save the recording when its window closes (or it hit its cap).
+        let Some(rec) = &self.recorder else { return };
+        loop {
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            if rec.expired() || (!rec.active() && rec.bytes() > 0) {
+                break;
+            }
+            if !rec.active() && rec.bytes() == 0 {
+                return; // cancelled
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.save_profile().await;
+    }
+
+    /// Ends the recording and uploads it as the volume's newest profile.
+    async fn save_profile(self: Arc<Self>) {
+        let Some(rec) = &self.recorder else { return };
+        let recorded = rec.finish();
+        if recorded.bytes == 0 {
+            return;
+        }
+        let t0 = std::time::Instant::now();
+        let me = self.clone();
+        let built = tokio::task::spawn_blocking(move || me.build_profile(&recorded.extents)).await;
+        let builder = match built {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return tracing::warn!(error = %e, "could not build the boot profile"),
+            Err(e) => return tracing::warn!(error = %e, "building the boot profile failed"),
+        };
+        let bytes = builder.raw_bytes();
+        match builder.upload(&self.vol.remote).await {
+            Ok(Some(key)) => {
+                Counters::inc(&self.counters.profile_saved);
+                tracing::info!(
+                    profile = %key,
+                    bytes,
+                    reads = recorded.reads,
+                    secs = t0.elapsed().as_secs_f64(),
+                    "saved the boot profile: the next cold start streams these pages first"
+                );
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not upload the boot profile"),
+        }
+    }
+
+    /// Reads the recorded pages that hold the committed generation's bytes
+    /// from the SSD tier into a profile pack. Pages of chunks written
+    /// locally, evicted, or known zero are left out: another machine would
+    /// not read those bytes from the remote.
+    fn build_profile(&self, extents: &[profile::Extent]) -> VolumeResult<ProfileBuilder> {
+        let mut b = ProfileBuilder::new(self.ssd.dir(), &self.vol)?;
+        let image_len = self.vol.image_len();
+        let mut buf = Vec::new();
+        for e in extents {
+            let end = (e.offset + e.len).min(image_len);
+            if e.offset >= end {
+                continue;
+            }
+            let mut runs = Vec::new();
+            for_each_chunk_part(e.offset, end - e.offset, self.cs, |idx, off, len| {
+                runs.push((idx, off, len));
+            });
+            for (idx, off, len) in runs {
+                if self.is_zero(idx) {
+                    continue;
+                }
+                let _g = self.ssd.lock_read(idx);
+                let state = self.ssd.state(idx);
+                if state == DIRTY || !(self.ssd.has_chunk(idx) || state == PARTIAL) {
+                    continue;
+                }
+                // Whole runs of present pages (a partial chunk may miss some).
+                let mut pos = off;
+                while pos < off + len {
+                    let page_end = ((pos / profile::PAGE_SIZE + 1) * profile::PAGE_SIZE).min(off + len);
+                    if !self.ssd.has_pages(idx, pos, page_end - pos) {
+                        pos = page_end;
+                        continue;
+                    }
+                    let mut run_end = page_end;
+                    while run_end < off + len {
+                        let next = (run_end + profile::PAGE_SIZE).min(off + len);
+                        if !self.ssd.has_pages(idx, run_end, next - run_end) {
+                            break;
+                        }
+                        run_end = next;
+                    }
+                    buf.resize((run_end - pos) as usize, 0);
+                    self.ssd
+                        .read(idx, pos, &IoVec::from_slice(&mut buf), IoMode::Blocking)
+                        .map_err(|e| VolumeError::io("reading the boot profile's pages from", self.ssd.dir(), e))?;
+                    b.add(idx * self.cs + pos, &buf)?;
+                    pos = run_end;
+                }
+            }
+        }
+        Ok(b)
+    }
+
+    /// The single flight fetching profile segment `seg`.
+    fn segment_flight(self: &Arc<Self>, rp: &Arc<Replay>, seg: usize) -> Flight<SegmentResult> {
+        let me = self.clone();
+        let rp = rp.clone();
+        self.segment_flights.join(
+            &self.handle,
+            seg,
+            move || me.fetch_segment(rp, seg),
+            || {
+                Err(SharedError(Arc::new(VolumeError::InvalidOptions(
+                    "profile fetch was cancelled: the store is closing".into(),
+                ))))
+            },
+        )
+    }
+
+    /// Calls `f(chunk, offset in chunk, offset in segment, len)` for the
+    /// pieces of segment `seg` that may be installed.
+    fn segment_parts(&self, rp: &Replay, seg: usize, mut f: impl FnMut(u64, u64, usize, u64)) {
+        let mut cur = 0usize;
+        for e in &rp.index.segments[seg].extents {
+            for_each_chunk_part(e.offset, e.len, self.cs, |idx, off, len| {
+                if rp.usable(idx) {
+                    f(idx, off, cur, len);
+                }
+                cur += len as usize;
+            });
+        }
+    }
+
+    /// Fetches segment `seg` (unless all its pages are local already) and
+    /// installs its pages in the SSD tier.
+    async fn fetch_segment(self: Arc<Self>, rp: Arc<Replay>, seg: usize) -> SegmentResult {
+        let mut local = true;
+        self.segment_parts(&rp, seg, |idx, off, _, len| local &= self.ssd.has_pages(idx, off, len));
+        if local {
+            Counters::inc(&self.counters.profile_segments_done);
+            return Ok(());
+        }
+        let data = profile::fetch_segment(&self.vol.remote, &self.vol.url, &rp.index, seg).await.map_err(|e| {
+            Counters::inc(&self.counters.fetch_errors);
+            tracing::warn!(segment = seg, error = %e, "boot profile segment fetch failed");
+            SharedError(Arc::new(e))
+        })?;
+        Counters::inc(&self.counters.remote_fetches);
+        self.counters.remote_bytes.fetch_add(rp.index.segments[seg].len, Ordering::Relaxed);
+        self.counters.profile_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let me = self.clone();
+        let installed = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let mut res = Ok(());
+            me.segment_parts(&rp, seg, |idx, off, at, len| {
+                if res.is_err() {
+                    return;
+                }
+                let _g = me.ssd.lock_write(idx);
+                if let Err(e) = me.ssd.install_pages(idx, off, &data[at..at + len as usize]) {
+                    res = Err(e);
+                }
+            });
+            res
+        })
+        .await;
+        match installed {
+            Ok(Ok(())) => {
+                Counters::inc(&self.counters.profile_segments_done);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                // The guest falls back to chunk fetches for these pages.
+                tracing::warn!(segment = seg, error = %e, "could not store boot profile pages in the SSD cache");
+                Err(SharedError(Arc::new(VolumeError::io("storing boot profile pages in", self.ssd.dir(), e))))
+            }
+            Err(e) => Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!("profile install task: {e}"))))),
+        }
+    }
+
+    /// Streams every segment of the profile, in order, many at a time:
+    /// the boot's pages arrive in the order the boot reads them.
+    async fn stream_profile(self: Arc<Self>, rp: Arc<Replay>) {
+        let n = rp.segments();
+        self.counters.profile_segments.store(n as u64, Ordering::Relaxed);
+        let sem = Arc::new(Semaphore::new(self.fetch_concurrency));
+        let mut set = tokio::task::JoinSet::new();
+        for seg in 0..n {
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(permit) = sem.clone().acquire_owned().await else { return };
+            let f = self.segment_flight(&rp, seg);
+            set.spawn(async move {
+                let _ = f.await;
+                drop(permit);
+            });
+            while set.try_join_next().is_some() {}
+        }
+        while set.join_next().await.is_some() {}
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.ssd.persist()).await;
+        tracing::info!(
+            segments = n,
+            done = self.counters.profile_segments_done.load(Ordering::Relaxed),
+            "boot profile streamed"
+        );
+    }
+
     /// Background hydration: every chunk not yet local, in order, a few at
     /// a time, pausing whenever a guest miss is waiting.
     async fn hydrate(self: Arc<Self>) {
         let todo: Vec<u64> =
-            (0..self.vol.chunk_count()).filter(|&i| self.ssd.state(i) == ABSENT && !self.is_zero(i)).collect();
+            (0..self.vol.chunk_count()).filter(|&i| !self.ssd.has_chunk(i) && !self.is_zero(i)).collect();
         self.counters.hydrate_total.store(todo.len() as u64, Ordering::Relaxed);
         let sem = Arc::new(Semaphore::new(self.hydrate_concurrency));
         let mut set = tokio::task::JoinSet::new();

@@ -65,12 +65,16 @@ pub struct CacheOptions {
     pub hydrate_concurrency: usize,
     /// Refuse writes.
     pub read_only: bool,
+    /// Boot profiles: replay the volume's newest, record one.
+    pub boot_profile: crate::tier::boot::BootProfileMode,
+    /// How long after the first guest read a boot is recorded.
+    pub boot_profile_window: std::time::Duration,
     pub remote: RemoteOptions,
 }
 
 impl CacheOptions {
     /// Defaults: 256 MiB RAM, 32 GiB SSD, readahead 8 chunks, 16 parallel
-    /// fetches, hydration off.
+    /// fetches, hydration and boot profiles off (the CLI turns profiles on).
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         Self {
             cache_dir: cache_dir.into(),
@@ -81,6 +85,8 @@ impl CacheOptions {
             fetch_concurrency: 16,
             hydrate_concurrency: 2,
             read_only: false,
+            boot_profile: crate::tier::boot::BootProfileMode::Off,
+            boot_profile_window: std::time::Duration::from_secs(180),
             remote: RemoteOptions::default(),
         }
     }

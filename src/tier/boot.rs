@@ -1,0 +1,354 @@
+//! Boot profiles in the tier layer: recording which 4 KiB pages of the image
+//! file a boot reads, in first-touch order ([`Recorder`]), and streaming a
+//! recorded profile's pages into the SSD tier at the next cold start
+//! ([`Replay`]) so the guest finds them local instead of waiting a round
+//! trip per file. The objects themselves are `volume::profile`.
+//!
+//! Why pages and not chunks: a boot reads thousands of small files scattered
+//! over the image; at chunk granularity it touches most chunks of the system
+//! area and a cold start would download nearly the whole image.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::volume::profile::{Extent, ProfileIndex, PAGE_SIZE};
+
+/// What the serve does with boot profiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BootProfileMode {
+    /// Replay the newest profile if the volume has one; record one if not.
+    #[default]
+    Auto,
+    /// Replay the newest profile and record a new one (the boot changed,
+    /// e.g. after an OS update).
+    Record,
+    /// Neither.
+    Off,
+}
+
+/// Largest boot working set recorded; past it recording stops (a guest
+/// that reads this much is no longer just booting).
+pub const RECORD_CAP: u64 = 2 << 30;
+
+struct Recording {
+    /// One bit per page of the image: touched already.
+    touched: Vec<u64>,
+    extents: Vec<Extent>,
+    bytes: u64,
+    reads: u64,
+}
+
+/// The recording window's clock: time since the first read, minus time
+/// the guest spent waiting for the remote — a first boot over a slow link
+/// takes minutes of stalls, and the window must still cover all of it.
+#[derive(Default)]
+struct Clock {
+    started: Option<Instant>,
+    /// Reads waiting for the remote now, and since when one was.
+    waiting: u32,
+    since: Option<Instant>,
+    stalled: Duration,
+}
+
+impl Clock {
+    fn active_time(&self) -> Duration {
+        let Some(t) = self.started else { return Duration::ZERO };
+        let stalled = self.stalled + self.since.map_or(Duration::ZERO, |s| s.elapsed());
+        t.elapsed().saturating_sub(stalled)
+    }
+}
+
+/// Records the first touch of every page the guest reads, for a window of
+/// guest time (not counting remote stalls) after the first read.
+pub struct Recorder {
+    image_len: u64,
+    window: Duration,
+    state: Mutex<Option<Recording>>,
+    clock: Mutex<Clock>,
+    /// Fast check on the read path: false once recording ended.
+    active: std::sync::atomic::AtomicBool,
+}
+
+/// What a finished recording holds.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    pub extents: Vec<Extent>,
+    pub bytes: u64,
+    pub reads: u64,
+}
+
+impl Recorder {
+    /// A recorder for an image of `image_len` bytes; recording runs until
+    /// `window` after the first read, [`RECORD_CAP`], or [`finish`](Self::finish).
+    pub fn new(image_len: u64, window: Duration) -> Self {
+        let pages = image_len.div_ceil(PAGE_SIZE);
+        let rec = Recording { touched: vec![0; pages.div_ceil(64) as usize], extents: Vec::new(), bytes: 0, reads: 0 };
+        Self {
+            image_len,
+            window,
+            state: Mutex::new(Some(rec)),
+            clock: Mutex::new(Clock::default()),
+            active: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// True while recording.
+    pub fn active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes recorded so far (0 once finished).
+    pub fn bytes(&self) -> u64 {
+        self.state.lock().as_ref().map_or(0, |r| r.bytes)
+    }
+
+    /// True once the window has passed.
+    pub fn expired(&self) -> bool {
+        self.clock.lock().active_time() > self.window
+    }
+
+    /// A guest read starts waiting for the remote.
+    pub fn stall_begin(&self) {
+        let mut c = self.clock.lock();
+        c.waiting += 1;
+        if c.waiting == 1 {
+            c.since = Some(Instant::now());
+        }
+    }
+
+    /// A guest read stops waiting for the remote.
+    pub fn stall_end(&self) {
+        let mut c = self.clock.lock();
+        c.waiting = c.waiting.saturating_sub(1);
+        if c.waiting == 0 {
+            if let Some(s) = c.since.take() {
+                c.stalled += s.elapsed();
+            }
+        }
+    }
+
+    /// Notes a guest read of `[offset, offset + len)`.
+    pub fn observe(&self, offset: u64, len: u64) {
+        if !self.active() || len == 0 || offset >= self.image_len {
+            return;
+        }
+        {
+            let mut c = self.clock.lock();
+            if c.started.is_none() {
+                c.started = Some(Instant::now());
+            } else if c.active_time() > self.window {
+                self.active.store(false, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+        }
+        let mut guard = self.state.lock();
+        let Some(r) = guard.as_mut() else { return };
+        r.reads += 1;
+        let end = (offset + len).min(self.image_len);
+        for page in offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE) {
+            let (w, b) = ((page / 64) as usize, page % 64);
+            if r.touched[w] & (1 << b) != 0 {
+                continue;
+            }
+            r.touched[w] |= 1 << b;
+            let start = page * PAGE_SIZE;
+            let plen = PAGE_SIZE.min(self.image_len - start);
+            r.bytes += plen;
+            match r.extents.last_mut() {
+                Some(e) if e.offset + e.len == start => e.len += plen,
+                _ => r.extents.push(Extent { offset: start, len: plen }),
+            }
+        }
+        if r.bytes >= RECORD_CAP {
+            self.active.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Ends recording and hands over what was recorded (empty if it was
+    /// already taken).
+    pub fn finish(&self) -> Recorded {
+        self.active.store(false, std::sync::atomic::Ordering::Relaxed);
+        match self.state.lock().take() {
+            Some(r) => Recorded { extents: r.extents, bytes: r.bytes, reads: r.reads },
+            None => Recorded::default(),
+        }
+    }
+
+    /// Drops the recording without saving it (a profile turned up).
+    pub fn cancel(&self) {
+        self.active.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.state.lock().take();
+    }
+}
+
+/// Where a profile's pages are: for every chunk, the page ranges (offsets
+/// inside the chunk) each segment holds.
+pub struct Replay {
+    pub key: String,
+    pub index: ProfileIndex,
+    cover: HashMap<u64, Vec<(u64, u64, usize)>>,
+}
+
+impl Replay {
+    /// Indexes `index` by chunk; `usable(idx)` says whether chunk `idx`'s
+    /// pages may be taken from the profile (its content is unchanged since
+    /// the profile was recorded).
+    pub fn new(key: String, index: ProfileIndex, chunk_size: u64, usable: impl Fn(u64) -> bool) -> Self {
+        let mut cover: HashMap<u64, Vec<(u64, u64, usize)>> = HashMap::new();
+        for (seg, s) in index.segments.iter().enumerate() {
+            for e in &s.extents {
+                for_each_chunk_part(e.offset, e.len, chunk_size, |idx, off, len| {
+                    if usable(idx) {
+                        cover.entry(idx).or_default().push((off, off + len, seg));
+                    }
+                });
+            }
+        }
+        for v in cover.values_mut() {
+            v.sort_unstable();
+        }
+        Self { key, index, cover }
+    }
+
+    /// The segments that together hold every byte of `[off, off + len)` of
+    /// chunk `idx`, or None when the profile does not cover all of it.
+    pub fn covering(&self, idx: u64, off: u64, len: u64) -> Option<Vec<usize>> {
+        let ranges = self.cover.get(&idx)?;
+        // Page-align: the profile holds whole pages.
+        let mut pos = off / PAGE_SIZE * PAGE_SIZE;
+        let end = off + len;
+        let mut segs = Vec::new();
+        // Ranges are sorted by start and never overlap (a page is recorded
+        // once), so one pass finds the run that continues `pos`.
+        for &(a, b, seg) in ranges {
+            if pos >= end {
+                break;
+            }
+            if b <= pos {
+                continue;
+            }
+            if a > pos {
+                return None;
+            }
+            if !segs.contains(&seg) {
+                segs.push(seg);
+            }
+            pos = b;
+        }
+        (pos >= end).then_some(segs)
+    }
+
+    /// True when chunk `idx` has pages in the profile that may be used.
+    pub fn usable(&self, idx: u64) -> bool {
+        self.cover.contains_key(&idx)
+    }
+
+    /// Number of segments.
+    pub fn segments(&self) -> usize {
+        self.index.segments.len()
+    }
+}
+
+/// Calls `f(chunk index, offset in chunk, length)` for each chunk-sized
+/// piece of `[offset, offset + len)`.
+pub fn for_each_chunk_part(offset: u64, len: u64, chunk_size: u64, mut f: impl FnMut(u64, u64, u64)) {
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let idx = pos / chunk_size;
+        let cend = ((idx + 1) * chunk_size).min(end);
+        f(idx, pos - idx * chunk_size, cend - pos);
+        pos = cend;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_first_touch_pages_in_order() {
+        let r = Recorder::new(1 << 20, Duration::from_secs(60));
+        r.observe(8192, 100); // page 2
+        r.observe(8192 + 4096, 8192); // pages 3, 4: extends
+        r.observe(0, 4096); // page 0: new extent
+        r.observe(8192, 4096); // touched already
+        r.observe(4096, 8192); // page 1 new (2 touched): extends the [0] extent
+        let rec = r.finish();
+        assert_eq!(
+            rec.extents,
+            vec![Extent { offset: 8192, len: 3 * 4096 }, Extent { offset: 0, len: 2 * 4096 }]
+        );
+        assert_eq!(rec.bytes, 5 * 4096);
+        assert_eq!(rec.reads, 5);
+        assert!(!r.active());
+        r.observe(65536, 4096);
+        assert!(r.finish().extents.is_empty());
+    }
+
+    #[test]
+    fn window_and_image_end() {
+        let r = Recorder::new(10_000, Duration::from_millis(30));
+        r.observe(8192, 8192); // clamped to the image: a short last page
+        std::thread::sleep(Duration::from_millis(50));
+        r.observe(0, 4096); // past the window: ends recording
+        assert!(!r.active());
+        let rec = r.finish();
+        assert_eq!(rec.extents, vec![Extent { offset: 8192, len: 10_000 - 8192 }]);
+    }
+
+    #[test]
+    fn remote_stalls_do_not_count() {
+        let r = Recorder::new(1 << 20, Duration::from_millis(40));
+        r.observe(0, 4096);
+        r.stall_begin();
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!r.expired(), "a stall must not use up the window");
+        r.stall_end();
+        r.observe(4096, 4096);
+        assert!(r.active());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(r.expired());
+        r.observe(8192, 4096);
+        assert!(!r.active());
+        assert_eq!(r.finish().extents, vec![Extent { offset: 0, len: 8192 }]);
+    }
+
+    #[test]
+    fn covering_finds_segments_or_none() {
+        use crate::volume::profile::Segment;
+        let seg = |extents: Vec<Extent>| Segment {
+            offset: 0,
+            len: 1,
+            raw_len: extents.iter().map(|e| e.len).sum(),
+            sha256: String::new(),
+            extents,
+        };
+        let index = ProfileIndex {
+            format: String::new(),
+            version: 1,
+            volume_id: String::new(),
+            generation: 1,
+            created_unix_ms: 0,
+            page_size: 4096,
+            chunk_size: 65536,
+            image_len: 1 << 20,
+            pack: String::new(),
+            chunk_refs: Default::default(),
+            segments: vec![
+                seg(vec![Extent { offset: 65536 - 8192, len: 16384 }]),
+                seg(vec![Extent { offset: 65536 + 8192, len: 4096 }]),
+            ],
+        };
+        let r = Replay::new("k".into(), index, 65536, |idx| idx != 5);
+        // Chunk 0's last two pages come from segment 0.
+        assert_eq!(r.covering(0, 65536 - 8000, 100), Some(vec![0]));
+        assert_eq!(r.covering(0, 0, 100), None);
+        // Chunk 1: pages 0-1 (segment 0), page 2 (segment 1), page 3 missing.
+        assert_eq!(r.covering(1, 0, 3 * 4096), Some(vec![0, 1]));
+        assert_eq!(r.covering(1, 0, 3 * 4096 + 1), None);
+        assert_eq!(r.covering(2, 0, 1), None);
+    }
+}

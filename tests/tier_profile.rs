@@ -1,0 +1,220 @@
+//! Boot profiles through the tiered store: a first boot records the pages
+//! it reads and saves them to the remote on close; a cold start on another
+//! cache streams exactly those pages ahead of the guest, so the same boot
+//! reads go remote zero times and download about the bytes they read, not
+//! whole chunks. Partial chunks stay correct under later reads, writes and
+//! restarts; a damaged profile never yields wrong data.
+
+#[path = "tier_support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use driveblk::format::{IoMode, IoVec};
+use driveblk::remote::{RemoteMetrics, Shaping};
+use driveblk::tier::boot::BootProfileMode;
+use driveblk::tier::tiered::TieredStore;
+use driveblk::tier::Storage;
+use driveblk::volume::{self, CacheOptions, ImportOptions};
+use rand::{Rng, SeedableRng};
+use support::*;
+
+const CHUNK: u64 = 1 << 20;
+
+fn imported(d: &Path, len: usize) -> (String, Vec<u8>) {
+    // Random data everywhere: every chunk is packed, nothing compresses.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(77);
+    let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+    let src = d.join("src.raw");
+    std::fs::write(&src, &data).unwrap();
+    let vurl = url(&d.join("remote/vol"));
+    volume::import(&src, &vurl, &ImportOptions { chunk_size: CHUNK, pack_size: 4 << 20, ..Default::default() })
+        .unwrap();
+    (vurl, data)
+}
+
+/// A "boot": small files at scattered page offsets, each read front to back
+/// in 4-16 KiB requests.
+fn boot_reads(len: u64, seed: u64) -> Vec<(u64, usize)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for _ in 0..120 {
+        let mut off = rng.random_range(0..len / 4096 - 16) * 4096;
+        for _ in 0..rng.random_range(1..4) {
+            let n = rng.random_range(1..5) * 4096;
+            if off + n as u64 > len {
+                break;
+            }
+            out.push((off, n));
+            off += n as u64;
+        }
+    }
+    out
+}
+
+fn read(s: &dyn Storage, off: u64, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    s.read_vectored_at(off, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+    b
+}
+
+fn opts(cache: &Path, metrics: &Arc<RemoteMetrics>, mode: BootProfileMode) -> CacheOptions {
+    let mut o = cache_opts(cache, counted(metrics.clone(), None, Shaping::default()));
+    o.boot_profile = mode;
+    o.readahead_chunks = 0;
+    o
+}
+
+fn profiles(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d.join("remote/vol"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("profile-"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn wait_streamed(s: &TieredStore) {
+    let t0 = Instant::now();
+    loop {
+        let st = s.stats();
+        if st.profile_segments > 0 && st.profile_segments_done == st.profile_segments {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "profile never finished streaming: {st:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Records a boot on one cache; returns the boot's reads.
+fn first_boot(d: &Path, vurl: &str, data: &[u8]) -> Vec<(u64, usize)> {
+    let reads = boot_reads(data.len() as u64, 5);
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(vurl, opts(&d.join("c1"), &m, BootProfileMode::Auto)).unwrap();
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert!(s.stats().profile_recording);
+    assert!(profiles(d).is_empty(), "nothing is saved before the window closes or the store closes");
+    drop(s);
+    reads
+}
+
+#[test]
+fn profile_recorded_then_streamed_on_a_cold_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 48 << 20);
+    let reads = first_boot(d.path(), &vurl, &data);
+    let saved = profiles(d.path());
+    assert_eq!(saved.len(), 2, "an index and its pack: {saved:?}");
+
+    // Another machine: empty cache, same volume.
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    let before = m.snapshot();
+    let st = s.stats();
+    assert!(st.chunks_partial > 0, "profile pages land as partial chunks: {st:?}");
+    assert!(!st.profile_recording, "a volume with a profile does not record another in auto mode");
+    // The profile is the pages the boot read, not the chunks around them.
+    let touched: u64 = {
+        let mut pages = std::collections::BTreeSet::new();
+        for &(off, n) in &reads {
+            for p in off / 4096..(off + n as u64).div_ceil(4096) {
+                pages.insert(p);
+            }
+        }
+        pages.len() as u64 * 4096
+    };
+    assert_eq!(st.profile_bytes, touched, "{st:?}");
+    assert!(before.bytes_read < touched + touched / 4 + (1 << 20), "downloaded {} for {touched}", before.bytes_read);
+
+    // The same boot now reads nothing from the remote.
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    let after = m.snapshot();
+    assert_eq!(after.gets, before.gets, "boot reads went remote");
+    assert_eq!(s.stats().misses, 0);
+
+    // Pages outside the profile, inside a partial chunk: the whole chunk
+    // is fetched and the read is right.
+    let (off, n) = reads[0];
+    let chunk_start = off / CHUNK * CHUNK;
+    let other = if off - chunk_start >= 8192 { chunk_start } else { chunk_start + CHUNK - 8192 };
+    assert_eq!(read(&*s, other, 8192), data[other as usize..other as usize + 8192]);
+    assert!(m.snapshot().gets > after.gets);
+
+    // A write into a partial chunk (read-modify-write) and a read around it.
+    let (woff, _) = reads[reads.len() / 2];
+    let patch = vec![0xEEu8; 3000];
+    let mut w = patch.clone();
+    s.write_vectored_at(woff + 100, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
+    let mut expect = data.clone();
+    expect[woff as usize + 100..woff as usize + 3100].copy_from_slice(&patch);
+    let around = woff.saturating_sub(8192);
+    assert_eq!(read(&*s, around, 20000), expect[around as usize..around as usize + 20000]);
+    drop(s);
+
+    // Restart on the same cache: partial pages and the write survive, and
+    // the whole image reads right.
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Off)).unwrap();
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), expect[off as usize..off as usize + n]);
+    }
+    assert_eq!(s.stats().misses, 0, "partial pages were kept across the restart");
+    assert_eq!(read_all(&*s).unwrap(), expect);
+}
+
+#[test]
+fn damaged_profile_pack_never_gives_wrong_data() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 24 << 20);
+    let reads = first_boot(d.path(), &vurl, &data);
+    let pack = profiles(d.path()).into_iter().find(|n| n.ends_with(".pack")).unwrap();
+    let p = d.path().join("remote/vol").join(pack);
+    let mut b = std::fs::read(&p).unwrap();
+    // Flip bytes spread over the pack: several segments are damaged.
+    for i in (0..b.len()).step_by(b.len() / 7 + 1) {
+        b[i] ^= 0x55;
+    }
+    std::fs::write(&p, &b).unwrap();
+
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    let st = s.stats();
+    assert!(st.fetch_errors > 0, "the damaged segments were noticed: {st:?}");
+    assert!(st.profile_segments_done < st.profile_segments);
+}
+
+#[test]
+fn record_mode_adds_a_newer_profile_and_off_does_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 16 << 20);
+    first_boot(d.path(), &vurl, &data);
+    let one = profiles(d.path());
+    assert_eq!(one.len(), 2);
+
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(&vurl, opts(&d.path().join("c3"), &m, BootProfileMode::Off)).unwrap();
+    let _ = read(&*s, 4096, 4096);
+    drop(s);
+    assert_eq!(profiles(d.path()), one, "--boot-profile off writes nothing");
+    assert_eq!(m.snapshot().bytes_written, 0);
+
+    let s = volume::open(&vurl, opts(&d.path().join("c4"), &m, BootProfileMode::Record)).unwrap();
+    wait_streamed(&s);
+    let _ = read(&*s, 8 << 20, 4096);
+    drop(s);
+    let two = profiles(d.path());
+    assert_eq!(two.len(), 4, "{two:?}");
+    let newest = two.iter().filter(|n| !n.ends_with(".pack")).max().unwrap();
+    assert!(!one.contains(newest), "the new profile sorts as the newest: {two:?}");
+}
