@@ -34,6 +34,11 @@ pub enum VolumeError {
     #[error("chunk {chunk} of volume {url} (in {key} at offset {offset}) is corrupt: {reason} — the pack is damaged; no data was returned for it")]
     CorruptChunk { url: String, chunk: u64, key: String, offset: u64, reason: String },
 
+    #[error(
+        "boot profile {key} of volume {url} is corrupt: {reason} — it is ignored; the next boot records a new one"
+    )]
+    CorruptProfile { url: String, key: String, reason: String },
+
     #[error("base image {base} of volume {url} changed since the volume was attached ({what}) — the volume's view of it would silently shift; re-attach it")]
     BaseChanged { url: String, base: String, what: String },
 
@@ -74,7 +79,9 @@ impl VolumeError {
     pub fn into_io(self) -> io::Error {
         let kind = match &self {
             VolumeError::Io { source, .. } => source.kind(),
-            VolumeError::CorruptChunk { .. } | VolumeError::CorruptManifest { .. } => io::ErrorKind::InvalidData,
+            VolumeError::CorruptChunk { .. }
+            | VolumeError::CorruptManifest { .. }
+            | VolumeError::CorruptProfile { .. } => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, self)

@@ -9,6 +9,7 @@ pub mod export;
 pub mod format;
 pub mod import;
 pub mod pack;
+pub mod profile;
 pub mod reader;
 
 use std::path::{Path, PathBuf};
