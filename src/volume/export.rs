@@ -11,7 +11,7 @@ use futures::StreamExt;
 use super::reader::VolumeReader;
 use super::{runtime, ChunkRef, RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::RemoteUrl;
-use crate::tier::ssd::{CacheIdentity, OpenMode, SsdCache, ABSENT, DIRTY};
+use crate::tier::ssd::{CacheIdentity, OpenMode, SsdCache, DIRTY};
 
 /// Options for [`export`].
 #[derive(Clone, Debug, Default)]
@@ -86,9 +86,11 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
     };
     let mut remote_idx = Vec::new();
     for idx in 0..nchunks {
-        match cache.as_ref().map(|c| c.state(idx)) {
-            Some(st) if st != ABSENT => {
-                let c = cache.as_ref().expect("checked");
+        // Only whole chunks come from the cache; a partial one (some pages
+        // prefetched) is fetched from the remote like an absent one.
+        match cache.as_ref().filter(|c| c.has_chunk(idx)) {
+            Some(c) => {
+                let st = c.state(idx);
                 let data = c.read_chunk(idx).map_err(|e| VolumeError::io("reading cache of", c.dir(), e))?;
                 write(idx, &data)?;
                 sum.chunks_from_cache += 1;
