@@ -142,7 +142,7 @@ fn profile_recorded_then_streamed_on_a_cold_cache() {
 
     // Pages outside the profile, inside a partial chunk: the whole chunk
     // is fetched and the read is right.
-    let (off, n) = reads[0];
+    let (off, _) = reads[0];
     let chunk_start = off / CHUNK * CHUNK;
     let other = if off - chunk_start >= 8192 { chunk_start } else { chunk_start + CHUNK - 8192 };
     assert_eq!(read(&*s, other, 8192), data[other as usize..other as usize + 8192]);

@@ -180,8 +180,8 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     // No guest to record, and every chunk comes whole anyway.
     cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
     let dir = cache.cache_dir.clone();
-    let store = volume::open(&a.url, cache)
-        .with_context(|| format!("(if a daemon is serving this volume, use `serve --hydrate` instead)"))?;
+    let store =
+        volume::open(&a.url, cache).context("(if a daemon is serving this volume, use `serve --hydrate` instead)")?;
     let t0 = Instant::now();
     store.start_hydrate();
     while !store.wait_hydrated(Duration::from_secs(3600), !a.quiet) {}

@@ -277,10 +277,7 @@ mod tests {
         r.observe(8192, 4096); // touched already
         r.observe(4096, 8192); // page 1 new (2 touched): extends the [0] extent
         let rec = r.finish();
-        assert_eq!(
-            rec.extents,
-            vec![Extent { offset: 8192, len: 3 * 4096 }, Extent { offset: 0, len: 2 * 4096 }]
-        );
+        assert_eq!(rec.extents, vec![Extent { offset: 8192, len: 3 * 4096 }, Extent { offset: 0, len: 2 * 4096 }]);
         assert_eq!(rec.bytes, 5 * 4096);
         assert_eq!(rec.reads, 5);
         assert!(!r.active());

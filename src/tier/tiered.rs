@@ -19,10 +19,10 @@ use parking_lot::RwLock;
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Semaphore;
 
+use super::boot::{for_each_chunk_part, BootProfileMode, Recorder, Replay};
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
-use super::boot::{for_each_chunk_part, BootProfileMode, Recorder, Replay};
 use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, PARTIAL};
 use super::stats::{Counters, TierStats};
 use super::Storage;
@@ -52,7 +52,9 @@ impl std::error::Error for SharedError {
 impl SharedError {
     fn into_io(self) -> io::Error {
         let kind = match &*self.0 {
-            VolumeError::CorruptChunk { .. } | VolumeError::CorruptManifest { .. } => io::ErrorKind::InvalidData,
+            VolumeError::CorruptChunk { .. }
+            | VolumeError::CorruptManifest { .. }
+            | VolumeError::CorruptProfile { .. } => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, self)

@@ -114,6 +114,9 @@ impl Client {
         Client { blkio: b, queues: out.queues, region, capacity }
     }
 
+    // The region is memory libblkio shares with the device, not part of
+    // `self`; handing out a mutable view from `&self` mirrors that.
+    #[allow(clippy::mut_from_ref)]
     pub fn buf(&self) -> &mut [u8] {
         unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
     }
