@@ -112,6 +112,12 @@ fn print_info(i: &VolumeInfo) {
         Some(b) => println!("base        {b:?}"),
         None => println!("base        none"),
     }
+    match &i.boot_profile {
+        Some((key, bytes, gen)) => {
+            println!("boot prof.  {key}: {} of pages, recorded at generation {gen}", human(*bytes))
+        }
+        None => println!("boot prof.  none yet (the next serve records one)"),
+    }
 }
 
 pub fn import(a: ImportArgs) -> anyhow::Result<()> {
@@ -166,6 +172,8 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "chunks_total": i.chunks_total, "chunks_packed": i.chunks_packed, "chunks_zero": i.chunks_zero,
                 "chunks_base": i.chunks_base, "packs": i.packs, "packed_bytes": i.packed_bytes,
                 "base": i.base.as_ref().map(|b| format!("{b:?}")),
+                "boot_profile": i.boot_profile.as_ref().map(|(key, bytes, gen)| serde_json::json!({
+                    "key": key, "bytes": bytes, "generation": gen })),
             })
         );
     } else {

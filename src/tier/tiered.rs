@@ -116,6 +116,10 @@ struct Inner {
     replay: RwLock<Option<Arc<Replay>>>,
     /// Profile segments being fetched (single flight per segment).
     segment_flights: SingleFlight<usize, SegmentResult>,
+    /// The profile is streaming now.
+    streaming: AtomicBool,
+    /// A recorded profile is being built or uploaded now.
+    saving: AtomicBool,
 }
 
 /// The tiered RAM/SSD/remote store of one volume.
@@ -144,6 +148,17 @@ impl TieredStore {
         };
         let (ssd, opened) = SsdCache::open(&opts.cache_dir, id, vol.image_len(), opts.ssd_cache, OpenMode::Serve)?
             .ok_or_else(|| VolumeError::Cache { dir: opts.cache_dir.clone(), reason: "could not be opened".into() })?;
+        // Profile packs a crashed process was building (the directory lock
+        // is ours now, so nobody else is).
+        if let Ok(entries) = std::fs::read_dir(&opts.cache_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(".profile-") && name.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         if let Opened::Discarded(why) = &opened {
             tracing::info!(dir = %opts.cache_dir.display(), %why, "started a fresh SSD cache");
         }
@@ -168,6 +183,8 @@ impl TieredStore {
                 .then(|| Recorder::new(vol.image_len(), opts.boot_profile_window)),
             replay: RwLock::new(None),
             segment_flights: SingleFlight::default(),
+            streaming: AtomicBool::new(false),
+            saving: AtomicBool::new(false),
             vol,
         });
         if opts.boot_profile != BootProfileMode::Off && !inner.vol.offline {
@@ -290,6 +307,11 @@ impl Drop for TieredStore {
     fn drop(&mut self) {
         // A boot shorter than the recording window still leaves a profile.
         let recorded = self.inner.recorder.as_ref().is_some_and(|r| r.bytes() > 0);
+        // A save the window started in the background finishes first.
+        let t0 = std::time::Instant::now();
+        while self.inner.saving.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(900) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         if recorded && self.rt.is_some() {
             if Handle::try_current().is_ok() {
                 tracing::warn!("boot profile not saved: the store was dropped inside an async context");
@@ -444,7 +466,7 @@ impl Inner {
     fn start_readahead(self: &Arc<Self>, offset: u64, len: u64) {
         let ra = self.readahead.observe(offset, len);
         let end = ra.end.min(self.vol.chunk_count());
-        let replay = self.replay.read().clone();
+        let replay = if self.streaming.load(Ordering::Relaxed) { self.replay.read().clone() } else { None };
         for idx in ra.start..end {
             // The profile brings the pages the boot reads; a whole chunk
             // read ahead for them would compete with it for the link.
@@ -701,8 +723,10 @@ impl Inner {
                     "streaming the boot profile into the cache"
                 );
                 let rp = Arc::new(rp);
+                self.streaming.store(true, Ordering::SeqCst);
                 *self.replay.write() = Some(rp.clone());
                 self.clone().stream_profile(rp).await;
+                self.streaming.store(false, Ordering::SeqCst);
             }
             Ok(None) => tracing::debug!("the volume has no boot profile yet; recording this boot"),
             Err(e) => tracing::warn!(error = %e, "could not look for a boot profile; recording this boot"),
@@ -727,10 +751,17 @@ impl Inner {
     /// Ends the recording and uploads it as the volume's newest profile.
     async fn save_profile(self: Arc<Self>) {
         let Some(rec) = &self.recorder else { return };
-        let recorded = rec.finish();
-        if recorded.bytes == 0 {
+        if self.saving.swap(true, Ordering::SeqCst) {
             return;
         }
+        let recorded = rec.finish();
+        if recorded.bytes > 0 {
+            self.clone().save_recorded(recorded).await;
+        }
+        self.saving.store(false, Ordering::SeqCst);
+    }
+
+    async fn save_recorded(self: Arc<Self>, recorded: super::boot::Recorded) {
         let t0 = std::time::Instant::now();
         let me = self.clone();
         let built = tokio::task::spawn_blocking(move || me.build_profile(&recorded.extents)).await;

@@ -114,6 +114,8 @@ pub struct VolumeInfo {
     /// Compressed bytes of all packed chunks.
     pub packed_bytes: u64,
     pub base: Option<BaseRef>,
+    /// The newest boot profile: key, page bytes, generation recorded at.
+    pub boot_profile: Option<(String, u64, u64)>,
 }
 
 impl VolumeInfo {
@@ -145,6 +147,7 @@ impl VolumeInfo {
             packs: m.packs.len() as u64,
             packed_bytes: bytes,
             base: r.header.base.clone(),
+            boot_profile: None,
         }
     }
 }
@@ -170,7 +173,12 @@ pub fn info_with(url: &str, opts: &RemoteOptions) -> VolumeResult<VolumeInfo> {
     let u = RemoteUrl::parse(url)?;
     let rt = runtime("driveblk-info")?;
     let r = rt.block_on(VolumeReader::open(&u, opts))?;
-    Ok(VolumeInfo::from_reader(&r))
+    let mut info = VolumeInfo::from_reader(&r);
+    // A profile that cannot be read is reported as none, as serve treats it.
+    if let Ok(Some((key, p))) = rt.block_on(profile::find_latest(&r.remote, &r.header)) {
+        info.boot_profile = Some((key, p.raw_bytes(), p.generation));
+    }
+    Ok(info)
 }
 
 /// Opens the volume at `url` for serving: the newest committed generation,
