@@ -88,6 +88,9 @@ for d in "$A" "$B"; do [[ $d == driveblk || $d == qsd ]] || die "unknown daemon 
 #                hydrate`), RAM tier 64M, so reads hit the SSD tier. qsd: the qcow2 file.
 #   vol-ssd-drop vol-ssd, but the page cache is dropped before each run of either daemon
 #                (only with --drop-caches): both read from the disk, not from memory.
+#   The vol-* rows run with --boot-profile off: they measure steady-state serving (a recorded
+#   "boot" here would be the warm-up pass, saved at every stop); the cold experiment measures
+#   boot profiles.
 ROWS=(
     "4K randread QD32 1q|raw|1|--rw randread --bs 4k --iodepth 32|--format raw|driver=raw"
     "4K randread QD32 2q|raw|2|--rw randread --bs 4k --iodepth 32|--format raw|driver=raw"
@@ -102,10 +105,10 @@ ROWS=(
     "qcow2 sparse: 4K randwrite QD32 2q|qcow2-empty|2|--rw randwrite --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
     "qcow2 overlay: 4K randread QD32 1q|overlay|1|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@,backing=base0"
     "qcow2 overlay: 4K randwrite QD32 1q|overlay|1|--rw randwrite --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@,backing=base0"
-    "volume RAM-warm: 4K randread QD32 1q|vol-ram|1|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
-    "volume RAM-warm: 4K randread QD32 2q|vol-ram|2|--rw randread --bs 4k --iodepth 32|--format qcow2|driver=qcow2,l2-cache-size=@L2@"
-    "volume SSD-warm: 4K randread QD32 1q|vol-ssd|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M|driver=qcow2,l2-cache-size=@L2@"
-    "volume SSD, page cache dropped: 4K randread QD32 1q|vol-ssd-drop|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M|driver=qcow2,l2-cache-size=@L2@"
+    "volume RAM-warm: 4K randread QD32 1q|vol-ram|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
+    "volume RAM-warm: 4K randread QD32 2q|vol-ram|2|--rw randread --bs 4k --iodepth 32|--format qcow2 --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
+    "volume SSD-warm: 4K randread QD32 1q|vol-ssd|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
+    "volume SSD, page cache dropped: 4K randread QD32 1q|vol-ssd-drop|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
 )
 
 # ---- Tools -------------------------------------------------------------------------------------

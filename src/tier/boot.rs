@@ -45,7 +45,6 @@ struct Recording {
 /// takes minutes of stalls, and the window must still cover all of it.
 #[derive(Default)]
 struct Clock {
-    started: Option<Instant>,
     /// Reads waiting for the remote now, and since when one was.
     waiting: u32,
     since: Option<Instant>,
@@ -53,8 +52,8 @@ struct Clock {
 }
 
 impl Clock {
-    fn active_time(&self) -> Duration {
-        let Some(t) = self.started else { return Duration::ZERO };
+    fn active_time(&self, started: Option<&Instant>) -> Duration {
+        let Some(t) = started else { return Duration::ZERO };
         let stalled = self.stalled + self.since.map_or(Duration::ZERO, |s| s.elapsed());
         t.elapsed().saturating_sub(stalled)
     }
@@ -66,6 +65,8 @@ pub struct Recorder {
     image_len: u64,
     window: Duration,
     state: Mutex<Option<Recording>>,
+    /// The first read; set once, read without a lock on the read path.
+    started: std::sync::OnceLock<Instant>,
     clock: Mutex<Clock>,
     /// Fast check on the read path: false once recording ended.
     active: std::sync::atomic::AtomicBool,
@@ -89,6 +90,7 @@ impl Recorder {
             image_len,
             window,
             state: Mutex::new(Some(rec)),
+            started: std::sync::OnceLock::new(),
             clock: Mutex::new(Clock::default()),
             active: std::sync::atomic::AtomicBool::new(true),
         }
@@ -104,9 +106,10 @@ impl Recorder {
         self.state.lock().as_ref().map_or(0, |r| r.bytes)
     }
 
-    /// True once the window has passed.
+    /// True once the window has passed. The owner polls this and calls
+    /// [`finish`](Self::finish): the read path does not look at clocks.
     pub fn expired(&self) -> bool {
-        self.clock.lock().active_time() > self.window
+        self.clock.lock().active_time(self.started.get()) > self.window
     }
 
     /// A guest read starts waiting for the remote.
@@ -134,15 +137,7 @@ impl Recorder {
         if !self.active() || len == 0 || offset >= self.image_len {
             return;
         }
-        {
-            let mut c = self.clock.lock();
-            if c.started.is_none() {
-                c.started = Some(Instant::now());
-            } else if c.active_time() > self.window {
-                self.active.store(false, std::sync::atomic::Ordering::Relaxed);
-                return;
-            }
-        }
+        self.started.get_or_init(Instant::now);
         let mut guard = self.state.lock();
         let Some(r) = guard.as_mut() else { return };
         r.reads += 1;
@@ -288,10 +283,12 @@ mod tests {
     #[test]
     fn window_and_image_end() {
         let r = Recorder::new(10_000, Duration::from_millis(30));
+        assert!(!r.expired(), "the window starts with the first read");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!r.expired());
         r.observe(8192, 8192); // clamped to the image: a short last page
         std::thread::sleep(Duration::from_millis(50));
-        r.observe(0, 4096); // past the window: ends recording
-        assert!(!r.active());
+        assert!(r.expired());
         let rec = r.finish();
         assert_eq!(rec.extents, vec![Extent { offset: 8192, len: 10_000 - 8192 }]);
     }
@@ -308,9 +305,9 @@ mod tests {
         assert!(r.active());
         std::thread::sleep(Duration::from_millis(50));
         assert!(r.expired());
+        assert_eq!(r.finish().extents, vec![Extent { offset: 0, len: 8192 }]);
         r.observe(8192, 4096);
         assert!(!r.active());
-        assert_eq!(r.finish().extents, vec![Extent { offset: 0, len: 8192 }]);
     }
 
     #[test]
