@@ -6,8 +6,12 @@
 #  3. serves the volume with an empty cache over vhost-user-blk and boots a
 #     real Linux guest (QEMU, TCG) on it: the guest checks the disk's contents,
 #     runs fio with crc32c verification, discard and flushes;
-#  4. shows the cache statistics (`driveblk status`), stops driveblk cleanly,
-#     exports the volume with the guest's writes and checks it with qemu-img.
+#  4. shows the cache statistics (`driveblk status`), stops driveblk cleanly
+#     (which saves the boot profile it recorded to the remote);
+#  5. "another machine": boots again, read-only, from a second, empty cache;
+#     driveblk streams the boot profile ahead of the guest;
+#  6. exports the volume with the first guest's writes and checks it with
+#     qemu-img.
 # Installs what it needs on Debian 12.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,7 +64,26 @@ pid=
 log "driveblk exited with status $rc"
 [ "$rc" = 0 ]
 
-log "exporting the volume with the guest's writes and checking it with qemu-img"
+log "the volume now has a boot profile:"
+"$BIN" info "$url" | sed 's/^/    /'
+
+log "5. another machine: an empty cache, read-only; the boot profile streams ahead of the guest"
+# The first guest's writes live in the first cache (uploading them is the
+# write-back issue), so this one sees the volume as imported.
+"$BIN" serve --socket "$sock" --volume "$url" --format qcow2 --cache-dir "$work/cache2" \
+  --read-only --serial driveblk-demo >"$work/driveblk2.log" 2>&1 &
+pid=$!
+wait_for_socket "$sock" "$pid" 30
+integration/run-guest.sh --socket "$sock" --size $size --serial driveblk-demo --ro yes \
+  --hash "$size:$want" --no-fio --demo
+sleep 1.2
+"$BIN" status --cache-dir "$work/cache2" | sed 's/^/    /'
+kill -TERM "$pid"
+rc=0; wait "$pid" || rc=$?
+pid=
+[ "$rc" = 0 ]
+
+log "6. exporting the volume with the first guest's writes and checking it with qemu-img"
 "$BIN" export --quiet "$url" "$work/exported.qcow2" --cache-dir "$cache"
 qemu-img check -f qcow2 "$work/exported.qcow2" | sed 's/^/    /'
 log "driveblk log:"

@@ -49,6 +49,11 @@ impl std::error::Error for SharedError {
     }
 }
 
+/// What waiters of a flight get when the store closes under it.
+fn closing() -> SharedError {
+    SharedError(Arc::new(VolumeError::InvalidOptions("fetch was cancelled: the store is closing".into())))
+}
+
 impl SharedError {
     fn into_io(self) -> io::Error {
         let kind = match &*self.0 {
@@ -379,16 +384,7 @@ impl Inner {
     /// The single flight fetching chunk `idx` (joining one that runs).
     fn flight(self: &Arc<Self>, idx: u64, to_ram: bool) -> Flight<FetchResult> {
         let me = self.clone();
-        self.flights.join(
-            &self.handle,
-            idx,
-            move || me.fetch_and_install(idx, to_ram),
-            || {
-                Err(SharedError(Arc::new(VolumeError::InvalidOptions(
-                    "chunk fetch was cancelled: the store is closing".into(),
-                ))))
-            },
-        )
+        self.flights.join(&self.handle, idx, move || me.fetch_and_install(idx, to_ram), || Err(closing()))
     }
 
     /// The whole chunk: from RAM or SSD when it is already local (the
@@ -845,16 +841,7 @@ impl Inner {
     fn segment_flight(self: &Arc<Self>, rp: &Arc<Replay>, seg: usize) -> Flight<SegmentResult> {
         let me = self.clone();
         let rp = rp.clone();
-        self.segment_flights.join(
-            &self.handle,
-            seg,
-            move || me.fetch_segment(rp, seg),
-            || {
-                Err(SharedError(Arc::new(VolumeError::InvalidOptions(
-                    "profile fetch was cancelled: the store is closing".into(),
-                ))))
-            },
-        )
+        self.segment_flights.join(&self.handle, seg, move || me.fetch_segment(rp, seg), || Err(closing()))
     }
 
     /// Calls `f(chunk, offset in chunk, offset in segment, len)` for the

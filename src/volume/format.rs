@@ -198,29 +198,13 @@ impl Manifest {
     /// line>`. The trailer catches truncation and bit rot that would still
     /// parse as JSON.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut body = serde_json::to_vec(self).expect("manifest serialises");
-        let sum = hex::encode(Sha256::digest(&body));
-        body.push(b'\n');
-        body.extend_from_slice(b"sha256:");
-        body.extend_from_slice(sum.as_bytes());
-        body.push(b'\n');
-        body
+        seal(serde_json::to_vec(self).expect("manifest serialises"))
     }
 
     /// Verifies the trailer, parses, and checks the manifest against the
     /// volume header and the generation its key names.
     pub fn from_bytes(b: &[u8], header: &VolumeHeader, generation: u64) -> Result<Self, String> {
-        let text = b.strip_suffix(b"\n").ok_or("truncated: missing final newline")?;
-        let split = text.iter().rposition(|&c| c == b'\n').ok_or("truncated: missing sha256 trailer line")?;
-        let (body, trailer) = (&text[..split], &text[split + 1..]);
-        let want = trailer.strip_prefix(b"sha256:").ok_or("malformed sha256 trailer line")?;
-        let got = hex::encode(Sha256::digest(body));
-        if want != got.as_bytes() {
-            return Err(format!(
-                "checksum mismatch (trailer {}, content hashes to {got})",
-                String::from_utf8_lossy(want)
-            ));
-        }
+        let body = unseal(b)?;
         let m: Self = serde_json::from_slice(body).map_err(|e| format!("not valid JSON for a manifest: {e}"))?;
         if m.format != MANIFEST_MAGIC || m.version != FORMAT_VERSION {
             return Err(format!(
@@ -256,6 +240,31 @@ impl Manifest {
         }
         Ok(m)
     }
+}
+
+/// Appends the `sha256:<hex>` trailer line to a one-line body (manifests,
+/// profile indexes): it catches truncation and bit rot that would still
+/// parse as JSON.
+pub fn seal(mut body: Vec<u8>) -> Vec<u8> {
+    let sum = hex::encode(Sha256::digest(&body));
+    body.push(b'\n');
+    body.extend_from_slice(b"sha256:");
+    body.extend_from_slice(sum.as_bytes());
+    body.push(b'\n');
+    body
+}
+
+/// Checks the trailer [`seal`] added and returns the body.
+pub fn unseal(b: &[u8]) -> Result<&[u8], String> {
+    let text = b.strip_suffix(b"\n").ok_or("truncated: missing final newline")?;
+    let split = text.iter().rposition(|&c| c == b'\n').ok_or("truncated: missing sha256 trailer line")?;
+    let (body, trailer) = (&text[..split], &text[split + 1..]);
+    let want = trailer.strip_prefix(b"sha256:").ok_or("malformed sha256 trailer line")?;
+    let got = hex::encode(Sha256::digest(body));
+    if want != got.as_bytes() {
+        return Err(format!("checksum mismatch (trailer {}, content hashes to {got})", String::from_utf8_lossy(want)));
+    }
+    Ok(body)
 }
 
 /// Key of generation `n`'s manifest; zero-padded so keys sort by number.

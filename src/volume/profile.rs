@@ -16,9 +16,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use super::format::{ChunkRef, Manifest, VolumeHeader};
+use super::format::{seal, unseal, ChunkRef, Manifest, VolumeHeader};
 use super::pack::{decode_chunk, sha256_hex, ZSTD_LEVEL};
 use super::reader::VolumeReader;
 use super::{VolumeError, VolumeResult};
@@ -117,29 +116,13 @@ impl ProfileIndex {
     /// Serialises like a manifest: one line of compact JSON, then
     /// `sha256:<hex of that line>`, newline-terminated.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut body = serde_json::to_vec(self).expect("profile index serialises");
-        let sum = hex::encode(Sha256::digest(&body));
-        body.push(b'\n');
-        body.extend_from_slice(b"sha256:");
-        body.extend_from_slice(sum.as_bytes());
-        body.push(b'\n');
-        body
+        seal(serde_json::to_vec(self).expect("profile index serialises"))
     }
 
     /// Verifies the trailer, parses, and checks the index against the
     /// volume header and for internal consistency. Errors say what is wrong.
     pub fn from_bytes(b: &[u8], header: &VolumeHeader) -> Result<Self, String> {
-        let text = b.strip_suffix(b"\n").ok_or("truncated: missing final newline")?;
-        let split = text.iter().rposition(|&c| c == b'\n').ok_or("truncated: missing sha256 trailer line")?;
-        let (body, trailer) = (&text[..split], &text[split + 1..]);
-        let want = trailer.strip_prefix(b"sha256:").ok_or("malformed sha256 trailer line")?;
-        let got = hex::encode(Sha256::digest(body));
-        if want != got.as_bytes() {
-            return Err(format!(
-                "checksum mismatch (trailer {}, content hashes to {got})",
-                String::from_utf8_lossy(want)
-            ));
-        }
+        let body = unseal(b)?;
         let p: Self = serde_json::from_slice(body).map_err(|e| format!("not valid JSON for a profile index: {e}"))?;
         p.validate(header)?;
         Ok(p)
