@@ -292,3 +292,98 @@ fn hydrated_volume_needs_no_remote() {
         assert!(s["offline"].as_bool().unwrap(), "should have started from the cache's copy: {s}");
     }
 }
+
+/// A boot's reads through the daemon: scattered small files, each read
+/// front to back.
+fn boot_like_reads(c: &mut Client, want: &[u8]) {
+    for i in 0..40u64 {
+        let mut off = (i * 7_919 * 4096 + 12_288) % (c.capacity - (64 << 10));
+        for _ in 0..3 {
+            let got = c.read(off, 8192).unwrap();
+            assert!(got == want[off as usize..off as usize + 8192], "boot read at {off} differs");
+            off += 8192;
+        }
+    }
+}
+
+#[test]
+fn boot_profile_saved_at_stop_and_streamed_by_the_next_cold_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want) = make_source(dir.path());
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    let sock = dir.path().join("sock");
+    let info: serde_json::Value = serde_json::from_str(&run_ok(&["info", "--json", &url])).unwrap();
+    assert!(info["boot_profile"].is_null(), "{info}");
+
+    // First boot: recorded, saved when the daemon stops.
+    let cache1 = dir.path().join("cache1");
+    let d = serve(&sock, &url, &cache1, &[]);
+    let mut c = Client::connect(&sock, 1);
+    boot_like_reads(&mut c, &want);
+    let st = status(&cache1);
+    assert_eq!(st["boot_profile"]["recording"], true, "{st}");
+    drop(c);
+    assert!(d.stop().success());
+    let info: serde_json::Value = serde_json::from_str(&run_ok(&["info", "--json", &url])).unwrap();
+    let bytes = info["boot_profile"]["bytes"].as_u64().unwrap_or(0);
+    assert!(bytes >= 40 * 3 * 8192, "the profile holds at least the boot's reads: {info}");
+
+    // Another machine: an empty cache over a slow link. The profile streams
+    // in; the same reads then need no remote round trip.
+    let cache2 = dir.path().join("cache2");
+    let d = serve(&sock, &url, &cache2, &["--remote-latency-ms", "30"]);
+    let mut st = status(&cache2);
+    for _ in 0..20 {
+        let p = &st["boot_profile"];
+        if p["segments"].as_u64().unwrap_or(0) > 0 && p["segments_done"] == p["segments"] {
+            break;
+        }
+        st = status(&cache2);
+    }
+    assert!(st["boot_profile"]["segments"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(st["boot_profile"]["segments_done"], st["boot_profile"]["segments"], "{st}");
+    assert_eq!(st["boot_profile"]["recording"], false, "a volume with a profile records no new one");
+    let misses = st["remote"]["misses"].as_u64().unwrap();
+    let mut c = Client::connect(&sock, 1);
+    boot_like_reads(&mut c, &want);
+    let after = status(&cache2);
+    assert_eq!(after["remote"]["misses"].as_u64().unwrap(), misses, "boot reads waited on the remote: {after}");
+    assert!(after["chunks_partial"].as_u64().unwrap() > 0, "{after}");
+    // Everything else still reads right (whole chunks around the pages).
+    assert!(read_all(&mut c) == want);
+    drop(c);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn second_signal_skips_a_slow_profile_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want) = make_source(dir.path());
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    let sock = dir.path().join("sock");
+    let cache = dir.path().join("cache");
+    // Every request takes 700 ms: saving the profile (two uploads) cannot
+    // finish between the two signals.
+    let mut d = serve(&sock, &url, &cache, &["--remote-latency-ms", "700"]);
+    let mut c = Client::connect(&sock, 1);
+    assert!(c.read(1 << 20, 8192).unwrap() == want[1 << 20..(1 << 20) + 8192]);
+    drop(c);
+    let mut child = d.child.take().unwrap();
+    let t0 = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = common::wait_timeout(&mut child, std::time::Duration::from_secs(20));
+    assert_eq!(st.code(), Some(1), "a second signal exits at once with status 1");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5), "took {:?}", t0.elapsed());
+    let info: serde_json::Value = serde_json::from_str(&run_ok(&["info", "--json", &url])).unwrap();
+    assert!(info["boot_profile"].is_null(), "the interrupted save left no profile: {info}");
+    // The cache is intact: a restart serves the same bytes.
+    let d = serve(&sock, &url, &cache, &["--boot-profile", "off"]);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want);
+    drop(c);
+    assert!(d.stop().success());
+}

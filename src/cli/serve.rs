@@ -273,9 +273,17 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let stop = server.stop_handle();
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
     std::thread::Builder::new().name("driveblk-signals".into()).spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        let mut signals = signals.forever();
+        if let Some(sig) = signals.next() {
             tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
             stop.stop();
+        }
+        // Closing may upload a boot profile, which takes as long as the
+        // link needs; a second signal means the user will not wait. Flushed
+        // writes are already durable, and the profile is only a speed-up.
+        if let Some(sig) = signals.next() {
+            tracing::warn!(signal = sig, "second signal: exiting now (a boot profile being saved is dropped)");
+            std::process::exit(1);
         }
     })?;
     server.run()?;

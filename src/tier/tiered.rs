@@ -321,9 +321,14 @@ impl Drop for TieredStore {
             if Handle::try_current().is_ok() {
                 tracing::warn!("boot profile not saved: the store was dropped inside an async context");
             } else {
+                // The cache state first: an impatient second signal during
+                // the upload then loses nothing but the profile.
+                if let Err(e) = self.inner.ssd.persist() {
+                    tracing::warn!(error = %e, "could not persist the SSD cache state");
+                }
                 tracing::info!(
                     bytes = self.inner.recorder.as_ref().map_or(0, |r| r.bytes()),
-                    "saving the boot profile recorded so far before closing"
+                    "saving the boot profile recorded so far before closing (a second SIGTERM/SIGINT skips it)"
                 );
                 let me = self.inner.clone();
                 let _ = self.inner.wait(me.save_profile());
