@@ -118,7 +118,7 @@ fn profile_recorded_then_streamed_on_a_cold_cache() {
     let before = m.snapshot();
     let st = s.stats();
     assert!(st.chunks_partial > 0, "profile pages land as partial chunks: {st:?}");
-    assert!(!st.profile_recording, "a volume with a profile does not record another in auto mode");
+    assert!(st.profile_recording, "auto mode records to notice a boot the profile no longer matches");
     // The profile is the pages the boot read, not the chunks around them.
     let touched: u64 = {
         let mut pages = std::collections::BTreeSet::new();
@@ -168,6 +168,42 @@ fn profile_recorded_then_streamed_on_a_cold_cache() {
     }
     assert_eq!(s.stats().misses, 0, "partial pages were kept across the restart");
     assert_eq!(read_all(&*s).unwrap(), expect);
+    drop(s);
+    assert_eq!(profiles(d.path()), saved, "boots that read what the profile holds keep it");
+}
+
+#[test]
+fn a_boot_that_changed_replaces_the_profile() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 32 << 20);
+    let reads = first_boot(d.path(), &vurl, &data);
+    let first = profiles(d.path());
+    // Another boot, on another cache, reading mostly other pages (an OS
+    // update moved things): its recording becomes the newest profile.
+    let other = boot_reads(data.len() as u64, 99);
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(&vurl, opts(&d.path().join("c5"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    for &(off, n) in &other {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert!(s.stats().profile_recording);
+    drop(s);
+    let now = profiles(d.path());
+    assert_eq!(now.len(), 4, "{now:?}");
+    // The next cold start streams the new profile: the changed boot's reads
+    // are local, the old boot's mostly not.
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(&vurl, opts(&d.path().join("c6"), &m, BootProfileMode::Off)).unwrap();
+    drop(s);
+    let s = volume::open(&vurl, opts(&d.path().join("c7"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    let before = m.snapshot().gets;
+    for &(off, n) in &other {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert_eq!(m.snapshot().gets, before, "the new profile holds the changed boot's reads");
+    let _ = (reads, first);
 }
 
 #[test]

@@ -28,6 +28,11 @@ pub enum BootProfileMode {
     Off,
 }
 
+/// Share of a boot's recorded bytes the replayed profile must hold for the
+/// profile to be kept; below it (the OS was updated, the volume changed)
+/// the recording replaces it.
+pub const STILL_MATCHES: f64 = 0.8;
+
 /// Largest boot working set recorded; past it recording stops (a guest
 /// that reads this much is no longer just booting).
 pub const RECORD_CAP: u64 = 2 << 30;
@@ -170,12 +175,6 @@ impl Recorder {
             None => Recorded::default(),
         }
     }
-
-    /// Drops the recording without saving it (a profile turned up).
-    pub fn cancel(&self) {
-        self.active.store(false, std::sync::atomic::Ordering::Relaxed);
-        self.state.lock().take();
-    }
 }
 
 /// Where a profile's pages are: for every chunk, the page ranges (offsets
@@ -233,6 +232,19 @@ impl Replay {
             pos = b;
         }
         (pos >= end).then_some(segs)
+    }
+
+    /// Bytes of `[offset, offset + len)` the profile holds (usable pages
+    /// only: those of changed chunks do not count).
+    pub fn covered_bytes(&self, offset: u64, len: u64, chunk_size: u64) -> u64 {
+        let mut n = 0;
+        for_each_chunk_part(offset, len, chunk_size, |idx, off, l| {
+            for &(a, b, _) in self.cover.get(&idx).map_or(&[][..], |v| &v[..]) {
+                let (s, e) = (a.max(off), b.min(off + l));
+                n += e.saturating_sub(s);
+            }
+        });
+        n
     }
 
     /// True when chunk `idx` has pages in the profile that may be used.
@@ -344,5 +356,10 @@ mod tests {
         assert_eq!(r.covering(1, 0, 3 * 4096), Some(vec![0, 1]));
         assert_eq!(r.covering(1, 0, 3 * 4096 + 1), None);
         assert_eq!(r.covering(2, 0, 1), None);
+        // Chunk 0's last 2 pages + chunk 1's first 3 are held; chunk 5 is
+        // not usable.
+        assert_eq!(r.covered_bytes(0, 2 * 65536, 65536), 5 * 4096);
+        assert_eq!(r.covered_bytes(65536 - 4096, 8192, 65536), 8192);
+        assert_eq!(r.covered_bytes(3 * 65536, 65536, 65536), 0);
     }
 }

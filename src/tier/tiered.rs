@@ -123,6 +123,7 @@ struct Inner {
     segment_flights: SingleFlight<usize, SegmentResult>,
     /// The profile is streaming now.
     streaming: AtomicBool,
+    boot_mode: BootProfileMode,
     /// A recorded profile is being built or uploaded now.
     saving: AtomicBool,
 }
@@ -189,6 +190,7 @@ impl TieredStore {
             replay: RwLock::new(None),
             segment_flights: SingleFlight::default(),
             streaming: AtomicBool::new(false),
+            boot_mode: opts.boot_profile,
             saving: AtomicBool::new(false),
             vol,
         });
@@ -328,7 +330,7 @@ impl Drop for TieredStore {
                 }
                 tracing::info!(
                     bytes = self.inner.recorder.as_ref().map_or(0, |r| r.bytes()),
-                    "saving the boot profile recorded so far before closing (a second SIGTERM/SIGINT skips it)"
+                    "closing: saving the boot recorded so far as a profile unless the volume's still matches it (a second SIGTERM/SIGINT skips this)"
                 );
                 let me = self.inner.clone();
                 let _ = self.inner.wait(me.save_profile());
@@ -700,16 +702,13 @@ impl Inner {
     }
 
     /// The boot profile's background work: find the volume's newest
-    /// profile and stream it; record a new one when there is none (or when
-    /// asked to), and save it when the recording window closes.
+    /// profile and stream it; record this boot, and save it when the
+    /// recording window closes if there was no profile, if it no longer
+    /// matches the boot (see [`save_profile`](Self::save_profile)), or when
+    /// asked to.
     async fn boot_profile(self: Arc<Self>, mode: BootProfileMode) {
         match profile::find_latest(&self.vol.remote, &self.vol.header).await {
             Ok(Some((key, index))) => {
-                if mode == BootProfileMode::Auto {
-                    if let Some(r) = &self.recorder {
-                        r.cancel();
-                    }
-                }
                 let vol = self.vol.clone();
                 let refs = index.chunk_refs.clone();
                 // Pages of chunks whose content changed since the profile
@@ -742,7 +741,7 @@ impl Inner {
                 break;
             }
             if !rec.active() && rec.bytes() == 0 {
-                return; // cancelled
+                return; // finished by a close
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -756,7 +755,28 @@ impl Inner {
             return;
         }
         let recorded = rec.finish();
-        if recorded.bytes > 0 {
+        let replay = self.replay.read().clone();
+        let keep = match (&replay, self.boot_mode) {
+            // The boot still reads what the profile holds: keep it, do not
+            // upload the same pages again.
+            (Some(rp), BootProfileMode::Auto) => {
+                let covered: u64 = recorded.extents.iter().map(|e| rp.covered_bytes(e.offset, e.len, self.cs)).sum();
+                let share = covered as f64 / recorded.bytes.max(1) as f64;
+                if share >= super::boot::STILL_MATCHES {
+                    tracing::info!(share, profile = %rp.key, "this boot read what the boot profile holds; keeping it");
+                    true
+                } else {
+                    tracing::info!(
+                        share,
+                        profile = %rp.key,
+                        "this boot read much that the boot profile does not hold; saving a new one"
+                    );
+                    false
+                }
+            }
+            _ => false,
+        };
+        if recorded.bytes > 0 && !keep {
             self.clone().save_recorded(recorded).await;
         }
         self.saving.store(false, Ordering::SeqCst);
