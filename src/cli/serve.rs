@@ -110,9 +110,9 @@ pub struct CacheArgs {
 
     /// Boot profiles. auto: at start, stream the volume's newest boot
     /// profile (the pages earlier boots read first) into the cache ahead of
-    /// the guest; if it has none, record this boot's and save it to the
-    /// remote. record: replay and record a new one anyway (the boot
-    /// changed). off: neither.
+    /// the guest; record this boot, and save it to the remote if the volume
+    /// has no profile or under 80% of what the boot read is in it. record:
+    /// save this boot's profile regardless. off: neither.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub boot_profile: BootProfileMode,
 

@@ -18,11 +18,12 @@ use crate::volume::profile::{Extent, ProfileIndex, PAGE_SIZE};
 /// What the serve does with boot profiles.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum BootProfileMode {
-    /// Replay the newest profile if the volume has one; record one if not.
+    /// Replay the newest profile if the volume has one; record this boot
+    /// and save it when there was none or the profile no longer matches.
     #[default]
     Auto,
-    /// Replay the newest profile and record a new one (the boot changed,
-    /// e.g. after an OS update).
+    /// Replay the newest profile and save this boot's as a new one
+    /// regardless.
     Record,
     /// Neither.
     Off,

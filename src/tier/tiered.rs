@@ -195,7 +195,7 @@ impl TieredStore {
             vol,
         });
         if opts.boot_profile != BootProfileMode::Off && !inner.vol.offline {
-            rt.spawn(inner.clone().boot_profile(opts.boot_profile));
+            rt.spawn(inner.clone().boot_profile());
         }
         // Clean chunks fetched since the last flush are recorded every few
         // seconds, so a restart after a crash still finds most of them.
@@ -706,7 +706,7 @@ impl Inner {
     /// recording window closes if there was no profile, if it no longer
     /// matches the boot (see [`save_profile`](Self::save_profile)), or when
     /// asked to.
-    async fn boot_profile(self: Arc<Self>, mode: BootProfileMode) {
+    async fn boot_profile(self: Arc<Self>) {
         match profile::find_latest(&self.vol.remote, &self.vol.header).await {
             Ok(Some((key, index))) => {
                 let vol = self.vol.clone();
