@@ -2,7 +2,8 @@
 //! then the SSD cache, then the remote. Misses are fetched on a tokio
 //! runtime the store owns (single-flight per chunk, many chunks in
 //! parallel); sequential streams read ahead; hydration fills the SSD tier
-//! in the background; metadata hinted by the format layer is pinned.
+//! in the background; metadata hinted by the format layer is pinned; a
+//! boot profile is recorded and replayed (`boot_profile.rs`).
 //!
 //! Writes land in the SSD tier as dirty chunks (never evicted, kept across
 //! restarts). Uploading them to the remote is not implemented yet: until it
@@ -19,16 +20,17 @@ use parking_lot::RwLock;
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Semaphore;
 
-use super::boot::{for_each_chunk_part, BootProfileMode, Recorder, Replay};
+use super::boot::{BootProfileMode, Recorder, Replay};
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
-use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, PARTIAL};
+use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY};
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
-use crate::volume::profile::{self, ProfileBuilder};
 use crate::volume::{CacheOptions, ChunkRef, VolumeError, VolumeReader, VolumeResult};
+
+mod boot_profile;
 
 type FetchResult = Result<ChunkBuf, SharedError>;
 type SegmentResult = Result<(), SharedError>;
@@ -699,263 +701,6 @@ impl Inner {
             self.ssd.set_pinned(idx);
         }
         Ok(())
-    }
-
-    /// The boot profile's background work: find the volume's newest
-    /// profile and stream it; record this boot, and save it when the
-    /// recording window closes if there was no profile, if it no longer
-    /// matches the boot (see [`save_profile`](Self::save_profile)), or when
-    /// asked to.
-    async fn boot_profile(self: Arc<Self>) {
-        match profile::find_latest(&self.vol.remote, &self.vol.header).await {
-            Ok(Some((key, index))) => {
-                let vol = self.vol.clone();
-                let refs = index.chunk_refs.clone();
-                // Pages of chunks whose content changed since the profile
-                // was recorded (a newer generation) are not taken from it.
-                let rp = Replay::new(key, index, self.cs, |idx| {
-                    refs.get(&idx).is_some_and(|d| profile::ref_digest(&vol.chunk_ref(idx)).as_ref() == Some(d))
-                });
-                tracing::info!(
-                    profile = %rp.key,
-                    segments = rp.segments(),
-                    bytes = rp.index.raw_bytes(),
-                    "streaming the boot profile into the cache"
-                );
-                let rp = Arc::new(rp);
-                self.streaming.store(true, Ordering::SeqCst);
-                *self.replay.write() = Some(rp.clone());
-                self.clone().stream_profile(rp).await;
-                self.streaming.store(false, Ordering::SeqCst);
-            }
-            Ok(None) => tracing::debug!("the volume has no boot profile yet; recording this boot"),
-            Err(e) => tracing::warn!(error = %e, "could not look for a boot profile; recording this boot"),
-        }
-        // Save the recording when its window closes (or it hit its cap).
-        let Some(rec) = &self.recorder else { return };
-        loop {
-            if self.closed.load(Ordering::Relaxed) {
-                return;
-            }
-            if rec.expired() || (!rec.active() && rec.bytes() > 0) {
-                break;
-            }
-            if !rec.active() && rec.bytes() == 0 {
-                return; // finished by a close
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        self.save_profile().await;
-    }
-
-    /// Ends the recording and uploads it as the volume's newest profile.
-    async fn save_profile(self: Arc<Self>) {
-        let Some(rec) = &self.recorder else { return };
-        if self.saving.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let recorded = rec.finish();
-        let replay = self.replay.read().clone();
-        let keep = match (&replay, self.boot_mode) {
-            // The boot still reads what the profile holds: keep it, do not
-            // upload the same pages again.
-            (Some(rp), BootProfileMode::Auto) => {
-                let covered: u64 = recorded.extents.iter().map(|e| rp.covered_bytes(e.offset, e.len, self.cs)).sum();
-                let share = covered as f64 / recorded.bytes.max(1) as f64;
-                if share >= super::boot::STILL_MATCHES {
-                    tracing::info!(share, profile = %rp.key, "this boot read what the boot profile holds; keeping it");
-                    true
-                } else {
-                    tracing::info!(
-                        share,
-                        profile = %rp.key,
-                        "this boot read much that the boot profile does not hold; saving a new one"
-                    );
-                    false
-                }
-            }
-            _ => false,
-        };
-        if recorded.bytes > 0 && !keep {
-            self.clone().save_recorded(recorded).await;
-        }
-        self.saving.store(false, Ordering::SeqCst);
-    }
-
-    async fn save_recorded(self: Arc<Self>, recorded: super::boot::Recorded) {
-        let t0 = std::time::Instant::now();
-        let me = self.clone();
-        let built = tokio::task::spawn_blocking(move || me.build_profile(&recorded.extents)).await;
-        let builder = match built {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return tracing::warn!(error = %e, "could not build the boot profile"),
-            Err(e) => return tracing::warn!(error = %e, "building the boot profile failed"),
-        };
-        let bytes = builder.raw_bytes();
-        match builder.upload(&self.vol.remote).await {
-            Ok(Some(key)) => {
-                Counters::inc(&self.counters.profile_saved);
-                tracing::info!(
-                    profile = %key,
-                    bytes,
-                    reads = recorded.reads,
-                    secs = t0.elapsed().as_secs_f64(),
-                    "saved the boot profile: the next cold start streams these pages first"
-                );
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "could not upload the boot profile"),
-        }
-    }
-
-    /// Reads the recorded pages that hold the committed generation's bytes
-    /// from the SSD tier into a profile pack. Pages of chunks written
-    /// locally, evicted, or known zero are left out: another machine would
-    /// not read those bytes from the remote.
-    fn build_profile(&self, extents: &[profile::Extent]) -> VolumeResult<ProfileBuilder> {
-        let mut b = ProfileBuilder::new(self.ssd.dir(), &self.vol)?;
-        let image_len = self.vol.image_len();
-        let mut buf = Vec::new();
-        for e in extents {
-            let end = (e.offset + e.len).min(image_len);
-            if e.offset >= end {
-                continue;
-            }
-            let mut runs = Vec::new();
-            for_each_chunk_part(e.offset, end - e.offset, self.cs, |idx, off, len| {
-                runs.push((idx, off, len));
-            });
-            for (idx, off, len) in runs {
-                if self.is_zero(idx) {
-                    continue;
-                }
-                let _g = self.ssd.lock_read(idx);
-                let state = self.ssd.state(idx);
-                if state == DIRTY || !(self.ssd.has_chunk(idx) || state == PARTIAL) {
-                    continue;
-                }
-                // Whole runs of present pages (a partial chunk may miss some).
-                let mut pos = off;
-                while pos < off + len {
-                    let page_end = ((pos / profile::PAGE_SIZE + 1) * profile::PAGE_SIZE).min(off + len);
-                    if !self.ssd.has_pages(idx, pos, page_end - pos) {
-                        pos = page_end;
-                        continue;
-                    }
-                    let mut run_end = page_end;
-                    while run_end < off + len {
-                        let next = (run_end + profile::PAGE_SIZE).min(off + len);
-                        if !self.ssd.has_pages(idx, run_end, next - run_end) {
-                            break;
-                        }
-                        run_end = next;
-                    }
-                    buf.resize((run_end - pos) as usize, 0);
-                    self.ssd
-                        .read(idx, pos, &IoVec::from_slice(&mut buf), IoMode::Blocking)
-                        .map_err(|e| VolumeError::io("reading the boot profile's pages from", self.ssd.dir(), e))?;
-                    b.add(idx * self.cs + pos, &buf)?;
-                    pos = run_end;
-                }
-            }
-        }
-        Ok(b)
-    }
-
-    /// The single flight fetching profile segment `seg`.
-    fn segment_flight(self: &Arc<Self>, rp: &Arc<Replay>, seg: usize) -> Flight<SegmentResult> {
-        let me = self.clone();
-        let rp = rp.clone();
-        self.segment_flights.join(&self.handle, seg, move || me.fetch_segment(rp, seg), || Err(closing()))
-    }
-
-    /// Calls `f(chunk, offset in chunk, offset in segment, len)` for the
-    /// pieces of segment `seg` that may be installed.
-    fn segment_parts(&self, rp: &Replay, seg: usize, mut f: impl FnMut(u64, u64, usize, u64)) {
-        let mut cur = 0usize;
-        for e in &rp.index.segments[seg].extents {
-            for_each_chunk_part(e.offset, e.len, self.cs, |idx, off, len| {
-                if rp.usable(idx) {
-                    f(idx, off, cur, len);
-                }
-                cur += len as usize;
-            });
-        }
-    }
-
-    /// Fetches segment `seg` (unless all its pages are local already) and
-    /// installs its pages in the SSD tier.
-    async fn fetch_segment(self: Arc<Self>, rp: Arc<Replay>, seg: usize) -> SegmentResult {
-        let mut local = true;
-        self.segment_parts(&rp, seg, |idx, off, _, len| local &= self.ssd.has_pages(idx, off, len));
-        if local {
-            Counters::inc(&self.counters.profile_segments_done);
-            return Ok(());
-        }
-        let data = profile::fetch_segment(&self.vol.remote, &self.vol.url, &rp.index, seg).await.map_err(|e| {
-            Counters::inc(&self.counters.fetch_errors);
-            tracing::warn!(segment = seg, error = %e, "boot profile segment fetch failed");
-            SharedError(Arc::new(e))
-        })?;
-        Counters::inc(&self.counters.remote_fetches);
-        self.counters.remote_bytes.fetch_add(rp.index.segments[seg].len, Ordering::Relaxed);
-        self.counters.profile_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        let me = self.clone();
-        let installed = tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let mut res = Ok(());
-            me.segment_parts(&rp, seg, |idx, off, at, len| {
-                if res.is_err() {
-                    return;
-                }
-                let _g = me.ssd.lock_write(idx);
-                if let Err(e) = me.ssd.install_pages(idx, off, &data[at..at + len as usize]) {
-                    res = Err(e);
-                }
-            });
-            res
-        })
-        .await;
-        match installed {
-            Ok(Ok(())) => {
-                Counters::inc(&self.counters.profile_segments_done);
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                // The guest falls back to chunk fetches for these pages.
-                tracing::warn!(segment = seg, error = %e, "could not store boot profile pages in the SSD cache");
-                Err(SharedError(Arc::new(VolumeError::io("storing boot profile pages in", self.ssd.dir(), e))))
-            }
-            Err(e) => Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!("profile install task: {e}"))))),
-        }
-    }
-
-    /// Streams every segment of the profile, in order, many at a time:
-    /// the boot's pages arrive in the order the boot reads them.
-    async fn stream_profile(self: Arc<Self>, rp: Arc<Replay>) {
-        let n = rp.segments();
-        self.counters.profile_segments.store(n as u64, Ordering::Relaxed);
-        let sem = Arc::new(Semaphore::new(self.fetch_concurrency));
-        let mut set = tokio::task::JoinSet::new();
-        for seg in 0..n {
-            if self.closed.load(Ordering::Relaxed) {
-                return;
-            }
-            let Ok(permit) = sem.clone().acquire_owned().await else { return };
-            let f = self.segment_flight(&rp, seg);
-            set.spawn(async move {
-                let _ = f.await;
-                drop(permit);
-            });
-            while set.try_join_next().is_some() {}
-        }
-        while set.join_next().await.is_some() {}
-        let me = self.clone();
-        let _ = tokio::task::spawn_blocking(move || me.ssd.persist()).await;
-        tracing::info!(
-            segments = n,
-            done = self.counters.profile_segments_done.load(Ordering::Relaxed),
-            "boot profile streamed"
-        );
     }
 
     /// Background hydration: every chunk not yet local, in order, a few at
