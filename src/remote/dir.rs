@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use super::{ObjectMeta, PutBody, Remote, RemoteError, RemoteResult};
+use super::{ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
 /// Temp files start with this; `list` skips them and keys may not use it.
 const TMP_PREFIX: &str = ".tmp-";
@@ -53,6 +53,34 @@ impl DirRemote {
         Ok(self.root.join(key))
     }
 
+    /// Writes `body` to a fresh temp file in the folder and fsyncs it: data
+    /// durable before any name points at it, so a crash leaves either no
+    /// object or the whole object, never a prefix under the real key.
+    async fn write_temp(&self, key: &str, body: &PutBody) -> io::Result<PathBuf> {
+        let tmp = self.root.join(format!("{TMP_PREFIX}{key}.{:016x}", rand::random::<u64>()));
+        let res: io::Result<()> = async {
+            tokio::fs::create_dir_all(&self.root).await?;
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            let mut s = body.stream();
+            while let Some(chunk) = s.next().await {
+                f.write_all(&chunk?).await?;
+            }
+            f.flush().await?;
+            f.sync_all().await
+        }
+        .await;
+        if let Err(e) = res {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        Ok(tmp)
+    }
+
+    async fn sync_root(&self) -> io::Result<()> {
+        let root = self.root.clone();
+        blocking(move || std::fs::File::open(&root)?.sync_all()).await
+    }
+
     fn io_err(&self, op: &'static str, key: &str, e: io::Error) -> RemoteError {
         if e.kind() == io::ErrorKind::NotFound {
             RemoteError::NotFound { remote: self.name(), key: key.to_string() }
@@ -68,6 +96,9 @@ fn meta_of(key: &str, m: &std::fs::Metadata) -> ObjectMeta {
         size: m.len(),
         version: Some(format!("{}.{:09}", m.mtime(), m.mtime_nsec())),
         sha256: None,
+        tag: None,
+        // The folder's file system keeps the clock (an NFS server's, for a share).
+        created_ms: u64::try_from(m.mtime()).ok().map(|s| s * 1000 + m.mtime_nsec() as u64 / 1_000_000),
     }
 }
 
@@ -106,30 +137,41 @@ impl Remote for DirRemote {
 
     async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         let path = self.path("put", key)?;
-        let tmp = self.root.join(format!("{TMP_PREFIX}{key}.{:016x}", rand::random::<u64>()));
         let res: io::Result<ObjectMeta> = async {
-            tokio::fs::create_dir_all(&self.root).await?;
-            let mut f = tokio::fs::File::create(&tmp).await?;
-            let mut s = body.stream();
-            while let Some(chunk) = s.next().await {
-                f.write_all(&chunk?).await?;
+            let tmp = self.write_temp(key, &body).await?;
+            if let Err(e) = tokio::fs::rename(&tmp, &path).await {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
             }
-            f.flush().await?;
-            // Data durable before the name appears: a crash leaves either no
-            // object or the whole object, never a prefix under the real key.
-            f.sync_all().await?;
-            drop(f);
-            tokio::fs::rename(&tmp, &path).await?;
-            let root = self.root.clone();
-            blocking(move || std::fs::File::open(&root)?.sync_all()).await?;
+            self.sync_root().await?;
             let m = tokio::fs::metadata(&path).await?;
             Ok(meta_of(key, &m))
         }
         .await;
-        if res.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
         res.map_err(|e| self.io_err("put", key, e))
+    }
+
+    /// `link(2)` of the fsynced temp file to the key: fails with EEXIST if
+    /// the key exists, atomically, also on NFS (unlike O_EXCL on old
+    /// servers). The existing object's tag is its content's sha256.
+    async fn create(&self, key: &str, _slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        let path = self.path("create", key)?;
+        let tmp = self.write_temp(key, &body).await.map_err(|e| self.io_err("create", key, e))?;
+        let (t2, p2) = (tmp.clone(), path.clone());
+        let linked = blocking(move || std::fs::hard_link(&t2, &p2)).await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        match linked {
+            Ok(()) => {
+                self.sync_root().await.map_err(|e| self.io_err("create", key, e))?;
+                let m = tokio::fs::metadata(&path).await.map_err(|e| self.io_err("create", key, e))?;
+                Ok(ObjectMeta { tag: Some(tag.to_string()), ..meta_of(key, &m) })
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let existing = tokio::fs::read(&path).await.ok().map(|b| super::content_tag(&b));
+                Err(RemoteError::AlreadyExists { remote: self.name(), key: key.to_string(), tag: existing })
+            }
+            Err(e) => Err(self.io_err("create", key, e)),
+        }
     }
 
     async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
@@ -213,5 +255,22 @@ mod tests {
         assert!(r.head("pack-1").await.unwrap_err().is_not_found());
         assert!(r.get_range("nope", 0..1).await.unwrap_err().is_not_found());
         assert!(!r.put("../x", PutBody::from_bytes(vec![])).await.unwrap_err().is_retryable());
+    }
+
+    #[tokio::test]
+    async fn create_is_exclusive_and_names_the_winner() {
+        let d = tempfile::tempdir().unwrap();
+        let r = DirRemote::new(d.path().join("vol"));
+        let (a, b) = (b"first".to_vec(), b"second".to_vec());
+        let (ta, tb) = (crate::remote::content_tag(&a), crate::remote::content_tag(&b));
+        let m = r.create("gen-2", None, &ta, PutBody::from_bytes(a)).await.unwrap();
+        assert_eq!(m.tag.as_deref(), Some(ta.as_str()));
+        match r.create("gen-2", None, &tb, PutBody::from_bytes(b)).await.unwrap_err() {
+            RemoteError::AlreadyExists { tag, .. } => assert_eq!(tag.as_deref(), Some(ta.as_str())),
+            e => panic!("{e}"),
+        }
+        assert_eq!(&r.get("gen-2").await.unwrap()[..], b"first");
+        // Only the object is left (no temp files).
+        assert_eq!(std::fs::read_dir(r.root()).unwrap().count(), 1);
     }
 }

@@ -41,6 +41,26 @@ pub enum RemoteError {
     #[error("{remote}: {op} {key:?}: {message}")]
     Fatal { remote: String, op: &'static str, key: String, message: String },
 
+    /// [`Remote::create`](super::Remote::create) found the object already
+    /// created. `tag` is the existing object's tag when the backend knows
+    /// it: equal to the caller's means the caller's own earlier attempt
+    /// landed. Never retried.
+    #[error("{remote}: {key:?} already exists")]
+    AlreadyExists { remote: String, key: String, tag: Option<String> },
+
+    /// The remote refuses to store more (Drive `storageQuotaExceeded`, the
+    /// daily upload cap) or to serve more (`downloadQuotaExceeded`). Not
+    /// retried by the wrapper: write-back pauses and tries again later,
+    /// while the guest runs on.
+    #[error("{remote}: {op} {key:?}: quota exceeded: {message}")]
+    Quota { remote: String, op: &'static str, key: String, message: String },
+
+    /// The credentials no longer work (revoked or expired grant, a bad
+    /// key). Not retried; write-back pauses until they are fixed. The
+    /// message never contains a secret.
+    #[error("{remote}: {op} {key:?}: not authorised: {message}")]
+    Auth { remote: String, op: &'static str, key: String, message: String },
+
     /// The retry wrapper gave up; `last` is the final attempt's error.
     #[error("{op} {key:?}: gave up after {attempts} attempts: {last}")]
     RetriesExhausted {
@@ -56,7 +76,12 @@ impl RemoteError {
     /// True if the same request may succeed when sent again.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RemoteError::NotFound { .. } | RemoteError::Fatal { .. } | RemoteError::RetriesExhausted { .. } => false,
+            RemoteError::NotFound { .. }
+            | RemoteError::Fatal { .. }
+            | RemoteError::AlreadyExists { .. }
+            | RemoteError::Quota { .. }
+            | RemoteError::Auth { .. }
+            | RemoteError::RetriesExhausted { .. } => false,
             RemoteError::Transient { .. } => true,
             RemoteError::Io { source, .. } => io_retryable(source),
         }
@@ -77,6 +102,20 @@ impl RemoteError {
             RemoteError::RetriesExhausted { last, .. } => last.is_not_found(),
             _ => false,
         }
+    }
+
+    /// The innermost error (under `RetriesExhausted`).
+    pub fn root(&self) -> &RemoteError {
+        match self {
+            RemoteError::RetriesExhausted { last, .. } => last.root(),
+            e => e,
+        }
+    }
+
+    /// True for errors that pause write-back rather than fail it: quota and
+    /// credentials problems, which a person has to fix.
+    pub fn is_pause(&self) -> bool {
+        matches!(self.root(), RemoteError::Quota { .. } | RemoteError::Auth { .. })
     }
 
     /// Converts to an `io::Error` for the `Storage` seam, keeping this error

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteResult};
+use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteResult, Slot};
 
 /// Live counters, shared with whoever wants to read them.
 #[derive(Debug, Default)]
@@ -119,6 +119,26 @@ impl Remote for MetricsRemote {
 
     async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
         self.count(&self.metrics.heads, self.inner.head(key)).await
+    }
+
+    async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
+        self.count(&self.metrics.heads, self.inner.reserve(key)).await
+    }
+
+    async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        let m = self.count(&self.metrics.puts, self.inner.create(key, slot, tag, body)).await?;
+        self.metrics.bytes_written.fetch_add(m.size, Ordering::Relaxed);
+        Ok(m)
+    }
+
+    async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
+        self.count(&self.metrics.heads, self.inner.head_created(key, slot)).await
+    }
+
+    async fn get_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<Bytes> {
+        let r = self.count(&self.metrics.gets, self.inner.get_created(key, slot)).await?;
+        self.metrics.bytes_read.fetch_add(r.len() as u64, Ordering::Relaxed);
+        Ok(r)
     }
 
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {

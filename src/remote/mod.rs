@@ -43,7 +43,32 @@ pub struct ObjectMeta {
     /// Hex sha256 of the content when the backend knows it cheaply (Drive
     /// reports `sha256Checksum`; `dir` does not hash on `head`).
     pub sha256: Option<String>,
+    /// The tag given to [`Remote::create`], when the object was made that
+    /// way and the backend keeps tags (Drive: an appProperty; `dir`: the
+    /// sha256 of the content, which is what callers pass as the tag).
+    pub tag: Option<String>,
+    /// When the object was created, by the remote's clock (ms since the
+    /// Unix epoch). Leases and GC grace periods judge age by this, never
+    /// by comparing two hosts' clocks.
+    pub created_ms: Option<u64>,
 }
+
+impl ObjectMeta {
+    /// Metadata with just a key and a size.
+    pub fn new(key: impl Into<String>, size: u64) -> Self {
+        Self { key: key.into(), size, version: None, sha256: None, tag: None, created_ms: None }
+    }
+}
+
+/// A reservation that makes a later [`Remote::create`] of one key
+/// exclusive on stores whose names are not unique: Drive allows two files
+/// with one name, so there the slot is a file id from `files.generateIds`,
+/// and a second create with it answers 409. Slots are stored in manifests
+/// (generation N names the slot of N+1), so every host that read N creates
+/// — or looks for — N+1 at the same slot. Opaque to callers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Slot(pub String);
 
 /// The body of a whole-object upload.
 ///
@@ -132,6 +157,38 @@ pub trait Remote: Send + Sync + fmt::Debug {
     /// Deletes `key`; deleting an absent key is not an error.
     async fn delete(&self, key: &str) -> RemoteResult<()>;
 
+    /// Reserves a slot for a later exclusive [`create`](Self::create) of
+    /// `key`. Stores whose keys are unique (`dir`, object stores) need
+    /// none and answer `Ok(None)`.
+    async fn reserve(&self, _key: &str) -> RemoteResult<Option<Slot>> {
+        Ok(None)
+    }
+
+    /// Creates `key` from `body` only if nothing was ever created there:
+    /// the commit fence. `slot` is what [`reserve`](Self::reserve) gave
+    /// for this key (by any host); `tag` is the hex sha256 of the body, kept
+    /// with the object so that a retry whose first attempt landed (reply
+    /// lost) recognises its own object. If the object exists, answers
+    /// [`RemoteError::AlreadyExists`] carrying the existing object's tag:
+    /// equal to `tag` means "yours, already there". Like `put`, the object
+    /// becomes visible only once complete.
+    async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta>;
+
+    /// Metadata of the object created at `key`/`slot`, found by identity
+    /// (Drive: files.get on the slot's id), never through a listing, which
+    /// may lag behind creates. [`RemoteError::NotFound`] if not created yet.
+    async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
+        let _ = slot;
+        self.head(key).await
+    }
+
+    /// The content of the object created at `key`/`slot` (see
+    /// [`head_created`](Self::head_created)).
+    async fn get_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<Bytes> {
+        let _ = slot;
+        self.get(key).await
+    }
+
     /// One-line description for logs and errors (e.g. `dir:/mnt/vols/win10`).
     fn describe(&self) -> String;
 }
@@ -143,6 +200,12 @@ pub type DynRemote = Arc<dyn Remote>;
 /// Volume functions apply it to every remote they open, so a test or the
 /// CLI's `--simulate` flags can slip a layer under the whole volume.
 pub type RemoteLayer = Arc<dyn Fn(DynRemote) -> DynRemote + Send + Sync>;
+
+/// Hex sha256 of `data`: the tag [`Remote::create`] callers pass.
+pub fn content_tag(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(data))
+}
 
 /// Reads and concatenates a whole body stream (for backends and tests).
 pub async fn collect_body(body: &PutBody) -> std::io::Result<Vec<u8>> {

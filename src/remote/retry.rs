@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult};
+use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
 /// How many times and how patiently to retry.
 #[derive(Clone, Debug)]
@@ -26,19 +26,46 @@ pub struct RetryPolicy {
     /// Seed for the jitter; `None` seeds from the OS. Tests pass a seed so
     /// retry timing is reproducible.
     pub seed: Option<u64>,
+    /// Deadline of one attempt of a small request (reads of up to a few
+    /// MiB, heads, lists, deletes): a hung remote — a stalled NFS mount, a
+    /// silent TCP peer — fails the attempt instead of holding its caller
+    /// forever. Uploads get this plus the time their body takes at
+    /// [`MIN_UPLOAD_RATE`].
+    pub attempt_timeout: Duration,
 }
+
+/// Slowest upload rate (bytes/s) an upload attempt is allowed before its
+/// deadline passes: about a tenth of a poor 1 Mbit/s uplink.
+pub const MIN_UPLOAD_RATE: u64 = 16 << 10;
 
 impl Default for RetryPolicy {
     /// Drive's guidance: 1 s, 2 s, 4 s ... capped at 32 s; ten attempts.
     fn default() -> Self {
-        Self { max_attempts: 10, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(32), seed: None }
+        Self {
+            max_attempts: 10,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(32),
+            seed: None,
+            attempt_timeout: Duration::from_secs(60),
+        }
     }
 }
 
 impl RetryPolicy {
     /// Quick retries for local folders and tests: 10 ms doubling to 1 s.
     pub fn fast() -> Self {
-        Self { max_attempts: 8, base_delay: Duration::from_millis(10), max_delay: Duration::from_secs(1), seed: None }
+        Self {
+            max_attempts: 8,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_secs(1),
+            seed: None,
+            attempt_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// The deadline of one attempt that moves `bytes` of body.
+    pub fn timeout_for(&self, bytes: u64) -> Duration {
+        self.attempt_timeout + Duration::from_secs(bytes / MIN_UPLOAD_RATE)
     }
 }
 
@@ -74,7 +101,15 @@ impl RetryingRemote {
         Duration::from_nanos(self.rng.lock().random_range(0..=nanos))
     }
 
-    async fn run<T, F, Fut>(&self, op: &'static str, key: &str, mut f: F) -> RemoteResult<T>
+    async fn run<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> RemoteResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = RemoteResult<T>>,
+    {
+        self.run_within(op, key, self.policy.attempt_timeout, f).await
+    }
+
+    async fn run_within<T, F, Fut>(&self, op: &'static str, key: &str, limit: Duration, mut f: F) -> RemoteResult<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = RemoteResult<T>>,
@@ -82,7 +117,17 @@ impl RetryingRemote {
         let max = self.policy.max_attempts.max(1);
         let mut attempt = 0;
         loop {
-            match f().await {
+            let r = match tokio::time::timeout(limit, f()).await {
+                Ok(r) => r,
+                Err(_) => Err(RemoteError::Transient {
+                    remote: self.inner.describe(),
+                    op,
+                    key: key.to_string(),
+                    message: format!("no answer within {} s", limit.as_secs_f64()),
+                    retry_after: None,
+                }),
+            };
+            match r {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_retryable() && attempt + 1 < max => {
                     // Honour a server's Retry-After when it asks for longer.
@@ -119,7 +164,36 @@ impl Remote for RetryingRemote {
     /// an earlier attempt landed but its reply was lost, the retry replaces
     /// it with identical bytes.
     async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
-        self.run("put", key, || self.inner.put(key, body.clone())).await
+        let limit = self.policy.timeout_for(body.len().unwrap_or(0));
+        self.run_within("put", key, limit, || self.inner.put(key, body.clone())).await
+    }
+
+    async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
+        self.run("reserve", key, || self.inner.reserve(key)).await
+    }
+
+    /// A retried create that finds the object already there with this
+    /// caller's tag is the caller's own earlier attempt, whose reply was
+    /// lost: that is success, not a conflict.
+    async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        let limit = self.policy.timeout_for(body.len().unwrap_or(0));
+        let r = self.run_within("create", key, limit, || self.inner.create(key, slot, tag, body.clone())).await;
+        match r {
+            Err(RemoteError::AlreadyExists { tag: Some(t), .. }) if t == tag => {
+                let mut m = self.head_created(key, slot).await?;
+                m.tag = Some(t);
+                Ok(m)
+            }
+            r => r,
+        }
+    }
+
+    async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
+        self.run("head_created", key, || self.inner.head_created(key, slot)).await
+    }
+
+    async fn get_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<Bytes> {
+        self.run("get_created", key, || self.inner.get_created(key, slot)).await
     }
 
     async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
@@ -181,6 +255,9 @@ mod tests {
         async fn delete(&self, key: &str) -> RemoteResult<()> {
             Err(read_only(key))
         }
+        async fn create(&self, key: &str, _: Option<&Slot>, _: &str, _: PutBody) -> RemoteResult<ObjectMeta> {
+            Err(read_only(key))
+        }
         fn describe(&self) -> String {
             "busy".into()
         }
@@ -193,6 +270,7 @@ mod tests {
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(2),
             seed: Some(1),
+            attempt_timeout: Duration::from_secs(60),
         };
         let r = RetryingRemote::new(Arc::new(Busy { fail: AtomicU32::new(2) }), policy.clone());
         let t0 = tokio::time::Instant::now();
@@ -202,5 +280,58 @@ mod tests {
         let e = r.get_range("k", 0..2).await.unwrap_err();
         assert!(matches!(e, RemoteError::RetriesExhausted { attempts: 3, .. }), "{e}");
         assert!(!e.is_retryable());
+    }
+
+    /// Never answers.
+    #[derive(Debug)]
+    struct Hung;
+
+    #[async_trait]
+    impl Remote for Hung {
+        async fn get_range(&self, _: &str, _: Range<u64>) -> RemoteResult<Bytes> {
+            std::future::pending().await
+        }
+        async fn put(&self, _: &str, _: PutBody) -> RemoteResult<ObjectMeta> {
+            std::future::pending().await
+        }
+        async fn head(&self, _: &str) -> RemoteResult<ObjectMeta> {
+            std::future::pending().await
+        }
+        async fn list(&self, _: &str) -> RemoteResult<Vec<ObjectMeta>> {
+            std::future::pending().await
+        }
+        async fn delete(&self, _: &str) -> RemoteResult<()> {
+            std::future::pending().await
+        }
+        async fn create(&self, _: &str, _: Option<&Slot>, _: &str, _: PutBody) -> RemoteResult<ObjectMeta> {
+            std::future::pending().await
+        }
+        fn describe(&self) -> String {
+            "hung".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_remote_fails_within_the_deadline() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            seed: Some(1),
+            attempt_timeout: Duration::from_secs(5),
+        };
+        let r = RetryingRemote::new(Arc::new(Hung), policy);
+        let t0 = tokio::time::Instant::now();
+        let e = r.head("k").await.unwrap_err();
+        assert!(matches!(e, RemoteError::RetriesExhausted { attempts: 3, .. }), "{e}");
+        assert!(
+            t0.elapsed() >= Duration::from_secs(15) && t0.elapsed() < Duration::from_secs(16),
+            "{:?}",
+            t0.elapsed()
+        );
+        // An upload's deadline grows with its body.
+        let t0 = tokio::time::Instant::now();
+        r.put("k", PutBody::from_bytes(vec![0u8; 1 << 20])).await.unwrap_err();
+        assert!(t0.elapsed() >= Duration::from_secs(3 * (5 + 64)), "{:?}", t0.elapsed());
     }
 }

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult};
+use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
 /// Link characteristics.
 #[derive(Clone, Debug, Default)]
@@ -185,6 +185,36 @@ impl Remote for ShapedRemote {
         self.inner.head(key).await
     }
 
+    async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
+        self.before("reserve", key).await?;
+        self.inner.reserve(key).await
+    }
+
+    async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        self.before("create", key).await?;
+        if let Some(n) = body.len() {
+            self.transfer(n).await;
+        }
+        let m = self.inner.create(key, slot, tag, body).await?;
+        if FaultPlan::take(&self.faults.lose_put_replies) {
+            self.faults.injected.fetch_add(1, Ordering::SeqCst);
+            return Err(self.fault("create", key));
+        }
+        Ok(m)
+    }
+
+    async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
+        self.before("head_created", key).await?;
+        self.inner.head_created(key, slot).await
+    }
+
+    async fn get_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<Bytes> {
+        self.before("get_created", key).await?;
+        let r = self.inner.get_created(key, slot).await?;
+        self.transfer(r.len() as u64).await;
+        Ok(r)
+    }
+
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
         self.before("list", prefix).await?;
         self.inner.list(prefix).await
@@ -215,6 +245,7 @@ mod tests {
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(5),
             seed: Some(1),
+            attempt_timeout: Duration::from_secs(60),
         };
         let r = RetryingRemote::wrap(shaped, policy);
         faults.lose_put_replies(1);

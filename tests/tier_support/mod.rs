@@ -88,6 +88,7 @@ pub fn counted(metrics: Arc<RemoteMetrics>, faults: Option<Arc<FaultPlan>>, shap
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(20),
             seed: Some(3),
+            attempt_timeout: Duration::from_secs(60),
         },
     }
 }
@@ -140,6 +141,15 @@ impl driveblk::remote::Remote for GatedRemote {
     }
     async fn delete(&self, key: &str) -> driveblk::remote::RemoteResult<()> {
         self.inner.delete(key).await
+    }
+    async fn create(
+        &self,
+        key: &str,
+        slot: Option<&driveblk::remote::Slot>,
+        tag: &str,
+        body: driveblk::remote::PutBody,
+    ) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
+        self.inner.create(key, slot, tag, body).await
     }
     fn describe(&self) -> String {
         self.inner.describe()
