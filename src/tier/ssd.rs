@@ -51,16 +51,19 @@ pub const PARTIAL: u8 = 3;
 pub const PAGE: u64 = 4096;
 
 const STATE_MAGIC: &str = "driveblk-cache";
-/// Version 2 added partial chunks and their page bitmaps; version 1 files
-/// (no partial chunks) are still read.
-const STATE_VERSION: u32 = 2;
+/// Version 2 added partial chunks and their page bitmaps; version 3 keyed
+/// the cache by volume alone (the generation its clean chunks match is a
+/// field, so committing a generation keeps the cache) and gave each cache
+/// directory an id. Versions 1 and 2 are still read.
+const STATE_VERSION: u32 = 3;
 const STRIPES: usize = 1024;
 
-/// What a cache directory must match to be reused.
+/// What a cache directory must match to be reused: the volume, not its
+/// generation (a cache holding dirty chunks outlives the commits they go
+/// out in; which clean chunks are still current is checked per chunk).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheIdentity {
     pub volume_id: String,
-    pub generation: u64,
     pub chunk_size: u64,
 }
 
@@ -70,6 +73,12 @@ struct StateHeader {
     version: u32,
     #[serde(flatten)]
     id: CacheIdentity,
+    /// The generation whose bytes the clean and partial chunks hold.
+    generation: u64,
+    /// Random id of this cache directory (version 3); manifests name the
+    /// cache that committed them.
+    #[serde(default)]
+    cache_id: String,
     /// Local image length (grows when the guest's image file grows).
     image_len: u64,
     chunks: u64,
@@ -112,6 +121,9 @@ struct Slot {
     pinned: AtomicBool,
     /// Last access, on the cache's logical clock (for eviction order).
     tick: AtomicU32,
+    /// Write sequence of the newest write to a dirty chunk: write-back
+    /// marks a chunk clean only if no write came after the copy it uploaded.
+    seq: AtomicU64,
 }
 
 /// Bitmaps of the partial chunks.
@@ -125,6 +137,8 @@ struct Pages {
 /// What the state file on disk says.
 struct Persisted {
     states: Vec<u8>,
+    /// The generation recorded.
+    generation: u64,
     /// `Pages::gen` at the time of that snapshot.
     gen: u64,
 }
@@ -154,6 +168,16 @@ pub struct SsdCache {
     persisted: Mutex<Persisted>,
     clock: AtomicU32,
     evictions: AtomicU64,
+    /// The generation clean chunks match.
+    generation: AtomicU64,
+    cache_id: String,
+    /// Source of write sequence numbers.
+    write_seq: AtomicU64,
+    /// Set once an fsync or state write failed: Linux may have dropped the
+    /// dirty pages, so a later fsync "succeeding" would prove nothing.
+    /// Every later flush fails; the cache must be reopened (which trusts
+    /// only what the last good state file says).
+    failed: AtomicBool,
 }
 
 fn cache_err(dir: &Path, reason: impl Into<String>) -> VolumeError {
@@ -199,6 +223,7 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
     }
     let rest = &body[nl + 1..];
     let max_state = if h.version == 1 { DIRTY } else { PARTIAL };
+    // Before version 3 a cache was tied to one generation and had no id.
     if h.chunks > rest.len() as u64 {
         return Err("state map does not match its header".into());
     }
@@ -248,6 +273,7 @@ impl SsdCache {
     pub fn open(
         dir: &Path,
         id: CacheIdentity,
+        generation: u64,
         image_len: u64,
         cap: u64,
         mode: OpenMode,
@@ -271,19 +297,19 @@ impl SsdCache {
             ));
         }
         let state_path = dir.join("state");
-        let (opened, states, maps, len) = match read_state(&state_path) {
-            Ok(None) => (Opened::Fresh, Vec::new(), HashMap::new(), image_len),
+        let fresh_id = || hex::encode(rand::random::<[u8; 16]>());
+        let (opened, states, maps, len, generation, cache_id) = match read_state(&state_path) {
+            Ok(None) => (Opened::Fresh, Vec::new(), HashMap::new(), image_len, generation, fresh_id()),
             Ok(Some(l)) if l.header.id == id => {
                 let dirty = l.states.iter().filter(|&&s| s == DIRTY).count() as u64;
                 let cached = l.states.iter().filter(|&&s| s == CLEAN || s == DIRTY).count() as u64;
-                (Opened::Reused { cached, dirty }, l.states, l.maps, l.header.image_len)
+                let cid = if l.header.cache_id.len() == 32 { l.header.cache_id.clone() } else { fresh_id() };
+                (Opened::Reused { cached, dirty }, l.states, l.maps, l.header.image_len, l.header.generation, cid)
             }
             Ok(Some(Loaded { header: h, states, .. })) => {
                 let dirty = states.iter().filter(|&&s| s == DIRTY).count();
                 let why = if h.id.volume_id != id.volume_id {
                     format!("it belongs to volume {}, not {}", h.id.volume_id, id.volume_id)
-                } else if h.id.generation != id.generation {
-                    format!("it was built from generation {}, the volume is now at {}", h.id.generation, id.generation)
                 } else {
                     format!("its chunk size {} differs from the volume's {}", h.id.chunk_size, id.chunk_size)
                 };
@@ -293,14 +319,14 @@ impl SsdCache {
                 if mode == OpenMode::Inspect {
                     return Ok(None);
                 }
-                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len)
+                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len, generation, fresh_id())
             }
             Err(why) => {
                 if mode == OpenMode::Inspect {
                     return Err(cache_err(dir, why));
                 }
                 tracing::warn!(dir = %dir.display(), %why, "discarding damaged cache state");
-                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len)
+                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len, generation, fresh_id())
             }
         };
         let data_path = dir.join("data");
@@ -343,9 +369,13 @@ impl SsdCache {
             pages: Mutex::new(Pages { maps, gen: 0 }),
             partial: AtomicU64::new(partial),
             pages_held: AtomicU64::new(held),
-            persisted: Mutex::new(Persisted { states: persisted, gen: 0 }),
+            persisted: Mutex::new(Persisted { states: persisted, generation, gen: 0 }),
             clock: AtomicU32::new(1),
             evictions: AtomicU64::new(0),
+            generation: AtomicU64::new(generation),
+            cache_id,
+            write_seq: AtomicU64::new(1),
+            failed: AtomicBool::new(false),
         };
         if mode == OpenMode::Serve {
             // Record the identity now, so a crash before the first flush
@@ -669,8 +699,80 @@ impl SsdCache {
                 self.dirty.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.bump_seq(idx);
         self.touch(idx);
         Ok(())
+    }
+
+    /// Gives chunk `idx` a new write sequence number (it was just written).
+    fn bump_seq(&self, idx: u64) {
+        let seq = self.write_seq.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = self.slots.read().get(idx as usize) {
+            s.seq.store(seq, Ordering::Release);
+        }
+    }
+
+    /// Write sequence of chunk `idx`'s newest write (0 if never written).
+    pub fn seq(&self, idx: u64) -> u64 {
+        self.slots.read().get(idx as usize).map_or(0, |s| s.seq.load(Ordering::Acquire))
+    }
+
+    /// Dirty chunks with their write sequence numbers.
+    pub fn dirty_set(&self) -> Vec<(u64, u64)> {
+        self.slots
+            .read()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state.load(Ordering::Acquire) == DIRTY)
+            .map(|(i, s)| (i as u64, s.seq.load(Ordering::Acquire)))
+            .collect()
+    }
+
+    /// After write-back committed chunk `idx` as it was at write sequence
+    /// `seq`: the chunk becomes clean, unless a write came since (then it
+    /// stays dirty for the next generation). Caller holds the stripe write
+    /// lock. Returns whether it became clean.
+    pub fn mark_clean(&self, idx: u64, seq: u64) -> bool {
+        let slots = self.slots.read();
+        let Some(s) = slots.get(idx as usize) else { return false };
+        if s.state.load(Ordering::Acquire) != DIRTY || s.seq.load(Ordering::Acquire) != seq {
+            return false;
+        }
+        s.state.store(CLEAN, Ordering::Release);
+        self.dirty.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Forgets a clean or partial chunk whose bytes are no longer those of
+    /// the generation served (another host committed over it). Caller
+    /// holds the stripe write lock and persists before the space is reused.
+    pub fn invalidate(&self, idx: u64) {
+        match self.state(idx) {
+            CLEAN => {
+                self.set_state(idx, ABSENT);
+                self.cached.fetch_sub(1, Ordering::Relaxed);
+            }
+            PARTIAL => {
+                self.leave_partial(&mut self.pages.lock(), idx, ABSENT);
+            }
+            _ => {}
+        }
+    }
+
+    /// The generation whose bytes clean chunks hold.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Records that clean chunks now hold generation `g` (persisted with
+    /// the next [`persist`](Self::persist)).
+    pub fn set_generation(&self, g: u64) {
+        self.generation.store(g, Ordering::Release);
+    }
+
+    /// Random id of this cache directory.
+    pub fn cache_id(&self) -> &str {
+        &self.cache_id
     }
 
     /// Most chunks one [`zero_chunks`](Self::zero_chunks) call may cover.
@@ -724,6 +826,9 @@ impl SsdCache {
             self.set_state(idx, DIRTY);
             self.cached.fetch_add(1, Ordering::Relaxed);
             self.dirty.fetch_add(1, Ordering::Relaxed);
+        }
+        for idx in range {
+            self.bump_seq(idx);
         }
         Ok(())
     }
@@ -799,6 +904,22 @@ impl SsdCache {
     /// Makes the data file and the chunk map durable: fsync data, then
     /// atomically replace the map.
     pub fn persist(&self) -> io::Result<()> {
+        let r = self.persist_inner();
+        if let Err(e) = &r {
+            if !self.failed.swap(true, Ordering::SeqCst) {
+                tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make data durable; every later flush fails until driveblk is restarted");
+            }
+        }
+        r
+    }
+
+    fn persist_inner(&self) -> io::Result<()> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(io::Error::other(format!(
+                "an earlier fsync or state write in {} failed; nothing is acknowledged as durable until driveblk is restarted",
+                self.dir.display()
+            )));
+        }
         let mut persisted = self.persisted.lock();
         let words = bitmap_words(self.chunk_size);
         let (snap, bitmaps, partial, gen) = {
@@ -828,6 +949,8 @@ impl SsdCache {
             format: STATE_MAGIC.into(),
             version: STATE_VERSION,
             id: self.id.clone(),
+            generation: self.generation(),
+            cache_id: self.cache_id.clone(),
             image_len: self.len(),
             chunks: snap.len() as u64,
             partial,
@@ -846,7 +969,7 @@ impl SsdCache {
         }
         std::fs::rename(&tmp, self.dir.join("state"))?;
         File::open(&self.dir)?.sync_all()?;
-        *persisted = Persisted { states: snap, gen };
+        *persisted = Persisted { states: snap, generation: header.generation, gen };
         Ok(())
     }
 
@@ -854,7 +977,7 @@ impl SsdCache {
     /// persisted one.
     pub fn needs_persist(&self) -> bool {
         let persisted = self.persisted.lock();
-        if self.pages.lock().gen != persisted.gen {
+        if self.pages.lock().gen != persisted.gen || persisted.generation != self.generation() {
             return true;
         }
         let slots = self.slots.read();
@@ -916,18 +1039,19 @@ impl SsdCache {
 mod tests {
     use super::*;
 
-    fn id(gen: u64) -> CacheIdentity {
-        CacheIdentity { volume_id: "ab".repeat(16), generation: gen, chunk_size: 4096 }
+    /// Identity of test volume `n`.
+    fn id(n: u64) -> CacheIdentity {
+        CacheIdentity { volume_id: format!("{n:032x}"), chunk_size: 4096 }
     }
 
     #[test]
     fn install_evict_dirty_and_reopen() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("c");
-        let (c, o) = SsdCache::open(&dir, id(1), 10 * 4096, 4 * 4096, OpenMode::Serve).unwrap().unwrap();
+        let (c, o) = SsdCache::open(&dir, id(1), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).unwrap().unwrap();
         assert_eq!(o, Opened::Fresh);
         // A second opener is refused while the first holds the lock.
-        assert!(SsdCache::open(&dir, id(1), 10 * 4096, 4 * 4096, OpenMode::Serve).is_err());
+        assert!(SsdCache::open(&dir, id(1), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).is_err());
         for i in 0..4 {
             let _g = c.lock_write(i);
             assert!(c.install_clean(i, &vec![i as u8 + 1; 4096]).unwrap());
@@ -948,33 +1072,33 @@ mod tests {
         assert_eq!(b, [6u8; 8]);
         c.persist().unwrap();
         drop(c);
-        let (c, o) = SsdCache::open(&dir, id(1), 10 * 4096, 4 * 4096, OpenMode::Serve).unwrap().unwrap();
+        let (c, o) = SsdCache::open(&dir, id(1), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).unwrap().unwrap();
         assert_eq!(o, Opened::Reused { cached: 4, dirty: 1 });
         c.read(1, 100, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
         assert_eq!(&b, b"dirtydat");
         drop(c);
-        // Another generation with dirty data: refused, not discarded.
-        let e = SsdCache::open(&dir, id(2), 10 * 4096, 4 * 4096, OpenMode::Serve).err().unwrap();
+        // Another volume with dirty data: refused, not discarded.
+        let e = SsdCache::open(&dir, id(2), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).err().unwrap();
         assert!(e.to_string().contains("unsaved writes"), "{e}");
     }
 
     #[test]
     fn mismatched_clean_cache_is_discarded() {
         let d = tempfile::tempdir().unwrap();
-        let (c, _) = SsdCache::open(d.path(), id(1), 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        let (c, _) = SsdCache::open(d.path(), id(1), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
         {
             let _g = c.lock_write(0);
             c.install_clean(0, &[1u8; 4096]).unwrap();
         }
         c.persist().unwrap();
         drop(c);
-        let (c, o) = SsdCache::open(d.path(), id(2), 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
-        assert!(matches!(o, Opened::Discarded(ref w) if w.contains("generation 1")), "{o:?}");
+        let (c, o) = SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        assert!(matches!(o, Opened::Discarded(ref w) if w.contains("belongs to volume")), "{o:?}");
         assert_eq!(c.state(0), ABSENT);
         drop(c);
         // Damaged state file: discarded with a reason.
         std::fs::write(d.path().join("state"), b"garbage garbage garbage garbage garbage").unwrap();
-        let (_c, o) = SsdCache::open(d.path(), id(2), 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        let (_c, o) = SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
         assert!(matches!(o, Opened::Discarded(ref w) if w.contains("checksum")), "{o:?}");
     }
 
@@ -982,11 +1106,11 @@ mod tests {
     const P: usize = PAGE as usize;
 
     fn id64() -> CacheIdentity {
-        CacheIdentity { volume_id: "cd".repeat(16), generation: 1, chunk_size: CS }
+        CacheIdentity { volume_id: "cd".repeat(16), chunk_size: CS }
     }
 
     fn open64(dir: &Path, len: u64, cap: u64) -> (SsdCache, Opened) {
-        SsdCache::open(dir, id64(), len, cap, OpenMode::Serve).unwrap().unwrap()
+        SsdCache::open(dir, id64(), 1, len, cap, OpenMode::Serve).unwrap().unwrap()
     }
 
     /// The remote bytes of chunk `idx`: every page distinct.
@@ -1204,7 +1328,7 @@ mod tests {
         let raw = std::fs::read(d.path().join("state")).unwrap();
         let nl = raw.iter().position(|&b| b == b'\n').unwrap();
         let h: serde_json::Value = serde_json::from_slice(&raw[..nl]).unwrap();
-        assert_eq!((h["version"].as_u64(), h["partial"].as_u64()), (Some(2), Some(2)));
+        assert_eq!((h["version"].as_u64(), h["partial"].as_u64()), (Some(3), Some(2)));
         assert_eq!(raw.len(), nl + 1 + 4 + 2 * 16 + 32);
         assert_eq!(raw[nl + 5..nl + 5 + 16], [0, 0, 0, 0, 0, 0, 0, 0, 0b1000_0001, 0b1, 0, 0, 0, 0, 0, 0]);
         drop(c);
@@ -1240,7 +1364,7 @@ mod tests {
         // ... but not with a partial chunk in it.
         let file = state_file(&hdr, &[ABSENT, DIRTY, PARTIAL, ABSENT], &[], true);
         std::fs::write(d.path().join("state"), file).unwrap();
-        let e = SsdCache::open(d.path(), id64(), 4 * CS, 1 << 30, OpenMode::Inspect).err().unwrap();
+        let e = SsdCache::open(d.path(), id64(), 1, 4 * CS, 1 << 30, OpenMode::Inspect).err().unwrap();
         assert!(e.to_string().contains("does not match"), "{e}");
     }
 
@@ -1290,7 +1414,7 @@ mod tests {
         drop(c);
         for (file, why) in cases {
             std::fs::write(d.path().join("state"), &file).unwrap();
-            let e = SsdCache::open(d.path(), id64(), 3 * CS, 1 << 30, OpenMode::Inspect).err().unwrap();
+            let e = SsdCache::open(d.path(), id64(), 1, 3 * CS, 1 << 30, OpenMode::Inspect).err().unwrap();
             assert!(e.to_string().contains(why), "{why}: {e}");
             let (c, o) = open64(d.path(), 3 * CS, 1 << 30);
             assert!(matches!(o, Opened::Discarded(ref w) if w.contains(why)), "{why}: {o:?}");

@@ -42,6 +42,10 @@ pub struct ExportSummary {
 
 /// Writes the image file of the volume at `url` to `file` (via a temp name
 /// and rename, so `file` is either the complete image or untouched).
+fn export_without_cache(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<ExportSummary> {
+    export(url, file, &ExportOptions { cache_dir: None, ..opts.clone() })
+}
+
 pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<ExportSummary> {
     let u = RemoteUrl::parse(url)?;
     let rt = runtime("driveblk-export")?;
@@ -49,14 +53,30 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
     let cache = match &opts.cache_dir {
         None => None,
         Some(dir) => {
-            let id = CacheIdentity {
-                volume_id: reader.header.volume_id.clone(),
-                generation: reader.manifest.generation,
-                chunk_size: reader.chunk_size(),
-            };
-            let c = SsdCache::open(dir, id, reader.image_len(), u64::MAX, OpenMode::Inspect)?;
+            let id = CacheIdentity { volume_id: reader.header.volume_id.clone(), chunk_size: reader.chunk_size() };
+            let c = SsdCache::open(dir, id, reader.generation(), reader.image_len(), u64::MAX, OpenMode::Inspect)?;
             if c.is_none() {
                 tracing::warn!(dir = %dir.display(), "cache directory holds nothing for this volume; exporting the remote copy only");
+            }
+            if let Some((c, _)) = &c {
+                // The cache's chunks hold its generation's bytes plus its
+                // changes: export exactly that view, not a mix with a newer
+                // generation committed elsewhere.
+                if c.generation() != reader.generation() {
+                    match rt.block_on(reader.load_generation(c.generation())) {
+                        Ok(m) => {
+                            tracing::warn!(
+                                cache = c.generation(),
+                                remote = reader.generation(),
+                                "exporting the cache's generation with its local changes"
+                            );
+                            reader.set_manifest(m);
+                        }
+                        Err(e) if c.dirty_chunks() > 0 => return Err(e),
+                        // Its clean chunks may be stale; use none of them.
+                        Err(_) => return export_without_cache(url, file, opts),
+                    }
+                }
             }
             c.map(|(c, _)| c)
         }

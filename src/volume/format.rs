@@ -7,8 +7,16 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Version of the volume format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+use crate::remote::Slot;
+
+/// Version of the volume format this code writes. Version 2 added
+/// generations written as deltas over their parent, the commit fence (each
+/// manifest names the slot of its successor), the writer of each
+/// generation, and a reserved `crypto` header field; version 1 volumes
+/// still open (and are written in version 2 from then on).
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest version this code reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// `format` field of `volume.json`.
 pub const HEADER_MAGIC: &str = "driveblk-volume";
 /// `format` field of a manifest.
@@ -64,6 +72,11 @@ pub struct VolumeHeader {
     pub encryption: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<BaseRef>,
+    /// Reserved for client-side encryption (cipher, key id, nonce scheme,
+    /// keyed chunk hash). A volume that sets it cannot be read by a build
+    /// that does not implement it, and says so instead of serving ciphertext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crypto: Option<serde_json::Value>,
 }
 
 impl VolumeHeader {
@@ -79,6 +92,7 @@ impl VolumeHeader {
             compression: Compression::Zstd,
             encryption: "none".into(),
             base,
+            crypto: None,
         }
     }
 
@@ -87,15 +101,15 @@ impl VolumeHeader {
         if self.format != HEADER_MAGIC {
             return Err(format!("format is {:?}, expected {HEADER_MAGIC:?}", self.format));
         }
-        if self.version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&self.version) {
             return Err(format!(
-                "format version {} is not supported (this driveblk reads version {FORMAT_VERSION})",
+                "format version {} is not supported (this driveblk reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION})",
                 self.version
             ));
         }
         check_chunk_size(self.chunk_size)?;
-        if self.encryption != "none" {
-            return Err(format!("encryption {:?} is not supported", self.encryption));
+        if self.encryption != "none" || self.crypto.is_some() {
+            return Err("the volume is encrypted; this driveblk cannot read encrypted volumes".into());
         }
         if self.volume_id.len() != 32 || hex::decode(&self.volume_id).is_err() {
             return Err(format!("volume_id {:?} is not 32 hex digits", self.volume_id));
@@ -159,10 +173,36 @@ pub struct Manifest {
     pub chunk_size: u64,
     /// Pack keys referenced by `chunks`.
     pub packs: Vec<String>,
-    /// Chunks not listed are [`ChunkRef::Base`] when the volume has a base,
-    /// [`ChunkRef::Zero`] otherwise — so an attach writes an empty map and a
-    /// sparse import lists only its data.
+    /// In a full manifest, chunks not listed are [`ChunkRef::Base`] when
+    /// the volume has a base, [`ChunkRef::Zero`] otherwise — so an attach
+    /// writes an empty map and a sparse import lists only its data. In a
+    /// delta, only the chunks that changed since `parent` are listed.
     pub chunks: BTreeMap<u64, ChunkRef>,
+    /// Set when this object is a delta: it lists only what changed since
+    /// generation `parent` (always `generation - 1`). Readers resolve a
+    /// delta by applying the chain from the newest full manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u64>,
+    /// The slot of generation `generation + 1` (Drive: a pre-generated file
+    /// id): whoever creates it first commits; everyone else is fenced out.
+    /// `None` on stores whose keys are unique (the key is the fence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_slot: Option<Slot>,
+    /// Who committed this generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<Writer>,
+}
+
+/// Who committed a generation, and from which cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writer {
+    pub host: String,
+    pub pid: u32,
+    /// The local cache that held the data (random id of its directory):
+    /// lets a cache recognise generations it committed itself.
+    pub cache_id: String,
+    /// Commit time by the writer's clock, ms since the epoch (informative).
+    pub unix_ms: u64,
 }
 
 impl Manifest {
@@ -177,7 +217,69 @@ impl Manifest {
             chunk_size: header.chunk_size,
             packs: Vec::new(),
             chunks: BTreeMap::new(),
+            parent: None,
+            next_slot: None,
+            writer: None,
         }
+    }
+
+    /// True for a delta over the previous generation.
+    pub fn is_delta(&self) -> bool {
+        self.parent.is_some()
+    }
+
+    /// Applies `delta` (generation `self.generation + 1`) to this resolved
+    /// manifest, which becomes the resolved manifest of the delta's
+    /// generation.
+    pub fn apply(&mut self, delta: &Manifest) -> Result<(), String> {
+        if delta.parent != Some(self.generation) || delta.generation != self.generation + 1 {
+            return Err(format!(
+                "generation {} is a delta over {:?}, expected one over {}",
+                delta.generation, delta.parent, self.generation
+            ));
+        }
+        for (idx, r) in &delta.chunks {
+            let r = match r {
+                ChunkRef::Packed { pack, offset, len, sha256 } => {
+                    let key = &delta.packs[*pack as usize];
+                    let pack = match self.packs.iter().position(|k| k == key) {
+                        Some(p) => p,
+                        None => {
+                            self.packs.push(key.clone());
+                            self.packs.len() - 1
+                        }
+                    } as u32;
+                    ChunkRef::Packed { pack, offset: *offset, len: *len, sha256: sha256.clone() }
+                }
+                r => r.clone(),
+            };
+            self.chunks.insert(*idx, r);
+        }
+        self.generation = delta.generation;
+        self.image_len = delta.image_len;
+        let n = self.chunk_count();
+        self.chunks.retain(|&i, _| i < n);
+        self.next_slot = delta.next_slot.clone();
+        self.writer = delta.writer.clone();
+        Ok(())
+    }
+
+    /// Drops packs no chunk refers to and renumbers the rest (a resolved
+    /// manifest accumulates packs whose chunks were all rewritten).
+    pub fn prune_packs(&mut self) {
+        let mut used: Vec<Option<u32>> = vec![None; self.packs.len()];
+        let mut packs = Vec::new();
+        for r in self.chunks.values_mut() {
+            if let ChunkRef::Packed { pack, .. } = r {
+                let p = *pack as usize;
+                let n = *used[p].get_or_insert_with(|| {
+                    packs.push(self.packs[p].clone());
+                    (packs.len() - 1) as u32
+                });
+                *pack = n;
+            }
+        }
+        self.packs = packs;
     }
 
     /// Number of chunks covering the image.
@@ -206,11 +308,14 @@ impl Manifest {
     pub fn from_bytes(b: &[u8], header: &VolumeHeader, generation: u64) -> Result<Self, String> {
         let body = unseal(b)?;
         let m: Self = serde_json::from_slice(body).map_err(|e| format!("not valid JSON for a manifest: {e}"))?;
-        if m.format != MANIFEST_MAGIC || m.version != FORMAT_VERSION {
+        if m.format != MANIFEST_MAGIC || !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.version) {
             return Err(format!(
-                "format {:?} version {} is not {MANIFEST_MAGIC:?} version {FORMAT_VERSION}",
+                "format {:?} version {} is not {MANIFEST_MAGIC:?} version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}",
                 m.format, m.version
             ));
+        }
+        if m.parent.is_some_and(|p| p.checked_add(1) != Some(generation)) {
+            return Err(format!("is a delta over generation {:?}, not over its predecessor", m.parent));
         }
         if m.volume_id != header.volume_id {
             return Err(format!("belongs to volume {}, not {}", m.volume_id, header.volume_id));

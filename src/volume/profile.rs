@@ -291,7 +291,7 @@ impl ProfileBuilder {
     /// directory). Takes generation, chunk size, image length and chunk
     /// refs from `vol`.
     pub fn new(tmp_dir: &Path, vol: &VolumeReader) -> VolumeResult<Self> {
-        Self::with_parts(tmp_dir, &vol.url, &vol.header, vol.manifest.clone(), vol.base.is_some())
+        Self::with_parts(tmp_dir, &vol.url, &vol.header, (*vol.manifest()).clone(), vol.base.is_some())
     }
 
     /// [`new`](Self::new) from the pieces of a reader.

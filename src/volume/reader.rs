@@ -5,11 +5,13 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use super::format::{gen_key, parse_gen_key, ChunkRef, Manifest, VolumeHeader, GEN_PREFIX, HEADER_KEY};
 use super::pack::decode_chunk;
 use super::{RemoteOptions, VolumeError, VolumeResult};
+use crate::remote::Slot;
 use crate::remote::{DynRemote, RemoteUrl, RetryingRemote};
 
 /// Names of the header and manifest copies in a cache directory.
@@ -42,11 +44,13 @@ pub struct VolumeReader {
     pub url: String,
     pub remote: DynRemote,
     pub header: VolumeHeader,
-    pub manifest: Manifest,
+    /// The resolved manifest of the generation being served; replaced when
+    /// write-back commits a new one (readers of a chunk's ref always see
+    /// one whole manifest).
+    manifest: ArcSwap<Manifest>,
     pub base: Option<BaseFile>,
-    /// The header and manifest as read, so a cache can keep copies.
+    /// The header as read, so a cache can keep a copy.
     header_raw: Bytes,
-    manifest_raw: Bytes,
     /// True when opened from the cache's copies because the remote was
     /// unreachable.
     pub offline: bool,
@@ -73,22 +77,7 @@ impl VolumeReader {
         };
         let header = VolumeHeader::from_bytes(&header_bytes)
             .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
-        let gens = remote
-            .list(GEN_PREFIX)
-            .await
-            .map_err(|e| VolumeError::remote(format!("listing generations of {url_s}"), e))?;
-        let newest = gens
-            .iter()
-            .filter_map(|m| parse_gen_key(&m.key))
-            .max()
-            .ok_or_else(|| VolumeError::NoGeneration { url: url_s.clone() })?;
-        let key = gen_key(newest);
-        let mbytes =
-            remote.get(&key).await.map_err(|e| VolumeError::remote(format!("reading manifest {url_s}/{key}"), e))?;
-        // The newest generation being corrupt is an error, not a cue to fall
-        // back: an older generation would silently lose committed writes.
-        let manifest = Manifest::from_bytes(&mbytes, &header, newest)
-            .map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key: key.clone(), reason })?;
+        let manifest = newest_manifest(&remote, &url_s, &header).await?;
         let base = match &header.base {
             None => None,
             Some(b) => {
@@ -121,10 +110,9 @@ impl VolumeReader {
             url: url_s,
             remote,
             header,
-            manifest,
+            manifest: ArcSwap::from_pointee(manifest),
             base,
             header_raw: header_bytes,
-            manifest_raw: mbytes,
             offline: false,
         }))
     }
@@ -141,7 +129,7 @@ impl VolumeReader {
             std::fs::rename(&tmp, dir.join(name))
         };
         put(OFFLINE_HEADER, &self.header_raw)?;
-        put(OFFLINE_MANIFEST, &self.manifest_raw)?;
+        put(OFFLINE_MANIFEST, &self.manifest().to_bytes())?;
         std::fs::File::open(dir)?.sync_all()
     }
 
@@ -177,22 +165,68 @@ impl VolumeReader {
             }
         };
         let remote = connect(url.folder(), opts);
-        Ok(Arc::new(Self { url: url_s, remote, header, manifest, base, header_raw, manifest_raw, offline: true }))
+        Ok(Arc::new(Self {
+            url: url_s,
+            remote,
+            header,
+            manifest: ArcSwap::from_pointee(manifest),
+            base,
+            header_raw,
+            offline: true,
+        }))
+    }
+
+    /// The resolved manifest of the generation being served.
+    pub fn manifest(&self) -> Arc<Manifest> {
+        self.manifest.load_full()
+    }
+
+    /// The generation being served.
+    pub fn generation(&self) -> u64 {
+        self.manifest.load().generation
+    }
+
+    /// Serves `m` from now on (write-back committed it).
+    pub fn set_manifest(&self, m: Manifest) {
+        self.manifest.store(Arc::new(m));
+    }
+
+    /// The newest committed generation on the remote now, resolved.
+    pub async fn newest_manifest(&self) -> VolumeResult<Manifest> {
+        newest_manifest(&self.remote, &self.url, &self.header).await
+    }
+
+    /// True when every generation in `from..=to` was committed from the
+    /// cache with id `cache_id`.
+    pub async fn generations_by(&self, cache_id: &str, from: u64, to: u64) -> VolumeResult<bool> {
+        for g in from..=to {
+            let m = read_object(&self.remote, &self.url, &self.header, g, None).await?;
+            if m.writer.as_ref().is_none_or(|w| w.cache_id != cache_id) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The resolved manifest of an older generation `g` (to check which
+    /// cached chunks are still current after others committed).
+    pub async fn load_generation(&self, g: u64) -> VolumeResult<Manifest> {
+        resolve(&self.remote, &self.url, &self.header, g, None).await
     }
 
     /// Chunk size in bytes.
     pub fn chunk_size(&self) -> u64 {
-        self.manifest.chunk_size
+        self.header.chunk_size
     }
 
     /// Image length in the open generation.
     pub fn image_len(&self) -> u64 {
-        self.manifest.image_len
+        self.manifest.load().image_len
     }
 
     /// Number of chunks.
     pub fn chunk_count(&self) -> u64 {
-        self.manifest.chunk_count()
+        self.manifest.load().chunk_count()
     }
 
     /// Bytes of image in chunk `idx` (the last one may be short; past the
@@ -204,7 +238,7 @@ impl VolumeReader {
 
     /// Where chunk `idx` comes from.
     pub fn chunk_ref(&self, idx: u64) -> ChunkRef {
-        self.manifest.chunk(idx, self.base.is_some())
+        self.manifest.load().chunk(idx, self.base.is_some())
     }
 
     /// Fetches and verifies chunk `idx`: a ranged read of its pack frame
@@ -216,7 +250,7 @@ impl VolumeReader {
             ChunkRef::Base => {
                 let base = self.base.as_ref().ok_or_else(|| VolumeError::CorruptManifest {
                     url: self.url.clone(),
-                    key: gen_key(self.manifest.generation),
+                    key: gen_key(self.generation()),
                     reason: format!("chunk {idx} refers to a base, but the volume has none"),
                 })?;
                 let start = idx * self.chunk_size();
@@ -231,7 +265,8 @@ impl VolumeReader {
                 Ok(Fetched { data, wire_bytes: wire })
             }
             ChunkRef::Packed { pack, offset, len, sha256 } => {
-                let key = &self.manifest.packs[pack as usize];
+                let m = self.manifest.load();
+                let key = &m.packs[pack as usize];
                 let frame =
                     self.remote.get_range(key, offset..offset + len).await.map_err(|e| {
                         VolumeError::remote(format!("reading chunk {idx} of {} from {key}", self.url), e)
@@ -251,4 +286,104 @@ impl VolumeReader {
             }
         }
     }
+}
+
+/// Most deltas fetched at once while resolving (the checkpoint interval of
+/// the writer, so one round usually reaches the full manifest).
+const RESOLVE_BATCH: u64 = 16;
+
+/// Reads and verifies the manifest object of generation `g`: by its slot
+/// when one is known (found by identity, never through a listing), else by
+/// key.
+async fn read_object(
+    remote: &DynRemote,
+    url: &str,
+    header: &VolumeHeader,
+    g: u64,
+    slot: Option<&Slot>,
+) -> VolumeResult<Manifest> {
+    let key = gen_key(g);
+    let bytes = remote
+        .get_created(&key, slot)
+        .await
+        .map_err(|e| VolumeError::remote(format!("reading manifest {url}/{key}"), e))?;
+    Manifest::from_bytes(&bytes, header, g).map_err(|reason| VolumeError::CorruptManifest {
+        url: url.to_string(),
+        key,
+        reason,
+    })
+}
+
+/// The resolved manifest of generation `g`: its object, and when that is a
+/// delta, the chain back to the newest full manifest, applied in order.
+/// `newest` is the object of `g` if the caller already has it.
+async fn resolve(
+    remote: &DynRemote,
+    url: &str,
+    header: &VolumeHeader,
+    g: u64,
+    newest: Option<Manifest>,
+) -> VolumeResult<Manifest> {
+    let top = match newest {
+        Some(m) => m,
+        None => read_object(remote, url, header, g, None).await?,
+    };
+    let mut chain = vec![top];
+    while let Some(p) = chain.last().and_then(|m| m.parent) {
+        if p == 0 {
+            return Err(VolumeError::CorruptManifest {
+                url: url.to_string(),
+                key: gen_key(1),
+                reason: "generation 1 is a delta; the chain has no full manifest".into(),
+            });
+        }
+        // Fetch a batch of ancestors in parallel: deltas are small and the
+        // round trip dominates.
+        let lo = p.saturating_sub(RESOLVE_BATCH - 1).max(1);
+        let got = futures::future::join_all((lo..=p).rev().map(|q| read_object(remote, url, header, q, None))).await;
+        for m in got {
+            let m = m?;
+            let more = m.parent.is_some();
+            chain.push(m);
+            if !more {
+                break;
+            }
+        }
+    }
+    let mut resolved = chain.pop().expect("chain holds at least the top object");
+    while let Some(d) = chain.pop() {
+        resolved.apply(&d).map_err(|reason| VolumeError::CorruptManifest {
+            url: url.to_string(),
+            key: gen_key(d.generation),
+            reason,
+        })?;
+    }
+    Ok(resolved)
+}
+
+/// Finds the newest committed generation and resolves it. A listing
+/// gives a starting point (it may lag behind creates on Drive); from
+/// there the chain is followed by identity: each manifest names the slot
+/// of its successor, and the newest is the one whose successor does not
+/// exist.
+async fn newest_manifest(remote: &DynRemote, url: &str, header: &VolumeHeader) -> VolumeResult<Manifest> {
+    let gens =
+        remote.list(GEN_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing generations of {url}"), e))?;
+    let listed = gens
+        .iter()
+        .filter_map(|m| parse_gen_key(&m.key))
+        .max()
+        .ok_or_else(|| VolumeError::NoGeneration { url: url.to_string() })?;
+    // The newest generation being corrupt is an error, not a cue to fall
+    // back: an older generation would silently lose committed writes.
+    let mut top = read_object(remote, url, header, listed, None).await?;
+    loop {
+        let next = top.generation + 1;
+        match read_object(remote, url, header, next, top.next_slot.as_ref()).await {
+            Ok(m) => top = m,
+            Err(VolumeError::Remote { source, .. }) if source.is_not_found() => break,
+            Err(e) => return Err(e),
+        }
+    }
+    resolve(remote, url, header, top.generation, Some(top)).await
 }
