@@ -173,6 +173,11 @@ pub struct SsdCache {
     cache_id: String,
     /// Source of write sequence numbers.
     write_seq: AtomicU64,
+    /// Pages written since each dirty chunk was last clean (in memory
+    /// only): write-back uploads just those as a patch. A dirty chunk
+    /// without an entry (after a restart, or zeroed whole) counts as
+    /// changed everywhere.
+    dirty_pages: Mutex<HashMap<u64, Bitmap>>,
     /// Set once an fsync or state write failed: Linux may have dropped the
     /// dirty pages, so a later fsync "succeeding" would prove nothing.
     /// Every later flush fails; the cache must be reopened (which trusts
@@ -375,6 +380,7 @@ impl SsdCache {
             generation: AtomicU64::new(generation),
             cache_id,
             write_seq: AtomicU64::new(1),
+            dirty_pages: Mutex::new(HashMap::new()),
             failed: AtomicBool::new(false),
         };
         if mode == OpenMode::Serve {
@@ -662,6 +668,7 @@ impl SsdCache {
     pub fn write(&self, idx: u64, off: u64, bufs: &IoVec<'_>, fill: Option<&[u8]>) -> io::Result<()> {
         let base = idx * self.chunk_size;
         let mut state = self.state(idx);
+        self.note_dirty_pages(idx, state == DIRTY, off, bufs.len() as u64);
         if state == PARTIAL {
             // See the module doc: the map must stop claiming this chunk's
             // pages before any of its bytes change.
@@ -704,6 +711,32 @@ impl SsdCache {
         Ok(())
     }
 
+    /// Records that pages [off, off + len) of chunk `idx` change. A chunk
+    /// becoming dirty starts a fresh page set; one already dirty without a
+    /// set stays "changed everywhere".
+    fn note_dirty_pages(&self, idx: u64, was_dirty: bool, off: u64, len: u64) {
+        let mut map = self.dirty_pages.lock();
+        let m = if was_dirty {
+            match map.get_mut(&idx) {
+                Some(m) => m,
+                None => return,
+            }
+        } else {
+            map.insert(idx, vec![0u64; bitmap_words(self.chunk_size)].into_boxed_slice());
+            map.get_mut(&idx).expect("just inserted")
+        };
+        let end = (off + len).min(self.chunk_size);
+        for p in off / PAGE..end.div_ceil(PAGE) {
+            m[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+
+    /// Pages changed in dirty chunk `idx` since it was last clean, as a
+    /// bitmap of 4 KiB pages (None: unknown, treat all as changed).
+    pub fn dirty_pages(&self, idx: u64) -> Option<Box<[u64]>> {
+        self.dirty_pages.lock().get(&idx).cloned()
+    }
+
     /// Gives chunk `idx` a new write sequence number (it was just written).
     fn bump_seq(&self, idx: u64) {
         let seq = self.write_seq.fetch_add(1, Ordering::Relaxed);
@@ -740,6 +773,7 @@ impl SsdCache {
         }
         s.state.store(CLEAN, Ordering::Release);
         self.dirty.fetch_sub(1, Ordering::Relaxed);
+        self.dirty_pages.lock().remove(&idx);
         true
     }
 
@@ -827,7 +861,9 @@ impl SsdCache {
             self.cached.fetch_add(1, Ordering::Relaxed);
             self.dirty.fetch_add(1, Ordering::Relaxed);
         }
+        let mut pages = self.dirty_pages.lock();
         for idx in range {
+            pages.remove(&idx);
             self.bump_seq(idx);
         }
         Ok(())

@@ -65,11 +65,12 @@ impl Default for WritebackOptions {
 }
 
 /// The dirty chunks (index -> write sequence) and image length at one
-/// flush point.
+/// flush point, with the pages each chunk changed since it was last clean.
 #[derive(Debug)]
 struct Cut {
     id: u64,
     chunks: BTreeMap<u64, u64>,
+    pages: std::collections::HashMap<u64, Box<[u64]>>,
     image_len: u64,
 }
 
@@ -250,8 +251,9 @@ impl Inner {
         if chunks.is_empty() && image_len == self.vol.image_len() {
             return 0;
         }
+        let pages = chunks.keys().filter_map(|&i| self.ssd.dirty_pages(i).map(|p| (i, p))).collect();
         let id = wb.next_cut.fetch_add(1, Ordering::SeqCst);
-        f.cut = Some(Arc::new(Cut { id, chunks, image_len }));
+        f.cut = Some(Arc::new(Cut { id, chunks, pages, image_len }));
         f.copied.clear();
         *wb.last_cut_at.lock() = Some(Instant::now());
         wb.status.lock().last_cut = id;
@@ -413,7 +415,7 @@ impl Inner {
                 .map_err(|e| VolumeError::InvalidOptions(format!("read task failed: {e}")))?
                 .map_err(|e| VolumeError::io("reading a dirty chunk from", self.ssd.dir(), e))?;
             data.truncate(chunk_len);
-            b.add_chunk(idx, data).await?;
+            b.add_chunk(idx, data, cut.pages.get(&idx).map(|p| &p[..])).await?;
         }
         let g = b.generation();
         let (manifest, stats) = match b.commit(writer_record(self.ssd.cache_id())).await {
@@ -431,6 +433,7 @@ impl Inner {
         tracing::info!(
             generation = g,
             chunks = stats.chunks_packed,
+            patched = stats.chunks_patched,
             zero = stats.chunks_zero,
             unchanged = stats.chunks_unchanged,
             pack_bytes = stats.pack_bytes,
@@ -496,8 +499,8 @@ impl Inner {
             let n = newest.image_len.saturating_sub(idx * self.cs).min(self.cs) as usize;
             let same = match &want {
                 ChunkRef::Zero => data[..n].iter().all(|&b| b == 0),
-                ChunkRef::Packed { sha256, .. } => crate::volume::pack::sha256_hex(&data[..n]) == *sha256,
                 ChunkRef::Base => false,
+                r => r.content_sha256() == Some(crate::volume::pack::sha256_hex(&data[..n]).as_str()),
             };
             if same {
                 clean.insert(idx, seq);
@@ -537,15 +540,6 @@ impl Inner {
                 return self.ssd.dirty_chunks() * self.cs;
             }
         }
-    }
-}
-
-/// True when two references name the same bytes (pack numbering differs
-/// between manifests, so packed chunks compare by hash).
-fn same_bytes(a: &ChunkRef, b: &ChunkRef) -> bool {
-    match (a, b) {
-        (ChunkRef::Packed { sha256: x, .. }, ChunkRef::Packed { sha256: y, .. }) => x == y,
-        (a, b) => a == b,
     }
 }
 
@@ -589,7 +583,7 @@ impl Inner {
         let mut candidates = self.ssd.chunks_in(crate::tier::ssd::CLEAN);
         candidates.extend(self.ssd.chunks_in(crate::tier::ssd::PARTIAL));
         for idx in candidates {
-            let keep = old.as_ref().is_some_and(|o| same_bytes(&o.chunk(idx, has_base), &new.chunk(idx, has_base)));
+            let keep = old.as_ref().is_some_and(|o| o.chunk(idx, has_base).same_bytes(&new.chunk(idx, has_base)));
             if !keep {
                 let _g = self.ssd.lock_write(idx);
                 self.ssd.invalidate(idx);
