@@ -306,6 +306,13 @@ impl TieredStore {
         left
     }
 
+    /// Asks write-back to cut a generation as soon as the disk is
+    /// consistent (now if the guest is idle since its last FLUSH, else at
+    /// its next FLUSH), whatever the sync interval.
+    pub fn request_sync(&self) {
+        self.inner.request_sync();
+    }
+
     /// Write-back status (None when the store is read-only).
     pub fn sync_status(&self) -> Option<SyncStatus> {
         self.inner.writeback.as_ref().map(|w| w.status())

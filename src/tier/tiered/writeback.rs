@@ -119,6 +119,8 @@ pub(crate) struct Writeback {
     wake: tokio::sync::Notify,
     /// Set by close: the uploader stops after the cut in hand.
     stopping: AtomicBool,
+    /// `driveblk sync` asked for a cut regardless of the interval.
+    requested: AtomicBool,
     /// Writes since the last flush point: while 0, the disk is exactly as
     /// it was at that flush point, so a cut may be taken without one (an
     /// idle guest's last changes still go up within the sync interval).
@@ -150,6 +152,7 @@ impl Writeback {
             wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
             writes_since_flush: AtomicU64::new(0),
+            requested: AtomicBool::new(false),
         })
     }
 
@@ -307,12 +310,10 @@ impl Inner {
                     return;
                 }
                 let idle = tokio::time::timeout(wb.opts.sync_interval, wb.wake.notified()).await.is_err();
-                if idle
-                    && wb.opts.mode != CacheMode::Unsafe
-                    && self.ssd.dirty_chunks() > 0
-                    && wb.last_cut_at.lock().is_none_or(|t| t.elapsed() >= wb.opts.sync_interval)
-                {
-                    self.cut_when(true);
+                let due = idle && wb.last_cut_at.lock().is_none_or(|t| t.elapsed() >= wb.opts.sync_interval);
+                let asked = wb.requested.load(Ordering::SeqCst);
+                if (due || asked) && wb.opts.mode != CacheMode::Unsafe && self.cut_when(true) != 0 {
+                    wb.requested.store(false, Ordering::SeqCst);
                 }
                 continue;
             };
@@ -375,6 +376,14 @@ impl Inner {
                 }
             }
             wb.changed.notify_all();
+        }
+    }
+
+    /// See [`TieredStore::request_sync`](super::TieredStore::request_sync).
+    pub(super) fn request_sync(&self) {
+        if let Some(wb) = &self.writeback {
+            wb.requested.store(true, Ordering::SeqCst);
+            wb.wake.notify_one();
         }
     }
 
