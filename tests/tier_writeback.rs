@@ -347,3 +347,63 @@ fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upl
     drop(s);
     assert!(fresh_view(d.path(), &vurl, "c") == after);
 }
+
+#[test]
+fn a_write_into_a_cold_chunk_never_waits_for_its_fetch() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 4 * CS as usize, 40);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (g2, w2) = (gate.clone(), waiting.clone());
+    let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
+        Arc::new(GatedRemote { inner, gate: g2.clone(), waiting: w2.clone() }) as driveblk::remote::DynRemote
+    });
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.remote.layer = Some(layer);
+    o.readahead_chunks = 0;
+    let s = volume::open(&vurl, o).unwrap();
+    // Pack reads are held at the gate: a write that needed its chunk's
+    // bytes would wait there (the test then opens the gate and fails).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (s2, mut e2) = (s.clone(), expect.clone());
+    let writer = std::thread::spawn(move || {
+        write(&*s2, CS + 8192, &[0x11; 8192], &mut e2);
+        write(&*s2, 2 * CS, &[0x22; 4096], &mut e2);
+        tx.send(()).unwrap();
+        e2
+    });
+    if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        gate.add_permits(1 << 20);
+        panic!("a write into a cold chunk waited for the remote");
+    }
+    expect = writer.join().unwrap();
+    assert_eq!(waiting.load(std::sync::atomic::Ordering::SeqCst), 0, "a write fetched its chunk");
+    // The written pages read back locally, still without the remote.
+    let mut buf = vec![0u8; 8192];
+    s.read_vectored_at(CS + 8192, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
+    assert_eq!(buf, vec![0x11; 8192]);
+    assert_eq!(waiting.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Durable at FLUSH, across a restart, before the chunk was ever fetched.
+    s.flush().unwrap();
+    drop(s);
+    gate.add_permits(1 << 20);
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.remote.layer = None;
+    let s = volume::open(&vurl, o).unwrap();
+    // A read across written and unwritten pages completes the chunk from
+    // the remote without touching the written pages.
+    assert!(read_all(&*s).unwrap() == expect, "a partly written chunk reads back wrong");
+    write(&*s, 3 * CS + 4096, &[0x33; 4096], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect, "the remote got a partly written chunk wrong");
+    // Exporting from a cache that still holds a chunk dirty in part.
+    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
+    write(&*s, 4096, &[0x44; 4096], &mut expect);
+    s.flush().unwrap();
+    drop(s);
+    let out = d.path().join("out.raw");
+    volume::export(&vurl, &out, &ExportOptions { cache_dir: Some(d.path().join("c")), ..Default::default() }).unwrap();
+    assert!(std::fs::read(&out).unwrap() == expect, "export lost the pages of a chunk dirty in part");
+}

@@ -18,7 +18,6 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::Inner;
 use crate::tier::local::LocalFile;
-use crate::tier::ssd::DIRTY;
 use crate::tier::Storage;
 use crate::volume::commit::{writer_record, CommitOptions, GenerationBuilder};
 use crate::volume::{ChunkRef, VolumeError, VolumeResult};
@@ -71,6 +70,9 @@ struct Cut {
     id: u64,
     chunks: BTreeMap<u64, u64>,
     pages: std::collections::HashMap<u64, Box<[u64]>>,
+    /// Chunks dirty in part at the cut: the pages they held. The others
+    /// are the parent generation's, fetched when the chunk is packed.
+    present: std::collections::HashMap<u64, Box<[u64]>>,
     image_len: u64,
 }
 
@@ -189,7 +191,7 @@ impl Inner {
         if !cut.chunks.contains_key(&idx) || f.copied.contains(&idx) {
             return Ok(());
         }
-        if self.ssd.state(idx) == DIRTY {
+        if crate::tier::ssd::is_dirty(self.ssd.state(idx)) {
             let data = self.ssd.read_chunk(idx)?;
             wb.frozen_file.write_at(idx * self.cs, &data)?;
         }
@@ -255,8 +257,9 @@ impl Inner {
             return 0;
         }
         let pages = chunks.keys().filter_map(|&i| self.ssd.dirty_pages(i).map(|p| (i, p))).collect();
+        let present = chunks.keys().filter_map(|&i| self.ssd.present_pages(i).map(|p| (i, p))).collect();
         let id = wb.next_cut.fetch_add(1, Ordering::SeqCst);
-        f.cut = Some(Arc::new(Cut { id, chunks, pages, image_len }));
+        f.cut = Some(Arc::new(Cut { id, chunks, pages, present, image_len }));
         f.copied.clear();
         *wb.last_cut_at.lock() = Some(Instant::now());
         wb.status.lock().last_cut = id;
@@ -423,6 +426,11 @@ impl Inner {
                 .await
                 .map_err(|e| VolumeError::InvalidOptions(format!("read task failed: {e}")))?
                 .map_err(|e| VolumeError::io("reading a dirty chunk from", self.ssd.dir(), e))?;
+            if let Some(present) = cut.present.get(&idx) {
+                // Pages it did not hold are unchanged since the parent.
+                let parent = self.vol.fetch_chunk(idx).await?;
+                overlay_absent(&mut data, &parent.data, present);
+            }
             data.truncate(chunk_len);
             b.add_chunk(idx, data, cut.pages.get(&idx).map(|p| &p[..])).await?;
         }
@@ -548,6 +556,21 @@ impl Inner {
                 wb.wake.notify_one();
                 return self.ssd.dirty_chunks() * self.cs;
             }
+        }
+    }
+}
+
+/// Copies into `chunk` the pages of `parent` that `present` (a 4 KiB page
+/// bitmap) does not mark.
+fn overlay_absent(chunk: &mut [u8], parent: &[u8], present: &[u64]) {
+    let page = crate::tier::ssd::PAGE as usize;
+    for (p, dst) in chunk.chunks_mut(page).enumerate() {
+        let held = present.get(p / 64).is_some_and(|w| (w >> (p % 64)) & 1 == 1);
+        if !held {
+            let src = parent.get(p * page..).unwrap_or(&[]);
+            let n = dst.len().min(src.len());
+            dst[..n].copy_from_slice(&src[..n]);
+            dst[n..].fill(0);
         }
     }
 }
