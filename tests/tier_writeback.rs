@@ -59,13 +59,23 @@ fn changes_reach_the_remote_and_another_cache_reads_them() {
     write(&*s, 4 * CS, &vec![0xC3; CS as usize], &mut expect);
     s.write_zeroes_at(6 * CS, 2 * CS).unwrap();
     expect[6 * CS as usize..8 * CS as usize].fill(0);
-    let grow = expect.len() as u64 + 70_000;
-    write(&*s, grow, &[0x77; 3000], &mut expect);
+    // Growth past the end, enough of the last chunk that it goes up whole
+    // (and short: the image ends inside it).
+    let grow = expect.len() as u64 + 7_000;
+    write(&*s, grow, &[0x77; 120_000], &mut expect);
     guest_flush(&*s);
     assert_eq!(s.close(Duration::from_secs(30)), 0, "everything uploaded");
     let st = s.sync_status().unwrap();
     assert!(st.generations_committed >= 1 && st.conflict.is_none() && st.last_error.is_none(), "{st:?}");
     assert_eq!(s.stats().dirty_bytes, 0);
+    drop(s);
+    // The image grows again past the chunk that was its short last one:
+    // that chunk, committed short, now reads with zeroes after its old end.
+    let s = volume::open(&vurl, cache_opts(&d.path().join("a2"), Default::default())).unwrap();
+    let far = (expect.len() as u64).next_multiple_of(CS) + 3 * CS + 17;
+    write(&*s, far, &[0x99; 100], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
     drop(s);
     assert!(volume::info(&vurl).unwrap().generation >= 2);
     assert_eq!(fresh_view(d.path(), &vurl, "b"), expect, "a fresh cache reads the committed changes");

@@ -3,6 +3,7 @@
 //! the wrappers (retry, metrics, latency/fault shaping) that stack around any
 //! backend as one trait object.
 
+pub mod bwlimit;
 pub mod dir;
 pub mod error;
 pub mod metrics;
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, Stream};
 
+pub use bwlimit::{BwEntry, BwLimitRemote, BwSchedule};
 pub use dir::DirRemote;
 pub use error::{RemoteError, RemoteResult};
 pub use metrics::{MetricsRemote, RemoteMetrics, RemoteMetricsSnapshot};

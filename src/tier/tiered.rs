@@ -441,7 +441,9 @@ impl Inner {
             Counters::inc(&self.counters.ssd_hits);
             return Ok(true);
         }
-        if self.is_zero(p.idx) {
+        // A zero chunk with pages written is not zero: it is completed
+        // (with zeroes) by the flight, then read from the SSD tier.
+        if self.is_zero(p.idx) && self.ssd.state(p.idx) != DIRTY_PARTIAL {
             buf.fill_zero(0, p.len);
             Counters::inc(&self.counters.zero_hits);
             return Ok(true);
@@ -478,7 +480,13 @@ impl Inner {
             }
         }
         if self.is_zero(idx) {
-            return Ok(self.zero_buf());
+            let buf = self.zero_buf();
+            if self.ssd.state(idx) == DIRTY_PARTIAL {
+                let me = self.clone();
+                let b2 = buf.clone();
+                let _ = tokio::task::spawn_blocking(move || me.install(idx, &b2, false)).await;
+            }
+            return Ok(buf);
         }
         let fetched = {
             let _permit = self.fetch_sem.acquire().await;
@@ -618,7 +626,7 @@ impl Inner {
             rec.stall_end();
         }
         self.demand.fetch_sub(1, Ordering::SeqCst);
-        for (p, r) in misses.into_iter().zip(results?) {
+        'pieces: for (p, r) in misses.into_iter().zip(results?) {
             let sub = bufs.slice(p.buf_off, p.len);
             // Prefer the tiers (a write may have landed since the fetch).
             if self.serve_local(p, &sub, IoMode::Blocking)? {
@@ -627,13 +635,23 @@ impl Inner {
                 }
                 continue;
             }
-            if self.ssd.state(p.idx) == DIRTY_PARTIAL {
-                // The fetched bytes are not this chunk's content (some pages
-                // hold local changes), and completing it failed.
-                return Err(io::Error::other(format!(
-                    "chunk {} holds local changes and could not be completed",
-                    p.idx
-                )));
+            // Pages were written after this fetch began, so its bytes are
+            // not the chunk's content: a fresh flight completes the chunk
+            // (its install fills only the pages still absent).
+            let mut tries = 0;
+            while self.ssd.state(p.idx) == DIRTY_PARTIAL {
+                tries += 1;
+                if tries > 3 {
+                    return Err(io::Error::other(format!(
+                        "chunk {} holds local changes and could not be completed",
+                        p.idx
+                    )));
+                }
+                let f = self.flight(p.idx, false);
+                self.wait(f)?.map_err(SharedError::into_io)?;
+                if self.serve_local(p, &sub, IoMode::Blocking)? {
+                    continue 'pieces;
+                }
             }
             let r = match r {
                 Some(r) => r,

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use super::format::{gen_key, parse_gen_key, ChunkRef, Manifest, VolumeHeader, GEN_PREFIX, HEADER_KEY, PATCH_PAGE};
-use super::pack::decode_chunk;
+use super::pack::decode_chunk_upto;
 use super::{RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::Slot;
 use crate::remote::{DynRemote, RemoteUrl, RetryingRemote};
@@ -262,7 +262,11 @@ impl VolumeReader {
                     offset,
                     reason,
                 };
-                let plen = super::pack::patch_len(&runs, PATCH_PAGE, want);
+                // Patches and their hash are over the whole chunk size (the
+                // image may have grown or shrunk around a last chunk since).
+                let cs = self.chunk_size() as usize;
+                b.data.resize(cs, 0);
+                let plen = super::pack::patch_len(&runs, PATCH_PAGE, cs);
                 let patch = zstd::bulk::decompress(&frame, plen)
                     .map_err(|e| corrupt(format!("patch frame does not decode: {e}")))?;
                 super::pack::apply_patch(&mut b.data, &runs, PATCH_PAGE, &patch).map_err(corrupt)?;
@@ -270,6 +274,7 @@ impl VolumeReader {
                 if got != sha256 {
                     return Err(corrupt(format!("patched chunk's sha256 mismatch: expected {sha256}, got {got}")));
                 }
+                b.data.truncate(want);
                 Ok(Fetched { data: b.data, wire_bytes: b.wire_bytes + len })
             }
             r => self.fetch_plain(&m, idx, &r, want).await,
@@ -319,13 +324,16 @@ impl VolumeReader {
             }
             ChunkRef::Packed { pack, offset, len, sha256 } => {
                 let frame = self.read_frame(m, idx, *pack, *offset, *len).await?;
-                let data = decode_chunk(&frame, want, sha256).map_err(|reason| VolumeError::CorruptChunk {
-                    url: self.url.clone(),
-                    chunk: idx,
-                    key: m.packs[*pack as usize].clone(),
-                    offset: *offset,
-                    reason,
+                let mut data = decode_chunk_upto(&frame, self.chunk_size() as usize, sha256).map_err(|reason| {
+                    VolumeError::CorruptChunk {
+                        url: self.url.clone(),
+                        chunk: idx,
+                        key: m.packs[*pack as usize].clone(),
+                        offset: *offset,
+                        reason,
+                    }
                 })?;
+                data.resize(want, 0);
                 Ok(Fetched { data, wire_bytes: *len })
             }
             ChunkRef::Patched { .. } => Err(VolumeError::CorruptManifest {
