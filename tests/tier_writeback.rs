@@ -417,3 +417,31 @@ fn a_write_into_a_cold_chunk_never_waits_for_its_fetch() {
     volume::export(&vurl, &out, &ExportOptions { cache_dir: Some(d.path().join("c")), ..Default::default() }).unwrap();
     assert!(std::fs::read(&out).unwrap() == expect, "export lost the pages of a chunk dirty in part");
 }
+
+#[test]
+fn a_large_discard_holds_no_cache_space_and_uploads_nothing_but_a_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 32 * CS as usize, 41);
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.ssd_cache = 4 * CS;
+    let s = volume::open(&vurl, o).unwrap();
+    // Some of it cached first, then nearly all of it discarded.
+    read_all(&*s).unwrap();
+    s.write_zeroes_at(CS, 30 * CS).unwrap();
+    expect[CS as usize..31 * CS as usize].fill(0);
+    let st = s.stats();
+    assert!(st.ssd_bytes <= 4 * CS, "zeroed chunks count against the cap: {} bytes held", st.ssd_bytes);
+    assert_eq!(st.dirty_bytes, 0, "zeroed chunks hold no data to upload");
+    assert!(read_all(&*s).unwrap() == expect);
+    // A write into a zeroed chunk reads back over zeroes.
+    write(&*s, 5 * CS + 100, &[5; 300], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    let up = s.sync_status().unwrap().bytes_uploaded;
+    assert!(up < 32 << 10, "uploaded {up} bytes for a discard and a 300-byte write");
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect);
+    // Reopened, the cache agrees (zeroed chunks were committed as zero).
+    let s = volume::open(&vurl, cache_opts(&d.path().join("a"), Default::default())).unwrap();
+    assert!(read_all(&*s).unwrap() == expect);
+}

@@ -53,6 +53,10 @@ pub const PARTIAL: u8 = 3;
 /// are present. A read of an absent page fetches the chunk and fills only
 /// the absent pages.
 pub const DIRTY_PARTIAL: u8 = 4;
+/// Zeroed whole by the guest (discard, write-zeroes) and not yet
+/// committed: reads as zeroes, holds no data (it does not count against
+/// the cap), goes up as a zero chunk (nothing uploaded).
+pub const ZERO_DIRTY: u8 = 5;
 /// Granularity of partial chunks.
 pub const PAGE: u64 = 4096;
 
@@ -63,7 +67,7 @@ fn has_bitmap(state: u8) -> bool {
 
 /// True for the states that hold local changes.
 pub fn is_dirty(state: u8) -> bool {
-    matches!(state, DIRTY | DIRTY_PARTIAL)
+    matches!(state, DIRTY | DIRTY_PARTIAL | ZERO_DIRTY)
 }
 
 const STATE_MAGIC: &str = "driveblk-cache";
@@ -155,6 +159,13 @@ struct Persisted {
     states: Vec<u8>,
     /// The generation recorded.
     generation: u64,
+    /// The image length recorded.
+    image_len: u64,
+    /// `data_epoch` as of the last fsync of the data file.
+    data_epoch: u64,
+    /// False until this process wrote the state file once (it may be
+    /// missing, or of an older version).
+    written: bool,
     /// `Pages::gen` at the time of that snapshot.
     gen: u64,
 }
@@ -194,6 +205,9 @@ pub struct SsdCache {
     /// without an entry (after a restart, or zeroed whole) counts as
     /// changed everywhere.
     dirty_pages: Mutex<HashMap<u64, Bitmap>>,
+    /// Bumped by every write to the data file, so a flush with nothing
+    /// written since the last one costs no fsync.
+    data_epoch: AtomicU64,
     /// Set once an fsync or state write failed: Linux may have dropped the
     /// dirty pages, so a later fsync "succeeding" would prove nothing.
     /// Every later flush fails; the cache must be reopened (which trusts
@@ -248,7 +262,7 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
     let max_state = match h.version {
         1 => DIRTY,
         2 => PARTIAL,
-        _ => DIRTY_PARTIAL,
+        _ => ZERO_DIRTY,
     };
     if h.chunks > rest.len() as u64 {
         return Err("state map does not match its header".into());
@@ -395,13 +409,21 @@ impl SsdCache {
             pages: Mutex::new(Pages { maps, gen: 0 }),
             partial: AtomicU64::new(partial),
             pages_held: AtomicU64::new(held),
-            persisted: Mutex::new(Persisted { states: persisted, generation, gen: 0 }),
+            persisted: Mutex::new(Persisted {
+                states: persisted,
+                generation,
+                image_len: len,
+                data_epoch: 0,
+                written: false,
+                gen: 0,
+            }),
             clock: AtomicU32::new(1),
             evictions: AtomicU64::new(0),
             generation: AtomicU64::new(generation),
             cache_id,
             write_seq: AtomicU64::new(1),
             dirty_pages: Mutex::new(HashMap::new()),
+            data_epoch: AtomicU64::new(1),
             failed: AtomicBool::new(false),
         };
         if mode == OpenMode::Serve {
@@ -471,9 +493,9 @@ impl SsdCache {
         self.slots.read().get(idx as usize).map_or(ABSENT, |s| s.state.load(Ordering::Acquire))
     }
 
-    /// True when the whole chunk is local (CLEAN or DIRTY).
+    /// True when the whole chunk is local (CLEAN, DIRTY, or zeroed).
     pub fn has_chunk(&self, idx: u64) -> bool {
-        matches!(self.state(idx), CLEAN | DIRTY)
+        matches!(self.state(idx), CLEAN | DIRTY | ZERO_DIRTY)
     }
 
     /// True when every byte of [off, off + len) inside chunk `idx` is local:
@@ -481,7 +503,7 @@ impl SsdCache {
     /// range is present. len 0 -> same as has_chunk || PARTIAL.
     pub fn has_pages(&self, idx: u64, off: u64, len: u64) -> bool {
         match self.state(idx) {
-            CLEAN | DIRTY => true,
+            CLEAN | DIRTY | ZERO_DIRTY => true,
             PARTIAL | DIRTY_PARTIAL => {
                 let pages = self.pages.lock();
                 let Some(m) = pages.maps.get(&idx) else {
@@ -559,6 +581,12 @@ impl SsdCache {
     /// the range present. Non-blocking reads use `RWF_NOWAIT`: a page-cache
     /// hit completes inline, anything else says `WouldBlock`.
     pub fn read(&self, idx: u64, off: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        if self.state(idx) == ZERO_DIRTY {
+            // Whatever the data file holds there (a crash may have come
+            // before the hole punch), the chunk is zeroes.
+            bufs.fill_zero(0, bufs.len());
+            return Ok(());
+        }
         self.data.read_vectored_at(idx * self.chunk_size + off, bufs, mode)?;
         self.touch(idx);
         Ok(())
@@ -567,6 +595,9 @@ impl SsdCache {
     /// Reads a whole cached chunk. Caller holds the stripe lock.
     pub fn read_chunk(&self, idx: u64) -> io::Result<Vec<u8>> {
         let mut v = vec![0u8; self.chunk_size as usize];
+        if self.state(idx) == ZERO_DIRTY {
+            return Ok(v);
+        }
         self.data.read_at(idx * self.chunk_size, &mut v)?;
         Ok(v)
     }
@@ -597,7 +628,7 @@ impl SsdCache {
         }
         // The present pages get the same bytes again, so the map's claim
         // about them stays true while this writes.
-        self.data.write_at(idx * self.chunk_size, data)?;
+        self.data_write_at(idx * self.chunk_size, data)?;
         {
             let mut pages = self.pages.lock();
             self.leave_partial(&mut pages, idx, CLEAN);
@@ -648,11 +679,11 @@ impl SsdCache {
             return Ok(false);
         }
         let whole = data.len() - short as usize;
-        self.data.write_at(base + off, &data[..whole])?;
+        self.data_write_at(base + off, &data[..whole])?;
         if short != 0 {
             let mut tail = vec![0u8; PAGE as usize];
             tail[..short as usize].copy_from_slice(&data[whole..]);
-            self.data.write_at(base + off + whole as u64, &tail)?;
+            self.data_write_at(base + off + whole as u64, &tail)?;
         }
         {
             let mut pages = self.pages.lock();
@@ -709,7 +740,7 @@ impl SsdCache {
         }
         if state == DIRTY_PARTIAL {
             // Overwritten whole: every page is present now.
-            self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+            self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
             self.leave_partial(&mut self.pages.lock(), idx, DIRTY);
             self.cached.fetch_add(1, Ordering::Relaxed);
             self.bump_seq(idx);
@@ -725,7 +756,15 @@ impl SsdCache {
             state = ABSENT;
         }
         match state {
-            DIRTY => self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?,
+            DIRTY => self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?,
+            ZERO_DIRTY => {
+                // Zeroes on disk first (a crash may have come before the
+                // hole punch), then the write; it holds data from now on.
+                self.data_write_zeroes_at(base, self.chunk_size)?;
+                self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+                self.set_state(idx, DIRTY);
+                self.cached.fetch_add(1, Ordering::Relaxed);
+            }
             CLEAN => {
                 self.set_state(idx, DIRTY);
                 self.dirty.fetch_add(1, Ordering::Relaxed);
@@ -735,7 +774,7 @@ impl SsdCache {
                     // chunk clean before its bytes change.
                     self.persist()?;
                 }
-                self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+                self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
             }
             _ => {
                 // Bytes first, state after: a persist racing with this never
@@ -745,9 +784,9 @@ impl SsdCache {
                     let fill = fill.ok_or_else(|| {
                         io::Error::other("internal: partial write to an absent chunk without its content")
                     })?;
-                    self.data.write_at(base, fill)?;
+                    self.data_write_at(base, fill)?;
                 }
-                self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+                self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
                 self.set_state(idx, DIRTY);
                 self.cached.fetch_add(1, Ordering::Relaxed);
                 self.dirty.fetch_add(1, Ordering::Relaxed);
@@ -781,7 +820,7 @@ impl SsdCache {
                 self.persist()?;
             }
         }
-        self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+        self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
         {
             let mut pages = self.pages.lock();
             let words = bitmap_words(self.chunk_size);
@@ -841,6 +880,21 @@ impl SsdCache {
         self.dirty_pages.lock().get(&idx).cloned()
     }
 
+    fn data_write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        self.data_epoch.fetch_add(1, Ordering::SeqCst);
+        self.data.write_at(off, buf)
+    }
+
+    fn data_write_vectored_at(&self, off: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        self.data_epoch.fetch_add(1, Ordering::SeqCst);
+        self.data.write_vectored_at(off, bufs, mode)
+    }
+
+    fn data_write_zeroes_at(&self, off: u64, len: u64) -> io::Result<()> {
+        self.data_epoch.fetch_add(1, Ordering::SeqCst);
+        self.data.write_zeroes_at(off, len)
+    }
+
     /// Gives chunk `idx` a new write sequence number (it was just written).
     fn bump_seq(&self, idx: u64) {
         let seq = self.write_seq.fetch_add(1, Ordering::Relaxed);
@@ -897,7 +951,7 @@ impl SsdCache {
             }
             let (a, b) = (start * PAGE as usize, (p * PAGE as usize).min(data.len()));
             if a < b {
-                self.data.write_at(base + a as u64, &data[a..b])?;
+                self.data_write_at(base + a as u64, &data[a..b])?;
             }
         }
         {
@@ -921,7 +975,15 @@ impl SsdCache {
         }
         // A chunk dirty in part holds the committed bytes where it holds
         // pages at all: it becomes partial (clean).
-        s.state.store(if st == DIRTY { CLEAN } else { PARTIAL }, Ordering::Release);
+        // A zeroed chunk is zero in the committed generation: nothing to hold.
+        s.state.store(
+            match st {
+                DIRTY => CLEAN,
+                DIRTY_PARTIAL => PARTIAL,
+                _ => ABSENT,
+            },
+            Ordering::Release,
+        );
         self.dirty.fetch_sub(1, Ordering::Relaxed);
         self.dirty_pages.lock().remove(&idx);
         true
@@ -985,22 +1047,27 @@ impl SsdCache {
         {
             let persisted = self.persisted.lock();
             for idx in range.clone() {
+                // Zeroed chunks hold no data and do not count against the
+                // cap: a guest trimming 30 GB never fills the cache.
                 match self.state(idx) {
-                    DIRTY => {}
+                    ZERO_DIRTY => {}
+                    DIRTY => {
+                        self.set_state(idx, ZERO_DIRTY);
+                        self.cached.fetch_sub(1, Ordering::Relaxed);
+                    }
                     DIRTY_PARTIAL => {
-                        // Zeroed whole: every page is present (as zeroes).
-                        self.leave_partial(&mut self.pages.lock(), idx, DIRTY);
-                        self.cached.fetch_add(1, Ordering::Relaxed);
+                        self.leave_partial(&mut self.pages.lock(), idx, ZERO_DIRTY);
                     }
                     CLEAN => {
-                        self.set_state(idx, DIRTY);
+                        self.set_state(idx, ZERO_DIRTY);
+                        self.cached.fetch_sub(1, Ordering::Relaxed);
                         self.dirty.fetch_add(1, Ordering::Relaxed);
                         need_persist |= persisted.states.get(idx as usize) == Some(&CLEAN);
                     }
                     PARTIAL => {
-                        self.leave_partial(&mut self.pages.lock(), idx, ABSENT);
+                        self.leave_partial(&mut self.pages.lock(), idx, ZERO_DIRTY);
+                        self.dirty.fetch_add(1, Ordering::Relaxed);
                         need_persist |= persisted.states.get(idx as usize) == Some(&PARTIAL);
-                        absent.push(idx);
                     }
                     _ => absent.push(idx),
                 }
@@ -1010,10 +1077,9 @@ impl SsdCache {
             self.persist()?;
         }
         let cs = self.chunk_size;
-        self.data.write_zeroes_at(range.start * cs, (range.end - range.start) * cs)?;
+        self.data_write_zeroes_at(range.start * cs, (range.end - range.start) * cs)?;
         for idx in absent {
-            self.set_state(idx, DIRTY);
-            self.cached.fetch_add(1, Ordering::Relaxed);
+            self.set_state(idx, ZERO_DIRTY);
             self.dirty.fetch_add(1, Ordering::Relaxed);
         }
         let mut pages = self.dirty_pages.lock();
@@ -1086,7 +1152,7 @@ impl SsdCache {
         self.evictions.fetch_add(victims.len() as u64, Ordering::Relaxed);
         self.persist()?;
         for idx in victims {
-            self.data.write_zeroes_at(idx * self.chunk_size, self.chunk_size)?;
+            self.data_write_zeroes_at(idx * self.chunk_size, self.chunk_size)?;
         }
         drop(guards);
         Ok(())
@@ -1112,6 +1178,9 @@ impl SsdCache {
             )));
         }
         let mut persisted = self.persisted.lock();
+        // Read before the snapshot and the fsync: a write racing with this
+        // persist leaves the epoch ahead, so the next flush syncs again.
+        let epoch = self.data_epoch.load(Ordering::SeqCst);
         let words = bitmap_words(self.chunk_size);
         let (snap, bitmaps, partial, gen) = {
             // States and bitmaps agree under the bitmap lock (every move
@@ -1137,7 +1206,20 @@ impl SsdCache {
             }
             (snap, bitmaps, partial, pages.gen)
         };
+        let map_same = persisted.written
+            && snap == persisted.states
+            && gen == persisted.gen
+            && self.generation() == persisted.generation
+            && self.len() == persisted.image_len;
+        if map_same && epoch == persisted.data_epoch {
+            // Nothing written and nothing changed since the last flush.
+            return Ok(());
+        }
         self.data.flush()?;
+        if map_same {
+            persisted.data_epoch = epoch;
+            return Ok(());
+        }
         let header = StateHeader {
             format: STATE_MAGIC.into(),
             version: STATE_VERSION,
@@ -1162,7 +1244,14 @@ impl SsdCache {
         }
         std::fs::rename(&tmp, self.dir.join("state"))?;
         File::open(&self.dir)?.sync_all()?;
-        *persisted = Persisted { states: snap, generation: header.generation, gen };
+        *persisted = Persisted {
+            states: snap,
+            generation: header.generation,
+            image_len: header.image_len,
+            data_epoch: epoch,
+            written: true,
+            gen,
+        };
         Ok(())
     }
 
@@ -1199,6 +1288,11 @@ impl SsdCache {
     /// partial chunks * PAGE.
     pub fn cached_bytes(&self) -> u64 {
         self.cached_chunks() * self.chunk_size + self.pages_held.load(Ordering::Relaxed) * PAGE
+    }
+
+    /// Dirty chunks that hold data (not zeroed whole).
+    pub fn dirty_data_chunks(&self) -> u64 {
+        self.dirty_chunks().saturating_sub(self.chunks_in(ZERO_DIRTY).len() as u64)
     }
 
     /// Dirty chunks.
@@ -1273,6 +1367,37 @@ mod tests {
         // Another volume with dirty data: refused, not discarded.
         let e = SsdCache::open(&dir, id(2), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).err().unwrap();
         assert!(e.to_string().contains("unsaved writes"), "{e}");
+    }
+
+    #[test]
+    fn flushes_with_nothing_new_leave_the_state_file_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = SsdCache::open(d.path(), id(1), 1, 4 * 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        let ino = || std::fs::metadata(d.path().join("state")).unwrap().ino();
+        let first = ino();
+        c.persist().unwrap();
+        assert_eq!(ino(), first, "no change: the map is not rewritten");
+        let mut w = *b"abcd";
+        {
+            let _g = c.lock_write(1);
+            c.write(1, 0, &IoVec::from_slice(&mut w), Some(&[0u8; 4096])).unwrap();
+        }
+        c.persist().unwrap();
+        let second = ino();
+        assert_ne!(second, first, "a chunk became dirty: the map is rewritten");
+        {
+            let _g = c.lock_write(1);
+            c.write(1, 8, &IoVec::from_slice(&mut w), None).unwrap();
+        }
+        c.persist().unwrap();
+        assert_eq!(ino(), second, "a write into a dirty chunk needs an fsync of data, not a new map");
+        drop(c);
+        let (c, o) = SsdCache::open(d.path(), id(1), 1, 4 * 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        assert_eq!(o, Opened::Reused { cached: 1, dirty: 1 });
+        let mut b = [0u8; 12];
+        c.read(1, 0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        assert_eq!(&b, b"abcd\0\0\0\0abcd");
     }
 
     #[test]
@@ -1449,15 +1574,18 @@ mod tests {
             let _g = c.lock_many(0..3);
             c.zero_chunks(0..3).unwrap();
         }
-        assert_eq!(on_disk(d.path()).states[..3], [ABSENT, ABSENT, ABSENT]);
+        // The stored map stopped calling the partial pages clean before
+        // the hole punch (zeroed chunks read as zeroes whatever the file holds).
+        assert_eq!(on_disk(d.path()).states[..3], [ABSENT, ZERO_DIRTY, ZERO_DIRTY]);
         for i in 0..3 {
-            assert_eq!(c.state(i), DIRTY);
+            assert_eq!(c.state(i), ZERO_DIRTY);
             assert_eq!(c.read_chunk(i).unwrap(), vec![0u8; CS as usize]);
         }
-        assert_eq!((c.partial_chunks(), c.cached_chunks(), c.cached_bytes()), (0, 3, 3 * CS));
+        // Zeroed chunks hold no space.
+        assert_eq!((c.partial_chunks(), c.cached_chunks(), c.cached_bytes(), c.dirty_chunks()), (0, 0, 0, 3));
         c.persist().unwrap();
         let l = on_disk(d.path());
-        assert_eq!((l.states[..3].to_vec(), l.maps.len()), (vec![DIRTY; 3], 0));
+        assert_eq!((l.states[..3].to_vec(), l.maps.len()), (vec![ZERO_DIRTY; 3], 0));
     }
 
     #[test]

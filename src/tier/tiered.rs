@@ -285,7 +285,7 @@ impl TieredStore {
             profile_segments_done: l(&c.profile_segments_done),
             profile_bytes: l(&c.profile_bytes),
             profile_waits: l(&c.profile_waits),
-            dirty_bytes: i.ssd.dirty_chunks() * i.cs,
+            dirty_bytes: i.ssd.dirty_data_chunks() * i.cs,
             sync: i.writeback.as_ref().map(|w| w.status()),
         }
     }
@@ -484,34 +484,48 @@ impl Inner {
             if self.ssd.state(idx) == DIRTY_PARTIAL {
                 let me = self.clone();
                 let b2 = buf.clone();
-                let _ = tokio::task::spawn_blocking(move || me.install(idx, &b2, false)).await;
+                let _ = tokio::task::spawn_blocking(move || me.install(idx, &b2, false, &ChunkRef::Zero)).await;
             }
             return Ok(buf);
         }
-        let fetched = {
-            let _permit = self.fetch_sem.acquire().await;
-            self.vol.fetch_chunk(idx).await
-        };
-        let fetched = fetched.map_err(|e| {
-            Counters::inc(&self.counters.fetch_errors);
-            tracing::warn!(chunk = idx, error = %e, "chunk fetch failed");
-            SharedError(Arc::new(e))
-        })?;
-        Counters::inc(&self.counters.remote_fetches);
-        self.counters.remote_bytes.fetch_add(fetched.wire_bytes, Ordering::Relaxed);
-        let mut data = fetched.data;
-        data.resize(self.cs as usize, 0);
-        let buf: ChunkBuf = Arc::new(RwLock::new(data));
-        let me = self.clone();
-        let b2 = buf.clone();
-        let _ = tokio::task::spawn_blocking(move || me.install(idx, &b2, to_ram)).await;
-        Ok(buf)
+        // A generation committed while the fetch ran may have replaced
+        // this chunk's reference: then the bytes are stale, fetch again.
+        for attempt in 0.. {
+            let fetched = {
+                let _permit = self.fetch_sem.acquire().await;
+                self.vol.fetch_chunk(idx).await
+            };
+            let fetched = fetched.map_err(|e| {
+                Counters::inc(&self.counters.fetch_errors);
+                tracing::warn!(chunk = idx, error = %e, "chunk fetch failed");
+                SharedError(Arc::new(e))
+            })?;
+            Counters::inc(&self.counters.remote_fetches);
+            self.counters.remote_bytes.fetch_add(fetched.wire_bytes, Ordering::Relaxed);
+            let used = fetched.chunk_ref;
+            let mut data = fetched.data;
+            data.resize(self.cs as usize, 0);
+            let buf: ChunkBuf = Arc::new(RwLock::new(data));
+            let me = self.clone();
+            let b2 = buf.clone();
+            let current =
+                tokio::task::spawn_blocking(move || me.install(idx, &b2, to_ram, &used)).await.unwrap_or(false);
+            if current || attempt >= 3 {
+                return Ok(buf);
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// Puts a fetched chunk in the SSD tier (and RAM), unless a write made
     /// it local meanwhile — then the local copy is newer and wins.
-    fn install(&self, idx: u64, buf: &ChunkBuf, to_ram: bool) {
+    /// Returns false when `used`, the reference the bytes were fetched by,
+    /// is no longer the chunk's (a commit replaced it): nothing is kept then.
+    fn install(&self, idx: u64, buf: &ChunkBuf, to_ram: bool, used: &ChunkRef) -> bool {
         let _g = self.ssd.lock_write(idx);
+        if !self.vol.chunk_ref(idx).same_bytes(used) {
+            return false;
+        }
         if self.ssd.state(idx) == DIRTY_PARTIAL {
             // Local changes in some pages: the fetched bytes fill only the
             // others (and never go to RAM as they are: they are not the
@@ -519,10 +533,10 @@ impl Inner {
             if let Err(e) = self.ssd.fill_missing(idx, &buf.read()) {
                 tracing::warn!(chunk = idx, error = %e, "could not complete a partly written chunk in the SSD cache");
             }
-            return;
+            return true;
         }
         if self.ssd.has_chunk(idx) {
-            return;
+            return true;
         }
         if let Err(e) = self.ssd.install_clean(idx, &buf.read()) {
             // The read still succeeds from the fetched bytes; the cache just
@@ -532,6 +546,7 @@ impl Inner {
         if to_ram {
             self.ram.insert(idx, buf.clone());
         }
+        true
     }
 
     /// Runs `fut` on the store's runtime and blocks this (non-runtime)
@@ -695,6 +710,7 @@ impl Inner {
             let pages = self.ssd.whole_pages(p.idx, p.off as u64, p.len as u64);
             loop {
                 // The read half of read-modify-write, outside the lock.
+                let fill_gen = self.vol.generation();
                 let fill = if !whole && !pages && !self.ssd.has_chunk(p.idx) {
                     if self.is_zero(p.idx) {
                         Some(self.zero_buf())
@@ -711,6 +727,10 @@ impl Inner {
                 let _g = self.ssd.lock_write(p.idx);
                 if !whole && !pages && fill.is_none() && !self.ssd.has_chunk(p.idx) {
                     // Evicted between the check and the lock: fetch again.
+                    continue;
+                }
+                if fill.is_some() && self.vol.generation() != fill_gen {
+                    // A commit landed since the fetch: its bytes may be stale.
                     continue;
                 }
                 self.before_modify(p.idx)?;

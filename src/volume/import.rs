@@ -71,8 +71,14 @@ async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<()> {
     Ok(())
 }
 
-/// Writes the header, then the manifest (the commit point).
+/// Writes the header, then the manifest (the commit point). The manifest
+/// names the slot of generation 2, so write-back's first commit is fenced
+/// on stores whose names are not unique (Drive) as every later one is.
 async fn commit_new(remote: &DynRemote, url: &str, header: &VolumeHeader, manifest: &Manifest) -> VolumeResult<()> {
+    let mut manifest = manifest.clone();
+    let next = gen_key(manifest.generation + 1);
+    manifest.next_slot =
+        remote.reserve(&next).await.map_err(|e| VolumeError::remote(format!("reserving {url}/{next}"), e))?;
     remote
         .put(HEADER_KEY, PutBody::from_bytes(header.to_bytes()))
         .await

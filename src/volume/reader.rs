@@ -58,6 +58,9 @@ pub struct VolumeReader {
 
 /// What one chunk fetch returned.
 pub struct Fetched {
+    /// The reference the bytes were fetched by (a commit may replace it
+    /// while the fetch is under way).
+    pub chunk_ref: ChunkRef,
     /// The uncompressed chunk, exactly `chunk_len(idx)` bytes.
     pub data: Vec<u8>,
     /// Bytes that crossed the link (compressed size for packs).
@@ -250,7 +253,14 @@ impl VolumeReader {
         let m = self.manifest.load_full();
         let start = idx.saturating_mul(self.chunk_size());
         let want = m.image_len.saturating_sub(start).min(self.chunk_size()) as usize;
-        match m.chunk(idx, self.base.is_some()) {
+        let r = m.chunk(idx, self.base.is_some());
+        let mut f = self.fetch_ref(&m, idx, r.clone(), want).await?;
+        f.chunk_ref = r;
+        Ok(f)
+    }
+
+    async fn fetch_ref(&self, m: &Manifest, idx: u64, r: ChunkRef, want: usize) -> VolumeResult<Fetched> {
+        match r {
             ChunkRef::Patched { base, pack, offset, len, runs, sha256 } => {
                 let (b, p) =
                     futures::join!(self.fetch_plain(&m, idx, &base, want), self.read_frame(&m, idx, pack, offset, len));
@@ -275,9 +285,9 @@ impl VolumeReader {
                     return Err(corrupt(format!("patched chunk's sha256 mismatch: expected {sha256}, got {got}")));
                 }
                 b.data.truncate(want);
-                Ok(Fetched { data: b.data, wire_bytes: b.wire_bytes + len })
+                Ok(Fetched { data: b.data, wire_bytes: b.wire_bytes + len, chunk_ref: ChunkRef::Zero })
             }
-            r => self.fetch_plain(&m, idx, &r, want).await,
+            r => self.fetch_plain(m, idx, &r, want).await,
         }
     }
 
@@ -304,7 +314,7 @@ impl VolumeReader {
     /// A chunk that is zero, from the base, or packed whole.
     async fn fetch_plain(&self, m: &Manifest, idx: u64, r: &ChunkRef, want: usize) -> VolumeResult<Fetched> {
         match r {
-            ChunkRef::Zero => Ok(Fetched { data: vec![0; want], wire_bytes: 0 }),
+            ChunkRef::Zero => Ok(Fetched { data: vec![0; want], wire_bytes: 0, chunk_ref: ChunkRef::Zero }),
             ChunkRef::Base => {
                 let base = self.base.as_ref().ok_or_else(|| VolumeError::CorruptManifest {
                     url: self.url.clone(),
@@ -320,7 +330,7 @@ impl VolumeReader {
                 // zeroes past its end.
                 let mut data = got.to_vec();
                 data.resize(want, 0);
-                Ok(Fetched { data, wire_bytes: wire })
+                Ok(Fetched { data, wire_bytes: wire, chunk_ref: ChunkRef::Zero })
             }
             ChunkRef::Packed { pack, offset, len, sha256 } => {
                 let frame = self.read_frame(m, idx, *pack, *offset, *len).await?;
@@ -334,7 +344,7 @@ impl VolumeReader {
                     }
                 })?;
                 data.resize(want, 0);
-                Ok(Fetched { data, wire_bytes: *len })
+                Ok(Fetched { data, wire_bytes: *len, chunk_ref: ChunkRef::Zero })
             }
             ChunkRef::Patched { .. } => Err(VolumeError::CorruptManifest {
                 url: self.url.clone(),
