@@ -1,0 +1,494 @@
+//! The `gdrive:` backend: a volume is a Drive folder, an object is a file
+//! in it named by its key; a base image may be one file by id. Implements
+//! the [`Remote`] trait's semantics on a store whose names are not unique:
+//! keys are looked up (and duplicates reported), puts replace in place and
+//! are made idempotent with pre-generated ids, and creates at a reserved
+//! slot (a `files.generateIds` id) are the commit fence — a second create
+//! with that id answers 409.
+
+pub mod api;
+pub mod auth;
+pub mod pacer;
+pub mod path;
+pub mod upload;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Weak};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use md5::{Digest, Md5};
+
+use self::api::{ApiError, DriveApi, DriveFile, ErrorKind, TAG_PROPERTY};
+use self::path::{resolve, unique, DriveLocation, DriveRoot, Folder};
+use super::config::DriveConfig;
+use super::{ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
+
+pub use self::path::DriveLocation as Location;
+
+/// One [`DriveApi`] per distinct configuration, so every remote of one
+/// account (a volume and its base) shares the pacer, the token and the
+/// connection pool.
+pub fn api_for(cfg: &DriveConfig) -> Arc<DriveApi> {
+    static CLIENTS: parking_lot::Mutex<Vec<(DriveConfig, Weak<DriveApi>)>> = parking_lot::Mutex::new(Vec::new());
+    let mut clients = CLIENTS.lock();
+    clients.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(a) = clients.iter().find(|(c, _)| c == cfg).and_then(|(_, w)| w.upgrade()) {
+        return a;
+    }
+    let a = Arc::new(DriveApi::new(cfg));
+    clients.push((cfg.clone(), Arc::downgrade(&a)));
+    a
+}
+
+/// What a remote is rooted at.
+#[derive(Debug, Clone)]
+enum Target {
+    /// A folder named by a path; resolved at first use.
+    Folder { root: DriveRoot, names: Vec<String> },
+    /// One file by id (read-only; its key is its id).
+    File { id: String },
+}
+
+/// A Drive folder (or single file) as a [`Remote`].
+pub struct GDriveRemote {
+    api: Arc<DriveApi>,
+    target: Target,
+    name: String,
+    /// The folder once resolved (single flight: the lock is held while
+    /// resolving, so concurrent first calls do not each create it).
+    folder: tokio::sync::Mutex<Option<Folder>>,
+    /// key -> file id of objects known to exist. Names of objects are
+    /// never changed by driveblk, so an id stays right until a delete.
+    ids: parking_lot::Mutex<HashMap<String, String>>,
+    /// key -> the pre-generated id a create of that key uses, kept until it
+    /// lands, so a put retried after a lost reply reuses it (409, not a
+    /// duplicate file).
+    pending: parking_lot::Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for GDriveRemote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl GDriveRemote {
+    /// The folder `location` names (a volume). For `gdrive:file=` this
+    /// remote is the single file.
+    pub fn folder(location: &DriveLocation, cfg: &DriveConfig) -> Self {
+        let target = match location {
+            DriveLocation::Path { root, dirs, name } => {
+                let mut names = dirs.clone();
+                names.push(name.clone());
+                Target::Folder { root: root.clone(), names }
+            }
+            DriveLocation::File { id } => Target::File { id: id.clone() },
+        };
+        Self::new(target, location.to_string(), cfg)
+    }
+
+    /// The parent folder of the object `location` names, and its key (how a
+    /// base image is opened). For `gdrive:file=ID` the remote is the file
+    /// and the key is its id.
+    pub fn object(location: &DriveLocation, cfg: &DriveConfig) -> (Self, String) {
+        match location {
+            DriveLocation::Path { root, dirs, name } => {
+                let shown = match root {
+                    DriveRoot::MyDrive => format!("gdrive:/{}", dirs.join("/")),
+                    DriveRoot::Id(id) if dirs.is_empty() => format!("gdrive:id={id}"),
+                    DriveRoot::Id(id) => format!("gdrive:id={id}/{}", dirs.join("/")),
+                };
+                let t = Target::Folder { root: root.clone(), names: dirs.clone() };
+                (Self::new(t, shown, cfg), name.clone())
+            }
+            DriveLocation::File { id } => {
+                (Self::new(Target::File { id: id.clone() }, location.to_string(), cfg), id.clone())
+            }
+        }
+    }
+
+    fn new(target: Target, name: String, cfg: &DriveConfig) -> Self {
+        Self {
+            api: api_for(cfg),
+            target,
+            name,
+            folder: tokio::sync::Mutex::new(None),
+            ids: parking_lot::Mutex::new(HashMap::new()),
+            pending: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The account connection (for `selftest` and `auth status`).
+    pub fn api(&self) -> &Arc<DriveApi> {
+        &self.api
+    }
+
+    fn err(&self, op: &'static str, key: &str, e: ApiError) -> RemoteError {
+        let (remote, key) = (self.name.clone(), key.to_string());
+        let message = e.to_string();
+        match e.kind {
+            ErrorKind::Transient => RemoteError::Transient { remote, op, key, message, retry_after: e.retry_after },
+            ErrorKind::Quota => RemoteError::Quota { remote, op, key, message },
+            ErrorKind::Auth => RemoteError::Auth { remote, op, key, message },
+            ErrorKind::NotFound => RemoteError::NotFound { remote, key },
+            ErrorKind::Conflict | ErrorKind::RangeNotSatisfiable | ErrorKind::Abusive | ErrorKind::Fatal => {
+                RemoteError::Fatal { remote, op, key, message }
+            }
+        }
+    }
+
+    fn fatal(&self, op: &'static str, key: &str, message: impl Into<String>) -> RemoteError {
+        RemoteError::Fatal { remote: self.name.clone(), op, key: key.to_string(), message: message.into() }
+    }
+
+    fn not_found(&self, key: &str) -> RemoteError {
+        RemoteError::NotFound { remote: self.name.clone(), key: key.to_string() }
+    }
+
+    /// Refuses writes to a single-file remote.
+    fn writable(&self, op: &'static str, key: &str) -> RemoteResult<()> {
+        match &self.target {
+            Target::Folder { .. } => Ok(()),
+            Target::File { .. } => Err(self.fatal(op, key, "gdrive:file= names one existing file, which driveblk never writes; a volume needs a folder (gdrive:/path or gdrive:id=FOLDER/NAME)")),
+        }
+    }
+
+    /// The folder, resolved once; `create` makes missing folders (writes
+    /// do, reads never do). `None`: it does not exist (yet).
+    async fn folder_id(&self, op: &'static str, key: &str, create: bool) -> RemoteResult<Option<Folder>> {
+        let (root, names) = match &self.target {
+            Target::Folder { root, names } => (root, names),
+            Target::File { .. } => return Err(self.fatal(op, key, "a gdrive:file= remote has no folder")),
+        };
+        let mut g = self.folder.lock().await;
+        if let Some(f) = g.as_ref() {
+            return Ok(Some(f.clone()));
+        }
+        let f = resolve(&self.api, root, names, create).await.map_err(|e| self.err(op, key, e))?;
+        if let Some(f) = &f {
+            tracing::debug!(remote = %self.name, id = %f.id, "resolved Drive folder");
+            *g = Some(f.clone());
+        }
+        Ok(f)
+    }
+
+    /// The file named `key` in the folder, looked up by name (this lags
+    /// behind creates; see `head_created`). Duplicates are an error.
+    async fn lookup(&self, op: &'static str, key: &str) -> RemoteResult<Option<DriveFile>> {
+        if let Target::File { id } = &self.target {
+            if key != id {
+                return Err(self.not_found(key));
+            }
+            return self.get_by_id(op, key, id).await.map(Some).or_else(|e| {
+                if e.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            });
+        }
+        let Some(folder) = self.folder_id(op, key, false).await? else { return Ok(None) };
+        let q = format!(
+            "name = '{}' and '{}' in parents and trashed = false",
+            api::q_escape(key),
+            api::q_escape(&folder.id)
+        );
+        let files = self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err(op, key, e))?;
+        let files: Vec<DriveFile> = files.into_iter().filter(|f| !f.is_folder()).collect();
+        let f = unique(files, key, &self.name).map_err(|e| self.err(op, key, e))?;
+        if let Some(f) = &f {
+            self.ids.lock().insert(key.to_string(), f.id.clone());
+        }
+        Ok(f)
+    }
+
+    /// files.get by id; a trashed file counts as absent.
+    async fn get_by_id(&self, op: &'static str, key: &str, id: &str) -> RemoteResult<DriveFile> {
+        let f = self.api.get_file(id).await.map_err(|e| self.err(op, key, e))?;
+        if f.trashed {
+            return Err(self.not_found(key));
+        }
+        Ok(f)
+    }
+
+    /// Current metadata of `key`: through its cached id when known (a
+    /// files.get, fresh), else by name.
+    async fn find(&self, op: &'static str, key: &str) -> RemoteResult<DriveFile> {
+        let cached = self.ids.lock().get(key).cloned();
+        if let Some(id) = cached {
+            match self.get_by_id(op, key, &id).await {
+                Ok(f) => return Ok(f),
+                // Deleted behind our back: forget the id, look again.
+                Err(e) if e.is_not_found() => {
+                    self.ids.lock().remove(key);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.lookup(op, key).await?.ok_or_else(|| self.not_found(key))
+    }
+
+    /// The id of `key` (cached, or looked up).
+    async fn find_id(&self, op: &'static str, key: &str) -> RemoteResult<String> {
+        if let Target::File { id } = &self.target {
+            return if key == id { Ok(id.clone()) } else { Err(self.not_found(key)) };
+        }
+        if let Some(id) = self.ids.lock().get(key).cloned() {
+            return Ok(id);
+        }
+        Ok(self.lookup(op, key).await?.ok_or_else(|| self.not_found(key))?.id)
+    }
+
+    fn meta(&self, key: &str, f: &DriveFile) -> ObjectMeta {
+        ObjectMeta {
+            key: key.to_string(),
+            size: f.size(),
+            version: f.content_version(),
+            sha256: f.sha256_checksum.clone(),
+            tag: f.tag(),
+            created_ms: f.created_ms(),
+        }
+    }
+
+    /// Uploads `body` as a new file (`meta` names id, name, parents) or as
+    /// the new content of `existing`: one request when small, else a
+    /// resumable session. Checks Drive's md5 against the bytes sent.
+    async fn upload(
+        &self,
+        meta: &serde_json::Value,
+        existing: Option<&str>,
+        body: &PutBody,
+    ) -> Result<DriveFile, ApiError> {
+        let small = body.len().is_some_and(|n| n <= self.api.cfg.resumable_threshold);
+        if small {
+            let data = super::collect_body(body)
+                .await
+                .map_err(|e| ApiError::new(ErrorKind::Fatal, format!("reading the upload's body: {e}")))?;
+            let md5 = hex::encode(Md5::digest(&data));
+            let len = data.len() as u64;
+            let f = self.api.upload_simple(meta, existing, Bytes::from(data)).await?;
+            upload::check_landed(&f, len, &md5)?;
+            Ok(f)
+        } else {
+            Ok(upload::resumable(&self.api, meta, existing, body).await?.0)
+        }
+    }
+
+    /// Creates `key` with the pre-generated `id` (and `tag`), answering
+    /// `Err(Conflict)` if a file with that id exists already.
+    async fn create_with_id(
+        &self,
+        folder: &Folder,
+        key: &str,
+        id: &str,
+        tag: Option<&str>,
+        body: &PutBody,
+    ) -> Result<DriveFile, ApiError> {
+        let mut meta = serde_json::json!({ "id": id, "name": key, "parents": [folder.id] });
+        if let Some(t) = tag {
+            meta["appProperties"] = serde_json::json!({ TAG_PROPERTY: t });
+        }
+        self.upload(&meta, None, body).await
+    }
+
+    /// md5 and length of a body (to recognise a landed earlier attempt).
+    async fn body_md5(body: &PutBody) -> std::io::Result<(String, u64)> {
+        use futures::StreamExt;
+        let mut h = Md5::new();
+        let mut n = 0u64;
+        let mut s = body.stream();
+        while let Some(c) = s.next().await {
+            let c = c?;
+            n += c.len() as u64;
+            h.update(&c);
+        }
+        Ok((hex::encode(h.finalize()), n))
+    }
+}
+
+#[async_trait]
+impl Remote for GDriveRemote {
+    async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        let id = self.find_id("get_range", key).await?;
+        match self.api.read_range(&id, range.clone()).await {
+            Ok(b) => Ok(b),
+            // A cached id whose file was deleted: look the key up afresh once.
+            Err(e) if e.kind == ErrorKind::NotFound && matches!(self.target, Target::Folder { .. }) => {
+                self.ids.lock().remove(key);
+                let id = self.find_id("get_range", key).await?;
+                self.api.read_range(&id, range).await.map_err(|e| self.err("get_range", key, e))
+            }
+            Err(e) => Err(self.err("get_range", key, e)),
+        }
+    }
+
+    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
+        let f = self.find("get", key).await?;
+        if f.size() == 0 {
+            return Ok(Bytes::new());
+        }
+        self.api.read_all(&f.id, f.size()).await.map_err(|e| self.err("get", key, e))
+    }
+
+    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        self.writable("put", key)?;
+        let folder =
+            self.folder_id("put", key, true).await?.ok_or_else(|| self.fatal("put", key, "folder vanished"))?;
+        let cached = self.ids.lock().get(key).cloned();
+        let existing = match cached {
+            Some(id) => Some(id),
+            None => self.lookup("put", key).await?.map(|f| f.id),
+        };
+        if let Some(id) = existing {
+            // Keys are unique: a put to an existing key replaces its content.
+            let f = self.upload(&serde_json::json!({}), Some(&id), &body).await.map_err(|e| self.err("put", key, e))?;
+            return Ok(self.meta(key, &f));
+        }
+        let pending = self.pending.lock().get(key).cloned();
+        let id = match pending {
+            Some(id) => id,
+            None => {
+                let id = self.api.new_id().await.map_err(|e| self.err("put", key, e))?;
+                self.pending.lock().entry(key.to_string()).or_insert(id).clone()
+            }
+        };
+        let f = match self.create_with_id(&folder, key, &id, None, &body).await {
+            Ok(f) => f,
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                // An earlier attempt of this put landed (its reply was
+                // lost): the same bytes are done; other bytes replace them.
+                let f = self.api.get_file(&id).await.map_err(|e| self.err("put", key, e))?;
+                let (md5, len) = Self::body_md5(&body).await.map_err(|e| self.fatal("put", key, e.to_string()))?;
+                if f.size() == len && f.md5_checksum.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(&md5)) {
+                    f
+                } else {
+                    self.upload(&serde_json::json!({}), Some(&id), &body).await.map_err(|e| self.err("put", key, e))?
+                }
+            }
+            Err(e) => return Err(self.err("put", key, e)),
+        };
+        self.ids.lock().insert(key.to_string(), f.id.clone());
+        self.pending.lock().remove(key);
+        Ok(self.meta(key, &f))
+    }
+
+    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
+        let f = self.find("head", key).await?;
+        Ok(self.meta(key, &f))
+    }
+
+    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        if let Target::File { id } = &self.target {
+            return match self.lookup("list", id).await? {
+                Some(f) if id.starts_with(prefix) => Ok(vec![self.meta(id, &f)]),
+                _ => Ok(Vec::new()),
+            };
+        }
+        let Some(folder) = self.folder_id("list", prefix, false).await? else { return Ok(Vec::new()) };
+        let q = format!("'{}' in parents and trashed = false", api::q_escape(&folder.id));
+        let files = self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err("list", prefix, e))?;
+        let mut by_name: HashMap<String, Vec<DriveFile>> = HashMap::new();
+        for f in files.into_iter().filter(|f| !f.is_folder() && f.name.starts_with(prefix)) {
+            by_name.entry(f.name.clone()).or_default().push(f);
+        }
+        let mut out = Vec::with_capacity(by_name.len());
+        for (name, files) in by_name {
+            let f = unique(files, &name, &self.name).map_err(|e| self.err("list", &name, e))?.expect("non-empty");
+            self.ids.lock().insert(name.clone(), f.id.clone());
+            out.push(self.meta(&name, &f));
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> RemoteResult<()> {
+        self.writable("delete", key)?;
+        let id = match self.find_id("delete", key).await {
+            Ok(id) => id,
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.api.delete(&id).await.map_err(|e| self.err("delete", key, e))?;
+        self.ids.lock().remove(key);
+        Ok(())
+    }
+
+    /// A file id from `files.generateIds`: creating with it is exclusive.
+    async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
+        self.writable("reserve", key)?;
+        Ok(Some(Slot(self.api.new_id().await.map_err(|e| self.err("reserve", key, e))?)))
+    }
+
+    /// With a slot: files.create with that id; Drive answers 409 to every
+    /// later create with it, which is the fence. Without a slot: best
+    /// effort only (look for the name, then create) — Drive names are not
+    /// unique, so two writers could both succeed; callers that need a
+    /// fence reserve a slot.
+    async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        self.writable("create", key)?;
+        let folder =
+            self.folder_id("create", key, true).await?.ok_or_else(|| self.fatal("create", key, "folder vanished"))?;
+        let id = match slot {
+            Some(s) => s.0.clone(),
+            None => {
+                if let Some(f) = self.lookup("create", key).await? {
+                    return Err(RemoteError::AlreadyExists {
+                        remote: self.name.clone(),
+                        key: key.into(),
+                        tag: f.tag(),
+                    });
+                }
+                let pending = self.pending.lock().get(key).cloned();
+                match pending {
+                    Some(id) => id,
+                    None => {
+                        let id = self.api.new_id().await.map_err(|e| self.err("create", key, e))?;
+                        self.pending.lock().entry(key.to_string()).or_insert(id).clone()
+                    }
+                }
+            }
+        };
+        match self.create_with_id(&folder, key, &id, Some(tag), &body).await {
+            Ok(f) => {
+                self.ids.lock().insert(key.to_string(), f.id.clone());
+                self.pending.lock().remove(key);
+                Ok(ObjectMeta { tag: Some(tag.to_string()), ..self.meta(key, &f) })
+            }
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                let f = self.api.get_file(&id).await.map_err(|e| self.err("create", key, e))?;
+                Err(RemoteError::AlreadyExists { remote: self.name.clone(), key: key.into(), tag: f.tag() })
+            }
+            Err(e) => Err(self.err("create", key, e)),
+        }
+    }
+
+    /// files.get on the slot's id: follows a create at once, where a
+    /// listing may lag behind it.
+    async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
+        let Some(slot) = slot else { return self.head(key).await };
+        let f = self.get_by_id("head_created", key, &slot.0).await?;
+        if f.name != key {
+            return Err(self.fatal(
+                "head_created",
+                key,
+                format!("slot {} holds a file named {:?}, not this key", slot.0, f.name),
+            ));
+        }
+        Ok(self.meta(key, &f))
+    }
+
+    async fn get_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<Bytes> {
+        let Some(s) = slot else { return self.get(key).await };
+        let m = self.head_created(key, slot).await?;
+        if m.size == 0 {
+            return Ok(Bytes::new());
+        }
+        self.api.read_all(&s.0, m.size).await.map_err(|e| self.err("get_created", key, e))
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
