@@ -606,6 +606,21 @@ impl DriveApi {
         }
     }
 
+    /// One ranged read as Drive answers it: status, `Content-Range`, body
+    /// length (for `selftest`).
+    pub async fn probe_range(&self, id: &str, range: Range<u64>) -> Result<(u16, Option<String>, usize), ApiError> {
+        let url = self.url(&self.file_url(id), &[("alt", "media"), ("supportsAllDrives", "true")]);
+        let header = format!("bytes={}-{}", range.start, range.end.saturating_sub(1));
+        let t = self.cfg.request_timeout;
+        let resp = self
+            .send(|tok| self.req(Method::GET, &url, tok, t).header(RANGE, header.as_str()), |s| s.is_success(), false)
+            .await?;
+        let status = resp.status().as_u16();
+        let cr = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let n = resp.bytes().await.map_err(ApiError::transport)?.len();
+        Ok((status, cr, n))
+    }
+
     /// The whole content of file `id`, without a Range header (which an
     /// empty file would answer with 416).
     pub async fn read_all(&self, id: &str, size_hint: u64) -> Result<Bytes, ApiError> {

@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod pacer;
 pub mod path;
+pub mod selftest;
 pub mod upload;
 
 use std::collections::HashMap;

@@ -54,7 +54,7 @@ pub fn next_offset(range: Option<&str>) -> Option<u64> {
 }
 
 /// What one chunk request (or status query) got back.
-enum ChunkAnswer {
+pub(crate) enum ChunkAnswer {
     Done(DriveFile),
     /// 308: the session has everything before this offset.
     Continue(u64),
@@ -217,7 +217,7 @@ pub fn check_landed(f: &DriveFile, len: u64, md5_hex: &str) -> Result<(), ApiErr
     Ok(())
 }
 
-async fn put_chunk(
+pub(crate) async fn put_chunk(
     api: &DriveApi,
     uri: &str,
     start: u64,
@@ -245,7 +245,7 @@ async fn put_chunk(
 }
 
 /// Asks the session how much it has.
-async fn query_status(api: &DriveApi, uri: &str, total: Option<u64>) -> Result<ChunkAnswer, ApiError> {
+pub(crate) async fn query_status(api: &DriveApi, uri: &str, total: Option<u64>) -> Result<ChunkAnswer, ApiError> {
     let cr = chunk_content_range(0, 0, total);
     let t = api.cfg.request_timeout;
     let resp = api
