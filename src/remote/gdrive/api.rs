@@ -749,6 +749,36 @@ mod tests {
         assert_eq!(q_escape(r"it's a\b"), r"it\'s a\\b");
     }
 
+    fn response(status: u16, content_range: Option<&str>, body: &'static [u8]) -> Response {
+        let mut b = http::Response::builder().status(status);
+        if let Some(cr) = content_range {
+            b = b.header("Content-Range", cr);
+        }
+        Response::from(b.body(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn gdrive_ranged_reads_take_only_the_asked_bytes() {
+        // 206 with the asked range.
+        let r = read_ranged_body(response(206, Some("bytes 2-4/10"), b"234"), 2..5).await.unwrap();
+        assert_eq!(&r[..], b"234");
+        // 206 cut at the end of the file.
+        let r = read_ranged_body(response(206, Some("bytes 8-9/10"), b"89"), 8..20).await.unwrap();
+        assert_eq!(&r[..], b"89");
+        // 206 for another range than asked is refused (retryable).
+        let e = read_ranged_body(response(206, Some("bytes 0-2/10"), b"012"), 2..5).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient);
+        // 206 without Content-Range is refused.
+        assert!(read_ranged_body(response(206, None, b"234"), 2..5).await.is_err());
+        // A short body is refused.
+        assert!(read_ranged_body(response(206, Some("bytes 2-4/10"), b"23"), 2..5).await.is_err());
+        // 200: the range was ignored; only the asked bytes are kept.
+        let r = read_ranged_body(response(200, None, b"0123456789"), 2..5).await.unwrap();
+        assert_eq!(&r[..], b"234");
+        let r = read_ranged_body(response(200, None, b"0123456789"), 8..20).await.unwrap();
+        assert_eq!(&r[..], b"89");
+    }
+
     #[test]
     fn gdrive_file_fields() {
         let f: DriveFile = serde_json::from_str(

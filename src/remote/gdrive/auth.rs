@@ -226,6 +226,7 @@ impl Auth {
                 let a = auth
                     .get_or_try_init(|| async {
                         yup_oauth2::ServiceAccountAuthenticator::builder((**key).clone())
+                            .with_timeout(Duration::from_secs(30))
                             .build()
                             .await
                             .map_err(|e| AuthError::Config(format!("service-account authenticator: {e}")))

@@ -344,8 +344,15 @@ impl Remote for GDriveRemote {
         };
         if let Some(id) = existing {
             // Keys are unique: a put to an existing key replaces its content.
-            let f = self.upload(&serde_json::json!({}), Some(&id), &body).await.map_err(|e| self.err("put", key, e))?;
-            return Ok(self.meta(key, &f));
+            match self.upload(&serde_json::json!({}), Some(&id), &body).await {
+                Ok(f) => return Ok(self.meta(key, &f)),
+                // Deleted since it was seen (a lagging listing, another
+                // host): create it afresh below.
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    self.ids.lock().remove(key);
+                }
+                Err(e) => return Err(self.err("put", key, e)),
+            }
         }
         let pending = self.pending.lock().get(key).cloned();
         let id = match pending {
