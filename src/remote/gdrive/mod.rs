@@ -500,3 +500,49 @@ impl Remote for GDriveRemote {
         self.name.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::config::{DriveCredentials, PacerConfig};
+
+    /// A put whose first attempt landed but whose reply was lost is
+    /// retried: the retry reuses the key's pre-generated id, gets 409, and
+    /// recognises the file instead of making a second one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gdrive_put_retried_after_a_lost_reply_makes_no_duplicate() {
+        let lagging = driveemu::Config { listing_lag: std::time::Duration::from_secs(2), ..Default::default() };
+        let emu = driveemu::Emulator::start(lagging).await.unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let key_file = d.path().join("sa.json");
+        std::fs::write(&key_file, emu.service_account_key_json()).unwrap();
+        let cfg = DriveConfig {
+            api_url: emu.base_url(),
+            credentials: DriveCredentials::File(key_file),
+            pacer: PacerConfig { rate: 1000.0, burst: 1000 },
+            ..DriveConfig::default()
+        };
+        let loc = DriveLocation::parse("/vol").unwrap();
+        let r = GDriveRemote::folder(&loc, &cfg);
+        let body = PutBody::from_bytes(b"pack bytes".to_vec());
+        r.put("pack-0", body.clone()).await.unwrap();
+        // The first attempt of "pack-1": its id is taken, and the file
+        // lands, but the caller never hears back.
+        let folder = r.folder_id("put", "pack-1", true).await.unwrap().unwrap();
+        let id = r.api.new_id().await.unwrap();
+        r.pending.lock().insert("pack-1".into(), id.clone());
+        r.create_with_id(&folder, "pack-1", &id, None, &body).await.unwrap();
+        // The retry: the listing does not show the file yet, so only the
+        // remembered id saves us from a second file.
+        r.put("pack-1", body.clone()).await.unwrap();
+        // Once the listing has caught up, the key must name one file.
+        tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+        let other = GDriveRemote::folder(&loc, &cfg);
+        let listed: Vec<_> = other.list("pack-1").await.unwrap().into_iter().map(|m| m.key).collect();
+        assert_eq!(listed, vec!["pack-1"]);
+        assert_eq!(other.find_id("head", "pack-1").await.unwrap(), id);
+        // Three uploads: pack-0, pack-1, and the retry answered 409; the
+        // same bytes are not uploaded again.
+        assert_eq!(emu.stats().requests.get("upload multipart").copied(), Some(3), "{:?}", emu.stats().requests);
+    }
+}
