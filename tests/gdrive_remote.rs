@@ -186,3 +186,40 @@ async fn gdrive_short_token_lifetime_is_refreshed() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(r.get_range("a", 0..100).await.unwrap().len(), 100);
 }
+
+/// The pacer keeps one account under Drive's per-user request limit: set
+/// to the emulator's limit, a burst of parallel requests draws no
+/// rate-limit answer; with pacing off, the same burst does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_pacer_keeps_under_the_per_user_limit() {
+    use driveblk::remote::config::PacerConfig;
+    let limit = driveemu::RateLimit { per_second: 50.0, burst: 20 };
+    let emu_cfg = driveemu::Config { rate_limit: Some(limit), ..Default::default() };
+    let mut env = start(emu_cfg, Creds::User);
+    let burst = |env: &gdrive_support::DriveEnv, url: &'static str| {
+        let r = folder(env, url);
+        async move {
+            r.put("x", PutBody::from_bytes(data(1, 10))).await.ok();
+            let t0 = std::time::Instant::now();
+            let reads = (0..100).map(|_| {
+                let r = r.clone();
+                async move { r.get_range("x", 0..10).await }
+            });
+            let results = futures::future::join_all(reads).await;
+            (results.iter().filter(|r| r.is_err()).count(), t0.elapsed())
+        }
+    };
+    // Paced at 90% of the limit.
+    env.cfg.drive.pacer = PacerConfig { rate: 45.0, burst: 15 };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (failed, took) = burst(&env, "gdrive:/paced/vol").await;
+    let st = env.emu.stats();
+    assert_eq!((failed, st.rate_limited_403 + st.rate_limited_429), (0, 0), "{st:?}");
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    // Unpaced: Drive pushes back.
+    env.cfg.drive.pacer = PacerConfig { rate: 100_000.0, burst: 100_000 };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (failed, _) = burst(&env, "gdrive:/unpaced/vol").await;
+    let st = env.emu.stats();
+    assert!(failed > 0 && st.rate_limited_403 + st.rate_limited_429 > 0, "{st:?}");
+}

@@ -14,7 +14,8 @@ use tokio::time::Instant;
 
 use crate::remote::config::{default_token_file, DriveConfig, DriveCredentials, DEFAULT_TOKEN_URI};
 
-/// Refresh this long before a token's stated expiry.
+/// Refresh this long before a token's stated expiry (a quarter of a
+/// shorter lifetime).
 const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 
 /// Why no token could be had.
@@ -120,7 +121,8 @@ enum Source {
 /// A cached access token.
 struct Cached {
     token: String,
-    expires: Instant,
+    /// When to stop using it: its expiry less a safety margin.
+    refresh_at: Instant,
 }
 
 /// Bearer tokens for one account.
@@ -199,13 +201,14 @@ impl Auth {
     pub async fn token(&self) -> Result<String, AuthError> {
         let mut cached = self.cached.lock().await;
         if let Some(c) = cached.as_ref() {
-            if c.expires > Instant::now() + REFRESH_MARGIN {
+            if Instant::now() < c.refresh_at {
                 return Ok(c.token.clone());
             }
         }
         let force = self.force_next.swap(false, std::sync::atomic::Ordering::SeqCst);
         let (token, lifetime) = self.fetch(force).await?;
-        *cached = Some(Cached { token: token.clone(), expires: Instant::now() + lifetime });
+        let margin = REFRESH_MARGIN.min(lifetime / 4);
+        *cached = Some(Cached { token: token.clone(), refresh_at: Instant::now() + lifetime - margin });
         Ok(token)
     }
 
