@@ -223,3 +223,57 @@ async fn gdrive_pacer_keeps_under_the_per_user_limit() {
     let st = env.emu.stats();
     assert!(failed > 0 && st.rate_limited_403 + st.rate_limited_429 > 0, "{st:?}");
 }
+
+/// An upload whose session expires mid-way (404) starts a new session and
+/// still lands whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_upload_restarts_when_its_session_is_gone() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    let env = Arc::new(start(driveemu::Config::default(), Creds::User));
+    let r = folder(&env, "gdrive:/sess/vol");
+    let body = data(11, (1 << 20) + 7);
+    let sessions = Arc::new(AtomicU32::new(0));
+    let (e2, b2, s2) = (env.clone(), Bytes::from(body.clone()), sessions.clone());
+    let put_body = PutBody::from_stream_fn(Some(body.len() as u64), move || {
+        let first = s2.fetch_add(1, Ordering::SeqCst) == 0;
+        let (env, b) = (e2.clone(), b2.clone());
+        let parts: Vec<Bytes> = b.chunks(300 << 10).map(Bytes::copy_from_slice).collect();
+        Box::pin(futures::stream::iter(parts.into_iter().enumerate().map(move |(i, p)| {
+            // The first session expires once two chunks are on their way.
+            if first && i == 2 {
+                env.emu.faults().expire_upload_sessions();
+            }
+            Ok(p)
+        })))
+    });
+    let m = r.put("pack-big", put_body).await.unwrap();
+    assert_eq!(m.size, body.len() as u64);
+    assert_eq!(sessions.load(Ordering::SeqCst), 2, "one restart");
+    assert_eq!(&r.get("pack-big").await.unwrap()[..], &body[..]);
+}
+
+/// Files Drive flags as abusive are read with acknowledgeAbuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_abusive_flag_is_acknowledged() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let body = data(12, 5000);
+    let id = env.emu.ui_upload(&env.emu.root_folder_id(), "flagged.img", &body);
+    env.emu.ui_flag_abuse(&id);
+    let (r, key) = RemoteUrl::parse(&format!("gdrive:file={id}")).unwrap().object_with(&env.cfg);
+    assert_eq!(&r.get_range(&key, 100..200).await.unwrap()[..], &body[100..200]);
+    assert!(env.emu.stats().errors.get(&403).copied().unwrap_or(0) >= 1, "the first read was refused");
+}
+
+/// A volume in a shared drive, addressed by the drive's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_shared_drive_volume() {
+    let env = start(driveemu::Config::default(), Creds::ServiceAccount);
+    let drive = env.emu.create_shared_drive("team");
+    let r = folder(&env, &format!("gdrive:id={drive}/vms/vol"));
+    r.put("volume.json", PutBody::from_bytes(b"{}".to_vec())).await.unwrap();
+    let other = folder(&env, &format!("gdrive:id={drive}/vms/vol"));
+    let keys: Vec<_> = other.list("").await.unwrap().into_iter().map(|m| m.key).collect();
+    assert_eq!(keys, vec!["volume.json"]);
+    assert_eq!(&other.get("volume.json").await.unwrap()[..], b"{}");
+}
