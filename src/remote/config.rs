@@ -64,7 +64,7 @@ impl DriveScope {
 /// [`DriveCredentials::Auto`]: `DRIVEBLK_DRIVE_TOKEN`, then
 /// `DRIVEBLK_DRIVE_CREDENTIALS`, then the token file `driveblk auth login`
 /// wrote under the config dir.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub enum DriveCredentials {
     /// Pick from the environment and the config dir at first use.
     #[default]
@@ -74,6 +74,17 @@ pub enum DriveCredentials {
     File(PathBuf),
     /// A bearer token used as is (expires in about an hour; not refreshed).
     StaticToken(String),
+}
+
+impl std::fmt::Debug for DriveCredentials {
+    /// Never shows a static token (configs end up in logs).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DriveCredentials::Auto => f.write_str("Auto"),
+            DriveCredentials::File(p) => f.debug_tuple("File").field(p).finish(),
+            DriveCredentials::StaticToken(_) => f.write_str("StaticToken(<redacted>)"),
+        }
+    }
 }
 
 /// A token-bucket pacer's settings, shared by every request of one account.
@@ -252,5 +263,13 @@ mod tests {
         assert_eq!(PacerConfig::parse("2.5"), Some(PacerConfig { rate: 2.5, burst: 100 }));
         assert_eq!(PacerConfig::parse("0,1"), None);
         assert_eq!(PacerConfig::parse("x"), None);
+    }
+
+    #[test]
+    fn gdrive_config_debug_hides_a_static_token() {
+        let mut c = RemoteConfig::default();
+        c.drive.credentials = DriveCredentials::StaticToken("ya29.SECRET".into());
+        let s = format!("{c:?}");
+        assert!(!s.contains("SECRET") && s.contains("redacted"), "{s}");
     }
 }

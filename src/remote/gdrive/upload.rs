@@ -55,7 +55,7 @@ pub fn next_offset(range: Option<&str>) -> Option<u64> {
 
 /// What one chunk request (or status query) got back.
 pub(crate) enum ChunkAnswer {
-    Done(DriveFile),
+    Done(Box<DriveFile>),
     /// 308: the session has everything before this offset.
     Continue(u64),
     /// 404/410: the session expired or was lost.
@@ -181,7 +181,7 @@ async fn run_session(
                     return Err(ApiError::new(ErrorKind::Fatal, "Drive closed the upload before its end"));
                 }
                 check_landed(&f, read, &sent)?;
-                return Ok(Some((f, sent)));
+                return Ok(Some((*f, sent)));
             }
             ChunkAnswer::Continue(n) => {
                 if n > acked {
@@ -283,7 +283,7 @@ async fn chunk_answer(resp: Result<reqwest::Response, ApiError>) -> Result<Chunk
     }
     let bytes = resp.bytes().await.map_err(ApiError::transport)?;
     serde_json::from_slice(&bytes)
-        .map(ChunkAnswer::Done)
+        .map(|f| ChunkAnswer::Done(Box::new(f)))
         .map_err(|e| ApiError::new(ErrorKind::Transient, format!("unreadable answer to the last chunk: {e}")))
 }
 
