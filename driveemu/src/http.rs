@@ -196,6 +196,21 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
     }
 }
 
+/// Reads and drops what is left of a refused request's body, so the client sees the error
+/// answer rather than a reset caused by unread bytes (bounded: past 256 MiB it drops).
+async fn drain(body: Incoming) {
+    let mut body = body;
+    let mut n = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(d) = frame.into_data() {
+            n += d.len();
+            if n > 256 << 20 {
+                return;
+            }
+        }
+    }
+}
+
 /// Reads a small (JSON or form) request body whole.
 async fn read_small(body: Incoming) -> Result<Bytes, Fail> {
     let mut buf = Vec::new();
@@ -282,15 +297,16 @@ async fn token_endpoint(sh: &Shared, method: &Method, headers: &HeaderMap, body:
 
 async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming, upload: bool) -> R {
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    let is_sa = sh.auth.check_bearer(header(headers, "authorization"), &sh.faults)?;
-    if let Err((use_429, wait)) = sh.faults.take_rate_token() {
-        sh.stats.with(|s| if use_429 { s.rate_limited_429 += 1 } else { s.rate_limited_403 += 1 });
-        return Err(if use_429 { ApiError::too_many_requests(wait.as_secs_f64().ceil() as u64) } else { ApiError::user_rate_limit() }.into());
-    }
-    if roll(sh, sh.faults.error_rate()) {
-        let status = if sh.rng.lock().random::<bool>() { 503 } else { 500 };
-        sh.stats.with(|s| s.injected_5xx += 1);
-        return Err(ApiError::backend(status).into());
+    let is_sa = match sh.auth.check_bearer(header(headers, "authorization"), &sh.faults) {
+        Ok(sa) => sa,
+        Err(e) => {
+            drain(body).await;
+            return Err(e.into());
+        }
+    };
+    if let Err(e) = gates(sh) {
+        drain(body).await;
+        return Err(e.into());
     }
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     if upload {
@@ -455,6 +471,20 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
         }
         _ => Err(ApiError::new(404, "global", "notFound", "Not Found").into()),
     }
+}
+
+/// The per-user quota and the random 5xx, checked after auth as Drive does.
+fn gates(sh: &Shared) -> Result<(), ApiError> {
+    if let Err((use_429, wait)) = sh.faults.take_rate_token() {
+        sh.stats.with(|s| if use_429 { s.rate_limited_429 += 1 } else { s.rate_limited_403 += 1 });
+        return Err(if use_429 { ApiError::too_many_requests(wait.as_secs_f64().ceil() as u64) } else { ApiError::user_rate_limit() });
+    }
+    if roll(sh, sh.faults.error_rate()) {
+        let status = if sh.rng.lock().random::<bool>() { 503 } else { 500 };
+        sh.stats.with(|s| s.injected_5xx += 1);
+        return Err(ApiError::backend(status));
+    }
+    Ok(())
 }
 
 fn parse_json_body(raw: &[u8]) -> Result<Value, ApiError> {
@@ -854,7 +884,10 @@ fn parse_multipart(content_type: &str, body: &[u8]) -> Result<(Value, Bytes, Opt
 
 async fn simple_upload(sh: &Shared, target: Option<String>, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming, is_sa: bool, multipart: bool) -> R {
     let len = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
-    check_upload_cap(sh, len.unwrap_or(0))?;
+    if let Err(e) = check_upload_cap(sh, len.unwrap_or(0)) {
+        drain(body).await;
+        return Err(e.into());
+    }
     let raw = match read_media(sh, body, len, true).await {
         Ok(b) => b,
         // Cut off: a simple upload keeps nothing.
@@ -999,28 +1032,91 @@ fn incomplete(received: u64, upload_id: &str) -> Response<Body> {
     b.body(full(Bytes::new())).unwrap_or_else(|_| empty(308))
 }
 
+/// What a PUT to a session URI turned out to be, decided before its body is read.
+enum Step {
+    Answer(Response<Body>),
+    Finalize,
+    Incomplete(u64),
+    /// Read `n` bytes starting at `a`.
+    Read { a: u64, n: u64 },
+}
+
 async fn session_request(sh: &Shared, method: &Method, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming) -> R {
     let upload_id = params.get("upload_id").cloned().unwrap_or_default();
+    let step = match session_step(sh, method, &upload_id, headers) {
+        Ok(s) => s,
+        Err(e) => {
+            // Refused before reading: drain, so the client reads the answer, not a reset.
+            drain(body).await;
+            return Err(e.into());
+        }
+    };
+    let (a, n) = match step {
+        Step::Answer(r) => {
+            drain(body).await;
+            return Ok(r);
+        }
+        Step::Finalize => return finalize(sh, &upload_id),
+        Step::Incomplete(received) => return Ok(incomplete(received, &upload_id)),
+        Step::Read { a, n } => (a, n),
+    };
+    let got = read_media(sh, body, Some(n), true).await;
+    let (bytes, cut) = match got {
+        Ok(v) => (v, false),
+        Err(v) => (v, true),
+    };
+    let mut ss = sh.sessions.lock();
+    let Some(s) = ss.get_mut(&upload_id) else { return Err(session_gone().into()) };
+    let have = s.data.len() as u64;
+    let mut end = a + bytes.len() as u64;
+    if !cut && end != a + n {
+        return Err(ApiError::bad_request("The body is shorter than its Content-Range.").into());
+    }
+    if cut {
+        // A cut-off chunk keeps whole 256 KiB units only, so the client must ask for the
+        // status and resume from the Range it gets back.
+        end = (end / CHUNK_GRANULE) * CHUNK_GRANULE;
+        s.interrupted = true;
+    }
+    // Keep only what is past what the session already holds (a resent overlap is fine).
+    if end > have && have >= a {
+        let from = (have - a) as usize;
+        let to = (end - a) as usize;
+        s.data.extend_from_slice(&bytes[from..to]);
+        count_upload(sh, (to - from) as u64);
+    }
+    if cut {
+        return Err(Fail::Reset);
+    }
+    let received = s.data.len() as u64;
+    let complete = s.total == Some(received);
+    drop(ss);
+    if complete {
+        return finalize(sh, &upload_id);
+    }
+    Ok(incomplete(received, &upload_id))
+}
+
+/// Validates a session request against the session's state, without reading its body.
+fn session_step(sh: &Shared, method: &Method, upload_id: &str, headers: &HeaderMap) -> Result<Step, ApiError> {
     let epoch = sh.faults.session_epoch.load(std::sync::atomic::Ordering::SeqCst);
-    {
-        let mut ss = sh.sessions.lock();
-        let alive = ss.get(&upload_id).is_some_and(|s| s.epoch == epoch && s.created.elapsed() < SESSION_LIFETIME);
-        if !alive {
-            ss.remove(&upload_id);
-            sh.stats.request("upload resumable chunk");
-            return Err(session_gone().into());
-        }
-        if *method == Method::DELETE {
-            // Cancelling a session: Google answers 499 Client Closed Request.
-            ss.remove(&upload_id);
-            sh.stats.request("upload resumable cancel");
-            return Ok(empty(499));
-        }
-        if let Some(done) = ss.get(&upload_id).and_then(|s| s.done.clone()) {
-            sh.stats.request("upload resumable query");
-            drop(ss);
-            return Ok(json_resp(sh, 200, &done));
-        }
+    let mut ss = sh.sessions.lock();
+    let alive = ss.get(upload_id).is_some_and(|s| s.epoch == epoch && s.created.elapsed() < SESSION_LIFETIME);
+    if !alive {
+        ss.remove(upload_id);
+        sh.stats.request("upload resumable chunk");
+        return Err(session_gone());
+    }
+    if *method == Method::DELETE {
+        // Cancelling a session: Google answers 499 Client Closed Request.
+        ss.remove(upload_id);
+        sh.stats.request("upload resumable cancel");
+        return Ok(Step::Answer(empty(499)));
+    }
+    let Some(s) = ss.get_mut(upload_id) else { return Err(session_gone()) };
+    if let Some(done) = s.done.clone() {
+        sh.stats.request("upload resumable query");
+        return Ok(Step::Answer(json_resp(sh, 200, &done)));
     }
     let clen = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
     let cr = match header(headers, "content-range") {
@@ -1035,94 +1131,53 @@ async fn session_request(sh: &Shared, method: &Method, params: &HashMap<String, 
         CR::Query(total) => {
             sh.stats.request("upload resumable query");
             if clen.unwrap_or(0) != 0 {
-                return Err(ApiError::bad_request("A status query has an empty body.").into());
+                return Err(ApiError::bad_request("A status query has an empty body."));
             }
-            let (received, complete) = {
-                let mut ss = sh.sessions.lock();
-                let Some(s) = ss.get_mut(&upload_id) else { return Err(session_gone().into()) };
-                if let Some(t) = total {
-                    if s.total.is_some_and(|old| old != t) || (s.data.len() as u64) > t {
-                        return Err(ApiError::bad_request("The total size does not match the upload session.").into());
-                    }
-                    s.total = Some(t);
+            if let Some(t) = total {
+                if s.total.is_some_and(|old| old != t) || (s.data.len() as u64) > t {
+                    return Err(ApiError::bad_request("The total size does not match the upload session."));
                 }
-                s.interrupted = true;
-                (s.data.len() as u64, s.total == Some(s.data.len() as u64))
-            };
-            if complete {
-                return finalize(sh, &upload_id);
+                s.total = Some(t);
             }
-            Ok(incomplete(received, &upload_id))
+            s.interrupted = true;
+            let received = s.data.len() as u64;
+            if s.total == Some(received) {
+                return Ok(Step::Finalize);
+            }
+            Ok(Step::Incomplete(received))
         }
         CR::Chunk(a, b, total) => {
             sh.stats.request("upload resumable chunk");
             let n = b - a + 1;
             if clen.is_some_and(|c| c != n) {
-                return Err(ApiError::bad_request("Content-Length does not match Content-Range.").into());
+                return Err(ApiError::bad_request("Content-Length does not match Content-Range."));
             }
             let is_final = total.is_some_and(|t| b + 1 == t);
-            {
-                let mut ss = sh.sessions.lock();
-                let Some(s) = ss.get_mut(&upload_id) else { return Err(session_gone().into()) };
-                if let Some(t) = total {
-                    if b >= t || s.total.is_some_and(|old| old != t) {
-                        return Err(ApiError::bad_request("The Content-Range total does not match the upload.").into());
-                    }
-                }
-                if a > s.data.len() as u64 {
-                    return Err(ApiError::bad_request(format!(
-                        "The chunk starts at byte {a} but only {} bytes have been received; query the upload status and resume from there.",
-                        s.data.len()
-                    ))
-                    .into());
-                }
-                if !is_final && n % CHUNK_GRANULE != 0 {
-                    return Err(ApiError::bad_request(format!(
-                        "Invalid request. The number of bytes uploaded is required to be equal or greater than 262144, except for the final request (it's recommended to be the exact multiple of 262144). The received request contained {n} bytes, which does not meet this requirement."
-                    ))
-                    .into());
-                }
-                if s.interrupted {
-                    s.interrupted = false;
-                    sh.stats.with(|st| st.uploads_resumed += 1);
-                }
-                if let Some(t) = total {
-                    s.total = Some(t);
+            if let Some(t) = total {
+                if b >= t || s.total.is_some_and(|old| old != t) {
+                    return Err(ApiError::bad_request("The Content-Range total does not match the upload."));
                 }
             }
-            check_upload_cap(sh, n)?;
-            let got = read_media(sh, body, Some(n), true).await;
-            let (bytes, cut) = match got {
-                Ok(v) => (v, false),
-                Err(v) => (v, true),
-            };
-            let mut ss = sh.sessions.lock();
-            let Some(s) = ss.get_mut(&upload_id) else { return Err(session_gone().into()) };
-            let have = s.data.len() as u64;
-            // Keep only what is past what the session already holds (a resent overlap is fine).
-            let mut end = a + bytes.len() as u64;
-            if cut {
-                // A cut-off chunk keeps whole 256 KiB units only, so the client must ask for the
-                // status and resume from the Range it gets back.
-                end = (end / CHUNK_GRANULE) * CHUNK_GRANULE;
-                s.interrupted = true;
+            if a > s.data.len() as u64 {
+                return Err(ApiError::bad_request(format!(
+                    "The chunk starts at byte {a} but only {} bytes have been received; query the upload status and resume from there.",
+                    s.data.len()
+                )));
             }
-            if end > have {
-                let from = (have - a) as usize;
-                let to = (end - a) as usize;
-                s.data.extend_from_slice(&bytes[from..to]);
-                count_upload(sh, (to - from) as u64);
+            if !is_final && n % CHUNK_GRANULE != 0 {
+                return Err(ApiError::bad_request(format!(
+                    "Invalid request. The number of bytes uploaded is required to be equal or greater than 262144, except for the final request (it's recommended to be the exact multiple of 262144). The received request contained {n} bytes, which does not meet this requirement."
+                )));
             }
-            if cut {
-                return Err(Fail::Reset);
+            check_upload_cap(sh, (b + 1).saturating_sub(s.data.len() as u64))?;
+            if s.interrupted {
+                s.interrupted = false;
+                sh.stats.with(|st| st.uploads_resumed += 1);
             }
-            let received = s.data.len() as u64;
-            let complete = s.total == Some(received);
-            drop(ss);
-            if complete {
-                return finalize(sh, &upload_id);
+            if let Some(t) = total {
+                s.total = Some(t);
             }
-            Ok(incomplete(received, &upload_id))
+            Ok(Step::Read { a, n })
         }
     }
 }
@@ -1405,7 +1460,8 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
         for (key, desc) in &order {
             let o = match *key {
                 "name" => a.name.cmp(&b.name),
-                "createdTime" => a.created_ms.cmp(&b.created_ms),
+                // Creation order breaks ties of equal timestamps, in the requested direction.
+                "createdTime" => (a.created_ms, a.seq).cmp(&(b.created_ms, b.seq)),
                 "modifiedTime" => a.modified_ms.cmp(&b.modified_ms),
                 "folder" => (b.mime_type == FOLDER_MIME).cmp(&(a.mime_type == FOLDER_MIME)),
                 "quotaBytesUsed" => a.size().cmp(&b.size()),
