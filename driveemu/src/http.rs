@@ -838,7 +838,8 @@ fn parse_multipart(content_type: &str, body: &[u8]) -> Result<(Value, Bytes, Opt
     let find = |hay: &[u8], from: usize, needle: &[u8]| -> Option<usize> {
         hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|p| p + from)
     };
-    let mut parts: Vec<(Vec<(String, String)>, &[u8])> = Vec::new();
+    type Part<'b> = (Vec<(String, String)>, &'b [u8]);
+    let mut parts: Vec<Part> = Vec::new();
     let mut pos = find(body, 0, d).ok_or_else(bad)? + d.len();
     loop {
         if body.get(pos..pos + 2) == Some(b"--") {

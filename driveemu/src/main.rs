@@ -77,7 +77,7 @@ impl TryFrom<&Args> for Config {
         Ok(Config {
             latency: Duration::from_millis(a.latency_ms),
             jitter: Duration::from_millis(a.jitter_ms),
-            bandwidth_bps: (a.bandwidth_mbit > 0.0).then(|| (a.bandwidth_mbit * 1e6) as u64),
+            bandwidth_bps: (a.bandwidth_mbit > 0.0).then_some((a.bandwidth_mbit * 1e6) as u64),
             rate_limit,
             token_lifetime: Duration::from_secs(a.token_lifetime_s),
             listing_lag: Duration::from_millis(a.listing_lag_ms),

@@ -419,7 +419,7 @@ impl Store {
         while i < out.len() {
             let cur = out[i].clone();
             for f in self.files.values() {
-                if f.parents.iter().any(|p| *p == cur) {
+                if f.parents.contains(&cur) {
                     out.push(f.id.clone());
                 }
             }
