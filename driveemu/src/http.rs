@@ -408,7 +408,8 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
             if f.content.is_none() {
                 return Err(revisions_unsupported().into());
             }
-            let v = json!({ "kind": "drive#revisionList", "revisions": f.revisions.iter().map(|r| r.to_json()).collect::<Vec<_>>() });
+            let want = want_in(params.get("fields"), Some("revisions"));
+            let v = json!({ "kind": "drive#revisionList", "revisions": f.revisions.iter().map(|r| r.to_json(&want)).collect::<Vec<_>>() });
             Ok(json_resp(sh, 200, &mask(&v, params.get("fields"), &default_revision_list)?))
         }
         (Method::GET, ["files", id, "revisions", rid]) => {
@@ -420,7 +421,8 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
             let st = sh.store.lock();
             let f = st.get(id, all)?;
             let r = find_revision(f, rid)?;
-            Ok(json_resp(sh, 200, &mask(&r.to_json(), params.get("fields"), &default_revision)?))
+            let want = want_in(params.get("fields"), None);
+            Ok(json_resp(sh, 200, &mask(&r.to_json(&want), params.get("fields"), &default_revision)?))
         }
         (Method::PATCH, ["files", id, "revisions", rid]) => {
             sh.stats.request("revisions.update");
@@ -441,7 +443,8 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
             if let Some(Value::Bool(k)) = obj.get("keepForever") {
                 r.keep_forever = *k;
             }
-            let v = r.to_json();
+            let want = want_in(params.get("fields"), None);
+            let v = r.to_json(&want);
             Ok(json_resp(sh, 200, &mask(&v, params.get("fields"), &default_revision)?))
         }
         (Method::POST, ["drives"]) => {
@@ -542,9 +545,23 @@ fn check_file_fields(sel: &Sel, spec: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Whether a response shaped by `fields` (under member `under`, e.g. "files") keeps a
+/// member; malformed specs keep everything (they are refused later anyway).
+fn want_in(fields: Option<&String>, under: Option<&str>) -> impl Fn(&str) -> bool {
+    let sel = match fields.filter(|s| !s.trim().is_empty()) {
+        None => Some(Sel::Some(Default::default())),
+        Some(spec) => Sel::parse(spec).ok(),
+    };
+    let sel = match (sel, under) {
+        (Some(s), Some(u)) => s.child(u).or(Some(Sel::Some(Default::default()))),
+        (s, _) => s,
+    };
+    move |k: &str| sel.as_ref().is_none_or(|s| s.child(k).is_some())
+}
+
 /// A file resource with `fields=` applied; without it, Drive's default kind/id/name/mimeType.
 fn file_json(f: &FileRec, fields: Option<&String>) -> Result<Value, ApiError> {
-    let full = f.to_json();
+    let full = f.to_json(&want_in(fields, None));
     match fields.filter(|s| !s.trim().is_empty()) {
         None => Ok(Sel::parse("kind,id,name,mimeType").map(|s| s.apply(&full)).unwrap_or_default()),
         Some(spec) => {
@@ -825,6 +842,8 @@ fn apply_update(st: &mut crate::store::Store, id: &str, meta: &Value, params: &H
 // ---------------------------------------------------------------- simple uploads
 
 /// Splits a `multipart/related` body into (metadata JSON, media bytes, media content type).
+/// Drive takes exactly two parts, metadata first; the media part runs to the closing
+/// delimiter, which is searched from the end so large bodies are not scanned byte by byte.
 fn parse_multipart(content_type: &str, body: &[u8]) -> Result<(Value, Bytes, Option<String>), ApiError> {
     let bad = || ApiError::bad_request("Invalid multipart request.");
     let boundary = content_type
@@ -835,52 +854,49 @@ fn parse_multipart(content_type: &str, body: &[u8]) -> Result<(Value, Bytes, Opt
         .ok_or_else(bad)?;
     let delim = format!("--{boundary}");
     let d = delim.as_bytes();
-    let find = |hay: &[u8], from: usize, needle: &[u8]| -> Option<usize> {
-        hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|p| p + from)
+    let find = |from: usize, needle: &[u8]| -> Option<usize> {
+        body.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|p| p + from)
     };
-    type Part<'b> = (Vec<(String, String)>, &'b [u8]);
-    let mut parts: Vec<Part> = Vec::new();
-    let mut pos = find(body, 0, d).ok_or_else(bad)? + d.len();
-    loop {
-        if body.get(pos..pos + 2) == Some(b"--") {
-            break;
-        }
-        // Skip the line break after the delimiter.
+    // Skips the line break after a delimiter, then splits headers from content.
+    let part_start = |mut pos: usize| -> Option<(Vec<(String, String)>, usize)> {
         if body.get(pos..pos + 2) == Some(b"\r\n") {
             pos += 2;
         } else if body.get(pos..pos + 1) == Some(b"\n") {
             pos += 1;
         }
-        let (hdr_end, sep) = match (find(body, pos, b"\r\n\r\n"), find(body, pos, b"\n\n")) {
+        // Part headers are short: look for their end in the first 64 KiB only.
+        let window = &body[pos.min(body.len())..(pos + 65536).min(body.len())];
+        let in_window = |needle: &[u8]| window.windows(needle.len()).position(|w| w == needle).map(|p| p + pos);
+        let (end, sep) = match (in_window(b"\r\n\r\n"), in_window(b"\n\n")) {
             (Some(a), Some(b)) if b < a => (b, 2),
             (Some(a), _) => (a, 4),
             (None, Some(b)) => (b, 2),
-            _ => return Err(bad()),
+            _ => return None,
         };
-        let headers: Vec<(String, String)> = String::from_utf8_lossy(&body[pos..hdr_end])
+        let headers = String::from_utf8_lossy(&body[pos..end])
             .lines()
             .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())))
             .collect();
-        let start = hdr_end + sep;
-        let next = find(body, start, d).ok_or_else(bad)?;
-        let mut end = next;
+        Some((headers, end + sep))
+    };
+    let trim_eol = |start: usize, mut end: usize| -> usize {
         if end >= start + 2 && &body[end - 2..end] == b"\r\n" {
             end -= 2;
         } else if end > start && body[end - 1] == b'\n' {
             end -= 1;
         }
-        parts.push((headers, &body[start..end]));
-        pos = next + d.len();
-        if pos > body.len() {
-            return Err(bad());
-        }
-    }
-    if parts.len() != 2 {
-        return Err(ApiError::bad_request("A multipart upload has exactly two parts: metadata, then media."));
-    }
-    let meta = parse_json_body(parts[0].1)?;
-    let media_type = parts[1].0.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.clone());
-    Ok((meta, Bytes::copy_from_slice(parts[1].1), media_type))
+        end
+    };
+    let first = find(0, d).ok_or_else(bad)? + d.len();
+    let (_, meta_start) = part_start(first).ok_or_else(bad)?;
+    let second = find(meta_start, d).ok_or_else(bad)?;
+    let meta = parse_json_body(&body[meta_start..trim_eol(meta_start, second)])?;
+    let (media_headers, media_start) = part_start(second + d.len()).ok_or_else(bad)?;
+    let closing = format!("{delim}--");
+    let close_at = body.windows(closing.len()).rposition(|w| w == closing.as_bytes()).filter(|c| *c >= media_start).ok_or_else(bad)?;
+    let media = &body[media_start..trim_eol(media_start, close_at)];
+    let media_type = media_headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.clone());
+    Ok((meta, Bytes::copy_from_slice(media), media_type))
 }
 
 async fn simple_upload(sh: &Shared, target: Option<String>, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming, is_sa: bool, multipart: bool) -> R {
@@ -1476,7 +1492,8 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
         }
         a.seq.cmp(&b.seq)
     });
-    let page: Vec<Value> = hits.iter().skip(offset).take(page_size).map(|f| f.to_json()).collect();
+    let want = want_in(params.get("fields"), Some("files"));
+    let page: Vec<Value> = hits.iter().skip(offset).take(page_size).map(|f| f.to_json(&want)).collect();
     let mut v = json!({ "kind": "drive#fileList", "incompleteSearch": false, "files": page });
     if offset + page_size < hits.len() {
         v["nextPageToken"] = json!(encode_page_token(offset + page_size, token_key));

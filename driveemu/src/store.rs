@@ -4,6 +4,7 @@
 //! across an await. Errors are the Drive errors the wire layer sends as they are.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -22,25 +23,32 @@ pub(crate) fn is_google_type(mime: &str) -> bool {
     mime.starts_with("application/vnd.google-apps.")
 }
 
-/// File bytes with the checksums Drive reports for them.
+/// File bytes with the checksums Drive reports for them. Each checksum is computed the
+/// first time a response asks for it: hashing is the slowest thing the emulator does
+/// (unoptimised test builds hash at tens of MB/s), and most responses ask for none.
 #[derive(Clone)]
 pub(crate) struct Content {
     pub data: Bytes,
-    pub md5: String,
-    pub sha1: String,
-    pub sha256: String,
+    sums: Arc<[OnceLock<String>; 3]>,
 }
 
 impl Content {
     pub fn new(data: Bytes) -> Content {
-        Content {
-            md5: hex::encode(md5::Md5::digest(&data)),
-            sha1: hex::encode(sha1::Sha1::digest(&data)),
-            sha256: hex::encode(sha2::Sha256::digest(&data)),
-            data,
-        }
+        Content { data, sums: Arc::new([OnceLock::new(), OnceLock::new(), OnceLock::new()]) }
+    }
+    pub fn md5(&self) -> &str {
+        self.sums[0].get_or_init(|| hex::encode(md5::Md5::digest(&self.data)))
+    }
+    pub fn sha1(&self) -> &str {
+        self.sums[1].get_or_init(|| hex::encode(sha1::Sha1::digest(&self.data)))
+    }
+    pub fn sha256(&self) -> &str {
+        self.sums[2].get_or_init(|| hex::encode(sha2::Sha256::digest(&self.data)))
     }
 }
+
+/// Which members a response will keep (checksums are only computed when kept).
+pub(crate) type Want<'a> = &'a dyn Fn(&str) -> bool;
 
 #[derive(Clone)]
 pub(crate) struct Revision {
@@ -53,18 +61,21 @@ pub(crate) struct Revision {
 }
 
 impl Revision {
-    pub fn to_json(&self) -> Value {
-        json!({
+    pub fn to_json(&self, want: Want) -> Value {
+        let mut v = json!({
             "kind": "drive#revision",
             "id": self.id,
             "mimeType": self.mime,
             "modifiedTime": rfc3339(self.modified_ms),
             "keepForever": self.keep_forever,
             "published": false,
-            "md5Checksum": self.content.md5,
             "size": self.content.data.len().to_string(),
             "originalFilename": self.original_filename,
-        })
+        });
+        if want("md5Checksum") {
+            v["md5Checksum"] = json!(self.content.md5());
+        }
+        v
     }
 }
 
@@ -107,8 +118,9 @@ impl FileRec {
         self.revisions.last().map(|r| r.id.as_str())
     }
 
-    /// The full resource as Drive's v3 `File` JSON (before any `fields=` mask).
-    pub fn to_json(&self) -> Value {
+    /// The resource as Drive's v3 `File` JSON (before any `fields=` mask); checksums only
+    /// if `want` asks for them.
+    pub fn to_json(&self, want: Want) -> Value {
         let mut v = json!({
             "kind": "drive#file",
             "id": self.id,
@@ -139,9 +151,15 @@ impl FileRec {
         }
         if let Some(c) = &self.content {
             v["size"] = json!(c.data.len().to_string());
-            v["md5Checksum"] = json!(c.md5);
-            v["sha1Checksum"] = json!(c.sha1);
-            v["sha256Checksum"] = json!(c.sha256);
+            if want("md5Checksum") {
+                v["md5Checksum"] = json!(c.md5());
+            }
+            if want("sha1Checksum") {
+                v["sha1Checksum"] = json!(c.sha1());
+            }
+            if want("sha256Checksum") {
+                v["sha256Checksum"] = json!(c.sha256());
+            }
             if let Some(h) = self.head_revision_id() {
                 v["headRevisionId"] = json!(h);
             }
