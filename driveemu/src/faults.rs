@@ -25,6 +25,7 @@ const NONE: u64 = u64::MAX;
 pub struct Faults {
     error_rate: AtomicU64,
     reset_rate: AtomicU64,
+    lost_reply_rate: AtomicU64,
     latency_us: AtomicU64,
     jitter_us: AtomicU64,
     bandwidth_bps: AtomicU64,
@@ -47,6 +48,7 @@ impl Faults {
         let f = Faults {
             error_rate: AtomicU64::new(0f64.to_bits()),
             reset_rate: AtomicU64::new(0f64.to_bits()),
+            lost_reply_rate: AtomicU64::new(0f64.to_bits()),
             latency_us: AtomicU64::new(cfg.latency.as_micros() as u64),
             jitter_us: AtomicU64::new(cfg.jitter.as_micros() as u64),
             bandwidth_bps: AtomicU64::new(cfg.bandwidth_bps.unwrap_or(NONE)),
@@ -75,6 +77,12 @@ impl Faults {
     /// (the connection is dropped).
     pub fn set_reset_rate(&self, p: f64) {
         self.reset_rate.store(p.clamp(0.0, 1.0).to_bits(), Ordering::SeqCst);
+    }
+    /// Probability (0..=1) that a write (POST, PATCH, PUT, DELETE) is carried out but its
+    /// answer is lost: the connection drops instead. Retries must recognise their own
+    /// earlier success (e.g. a 409 for a create with a pre-generated id).
+    pub fn set_lost_reply_rate(&self, p: f64) {
+        self.lost_reply_rate.store(p.clamp(0.0, 1.0).to_bits(), Ordering::SeqCst);
     }
     pub fn set_rate_limit(&self, r: Option<RateLimit>) {
         *self.rate.lock() = r.map(|limit| Bucket { limit, tokens: limit.burst as f64, last: Instant::now() });
@@ -134,6 +142,9 @@ impl Faults {
     }
     pub(crate) fn reset_rate(&self) -> f64 {
         f64::from_bits(self.reset_rate.load(Ordering::SeqCst))
+    }
+    pub(crate) fn lost_reply_rate(&self) -> f64 {
+        f64::from_bits(self.lost_reply_rate.load(Ordering::SeqCst))
     }
     pub(crate) fn latency(&self) -> (Duration, Duration) {
         (
@@ -197,8 +208,10 @@ pub struct Stats {
     pub rate_limited_429: u64,
     /// 5xx answers the fault injector chose.
     pub injected_5xx: u64,
-    /// Connections dropped on purpose (resets mid-body and `set_down`).
+    /// Connections dropped on purpose (resets mid-body, lost replies and `set_down`).
     pub resets: u64,
+    /// Writes carried out whose answer was then dropped (`set_lost_reply_rate`).
+    pub lost_replies: u64,
     /// Resumable chunks that arrived after the session had been interrupted or queried.
     pub uploads_resumed: u64,
     /// Resumable uploads completed.

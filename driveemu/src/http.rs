@@ -174,6 +174,7 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         tokio::time::sleep(lat + extra).await;
     }
     let (parts, body) = req.into_parts();
+    let write = matches!(parts.method, Method::POST | Method::PATCH | Method::PUT | Method::DELETE);
     let path = parts.uri.path().to_string();
     let params: HashMap<String, String> =
         form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
@@ -187,6 +188,13 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         Err(Fail::Api(ApiError::new(404, "global", "notFound", "Not Found")))
     };
     match out {
+        Ok(r) if write && path != "/token" && (r.status().is_success() || r.status() == 308) && roll(&sh, sh.faults.lost_reply_rate()) => {
+            sh.stats.with(|s| {
+                s.lost_replies += 1;
+                s.resets += 1;
+            });
+            Err(Reset)
+        }
         Ok(r) => Ok(r),
         Err(Fail::Api(e)) => Ok(api_error_resp(&sh, &e)),
         Err(Fail::Reset) => {
@@ -297,8 +305,12 @@ async fn token_endpoint(sh: &Shared, method: &Method, headers: &HeaderMap, body:
 
 async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming, upload: bool) -> R {
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    // A resumable session URI is its own credential (Drive's upload examples send chunks
+    // without Authorization), so a token expiring mid-upload does not break the upload.
+    let session_uri = upload && params.contains_key("upload_id");
     let is_sa = match sh.auth.check_bearer(header(headers, "authorization"), &sh.faults) {
         Ok(sa) => sa,
+        Err(_) if session_uri => false,
         Err(e) => {
             drain(body).await;
             return Err(e.into());

@@ -5,4 +5,5 @@ mod common;
 mod faults;
 mod files;
 mod listing;
+mod more;
 mod transfers;
