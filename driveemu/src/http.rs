@@ -403,6 +403,9 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
             if f.is_root {
                 return Err(ApiError::new(403, "global", "insufficientFilePermissions", "The user does not have sufficient permissions for this file.").into());
             }
+            if f.read_only {
+                return Err(crate::store::no_write(id).into());
+            }
             let fid = f.id.clone();
             st.delete(&fid);
             Ok(empty(204))
@@ -442,6 +445,9 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
             let meta = parse_json_body(&raw)?;
             let mut st = sh.store.lock();
             let f = st.get_mut(id, all)?;
+            if f.read_only {
+                return Err(crate::store::no_write(id).into());
+            }
             let rid = if *rid == "head" { f.head_revision_id().unwrap_or("").to_string() } else { rid.to_string() };
             let _ = find_revision(f, &rid)?;
             let obj = meta.as_object().cloned().unwrap_or_default();
@@ -762,6 +768,9 @@ fn apply_update(st: &mut crate::store::Store, id: &str, meta: &Value, params: &H
     if f.is_root {
         return Err(ApiError::new(403, "global", "insufficientFilePermissions", "The user does not have sufficient permissions for this file."));
     }
+    if f.read_only {
+        return Err(crate::store::no_write(id));
+    }
     let fid = f.id.clone();
     let name = str_field(meta, "name")?;
     let mime = str_field(meta, "mimeType")?;
@@ -780,6 +789,9 @@ fn apply_update(st: &mut crate::store::Store, id: &str, meta: &Value, params: &H
         let parent = st.get(p, all).map_err(|_| ApiError::file_not_found(p))?;
         if parent.mime_type != FOLDER_MIME {
             return Err(ApiError::bad_request(format!("The parent {p} is not a folder.")));
+        }
+        if parent.read_only {
+            return Err(crate::store::no_write(p));
         }
         if st.subtree(&fid).contains(p) {
             return Err(ApiError::bad_request("The requested parent would create a cycle in the folder graph."));
@@ -950,6 +962,9 @@ fn do_update_content(sh: &Shared, id: &str, params: &HashMap<String, String>, me
     if f.content.is_none() {
         return Err(ApiError::bad_request("Google-native files and folders have no binary content to replace."));
     }
+    if f.read_only {
+        return Err(crate::store::no_write(id));
+    }
     let grow = (media.len() as u64).saturating_sub(f.size());
     let in_drive = f.drive_id.is_some();
     check_storage(sh, &st, grow, in_drive, is_sa)?;
@@ -988,6 +1003,9 @@ async fn start_session(sh: &Shared, target: Option<String>, params: &HashMap<Str
                 let f = st.get(id, all)?;
                 if f.content.is_none() {
                     return Err(ApiError::bad_request("Google-native files and folders have no binary content to replace.").into());
+                }
+                if f.read_only {
+                    return Err(crate::store::no_write(id).into());
                 }
                 check_writable(&meta, UPDATE_WRITABLE)?;
                 let grow = total.unwrap_or(0).saturating_sub(f.size());

@@ -292,6 +292,14 @@ impl Emulator {
         }
     }
 
+    /// Makes an item read-only for the user (as if shared with them as a reader): every
+    /// write to it, or into it if a folder, answers 403 insufficientFilePermissions.
+    pub fn ui_make_read_only(&self, id: &str) {
+        if let Ok(f) = self.shared.store.lock().get_mut(id, true) {
+            f.read_only = true;
+        }
+    }
+
     /// A file's current bytes, bypassing the API (for assertions).
     pub fn ui_content(&self, id: &str) -> Option<Vec<u8>> {
         let st = self.shared.store.lock();

@@ -107,6 +107,8 @@ pub(crate) struct FileRec {
     pub is_root: bool,
     /// Flagged as malware/spam: downloads need `acknowledgeAbuse=true`.
     pub abusive: bool,
+    /// Shared with the user as a reader only: every write answers 403.
+    pub read_only: bool,
 }
 
 impl FileRec {
@@ -138,8 +140,8 @@ impl FileRec {
             "quotaBytesUsed": self.size().to_string(),
             "isAppAuthorized": true,
             "capabilities": {
-                "canEdit": true, "canDownload": true, "canTrash": true, "canDelete": true,
-                "canAddChildren": self.mime_type == FOLDER_MIME, "canRename": true,
+                "canEdit": !self.read_only, "canDownload": true, "canTrash": !self.read_only, "canDelete": !self.read_only,
+                "canAddChildren": self.mime_type == FOLDER_MIME && !self.read_only, "canRename": !self.read_only,
             },
         });
         if self.parents.is_empty() {
@@ -214,6 +216,16 @@ pub(crate) struct NewFile {
     pub keep_forever: bool,
 }
 
+/// Drive's answer to a write on an item the user may only read.
+pub(crate) fn no_write(id: &str) -> ApiError {
+    ApiError::new(
+        403,
+        "global",
+        "insufficientFilePermissions",
+        format!("The user does not have sufficient permissions for file {id}."),
+    )
+}
+
 pub(crate) struct Store {
     pub files: HashMap<String, FileRec>,
     /// Ids handed out by generateIds and not used yet (Drive accepts only those as `id`).
@@ -250,6 +262,7 @@ impl Store {
             listable_at: Instant::now(),
             is_root: true,
             abusive: false,
+            read_only: false,
         };
         let mut files = HashMap::new();
         files.insert(root_id.clone(), root);
@@ -336,6 +349,9 @@ impl Store {
         if parent.mime_type != FOLDER_MIME {
             return Err(ApiError::bad_request(format!("The parent {pid} is not a folder.")).at("other", "parents"));
         }
+        if parent.read_only {
+            return Err(no_write(&pid));
+        }
         Ok((vec![pid], parent.drive_id.clone()))
     }
 
@@ -399,6 +415,7 @@ impl Store {
             listable_at: Instant::now() + listing_lag,
             is_root: false,
             abusive: false,
+            read_only: false,
         };
         self.files.insert(id.clone(), rec);
         Ok(id)
@@ -408,6 +425,9 @@ impl Store {
     pub fn replace_content(&mut self, id: &str, data: Bytes, all_drives: bool, keep_forever: bool, media_mime: Option<&str>) -> Result<(), ApiError> {
         let rev_id = self.new_revision_id();
         let f = self.get_mut(id, all_drives)?;
+        if f.read_only {
+            return Err(no_write(id));
+        }
         if is_google_type(&f.mime_type) {
             return Err(ApiError::bad_request("Google-native files and folders have no binary content to replace."));
         }
@@ -496,6 +516,7 @@ impl Store {
             listable_at: Instant::now(),
             is_root: true,
             abusive: false,
+            read_only: false,
         };
         self.files.insert(id.clone(), root);
         self.drives.insert(id, d.clone());

@@ -184,3 +184,23 @@ async fn user_corpus_with_all_drives_includes_shared_items() {
     assert_eq!(v["files"], json!([{"name": "shared-pack", "driveId": drive}]));
     assert_eq!(api.list("corpora=drive&driveId=0Anope&includeItemsFromAllDrives=true&supportsAllDrives=true").await.code(), 404);
 }
+
+#[tokio::test]
+async fn read_only_items_refuse_writes() {
+    let api = Api::new().await;
+    let dir = api.folder("shared-with-me", "root").await;
+    let f = api.upload(json!({"name": "f", "parents": [dir]}), b"abc").await;
+    let id = f["id"].as_str().expect("id").to_string();
+    api.emu.ui_make_read_only(&id);
+    api.emu.ui_make_read_only(&dir);
+    let check = |r: Resp| {
+        assert_eq!((r.code(), r.reason()), (403, "insufficientFilePermissions".to_string()), "{}", String::from_utf8_lossy(&r.body));
+    };
+    check(api.json(Method::PATCH, &format!("/drive/v3/files/{id}"), json!({"name": "g"})).await);
+    check(api.send(Method::PATCH, &format!("/upload/drive/v3/files/{id}?uploadType=media"), &[], b"new".to_vec()).await);
+    check(api.send(Method::DELETE, &format!("/drive/v3/files/{id}"), &[], vec![]).await);
+    check(api.json(Method::POST, "/drive/v3/files", json!({"name": "child", "parents": [dir]})).await);
+    // Reading still works.
+    assert_eq!(api.get(&format!("/drive/v3/files/{id}?alt=media")).await.body, b"abc");
+    assert_eq!(api.get(&format!("/drive/v3/files/{id}?fields=capabilities/canEdit")).await.json(), json!({"capabilities": {"canEdit": false}}));
+}
