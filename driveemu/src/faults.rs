@@ -41,6 +41,7 @@ pub struct Faults {
     download_quota: AtomicBool,
     down: AtomicBool,
     sa_no_quota: AtomicBool,
+    short_pages: AtomicBool,
 }
 
 impl Faults {
@@ -64,6 +65,7 @@ impl Faults {
             download_quota: AtomicBool::new(false),
             down: AtomicBool::new(false),
             sa_no_quota: AtomicBool::new(false),
+            short_pages: AtomicBool::new(false),
         };
         f.set_rate_limit(cfg.rate_limit);
         f
@@ -135,6 +137,15 @@ impl Faults {
     /// as Drive does since 2024 (shared drives still work).
     pub fn set_service_account_has_no_quota(&self, on: bool) {
         self.sa_no_quota.store(on, Ordering::SeqCst);
+    }
+
+    /// While true, files.list pages hold a random number of items (empty ones included)
+    /// before the end, as Drive's reference warns they may; `nextPageToken` still leads on.
+    pub fn set_short_pages(&self, on: bool) {
+        self.short_pages.store(on, Ordering::SeqCst);
+    }
+    pub(crate) fn short_pages(&self) -> bool {
+        self.short_pages.load(Ordering::SeqCst)
     }
 
     pub(crate) fn error_rate(&self) -> f64 {

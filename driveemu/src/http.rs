@@ -1522,11 +1522,12 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
         }
         a.seq.cmp(&b.seq)
     });
+    let take = if sh.faults.short_pages() { sh.rng.lock().random_range(0..=page_size) } else { page_size };
     let want = want_in(params.get("fields"), Some("files"));
-    let page: Vec<Value> = hits.iter().skip(offset).take(page_size).map(|f| f.to_json(&want)).collect();
+    let page: Vec<Value> = hits.iter().skip(offset).take(take).map(|f| f.to_json(&want)).collect();
     let mut v = json!({ "kind": "drive#fileList", "incompleteSearch": false, "files": page });
-    if offset + page_size < hits.len() {
-        v["nextPageToken"] = json!(encode_page_token(offset + page_size, token_key));
+    if offset + take < hits.len() {
+        v["nextPageToken"] = json!(encode_page_token(offset + take, token_key));
     }
     drop(st);
     let out = match params.get("fields").filter(|f| !f.trim().is_empty()) {

@@ -116,3 +116,31 @@ async fn listing_lags_behind_creates_but_get_does_not() {
     api.create(json!({"name": "fresh"})).await;
     assert_eq!(names(&api.list(&q).await.json()).len(), 2);
 }
+
+#[tokio::test]
+async fn short_and_empty_pages_before_the_end() {
+    let api = Api::new().await;
+    for i in 0..30 {
+        api.create(json!({"name": format!("n{i:02}")})).await;
+    }
+    api.emu.faults().set_short_pages(true);
+    let mut got = Vec::new();
+    let mut sizes = Vec::new();
+    let mut token: Option<String> = None;
+    for _ in 0..500 {
+        let mut url = "pageSize=8&orderBy=name&fields=nextPageToken,files(name)".to_string();
+        if let Some(t) = &token {
+            url.push_str(&format!("&pageToken={}", enc(t)));
+        }
+        let v = api.list(&url).await.json();
+        let n = names(&v);
+        sizes.push(n.len());
+        got.extend(n);
+        match v["nextPageToken"].as_str() {
+            Some(t) => token = Some(t.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(got, (0..30).map(|i| format!("n{i:02}")).collect::<Vec<_>>());
+    assert!(sizes.iter().any(|n| *n < 8), "some page should be short: {sizes:?}");
+}
