@@ -87,7 +87,7 @@ impl Faults {
         self.lost_reply_rate.store(p.clamp(0.0, 1.0).to_bits(), Ordering::SeqCst);
     }
     pub fn set_rate_limit(&self, r: Option<RateLimit>) {
-        *self.rate.lock() = r.map(|limit| Bucket { limit, tokens: limit.burst as f64, last: Instant::now() });
+        *self.rate.lock() = r.map(|limit| Bucket { limit, tokens: limit.burst.max(1) as f64, last: Instant::now() });
     }
     /// Makes every refresh token issued so far answer `invalid_grant`.
     pub fn revoke_refresh_tokens(&self) {
@@ -195,12 +195,14 @@ impl Faults {
         let now = Instant::now();
         let dt = now.duration_since(b.last).as_secs_f64();
         b.last = now;
-        b.tokens = (b.tokens + dt * b.limit.per_second).min(b.limit.burst.max(1) as f64);
+        let refill = if b.limit.per_second.is_finite() { dt * b.limit.per_second.max(0.0) } else { 0.0 };
+        b.tokens = (b.tokens + refill).min(b.limit.burst.max(1) as f64);
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
             return Ok(());
         }
-        let wait = if b.limit.per_second > 0.0 { (1.0 - b.tokens) / b.limit.per_second } else { 3600.0 };
+        let rate = b.limit.per_second;
+        let wait = if rate.is_finite() && rate > 0.0 { ((1.0 - b.tokens) / rate).clamp(0.0, 3600.0) } else { 3600.0 };
         let use_429 = self.rate_alternate.fetch_add(1, Ordering::SeqCst) % 2 == 1;
         Err((use_429, Duration::from_secs_f64(wait)))
     }

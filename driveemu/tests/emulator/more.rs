@@ -204,3 +204,44 @@ async fn read_only_items_refuse_writes() {
     assert_eq!(api.get(&format!("/drive/v3/files/{id}?alt=media")).await.body, b"abc");
     assert_eq!(api.get(&format!("/drive/v3/files/{id}?fields=capabilities/canEdit")).await.json(), json!({"capabilities": {"canEdit": false}}));
 }
+
+#[tokio::test]
+async fn hostile_inputs_get_google_errors_not_crashes() {
+    let api = Api::new().await;
+    let f = api.upload(json!({"name": "x"}), b"abc").await;
+    let id = f["id"].as_str().expect("id").to_string();
+    let media = format!("/drive/v3/files/{id}?alt=media");
+    assert_eq!(api.send(Method::GET, &media, &[("Range", "bytes=18446744073709551615-")], vec![]).await.code(), 416);
+    assert_eq!(api.send(Method::GET, &media, &[("Range", "bytes=-18446744073709551615")], vec![]).await.code(), 206);
+    assert_eq!(api.send(Method::GET, &media, &[("Range", "bytes=a-b")], vec![]).await.code(), 200);
+    let r = api.send(Method::POST, "/upload/drive/v3/files?uploadType=resumable", &[("Content-Type", "application/json")], b"{}".to_vec()).await;
+    let loc = r.header("location").expect("Location");
+    for cr in ["bytes 0-18446744073709551615/*", "bytes 5-1/10", "bytes x-y/z", "chunks 0-1/2", "bytes */-1"] {
+        let r = api.send(Method::PUT, &loc, &[("Content-Range", cr)], vec![0u8; 2]).await;
+        assert_eq!(r.code(), 400, "{cr}");
+    }
+    for q in ["name = '\u{1F600}", "\u{1F600} = 'x'", "((((", "'x' in", "appProperties has { key='k' }", "name contains"] {
+        assert_eq!(api.list(&format!("q={}", enc(q))).await.code(), 400, "{q}");
+    }
+    assert_eq!(api.list(&format!("q={}", enc("name = '\u{1F600}'"))).await.code(), 200);
+    for fields in ["files(", "files)", ",", "a//b", "files(id))"] {
+        assert_eq!(api.list(&format!("fields={}", enc(fields))).await.code(), 400, "{fields}");
+    }
+    for body in [&b"[]"[..], b"null", b"\"s\"", b"{\"name\": 5}", b"{\"appProperties\": []}", b"{\"parents\": \"root\"}", b"{\"modifiedTime\": \"yesterday\"}"] {
+        let r = api.send(Method::POST, "/drive/v3/files", &[("Content-Type", "application/json")], body.to_vec()).await;
+        assert_eq!(r.code(), 400, "{}", String::from_utf8_lossy(body));
+        assert_eq!(r.json()["error"]["code"], 400);
+    }
+    let long = "k".repeat(200);
+    let r = api.json(Method::PATCH, &format!("/drive/v3/files/{id}"), json!({"appProperties": {long: "v"}})).await;
+    assert_eq!(r.code(), 400);
+    let r = api.http.post(api.emu.token_uri()).header("Content-Type", "application/json").body("{nope").send().await.expect("post");
+    assert_eq!(r.status(), 400);
+    api.emu.faults().set_rate_limit(Some(driveemu::RateLimit { per_second: -1.0, burst: 0 }));
+    assert_eq!(api.get("/drive/v3/files").await.code(), 200, "burst is at least one");
+    let r = api.get("/drive/v3/files").await;
+    assert!(r.code() == 403 || r.code() == 429);
+    api.emu.faults().set_rate_limit(None);
+    assert_eq!(api.get("/nowhere").await.code(), 404);
+    assert_eq!(api.get(&format!("/drive/v3/files/{id}")).await.code(), 200, "still serving");
+}
