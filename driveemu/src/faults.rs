@@ -25,6 +25,7 @@ const NONE: u64 = u64::MAX;
 pub struct Faults {
     error_rate: AtomicU64,
     reset_rate: AtomicU64,
+    lost_reply_rate: AtomicU64,
     latency_us: AtomicU64,
     jitter_us: AtomicU64,
     bandwidth_bps: AtomicU64,
@@ -40,6 +41,7 @@ pub struct Faults {
     download_quota: AtomicBool,
     down: AtomicBool,
     sa_no_quota: AtomicBool,
+    short_pages: AtomicBool,
 }
 
 impl Faults {
@@ -47,6 +49,7 @@ impl Faults {
         let f = Faults {
             error_rate: AtomicU64::new(0f64.to_bits()),
             reset_rate: AtomicU64::new(0f64.to_bits()),
+            lost_reply_rate: AtomicU64::new(0f64.to_bits()),
             latency_us: AtomicU64::new(cfg.latency.as_micros() as u64),
             jitter_us: AtomicU64::new(cfg.jitter.as_micros() as u64),
             bandwidth_bps: AtomicU64::new(cfg.bandwidth_bps.unwrap_or(NONE)),
@@ -62,6 +65,7 @@ impl Faults {
             download_quota: AtomicBool::new(false),
             down: AtomicBool::new(false),
             sa_no_quota: AtomicBool::new(false),
+            short_pages: AtomicBool::new(false),
         };
         f.set_rate_limit(cfg.rate_limit);
         f
@@ -76,8 +80,14 @@ impl Faults {
     pub fn set_reset_rate(&self, p: f64) {
         self.reset_rate.store(p.clamp(0.0, 1.0).to_bits(), Ordering::SeqCst);
     }
+    /// Probability (0..=1) that a write (POST, PATCH, PUT, DELETE) is carried out but its
+    /// answer is lost: the connection drops instead. Retries must recognise their own
+    /// earlier success (e.g. a 409 for a create with a pre-generated id).
+    pub fn set_lost_reply_rate(&self, p: f64) {
+        self.lost_reply_rate.store(p.clamp(0.0, 1.0).to_bits(), Ordering::SeqCst);
+    }
     pub fn set_rate_limit(&self, r: Option<RateLimit>) {
-        *self.rate.lock() = r.map(|limit| Bucket { limit, tokens: limit.burst as f64, last: Instant::now() });
+        *self.rate.lock() = r.map(|limit| Bucket { limit, tokens: limit.burst.max(1) as f64, last: Instant::now() });
     }
     /// Makes every refresh token issued so far answer `invalid_grant`.
     pub fn revoke_refresh_tokens(&self) {
@@ -129,11 +139,23 @@ impl Faults {
         self.sa_no_quota.store(on, Ordering::SeqCst);
     }
 
+    /// While true, files.list pages hold a random number of items (empty ones included)
+    /// before the end, as Drive's reference warns they may; `nextPageToken` still leads on.
+    pub fn set_short_pages(&self, on: bool) {
+        self.short_pages.store(on, Ordering::SeqCst);
+    }
+    pub(crate) fn short_pages(&self) -> bool {
+        self.short_pages.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn error_rate(&self) -> f64 {
         f64::from_bits(self.error_rate.load(Ordering::SeqCst))
     }
     pub(crate) fn reset_rate(&self) -> f64 {
         f64::from_bits(self.reset_rate.load(Ordering::SeqCst))
+    }
+    pub(crate) fn lost_reply_rate(&self) -> f64 {
+        f64::from_bits(self.lost_reply_rate.load(Ordering::SeqCst))
     }
     pub(crate) fn latency(&self) -> (Duration, Duration) {
         (
@@ -173,12 +195,14 @@ impl Faults {
         let now = Instant::now();
         let dt = now.duration_since(b.last).as_secs_f64();
         b.last = now;
-        b.tokens = (b.tokens + dt * b.limit.per_second).min(b.limit.burst.max(1) as f64);
+        let refill = if b.limit.per_second.is_finite() { dt * b.limit.per_second.max(0.0) } else { 0.0 };
+        b.tokens = (b.tokens + refill).min(b.limit.burst.max(1) as f64);
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
             return Ok(());
         }
-        let wait = if b.limit.per_second > 0.0 { (1.0 - b.tokens) / b.limit.per_second } else { 3600.0 };
+        let rate = b.limit.per_second;
+        let wait = if rate.is_finite() && rate > 0.0 { ((1.0 - b.tokens) / rate).clamp(0.0, 3600.0) } else { 3600.0 };
         let use_429 = self.rate_alternate.fetch_add(1, Ordering::SeqCst) % 2 == 1;
         Err((use_429, Duration::from_secs_f64(wait)))
     }
@@ -197,8 +221,10 @@ pub struct Stats {
     pub rate_limited_429: u64,
     /// 5xx answers the fault injector chose.
     pub injected_5xx: u64,
-    /// Connections dropped on purpose (resets mid-body and `set_down`).
+    /// Connections dropped on purpose (resets mid-body, lost replies and `set_down`).
     pub resets: u64,
+    /// Writes carried out whose answer was then dropped (`set_lost_reply_rate`).
+    pub lost_replies: u64,
     /// Resumable chunks that arrived after the session had been interrupted or queried.
     pub uploads_resumed: u64,
     /// Resumable uploads completed.

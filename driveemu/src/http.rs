@@ -53,71 +53,18 @@ const MAX_JSON_BODY: usize = 16 << 20;
 
 /// The file fields of Drive v3's `File` resource, for validating `fields=`.
 const FILE_FIELDS: &[&str] = &[
-    "kind",
-    "driveId",
-    "fileExtension",
-    "copyRequiresWriterPermission",
-    "md5Checksum",
-    "contentHints",
-    "writersCanShare",
-    "viewedByMe",
-    "mimeType",
-    "exportLinks",
-    "parents",
-    "thumbnailLink",
-    "iconLink",
-    "shared",
-    "lastModifyingUser",
-    "owners",
-    "headRevisionId",
-    "sharingUser",
-    "webViewLink",
-    "webContentLink",
-    "size",
-    "viewersCanCopyContent",
-    "permissions",
-    "hasThumbnail",
-    "spaces",
-    "folderColorRgb",
-    "id",
-    "name",
-    "description",
-    "starred",
-    "trashed",
-    "explicitlyTrashed",
-    "createdTime",
-    "modifiedTime",
-    "modifiedByMeTime",
-    "viewedByMeTime",
-    "sharedWithMeTime",
-    "quotaBytesUsed",
-    "version",
-    "originalFilename",
-    "ownedByMe",
-    "fullFileExtension",
-    "properties",
-    "appProperties",
-    "isAppAuthorized",
-    "teamDriveId",
-    "capabilities",
-    "hasAugmentedPermissions",
-    "trashingUser",
-    "thumbnailVersion",
-    "trashedTime",
-    "modifiedByMe",
-    "permissionIds",
-    "imageMediaMetadata",
-    "videoMediaMetadata",
-    "shortcutDetails",
-    "contentRestrictions",
-    "resourceKey",
-    "linkShareMetadata",
-    "labelInfo",
-    "sha1Checksum",
-    "sha256Checksum",
-    "inheritedPermissionsDisabled",
-    "downloadRestrictions",
-    "*",
+    "kind", "driveId", "fileExtension", "copyRequiresWriterPermission", "md5Checksum", "contentHints",
+    "writersCanShare", "viewedByMe", "mimeType", "exportLinks", "parents", "thumbnailLink", "iconLink",
+    "shared", "lastModifyingUser", "owners", "headRevisionId", "sharingUser", "webViewLink",
+    "webContentLink", "size", "viewersCanCopyContent", "permissions", "hasThumbnail", "spaces",
+    "folderColorRgb", "id", "name", "description", "starred", "trashed", "explicitlyTrashed",
+    "createdTime", "modifiedTime", "modifiedByMeTime", "viewedByMeTime", "sharedWithMeTime",
+    "quotaBytesUsed", "version", "originalFilename", "ownedByMe", "fullFileExtension", "properties",
+    "appProperties", "isAppAuthorized", "teamDriveId", "capabilities", "hasAugmentedPermissions",
+    "trashingUser", "thumbnailVersion", "trashedTime", "modifiedByMe", "permissionIds",
+    "imageMediaMetadata", "videoMediaMetadata", "shortcutDetails", "contentRestrictions", "resourceKey",
+    "linkShareMetadata", "labelInfo", "sha1Checksum", "sha256Checksum", "inheritedPermissionsDisabled",
+    "downloadRestrictions", "*",
 ];
 
 /// A resumable upload session (files.create or files.update with `uploadType=resumable`).
@@ -139,11 +86,7 @@ pub(crate) struct Session {
     service_account: bool,
 }
 
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    sh: Arc<Shared>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, sh: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -231,6 +174,7 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         tokio::time::sleep(lat + extra).await;
     }
     let (parts, body) = req.into_parts();
+    let write = matches!(parts.method, Method::POST | Method::PATCH | Method::PUT | Method::DELETE);
     let path = parts.uri.path().to_string();
     let params: HashMap<String, String> =
         form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
@@ -244,11 +188,33 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         Err(Fail::Api(ApiError::new(404, "global", "notFound", "Not Found")))
     };
     match out {
+        Ok(r) if write && path != "/token" && (r.status().is_success() || r.status() == 308) && roll(&sh, sh.faults.lost_reply_rate()) => {
+            sh.stats.with(|s| {
+                s.lost_replies += 1;
+                s.resets += 1;
+            });
+            Err(Reset)
+        }
         Ok(r) => Ok(r),
         Err(Fail::Api(e)) => Ok(api_error_resp(&sh, &e)),
         Err(Fail::Reset) => {
             sh.stats.with(|s| s.resets += 1);
             Err(Reset)
+        }
+    }
+}
+
+/// Reads and drops what is left of a refused request's body, so the client sees the error
+/// answer rather than a reset caused by unread bytes (bounded: past 256 MiB it drops).
+async fn drain(body: Incoming) {
+    let mut body = body;
+    let mut n = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(d) = frame.into_data() {
+            n += d.len();
+            if n > 256 << 20 {
+                return;
+            }
         }
     }
 }
@@ -273,9 +239,7 @@ async fn read_small(body: Incoming) -> Result<Bytes, Fail> {
 /// injected reset (when `may_reset`) or by the client going away.
 async fn read_media(sh: &Shared, body: Incoming, expect: Option<u64>, may_reset: bool) -> Result<Vec<u8>, Vec<u8>> {
     let cutoff = match expect {
-        Some(n) if n > 0 && may_reset && roll(sh, sh.faults.reset_rate()) => {
-            Some(sh.rng.lock().random_range(0..n) as usize)
-        }
+        Some(n) if n > 0 && may_reset && roll(sh, sh.faults.reset_rate()) => Some(sh.rng.lock().random_range(0..n) as usize),
         _ => None,
     };
     let mut buf = Vec::with_capacity(expect.unwrap_or(0).min(64 << 20) as usize);
@@ -339,30 +303,22 @@ async fn token_endpoint(sh: &Shared, method: &Method, headers: &HeaderMap, body:
 
 // ---------------------------------------------------------------- API dispatch
 
-async fn api(
-    sh: &Arc<Shared>,
-    method: Method,
-    rest: &str,
-    params: &HashMap<String, String>,
-    headers: &HeaderMap,
-    body: Incoming,
-    upload: bool,
-) -> R {
+async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming, upload: bool) -> R {
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    let is_sa = sh.auth.check_bearer(header(headers, "authorization"), &sh.faults)?;
-    if let Err((use_429, wait)) = sh.faults.take_rate_token() {
-        sh.stats.with(|s| if use_429 { s.rate_limited_429 += 1 } else { s.rate_limited_403 += 1 });
-        return Err(if use_429 {
-            ApiError::too_many_requests(wait.as_secs_f64().ceil() as u64)
-        } else {
-            ApiError::user_rate_limit()
+    // A resumable session URI is its own credential (Drive's upload examples send chunks
+    // without Authorization), so a token expiring mid-upload does not break the upload.
+    let session_uri = upload && params.contains_key("upload_id");
+    let is_sa = match sh.auth.check_bearer(header(headers, "authorization"), &sh.faults) {
+        Ok(sa) => sa,
+        Err(_) if session_uri => false,
+        Err(e) => {
+            drain(body).await;
+            return Err(e.into());
         }
-        .into());
-    }
-    if roll(sh, sh.faults.error_rate()) {
-        let status = if sh.rng.lock().random::<bool>() { 503 } else { 500 };
-        sh.stats.with(|s| s.injected_5xx += 1);
-        return Err(ApiError::backend(status).into());
+    };
+    if let Err(e) = gates(sh) {
+        drain(body).await;
+        return Err(e.into());
     }
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     if upload {
@@ -414,8 +370,7 @@ async fn api(
         (Method::DELETE, ["files", "trash"]) => {
             sh.stats.request("files.emptyTrash");
             let mut st = sh.store.lock();
-            let ids: Vec<String> =
-                st.files.values().filter(|f| f.trashed && f.drive_id.is_none()).map(|f| f.id.clone()).collect();
+            let ids: Vec<String> = st.files.values().filter(|f| f.trashed && f.drive_id.is_none()).map(|f| f.id.clone()).collect();
             for id in ids {
                 st.delete(&id);
             }
@@ -446,13 +401,10 @@ async fn api(
             let mut st = sh.store.lock();
             let f = st.get(id, all)?;
             if f.is_root {
-                return Err(ApiError::new(
-                    403,
-                    "global",
-                    "insufficientFilePermissions",
-                    "The user does not have sufficient permissions for this file.",
-                )
-                .into());
+                return Err(ApiError::new(403, "global", "insufficientFilePermissions", "The user does not have sufficient permissions for this file.").into());
+            }
+            if f.read_only {
+                return Err(crate::store::no_write(id).into());
             }
             let fid = f.id.clone();
             st.delete(&fid);
@@ -471,7 +423,8 @@ async fn api(
             if f.content.is_none() {
                 return Err(revisions_unsupported().into());
             }
-            let v = json!({ "kind": "drive#revisionList", "revisions": f.revisions.iter().map(|r| r.to_json()).collect::<Vec<_>>() });
+            let want = want_in(params.get("fields"), Some("revisions"));
+            let v = json!({ "kind": "drive#revisionList", "revisions": f.revisions.iter().map(|r| r.to_json(&want)).collect::<Vec<_>>() });
             Ok(json_resp(sh, 200, &mask(&v, params.get("fields"), &default_revision_list)?))
         }
         (Method::GET, ["files", id, "revisions", rid]) => {
@@ -483,7 +436,8 @@ async fn api(
             let st = sh.store.lock();
             let f = st.get(id, all)?;
             let r = find_revision(f, rid)?;
-            Ok(json_resp(sh, 200, &mask(&r.to_json(), params.get("fields"), &default_revision)?))
+            let want = want_in(params.get("fields"), None);
+            Ok(json_resp(sh, 200, &mask(&r.to_json(&want), params.get("fields"), &default_revision)?))
         }
         (Method::PATCH, ["files", id, "revisions", rid]) => {
             sh.stats.request("revisions.update");
@@ -491,15 +445,15 @@ async fn api(
             let meta = parse_json_body(&raw)?;
             let mut st = sh.store.lock();
             let f = st.get_mut(id, all)?;
+            if f.read_only {
+                return Err(crate::store::no_write(id).into());
+            }
             let rid = if *rid == "head" { f.head_revision_id().unwrap_or("").to_string() } else { rid.to_string() };
             let _ = find_revision(f, &rid)?;
             let obj = meta.as_object().cloned().unwrap_or_default();
             for (k, v) in &obj {
                 match (k.as_str(), v) {
-                    ("keepForever", Value::Bool(_))
-                    | ("published", _)
-                    | ("publishAuto", _)
-                    | ("publishedOutsideDomain", _) => {}
+                    ("keepForever", Value::Bool(_)) | ("published", _) | ("publishAuto", _) | ("publishedOutsideDomain", _) => {}
                     _ => return Err(ApiError::not_writable().into()),
                 }
             }
@@ -507,7 +461,8 @@ async fn api(
             if let Some(Value::Bool(k)) = obj.get("keepForever") {
                 r.keep_forever = *k;
             }
-            let v = r.to_json();
+            let want = want_in(params.get("fields"), None);
+            let v = r.to_json(&want);
             Ok(json_resp(sh, 200, &mask(&v, params.get("fields"), &default_revision)?))
         }
         (Method::POST, ["drives"]) => {
@@ -515,9 +470,7 @@ async fn api(
             let raw = read_small(body).await?;
             let meta = parse_json_body(&raw)?;
             if params.get("requestId").is_none_or(|r| r.is_empty()) {
-                return Err(ApiError::new(400, "global", "required", "Required parameter: requestId")
-                    .at("parameter", "requestId")
-                    .into());
+                return Err(ApiError::new(400, "global", "required", "Required parameter: requestId").at("parameter", "requestId").into());
             }
             let name = meta.get("name").and_then(Value::as_str).unwrap_or("Untitled");
             let d = sh.store.lock().create_drive(name);
@@ -534,14 +487,25 @@ async fn api(
         (Method::GET, ["drives", id]) => {
             sh.stats.request("drives.get");
             let st = sh.store.lock();
-            let d = st.drives.get(*id).ok_or_else(|| {
-                ApiError::new(404, "global", "notFound", format!("Shared drive not found: {id}"))
-                    .at("parameter", "driveId")
-            })?;
+            let d = st.drives.get(*id).ok_or_else(|| ApiError::new(404, "global", "notFound", format!("Shared drive not found: {id}")).at("parameter", "driveId"))?;
             Ok(json_resp(sh, 200, &mask(&d.to_json(), params.get("fields"), &default_drive)?))
         }
         _ => Err(ApiError::new(404, "global", "notFound", "Not Found").into()),
     }
+}
+
+/// The per-user quota and the random 5xx, checked after auth as Drive does.
+fn gates(sh: &Shared) -> Result<(), ApiError> {
+    if let Err((use_429, wait)) = sh.faults.take_rate_token() {
+        sh.stats.with(|s| if use_429 { s.rate_limited_429 += 1 } else { s.rate_limited_403 += 1 });
+        return Err(if use_429 { ApiError::too_many_requests(wait.as_secs_f64().ceil() as u64) } else { ApiError::user_rate_limit() });
+    }
+    if roll(sh, sh.faults.error_rate()) {
+        let status = if sh.rng.lock().random::<bool>() { 503 } else { 500 };
+        sh.stats.with(|s| s.injected_5xx += 1);
+        return Err(ApiError::backend(status));
+    }
+    Ok(())
 }
 
 fn parse_json_body(raw: &[u8]) -> Result<Value, ApiError> {
@@ -592,18 +556,30 @@ fn mask(v: &Value, fields: Option<&String>, default: &dyn Fn(&Value) -> Value) -
 fn check_file_fields(sel: &Sel, spec: &str) -> Result<(), ApiError> {
     for n in sel.names() {
         if !FILE_FIELDS.contains(&n.as_str()) {
-            return Err(
-                ApiError::invalid_param_msg("fields", format!("Invalid field selection {n}")).at("parameter", "fields")
-            );
+            return Err(ApiError::invalid_param_msg("fields", format!("Invalid field selection {n}")).at("parameter", "fields"));
         }
     }
     let _ = spec;
     Ok(())
 }
 
+/// Whether a response shaped by `fields` (under member `under`, e.g. "files") keeps a
+/// member; malformed specs keep everything (they are refused later anyway).
+fn want_in(fields: Option<&String>, under: Option<&str>) -> impl Fn(&str) -> bool {
+    let sel = match fields.filter(|s| !s.trim().is_empty()) {
+        None => Some(Sel::Some(Default::default())),
+        Some(spec) => Sel::parse(spec).ok(),
+    };
+    let sel = match (sel, under) {
+        (Some(s), Some(u)) => s.child(u).or(Some(Sel::Some(Default::default()))),
+        (s, _) => s,
+    };
+    move |k: &str| sel.as_ref().is_none_or(|s| s.child(k).is_some())
+}
+
 /// A file resource with `fields=` applied; without it, Drive's default kind/id/name/mimeType.
 fn file_json(f: &FileRec, fields: Option<&String>) -> Result<Value, ApiError> {
-    let full = f.to_json();
+    let full = f.to_json(&want_in(fields, None));
     match fields.filter(|s| !s.trim().is_empty()) {
         None => Ok(Sel::parse("kind,id,name,mimeType").map(|s| s.apply(&full)).unwrap_or_default()),
         Some(spec) => {
@@ -617,47 +593,15 @@ fn file_json(f: &FileRec, fields: Option<&String>) -> Result<Value, ApiError> {
 // ---------------------------------------------------------------- metadata
 
 const CREATE_WRITABLE: &[&str] = &[
-    "id",
-    "name",
-    "mimeType",
-    "parents",
-    "description",
-    "starred",
-    "appProperties",
-    "properties",
-    "createdTime",
-    "modifiedTime",
-    "originalFilename",
-    "contentHints",
-    "copyRequiresWriterPermission",
-    "writersCanShare",
-    "folderColorRgb",
-    "viewedByMeTime",
-    "shortcutDetails",
-    "contentRestrictions",
-    "kind",
-    "inheritedPermissionsDisabled",
+    "id", "name", "mimeType", "parents", "description", "starred", "appProperties", "properties", "createdTime",
+    "modifiedTime", "originalFilename", "contentHints", "copyRequiresWriterPermission", "writersCanShare",
+    "folderColorRgb", "viewedByMeTime", "shortcutDetails", "contentRestrictions", "kind", "inheritedPermissionsDisabled",
     "downloadRestrictions",
 ];
 const UPDATE_WRITABLE: &[&str] = &[
-    "name",
-    "mimeType",
-    "description",
-    "starred",
-    "trashed",
-    "appProperties",
-    "properties",
-    "modifiedTime",
-    "originalFilename",
-    "contentHints",
-    "copyRequiresWriterPermission",
-    "writersCanShare",
-    "folderColorRgb",
-    "viewedByMeTime",
-    "contentRestrictions",
-    "kind",
-    "inheritedPermissionsDisabled",
-    "downloadRestrictions",
+    "name", "mimeType", "description", "starred", "trashed", "appProperties", "properties", "modifiedTime",
+    "originalFilename", "contentHints", "copyRequiresWriterPermission", "writersCanShare", "folderColorRgb",
+    "viewedByMeTime", "contentRestrictions", "kind", "inheritedPermissionsDisabled", "downloadRestrictions",
 ];
 
 fn str_field(meta: &Value, k: &str) -> Result<Option<String>, ApiError> {
@@ -671,9 +615,7 @@ fn str_field(meta: &Value, k: &str) -> Result<Option<String>, ApiError> {
 fn time_field(meta: &Value, k: &str) -> Result<Option<i64>, ApiError> {
     match str_field(meta, k)? {
         None => Ok(None),
-        Some(s) => {
-            parse_rfc3339(&s).map(Some).ok_or_else(|| ApiError::bad_request(format!("Invalid value for {k}: {s}")))
-        }
+        Some(s) => parse_rfc3339(&s).map(Some).ok_or_else(|| ApiError::bad_request(format!("Invalid value for {k}: {s}"))),
     }
 }
 
@@ -737,9 +679,7 @@ fn check_writable(meta: &Value, allowed: &[&str]) -> Result<(), ApiError> {
                     return Err(ApiError::not_writable());
                 }
                 // Unknown names: Drive rejects them while parsing the JSON.
-                return Err(ApiError::bad_request(format!(
-                    "Invalid JSON payload received. Unknown name \"{k}\": Cannot find field."
-                )));
+                return Err(ApiError::bad_request(format!("Invalid JSON payload received. Unknown name \"{k}\": Cannot find field.")));
             }
         }
     }
@@ -750,10 +690,7 @@ fn new_file_from(meta: &Value, params: &HashMap<String, String>) -> Result<NewFi
     check_writable(meta, CREATE_WRITABLE)?;
     let parents = match meta.get("parents") {
         None | Some(Value::Null) => vec![],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|p| p.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request("Invalid value for parents.")))
-            .collect::<Result<_, _>>()?,
+        Some(Value::Array(a)) => a.iter().map(|p| p.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request("Invalid value for parents."))).collect::<Result<_, _>>()?,
         Some(_) => return Err(ApiError::bad_request("Invalid value for parents.")),
     };
     let mut nf = NewFile {
@@ -775,13 +712,7 @@ fn new_file_from(meta: &Value, params: &HashMap<String, String>) -> Result<NewFi
 }
 
 /// Quota checks for `len` new bytes landing in My Drive (or a shared drive).
-fn check_storage(
-    sh: &Shared,
-    st: &crate::store::Store,
-    len: u64,
-    into_shared_drive: bool,
-    is_sa: bool,
-) -> Result<(), ApiError> {
+fn check_storage(sh: &Shared, st: &crate::store::Store, len: u64, into_shared_drive: bool, is_sa: bool) -> Result<(), ApiError> {
     if into_shared_drive {
         return Ok(());
     }
@@ -816,14 +747,7 @@ fn count_upload(sh: &Shared, len: u64) {
 }
 
 /// files.create with optional bytes; returns the masked resource.
-fn do_create(
-    sh: &Shared,
-    params: &HashMap<String, String>,
-    meta: &Value,
-    content: Option<Bytes>,
-    media_mime: Option<&str>,
-    is_sa: bool,
-) -> Result<Value, ApiError> {
+fn do_create(sh: &Shared, params: &HashMap<String, String>, meta: &Value, content: Option<Bytes>, media_mime: Option<&str>, is_sa: bool) -> Result<Value, ApiError> {
     let nf = new_file_from(meta, params)?;
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let mut st = sh.store.lock();
@@ -838,22 +762,14 @@ fn do_create(
 }
 
 /// files.update's metadata part: body fields plus addParents/removeParents.
-fn apply_update(
-    st: &mut crate::store::Store,
-    id: &str,
-    meta: &Value,
-    params: &HashMap<String, String>,
-    all: bool,
-) -> Result<(), ApiError> {
+fn apply_update(st: &mut crate::store::Store, id: &str, meta: &Value, params: &HashMap<String, String>, all: bool) -> Result<(), ApiError> {
     check_writable(meta, UPDATE_WRITABLE)?;
     let f = st.get(id, all)?;
     if f.is_root {
-        return Err(ApiError::new(
-            403,
-            "global",
-            "insufficientFilePermissions",
-            "The user does not have sufficient permissions for this file.",
-        ));
+        return Err(ApiError::new(403, "global", "insufficientFilePermissions", "The user does not have sufficient permissions for this file."));
+    }
+    if f.read_only {
+        return Err(crate::store::no_write(id));
     }
     let fid = f.id.clone();
     let name = str_field(meta, "name")?;
@@ -862,10 +778,7 @@ fn apply_update(
     let app = props(meta, "appProperties")?;
     let prp = props(meta, "properties")?;
     let split = |k: &str| -> Vec<String> {
-        params
-            .get(k)
-            .map(|s| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(|x| st.canon(x).to_string()).collect())
-            .unwrap_or_default()
+        params.get(k).map(|s| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(|x| st.canon(x).to_string()).collect()).unwrap_or_default()
     };
     let add = split("addParents");
     let remove = split("removeParents");
@@ -877,6 +790,9 @@ fn apply_update(
         if parent.mime_type != FOLDER_MIME {
             return Err(ApiError::bad_request(format!("The parent {p} is not a folder.")));
         }
+        if parent.read_only {
+            return Err(crate::store::no_write(p));
+        }
         if st.subtree(&fid).contains(p) {
             return Err(ApiError::bad_request("The requested parent would create a cycle in the folder graph."));
         }
@@ -886,12 +802,7 @@ fn apply_update(
         }
     }
     if new_parents.len() > 1 {
-        return Err(ApiError::new(
-            403,
-            "global",
-            "cannotAddParent",
-            "Increasing the number of parents is not allowed.",
-        ));
+        return Err(ApiError::new(403, "global", "cannotAddParent", "Increasing the number of parents is not allowed."));
     }
     let trashed = match meta.get("trashed") {
         None | Some(Value::Null) => None,
@@ -955,6 +866,8 @@ fn apply_update(
 // ---------------------------------------------------------------- simple uploads
 
 /// Splits a `multipart/related` body into (metadata JSON, media bytes, media content type).
+/// Drive takes exactly two parts, metadata first; the media part runs to the closing
+/// delimiter, which is searched from the end so large bodies are not scanned byte by byte.
 fn parse_multipart(content_type: &str, body: &[u8]) -> Result<(Value, Bytes, Option<String>), ApiError> {
     let bad = || ApiError::bad_request("Invalid multipart request.");
     let boundary = content_type
@@ -965,64 +878,57 @@ fn parse_multipart(content_type: &str, body: &[u8]) -> Result<(Value, Bytes, Opt
         .ok_or_else(bad)?;
     let delim = format!("--{boundary}");
     let d = delim.as_bytes();
-    let find = |hay: &[u8], from: usize, needle: &[u8]| -> Option<usize> {
-        hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|p| p + from)
+    let find = |from: usize, needle: &[u8]| -> Option<usize> {
+        body.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|p| p + from)
     };
-    let mut parts: Vec<(Vec<(String, String)>, &[u8])> = Vec::new();
-    let mut pos = find(body, 0, d).ok_or_else(bad)? + d.len();
-    loop {
-        if body.get(pos..pos + 2) == Some(b"--") {
-            break;
-        }
-        // Skip the line break after the delimiter.
+    // Skips the line break after a delimiter, then splits headers from content.
+    let part_start = |mut pos: usize| -> Option<(Vec<(String, String)>, usize)> {
         if body.get(pos..pos + 2) == Some(b"\r\n") {
             pos += 2;
         } else if body.get(pos..pos + 1) == Some(b"\n") {
             pos += 1;
         }
-        let (hdr_end, sep) = match (find(body, pos, b"\r\n\r\n"), find(body, pos, b"\n\n")) {
+        // Part headers are short: look for their end in the first 64 KiB only.
+        let window = &body[pos.min(body.len())..(pos + 65536).min(body.len())];
+        let in_window = |needle: &[u8]| window.windows(needle.len()).position(|w| w == needle).map(|p| p + pos);
+        let (end, sep) = match (in_window(b"\r\n\r\n"), in_window(b"\n\n")) {
             (Some(a), Some(b)) if b < a => (b, 2),
             (Some(a), _) => (a, 4),
             (None, Some(b)) => (b, 2),
-            _ => return Err(bad()),
+            _ => return None,
         };
-        let headers: Vec<(String, String)> = String::from_utf8_lossy(&body[pos..hdr_end])
+        let headers = String::from_utf8_lossy(&body[pos..end])
             .lines()
             .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())))
             .collect();
-        let start = hdr_end + sep;
-        let next = find(body, start, d).ok_or_else(bad)?;
-        let mut end = next;
+        Some((headers, end + sep))
+    };
+    let trim_eol = |start: usize, mut end: usize| -> usize {
         if end >= start + 2 && &body[end - 2..end] == b"\r\n" {
             end -= 2;
         } else if end > start && body[end - 1] == b'\n' {
             end -= 1;
         }
-        parts.push((headers, &body[start..end]));
-        pos = next + d.len();
-        if pos > body.len() {
-            return Err(bad());
-        }
-    }
-    if parts.len() != 2 {
-        return Err(ApiError::bad_request("A multipart upload has exactly two parts: metadata, then media."));
-    }
-    let meta = parse_json_body(parts[0].1)?;
-    let media_type = parts[1].0.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.clone());
-    Ok((meta, Bytes::copy_from_slice(parts[1].1), media_type))
+        end
+    };
+    let first = find(0, d).ok_or_else(bad)? + d.len();
+    let (_, meta_start) = part_start(first).ok_or_else(bad)?;
+    let second = find(meta_start, d).ok_or_else(bad)?;
+    let meta = parse_json_body(&body[meta_start..trim_eol(meta_start, second)])?;
+    let (media_headers, media_start) = part_start(second + d.len()).ok_or_else(bad)?;
+    let closing = format!("{delim}--");
+    let close_at = body.windows(closing.len()).rposition(|w| w == closing.as_bytes()).filter(|c| *c >= media_start).ok_or_else(bad)?;
+    let media = &body[media_start..trim_eol(media_start, close_at)];
+    let media_type = media_headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.clone());
+    Ok((meta, Bytes::copy_from_slice(media), media_type))
 }
 
-async fn simple_upload(
-    sh: &Shared,
-    target: Option<String>,
-    params: &HashMap<String, String>,
-    headers: &HeaderMap,
-    body: Incoming,
-    is_sa: bool,
-    multipart: bool,
-) -> R {
+async fn simple_upload(sh: &Shared, target: Option<String>, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming, is_sa: bool, multipart: bool) -> R {
     let len = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
-    check_upload_cap(sh, len.unwrap_or(0))?;
+    if let Err(e) = check_upload_cap(sh, len.unwrap_or(0)) {
+        drain(body).await;
+        return Err(e.into());
+    }
     let raw = match read_media(sh, body, len, true).await {
         Ok(b) => b,
         // Cut off: a simple upload keeps nothing.
@@ -1049,19 +955,15 @@ async fn simple_upload(
 }
 
 /// files.update with new bytes (and optional metadata).
-fn do_update_content(
-    sh: &Shared,
-    id: &str,
-    params: &HashMap<String, String>,
-    meta: &Value,
-    media: Bytes,
-    is_sa: bool,
-) -> Result<Value, ApiError> {
+fn do_update_content(sh: &Shared, id: &str, params: &HashMap<String, String>, meta: &Value, media: Bytes, is_sa: bool) -> Result<Value, ApiError> {
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let mut st = sh.store.lock();
     let f = st.get(id, all)?;
     if f.content.is_none() {
         return Err(ApiError::bad_request("Google-native files and folders have no binary content to replace."));
+    }
+    if f.read_only {
+        return Err(crate::store::no_write(id));
     }
     let grow = (media.len() as u64).saturating_sub(f.size());
     let in_drive = f.drive_id.is_some();
@@ -1074,22 +976,13 @@ fn do_update_content(
 
 // ---------------------------------------------------------------- resumable uploads
 
-async fn start_session(
-    sh: &Shared,
-    target: Option<String>,
-    params: &HashMap<String, String>,
-    headers: &HeaderMap,
-    body: Incoming,
-    is_sa: bool,
-) -> R {
+async fn start_session(sh: &Shared, target: Option<String>, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming, is_sa: bool) -> R {
     let raw = read_small(body).await?;
     sh.stats.with(|s| s.bytes_in += raw.len() as u64);
     let meta = parse_json_body(&raw)?;
     let total = match header(headers, "x-upload-content-length") {
         None => None,
-        Some(v) => {
-            Some(v.trim().parse::<u64>().map_err(|_| ApiError::bad_request("Invalid X-Upload-Content-Length."))?)
-        }
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| ApiError::bad_request("Invalid X-Upload-Content-Length."))?),
     };
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     check_upload_cap(sh, total.unwrap_or(0))?;
@@ -1109,10 +1002,10 @@ async fn start_session(
             Some(id) => {
                 let f = st.get(id, all)?;
                 if f.content.is_none() {
-                    return Err(ApiError::bad_request(
-                        "Google-native files and folders have no binary content to replace.",
-                    )
-                    .into());
+                    return Err(ApiError::bad_request("Google-native files and folders have no binary content to replace.").into());
+                }
+                if f.read_only {
+                    return Err(crate::store::no_write(id).into());
                 }
                 check_writable(&meta, UPDATE_WRITABLE)?;
                 let grow = total.unwrap_or(0).saturating_sub(f.size());
@@ -1171,7 +1064,8 @@ fn parse_content_range(s: &str) -> Option<CR> {
     }
     let (a, b) = range.trim().split_once('-')?;
     let (a, b) = (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?);
-    (b >= a).then_some(CR::Chunk(a, b, total))
+    // Bound the numbers so `b - a + 1` and `b + 1` cannot overflow (Drive caps files far lower).
+    (b >= a && b < 1 << 62 && total.is_none_or(|t| t < 1 << 62)).then_some(CR::Chunk(a, b, total))
 }
 
 fn session_gone() -> ApiError {
@@ -1186,40 +1080,95 @@ fn incomplete(received: u64, upload_id: &str) -> Response<Body> {
     b.body(full(Bytes::new())).unwrap_or_else(|_| empty(308))
 }
 
-async fn session_request(
-    sh: &Shared,
-    method: &Method,
-    params: &HashMap<String, String>,
-    headers: &HeaderMap,
-    body: Incoming,
-) -> R {
+/// What a PUT to a session URI turned out to be, decided before its body is read.
+enum Step {
+    Answer(Response<Body>),
+    Finalize,
+    Incomplete(u64),
+    /// Read `n` bytes starting at `a`.
+    Read { a: u64, n: u64 },
+}
+
+async fn session_request(sh: &Shared, method: &Method, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming) -> R {
     let upload_id = params.get("upload_id").cloned().unwrap_or_default();
+    let step = match session_step(sh, method, &upload_id, headers) {
+        Ok(s) => s,
+        Err(e) => {
+            // Refused before reading: drain, so the client reads the answer, not a reset.
+            drain(body).await;
+            return Err(e.into());
+        }
+    };
+    let (a, n) = match step {
+        Step::Answer(r) => {
+            drain(body).await;
+            return Ok(r);
+        }
+        Step::Finalize => return finalize(sh, &upload_id),
+        Step::Incomplete(received) => return Ok(incomplete(received, &upload_id)),
+        Step::Read { a, n } => (a, n),
+    };
+    let got = read_media(sh, body, Some(n), true).await;
+    let (bytes, cut) = match got {
+        Ok(v) => (v, false),
+        Err(v) => (v, true),
+    };
+    let mut ss = sh.sessions.lock();
+    let Some(s) = ss.get_mut(&upload_id) else { return Err(session_gone().into()) };
+    let have = s.data.len() as u64;
+    let mut end = (a + bytes.len() as u64).min(a + n);
+    if !cut && bytes.len() as u64 != n {
+        return Err(ApiError::bad_request("The body is shorter than its Content-Range.").into());
+    }
+    if cut {
+        // A cut-off chunk keeps whole 256 KiB units only, so the client must ask for the
+        // status and resume from the Range it gets back.
+        end = (end / CHUNK_GRANULE) * CHUNK_GRANULE;
+        s.interrupted = true;
+    }
+    // Keep only what is past what the session already holds (a resent overlap is fine).
+    if end > have && have >= a {
+        let from = (have - a) as usize;
+        let to = (end - a) as usize;
+        s.data.extend_from_slice(&bytes[from..to]);
+        count_upload(sh, (to - from) as u64);
+    }
+    if cut {
+        return Err(Fail::Reset);
+    }
+    let received = s.data.len() as u64;
+    let complete = s.total == Some(received);
+    drop(ss);
+    if complete {
+        return finalize(sh, &upload_id);
+    }
+    Ok(incomplete(received, &upload_id))
+}
+
+/// Validates a session request against the session's state, without reading its body.
+fn session_step(sh: &Shared, method: &Method, upload_id: &str, headers: &HeaderMap) -> Result<Step, ApiError> {
     let epoch = sh.faults.session_epoch.load(std::sync::atomic::Ordering::SeqCst);
-    {
-        let mut ss = sh.sessions.lock();
-        let alive = ss.get(&upload_id).is_some_and(|s| s.epoch == epoch && s.created.elapsed() < SESSION_LIFETIME);
-        if !alive {
-            ss.remove(&upload_id);
-            sh.stats.request("upload resumable chunk");
-            return Err(session_gone().into());
-        }
-        if *method == Method::DELETE {
-            // Cancelling a session: Google answers 499 Client Closed Request.
-            ss.remove(&upload_id);
-            sh.stats.request("upload resumable cancel");
-            return Ok(empty(499));
-        }
-        if let Some(done) = ss.get(&upload_id).and_then(|s| s.done.clone()) {
-            sh.stats.request("upload resumable query");
-            drop(ss);
-            return Ok(json_resp(sh, 200, &done));
-        }
+    let mut ss = sh.sessions.lock();
+    let alive = ss.get(upload_id).is_some_and(|s| s.epoch == epoch && s.created.elapsed() < SESSION_LIFETIME);
+    if !alive {
+        ss.remove(upload_id);
+        sh.stats.request("upload resumable chunk");
+        return Err(session_gone());
+    }
+    if *method == Method::DELETE {
+        // Cancelling a session: Google answers 499 Client Closed Request.
+        ss.remove(upload_id);
+        sh.stats.request("upload resumable cancel");
+        return Ok(Step::Answer(empty(499)));
+    }
+    let Some(s) = ss.get_mut(upload_id) else { return Err(session_gone()) };
+    if let Some(done) = s.done.clone() {
+        sh.stats.request("upload resumable query");
+        return Ok(Step::Answer(json_resp(sh, 200, &done)));
     }
     let clen = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
     let cr = match header(headers, "content-range") {
-        Some(v) => {
-            parse_content_range(v).ok_or_else(|| ApiError::bad_request(format!("Invalid Content-Range: {v}")))?
-        }
+        Some(v) => parse_content_range(v).ok_or_else(|| ApiError::bad_request(format!("Invalid Content-Range: {v}")))?,
         // No Content-Range: the whole content in one request (or an empty file).
         None => match clen.unwrap_or(0) {
             0 => CR::Query(Some(0)),
@@ -1230,94 +1179,53 @@ async fn session_request(
         CR::Query(total) => {
             sh.stats.request("upload resumable query");
             if clen.unwrap_or(0) != 0 {
-                return Err(ApiError::bad_request("A status query has an empty body.").into());
+                return Err(ApiError::bad_request("A status query has an empty body."));
             }
-            let (received, complete) = {
-                let mut ss = sh.sessions.lock();
-                let Some(s) = ss.get_mut(&upload_id) else { return Err(session_gone().into()) };
-                if let Some(t) = total {
-                    if s.total.is_some_and(|old| old != t) || (s.data.len() as u64) > t {
-                        return Err(ApiError::bad_request("The total size does not match the upload session.").into());
-                    }
-                    s.total = Some(t);
+            if let Some(t) = total {
+                if s.total.is_some_and(|old| old != t) || (s.data.len() as u64) > t {
+                    return Err(ApiError::bad_request("The total size does not match the upload session."));
                 }
-                s.interrupted = true;
-                (s.data.len() as u64, s.total == Some(s.data.len() as u64))
-            };
-            if complete {
-                return finalize(sh, &upload_id);
+                s.total = Some(t);
             }
-            Ok(incomplete(received, &upload_id))
+            s.interrupted = true;
+            let received = s.data.len() as u64;
+            if s.total == Some(received) {
+                return Ok(Step::Finalize);
+            }
+            Ok(Step::Incomplete(received))
         }
         CR::Chunk(a, b, total) => {
             sh.stats.request("upload resumable chunk");
             let n = b - a + 1;
             if clen.is_some_and(|c| c != n) {
-                return Err(ApiError::bad_request("Content-Length does not match Content-Range.").into());
+                return Err(ApiError::bad_request("Content-Length does not match Content-Range."));
             }
             let is_final = total.is_some_and(|t| b + 1 == t);
-            {
-                let mut ss = sh.sessions.lock();
-                let Some(s) = ss.get_mut(&upload_id) else { return Err(session_gone().into()) };
-                if let Some(t) = total {
-                    if b >= t || s.total.is_some_and(|old| old != t) {
-                        return Err(ApiError::bad_request("The Content-Range total does not match the upload.").into());
-                    }
-                }
-                if a > s.data.len() as u64 {
-                    return Err(ApiError::bad_request(format!(
-                        "The chunk starts at byte {a} but only {} bytes have been received; query the upload status and resume from there.",
-                        s.data.len()
-                    ))
-                    .into());
-                }
-                if !is_final && n % CHUNK_GRANULE != 0 {
-                    return Err(ApiError::bad_request(format!(
-                        "Invalid request. The number of bytes uploaded is required to be equal or greater than 262144, except for the final request (it's recommended to be the exact multiple of 262144). The received request contained {n} bytes, which does not meet this requirement."
-                    ))
-                    .into());
-                }
-                if s.interrupted {
-                    s.interrupted = false;
-                    sh.stats.with(|st| st.uploads_resumed += 1);
-                }
-                if let Some(t) = total {
-                    s.total = Some(t);
+            if let Some(t) = total {
+                if b >= t || s.total.is_some_and(|old| old != t) {
+                    return Err(ApiError::bad_request("The Content-Range total does not match the upload."));
                 }
             }
-            check_upload_cap(sh, n)?;
-            let got = read_media(sh, body, Some(n), true).await;
-            let (bytes, cut) = match got {
-                Ok(v) => (v, false),
-                Err(v) => (v, true),
-            };
-            let mut ss = sh.sessions.lock();
-            let Some(s) = ss.get_mut(&upload_id) else { return Err(session_gone().into()) };
-            let have = s.data.len() as u64;
-            // Keep only what is past what the session already holds (a resent overlap is fine).
-            let mut end = a + bytes.len() as u64;
-            if cut {
-                // A cut-off chunk keeps whole 256 KiB units only, so the client must ask for the
-                // status and resume from the Range it gets back.
-                end = (end / CHUNK_GRANULE) * CHUNK_GRANULE;
-                s.interrupted = true;
+            if a > s.data.len() as u64 {
+                return Err(ApiError::bad_request(format!(
+                    "The chunk starts at byte {a} but only {} bytes have been received; query the upload status and resume from there.",
+                    s.data.len()
+                )));
             }
-            if end > have {
-                let from = (have - a) as usize;
-                let to = (end - a) as usize;
-                s.data.extend_from_slice(&bytes[from..to]);
-                count_upload(sh, (to - from) as u64);
+            if !is_final && n % CHUNK_GRANULE != 0 {
+                return Err(ApiError::bad_request(format!(
+                    "Invalid request. The number of bytes uploaded is required to be equal or greater than 262144, except for the final request (it's recommended to be the exact multiple of 262144). The received request contained {n} bytes, which does not meet this requirement."
+                )));
             }
-            if cut {
-                return Err(Fail::Reset);
+            check_upload_cap(sh, (b + 1).saturating_sub(s.data.len() as u64))?;
+            if s.interrupted {
+                s.interrupted = false;
+                sh.stats.with(|st| st.uploads_resumed += 1);
             }
-            let received = s.data.len() as u64;
-            let complete = s.total == Some(received);
-            drop(ss);
-            if complete {
-                return finalize(sh, &upload_id);
+            if let Some(t) = total {
+                s.total = Some(t);
             }
-            Ok(incomplete(received, &upload_id))
+            Ok(Step::Read { a, n })
         }
     }
 }
@@ -1327,14 +1235,7 @@ fn finalize(sh: &Shared, upload_id: &str) -> R {
     let (update_of, meta, params, ctype, data, is_sa) = {
         let ss = sh.sessions.lock();
         let Some(s) = ss.get(upload_id) else { return Err(session_gone().into()) };
-        (
-            s.update_of.clone(),
-            s.meta.clone(),
-            s.params.clone(),
-            s.content_type.clone(),
-            Bytes::from(s.data.clone()),
-            s.service_account,
-        )
+        (s.update_of.clone(), s.meta.clone(), s.params.clone(), s.content_type.clone(), Bytes::from(s.data.clone()), s.service_account)
     };
     let res = match &update_of {
         None => do_create(sh, &params, &meta, Some(data), ctype.as_deref(), is_sa),
@@ -1363,13 +1264,7 @@ fn finalize(sh: &Shared, upload_id: &str) -> R {
 
 // ---------------------------------------------------------------- downloads
 
-async fn download(
-    sh: &Arc<Shared>,
-    id: &str,
-    params: &HashMap<String, String>,
-    headers: &HeaderMap,
-    revision: Option<&str>,
-) -> R {
+async fn download(sh: &Arc<Shared>, id: &str, params: &HashMap<String, String>, headers: &HeaderMap, revision: Option<&str>) -> R {
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let (data, mime) = {
         let st = sh.store.lock();
@@ -1415,8 +1310,7 @@ async fn download(
         }
     };
     let len = slice.len();
-    let cutoff =
-        if len > 0 && roll(sh, sh.faults.reset_rate()) { Some(sh.rng.lock().random_range(0..len)) } else { None };
+    let cutoff = if len > 0 && roll(sh, sh.faults.reset_rate()) { Some(sh.rng.lock().random_range(0..len)) } else { None };
     let mut b = Response::builder()
         .status(status)
         .header("Content-Type", mime)
@@ -1437,10 +1331,7 @@ async fn download(
         let limit = cutoff.unwrap_or(usize::MAX);
         if pos >= limit {
             sh.stats.with(|s| s.resets += 1);
-            return Some((
-                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected reset")),
-                (pos, data, sh, true),
-            ));
+            return Some((Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected reset")), (pos, data, sh, true)));
         }
         let end = (pos + SLICE).min(data.len()).min(limit.max(pos + 1));
         sh.link.pace(end - pos, bps).await;
@@ -1451,6 +1342,7 @@ async fn download(
     b.body(StreamBody::new(stream).boxed_unsync()).map_err(|_| Fail::Api(ApiError::backend(500)))
 }
 
+
 // ---------------------------------------------------------------- list, copy, ids, about
 
 fn generate_ids(sh: &Shared, params: &HashMap<String, String>) -> R {
@@ -1458,13 +1350,7 @@ fn generate_ids(sh: &Shared, params: &HashMap<String, String>) -> R {
         None => 10,
         Some(c) => match c.parse::<usize>() {
             Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::invalid_param_msg(
-                    "count",
-                    format!("Invalid value for count: {c}. Values must be within the range: [1, 1000]"),
-                )
-                .into())
-            }
+            _ => return Err(ApiError::invalid_param_msg("count", format!("Invalid value for count: {c}. Values must be within the range: [1, 1000]")).into()),
         },
     };
     let space = params.get("space").map(String::as_str).unwrap_or("drive");
@@ -1482,15 +1368,12 @@ fn generate_ids(sh: &Shared, params: &HashMap<String, String>) -> R {
 
 fn about(sh: &Shared, params: &HashMap<String, String>) -> R {
     if params.get("fields").is_none_or(|f| f.is_empty()) {
-        return Err(ApiError::new(400, "global", "required", "The 'fields' parameter is required for this method.")
-            .at("parameter", "fields")
-            .into());
+        return Err(ApiError::new(400, "global", "required", "The 'fields' parameter is required for this method.").at("parameter", "fields").into());
     }
     let st = sh.store.lock();
     let used = st.bytes_used();
     let trash: u64 = st.files.values().filter(|f| f.drive_id.is_none() && f.trashed).map(|f| f.size()).sum();
-    let mut quota =
-        json!({ "usage": used.to_string(), "usageInDrive": used.to_string(), "usageInDriveTrash": trash.to_string() });
+    let mut quota = json!({ "usage": used.to_string(), "usageInDrive": used.to_string(), "usageInDriveTrash": trash.to_string() });
     if let Some(q) = sh.faults.storage_quota() {
         quota["limit"] = json!(q.to_string());
     }
@@ -1559,13 +1442,7 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
         None => 100,
         Some(p) => match p.parse::<usize>() {
             Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::invalid_param_msg(
-                    "pageSize",
-                    format!("Invalid value for pageSize: {p}. Values must be within the range: [1, 1000]"),
-                )
-                .into())
-            }
+            _ => return Err(ApiError::invalid_param_msg("pageSize", format!("Invalid value for pageSize: {p}. Values must be within the range: [1, 1000]")).into()),
         },
     };
     let expr = match params.get("q").filter(|q| !q.trim().is_empty()) {
@@ -1575,20 +1452,12 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
     let include_all = flag(params, "includeItemsFromAllDrives") || flag(params, "includeTeamDriveItems");
     let supports_all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let drive_id = params.get("driveId").or_else(|| params.get("teamDriveId")).cloned();
-    let corpora =
-        params
-            .get("corpora")
-            .cloned()
-            .unwrap_or_else(|| if drive_id.is_some() { "drive".into() } else { "user".into() });
+    let corpora = params.get("corpora").cloned().unwrap_or_else(|| if drive_id.is_some() { "drive".into() } else { "user".into() });
     match corpora.as_str() {
         "user" | "domain" => {}
         "drive" => {
             if drive_id.is_none() {
-                return Err(ApiError::invalid_param_msg(
-                    "driveId",
-                    "The driveId parameter must be specified if and only if corpora is set to drive.",
-                )
-                .into());
+                return Err(ApiError::invalid_param_msg("driveId", "The driveId parameter must be specified if and only if corpora is set to drive.").into());
             }
         }
         "allDrives" => {}
@@ -1618,9 +1487,7 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
     let st = sh.store.lock();
     if let Some(d) = &drive_id {
         if !st.drives.contains_key(d) {
-            return Err(ApiError::new(404, "global", "notFound", format!("Shared drive not found: {d}"))
-                .at("parameter", "driveId")
-                .into());
+            return Err(ApiError::new(404, "global", "notFound", format!("Shared drive not found: {d}")).at("parameter", "driveId").into());
         }
     }
     let now = Instant::now();
@@ -1641,7 +1508,8 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
         for (key, desc) in &order {
             let o = match *key {
                 "name" => a.name.cmp(&b.name),
-                "createdTime" => a.created_ms.cmp(&b.created_ms),
+                // Creation order breaks ties of equal timestamps, in the requested direction.
+                "createdTime" => (a.created_ms, a.seq).cmp(&(b.created_ms, b.seq)),
                 "modifiedTime" => a.modified_ms.cmp(&b.modified_ms),
                 "folder" => (b.mime_type == FOLDER_MIME).cmp(&(a.mime_type == FOLDER_MIME)),
                 "quotaBytesUsed" => a.size().cmp(&b.size()),
@@ -1655,16 +1523,16 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
         }
         a.seq.cmp(&b.seq)
     });
-    let page: Vec<Value> = hits.iter().skip(offset).take(page_size).map(|f| f.to_json()).collect();
+    let take = if sh.faults.short_pages() { sh.rng.lock().random_range(0..=page_size) } else { page_size };
+    let want = want_in(params.get("fields"), Some("files"));
+    let page: Vec<Value> = hits.iter().skip(offset).take(take).map(|f| f.to_json(&want)).collect();
     let mut v = json!({ "kind": "drive#fileList", "incompleteSearch": false, "files": page });
-    if offset + page_size < hits.len() {
-        v["nextPageToken"] = json!(encode_page_token(offset + page_size, token_key));
+    if offset + take < hits.len() {
+        v["nextPageToken"] = json!(encode_page_token(offset + take, token_key));
     }
     drop(st);
     let out = match params.get("fields").filter(|f| !f.trim().is_empty()) {
-        None => Sel::parse("kind,incompleteSearch,nextPageToken,files(kind,id,name,mimeType)")
-            .map(|s| s.apply(&v))
-            .unwrap_or_default(),
+        None => Sel::parse("kind,incompleteSearch,nextPageToken,files(kind,id,name,mimeType)").map(|s| s.apply(&v)).unwrap_or_default(),
         Some(spec) => {
             let sel = Sel::parse(spec)?;
             for n in sel.names() {

@@ -5,6 +5,9 @@
 //! on 127.0.0.1, with faults that can be dialled in while it runs. It is written to Google's
 //! documentation, not to any one client. State is in memory.
 
+// Errors are the rare path of a test tool; boxing them would only add noise.
+#![allow(clippy::result_large_err)]
+
 mod auth;
 mod error;
 mod faults;
@@ -294,6 +297,14 @@ impl Emulator {
     pub fn ui_flag_abuse(&self, id: &str) {
         if let Ok(f) = self.shared.store.lock().get_mut(id, true) {
             f.abusive = true;
+        }
+    }
+
+    /// Makes an item read-only for the user (as if shared with them as a reader): every
+    /// write to it, or into it if a folder, answers 403 insufficientFilePermissions.
+    pub fn ui_make_read_only(&self, id: &str) {
+        if let Ok(f) = self.shared.store.lock().get_mut(id, true) {
+            f.read_only = true;
         }
     }
 

@@ -4,6 +4,7 @@
 //! across an await. Errors are the Drive errors the wire layer sends as they are.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -22,25 +23,32 @@ pub(crate) fn is_google_type(mime: &str) -> bool {
     mime.starts_with("application/vnd.google-apps.")
 }
 
-/// File bytes with the checksums Drive reports for them.
+/// File bytes with the checksums Drive reports for them. Each checksum is computed the
+/// first time a response asks for it: hashing is the slowest thing the emulator does
+/// (unoptimised test builds hash at tens of MB/s), and most responses ask for none.
 #[derive(Clone)]
 pub(crate) struct Content {
     pub data: Bytes,
-    pub md5: String,
-    pub sha1: String,
-    pub sha256: String,
+    sums: Arc<[OnceLock<String>; 3]>,
 }
 
 impl Content {
     pub fn new(data: Bytes) -> Content {
-        Content {
-            md5: hex::encode(md5::Md5::digest(&data)),
-            sha1: hex::encode(sha1::Sha1::digest(&data)),
-            sha256: hex::encode(sha2::Sha256::digest(&data)),
-            data,
-        }
+        Content { data, sums: Arc::new([OnceLock::new(), OnceLock::new(), OnceLock::new()]) }
+    }
+    pub fn md5(&self) -> &str {
+        self.sums[0].get_or_init(|| hex::encode(md5::Md5::digest(&self.data)))
+    }
+    pub fn sha1(&self) -> &str {
+        self.sums[1].get_or_init(|| hex::encode(sha1::Sha1::digest(&self.data)))
+    }
+    pub fn sha256(&self) -> &str {
+        self.sums[2].get_or_init(|| hex::encode(sha2::Sha256::digest(&self.data)))
     }
 }
+
+/// Which members a response will keep (checksums are only computed when kept).
+pub(crate) type Want<'a> = &'a dyn Fn(&str) -> bool;
 
 #[derive(Clone)]
 pub(crate) struct Revision {
@@ -53,18 +61,21 @@ pub(crate) struct Revision {
 }
 
 impl Revision {
-    pub fn to_json(&self) -> Value {
-        json!({
+    pub fn to_json(&self, want: Want) -> Value {
+        let mut v = json!({
             "kind": "drive#revision",
             "id": self.id,
             "mimeType": self.mime,
             "modifiedTime": rfc3339(self.modified_ms),
             "keepForever": self.keep_forever,
             "published": false,
-            "md5Checksum": self.content.md5,
             "size": self.content.data.len().to_string(),
             "originalFilename": self.original_filename,
-        })
+        });
+        if want("md5Checksum") {
+            v["md5Checksum"] = json!(self.content.md5());
+        }
+        v
     }
 }
 
@@ -96,6 +107,8 @@ pub(crate) struct FileRec {
     pub is_root: bool,
     /// Flagged as malware/spam: downloads need `acknowledgeAbuse=true`.
     pub abusive: bool,
+    /// Shared with the user as a reader only: every write answers 403.
+    pub read_only: bool,
 }
 
 impl FileRec {
@@ -107,8 +120,9 @@ impl FileRec {
         self.revisions.last().map(|r| r.id.as_str())
     }
 
-    /// The full resource as Drive's v3 `File` JSON (before any `fields=` mask).
-    pub fn to_json(&self) -> Value {
+    /// The resource as Drive's v3 `File` JSON (before any `fields=` mask); checksums only
+    /// if `want` asks for them.
+    pub fn to_json(&self, want: Want) -> Value {
         let mut v = json!({
             "kind": "drive#file",
             "id": self.id,
@@ -126,8 +140,8 @@ impl FileRec {
             "quotaBytesUsed": self.size().to_string(),
             "isAppAuthorized": true,
             "capabilities": {
-                "canEdit": true, "canDownload": true, "canTrash": true, "canDelete": true,
-                "canAddChildren": self.mime_type == FOLDER_MIME, "canRename": true,
+                "canEdit": !self.read_only, "canDownload": true, "canTrash": !self.read_only, "canDelete": !self.read_only,
+                "canAddChildren": self.mime_type == FOLDER_MIME && !self.read_only, "canRename": !self.read_only,
             },
         });
         if self.parents.is_empty() {
@@ -139,9 +153,15 @@ impl FileRec {
         }
         if let Some(c) = &self.content {
             v["size"] = json!(c.data.len().to_string());
-            v["md5Checksum"] = json!(c.md5);
-            v["sha1Checksum"] = json!(c.sha1);
-            v["sha256Checksum"] = json!(c.sha256);
+            if want("md5Checksum") {
+                v["md5Checksum"] = json!(c.md5());
+            }
+            if want("sha1Checksum") {
+                v["sha1Checksum"] = json!(c.sha1());
+            }
+            if want("sha256Checksum") {
+                v["sha256Checksum"] = json!(c.sha256());
+            }
             if let Some(h) = self.head_revision_id() {
                 v["headRevisionId"] = json!(h);
             }
@@ -196,6 +216,16 @@ pub(crate) struct NewFile {
     pub keep_forever: bool,
 }
 
+/// Drive's answer to a write on an item the user may only read.
+pub(crate) fn no_write(id: &str) -> ApiError {
+    ApiError::new(
+        403,
+        "global",
+        "insufficientFilePermissions",
+        format!("The user does not have sufficient permissions for file {id}."),
+    )
+}
+
 pub(crate) struct Store {
     pub files: HashMap<String, FileRec>,
     /// Ids handed out by generateIds and not used yet (Drive accepts only those as `id`).
@@ -232,6 +262,7 @@ impl Store {
             listable_at: Instant::now(),
             is_root: true,
             abusive: false,
+            read_only: false,
         };
         let mut files = HashMap::new();
         files.insert(root_id.clone(), root);
@@ -327,6 +358,9 @@ impl Store {
         if parent.mime_type != FOLDER_MIME {
             return Err(ApiError::bad_request(format!("The parent {pid} is not a folder.")).at("other", "parents"));
         }
+        if parent.read_only {
+            return Err(no_write(&pid));
+        }
         Ok((vec![pid], parent.drive_id.clone()))
     }
 
@@ -397,6 +431,7 @@ impl Store {
             listable_at: Instant::now() + listing_lag,
             is_root: false,
             abusive: false,
+            read_only: false,
         };
         self.files.insert(id.clone(), rec);
         Ok(id)
@@ -413,6 +448,9 @@ impl Store {
     ) -> Result<(), ApiError> {
         let rev_id = self.new_revision_id();
         let f = self.get_mut(id, all_drives)?;
+        if f.read_only {
+            return Err(no_write(id));
+        }
         if is_google_type(&f.mime_type) {
             return Err(ApiError::bad_request("Google-native files and folders have no binary content to replace."));
         }
@@ -442,7 +480,7 @@ impl Store {
         while i < out.len() {
             let cur = out[i].clone();
             for f in self.files.values() {
-                if f.parents.iter().any(|p| *p == cur) {
+                if f.parents.contains(&cur) {
                     out.push(f.id.clone());
                 }
             }
@@ -501,6 +539,7 @@ impl Store {
             listable_at: Instant::now(),
             is_root: true,
             abusive: false,
+            read_only: false,
         };
         self.files.insert(id.clone(), root);
         self.drives.insert(id, d.clone());
