@@ -277,3 +277,44 @@ async fn gdrive_shared_drive_volume() {
     assert_eq!(keys, vec!["volume.json"]);
     assert_eq!(&other.get("volume.json").await.unwrap()[..], b"{}");
 }
+
+/// Writes whose replies are lost are retried by the retry wrapper without
+/// leaving a duplicate file, even while listings lag; fenced creates
+/// recognise their own landed commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_lost_replies_leave_no_duplicates() {
+    use driveblk::remote::{RetryPolicy, RetryingRemote};
+    let emu_cfg = driveemu::Config { listing_lag: Duration::from_secs(2), ..Default::default() };
+    let env = start(emu_cfg, Creds::User);
+    env.emu.faults().set_lost_reply_rate(0.3);
+    let policy = RetryPolicy {
+        max_attempts: 30,
+        base_delay: Duration::from_millis(2),
+        max_delay: Duration::from_millis(50),
+        seed: Some(4),
+        attempt_timeout: Duration::from_secs(30),
+    };
+    let r = RetryingRemote::wrap(folder(&env, "gdrive:/lost/vol"), policy);
+    for i in 0..12u64 {
+        // Small (multipart) and large (resumable) bodies.
+        let len = if i % 3 == 0 { 300 << 10 } else { 2000 };
+        r.put(&format!("pack-{i:02}"), PutBody::from_bytes(data(i, len))).await.unwrap();
+    }
+    for g in 1..6u64 {
+        let body = data(100 + g, 500);
+        let slot = r.reserve(&format!("gen-{g}")).await.unwrap();
+        let m = r.create(&format!("gen-{g}"), slot.as_ref(), &content_tag(&body), PutBody::from_bytes(body)).await;
+        assert!(m.is_ok(), "{m:?}");
+    }
+    env.emu.faults().set_lost_reply_rate(0.0);
+    assert!(env.emu.stats().lost_replies > 0, "{:?}", env.emu.stats());
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // A fresh view: every key names exactly one file (list refuses duplicates).
+    let keys = folder(&env, "gdrive:/lost/vol").list("").await.unwrap();
+    assert_eq!(keys.len(), 17, "{keys:?}");
+    for i in 0..12u64 {
+        let k = format!("pack-{i:02}");
+        let want = data(i, if i % 3 == 0 { 300 << 10 } else { 2000 });
+        assert_eq!(&r.get(&k).await.unwrap()[..], &want[..], "{k}");
+    }
+}

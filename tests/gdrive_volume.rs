@@ -1,7 +1,7 @@
 //! Volumes on Google Drive, end to end against the Drive API emulator:
 //! import -> info -> export through `gdrive:` under latency, injected 5xx,
-//! connection resets, 429/403 rate-limit bursts and a short token
-//! lifetime; a `gdrive:file=` base attached without uploading its content;
+//! connection resets, lost replies, short list pages, 429/403 rate-limit
+//! bursts and a short token lifetime; a `gdrive:file=` base attached without uploading its content;
 //! the unchanged CLI pointed at the emulator by environment variables; and
 //! `driveblk selftest`.
 
@@ -43,6 +43,8 @@ fn gdrive_volume_round_trip_under_faults() {
     let env = start(emu_cfg, Creds::User);
     env.emu.faults().set_error_rate(0.1);
     env.emu.faults().set_reset_rate(0.05);
+    env.emu.faults().set_lost_reply_rate(0.05);
+    env.emu.faults().set_short_pages(true);
     let (img, bytes) = tier_support::raw_image(env.dir.path(), "disk.raw", 6 << 20, 21);
     let url = "gdrive:/vms/round-trip";
     let opts = ImportOptions {
@@ -67,6 +69,7 @@ fn gdrive_volume_round_trip_under_faults() {
     assert!(st.injected_5xx > 0, "faults were injected: {st:?}");
     assert!(st.rate_limited_403 + st.rate_limited_429 > 0, "the per-user limit was hit: {st:?}");
     assert!(st.uploads_resumed > 0, "a cut upload resumed: {st:?}");
+    assert!(st.lost_replies > 0, "replies were lost: {st:?}");
     assert!(st.requests.get("token").copied().unwrap_or(0) >= 2, "tokens were refreshed: {st:?}");
 }
 

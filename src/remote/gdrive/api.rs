@@ -294,6 +294,10 @@ pub struct DriveApi {
     ids: parking_lot::Mutex<Vec<String>>,
     /// Single flight for refilling `ids`.
     ids_refill: tokio::sync::Mutex<()>,
+    /// (parent id, name) -> id of folders this process created or is
+    /// creating: a listing may not show them yet, and a create retried
+    /// after a lost reply must reuse the id (409) rather than make a twin.
+    pub(crate) folders: parking_lot::Mutex<HashMap<(String, String), String>>,
 }
 
 impl std::fmt::Debug for DriveApi {
@@ -328,6 +332,7 @@ impl DriveApi {
             cfg: cfg.clone(),
             ids: parking_lot::Mutex::new(Vec::new()),
             ids_refill: tokio::sync::Mutex::new(()),
+            folders: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 

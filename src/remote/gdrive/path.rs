@@ -132,6 +132,25 @@ pub async fn resolve(
         }
     };
     for name in names {
+        let slot = (cur.id.clone(), name.clone());
+        // A folder this process made: found by id, since a listing may
+        // lag behind its create.
+        let known = api.folders.lock().get(&slot).cloned();
+        if let Some(id) = known {
+            match api.get_file(&id).await {
+                Ok(f) if !f.trashed => {
+                    cur = Folder { id: f.id, drive_id: f.drive_id.or(cur.drive_id) };
+                    continue;
+                }
+                // Not created after all (a failed attempt), or gone: retry
+                // the create with the same id below if it is still needed.
+                Ok(_) => {
+                    api.folders.lock().remove(&slot);
+                }
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
         let q = format!(
             "name = '{}' and '{}' in parents and mimeType = '{FOLDER_MIME}' and trashed = false",
             q_escape(name),
@@ -142,9 +161,17 @@ pub async fn resolve(
             Some(f) => Folder { id: f.id, drive_id: f.drive_id.or(cur.drive_id) },
             None if !create => return Ok(None),
             None => {
-                // A pre-generated id makes the create idempotent: a retry
-                // after a lost reply answers 409 instead of a second folder.
-                let id = api.new_id().await?;
+                // A pre-generated id, remembered before the request, makes
+                // the create idempotent: a retry after a lost reply answers
+                // 409 instead of making a second folder.
+                let pending = api.folders.lock().get(&slot).cloned();
+                let id = match pending {
+                    Some(id) => id,
+                    None => {
+                        let id = api.new_id().await?;
+                        api.folders.lock().entry(slot.clone()).or_insert(id).clone()
+                    }
+                };
                 let f = match api.create_folder(&id, name, &cur.id).await {
                     Ok(f) => f,
                     Err(e) if e.kind == ErrorKind::Conflict => api.get_file(&id).await?,
