@@ -2,9 +2,12 @@
 //! import -> info -> export through `gdrive:` under latency, injected 5xx,
 //! connection resets, lost replies, short list pages, 429/403 rate-limit
 //! bursts and a short token lifetime; a `gdrive:file=` base attached without uploading its content;
-//! the unchanged CLI pointed at the emulator by environment variables; and
-//! `driveblk selftest`.
+//! the unchanged CLI pointed at the emulator by environment variables and
+//! flags; the daemon serving a `gdrive:` volume and a `gdrive:file=` base
+//! to a libblkio client; and `driveblk selftest`.
 
+#[allow(dead_code)]
+mod common;
 mod gdrive_support;
 #[allow(dead_code)]
 mod tier_support;
@@ -132,4 +135,47 @@ fn gdrive_selftest_passes_against_the_emulator() {
     assert!(o.status.success(), "{text}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(text.contains("9 passed, 0 failed"), "{text}");
     assert!(text.contains("PASS second create with the same id answers 409"), "{text}");
+}
+
+fn read_all(c: &mut common::Client) -> Vec<u8> {
+    let mut out = Vec::with_capacity(c.capacity as usize);
+    let mut off = 0;
+    while off < c.capacity {
+        let n = (c.capacity - off).min(1 << 20) as usize;
+        out.extend(c.read(off, n).unwrap());
+        off += n as u64;
+    }
+    out
+}
+
+#[test]
+fn gdrive_daemon_serves_a_drive_volume_and_a_file_id_base() {
+    let emu_cfg = driveemu::Config { latency: Duration::from_millis(5), ..Default::default() };
+    let env = start(emu_cfg, Creds::User);
+    let flags = ["--drive-api-url", &env.emu.base_url(), "--drive-credentials", env.creds_file.to_str().unwrap()];
+    let (img, want) = tier_support::raw_image(env.dir.path(), "disk.raw", 4 << 20, 23);
+    let mut args = vec!["import", "--quiet", img.to_str().unwrap(), "gdrive:/serve/vol"];
+    args.extend_from_slice(&flags);
+    let o = Command::new(env!("CARGO_BIN_EXE_driveblk")).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A base image uploaded through the "web UI", attached by id.
+    let base = gdrive_support::data(24, 3 << 20);
+    let id = env.emu.ui_upload(&env.emu.root_folder_id(), "base.img", &base);
+    let base_url = format!("gdrive:file={id}");
+    let mut args = vec!["attach", base_url.as_str(), "gdrive:/serve/based"];
+    args.extend_from_slice(&flags);
+    let o = Command::new(env!("CARGO_BIN_EXE_driveblk")).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (i, (url, bytes)) in [("gdrive:/serve/vol", &want), ("gdrive:/serve/based", &base)].into_iter().enumerate() {
+        let cache = env.dir.path().join(format!("cache{i}"));
+        let sock = env.dir.path().join(format!("sock{i}"));
+        let mut a = vec!["--volume", url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+        a.extend_from_slice(&flags);
+        let d = common::Daemon::start(&sock, &a);
+        let mut c = common::Client::connect(&sock, 1);
+        assert_eq!(c.capacity, bytes.len() as u64);
+        assert!(read_all(&mut c) == *bytes, "{url}: served bytes differ");
+        drop(c);
+        assert!(d.stop().success());
+    }
 }
