@@ -67,7 +67,10 @@ async fn gdrive_create_at_a_slot_is_the_fence_and_seen_before_listings() {
     let emu_cfg = driveemu::Config { listing_lag: Duration::from_secs(30), ..Default::default() };
     let env = start(emu_cfg, Creds::ServiceAccount);
     let a = folder(&env, "gdrive:/vols/fenced");
-    let b = folder(&env, "gdrive:/vols/fenced");
+    // Another host: its own connection, knowing nothing this one wrote.
+    let mut other_host = env.cfg.clone();
+    other_host.drive.pacer.rate += 1.0;
+    let b = RemoteUrl::parse("gdrive:/vols/fenced").unwrap().folder_with(&other_host);
     let slot = a.reserve("gen-2").await.unwrap().expect("Drive needs slots");
     assert!(b.head_created("gen-2", Some(&slot)).await.unwrap_err().is_not_found());
     let (ba, bb) = (b"manifest A".to_vec(), b"manifest B".to_vec());

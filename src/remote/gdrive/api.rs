@@ -298,6 +298,10 @@ pub struct DriveApi {
     /// creating: a listing may not show them yet, and a create retried
     /// after a lost reply must reuse the id (409) rather than make a twin.
     pub(crate) folders: parking_lot::Mutex<HashMap<(String, String), String>>,
+    /// folder id -> key -> file id of objects this process wrote or saw,
+    /// shared by every remote of the account: a listing may lag behind a
+    /// create, but an object this process made is found by id at once.
+    pub(crate) known: parking_lot::Mutex<HashMap<String, HashMap<String, String>>>,
 }
 
 impl std::fmt::Debug for DriveApi {
@@ -333,6 +337,7 @@ impl DriveApi {
             ids: parking_lot::Mutex::new(Vec::new()),
             ids_refill: tokio::sync::Mutex::new(()),
             folders: parking_lot::Mutex::new(HashMap::new()),
+            known: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 

@@ -15,7 +15,7 @@ pub mod upload;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -28,18 +28,19 @@ use super::{ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
 pub use self::path::DriveLocation as Location;
 
-/// One [`DriveApi`] per distinct configuration, so every remote of one
-/// account (a volume and its base) shares the pacer, the token and the
-/// connection pool.
+/// One [`DriveApi`] per distinct configuration, for the life of the
+/// process: every remote of one account (a volume and its base, and the
+/// remotes of later calls) shares the pacer, the token, the connection pool
+/// and what this process knows about the objects it wrote. A process uses
+/// a handful of configurations at most.
 pub fn api_for(cfg: &DriveConfig) -> Arc<DriveApi> {
-    static CLIENTS: parking_lot::Mutex<Vec<(DriveConfig, Weak<DriveApi>)>> = parking_lot::Mutex::new(Vec::new());
+    static CLIENTS: parking_lot::Mutex<Vec<(DriveConfig, Arc<DriveApi>)>> = parking_lot::Mutex::new(Vec::new());
     let mut clients = CLIENTS.lock();
-    clients.retain(|(_, w)| w.strong_count() > 0);
-    if let Some(a) = clients.iter().find(|(c, _)| c == cfg).and_then(|(_, w)| w.upgrade()) {
-        return a;
+    if let Some((_, a)) = clients.iter().find(|(c, _)| c == cfg) {
+        return a.clone();
     }
     let a = Arc::new(DriveApi::new(cfg));
-    clients.push((cfg.clone(), Arc::downgrade(&a)));
+    clients.push((cfg.clone(), a.clone()));
     a
 }
 
@@ -60,9 +61,10 @@ pub struct GDriveRemote {
     /// The folder once resolved (single flight: the lock is held while
     /// resolving, so concurrent first calls do not each create it).
     folder: tokio::sync::Mutex<Option<Folder>>,
-    /// key -> file id of objects known to exist. Names of objects are
-    /// never changed by driveblk, so an id stays right until a delete.
-    ids: parking_lot::Mutex<HashMap<String, String>>,
+    /// The resolved folder's id, for the account-wide key -> id map
+    /// (`DriveApi::known`; names of objects are never changed by driveblk,
+    /// so an id stays right until a delete).
+    folder_key: parking_lot::Mutex<Option<String>>,
     /// key -> the pre-generated id a create of that key uses, kept until it
     /// lands, so a put retried after a lost reply reuses it (409, not a
     /// duplicate file).
@@ -116,7 +118,7 @@ impl GDriveRemote {
             target,
             name,
             folder: tokio::sync::Mutex::new(None),
-            ids: parking_lot::Mutex::new(HashMap::new()),
+            folder_key: parking_lot::Mutex::new(None),
             pending: parking_lot::Mutex::new(HashMap::new()),
         }
     }
@@ -171,8 +173,40 @@ impl GDriveRemote {
         if let Some(f) = &f {
             tracing::debug!(remote = %self.name, id = %f.id, "resolved Drive folder");
             *g = Some(f.clone());
+            *self.folder_key.lock() = Some(f.id.clone());
         }
         Ok(f)
+    }
+
+    /// The file id of `key`, if this process knows it.
+    fn known_id(&self, key: &str) -> Option<String> {
+        let folder = self.folder_key.lock().clone()?;
+        self.api.known.lock().get(&folder).and_then(|m| m.get(key).cloned())
+    }
+
+    fn remember(&self, key: &str, id: &str) {
+        if let Some(folder) = self.folder_key.lock().clone() {
+            self.api.known.lock().entry(folder).or_default().insert(key.to_string(), id.to_string());
+        }
+    }
+
+    fn forget(&self, key: &str) {
+        if let Some(folder) = self.folder_key.lock().clone() {
+            if let Some(m) = self.api.known.lock().get_mut(&folder) {
+                m.remove(key);
+            }
+        }
+    }
+
+    /// Keys this process knows in the folder, with their ids.
+    fn known_keys(&self) -> Vec<(String, String)> {
+        let Some(folder) = self.folder_key.lock().clone() else { return Vec::new() };
+        self.api
+            .known
+            .lock()
+            .get(&folder)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// The file named `key` in the folder, looked up by name (this lags
@@ -200,7 +234,7 @@ impl GDriveRemote {
         let files: Vec<DriveFile> = files.into_iter().filter(|f| !f.is_folder()).collect();
         let f = unique(files, key, &self.name).map_err(|e| self.err(op, key, e))?;
         if let Some(f) = &f {
-            self.ids.lock().insert(key.to_string(), f.id.clone());
+            self.remember(key, &f.id);
         }
         Ok(f)
     }
@@ -217,13 +251,19 @@ impl GDriveRemote {
     /// Current metadata of `key`: through its cached id when known (a
     /// files.get, fresh), else by name.
     async fn find(&self, op: &'static str, key: &str) -> RemoteResult<DriveFile> {
-        let cached = self.ids.lock().get(key).cloned();
+        if let Target::Folder { .. } = &self.target {
+            // Resolved first, so ids this process knows in it are found.
+            if self.folder_id(op, key, false).await?.is_none() {
+                return Err(self.not_found(key));
+            }
+        }
+        let cached = self.known_id(key);
         if let Some(id) = cached {
             match self.get_by_id(op, key, &id).await {
                 Ok(f) => return Ok(f),
                 // Deleted behind our back: forget the id, look again.
                 Err(e) if e.is_not_found() => {
-                    self.ids.lock().remove(key);
+                    self.forget(key);
                 }
                 Err(e) => return Err(e),
             }
@@ -236,7 +276,10 @@ impl GDriveRemote {
         if let Target::File { id } = &self.target {
             return if key == id { Ok(id.clone()) } else { Err(self.not_found(key)) };
         }
-        if let Some(id) = self.ids.lock().get(key).cloned() {
+        if self.folder_id(op, key, false).await?.is_none() {
+            return Err(self.not_found(key));
+        }
+        if let Some(id) = self.known_id(key) {
             return Ok(id);
         }
         Ok(self.lookup(op, key).await?.ok_or_else(|| self.not_found(key))?.id)
@@ -317,7 +360,7 @@ impl Remote for GDriveRemote {
             Ok(b) => Ok(b),
             // A cached id whose file was deleted: look the key up afresh once.
             Err(e) if e.kind == ErrorKind::NotFound && matches!(self.target, Target::Folder { .. }) => {
-                self.ids.lock().remove(key);
+                self.forget(key);
                 let id = self.find_id("get_range", key).await?;
                 self.api.read_range(&id, range).await.map_err(|e| self.err("get_range", key, e))
             }
@@ -337,7 +380,7 @@ impl Remote for GDriveRemote {
         self.writable("put", key)?;
         let folder =
             self.folder_id("put", key, true).await?.ok_or_else(|| self.fatal("put", key, "folder vanished"))?;
-        let cached = self.ids.lock().get(key).cloned();
+        let cached = self.known_id(key);
         let existing = match cached {
             Some(id) => Some(id),
             None => self.lookup("put", key).await?.map(|f| f.id),
@@ -349,7 +392,7 @@ impl Remote for GDriveRemote {
                 // Deleted since it was seen (a lagging listing, another
                 // host): create it afresh below.
                 Err(e) if e.kind == ErrorKind::NotFound => {
-                    self.ids.lock().remove(key);
+                    self.forget(key);
                 }
                 Err(e) => return Err(self.err("put", key, e)),
             }
@@ -377,7 +420,7 @@ impl Remote for GDriveRemote {
             }
             Err(e) => return Err(self.err("put", key, e)),
         };
-        self.ids.lock().insert(key.to_string(), f.id.clone());
+        self.remember(key, &f.id);
         self.pending.lock().remove(key);
         Ok(self.meta(key, &f))
     }
@@ -404,8 +447,23 @@ impl Remote for GDriveRemote {
         let mut out = Vec::with_capacity(by_name.len());
         for (name, files) in by_name {
             let f = unique(files, &name, &self.name).map_err(|e| self.err("list", &name, e))?.expect("non-empty");
-            self.ids.lock().insert(name.clone(), f.id.clone());
+            self.remember(&name, &f.id);
             out.push(self.meta(&name, &f));
+        }
+        // Objects this process wrote that the listing does not show yet
+        // (it lags behind creates): confirmed by id, so a deleted or
+        // trashed one is dropped, never listed.
+        let listed: std::collections::HashSet<String> = out.iter().map(|m| m.key.clone()).collect();
+        for (key, id) in self.known_keys() {
+            if !key.starts_with(prefix) || listed.contains(&key) {
+                continue;
+            }
+            match self.api.get_file(&id).await {
+                Ok(f) if !f.trashed && f.name == key => out.push(self.meta(&key, &f)),
+                Ok(_) => self.forget(&key),
+                Err(e) if e.kind == ErrorKind::NotFound => self.forget(&key),
+                Err(e) => return Err(self.err("list", &key, e)),
+            }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
@@ -419,7 +477,7 @@ impl Remote for GDriveRemote {
             Err(e) => return Err(e),
         };
         self.api.delete(&id).await.map_err(|e| self.err("delete", key, e))?;
-        self.ids.lock().remove(key);
+        self.forget(key);
         Ok(())
     }
 
@@ -460,7 +518,7 @@ impl Remote for GDriveRemote {
         };
         match self.create_with_id(&folder, key, &id, Some(tag), &body).await {
             Ok(f) => {
-                self.ids.lock().insert(key.to_string(), f.id.clone());
+                self.remember(key, &f.id);
                 self.pending.lock().remove(key);
                 Ok(ObjectMeta { tag: Some(tag.to_string()), ..self.meta(key, &f) })
             }
