@@ -71,26 +71,19 @@ pub async fn resumable(
     body: &PutBody,
 ) -> Result<(DriveFile, String), ApiError> {
     let chunk = chunk_size(api.cfg.chunk_size);
-    let mut last: Option<ApiError> = None;
     for session in 0..MAX_SESSIONS {
         if session > 0 {
             tracing::info!(session, "Drive upload session gone; starting the upload over");
         }
-        let uri = match api.start_resumable(meta, existing, body.len()).await {
-            Ok(u) => u,
-            Err(e) if e.kind == ErrorKind::Transient => {
-                backoff(api, session, &e).await;
-                last = Some(e);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        // A session that cannot be started has sent no data: its error
+        // goes back as it is (transient ones to the retry wrapper).
+        let uri = api.start_resumable(meta, existing, body.len()).await?;
         match run_session(api, &uri, body, chunk).await? {
             Some(done) => return Ok(done),
             None => continue,
         }
     }
-    Err(give_up(last.unwrap_or_else(|| ApiError::new(ErrorKind::Transient, "upload session kept expiring"))))
+    Err(give_up(ApiError::new(ErrorKind::Transient, format!("the upload session expired {MAX_SESSIONS} times"))))
 }
 
 /// The error an upload ends with once its own retries are spent: not
