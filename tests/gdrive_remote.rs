@@ -321,3 +321,20 @@ async fn gdrive_lost_replies_leave_no_duplicates() {
         assert_eq!(&r.get(&k).await.unwrap()[..], &want[..], "{k}");
     }
 }
+
+/// Every request has a deadline: a Drive that stops answering fails the
+/// call (retryably) instead of holding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_a_silent_drive_fails_within_the_deadline() {
+    let mut env = start(driveemu::Config::default(), Creds::User);
+    env.cfg.drive.request_timeout = Duration::from_millis(500);
+    let r = folder(&env, "gdrive:/slow/vol");
+    r.put("a", PutBody::from_bytes(data(1, 100))).await.unwrap();
+    env.emu.faults().set_latency(Duration::from_secs(30));
+    let t0 = std::time::Instant::now();
+    let e = r.get_range("a", 0..10).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(e.to_string().contains("timed out"), "{e}");
+    env.emu.faults().set_latency(Duration::ZERO);
+}
