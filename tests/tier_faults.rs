@@ -27,7 +27,7 @@ fn first_packed(s: &driveblk::tier::TieredStore) -> (u64, String, u64, u64) {
     (0..v.chunk_count())
         .find_map(|i| match v.chunk_ref(i) {
             ChunkRef::Packed { pack, offset, len, .. } => {
-                Some((i, v.manifest.packs[pack as usize].clone(), offset, len))
+                Some((i, v.manifest().packs[pack as usize].clone(), offset, len))
             }
             _ => None,
         })

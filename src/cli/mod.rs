@@ -6,6 +6,7 @@ pub mod remote;
 pub mod serve;
 pub mod size;
 pub mod status;
+pub mod sync;
 pub mod volume;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,8 @@ pub enum Command {
     /// Check, against Google Drive with your credentials, every Drive
     /// behaviour driveblk relies on (in a scratch folder).
     Selftest(auth::SelftestArgs),
+    /// Upload a volume's local changes now and wait until they are committed.
+    Sync(sync::SyncArgs),
 }
 
 /// Runs a parsed command.
@@ -60,5 +63,6 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Status(a) => volume::status(a),
         Command::Auth(c) => auth::run(c),
         Command::Selftest(a) => auth::selftest_cmd(a),
+        Command::Sync(a) => sync::run(a),
     }
 }

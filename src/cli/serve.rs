@@ -16,7 +16,7 @@ use crate::format::qcow2::{BackingOpener, LocalBackingOpener, NoBacking, Qcow2Di
 use crate::format::raw::RawDisk;
 use crate::format::{Disk, ImageFormat};
 use crate::tier::boot::BootProfileMode;
-use crate::tier::tiered::TieredStore;
+use crate::tier::tiered::{CacheMode, TieredStore};
 use crate::tier::{LocalFile, Storage};
 use crate::vhost::config::ID_BYTES;
 use crate::vhost::{DeviceConfig, Server};
@@ -119,6 +119,25 @@ pub struct CacheArgs {
     /// Seconds after the guest's first read that a boot is recorded.
     #[arg(long, value_name = "SECS", default_value_t = 180)]
     pub boot_profile_window: u64,
+
+    /// When a guest FLUSH returns. writeback: once the data is durable in
+    /// the local cache (uploaded in the background, generations cut at
+    /// FLUSH points); writethrough: once a generation holding it is
+    /// committed on the remote (survives losing this machine); unsafe: at
+    /// once, nothing made durable (throwaway sessions).
+    #[arg(long = "cache", value_name = "MODE", default_value = "writeback")]
+    pub cache_mode: CacheMode,
+
+    /// In writeback mode, cut a generation at a guest FLUSH at most this
+    /// often: how far the remote may lag behind the guest.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub sync_interval: u64,
+
+    /// At stop, how long to wait for the last changes to be committed
+    /// before exiting anyway (they stay in the cache and go up at the next
+    /// start). A second SIGTERM/SIGINT skips the wait.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub sync_timeout: u64,
 }
 
 impl CacheArgs {
@@ -145,6 +164,11 @@ impl CacheArgs {
         o.boot_profile_window = Duration::from_secs(self.boot_profile_window);
         o.read_only = read_only;
         o.remote = remote.options();
+        o.writeback.mode = self.cache_mode;
+        if self.sync_interval == 0 {
+            bail!("--sync-interval must be at least 1 second");
+        }
+        o.writeback.sync_interval = Duration::from_secs(self.sync_interval);
         Ok(o)
     }
 }
@@ -180,6 +204,8 @@ pub struct ServeConfig {
     pub format: ImageFormat,
     pub device: DeviceConfig,
     pub metadata_cache: Option<u64>,
+    /// At stop, how long to wait for the final sync.
+    pub sync_timeout: Duration,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -216,6 +242,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             source,
             format: a.format,
             metadata_cache: a.metadata_cache,
+            sync_timeout: Duration::from_secs(a.cache.sync_timeout),
             device: DeviceConfig {
                 num_queues: a.num_queues,
                 queue_size: a.queue_size,
@@ -248,6 +275,7 @@ fn open_format(
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let read_only = cfg.device.read_only;
     let mut status: Option<StatusWriter> = None;
+    let mut volume_store: Option<Arc<TieredStore>> = None;
     let disk = match &cfg.source {
         ImageSource::File(path) => {
             let file =
@@ -257,6 +285,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         }
         ImageSource::Volume { url, cache } => {
             let store: Arc<TieredStore> = volume::open(url, cache.clone())?;
+            volume_store = Some(store.clone());
             status =
                 Some(StatusWriter::start(store.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);
             if cache.hydrate {
@@ -271,6 +300,17 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(socket = %cfg.socket.display(), queues = cfg.device.num_queues, "serving {}", disk.describe());
     let server = Server::bind(disk, cfg.device.clone(), &cfg.socket)?;
     let stop = server.stop_handle();
+    if let Some(store) = volume_store.clone() {
+        // SIGUSR1 (`driveblk sync`): cut a generation as soon as the disk
+        // is consistent, without waiting for the sync interval.
+        let mut usr1 = Signals::new([signal_hook::consts::SIGUSR1]).context("cannot install signal handlers")?;
+        std::thread::Builder::new().name("driveblk-sync-signal".into()).spawn(move || {
+            for _ in usr1.forever() {
+                tracing::info!("sync requested");
+                store.request_sync();
+            }
+        })?;
+    }
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
     std::thread::Builder::new().name("driveblk-signals".into()).spawn(move || {
         let mut signals = signals.forever();
@@ -278,15 +318,32 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
             stop.stop();
         }
-        // Closing may upload a boot profile, which takes as long as the
-        // link needs; a second signal means the user will not wait. Flushed
-        // writes are already durable, and the profile is only a speed-up.
+        // Closing uploads the last changes and maybe a boot profile, which
+        // takes as long as the link needs; a second signal means the user
+        // will not wait. Flushed writes are already durable in the cache
+        // (uploaded at the next start), and the profile is only a speed-up.
         if let Some(sig) = signals.next() {
-            tracing::warn!(signal = sig, "second signal: exiting now (a boot profile being saved is dropped)");
+            tracing::warn!(
+                signal = sig,
+                "second signal: exiting now (changes not uploaded yet stay in the cache and go up at the next start)"
+            );
             std::process::exit(1);
         }
     })?;
     server.run()?;
+    if let Some(store) = &volume_store {
+        // The disk was flushed and closed: its last state goes up now.
+        let left = store.close(cfg.sync_timeout);
+        if left == 0 {
+            if let Some(st) = store.sync_status().filter(|s| s.generations_committed > 0) {
+                tracing::info!(
+                    generation = store.volume().generation(),
+                    committed = st.generations_committed,
+                    "all changes are on the remote"
+                );
+            }
+        }
+    }
     if let Some(s) = status {
         s.finish();
     }

@@ -80,6 +80,13 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
                     "errors": s.fetch_errors, "readahead_chunks": s.readahead_chunks },
         "hydrate": { "running": s.hydrating, "total": s.hydrate_total, "done": s.hydrate_done, "complete": s.hydrated },
         "chunks_partial": s.chunks_partial,
+        "sync": s.sync.as_ref().map(|y| json!({
+            "dirty_bytes": s.dirty_bytes,
+            "uploading": y.uploading, "uploading_chunks": y.uploading_chunks,
+            "generations_committed": y.generations_committed, "bytes_uploaded": y.bytes_uploaded,
+            "since_commit_secs": y.since_commit_secs,
+            "last_error": y.last_error, "paused": y.paused, "conflict": y.conflict,
+        })),
         "boot_profile": {
             "recording": s.profile_recording, "recorded_bytes": s.profile_recorded_bytes, "saved": s.profile_saved,
             "segments": s.profile_segments, "segments_done": s.profile_segments_done,
@@ -147,6 +154,30 @@ pub fn render(v: &Value) -> String {
         "off".to_string()
     };
     out += &format!("hydration   {hyd}\n");
+    if let Some(y) = v.get("sync").filter(|y| !y.is_null()) {
+        let yu = |k: &str| y.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let mut line = format!(
+            "{} not uploaded{}, {} generations committed ({} uploaded)",
+            human(yu("dirty_bytes")),
+            if y.get("uploading").and_then(Value::as_bool).unwrap_or(false) {
+                format!(", uploading {} chunks", yu("uploading_chunks"))
+            } else {
+                String::new()
+            },
+            yu("generations_committed"),
+            human(yu("bytes_uploaded"))
+        );
+        if let Some(s) = y.get("since_commit_secs").and_then(Value::as_u64) {
+            line += &format!(", last commit {s} s ago");
+        }
+        out += &format!("write-back  {line}\n");
+        if let Some(c) = y.get("conflict").and_then(Value::as_str) {
+            out += &format!("CONFLICT    {c}\n");
+        } else if let Some(e) = y.get("last_error").and_then(Value::as_str) {
+            let what = if y.get("paused").and_then(Value::as_bool).unwrap_or(false) { "PAUSED" } else { "retrying" };
+            out += &format!("sync error  {what}: {e}\n");
+        }
+    }
     let (sd, st) = (u("/boot_profile/segments_done"), u("/boot_profile/segments"));
     let mut prof = Vec::new();
     if st > 0 {

@@ -75,7 +75,8 @@ impl Disk for RawDisk {
         if mode == IoMode::NonBlocking {
             return Err(DiskError::WouldBlock);
         }
-        self.storage.flush().map_err(|e| DiskError::io("flush", 0, e))
+        let ticket = self.storage.flush_point().map_err(|e| DiskError::io("flush", 0, e))?;
+        self.storage.wait_durable(ticket).map_err(|e| DiskError::io("flush", 0, e))
     }
 
     fn describe(&self) -> String {

@@ -39,6 +39,8 @@ pub struct FaultPlan {
     /// The next N puts write the object and then report a failure, like a
     /// reply lost on the way back.
     lose_put_replies: AtomicU64,
+    /// The same for the next N creates (commits) only.
+    lose_create_replies: AtomicU64,
     /// Requests failed so far.
     injected: AtomicU64,
     rng: Mutex<StdRng>,
@@ -52,6 +54,7 @@ impl FaultPlan {
             fail_next: AtomicU64::new(0),
             fail_ppm: AtomicU64::new(0),
             lose_put_replies: AtomicU64::new(0),
+            lose_create_replies: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
         })
@@ -75,6 +78,11 @@ impl FaultPlan {
     /// The next `n` puts land but report an error.
     pub fn lose_put_replies(&self, n: u64) {
         self.lose_put_replies.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` creates (manifest commits) land but report an error.
+    pub fn lose_create_replies(&self, n: u64) {
+        self.lose_create_replies.store(n, Ordering::SeqCst);
     }
 
     /// How many failures were injected so far.
@@ -196,7 +204,7 @@ impl Remote for ShapedRemote {
             self.transfer(n).await;
         }
         let m = self.inner.create(key, slot, tag, body).await?;
-        if FaultPlan::take(&self.faults.lose_put_replies) {
+        if FaultPlan::take(&self.faults.lose_put_replies) || FaultPlan::take(&self.faults.lose_create_replies) {
             self.faults.injected.fetch_add(1, Ordering::SeqCst);
             return Err(self.fault("create", key));
         }

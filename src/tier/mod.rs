@@ -53,6 +53,23 @@ pub trait Storage: Send + Sync {
     /// Makes all completed writes durable.
     fn flush(&self) -> io::Result<()>;
 
+    /// A guest FLUSH point: every write the guest had completed, and the
+    /// format's metadata, are in storage now, so the image is consistent.
+    /// Makes it durable as [`flush`](Self::flush) does, and lets a store
+    /// that uploads generations cut one here. Returns a ticket for
+    /// [`wait_durable`](Self::wait_durable).
+    fn flush_point(&self) -> io::Result<u64> {
+        self.flush().map(|_| 0)
+    }
+
+    /// Waits until the flush point `ticket` is as durable as the store's
+    /// cache mode promises (writethrough: committed on the remote). Called
+    /// without the format's locks held.
+    fn wait_durable(&self, ticket: u64) -> io::Result<()> {
+        let _ = ticket;
+        Ok(())
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`, blocking (metadata path).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.read_vectored_at(offset, &IoVec::from_slice(buf), IoMode::Blocking)

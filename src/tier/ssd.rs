@@ -47,20 +47,39 @@ pub const CLEAN: u8 = 1;
 pub const DIRTY: u8 = 2;
 /// Some 4 KiB pages of the chunk hold the remote generation's bytes (the rest are unknown).
 pub const PARTIAL: u8 = 3;
+/// Some 4 KiB pages hold local changes (written without fetching the
+/// chunk), other present pages the generation's bytes, the rest are
+/// unknown (still on the remote); never evicted. A bitmap says which pages
+/// are present. A read of an absent page fetches the chunk and fills only
+/// the absent pages.
+pub const DIRTY_PARTIAL: u8 = 4;
 /// Granularity of partial chunks.
 pub const PAGE: u64 = 4096;
 
+/// True for the states that keep a page bitmap.
+fn has_bitmap(state: u8) -> bool {
+    matches!(state, PARTIAL | DIRTY_PARTIAL)
+}
+
+/// True for the states that hold local changes.
+pub fn is_dirty(state: u8) -> bool {
+    matches!(state, DIRTY | DIRTY_PARTIAL)
+}
+
 const STATE_MAGIC: &str = "driveblk-cache";
-/// Version 2 added partial chunks and their page bitmaps; version 1 files
-/// (no partial chunks) are still read.
-const STATE_VERSION: u32 = 2;
+/// Version 2 added partial chunks and their page bitmaps; version 3 keyed
+/// the cache by volume alone (the generation its clean chunks match is a
+/// field, so committing a generation keeps the cache) and gave each cache
+/// directory an id. Versions 1 and 2 are still read.
+const STATE_VERSION: u32 = 3;
 const STRIPES: usize = 1024;
 
-/// What a cache directory must match to be reused.
+/// What a cache directory must match to be reused: the volume, not its
+/// generation (a cache holding dirty chunks outlives the commits they go
+/// out in; which clean chunks are still current is checked per chunk).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheIdentity {
     pub volume_id: String,
-    pub generation: u64,
     pub chunk_size: u64,
 }
 
@@ -70,6 +89,12 @@ struct StateHeader {
     version: u32,
     #[serde(flatten)]
     id: CacheIdentity,
+    /// The generation whose bytes the clean and partial chunks hold.
+    generation: u64,
+    /// Random id of this cache directory (version 3); manifests name the
+    /// cache that committed them.
+    #[serde(default)]
+    cache_id: String,
     /// Local image length (grows when the guest's image file grows).
     image_len: u64,
     chunks: u64,
@@ -112,6 +137,9 @@ struct Slot {
     pinned: AtomicBool,
     /// Last access, on the cache's logical clock (for eviction order).
     tick: AtomicU32,
+    /// Write sequence of the newest write to a dirty chunk: write-back
+    /// marks a chunk clean only if no write came after the copy it uploaded.
+    seq: AtomicU64,
 }
 
 /// Bitmaps of the partial chunks.
@@ -125,6 +153,8 @@ struct Pages {
 /// What the state file on disk says.
 struct Persisted {
     states: Vec<u8>,
+    /// The generation recorded.
+    generation: u64,
     /// `Pages::gen` at the time of that snapshot.
     gen: u64,
 }
@@ -154,6 +184,21 @@ pub struct SsdCache {
     persisted: Mutex<Persisted>,
     clock: AtomicU32,
     evictions: AtomicU64,
+    /// The generation clean chunks match.
+    generation: AtomicU64,
+    cache_id: String,
+    /// Source of write sequence numbers.
+    write_seq: AtomicU64,
+    /// Pages written since each dirty chunk was last clean (in memory
+    /// only): write-back uploads just those as a patch. A dirty chunk
+    /// without an entry (after a restart, or zeroed whole) counts as
+    /// changed everywhere.
+    dirty_pages: Mutex<HashMap<u64, Bitmap>>,
+    /// Set once an fsync or state write failed: Linux may have dropped the
+    /// dirty pages, so a later fsync "succeeding" would prove nothing.
+    /// Every later flush fails; the cache must be reopened (which trusts
+    /// only what the last good state file says).
+    failed: AtomicBool,
 }
 
 fn cache_err(dir: &Path, reason: impl Into<String>) -> VolumeError {
@@ -198,7 +243,13 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
         return Err("state file has chunk size 0".into());
     }
     let rest = &body[nl + 1..];
-    let max_state = if h.version == 1 { DIRTY } else { PARTIAL };
+    // Before version 3 a cache was tied to one generation and had no id,
+    // and no chunk was dirty in part.
+    let max_state = match h.version {
+        1 => DIRTY,
+        2 => PARTIAL,
+        _ => DIRTY_PARTIAL,
+    };
     if h.chunks > rest.len() as u64 {
         return Err("state map does not match its header".into());
     }
@@ -206,7 +257,7 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
     if states.iter().any(|&s| s > max_state) {
         return Err("state map does not match its header".into());
     }
-    let partial = states.iter().filter(|&&s| s == PARTIAL).count() as u64;
+    let partial = states.iter().filter(|&&s| has_bitmap(s)).count() as u64;
     if partial != h.partial {
         return Err(format!("state map has {partial} partial chunks, its header says {}", h.partial));
     }
@@ -223,7 +274,7 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
         let (e, tail) = bitmaps.split_at(entry as usize);
         bitmaps = tail;
         let idx = u64_at(e, 0);
-        if prev.is_some_and(|p| idx <= p) || states.get(idx as usize) != Some(&PARTIAL) {
+        if prev.is_some_and(|p| idx <= p) || !states.get(idx as usize).is_some_and(|&s| has_bitmap(s)) {
             return Err(format!("page bitmap for chunk {idx}, which is not partial (or out of order)"));
         }
         prev = Some(idx);
@@ -248,6 +299,7 @@ impl SsdCache {
     pub fn open(
         dir: &Path,
         id: CacheIdentity,
+        generation: u64,
         image_len: u64,
         cap: u64,
         mode: OpenMode,
@@ -271,19 +323,19 @@ impl SsdCache {
             ));
         }
         let state_path = dir.join("state");
-        let (opened, states, maps, len) = match read_state(&state_path) {
-            Ok(None) => (Opened::Fresh, Vec::new(), HashMap::new(), image_len),
+        let fresh_id = || hex::encode(rand::random::<[u8; 16]>());
+        let (opened, states, maps, len, generation, cache_id) = match read_state(&state_path) {
+            Ok(None) => (Opened::Fresh, Vec::new(), HashMap::new(), image_len, generation, fresh_id()),
             Ok(Some(l)) if l.header.id == id => {
-                let dirty = l.states.iter().filter(|&&s| s == DIRTY).count() as u64;
+                let dirty = l.states.iter().filter(|&&s| is_dirty(s)).count() as u64;
                 let cached = l.states.iter().filter(|&&s| s == CLEAN || s == DIRTY).count() as u64;
-                (Opened::Reused { cached, dirty }, l.states, l.maps, l.header.image_len)
+                let cid = if l.header.cache_id.len() == 32 { l.header.cache_id.clone() } else { fresh_id() };
+                (Opened::Reused { cached, dirty }, l.states, l.maps, l.header.image_len, l.header.generation, cid)
             }
             Ok(Some(Loaded { header: h, states, .. })) => {
-                let dirty = states.iter().filter(|&&s| s == DIRTY).count();
+                let dirty = states.iter().filter(|&&s| is_dirty(s)).count();
                 let why = if h.id.volume_id != id.volume_id {
                     format!("it belongs to volume {}, not {}", h.id.volume_id, id.volume_id)
-                } else if h.id.generation != id.generation {
-                    format!("it was built from generation {}, the volume is now at {}", h.id.generation, id.generation)
                 } else {
                     format!("its chunk size {} differs from the volume's {}", h.id.chunk_size, id.chunk_size)
                 };
@@ -293,14 +345,14 @@ impl SsdCache {
                 if mode == OpenMode::Inspect {
                     return Ok(None);
                 }
-                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len)
+                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len, generation, fresh_id())
             }
             Err(why) => {
                 if mode == OpenMode::Inspect {
                     return Err(cache_err(dir, why));
                 }
                 tracing::warn!(dir = %dir.display(), %why, "discarding damaged cache state");
-                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len)
+                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len, generation, fresh_id())
             }
         };
         let data_path = dir.join("data");
@@ -323,7 +375,7 @@ impl SsdCache {
         for (i, &s) in states.iter().enumerate() {
             slots[i].state.store(s, Ordering::Relaxed);
             cached += (s == CLEAN || s == DIRTY) as u64;
-            dirty += (s == DIRTY) as u64;
+            dirty += is_dirty(s) as u64;
         }
         let held: u64 = maps.values().map(|m| popcount(m)).sum();
         let partial = maps.len() as u64;
@@ -343,9 +395,14 @@ impl SsdCache {
             pages: Mutex::new(Pages { maps, gen: 0 }),
             partial: AtomicU64::new(partial),
             pages_held: AtomicU64::new(held),
-            persisted: Mutex::new(Persisted { states: persisted, gen: 0 }),
+            persisted: Mutex::new(Persisted { states: persisted, generation, gen: 0 }),
             clock: AtomicU32::new(1),
             evictions: AtomicU64::new(0),
+            generation: AtomicU64::new(generation),
+            cache_id,
+            write_seq: AtomicU64::new(1),
+            dirty_pages: Mutex::new(HashMap::new()),
+            failed: AtomicBool::new(false),
         };
         if mode == OpenMode::Serve {
             // Record the identity now, so a crash before the first flush
@@ -425,7 +482,7 @@ impl SsdCache {
     pub fn has_pages(&self, idx: u64, off: u64, len: u64) -> bool {
         match self.state(idx) {
             CLEAN | DIRTY => true,
-            PARTIAL => {
+            PARTIAL | DIRTY_PARTIAL => {
                 let pages = self.pages.lock();
                 let Some(m) = pages.maps.get(&idx) else {
                     // It stopped being partial meanwhile (the caller did not
@@ -631,7 +688,34 @@ impl SsdCache {
     /// read-modify-write). Caller holds the stripe write lock.
     pub fn write(&self, idx: u64, off: u64, bufs: &IoVec<'_>, fill: Option<&[u8]>) -> io::Result<()> {
         let base = idx * self.chunk_size;
+        let len = bufs.len() as u64;
         let mut state = self.state(idx);
+        if state == DIRTY_PARTIAL {
+            // With the committed bytes at hand, complete the chunk first.
+            if let Some(f) = fill {
+                self.fill_missing(idx, f)?;
+                state = DIRTY;
+            }
+        }
+        self.note_dirty_pages(idx, is_dirty(state), off, len);
+        let whole = off == 0 && len == self.chunk_size;
+        if fill.is_none() && !whole && matches!(state, ABSENT | PARTIAL | DIRTY_PARTIAL) {
+            if !self.whole_pages(idx, off, len) {
+                return Err(io::Error::other(
+                    "internal: a write of part of a page into a chunk not held whole, without its content",
+                ));
+            }
+            return self.write_pages(idx, state, off, bufs);
+        }
+        if state == DIRTY_PARTIAL {
+            // Overwritten whole: every page is present now.
+            self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+            self.leave_partial(&mut self.pages.lock(), idx, DIRTY);
+            self.cached.fetch_add(1, Ordering::Relaxed);
+            self.bump_seq(idx);
+            self.touch(idx);
+            return Ok(());
+        }
         if state == PARTIAL {
             // See the module doc: the map must stop claiming this chunk's
             // pages before any of its bytes change.
@@ -669,8 +753,210 @@ impl SsdCache {
                 self.dirty.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.bump_seq(idx);
         self.touch(idx);
         Ok(())
+    }
+
+    /// True when [off, off + len) of chunk `idx` is whole pages (the last
+    /// one may end short exactly at the end of the image).
+    pub fn whole_pages(&self, idx: u64, off: u64, len: u64) -> bool {
+        let end = off + len;
+        off % PAGE == 0 && end <= self.chunk_size && (end % PAGE == 0 || idx * self.chunk_size + end == self.len())
+    }
+
+    /// Writes whole pages into a chunk not held whole, without fetching it:
+    /// the chunk becomes dirty in part, its written pages present. Bytes
+    /// first, page bits after, so a persist never claims pages not written.
+    fn write_pages(&self, idx: u64, state: u8, off: u64, bufs: &IoVec<'_>) -> io::Result<()> {
+        let base = idx * self.chunk_size;
+        if state == PARTIAL {
+            // Its present pages stop being "clean" before any byte changes.
+            {
+                let _pages = self.pages.lock();
+                self.set_state(idx, DIRTY_PARTIAL);
+            }
+            self.dirty.fetch_add(1, Ordering::Relaxed);
+            if self.persisted.lock().states.get(idx as usize) == Some(&PARTIAL) {
+                self.persist()?;
+            }
+        }
+        self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+        {
+            let mut pages = self.pages.lock();
+            let words = bitmap_words(self.chunk_size);
+            let fresh = !pages.maps.contains_key(&idx);
+            let m = pages.maps.entry(idx).or_insert_with(|| vec![0u64; words].into_boxed_slice());
+            let mut added = 0;
+            let end = off + bufs.len() as u64;
+            for p in off / PAGE..end.div_ceil(PAGE) {
+                let w = &mut m[(p / 64) as usize];
+                added += u64::from(*w & (1 << (p % 64)) == 0);
+                *w |= 1 << (p % 64);
+            }
+            let complete = (0..self.pages_in(idx)).all(|p| bit(m, p));
+            pages.gen += 1;
+            self.pages_held.fetch_add(added, Ordering::Relaxed);
+            if fresh {
+                self.partial.fetch_add(1, Ordering::Relaxed);
+            }
+            if state == ABSENT {
+                self.dirty.fetch_add(1, Ordering::Relaxed);
+            }
+            if complete {
+                self.leave_partial(&mut pages, idx, DIRTY);
+                self.cached.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.set_state(idx, DIRTY_PARTIAL);
+            }
+        }
+        self.bump_seq(idx);
+        self.touch(idx);
+        Ok(())
+    }
+
+    /// Records that pages [off, off + len) of chunk `idx` change. A chunk
+    /// becoming dirty starts a fresh page set; one already dirty without a
+    /// set stays "changed everywhere".
+    fn note_dirty_pages(&self, idx: u64, was_dirty: bool, off: u64, len: u64) {
+        let mut map = self.dirty_pages.lock();
+        let m = if was_dirty {
+            match map.get_mut(&idx) {
+                Some(m) => m,
+                None => return,
+            }
+        } else {
+            map.insert(idx, vec![0u64; bitmap_words(self.chunk_size)].into_boxed_slice());
+            map.get_mut(&idx).expect("just inserted")
+        };
+        let end = (off + len).min(self.chunk_size);
+        for p in off / PAGE..end.div_ceil(PAGE) {
+            m[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+
+    /// Pages changed in dirty chunk `idx` since it was last clean, as a
+    /// bitmap of 4 KiB pages (None: unknown, treat all as changed).
+    pub fn dirty_pages(&self, idx: u64) -> Option<Box<[u64]>> {
+        self.dirty_pages.lock().get(&idx).cloned()
+    }
+
+    /// Gives chunk `idx` a new write sequence number (it was just written).
+    fn bump_seq(&self, idx: u64) {
+        let seq = self.write_seq.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = self.slots.read().get(idx as usize) {
+            s.seq.store(seq, Ordering::Release);
+        }
+    }
+
+    /// Write sequence of chunk `idx`'s newest write (0 if never written).
+    pub fn seq(&self, idx: u64) -> u64 {
+        self.slots.read().get(idx as usize).map_or(0, |s| s.seq.load(Ordering::Acquire))
+    }
+
+    /// Dirty chunks with their write sequence numbers.
+    pub fn dirty_set(&self) -> Vec<(u64, u64)> {
+        self.slots
+            .read()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| is_dirty(s.state.load(Ordering::Acquire)))
+            .map(|(i, s)| (i as u64, s.seq.load(Ordering::Acquire)))
+            .collect()
+    }
+
+    /// The present-page bitmap of a chunk that is dirty in part (None for
+    /// any other state).
+    pub fn present_pages(&self, idx: u64) -> Option<Box<[u64]>> {
+        if self.state(idx) != DIRTY_PARTIAL {
+            return None;
+        }
+        self.pages.lock().maps.get(&idx).cloned()
+    }
+
+    /// Completes a chunk that is dirty in part with `data`, its committed
+    /// version (fetched): only absent pages are written, so local changes
+    /// stay. The chunk becomes wholly dirty. Caller holds the stripe write
+    /// lock. Returns false when the chunk is not dirty in part.
+    pub fn fill_missing(&self, idx: u64, data: &[u8]) -> io::Result<bool> {
+        if self.state(idx) != DIRTY_PARTIAL {
+            return Ok(false);
+        }
+        let Some(m) = self.pages.lock().maps.get(&idx).cloned() else { return Ok(false) };
+        let base = idx * self.chunk_size;
+        let n = (self.chunk_size.div_ceil(PAGE)) as usize;
+        let mut p = 0;
+        while p < n {
+            if bit(&m, p as u64) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < n && !bit(&m, p as u64) {
+                p += 1;
+            }
+            let (a, b) = (start * PAGE as usize, (p * PAGE as usize).min(data.len()));
+            if a < b {
+                self.data.write_at(base + a as u64, &data[a..b])?;
+            }
+        }
+        {
+            let mut pages = self.pages.lock();
+            self.leave_partial(&mut pages, idx, DIRTY);
+        }
+        self.cached.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// After write-back committed chunk `idx` as it was at write sequence
+    /// `seq`: the chunk becomes clean, unless a write came since (then it
+    /// stays dirty for the next generation). Caller holds the stripe write
+    /// lock. Returns whether it became clean.
+    pub fn mark_clean(&self, idx: u64, seq: u64) -> bool {
+        let slots = self.slots.read();
+        let Some(s) = slots.get(idx as usize) else { return false };
+        let st = s.state.load(Ordering::Acquire);
+        if !is_dirty(st) || s.seq.load(Ordering::Acquire) != seq {
+            return false;
+        }
+        // A chunk dirty in part holds the committed bytes where it holds
+        // pages at all: it becomes partial (clean).
+        s.state.store(if st == DIRTY { CLEAN } else { PARTIAL }, Ordering::Release);
+        self.dirty.fetch_sub(1, Ordering::Relaxed);
+        self.dirty_pages.lock().remove(&idx);
+        true
+    }
+
+    /// Forgets a clean or partial chunk whose bytes are no longer those of
+    /// the generation served (another host committed over it). Caller
+    /// holds the stripe write lock and persists before the space is reused.
+    pub fn invalidate(&self, idx: u64) {
+        match self.state(idx) {
+            CLEAN => {
+                self.set_state(idx, ABSENT);
+                self.cached.fetch_sub(1, Ordering::Relaxed);
+            }
+            PARTIAL => {
+                self.leave_partial(&mut self.pages.lock(), idx, ABSENT);
+            }
+            _ => {}
+        }
+    }
+
+    /// The generation whose bytes clean chunks hold.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Records that clean chunks now hold generation `g` (persisted with
+    /// the next [`persist`](Self::persist)).
+    pub fn set_generation(&self, g: u64) {
+        self.generation.store(g, Ordering::Release);
+    }
+
+    /// Random id of this cache directory.
+    pub fn cache_id(&self) -> &str {
+        &self.cache_id
     }
 
     /// Most chunks one [`zero_chunks`](Self::zero_chunks) call may cover.
@@ -701,6 +987,11 @@ impl SsdCache {
             for idx in range.clone() {
                 match self.state(idx) {
                     DIRTY => {}
+                    DIRTY_PARTIAL => {
+                        // Zeroed whole: every page is present (as zeroes).
+                        self.leave_partial(&mut self.pages.lock(), idx, DIRTY);
+                        self.cached.fetch_add(1, Ordering::Relaxed);
+                    }
                     CLEAN => {
                         self.set_state(idx, DIRTY);
                         self.dirty.fetch_add(1, Ordering::Relaxed);
@@ -724,6 +1015,11 @@ impl SsdCache {
             self.set_state(idx, DIRTY);
             self.cached.fetch_add(1, Ordering::Relaxed);
             self.dirty.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut pages = self.dirty_pages.lock();
+        for idx in range {
+            pages.remove(&idx);
+            self.bump_seq(idx);
         }
         Ok(())
     }
@@ -799,6 +1095,22 @@ impl SsdCache {
     /// Makes the data file and the chunk map durable: fsync data, then
     /// atomically replace the map.
     pub fn persist(&self) -> io::Result<()> {
+        let r = self.persist_inner();
+        if let Err(e) = &r {
+            if !self.failed.swap(true, Ordering::SeqCst) {
+                tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make data durable; every later flush fails until driveblk is restarted");
+            }
+        }
+        r
+    }
+
+    fn persist_inner(&self) -> io::Result<()> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(io::Error::other(format!(
+                "an earlier fsync or state write in {} failed; nothing is acknowledged as durable until driveblk is restarted",
+                self.dir.display()
+            )));
+        }
         let mut persisted = self.persisted.lock();
         let words = bitmap_words(self.chunk_size);
         let (snap, bitmaps, partial, gen) = {
@@ -808,7 +1120,7 @@ impl SsdCache {
             let mut snap: Vec<u8> = self.slots.read().iter().map(|s| s.state.load(Ordering::Acquire)).collect();
             let mut bitmaps = Vec::new();
             let mut partial = 0u64;
-            for (i, s) in snap.iter_mut().enumerate().filter(|(_, s)| **s == PARTIAL) {
+            for (i, s) in snap.iter_mut().enumerate().filter(|(_, s)| has_bitmap(**s)) {
                 match pages.maps.get(&(i as u64)) {
                     Some(m) => {
                         bitmaps.extend_from_slice(&(i as u64).to_le_bytes());
@@ -817,7 +1129,9 @@ impl SsdCache {
                         }
                         partial += 1;
                     }
-                    // Cannot happen; claiming nothing is always safe.
+                    // Cannot happen; claiming nothing is always safe for a
+                    // clean chunk. A dirty one keeps its state, and claims
+                    // no page (absent pages come from the remote).
                     None => *s = ABSENT,
                 }
             }
@@ -828,6 +1142,8 @@ impl SsdCache {
             format: STATE_MAGIC.into(),
             version: STATE_VERSION,
             id: self.id.clone(),
+            generation: self.generation(),
+            cache_id: self.cache_id.clone(),
             image_len: self.len(),
             chunks: snap.len() as u64,
             partial,
@@ -846,7 +1162,7 @@ impl SsdCache {
         }
         std::fs::rename(&tmp, self.dir.join("state"))?;
         File::open(&self.dir)?.sync_all()?;
-        *persisted = Persisted { states: snap, gen };
+        *persisted = Persisted { states: snap, generation: header.generation, gen };
         Ok(())
     }
 
@@ -854,7 +1170,7 @@ impl SsdCache {
     /// persisted one.
     pub fn needs_persist(&self) -> bool {
         let persisted = self.persisted.lock();
-        if self.pages.lock().gen != persisted.gen {
+        if self.pages.lock().gen != persisted.gen || persisted.generation != self.generation() {
             return true;
         }
         let slots = self.slots.read();
@@ -916,18 +1232,19 @@ impl SsdCache {
 mod tests {
     use super::*;
 
-    fn id(gen: u64) -> CacheIdentity {
-        CacheIdentity { volume_id: "ab".repeat(16), generation: gen, chunk_size: 4096 }
+    /// Identity of test volume `n`.
+    fn id(n: u64) -> CacheIdentity {
+        CacheIdentity { volume_id: format!("{n:032x}"), chunk_size: 4096 }
     }
 
     #[test]
     fn install_evict_dirty_and_reopen() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("c");
-        let (c, o) = SsdCache::open(&dir, id(1), 10 * 4096, 4 * 4096, OpenMode::Serve).unwrap().unwrap();
+        let (c, o) = SsdCache::open(&dir, id(1), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).unwrap().unwrap();
         assert_eq!(o, Opened::Fresh);
         // A second opener is refused while the first holds the lock.
-        assert!(SsdCache::open(&dir, id(1), 10 * 4096, 4 * 4096, OpenMode::Serve).is_err());
+        assert!(SsdCache::open(&dir, id(1), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).is_err());
         for i in 0..4 {
             let _g = c.lock_write(i);
             assert!(c.install_clean(i, &vec![i as u8 + 1; 4096]).unwrap());
@@ -948,33 +1265,33 @@ mod tests {
         assert_eq!(b, [6u8; 8]);
         c.persist().unwrap();
         drop(c);
-        let (c, o) = SsdCache::open(&dir, id(1), 10 * 4096, 4 * 4096, OpenMode::Serve).unwrap().unwrap();
+        let (c, o) = SsdCache::open(&dir, id(1), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).unwrap().unwrap();
         assert_eq!(o, Opened::Reused { cached: 4, dirty: 1 });
         c.read(1, 100, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
         assert_eq!(&b, b"dirtydat");
         drop(c);
-        // Another generation with dirty data: refused, not discarded.
-        let e = SsdCache::open(&dir, id(2), 10 * 4096, 4 * 4096, OpenMode::Serve).err().unwrap();
+        // Another volume with dirty data: refused, not discarded.
+        let e = SsdCache::open(&dir, id(2), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).err().unwrap();
         assert!(e.to_string().contains("unsaved writes"), "{e}");
     }
 
     #[test]
     fn mismatched_clean_cache_is_discarded() {
         let d = tempfile::tempdir().unwrap();
-        let (c, _) = SsdCache::open(d.path(), id(1), 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        let (c, _) = SsdCache::open(d.path(), id(1), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
         {
             let _g = c.lock_write(0);
             c.install_clean(0, &[1u8; 4096]).unwrap();
         }
         c.persist().unwrap();
         drop(c);
-        let (c, o) = SsdCache::open(d.path(), id(2), 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
-        assert!(matches!(o, Opened::Discarded(ref w) if w.contains("generation 1")), "{o:?}");
+        let (c, o) = SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        assert!(matches!(o, Opened::Discarded(ref w) if w.contains("belongs to volume")), "{o:?}");
         assert_eq!(c.state(0), ABSENT);
         drop(c);
         // Damaged state file: discarded with a reason.
         std::fs::write(d.path().join("state"), b"garbage garbage garbage garbage garbage").unwrap();
-        let (_c, o) = SsdCache::open(d.path(), id(2), 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        let (_c, o) = SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
         assert!(matches!(o, Opened::Discarded(ref w) if w.contains("checksum")), "{o:?}");
     }
 
@@ -982,11 +1299,11 @@ mod tests {
     const P: usize = PAGE as usize;
 
     fn id64() -> CacheIdentity {
-        CacheIdentity { volume_id: "cd".repeat(16), generation: 1, chunk_size: CS }
+        CacheIdentity { volume_id: "cd".repeat(16), chunk_size: CS }
     }
 
     fn open64(dir: &Path, len: u64, cap: u64) -> (SsdCache, Opened) {
-        SsdCache::open(dir, id64(), len, cap, OpenMode::Serve).unwrap().unwrap()
+        SsdCache::open(dir, id64(), 1, len, cap, OpenMode::Serve).unwrap().unwrap()
     }
 
     /// The remote bytes of chunk `idx`: every page distinct.
@@ -1204,7 +1521,7 @@ mod tests {
         let raw = std::fs::read(d.path().join("state")).unwrap();
         let nl = raw.iter().position(|&b| b == b'\n').unwrap();
         let h: serde_json::Value = serde_json::from_slice(&raw[..nl]).unwrap();
-        assert_eq!((h["version"].as_u64(), h["partial"].as_u64()), (Some(2), Some(2)));
+        assert_eq!((h["version"].as_u64(), h["partial"].as_u64()), (Some(3), Some(2)));
         assert_eq!(raw.len(), nl + 1 + 4 + 2 * 16 + 32);
         assert_eq!(raw[nl + 5..nl + 5 + 16], [0, 0, 0, 0, 0, 0, 0, 0, 0b1000_0001, 0b1, 0, 0, 0, 0, 0, 0]);
         drop(c);
@@ -1240,7 +1557,7 @@ mod tests {
         // ... but not with a partial chunk in it.
         let file = state_file(&hdr, &[ABSENT, DIRTY, PARTIAL, ABSENT], &[], true);
         std::fs::write(d.path().join("state"), file).unwrap();
-        let e = SsdCache::open(d.path(), id64(), 4 * CS, 1 << 30, OpenMode::Inspect).err().unwrap();
+        let e = SsdCache::open(d.path(), id64(), 1, 4 * CS, 1 << 30, OpenMode::Inspect).err().unwrap();
         assert!(e.to_string().contains("does not match"), "{e}");
     }
 
@@ -1290,7 +1607,7 @@ mod tests {
         drop(c);
         for (file, why) in cases {
             std::fs::write(d.path().join("state"), &file).unwrap();
-            let e = SsdCache::open(d.path(), id64(), 3 * CS, 1 << 30, OpenMode::Inspect).err().unwrap();
+            let e = SsdCache::open(d.path(), id64(), 1, 3 * CS, 1 << 30, OpenMode::Inspect).err().unwrap();
             assert!(e.to_string().contains(why), "{why}: {e}");
             let (c, o) = open64(d.path(), 3 * CS, 1 << 30);
             assert!(matches!(o, Opened::Discarded(ref w) if w.contains(why)), "{why}: {o:?}");

@@ -34,6 +34,10 @@ impl Counters {
 /// A snapshot of the tiered store.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TierStats {
+    /// Bytes of chunks holding local changes not yet committed.
+    pub dirty_bytes: u64,
+    /// Write-back state (None when read-only).
+    pub sync: Option<crate::tier::tiered::SyncStatus>,
     pub volume_id: String,
     pub generation: u64,
     pub image_len: u64,

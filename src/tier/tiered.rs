@@ -6,9 +6,8 @@
 //! boot profile is recorded and replayed (`boot_profile.rs`).
 //!
 //! Writes land in the SSD tier as dirty chunks (never evicted, kept across
-//! restarts). Uploading them to the remote is not implemented yet: until it
-//! is, a volume's local changes live only in its cache directory, and
-//! `volume::export` with that directory is how to get them out.
+//! restarts); write-back (`writeback.rs`) cuts them into generations at
+//! guest FLUSH points and commits them to the remote.
 
 use std::future::Future;
 use std::io;
@@ -24,13 +23,17 @@ use super::boot::{BootProfileMode, Recorder, Replay};
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
-use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY};
+use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL};
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
 use crate::volume::{CacheOptions, ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 mod boot_profile;
+mod writeback;
+
+use writeback::Writeback;
+pub use writeback::{CacheMode, SyncStatus, WritebackOptions};
 
 type FetchResult = Result<ChunkBuf, SharedError>;
 type SegmentResult = Result<(), SharedError>;
@@ -128,6 +131,8 @@ struct Inner {
     boot_mode: BootProfileMode,
     /// A recorded profile is being built or uploaded now.
     saving: AtomicBool,
+    /// Write-back of local changes (None when read-only).
+    writeback: Option<Writeback>,
 }
 
 /// The tiered RAM/SSD/remote store of one volume.
@@ -149,13 +154,13 @@ impl TieredStore {
                 opts.ssd_cache
             )));
         }
-        let id = CacheIdentity {
-            volume_id: vol.header.volume_id.clone(),
-            generation: vol.manifest.generation,
-            chunk_size: cs,
-        };
-        let (ssd, opened) = SsdCache::open(&opts.cache_dir, id, vol.image_len(), opts.ssd_cache, OpenMode::Serve)?
-            .ok_or_else(|| VolumeError::Cache { dir: opts.cache_dir.clone(), reason: "could not be opened".into() })?;
+        let id = CacheIdentity { volume_id: vol.header.volume_id.clone(), chunk_size: cs };
+        let (ssd, opened) =
+            SsdCache::open(&opts.cache_dir, id, vol.generation(), vol.image_len(), opts.ssd_cache, OpenMode::Serve)?
+                .ok_or_else(|| VolumeError::Cache {
+                    dir: opts.cache_dir.clone(),
+                    reason: "could not be opened".into(),
+                })?;
         // Profile packs a crashed process was building (the directory lock
         // is ours now, so nobody else is).
         if let Ok(entries) = std::fs::read_dir(&opts.cache_dir) {
@@ -194,8 +199,24 @@ impl TieredStore {
             streaming: AtomicBool::new(false),
             boot_mode: opts.boot_profile,
             saving: AtomicBool::new(false),
+            writeback: if opts.read_only {
+                None
+            } else {
+                Some(
+                    Writeback::new(&opts.cache_dir, opts.writeback.clone())
+                        .map_err(|e| VolumeError::io("opening write-back state in", &opts.cache_dir, e))?,
+                )
+            },
             vol,
         });
+        rt.block_on(inner.clone().catch_up_generation())?;
+        if inner.writeback.is_some() {
+            rt.spawn(inner.clone().writeback_loop());
+            // Changes left by an earlier run (a crash, a stop that could not
+            // finish its sync) go up now; no guest is attached yet, so the
+            // disk is consistent as it stands.
+            inner.cut();
+        }
         if opts.boot_profile != BootProfileMode::Off && !inner.vol.offline {
             rt.spawn(inner.clone().boot_profile());
         }
@@ -230,7 +251,7 @@ impl TieredStore {
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         TierStats {
             volume_id: i.vol.header.volume_id.clone(),
-            generation: i.vol.manifest.generation,
+            generation: i.vol.generation(),
             image_len: i.ssd.len(),
             chunk_size: i.cs,
             chunks_total: i.ssd.chunk_count(),
@@ -264,7 +285,45 @@ impl TieredStore {
             profile_segments_done: l(&c.profile_segments_done),
             profile_bytes: l(&c.profile_bytes),
             profile_waits: l(&c.profile_waits),
+            dirty_bytes: i.ssd.dirty_chunks() * i.cs,
+            sync: i.writeback.as_ref().map(|w| w.status()),
         }
+    }
+
+    /// Stops the store's background work and uploads what is left: cuts a
+    /// final generation and waits up to `timeout` for it to be committed.
+    /// Returns the bytes of local changes still not on the remote (they
+    /// stay in the cache and go up at the next start). Call after the disk
+    /// was flushed and closed, before dropping the store.
+    pub fn close(&self, timeout: Duration) -> u64 {
+        let left = self.inner.final_sync(timeout);
+        if left > 0 {
+            tracing::warn!(
+                bytes = left,
+                "local changes not uploaded yet; they stay in the cache directory and are uploaded at the next start"
+            );
+        }
+        left
+    }
+
+    /// Asks write-back to cut a generation as soon as the disk is
+    /// consistent (now if the guest is idle since its last FLUSH, else at
+    /// its next FLUSH), whatever the sync interval.
+    pub fn request_sync(&self) {
+        self.inner.request_sync();
+    }
+
+    /// Write-back status (None when the store is read-only).
+    pub fn sync_status(&self) -> Option<SyncStatus> {
+        self.inner.writeback.as_ref().map(|w| w.status())
+    }
+
+    /// Cuts a generation of everything written so far and waits up to
+    /// `timeout` for it to be committed (the disk must be consistent: no
+    /// guest attached, or right after a flush). Returns whether nothing
+    /// is left to upload.
+    pub fn sync_now(&self, timeout: Duration) -> bool {
+        self.inner.final_sync(timeout) == 0
     }
 
     /// The volume being served.
@@ -445,6 +504,15 @@ impl Inner {
     /// it local meanwhile — then the local copy is newer and wins.
     fn install(&self, idx: u64, buf: &ChunkBuf, to_ram: bool) {
         let _g = self.ssd.lock_write(idx);
+        if self.ssd.state(idx) == DIRTY_PARTIAL {
+            // Local changes in some pages: the fetched bytes fill only the
+            // others (and never go to RAM as they are: they are not the
+            // chunk's content).
+            if let Err(e) = self.ssd.fill_missing(idx, &buf.read()) {
+                tracing::warn!(chunk = idx, error = %e, "could not complete a partly written chunk in the SSD cache");
+            }
+            return;
+        }
         if self.ssd.has_chunk(idx) {
             return;
         }
@@ -559,6 +627,14 @@ impl Inner {
                 }
                 continue;
             }
+            if self.ssd.state(p.idx) == DIRTY_PARTIAL {
+                // The fetched bytes are not this chunk's content (some pages
+                // hold local changes), and completing it failed.
+                return Err(io::Error::other(format!(
+                    "chunk {} holds local changes and could not be completed",
+                    p.idx
+                )));
+            }
             let r = match r {
                 Some(r) => r,
                 // The segment failed or its pages could not be kept: fetch
@@ -595,9 +671,13 @@ impl Inner {
         for p in ps {
             let sub = bufs.slice(p.buf_off, p.len);
             let whole = p.off == 0 && p.len as u64 == self.cs;
+            // Whole pages go straight into a chunk not held whole (it becomes
+            // dirty in part); only a write of part of a page needs the
+            // chunk's bytes first.
+            let pages = self.ssd.whole_pages(p.idx, p.off as u64, p.len as u64);
             loop {
                 // The read half of read-modify-write, outside the lock.
-                let fill = if !whole && !self.ssd.has_chunk(p.idx) {
+                let fill = if !whole && !pages && !self.ssd.has_chunk(p.idx) {
                     if self.is_zero(p.idx) {
                         Some(self.zero_buf())
                     } else {
@@ -607,11 +687,15 @@ impl Inner {
                 } else {
                     None
                 };
+                // A cut waits for this piece, never for the fetch above (a
+                // write still in flight may be cut in part, as a crash would).
+                let _cut_gate = self.writeback_gate();
                 let _g = self.ssd.lock_write(p.idx);
-                if !whole && fill.is_none() && !self.ssd.has_chunk(p.idx) {
+                if !whole && !pages && fill.is_none() && !self.ssd.has_chunk(p.idx) {
                     // Evicted between the check and the lock: fetch again.
                     continue;
                 }
+                self.before_modify(p.idx)?;
                 {
                     let fill_guard = fill.as_ref().map(|b| b.read());
                     self.ssd.write(p.idx, p.off as u64, &sub, fill_guard.as_deref().map(|v| v.as_slice()))?;
@@ -658,7 +742,11 @@ impl Inner {
         let mut a = first_whole;
         while a < last_whole {
             let b = (a + SsdCache::MAX_BATCH).min(last_whole);
+            let _cut_gate = self.writeback_gate();
             let _locks = self.ssd.lock_many(a..b);
+            for idx in a..b {
+                self.before_modify(idx)?;
+            }
             self.ssd.zero_chunks(a..b)?;
             for idx in a..b {
                 if let Some(rb) = self.ram.get(idx) {
@@ -694,6 +782,10 @@ impl Inner {
                 rb
             } else if self.ssd.has_chunk(idx) {
                 Arc::new(RwLock::new(self.ssd.read_chunk(idx)?))
+            } else if self.ssd.state(idx) == DIRTY_PARTIAL {
+                return Err(io::Error::other(format!(
+                    "metadata chunk {idx} holds local changes and could not be completed"
+                )));
             } else {
                 fetched
             };
@@ -783,6 +875,14 @@ impl Storage for TieredStore {
         self.inner.ssd.persist()
     }
 
+    fn flush_point(&self) -> io::Result<u64> {
+        self.inner.flush_point()
+    }
+
+    fn wait_durable(&self, ticket: u64) -> io::Result<()> {
+        self.inner.wait_durable(ticket)
+    }
+
     fn hint_metadata(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
         self.inner.hint_metadata(ranges)
     }
@@ -791,7 +891,7 @@ impl Storage for TieredStore {
         format!(
             "volume {} (generation {}) cached in {}",
             self.inner.vol.url,
-            self.inner.vol.manifest.generation,
+            self.inner.vol.generation(),
             self.inner.ssd.dir().display()
         )
     }

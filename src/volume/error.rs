@@ -62,6 +62,11 @@ pub enum VolumeError {
 
     #[error("invalid option: {0}")]
     InvalidOptions(String),
+
+    /// The commit fence: someone else committed generation `generation`
+    /// first. Nothing of ours was published; the local changes are kept.
+    #[error("volume {url} moved on: generation {generation} was committed by {by} while this cache held changes made on top of generation {}; nothing was overwritten and the local changes are kept in the cache", generation - 1)]
+    Conflict { url: String, generation: u64, by: String },
 }
 
 impl VolumeError {

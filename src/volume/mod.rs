@@ -4,6 +4,7 @@
 //! All functions here are synchronous: each runs its remote I/O on a tokio
 //! runtime it owns, so the clap-based CLI needs no async of its own.
 
+pub mod commit;
 pub mod error;
 pub mod export;
 pub mod format;
@@ -72,6 +73,8 @@ pub struct CacheOptions {
     pub boot_profile: crate::tier::boot::BootProfileMode,
     /// How long after the first guest read a boot is recorded.
     pub boot_profile_window: std::time::Duration,
+    /// Cache mode and how changes go back to the remote.
+    pub writeback: crate::tier::tiered::WritebackOptions,
     pub remote: RemoteOptions,
 }
 
@@ -90,6 +93,7 @@ impl CacheOptions {
             read_only: false,
             boot_profile: crate::tier::boot::BootProfileMode::Off,
             boot_profile_window: std::time::Duration::from_secs(180),
+            writeback: Default::default(),
             remote: RemoteOptions::default(),
         }
     }
@@ -122,13 +126,13 @@ pub struct VolumeInfo {
 
 impl VolumeInfo {
     pub(crate) fn from_reader(r: &VolumeReader) -> Self {
-        let m = &r.manifest;
+        let m = &*r.manifest();
         let (mut packed, mut zero, mut base, mut bytes) = (0, 0, 0, 0);
         for idx in 0..m.chunk_count() {
             match r.chunk_ref(idx) {
                 ChunkRef::Zero => zero += 1,
                 ChunkRef::Base => base += 1,
-                ChunkRef::Packed { len, .. } => {
+                ChunkRef::Packed { len, .. } | ChunkRef::Patched { len, .. } => {
                     packed += 1;
                     bytes += len;
                 }

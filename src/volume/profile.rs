@@ -226,7 +226,7 @@ pub fn ref_digest(r: &ChunkRef) -> Option<String> {
     match r {
         ChunkRef::Zero => None,
         ChunkRef::Base => Some(BASE_DIGEST.into()),
-        ChunkRef::Packed { sha256, .. } => Some(sha256.clone()),
+        ChunkRef::Packed { sha256, .. } | ChunkRef::Patched { sha256, .. } => Some(sha256.clone()),
     }
 }
 
@@ -291,7 +291,7 @@ impl ProfileBuilder {
     /// directory). Takes generation, chunk size, image length and chunk
     /// refs from `vol`.
     pub fn new(tmp_dir: &Path, vol: &VolumeReader) -> VolumeResult<Self> {
-        Self::with_parts(tmp_dir, &vol.url, &vol.header, vol.manifest.clone(), vol.base.is_some())
+        Self::with_parts(tmp_dir, &vol.url, &vol.header, (*vol.manifest()).clone(), vol.base.is_some())
     }
 
     /// [`new`](Self::new) from the pieces of a reader.

@@ -5,11 +5,13 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 
-use super::format::{gen_key, parse_gen_key, ChunkRef, Manifest, VolumeHeader, GEN_PREFIX, HEADER_KEY};
+use super::format::{gen_key, parse_gen_key, ChunkRef, Manifest, VolumeHeader, GEN_PREFIX, HEADER_KEY, PATCH_PAGE};
 use super::pack::decode_chunk;
 use super::{RemoteOptions, VolumeError, VolumeResult};
+use crate::remote::Slot;
 use crate::remote::{DynRemote, RemoteUrl, RetryingRemote};
 
 /// Names of the header and manifest copies in a cache directory.
@@ -42,11 +44,13 @@ pub struct VolumeReader {
     pub url: String,
     pub remote: DynRemote,
     pub header: VolumeHeader,
-    pub manifest: Manifest,
+    /// The resolved manifest of the generation being served; replaced when
+    /// write-back commits a new one (readers of a chunk's ref always see
+    /// one whole manifest).
+    manifest: ArcSwap<Manifest>,
     pub base: Option<BaseFile>,
-    /// The header and manifest as read, so a cache can keep copies.
+    /// The header as read, so a cache can keep a copy.
     header_raw: Bytes,
-    manifest_raw: Bytes,
     /// True when opened from the cache's copies because the remote was
     /// unreachable.
     pub offline: bool,
@@ -73,22 +77,7 @@ impl VolumeReader {
         };
         let header = VolumeHeader::from_bytes(&header_bytes)
             .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
-        let gens = remote
-            .list(GEN_PREFIX)
-            .await
-            .map_err(|e| VolumeError::remote(format!("listing generations of {url_s}"), e))?;
-        let newest = gens
-            .iter()
-            .filter_map(|m| parse_gen_key(&m.key))
-            .max()
-            .ok_or_else(|| VolumeError::NoGeneration { url: url_s.clone() })?;
-        let key = gen_key(newest);
-        let mbytes =
-            remote.get(&key).await.map_err(|e| VolumeError::remote(format!("reading manifest {url_s}/{key}"), e))?;
-        // The newest generation being corrupt is an error, not a cue to fall
-        // back: an older generation would silently lose committed writes.
-        let manifest = Manifest::from_bytes(&mbytes, &header, newest)
-            .map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key: key.clone(), reason })?;
+        let manifest = newest_manifest(&remote, &url_s, &header).await?;
         let base = match &header.base {
             None => None,
             Some(b) => {
@@ -121,10 +110,9 @@ impl VolumeReader {
             url: url_s,
             remote,
             header,
-            manifest,
+            manifest: ArcSwap::from_pointee(manifest),
             base,
             header_raw: header_bytes,
-            manifest_raw: mbytes,
             offline: false,
         }))
     }
@@ -141,7 +129,7 @@ impl VolumeReader {
             std::fs::rename(&tmp, dir.join(name))
         };
         put(OFFLINE_HEADER, &self.header_raw)?;
-        put(OFFLINE_MANIFEST, &self.manifest_raw)?;
+        put(OFFLINE_MANIFEST, &self.manifest().to_bytes())?;
         std::fs::File::open(dir)?.sync_all()
     }
 
@@ -177,22 +165,68 @@ impl VolumeReader {
             }
         };
         let remote = connect(url.folder_with(&opts.config), opts);
-        Ok(Arc::new(Self { url: url_s, remote, header, manifest, base, header_raw, manifest_raw, offline: true }))
+        Ok(Arc::new(Self {
+            url: url_s,
+            remote,
+            header,
+            manifest: ArcSwap::from_pointee(manifest),
+            base,
+            header_raw,
+            offline: true,
+        }))
+    }
+
+    /// The resolved manifest of the generation being served.
+    pub fn manifest(&self) -> Arc<Manifest> {
+        self.manifest.load_full()
+    }
+
+    /// The generation being served.
+    pub fn generation(&self) -> u64 {
+        self.manifest.load().generation
+    }
+
+    /// Serves `m` from now on (write-back committed it).
+    pub fn set_manifest(&self, m: Manifest) {
+        self.manifest.store(Arc::new(m));
+    }
+
+    /// The newest committed generation on the remote now, resolved.
+    pub async fn newest_manifest(&self) -> VolumeResult<Manifest> {
+        newest_manifest(&self.remote, &self.url, &self.header).await
+    }
+
+    /// True when every generation in `from..=to` was committed from the
+    /// cache with id `cache_id`.
+    pub async fn generations_by(&self, cache_id: &str, from: u64, to: u64) -> VolumeResult<bool> {
+        for g in from..=to {
+            let m = read_object(&self.remote, &self.url, &self.header, g, None).await?;
+            if m.writer.as_ref().is_none_or(|w| w.cache_id != cache_id) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The resolved manifest of an older generation `g` (to check which
+    /// cached chunks are still current after others committed).
+    pub async fn load_generation(&self, g: u64) -> VolumeResult<Manifest> {
+        resolve(&self.remote, &self.url, &self.header, g, None).await
     }
 
     /// Chunk size in bytes.
     pub fn chunk_size(&self) -> u64 {
-        self.manifest.chunk_size
+        self.header.chunk_size
     }
 
     /// Image length in the open generation.
     pub fn image_len(&self) -> u64 {
-        self.manifest.image_len
+        self.manifest.load().image_len
     }
 
     /// Number of chunks.
     pub fn chunk_count(&self) -> u64 {
-        self.manifest.chunk_count()
+        self.manifest.load().chunk_count()
     }
 
     /// Bytes of image in chunk `idx` (the last one may be short; past the
@@ -204,19 +238,72 @@ impl VolumeReader {
 
     /// Where chunk `idx` comes from.
     pub fn chunk_ref(&self, idx: u64) -> ChunkRef {
-        self.manifest.chunk(idx, self.base.is_some())
+        self.manifest.load().chunk(idx, self.base.is_some())
     }
 
     /// Fetches and verifies chunk `idx`: a ranged read of its pack frame
-    /// (hash-checked) or of the base file; zeroes without a request.
+    /// (hash-checked) or of the base file; zeroes without a request; for a
+    /// patched chunk, its base and its patch frame in parallel, the result
+    /// hash-checked.
     pub async fn fetch_chunk(&self, idx: u64) -> VolumeResult<Fetched> {
-        let want = self.chunk_len(idx);
-        match self.chunk_ref(idx) {
+        // One manifest for the whole fetch: pack numbers are per manifest.
+        let m = self.manifest.load_full();
+        let start = idx.saturating_mul(self.chunk_size());
+        let want = m.image_len.saturating_sub(start).min(self.chunk_size()) as usize;
+        match m.chunk(idx, self.base.is_some()) {
+            ChunkRef::Patched { base, pack, offset, len, runs, sha256 } => {
+                let (b, p) =
+                    futures::join!(self.fetch_plain(&m, idx, &base, want), self.read_frame(&m, idx, pack, offset, len));
+                let (mut b, frame) = (b?, p?);
+                let corrupt = |reason: String| VolumeError::CorruptChunk {
+                    url: self.url.clone(),
+                    chunk: idx,
+                    key: m.packs[pack as usize].clone(),
+                    offset,
+                    reason,
+                };
+                let plen = super::pack::patch_len(&runs, PATCH_PAGE, want);
+                let patch = zstd::bulk::decompress(&frame, plen)
+                    .map_err(|e| corrupt(format!("patch frame does not decode: {e}")))?;
+                super::pack::apply_patch(&mut b.data, &runs, PATCH_PAGE, &patch).map_err(corrupt)?;
+                let got = super::pack::sha256_hex(&b.data);
+                if got != sha256 {
+                    return Err(corrupt(format!("patched chunk's sha256 mismatch: expected {sha256}, got {got}")));
+                }
+                Ok(Fetched { data: b.data, wire_bytes: b.wire_bytes + len })
+            }
+            r => self.fetch_plain(&m, idx, &r, want).await,
+        }
+    }
+
+    /// Reads one frame of a pack, checking its length.
+    async fn read_frame(&self, m: &Manifest, idx: u64, pack: u32, offset: u64, len: u64) -> VolumeResult<Bytes> {
+        let key = &m.packs[pack as usize];
+        let frame = self
+            .remote
+            .get_range(key, offset..offset + len)
+            .await
+            .map_err(|e| VolumeError::remote(format!("reading chunk {idx} of {} from {key}", self.url), e))?;
+        if frame.len() as u64 != len {
+            return Err(VolumeError::CorruptChunk {
+                url: self.url.clone(),
+                chunk: idx,
+                key: key.clone(),
+                offset,
+                reason: format!("pack is too short: got {} of {len} bytes", frame.len()),
+            });
+        }
+        Ok(frame)
+    }
+
+    /// A chunk that is zero, from the base, or packed whole.
+    async fn fetch_plain(&self, m: &Manifest, idx: u64, r: &ChunkRef, want: usize) -> VolumeResult<Fetched> {
+        match r {
             ChunkRef::Zero => Ok(Fetched { data: vec![0; want], wire_bytes: 0 }),
             ChunkRef::Base => {
                 let base = self.base.as_ref().ok_or_else(|| VolumeError::CorruptManifest {
                     url: self.url.clone(),
-                    key: gen_key(self.manifest.generation),
+                    key: gen_key(m.generation),
                     reason: format!("chunk {idx} refers to a base, but the volume has none"),
                 })?;
                 let start = idx * self.chunk_size();
@@ -231,24 +318,121 @@ impl VolumeReader {
                 Ok(Fetched { data, wire_bytes: wire })
             }
             ChunkRef::Packed { pack, offset, len, sha256 } => {
-                let key = &self.manifest.packs[pack as usize];
-                let frame =
-                    self.remote.get_range(key, offset..offset + len).await.map_err(|e| {
-                        VolumeError::remote(format!("reading chunk {idx} of {} from {key}", self.url), e)
-                    })?;
-                let corrupt = |reason: String| VolumeError::CorruptChunk {
+                let frame = self.read_frame(m, idx, *pack, *offset, *len).await?;
+                let data = decode_chunk(&frame, want, sha256).map_err(|reason| VolumeError::CorruptChunk {
                     url: self.url.clone(),
                     chunk: idx,
-                    key: key.clone(),
-                    offset,
+                    key: m.packs[*pack as usize].clone(),
+                    offset: *offset,
                     reason,
-                };
-                if frame.len() as u64 != len {
-                    return Err(corrupt(format!("pack is too short: got {} of {len} bytes", frame.len())));
-                }
-                let data = decode_chunk(&frame, want, &sha256).map_err(corrupt)?;
-                Ok(Fetched { data, wire_bytes: len })
+                })?;
+                Ok(Fetched { data, wire_bytes: *len })
+            }
+            ChunkRef::Patched { .. } => Err(VolumeError::CorruptManifest {
+                url: self.url.clone(),
+                key: gen_key(m.generation),
+                reason: format!("chunk {idx} is a patch over a patch"),
+            }),
+        }
+    }
+}
+
+/// Most deltas fetched at once while resolving (the checkpoint interval of
+/// the writer, so one round usually reaches the full manifest).
+const RESOLVE_BATCH: u64 = 16;
+
+/// Reads and verifies the manifest object of generation `g`: by its slot
+/// when one is known (found by identity, never through a listing), else by
+/// key.
+async fn read_object(
+    remote: &DynRemote,
+    url: &str,
+    header: &VolumeHeader,
+    g: u64,
+    slot: Option<&Slot>,
+) -> VolumeResult<Manifest> {
+    let key = gen_key(g);
+    let bytes = remote
+        .get_created(&key, slot)
+        .await
+        .map_err(|e| VolumeError::remote(format!("reading manifest {url}/{key}"), e))?;
+    Manifest::from_bytes(&bytes, header, g).map_err(|reason| VolumeError::CorruptManifest {
+        url: url.to_string(),
+        key,
+        reason,
+    })
+}
+
+/// The resolved manifest of generation `g`: its object, and when that is a
+/// delta, the chain back to the newest full manifest, applied in order.
+/// `newest` is the object of `g` if the caller already has it.
+async fn resolve(
+    remote: &DynRemote,
+    url: &str,
+    header: &VolumeHeader,
+    g: u64,
+    newest: Option<Manifest>,
+) -> VolumeResult<Manifest> {
+    let top = match newest {
+        Some(m) => m,
+        None => read_object(remote, url, header, g, None).await?,
+    };
+    let mut chain = vec![top];
+    while let Some(p) = chain.last().and_then(|m| m.parent) {
+        if p == 0 {
+            return Err(VolumeError::CorruptManifest {
+                url: url.to_string(),
+                key: gen_key(1),
+                reason: "generation 1 is a delta; the chain has no full manifest".into(),
+            });
+        }
+        // Fetch a batch of ancestors in parallel: deltas are small and the
+        // round trip dominates.
+        let lo = p.saturating_sub(RESOLVE_BATCH - 1).max(1);
+        let got = futures::future::join_all((lo..=p).rev().map(|q| read_object(remote, url, header, q, None))).await;
+        for m in got {
+            let m = m?;
+            let more = m.parent.is_some();
+            chain.push(m);
+            if !more {
+                break;
             }
         }
     }
+    let mut resolved = chain.pop().expect("chain holds at least the top object");
+    while let Some(d) = chain.pop() {
+        resolved.apply(&d).map_err(|reason| VolumeError::CorruptManifest {
+            url: url.to_string(),
+            key: gen_key(d.generation),
+            reason,
+        })?;
+    }
+    Ok(resolved)
+}
+
+/// Finds the newest committed generation and resolves it. A listing
+/// gives a starting point (it may lag behind creates on Drive); from
+/// there the chain is followed by identity: each manifest names the slot
+/// of its successor, and the newest is the one whose successor does not
+/// exist.
+async fn newest_manifest(remote: &DynRemote, url: &str, header: &VolumeHeader) -> VolumeResult<Manifest> {
+    let gens =
+        remote.list(GEN_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing generations of {url}"), e))?;
+    let listed = gens
+        .iter()
+        .filter_map(|m| parse_gen_key(&m.key))
+        .max()
+        .ok_or_else(|| VolumeError::NoGeneration { url: url.to_string() })?;
+    // The newest generation being corrupt is an error, not a cue to fall
+    // back: an older generation would silently lose committed writes.
+    let mut top = read_object(remote, url, header, listed, None).await?;
+    loop {
+        let next = top.generation + 1;
+        match read_object(remote, url, header, next, top.next_slot.as_ref()).await {
+            Ok(m) => top = m,
+            Err(VolumeError::Remote { source, .. }) if source.is_not_found() => break,
+            Err(e) => return Err(e),
+        }
+    }
+    resolve(remote, url, header, top.generation, Some(top)).await
 }

@@ -345,7 +345,13 @@ impl Disk for Qcow2Disk {
             return Ok(());
         }
         let mut st = self.alloc.lock();
-        self.flush_locked(&mut st)
+        self.flush_locked(&mut st)?;
+        // The image is consistent here (metadata written in order, no
+        // allocation can interleave under the lock): the store may cut a
+        // generation. Waiting for a remote commit happens outside the lock.
+        let ticket = self.storage.flush_point().map_err(|e| DiskError::io("flush", 0, e))?;
+        drop(st);
+        self.storage.wait_durable(ticket).map_err(|e| DiskError::io("flush", 0, e))
     }
 
     fn close(&self) -> DiskResult<()> {

@@ -1,0 +1,635 @@
+//! Write-back: turns the SSD tier's dirty chunks into committed generations
+//! on the remote. A generation is cut at a guest FLUSH point (every write
+//! the guest had completed, and the format's metadata, are in the cache),
+//! as one instant of the disk: writes hold the cut gate shared, a cut takes
+//! it exclusively and records the dirty chunks with their write sequence
+//! numbers. While the cut uploads, a write to one of its chunks first
+//! copies the chunk's cut-time bytes aside (copy-on-write into the cache's
+//! `frozen` file), so the generation never mixes older and newer writes.
+//! After the fenced commit, chunks not written since the cut become clean.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use super::Inner;
+use crate::tier::local::LocalFile;
+use crate::tier::Storage;
+use crate::volume::commit::{writer_record, CommitOptions, GenerationBuilder};
+use crate::volume::{ChunkRef, VolumeError, VolumeResult};
+
+/// When a guest FLUSH counts as done (DESIGN.md, durability contract).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Data and its dirty record durable in the local cache; uploaded in
+    /// the background with bounded lag.
+    #[default]
+    Writeback,
+    /// A generation holding the data is committed on the remote.
+    Writethrough,
+    /// At once (throwaway sessions): nothing is made durable on FLUSH.
+    Unsafe,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "writeback" => Ok(Self::Writeback),
+            "writethrough" => Ok(Self::Writethrough),
+            "unsafe" => Ok(Self::Unsafe),
+            _ => Err(format!("cache mode {s:?} is not one of writeback, writethrough, unsafe")),
+        }
+    }
+}
+
+/// Write-back settings.
+#[derive(Clone, Debug)]
+pub struct WritebackOptions {
+    pub mode: CacheMode,
+    /// In writeback mode, a FLUSH cuts a generation when the last cut is at
+    /// least this old (so the remote lags the guest by about this much).
+    pub sync_interval: Duration,
+    pub commit: CommitOptions,
+}
+
+impl Default for WritebackOptions {
+    fn default() -> Self {
+        Self { mode: CacheMode::Writeback, sync_interval: Duration::from_secs(10), commit: CommitOptions::default() }
+    }
+}
+
+/// The dirty chunks (index -> write sequence) and image length at one
+/// flush point, with the pages each chunk changed since it was last clean.
+#[derive(Debug)]
+struct Cut {
+    id: u64,
+    chunks: BTreeMap<u64, u64>,
+    pages: std::collections::HashMap<u64, Box<[u64]>>,
+    /// Chunks dirty in part at the cut: the pages they held. The others
+    /// are the parent generation's, fetched when the chunk is packed.
+    present: std::collections::HashMap<u64, Box<[u64]>>,
+    image_len: u64,
+}
+
+/// How write-back is doing, for status and for writethrough waiters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// Id of the newest cut committed (0: none yet).
+    pub committed_cut: u64,
+    /// Id of the newest cut taken.
+    pub last_cut: u64,
+    /// A cut is being uploaded now.
+    pub uploading: bool,
+    /// Chunks of the cut being uploaded.
+    pub uploading_chunks: u64,
+    /// Generations this process committed.
+    pub generations_committed: u64,
+    /// Pack bytes uploaded by this process.
+    pub bytes_uploaded: u64,
+    /// Why the last attempt failed (cleared by a success).
+    pub last_error: Option<String>,
+    /// Write-back paused for a person to act (quota, credentials).
+    pub paused: bool,
+    /// The remote moved on under this cache's changes: syncing stopped and
+    /// the changes are kept locally.
+    pub conflict: Option<String>,
+    /// Seconds since the newest commit of this process (None: none yet).
+    pub since_commit_secs: Option<u64>,
+}
+
+/// Write-back state of one store.
+pub(crate) struct Writeback {
+    pub(crate) opts: WritebackOptions,
+    /// Writes hold it shared for their whole request; a cut takes it
+    /// exclusively, so a cut is one instant of the disk.
+    pub(crate) gate: RwLock<()>,
+    /// The cut being uploaded, and which of its chunks were copied aside.
+    frozen: Mutex<Frozen>,
+    /// Cut-time bytes of rewritten chunks (sparse, chunk i at i * cs).
+    frozen_file: LocalFile,
+    status: Mutex<SyncStatus>,
+    changed: Condvar,
+    next_cut: AtomicU64,
+    last_cut_at: Mutex<Option<Instant>>,
+    last_commit_at: Mutex<Option<Instant>>,
+    /// Wakes the uploader.
+    wake: tokio::sync::Notify,
+    /// Set by close: the uploader stops after the cut in hand.
+    stopping: AtomicBool,
+    /// `driveblk sync` asked for a cut regardless of the interval.
+    requested: AtomicBool,
+    /// Writes since the last flush point: while 0, the disk is exactly as
+    /// it was at that flush point, so a cut may be taken without one (an
+    /// idle guest's last changes still go up within the sync interval).
+    writes_since_flush: AtomicU64,
+}
+
+#[derive(Default)]
+struct Frozen {
+    cut: Option<Arc<Cut>>,
+    copied: HashSet<u64>,
+}
+
+impl Writeback {
+    pub(crate) fn new(dir: &std::path::Path, opts: WritebackOptions) -> io::Result<Self> {
+        let path = dir.join("frozen");
+        // Copies from a previous run are never needed: after a restart every
+        // dirty chunk is simply part of the next cut.
+        std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+        Ok(Self {
+            opts,
+            gate: RwLock::new(()),
+            frozen: Mutex::new(Frozen::default()),
+            frozen_file: LocalFile::open(&path, false)?,
+            status: Mutex::new(SyncStatus::default()),
+            changed: Condvar::new(),
+            next_cut: AtomicU64::new(1),
+            last_cut_at: Mutex::new(None),
+            last_commit_at: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
+            stopping: AtomicBool::new(false),
+            writes_since_flush: AtomicU64::new(0),
+            requested: AtomicBool::new(false),
+        })
+    }
+
+    /// A snapshot of the sync state.
+    pub(crate) fn status(&self) -> SyncStatus {
+        let mut s = self.status.lock().clone();
+        s.since_commit_secs = self.last_commit_at.lock().map(|t| t.elapsed().as_secs());
+        s
+    }
+
+    fn cut_in_progress(&self) -> bool {
+        self.frozen.lock().cut.is_some()
+    }
+}
+
+impl Inner {
+    /// Taken shared around every change to the SSD tier's chunks, so a cut
+    /// (which takes it exclusively) sees one instant of the disk.
+    pub(super) fn writeback_gate(&self) -> Option<parking_lot::RwLockReadGuard<'_, ()>> {
+        self.writeback.as_ref().map(|w| {
+            let g = w.gate.read();
+            w.writes_since_flush.fetch_add(1, Ordering::Relaxed);
+            g
+        })
+    }
+
+    /// Called before any byte of chunk `idx` changes, under its stripe
+    /// write lock: if the chunk belongs to the cut being uploaded and its
+    /// cut-time bytes were not saved yet, saves them.
+    pub(super) fn before_modify(&self, idx: u64) -> io::Result<()> {
+        let Some(wb) = &self.writeback else { return Ok(()) };
+        let mut f = wb.frozen.lock();
+        let Some(cut) = f.cut.clone() else { return Ok(()) };
+        if !cut.chunks.contains_key(&idx) || f.copied.contains(&idx) {
+            return Ok(());
+        }
+        if crate::tier::ssd::is_dirty(self.ssd.state(idx)) {
+            let data = self.ssd.read_chunk(idx)?;
+            wb.frozen_file.write_at(idx * self.cs, &data)?;
+        }
+        f.copied.insert(idx);
+        Ok(())
+    }
+
+    /// The guest's FLUSH point: makes the cache durable (unless `unsafe`)
+    /// and cuts a generation if one is due. Returns the cut a writethrough
+    /// FLUSH must wait for (0: none).
+    pub(super) fn flush_point(&self) -> io::Result<u64> {
+        let Some(wb) = &self.writeback else {
+            return self.ssd.persist().map(|_| 0);
+        };
+        if wb.opts.mode == CacheMode::Unsafe {
+            return Ok(0);
+        }
+        self.ssd.persist()?;
+        wb.writes_since_flush.store(0, Ordering::SeqCst);
+        let due = match wb.opts.mode {
+            CacheMode::Writethrough => {
+                // Group commit: flushes that arrive while a cut uploads all
+                // wait for it, then one of them cuts for the rest.
+                let mut st = wb.status.lock();
+                while wb.cut_in_progress() && st.conflict.is_none() {
+                    wb.changed.wait_for(&mut st, Duration::from_millis(200));
+                }
+                true
+            }
+            _ => !wb.cut_in_progress() && wb.last_cut_at.lock().is_none_or(|t| t.elapsed() >= wb.opts.sync_interval),
+        };
+        if !due {
+            return Ok(0);
+        }
+        Ok(self.cut())
+    }
+
+    /// Takes a cut of the dirty chunks now (the caller knows the disk is
+    /// consistent: a flush point, the store opening or closing) unless one
+    /// is uploading. Returns its id, or 0 when there was nothing to cut.
+    pub(super) fn cut(&self) -> u64 {
+        self.cut_when(false)
+    }
+
+    /// [`cut`](Self::cut), or with `quiescent`, only if nothing was
+    /// written since the last flush point (checked under the gate).
+    fn cut_when(&self, quiescent: bool) -> u64 {
+        let Some(wb) = &self.writeback else { return 0 };
+        if wb.status.lock().conflict.is_some() {
+            return 0;
+        }
+        let _all = wb.gate.write();
+        if quiescent && wb.writes_since_flush.load(Ordering::SeqCst) != 0 {
+            return 0;
+        }
+        let mut f = wb.frozen.lock();
+        if f.cut.is_some() {
+            return 0;
+        }
+        let chunks: BTreeMap<u64, u64> = self.ssd.dirty_set().into_iter().collect();
+        let image_len = self.ssd.len();
+        if chunks.is_empty() && image_len == self.vol.image_len() {
+            return 0;
+        }
+        let pages = chunks.keys().filter_map(|&i| self.ssd.dirty_pages(i).map(|p| (i, p))).collect();
+        let present = chunks.keys().filter_map(|&i| self.ssd.present_pages(i).map(|p| (i, p))).collect();
+        let id = wb.next_cut.fetch_add(1, Ordering::SeqCst);
+        f.cut = Some(Arc::new(Cut { id, chunks, pages, present, image_len }));
+        f.copied.clear();
+        *wb.last_cut_at.lock() = Some(Instant::now());
+        wb.status.lock().last_cut = id;
+        wb.wake.notify_one();
+        id
+    }
+
+    /// Blocks until cut `ticket` is committed (writethrough FLUSH), or
+    /// fails if write-back cannot commit it.
+    pub(super) fn wait_durable(&self, ticket: u64) -> io::Result<()> {
+        let Some(wb) = &self.writeback else { return Ok(()) };
+        if ticket == 0 || wb.opts.mode != CacheMode::Writethrough {
+            return Ok(());
+        }
+        let mut st = wb.status.lock();
+        loop {
+            if st.committed_cut >= ticket {
+                return Ok(());
+            }
+            if let Some(c) = &st.conflict {
+                return Err(io::Error::other(c.clone()));
+            }
+            if st.last_error.is_some() && !wb.cut_in_progress() {
+                return Err(io::Error::other(st.last_error.clone().unwrap_or_default()));
+            }
+            wb.changed.wait_for(&mut st, Duration::from_millis(500));
+        }
+    }
+
+    /// Reads chunk `idx` as it was at the cut.
+    fn read_cut_chunk(&self, idx: u64) -> io::Result<Vec<u8>> {
+        let wb = self.writeback.as_ref().expect("write-back is on");
+        let _g = self.ssd.lock_read(idx);
+        if wb.frozen.lock().copied.contains(&idx) {
+            let mut v = vec![0u8; self.cs as usize];
+            wb.frozen_file.read_at(idx * self.cs, &mut v)?;
+            return Ok(v);
+        }
+        self.ssd.read_chunk(idx)
+    }
+
+    /// The uploader: commits each cut, retrying with backoff; runs until
+    /// the store closes.
+    pub(super) async fn writeback_loop(self: Arc<Self>) {
+        let wb = self.writeback.as_ref().expect("write-back is on");
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let cut = wb.frozen.lock().cut.clone();
+            let Some(cut) = cut else {
+                if wb.stopping.load(Ordering::SeqCst) || self.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                let idle = tokio::time::timeout(wb.opts.sync_interval, wb.wake.notified()).await.is_err();
+                let due = idle && wb.last_cut_at.lock().is_none_or(|t| t.elapsed() >= wb.opts.sync_interval);
+                let asked = wb.requested.load(Ordering::SeqCst);
+                if (due || asked) && wb.opts.mode != CacheMode::Unsafe && self.cut_when(true) != 0 {
+                    wb.requested.store(false, Ordering::SeqCst);
+                }
+                continue;
+            };
+            {
+                let mut st = wb.status.lock();
+                st.uploading = true;
+                st.uploading_chunks = cut.chunks.len() as u64;
+            }
+            let r = self.clone().commit_cut(cut.clone()).await;
+            // What to do next, decided under the status lock, which must not
+            // be held across an await.
+            enum Next {
+                Done,
+                Stop,
+                Retry(Duration),
+            }
+            let next = {
+                let mut st = wb.status.lock();
+                st.uploading = false;
+                match r {
+                    Ok(()) => {
+                        st.committed_cut = cut.id;
+                        st.last_error = None;
+                        st.paused = false;
+                        backoff = Duration::from_secs(1);
+                        Next::Done
+                    }
+                    Err(e) => {
+                        let pause = matches!(&e, VolumeError::Remote { source, .. } if source.is_pause());
+                        tracing::error!(error = %e, "write-back: could not commit a generation; the local changes are kept");
+                        st.last_error = Some(e.to_string());
+                        st.paused = pause;
+                        if matches!(e, VolumeError::Conflict { .. }) {
+                            st.conflict = Some(e.to_string());
+                            Next::Stop
+                        } else {
+                            Next::Retry(if pause { Duration::from_secs(60) } else { backoff })
+                        }
+                    }
+                }
+            };
+            match next {
+                Next::Done => self.release_cut(),
+                Next::Stop => {
+                    self.release_cut();
+                    wb.changed.notify_all();
+                    return;
+                }
+                Next::Retry(wait) => {
+                    wb.changed.notify_all();
+                    if wb.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = wb.wake.notified() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    continue;
+                }
+            }
+            wb.changed.notify_all();
+        }
+    }
+
+    /// See [`TieredStore::request_sync`](super::TieredStore::request_sync).
+    pub(super) fn request_sync(&self) {
+        if let Some(wb) = &self.writeback {
+            wb.requested.store(true, Ordering::SeqCst);
+            wb.wake.notify_one();
+        }
+    }
+
+    /// Forgets the cut and its copied-aside bytes.
+    fn release_cut(&self) {
+        let wb = self.writeback.as_ref().expect("write-back is on");
+        let copied: Vec<u64> = {
+            let mut f = wb.frozen.lock();
+            f.cut = None;
+            f.copied.drain().collect()
+        };
+        for idx in copied {
+            let _ = wb.frozen_file.write_zeroes_at(idx * self.cs, self.cs);
+        }
+    }
+
+    /// Uploads one cut and commits it; then marks its chunks clean.
+    async fn commit_cut(self: Arc<Self>, cut: Arc<Cut>) -> VolumeResult<()> {
+        let wb = self.writeback.as_ref().expect("write-back is on");
+        let parent = self.vol.manifest();
+        let mut b = GenerationBuilder::new(
+            self.vol.remote.clone(),
+            &self.vol.url,
+            &self.vol.header,
+            parent.clone(),
+            self.vol.base.is_some(),
+            wb.opts.commit.clone(),
+        );
+        b.set_image_len(cut.image_len);
+        for &idx in cut.chunks.keys() {
+            let chunk_len = cut.image_len.saturating_sub(idx * self.cs).min(self.cs) as usize;
+            if chunk_len == 0 {
+                continue;
+            }
+            let me = self.clone();
+            let mut data = tokio::task::spawn_blocking(move || me.read_cut_chunk(idx))
+                .await
+                .map_err(|e| VolumeError::InvalidOptions(format!("read task failed: {e}")))?
+                .map_err(|e| VolumeError::io("reading a dirty chunk from", self.ssd.dir(), e))?;
+            if let Some(present) = cut.present.get(&idx) {
+                // Pages it did not hold are unchanged since the parent.
+                let parent = self.vol.fetch_chunk(idx).await?;
+                overlay_absent(&mut data, &parent.data, present);
+            }
+            data.truncate(chunk_len);
+            b.add_chunk(idx, data, cut.pages.get(&idx).map(|p| &p[..])).await?;
+        }
+        let g = b.generation();
+        let (manifest, stats) = match b.commit(writer_record(self.ssd.cache_id())).await {
+            Ok(r) => r,
+            Err(VolumeError::Conflict { url, generation, by }) => {
+                // Maybe our own earlier attempt landed and its reply was lost
+                // beyond the retries: then adopt it, nothing forked.
+                if self.clone().adopt_own_generations().await? {
+                    return Ok(());
+                }
+                return Err(VolumeError::Conflict { url, generation, by });
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::info!(
+            generation = g,
+            chunks = stats.chunks_packed,
+            patched = stats.chunks_patched,
+            zero = stats.chunks_zero,
+            unchanged = stats.chunks_unchanged,
+            pack_bytes = stats.pack_bytes,
+            manifest_bytes = stats.manifest_bytes,
+            full = stats.full,
+            "write-back: committed a generation"
+        );
+        self.install_generation(manifest, &cut.chunks)?;
+        let mut st = wb.status.lock();
+        st.generations_committed += 1;
+        st.bytes_uploaded += stats.pack_bytes + stats.manifest_bytes;
+        *wb.last_commit_at.lock() = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Serves `manifest` from now on and marks the committed chunks clean
+    /// (those not written since their copy went up). The manifest is
+    /// swapped in first: a chunk evicted once clean must be fetched by its
+    /// new reference.
+    fn install_generation(&self, manifest: crate::volume::Manifest, chunks: &BTreeMap<u64, u64>) -> VolumeResult<()> {
+        let g = manifest.generation;
+        self.vol.set_manifest(manifest);
+        for (&idx, &seq) in chunks {
+            let _g = self.ssd.lock_write(idx);
+            self.ssd.mark_clean(idx, seq);
+        }
+        self.ssd.set_generation(g);
+        // The offline copy first, then the state that names its generation.
+        if let Err(e) = self.vol.save_copies(self.ssd.dir()) {
+            tracing::warn!(error = %e, "could not keep an offline copy of the new manifest");
+        }
+        self.ssd.persist().map_err(|e| VolumeError::io("persisting cache state in", self.ssd.dir(), e))
+    }
+
+    /// After a fence conflict: if every generation past ours was committed
+    /// by this cache (an attempt that landed but whose reply was lost),
+    /// serves the newest and marks clean the dirty chunks whose bytes it
+    /// holds. Returns false when someone else committed (a real conflict).
+    async fn adopt_own_generations(self: Arc<Self>) -> VolumeResult<bool> {
+        let newest = self.vol.newest_manifest().await?;
+        let mine = self.vol.generations_by(self.ssd.cache_id(), self.vol.generation() + 1, newest.generation).await?;
+        if !mine {
+            return Ok(false);
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.reconcile_dirty(newest))
+            .await
+            .map_err(|e| VolumeError::InvalidOptions(format!("reconcile task failed: {e}")))??;
+        Ok(true)
+    }
+
+    /// Serves `newest` (committed from this cache's data) and marks clean
+    /// every dirty chunk whose bytes equal what it references.
+    pub(super) fn reconcile_dirty(&self, newest: crate::volume::Manifest) -> VolumeResult<()> {
+        let has_base = self.vol.base.is_some();
+        let mut clean = BTreeMap::new();
+        for (idx, seq) in self.ssd.dirty_set() {
+            let want = newest.chunk(idx, has_base);
+            let data = {
+                let _g = self.ssd.lock_read(idx);
+                self.ssd.read_chunk(idx).map_err(|e| VolumeError::io("reading", self.ssd.dir(), e))?
+            };
+            let n = newest.image_len.saturating_sub(idx * self.cs).min(self.cs) as usize;
+            let same = match &want {
+                ChunkRef::Zero => data[..n].iter().all(|&b| b == 0),
+                ChunkRef::Base => false,
+                r => r.content_sha256() == Some(crate::volume::pack::sha256_hex(&data[..n]).as_str()),
+            };
+            if same {
+                clean.insert(idx, seq);
+            }
+        }
+        tracing::info!(
+            generation = newest.generation,
+            chunks = clean.len(),
+            "write-back: adopted generations this cache committed earlier"
+        );
+        self.install_generation(newest, &clean)
+    }
+
+    /// Close: cuts what is left and waits up to `timeout` for it to be
+    /// committed. Returns the dirty bytes still not uploaded.
+    pub(super) fn final_sync(&self, timeout: Duration) -> u64 {
+        let Some(wb) = &self.writeback else { return 0 };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ticket = self.cut();
+            let pending = self.ssd.dirty_chunks();
+            if pending == 0 && !wb.cut_in_progress() {
+                return 0;
+            }
+            let mut st = wb.status.lock();
+            if st.conflict.is_some() {
+                return pending * self.cs;
+            }
+            let target = if ticket != 0 { ticket } else { st.last_cut };
+            while st.committed_cut < target && Instant::now() < deadline && st.conflict.is_none() {
+                wb.changed.wait_for(&mut st, Duration::from_millis(200));
+            }
+            drop(st);
+            if Instant::now() >= deadline || self.ssd.dirty_chunks() == 0 {
+                wb.stopping.store(true, Ordering::SeqCst);
+                wb.wake.notify_one();
+                return self.ssd.dirty_chunks() * self.cs;
+            }
+        }
+    }
+}
+
+/// Copies into `chunk` the pages of `parent` that `present` (a 4 KiB page
+/// bitmap) does not mark.
+fn overlay_absent(chunk: &mut [u8], parent: &[u8], present: &[u64]) {
+    let page = crate::tier::ssd::PAGE as usize;
+    for (p, dst) in chunk.chunks_mut(page).enumerate() {
+        let held = present.get(p / 64).is_some_and(|w| (w >> (p % 64)) & 1 == 1);
+        if !held {
+            let src = parent.get(p * page..).unwrap_or(&[]);
+            let n = dst.len().min(src.len());
+            dst[..n].copy_from_slice(&src[..n]);
+            dst[n..].fill(0);
+        }
+    }
+}
+
+impl Inner {
+    /// At open: makes the cache agree with the generation served. Clean
+    /// chunks of an older generation whose bytes changed since are
+    /// forgotten. Dirty chunks are only kept on top of the generation they
+    /// were written on, or of generations this cache committed itself
+    /// (a commit whose cache state was not persisted before a crash): then
+    /// those already uploaded become clean. Changes made on top of a
+    /// generation someone else has since replaced are refused, never mixed
+    /// into theirs, and never thrown away.
+    pub(super) async fn catch_up_generation(self: Arc<Self>) -> VolumeResult<()> {
+        let (g, m) = (self.ssd.generation(), self.vol.generation());
+        if g == m {
+            return Ok(());
+        }
+        let dirty = self.ssd.dirty_chunks();
+        let refuse = |why: String| VolumeError::Cache {
+            dir: self.ssd.dir().to_path_buf(),
+            reason: format!(
+                "holds {dirty} chunks of changes not yet uploaded, made on top of generation {g}, but {why}; \
+                 nothing was changed — serve it from the cache directory's own volume state, or save the changes \
+                 with `driveblk export URL FILE --cache-dir {}`",
+                self.ssd.dir().display()
+            ),
+        };
+        if dirty > 0 {
+            if g > m {
+                return Err(refuse(format!("the volume is at the older generation {m} (rolled back or restored?)")));
+            }
+            if !self.vol.generations_by(self.ssd.cache_id(), g + 1, m).await? {
+                let by = self.vol.manifest().writer.clone().map_or("another writer".into(), |w| w.host);
+                return Err(refuse(format!("the volume has moved on to generation {m} (committed by {by})")));
+            }
+        }
+        let old = if g < m { self.vol.load_generation(g).await.ok() } else { None };
+        let new = self.vol.manifest();
+        let has_base = self.vol.base.is_some();
+        let mut stale = 0u64;
+        let mut candidates = self.ssd.chunks_in(crate::tier::ssd::CLEAN);
+        candidates.extend(self.ssd.chunks_in(crate::tier::ssd::PARTIAL));
+        for idx in candidates {
+            let keep = old.as_ref().is_some_and(|o| o.chunk(idx, has_base).same_bytes(&new.chunk(idx, has_base)));
+            if !keep {
+                let _g = self.ssd.lock_write(idx);
+                self.ssd.invalidate(idx);
+                stale += 1;
+            }
+        }
+        tracing::info!(from = g, to = m, stale, dirty, "cache caught up with the volume's newest generation");
+        if dirty > 0 {
+            let me = self.clone();
+            return tokio::task::spawn_blocking(move || me.reconcile_dirty((*new).clone()))
+                .await
+                .map_err(|e| VolumeError::InvalidOptions(format!("reconcile task failed: {e}")))?;
+        }
+        self.ssd.set_generation(m);
+        self.ssd.persist().map_err(|e| VolumeError::io("persisting cache state in", self.ssd.dir(), e))
+    }
+}

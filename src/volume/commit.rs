@@ -1,0 +1,352 @@
+//! Committing a generation: the changed chunks go up in packs first, then
+//! the manifest is created with the fence (create-if-absent at the slot its
+//! parent named), so two writers can never both commit generation N+1 and
+//! a retried commit whose reply was lost recognises its own.
+//!
+//! A generation is written as a delta over its parent (O(change), not
+//! O(image)); every [`CommitOptions::checkpoint_every`] generations, or
+//! when a delta would be large anyway, as a full manifest, so a reader
+//! resolves at most that many deltas.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::format::{gen_key, new_pack_key, ChunkRef, Manifest, VolumeHeader, Writer, PATCH_PAGE};
+use super::pack::{extract_patch, sha256_hex, PackWriter};
+use super::{VolumeError, VolumeResult};
+use crate::remote::{content_tag, DynRemote, PutBody, RemoteError};
+
+/// How generations are packed and written.
+#[derive(Clone, Debug)]
+pub struct CommitOptions {
+    /// A pack is uploaded once it reaches this many bytes: few, large
+    /// objects suit a cloud drive (request quotas, item limits).
+    pub pack_size: u64,
+    /// Packs uploading at once.
+    pub parallel_uploads: usize,
+    /// Every this many generations the manifest is written in full.
+    pub checkpoint_every: u64,
+}
+
+impl Default for CommitOptions {
+    fn default() -> Self {
+        Self { pack_size: 32 << 20, parallel_uploads: 2, checkpoint_every: 16 }
+    }
+}
+
+/// A patch goes up instead of the whole chunk while it covers at most
+/// this share of the chunk's pages (1/MAX_PATCH_SHARE); past it, the chunk
+/// is written whole again (compaction).
+const MAX_PATCH_SHARE: u64 = 4;
+
+/// Whether chunk changes `changed` (a page bitmap) over its parent version
+/// `old` go up as a patch: returns the patch's base and its page runs
+/// (merged with `old`'s own patch, so reads stay two ranged reads), or
+/// None when the chunk should be written whole.
+fn patch_plan(old: &ChunkRef, changed: &[u64], chunk_len: usize) -> Option<(ChunkRef, Vec<[u32; 2]>)> {
+    let pages = (chunk_len as u64).div_ceil(PATCH_PAGE);
+    let mut set: Vec<bool> =
+        (0..pages).map(|p| changed.get((p / 64) as usize).is_some_and(|w| (w >> (p % 64)) & 1 == 1)).collect();
+    let base = match old {
+        ChunkRef::Patched { base, runs, .. } => {
+            for [first, count] in runs {
+                for p in *first..first + count {
+                    if let Some(b) = set.get_mut(p as usize) {
+                        *b = true;
+                    }
+                }
+            }
+            (**base).clone()
+        }
+        r => r.clone(),
+    };
+    let n = set.iter().filter(|&&b| b).count() as u64;
+    if n == 0 || n * MAX_PATCH_SHARE > pages {
+        return None;
+    }
+    let mut runs: Vec<[u32; 2]> = Vec::new();
+    for (p, _) in set.iter().enumerate().filter(|(_, &b)| b) {
+        match runs.last_mut() {
+            Some([first, count]) if *first + *count == p as u32 => *count += 1,
+            _ => runs.push([p as u32, 1]),
+        }
+    }
+    Some((base, runs))
+}
+
+/// What a commit uploaded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Chunks whose bytes were packed whole.
+    pub chunks_packed: u64,
+    /// Chunks uploaded as a patch of their changed pages.
+    pub chunks_patched: u64,
+    /// Chunks recorded as zero (nothing uploaded).
+    pub chunks_zero: u64,
+    /// Chunks whose bytes equal the parent's (nothing uploaded).
+    pub chunks_unchanged: u64,
+    /// Bytes of packs uploaded.
+    pub pack_bytes: u64,
+    /// Packs uploaded.
+    pub packs: u64,
+    /// Bytes of the manifest object.
+    pub manifest_bytes: u64,
+    /// Whether the manifest was written in full.
+    pub full: bool,
+}
+
+/// Builds generation `parent.generation + 1`.
+pub struct GenerationBuilder {
+    remote: DynRemote,
+    url: String,
+    header: VolumeHeader,
+    parent: Arc<Manifest>,
+    has_base: bool,
+    delta: Manifest,
+    pack: PackWriter,
+    uploads: JoinSet<VolumeResult<u64>>,
+    sem: Arc<Semaphore>,
+    opts: CommitOptions,
+    stats: CommitStats,
+    /// Index in `delta.packs` of the pack being filled.
+    current: u32,
+}
+
+impl GenerationBuilder {
+    /// A builder of the generation after `parent` (a resolved manifest).
+    pub fn new(
+        remote: DynRemote,
+        url: &str,
+        header: &VolumeHeader,
+        parent: Arc<Manifest>,
+        has_base: bool,
+        opts: CommitOptions,
+    ) -> Self {
+        let mut delta = Manifest::new(header, parent.generation + 1);
+        delta.parent = Some(parent.generation);
+        delta.image_len = parent.image_len;
+        Self {
+            remote,
+            url: url.to_string(),
+            header: header.clone(),
+            sem: Arc::new(Semaphore::new(opts.parallel_uploads.max(1))),
+            parent,
+            has_base,
+            delta,
+            pack: PackWriter::new(),
+            uploads: JoinSet::new(),
+            opts,
+            stats: CommitStats::default(),
+            current: 0,
+        }
+    }
+
+    /// The generation being built.
+    pub fn generation(&self) -> u64 {
+        self.delta.generation
+    }
+
+    /// Sets the image length of the new generation.
+    pub fn set_image_len(&mut self, len: u64) {
+        self.delta.image_len = len;
+    }
+
+    /// Records chunk `idx`'s new content (exactly its bytes in the image;
+    /// the last chunk may be short). All-zero chunks are recorded as zero
+    /// and chunks equal to the parent's as unchanged: neither uploads
+    /// anything. `changed`, when known, is a bitmap of the 4 KiB pages that
+    /// differ from the parent's version: if few did, only they go up, as a
+    /// patch over that version (merged with its earlier patch, so a cold
+    /// read stays two ranged reads). Returns the hex sha256 of `data`.
+    pub async fn add_chunk(&mut self, idx: u64, data: Vec<u8>, changed: Option<&[u64]>) -> VolumeResult<String> {
+        let sha = sha256_hex(&data);
+        let old = self.parent.chunk(idx, self.has_base);
+        if data.iter().all(|&b| b == 0) {
+            if old == ChunkRef::Zero {
+                self.stats.chunks_unchanged += 1;
+            } else {
+                self.delta.chunks.insert(idx, ChunkRef::Zero);
+                self.stats.chunks_zero += 1;
+            }
+            return Ok(sha);
+        }
+        if old.content_sha256() == Some(sha.as_str()) {
+            self.stats.chunks_unchanged += 1;
+            return Ok(sha);
+        }
+        let patch = changed.and_then(|bits| patch_plan(&old, bits, data.len()));
+        let body = match &patch {
+            Some((_, runs)) => extract_patch(&data, runs, PATCH_PAGE),
+            None => data,
+        };
+        let (pack_no, pc) = self.pack_frame(body).await?;
+        let r = match patch {
+            Some((mut base, runs)) => {
+                // The base names a pack of the parent's table; the delta
+                // has a table of its own.
+                if let ChunkRef::Packed { pack, .. } = &mut base {
+                    *pack = self.local_pack(&self.parent.packs[*pack as usize].clone());
+                }
+                self.stats.chunks_patched += 1;
+                ChunkRef::Patched {
+                    base: Box::new(base),
+                    pack: pack_no,
+                    offset: pc.offset,
+                    len: pc.len,
+                    runs,
+                    sha256: sha.clone(),
+                }
+            }
+            None => {
+                self.stats.chunks_packed += 1;
+                ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, sha256: pc.sha256 }
+            }
+        };
+        self.delta.chunks.insert(idx, r);
+        if self.pack.len() as u64 >= self.opts.pack_size {
+            self.ship().await?;
+        }
+        Ok(sha)
+    }
+
+    /// The index of pack `key` in the delta's pack table (added if new).
+    fn local_pack(&mut self, key: &str) -> u32 {
+        match self.delta.packs.iter().position(|k| k == key) {
+            Some(p) => p as u32,
+            None => {
+                self.delta.packs.push(key.to_string());
+                (self.delta.packs.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Compresses `body` into the current pack as one frame; returns the
+    /// pack's index in the delta's table and the frame's place.
+    async fn pack_frame(&mut self, body: Vec<u8>) -> VolumeResult<(u32, super::pack::PackedChunk)> {
+        if self.pack.is_empty() {
+            self.delta.packs.push(new_pack_key(self.delta.generation));
+            self.current = (self.delta.packs.len() - 1) as u32;
+        }
+        let pack = std::mem::take(&mut self.pack);
+        let (pack, pc) = tokio::task::spawn_blocking(move || {
+            let mut pack = pack;
+            let pc = pack.add(&body);
+            (pack, pc)
+        })
+        .await
+        .map_err(|e| VolumeError::InvalidOptions(format!("compression task failed: {e}")))?;
+        self.pack = pack;
+        let pc = pc.map_err(|e| VolumeError::io("compressing chunk for", std::path::PathBuf::from(&self.url), e))?;
+        Ok((self.current, pc))
+    }
+
+    /// Uploads the current pack in the background (at most
+    /// `parallel_uploads` at once).
+    async fn ship(&mut self) -> VolumeResult<()> {
+        if self.pack.is_empty() {
+            return Ok(());
+        }
+        // Reap finished uploads so a failure stops the commit early.
+        while let Some(r) = self.uploads.try_join_next() {
+            self.stats.pack_bytes +=
+                r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+        }
+        let key = self.delta.packs[self.current as usize].clone();
+        let body = PutBody::from_bytes(std::mem::take(&mut self.pack).finish());
+        let permit = self
+            .sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| VolumeError::InvalidOptions("upload limiter closed".into()))?;
+        let remote = self.remote.clone();
+        let url = self.url.clone();
+        self.stats.packs += 1;
+        self.uploads.spawn(async move {
+            let r = remote.put(&key, body).await.map_err(|e| VolumeError::remote(format!("uploading {url}/{key}"), e));
+            drop(permit);
+            r.map(|m| m.size)
+        });
+        Ok(())
+    }
+
+    /// Uploads what is left, then commits: creates the manifest at the
+    /// slot the parent reserved. Returns the resolved manifest of the new
+    /// generation. [`VolumeError::Conflict`] if another writer committed
+    /// that generation first (nothing of ours is then referenced).
+    pub async fn commit(mut self, writer: Writer) -> VolumeResult<(Manifest, CommitStats)> {
+        self.ship().await?;
+        while let Some(r) = self.uploads.join_next().await {
+            self.stats.pack_bytes +=
+                r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+        }
+        let g = self.delta.generation;
+        let key = gen_key(g);
+        let next_key = gen_key(g + 1);
+        self.delta.next_slot = self
+            .remote
+            .reserve(&next_key)
+            .await
+            .map_err(|e| VolumeError::remote(format!("reserving {}/{next_key}", self.url), e))?;
+        self.delta.writer = Some(writer);
+        let mut resolved = (*self.parent).clone();
+        resolved.apply(&self.delta).map_err(|reason| VolumeError::CorruptManifest {
+            url: self.url.clone(),
+            key: key.clone(),
+            reason,
+        })?;
+        let full = g % self.opts.checkpoint_every.max(1) == 0 || self.delta.chunks.len() * 2 > resolved.chunks.len();
+        if full {
+            resolved.prune_packs();
+        }
+        let object = if full { resolved.clone() } else { self.delta.clone() };
+        let bytes = object.to_bytes();
+        let tag = content_tag(&bytes);
+        self.stats.manifest_bytes = bytes.len() as u64;
+        self.stats.full = full;
+        match self.remote.create(&key, self.parent.next_slot.as_ref(), &tag, PutBody::from_bytes(bytes)).await {
+            Ok(_) => Ok((resolved, self.stats)),
+            Err(e) => match e.root() {
+                RemoteError::AlreadyExists { .. } => {
+                    let by = match self.remote.get_created(&key, self.parent.next_slot.as_ref()).await {
+                        Ok(b) => Manifest::from_bytes(&b, &self.header, g)
+                            .ok()
+                            .and_then(|m| m.writer)
+                            .map_or_else(|| "another writer".to_string(), |w| format!("{} (pid {})", w.host, w.pid)),
+                        Err(_) => "another writer".to_string(),
+                    };
+                    Err(VolumeError::Conflict { url: self.url.clone(), generation: g, by })
+                }
+                _ => Err(VolumeError::remote(format!("committing {}/{key}", self.url), e)),
+            },
+        }
+    }
+}
+
+/// The host name, for [`Writer`] records and messages.
+pub fn host_name() -> String {
+    system_hostname().unwrap_or_else(|| "unknown-host".into())
+}
+
+fn system_hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if r != 0 {
+        return None;
+    }
+    let n = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..n].to_vec()).ok().filter(|s| !s.is_empty())
+}
+
+/// A writer record for this process and cache.
+pub fn writer_record(cache_id: &str) -> Writer {
+    Writer {
+        host: host_name(),
+        pid: std::process::id(),
+        cache_id: cache_id.to_string(),
+        unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+    }
+}

@@ -1,0 +1,241 @@
+//! Write-back through the whole daemon (libblkio client, qcow2 volume, the
+//! `dir:` remote behind a 20 ms link): a writer fills and flushes while
+//! generations are cut and uploaded, and the daemon is killed with -9 at
+//! a random point. Then, alternately:
+//! - the cache is deleted and a fresh export of the remote must pass
+//!   `qemu-img check` and hold exactly the disk of one acknowledged FLUSH
+//!   (never a mix of older and newer writes);
+//! - the daemon restarts on the same cache: every flushed write is there,
+//!   and a clean stop uploads them all (a fresh export then equals it).
+//!
+//! 20 rounds by default (`WRITEBACK_ROUNDS` to change; `SOAK=1` runs 200).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Client, Daemon};
+use rand::{Rng, SeedableRng};
+
+const SIZE: u64 = 64 << 20;
+const BLOCK: usize = 64 << 10;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_driveblk")
+}
+
+fn run_ok(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The guest view of the remote's newest generation, through a fresh
+/// export (no cache), checked by qemu-img.
+fn remote_view(dir: &Path, url: &str) -> Vec<u8> {
+    let q = dir.join("export.qcow2");
+    let raw = dir.join("export.raw");
+    let _ = std::fs::remove_file(&q);
+    let _ = std::fs::remove_file(&raw);
+    run_ok(bin(), &["export", url, q.to_str().unwrap(), "--quiet"]);
+    let out = Command::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(&q).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check of the remote's generation failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    run_ok("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", q.to_str().unwrap(), raw.to_str().unwrap()]);
+    std::fs::read(&raw).unwrap()
+}
+
+fn read_all(c: &mut Client) -> Vec<u8> {
+    let mut out = Vec::with_capacity(c.capacity as usize);
+    let mut off = 0;
+    while off < c.capacity {
+        let n = (c.capacity - off).min(4 << 20) as usize;
+        out.extend(c.read(off, n).unwrap());
+        off += n as u64;
+    }
+    out
+}
+
+/// Which acknowledged (or in-flight) flush the image `got` equals: the
+/// epoch K such that `base` + every write of epochs ≤ K is `got`.
+fn matching_epoch(base: &[u8], epochs: &[Vec<(u64, Vec<u8>)>], got: &[u8]) -> Option<usize> {
+    let mut state = base.to_vec();
+    if state == got {
+        return Some(0);
+    }
+    for (k, writes) in epochs.iter().enumerate() {
+        for (off, data) in writes {
+            state[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+        }
+        if state == got {
+            return Some(k + 1);
+        }
+    }
+    None
+}
+
+#[test]
+fn kill_9_during_write_back_leaves_generations_of_whole_flushes() {
+    let rounds: u64 = std::env::var("WRITEBACK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if std::env::var("SOAK").as_deref() == Ok("1") { 200 } else { 20 });
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.qcow2");
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img.to_str().unwrap(), &SIZE.to_string()],
+    );
+    let url = format!("dir:{}", d.path().join("remote/vol").display());
+    run_ok(bin(), &["import", img.to_str().unwrap(), &url, "--chunk-size", "256K", "--quiet"]);
+    let sock = d.path().join("sock");
+    let mut base = vec![0u8; SIZE as usize];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xD15C);
+    let mut committed_rounds = 0;
+    for round in 0..rounds {
+        let cache = d.path().join(format!("cache-{round}"));
+        let args = [
+            "--volume",
+            &url,
+            "--format",
+            "qcow2",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--sync-interval",
+            "1",
+            "--remote-latency-ms",
+            "20",
+            "--boot-profile",
+            "off",
+        ];
+        let mut daemon = Daemon::start(&sock, &args);
+        let mut c = Client::connect(&sock, 1);
+        // Epochs of writes, each followed by an acknowledged flush.
+        let n_epochs = rng.random_range(3..30);
+        let mut epochs: Vec<Vec<(u64, Vec<u8>)>> = Vec::new();
+        for k in 0..n_epochs {
+            let writes: Vec<(u64, Vec<u8>)> = (0..rng.random_range(1..8))
+                .map(|i| {
+                    // Mostly a hot region, so later epochs rewrite chunks
+                    // of a cut that is still uploading.
+                    let blocks = if rng.random_bool(0.7) { 64 } else { SIZE / BLOCK as u64 };
+                    let off = rng.random_range(0..blocks) * BLOCK as u64;
+                    (off, common::pattern(round * 1_000_000 + k * 100 + i, BLOCK))
+                })
+                .collect();
+            for (off, data) in &writes {
+                c.write(*off, data).unwrap();
+            }
+            c.flush().unwrap();
+            epochs.push(writes);
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..60)));
+        }
+        // Unflushed writes in flight, then kill -9.
+        let base_addr = c.region.addr;
+        let unflushed: Vec<u64> = (0..8).map(|_| rng.random_range(0..SIZE / BLOCK as u64) * BLOCK as u64).collect();
+        for (i, off) in unflushed.iter().enumerate() {
+            c.buf()[i * BLOCK..(i + 1) * BLOCK].fill(0xEE);
+            c.queues[0].write(*off, (base_addr + i * BLOCK) as *const u8, BLOCK, 0, blkio::ReqFlags::empty());
+        }
+        let mut comps: Vec<_> = (0..1).map(|_| std::mem::MaybeUninit::uninit()).collect();
+        let mut t = Duration::from_millis(1);
+        let _ = c.queues[0].do_io(&mut comps, 0, Some(&mut t), None);
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
+        let mut child = daemon.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        drop(c);
+        let _ = std::fs::remove_file(&sock);
+
+        if round % 2 == 0 {
+            // The machine is gone: only the remote is left.
+            std::fs::remove_dir_all(&cache).unwrap();
+            let got = remote_view(d.path(), &url);
+            let k = matching_epoch(&base, &epochs, &got).unwrap_or_else(|| {
+                panic!("round {round}: the remote's newest generation is not the disk of any flush (a torn generation)")
+            });
+            committed_rounds += (k > 0) as u32;
+            base = got;
+        } else {
+            // The daemon comes back on the same cache: every acknowledged
+            // write is there (only blocks hit by the unflushed ones may differ).
+            let daemon = Daemon::start(&sock, &args);
+            let mut c = Client::connect(&sock, 1);
+            let local = read_all(&mut c);
+            let mut want = base.clone();
+            for (off, data) in epochs.iter().flatten() {
+                want[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+            }
+            for (off, data) in epochs.iter().flatten() {
+                if unflushed.iter().any(|u| u == off) {
+                    continue;
+                }
+                assert!(
+                    local[*off as usize..*off as usize + data.len()] == want[*off as usize..*off as usize + data.len()],
+                    "round {round}: a flushed write at {off} was lost"
+                );
+            }
+            drop(c);
+            assert!(daemon.stop().success());
+            let _ = std::fs::remove_file(&sock);
+            // The clean stop uploaded everything the restarted daemon served.
+            let got = remote_view(d.path(), &url);
+            assert!(got == local, "round {round}: after a clean stop the remote differs from what was served");
+            std::fs::remove_dir_all(&cache).unwrap();
+            base = got;
+        }
+    }
+    assert!(committed_rounds > 0, "no round committed a generation before the kill: the test exercised nothing");
+}
+
+fn info_generation(url: &str) -> u64 {
+    let out = Command::new(bin()).args(["info", url, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["generation"].as_u64().unwrap()
+}
+
+#[test]
+fn driveblk_sync_uploads_now_through_the_daemon_or_from_a_stopped_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
+    let url = format!("dir:{}", d.path().join("remote/vol").display());
+    run_ok(bin(), &["import", img.to_str().unwrap(), &url, "--quiet"]);
+    let cache = d.path().join("cache");
+    let sock = d.path().join("sock");
+    // An interval long enough that only `sync` can cut a generation.
+    let args =
+        ["--volume", &url, "--format", "qcow2", "--cache-dir", cache.to_str().unwrap(), "--sync-interval", "3600"];
+    let mut daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    // The first FLUSH cuts at once; later ones wait for the interval.
+    c.write(0, &common::pattern(3, 4096)).unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let g0 = info_generation(&url);
+    let a = common::pattern(1, 1 << 20);
+    c.write(1 << 20, &a).unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(info_generation(&url), g0, "no cut before the interval");
+    run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "60"]);
+    assert!(info_generation(&url) > g0, "sync through the running daemon committed a generation");
+    let got = remote_view(d.path(), &url);
+    assert!(got[1 << 20..2 << 20] == a[..], "the remote holds the synced write");
+    // Changes left by a daemon that died go up with `sync` alone.
+    let b = common::pattern(2, 1 << 20);
+    c.write(4 << 20, &b).unwrap();
+    c.flush().unwrap();
+    let mut child = daemon.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(c);
+    run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "60"]);
+    let got = remote_view(d.path(), &url);
+    assert!(got[4 << 20..5 << 20] == b[..], "the stopped cache's changes reached the remote");
+}

@@ -1,0 +1,409 @@
+//! Write-back in the tiered store against a real `dir:` remote: changes
+//! are committed as generations another cache reads; a commit whose reply
+//! was lost is recognised (by the retry wrapper, or after it gave up); a
+//! second writer is fenced out and keeps its changes; a remote that is down
+//! loses nothing and the sync resumes; writethrough FLUSH returns only once
+//! the data is on the remote; scattered small writes upload what changed.
+
+#[path = "tier_support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use driveblk::format::{IoMode, IoVec};
+use driveblk::remote::{FaultPlan, RemoteMetrics, Shaping};
+use driveblk::tier::tiered::CacheMode;
+use driveblk::tier::Storage;
+use driveblk::volume::{self, ExportOptions, ImportOptions};
+use rand::SeedableRng;
+use support::*;
+
+fn imported(d: &std::path::Path, len: usize, seed: u64) -> (String, Vec<u8>) {
+    let (src, bytes) = raw_image(d, "src.raw", len, seed);
+    let vurl = url(&d.join("remote/vol"));
+    volume::import(&src, &vurl, &ImportOptions { chunk_size: CS, pack_size: 1 << 20, ..Default::default() }).unwrap();
+    (vurl, bytes)
+}
+
+fn write(s: &dyn Storage, off: u64, data: &[u8], expect: &mut Vec<u8>) {
+    let mut v = data.to_vec();
+    s.write_vectored_at(off, &IoVec::from_slice(&mut v), IoMode::Blocking).unwrap();
+    let end = off as usize + data.len();
+    if expect.len() < end {
+        expect.resize(end, 0);
+    }
+    expect[off as usize..end].copy_from_slice(data);
+}
+
+/// A guest FLUSH: a flush point, and waiting as the cache mode says.
+fn guest_flush(s: &dyn Storage) {
+    let t = s.flush_point().unwrap();
+    s.wait_durable(t).unwrap();
+}
+
+/// What a fresh cache on another machine reads.
+fn fresh_view(d: &std::path::Path, vurl: &str, name: &str) -> Vec<u8> {
+    let s = volume::open(vurl, cache_opts(&d.join(name), Default::default())).unwrap();
+    read_all(&*s).unwrap()
+}
+
+#[test]
+fn changes_reach_the_remote_and_another_cache_reads_them() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 3 << 20, 31);
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(&vurl, cache_opts(&d.path().join("a"), counted(m.clone(), None, Shaping::default()))).unwrap();
+    write(&*s, 100, &[0x5A; 1000], &mut expect);
+    write(&*s, CS - 4000, &(0..9000u32).map(|i| i as u8).collect::<Vec<_>>(), &mut expect);
+    write(&*s, 4 * CS, &vec![0xC3; CS as usize], &mut expect);
+    s.write_zeroes_at(6 * CS, 2 * CS).unwrap();
+    expect[6 * CS as usize..8 * CS as usize].fill(0);
+    let grow = expect.len() as u64 + 70_000;
+    write(&*s, grow, &[0x77; 3000], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0, "everything uploaded");
+    let st = s.sync_status().unwrap();
+    assert!(st.generations_committed >= 1 && st.conflict.is_none() && st.last_error.is_none(), "{st:?}");
+    assert_eq!(s.stats().dirty_bytes, 0);
+    drop(s);
+    assert!(volume::info(&vurl).unwrap().generation >= 2);
+    assert_eq!(fresh_view(d.path(), &vurl, "b"), expect, "a fresh cache reads the committed changes");
+    // The writer's own cache stays valid across its commits: reopened, it
+    // serves everything locally, with nothing dirty and no refetch.
+    let m2 = Arc::new(RemoteMetrics::default());
+    let s =
+        volume::open(&vurl, cache_opts(&d.path().join("a"), counted(m2.clone(), None, Shaping::default()))).unwrap();
+    assert_eq!(s.stats().dirty_bytes, 0);
+    let before = m2.snapshot().bytes_read;
+    let mut buf = vec![0u8; CS as usize];
+    s.read_vectored_at(4 * CS, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
+    assert_eq!(buf, vec![0xC3; CS as usize]);
+    assert_eq!(m2.snapshot().bytes_read, before, "a chunk this cache committed is served locally");
+}
+
+#[test]
+fn a_commit_whose_reply_was_lost_is_recognised_not_repeated() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 << 20, 32);
+    let faults = FaultPlan::new(5);
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(
+        &vurl,
+        cache_opts(&d.path().join("a"), counted(m.clone(), Some(faults.clone()), Shaping::default())),
+    )
+    .unwrap();
+    // The retry wrapper resends the create and finds its own tag.
+    faults.lose_create_replies(1);
+    write(&*s, 10, &[1; 5000], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    assert_eq!(s.sync_status().unwrap().conflict, None);
+    drop(s);
+    assert_eq!(volume::info(&vurl).unwrap().generation, 2, "one generation, not two");
+    assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
+
+    // With no retries left, the commit reports failure although it landed;
+    // the next attempt meets the fence, sees the generation came from this
+    // cache, and adopts it instead of calling it a conflict.
+    let mut o = cache_opts(&d.path().join("a"), counted(m.clone(), Some(faults.clone()), Shaping::default()));
+    o.remote.retry.max_attempts = 1;
+    let s = volume::open(&vurl, o).unwrap();
+    faults.lose_create_replies(1);
+    write(&*s, 3 * CS + 7, &[2; 7000], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    let st = s.sync_status().unwrap();
+    assert_eq!(st.conflict, None, "{st:?}");
+    drop(s);
+    assert_eq!(volume::info(&vurl).unwrap().generation, 3);
+    assert_eq!(fresh_view(d.path(), &vurl, "c"), expect);
+}
+
+#[test]
+fn a_second_writer_is_fenced_and_keeps_its_changes() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, base) = imported(d.path(), 2 << 20, 33);
+    let a = volume::open(&vurl, cache_opts(&d.path().join("a"), Default::default())).unwrap();
+    let b = volume::open(&vurl, cache_opts(&d.path().join("b"), Default::default())).unwrap();
+    let (mut ea, mut eb) = (base.clone(), base.clone());
+    write(&*a, 0, &[0xAA; 4096], &mut ea);
+    guest_flush(&*a);
+    assert_eq!(a.close(Duration::from_secs(30)), 0);
+    drop(a);
+    write(&*b, CS, &[0xBB; 4096], &mut eb);
+    guest_flush(&*b);
+    let left = b.close(Duration::from_secs(10));
+    assert!(left > 0, "B's changes were not committed over A's generation");
+    let conflict = b.sync_status().unwrap().conflict.expect("a conflict is reported");
+    assert!(conflict.contains("moved on"), "{conflict}");
+    drop(b);
+    // The remote holds A's generation, untouched by B.
+    assert_eq!(volume::info(&vurl).unwrap().generation, 2);
+    assert_eq!(fresh_view(d.path(), &vurl, "c"), ea);
+    // B's cache refuses to serve its changes on top of A's generation...
+    let e = volume::open(&vurl, cache_opts(&d.path().join("b"), Default::default())).err().unwrap().to_string();
+    assert!(e.contains("moved on") && e.contains("not yet uploaded"), "{e}");
+    // ...and still holds them: export gives B's disk (generation 1 + B).
+    let out = d.path().join("b.raw");
+    let opts = ExportOptions { cache_dir: Some(d.path().join("b")), ..Default::default() };
+    volume::export(&vurl, &out, &opts).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), eb);
+}
+
+#[test]
+fn a_remote_that_is_down_loses_nothing_and_sync_resumes() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 << 20, 34);
+    let faults = FaultPlan::new(9);
+    let m = Arc::new(RemoteMetrics::default());
+    let mut o = cache_opts(&d.path().join("a"), counted(m.clone(), Some(faults.clone()), Shaping::default()));
+    o.remote.retry.max_attempts = 3;
+    let s = volume::open(&vurl, o).unwrap();
+    // Chunk 5 is local before the link goes (a write into a chunk not
+    // cached still needs its bytes from the remote).
+    let mut warm = vec![0u8; 16];
+    s.read_vectored_at(5 * CS, &IoVec::from_slice(&mut warm), IoMode::Blocking).unwrap();
+    faults.set_down(true);
+    write(&*s, 5 * CS, &[9; 20000], &mut expect);
+    guest_flush(&*s);
+    // The upload fails and is retried; the guest's data stays local.
+    let t0 = std::time::Instant::now();
+    while s.sync_status().unwrap().last_error.is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the failure was never reported");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(s.stats().dirty_bytes > 0);
+    let mut buf = vec![0u8; 20000];
+    s.read_vectored_at(5 * CS, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
+    assert_eq!(buf, vec![9; 20000]);
+    faults.set_down(false);
+    assert_eq!(s.close(Duration::from_secs(30)), 0, "the sync resumed by itself");
+    drop(s);
+    assert_eq!(volume::info(&vurl).unwrap().generation, 2);
+    assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
+}
+
+#[test]
+fn writethrough_flush_returns_once_the_data_is_on_the_remote() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 << 20, 35);
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.writeback.mode = CacheMode::Writethrough;
+    let s = volume::open(&vurl, o).unwrap();
+    for i in 0..3u64 {
+        write(&*s, i * CS + 11, &[i as u8 + 1; 3000], &mut expect);
+        guest_flush(&*s);
+        // No close, no waiting: another machine sees the flushed data now.
+        assert_eq!(fresh_view(d.path(), &vurl, &format!("b{i}")), expect, "after flush {i}");
+    }
+}
+
+#[test]
+fn scattered_small_writes_upload_about_what_changed() {
+    let d = tempfile::tempdir().unwrap();
+    // Incompressible data: compression cannot hide whole-chunk uploads.
+    let mut bytes = vec![0u8; 16 * CS as usize];
+    rand::Rng::fill(&mut rand::rngs::StdRng::seed_from_u64(38), &mut bytes[..]);
+    let src = d.path().join("src.raw");
+    std::fs::write(&src, &bytes).unwrap();
+    let vurl = url(&d.path().join("remote/vol"));
+    volume::import(&src, &vurl, &ImportOptions { chunk_size: CS, pack_size: 1 << 20, ..Default::default() }).unwrap();
+    let mut expect = bytes.clone();
+    let m = Arc::new(RemoteMetrics::default());
+    let s = volume::open(&vurl, cache_opts(&d.path().join("a"), counted(m.clone(), None, Shaping::default()))).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(39);
+    let random_page = |rng: &mut rand::rngs::StdRng| {
+        let mut p = vec![0u8; 4096];
+        rand::Rng::fill(rng, &mut p[..]);
+        p
+    };
+    // One 4 KiB write in each chunk.
+    let mut written = 0u64;
+    for i in 0..16u64 {
+        let off = i * CS + rand::Rng::random_range(&mut rng, 0..CS / 4096) * 4096;
+        write(&*s, off, &random_page(&mut rng), &mut expect);
+        written += 4096;
+    }
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    let up = s.sync_status().unwrap().bytes_uploaded;
+    assert!(up <= 2 * written, "uploaded {up} bytes for {written} bytes of scattered 4 KiB writes (target <= 2x)");
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect, "patched chunks read back wrong");
+    // Patching a patched chunk merges the patches (still two reads), and a
+    // chunk changed in more than a quarter of its pages is written whole.
+    let s = volume::open(&vurl, cache_opts(&d.path().join("a"), counted(m.clone(), None, Shaping::default()))).unwrap();
+    write(&*s, 3 * CS + 8192, &random_page(&mut rng), &mut expect);
+    write(&*s, 5 * CS, &vec![7u8; CS as usize / 2], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let u = driveblk::remote::RemoteUrl::parse(&vurl).unwrap();
+    let v = rt.block_on(volume::VolumeReader::open(&u, &Default::default())).unwrap();
+    assert!(
+        matches!(v.chunk_ref(3), volume::ChunkRef::Patched { ref runs, .. } if runs.len() == 2),
+        "{:?}",
+        v.chunk_ref(3)
+    );
+    assert!(matches!(v.chunk_ref(5), volume::ChunkRef::Packed { .. }), "{:?}", v.chunk_ref(5));
+    assert!(fresh_view(d.path(), &vurl, "c") == expect);
+}
+
+/// Holds pack uploads at a gate until the test opens it.
+#[derive(Debug)]
+struct GatedPuts {
+    inner: driveblk::remote::DynRemote,
+    gate: Arc<tokio::sync::Semaphore>,
+    waiting: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl driveblk::remote::Remote for GatedPuts {
+    async fn get_range(&self, key: &str, r: std::ops::Range<u64>) -> driveblk::remote::RemoteResult<bytes::Bytes> {
+        self.inner.get_range(key, r).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        body: driveblk::remote::PutBody,
+    ) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
+        if key.starts_with("pack-") {
+            self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.gate.acquire().await.unwrap().forget();
+        }
+        self.inner.put(key, body).await
+    }
+    async fn head(&self, key: &str) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, p: &str) -> driveblk::remote::RemoteResult<Vec<driveblk::remote::ObjectMeta>> {
+        self.inner.list(p).await
+    }
+    async fn delete(&self, key: &str) -> driveblk::remote::RemoteResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn create(
+        &self,
+        key: &str,
+        slot: Option<&driveblk::remote::Slot>,
+        tag: &str,
+        body: driveblk::remote::PutBody,
+    ) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
+        self.inner.create(key, slot, tag, body).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upload() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, base) = imported(d.path(), 8 * CS as usize, 37);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (g2, w2) = (gate.clone(), waiting.clone());
+    let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
+        Arc::new(GatedPuts { inner, gate: g2.clone(), waiting: w2.clone() }) as driveblk::remote::DynRemote
+    });
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.remote.layer = Some(layer);
+    // One chunk per pack, one upload at a time: the uploader reads a chunk
+    // only when the previous pack went up, so the gate stops it mid-cut.
+    o.writeback.commit.pack_size = 1;
+    o.writeback.commit.parallel_uploads = 1;
+    let s = volume::open(&vurl, o).unwrap();
+    let mut at_cut = base.clone();
+    for i in 0..6u64 {
+        write(&*s, i * CS, &vec![0xA0 + i as u8; CS as usize], &mut at_cut);
+    }
+    guest_flush(&*s);
+    let t0 = std::time::Instant::now();
+    while waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the upload never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The guest rewrites every chunk of the cut (and some partly) while it
+    // uploads; none of this may leak into that generation.
+    let mut after = at_cut.clone();
+    for i in 0..6u64 {
+        write(&*s, i * CS, &vec![0xB0 + i as u8; CS as usize], &mut after);
+        write(&*s, i * CS + 100, &[0xCC; 300], &mut after);
+    }
+    gate.add_permits(1000);
+    let t0 = std::time::Instant::now();
+    while s.sync_status().unwrap().committed_cut == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the cut was never committed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(volume::info(&vurl).unwrap().generation, 2);
+    assert!(fresh_view(d.path(), &vurl, "b") == at_cut, "generation 2 mixes the cut with later writes");
+    // The rewrites stay dirty and go up in the next generation.
+    assert!(s.stats().dirty_bytes >= 6 * CS);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "c") == after);
+}
+
+#[test]
+fn a_write_into_a_cold_chunk_never_waits_for_its_fetch() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 4 * CS as usize, 40);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (g2, w2) = (gate.clone(), waiting.clone());
+    let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
+        Arc::new(GatedRemote { inner, gate: g2.clone(), waiting: w2.clone() }) as driveblk::remote::DynRemote
+    });
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.remote.layer = Some(layer);
+    o.readahead_chunks = 0;
+    let s = volume::open(&vurl, o).unwrap();
+    // Pack reads are held at the gate: a write that needed its chunk's
+    // bytes would wait there (the test then opens the gate and fails).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (s2, mut e2) = (s.clone(), expect.clone());
+    let writer = std::thread::spawn(move || {
+        write(&*s2, CS + 8192, &[0x11; 8192], &mut e2);
+        write(&*s2, 2 * CS, &[0x22; 4096], &mut e2);
+        tx.send(()).unwrap();
+        e2
+    });
+    if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        gate.add_permits(1 << 20);
+        panic!("a write into a cold chunk waited for the remote");
+    }
+    expect = writer.join().unwrap();
+    assert_eq!(waiting.load(std::sync::atomic::Ordering::SeqCst), 0, "a write fetched its chunk");
+    // The written pages read back locally, still without the remote.
+    let mut buf = vec![0u8; 8192];
+    s.read_vectored_at(CS + 8192, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
+    assert_eq!(buf, vec![0x11; 8192]);
+    assert_eq!(waiting.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Durable at FLUSH, across a restart, before the chunk was ever fetched.
+    s.flush().unwrap();
+    drop(s);
+    gate.add_permits(1 << 20);
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.remote.layer = None;
+    let s = volume::open(&vurl, o).unwrap();
+    // A read across written and unwritten pages completes the chunk from
+    // the remote without touching the written pages.
+    assert!(read_all(&*s).unwrap() == expect, "a partly written chunk reads back wrong");
+    write(&*s, 3 * CS + 4096, &[0x33; 4096], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect, "the remote got a partly written chunk wrong");
+    // Exporting from a cache that still holds a chunk dirty in part.
+    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
+    write(&*s, 4096, &[0x44; 4096], &mut expect);
+    s.flush().unwrap();
+    drop(s);
+    let out = d.path().join("out.raw");
+    volume::export(&vurl, &out, &ExportOptions { cache_dir: Some(d.path().join("c")), ..Default::default() }).unwrap();
+    assert!(std::fs::read(&out).unwrap() == expect, "export lost the pages of a chunk dirty in part");
+}
