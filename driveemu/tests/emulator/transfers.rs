@@ -277,3 +277,46 @@ async fn quotas_storage_upload_cap_download() {
     api.emu.faults().set_download_quota_exceeded(false);
     assert_eq!(api.get(&url).await.body, b"bytes");
 }
+
+#[tokio::test]
+async fn resent_overlap_is_accepted_and_size_mismatch_refused() {
+    let api = Api::new().await;
+    let total = 2 * KIB256 + 5;
+    let data = pattern(total, 12);
+    let r = start_resumable(
+        &api,
+        "/upload/drive/v3/files?uploadType=resumable&fields=md5Checksum,size",
+        Method::POST,
+        &json!({"name": "o"}),
+        Some(total),
+    )
+    .await;
+    let loc = r.header("location").expect("Location");
+    assert_eq!(put(&api, &loc, &format!("bytes 0-{}/{total}", KIB256 - 1), &data[..KIB256]).await.code(), 308);
+    // The reply was lost and the client resends the same chunk: harmless.
+    let r = put(&api, &loc, &format!("bytes 0-{}/{total}", KIB256 - 1), &data[..KIB256]).await;
+    assert_eq!(r.header("range").as_deref(), Some("bytes=0-262143"));
+    // A total that disagrees with X-Upload-Content-Length is refused.
+    let r = put(&api, &loc, &format!("bytes {}-{}/{}", KIB256, total - 1, total + 1), &data[KIB256..]).await;
+    assert_eq!(r.code(), 400);
+    // The final chunk may overlap what the server has.
+    let r = put(&api, &loc, &format!("bytes {}-{}/{total}", KIB256 - 100, total - 1), &data[KIB256 - 100..]).await;
+    assert_eq!(r.code(), 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json(), json!({"md5Checksum": md5_hex(&data), "size": total.to_string()}));
+    // Total unknown until the last chunk: `*` then `/N`.
+    let r = start_resumable(
+        &api,
+        "/upload/drive/v3/files?uploadType=resumable&fields=size",
+        Method::POST,
+        &json!({"name": "u"}),
+        None,
+    )
+    .await;
+    let loc = r.header("location").expect("Location");
+    assert_eq!(put(&api, &loc, &format!("bytes 0-{}/*", KIB256 - 1), &data[..KIB256]).await.code(), 308);
+    let r = put(&api, &loc, "bytes */*", &[]).await;
+    assert_eq!((r.code(), r.header("range").as_deref()), (308, Some("bytes=0-262143")));
+    let r =
+        put(&api, &loc, &format!("bytes {KIB256}-{}/{}", KIB256 + 9, KIB256 + 10), &data[KIB256..KIB256 + 10]).await;
+    assert_eq!(r.json()["size"], (KIB256 + 10).to_string());
+}
