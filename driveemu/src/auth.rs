@@ -63,7 +63,11 @@ impl Auth {
         };
         let private_key_id = hexchars(&mut rng, 40);
         let sa_client_id = format!("1{}", digits(&mut rng, 20));
-        let oauth_client_id = format!("{}-{}.apps.googleusercontent.com", digits(&mut rng, 12), opaque(&mut rng, 32).to_lowercase().replace(['-', '_'], "a"));
+        let oauth_client_id = format!(
+            "{}-{}.apps.googleusercontent.com",
+            digits(&mut rng, 12),
+            opaque(&mut rng, 32).to_lowercase().replace(['-', '_'], "a")
+        );
         let oauth_client_secret = format!("GOCSPX-{}", opaque(&mut rng, 28));
         Auth {
             verifying_key,
@@ -84,22 +88,42 @@ impl Auth {
         t
     }
 
-    fn issue_access_token(&self, faults: &Faults, lifetime: Duration, scopes: Vec<String>, service_account: bool) -> String {
+    fn issue_access_token(
+        &self,
+        faults: &Faults,
+        lifetime: Duration,
+        scopes: Vec<String>,
+        service_account: bool,
+    ) -> String {
         let t = format!("ya29.{}", opaque(&mut self.rng.lock(), 100));
         self.tokens.lock().insert(
             t.clone(),
-            AccessToken { service_account, epoch: faults.token_epoch.load(Ordering::SeqCst), expires: Instant::now() + lifetime, scopes },
+            AccessToken {
+                service_account,
+                epoch: faults.token_epoch.load(Ordering::SeqCst),
+                expires: Instant::now() + lifetime,
+                scopes,
+            },
         );
         t
     }
 
     /// Handles a token-endpoint POST whose body is already decoded into `params`.
     /// `basic` holds client credentials from an HTTP Basic header, if any.
-    pub fn token(&self, params: &HashMap<String, String>, basic: Option<(String, String)>, token_uri: &str, faults: &Faults, lifetime: Duration) -> Result<Value, OAuthError> {
+    pub fn token(
+        &self,
+        params: &HashMap<String, String>,
+        basic: Option<(String, String)>,
+        token_uri: &str,
+        faults: &Faults,
+        lifetime: Duration,
+    ) -> Result<Value, OAuthError> {
         let grant = params.get("grant_type").map(String::as_str).unwrap_or("");
         match grant {
             JWT_GRANT => {
-                let assertion = params.get("assertion").ok_or_else(|| OAuthError::new(400, "invalid_request", "Missing required parameter: assertion"))?;
+                let assertion = params
+                    .get("assertion")
+                    .ok_or_else(|| OAuthError::new(400, "invalid_request", "Missing required parameter: assertion"))?;
                 let scopes = self.verify_jwt(assertion, token_uri)?;
                 let tok = self.issue_access_token(faults, lifetime, scopes, true);
                 // Google's service-account answer carries no scope and no refresh token.
@@ -119,14 +143,18 @@ impl Auth {
                 if secret != self.oauth_client_secret {
                     return Err(OAuthError::new(401, "invalid_client", "Unauthorized"));
                 }
-                let rt = params.get("refresh_token").ok_or_else(|| OAuthError::new(400, "invalid_request", "Missing required parameter: refresh_token"))?;
+                let rt = params.get("refresh_token").ok_or_else(|| {
+                    OAuthError::new(400, "invalid_request", "Missing required parameter: refresh_token")
+                })?;
                 let epoch_now = faults.refresh_epoch.load(Ordering::SeqCst);
                 match self.refresh.lock().get(rt) {
                     Some(e) if *e == epoch_now => {}
                     _ => return Err(OAuthError::invalid_grant("Token has been expired or revoked.")),
                 }
                 let tok = self.issue_access_token(faults, lifetime, vec![DRIVE_SCOPE.to_string()], false);
-                Ok(json!({ "access_token": tok, "expires_in": lifetime.as_secs(), "scope": DRIVE_SCOPE, "token_type": "Bearer" }))
+                Ok(
+                    json!({ "access_token": tok, "expires_in": lifetime.as_secs(), "scope": DRIVE_SCOPE, "token_type": "Bearer" }),
+                )
             }
             "" => Err(OAuthError::new(400, "invalid_request", "Missing required parameter: grant_type")),
             other => Err(OAuthError::new(400, "unsupported_grant_type", format!("Invalid grant_type: {other}"))),
@@ -161,19 +189,16 @@ impl Auth {
         let now = crate::util::now_ms() / 1000;
         let iat = claims.get("iat").and_then(Value::as_i64);
         let exp = claims.get("exp").and_then(Value::as_i64);
-        let timeframe = || OAuthError::invalid_grant("Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim.");
+        let timeframe = || {
+            OAuthError::invalid_grant("Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim.")
+        };
         let (Some(iat), Some(exp)) = (iat, exp) else { return Err(timeframe()) };
         // A little clock skew is tolerated, as Google does.
         if exp <= now || iat > now + 300 || exp - iat > 3600 || exp < iat {
             return Err(timeframe());
         }
-        let scopes: Vec<String> = claims
-            .get("scope")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
+        let scopes: Vec<String> =
+            claims.get("scope").and_then(Value::as_str).unwrap_or("").split_whitespace().map(str::to_string).collect();
         if scopes.is_empty() {
             return Err(OAuthError::new(400, "invalid_scope", "Invalid OAuth scope or ID token audience provided."));
         }

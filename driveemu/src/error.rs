@@ -23,7 +23,15 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     pub fn new(status: u16, domain: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, domain, reason, message: message.into(), location: None, retry_after: None, headers: Vec::new() }
+        ApiError {
+            status,
+            domain,
+            reason,
+            message: message.into(),
+            location: None,
+            retry_after: None,
+            headers: Vec::new(),
+        }
     }
 
     pub fn at(mut self, kind: &'static str, loc: impl Into<String>) -> Self {
@@ -115,7 +123,12 @@ impl ApiError {
     }
 
     pub fn not_writable() -> Self {
-        ApiError::new(403, "global", "fieldNotWritable", "The resource body includes fields which are not directly writable.")
+        ApiError::new(
+            403,
+            "global",
+            "fieldNotWritable",
+            "The resource body includes fields which are not directly writable.",
+        )
     }
 
     pub fn body(&self) -> Value {

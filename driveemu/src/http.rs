@@ -53,18 +53,71 @@ const MAX_JSON_BODY: usize = 16 << 20;
 
 /// The file fields of Drive v3's `File` resource, for validating `fields=`.
 const FILE_FIELDS: &[&str] = &[
-    "kind", "driveId", "fileExtension", "copyRequiresWriterPermission", "md5Checksum", "contentHints",
-    "writersCanShare", "viewedByMe", "mimeType", "exportLinks", "parents", "thumbnailLink", "iconLink",
-    "shared", "lastModifyingUser", "owners", "headRevisionId", "sharingUser", "webViewLink",
-    "webContentLink", "size", "viewersCanCopyContent", "permissions", "hasThumbnail", "spaces",
-    "folderColorRgb", "id", "name", "description", "starred", "trashed", "explicitlyTrashed",
-    "createdTime", "modifiedTime", "modifiedByMeTime", "viewedByMeTime", "sharedWithMeTime",
-    "quotaBytesUsed", "version", "originalFilename", "ownedByMe", "fullFileExtension", "properties",
-    "appProperties", "isAppAuthorized", "teamDriveId", "capabilities", "hasAugmentedPermissions",
-    "trashingUser", "thumbnailVersion", "trashedTime", "modifiedByMe", "permissionIds",
-    "imageMediaMetadata", "videoMediaMetadata", "shortcutDetails", "contentRestrictions", "resourceKey",
-    "linkShareMetadata", "labelInfo", "sha1Checksum", "sha256Checksum", "inheritedPermissionsDisabled",
-    "downloadRestrictions", "*",
+    "kind",
+    "driveId",
+    "fileExtension",
+    "copyRequiresWriterPermission",
+    "md5Checksum",
+    "contentHints",
+    "writersCanShare",
+    "viewedByMe",
+    "mimeType",
+    "exportLinks",
+    "parents",
+    "thumbnailLink",
+    "iconLink",
+    "shared",
+    "lastModifyingUser",
+    "owners",
+    "headRevisionId",
+    "sharingUser",
+    "webViewLink",
+    "webContentLink",
+    "size",
+    "viewersCanCopyContent",
+    "permissions",
+    "hasThumbnail",
+    "spaces",
+    "folderColorRgb",
+    "id",
+    "name",
+    "description",
+    "starred",
+    "trashed",
+    "explicitlyTrashed",
+    "createdTime",
+    "modifiedTime",
+    "modifiedByMeTime",
+    "viewedByMeTime",
+    "sharedWithMeTime",
+    "quotaBytesUsed",
+    "version",
+    "originalFilename",
+    "ownedByMe",
+    "fullFileExtension",
+    "properties",
+    "appProperties",
+    "isAppAuthorized",
+    "teamDriveId",
+    "capabilities",
+    "hasAugmentedPermissions",
+    "trashingUser",
+    "thumbnailVersion",
+    "trashedTime",
+    "modifiedByMe",
+    "permissionIds",
+    "imageMediaMetadata",
+    "videoMediaMetadata",
+    "shortcutDetails",
+    "contentRestrictions",
+    "resourceKey",
+    "linkShareMetadata",
+    "labelInfo",
+    "sha1Checksum",
+    "sha256Checksum",
+    "inheritedPermissionsDisabled",
+    "downloadRestrictions",
+    "*",
 ];
 
 /// A resumable upload session (files.create or files.update with `uploadType=resumable`).
@@ -86,7 +139,11 @@ pub(crate) struct Session {
     service_account: bool,
 }
 
-pub(crate) async fn serve(listener: tokio::net::TcpListener, sh: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    sh: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -188,7 +245,12 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         Err(Fail::Api(ApiError::new(404, "global", "notFound", "Not Found")))
     };
     match out {
-        Ok(r) if write && path != "/token" && (r.status().is_success() || r.status() == 308) && roll(&sh, sh.faults.lost_reply_rate()) => {
+        Ok(r)
+            if write
+                && path != "/token"
+                && (r.status().is_success() || r.status() == 308)
+                && roll(&sh, sh.faults.lost_reply_rate()) =>
+        {
             sh.stats.with(|s| {
                 s.lost_replies += 1;
                 s.resets += 1;
@@ -239,7 +301,9 @@ async fn read_small(body: Incoming) -> Result<Bytes, Fail> {
 /// injected reset (when `may_reset`) or by the client going away.
 async fn read_media(sh: &Shared, body: Incoming, expect: Option<u64>, may_reset: bool) -> Result<Vec<u8>, Vec<u8>> {
     let cutoff = match expect {
-        Some(n) if n > 0 && may_reset && roll(sh, sh.faults.reset_rate()) => Some(sh.rng.lock().random_range(0..n) as usize),
+        Some(n) if n > 0 && may_reset && roll(sh, sh.faults.reset_rate()) => {
+            Some(sh.rng.lock().random_range(0..n) as usize)
+        }
         _ => None,
     };
     let mut buf = Vec::with_capacity(expect.unwrap_or(0).min(64 << 20) as usize);
@@ -303,7 +367,15 @@ async fn token_endpoint(sh: &Shared, method: &Method, headers: &HeaderMap, body:
 
 // ---------------------------------------------------------------- API dispatch
 
-async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming, upload: bool) -> R {
+async fn api(
+    sh: &Arc<Shared>,
+    method: Method,
+    rest: &str,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Incoming,
+    upload: bool,
+) -> R {
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     // A resumable session URI is its own credential (Drive's upload examples send chunks
     // without Authorization), so a token expiring mid-upload does not break the upload.
@@ -370,7 +442,8 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
         (Method::DELETE, ["files", "trash"]) => {
             sh.stats.request("files.emptyTrash");
             let mut st = sh.store.lock();
-            let ids: Vec<String> = st.files.values().filter(|f| f.trashed && f.drive_id.is_none()).map(|f| f.id.clone()).collect();
+            let ids: Vec<String> =
+                st.files.values().filter(|f| f.trashed && f.drive_id.is_none()).map(|f| f.id.clone()).collect();
             for id in ids {
                 st.delete(&id);
             }
@@ -401,7 +474,13 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
             let mut st = sh.store.lock();
             let f = st.get(id, all)?;
             if f.is_root {
-                return Err(ApiError::new(403, "global", "insufficientFilePermissions", "The user does not have sufficient permissions for this file.").into());
+                return Err(ApiError::new(
+                    403,
+                    "global",
+                    "insufficientFilePermissions",
+                    "The user does not have sufficient permissions for this file.",
+                )
+                .into());
             }
             if f.read_only {
                 return Err(crate::store::no_write(id).into());
@@ -453,7 +532,10 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
             let obj = meta.as_object().cloned().unwrap_or_default();
             for (k, v) in &obj {
                 match (k.as_str(), v) {
-                    ("keepForever", Value::Bool(_)) | ("published", _) | ("publishAuto", _) | ("publishedOutsideDomain", _) => {}
+                    ("keepForever", Value::Bool(_))
+                    | ("published", _)
+                    | ("publishAuto", _)
+                    | ("publishedOutsideDomain", _) => {}
                     _ => return Err(ApiError::not_writable().into()),
                 }
             }
@@ -470,7 +552,9 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
             let raw = read_small(body).await?;
             let meta = parse_json_body(&raw)?;
             if params.get("requestId").is_none_or(|r| r.is_empty()) {
-                return Err(ApiError::new(400, "global", "required", "Required parameter: requestId").at("parameter", "requestId").into());
+                return Err(ApiError::new(400, "global", "required", "Required parameter: requestId")
+                    .at("parameter", "requestId")
+                    .into());
             }
             let name = meta.get("name").and_then(Value::as_str).unwrap_or("Untitled");
             let d = sh.store.lock().create_drive(name);
@@ -487,7 +571,10 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
         (Method::GET, ["drives", id]) => {
             sh.stats.request("drives.get");
             let st = sh.store.lock();
-            let d = st.drives.get(*id).ok_or_else(|| ApiError::new(404, "global", "notFound", format!("Shared drive not found: {id}")).at("parameter", "driveId"))?;
+            let d = st.drives.get(*id).ok_or_else(|| {
+                ApiError::new(404, "global", "notFound", format!("Shared drive not found: {id}"))
+                    .at("parameter", "driveId")
+            })?;
             Ok(json_resp(sh, 200, &mask(&d.to_json(), params.get("fields"), &default_drive)?))
         }
         _ => Err(ApiError::new(404, "global", "notFound", "Not Found").into()),
@@ -498,7 +585,11 @@ async fn api(sh: &Arc<Shared>, method: Method, rest: &str, params: &HashMap<Stri
 fn gates(sh: &Shared) -> Result<(), ApiError> {
     if let Err((use_429, wait)) = sh.faults.take_rate_token() {
         sh.stats.with(|s| if use_429 { s.rate_limited_429 += 1 } else { s.rate_limited_403 += 1 });
-        return Err(if use_429 { ApiError::too_many_requests(wait.as_secs_f64().ceil() as u64) } else { ApiError::user_rate_limit() });
+        return Err(if use_429 {
+            ApiError::too_many_requests(wait.as_secs_f64().ceil() as u64)
+        } else {
+            ApiError::user_rate_limit()
+        });
     }
     if roll(sh, sh.faults.error_rate()) {
         let status = if sh.rng.lock().random::<bool>() { 503 } else { 500 };
@@ -556,7 +647,9 @@ fn mask(v: &Value, fields: Option<&String>, default: &dyn Fn(&Value) -> Value) -
 fn check_file_fields(sel: &Sel, spec: &str) -> Result<(), ApiError> {
     for n in sel.names() {
         if !FILE_FIELDS.contains(&n.as_str()) {
-            return Err(ApiError::invalid_param_msg("fields", format!("Invalid field selection {n}")).at("parameter", "fields"));
+            return Err(
+                ApiError::invalid_param_msg("fields", format!("Invalid field selection {n}")).at("parameter", "fields")
+            );
         }
     }
     let _ = spec;
@@ -593,15 +686,47 @@ fn file_json(f: &FileRec, fields: Option<&String>) -> Result<Value, ApiError> {
 // ---------------------------------------------------------------- metadata
 
 const CREATE_WRITABLE: &[&str] = &[
-    "id", "name", "mimeType", "parents", "description", "starred", "appProperties", "properties", "createdTime",
-    "modifiedTime", "originalFilename", "contentHints", "copyRequiresWriterPermission", "writersCanShare",
-    "folderColorRgb", "viewedByMeTime", "shortcutDetails", "contentRestrictions", "kind", "inheritedPermissionsDisabled",
+    "id",
+    "name",
+    "mimeType",
+    "parents",
+    "description",
+    "starred",
+    "appProperties",
+    "properties",
+    "createdTime",
+    "modifiedTime",
+    "originalFilename",
+    "contentHints",
+    "copyRequiresWriterPermission",
+    "writersCanShare",
+    "folderColorRgb",
+    "viewedByMeTime",
+    "shortcutDetails",
+    "contentRestrictions",
+    "kind",
+    "inheritedPermissionsDisabled",
     "downloadRestrictions",
 ];
 const UPDATE_WRITABLE: &[&str] = &[
-    "name", "mimeType", "description", "starred", "trashed", "appProperties", "properties", "modifiedTime",
-    "originalFilename", "contentHints", "copyRequiresWriterPermission", "writersCanShare", "folderColorRgb",
-    "viewedByMeTime", "contentRestrictions", "kind", "inheritedPermissionsDisabled", "downloadRestrictions",
+    "name",
+    "mimeType",
+    "description",
+    "starred",
+    "trashed",
+    "appProperties",
+    "properties",
+    "modifiedTime",
+    "originalFilename",
+    "contentHints",
+    "copyRequiresWriterPermission",
+    "writersCanShare",
+    "folderColorRgb",
+    "viewedByMeTime",
+    "contentRestrictions",
+    "kind",
+    "inheritedPermissionsDisabled",
+    "downloadRestrictions",
 ];
 
 fn str_field(meta: &Value, k: &str) -> Result<Option<String>, ApiError> {
@@ -615,7 +740,9 @@ fn str_field(meta: &Value, k: &str) -> Result<Option<String>, ApiError> {
 fn time_field(meta: &Value, k: &str) -> Result<Option<i64>, ApiError> {
     match str_field(meta, k)? {
         None => Ok(None),
-        Some(s) => parse_rfc3339(&s).map(Some).ok_or_else(|| ApiError::bad_request(format!("Invalid value for {k}: {s}"))),
+        Some(s) => {
+            parse_rfc3339(&s).map(Some).ok_or_else(|| ApiError::bad_request(format!("Invalid value for {k}: {s}")))
+        }
     }
 }
 
@@ -679,7 +806,9 @@ fn check_writable(meta: &Value, allowed: &[&str]) -> Result<(), ApiError> {
                     return Err(ApiError::not_writable());
                 }
                 // Unknown names: Drive rejects them while parsing the JSON.
-                return Err(ApiError::bad_request(format!("Invalid JSON payload received. Unknown name \"{k}\": Cannot find field.")));
+                return Err(ApiError::bad_request(format!(
+                    "Invalid JSON payload received. Unknown name \"{k}\": Cannot find field."
+                )));
             }
         }
     }
@@ -690,7 +819,10 @@ fn new_file_from(meta: &Value, params: &HashMap<String, String>) -> Result<NewFi
     check_writable(meta, CREATE_WRITABLE)?;
     let parents = match meta.get("parents") {
         None | Some(Value::Null) => vec![],
-        Some(Value::Array(a)) => a.iter().map(|p| p.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request("Invalid value for parents."))).collect::<Result<_, _>>()?,
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|p| p.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request("Invalid value for parents.")))
+            .collect::<Result<_, _>>()?,
         Some(_) => return Err(ApiError::bad_request("Invalid value for parents.")),
     };
     let mut nf = NewFile {
@@ -712,7 +844,13 @@ fn new_file_from(meta: &Value, params: &HashMap<String, String>) -> Result<NewFi
 }
 
 /// Quota checks for `len` new bytes landing in My Drive (or a shared drive).
-fn check_storage(sh: &Shared, st: &crate::store::Store, len: u64, into_shared_drive: bool, is_sa: bool) -> Result<(), ApiError> {
+fn check_storage(
+    sh: &Shared,
+    st: &crate::store::Store,
+    len: u64,
+    into_shared_drive: bool,
+    is_sa: bool,
+) -> Result<(), ApiError> {
     if into_shared_drive {
         return Ok(());
     }
@@ -747,7 +885,14 @@ fn count_upload(sh: &Shared, len: u64) {
 }
 
 /// files.create with optional bytes; returns the masked resource.
-fn do_create(sh: &Shared, params: &HashMap<String, String>, meta: &Value, content: Option<Bytes>, media_mime: Option<&str>, is_sa: bool) -> Result<Value, ApiError> {
+fn do_create(
+    sh: &Shared,
+    params: &HashMap<String, String>,
+    meta: &Value,
+    content: Option<Bytes>,
+    media_mime: Option<&str>,
+    is_sa: bool,
+) -> Result<Value, ApiError> {
     let nf = new_file_from(meta, params)?;
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let mut st = sh.store.lock();
@@ -762,11 +907,22 @@ fn do_create(sh: &Shared, params: &HashMap<String, String>, meta: &Value, conten
 }
 
 /// files.update's metadata part: body fields plus addParents/removeParents.
-fn apply_update(st: &mut crate::store::Store, id: &str, meta: &Value, params: &HashMap<String, String>, all: bool) -> Result<(), ApiError> {
+fn apply_update(
+    st: &mut crate::store::Store,
+    id: &str,
+    meta: &Value,
+    params: &HashMap<String, String>,
+    all: bool,
+) -> Result<(), ApiError> {
     check_writable(meta, UPDATE_WRITABLE)?;
     let f = st.get(id, all)?;
     if f.is_root {
-        return Err(ApiError::new(403, "global", "insufficientFilePermissions", "The user does not have sufficient permissions for this file."));
+        return Err(ApiError::new(
+            403,
+            "global",
+            "insufficientFilePermissions",
+            "The user does not have sufficient permissions for this file.",
+        ));
     }
     if f.read_only {
         return Err(crate::store::no_write(id));
@@ -778,7 +934,10 @@ fn apply_update(st: &mut crate::store::Store, id: &str, meta: &Value, params: &H
     let app = props(meta, "appProperties")?;
     let prp = props(meta, "properties")?;
     let split = |k: &str| -> Vec<String> {
-        params.get(k).map(|s| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(|x| st.canon(x).to_string()).collect()).unwrap_or_default()
+        params
+            .get(k)
+            .map(|s| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(|x| st.canon(x).to_string()).collect())
+            .unwrap_or_default()
     };
     let add = split("addParents");
     let remove = split("removeParents");
@@ -802,7 +961,12 @@ fn apply_update(st: &mut crate::store::Store, id: &str, meta: &Value, params: &H
         }
     }
     if new_parents.len() > 1 {
-        return Err(ApiError::new(403, "global", "cannotAddParent", "Increasing the number of parents is not allowed."));
+        return Err(ApiError::new(
+            403,
+            "global",
+            "cannotAddParent",
+            "Increasing the number of parents is not allowed.",
+        ));
     }
     let trashed = match meta.get("trashed") {
         None | Some(Value::Null) => None,
@@ -917,13 +1081,25 @@ fn parse_multipart(content_type: &str, body: &[u8]) -> Result<(Value, Bytes, Opt
     let meta = parse_json_body(&body[meta_start..trim_eol(meta_start, second)])?;
     let (media_headers, media_start) = part_start(second + d.len()).ok_or_else(bad)?;
     let closing = format!("{delim}--");
-    let close_at = body.windows(closing.len()).rposition(|w| w == closing.as_bytes()).filter(|c| *c >= media_start).ok_or_else(bad)?;
+    let close_at = body
+        .windows(closing.len())
+        .rposition(|w| w == closing.as_bytes())
+        .filter(|c| *c >= media_start)
+        .ok_or_else(bad)?;
     let media = &body[media_start..trim_eol(media_start, close_at)];
     let media_type = media_headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.clone());
     Ok((meta, Bytes::copy_from_slice(media), media_type))
 }
 
-async fn simple_upload(sh: &Shared, target: Option<String>, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming, is_sa: bool, multipart: bool) -> R {
+async fn simple_upload(
+    sh: &Shared,
+    target: Option<String>,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Incoming,
+    is_sa: bool,
+    multipart: bool,
+) -> R {
     let len = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
     if let Err(e) = check_upload_cap(sh, len.unwrap_or(0)) {
         drain(body).await;
@@ -955,7 +1131,14 @@ async fn simple_upload(sh: &Shared, target: Option<String>, params: &HashMap<Str
 }
 
 /// files.update with new bytes (and optional metadata).
-fn do_update_content(sh: &Shared, id: &str, params: &HashMap<String, String>, meta: &Value, media: Bytes, is_sa: bool) -> Result<Value, ApiError> {
+fn do_update_content(
+    sh: &Shared,
+    id: &str,
+    params: &HashMap<String, String>,
+    meta: &Value,
+    media: Bytes,
+    is_sa: bool,
+) -> Result<Value, ApiError> {
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let mut st = sh.store.lock();
     let f = st.get(id, all)?;
@@ -976,13 +1159,22 @@ fn do_update_content(sh: &Shared, id: &str, params: &HashMap<String, String>, me
 
 // ---------------------------------------------------------------- resumable uploads
 
-async fn start_session(sh: &Shared, target: Option<String>, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming, is_sa: bool) -> R {
+async fn start_session(
+    sh: &Shared,
+    target: Option<String>,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Incoming,
+    is_sa: bool,
+) -> R {
     let raw = read_small(body).await?;
     sh.stats.with(|s| s.bytes_in += raw.len() as u64);
     let meta = parse_json_body(&raw)?;
     let total = match header(headers, "x-upload-content-length") {
         None => None,
-        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| ApiError::bad_request("Invalid X-Upload-Content-Length."))?),
+        Some(v) => {
+            Some(v.trim().parse::<u64>().map_err(|_| ApiError::bad_request("Invalid X-Upload-Content-Length."))?)
+        }
     };
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     check_upload_cap(sh, total.unwrap_or(0))?;
@@ -1002,7 +1194,10 @@ async fn start_session(sh: &Shared, target: Option<String>, params: &HashMap<Str
             Some(id) => {
                 let f = st.get(id, all)?;
                 if f.content.is_none() {
-                    return Err(ApiError::bad_request("Google-native files and folders have no binary content to replace.").into());
+                    return Err(ApiError::bad_request(
+                        "Google-native files and folders have no binary content to replace.",
+                    )
+                    .into());
                 }
                 if f.read_only {
                     return Err(crate::store::no_write(id).into());
@@ -1086,10 +1281,19 @@ enum Step {
     Finalize,
     Incomplete(u64),
     /// Read `n` bytes starting at `a`.
-    Read { a: u64, n: u64 },
+    Read {
+        a: u64,
+        n: u64,
+    },
 }
 
-async fn session_request(sh: &Shared, method: &Method, params: &HashMap<String, String>, headers: &HeaderMap, body: Incoming) -> R {
+async fn session_request(
+    sh: &Shared,
+    method: &Method,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> R {
     let upload_id = params.get("upload_id").cloned().unwrap_or_default();
     let step = match session_step(sh, method, &upload_id, headers) {
         Ok(s) => s,
@@ -1168,7 +1372,9 @@ fn session_step(sh: &Shared, method: &Method, upload_id: &str, headers: &HeaderM
     }
     let clen = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
     let cr = match header(headers, "content-range") {
-        Some(v) => parse_content_range(v).ok_or_else(|| ApiError::bad_request(format!("Invalid Content-Range: {v}")))?,
+        Some(v) => {
+            parse_content_range(v).ok_or_else(|| ApiError::bad_request(format!("Invalid Content-Range: {v}")))?
+        }
         // No Content-Range: the whole content in one request (or an empty file).
         None => match clen.unwrap_or(0) {
             0 => CR::Query(Some(0)),
@@ -1235,7 +1441,14 @@ fn finalize(sh: &Shared, upload_id: &str) -> R {
     let (update_of, meta, params, ctype, data, is_sa) = {
         let ss = sh.sessions.lock();
         let Some(s) = ss.get(upload_id) else { return Err(session_gone().into()) };
-        (s.update_of.clone(), s.meta.clone(), s.params.clone(), s.content_type.clone(), Bytes::from(s.data.clone()), s.service_account)
+        (
+            s.update_of.clone(),
+            s.meta.clone(),
+            s.params.clone(),
+            s.content_type.clone(),
+            Bytes::from(s.data.clone()),
+            s.service_account,
+        )
     };
     let res = match &update_of {
         None => do_create(sh, &params, &meta, Some(data), ctype.as_deref(), is_sa),
@@ -1264,7 +1477,13 @@ fn finalize(sh: &Shared, upload_id: &str) -> R {
 
 // ---------------------------------------------------------------- downloads
 
-async fn download(sh: &Arc<Shared>, id: &str, params: &HashMap<String, String>, headers: &HeaderMap, revision: Option<&str>) -> R {
+async fn download(
+    sh: &Arc<Shared>,
+    id: &str,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+    revision: Option<&str>,
+) -> R {
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let (data, mime) = {
         let st = sh.store.lock();
@@ -1310,7 +1529,8 @@ async fn download(sh: &Arc<Shared>, id: &str, params: &HashMap<String, String>, 
         }
     };
     let len = slice.len();
-    let cutoff = if len > 0 && roll(sh, sh.faults.reset_rate()) { Some(sh.rng.lock().random_range(0..len)) } else { None };
+    let cutoff =
+        if len > 0 && roll(sh, sh.faults.reset_rate()) { Some(sh.rng.lock().random_range(0..len)) } else { None };
     let mut b = Response::builder()
         .status(status)
         .header("Content-Type", mime)
@@ -1331,7 +1551,10 @@ async fn download(sh: &Arc<Shared>, id: &str, params: &HashMap<String, String>, 
         let limit = cutoff.unwrap_or(usize::MAX);
         if pos >= limit {
             sh.stats.with(|s| s.resets += 1);
-            return Some((Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected reset")), (pos, data, sh, true)));
+            return Some((
+                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected reset")),
+                (pos, data, sh, true),
+            ));
         }
         let end = (pos + SLICE).min(data.len()).min(limit.max(pos + 1));
         sh.link.pace(end - pos, bps).await;
@@ -1342,7 +1565,6 @@ async fn download(sh: &Arc<Shared>, id: &str, params: &HashMap<String, String>, 
     b.body(StreamBody::new(stream).boxed_unsync()).map_err(|_| Fail::Api(ApiError::backend(500)))
 }
 
-
 // ---------------------------------------------------------------- list, copy, ids, about
 
 fn generate_ids(sh: &Shared, params: &HashMap<String, String>) -> R {
@@ -1350,7 +1572,13 @@ fn generate_ids(sh: &Shared, params: &HashMap<String, String>) -> R {
         None => 10,
         Some(c) => match c.parse::<usize>() {
             Ok(n) if (1..=1000).contains(&n) => n,
-            _ => return Err(ApiError::invalid_param_msg("count", format!("Invalid value for count: {c}. Values must be within the range: [1, 1000]")).into()),
+            _ => {
+                return Err(ApiError::invalid_param_msg(
+                    "count",
+                    format!("Invalid value for count: {c}. Values must be within the range: [1, 1000]"),
+                )
+                .into())
+            }
         },
     };
     let space = params.get("space").map(String::as_str).unwrap_or("drive");
@@ -1368,12 +1596,15 @@ fn generate_ids(sh: &Shared, params: &HashMap<String, String>) -> R {
 
 fn about(sh: &Shared, params: &HashMap<String, String>) -> R {
     if params.get("fields").is_none_or(|f| f.is_empty()) {
-        return Err(ApiError::new(400, "global", "required", "The 'fields' parameter is required for this method.").at("parameter", "fields").into());
+        return Err(ApiError::new(400, "global", "required", "The 'fields' parameter is required for this method.")
+            .at("parameter", "fields")
+            .into());
     }
     let st = sh.store.lock();
     let used = st.bytes_used();
     let trash: u64 = st.files.values().filter(|f| f.drive_id.is_none() && f.trashed).map(|f| f.size()).sum();
-    let mut quota = json!({ "usage": used.to_string(), "usageInDrive": used.to_string(), "usageInDriveTrash": trash.to_string() });
+    let mut quota =
+        json!({ "usage": used.to_string(), "usageInDrive": used.to_string(), "usageInDriveTrash": trash.to_string() });
     if let Some(q) = sh.faults.storage_quota() {
         quota["limit"] = json!(q.to_string());
     }
@@ -1442,7 +1673,13 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
         None => 100,
         Some(p) => match p.parse::<usize>() {
             Ok(n) if (1..=1000).contains(&n) => n,
-            _ => return Err(ApiError::invalid_param_msg("pageSize", format!("Invalid value for pageSize: {p}. Values must be within the range: [1, 1000]")).into()),
+            _ => {
+                return Err(ApiError::invalid_param_msg(
+                    "pageSize",
+                    format!("Invalid value for pageSize: {p}. Values must be within the range: [1, 1000]"),
+                )
+                .into())
+            }
         },
     };
     let expr = match params.get("q").filter(|q| !q.trim().is_empty()) {
@@ -1452,12 +1689,20 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
     let include_all = flag(params, "includeItemsFromAllDrives") || flag(params, "includeTeamDriveItems");
     let supports_all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let drive_id = params.get("driveId").or_else(|| params.get("teamDriveId")).cloned();
-    let corpora = params.get("corpora").cloned().unwrap_or_else(|| if drive_id.is_some() { "drive".into() } else { "user".into() });
+    let corpora =
+        params
+            .get("corpora")
+            .cloned()
+            .unwrap_or_else(|| if drive_id.is_some() { "drive".into() } else { "user".into() });
     match corpora.as_str() {
         "user" | "domain" => {}
         "drive" => {
             if drive_id.is_none() {
-                return Err(ApiError::invalid_param_msg("driveId", "The driveId parameter must be specified if and only if corpora is set to drive.").into());
+                return Err(ApiError::invalid_param_msg(
+                    "driveId",
+                    "The driveId parameter must be specified if and only if corpora is set to drive.",
+                )
+                .into());
             }
         }
         "allDrives" => {}
@@ -1487,7 +1732,9 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
     let st = sh.store.lock();
     if let Some(d) = &drive_id {
         if !st.drives.contains_key(d) {
-            return Err(ApiError::new(404, "global", "notFound", format!("Shared drive not found: {d}")).at("parameter", "driveId").into());
+            return Err(ApiError::new(404, "global", "notFound", format!("Shared drive not found: {d}"))
+                .at("parameter", "driveId")
+                .into());
         }
     }
     let now = Instant::now();
@@ -1532,7 +1779,9 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
     }
     drop(st);
     let out = match params.get("fields").filter(|f| !f.trim().is_empty()) {
-        None => Sel::parse("kind,incompleteSearch,nextPageToken,files(kind,id,name,mimeType)").map(|s| s.apply(&v)).unwrap_or_default(),
+        None => Sel::parse("kind,incompleteSearch,nextPageToken,files(kind,id,name,mimeType)")
+            .map(|s| s.apply(&v))
+            .unwrap_or_default(),
         Some(spec) => {
             let sel = Sel::parse(spec)?;
             for n in sel.names() {

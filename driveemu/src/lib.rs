@@ -234,7 +234,11 @@ impl Emulator {
     /// unknown parent falls back to My Drive's root. Visible to files.list at once.
     pub fn ui_upload(&self, parent_id: &str, name: &str, data: &[u8]) -> String {
         let mut st = self.shared.store.lock();
-        let parent = if st.files.contains_key(st.canon(parent_id)) { st.canon(parent_id).to_string() } else { st.root_id.clone() };
+        let parent = if st.files.contains_key(st.canon(parent_id)) {
+            st.canon(parent_id).to_string()
+        } else {
+            st.root_id.clone()
+        };
         let meta = store::NewFile { name: Some(name.to_string()), parents: vec![parent], ..Default::default() };
         st.create(meta, Some(Bytes::copy_from_slice(data)), true, Duration::ZERO, None).unwrap_or_default()
     }
@@ -242,7 +246,11 @@ impl Emulator {
     /// Creates a folder as a person would in the web UI.
     pub fn ui_create_folder(&self, parent_id: &str, name: &str) -> String {
         let mut st = self.shared.store.lock();
-        let parent = if st.files.contains_key(st.canon(parent_id)) { st.canon(parent_id).to_string() } else { st.root_id.clone() };
+        let parent = if st.files.contains_key(st.canon(parent_id)) {
+            st.canon(parent_id).to_string()
+        } else {
+            st.root_id.clone()
+        };
         let meta = store::NewFile {
             name: Some(name.to_string()),
             parents: vec![parent],

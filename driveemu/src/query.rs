@@ -101,10 +101,25 @@ pub(crate) enum Expr {
     InParents(String),
     /// `'x' in owners/writers/readers`: the emulator has one user who owns everything.
     InPeople,
-    Text { field: TextField, op: &'static str, value: String },
-    Flag { field: FlagField, want: bool },
-    Time { field: TimeField, op: &'static str, ms: i64 },
-    PropHas { app: bool, key: String, value: String },
+    Text {
+        field: TextField,
+        op: &'static str,
+        value: String,
+    },
+    Flag {
+        field: FlagField,
+        want: bool,
+    },
+    Time {
+        field: TimeField,
+        op: &'static str,
+        ms: i64,
+    },
+    PropHas {
+        app: bool,
+        key: String,
+        value: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -343,7 +358,16 @@ mod tests {
         assert!(s.contains(r"it's a \\ test"), "{s}");
         parse("appProperties has { key='k' and value='v' } and not (mimeType = 'x' or name contains 'y')").unwrap();
         parse("modifiedTime > '2012-06-04T12:00:00' and 'me' in owners").unwrap();
-        for bad in ["name = 'x", "name == 'x'", "name = x", "size > 3", "(name = 'a'", "name = 'a' and", r"name = 'a\n'", "trashed = maybe"] {
+        for bad in [
+            "name = 'x",
+            "name == 'x'",
+            "name = x",
+            "size > 3",
+            "(name = 'a'",
+            "name = 'a' and",
+            r"name = 'a\n'",
+            "trashed = maybe",
+        ] {
             assert!(parse(bad).is_err(), "{bad} should be rejected");
         }
     }

@@ -339,10 +339,19 @@ impl Store {
     }
 
     /// Resolves and validates the parent list of a new item; returns (parents, driveId).
-    pub fn resolve_parents(&self, parents: &[String], all_drives: bool) -> Result<(Vec<String>, Option<String>), ApiError> {
+    pub fn resolve_parents(
+        &self,
+        parents: &[String],
+        all_drives: bool,
+    ) -> Result<(Vec<String>, Option<String>), ApiError> {
         if parents.len() > 1 {
             // Since 2020 an item has exactly one parent.
-            return Err(ApiError::new(403, "global", "cannotAddParent", "Increasing the number of parents is not allowed."));
+            return Err(ApiError::new(
+                403,
+                "global",
+                "cannotAddParent",
+                "Increasing the number of parents is not allowed.",
+            ));
         }
         let pid = parents.first().map(|p| self.canon(p).to_string()).unwrap_or_else(|| self.root_id.clone());
         let parent = self.get(&pid, all_drives).map_err(|_| ApiError::file_not_found(&pid))?;
@@ -357,7 +366,14 @@ impl Store {
 
     /// Creates a file or folder. `content` is None for metadata-only creates of folders and
     /// Google-native types; a metadata-only create of any other type makes an empty file.
-    pub fn create(&mut self, meta: NewFile, content: Option<Bytes>, all_drives: bool, listing_lag: std::time::Duration, media_mime: Option<&str>) -> Result<String, ApiError> {
+    pub fn create(
+        &mut self,
+        meta: NewFile,
+        content: Option<Bytes>,
+        all_drives: bool,
+        listing_lag: std::time::Duration,
+        media_mime: Option<&str>,
+    ) -> Result<String, ApiError> {
         let mime = meta
             .mime_type
             .clone()
@@ -422,7 +438,14 @@ impl Store {
     }
 
     /// Replaces a file's bytes (files.update with media): a new head revision.
-    pub fn replace_content(&mut self, id: &str, data: Bytes, all_drives: bool, keep_forever: bool, media_mime: Option<&str>) -> Result<(), ApiError> {
+    pub fn replace_content(
+        &mut self,
+        id: &str,
+        data: Bytes,
+        all_drives: bool,
+        keep_forever: bool,
+        media_mime: Option<&str>,
+    ) -> Result<(), ApiError> {
         let rev_id = self.new_revision_id();
         let f = self.get_mut(id, all_drives)?;
         if f.read_only {

@@ -26,7 +26,8 @@ fn sign(key_json: &str, claims: &Value) -> String {
     let sk = rsa::RsaPrivateKey::from_pkcs8_pem(pem).expect("pkcs8 key");
     let signer = rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(sk);
     let header = json!({"alg": "RS256", "typ": "JWT", "kid": key["private_key_id"]});
-    let input = format!("{}.{}", b64(&serde_json::to_vec(&header).expect("h")), b64(&serde_json::to_vec(claims).expect("c")));
+    let input =
+        format!("{}.{}", b64(&serde_json::to_vec(&header).expect("h")), b64(&serde_json::to_vec(claims).expect("c")));
     let sig = signer.sign(input.as_bytes()).to_bytes();
     format!("{input}.{}", b64(&sig))
 }
@@ -84,7 +85,12 @@ async fn jwt_failures_answer_invalid_grant() {
     // Claims changed after signing: the signature no longer matches.
     let mut c = claims(&emu);
     c["scope"] = json!("https://www.googleapis.com/auth/drive.readonly");
-    let forged = format!("{}.{}.{}", good.split('.').next().expect("h"), b64(&serde_json::to_vec(&c).expect("c")), good.rsplit('.').next().expect("s"));
+    let forged = format!(
+        "{}.{}.{}",
+        good.split('.').next().expect("h"),
+        b64(&serde_json::to_vec(&c).expect("c")),
+        good.rsplit('.').next().expect("s")
+    );
     assert_eq!(jwt_grant(&http, &emu, &forged).await.0, 400);
     // Wrong audience, expired, too long-lived, unknown issuer, no scope.
     for (k, val) in [
@@ -125,7 +131,12 @@ async fn refresh_grant_client_checks_and_revocation() {
             (s, serde_json::from_slice::<Value>(&r.bytes().await.expect("b")).unwrap_or(Value::Null))
         }
     };
-    let ok = vec![("grant_type", "refresh_token".to_string()), ("client_id", id.clone()), ("client_secret", secret.clone()), ("refresh_token", rt.clone())];
+    let ok = vec![
+        ("grant_type", "refresh_token".to_string()),
+        ("client_id", id.clone()),
+        ("client_secret", secret.clone()),
+        ("refresh_token", rt.clone()),
+    ];
     let (s, v) = post(ok.clone()).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["token_type"], "Bearer");
@@ -139,9 +150,21 @@ async fn refresh_grant_client_checks_and_revocation() {
         .await
         .expect("post");
     assert_eq!(r.status(), 200);
-    let (s, v) = post(vec![("grant_type", "refresh_token".into()), ("client_id", id.clone()), ("client_secret", "wrong".into()), ("refresh_token", rt.clone())]).await;
+    let (s, v) = post(vec![
+        ("grant_type", "refresh_token".into()),
+        ("client_id", id.clone()),
+        ("client_secret", "wrong".into()),
+        ("refresh_token", rt.clone()),
+    ])
+    .await;
     assert_eq!((s, v["error"].as_str()), (401, Some("invalid_client")));
-    let (s, v) = post(vec![("grant_type", "refresh_token".into()), ("client_id", id.clone()), ("client_secret", secret.clone()), ("refresh_token", "1//0bogus".into())]).await;
+    let (s, v) = post(vec![
+        ("grant_type", "refresh_token".into()),
+        ("client_id", id.clone()),
+        ("client_secret", secret.clone()),
+        ("refresh_token", "1//0bogus".into()),
+    ])
+    .await;
     assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")));
     emu.faults().revoke_refresh_tokens();
     let (s, v) = post(ok).await;
@@ -149,7 +172,13 @@ async fn refresh_grant_client_checks_and_revocation() {
     assert_eq!(v["error_description"], "Token has been expired or revoked.");
     // A token issued after the revocation works.
     let fresh = emu.issue_refresh_token();
-    let (s, _) = post(vec![("grant_type", "refresh_token".into()), ("client_id", id), ("client_secret", secret), ("refresh_token", fresh)]).await;
+    let (s, _) = post(vec![
+        ("grant_type", "refresh_token".into()),
+        ("client_id", id),
+        ("client_secret", secret),
+        ("refresh_token", fresh),
+    ])
+    .await;
     assert_eq!(s, 200);
 }
 

@@ -47,7 +47,12 @@ pub async fn user_token(http: &reqwest::Client, emu: &Emulator) -> String {
     let rt = emu.issue_refresh_token();
     let r = http
         .post(emu.token_uri())
-        .form(&[("grant_type", "refresh_token"), ("client_id", &id), ("client_secret", &secret), ("refresh_token", &rt)])
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("client_id", &id),
+            ("client_secret", &secret),
+            ("refresh_token", &rt),
+        ])
         .send()
         .await
         .expect("token request");
@@ -78,7 +83,13 @@ impl Api {
         self.try_send(method, path, headers, body).await.expect("request failed at the transport level")
     }
 
-    pub async fn try_send(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<Resp, reqwest::Error> {
+    pub async fn try_send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<Resp, reqwest::Error> {
         let url = if path.starts_with("http") { path.to_string() } else { self.url(path) };
         let mut rb = self.http.request(method, url).bearer_auth(&self.token).body(body);
         for (k, v) in headers {
@@ -96,7 +107,13 @@ impl Api {
     }
 
     pub async fn json(&self, method: Method, path: &str, v: Value) -> Resp {
-        self.send(method, path, &[("Content-Type", "application/json; charset=UTF-8")], serde_json::to_vec(&v).expect("json")).await
+        self.send(
+            method,
+            path,
+            &[("Content-Type", "application/json; charset=UTF-8")],
+            serde_json::to_vec(&v).expect("json"),
+        )
+        .await
     }
 
     /// files.create (metadata only); panics unless 200; returns the resource.
@@ -113,7 +130,14 @@ impl Api {
 
     /// A multipart upload of `data`; returns the full resource.
     pub async fn upload(&self, meta: Value, data: &[u8]) -> Value {
-        let r = self.multipart("/upload/drive/v3/files?uploadType=multipart&fields=*&supportsAllDrives=true", Method::POST, &meta, data).await;
+        let r = self
+            .multipart(
+                "/upload/drive/v3/files?uploadType=multipart&fields=*&supportsAllDrives=true",
+                Method::POST,
+                &meta,
+                data,
+            )
+            .await;
         assert_eq!(r.code(), 200, "upload failed: {}", String::from_utf8_lossy(&r.body));
         r.json()
     }
@@ -121,9 +145,13 @@ impl Api {
     pub async fn multipart(&self, path: &str, method: Method, meta: &Value, data: &[u8]) -> Resp {
         let boundary = "emu_boundary_42";
         let mut body = Vec::new();
-        body.extend_from_slice(format!("--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n").as_bytes());
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n").as_bytes(),
+        );
         body.extend_from_slice(&serde_json::to_vec(meta).expect("json"));
-        body.extend_from_slice(format!("\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes());
+        body.extend_from_slice(
+            format!("\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+        );
         body.extend_from_slice(data);
         body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
         let ct = format!("multipart/related; boundary={boundary}");

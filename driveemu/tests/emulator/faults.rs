@@ -11,7 +11,8 @@ use crate::common::*;
 
 #[tokio::test]
 async fn rate_limit_bursts_then_recovers() {
-    let api = Api::with(Config { rate_limit: Some(RateLimit { per_second: 4.0, burst: 5 }), ..Config::default() }).await;
+    let api =
+        Api::with(Config { rate_limit: Some(RateLimit { per_second: 4.0, burst: 5 }), ..Config::default() }).await;
     let mut codes = Vec::new();
     let mut retry_after = None;
     let mut reasons = Vec::new();
@@ -179,7 +180,12 @@ fn binary_prints_urls_and_writes_credentials() {
             .await
             .expect("post");
         let v: Value = serde_json::from_slice(&r.bytes().await.expect("b")).expect("json");
-        let r = http.get(format!("{base}/drive/v3/files")).bearer_auth(v["access_token"].as_str().expect("tok")).send().await.expect("get");
+        let r = http
+            .get(format!("{base}/drive/v3/files"))
+            .bearer_auth(v["access_token"].as_str().expect("tok"))
+            .send()
+            .await
+            .expect("get");
         r.status().as_u16()
     });
     let _ = child.kill();

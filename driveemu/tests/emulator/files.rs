@@ -14,7 +14,12 @@ async fn generated_ids_create_once_then_409() {
     assert_eq!(v["kind"], "drive#generatedIds");
     assert_eq!(v["space"], "drive");
     assert_eq!(v["ids"].as_array().map(Vec::len), Some(10), "count defaults to 10");
-    assert_eq!(api.get("/drive/v3/files/generateIds?count=1000&space=drive&type=files").await.json()["ids"].as_array().map(Vec::len), Some(1000));
+    assert_eq!(
+        api.get("/drive/v3/files/generateIds?count=1000&space=drive&type=files").await.json()["ids"]
+            .as_array()
+            .map(Vec::len),
+        Some(1000)
+    );
     assert_eq!(api.get("/drive/v3/files/generateIds?count=1001").await.code(), 400);
     assert_eq!(api.get("/drive/v3/files/generateIds?count=0").await.code(), 400);
     assert_eq!(api.get("/drive/v3/files/generateIds?space=photos").await.code(), 400);
@@ -30,11 +35,14 @@ async fn generated_ids_create_once_then_409() {
     let n = api.list(&format!("q={}", enc("name = 'manifest-0002'"))).await.json()["files"].as_array().map(Vec::len);
     assert_eq!(n, Some(1));
     // An id the emulator never generated.
-    let r = api.json(Method::POST, "/drive/v3/files", json!({"id": "1madeUpIdThatDriveNeverGeneratedXX", "name": "x"})).await;
+    let r = api
+        .json(Method::POST, "/drive/v3/files", json!({"id": "1madeUpIdThatDriveNeverGeneratedXX", "name": "x"}))
+        .await;
     assert_eq!(r.code(), 400);
     assert_eq!(r.reason(), "fileIdNotUsable");
     // Multipart upload with a used id: 409 too.
-    let r = api.multipart("/upload/drive/v3/files?uploadType=multipart", Method::POST, &json!({"id": id}), b"abc").await;
+    let r =
+        api.multipart("/upload/drive/v3/files?uploadType=multipart", Method::POST, &json!({"id": id}), b"abc").await;
     assert_eq!(r.code(), 409);
 }
 
@@ -72,7 +80,8 @@ async fn create_get_fields_and_defaults() {
     assert_eq!((r.code(), r.reason().as_str()), (404, "notFound"));
     let r = api.json(Method::POST, "/drive/v3/files", json!({"name": "x", "parents": [folder, root]})).await;
     assert_eq!(r.code(), 403);
-    let r = api.send(Method::POST, "/drive/v3/files", &[("Content-Type", "application/json")], b"{not json".to_vec()).await;
+    let r =
+        api.send(Method::POST, "/drive/v3/files", &[("Content-Type", "application/json")], b"{not json".to_vec()).await;
     assert_eq!(r.code(), 400);
 }
 
@@ -93,7 +102,14 @@ async fn upload_checksums_and_duplicate_names() {
     let l = api.list(&format!("q={q}&fields=files(id,size)")).await.json();
     assert_eq!(l["files"].as_array().map(Vec::len), Some(2), "duplicate names are allowed: {l}");
     // uploadType=media: bytes only.
-    let r = api.send(Method::POST, "/upload/drive/v3/files?uploadType=media&fields=id,name,size,mimeType", &[("Content-Type", "application/x-qemu-disk")], data.clone()).await;
+    let r = api
+        .send(
+            Method::POST,
+            "/upload/drive/v3/files?uploadType=media&fields=id,name,size,mimeType",
+            &[("Content-Type", "application/x-qemu-disk")],
+            data.clone(),
+        )
+        .await;
     assert_eq!(r.code(), 200);
     assert_eq!(r.json()["name"], "Untitled");
     assert_eq!(r.json()["mimeType"], "application/x-qemu-disk");
@@ -108,7 +124,13 @@ async fn update_metadata_parents_trash_and_delete() {
     let f = api.upload(json!({"name": "f", "parents": [a], "appProperties": {"k": "v", "drop": "me"}}), b"hello").await;
     let id = f["id"].as_str().expect("id").to_string();
     let v0: u64 = f["version"].as_str().expect("v").parse().expect("n");
-    let r = api.json(Method::PATCH, &format!("/drive/v3/files/{id}?fields=name,version,appProperties"), json!({"name": "g", "appProperties": {"drop": null, "new": "1"}})).await;
+    let r = api
+        .json(
+            Method::PATCH,
+            &format!("/drive/v3/files/{id}?fields=name,version,appProperties"),
+            json!({"name": "g", "appProperties": {"drop": null, "new": "1"}}),
+        )
+        .await;
     assert_eq!(r.code(), 200, "{}", String::from_utf8_lossy(&r.body));
     let v = r.json();
     assert_eq!(v["name"], "g");
@@ -120,13 +142,25 @@ async fn update_metadata_parents_trash_and_delete() {
     assert_eq!((r.code(), r.reason().as_str()), (403, "fieldNotWritable"));
     let r = api.json(Method::PATCH, &format!("/drive/v3/files/{id}?addParents={b}"), json!({})).await;
     assert_eq!((r.code(), r.reason().as_str()), (403, "cannotAddParent"));
-    let r = api.json(Method::PATCH, &format!("/drive/v3/files/{id}?addParents={b}&removeParents={a}&fields=parents"), json!({})).await;
+    let r = api
+        .json(
+            Method::PATCH,
+            &format!("/drive/v3/files/{id}?addParents={b}&removeParents={a}&fields=parents"),
+            json!({}),
+        )
+        .await;
     assert_eq!(r.json()["parents"], json!([b]));
     // A folder cannot move under itself.
     let r = api.json(Method::PATCH, &format!("/drive/v3/files/{a}?addParents={a}&removeParents=root"), json!({})).await;
     assert_eq!(r.code(), 400);
     // Trash via update; trashed files are still readable by id.
-    let r = api.json(Method::PATCH, &format!("/drive/v3/files/{id}?fields=trashed,explicitlyTrashed"), json!({"trashed": true})).await;
+    let r = api
+        .json(
+            Method::PATCH,
+            &format!("/drive/v3/files/{id}?fields=trashed,explicitlyTrashed"),
+            json!({"trashed": true}),
+        )
+        .await;
     assert_eq!(r.json(), json!({"trashed": true, "explicitlyTrashed": true}));
     assert_eq!(api.get(&format!("/drive/v3/files/{id}?alt=media")).await.body, b"hello");
     // Delete: 204, then 404 with Google's error shape.
@@ -153,7 +187,9 @@ async fn copy_server_side_with_generated_id() {
     let src = api.upload(json!({"name": "base.qcow2", "appProperties": {"role": "base"}}), &data).await;
     let sid = src["id"].as_str().expect("id");
     let id = api.generate_ids(1).await.remove(0);
-    let r = api.json(Method::POST, &format!("/drive/v3/files/{sid}/copy?fields=*"), json!({"id": id, "name": "clone"})).await;
+    let r = api
+        .json(Method::POST, &format!("/drive/v3/files/{sid}/copy?fields=*"), json!({"id": id, "name": "clone"}))
+        .await;
     assert_eq!(r.code(), 200, "{}", String::from_utf8_lossy(&r.body));
     let c = r.json();
     assert_eq!(c["id"], id.as_str());
@@ -178,12 +214,28 @@ async fn revisions_keep_forever_on_head() {
     let r = api.get(&format!("/drive/v3/files/{id}/revisions/{head}?fields=id,keepForever,md5Checksum,size")).await;
     assert_eq!(r.code(), 200);
     assert_eq!(r.json(), json!({"id": head, "keepForever": false, "md5Checksum": md5_hex(b"one"), "size": "3"}));
-    let r = api.json(Method::PATCH, &format!("/drive/v3/files/{id}/revisions/{head}?fields=keepForever"), json!({"keepForever": true})).await;
+    let r = api
+        .json(
+            Method::PATCH,
+            &format!("/drive/v3/files/{id}/revisions/{head}?fields=keepForever"),
+            json!({"keepForever": true}),
+        )
+        .await;
     assert_eq!(r.json(), json!({"keepForever": true}));
-    assert_eq!(api.json(Method::PATCH, &format!("/drive/v3/files/{id}/revisions/{head}"), json!({"size": "1"})).await.code(), 403);
+    assert_eq!(
+        api.json(Method::PATCH, &format!("/drive/v3/files/{id}/revisions/{head}"), json!({"size": "1"})).await.code(),
+        403
+    );
     assert_eq!(api.get(&format!("/drive/v3/files/{id}/revisions/0Bnope")).await.code(), 404);
     // New content makes a new head; the old revision keeps its bytes.
-    let r = api.send(Method::PATCH, &format!("/upload/drive/v3/files/{id}?uploadType=media&fields=headRevisionId,version,md5Checksum"), &[], b"two!".to_vec()).await;
+    let r = api
+        .send(
+            Method::PATCH,
+            &format!("/upload/drive/v3/files/{id}?uploadType=media&fields=headRevisionId,version,md5Checksum"),
+            &[],
+            b"two!".to_vec(),
+        )
+        .await;
     assert_eq!(r.code(), 200);
     let v = r.json();
     assert_ne!(v["headRevisionId"], head.as_str());
@@ -210,7 +262,8 @@ async fn shared_drives_need_supports_all_drives() {
     assert_eq!(api.get(&format!("/drive/v3/files/{id}?supportsAllDrives=true")).await.code(), 200);
     assert_eq!(api.get(&format!("/drive/v3/files/{id}?supportsAllDrives=true&alt=media")).await.body, b"data");
     // Listing: corpora=drive needs driveId + both flags; the user corpus leaves it out.
-    let r = api.list(&format!("corpora=drive&driveId={drive}&includeItemsFromAllDrives=true&supportsAllDrives=true")).await;
+    let r =
+        api.list(&format!("corpora=drive&driveId={drive}&includeItemsFromAllDrives=true&supportsAllDrives=true")).await;
     assert_eq!(r.code(), 200);
     assert_eq!(r.json()["files"].as_array().map(Vec::len), Some(1));
     assert_eq!(api.list(&format!("corpora=drive&driveId={drive}")).await.code(), 403);

@@ -9,7 +9,10 @@ use serde_json::{json, Value};
 use crate::common::*;
 
 fn names(v: &Value) -> Vec<String> {
-    v["files"].as_array().map(|a| a.iter().map(|f| f["name"].as_str().unwrap_or("").to_string()).collect()).unwrap_or_default()
+    v["files"]
+        .as_array()
+        .map(|a| a.iter().map(|f| f["name"].as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -20,10 +23,18 @@ async fn q_terms_escapes_and_boolean_logic() {
     api.create(json!({"name": odd, "parents": [dir]})).await;
     api.create(json!({"name": "m1", "parents": [dir], "appProperties": {"kind": "manifest", "gen": "1"}})).await;
     api.create(json!({"name": "m2", "parents": [dir], "appProperties": {"kind": "manifest", "gen": "2"}})).await;
-    api.create(json!({"name": "p1", "parents": [dir], "mimeType": "application/x-pack", "appProperties": {"kind": "pack"}})).await;
+    api.create(
+        json!({"name": "p1", "parents": [dir], "mimeType": "application/x-pack", "appProperties": {"kind": "pack"}}),
+    )
+    .await;
     let gone = api.create(json!({"name": "old", "parents": [dir]})).await;
     api.create(json!({"name": "elsewhere"})).await;
-    api.json(reqwest::Method::PATCH, &format!("/drive/v3/files/{}", gone["id"].as_str().expect("id")), json!({"trashed": true})).await;
+    api.json(
+        reqwest::Method::PATCH,
+        &format!("/drive/v3/files/{}", gone["id"].as_str().expect("id")),
+        json!({"trashed": true}),
+    )
+    .await;
 
     let q = |s: &str| format!("q={}&fields=files(name)&orderBy=name", enc(s));
     let in_dir = format!("'{dir}' in parents");
@@ -33,18 +44,36 @@ async fn q_terms_escapes_and_boolean_logic() {
     assert_eq!(names(&v.json()), [odd]);
     let v = api.list(&q(&format!("{in_dir} and appProperties has {{ key='kind' and value='manifest' }}"))).await.json();
     assert_eq!(names(&v), ["m1", "m2"]);
-    let v = api.list(&q(&format!("{in_dir} and (name = 'm1' or mimeType = 'application/x-pack') and not name contains 'p'"))).await.json();
+    let v = api
+        .list(&q(&format!("{in_dir} and (name = 'm1' or mimeType = 'application/x-pack') and not name contains 'p'")))
+        .await
+        .json();
     assert_eq!(names(&v), ["m1"]);
-    let v = api.list(&q(&format!("{in_dir} and trashed = false and not appProperties has {{ key='kind' and value='manifest' }}"))).await.json();
+    let v = api
+        .list(&q(&format!(
+            "{in_dir} and trashed = false and not appProperties has {{ key='kind' and value='manifest' }}"
+        )))
+        .await
+        .json();
     assert_eq!(names(&v), [odd, "p1"]);
     let v = api.list(&q(&format!("{in_dir} and trashed = true"))).await.json();
     assert_eq!(names(&v), ["old"]);
     // No q: everything, trashed included (Drive's default), root alias works in q.
     assert_eq!(names(&api.list(&q("'root' in parents")).await.json()), ["elsewhere", "vol"]);
-    let v = api.list(&q(&format!("{in_dir} and modifiedTime > '2000-01-01T00:00:00' and mimeType != 'application/x-pack'"))).await.json();
+    let v = api
+        .list(&q(&format!("{in_dir} and modifiedTime > '2000-01-01T00:00:00' and mimeType != 'application/x-pack'")))
+        .await
+        .json();
     assert_eq!(names(&v).len(), 4);
     // Bad queries: 400 invalid on parameter q.
-    for bad in ["name = 'unterminated", "name === 'x'", "bogus = 'x'", "name = 'a' and", r"name = 'bad \n escape'", "(name = 'x'"] {
+    for bad in [
+        "name = 'unterminated",
+        "name === 'x'",
+        "bogus = 'x'",
+        "name = 'a' and",
+        r"name = 'bad \n escape'",
+        "(name = 'x'",
+    ] {
         let r = api.list(&format!("q={}", enc(bad))).await;
         assert_eq!(r.code(), 400, "{bad}");
         assert_eq!(r.reason(), "invalid", "{bad}");

@@ -6,7 +6,10 @@ use serde_json::{json, Value};
 use crate::common::*;
 
 async fn start_resumable(api: &Api, path: &str, method: Method, meta: &Value, total: Option<usize>) -> Resp {
-    let mut h: Vec<(&str, String)> = vec![("Content-Type", "application/json; charset=UTF-8".into()), ("X-Upload-Content-Type", "application/octet-stream".into())];
+    let mut h: Vec<(&str, String)> = vec![
+        ("Content-Type", "application/json; charset=UTF-8".into()),
+        ("X-Upload-Content-Type", "application/octet-stream".into()),
+    ];
     if let Some(t) = total {
         h.push(("X-Upload-Content-Length", t.to_string()));
     }
@@ -64,7 +67,14 @@ async fn resumable_upload_chunks_status_and_visibility() {
     let total = 3 * KIB256 + 1000;
     let data = pattern(total, 5);
     let id = api.generate_ids(1).await.remove(0);
-    let r = start_resumable(&api, "/upload/drive/v3/files?uploadType=resumable&fields=id,size,md5Checksum,name", Method::POST, &json!({"id": id, "name": "pack-1"}), Some(total)).await;
+    let r = start_resumable(
+        &api,
+        "/upload/drive/v3/files?uploadType=resumable&fields=id,size,md5Checksum,name",
+        Method::POST,
+        &json!({"id": id, "name": "pack-1"}),
+        Some(total),
+    )
+    .await;
     assert_eq!(r.code(), 200, "{}", String::from_utf8_lossy(&r.body));
     let loc = r.header("location").expect("Location header");
     assert!(loc.starts_with(&api.emu.base_url()) && loc.contains("upload_id="), "{loc}");
@@ -77,10 +87,12 @@ async fn resumable_upload_chunks_status_and_visibility() {
     assert_eq!(r.code(), 308);
     assert_eq!(r.header("range").as_deref(), Some("bytes=0-262143"));
     // A non-final chunk that is not a multiple of 256 KiB is refused, and changes nothing.
-    let r = put(&api, &loc, &format!("bytes {}-{}/{total}", KIB256, KIB256 + 99_999), &data[KIB256..KIB256 + 100_000]).await;
+    let r = put(&api, &loc, &format!("bytes {}-{}/{total}", KIB256, KIB256 + 99_999), &data[KIB256..KIB256 + 100_000])
+        .await;
     assert_eq!((r.code(), r.reason().as_str()), (400, "badRequest"));
     // A chunk that leaves a gap is refused too.
-    let r = put(&api, &loc, &format!("bytes {}-{}/{total}", 2 * KIB256, 3 * KIB256 - 1), &data[2 * KIB256..3 * KIB256]).await;
+    let r = put(&api, &loc, &format!("bytes {}-{}/{total}", 2 * KIB256, 3 * KIB256 - 1), &data[2 * KIB256..3 * KIB256])
+        .await;
     assert_eq!(r.code(), 400);
     let r = put(&api, &loc, &format!("bytes */{total}"), &[]).await;
     assert_eq!(r.header("range").as_deref(), Some("bytes=0-262143"));
@@ -111,10 +123,19 @@ async fn resumable_create_with_used_id_and_resumable_update() {
     let f = api.upload(json!({"name": "manifest"}), b"v1").await;
     let id = f["id"].as_str().expect("id");
     let v0: u64 = f["version"].as_str().expect("v").parse().expect("n");
-    let r = start_resumable(&api, "/upload/drive/v3/files?uploadType=resumable", Method::POST, &json!({"id": id}), Some(2)).await;
+    let r =
+        start_resumable(&api, "/upload/drive/v3/files?uploadType=resumable", Method::POST, &json!({"id": id}), Some(2))
+            .await;
     assert_eq!(r.code(), 409);
     // files.update with uploadType=resumable (PATCH), whole body in one PUT without Content-Range.
-    let r = start_resumable(&api, &format!("/upload/drive/v3/files/{id}?uploadType=resumable&fields=version,md5Checksum,name"), Method::PATCH, &json!({"name": "manifest.v2"}), None).await;
+    let r = start_resumable(
+        &api,
+        &format!("/upload/drive/v3/files/{id}?uploadType=resumable&fields=version,md5Checksum,name"),
+        Method::PATCH,
+        &json!({"name": "manifest.v2"}),
+        None,
+    )
+    .await;
     assert_eq!(r.code(), 200);
     let loc = r.header("location").expect("Location");
     let r = api.send(Method::PUT, &loc, &[], b"version two".to_vec()).await;
@@ -124,7 +145,14 @@ async fn resumable_create_with_used_id_and_resumable_update() {
     assert_eq!(v["name"], "manifest.v2");
     assert!(v["version"].as_str().expect("v").parse::<u64>().expect("n") > v0);
     // Multipart update.
-    let r = api.multipart(&format!("/upload/drive/v3/files/{id}?uploadType=multipart&fields=md5Checksum"), Method::PATCH, &json!({}), b"three").await;
+    let r = api
+        .multipart(
+            &format!("/upload/drive/v3/files/{id}?uploadType=multipart&fields=md5Checksum"),
+            Method::PATCH,
+            &json!({}),
+            b"three",
+        )
+        .await;
     assert_eq!(r.json()["md5Checksum"], md5_hex(b"three"));
 }
 
@@ -133,10 +161,24 @@ async fn reset_mid_chunk_keeps_whole_units_then_resumes() {
     let api = Api::new().await;
     let total = 4 * MIB + 12_345;
     let data = pattern(total, 11);
-    let r = start_resumable(&api, "/upload/drive/v3/files?uploadType=resumable&fields=id,md5Checksum", Method::POST, &json!({"name": "big"}), Some(total)).await;
+    let r = start_resumable(
+        &api,
+        "/upload/drive/v3/files?uploadType=resumable&fields=id,md5Checksum",
+        Method::POST,
+        &json!({"name": "big"}),
+        Some(total),
+    )
+    .await;
     let loc = r.header("location").expect("Location");
     api.emu.faults().set_reset_rate(1.0);
-    let cut = api.try_send(Method::PUT, &loc, &[("Content-Range", &format!("bytes 0-{}/{total}", 4 * MIB - 1))], data[..4 * MIB].to_vec()).await;
+    let cut = api
+        .try_send(
+            Method::PUT,
+            &loc,
+            &[("Content-Range", &format!("bytes 0-{}/{total}", 4 * MIB - 1))],
+            data[..4 * MIB].to_vec(),
+        )
+        .await;
     assert!(cut.is_err() || cut.as_ref().is_ok_and(|r| r.code() >= 500), "the chunk should have been cut off");
     api.emu.faults().set_reset_rate(0.0);
     assert!(api.emu.stats().resets >= 1);
@@ -182,10 +224,19 @@ async fn quotas_storage_upload_cap_download() {
     let api = Api::new().await;
     api.upload(json!({"name": "a"}), &[1u8; 4000]).await;
     api.emu.faults().set_storage_quota(Some(5000));
-    let r = api.multipart("/upload/drive/v3/files?uploadType=multipart", Method::POST, &json!({"name": "b"}), &[2u8; 2000]).await;
+    let r = api
+        .multipart("/upload/drive/v3/files?uploadType=multipart", Method::POST, &json!({"name": "b"}), &[2u8; 2000])
+        .await;
     assert_eq!((r.code(), r.reason().as_str()), (403, "storageQuotaExceeded"));
     assert_eq!(r.json()["error"]["errors"][0]["domain"], "usageLimits");
-    let r = start_resumable(&api, "/upload/drive/v3/files?uploadType=resumable", Method::POST, &json!({"name": "c"}), Some(2000)).await;
+    let r = start_resumable(
+        &api,
+        "/upload/drive/v3/files?uploadType=resumable",
+        Method::POST,
+        &json!({"name": "c"}),
+        Some(2000),
+    )
+    .await;
     assert_eq!(r.code(), 403);
     // Folders and small files still fit.
     api.folder("f", "root").await;
@@ -194,10 +245,19 @@ async fn quotas_storage_upload_cap_download() {
 
     api.emu.faults().set_daily_upload_cap(Some(10_000));
     api.upload(json!({"name": "d"}), &[4u8; 6000]).await;
-    let r = api.multipart("/upload/drive/v3/files?uploadType=multipart", Method::POST, &json!({"name": "e"}), &[5u8; 6000]).await;
+    let r = api
+        .multipart("/upload/drive/v3/files?uploadType=multipart", Method::POST, &json!({"name": "e"}), &[5u8; 6000])
+        .await;
     assert_eq!((r.code(), r.reason().as_str()), (403, "userRateLimitExceeded"));
     assert_eq!(r.json()["error"]["message"], "User rate limit exceeded.");
-    let r = start_resumable(&api, "/upload/drive/v3/files?uploadType=resumable", Method::POST, &json!({"name": "g"}), Some(6000)).await;
+    let r = start_resumable(
+        &api,
+        "/upload/drive/v3/files?uploadType=resumable",
+        Method::POST,
+        &json!({"name": "g"}),
+        Some(6000),
+    )
+    .await;
     assert_eq!(r.code(), 403);
     // Metadata-only calls are not uploads.
     api.create(json!({"name": "meta-only"})).await;
@@ -209,7 +269,54 @@ async fn quotas_storage_upload_cap_download() {
     api.emu.faults().set_download_quota_exceeded(true);
     let r = api.get(&url).await;
     assert_eq!((r.code(), r.reason().as_str()), (403, "downloadQuotaExceeded"));
-    assert_eq!(api.get(&format!("/drive/v3/files/{}", f["id"].as_str().expect("id"))).await.code(), 200, "metadata still readable");
+    assert_eq!(
+        api.get(&format!("/drive/v3/files/{}", f["id"].as_str().expect("id"))).await.code(),
+        200,
+        "metadata still readable"
+    );
     api.emu.faults().set_download_quota_exceeded(false);
     assert_eq!(api.get(&url).await.body, b"bytes");
+}
+
+#[tokio::test]
+async fn resent_overlap_is_accepted_and_size_mismatch_refused() {
+    let api = Api::new().await;
+    let total = 2 * KIB256 + 5;
+    let data = pattern(total, 12);
+    let r = start_resumable(
+        &api,
+        "/upload/drive/v3/files?uploadType=resumable&fields=md5Checksum,size",
+        Method::POST,
+        &json!({"name": "o"}),
+        Some(total),
+    )
+    .await;
+    let loc = r.header("location").expect("Location");
+    assert_eq!(put(&api, &loc, &format!("bytes 0-{}/{total}", KIB256 - 1), &data[..KIB256]).await.code(), 308);
+    // The reply was lost and the client resends the same chunk: harmless.
+    let r = put(&api, &loc, &format!("bytes 0-{}/{total}", KIB256 - 1), &data[..KIB256]).await;
+    assert_eq!(r.header("range").as_deref(), Some("bytes=0-262143"));
+    // A total that disagrees with X-Upload-Content-Length is refused.
+    let r = put(&api, &loc, &format!("bytes {}-{}/{}", KIB256, total - 1, total + 1), &data[KIB256..]).await;
+    assert_eq!(r.code(), 400);
+    // The final chunk may overlap what the server has.
+    let r = put(&api, &loc, &format!("bytes {}-{}/{total}", KIB256 - 100, total - 1), &data[KIB256 - 100..]).await;
+    assert_eq!(r.code(), 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json(), json!({"md5Checksum": md5_hex(&data), "size": total.to_string()}));
+    // Total unknown until the last chunk: `*` then `/N`.
+    let r = start_resumable(
+        &api,
+        "/upload/drive/v3/files?uploadType=resumable&fields=size",
+        Method::POST,
+        &json!({"name": "u"}),
+        None,
+    )
+    .await;
+    let loc = r.header("location").expect("Location");
+    assert_eq!(put(&api, &loc, &format!("bytes 0-{}/*", KIB256 - 1), &data[..KIB256]).await.code(), 308);
+    let r = put(&api, &loc, "bytes */*", &[]).await;
+    assert_eq!((r.code(), r.header("range").as_deref()), (308, Some("bytes=0-262143")));
+    let r =
+        put(&api, &loc, &format!("bytes {KIB256}-{}/{}", KIB256 + 9, KIB256 + 10), &data[KIB256..KIB256 + 10]).await;
+    assert_eq!(r.json()["size"], (KIB256 + 10).to_string());
 }
