@@ -246,3 +246,31 @@ fn gdrive_write_back_reaches_another_machine() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(std::fs::read(&out).unwrap() == want, "the other machine does not see the flushed writes");
 }
+
+/// No token, secret or upload session URI in any log line, even at trace
+/// level, through an import with resumable uploads, token refreshes and
+/// injected failures.
+#[test]
+fn gdrive_logs_hold_no_secrets() {
+    let emu_cfg = driveemu::Config { token_lifetime: Duration::from_secs(3), ..Default::default() };
+    let env = start(emu_cfg, Creds::User);
+    env.emu.faults().set_error_rate(0.1);
+    env.emu.faults().set_reset_rate(0.05);
+    let (img, _) = tier_support::raw_image(env.dir.path(), "disk.raw", 3 << 20, 27);
+    let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), "gdrive:/logs/vol"])
+        .args(["--drive-api-url", &env.emu.base_url(), "--drive-credentials", env.creds_file.to_str().unwrap()])
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
+    assert!(log.contains("reqwest") || log.contains("hyper"), "HTTP trace logging was on");
+    let creds: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&env.creds_file).unwrap()).unwrap();
+    for secret in [creds["refresh_token"].as_str().unwrap(), creds["client_secret"].as_str().unwrap()] {
+        assert!(!log.contains(secret), "a secret is in the log");
+    }
+    for marker in ["ya29.", "upload_id=", "Bearer "] {
+        assert!(!log.contains(marker), "{marker:?} is in the log");
+    }
+}
