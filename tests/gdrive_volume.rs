@@ -274,3 +274,29 @@ fn gdrive_logs_hold_no_secrets() {
         assert!(!log.contains(marker), "{marker:?} is in the log");
     }
 }
+
+/// `driveblk hydrate` pulls a whole Drive volume into the cache; with Drive
+/// then unreachable, the daemon still starts and serves every byte.
+#[test]
+fn gdrive_hydrated_volume_serves_while_drive_is_down() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let flags = ["--drive-api-url", &env.emu.base_url(), "--drive-credentials", env.creds_file.to_str().unwrap()];
+    let (img, want) = tier_support::raw_image(env.dir.path(), "disk.raw", 3 << 20, 28);
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_driveblk")).args(args).args(flags).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["import", "--quiet", img.to_str().unwrap(), "gdrive:/hyd/vol"]);
+    let cache = env.dir.path().join("cache");
+    run(&["hydrate", "--quiet", "--cache-dir", cache.to_str().unwrap(), "gdrive:/hyd/vol"]);
+    env.emu.faults().set_down(true);
+    let sock = env.dir.path().join("sock");
+    let mut a = vec!["--volume", "gdrive:/hyd/vol", "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+    a.extend_from_slice(&["--boot-profile", "off"]);
+    a.extend_from_slice(&flags);
+    let d = common::Daemon::start(&sock, &a);
+    let mut c = common::Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want, "served bytes differ while Drive is down");
+    drop(c);
+    assert!(d.stop().success());
+}
