@@ -250,7 +250,11 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
             ErrorKind::Fatal,
             " (with the drive.file scope driveblk may only open files it created: log in with `driveblk auth login --scope drive` to attach a file uploaded another way)",
         ),
-        (403, "insufficientFilePermissions" | "insufficientPermissions" | "forbidden" | "domainPolicy") => {
+        (403, "insufficientPermissions") => (
+            ErrorKind::Auth,
+            " (the credentials lack a Drive scope: run `driveblk auth login` again, or check the key's scopes)",
+        ),
+        (403, "insufficientFilePermissions" | "forbidden" | "domainPolicy") => {
             (ErrorKind::Fatal, " (this account may not do that to this file or folder: check its sharing settings)")
         }
         (401, _) => (
@@ -730,6 +734,7 @@ mod tests {
         assert!(full.message.contains("shared drive"), "{full}");
         assert_eq!(err(403, &google(403, "downloadQuotaExceeded", "x"), false).kind, ErrorKind::Quota);
         assert_eq!(err(403, &google(403, "insufficientFilePermissions", "x"), false).kind, ErrorKind::Fatal);
+        assert_eq!(err(403, &google(403, "insufficientPermissions", "x"), false).kind, ErrorKind::Auth);
         assert!(err(403, &google(403, "appNotAuthorizedToFile", "x"), false).message.contains("--scope drive"));
         assert_eq!(err(403, &google(403, "cannotDownloadAbusiveFile", "x"), false).kind, ErrorKind::Abusive);
         assert_eq!(err(401, &google(401, "authError", "Invalid Credentials"), false).kind, ErrorKind::Auth);

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use md5::{Digest, Md5};
 
 use self::api::{ApiError, DriveApi, DriveFile, ErrorKind, TAG_PROPERTY};
@@ -454,11 +455,17 @@ impl Remote for GDriveRemote {
         // (it lags behind creates): confirmed by id, so a deleted or
         // trashed one is dropped, never listed.
         let listed: std::collections::HashSet<String> = out.iter().map(|m| m.key.clone()).collect();
-        for (key, id) in self.known_keys() {
-            if !key.starts_with(prefix) || listed.contains(&key) {
-                continue;
-            }
-            match self.api.get_file(&id).await {
+        let unlisted: Vec<(String, String)> =
+            self.known_keys().into_iter().filter(|(k, _)| k.starts_with(prefix) && !listed.contains(k)).collect();
+        let checks = futures::stream::iter(unlisted.into_iter().map(|(key, id)| async move {
+            let r = self.api.get_file(&id).await;
+            (key, r)
+        }))
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+        for (key, r) in checks {
+            match r {
                 Ok(f) if !f.trashed && f.name == key => out.push(self.meta(&key, &f)),
                 Ok(_) => self.forget(&key),
                 Err(e) if e.kind == ErrorKind::NotFound => self.forget(&key),
