@@ -338,3 +338,24 @@ async fn gdrive_a_silent_drive_fails_within_the_deadline() {
     assert!(e.to_string().contains("timed out"), "{e}");
     env.emu.faults().set_latency(Duration::ZERO);
 }
+
+/// A base file's revision is pinned keep-forever, and a copy into a volume
+/// folder is made server-side (no bytes cross the link).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_base_is_pinned_and_copied_server_side() {
+    use driveblk::remote::gdrive::{path::DriveLocation, GDriveRemote};
+    use driveblk::remote::Remote;
+    let env = start(driveemu::Config::default(), Creds::User);
+    let image = data(13, 2 << 20);
+    let id = env.emu.ui_upload(&env.emu.root_folder_id(), "win10.qcow2", &image);
+    let (base, key) = GDriveRemote::object(&DriveLocation::File { id: id.clone() }, &env.cfg.drive);
+    let rev = base.pin_revision(&key).await.unwrap();
+    let version = base.head(&key).await.unwrap().version.unwrap();
+    assert!(version.starts_with(&format!("{rev}:")), "{version} vs {rev}");
+    let vol = GDriveRemote::folder(&DriveLocation::parse("/vms/adopted").unwrap(), &env.cfg.drive);
+    let before = env.emu.stats().bytes_in;
+    let m = base.copy_to(&key, &vol, "base").await.unwrap();
+    assert_eq!(m.size, image.len() as u64);
+    assert!(env.emu.stats().bytes_in - before < 4096, "the copy moved bytes");
+    assert_eq!(&vol.get("base").await.unwrap()[..], &image[..]);
+}

@@ -572,6 +572,27 @@ impl DriveApi {
             .ok_or_else(|| ApiError::new(ErrorKind::Transient, "resumable upload started without a session URI"))
     }
 
+    /// revisions.update `keepForever: true` on revision `rev` of file `id`:
+    /// Drive then never purges it (at most 200 such revisions per file).
+    pub async fn keep_revision(&self, id: &str, rev: &str) -> Result<(), ApiError> {
+        let url =
+            self.url(&format!("{}/revisions/{}", self.file_url(id), urlencode(rev)), &[("fields", "id,keepForever")]);
+        let body = serde_json::json!({ "keepForever": true });
+        let t = self.cfg.request_timeout;
+        self.send(|tok| self.req(Method::PATCH, &url, tok, t).json(&body), |s| s.is_success(), false).await?;
+        Ok(())
+    }
+
+    /// files.copy of `id` into folder `parent` as `name`, with the
+    /// pre-generated id `new_id` (server-side: no bytes cross the link).
+    pub async fn copy(&self, id: &str, new_id: &str, name: &str, parent: &str) -> Result<DriveFile, ApiError> {
+        let url =
+            self.url(&format!("{}/copy", self.file_url(id)), &[("fields", FILE_FIELDS), ("supportsAllDrives", "true")]);
+        let body = serde_json::json!({ "id": new_id, "name": name, "parents": [parent] });
+        let t = self.cfg.request_timeout;
+        self.json(|tok| self.req(Method::POST, &url, tok, t).json(&body), true).await
+    }
+
     /// files.delete (permanent). An absent file is not an error.
     pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
         let url = self.url(&self.file_url(id), &[("supportsAllDrives", "true")]);

@@ -286,6 +286,43 @@ impl GDriveRemote {
         Ok(self.lookup(op, key).await?.ok_or_else(|| self.not_found(key))?.id)
     }
 
+    /// Marks the current content revision of `key` keep-forever, so Drive
+    /// never purges the bytes a volume's base was pinned to (renames and
+    /// shares do not make revisions; replacing the content does, and is
+    /// detected through [`ObjectMeta::version`]). Answers the revision id.
+    pub async fn pin_revision(&self, key: &str) -> RemoteResult<String> {
+        let f = self.find("pin_revision", key).await?;
+        let rev = f
+            .head_revision_id
+            .clone()
+            .ok_or_else(|| self.fatal("pin_revision", key, "Drive reports no head revision for this file"))?;
+        self.api.keep_revision(&f.id, &rev).await.map_err(|e| self.err("pin_revision", key, e))?;
+        Ok(rev)
+    }
+
+    /// Copies `key` server-side into `dest` as `dest_key` (how a volume
+    /// adopts its base so it no longer depends on the original file). Like
+    /// every create here it uses a pre-generated id, so a retry after a
+    /// lost reply finds the copy instead of making a second one.
+    pub async fn copy_to(&self, key: &str, dest: &GDriveRemote, dest_key: &str) -> RemoteResult<ObjectMeta> {
+        let src = self.find("copy", key).await?;
+        dest.writable("copy", dest_key)?;
+        let folder = dest
+            .folder_id("copy", dest_key, true)
+            .await?
+            .ok_or_else(|| dest.fatal("copy", dest_key, "folder vanished"))?;
+        let id = dest.api.new_id().await.map_err(|e| dest.err("copy", dest_key, e))?;
+        let f = match self.api.copy(&src.id, &id, dest_key, &folder.id).await {
+            Ok(f) => f,
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                self.api.get_file(&id).await.map_err(|e| dest.err("copy", dest_key, e))?
+            }
+            Err(e) => return Err(dest.err("copy", dest_key, e)),
+        };
+        dest.remember(dest_key, &f.id);
+        Ok(dest.meta(dest_key, &f))
+    }
+
     fn meta(&self, key: &str, f: &DriveFile) -> ObjectMeta {
         ObjectMeta {
             key: key.to_string(),
