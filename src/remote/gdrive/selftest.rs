@@ -63,15 +63,15 @@ pub async fn run(loc: &DriveLocation, cfg: &DriveConfig, opts: &Options) -> Vec<
             out.push(check("folder", true, format!("{loc} is folder {}", f.id)));
             f
         }
-        Ok(None) => unreachable_folder(&mut out),
+        Ok(None) => {
+            out.push(check("folder", false, format!("{loc} could not be created")));
+            return out;
+        }
         Err(e) => {
             out.push(check("folder", false, format!("{loc}: {e}")));
             return out;
         }
     };
-    if folder.id.is_empty() {
-        return out;
-    }
     let mut made: Vec<String> = Vec::new();
     run_checks(&api, &folder, opts, &mut out, &mut made).await;
     for id in made {
@@ -80,11 +80,6 @@ pub async fn run(loc: &DriveLocation, cfg: &DriveConfig, opts: &Options) -> Vec<
         }
     }
     out
-}
-
-fn unreachable_folder(out: &mut Vec<Check>) -> Folder {
-    out.push(check("folder", false, "the folder could not be created"));
-    Folder { id: String::new(), drive_id: None }
 }
 
 fn tag_meta(id: &str, name: &str, folder: &Folder) -> serde_json::Value {
