@@ -1,7 +1,10 @@
 //! A token-bucket pacer shared by every request of one Drive account: Drive
 //! throttles per user, and answers bursts over its limit with 403/429
 //! rate-limit errors well before the link is full, so requests are spaced
-//! here rather than discovered by failing.
+//! here rather than discovered by failing. When Drive still says "slow
+//! down", the pacer halves its rate (down to a sixteenth) and wins it back
+//! over the following quiet seconds, so a configured rate above the
+//! account's real limit costs a few refusals, not a stream of them.
 
 use std::time::Duration;
 
@@ -23,13 +26,26 @@ struct Bucket {
     /// waiting callers).
     tokens: f64,
     at: Instant,
+    /// Share of the configured rate in force (1/16 ..= 1).
+    factor: f64,
+    /// When the rate was last halved: the refusals of one burst arrive
+    /// together and count as one signal.
+    last_cut: Option<Instant>,
 }
+
+/// Lowest share of the configured rate after repeated throttling.
+const MIN_FACTOR: f64 = 1.0 / 16.0;
+/// Share of the configured rate won back per second without throttling.
+const RECOVERY_PER_SEC: f64 = 0.05;
 
 impl Pacer {
     /// A full bucket.
     pub fn new(cfg: PacerConfig) -> Self {
         let cfg = PacerConfig { rate: cfg.rate.max(0.001), burst: cfg.burst.max(1) };
-        Self { cfg, state: Mutex::new(Bucket { tokens: cfg.burst as f64, at: Instant::now() }) }
+        Self {
+            cfg,
+            state: Mutex::new(Bucket { tokens: cfg.burst as f64, at: Instant::now(), factor: 1.0, last_cut: None }),
+        }
     }
 
     /// The settings in force.
@@ -37,18 +53,25 @@ impl Pacer {
         self.cfg
     }
 
+    /// Brings the bucket to now: tokens refilled, rate partly won back.
+    fn advance(&self, b: &mut Bucket) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * self.cfg.rate * b.factor).min(self.cfg.burst as f64);
+        b.factor = (b.factor + elapsed * RECOVERY_PER_SEC).min(1.0);
+        b.at = now;
+    }
+
     /// How long the caller must wait for its slot; takes the slot.
     fn reserve(&self) -> Duration {
         let mut b = self.state.lock();
-        let now = Instant::now();
-        let refill = now.saturating_duration_since(b.at).as_secs_f64() * self.cfg.rate;
-        b.tokens = (b.tokens + refill).min(self.cfg.burst as f64);
-        b.at = now;
+        self.advance(&mut b);
+        let rate = self.cfg.rate * b.factor;
         b.tokens -= 1.0;
         if b.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-b.tokens / self.cfg.rate)
+            Duration::from_secs_f64(-b.tokens / rate)
         }
     }
 
@@ -62,12 +85,23 @@ impl Pacer {
     }
 
     /// Drive said "slow down": spend the burst, so the requests queued
-    /// behind this one go at the sustained rate instead of in another burst.
+    /// behind this one do not go in another burst, and halve the rate.
     pub fn throttled(&self) {
         let mut b = self.state.lock();
+        self.advance(&mut b);
         if b.tokens > 0.0 {
             b.tokens = 0.0;
         }
+        let now = Instant::now();
+        if b.last_cut.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+            b.factor = (b.factor / 2.0).max(MIN_FACTOR);
+            b.last_cut = Some(now);
+        }
+    }
+
+    /// The rate in force now (requests/s), after any throttling.
+    pub fn current_rate(&self) -> f64 {
+        self.cfg.rate * self.state.lock().factor
     }
 }
 
@@ -100,11 +134,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn gdrive_pacer_throttle_spends_the_burst() {
+    async fn gdrive_pacer_throttle_spends_the_burst_and_halves_the_rate() {
         let p = Pacer::new(PacerConfig { rate: 10.0, burst: 100 });
         p.throttled();
+        assert_eq!(p.current_rate(), 5.0);
         let t0 = Instant::now();
         p.acquire().await;
-        assert!(t0.elapsed() >= Duration::from_millis(99), "{:?}", t0.elapsed());
+        // One slot at the halved rate: 200 ms.
+        let e = t0.elapsed();
+        assert!(e >= Duration::from_millis(199) && e <= Duration::from_millis(230), "{e:?}");
+        // A burst of refusals at once is one signal (the 200 ms since won
+        // back a little of the rate).
+        for _ in 0..10 {
+            p.throttled();
+        }
+        assert!((p.current_rate() - 5.1).abs() < 0.01, "{}", p.current_rate());
+        // Refusals that go on, second after second, cut it down to 1/16.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            p.throttled();
+        }
+        assert!(p.current_rate() < 1.2, "{}", p.current_rate());
+        // Quiet seconds win the rate back, up to the configured one.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        p.acquire().await;
+        assert_eq!(p.current_rate(), 10.0);
     }
 }
