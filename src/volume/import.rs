@@ -102,7 +102,7 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     let mut file = File::open(image).map_err(|e| VolumeError::io("opening image", image, e))?;
     let image_len = file.metadata().map_err(|e| VolumeError::io("reading size of", image, e))?.len();
     let rt = runtime("driveblk-import")?;
-    let remote = connect(u.folder(), &opts.remote);
+    let remote = connect(u.folder_with(&opts.remote.config), &opts.remote);
     rt.block_on(prepare_new(&remote, &url_s))?;
 
     let header = VolumeHeader::new(image_len, opts.chunk_size, None);
@@ -190,10 +190,10 @@ pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeR
     let vu = RemoteUrl::parse(volume_url)?;
     let rt = runtime("driveblk-attach")?;
     rt.block_on(async {
-        let (backend, key) = bu.object();
+        let (backend, key) = bu.object_with(&opts.remote.config);
         let base_remote = connect(backend, &opts.remote);
         let meta = base_remote.head(&key).await.map_err(|e| VolumeError::remote(format!("base image {bu}"), e))?;
-        let remote = connect(vu.folder(), &opts.remote);
+        let remote = connect(vu.folder_with(&opts.remote.config), &opts.remote);
         let url_s = vu.to_string();
         prepare_new(&remote, &url_s).await?;
         let base = BaseRef { url: bu.to_string(), size: meta.size, version: meta.version };

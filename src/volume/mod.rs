@@ -22,7 +22,7 @@ pub use format::{BaseRef, ChunkRef, Manifest, VolumeHeader, DEFAULT_CHUNK_SIZE, 
 pub use import::{attach, import, AttachOptions, ImportOptions};
 pub use reader::VolumeReader;
 
-use crate::remote::{RemoteLayer, RemoteUrl, RetryPolicy};
+use crate::remote::{RemoteConfig, RemoteLayer, RemoteUrl, RetryPolicy};
 use crate::tier::tiered::TieredStore;
 
 /// How volume functions reach the remote.
@@ -32,11 +32,13 @@ pub struct RemoteOptions {
     pub layer: Option<RemoteLayer>,
     /// Retry policy for every request.
     pub retry: RetryPolicy,
+    /// Where the backends' services are and how to authenticate (Drive).
+    pub config: Arc<RemoteConfig>,
 }
 
 impl Default for RemoteOptions {
     fn default() -> Self {
-        Self { layer: None, retry: RetryPolicy::fast() }
+        Self { layer: None, retry: RetryPolicy::fast(), config: Arc::new(RemoteConfig::from_env_or_default()) }
     }
 }
 

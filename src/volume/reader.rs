@@ -72,7 +72,7 @@ impl VolumeReader {
     /// `gen-*`, verifies it, and checks the base file is unchanged.
     pub async fn open(url: &RemoteUrl, opts: &RemoteOptions) -> VolumeResult<Arc<Self>> {
         let url_s = url.to_string();
-        let remote = connect(url.folder(), opts);
+        let remote = connect(url.folder_with(&opts.config), opts);
         let header_bytes = match remote.get(HEADER_KEY).await {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Err(VolumeError::NotFound { url: url_s }),
@@ -85,7 +85,7 @@ impl VolumeReader {
             None => None,
             Some(b) => {
                 let burl = RemoteUrl::parse(&b.url)?;
-                let (backend, bkey) = burl.object();
+                let (backend, bkey) = burl.object_with(&opts.config);
                 let bremote = connect(backend, opts);
                 let meta = bremote
                     .head(&bkey)
@@ -163,11 +163,11 @@ impl VolumeReader {
             None => None,
             Some(b) => {
                 let burl = RemoteUrl::parse(&b.url)?;
-                let (backend, bkey) = burl.object();
+                let (backend, bkey) = burl.object_with(&opts.config);
                 Some(BaseFile { url: b.url.clone(), remote: connect(backend, opts), key: bkey, size: b.size })
             }
         };
-        let remote = connect(url.folder(), opts);
+        let remote = connect(url.folder_with(&opts.config), opts);
         Ok(Arc::new(Self {
             url: url_s,
             remote,

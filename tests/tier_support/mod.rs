@@ -90,6 +90,7 @@ pub fn counted(metrics: Arc<RemoteMetrics>, faults: Option<Arc<FaultPlan>>, shap
             seed: Some(3),
             attempt_timeout: Duration::from_secs(60),
         },
+        config: Default::default(),
     }
 }
 
