@@ -1,6 +1,7 @@
 //! Opening a volume on its remote (header, newest committed generation,
 //! base file) and fetching single chunks with verification.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -214,7 +215,7 @@ impl VolumeReader {
     /// The resolved manifest of an older generation `g` (to check which
     /// cached chunks are still current after others committed).
     pub async fn load_generation(&self, g: u64) -> VolumeResult<Manifest> {
-        resolve(&self.remote, &self.url, &self.header, g, None).await
+        resolve(&self.remote, &self.url, &self.header, g, BTreeMap::new()).await
     }
 
     /// Chunk size in bytes.
@@ -389,13 +390,18 @@ async fn resolve(
     url: &str,
     header: &VolumeHeader,
     g: u64,
-    newest: Option<Manifest>,
+    mut known: BTreeMap<u64, Manifest>,
 ) -> VolumeResult<Manifest> {
-    let top = match newest {
+    let top = match known.remove(&g) {
         Some(m) => m,
         None => read_object(remote, url, header, g, None).await?,
     };
     let mut chain = vec![top];
+    // Objects read while following the chain by identity need no lookup
+    // by name (a listing may not show them yet).
+    while let Some(m) = chain.last().and_then(|m| m.parent).and_then(|p| known.remove(&p)) {
+        chain.push(m);
+    }
     while let Some(p) = chain.last().and_then(|m| m.parent) {
         if p == 0 {
             return Err(VolumeError::CorruptManifest {
@@ -444,13 +450,18 @@ async fn newest_manifest(remote: &DynRemote, url: &str, header: &VolumeHeader) -
     // The newest generation being corrupt is an error, not a cue to fall
     // back: an older generation would silently lose committed writes.
     let mut top = read_object(remote, url, header, listed, None).await?;
+    let mut seen = BTreeMap::new();
     loop {
         let next = top.generation + 1;
         match read_object(remote, url, header, next, top.next_slot.as_ref()).await {
-            Ok(m) => top = m,
+            Ok(m) => {
+                seen.insert(top.generation, std::mem::replace(&mut top, m));
+            }
             Err(VolumeError::Remote { source, .. }) if source.is_not_found() => break,
             Err(e) => return Err(e),
         }
     }
-    resolve(remote, url, header, top.generation, Some(top)).await
+    let g = top.generation;
+    seen.insert(g, top);
+    resolve(remote, url, header, g, seen).await
 }

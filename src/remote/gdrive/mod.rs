@@ -272,6 +272,26 @@ impl GDriveRemote {
         self.lookup(op, key).await?.ok_or_else(|| self.not_found(key))
     }
 
+    /// [`find_id`](Self::find_id) for an object a reader knows exists (a
+    /// pack a manifest names, a profile pack): another machine may have
+    /// created it moments ago, and Drive's listings lag behind creates, so
+    /// a miss is looked up again for up to [`LISTING_GRACE`] before it
+    /// counts as not found.
+    async fn find_id_within_lag(&self, op: &'static str, key: &str) -> RemoteResult<String> {
+        let t0 = std::time::Instant::now();
+        let mut wait = std::time::Duration::from_millis(250);
+        loop {
+            match self.find_id(op, key).await {
+                Err(e) if e.is_not_found() && t0.elapsed() < LISTING_GRACE => {
+                    tracing::debug!(key, "not listed yet; looking again (Drive listings lag behind creates)");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// The id of `key` (cached, or looked up).
     async fn find_id(&self, op: &'static str, key: &str) -> RemoteResult<String> {
         if let Target::File { id } = &self.target {
@@ -390,10 +410,14 @@ impl GDriveRemote {
     }
 }
 
+/// How long a read waits for an object it knows exists to show up in a
+/// listing (measured lags are seconds; `driveblk selftest` reports it).
+const LISTING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[async_trait]
 impl Remote for GDriveRemote {
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
-        let id = self.find_id("get_range", key).await?;
+        let id = self.find_id_within_lag("get_range", key).await?;
         match self.api.read_range(&id, range.clone()).await {
             Ok(b) => Ok(b),
             // A cached id whose file was deleted: look the key up afresh once.
