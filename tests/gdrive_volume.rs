@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use driveblk::remote::RetryPolicy;
-use driveblk::volume::{self, AttachOptions, ExportOptions, ImportOptions, RemoteOptions};
+use driveblk::tier::ExportOptions;
+use driveblk::volume::{self, AttachOptions, ImportOptions, RemoteOptions};
 use gdrive_support::{start, Creds, DriveEnv};
 
 fn remote_opts(env: &DriveEnv) -> RemoteOptions {
@@ -66,7 +67,7 @@ fn gdrive_volume_round_trip_under_faults() {
     assert_eq!((again.volume_id, again.generation), (info.volume_id.clone(), 1));
     let out = env.dir.path().join("out.raw");
     let eo = ExportOptions { cache_dir: None, parallel: 8, progress: false, remote: remote_opts(&env) };
-    volume::export(url, &out, &eo).unwrap();
+    driveblk::tier::export(url, &out, &eo).unwrap();
     assert!(std::fs::read(&out).unwrap() == bytes, "exported image differs");
     let st = env.emu.stats();
     assert!(st.injected_5xx > 0, "faults were injected: {st:?}");
@@ -90,7 +91,7 @@ fn gdrive_attach_a_file_id_base_uploads_none_of_it() {
     assert!(uploaded < 64 << 10, "attach uploaded {uploaded} bytes");
     let out = env.dir.path().join("out.img");
     let eo = ExportOptions { cache_dir: None, parallel: 4, progress: false, remote: remote_opts(&env) };
-    volume::export("gdrive:/vms/win10", &out, &eo).unwrap();
+    driveblk::tier::export("gdrive:/vms/win10", &out, &eo).unwrap();
     assert!(std::fs::read(&out).unwrap() == image);
     // Replacing the base's content is detected, never served as the volume's data.
     env.emu.ui_replace_content(&id, &gdrive_support::data(6, 5 << 20));
@@ -198,7 +199,7 @@ fn gdrive_import_then_open_despite_a_lagging_listing() {
     assert_eq!(info.generation, 1);
     let out = env.dir.path().join("out.raw");
     let eo = ExportOptions { cache_dir: None, parallel: 4, progress: false, remote: remote_opts(&env) };
-    volume::export("gdrive:/lag/vol", &out, &eo).unwrap();
+    driveblk::tier::export("gdrive:/lag/vol", &out, &eo).unwrap();
     assert!(std::fs::read(&out).unwrap() == bytes);
 }
 

@@ -17,10 +17,10 @@ use crate::format::raw::RawDisk;
 use crate::format::{Disk, ImageFormat};
 use crate::tier::boot::BootProfileMode;
 use crate::tier::tiered::{CacheMode, TieredStore};
+use crate::tier::{self as tier_layer, CacheOptions};
 use crate::tier::{LocalFile, Storage};
 use crate::vhost::config::ID_BYTES;
 use crate::vhost::{DeviceConfig, Server};
-use crate::volume::{self, CacheOptions};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -284,7 +284,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             open_format(Arc::new(file), &cfg, &LocalBackingOpener::new(path))?
         }
         ImageSource::Volume { url, cache } => {
-            let store: Arc<TieredStore> = volume::open(url, cache.clone())?;
+            let store: Arc<TieredStore> = tier_layer::open_volume(url, cache.clone())?;
             volume_store = Some(store.clone());
             status =
                 Some(StatusWriter::start(store.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);

@@ -20,6 +20,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Semaphore;
 
 use super::boot::{BootProfileMode, Recorder, Replay};
+use super::open::CacheOptions;
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
@@ -27,7 +28,7 @@ use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
-use crate::volume::{CacheOptions, ChunkRef, VolumeError, VolumeReader, VolumeResult};
+use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 mod boot_profile;
 mod writeback;
@@ -344,7 +345,7 @@ impl TieredStore {
     /// a progress bar on stderr when `progress`. Returns true when every
     /// chunk is local.
     pub fn wait_hydrated(&self, timeout: Duration, progress: bool) -> bool {
-        let bar = progress_bar(progress, self.stats().hydrate_total, "hydrate");
+        let bar = crate::volume::progress::bar(progress, self.stats().hydrate_total, "hydrate");
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let s = self.stats();
@@ -357,18 +358,6 @@ impl TieredStore {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-pub(crate) fn progress_bar(on: bool, len: u64, what: &str) -> indicatif::ProgressBar {
-    if !on {
-        return indicatif::ProgressBar::hidden();
-    }
-    let b = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} ({eta})")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    b.set_style(style);
-    b.set_message(what.to_string());
-    b
 }
 
 impl Drop for TieredStore {

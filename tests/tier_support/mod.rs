@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use driveblk::format::{IoMode, IoVec};
 use driveblk::remote::{DynRemote, FaultPlan, MetricsRemote, RemoteMetrics, RetryPolicy, ShapedRemote, Shaping};
+use driveblk::tier::CacheOptions;
 use driveblk::tier::Storage;
-use driveblk::volume::{CacheOptions, RemoteOptions};
+use driveblk::volume::RemoteOptions;
 use rand::{Rng, SeedableRng};
 
 pub const CS: u64 = 256 << 10;
