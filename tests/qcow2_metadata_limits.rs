@@ -102,3 +102,49 @@ fn a_fragmented_image_pins_at_most_the_budget_and_reads_the_rest_on_demand() {
         }
     }
 }
+
+fn be64(b: &[u8], off: usize) -> u64 {
+    u64::from_be_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+#[test]
+fn the_allocator_never_hands_out_metadata_whose_refcount_lies() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("liar.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "refcount_bits=16", p.to_str().unwrap(), &(16 * MIB).to_string()]);
+    qemu_io(&p, &["write -P 7 0 64k".into(), "write -P 8 1M 64k".into()]);
+    let mut img = std::fs::read(&p).unwrap();
+    let cs = 65536u64;
+    let l1 = be64(&img, 40);
+    let rt = be64(&img, 48);
+    let block = be64(&img, rt as usize);
+    let l2 = be64(&img, l1 as usize) & 0x00ff_ffff_ffff_fe00;
+    // Every metadata cluster claims refcount 0: header, refcount table and
+    // block, L1, L2. Only the data clusters keep theirs.
+    for off in [0, rt, block, l1, l2] {
+        let i = (block + off / cs * 2) as usize;
+        img[i..i + 2].copy_from_slice(&0u16.to_be_bytes());
+    }
+    std::fs::write(&p, &img).unwrap();
+    let before = qemu_raw(&p, &[]);
+
+    // Writes that each allocate a data cluster: the allocator scans from
+    // cluster 0, where the refcounts claim the metadata clusters are free.
+    let disk = open(&p, rw());
+    let mut want = before.clone();
+    for (n, guest) in [2 * MIB, 3 * MIB, 5 * MIB, 9 * MIB, 15 * MIB].into_iter().enumerate() {
+        let mut buf = vec![0x30 + n as u8; 65536];
+        want[guest as usize..guest as usize + 65536].copy_from_slice(&buf);
+        disk.write(guest, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
+    }
+    disk.flush(IoMode::Blocking).unwrap();
+    assert_same("through the engine", &read_all(&disk), &want);
+    disk.close().unwrap();
+    drop(disk);
+
+    // QEMU still finds its header, tables and the old data where they were.
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(&after[..72], &img[..72], "header overwritten");
+    assert_same("through qemu-img", &qemu_raw(&p, &[]), &want);
+    assert_same("reopened", &read_all(&open(&p, ro())), &want);
+}
