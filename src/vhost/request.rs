@@ -356,10 +356,10 @@ fn guest_iovec(mem: &GuestMem, pieces: &[(GuestAddress, usize)]) -> Result<IoVec
         let mut got = 0usize;
         for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
             let slice = slice.map_err(|e| format!("buffer at {:#x}+{len} outside guest memory: {e}", addr.0))?;
+            got += slice.len();
             // SAFETY: the slice lies in a guest memory mapping that the
             // request keeps alive (Request::_mem) until it completes.
-            unsafe { v.push_raw(slice.ptr_guard_mut().as_ptr(), slice.len()) };
-            got += slice.len();
+            unsafe { v.push_guest(slice) };
         }
         if got != len {
             return Err(format!("buffer at {:#x}+{len} outside guest memory", addr.0));
