@@ -110,6 +110,13 @@ struct StateHeader {
 /// Page bitmap of one partial chunk: bit i of the words = page i present.
 type Bitmap = Box<[u64]>;
 
+/// Why a persist failed: a failed fsync is sticky, a map that could not be
+/// written is not (the old one stands).
+enum Persist {
+    Sticky(io::Error),
+    Retryable(io::Error),
+}
+
 /// A parsed state file.
 struct Loaded {
     header: StateHeader,
@@ -1160,23 +1167,37 @@ impl SsdCache {
 
     /// Makes the data file and the chunk map durable: fsync data, then
     /// atomically replace the map.
+    ///
+    /// A failed fsync (of the data, or of the directory after the map was
+    /// replaced) is sticky: every later call fails until the cache is
+    /// reopened. A map that could not be written (a full disk) leaves the
+    /// old map in place and is not sticky: the caller's change is refused,
+    /// and a later call may succeed once there is room.
     pub fn persist(&self) -> io::Result<()> {
-        let r = self.persist_inner();
-        if let Err(e) = &r {
-            if !self.failed.swap(true, Ordering::SeqCst) {
-                tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make data durable; every later flush fails until driveblk is restarted");
-            }
-        }
-        r
-    }
-
-    fn persist_inner(&self) -> io::Result<()> {
         if self.failed.load(Ordering::SeqCst) {
             return Err(io::Error::other(format!(
-                "an earlier fsync or state write in {} failed; nothing is acknowledged as durable until driveblk is restarted",
+                "an earlier fsync in {} failed; nothing is acknowledged as durable until driveblk is restarted",
                 self.dir.display()
             )));
         }
+        match self.persist_inner() {
+            Ok(()) => Ok(()),
+            Err(Persist::Retryable(e)) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "could not write the SSD cache's state (disk full?)");
+                Err(e)
+            }
+            Err(Persist::Sticky(e)) => {
+                if !self.failed.swap(true, Ordering::SeqCst) {
+                    tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make data durable; every later flush fails until driveblk is restarted");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn persist_inner(&self) -> Result<(), Persist> {
+        let sticky = Persist::Sticky;
+        let retryable = Persist::Retryable;
         let mut persisted = self.persisted.lock();
         // Read before the snapshot and the fsync: a write racing with this
         // persist leaves the epoch ahead, so the next flush syncs again.
@@ -1215,7 +1236,7 @@ impl SsdCache {
             // Nothing written and nothing changed since the last flush.
             return Ok(());
         }
-        self.data.flush()?;
+        self.data.flush().map_err(sticky)?;
         if map_same {
             persisted.data_epoch = epoch;
             return Ok(());
@@ -1230,20 +1251,25 @@ impl SsdCache {
             chunks: snap.len() as u64,
             partial,
         };
-        let mut body = serde_json::to_vec(&header).map_err(io::Error::other)?;
+        let mut body = serde_json::to_vec(&header).map_err(|e| retryable(io::Error::other(e)))?;
         body.push(b'\n');
         body.extend_from_slice(&snap);
         body.extend_from_slice(&bitmaps);
         let sum = Sha256::digest(&body);
         body.extend_from_slice(&sum);
         let tmp = self.dir.join("state.tmp");
-        {
+        // Until the rename, the old map stands: failures here are retryable.
+        let written = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(&body)?;
-            f.sync_all()?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(retryable(e));
         }
-        std::fs::rename(&tmp, self.dir.join("state"))?;
-        File::open(&self.dir)?.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join("state")).map_err(retryable)?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(sticky)?;
         *persisted = Persisted {
             states: snap,
             generation: header.generation,
