@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod export;
+pub mod journal;
 pub mod local;
 pub mod open;
 pub mod ram;

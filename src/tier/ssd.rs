@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::format::{IoMode, IoVec};
+use crate::tier::journal::{Change, Journal, Record};
 use crate::tier::{LocalFile, Storage};
 use crate::volume::{VolumeError, VolumeResult};
 
@@ -77,6 +78,9 @@ const STATE_MAGIC: &str = "driveblk-cache";
 /// directory an id. Versions 1 and 2 are still read.
 const STATE_VERSION: u32 = 3;
 const STRIPES: usize = 1024;
+/// The journal grows to at least this many bytes (or twice the map) before
+/// the next persist writes a checkpoint instead.
+const JOURNAL_MIN_CHECKPOINT: u64 = 1 << 20;
 
 /// What a cache directory must match to be reused: the volume, not its
 /// generation (a cache holding dirty chunks outlives the commits they go
@@ -105,6 +109,9 @@ struct StateHeader {
     /// Partial chunks, whose bitmaps follow the state bytes (version 2).
     #[serde(default)]
     partial: u64,
+    /// Id of this checkpoint: journal records that follow it name it.
+    #[serde(default)]
+    checkpoint: u64,
 }
 
 /// Page bitmap of one partial chunk: bit i of the words = page i present.
@@ -164,6 +171,8 @@ struct Pages {
 /// What the state file on disk says.
 struct Persisted {
     states: Vec<u8>,
+    /// The page bitmaps recorded.
+    maps: HashMap<u64, Bitmap>,
     /// The generation recorded.
     generation: u64,
     /// The image length recorded.
@@ -212,6 +221,8 @@ pub struct SsdCache {
     /// without an entry (after a restart, or zeroed whole) counts as
     /// changed everywhere.
     dirty_pages: Mutex<HashMap<u64, Bitmap>>,
+    /// Changes since the last checkpoint (None when only inspecting).
+    journal: Mutex<Option<Journal>>,
     /// Bumped by every write to the data file, so a flush with nothing
     /// written since the last one costs no fsync.
     data_epoch: AtomicU64,
@@ -308,7 +319,46 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
         }
         maps.insert(idx, m);
     }
-    Ok(Some(Loaded { header: h, states: states.to_vec(), maps }))
+    let mut l = Loaded { header: h, states: states.to_vec(), maps };
+    if let Some(dir) = path.parent() {
+        apply_journal(&mut l, dir, words)?;
+    }
+    Ok(Some(l))
+}
+
+/// Applies the journal records that follow the checkpoint `l` was read from.
+fn apply_journal(l: &mut Loaded, dir: &Path, words: usize) -> Result<(), String> {
+    let pages = l.header.id.chunk_size.div_ceil(PAGE);
+    for rec in Journal::replay(dir, l.header.checkpoint, words) {
+        let chunks = rec.image_len.div_ceil(l.header.id.chunk_size);
+        if chunks > 1 << 40 {
+            return Err("journal record with an implausible image length".into());
+        }
+        if (l.states.len() as u64) < chunks {
+            l.states.resize(chunks as usize, ABSENT);
+        }
+        for c in rec.changes {
+            let ok = c.state <= ZERO_DIRTY
+                && has_bitmap(c.state) == c.bitmap.is_some()
+                && (c.idx as usize) < l.states.len()
+                && c.bitmap.as_ref().is_none_or(|m| popcount(m) > 0 && !(pages..words as u64 * 64).any(|p| bit(m, p)));
+            if !ok {
+                return Err(format!("journal record for chunk {} does not fit the map", c.idx));
+            }
+            l.states[c.idx as usize] = c.state;
+            match c.bitmap {
+                Some(m) => {
+                    l.maps.insert(c.idx, m);
+                }
+                None => {
+                    l.maps.remove(&c.idx);
+                }
+            }
+        }
+        l.header.generation = rec.generation;
+        l.header.image_len = rec.image_len;
+    }
+    Ok(())
 }
 
 impl SsdCache {
@@ -399,6 +449,7 @@ impl SsdCache {
             dirty += is_dirty(s) as u64;
         }
         let held: u64 = maps.values().map(|m| popcount(m)).sum();
+        let persisted_maps = maps.clone();
         let partial = maps.len() as u64;
         let persisted: Vec<u8> = slots.iter().map(|s| s.state.load(Ordering::Relaxed)).collect();
         let c = Self {
@@ -418,6 +469,7 @@ impl SsdCache {
             pages_held: AtomicU64::new(held),
             persisted: Mutex::new(Persisted {
                 states: persisted,
+                maps: persisted_maps,
                 generation,
                 image_len: len,
                 data_epoch: 0,
@@ -431,11 +483,17 @@ impl SsdCache {
             write_seq: AtomicU64::new(1),
             dirty_pages: Mutex::new(HashMap::new()),
             data_epoch: AtomicU64::new(1),
+            journal: Mutex::new(None),
             failed: AtomicBool::new(false),
         };
         if mode == OpenMode::Serve {
-            // Record the identity now, so a crash before the first flush
-            // still leaves a directory that says whose it is.
+            *c.journal.lock() = Some(
+                Journal::open(dir, 0, bitmap_words(cs))
+                    .map_err(|e| VolumeError::io("opening the journal in", dir, e))?,
+            );
+            // Record the identity now (a fresh checkpoint), so a crash
+            // before the first flush still leaves a directory that says
+            // whose it is.
             c.persist().map_err(|e| VolumeError::io("writing cache state in", dir, e))?;
         }
         Ok(Some((c, opened)))
@@ -1203,7 +1261,7 @@ impl SsdCache {
         // persist leaves the epoch ahead, so the next flush syncs again.
         let epoch = self.data_epoch.load(Ordering::SeqCst);
         let words = bitmap_words(self.chunk_size);
-        let (snap, bitmaps, partial, gen) = {
+        let (snap, bitmaps, partial, gen, maps) = {
             // States and bitmaps agree under the bitmap lock (every move
             // into or out of partial happens under it).
             let pages = self.pages.lock();
@@ -1219,13 +1277,17 @@ impl SsdCache {
                         }
                         partial += 1;
                     }
-                    // Cannot happen; claiming nothing is always safe for a
-                    // clean chunk. A dirty one keeps its state, and claims
-                    // no page (absent pages come from the remote).
+                    // Cannot happen: states with pages always have a bitmap.
                     None => *s = ABSENT,
                 }
             }
-            (snap, bitmaps, partial, pages.gen)
+            let maps: HashMap<u64, Bitmap> = snap
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| has_bitmap(**s))
+                .filter_map(|(i, _)| pages.maps.get(&(i as u64)).map(|m| (i as u64, m.clone())))
+                .collect();
+            (snap, bitmaps, partial, pages.gen, maps)
         };
         let map_same = persisted.written
             && snap == persisted.states
@@ -1241,6 +1303,33 @@ impl SsdCache {
             persisted.data_epoch = epoch;
             return Ok(());
         }
+        // A few changes go to the journal: one append, one fsync.
+        let mut journal = self.journal.lock();
+        let limit = (JOURNAL_MIN_CHECKPOINT).max(snap.len() as u64 * 2);
+        if let Some(j) = journal.as_mut().filter(|j| persisted.written && j.len() < limit) {
+            let mut changes = Vec::new();
+            for (i, &st) in snap.iter().enumerate() {
+                let idx = i as u64;
+                let before = persisted.states.get(i).copied().unwrap_or(ABSENT);
+                let map = maps.get(&idx);
+                if st != before || (has_bitmap(st) && persisted.maps.get(&idx) != map) {
+                    changes.push(Change { idx, state: st, bitmap: map.cloned() });
+                }
+            }
+            let rec = Record { generation: self.generation(), image_len: self.len(), changes };
+            j.append(&rec).map_err(sticky)?;
+            *persisted = Persisted {
+                states: snap,
+                maps,
+                generation: rec.generation,
+                image_len: rec.image_len,
+                data_epoch: epoch,
+                written: true,
+                gen,
+            };
+            return Ok(());
+        }
+        let checkpoint = rand::random::<u64>() | 1;
         let header = StateHeader {
             format: STATE_MAGIC.into(),
             version: STATE_VERSION,
@@ -1250,6 +1339,7 @@ impl SsdCache {
             image_len: self.len(),
             chunks: snap.len() as u64,
             partial,
+            checkpoint,
         };
         let mut body = serde_json::to_vec(&header).map_err(|e| retryable(io::Error::other(e)))?;
         body.push(b'\n');
@@ -1270,8 +1360,13 @@ impl SsdCache {
         }
         std::fs::rename(&tmp, self.dir.join("state")).map_err(retryable)?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(sticky)?;
+        // Records of the old checkpoint would be ignored; start afresh.
+        if let Some(j) = journal.as_mut() {
+            j.reset(checkpoint).map_err(sticky)?;
+        }
         *persisted = Persisted {
             states: snap,
+            maps,
             generation: header.generation,
             image_len: header.image_len,
             data_epoch: epoch,
@@ -1279,6 +1374,12 @@ impl SsdCache {
             gen,
         };
         Ok(())
+    }
+
+    /// Writes the whole map as a new checkpoint (and empties the journal).
+    pub fn checkpoint(&self) -> io::Result<()> {
+        self.persisted.lock().written = false;
+        self.persist()
     }
 
     /// True if the in-memory map (states or page bitmaps) differs from the
@@ -1409,21 +1510,60 @@ mod tests {
             let _g = c.lock_write(1);
             c.write(1, 0, &IoVec::from_slice(&mut w), Some(&[0u8; 4096])).unwrap();
         }
+        let journal = || std::fs::metadata(d.path().join("journal")).unwrap().len();
+        let j0 = journal();
         c.persist().unwrap();
-        let second = ino();
-        assert_ne!(second, first, "a chunk became dirty: the map is rewritten");
+        assert_eq!(ino(), first, "a chunk became dirty: a journal record, not a new map");
+        let j1 = journal();
+        assert!(j1 > j0 && j1 - j0 < 200, "one small record ({} bytes)", j1 - j0);
         {
             let _g = c.lock_write(1);
             c.write(1, 8, &IoVec::from_slice(&mut w), None).unwrap();
         }
         c.persist().unwrap();
-        assert_eq!(ino(), second, "a write into a dirty chunk needs an fsync of data, not a new map");
+        assert_eq!((ino(), journal()), (first, j1), "a write into a dirty chunk needs an fsync of data, nothing else");
         drop(c);
         let (c, o) = SsdCache::open(d.path(), id(1), 1, 4 * 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
         assert_eq!(o, Opened::Reused { cached: 1, dirty: 1 });
         let mut b = [0u8; 12];
         c.read(1, 0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
         assert_eq!(&b, b"abcd\0\0\0\0abcd");
+    }
+
+    #[test]
+    fn the_journal_replays_after_a_crash_up_to_a_torn_record() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = SsdCache::open(d.path(), id(1), 1, 64 * 4096, 1 << 30, OpenMode::Serve).unwrap().unwrap();
+        // Many small persists: states, bitmaps (a partial chunk), generation.
+        for i in 0..40u64 {
+            let _g = c.lock_write(i);
+            let mut w = [i as u8 + 1; 16];
+            c.write(i, 0, &IoVec::from_slice(&mut w), Some(&[0u8; 4096])).unwrap();
+            drop(_g);
+            c.persist().unwrap();
+        }
+        {
+            let _g = c.lock_write(50);
+            assert!(c.install_pages(50, 0, &[9u8; 4096]).unwrap() || c.state(50) == PARTIAL || c.state(50) == CLEAN);
+        }
+        c.set_generation(7);
+        c.persist().unwrap();
+        // A crash: no close, no checkpoint. The reopened cache has it all.
+        std::mem::forget(c);
+        let d2 = d.path().to_path_buf();
+        // The lock of the forgotten cache is this process's; reopen reads
+        // the files as a new process would.
+        let l = read_state(&d2.join("state")).unwrap().unwrap();
+        assert_eq!(l.header.generation, 7);
+        assert!((0..40).all(|i| l.states[i] == DIRTY), "{:?}", &l.states[..40]);
+        assert!(l.states[50] == CLEAN || (l.states[50] == PARTIAL && l.maps.contains_key(&50)));
+        // A torn last record loses only that persist.
+        let j = d2.join("journal");
+        let len = std::fs::metadata(&j).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&j).unwrap().set_len(len - 3).unwrap();
+        let l = read_state(&d2.join("state")).unwrap().unwrap();
+        assert_eq!(l.header.generation, 1, "the last record (generation 7) was torn");
+        assert!((0..40).all(|i| l.states[i] == DIRTY));
     }
 
     #[test]
@@ -1672,6 +1812,8 @@ mod tests {
         assert!(c.needs_persist());
         c.persist().unwrap();
         assert!(!c.needs_persist());
+        // Those changes went to the journal; a checkpoint writes the map.
+        c.checkpoint().unwrap();
         let raw = std::fs::read(d.path().join("state")).unwrap();
         let nl = raw.iter().position(|&b| b == b'\n').unwrap();
         let h: serde_json::Value = serde_json::from_slice(&raw[..nl]).unwrap();
