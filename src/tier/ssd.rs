@@ -750,30 +750,7 @@ impl SsdCache {
             tail[..short as usize].copy_from_slice(&data[whole..]);
             self.data_write_at(base + off + whole as u64, &tail)?;
         }
-        {
-            let mut pages = self.pages.lock();
-            let words = bitmap_words(cs);
-            let fresh = !pages.maps.contains_key(&idx);
-            let m = pages.maps.entry(idx).or_insert_with(|| vec![0u64; words].into_boxed_slice());
-            let mut added = 0;
-            for p in first..last {
-                let w = &mut m[(p / 64) as usize];
-                added += u64::from(*w & (1 << (p % 64)) == 0);
-                *w |= 1 << (p % 64);
-            }
-            let complete = (0..self.pages_in(idx)).all(|p| bit(m, p));
-            pages.gen += 1;
-            self.pages_held.fetch_add(added, Ordering::Relaxed);
-            if fresh {
-                self.partial.fetch_add(1, Ordering::Relaxed);
-            }
-            if complete {
-                self.leave_partial(&mut pages, idx, CLEAN);
-                self.cached.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.set_state(idx, PARTIAL);
-            }
-        }
+        self.add_pages(idx, first, last, CLEAN, PARTIAL);
         self.touch(idx);
         Ok(true)
     }
@@ -869,6 +846,33 @@ impl SsdCache {
         off % PAGE == 0 && end <= self.chunk_size && (end % PAGE == 0 || idx * self.chunk_size + end == self.len())
     }
 
+    /// Marks pages [first, last) of chunk `idx` present, under the bitmap
+    /// lock: the chunk becomes `part`, or `whole` once every page of it is.
+    fn add_pages(&self, idx: u64, first: u64, last: u64, whole: u8, part: u8) {
+        let mut pages = self.pages.lock();
+        let words = bitmap_words(self.chunk_size);
+        let fresh = !pages.maps.contains_key(&idx);
+        let m = pages.maps.entry(idx).or_insert_with(|| vec![0u64; words].into_boxed_slice());
+        let mut added = 0;
+        for p in first..last {
+            let w = &mut m[(p / 64) as usize];
+            added += u64::from(*w & (1 << (p % 64)) == 0);
+            *w |= 1 << (p % 64);
+        }
+        let complete = (0..self.pages_in(idx)).all(|p| bit(m, p));
+        pages.gen += 1;
+        self.pages_held.fetch_add(added, Ordering::Relaxed);
+        if fresh {
+            self.partial.fetch_add(1, Ordering::Relaxed);
+        }
+        if complete {
+            self.leave_partial(&mut pages, idx, whole);
+            self.cached.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.set_state(idx, part);
+        }
+    }
+
     /// Writes whole pages into a chunk not held whole, without fetching it:
     /// the chunk becomes dirty in part, its written pages present. Bytes
     /// first, page bits after, so a persist never claims pages not written.
@@ -886,34 +890,11 @@ impl SsdCache {
             }
         }
         self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
-        {
-            let mut pages = self.pages.lock();
-            let words = bitmap_words(self.chunk_size);
-            let fresh = !pages.maps.contains_key(&idx);
-            let m = pages.maps.entry(idx).or_insert_with(|| vec![0u64; words].into_boxed_slice());
-            let mut added = 0;
-            let end = off + bufs.len() as u64;
-            for p in off / PAGE..end.div_ceil(PAGE) {
-                let w = &mut m[(p / 64) as usize];
-                added += u64::from(*w & (1 << (p % 64)) == 0);
-                *w |= 1 << (p % 64);
-            }
-            let complete = (0..self.pages_in(idx)).all(|p| bit(m, p));
-            pages.gen += 1;
-            self.pages_held.fetch_add(added, Ordering::Relaxed);
-            if fresh {
-                self.partial.fetch_add(1, Ordering::Relaxed);
-            }
-            if state == ABSENT {
-                self.dirty.fetch_add(1, Ordering::Relaxed);
-            }
-            if complete {
-                self.leave_partial(&mut pages, idx, DIRTY);
-                self.cached.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.set_state(idx, DIRTY_PARTIAL);
-            }
+        if state == ABSENT {
+            self.dirty.fetch_add(1, Ordering::Relaxed);
         }
+        let end = off + bufs.len() as u64;
+        self.add_pages(idx, off / PAGE, end.div_ceil(PAGE), DIRTY, DIRTY_PARTIAL);
         self.bump_seq(idx);
         self.touch(idx);
         Ok(())
