@@ -474,25 +474,29 @@ impl VhostUserBackend for BlockBackend {
         Ok(())
     }
 
-    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[Vring], _thread_id: usize) -> io::Result<()> {
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
         if evset != EventSet::IN {
             return Ok(());
         }
+        // One queue per thread (`queues_per_thread`): the thread's index is
+        // the queue's, and `vrings` holds just that queue, whose events
+        // arrive as local index 0.
+        let qidx = thread_id;
         let nq = self.shared.cfg.num_queues as u64;
         if u64::from(device_event) > nq {
             // A throttled queue has room again.
             let q = (u64::from(device_event) - nq - 1) as usize;
             let Some(f) = self.shared.inflight.get(q) else { return Ok(()) };
             let _ = f.resume_consumer.consume();
-            return match vrings.get(q) {
-                Some(vring) if vring.get_ref().is_enabled() => self.process_queue(q, vring),
+            return match vrings.first() {
+                Some(vring) if q == qidx && vring.get_ref().is_enabled() => self.process_queue(qidx, vring),
                 _ => Ok(()),
             };
         }
         // Spurious calls (e.g. when a vring is enabled) are harmless: an empty
         // queue yields no chains.
         match vrings.get(device_event as usize) {
-            Some(vring) => self.process_queue(device_event as usize, vring),
+            Some(vring) => self.process_queue(qidx, vring),
             None => Ok(()),
         }
     }
