@@ -231,7 +231,7 @@ fn write_landing_during_a_fetch_wins_over_the_fetched_bytes() {
     let (g2, w2) = (gate.clone(), waiting.clone());
     let mut remote = volume::RemoteOptions::default();
     remote.layer = Some(Arc::new(move |r| -> driveblk::remote::DynRemote {
-        Arc::new(GatedRemote { inner: r, gate: g2.clone(), waiting: w2.clone() })
+        Arc::new(GatedRemote { inner: r, gate: g2.clone(), waiting: w2.clone(), puts: false })
     }));
     let mut o = cache_opts(&d.path().join("c"), remote);
     o.readahead_chunks = 0;

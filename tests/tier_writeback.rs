@@ -280,53 +280,6 @@ fn scattered_small_writes_upload_about_what_changed() {
     assert!(fresh_view(d.path(), &vurl, "c") == expect);
 }
 
-/// Holds pack uploads at a gate until the test opens it.
-#[derive(Debug)]
-struct GatedPuts {
-    inner: driveblk::remote::DynRemote,
-    gate: Arc<tokio::sync::Semaphore>,
-    waiting: Arc<std::sync::atomic::AtomicU64>,
-}
-
-#[async_trait::async_trait]
-impl driveblk::remote::Remote for GatedPuts {
-    async fn get_range(&self, key: &str, r: std::ops::Range<u64>) -> driveblk::remote::RemoteResult<bytes::Bytes> {
-        self.inner.get_range(key, r).await
-    }
-    async fn put(
-        &self,
-        key: &str,
-        body: driveblk::remote::PutBody,
-    ) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
-        if key.starts_with("pack-") {
-            self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.gate.acquire().await.unwrap().forget();
-        }
-        self.inner.put(key, body).await
-    }
-    async fn head(&self, key: &str) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(&self, p: &str) -> driveblk::remote::RemoteResult<Vec<driveblk::remote::ObjectMeta>> {
-        self.inner.list(p).await
-    }
-    async fn delete(&self, key: &str) -> driveblk::remote::RemoteResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn create(
-        &self,
-        key: &str,
-        slot: Option<&driveblk::remote::Slot>,
-        tag: &str,
-        body: driveblk::remote::PutBody,
-    ) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
-        self.inner.create(key, slot, tag, body).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 #[test]
 fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upload() {
     let d = tempfile::tempdir().unwrap();
@@ -335,7 +288,8 @@ fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upl
     let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (g2, w2) = (gate.clone(), waiting.clone());
     let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
-        Arc::new(GatedPuts { inner, gate: g2.clone(), waiting: w2.clone() }) as driveblk::remote::DynRemote
+        Arc::new(GatedRemote { inner, gate: g2.clone(), waiting: w2.clone(), puts: true })
+            as driveblk::remote::DynRemote
     });
     let mut o = cache_opts(&d.path().join("a"), Default::default());
     o.remote.layer = Some(layer);
@@ -385,7 +339,8 @@ fn a_write_into_a_cold_chunk_never_waits_for_its_fetch() {
     let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (g2, w2) = (gate.clone(), waiting.clone());
     let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
-        Arc::new(GatedRemote { inner, gate: g2.clone(), waiting: w2.clone() }) as driveblk::remote::DynRemote
+        Arc::new(GatedRemote { inner, gate: g2.clone(), waiting: w2.clone(), puts: false })
+            as driveblk::remote::DynRemote
     });
     let mut o = cache_opts(&d.path().join("a"), Default::default());
     o.remote.layer = Some(layer);

@@ -116,16 +116,25 @@ pub struct GatedRemote {
     pub inner: DynRemote,
     pub gate: Arc<tokio::sync::Semaphore>,
     pub waiting: Arc<std::sync::atomic::AtomicU64>,
+    /// Gate pack uploads instead of pack reads.
+    pub puts: bool,
+}
+
+impl GatedRemote {
+    async fn pass(&self, key: &str, put: bool) {
+        if key.starts_with("pack-") && put == self.puts {
+            self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.gate.acquire().await.unwrap().forget();
+        }
+    }
 }
 
 #[async_trait::async_trait]
 impl driveblk::remote::Remote for GatedRemote {
     async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> driveblk::remote::RemoteResult<bytes::Bytes> {
-        // Only chunk reads wait; opening the volume goes straight through.
-        if key.starts_with("pack-") {
-            self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.gate.acquire().await.unwrap().forget();
-        }
+        // Only chunk reads (or uploads) wait; opening the volume goes
+        // straight through.
+        self.pass(key, false).await;
         self.inner.get_range(key, range).await
     }
     async fn put(
@@ -133,6 +142,7 @@ impl driveblk::remote::Remote for GatedRemote {
         key: &str,
         body: driveblk::remote::PutBody,
     ) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
+        self.pass(key, true).await;
         self.inner.put(key, body).await
     }
     async fn head(&self, key: &str) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
