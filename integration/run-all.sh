@@ -166,6 +166,7 @@ hostcheck() { # name status detail
 #       with compressed clusters (qemu-img convert -c)
 #   hashlen=BYTES   how much of the disk the guest hashes (default: all of it)
 #   fio_offset=BYTES  where the guest's fio jobs start
+#   fio_size=SIZE   bytes per fio job for this case (default: --fio-size)
 #   qsize=N         virtqueue size of the QEMU device (default: QEMU's)
 #   reboot=1        boot a second guest on the same backend process
 #   restart=1       afterwards start a new backend process on the image and
@@ -186,10 +187,10 @@ hostcheck() { # name status detail
 run_case() {
     local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6
     shift 6
-    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 source=file coldagain=0 othermachine=0 kv
+    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 source=file coldagain=0 othermachine=0 fio_size=$FIO_SIZE kv
     for kv in "$@"; do
         case $kv in
-            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*|source=*|coldagain=*|othermachine=*) local "$kv" ;;
+            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*|source=*|coldagain=*|othermachine=*|fio_size=*) local "$kv" ;;
             *) die "run_case: bad option $kv" ;;
         esac
     done
@@ -231,7 +232,7 @@ run_case() {
     fi
 
     local args=(--socket "$sock" --size "$size" --queues "$nq" --ro "$([ "$ro" = 1 ] && echo yes || echo no)"
-        --hash "$hashlen:$before" --fio-size "$FIO_SIZE" --fio-offset "$fio_offset"
+        --hash "$hashlen:$before" --fio-size "$fio_size" --fio-offset "$fio_offset"
         --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.serial.log")
     [ "$ro" = 1 ] || args+=(--dump-hash "$hashlen")
     [ -z "$qsize" ] || args+=(--queue-size "$qsize")
@@ -431,7 +432,7 @@ want volume-profile-ro && run_case volume-profile-ro qcow2 1 1 "" $((24 * MiB)) 
 # write-back: a guest writes (fio, with fsyncs) to a qcow2 volume; the stop
 # uploads every change; another machine (empty cache) boots the same volume
 # and reads the first guest's final disk
-want volume-wb-2nd-machine && run_case volume-wb-2nd-machine qcow2 1 0 "drvblk-wb" $((32 * MiB)) source=volume othermachine=1
+want volume-wb-2nd-machine && run_case volume-wb-2nd-machine qcow2 1 0 "drvblk-wb" $((32 * MiB)) source=volume othermachine=1 fio_size=4M
 want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')
