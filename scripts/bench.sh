@@ -744,10 +744,11 @@ if [[ ${#SYNC_SEL[@]} -gt 0 ]]; then
         echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         for i in "${SYNC_SEL[@]}"; do
             name=${SYNC_ROWS[$i]%%|*}
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s (%s%%) | %s | %s | %s |\n' "$name" \
+            rate=$(big "$name" "$(fmt "$(smed "$name" 9)" 1) ($(fmt "$(awk -v x="$(smed "$name" 10)" 'BEGIN {print (x == "FAIL" ? x : 100 * x)}')" 0)%)")
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" \
                 "$(hb "$(smed "$name" 3)")" "$(hb "$(smed "$name" 4)")" "$(hb "$(smed "$name" 5)")" \
                 "$(fmt "$(smed "$name" 6)" 3)" "$(fmt "$(smed "$name" 7)" 3)" "$(fmt "$(smed "$name" 8)" 1)" \
-                "$(big "$name" "$(fmt "$(smed "$name" 9)" 1)")" "$(big "$name" "$(fmt "$(awk -v x="$(smed "$name" 10)" 'BEGIN {print (x == "FAIL" ? x : 100 * x)}')" 0)")" \
+                "$rate" \
                 "$(fmt "$(smed "$name" 11)" 0)" \
                 "$(for c in 14 15 16 17 18 19; do printf '%s/' "$(fmt "$(smed "$name" $c)" 0)"; done | sed 's#/$##')" \
                 "$(big "$name" "$(fmt "$(smed "$name" 13)" 0)")"
