@@ -177,13 +177,14 @@ hostcheck() { # name status detail
 #   coldagain=1     (source=volume, ro=1) afterwards boot again from a second,
 #                   empty cache: the first boot saved a boot profile, which
 #                   the second streams ahead of the guest
-#   othermachine=1  (source=volume, ro=0) write-back to the remote: the stop
+#   othermachine=1  (source=volume, ro=0) write-back to the remote: after its
+#                   tests the guest makes an ext2 and writes fsynced files; the stop
 #                   (SIGTERM) must have uploaded every change (status.json:
 #                   no dirty bytes, a generation committed); the host checks
 #                   run on an export through a fresh, empty cache, and a
 #                   second backend on another empty cache ("another
 #                   machine") boots a guest that must read the first guest's
-#                   final disk (md5)
+#                   final disk (md5) and find every file intact (md5 list)
 run_case() {
     local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6
     shift 6
@@ -242,6 +243,7 @@ run_case() {
     [ "$EXP_WZEROES" = any ] || [ "$ro" = 1 ] || args+=(--write-zeroes "$EXP_WZEROES")
     [ "$EXP_WCACHE" = any ] || args+=(--wcache "$EXP_WCACHE")
     [ "$DEMO" = 0 ] || args+=(--demo)
+    [ "$othermachine" = 0 ] || args+=(--files write)
     rc=0
     guest "$LOGDIR/$name.result.txt" "${args[@]}" || rc=$?
     [ "$rc" = 0 ] || CASE_OK=0
@@ -369,7 +371,7 @@ run_case() {
         echo "--- $name: another machine (new backend, empty cache) boots the volume, the writes must be there"
         VOLUME_CACHE="$WORK/$name.cache2"
         if start_backend "$sock" "$img" "$fmt" "$nq" 0 "$serial" "$LOGDIR/$name.other.backend.log"; then
-            local args5=(--socket "$sock" --size "$size" --queues "$nq" --hash "$hashlen:$gh" --no-fio
+            local args5=(--socket "$sock" --size "$size" --queues "$nq" --hash "$hashlen:$gh" --no-fio --files check
                 --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.other.serial.log")
             [ "$DEMO" = 0 ] || args5+=(--demo)
             guest "$LOGDIR/$name.other.result.txt" "${args5[@]}" || CASE_OK=0
