@@ -191,3 +191,51 @@ fn kill_9_during_write_back_leaves_generations_of_whole_flushes() {
     }
     assert!(committed_rounds > 0, "no round committed a generation before the kill: the test exercised nothing");
 }
+
+fn info_generation(url: &str) -> u64 {
+    let out = Command::new(bin()).args(["info", url, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["generation"].as_u64().unwrap()
+}
+
+#[test]
+fn driveblk_sync_uploads_now_through_the_daemon_or_from_a_stopped_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
+    let url = format!("dir:{}", d.path().join("remote/vol").display());
+    run_ok(bin(), &["import", img.to_str().unwrap(), &url, "--quiet"]);
+    let cache = d.path().join("cache");
+    let sock = d.path().join("sock");
+    // An interval long enough that only `sync` can cut a generation.
+    let args =
+        ["--volume", &url, "--format", "qcow2", "--cache-dir", cache.to_str().unwrap(), "--sync-interval", "3600"];
+    let mut daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    // The first FLUSH cuts at once; later ones wait for the interval.
+    c.write(0, &common::pattern(3, 4096)).unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let g0 = info_generation(&url);
+    let a = common::pattern(1, 1 << 20);
+    c.write(1 << 20, &a).unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(info_generation(&url), g0, "no cut before the interval");
+    run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "60"]);
+    assert!(info_generation(&url) > g0, "sync through the running daemon committed a generation");
+    let got = remote_view(d.path(), &url);
+    assert!(got[1 << 20..2 << 20] == a[..], "the remote holds the synced write");
+    // Changes left by a daemon that died go up with `sync` alone.
+    let b = common::pattern(2, 1 << 20);
+    c.write(4 << 20, &b).unwrap();
+    c.flush().unwrap();
+    let mut child = daemon.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(c);
+    run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "60"]);
+    let got = remote_view(d.path(), &url);
+    assert!(got[4 << 20..5 << 20] == b[..], "the stopped cache's changes reached the remote");
+}

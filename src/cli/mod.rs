@@ -5,6 +5,7 @@ pub mod remote;
 pub mod serve;
 pub mod size;
 pub mod status;
+pub mod sync;
 pub mod volume;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,8 @@ pub enum Command {
     Hydrate(volume::HydrateArgs),
     /// Show the cache and remote counters of a daemon serving a volume.
     Status(volume::StatusArgs),
+    /// Upload a volume's local changes now and wait until they are committed.
+    Sync(sync::SyncArgs),
 }
 
 /// Runs a parsed command.
@@ -51,5 +54,6 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Info(a) => volume::info(a),
         Command::Hydrate(a) => volume::hydrate(a),
         Command::Status(a) => volume::status(a),
+        Command::Sync(a) => sync::run(a),
     }
 }

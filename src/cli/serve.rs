@@ -300,6 +300,17 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(socket = %cfg.socket.display(), queues = cfg.device.num_queues, "serving {}", disk.describe());
     let server = Server::bind(disk, cfg.device.clone(), &cfg.socket)?;
     let stop = server.stop_handle();
+    if let Some(store) = volume_store.clone() {
+        // SIGUSR1 (`driveblk sync`): cut a generation as soon as the disk
+        // is consistent, without waiting for the sync interval.
+        let mut usr1 = Signals::new([signal_hook::consts::SIGUSR1]).context("cannot install signal handlers")?;
+        std::thread::Builder::new().name("driveblk-sync-signal".into()).spawn(move || {
+            for _ in usr1.forever() {
+                tracing::info!("sync requested");
+                store.request_sync();
+            }
+        })?;
+    }
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
     std::thread::Builder::new().name("driveblk-signals".into()).spawn(move || {
         let mut signals = signals.forever();

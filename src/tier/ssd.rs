@@ -47,8 +47,24 @@ pub const CLEAN: u8 = 1;
 pub const DIRTY: u8 = 2;
 /// Some 4 KiB pages of the chunk hold the remote generation's bytes (the rest are unknown).
 pub const PARTIAL: u8 = 3;
+/// Some 4 KiB pages hold local changes (written without fetching the
+/// chunk), other present pages the generation's bytes, the rest are
+/// unknown (still on the remote); never evicted. A bitmap says which pages
+/// are present. A read of an absent page fetches the chunk and fills only
+/// the absent pages.
+pub const DIRTY_PARTIAL: u8 = 4;
 /// Granularity of partial chunks.
 pub const PAGE: u64 = 4096;
+
+/// True for the states that keep a page bitmap.
+fn has_bitmap(state: u8) -> bool {
+    matches!(state, PARTIAL | DIRTY_PARTIAL)
+}
+
+/// True for the states that hold local changes.
+pub fn is_dirty(state: u8) -> bool {
+    matches!(state, DIRTY | DIRTY_PARTIAL)
+}
 
 const STATE_MAGIC: &str = "driveblk-cache";
 /// Version 2 added partial chunks and their page bitmaps; version 3 keyed
@@ -173,6 +189,11 @@ pub struct SsdCache {
     cache_id: String,
     /// Source of write sequence numbers.
     write_seq: AtomicU64,
+    /// Pages written since each dirty chunk was last clean (in memory
+    /// only): write-back uploads just those as a patch. A dirty chunk
+    /// without an entry (after a restart, or zeroed whole) counts as
+    /// changed everywhere.
+    dirty_pages: Mutex<HashMap<u64, Bitmap>>,
     /// Set once an fsync or state write failed: Linux may have dropped the
     /// dirty pages, so a later fsync "succeeding" would prove nothing.
     /// Every later flush fails; the cache must be reopened (which trusts
@@ -222,8 +243,13 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
         return Err("state file has chunk size 0".into());
     }
     let rest = &body[nl + 1..];
-    let max_state = if h.version == 1 { DIRTY } else { PARTIAL };
-    // Before version 3 a cache was tied to one generation and had no id.
+    // Before version 3 a cache was tied to one generation and had no id,
+    // and no chunk was dirty in part.
+    let max_state = match h.version {
+        1 => DIRTY,
+        2 => PARTIAL,
+        _ => DIRTY_PARTIAL,
+    };
     if h.chunks > rest.len() as u64 {
         return Err("state map does not match its header".into());
     }
@@ -231,7 +257,7 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
     if states.iter().any(|&s| s > max_state) {
         return Err("state map does not match its header".into());
     }
-    let partial = states.iter().filter(|&&s| s == PARTIAL).count() as u64;
+    let partial = states.iter().filter(|&&s| has_bitmap(s)).count() as u64;
     if partial != h.partial {
         return Err(format!("state map has {partial} partial chunks, its header says {}", h.partial));
     }
@@ -248,7 +274,7 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
         let (e, tail) = bitmaps.split_at(entry as usize);
         bitmaps = tail;
         let idx = u64_at(e, 0);
-        if prev.is_some_and(|p| idx <= p) || states.get(idx as usize) != Some(&PARTIAL) {
+        if prev.is_some_and(|p| idx <= p) || !states.get(idx as usize).is_some_and(|&s| has_bitmap(s)) {
             return Err(format!("page bitmap for chunk {idx}, which is not partial (or out of order)"));
         }
         prev = Some(idx);
@@ -301,13 +327,13 @@ impl SsdCache {
         let (opened, states, maps, len, generation, cache_id) = match read_state(&state_path) {
             Ok(None) => (Opened::Fresh, Vec::new(), HashMap::new(), image_len, generation, fresh_id()),
             Ok(Some(l)) if l.header.id == id => {
-                let dirty = l.states.iter().filter(|&&s| s == DIRTY).count() as u64;
+                let dirty = l.states.iter().filter(|&&s| is_dirty(s)).count() as u64;
                 let cached = l.states.iter().filter(|&&s| s == CLEAN || s == DIRTY).count() as u64;
                 let cid = if l.header.cache_id.len() == 32 { l.header.cache_id.clone() } else { fresh_id() };
                 (Opened::Reused { cached, dirty }, l.states, l.maps, l.header.image_len, l.header.generation, cid)
             }
             Ok(Some(Loaded { header: h, states, .. })) => {
-                let dirty = states.iter().filter(|&&s| s == DIRTY).count();
+                let dirty = states.iter().filter(|&&s| is_dirty(s)).count();
                 let why = if h.id.volume_id != id.volume_id {
                     format!("it belongs to volume {}, not {}", h.id.volume_id, id.volume_id)
                 } else {
@@ -349,7 +375,7 @@ impl SsdCache {
         for (i, &s) in states.iter().enumerate() {
             slots[i].state.store(s, Ordering::Relaxed);
             cached += (s == CLEAN || s == DIRTY) as u64;
-            dirty += (s == DIRTY) as u64;
+            dirty += is_dirty(s) as u64;
         }
         let held: u64 = maps.values().map(|m| popcount(m)).sum();
         let partial = maps.len() as u64;
@@ -375,6 +401,7 @@ impl SsdCache {
             generation: AtomicU64::new(generation),
             cache_id,
             write_seq: AtomicU64::new(1),
+            dirty_pages: Mutex::new(HashMap::new()),
             failed: AtomicBool::new(false),
         };
         if mode == OpenMode::Serve {
@@ -455,7 +482,7 @@ impl SsdCache {
     pub fn has_pages(&self, idx: u64, off: u64, len: u64) -> bool {
         match self.state(idx) {
             CLEAN | DIRTY => true,
-            PARTIAL => {
+            PARTIAL | DIRTY_PARTIAL => {
                 let pages = self.pages.lock();
                 let Some(m) = pages.maps.get(&idx) else {
                     // It stopped being partial meanwhile (the caller did not
@@ -661,7 +688,34 @@ impl SsdCache {
     /// read-modify-write). Caller holds the stripe write lock.
     pub fn write(&self, idx: u64, off: u64, bufs: &IoVec<'_>, fill: Option<&[u8]>) -> io::Result<()> {
         let base = idx * self.chunk_size;
+        let len = bufs.len() as u64;
         let mut state = self.state(idx);
+        if state == DIRTY_PARTIAL {
+            // With the committed bytes at hand, complete the chunk first.
+            if let Some(f) = fill {
+                self.fill_missing(idx, f)?;
+                state = DIRTY;
+            }
+        }
+        self.note_dirty_pages(idx, is_dirty(state), off, len);
+        let whole = off == 0 && len == self.chunk_size;
+        if fill.is_none() && !whole && matches!(state, ABSENT | PARTIAL | DIRTY_PARTIAL) {
+            if !self.whole_pages(idx, off, len) {
+                return Err(io::Error::other(
+                    "internal: a write of part of a page into a chunk not held whole, without its content",
+                ));
+            }
+            return self.write_pages(idx, state, off, bufs);
+        }
+        if state == DIRTY_PARTIAL {
+            // Overwritten whole: every page is present now.
+            self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+            self.leave_partial(&mut self.pages.lock(), idx, DIRTY);
+            self.cached.fetch_add(1, Ordering::Relaxed);
+            self.bump_seq(idx);
+            self.touch(idx);
+            return Ok(());
+        }
         if state == PARTIAL {
             // See the module doc: the map must stop claiming this chunk's
             // pages before any of its bytes change.
@@ -704,6 +758,89 @@ impl SsdCache {
         Ok(())
     }
 
+    /// True when [off, off + len) of chunk `idx` is whole pages (the last
+    /// one may end short exactly at the end of the image).
+    pub fn whole_pages(&self, idx: u64, off: u64, len: u64) -> bool {
+        let end = off + len;
+        off % PAGE == 0 && end <= self.chunk_size && (end % PAGE == 0 || idx * self.chunk_size + end == self.len())
+    }
+
+    /// Writes whole pages into a chunk not held whole, without fetching it:
+    /// the chunk becomes dirty in part, its written pages present. Bytes
+    /// first, page bits after, so a persist never claims pages not written.
+    fn write_pages(&self, idx: u64, state: u8, off: u64, bufs: &IoVec<'_>) -> io::Result<()> {
+        let base = idx * self.chunk_size;
+        if state == PARTIAL {
+            // Its present pages stop being "clean" before any byte changes.
+            {
+                let _pages = self.pages.lock();
+                self.set_state(idx, DIRTY_PARTIAL);
+            }
+            self.dirty.fetch_add(1, Ordering::Relaxed);
+            if self.persisted.lock().states.get(idx as usize) == Some(&PARTIAL) {
+                self.persist()?;
+            }
+        }
+        self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+        {
+            let mut pages = self.pages.lock();
+            let words = bitmap_words(self.chunk_size);
+            let fresh = !pages.maps.contains_key(&idx);
+            let m = pages.maps.entry(idx).or_insert_with(|| vec![0u64; words].into_boxed_slice());
+            let mut added = 0;
+            let end = off + bufs.len() as u64;
+            for p in off / PAGE..end.div_ceil(PAGE) {
+                let w = &mut m[(p / 64) as usize];
+                added += u64::from(*w & (1 << (p % 64)) == 0);
+                *w |= 1 << (p % 64);
+            }
+            let complete = (0..self.pages_in(idx)).all(|p| bit(m, p));
+            pages.gen += 1;
+            self.pages_held.fetch_add(added, Ordering::Relaxed);
+            if fresh {
+                self.partial.fetch_add(1, Ordering::Relaxed);
+            }
+            if state == ABSENT {
+                self.dirty.fetch_add(1, Ordering::Relaxed);
+            }
+            if complete {
+                self.leave_partial(&mut pages, idx, DIRTY);
+                self.cached.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.set_state(idx, DIRTY_PARTIAL);
+            }
+        }
+        self.bump_seq(idx);
+        self.touch(idx);
+        Ok(())
+    }
+
+    /// Records that pages [off, off + len) of chunk `idx` change. A chunk
+    /// becoming dirty starts a fresh page set; one already dirty without a
+    /// set stays "changed everywhere".
+    fn note_dirty_pages(&self, idx: u64, was_dirty: bool, off: u64, len: u64) {
+        let mut map = self.dirty_pages.lock();
+        let m = if was_dirty {
+            match map.get_mut(&idx) {
+                Some(m) => m,
+                None => return,
+            }
+        } else {
+            map.insert(idx, vec![0u64; bitmap_words(self.chunk_size)].into_boxed_slice());
+            map.get_mut(&idx).expect("just inserted")
+        };
+        let end = (off + len).min(self.chunk_size);
+        for p in off / PAGE..end.div_ceil(PAGE) {
+            m[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+
+    /// Pages changed in dirty chunk `idx` since it was last clean, as a
+    /// bitmap of 4 KiB pages (None: unknown, treat all as changed).
+    pub fn dirty_pages(&self, idx: u64) -> Option<Box<[u64]>> {
+        self.dirty_pages.lock().get(&idx).cloned()
+    }
+
     /// Gives chunk `idx` a new write sequence number (it was just written).
     fn bump_seq(&self, idx: u64) {
         let seq = self.write_seq.fetch_add(1, Ordering::Relaxed);
@@ -723,9 +860,52 @@ impl SsdCache {
             .read()
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.state.load(Ordering::Acquire) == DIRTY)
+            .filter(|(_, s)| is_dirty(s.state.load(Ordering::Acquire)))
             .map(|(i, s)| (i as u64, s.seq.load(Ordering::Acquire)))
             .collect()
+    }
+
+    /// The present-page bitmap of a chunk that is dirty in part (None for
+    /// any other state).
+    pub fn present_pages(&self, idx: u64) -> Option<Box<[u64]>> {
+        if self.state(idx) != DIRTY_PARTIAL {
+            return None;
+        }
+        self.pages.lock().maps.get(&idx).cloned()
+    }
+
+    /// Completes a chunk that is dirty in part with `data`, its committed
+    /// version (fetched): only absent pages are written, so local changes
+    /// stay. The chunk becomes wholly dirty. Caller holds the stripe write
+    /// lock. Returns false when the chunk is not dirty in part.
+    pub fn fill_missing(&self, idx: u64, data: &[u8]) -> io::Result<bool> {
+        if self.state(idx) != DIRTY_PARTIAL {
+            return Ok(false);
+        }
+        let Some(m) = self.pages.lock().maps.get(&idx).cloned() else { return Ok(false) };
+        let base = idx * self.chunk_size;
+        let n = (self.chunk_size.div_ceil(PAGE)) as usize;
+        let mut p = 0;
+        while p < n {
+            if bit(&m, p as u64) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < n && !bit(&m, p as u64) {
+                p += 1;
+            }
+            let (a, b) = (start * PAGE as usize, (p * PAGE as usize).min(data.len()));
+            if a < b {
+                self.data.write_at(base + a as u64, &data[a..b])?;
+            }
+        }
+        {
+            let mut pages = self.pages.lock();
+            self.leave_partial(&mut pages, idx, DIRTY);
+        }
+        self.cached.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// After write-back committed chunk `idx` as it was at write sequence
@@ -735,11 +915,15 @@ impl SsdCache {
     pub fn mark_clean(&self, idx: u64, seq: u64) -> bool {
         let slots = self.slots.read();
         let Some(s) = slots.get(idx as usize) else { return false };
-        if s.state.load(Ordering::Acquire) != DIRTY || s.seq.load(Ordering::Acquire) != seq {
+        let st = s.state.load(Ordering::Acquire);
+        if !is_dirty(st) || s.seq.load(Ordering::Acquire) != seq {
             return false;
         }
-        s.state.store(CLEAN, Ordering::Release);
+        // A chunk dirty in part holds the committed bytes where it holds
+        // pages at all: it becomes partial (clean).
+        s.state.store(if st == DIRTY { CLEAN } else { PARTIAL }, Ordering::Release);
         self.dirty.fetch_sub(1, Ordering::Relaxed);
+        self.dirty_pages.lock().remove(&idx);
         true
     }
 
@@ -803,6 +987,11 @@ impl SsdCache {
             for idx in range.clone() {
                 match self.state(idx) {
                     DIRTY => {}
+                    DIRTY_PARTIAL => {
+                        // Zeroed whole: every page is present (as zeroes).
+                        self.leave_partial(&mut self.pages.lock(), idx, DIRTY);
+                        self.cached.fetch_add(1, Ordering::Relaxed);
+                    }
                     CLEAN => {
                         self.set_state(idx, DIRTY);
                         self.dirty.fetch_add(1, Ordering::Relaxed);
@@ -827,7 +1016,9 @@ impl SsdCache {
             self.cached.fetch_add(1, Ordering::Relaxed);
             self.dirty.fetch_add(1, Ordering::Relaxed);
         }
+        let mut pages = self.dirty_pages.lock();
         for idx in range {
+            pages.remove(&idx);
             self.bump_seq(idx);
         }
         Ok(())
@@ -929,7 +1120,7 @@ impl SsdCache {
             let mut snap: Vec<u8> = self.slots.read().iter().map(|s| s.state.load(Ordering::Acquire)).collect();
             let mut bitmaps = Vec::new();
             let mut partial = 0u64;
-            for (i, s) in snap.iter_mut().enumerate().filter(|(_, s)| **s == PARTIAL) {
+            for (i, s) in snap.iter_mut().enumerate().filter(|(_, s)| has_bitmap(**s)) {
                 match pages.maps.get(&(i as u64)) {
                     Some(m) => {
                         bitmaps.extend_from_slice(&(i as u64).to_le_bytes());
@@ -938,7 +1129,9 @@ impl SsdCache {
                         }
                         partial += 1;
                     }
-                    // Cannot happen; claiming nothing is always safe.
+                    // Cannot happen; claiming nothing is always safe for a
+                    // clean chunk. A dirty one keeps its state, and claims
+                    // no page (absent pages come from the remote).
                     None => *s = ABSENT,
                 }
             }

@@ -23,7 +23,7 @@ use super::boot::{BootProfileMode, Recorder, Replay};
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
-use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY};
+use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL};
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
@@ -306,6 +306,13 @@ impl TieredStore {
         left
     }
 
+    /// Asks write-back to cut a generation as soon as the disk is
+    /// consistent (now if the guest is idle since its last FLUSH, else at
+    /// its next FLUSH), whatever the sync interval.
+    pub fn request_sync(&self) {
+        self.inner.request_sync();
+    }
+
     /// Write-back status (None when the store is read-only).
     pub fn sync_status(&self) -> Option<SyncStatus> {
         self.inner.writeback.as_ref().map(|w| w.status())
@@ -497,6 +504,15 @@ impl Inner {
     /// it local meanwhile — then the local copy is newer and wins.
     fn install(&self, idx: u64, buf: &ChunkBuf, to_ram: bool) {
         let _g = self.ssd.lock_write(idx);
+        if self.ssd.state(idx) == DIRTY_PARTIAL {
+            // Local changes in some pages: the fetched bytes fill only the
+            // others (and never go to RAM as they are: they are not the
+            // chunk's content).
+            if let Err(e) = self.ssd.fill_missing(idx, &buf.read()) {
+                tracing::warn!(chunk = idx, error = %e, "could not complete a partly written chunk in the SSD cache");
+            }
+            return;
+        }
         if self.ssd.has_chunk(idx) {
             return;
         }
@@ -611,6 +627,14 @@ impl Inner {
                 }
                 continue;
             }
+            if self.ssd.state(p.idx) == DIRTY_PARTIAL {
+                // The fetched bytes are not this chunk's content (some pages
+                // hold local changes), and completing it failed.
+                return Err(io::Error::other(format!(
+                    "chunk {} holds local changes and could not be completed",
+                    p.idx
+                )));
+            }
             let r = match r {
                 Some(r) => r,
                 // The segment failed or its pages could not be kept: fetch
@@ -647,9 +671,13 @@ impl Inner {
         for p in ps {
             let sub = bufs.slice(p.buf_off, p.len);
             let whole = p.off == 0 && p.len as u64 == self.cs;
+            // Whole pages go straight into a chunk not held whole (it becomes
+            // dirty in part); only a write of part of a page needs the
+            // chunk's bytes first.
+            let pages = self.ssd.whole_pages(p.idx, p.off as u64, p.len as u64);
             loop {
                 // The read half of read-modify-write, outside the lock.
-                let fill = if !whole && !self.ssd.has_chunk(p.idx) {
+                let fill = if !whole && !pages && !self.ssd.has_chunk(p.idx) {
                     if self.is_zero(p.idx) {
                         Some(self.zero_buf())
                     } else {
@@ -663,7 +691,7 @@ impl Inner {
                 // write still in flight may be cut in part, as a crash would).
                 let _cut_gate = self.writeback_gate();
                 let _g = self.ssd.lock_write(p.idx);
-                if !whole && fill.is_none() && !self.ssd.has_chunk(p.idx) {
+                if !whole && !pages && fill.is_none() && !self.ssd.has_chunk(p.idx) {
                     // Evicted between the check and the lock: fetch again.
                     continue;
                 }
@@ -754,6 +782,10 @@ impl Inner {
                 rb
             } else if self.ssd.has_chunk(idx) {
                 Arc::new(RwLock::new(self.ssd.read_chunk(idx)?))
+            } else if self.ssd.state(idx) == DIRTY_PARTIAL {
+                return Err(io::Error::other(format!(
+                    "metadata chunk {idx} holds local changes and could not be completed"
+                )));
             } else {
                 fetched
             };

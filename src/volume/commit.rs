@@ -13,8 +13,8 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::format::{gen_key, new_pack_key, ChunkRef, Manifest, VolumeHeader, Writer};
-use super::pack::{sha256_hex, PackWriter};
+use super::format::{gen_key, new_pack_key, ChunkRef, Manifest, VolumeHeader, Writer, PATCH_PAGE};
+use super::pack::{extract_patch, sha256_hex, PackWriter};
 use super::{VolumeError, VolumeResult};
 use crate::remote::{content_tag, DynRemote, PutBody, RemoteError};
 
@@ -36,11 +36,53 @@ impl Default for CommitOptions {
     }
 }
 
+/// A patch goes up instead of the whole chunk while it covers at most
+/// this share of the chunk's pages (1/MAX_PATCH_SHARE); past it, the chunk
+/// is written whole again (compaction).
+const MAX_PATCH_SHARE: u64 = 4;
+
+/// Whether chunk changes `changed` (a page bitmap) over its parent version
+/// `old` go up as a patch: returns the patch's base and its page runs
+/// (merged with `old`'s own patch, so reads stay two ranged reads), or
+/// None when the chunk should be written whole.
+fn patch_plan(old: &ChunkRef, changed: &[u64], chunk_len: usize) -> Option<(ChunkRef, Vec<[u32; 2]>)> {
+    let pages = (chunk_len as u64).div_ceil(PATCH_PAGE);
+    let mut set: Vec<bool> =
+        (0..pages).map(|p| changed.get((p / 64) as usize).is_some_and(|w| (w >> (p % 64)) & 1 == 1)).collect();
+    let base = match old {
+        ChunkRef::Patched { base, runs, .. } => {
+            for [first, count] in runs {
+                for p in *first..first + count {
+                    if let Some(b) = set.get_mut(p as usize) {
+                        *b = true;
+                    }
+                }
+            }
+            (**base).clone()
+        }
+        r => r.clone(),
+    };
+    let n = set.iter().filter(|&&b| b).count() as u64;
+    if n == 0 || n * MAX_PATCH_SHARE > pages {
+        return None;
+    }
+    let mut runs: Vec<[u32; 2]> = Vec::new();
+    for (p, _) in set.iter().enumerate().filter(|(_, &b)| b) {
+        match runs.last_mut() {
+            Some([first, count]) if *first + *count == p as u32 => *count += 1,
+            _ => runs.push([p as u32, 1]),
+        }
+    }
+    Some((base, runs))
+}
+
 /// What a commit uploaded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitStats {
-    /// Chunks whose bytes were packed.
+    /// Chunks whose bytes were packed whole.
     pub chunks_packed: u64,
+    /// Chunks uploaded as a patch of their changed pages.
+    pub chunks_patched: u64,
     /// Chunks recorded as zero (nothing uploaded).
     pub chunks_zero: u64,
     /// Chunks whose bytes equal the parent's (nothing uploaded).
@@ -68,6 +110,8 @@ pub struct GenerationBuilder {
     sem: Arc<Semaphore>,
     opts: CommitOptions,
     stats: CommitStats,
+    /// Index in `delta.packs` of the pack being filled.
+    current: u32,
 }
 
 impl GenerationBuilder {
@@ -95,6 +139,7 @@ impl GenerationBuilder {
             uploads: JoinSet::new(),
             opts,
             stats: CommitStats::default(),
+            current: 0,
         }
     }
 
@@ -111,8 +156,11 @@ impl GenerationBuilder {
     /// Records chunk `idx`'s new content (exactly its bytes in the image;
     /// the last chunk may be short). All-zero chunks are recorded as zero
     /// and chunks equal to the parent's as unchanged: neither uploads
-    /// anything. Returns the hex sha256 of `data`.
-    pub async fn add_chunk(&mut self, idx: u64, data: Vec<u8>) -> VolumeResult<String> {
+    /// anything. `changed`, when known, is a bitmap of the 4 KiB pages that
+    /// differ from the parent's version: if few did, only they go up, as a
+    /// patch over that version (merged with its earlier patch, so a cold
+    /// read stays two ranged reads). Returns the hex sha256 of `data`.
+    pub async fn add_chunk(&mut self, idx: u64, data: Vec<u8>, changed: Option<&[u64]>) -> VolumeResult<String> {
         let sha = sha256_hex(&data);
         let old = self.parent.chunk(idx, self.has_base);
         if data.iter().all(|&b| b == 0) {
@@ -124,32 +172,74 @@ impl GenerationBuilder {
             }
             return Ok(sha);
         }
-        if matches!(&old, ChunkRef::Packed { sha256, .. } if *sha256 == sha) {
+        if old.content_sha256() == Some(sha.as_str()) {
             self.stats.chunks_unchanged += 1;
             return Ok(sha);
         }
+        let patch = changed.and_then(|bits| patch_plan(&old, bits, data.len()));
+        let body = match &patch {
+            Some((_, runs)) => extract_patch(&data, runs, PATCH_PAGE),
+            None => data,
+        };
+        let (pack_no, pc) = self.pack_frame(body).await?;
+        let r = match patch {
+            Some((mut base, runs)) => {
+                // The base names a pack of the parent's table; the delta
+                // has a table of its own.
+                if let ChunkRef::Packed { pack, .. } = &mut base {
+                    *pack = self.local_pack(&self.parent.packs[*pack as usize].clone());
+                }
+                self.stats.chunks_patched += 1;
+                ChunkRef::Patched {
+                    base: Box::new(base),
+                    pack: pack_no,
+                    offset: pc.offset,
+                    len: pc.len,
+                    runs,
+                    sha256: sha.clone(),
+                }
+            }
+            None => {
+                self.stats.chunks_packed += 1;
+                ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, sha256: pc.sha256 }
+            }
+        };
+        self.delta.chunks.insert(idx, r);
+        if self.pack.len() as u64 >= self.opts.pack_size {
+            self.ship().await?;
+        }
+        Ok(sha)
+    }
+
+    /// The index of pack `key` in the delta's pack table (added if new).
+    fn local_pack(&mut self, key: &str) -> u32 {
+        match self.delta.packs.iter().position(|k| k == key) {
+            Some(p) => p as u32,
+            None => {
+                self.delta.packs.push(key.to_string());
+                (self.delta.packs.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Compresses `body` into the current pack as one frame; returns the
+    /// pack's index in the delta's table and the frame's place.
+    async fn pack_frame(&mut self, body: Vec<u8>) -> VolumeResult<(u32, super::pack::PackedChunk)> {
         if self.pack.is_empty() {
             self.delta.packs.push(new_pack_key(self.delta.generation));
+            self.current = (self.delta.packs.len() - 1) as u32;
         }
         let pack = std::mem::take(&mut self.pack);
         let (pack, pc) = tokio::task::spawn_blocking(move || {
             let mut pack = pack;
-            let pc = pack.add(&data);
+            let pc = pack.add(&body);
             (pack, pc)
         })
         .await
         .map_err(|e| VolumeError::InvalidOptions(format!("compression task failed: {e}")))?;
         self.pack = pack;
         let pc = pc.map_err(|e| VolumeError::io("compressing chunk for", std::path::PathBuf::from(&self.url), e))?;
-        let pack_no = (self.delta.packs.len() - 1) as u32;
-        self.delta
-            .chunks
-            .insert(idx, ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, sha256: pc.sha256 });
-        self.stats.chunks_packed += 1;
-        if self.pack.len() as u64 >= self.opts.pack_size {
-            self.ship().await?;
-        }
-        Ok(sha)
+        Ok((self.current, pc))
     }
 
     /// Uploads the current pack in the background (at most
@@ -163,7 +253,7 @@ impl GenerationBuilder {
             self.stats.pack_bytes +=
                 r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
         }
-        let key = self.delta.packs.last().cloned().expect("pack key registered before its chunks");
+        let key = self.delta.packs[self.current as usize].clone();
         let body = PutBody::from_bytes(std::mem::take(&mut self.pack).finish());
         let permit = self
             .sem

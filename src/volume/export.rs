@@ -11,7 +11,19 @@ use futures::StreamExt;
 use super::reader::VolumeReader;
 use super::{runtime, ChunkRef, RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::RemoteUrl;
-use crate::tier::ssd::{CacheIdentity, OpenMode, SsdCache, DIRTY};
+use crate::tier::ssd::{CacheIdentity, OpenMode, SsdCache, DIRTY, DIRTY_PARTIAL, PAGE};
+
+/// Copies into `chunk` the pages of `local` that `present` marks.
+fn overlay_present(chunk: &mut [u8], local: &[u8], present: &[u64]) {
+    let page = PAGE as usize;
+    for (p, dst) in chunk.chunks_mut(page).enumerate() {
+        if present.get(p / 64).is_some_and(|w| (w >> (p % 64)) & 1 == 1) {
+            let src = &local[p * page..];
+            let n = dst.len().min(src.len());
+            dst[..n].copy_from_slice(&src[..n]);
+        }
+    }
+}
 
 /// Options for [`export`].
 #[derive(Clone, Debug, Default)]
@@ -107,7 +119,12 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
     let mut remote_idx = Vec::new();
     for idx in 0..nchunks {
         // Only whole chunks come from the cache; a partial one (some pages
-        // prefetched) is fetched from the remote like an absent one.
+        // prefetched) is fetched from the remote like an absent one, and
+        // one dirty in part is fetched and overlaid with its local pages.
+        if cache.as_ref().is_some_and(|c| c.state(idx) == DIRTY_PARTIAL) {
+            remote_idx.push(idx);
+            continue;
+        }
         match cache.as_ref().filter(|c| c.has_chunk(idx)) {
             Some(c) => {
                 let st = c.state(idx);
@@ -131,7 +148,16 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
             .map(|idx| async move { (idx, r.fetch_chunk(idx).await) })
             .buffered(parallel);
         while let Some((idx, res)) = s.next().await {
-            write(idx, &res?.data)?;
+            let mut data = res?.data;
+            if let Some(c) = cache.as_ref() {
+                if let Some(present) = c.present_pages(idx) {
+                    data.resize(cs as usize, 0);
+                    let local = c.read_chunk(idx).map_err(|e| VolumeError::io("reading cache of", c.dir(), e))?;
+                    overlay_present(&mut data, &local, &present);
+                    sum.dirty_chunks += 1;
+                }
+            }
+            write(idx, &data)?;
             sum.chunks_from_remote += 1;
             bar.inc(1);
         }

@@ -159,6 +159,48 @@ pub enum ChunkRef {
         /// Hex sha256 of the uncompressed chunk.
         sha256: String,
     },
+    /// Some pages changed over an earlier version of the chunk (`base`:
+    /// zero, base or packed, never itself patched): one zstd frame in a
+    /// pack holds the changed pages' bytes, in page order, for the page
+    /// runs listed. A cold read is two ranged reads (base and patch). So
+    /// thousands of scattered 4 KiB writes upload what changed, not whole
+    /// chunks; a chunk whose patch grows large is written whole again.
+    Patched {
+        base: Box<ChunkRef>,
+        /// Index into [`Manifest::packs`] of the patch frame's pack.
+        pack: u32,
+        offset: u64,
+        len: u64,
+        /// `[first page, page count]` runs of [`PATCH_PAGE`] bytes, sorted,
+        /// not overlapping.
+        runs: Vec<[u32; 2]>,
+        /// Hex sha256 of the whole chunk after patching.
+        sha256: String,
+    },
+}
+
+/// Page size of patches.
+pub const PATCH_PAGE: u64 = 4096;
+
+impl ChunkRef {
+    /// The hex sha256 of the chunk's bytes when the reference records it
+    /// (packed and patched chunks).
+    pub fn content_sha256(&self) -> Option<&str> {
+        match self {
+            ChunkRef::Packed { sha256, .. } | ChunkRef::Patched { sha256, .. } => Some(sha256),
+            _ => None,
+        }
+    }
+
+    /// True when two references name the same bytes (pack numbering
+    /// differs between manifests, so stored chunks compare by hash).
+    pub fn same_bytes(&self, other: &ChunkRef) -> bool {
+        match (self.content_sha256(), other.content_sha256()) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => self == other,
+            _ => false,
+        }
+    }
 }
 
 /// `gen-<N>`: the chunk map of one committed generation.
@@ -239,20 +281,8 @@ impl Manifest {
             ));
         }
         for (idx, r) in &delta.chunks {
-            let r = match r {
-                ChunkRef::Packed { pack, offset, len, sha256 } => {
-                    let key = &delta.packs[*pack as usize];
-                    let pack = match self.packs.iter().position(|k| k == key) {
-                        Some(p) => p,
-                        None => {
-                            self.packs.push(key.clone());
-                            self.packs.len() - 1
-                        }
-                    } as u32;
-                    ChunkRef::Packed { pack, offset: *offset, len: *len, sha256: sha256.clone() }
-                }
-                r => r.clone(),
-            };
+            let mut r = r.clone();
+            self.intern(&mut r, &delta.packs);
             self.chunks.insert(*idx, r);
         }
         self.generation = delta.generation;
@@ -264,19 +294,54 @@ impl Manifest {
         Ok(())
     }
 
+    /// Renumbers the pack references of `r` (numbered in `packs`) into
+    /// this manifest's pack table, adding keys it lacks.
+    fn intern(&mut self, r: &mut ChunkRef, packs: &[String]) {
+        let mut map = |pack: &mut u32| {
+            let key = &packs[*pack as usize];
+            *pack = match self.packs.iter().position(|k| k == key) {
+                Some(p) => p,
+                None => {
+                    self.packs.push(key.clone());
+                    self.packs.len() - 1
+                }
+            } as u32;
+        };
+        match r {
+            ChunkRef::Packed { pack, .. } => map(pack),
+            ChunkRef::Patched { base, pack, .. } => {
+                map(pack);
+                if let ChunkRef::Packed { pack, .. } = &mut **base {
+                    map(pack);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Drops packs no chunk refers to and renumbers the rest (a resolved
     /// manifest accumulates packs whose chunks were all rewritten).
     pub fn prune_packs(&mut self) {
         let mut used: Vec<Option<u32>> = vec![None; self.packs.len()];
         let mut packs = Vec::new();
+        let old = &self.packs;
+        let mut renumber = |pack: &mut u32| {
+            let p = *pack as usize;
+            *pack = *used[p].get_or_insert_with(|| {
+                packs.push(old[p].clone());
+                (packs.len() - 1) as u32
+            });
+        };
         for r in self.chunks.values_mut() {
-            if let ChunkRef::Packed { pack, .. } = r {
-                let p = *pack as usize;
-                let n = *used[p].get_or_insert_with(|| {
-                    packs.push(self.packs[p].clone());
-                    (packs.len() - 1) as u32
-                });
-                *pack = n;
+            match r {
+                ChunkRef::Packed { pack, .. } => renumber(pack),
+                ChunkRef::Patched { base, pack, .. } => {
+                    renumber(pack);
+                    if let ChunkRef::Packed { pack, .. } = &mut **base {
+                        renumber(pack);
+                    }
+                }
+                _ => {}
             }
         }
         self.packs = packs;
@@ -331,19 +396,48 @@ impl Manifest {
             if *idx >= n {
                 return Err(format!("chunk {idx} lies past the image end ({n} chunks)"));
             }
-            if let ChunkRef::Packed { pack, len, sha256, .. } = r {
-                if *pack as usize >= m.packs.len() {
-                    return Err(format!("chunk {idx} names pack #{pack}, but only {} packs are listed", m.packs.len()));
-                }
-                if *len == 0 || *len > 2 * m.chunk_size + 4096 || sha256.len() != 64 {
-                    return Err(format!("chunk {idx} has an implausible entry (len {len}, sha256 {sha256:?})"));
-                }
-            }
-            if *r == ChunkRef::Base && header.base.is_none() {
-                return Err(format!("chunk {idx} refers to a base, but the volume has none"));
-            }
+            m.check_ref(*idx, r, header, true)?;
         }
         Ok(m)
+    }
+
+    /// Checks one reference against the pack table and the header.
+    fn check_ref(&self, idx: u64, r: &ChunkRef, header: &VolumeHeader, top: bool) -> Result<(), String> {
+        let frame = |pack: u32, len: u64, sha256: &str| {
+            if pack as usize >= self.packs.len() {
+                return Err(format!("chunk {idx} names pack #{pack}, but only {} packs are listed", self.packs.len()));
+            }
+            if len == 0 || len > 2 * self.chunk_size + 4096 || sha256.len() != 64 {
+                return Err(format!("chunk {idx} has an implausible entry (len {len}, sha256 {sha256:?})"));
+            }
+            Ok(())
+        };
+        match r {
+            ChunkRef::Zero => Ok(()),
+            ChunkRef::Base if header.base.is_none() => {
+                Err(format!("chunk {idx} refers to a base, but the volume has none"))
+            }
+            ChunkRef::Base => Ok(()),
+            ChunkRef::Packed { pack, len, sha256, .. } => frame(*pack, *len, sha256),
+            ChunkRef::Patched { .. } if !top => Err(format!("chunk {idx} is a patch over a patch")),
+            ChunkRef::Patched { base, pack, len, runs, sha256, .. } => {
+                frame(*pack, *len, sha256)?;
+                self.check_ref(idx, base, header, false)?;
+                let pages = self.chunk_size.div_ceil(PATCH_PAGE);
+                let mut next = 0u64;
+                for [first, count] in runs {
+                    let (first, count) = (u64::from(*first), u64::from(*count));
+                    if count == 0 || first < next || first + count > pages {
+                        return Err(format!("chunk {idx} has a patch with bad page runs"));
+                    }
+                    next = first + count;
+                }
+                if runs.is_empty() {
+                    return Err(format!("chunk {idx} has an empty patch"));
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -416,6 +510,59 @@ mod tests {
         assert_eq!(parse_gen_key(&gen_key(42)), Some(42));
         assert_eq!(parse_gen_key("gen-12"), None);
         assert!(gen_key(9) < gen_key(10));
+    }
+
+    #[test]
+    fn deltas_apply_and_patched_chunks_keep_their_packs() {
+        let h = VolumeHeader::new(8 << 20, DEFAULT_CHUNK_SIZE, None);
+        let mut full = Manifest::new(&h, 1);
+        full.packs = vec!["pack-a".into(), "pack-b".into()];
+        let sha = |c: char| c.to_string().repeat(64);
+        full.chunks.insert(0, ChunkRef::Packed { pack: 1, offset: 0, len: 10, sha256: sha('a') });
+        full.chunks.insert(1, ChunkRef::Packed { pack: 0, offset: 5, len: 10, sha256: sha('b') });
+        let mut d = Manifest::new(&h, 2);
+        d.parent = Some(1);
+        d.packs = vec!["pack-c".into(), "pack-b".into()];
+        d.chunks.insert(
+            0,
+            ChunkRef::Patched {
+                base: Box::new(ChunkRef::Packed { pack: 1, offset: 0, len: 10, sha256: sha('a') }),
+                pack: 0,
+                offset: 0,
+                len: 7,
+                runs: vec![[0, 1], [5, 2]],
+                sha256: sha('c'),
+            },
+        );
+        d.chunks.insert(1, ChunkRef::Zero);
+        let b = d.to_bytes();
+        let parsed = Manifest::from_bytes(&b, &h, 2).unwrap();
+        assert_eq!(parsed, d);
+        assert!(Manifest::from_bytes(&b, &h, 3).is_err(), "a delta must sit on its predecessor");
+        full.apply(&parsed).unwrap();
+        assert_eq!(full.generation, 2);
+        full.prune_packs();
+        // pack-a is no longer referenced; the patch's base still points at pack-b.
+        let mut keys = full.packs.clone();
+        keys.sort();
+        assert_eq!(keys, vec!["pack-b".to_string(), "pack-c".to_string()]);
+        match &full.chunks[&0] {
+            ChunkRef::Patched { base, pack, .. } => {
+                assert_eq!(full.packs[*pack as usize], "pack-c");
+                match **base {
+                    ChunkRef::Packed { pack, .. } => assert_eq!(full.packs[pack as usize], "pack-b"),
+                    ref r => panic!("{r:?}"),
+                }
+            }
+            r => panic!("{r:?}"),
+        }
+        assert!(full.chunks[&0].same_bytes(&ChunkRef::Packed { pack: 9, offset: 1, len: 1, sha256: sha('c') }));
+        // Bad runs are refused.
+        let mut bad = parsed.clone();
+        if let Some(ChunkRef::Patched { runs, .. }) = bad.chunks.get_mut(&0) {
+            *runs = vec![[5, 2], [0, 1]];
+        }
+        assert!(Manifest::from_bytes(&bad.to_bytes(), &h, 2).unwrap_err().contains("page runs"));
     }
 
     #[test]

@@ -130,7 +130,7 @@ impl VolumeInfo {
             match r.chunk_ref(idx) {
                 ChunkRef::Zero => zero += 1,
                 ChunkRef::Base => base += 1,
-                ChunkRef::Packed { len, .. } => {
+                ChunkRef::Packed { len, .. } | ChunkRef::Patched { len, .. } => {
                     packed += 1;
                     bytes += len;
                 }

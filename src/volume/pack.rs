@@ -39,6 +39,12 @@ impl PackWriter {
         Ok(PackedChunk { offset, len: frame.len() as u64, sha256: sha256_hex(data) })
     }
 
+    /// Appends raw bytes (a patch) as one frame; returns its place. The
+    /// hash is of `data` itself.
+    pub fn add_frame(&mut self, data: &[u8]) -> std::io::Result<PackedChunk> {
+        self.add(data)
+    }
+
     /// Bytes so far.
     pub fn len(&self) -> usize {
         self.buf.len()
@@ -74,6 +80,49 @@ pub fn decode_chunk(frame: &[u8], expected_len: usize, expected_sha256: &str) ->
         return Err(format!("sha256 mismatch: expected {expected_sha256}, got {got}"));
     }
     Ok(data)
+}
+
+/// Bytes of a patch's frame: its runs' pages, the chunk's last page cut at
+/// `chunk_len` (the image's last chunk may be short).
+pub fn patch_len(runs: &[[u32; 2]], page: u64, chunk_len: usize) -> usize {
+    runs.iter()
+        .map(|[first, count]| {
+            let start = u64::from(*first) * page;
+            let end = ((u64::from(*first) + u64::from(*count)) * page).min(chunk_len as u64);
+            end.saturating_sub(start) as usize
+        })
+        .sum()
+}
+
+/// Applies a decoded patch (`runs`' pages, in order) onto `chunk`.
+pub fn apply_patch(chunk: &mut [u8], runs: &[[u32; 2]], page: u64, patch: &[u8]) -> Result<(), String> {
+    if patch.len() != patch_len(runs, page, chunk.len()) {
+        return Err(format!("patch holds {} bytes, its runs need {}", patch.len(), patch_len(runs, page, chunk.len())));
+    }
+    let mut pos = 0;
+    for [first, count] in runs {
+        let start = (u64::from(*first) * page) as usize;
+        let end = (((u64::from(*first) + u64::from(*count)) * page) as usize).min(chunk.len());
+        if start >= end {
+            continue;
+        }
+        chunk[start..end].copy_from_slice(&patch[pos..pos + end - start]);
+        pos += end - start;
+    }
+    Ok(())
+}
+
+/// The patch bytes of `runs` taken from `chunk`.
+pub fn extract_patch(chunk: &[u8], runs: &[[u32; 2]], page: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(patch_len(runs, page, chunk.len()));
+    for [first, count] in runs {
+        let start = (u64::from(*first) * page) as usize;
+        let end = (((u64::from(*first) + u64::from(*count)) * page) as usize).min(chunk.len());
+        if start < end {
+            out.extend_from_slice(&chunk[start..end]);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -226,7 +226,7 @@ pub fn ref_digest(r: &ChunkRef) -> Option<String> {
     match r {
         ChunkRef::Zero => None,
         ChunkRef::Base => Some(BASE_DIGEST.into()),
-        ChunkRef::Packed { sha256, .. } => Some(sha256.clone()),
+        ChunkRef::Packed { sha256, .. } | ChunkRef::Patched { sha256, .. } => Some(sha256.clone()),
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
-use super::format::{gen_key, parse_gen_key, ChunkRef, Manifest, VolumeHeader, GEN_PREFIX, HEADER_KEY};
+use super::format::{gen_key, parse_gen_key, ChunkRef, Manifest, VolumeHeader, GEN_PREFIX, HEADER_KEY, PATCH_PAGE};
 use super::pack::decode_chunk;
 use super::{RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::Slot;
@@ -242,15 +242,68 @@ impl VolumeReader {
     }
 
     /// Fetches and verifies chunk `idx`: a ranged read of its pack frame
-    /// (hash-checked) or of the base file; zeroes without a request.
+    /// (hash-checked) or of the base file; zeroes without a request; for a
+    /// patched chunk, its base and its patch frame in parallel, the result
+    /// hash-checked.
     pub async fn fetch_chunk(&self, idx: u64) -> VolumeResult<Fetched> {
-        let want = self.chunk_len(idx);
-        match self.chunk_ref(idx) {
+        // One manifest for the whole fetch: pack numbers are per manifest.
+        let m = self.manifest.load_full();
+        let start = idx.saturating_mul(self.chunk_size());
+        let want = m.image_len.saturating_sub(start).min(self.chunk_size()) as usize;
+        match m.chunk(idx, self.base.is_some()) {
+            ChunkRef::Patched { base, pack, offset, len, runs, sha256 } => {
+                let (b, p) =
+                    futures::join!(self.fetch_plain(&m, idx, &base, want), self.read_frame(&m, idx, pack, offset, len));
+                let (mut b, frame) = (b?, p?);
+                let corrupt = |reason: String| VolumeError::CorruptChunk {
+                    url: self.url.clone(),
+                    chunk: idx,
+                    key: m.packs[pack as usize].clone(),
+                    offset,
+                    reason,
+                };
+                let plen = super::pack::patch_len(&runs, PATCH_PAGE, want);
+                let patch = zstd::bulk::decompress(&frame, plen)
+                    .map_err(|e| corrupt(format!("patch frame does not decode: {e}")))?;
+                super::pack::apply_patch(&mut b.data, &runs, PATCH_PAGE, &patch).map_err(corrupt)?;
+                let got = super::pack::sha256_hex(&b.data);
+                if got != sha256 {
+                    return Err(corrupt(format!("patched chunk's sha256 mismatch: expected {sha256}, got {got}")));
+                }
+                Ok(Fetched { data: b.data, wire_bytes: b.wire_bytes + len })
+            }
+            r => self.fetch_plain(&m, idx, &r, want).await,
+        }
+    }
+
+    /// Reads one frame of a pack, checking its length.
+    async fn read_frame(&self, m: &Manifest, idx: u64, pack: u32, offset: u64, len: u64) -> VolumeResult<Bytes> {
+        let key = &m.packs[pack as usize];
+        let frame = self
+            .remote
+            .get_range(key, offset..offset + len)
+            .await
+            .map_err(|e| VolumeError::remote(format!("reading chunk {idx} of {} from {key}", self.url), e))?;
+        if frame.len() as u64 != len {
+            return Err(VolumeError::CorruptChunk {
+                url: self.url.clone(),
+                chunk: idx,
+                key: key.clone(),
+                offset,
+                reason: format!("pack is too short: got {} of {len} bytes", frame.len()),
+            });
+        }
+        Ok(frame)
+    }
+
+    /// A chunk that is zero, from the base, or packed whole.
+    async fn fetch_plain(&self, m: &Manifest, idx: u64, r: &ChunkRef, want: usize) -> VolumeResult<Fetched> {
+        match r {
             ChunkRef::Zero => Ok(Fetched { data: vec![0; want], wire_bytes: 0 }),
             ChunkRef::Base => {
                 let base = self.base.as_ref().ok_or_else(|| VolumeError::CorruptManifest {
                     url: self.url.clone(),
-                    key: gen_key(self.generation()),
+                    key: gen_key(m.generation),
                     reason: format!("chunk {idx} refers to a base, but the volume has none"),
                 })?;
                 let start = idx * self.chunk_size();
@@ -265,25 +318,21 @@ impl VolumeReader {
                 Ok(Fetched { data, wire_bytes: wire })
             }
             ChunkRef::Packed { pack, offset, len, sha256 } => {
-                let m = self.manifest.load();
-                let key = &m.packs[pack as usize];
-                let frame =
-                    self.remote.get_range(key, offset..offset + len).await.map_err(|e| {
-                        VolumeError::remote(format!("reading chunk {idx} of {} from {key}", self.url), e)
-                    })?;
-                let corrupt = |reason: String| VolumeError::CorruptChunk {
+                let frame = self.read_frame(m, idx, *pack, *offset, *len).await?;
+                let data = decode_chunk(&frame, want, sha256).map_err(|reason| VolumeError::CorruptChunk {
                     url: self.url.clone(),
                     chunk: idx,
-                    key: key.clone(),
-                    offset,
+                    key: m.packs[*pack as usize].clone(),
+                    offset: *offset,
                     reason,
-                };
-                if frame.len() as u64 != len {
-                    return Err(corrupt(format!("pack is too short: got {} of {len} bytes", frame.len())));
-                }
-                let data = decode_chunk(&frame, want, &sha256).map_err(corrupt)?;
-                Ok(Fetched { data, wire_bytes: len })
+                })?;
+                Ok(Fetched { data, wire_bytes: *len })
             }
+            ChunkRef::Patched { .. } => Err(VolumeError::CorruptManifest {
+                url: self.url.clone(),
+                key: gen_key(m.generation),
+                reason: format!("chunk {idx} is a patch over a patch"),
+            }),
         }
     }
 }

@@ -18,7 +18,6 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::Inner;
 use crate::tier::local::LocalFile;
-use crate::tier::ssd::DIRTY;
 use crate::tier::Storage;
 use crate::volume::commit::{writer_record, CommitOptions, GenerationBuilder};
 use crate::volume::{ChunkRef, VolumeError, VolumeResult};
@@ -65,11 +64,15 @@ impl Default for WritebackOptions {
 }
 
 /// The dirty chunks (index -> write sequence) and image length at one
-/// flush point.
+/// flush point, with the pages each chunk changed since it was last clean.
 #[derive(Debug)]
 struct Cut {
     id: u64,
     chunks: BTreeMap<u64, u64>,
+    pages: std::collections::HashMap<u64, Box<[u64]>>,
+    /// Chunks dirty in part at the cut: the pages they held. The others
+    /// are the parent generation's, fetched when the chunk is packed.
+    present: std::collections::HashMap<u64, Box<[u64]>>,
     image_len: u64,
 }
 
@@ -118,6 +121,8 @@ pub(crate) struct Writeback {
     wake: tokio::sync::Notify,
     /// Set by close: the uploader stops after the cut in hand.
     stopping: AtomicBool,
+    /// `driveblk sync` asked for a cut regardless of the interval.
+    requested: AtomicBool,
     /// Writes since the last flush point: while 0, the disk is exactly as
     /// it was at that flush point, so a cut may be taken without one (an
     /// idle guest's last changes still go up within the sync interval).
@@ -149,6 +154,7 @@ impl Writeback {
             wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
             writes_since_flush: AtomicU64::new(0),
+            requested: AtomicBool::new(false),
         })
     }
 
@@ -185,7 +191,7 @@ impl Inner {
         if !cut.chunks.contains_key(&idx) || f.copied.contains(&idx) {
             return Ok(());
         }
-        if self.ssd.state(idx) == DIRTY {
+        if crate::tier::ssd::is_dirty(self.ssd.state(idx)) {
             let data = self.ssd.read_chunk(idx)?;
             wb.frozen_file.write_at(idx * self.cs, &data)?;
         }
@@ -250,8 +256,10 @@ impl Inner {
         if chunks.is_empty() && image_len == self.vol.image_len() {
             return 0;
         }
+        let pages = chunks.keys().filter_map(|&i| self.ssd.dirty_pages(i).map(|p| (i, p))).collect();
+        let present = chunks.keys().filter_map(|&i| self.ssd.present_pages(i).map(|p| (i, p))).collect();
         let id = wb.next_cut.fetch_add(1, Ordering::SeqCst);
-        f.cut = Some(Arc::new(Cut { id, chunks, image_len }));
+        f.cut = Some(Arc::new(Cut { id, chunks, pages, present, image_len }));
         f.copied.clear();
         *wb.last_cut_at.lock() = Some(Instant::now());
         wb.status.lock().last_cut = id;
@@ -305,12 +313,10 @@ impl Inner {
                     return;
                 }
                 let idle = tokio::time::timeout(wb.opts.sync_interval, wb.wake.notified()).await.is_err();
-                if idle
-                    && wb.opts.mode != CacheMode::Unsafe
-                    && self.ssd.dirty_chunks() > 0
-                    && wb.last_cut_at.lock().is_none_or(|t| t.elapsed() >= wb.opts.sync_interval)
-                {
-                    self.cut_when(true);
+                let due = idle && wb.last_cut_at.lock().is_none_or(|t| t.elapsed() >= wb.opts.sync_interval);
+                let asked = wb.requested.load(Ordering::SeqCst);
+                if (due || asked) && wb.opts.mode != CacheMode::Unsafe && self.cut_when(true) != 0 {
+                    wb.requested.store(false, Ordering::SeqCst);
                 }
                 continue;
             };
@@ -376,6 +382,14 @@ impl Inner {
         }
     }
 
+    /// See [`TieredStore::request_sync`](super::TieredStore::request_sync).
+    pub(super) fn request_sync(&self) {
+        if let Some(wb) = &self.writeback {
+            wb.requested.store(true, Ordering::SeqCst);
+            wb.wake.notify_one();
+        }
+    }
+
     /// Forgets the cut and its copied-aside bytes.
     fn release_cut(&self) {
         let wb = self.writeback.as_ref().expect("write-back is on");
@@ -412,8 +426,13 @@ impl Inner {
                 .await
                 .map_err(|e| VolumeError::InvalidOptions(format!("read task failed: {e}")))?
                 .map_err(|e| VolumeError::io("reading a dirty chunk from", self.ssd.dir(), e))?;
+            if let Some(present) = cut.present.get(&idx) {
+                // Pages it did not hold are unchanged since the parent.
+                let parent = self.vol.fetch_chunk(idx).await?;
+                overlay_absent(&mut data, &parent.data, present);
+            }
             data.truncate(chunk_len);
-            b.add_chunk(idx, data).await?;
+            b.add_chunk(idx, data, cut.pages.get(&idx).map(|p| &p[..])).await?;
         }
         let g = b.generation();
         let (manifest, stats) = match b.commit(writer_record(self.ssd.cache_id())).await {
@@ -431,6 +450,7 @@ impl Inner {
         tracing::info!(
             generation = g,
             chunks = stats.chunks_packed,
+            patched = stats.chunks_patched,
             zero = stats.chunks_zero,
             unchanged = stats.chunks_unchanged,
             pack_bytes = stats.pack_bytes,
@@ -496,8 +516,8 @@ impl Inner {
             let n = newest.image_len.saturating_sub(idx * self.cs).min(self.cs) as usize;
             let same = match &want {
                 ChunkRef::Zero => data[..n].iter().all(|&b| b == 0),
-                ChunkRef::Packed { sha256, .. } => crate::volume::pack::sha256_hex(&data[..n]) == *sha256,
                 ChunkRef::Base => false,
+                r => r.content_sha256() == Some(crate::volume::pack::sha256_hex(&data[..n]).as_str()),
             };
             if same {
                 clean.insert(idx, seq);
@@ -540,12 +560,18 @@ impl Inner {
     }
 }
 
-/// True when two references name the same bytes (pack numbering differs
-/// between manifests, so packed chunks compare by hash).
-fn same_bytes(a: &ChunkRef, b: &ChunkRef) -> bool {
-    match (a, b) {
-        (ChunkRef::Packed { sha256: x, .. }, ChunkRef::Packed { sha256: y, .. }) => x == y,
-        (a, b) => a == b,
+/// Copies into `chunk` the pages of `parent` that `present` (a 4 KiB page
+/// bitmap) does not mark.
+fn overlay_absent(chunk: &mut [u8], parent: &[u8], present: &[u64]) {
+    let page = crate::tier::ssd::PAGE as usize;
+    for (p, dst) in chunk.chunks_mut(page).enumerate() {
+        let held = present.get(p / 64).is_some_and(|w| (w >> (p % 64)) & 1 == 1);
+        if !held {
+            let src = parent.get(p * page..).unwrap_or(&[]);
+            let n = dst.len().min(src.len());
+            dst[..n].copy_from_slice(&src[..n]);
+            dst[n..].fill(0);
+        }
     }
 }
 
@@ -589,7 +615,7 @@ impl Inner {
         let mut candidates = self.ssd.chunks_in(crate::tier::ssd::CLEAN);
         candidates.extend(self.ssd.chunks_in(crate::tier::ssd::PARTIAL));
         for idx in candidates {
-            let keep = old.as_ref().is_some_and(|o| same_bytes(&o.chunk(idx, has_base), &new.chunk(idx, has_base)));
+            let keep = old.as_ref().is_some_and(|o| o.chunk(idx, has_base).same_bytes(&new.chunk(idx, has_base)));
             if !keep {
                 let _g = self.ssd.lock_write(idx);
                 self.ssd.invalidate(idx);
