@@ -446,7 +446,7 @@ AB_END_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 # open of a key, head = stat of a key (minus the stat each put/create does after writing), list =
 # open of the folder, delete = unlink of a key. (dir: has no "reserve" request; stores that need
 # one, e.g. Drive, add one per commit.)
-SYNC_TSV=$WORK/sync.tsv # row rep changed packed-chunks manifest-bytes uploaded new-object-bytes secs puts creates gets heads lists deletes gens dirty-left chunk-size
+SYNC_TSV=$WORK/sync.tsv # row rep changed packed-chunks manifest-bytes uploaded new-object-bytes secs puts creates gets heads lists deletes gens dirty-left chunk-size patch-pages
 : >"$SYNC_TSV"
 declare -A SYNC_REMOTE=() SYNC_CACHE=()
 ensure_sync_volume() { # kind
@@ -555,13 +555,20 @@ sync_one() { # sync-row-index rep
     newb=$(ls -A "$remote" | sort | comm -13 "$WORK/$tag.before" - | grep -v '^\.' |
         (cd "$remote" && xargs -r stat -c %s) | awk '{s += $1} END {print s + 0}')
     reqs=$(count_requests "$WORK/$tag.strace" "$remote" "$t_gen")
+    # Pages uploaded as patches (chunks packed whole are in the log): from the new manifests,
+    # the page runs of patches whose frame is in a pack of that generation.
+    local pages=0 g
+    for g in $(ls -A "$remote" | sort | comm -13 "$WORK/$tag.before" - | grep '^gen-'); do
+        pages=$((pages + $(head -n1 "$remote/$g" | jq --arg p "pack-${g#gen-}-" \
+            '[.packs as $P | .chunks[] | .patched? // empty | select($P[.pack] | startswith($p)) | .runs[][1]] | add // 0')))
+    done
     jq -r --arg n "$name" --arg r "$rep" --arg p "$packed" --arg m "$mbytes" --arg nb "$newb" --arg secs "$secs" \
-        --arg q "$reqs" --slurpfile st "$st" '
+        --arg q "$reqs" --arg pages "$pages" --slurpfile st "$st" '
         ($st[0]) as $s | ($q | split(" ")) as $rq |
         [$n, $r, .bytes, $p, $m, $s.sync.bytes_uploaded, $nb, $secs, $rq[0], $rq[1], $rq[2], $rq[3], $rq[4], $rq[5],
-         $s.sync.generations_committed, $s.sync.dirty_bytes, $s.chunk_size] | @tsv' "$out" >>"$SYNC_TSV"
+         $s.sync.generations_committed, $s.sync.dirty_bytes, $s.chunk_size, $pages] | @tsv' "$out" >>"$SYNC_TSV"
     log "    $(tail -1 "$SYNC_TSV" | awk -F'\t' '{printf "changed %.1f MB, uploaded %.1f MB (%.3fx), %s generations, sync %s s, requests put/create/get/head/list %s/%s/%s/%s/%s", $3/1e6, $6/1e6, $6/$3, $15, $8, $9, $10, $11, $12, $13}')"
-    rm -rf "$remote" "$cache"
+    [[ $KEEP == 1 ]] || rm -rf "$remote" "$cache"
 }
 if [[ ${#SYNC_SEL[@]} -gt 0 ]]; then
     command -v strace >/dev/null || { need_root_apt strace; apt-get install -y -q strace; }
@@ -727,7 +734,7 @@ if [[ ${#SYNC_SEL[@]} -gt 0 ]]; then
     # per rep: row rep changed before uploaded before/changed after/changed secs MB/s link-share gens requests req/GiB puts creates gets heads lists deletes newbytes dirty-left
     SYNC_DER=$WORK/sync-derived.tsv
     awk -F'\t' -v OFS='\t' -v rate="$((SYNC_MBIT * 125000))" '$3 == "FAIL" { print $1, $2, "FAIL"; next }
-        { before = $4 * $17 + $5; req = $9 + $10 + $11 + $12 + $13 + $14
+        { before = $4 * $17 + $18 * 4096 + $5; req = $9 + $10 + $11 + $12 + $13 + $14
           print $1, $2, $3, before, $6, before / $3, $6 / $3, $8, $6 / $8 / 1e6, $6 / $8 / rate, $15, req,
                 ($6 > 0 ? req / ($6 / 1073741824) : 0), $9, $10, $11, $12, $13, $14, $7, $16 }' "$SYNC_TSV" >"$SYNC_DER"
     smed() { # row column -> median, or FAIL
@@ -738,7 +745,7 @@ if [[ ${#SYNC_SEL[@]} -gt 0 ]]; then
     big() { if awk -v x="$(smed "$1" 5)" 'BEGIN {exit !(x != "FAIL" && x >= 16777216)}'; then echo "$2"; else echo "-"; fi; }
     hb() { awk -v x="$1" 'BEGIN { if (x == "FAIL") print x; else if (x < 1048576) printf "%.1f KiB", x / 1024; else printf "%.1f MiB", x / 1048576 }'; }
     {
-        echo "Link: ${SYNC_LAT} ms per request, ${SYNC_MBIT} Mbit/s (= $((SYNC_MBIT * 125000 / 1000000)) MB/s). Uploaded = the sync counters of \`driveblk status\` (packs + manifests, after compression); before compression = chunks packed x chunk size + manifests (from the daemon's commit log lines); sync = SIGTERM to exit (the final sync), its MB/s and share of the link are of the bytes uploaded (after compression); rows that FLUSH commit during the run too, and all their commits are counted. Requests: see the method section. Medians of $REPS reps."
+        echo "Link: ${SYNC_LAT} ms per request, ${SYNC_MBIT} Mbit/s (= $((SYNC_MBIT * 125000 / 1000000)) MB/s). Uploaded = the sync counters of \`driveblk status\` (packs + manifests, after compression); before compression = chunks packed whole x chunk size (the daemon's commit log lines) + pages sent as patches x 4 KiB (the new manifests) + manifests; sync = SIGTERM to exit (the final sync), its MB/s and share of the link are of the bytes uploaded (after compression); rows that FLUSH commit during the run too, and all their commits are counted. Requests: see the method section. Medians of $REPS reps."
         echo
         echo "| row | guest changed | uploaded before compression | uploaded | before / changed | uploaded / changed | sync at stop s | upload MB/s (share of link) | generations | requests put/create/get/head/list/delete | requests per GiB uploaded |"
         echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
