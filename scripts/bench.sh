@@ -32,7 +32,7 @@
 #                    "volume writeback/writethrough/unsafe, link" FLUSH rows and the sync rows
 # Write-back set: --rows 'volume (writeback|writethrough|unsafe)|sync:' (about 10 min, --reps 3):
 #   A/B rows "volume writeback: 4K randwrite QD32 1q", "... 64K seqwrite QD8 1q" (writeback mode,
-#   vs qsd on the same qcow2), "volume writeback|writethrough|unsafe, link: 4K write+FLUSH QD1"
+#   vs qsd on the same qcow2; warm = hydrated cache, and again from an empty cache), "volume writeback|writethrough|unsafe, link: 4K write+FLUSH QD1"
 #   (p50/p99 of write+FLUSH pairs in each cache mode; qsd: fdatasync of its qcow2 file), and the
 #   driveblk-only sync rows (SYNC_ROWS below, own table): bytes uploaded / bytes the guest changed
 #   (before and after compression), upload rate as a share of the link, remote requests (counted
@@ -108,6 +108,8 @@ LINK_ARGS="--remote-latency-ms $SYNC_LAT --remote-bandwidth-mbit $SYNC_MBIT"
 #                are thrown away with it); --sync-timeout 1 at stop, so the final upload of what
 #                the run dirtied is cut short. qsd: the qcow2 file, written in place. "@LINK@" in
 #                the driveblk column becomes the --sync-link simulated link.
+#   vol-wb-cold  vol-wb, but from an empty cache dir per run (writes of whole pages into chunks
+#                not cached land without fetching them; qcow2 metadata is fetched on first use).
 #   The vol-* rows run with --boot-profile off: they measure steady-state serving (a recorded
 #   "boot" here would be the warm-up pass, saved at every stop); the cold experiment measures
 #   boot profiles.
@@ -131,6 +133,8 @@ ROWS=(
     "volume SSD, page cache dropped: 4K randread QD32 1q|vol-ssd-drop|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
     "volume writeback: 4K randwrite QD32 1q|vol-wb|1|--rw randwrite --bs 4k --iodepth 32|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
     "volume writeback: 64K seqwrite QD8 1q|vol-wb|1|--rw write --bs 64k --iodepth 8|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
+    "volume writeback, empty cache: 4K randwrite QD32 1q|vol-wb-cold|1|--rw randwrite --bs 4k --iodepth 32|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
+    "volume writeback, empty cache: 64K seqwrite QD8 1q|vol-wb-cold|1|--rw write --bs 64k --iodepth 8|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
     "volume writeback, link: 4K write+FLUSH QD1|vol-wb|1|--rw randwrite --bs 4k --iodepth 1 --flush-every 1|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1 @LINK@|driver=qcow2,l2-cache-size=@L2@"
     "volume writethrough, link: 4K write+FLUSH QD1|vol-wb|1|--rw randwrite --bs 4k --iodepth 1 --flush-every 1|--format qcow2 --boot-profile off --cache writethrough --sync-timeout 1 @LINK@|driver=qcow2,l2-cache-size=@L2@"
     "volume unsafe, link: 4K write+FLUSH QD1|vol-wb|1|--rw randwrite --bs 4k --iodepth 1 --flush-every 1|--format qcow2 --boot-profile off --cache unsafe --sync-timeout 1 @LINK@|driver=qcow2,l2-cache-size=@L2@"
@@ -228,7 +232,7 @@ ensure_image() { # kind: creates the image once per run (in this shell, so IMAGE
             path=$WORK/overlay.qcow2
             qemu-img create -q -f qcow2 -b "${IMAGES[qcow2]}" -F qcow2 "$path"
             ;;
-        vol-ram | vol-ssd | vol-ssd-drop | vol-wb)
+        vol-ram | vol-ssd | vol-ssd-drop | vol-wb | vol-wb-cold)
             ensure_image qcow2
             path=${IMAGES[qcow2]}
             # Only driveblk serves volumes (qsd vs qsd: both serve the qcow2 file).
@@ -343,11 +347,11 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
     case $kind in
         vol-ram) cache=$WORK/cache-$tag; src=(--volume "$VOLURL" --cache-dir "$cache" --ram-cache $((SIZE_BYTES * 3 / 2))) ;;
         vol-ssd*) cache=$SSD_CACHE; src=(--volume "$VOLURL" --cache-dir "$cache") ;;
-        vol-wb)
+        vol-wb*)
             if [[ $d == driveblk ]]; then
                 cache=$WORK/cache-$tag
                 rm -rf "$cache" "$WORK/remote-$tag"
-                cp -a --sparse=always "$SSD_CACHE" "$cache"
+                if [[ $kind == vol-wb ]]; then cp -a --sparse=always "$SSD_CACHE" "$cache"; else mkdir -p "$cache"; fi
                 cp -al "${VOLURL#dir:}" "$WORK/remote-$tag"
                 sync -f "$WORK" # the copy's dirty pages must not be written back during the run
                 src=(--volume "dir:$WORK/remote-$tag" --cache-dir "$cache")
@@ -395,7 +399,7 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
         ok=0
     fi
     [[ $kind != vol-ram ]] || rm -rf "$cache"
-    [[ $kind != vol-wb ]] || rm -rf "$WORK/cache-$tag" "$WORK/remote-$tag"
+    [[ $kind != vol-wb* ]] || rm -rf "$WORK/cache-$tag" "$WORK/remote-$tag"
     ! fresh_copy_kind "$kind" || rm -f "$WORK/run.qcow2"
     if [[ $ok == 1 ]]; then
         jq -r --arg n "$name" --arg d "$key" --arg r "$rep" --arg cpu "$cpu" \
