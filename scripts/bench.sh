@@ -30,10 +30,11 @@
 #   --cold-no-export skip the download-first measurement
 #   --sync-link "MS MBIT"   simulated link of the write-back rows (default "100 200"): the
 #                    "volume writeback/writethrough/unsafe, link" FLUSH rows and the sync rows
-# Write-back set: --rows 'volume (writeback|writethrough|unsafe)|sync:' (about 10 min, --reps 3):
+# Write-back set: --rows 'volume (writeback|writethrough|unsafe)|sync:' (about 11 min, --reps 3):
 #   A/B rows "volume writeback: 4K randwrite QD32 1q", "... 64K seqwrite QD8 1q" (writeback mode,
-#   vs qsd on the same qcow2; warm = hydrated cache, and again from an empty cache), "volume writeback|writethrough|unsafe, link: 4K write+FLUSH QD1"
-#   (p50/p99 of write+FLUSH pairs in each cache mode; qsd: fdatasync of its qcow2 file), and the
+#   vs qsd on the same qcow2; from a hydrated cache, and as "volume writeback, empty cache: ..."),
+#   "volume writeback|writethrough|unsafe, link: 4K write+FLUSH QD1" (p50/p99 of write+FLUSH
+#   pairs in each cache mode; qsd: fdatasync of its qcow2 file), and the
 #   driveblk-only sync rows (SYNC_ROWS below, own table): bytes uploaded / bytes the guest changed
 #   (before and after compression), upload rate as a share of the link, remote requests (counted
 #   with strace) per GiB uploaded, and the upload for one 4 KiB write on a 40 GiB sparse qcow2.
