@@ -4,7 +4,7 @@
 # QEMU against the daemon. Installs what it needs first.
 #
 #   scripts/test.sh            # everything CI runs
-#   SOAK=1 scripts/test.sh     # plus a 10-minute fuzz run and the slow (ignored) benchmark tests
+#   SOAK=1 scripts/test.sh     # plus 10 minutes of fuzzing per target and the slow (ignored) benchmark tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,19 +44,34 @@ if [ -x integration/run-all.sh ]; then
   failed=$((failed + $(grep -cE '^  [a-z0-9-]+ +FAIL ' "$log" || true)))
 fi
 
-# The QCOW2 parser under libFuzzer: a short run here, a long one with SOAK=1.
+# The parsers under libFuzzer: every target briefly here (3 minutes in
+# all), each for 10 minutes with SOAK=1. Each run starts from its seeds
+# (fuzz/seeds/<target>) and the regression corpus (fuzz/regressions/<target>:
+# inputs that once found a bug, kept so they are replayed every run); what
+# the run discovers goes to a temporary corpus and is dropped. FUZZ_TARGETS
+# (target:seconds ...) overrides the list and the CI times.
 # cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP enables them on stable.
-fuzz_qcow2() {
-  command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-  local corpus
+FUZZ_TARGETS=${FUZZ_TARGETS:-"qcow2_open:60 virtio_request:30 volume_meta:30 pack_decode:30 profile_index:30"}
+fuzz_one() { # target seconds
+  local corpus dirs=()
   corpus=$(mktemp -d)
-  RUSTC_BOOTSTRAP=1 cargo fuzz run qcow2_open "$corpus" fuzz/seeds/qcow2_open -- \
-    -max_total_time="$1" -rss_limit_mb=2048 -print_final_stats=1
+  for d in "fuzz/seeds/$1" "fuzz/regressions/$1"; do [ -d "$d" ] && dirs+=("$d"); done
+  RUSTC_BOOTSTRAP=1 cargo fuzz run "$1" "$corpus" "${dirs[@]}" -- \
+    -max_total_time="$2" -rss_limit_mb=2048 -print_final_stats=1
+  local rc=$?
   rm -rf "$corpus"
+  return $rc
 }
-fuzz_stage() { # seconds
-  stage "fuzz qcow2_open ($1 s)" fuzz_qcow2 "$1"
-  if grep -q 'Done [0-9]* runs' "$log"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+fuzz_stage() { # seconds for every target, or "" for the CI times
+  command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+  (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build) || { stages_failed=$((stages_failed + 1)); return; }
+  local spec target secs
+  for spec in $FUZZ_TARGETS; do
+    target=${spec%%:*}
+    secs=${1:-${spec##*:}}
+    stage "fuzz $target ($secs s)" fuzz_one "$target" "$secs"
+    if grep -q 'Done [0-9]* runs' "$log"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+  done
 }
 if [ "${SOAK:-0}" = 1 ]; then
   fuzz_stage 600
@@ -64,7 +79,7 @@ if [ "${SOAK:-0}" = 1 ]; then
     cargo nextest run --workspace --run-ignored ignored-only --release
   count '[0-9]+ passed' '[0-9]+ failed'
 else
-  fuzz_stage 60
+  fuzz_stage ""
 fi
 
 # A stage that failed without printing a count (a build error, a crash)

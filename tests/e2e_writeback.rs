@@ -239,3 +239,46 @@ fn driveblk_sync_uploads_now_through_the_daemon_or_from_a_stopped_cache() {
     let got = remote_view(d.path(), &url);
     assert!(got[4 << 20..5 << 20] == b[..], "the stopped cache's changes reached the remote");
 }
+
+#[test]
+fn writethrough_survives_losing_the_machine_right_after_a_flush() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img.to_str().unwrap(), "32M"]);
+    let url = format!("dir:{}", d.path().join("remote/vol").display());
+    run_ok(bin(), &["import", img.to_str().unwrap(), &url, "--chunk-size", "256K", "--quiet"]);
+    let sock = d.path().join("sock");
+    let cache = d.path().join("cache");
+    let args = [
+        "--volume",
+        &url,
+        "--format",
+        "qcow2",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--cache",
+        "writethrough",
+        "--remote-latency-ms",
+        "20",
+        "--boot-profile",
+        "off",
+    ];
+    let mut daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    let mut want = vec![0u8; 32 << 20];
+    for k in 0..5u64 {
+        let off = (k * 3 + 1) * BLOCK as u64 * 5;
+        let data = common::pattern(900 + k, BLOCK);
+        c.write(off, &data).unwrap();
+        want[off as usize..off as usize + BLOCK].copy_from_slice(&data);
+        c.flush().unwrap();
+    }
+    // The machine is lost the moment the last FLUSH returned.
+    let mut child = daemon.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(c);
+    std::fs::remove_dir_all(&cache).unwrap();
+    let got = remote_view(d.path(), &url);
+    assert!(got == want, "a FLUSH returned in writethrough mode before its data was on the remote");
+}

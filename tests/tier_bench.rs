@@ -55,7 +55,7 @@ fn bench_tiers() {
     let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, link.clone()));
     o.ram_cache = 64 << 20;
     {
-        let s = volume::open(&vurl, o.clone()).unwrap();
+        let s = driveblk::tier::open_volume(&vurl, o.clone()).unwrap();
         let el = seq_read(&*s, 128 << 10);
         let st = s.stats();
         println!(
@@ -68,7 +68,7 @@ fn bench_tiers() {
     {
         let mut o2 = cache_opts(&d.path().join("c2"), counted(m.clone(), None, link));
         o2.readahead_chunks = 0;
-        let s = volume::open(&vurl, o2).unwrap();
+        let s = driveblk::tier::open_volume(&vurl, o2).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let mut b = vec![0u8; 4096];
         let n = 100;
@@ -81,10 +81,10 @@ fn bench_tiers() {
     }
     let mut warm = o.clone();
     warm.ram_cache = 0;
-    let s = volume::open(&vurl, warm).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, warm).unwrap();
     println!("warm (SSD) sequential 128 KiB: {:.0} MB/s", mbps(len, seq_read(&*s, 128 << 10)));
     drop(s);
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     let part = 48 << 20;
     let mut b = vec![0u8; part];
     s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();

@@ -38,7 +38,7 @@ fn first_packed(s: &driveblk::tier::TieredStore) -> (u64, String, u64, u64) {
 fn corrupt_pack_byte_is_detected_and_reported() {
     let d = tempfile::tempdir().unwrap();
     let (vurl, bytes) = imported(d.path(), 4 << 20, 11);
-    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
     let (idx, pack, offset, len) = first_packed(&s);
     let p = d.path().join("remote/vol").join(&pack);
     let mut raw = std::fs::read(&p).unwrap();
@@ -71,7 +71,7 @@ fn corrupt_manifest_is_detected_and_reported() {
     let mut raw = std::fs::read(&g).unwrap();
     raw[30] ^= 0x01;
     std::fs::write(&g, &raw).unwrap();
-    let e = volume::open(&vurl, cache_opts(&d.path().join("c"), Default::default())).err().unwrap();
+    let e = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("c"), Default::default())).err().unwrap();
     assert!(matches!(e, VolumeError::CorruptManifest { .. }), "{e}");
     let msg = e.to_string();
     assert!(msg.contains("gen-00000000000000000001") && msg.contains("corrupt"), "{msg}");
@@ -91,7 +91,7 @@ fn transient_faults_are_retried_without_errors() {
     let faults = FaultPlan::new(5);
     faults.set_failure_rate(0.3);
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(
+    let s = driveblk::tier::open_volume(
         &vurl,
         cache_opts(&d.path().join("c"), counted(m.clone(), Some(faults.clone()), Shaping::default())),
     )
@@ -113,7 +113,7 @@ fn dead_remote_still_serves_cached_data() {
     let mut o = cache_opts(&d.path().join("c"), remote);
     o.ram_cache = 0; // SSD tier only
     o.readahead_chunks = 0;
-    let s = volume::open(&vurl, o.clone()).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o.clone()).unwrap();
     let half = bytes.len() / 2;
     let mut b = vec![0u8; half];
     s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
@@ -129,7 +129,7 @@ fn dead_remote_still_serves_cached_data() {
     // Restart while the remote is down: the cache's copy of the header and
     // manifest starts the volume, cached data is served.
     drop(s);
-    let s = volume::open(&vurl, o.clone()).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o.clone()).unwrap();
     assert!(s.stats().offline);
     let mut b2 = vec![0u8; half];
     s.read_vectored_at(0, &IoVec::from_slice(&mut b2), IoMode::Blocking).unwrap();
@@ -139,7 +139,7 @@ fn dead_remote_still_serves_cached_data() {
     assert!(b3[..] == bytes[bytes.len() - 4096..]);
     // Without a cache the down remote is reported as such.
     faults.set_down(true);
-    let e = volume::open(&vurl, cache_opts(&d.path().join("empty"), o.remote.clone())).err().unwrap();
+    let e = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("empty"), o.remote.clone())).err().unwrap();
     assert!(matches!(e, VolumeError::Remote { .. }), "{e}");
 }
 
@@ -151,7 +151,7 @@ fn concurrent_misses_on_one_chunk_make_one_fetch() {
     let shaping = Shaping { latency: Duration::from_millis(50), bandwidth_bps: None };
     let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, shaping));
     o.readahead_chunks = 0;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     let (idx, ..) = first_packed(&s);
     let before = m.snapshot().gets;
     let n = 8;
@@ -191,7 +191,7 @@ fn import_survives_flaky_uploads_and_lost_replies() {
     volume::import(&src, &vurl, &opts).unwrap();
     assert!(faults.injected() > 2);
     faults.set_failure_rate(0.0);
-    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), remote)).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("c"), remote)).unwrap();
     assert!(read_all(&*s).unwrap() == bytes);
     // No temp files left behind by failed uploads.
     let leftovers = std::fs::read_dir(d.path().join("remote/vol"))
@@ -209,7 +209,7 @@ fn many_chunks_are_fetched_in_parallel() {
     let shaping = Shaping { latency: Duration::from_millis(150), bandwidth_bps: None };
     let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, shaping));
     o.readahead_chunks = 0;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     let mut b = vec![0u8; bytes.len()];
     let t0 = std::time::Instant::now();
     s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
@@ -235,7 +235,7 @@ fn write_landing_during_a_fetch_wins_over_the_fetched_bytes() {
     }));
     let mut o = cache_opts(&d.path().join("c"), remote);
     o.readahead_chunks = 0;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     let (idx, ..) = first_packed(&s);
     let off = idx * CS;
     // A reader misses and its fetch blocks at the gate.

@@ -16,8 +16,9 @@ use driveblk::format::{IoMode, IoVec};
 use driveblk::remote::{RemoteMetrics, Shaping};
 use driveblk::tier::boot::BootProfileMode;
 use driveblk::tier::tiered::TieredStore;
+use driveblk::tier::CacheOptions;
 use driveblk::tier::Storage;
-use driveblk::volume::{self, CacheOptions, ImportOptions};
+use driveblk::volume::{self, ImportOptions};
 use rand::{Rng, SeedableRng};
 use support::*;
 
@@ -93,7 +94,7 @@ fn wait_streamed(s: &TieredStore) {
 fn first_boot(d: &Path, vurl: &str, data: &[u8]) -> Vec<(u64, usize)> {
     let reads = boot_reads(data.len() as u64, 5);
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(vurl, opts(&d.join("c1"), &m, BootProfileMode::Auto)).unwrap();
+    let s = driveblk::tier::open_volume(vurl, opts(&d.join("c1"), &m, BootProfileMode::Auto)).unwrap();
     for &(off, n) in &reads {
         assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
     }
@@ -113,7 +114,7 @@ fn profile_recorded_then_streamed_on_a_cold_cache() {
 
     // Another machine: empty cache, same volume.
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
     wait_streamed(&s);
     let before = m.snapshot();
     let st = s.stats();
@@ -162,7 +163,7 @@ fn profile_recorded_then_streamed_on_a_cold_cache() {
     // Restart on the same cache: partial pages and the write survive, and
     // the whole image reads right.
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Off)).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Off)).unwrap();
     for &(off, n) in &reads {
         assert_eq!(read(&*s, off, n), expect[off as usize..off as usize + n]);
     }
@@ -182,7 +183,7 @@ fn a_boot_that_changed_replaces_the_profile() {
     // update moved things): its recording becomes the newest profile.
     let other = boot_reads(data.len() as u64, 99);
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(&vurl, opts(&d.path().join("c5"), &m, BootProfileMode::Auto)).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c5"), &m, BootProfileMode::Auto)).unwrap();
     wait_streamed(&s);
     for &(off, n) in &other {
         assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
@@ -194,9 +195,9 @@ fn a_boot_that_changed_replaces_the_profile() {
     // The next cold start streams the new profile: the changed boot's reads
     // are local, the old boot's mostly not.
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(&vurl, opts(&d.path().join("c6"), &m, BootProfileMode::Off)).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c6"), &m, BootProfileMode::Off)).unwrap();
     drop(s);
-    let s = volume::open(&vurl, opts(&d.path().join("c7"), &m, BootProfileMode::Auto)).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c7"), &m, BootProfileMode::Auto)).unwrap();
     wait_streamed(&s);
     let before = m.snapshot().gets;
     for &(off, n) in &other {
@@ -221,7 +222,7 @@ fn damaged_profile_pack_never_gives_wrong_data() {
     std::fs::write(&p, &b).unwrap();
 
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
     for &(off, n) in &reads {
         assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
     }
@@ -239,13 +240,13 @@ fn record_mode_adds_a_newer_profile_and_off_does_nothing() {
     assert_eq!(one.len(), 2);
 
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(&vurl, opts(&d.path().join("c3"), &m, BootProfileMode::Off)).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c3"), &m, BootProfileMode::Off)).unwrap();
     let _ = read(&*s, 4096, 4096);
     drop(s);
     assert_eq!(profiles(d.path()), one, "--boot-profile off writes nothing");
     assert_eq!(m.snapshot().bytes_written, 0);
 
-    let s = volume::open(&vurl, opts(&d.path().join("c4"), &m, BootProfileMode::Record)).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c4"), &m, BootProfileMode::Record)).unwrap();
     wait_streamed(&s);
     let _ = read(&*s, 8 << 20, 4096);
     drop(s);

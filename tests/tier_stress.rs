@@ -28,7 +28,7 @@ fn concurrent_reads_and_writes_stay_coherent_under_eviction() {
     let mut o = cache_opts(&cache, Default::default());
     o.ram_cache = 2 * CS;
     o.ssd_cache = 5 * CS;
-    let s = volume::open(&vurl, o.clone()).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o.clone()).unwrap();
     let nblocks = bytes.len() / BLOCK;
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
@@ -92,7 +92,7 @@ fn concurrent_reads_and_writes_stay_coherent_under_eviction() {
     assert!(st.ssd_evictions > 0, "{st:?}");
     s.flush().unwrap();
     drop(s);
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     assert!(read_all(&*s).unwrap() == expect, "after restart");
     let _ = Arc::strong_count(&s);
 }

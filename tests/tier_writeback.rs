@@ -14,8 +14,9 @@ use std::time::Duration;
 use driveblk::format::{IoMode, IoVec};
 use driveblk::remote::{FaultPlan, RemoteMetrics, Shaping};
 use driveblk::tier::tiered::CacheMode;
+use driveblk::tier::ExportOptions;
 use driveblk::tier::Storage;
-use driveblk::volume::{self, ExportOptions, ImportOptions};
+use driveblk::volume::{self, ImportOptions};
 use rand::SeedableRng;
 use support::*;
 
@@ -44,7 +45,7 @@ fn guest_flush(s: &dyn Storage) {
 
 /// What a fresh cache on another machine reads.
 fn fresh_view(d: &std::path::Path, vurl: &str, name: &str) -> Vec<u8> {
-    let s = volume::open(vurl, cache_opts(&d.join(name), Default::default())).unwrap();
+    let s = driveblk::tier::open_volume(vurl, cache_opts(&d.join(name), Default::default())).unwrap();
     read_all(&*s).unwrap()
 }
 
@@ -53,27 +54,44 @@ fn changes_reach_the_remote_and_another_cache_reads_them() {
     let d = tempfile::tempdir().unwrap();
     let (vurl, mut expect) = imported(d.path(), 3 << 20, 31);
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(&vurl, cache_opts(&d.path().join("a"), counted(m.clone(), None, Shaping::default()))).unwrap();
+    let s = driveblk::tier::open_volume(
+        &vurl,
+        cache_opts(&d.path().join("a"), counted(m.clone(), None, Shaping::default())),
+    )
+    .unwrap();
     write(&*s, 100, &[0x5A; 1000], &mut expect);
     write(&*s, CS - 4000, &(0..9000u32).map(|i| i as u8).collect::<Vec<_>>(), &mut expect);
     write(&*s, 4 * CS, &vec![0xC3; CS as usize], &mut expect);
     s.write_zeroes_at(6 * CS, 2 * CS).unwrap();
     expect[6 * CS as usize..8 * CS as usize].fill(0);
-    let grow = expect.len() as u64 + 70_000;
-    write(&*s, grow, &[0x77; 3000], &mut expect);
+    // Growth past the end, enough of the last chunk that it goes up whole
+    // (and short: the image ends inside it).
+    let grow = expect.len() as u64 + 7_000;
+    write(&*s, grow, &[0x77; 120_000], &mut expect);
     guest_flush(&*s);
     assert_eq!(s.close(Duration::from_secs(30)), 0, "everything uploaded");
     let st = s.sync_status().unwrap();
     assert!(st.generations_committed >= 1 && st.conflict.is_none() && st.last_error.is_none(), "{st:?}");
     assert_eq!(s.stats().dirty_bytes, 0);
     drop(s);
+    // The image grows again past the chunk that was its short last one:
+    // that chunk, committed short, now reads with zeroes after its old end.
+    let s = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("a2"), Default::default())).unwrap();
+    let far = (expect.len() as u64).next_multiple_of(CS) + 3 * CS + 17;
+    write(&*s, far, &[0x99; 100], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
     assert!(volume::info(&vurl).unwrap().generation >= 2);
     assert_eq!(fresh_view(d.path(), &vurl, "b"), expect, "a fresh cache reads the committed changes");
     // The writer's own cache stays valid across its commits: reopened, it
     // serves everything locally, with nothing dirty and no refetch.
     let m2 = Arc::new(RemoteMetrics::default());
-    let s =
-        volume::open(&vurl, cache_opts(&d.path().join("a"), counted(m2.clone(), None, Shaping::default()))).unwrap();
+    let s = driveblk::tier::open_volume(
+        &vurl,
+        cache_opts(&d.path().join("a"), counted(m2.clone(), None, Shaping::default())),
+    )
+    .unwrap();
     assert_eq!(s.stats().dirty_bytes, 0);
     let before = m2.snapshot().bytes_read;
     let mut buf = vec![0u8; CS as usize];
@@ -88,7 +106,7 @@ fn a_commit_whose_reply_was_lost_is_recognised_not_repeated() {
     let (vurl, mut expect) = imported(d.path(), 2 << 20, 32);
     let faults = FaultPlan::new(5);
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(
+    let s = driveblk::tier::open_volume(
         &vurl,
         cache_opts(&d.path().join("a"), counted(m.clone(), Some(faults.clone()), Shaping::default())),
     )
@@ -108,7 +126,7 @@ fn a_commit_whose_reply_was_lost_is_recognised_not_repeated() {
     // cache, and adopts it instead of calling it a conflict.
     let mut o = cache_opts(&d.path().join("a"), counted(m.clone(), Some(faults.clone()), Shaping::default()));
     o.remote.retry.max_attempts = 1;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     faults.lose_create_replies(1);
     write(&*s, 3 * CS + 7, &[2; 7000], &mut expect);
     guest_flush(&*s);
@@ -124,8 +142,8 @@ fn a_commit_whose_reply_was_lost_is_recognised_not_repeated() {
 fn a_second_writer_is_fenced_and_keeps_its_changes() {
     let d = tempfile::tempdir().unwrap();
     let (vurl, base) = imported(d.path(), 2 << 20, 33);
-    let a = volume::open(&vurl, cache_opts(&d.path().join("a"), Default::default())).unwrap();
-    let b = volume::open(&vurl, cache_opts(&d.path().join("b"), Default::default())).unwrap();
+    let a = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("a"), Default::default())).unwrap();
+    let b = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("b"), Default::default())).unwrap();
     let (mut ea, mut eb) = (base.clone(), base.clone());
     write(&*a, 0, &[0xAA; 4096], &mut ea);
     guest_flush(&*a);
@@ -142,12 +160,15 @@ fn a_second_writer_is_fenced_and_keeps_its_changes() {
     assert_eq!(volume::info(&vurl).unwrap().generation, 2);
     assert_eq!(fresh_view(d.path(), &vurl, "c"), ea);
     // B's cache refuses to serve its changes on top of A's generation...
-    let e = volume::open(&vurl, cache_opts(&d.path().join("b"), Default::default())).err().unwrap().to_string();
+    let e = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("b"), Default::default()))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("moved on") && e.contains("not yet uploaded"), "{e}");
     // ...and still holds them: export gives B's disk (generation 1 + B).
     let out = d.path().join("b.raw");
     let opts = ExportOptions { cache_dir: Some(d.path().join("b")), ..Default::default() };
-    volume::export(&vurl, &out, &opts).unwrap();
+    driveblk::tier::export(&vurl, &out, &opts).unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), eb);
 }
 
@@ -159,7 +180,7 @@ fn a_remote_that_is_down_loses_nothing_and_sync_resumes() {
     let m = Arc::new(RemoteMetrics::default());
     let mut o = cache_opts(&d.path().join("a"), counted(m.clone(), Some(faults.clone()), Shaping::default()));
     o.remote.retry.max_attempts = 3;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     // Chunk 5 is local before the link goes (a write into a chunk not
     // cached still needs its bytes from the remote).
     let mut warm = vec![0u8; 16];
@@ -190,7 +211,7 @@ fn writethrough_flush_returns_once_the_data_is_on_the_remote() {
     let (vurl, mut expect) = imported(d.path(), 2 << 20, 35);
     let mut o = cache_opts(&d.path().join("a"), Default::default());
     o.writeback.mode = CacheMode::Writethrough;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     for i in 0..3u64 {
         write(&*s, i * CS + 11, &[i as u8 + 1; 3000], &mut expect);
         guest_flush(&*s);
@@ -211,7 +232,11 @@ fn scattered_small_writes_upload_about_what_changed() {
     volume::import(&src, &vurl, &ImportOptions { chunk_size: CS, pack_size: 1 << 20, ..Default::default() }).unwrap();
     let mut expect = bytes.clone();
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(&vurl, cache_opts(&d.path().join("a"), counted(m.clone(), None, Shaping::default()))).unwrap();
+    let s = driveblk::tier::open_volume(
+        &vurl,
+        cache_opts(&d.path().join("a"), counted(m.clone(), None, Shaping::default())),
+    )
+    .unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(39);
     let random_page = |rng: &mut rand::rngs::StdRng| {
         let mut p = vec![0u8; 4096];
@@ -233,7 +258,11 @@ fn scattered_small_writes_upload_about_what_changed() {
     assert!(fresh_view(d.path(), &vurl, "b") == expect, "patched chunks read back wrong");
     // Patching a patched chunk merges the patches (still two reads), and a
     // chunk changed in more than a quarter of its pages is written whole.
-    let s = volume::open(&vurl, cache_opts(&d.path().join("a"), counted(m.clone(), None, Shaping::default()))).unwrap();
+    let s = driveblk::tier::open_volume(
+        &vurl,
+        cache_opts(&d.path().join("a"), counted(m.clone(), None, Shaping::default())),
+    )
+    .unwrap();
     write(&*s, 3 * CS + 8192, &random_page(&mut rng), &mut expect);
     write(&*s, 5 * CS, &vec![7u8; CS as usize / 2], &mut expect);
     guest_flush(&*s);
@@ -314,7 +343,7 @@ fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upl
     // only when the previous pack went up, so the gate stops it mid-cut.
     o.writeback.commit.pack_size = 1;
     o.writeback.commit.parallel_uploads = 1;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     let mut at_cut = base.clone();
     for i in 0..6u64 {
         write(&*s, i * CS, &vec![0xA0 + i as u8; CS as usize], &mut at_cut);
@@ -361,7 +390,7 @@ fn a_write_into_a_cold_chunk_never_waits_for_its_fetch() {
     let mut o = cache_opts(&d.path().join("a"), Default::default());
     o.remote.layer = Some(layer);
     o.readahead_chunks = 0;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     // Pack reads are held at the gate: a write that needed its chunk's
     // bytes would wait there (the test then opens the gate and fails).
     let (tx, rx) = std::sync::mpsc::channel();
@@ -389,7 +418,7 @@ fn a_write_into_a_cold_chunk_never_waits_for_its_fetch() {
     gate.add_permits(1 << 20);
     let mut o = cache_opts(&d.path().join("a"), Default::default());
     o.remote.layer = None;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     // A read across written and unwritten pages completes the chunk from
     // the remote without touching the written pages.
     assert!(read_all(&*s).unwrap() == expect, "a partly written chunk reads back wrong");
@@ -399,11 +428,40 @@ fn a_write_into_a_cold_chunk_never_waits_for_its_fetch() {
     drop(s);
     assert!(fresh_view(d.path(), &vurl, "b") == expect, "the remote got a partly written chunk wrong");
     // Exporting from a cache that still holds a chunk dirty in part.
-    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
     write(&*s, 4096, &[0x44; 4096], &mut expect);
     s.flush().unwrap();
     drop(s);
     let out = d.path().join("out.raw");
-    volume::export(&vurl, &out, &ExportOptions { cache_dir: Some(d.path().join("c")), ..Default::default() }).unwrap();
+    driveblk::tier::export(&vurl, &out, &ExportOptions { cache_dir: Some(d.path().join("c")), ..Default::default() })
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == expect, "export lost the pages of a chunk dirty in part");
+}
+
+#[test]
+fn a_large_discard_holds_no_cache_space_and_uploads_nothing_but_a_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 32 * CS as usize, 41);
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.ssd_cache = 4 * CS;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    // Some of it cached first, then nearly all of it discarded.
+    read_all(&*s).unwrap();
+    s.write_zeroes_at(CS, 30 * CS).unwrap();
+    expect[CS as usize..31 * CS as usize].fill(0);
+    let st = s.stats();
+    assert!(st.ssd_bytes <= 4 * CS, "zeroed chunks count against the cap: {} bytes held", st.ssd_bytes);
+    assert_eq!(st.dirty_bytes, 0, "zeroed chunks hold no data to upload");
+    assert!(read_all(&*s).unwrap() == expect);
+    // A write into a zeroed chunk reads back over zeroes.
+    write(&*s, 5 * CS + 100, &[5; 300], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    let up = s.sync_status().unwrap().bytes_uploaded;
+    assert!(up < 32 << 10, "uploaded {up} bytes for a discard and a 300-byte write");
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect);
+    // Reopened, the cache agrees (zeroed chunks were committed as zero).
+    let s = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("a"), Default::default())).unwrap();
+    assert!(read_all(&*s).unwrap() == expect);
 }

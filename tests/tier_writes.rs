@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use driveblk::format::{IoMode, IoVec};
 use driveblk::remote::{FaultPlan, RemoteMetrics, Shaping};
+use driveblk::tier::ExportOptions;
 use driveblk::tier::Storage;
-use driveblk::volume::{self, ExportOptions, ImportOptions};
+use driveblk::volume::{self, ImportOptions};
 use support::*;
 
 fn imported(d: &std::path::Path, len: usize, seed: u64) -> (std::path::PathBuf, String, Vec<u8>) {
@@ -39,7 +40,7 @@ fn dirty_writes_persist_across_restart_and_export() {
         expect[off..off + data.len()].copy_from_slice(data);
     };
     {
-        let s = volume::open(&vurl, cache_opts(&cache, Default::default())).unwrap();
+        let s = driveblk::tier::open_volume(&vurl, cache_opts(&cache, Default::default())).unwrap();
         // Partial chunk (read-modify-write of a cold chunk).
         let a = vec![0x5Au8; 1000];
         write(&*s, 100, &a);
@@ -72,22 +73,28 @@ fn dirty_writes_persist_across_restart_and_export() {
         s.flush().unwrap();
         assert!(s.stats().chunks_dirty >= 4);
     }
-    // Restart: the writes are there, served locally.
-    let s = volume::open(&vurl, cache_opts(&cache, Default::default())).unwrap();
-    assert_eq!(s.len(), expect.len() as u64);
-    assert!(read_all(&*s).unwrap() == expect, "after restart");
-    let dirty = s.stats().chunks_dirty;
-    drop(s);
-    // Export with the cache includes local writes; without, it is the
-    // committed (imported) image.
+    // Export with the cache includes the local writes (none went up: no
+    // FLUSH point was reached and the store never closed); without it, it
+    // is the committed (imported) image.
     let out = d.path().join("with-cache.raw");
     let sum =
-        volume::export(&vurl, &out, &ExportOptions { cache_dir: Some(cache.clone()), ..Default::default() }).unwrap();
-    assert_eq!(sum.dirty_chunks, dirty);
+        driveblk::tier::export(&vurl, &out, &ExportOptions { cache_dir: Some(cache.clone()), ..Default::default() })
+            .unwrap();
+    assert!(sum.dirty_chunks >= 4);
     assert!(std::fs::read(&out).unwrap() == expect);
     let out2 = d.path().join("remote-only.raw");
-    volume::export(&vurl, &out2, &ExportOptions::default()).unwrap();
+    driveblk::tier::export(&vurl, &out2, &ExportOptions::default()).unwrap();
     assert!(qemu_compare("raw", &src, &out2));
+    // Restart: the writes are there, served locally, and the changes left
+    // by the earlier run go up now.
+    let s = driveblk::tier::open_volume(&vurl, cache_opts(&cache, Default::default())).unwrap();
+    assert_eq!(s.len(), expect.len() as u64);
+    assert!(read_all(&*s).unwrap() == expect, "after restart");
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let out3 = d.path().join("remote-after.raw");
+    driveblk::tier::export(&vurl, &out3, &ExportOptions::default()).unwrap();
+    assert!(std::fs::read(&out3).unwrap() == expect, "the restart uploaded the earlier run's changes");
 }
 
 #[test]
@@ -102,7 +109,7 @@ fn metadata_hint_pins_chunks_in_ram() {
     o.ram_cache = 2 * CS;
     o.ssd_cache = 4 * CS; // tiny: other reads churn both tiers
     o.readahead_chunks = 0;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     s.hint_metadata(&[0..100, 3 * CS + 5..3 * CS + 10]).unwrap();
     assert_eq!(s.stats().chunks_pinned, 2);
     read_all(&*s).unwrap();
@@ -124,7 +131,7 @@ fn metadata_hint_pins_chunks_in_ram() {
 fn sequential_reads_trigger_readahead() {
     let d = tempfile::tempdir().unwrap();
     let (_, vurl, bytes) = imported(d.path(), 6 << 20, 23);
-    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
     let mut out = vec![0u8; bytes.len()];
     for (i, chunk) in out.chunks_mut(64 << 10).enumerate() {
         s.read_vectored_at((i * (64 << 10)) as u64, &IoVec::from_slice(chunk), IoMode::Blocking).unwrap();
@@ -145,7 +152,7 @@ fn hydrate_makes_every_read_local() {
     let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), Some(faults.clone()), Shaping::default()));
     o.hydrate = true;
     o.ram_cache = 0;
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     assert!(s.wait_hydrated(Duration::from_secs(60), false));
     let st = s.stats();
     assert_eq!(st.hydrate_done, st.hydrate_total);
@@ -159,7 +166,7 @@ fn hydrate_makes_every_read_local() {
     let mut o = cache_opts(&d.path().join("c2"), Default::default());
     o.hydrate = true;
     o.ssd_cache = CS;
-    assert!(volume::open(&vurl, o).is_err());
+    assert!(driveblk::tier::open_volume(&vurl, o).is_err());
 }
 
 #[test]
@@ -171,7 +178,7 @@ fn small_ssd_cap_evicts_only_clean_chunks() {
     o.ram_cache = 0;
     o.ssd_cache = 4 * CS;
     o.readahead_chunks = 0;
-    let s = volume::open(&vurl, o.clone()).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o.clone()).unwrap();
     write(&*s, 10, b"dirty one");
     for _ in 0..2 {
         let mut expect = bytes.clone();
@@ -183,7 +190,7 @@ fn small_ssd_cap_evicts_only_clean_chunks() {
     assert!(st.chunks_cached <= 4 + st.chunks_dirty, "{st:?}");
     assert_eq!(st.chunks_dirty, 1);
     drop(s);
-    let s = volume::open(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     let mut b = vec![0u8; 9];
     s.read_vectored_at(10, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
     assert_eq!(&b, b"dirty one");
@@ -196,7 +203,7 @@ fn write_zeroes_over_whole_chunks_punches_and_persists() {
     let cache = d.path().join("c");
     let mut expect = bytes.clone();
     {
-        let s = volume::open(&vurl, cache_opts(&cache, Default::default())).unwrap();
+        let s = driveblk::tier::open_volume(&vurl, cache_opts(&cache, Default::default())).unwrap();
         read_all(&*s).unwrap();
         s.flush().unwrap(); // every chunk persisted clean
         let (off, len) = (CS / 2, 5 * CS);
@@ -211,10 +218,10 @@ fn write_zeroes_over_whole_chunks_punches_and_persists() {
         assert_eq!(s.stats().chunks_dirty, 6 + 1 + 2);
         s.flush().unwrap();
     }
-    let s = volume::open(&vurl, cache_opts(&cache, Default::default())).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, cache_opts(&cache, Default::default())).unwrap();
     assert!(read_all(&*s).unwrap() == expect, "after restart");
     drop(s);
     let out = d.path().join("out.raw");
-    volume::export(&vurl, &out, &ExportOptions { cache_dir: Some(cache), ..Default::default() }).unwrap();
+    driveblk::tier::export(&vurl, &out, &ExportOptions { cache_dir: Some(cache), ..Default::default() }).unwrap();
     assert!(std::fs::read(&out).unwrap() == expect);
 }

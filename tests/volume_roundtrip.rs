@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use driveblk::format::{IoMode, IoVec};
 use driveblk::remote::{RemoteMetrics, Shaping};
+use driveblk::tier::ExportOptions;
 use driveblk::tier::Storage;
-use driveblk::volume::{self, AttachOptions, ExportOptions, ImportOptions, VolumeError};
+use driveblk::volume::{self, AttachOptions, ImportOptions, VolumeError};
 use support::*;
 
 fn import_opts() -> ImportOptions {
@@ -38,7 +39,8 @@ fn import_then_read_cold_hot_warm_restart() {
     let m = Arc::new(RemoteMetrics::default());
     // Cold: empty cache; every packed chunk fetched exactly once.
     {
-        let s = volume::open(&vurl, cache_opts(&cache, counted(m.clone(), None, Shaping::default()))).unwrap();
+        let s = driveblk::tier::open_volume(&vurl, cache_opts(&cache, counted(m.clone(), None, Shaping::default())))
+            .unwrap();
         assert_eq!(s.len(), bytes.len() as u64);
         // A non-blocking read of a cold chunk says WouldBlock (and starts
         // the fetch); the blocking retry gets the data.
@@ -70,7 +72,7 @@ fn import_then_read_cold_hot_warm_restart() {
     {
         let mut o = cache_opts(&cache, counted(m.clone(), None, Shaping::default()));
         o.ram_cache = 0;
-        let s = volume::open(&vurl, o).unwrap();
+        let s = driveblk::tier::open_volume(&vurl, o).unwrap();
         assert!(matches!(s.cache_opened(), driveblk::tier::ssd::Opened::Reused { .. }), "{:?}", s.cache_opened());
         let gets = m.snapshot().gets;
         assert!(read_all(&*s).unwrap() == bytes, "warm read differs");
@@ -80,20 +82,22 @@ fn import_then_read_cold_hot_warm_restart() {
         assert!(st.ssd_hits > 0);
     }
     // Restart with RAM: same answer.
-    let s = volume::open(&vurl, cache_opts(&cache, counted(m.clone(), None, Shaping::default()))).unwrap();
+    let s =
+        driveblk::tier::open_volume(&vurl, cache_opts(&cache, counted(m.clone(), None, Shaping::default()))).unwrap();
     assert!(read_all(&*s).unwrap() == bytes, "read after restart differs");
     assert_eq!(s.stats().remote_fetches, 0);
     drop(s);
 
     // Export equals the source, with and without the cache directory.
     let out = d.path().join("out.qcow2");
-    let sum = volume::export(&vurl, &out, &ExportOptions::default()).unwrap();
+    let sum = driveblk::tier::export(&vurl, &out, &ExportOptions::default()).unwrap();
     assert_eq!(sum.chunks_from_remote, info.chunks_packed);
     assert!(std::fs::read(&out).unwrap() == bytes);
     assert!(qemu_compare("qcow2", &src, &out));
     let out2 = d.path().join("out2.qcow2");
     let sum =
-        volume::export(&vurl, &out2, &ExportOptions { cache_dir: Some(cache.clone()), ..Default::default() }).unwrap();
+        driveblk::tier::export(&vurl, &out2, &ExportOptions { cache_dir: Some(cache.clone()), ..Default::default() })
+            .unwrap();
     assert_eq!((sum.chunks_from_remote, sum.dirty_chunks), (0, 0));
     assert!(qemu_compare("qcow2", &src, &out2));
 }
@@ -123,12 +127,16 @@ fn attach_serves_base_file_without_upload() {
     );
 
     let m = Arc::new(RemoteMetrics::default());
-    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), counted(m.clone(), None, Shaping::default()))).unwrap();
+    let s = driveblk::tier::open_volume(
+        &vurl,
+        cache_opts(&d.path().join("c"), counted(m.clone(), None, Shaping::default())),
+    )
+    .unwrap();
     assert!(read_all(&*s).unwrap() == bytes);
     assert_eq!(m.snapshot().puts, 0);
     drop(s);
     let out = d.path().join("out.qcow2");
-    volume::export(&vurl, &out, &ExportOptions::default()).unwrap();
+    driveblk::tier::export(&vurl, &out, &ExportOptions::default()).unwrap();
     assert!(qemu_compare("qcow2", &base, &out));
 
     // A base that changes under the volume is refused, not silently served.
@@ -155,7 +163,7 @@ fn raw_image_with_odd_length_round_trips() {
     let vurl = url(&d.path().join("r/odd"));
     let info = volume::import(&src, &vurl, &import_opts()).unwrap();
     assert_eq!(info.image_len, len as u64);
-    let s = volume::open(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("c"), Default::default())).unwrap();
     assert!(read_all(&*s).unwrap() == bytes);
     // Past the end reads zeroes.
     let mut b = vec![1u8; 100];
@@ -164,6 +172,6 @@ fn raw_image_with_odd_length_round_trips() {
     assert!(b[50..].iter().all(|&x| x == 0));
     drop(s);
     let out = d.path().join("out.raw");
-    volume::export(&vurl, &out, &ExportOptions::default()).unwrap();
+    driveblk::tier::export(&vurl, &out, &ExportOptions::default()).unwrap();
     assert!(std::fs::read(&out).unwrap() == bytes);
 }

@@ -1,6 +1,7 @@
 //! Command line: clap definitions, their validation into typed
 //! configuration, and the commands that run them.
 
+pub mod auth;
 pub mod remote;
 pub mod serve;
 pub mod size;
@@ -40,6 +41,12 @@ pub enum Command {
     Hydrate(volume::HydrateArgs),
     /// Show the cache and remote counters of a daemon serving a volume.
     Status(volume::StatusArgs),
+    /// Google Drive credentials: sign in, or show what is in use.
+    #[command(subcommand)]
+    Auth(auth::AuthCommand),
+    /// Check, against Google Drive with your credentials, every Drive
+    /// behaviour driveblk relies on (in a scratch folder).
+    Selftest(auth::SelftestArgs),
     /// Upload a volume's local changes now and wait until they are committed.
     Sync(sync::SyncArgs),
 }
@@ -54,6 +61,8 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Info(a) => volume::info(a),
         Command::Hydrate(a) => volume::hydrate(a),
         Command::Status(a) => volume::status(a),
+        Command::Auth(c) => auth::run(c),
+        Command::Selftest(a) => auth::selftest_cmd(a),
         Command::Sync(a) => sync::run(a),
     }
 }

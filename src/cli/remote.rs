@@ -1,12 +1,17 @@
-//! Options shared by every command that talks to a remote: link simulation
-//! for tests and benchmarks.
+//! Options shared by every command that talks to a remote: where Google
+//! Drive is and how to authenticate to it, and link simulation for tests
+//! and benchmarks.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 
+use crate::cli::size::parse_size;
+use crate::remote::config::{DriveCredentials, DriveScope, PacerConfig};
 use crate::remote::shaped::{FaultPlan, ShapedRemote, Shaping};
+use crate::remote::{BwEntry, BwLimitRemote, BwSchedule, RemoteConfig};
 use crate::volume::RemoteOptions;
 
 #[derive(Debug, Clone, Args)]
@@ -20,19 +25,157 @@ pub struct RemoteArgs {
     /// total (testing and benchmarks). 0 = no cap.
     #[arg(long, value_name = "MBIT", default_value_t = 0)]
     pub remote_bandwidth_mbit: u64,
+
+    /// Limit remote bandwidth, in bytes per second, like rclone: `2M`
+    /// (both ways), `1M:10M` (up:down), `off`, or a timetable by local
+    /// time of day: `"08:00,512K 19:00,2M:off 23:00,off"`.
+    #[arg(long, value_name = "LIMIT", value_parser = parse_bwlimit)]
+    pub bwlimit: Option<BwSchedule>,
+
+    /// Google Drive API base URL (an emulator, a proxy). Also
+    /// DRIVEBLK_DRIVE_API_URL. Default: https://www.googleapis.com.
+    #[arg(long, value_name = "URL")]
+    pub drive_api_url: Option<String>,
+
+    /// OAuth token endpoint, overriding the one in the credentials. Also
+    /// DRIVEBLK_DRIVE_TOKEN_URI.
+    #[arg(long, value_name = "URL")]
+    pub drive_token_uri: Option<String>,
+
+    /// Drive credentials: a service-account key JSON or a token file from
+    /// `driveblk auth login`. Also DRIVEBLK_DRIVE_CREDENTIALS (and
+    /// DRIVEBLK_DRIVE_TOKEN for a static access token). Default: the
+    /// login's token file under the config dir.
+    #[arg(long, value_name = "FILE")]
+    pub drive_credentials: Option<PathBuf>,
+
+    /// OAuth scope: drive.file (files driveblk made) or drive (needed to
+    /// attach an image uploaded another way). Also DRIVEBLK_DRIVE_SCOPE.
+    #[arg(long, value_name = "SCOPE", value_parser = parse_scope)]
+    pub drive_scope: Option<DriveScope>,
+
+    /// Drive request pacing, RATE[,BURST] requests/s for the account.
+    /// Also DRIVEBLK_DRIVE_PACER. Default 20,100.
+    #[arg(long, value_name = "RATE[,BURST]", value_parser = parse_pacer)]
+    pub drive_pacer: Option<PacerConfig>,
+}
+
+/// Parses one rate: `off`, or a size per second (`512K`, `10M`).
+fn parse_rate(s: &str) -> Result<Option<u64>, String> {
+    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+        return Ok(None);
+    }
+    match parse_size(s)? {
+        0 => Ok(None),
+        n => Ok(Some(n)),
+    }
+}
+
+/// Parses a `--bwlimit` value (see the flag's help).
+pub fn parse_bwlimit(s: &str) -> Result<BwSchedule, String> {
+    let mut entries = Vec::new();
+    for part in s.split_whitespace() {
+        let (from_minute, rates) = match part.split_once(',') {
+            Some((hm, rates)) => {
+                let (h, m) = hm.split_once(':').ok_or_else(|| format!("{hm:?} is not a time of day HH:MM"))?;
+                let (h, m): (u32, u32) = (
+                    h.parse().map_err(|_| format!("{hm:?} is not a time of day HH:MM"))?,
+                    m.parse().map_err(|_| format!("{hm:?} is not a time of day HH:MM"))?,
+                );
+                if h > 23 || m > 59 {
+                    return Err(format!("{hm:?} is not a time of day HH:MM"));
+                }
+                (h * 60 + m, rates)
+            }
+            None => (0, part),
+        };
+        let (up, down) = match rates.split_once(':') {
+            Some((u, d)) => (parse_rate(u)?, parse_rate(d)?),
+            None => {
+                let r = parse_rate(rates)?;
+                (r, r)
+            }
+        };
+        entries.push(BwEntry { from_minute, up, down });
+    }
+    if entries.is_empty() {
+        return Err("empty --bwlimit".into());
+    }
+    Ok(BwSchedule { entries })
+}
+
+fn parse_scope(s: &str) -> Result<DriveScope, String> {
+    DriveScope::parse(s).ok_or_else(|| format!("{s:?}: expected drive.file or drive"))
+}
+
+fn parse_pacer(s: &str) -> Result<PacerConfig, String> {
+    PacerConfig::parse(s).ok_or_else(|| format!("{s:?}: expected RATE[,BURST] with RATE > 0, e.g. 20,100"))
 }
 
 impl RemoteArgs {
     /// The remote options these arguments ask for.
     pub fn options(&self) -> RemoteOptions {
-        let mut opts = RemoteOptions::default();
-        if self.remote_latency_ms > 0 || self.remote_bandwidth_mbit > 0 {
-            let shaping = Shaping {
-                latency: Duration::from_millis(self.remote_latency_ms),
-                bandwidth_bps: (self.remote_bandwidth_mbit > 0).then(|| self.remote_bandwidth_mbit * 1_000_000),
-            };
-            opts.layer = Some(Arc::new(move |inner| ShapedRemote::wrap(inner, shaping.clone(), FaultPlan::new(0))));
+        let mut opts = RemoteOptions { config: Arc::new(self.config()), ..RemoteOptions::default() };
+        let shaping = (self.remote_latency_ms > 0 || self.remote_bandwidth_mbit > 0).then(|| Shaping {
+            latency: Duration::from_millis(self.remote_latency_ms),
+            bandwidth_bps: (self.remote_bandwidth_mbit > 0).then(|| self.remote_bandwidth_mbit * 1_000_000),
+        });
+        let limit = self.bwlimit.clone().filter(|s| !s.is_unlimited()).map(Arc::new);
+        if shaping.is_some() || limit.is_some() {
+            opts.layer = Some(Arc::new(move |inner| {
+                let inner = match &shaping {
+                    Some(sh) => ShapedRemote::wrap(inner, sh.clone(), FaultPlan::new(0)),
+                    None => inner,
+                };
+                match &limit {
+                    Some(l) => BwLimitRemote::wrap(inner, l.clone()),
+                    None => inner,
+                }
+            }));
         }
         opts
+    }
+}
+
+impl RemoteArgs {
+    /// The remote configuration: the environment, then these flags.
+    pub fn config(&self) -> RemoteConfig {
+        let mut c = RemoteConfig::from_env_or_default();
+        let d = &mut c.drive;
+        if let Some(u) = &self.drive_api_url {
+            d.api_url = u.trim_end_matches('/').to_string();
+        }
+        if let Some(u) = &self.drive_token_uri {
+            d.token_uri = Some(u.clone());
+        }
+        if let Some(p) = &self.drive_credentials {
+            d.credentials = DriveCredentials::File(p.clone());
+        }
+        if let Some(s) = self.drive_scope {
+            d.scope = s;
+        }
+        if let Some(p) = self.drive_pacer {
+            d.pacer = p;
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bwlimit_values_parse_like_rclone() {
+        let s = parse_bwlimit("2M").unwrap();
+        assert_eq!(s.entries, vec![BwEntry { from_minute: 0, up: Some(2 << 20), down: Some(2 << 20) }]);
+        let s = parse_bwlimit("1M:off").unwrap();
+        assert_eq!((s.entries[0].up, s.entries[0].down), (Some(1 << 20), None));
+        let s = parse_bwlimit("08:00,512K 19:00,2M:10M 23:00,off").unwrap();
+        assert_eq!(s.entries.len(), 3);
+        assert_eq!(s.entries[1], BwEntry { from_minute: 19 * 60, up: Some(2 << 20), down: Some(10 << 20) });
+        assert!(s.entries[2].up.is_none() && s.entries[2].down.is_none());
+        assert!(parse_bwlimit("25:00,1M").is_err());
+        assert!(parse_bwlimit("fast").is_err());
     }
 }

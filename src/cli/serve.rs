@@ -17,10 +17,10 @@ use crate::format::raw::RawDisk;
 use crate::format::{Disk, ImageFormat};
 use crate::tier::boot::BootProfileMode;
 use crate::tier::tiered::{CacheMode, TieredStore};
+use crate::tier::{self as tier_layer, CacheOptions};
 use crate::tier::{LocalFile, Storage};
 use crate::vhost::config::ID_BYTES;
 use crate::vhost::{DeviceConfig, Server};
-use crate::volume::{self, CacheOptions};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -284,7 +284,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             open_format(Arc::new(file), &cfg, &LocalBackingOpener::new(path))?
         }
         ImageSource::Volume { url, cache } => {
-            let store: Arc<TieredStore> = volume::open(url, cache.clone())?;
+            let store: Arc<TieredStore> = tier_layer::open_volume(url, cache.clone())?;
             volume_store = Some(store.clone());
             status =
                 Some(StatusWriter::start(store.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);
@@ -300,12 +300,15 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(socket = %cfg.socket.display(), queues = cfg.device.num_queues, "serving {}", disk.describe());
     let server = Server::bind(disk, cfg.device.clone(), &cfg.socket)?;
     let stop = server.stop_handle();
-    if let Some(store) = volume_store.clone() {
+    if let Some(store) = &volume_store {
         // SIGUSR1 (`driveblk sync`): cut a generation as soon as the disk
-        // is consistent, without waiting for the sync interval.
+        // is consistent, without waiting for the sync interval. A weak
+        // reference: the store must still close when serving ends.
+        let store = Arc::downgrade(store);
         let mut usr1 = Signals::new([signal_hook::consts::SIGUSR1]).context("cannot install signal handlers")?;
         std::thread::Builder::new().name("driveblk-sync-signal".into()).spawn(move || {
             for _ in usr1.forever() {
+                let Some(store) = store.upgrade() else { return };
                 tracing::info!("sync requested");
                 store.request_sync();
             }

@@ -84,7 +84,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
             "dirty_bytes": s.dirty_bytes,
             "uploading": y.uploading, "uploading_chunks": y.uploading_chunks,
             "generations_committed": y.generations_committed, "bytes_uploaded": y.bytes_uploaded,
-            "since_commit_secs": y.since_commit_secs,
+            "since_commit_secs": y.since_commit_secs, "last_rate_bps": y.last_rate_bps,
             "last_error": y.last_error, "paused": y.paused, "conflict": y.conflict,
         })),
         "boot_profile": {
@@ -168,7 +168,7 @@ pub fn render(v: &Value) -> String {
             human(yu("bytes_uploaded"))
         );
         if let Some(s) = y.get("since_commit_secs").and_then(Value::as_u64) {
-            line += &format!(", last commit {s} s ago");
+            line += &format!(", last commit {s} s ago at {}/s", human(yu("last_rate_bps")));
         }
         out += &format!("write-back  {line}\n");
         if let Some(c) = y.get("conflict").and_then(Value::as_str) {

@@ -13,7 +13,7 @@ use crate::cli::remote::RemoteArgs;
 use crate::cli::serve::CacheArgs;
 use crate::cli::size::human;
 use crate::cli::status;
-use crate::volume;
+use crate::tier;
 
 #[derive(Debug, Args)]
 pub struct SyncArgs {
@@ -47,7 +47,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
     if let Some(pid) = serving_pid(&dir) {
         return through_daemon(pid, &dir, timeout);
     }
-    let store = volume::open(&a.url, opts).context("cannot open the volume's cache")?;
+    let store = tier::open_volume(&a.url, opts).context("cannot open the volume's cache")?;
     let t0 = Instant::now();
     let dirty = store.stats().dirty_bytes;
     let done = store.sync_now(timeout);

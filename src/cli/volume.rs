@@ -10,7 +10,8 @@ use crate::cli::remote::RemoteArgs;
 use crate::cli::serve::{default_cache_dir, CacheArgs};
 use crate::cli::size::{human, parse_size};
 use crate::cli::status;
-use crate::volume::{self, AttachOptions, ExportOptions, ImportOptions, VolumeInfo};
+use crate::tier::{self, ExportOptions};
+use crate::volume::{self, AttachOptions, ImportOptions, VolumeInfo};
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
@@ -152,7 +153,7 @@ pub fn export(a: ExportArgs) -> anyhow::Result<()> {
     };
     let opts = ExportOptions { cache_dir, parallel: a.parallel, progress: !a.quiet, remote: a.remote.options() };
     let t0 = Instant::now();
-    let s = volume::export(&a.url, &a.file, &opts)?;
+    let s = tier::export(&a.url, &a.file, &opts)?;
     eprintln!(
         "exported {} to {} in {:.1} s: {} chunks from the remote, {} from the local cache ({} with local writes), {} zero",
         human(s.bytes), a.file.display(), t0.elapsed().as_secs_f64(), s.chunks_from_remote, s.chunks_from_cache,
@@ -188,8 +189,8 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     // No guest to record, and every chunk comes whole anyway.
     cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
     let dir = cache.cache_dir.clone();
-    let store =
-        volume::open(&a.url, cache).context("(if a daemon is serving this volume, use `serve --hydrate` instead)")?;
+    let store = tier::open_volume(&a.url, cache)
+        .context("(if a daemon is serving this volume, use `serve --hydrate` instead)")?;
     let t0 = Instant::now();
     store.start_hydrate();
     while !store.wait_hydrated(Duration::from_secs(3600), !a.quiet) {}

@@ -1,10 +1,14 @@
 //! Remote layer: the [`Remote`] trait — an immutable-object store with ranged
-//! reads, shaped after what Google Drive can do — plus its `dir:` backend and
+//! reads, shaped after what Google Drive can do — plus its `dir:` and
+//! `gdrive:` backends and
 //! the wrappers (retry, metrics, latency/fault shaping) that stack around any
 //! backend as one trait object.
 
+pub mod bwlimit;
+pub mod config;
 pub mod dir;
 pub mod error;
+pub mod gdrive;
 pub mod metrics;
 pub mod retry;
 pub mod shaped;
@@ -19,6 +23,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, Stream};
 
+pub use bwlimit::{BwEntry, BwLimitRemote, BwSchedule};
+pub use config::RemoteConfig;
 pub use dir::DirRemote;
 pub use error::{RemoteError, RemoteResult};
 pub use metrics::{MetricsRemote, RemoteMetrics, RemoteMetricsSnapshot};

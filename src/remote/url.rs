@@ -1,21 +1,27 @@
 //! Remote URLs: `dir:/path/NAME` names a volume folder or an object file in
-//! a folder. The same syntax serves both, since a volume is a folder of
-//! objects and a base image is one object in a folder.
+//! a folder; `gdrive:/Folder/NAME`, `gdrive:id=FOLDER_ID/NAME` and
+//! `gdrive:file=FILE_ID` do the same on Google Drive. The same syntax serves
+//! both, since a volume is a folder of objects and a base image is one
+//! object in a folder.
 
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use super::config::RemoteConfig;
+use super::gdrive::{path::DriveLocation, GDriveRemote};
 use super::{DirRemote, DynRemote};
 
 /// Why a URL could not be parsed.
 #[derive(Debug, thiserror::Error)]
 pub enum UrlError {
-    #[error("unsupported remote URL {0:?}: expected dir:/path/NAME (a folder path, local or NFS/SMB mounted)")]
+    #[error("unsupported remote URL {0:?}: expected dir:/path/NAME (a folder path, local or NFS/SMB mounted), gdrive:/Folder/NAME, gdrive:id=FOLDER_ID/NAME or gdrive:file=FILE_ID")]
     Scheme(String),
     #[error("remote URL {0:?} has no name: expected dir:/path/NAME, not a bare folder or root")]
     NoName(String),
+    #[error("invalid Google Drive URL {url:?}: {reason}")]
+    Drive { url: String, reason: String },
 }
 
 /// Which backend a URL is for.
@@ -23,22 +29,34 @@ pub enum UrlError {
 pub enum Scheme {
     /// A local (or network-mounted) folder.
     Dir,
+    /// Google Drive.
+    GDrive,
 }
 
-/// A parsed remote URL: a backend, a parent folder and a name in it.
+/// A parsed remote URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RemoteUrl {
-    pub scheme: Scheme,
-    /// The folder holding `name` (absolute).
-    pub parent: PathBuf,
-    /// The last path component: a volume folder or an object's key.
-    pub name: String,
+pub enum RemoteUrl {
+    /// A parent folder and a name in it.
+    Dir {
+        /// The folder holding `name` (absolute).
+        parent: PathBuf,
+        /// The last path component: a volume folder or an object's key.
+        name: String,
+    },
+    /// A place on Google Drive.
+    GDrive(DriveLocation),
 }
 
 impl RemoteUrl {
-    /// Parses `dir:/path/NAME`. Relative paths are resolved against the
-    /// current directory so a stored URL (a volume's base) stays valid.
+    /// Parses `dir:/path/NAME` (relative paths are resolved against the
+    /// current directory so a stored URL, e.g. a volume's base, stays
+    /// valid) or a `gdrive:` URL.
     pub fn parse(s: &str) -> Result<Self, UrlError> {
+        if let Some(rest) = s.strip_prefix("gdrive:") {
+            return DriveLocation::parse(rest)
+                .map(RemoteUrl::GDrive)
+                .map_err(|reason| UrlError::Drive { url: s.to_string(), reason });
+        }
         let rest = s.strip_prefix("dir:").ok_or_else(|| UrlError::Scheme(s.to_string()))?;
         // Accept dir:///abs as well as dir:/abs.
         let rest = rest.strip_prefix("//").unwrap_or(rest);
@@ -56,26 +74,55 @@ impl RemoteUrl {
             .map(str::to_string)
             .ok_or_else(|| UrlError::NoName(s.to_string()))?;
         let parent = p.parent().map(Path::to_path_buf).ok_or_else(|| UrlError::NoName(s.to_string()))?;
-        Ok(Self { scheme: Scheme::Dir, parent, name })
+        Ok(RemoteUrl::Dir { parent, name })
     }
 
-    /// The full path (`parent/name`) for `dir:` URLs.
-    pub fn path(&self) -> PathBuf {
-        self.parent.join(&self.name)
+    /// The backend.
+    pub fn scheme(&self) -> Scheme {
+        match self {
+            RemoteUrl::Dir { .. } => Scheme::Dir,
+            RemoteUrl::GDrive(_) => Scheme::GDrive,
+        }
     }
 
-    /// A remote rooted at the folder this URL names (how a volume is opened).
+    /// The full path (`parent/name`) of a `dir:` URL.
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            RemoteUrl::Dir { parent, name } => Some(parent.join(name)),
+            RemoteUrl::GDrive(_) => None,
+        }
+    }
+
+    /// A remote rooted at the folder this URL names (how a volume is
+    /// opened), configured from the environment (see
+    /// [`RemoteConfig::from_env`]).
     pub fn folder(&self) -> DynRemote {
-        match self.scheme {
-            Scheme::Dir => Arc::new(DirRemote::new(self.path())),
+        self.folder_with(&RemoteConfig::from_env_or_default())
+    }
+
+    /// [`folder`](Self::folder) with explicit configuration. Synchronous:
+    /// a Drive folder is resolved at its first use.
+    pub fn folder_with(&self, cfg: &RemoteConfig) -> DynRemote {
+        match self {
+            RemoteUrl::Dir { parent, name } => Arc::new(DirRemote::new(parent.join(name))),
+            RemoteUrl::GDrive(loc) => Arc::new(GDriveRemote::folder(loc, &cfg.drive)),
         }
     }
 
     /// A remote rooted at the parent folder and the key of the object this
     /// URL names (how a base image file is opened).
     pub fn object(&self) -> (DynRemote, String) {
-        match self.scheme {
-            Scheme::Dir => (Arc::new(DirRemote::new(self.parent.clone())), self.name.clone()),
+        self.object_with(&RemoteConfig::from_env_or_default())
+    }
+
+    /// [`object`](Self::object) with explicit configuration.
+    pub fn object_with(&self, cfg: &RemoteConfig) -> (DynRemote, String) {
+        match self {
+            RemoteUrl::Dir { parent, name } => (Arc::new(DirRemote::new(parent.clone())), name.clone()),
+            RemoteUrl::GDrive(loc) => {
+                let (r, key) = GDriveRemote::object(loc, &cfg.drive);
+                (Arc::new(r), key)
+            }
         }
     }
 }
@@ -98,8 +145,9 @@ fn normalize(p: &Path) -> PathBuf {
 
 impl fmt::Display for RemoteUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.scheme {
-            Scheme::Dir => write!(f, "dir:{}", self.path().display()),
+        match self {
+            RemoteUrl::Dir { parent, name } => write!(f, "dir:{}", parent.join(name).display()),
+            RemoteUrl::GDrive(loc) => write!(f, "{loc}"),
         }
     }
 }
@@ -118,14 +166,24 @@ mod tests {
     #[test]
     fn parses_dir_urls() {
         let u = RemoteUrl::parse("dir:/mnt/drive/vols/win10").unwrap();
-        assert_eq!(u.parent, PathBuf::from("/mnt/drive/vols"));
-        assert_eq!(u.name, "win10");
+        assert_eq!(u, RemoteUrl::Dir { parent: PathBuf::from("/mnt/drive/vols"), name: "win10".into() });
         assert_eq!(u.to_string(), "dir:/mnt/drive/vols/win10");
         let u = RemoteUrl::parse("dir:///a/./b/../c.qcow2").unwrap();
         assert_eq!(u.to_string(), "dir:/a/c.qcow2");
-        assert!(RemoteUrl::parse("dir:rel/x").unwrap().parent.is_absolute());
-        assert!(matches!(RemoteUrl::parse("gdrive:x"), Err(UrlError::Scheme(_))));
+        assert!(RemoteUrl::parse("dir:rel/x").unwrap().path().unwrap().is_absolute());
+        assert!(matches!(RemoteUrl::parse("s3:x"), Err(UrlError::Scheme(_))));
         assert!(matches!(RemoteUrl::parse("dir:/"), Err(UrlError::NoName(_))));
         assert!(matches!(RemoteUrl::parse("dir:"), Err(UrlError::NoName(_))));
+    }
+
+    #[test]
+    fn parses_gdrive_urls() {
+        for s in ["gdrive:/vms/win10", "gdrive:id=0AAbc/vol", "gdrive:file=1AbC-d_e"] {
+            let u = RemoteUrl::parse(s).unwrap();
+            assert_eq!(u.scheme(), Scheme::GDrive);
+            assert_eq!(u.to_string(), s);
+        }
+        assert!(matches!(RemoteUrl::parse("gdrive:/"), Err(UrlError::Drive { .. })));
+        assert!(matches!(RemoteUrl::parse("gdrive:file=a/b"), Err(UrlError::Drive { .. })));
     }
 }

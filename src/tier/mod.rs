@@ -3,7 +3,10 @@
 //! file, and the tiered RAM/SSD/remote store implements the same trait.
 
 pub mod boot;
+pub mod export;
+pub mod journal;
 pub mod local;
+pub mod open;
 pub mod ram;
 pub mod readahead;
 pub mod single_flight;
@@ -15,7 +18,9 @@ use std::io;
 
 use crate::format::{IoMode, IoVec};
 
+pub use export::{export, ExportOptions, ExportSummary};
 pub use local::LocalFile;
+pub use open::{cache_dir_for, open_volume, CacheOptions};
 pub use stats::TierStats;
 pub use tiered::TieredStore;
 

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::format::{IoMode, IoVec};
+use crate::tier::journal::{Change, Journal, Record};
 use crate::tier::{LocalFile, Storage};
 use crate::volume::{VolumeError, VolumeResult};
 
@@ -53,6 +54,10 @@ pub const PARTIAL: u8 = 3;
 /// are present. A read of an absent page fetches the chunk and fills only
 /// the absent pages.
 pub const DIRTY_PARTIAL: u8 = 4;
+/// Zeroed whole by the guest (discard, write-zeroes) and not yet
+/// committed: reads as zeroes, holds no data (it does not count against
+/// the cap), goes up as a zero chunk (nothing uploaded).
+pub const ZERO_DIRTY: u8 = 5;
 /// Granularity of partial chunks.
 pub const PAGE: u64 = 4096;
 
@@ -63,7 +68,7 @@ fn has_bitmap(state: u8) -> bool {
 
 /// True for the states that hold local changes.
 pub fn is_dirty(state: u8) -> bool {
-    matches!(state, DIRTY | DIRTY_PARTIAL)
+    matches!(state, DIRTY | DIRTY_PARTIAL | ZERO_DIRTY)
 }
 
 const STATE_MAGIC: &str = "driveblk-cache";
@@ -73,6 +78,9 @@ const STATE_MAGIC: &str = "driveblk-cache";
 /// directory an id. Versions 1 and 2 are still read.
 const STATE_VERSION: u32 = 3;
 const STRIPES: usize = 1024;
+/// The journal grows to at least this many bytes (or twice the map) before
+/// the next persist writes a checkpoint instead.
+const JOURNAL_MIN_CHECKPOINT: u64 = 1 << 20;
 
 /// What a cache directory must match to be reused: the volume, not its
 /// generation (a cache holding dirty chunks outlives the commits they go
@@ -101,10 +109,20 @@ struct StateHeader {
     /// Partial chunks, whose bitmaps follow the state bytes (version 2).
     #[serde(default)]
     partial: u64,
+    /// Id of this checkpoint: journal records that follow it name it.
+    #[serde(default)]
+    checkpoint: u64,
 }
 
 /// Page bitmap of one partial chunk: bit i of the words = page i present.
 type Bitmap = Box<[u64]>;
+
+/// Why a persist failed: a failed fsync is sticky, a map that could not be
+/// written is not (the old one stands).
+enum Persist {
+    Sticky(io::Error),
+    Retryable(io::Error),
+}
 
 /// A parsed state file.
 struct Loaded {
@@ -153,8 +171,17 @@ struct Pages {
 /// What the state file on disk says.
 struct Persisted {
     states: Vec<u8>,
+    /// The page bitmaps recorded.
+    maps: HashMap<u64, Bitmap>,
     /// The generation recorded.
     generation: u64,
+    /// The image length recorded.
+    image_len: u64,
+    /// `data_epoch` as of the last fsync of the data file.
+    data_epoch: u64,
+    /// False until this process wrote the state file once (it may be
+    /// missing, or of an older version).
+    written: bool,
     /// `Pages::gen` at the time of that snapshot.
     gen: u64,
 }
@@ -194,6 +221,11 @@ pub struct SsdCache {
     /// without an entry (after a restart, or zeroed whole) counts as
     /// changed everywhere.
     dirty_pages: Mutex<HashMap<u64, Bitmap>>,
+    /// Changes since the last checkpoint (None when only inspecting).
+    journal: Mutex<Option<Journal>>,
+    /// Bumped by every write to the data file, so a flush with nothing
+    /// written since the last one costs no fsync.
+    data_epoch: AtomicU64,
     /// Set once an fsync or state write failed: Linux may have dropped the
     /// dirty pages, so a later fsync "succeeding" would prove nothing.
     /// Every later flush fails; the cache must be reopened (which trusts
@@ -248,7 +280,7 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
     let max_state = match h.version {
         1 => DIRTY,
         2 => PARTIAL,
-        _ => DIRTY_PARTIAL,
+        _ => ZERO_DIRTY,
     };
     if h.chunks > rest.len() as u64 {
         return Err("state map does not match its header".into());
@@ -287,7 +319,46 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
         }
         maps.insert(idx, m);
     }
-    Ok(Some(Loaded { header: h, states: states.to_vec(), maps }))
+    let mut l = Loaded { header: h, states: states.to_vec(), maps };
+    if let Some(dir) = path.parent() {
+        apply_journal(&mut l, dir, words)?;
+    }
+    Ok(Some(l))
+}
+
+/// Applies the journal records that follow the checkpoint `l` was read from.
+fn apply_journal(l: &mut Loaded, dir: &Path, words: usize) -> Result<(), String> {
+    let pages = l.header.id.chunk_size.div_ceil(PAGE);
+    for rec in Journal::replay(dir, l.header.checkpoint, words) {
+        let chunks = rec.image_len.div_ceil(l.header.id.chunk_size);
+        if chunks > 1 << 40 {
+            return Err("journal record with an implausible image length".into());
+        }
+        if (l.states.len() as u64) < chunks {
+            l.states.resize(chunks as usize, ABSENT);
+        }
+        for c in rec.changes {
+            let ok = c.state <= ZERO_DIRTY
+                && has_bitmap(c.state) == c.bitmap.is_some()
+                && (c.idx as usize) < l.states.len()
+                && c.bitmap.as_ref().is_none_or(|m| popcount(m) > 0 && !(pages..words as u64 * 64).any(|p| bit(m, p)));
+            if !ok {
+                return Err(format!("journal record for chunk {} does not fit the map", c.idx));
+            }
+            l.states[c.idx as usize] = c.state;
+            match c.bitmap {
+                Some(m) => {
+                    l.maps.insert(c.idx, m);
+                }
+                None => {
+                    l.maps.remove(&c.idx);
+                }
+            }
+        }
+        l.header.generation = rec.generation;
+        l.header.image_len = rec.image_len;
+    }
+    Ok(())
 }
 
 impl SsdCache {
@@ -378,6 +449,7 @@ impl SsdCache {
             dirty += is_dirty(s) as u64;
         }
         let held: u64 = maps.values().map(|m| popcount(m)).sum();
+        let persisted_maps = maps.clone();
         let partial = maps.len() as u64;
         let persisted: Vec<u8> = slots.iter().map(|s| s.state.load(Ordering::Relaxed)).collect();
         let c = Self {
@@ -395,18 +467,33 @@ impl SsdCache {
             pages: Mutex::new(Pages { maps, gen: 0 }),
             partial: AtomicU64::new(partial),
             pages_held: AtomicU64::new(held),
-            persisted: Mutex::new(Persisted { states: persisted, generation, gen: 0 }),
+            persisted: Mutex::new(Persisted {
+                states: persisted,
+                maps: persisted_maps,
+                generation,
+                image_len: len,
+                data_epoch: 0,
+                written: false,
+                gen: 0,
+            }),
             clock: AtomicU32::new(1),
             evictions: AtomicU64::new(0),
             generation: AtomicU64::new(generation),
             cache_id,
             write_seq: AtomicU64::new(1),
             dirty_pages: Mutex::new(HashMap::new()),
+            data_epoch: AtomicU64::new(1),
+            journal: Mutex::new(None),
             failed: AtomicBool::new(false),
         };
         if mode == OpenMode::Serve {
-            // Record the identity now, so a crash before the first flush
-            // still leaves a directory that says whose it is.
+            *c.journal.lock() = Some(
+                Journal::open(dir, 0, bitmap_words(cs))
+                    .map_err(|e| VolumeError::io("opening the journal in", dir, e))?,
+            );
+            // Record the identity now (a fresh checkpoint), so a crash
+            // before the first flush still leaves a directory that says
+            // whose it is.
             c.persist().map_err(|e| VolumeError::io("writing cache state in", dir, e))?;
         }
         Ok(Some((c, opened)))
@@ -471,9 +558,9 @@ impl SsdCache {
         self.slots.read().get(idx as usize).map_or(ABSENT, |s| s.state.load(Ordering::Acquire))
     }
 
-    /// True when the whole chunk is local (CLEAN or DIRTY).
+    /// True when the whole chunk is local (CLEAN, DIRTY, or zeroed).
     pub fn has_chunk(&self, idx: u64) -> bool {
-        matches!(self.state(idx), CLEAN | DIRTY)
+        matches!(self.state(idx), CLEAN | DIRTY | ZERO_DIRTY)
     }
 
     /// True when every byte of [off, off + len) inside chunk `idx` is local:
@@ -481,7 +568,7 @@ impl SsdCache {
     /// range is present. len 0 -> same as has_chunk || PARTIAL.
     pub fn has_pages(&self, idx: u64, off: u64, len: u64) -> bool {
         match self.state(idx) {
-            CLEAN | DIRTY => true,
+            CLEAN | DIRTY | ZERO_DIRTY => true,
             PARTIAL | DIRTY_PARTIAL => {
                 let pages = self.pages.lock();
                 let Some(m) = pages.maps.get(&idx) else {
@@ -559,6 +646,12 @@ impl SsdCache {
     /// the range present. Non-blocking reads use `RWF_NOWAIT`: a page-cache
     /// hit completes inline, anything else says `WouldBlock`.
     pub fn read(&self, idx: u64, off: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        if self.state(idx) == ZERO_DIRTY {
+            // Whatever the data file holds there (a crash may have come
+            // before the hole punch), the chunk is zeroes.
+            bufs.fill_zero(0, bufs.len());
+            return Ok(());
+        }
         self.data.read_vectored_at(idx * self.chunk_size + off, bufs, mode)?;
         self.touch(idx);
         Ok(())
@@ -567,6 +660,9 @@ impl SsdCache {
     /// Reads a whole cached chunk. Caller holds the stripe lock.
     pub fn read_chunk(&self, idx: u64) -> io::Result<Vec<u8>> {
         let mut v = vec![0u8; self.chunk_size as usize];
+        if self.state(idx) == ZERO_DIRTY {
+            return Ok(v);
+        }
         self.data.read_at(idx * self.chunk_size, &mut v)?;
         Ok(v)
     }
@@ -597,7 +693,7 @@ impl SsdCache {
         }
         // The present pages get the same bytes again, so the map's claim
         // about them stays true while this writes.
-        self.data.write_at(idx * self.chunk_size, data)?;
+        self.data_write_at(idx * self.chunk_size, data)?;
         {
             let mut pages = self.pages.lock();
             self.leave_partial(&mut pages, idx, CLEAN);
@@ -648,11 +744,11 @@ impl SsdCache {
             return Ok(false);
         }
         let whole = data.len() - short as usize;
-        self.data.write_at(base + off, &data[..whole])?;
+        self.data_write_at(base + off, &data[..whole])?;
         if short != 0 {
             let mut tail = vec![0u8; PAGE as usize];
             tail[..short as usize].copy_from_slice(&data[whole..]);
-            self.data.write_at(base + off + whole as u64, &tail)?;
+            self.data_write_at(base + off + whole as u64, &tail)?;
         }
         {
             let mut pages = self.pages.lock();
@@ -709,7 +805,7 @@ impl SsdCache {
         }
         if state == DIRTY_PARTIAL {
             // Overwritten whole: every page is present now.
-            self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+            self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
             self.leave_partial(&mut self.pages.lock(), idx, DIRTY);
             self.cached.fetch_add(1, Ordering::Relaxed);
             self.bump_seq(idx);
@@ -725,7 +821,15 @@ impl SsdCache {
             state = ABSENT;
         }
         match state {
-            DIRTY => self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?,
+            DIRTY => self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?,
+            ZERO_DIRTY => {
+                // Zeroes on disk first (a crash may have come before the
+                // hole punch), then the write; it holds data from now on.
+                self.data_write_zeroes_at(base, self.chunk_size)?;
+                self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+                self.set_state(idx, DIRTY);
+                self.cached.fetch_add(1, Ordering::Relaxed);
+            }
             CLEAN => {
                 self.set_state(idx, DIRTY);
                 self.dirty.fetch_add(1, Ordering::Relaxed);
@@ -735,7 +839,7 @@ impl SsdCache {
                     // chunk clean before its bytes change.
                     self.persist()?;
                 }
-                self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+                self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
             }
             _ => {
                 // Bytes first, state after: a persist racing with this never
@@ -745,9 +849,9 @@ impl SsdCache {
                     let fill = fill.ok_or_else(|| {
                         io::Error::other("internal: partial write to an absent chunk without its content")
                     })?;
-                    self.data.write_at(base, fill)?;
+                    self.data_write_at(base, fill)?;
                 }
-                self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+                self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
                 self.set_state(idx, DIRTY);
                 self.cached.fetch_add(1, Ordering::Relaxed);
                 self.dirty.fetch_add(1, Ordering::Relaxed);
@@ -781,7 +885,7 @@ impl SsdCache {
                 self.persist()?;
             }
         }
-        self.data.write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+        self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
         {
             let mut pages = self.pages.lock();
             let words = bitmap_words(self.chunk_size);
@@ -841,6 +945,21 @@ impl SsdCache {
         self.dirty_pages.lock().get(&idx).cloned()
     }
 
+    fn data_write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        self.data_epoch.fetch_add(1, Ordering::SeqCst);
+        self.data.write_at(off, buf)
+    }
+
+    fn data_write_vectored_at(&self, off: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        self.data_epoch.fetch_add(1, Ordering::SeqCst);
+        self.data.write_vectored_at(off, bufs, mode)
+    }
+
+    fn data_write_zeroes_at(&self, off: u64, len: u64) -> io::Result<()> {
+        self.data_epoch.fetch_add(1, Ordering::SeqCst);
+        self.data.write_zeroes_at(off, len)
+    }
+
     /// Gives chunk `idx` a new write sequence number (it was just written).
     fn bump_seq(&self, idx: u64) {
         let seq = self.write_seq.fetch_add(1, Ordering::Relaxed);
@@ -897,7 +1016,7 @@ impl SsdCache {
             }
             let (a, b) = (start * PAGE as usize, (p * PAGE as usize).min(data.len()));
             if a < b {
-                self.data.write_at(base + a as u64, &data[a..b])?;
+                self.data_write_at(base + a as u64, &data[a..b])?;
             }
         }
         {
@@ -921,7 +1040,15 @@ impl SsdCache {
         }
         // A chunk dirty in part holds the committed bytes where it holds
         // pages at all: it becomes partial (clean).
-        s.state.store(if st == DIRTY { CLEAN } else { PARTIAL }, Ordering::Release);
+        // A zeroed chunk is zero in the committed generation: nothing to hold.
+        s.state.store(
+            match st {
+                DIRTY => CLEAN,
+                DIRTY_PARTIAL => PARTIAL,
+                _ => ABSENT,
+            },
+            Ordering::Release,
+        );
         self.dirty.fetch_sub(1, Ordering::Relaxed);
         self.dirty_pages.lock().remove(&idx);
         true
@@ -985,22 +1112,27 @@ impl SsdCache {
         {
             let persisted = self.persisted.lock();
             for idx in range.clone() {
+                // Zeroed chunks hold no data and do not count against the
+                // cap: a guest trimming 30 GB never fills the cache.
                 match self.state(idx) {
-                    DIRTY => {}
+                    ZERO_DIRTY => {}
+                    DIRTY => {
+                        self.set_state(idx, ZERO_DIRTY);
+                        self.cached.fetch_sub(1, Ordering::Relaxed);
+                    }
                     DIRTY_PARTIAL => {
-                        // Zeroed whole: every page is present (as zeroes).
-                        self.leave_partial(&mut self.pages.lock(), idx, DIRTY);
-                        self.cached.fetch_add(1, Ordering::Relaxed);
+                        self.leave_partial(&mut self.pages.lock(), idx, ZERO_DIRTY);
                     }
                     CLEAN => {
-                        self.set_state(idx, DIRTY);
+                        self.set_state(idx, ZERO_DIRTY);
+                        self.cached.fetch_sub(1, Ordering::Relaxed);
                         self.dirty.fetch_add(1, Ordering::Relaxed);
                         need_persist |= persisted.states.get(idx as usize) == Some(&CLEAN);
                     }
                     PARTIAL => {
-                        self.leave_partial(&mut self.pages.lock(), idx, ABSENT);
+                        self.leave_partial(&mut self.pages.lock(), idx, ZERO_DIRTY);
+                        self.dirty.fetch_add(1, Ordering::Relaxed);
                         need_persist |= persisted.states.get(idx as usize) == Some(&PARTIAL);
-                        absent.push(idx);
                     }
                     _ => absent.push(idx),
                 }
@@ -1010,10 +1142,9 @@ impl SsdCache {
             self.persist()?;
         }
         let cs = self.chunk_size;
-        self.data.write_zeroes_at(range.start * cs, (range.end - range.start) * cs)?;
+        self.data_write_zeroes_at(range.start * cs, (range.end - range.start) * cs)?;
         for idx in absent {
-            self.set_state(idx, DIRTY);
-            self.cached.fetch_add(1, Ordering::Relaxed);
+            self.set_state(idx, ZERO_DIRTY);
             self.dirty.fetch_add(1, Ordering::Relaxed);
         }
         let mut pages = self.dirty_pages.lock();
@@ -1086,7 +1217,7 @@ impl SsdCache {
         self.evictions.fetch_add(victims.len() as u64, Ordering::Relaxed);
         self.persist()?;
         for idx in victims {
-            self.data.write_zeroes_at(idx * self.chunk_size, self.chunk_size)?;
+            self.data_write_zeroes_at(idx * self.chunk_size, self.chunk_size)?;
         }
         drop(guards);
         Ok(())
@@ -1094,26 +1225,43 @@ impl SsdCache {
 
     /// Makes the data file and the chunk map durable: fsync data, then
     /// atomically replace the map.
+    ///
+    /// A failed fsync (of the data, or of the directory after the map was
+    /// replaced) is sticky: every later call fails until the cache is
+    /// reopened. A map that could not be written (a full disk) leaves the
+    /// old map in place and is not sticky: the caller's change is refused,
+    /// and a later call may succeed once there is room.
     pub fn persist(&self) -> io::Result<()> {
-        let r = self.persist_inner();
-        if let Err(e) = &r {
-            if !self.failed.swap(true, Ordering::SeqCst) {
-                tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make data durable; every later flush fails until driveblk is restarted");
-            }
-        }
-        r
-    }
-
-    fn persist_inner(&self) -> io::Result<()> {
         if self.failed.load(Ordering::SeqCst) {
             return Err(io::Error::other(format!(
-                "an earlier fsync or state write in {} failed; nothing is acknowledged as durable until driveblk is restarted",
+                "an earlier fsync in {} failed; nothing is acknowledged as durable until driveblk is restarted",
                 self.dir.display()
             )));
         }
+        match self.persist_inner() {
+            Ok(()) => Ok(()),
+            Err(Persist::Retryable(e)) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "could not write the SSD cache's state (disk full?)");
+                Err(e)
+            }
+            Err(Persist::Sticky(e)) => {
+                if !self.failed.swap(true, Ordering::SeqCst) {
+                    tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make data durable; every later flush fails until driveblk is restarted");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn persist_inner(&self) -> Result<(), Persist> {
+        let sticky = Persist::Sticky;
+        let retryable = Persist::Retryable;
         let mut persisted = self.persisted.lock();
+        // Read before the snapshot and the fsync: a write racing with this
+        // persist leaves the epoch ahead, so the next flush syncs again.
+        let epoch = self.data_epoch.load(Ordering::SeqCst);
         let words = bitmap_words(self.chunk_size);
-        let (snap, bitmaps, partial, gen) = {
+        let (snap, bitmaps, partial, gen, maps) = {
             // States and bitmaps agree under the bitmap lock (every move
             // into or out of partial happens under it).
             let pages = self.pages.lock();
@@ -1129,15 +1277,59 @@ impl SsdCache {
                         }
                         partial += 1;
                     }
-                    // Cannot happen; claiming nothing is always safe for a
-                    // clean chunk. A dirty one keeps its state, and claims
-                    // no page (absent pages come from the remote).
+                    // Cannot happen: states with pages always have a bitmap.
                     None => *s = ABSENT,
                 }
             }
-            (snap, bitmaps, partial, pages.gen)
+            let maps: HashMap<u64, Bitmap> = snap
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| has_bitmap(**s))
+                .filter_map(|(i, _)| pages.maps.get(&(i as u64)).map(|m| (i as u64, m.clone())))
+                .collect();
+            (snap, bitmaps, partial, pages.gen, maps)
         };
-        self.data.flush()?;
+        let map_same = persisted.written
+            && snap == persisted.states
+            && gen == persisted.gen
+            && self.generation() == persisted.generation
+            && self.len() == persisted.image_len;
+        if map_same && epoch == persisted.data_epoch {
+            // Nothing written and nothing changed since the last flush.
+            return Ok(());
+        }
+        self.data.flush().map_err(sticky)?;
+        if map_same {
+            persisted.data_epoch = epoch;
+            return Ok(());
+        }
+        // A few changes go to the journal: one append, one fsync.
+        let mut journal = self.journal.lock();
+        let limit = (JOURNAL_MIN_CHECKPOINT).max(snap.len() as u64 * 2);
+        if let Some(j) = journal.as_mut().filter(|j| persisted.written && j.len() < limit) {
+            let mut changes = Vec::new();
+            for (i, &st) in snap.iter().enumerate() {
+                let idx = i as u64;
+                let before = persisted.states.get(i).copied().unwrap_or(ABSENT);
+                let map = maps.get(&idx);
+                if st != before || (has_bitmap(st) && persisted.maps.get(&idx) != map) {
+                    changes.push(Change { idx, state: st, bitmap: map.cloned() });
+                }
+            }
+            let rec = Record { generation: self.generation(), image_len: self.len(), changes };
+            j.append(&rec).map_err(sticky)?;
+            *persisted = Persisted {
+                states: snap,
+                maps,
+                generation: rec.generation,
+                image_len: rec.image_len,
+                data_epoch: epoch,
+                written: true,
+                gen,
+            };
+            return Ok(());
+        }
+        let checkpoint = rand::random::<u64>() | 1;
         let header = StateHeader {
             format: STATE_MAGIC.into(),
             version: STATE_VERSION,
@@ -1147,23 +1339,47 @@ impl SsdCache {
             image_len: self.len(),
             chunks: snap.len() as u64,
             partial,
+            checkpoint,
         };
-        let mut body = serde_json::to_vec(&header).map_err(io::Error::other)?;
+        let mut body = serde_json::to_vec(&header).map_err(|e| retryable(io::Error::other(e)))?;
         body.push(b'\n');
         body.extend_from_slice(&snap);
         body.extend_from_slice(&bitmaps);
         let sum = Sha256::digest(&body);
         body.extend_from_slice(&sum);
         let tmp = self.dir.join("state.tmp");
-        {
+        // Until the rename, the old map stands: failures here are retryable.
+        let written = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(&body)?;
-            f.sync_all()?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(retryable(e));
         }
-        std::fs::rename(&tmp, self.dir.join("state"))?;
-        File::open(&self.dir)?.sync_all()?;
-        *persisted = Persisted { states: snap, generation: header.generation, gen };
+        std::fs::rename(&tmp, self.dir.join("state")).map_err(retryable)?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(sticky)?;
+        // Records of the old checkpoint would be ignored; start afresh.
+        if let Some(j) = journal.as_mut() {
+            j.reset(checkpoint).map_err(sticky)?;
+        }
+        *persisted = Persisted {
+            states: snap,
+            maps,
+            generation: header.generation,
+            image_len: header.image_len,
+            data_epoch: epoch,
+            written: true,
+            gen,
+        };
         Ok(())
+    }
+
+    /// Writes the whole map as a new checkpoint (and empties the journal).
+    pub fn checkpoint(&self) -> io::Result<()> {
+        self.persisted.lock().written = false;
+        self.persist()
     }
 
     /// True if the in-memory map (states or page bitmaps) differs from the
@@ -1199,6 +1415,11 @@ impl SsdCache {
     /// partial chunks * PAGE.
     pub fn cached_bytes(&self) -> u64 {
         self.cached_chunks() * self.chunk_size + self.pages_held.load(Ordering::Relaxed) * PAGE
+    }
+
+    /// Dirty chunks that hold data (not zeroed whole).
+    pub fn dirty_data_chunks(&self) -> u64 {
+        self.dirty_chunks().saturating_sub(self.chunks_in(ZERO_DIRTY).len() as u64)
     }
 
     /// Dirty chunks.
@@ -1273,6 +1494,76 @@ mod tests {
         // Another volume with dirty data: refused, not discarded.
         let e = SsdCache::open(&dir, id(2), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).err().unwrap();
         assert!(e.to_string().contains("unsaved writes"), "{e}");
+    }
+
+    #[test]
+    fn flushes_with_nothing_new_leave_the_state_file_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = SsdCache::open(d.path(), id(1), 1, 4 * 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        let ino = || std::fs::metadata(d.path().join("state")).unwrap().ino();
+        let first = ino();
+        c.persist().unwrap();
+        assert_eq!(ino(), first, "no change: the map is not rewritten");
+        let mut w = *b"abcd";
+        {
+            let _g = c.lock_write(1);
+            c.write(1, 0, &IoVec::from_slice(&mut w), Some(&[0u8; 4096])).unwrap();
+        }
+        let journal = || std::fs::metadata(d.path().join("journal")).unwrap().len();
+        let j0 = journal();
+        c.persist().unwrap();
+        assert_eq!(ino(), first, "a chunk became dirty: a journal record, not a new map");
+        let j1 = journal();
+        assert!(j1 > j0 && j1 - j0 < 200, "one small record ({} bytes)", j1 - j0);
+        {
+            let _g = c.lock_write(1);
+            c.write(1, 8, &IoVec::from_slice(&mut w), None).unwrap();
+        }
+        c.persist().unwrap();
+        assert_eq!((ino(), journal()), (first, j1), "a write into a dirty chunk needs an fsync of data, nothing else");
+        drop(c);
+        let (c, o) = SsdCache::open(d.path(), id(1), 1, 4 * 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        assert_eq!(o, Opened::Reused { cached: 1, dirty: 1 });
+        let mut b = [0u8; 12];
+        c.read(1, 0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        assert_eq!(&b, b"abcd\0\0\0\0abcd");
+    }
+
+    #[test]
+    fn the_journal_replays_after_a_crash_up_to_a_torn_record() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = SsdCache::open(d.path(), id(1), 1, 64 * 4096, 1 << 30, OpenMode::Serve).unwrap().unwrap();
+        // Many small persists: states, bitmaps (a partial chunk), generation.
+        for i in 0..40u64 {
+            let _g = c.lock_write(i);
+            let mut w = [i as u8 + 1; 16];
+            c.write(i, 0, &IoVec::from_slice(&mut w), Some(&[0u8; 4096])).unwrap();
+            drop(_g);
+            c.persist().unwrap();
+        }
+        {
+            let _g = c.lock_write(50);
+            assert!(c.install_pages(50, 0, &[9u8; 4096]).unwrap() || c.state(50) == PARTIAL || c.state(50) == CLEAN);
+        }
+        c.set_generation(7);
+        c.persist().unwrap();
+        // A crash: no close, no checkpoint. The reopened cache has it all.
+        std::mem::forget(c);
+        let d2 = d.path().to_path_buf();
+        // The lock of the forgotten cache is this process's; reopen reads
+        // the files as a new process would.
+        let l = read_state(&d2.join("state")).unwrap().unwrap();
+        assert_eq!(l.header.generation, 7);
+        assert!((0..40).all(|i| l.states[i] == DIRTY), "{:?}", &l.states[..40]);
+        assert!(l.states[50] == CLEAN || (l.states[50] == PARTIAL && l.maps.contains_key(&50)));
+        // A torn last record loses only that persist.
+        let j = d2.join("journal");
+        let len = std::fs::metadata(&j).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&j).unwrap().set_len(len - 3).unwrap();
+        let l = read_state(&d2.join("state")).unwrap().unwrap();
+        assert_eq!(l.header.generation, 1, "the last record (generation 7) was torn");
+        assert!((0..40).all(|i| l.states[i] == DIRTY));
     }
 
     #[test]
@@ -1449,15 +1740,18 @@ mod tests {
             let _g = c.lock_many(0..3);
             c.zero_chunks(0..3).unwrap();
         }
-        assert_eq!(on_disk(d.path()).states[..3], [ABSENT, ABSENT, ABSENT]);
+        // The stored map stopped calling the partial pages clean before
+        // the hole punch (zeroed chunks read as zeroes whatever the file holds).
+        assert_eq!(on_disk(d.path()).states[..3], [ABSENT, ZERO_DIRTY, ZERO_DIRTY]);
         for i in 0..3 {
-            assert_eq!(c.state(i), DIRTY);
+            assert_eq!(c.state(i), ZERO_DIRTY);
             assert_eq!(c.read_chunk(i).unwrap(), vec![0u8; CS as usize]);
         }
-        assert_eq!((c.partial_chunks(), c.cached_chunks(), c.cached_bytes()), (0, 3, 3 * CS));
+        // Zeroed chunks hold no space.
+        assert_eq!((c.partial_chunks(), c.cached_chunks(), c.cached_bytes(), c.dirty_chunks()), (0, 0, 0, 3));
         c.persist().unwrap();
         let l = on_disk(d.path());
-        assert_eq!((l.states[..3].to_vec(), l.maps.len()), (vec![DIRTY; 3], 0));
+        assert_eq!((l.states[..3].to_vec(), l.maps.len()), (vec![ZERO_DIRTY; 3], 0));
     }
 
     #[test]
@@ -1518,6 +1812,8 @@ mod tests {
         assert!(c.needs_persist());
         c.persist().unwrap();
         assert!(!c.needs_persist());
+        // Those changes went to the journal; a checkpoint writes the map.
+        c.checkpoint().unwrap();
         let raw = std::fs::read(d.path().join("state")).unwrap();
         let nl = raw.iter().position(|&b| b == b'\n').unwrap();
         let h: serde_json::Value = serde_json::from_slice(&raw[..nl]).unwrap();

@@ -20,6 +20,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Semaphore;
 
 use super::boot::{BootProfileMode, Recorder, Replay};
+use super::open::CacheOptions;
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
@@ -27,7 +28,7 @@ use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
-use crate::volume::{CacheOptions, ChunkRef, VolumeError, VolumeReader, VolumeResult};
+use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 mod boot_profile;
 mod writeback;
@@ -285,7 +286,7 @@ impl TieredStore {
             profile_segments_done: l(&c.profile_segments_done),
             profile_bytes: l(&c.profile_bytes),
             profile_waits: l(&c.profile_waits),
-            dirty_bytes: i.ssd.dirty_chunks() * i.cs,
+            dirty_bytes: i.ssd.dirty_data_chunks() * i.cs,
             sync: i.writeback.as_ref().map(|w| w.status()),
         }
     }
@@ -344,7 +345,7 @@ impl TieredStore {
     /// a progress bar on stderr when `progress`. Returns true when every
     /// chunk is local.
     pub fn wait_hydrated(&self, timeout: Duration, progress: bool) -> bool {
-        let bar = progress_bar(progress, self.stats().hydrate_total, "hydrate");
+        let bar = crate::volume::progress::bar(progress, self.stats().hydrate_total, "hydrate");
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let s = self.stats();
@@ -357,18 +358,6 @@ impl TieredStore {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-pub(crate) fn progress_bar(on: bool, len: u64, what: &str) -> indicatif::ProgressBar {
-    if !on {
-        return indicatif::ProgressBar::hidden();
-    }
-    let b = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} ({eta})")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    b.set_style(style);
-    b.set_message(what.to_string());
-    b
 }
 
 impl Drop for TieredStore {
@@ -441,7 +430,9 @@ impl Inner {
             Counters::inc(&self.counters.ssd_hits);
             return Ok(true);
         }
-        if self.is_zero(p.idx) {
+        // A zero chunk with pages written is not zero: it is completed
+        // (with zeroes) by the flight, then read from the SSD tier.
+        if self.is_zero(p.idx) && self.ssd.state(p.idx) != DIRTY_PARTIAL {
             buf.fill_zero(0, p.len);
             Counters::inc(&self.counters.zero_hits);
             return Ok(true);
@@ -478,32 +469,52 @@ impl Inner {
             }
         }
         if self.is_zero(idx) {
-            return Ok(self.zero_buf());
+            let buf = self.zero_buf();
+            if self.ssd.state(idx) == DIRTY_PARTIAL {
+                let me = self.clone();
+                let b2 = buf.clone();
+                let _ = tokio::task::spawn_blocking(move || me.install(idx, &b2, false, &ChunkRef::Zero)).await;
+            }
+            return Ok(buf);
         }
-        let fetched = {
-            let _permit = self.fetch_sem.acquire().await;
-            self.vol.fetch_chunk(idx).await
-        };
-        let fetched = fetched.map_err(|e| {
-            Counters::inc(&self.counters.fetch_errors);
-            tracing::warn!(chunk = idx, error = %e, "chunk fetch failed");
-            SharedError(Arc::new(e))
-        })?;
-        Counters::inc(&self.counters.remote_fetches);
-        self.counters.remote_bytes.fetch_add(fetched.wire_bytes, Ordering::Relaxed);
-        let mut data = fetched.data;
-        data.resize(self.cs as usize, 0);
-        let buf: ChunkBuf = Arc::new(RwLock::new(data));
-        let me = self.clone();
-        let b2 = buf.clone();
-        let _ = tokio::task::spawn_blocking(move || me.install(idx, &b2, to_ram)).await;
-        Ok(buf)
+        // A generation committed while the fetch ran may have replaced
+        // this chunk's reference: then the bytes are stale, fetch again.
+        for attempt in 0.. {
+            let fetched = {
+                let _permit = self.fetch_sem.acquire().await;
+                self.vol.fetch_chunk(idx).await
+            };
+            let fetched = fetched.map_err(|e| {
+                Counters::inc(&self.counters.fetch_errors);
+                tracing::warn!(chunk = idx, error = %e, "chunk fetch failed");
+                SharedError(Arc::new(e))
+            })?;
+            Counters::inc(&self.counters.remote_fetches);
+            self.counters.remote_bytes.fetch_add(fetched.wire_bytes, Ordering::Relaxed);
+            let used = fetched.chunk_ref;
+            let mut data = fetched.data;
+            data.resize(self.cs as usize, 0);
+            let buf: ChunkBuf = Arc::new(RwLock::new(data));
+            let me = self.clone();
+            let b2 = buf.clone();
+            let current =
+                tokio::task::spawn_blocking(move || me.install(idx, &b2, to_ram, &used)).await.unwrap_or(false);
+            if current || attempt >= 3 {
+                return Ok(buf);
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// Puts a fetched chunk in the SSD tier (and RAM), unless a write made
     /// it local meanwhile — then the local copy is newer and wins.
-    fn install(&self, idx: u64, buf: &ChunkBuf, to_ram: bool) {
+    /// Returns false when `used`, the reference the bytes were fetched by,
+    /// is no longer the chunk's (a commit replaced it): nothing is kept then.
+    fn install(&self, idx: u64, buf: &ChunkBuf, to_ram: bool, used: &ChunkRef) -> bool {
         let _g = self.ssd.lock_write(idx);
+        if !self.vol.chunk_ref(idx).same_bytes(used) {
+            return false;
+        }
         if self.ssd.state(idx) == DIRTY_PARTIAL {
             // Local changes in some pages: the fetched bytes fill only the
             // others (and never go to RAM as they are: they are not the
@@ -511,10 +522,10 @@ impl Inner {
             if let Err(e) = self.ssd.fill_missing(idx, &buf.read()) {
                 tracing::warn!(chunk = idx, error = %e, "could not complete a partly written chunk in the SSD cache");
             }
-            return;
+            return true;
         }
         if self.ssd.has_chunk(idx) {
-            return;
+            return true;
         }
         if let Err(e) = self.ssd.install_clean(idx, &buf.read()) {
             // The read still succeeds from the fetched bytes; the cache just
@@ -524,6 +535,7 @@ impl Inner {
         if to_ram {
             self.ram.insert(idx, buf.clone());
         }
+        true
     }
 
     /// Runs `fut` on the store's runtime and blocks this (non-runtime)
@@ -618,7 +630,7 @@ impl Inner {
             rec.stall_end();
         }
         self.demand.fetch_sub(1, Ordering::SeqCst);
-        for (p, r) in misses.into_iter().zip(results?) {
+        'pieces: for (p, r) in misses.into_iter().zip(results?) {
             let sub = bufs.slice(p.buf_off, p.len);
             // Prefer the tiers (a write may have landed since the fetch).
             if self.serve_local(p, &sub, IoMode::Blocking)? {
@@ -627,13 +639,23 @@ impl Inner {
                 }
                 continue;
             }
-            if self.ssd.state(p.idx) == DIRTY_PARTIAL {
-                // The fetched bytes are not this chunk's content (some pages
-                // hold local changes), and completing it failed.
-                return Err(io::Error::other(format!(
-                    "chunk {} holds local changes and could not be completed",
-                    p.idx
-                )));
+            // Pages were written after this fetch began, so its bytes are
+            // not the chunk's content: a fresh flight completes the chunk
+            // (its install fills only the pages still absent).
+            let mut tries = 0;
+            while self.ssd.state(p.idx) == DIRTY_PARTIAL {
+                tries += 1;
+                if tries > 3 {
+                    return Err(io::Error::other(format!(
+                        "chunk {} holds local changes and could not be completed",
+                        p.idx
+                    )));
+                }
+                let f = self.flight(p.idx, false);
+                self.wait(f)?.map_err(SharedError::into_io)?;
+                if self.serve_local(p, &sub, IoMode::Blocking)? {
+                    continue 'pieces;
+                }
             }
             let r = match r {
                 Some(r) => r,
@@ -677,6 +699,7 @@ impl Inner {
             let pages = self.ssd.whole_pages(p.idx, p.off as u64, p.len as u64);
             loop {
                 // The read half of read-modify-write, outside the lock.
+                let fill_gen = self.vol.generation();
                 let fill = if !whole && !pages && !self.ssd.has_chunk(p.idx) {
                     if self.is_zero(p.idx) {
                         Some(self.zero_buf())
@@ -693,6 +716,10 @@ impl Inner {
                 let _g = self.ssd.lock_write(p.idx);
                 if !whole && !pages && fill.is_none() && !self.ssd.has_chunk(p.idx) {
                     // Evicted between the check and the lock: fetch again.
+                    continue;
+                }
+                if fill.is_some() && self.vol.generation() != fill_gen {
+                    // A commit landed since the fetch: its bytes may be stale.
                     continue;
                 }
                 self.before_modify(p.idx)?;

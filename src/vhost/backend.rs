@@ -5,13 +5,14 @@
 //! requests behind it (virtio allows out-of-order completion).
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -27,31 +28,67 @@ use crate::vhost::request::{status_for, GuestMem, Request, STATUS_OK};
 
 type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
 
-/// Requests accepted from one queue and not yet in its used ring.
-#[derive(Default)]
+/// Requests accepted from one queue and not yet in its used ring, capped:
+/// a guest that republishes descriptors still in flight (or a queue size
+/// the guest lies about) cannot make the worker pop without bound. When the
+/// cap is hit the worker stops popping that queue; the completion that
+/// frees room wakes it through `resume`, since the guest will not kick for
+/// chains it already published.
 struct Inflight {
-    count: Mutex<usize>,
+    state: Mutex<InflightState>,
     idle: Condvar,
+    /// Registered with the queue's epoll handler (see
+    /// [`BlockBackend::register_resume`]); written when a throttled queue
+    /// has room again.
+    resume: EventNotifier,
+    resume_consumer: EventConsumer,
+}
+
+#[derive(Default)]
+struct InflightState {
+    count: usize,
+    /// The worker left chains in the avail ring for lack of room.
+    throttled: bool,
 }
 
 impl Inflight {
-    fn add(&self, n: usize) {
-        *self.count.lock() += n;
+    fn new() -> io::Result<Self> {
+        let (resume_consumer, resume) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        Ok(Self { state: Mutex::new(InflightState::default()), idle: Condvar::new(), resume, resume_consumer })
+    }
+
+    /// Accepts up to `want` more requests with at most `cap` in flight;
+    /// returns how many. Granting fewer marks the queue throttled, under
+    /// the same lock `sub` takes, so the wake-up cannot be missed.
+    fn reserve(&self, want: usize, cap: usize) -> usize {
+        let mut st = self.state.lock();
+        let granted = want.min(cap.saturating_sub(st.count));
+        st.count += granted;
+        if granted < want {
+            st.throttled = true;
+        }
+        granted
     }
 
     fn sub(&self, n: usize) {
-        let mut c = self.count.lock();
-        *c = c.saturating_sub(n);
-        if *c == 0 {
+        let mut st = self.state.lock();
+        st.count = st.count.saturating_sub(n);
+        if st.throttled {
+            st.throttled = false;
+            if let Err(e) = self.resume.notify() {
+                tracing::warn!("cannot wake a throttled queue: {e}");
+            }
+        }
+        if st.count == 0 {
             self.idle.notify_all();
         }
     }
 
     fn wait_idle(&self, queue: usize) {
-        let mut c = self.count.lock();
-        while *c > 0 {
-            if self.idle.wait_for(&mut c, Duration::from_secs(5)).timed_out() && *c > 0 {
-                tracing::warn!(queue, inflight = *c, "still waiting for in-flight requests to complete");
+        let mut st = self.state.lock();
+        while st.count > 0 {
+            if self.idle.wait_for(&mut st, Duration::from_secs(5)).timed_out() && st.count > 0 {
+                tracing::warn!(queue, inflight = st.count, "still waiting for in-flight requests to complete");
             }
         }
     }
@@ -80,10 +117,10 @@ pub struct BlockBackend {
 
 impl BlockBackend {
     /// A backend serving `disk` with the given settings, running blocking
-    /// requests on `pool`.
-    pub fn new(disk: Arc<dyn Disk>, cfg: DeviceConfig, pool: Arc<IoPool>) -> Self {
-        let inflight = (0..cfg.num_queues).map(|_| Inflight::default()).collect();
-        Self {
+    /// requests on `pool`. Fails only if an eventfd cannot be created.
+    pub fn new(disk: Arc<dyn Disk>, cfg: DeviceConfig, pool: Arc<IoPool>) -> io::Result<Self> {
+        let inflight = (0..cfg.num_queues).map(|_| Inflight::new()).collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
             shared: Arc::new(Shared {
                 disk,
                 cfg,
@@ -95,7 +132,23 @@ impl BlockBackend {
                 exit_notifiers: Mutex::new(Vec::new()),
                 log_limit: LogLimiter::new(10, Duration::from_secs(1)),
             }),
+        })
+    }
+
+    /// Registers each queue's resume event with the epoll handler of the
+    /// thread serving that queue (one thread per queue, see
+    /// `queues_per_thread`). Without it a throttled queue would only resume
+    /// on the guest's next kick.
+    pub fn register_resume<H: std::ops::Deref<Target = VringEpollHandler<Self>>>(
+        &self,
+        handlers: &[H],
+    ) -> io::Result<()> {
+        let nq = self.shared.cfg.num_queues as u64;
+        for (q, f) in self.shared.inflight.iter().enumerate() {
+            let h = handlers.get(q).ok_or_else(|| io::Error::other(format!("no epoll handler for queue {q}")))?;
+            h.register_listener(f.resume_consumer.as_raw_fd(), EventSet::IN, resume_event(nq, q))?;
         }
+        Ok(())
     }
 
     /// Tells the queue worker threads of this connection to exit.
@@ -122,6 +175,7 @@ impl BlockBackend {
         let mut done: Vec<(u16, u32)> = Vec::new();
         let mut dispatched = false;
         loop {
+            let mut throttled = false;
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
@@ -141,17 +195,33 @@ impl BlockBackend {
                         return Ok(());
                     }
                 };
+                // Never more in flight than the ring holds: a driver cannot
+                // legitimately have more chains outstanding than entries.
+                let cap = usize::from(queue.size()).clamp(1, usize::from(sh.cfg.queue_size.max(1)));
+                let granted = sh.inflight[qidx].reserve(ready, cap);
+                if granted < ready {
+                    throttled = true;
+                    tracing::debug!(queue = qidx, ready, granted, "in-flight cap reached: not popping more");
+                }
                 let mem = atomic.memory().into_inner();
                 match queue.iter(mem.clone()) {
-                    Ok(it) => (it.take(ready).collect(), mem),
+                    Ok(it) => {
+                        let chains: Vec<_> = it.take(granted).collect();
+                        // The avail index said `granted` chains are there;
+                        // return the reservation of any the iterator did not yield.
+                        if chains.len() < granted {
+                            sh.inflight[qidx].sub(granted - chains.len());
+                        }
+                        (chains, mem)
+                    }
                     Err(e) => {
+                        sh.inflight[qidx].sub(granted);
                         self.warn(format_args!("queue {qidx}: cannot read the available ring: {e}"));
                         return Ok(());
                     }
                 }
             };
             tracing::trace!(queue = qidx, chains = chains.len(), "popped");
-            sh.inflight[qidx].add(chains.len());
             for chain in chains {
                 let req = Request::parse(chain, mem.clone(), capacity, read_only);
                 if let Some((status, reason)) = req.refused() {
@@ -175,6 +245,13 @@ impl BlockBackend {
             if !done.is_empty() {
                 sh.complete(qidx, vring, &done);
                 done.clear();
+            }
+            if throttled {
+                // Chains are left in the ring: the completion that frees room
+                // writes the resume event and we come back for them. (If
+                // the completions above freed room already, that event is
+                // pending now.)
+                break;
             }
             // Before going back to sleep, poll the ring briefly with guest
             // notifications still off: a busy guest's next request usually
@@ -243,6 +320,12 @@ impl BlockBackend {
             tracing::warn!(suppressed, "{msg}");
         }
     }
+}
+
+/// The epoll `data` of queue `q`'s resume event: past the range
+/// vhost-user-backend reserves for queues and its exit event.
+fn resume_event(num_queues: u64, q: usize) -> u64 {
+    num_queues + 1 + q as u64
 }
 
 /// Runs a request, turning a panic anywhere below into an I/O error for
@@ -395,6 +478,17 @@ impl VhostUserBackend for BlockBackend {
         if evset != EventSet::IN {
             return Ok(());
         }
+        let nq = self.shared.cfg.num_queues as u64;
+        if u64::from(device_event) > nq {
+            // A throttled queue has room again.
+            let q = (u64::from(device_event) - nq - 1) as usize;
+            let Some(f) = self.shared.inflight.get(q) else { return Ok(()) };
+            let _ = f.resume_consumer.consume();
+            return match vrings.get(q) {
+                Some(vring) if vring.get_ref().is_enabled() => self.process_queue(q, vring),
+                _ => Ok(()),
+            };
+        }
         // Spurious calls (e.g. when a vring is enabled) are harmless: an empty
         // queue yields no chains.
         match vrings.get(device_event as usize) {
@@ -403,3 +497,7 @@ impl VhostUserBackend for BlockBackend {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "backend_tests.rs"]
+mod tests;

@@ -89,7 +89,8 @@ impl Server {
     /// and starts the I/O pool.
     pub fn bind(disk: Arc<dyn Disk>, cfg: DeviceConfig, socket: &Path) -> Result<Self, ServeError> {
         let listener = bind_socket(socket)?;
-        let pool = Arc::new(IoPool::new(cfg.io_threads)?);
+        // Room for every request the queues' in-flight caps let through.
+        let pool = Arc::new(IoPool::new(cfg.io_threads, usize::from(cfg.num_queues) * usize::from(cfg.queue_size))?);
         let (wake, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         let stop = StopHandle {
             inner: Arc::new(StopState { requested: AtomicBool::new(false), wake: notifier, current: Mutex::new(None) }),
@@ -121,10 +122,11 @@ impl Server {
             if !self.wait_for_frontend()? {
                 return Ok(());
             }
-            let backend = BlockBackend::new(self.disk.clone(), self.cfg.clone(), self.pool.clone());
+            let backend = BlockBackend::new(self.disk.clone(), self.cfg.clone(), self.pool.clone())?;
             let mem = GuestMemoryAtomic::new(GuestMem::new());
             let mut daemon = VhostUserDaemon::new("driveblk".into(), backend.clone(), mem)
                 .map_err(|e| ServeError::Vhost(e.to_string()))?;
+            backend.register_resume(&daemon.get_epoll_handlers())?;
             if let Err(e) = daemon.start(&mut self.listener) {
                 tracing::warn!("frontend connection failed: {e}");
                 backend.stop_workers();

@@ -14,12 +14,18 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::format::{Disk, DiskError, IoMode, IoVec};
-use crate::vhost::config::{ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
+use crate::vhost::config::{ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
 
 /// Size of `virtio_blk_outhdr` (type u32, reserved u32, sector u64).
 const HEADER_LEN: usize = 16;
 /// Size of one discard / write-zeroes segment.
 const SEGMENT_LEN: usize = 16;
+/// Most descriptors a chain may have: `SEG_MAX` data segments plus one for
+/// the header and one for the status, as a driver that honours `seg_max`
+/// lays them out. Anything longer is refused before its pieces are
+/// collected, so a hostile chain (an indirect table of 65535 entries)
+/// cannot make us allocate for it.
+const MAX_CHAIN_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 
 /// Guest memory type the device serves.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -81,8 +87,20 @@ impl Request {
         let mut readable: Vec<(GuestAddress, usize)> = Vec::new();
         let mut writable: Vec<(GuestAddress, usize)> = Vec::new();
         let mut order_error = false;
+        let mut descriptors = 0usize;
         for desc in chain {
             let piece = (desc.addr(), desc.len() as usize);
+            descriptors += 1;
+            if descriptors > MAX_CHAIN_DESCRIPTORS {
+                // Keep walking (bounded by virtio-queue's chain limits) only
+                // to find the status byte, which is the last writable
+                // descriptor's; collect nothing else.
+                if desc.is_write_only() {
+                    writable.clear();
+                    writable.push(piece);
+                }
+                continue;
+            }
             if desc.is_write_only() {
                 writable.push(piece);
             } else if !writable.is_empty() {
@@ -115,6 +133,13 @@ impl Request {
             req.op = refuse(VIRTIO_BLK_S_IOERR as u8, "readable descriptor after a writable one".into());
             return req;
         }
+        if descriptors > MAX_CHAIN_DESCRIPTORS {
+            req.op = refuse(
+                VIRTIO_BLK_S_IOERR as u8,
+                format!("chain of {descriptors} descriptors, more than seg_max {SEG_MAX} + header + status"),
+            );
+            return req;
+        }
 
         let mut header = [0u8; HEADER_LEN];
         if let Err(e) = read_gathered(&mem, &readable, 0, &mut header) {
@@ -124,6 +149,22 @@ impl Request {
         let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
         let out_data = skip(&readable, HEADER_LEN);
+
+        // size_max / seg_max bound every data transfer (the status byte and
+        // the header were split off already): a request past them is refused
+        // rather than served, so a guest cannot make one request pin more
+        // guest memory or I/O than it was told it may.
+        let data_pieces = match req_type {
+            VIRTIO_BLK_T_IN => Some(&writable),
+            VIRTIO_BLK_T_OUT => Some(&out_data),
+            _ => None,
+        };
+        if let Some(pieces) = data_pieces {
+            if let Err(reason) = check_segments(pieces) {
+                req.op = refuse(VIRTIO_BLK_S_IOERR as u8, reason);
+                return req;
+            }
+        }
 
         req.op = match req_type {
             VIRTIO_BLK_T_IN => {
@@ -276,6 +317,26 @@ fn skip(pieces: &[(GuestAddress, usize)], mut n: usize) -> Vec<(GuestAddress, us
     out
 }
 
+/// Checks data segments against the advertised `seg_max` and `size_max`.
+///
+/// The segment count is enforced as advertised. `size_max` bounds the
+/// request as a whole (at most `seg_max * size_max` bytes, the most a driver
+/// honouring both can send), not each segment: libblkio sends one
+/// descriptor per buffer whatever its size (4 MiB reads in our own tests),
+/// and a long segment costs us nothing more than a short one, since guest
+/// memory is never copied.
+fn check_segments(pieces: &[(GuestAddress, usize)]) -> Result<(), String> {
+    if pieces.len() > SEG_MAX as usize {
+        return Err(format!("{} data segments, more than seg_max {SEG_MAX}", pieces.len()));
+    }
+    let max = u64::from(SEG_MAX) * u64::from(SIZE_MAX);
+    let len = total(pieces);
+    if len > max {
+        return Err(format!("{len} data bytes, more than seg_max {SEG_MAX} x size_max {SIZE_MAX}"));
+    }
+    Ok(())
+}
+
 /// Validates a data transfer's size and range; returns its byte offset.
 fn data_range(sector: u64, len: u64, capacity: u64) -> Result<u64, String> {
     if len % SECTOR_SIZE != 0 {
@@ -295,10 +356,10 @@ fn guest_iovec(mem: &GuestMem, pieces: &[(GuestAddress, usize)]) -> Result<IoVec
         let mut got = 0usize;
         for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
             let slice = slice.map_err(|e| format!("buffer at {:#x}+{len} outside guest memory: {e}", addr.0))?;
+            got += slice.len();
             // SAFETY: the slice lies in a guest memory mapping that the
             // request keeps alive (Request::_mem) until it completes.
-            unsafe { v.push_raw(slice.ptr_guard_mut().as_ptr(), slice.len()) };
-            got += slice.len();
+            unsafe { v.push_guest(slice) };
         }
         if got != len {
             return Err(format!("buffer at {:#x}+{len} outside guest memory", addr.0));

@@ -16,11 +16,11 @@ use crate::format::{Disk, IoMode};
 use crate::tier::{LocalFile, Storage};
 use crate::vhost::request::{status_for, GuestMem, Operation, Request, STATUS_OK};
 
-const MEM_SIZE: u64 = 0x10_0000;
+const MEM_SIZE: u64 = 0x80_0000;
 const HDR: u64 = 0x1_0000;
 const DATA: u64 = 0x2_0000;
 const STATUS: u64 = 0x3_0000;
-const CAPACITY: u64 = 1 << 20;
+const CAPACITY: u64 = 4 << 20;
 
 struct Fixture {
     mem: Arc<GuestMem>,
@@ -51,7 +51,7 @@ fn header(mem: &GuestMem, at: u64, req_type: u32, sector: u64) {
 
 /// Parses a chain, runs it like the queue worker does, returns (status, used len).
 fn run(f: &Fixture, descs: &[RawDescriptor], read_only: bool) -> (Option<u8>, u32, Request) {
-    let q = MockSplitQueue::new(&*f.mem, 16);
+    let q = MockSplitQueue::new(&*f.mem, 256);
     let chain = q.build_desc_chain(descs).unwrap();
     f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
     let req = Request::parse(chain, f.mem.clone(), f.disk.capacity(), read_only);
@@ -250,4 +250,46 @@ fn get_id_returns_serial() {
     // A shorter buffer gets a truncated id, not an overflow.
     let (st, used, _) = run(&f, &[desc(HDR, 16, false), desc(DATA, 4, true), desc(STATUS, 1, true)], false);
     assert_eq!((st, used), (Some(VIRTIO_BLK_S_OK as u8), 5));
+}
+
+#[test]
+fn requests_past_size_max_or_seg_max_are_refused() {
+    use crate::vhost::config::{SEG_MAX, SIZE_MAX};
+    let f = fixture();
+    // A segment longer than size_max is still served (libblkio sends one
+    // descriptor per buffer, whatever its size) ...
+    for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+        header(&f.mem, HDR, t, 0);
+        let len = SIZE_MAX + 512;
+        let (st, _, req) =
+            run(&f, &[desc(HDR, 16, false), desc(DATA, len, t == VIRTIO_BLK_T_IN), desc(STATUS, 1, true)], false);
+        assert_eq!(st, Some(VIRTIO_BLK_S_OK as u8), "type {t}: {:?}", req.op);
+    }
+    // ... but a request past seg_max x size_max in total is refused before
+    // its buffers are even looked up.
+    header(&f.mem, HDR, VIRTIO_BLK_T_IN, 0);
+    let big = [desc(HDR, 16, false), desc(DATA, 1 << 30, true), desc(STATUS, 1, true)];
+    let (st, _, req) = run(&f, &big, false);
+    assert_eq!(st, Some(VIRTIO_BLK_S_IOERR as u8));
+    assert!(req.refused().is_some_and(|(_, r)| r.contains("size_max")), "{:?}", req.op);
+    // seg_max data segments are served; one more is refused, with a status.
+    for (n, want) in [(SEG_MAX as u64, VIRTIO_BLK_S_OK), (SEG_MAX as u64 + 1, VIRTIO_BLK_S_IOERR)] {
+        header(&f.mem, HDR, VIRTIO_BLK_T_IN, 0);
+        let mut chain = vec![desc(HDR, 16, false)];
+        chain.extend((0..n).map(|i| desc(DATA + i * 512, 512, true)));
+        chain.push(desc(STATUS, 1, true));
+        let (st, used, req) = run(&f, &chain, false);
+        assert_eq!(st, Some(want as u8), "{n} segments: {:?}", req.op);
+        assert!(used >= 1);
+    }
+    // A chain far longer than that (an indirect table can hold 65535
+    // descriptors) is refused without collecting its pieces; the status
+    // byte of its last descriptor still gets the error.
+    header(&f.mem, HDR, VIRTIO_BLK_T_IN, 0);
+    let mut chain = vec![desc(HDR, 16, false)];
+    chain.extend((0..200u64).map(|i| desc(DATA + i * 512, 512, true)));
+    chain.push(desc(STATUS, 1, true));
+    let (st, used, req) = run(&f, &chain, false);
+    assert_eq!((st, used), (Some(VIRTIO_BLK_S_IOERR as u8), 1));
+    assert!(req.refused().is_some_and(|(_, r)| r.contains("descriptors")), "{:?}", req.op);
 }

@@ -176,9 +176,19 @@ impl GenerationBuilder {
             self.stats.chunks_unchanged += 1;
             return Ok(sha);
         }
-        let patch = changed.and_then(|bits| patch_plan(&old, bits, data.len()));
+        let cs = self.header.chunk_size as usize;
+        let patch = changed.and_then(|bits| patch_plan(&old, bits, cs));
+        // A patched chunk is hashed and patched at the full chunk size (a
+        // short last chunk padded with zeroes), so the image growing later
+        // changes nothing about it.
+        let mut padded_sha = String::new(); // set when patched
         let body = match &patch {
-            Some((_, runs)) => extract_patch(&data, runs, PATCH_PAGE),
+            Some((_, runs)) => {
+                let mut full = data;
+                full.resize(cs, 0);
+                padded_sha = sha256_hex(&full);
+                extract_patch(&full, runs, PATCH_PAGE)
+            }
             None => data,
         };
         let (pack_no, pc) = self.pack_frame(body).await?;
@@ -196,7 +206,7 @@ impl GenerationBuilder {
                     offset: pc.offset,
                     len: pc.len,
                     runs,
-                    sha256: sha.clone(),
+                    sha256: padded_sha,
                 }
             }
             None => {

@@ -71,8 +71,14 @@ async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<()> {
     Ok(())
 }
 
-/// Writes the header, then the manifest (the commit point).
+/// Writes the header, then the manifest (the commit point). The manifest
+/// names the slot of generation 2, so write-back's first commit is fenced
+/// on stores whose names are not unique (Drive) as every later one is.
 async fn commit_new(remote: &DynRemote, url: &str, header: &VolumeHeader, manifest: &Manifest) -> VolumeResult<()> {
+    let mut manifest = manifest.clone();
+    let next = gen_key(manifest.generation + 1);
+    manifest.next_slot =
+        remote.reserve(&next).await.map_err(|e| VolumeError::remote(format!("reserving {url}/{next}"), e))?;
     remote
         .put(HEADER_KEY, PutBody::from_bytes(header.to_bytes()))
         .await
@@ -96,12 +102,12 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     let mut file = File::open(image).map_err(|e| VolumeError::io("opening image", image, e))?;
     let image_len = file.metadata().map_err(|e| VolumeError::io("reading size of", image, e))?.len();
     let rt = runtime("driveblk-import")?;
-    let remote = connect(u.folder(), &opts.remote);
+    let remote = connect(u.folder_with(&opts.remote.config), &opts.remote);
     rt.block_on(prepare_new(&remote, &url_s))?;
 
     let header = VolumeHeader::new(image_len, opts.chunk_size, None);
     let mut manifest = Manifest::new(&header, 1);
-    let bar = crate::tier::tiered::progress_bar(opts.progress, image_len, "import");
+    let bar = super::progress::bar(opts.progress, image_len, "import");
     let cs = opts.chunk_size as usize;
     let mut buf = vec![0u8; cs];
     let mut pack = PackWriter::new();
@@ -184,10 +190,10 @@ pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeR
     let vu = RemoteUrl::parse(volume_url)?;
     let rt = runtime("driveblk-attach")?;
     rt.block_on(async {
-        let (backend, key) = bu.object();
+        let (backend, key) = bu.object_with(&opts.remote.config);
         let base_remote = connect(backend, &opts.remote);
         let meta = base_remote.head(&key).await.map_err(|e| VolumeError::remote(format!("base image {bu}"), e))?;
-        let remote = connect(vu.folder(), &opts.remote);
+        let remote = connect(vu.folder_with(&opts.remote.config), &opts.remote);
         let url_s = vu.to_string();
         prepare_new(&remote, &url_s).await?;
         let base = BaseRef { url: bu.to_string(), size: meta.size, version: meta.version };

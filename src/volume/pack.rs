@@ -82,6 +82,19 @@ pub fn decode_chunk(frame: &[u8], expected_len: usize, expected_sha256: &str) ->
     Ok(data)
 }
 
+/// Decodes a stored chunk frame of at most `max_len` bytes whose sha256 is
+/// `expected_sha256`. A chunk stored while it was the image's last, short
+/// chunk decodes shorter than the chunk is now (the image grew since; the
+/// rest reads as zeroes): the caller pads or cuts to the length it needs.
+pub fn decode_chunk_upto(frame: &[u8], max_len: usize, expected_sha256: &str) -> Result<Vec<u8>, String> {
+    let data = zstd::bulk::decompress(frame, max_len).map_err(|e| format!("zstd frame does not decode: {e}"))?;
+    let got = sha256_hex(&data);
+    if got != expected_sha256 {
+        return Err(format!("sha256 mismatch: expected {expected_sha256}, got {got}"));
+    }
+    Ok(data)
+}
+
 /// Bytes of a patch's frame: its runs' pages, the chunk's last page cut at
 /// `chunk_len` (the image's last chunk may be short).
 pub fn patch_len(runs: &[[u32; 2]], page: u64, chunk_len: usize) -> usize {

@@ -40,6 +40,14 @@ pub const SEGMENT_BYTES: u64 = 1 << 20;
 /// writes at most `2 * SEGMENT_BYTES`), so a hostile index cannot make a
 /// reader allocate without bound.
 pub const MAX_SEGMENT_RAW: u64 = 4 << 20;
+/// Largest profile index a reader parses. A recorded boot of 4 GiB of
+/// pages in 4 KiB runs is ~1M extents, about 20 MiB of JSON; past this the
+/// index is not one we wrote, and parsing it would only cost memory.
+pub const MAX_INDEX_BYTES: usize = 64 << 20;
+/// Largest image a profile may describe: qcow2's largest host offset
+/// (2^56), beyond any volume we serve. Bounds every loop over an extent's
+/// chunks and pages before it runs.
+pub const MAX_IMAGE_LEN: u64 = 1 << 56;
 /// Suffix of a profile pack's key: the index key plus this.
 pub const PACK_SUFFIX: &str = ".pack";
 /// `chunk_refs` value of a chunk served from the base image.
@@ -122,6 +130,9 @@ impl ProfileIndex {
     /// Verifies the trailer, parses, and checks the index against the
     /// volume header and for internal consistency. Errors say what is wrong.
     pub fn from_bytes(b: &[u8], header: &VolumeHeader) -> Result<Self, String> {
+        if b.len() > MAX_INDEX_BYTES {
+            return Err(format!("{} bytes, more than the {MAX_INDEX_BYTES} a profile index may have", b.len()));
+        }
         let body = unseal(b)?;
         let p: Self = serde_json::from_slice(body).map_err(|e| format!("not valid JSON for a profile index: {e}"))?;
         p.validate(header)?;
@@ -148,12 +159,27 @@ impl ProfileIndex {
         if !self.pack.starts_with(PROFILE_PREFIX) || !self.pack.ends_with(PACK_SUFFIX) || self.pack.contains('/') {
             return Err(format!("pack key {:?} is not a profile pack key", self.pack));
         }
+        // Sizes first: everything below loops over extents and chunks, and
+        // the tier sizes its replay tables from them.
+        if self.image_len == 0 || self.image_len > MAX_IMAGE_LEN {
+            return Err(format!("image length {} is not between 1 and {MAX_IMAGE_LEN}", self.image_len));
+        }
+        let chunks = self.image_len.div_ceil(self.chunk_size);
+        if let Some((&last, _)) = self.chunk_refs.last_key_value() {
+            if last >= chunks {
+                return Err(format!("chunk_refs names chunk {last}, past the image end ({chunks} chunks)"));
+            }
+        }
         for (idx, d) in &self.chunk_refs {
             if d != BASE_DIGEST && !is_sha256_hex(d) {
                 return Err(format!("chunk_refs entry of chunk {idx} is {d:?}, neither a sha256 nor {BASE_DIGEST:?}"));
             }
         }
         let mut pack_end = 0u64;
+        let mut total_raw = 0u64;
+        // Every extent is whole pages but a tail at the image end, so a
+        // segment within MAX_SEGMENT_RAW has at most this many.
+        let max_extents = (MAX_SEGMENT_RAW / PAGE_SIZE + 1) as usize;
         for (i, s) in self.segments.iter().enumerate() {
             let bad = |what: String| format!("segment {i}: {what}");
             if !is_sha256_hex(&s.sha256) {
@@ -161,6 +187,9 @@ impl ProfileIndex {
             }
             if s.extents.is_empty() {
                 return Err(bad("has no extents".into()));
+            }
+            if s.extents.len() > max_extents {
+                return Err(bad(format!("{} extents, more than {max_extents}", s.extents.len())));
             }
             let mut sum = 0u64;
             for e in &s.extents {
@@ -172,6 +201,11 @@ impl ProfileIndex {
             }
             if s.raw_len > MAX_SEGMENT_RAW {
                 return Err(bad(format!("raw_len {} exceeds the limit of {MAX_SEGMENT_RAW}", s.raw_len)));
+            }
+            // A page is recorded once: the profile cannot hold more than the image.
+            total_raw = total_raw.saturating_add(s.raw_len);
+            if total_raw > self.image_len {
+                return Err(bad(format!("segments hold more bytes than the image has ({})", self.image_len)));
             }
             if s.len == 0 || s.len > s.raw_len + s.raw_len / 8 + 4096 {
                 return Err(bad(format!("implausible compressed length {} for {} raw bytes", s.len, s.raw_len)));
@@ -191,6 +225,10 @@ impl ProfileIndex {
         }
         if e.len == 0 {
             return Err("is empty".into());
+        }
+        // Before the chunk loop below: no extent is longer than its segment.
+        if e.len > MAX_SEGMENT_RAW {
+            return Err(format!("is longer than a segment may be ({MAX_SEGMENT_RAW})"));
         }
         let end = e.offset.checked_add(e.len).ok_or("overflows")?;
         if end > self.image_len {
@@ -668,13 +706,43 @@ mod tests {
         reject(
             &|q| {
                 let s = &mut q.segments[0];
-                s.extents = vec![Extent { offset: 0, len: 5 << 20 }];
+                s.extents = vec![Extent { offset: 0, len: 5 << 19 }, Extent { offset: 5 << 19, len: 5 << 19 }];
                 s.raw_len = 5 << 20;
                 q.image_len = 8 << 20;
                 q.chunk_refs = (0..80).map(|i| (i, BASE_DIGEST.to_string())).collect();
             },
             "exceeds the limit",
         );
+        // Sizes a hostile index could use to drive allocations or loops.
+        reject(&|q| q.image_len = 0, "image length 0");
+        reject(&|q| q.image_len = u64::MAX, "is not between 1 and");
+        reject(&|q| drop(q.chunk_refs.insert(u64::MAX / CS, BASE_DIGEST.into())), "past the image end");
+        reject(&|q| q.segments[0].extents[1].len = 1 << 40, "longer than a segment");
+        reject(
+            &|q| {
+                let s = &mut q.segments[0];
+                s.extents = (0..2000).map(|i| Extent { offset: i * 4096, len: 4096 }).collect();
+                s.raw_len = 2000 * 4096;
+            },
+            "extents, more than",
+        );
+        reject(
+            &|q| {
+                // The same pages over and over: more bytes than the image.
+                let s = q.segments[0].clone();
+                q.segments = (0..200u64)
+                    .map(|i| Segment {
+                        offset: i * 100,
+                        extents: vec![Extent { offset: 0, len: 8192 }],
+                        raw_len: 8192,
+                        ..s.clone()
+                    })
+                    .collect();
+            },
+            "more bytes than the image",
+        );
+        let huge = vec![b' '; MAX_INDEX_BYTES + 1];
+        assert!(ProfileIndex::from_bytes(&huge, &h).unwrap_err().contains("more than the"));
         // A tail that ends exactly at the image end need not be whole pages.
         let mut q = index(&h);
         q.image_len = 3 * CS + 1000;

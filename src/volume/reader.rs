@@ -1,6 +1,7 @@
 //! Opening a volume on its remote (header, newest committed generation,
 //! base file) and fetching single chunks with verification.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use super::format::{gen_key, parse_gen_key, ChunkRef, Manifest, VolumeHeader, GEN_PREFIX, HEADER_KEY, PATCH_PAGE};
-use super::pack::decode_chunk;
+use super::pack::decode_chunk_upto;
 use super::{RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::Slot;
 use crate::remote::{DynRemote, RemoteUrl, RetryingRemote};
@@ -58,6 +59,9 @@ pub struct VolumeReader {
 
 /// What one chunk fetch returned.
 pub struct Fetched {
+    /// The reference the bytes were fetched by (a commit may replace it
+    /// while the fetch is under way).
+    pub chunk_ref: ChunkRef,
     /// The uncompressed chunk, exactly `chunk_len(idx)` bytes.
     pub data: Vec<u8>,
     /// Bytes that crossed the link (compressed size for packs).
@@ -69,7 +73,7 @@ impl VolumeReader {
     /// `gen-*`, verifies it, and checks the base file is unchanged.
     pub async fn open(url: &RemoteUrl, opts: &RemoteOptions) -> VolumeResult<Arc<Self>> {
         let url_s = url.to_string();
-        let remote = connect(url.folder(), opts);
+        let remote = connect(url.folder_with(&opts.config), opts);
         let header_bytes = match remote.get(HEADER_KEY).await {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Err(VolumeError::NotFound { url: url_s }),
@@ -82,7 +86,7 @@ impl VolumeReader {
             None => None,
             Some(b) => {
                 let burl = RemoteUrl::parse(&b.url)?;
-                let (backend, bkey) = burl.object();
+                let (backend, bkey) = burl.object_with(&opts.config);
                 let bremote = connect(backend, opts);
                 let meta = bremote
                     .head(&bkey)
@@ -160,11 +164,11 @@ impl VolumeReader {
             None => None,
             Some(b) => {
                 let burl = RemoteUrl::parse(&b.url)?;
-                let (backend, bkey) = burl.object();
+                let (backend, bkey) = burl.object_with(&opts.config);
                 Some(BaseFile { url: b.url.clone(), remote: connect(backend, opts), key: bkey, size: b.size })
             }
         };
-        let remote = connect(url.folder(), opts);
+        let remote = connect(url.folder_with(&opts.config), opts);
         Ok(Arc::new(Self {
             url: url_s,
             remote,
@@ -211,7 +215,7 @@ impl VolumeReader {
     /// The resolved manifest of an older generation `g` (to check which
     /// cached chunks are still current after others committed).
     pub async fn load_generation(&self, g: u64) -> VolumeResult<Manifest> {
-        resolve(&self.remote, &self.url, &self.header, g, None).await
+        resolve(&self.remote, &self.url, &self.header, g, BTreeMap::new()).await
     }
 
     /// Chunk size in bytes.
@@ -250,7 +254,14 @@ impl VolumeReader {
         let m = self.manifest.load_full();
         let start = idx.saturating_mul(self.chunk_size());
         let want = m.image_len.saturating_sub(start).min(self.chunk_size()) as usize;
-        match m.chunk(idx, self.base.is_some()) {
+        let r = m.chunk(idx, self.base.is_some());
+        let mut f = self.fetch_ref(&m, idx, r.clone(), want).await?;
+        f.chunk_ref = r;
+        Ok(f)
+    }
+
+    async fn fetch_ref(&self, m: &Manifest, idx: u64, r: ChunkRef, want: usize) -> VolumeResult<Fetched> {
+        match r {
             ChunkRef::Patched { base, pack, offset, len, runs, sha256 } => {
                 let (b, p) =
                     futures::join!(self.fetch_plain(&m, idx, &base, want), self.read_frame(&m, idx, pack, offset, len));
@@ -262,7 +273,11 @@ impl VolumeReader {
                     offset,
                     reason,
                 };
-                let plen = super::pack::patch_len(&runs, PATCH_PAGE, want);
+                // Patches and their hash are over the whole chunk size (the
+                // image may have grown or shrunk around a last chunk since).
+                let cs = self.chunk_size() as usize;
+                b.data.resize(cs, 0);
+                let plen = super::pack::patch_len(&runs, PATCH_PAGE, cs);
                 let patch = zstd::bulk::decompress(&frame, plen)
                     .map_err(|e| corrupt(format!("patch frame does not decode: {e}")))?;
                 super::pack::apply_patch(&mut b.data, &runs, PATCH_PAGE, &patch).map_err(corrupt)?;
@@ -270,9 +285,10 @@ impl VolumeReader {
                 if got != sha256 {
                     return Err(corrupt(format!("patched chunk's sha256 mismatch: expected {sha256}, got {got}")));
                 }
-                Ok(Fetched { data: b.data, wire_bytes: b.wire_bytes + len })
+                b.data.truncate(want);
+                Ok(Fetched { data: b.data, wire_bytes: b.wire_bytes + len, chunk_ref: ChunkRef::Zero })
             }
-            r => self.fetch_plain(&m, idx, &r, want).await,
+            r => self.fetch_plain(m, idx, &r, want).await,
         }
     }
 
@@ -299,7 +315,7 @@ impl VolumeReader {
     /// A chunk that is zero, from the base, or packed whole.
     async fn fetch_plain(&self, m: &Manifest, idx: u64, r: &ChunkRef, want: usize) -> VolumeResult<Fetched> {
         match r {
-            ChunkRef::Zero => Ok(Fetched { data: vec![0; want], wire_bytes: 0 }),
+            ChunkRef::Zero => Ok(Fetched { data: vec![0; want], wire_bytes: 0, chunk_ref: ChunkRef::Zero }),
             ChunkRef::Base => {
                 let base = self.base.as_ref().ok_or_else(|| VolumeError::CorruptManifest {
                     url: self.url.clone(),
@@ -315,18 +331,21 @@ impl VolumeReader {
                 // zeroes past its end.
                 let mut data = got.to_vec();
                 data.resize(want, 0);
-                Ok(Fetched { data, wire_bytes: wire })
+                Ok(Fetched { data, wire_bytes: wire, chunk_ref: ChunkRef::Zero })
             }
             ChunkRef::Packed { pack, offset, len, sha256 } => {
                 let frame = self.read_frame(m, idx, *pack, *offset, *len).await?;
-                let data = decode_chunk(&frame, want, sha256).map_err(|reason| VolumeError::CorruptChunk {
-                    url: self.url.clone(),
-                    chunk: idx,
-                    key: m.packs[*pack as usize].clone(),
-                    offset: *offset,
-                    reason,
+                let mut data = decode_chunk_upto(&frame, self.chunk_size() as usize, sha256).map_err(|reason| {
+                    VolumeError::CorruptChunk {
+                        url: self.url.clone(),
+                        chunk: idx,
+                        key: m.packs[*pack as usize].clone(),
+                        offset: *offset,
+                        reason,
+                    }
                 })?;
-                Ok(Fetched { data, wire_bytes: *len })
+                data.resize(want, 0);
+                Ok(Fetched { data, wire_bytes: *len, chunk_ref: ChunkRef::Zero })
             }
             ChunkRef::Patched { .. } => Err(VolumeError::CorruptManifest {
                 url: self.url.clone(),
@@ -371,13 +390,18 @@ async fn resolve(
     url: &str,
     header: &VolumeHeader,
     g: u64,
-    newest: Option<Manifest>,
+    mut known: BTreeMap<u64, Manifest>,
 ) -> VolumeResult<Manifest> {
-    let top = match newest {
+    let top = match known.remove(&g) {
         Some(m) => m,
         None => read_object(remote, url, header, g, None).await?,
     };
     let mut chain = vec![top];
+    // Objects read while following the chain by identity need no lookup
+    // by name (a listing may not show them yet).
+    while let Some(m) = chain.last().and_then(|m| m.parent).and_then(|p| known.remove(&p)) {
+        chain.push(m);
+    }
     while let Some(p) = chain.last().and_then(|m| m.parent) {
         if p == 0 {
             return Err(VolumeError::CorruptManifest {
@@ -426,13 +450,18 @@ async fn newest_manifest(remote: &DynRemote, url: &str, header: &VolumeHeader) -
     // The newest generation being corrupt is an error, not a cue to fall
     // back: an older generation would silently lose committed writes.
     let mut top = read_object(remote, url, header, listed, None).await?;
+    let mut seen = BTreeMap::new();
     loop {
         let next = top.generation + 1;
         match read_object(remote, url, header, next, top.next_slot.as_ref()).await {
-            Ok(m) => top = m,
+            Ok(m) => {
+                seen.insert(top.generation, std::mem::replace(&mut top, m));
+            }
             Err(VolumeError::Remote { source, .. }) if source.is_not_found() => break,
             Err(e) => return Err(e),
         }
     }
-    resolve(remote, url, header, top.generation, Some(top)).await
+    let g = top.generation;
+    seen.insert(g, top);
+    resolve(remote, url, header, g, seen).await
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use driveblk::format::{IoMode, IoVec};
 use driveblk::remote::{DynRemote, FaultPlan, MetricsRemote, RemoteMetrics, RetryPolicy, ShapedRemote, Shaping};
+use driveblk::tier::CacheOptions;
 use driveblk::tier::Storage;
-use driveblk::volume::{CacheOptions, RemoteOptions};
+use driveblk::volume::RemoteOptions;
 use rand::{Rng, SeedableRng};
 
 pub const CS: u64 = 256 << 10;
@@ -90,6 +91,7 @@ pub fn counted(metrics: Arc<RemoteMetrics>, faults: Option<Arc<FaultPlan>>, shap
             seed: Some(3),
             attempt_timeout: Duration::from_secs(60),
         },
+        config: Default::default(),
     }
 }
 

@@ -68,6 +68,13 @@ pub struct Meta {
 }
 
 impl Meta {
+    /// Allocates a host cluster, never one that held metadata at open
+    /// (whatever the refcounts say). Read-only images have no refcounts.
+    pub fn alloc_cluster(&mut self) -> DiskResult<u64> {
+        let Meta { refs, metadata_clusters, .. } = self;
+        refs.as_mut().ok_or(DiskError::ReadOnly)?.alloc_cluster(metadata_clusters)
+    }
+
     /// The L2 entry for a guest cluster, `Ok(None)` when its L1 entry is
     /// empty, `Err(l1_index)` when the table is not cached.
     pub fn entry(&self, lay: &Layout, l1i: usize, l2i: usize) -> Result<Option<L2Entry>, usize> {

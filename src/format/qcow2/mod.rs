@@ -46,7 +46,24 @@ pub struct Qcow2Options {
     /// whole disk's L2 tables resident (no I/O on lookups). A smaller cap
     /// loads tables on demand and evicts clean ones.
     pub metadata_cache_bytes: Option<u64>,
+    /// Most metadata (L2 tables, refcount blocks) the engine asks the
+    /// storage to pin and keeps resident without a cache cap, in bytes of
+    /// [`PIN_GRANULE`] units touched; `None`: [`DEFAULT_METADATA_PIN_BYTES`].
+    /// An image whose metadata is larger (or scattered, so each table pins
+    /// a whole tier chunk) gets the rest loaded on demand instead.
+    pub metadata_pin_bytes: Option<u64>,
 }
+
+/// Default for [`Qcow2Options::metadata_pin_bytes`]: the L2 tables and
+/// 16-bit refcount blocks of a fully allocated 1 TiB image with 64 KiB
+/// clusters (160 MiB) fit with room to spare.
+pub const DEFAULT_METADATA_PIN_BYTES: u64 = 256 << 20;
+
+/// The unit pinned metadata is charged in: a tiered store pins whole chunks
+/// (1 MiB by default), so one 64 KiB L2 table alone in its chunk costs a
+/// chunk. Charging by granule keeps a fragmented image from pinning many
+/// times its metadata size.
+pub const PIN_GRANULE: u64 = 1 << 20;
 
 /// What `qemu-img info` would say, for the CLI.
 #[derive(Clone, Debug)]

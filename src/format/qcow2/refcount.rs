@@ -3,6 +3,8 @@
 //! and growth of blocks and of the table itself. Nothing here does I/O; the
 //! engine writes dirty blocks and the table back at flush, blocks first.
 
+use std::collections::HashSet;
+
 use super::corrupt;
 use super::header::MAX_HOST_OFFSET;
 use super::header::MAX_REFTABLE_BYTES;
@@ -129,25 +131,28 @@ impl Refcounts {
         Ok(new)
     }
 
-    /// Allocates one free cluster (refcount 0 -> 1) and returns its offset.
-    pub fn alloc_cluster(&mut self) -> DiskResult<u64> {
+    /// Allocates one free cluster (refcount 0 -> 1) and returns its offset,
+    /// never one of `reserved` (host offsets of clusters that held
+    /// metadata at open): an image whose refcounts lie (0 on an L2 table,
+    /// on the header) must not get its metadata overwritten with data.
+    pub fn alloc_cluster(&mut self, reserved: &HashSet<u64>) -> DiskResult<u64> {
         let per = self.per_block();
         let mut c = self.free_hint;
         loop {
             let bi = (c / per) as usize;
             if bi >= self.table.len() {
-                self.grow_table(bi)?;
+                self.grow_table(bi, reserved)?;
                 continue;
             }
             if self.blocks[bi].is_none() {
                 if self.table[bi] != 0 {
                     return Err(corrupt(format!("refcount block {bi} not loaded")));
                 }
-                self.new_self_describing_block(bi)?;
+                self.new_self_describing_block(bi, reserved)?;
             }
             let end = (bi as u64 + 1) * per;
             while c < end {
-                if self.get(c) == 0 {
+                if self.get(c) == 0 && !reserved.contains(&(c << self.cluster_bits)) {
                     let off = c
                         .checked_mul(self.cluster_size())
                         .filter(|o| o.checked_add(self.cluster_size()).is_some_and(|e| e <= MAX_HOST_OFFSET))
@@ -163,12 +168,17 @@ impl Refcounts {
 
     /// Creates block `bi` (table slot exists but is empty), placing it in the
     /// first cluster of the range it covers, so it counts itself.
-    fn new_self_describing_block(&mut self, bi: usize) -> DiskResult<()> {
+    fn new_self_describing_block(&mut self, bi: usize, reserved: &HashSet<u64>) -> DiskResult<()> {
         let first = bi as u64 * self.per_block();
         let off = first
             .checked_mul(self.cluster_size())
             .filter(|&o| o < MAX_HOST_OFFSET)
             .ok_or_else(|| corrupt("image file would exceed the largest qcow2 host offset".into()))?;
+        // No block covers this range, so every refcount in it reads 0; metadata
+        // there means the refcounts lie, and the block would overwrite it.
+        if reserved.contains(&off) {
+            return Err(corrupt(format!("metadata at {off:#x} has no refcount block (run `qemu-img check -r all`)")));
+        }
         self.table[bi] = off;
         self.blocks[bi] = Some(RefBlock { data: vec![0u8; self.cluster_size() as usize].into(), dirty: true });
         self.table_dirty = true;
@@ -180,7 +190,7 @@ impl Refcounts {
     /// free, since nothing there has a refcount). Returns the old table's
     /// clusters, which the caller frees once the header no longer points at
     /// them.
-    fn grow_table(&mut self, need: usize) -> DiskResult<()> {
+    fn grow_table(&mut self, need: usize, reserved: &HashSet<u64>) -> DiskResult<()> {
         let cs = self.cluster_size();
         let per = self.per_block();
         let per_table_cluster = cs / 8;
@@ -208,6 +218,14 @@ impl Refcounts {
         }
         if (start + t + b).checked_mul(cs).is_none_or(|e| e > MAX_HOST_OFFSET) {
             return Err(corrupt("image file would exceed the largest qcow2 host offset".into()));
+        }
+        // The new table and blocks go where no block counts anything yet;
+        // metadata there (refcounts that lie) would be overwritten.
+        if let Some(c) = (start..start + t + b).find(|&c| reserved.contains(&(c * cs))) {
+            return Err(corrupt(format!(
+                "metadata at {:#x} lies past the refcount table's reach (run `qemu-img check -r all`)",
+                c * cs
+            )));
         }
         let old_offset = self.table_offset;
         let old_clusters = self.table_clusters;
@@ -304,6 +322,16 @@ mod tests {
     }
 
     #[test]
+    fn alloc_skips_reserved_clusters_whatever_their_refcount() {
+        // Clusters 0..3 hold metadata but their refcounts say 0.
+        let mut r = Refcounts::new(9, 4, vec![3 * 512], 1024, 1);
+        r.set_block(0, vec![0u8; 512].into());
+        let reserved: HashSet<u64> = [0, 512, 1024, 3 * 512].into_iter().collect();
+        let got: Vec<u64> = (0..3).map(|_| r.alloc_cluster(&reserved).unwrap()).collect();
+        assert_eq!(got, vec![4 * 512, 5 * 512, 6 * 512]);
+    }
+
+    #[test]
     fn alloc_grows_blocks_and_table() {
         // 512-byte clusters, 64-bit refcounts: 64 clusters per block, 64 blocks per table cluster.
         let mut r = Refcounts::new(9, 6, vec![512], 1024, 1);
@@ -314,7 +342,7 @@ mod tests {
         r.set_block(0, blk.into());
         let mut seen = std::collections::HashSet::new();
         for _ in 0..10_000 {
-            let off = r.alloc_cluster().unwrap();
+            let off = r.alloc_cluster(&HashSet::new()).unwrap();
             assert!(seen.insert(off), "cluster {off} handed out twice");
             assert!(off >= 3 * 512);
             assert_eq!(r.get(off >> 9), 1);

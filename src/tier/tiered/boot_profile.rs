@@ -227,6 +227,12 @@ impl Inner {
                     return;
                 }
                 let _g = me.ssd.lock_write(idx);
+                // A generation committed since the replay began may have
+                // changed this chunk: its profiled bytes are stale then.
+                let current = profile::ref_digest(&me.vol.chunk_ref(idx));
+                if current.is_none() || rp.index.chunk_refs.get(&idx) != current.as_ref() {
+                    return;
+                }
                 if let Err(e) = me.ssd.install_pages(idx, off, &data[at..at + len as usize]) {
                     res = Err(e);
                 }

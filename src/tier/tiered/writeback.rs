@@ -100,6 +100,8 @@ pub struct SyncStatus {
     pub conflict: Option<String>,
     /// Seconds since the newest commit of this process (None: none yet).
     pub since_commit_secs: Option<u64>,
+    /// Upload rate of the newest commit, bytes per second.
+    pub last_rate_bps: u64,
 }
 
 /// Write-back state of one store.
@@ -416,7 +418,13 @@ impl Inner {
             wb.opts.commit.clone(),
         );
         b.set_image_len(cut.image_len);
+        let t0 = Instant::now();
         for &idx in cut.chunks.keys() {
+            // Uploads yield to the guest: while a guest read waits for the
+            // remote, packing (and so the next pack upload) holds back.
+            while self.demand.load(Ordering::SeqCst) > 0 && !wb.stopping.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
             let chunk_len = cut.image_len.saturating_sub(idx * self.cs).min(self.cs) as usize;
             if chunk_len == 0 {
                 continue;
@@ -461,7 +469,9 @@ impl Inner {
         self.install_generation(manifest, &cut.chunks)?;
         let mut st = wb.status.lock();
         st.generations_committed += 1;
-        st.bytes_uploaded += stats.pack_bytes + stats.manifest_bytes;
+        let bytes = stats.pack_bytes + stats.manifest_bytes;
+        st.bytes_uploaded += bytes;
+        st.last_rate_bps = (bytes as f64 / t0.elapsed().as_secs_f64().max(1e-3)) as u64;
         *wb.last_commit_at.lock() = Some(Instant::now());
         Ok(())
     }
@@ -517,7 +527,9 @@ impl Inner {
             let same = match &want {
                 ChunkRef::Zero => data[..n].iter().all(|&b| b == 0),
                 ChunkRef::Base => false,
-                r => r.content_sha256() == Some(crate::volume::pack::sha256_hex(&data[..n]).as_str()),
+                // Patched chunks are hashed at the full chunk size.
+                ChunkRef::Patched { sha256, .. } => crate::volume::pack::sha256_hex(&data) == *sha256,
+                ChunkRef::Packed { sha256, .. } => crate::volume::pack::sha256_hex(&data[..n]) == *sha256,
             };
             if same {
                 clean.insert(idx, seq);

@@ -25,7 +25,7 @@ use super::l2::{
 use super::metadata::{claim_cluster, read_l2, Extent, Layout, Meta};
 use super::refcount::Refcounts;
 use super::snapshot::{read_table, Snapshot};
-use super::{corrupt, unsupported, Qcow2Options};
+use super::{corrupt, unsupported, Qcow2Options, DEFAULT_METADATA_PIN_BYTES, PIN_GRANULE};
 use crate::format::{check_range, Disk, DiskError, DiskResult, ImageFormat, IoMode, IoVec};
 use crate::tier::Storage;
 

@@ -116,10 +116,19 @@ impl Qcow2Disk {
             }
         }
 
-        // Second hint: the complete metadata set (a tiered store keeps what
-        // is hinted resident), now including every L2 table and refcount
-        // block the tables above point at.
+        // Second hint: the metadata set (a tiered store keeps what is hinted
+        // resident), now including the L2 tables and refcount blocks the
+        // tables above point at, within the pin budget: refcount blocks
+        // first (every write needs them), then L2 tables in guest order.
+        // What does not fit is read on demand like data.
+        let mut budget = PinBudget::new(opts.metadata_pin_bytes.unwrap_or(DEFAULT_METADATA_PIN_BYTES));
+        for r in &hint {
+            // Header, L1, refcount and snapshot tables: bounded by header
+            // validation, always pinned, charged first.
+            budget.charge(r);
+        }
         let mut ranges = hint.clone();
+        let mut unpinned = 0usize;
         if served_snapshot.is_some() {
             ranges.push(l1_offset..l1_offset + u64::from(l1_size) * 8);
         }
@@ -127,6 +136,15 @@ impl Qcow2Disk {
             ranges.push(s.l1_table_offset..s.l1_table_offset + u64::from(s.l1_size) * 8);
         }
         let mut l2_count = 0usize;
+        if let Some(r) = &refs {
+            for (i, &e) in r.table.iter().enumerate() {
+                if e == 0 {
+                    continue;
+                }
+                claim_cluster("refcount block", i, e, cs, file_len, &mut metadata_clusters)?;
+                budget.offer(e..e + cs, &mut ranges, &mut unpinned);
+            }
+        }
         for (i, &e) in l1.iter().enumerate() {
             let off = e & OFFSET_MASK;
             if off == 0 {
@@ -137,7 +155,7 @@ impl Qcow2Disk {
                 continue;
             }
             claim_cluster("L2 table", i, off, cs, file_len, &mut metadata_clusters)?;
-            ranges.push(off..off + cs);
+            budget.offer(off..off + cs, &mut ranges, &mut unpinned);
             l2_count += 1;
         }
         for l1 in &snapshot_l1s {
@@ -145,18 +163,16 @@ impl Qcow2Disk {
                 let off = e & OFFSET_MASK;
                 // Shared with the active L1 or another snapshot: legitimate.
                 if off != 0 && off % cs == 0 && metadata_clusters.insert(off) {
-                    ranges.push(off..off + cs);
+                    budget.offer(off..off + cs, &mut ranges, &mut unpinned);
                 }
             }
         }
-        if let Some(r) = &refs {
-            for (i, &e) in r.table.iter().enumerate() {
-                if e == 0 {
-                    continue;
-                }
-                claim_cluster("refcount block", i, e, cs, file_len, &mut metadata_clusters)?;
-                ranges.push(e..e + cs);
-            }
+        if unpinned > 0 {
+            tracing::warn!(
+                unpinned,
+                pinned_bytes = budget.used(),
+                "qcow2 metadata exceeds the pin budget: the rest is loaded on demand"
+            );
         }
         storage.hint_metadata(&ranges).map_err(|e| DiskError::io("hint metadata", 0, e))?;
 
@@ -186,7 +202,23 @@ impl Qcow2Disk {
                 super::super::repair::rebuild_refcounts(input, r)?;
             }
         }
-        let cache_tables = opts.metadata_cache_bytes.map(|b| ((b / cs) as usize).max(4));
+        // Without a cache cap every L2 table would stay in memory: fine up to
+        // the pin budget, but an image made of L2 tables would then sit in
+        // RAM whole. Past the budget, cap the cache at it instead.
+        let l2_bytes = l2_count as u64 * cs;
+        let cache_bytes = match opts.metadata_cache_bytes {
+            Some(b) => Some(b),
+            None if l2_bytes > budget.limit() => {
+                tracing::warn!(
+                    l2_bytes,
+                    cap = budget.limit(),
+                    "qcow2 L2 tables exceed the pin budget: caching them on demand instead of all resident"
+                );
+                Some(budget.limit())
+            }
+            None => None,
+        };
+        let cache_tables = cache_bytes.map(|b| ((b / cs) as usize).max(4));
         if cache_tables.is_none_or(|cap| l2_count <= cap) {
             for i in 0..meta.l1.len() {
                 if meta.l1[i] & OFFSET_MASK != 0 && (i as u64 * lay.l2_entries * cs) < size {
@@ -236,5 +268,48 @@ impl Qcow2Disk {
             inflated: Mutex::new(Vec::new()),
             header,
         })
+    }
+}
+
+/// What the second metadata hint may pin, charged in [`PIN_GRANULE`] units:
+/// a range costs the granules it touches that nothing hinted touched yet.
+struct PinBudget {
+    limit: u64,
+    granules: HashSet<u64>,
+}
+
+impl PinBudget {
+    fn new(limit: u64) -> Self {
+        Self { limit, granules: HashSet::new() }
+    }
+
+    fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    fn used(&self) -> u64 {
+        self.granules.len() as u64 * PIN_GRANULE
+    }
+
+    fn new_granules(&self, r: &std::ops::Range<u64>) -> impl Iterator<Item = u64> + '_ {
+        let last = r.end.max(r.start + 1) - 1;
+        (r.start / PIN_GRANULE..=last / PIN_GRANULE).filter(|g| !self.granules.contains(g))
+    }
+
+    /// Charges `r` whatever the budget says (tables that must be pinned).
+    fn charge(&mut self, r: &std::ops::Range<u64>) {
+        let new: Vec<u64> = self.new_granules(r).collect();
+        self.granules.extend(new);
+    }
+
+    /// Adds `r` to `ranges` if it fits the budget, else counts it unpinned.
+    fn offer(&mut self, r: std::ops::Range<u64>, ranges: &mut Vec<std::ops::Range<u64>>, unpinned: &mut usize) {
+        let new: Vec<u64> = self.new_granules(&r).collect();
+        if self.used() + new.len() as u64 * PIN_GRANULE > self.limit {
+            *unpinned += 1;
+            return;
+        }
+        self.granules.extend(new);
+        ranges.push(r);
     }
 }

@@ -53,8 +53,7 @@ impl Qcow2Disk {
                 return Err(corrupt(format!("L2 table {l1i} not loaded")));
             }
             if m.l1[l1i] & COPIED == 0 {
-                let refs = m.refs.as_mut().ok_or(DiskError::ReadOnly)?;
-                let off = refs.alloc_cluster()?;
+                let off = m.alloc_cluster()?;
                 let copy = match m.l2.get(&l1i) {
                     Some(t) => L2Table::from_words(t.words.clone()),
                     None => return Err(corrupt(format!("L2 table {l1i} not loaded"))),
@@ -68,8 +67,7 @@ impl Qcow2Disk {
             }
             return Ok(());
         }
-        let refs = m.refs.as_mut().ok_or(DiskError::ReadOnly)?;
-        let off = refs.alloc_cluster()?;
+        let off = m.alloc_cluster()?;
         m.l1[l1i] = off | COPIED;
         m.l1_dirty = true;
         m.l2.insert(l1i, L2Table::zeroed(self.lay.cluster_size()));
@@ -144,8 +142,7 @@ impl Qcow2Disk {
             _ => {
                 let mut m = self.meta.write();
                 self.ensure_l2(&mut st, &mut m, l1i)?;
-                let refs = m.refs.as_mut().ok_or(DiskError::ReadOnly)?;
-                (refs.alloc_cluster()?, true)
+                (m.alloc_cluster()?, true)
             }
         };
         st.inflight.insert(gc);

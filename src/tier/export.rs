@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 
-use super::reader::VolumeReader;
-use super::{runtime, ChunkRef, RemoteOptions, VolumeError, VolumeResult};
+use super::ssd::{CacheIdentity, OpenMode, SsdCache, DIRTY, DIRTY_PARTIAL, PAGE};
 use crate::remote::RemoteUrl;
-use crate::tier::ssd::{CacheIdentity, OpenMode, SsdCache, DIRTY, DIRTY_PARTIAL, PAGE};
+use crate::volume::{runtime, ChunkRef, RemoteOptions, VolumeError, VolumeReader, VolumeResult};
 
 /// Copies into `chunk` the pages of `local` that `present` marks.
 fn overlay_present(chunk: &mut [u8], local: &[u8], present: &[u64]) {
@@ -106,7 +105,7 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
     // Sparse: chunks never written stay holes and read as zeroes.
     out.set_len(len).map_err(|e| VolumeError::io("sizing", &tmp, e))?;
     let nchunks = len.div_ceil(cs);
-    let bar = crate::tier::tiered::progress_bar(opts.progress, nchunks, "export");
+    let bar = crate::volume::progress::bar(opts.progress, nchunks, "export");
     let mut sum = ExportSummary { bytes: len, ..Default::default() };
     let write = |idx: u64, data: &[u8]| -> VolumeResult<()> {
         let n = (len - idx * cs).min(cs) as usize;

@@ -1,0 +1,830 @@
+//! Drive API v3 over HTTP: one account's pooled HTTP/1.1 client, its pacer
+//! and its credentials; the calls the backend makes (files.get, list,
+//! generateIds, create, update, delete, ranged `alt=media` reads) and the
+//! mapping of Drive's answers to error classes. Only the base URL differs
+//! between Google and an emulator.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use reqwest::header::{HeaderMap, CONTENT_RANGE, CONTENT_TYPE, RANGE, RETRY_AFTER};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::Deserialize;
+
+use super::auth::{Auth, AuthError};
+use super::pacer::Pacer;
+use crate::remote::config::DriveConfig;
+
+/// The file fields every metadata call asks for.
+pub const FILE_FIELDS: &str =
+    "id,name,mimeType,size,md5Checksum,sha256Checksum,headRevisionId,version,createdTime,appProperties,trashed,parents,driveId";
+/// Drive's folder MIME type.
+pub const FOLDER_MIME: &str = "application/vnd.google-apps.folder";
+/// The appProperty holding a created object's tag.
+pub const TAG_PROPERTY: &str = "driveblkTag";
+/// IDs fetched per `files.generateIds` call (Drive allows up to 1,000).
+const ID_BATCH: u32 = 100;
+
+/// A Drive file resource (the fields in [`FILE_FIELDS`]).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DriveFile {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub mime_type: String,
+    /// Decimal string (int64 in JSON as Google encodes it); absent for folders.
+    pub size: Option<String>,
+    pub md5_checksum: Option<String>,
+    pub sha256_checksum: Option<String>,
+    pub head_revision_id: Option<String>,
+    pub version: Option<String>,
+    /// RFC 3339.
+    pub created_time: Option<String>,
+    pub app_properties: Option<HashMap<String, String>>,
+    #[serde(default)]
+    pub trashed: bool,
+    #[serde(default)]
+    pub parents: Vec<String>,
+    /// Set for items in a shared drive.
+    pub drive_id: Option<String>,
+}
+
+impl DriveFile {
+    /// Size in bytes (0 when Drive reports none).
+    pub fn size(&self) -> u64 {
+        self.size.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
+    pub fn is_folder(&self) -> bool {
+        self.mime_type == FOLDER_MIME
+    }
+
+    /// The tag stored at create time.
+    pub fn tag(&self) -> Option<String> {
+        self.app_properties.as_ref().and_then(|p| p.get(TAG_PROPERTY).cloned())
+    }
+
+    /// What pins a file's content: the head revision and the md5, neither
+    /// of which a rename, star or share changes (`version` does).
+    pub fn content_version(&self) -> Option<String> {
+        match (&self.head_revision_id, &self.md5_checksum) {
+            (Some(r), Some(m)) => Some(format!("{r}:{m}")),
+            (Some(r), None) => Some(r.clone()),
+            (None, Some(m)) => Some(format!("md5:{m}")),
+            (None, None) => self.version.as_ref().map(|v| format!("v{v}")),
+        }
+    }
+
+    /// `createdTime` in ms since the Unix epoch.
+    pub fn created_ms(&self) -> Option<u64> {
+        let t =
+            time::OffsetDateTime::parse(self.created_time.as_deref()?, &time::format_description::well_known::Rfc3339)
+                .ok()?;
+        u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FileList {
+    next_page_token: Option<String>,
+    #[serde(default)]
+    files: Vec<DriveFile>,
+}
+
+#[derive(Deserialize)]
+struct GeneratedIds {
+    #[serde(default)]
+    ids: Vec<String>,
+}
+
+/// What kind of failure Drive reported; the backend turns it into a
+/// [`RemoteError`](crate::remote::RemoteError) with its context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Rate limits, 5xx, timeouts, resets: retrying helps.
+    Transient,
+    /// Storage full, daily upload cap, download quota.
+    Quota,
+    /// Credentials refused.
+    Auth,
+    NotFound,
+    /// 409: a file with the requested id exists.
+    Conflict,
+    /// 416: the range starts past the end.
+    RangeNotSatisfiable,
+    /// 403 cannotDownloadAbusiveFile: retry with acknowledgeAbuse.
+    Abusive,
+    /// Anything retrying cannot fix.
+    Fatal,
+}
+
+/// A classified Drive failure. The message is Drive's own plus advice; it
+/// never holds a token, a secret or a session URI.
+#[derive(Clone, Debug)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub status: Option<u16>,
+    pub reason: String,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(s) = self.status {
+            write!(f, "HTTP {s} ")?;
+        }
+        if !self.reason.is_empty() {
+            write!(f, "{}: ", self.reason)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, status: None, reason: String::new(), message: message.into(), retry_after: None }
+    }
+
+    /// A transport failure (connect, reset, timeout, broken body). The URL
+    /// is dropped: an upload session URI is a credential of sorts.
+    pub fn transport(e: reqwest::Error) -> Self {
+        let what = if e.is_timeout() { "timed out" } else { "connection failed" };
+        Self::new(ErrorKind::Transient, format!("{what}: {}", error_chain(&e.without_url())))
+    }
+
+    fn from_auth(e: AuthError) -> Self {
+        match e {
+            AuthError::Unavailable(m) => Self::new(ErrorKind::Transient, m),
+            AuthError::Rejected(m) | AuthError::Config(m) => Self::new(ErrorKind::Auth, m),
+        }
+    }
+}
+
+/// An error and its sources on one line (reqwest hides the cause of a
+/// reset or a refused connection in the chain).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = c.source();
+    }
+    s
+}
+
+/// Google's JSON error shape.
+#[derive(Deserialize, Default)]
+struct ErrorBody {
+    error: Option<ErrorDetail>,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorDetail {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    errors: Vec<ErrorItem>,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorItem {
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Classifies a failed answer from Drive. `upload` tells a daily-upload-cap
+/// 403 (which reads "User rate limit exceeded.") from a request-rate one.
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bool) -> ApiError {
+    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    let detail = parsed.error.unwrap_or_default();
+    let first = detail.errors.first();
+    let reason = first.map(|e| e.reason.clone()).unwrap_or_default();
+    let item_msg = first.map(|e| e.message.clone()).unwrap_or_default();
+    let message = if !detail.message.is_empty() {
+        detail.message.clone()
+    } else if !item_msg.is_empty() {
+        item_msg.clone()
+    } else {
+        status.canonical_reason().unwrap_or("error").to_string()
+    };
+    let retry_after = headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let code = status.as_u16();
+    let (kind, advice): (ErrorKind, &str) = match (code, reason.as_str()) {
+        (403, "cannotDownloadAbusiveFile") => (ErrorKind::Abusive, ""),
+        (403, "userRateLimitExceeded") if upload && is_upload_cap(&item_msg, &detail.message) => (
+            ErrorKind::Quota,
+            " (the daily upload limit of about 750 GB per user is used up; uploads resume by themselves tomorrow)",
+        ),
+        (403 | 429, "rateLimitExceeded" | "userRateLimitExceeded" | "sharingRateLimitExceeded") => {
+            (ErrorKind::Transient, "")
+        }
+        (403, "storageQuotaExceeded" | "quotaExceeded" | "teamDriveFileLimitExceeded") => (
+            ErrorKind::Quota,
+            " (the Drive is full: free space, buy storage, or use a shared drive; a service account has no storage of its own)",
+        ),
+        (403, "dailyLimitExceeded" | "activeItemCreationLimitExceeded" | "uploadLimitExceeded") => {
+            (ErrorKind::Quota, " (a Drive quota is used up; it resets by itself)")
+        }
+        (403, "downloadQuotaExceeded") => (
+            ErrorKind::Quota,
+            " (Drive limits downloads of this file for now; cached data keeps working, and it lifts by itself within a day)",
+        ),
+        (403, "appNotAuthorizedToFile") => (
+            ErrorKind::Fatal,
+            " (with the drive.file scope driveblk may only open files it created: log in with `driveblk auth login --scope drive` to attach a file uploaded another way)",
+        ),
+        (403, "insufficientPermissions") => (
+            ErrorKind::Auth,
+            " (the credentials lack a Drive scope: run `driveblk auth login` again, or check the key's scopes)",
+        ),
+        (403, "insufficientFilePermissions" | "forbidden" | "domainPolicy") => {
+            (ErrorKind::Fatal, " (this account may not do that to this file or folder: check its sharing settings)")
+        }
+        (401, _) => (
+            ErrorKind::Auth,
+            " (Drive refused the credentials even after a refresh: run `driveblk auth login`, or check the key)",
+        ),
+        (404, _) => (ErrorKind::NotFound, ""),
+        (409, _) => (ErrorKind::Conflict, ""),
+        (416, _) => (ErrorKind::RangeNotSatisfiable, ""),
+        (408 | 429, _) => (ErrorKind::Transient, ""),
+        (500..=599, _) => (ErrorKind::Transient, ""),
+        (403, _) => (ErrorKind::Fatal, " (permission denied)"),
+        _ => (ErrorKind::Fatal, ""),
+    };
+    ApiError { kind, status: Some(code), reason, message: format!("{message}{advice}"), retry_after }
+}
+
+/// The daily upload cap answers 403 userRateLimitExceeded like request
+/// throttling does, but with the short message "User rate limit exceeded."
+/// (throttling's message goes on about the project's quota).
+fn is_upload_cap(item_msg: &str, top: &str) -> bool {
+    let short = |m: &str| m.trim_end_matches('.').eq_ignore_ascii_case("user rate limit exceeded");
+    short(item_msg) || short(top)
+}
+
+/// Escapes a value for a `q` string literal (backslash and single quote).
+pub fn q_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\'', "\\'")
+}
+
+/// One account's connection to Drive.
+pub struct DriveApi {
+    http: reqwest::Client,
+    /// `{base}/drive/v3`
+    api: String,
+    /// `{base}/upload/drive/v3`
+    upload: String,
+    auth: Result<Auth, String>,
+    pub(crate) pacer: Pacer,
+    pub(crate) cfg: DriveConfig,
+    ids: parking_lot::Mutex<Vec<String>>,
+    /// Single flight for refilling `ids`.
+    ids_refill: tokio::sync::Mutex<()>,
+    /// (parent id, name) -> id of folders this process created or is
+    /// creating: a listing may not show them yet, and a create retried
+    /// after a lost reply must reuse the id (409) rather than make a twin.
+    pub(crate) folders: parking_lot::Mutex<HashMap<(String, String), String>>,
+    /// folder id -> key -> file id of objects this process wrote or saw,
+    /// shared by every remote of the account: a listing may lag behind a
+    /// create, but an object this process made is found by id at once.
+    pub(crate) known: parking_lot::Mutex<HashMap<String, HashMap<String, String>>>,
+}
+
+impl std::fmt::Debug for DriveApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriveApi").field("api", &self.api).finish_non_exhaustive()
+    }
+}
+
+impl DriveApi {
+    /// A client for `cfg`. Credentials that cannot be loaded make every
+    /// call fail with an [`ErrorKind::Auth`] error naming the problem.
+    pub fn new(cfg: &DriveConfig) -> Self {
+        // HTTP/1.1 only (no http2 feature): Drive's HTTP/2 streams have
+        // been seen to stall; parallel reads use pooled connections instead.
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .pool_max_idle_per_host(64)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_keepalive(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .user_agent(concat!("driveblk/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        let base = cfg.api_url.trim_end_matches('/');
+        let auth = Auth::from_config(cfg, http.clone()).map_err(|e| e.to_string());
+        Self {
+            api: format!("{base}/drive/v3"),
+            upload: format!("{base}/upload/drive/v3"),
+            http,
+            auth,
+            pacer: Pacer::new(cfg.pacer),
+            cfg: cfg.clone(),
+            ids: parking_lot::Mutex::new(Vec::new()),
+            ids_refill: tokio::sync::Mutex::new(()),
+            folders: parking_lot::Mutex::new(HashMap::new()),
+            known: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The credentials, or why there are none.
+    pub fn auth(&self) -> Result<&Auth, ApiError> {
+        self.auth.as_ref().map_err(|m| ApiError::new(ErrorKind::Auth, m.clone()))
+    }
+
+    /// The raw HTTP client (for the upload session's chunk requests).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Deadline for a request moving `bytes` of body.
+    pub fn timeout_for(&self, bytes: u64) -> Duration {
+        self.cfg.request_timeout + Duration::from_secs(bytes / self.cfg.min_transfer_rate.max(1))
+    }
+
+    /// Sends one request: paced, authorised, with one token refresh on 401.
+    /// Answers with the response when `accept(status)`, else the classified
+    /// error (a rate-limit answer also spends the pacer's burst).
+    pub async fn send(
+        &self,
+        build: impl Fn(&str) -> RequestBuilder,
+        accept: impl Fn(StatusCode) -> bool,
+        upload: bool,
+    ) -> Result<Response, ApiError> {
+        let auth = self.auth()?;
+        let mut refreshed = false;
+        loop {
+            self.pacer.acquire().await;
+            let token = auth.token().await.map_err(ApiError::from_auth)?;
+            let resp = build(&token).send().await.map_err(ApiError::transport)?;
+            let status = resp.status();
+            if accept(status) {
+                return Ok(resp);
+            }
+            if status == StatusCode::UNAUTHORIZED && !refreshed {
+                // Expired or revoked early: one fresh token, then give up.
+                auth.invalidate(&token).await;
+                refreshed = true;
+                continue;
+            }
+            let headers = resp.headers().clone();
+            let body = resp.bytes().await.unwrap_or_default();
+            let e = classify(status, &headers, &body, upload);
+            if e.kind == ErrorKind::Transient && matches!(status.as_u16(), 403 | 429) {
+                self.pacer.throttled();
+            }
+            return Err(e);
+        }
+    }
+
+    /// Sends and decodes a JSON answer.
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        build: impl Fn(&str) -> RequestBuilder,
+        upload: bool,
+    ) -> Result<T, ApiError> {
+        let resp = self.send(build, |s| s.is_success(), upload).await?;
+        let bytes = resp.bytes().await.map_err(ApiError::transport)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::new(ErrorKind::Transient, format!("unreadable answer from Drive: {e}")))
+    }
+
+    fn req(&self, method: Method, url: &str, token: &str, timeout: Duration) -> RequestBuilder {
+        self.http.request(method, url).bearer_auth(token).timeout(timeout)
+    }
+
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> String {
+        let mut u = match url::Url::parse(path) {
+            Ok(u) => u,
+            Err(_) => return path.to_string(),
+        };
+        u.query_pairs_mut().extend_pairs(query.iter().copied());
+        u.to_string()
+    }
+
+    fn file_url(&self, id: &str) -> String {
+        format!("{}/files/{}", self.api, urlencode(id))
+    }
+
+    /// files.get: a file's metadata by id (never a listing; follows creates
+    /// at once).
+    pub async fn get_file(&self, id: &str) -> Result<DriveFile, ApiError> {
+        let url = self.url(&self.file_url(id), &[("fields", FILE_FIELDS), ("supportsAllDrives", "true")]);
+        let t = self.cfg.request_timeout;
+        self.json(|tok| self.req(Method::GET, &url, tok, t), false).await
+    }
+
+    /// files.list over every page. `drive_id` scopes the query to a shared
+    /// drive (whose items a plain user-corpus query would miss).
+    pub async fn list(&self, q: &str, drive_id: Option<&str>) -> Result<Vec<DriveFile>, ApiError> {
+        let fields = format!("nextPageToken,files({FILE_FIELDS})");
+        let mut out = Vec::new();
+        let mut page: Option<String> = None;
+        loop {
+            let mut query: Vec<(&str, &str)> = vec![
+                ("q", q),
+                ("fields", &fields),
+                ("pageSize", "1000"),
+                ("supportsAllDrives", "true"),
+                ("includeItemsFromAllDrives", "true"),
+                ("spaces", "drive"),
+            ];
+            if let Some(d) = drive_id {
+                query.push(("corpora", "drive"));
+                query.push(("driveId", d));
+            }
+            if let Some(p) = &page {
+                query.push(("pageToken", p));
+            }
+            let url = self.url(&format!("{}/files", self.api), &query);
+            let t = self.cfg.request_timeout;
+            let l: FileList = self.json(|tok| self.req(Method::GET, &url, tok, t), false).await?;
+            out.extend(l.files);
+            // Pages may be short or empty before the end: only a missing
+            // token ends the listing.
+            match l.next_page_token.filter(|t| !t.is_empty()) {
+                Some(t) => page = Some(t),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// An unused file id from `files.generateIds` (pooled, fetched 100 at a
+    /// time).
+    pub async fn new_id(&self) -> Result<String, ApiError> {
+        loop {
+            if let Some(id) = self.ids.lock().pop() {
+                return Ok(id);
+            }
+            let _one = self.ids_refill.lock().await;
+            if !self.ids.lock().is_empty() {
+                continue;
+            }
+            let n = ID_BATCH.to_string();
+            let url = self.url(
+                &format!("{}/files/generateIds", self.api),
+                &[("count", n.as_str()), ("space", "drive"), ("type", "files")],
+            );
+            let t = self.cfg.request_timeout;
+            let g: GeneratedIds = self.json(|tok| self.req(Method::GET, &url, tok, t), false).await?;
+            if g.ids.is_empty() {
+                return Err(ApiError::new(ErrorKind::Transient, "files.generateIds returned no ids"));
+            }
+            self.ids.lock().extend(g.ids);
+        }
+    }
+
+    /// files.create of a folder with a pre-generated id (so a retry after a
+    /// lost reply answers 409 instead of making a second folder).
+    pub async fn create_folder(&self, id: &str, name: &str, parent: &str) -> Result<DriveFile, ApiError> {
+        let url = self.url(&format!("{}/files", self.api), &[("fields", FILE_FIELDS), ("supportsAllDrives", "true")]);
+        let meta = serde_json::json!({ "id": id, "name": name, "mimeType": FOLDER_MIME, "parents": [parent] });
+        let t = self.cfg.request_timeout;
+        self.json(|tok| self.req(Method::POST, &url, tok, t).json(&meta), false).await
+    }
+
+    /// One-request upload of a small body: files.create (multipart, with
+    /// `meta`) when `existing` is None, else files.update of its content.
+    pub async fn upload_simple(
+        &self,
+        meta: &serde_json::Value,
+        existing: Option<&str>,
+        data: Bytes,
+    ) -> Result<DriveFile, ApiError> {
+        let boundary = format!("driveblk{:016x}", rand::random::<u64>());
+        let mut body = BytesMut::with_capacity(data.len() + 512);
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(meta.to_string().as_bytes());
+        body.extend_from_slice(
+            format!("\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(&data);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let body = body.freeze();
+        let query = [("uploadType", "multipart"), ("fields", FILE_FIELDS), ("supportsAllDrives", "true")];
+        let (method, url) = match existing {
+            None => (Method::POST, self.url(&format!("{}/files", self.upload), &query)),
+            Some(id) => (Method::PATCH, self.url(&format!("{}/files/{}", self.upload, urlencode(id)), &query)),
+        };
+        let ctype = format!("multipart/related; boundary={boundary}");
+        let t = self.timeout_for(body.len() as u64);
+        self.json(
+            |tok| self.req(method.clone(), &url, tok, t).header(CONTENT_TYPE, ctype.as_str()).body(body.clone()),
+            true,
+        )
+        .await
+    }
+
+    /// Starts a resumable upload session: files.create (POST) or, for
+    /// `existing`, files.update (PATCH). Answers the session URI.
+    pub async fn start_resumable(
+        &self,
+        meta: &serde_json::Value,
+        existing: Option<&str>,
+        len: Option<u64>,
+    ) -> Result<String, ApiError> {
+        let query = [("uploadType", "resumable"), ("fields", FILE_FIELDS), ("supportsAllDrives", "true")];
+        let (method, url) = match existing {
+            None => (Method::POST, self.url(&format!("{}/files", self.upload), &query)),
+            Some(id) => (Method::PATCH, self.url(&format!("{}/files/{}", self.upload, urlencode(id)), &query)),
+        };
+        let t = self.cfg.request_timeout;
+        let resp = self
+            .send(
+                |tok| {
+                    let mut r = self
+                        .req(method.clone(), &url, tok, t)
+                        .header("X-Upload-Content-Type", "application/octet-stream")
+                        .json(meta);
+                    if let Some(n) = len {
+                        r = r.header("X-Upload-Content-Length", n);
+                    }
+                    r
+                },
+                |s| s.is_success(),
+                true,
+            )
+            .await?;
+        resp.headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::new(ErrorKind::Transient, "resumable upload started without a session URI"))
+    }
+
+    /// revisions.update `keepForever: true` on revision `rev` of file `id`:
+    /// Drive then never purges it (at most 200 such revisions per file).
+    pub async fn keep_revision(&self, id: &str, rev: &str) -> Result<(), ApiError> {
+        let url =
+            self.url(&format!("{}/revisions/{}", self.file_url(id), urlencode(rev)), &[("fields", "id,keepForever")]);
+        let body = serde_json::json!({ "keepForever": true });
+        let t = self.cfg.request_timeout;
+        self.send(|tok| self.req(Method::PATCH, &url, tok, t).json(&body), |s| s.is_success(), false).await?;
+        Ok(())
+    }
+
+    /// files.copy of `id` into folder `parent` as `name`, with the
+    /// pre-generated id `new_id` (server-side: no bytes cross the link).
+    pub async fn copy(&self, id: &str, new_id: &str, name: &str, parent: &str) -> Result<DriveFile, ApiError> {
+        let url =
+            self.url(&format!("{}/copy", self.file_url(id)), &[("fields", FILE_FIELDS), ("supportsAllDrives", "true")]);
+        let body = serde_json::json!({ "id": new_id, "name": name, "parents": [parent] });
+        let t = self.cfg.request_timeout;
+        self.json(|tok| self.req(Method::POST, &url, tok, t).json(&body), true).await
+    }
+
+    /// files.delete (permanent). An absent file is not an error.
+    pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
+        let url = self.url(&self.file_url(id), &[("supportsAllDrives", "true")]);
+        let t = self.cfg.request_timeout;
+        match self.send(|tok| self.req(Method::DELETE, &url, tok, t), |s| s.is_success(), false).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Bytes `range` of file `id` (`alt=media` with `Range`), cut at the
+    /// end of the file. A 206 must carry the asked start in
+    /// `Content-Range`; a 200 means the server ignored the range, and only
+    /// the asked bytes are kept (the rest of the body is not read).
+    pub async fn read_range(&self, id: &str, range: Range<u64>) -> Result<Bytes, ApiError> {
+        if range.start >= range.end {
+            return Ok(Bytes::new());
+        }
+        let mut ack = false;
+        loop {
+            let mut query = vec![("alt", "media"), ("supportsAllDrives", "true")];
+            if ack {
+                query.push(("acknowledgeAbuse", "true"));
+            }
+            let url = self.url(&self.file_url(id), &query);
+            let want = range.end - range.start;
+            let t = self.timeout_for(want);
+            let header = format!("bytes={}-{}", range.start, range.end - 1);
+            let r = self
+                .send(
+                    |tok| self.req(Method::GET, &url, tok, t).header(RANGE, header.as_str()),
+                    |s| s.is_success(),
+                    false,
+                )
+                .await;
+            match r {
+                Ok(resp) => return read_ranged_body(resp, range).await,
+                Err(e) if e.kind == ErrorKind::Abusive && !ack => {
+                    tracing::warn!(file = id, "Drive flags this file as abusive; reading it with acknowledgeAbuse");
+                    ack = true;
+                }
+                Err(e) if e.kind == ErrorKind::RangeNotSatisfiable => return Ok(Bytes::new()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One ranged read as Drive answers it: status, `Content-Range`, body
+    /// length (for `selftest`).
+    pub async fn probe_range(&self, id: &str, range: Range<u64>) -> Result<(u16, Option<String>, usize), ApiError> {
+        let url = self.url(&self.file_url(id), &[("alt", "media"), ("supportsAllDrives", "true")]);
+        let header = format!("bytes={}-{}", range.start, range.end.saturating_sub(1));
+        let t = self.cfg.request_timeout;
+        let resp = self
+            .send(|tok| self.req(Method::GET, &url, tok, t).header(RANGE, header.as_str()), |s| s.is_success(), false)
+            .await?;
+        let status = resp.status().as_u16();
+        let cr = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let n = resp.bytes().await.map_err(ApiError::transport)?.len();
+        Ok((status, cr, n))
+    }
+
+    /// The whole content of file `id`, without a Range header (which an
+    /// empty file would answer with 416).
+    pub async fn read_all(&self, id: &str, size_hint: u64) -> Result<Bytes, ApiError> {
+        let url = self.url(&self.file_url(id), &[("alt", "media"), ("supportsAllDrives", "true")]);
+        let t = self.timeout_for(size_hint);
+        let resp = self.send(|tok| self.req(Method::GET, &url, tok, t), |s| s.is_success(), false).await?;
+        resp.bytes().await.map_err(ApiError::transport)
+    }
+}
+
+/// Takes exactly the asked bytes from a ranged read's answer.
+async fn read_ranged_body(resp: Response, range: Range<u64>) -> Result<Bytes, ApiError> {
+    let want = range.end - range.start;
+    if resp.status() == StatusCode::PARTIAL_CONTENT {
+        let cr = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (start, end_incl) = cr.as_deref().and_then(parse_content_range).ok_or_else(|| {
+            ApiError::new(ErrorKind::Transient, format!("206 answer with a bad Content-Range {cr:?}"))
+        })?;
+        if start != range.start || end_incl < start {
+            return Err(ApiError::new(
+                ErrorKind::Transient,
+                format!("asked bytes {}-{}, Drive sent {start}-{end_incl}", range.start, range.end - 1),
+            ));
+        }
+        let expect = (end_incl - start + 1).min(want);
+        let body = resp.bytes().await.map_err(ApiError::transport)?;
+        if (body.len() as u64) < expect {
+            return Err(ApiError::new(ErrorKind::Transient, format!("short read: {} of {expect} bytes", body.len())));
+        }
+        return Ok(body.slice(..expect as usize));
+    }
+    // 200: the whole file from byte 0. Skip to the start, keep `want`
+    // bytes, and drop the connection rather than read a 40 GB image.
+    let mut out = BytesMut::with_capacity(want.min(64 << 20) as usize);
+    let mut pos = 0u64;
+    let mut s = resp.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(ApiError::transport)?;
+        let (c0, c1) = (pos, pos + chunk.len() as u64);
+        pos = c1;
+        let lo = range.start.max(c0);
+        let hi = range.end.min(c1);
+        if lo < hi {
+            out.extend_from_slice(&chunk[(lo - c0) as usize..(hi - c0) as usize]);
+        }
+        if pos >= range.end {
+            break;
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
+pub fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (span, _total) = rest.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
+/// Percent-encodes a path segment (file ids are URL-safe already; this is
+/// for safety against odd input, never for trust).
+pub fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(status: u16, body: &str, upload: bool) -> ApiError {
+        classify(StatusCode::from_u16(status).unwrap(), &HeaderMap::new(), body.as_bytes(), upload)
+    }
+
+    fn google(code: u16, reason: &str, message: &str) -> String {
+        serde_json::json!({"error": {"code": code, "message": message,
+            "errors": [{"domain": "usageLimits", "reason": reason, "message": message}]}})
+        .to_string()
+    }
+
+    #[test]
+    fn gdrive_errors_map_to_classes() {
+        let rate = google(403, "userRateLimitExceeded", "User Rate Limit Exceeded. Rate of requests for user exceed configured project quota. You may consider re-evaluating expected per-user traffic to the API and adjust project quota limits accordingly.");
+        assert_eq!(err(403, &rate, false).kind, ErrorKind::Transient);
+        assert_eq!(err(403, &rate, true).kind, ErrorKind::Transient);
+        let cap = google(403, "userRateLimitExceeded", "User rate limit exceeded.");
+        assert_eq!(err(403, &cap, true).kind, ErrorKind::Quota);
+        assert_eq!(err(403, &cap, false).kind, ErrorKind::Transient);
+        assert_eq!(
+            err(403, &google(403, "rateLimitExceeded", "Rate Limit Exceeded"), false).kind,
+            ErrorKind::Transient
+        );
+        assert_eq!(err(429, &google(429, "rateLimitExceeded", "Too many"), false).kind, ErrorKind::Transient);
+        let full =
+            err(403, &google(403, "storageQuotaExceeded", "The user's Drive storage quota has been exceeded."), true);
+        assert_eq!(full.kind, ErrorKind::Quota);
+        assert!(full.message.contains("shared drive"), "{full}");
+        assert_eq!(err(403, &google(403, "downloadQuotaExceeded", "x"), false).kind, ErrorKind::Quota);
+        assert_eq!(err(403, &google(403, "insufficientFilePermissions", "x"), false).kind, ErrorKind::Fatal);
+        assert_eq!(err(403, &google(403, "insufficientPermissions", "x"), false).kind, ErrorKind::Auth);
+        assert!(err(403, &google(403, "appNotAuthorizedToFile", "x"), false).message.contains("--scope drive"));
+        assert_eq!(err(403, &google(403, "cannotDownloadAbusiveFile", "x"), false).kind, ErrorKind::Abusive);
+        assert_eq!(err(401, &google(401, "authError", "Invalid Credentials"), false).kind, ErrorKind::Auth);
+        assert_eq!(err(404, &google(404, "notFound", "File not found: x."), false).kind, ErrorKind::NotFound);
+        assert_eq!(err(409, "", true).kind, ErrorKind::Conflict);
+        assert_eq!(err(416, "", false).kind, ErrorKind::RangeNotSatisfiable);
+        assert_eq!(err(500, &google(500, "backendError", "Backend Error"), false).kind, ErrorKind::Transient);
+        assert_eq!(err(503, "<html>unavailable</html>", false).kind, ErrorKind::Transient);
+        assert_eq!(err(400, &google(400, "badRequest", "Invalid Value"), false).kind, ErrorKind::Fatal);
+        let e = err(403, &google(403, "storageQuotaExceeded", "full"), true);
+        assert_eq!(e.to_string(), format!("HTTP 403 storageQuotaExceeded: {}", e.message));
+    }
+
+    #[test]
+    fn gdrive_retry_after_is_read() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "7".parse().unwrap());
+        let e = classify(StatusCode::TOO_MANY_REQUESTS, &h, b"", false);
+        assert_eq!((e.kind, e.retry_after), (ErrorKind::Transient, Some(Duration::from_secs(7))));
+    }
+
+    #[test]
+    fn gdrive_content_range_and_q_escaping() {
+        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99)));
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9)));
+        assert_eq!(parse_content_range("bytes */1000"), None);
+        assert_eq!(q_escape(r"it's a\b"), r"it\'s a\\b");
+    }
+
+    fn response(status: u16, content_range: Option<&str>, body: &'static [u8]) -> Response {
+        let mut b = http::Response::builder().status(status);
+        if let Some(cr) = content_range {
+            b = b.header("Content-Range", cr);
+        }
+        Response::from(b.body(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn gdrive_ranged_reads_take_only_the_asked_bytes() {
+        // 206 with the asked range.
+        let r = read_ranged_body(response(206, Some("bytes 2-4/10"), b"234"), 2..5).await.unwrap();
+        assert_eq!(&r[..], b"234");
+        // 206 cut at the end of the file.
+        let r = read_ranged_body(response(206, Some("bytes 8-9/10"), b"89"), 8..20).await.unwrap();
+        assert_eq!(&r[..], b"89");
+        // 206 for another range than asked is refused (retryable).
+        let e = read_ranged_body(response(206, Some("bytes 0-2/10"), b"012"), 2..5).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient);
+        // 206 without Content-Range is refused.
+        assert!(read_ranged_body(response(206, None, b"234"), 2..5).await.is_err());
+        // A short body is refused.
+        assert!(read_ranged_body(response(206, Some("bytes 2-4/10"), b"23"), 2..5).await.is_err());
+        // 200: the range was ignored; only the asked bytes are kept.
+        let r = read_ranged_body(response(200, None, b"0123456789"), 2..5).await.unwrap();
+        assert_eq!(&r[..], b"234");
+        let r = read_ranged_body(response(200, None, b"0123456789"), 8..20).await.unwrap();
+        assert_eq!(&r[..], b"89");
+    }
+
+    #[test]
+    fn gdrive_file_fields() {
+        let f: DriveFile = serde_json::from_str(
+            r#"{"id":"abc","name":"gen-2","size":"12","md5Checksum":"m","headRevisionId":"r1","version":"7",
+                "createdTime":"2024-05-01T10:00:00.123Z","appProperties":{"driveblkTag":"t"},"trashed":false}"#,
+        )
+        .unwrap();
+        assert_eq!(f.size(), 12);
+        assert_eq!(f.tag().as_deref(), Some("t"));
+        assert_eq!(f.content_version().as_deref(), Some("r1:m"));
+        assert_eq!(f.created_ms(), Some(1714557600123));
+    }
+}

@@ -1,0 +1,312 @@
+//! Resumable uploads (Drive's protocol): a session, then chunks of a
+//! multiple of 256 KiB with `Content-Range`; after a failed chunk, ask the
+//! session how much it has (`bytes */N`, answered by 308 + `Range`) and go
+//! on from there; a session that is gone (404/410) starts over. Retries live
+//! here, not in the retry wrapper, so a lost chunk costs one chunk, not
+//! the whole body. The md5 Drive reports is checked against what was sent.
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+use md5::{Digest, Md5};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
+use reqwest::{Method, StatusCode};
+
+use super::api::{ApiError, DriveApi, DriveFile, ErrorKind};
+use crate::remote::PutBody;
+
+/// Drive's chunk granularity.
+pub const CHUNK_UNIT: u64 = 256 << 10;
+
+/// How many times a session is started afresh (404: session gone) before
+/// the upload gives up.
+const MAX_SESSIONS: u32 = 3;
+
+/// The chunk size actually used: `want` rounded down to a multiple of
+/// 256 KiB, at least 256 KiB.
+pub fn chunk_size(want: u64) -> u64 {
+    (want / CHUNK_UNIT).max(1) * CHUNK_UNIT
+}
+
+/// `Content-Range` of a chunk `[start, start+len)` of a body of `total`
+/// bytes (`None`: not known yet).
+pub fn chunk_content_range(start: u64, len: u64, total: Option<u64>) -> String {
+    let total = total.map_or("*".to_string(), |t| t.to_string());
+    if len == 0 {
+        format!("bytes */{total}")
+    } else {
+        format!("bytes {}-{}/{total}", start, start + len - 1)
+    }
+}
+
+/// The next byte a session wants, from a 308's `Range: bytes=0-N` (no
+/// header: nothing received yet).
+pub fn next_offset(range: Option<&str>) -> Option<u64> {
+    match range {
+        None => Some(0),
+        Some(r) => {
+            let r = r.trim().strip_prefix("bytes=")?;
+            let (_, end) = r.split_once('-')?;
+            end.trim().parse::<u64>().ok().map(|e| e + 1)
+        }
+    }
+}
+
+/// What one chunk request (or status query) got back.
+pub(crate) enum ChunkAnswer {
+    Done(Box<DriveFile>),
+    /// 308: the session has everything before this offset.
+    Continue(u64),
+    /// 404/410: the session expired or was lost.
+    SessionGone,
+}
+
+/// Uploads `body` as a new file with `meta` or as the new content of
+/// `existing`. Returns the file and the hex md5 of what was sent.
+pub async fn resumable(
+    api: &DriveApi,
+    meta: &serde_json::Value,
+    existing: Option<&str>,
+    body: &PutBody,
+) -> Result<(DriveFile, String), ApiError> {
+    let chunk = chunk_size(api.cfg.chunk_size);
+    for session in 0..MAX_SESSIONS {
+        if session > 0 {
+            tracing::info!(session, "Drive upload session gone; starting the upload over");
+        }
+        // A session that cannot be started has sent no data: its error
+        // goes back as it is (transient ones to the retry wrapper).
+        let uri = api.start_resumable(meta, existing, body.len()).await?;
+        match run_session(api, &uri, body, chunk).await? {
+            Some(done) => return Ok(done),
+            None => continue,
+        }
+    }
+    Err(give_up(ApiError::new(ErrorKind::Transient, format!("the upload session expired {MAX_SESSIONS} times"))))
+}
+
+/// The error an upload ends with once its own retries are spent: not
+/// retryable, so the retry wrapper does not start it all over again.
+fn give_up(e: ApiError) -> ApiError {
+    let kind = if e.kind == ErrorKind::Transient { ErrorKind::Fatal } else { e.kind };
+    ApiError { kind, message: format!("upload gave up after its own retries: {}", e.message), ..e }
+}
+
+async fn backoff(api: &DriveApi, attempt: u32, e: &ApiError) {
+    let exp = api.cfg.upload_backoff.saturating_mul(1 << attempt.min(5)).min(Duration::from_secs(16));
+    let jitter = Duration::from_millis(rand::random::<u64>() % (exp.as_millis() as u64 / 4 + 1));
+    let d = (exp + jitter).max(e.retry_after.unwrap_or_default());
+    tracing::debug!(delay_ms = d.as_millis() as u64, error = %e, "Drive upload chunk failed; resuming after a pause");
+    tokio::time::sleep(d).await;
+}
+
+/// Sends the whole body through one session. `Ok(None)`: the session is
+/// gone, start a new one.
+async fn run_session(
+    api: &DriveApi,
+    uri: &str,
+    body: &PutBody,
+    chunk: u64,
+) -> Result<Option<(DriveFile, String)>, ApiError> {
+    let declared = body.len();
+    let mut stream = body.stream();
+    let mut md5 = Md5::new();
+    let mut read = 0u64; // bytes taken from the stream
+    let mut eof = false;
+    let mut buf = BytesMut::new(); // bytes [buf_start, read)
+    let mut buf_start = 0u64;
+    let mut acked = 0u64; // the session has [0, acked)
+    let mut failures = 0u32;
+    loop {
+        if acked < buf_start {
+            // The session lost bytes we no longer hold: start over.
+            return Ok(None);
+        }
+        buf.advance((acked - buf_start) as usize);
+        buf_start = acked;
+        while (buf.len() as u64) < chunk && !eof {
+            match stream.next().await {
+                Some(Ok(b)) => {
+                    md5.update(&b);
+                    read += b.len() as u64;
+                    buf.extend_from_slice(&b);
+                }
+                Some(Err(e)) => {
+                    return Err(ApiError::new(ErrorKind::Fatal, format!("reading the upload's body: {e}")));
+                }
+                None => eof = true,
+            }
+        }
+        if let Some(n) = declared {
+            if read > n || (eof && read != n) {
+                return Err(ApiError::new(
+                    ErrorKind::Fatal,
+                    format!("upload body has {read} bytes, {n} were declared"),
+                ));
+            }
+        }
+        let last = eof && buf.len() as u64 <= chunk;
+        let send = if last { buf.len() as u64 } else { chunk };
+        let total = if last { Some(read) } else { declared };
+        let data = Bytes::copy_from_slice(&buf[..send as usize]);
+        let answer = put_chunk(api, uri, buf_start, data, total).await;
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) if e.kind == ErrorKind::Transient && failures + 1 < api.cfg.upload_attempts => {
+                failures += 1;
+                backoff(api, failures - 1, &e).await;
+                match query_status(api, uri, total).await {
+                    Ok(a) => a,
+                    Err(e2) if e2.kind == ErrorKind::Transient => continue_with(acked),
+                    Err(e2) => return Err(e2),
+                }
+            }
+            Err(e) if e.kind == ErrorKind::Transient => return Err(give_up(e)),
+            Err(e) => return Err(e),
+        };
+        match answer {
+            ChunkAnswer::Done(f) => {
+                let sent = hex::encode(md5.clone().finalize());
+                if !eof {
+                    // Drive finished before we sent everything: only
+                    // possible if it miscounted; never accept a prefix.
+                    return Err(ApiError::new(ErrorKind::Fatal, "Drive closed the upload before its end"));
+                }
+                check_landed(&f, read, &sent)?;
+                return Ok(Some((*f, sent)));
+            }
+            ChunkAnswer::Continue(n) => {
+                if n > acked {
+                    failures = 0;
+                }
+                acked = n;
+            }
+            ChunkAnswer::SessionGone => return Ok(None),
+        }
+    }
+}
+
+fn continue_with(acked: u64) -> ChunkAnswer {
+    ChunkAnswer::Continue(acked)
+}
+
+/// Compares what Drive stored with what was sent.
+pub fn check_landed(f: &DriveFile, len: u64, md5_hex: &str) -> Result<(), ApiError> {
+    if f.size.is_some() && f.size() != len {
+        return Err(ApiError::new(
+            ErrorKind::Fatal,
+            format!("Drive stored {} bytes of a {len}-byte upload (file {})", f.size(), f.id),
+        ));
+    }
+    if let Some(m) = &f.md5_checksum {
+        if !m.eq_ignore_ascii_case(md5_hex) {
+            return Err(ApiError::new(
+                ErrorKind::Fatal,
+                format!("Drive's md5 {m} of file {} differs from the uploaded bytes' {md5_hex}", f.id),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn put_chunk(
+    api: &DriveApi,
+    uri: &str,
+    start: u64,
+    data: Bytes,
+    total: Option<u64>,
+) -> Result<ChunkAnswer, ApiError> {
+    let cr = chunk_content_range(start, data.len() as u64, total);
+    let t = api.timeout_for(data.len() as u64);
+    let resp = api
+        .send(
+            |tok| {
+                api.http()
+                    .request(Method::PUT, uri)
+                    .bearer_auth(tok)
+                    .timeout(t)
+                    .header(CONTENT_RANGE, cr.as_str())
+                    .header(CONTENT_LENGTH, data.len())
+                    .body(data.clone())
+            },
+            accept_chunk,
+            true,
+        )
+        .await;
+    chunk_answer(resp).await
+}
+
+/// Asks the session how much it has.
+pub(crate) async fn query_status(api: &DriveApi, uri: &str, total: Option<u64>) -> Result<ChunkAnswer, ApiError> {
+    let cr = chunk_content_range(0, 0, total);
+    let t = api.cfg.request_timeout;
+    let resp = api
+        .send(
+            |tok| {
+                api.http()
+                    .request(Method::PUT, uri)
+                    .bearer_auth(tok)
+                    .timeout(t)
+                    .header(CONTENT_RANGE, cr.as_str())
+                    .header(CONTENT_LENGTH, 0)
+            },
+            accept_chunk,
+            true,
+        )
+        .await;
+    chunk_answer(resp).await
+}
+
+fn accept_chunk(s: StatusCode) -> bool {
+    s.is_success() || s.as_u16() == 308
+}
+
+async fn chunk_answer(resp: Result<reqwest::Response, ApiError>) -> Result<ChunkAnswer, ApiError> {
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) if e.kind == ErrorKind::NotFound || e.status == Some(410) => return Ok(ChunkAnswer::SessionGone),
+        Err(e) => return Err(e),
+    };
+    if resp.status().as_u16() == 308 {
+        let range = resp.headers().get(RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        return next_offset(range.as_deref())
+            .map(ChunkAnswer::Continue)
+            .ok_or_else(|| ApiError::new(ErrorKind::Transient, format!("308 with a bad Range {range:?}")));
+    }
+    let bytes = resp.bytes().await.map_err(ApiError::transport)?;
+    serde_json::from_slice(&bytes)
+        .map(|f| ChunkAnswer::Done(Box::new(f)))
+        .map_err(|e| ApiError::new(ErrorKind::Transient, format!("unreadable answer to the last chunk: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdrive_chunks_are_multiples_of_256k() {
+        assert_eq!(chunk_size(8 << 20), 8 << 20);
+        assert_eq!(chunk_size(1), CHUNK_UNIT);
+        assert_eq!(chunk_size(CHUNK_UNIT * 3 + 5), CHUNK_UNIT * 3);
+        assert_eq!(chunk_content_range(0, 262144, Some(1000000)), "bytes 0-262143/1000000");
+        assert_eq!(chunk_content_range(262144, 10, None), "bytes 262144-262153/*");
+        assert_eq!(chunk_content_range(0, 0, Some(7)), "bytes */7");
+        assert_eq!(next_offset(None), Some(0));
+        assert_eq!(next_offset(Some("bytes=0-262143")), Some(262144));
+        assert_eq!(next_offset(Some("junk")), None);
+    }
+
+    #[test]
+    fn gdrive_landed_upload_is_checked() {
+        let f = DriveFile {
+            id: "x".into(),
+            size: Some("3".into()),
+            md5_checksum: Some("ABC".into()),
+            ..Default::default()
+        };
+        assert!(check_landed(&f, 3, "abc").is_ok());
+        assert!(check_landed(&f, 4, "abc").is_err());
+        assert!(check_landed(&f, 3, "abd").is_err());
+    }
+}

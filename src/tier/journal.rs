@@ -1,0 +1,234 @@
+//! The SSD cache's state journal: changes to the chunk map appended as
+//! checksummed records after the last checkpoint (the `state` file), so a
+//! flush that changed a few chunks costs one small append and one fsync,
+//! not a rewrite of the whole map. Records name the checkpoint they follow;
+//! replay stops at the first record that is torn or does not verify (a
+//! record is only acknowledged once its fsync returned, so a torn one never
+//! was).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+const MAGIC: &[u8; 4] = b"DBJ1";
+/// Magic, checkpoint id, payload length.
+const HEAD: usize = 4 + 8 + 4;
+const SUM: usize = 32;
+/// Largest payload accepted on replay (a record for every chunk of a huge
+/// image with bitmaps stays far below this).
+const MAX_PAYLOAD: usize = 256 << 20;
+
+/// One chunk's new entry in the map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub idx: u64,
+    pub state: u8,
+    /// The page bitmap, for states that keep one.
+    pub bitmap: Option<Box<[u64]>>,
+}
+
+/// The map changes of one persist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub generation: u64,
+    pub image_len: u64,
+    pub changes: Vec<Change>,
+}
+
+impl Record {
+    fn encode(&self, words: usize) -> Vec<u8> {
+        let mut p = Vec::with_capacity(20 + self.changes.len() * 10);
+        p.extend_from_slice(&self.generation.to_le_bytes());
+        p.extend_from_slice(&self.image_len.to_le_bytes());
+        p.extend_from_slice(&(self.changes.len() as u32).to_le_bytes());
+        for c in &self.changes {
+            p.extend_from_slice(&c.idx.to_le_bytes());
+            p.push(c.state);
+            match &c.bitmap {
+                Some(m) => {
+                    p.push(1);
+                    for w in m.iter().chain(std::iter::repeat(&0)).take(words) {
+                        p.extend_from_slice(&w.to_le_bytes());
+                    }
+                }
+                None => p.push(0),
+            }
+        }
+        p
+    }
+
+    fn decode(p: &[u8], words: usize) -> Option<Self> {
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let s = p.get(at..at.checked_add(n)?)?;
+            at += n;
+            Some(s)
+        };
+        let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        let generation = u64_of(take(8)?);
+        let image_len = u64_of(take(8)?);
+        let n = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        // Each change takes at least 10 bytes: bound n before allocating.
+        if n > p.len() / 10 {
+            return None;
+        }
+        let mut changes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let idx = u64_of(take(8)?);
+            let state = take(1)?[0];
+            let bitmap = match take(1)?[0] {
+                0 => None,
+                1 => Some((0..words).map(|_| take(8).map(u64_of)).collect::<Option<Box<[u64]>>>()?),
+                _ => return None,
+            };
+            changes.push(Change { idx, state, bitmap });
+        }
+        (at == p.len()).then_some(Record { generation, image_len, changes })
+    }
+}
+
+/// The journal file of one cache directory.
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+    checkpoint: u64,
+    len: u64,
+    words: usize,
+}
+
+impl Journal {
+    /// Opens (creating) `dir/journal` for appending after checkpoint
+    /// `checkpoint`; what it held before is kept until [`reset`](Self::reset).
+    pub fn open(dir: &Path, checkpoint: u64, words: usize) -> io::Result<Self> {
+        let path = dir.join("journal");
+        let existed = path.exists();
+        let file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
+        if !existed {
+            // The name must survive a crash before the first record does.
+            File::open(dir)?.sync_all()?;
+        }
+        let len = file.metadata()?.len();
+        Ok(Self { file, path, checkpoint, len, words })
+    }
+
+    /// Bytes in the journal.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when the journal holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `rec` and makes it durable. An error here must be treated
+    /// as a failed fsync (the record may or may not be there).
+    pub fn append(&mut self, rec: &Record) -> io::Result<()> {
+        let payload = rec.encode(self.words);
+        let mut buf = Vec::with_capacity(HEAD + payload.len() + SUM);
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&self.checkpoint.to_le_bytes());
+        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&payload);
+        let sum = Sha256::digest(&buf);
+        buf.extend_from_slice(&sum);
+        self.file.write_all_at(&buf, self.len)?;
+        self.file.sync_data()?;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Starts over after checkpoint `checkpoint` was written (its records
+    /// would be ignored anyway: they name the old checkpoint).
+    pub fn reset(&mut self, checkpoint: u64) -> io::Result<()> {
+        self.file.set_len(0)?;
+        self.len = 0;
+        self.checkpoint = checkpoint;
+        Ok(())
+    }
+
+    /// The records of `dir/journal` that follow checkpoint `checkpoint`, in
+    /// order, up to the first that is torn or does not verify.
+    pub fn replay(dir: &Path, checkpoint: u64, words: usize) -> Vec<Record> {
+        let mut bytes = Vec::new();
+        match File::open(dir.join("journal")) {
+            Ok(mut f) => {
+                if f.read_to_end(&mut bytes).is_err() {
+                    return Vec::new();
+                }
+            }
+            Err(_) => return Vec::new(),
+        }
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        while bytes.len() - at >= HEAD + SUM {
+            let head = &bytes[at..at + HEAD];
+            if &head[..4] != MAGIC || u64::from_le_bytes(head[4..12].try_into().expect("8 bytes")) != checkpoint {
+                break;
+            }
+            let n = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;
+            if n > MAX_PAYLOAD || bytes.len() - at < HEAD + n + SUM {
+                break;
+            }
+            let body = &bytes[at..at + HEAD + n];
+            if Sha256::digest(body).as_slice() != &bytes[at + HEAD + n..at + HEAD + n + SUM] {
+                break;
+            }
+            match Record::decode(&body[HEAD..], words) {
+                Some(r) => out.push(r),
+                None => break,
+            }
+            at += HEAD + n + SUM;
+        }
+        out
+    }
+
+    /// The journal's path (for messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(g: u64, idx: u64, state: u8, bits: Option<u64>) -> Record {
+        Record {
+            generation: g,
+            image_len: 1 << 20,
+            changes: vec![Change { idx, state, bitmap: bits.map(|b| vec![b, 0].into_boxed_slice()) }],
+        }
+    }
+
+    #[test]
+    fn records_replay_in_order_and_a_torn_tail_is_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path(), 7, 2).unwrap();
+        let (a, b, c) = (rec(1, 3, 2, None), rec(1, 4, 3, Some(0b101)), rec(2, 3, 1, None));
+        j.append(&a).unwrap();
+        j.append(&b).unwrap();
+        j.append(&c).unwrap();
+        assert_eq!(Journal::replay(d.path(), 7, 2), vec![a.clone(), b.clone(), c.clone()]);
+        // Another checkpoint's journal is not this one's.
+        assert!(Journal::replay(d.path(), 8, 2).is_empty());
+        // A torn last record (a crash mid-append) is dropped, the rest kept.
+        let len = std::fs::metadata(d.path().join("journal")).unwrap().len();
+        let f = OpenOptions::new().write(true).open(d.path().join("journal")).unwrap();
+        f.set_len(len - 5).unwrap();
+        assert_eq!(Journal::replay(d.path(), 7, 2), vec![a.clone(), b.clone()]);
+        // A flipped bit stops the replay there.
+        let mut bytes = std::fs::read(d.path().join("journal")).unwrap();
+        bytes[HEAD + 2] ^= 1;
+        std::fs::write(d.path().join("journal"), &bytes).unwrap();
+        assert!(Journal::replay(d.path(), 7, 2).is_empty());
+        // Reset starts over for a new checkpoint.
+        let mut j = Journal::open(d.path(), 7, 2).unwrap();
+        j.reset(9).unwrap();
+        j.append(&c).unwrap();
+        assert_eq!(Journal::replay(d.path(), 9, 2), vec![c]);
+    }
+}

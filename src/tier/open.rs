@@ -1,0 +1,116 @@
+//! Opening a remote volume for serving: the newest committed generation
+//! (or the cache's copy of it when the remote is unreachable) behind a RAM
+//! tier and an SSD cache directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::tiered::TieredStore;
+use crate::remote::RemoteUrl;
+use crate::volume::{RemoteOptions, VolumeError, VolumeReader, VolumeResult};
+
+/// Options for serving a volume through the tiered store.
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    /// This volume's SSD cache directory (see [`cache_dir_for`]).
+    pub cache_dir: PathBuf,
+    /// RAM tier cap in bytes (pinned metadata comes on top).
+    pub ram_cache: u64,
+    /// SSD tier cap in bytes for clean chunks; dirty chunks may exceed it.
+    pub ssd_cache: u64,
+    /// Download the whole volume into the SSD tier in the background.
+    /// Requires `ssd_cache` >= the image length.
+    pub hydrate: bool,
+    /// Most chunks a sequential stream reads ahead (0 disables).
+    pub readahead_chunks: u64,
+    /// Parallel remote fetches.
+    pub fetch_concurrency: usize,
+    /// Parallel fetches of the background hydration (kept low so guest
+    /// misses go first).
+    pub hydrate_concurrency: usize,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Boot profiles: replay the volume's newest, record one.
+    pub boot_profile: super::boot::BootProfileMode,
+    /// How long after the first guest read a boot is recorded.
+    pub boot_profile_window: std::time::Duration,
+    /// Cache mode and how changes go back to the remote.
+    pub writeback: super::tiered::WritebackOptions,
+    pub remote: RemoteOptions,
+}
+
+impl CacheOptions {
+    /// Defaults: 256 MiB RAM, 32 GiB SSD, readahead 8 chunks, 16 parallel
+    /// fetches, hydration and boot profiles off (the CLI turns profiles on).
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            ram_cache: 256 << 20,
+            ssd_cache: 32 << 30,
+            hydrate: false,
+            readahead_chunks: 8,
+            fetch_concurrency: 16,
+            hydrate_concurrency: 2,
+            read_only: false,
+            boot_profile: super::boot::BootProfileMode::Off,
+            boot_profile_window: std::time::Duration::from_secs(180),
+            writeback: Default::default(),
+            remote: RemoteOptions::default(),
+        }
+    }
+}
+
+/// Opens the volume at `url` for serving: the newest committed generation,
+/// behind a RAM tier and an SSD cache in `opts.cache_dir`.
+pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStore>> {
+    let u = RemoteUrl::parse(url)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(3)
+        .thread_name("driveblk-tier")
+        .enable_all()
+        .build()
+        .map_err(|e| VolumeError::io("starting tokio runtime for", &opts.cache_dir, e))?;
+    let reader = match rt.block_on(VolumeReader::open(&u, &opts.remote)) {
+        Ok(r) => r,
+        // Remote unreachable (not missing, not corrupt): start from the
+        // copies the cache kept, so cached data stays usable offline.
+        Err(VolumeError::Remote { context, source }) if !source.is_not_found() => {
+            match VolumeReader::open_offline(&u, &opts.cache_dir, &opts.remote) {
+                Ok(r) => {
+                    tracing::warn!(url = %u, error = %source, "remote unreachable; serving from the local cache's copy of the volume");
+                    r
+                }
+                Err(_) => return Err(VolumeError::Remote { context, source }),
+            }
+        }
+        // Not found, but this cache holds a copy of the volume: an empty
+        // mountpoint of an unmounted share looks exactly like this, and the
+        // cache may hold the user's only copy of local writes. Serve it, loudly.
+        Err(VolumeError::NotFound { url }) => match VolumeReader::open_offline(&u, &opts.cache_dir, &opts.remote) {
+            Ok(r) => {
+                tracing::warn!(
+                    url = %url,
+                    cache = %opts.cache_dir.display(),
+                    "volume not found on the remote (share not mounted? volume deleted?); serving from the local cache's copy"
+                );
+                r
+            }
+            Err(_) => return Err(VolumeError::NotFound { url }),
+        },
+        Err(e) => return Err(e),
+    };
+    let store = TieredStore::new(rt, reader.clone(), &opts)?;
+    if !reader.offline {
+        if let Err(e) = reader.save_copies(&opts.cache_dir) {
+            tracing::warn!(dir = %opts.cache_dir.display(), error = %e, "could not keep an offline copy of the volume header");
+        }
+    }
+    Ok(Arc::new(store))
+}
+
+/// A conventional cache directory for a volume under a cache root (e.g.
+/// `~/.cache/driveblk`): one folder per volume id, so two volumes never
+/// share one.
+pub fn cache_dir_for(root: &Path, volume_id: &str) -> PathBuf {
+    root.join(volume_id)
+}
