@@ -20,6 +20,7 @@
 #   --keep                   keep the work directory (images, logs)
 #   --list                   list the cases and exit
 # Cases: raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty
+#        volume-qcow2 volume-profile-ro volume-wb-2nd-machine
 #        qcow2-compressed-ro   (--list; details at the bottom of this file)
 # Exit 0 only if every case passed.
 set -euo pipefail
@@ -28,7 +29,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
-ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 volume-profile-ro qcow2-compressed-ro)
+ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 volume-profile-ro volume-wb-2nd-machine qcow2-compressed-ro)
 VOLUME_URL= VOLUME_CACHE=
 BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WZEROES=yes EXP_WCACHE=
 FIO_SIZE=8M TIMEOUT=240 DEMO=0 KEEP=0
@@ -165,6 +166,7 @@ hostcheck() { # name status detail
 #       with compressed clusters (qemu-img convert -c)
 #   hashlen=BYTES   how much of the disk the guest hashes (default: all of it)
 #   fio_offset=BYTES  where the guest's fio jobs start
+#   fio_size=SIZE   bytes per fio job for this case (default: --fio-size)
 #   qsize=N         virtqueue size of the QEMU device (default: QEMU's)
 #   reboot=1        boot a second guest on the same backend process
 #   restart=1       afterwards start a new backend process on the image and
@@ -175,13 +177,21 @@ hostcheck() { # name status detail
 #   coldagain=1     (source=volume, ro=1) afterwards boot again from a second,
 #                   empty cache: the first boot saved a boot profile, which
 #                   the second streams ahead of the guest
+#   othermachine=1  (source=volume, ro=0) write-back to the remote: after its
+#                   tests the guest makes an ext2 and writes fsynced files; the stop
+#                   (SIGTERM) must have uploaded every change (status.json:
+#                   no dirty bytes, a generation committed); the host checks
+#                   run on an export through a fresh, empty cache, and a
+#                   second backend on another empty cache ("another
+#                   machine") boots a guest that must read the first guest's
+#                   final disk (md5) and find every file intact (md5 list)
 run_case() {
     local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6
     shift 6
-    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 source=file coldagain=0 kv
+    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 source=file coldagain=0 othermachine=0 fio_size=$FIO_SIZE kv
     for kv in "$@"; do
         case $kv in
-            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*|source=*|coldagain=*) local "$kv" ;;
+            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*|source=*|coldagain=*|othermachine=*|fio_size=*) local "$kv" ;;
             *) die "run_case: bad option $kv" ;;
         esac
     done
@@ -223,7 +233,7 @@ run_case() {
     fi
 
     local args=(--socket "$sock" --size "$size" --queues "$nq" --ro "$([ "$ro" = 1 ] && echo yes || echo no)"
-        --hash "$hashlen:$before" --fio-size "$FIO_SIZE" --fio-offset "$fio_offset"
+        --hash "$hashlen:$before" --fio-size "$fio_size" --fio-offset "$fio_offset"
         --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.serial.log")
     [ "$ro" = 1 ] || args+=(--dump-hash "$hashlen")
     [ -z "$qsize" ] || args+=(--queue-size "$qsize")
@@ -233,6 +243,7 @@ run_case() {
     [ "$EXP_WZEROES" = any ] || [ "$ro" = 1 ] || args+=(--write-zeroes "$EXP_WZEROES")
     [ "$EXP_WCACHE" = any ] || args+=(--wcache "$EXP_WCACHE")
     [ "$DEMO" = 0 ] || args+=(--demo)
+    [ "$othermachine" = 0 ] || args+=(--files write)
     rc=0
     guest "$LOGDIR/$name.result.txt" "${args[@]}" || rc=$?
     [ "$rc" = 0 ] || CASE_OK=0
@@ -248,9 +259,10 @@ run_case() {
         guest "$LOGDIR/$name.reboot.result.txt" "${args2[@]}" || CASE_OK=0
     fi
 
-    # Stop the backend: SIGTERM must make it exit 0 and remove its socket.
+    # Stop the backend: SIGTERM must make it exit 0 and remove its socket
+    # (write-back: after its final sync, which may take a while).
     rc=0
-    stop_pid "$BPID" 10 || rc=$?
+    stop_pid "$BPID" "$([ "$othermachine" = 1 ] && echo 120 || echo 10)" || rc=$?
     BPID=
     if [ "$rc" = 0 ]; then hostcheck backend-exit PASS "exit 0 on SIGTERM"
     else hostcheck backend-exit FAIL "exit status $rc on SIGTERM (log: $blog)"; fi
@@ -259,10 +271,24 @@ run_case() {
         else hostcheck socket-removed PASS "socket gone"; fi
     fi
 
+    # Write-back: everything the guest wrote went up at the stop.
+    local export_cache=$VOLUME_CACHE export_what="with its local writes"
+    if [ "$othermachine" = 1 ] && [ "$source" = volume ]; then
+        local st="$VOLUME_CACHE/status.json" dirty gens
+        dirty=$(jq -r '.sync.dirty_bytes' "$st" 2>/dev/null || echo '?')
+        gens=$(jq -r '.sync.generations_committed' "$st" 2>/dev/null || echo 0)
+        if [ "$dirty" = 0 ] && [ "${gens:-0}" -ge 1 ] && jq -e '.running == false' "$st" >/dev/null 2>&1; then
+            hostcheck synced-at-stop PASS "$gens generation(s) committed, $(jq -r '.sync.bytes_uploaded' "$st") bytes uploaded, nothing dirty left"
+        else
+            hostcheck synced-at-stop FAIL "dirty bytes left: $dirty, generations committed: $gens (status: $st, log: $blog)"
+        fi
+        # Only what is on the remote: a fresh, empty cache.
+        export_cache="$WORK/$name.cache-export" export_what="through an empty cache (remote only)"
+    fi
     # What the guest saw must be what is in the image file.
     if [ "$source" = volume ]; then
-        if "$BIN" export --quiet "$VOLUME_URL" "$img" --cache-dir "$VOLUME_CACHE" >"$LOGDIR/$name.export.log" 2>&1; then
-            hostcheck volume-export PASS "exported the volume with its local writes"
+        if "$BIN" export --quiet "$VOLUME_URL" "$img" --cache-dir "$export_cache" >"$LOGDIR/$name.export.log" 2>&1; then
+            hostcheck volume-export PASS "exported the volume $export_what"
         else
             hostcheck volume-export FAIL "export failed (log: $LOGDIR/$name.export.log)"
         fi
@@ -339,6 +365,22 @@ run_case() {
             hostcheck backend-restart FAIL "backend did not start on an empty cache"
         fi
     fi
+    # Another machine: a new backend on an empty cache serves the volume, and
+    # a guest must read exactly what the first guest left on the disk.
+    if [ "$othermachine" = 1 ] && [ "$source" = volume ] && [ -n "$gh" ]; then
+        echo "--- $name: another machine (new backend, empty cache) boots the volume, the writes must be there"
+        VOLUME_CACHE="$WORK/$name.cache2"
+        if start_backend "$sock" "$img" "$fmt" "$nq" 0 "$serial" "$LOGDIR/$name.other.backend.log"; then
+            local args5=(--socket "$sock" --size "$size" --queues "$nq" --hash "$hashlen:$gh" --no-fio --files check
+                --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.other.serial.log")
+            [ "$DEMO" = 0 ] || args5+=(--demo)
+            guest "$LOGDIR/$name.other.result.txt" "${args5[@]}" || CASE_OK=0
+            stop_pid "$BPID" 60 || hostcheck backend-exit FAIL "second machine's backend: exit status $? on SIGTERM"
+            BPID=
+        else
+            hostcheck backend-restart FAIL "backend did not start on an empty cache"
+        fi
+    fi
     if [ "$BACKEND" = driveblk ] && grep -qiE "panic|panicked" "$LOGDIR/$name".*backend.log; then
         hostcheck backend-log FAIL "panic in $blog"
     fi
@@ -389,6 +431,10 @@ want volume-qcow2 && run_case volume-qcow2 qcow2 2 0 "drvblk-volume" $((32 * MiB
 # a read-only qcow2 volume booted twice from empty caches: the first boot
 # records a boot profile, the second streams it
 want volume-profile-ro && run_case volume-profile-ro qcow2 1 1 "" $((24 * MiB)) source=volume coldagain=1
+# write-back: a guest writes (fio, with fsyncs) to a qcow2 volume; the stop
+# uploads every change; another machine (empty cache) boots the same volume
+# and reads the first guest's final disk
+want volume-wb-2nd-machine && run_case volume-wb-2nd-machine qcow2 1 0 "drvblk-wb" $((32 * MiB)) source=volume othermachine=1 fio_size=4M
 want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')

@@ -22,6 +22,9 @@
 #   --no-fio             skip the fio jobs
 #   --hash LEN:MD5    the first LEN bytes must hash to MD5 (checked before writes)
 #   --dump-hash LEN      guest prints "HASH len=LEN md5=..." after the tests
+#   --files write|check  after the other tests: write = make an ext2 over the whole
+#                        disk and write 16 fsynced files + their md5 list; check =
+#                        mount it read-only and verify the files
 #   --log FILE           serial log (default: integration/build/logs/guest-<time>-<pid>.log)
 #   --timeout SEC        kill the VM after SEC seconds (default 240)
 #   --smp N / --mem MB   guest CPUs (default 2) / memory (default 512)
@@ -40,7 +43,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}
 
 SOCK= SIZE= SERIAL= SERIAL_SET=0 RO= DISCARD= DZERO=1 WZEROES= WCACHE= QUEUES=1 EXPECT_Q= QSIZE=
 FIO=1 FIO_SIZE=8M FIO_RUNTIME=60 FIO_JOBS= FIO_OFFSET=0 HASH= DUMPHASH= LOG= TIMEOUT=240
-SMP=2 MEM=512 QUIET=quiet DEMO=0 BUILD=1
+SMP=2 MEM=512 QUIET=quiet DEMO=0 BUILD=1 FILES=
 
 yesno() { case "$2" in yes|1|on|true) echo 1 ;; no|0|off|false) echo 0 ;; *) die "$1 wants yes|no, got '$2'" ;; esac; }
 isnum() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 wants a number, got '$2'"; echo "$2"; }
@@ -75,6 +78,7 @@ while [ $# -gt 0 ]; do
         --fio-offset) FIO_OFFSET=$(isnum "$opt" "$val") ;;
         --hash) [[ "$val" =~ ^[0-9]+:[0-9a-f]{32}$ ]] || die "--hash wants LEN:MD5HEX (32 hex digits)"; HASH=$val ;;
         --dump-hash) DUMPHASH=$(isnum "$opt" "$val") ;;
+        --files) case $val in write|check) FILES=$val ;; *) die "--files wants write|check" ;; esac ;;
         --log) LOG=$val ;;
         --timeout) TIMEOUT=$(isnum "$opt" "$val") ;;
         --smp) SMP=$(isnum "$opt" "$val") ;;
@@ -115,6 +119,7 @@ APPEND+=" dbt.fio_runtime=$FIO_RUNTIME dbt.fio_jobs=$FIO_JOBS dbt.fio_offset=$FI
 [ -z "$WCACHE" ] || APPEND+=" dbt.wcache=$WCACHE"
 [ -z "$HASH" ] || APPEND+=" dbt.hash=$HASH"
 [ -z "$DUMPHASH" ] || APPEND+=" dbt.dumphash=$DUMPHASH"
+[ -z "$FILES" ] || APPEND+=" dbt.files=$FILES"
 if [ "$SERIAL_SET" = 1 ]; then
     # hex, so any bytes survive the kernel command line
     APPEND+=" dbt.serial=$(printf '%s' "$SERIAL" | od -An -v -tx1 | tr -d ' \n')"

@@ -5,7 +5,7 @@
 # Usage: scripts/bench.sh [--reps N] [--quick] [--runtime S] [--warmup S] [--size SIZE]
 #                         [--rows REGEX] [--record] [--keep] [--self-test-qsd] [--drop-caches]
 #                         [--cold] [--cold-only] [--cold-config SPEC]... [--cold-size SIZE]
-#                         [--cold-link "MS MBIT"] [--cold-no-export]
+#                         [--cold-link "MS MBIT"] [--cold-no-export] [--sync-link "MS MBIT"]
 #   --reps N         repetitions per row and daemon (default 3); the table shows medians
 #   --quick          fast smoke run: 1 rep, 1 s runs, 256 MiB image
 #   --runtime S      measured seconds per run (default 8); --warmup S unmeasured (default 1)
@@ -28,6 +28,16 @@
 #                    volume is imported once per chunk size (default "1M")
 #   --cold-link "MS MBIT"   simulated link (default "100 200": 100 ms per request, 200 Mbit/s)
 #   --cold-no-export skip the download-first measurement
+#   --sync-link "MS MBIT"   simulated link of the write-back rows (default "100 200"): the
+#                    "volume writeback/writethrough/unsafe, link" FLUSH rows and the sync rows
+# Write-back set: --rows 'volume (writeback|writethrough|unsafe)|sync:' (about 11 min, --reps 3):
+#   A/B rows "volume writeback: 4K randwrite QD32 1q", "... 64K seqwrite QD8 1q" (writeback mode,
+#   vs qsd on the same qcow2; from a hydrated cache, and as "volume writeback, empty cache: ..."),
+#   "volume writeback|writethrough|unsafe, link: 4K write+FLUSH QD1" (p50/p99 of write+FLUSH
+#   pairs in each cache mode; qsd: fdatasync of its qcow2 file), and the
+#   driveblk-only sync rows (SYNC_ROWS below, own table): bytes uploaded / bytes the guest changed
+#   (before and after compression), upload rate as a share of the link, remote requests (counted
+#   with strace) per GiB uploaded, and the upload for one 4 KiB write on a 40 GiB sparse qcow2.
 # Env: BENCH_A / BENCH_B pick the two daemons (driveblk|qsd; default driveblk vs qsd).
 #      DRIVEBLK_BIN=path benchmarks a prebuilt driveblk instead of building this tree's.
 set -euo pipefail
@@ -38,6 +48,7 @@ A=${BENCH_A:-driveblk}
 B=${BENCH_B:-qsd}
 REPS=3 RUNTIME=8 WARMUP=1 SIZE=2G ROWS_RE="" RECORD=0 KEEP=0 QUICK=0 REPS_SET=0
 DROP_CACHES=0 COLD=0 COLD_ONLY=0 COLD_SIZE=10G COLD_LINK="100 200" COLD_EXPORT=1 COLD_CONFIGS=()
+SYNC_LINK="100 200"
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
 log() { echo "bench.sh: $*" >&2; }
@@ -60,7 +71,8 @@ while [[ $# -gt 0 ]]; do
         --cold-size) COLD_SIZE=$2; shift 2 ;;
         --cold-link) COLD_LINK=$2; shift 2 ;;
         --cold-no-export) COLD_EXPORT=0; shift ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --sync-link) SYNC_LINK=$2; shift 2 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -70,6 +82,9 @@ if [[ $QUICK == 1 ]]; then
 fi
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
 for d in "$A" "$B"; do [[ $d == driveblk || $d == qsd ]] || die "unknown daemon '$d' (driveblk|qsd)"; done
+read -r SYNC_LAT SYNC_MBIT <<<"$SYNC_LINK"
+[[ $SYNC_LAT =~ ^[0-9]+$ && $SYNC_MBIT =~ ^[1-9][0-9]*$ ]] || die "--sync-link wants \"MS MBIT\", e.g. \"100 200\""
+LINK_ARGS="--remote-latency-ms $SYNC_LAT --remote-bandwidth-mbit $SYNC_MBIT"
 
 # ---- Rows --------------------------------------------------------------------------------------
 # name | image kind | queues | generator args | driveblk args | qsd format blockdev (node disk0)
@@ -88,6 +103,14 @@ for d in "$A" "$B"; do [[ $d == driveblk || $d == qsd ]] || die "unknown daemon 
 #                hydrate`), RAM tier 64M, so reads hit the SSD tier. qsd: the qcow2 file.
 #   vol-ssd-drop vol-ssd, but the page cache is dropped before each run of either daemon
 #                (only with --drop-caches): both read from the disk, not from memory.
+#   vol-wb       driveblk: the volume written in a cache mode (--cache), from a per-run copy of
+#                the hydrated cache dir (writes never wait for a fetch) and a per-run hard-link
+#                copy of the remote folder (generations committed during the run go there and
+#                are thrown away with it); --sync-timeout 1 at stop, so the final upload of what
+#                the run dirtied is cut short. qsd: the qcow2 file, written in place. "@LINK@" in
+#                the driveblk column becomes the --sync-link simulated link.
+#   vol-wb-cold  vol-wb, but from an empty cache dir per run (writes of whole pages into chunks
+#                not cached land without fetching them; qcow2 metadata is fetched on first use).
 #   The vol-* rows run with --boot-profile off: they measure steady-state serving (a recorded
 #   "boot" here would be the warm-up pass, saved at every stop); the cold experiment measures
 #   boot profiles.
@@ -109,6 +132,28 @@ ROWS=(
     "volume RAM-warm: 4K randread QD32 2q|vol-ram|2|--rw randread --bs 4k --iodepth 32|--format qcow2 --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
     "volume SSD-warm: 4K randread QD32 1q|vol-ssd|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
     "volume SSD, page cache dropped: 4K randread QD32 1q|vol-ssd-drop|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
+    "volume writeback: 4K randwrite QD32 1q|vol-wb|1|--rw randwrite --bs 4k --iodepth 32|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
+    "volume writeback: 64K seqwrite QD8 1q|vol-wb|1|--rw write --bs 64k --iodepth 8|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
+    "volume writeback, empty cache: 4K randwrite QD32 1q|vol-wb-cold|1|--rw randwrite --bs 4k --iodepth 32|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
+    "volume writeback, empty cache: 64K seqwrite QD8 1q|vol-wb-cold|1|--rw write --bs 64k --iodepth 8|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
+    "volume writeback, link: 4K write+FLUSH QD1|vol-wb|1|--rw randwrite --bs 4k --iodepth 1 --flush-every 1|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1 @LINK@|driver=qcow2,l2-cache-size=@L2@"
+    "volume writethrough, link: 4K write+FLUSH QD1|vol-wb|1|--rw randwrite --bs 4k --iodepth 1 --flush-every 1|--format qcow2 --boot-profile off --cache writethrough --sync-timeout 1 @LINK@|driver=qcow2,l2-cache-size=@L2@"
+    "volume unsafe, link: 4K write+FLUSH QD1|vol-wb|1|--rw randwrite --bs 4k --iodepth 1 --flush-every 1|--format qcow2 --boot-profile off --cache unsafe --sync-timeout 1 @LINK@|driver=qcow2,l2-cache-size=@L2@"
+)
+
+# ---- Write-back sync rows (driveblk only) --------------------------------------------------------
+# name | volume kind | generator args | driveblk args. Selected with --rows like the A/B rows; each
+# rep serves the volume over the simulated link (--sync-link), makes the generator's changes,
+# then SIGTERM: the final sync uploads them (timed from SIGTERM to exit). Volume kinds:
+#   sync-raw  512 MiB of random data (incompressible) as a raw volume; every run starts from a
+#             copy of one hydrated cache dir (writes never wait for a fetch) and a hard-link copy
+#             of the remote folder (objects are immutable; each run commits into its own copy)
+#   sync-40g  `qemu-img create -f qcow2` of 40 GiB (sparse), imported; empty cache dir per run
+SYNC_ROWS=(
+    "sync: 256 MiB sequential, compressible data|sync-raw|--rw write --bs 1m --iodepth 8 --ios 256 --size 256m --data compressible|--format raw"
+    "sync: 256 MiB sequential, incompressible data|sync-raw|--rw write --bs 1m --iodepth 8 --ios 256 --size 256m --data random|--format raw"
+    "sync: 4K writes one per MiB over 256 MiB, incompressible|sync-raw|--rw write --bs 4k --stride 1m --iodepth 1 --ios 256 --size 256m --data random|--format raw"
+    "sync: one 4K write + FLUSH, 40 GiB sparse qcow2|sync-40g|--rw randwrite --bs 4k --iodepth 1 --ios 1 --flush-every 1 --data random|--format qcow2"
 )
 
 # ---- Tools -------------------------------------------------------------------------------------
@@ -162,7 +207,7 @@ SIZE_BYTES=$(numfmt --from=iec "$SIZE") || die "bad --size $SIZE"
 # qsd's l2-cache-size (an integer: qsd rejects suffixes): 8 bytes of L2 entry per 64 KiB cluster
 # for the whole disk, rounded up to 1 MiB, plus 1 MiB of slack.
 L2_BYTES=$(( (SIZE_BYTES * 8 / 65536 / 1048576 + 2) * 1048576 ))
-VOLURL="" SSD_CACHE=""
+VOLURL="" SSD_CACHE="" DAEMON_PREFIX=()
 ensure_image() { # kind: creates the image once per run (in this shell, so IMAGES persists)
     local kind=$1 path
     [[ -z ${IMAGES[$kind]:-} ]] || return 0
@@ -188,7 +233,7 @@ ensure_image() { # kind: creates the image once per run (in this shell, so IMAGE
             path=$WORK/overlay.qcow2
             qemu-img create -q -f qcow2 -b "${IMAGES[qcow2]}" -F qcow2 "$path"
             ;;
-        vol-ram | vol-ssd | vol-ssd-drop)
+        vol-ram | vol-ssd | vol-ssd-drop | vol-wb | vol-wb-cold)
             ensure_image qcow2
             path=${IMAGES[qcow2]}
             # Only driveblk serves volumes (qsd vs qsd: both serve the qcow2 file).
@@ -216,7 +261,7 @@ fresh_copy_kind() { [[ $1 == qcow2-empty || $1 == overlay ]]; }
 
 # ---- Daemons -----------------------------------------------------------------------------------
 start_daemon() { # daemon image queues driveblk-args qsd-fmt logfile [driveblk source args...]
-    local d=$1 img=$2 q=$3 dargs=$4 qfmt=${5//@L2@/$L2_BYTES} logf=$6
+    local d=$1 img=$2 q=$3 dargs=${4//@LINK@/$LINK_ARGS} qfmt=${5//@L2@/$L2_BYTES} logf=$6
     shift 6
     local src=("$@") pre=()
     [[ ${#src[@]} -gt 0 ]] || src=(--image "$img")
@@ -236,7 +281,7 @@ start_daemon() { # daemon image queues driveblk-args qsd-fmt logfile [driveblk s
             ;;
         driveblk)
             # shellcheck disable=SC2086 # row args are word lists
-            "$DRIVEBLK" serve --socket "$SOCK" "${src[@]}" --num-queues "$q" $dargs >"$logf" 2>&1 &
+            NO_COLOR=1 "${DAEMON_PREFIX[@]}" "$DRIVEBLK" serve --socket "$SOCK" "${src[@]}" --num-queues "$q" $dargs >"$logf" 2>&1 &
             ;;
     esac
     DPID=$!
@@ -303,6 +348,15 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
     case $kind in
         vol-ram) cache=$WORK/cache-$tag; src=(--volume "$VOLURL" --cache-dir "$cache" --ram-cache $((SIZE_BYTES * 3 / 2))) ;;
         vol-ssd*) cache=$SSD_CACHE; src=(--volume "$VOLURL" --cache-dir "$cache") ;;
+        vol-wb*)
+            if [[ $d == driveblk ]]; then
+                cache=$WORK/cache-$tag
+                rm -rf "$cache" "$WORK/remote-$tag"
+                if [[ $kind == vol-wb ]]; then cp -a --sparse=always "$SSD_CACHE" "$cache"; else mkdir -p "$cache"; fi
+                cp -al "${VOLURL#dir:}" "$WORK/remote-$tag"
+                sync -f "$WORK" # the copy's dirty pages must not be written back during the run
+                src=(--volume "dir:$WORK/remote-$tag" --cache-dir "$cache")
+            fi ;;
     esac
     [[ $kind != vol-ssd-drop ]] || drop_page_cache
     local ok=1 cpu0 cpu1 t0 t1 cpu=nan
@@ -346,6 +400,7 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
         ok=0
     fi
     [[ $kind != vol-ram ]] || rm -rf "$cache"
+    [[ $kind != vol-wb* ]] || rm -rf "$WORK/cache-$tag" "$WORK/remote-$tag"
     ! fresh_copy_kind "$kind" || rm -f "$WORK/run.qcow2"
     if [[ $ok == 1 ]]; then
         jq -r --arg n "$name" --arg d "$key" --arg r "$rep" --arg cpu "$cpu" \
@@ -369,7 +424,14 @@ for i in "${!ROWS[@]}"; do
     [[ -z $ROWS_RE ]] || grep -qE -- "$ROWS_RE" <<<"$name" || continue
     SEL+=("$i")
 done
-[[ ${#SEL[@]} -gt 0 || $COLD == 1 ]] || die "no row matches --rows '$ROWS_RE'"
+SYNC_SEL=()
+for i in "${!SYNC_ROWS[@]}"; do
+    [[ $COLD_ONLY == 0 ]] || continue
+    [[ $A == driveblk || $B == driveblk ]] || continue
+    [[ -z $ROWS_RE ]] || grep -qE -- "$ROWS_RE" <<<"${SYNC_ROWS[$i]%%|*}" || continue
+    SYNC_SEL+=("$i")
+done
+[[ ${#SEL[@]} -gt 0 || ${#SYNC_SEL[@]} -gt 0 || $COLD == 1 ]] || die "no row matches --rows '$ROWS_RE'"
 [[ ${#SEL[@]} -eq 0 ]] ||
     log "$LABEL_A vs $LABEL_B: ${#SEL[@]} rows x $REPS reps, ${RUNTIME}s + ${WARMUP}s warmup each; work dir $WORK"
 for i in "${SEL[@]}"; do
@@ -380,6 +442,150 @@ for i in "${SEL[@]}"; do
     done
 done
 AB_END_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- Write-back sync rows ----------------------------------------------------------------------
+# driveblk only. Per rep: serve a volume over the simulated link, let the generator change it,
+# SIGTERM; the daemon's final sync uploads the changes. The daemon runs under strace (seccomp-bpf
+# filtered to file-name syscalls, so the data path is not slowed) to count the requests the dir:
+# remote serves: put = rename onto a key, create = link onto a key (the fenced commit), get =
+# open of a key, head = stat of a key (minus the stat each put/create does after writing), list =
+# open of the folder, delete = unlink of a key. (dir: has no "reserve" request; stores that need
+# one, e.g. Drive, add one per commit.)
+SYNC_TSV=$WORK/sync.tsv # row rep changed packed-chunks manifest-bytes uploaded new-object-bytes secs puts creates gets heads lists deletes gens dirty-left chunk-size patch-pages
+: >"$SYNC_TSV"
+declare -A SYNC_REMOTE=() SYNC_CACHE=()
+ensure_sync_volume() { # kind
+    local kind=$1 src
+    [[ -z ${SYNC_REMOTE[$kind]:-} ]] || return 0
+    mkdir -p "$WORK/remote"
+    case $kind in
+        sync-raw)
+            src=$WORK/sync.raw
+            log "sync: 512 MiB of random data as a raw volume"
+            dd if=/dev/urandom of="$src" bs=1M count=512 status=none
+            "$DRIVEBLK" import "$src" "dir:$WORK/remote/sync-raw" --quiet >"$WORK/sync-import.log" 2>&1 ||
+                { sed 's/^/    /' "$WORK/sync-import.log" >&2; die "sync: import failed"; }
+            "$DRIVEBLK" hydrate "dir:$WORK/remote/sync-raw" --cache-dir "$WORK/sync-raw-cache" --quiet \
+                >"$WORK/sync-hydrate.log" 2>&1 ||
+                { sed 's/^/    /' "$WORK/sync-hydrate.log" >&2; die "sync: hydrate failed"; }
+            rm -f "$src"
+            SYNC_CACHE[$kind]=$WORK/sync-raw-cache
+            ;;
+        sync-40g)
+            src=$WORK/sync-40g.qcow2
+            qemu-img create -q -f qcow2 "$src" 40G
+            "$DRIVEBLK" import "$src" "dir:$WORK/remote/sync-40g" --quiet >"$WORK/sync-import.log" 2>&1 ||
+                { sed 's/^/    /' "$WORK/sync-import.log" >&2; die "sync: import failed"; }
+            rm -f "$src"
+            SYNC_CACHE[$kind]=""
+            ;;
+        *) die "unknown sync volume kind $kind" ;;
+    esac
+    sync -f "$WORK"
+    SYNC_REMOTE[$kind]=$WORK/remote/$kind
+}
+# strace output -> "puts creates gets heads lists deletes" for requests into folder $2 made at or
+# after unix time $3.
+count_requests() { # strace-file remote-dir since
+    awk -v dir="$2" -v since="$3" '
+        $2 < since { next }
+        {
+            line = $0
+            # The key a path names in the folder, or "" (the folder itself, other paths).
+            n = 0; delete keys
+            while (match(line, /"[^"]*"/)) {
+                p = substr(line, RSTART + 1, RLENGTH - 2); line = substr(line, RSTART + RLENGTH)
+                keys[++n] = p
+            }
+        }
+        function key(p) { return index(p, dir "/") == 1 ? substr(p, length(dir) + 2) : "" }
+        / (rename|renameat|renameat2)\(/ && n >= 2 && key(keys[2]) != "" && key(keys[2]) !~ /^\./ { puts++; next }
+        / (link|linkat)\(/ && n >= 2 && key(keys[2]) != "" && key(keys[2]) !~ /^\./ { creates++; next }
+        / (unlink|unlinkat)\(/ && n >= 1 && key(keys[1]) != "" && key(keys[1]) !~ /^\./ { deletes++; next }
+        / openat\(/ && n >= 1 && keys[1] == dir && /O_DIRECTORY/ { lists++; next }
+        / openat\(/ && n >= 1 && key(keys[1]) != "" && key(keys[1]) !~ /^\./ && !/O_CREAT/ { gets++; next }
+        / (statx|newfstatat|stat|lstat)\(/ && n >= 1 && key(keys[1]) != "" && key(keys[1]) !~ /^\./ { stats++; next }
+        END { h = stats - puts - creates; if (h < 0) h = 0; printf "%d %d %d %d %d %d\n", puts, creates, gets, h, lists, deletes }
+    ' "$1"
+}
+sync_one() { # sync-row-index rep
+    local idx=$1 rep=$2 name kind gargs dargs tag remote cache out st t_gen t_term t_exit secs rc=0 child i
+    IFS='|' read -r name kind gargs dargs <<<"${SYNC_ROWS[$idx]}"
+    ensure_sync_volume "$kind"
+    tag="s${idx}-${rep}" remote=$WORK/remote-s$idx-$rep cache=$WORK/cache-s$idx-$rep out=$WORK/s${idx}-${rep}.json
+    rm -rf "$remote" "$cache"
+    cp -al "${SYNC_REMOTE[$kind]}" "$remote"
+    if [[ -n ${SYNC_CACHE[$kind]} ]]; then cp -a --sparse=always "${SYNC_CACHE[$kind]}" "$cache"; else mkdir -p "$cache"; fi
+    sync -f "$WORK"
+    ls -A "$remote" | sort >"$WORK/$tag.before"
+    DAEMON_PREFIX=(strace -f -qq --seccomp-bpf -ttt -s 4096 -o "$WORK/$tag.strace"
+        -e trace=openat,rename,renameat,renameat2,link,linkat,unlink,unlinkat,statx,newfstatat)
+    # shellcheck disable=SC2086
+    if ! start_daemon driveblk "" 1 "$dargs --boot-profile off --sync-interval 3600 --sync-timeout 600 $LINK_ARGS" "" \
+        "$WORK/$tag.log" --volume "dir:$remote" --cache-dir "$cache"; then
+        DAEMON_PREFIX=()
+        printf '%s\t%s\tFAIL\n' "$name" "$rep" >>"$SYNC_TSV"; FAILED=1; return
+    fi
+    DAEMON_PREFIX=()
+    t_gen=$EPOCHREALTIME
+    # shellcheck disable=SC2086
+    if ! "$GEN" --socket "$SOCK" $gargs --io-timeout 60 --json >"$out" 2>"$WORK/$tag.err"; then
+        log "generator failed: $name, rep $rep:"; sed 's/^/    /' "$WORK/$tag.err" >&2
+        rc=1
+    fi
+    # DPID is strace; the daemon is its child.
+    child=$(pgrep -P "$DPID" | head -1)
+    t_term=$EPOCHREALTIME
+    kill -TERM "$child" 2>/dev/null || rc=1
+    for ((i = 0; i < 3000; i++)); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$DPID" 2>/dev/null; then
+        kill -KILL "$child" 2>/dev/null || true
+        rc=1
+    fi
+    wait "$DPID" || rc=$?
+    t_exit=$EPOCHREALTIME
+    DPID=""
+    secs=$(awk -v a="$t_term" -v b="$t_exit" 'BEGIN {printf "%.2f", b - a}')
+    st=$cache/status.json
+    if [[ $rc != 0 ]] || ! jq -e '.running == false' "$st" >/dev/null 2>&1; then
+        log "sync row failed: $name, rep $rep (daemon status $rc); log tail:"; tail -n 20 "$WORK/$tag.log" | sed 's/^/    /' >&2
+        printf '%s\t%s\tFAIL\n' "$name" "$rep" >>"$SYNC_TSV"; FAILED=1
+        rm -rf "$remote" "$cache"; return
+    fi
+    # What the commits packed, from the daemon's log (one line per generation).
+    local packed mbytes newb reqs
+    read -r packed mbytes < <(sed 's/\x1b\[[0-9;]*m//g' "$WORK/$tag.log" | awk '/write-back: committed a generation/ {
+            for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == "chunks") c += kv[2]; if (kv[1] == "manifest_bytes") m += kv[2] }
+        } END { printf "%d %d\n", c, m }')
+    newb=$(ls -A "$remote" | sort | comm -13 "$WORK/$tag.before" - | grep -v '^\.' |
+        (cd "$remote" && xargs -r stat -c %s) | awk '{s += $1} END {print s + 0}')
+    reqs=$(count_requests "$WORK/$tag.strace" "$remote" "$t_gen")
+    # Pages uploaded as patches (chunks packed whole are in the log): from the new manifests,
+    # the page runs of patches whose frame is in a pack of that generation.
+    local pages=0 g
+    for g in $(ls -A "$remote" | sort | comm -13 "$WORK/$tag.before" - | grep '^gen-'); do
+        pages=$((pages + $(head -n1 "$remote/$g" | jq --arg p "pack-${g#gen-}-" \
+            '[.packs as $P | .chunks[] | .patched? // empty | select($P[.pack] | startswith($p)) | .runs[][1]] | add // 0')))
+    done
+    jq -r --arg n "$name" --arg r "$rep" --arg p "$packed" --arg m "$mbytes" --arg nb "$newb" --arg secs "$secs" \
+        --arg q "$reqs" --arg pages "$pages" --slurpfile st "$st" '
+        ($st[0]) as $s | ($q | split(" ")) as $rq |
+        [$n, $r, .bytes, $p, $m, $s.sync.bytes_uploaded, $nb, $secs, $rq[0], $rq[1], $rq[2], $rq[3], $rq[4], $rq[5],
+         $s.sync.generations_committed, $s.sync.dirty_bytes, $s.chunk_size, $pages] | @tsv' "$out" >>"$SYNC_TSV"
+    log "    $(tail -1 "$SYNC_TSV" | awk -F'\t' '{printf "changed %.1f MB, uploaded %.1f MB (%.3fx), %s generations, sync %s s, requests put/create/get/head/list %s/%s/%s/%s/%s", $3/1e6, $6/1e6, $6/$3, $15, $8, $9, $10, $11, $12, $13}')"
+    [[ $KEEP == 1 ]] || rm -rf "$remote" "$cache"
+}
+if [[ ${#SYNC_SEL[@]} -gt 0 ]]; then
+    command -v strace >/dev/null || { need_root_apt strace; apt-get install -y -q strace; }
+    log "write-back sync rows: ${#SYNC_SEL[@]} rows x $REPS reps over a ${SYNC_LAT} ms / ${SYNC_MBIT} Mbit/s link"
+    for i in "${SYNC_SEL[@]}"; do
+        for ((rep = 1; rep <= REPS; rep++)); do
+            log "${SYNC_ROWS[$i]%%|*}: rep $rep/$REPS"
+            sync_one "$i" "$rep"
+        done
+    done
+fi
+SYNC_END_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- Cold boot trace ---------------------------------------------------------------------------
 # driveblk only: a raw volume behind a simulated link, empty cache, one --pattern boot replay per
@@ -527,6 +733,48 @@ reps_line() { awk '{printf "%s%s", (NR > 1 ? ", " : ""), ($1 == "FAIL" ? "FAIL" 
 
 fi
 
+# Sync rows: derived figures per rep, then medians per row.
+SYNC_TAB=$WORK/sync.md
+if [[ ${#SYNC_SEL[@]} -gt 0 ]]; then
+    # per rep: row rep changed before uploaded before/changed after/changed secs MB/s link-share gens requests req/GiB puts creates gets heads lists deletes newbytes dirty-left
+    SYNC_DER=$WORK/sync-derived.tsv
+    awk -F'\t' -v OFS='\t' -v rate="$((SYNC_MBIT * 125000))" '$3 == "FAIL" { print $1, $2, "FAIL"; next }
+        { before = $4 * $17 + $18 * 4096 + $5; req = $9 + $10 + $11 + $12 + $13 + $14
+          print $1, $2, $3, before, $6, before / $3, $6 / $3, $8, $6 / $8 / 1e6, $6 / $8 / rate, $15, req,
+                ($6 > 0 ? req / ($6 / 1073741824) : 0), $9, $10, $11, $12, $13, $14, $7, $16 }' "$SYNC_TSV" >"$SYNC_DER"
+    smed() { # row column -> median, or FAIL
+        local v; v=$(awk -F'\t' -v n="$1" -v c="$2" '$1 == n {print $c}' "$SYNC_DER")
+        if [[ -z $v ]] || grep -q FAIL <<<"$v"; then echo FAIL; else median <<<"$v"; fi
+    }
+    # Rates and per-GiB figures only mean something for uploads of some size (not for one 4 KiB).
+    big() { if awk -v x="$(smed "$1" 5)" 'BEGIN {exit !(x != "FAIL" && x >= 16777216)}'; then echo "$2"; else echo "-"; fi; }
+    hb() { awk -v x="$1" 'BEGIN { if (x == "FAIL") print x; else if (x < 1048576) printf "%.1f KiB", x / 1024; else printf "%.1f MiB", x / 1048576 }'; }
+    {
+        echo "Link: ${SYNC_LAT} ms per request, ${SYNC_MBIT} Mbit/s (= $((SYNC_MBIT * 125000 / 1000000)) MB/s). Uploaded = the sync counters of \`driveblk status\` (packs + manifests, after compression); before compression = chunks packed whole x chunk size (the daemon's commit log lines) + pages sent as patches x 4 KiB (the new manifests) + manifests; sync = SIGTERM to exit (the final sync), its MB/s and share of the link are of the bytes uploaded (after compression); rows that FLUSH commit during the run too, and all their commits are counted. Requests: see the method section. Medians of $REPS reps."
+        echo
+        echo "| row | guest changed | uploaded before compression | uploaded | before / changed | uploaded / changed | sync at stop s | upload MB/s (share of link) | generations | requests put/create/get/head/list/delete | requests per GiB uploaded |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for i in "${SYNC_SEL[@]}"; do
+            name=${SYNC_ROWS[$i]%%|*}
+            rate=$(big "$name" "$(fmt "$(smed "$name" 9)" 1) ($(fmt "$(awk -v x="$(smed "$name" 10)" 'BEGIN {print (x == "FAIL" ? x : 100 * x)}')" 0)%)")
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" \
+                "$(hb "$(smed "$name" 3)")" "$(hb "$(smed "$name" 4)")" "$(hb "$(smed "$name" 5)")" \
+                "$(fmt "$(smed "$name" 6)" 3)" "$(fmt "$(smed "$name" 7)" 3)" "$(fmt "$(smed "$name" 8)" 1)" \
+                "$rate" \
+                "$(fmt "$(smed "$name" 11)" 0)" \
+                "$(for c in 14 15 16 17 18 19; do printf '%s/' "$(fmt "$(smed "$name" $c)" 0)"; done | sed 's#/$##')" \
+                "$(big "$name" "$(fmt "$(smed "$name" 13)" 0)")"
+        done
+        echo
+        echo "Per repetition (uploaded / changed; sync s; bytes of new objects in the remote folder; dirty bytes left at exit):"
+        echo
+        for i in "${SYNC_SEL[@]}"; do
+            name=${SYNC_ROWS[$i]%%|*}
+            echo "- $name: $(awk -F'\t' -v n="$name" '$1 == n { if ($3 == "FAIL") s = s sep "FAIL"; else s = s sep sprintf("%.3f; %.1f s; %d B; %d", $7, $8, $20, $21); sep = " | " } END {print s}' "$SYNC_DER")"
+        done
+    } >"$SYNC_TAB"
+fi
+
 # The result tables, as shown on the terminal and in a --record entry.
 print_results() {
     if [[ ${#SEL[@]} -gt 0 ]]; then
@@ -534,6 +782,12 @@ print_results() {
         cat "$TABLE"
         echo
         cat "$REPTAB"
+    fi
+    if [[ ${#SYNC_SEL[@]} -gt 0 ]]; then
+        echo
+        echo "### Write-back sync (driveblk volume over a simulated link)"
+        echo
+        cat "$SYNC_TAB"
     fi
     if [[ $COLD == 1 ]]; then
         echo
@@ -554,6 +808,8 @@ if [[ $RECORD == 1 ]]; then
         echo
         if [[ ${#SEL[@]} -gt 0 ]]; then
             echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): $LABEL_A vs $LABEL_B"
+        elif [[ ${#SYNC_SEL[@]} -gt 0 ]]; then
+            echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): write-back sync, driveblk volume over a simulated link"
         else
             echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): cold boot trace, driveblk volume over a simulated link"
         fi
@@ -568,6 +824,7 @@ if [[ $RECORD == 1 ]]; then
         [[ ${#SEL[@]} -eq 0 ]] || echo "- $(qemu-storage-daemon --version | head -1)"
         if [[ ${#SEL[@]} -gt 0 ]]; then
             echo "- load average at the end of the A/B rows: $AB_END_LOAD"
+            [[ ${#SYNC_SEL[@]} -eq 0 ]] || echo "- load average at the end of the sync rows: $SYNC_END_LOAD"
             echo "- image: raw $SIZE on $(df --output=fstype "$WORK" | tail -1) (qcow2 kinds derived from it, see scripts/bench.sh), page cache warm unless the row says otherwise; ${RUNTIME}s measured after ${WARMUP}s warmup; medians of $REPS reps"
         fi
         print_results "### Cold boot trace (driveblk volume over a simulated link)"

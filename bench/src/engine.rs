@@ -3,7 +3,7 @@
 
 use crate::hist::Histogram;
 use crate::verify::{self, Bitmap};
-use crate::workload::{Req, Source};
+use crate::workload::{Req, Rng, Source};
 use anyhow::{bail, Context, Result};
 use blkio::{Blkioq, Completion, Errno, ReqFlags};
 use std::mem::MaybeUninit;
@@ -36,6 +36,18 @@ pub enum VerifyMode {
     },
 }
 
+/// What write buffers hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataMode {
+    /// Filled once at start (non-zero, non-repeating within a buffer) and reused by every write.
+    Reuse,
+    /// Fresh pseudo-random bytes for every write: incompressible, and never equal to earlier data.
+    Random,
+    /// Fresh for every write; each 4 KiB block is 2 KiB of random bytes then 2 KiB of zeroes
+    /// (about 2:1 for a compressor, like fio's buffer_compress_percentage=50).
+    Compressible,
+}
+
 pub struct Job {
     pub index: usize,
     pub q: Blkioq,
@@ -49,6 +61,12 @@ pub struct Job {
     /// Set by any queue that fails, so the others stop promptly instead of running to the end.
     pub stop: Arc<AtomicBool>,
     pub io_timeout: Duration,
+    pub data: DataMode,
+    /// Seeds the bytes of `DataMode::Random`/`Compressible`.
+    pub data_rng: Rng,
+    /// After every this many completed writes, a FLUSH (0: never). The write that triggers it
+    /// completes, for the measurement, when its FLUSH does.
+    pub flush_every: u64,
 }
 
 pub struct Outcome {
@@ -62,12 +80,34 @@ pub struct Outcome {
     pub last_complete: Option<Instant>,
     pub written: Option<Bitmap>,
     pub verified: u64,
+    /// FLUSH requests completed.
+    pub flushes: u64,
 }
 
 struct InFlight {
     req: Req,
     submitted: Instant,
     measured: bool,
+    /// The FLUSH that follows this write is in flight.
+    flushing: bool,
+}
+
+/// Fills `buf` for a write of `mode` (Reuse leaves it alone).
+fn fill_data(buf: &mut [u8], mode: DataMode, rng: &mut Rng) {
+    let random_part = match mode {
+        DataMode::Reuse => return,
+        DataMode::Random => 4096,
+        DataMode::Compressible => 2048,
+    };
+    for block in buf.chunks_mut(4096) {
+        let n = random_part.min(block.len());
+        let (head, tail) = block.split_at_mut(n);
+        for w in head.chunks_mut(8) {
+            let v = rng.next_u64().to_le_bytes();
+            w.copy_from_slice(&v[..w.len()]);
+        }
+        tail.fill(0);
+    }
 }
 
 /// Runs the job to completion; any failed or mismatching request is an error.
@@ -83,7 +123,21 @@ pub fn run(job: Job) -> Result<(Blkioq, Outcome)> {
 }
 
 fn run_inner(job: Job) -> Result<(Blkioq, Outcome)> {
-    let Job { index: _, mut q, buf_base, slot_len, iodepth, mut source, window, mut verify, stop, io_timeout } = job;
+    let Job {
+        index: _,
+        mut q,
+        buf_base,
+        slot_len,
+        iodepth,
+        mut source,
+        window,
+        mut verify,
+        stop,
+        io_timeout,
+        data,
+        mut data_rng,
+        flush_every,
+    } = job;
     let mut slots: Vec<Option<InFlight>> = (0..iodepth).map(|_| None).collect();
     let mut completions: Vec<MaybeUninit<Completion>> = (0..iodepth).map(|_| MaybeUninit::uninit()).collect();
     let mut out = Outcome {
@@ -96,7 +150,9 @@ fn run_inner(job: Job) -> Result<(Blkioq, Outcome)> {
         last_complete: None,
         written: None,
         verified: 0,
+        flushes: 0,
     };
+    let mut writes_done = 0u64;
     let mut in_flight = 0usize;
     let mut measured_submitted = 0u64;
     let completion_window = window.end.is_some() && window.quota.is_none();
@@ -137,12 +193,14 @@ fn run_inner(job: Job) -> Result<(Blkioq, Outcome)> {
             if let VerifyMode::Write { tag, written } = verify {
                 verify::fill(buf, req.offset, *tag);
                 written.set(req.offset);
+            } else {
+                fill_data(buf, data, &mut data_rng);
             }
             q.write(req.offset, buf.as_ptr(), buf.len(), slot, ReqFlags::empty());
         } else {
             q.read(req.offset, buf.as_mut_ptr(), buf.len(), slot, ReqFlags::empty());
         }
-        slots[slot] = Some(InFlight { req, submitted: Instant::now(), measured });
+        slots[slot] = Some(InFlight { req, submitted: Instant::now(), measured, flushing: false });
         true
     };
 
@@ -172,7 +230,11 @@ fn run_inner(job: Job) -> Result<(Blkioq, Outcome)> {
             let slot = c.user_data;
             let f = slots[slot].take().context("completion for an idle slot")?;
             in_flight -= 1;
-            let kind = if f.req.write { "write" } else { "read" };
+            let kind = match (f.req.write, f.flushing) {
+                (_, true) => "flush after a write",
+                (true, false) => "write",
+                (false, false) => "read",
+            };
             if c.ret != 0 {
                 bail!(
                     "{kind} of {} bytes at offset {} failed: {}",
@@ -190,6 +252,17 @@ fn run_inner(job: Job) -> Result<(Blkioq, Outcome)> {
                     );
                 }
                 out.verified += 1;
+            }
+            if f.flushing {
+                out.flushes += 1;
+            } else if f.req.write && flush_every > 0 {
+                writes_done += 1;
+                if writes_done % flush_every == 0 {
+                    q.flush(slot, ReqFlags::empty());
+                    slots[slot] = Some(InFlight { flushing: true, ..f });
+                    in_flight += 1;
+                    continue;
+                }
             }
             let measured = if completion_window {
                 now >= window.warm_until && window.end.is_some_and(|end| now <= end)

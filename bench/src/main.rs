@@ -10,7 +10,7 @@ mod workload;
 use anyhow::{bail, ensure, Context, Result};
 use blkio::Blkio;
 use clap::Parser;
-use engine::{Job, Outcome, VerifyMode, Window};
+use engine::{DataMode, Job, Outcome, VerifyMode, Window};
 use hist::Histogram;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -60,6 +60,18 @@ struct Args {
     /// After a writing workload, read back every written block and compare it with the pattern.
     #[arg(long)]
     verify: bool,
+    /// Write buffer contents: reuse (filled once), random (fresh, incompressible, per write),
+    /// compressible (fresh per write, each 4 KiB half random, half zeroes). Not with --verify.
+    #[arg(long, value_enum, default_value = "reuse")]
+    data: DataMode,
+    /// Sequential patterns (read, write): request i goes to the i-th STRIDE-sized slot of the
+    /// range, at a random --bs-aligned place in it (e.g. --bs 4k --stride 1m: one write per MiB).
+    #[arg(long, value_parser = parse_size)]
+    stride: Option<u64>,
+    /// After every N completed writes, send a FLUSH; that write's latency runs until the FLUSH
+    /// completes (--iodepth 1 --flush-every 1: write+FLUSH latency, like fio --fsync=1).
+    #[arg(long, default_value_t = 0)]
+    flush_every: u64,
     /// Replay a generated trace instead of a synthetic pattern.
     #[arg(long, value_enum)]
     pattern: Option<Pattern>,
@@ -154,8 +166,14 @@ fn synthetic_plan(args: &Args, range: u64) -> Result<Plan> {
     let sequential = matches!(args.rw, Rw::Read | Rw::Write);
     // Sequential streams get disjoint stripes (like fio jobs with offset_increment) so queues
     // don't read the same blocks; random queues share the whole range with different seeds.
-    let stripe = if sequential { range / n / bs * bs } else { range / bs * bs };
-    ensure!(stripe >= bs, "--size {range} is too small for --bs {bs} across {n} queues");
+    let stride = args.stride.unwrap_or(0);
+    if stride > 0 {
+        ensure!(sequential, "--stride needs a sequential pattern (--rw read or write)");
+        ensure!(stride >= bs && stride % bs == 0, "--stride must be a multiple of --bs");
+    }
+    let unit = if stride > 0 { stride } else { bs };
+    let stripe = if sequential { range / n / unit * unit } else { range / bs * bs };
+    ensure!(stripe >= unit, "--size {range} is too small for --bs {bs} (or --stride) across {n} queues");
     let sources = (0..n)
         .map(|i| {
             let source = Source::Synthetic {
@@ -166,6 +184,7 @@ fn synthetic_plan(args: &Args, range: u64) -> Result<Plan> {
                 len: stripe,
                 pos: 0,
                 read_pct: args.rwmixread,
+                stride,
             };
             (source, iodepth)
         })
@@ -222,6 +241,8 @@ fn run(args: &Args) -> Result<()> {
         ensure!(!args.verify, "--verify needs a writing workload, and the boot trace only reads");
     }
     ensure!(!args.verify || args.rw.writes(), "--verify needs --rw write, randwrite or randrw");
+    ensure!(!args.verify || args.data == DataMode::Reuse, "--verify writes its own pattern: no --data with it");
+    ensure!(args.flush_every == 0 || (!boot && args.rw.writes()), "--flush-every needs a writing workload");
     ensure!(args.warmup >= 0.0, "--warmup must not be negative");
     let writes = !boot && args.rw.writes();
 
@@ -312,6 +333,9 @@ fn run(args: &Args) -> Result<()> {
             },
             stop: stop.clone(),
             io_timeout,
+            data: args.data,
+            data_rng: workload::Rng::new(workload::mix(args.seed ^ 0xda7a ^ ((index as u64) << 32) ^ tag)),
+            flush_every: args.flush_every,
         })
         .collect();
     let (queues, outcomes) = run_jobs(jobs)?;
@@ -344,6 +368,9 @@ fn run(args: &Args) -> Result<()> {
                 verify: VerifyMode::Check { tag },
                 stop: stop.clone(),
                 io_timeout,
+                data: DataMode::Reuse,
+                data_rng: workload::Rng::new(0),
+                flush_every: 0,
             })
             .collect();
         let (_, outcomes) = run_jobs(jobs).context("verify read-back")?;
@@ -392,6 +419,7 @@ struct Report {
     writes: u64,
     hist: Histogram,
     verified_blocks: Option<u64>,
+    flushes: u64,
     /// The generator's own CPU use (all threads, % of one core) over the run: if this nears
     /// 100 × queues, the generator rather than the daemon may be the limit.
     gen_cpu_pct: Option<f64>,
@@ -433,6 +461,7 @@ impl Report {
             bytes: outcomes.iter().map(|o| o.bytes).sum(),
             reads: outcomes.iter().map(|o| o.reads).sum(),
             writes: outcomes.iter().map(|o| o.writes).sum(),
+            flushes: outcomes.iter().map(|o| o.flushes).sum(),
             hist,
             verified_blocks: None,
             gen_cpu_pct: None,
@@ -482,6 +511,9 @@ impl Report {
             self.us(0.999),
             self.hist.max() as f64 / 1000.0
         );
+        if self.flushes > 0 {
+            println!("  flushes {} (a write's latency includes the FLUSH after it)", self.flushes);
+        }
         if let Some(c) = self.gen_cpu_pct {
             println!("  generator CPU {c:.0}% of one core");
         }
@@ -494,7 +526,7 @@ impl Report {
         format!(
             concat!(
                 "{{\"workload\":\"{}\",\"bs\":{},\"queues\":{},\"elapsed_s\":{:.6},\"ops\":{},",
-                "\"reads\":{},\"writes\":{},\"bytes\":{},\"iops\":{:.1},\"mbps\":{:.3},",
+                "\"reads\":{},\"writes\":{},\"flushes\":{},\"bytes\":{},\"iops\":{:.1},\"mbps\":{:.3},",
                 "\"lat_us\":{{\"mean\":{:.2},\"p50\":{:.2},\"p90\":{:.2},\"p99\":{:.2},",
                 "\"p999\":{:.2},\"max\":{:.2}}},\"errors\":0,\"verified_blocks\":{},\"gen_cpu_pct\":{}}}"
             ),
@@ -506,6 +538,7 @@ impl Report {
             self.ops,
             self.reads,
             self.writes,
+            self.flushes,
             self.bytes,
             self.iops(),
             self.mbps(),

@@ -61,7 +61,10 @@ pub struct Req {
 /// Where a queue thread takes its next request from.
 pub enum Source {
     /// Endless fio-style pattern over `[base, base + len)`.
-    Synthetic { rw: Rw, rng: Rng, bs: u64, base: u64, len: u64, pos: u64, read_pct: u32 },
+    ///
+    /// With `stride` > 0, sequential patterns place request i in the i-th `stride`-sized slot of
+    /// the range, at a random `bs`-aligned offset inside it (thinly scattered I/O).
+    Synthetic { rw: Rw, rng: Rng, bs: u64, base: u64, len: u64, pos: u64, read_pct: u32, stride: u64 },
     /// A finite list shared by all queue threads; the atomic cursor keeps the global issue order
     /// close to the list order even when several queues pull from it.
     List { reqs: Arc<Vec<Req>>, next: Arc<AtomicUsize> },
@@ -70,12 +73,20 @@ pub enum Source {
 impl Source {
     pub fn next(&mut self) -> Option<Req> {
         match self {
-            Source::Synthetic { rw, rng, bs, base, len, pos, read_pct } => {
+            Source::Synthetic { rw, rng, bs, base, len, pos, read_pct, stride } => {
                 let blocks = *len / *bs;
                 let (write, offset) = match rw {
                     Rw::Randread => (false, rng.below(blocks) * *bs),
                     Rw::Randwrite => (true, rng.below(blocks) * *bs),
                     Rw::Randrw => (rng.below(100) >= *read_pct as u64, rng.below(blocks) * *bs),
+                    Rw::Read | Rw::Write if *stride > 0 => {
+                        if *pos >= *len / *stride {
+                            *pos = 0;
+                        }
+                        let o = *pos * *stride + rng.below(*stride / *bs) * *bs;
+                        *pos += 1;
+                        (*rw == Rw::Write, o)
+                    }
                     Rw::Read | Rw::Write => {
                         if *pos + *bs > blocks * *bs {
                             *pos = 0;
@@ -212,5 +223,31 @@ mod tests {
         // Deterministic from the seed.
         let again = boot_trace(&p);
         assert!(t.iter().zip(&again).all(|(a, b)| a.offset == b.offset && a.len == b.len));
+    }
+
+    #[test]
+    fn stride_places_one_request_per_slot() {
+        let mut s = Source::Synthetic {
+            rw: Rw::Write,
+            rng: Rng::new(3),
+            bs: 4096,
+            base: 1 << 30,
+            len: 8 << 20,
+            pos: 0,
+            read_pct: 0,
+            stride: 1 << 20,
+        };
+        let reqs: Vec<Req> = (0..16).map(|_| s.next().unwrap()).collect();
+        for (i, r) in reqs.iter().enumerate() {
+            let slot = (i as u64 % 8) << 20;
+            assert!(r.write && r.len == 4096 && r.offset % 4096 == 0);
+            assert!(
+                (1 << 30) + slot <= r.offset && r.offset + 4096 <= (1 << 30) + slot + (1 << 20),
+                "{i}: {}",
+                r.offset
+            );
+        }
+        // Not all at the start of their slot.
+        assert!(reqs.iter().any(|r| r.offset % (1 << 20) != 0));
     }
 }
