@@ -420,3 +420,26 @@ fn a_large_discard_holds_no_cache_space_and_uploads_nothing_but_a_manifest() {
     let s = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("a"), Default::default())).unwrap();
     assert!(read_all(&*s).unwrap() == expect);
 }
+
+#[test]
+fn unsafe_mode_makes_nothing_durable_on_flush() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 * CS as usize, 42);
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.writeback.mode = CacheMode::Unsafe;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let dir = d.path().join("a");
+    let journal = || std::fs::metadata(dir.join("journal")).map(|m| m.len()).unwrap_or(0);
+    // A whole-chunk write into a chunk not cached: no map change is needed
+    // before it, and FLUSH (as the format layer issues it) persists nothing.
+    write(&*s, CS, &vec![3u8; CS as usize], &mut expect);
+    let before = journal();
+    s.flush().unwrap();
+    guest_flush(&*s);
+    assert_eq!(journal(), before, "an unsafe FLUSH wrote the cache map");
+    assert!(read_all(&*s).unwrap() == expect);
+    // Closing still uploads what was written.
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect);
+}
