@@ -56,7 +56,15 @@ fn a_full_cache_disk_fails_writes_keeps_reads_and_loses_nothing_flushed() {
     let keep = pattern(1, 2 << 20);
     c.write(0, &keep).unwrap();
     c.flush().unwrap();
-    // Fill the cache disk: whole-chunk writes until they fail.
+    // Clean chunks fill the cache disk (reads of the rest of the image)...
+    for i in (8..48u64).step_by(4) {
+        assert!(c.read(i << 20, 1 << 20).unwrap() == src_data[(i << 20) as usize..((i + 1) << 20) as usize]);
+    }
+    // ...and give way to the guest's writes: these land.
+    for i in 2..4u64 {
+        c.write(i << 20, &pattern(50 + i, 1 << 20)).expect("clean chunks were not evicted for a write");
+    }
+    // Fill the cache disk with dirty data: whole-chunk writes until they fail.
     let mut failed = 0;
     for i in 4..40u64 {
         let data = pattern(100 + i, 1 << 20);

@@ -443,3 +443,38 @@ fn unsafe_mode_makes_nothing_durable_on_flush() {
     drop(s);
     assert!(fresh_view(d.path(), &vurl, "b") == expect);
 }
+
+#[test]
+fn a_remote_that_stalls_mid_upload_half_commits_nothing_and_sync_resumes() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 4 * CS as usize, 43);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (g2, w2) = (gate.clone(), waiting.clone());
+    let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
+        Arc::new(GatedRemote { inner, gate: g2.clone(), waiting: w2.clone(), puts: true })
+            as driveblk::remote::DynRemote
+    });
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.remote.layer = Some(layer);
+    // Uploads hang (a silent peer): each attempt hits its deadline.
+    o.remote.retry.attempt_timeout = Duration::from_millis(200);
+    o.remote.retry.max_attempts = 2;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    write(&*s, CS + 4096, &[8; 8192], &mut expect);
+    guest_flush(&*s);
+    let t0 = std::time::Instant::now();
+    while s.sync_status().unwrap().last_error.is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "a stalled upload was never given up on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Nothing was committed, the guest's data is local and readable.
+    assert_eq!(volume::info(&vurl).unwrap().generation, 1);
+    assert!(read_all(&*s).unwrap() == expect);
+    // The link comes back: the same cut goes up, once.
+    gate.add_permits(1 << 20);
+    assert_eq!(s.close(Duration::from_secs(60)), 0);
+    drop(s);
+    assert_eq!(volume::info(&vurl).unwrap().generation, 2);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect);
+}

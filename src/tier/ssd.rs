@@ -760,6 +760,24 @@ impl SsdCache {
     /// and the write does not cover it whole (the read half of
     /// read-modify-write). Caller holds the stripe write lock.
     pub fn write(&self, idx: u64, off: u64, bufs: &IoVec<'_>, fill: Option<&[u8]>) -> io::Result<()> {
+        match self.write_once(idx, off, bufs, fill) {
+            // A full cache disk: clean chunks give way to the guest's
+            // writes (the cap bounds clean data; dirty data is bounded only
+            // by the disk), then the write is tried once more.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                let before = self.cached_bytes();
+                self.evict((self.cap / 10).max(8 * self.chunk_size), idx)?;
+                if self.cached_bytes() < before {
+                    self.write_once(idx, off, bufs, fill)
+                } else {
+                    Err(e)
+                }
+            }
+            r => r,
+        }
+    }
+
+    fn write_once(&self, idx: u64, off: u64, bufs: &IoVec<'_>, fill: Option<&[u8]>) -> io::Result<()> {
         let base = idx * self.chunk_size;
         let len = bufs.len() as u64;
         let mut state = self.state(idx);
