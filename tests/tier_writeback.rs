@@ -284,13 +284,7 @@ fn scattered_small_writes_upload_about_what_changed() {
 fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upload() {
     let d = tempfile::tempdir().unwrap();
     let (vurl, base) = imported(d.path(), 8 * CS as usize, 37);
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (g2, w2) = (gate.clone(), waiting.clone());
-    let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
-        Arc::new(GatedRemote { inner, gate: g2.clone(), waiting: w2.clone(), puts: true })
-            as driveblk::remote::DynRemote
-    });
+    let (layer, gate, waiting) = gated_layer(true);
     let mut o = cache_opts(&d.path().join("a"), Default::default());
     o.remote.layer = Some(layer);
     // One chunk per pack, one upload at a time: the uploader reads a chunk
@@ -335,13 +329,7 @@ fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upl
 fn a_write_into_a_cold_chunk_never_waits_for_its_fetch() {
     let d = tempfile::tempdir().unwrap();
     let (vurl, mut expect) = imported(d.path(), 4 * CS as usize, 40);
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (g2, w2) = (gate.clone(), waiting.clone());
-    let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
-        Arc::new(GatedRemote { inner, gate: g2.clone(), waiting: w2.clone(), puts: false })
-            as driveblk::remote::DynRemote
-    });
+    let (layer, gate, waiting) = gated_layer(false);
     let mut o = cache_opts(&d.path().join("a"), Default::default());
     o.remote.layer = Some(layer);
     o.readahead_chunks = 0;
@@ -448,13 +436,7 @@ fn unsafe_mode_makes_nothing_durable_on_flush() {
 fn a_remote_that_stalls_mid_upload_half_commits_nothing_and_sync_resumes() {
     let d = tempfile::tempdir().unwrap();
     let (vurl, mut expect) = imported(d.path(), 4 * CS as usize, 43);
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (g2, w2) = (gate.clone(), waiting.clone());
-    let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
-        Arc::new(GatedRemote { inner, gate: g2.clone(), waiting: w2.clone(), puts: true })
-            as driveblk::remote::DynRemote
-    });
+    let (layer, gate, _) = gated_layer(true);
     let mut o = cache_opts(&d.path().join("a"), Default::default());
     o.remote.layer = Some(layer);
     // Uploads hang (a silent peer): each attempt hits its deadline.

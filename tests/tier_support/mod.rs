@@ -120,6 +120,20 @@ pub struct GatedRemote {
     pub puts: bool,
 }
 
+/// A remote layer that holds pack reads (or, with `puts`, pack uploads)
+/// at a gate; returns it with the gate and the count of requests waiting.
+pub fn gated_layer(
+    puts: bool,
+) -> (driveblk::remote::RemoteLayer, Arc<tokio::sync::Semaphore>, Arc<std::sync::atomic::AtomicU64>) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let waiting = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (g2, w2) = (gate.clone(), waiting.clone());
+    let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
+        Arc::new(GatedRemote { inner, gate: g2.clone(), waiting: w2.clone(), puts }) as DynRemote
+    });
+    (layer, gate, waiting)
+}
+
 impl GatedRemote {
     async fn pass(&self, key: &str, put: bool) {
         if key.starts_with("pack-") && put == self.puts {
