@@ -43,9 +43,12 @@ fn guest_flush(s: &dyn Storage) {
     s.wait_durable(t).unwrap();
 }
 
-/// What a fresh cache on another machine reads.
+/// What a fresh cache on another machine reads (read-only: it needs no
+/// writer lease).
 fn fresh_view(d: &std::path::Path, vurl: &str, name: &str) -> Vec<u8> {
-    let s = driveblk::tier::open_volume(vurl, cache_opts(&d.join(name), Default::default())).unwrap();
+    let mut o = cache_opts(&d.join(name), Default::default());
+    o.read_only = true;
+    let s = driveblk::tier::open_volume(vurl, o).unwrap();
     read_all(&*s).unwrap()
 }
 
@@ -118,7 +121,8 @@ fn a_commit_whose_reply_was_lost_is_recognised_not_repeated() {
     assert_eq!(s.close(Duration::from_secs(30)), 0);
     assert_eq!(s.sync_status().unwrap().conflict, None);
     drop(s);
-    assert_eq!(volume::info(&vurl).unwrap().generation, 2, "one generation, not two");
+    // Generation 2 took the writer lease, 3 holds the data.
+    assert_eq!(volume::info(&vurl).unwrap().generation, 3, "one generation, not two");
     assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
 
     // With no retries left, the commit reports failure although it landed;
@@ -134,7 +138,7 @@ fn a_commit_whose_reply_was_lost_is_recognised_not_repeated() {
     let st = s.sync_status().unwrap();
     assert_eq!(st.conflict, None, "{st:?}");
     drop(s);
-    assert_eq!(volume::info(&vurl).unwrap().generation, 3);
+    assert_eq!(volume::info(&vurl).unwrap().generation, 5);
     assert_eq!(fresh_view(d.path(), &vurl, "c"), expect);
 }
 
@@ -142,8 +146,12 @@ fn a_commit_whose_reply_was_lost_is_recognised_not_repeated() {
 fn a_second_writer_is_fenced_and_keeps_its_changes() {
     let d = tempfile::tempdir().unwrap();
     let (vurl, base) = imported(d.path(), 2 << 20, 33);
+    // B opens before A takes the lease and takes it only to commit (as a
+    // store opened offline does): the fence alone must stop it.
+    let mut ob = cache_opts(&d.path().join("b"), Default::default());
+    ob.lease = driveblk::tier::LeaseMode::OnCommit;
+    let b = driveblk::tier::open_volume(&vurl, ob).unwrap();
     let a = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("a"), Default::default())).unwrap();
-    let b = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("b"), Default::default())).unwrap();
     let (mut ea, mut eb) = (base.clone(), base.clone());
     write(&*a, 0, &[0xAA; 4096], &mut ea);
     guest_flush(&*a);
@@ -156,8 +164,8 @@ fn a_second_writer_is_fenced_and_keeps_its_changes() {
     let conflict = b.sync_status().unwrap().conflict.expect("a conflict is reported");
     assert!(conflict.contains("moved on"), "{conflict}");
     drop(b);
-    // The remote holds A's generation, untouched by B.
-    assert_eq!(volume::info(&vurl).unwrap().generation, 2);
+    // The remote holds A's generations (lease, data), untouched by B.
+    assert_eq!(volume::info(&vurl).unwrap().generation, 3);
     assert_eq!(fresh_view(d.path(), &vurl, "c"), ea);
     // B's cache refuses to serve its changes on top of A's generation...
     let e = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("b"), Default::default()))
@@ -201,7 +209,7 @@ fn a_remote_that_is_down_loses_nothing_and_sync_resumes() {
     faults.set_down(false);
     assert_eq!(s.close(Duration::from_secs(30)), 0, "the sync resumed by itself");
     drop(s);
-    assert_eq!(volume::info(&vurl).unwrap().generation, 2);
+    assert_eq!(volume::info(&vurl).unwrap().generation, 3);
     assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
 }
 
@@ -315,8 +323,8 @@ fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upl
         assert!(t0.elapsed() < Duration::from_secs(20), "the cut was never committed");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(volume::info(&vurl).unwrap().generation, 2);
-    assert!(fresh_view(d.path(), &vurl, "b") == at_cut, "generation 2 mixes the cut with later writes");
+    assert_eq!(volume::info(&vurl).unwrap().generation, 3);
+    assert!(fresh_view(d.path(), &vurl, "b") == at_cut, "generation 3 mixes the cut with later writes");
     // The rewrites stay dirty and go up in the next generation.
     assert!(s.stats().dirty_bytes >= 6 * CS);
     guest_flush(&*s);
@@ -450,13 +458,13 @@ fn a_remote_that_stalls_mid_upload_half_commits_nothing_and_sync_resumes() {
         assert!(t0.elapsed() < Duration::from_secs(20), "a stalled upload was never given up on");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Nothing was committed, the guest's data is local and readable.
-    assert_eq!(volume::info(&vurl).unwrap().generation, 1);
+    // Nothing but the lease was committed, the guest's data is local and readable.
+    assert_eq!(volume::info(&vurl).unwrap().generation, 2);
     assert!(read_all(&*s).unwrap() == expect);
     // The link comes back: the same cut goes up, once.
     gate.add_permits(1 << 20);
     assert_eq!(s.close(Duration::from_secs(60)), 0);
     drop(s);
-    assert_eq!(volume::info(&vurl).unwrap().generation, 2);
+    assert_eq!(volume::info(&vurl).unwrap().generation, 3);
     assert!(fresh_view(d.path(), &vurl, "b") == expect);
 }

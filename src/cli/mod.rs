@@ -49,6 +49,11 @@ pub enum Command {
     Selftest(auth::SelftestArgs),
     /// Upload a volume's local changes now and wait until they are committed.
     Sync(sync::SyncArgs),
+    /// Save this host's local changes to a volume as a new volume that
+    /// shares its data (after the volume moved on under them).
+    Fork(volume::ForkArgs),
+    /// Drop this host's local changes to a volume (only when asked).
+    DiscardLocal(volume::DiscardArgs),
 }
 
 /// Runs a parsed command.
@@ -64,5 +69,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Auth(c) => auth::run(c),
         Command::Selftest(a) => auth::selftest_cmd(a),
         Command::Sync(a) => sync::run(a),
+        Command::Fork(a) => volume::fork(a),
+        Command::DiscardLocal(a) => volume::discard_local(a),
     }
 }

@@ -41,9 +41,17 @@ pub struct ServeArgs {
     #[arg(long)]
     pub format: ImageFormat,
 
-    /// Export the disk read-only (the guest sees a read-only device).
+    /// Export the disk read-only (the guest sees a read-only device). A
+    /// read-only volume needs no writer lease: it works while another host
+    /// writes.
     #[arg(long)]
     pub read_only: bool,
+
+    /// Take the volume's writer lease even though another host holds it.
+    /// Its changes not yet uploaded then fork: its next commit is refused
+    /// and they stay on that host (`driveblk fork` there saves them).
+    #[arg(long, conflicts_with = "read_only")]
+    pub force_takeover: bool,
 
     /// Number of virtqueues (one worker thread each).
     #[arg(long, default_value_t = 1)]
@@ -141,6 +149,20 @@ pub struct CacheArgs {
 }
 
 impl CacheArgs {
+    /// The defaults, with `dir` as the cache directory.
+    pub fn for_dir(dir: PathBuf) -> Self {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            c: CacheArgs,
+        }
+        let m = <Wrap as clap::CommandFactory>::command().get_matches_from(["driveblk"]);
+        let mut c = Wrap::from_arg_matches(&m).expect("defaults parse").c;
+        c.cache_dir = Some(dir);
+        c
+    }
+
     /// Cache options for the volume at `url`.
     pub fn options(&self, url: &str, read_only: bool, remote: &RemoteArgs) -> anyhow::Result<CacheOptions> {
         if self.fetch_concurrency == 0 || self.fetch_concurrency > 1024 {
@@ -232,7 +254,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 ImageSource::File(image.canonicalize().with_context(|| format!("image {}", image.display()))?)
             }
             (None, Some(url)) => {
-                let cache = a.cache.options(&url, a.read_only, &a.remote)?;
+                let mut cache = a.cache.options(&url, a.read_only, &a.remote)?;
+                if a.force_takeover {
+                    cache.lease = tier_layer::LeaseMode::Force;
+                }
                 ImageSource::Volume { url, cache }
             }
             _ => bail!("give exactly one of --image FILE or --volume URL"),

@@ -41,7 +41,9 @@ fn serving_pid(dir: &std::path::Path) -> Option<i32> {
 }
 
 pub fn run(a: SyncArgs) -> anyhow::Result<()> {
-    let opts = a.cache.options(&a.url, false, &a.remote)?;
+    let mut opts = a.cache.options(&a.url, false, &a.remote)?;
+    // Nothing to upload, no lease needed; something to upload takes it.
+    opts.lease = tier::LeaseMode::OnCommit;
     let dir: PathBuf = opts.cache_dir.clone();
     let timeout = Duration::from_secs(a.timeout);
     if let Some(pid) = serving_pid(&dir) {
@@ -51,6 +53,8 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let dirty = store.stats().dirty_bytes;
     let done = store.sync_now(timeout);
+    // Releases the lease when everything is up.
+    store.close(Duration::ZERO);
     let st = store.sync_status().unwrap_or_default();
     if let Some(c) = st.conflict {
         bail!("{c}");

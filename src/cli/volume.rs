@@ -83,7 +83,9 @@ pub struct HydrateArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The volume URL the daemon serves (finds its default cache directory).
+    /// The volume URL: shows who holds its writer lease (read from the
+    /// remote, from any host), and the local daemon's counters if this
+    /// host has a cache of it.
     #[arg(required_unless_present = "cache_dir")]
     pub url: Option<String>,
     /// The cache directory given to `serve --cache-dir`.
@@ -92,6 +94,37 @@ pub struct StatusArgs {
     /// Print the raw JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// The volume the local changes were made on.
+    pub url: String,
+    /// Where to create the new volume (shares URL's data; only the local
+    /// changes are uploaded).
+    pub new_url: String,
+    /// The cache directory holding the changes (default: URL's).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Give up waiting for the upload after this many seconds (the changes
+    /// stay in the cache, tied to the new volume).
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DiscardArgs {
+    /// The volume whose local changes to drop.
+    pub url: String,
+    /// The cache directory holding them (default: URL's).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 fn print_info(i: &VolumeInfo) {
@@ -186,6 +219,8 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
 pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     let mut cache = a.cache.options(&a.url, false, &a.remote)?;
     cache.hydrate = true;
+    // Downloading needs no lease (only uploading left-over changes would).
+    cache.lease = tier::LeaseMode::OnCommit;
     // No guest to record, and every chunk comes whole anyway.
     cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
     let dir = cache.cache_dir.clone();
@@ -206,16 +241,110 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
 }
 
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let dir = match (a.cache_dir, a.url) {
-        (Some(d), _) => d,
-        (None, Some(url)) => default_cache_dir(&url)?,
-        (None, None) => bail!("give a volume URL or --cache-dir"),
+    let Some(url) = a.url else {
+        let dir = a.cache_dir.expect("clap requires a URL or --cache-dir");
+        let v = status::read(&dir)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", status::render(&v));
+        }
+        return Ok(());
     };
-    let v = status::read(&dir)?;
+    // The lease as the remote has it, then this host's daemon if any.
+    let lease = volume::lease::lease_status(&url, &a.remote.options())?;
+    let dir = match a.cache_dir {
+        Some(d) => Some(d),
+        None => default_cache_dir(&url).ok(),
+    };
+    let local = dir.as_deref().and_then(|d| status::read(d).ok());
     if a.json {
+        let h = lease.holder.as_ref();
+        let v = serde_json::json!({
+            "lease": {
+                "standing": format!("{:?}", lease.standing).to_lowercase(),
+                "describe": lease.describe(),
+                "holder": h.map(|h| serde_json::to_value(h).unwrap_or_default()),
+                "silent_ms": lease.silent_ms,
+                "generation": lease.generation,
+            },
+            "local": local,
+        });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print!("{}", status::render(&v));
+        println!("lease       {}", lease.describe());
+        match &local {
+            Some(v) => print!("{}", status::render(v)),
+            None => println!("local       no daemon status on this host"),
+        }
     }
+    Ok(())
+}
+
+pub fn fork(a: ForkArgs) -> anyhow::Result<()> {
+    let default_dir = default_cache_dir(&a.url)?;
+    let dir = a.cache_dir.clone().unwrap_or_else(|| default_dir.clone());
+    let remote = a.remote.options();
+    let f = tier::fork(&a.url, &a.new_url, &dir, &remote)?;
+    eprintln!(
+        "created {} (volume {}): generation 1 is {} at generation {} (its data shared, not copied), \
+         with {} chunks of local changes to upload",
+        a.new_url, f.volume_id, a.url, f.from_generation, f.dirty_chunks
+    );
+    // The cache now belongs to the fork: under the fork's default name
+    // when it had the origin's.
+    let dir = if a.cache_dir.is_none() {
+        let new_dir = default_cache_dir(&a.new_url)?;
+        if new_dir.exists() {
+            eprintln!("note: {} exists; the fork's cache stays at {}", new_dir.display(), dir.display());
+            dir
+        } else {
+            std::fs::rename(&dir, &new_dir)
+                .with_context(|| format!("moving the cache {} to {}", dir.display(), new_dir.display()))?;
+            new_dir
+        }
+    } else {
+        dir
+    };
+    let args = crate::cli::serve::CacheArgs::for_dir(dir.clone());
+    let mut opts = args.options(&a.new_url, false, &a.remote)?;
+    opts.boot_profile = crate::tier::boot::BootProfileMode::Off;
+    let store = tier::open_volume(&a.new_url, opts).context("cannot open the fork with its cache")?;
+    let done = store.sync_now(Duration::from_secs(a.timeout));
+    store.close(Duration::ZERO);
+    let st = store.sync_status().unwrap_or_default();
+    if !done {
+        bail!(
+            "the fork exists, but its local changes are not all uploaded yet ({}); they stay in {} — run \
+             `driveblk sync {} --cache-dir {}`",
+            st.last_error.unwrap_or_else(|| "timed out".into()),
+            dir.display(),
+            a.new_url,
+            dir.display()
+        );
+    }
+    eprintln!(
+        "saved: {} at generation {} holds the local changes ({} uploaded); serve it with `--volume {}`{}",
+        a.new_url,
+        store.volume().generation(),
+        human(st.bytes_uploaded),
+        a.new_url,
+        if a.cache_dir.is_some() { format!(" --cache-dir {}", dir.display()) } else { String::new() }
+    );
+    Ok(())
+}
+
+pub fn discard_local(a: DiscardArgs) -> anyhow::Result<()> {
+    let dir = match a.cache_dir {
+        Some(d) => d,
+        None => default_cache_dir(&a.url)?,
+    };
+    let dropped = tier::discard_local(&a.url, &dir, &a.remote.options())?;
+    eprintln!(
+        "dropped {} of local changes in {}; the next start follows {}'s newest generation",
+        human(dropped),
+        dir.display(),
+        a.url
+    );
     Ok(())
 }

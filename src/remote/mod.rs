@@ -57,12 +57,17 @@ pub struct ObjectMeta {
     /// Unix epoch). Leases and GC grace periods judge age by this, never
     /// by comparing two hosts' clocks.
     pub created_ms: Option<u64>,
+    /// When the object's content was last written, by the remote's clock
+    /// (ms since the Unix epoch; Drive: `modifiedTime`, `dir`: the file's
+    /// mtime). A lease heartbeat's age is this against a probe's, never a
+    /// local clock.
+    pub modified_ms: Option<u64>,
 }
 
 impl ObjectMeta {
     /// Metadata with just a key and a size.
     pub fn new(key: impl Into<String>, size: u64) -> Self {
-        Self { key: key.into(), size, version: None, sha256: None, tag: None, created_ms: None }
+        Self { key: key.into(), size, version: None, sha256: None, tag: None, created_ms: None, modified_ms: None }
     }
 }
 

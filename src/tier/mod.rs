@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod export;
+pub mod fork;
 pub mod journal;
 pub mod local;
 pub mod open;
@@ -19,8 +20,9 @@ use std::io;
 use crate::format::{IoMode, IoVec};
 
 pub use export::{export, ExportOptions, ExportSummary};
+pub use fork::{discard_local, fork, Forked};
 pub use local::LocalFile;
-pub use open::{cache_dir_for, open_volume, CacheOptions};
+pub use open::{cache_dir_for, open_volume, CacheOptions, LeaseMode};
 pub use stats::TierStats;
 pub use tiered::TieredStore;
 

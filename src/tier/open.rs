@@ -36,7 +36,22 @@ pub struct CacheOptions {
     pub boot_profile_window: std::time::Duration,
     /// Cache mode and how changes go back to the remote.
     pub writeback: super::tiered::WritebackOptions,
+    /// When a writable store takes the volume's writer lease.
+    pub lease: LeaseMode,
     pub remote: RemoteOptions,
+}
+
+/// When a writable store takes the writer lease (`volume::lease`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LeaseMode {
+    /// At open, before the guest gets a writable disk; refused while
+    /// another host holds it.
+    #[default]
+    AtOpen,
+    /// At open, breaking another host's lease (its pending changes fork).
+    Force,
+    /// Before the first commit only (hydrate, syncing a stopped cache).
+    OnCommit,
 }
 
 impl CacheOptions {
@@ -55,6 +70,7 @@ impl CacheOptions {
             boot_profile: super::boot::BootProfileMode::Off,
             boot_profile_window: std::time::Duration::from_secs(180),
             writeback: Default::default(),
+            lease: LeaseMode::AtOpen,
             remote: RemoteOptions::default(),
         }
     }

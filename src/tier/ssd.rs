@@ -1381,6 +1381,16 @@ impl SsdCache {
         self.persist()
     }
 
+    /// Re-ties this cache to another volume whose generation `generation`
+    /// holds exactly the bytes its clean and partial chunks hold (a fork
+    /// made from them): dirty chunks stay dirty, to be committed there.
+    /// Written as a fresh checkpoint.
+    pub fn rebind(&mut self, id: CacheIdentity, generation: u64) -> io::Result<()> {
+        self.id = id;
+        self.set_generation(generation);
+        self.checkpoint()
+    }
+
     /// True if the in-memory map (states or page bitmaps) differs from the
     /// persisted one.
     pub fn needs_persist(&self) -> bool {

@@ -20,7 +20,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Semaphore;
 
 use super::boot::{BootProfileMode, Recorder, Replay};
-use super::open::CacheOptions;
+use super::open::{CacheOptions, LeaseMode};
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
@@ -31,6 +31,7 @@ use crate::format::{IoMode, IoVec};
 use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 mod boot_profile;
+mod lease;
 mod writeback;
 
 use writeback::Writeback;
@@ -134,6 +135,8 @@ struct Inner {
     saving: AtomicBool,
     /// Write-back of local changes (None when read-only).
     writeback: Option<Writeback>,
+    /// The writer lease, once taken.
+    lease: parking_lot::Mutex<Option<Arc<crate::volume::lease::LeaseHolder>>>,
 }
 
 /// The tiered RAM/SSD/remote store of one volume.
@@ -209,8 +212,21 @@ impl TieredStore {
                 )
             },
             vol,
+            lease: parking_lot::Mutex::new(None),
         });
         rt.block_on(inner.clone().catch_up_generation())?;
+        if inner.writeback.is_some() {
+            match opts.lease {
+                LeaseMode::OnCommit => {}
+                _ if inner.vol.offline => tracing::warn!(
+                    "remote unreachable: the writer lease will be taken before the first upload (if another host \
+                     took it meanwhile, the changes made here are kept and fork)"
+                ),
+                m => {
+                    rt.block_on(inner.clone().take_lease(m == LeaseMode::Force))?;
+                }
+            }
+        }
         if inner.writeback.is_some() {
             rt.spawn(inner.clone().writeback_loop());
             // Changes left by an earlier run (a crash, a stop that could not
@@ -298,6 +314,8 @@ impl TieredStore {
     /// was flushed and closed, before dropping the store.
     pub fn close(&self, timeout: Duration) -> u64 {
         let left = self.inner.final_sync(timeout);
+        let me = self.inner.clone();
+        let _ = self.inner.wait(me.finish_lease(left));
         if left > 0 {
             tracing::warn!(
                 bytes = left,
@@ -325,6 +343,11 @@ impl TieredStore {
     /// is left to upload.
     pub fn sync_now(&self, timeout: Duration) -> bool {
         self.inner.final_sync(timeout) == 0
+    }
+
+    /// The writer lease this store holds (None: read-only, or not taken).
+    pub fn lease(&self) -> Option<crate::volume::format::LeaseRecord> {
+        self.inner.lease.lock().as_ref().map(|h| h.record())
     }
 
     /// The volume being served.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::format::{gen_key, new_pack_key, ChunkRef, Manifest, VolumeHeader, Writer, PATCH_PAGE};
+use super::format::{gen_key, new_pack_key, ChunkRef, LeaseRecord, Manifest, VolumeHeader, Writer, PATCH_PAGE};
 use super::pack::{extract_patch, sha256_hex, PackWriter};
 use super::{VolumeError, VolumeResult};
 use crate::remote::{content_tag, DynRemote, PutBody, RemoteError};
@@ -151,6 +151,12 @@ impl GenerationBuilder {
     /// Sets the image length of the new generation.
     pub fn set_image_len(&mut self, len: u64) {
         self.delta.image_len = len;
+    }
+
+    /// Records the writer lease in the new generation (its holder's
+    /// commits carry it; a commit that takes the lease sets a new one).
+    pub fn set_lease(&mut self, lease: Option<LeaseRecord>) {
+        self.delta.lease = lease;
     }
 
     /// Records chunk `idx`'s new content (exactly its bytes in the image;
@@ -335,8 +341,13 @@ impl GenerationBuilder {
     }
 }
 
-/// The host name, for [`Writer`] records and messages.
+/// The host name, for [`Writer`] records, leases and messages.
+/// `DRIVEBLK_HOSTNAME` overrides it (two "machines" on one test host, or a
+/// friendlier name than the system's).
 pub fn host_name() -> String {
+    if let Some(h) = std::env::var("DRIVEBLK_HOSTNAME").ok().filter(|h| !h.is_empty()) {
+        return h;
+    }
     system_hostname().unwrap_or_else(|| "unknown-host".into())
 }
 
@@ -357,6 +368,6 @@ pub fn writer_record(cache_id: &str) -> Writer {
         host: host_name(),
         pid: std::process::id(),
         cache_id: cache_id.to_string(),
-        unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        unix_ms: super::lease::local_now_ms(),
     }
 }

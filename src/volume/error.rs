@@ -67,6 +67,10 @@ pub enum VolumeError {
     /// first. Nothing of ours was published; the local changes are kept.
     #[error("volume {url} moved on: generation {generation} was committed by {by} while this cache held changes made on top of generation {}; nothing was overwritten and the local changes are kept in the cache", generation - 1)]
     Conflict { url: String, generation: u64, by: String },
+
+    /// Another host holds the writer lease (`volume::lease`).
+    #[error("volume {url} is in use: {holder}")]
+    LeaseHeld { url: String, holder: String },
 }
 
 impl VolumeError {

@@ -55,6 +55,39 @@ pub struct BaseRef {
     pub version: Option<String>,
 }
 
+/// The volume a fork was made from (`driveblk fork`): the fork's manifests
+/// name that volume's packs as `<volume_id>:<pack key>`, so the data they
+/// share is never uploaded twice. `origin` is the origin's own origin (a
+/// fork of a fork), so the whole chain is known without reading it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginRef {
+    /// Remote URL of the origin volume.
+    pub url: String,
+    pub volume_id: String,
+    /// The origin's generation the fork started from (its generation 1
+    /// holds exactly that generation's bytes).
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Box<OriginRef>>,
+}
+
+impl OriginRef {
+    /// The chain of origins, nearest first.
+    pub fn chain(&self) -> Vec<&OriginRef> {
+        let mut out = vec![self];
+        while let Some(o) = out.last().and_then(|o| o.origin.as_deref()) {
+            if out.len() >= MAX_ORIGIN_DEPTH {
+                break;
+            }
+            out.push(o);
+        }
+        out
+    }
+}
+
+/// Most origins a fork chain may have (a fork of a fork of ...).
+pub const MAX_ORIGIN_DEPTH: usize = 16;
+
 /// `volume.json`: written once when the volume is created, never changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeHeader {
@@ -77,6 +110,9 @@ pub struct VolumeHeader {
     /// that does not implement it, and says so instead of serving ciphertext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crypto: Option<serde_json::Value>,
+    /// Set on a fork: the volume whose packs its manifests may name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<OriginRef>,
 }
 
 impl VolumeHeader {
@@ -93,6 +129,7 @@ impl VolumeHeader {
             encryption: "none".into(),
             base,
             crypto: None,
+            origin: None,
         }
     }
 
@@ -113,6 +150,15 @@ impl VolumeHeader {
         }
         if self.volume_id.len() != 32 || hex::decode(&self.volume_id).is_err() {
             return Err(format!("volume_id {:?} is not 32 hex digits", self.volume_id));
+        }
+        if let Some(o) = &self.origin {
+            let chain = o.chain();
+            if chain.len() >= MAX_ORIGIN_DEPTH {
+                return Err(format!("the fork chain is deeper than {MAX_ORIGIN_DEPTH}"));
+            }
+            if chain.iter().any(|o| o.volume_id.len() != 32 || hex::decode(&o.volume_id).is_err()) {
+                return Err("an origin's volume_id is not 32 hex digits".into());
+            }
         }
         Ok(())
     }
@@ -233,6 +279,52 @@ pub struct Manifest {
     /// Who committed this generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<Writer>,
+    /// The writer lease as of this generation (`volume::lease`): who holds
+    /// it. Absent: nobody (the volume was imported, or written by a build
+    /// without leases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseRecord>,
+}
+
+/// Who holds a volume's writer lease: recorded in every manifest its
+/// holder commits (taking it is a commit through the fence, so the chain of
+/// generations orders holders), and in the holder's heartbeat object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub host: String,
+    pub pid: u32,
+    /// The holder's cache directory id (a restart of the same cache
+    /// re-takes its own lease).
+    pub cache_id: String,
+    /// The generation whose commit took the lease.
+    pub taken_at: u64,
+    /// When it was taken, by the remote's clock (ms since the epoch), once
+    /// known (the first heartbeat tells).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    /// Silence (by the remote's clock) after which a holder with nothing
+    /// pending counts as gone.
+    pub ttl_ms: u64,
+    /// The newest generation the holder committed or serves.
+    pub generation: u64,
+    /// Local changes not yet uploaded, bytes. While above zero the lease
+    /// never expires.
+    pub pending_bytes: u64,
+    /// Set by a clean stop after a full sync (heartbeat only).
+    #[serde(default)]
+    pub released: bool,
+}
+
+/// Separates an origin volume's id from a pack key in a fork's pack table.
+pub const ORIGIN_PACK_SEP: char = ':';
+
+/// Splits a pack-table entry into (origin volume id, key): `None` for a
+/// pack of the volume itself.
+pub fn split_pack_key(key: &str) -> (Option<&str>, &str) {
+    match key.split_once(ORIGIN_PACK_SEP) {
+        Some((vid, k)) => (Some(vid), k),
+        None => (None, key),
+    }
 }
 
 /// Who committed a generation, and from which cache.
@@ -262,6 +354,7 @@ impl Manifest {
             parent: None,
             next_slot: None,
             writer: None,
+            lease: None,
         }
     }
 
@@ -291,6 +384,7 @@ impl Manifest {
         self.chunks.retain(|&i, _| i < n);
         self.next_slot = delta.next_slot.clone();
         self.writer = delta.writer.clone();
+        self.lease = delta.lease.clone();
         Ok(())
     }
 
@@ -390,6 +484,14 @@ impl Manifest {
         }
         if m.chunk_size != header.chunk_size {
             return Err(format!("chunk size {} differs from the header's {}", m.chunk_size, header.chunk_size));
+        }
+        for key in &m.packs {
+            if let (Some(vid), _) = split_pack_key(key) {
+                let known = header.origin.as_ref().is_some_and(|o| o.chain().iter().any(|o| o.volume_id == vid));
+                if !known {
+                    return Err(format!("pack {key:?} names volume {vid}, which is not an origin of this one"));
+                }
+            }
         }
         let n = m.chunk_count();
         for (idx, r) in &m.chunks {

@@ -57,7 +57,7 @@ pub struct AttachOptions {
 /// Refuses to create a volume where one exists; clears packs left behind
 /// by an import that died before writing its header (nothing refers to
 /// them).
-async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<()> {
+pub(crate) async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<()> {
     match remote.head(HEADER_KEY).await {
         Ok(_) => return Err(VolumeError::AlreadyExists { url: url.to_string() }),
         Err(e) if e.is_not_found() => {}
@@ -74,7 +74,12 @@ async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<()> {
 /// Writes the header, then the manifest (the commit point). The manifest
 /// names the slot of generation 2, so write-back's first commit is fenced
 /// on stores whose names are not unique (Drive) as every later one is.
-async fn commit_new(remote: &DynRemote, url: &str, header: &VolumeHeader, manifest: &Manifest) -> VolumeResult<()> {
+pub(crate) async fn commit_new(
+    remote: &DynRemote,
+    url: &str,
+    header: &VolumeHeader,
+    manifest: &Manifest,
+) -> VolumeResult<()> {
     let mut manifest = manifest.clone();
     let next = gen_key(manifest.generation + 1);
     manifest.next_slot =

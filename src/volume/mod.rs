@@ -8,8 +8,10 @@
 
 pub mod commit;
 pub mod error;
+pub mod fork;
 pub mod format;
 pub mod import;
+pub mod lease;
 pub mod pack;
 pub mod profile;
 pub mod progress;

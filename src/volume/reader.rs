@@ -55,6 +55,20 @@ pub struct VolumeReader {
     /// True when opened from the cache's copies because the remote was
     /// unreachable.
     pub offline: bool,
+    /// A fork's origin volumes (id, folder), whose packs its manifests name.
+    origins: Vec<(String, DynRemote)>,
+}
+
+/// The folders of a fork's origins (nearest first), for pack reads.
+fn origin_remotes(header: &VolumeHeader, opts: &RemoteOptions) -> VolumeResult<Vec<(String, DynRemote)>> {
+    let Some(o) = &header.origin else { return Ok(Vec::new()) };
+    o.chain()
+        .into_iter()
+        .map(|o| {
+            let u = RemoteUrl::parse(&o.url)?;
+            Ok((o.volume_id.clone(), connect(u.folder_with(&opts.config), opts)))
+        })
+        .collect()
 }
 
 /// What one chunk fetch returned.
@@ -110,6 +124,7 @@ impl VolumeReader {
                 Some(BaseFile { url: b.url.clone(), remote: bremote, key: bkey, size: meta.size })
             }
         };
+        let origins = origin_remotes(&header, opts)?;
         Ok(Arc::new(Self {
             url: url_s,
             remote,
@@ -118,6 +133,7 @@ impl VolumeReader {
             base,
             header_raw: header_bytes,
             offline: false,
+            origins,
         }))
     }
 
@@ -169,6 +185,7 @@ impl VolumeReader {
             }
         };
         let remote = connect(url.folder_with(&opts.config), opts);
+        let origins = origin_remotes(&header, opts)?;
         Ok(Arc::new(Self {
             url: url_s,
             remote,
@@ -177,6 +194,7 @@ impl VolumeReader {
             base,
             header_raw,
             offline: true,
+            origins,
         }))
     }
 
@@ -292,12 +310,33 @@ impl VolumeReader {
         }
     }
 
+    /// The folder holding pack `key` (this volume's, or an origin's for a
+    /// `<volume id>:<key>` entry of a fork) and the key there.
+    pub fn pack_remote<'a>(&'a self, key: &'a str) -> VolumeResult<(&'a DynRemote, &'a str)> {
+        match super::format::split_pack_key(key) {
+            (None, k) => Ok((&self.remote, k)),
+            (Some(vid), k) => match self.origins.iter().find(|(v, _)| v == vid) {
+                Some((_, r)) => Ok((r, k)),
+                None => Err(VolumeError::CorruptManifest {
+                    url: self.url.clone(),
+                    key: key.to_string(),
+                    reason: format!("pack names volume {vid}, which is not an origin of this one"),
+                }),
+            },
+        }
+    }
+
+    /// The header as read from the remote (bytes).
+    pub fn header_bytes(&self) -> &Bytes {
+        &self.header_raw
+    }
+
     /// Reads one frame of a pack, checking its length.
     async fn read_frame(&self, m: &Manifest, idx: u64, pack: u32, offset: u64, len: u64) -> VolumeResult<Bytes> {
         let key = &m.packs[pack as usize];
-        let frame = self
-            .remote
-            .get_range(key, offset..offset + len)
+        let (remote, object) = self.pack_remote(key)?;
+        let frame = remote
+            .get_range(object, offset..offset + len)
             .await
             .map_err(|e| VolumeError::remote(format!("reading chunk {idx} of {} from {key}", self.url), e))?;
         if frame.len() as u64 != len {

@@ -20,7 +20,7 @@ use crate::remote::config::DriveConfig;
 
 /// The file fields every metadata call asks for.
 pub const FILE_FIELDS: &str =
-    "id,name,mimeType,size,md5Checksum,sha256Checksum,headRevisionId,version,createdTime,appProperties,trashed,parents,driveId";
+    "id,name,mimeType,size,md5Checksum,sha256Checksum,headRevisionId,version,createdTime,modifiedTime,appProperties,trashed,parents,driveId";
 /// Drive's folder MIME type.
 pub const FOLDER_MIME: &str = "application/vnd.google-apps.folder";
 /// The appProperty holding a created object's tag.
@@ -45,6 +45,8 @@ pub struct DriveFile {
     pub version: Option<String>,
     /// RFC 3339.
     pub created_time: Option<String>,
+    #[serde(default)]
+    pub modified_time: Option<String>,
     pub app_properties: Option<HashMap<String, String>>,
     #[serde(default)]
     pub trashed: bool,
@@ -82,11 +84,18 @@ impl DriveFile {
 
     /// `createdTime` in ms since the Unix epoch.
     pub fn created_ms(&self) -> Option<u64> {
-        let t =
-            time::OffsetDateTime::parse(self.created_time.as_deref()?, &time::format_description::well_known::Rfc3339)
-                .ok()?;
-        u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+        rfc3339_ms(self.created_time.as_deref()?)
     }
+
+    /// `modifiedTime` in ms since the Unix epoch (Drive's clock).
+    pub fn modified_ms(&self) -> Option<u64> {
+        rfc3339_ms(self.modified_time.as_deref()?)
+    }
+}
+
+fn rfc3339_ms(s: &str) -> Option<u64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 #[derive(Deserialize)]

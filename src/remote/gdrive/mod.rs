@@ -351,6 +351,7 @@ impl GDriveRemote {
             sha256: f.sha256_checksum.clone(),
             tag: f.tag(),
             created_ms: f.created_ms(),
+            modified_ms: f.modified_ms(),
         }
     }
 

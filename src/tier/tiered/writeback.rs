@@ -351,7 +351,7 @@ impl Inner {
                         tracing::error!(error = %e, "write-back: could not commit a generation; the local changes are kept");
                         st.last_error = Some(e.to_string());
                         st.paused = pause;
-                        if matches!(e, VolumeError::Conflict { .. }) {
+                        if matches!(e, VolumeError::Conflict { .. } | VolumeError::LeaseHeld { .. }) {
                             st.conflict = Some(e.to_string());
                             Next::Stop
                         } else {
@@ -408,6 +408,9 @@ impl Inner {
     /// Uploads one cut and commits it; then marks its chunks clean.
     async fn commit_cut(self: Arc<Self>, cut: Arc<Cut>) -> VolumeResult<()> {
         let wb = self.writeback.as_ref().expect("write-back is on");
+        // Only the lease holder commits (a store opened offline, or for a
+        // stopped daemon's sync, takes it now).
+        let holder = self.clone().ensure_lease().await?;
         let parent = self.vol.manifest();
         let mut b = GenerationBuilder::new(
             self.vol.remote.clone(),
@@ -418,6 +421,8 @@ impl Inner {
             wb.opts.commit.clone(),
         );
         b.set_image_len(cut.image_len);
+        let left_after = self.pending_bytes().saturating_sub(cut.chunks.len() as u64 * self.cs);
+        b.set_lease(Some(holder.record_for(b.generation(), left_after)));
         let t0 = Instant::now();
         for &idx in cut.chunks.keys() {
             // Uploads yield to the guest: while a guest read waits for the
@@ -480,7 +485,11 @@ impl Inner {
     /// (those not written since their copy went up). The manifest is
     /// swapped in first: a chunk evicted once clean must be fetched by its
     /// new reference.
-    fn install_generation(&self, manifest: crate::volume::Manifest, chunks: &BTreeMap<u64, u64>) -> VolumeResult<()> {
+    pub(super) fn install_generation(
+        &self,
+        manifest: crate::volume::Manifest,
+        chunks: &BTreeMap<u64, u64>,
+    ) -> VolumeResult<()> {
         let g = manifest.generation;
         self.vol.set_manifest(manifest);
         for (&idx, &seq) in chunks {
@@ -606,15 +615,18 @@ impl Inner {
             dir: self.ssd.dir().to_path_buf(),
             reason: format!(
                 "holds {dirty} chunks of changes not yet uploaded, made on top of generation {g}, but {why}; \
-                 nothing was changed — serve it from the cache directory's own volume state, or save the changes \
-                 with `driveblk export URL FILE --cache-dir {}`",
-                self.ssd.dir().display()
+                 nothing was changed and nothing is lost — save them as a new volume with `driveblk fork URL NEWURL \
+                 --cache-dir {dir}` (it shares the volume's data), export them with `driveblk export URL FILE \
+                 --cache-dir {dir}`, or drop them with `driveblk discard-local URL --cache-dir {dir}`",
+                dir = self.ssd.dir().display()
             ),
         };
         if dirty > 0 {
             if g > m {
                 return Err(refuse(format!("the volume is at the older generation {m} (rolled back or restored?)")));
             }
+            // (A fork: `driveblk fork URL NEWURL` saves them as a new volume,
+            // `driveblk discard-local URL` drops them.)
             if !self.vol.generations_by(self.ssd.cache_id(), g + 1, m).await? {
                 let by = self.vol.manifest().writer.clone().map_or("another writer".into(), |w| w.host);
                 return Err(refuse(format!("the volume has moved on to generation {m} (committed by {by})")));

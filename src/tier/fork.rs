@@ -1,0 +1,94 @@
+//! What to do with a cache's local changes once the volume moved on under
+//! them (a forced takeover, a stolen lease): save them as a new volume that
+//! shares the old one's data (`fork`), or drop them (`discard_local`).
+//! Never decided silently.
+
+use std::path::Path;
+
+use super::ssd::{CacheIdentity, OpenMode, SsdCache};
+use crate::remote::RemoteUrl;
+use crate::volume::fork::create_fork;
+use crate::volume::lease::{inspect, LeaseHolder};
+use crate::volume::{runtime, RemoteOptions, VolumeError, VolumeReader, VolumeResult};
+
+/// Files of a cache directory that describe its volume and contents
+/// (`lock` and `status.json` stay).
+const CACHE_FILES: [&str; 6] = ["state", "journal", "data", "frozen", "volume.json", "manifest"];
+
+/// What [`fork`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forked {
+    /// The new volume's id.
+    pub volume_id: String,
+    /// The origin's generation it starts from (the cache's base).
+    pub from_generation: u64,
+    /// Chunks of local changes the cache holds, now the fork's to upload.
+    pub dirty_chunks: u64,
+}
+
+/// Creates at `new_url` a fork of the volume at `url` holding the state of
+/// the cache in `cache_dir`: the generation its data is based on, plus its
+/// local changes. The fork's generation 1 references the origin's packs
+/// (nothing is uploaded again); the cache is re-tied to the fork, so
+/// serving or syncing `new_url` with it uploads the changes there.
+pub fn fork(url: &str, new_url: &str, cache_dir: &Path, remote: &RemoteOptions) -> VolumeResult<Forked> {
+    let u = RemoteUrl::parse(url)?;
+    let nu = RemoteUrl::parse(new_url)?;
+    let rt = runtime("driveblk-fork")?;
+    let origin = rt.block_on(VolumeReader::open(&u, remote))?;
+    if !cache_dir.join("state").exists() {
+        return Err(VolumeError::Cache { dir: cache_dir.to_path_buf(), reason: "holds no cache to fork".into() });
+    }
+    let id = CacheIdentity { volume_id: origin.header.volume_id.clone(), chunk_size: origin.chunk_size() };
+    let (mut ssd, _) =
+        SsdCache::open(cache_dir, id, origin.generation(), origin.image_len(), u64::MAX, OpenMode::Serve)?
+            .ok_or_else(|| VolumeError::Cache { dir: cache_dir.to_path_buf(), reason: "could not be opened".into() })?;
+    let g = ssd.generation();
+    let from =
+        if g == origin.generation() { (*origin.manifest()).clone() } else { rt.block_on(origin.load_generation(g))? };
+    let dirty = ssd.dirty_chunks();
+    let (header, _) = rt.block_on(create_fork(&origin, &from, &nu, remote, ssd.cache_id()))?;
+    let new_id = CacheIdentity { volume_id: header.volume_id.clone(), chunk_size: header.chunk_size };
+    ssd.rebind(new_id, 1).map_err(|e| VolumeError::io("re-tying the cache to the fork in", cache_dir, e))?;
+    drop(ssd);
+    // The offline copies were the origin's; opening the fork writes its own.
+    for f in ["volume.json", "manifest"] {
+        let _ = std::fs::remove_file(cache_dir.join(f));
+    }
+    Ok(Forked { volume_id: header.volume_id, from_generation: g, dirty_chunks: dirty })
+}
+
+/// Drops the local changes of the cache in `cache_dir` (and everything
+/// else it holds: the next start follows the volume's newest generation).
+/// If this cache held the volume's writer lease, it is released. Returns
+/// the bytes of changes dropped.
+pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions) -> VolumeResult<u64> {
+    let u = RemoteUrl::parse(url)?;
+    let rt = runtime("driveblk-discard")?;
+    let vol = rt.block_on(VolumeReader::open(&u, remote))?;
+    let id = CacheIdentity { volume_id: vol.header.volume_id.clone(), chunk_size: vol.chunk_size() };
+    let Some((ssd, _)) = SsdCache::open(cache_dir, id, vol.generation(), vol.image_len(), u64::MAX, OpenMode::Inspect)?
+    else {
+        return Ok(0);
+    };
+    let dropped = ssd.dirty_data_chunks() * vol.chunk_size();
+    let cache_id = ssd.cache_id().to_string();
+    // Under the directory lock: no daemon uses it meanwhile.
+    for f in CACHE_FILES {
+        match std::fs::remove_file(cache_dir.join(f)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(VolumeError::io("removing", cache_dir.join(f), e)),
+        }
+    }
+    drop(ssd);
+    let newest = vol.manifest();
+    if let Some(rec) = newest.lease.clone().filter(|r| r.cache_id == cache_id) {
+        let view = rt.block_on(inspect(&vol.remote, &vol.header, &newest, None))?;
+        let current = view.holder.unwrap_or(rec);
+        let h = LeaseHolder::resume(vol.remote.clone(), &vol.header.volume_id, current);
+        rt.block_on(h.release(newest.generation))?;
+        tracing::info!(url = %vol.url, "released the writer lease this cache held");
+    }
+    Ok(dropped)
+}

@@ -1,0 +1,108 @@
+//! The store's side of the writer lease (`volume::lease`): taken at open
+//! (or before the first commit), renewed by a heartbeat task that reports
+//! the bytes still pending, released at a clean stop with nothing left.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Inner;
+use crate::volume::lease::{self, Claim, LeaseHolder};
+use crate::volume::{VolumeError, VolumeResult};
+
+impl Inner {
+    /// Bytes of local changes not on the remote yet.
+    pub(super) fn pending_bytes(&self) -> u64 {
+        self.ssd.dirty_data_chunks() * self.cs
+    }
+
+    /// Takes the lease (a generation committed through the fence on top
+    /// of the one served), serves that generation, and starts the
+    /// heartbeat. `force` breaks another host's lease.
+    pub(super) async fn take_lease(self: Arc<Self>, force: bool) -> VolumeResult<Arc<LeaseHolder>> {
+        let wb = self.writeback.as_ref().expect("only a writable store takes the lease");
+        let claim = Claim {
+            cache_id: self.ssd.cache_id().to_string(),
+            pending_bytes: self.pending_bytes(),
+            force,
+            ttl: lease::ttl(),
+        };
+        let taken = lease::acquire(&self.vol, &claim, wb.opts.commit.clone()).await?;
+        let g = taken.manifest.generation;
+        let me = self.clone();
+        let m = taken.manifest;
+        tokio::task::spawn_blocking(move || me.install_generation(m, &BTreeMap::new()))
+            .await
+            .map_err(|e| VolumeError::InvalidOptions(format!("install task failed: {e}")))??;
+        let holder = Arc::new(taken.holder);
+        *self.lease.lock() = Some(holder.clone());
+        tracing::info!(url = %self.vol.url, generation = g, "took the writer lease");
+        tokio::spawn(self.clone().lease_loop(holder.clone()));
+        Ok(holder)
+    }
+
+    /// The lease, taken now if this store does not hold it yet.
+    pub(super) async fn ensure_lease(self: Arc<Self>) -> VolumeResult<Arc<LeaseHolder>> {
+        if let Some(h) = self.lease.lock().clone() {
+            return Ok(h);
+        }
+        self.take_lease(false).await
+    }
+
+    /// Renews the heartbeat every quarter ttl, and at once when the cache
+    /// gains its first pending change or loses its last, so the record
+    /// says whether changes wait here.
+    async fn lease_loop(self: Arc<Self>, holder: Arc<LeaseHolder>) {
+        let every = Duration::from_millis(holder.record().ttl_ms / 4).max(Duration::from_millis(50));
+        let mut last = Instant::now();
+        let mut last_pending = Some(self.pending_bytes());
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(every.min(Duration::from_millis(500))).await;
+            if self.closed.load(Ordering::Relaxed) || holder.record().released {
+                return;
+            }
+            let pending = self.pending_bytes();
+            let flipped = last_pending.is_none_or(|p| (p > 0) != (pending > 0));
+            if !flipped && last.elapsed() < every {
+                continue;
+            }
+            match holder.renew(self.vol.generation(), pending).await {
+                Ok(()) => {
+                    last = Instant::now();
+                    last_pending = Some(pending);
+                    if failing {
+                        tracing::info!("lease heartbeat written again");
+                    }
+                    failing = false;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "could not renew the lease heartbeat (retrying)");
+                    }
+                    failing = true;
+                    last_pending = None;
+                }
+            }
+        }
+    }
+
+    /// At close: releases the lease when nothing is left to upload (the
+    /// next host starts at once); otherwise records what is pending, so
+    /// the lease stands until this cache uploads it.
+    pub(super) async fn finish_lease(self: Arc<Self>, left: u64) {
+        let Some(holder) = self.lease.lock().clone() else { return };
+        let conflict = self.writeback.as_ref().is_some_and(|w| w.status().conflict.is_some());
+        let g = self.vol.generation();
+        let r = if left == 0 && !conflict { holder.release(g).await } else { holder.renew(g, left).await };
+        match r {
+            Ok(()) if left == 0 && !conflict => tracing::info!(generation = g, "released the writer lease"),
+            Ok(()) => tracing::info!(
+                bytes = left,
+                "the writer lease stays with this host until its changes are uploaded (`driveblk sync`, or serve again here)"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not update the lease heartbeat at stop"),
+        }
+    }
+}

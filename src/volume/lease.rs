@@ -1,0 +1,458 @@
+//! The writer lease: which host may write a volume, decided on the remote
+//! alone. Taking it is a commit through the fence (a generation whose
+//! manifest carries a `lease` record), so the chain of generations orders
+//! holders and two hosts can never both take it. The holder keeps a small
+//! heartbeat object (`lease-<cache id>.json`, overwritten) saying how many
+//! bytes it still has to upload, and "released" after a clean stop with
+//! everything synced. A holder with bytes pending keeps the lease for as
+//! long as it takes; one with nothing pending that went silent longer than
+//! its ttl — measured by the remote's clock on both ends, never by
+//! comparing two hosts' clocks — may be taken over.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::commit::{host_name, writer_record, CommitOptions, GenerationBuilder};
+use super::format::{gen_key, LeaseRecord, Manifest, VolumeHeader};
+use super::{VolumeError, VolumeReader, VolumeResult};
+use crate::remote::{DynRemote, PutBody, RemoteResult};
+
+/// Key prefix of heartbeat objects.
+pub const HEARTBEAT_PREFIX: &str = "lease-";
+/// `format` of a heartbeat object.
+pub const HEARTBEAT_MAGIC: &str = "driveblk-lease";
+/// Key prefix of the scratch objects that read the remote's clock.
+pub const PROBE_PREFIX: &str = "clock-probe-";
+/// How long a holder with nothing pending may stay silent.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(90);
+
+/// The heartbeat key of the cache `cache_id`.
+pub fn heartbeat_key(cache_id: &str) -> String {
+    format!("{HEARTBEAT_PREFIX}{cache_id}.json")
+}
+
+/// This host's clock, ms since the epoch. Only ever recorded for people to
+/// read, never compared with another host's. `DRIVEBLK_TEST_CLOCK_OFFSET_S`
+/// skews it (tests: two hosts whose clocks disagree).
+pub fn local_now_ms() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let skew = std::env::var("DRIVEBLK_TEST_CLOCK_OFFSET_S").ok().and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+    (now + skew * 1000).max(0) as u64
+}
+
+/// The ttl this host declares in its lease (`DRIVEBLK_LEASE_TTL_MS`
+/// overrides the default, for tests).
+pub fn ttl() -> Duration {
+    std::env::var("DRIVEBLK_LEASE_TTL_MS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|&ms| ms >= 200)
+        .map_or(DEFAULT_TTL, Duration::from_millis)
+}
+
+/// A heartbeat object.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Heartbeat {
+    format: String,
+    volume_id: String,
+    #[serde(flatten)]
+    lease: LeaseRecord,
+    /// The holder's clock at renewal (informative).
+    renewed_unix_ms: u64,
+}
+
+/// Whether a lease may be taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// Nobody holds it.
+    Free,
+    /// Its holder stopped cleanly with everything uploaded.
+    Released,
+    /// Its holder had nothing pending and went silent past its ttl.
+    Expired,
+    /// This cache holds it (a restart re-takes it).
+    Ours,
+    /// Another host holds it.
+    Held,
+}
+
+/// What the remote says about a volume's lease.
+#[derive(Clone, Debug)]
+pub struct LeaseView {
+    pub standing: Standing,
+    /// The holder as last heard of (heartbeat, else the newest manifest).
+    pub holder: Option<LeaseRecord>,
+    /// How long the holder has been silent, by the remote's clock.
+    pub silent_ms: Option<u64>,
+    /// The volume's newest generation.
+    pub generation: u64,
+}
+
+impl LeaseView {
+    /// True when this host may take the lease without forcing.
+    pub fn may_take(&self) -> bool {
+        self.standing != Standing::Held
+    }
+
+    /// One line for people: who holds it and what is pending.
+    pub fn describe(&self) -> String {
+        let Some(h) = &self.holder else { return "free (nobody holds the lease)".into() };
+        let who = format!("{} (pid {})", h.host, h.pid);
+        let since = h.since_ms.map(|ms| format!(" since {}", local_time(ms))).unwrap_or_default();
+        let silent = self.silent_ms.map(|ms| format!(", last heard from {} s ago", ms / 1000)).unwrap_or_default();
+        match self.standing {
+            Standing::Free => "free".into(),
+            Standing::Released => {
+                format!("free: released by {who} after a clean stop at generation {}", h.generation)
+            }
+            Standing::Expired => format!(
+                "free: {who} held it{since} with nothing pending and has been silent longer than {} s",
+                h.ttl_ms / 1000
+            ),
+            Standing::Ours => {
+                format!("held by this cache: {who}{since}, {} not yet uploaded", pending(h.pending_bytes))
+            }
+            Standing::Held if h.pending_bytes > 0 => {
+                format!("held by {who}{since}, {} not yet uploaded{silent}", human(h.pending_bytes))
+            }
+            Standing::Held => format!("held by {who}{since}, nothing pending{silent}"),
+        }
+    }
+
+    /// The refusal a second writer gets: who holds it and what to do.
+    pub fn refusal(&self) -> String {
+        let d = self.describe();
+        match &self.holder {
+            Some(h) if h.pending_bytes > 0 => {
+                format!("{d} — start it there and let it sync, or `--force-takeover` to fork")
+            }
+            Some(h) => format!(
+                "{d} — stop it there (a clean stop releases the lease), wait until it has been silent for {} s, \
+                 or use `--force-takeover`",
+                h.ttl_ms / 1000
+            ),
+            None => d,
+        }
+    }
+}
+
+fn pending(b: u64) -> String {
+    if b == 0 {
+        "nothing".into()
+    } else {
+        human(b)
+    }
+}
+
+/// Bytes for people (GiB with one decimal, and so on).
+pub fn human(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A remote timestamp as local wall-clock time ("18:02", or with the date
+/// when it is not today).
+pub fn local_time(ms: u64) -> String {
+    let tm = |secs: i64| {
+        let t = secs as libc::time_t;
+        // SAFETY: localtime_r writes only into `out`.
+        let mut out: libc::tm = unsafe { std::mem::zeroed() };
+        let ok = unsafe { !libc::localtime_r(&t, &mut out).is_null() };
+        ok.then_some(out)
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    match (tm((ms / 1000) as i64), tm(now)) {
+        (Some(t), Some(n)) if (t.tm_year, t.tm_yday) == (n.tm_year, n.tm_yday) => {
+            format!("{:02}:{:02}", t.tm_hour, t.tm_min)
+        }
+        (Some(t), _) => {
+            format!("{}-{:02}-{:02} {:02}:{:02}", t.tm_year + 1900, t.tm_mon + 1, t.tm_mday, t.tm_hour, t.tm_min)
+        }
+        _ => format!("{} ms after the epoch", ms),
+    }
+}
+
+/// The remote's clock now: the modification time of a scratch object
+/// written for the purpose (then deleted). On `dir:` that is the folder's
+/// file system's clock (an NFS server's, for a share); on Drive, Google's.
+pub async fn remote_now_ms(remote: &DynRemote) -> RemoteResult<u64> {
+    let key = format!("{PROBE_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>()));
+    let meta = remote.put(&key, PutBody::from_bytes(&b"clock probe\n"[..])).await?;
+    let _ = remote.delete(&key).await;
+    let meta = match meta.modified_ms {
+        Some(_) => meta,
+        None => remote.head(&key).await.unwrap_or(meta),
+    };
+    meta.modified_ms.ok_or_else(|| crate::remote::RemoteError::Fatal {
+        remote: remote.describe(),
+        op: "put",
+        key,
+        message: "the remote reports no modification time".into(),
+    })
+}
+
+/// Reads the holder's heartbeat: its record and when it was written (by
+/// the remote's clock). None when absent or unreadable.
+async fn read_heartbeat(remote: &DynRemote, header: &VolumeHeader, cache_id: &str) -> Option<(LeaseRecord, u64)> {
+    let key = heartbeat_key(cache_id);
+    let meta = remote.head(&key).await.ok()?;
+    let body = remote.get(&key).await.ok()?;
+    let hb: Heartbeat = serde_json::from_slice(&body).ok()?;
+    if hb.format != HEARTBEAT_MAGIC || hb.volume_id != header.volume_id || hb.lease.cache_id != cache_id {
+        return None;
+    }
+    let ms = meta.modified_ms?;
+    let mut rec = hb.lease;
+    // The first heartbeat is what dates the lease.
+    rec.since_ms = rec.since_ms.or(Some(ms));
+    Some((rec, ms))
+}
+
+/// The lease of the volume whose newest resolved manifest is `newest`, as
+/// seen by the cache `mine` (None: a bystander, e.g. `status`).
+pub async fn inspect(
+    remote: &DynRemote,
+    header: &VolumeHeader,
+    newest: &Manifest,
+    mine: Option<&str>,
+) -> VolumeResult<LeaseView> {
+    let generation = newest.generation;
+    let Some(rec) = newest.lease.clone() else {
+        return Ok(LeaseView { standing: Standing::Free, holder: None, silent_ms: None, generation });
+    };
+    let hb = read_heartbeat(remote, header, &rec.cache_id).await.filter(|(h, _)| h.taken_at == rec.taken_at);
+    // Without a heartbeat of this lease (its holder stopped before the
+    // first one), the manifest that took it stands in, dated by the remote.
+    let (holder, heard_ms) = match hb {
+        Some((h, ms)) => (h, Some(ms)),
+        None => {
+            let ms = remote.head(&gen_key(rec.taken_at)).await.ok().and_then(|m| m.modified_ms);
+            (rec.clone(), ms)
+        }
+    };
+    let view = |standing, silent_ms| LeaseView { standing, holder: Some(holder.clone()), silent_ms, generation };
+    if mine == Some(rec.cache_id.as_str()) {
+        return Ok(view(Standing::Ours, None));
+    }
+    if holder.released {
+        return Ok(view(Standing::Released, None));
+    }
+    let silent = match heard_ms {
+        Some(heard) => {
+            let now = remote_now_ms(remote)
+                .await
+                .map_err(|e| VolumeError::remote(format!("reading the clock of {}", remote.describe()), e))?;
+            Some(now.saturating_sub(heard))
+        }
+        None => None,
+    };
+    if holder.pending_bytes > 0 {
+        // Changes wait on that host: no expiry, ever.
+        return Ok(view(Standing::Held, silent));
+    }
+    match silent {
+        Some(s) if s > holder.ttl_ms => Ok(view(Standing::Expired, silent)),
+        _ => Ok(view(Standing::Held, silent)),
+    }
+}
+
+/// What a host asks for when taking the lease.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    /// This host's cache directory id.
+    pub cache_id: String,
+    /// Bytes of local changes not yet uploaded.
+    pub pending_bytes: u64,
+    /// Take it even from a live holder (whose pending changes then fork).
+    pub force: bool,
+    pub ttl: Duration,
+}
+
+/// A lease taken: the generation that took it, and the handle that keeps
+/// it.
+pub struct Taken {
+    /// The resolved manifest of the generation that took the lease.
+    pub manifest: Manifest,
+    pub holder: LeaseHolder,
+    /// The lease this forced takeover broke, if any.
+    pub forked: Option<LeaseView>,
+}
+
+/// Takes the lease of the volume `vol` serves (its served generation must
+/// be the newest; the take is a commit on top of it). Refuses with
+/// [`VolumeError::LeaseHeld`] while another host holds it, unless
+/// `claim.force`.
+pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -> VolumeResult<Taken> {
+    let parent = vol.manifest();
+    let view = inspect(&vol.remote, &vol.header, &parent, Some(&claim.cache_id)).await?;
+    let mut forked = None;
+    if !view.may_take() {
+        if !claim.force {
+            return Err(VolumeError::LeaseHeld { url: vol.url.clone(), holder: view.refusal() });
+        }
+        let h = view.holder.clone().expect("a held lease has a holder");
+        tracing::warn!(
+            "--force-takeover: taking the lease of {} from {} (pid {}); {} — {}",
+            vol.url,
+            h.host,
+            h.pid,
+            if h.pending_bytes > 0 {
+                format!(
+                    "its {} not yet uploaded stay on {} and fork there: its next commit is refused, and \
+                     `driveblk fork {} NEWURL` on that host saves them as a new volume",
+                    human(h.pending_bytes),
+                    h.host,
+                    vol.url
+                )
+            } else {
+                "it had nothing pending, so nothing forks unless it writes again".to_string()
+            },
+            view.describe()
+        );
+        forked = Some(view);
+    } else if view.standing == Standing::Expired {
+        tracing::info!(url = %vol.url, "taking over an expired lease: {}", view.describe());
+    }
+    let g = parent.generation + 1;
+    let record = LeaseRecord {
+        host: host_name(),
+        pid: std::process::id(),
+        cache_id: claim.cache_id.clone(),
+        taken_at: g,
+        since_ms: None,
+        ttl_ms: claim.ttl.as_millis() as u64,
+        generation: g,
+        pending_bytes: claim.pending_bytes,
+        released: false,
+    };
+    let mut b =
+        GenerationBuilder::new(vol.remote.clone(), &vol.url, &vol.header, parent.clone(), vol.base.is_some(), commit);
+    b.set_lease(Some(record.clone()));
+    let manifest = match b.commit(writer_record(&claim.cache_id)).await {
+        Ok((m, _)) => m,
+        Err(VolumeError::Conflict { .. }) => {
+            // Someone committed first: most likely another host taking the
+            // lease at the same moment.
+            let newest = vol.newest_manifest().await?;
+            let v = inspect(&vol.remote, &vol.header, &newest, Some(&claim.cache_id)).await?;
+            let holder = if v.may_take() {
+                format!("the volume moved on to generation {} while starting; start again", newest.generation)
+            } else {
+                v.refusal()
+            };
+            return Err(VolumeError::LeaseHeld { url: vol.url.clone(), holder });
+        }
+        Err(e) => return Err(e),
+    };
+    let holder = LeaseHolder::new(vol.remote.clone(), &vol.header.volume_id, record);
+    if let Err(e) = holder.renew(g, claim.pending_bytes).await {
+        // The lease is ours by the generation alone; the next renewal
+        // writes the heartbeat.
+        tracing::warn!(error = %e, "could not write the lease heartbeat yet");
+    }
+    Ok(Taken { manifest, holder, forked })
+}
+
+/// Keeps a lease: heartbeats, and release at a clean stop.
+pub struct LeaseHolder {
+    remote: DynRemote,
+    volume_id: String,
+    key: String,
+    /// The record as last written; the async mutex orders heartbeats, so
+    /// a renewal never lands after the release.
+    state: tokio::sync::Mutex<LeaseRecord>,
+    snapshot: parking_lot::Mutex<LeaseRecord>,
+}
+
+impl LeaseHolder {
+    /// The handle of a lease recorded by an earlier process of the same
+    /// cache (to release it after its changes were dropped).
+    pub fn resume(remote: DynRemote, volume_id: &str, record: LeaseRecord) -> Self {
+        Self::new(remote, volume_id, record)
+    }
+
+    fn new(remote: DynRemote, volume_id: &str, record: LeaseRecord) -> Self {
+        Self {
+            remote,
+            volume_id: volume_id.to_string(),
+            key: heartbeat_key(&record.cache_id),
+            snapshot: parking_lot::Mutex::new(record.clone()),
+            state: tokio::sync::Mutex::new(record),
+        }
+    }
+
+    /// The record to carry in a commit at generation `generation` with
+    /// `pending` bytes still local after it.
+    pub fn record_for(&self, generation: u64, pending: u64) -> LeaseRecord {
+        LeaseRecord { generation, pending_bytes: pending, ..self.snapshot.lock().clone() }
+    }
+
+    /// The record as last written.
+    pub fn record(&self) -> LeaseRecord {
+        self.snapshot.lock().clone()
+    }
+
+    /// Writes the heartbeat: the generation served and the bytes pending.
+    /// Does nothing once released.
+    pub async fn renew(&self, generation: u64, pending: u64) -> VolumeResult<()> {
+        self.write(generation, pending, false).await
+    }
+
+    /// Releases the lease (a clean stop with nothing pending): the next
+    /// host may take it at once.
+    pub async fn release(&self, generation: u64) -> VolumeResult<()> {
+        self.write(generation, 0, true).await
+    }
+
+    async fn write(&self, generation: u64, pending: u64, release: bool) -> VolumeResult<()> {
+        let mut rec = self.state.lock().await;
+        if rec.released {
+            return Ok(());
+        }
+        let mut next = LeaseRecord { generation, pending_bytes: pending, released: release, ..rec.clone() };
+        let hb = Heartbeat {
+            format: HEARTBEAT_MAGIC.into(),
+            volume_id: self.volume_id.clone(),
+            lease: next.clone(),
+            renewed_unix_ms: local_now_ms(),
+        };
+        let body = serde_json::to_vec(&hb).expect("heartbeat serialises");
+        let meta = self
+            .remote
+            .put(&self.key, PutBody::from_bytes(body))
+            .await
+            .map_err(|e| VolumeError::remote(format!("writing the lease heartbeat {}", self.key), e))?;
+        if next.since_ms.is_none() {
+            // The first heartbeat dates the lease by the remote's clock.
+            next.since_ms = meta.modified_ms;
+        }
+        *rec = next.clone();
+        *self.snapshot.lock() = next;
+        Ok(())
+    }
+}
+
+/// The lease of the volume at `url`, as any host sees it (`status URL`).
+pub async fn inspect_volume(vol: &VolumeReader) -> VolumeResult<LeaseView> {
+    inspect(&vol.remote, &vol.header, &vol.manifest(), None).await
+}
+
+/// The writer lease of the volume at `url`, as any host sees it
+/// (`driveblk status URL`).
+pub fn lease_status(url: &str, opts: &super::RemoteOptions) -> VolumeResult<LeaseView> {
+    let u = crate::remote::RemoteUrl::parse(url)?;
+    let rt = super::runtime("driveblk-status")?;
+    let vol = rt.block_on(VolumeReader::open(&u, opts))?;
+    rt.block_on(inspect_volume(&vol))
+}
