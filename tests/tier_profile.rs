@@ -240,7 +240,10 @@ fn record_mode_adds_a_newer_profile_and_off_does_nothing() {
     assert_eq!(one.len(), 2);
 
     let m = Arc::new(RemoteMetrics::default());
-    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c3"), &m, BootProfileMode::Off)).unwrap();
+    // Read-only: a writable store would also write its lease.
+    let mut o = opts(&d.path().join("c3"), &m, BootProfileMode::Off);
+    o.read_only = true;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     let _ = read(&*s, 4096, 4096);
     drop(s);
     assert_eq!(profiles(d.path()), one, "--boot-profile off writes nothing");

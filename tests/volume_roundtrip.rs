@@ -127,11 +127,10 @@ fn attach_serves_base_file_without_upload() {
     );
 
     let m = Arc::new(RemoteMetrics::default());
-    let s = driveblk::tier::open_volume(
-        &vurl,
-        cache_opts(&d.path().join("c"), counted(m.clone(), None, Shaping::default())),
-    )
-    .unwrap();
+    // Read-only: a writable store would take the writer lease (a put).
+    let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, Shaping::default()));
+    o.read_only = true;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     assert!(read_all(&*s).unwrap() == bytes);
     assert_eq!(m.snapshot().puts, 0);
     drop(s);

@@ -409,6 +409,14 @@ impl Drop for TieredStore {
                 let _ = self.inner.wait(me.save_profile());
             }
         }
+        // A store dropped without `close` (an error path, a library
+        // caller) still releases the lease when nothing is pending, or
+        // records what is.
+        if self.rt.is_some() && Handle::try_current().is_err() && self.inner.lease.lock().is_some() {
+            let left = self.inner.pending_bytes();
+            let me = self.inner.clone();
+            let _ = self.inner.wait(me.finish_lease(left));
+        }
         self.inner.closed.store(true, Ordering::SeqCst);
         // Stop the tasks first (fetches, readahead, hydration), so nothing
         // installs chunks behind the final persist.
