@@ -18,11 +18,18 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `driveblk serve --socket SOCK <args>` and waits for the socket.
     pub fn start(socket: &Path, args: &[&str]) -> Daemon {
+        Self::start_env(socket, args, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables (another
+    /// "host": `DRIVEBLK_HOSTNAME`, a skewed clock, ...).
+    pub fn start_env(socket: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
             .arg("serve")
             .arg("--socket")
             .arg(socket)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn driveblk");

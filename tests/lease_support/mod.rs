@@ -1,0 +1,355 @@
+//! "One disk, several machines": scenarios run against any remote (`dir:`
+//! and the Drive emulator), with real daemon processes as the hosts. A host
+//! is a cache directory plus a name (`DRIVEBLK_HOSTNAME`) and optionally a
+//! skewed clock (`DRIVEBLK_TEST_CLOCK_OFFSET_S`).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::{Client, Daemon};
+
+pub const CHUNK: &str = "256K";
+pub const SIZE: usize = 4 << 20;
+
+/// One machine: its name, cache directory, environment, and the flags
+/// every command needs to reach the remote.
+pub struct Host {
+    pub name: String,
+    pub cache: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub flags: Vec<String>,
+    pub dir: PathBuf,
+}
+
+impl Host {
+    pub fn new(root: &Path, name: &str, flags: &[String], extra_env: &[(&str, &str)]) -> Self {
+        let dir = root.join(format!("host-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut env = vec![
+            ("DRIVEBLK_HOSTNAME".to_string(), name.to_string()),
+            ("DRIVEBLK_CACHE".to_string(), dir.join("caches").display().to_string()),
+        ];
+        env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self { name: name.into(), cache: dir.join("cache"), env, flags: flags.to_vec(), dir }
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+
+    fn serve_args<'a>(&'a self, url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec!["--volume", url, "--format", "raw", "--cache-dir", self.cache.to_str().unwrap()];
+        a.extend_from_slice(&["--boot-profile", "off", "--sync-interval", "3600"]);
+        a.extend_from_slice(extra);
+        a.extend(self.flags.iter().map(String::as_str));
+        a
+    }
+
+    /// `serve` until stopped; writes stay pending (the sync interval is an
+    /// hour) until a clean stop.
+    pub fn serve(&self, url: &str, extra: &[&str]) -> Daemon {
+        let sock = self.dir.join("sock");
+        let _ = std::fs::remove_file(&sock);
+        Daemon::start_env(&sock, &self.serve_args(url, extra), &self.env())
+    }
+
+    /// `serve` that is expected to refuse to start: its output.
+    pub fn serve_refused(&self, url: &str, extra: &[&str]) -> String {
+        let sock = self.dir.join("sock-refused");
+        let out = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&sock)
+            .args(self.serve_args(url, extra))
+            .envs(self.env())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a second writer was not refused");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Runs `driveblk ARGS` (plus the remote flags) on this host.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_driveblk")).args(args).args(&self.flags).envs(self.env()).output().unwrap()
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(o.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout)
+    }
+
+    /// `status URL --json` from this host: the lease part.
+    pub fn lease(&self, url: &str) -> Value {
+        let empty = self.dir.join("no-cache");
+        let o = self.cli(&["status", url, "--json", "--cache-dir", empty.to_str().unwrap()]);
+        assert!(o.status.success(), "status: {}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["lease"].clone()
+    }
+}
+
+/// Imports `SIZE` bytes of data as a volume at `url`; returns the bytes.
+pub fn import(h: &Host, url: &str) -> Vec<u8> {
+    let img = h.dir.join("disk.raw");
+    let bytes = crate::common::pattern(7, SIZE);
+    std::fs::write(&img, &bytes).unwrap();
+    h.cli_ok(&["import", "--quiet", "--chunk-size", CHUNK, img.to_str().unwrap(), url]);
+    bytes
+}
+
+pub fn connect(d: &Daemon) -> Client {
+    Client::connect(&d.socket, 1)
+}
+
+/// Writes and flushes `data` at `off`, keeping `want` in step.
+pub fn write(c: &mut Client, off: u64, data: &[u8], want: &mut [u8]) {
+    c.write(off, data).unwrap();
+    c.flush().unwrap();
+    want[off as usize..off as usize + data.len()].copy_from_slice(data);
+}
+
+/// The first FLUSH of a session cuts a generation at once (the sync
+/// interval counts from the last cut); this one is it, so the writes after
+/// it stay pending for the hour-long interval. Applied to every `wants`.
+pub fn prime(c: &mut Client, wants: &mut [&mut Vec<u8>]) {
+    let data = crate::common::pattern(99, 4096);
+    c.write((SIZE - 4096) as u64, &data).unwrap();
+    c.flush().unwrap();
+    for w in wants {
+        w[SIZE - 4096..].copy_from_slice(&data);
+    }
+}
+
+pub fn read_all(c: &mut Client) -> Vec<u8> {
+    c.read(0, c.capacity as usize).unwrap()
+}
+
+/// Waits until the remote's lease record says `host` holds it with
+/// changes pending (its heartbeat caught up with the guest's writes).
+pub fn wait_pending(observer: &Host, url: &str, host: &str) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let l = observer.lease(url);
+        if l["holder"]["host"] == host && l["holder"]["pending_bytes"].as_u64().unwrap_or(0) > 0 {
+            return l;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the lease never showed pending bytes: {l}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn kill9(mut d: Daemon) {
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Two hosts alternate on one disk: while the first runs with changes not
+/// uploaded, the second is refused with who and what; a reader is not;
+/// after a clean stop the second starts at once and sees the first's
+/// writes, and the first, back again, sees the second's. The hosts'
+/// clocks are an hour apart both ways.
+pub fn two_hosts_alternate(root: &Path, url: &str, flags: &[String]) {
+    let a = Host::new(root, "desktop", flags, &[("DRIVEBLK_TEST_CLOCK_OFFSET_S", "3600")]);
+    let b = Host::new(root, "laptop", flags, &[("DRIVEBLK_TEST_CLOCK_OFFSET_S", "-3600")]);
+    let mut want = import(&a, url);
+    let da = a.serve(url, &[]);
+    let pid = da.child.as_ref().unwrap().id();
+    let mut c = connect(&da);
+    prime(&mut c, &mut [&mut want]);
+    let original = want.clone();
+    write(&mut c, 300 << 10, &crate::common::pattern(1, 8192), &mut want);
+    drop(c);
+    wait_pending(&b, url, "desktop");
+    // B is refused, and told by whom, since when, how much waits there.
+    let e = b.serve_refused(url, &[]);
+    assert!(e.contains(&format!("held by desktop (pid {pid}) since ")), "{e}");
+    assert!(e.contains("not yet uploaded") && e.contains("start it there and let it sync"), "{e}");
+    assert!(e.contains("--force-takeover"), "{e}");
+    // `status URL` from B's side shows the same.
+    let st = b.cli_ok(&["status", url, "--cache-dir", b.dir.join("none").to_str().unwrap()]);
+    assert!(st.contains(&format!("held by desktop (pid {pid})")) && st.contains("not yet uploaded"), "{st}");
+    // A reader needs no lease: it sees the last committed generation.
+    let db = b.serve(url, &["--read-only"]);
+    let mut rc = Client::connect_with(&db.socket, 1, true);
+    assert!(read_all(&mut rc) == original, "a reader saw uncommitted data");
+    drop(rc);
+    assert!(db.stop().success());
+    // A stops cleanly: uploads, releases.
+    assert!(da.stop().success());
+    let l = b.lease(url);
+    assert_eq!(l["standing"], "released", "{l}");
+    // B starts at once and sees A's writes; writes its own.
+    let db = b.serve(url, &[]);
+    let mut c = connect(&db);
+    assert!(read_all(&mut c) == want, "B does not see A's writes");
+    write(&mut c, 3 << 20, &crate::common::pattern(2, 4096), &mut want);
+    drop(c);
+    assert!(db.stop().success());
+    // A again, on its old cache: sees B's writes.
+    let da = a.serve(url, &[]);
+    let mut c = connect(&da);
+    assert!(read_all(&mut c) == want, "A does not see B's writes");
+    drop(c);
+    assert!(da.stop().success());
+}
+
+/// A forced takeover: A's pending changes fork. A's later commit is
+/// fenced (the remote keeps B's generations), A cannot serve them on top
+/// of B's, and `fork` saves them as a new volume that shares the origin's
+/// data and boots on any host with A's disk.
+pub fn forced_takeover_then_fork(root: &Path, url: &str, new_url: &str, flags: &[String]) {
+    let a = Host::new(root, "desktop", flags, &[]);
+    let b = Host::new(root, "laptop", flags, &[]);
+    let c_host = Host::new(root, "server", flags, &[]);
+    let mut base = import(&a, url);
+    let da = a.serve(url, &[]);
+    let mut c = connect(&da);
+    prime(&mut c, &mut [&mut base]);
+    let (mut want_a, mut want_b) = (base.clone(), base.clone());
+    write(&mut c, 0, &crate::common::pattern(3, 65536), &mut want_a);
+    write(&mut c, 1 << 20, &crate::common::pattern(4, 4096), &mut want_a);
+    drop(c);
+    wait_pending(&b, url, "desktop");
+    // B forces: it says exactly what forks, then serves.
+    let db = b.serve(url, &["--force-takeover"]);
+    let mut c = connect(&db);
+    assert!(read_all(&mut c) == base);
+    write(&mut c, 2 << 20, &crate::common::pattern(5, 4096), &mut want_b);
+    drop(c);
+    assert!(db.stop().success());
+    assert_eq!(b.lease(url)["standing"], "released");
+    // A's stop tries to commit on top of the generation it started from:
+    // fenced. Its changes stay in its cache.
+    assert!(da.stop().success());
+    let status: Value = serde_json::from_slice(&std::fs::read(a.cache.join("status.json")).unwrap()).unwrap();
+    let conflict = status["sync"]["conflict"].as_str().unwrap_or_default().to_string();
+    assert!(conflict.contains("moved on") || conflict.contains("in use"), "{status}");
+    let reader = Host::new(root, "reader", flags, &[]);
+    let dr = reader.serve(url, &["--read-only"]);
+    let mut rc = Client::connect_with(&dr.socket, 1, true);
+    assert!(read_all(&mut rc) == want_b, "the remote is not B's disk: A committed over it");
+    drop(rc);
+    assert!(dr.stop().success());
+    // A's cache refuses to serve its changes over B's, and says what to do.
+    let e = a.serve_refused(url, &[]);
+    assert!(e.contains("driveblk fork") && e.contains("discard-local"), "{e}");
+    // fork saves A's state as a new volume sharing the origin's packs.
+    let out = a.cli_ok(&["fork", url, new_url, "--cache-dir", a.cache.to_str().unwrap()]);
+    assert!(out.contains("saved"), "{out}");
+    // Another host boots the fork (no cache): A's disk.
+    let dc = c_host.serve(new_url, &[]);
+    let mut c = connect(&dc);
+    assert!(read_all(&mut c) == want_a, "the fork does not hold A's disk");
+    drop(c);
+    assert!(dc.stop().success());
+    // And A's own cache, now the fork's, serves it too.
+    let da = a.serve(new_url, &[]);
+    let mut c = connect(&da);
+    assert!(read_all(&mut c) == want_a);
+    drop(c);
+    assert!(da.stop().success());
+    // The origin is untouched.
+    let dr = reader.serve(url, &["--read-only"]);
+    let mut rc = Client::connect_with(&dr.socket, 1, true);
+    assert!(read_all(&mut rc) == want_b);
+    drop(rc);
+    assert!(dr.stop().success());
+}
+
+/// A holder killed with changes pending keeps the lease however long it
+/// is silent (its ttl is short here); its restart uploads them, and then
+/// the next host starts and sees them. Then a silent holder with nothing
+/// pending: live, it is not taken over by a host whose clock is an hour
+/// ahead; once silent past its ttl (by the remote's clock) a host whose
+/// clock is an hour behind takes over.
+pub fn killed_holder_and_expiry(root: &Path, url: &str, flags: &[String]) {
+    let ttl = [("DRIVEBLK_LEASE_TTL_MS", "1500")];
+    let a = Host::new(root, "desktop", flags, &ttl);
+    let b = Host::new(root, "laptop", flags, &[("DRIVEBLK_TEST_CLOCK_OFFSET_S", "3600")]);
+    let b_behind = Host::new(root, "laptop2", flags, &[("DRIVEBLK_TEST_CLOCK_OFFSET_S", "-3600")]);
+    let mut want = import(&a, url);
+    let da = a.serve(url, &[]);
+    let pid = da.child.as_ref().unwrap().id();
+    let mut c = connect(&da);
+    prime(&mut c, &mut [&mut want]);
+    write(&mut c, 512 << 10, &crate::common::pattern(6, 16384), &mut want);
+    drop(c);
+    wait_pending(&b, url, "desktop");
+    kill9(da);
+    // Silent for longer than its ttl, by any clock: still held.
+    std::thread::sleep(Duration::from_millis(2500));
+    let e = b.serve_refused(url, &[]);
+    assert!(e.contains(&format!("held by desktop (pid {pid})")) && e.contains("not yet uploaded"), "{e}");
+    // A restarts on its cache: re-takes its own lease and uploads.
+    let da = a.serve(url, &[]);
+    let mut c = connect(&da);
+    assert!(read_all(&mut c) == want, "a flushed write was lost");
+    drop(c);
+    assert!(da.stop().success());
+    let db = b.serve(url, &[]);
+    let mut c = connect(&db);
+    assert!(read_all(&mut c) == want, "A's restart did not upload its changes");
+    drop(c);
+    assert!(db.stop().success());
+
+    // Nothing pending, alive: a host whose clock runs an hour ahead must
+    // not think it silent.
+    let da = a.serve(url, &[]);
+    let l = b.lease(url);
+    assert_eq!(l["standing"], "held", "{l}");
+    let e = b.serve_refused(url, &[]);
+    assert!(e.contains("nothing pending"), "{e}");
+    kill9(da);
+    // Gone with nothing pending: once silent past its ttl by the remote's
+    // clock, a host whose clock runs an hour behind takes over.
+    let t0 = Instant::now();
+    let db = loop {
+        let l = b_behind.lease(url);
+        if l["standing"] == "expired" {
+            break b_behind.serve(url, &[]);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the silent lease never expired: {l}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut c = connect(&db);
+    assert!(read_all(&mut c) == want);
+    drop(c);
+    assert!(db.stop().success());
+}
+
+/// `discard-local` drops a fenced host's changes when asked; its cache then
+/// follows the newest generation.
+pub fn discard_local(root: &Path, url: &str, flags: &[String]) {
+    let a = Host::new(root, "desktop", flags, &[]);
+    let b = Host::new(root, "laptop", flags, &[]);
+    let mut base = import(&a, url);
+    let da = a.serve(url, &[]);
+    let mut c = connect(&da);
+    prime(&mut c, &mut [&mut base]);
+    let mut want_b = base.clone();
+    let mut scratch = base.clone();
+    write(&mut c, 0, &crate::common::pattern(8, 4096), &mut scratch);
+    drop(c);
+    wait_pending(&b, url, "desktop");
+    kill9(da);
+    let db = b.serve(url, &["--force-takeover"]);
+    let mut c = connect(&db);
+    write(&mut c, 4096, &crate::common::pattern(9, 4096), &mut want_b);
+    drop(c);
+    assert!(db.stop().success());
+    let e = a.serve_refused(url, &[]);
+    assert!(e.contains("discard-local"), "{e}");
+    let out = a.cli_ok(&["discard-local", url, "--cache-dir", a.cache.to_str().unwrap()]);
+    assert!(out.contains("dropped"), "{out}");
+    let da = a.serve(url, &[]);
+    let mut c = connect(&da);
+    assert!(read_all(&mut c) == want_b, "after discard-local the cache does not follow the newest generation");
+    drop(c);
+    assert!(da.stop().success());
+}
