@@ -60,16 +60,32 @@ impl Host {
     /// `serve` that is expected to refuse to start: its output.
     pub fn serve_refused(&self, url: &str, extra: &[&str]) -> String {
         let sock = self.dir.join("sock-refused");
-        let out = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        let err = self.dir.join("refused.stderr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
             .arg("serve")
             .arg("--socket")
             .arg(&sock)
             .args(self.serve_args(url, extra))
             .envs(self.env())
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
             .unwrap();
-        assert!(!out.status.success(), "a second writer was not refused");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        // Refused means it exits on its own, before serving.
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if sock.exists() || t0.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("a second writer was not refused: it started serving");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "a second writer was not refused");
+        std::fs::read_to_string(&err).unwrap()
     }
 
     /// Runs `driveblk ARGS` (plus the remote flags) on this host.
