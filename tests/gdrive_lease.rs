@@ -1,0 +1,42 @@
+//! One disk, several machines, on the Drive emulator (real daemon
+//! processes): the same scenarios as `e2e_lease.rs` — the lease is taken
+//! through the fence (a create at a pre-generated file id), its heartbeat
+//! is a file updated in place whose `modifiedTime` dates it, and expiry
+//! is judged against Drive's clock.
+
+mod common;
+#[path = "gdrive_support/mod.rs"]
+mod gdrive_support;
+#[path = "lease_support/mod.rs"]
+mod lease_support;
+
+use gdrive_support::{start, Creds};
+
+fn drive() -> (gdrive_support::DriveEnv, Vec<String>) {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let flags = vec![
+        "--drive-api-url".to_string(),
+        env.emu.base_url(),
+        "--drive-credentials".to_string(),
+        env.creds_file.display().to_string(),
+    ];
+    (env, flags)
+}
+
+#[test]
+fn gdrive_two_hosts_alternate_on_one_disk() {
+    let (env, flags) = drive();
+    lease_support::two_hosts_alternate(env.dir.path(), "gdrive:/lease/vol", &flags);
+}
+
+#[test]
+fn gdrive_a_forced_takeover_forks_the_old_holders_changes() {
+    let (env, flags) = drive();
+    lease_support::forced_takeover_then_fork(env.dir.path(), "gdrive:/lease/vol", "gdrive:/lease/vol-desktop", &flags);
+}
+
+#[test]
+fn gdrive_a_killed_holder_keeps_its_lease_and_a_silent_one_expires_by_drives_clock() {
+    let (env, flags) = drive();
+    lease_support::killed_holder_and_expiry(env.dir.path(), "gdrive:/lease/vol", &flags);
+}
