@@ -668,6 +668,25 @@ mod tests {
     }
 
     #[test]
+    fn fork_pack_entries_must_name_an_origin() {
+        let mut h = VolumeHeader::new(4 << 20, DEFAULT_CHUNK_SIZE, None);
+        let origin = "ab".repeat(16);
+        let mut m = Manifest::new(&h, 1);
+        m.packs.push(format!("{origin}:{}", new_pack_key(3)));
+        m.chunks.insert(0, ChunkRef::Packed { pack: 0, offset: 0, len: 10, sha256: "a".repeat(64) });
+        let b = m.to_bytes();
+        assert!(Manifest::from_bytes(&b, &h, 1).unwrap_err().contains("not an origin"));
+        h.origin = Some(OriginRef { url: "dir:/o".into(), volume_id: origin.clone(), generation: 3, origin: None });
+        assert_eq!(Manifest::from_bytes(&b, &h, 1).unwrap(), m);
+        assert_eq!(split_pack_key(&m.packs[0]), (Some(origin.as_str()), &m.packs[0][33..]));
+        assert_eq!(split_pack_key("pack-1"), (None, "pack-1"));
+        assert_eq!(VolumeHeader::from_bytes(&h.to_bytes()).unwrap(), h);
+        let mut bad = h.clone();
+        bad.origin.as_mut().unwrap().volume_id = "x".into();
+        assert!(VolumeHeader::from_bytes(&bad.to_bytes()).is_err());
+    }
+
+    #[test]
     fn header_validation() {
         let h = VolumeHeader::new(1, DEFAULT_CHUNK_SIZE, None);
         assert_eq!(VolumeHeader::from_bytes(&h.to_bytes()).unwrap(), h);
