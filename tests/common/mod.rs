@@ -24,6 +24,16 @@ impl Daemon {
     /// [`start`](Self::start) with extra environment variables (another
     /// "host": `DRIVEBLK_HOSTNAME`, a skewed clock, ...).
     pub fn start_env(socket: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::start_logged(socket, args, env, None)
+    }
+
+    /// [`start_env`](Self::start_env), its stderr (the log) going to `log`
+    /// when given.
+    pub fn start_logged(socket: &Path, args: &[&str], env: &[(&str, &str)], log: Option<&Path>) -> Daemon {
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).expect("create the daemon's log")),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
             .arg("serve")
             .arg("--socket")
@@ -31,6 +41,7 @@ impl Daemon {
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn driveblk");
         let mut d = Daemon { child: Some(child), socket: socket.to_path_buf() };

@@ -54,7 +54,12 @@ impl Host {
     pub fn serve(&self, url: &str, extra: &[&str]) -> Daemon {
         let sock = self.dir.join("sock");
         let _ = std::fs::remove_file(&sock);
-        Daemon::start_env(&sock, &self.serve_args(url, extra), &self.env())
+        Daemon::start_logged(&sock, &self.serve_args(url, extra), &self.env(), Some(&self.log()))
+    }
+
+    /// The log of the newest daemon `serve` started.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("serve.log")
     }
 
     /// `serve` that is expected to refuse to start: its output.
@@ -234,6 +239,13 @@ pub fn forced_takeover_then_fork(root: &Path, url: &str, new_url: &str, flags: &
     wait_pending(&b, url, "desktop");
     // B forces: it says exactly what forks, then serves.
     let db = b.serve(url, &["--force-takeover"]);
+    let log = std::fs::read_to_string(b.log()).unwrap();
+    assert!(
+        log.contains("--force-takeover")
+            && log.contains("from desktop (pid ")
+            && log.contains("KiB not yet uploaded stay on desktop"),
+        "the takeover did not say what forks: {log}"
+    );
     let mut c = connect(&db);
     assert!(read_all(&mut c) == base);
     write(&mut c, 2 << 20, &crate::common::pattern(5, 4096), &mut want_b);
