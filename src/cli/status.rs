@@ -28,7 +28,9 @@ impl StatusWriter {
         let pid = std::process::id();
         let thread = std::thread::Builder::new().name("driveblk-status".into()).spawn(move || loop {
             let running = !s.load(Ordering::Acquire);
-            if let Err(e) = write_atomic(&path, &to_json(&store.stats(), pid, running)) {
+            let mut v = to_json(&store.stats(), pid, running);
+            v["lease"] = serde_json::to_value(store.lease()).unwrap_or(Value::Null);
+            if let Err(e) = write_atomic(&path, &v) {
                 tracing::debug!("cannot write {}: {e}", path.display());
             }
             if !running {
@@ -171,6 +173,13 @@ pub fn render(v: &Value) -> String {
             line += &format!(", last commit {s} s ago at {}/s", human(yu("last_rate_bps")));
         }
         out += &format!("write-back  {line}\n");
+        if let Some(l) = v.get("lease").filter(|l| !l.is_null()) {
+            let state = if l.get("released").and_then(Value::as_bool).unwrap_or(false) { "released" } else { "held" };
+            out += &format!(
+                "lease       {state} by this host since generation {}\n",
+                l.get("taken_at").and_then(Value::as_u64).unwrap_or(0)
+            );
+        }
         if let Some(c) = y.get("conflict").and_then(Value::as_str) {
             out += &format!("CONFLICT    {c}\n");
         } else if let Some(e) = y.get("last_error").and_then(Value::as_str) {
