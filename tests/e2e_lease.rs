@@ -58,3 +58,9 @@ fn discard_local_drops_a_fenced_hosts_changes_only_when_asked() {
     let d = tempfile::tempdir().unwrap();
     lease_support::discard_local(d.path(), &url(&d.path().join("remote/vol")), &[]);
 }
+
+#[test]
+fn a_holder_that_slept_through_its_lease_is_fenced_at_its_next_commit() {
+    let d = tempfile::tempdir().unwrap();
+    lease_support::sleeping_holder_is_fenced(d.path(), &url(&d.path().join("remote/vol")), &[]);
+}

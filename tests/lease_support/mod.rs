@@ -381,3 +381,60 @@ pub fn discard_local(root: &Path, url: &str, flags: &[String]) {
     drop(c);
     assert!(da.stop().success());
 }
+
+/// A laptop that slept through its lease (its daemon stopped with
+/// SIGSTOP, nothing pending): once silent past its ttl, another host takes
+/// over and writes. The laptop wakes, its guest writes, and its next
+/// commit meets the fence: refused, nothing overwritten, its change kept.
+pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String]) {
+    let a = Host::new(root, "laptop", flags, &[("DRIVEBLK_LEASE_TTL_MS", "1500")]);
+    let b = Host::new(root, "desktop", flags, &[]);
+    let mut want = import(&a, url);
+    let da = a.serve(url, &[]);
+    let pid = da.child.as_ref().unwrap().id() as i32;
+    let mut c = connect(&da);
+    prime(&mut c, &mut [&mut want]);
+    // The prime is committed and the heartbeat says so.
+    let t0 = Instant::now();
+    while b.lease(url)["holder"]["pending_bytes"].as_u64() != Some(0)
+        || a.cli_ok(&["info", url]).contains("generation  2\n")
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the first commit never landed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let t0 = Instant::now();
+    while b.lease(url)["standing"] != "expired" {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the sleeping holder's lease never expired");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut want_b = want.clone();
+    let db = b.serve(url, &[]);
+    let mut cb = connect(&db);
+    write(&mut cb, 8192, &crate::common::pattern(11, 4096), &mut want_b);
+    drop(cb);
+    assert!(db.stop().success());
+    // The laptop wakes up and writes.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let mut want_a = want.clone();
+    write(&mut c, 16384, &crate::common::pattern(12, 4096), &mut want_a);
+    drop(c);
+    let o = a.cli(&["sync", url, "--cache-dir", a.cache.to_str().unwrap(), "--timeout", "60"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("moved on"), "the woken holder's commit was not fenced: {e}");
+    assert!(da.stop().success());
+    let reader = Host::new(root, "reader", flags, &[]);
+    let dr = reader.serve(url, &["--read-only"]);
+    let mut rc = Client::connect_with(&dr.socket, 1, true);
+    assert!(read_all(&mut rc) == want_b, "the woken holder overwrote the other host's generation");
+    drop(rc);
+    assert!(dr.stop().success());
+    // Its change is kept: a fork holds the laptop's disk.
+    let f = format!("{url}-laptop");
+    a.cli_ok(&["fork", url, &f, "--cache-dir", a.cache.to_str().unwrap()]);
+    let dr = reader.serve(&f, &["--read-only"]);
+    let mut rc = Client::connect_with(&dr.socket, 1, true);
+    assert!(read_all(&mut rc) == want_a, "the fork lost the woken holder's change");
+    drop(rc);
+    assert!(dr.stop().success());
+}
