@@ -13,6 +13,9 @@ pub struct Counters {
     pub remote_fetches: AtomicU64,
     pub remote_bytes: AtomicU64,
     pub fetch_errors: AtomicU64,
+    /// Guest requests failed because the remote did not answer within the
+    /// budget.
+    pub remote_timeouts: AtomicU64,
     pub readahead_chunks: AtomicU64,
     pub hydrate_total: AtomicU64,
     pub hydrate_done: AtomicU64,
@@ -66,6 +69,8 @@ pub struct TierStats {
     pub remote_fetches: u64,
     pub remote_bytes: u64,
     pub fetch_errors: u64,
+    /// Guest requests failed after waiting the whole remote budget.
+    pub remote_timeouts: u64,
     pub readahead_chunks: u64,
     pub ssd_evictions: u64,
     /// Background hydration: running, chunks to do and done, finished.

@@ -20,7 +20,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Semaphore;
 
 use super::boot::{BootProfileMode, Recorder, Replay};
-use super::open::CacheOptions;
+use super::open::{CacheOptions, RemoteWait};
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
@@ -28,6 +28,7 @@ use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
+use crate::remote::retry::within_budget;
 use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 mod boot_profile;
@@ -134,7 +135,15 @@ struct Inner {
     saving: AtomicBool,
     /// Write-back of local changes (None when read-only).
     writeback: Option<Writeback>,
+    /// How long guest requests wait on the remote.
+    remote_wait: RemoteWait,
+    /// `close` has saved (or given up on) the boot profile.
+    profile_closed: AtomicBool,
 }
+
+/// The least time `close` gives the boot profile's upload, even after a
+/// final sync that used up its whole timeout.
+pub const PROFILE_SAVE_MIN: Duration = Duration::from_secs(10);
 
 /// The tiered RAM/SSD/remote store of one volume.
 pub struct TieredStore {
@@ -208,6 +217,8 @@ impl TieredStore {
                         .map_err(|e| VolumeError::io("opening write-back state in", &opts.cache_dir, e))?,
                 )
             },
+            remote_wait: opts.remote_wait,
+            profile_closed: AtomicBool::new(false),
             vol,
         });
         rt.block_on(inner.clone().catch_up_generation())?;
@@ -271,6 +282,7 @@ impl TieredStore {
             remote_fetches: l(&c.remote_fetches),
             remote_bytes: l(&c.remote_bytes),
             fetch_errors: l(&c.fetch_errors),
+            remote_timeouts: l(&c.remote_timeouts),
             readahead_chunks: l(&c.readahead_chunks),
             ssd_evictions: i.ssd.evictions(),
             hydrating: c.hydrating.load(Ordering::Relaxed),
@@ -296,7 +308,13 @@ impl TieredStore {
     /// Returns the bytes of local changes still not on the remote (they
     /// stay in the cache and go up at the next start). Call after the disk
     /// was flushed and closed, before dropping the store.
+    ///
+    /// Then the boot recorded so far is saved as a profile, within what is
+    /// left of `timeout` (at least [`PROFILE_SAVE_MIN`]): a profile is a
+    /// speed-up, never worth holding a shutdown on a hung remote. Dropping
+    /// the store without closing it does no network I/O at all.
     pub fn close(&self, timeout: Duration) -> u64 {
+        let t0 = std::time::Instant::now();
         let left = self.inner.final_sync(timeout);
         if left > 0 {
             tracing::warn!(
@@ -304,7 +322,43 @@ impl TieredStore {
                 "local changes not uploaded yet; they stay in the cache directory and are uploaded at the next start"
             );
         }
+        self.save_profile_at_close(timeout.saturating_sub(t0.elapsed()).max(PROFILE_SAVE_MIN));
         left
+    }
+
+    /// Saves the boot recorded so far as a profile (a boot shorter than the
+    /// recording window still leaves one), waiting at most `limit`.
+    fn save_profile_at_close(&self, limit: Duration) {
+        let inner = &self.inner;
+        if inner.profile_closed.swap(true, Ordering::SeqCst) || Handle::try_current().is_ok() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + limit;
+        // A save the window started in the background finishes first.
+        while inner.saving.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let recorded = inner.recorder.as_ref().map_or(0, |r| r.bytes());
+        if recorded == 0 || inner.saving.load(Ordering::SeqCst) {
+            return;
+        }
+        // The cache state first: an impatient second signal during the
+        // upload then loses nothing but the profile.
+        if let Err(e) = inner.ssd.persist() {
+            tracing::warn!(error = %e, "could not persist the SSD cache state");
+        }
+        tracing::info!(
+            bytes = recorded,
+            "closing: saving the boot recorded so far as a profile unless the volume's still matches it (a second SIGTERM/SIGINT skips this)"
+        );
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let me = inner.clone();
+        if let Ok(Err(_)) = inner.wait(async move { tokio::time::timeout(left, me.save_profile()).await }) {
+            tracing::warn!(
+                seconds = limit.as_secs(),
+                "boot profile not saved: the remote did not take it in time (the next boot records one again)"
+            );
+        }
     }
 
     /// Asks write-back to cut a generation as soon as the disk is
@@ -361,30 +415,14 @@ impl TieredStore {
 }
 
 impl Drop for TieredStore {
+    /// Local work only (no network I/O here: [`close`](Self::close) is the
+    /// step that uploads): stops the background tasks, persists the cache
+    /// state and releases the cache directory.
     fn drop(&mut self) {
-        // A boot shorter than the recording window still leaves a profile.
-        let recorded = self.inner.recorder.as_ref().is_some_and(|r| r.bytes() > 0);
-        // A save the window started in the background finishes first.
-        let t0 = std::time::Instant::now();
-        while self.inner.saving.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(900) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if recorded && self.rt.is_some() {
-            if Handle::try_current().is_ok() {
-                tracing::warn!("boot profile not saved: the store was dropped inside an async context");
-            } else {
-                // The cache state first: an impatient second signal during
-                // the upload then loses nothing but the profile.
-                if let Err(e) = self.inner.ssd.persist() {
-                    tracing::warn!(error = %e, "could not persist the SSD cache state");
-                }
-                tracing::info!(
-                    bytes = self.inner.recorder.as_ref().map_or(0, |r| r.bytes()),
-                    "closing: saving the boot recorded so far as a profile unless the volume's still matches it (a second SIGTERM/SIGINT skips this)"
-                );
-                let me = self.inner.clone();
-                let _ = self.inner.wait(me.save_profile());
-            }
+        if !self.inner.profile_closed.load(Ordering::SeqCst)
+            && self.inner.recorder.as_ref().is_some_and(|r| r.bytes() > 0)
+        {
+            tracing::debug!("store dropped without close(): the boot recorded so far is not saved");
         }
         self.inner.closed.store(true, Ordering::SeqCst);
         // Stop the tasks first (fetches, readahead, hydration), so nothing
@@ -444,6 +482,35 @@ impl Inner {
     fn flight(self: &Arc<Self>, idx: u64, to_ram: bool) -> Flight<FetchResult> {
         let me = self.clone();
         self.flights.join(&self.handle, idx, move || me.fetch_and_install(idx, to_ram), || Err(closing()))
+    }
+
+    /// The single flight fetching chunk `idx` for a guest request: when
+    /// it starts the flight, the flight's remote calls keep to the guest's
+    /// budget (a flight readahead started keeps its own patience; the
+    /// guest still stops waiting at its budget).
+    fn guest_flight(self: &Arc<Self>, idx: u64, to_ram: bool) -> Flight<FetchResult> {
+        let me = self.clone();
+        let budget = self.remote_wait.call_budget();
+        self.flights.join(
+            &self.handle,
+            idx,
+            move || within_budget(budget, me.fetch_and_install(idx, to_ram)),
+            || Err(closing()),
+        )
+    }
+
+    /// Waits, for a guest request, on work that may need the remote: at
+    /// most the remote budget, then the request fails (TimedOut, which the
+    /// device reports as an I/O error) instead of hanging the guest.
+    fn wait_guest<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> io::Result<T> {
+        let budget = self.remote_wait.budget;
+        self.wait(async move { tokio::time::timeout(budget, fut).await })?.map_err(|_| {
+            Counters::inc(&self.counters.remote_timeouts);
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the remote did not answer within {} s (--remote-wait)", budget.as_secs_f64()),
+            )
+        })
     }
 
     /// The whole chunk: from RAM or SSD when it is already local (the
@@ -600,7 +667,7 @@ impl Inner {
                     let rp = replay.as_ref().expect("covering came from it");
                     Pending::Segments(segs.into_iter().map(|s| self.segment_flight(rp, s)).collect())
                 }
-                None => Pending::Chunk(self.flight(p.idx, true)),
+                None => Pending::Chunk(self.guest_flight(p.idx, true)),
             })
             .collect();
         if mode == IoMode::NonBlocking {
@@ -613,7 +680,7 @@ impl Inner {
         if let Some(rec) = &self.recorder {
             rec.stall_begin();
         }
-        let results = self.wait(async move {
+        let results = self.wait_guest(async move {
             let mut out = Vec::with_capacity(waits.len());
             for w in waits {
                 out.push(match w {
@@ -651,8 +718,8 @@ impl Inner {
                         p.idx
                     )));
                 }
-                let f = self.flight(p.idx, false);
-                self.wait(f)?.map_err(SharedError::into_io)?;
+                let f = self.guest_flight(p.idx, false);
+                self.wait_guest(f)?.map_err(SharedError::into_io)?;
                 if self.serve_local(p, &sub, IoMode::Blocking)? {
                     continue 'pieces;
                 }
@@ -662,8 +729,8 @@ impl Inner {
                 // The segment failed or its pages could not be kept: fetch
                 // the chunk instead.
                 None => {
-                    let f = self.flight(p.idx, true);
-                    self.wait(f)?
+                    let f = self.guest_flight(p.idx, true);
+                    self.wait_guest(f)?
                 }
             };
             let b = r.map_err(SharedError::into_io)?;
@@ -704,8 +771,8 @@ impl Inner {
                     if self.is_zero(p.idx) {
                         Some(self.zero_buf())
                     } else {
-                        let f = self.flight(p.idx, false);
-                        Some(self.wait(f)?.map_err(SharedError::into_io)?)
+                        let f = self.guest_flight(p.idx, false);
+                        Some(self.wait_guest(f)?.map_err(SharedError::into_io)?)
                     }
                 } else {
                     None
@@ -798,7 +865,9 @@ impl Inner {
         idxs.sort_unstable();
         idxs.dedup();
         idxs.retain(|&i| !self.ram.is_pinned(i));
-        let flights: Vec<_> = idxs.iter().map(|&i| self.flight(i, false)).collect();
+        // Each fetch keeps to the remote budget, so a hung remote fails the
+        // open instead of holding it.
+        let flights: Vec<_> = idxs.iter().map(|&i| self.guest_flight(i, false)).collect();
         let results = self.wait(futures::future::join_all(flights))?;
         for (idx, r) in idxs.into_iter().zip(results) {
             let fetched = r.map_err(SharedError::into_io)?;
