@@ -55,7 +55,10 @@ fn path(p: &Path) -> String {
 fn serve(env: &DriveEnv, flags: &[String], cache: &str, extra: &[&str]) -> common::Daemon {
     let cache = path(&env.dir.path().join(cache));
     let mut a: Vec<&str> = vec!["--volume", "gdrive:/vms/disk", "--format", "raw", "--cache-dir", &cache];
-    a.extend_from_slice(&["--boot-profile", "off", "--readahead-chunks", "0", "--sync-interval", "1"]);
+    if !extra.contains(&"--boot-profile") {
+        a.extend_from_slice(&["--boot-profile", "off"]);
+    }
+    a.extend_from_slice(&["--readahead-chunks", "0", "--sync-interval", "1"]);
     a.extend_from_slice(extra);
     a.extend(flags.iter().map(|s| s.as_str()));
     common::Daemon::start(&env.dir.path().join("sock"), &a)
@@ -262,4 +265,60 @@ fn a_full_cache_serves_when_the_remote_never_answers() {
     let t0 = Instant::now();
     assert!(d.stop().success());
     assert!(t0.elapsed() < Duration::from_secs(20), "stop took {:?}", t0.elapsed());
+}
+
+/// `hydrate --pin`: pinned chunks are fetched whole, never evicted by a
+/// small SSD tier, kept across restarts, and serve the guest through an
+/// outage; status calls the volume offline-ready. `--pin profile` pins the
+/// chunks the newest boot profile touches.
+#[test]
+fn pinned_hot_set_stays_local_through_evictions_and_outages() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let (data, flags) = setup(&env);
+    let cache = path(&env.dir.path().join("cache"));
+    let driveblk = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_driveblk")).args(args).args(&flags).output().unwrap();
+        assert!(o.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let out = driveblk(&["hydrate", "gdrive:/vms/disk", "--cache-dir", &cache, "--pin", "0+512K", "--quiet"]);
+    assert!(out.contains("pinned 2 chunks"), "{out}");
+    // A 1 MiB SSD tier (4 chunks) and a guest reading the whole 4 MiB disk:
+    // everything unpinned is evicted over and over, the pins stay.
+    let d = serve(&env, &flags, "cache", &["--ssd-cache", "1M", "--ram-cache", "0", "--remote-wait", "3"]);
+    let mut c = common::Client::connect(&d.socket, 1);
+    for _ in 0..2 {
+        for off in (0..LEN).step_by(1 << 20) {
+            assert_eq!(c.read(off as u64, 1 << 20).unwrap(), data[off..off + (1 << 20)]);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // the status file is written every second
+    let v: serde_json::Value = serde_json::from_slice(
+        &Command::new(env!("CARGO_BIN_EXE_driveblk"))
+            .args(["status", "--cache-dir", &cache, "--json"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(v["ssd"]["evictions"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["hot_set"]["pinned"], 2, "{v}");
+    assert_eq!(v["hot_set"]["offline_ready"], true, "{v}");
+    env.emu.faults().set_silent(true);
+    assert_eq!(c.read(0, 512 << 10).expect("a pinned range failed during the outage"), data[..512 << 10]);
+    assert!(c.read(1 << 20, 4096).is_err(), "an evicted chunk needs the remote");
+    env.emu.faults().set_silent(false);
+    drop(c);
+    assert!(d.stop().success());
+
+    // --pin profile: a boot records a profile (the first 1 MiB read), then
+    // another cache pins exactly the chunks it touched.
+    let d = serve(&env, &flags, "cache-rec", &["--boot-profile", "record"]);
+    let mut c = common::Client::connect(&d.socket, 1);
+    assert_eq!(c.read(0, 1 << 20).unwrap(), data[..1 << 20]);
+    drop(c);
+    assert!(d.stop().success());
+    let cache2 = path(&env.dir.path().join("cache-2"));
+    let out = driveblk(&["hydrate", "gdrive:/vms/disk", "--cache-dir", &cache2, "--pin", "profile", "--quiet"]);
+    assert!(out.contains("pinned 4 chunks"), "{out}");
 }

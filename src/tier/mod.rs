@@ -7,6 +7,7 @@ pub mod export;
 pub mod journal;
 pub mod local;
 pub mod open;
+pub mod pins;
 pub mod ram;
 pub mod readahead;
 pub mod single_flight;

@@ -21,6 +21,8 @@ pub struct Counters {
     pub hydrate_done: AtomicU64,
     pub hydrating: AtomicBool,
     pub hydrate_complete: AtomicBool,
+    /// Pinned chunks are being fetched.
+    pub pinning: AtomicBool,
     pub profile_saved: AtomicU64,
     pub profile_segments: AtomicU64,
     pub profile_segments_done: AtomicU64,
@@ -92,4 +94,15 @@ pub struct TierStats {
     pub profile_segments_done: u64,
     pub profile_bytes: u64,
     pub profile_waits: u64,
+    /// The guest's known hot set (pinned chunks and the newest boot
+    /// profile's chunks): chunks in it, of them local, pinned ones, and
+    /// pinned ones local.
+    pub hot_chunks: u64,
+    pub hot_local: u64,
+    pub pinned_chunks: u64,
+    pub pinned_local: u64,
+    /// Whether the guest can run without the network: every chunk of the
+    /// hot set is local (or the whole volume is). None when no hot set is
+    /// known (no boot profile, nothing pinned).
+    pub offline_ready: Option<bool>,
 }

@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 
 use super::boot::{BootProfileMode, Recorder, Replay};
 use super::open::{CacheOptions, RemoteWait};
+use super::pins::Pins;
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
@@ -32,6 +33,7 @@ use crate::remote::retry::within_budget;
 use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 mod boot_profile;
+mod hot_set;
 mod writeback;
 
 use writeback::Writeback;
@@ -139,6 +141,10 @@ struct Inner {
     remote_wait: RemoteWait,
     /// `close` has saved (or given up on) the boot profile.
     profile_closed: AtomicBool,
+    /// The guest's hot set (pinned chunks and the boot profile's) and the
+    /// pinned part of it.
+    hot: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
+    pinned: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 /// The least time `close` gives the boot profile's upload, even after a
@@ -219,6 +225,8 @@ impl TieredStore {
             },
             remote_wait: opts.remote_wait,
             profile_closed: AtomicBool::new(false),
+            hot: Default::default(),
+            pinned: Default::default(),
             vol,
         });
         rt.block_on(inner.clone().catch_up_generation())?;
@@ -244,6 +252,17 @@ impl TieredStore {
                 }
             }
         });
+        // A cache hydrated earlier (`driveblk hydrate`) holds everything.
+        if (0..inner.ssd.chunk_count()).all(|i| inner.ssd.has_chunk(i) || inner.is_zero(i)) {
+            inner.counters.hydrate_complete.store(true, Ordering::SeqCst);
+        }
+        match Pins::load(&opts.cache_dir) {
+            Ok(p) if !p.is_empty() => {
+                rt.spawn(inner.clone().apply_pins(p));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "ignoring the cache's pinned ranges"),
+        }
         let store = Self { inner, rt: Some(rt), opened };
         if opts.hydrate {
             store.start_hydrate();
@@ -261,7 +280,20 @@ impl TieredStore {
         let i = &self.inner;
         let c = &i.counters;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let (hot_chunks, hot_local, pinned_chunks, pinned_local) = i.hot_counts();
+        let offline_ready = if c.hydrate_complete.load(Ordering::Relaxed) {
+            Some(true)
+        } else if hot_chunks > 0 {
+            Some(hot_local == hot_chunks)
+        } else {
+            None
+        };
         TierStats {
+            hot_chunks,
+            hot_local,
+            pinned_chunks,
+            pinned_local,
+            offline_ready,
             volume_id: i.vol.header.volume_id.clone(),
             generation: i.vol.generation(),
             image_len: i.ssd.len(),
@@ -384,6 +416,36 @@ impl TieredStore {
     /// The volume being served.
     pub fn volume(&self) -> &VolumeReader {
         &self.inner.vol
+    }
+
+    /// Pins more of the image (saved in the cache directory, so every start
+    /// keeps it): its chunks are fetched whole in the background and never
+    /// evicted. See [`wait_pinned`](Self::wait_pinned).
+    pub fn pin(&self, more: &Pins) -> VolumeResult<()> {
+        let dir = self.inner.ssd.dir().to_path_buf();
+        let mut pins = Pins::load(&dir).map_err(|e| VolumeError::io("reading pins in", &dir, e))?;
+        pins.merge(more);
+        pins.save(&dir).map_err(|e| VolumeError::io("saving pins in", &dir, e))?;
+        self.inner.counters.pinning.store(true, Ordering::SeqCst);
+        self.inner.handle.spawn(self.inner.clone().apply_pins(pins));
+        Ok(())
+    }
+
+    /// Waits until the pinned chunks are fetched (or `timeout` passes);
+    /// returns whether every pinned chunk is local.
+    pub fn wait_pinned(&self, timeout: Duration, progress: bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let bar = crate::volume::progress::bar(progress, 0, "pin");
+        loop {
+            let s = self.stats();
+            bar.set_length(s.pinned_chunks);
+            bar.set_position(s.pinned_local);
+            if !self.inner.counters.pinning.load(Ordering::SeqCst) || std::time::Instant::now() >= deadline {
+                bar.finish_and_clear();
+                return s.pinned_local == s.pinned_chunks;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts background hydration (no-op if already running).
