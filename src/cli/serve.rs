@@ -164,7 +164,7 @@ impl CacheArgs {
         }
         let dir = match &self.cache_dir {
             Some(d) => d.clone(),
-            None => default_cache_dir(url)?,
+            None => default_cache_dir(url, &remote.options())?,
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cache directory {}", dir.display()))?;
         let mut o = CacheOptions::new(dir);
@@ -193,20 +193,11 @@ impl CacheArgs {
     }
 }
 
-/// `<cache root>/<first 16 hex digits of sha256(url)>`.
-pub fn default_cache_dir(url: &str) -> anyhow::Result<PathBuf> {
-    use sha2::{Digest, Sha256};
-    let root = if let Some(d) = std::env::var_os("DRIVEBLK_CACHE") {
-        PathBuf::from(d)
-    } else if unsafe { libc::geteuid() } == 0 {
-        PathBuf::from("/var/cache/driveblk")
-    } else if let Some(h) = std::env::var_os("HOME") {
-        PathBuf::from(h).join(".cache/driveblk")
-    } else {
-        bail!("no cache directory: pass --cache-dir or set DRIVEBLK_CACHE");
-    };
-    let digest = Sha256::digest(url.as_bytes());
-    Ok(root.join(hex::encode(&digest[..8])))
+/// The default cache directory of the volume at `url` (see
+/// [`cache_dir`](crate::cli::cache_dir)): keyed by the volume's id, found
+/// from any spelling of its URL.
+pub fn default_cache_dir(url: &str, remote: &crate::volume::RemoteOptions) -> anyhow::Result<PathBuf> {
+    crate::cli::cache_dir::for_url(url, remote, true, Duration::from_secs(25))
 }
 
 /// Where the image's bytes come from.

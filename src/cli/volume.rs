@@ -158,7 +158,17 @@ pub fn export(a: ExportArgs) -> anyhow::Result<()> {
     }
     let cache_dir = match a.cache_dir {
         Some(d) => Some(d),
-        None => default_cache_dir(&a.url).ok().filter(|d| d.exists()),
+        None => match default_cache_dir(&a.url, &a.remote.options()) {
+            Ok(d) if d.exists() => Some(d),
+            Ok(_) => None,
+            Err(e) => {
+                eprintln!(
+                    "warning: {e:#}; exporting the volume as committed on the remote: local writes not uploaded \
+                     yet, if any, are left out (pass --cache-dir to include them)"
+                );
+                None
+            }
+        },
     };
     let opts = ExportOptions { cache_dir, parallel: a.parallel, progress: !a.quiet, remote: a.remote.options() };
     let t0 = Instant::now();
@@ -266,7 +276,7 @@ fn hydrate_pin(a: &HydrateArgs, spec: &str) -> anyhow::Result<()> {
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let dir = match (a.cache_dir, a.url) {
         (Some(d), _) => d,
-        (None, Some(url)) => default_cache_dir(&url)?,
+        (None, Some(url)) => default_cache_dir(&url, &crate::volume::RemoteOptions::default())?,
         (None, None) => bail!("give a volume URL or --cache-dir"),
     };
     let v = status::read(&dir)?;
