@@ -100,6 +100,7 @@ fn first_boot(d: &Path, vurl: &str, data: &[u8]) -> Vec<(u64, usize)> {
     }
     assert!(s.stats().profile_recording);
     assert!(profiles(d).is_empty(), "nothing is saved before the window closes or the store closes");
+    s.close(Duration::from_secs(60));
     drop(s);
     reads
 }
@@ -158,6 +159,7 @@ fn profile_recorded_then_streamed_on_a_cold_cache() {
     expect[woff as usize + 100..woff as usize + 3100].copy_from_slice(&patch);
     let around = woff.saturating_sub(8192);
     assert_eq!(read(&*s, around, 20000), expect[around as usize..around as usize + 20000]);
+    s.close(Duration::from_secs(60));
     drop(s);
 
     // Restart on the same cache: partial pages and the write survive, and
@@ -169,6 +171,7 @@ fn profile_recorded_then_streamed_on_a_cold_cache() {
     }
     assert_eq!(s.stats().misses, 0, "partial pages were kept across the restart");
     assert_eq!(read_all(&*s).unwrap(), expect);
+    s.close(Duration::from_secs(60));
     drop(s);
     assert_eq!(profiles(d.path()), saved, "boots that read what the profile holds keep it");
 }
@@ -189,6 +192,7 @@ fn a_boot_that_changed_replaces_the_profile() {
         assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
     }
     assert!(s.stats().profile_recording);
+    s.close(Duration::from_secs(60));
     drop(s);
     let now = profiles(d.path());
     assert_eq!(now.len(), 4, "{now:?}");
@@ -196,6 +200,7 @@ fn a_boot_that_changed_replaces_the_profile() {
     // are local, the old boot's mostly not.
     let m = Arc::new(RemoteMetrics::default());
     let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c6"), &m, BootProfileMode::Off)).unwrap();
+    s.close(Duration::from_secs(60));
     drop(s);
     let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c7"), &m, BootProfileMode::Auto)).unwrap();
     wait_streamed(&s);
@@ -245,6 +250,7 @@ fn record_mode_adds_a_newer_profile_and_off_does_nothing() {
     o.read_only = true;
     let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     let _ = read(&*s, 4096, 4096);
+    s.close(Duration::from_secs(60));
     drop(s);
     assert_eq!(profiles(d.path()), one, "--boot-profile off writes nothing");
     assert_eq!(m.snapshot().bytes_written, 0);
@@ -252,6 +258,7 @@ fn record_mode_adds_a_newer_profile_and_off_does_nothing() {
     let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c4"), &m, BootProfileMode::Record)).unwrap();
     wait_streamed(&s);
     let _ = read(&*s, 8 << 20, 4096);
+    s.close(Duration::from_secs(60));
     drop(s);
     let two = profiles(d.path());
     assert_eq!(two.len(), 4, "{two:?}");

@@ -40,6 +40,7 @@ pub struct Faults {
     pub(crate) uploaded_bytes: AtomicU64,
     download_quota: AtomicBool,
     down: AtomicBool,
+    silent: AtomicBool,
     sa_no_quota: AtomicBool,
     short_pages: AtomicBool,
 }
@@ -64,6 +65,7 @@ impl Faults {
             uploaded_bytes: AtomicU64::new(0),
             download_quota: AtomicBool::new(false),
             down: AtomicBool::new(false),
+            silent: AtomicBool::new(false),
             sa_no_quota: AtomicBool::new(false),
             short_pages: AtomicBool::new(false),
         };
@@ -132,6 +134,13 @@ impl Faults {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
+    /// While true, the service is a silent peer (a stalled network, a
+    /// laptop between networks): connections are accepted by the kernel and
+    /// requests are read, but nothing answers until it is false again;
+    /// requests held meanwhile are answered then.
+    pub fn set_silent(&self, silent: bool) {
+        self.silent.store(silent, Ordering::SeqCst);
+    }
     /// While true, uploads of files with bytes into My Drive answer 403 storageQuotaExceeded
     /// "Service Accounts do not have storage quota" when made with a service-account token,
     /// as Drive does since 2024 (shared drives still work).
@@ -177,6 +186,9 @@ impl Faults {
     }
     pub(crate) fn download_quota_exceeded(&self) -> bool {
         self.download_quota.load(Ordering::SeqCst)
+    }
+    pub(crate) fn is_silent(&self) -> bool {
+        self.silent.load(Ordering::SeqCst)
     }
     pub(crate) fn is_down(&self) -> bool {
         self.down.load(Ordering::SeqCst)

@@ -221,6 +221,9 @@ fn roll(sh: &Shared, p: f64) -> bool {
 }
 
 async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Reset> {
+    while sh.faults.is_silent() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     if sh.faults.is_down() {
         sh.stats.with(|s| s.resets += 1);
         return Err(Reset);

@@ -2,6 +2,7 @@
 //! configuration, and the commands that run them.
 
 pub mod auth;
+pub mod cache_dir;
 pub mod remote;
 pub mod serve;
 pub mod size;

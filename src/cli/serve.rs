@@ -16,6 +16,7 @@ use crate::format::qcow2::{BackingOpener, LocalBackingOpener, NoBacking, Qcow2Di
 use crate::format::raw::RawDisk;
 use crate::format::{Disk, ImageFormat};
 use crate::tier::boot::BootProfileMode;
+use crate::tier::open::{OnRemoteError, RemoteWait};
 use crate::tier::tiered::{CacheMode, TieredStore};
 use crate::tier::{self as tier_layer, CacheOptions};
 use crate::tier::{LocalFile, Storage};
@@ -146,6 +147,21 @@ pub struct CacheArgs {
     /// start). A second SIGTERM/SIGINT skips the wait.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub sync_timeout: u64,
+
+    /// What a guest request that needs the remote does when the remote
+    /// fails or does not answer (like QEMU's rerror=). wait: retry within
+    /// --remote-wait, then fail the request; eio: fail it at the first
+    /// failed attempt. Cached data is served either way.
+    #[arg(long, value_name = "POLICY", default_value = "wait")]
+    pub on_remote_error: OnRemoteError,
+
+    /// Most seconds a guest request waits on the remote before it fails.
+    /// Keep it under the guest's disk timeout (Windows resets a disk after
+    /// about 60 s, Linux after 30 s). Also the most `serve` waits for the
+    /// remote at start when the cache holds a copy of the volume: past it,
+    /// the cache's copy is served.
+    #[arg(long, value_name = "SECS", default_value_t = 25)]
+    pub remote_wait: u64,
 }
 
 impl CacheArgs {
@@ -170,7 +186,7 @@ impl CacheArgs {
         }
         let dir = match &self.cache_dir {
             Some(d) => d.clone(),
-            None => default_cache_dir(url)?,
+            None => default_cache_dir(url, &remote.options())?,
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cache directory {}", dir.display()))?;
         let mut o = CacheOptions::new(dir);
@@ -191,24 +207,19 @@ impl CacheArgs {
             bail!("--sync-interval must be at least 1 second");
         }
         o.writeback.sync_interval = Duration::from_secs(self.sync_interval);
+        if self.remote_wait == 0 {
+            bail!("--remote-wait must be at least 1 second");
+        }
+        o.remote_wait = RemoteWait { on_error: self.on_remote_error, budget: Duration::from_secs(self.remote_wait) };
         Ok(o)
     }
 }
 
-/// `<cache root>/<first 16 hex digits of sha256(url)>`.
-pub fn default_cache_dir(url: &str) -> anyhow::Result<PathBuf> {
-    use sha2::{Digest, Sha256};
-    let root = if let Some(d) = std::env::var_os("DRIVEBLK_CACHE") {
-        PathBuf::from(d)
-    } else if unsafe { libc::geteuid() } == 0 {
-        PathBuf::from("/var/cache/driveblk")
-    } else if let Some(h) = std::env::var_os("HOME") {
-        PathBuf::from(h).join(".cache/driveblk")
-    } else {
-        bail!("no cache directory: pass --cache-dir or set DRIVEBLK_CACHE");
-    };
-    let digest = Sha256::digest(url.as_bytes());
-    Ok(root.join(hex::encode(&digest[..8])))
+/// The default cache directory of the volume at `url` (see
+/// [`cache_dir`](crate::cli::cache_dir)): keyed by the volume's id, found
+/// from any spelling of its URL.
+pub fn default_cache_dir(url: &str, remote: &crate::volume::RemoteOptions) -> anyhow::Result<PathBuf> {
+    crate::cli::cache_dir::for_url(url, remote, true, Duration::from_secs(25))
 }
 
 /// Where the image's bytes come from.

@@ -79,7 +79,10 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
         "ssd": { "bytes": s.ssd_bytes, "cap": s.ssd_cap, "hits": s.ssd_hits, "evictions": s.ssd_evictions },
         "zero_hits": s.zero_hits,
         "remote": { "misses": s.misses, "fetches": s.remote_fetches, "bytes": s.remote_bytes,
-                    "errors": s.fetch_errors, "readahead_chunks": s.readahead_chunks },
+                    "errors": s.fetch_errors, "readahead_chunks": s.readahead_chunks,
+                    "guest_timeouts": s.remote_timeouts },
+        "hot_set": { "chunks": s.hot_chunks, "local": s.hot_local, "pinned": s.pinned_chunks,
+                     "pinned_local": s.pinned_local, "offline_ready": s.offline_ready },
         "hydrate": { "running": s.hydrating, "total": s.hydrate_total, "done": s.hydrate_done, "complete": s.hydrated },
         "chunks_partial": s.chunks_partial,
         "sync": s.sync.as_ref().map(|y| json!({
@@ -156,6 +159,27 @@ pub fn render(v: &Value) -> String {
         "off".to_string()
     };
     out += &format!("hydration   {hyd}\n");
+    let (hot, hot_local) = (u("/hot_set/chunks"), u("/hot_set/local"));
+    let pinned = if u("/hot_set/pinned") > 0 {
+        format!(", {}/{} pinned chunks local", u("/hot_set/pinned_local"), u("/hot_set/pinned"))
+    } else {
+        String::new()
+    };
+    out += &format!(
+        "offline     {}{pinned}\n",
+        match v.pointer("/hot_set/offline_ready").and_then(Value::as_bool) {
+            Some(true) => "ready: the guest's hot set is all local".to_string(),
+            Some(false) =>
+                format!("not ready: {hot_local} of {hot} hot-set chunks local (`driveblk hydrate --pin profile`)"),
+            None => "unknown: no boot profile or pins yet".to_string(),
+        }
+    );
+    if u("/remote/guest_timeouts") > 0 {
+        out += &format!(
+            "GUEST I/O   {} requests failed: the remote did not answer within --remote-wait\n",
+            u("/remote/guest_timeouts")
+        );
+    }
     if let Some(y) = v.get("sync").filter(|y| !y.is_null()) {
         let yu = |k: &str| y.get(k).and_then(Value::as_u64).unwrap_or(0);
         let mut line = format!(

@@ -10,6 +10,7 @@ use crate::cli::remote::RemoteArgs;
 use crate::cli::serve::{default_cache_dir, CacheArgs};
 use crate::cli::size::{human, parse_size};
 use crate::cli::status;
+use crate::tier::pins::{parse_ranges, Pins};
 use crate::tier::{self, ExportOptions};
 use crate::volume::{self, AttachOptions, ImportOptions, VolumeInfo};
 
@@ -73,6 +74,14 @@ pub struct InfoArgs {
 #[derive(Debug, Args)]
 pub struct HydrateArgs {
     pub url: String,
+    /// Instead of the whole volume, fetch and pin part of it: `profile`
+    /// (every chunk the volume's newest boot profile touches: the guest's
+    /// hot set, to run without a network), or byte ranges `START-END` /
+    /// `START+LEN` (e.g. `0-2G,30G+1G`). Pinned chunks are never evicted
+    /// and every later start keeps them (saved in the cache directory);
+    /// `driveblk status` says "offline-ready" once the hot set is local.
+    #[arg(long, value_name = "profile|RANGES")]
+    pub pin: Option<String>,
     #[command(flatten)]
     pub cache: CacheArgs,
     #[arg(long)]
@@ -182,7 +191,17 @@ pub fn export(a: ExportArgs) -> anyhow::Result<()> {
     }
     let cache_dir = match a.cache_dir {
         Some(d) => Some(d),
-        None => default_cache_dir(&a.url).ok().filter(|d| d.exists()),
+        None => match default_cache_dir(&a.url, &a.remote.options()) {
+            Ok(d) if d.exists() => Some(d),
+            Ok(_) => None,
+            Err(e) => {
+                eprintln!(
+                    "warning: {e:#}; exporting the volume as committed on the remote: local writes not uploaded \
+                     yet, if any, are left out (pass --cache-dir to include them)"
+                );
+                None
+            }
+        },
     };
     let opts = ExportOptions { cache_dir, parallel: a.parallel, progress: !a.quiet, remote: a.remote.options() };
     let t0 = Instant::now();
@@ -217,6 +236,9 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
 }
 
 pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
+    if let Some(spec) = &a.pin {
+        return hydrate_pin(&a, spec);
+    }
     let mut cache = a.cache.options(&a.url, false, &a.remote)?;
     cache.hydrate = true;
     // Downloading needs no lease (only uploading left-over changes would).
@@ -240,6 +262,52 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `hydrate --pin`: pins part of the volume and waits until it is local.
+fn hydrate_pin(a: &HydrateArgs, spec: &str) -> anyhow::Result<()> {
+    let pins = if spec.eq_ignore_ascii_case("profile") {
+        Pins { ranges: Vec::new(), profile: true }
+    } else {
+        let ranges = parse_ranges(spec, parse_size).map_err(|e| anyhow::anyhow!("--pin: {e}"))?;
+        Pins { ranges: ranges.into_iter().map(|r| [r.start, r.end]).collect(), profile: false }
+    };
+    let mut cache = a.cache.options(&a.url, false, &a.remote)?;
+    cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
+    let dir = cache.cache_dir.clone();
+    let store = tier::open_volume(&a.url, cache)
+        .context("(if a daemon is serving this volume, stop it first; the pins apply at its next start)")?;
+    let t0 = Instant::now();
+    store.pin(&pins)?;
+    let all = store.wait_pinned(Duration::from_secs(24 * 3600), !a.quiet);
+    let s = store.stats();
+    if s.pinned_chunks > s.ssd_cap / s.chunk_size.max(1) {
+        eprintln!(
+            "warning: {} pinned is more than the SSD cache ({}): other data can no longer be cached",
+            human(s.pinned_chunks * s.chunk_size),
+            human(s.ssd_cap)
+        );
+    }
+    eprintln!(
+        "pinned {} chunks ({}) in {} in {:.1} s ({} downloaded){}",
+        s.pinned_chunks,
+        human(s.pinned_chunks * s.chunk_size),
+        dir.display(),
+        t0.elapsed().as_secs_f64(),
+        human(s.remote_bytes),
+        match (all, s.offline_ready) {
+            (false, _) => format!(
+                ": {} chunks could not be fetched (see the log); run it again",
+                s.pinned_chunks - s.pinned_local
+            ),
+            (true, Some(true)) => ": offline-ready".to_string(),
+            (true, _) => String::new(),
+        }
+    );
+    if !all {
+        bail!("not every pinned chunk is local");
+    }
+    Ok(())
+}
+
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let Some(url) = a.url else {
         let dir = a.cache_dir.expect("clap requires a URL or --cache-dir");
@@ -255,7 +323,7 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let lease = volume::lease::lease_status(&url, &a.remote.options())?;
     let dir = match a.cache_dir {
         Some(d) => Some(d),
-        None => default_cache_dir(&url).ok(),
+        None => default_cache_dir(&url, &a.remote.options()).ok(),
     };
     let local = dir.as_deref().and_then(|d| status::read(d).ok());
     if a.json {
@@ -282,7 +350,7 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
 }
 
 pub fn fork(a: ForkArgs) -> anyhow::Result<()> {
-    let default_dir = default_cache_dir(&a.url)?;
+    let default_dir = default_cache_dir(&a.url, &a.remote.options())?;
     let dir = a.cache_dir.clone().unwrap_or_else(|| default_dir.clone());
     let remote = a.remote.options();
     let f = tier::fork(&a.url, &a.new_url, &dir, &remote)?;
@@ -294,7 +362,7 @@ pub fn fork(a: ForkArgs) -> anyhow::Result<()> {
     // The cache now belongs to the fork: under the fork's default name
     // when it had the origin's.
     let dir = if a.cache_dir.is_none() {
-        let new_dir = default_cache_dir(&a.new_url)?;
+        let new_dir = default_cache_dir(&a.new_url, &a.remote.options())?;
         if new_dir.exists() {
             eprintln!("note: {} exists; the fork's cache stays at {}", new_dir.display(), dir.display());
             dir
@@ -337,7 +405,7 @@ pub fn fork(a: ForkArgs) -> anyhow::Result<()> {
 pub fn discard_local(a: DiscardArgs) -> anyhow::Result<()> {
     let dir = match a.cache_dir {
         Some(d) => d,
-        None => default_cache_dir(&a.url)?,
+        None => default_cache_dir(&a.url, &a.remote.options())?,
     };
     let dropped = tier::discard_local(&a.url, &dir, &a.remote.options())?;
     eprintln!(

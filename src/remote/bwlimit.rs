@@ -153,6 +153,10 @@ impl Remote for BwLimitRemote {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn reset_connections(&self) {
+        self.inner.reset_connections()
+    }
 }
 
 #[cfg(test)]

@@ -152,4 +152,8 @@ impl Remote for MetricsRemote {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn reset_connections(&self) {
+        self.inner.reset_connections()
+    }
 }

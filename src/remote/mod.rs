@@ -202,6 +202,13 @@ pub trait Remote: Send + Sync + fmt::Debug {
 
     /// One-line description for logs and errors (e.g. `dir:/mnt/vols/win10`).
     fn describe(&self) -> String;
+
+    /// Drops pooled connections so the next request opens fresh ones: called
+    /// when a request got no answer in time, since after a network change or
+    /// a laptop's sleep every pooled connection may be dead without the
+    /// kernel knowing yet. Layers forward it; backends without connections
+    /// ignore it.
+    fn reset_connections(&self) {}
 }
 
 /// A shared remote trait object.

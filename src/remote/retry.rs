@@ -14,6 +14,41 @@ use rand::{Rng, SeedableRng};
 
 use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
+/// How long the task making remote requests may wait for them in all, and
+/// whether it wants failed attempts retried: a guest read cannot wait out
+/// ten attempts of a minute each (Windows resets a disk after about a
+/// minute), so it sets a budget that every request it makes respects.
+#[derive(Clone, Copy, Debug)]
+pub struct CallBudget {
+    /// No attempt runs, and no retry starts, past this instant.
+    pub deadline: tokio::time::Instant,
+    /// Retry failed attempts while the deadline allows (false: the first
+    /// failure is the answer).
+    pub retry: bool,
+}
+
+impl CallBudget {
+    /// A budget of `wait` from now.
+    pub fn new(wait: Duration, retry: bool) -> Self {
+        Self { deadline: tokio::time::Instant::now() + wait, retry }
+    }
+}
+
+tokio::task_local! {
+    static BUDGET: CallBudget;
+}
+
+/// Runs `f` with every remote request it makes (in this task) bounded by
+/// `budget`.
+pub async fn within_budget<F: std::future::Future>(budget: CallBudget, f: F) -> F::Output {
+    BUDGET.scope(budget, f).await
+}
+
+/// The budget of the running task, if it set one.
+fn current_budget() -> Option<CallBudget> {
+    BUDGET.try_with(|b| *b).ok()
+}
+
 /// How many times and how patiently to retry.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
@@ -115,23 +150,44 @@ impl RetryingRemote {
         Fut: std::future::Future<Output = RemoteResult<T>>,
     {
         let max = self.policy.max_attempts.max(1);
+        let budget = current_budget();
         let mut attempt = 0;
         loop {
-            let r = match tokio::time::timeout(limit, f()).await {
-                Ok(r) => r,
-                Err(_) => Err(RemoteError::Transient {
-                    remote: self.inner.describe(),
-                    op,
-                    key: key.to_string(),
-                    message: format!("no answer within {} s", limit.as_secs_f64()),
-                    retry_after: None,
-                }),
+            let left = budget.map(|b| b.deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let limit = left.map_or(limit, |l| l.min(limit));
+            let r = if limit.is_zero() {
+                Err(self.no_answer(op, key, limit, "the caller's time budget is spent"))
+            } else {
+                match tokio::time::timeout(limit, f()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        // A silent peer: the pooled connections may all be
+                        // dead (a laptop resumed, the network changed), so
+                        // the next attempt starts on fresh ones.
+                        self.inner.reset_connections();
+                        Err(self.no_answer(op, key, limit, "no answer"))
+                    }
+                }
             };
             match r {
                 Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() && attempt + 1 < max => {
-                    // Honour a server's Retry-After when it asks for longer.
-                    let d = self.backoff(attempt).max(e.retry_after().unwrap_or_default());
+                // With a budget that wants retries, the deadline bounds
+                // them, not the attempt count: a guest read under
+                // `--on-remote-error wait` rides out an outage as long as
+                // its budget allows.
+                Err(e)
+                    if e.is_retryable()
+                        && match budget {
+                            None => attempt + 1 < max,
+                            Some(b) => b.retry && tokio::time::Instant::now() + self.policy.base_delay < b.deadline,
+                        } =>
+                {
+                    // Honour a server's Retry-After when it asks for longer;
+                    // never sleep past the caller's budget.
+                    let mut d = self.backoff(attempt).max(e.retry_after().unwrap_or_default());
+                    if let Some(b) = budget {
+                        d = d.min(b.deadline.saturating_duration_since(tokio::time::Instant::now()));
+                    }
                     tracing::debug!(op, key, attempt, delay_ms = d.as_millis() as u64, error = %e, "remote request failed; retrying");
                     tokio::time::sleep(d).await;
                     attempt += 1;
@@ -146,6 +202,16 @@ impl RetryingRemote {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    fn no_answer(&self, op: &'static str, key: &str, limit: Duration, why: &str) -> RemoteError {
+        RemoteError::Transient {
+            remote: self.inner.describe(),
+            op,
+            key: key.to_string(),
+            message: format!("{why} within {:.1} s", limit.as_secs_f64()),
+            retry_after: None,
         }
     }
 }
@@ -210,6 +276,10 @@ impl Remote for RetryingRemote {
 
     fn describe(&self) -> String {
         self.inner.describe()
+    }
+
+    fn reset_connections(&self) {
+        self.inner.reset_connections()
     }
 }
 

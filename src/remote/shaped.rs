@@ -236,6 +236,10 @@ impl Remote for ShapedRemote {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn reset_connections(&self) {
+        self.inner.reset_connections()
+    }
 }
 
 #[cfg(test)]

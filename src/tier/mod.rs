@@ -8,6 +8,7 @@ pub mod fork;
 pub mod journal;
 pub mod local;
 pub mod open;
+pub mod pins;
 pub mod ram;
 pub mod readahead;
 pub mod single_flight;

@@ -4,8 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::tiered::TieredStore;
+use crate::remote::retry::CallBudget;
 use crate::remote::RemoteUrl;
 use crate::volume::{RemoteOptions, VolumeError, VolumeReader, VolumeResult};
 
@@ -38,6 +40,9 @@ pub struct CacheOptions {
     pub writeback: super::tiered::WritebackOptions,
     /// When a writable store takes the volume's writer lease.
     pub lease: LeaseMode,
+    /// What a guest request that needs the remote does when the remote
+    /// fails or does not answer.
+    pub remote_wait: RemoteWait,
     pub remote: RemoteOptions,
 }
 
@@ -71,8 +76,46 @@ impl CacheOptions {
             boot_profile_window: std::time::Duration::from_secs(180),
             writeback: Default::default(),
             lease: LeaseMode::AtOpen,
+            remote_wait: RemoteWait::default(),
             remote: RemoteOptions::default(),
         }
+    }
+}
+
+/// What a guest request does when the bytes it needs must come from a
+/// remote that fails or hangs (like QEMU's `rerror=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnRemoteError {
+    /// Retry within [`RemoteWait::budget`], then fail the request.
+    Wait,
+    /// Fail the request at the first failed attempt (an attempt with no
+    /// answer still fails only at the budget).
+    Eio,
+}
+
+/// How long guest requests wait on the remote.
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteWait {
+    pub on_error: OnRemoteError,
+    /// Most time a guest request waits on the remote before it fails: kept
+    /// under the guest's disk timeout (Windows resets a disk whose request
+    /// is held about a minute; Linux after 30 s by default), since a
+    /// failed read of a pagefile page is a blue screen either way, but a
+    /// reset disk is worse. Also the most `serve` waits for the remote at
+    /// open when the cache can serve without it.
+    pub budget: Duration,
+}
+
+impl Default for RemoteWait {
+    fn default() -> Self {
+        Self { on_error: OnRemoteError::Wait, budget: Duration::from_secs(25) }
+    }
+}
+
+impl RemoteWait {
+    /// The budget a guest request's remote calls run under, from now.
+    pub fn call_budget(&self) -> CallBudget {
+        CallBudget::new(self.budget, self.on_error == OnRemoteError::Wait)
     }
 }
 
@@ -86,7 +129,30 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
         .enable_all()
         .build()
         .map_err(|e| VolumeError::io("starting tokio runtime for", &opts.cache_dir, e))?;
-    let reader = match rt.block_on(VolumeReader::open(&u, &opts.remote)) {
+    // With a copy of the volume in the cache, a remote that hangs must not
+    // keep the guest from its disk: past the budget, serve from the copy.
+    let has_copy = VolumeReader::has_offline_copy(&opts.cache_dir);
+    let opening = async {
+        if has_copy {
+            tokio::time::timeout(opts.remote_wait.budget, VolumeReader::open(&u, &opts.remote)).await.unwrap_or_else(
+                |_| {
+                    Err(VolumeError::Remote {
+                        context: format!("opening {u}"),
+                        source: Box::new(crate::remote::RemoteError::Transient {
+                            remote: u.to_string(),
+                            op: "open",
+                            key: String::new(),
+                            message: format!("no answer within {} s", opts.remote_wait.budget.as_secs()),
+                            retry_after: None,
+                        }),
+                    })
+                },
+            )
+        } else {
+            VolumeReader::open(&u, &opts.remote).await
+        }
+    };
+    let reader = match rt.block_on(opening) {
         Ok(r) => r,
         // Remote unreachable (not missing, not corrupt): start from the
         // copies the cache kept, so cached data stays usable offline.

@@ -13,11 +13,16 @@ pub struct Counters {
     pub remote_fetches: AtomicU64,
     pub remote_bytes: AtomicU64,
     pub fetch_errors: AtomicU64,
+    /// Guest requests failed because the remote did not answer within the
+    /// budget.
+    pub remote_timeouts: AtomicU64,
     pub readahead_chunks: AtomicU64,
     pub hydrate_total: AtomicU64,
     pub hydrate_done: AtomicU64,
     pub hydrating: AtomicBool,
     pub hydrate_complete: AtomicBool,
+    /// Pinned chunks are being fetched.
+    pub pinning: AtomicBool,
     pub profile_saved: AtomicU64,
     pub profile_segments: AtomicU64,
     pub profile_segments_done: AtomicU64,
@@ -66,6 +71,8 @@ pub struct TierStats {
     pub remote_fetches: u64,
     pub remote_bytes: u64,
     pub fetch_errors: u64,
+    /// Guest requests failed after waiting the whole remote budget.
+    pub remote_timeouts: u64,
     pub readahead_chunks: u64,
     pub ssd_evictions: u64,
     /// Background hydration: running, chunks to do and done, finished.
@@ -87,4 +94,15 @@ pub struct TierStats {
     pub profile_segments_done: u64,
     pub profile_bytes: u64,
     pub profile_waits: u64,
+    /// The guest's known hot set (pinned chunks and the newest boot
+    /// profile's chunks): chunks in it, of them local, pinned ones, and
+    /// pinned ones local.
+    pub hot_chunks: u64,
+    pub hot_local: u64,
+    pub pinned_chunks: u64,
+    pub pinned_local: u64,
+    /// Whether the guest can run without the network: every chunk of the
+    /// hot set is local (or the whole volume is). None when no hot set is
+    /// known (no boot profile, nothing pinned).
+    pub offline_ready: Option<bool>,
 }

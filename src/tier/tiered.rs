@@ -20,7 +20,8 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Semaphore;
 
 use super::boot::{BootProfileMode, Recorder, Replay};
-use super::open::{CacheOptions, LeaseMode};
+use super::open::{CacheOptions, LeaseMode, RemoteWait};
+use super::pins::Pins;
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight};
@@ -28,9 +29,11 @@ use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
+use crate::remote::retry::within_budget;
 use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 mod boot_profile;
+mod hot_set;
 mod lease;
 mod writeback;
 
@@ -137,7 +140,19 @@ struct Inner {
     writeback: Option<Writeback>,
     /// The writer lease, once taken.
     lease: parking_lot::Mutex<Option<Arc<crate::volume::lease::LeaseHolder>>>,
+    /// How long guest requests wait on the remote.
+    remote_wait: RemoteWait,
+    /// `close` has saved (or given up on) the boot profile.
+    profile_closed: AtomicBool,
+    /// The guest's hot set (pinned chunks and the boot profile's) and the
+    /// pinned part of it.
+    hot: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
+    pinned: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
 }
+
+/// The least time `close` gives the boot profile's upload, even after a
+/// final sync that used up its whole timeout.
+pub const PROFILE_SAVE_MIN: Duration = Duration::from_secs(10);
 
 /// The tiered RAM/SSD/remote store of one volume.
 pub struct TieredStore {
@@ -211,6 +226,10 @@ impl TieredStore {
                         .map_err(|e| VolumeError::io("opening write-back state in", &opts.cache_dir, e))?,
                 )
             },
+            remote_wait: opts.remote_wait,
+            profile_closed: AtomicBool::new(false),
+            hot: Default::default(),
+            pinned: Default::default(),
             vol,
             lease: parking_lot::Mutex::new(None),
         });
@@ -249,6 +268,17 @@ impl TieredStore {
                 }
             }
         });
+        // A cache hydrated earlier (`driveblk hydrate`) holds everything.
+        if (0..inner.ssd.chunk_count()).all(|i| inner.ssd.has_chunk(i) || inner.is_zero(i)) {
+            inner.counters.hydrate_complete.store(true, Ordering::SeqCst);
+        }
+        match Pins::load(&opts.cache_dir) {
+            Ok(p) if !p.is_empty() => {
+                rt.spawn(inner.clone().apply_pins(p));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "ignoring the cache's pinned ranges"),
+        }
         let store = Self { inner, rt: Some(rt), opened };
         if opts.hydrate {
             store.start_hydrate();
@@ -266,7 +296,20 @@ impl TieredStore {
         let i = &self.inner;
         let c = &i.counters;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let (hot_chunks, hot_local, pinned_chunks, pinned_local) = i.hot_counts();
+        let offline_ready = if c.hydrate_complete.load(Ordering::Relaxed) {
+            Some(true)
+        } else if hot_chunks > 0 {
+            Some(hot_local == hot_chunks)
+        } else {
+            None
+        };
         TierStats {
+            hot_chunks,
+            hot_local,
+            pinned_chunks,
+            pinned_local,
+            offline_ready,
             volume_id: i.vol.header.volume_id.clone(),
             generation: i.vol.generation(),
             image_len: i.ssd.len(),
@@ -287,6 +330,7 @@ impl TieredStore {
             remote_fetches: l(&c.remote_fetches),
             remote_bytes: l(&c.remote_bytes),
             fetch_errors: l(&c.fetch_errors),
+            remote_timeouts: l(&c.remote_timeouts),
             readahead_chunks: l(&c.readahead_chunks),
             ssd_evictions: i.ssd.evictions(),
             hydrating: c.hydrating.load(Ordering::Relaxed),
@@ -312,17 +356,64 @@ impl TieredStore {
     /// Returns the bytes of local changes still not on the remote (they
     /// stay in the cache and go up at the next start). Call after the disk
     /// was flushed and closed, before dropping the store.
+    ///
+    /// Then the boot recorded so far is saved as a profile, within what is
+    /// left of `timeout` (at least [`PROFILE_SAVE_MIN`]): a profile is a
+    /// speed-up, never worth holding a shutdown on a hung remote. Dropping
+    /// the store without closing it does no network I/O at all.
     pub fn close(&self, timeout: Duration) -> u64 {
+        let t0 = std::time::Instant::now();
         let left = self.inner.final_sync(timeout);
         let me = self.inner.clone();
-        let _ = self.inner.wait(me.finish_lease(left));
+        let lease_time = timeout.saturating_sub(t0.elapsed()).max(PROFILE_SAVE_MIN);
+        if let Ok(Err(_)) =
+            self.inner.wait(async move { tokio::time::timeout(lease_time, me.finish_lease(left)).await })
+        {
+            tracing::warn!("could not record the lease's state on the remote in time (it stands until the next start)");
+        }
         if left > 0 {
             tracing::warn!(
                 bytes = left,
                 "local changes not uploaded yet; they stay in the cache directory and are uploaded at the next start"
             );
         }
+        self.save_profile_at_close(timeout.saturating_sub(t0.elapsed()).max(PROFILE_SAVE_MIN));
         left
+    }
+
+    /// Saves the boot recorded so far as a profile (a boot shorter than the
+    /// recording window still leaves one), waiting at most `limit`.
+    fn save_profile_at_close(&self, limit: Duration) {
+        let inner = &self.inner;
+        if inner.profile_closed.swap(true, Ordering::SeqCst) || Handle::try_current().is_ok() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + limit;
+        // A save the window started in the background finishes first.
+        while inner.saving.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let recorded = inner.recorder.as_ref().map_or(0, |r| r.bytes());
+        if recorded == 0 || inner.saving.load(Ordering::SeqCst) {
+            return;
+        }
+        // The cache state first: an impatient second signal during the
+        // upload then loses nothing but the profile.
+        if let Err(e) = inner.ssd.persist() {
+            tracing::warn!(error = %e, "could not persist the SSD cache state");
+        }
+        tracing::info!(
+            bytes = recorded,
+            "closing: saving the boot recorded so far as a profile unless the volume's still matches it (a second SIGTERM/SIGINT skips this)"
+        );
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let me = inner.clone();
+        if let Ok(Err(_)) = inner.wait(async move { tokio::time::timeout(left, me.save_profile()).await }) {
+            tracing::warn!(
+                seconds = limit.as_secs(),
+                "boot profile not saved: the remote did not take it in time (the next boot records one again)"
+            );
+        }
     }
 
     /// Asks write-back to cut a generation as soon as the disk is
@@ -355,6 +446,36 @@ impl TieredStore {
         &self.inner.vol
     }
 
+    /// Pins more of the image (saved in the cache directory, so every start
+    /// keeps it): its chunks are fetched whole in the background and never
+    /// evicted. See [`wait_pinned`](Self::wait_pinned).
+    pub fn pin(&self, more: &Pins) -> VolumeResult<()> {
+        let dir = self.inner.ssd.dir().to_path_buf();
+        let mut pins = Pins::load(&dir).map_err(|e| VolumeError::io("reading pins in", &dir, e))?;
+        pins.merge(more);
+        pins.save(&dir).map_err(|e| VolumeError::io("saving pins in", &dir, e))?;
+        self.inner.counters.pinning.store(true, Ordering::SeqCst);
+        self.inner.handle.spawn(self.inner.clone().apply_pins(pins));
+        Ok(())
+    }
+
+    /// Waits until the pinned chunks are fetched (or `timeout` passes);
+    /// returns whether every pinned chunk is local.
+    pub fn wait_pinned(&self, timeout: Duration, progress: bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let bar = crate::volume::progress::bar(progress, 0, "pin");
+        loop {
+            let s = self.stats();
+            bar.set_length(s.pinned_chunks);
+            bar.set_position(s.pinned_local);
+            if !self.inner.counters.pinning.load(Ordering::SeqCst) || std::time::Instant::now() >= deadline {
+                bar.finish_and_clear();
+                return s.pinned_local == s.pinned_chunks;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts background hydration (no-op if already running).
     pub fn start_hydrate(&self) {
         if self.inner.counters.hydrating.swap(true, Ordering::SeqCst) {
@@ -384,38 +505,25 @@ impl TieredStore {
 }
 
 impl Drop for TieredStore {
+    /// Local work only (no network I/O here: [`close`](Self::close) is the
+    /// step that uploads): stops the background tasks, persists the cache
+    /// state and releases the cache directory.
     fn drop(&mut self) {
-        // A boot shorter than the recording window still leaves a profile.
-        let recorded = self.inner.recorder.as_ref().is_some_and(|r| r.bytes() > 0);
-        // A save the window started in the background finishes first.
-        let t0 = std::time::Instant::now();
-        while self.inner.saving.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(900) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if recorded && self.rt.is_some() {
-            if Handle::try_current().is_ok() {
-                tracing::warn!("boot profile not saved: the store was dropped inside an async context");
-            } else {
-                // The cache state first: an impatient second signal during
-                // the upload then loses nothing but the profile.
-                if let Err(e) = self.inner.ssd.persist() {
-                    tracing::warn!(error = %e, "could not persist the SSD cache state");
-                }
-                tracing::info!(
-                    bytes = self.inner.recorder.as_ref().map_or(0, |r| r.bytes()),
-                    "closing: saving the boot recorded so far as a profile unless the volume's still matches it (a second SIGTERM/SIGINT skips this)"
-                );
-                let me = self.inner.clone();
-                let _ = self.inner.wait(me.save_profile());
-            }
+        if !self.inner.profile_closed.load(Ordering::SeqCst)
+            && self.inner.recorder.as_ref().is_some_and(|r| r.bytes() > 0)
+        {
+            tracing::debug!("store dropped without close(): the boot recorded so far is not saved");
         }
         // A store dropped without `close` (an error path, a library
         // caller) still releases the lease when nothing is pending, or
         // records what is.
+        // Bounded: a hung remote leaves the lease standing, as a crash would.
         if self.rt.is_some() && Handle::try_current().is_err() && self.inner.lease.lock().is_some() {
             let left = self.inner.pending_bytes();
             let me = self.inner.clone();
-            let _ = self.inner.wait(me.finish_lease(left));
+            let _ = self
+                .inner
+                .wait(async move { tokio::time::timeout(Duration::from_secs(5), me.finish_lease(left)).await });
         }
         self.inner.closed.store(true, Ordering::SeqCst);
         // Stop the tasks first (fetches, readahead, hydration), so nothing
@@ -475,6 +583,35 @@ impl Inner {
     fn flight(self: &Arc<Self>, idx: u64, to_ram: bool) -> Flight<FetchResult> {
         let me = self.clone();
         self.flights.join(&self.handle, idx, move || me.fetch_and_install(idx, to_ram), || Err(closing()))
+    }
+
+    /// The single flight fetching chunk `idx` for a guest request: when
+    /// it starts the flight, the flight's remote calls keep to the guest's
+    /// budget (a flight readahead started keeps its own patience; the
+    /// guest still stops waiting at its budget).
+    fn guest_flight(self: &Arc<Self>, idx: u64, to_ram: bool) -> Flight<FetchResult> {
+        let me = self.clone();
+        let budget = self.remote_wait.call_budget();
+        self.flights.join(
+            &self.handle,
+            idx,
+            move || within_budget(budget, me.fetch_and_install(idx, to_ram)),
+            || Err(closing()),
+        )
+    }
+
+    /// Waits, for a guest request, on work that may need the remote: at
+    /// most the remote budget, then the request fails (TimedOut, which the
+    /// device reports as an I/O error) instead of hanging the guest.
+    fn wait_guest<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> io::Result<T> {
+        let budget = self.remote_wait.budget;
+        self.wait(async move { tokio::time::timeout(budget, fut).await })?.map_err(|_| {
+            Counters::inc(&self.counters.remote_timeouts);
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the remote did not answer within {} s (--remote-wait)", budget.as_secs_f64()),
+            )
+        })
     }
 
     /// The whole chunk: from RAM or SSD when it is already local (the
@@ -631,7 +768,7 @@ impl Inner {
                     let rp = replay.as_ref().expect("covering came from it");
                     Pending::Segments(segs.into_iter().map(|s| self.segment_flight(rp, s)).collect())
                 }
-                None => Pending::Chunk(self.flight(p.idx, true)),
+                None => Pending::Chunk(self.guest_flight(p.idx, true)),
             })
             .collect();
         if mode == IoMode::NonBlocking {
@@ -644,7 +781,7 @@ impl Inner {
         if let Some(rec) = &self.recorder {
             rec.stall_begin();
         }
-        let results = self.wait(async move {
+        let results = self.wait_guest(async move {
             let mut out = Vec::with_capacity(waits.len());
             for w in waits {
                 out.push(match w {
@@ -682,8 +819,8 @@ impl Inner {
                         p.idx
                     )));
                 }
-                let f = self.flight(p.idx, false);
-                self.wait(f)?.map_err(SharedError::into_io)?;
+                let f = self.guest_flight(p.idx, false);
+                self.wait_guest(f)?.map_err(SharedError::into_io)?;
                 if self.serve_local(p, &sub, IoMode::Blocking)? {
                     continue 'pieces;
                 }
@@ -693,8 +830,8 @@ impl Inner {
                 // The segment failed or its pages could not be kept: fetch
                 // the chunk instead.
                 None => {
-                    let f = self.flight(p.idx, true);
-                    self.wait(f)?
+                    let f = self.guest_flight(p.idx, true);
+                    self.wait_guest(f)?
                 }
             };
             let b = r.map_err(SharedError::into_io)?;
@@ -735,8 +872,8 @@ impl Inner {
                     if self.is_zero(p.idx) {
                         Some(self.zero_buf())
                     } else {
-                        let f = self.flight(p.idx, false);
-                        Some(self.wait(f)?.map_err(SharedError::into_io)?)
+                        let f = self.guest_flight(p.idx, false);
+                        Some(self.wait_guest(f)?.map_err(SharedError::into_io)?)
                     }
                 } else {
                     None
@@ -829,7 +966,9 @@ impl Inner {
         idxs.sort_unstable();
         idxs.dedup();
         idxs.retain(|&i| !self.ram.is_pinned(i));
-        let flights: Vec<_> = idxs.iter().map(|&i| self.flight(i, false)).collect();
+        // Each fetch keeps to the remote budget, so a hung remote fails the
+        // open instead of holding it.
+        let flights: Vec<_> = idxs.iter().map(|&i| self.guest_flight(i, false)).collect();
         let results = self.wait(futures::future::join_all(flights))?;
         for (idx, r) in idxs.into_iter().zip(results) {
             let fetched = r.map_err(SharedError::into_io)?;

@@ -50,6 +50,32 @@ impl std::fmt::Debug for RemoteOptions {
     }
 }
 
+/// The id of the volume at `url` (its header only: one small read),
+/// waiting at most `wait` for the remote.
+pub fn volume_id(url: &str, opts: &RemoteOptions, wait: std::time::Duration) -> VolumeResult<String> {
+    let u = RemoteUrl::parse(url)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| VolumeError::io("starting tokio runtime for", std::path::Path::new(url), e))?;
+    let remote = reader::connect(u.folder_with(&opts.config), opts);
+    let got = rt.block_on(async { tokio::time::timeout(wait, remote.get(format::HEADER_KEY)).await });
+    let bytes = match got {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) if e.is_not_found() => return Err(VolumeError::NotFound { url: url.to_string() }),
+        Ok(Err(e)) => return Err(VolumeError::remote(format!("reading {url}/{}", format::HEADER_KEY), e)),
+        Err(_) => {
+            return Err(VolumeError::InvalidOptions(format!(
+                "{url}: the remote did not answer within {} s",
+                wait.as_secs()
+            )))
+        }
+    };
+    let h =
+        VolumeHeader::from_bytes(&bytes).map_err(|reason| VolumeError::BadHeader { url: url.to_string(), reason })?;
+    Ok(h.volume_id)
+}
+
 /// What `info` (and `import`/`attach`) report about a volume.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeInfo {

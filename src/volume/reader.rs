@@ -153,6 +153,12 @@ impl VolumeReader {
         std::fs::File::open(dir)?.sync_all()
     }
 
+    /// True when `dir` holds the copies [`open_offline`](Self::open_offline)
+    /// needs.
+    pub fn has_offline_copy(dir: &Path) -> bool {
+        dir.join(OFFLINE_HEADER).is_file() && dir.join(OFFLINE_MANIFEST).is_file()
+    }
+
     /// Opens from the copies [`save_copies`](Self::save_copies) left in
     /// `dir`, verifying them as strictly as remote ones. Chunks not cached
     /// will fail to fetch until the remote is back (requests are retried

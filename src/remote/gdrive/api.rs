@@ -296,7 +296,9 @@ pub fn q_escape(s: &str) -> String {
 
 /// One account's connection to Drive.
 pub struct DriveApi {
-    http: reqwest::Client,
+    /// Swapped for a fresh client (a fresh pool) by
+    /// [`reset_connections`](Self::reset_connections).
+    http: arc_swap::ArcSwap<reqwest::Client>,
     /// `{base}/drive/v3`
     api: String,
     /// `{base}/upload/drive/v3`
@@ -317,6 +319,25 @@ pub struct DriveApi {
     pub(crate) known: parking_lot::Mutex<HashMap<String, HashMap<String, String>>>,
 }
 
+/// The HTTP client of a Drive account.
+fn http_client(cfg: &DriveConfig) -> reqwest::Client {
+    // HTTP/1.1 only (no http2 feature): Drive's HTTP/2 streams have been
+    // seen to stall; parallel reads use pooled connections instead. A read
+    // that waits this long between bytes is on a dead connection (a silent
+    // peer, a network that changed under it): it fails and is retried on a
+    // fresh one instead of waiting out the whole request deadline.
+    reqwest::Client::builder()
+        .connect_timeout(cfg.connect_timeout)
+        .read_timeout(cfg.request_timeout)
+        .pool_max_idle_per_host(64)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_keepalive(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .user_agent(concat!("driveblk/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
 impl std::fmt::Debug for DriveApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DriveApi").field("api", &self.api).finish_non_exhaustive()
@@ -327,23 +348,13 @@ impl DriveApi {
     /// A client for `cfg`. Credentials that cannot be loaded make every
     /// call fail with an [`ErrorKind::Auth`] error naming the problem.
     pub fn new(cfg: &DriveConfig) -> Self {
-        // HTTP/1.1 only (no http2 feature): Drive's HTTP/2 streams have
-        // been seen to stall; parallel reads use pooled connections instead.
-        let http = reqwest::Client::builder()
-            .connect_timeout(cfg.connect_timeout)
-            .pool_max_idle_per_host(64)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_keepalive(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .user_agent(concat!("driveblk/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+        let http = http_client(cfg);
         let base = cfg.api_url.trim_end_matches('/');
         let auth = Auth::from_config(cfg, http.clone()).map_err(|e| e.to_string());
         Self {
             api: format!("{base}/drive/v3"),
             upload: format!("{base}/upload/drive/v3"),
-            http,
+            http: arc_swap::ArcSwap::from_pointee(http),
             auth,
             pacer: Pacer::new(cfg.pacer),
             cfg: cfg.clone(),
@@ -360,8 +371,15 @@ impl DriveApi {
     }
 
     /// The raw HTTP client (for the upload session's chunk requests).
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+    pub fn http(&self) -> reqwest::Client {
+        (**self.http.load()).clone()
+    }
+
+    /// Replaces the connection pool: requests in flight finish on their
+    /// connections, new ones open fresh connections.
+    pub fn reset_connections(&self) {
+        tracing::debug!(api = %self.api, "dropping pooled Drive connections after a request got no answer");
+        self.http.store(std::sync::Arc::new(http_client(&self.cfg)));
     }
 
     /// Deadline for a request moving `bytes` of body.
@@ -417,7 +435,7 @@ impl DriveApi {
     }
 
     fn req(&self, method: Method, url: &str, token: &str, timeout: Duration) -> RequestBuilder {
-        self.http.request(method, url).bearer_auth(token).timeout(timeout)
+        self.http.load().request(method, url).bearer_auth(token).timeout(timeout)
     }
 
     fn url(&self, path: &str, query: &[(&str, &str)]) -> String {

@@ -626,6 +626,10 @@ impl Remote for GDriveRemote {
     fn describe(&self) -> String {
         self.name.clone()
     }
+
+    fn reset_connections(&self) {
+        self.api.reset_connections()
+    }
 }
 
 #[cfg(test)]

@@ -42,6 +42,8 @@ impl Inner {
                     "streaming the boot profile into the cache"
                 );
                 let rp = Arc::new(rp);
+                // What this boot will read: the hot set status reports on.
+                self.add_hot(rp.index.chunk_refs.keys().copied(), false);
                 self.streaming.store(true, Ordering::SeqCst);
                 *self.replay.write() = Some(rp.clone());
                 self.clone().stream_profile(rp).await;

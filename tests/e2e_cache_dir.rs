@@ -1,0 +1,83 @@
+//! The default cache directory is keyed by volume id (issue: hardening,
+//! "export and status find the right cache"): a daemon serving `dir:./vol`
+//! (relative, through a symlink) and `status`/`export` given
+//! `dir:/abs/real/vol` find the same cache, so an export includes the
+//! local writes not uploaded yet.
+
+#[allow(dead_code)]
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn every_spelling_of_a_volume_url_finds_its_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("cache-root");
+    let real = d.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::os::unix::fs::symlink(&real, d.path().join("link")).unwrap();
+    let img = d.path().join("disk.raw");
+    let data = common::make_raw(&img, 2 << 20, 5);
+    let abs = format!("dir:{}/vol", real.display());
+    let run = |cwd: &std::path::Path, args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+            .current_dir(cwd)
+            .env("DRIVEBLK_CACHE", &root)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    run(d.path(), &["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &abs]);
+
+    // Serve it as `dir:./vol` from inside the symlinked folder; write and
+    // flush, then kill -9: the write is durable in the cache only.
+    let sock = d.path().join("sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .current_dir(d.path().join("link"))
+        .env("DRIVEBLK_CACHE", &root)
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--volume", "dir:./vol", "--format", "raw"])
+        .args(["--sync-interval", "3600", "--boot-profile", "off"])
+        .spawn()
+        .unwrap();
+    let mut dmn = common::Daemon { child: Some(child), socket: sock.clone() };
+    let t0 = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(t0.elapsed().as_secs() < 20, "no socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut c = common::Client::connect(&sock, 1);
+    // The first FLUSH cuts a generation at once; the next write, flushed
+    // within --sync-interval, stays in the cache only.
+    c.write(0, &[1u8; 4096]).unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let page = vec![0xabu8; 4096];
+    c.write(65536, &page).unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500)); // a status write
+    drop(c);
+    let mut child = dmn.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Another spelling: the absolute real path.
+    let st = run(d.path(), &["status", &abs, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(v["local"]["chunks"]["dirty"], 1, "status found the serving daemon's cache: {v}");
+    let out = d.path().join("out.raw");
+    run(d.path(), &["export", "--quiet", &abs, out.to_str().unwrap()]);
+    let mut want = data.clone();
+    want[..4096].fill(1);
+    want[65536..65536 + 4096].copy_from_slice(&page);
+    assert!(std::fs::read(&out).unwrap() == want, "the export includes the write not uploaded yet");
+    // One cache directory for the volume, whatever the spelling.
+    let dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "by-url")
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+}
