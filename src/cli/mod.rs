@@ -2,6 +2,7 @@
 //! configuration, and the commands that run them.
 
 pub mod auth;
+pub mod maintain;
 pub mod remote;
 pub mod serve;
 pub mod size;
@@ -49,6 +50,14 @@ pub enum Command {
     Selftest(auth::SelftestArgs),
     /// Upload a volume's local changes now and wait until they are committed.
     Sync(sync::SyncArgs),
+    /// List a volume's generations (time, host, bytes changed, kind).
+    Log(maintain::LogArgs),
+    /// Make a new generation equal to an older one (deletes nothing).
+    Rollback(maintain::RollbackArgs),
+    /// Delete what no kept generation needs; repack mostly-dead packs.
+    Gc(maintain::GcArgs),
+    /// Check every object the volume's generations reference is there.
+    Verify(maintain::VerifyArgs),
 }
 
 /// Runs a parsed command.
@@ -64,5 +73,9 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Auth(c) => auth::run(c),
         Command::Selftest(a) => auth::selftest_cmd(a),
         Command::Sync(a) => sync::run(a),
+        Command::Log(a) => maintain::log(a),
+        Command::Rollback(a) => maintain::rollback(a),
+        Command::Gc(a) => maintain::gc(a),
+        Command::Verify(a) => maintain::verify(a),
     }
 }

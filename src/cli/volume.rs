@@ -179,6 +179,10 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
         );
     } else {
         print_info(&i);
+        match crate::cli::maintain::space_lines(&a.url, &a.remote) {
+            Ok(l) => print!("{l}"),
+            Err(e) => println!("space       unknown: {e:#}"),
+        }
     }
     Ok(())
 }
@@ -206,7 +210,7 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
 }
 
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let dir = match (a.cache_dir, a.url) {
+    let dir = match (a.cache_dir, a.url.clone()) {
         (Some(d), _) => d,
         (None, Some(url)) => default_cache_dir(&url)?,
         (None, None) => bail!("give a volume URL or --cache-dir"),
@@ -216,6 +220,9 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", status::render(&v));
+        if let Some(h) = a.url.as_deref().and_then(|u| crate::cli::maintain::quota_hint(u, &v)) {
+            print!("{h}");
+        }
     }
     Ok(())
 }

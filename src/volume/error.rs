@@ -67,6 +67,11 @@ pub enum VolumeError {
     /// first. Nothing of ours was published; the local changes are kept.
     #[error("volume {url} moved on: generation {generation} was committed by {by} while this cache held changes made on top of generation {}; nothing was overwritten and the local changes are kept in the cache", generation - 1)]
     Conflict { url: String, generation: u64, by: String },
+
+    /// A maintenance command (gc, rollback) found the volume being
+    /// written from elsewhere.
+    #[error("volume {url} is in use: {detail}")]
+    InUse { url: String, detail: String },
 }
 
 impl VolumeError {

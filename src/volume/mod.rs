@@ -9,11 +9,14 @@
 pub mod commit;
 pub mod error;
 pub mod format;
+pub mod gc;
+pub mod history;
 pub mod import;
 pub mod pack;
 pub mod profile;
 pub mod progress;
 pub mod reader;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::sync::Arc;
