@@ -215,10 +215,12 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
             kept.insert(f.from_generation);
         }
     }
-    // A reader may still serve g while its successor is young.
-    for &g in gens.objects.keys() {
-        if g < n && !old_enough(gens.created_ms(g + 1)) {
-            kept.insert(g);
+    // A reader may still serve g while the generation that replaced it
+    // is young (or of unknown age).
+    let stored: Vec<u64> = gens.objects.keys().copied().collect();
+    for w in stored.windows(2) {
+        if !old_enough(gens.created_ms(w[1])) {
+            kept.insert(w[0]);
         }
     }
     // Every object that cannot go (unlisted, young) survives, with chains.

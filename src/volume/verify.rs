@@ -381,7 +381,7 @@ pub fn check_at_open_blocking(r: &VolumeReader) {
         Err(e) => return tracing::warn!(error = %e, "cannot check the volume's objects at open"),
     };
     let t0 = std::time::Instant::now();
-    match rt.block_on(tokio::time::timeout(std::time::Duration::from_secs(120), check_newest(r, 8))) {
+    match rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(120), check_newest(r, 8)).await }) {
         Ok(Ok(p)) if p.is_empty() => tracing::info!(
             generation = r.generation(),
             ms = t0.elapsed().as_millis() as u64,

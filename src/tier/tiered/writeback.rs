@@ -361,7 +361,15 @@ impl Inner {
                 }
             };
             match next {
-                Next::Done => self.release_cut(),
+                Next::Done => {
+                    self.release_cut();
+                    // A sync asked for while this cut was retrying spent its
+                    // wake-up on the retry's sleep: serve it now, not after
+                    // a whole sync interval.
+                    if wb.requested.load(Ordering::SeqCst) {
+                        wb.wake.notify_one();
+                    }
+                }
                 Next::Stop => {
                     self.release_cut();
                     wb.changed.notify_all();
