@@ -190,10 +190,8 @@ fn note_of(m: &Manifest) -> Option<String> {
     let id = &m.writer.as_ref()?.cache_id;
     if let Some(g) = id.strip_prefix("rollback:") {
         Some(format!("rollback to generation {g}"))
-    } else if let Some(what) = id.strip_prefix("gc:") {
-        Some(format!("gc {what}"))
     } else {
-        None
+        id.strip_prefix("gc:").map(|what| format!("gc {what}"))
     }
 }
 

@@ -242,7 +242,7 @@ pub fn verify(url: &str, opts: &VerifyOptions) -> VolumeResult<VerifyReport> {
         // Which generations reference which pack, and how far into it.
         let mut need: BTreeMap<String, u64> = BTreeMap::new();
         let mut users: HashMap<String, BTreeSet<u64>> = HashMap::new();
-        let mut full_refs: BTreeMap<(String, u64, Option<(String, u64)>), (u64, u64)> = BTreeMap::new();
+        let mut full_refs: FullRefs = BTreeMap::new();
         gens.for_each_resolved(&ok, |m| {
             for (k, o, l) in frames(m) {
                 let e = need.entry(k.to_string()).or_default();
@@ -308,12 +308,16 @@ pub fn verify(url: &str, opts: &VerifyOptions) -> VolumeResult<VerifyReport> {
     })
 }
 
+/// Distinct chunk references (pack, offset, and a patch's base frame) ->
+/// a (generation, chunk) that uses it.
+type FullRefs = BTreeMap<(String, u64, Option<(String, u64)>), (u64, u64)>;
+
 /// Downloads and hash-checks every distinct chunk reference once, through
 /// a reader pinned at a generation that uses it.
 async fn check_frames(
     r: &VolumeReader,
     gens: &super::history::Generations,
-    refs: &BTreeMap<(String, u64, Option<(String, u64)>), (u64, u64)>,
+    refs: &FullRefs,
     known: &[Problem],
     parallel: usize,
 ) -> VolumeResult<(u64, Vec<Problem>)> {
