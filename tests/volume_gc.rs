@@ -558,3 +558,82 @@ fn gdrive_full_drive_pauses_sync_and_gc_frees_room() {
 fn driveblk_read(s: &dyn Storage) -> Vec<u8> {
     support::read_all(s).unwrap()
 }
+
+/// Many small commits leave many small packs; past `max_packs`, gc merges
+/// them (object count bounded), and the image reads back equal.
+#[test]
+fn dir_gc_compacts_many_small_packs() {
+    let v = dir_vol();
+    let rt = rt();
+    let mut expect = import(&v);
+    let s = writer(&v, "a", None);
+    for c in 0..6u64 {
+        write_chunks(&*s, c * 2..c * 2 + 1, 70 + c, &mut expect);
+        commit(&s);
+    }
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let packs =
+        |rt: &tokio::runtime::Runtime| listing(rt, &v).into_iter().filter(|m| m.key.starts_with("pack-")).count();
+    let before = packs(&rt);
+    assert!(before >= 8, "{before} packs");
+    let opts = GcOptions { active_window: Duration::ZERO, max_packs: 4, ..gc_opts(&v, 1) };
+    let rep = volume::gc::gc(&v.url, &opts).unwrap();
+    assert!(rep.repack_generation.is_some(), "{rep:?}");
+    let after = packs(&rt);
+    assert!(after <= 2, "{before} packs became {after}: {rep:?}");
+    assert!(rep.objects_after < rep.objects_before, "{rep:?}");
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
+    let clean = verify::verify(&v.url, &verify_opts(&v, true)).unwrap();
+    assert!(clean.is_clean(), "{:?}", clean.problems);
+}
+
+/// gc and rollback refuse while another host has just committed (it is
+/// probably serving the volume), unless forced.
+#[test]
+fn dir_gc_and_rollback_refuse_while_another_host_writes() {
+    let v = dir_vol();
+    let rt = rt();
+    import(&v);
+    let r = open(&rt, &v);
+    let b = volume::commit::GenerationBuilder::new(
+        r.remote.clone(),
+        &r.url,
+        &r.header,
+        r.manifest(),
+        false,
+        Default::default(),
+    );
+    let mut w = volume::commit::writer_record("other-cache");
+    w.host = "elsewhere".into();
+    rt.block_on(b.commit(w)).unwrap();
+    let e = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap_err().to_string();
+    assert!(e.contains("elsewhere") && e.contains("--force"), "{e}");
+    let e = history::rollback(&v.url, 1, &RollbackOptions { remote: v.remote.clone(), ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("elsewhere"), "{e}");
+    volume::gc::gc(&v.url, &GcOptions { force: true, ..gc_opts(&v, 1) }).unwrap();
+    let rb = history::rollback(&v.url, 1, &RollbackOptions { force: true, remote: v.remote.clone() }).unwrap();
+    assert_eq!(rb.generation, 3);
+}
+
+/// The commands run from the command line.
+#[test]
+fn cli_log_gc_verify_info() {
+    let v = dir_vol();
+    import(&v);
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_driveblk")).args(args).output().unwrap();
+        assert!(o.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let log = run(&["log", &v.url]);
+    assert!(log.contains("checkpoint") && log.contains("(newest)"), "{log}");
+    let gc = run(&["gc", &v.url, "--dry-run", "--grace", "0s", "--keep-generations", "1"]);
+    assert!(gc.contains("objects") && gc.contains("kept generations"), "{gc}");
+    let ver = run(&["verify", &v.url, "--full"]);
+    assert!(ver.contains("intact"), "{ver}");
+    let info = run(&["info", &v.url]);
+    assert!(info.contains("live") && info.contains("gc` would free"), "{info}");
+}
