@@ -560,7 +560,8 @@ fn driveblk_read(s: &dyn Storage) -> Vec<u8> {
 }
 
 /// Many small commits leave many small packs; past `max_packs`, gc merges
-/// them (object count bounded), and the image reads back equal.
+/// them (object count bounded), and the image reads back equal; the idle
+/// writer then commits on top of gc's generation.
 #[test]
 fn dir_gc_compacts_many_small_packs() {
     let v = dir_vol();
@@ -571,8 +572,6 @@ fn dir_gc_compacts_many_small_packs() {
         write_chunks(&*s, c * 2..c * 2 + 1, 70 + c, &mut expect);
         commit(&s);
     }
-    assert_eq!(s.close(Duration::from_secs(30)), 0);
-    drop(s);
     let packs =
         |rt: &tokio::runtime::Runtime| listing(rt, &v).into_iter().filter(|m| m.key.starts_with("pack-")).count();
     let before = packs(&rt);
@@ -583,6 +582,13 @@ fn dir_gc_compacts_many_small_packs() {
     let after = packs(&rt);
     assert!(after <= 2, "{before} packs became {after}: {rep:?}");
     assert!(rep.objects_after < rep.objects_before, "{rep:?}");
+    // The writer, idle meanwhile, was fenced out by the repack's commit:
+    // it builds its next generation on the repacked one instead.
+    write_chunks(&*s, 15..16, 79, &mut expect);
+    let g = commit(&s);
+    assert_eq!(g, rep.repack_generation.unwrap() + 1);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
     assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
     let clean = verify::verify(&v.url, &verify_opts(&v, true)).unwrap();
     assert!(clean.is_clean(), "{:?}", clean.problems);

@@ -32,6 +32,10 @@ use super::reader::VolumeReader;
 use super::{runtime, RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::{ObjectMeta, PutBody, RemoteUrl};
 
+/// The writer record's `cache_id` of a generation gc committed by
+/// repacking: same content as its parent.
+pub const REPACK_WRITER: &str = "gc:repack";
+
 /// Key prefix of fork registrations (written by `driveblk fork` in the
 /// origin volume).
 pub const FORK_PREFIX: &str = "fork-";
@@ -435,7 +439,7 @@ async fn repack(r: &VolumeReader, newest: &Manifest, packs: &[String], opts: &Gc
             .await
             .map_err(|e| VolumeError::remote(format!("uploading {}/{k}", r.url), e))?;
     }
-    commit_full(r, newest, m, "gc:repack").await
+    commit_full(r, newest, m, REPACK_WRITER).await
 }
 
 /// Deletes `objs`, `parallel` at once; an object already gone is fine.

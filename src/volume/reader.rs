@@ -217,6 +217,23 @@ impl VolumeReader {
         Ok(true)
     }
 
+    /// True when every generation in `from..=to` was committed by `gc`
+    /// repacking (same content as its parent, packs rewritten), so a writer
+    /// whose commit it fenced out may build on the newest instead.
+    pub async fn generations_only_repacks(&self, from: u64, to: u64) -> VolumeResult<bool> {
+        for g in from..=to {
+            let m = match read_object(&self.remote, &self.url, &self.header, g, None).await {
+                Ok(m) => m,
+                Err(VolumeError::Remote { source, .. }) if source.is_not_found() => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            if m.writer.as_ref().is_none_or(|w| w.cache_id != crate::volume::gc::REPACK_WRITER) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// The resolved manifest of an older generation `g` (to check which
     /// cached chunks are still current after others committed).
     pub async fn load_generation(&self, g: u64) -> VolumeResult<Manifest> {
