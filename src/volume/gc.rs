@@ -270,6 +270,11 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
         listing.iter().filter_map(|m| parse_profile_key(&m.key).map(|t| (t, m.key.as_str()))).collect();
     indexes.sort();
     let newest_profile = indexes.last().map(|(_, k)| k.to_string());
+    // A daemon that started before the newest profile was saved may still
+    // stream an older one: those go only once the newest is old enough.
+    let profiles_settled = newest_profile
+        .as_deref()
+        .is_none_or(|k| old_enough(listing.iter().find(|m| m.key == k).and_then(|m| m.created_ms)));
     let index_keys: BTreeSet<&str> = indexes.iter().map(|(_, k)| *k).collect();
     let mut delete = Vec::new();
     let mut young = 0u64;
@@ -289,16 +294,17 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
                 true
             }
         } else if key.starts_with(PROFILE_PREFIX) {
-            match key.strip_suffix(PACK_SUFFIX) {
-                Some(index) => {
-                    Some(index) != newest_profile.as_deref()
-                        && (index_keys.contains(index)
+            profiles_settled
+                && match key.strip_suffix(PACK_SUFFIX) {
+                    Some(index) => {
+                        Some(index) != newest_profile.as_deref()
+                            && (index_keys.contains(index)
                             // An orphan pack older than the newest index
                             // (newer ones may be uploads in flight).
                             || newest_profile.as_deref().is_some_and(|np| index < np))
+                    }
+                    None => index_keys.contains(key) && Some(key) != newest_profile.as_deref(),
                 }
-                None => index_keys.contains(key) && Some(key) != newest_profile.as_deref(),
-            }
         } else {
             false
         };
