@@ -643,3 +643,39 @@ fn cli_log_gc_verify_info() {
     let info = run(&["info", &v.url]);
     assert!(info.contains("live") && info.contains("gc` would free"), "{info}");
 }
+
+/// Boot profiles: the newest (index and pack) stays, older ones go, an
+/// orphan pack newer than the newest index (an upload in flight) stays;
+/// `--keep-days` keeps young generations.
+#[test]
+fn dir_gc_keeps_the_newest_boot_profile_and_young_generations() {
+    let v = dir_vol();
+    let rt = rt();
+    let mut expect = import(&v);
+    let s = writer(&v, "a", None);
+    for round in 0..3 {
+        write_chunks(&*s, 0..2, 90 + round, &mut expect);
+        commit(&s);
+    }
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let r = open(&rt, &v);
+    let old = "profile-00000000000000000002-0000000000001-aaaaaaaa";
+    let new = "profile-00000000000000000003-0000000000002-bbbbbbbb";
+    let flying = "profile-00000000000000000004-0000000000003-cccccccc.pack";
+    for k in [old.to_string(), format!("{old}.pack"), new.to_string(), format!("{new}.pack"), flying.to_string()] {
+        rt.block_on(r.remote.put(&k, PutBody::from_bytes(b"x".to_vec()))).unwrap();
+    }
+    let young = GcOptions { retention: Retention { keep_generations: 1, keep_days: Some(1.0) }, ..gc_opts(&v, 1) };
+    let rep = volume::gc::gc(&v.url, &young).unwrap();
+    let gone: Vec<&str> = rep.deleted.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(!gone.iter().any(|k| k.starts_with("gen-")), "every generation is younger than a day: {gone:?}");
+    let mut profiles: Vec<&str> = gone.iter().copied().filter(|k| k.starts_with("profile-")).collect();
+    profiles.sort();
+    assert_eq!(profiles, vec![old.to_string(), format!("{old}.pack")]);
+    let left: Vec<String> = listing(&rt, &v).into_iter().map(|m| m.key).filter(|k| k.starts_with("profile-")).collect();
+    assert_eq!(left, vec![new.to_string(), format!("{new}.pack"), flying.to_string()]);
+    let rep = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap();
+    assert!(rep.deleted.iter().any(|(k, _)| k.starts_with("gen-")), "without --keep-days they go: {rep:?}");
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
+}
