@@ -642,6 +642,15 @@ fn cli_log_gc_verify_info() {
     assert!(ver.contains("intact"), "{ver}");
     let info = run(&["info", &v.url]);
     assert!(info.contains("live") && info.contains("gc` would free"), "{info}");
+    // A daemon's status while write-back waits on a full Drive.
+    let cache = v.tmp.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let status = serde_json::json!({"pid": 1, "running": true, "volume_id": "x", "generation": 1,
+        "sync": {"dirty_bytes": 4096, "paused": true,
+                 "last_error": "uploading pack: quota exceeded: storageQuotaExceeded"}});
+    std::fs::write(cache.join("status.json"), status.to_string()).unwrap();
+    let st = run(&["status", &v.url, "--cache-dir", cache.to_str().unwrap()]);
+    assert!(st.contains("PAUSED") && st.contains("the remote is full") && st.contains("gc` would free"), "{st}");
 }
 
 /// Boot profiles: the newest (index and pack) stays, older ones go, an
