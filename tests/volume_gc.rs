@@ -442,6 +442,16 @@ fn verify_names_the_damage_and_rollback_restores(v: Vol) {
         .unwrap();
         let rep = verify::verify(&v.url, &verify_opts(&v, true)).unwrap();
         assert!(rep.is_clean(), "{:?}", rep.problems);
+        // The newest manifest trashed: readers would quietly serve the one
+        // before it; verify names it.
+        damage(&v, "gen-00000000000000000004");
+        let rep = verify::verify(&v.url, &verify_opts(&v, false)).unwrap();
+        assert_eq!(rep.problems.len(), 1, "{:?}", rep.problems);
+        assert_eq!(
+            (rep.problems[0].key.as_str(), &rep.problems[0].kind),
+            ("gen-00000000000000000004", &ProblemKind::Trashed)
+        );
+        assert!(rep.advice().contains("newest committed generation"), "{}", rep.advice());
     }
 }
 

@@ -64,6 +64,19 @@ impl Generations {
         }
     }
 
+    /// The first link of generation `g`'s delta chain that is neither
+    /// stored nor corrupt (`None` when the chain is whole or only corrupt).
+    pub fn missing_link(&self, g: u64) -> Option<u64> {
+        let mut cur = g;
+        loop {
+            match self.objects.get(&cur) {
+                Some(m) => cur = m.parent?,
+                None if self.corrupt.contains_key(&cur) => return None,
+                None => return Some(cur),
+            }
+        }
+    }
+
     /// Resolves every generation in `gens` (which must be closed under
     /// [`chain`](Self::chain)), in ascending order, calling `f` with each
     /// resolved manifest.

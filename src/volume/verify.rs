@@ -195,6 +195,13 @@ impl VerifyReport {
             s += "- put missing files back where they were (moved or renamed ones: move/rename back; deleted ones: \
                   from the Drive trash, or an earlier revision for a replaced file); then verify again\n";
         }
+        if let Some(p) = self.problems.iter().find(|p| p.generations.iter().any(|g| *g > self.newest)) {
+            s += &format!(
+                "- {} is the newest committed generation: until it is restored, readers serve generation {} \
+                 and write-back cannot commit — restore it first\n",
+                p.key, self.newest
+            );
+        }
         match self.newest_intact {
             Some(g) if g == self.newest => {
                 s += &format!("- the newest generation {g} is intact: the volume serves correctly; only older generations are affected\n")
@@ -225,18 +232,37 @@ pub fn verify(url: &str, opts: &VerifyOptions) -> VolumeResult<VerifyReport> {
         let mut problems: Vec<Problem> = Vec::new();
         let mut bad: BTreeSet<u64> = BTreeSet::new();
         let mut ok: BTreeSet<u64> = BTreeSet::new();
+        // Manifests missing from a chain, by the generations they break.
+        let mut gaps: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         for &g in gens.objects.keys().chain(gens.corrupt.keys()) {
             match gens.chain(g) {
                 Ok(c) => ok.extend(c),
                 Err(why) => {
                     bad.insert(g);
-                    problems.push(Problem {
-                        key: gen_key(g),
-                        kind: ProblemKind::Manifest(format!("cannot be read: {why}")),
-                        generations: vec![g],
-                    });
+                    match gens.missing_link(g) {
+                        Some(m) => gaps.entry(m).or_default().push(g),
+                        None => problems.push(Problem {
+                            key: gen_key(g),
+                            kind: ProblemKind::Manifest(format!("cannot be read: {why}")),
+                            generations: vec![g],
+                        }),
+                    }
                 }
             }
+        }
+        // The newest's successor in the trash: readers then silently serve
+        // the generation before it, and the next commit is fenced forever.
+        let next = gen_key(gens.newest + 1);
+        if let Ok(Some(_)) = r.remote.find_trashed(&next).await {
+            gaps.entry(gens.newest + 1).or_default().push(gens.newest + 1);
+        }
+        for (m, users) in gaps {
+            let key = gen_key(m);
+            let kind = match r.remote.find_trashed(&key).await {
+                Ok(Some(_)) => ProblemKind::Trashed,
+                _ => ProblemKind::Missing,
+            };
+            problems.push(Problem { key, kind, generations: users });
         }
         ok.retain(|g| !bad.contains(g));
         // Which generations reference which pack, and how far into it.
