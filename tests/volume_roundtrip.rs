@@ -122,8 +122,8 @@ fn attach_serves_base_file_without_upload() {
     names.sort();
     assert_eq!(
         names,
-        vec!["gen-00000000000000000001".to_string(), "volume.json".to_string()],
-        "nothing but metadata uploaded"
+        vec!["README.txt".to_string(), "gen-00000000000000000001".to_string(), "volume.json".to_string()],
+        "nothing but metadata (and the folder's README) uploaded"
     );
 
     let m = Arc::new(RemoteMetrics::default());

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod cache_dir;
+pub mod maintain;
 pub mod remote;
 pub mod serve;
 pub mod size;
@@ -55,6 +56,14 @@ pub enum Command {
     Fork(volume::ForkArgs),
     /// Drop this host's local changes to a volume (only when asked).
     DiscardLocal(volume::DiscardArgs),
+    /// List a volume's generations (time, host, bytes changed, kind).
+    Log(maintain::LogArgs),
+    /// Make a new generation equal to an older one (deletes nothing).
+    Rollback(maintain::RollbackArgs),
+    /// Delete what no kept generation needs; repack mostly-dead packs.
+    Gc(maintain::GcArgs),
+    /// Check every object the volume's generations reference is there.
+    Verify(maintain::VerifyArgs),
 }
 
 /// Runs a parsed command.
@@ -72,5 +81,9 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Sync(a) => sync::run(a),
         Command::Fork(a) => volume::fork(a),
         Command::DiscardLocal(a) => volume::discard_local(a),
+        Command::Log(a) => maintain::log(a),
+        Command::Rollback(a) => maintain::rollback(a),
+        Command::Gc(a) => maintain::gc(a),
+        Command::Verify(a) => maintain::verify(a),
     }
 }

@@ -322,6 +322,14 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         ImageSource::Volume { url, cache } => {
             let store: Arc<TieredStore> = tier_layer::open_volume(url, cache.clone())?;
             volume_store = Some(store.clone());
+            // Are the newest generation's objects all in the folder? (People
+            // trash and move files; a thread of its own, the guest waits not.)
+            let weak = Arc::downgrade(&store);
+            std::thread::Builder::new().name("driveblk-verify".into()).spawn(move || {
+                if let Some(s) = weak.upgrade() {
+                    crate::volume::verify::check_at_open_blocking(s.volume());
+                }
+            })?;
             status =
                 Some(StatusWriter::start(store.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);
             if cache.hydrate {

@@ -231,6 +231,10 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
         );
     } else {
         print_info(&i);
+        match crate::cli::maintain::space_lines(&a.url, &a.remote) {
+            Ok(l) => print!("{l}"),
+            Err(e) => println!("space       unknown: {e:#}"),
+        }
     }
     Ok(())
 }
@@ -342,7 +346,12 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     } else {
         println!("lease       {}", lease.describe());
         match &local {
-            Some(v) => print!("{}", status::render(v)),
+            Some(v) => {
+                print!("{}", status::render(v));
+                if let Some(h) = crate::cli::maintain::quota_hint(&url, v) {
+                    print!("{h}");
+                }
+            }
             None => println!("local       no daemon status on this host"),
         }
     }

@@ -140,6 +140,10 @@ impl Remote for BwLimitRemote {
         self.inner.create(key, slot, tag, body).await
     }
 
+    async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
+        self.inner.find_trashed(key).await
+    }
+
     async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
         self.inner.head_created(key, slot).await
     }

@@ -131,6 +131,10 @@ impl Remote for MetricsRemote {
         Ok(m)
     }
 
+    async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
+        self.count(&self.metrics.heads, self.inner.find_trashed(key)).await
+    }
+
     async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
         self.count(&self.metrics.heads, self.inner.head_created(key, slot)).await
     }

@@ -200,6 +200,15 @@ pub trait Remote: Send + Sync + fmt::Debug {
         self.get(key).await
     }
 
+    /// The object `key` if it sits in the store's trash (Drive: a file
+    /// someone moved to the bin in the web UI, which `head` and `list`
+    /// treat as absent); `Ok(None)` when it is not in the trash or the store
+    /// has none (`dir`). Lets `verify` tell "trashed: restore it" from
+    /// "deleted".
+    async fn find_trashed(&self, _key: &str) -> RemoteResult<Option<ObjectMeta>> {
+        Ok(None)
+    }
+
     /// One-line description for logs and errors (e.g. `dir:/mnt/vols/win10`).
     fn describe(&self) -> String;
 

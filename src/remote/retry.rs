@@ -254,6 +254,10 @@ impl Remote for RetryingRemote {
         }
     }
 
+    async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
+        self.run("find_trashed", key, || self.inner.find_trashed(key)).await
+    }
+
     async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
         self.run("head_created", key, || self.inner.head_created(key, slot)).await
     }

@@ -211,6 +211,11 @@ impl Remote for ShapedRemote {
         Ok(m)
     }
 
+    async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
+        self.before("find_trashed", key).await?;
+        self.inner.find_trashed(key).await
+    }
+
     async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
         self.before("head_created", key).await?;
         self.inner.head_created(key, slot).await

@@ -71,6 +71,10 @@ pub enum VolumeError {
     /// Another host holds the writer lease (`volume::lease`).
     #[error("volume {url} is in use: {holder}")]
     LeaseHeld { url: String, holder: String },
+    /// A maintenance command (gc, rollback) found the volume being
+    /// written from elsewhere.
+    #[error("volume {url} is in use: {detail}")]
+    InUse { url: String, detail: String },
 }
 
 impl VolumeError {

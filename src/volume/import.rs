@@ -93,6 +93,11 @@ pub(crate) async fn commit_new(
         .put(&key, PutBody::from_bytes(manifest.to_bytes()))
         .await
         .map_err(|e| VolumeError::remote(format!("committing {url}/{key}"), e))?;
+    // Tells people browsing the folder what it is; the volume works
+    // without it (`verify --repair` writes a missing one).
+    if let Err(e) = super::verify::write_readme(remote, &header.volume_id).await {
+        tracing::warn!(error = %e, "could not write the volume folder's README");
+    }
     Ok(())
 }
 

@@ -10,12 +10,15 @@ pub mod commit;
 pub mod error;
 pub mod fork;
 pub mod format;
+pub mod gc;
+pub mod history;
 pub mod import;
 pub mod lease;
 pub mod pack;
 pub mod profile;
 pub mod progress;
 pub mod reader;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -228,8 +228,30 @@ impl VolumeReader {
     /// cache with id `cache_id`.
     pub async fn generations_by(&self, cache_id: &str, from: u64, to: u64) -> VolumeResult<bool> {
         for g in from..=to {
-            let m = read_object(&self.remote, &self.url, &self.header, g, None).await?;
+            let m = match read_object(&self.remote, &self.url, &self.header, g, None).await {
+                Ok(m) => m,
+                // Removed by `driveblk gc`: nothing says it was ours.
+                Err(VolumeError::Remote { source, .. }) if source.is_not_found() => return Ok(false),
+                Err(e) => return Err(e),
+            };
             if m.writer.as_ref().is_none_or(|w| w.cache_id != cache_id) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// True when every generation in `from..=to` was committed by `gc`
+    /// repacking (same content as its parent, packs rewritten), so a writer
+    /// whose commit it fenced out may build on the newest instead.
+    pub async fn generations_only_repacks(&self, from: u64, to: u64) -> VolumeResult<bool> {
+        for g in from..=to {
+            let m = match read_object(&self.remote, &self.url, &self.header, g, None).await {
+                Ok(m) => m,
+                Err(VolumeError::Remote { source, .. }) if source.is_not_found() => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            if m.writer.as_ref().is_none_or(|w| w.cache_id != crate::volume::gc::REPACK_WRITER) {
                 return Ok(false);
             }
         }
@@ -341,10 +363,18 @@ impl VolumeReader {
     async fn read_frame(&self, m: &Manifest, idx: u64, pack: u32, offset: u64, len: u64) -> VolumeResult<Bytes> {
         let key = &m.packs[pack as usize];
         let (remote, object) = self.pack_remote(key)?;
-        let frame = remote
-            .get_range(object, offset..offset + len)
-            .await
-            .map_err(|e| VolumeError::remote(format!("reading chunk {idx} of {} from {key}", self.url), e))?;
+        let frame = remote.get_range(object, offset..offset + len).await.map_err(|e| {
+            if e.is_not_found() {
+                // Someone deleted, moved or trashed part of the volume
+                // folder (or a GC ran with too short a grace period).
+                tracing::error!(
+                    url = %self.url, key = %key, generation = m.generation,
+                    "an object of the volume is missing: it was deleted, moved, renamed or trashed in the folder; \
+                     restore it (Drive: untrash it in the web UI), then run `driveblk verify {}`", self.url
+                );
+            }
+            VolumeError::remote(format!("reading chunk {idx} of {} from {key}", self.url), e)
+        })?;
         if frame.len() as u64 != len {
             return Err(VolumeError::CorruptChunk {
                 url: self.url.clone(),
@@ -408,7 +438,7 @@ const RESOLVE_BATCH: u64 = 16;
 /// Reads and verifies the manifest object of generation `g`: by its slot
 /// when one is known (found by identity, never through a listing), else by
 /// key.
-async fn read_object(
+pub(crate) async fn read_object(
     remote: &DynRemote,
     url: &str,
     header: &VolumeHeader,
@@ -430,7 +460,7 @@ async fn read_object(
 /// The resolved manifest of generation `g`: its object, and when that is a
 /// delta, the chain back to the newest full manifest, applied in order.
 /// `newest` is the object of `g` if the caller already has it.
-async fn resolve(
+pub(crate) async fn resolve(
     remote: &DynRemote,
     url: &str,
     header: &VolumeHeader,

@@ -599,6 +599,31 @@ impl Remote for GDriveRemote {
         }
     }
 
+    /// A trashed file of this name in the folder: by the id this process
+    /// knows, else by a query for trashed files (trashed files keep their
+    /// parents).
+    async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
+        if let Target::File { .. } = &self.target {
+            return Ok(None);
+        }
+        let Some(folder) = self.folder_id("find_trashed", key, false).await? else { return Ok(None) };
+        if let Some(id) = self.known_id(key) {
+            if let Ok(f) = self.api.get_file(&id).await {
+                if f.trashed && f.name == key {
+                    return Ok(Some(self.meta(key, &f)));
+                }
+            }
+        }
+        let q = format!(
+            "name = '{}' and '{}' in parents and trashed = true",
+            api::q_escape(key),
+            api::q_escape(&folder.id)
+        );
+        let files =
+            self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err("find_trashed", key, e))?;
+        Ok(files.into_iter().find(|f| !f.is_folder()).map(|f| self.meta(key, &f)))
+    }
+
     /// files.get on the slot's id: follows a create at once, where a
     /// listing may lag behind it.
     async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {

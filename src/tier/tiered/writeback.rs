@@ -361,7 +361,15 @@ impl Inner {
                 }
             };
             match next {
-                Next::Done => self.release_cut(),
+                Next::Done => {
+                    self.release_cut();
+                    // A sync asked for while this cut was retrying spent its
+                    // wake-up on the retry's sleep: serve it now, not after
+                    // a whole sync interval.
+                    if wb.requested.load(Ordering::SeqCst) {
+                        wb.wake.notify_one();
+                    }
+                }
                 Next::Stop => {
                     self.release_cut();
                     wb.changed.notify_all();
@@ -456,6 +464,11 @@ impl Inner {
                 if self.clone().adopt_own_generations().await? {
                     return Ok(());
                 }
+                // `driveblk gc` repacked the volume (same bytes, new packs):
+                // build this cut again on top of that, nothing forked.
+                if self.clone().adopt_repacks().await? {
+                    return Box::pin(self.commit_cut(cut)).await;
+                }
                 return Err(VolumeError::Conflict { url, generation, by });
             }
             Err(e) => return Err(e),
@@ -518,6 +531,32 @@ impl Inner {
         tokio::task::spawn_blocking(move || me.reconcile_dirty(newest))
             .await
             .map_err(|e| VolumeError::InvalidOptions(format!("reconcile task failed: {e}")))??;
+        Ok(true)
+    }
+
+    /// After a fence conflict: if every generation past ours is a gc
+    /// repack whose content equals our parent's, serves the newest (clean
+    /// cached chunks stay valid, dirty ones stay dirty). False otherwise.
+    async fn adopt_repacks(self: Arc<Self>) -> VolumeResult<bool> {
+        let newest = self.vol.newest_manifest().await?;
+        let parent = self.vol.manifest();
+        if newest.generation <= parent.generation
+            || !self.vol.generations_only_repacks(parent.generation + 1, newest.generation).await?
+        {
+            return Ok(false);
+        }
+        let has_base = self.vol.base.is_some();
+        let same = newest.image_len == parent.image_len
+            && (0..parent.chunk_count()).all(|i| newest.chunk(i, has_base).same_bytes(&parent.chunk(i, has_base)));
+        if !same {
+            return Ok(false);
+        }
+        tracing::info!(
+            from = parent.generation,
+            to = newest.generation,
+            "write-back: building on gc's repacked generation"
+        );
+        self.install_generation(newest, &BTreeMap::new())?;
         Ok(true)
     }
 

@@ -1,0 +1,647 @@
+//! Garbage collection (`driveblk gc`): retention of generations, deleting
+//! the packs, patches, profiles and manifests nothing kept references, and
+//! repacking mostly-dead packs — safe against a concurrent writer and
+//! against readers still serving an older generation (docs/format.md,
+//! "Retention and garbage collection").
+//!
+//! Rules, each for a reason:
+//! - the newest generation, the retention's, every fork's (`fork-*.json`)
+//!   and every generation whose successor is younger than the grace period
+//!   (a reader may still serve it) are kept, with their delta chains;
+//! - every manifest object that survives keeps everything it references,
+//!   so any generation `log` lists can be read and rolled back to;
+//! - only listed objects older than the grace period (by the remote's
+//!   `createdTime`) are deleted, never one missing from the listing, never
+//!   a pack written for a generation newer than the newest (a writer's,
+//!   about to be committed), never `volume.json`, `README.txt` or `fork-*`;
+//! - before deleting, the newest generation is read again; if it moved, the
+//!   plan is made again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::format::{new_pack_key, parse_gen_key, ChunkRef, Manifest, GEN_PREFIX, PACK_PREFIX};
+use super::history::{
+    check_writer, commit_full, frames, load_generations, now_ms, pack_generation, DEFAULT_ACTIVE_WINDOW,
+};
+use super::pack::decode_chunk_upto;
+use super::profile::{parse_profile_key, PACK_SUFFIX, PROFILE_PREFIX};
+use super::reader::VolumeReader;
+use super::{runtime, RemoteOptions, VolumeError, VolumeResult};
+use crate::remote::{ObjectMeta, PutBody, RemoteUrl};
+
+/// The writer record's `cache_id` of a generation gc committed by
+/// repacking: same content as its parent.
+pub const REPACK_WRITER: &str = "gc:repack";
+
+/// Key prefix of fork registrations (written by `driveblk fork` in the
+/// origin volume).
+pub const FORK_PREFIX: &str = "fork-";
+
+/// A fork registration: `fork-<fork volume id>.json` in the origin volume.
+/// While it exists, generation `from_generation` and everything it
+/// references is kept.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ForkRef {
+    pub volume_id: String,
+    pub url: String,
+    pub from_generation: u64,
+    pub created_unix_ms: u64,
+}
+
+/// Which generations are kept (besides the newest, forks' and those a
+/// reader may still serve).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retention {
+    /// The K newest generations.
+    pub keep_generations: u64,
+    /// Generations younger than this many days.
+    pub keep_days: Option<f64>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { keep_generations: 10, keep_days: None }
+    }
+}
+
+/// Default grace period: objects younger than this are never deleted.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// Options of [`gc`].
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    pub retention: Retention,
+    /// Objects created less than this long ago (remote clock) are kept.
+    pub grace: Duration,
+    /// Report only.
+    pub dry_run: bool,
+    /// Run even though another host committed a moment ago.
+    pub force: bool,
+    /// A pack only the newest generation uses is rewritten when more than
+    /// this share of its bytes is dead.
+    pub repack_dead_share: f64,
+    /// When the newest generation uses more packs than this, its small
+    /// packs are merged (Drive folders and shared drives have item limits).
+    pub max_packs: usize,
+    /// Size of packs written by a repack.
+    pub pack_size: u64,
+    /// A writer that committed within this is active: gc then writes no
+    /// generation (a repack would fence it out), and refuses altogether
+    /// when that writer is another host (unless `force`).
+    pub active_window: Duration,
+    pub parallel: usize,
+    pub remote: RemoteOptions,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        Self {
+            retention: Retention::default(),
+            grace: DEFAULT_GRACE,
+            dry_run: false,
+            force: false,
+            repack_dead_share: 0.5,
+            max_packs: 256,
+            pack_size: 32 << 20,
+            active_window: DEFAULT_ACTIVE_WINDOW,
+            parallel: 8,
+            remote: RemoteOptions::default(),
+        }
+    }
+}
+
+/// What one [`gc`] did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GcReport {
+    pub url: String,
+    pub dry_run: bool,
+    /// Newest generation at the start.
+    pub newest: u64,
+    /// Generations kept by retention, forks and readers.
+    pub kept: Vec<u64>,
+    /// Generations kept only because a kept one's delta chain needs them,
+    /// or because they are too young to delete.
+    pub also_kept: Vec<u64>,
+    pub forks: Vec<ForkRef>,
+    pub objects_before: u64,
+    pub bytes_before: u64,
+    pub objects_after: u64,
+    pub bytes_after: u64,
+    /// Objects deleted (or to delete): key and size.
+    pub deleted: Vec<(String, u64)>,
+    /// Unreferenced objects left because they are younger than the grace
+    /// period (or written for a generation not committed yet).
+    pub young: u64,
+    /// Packs rewritten into new ones.
+    pub repacked: Vec<String>,
+    /// The generation the repack committed.
+    pub repack_generation: Option<u64>,
+    /// Why no repack or checkpoint was written although one was due.
+    pub repack_skipped: Option<String>,
+    /// Bytes of objects the kept generations need, after.
+    pub live_bytes: u64,
+    /// Bytes still stored that no kept generation needs, after (dead
+    /// frames inside live packs, young objects).
+    pub dead_bytes: u64,
+}
+
+/// A GC plan over one snapshot of the folder.
+struct Plan {
+    newest: Manifest,
+    listing: Vec<ObjectMeta>,
+    kept: BTreeSet<u64>,
+    surviving: BTreeSet<u64>,
+    forks: Vec<ForkRef>,
+    delete: Vec<ObjectMeta>,
+    young: u64,
+    /// Pack key -> live bytes (distinct frames surviving generations use).
+    live: HashMap<String, u64>,
+    /// Pack key -> surviving generations that use it.
+    users: HashMap<String, BTreeSet<u64>>,
+    /// Generations kept only for the newest's delta chain.
+    chain_only: BTreeSet<u64>,
+}
+
+impl Plan {
+    fn bytes_before(&self) -> u64 {
+        self.listing.iter().map(|m| m.size).sum()
+    }
+}
+
+/// Reads the fork registrations in the listing.
+async fn read_forks(r: &VolumeReader, listing: &[ObjectMeta]) -> VolumeResult<Vec<ForkRef>> {
+    let mut out = Vec::new();
+    for m in listing.iter().filter(|m| m.key.starts_with(FORK_PREFIX) && m.key.ends_with(".json")) {
+        let b = match r.remote.get(&m.key).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(VolumeError::remote(format!("reading fork registration {}/{}", r.url, m.key), e)),
+        };
+        let f: ForkRef = serde_json::from_slice(&b).map_err(|e| {
+            VolumeError::InvalidOptions(format!(
+                "fork registration {}/{} is not valid ({e}); gc will not guess what it protects — fix or remove it",
+                r.url, m.key
+            ))
+        })?;
+        out.push(f);
+    }
+    Ok(out)
+}
+
+/// Makes a plan from a fresh listing.
+async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan> {
+    let listing = r.remote.list("").await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?;
+    let gens = load_generations(r, &listing).await?;
+    if let Some((g, why)) = gens.corrupt.iter().next() {
+        return Err(VolumeError::CorruptManifest {
+            url: r.url.clone(),
+            key: super::format::gen_key(*g),
+            reason: format!("{why}; gc stops here — run `driveblk verify {}`", r.url),
+        });
+    }
+    let forks = read_forks(r, &listing).await?;
+    let n = gens.newest;
+    let grace = opts.grace.as_millis() as u64;
+    let old_enough = |created: Option<u64>| created.is_some_and(|c| c.saturating_add(grace) <= now);
+    // Retention.
+    let mut kept: BTreeSet<u64> = BTreeSet::new();
+    kept.insert(n);
+    kept.extend(gens.objects.keys().rev().take(opts.retention.keep_generations as usize).copied());
+    if let Some(days) = opts.retention.keep_days {
+        let horizon = now.saturating_sub((days * 86_400_000.0) as u64);
+        kept.extend(gens.objects.keys().copied().filter(|&g| gens.created_ms(g).is_none_or(|c| c >= horizon)));
+    }
+    for f in &forks {
+        if gens.objects.contains_key(&f.from_generation) {
+            kept.insert(f.from_generation);
+        }
+    }
+    // A reader may still serve g while the generation that replaced it
+    // is young (or of unknown age).
+    let stored: Vec<u64> = gens.objects.keys().copied().collect();
+    for w in stored.windows(2) {
+        if !old_enough(gens.created_ms(w[1])) {
+            kept.insert(w[0]);
+        }
+    }
+    // Every object that cannot go (unlisted, young) survives, with chains.
+    let mut protect = kept.clone();
+    for &g in gens.objects.keys() {
+        let listed = gens.meta.contains_key(&g);
+        if !listed || !old_enough(gens.created_ms(g)) {
+            protect.insert(g);
+        }
+    }
+    // The newest's delta chain below it: a full manifest of the newest (a
+    // repack commits one) lets these go.
+    let chain_only: BTreeSet<u64> =
+        gens.chain(n).unwrap_or_default().into_iter().filter(|g| *g != n && !protect.contains(g)).collect();
+    let mut surviving = BTreeSet::new();
+    for &g in &protect {
+        let chain = gens.chain(g).map_err(|why| VolumeError::CorruptManifest {
+            url: r.url.clone(),
+            key: super::format::gen_key(g),
+            reason: format!("its delta chain is broken ({why}); gc stops here — run `driveblk verify {}`", r.url),
+        })?;
+        surviving.extend(chain);
+    }
+    // What the surviving generations reference.
+    let mut frames_by_pack: HashMap<String, BTreeSet<(u64, u64)>> = HashMap::new();
+    let mut users: HashMap<String, BTreeSet<u64>> = HashMap::new();
+    let mut newest = None;
+    gens.for_each_resolved(&surviving, |m| {
+        for (k, o, l) in frames(m) {
+            frames_by_pack.entry(k.to_string()).or_default().insert((o, l));
+            users.entry(k.to_string()).or_default().insert(m.generation);
+        }
+        if m.generation == n {
+            newest = Some(m.clone());
+        }
+    })
+    .map_err(|reason| VolumeError::CorruptManifest { url: r.url.clone(), key: "(chain)".into(), reason })?;
+    let newest = newest.expect("the newest generation survives");
+    let live: HashMap<String, u64> =
+        frames_by_pack.into_iter().map(|(k, fr)| (k, fr.iter().map(|(_, l)| l).sum())).collect();
+    // Profiles: the newest index and its pack are kept; older ones go.
+    let mut indexes: Vec<((u64, u64), &str)> =
+        listing.iter().filter_map(|m| parse_profile_key(&m.key).map(|t| (t, m.key.as_str()))).collect();
+    indexes.sort();
+    let newest_profile = indexes.last().map(|(_, k)| k.to_string());
+    // A daemon that started before the newest profile was saved may still
+    // stream an older one: those go only once the newest is old enough.
+    let profiles_settled = newest_profile
+        .as_deref()
+        .is_none_or(|k| old_enough(listing.iter().find(|m| m.key == k).and_then(|m| m.created_ms)));
+    let index_keys: BTreeSet<&str> = indexes.iter().map(|(_, k)| *k).collect();
+    let mut delete = Vec::new();
+    let mut young = 0u64;
+    for m in &listing {
+        let key = m.key.as_str();
+        let dead = if let Some(g) = parse_gen_key(key) {
+            !surviving.contains(&g) && g < n && gens.objects.contains_key(&g)
+        } else if key.starts_with(PACK_PREFIX) {
+            if live.contains_key(key) {
+                false
+            } else if pack_generation(key).is_none_or(|pg| pg > n) {
+                // Written for a generation not committed yet: a writer's,
+                // about to be committed (it may only build on the newest).
+                young += 1;
+                false
+            } else {
+                true
+            }
+        } else if key.starts_with(PROFILE_PREFIX) {
+            profiles_settled
+                && match key.strip_suffix(PACK_SUFFIX) {
+                    Some(index) => {
+                        Some(index) != newest_profile.as_deref()
+                            && (index_keys.contains(index)
+                            // An orphan pack older than the newest index
+                            // (newer ones may be uploads in flight).
+                            || newest_profile.as_deref().is_some_and(|np| index < np))
+                    }
+                    None => index_keys.contains(key) && Some(key) != newest_profile.as_deref(),
+                }
+        } else {
+            false
+        };
+        if !dead {
+            continue;
+        }
+        if old_enough(m.created_ms) {
+            delete.push(m.clone());
+        } else {
+            young += 1;
+        }
+    }
+    Ok(Plan { newest, listing, kept, surviving, forks, delete, young, live, users, chain_only })
+}
+
+/// Packs worth rewriting: used only by the newest generation (and the
+/// delta chain a full manifest of it frees), and mostly dead by what the
+/// newest uses; or, when the newest uses too many packs, its small ones.
+fn repack_candidates(p: &Plan, opts: &GcOptions) -> Vec<String> {
+    let n = p.newest.generation;
+    let sizes: HashMap<&str, u64> = p.listing.iter().map(|m| (m.key.as_str(), m.size)).collect();
+    let only_newest = |k: &str| p.users.get(k).is_some_and(|u| u.iter().all(|g| *g == n || p.chain_only.contains(g)));
+    let mut newest_live: HashMap<&str, BTreeSet<(u64, u64)>> = HashMap::new();
+    for (k, o, l) in frames(&p.newest) {
+        newest_live.entry(k).or_default().insert((o, l));
+    }
+    let mut out: BTreeSet<String> = BTreeSet::new();
+    for k in &p.newest.packs {
+        let Some(&size) = sizes.get(k.as_str()) else { continue };
+        let live: u64 = newest_live.get(k.as_str()).map_or(0, |f| f.iter().map(|(_, l)| l).sum());
+        if only_newest(k) && size > 0 && (size.saturating_sub(live)) as f64 > opts.repack_dead_share * size as f64 {
+            out.insert(k.clone());
+        }
+    }
+    if p.newest.packs.len() > opts.max_packs {
+        let small: Vec<&String> = p
+            .newest
+            .packs
+            .iter()
+            .filter(|k| only_newest(k) && sizes.get(k.as_str()).is_some_and(|&s| s < opts.pack_size / 4))
+            .collect();
+        if small.len() >= 2 {
+            out.extend(small.into_iter().cloned());
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Copies the frames the newest generation uses from `packs` into new
+/// packs (verifying whole chunks' hashes on the way), and commits a full
+/// manifest pointing at them. Returns the new generation.
+async fn repack(r: &VolumeReader, newest: &Manifest, packs: &[String], opts: &GcOptions) -> VolumeResult<Manifest> {
+    let cs = r.header.chunk_size as usize;
+    let g = newest.generation + 1;
+    let mut m = newest.clone();
+    let old: BTreeSet<u32> =
+        m.packs.iter().enumerate().filter(|(_, k)| packs.contains(k)).map(|(i, _)| i as u32).collect();
+    // (old pack, offset) -> (new pack index, new offset)
+    let mut moved: HashMap<(u32, u64), (u32, u64)> = HashMap::new();
+    let mut new_packs: Vec<(String, Vec<u8>)> = Vec::new();
+    for &pi in &old {
+        let key = m.packs[pi as usize].clone();
+        let body = r.remote.get(&key).await.map_err(|e| VolumeError::remote(format!("reading {}/{key}", r.url), e))?;
+        // The frames of this pack the newest uses, and the hash a whole
+        // chunk's frame must decode to.
+        let mut want: BTreeMap<u64, (u64, Option<String>)> = BTreeMap::new();
+        for cr in m.chunks.values() {
+            match cr {
+                ChunkRef::Packed { pack, offset, len, sha256 } if *pack == pi => {
+                    want.insert(*offset, (*len, Some(sha256.clone())));
+                }
+                ChunkRef::Patched { base, pack, offset, len, .. } => {
+                    if *pack == pi {
+                        want.entry(*offset).or_insert((*len, None));
+                    }
+                    if let ChunkRef::Packed { pack, offset, len, sha256 } = &**base {
+                        if *pack == pi {
+                            want.insert(*offset, (*len, Some(sha256.clone())));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (off, (len, sha)) in want {
+            let end = (off + len) as usize;
+            let frame = body.get(off as usize..end).ok_or_else(|| VolumeError::CorruptChunk {
+                url: r.url.clone(),
+                chunk: 0,
+                key: key.clone(),
+                offset: off,
+                reason: format!("pack is {} bytes, a frame ends at {end}", body.len()),
+            })?;
+            if let Some(sha) = &sha {
+                decode_chunk_upto(frame, cs, sha).map_err(|reason| VolumeError::CorruptChunk {
+                    url: r.url.clone(),
+                    chunk: 0,
+                    key: key.clone(),
+                    offset: off,
+                    reason,
+                })?;
+            }
+            if new_packs.last().is_none_or(|(_, b)| b.len() as u64 >= opts.pack_size) {
+                new_packs.push((new_pack_key(g), Vec::new()));
+            }
+            let (nk, nb) = new_packs.last_mut().expect("pushed above");
+            let _ = nk;
+            let at = nb.len() as u64;
+            nb.extend_from_slice(frame);
+            moved.insert((pi, off), ((new_packs.len() - 1) as u32, at));
+        }
+    }
+    // New pack indexes follow the old table.
+    let base_idx = m.packs.len() as u32;
+    m.packs.extend(new_packs.iter().map(|(k, _)| k.clone()));
+    let remap = |pack: &mut u32, offset: &mut u64| {
+        if let Some(&(np, no)) = moved.get(&(*pack, *offset)) {
+            *pack = base_idx + np;
+            *offset = no;
+        }
+    };
+    for cr in m.chunks.values_mut() {
+        match cr {
+            ChunkRef::Packed { pack, offset, .. } => remap(pack, offset),
+            ChunkRef::Patched { base, pack, offset, .. } => {
+                remap(pack, offset);
+                if let ChunkRef::Packed { pack, offset, .. } = &mut **base {
+                    remap(pack, offset);
+                }
+            }
+            _ => {}
+        }
+    }
+    // Packs first, then the manifest naming them.
+    for (k, b) in new_packs {
+        r.remote
+            .put(&k, PutBody::from_bytes(b))
+            .await
+            .map_err(|e| VolumeError::remote(format!("uploading {}/{k}", r.url), e))?;
+    }
+    commit_full(r, newest, m, REPACK_WRITER).await
+}
+
+/// Deletes `objs`, `parallel` at once; an object already gone is fine.
+async fn delete_all(r: &VolumeReader, objs: &[ObjectMeta], parallel: usize) -> VolumeResult<()> {
+    // Manifests first: a generation never outlives what it references.
+    let mut order: Vec<&ObjectMeta> = objs.iter().collect();
+    order.sort_by_key(|m| (!m.key.starts_with(GEN_PREFIX), m.key.clone()));
+    let (gens, rest): (Vec<&ObjectMeta>, Vec<&ObjectMeta>) =
+        order.into_iter().partition(|m| m.key.starts_with(GEN_PREFIX));
+    for batch in [gens, rest] {
+        let res = futures::stream::iter(batch.into_iter().map(|m| async move {
+            r.remote.delete(&m.key).await.map_err(|e| VolumeError::remote(format!("deleting {}/{}", r.url, m.key), e))
+        }))
+        .buffer_unordered(parallel.max(1))
+        .collect::<Vec<_>>()
+        .await;
+        for x in res {
+            x?;
+        }
+    }
+    Ok(())
+}
+
+/// One planning + deleting round. Generations committed while gc planned
+/// are read before anything is deleted, and what they reference is kept
+/// (a writer builds on the newest, which survives, and names its new packs
+/// for a generation gc never deletes packs of; a rollback may name older
+/// packs).
+async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> VolumeResult<Plan> {
+    let mut p = plan(r, opts, now_ms()).await?;
+    if opts.dry_run || p.delete.is_empty() {
+        return Ok(p);
+    }
+    let again = r.newest_manifest().await?;
+    if again.generation != p.newest.generation {
+        tracing::info!(url = %r.url, from = p.newest.generation, to = again.generation, "generations committed while gc planned; keeping what they use");
+        let mut used: BTreeSet<String> = BTreeSet::new();
+        for g in p.newest.generation + 1..=again.generation {
+            let m = if g == again.generation { again.clone() } else { r.load_generation(g).await? };
+            used.extend(frames(&m).map(|(k, _, _)| k.to_string()));
+        }
+        p.delete.retain(|m| !used.contains(&m.key));
+    }
+    delete_all(r, &p.delete, opts.parallel).await?;
+    report.deleted.extend(p.delete.iter().map(|m| (m.key.clone(), m.size)));
+    Ok(p)
+}
+
+/// Runs gc on the volume at `url`.
+pub fn gc(url: &str, opts: &GcOptions) -> VolumeResult<GcReport> {
+    let u = RemoteUrl::parse(url)?;
+    let rt = runtime("driveblk-gc")?;
+    rt.block_on(async {
+        let r = VolumeReader::open(&u, &opts.remote).await?;
+        gc_open(&r, opts).await
+    })
+}
+
+/// [`gc`] on an open volume.
+pub async fn gc_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<GcReport> {
+    let newest = r.newest_manifest().await?;
+    check_writer(&r.url, &newest, opts.active_window, opts.force)?;
+    let mut report = GcReport { url: r.url.clone(), dry_run: opts.dry_run, ..Default::default() };
+    let first = round(r, opts, &mut report).await?;
+    report.newest = first.newest.generation;
+    report.objects_before = first.listing.len() as u64;
+    report.bytes_before = first.bytes_before();
+    report.forks = first.forks.clone();
+    let mut added: Vec<(String, u64)> = Vec::new();
+    if opts.dry_run {
+        for m in &first.delete {
+            report.deleted.push((m.key.clone(), m.size));
+        }
+    }
+    let mut last = first;
+    let candidates = repack_candidates(&last, opts);
+    let want_commit = !candidates.is_empty();
+    if want_commit && !opts.dry_run {
+        let active = last
+            .newest
+            .writer
+            .as_ref()
+            .is_some_and(|w| now_ms().saturating_sub(w.unix_ms) < opts.active_window.as_millis() as u64);
+        if active && !opts.force {
+            report.repack_skipped = Some(format!(
+                "generation {} was committed less than {} s ago (the volume is being written); \
+                 repacking would fence that writer out — gc deleted only",
+                last.newest.generation,
+                opts.active_window.as_secs()
+            ));
+        } else {
+            match repack(r, &last.newest, &candidates, opts).await {
+                Ok(m) => {
+                    report.repack_generation = Some(m.generation);
+                    report.repacked = candidates.clone();
+                    added.push((super::format::gen_key(m.generation), m.to_bytes().len() as u64));
+                    let next = round(r, opts, &mut report).await?;
+                    last = next;
+                }
+                Err(VolumeError::Conflict { .. }) => {
+                    report.repack_skipped = Some("a writer committed meanwhile; repack left for the next gc".into());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    } else if want_commit {
+        report.repacked = candidates;
+    }
+    report.kept = last.kept.iter().copied().collect();
+    report.also_kept = last.surviving.difference(&last.kept).copied().collect();
+    report.young = last.young;
+    // Counts after: from the last listing (which shows the repack's new
+    // objects when the store lists at once) minus what that round deleted.
+    let deleted: BTreeSet<&str> = report.deleted.iter().map(|(k, _)| k.as_str()).collect();
+    let remaining: Vec<&ObjectMeta> = last.listing.iter().filter(|m| !deleted.contains(m.key.as_str())).collect();
+    let mut objects_after = remaining.len() as u64;
+    let mut bytes_after: u64 = remaining.iter().map(|m| m.size).sum();
+    if opts.dry_run {
+        objects_after = report.objects_before - report.deleted.len() as u64;
+        bytes_after = report.bytes_before - report.deleted.iter().map(|(_, s)| s).sum::<u64>();
+    }
+    let listed: BTreeSet<&str> = last.listing.iter().map(|m| m.key.as_str()).collect();
+    for (k, s) in &added {
+        if !listed.contains(k.as_str()) {
+            objects_after += 1;
+            bytes_after += s;
+        }
+    }
+    report.objects_after = objects_after;
+    report.bytes_after = bytes_after;
+    let (live, dead) = space_of(&last);
+    report.live_bytes = live;
+    report.dead_bytes = dead;
+    Ok(report)
+}
+
+/// Live and dead bytes of a plan's snapshot.
+fn space_of(p: &Plan) -> (u64, u64) {
+    let mut live = 0u64;
+    let mut dead = 0u64;
+    let deleting: BTreeSet<&str> = p.delete.iter().map(|d| d.key.as_str()).collect();
+    for m in &p.listing {
+        if m.key.starts_with(PACK_PREFIX) {
+            let l = p.live.get(&m.key).copied().unwrap_or(0).min(m.size);
+            live += l;
+            dead += m.size - l;
+        } else if let Some(g) = parse_gen_key(&m.key) {
+            if p.surviving.contains(&g) {
+                live += m.size;
+            } else {
+                dead += m.size;
+            }
+        } else if deleting.contains(m.key.as_str()) {
+            dead += m.size;
+        } else {
+            live += m.size;
+        }
+    }
+    (live, dead)
+}
+
+/// Space used on the remote, and what gc would free.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Space {
+    pub objects: u64,
+    pub used_bytes: u64,
+    /// Bytes the kept generations (and the newest boot profile) need.
+    pub live_bytes: u64,
+    /// Everything else: dead frames inside packs still in use, and whole
+    /// objects nothing kept needs.
+    pub dead_bytes: u64,
+    /// What `gc` with these options would delete now.
+    pub reclaimable_now: u64,
+    pub generations: u64,
+}
+
+/// Live vs dead bytes of the volume (a gc dry run's view).
+pub async fn space_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<Space> {
+    let p = plan(r, opts, now_ms()).await?;
+    let (live, dead) = space_of(&p);
+    Ok(Space {
+        objects: p.listing.len() as u64,
+        used_bytes: p.bytes_before(),
+        live_bytes: live,
+        dead_bytes: dead,
+        reclaimable_now: p.delete.iter().map(|m| m.size).sum(),
+        generations: p.listing.iter().filter(|m| parse_gen_key(&m.key).is_some()).count() as u64,
+    })
+}
+
+/// [`space_open`] for a URL.
+pub fn space(url: &str, opts: &GcOptions) -> VolumeResult<Space> {
+    let u = RemoteUrl::parse(url)?;
+    let rt = runtime("driveblk-space")?;
+    rt.block_on(async {
+        let r = VolumeReader::open(&u, &opts.remote).await?;
+        space_open(&r, opts).await
+    })
+}
