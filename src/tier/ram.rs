@@ -54,6 +54,21 @@ impl RamCache {
         self.shard(idx).lock().get(&idx).cloned()
     }
 
+    /// [`get`](Self::get) without waiting: `Err(())` when another thread
+    /// holds the shard (the non-blocking fast path then says WouldBlock
+    /// instead of waiting on the queue's thread).
+    #[allow(clippy::result_unit_err)]
+    pub fn try_get(&self, idx: u64) -> Result<Option<ChunkBuf>, ()> {
+        if let Some(b) = self.pinned.try_read().ok_or(())?.get(&idx) {
+            return Ok(Some(b.clone()));
+        }
+        if self.shard_cap == 0 {
+            return Ok(None);
+        }
+        let mut shard = self.shard(idx).try_lock().ok_or(())?;
+        Ok(shard.get(&idx).cloned())
+    }
+
     /// Caches a chunk, evicting the least recently used beyond the cap.
     pub fn insert(&self, idx: u64, buf: ChunkBuf) {
         if self.shard_cap == 0 || self.pinned.read().contains_key(&idx) {

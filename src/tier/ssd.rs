@@ -548,6 +548,12 @@ impl SsdCache {
         self.stripes[(idx as usize) % STRIPES].read()
     }
 
+    /// [`lock_read`](Self::lock_read) without waiting (None: a writer holds
+    /// it, perhaps across an fsync, an eviction or a hole punch).
+    pub fn try_lock_read(&self, idx: u64) -> Option<RwLockReadGuard<'_, ()>> {
+        self.stripes[(idx as usize) % STRIPES].try_read()
+    }
+
     /// The stripe lock for chunk `idx`, exclusive.
     pub fn lock_write(&self, idx: u64) -> RwLockWriteGuard<'_, ()> {
         self.stripes[(idx as usize) % STRIPES].write()

@@ -557,13 +557,29 @@ impl Inner {
 
     /// Serves a piece from RAM, SSD or a known-zero chunk. Ok(false) means
     /// it has to come from the remote.
+    ///
+    /// In [`IoMode::NonBlocking`] no lock is waited for: a RAM shard or an
+    /// SSD stripe held by another thread (across an fsync, an eviction, a
+    /// hole punch) makes it `WouldBlock`, and a worker thread retries.
     fn serve_local(&self, p: Piece, buf: &IoVec<'_>, mode: IoMode) -> io::Result<bool> {
-        if let Some(b) = self.ram.get(p.idx) {
-            buf.copy_from_slice(0, &b.read()[p.off..p.off + p.len]);
+        let would_block = || io::Error::from(io::ErrorKind::WouldBlock);
+        let in_ram = match mode {
+            IoMode::NonBlocking => self.ram.try_get(p.idx).map_err(|_| would_block())?,
+            IoMode::Blocking => self.ram.get(p.idx),
+        };
+        if let Some(b) = in_ram {
+            let data = match mode {
+                IoMode::NonBlocking => b.try_read().ok_or_else(would_block)?,
+                IoMode::Blocking => b.read(),
+            };
+            buf.copy_from_slice(0, &data[p.off..p.off + p.len]);
             Counters::inc(&self.counters.ram_hits);
             return Ok(true);
         }
-        let _g = self.ssd.lock_read(p.idx);
+        let _g = match mode {
+            IoMode::NonBlocking => self.ssd.try_lock_read(p.idx).ok_or_else(would_block)?,
+            IoMode::Blocking => self.ssd.lock_read(p.idx),
+        };
         if self.ssd.has_pages(p.idx, p.off as u64, p.len as u64) {
             self.ssd.read(p.idx, p.off as u64, buf, mode)?;
             Counters::inc(&self.counters.ssd_hits);
@@ -891,13 +907,18 @@ impl Inner {
                     continue;
                 }
                 self.before_modify(p.idx)?;
-                {
-                    let fill_guard = fill.as_ref().map(|b| b.read());
-                    self.ssd.write(p.idx, p.off as u64, &sub, fill_guard.as_deref().map(|v| v.as_slice()))?;
-                }
-                // Keep a RAM copy (pinned metadata especially) current.
+                let fill_guard = fill.as_ref().map(|b| b.read());
+                let fill_bytes = fill_guard.as_deref().map(|v| v.as_slice());
                 if let Some(rb) = self.ram.get(p.idx) {
-                    sub.copy_to_slice(0, &mut rb.write()[p.off..p.off + p.len]);
+                    // Both copies come from one read of the guest's buffer:
+                    // a guest changing it mid-request cannot leave RAM and
+                    // SSD holding different bytes.
+                    let mut once = vec![0u8; p.len];
+                    sub.copy_to_slice(0, &mut once);
+                    self.ssd.write(p.idx, p.off as u64, &IoVec::from_slice(&mut once), fill_bytes)?;
+                    rb.write()[p.off..p.off + p.len].copy_from_slice(&once);
+                } else {
+                    self.ssd.write(p.idx, p.off as u64, &sub, fill_bytes)?;
                 }
                 break;
             }
@@ -1102,6 +1123,34 @@ impl Storage for TieredStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A non-blocking read of a chunk cached in the SSD tier never waits
+    /// behind a writer holding the chunk's stripe (an fsync, an eviction, a
+    /// hole punch): it says WouldBlock, and the blocking retry gets the bytes.
+    #[test]
+    fn the_fast_path_never_waits_on_a_held_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("img.raw");
+        let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+        std::fs::write(&img, &data).unwrap();
+        let url = format!("dir:{}", d.path().join("vol").display());
+        let io = crate::volume::ImportOptions { chunk_size: 256 << 10, ..Default::default() };
+        crate::volume::import(&img, &url, &io).unwrap();
+        let mut o = CacheOptions::new(d.path().join("cache"));
+        o.ram_cache = 0;
+        o.read_only = true;
+        let s = crate::tier::open_volume(&url, o).unwrap();
+        let mut b = vec![0u8; 4096];
+        s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        assert_eq!(b, data[..4096]);
+        let held = s.inner.ssd.lock_write(0);
+        let r = s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::NonBlocking);
+        assert_eq!(r.err().map(|e| e.kind()), Some(io::ErrorKind::WouldBlock));
+        drop(held);
+        b.fill(0);
+        s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        assert_eq!(b, data[..4096]);
+    }
 
     #[test]
     fn pieces_split_at_chunk_bounds() {
