@@ -265,3 +265,32 @@ fn record_mode_adds_a_newer_profile_and_off_does_nothing() {
     let newest = two.iter().filter(|n| !n.ends_with(".pack")).max().unwrap();
     assert!(!one.contains(newest), "the new profile sorts as the newest: {two:?}");
 }
+
+/// A profile whose pages are consistent with its own segment hashes but
+/// not with the volume (a buggy or hostile writer) cannot make a chunk
+/// clean: pages that would complete a chunk are checked against the
+/// manifest's digest first, and discarded when they disagree.
+#[test]
+fn a_bad_profile_cannot_make_a_chunk_clean() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 4 << 20);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let u = driveblk::remote::RemoteUrl::parse(&vurl).unwrap();
+    let r = rt.block_on(driveblk::volume::VolumeReader::open(&u, &Default::default())).unwrap();
+    let tmp = d.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut b = driveblk::volume::profile::ProfileBuilder::new(&tmp, &r).unwrap();
+    // Chunk 1 whole, with the wrong bytes; chunk 2 whole, with the right ones.
+    b.add(CHUNK, &vec![0xee; CHUNK as usize]).unwrap();
+    b.add(2 * CHUNK, &data[2 * CHUNK as usize..3 * CHUNK as usize]).unwrap();
+    rt.block_on(b.upload(&r.remote)).unwrap().expect("a profile was written");
+
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    let st = s.stats();
+    assert_eq!(st.profile_rejected, 1, "{st:?}");
+    assert!(read(&*s, CHUNK, CHUNK as usize) == data[CHUNK as usize..2 * CHUNK as usize], "the bad pages were served");
+    assert!(read(&*s, 2 * CHUNK, CHUNK as usize) == data[2 * CHUNK as usize..3 * CHUNK as usize]);
+    s.close(Duration::from_secs(10));
+}

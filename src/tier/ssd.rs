@@ -613,6 +613,18 @@ impl SsdCache {
         self.len().saturating_sub(idx * self.chunk_size).min(self.chunk_size).div_ceil(PAGE)
     }
 
+    /// Whether storing pages `[off, off + len)` of chunk `idx` (absent or
+    /// partial) would make it whole, i.e. clean.
+    pub fn would_complete(&self, idx: u64, off: u64, len: u64) -> bool {
+        if !matches!(self.state(idx), ABSENT | PARTIAL) {
+            return false;
+        }
+        let (first, last) = (off / PAGE, (off + len).div_ceil(PAGE));
+        let pages = self.pages.lock();
+        let m = pages.maps.get(&idx);
+        (0..self.pages_in(idx)).all(|p| (first..last).contains(&p) || m.is_some_and(|m| bit(m, p)))
+    }
+
     /// Bytes held by chunk `idx`'s pages if it is partial, else 0.
     fn partial_bytes(&self, idx: u64) -> u64 {
         self.pages.lock().maps.get(&idx).map_or(0, |m| popcount(m) * PAGE)

@@ -28,6 +28,8 @@ pub struct Counters {
     pub profile_segments_done: AtomicU64,
     pub profile_bytes: AtomicU64,
     pub profile_waits: AtomicU64,
+    /// Chunks whose boot profile pages did not match the chunk's digest.
+    pub profile_rejected: AtomicU64,
 }
 
 impl Counters {
@@ -94,6 +96,9 @@ pub struct TierStats {
     pub profile_segments_done: u64,
     pub profile_bytes: u64,
     pub profile_waits: u64,
+    /// Chunks whose profile pages were discarded: they did not add up to
+    /// the chunk the manifest names.
+    pub profile_rejected: u64,
     /// The guest's known hot set (pinned chunks and the newest boot
     /// profile's chunks): chunks in it, of them local, pinned ones, and
     /// pinned ones local.

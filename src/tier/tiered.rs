@@ -346,6 +346,7 @@ impl TieredStore {
             profile_segments_done: l(&c.profile_segments_done),
             profile_bytes: l(&c.profile_bytes),
             profile_waits: l(&c.profile_waits),
+            profile_rejected: l(&c.profile_rejected),
             dirty_bytes: i.ssd.dirty_data_chunks() * i.cs,
             sync: i.writeback.as_ref().map(|w| w.status()),
         }

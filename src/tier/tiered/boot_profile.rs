@@ -235,7 +235,31 @@ impl Inner {
                 if current.is_none() || rp.index.chunk_refs.get(&idx) != current.as_ref() {
                     return;
                 }
-                if let Err(e) = me.ssd.install_pages(idx, off, &data[at..at + len as usize]) {
+                let pages = &data[at..at + len as usize];
+                // Pages that complete a chunk make it clean: they must add up
+                // to the chunk the manifest names (a bad profile must not
+                // poison later boots). The chunk stays as it was otherwise;
+                // the guest's reads of it then fetch it whole.
+                if me.ssd.would_complete(idx, off, len) {
+                    match me.profile_completes_chunk(idx, off, pages) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            Counters::inc(&me.counters.profile_rejected);
+                            tracing::error!(
+                                chunk = idx,
+                                profile = %rp.key,
+                                "boot profile pages do not match the chunk's digest: discarded (the chunk is fetched whole)"
+                            );
+                            me.ssd.invalidate(idx);
+                            return;
+                        }
+                        Err(e) => {
+                            res = Err(e);
+                            return;
+                        }
+                    }
+                }
+                if let Err(e) = me.ssd.install_pages(idx, off, pages) {
                     res = Err(e);
                 }
             });
@@ -254,6 +278,21 @@ impl Inner {
             }
             Err(e) => Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!("profile install task: {e}"))))),
         }
+    }
+
+    /// Whether chunk `idx`, completed by `pages` at `off`, matches the
+    /// content digest its manifest entry names (true when the entry names
+    /// none, e.g. a base file's bytes). Caller holds the stripe lock.
+    fn profile_completes_chunk(&self, idx: u64, off: u64, pages: &[u8]) -> io::Result<bool> {
+        let r = self.vol.chunk_ref(idx);
+        let Some(want) = r.content_sha256() else { return Ok(true) };
+        let mut chunk = self.ssd.read_chunk(idx)?;
+        let end = (off as usize + pages.len()).min(chunk.len());
+        chunk[off as usize..end].copy_from_slice(&pages[..end - off as usize]);
+        // Packed digests cover the chunk's bytes inside the image (the last
+        // chunk may be short); patched ones the whole chunk.
+        let inside = self.ssd.len().saturating_sub(idx * self.cs).min(self.cs) as usize;
+        Ok(crate::volume::pack::sha256_hex(&chunk) == want || crate::volume::pack::sha256_hex(&chunk[..inside]) == want)
     }
 
     /// Streams every segment of the profile, in order, many at a time:
