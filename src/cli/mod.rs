@@ -2,11 +2,13 @@
 //! configuration, and the commands that run them.
 
 pub mod auth;
+pub mod control;
 pub mod remote;
 pub mod serve;
 pub mod size;
 pub mod status;
 pub mod sync;
+pub mod unit;
 pub mod volume;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +51,10 @@ pub enum Command {
     Selftest(auth::SelftestArgs),
     /// Upload a volume's local changes now and wait until they are committed.
     Sync(sync::SyncArgs),
+    /// Drop the clean data a running daemon caches in RAM and on SSD.
+    DropCache(control::DropCacheArgs),
+    /// Install the systemd template unit driveblk@.service.
+    InstallUnit(unit::InstallUnitArgs),
 }
 
 /// Runs a parsed command.
@@ -64,5 +70,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Auth(c) => auth::run(c),
         Command::Selftest(a) => auth::selftest_cmd(a),
         Command::Sync(a) => sync::run(a),
+        Command::DropCache(a) => control::drop_cache(a),
+        Command::InstallUnit(a) => unit::install(a),
     }
 }

@@ -9,12 +9,15 @@ use clap::Args;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::cli::control::{self, ControlServer};
 use crate::cli::remote::RemoteArgs;
-use crate::cli::size::parse_size;
-use crate::cli::status::StatusWriter;
+use crate::cli::size::{human, parse_size};
+use crate::cli::status::{DaemonStatus, Phase, StatusWriter};
+use crate::cli::unit::Notifier;
 use crate::format::qcow2::{BackingOpener, LocalBackingOpener, NoBacking, Qcow2Disk, Qcow2Options};
 use crate::format::raw::RawDisk;
 use crate::format::{Disk, ImageFormat};
+use crate::remote::RemoteMetrics;
 use crate::tier::boot::BootProfileMode;
 use crate::tier::tiered::{CacheMode, TieredStore};
 use crate::tier::{self as tier_layer, CacheOptions};
@@ -71,11 +74,75 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub metadata_cache: Option<u64>,
 
+    /// Control socket (status, sync, hydrate, drop-cache) of a volume
+    /// daemon. Default: `<socket>.ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Group to give the vhost and control sockets (e.g. `kvm` or
+    /// `libvirt-qemu`, so QEMU can connect). Default: the daemon's group.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Permissions of the vhost and control sockets, octal (e.g. 0660).
+    /// Default: from the umask.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+
     #[command(flatten)]
     pub cache: CacheArgs,
 
     #[command(flatten)]
     pub remote: RemoteArgs,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode like 0660"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?}: a socket mode is at most 0777"));
+    }
+    Ok(m)
+}
+
+/// Owner group and mode for the sockets QEMU connects to.
+#[derive(Debug, Clone, Default)]
+pub struct SocketPerms {
+    pub gid: Option<u32>,
+    pub mode: Option<u32>,
+}
+
+impl SocketPerms {
+    fn new(group: Option<&str>, mode: Option<u32>) -> anyhow::Result<Self> {
+        let gid = match group {
+            None => None,
+            Some(g) if g.chars().all(|c| c.is_ascii_digit()) => Some(g.parse()?),
+            Some(g) => {
+                let name = std::ffi::CString::new(g)?;
+                // SAFETY: getgrnam returns a pointer into static storage or null; read at once.
+                let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+                if gr.is_null() {
+                    bail!("--socket-group: no group named {g:?}");
+                }
+                Some(unsafe { (*gr).gr_gid })
+            }
+        };
+        Ok(Self { gid, mode })
+    }
+
+    /// Applies the group and mode to a socket file.
+    pub fn apply(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(gid) = self.gid {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
+        }
+        if let Some(m) = self.mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(m))
+                .with_context(|| format!("cannot set mode {m:o} on {}", path.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Cache settings for a volume (serve, hydrate).
@@ -206,6 +273,9 @@ pub struct ServeConfig {
     pub metadata_cache: Option<u64>,
     /// At stop, how long to wait for the final sync.
     pub sync_timeout: Duration,
+    /// Control socket of a volume daemon.
+    pub control_socket: PathBuf,
+    pub socket_perms: SocketPerms,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -237,7 +307,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
             }
             _ => bail!("give exactly one of --image FILE or --volume URL"),
         };
+        let socket_perms = SocketPerms::new(a.socket_group.as_deref(), a.socket_mode)?;
         Ok(ServeConfig {
+            control_socket: a.control_socket.unwrap_or_else(|| control::default_path(&a.socket)),
+            socket_perms,
             socket: a.socket,
             source,
             format: a.format,
@@ -273,21 +346,28 @@ fn open_format(
 
 /// Runs `driveblk serve` until SIGTERM/SIGINT.
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    let notify = Notifier::from_env();
     let read_only = cfg.device.read_only;
-    let mut status: Option<StatusWriter> = None;
+    let mut status: Option<Arc<DaemonStatus>> = None;
     let mut volume_store: Option<Arc<TieredStore>> = None;
     let disk = match &cfg.source {
         ImageSource::File(path) => {
+            notify.status(&format!("opening {}", path.display()));
             let file =
                 LocalFile::open(path, read_only).with_context(|| format!("cannot open image {}", path.display()))?;
             file.lock(!read_only).with_context(|| format!("image {} is in use by another process", path.display()))?;
             open_format(Arc::new(file), &cfg, &LocalBackingOpener::new(path))?
         }
         ImageSource::Volume { url, cache } => {
+            notify.status(&format!("opening volume {url}"));
+            let metrics = Arc::new(RemoteMetrics::default());
+            let mut cache = cache.clone();
+            cache.remote = cache.remote.clone().with_metrics(metrics.clone());
             let store: Arc<TieredStore> = tier_layer::open_volume(url, cache.clone())?;
             volume_store = Some(store.clone());
-            status =
-                Some(StatusWriter::start(store.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);
+            let mut st = DaemonStatus::new(store.clone(), metrics, url.clone());
+            st.control_socket = Some(cfg.control_socket.clone());
+            status = Some(Arc::new(st));
             if cache.hydrate {
                 store.start_hydrate();
             }
@@ -297,13 +377,26 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot open volume {url} as {}", cfg.format))?
         }
     };
-    tracing::info!(socket = %cfg.socket.display(), queues = cfg.device.num_queues, "serving {}", disk.describe());
+    let what = disk.describe();
+    tracing::info!(socket = %cfg.socket.display(), queues = cfg.device.num_queues, "serving {what}");
+    // The control socket and status file come first: whoever sees the vhost
+    // socket up can ask the daemon at once.
+    let mut control = None;
+    let mut status_file = None;
+    if let (Some(st), ImageSource::Volume { cache, .. }) = (&status, &cfg.source) {
+        let (listener, path) = ControlServer::bind(&cfg.control_socket)?;
+        cfg.socket_perms.apply(&path)?;
+        control = Some(ControlServer::start(listener, path, st.clone())?);
+        status_file =
+            Some(StatusWriter::start(st.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);
+    }
     let server = Server::bind(disk, cfg.device.clone(), &cfg.socket)?;
     let stop = server.stop_handle();
+    cfg.socket_perms.apply(&cfg.socket)?;
     if let Some(store) = &volume_store {
-        // SIGUSR1 (`driveblk sync`): cut a generation as soon as the disk
-        // is consistent, without waiting for the sync interval. A weak
-        // reference: the store must still close when serving ends.
+        // SIGUSR1 (older `driveblk sync`): cut a generation as soon as the
+        // disk is consistent. A weak reference: the store must still close
+        // when serving ends.
         let store = Arc::downgrade(store);
         let mut usr1 = Signals::new([signal_hook::consts::SIGUSR1]).context("cannot install signal handlers")?;
         std::thread::Builder::new().name("driveblk-sync-signal".into()).spawn(move || {
@@ -314,11 +407,19 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         })?;
     }
+    // The vhost socket listens (connections queue in its backlog) and the
+    // image is open: QEMU may start now.
+    notify.ready(&format!("serving {what} on {}", cfg.socket.display()));
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    let (sig_phase, sig_notify) = (status.as_ref().map(|s| s.phase_handle()), notify.clone());
     std::thread::Builder::new().name("driveblk-signals".into()).spawn(move || {
         let mut signals = signals.forever();
         if let Some(sig) = signals.next() {
             tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
+            sig_notify.stopping("stopping: finishing in-flight requests");
+            if let Some(p) = &sig_phase {
+                p.set(Phase::Stopping);
+            }
             stop.stop();
         }
         // Closing uploads the last changes and maybe a boot profile, which
@@ -335,7 +436,15 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     })?;
     server.run()?;
     if let Some(store) = &volume_store {
+        if let Some(st) = &status {
+            st.set_phase(Phase::FinalSync);
+        }
         // The disk was flushed and closed: its last state goes up now.
+        // systemd is told how long that may take, so it neither kills the
+        // upload nor waits past --sync-timeout.
+        let dirty = store.stats().dirty_bytes;
+        let _extend = notify.extend_timeout(cfg.sync_timeout + Duration::from_secs(30));
+        notify.status(&format!("final sync: uploading {} of changes", human(dirty)));
         let left = store.close(cfg.sync_timeout);
         if left == 0 {
             if let Some(st) = store.sync_status().filter(|s| s.generations_committed > 0) {
@@ -347,9 +456,13 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(s) = status {
+    if let Some(c) = control {
+        c.stop();
+    }
+    if let Some(s) = status_file {
         s.finish();
     }
+    notify.status("stopped");
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 
+use crate::cli::control;
 use crate::cli::remote::RemoteArgs;
 use crate::cli::serve::{default_cache_dir, CacheArgs};
 use crate::cli::size::{human, parse_size};
@@ -74,6 +75,8 @@ pub struct InfoArgs {
 pub struct HydrateArgs {
     pub url: String,
     #[command(flatten)]
+    pub control: crate::cli::control::ControlArgs,
+    #[command(flatten)]
     pub cache: CacheArgs,
     #[arg(long)]
     pub quiet: bool,
@@ -84,11 +87,13 @@ pub struct HydrateArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The volume URL the daemon serves (finds its default cache directory).
-    #[arg(required_unless_present = "cache_dir")]
+    #[arg(required_unless_present_any = ["cache_dir", "control"])]
     pub url: Option<String>,
     /// The cache directory given to `serve --cache-dir`.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub control: crate::cli::control::ControlArgs,
     /// Print the raw JSON.
     #[arg(long)]
     pub json: bool,
@@ -184,6 +189,10 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
 }
 
 pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
+    let dir = control::cache_dir_of(Some(&a.url), a.cache.cache_dir.as_deref());
+    if let Some(ctl) = control::find(a.control.control.as_deref(), dir.as_deref())? {
+        return hydrate_through_daemon(&ctl, a.quiet);
+    }
     let mut cache = a.cache.options(&a.url, false, &a.remote)?;
     cache.hydrate = true;
     // No guest to record, and every chunk comes whole anyway.
@@ -206,16 +215,53 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
 }
 
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let dir = match (a.cache_dir, a.url) {
-        (Some(d), _) => d,
-        (None, Some(url)) => default_cache_dir(&url)?,
-        (None, None) => bail!("give a volume URL or --cache-dir"),
+    let dir = control::cache_dir_of(a.url.as_deref(), a.cache_dir.as_deref());
+    // A live daemon answers on its control socket; a stopped one left its
+    // last state in the cache directory.
+    let v = match control::find(a.control.control.as_deref(), dir.as_deref())? {
+        Some(ctl) => control::request(&ctl, &control::Request::Status)?,
+        None => match &dir {
+            Some(d) => status::read(d)?,
+            None => bail!("give a volume URL, --cache-dir or --control"),
+        },
     };
-    let v = status::read(&dir)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", status::render(&v));
     }
     Ok(())
+}
+
+/// Asks the running daemon to hydrate, and follows it until every chunk
+/// is local.
+fn hydrate_through_daemon(ctl: &std::path::Path, quiet: bool) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let r = control::request(ctl, &control::Request::Hydrate)?;
+    let bar = crate::volume::progress::bar(!quiet, r["total"].as_u64().unwrap_or(0), "hydrate");
+    loop {
+        let v = control::request(ctl, &control::Request::Status)?;
+        let u = |p: &str| v.pointer(p).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        bar.set_length(u("/hydrate/total"));
+        bar.set_position(u("/hydrate/done"));
+        if v["hydrate"]["complete"].as_bool() == Some(true) {
+            bar.finish_and_clear();
+            eprintln!(
+                "hydrated {} in {:.1} s through the daemon: reads of this volume no longer go to the remote",
+                human(u("/image_len")),
+                t0.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if v["hydrate"]["running"].as_bool() != Some(true) {
+            bar.finish_and_clear();
+            bail!(
+                "hydration stopped at {}/{} chunks (remote errors: {}); run it again",
+                u("/hydrate/done"),
+                u("/hydrate/total"),
+                u("/remote/errors")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -42,6 +42,22 @@ impl Default for RemoteOptions {
     }
 }
 
+impl RemoteOptions {
+    /// The same options, with every request (each retry attempt) also
+    /// counted and timed into `metrics`, above the caller's own layers.
+    pub fn with_metrics(mut self, metrics: Arc<crate::remote::RemoteMetrics>) -> Self {
+        let below = self.layer.take();
+        self.layer = Some(Arc::new(move |inner| {
+            let inner = match &below {
+                Some(l) => l(inner),
+                None => inner,
+            };
+            crate::remote::MetricsRemote::wrap(inner, metrics.clone())
+        }));
+        self
+    }
+}
+
 impl std::fmt::Debug for RemoteOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteOptions").field("layer", &self.layer.is_some()).field("retry", &self.retry).finish()
