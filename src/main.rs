@@ -10,7 +10,16 @@ use tracing_subscriber::EnvFilter;
 use driveblk::cli::{run, Cli};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `serve --config FILE`: the file's settings go in as flags, before
+    // the command line's own (which win).
+    let args = match driveblk::cli::config::expand_args(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("driveblk: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let filter = match EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cli.log_level)) {
         Ok(f) => f,
         Err(e) => {

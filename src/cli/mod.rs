@@ -2,6 +2,7 @@
 //! configuration, and the commands that run them.
 
 pub mod auth;
+pub mod config;
 pub mod control;
 pub mod remote;
 pub mod serve;
@@ -30,6 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve an image file or a remote volume as a vhost-user-blk device.
+    #[command(args_override_self = true)]
     Serve(serve::ServeArgs),
     /// Upload an image file as a new remote volume.
     Import(volume::ImportArgs),
@@ -55,6 +57,9 @@ pub enum Command {
     DropCache(control::DropCacheArgs),
     /// Install the systemd template unit driveblk@.service.
     InstallUnit(unit::InstallUnitArgs),
+    /// Volume config files (`serve --config FILE`).
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
 }
 
 /// Runs a parsed command.
@@ -72,5 +77,6 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Sync(a) => sync::run(a),
         Command::DropCache(a) => control::drop_cache(a),
         Command::InstallUnit(a) => unit::install(a),
+        Command::Config(c) => config::run(c),
     }
 }

@@ -27,6 +27,12 @@ use crate::vhost::{DeviceConfig, Server};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// A volume's TOML config file holding any of these options (keys are
+    /// the flag names with underscores: `num_queues = 2`); flags given here
+    /// override it. `driveblk config check FILE` validates one.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Path of the vhost-user unix socket to listen on (QEMU connects to it
     /// with `-chardev socket,path=...`).
     #[arg(long)]
@@ -88,6 +94,11 @@ pub struct ServeArgs {
     /// Default: from the umask.
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     pub socket_mode: Option<u32>,
+
+    /// Serve Prometheus metrics (the status figures) on this address,
+    /// e.g. 127.0.0.1:9187, at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 
     #[command(flatten)]
     pub cache: CacheArgs,
@@ -276,27 +287,15 @@ pub struct ServeConfig {
     /// Control socket of a volume daemon.
     pub control_socket: PathBuf,
     pub socket_perms: SocketPerms,
+    /// Prometheus endpoint address.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
     type Error = anyhow::Error;
 
     fn try_from(a: ServeArgs) -> anyhow::Result<Self> {
-        if a.num_queues == 0 || a.num_queues > 64 {
-            bail!("--num-queues must be between 1 and 64 (got {})", a.num_queues);
-        }
-        if !a.queue_size.is_power_of_two() || !(2..=32768).contains(&a.queue_size) {
-            bail!("--queue-size must be a power of two between 2 and 32768 (got {})", a.queue_size);
-        }
-        if a.serial.len() > ID_BYTES {
-            bail!("--serial is {} bytes; at most {ID_BYTES} fit in a virtio-blk id", a.serial.len());
-        }
-        if a.poll_us > 1_000_000 {
-            bail!("--poll-us must be at most 1000000 (one second)");
-        }
-        if a.io_threads == 0 || a.io_threads > 1024 {
-            bail!("--io-threads must be between 1 and 1024 (got {})", a.io_threads);
-        }
+        validate_device(&a)?;
         let source = match (a.image, a.volume) {
             (Some(image), None) => {
                 ImageSource::File(image.canonicalize().with_context(|| format!("image {}", image.display()))?)
@@ -311,6 +310,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
         Ok(ServeConfig {
             control_socket: a.control_socket.unwrap_or_else(|| control::default_path(&a.socket)),
             socket_perms,
+            metrics: a.metrics,
             socket: a.socket,
             source,
             format: a.format,
@@ -326,6 +326,36 @@ impl TryFrom<ServeArgs> for ServeConfig {
             },
         })
     }
+}
+
+/// The checks of `serve`'s device options that need nothing opened (also
+/// run by `driveblk config check`).
+pub fn validate_device(a: &ServeArgs) -> anyhow::Result<()> {
+    if a.num_queues == 0 || a.num_queues > 64 {
+        bail!("--num-queues must be between 1 and 64 (got {})", a.num_queues);
+    }
+    if !a.queue_size.is_power_of_two() || !(2..=32768).contains(&a.queue_size) {
+        bail!("--queue-size must be a power of two between 2 and 32768 (got {})", a.queue_size);
+    }
+    if a.serial.len() > ID_BYTES {
+        bail!("--serial is {} bytes; at most {ID_BYTES} fit in a virtio-blk id", a.serial.len());
+    }
+    if a.poll_us > 1_000_000 {
+        bail!("--poll-us must be at most 1000000 (one second)");
+    }
+    if a.io_threads == 0 || a.io_threads > 1024 {
+        bail!("--io-threads must be between 1 and 1024 (got {})", a.io_threads);
+    }
+    if a.cache.sync_interval == 0 {
+        bail!("--sync-interval must be at least 1 second");
+    }
+    if a.cache.boot_profile_window == 0 {
+        bail!("--boot-profile-window must be at least 1 second (use --boot-profile off to disable)");
+    }
+    if a.cache.fetch_concurrency == 0 || a.cache.fetch_concurrency > 1024 {
+        bail!("--fetch-concurrency must be between 1 and 1024");
+    }
+    Ok(())
 }
 
 /// Opens the image's format over its storage.
