@@ -108,3 +108,49 @@ fn control_socket_status_drop_cache_hydrate_and_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no running daemon"));
 }
+
+/// A plain HTTP GET (no client crate needed for one request).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn prometheus_endpoint_serves_the_status_figures() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img.raw");
+    let data = common::make_raw(&img, 8 << 20, 5);
+    let url = format!("dir:{}", d.path().join("vol").display());
+    run_ok(&["import", "--quiet", img.to_str().unwrap(), &url]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let sock = d.path().join("vhost.sock");
+    let cache = d.path().join("cache");
+    let daemon = Daemon::start(
+        &sock,
+        &["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap(), "--metrics", &addr],
+    );
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.read(0, 2 << 20).unwrap(), data[..2 << 20]);
+    c.write(4 << 20, &common::pattern(2, 4096)).unwrap();
+    c.flush().unwrap();
+    let page = http_get(&addr, "/metrics");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let value = |line: &str| -> f64 {
+        let l = page.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("{line} missing:\n{page}"));
+        l.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("driveblk_remote_fetches_total ") >= 2.0);
+    assert!(value("driveblk_remote_requests_total{op=\"get\"}") >= 2.0);
+    assert!(value("driveblk_remote_latency_seconds{quantile=\"0.99\"}") > 0.0);
+    assert_eq!(value("driveblk_up{state=\"serving\"}"), 1.0);
+    assert!(page.contains("# TYPE driveblk_reads_total counter"), "{page}");
+    assert!(http_get(&addr, "/").starts_with("HTTP/1.1 404"));
+    drop(c);
+    assert!(daemon.stop().success());
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "the endpoint closes with the daemon");
+}

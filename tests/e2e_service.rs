@@ -2,7 +2,8 @@
 //! file alone, `config check` names the bad line, the systemd template unit
 //! passes `systemd-analyze verify`, and under `Type=notify` (NOTIFY_SOCKET)
 //! READY=1 comes only once the vhost socket accepts, with STATUS= lines,
-//! STOPPING=1 at SIGTERM and EXTEND_TIMEOUT_USEC during the final upload.
+//! STOPPING=1 at SIGTERM and EXTEND_TIMEOUT_USEC during the final upload,
+//! and its log (stderr, not a terminal) has no colour codes.
 
 mod common;
 
@@ -129,6 +130,7 @@ fn sd_notify_ready_only_once_the_socket_accepts_then_stopping_and_extend_timeout
         .args(["--cache-dir", d.path().join("cache").to_str().unwrap(), "--sync-interval", "3600"])
         .env("NOTIFY_SOCKET", &notify_path)
         .stdin(Stdio::null())
+        .stderr(std::fs::File::create(d.path().join("log")).unwrap())
         .spawn()
         .unwrap();
     let mut reap = Reap(child);
@@ -170,6 +172,9 @@ fn sd_notify_ready_only_once_the_socket_accepts_then_stopping_and_extend_timeout
         }
     }
     assert!(common::wait_timeout(child, Duration::from_secs(30)).success());
+    // As journald would get it: plain text, no colour codes.
+    let log = std::fs::read_to_string(d.path().join("log")).unwrap();
+    assert!(log.contains("stopped cleanly") && !log.contains('\x1b'), "{log}");
     let all = after.join("\n");
     assert!(all.contains("STOPPING=1"), "{all}");
     assert!(all.contains("STATUS=final sync"), "{all}");

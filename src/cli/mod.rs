@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod control;
+pub mod metrics;
 pub mod remote;
 pub mod serve;
 pub mod size;

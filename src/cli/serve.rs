@@ -10,6 +10,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::cli::control::{self, ControlServer};
+use crate::cli::metrics::MetricsServer;
 use crate::cli::remote::RemoteArgs;
 use crate::cli::size::{human, parse_size};
 use crate::cli::status::{DaemonStatus, Phase, StatusWriter};
@@ -413,10 +414,17 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     // socket up can ask the daemon at once.
     let mut control = None;
     let mut status_file = None;
+    let mut metrics_server = None;
+    if cfg.metrics.is_some() && status.is_none() {
+        tracing::warn!("--metrics is only served for --volume");
+    }
     if let (Some(st), ImageSource::Volume { cache, .. }) = (&status, &cfg.source) {
         let (listener, path) = ControlServer::bind(&cfg.control_socket)?;
         cfg.socket_perms.apply(&path)?;
         control = Some(ControlServer::start(listener, path, st.clone())?);
+        if let Some(addr) = cfg.metrics {
+            metrics_server = Some(MetricsServer::start(addr, st.clone())?);
+        }
         status_file =
             Some(StatusWriter::start(st.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);
     }
@@ -489,6 +497,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     if let Some(c) = control {
         c.stop();
     }
+    drop(metrics_server);
     if let Some(s) = status_file {
         s.finish();
     }
