@@ -62,8 +62,9 @@ pub fn default_path(vhost_socket: &Path) -> PathBuf {
 }
 
 impl ControlServer {
-    /// Binds `path` (a stale socket is replaced, a live one refused).
-    pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, PathBuf)> {
+    /// Binds `path` (a stale socket is replaced, a live one refused), with
+    /// `prepare` (owner, mode) run before the socket appears there.
+    pub fn bind(path: &Path, prepare: &dyn Fn(&Path) -> anyhow::Result<()>) -> anyhow::Result<(UnixListener, PathBuf)> {
         match std::fs::symlink_metadata(path) {
             Ok(m) => {
                 use std::os::unix::fs::FileTypeExt;
@@ -78,7 +79,15 @@ impl ControlServer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("control socket {}", path.display())),
         }
-        let l = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        let tmp = PathBuf::from(format!("{}.{}.tmp", path.display(), std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let l = UnixListener::bind(&tmp).with_context(|| format!("cannot listen on {}", path.display()))?;
+        let moved = prepare(&tmp)
+            .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("cannot create {}", path.display())));
+        if let Err(e) = moved {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         Ok((l, path.to_path_buf()))
     }
 

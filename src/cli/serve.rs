@@ -419,8 +419,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         tracing::warn!("--metrics is only served for --volume");
     }
     if let (Some(st), ImageSource::Volume { cache, .. }) = (&status, &cfg.source) {
-        let (listener, path) = ControlServer::bind(&cfg.control_socket)?;
-        cfg.socket_perms.apply(&path)?;
+        let (listener, path) = ControlServer::bind(&cfg.control_socket, &|p| cfg.socket_perms.apply(p))?;
         control = Some(ControlServer::start(listener, path, st.clone())?);
         if let Some(addr) = cfg.metrics {
             metrics_server = Some(MetricsServer::start(addr, st.clone())?);
@@ -428,9 +427,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         status_file =
             Some(StatusWriter::start(st.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);
     }
-    let server = Server::bind(disk, cfg.device.clone(), &cfg.socket)?;
+    let perms = cfg.socket_perms.clone();
+    let server = Server::bind_with(disk, cfg.device.clone(), &cfg.socket, &|p| {
+        perms.apply(p).map_err(|e| std::io::Error::other(format!("{e:#}")))
+    })?;
     let stop = server.stop_handle();
-    cfg.socket_perms.apply(&cfg.socket)?;
     if let Some(store) = &volume_store {
         // SIGUSR1 (older `driveblk sync`): cut a generation as soon as the
         // disk is consistent. A weak reference: the store must still close
