@@ -107,7 +107,7 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
 
     let header = VolumeHeader::new(image_len, opts.chunk_size, None);
     let mut manifest = Manifest::new(&header, 1);
-    let bar = super::progress::bar(opts.progress, image_len, "import");
+    let bar = super::progress::bar_of(opts.progress, image_len, "import", super::progress::Unit::Bytes);
     let cs = opts.chunk_size as usize;
     let mut buf = vec![0u8; cs];
     let mut pack = PackWriter::new();
