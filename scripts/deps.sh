@@ -24,6 +24,7 @@ have jq || need_apt+=(jq)
 # virt-xml-validate checks `driveblk libvirt-xml` output.
 have systemd-analyze || need_apt+=(systemd)
 have virt-xml-validate || need_apt+=(libvirt-clients)
+have xmllint || need_apt+=(libxml2-utils)
 
 if [ ${#need_apt[@]} -eq 0 ]; then
   exit 0

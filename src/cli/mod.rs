@@ -11,6 +11,7 @@ pub mod size;
 pub mod status;
 pub mod sync;
 pub mod unit;
+pub mod vm;
 pub mod volume;
 
 use clap::{Parser, Subcommand};
@@ -61,6 +62,13 @@ pub enum Command {
     /// Volume config files (`serve --config FILE`).
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// The VM stored with a volume (vm.toml): create or show it.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Print the QEMU command line for the volume's VM.
+    QemuArgs(vm::GenArgs),
+    /// Print the libvirt domain XML for the volume's VM.
+    LibvirtXml(vm::GenArgs),
 }
 
 /// Runs a parsed command.
@@ -79,5 +87,8 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::DropCache(a) => control::drop_cache(a),
         Command::InstallUnit(a) => unit::install(a),
         Command::Config(c) => config::run(c),
+        Command::Vm(c) => vm::vm(c),
+        Command::QemuArgs(a) => vm::qemu(a),
+        Command::LibvirtXml(a) => vm::libvirt(a),
     }
 }

@@ -14,6 +14,7 @@ pub mod pack;
 pub mod profile;
 pub mod progress;
 pub mod reader;
+pub mod sidecar;
 
 use std::path::PathBuf;
 use std::sync::Arc;
