@@ -180,3 +180,39 @@ fn sd_notify_ready_only_once_the_socket_accepts_then_stopping_and_extend_timeout
     assert!(all.contains("STATUS=final sync"), "{all}");
     assert!(all.contains("EXTEND_TIMEOUT_USEC="), "{all}");
 }
+
+#[test]
+fn a_volume_imported_with_format_serves_without_format() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img.raw");
+    let data = common::make_raw(&img, 4 << 20, 9);
+    let with = format!("dir:{}", d.path().join("with").display());
+    let without = format!("dir:{}", d.path().join("without").display());
+    run_ok(&["import", "--quiet", "--format", "raw", img.to_str().unwrap(), &with]);
+    run_ok(&["import", "--quiet", img.to_str().unwrap(), &without]);
+    let info: serde_json::Value = serde_json::from_str(&run_ok(&["info", "--json", &with])).unwrap();
+    assert_eq!(info["image_format"], "raw");
+
+    let sock = d.path().join("s.sock");
+    let daemon =
+        common::Daemon::start(&sock, &["--volume", &with, "--cache-dir", d.path().join("c1").to_str().unwrap()]);
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.read(0, 1 << 20).unwrap(), data[..1 << 20]);
+    drop(c);
+    assert!(daemon.stop().success());
+
+    // A volume that does not record it, and a plain file: --format is needed.
+    let out = Command::new(bin())
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--volume", &without])
+        .args(["--cache-dir", d.path().join("c2").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not record its image format"));
+    let out = Command::new(bin())
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--image", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--format raw|qcow2 is required for --image"));
+}

@@ -48,8 +48,10 @@ pub struct ServeArgs {
     pub volume: Option<String>,
 
     /// Image format: raw or qcow2. Never guessed from the contents.
+    /// Required for --image; a volume records its format at import
+    /// (`import --format`), and this overrides it.
     #[arg(long)]
-    pub format: ImageFormat,
+    pub format: Option<ImageFormat>,
 
     /// Export the disk read-only (the guest sees a read-only device).
     #[arg(long)]
@@ -280,7 +282,8 @@ pub enum ImageSource {
 pub struct ServeConfig {
     pub socket: PathBuf,
     pub source: ImageSource,
-    pub format: ImageFormat,
+    /// None: the volume's recorded format.
+    pub format: Option<ImageFormat>,
     pub device: DeviceConfig,
     pub metadata_cache: Option<u64>,
     /// At stop, how long to wait for the final sync.
@@ -299,6 +302,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
         validate_device(&a)?;
         let source = match (a.image, a.volume) {
             (Some(image), None) => {
+                if a.format.is_none() {
+                    bail!("--format raw|qcow2 is required for --image (never guessed from the contents)");
+                }
                 ImageSource::File(image.canonicalize().with_context(|| format!("image {}", image.display()))?)
             }
             (None, Some(url)) => {
@@ -359,14 +365,35 @@ pub fn validate_device(a: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The format to serve a volume as: `--format`, else the one recorded in
+/// the volume at import.
+fn volume_format(flag: Option<ImageFormat>, recorded: Option<&str>, url: &str) -> anyhow::Result<ImageFormat> {
+    let recorded = match recorded {
+        Some(r) => Some(r.parse::<ImageFormat>().map_err(|e| anyhow::anyhow!("volume {url}: {e}"))?),
+        None => None,
+    };
+    match (flag, recorded) {
+        (Some(f), Some(r)) if f != r => {
+            tracing::warn!(url, "serving as {f} (--format) a volume recorded as {r}");
+            Ok(f)
+        }
+        (Some(f), _) => Ok(f),
+        (None, Some(r)) => Ok(r),
+        (None, None) => {
+            bail!("volume {url} does not record its image format (imported without --format): give --format raw|qcow2")
+        }
+    }
+}
+
 /// Opens the image's format over its storage.
 fn open_format(
     storage: Arc<dyn Storage>,
+    format: ImageFormat,
     cfg: &ServeConfig,
     backing: &dyn BackingOpener,
 ) -> anyhow::Result<Arc<dyn Disk>> {
     let read_only = cfg.device.read_only;
-    Ok(match cfg.format {
+    Ok(match format {
         ImageFormat::Raw => Arc::new(RawDisk::new(storage, read_only)?),
         ImageFormat::Qcow2 => {
             let opts = Qcow2Options { read_only, metadata_cache_bytes: cfg.metadata_cache, ..Default::default() };
@@ -387,7 +414,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             let file =
                 LocalFile::open(path, read_only).with_context(|| format!("cannot open image {}", path.display()))?;
             file.lock(!read_only).with_context(|| format!("image {} is in use by another process", path.display()))?;
-            open_format(Arc::new(file), &cfg, &LocalBackingOpener::new(path))?
+            let format = cfg.format.context("--format is required for --image")?;
+            open_format(Arc::new(file), format, &cfg, &LocalBackingOpener::new(path))?
         }
         ImageSource::Volume { url, cache } => {
             notify.status(&format!("opening volume {url}"));
@@ -404,8 +432,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             }
             // Backing files of an image inside a volume would have to live in
             // the volume too; that is not supported yet.
-            open_format(store, &cfg, &NoBacking)
-                .with_context(|| format!("cannot open volume {url} as {}", cfg.format))?
+            let format = volume_format(cfg.format, store.volume().header.image_format.as_deref(), url)?;
+            open_format(store, format, &cfg, &NoBacking)
+                .with_context(|| format!("cannot open volume {url} as {format}"))?
         }
     };
     let what = disk.describe();

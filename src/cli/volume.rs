@@ -26,6 +26,10 @@ pub struct ImportArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// The image's format (raw or qcow2), recorded in the volume so that
+    /// `serve` needs no --format. Never guessed from the contents.
+    #[arg(long)]
+    pub format: Option<crate::format::ImageFormat>,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -38,6 +42,9 @@ pub struct AttachArgs {
     pub url: String,
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     pub chunk_size: u64,
+    /// The image's format (raw or qcow2), recorded in the volume.
+    #[arg(long)]
+    pub format: Option<crate::format::ImageFormat>,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -113,6 +120,7 @@ fn print_info(i: &VolumeInfo) {
         i.chunks_zero,
         i.chunks_base
     );
+    println!("format      {}", i.image_format.as_deref().unwrap_or("not recorded (serve needs --format)"));
     println!("generation  {}", i.generation);
     match &i.base {
         Some(b) => println!("base        {b:?}"),
@@ -131,6 +139,7 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
         chunk_size: a.chunk_size,
         progress: !a.quiet,
         remote: a.remote.options(),
+        image_format: a.format.map(|f| f.to_string()),
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -141,7 +150,11 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
 }
 
 pub fn attach(a: AttachArgs) -> anyhow::Result<()> {
-    let opts = AttachOptions { chunk_size: a.chunk_size, remote: a.remote.options() };
+    let opts = AttachOptions {
+        chunk_size: a.chunk_size,
+        remote: a.remote.options(),
+        image_format: a.format.map(|f| f.to_string()),
+    };
     let info = volume::attach(&a.base_url, &a.url, &opts)?;
     eprintln!("attached: {} now serves {} without uploading it", a.url, a.base_url);
     print_info(&info);
@@ -176,7 +189,7 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "url": i.url, "volume_id": i.volume_id, "format_version": i.format_version, "created_unix": i.created_unix,
                 "image_len": i.image_len, "chunk_size": i.chunk_size, "generation": i.generation,
                 "chunks_total": i.chunks_total, "chunks_packed": i.chunks_packed, "chunks_zero": i.chunks_zero,
-                "chunks_base": i.chunks_base, "packs": i.packs, "packed_bytes": i.packed_bytes,
+                "chunks_base": i.chunks_base, "image_format": i.image_format, "packs": i.packs, "packed_bytes": i.packed_bytes,
                 "base": i.base.as_ref().map(|b| format!("{b:?}")),
                 "boot_profile": i.boot_profile.as_ref().map(|(key, bytes, gen)| serde_json::json!({
                     "key": key, "bytes": bytes, "generation": gen })),

@@ -88,6 +88,8 @@ pub struct VolumeInfo {
     pub base: Option<BaseRef>,
     /// The newest boot profile: key, page bytes, generation recorded at.
     pub boot_profile: Option<(String, u64, u64)>,
+    /// The image format recorded at import/attach.
+    pub image_format: Option<String>,
 }
 
 impl VolumeInfo {
@@ -120,6 +122,7 @@ impl VolumeInfo {
             packed_bytes: bytes,
             base: r.header.base.clone(),
             boot_profile: None,
+            image_format: r.header.image_format.clone(),
         }
     }
 }
