@@ -125,7 +125,7 @@ fn sd_notify_ready_only_once_the_socket_accepts_then_stopping_and_extend_timeout
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let sock = d.path().join("vhost.sock");
-    let mut child = Command::new(bin())
+    let child = Command::new(bin())
         .args(["serve", "--socket", sock.to_str().unwrap(), "--volume", &url, "--format", "raw"])
         .args(["--cache-dir", d.path().join("cache").to_str().unwrap(), "--sync-interval", "3600"])
         .env("NOTIFY_SOCKET", &notify_path)
