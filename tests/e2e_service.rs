@@ -161,6 +161,13 @@ fn sd_notify_ready_only_once_the_socket_accepts_then_stopping_and_extend_timeout
     c.write(2 << 20, &common::pattern(2, 1 << 20)).unwrap();
     c.flush().unwrap();
     drop(c);
+    // While serving, STATUS= says what is pending (refreshed every second).
+    loop {
+        let m = recv("a STATUS line while serving");
+        if m.contains("STATUS=serving; generation") && m.contains("not uploaded") {
+            break;
+        }
+    }
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let mut after = Vec::new();
     loop {

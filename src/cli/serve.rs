@@ -453,8 +453,20 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         if let Some(addr) = cfg.metrics {
             metrics_server = Some(MetricsServer::start(addr, st.clone())?);
         }
+        // systemctl status shows what is pending, updated when it changes.
+        let (tick_notify, last) = (notify.clone(), parking_lot::Mutex::new(String::new()));
+        let tick = move |v: &serde_json::Value| {
+            let line = crate::cli::status::summary(v);
+            if *last.lock() != line {
+                tick_notify.status(&line);
+                *last.lock() = line;
+            }
+        };
         status_file =
-            Some(StatusWriter::start(st.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);
+            Some(StatusWriter::start(st.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1), tick)?);
+    }
+    if let Some(st) = &status {
+        st.set_phase(Phase::Serving);
     }
     let perms = cfg.socket_perms.clone();
     let server = Server::bind_with(disk, cfg.device.clone(), &cfg.socket, &|p| {

@@ -23,15 +23,17 @@ use crate::tier::tiered::TieredStore;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Phase {
-    Serving = 0,
-    Stopping = 1,
-    FinalSync = 2,
-    Stopped = 3,
+    Opening = 0,
+    Serving = 1,
+    Stopping = 2,
+    FinalSync = 3,
+    Stopped = 4,
 }
 
 impl Phase {
     pub fn name(self) -> &'static str {
         match self {
+            Phase::Opening => "opening",
             Phase::Serving => "serving",
             Phase::Stopping => "stopping",
             Phase::FinalSync => "final-sync",
@@ -51,9 +53,10 @@ impl PhaseHandle {
 
     pub fn get(&self) -> Phase {
         match self.0.load(Ordering::Acquire) {
-            0 => Phase::Serving,
-            1 => Phase::Stopping,
-            2 => Phase::FinalSync,
+            0 => Phase::Opening,
+            1 => Phase::Serving,
+            2 => Phase::Stopping,
+            3 => Phase::FinalSync,
             _ => Phase::Stopped,
         }
     }
@@ -127,7 +130,14 @@ pub struct StatusWriter {
 }
 
 impl StatusWriter {
-    pub fn start(status: Arc<DaemonStatus>, path: PathBuf, every: Duration) -> anyhow::Result<Self> {
+    /// Writes `path` every `every`, and hands each snapshot to `tick`
+    /// (systemd STATUS= lines).
+    pub fn start(
+        status: Arc<DaemonStatus>,
+        path: PathBuf,
+        every: Duration,
+        tick: impl Fn(&Value) + Send + 'static,
+    ) -> anyhow::Result<Self> {
         // The first snapshot before returning: a client that finds the
         // vhost socket up also finds the file (and the control socket).
         write_atomic(&path, &status.to_json()).with_context(|| format!("cannot write {}", path.display()))?;
@@ -138,8 +148,12 @@ impl StatusWriter {
             if !running {
                 status.set_phase(Phase::Stopped);
             }
-            if let Err(e) = write_atomic(&path, &status.to_json()) {
+            let v = status.to_json();
+            if let Err(e) = write_atomic(&path, &v) {
                 tracing::debug!("cannot write {}: {e}", path.display());
+            }
+            if running {
+                tick(&v);
             }
             if !running {
                 return;
@@ -204,6 +218,30 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
             "bytes": s.profile_bytes, "waits": s.profile_waits,
         },
     })
+}
+
+/// One line for `systemctl status`: state, generation, what is pending.
+pub fn summary(v: &Value) -> String {
+    let u = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    let mut s = format!("{}; generation {}", v["state"].as_str().unwrap_or("serving"), u("/generation"));
+    if v.pointer("/sync").is_some_and(|y| !y.is_null()) {
+        s += &format!("; {} not uploaded", human(u("/sync/dirty_bytes")));
+        if v.pointer("/sync/uploading").and_then(Value::as_bool) == Some(true) {
+            s += " (uploading)";
+        }
+        if let Some(c) = v.pointer("/sync/conflict").and_then(Value::as_str) {
+            s += &format!("; CONFLICT: {c}");
+        } else if let Some(e) = v.pointer("/sync/last_error").and_then(Value::as_str) {
+            s += &format!("; sync error: {e}");
+        }
+    }
+    if v.pointer("/hydrate/running").and_then(Value::as_bool) == Some(true) {
+        s += &format!("; hydrating {}/{}", u("/hydrate/done"), u("/hydrate/total"));
+    }
+    if v.pointer("/offline").and_then(Value::as_bool) == Some(true) {
+        s += "; OFFLINE (remote unreachable at start)";
+    }
+    s
 }
 
 /// Shares of chunk-parts read served by RAM, SSD, known zeroes, and the

@@ -62,19 +62,21 @@ impl Notifier {
         let deadline = Instant::now() + total;
         // Each message must arrive before the previous extension runs out.
         let step = Duration::from_secs(60);
-        let _ = std::thread::Builder::new().name("driveblk-sd-extend".into()).spawn(move || {
-            while !d.load(Ordering::Acquire) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return;
-                }
-                let usec = left.min(step + Duration::from_secs(30)).as_micros().min(u32::MAX as u128) as u32;
-                me.send(&[NotifyState::ExtendTimeoutUsec(usec)]);
-                let until = Instant::now() + step.min(left);
-                while Instant::now() < until && !d.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+        let usec =
+            move |left: Duration| left.min(step + Duration::from_secs(30)).as_micros().min(u32::MAX as u128) as u32;
+        // The first one now, before the work it covers starts.
+        self.send(&[NotifyState::ExtendTimeoutUsec(usec(total))]);
+        let _ = std::thread::Builder::new().name("driveblk-sd-extend".into()).spawn(move || loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let until = Instant::now() + step.min(left);
+            while Instant::now() < until && !d.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(100));
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if d.load(Ordering::Acquire) || left.is_zero() {
+                return;
+            }
+            me.send(&[NotifyState::ExtendTimeoutUsec(usec(left))]);
         });
         ExtendGuard { done }
     }
