@@ -223,3 +223,24 @@ fn a_volume_imported_with_format_serves_without_format() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--format raw|qcow2 is required for --image"));
 }
+
+#[test]
+fn progress_off_a_terminal_is_plain_lines() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img.raw");
+    common::make_raw(&img, 8 << 20, 4);
+    let url = format!("dir:{}", d.path().join("vol").display());
+    // stderr is a pipe here, as under systemd or in a log file.
+    let out = Command::new(bin())
+        .args(["import", "--chunk-size", "256K", "--remote-latency-ms", "20", img.to_str().unwrap(), &url])
+        .env("DRIVEBLK_PROGRESS_MS", "5")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("import: ")).collect();
+    assert!(!lines.is_empty(), "{err}");
+    let last = lines.last().unwrap();
+    assert!(last.contains("8.00 MiB of 8.00 MiB (100%)") && last.contains("/s"), "{err}");
+    assert!(!err.contains('\x1b') && !err.contains('\r'), "no terminal control codes: {err:?}");
+}

@@ -16,8 +16,15 @@ pub enum Unit {
     Chunks,
 }
 
-/// How often the plain lines come.
-const LINE_EVERY: Duration = Duration::from_secs(10);
+/// How often the plain lines come: every 10 s, or
+/// `DRIVEBLK_PROGRESS_MS` milliseconds.
+fn line_every() -> Duration {
+    std::env::var("DRIVEBLK_PROGRESS_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&ms: &u64| ms > 0)
+        .map_or(Duration::from_secs(10), Duration::from_millis)
+}
 
 /// A bar of `len` chunks labelled `what` (see [`bar_of`]).
 pub fn bar(on: bool, len: u64, what: &str) -> Progress {
@@ -43,19 +50,20 @@ pub fn bar_of(on: bool, len: u64, what: &str, unit: Unit) -> Progress {
     // Not a terminal: the bar only keeps count; a thread prints lines.
     let b = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden());
     let done = Arc::new(AtomicBool::new(false));
-    let (bar, d, what) = (b.clone(), done.clone(), what.to_string());
+    let t0 = Instant::now();
+    let every = line_every();
+    let (bar, d, w) = (b.clone(), done.clone(), what.to_string());
     let _ = std::thread::Builder::new().name("driveblk-progress".into()).spawn(move || {
-        let t0 = Instant::now();
-        let mut next = t0 + LINE_EVERY;
+        let mut next = t0 + every;
         while !d.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(100));
-            if Instant::now() >= next {
-                eprintln!("{}", line(&what, unit, bar.position(), bar.length().unwrap_or(0), t0.elapsed()));
-                next += LINE_EVERY;
+            std::thread::sleep(every.min(Duration::from_millis(100)));
+            if Instant::now() >= next && !d.load(Ordering::Acquire) {
+                eprintln!("{}", line(&w, unit, bar.position(), bar.length().unwrap_or(0), t0.elapsed()));
+                next += every;
             }
         }
     });
-    Progress { bar: b, lines: Some(done) }
+    Progress { bar: b, lines: Some(Lines { done, what: what.to_string(), unit, t0 }) }
 }
 
 /// One plain progress line: `import: 1.2 GiB of 4.0 GiB (30%), 50.0 MiB/s, about 57 s left`.
@@ -83,7 +91,15 @@ pub fn line(what: &str, unit: Unit, pos: u64, len: u64, elapsed: Duration) -> St
 /// A progress display; finish it, or drop it.
 pub struct Progress {
     bar: ProgressBar,
-    lines: Option<Arc<AtomicBool>>,
+    lines: Option<Lines>,
+}
+
+/// The plain-lines mode's state.
+struct Lines {
+    done: Arc<AtomicBool>,
+    what: String,
+    unit: Unit,
+    t0: Instant,
 }
 
 impl Progress {
@@ -99,9 +115,13 @@ impl Progress {
     pub fn set_message(&self, m: impl Into<std::borrow::Cow<'static, str>>) {
         self.bar.set_message(m);
     }
+    /// Ends the display; in plain-lines mode, with a last line.
     pub fn finish_and_clear(&self) {
-        if let Some(d) = &self.lines {
-            d.store(true, Ordering::Release);
+        if let Some(l) = &self.lines {
+            if !l.done.swap(true, Ordering::AcqRel) {
+                let (pos, len) = (self.bar.position(), self.bar.length().unwrap_or(0));
+                eprintln!("{}", line(&l.what, l.unit, pos, len, l.t0.elapsed()));
+            }
         }
         self.bar.finish_and_clear();
     }
@@ -109,8 +129,8 @@ impl Progress {
 
 impl Drop for Progress {
     fn drop(&mut self) {
-        if let Some(d) = &self.lines {
-            d.store(true, Ordering::Release);
+        if let Some(l) = &self.lines {
+            l.done.store(true, Ordering::Release);
         }
     }
 }
