@@ -1,7 +1,8 @@
 //! The VM stored with a volume: `vm init` makes one identity (and refuses
 //! to replace it without --force), `libvirt-xml` passes libvirt's own
 //! schema check, and `qemu-args` starts a real QEMU whose vhost-user-blk
-//! device negotiates with driveblk (QEMU's -daemonize parent exits 0 only
+//! device negotiates with driveblk, which took the queue count (and disk
+//! serial) from the same vm.toml (QEMU's -daemonize parent exits 0 only
 //! once every device is realized).
 
 mod common;
@@ -69,22 +70,11 @@ fn vm_init_then_libvirt_xml_validates_and_qemu_args_start_qemu() {
         eprintln!("SKIP qemu: qemu-system-x86_64 not installed (scripts/deps.sh)");
         return;
     }
-    // The disk as the VM wants it: its serial and queue count.
-    let serial = field(&spec, "disk_serial").to_string();
+    // No --serial or --num-queues: serve takes them from vm.toml, and QEMU
+    // (num-queues=2 from the same file) would refuse a 1-queue backend.
     let daemon = Daemon::start(
         &sock,
-        &[
-            "--volume",
-            &url,
-            "--format",
-            "raw",
-            "--cache-dir",
-            d.path().join("cache").to_str().unwrap(),
-            "--num-queues",
-            "2",
-            "--serial",
-            &serial,
-        ],
+        &["--volume", &url, "--format", "raw", "--cache-dir", d.path().join("cache").to_str().unwrap()],
     );
     let args = run_ok(&["qemu-args", &url, "--accel", "tcg", "--socket", sock.to_str().unwrap(), "--lines"]);
     let pidfile = d.path().join("qemu.pid");

@@ -404,7 +404,7 @@ mod tests {
                 .collect();
         let cli = Cli::try_parse_from(expand_args(argv).unwrap()).unwrap();
         let crate::cli::Command::Serve(a) = cli.command else { panic!() };
-        assert_eq!(a.num_queues, 4, "the flag wins");
+        assert_eq!(a.num_queues, Some(4), "the flag wins");
         assert_eq!(a.socket, PathBuf::from("/from/file"), "the file fills the rest");
         assert_eq!(a.volume.as_deref(), Some("dir:/v"));
     }

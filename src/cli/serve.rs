@@ -57,17 +57,19 @@ pub struct ServeArgs {
     #[arg(long)]
     pub read_only: bool,
 
-    /// Number of virtqueues (one worker thread each).
-    #[arg(long, default_value_t = 1)]
-    pub num_queues: u16,
+    /// Number of virtqueues (one worker thread each). Default: the
+    /// volume's vm.toml (`driveblk vm init`), else 1.
+    #[arg(long)]
+    pub num_queues: Option<u16>,
 
     /// Maximum virtqueue size the frontend may configure (power of two).
     #[arg(long, default_value_t = 256)]
     pub queue_size: u16,
 
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
-    #[arg(long, default_value = "driveblk")]
-    pub serial: String,
+    /// Default: the volume's vm.toml disk_serial, else `driveblk`.
+    #[arg(long)]
+    pub serial: Option<String>,
 
     /// Threads for requests that must wait (cache misses, allocation, flush).
     #[arg(long, default_value_t = 32)]
@@ -293,7 +295,13 @@ pub struct ServeConfig {
     pub socket_perms: SocketPerms,
     /// Prometheus endpoint address.
     pub metrics: Option<std::net::SocketAddr>,
+    /// No --serial / --num-queues given: a volume's vm.toml supplies them.
+    pub serial_from_vm: bool,
+    pub queues_from_vm: bool,
 }
+
+const DEFAULT_SERIAL: &str = "driveblk";
+const DEFAULT_QUEUES: u16 = 1;
 
 impl TryFrom<ServeArgs> for ServeConfig {
     type Error = anyhow::Error;
@@ -315,6 +323,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
         };
         let socket_perms = SocketPerms::new(a.socket_group.as_deref(), a.socket_mode)?;
         Ok(ServeConfig {
+            serial_from_vm: a.serial.is_none(),
+            queues_from_vm: a.num_queues.is_none(),
             control_socket: a.control_socket.unwrap_or_else(|| control::default_path(&a.socket)),
             socket_perms,
             metrics: a.metrics,
@@ -324,10 +334,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
             metadata_cache: a.metadata_cache,
             sync_timeout: Duration::from_secs(a.cache.sync_timeout),
             device: DeviceConfig {
-                num_queues: a.num_queues,
+                num_queues: a.num_queues.unwrap_or(DEFAULT_QUEUES),
                 queue_size: a.queue_size,
                 read_only: a.read_only,
-                serial: a.serial.into_bytes(),
+                serial: a.serial.clone().unwrap_or_else(|| DEFAULT_SERIAL.into()).into_bytes(),
                 io_threads: a.io_threads,
                 poll_us: a.poll_us,
             },
@@ -338,14 +348,16 @@ impl TryFrom<ServeArgs> for ServeConfig {
 /// The checks of `serve`'s device options that need nothing opened (also
 /// run by `driveblk config check`).
 pub fn validate_device(a: &ServeArgs) -> anyhow::Result<()> {
-    if a.num_queues == 0 || a.num_queues > 64 {
-        bail!("--num-queues must be between 1 and 64 (got {})", a.num_queues);
+    let queues = a.num_queues.unwrap_or(DEFAULT_QUEUES);
+    if queues == 0 || queues > 64 {
+        bail!("--num-queues must be between 1 and 64 (got {queues})");
     }
     if !a.queue_size.is_power_of_two() || !(2..=32768).contains(&a.queue_size) {
         bail!("--queue-size must be a power of two between 2 and 32768 (got {})", a.queue_size);
     }
-    if a.serial.len() > ID_BYTES {
-        bail!("--serial is {} bytes; at most {ID_BYTES} fit in a virtio-blk id", a.serial.len());
+    let serial = a.serial.as_deref().unwrap_or(DEFAULT_SERIAL);
+    if serial.len() > ID_BYTES {
+        bail!("--serial is {} bytes; at most {ID_BYTES} fit in a virtio-blk id", serial.len());
     }
     if a.poll_us > 1_000_000 {
         bail!("--poll-us must be at most 1000000 (one second)");
@@ -363,6 +375,32 @@ pub fn validate_device(a: &ServeArgs) -> anyhow::Result<()> {
         bail!("--fetch-concurrency must be between 1 and 1024");
     }
     Ok(())
+}
+
+/// The disk serial and queue count of the volume's VM (`vm.toml`), where
+/// the command line gave none, so the guest sees the same disk on every
+/// host. A missing or unreadable vm.toml leaves the defaults.
+fn vm_toml(cfg: &ServeConfig, store: &TieredStore) -> Option<crate::cli::vm::VmSpec> {
+    if !(cfg.serial_from_vm || cfg.queues_from_vm) || store.volume().offline {
+        return None;
+    }
+    let remote = store.volume().remote.clone();
+    let got = crate::volume::runtime("driveblk-vm")
+        .and_then(|rt| rt.block_on(crate::volume::sidecar::read_from(&remote, crate::cli::vm::VM_FILE)));
+    match got {
+        Ok(Some(bytes)) => match crate::cli::vm::parse(&String::from_utf8_lossy(&bytes)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!("ignoring the volume's vm.toml: {e:#}");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("could not read the volume's vm.toml: {e}");
+            None
+        }
+    }
 }
 
 /// The format to serve a volume as: `--format`, else the one recorded in
@@ -403,11 +441,12 @@ fn open_format(
 }
 
 /// Runs `driveblk serve` until SIGTERM/SIGINT.
-pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     let notify = Notifier::from_env();
     let read_only = cfg.device.read_only;
     let mut status: Option<Arc<DaemonStatus>> = None;
     let mut volume_store: Option<Arc<TieredStore>> = None;
+    let mut vm = None;
     let disk = match &cfg.source {
         ImageSource::File(path) => {
             notify.status(&format!("opening {}", path.display()));
@@ -424,6 +463,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             cache.remote = cache.remote.clone().with_metrics(metrics.clone());
             let store: Arc<TieredStore> = tier_layer::open_volume(url, cache.clone())?;
             volume_store = Some(store.clone());
+            vm = vm_toml(&cfg, &store);
             let mut st = DaemonStatus::new(store.clone(), metrics, url.clone());
             st.control_socket = Some(cfg.control_socket.clone());
             status = Some(Arc::new(st));
@@ -437,6 +477,15 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot open volume {url} as {format}"))?
         }
     };
+    if let Some(vm) = vm {
+        if cfg.serial_from_vm {
+            cfg.device.serial = vm.disk_serial.clone().into_bytes();
+        }
+        if cfg.queues_from_vm {
+            cfg.device.num_queues = vm.num_queues;
+        }
+        tracing::info!(serial = %vm.disk_serial, queues = cfg.device.num_queues, "disk identity from the volume's vm.toml");
+    }
     let what = disk.describe();
     tracing::info!(socket = %cfg.socket.display(), queues = cfg.device.num_queues, "serving {what}");
     // The control socket and status file come first: whoever sees the vhost

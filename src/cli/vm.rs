@@ -86,7 +86,8 @@ pub fn fresh(name: &str, memory_mib: u64, vcpus: u32, num_queues: u16) -> VmSpec
     }
 }
 
-fn parse(text: &str) -> anyhow::Result<VmSpec> {
+/// Parses and checks a vm.toml.
+pub fn parse(text: &str) -> anyhow::Result<VmSpec> {
     let v: VmSpec = toml::from_str(text).map_err(|e| anyhow::anyhow!("{VM_FILE}: {e}"))?;
     check(&v).with_context(|| format!("{VM_FILE} is not valid"))?;
     Ok(v)

@@ -35,6 +35,17 @@ pub fn read(url: &str, name: &str, opts: &RemoteOptions) -> VolumeResult<Option<
     }
 }
 
+/// The sidecar `name` through an already open remote (the volume's
+/// folder), or None.
+pub async fn read_from(remote: &crate::remote::DynRemote, name: &str) -> VolumeResult<Option<Vec<u8>>> {
+    check_name(name)?;
+    match remote.get(name).await {
+        Ok(b) => Ok(Some(b.to_vec())),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(VolumeError::remote(format!("reading {name}"), e)),
+    }
+}
+
 /// Stores `data` as the sidecar `name` of the volume at `url` (replacing
 /// it only when `replace`).
 pub fn write(url: &str, name: &str, data: Vec<u8>, replace: bool, opts: &RemoteOptions) -> VolumeResult<()> {
