@@ -434,3 +434,22 @@ pub fn read(dir: &Path) -> anyhow::Result<Value> {
     })?;
     serde_json::from_slice(&bytes).with_context(|| format!("{} is not a driveblk status file", p.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_added_by_other_parts_are_rendered() {
+        let v = json!({
+            "running": true, "state": "serving", "generation": 7, "volume_id": "abc",
+            "sync": {"dirty_bytes": 2097152, "uploading": true},
+            "lease": {"holder": "host-a", "expires_in_secs": 30, "stolen": null},
+        });
+        let out = render(&v);
+        let line = out.lines().find(|l| l.starts_with("lease")).unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(line, "lease       expires_in_secs 30, holder host-a");
+        assert!(!out.lines().any(|l| l.starts_with("state") || l.starts_with("url")), "built-in keys once: {out}");
+        assert_eq!(summary(&v), "serving; generation 7; 2.0 MiB not uploaded (uploading)");
+    }
+}
