@@ -107,7 +107,9 @@ impl ControlServer {
                     continue;
                 }
                 active.fetch_add(1, Ordering::AcqRel);
-                let (status, active) = (status.clone(), active.clone());
+                // Weak: an idle client must not keep the store alive after
+                // serving ends (it saves the boot profile when dropped).
+                let (status, active) = (Arc::downgrade(&status), active.clone());
                 let spawned = std::thread::Builder::new().name("driveblk-control-conn".into()).spawn(move || {
                     serve_conn(conn, &status);
                     active.fetch_sub(1, Ordering::AcqRel);
@@ -137,7 +139,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_conn(conn: UnixStream, status: &DaemonStatus) {
+fn serve_conn(conn: UnixStream, status: &std::sync::Weak<DaemonStatus>) {
     // An idle client must not hold a thread forever.
     let _ = conn.set_read_timeout(Some(Duration::from_secs(300)));
     let Ok(w) = conn.try_clone() else { return };
@@ -155,9 +157,14 @@ fn serve_conn(conn: UnixStream, status: &DaemonStatus) {
         if line.trim().is_empty() {
             continue;
         }
+        let Some(status) = status.upgrade() else {
+            let _ = reply(&w, Err(anyhow!("the daemon is stopping")));
+            return;
+        };
         let res = serde_json::from_str::<Request>(&line)
             .map_err(|e| anyhow!("bad request: {e}"))
-            .and_then(|req| execute(&req, status));
+            .and_then(|req| execute(&req, &status));
+        drop(status);
         if reply(&w, res).is_err() {
             return;
         }

@@ -211,8 +211,9 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     // No guest to record, and every chunk comes whole anyway.
     cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
     let dir = cache.cache_dir.clone();
-    let store = tier::open_volume(&a.url, cache)
-        .context("(if a daemon is serving this volume from another cache directory, pass its --cache-dir or --control)")?;
+    let store = tier::open_volume(&a.url, cache).context(
+        "(if a daemon is serving this volume from another cache directory, pass its --cache-dir or --control)",
+    )?;
     let t0 = Instant::now();
     store.start_hydrate();
     while !store.wait_hydrated(Duration::from_secs(3600), !a.quiet) {}
