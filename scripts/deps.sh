@@ -20,6 +20,11 @@ have fio || need_apt+=(fio)
 have zstd || need_apt+=(zstd)
 have xz || need_apt+=(xz-utils)
 have jq || need_apt+=(jq)
+# systemd-analyze verifies the driveblk@.service unit (tests/e2e_service.rs);
+# virt-xml-validate checks `driveblk libvirt-xml` output.
+have systemd-analyze || need_apt+=(systemd)
+have virt-xml-validate || need_apt+=(libvirt-clients)
+have xmllint || need_apt+=(libxml2-utils)
 
 if [ ${#need_apt[@]} -eq 0 ]; then
   exit 0

@@ -62,9 +62,9 @@ fn read_all(c: &mut Client) -> Vec<u8> {
     out
 }
 
-/// The daemon's status file, after letting it refresh (it is written every second).
+/// The daemon's status: live over its control socket (found through the
+/// cache directory) while it runs, its last status file once stopped.
 fn status(cache: &Path) -> serde_json::Value {
-    std::thread::sleep(std::time::Duration::from_millis(1300));
     let s = run_ok(&["status", "--cache-dir", cache.to_str().unwrap(), "--json"]);
     serde_json::from_str(&s).unwrap()
 }

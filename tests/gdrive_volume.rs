@@ -57,6 +57,7 @@ fn gdrive_volume_round_trip_under_faults() {
         parallel_uploads: 2,
         progress: false,
         remote: remote_opts(&env),
+        image_format: None,
     };
     let info = volume::import(&img, url, &opts).unwrap();
     assert_eq!(info.image_len, bytes.len() as u64);
@@ -85,7 +86,7 @@ fn gdrive_attach_a_file_id_base_uploads_none_of_it() {
     let image = gdrive_support::data(5, 5 << 20);
     let id = env.emu.ui_upload(&root, "win10.qcow2", &image);
     let before = env.emu.stats().bytes_in;
-    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env) };
+    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env), image_format: None };
     let info = volume::attach(&format!("gdrive:file={id}"), "gdrive:/vms/win10", &ao).unwrap();
     assert_eq!((info.image_len, info.chunks_base), (image.len() as u64, 5));
     let uploaded = env.emu.stats().bytes_in - before;
@@ -195,6 +196,7 @@ fn gdrive_import_then_open_despite_a_lagging_listing() {
         parallel_uploads: 2,
         progress: false,
         remote: remote_opts(&env),
+        image_format: None,
     };
     let info = volume::import(&img, "gdrive:/lag/vol", &opts).unwrap();
     assert_eq!(info.generation, 1);

@@ -3,12 +3,17 @@
 
 pub mod auth;
 pub mod cache_dir;
+pub mod config;
+pub mod control;
 pub mod maintain;
+pub mod metrics;
 pub mod remote;
 pub mod serve;
 pub mod size;
 pub mod status;
 pub mod sync;
+pub mod unit;
+pub mod vm;
 pub mod volume;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +35,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve an image file or a remote volume as a vhost-user-blk device.
+    #[command(args_override_self = true)]
     Serve(serve::ServeArgs),
     /// Upload an image file as a new remote volume.
     Import(volume::ImportArgs),
@@ -64,6 +70,20 @@ pub enum Command {
     Gc(maintain::GcArgs),
     /// Check every object the volume's generations reference is there.
     Verify(maintain::VerifyArgs),
+    /// Drop the clean data a running daemon caches in RAM and on SSD.
+    DropCache(control::DropCacheArgs),
+    /// Install the systemd template unit driveblk@.service.
+    InstallUnit(unit::InstallUnitArgs),
+    /// Volume config files (`serve --config FILE`).
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// The VM stored with a volume (vm.toml): create or show it.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Print the QEMU command line for the volume's VM.
+    QemuArgs(vm::GenArgs),
+    /// Print the libvirt domain XML for the volume's VM.
+    LibvirtXml(vm::GenArgs),
 }
 
 /// Runs a parsed command.
@@ -85,5 +105,11 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Rollback(a) => maintain::rollback(a),
         Command::Gc(a) => maintain::gc(a),
         Command::Verify(a) => maintain::verify(a),
+        Command::DropCache(a) => control::drop_cache(a),
+        Command::InstallUnit(a) => unit::install(a),
+        Command::Config(c) => config::run(c),
+        Command::Vm(c) => vm::vm(c),
+        Command::QemuArgs(a) => vm::qemu(a),
+        Command::LibvirtXml(a) => vm::libvirt(a),
     }
 }

@@ -9,12 +9,16 @@ use clap::Args;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::cli::control::{self, ControlServer};
+use crate::cli::metrics::MetricsServer;
 use crate::cli::remote::RemoteArgs;
-use crate::cli::size::parse_size;
-use crate::cli::status::StatusWriter;
+use crate::cli::size::{human, parse_size};
+use crate::cli::status::{DaemonStatus, Phase, StatusWriter};
+use crate::cli::unit::Notifier;
 use crate::format::qcow2::{BackingOpener, LocalBackingOpener, NoBacking, Qcow2Disk, Qcow2Options};
 use crate::format::raw::RawDisk;
 use crate::format::{Disk, ImageFormat};
+use crate::remote::RemoteMetrics;
 use crate::tier::boot::BootProfileMode;
 use crate::tier::open::{OnRemoteError, RemoteWait};
 use crate::tier::tiered::{CacheMode, TieredStore};
@@ -25,6 +29,12 @@ use crate::vhost::{DeviceConfig, Server};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// A volume's TOML config file holding any of these options (keys are
+    /// the flag names with underscores: `num_queues = 2`); flags given here
+    /// override it. `driveblk config check FILE` validates one.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Path of the vhost-user unix socket to listen on (QEMU connects to it
     /// with `-chardev socket,path=...`).
     #[arg(long)]
@@ -39,8 +49,10 @@ pub struct ServeArgs {
     pub volume: Option<String>,
 
     /// Image format: raw or qcow2. Never guessed from the contents.
+    /// Required for --image; a volume records its format at import
+    /// (`import --format`), and this overrides it.
     #[arg(long)]
-    pub format: ImageFormat,
+    pub format: Option<ImageFormat>,
 
     /// Export the disk read-only (the guest sees a read-only device). A
     /// read-only volume needs no writer lease: it works while another host
@@ -54,17 +66,19 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "read_only")]
     pub force_takeover: bool,
 
-    /// Number of virtqueues (one worker thread each).
-    #[arg(long, default_value_t = 1)]
-    pub num_queues: u16,
+    /// Number of virtqueues (one worker thread each). Default: the
+    /// volume's vm.toml (`driveblk vm init`), else 1.
+    #[arg(long)]
+    pub num_queues: Option<u16>,
 
     /// Maximum virtqueue size the frontend may configure (power of two).
     #[arg(long, default_value_t = 256)]
     pub queue_size: u16,
 
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
-    #[arg(long, default_value = "driveblk")]
-    pub serial: String,
+    /// Default: the volume's vm.toml disk_serial, else `driveblk`.
+    #[arg(long)]
+    pub serial: Option<String>,
 
     /// Threads for requests that must wait (cache misses, allocation, flush).
     #[arg(long, default_value_t = 32)]
@@ -80,11 +94,80 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub metadata_cache: Option<u64>,
 
+    /// Control socket (status, sync, hydrate, drop-cache) of a volume
+    /// daemon. Default: `<socket>.ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Group to give the vhost and control sockets (e.g. `kvm` or
+    /// `libvirt-qemu`, so QEMU can connect). Default: the daemon's group.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Permissions of the vhost and control sockets, octal (e.g. 0660).
+    /// Default: from the umask.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Serve Prometheus metrics (the status figures) on this address,
+    /// e.g. 127.0.0.1:9187, at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     pub cache: CacheArgs,
 
     #[command(flatten)]
     pub remote: RemoteArgs,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode like 0660"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?}: a socket mode is at most 0777"));
+    }
+    Ok(m)
+}
+
+/// Owner group and mode for the sockets QEMU connects to.
+#[derive(Debug, Clone, Default)]
+pub struct SocketPerms {
+    pub gid: Option<u32>,
+    pub mode: Option<u32>,
+}
+
+impl SocketPerms {
+    fn new(group: Option<&str>, mode: Option<u32>) -> anyhow::Result<Self> {
+        let gid = match group {
+            None => None,
+            Some(g) if g.chars().all(|c| c.is_ascii_digit()) => Some(g.parse()?),
+            Some(g) => {
+                let name = std::ffi::CString::new(g)?;
+                // SAFETY: getgrnam returns a pointer into static storage or null; read at once.
+                let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+                if gr.is_null() {
+                    bail!("--socket-group: no group named {g:?}");
+                }
+                Some(unsafe { (*gr).gr_gid })
+            }
+        };
+        Ok(Self { gid, mode })
+    }
+
+    /// Applies the group and mode to a socket file.
+    pub fn apply(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(gid) = self.gid {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
+        }
+        if let Some(m) = self.mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(m))
+                .with_context(|| format!("cannot set mode {m:o} on {}", path.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Cache settings for a volume (serve, hydrate).
@@ -234,34 +317,35 @@ pub enum ImageSource {
 pub struct ServeConfig {
     pub socket: PathBuf,
     pub source: ImageSource,
-    pub format: ImageFormat,
+    /// None: the volume's recorded format.
+    pub format: Option<ImageFormat>,
     pub device: DeviceConfig,
     pub metadata_cache: Option<u64>,
     /// At stop, how long to wait for the final sync.
     pub sync_timeout: Duration,
+    /// Control socket of a volume daemon.
+    pub control_socket: PathBuf,
+    pub socket_perms: SocketPerms,
+    /// Prometheus endpoint address.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// No --serial / --num-queues given: a volume's vm.toml supplies them.
+    pub serial_from_vm: bool,
+    pub queues_from_vm: bool,
 }
+
+const DEFAULT_SERIAL: &str = "driveblk";
+const DEFAULT_QUEUES: u16 = 1;
 
 impl TryFrom<ServeArgs> for ServeConfig {
     type Error = anyhow::Error;
 
     fn try_from(a: ServeArgs) -> anyhow::Result<Self> {
-        if a.num_queues == 0 || a.num_queues > 64 {
-            bail!("--num-queues must be between 1 and 64 (got {})", a.num_queues);
-        }
-        if !a.queue_size.is_power_of_two() || !(2..=32768).contains(&a.queue_size) {
-            bail!("--queue-size must be a power of two between 2 and 32768 (got {})", a.queue_size);
-        }
-        if a.serial.len() > ID_BYTES {
-            bail!("--serial is {} bytes; at most {ID_BYTES} fit in a virtio-blk id", a.serial.len());
-        }
-        if a.poll_us > 1_000_000 {
-            bail!("--poll-us must be at most 1000000 (one second)");
-        }
-        if a.io_threads == 0 || a.io_threads > 1024 {
-            bail!("--io-threads must be between 1 and 1024 (got {})", a.io_threads);
-        }
+        validate_device(&a)?;
         let source = match (a.image, a.volume) {
             (Some(image), None) => {
+                if a.format.is_none() {
+                    bail!("--format raw|qcow2 is required for --image (never guessed from the contents)");
+                }
                 ImageSource::File(image.canonicalize().with_context(|| format!("image {}", image.display()))?)
             }
             (None, Some(url)) => {
@@ -273,17 +357,23 @@ impl TryFrom<ServeArgs> for ServeConfig {
             }
             _ => bail!("give exactly one of --image FILE or --volume URL"),
         };
+        let socket_perms = SocketPerms::new(a.socket_group.as_deref(), a.socket_mode)?;
         Ok(ServeConfig {
+            serial_from_vm: a.serial.is_none(),
+            queues_from_vm: a.num_queues.is_none(),
+            control_socket: a.control_socket.unwrap_or_else(|| control::default_path(&a.socket)),
+            socket_perms,
+            metrics: a.metrics,
             socket: a.socket,
             source,
             format: a.format,
             metadata_cache: a.metadata_cache,
             sync_timeout: Duration::from_secs(a.cache.sync_timeout),
             device: DeviceConfig {
-                num_queues: a.num_queues,
+                num_queues: a.num_queues.unwrap_or(DEFAULT_QUEUES),
                 queue_size: a.queue_size,
                 read_only: a.read_only,
-                serial: a.serial.into_bytes(),
+                serial: a.serial.clone().unwrap_or_else(|| DEFAULT_SERIAL.into()).into_bytes(),
                 io_threads: a.io_threads,
                 poll_us: a.poll_us,
             },
@@ -291,14 +381,93 @@ impl TryFrom<ServeArgs> for ServeConfig {
     }
 }
 
+/// The checks of `serve`'s device options that need nothing opened (also
+/// run by `driveblk config check`).
+pub fn validate_device(a: &ServeArgs) -> anyhow::Result<()> {
+    let queues = a.num_queues.unwrap_or(DEFAULT_QUEUES);
+    if queues == 0 || queues > 64 {
+        bail!("--num-queues must be between 1 and 64 (got {queues})");
+    }
+    if !a.queue_size.is_power_of_two() || !(2..=32768).contains(&a.queue_size) {
+        bail!("--queue-size must be a power of two between 2 and 32768 (got {})", a.queue_size);
+    }
+    let serial = a.serial.as_deref().unwrap_or(DEFAULT_SERIAL);
+    if serial.len() > ID_BYTES {
+        bail!("--serial is {} bytes; at most {ID_BYTES} fit in a virtio-blk id", serial.len());
+    }
+    if a.poll_us > 1_000_000 {
+        bail!("--poll-us must be at most 1000000 (one second)");
+    }
+    if a.io_threads == 0 || a.io_threads > 1024 {
+        bail!("--io-threads must be between 1 and 1024 (got {})", a.io_threads);
+    }
+    if a.cache.sync_interval == 0 {
+        bail!("--sync-interval must be at least 1 second");
+    }
+    if a.cache.boot_profile_window == 0 {
+        bail!("--boot-profile-window must be at least 1 second (use --boot-profile off to disable)");
+    }
+    if a.cache.fetch_concurrency == 0 || a.cache.fetch_concurrency > 1024 {
+        bail!("--fetch-concurrency must be between 1 and 1024");
+    }
+    Ok(())
+}
+
+/// The disk serial and queue count of the volume's VM (`vm.toml`), where
+/// the command line gave none, so the guest sees the same disk on every
+/// host. A missing or unreadable vm.toml leaves the defaults.
+fn vm_toml(cfg: &ServeConfig, store: &TieredStore) -> Option<crate::cli::vm::VmSpec> {
+    if !(cfg.serial_from_vm || cfg.queues_from_vm) || store.volume().offline {
+        return None;
+    }
+    let remote = store.volume().remote.clone();
+    let got = crate::volume::runtime("driveblk-vm")
+        .and_then(|rt| rt.block_on(crate::volume::sidecar::read_from(&remote, crate::cli::vm::VM_FILE)));
+    match got {
+        Ok(Some(bytes)) => match crate::cli::vm::parse(&String::from_utf8_lossy(&bytes)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!("ignoring the volume's vm.toml: {e:#}");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("could not read the volume's vm.toml: {e}");
+            None
+        }
+    }
+}
+
+/// The format to serve a volume as: `--format`, else the one recorded in
+/// the volume at import.
+fn volume_format(flag: Option<ImageFormat>, recorded: Option<&str>, url: &str) -> anyhow::Result<ImageFormat> {
+    let recorded = match recorded {
+        Some(r) => Some(r.parse::<ImageFormat>().map_err(|e| anyhow::anyhow!("volume {url}: {e}"))?),
+        None => None,
+    };
+    match (flag, recorded) {
+        (Some(f), Some(r)) if f != r => {
+            tracing::warn!(url, "serving as {f} (--format) a volume recorded as {r}");
+            Ok(f)
+        }
+        (Some(f), _) => Ok(f),
+        (None, Some(r)) => Ok(r),
+        (None, None) => {
+            bail!("volume {url} does not record its image format (imported without --format): give --format raw|qcow2")
+        }
+    }
+}
+
 /// Opens the image's format over its storage.
 fn open_format(
     storage: Arc<dyn Storage>,
+    format: ImageFormat,
     cfg: &ServeConfig,
     backing: &dyn BackingOpener,
 ) -> anyhow::Result<Arc<dyn Disk>> {
     let read_only = cfg.device.read_only;
-    Ok(match cfg.format {
+    Ok(match format {
         ImageFormat::Raw => Arc::new(RawDisk::new(storage, read_only)?),
         ImageFormat::Qcow2 => {
             let opts = Qcow2Options { read_only, metadata_cache_bytes: cfg.metadata_cache, ..Default::default() };
@@ -308,18 +477,26 @@ fn open_format(
 }
 
 /// Runs `driveblk serve` until SIGTERM/SIGINT.
-pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
+    let notify = Notifier::from_env();
     let read_only = cfg.device.read_only;
-    let mut status: Option<StatusWriter> = None;
+    let mut status: Option<Arc<DaemonStatus>> = None;
     let mut volume_store: Option<Arc<TieredStore>> = None;
+    let mut vm = None;
     let disk = match &cfg.source {
         ImageSource::File(path) => {
+            notify.status(&format!("opening {}", path.display()));
             let file =
                 LocalFile::open(path, read_only).with_context(|| format!("cannot open image {}", path.display()))?;
             file.lock(!read_only).with_context(|| format!("image {} is in use by another process", path.display()))?;
-            open_format(Arc::new(file), &cfg, &LocalBackingOpener::new(path))?
+            let format = cfg.format.context("--format is required for --image")?;
+            open_format(Arc::new(file), format, &cfg, &LocalBackingOpener::new(path))?
         }
         ImageSource::Volume { url, cache } => {
+            notify.status(&format!("opening volume {url}"));
+            let metrics = Arc::new(RemoteMetrics::default());
+            let mut cache = cache.clone();
+            cache.remote = cache.remote.clone().with_metrics(metrics.clone());
             let store: Arc<TieredStore> = tier_layer::open_volume(url, cache.clone())?;
             volume_store = Some(store.clone());
             // Are the newest generation's objects all in the folder? (People
@@ -330,24 +507,79 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                     crate::volume::verify::check_at_open_blocking(s.volume());
                 }
             })?;
-            status =
-                Some(StatusWriter::start(store.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1))?);
+            vm = vm_toml(&cfg, &store);
+            let mut st = DaemonStatus::new(store.clone(), metrics, url.clone());
+            st.control_socket = Some(cfg.control_socket.clone());
+            let leased = Arc::downgrade(&store);
+            st.add_section(
+                "lease",
+                Box::new(move || {
+                    leased
+                        .upgrade()
+                        .and_then(|s| serde_json::to_value(s.lease()).ok())
+                        .unwrap_or(serde_json::Value::Null)
+                }),
+            );
+            status = Some(Arc::new(st));
             if cache.hydrate {
                 store.start_hydrate();
             }
             // Backing files of an image inside a volume would have to live in
             // the volume too; that is not supported yet.
-            open_format(store, &cfg, &NoBacking)
-                .with_context(|| format!("cannot open volume {url} as {}", cfg.format))?
+            let format = volume_format(cfg.format, store.volume().header.image_format.as_deref(), url)?;
+            open_format(store, format, &cfg, &NoBacking)
+                .with_context(|| format!("cannot open volume {url} as {format}"))?
         }
     };
-    tracing::info!(socket = %cfg.socket.display(), queues = cfg.device.num_queues, "serving {}", disk.describe());
-    let server = Server::bind(disk, cfg.device.clone(), &cfg.socket)?;
+    if let Some(vm) = vm {
+        if cfg.serial_from_vm {
+            cfg.device.serial = vm.disk_serial.clone().into_bytes();
+        }
+        if cfg.queues_from_vm {
+            cfg.device.num_queues = vm.num_queues;
+        }
+        tracing::info!(serial = %vm.disk_serial, queues = cfg.device.num_queues, "disk identity from the volume's vm.toml");
+    }
+    let what = disk.describe();
+    tracing::info!(socket = %cfg.socket.display(), queues = cfg.device.num_queues, "serving {what}");
+    // The control socket and status file come first: whoever sees the vhost
+    // socket up can ask the daemon at once.
+    let mut control = None;
+    let mut status_file = None;
+    let mut metrics_server = None;
+    if cfg.metrics.is_some() && status.is_none() {
+        tracing::warn!("--metrics is only served for --volume");
+    }
+    if let (Some(st), ImageSource::Volume { cache, .. }) = (&status, &cfg.source) {
+        let (listener, path) = ControlServer::bind(&cfg.control_socket, &|p| cfg.socket_perms.apply(p))?;
+        control = Some(ControlServer::start(listener, path, st.clone())?);
+        if let Some(addr) = cfg.metrics {
+            metrics_server = Some(MetricsServer::start(addr, st.clone())?);
+        }
+        // systemctl status shows what is pending, updated when it changes.
+        let (tick_notify, last) = (notify.clone(), parking_lot::Mutex::new(String::new()));
+        let tick = move |v: &serde_json::Value| {
+            let line = crate::cli::status::summary(v);
+            if *last.lock() != line {
+                tick_notify.status(&line);
+                *last.lock() = line;
+            }
+        };
+        status_file =
+            Some(StatusWriter::start(st.clone(), cache.cache_dir.join("status.json"), Duration::from_secs(1), tick)?);
+    }
+    if let Some(st) = &status {
+        st.set_phase(Phase::Serving);
+    }
+    let perms = cfg.socket_perms.clone();
+    let server = Server::bind_with(disk, cfg.device.clone(), &cfg.socket, &|p| {
+        perms.apply(p).map_err(|e| std::io::Error::other(format!("{e:#}")))
+    })?;
     let stop = server.stop_handle();
     if let Some(store) = &volume_store {
-        // SIGUSR1 (`driveblk sync`): cut a generation as soon as the disk
-        // is consistent, without waiting for the sync interval. A weak
-        // reference: the store must still close when serving ends.
+        // SIGUSR1 (older `driveblk sync`): cut a generation as soon as the
+        // disk is consistent. A weak reference: the store must still close
+        // when serving ends.
         let store = Arc::downgrade(store);
         let mut usr1 = Signals::new([signal_hook::consts::SIGUSR1]).context("cannot install signal handlers")?;
         std::thread::Builder::new().name("driveblk-sync-signal".into()).spawn(move || {
@@ -358,11 +590,19 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         })?;
     }
+    // The vhost socket listens (connections queue in its backlog) and the
+    // image is open: QEMU may start now.
+    notify.ready(&format!("serving {what} on {}", cfg.socket.display()));
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    let (sig_phase, sig_notify) = (status.as_ref().map(|s| s.phase_handle()), notify.clone());
     std::thread::Builder::new().name("driveblk-signals".into()).spawn(move || {
         let mut signals = signals.forever();
         if let Some(sig) = signals.next() {
             tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
+            sig_notify.stopping("stopping: finishing in-flight requests");
+            if let Some(p) = &sig_phase {
+                p.set(Phase::Stopping);
+            }
             stop.stop();
         }
         // Closing uploads the last changes and maybe a boot profile, which
@@ -379,7 +619,15 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     })?;
     server.run()?;
     if let Some(store) = &volume_store {
+        if let Some(st) = &status {
+            st.set_phase(Phase::FinalSync);
+        }
         // The disk was flushed and closed: its last state goes up now.
+        // systemd is told how long that may take, so it neither kills the
+        // upload nor waits past --sync-timeout.
+        let dirty = store.stats().dirty_bytes;
+        let _extend = notify.extend_timeout(cfg.sync_timeout + Duration::from_secs(30));
+        notify.status(&format!("final sync: uploading {} of changes", human(dirty)));
         let left = store.close(cfg.sync_timeout);
         if left == 0 {
             if let Some(st) = store.sync_status().filter(|s| s.generations_committed > 0) {
@@ -391,9 +639,14 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(s) = status {
+    if let Some(c) = control {
+        c.stop();
+    }
+    drop(metrics_server);
+    if let Some(s) = status_file {
         s.finish();
     }
+    notify.status("stopped");
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -1,9 +1,12 @@
-//! `driveblk status`: a serving daemon writes its tier counters to
-//! `<cache dir>/status.json` every second (temp file + rename, so readers
-//! never see half a file); the `status` command reads and shows them.
+//! Daemon status: what a serving daemon reports about itself (tiers, hit
+//! rates, write-back, remote latency, boot profile, errors, and any section
+//! another part registers), answered live over the control socket
+//! (`control.rs`) and also written to `<cache dir>/status.json` every second
+//! (temp file + rename, so readers never see half a file) so the last state
+//! of a stopped daemon stays readable; `render` shows it to people.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,8 +15,113 @@ use anyhow::Context;
 use serde_json::{json, Value};
 
 use crate::cli::size::human;
+use crate::remote::RemoteMetrics;
 use crate::tier::stats::TierStats;
 use crate::tier::tiered::TieredStore;
+
+/// Where the daemon is in its life (systemd STATUS= lines say the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Opening = 0,
+    Serving = 1,
+    Stopping = 2,
+    FinalSync = 3,
+    Stopped = 4,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Opening => "opening",
+            Phase::Serving => "serving",
+            Phase::Stopping => "stopping",
+            Phase::FinalSync => "final-sync",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// The daemon's [`Phase`], shared.
+#[derive(Clone, Debug, Default)]
+pub struct PhaseHandle(Arc<AtomicU8>);
+
+impl PhaseHandle {
+    pub fn set(&self, p: Phase) {
+        self.0.store(p as u8, Ordering::Release);
+    }
+
+    pub fn get(&self) -> Phase {
+        match self.0.load(Ordering::Acquire) {
+            0 => Phase::Opening,
+            1 => Phase::Serving,
+            2 => Phase::Stopping,
+            3 => Phase::FinalSync,
+            _ => Phase::Stopped,
+        }
+    }
+}
+
+/// A named section of the status, computed at each request (e.g. `lease`).
+pub type Section = Box<dyn Fn() -> Value + Send + Sync>;
+
+/// Everything the daemon reports; shared by the control socket, the
+/// status file and the metrics endpoint.
+pub struct DaemonStatus {
+    pub store: Arc<TieredStore>,
+    pub metrics: Arc<RemoteMetrics>,
+    pub url: String,
+    pub control_socket: Option<PathBuf>,
+    phase: PhaseHandle,
+    sections: Vec<(String, Section)>,
+}
+
+impl DaemonStatus {
+    pub fn new(store: Arc<TieredStore>, metrics: Arc<RemoteMetrics>, url: String) -> Self {
+        Self { store, metrics, url, control_socket: None, phase: PhaseHandle::default(), sections: Vec::new() }
+    }
+
+    /// Adds a section, reported under `name` (after the built-in ones).
+    pub fn add_section(&mut self, name: &str, f: Section) {
+        self.sections.push((name.to_string(), f));
+    }
+
+    pub fn set_phase(&self, p: Phase) {
+        self.phase.set(p);
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    /// A handle that sets the phase without keeping the store alive (the
+    /// store must drop when serving ends: it saves the boot profile then).
+    pub fn phase_handle(&self) -> PhaseHandle {
+        self.phase.clone()
+    }
+
+    /// The status as JSON (the control socket's and status.json's format).
+    pub fn to_json(&self) -> Value {
+        let running = self.phase() != Phase::Stopped;
+        let mut v = to_json(&self.store.stats(), std::process::id(), running);
+        let m = self.metrics.snapshot();
+        let l = self.metrics.latency();
+        v["url"] = json!(self.url);
+        v["state"] = json!(self.phase().name());
+        v["control_socket"] = json!(self.control_socket.as_ref().map(|p| p.display().to_string()));
+        v["remote"]["requests"] = json!({
+            "gets": m.gets, "puts": m.puts, "heads": m.heads, "lists": m.lists, "deletes": m.deletes,
+            "errors": m.errors, "in_flight": m.in_flight, "bytes_read": m.bytes_read, "bytes_written": m.bytes_written,
+        });
+        v["remote"]["latency_ms"] = json!({
+            "count": l.count, "p50": l.p50_ms, "p90": l.p90_ms, "p99": l.p99_ms, "max": l.max_ms,
+        });
+        for (name, f) in &self.sections {
+            v[name.as_str()] = f();
+        }
+        v
+    }
+}
 
 /// Periodically writes a store's statistics to a file.
 pub struct StatusWriter {
@@ -22,16 +130,30 @@ pub struct StatusWriter {
 }
 
 impl StatusWriter {
-    pub fn start(store: Arc<TieredStore>, path: PathBuf, every: Duration) -> anyhow::Result<Self> {
+    /// Writes `path` every `every`, and hands each snapshot to `tick`
+    /// (systemd STATUS= lines).
+    pub fn start(
+        status: Arc<DaemonStatus>,
+        path: PathBuf,
+        every: Duration,
+        tick: impl Fn(&Value) + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        // The first snapshot before returning: a client that finds the
+        // vhost socket up also finds the file (and the control socket).
+        write_atomic(&path, &status.to_json()).with_context(|| format!("cannot write {}", path.display()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let pid = std::process::id();
         let thread = std::thread::Builder::new().name("driveblk-status".into()).spawn(move || loop {
             let running = !s.load(Ordering::Acquire);
-            let mut v = to_json(&store.stats(), pid, running);
-            v["lease"] = serde_json::to_value(store.lease()).unwrap_or(Value::Null);
+            if !running {
+                status.set_phase(Phase::Stopped);
+            }
+            let v = status.to_json();
             if let Err(e) = write_atomic(&path, &v) {
                 tracing::debug!("cannot write {}: {e}", path.display());
+            }
+            if running {
+                tick(&v);
             }
             if !running {
                 return;
@@ -85,6 +207,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
                      "pinned_local": s.pinned_local, "offline_ready": s.offline_ready },
         "hydrate": { "running": s.hydrating, "total": s.hydrate_total, "done": s.hydrate_done, "complete": s.hydrated },
         "chunks_partial": s.chunks_partial,
+        "hit_rate": hit_rates(s),
         "sync": s.sync.as_ref().map(|y| json!({
             "dirty_bytes": s.dirty_bytes,
             "uploading": y.uploading, "uploading_chunks": y.uploading_chunks,
@@ -100,7 +223,65 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
     })
 }
 
-/// Renders a status file for people.
+/// One line for `systemctl status`: state, generation, what is pending.
+pub fn summary(v: &Value) -> String {
+    let u = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    let mut s = format!("{}; generation {}", v["state"].as_str().unwrap_or("serving"), u("/generation"));
+    if v.pointer("/sync").is_some_and(|y| !y.is_null()) {
+        s += &format!("; {} not uploaded", human(u("/sync/dirty_bytes")));
+        if v.pointer("/sync/uploading").and_then(Value::as_bool) == Some(true) {
+            s += " (uploading)";
+        }
+        if let Some(c) = v.pointer("/sync/conflict").and_then(Value::as_str) {
+            s += &format!("; CONFLICT: {c}");
+        } else if let Some(e) = v.pointer("/sync/last_error").and_then(Value::as_str) {
+            s += &format!("; sync error: {e}");
+        }
+    }
+    if v.pointer("/hydrate/running").and_then(Value::as_bool) == Some(true) {
+        s += &format!("; hydrating {}/{}", u("/hydrate/done"), u("/hydrate/total"));
+    }
+    if v.pointer("/offline").and_then(Value::as_bool) == Some(true) {
+        s += "; OFFLINE (remote unreachable at start)";
+    }
+    s
+}
+
+/// Shares of chunk-parts read served by RAM, SSD, known zeroes, and the
+/// remote (a miss), in percent.
+fn hit_rates(s: &TierStats) -> Value {
+    let total = s.ram_hits + s.ssd_hits + s.zero_hits + s.misses;
+    let pct = |n: u64| if total == 0 { 0.0 } else { (n as f64 * 1000.0 / total as f64).round() / 10.0 };
+    json!({ "ram": pct(s.ram_hits), "ssd": pct(s.ssd_hits), "zero": pct(s.zero_hits), "remote": pct(s.misses) })
+}
+
+/// Keys `render` shows itself; any other object-valued key is a section
+/// another part added, shown generically.
+const KNOWN_KEYS: &[&str] = &[
+    "pid",
+    "running",
+    "updated_unix",
+    "volume_id",
+    "generation",
+    "offline",
+    "image_len",
+    "chunk_size",
+    "chunks",
+    "ram",
+    "ssd",
+    "zero_hits",
+    "remote",
+    "hydrate",
+    "chunks_partial",
+    "hit_rate",
+    "sync",
+    "boot_profile",
+    "url",
+    "state",
+    "control_socket",
+];
+
+/// Renders a status for people.
 pub fn render(v: &Value) -> String {
     let u = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
     let b = |p: &str| v.pointer(p).and_then(Value::as_bool).unwrap_or(false);
@@ -111,8 +292,13 @@ pub fn render(v: &Value) -> String {
         .unwrap_or(0)
         .saturating_sub(u("/updated_unix"));
     let mut out = String::new();
-    let state =
-        if b("/running") { format!("serving (pid {}, updated {age} s ago)", u("/pid")) } else { "stopped".into() };
+    let f = |p: &str| v.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+    let phase = v["state"].as_str().unwrap_or("serving");
+    let state = if b("/running") {
+        format!("{phase} (pid {}, updated {age} s ago)", u("/pid"))
+    } else {
+        "stopped (last state before it stopped)".into()
+    };
     out += &format!(
         "volume      {}  generation {}{}\n",
         v["volume_id"].as_str().unwrap_or("?"),
@@ -150,6 +336,24 @@ pub fn render(v: &Value) -> String {
         u("/remote/errors"),
         u("/remote/readahead_chunks")
     );
+    out += &format!(
+        "hit rate    RAM {:.1}%, SSD {:.1}%, zero {:.1}%, remote {:.1}%\n",
+        f("/hit_rate/ram"),
+        f("/hit_rate/ssd"),
+        f("/hit_rate/zero"),
+        f("/hit_rate/remote")
+    );
+    if u("/remote/latency_ms/count") > 0 {
+        out += &format!(
+            "latency     {} remote requests: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} failed attempts\n",
+            u("/remote/latency_ms/count"),
+            f("/remote/latency_ms/p50"),
+            f("/remote/latency_ms/p90"),
+            f("/remote/latency_ms/p99"),
+            f("/remote/latency_ms/max"),
+            u("/remote/requests/errors")
+        );
+    }
     let (done, total) = (u("/hydrate/done"), u("/hydrate/total"));
     let hyd = if b("/hydrate/complete") {
         "complete: no read goes to the remote".to_string()
@@ -230,7 +434,27 @@ pub fn render(v: &Value) -> String {
         prof.push("none".into());
     }
     out += &format!("boot prof.  {}\n", prof.join("; "));
+    if let Some(obj) = v.as_object() {
+        for (k, sec) in obj.iter().filter(|(k, _)| !KNOWN_KEYS.contains(&k.as_str())) {
+            out += &format!("{k:<11} {}\n", render_section(sec));
+        }
+    }
     out
+}
+
+/// A section shown as `key value, key value` (nested objects flattened).
+fn render_section(v: &Value) -> String {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .filter(|(_, x)| !x.is_null())
+            .map(|(k, x)| format!("{k} {}", render_section(x)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Value::String(s) => s.clone(),
+        Value::Null => "none".into(),
+        other => other.to_string(),
+    }
 }
 
 /// Reads `<dir>/status.json`.
@@ -240,4 +464,23 @@ pub fn read(dir: &Path) -> anyhow::Result<Value> {
         format!("no status at {}: is a daemon serving a volume with this --cache-dir?", p.display())
     })?;
     serde_json::from_slice(&bytes).with_context(|| format!("{} is not a driveblk status file", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_added_by_other_parts_are_rendered() {
+        let v = json!({
+            "running": true, "state": "serving", "generation": 7, "volume_id": "abc",
+            "sync": {"dirty_bytes": 2097152, "uploading": true},
+            "lease": {"holder": "host-a", "expires_in_secs": 30, "stolen": null},
+        });
+        let out = render(&v);
+        let line = out.lines().find(|l| l.starts_with("lease")).unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(line, "lease       expires_in_secs 30, holder host-a");
+        assert!(!out.lines().any(|l| l.starts_with("state") || l.starts_with("url")), "built-in keys once: {out}");
+        assert_eq!(summary(&v), "serving; generation 7; 2.0 MiB not uploaded (uploading)");
+    }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 
+use crate::cli::control;
 use crate::cli::remote::RemoteArgs;
 use crate::cli::serve::{default_cache_dir, CacheArgs};
 use crate::cli::size::{human, parse_size};
@@ -26,6 +27,10 @@ pub struct ImportArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// The image's format (raw or qcow2), recorded in the volume so that
+    /// `serve` needs no --format. Never guessed from the contents.
+    #[arg(long)]
+    pub format: Option<crate::format::ImageFormat>,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -38,6 +43,9 @@ pub struct AttachArgs {
     pub url: String,
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     pub chunk_size: u64,
+    /// The image's format (raw or qcow2), recorded in the volume.
+    #[arg(long)]
+    pub format: Option<crate::format::ImageFormat>,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -83,6 +91,8 @@ pub struct HydrateArgs {
     #[arg(long, value_name = "profile|RANGES")]
     pub pin: Option<String>,
     #[command(flatten)]
+    pub control: crate::cli::control::ControlArgs,
+    #[command(flatten)]
     pub cache: CacheArgs,
     #[arg(long)]
     pub quiet: bool,
@@ -95,11 +105,13 @@ pub struct StatusArgs {
     /// The volume URL: shows who holds its writer lease (read from the
     /// remote, from any host), and the local daemon's counters if this
     /// host has a cache of it.
-    #[arg(required_unless_present = "cache_dir")]
+    #[arg(required_unless_present_any = ["cache_dir", "control"])]
     pub url: Option<String>,
     /// The cache directory given to `serve --cache-dir`.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub control: crate::cli::control::ControlArgs,
     /// Print the raw JSON.
     #[arg(long)]
     pub json: bool,
@@ -150,6 +162,7 @@ fn print_info(i: &VolumeInfo) {
         i.chunks_zero,
         i.chunks_base
     );
+    println!("format      {}", i.image_format.as_deref().unwrap_or("not recorded (serve needs --format)"));
     println!("generation  {}", i.generation);
     match &i.base {
         Some(b) => println!("base        {b:?}"),
@@ -168,6 +181,7 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
         chunk_size: a.chunk_size,
         progress: !a.quiet,
         remote: a.remote.options(),
+        image_format: a.format.map(|f| f.to_string()),
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -178,7 +192,11 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
 }
 
 pub fn attach(a: AttachArgs) -> anyhow::Result<()> {
-    let opts = AttachOptions { chunk_size: a.chunk_size, remote: a.remote.options() };
+    let opts = AttachOptions {
+        chunk_size: a.chunk_size,
+        remote: a.remote.options(),
+        image_format: a.format.map(|f| f.to_string()),
+    };
     let info = volume::attach(&a.base_url, &a.url, &opts)?;
     eprintln!("attached: {} now serves {} without uploading it", a.url, a.base_url);
     print_info(&info);
@@ -223,7 +241,7 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "url": i.url, "volume_id": i.volume_id, "format_version": i.format_version, "created_unix": i.created_unix,
                 "image_len": i.image_len, "chunk_size": i.chunk_size, "generation": i.generation,
                 "chunks_total": i.chunks_total, "chunks_packed": i.chunks_packed, "chunks_zero": i.chunks_zero,
-                "chunks_base": i.chunks_base, "packs": i.packs, "packed_bytes": i.packed_bytes,
+                "chunks_base": i.chunks_base, "image_format": i.image_format, "packs": i.packs, "packed_bytes": i.packed_bytes,
                 "base": i.base.as_ref().map(|b| format!("{b:?}")),
                 "boot_profile": i.boot_profile.as_ref().map(|(key, bytes, gen)| serde_json::json!({
                     "key": key, "bytes": bytes, "generation": gen })),
@@ -243,6 +261,10 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     if let Some(spec) = &a.pin {
         return hydrate_pin(&a, spec);
     }
+    let dir = control::cache_dir_of(Some(&a.url), a.cache.cache_dir.as_deref());
+    if let Some(ctl) = control::find(a.control.control.as_deref(), dir.as_deref())? {
+        return hydrate_through_daemon(&ctl, a.quiet);
+    }
     let mut cache = a.cache.options(&a.url, false, &a.remote)?;
     cache.hydrate = true;
     // Downloading needs no lease (only uploading left-over changes would).
@@ -250,8 +272,9 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     // No guest to record, and every chunk comes whole anyway.
     cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
     let dir = cache.cache_dir.clone();
-    let store = tier::open_volume(&a.url, cache)
-        .context("(if a daemon is serving this volume, use `serve --hydrate` instead)")?;
+    let store = tier::open_volume(&a.url, cache).context(
+        "(if a daemon is serving this volume from another cache directory, pass its --cache-dir or --control)",
+    )?;
     let t0 = Instant::now();
     store.start_hydrate();
     while !store.wait_hydrated(Duration::from_secs(3600), !a.quiet) {}
@@ -313,9 +336,23 @@ fn hydrate_pin(a: &HydrateArgs, spec: &str) -> anyhow::Result<()> {
 }
 
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let dir = match (&a.cache_dir, &a.url) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(url)) => default_cache_dir(url, &a.remote.options()).ok(),
+        (None, None) => None,
+    };
+    // This host's daemon: live on its control socket, or the last state a
+    // stopped one left in the cache directory.
+    let local = match control::find(a.control.control.as_deref(), dir.as_deref())? {
+        Some(ctl) => Some(control::request(&ctl, &control::Request::Status)?),
+        None => match (&dir, &a.url) {
+            (Some(d), None) => Some(status::read(d)?),
+            (Some(d), Some(_)) => status::read(d).ok(),
+            (None, _) => None,
+        },
+    };
     let Some(url) = a.url else {
-        let dir = a.cache_dir.expect("clap requires a URL or --cache-dir");
-        let v = status::read(&dir)?;
+        let v = local.ok_or_else(|| anyhow::anyhow!("give a volume URL, --cache-dir or --control"))?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
@@ -325,11 +362,6 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     };
     // The lease as the remote has it, then this host's daemon if any.
     let lease = volume::lease::lease_status(&url, &a.remote.options())?;
-    let dir = match a.cache_dir {
-        Some(d) => Some(d),
-        None => default_cache_dir(&url, &a.remote.options()).ok(),
-    };
-    let local = dir.as_deref().and_then(|d| status::read(d).ok());
     if a.json {
         let h = lease.holder.as_ref();
         let v = serde_json::json!({
@@ -424,4 +456,37 @@ pub fn discard_local(a: DiscardArgs) -> anyhow::Result<()> {
         a.url
     );
     Ok(())
+}
+
+/// Asks the running daemon to hydrate, and follows it until every chunk
+/// is local.
+fn hydrate_through_daemon(ctl: &std::path::Path, quiet: bool) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let r = control::request(ctl, &control::Request::Hydrate)?;
+    let bar = crate::volume::progress::bar(!quiet, r["total"].as_u64().unwrap_or(0), "hydrate");
+    loop {
+        let v = control::request(ctl, &control::Request::Status)?;
+        let u = |p: &str| v.pointer(p).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        bar.set_length(u("/hydrate/total"));
+        bar.set_position(u("/hydrate/done"));
+        if v["hydrate"]["complete"].as_bool() == Some(true) {
+            bar.finish_and_clear();
+            eprintln!(
+                "hydrated {} in {:.1} s through the daemon: reads of this volume no longer go to the remote",
+                human(u("/image_len")),
+                t0.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if v["hydrate"]["running"].as_bool() != Some(true) {
+            bar.finish_and_clear();
+            bail!(
+                "hydration stopped at {}/{} chunks (remote errors: {}); run it again",
+                u("/hydrate/done"),
+                u("/hydrate/total"),
+                u("/remote/errors")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

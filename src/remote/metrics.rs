@@ -1,5 +1,5 @@
 //! Metrics wrapper: counts requests, errors and bytes moved through a
-//! remote, without touching any backend.
+//! remote, and keeps a latency histogram, without touching any backend.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +25,18 @@ pub struct RemoteMetrics {
     /// Total time spent in requests, nanoseconds (mean latency =
     /// `request_nanos / requests`).
     pub request_nanos: AtomicU64,
+    /// Request latencies in microseconds (1 us .. 1 h, 2 significant digits).
+    latency: parking_lot::Mutex<Option<hdrhistogram::Histogram<u64>>>,
+}
+
+/// Remote request latency percentiles, milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LatencyPercentiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 /// A copy of the counters at one moment.
@@ -43,6 +55,30 @@ pub struct RemoteMetricsSnapshot {
 }
 
 impl RemoteMetrics {
+    /// Records one request's latency.
+    pub fn record_latency(&self, d: std::time::Duration) {
+        let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
+        let mut h = self.latency.lock();
+        let h = h.get_or_insert_with(|| {
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds")
+        });
+        let _ = h.record(us);
+    }
+
+    /// Latency percentiles of every request so far.
+    pub fn latency(&self) -> LatencyPercentiles {
+        let h = self.latency.lock();
+        let Some(h) = h.as_ref().filter(|h| !h.is_empty()) else { return LatencyPercentiles::default() };
+        let ms = |us: u64| us as f64 / 1000.0;
+        LatencyPercentiles {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p90_ms: ms(h.value_at_quantile(0.90)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        }
+    }
+
     /// Reads every counter.
     pub fn snapshot(&self) -> RemoteMetricsSnapshot {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -88,7 +124,9 @@ impl MetricsRemote {
         self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         let t0 = std::time::Instant::now();
         let r = fut.await;
-        self.metrics.request_nanos.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let took = t0.elapsed();
+        self.metrics.request_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        self.metrics.record_latency(took);
         self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
         if r.is_err() {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
@@ -159,5 +197,27 @@ impl Remote for MetricsRemote {
 
     fn reset_connections(&self) {
         self.inner.reset_connections()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn latency_percentiles_follow_the_recorded_requests() {
+        let m = RemoteMetrics::default();
+        assert_eq!(m.latency().count, 0);
+        for i in 1..=100u64 {
+            m.record_latency(Duration::from_millis(i));
+        }
+        let p = m.latency();
+        assert_eq!(p.count, 100);
+        // Two significant digits: within 1% of the exact order statistic.
+        assert!((p.p50_ms - 50.0).abs() <= 0.6, "{p:?}");
+        assert!((p.p90_ms - 90.0).abs() <= 1.0, "{p:?}");
+        assert!((p.p99_ms - 99.0).abs() <= 1.0, "{p:?}");
+        assert!((p.max_ms - 100.0).abs() <= 1.0, "{p:?}");
     }
 }

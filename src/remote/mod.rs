@@ -27,7 +27,7 @@ pub use bwlimit::{BwEntry, BwLimitRemote, BwSchedule};
 pub use config::RemoteConfig;
 pub use dir::DirRemote;
 pub use error::{RemoteError, RemoteResult};
-pub use metrics::{MetricsRemote, RemoteMetrics, RemoteMetricsSnapshot};
+pub use metrics::{LatencyPercentiles, MetricsRemote, RemoteMetrics, RemoteMetricsSnapshot};
 pub use retry::{RetryPolicy, RetryingRemote};
 pub use shaped::{FaultPlan, ShapedRemote, Shaping};
 pub use url::RemoteUrl;

@@ -97,6 +97,12 @@ impl RamCache {
         self.shard(idx).lock().pop(&idx);
     }
 
+    /// Drops every unpinned chunk; returns the bytes freed.
+    pub fn clear(&self) -> u64 {
+        let n: usize = self.shards.iter().map(|s| std::mem::replace(&mut *s.lock(), LruCache::unbounded()).len()).sum();
+        n as u64 * self.chunk_size
+    }
+
     /// Number of pinned chunks.
     pub fn pinned_count(&self) -> u64 {
         self.pinned.read().len() as u64

@@ -1176,13 +1176,24 @@ impl SsdCache {
     /// until `want` bytes are freed, skipping any whose lock is busy
     /// (including `holding`, whose stripe the caller has).
     fn evict(&self, want: u64, holding: u64) -> io::Result<()> {
+        self.evict_except(want, Some(holding)).map(|_| ())
+    }
+
+    /// Drops every clean and partial unpinned chunk (`driveblk
+    /// drop-cache`): dirty chunks and pinned metadata stay. Chunks busy
+    /// right now are skipped. Returns how many chunks were dropped.
+    pub fn drop_clean(&self) -> io::Result<u64> {
+        self.evict_except(u64::MAX, None)
+    }
+
+    fn evict_except(&self, want: u64, holding: Option<u64>) -> io::Result<u64> {
         let mut cands: Vec<(u32, u64)> = {
             let slots = self.slots.read();
             slots
                 .iter()
                 .enumerate()
                 .filter(|(i, s)| {
-                    *i as u64 != holding
+                    Some(*i as u64) != holding
                         && matches!(s.state.load(Ordering::Relaxed), CLEAN | PARTIAL)
                         && !s.pinned.load(Ordering::Relaxed)
                 })
@@ -1190,7 +1201,7 @@ impl SsdCache {
                 .collect()
         };
         cands.sort_unstable();
-        let hold_stripe = (holding as usize) % STRIPES;
+        let hold_stripe = holding.map(|h| (h as usize) % STRIPES);
         let mut guards = Vec::new();
         let mut locked = Vec::new();
         let mut victims = Vec::new();
@@ -1200,7 +1211,7 @@ impl SsdCache {
                 break;
             }
             let s = (idx as usize) % STRIPES;
-            if s == hold_stripe {
+            if Some(s) == hold_stripe {
                 continue;
             }
             // A stripe may cover several victims; take each lock once.
@@ -1228,16 +1239,17 @@ impl SsdCache {
             }
         }
         if victims.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
+        let n = victims.len() as u64;
         self.cached.fetch_sub(whole, Ordering::Relaxed);
-        self.evictions.fetch_add(victims.len() as u64, Ordering::Relaxed);
+        self.evictions.fetch_add(n, Ordering::Relaxed);
         self.persist()?;
         for idx in victims {
             self.data_write_zeroes_at(idx * self.chunk_size, self.chunk_size)?;
         }
         drop(guards);
-        Ok(())
+        Ok(n)
     }
 
     /// Makes the data file and the chunk map durable: fsync data, then

@@ -442,6 +442,17 @@ impl TieredStore {
         self.inner.lease.lock().as_ref().map(|h| h.record())
     }
 
+    /// Drops the clean data of the RAM and SSD tiers (local changes and
+    /// pinned metadata stay); later reads fetch it again. Returns the RAM
+    /// bytes and SSD chunks dropped.
+    pub fn drop_clean(&self) -> io::Result<(u64, u64)> {
+        let ram = self.inner.ram.clear();
+        let ssd = self.inner.ssd.drop_clean()?;
+        // Hydration's "complete" no longer holds.
+        self.inner.counters.hydrate_complete.store(false, Ordering::SeqCst);
+        Ok((ram, ssd))
+    }
+
     /// The volume being served.
     pub fn volume(&self) -> &VolumeReader {
         &self.inner.vol

@@ -88,7 +88,19 @@ impl Server {
     /// Binds the socket (replacing a stale socket file, refusing a live one)
     /// and starts the I/O pool.
     pub fn bind(disk: Arc<dyn Disk>, cfg: DeviceConfig, socket: &Path) -> Result<Self, ServeError> {
-        let listener = bind_socket(socket)?;
+        Self::bind_with(disk, cfg, socket, &|_| Ok(()))
+    }
+
+    /// Like [`bind`](Self::bind), with `prepare` run on the listening socket
+    /// (owner, mode) before it appears at `socket`: it is bound under a
+    /// temporary name and renamed, so nobody connects before `prepare`.
+    pub fn bind_with(
+        disk: Arc<dyn Disk>,
+        cfg: DeviceConfig,
+        socket: &Path,
+        prepare: &dyn Fn(&Path) -> io::Result<()>,
+    ) -> Result<Self, ServeError> {
+        let listener = bind_socket(socket, prepare)?;
         // Room for every request the queues' in-flight caps let through.
         let pool = Arc::new(IoPool::new(cfg.io_threads, usize::from(cfg.num_queues) * usize::from(cfg.queue_size))?);
         let (wake, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
@@ -192,7 +204,7 @@ impl Server {
 
 /// Binds a listening socket at `path`. A socket file nobody listens on (left
 /// by a crash) is replaced; a live one or a non-socket file is refused.
-fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
+fn bind_socket(path: &Path, prepare: &dyn Fn(&Path) -> io::Result<()>) -> Result<UnixListener, ServeError> {
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if socket_is_live(path) {
@@ -205,7 +217,17 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e.into()),
     }
-    UnixListener::bind(path).map_err(|source| ServeError::Bind { path: path.to_path_buf(), source })
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).map_err(|source| ServeError::Bind { path: path.to_path_buf(), source })?;
+    let ready = prepare(&tmp).and_then(|()| fs::rename(&tmp, path));
+    if let Err(source) = ready {
+        let _ = fs::remove_file(&tmp);
+        return Err(ServeError::Bind { path: path.to_path_buf(), source });
+    }
+    Ok(l)
 }
 
 /// True if some process listens on the socket. Looks in /proc/net/unix first

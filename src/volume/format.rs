@@ -105,6 +105,12 @@ pub struct VolumeHeader {
     pub encryption: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<BaseRef>,
+    /// The image's format (`raw`, `qcow2`) as the user gave it at import
+    /// or attach, so `serve` needs no `--format`. Never guessed from the
+    /// bytes: a raw guest can write a qcow2 header. Absent in volumes made
+    /// before it existed (and ignored by builds that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_format: Option<String>,
     /// Reserved for client-side encryption (cipher, key id, nonce scheme,
     /// keyed chunk hash). A volume that sets it cannot be read by a build
     /// that does not implement it, and says so instead of serving ciphertext.
@@ -128,6 +134,7 @@ impl VolumeHeader {
             compression: Compression::Zstd,
             encryption: "none".into(),
             base,
+            image_format: None,
             crypto: None,
             origin: None,
         }

@@ -31,6 +31,8 @@ pub struct ImportOptions {
     /// Show a progress bar on stderr.
     pub progress: bool,
     pub remote: RemoteOptions,
+    /// The image's format, recorded in the volume header (`raw`, `qcow2`).
+    pub image_format: Option<String>,
 }
 
 impl Default for ImportOptions {
@@ -42,6 +44,7 @@ impl Default for ImportOptions {
             parallel_uploads: 2,
             progress: false,
             remote: RemoteOptions::default(),
+            image_format: None,
         }
     }
 }
@@ -52,6 +55,8 @@ pub struct AttachOptions {
     /// 0 means the default (1 MiB).
     pub chunk_size: u64,
     pub remote: RemoteOptions,
+    /// The image's format, recorded in the volume header (`raw`, `qcow2`).
+    pub image_format: Option<String>,
 }
 
 /// Refuses to create a volume where one exists; clears packs left behind
@@ -115,9 +120,10 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     let remote = connect(u.folder_with(&opts.remote.config), &opts.remote);
     rt.block_on(prepare_new(&remote, &url_s))?;
 
-    let header = VolumeHeader::new(image_len, opts.chunk_size, None);
+    let mut header = VolumeHeader::new(image_len, opts.chunk_size, None);
+    header.image_format = opts.image_format.clone();
     let mut manifest = Manifest::new(&header, 1);
-    let bar = super::progress::bar(opts.progress, image_len, "import");
+    let bar = super::progress::bar_of(opts.progress, image_len, "import", super::progress::Unit::Bytes);
     let cs = opts.chunk_size as usize;
     let mut buf = vec![0u8; cs];
     let mut pack = PackWriter::new();
@@ -207,7 +213,8 @@ pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeR
         let url_s = vu.to_string();
         prepare_new(&remote, &url_s).await?;
         let base = BaseRef { url: bu.to_string(), size: meta.size, version: meta.version };
-        let header = VolumeHeader::new(meta.size, cs, Some(base));
+        let mut header = VolumeHeader::new(meta.size, cs, Some(base));
+        header.image_format = opts.image_format.clone();
         let manifest = Manifest::new(&header, 1);
         commit_new(&remote, &url_s, &header, &manifest).await?;
         let r = VolumeReader::open(&vu, &opts.remote).await?;

@@ -18,6 +18,7 @@ pub mod pack;
 pub mod profile;
 pub mod progress;
 pub mod reader;
+pub mod sidecar;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -44,6 +45,22 @@ pub struct RemoteOptions {
 impl Default for RemoteOptions {
     fn default() -> Self {
         Self { layer: None, retry: RetryPolicy::fast(), config: Arc::new(RemoteConfig::from_env_or_default()) }
+    }
+}
+
+impl RemoteOptions {
+    /// The same options, with every request (each retry attempt) also
+    /// counted and timed into `metrics`, above the caller's own layers.
+    pub fn with_metrics(mut self, metrics: Arc<crate::remote::RemoteMetrics>) -> Self {
+        let below = self.layer.take();
+        self.layer = Some(Arc::new(move |inner| {
+            let inner = match &below {
+                Some(l) => l(inner),
+                None => inner,
+            };
+            crate::remote::MetricsRemote::wrap(inner, metrics.clone())
+        }));
+        self
     }
 }
 
@@ -102,6 +119,8 @@ pub struct VolumeInfo {
     pub base: Option<BaseRef>,
     /// The newest boot profile: key, page bytes, generation recorded at.
     pub boot_profile: Option<(String, u64, u64)>,
+    /// The image format recorded at import/attach.
+    pub image_format: Option<String>,
 }
 
 impl VolumeInfo {
@@ -134,6 +153,7 @@ impl VolumeInfo {
             packed_bytes: bytes,
             base: r.header.base.clone(),
             boot_profile: None,
+            image_format: r.header.image_format.clone(),
         }
     }
 }
