@@ -547,6 +547,31 @@ async fn api(
             let v = r.to_json(&want);
             Ok(json_resp(sh, 200, &mask(&v, params.get("fields"), &default_revision)?))
         }
+        (Method::DELETE, ["files", id, "revisions", rid]) => {
+            sh.stats.request("revisions.delete");
+            let mut st = sh.store.lock();
+            let f = st.get_mut(id, all)?;
+            if f.read_only {
+                return Err(crate::store::no_write(id).into());
+            }
+            let rid = find_revision(f, rid)?.id.clone();
+            // "The last remaining file version can't be deleted."
+            if f.revisions.len() <= 1 {
+                return Err(ApiError::new(
+                    403,
+                    "global",
+                    "cannotDeleteLastRevision",
+                    "The last remaining revision of a file cannot be deleted.",
+                )
+                .into());
+            }
+            f.revisions.retain(|r| r.id != rid);
+            // The head is the newest remaining revision.
+            if let Some(last) = f.revisions.last() {
+                f.content = Some(last.content.clone());
+            }
+            Ok(empty(204))
+        }
         (Method::POST, ["drives"]) => {
             sh.stats.request("drives.create");
             let raw = read_small(body).await?;

@@ -284,6 +284,45 @@ impl Emulator {
         let _ = self.shared.store.lock().replace_content(id, Bytes::copy_from_slice(data), true, false, None);
     }
 
+    /// Drive's automatic purge of old revisions ("revisions are purged 30
+    /// days after newer content is uploaded unless keepForever"), done now:
+    /// every revision but the head that is not kept forever is deleted.
+    /// Answers how many were purged.
+    pub fn ui_purge_revisions(&self, id: &str) -> usize {
+        let mut st = self.shared.store.lock();
+        let Ok(f) = st.get_mut(id, true) else { return 0 };
+        let head = f.revisions.last().map(|r| r.id.clone());
+        let before = f.revisions.len();
+        f.revisions.retain(|r| r.keep_forever || Some(&r.id) == head.as_ref());
+        before - f.revisions.len()
+    }
+
+    /// Whether revision `rev` of a file is marked keepForever (None: no such revision).
+    pub fn ui_revision_kept(&self, id: &str, rev: &str) -> Option<bool> {
+        let st = self.shared.store.lock();
+        st.get(id, true).ok().and_then(|f| f.revisions.iter().find(|r| r.id == rev).map(|r| r.keep_forever))
+    }
+
+    /// Deletes one revision (Drive web UI: Manage versions, Delete); the last
+    /// one is never deleted. The head becomes the newest left.
+    pub fn ui_delete_revision(&self, id: &str, rev: &str) {
+        let mut st = self.shared.store.lock();
+        if let Ok(f) = st.get_mut(id, true) {
+            if f.revisions.len() > 1 {
+                f.revisions.retain(|r| r.id != rev);
+                if let Some(last) = f.revisions.last() {
+                    f.content = Some(last.content.clone());
+                }
+            }
+        }
+    }
+
+    /// The head revision id of a file.
+    pub fn ui_head_revision(&self, id: &str) -> Option<String> {
+        let st = self.shared.store.lock();
+        st.get(id, true).ok().and_then(|f| f.head_revision_id().map(str::to_string))
+    }
+
     /// Deletes an item for good (as emptying the trash does).
     pub fn ui_delete(&self, id: &str) {
         let mut st = self.shared.store.lock();

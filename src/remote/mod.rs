@@ -57,12 +57,28 @@ pub struct ObjectMeta {
     /// Unix epoch). Leases and GC grace periods judge age by this, never
     /// by comparing two hosts' clocks.
     pub created_ms: Option<u64>,
+    /// The content revision the metadata describes, on stores that keep
+    /// revisions (Drive: `headRevisionId`); a rename, star or share does
+    /// not change it, replacing the content does.
+    pub revision: Option<String>,
+    /// Hex md5 of the content when the store reports it (Drive:
+    /// `md5Checksum`).
+    pub md5: Option<String>,
 }
 
 impl ObjectMeta {
     /// Metadata with just a key and a size.
     pub fn new(key: impl Into<String>, size: u64) -> Self {
-        Self { key: key.into(), size, version: None, sha256: None, tag: None, created_ms: None }
+        Self {
+            key: key.into(),
+            size,
+            version: None,
+            sha256: None,
+            tag: None,
+            created_ms: None,
+            revision: None,
+            md5: None,
+        }
     }
 }
 
@@ -194,6 +210,39 @@ pub trait Remote: Send + Sync + fmt::Debug {
         let _ = slot;
         self.get(key).await
     }
+
+    /// Keeps content revision `revision` of `key` for good (Drive:
+    /// revisions.update `keepForever`), so a base image pinned to it stays
+    /// readable after its file is replaced. Stores without revisions do
+    /// nothing.
+    async fn keep_revision(&self, _key: &str, _revision: &str) -> RemoteResult<()> {
+        Ok(())
+    }
+
+    /// Metadata of content revision `revision` of `key` (size, md5);
+    /// [`RemoteError::NotFound`] when the store has no such revision (or
+    /// keeps none).
+    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
+        let m = self.head(key).await?;
+        if m.revision.as_deref() == Some(revision) {
+            Ok(m)
+        } else {
+            Err(RemoteError::NotFound { remote: self.describe(), key: format!("{key} revision {revision}") })
+        }
+    }
+
+    /// Bytes `range` of content revision `revision` of `key` (Drive:
+    /// revisions.get `alt=media` with `Range`), never of a newer content.
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        self.head_revision(key, revision).await?;
+        self.get_range(key, range).await
+    }
+
+    /// Tells the store that the object `key` was created at `slot`, so it
+    /// is found by identity (Drive: files.get on the id) instead of by a
+    /// name lookup, which may lag behind creates. A hint: stores whose
+    /// keys are their names ignore it.
+    fn locate(&self, _key: &str, _slot: &Slot) {}
 
     /// One-line description for logs and errors (e.g. `dir:/mnt/vols/win10`).
     fn describe(&self) -> String;

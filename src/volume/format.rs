@@ -53,6 +53,19 @@ pub struct BaseRef {
     /// modified and the volume's view of it would silently shift.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The content revision the volume is pinned to (Drive:
+    /// `headRevisionId` at attach, marked `keepForever`). Set, it is what
+    /// pins the base: renames, stars and shares change nothing, and base
+    /// chunks are read from this revision even after the file's content
+    /// is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// md5 of the pinned content as the store reported it (Drive `md5Checksum`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
+    /// sha256 of the pinned content as the store reported it (Drive `sha256Checksum`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// `volume.json`: written once when the volume is created, never changed.
@@ -233,6 +246,33 @@ pub struct Manifest {
     /// Who committed this generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<Writer>,
+    /// Set once the base was adopted (copied into the volume folder):
+    /// base chunks are read from that copy. A delta without it inherits
+    /// its parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_copy: Option<BaseCopy>,
+    /// key -> slot (Drive: file id) of objects this manifest names, so
+    /// readers find them by identity, never waiting for a listing. A
+    /// delta lists the ids it adds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ids: BTreeMap<String, Slot>,
+}
+
+/// The volume's own copy of its base image (`driveblk adopt`): an object
+/// in the volume's folder that base chunks are read from instead of the
+/// original file, which may then be renamed, replaced or deleted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseCopy {
+    /// Key of the copy in the volume folder (`base-<generation:020>`).
+    pub key: String,
+    /// Where it was created (Drive: its file id), so it is found by
+    /// identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<Slot>,
+    pub size: u64,
+    /// md5 of the copy as the store reported it; equals the base's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
 }
 
 /// Who committed a generation, and from which cache.
@@ -262,6 +302,8 @@ impl Manifest {
             parent: None,
             next_slot: None,
             writer: None,
+            base_copy: None,
+            ids: BTreeMap::new(),
         }
     }
 
@@ -291,6 +333,10 @@ impl Manifest {
         self.chunks.retain(|&i, _| i < n);
         self.next_slot = delta.next_slot.clone();
         self.writer = delta.writer.clone();
+        if delta.base_copy.is_some() {
+            self.base_copy = delta.base_copy.clone();
+        }
+        self.ids.extend(delta.ids.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(())
     }
 
@@ -345,6 +391,9 @@ impl Manifest {
             }
         }
         self.packs = packs;
+        let copy = self.base_copy.as_ref().map(|c| c.key.clone());
+        let packs = &self.packs;
+        self.ids.retain(|k, _| packs.contains(k) || copy.as_ref() == Some(k));
     }
 
     /// Number of chunks covering the image.
@@ -390,6 +439,11 @@ impl Manifest {
         }
         if m.chunk_size != header.chunk_size {
             return Err(format!("chunk size {} differs from the header's {}", m.chunk_size, header.chunk_size));
+        }
+        if m.base_copy.as_ref().is_some_and(|c| !c.key.starts_with("base-"))
+            || (m.base_copy.is_some() && header.base.is_none())
+        {
+            return Err("names a copy of a base, but the volume has none (or the copy's key is not base-*)".into());
         }
         let n = m.chunk_count();
         for (idx, r) in &m.chunks {

@@ -196,7 +196,23 @@ pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeR
         let remote = connect(vu.folder_with(&opts.remote.config), &opts.remote);
         let url_s = vu.to_string();
         prepare_new(&remote, &url_s).await?;
-        let base = BaseRef { url: bu.to_string(), size: meta.size, version: meta.version };
+        // Pin the content, not the file: its head revision is kept
+        // forever, so base chunks stay readable from it even after the
+        // file is replaced (Drive otherwise purges old revisions).
+        if let Some(rev) = &meta.revision {
+            base_remote
+                .keep_revision(&key, rev)
+                .await
+                .map_err(|e| VolumeError::remote(format!("pinning revision {rev} of base image {bu}"), e))?;
+        }
+        let base = BaseRef {
+            url: bu.to_string(),
+            size: meta.size,
+            version: meta.version,
+            revision: meta.revision,
+            md5: meta.md5,
+            sha256: meta.sha256,
+        };
         let header = VolumeHeader::new(meta.size, cs, Some(base));
         let manifest = Manifest::new(&header, 1);
         commit_new(&remote, &url_s, &header, &manifest).await?;

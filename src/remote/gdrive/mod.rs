@@ -70,6 +70,10 @@ pub struct GDriveRemote {
     /// lands, so a put retried after a lost reply reuses it (409, not a
     /// duplicate file).
     pending: parking_lot::Mutex<HashMap<String, String>>,
+    /// key -> file id from [`Remote::locate`] (ids a manifest recorded):
+    /// used before any name lookup, so objects another machine created
+    /// moments ago are read without waiting for a listing to show them.
+    located: parking_lot::Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for GDriveRemote {
@@ -121,6 +125,7 @@ impl GDriveRemote {
             folder: tokio::sync::Mutex::new(None),
             folder_key: parking_lot::Mutex::new(None),
             pending: parking_lot::Mutex::new(HashMap::new()),
+            located: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
@@ -181,8 +186,9 @@ impl GDriveRemote {
 
     /// The file id of `key`, if this process knows it.
     fn known_id(&self, key: &str) -> Option<String> {
-        let folder = self.folder_key.lock().clone()?;
-        self.api.known.lock().get(&folder).and_then(|m| m.get(key).cloned())
+        let folder = self.folder_key.lock().clone();
+        let known = folder.and_then(|f| self.api.known.lock().get(&f).and_then(|m| m.get(key).cloned()));
+        known.or_else(|| self.located.lock().get(key).cloned())
     }
 
     fn remember(&self, key: &str, id: &str) {
@@ -192,6 +198,7 @@ impl GDriveRemote {
     }
 
     fn forget(&self, key: &str) {
+        self.located.lock().remove(key);
         if let Some(folder) = self.folder_key.lock().clone() {
             if let Some(m) = self.api.known.lock().get_mut(&folder) {
                 m.remove(key);
@@ -321,21 +328,25 @@ impl GDriveRemote {
     }
 
     /// Copies `key` server-side into `dest` as `dest_key` (how a volume
-    /// adopts its base so it no longer depends on the original file). Like
-    /// every create here it uses a pre-generated id, so a retry after a
-    /// lost reply finds the copy instead of making a second one.
-    pub async fn copy_to(&self, key: &str, dest: &GDriveRemote, dest_key: &str) -> RemoteResult<ObjectMeta> {
+    /// adopts its base so it no longer depends on the original file), with
+    /// the pre-generated id `id` (a slot `dest.reserve` gave): a retry
+    /// after a lost reply gets 409 and finds the copy instead of making a
+    /// second one. files.copy copies the head revision.
+    pub async fn copy_to(&self, key: &str, dest: &GDriveRemote, dest_key: &str, id: &str) -> RemoteResult<ObjectMeta> {
         let src = self.find("copy", key).await?;
         dest.writable("copy", dest_key)?;
         let folder = dest
             .folder_id("copy", dest_key, true)
             .await?
             .ok_or_else(|| dest.fatal("copy", dest_key, "folder vanished"))?;
-        let id = dest.api.new_id().await.map_err(|e| dest.err("copy", dest_key, e))?;
-        let f = match self.api.copy(&src.id, &id, dest_key, &folder.id).await {
+        let f = match self.api.copy(&src.id, id, dest_key, &folder.id).await {
             Ok(f) => f,
             Err(e) if e.kind == ErrorKind::Conflict => {
-                self.api.get_file(&id).await.map_err(|e| dest.err("copy", dest_key, e))?
+                let f = self.api.get_file(id).await.map_err(|e| dest.err("copy", dest_key, e))?;
+                if f.name != dest_key || f.trashed {
+                    return Err(dest.fatal("copy", dest_key, format!("id {id} holds another file ({:?})", f.name)));
+                }
+                f
             }
             Err(e) => return Err(dest.err("copy", dest_key, e)),
         };
@@ -351,6 +362,8 @@ impl GDriveRemote {
             sha256: f.sha256_checksum.clone(),
             tag: f.tag(),
             created_ms: f.created_ms(),
+            revision: f.head_revision_id.clone(),
+            md5: f.md5_checksum.clone(),
         }
     }
 
@@ -620,6 +633,36 @@ impl Remote for GDriveRemote {
             return Ok(Bytes::new());
         }
         self.api.read_all(&s.0, m.size).await.map_err(|e| self.err("get_created", key, e))
+    }
+
+    /// revisions.update `keepForever: true`: Drive then never purges the
+    /// revision (otherwise it may, 30 days after newer content arrives).
+    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
+        let id = self.find_id("keep_revision", key).await?;
+        self.api.keep_revision(&id, revision).await.map_err(|e| self.err("keep_revision", key, e))
+    }
+
+    /// revisions.get: size and md5 of one revision; NotFound once Drive
+    /// has purged or someone deleted it.
+    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
+        let id = self.find_id("head_revision", key).await?;
+        let r = self.api.get_revision(&id, revision).await.map_err(|e| self.err("head_revision", key, e))?;
+        Ok(ObjectMeta { revision: Some(r.id.clone()), md5: r.md5_checksum.clone(), ..ObjectMeta::new(key, r.size()) })
+    }
+
+    /// revisions.get `alt=media` with `Range`: the pinned bytes even after
+    /// the file's content was replaced.
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        let id = self.find_id_within_lag("get_range", key).await?;
+        self.api.read_range_at(&id, Some(revision), range).await.map_err(|e| self.err("get_range", key, e))
+    }
+
+    /// Remembers the file id a slot names for `key` (ids are immutable;
+    /// a deleted file is noticed by the next files.get and looked up again).
+    fn locate(&self, key: &str, slot: &Slot) {
+        if matches!(self.target, Target::Folder { .. }) && self.known_id(key).is_none() {
+            self.located.lock().insert(key.to_string(), slot.0.clone());
+        }
     }
 
     fn describe(&self) -> String {
