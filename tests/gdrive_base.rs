@@ -128,3 +128,31 @@ fn gdrive_adopt_after_replacement_copies_the_pinned_revision() {
     env.emu.ui_delete(&id);
     assert!(export(&env, url) == image);
 }
+
+/// Listings lag behind creates (here: by a minute). A volume imported by
+/// one process opens and reads at once in another process on the same
+/// host: the folder and objects it created are found by id (files.get),
+/// from the host's id record. Without the record (another cache dir) the
+/// same open finds nothing — the lag is real.
+#[test]
+fn gdrive_new_volume_opens_in_another_process_despite_lagging_listings() {
+    let env = start(driveemu::Config { listing_lag: Duration::from_secs(60), ..Default::default() }, Creds::User);
+    let (img, bytes) = tier_support::raw_image(env.dir.path(), "disk.raw", 2 << 20, 61);
+    let run = |xdg: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_driveblk"))
+            .args(args)
+            .args(["--drive-api-url", &env.emu.base_url(), "--drive-credentials", env.creds_file.to_str().unwrap()])
+            .env("XDG_CACHE_HOME", env.dir.path().join(xdg))
+            .output()
+            .unwrap()
+    };
+    let o = run("host", &["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), "gdrive:/lag/vol"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = env.dir.path().join("out.raw");
+    let o = run("host", &["export", "--quiet", "gdrive:/lag/vol", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&out).unwrap() == bytes);
+    let o = run("elsewhere", &["info", "gdrive:/lag/vol"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no volume"), "{err}");
+}

@@ -152,6 +152,10 @@ pub struct DriveConfig {
     pub upload_attempts: u32,
     /// First backoff between chunk attempts; doubles up to 16 s.
     pub upload_backoff: Duration,
+    /// The on-disk record of ids this host created (`gdrive/ids.rs`), so
+    /// other processes here find new folders and objects by id. None:
+    /// keep none. The CLI uses `$XDG_CACHE_HOME/driveblk/gdrive-ids.jsonl`.
+    pub id_record: Option<PathBuf>,
 }
 
 impl Default for DriveConfig {
@@ -169,6 +173,7 @@ impl Default for DriveConfig {
             min_transfer_rate: 16 << 10,
             upload_attempts: 10,
             upload_backoff: Duration::from_secs(1),
+            id_record: None,
         }
     }
 }
@@ -192,6 +197,7 @@ impl RemoteConfig {
     /// Defaults overridden by the `DRIVEBLK_DRIVE_*` environment variables.
     pub fn from_env() -> Result<Self, ConfigError> {
         let mut c = Self::default();
+        c.drive.id_record = super::gdrive::ids::default_path();
         c.apply_env()?;
         Ok(c)
     }

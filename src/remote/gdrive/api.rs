@@ -15,6 +15,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 
 use super::auth::{Auth, AuthError};
+use super::ids::{Entries, IdRecord, Kind};
 use super::pacer::Pacer;
 use crate::remote::config::DriveConfig;
 
@@ -327,6 +328,10 @@ pub struct DriveApi {
     /// shared by every remote of the account: a listing may lag behind a
     /// create, but an object this process made is found by id at once.
     pub(crate) known: parking_lot::Mutex<HashMap<String, HashMap<String, String>>>,
+    /// Ids this host recorded on disk (see `ids.rs`), loaded at start.
+    record: IdRecord,
+    /// What the record holds now, so an id is appended once.
+    pub(crate) recorded: parking_lot::Mutex<Entries>,
 }
 
 impl std::fmt::Debug for DriveApi {
@@ -352,6 +357,13 @@ impl DriveApi {
             .unwrap_or_else(|_| reqwest::Client::new());
         let base = cfg.api_url.trim_end_matches('/');
         let auth = Auth::from_config(cfg, http.clone()).map_err(|e| e.to_string());
+        let (record, recorded) = IdRecord::open(cfg.id_record.clone(), base);
+        let mut known: HashMap<String, HashMap<String, String>> = HashMap::new();
+        for ((kind, parent, name), id) in &recorded {
+            if *kind == Kind::File {
+                known.entry(parent.clone()).or_default().insert(name.clone(), id.clone());
+            }
+        }
         Self {
             api: format!("{base}/drive/v3"),
             upload: format!("{base}/upload/drive/v3"),
@@ -362,8 +374,36 @@ impl DriveApi {
             ids: parking_lot::Mutex::new(Vec::new()),
             ids_refill: tokio::sync::Mutex::new(()),
             folders: parking_lot::Mutex::new(HashMap::new()),
-            known: parking_lot::Mutex::new(HashMap::new()),
+            known: parking_lot::Mutex::new(known),
+            record,
+            recorded: parking_lot::Mutex::new(recorded),
         }
+    }
+
+    /// The id this host recorded for `name` in `parent`, if any.
+    pub fn recorded(&self, kind: Kind, parent: &str, name: &str) -> Option<String> {
+        self.recorded.lock().get(&(kind, parent.to_string(), name.to_string())).cloned()
+    }
+
+    /// Records on disk that `name` in `parent` is `id` (empty: forget it).
+    pub fn record(&self, kind: Kind, parent: &str, name: &str, id: &str) {
+        let key = (kind, parent.to_string(), name.to_string());
+        {
+            let mut r = self.recorded.lock();
+            let same = match r.get(&key) {
+                Some(old) => old == id,
+                None => id.is_empty(),
+            };
+            if same {
+                return;
+            }
+            if id.is_empty() {
+                r.remove(&key);
+            } else {
+                r.insert(key, id.to_string());
+            }
+        }
+        self.record.add(kind, parent, name, id);
     }
 
     /// The credentials, or why there are none.

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod ids;
 pub mod pacer;
 pub mod path;
 pub mod selftest;
@@ -197,9 +198,19 @@ impl GDriveRemote {
         }
     }
 
+    /// [`remember`](Self::remember) an object this process created, and
+    /// record it on disk for other processes on this host.
+    fn created(&self, key: &str, id: &str) {
+        self.remember(key, id);
+        if let Some(folder) = self.folder_key.lock().clone() {
+            self.api.record(ids::Kind::File, &folder, key, id);
+        }
+    }
+
     fn forget(&self, key: &str) {
         self.located.lock().remove(key);
         if let Some(folder) = self.folder_key.lock().clone() {
+            self.api.record(ids::Kind::File, &folder, key, "");
             if let Some(m) = self.api.known.lock().get_mut(&folder) {
                 m.remove(key);
             }
@@ -268,7 +279,9 @@ impl GDriveRemote {
         let cached = self.known_id(key);
         if let Some(id) = cached {
             match self.get_by_id(op, key, &id).await {
-                Ok(f) => return Ok(f),
+                Ok(f) if f.name == key || matches!(self.target, Target::File { .. }) => return Ok(f),
+                // Renamed by someone: not this key any more.
+                Ok(_) => self.forget(key),
                 // Deleted behind our back: forget the id, look again.
                 Err(e) if e.is_not_found() => {
                     self.forget(key);
@@ -350,7 +363,7 @@ impl GDriveRemote {
             }
             Err(e) => return Err(dest.err("copy", dest_key, e)),
         };
-        dest.remember(dest_key, &f.id);
+        dest.created(dest_key, &f.id);
         Ok(dest.meta(dest_key, &f))
     }
 
@@ -495,7 +508,7 @@ impl Remote for GDriveRemote {
             }
             Err(e) => return Err(self.err("put", key, e)),
         };
-        self.remember(key, &f.id);
+        self.created(key, &f.id);
         self.pending.lock().remove(key);
         Ok(self.meta(key, &f))
     }
@@ -599,7 +612,7 @@ impl Remote for GDriveRemote {
         };
         match self.create_with_id(&folder, key, &id, Some(tag), &body).await {
             Ok(f) => {
-                self.remember(key, &f.id);
+                self.created(key, &f.id);
                 self.pending.lock().remove(key);
                 Ok(ObjectMeta { tag: Some(tag.to_string()), ..self.meta(key, &f) })
             }
