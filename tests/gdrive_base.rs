@@ -156,3 +156,36 @@ fn gdrive_new_volume_opens_in_another_process_despite_lagging_listings() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("no volume"), "{err}");
 }
+
+/// A boot asks for many neighbouring ranges at once, and Drive limits
+/// requests per user: 64 adjacent 64 KiB reads of one file issued
+/// together reach the emulator as a handful of requests and return the
+/// same bytes. With merging off (window 0) each is a request of its own.
+#[test]
+fn gdrive_adjacent_reads_are_merged() {
+    let env = start(driveemu::Config { latency: Duration::from_millis(2), ..Default::default() }, Creds::User);
+    let data = gdrive_support::data(71, 4 << 20);
+    let id = env.emu.ui_upload(&env.emu.root_folder_id(), "big.img", &data);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let reads = |cfg: driveblk::remote::RemoteConfig| -> u64 {
+        let url = driveblk::remote::RemoteUrl::parse(&format!("gdrive:file={id}")).unwrap();
+        let (r, key) = url.object_with(&cfg);
+        let before = env.emu.stats().requests.get("files.get media").copied().unwrap_or(0);
+        let got = rt.block_on(futures::future::join_all((0..64u64).map(|i| {
+            let (r, key) = (r.clone(), key.clone());
+            async move { r.get_range(&key, i * 65536..(i + 1) * 65536).await.unwrap() }
+        })));
+        for (i, b) in got.iter().enumerate() {
+            assert!(b[..] == data[i * 65536..(i + 1) * 65536], "read {i} differs");
+        }
+        env.emu.stats().requests.get("files.get media").copied().unwrap_or(0) - before
+    };
+    let merged = reads(env.cfg.clone());
+    assert!(merged <= 4, "64 adjacent reads took {merged} requests");
+    let mut off = env.cfg.clone();
+    off.drive.read_merge.window = Duration::ZERO;
+    off.drive.pacer.rate = 9_999.0; // another account config: its own counters
+    assert_eq!(reads(off.clone()), 64);
+    let (asked, sent, _) = driveblk::remote::gdrive::api_for(&env.cfg.drive).read_merge.snapshot();
+    assert_eq!((asked, sent), (64, merged));
+}

@@ -156,6 +156,8 @@ pub struct DriveConfig {
     /// other processes here find new folders and objects by id. None:
     /// keep none. The CLI uses `$XDG_CACHE_HOME/driveblk/gdrive-ids.jsonl`.
     pub id_record: Option<PathBuf>,
+    /// Merging of ranged reads asked at once (`remote/merge.rs`).
+    pub read_merge: super::merge::MergeConfig,
 }
 
 impl Default for DriveConfig {
@@ -174,6 +176,7 @@ impl Default for DriveConfig {
             upload_attempts: 10,
             upload_backoff: Duration::from_secs(1),
             id_record: None,
+            read_merge: super::merge::MergeConfig::default(),
         }
     }
 }

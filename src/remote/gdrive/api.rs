@@ -332,6 +332,9 @@ pub struct DriveApi {
     record: IdRecord,
     /// What the record holds now, so an id is appended once.
     pub(crate) recorded: parking_lot::Mutex<Entries>,
+    /// Ranged reads asked, requests sent for them, reads merged
+    /// (`remote/merge.rs`), for every remote of the account.
+    pub read_merge: std::sync::Arc<crate::remote::merge::MergeStats>,
 }
 
 impl std::fmt::Debug for DriveApi {
@@ -377,6 +380,7 @@ impl DriveApi {
             known: parking_lot::Mutex::new(known),
             record,
             recorded: parking_lot::Mutex::new(recorded),
+            read_merge: Default::default(),
         }
     }
 
