@@ -237,6 +237,20 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
     let out = if path == "/token" {
         token_endpoint(&sh, &parts.method, &parts.headers, body).await
+    } else if path == "/o/oauth2/v2/auth" || path == "/o/oauth2/auth" {
+        sh.stats.request("authorize");
+        Ok(match sh.auth.authorize(&params, &sh.faults) {
+            Ok(location) => Response::builder()
+                .status(302)
+                .header("Location", location)
+                .body(full(Bytes::new()))
+                .unwrap_or_else(|_| empty(500)),
+            Err((status, text)) => Response::builder()
+                .status(status)
+                .header("Content-Type", "text/plain; charset=utf-8")
+                .body(full(text))
+                .unwrap_or_else(|_| empty(500)),
+        })
     } else if let Some(rest) = path.strip_prefix("/drive/v3/") {
         api(&sh, parts.method, rest, &params, &parts.headers, body, false).await
     } else if let Some(rest) = path.strip_prefix("/upload/drive/v3/") {
@@ -248,6 +262,7 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         Ok(r)
             if write
                 && path != "/token"
+                && !path.starts_with("/o/oauth2/")
                 && (r.status().is_success() || r.status() == 308)
                 && roll(&sh, sh.faults.lost_reply_rate()) =>
         {

@@ -187,6 +187,12 @@ impl Emulator {
         serde_json::to_string_pretty(&v).unwrap_or_default()
     }
 
+    /// `{base}/o/oauth2/v2/auth`, standing in for `https://accounts.google.com/o/oauth2/v2/auth`
+    /// (the installed-app flow's authorization endpoint; `/o/oauth2/auth` works too).
+    pub fn auth_uri(&self) -> String {
+        format!("{}/o/oauth2/v2/auth", self.shared.base_url)
+    }
+
     /// (client_id, client_secret) of the "installed app" OAuth client the emulator knows.
     pub fn oauth_client(&self) -> (String, String) {
         (self.shared.auth.oauth_client_id.clone(), self.shared.auth.oauth_client_secret.clone())
