@@ -189,3 +189,84 @@ fn gdrive_adjacent_reads_are_merged() {
     let (asked, sent, _) = driveblk::remote::gdrive::api_for(&env.cfg.drive).read_merge.snapshot();
     assert_eq!((asked, sent), (64, merged));
 }
+
+/// `driveblk auth login` end to end, with the test as the browser: the
+/// command prints Google's sign-in URL and listens on a loopback port; the
+/// "browser" opens the URL at the emulator's authorization endpoint, which
+/// redirects to the loopback listener with a code; the command exchanges
+/// the code at the token endpoint and saves the refresh token (0600),
+/// which then works. Nothing secret is printed.
+#[test]
+fn gdrive_auth_login_installed_app_flow() {
+    use std::io::BufRead;
+    let env = start(driveemu::Config::default(), Creds::User);
+    let (cid, secret) = env.emu.oauth_client();
+    let tok = env.dir.path().join("login/token.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["auth", "login", "--client-id", &cid, "--scope", "drive"])
+        .args(["--auth-uri", &env.emu.auth_uri(), "--token-uri", &env.emu.token_uri()])
+        .args(["--token-file", tok.to_str().unwrap()])
+        .env("DRIVEBLK_OAUTH_CLIENT_SECRET", &secret)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A hung login must not hang the test run.
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        for _ in 0..1200 {
+            std::thread::sleep(Duration::from_millis(100));
+            if std::fs::metadata(format!("/proc/{pid}")).is_err() {
+                return;
+            }
+        }
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    let url = loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "login printed no URL: {printed}");
+        printed.push_str(&line);
+        if let Some(u) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+            break u.to_string();
+        }
+    };
+    assert!(url.starts_with(&env.emu.auth_uri()), "{url}");
+    // The browser: the sign-in page redirects to the loopback listener.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = rt.block_on(http.get(&url).send()).unwrap();
+    assert_eq!(r.status().as_u16(), 302);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(loc.contains("code="), "{loc}");
+    let r = rt.block_on(http.get(&loc).send()).unwrap();
+    assert!(r.status().is_success(), "the loopback listener answered {}", r.status());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    printed.push_str(&rest);
+    let o = child.wait_with_output().unwrap();
+    watchdog.join().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{printed}\n{err}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&tok).unwrap().permissions().mode() & 0o777, 0o600);
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tok).unwrap()).unwrap();
+    let refresh = saved["refresh_token"].as_str().unwrap().to_string();
+    for s in [refresh.as_str(), secret.as_str()] {
+        assert!(!printed.contains(s) && !err.contains(s), "a secret was printed");
+    }
+    // The saved grant works.
+    let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["auth", "status"])
+        .env("DRIVEBLK_DRIVE_API_URL", env.emu.base_url())
+        .env("DRIVEBLK_DRIVE_CREDENTIALS", &tok)
+        .env_remove("DRIVEBLK_DRIVE_TOKEN")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success() && text.contains("token:       ok") && text.contains("Drive:       reachable"),
+        "{text}"
+    );
+}
