@@ -731,8 +731,16 @@ impl DriveApi {
 
     /// One ranged read as Drive answers it: status, `Content-Range`, body
     /// length (for `selftest`).
-    pub async fn probe_range(&self, id: &str, range: Range<u64>) -> Result<(u16, Option<String>, usize), ApiError> {
-        let url = self.url(&self.file_url(id), &[("alt", "media"), ("supportsAllDrives", "true")]);
+    pub async fn probe_range(
+        &self,
+        id: &str,
+        rev: Option<&str>,
+        range: Range<u64>,
+    ) -> Result<(u16, Option<String>, Bytes), ApiError> {
+        let url = match rev {
+            Some(r) => self.url(&format!("{}/revisions/{}", self.file_url(id), urlencode(r)), &[("alt", "media")]),
+            None => self.url(&self.file_url(id), &[("alt", "media"), ("supportsAllDrives", "true")]),
+        };
         let header = format!("bytes={}-{}", range.start, range.end.saturating_sub(1));
         let t = self.cfg.request_timeout;
         let resp = self
@@ -740,8 +748,8 @@ impl DriveApi {
             .await?;
         let status = resp.status().as_u16();
         let cr = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let n = resp.bytes().await.map_err(ApiError::transport)?.len();
-        Ok((status, cr, n))
+        let body = resp.bytes().await.map_err(ApiError::transport)?;
+        Ok((status, cr, body))
     }
 
     /// The whole content of file `id`, without a Range header (which an
