@@ -5,10 +5,8 @@
 //! the volume folder server-side so the original can go; and a volume is
 //! found by id right after import, whatever the listings show.
 
-#[allow(dead_code)]
 mod common;
 mod gdrive_support;
-#[allow(dead_code)]
 mod tier_support;
 
 use std::process::Command;

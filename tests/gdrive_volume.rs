@@ -183,6 +183,11 @@ fn gdrive_daemon_serves_a_drive_volume_and_a_file_id_base() {
         assert!(read_all(&mut c) == *bytes, "{url}: served bytes differ");
         drop(c);
         assert!(d.stop().success());
+        // The status file counts Drive's ranged reads and the requests they took.
+        let st: serde_json::Value = serde_json::from_slice(&std::fs::read(cache.join("status.json")).unwrap()).unwrap();
+        let (asked, sent) =
+            (st["drive_reads"]["asked"].as_u64().unwrap(), st["drive_reads"]["requests"].as_u64().unwrap());
+        assert!(asked > 0 && sent > 0 && sent <= asked, "{}", st["drive_reads"]);
     }
 }
 

@@ -36,7 +36,6 @@ pub use self::path::DriveLocation as Location;
 /// and what this process knows about the objects it wrote. A process uses
 /// a handful of configurations at most.
 pub fn api_for(cfg: &DriveConfig) -> Arc<DriveApi> {
-    static CLIENTS: parking_lot::Mutex<Vec<(DriveConfig, Arc<DriveApi>)>> = parking_lot::Mutex::new(Vec::new());
     let mut clients = CLIENTS.lock();
     if let Some((_, a)) = clients.iter().find(|(c, _)| c == cfg) {
         return a.clone();
@@ -45,6 +44,20 @@ pub fn api_for(cfg: &DriveConfig) -> Arc<DriveApi> {
     clients.push((cfg.clone(), a.clone()));
     a
 }
+
+/// Ranged reads asked of Drive, requests sent for them, and reads merged
+/// into a shared request, summed over every account this process uses
+/// (for `status`).
+pub fn read_merge_totals() -> (u64, u64, u64) {
+    api_totals(|a| a.read_merge.snapshot())
+}
+
+fn api_totals(f: impl Fn(&DriveApi) -> (u64, u64, u64)) -> (u64, u64, u64) {
+    CLIENTS.lock().iter().map(|(_, a)| f(a)).fold((0, 0, 0), |s, x| (s.0 + x.0, s.1 + x.1, s.2 + x.2))
+}
+
+/// Every [`DriveApi`] this process made, by configuration.
+static CLIENTS: parking_lot::Mutex<Vec<(DriveConfig, Arc<DriveApi>)>> = parking_lot::Mutex::new(Vec::new());
 
 /// What a remote is rooted at.
 #[derive(Debug, Clone)]
