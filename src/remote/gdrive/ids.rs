@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 /// Lines kept before the file is rewritten without superseded entries.
 const COMPACT_AT: usize = 20_000;
+/// Entries a rewrite keeps (the newest).
+const KEEP: usize = 5_000;
 
 /// Which map an entry belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -100,15 +102,20 @@ fn append(p: &Path, line: &[u8]) -> std::io::Result<()> {
     f.write_all(line)
 }
 
-/// Rewrites the file with the last entry of each (endpoint, kind, parent, name).
+/// Rewrites the file with the last entry of each (endpoint, kind, parent,
+/// name), keeping the newest [`KEEP`] (a test machine meets a new emulator
+/// endpoint every run; ids of old ones are never asked for again).
 fn compact(p: &Path, all: Vec<Line>) {
-    let mut last: HashMap<(String, Kind, String, String), Line> = HashMap::new();
-    for l in all {
-        last.insert((l.u.clone(), l.k, l.p.clone(), l.n.clone()), l);
+    let mut last: HashMap<(String, Kind, String, String), (usize, Line)> = HashMap::new();
+    for (i, l) in all.into_iter().enumerate() {
+        last.insert((l.u.clone(), l.k, l.p.clone(), l.n.clone()), (i, l));
     }
+    let mut keep: Vec<(usize, Line)> = last.into_values().filter(|(_, l)| !l.i.is_empty()).collect();
+    keep.sort_by_key(|(i, _)| *i);
+    let skip = keep.len().saturating_sub(KEEP);
     let mut out = String::new();
-    for l in last.values().filter(|l| !l.i.is_empty()) {
-        if let Ok(s) = serde_json::to_string(l) {
+    for (_, l) in keep.into_iter().skip(skip) {
+        if let Ok(s) = serde_json::to_string(&l) {
             out.push_str(&s);
             out.push('\n');
         }
