@@ -87,6 +87,16 @@ enum Runner {
     Thread(std::thread::JoinHandle<()>),
 }
 
+/// See [`Emulator::fault_handle`].
+#[derive(Clone)]
+pub struct FaultHandle(Arc<Shared>);
+
+impl FaultHandle {
+    pub fn faults(&self) -> &Faults {
+        &self.0.faults
+    }
+}
+
 /// A running emulator. Dropping it stops it.
 pub struct Emulator {
     shared: Arc<Shared>,
@@ -205,6 +215,12 @@ impl Emulator {
 
     pub fn faults(&self) -> &Faults {
         &self.shared.faults
+    }
+
+    /// A handle to the faults that can move into closures and threads (a
+    /// test hook that changes a fault at an exact point of a client's work).
+    pub fn fault_handle(&self) -> FaultHandle {
+        FaultHandle(self.shared.clone())
     }
 
     pub fn stats(&self) -> Stats {

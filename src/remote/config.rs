@@ -158,6 +158,10 @@ pub struct DriveConfig {
     pub id_record: Option<PathBuf>,
     /// Merging of ranged reads asked at once (`remote/merge.rs`).
     pub read_merge: super::merge::MergeConfig,
+    /// How long opening a volume looks again for a header it does not
+    /// find (listings lag behind creates: another host may have created
+    /// it moments ago) before answering "no volume".
+    pub open_grace: Duration,
 }
 
 impl Default for DriveConfig {
@@ -177,6 +181,7 @@ impl Default for DriveConfig {
             upload_backoff: Duration::from_secs(1),
             id_record: None,
             read_merge: super::merge::MergeConfig::default(),
+            open_grace: Duration::from_secs(10),
         }
     }
 }

@@ -90,6 +90,12 @@ pub struct VolumeHeader {
     /// that does not implement it, and says so instead of serving ciphertext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crypto: Option<serde_json::Value>,
+    /// The slot generation 1 was created at (Drive: a pre-generated file
+    /// id), so a reader finds the first generation — and from it, by the
+    /// slots each manifest names, the newest — without a listing, which may
+    /// lag behind creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_slot: Option<Slot>,
 }
 
 impl VolumeHeader {
@@ -106,6 +112,7 @@ impl VolumeHeader {
             encryption: "none".into(),
             base,
             crypto: None,
+            first_slot: None,
         }
     }
 

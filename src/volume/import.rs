@@ -18,7 +18,7 @@ use super::format::{
 use super::pack::PackWriter;
 use super::reader::{connect, VolumeReader};
 use super::{runtime, RemoteOptions, VolumeError, VolumeInfo, VolumeResult, DEFAULT_CHUNK_SIZE};
-use crate::remote::{DynRemote, PutBody, RemoteUrl};
+use crate::remote::{content_tag, DynRemote, PutBody, RemoteUrl};
 
 /// Options for [`import`].
 #[derive(Clone, Debug)]
@@ -76,18 +76,25 @@ async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<()> {
 /// on stores whose names are not unique (Drive) as every later one is.
 async fn commit_new(remote: &DynRemote, url: &str, header: &VolumeHeader, manifest: &Manifest) -> VolumeResult<()> {
     let mut manifest = manifest.clone();
+    let mut header = header.clone();
+    let key = gen_key(manifest.generation);
     let next = gen_key(manifest.generation + 1);
+    // Generation 1 at a slot the header names: readers elsewhere follow
+    // ids from the header on, never waiting for a listing.
+    header.first_slot =
+        remote.reserve(&key).await.map_err(|e| VolumeError::remote(format!("reserving {url}/{key}"), e))?;
     manifest.next_slot =
         remote.reserve(&next).await.map_err(|e| VolumeError::remote(format!("reserving {url}/{next}"), e))?;
     remote
         .put(HEADER_KEY, PutBody::from_bytes(header.to_bytes()))
         .await
         .map_err(|e| VolumeError::remote(format!("writing {url}/{HEADER_KEY}"), e))?;
-    let key = gen_key(manifest.generation);
-    remote
-        .put(&key, PutBody::from_bytes(manifest.to_bytes()))
-        .await
-        .map_err(|e| VolumeError::remote(format!("committing {url}/{key}"), e))?;
+    let bytes = manifest.to_bytes();
+    let r = match &header.first_slot {
+        Some(slot) => remote.create(&key, Some(slot), &content_tag(&bytes), PutBody::from_bytes(bytes)).await,
+        None => remote.put(&key, PutBody::from_bytes(bytes)).await,
+    };
+    r.map_err(|e| VolumeError::remote(format!("committing {url}/{key}"), e))?;
     Ok(())
 }
 

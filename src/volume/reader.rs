@@ -183,10 +183,26 @@ impl VolumeReader {
     pub async fn open(url: &RemoteUrl, opts: &RemoteOptions) -> VolumeResult<Arc<Self>> {
         let url_s = url.to_string();
         let remote = connect(url.folder_with(&opts.config), opts);
-        let header_bytes = match remote.get(HEADER_KEY).await {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => return Err(VolumeError::NotFound { url: url_s }),
-            Err(e) => return Err(VolumeError::remote(format!("reading {url_s}/{HEADER_KEY}"), e)),
+        // Drive's listings lag behind creates, and a path is found by
+        // listing: a volume another host created moments ago is looked
+        // for again for a while before it counts as absent.
+        let grace = match url.scheme() {
+            crate::remote::url::Scheme::GDrive => opts.config.drive.open_grace,
+            crate::remote::url::Scheme::Dir => std::time::Duration::ZERO,
+        };
+        let t0 = std::time::Instant::now();
+        let mut wait = std::time::Duration::from_millis(250);
+        let header_bytes = loop {
+            match remote.get(HEADER_KEY).await {
+                Ok(b) => break b,
+                Err(e) if e.is_not_found() && t0.elapsed() < grace => {
+                    tracing::info!(url = %url_s, "no volume listed there yet; looking again (Drive listings lag behind creates)");
+                    tokio::time::sleep(wait.min(grace.saturating_sub(t0.elapsed()))).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(e) if e.is_not_found() => return Err(VolumeError::NotFound { url: url_s }),
+                Err(e) => return Err(VolumeError::remote(format!("reading {url_s}/{HEADER_KEY}"), e)),
+            }
         };
         let header = VolumeHeader::from_bytes(&header_bytes)
             .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
@@ -558,14 +574,20 @@ async fn resolve(
 async fn newest_manifest(remote: &DynRemote, url: &str, header: &VolumeHeader) -> VolumeResult<Manifest> {
     let gens =
         remote.list(GEN_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing generations of {url}"), e))?;
-    let listed = gens
-        .iter()
-        .filter_map(|m| parse_gen_key(&m.key))
-        .max()
-        .ok_or_else(|| VolumeError::NoGeneration { url: url.to_string() })?;
+    let listed = gens.iter().filter_map(|m| parse_gen_key(&m.key)).max();
     // The newest generation being corrupt is an error, not a cue to fall
     // back: an older generation would silently lose committed writes.
-    let mut top = read_object(remote, url, header, listed, None).await?;
+    let mut top = match (listed, &header.first_slot) {
+        (Some(g), _) => read_object(remote, url, header, g, None).await?,
+        // Nothing listed yet: generation 1 by the id the header names.
+        (None, Some(slot)) => match read_object(remote, url, header, 1, Some(slot)).await {
+            Err(VolumeError::Remote { source, .. }) if source.is_not_found() => {
+                return Err(VolumeError::NoGeneration { url: url.to_string() })
+            }
+            r => r?,
+        },
+        (None, None) => return Err(VolumeError::NoGeneration { url: url.to_string() }),
+    };
     let mut seen = BTreeMap::new();
     loop {
         let next = top.generation + 1;
