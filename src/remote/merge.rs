@@ -103,8 +103,12 @@ impl MergingRemote {
             }
         };
         if leader {
+            // Cancelled while waiting, the leader still closes its batch:
+            // the others' senders drop and they read alone, never wait on
+            // a batch nobody will send.
+            let closer = Closer { pending: &self.pending, target: Some(target.clone()) };
             tokio::time::sleep(self.cfg.window).await;
-            let batch = self.pending.lock().remove(&target).unwrap_or_default();
+            let batch = closer.take();
             self.run(key, rev, batch).await;
         }
         match rx.await {
@@ -174,6 +178,27 @@ impl MergingRemote {
                 }))
                 .await;
             }
+        }
+    }
+}
+
+/// Removes a batch from the pending map: when taken, or when dropped.
+struct Closer<'a> {
+    pending: &'a parking_lot::Mutex<HashMap<Target, Vec<Waiter>>>,
+    target: Option<Target>,
+}
+
+impl Closer<'_> {
+    fn take(mut self) -> Vec<Waiter> {
+        let t = self.target.take().expect("taken once");
+        self.pending.lock().remove(&t).unwrap_or_default()
+    }
+}
+
+impl Drop for Closer<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.target.take() {
+            self.pending.lock().remove(&t);
         }
     }
 }
@@ -273,5 +298,32 @@ mod tests {
         let (asked, sent, merged) = stats.snapshot();
         assert_eq!(asked, 35);
         assert!(sent <= 3 && merged >= 33, "asked {asked}, sent {sent}, merged {merged}");
+    }
+
+    /// A leader cancelled while it waits for neighbours strands nobody:
+    /// the reads that joined its batch go out alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_leader_strands_no_reader() {
+        let d = tempfile::tempdir().unwrap();
+        let dir: DynRemote = Arc::new(DirRemote::new(d.path().to_path_buf()));
+        dir.put("obj", PutBody::from_bytes(vec![7u8; 8192])).await.unwrap();
+        let cfg = MergeConfig { window: Duration::from_millis(200), max_gap: 4096, max_span: 1 << 20 };
+        let m = Arc::new(MergingRemote::new(dir, cfg, Arc::default()));
+        let leader = {
+            let m = m.clone();
+            tokio::spawn(async move { m.get_range("obj", 0..4096).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let follower = {
+            let m = m.clone();
+            tokio::spawn(async move { m.get_range("obj", 4096..8192).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        leader.abort();
+        // (A deadline so a stranded reader fails the test instead of hanging it.)
+        let got = tokio::time::timeout(Duration::from_secs(30), follower).await.expect("the follower was stranded");
+        assert_eq!(got.unwrap().unwrap().len(), 4096);
+        // And the next read leads a batch of its own.
+        assert_eq!(m.get_range("obj", 0..10).await.unwrap().len(), 10);
     }
 }
