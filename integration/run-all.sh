@@ -21,7 +21,8 @@
 #   --list                   list the cases and exit
 # Cases: raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty
 #        volume-qcow2 volume-profile-ro volume-wb-2nd-machine
-#        qcow2-compressed-ro   (--list; details at the bottom of this file)
+#        qcow2-compressed-ro volume-gdrive-2nd-machine
+#                              (--list; details at the bottom of this file)
 # Exit 0 only if every case passed.
 set -euo pipefail
 
@@ -29,7 +30,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
-ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 volume-profile-ro volume-wb-2nd-machine qcow2-compressed-ro)
+ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 volume-profile-ro volume-wb-2nd-machine qcow2-compressed-ro volume-gdrive-2nd-machine)
 VOLUME_URL= VOLUME_CACHE=
 BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WZEROES=yes EXP_WCACHE=
 FIO_SIZE=8M TIMEOUT=240 DEMO=0 KEEP=0
@@ -79,13 +80,15 @@ ensure_qemu
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/driveblk-integ.XXXXXX")"
 LOGDIR="$BUILD_DIR/logs/run-$(date -u +%Y%m%dT%H%M%S)-$BACKEND"
 mkdir -p "$LOGDIR"
-BPID= GPID=
+BPID= GPID= EMU_PID=
+[ -z "${XDG_CACHE_HOME+set}" ] || ORIG_XDG_CACHE_HOME=$XDG_CACHE_HOME
 cleanup() {
     local rc=$?
     trap - INT TERM
     # run-guest.sh stops its QEMU on TERM
     if [ -n "$GPID" ]; then stop_pid "$GPID" 15 || true; fi
     if [ -n "$BPID" ]; then stop_pid "$BPID" 5 || true; fi
+    if [ -n "$EMU_PID" ]; then stop_pid "$EMU_PID" 5 || true; fi
     if [ "$KEEP" = 1 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
     exit "$rc"
 }
@@ -177,6 +180,11 @@ hostcheck() { # name status detail
 #   coldagain=1     (source=volume, ro=1) afterwards boot again from a second,
 #                   empty cache: the first boot saved a boot profile, which
 #                   the second streams ahead of the guest
+#   remote=gdrive   (source=volume) the volume lives on Google Drive: the Drive
+#                   API emulator (the driveemu binary next to driveblk) on
+#                   loopback, reached through DRIVEBLK_DRIVE_API_URL and a
+#                   service-account key, like production but for the URL;
+#                   each backend ("machine") has its own empty id record
 #   othermachine=1  (source=volume, ro=0) write-back to the remote: after its
 #                   tests the guest makes an ext2 and writes fsynced files; the stop
 #                   (SIGTERM) must have uploaded every change (status.json:
@@ -188,10 +196,10 @@ hostcheck() { # name status detail
 run_case() {
     local name=$1 fmt=$2 nq=$3 ro=$4 serial=$5 size=$6
     shift 6
-    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 source=file coldagain=0 othermachine=0 fio_size=$FIO_SIZE kv
+    local image=filled hashlen=$size fio_offset=0 qsize= reboot=0 restart=0 source=file coldagain=0 othermachine=0 fio_size=$FIO_SIZE remote=dir kv
     for kv in "$@"; do
         case $kv in
-            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*|source=*|coldagain=*|othermachine=*|fio_size=*) local "$kv" ;;
+            image=*|hashlen=*|fio_offset=*|qsize=*|reboot=*|restart=*|source=*|coldagain=*|othermachine=*|fio_size=*|remote=*) local "$kv" ;;
             *) die "run_case: bad option $kv" ;;
         esac
     done
@@ -220,6 +228,11 @@ run_case() {
     VOLUME_URL= VOLUME_CACHE=
     if [ "$source" = volume ]; then
         VOLUME_URL="dir:$WORK/$name.remote/vol" VOLUME_CACHE="$WORK/$name.cache"
+        if [ "$remote" = gdrive ]; then
+            start_drive_emulator
+            VOLUME_URL="gdrive:/integration/$name"
+            export XDG_CACHE_HOME="$WORK/$name.host1"
+        fi
         mkdir -p "$WORK/$name.remote"
         "$BIN" import --quiet "$img" "$VOLUME_URL" >"$LOGDIR/$name.import.log" 2>&1 \
             || die "import into $VOLUME_URL failed (log: $LOGDIR/$name.import.log)"
@@ -370,6 +383,7 @@ run_case() {
     if [ "$othermachine" = 1 ] && [ "$source" = volume ] && [ -n "$gh" ]; then
         echo "--- $name: another machine (new backend, empty cache) boots the volume, the writes must be there"
         VOLUME_CACHE="$WORK/$name.cache2"
+        [ "$remote" != gdrive ] || export XDG_CACHE_HOME="$WORK/$name.host2"
         if start_backend "$sock" "$img" "$fmt" "$nq" 0 "$serial" "$LOGDIR/$name.other.backend.log"; then
             local args5=(--socket "$sock" --size "$size" --queues "$nq" --hash "$hashlen:$gh" --no-fio --files check
                 --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.other.serial.log")
@@ -387,6 +401,28 @@ run_case() {
     finish_case "$name" "$t0"
 }
 
+# The Drive API emulator, started once for the gdrive cases; driveblk reaches
+# it through the same environment variables a user would set.
+start_drive_emulator() {
+    [ -z "$EMU_PID" ] || return 0
+    local emu out i
+    emu="$(dirname "$BIN")/driveemu"
+    [ -x "$emu" ] || die "driveemu binary not found next to $BIN (cargo build --workspace)"
+    out="$WORK/driveemu.out"
+    "$emu" --listen 127.0.0.1:0 --sa-key-out "$WORK/drive-sa.json" >"$out" 2>"$LOGDIR/driveemu.log" &
+    EMU_PID=$!
+    for i in $(seq 100); do
+        grep -q '^base_url=' "$out" 2>/dev/null && break
+        kill -0 "$EMU_PID" 2>/dev/null || die "driveemu exited (log: $LOGDIR/driveemu.log)"
+        sleep 0.1
+    done
+    DRIVEBLK_DRIVE_API_URL=$(sed -n 's/^base_url=//p' "$out")
+    [ -n "$DRIVEBLK_DRIVE_API_URL" ] || die "driveemu printed no base_url"
+    export DRIVEBLK_DRIVE_API_URL DRIVEBLK_DRIVE_CREDENTIALS="$WORK/drive-sa.json"
+    unset DRIVEBLK_DRIVE_TOKEN
+    log "Drive API emulator at $DRIVEBLK_DRIVE_API_URL"
+}
+
 finish_case() { # NAME T0
     local t1 secs verdict
     t1=$(date +%s.%N)
@@ -396,6 +432,7 @@ finish_case() { # NAME T0
     SUMMARY+=("$(printf '%-22s %-4s %6ss' "$1" "$verdict" "$secs")")
     rm -rf "$WORK/$1".*
     VOLUME_URL= VOLUME_CACHE=
+    if [ -n "${ORIG_XDG_CACHE_HOME+set}" ]; then export XDG_CACHE_HOME=$ORIG_XDG_CACHE_HOME; else unset XDG_CACHE_HOME; fi
 }
 
 want() { # NAME -> run it?
@@ -435,6 +472,10 @@ want volume-profile-ro && run_case volume-profile-ro qcow2 1 1 "" $((24 * MiB)) 
 # uploads every change; another machine (empty cache) boots the same volume
 # and reads the first guest's final disk
 want volume-wb-2nd-machine && run_case volume-wb-2nd-machine qcow2 1 0 "drvblk-wb" $((32 * MiB)) source=volume othermachine=1 fio_size=4M
+# the same on Google Drive (the Drive API emulator): import, a guest writes
+# and syncs, the stop uploads every change as fenced generations, and a
+# second backend with an empty cache and its own id record reads them back
+want volume-gdrive-2nd-machine && run_case volume-gdrive-2nd-machine qcow2 1 0 "drvblk-gd" $((32 * MiB)) source=volume remote=gdrive othermachine=1 fio_size=4M
 want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')

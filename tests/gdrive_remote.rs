@@ -199,6 +199,8 @@ async fn gdrive_pacer_keeps_under_the_per_user_limit() {
     let limit = driveemu::RateLimit { per_second: 50.0, burst: 20 };
     let emu_cfg = driveemu::Config { rate_limit: Some(limit), ..Default::default() };
     let mut env = start(emu_cfg, Creds::User);
+    // Every read a request of its own (merging would make the 100 one).
+    env.cfg.drive.read_merge.window = Duration::ZERO;
     let burst = |env: &gdrive_support::DriveEnv, url: &'static str| {
         let r = folder(env, url);
         async move {
@@ -354,7 +356,11 @@ async fn gdrive_base_is_pinned_and_copied_server_side() {
     assert!(version.starts_with(&format!("{rev}:")), "{version} vs {rev}");
     let vol = GDriveRemote::folder(&DriveLocation::parse("/vms/adopted").unwrap(), &env.cfg.drive);
     let before = env.emu.stats().bytes_in;
-    let m = base.copy_to(&key, &vol, "base").await.unwrap();
+    let slot = vol.reserve("base").await.unwrap().unwrap();
+    let m = base.copy_to(&key, &vol, "base", &slot.0).await.unwrap();
+    // Retried after a lost reply: the same id answers 409 and finds the copy.
+    let again = base.copy_to(&key, &vol, "base", &slot.0).await.unwrap();
+    assert_eq!(again.size, m.size);
     assert_eq!(m.size, image.len() as u64);
     assert!(env.emu.stats().bytes_in - before < 4096, "the copy moved bytes");
     assert_eq!(&vol.get("base").await.unwrap()[..], &image[..]);

@@ -95,10 +95,13 @@ fn gdrive_attach_a_file_id_base_uploads_none_of_it() {
     let eo = ExportOptions { cache_dir: None, parallel: 4, progress: false, remote: remote_opts(&env) };
     driveblk::tier::export("gdrive:/vms/win10", &out, &eo).unwrap();
     assert!(std::fs::read(&out).unwrap() == image);
-    // Replacing the base's content is detected, never served as the volume's data.
+    // Replacing the base's content is detected, never served as the volume's
+    // data: the pinned revision is (tests/gdrive_base.rs has the rest).
     env.emu.ui_replace_content(&id, &gdrive_support::data(6, 5 << 20));
-    let e = volume::info_with("gdrive:/vms/win10", &remote_opts(&env)).unwrap_err();
-    assert!(e.to_string().contains("version"), "{e}");
+    let i = volume::info_with("gdrive:/vms/win10", &remote_opts(&env)).unwrap();
+    assert!(i.base_note.unwrap_or_default().contains("replaced"));
+    driveblk::tier::export("gdrive:/vms/win10", &out, &eo).unwrap();
+    assert!(std::fs::read(&out).unwrap() == image);
 }
 
 fn cli(env: &DriveEnv, args: &[&str]) -> std::process::Output {
@@ -136,7 +139,8 @@ fn gdrive_selftest_passes_against_the_emulator() {
     let o = cli(&env, &["selftest", "--id-age-secs", "1", "--listing-wait-secs", "10", "gdrive:/driveblk-selftest"]);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "{text}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(text.contains("9 passed, 0 failed"), "{text}");
+    assert!(text.contains("10 passed, 0 failed"), "{text}");
+    assert!(text.contains("PASS pinned revision kept and read by Range"), "{text}");
     assert!(text.contains("PASS second create with the same id answers 409"), "{text}");
 }
 
@@ -180,6 +184,11 @@ fn gdrive_daemon_serves_a_drive_volume_and_a_file_id_base() {
         assert!(read_all(&mut c) == *bytes, "{url}: served bytes differ");
         drop(c);
         assert!(d.stop().success());
+        // The status file counts Drive's ranged reads and the requests they took.
+        let st: serde_json::Value = serde_json::from_slice(&std::fs::read(cache.join("status.json")).unwrap()).unwrap();
+        let (asked, sent) =
+            (st["drive_reads"]["asked"].as_u64().unwrap(), st["drive_reads"]["requests"].as_u64().unwrap());
+        assert!(asked > 0 && sent > 0 && sent <= asked, "{}", st["drive_reads"]);
     }
 }
 

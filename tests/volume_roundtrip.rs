@@ -144,6 +144,28 @@ fn attach_serves_base_file_without_upload() {
     assert!(matches!(e, VolumeError::BaseChanged { .. }), "{e}");
 }
 
+/// `adopt` on a `dir:` volume: the base is copied into the volume folder
+/// (through this host: no server-side copy on a folder), a generation names
+/// the copy, and the volume reads the same bytes after the original is gone.
+#[test]
+fn adopted_dir_base_outlives_the_original() {
+    let d = tempfile::tempdir().unwrap();
+    let drive = d.path().join("drive");
+    std::fs::create_dir_all(&drive).unwrap();
+    let (src, _) = qcow2_image(d.path(), 3 << 20, 3);
+    let base = drive.join("base.qcow2");
+    std::fs::copy(&src, &base).unwrap();
+    let vurl = url(&drive.join("vol"));
+    volume::attach(&url(&base), &vurl, &AttachOptions { chunk_size: CS, ..Default::default() }).unwrap();
+    let info = volume::adopt(&vurl, &Default::default()).unwrap();
+    assert_eq!(info.generation, 2);
+    assert!(drive.join("vol/base-00000000000000000002").exists());
+    std::fs::remove_file(&base).unwrap();
+    let out = d.path().join("out.qcow2");
+    driveblk::tier::export(&vurl, &out, &ExportOptions::default()).unwrap();
+    assert!(qemu_compare("qcow2", &src, &out));
+}
+
 #[test]
 fn missing_volume_error_says_what_to_do() {
     let d = tempfile::tempdir().unwrap();

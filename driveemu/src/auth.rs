@@ -1,5 +1,7 @@
-//! OAuth 2.0 as Google runs it: the token endpoint (JWT-bearer grant for service accounts,
-//! RFC 7523; refresh-token grant for installed-app clients) and bearer-token checks.
+//! OAuth 2.0 as Google runs it: the authorization endpoint of the installed-app flow (a
+//! user who always consents, redirected to a loopback URI with a code; PKCE honoured), the
+//! token endpoint (authorization-code grant, RFC 6749 4.1 + RFC 7636; JWT-bearer grant for
+//! service accounts, RFC 7523; refresh-token grant) and bearer-token checks.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -28,6 +30,33 @@ struct AccessToken {
     scopes: Vec<String>,
 }
 
+/// An authorization code handed out by the authorization endpoint.
+struct CodeGrant {
+    client_id: String,
+    redirect_uri: String,
+    scopes: Vec<String>,
+    /// (method, challenge) when the request used PKCE.
+    challenge: Option<(String, String)>,
+    expires: Instant,
+}
+
+/// How long an authorization code may be exchanged (Google: minutes; one use only).
+const CODE_LIFETIME: Duration = Duration::from_secs(600);
+
+/// Whether `uri` is a loopback redirect URI, which Google accepts for desktop clients on any
+/// port (`http://127.0.0.1:PORT`, `http://[::1]:PORT`, and, discouraged, `http://localhost:PORT`).
+fn loopback(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("http://") else { return false };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()) => h,
+        Some((_, _)) if host.starts_with('[') && host.ends_with(']') => host,
+        Some(_) => return false,
+        None => host,
+    };
+    matches!(host, "127.0.0.1" | "[::1]" | "localhost")
+}
+
 pub(crate) struct Auth {
     verifying_key: Option<rsa::pkcs1v15::VerifyingKey<sha2::Sha256>>,
     pub private_key_id: String,
@@ -36,6 +65,7 @@ pub(crate) struct Auth {
     pub oauth_client_id: String,
     pub oauth_client_secret: String,
     tokens: Mutex<HashMap<String, AccessToken>>,
+    codes: Mutex<HashMap<String, CodeGrant>>,
     /// refresh token -> the revocation epoch it was issued in.
     refresh: Mutex<HashMap<String, u64>>,
     rng: Mutex<StdRng>,
@@ -77,9 +107,112 @@ impl Auth {
             oauth_client_id,
             oauth_client_secret,
             tokens: Mutex::new(HashMap::new()),
+            codes: Mutex::new(HashMap::new()),
             refresh: Mutex::new(HashMap::new()),
             rng: Mutex::new(rng),
         }
+    }
+
+    /// The authorization endpoint (GET, query `params`): the user signs in and consents at
+    /// once. Answers the redirect `Location` (the loopback URI with `code`, `scope` and
+    /// `state`), or an error page (status, text) for requests Google refuses without a
+    /// redirect: an unknown client, a missing parameter, a non-loopback redirect URI.
+    pub fn authorize(&self, params: &HashMap<String, String>, faults: &Faults) -> Result<String, (u16, String)> {
+        let get = |k: &str| params.get(k).map(String::as_str).filter(|v| !v.is_empty());
+        let Some(client_id) = get("client_id") else {
+            return Err((400, "Error 400: invalid_request\nRequired parameter is missing: client_id".into()));
+        };
+        if client_id != self.oauth_client_id {
+            return Err((401, "Error 401: invalid_client\nThe OAuth client was not found.".into()));
+        }
+        let Some(redirect_uri) = get("redirect_uri") else {
+            return Err((400, "Error 400: invalid_request\nRequired parameter is missing: redirect_uri".into()));
+        };
+        if !loopback(redirect_uri) {
+            return Err((400, format!("Error 400: redirect_uri_mismatch\nredirect_uri={redirect_uri}: a desktop client may only redirect to a loopback address")));
+        }
+        let sep = if redirect_uri.contains('?') { '&' } else { '?' };
+        let state = get("state").map(|s| format!("&state={}", enc(s))).unwrap_or_default();
+        let redirect_err =
+            |e: &str, d: &str| Ok(format!("{redirect_uri}{sep}error={e}&error_description={}{state}", enc(d)));
+        if get("response_type") != Some("code") {
+            return redirect_err("unsupported_response_type", "response_type must be code");
+        }
+        let scopes: Vec<String> = get("scope").unwrap_or("").split_whitespace().map(str::to_string).collect();
+        if scopes.is_empty() {
+            return Err((400, "Error 400: invalid_request\nMissing required parameter: scope".into()));
+        }
+        if faults.consent_denied() {
+            return redirect_err("access_denied", "The user denied access");
+        }
+        let challenge = match (get("code_challenge"), get("code_challenge_method").unwrap_or("plain")) {
+            (None, _) => None,
+            (Some(c), m @ ("plain" | "S256")) => Some((m.to_string(), c.to_string())),
+            (Some(_), _) => return redirect_err("invalid_request", "Invalid code_challenge_method"),
+        };
+        let code = format!("4/0{}", opaque(&mut self.rng.lock(), 70));
+        self.codes.lock().insert(
+            code.clone(),
+            CodeGrant {
+                client_id: client_id.to_string(),
+                redirect_uri: redirect_uri.to_string(),
+                scopes: scopes.clone(),
+                challenge,
+                expires: Instant::now() + CODE_LIFETIME,
+            },
+        );
+        Ok(format!("{redirect_uri}{sep}code={}&scope={}{state}", enc(&code), enc(&scopes.join(" "))))
+    }
+
+    /// The authorization-code grant: one use per code, same client and redirect URI as the
+    /// authorization request, and the PKCE verifier when a challenge was sent.
+    fn exchange_code(
+        &self,
+        params: &HashMap<String, String>,
+        client: (String, String),
+        faults: &Faults,
+        lifetime: Duration,
+    ) -> Result<Value, OAuthError> {
+        let (cid, secret) = client;
+        if cid != self.oauth_client_id {
+            return Err(OAuthError::new(401, "invalid_client", "The OAuth client was not found."));
+        }
+        if secret != self.oauth_client_secret {
+            return Err(OAuthError::new(401, "invalid_client", "Unauthorized"));
+        }
+        let code = params
+            .get("code")
+            .ok_or_else(|| OAuthError::new(400, "invalid_request", "Missing required parameter: code"))?;
+        // Removed whatever follows: a code is good for one exchange only.
+        let grant = self.codes.lock().remove(code).ok_or_else(|| OAuthError::invalid_grant("Malformed auth code."))?;
+        if Instant::now() >= grant.expires || grant.client_id != cid {
+            return Err(OAuthError::invalid_grant("Bad Request"));
+        }
+        if params.get("redirect_uri") != Some(&grant.redirect_uri) {
+            return Err(OAuthError::new(400, "redirect_uri_mismatch", "Bad Request"));
+        }
+        match (&grant.challenge, params.get("code_verifier")) {
+            (None, None) => {}
+            (None, Some(_)) => return Err(OAuthError::invalid_grant("code_verifier or verifier is not needed.")),
+            (Some(_), None) => return Err(OAuthError::invalid_grant("Missing code verifier.")),
+            (Some((method, challenge)), Some(v)) => {
+                let derived = if method == "S256" {
+                    use sha2::Digest;
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(v.as_bytes()))
+                } else {
+                    v.clone()
+                };
+                if &derived != challenge {
+                    return Err(OAuthError::invalid_grant("Invalid code verifier."));
+                }
+            }
+        }
+        let refresh = self.issue_refresh_token(faults);
+        let tok = self.issue_access_token(faults, lifetime, grant.scopes.clone(), false);
+        Ok(json!({
+            "access_token": tok, "expires_in": lifetime.as_secs(), "refresh_token": refresh,
+            "scope": grant.scopes.join(" "), "token_type": "Bearer",
+        }))
     }
 
     pub fn issue_refresh_token(&self, faults: &Faults) -> String {
@@ -128,6 +261,16 @@ impl Auth {
                 let tok = self.issue_access_token(faults, lifetime, scopes, true);
                 // Google's service-account answer carries no scope and no refresh token.
                 Ok(json!({ "access_token": tok, "expires_in": lifetime.as_secs(), "token_type": "Bearer" }))
+            }
+            "authorization_code" => {
+                let client = match basic {
+                    Some(b) => b,
+                    None => (
+                        params.get("client_id").cloned().unwrap_or_default(),
+                        params.get("client_secret").cloned().unwrap_or_default(),
+                    ),
+                };
+                self.exchange_code(params, client, faults, lifetime)
             }
             "refresh_token" => {
                 let (cid, secret) = match basic {
@@ -221,4 +364,9 @@ impl Auth {
         }
         Ok(t.service_account)
     }
+}
+
+/// Percent-encodes a query value.
+fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

@@ -43,6 +43,7 @@ pub struct Faults {
     silent: AtomicBool,
     sa_no_quota: AtomicBool,
     short_pages: AtomicBool,
+    consent_denied: AtomicBool,
 }
 
 impl Faults {
@@ -68,6 +69,7 @@ impl Faults {
             silent: AtomicBool::new(false),
             sa_no_quota: AtomicBool::new(false),
             short_pages: AtomicBool::new(false),
+            consent_denied: AtomicBool::new(false),
         };
         f.set_rate_limit(cfg.rate_limit);
         f
@@ -90,6 +92,14 @@ impl Faults {
     }
     pub fn set_rate_limit(&self, r: Option<RateLimit>) {
         *self.rate.lock() = r.map(|limit| Bucket { limit, tokens: limit.burst.max(1) as f64, last: Instant::now() });
+    }
+    /// The user at the authorization endpoint clicks "Cancel": the loopback redirect
+    /// carries `error=access_denied` instead of a code.
+    pub fn set_consent_denied(&self, on: bool) {
+        self.consent_denied.store(on, Ordering::SeqCst);
+    }
+    pub(crate) fn consent_denied(&self) -> bool {
+        self.consent_denied.load(Ordering::SeqCst)
     }
     /// Makes every refresh token issued so far answer `invalid_grant`.
     pub fn revoke_refresh_tokens(&self) {

@@ -240,6 +240,20 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
     let out = if path == "/token" {
         token_endpoint(&sh, &parts.method, &parts.headers, body).await
+    } else if path == "/o/oauth2/v2/auth" || path == "/o/oauth2/auth" {
+        sh.stats.request("authorize");
+        Ok(match sh.auth.authorize(&params, &sh.faults) {
+            Ok(location) => Response::builder()
+                .status(302)
+                .header("Location", location)
+                .body(full(Bytes::new()))
+                .unwrap_or_else(|_| empty(500)),
+            Err((status, text)) => Response::builder()
+                .status(status)
+                .header("Content-Type", "text/plain; charset=utf-8")
+                .body(full(text))
+                .unwrap_or_else(|_| empty(500)),
+        })
     } else if let Some(rest) = path.strip_prefix("/drive/v3/") {
         api(&sh, parts.method, rest, &params, &parts.headers, body, false).await
     } else if let Some(rest) = path.strip_prefix("/upload/drive/v3/") {
@@ -251,6 +265,7 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         Ok(r)
             if write
                 && path != "/token"
+                && !path.starts_with("/o/oauth2/")
                 && (r.status().is_success() || r.status() == 308)
                 && roll(&sh, sh.faults.lost_reply_rate()) =>
         {
@@ -549,6 +564,31 @@ async fn api(
             let want = want_in(params.get("fields"), None);
             let v = r.to_json(&want);
             Ok(json_resp(sh, 200, &mask(&v, params.get("fields"), &default_revision)?))
+        }
+        (Method::DELETE, ["files", id, "revisions", rid]) => {
+            sh.stats.request("revisions.delete");
+            let mut st = sh.store.lock();
+            let f = st.get_mut(id, all)?;
+            if f.read_only {
+                return Err(crate::store::no_write(id).into());
+            }
+            let rid = find_revision(f, rid)?.id.clone();
+            // "The last remaining file version can't be deleted."
+            if f.revisions.len() <= 1 {
+                return Err(ApiError::new(
+                    403,
+                    "global",
+                    "cannotDeleteLastRevision",
+                    "The last remaining revision of a file cannot be deleted.",
+                )
+                .into());
+            }
+            f.revisions.retain(|r| r.id != rid);
+            // The head is the newest remaining revision.
+            if let Some(last) = f.revisions.last() {
+                f.content = Some(last.content.clone());
+            }
+            Ok(empty(204))
         }
         (Method::POST, ["drives"]) => {
             sh.stats.request("drives.create");

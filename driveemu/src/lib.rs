@@ -87,6 +87,16 @@ enum Runner {
     Thread(std::thread::JoinHandle<()>),
 }
 
+/// See [`Emulator::fault_handle`].
+#[derive(Clone)]
+pub struct FaultHandle(Arc<Shared>);
+
+impl FaultHandle {
+    pub fn faults(&self) -> &Faults {
+        &self.0.faults
+    }
+}
+
 /// A running emulator. Dropping it stops it.
 pub struct Emulator {
     shared: Arc<Shared>,
@@ -187,6 +197,12 @@ impl Emulator {
         serde_json::to_string_pretty(&v).unwrap_or_default()
     }
 
+    /// `{base}/o/oauth2/v2/auth`, standing in for `https://accounts.google.com/o/oauth2/v2/auth`
+    /// (the installed-app flow's authorization endpoint; `/o/oauth2/auth` works too).
+    pub fn auth_uri(&self) -> String {
+        format!("{}/o/oauth2/v2/auth", self.shared.base_url)
+    }
+
     /// (client_id, client_secret) of the "installed app" OAuth client the emulator knows.
     pub fn oauth_client(&self) -> (String, String) {
         (self.shared.auth.oauth_client_id.clone(), self.shared.auth.oauth_client_secret.clone())
@@ -199,6 +215,12 @@ impl Emulator {
 
     pub fn faults(&self) -> &Faults {
         &self.shared.faults
+    }
+
+    /// A handle to the faults that can move into closures and threads (a
+    /// test hook that changes a fault at an exact point of a client's work).
+    pub fn fault_handle(&self) -> FaultHandle {
+        FaultHandle(self.shared.clone())
     }
 
     pub fn stats(&self) -> Stats {
@@ -282,6 +304,45 @@ impl Emulator {
     /// Replaces an item's bytes (a new head revision).
     pub fn ui_replace_content(&self, id: &str, data: &[u8]) {
         let _ = self.shared.store.lock().replace_content(id, Bytes::copy_from_slice(data), true, false, None);
+    }
+
+    /// Drive's automatic purge of old revisions ("revisions are purged 30
+    /// days after newer content is uploaded unless keepForever"), done now:
+    /// every revision but the head that is not kept forever is deleted.
+    /// Answers how many were purged.
+    pub fn ui_purge_revisions(&self, id: &str) -> usize {
+        let mut st = self.shared.store.lock();
+        let Ok(f) = st.get_mut(id, true) else { return 0 };
+        let head = f.revisions.last().map(|r| r.id.clone());
+        let before = f.revisions.len();
+        f.revisions.retain(|r| r.keep_forever || Some(&r.id) == head.as_ref());
+        before - f.revisions.len()
+    }
+
+    /// Whether revision `rev` of a file is marked keepForever (None: no such revision).
+    pub fn ui_revision_kept(&self, id: &str, rev: &str) -> Option<bool> {
+        let st = self.shared.store.lock();
+        st.get(id, true).ok().and_then(|f| f.revisions.iter().find(|r| r.id == rev).map(|r| r.keep_forever))
+    }
+
+    /// Deletes one revision (Drive web UI: Manage versions, Delete); the last
+    /// one is never deleted. The head becomes the newest left.
+    pub fn ui_delete_revision(&self, id: &str, rev: &str) {
+        let mut st = self.shared.store.lock();
+        if let Ok(f) = st.get_mut(id, true) {
+            if f.revisions.len() > 1 {
+                f.revisions.retain(|r| r.id != rev);
+                if let Some(last) = f.revisions.last() {
+                    f.content = Some(last.content.clone());
+                }
+            }
+        }
+    }
+
+    /// The head revision id of a file.
+    pub fn ui_head_revision(&self, id: &str) -> Option<String> {
+        let st = self.shared.store.lock();
+        st.get(id, true).ok().and_then(|f| f.head_revision_id().map(str::to_string))
     }
 
     /// Deletes an item for good (as emptying the trash does).

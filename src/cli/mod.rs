@@ -1,6 +1,7 @@
 //! Command line: clap definitions, their validation into typed
 //! configuration, and the commands that run them.
 
+pub mod adopt;
 pub mod auth;
 pub mod cache_dir;
 pub mod config;
@@ -41,6 +42,9 @@ pub enum Command {
     Import(volume::ImportArgs),
     /// Create a volume over an image file already on the remote (no upload).
     Attach(volume::AttachArgs),
+    /// Copy a volume's base image into the volume (server-side on Drive), so
+    /// it no longer depends on the original file.
+    Adopt(adopt::AdoptArgs),
     /// Write a volume's image (with local writes) to a standalone file.
     Export(volume::ExportArgs),
     /// Describe a remote volume.
@@ -92,6 +96,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Serve(a) => serve::ServeConfig::try_from(a).and_then(serve::run),
         Command::Import(a) => volume::import(a),
         Command::Attach(a) => volume::attach(a),
+        Command::Adopt(a) => adopt::run(a),
         Command::Export(a) => volume::export(a),
         Command::Info(a) => volume::info(a),
         Command::Hydrate(a) => volume::hydrate(a),

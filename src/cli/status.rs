@@ -186,6 +186,8 @@ fn write_atomic(path: &Path, v: &Value) -> std::io::Result<()> {
 /// The status file's contents.
 pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    // Drive merges ranged reads asked at once: reads asked vs requests sent.
+    let drive = crate::remote::gdrive::read_merge_totals();
     json!({
         "pid": pid,
         "running": running,
@@ -215,6 +217,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
             "since_commit_secs": y.since_commit_secs, "last_rate_bps": y.last_rate_bps,
             "last_error": y.last_error, "paused": y.paused, "conflict": y.conflict,
         })),
+        "drive_reads": { "asked": drive.0, "requests": drive.1, "merged": drive.2 },
         "boot_profile": {
             "recording": s.profile_recording, "recorded_bytes": s.profile_recorded_bytes, "saved": s.profile_saved,
             "segments": s.profile_segments, "segments_done": s.profile_segments_done,
@@ -352,6 +355,14 @@ pub fn render(v: &Value) -> String {
             f("/remote/latency_ms/p99"),
             f("/remote/latency_ms/max"),
             u("/remote/requests/errors")
+        );
+    }
+    if u("/drive_reads/asked") > 0 {
+        out += &format!(
+            "Drive reads {} ranged reads in {} requests ({} merged into shared requests)\n",
+            u("/drive_reads/asked"),
+            u("/drive_reads/requests"),
+            u("/drive_reads/merged")
         );
     }
     let (done, total) = (u("/hydrate/done"), u("/hydrate/total"));

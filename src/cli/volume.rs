@@ -168,6 +168,9 @@ fn print_info(i: &VolumeInfo) {
         Some(b) => println!("base        {b:?}"),
         None => println!("base        none"),
     }
+    if let Some(n) = &i.base_note {
+        println!("base note   {n}");
+    }
     match &i.boot_profile {
         Some((key, bytes, gen)) => {
             println!("boot prof.  {key}: {} of pages, recorded at generation {gen}", human(*bytes))
@@ -243,6 +246,8 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "chunks_total": i.chunks_total, "chunks_packed": i.chunks_packed, "chunks_zero": i.chunks_zero,
                 "chunks_base": i.chunks_base, "image_format": i.image_format, "packs": i.packs, "packed_bytes": i.packed_bytes,
                 "base": i.base.as_ref().map(|b| format!("{b:?}")),
+                "chunks_base": i.chunks_base, "packs": i.packs, "packed_bytes": i.packed_bytes,
+                "base": i.base.as_ref().map(|b| format!("{b:?}")), "base_note": i.base_note,
                 "boot_profile": i.boot_profile.as_ref().map(|(key, bytes, gen)| serde_json::json!({
                     "key": key, "bytes": bytes, "generation": gen })),
             })

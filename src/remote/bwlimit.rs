@@ -154,6 +154,24 @@ impl Remote for BwLimitRemote {
         Ok(r)
     }
 
+    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
+        self.inner.keep_revision(key, revision).await
+    }
+
+    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
+        self.inner.head_revision(key, revision).await
+    }
+
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        let r = self.inner.get_range_revision(key, revision, range).await?;
+        self.down.pace(r.len() as u64, self.rates().1).await;
+        Ok(r)
+    }
+
+    fn locate(&self, key: &str, slot: &Slot) {
+        self.inner.locate(key, slot)
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }

@@ -152,6 +152,16 @@ pub struct DriveConfig {
     pub upload_attempts: u32,
     /// First backoff between chunk attempts; doubles up to 16 s.
     pub upload_backoff: Duration,
+    /// The on-disk record of ids this host created (`gdrive/ids.rs`), so
+    /// other processes here find new folders and objects by id. None:
+    /// keep none. The CLI uses `$XDG_CACHE_HOME/driveblk/gdrive-ids.jsonl`.
+    pub id_record: Option<PathBuf>,
+    /// Merging of ranged reads asked at once (`remote/merge.rs`).
+    pub read_merge: super::merge::MergeConfig,
+    /// How long opening a volume looks again for a header it does not
+    /// find (listings lag behind creates: another host may have created
+    /// it moments ago) before answering "no volume".
+    pub open_grace: Duration,
 }
 
 impl Default for DriveConfig {
@@ -169,6 +179,9 @@ impl Default for DriveConfig {
             min_transfer_rate: 16 << 10,
             upload_attempts: 10,
             upload_backoff: Duration::from_secs(1),
+            id_record: None,
+            read_merge: super::merge::MergeConfig::default(),
+            open_grace: Duration::from_secs(10),
         }
     }
 }
@@ -192,6 +205,7 @@ impl RemoteConfig {
     /// Defaults overridden by the `DRIVEBLK_DRIVE_*` environment variables.
     pub fn from_env() -> Result<Self, ConfigError> {
         let mut c = Self::default();
+        c.drive.id_record = super::gdrive::ids::default_path();
         c.apply_env()?;
         Ok(c)
     }

@@ -100,6 +100,8 @@ fn meta_of(key: &str, m: &std::fs::Metadata) -> ObjectMeta {
         // The folder's file system keeps the clock (an NFS server's, for a share).
         created_ms: u64::try_from(m.mtime()).ok().map(|s| s * 1000 + m.mtime_nsec() as u64 / 1_000_000),
         modified_ms: u64::try_from(m.mtime()).ok().map(|s| s * 1000 + m.mtime_nsec() as u64 / 1_000_000),
+        revision: None,
+        md5: None,
     }
 }
 

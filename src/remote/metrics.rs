@@ -191,6 +191,24 @@ impl Remote for MetricsRemote {
         self.count(&self.metrics.deletes, self.inner.delete(key)).await
     }
 
+    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
+        self.count(&self.metrics.heads, self.inner.keep_revision(key, revision)).await
+    }
+
+    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
+        self.count(&self.metrics.heads, self.inner.head_revision(key, revision)).await
+    }
+
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        let r = self.count(&self.metrics.gets, self.inner.get_range_revision(key, revision, range)).await?;
+        self.metrics.bytes_read.fetch_add(r.len() as u64, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    fn locate(&self, key: &str, slot: &Slot) {
+        self.inner.locate(key, slot)
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }

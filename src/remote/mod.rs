@@ -9,6 +9,7 @@ pub mod config;
 pub mod dir;
 pub mod error;
 pub mod gdrive;
+pub mod merge;
 pub mod metrics;
 pub mod retry;
 pub mod shaped;
@@ -27,6 +28,7 @@ pub use bwlimit::{BwEntry, BwLimitRemote, BwSchedule};
 pub use config::RemoteConfig;
 pub use dir::DirRemote;
 pub use error::{RemoteError, RemoteResult};
+pub use merge::{MergeConfig, MergeStats, MergingRemote};
 pub use metrics::{LatencyPercentiles, MetricsRemote, RemoteMetrics, RemoteMetricsSnapshot};
 pub use retry::{RetryPolicy, RetryingRemote};
 pub use shaped::{FaultPlan, ShapedRemote, Shaping};
@@ -62,12 +64,29 @@ pub struct ObjectMeta {
     /// mtime). A lease heartbeat's age is this against a probe's, never a
     /// local clock.
     pub modified_ms: Option<u64>,
+    /// The content revision the metadata describes, on stores that keep
+    /// revisions (Drive: `headRevisionId`); a rename, star or share does
+    /// not change it, replacing the content does.
+    pub revision: Option<String>,
+    /// Hex md5 of the content when the store reports it (Drive:
+    /// `md5Checksum`).
+    pub md5: Option<String>,
 }
 
 impl ObjectMeta {
     /// Metadata with just a key and a size.
     pub fn new(key: impl Into<String>, size: u64) -> Self {
-        Self { key: key.into(), size, version: None, sha256: None, tag: None, created_ms: None, modified_ms: None }
+        Self {
+            key: key.into(),
+            size,
+            version: None,
+            sha256: None,
+            tag: None,
+            created_ms: None,
+            modified_ms: None,
+            revision: None,
+            md5: None,
+        }
     }
 }
 
@@ -208,6 +227,39 @@ pub trait Remote: Send + Sync + fmt::Debug {
     async fn find_trashed(&self, _key: &str) -> RemoteResult<Option<ObjectMeta>> {
         Ok(None)
     }
+
+    /// Keeps content revision `revision` of `key` for good (Drive:
+    /// revisions.update `keepForever`), so a base image pinned to it stays
+    /// readable after its file is replaced. Stores without revisions do
+    /// nothing.
+    async fn keep_revision(&self, _key: &str, _revision: &str) -> RemoteResult<()> {
+        Ok(())
+    }
+
+    /// Metadata of content revision `revision` of `key` (size, md5);
+    /// [`RemoteError::NotFound`] when the store has no such revision (or
+    /// keeps none).
+    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
+        let m = self.head(key).await?;
+        if m.revision.as_deref() == Some(revision) {
+            Ok(m)
+        } else {
+            Err(RemoteError::NotFound { remote: self.describe(), key: format!("{key} revision {revision}") })
+        }
+    }
+
+    /// Bytes `range` of content revision `revision` of `key` (Drive:
+    /// revisions.get `alt=media` with `Range`), never of a newer content.
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        self.head_revision(key, revision).await?;
+        self.get_range(key, range).await
+    }
+
+    /// Tells the store that the object `key` was created at `slot`, so it
+    /// is found by identity (Drive: files.get on the id) instead of by a
+    /// name lookup, which may lag behind creates. A hint: stores whose
+    /// keys are their names ignore it.
+    fn locate(&self, _key: &str, _slot: &Slot) {}
 
     /// One-line description for logs and errors (e.g. `dir:/mnt/vols/win10`).
     fn describe(&self) -> String;

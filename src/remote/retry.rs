@@ -278,6 +278,22 @@ impl Remote for RetryingRemote {
         self.run("delete", key, || self.inner.delete(key)).await
     }
 
+    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
+        self.run("keep_revision", key, || self.inner.keep_revision(key, revision)).await
+    }
+
+    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
+        self.run("head_revision", key, || self.inner.head_revision(key, revision)).await
+    }
+
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        self.run("get_range", key, || self.inner.get_range_revision(key, revision, range.clone())).await
+    }
+
+    fn locate(&self, key: &str, slot: &Slot) {
+        self.inner.locate(key, slot)
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }

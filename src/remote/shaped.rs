@@ -238,6 +238,27 @@ impl Remote for ShapedRemote {
         self.inner.delete(key).await
     }
 
+    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
+        self.before("keep_revision", key).await?;
+        self.inner.keep_revision(key, revision).await
+    }
+
+    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
+        self.before("head_revision", key).await?;
+        self.inner.head_revision(key, revision).await
+    }
+
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        self.before("get_range", key).await?;
+        let r = self.inner.get_range_revision(key, revision, range).await?;
+        self.transfer(r.len() as u64).await;
+        Ok(r)
+    }
+
+    fn locate(&self, key: &str, slot: &Slot) {
+        self.inner.locate(key, slot)
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }

@@ -105,7 +105,7 @@ impl RemoteUrl {
     pub fn folder_with(&self, cfg: &RemoteConfig) -> DynRemote {
         match self {
             RemoteUrl::Dir { parent, name } => Arc::new(DirRemote::new(parent.join(name))),
-            RemoteUrl::GDrive(loc) => Arc::new(GDriveRemote::folder(loc, &cfg.drive)),
+            RemoteUrl::GDrive(loc) => merging(Arc::new(GDriveRemote::folder(loc, &cfg.drive)), cfg),
         }
     }
 
@@ -121,10 +121,17 @@ impl RemoteUrl {
             RemoteUrl::Dir { parent, name } => (Arc::new(DirRemote::new(parent.clone())), name.clone()),
             RemoteUrl::GDrive(loc) => {
                 let (r, key) = GDriveRemote::object(loc, &cfg.drive);
-                (Arc::new(r), key)
+                (merging(Arc::new(r), cfg), key)
             }
         }
     }
+}
+
+/// Drive limits requests per user: ranged reads of one file asked at
+/// once go out merged (the account's counters are in `DriveApi::read_merge`).
+fn merging(r: DynRemote, cfg: &RemoteConfig) -> DynRemote {
+    let stats = super::gdrive::api_for(&cfg.drive).read_merge.clone();
+    Arc::new(super::merge::MergingRemote::new(r, cfg.drive.read_merge, stats))
 }
 
 /// Removes `.` and resolves `..` lexically (no symlink lookups: the path may

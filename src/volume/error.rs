@@ -39,7 +39,7 @@ pub enum VolumeError {
     )]
     CorruptProfile { url: String, key: String, reason: String },
 
-    #[error("base image {base} of volume {url} changed since the volume was attached ({what}) — the volume's view of it would silently shift; re-attach it")]
+    #[error("base image {base} of volume {url} changed since the volume was attached: {what}")]
     BaseChanged { url: String, base: String, what: String },
 
     #[error("{context}: {source}")]

@@ -53,6 +53,19 @@ pub struct BaseRef {
     /// modified and the volume's view of it would silently shift.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The content revision the volume is pinned to (Drive:
+    /// `headRevisionId` at attach, marked `keepForever`). Set, it is what
+    /// pins the base: renames, stars and shares change nothing, and base
+    /// chunks are read from this revision even after the file's content
+    /// is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// md5 of the pinned content as the store reported it (Drive `md5Checksum`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
+    /// sha256 of the pinned content as the store reported it (Drive `sha256Checksum`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// The volume a fork was made from (`driveblk fork`): the fork's manifests
@@ -119,6 +132,12 @@ pub struct VolumeHeader {
     /// Set on a fork: the volume whose packs its manifests may name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<OriginRef>,
+    /// The slot generation 1 was created at (Drive: a pre-generated file
+    /// id), so a reader finds the first generation — and from it, by the
+    /// slots each manifest names, the newest — without a listing, which may
+    /// lag behind creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_slot: Option<Slot>,
 }
 
 impl VolumeHeader {
@@ -137,6 +156,7 @@ impl VolumeHeader {
             image_format: None,
             crypto: None,
             origin: None,
+            first_slot: None,
         }
     }
 
@@ -291,6 +311,16 @@ pub struct Manifest {
     /// without leases).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseRecord>,
+    /// Set once the base was adopted (copied into the volume folder):
+    /// base chunks are read from that copy. A delta without it inherits
+    /// its parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_copy: Option<BaseCopy>,
+    /// key -> slot (Drive: file id) of objects this manifest names, so
+    /// readers find them by identity, never waiting for a listing. A
+    /// delta lists the ids it adds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ids: BTreeMap<String, Slot>,
 }
 
 /// Who holds a volume's writer lease: recorded in every manifest its
@@ -334,6 +364,23 @@ pub fn split_pack_key(key: &str) -> (Option<&str>, &str) {
     }
 }
 
+/// The volume's own copy of its base image (`driveblk adopt`): an object
+/// in the volume's folder that base chunks are read from instead of the
+/// original file, which may then be renamed, replaced or deleted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseCopy {
+    /// Key of the copy in the volume folder (`base-<generation:020>`).
+    pub key: String,
+    /// Where it was created (Drive: its file id), so it is found by
+    /// identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<Slot>,
+    pub size: u64,
+    /// md5 of the copy as the store reported it; equals the base's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
+}
+
 /// Who committed a generation, and from which cache.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Writer {
@@ -362,6 +409,8 @@ impl Manifest {
             next_slot: None,
             writer: None,
             lease: None,
+            base_copy: None,
+            ids: BTreeMap::new(),
         }
     }
 
@@ -392,6 +441,10 @@ impl Manifest {
         self.next_slot = delta.next_slot.clone();
         self.writer = delta.writer.clone();
         self.lease = delta.lease.clone();
+        if delta.base_copy.is_some() {
+            self.base_copy = delta.base_copy.clone();
+        }
+        self.ids.extend(delta.ids.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(())
     }
 
@@ -446,6 +499,9 @@ impl Manifest {
             }
         }
         self.packs = packs;
+        let copy = self.base_copy.as_ref().map(|c| c.key.clone());
+        let packs = &self.packs;
+        self.ids.retain(|k, _| packs.contains(k) || copy.as_ref() == Some(k));
     }
 
     /// Number of chunks covering the image.
@@ -499,6 +555,11 @@ impl Manifest {
                     return Err(format!("pack {key:?} names volume {vid}, which is not an origin of this one"));
                 }
             }
+        }
+        if m.base_copy.as_ref().is_some_and(|c| !c.key.starts_with("base-"))
+            || (m.base_copy.is_some() && header.base.is_none())
+        {
+            return Err("names a copy of a base, but the volume has none (or the copy's key is not base-*)".into());
         }
         let n = m.chunk_count();
         for (idx, r) in &m.chunks {

@@ -18,7 +18,7 @@ use super::format::{
 use super::pack::PackWriter;
 use super::reader::{connect, VolumeReader};
 use super::{runtime, RemoteOptions, VolumeError, VolumeInfo, VolumeResult, DEFAULT_CHUNK_SIZE};
-use crate::remote::{DynRemote, PutBody, RemoteUrl};
+use crate::remote::{content_tag, DynRemote, PutBody, RemoteUrl};
 
 /// Options for [`import`].
 #[derive(Clone, Debug)]
@@ -86,7 +86,13 @@ pub(crate) async fn commit_new(
     manifest: &Manifest,
 ) -> VolumeResult<()> {
     let mut manifest = manifest.clone();
+    let mut header = header.clone();
+    let key = gen_key(manifest.generation);
     let next = gen_key(manifest.generation + 1);
+    // Generation 1 at a slot the header names: readers elsewhere follow
+    // ids from the header on, never waiting for a listing.
+    header.first_slot =
+        remote.reserve(&key).await.map_err(|e| VolumeError::remote(format!("reserving {url}/{key}"), e))?;
     manifest.next_slot =
         remote.reserve(&next).await.map_err(|e| VolumeError::remote(format!("reserving {url}/{next}"), e))?;
     remote
@@ -103,6 +109,12 @@ pub(crate) async fn commit_new(
     if let Err(e) = super::verify::write_readme(remote, &header.volume_id).await {
         tracing::warn!(error = %e, "could not write the volume folder's README");
     }
+    let bytes = manifest.to_bytes();
+    let r = match &header.first_slot {
+        Some(slot) => remote.create(&key, Some(slot), &content_tag(&bytes), PutBody::from_bytes(bytes)).await,
+        None => remote.put(&key, PutBody::from_bytes(bytes)).await,
+    };
+    r.map_err(|e| VolumeError::remote(format!("committing {url}/{key}"), e))?;
     Ok(())
 }
 
@@ -212,7 +224,23 @@ pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeR
         let remote = connect(vu.folder_with(&opts.remote.config), &opts.remote);
         let url_s = vu.to_string();
         prepare_new(&remote, &url_s).await?;
-        let base = BaseRef { url: bu.to_string(), size: meta.size, version: meta.version };
+        // Pin the content, not the file: its head revision is kept
+        // forever, so base chunks stay readable from it even after the
+        // file is replaced (Drive otherwise purges old revisions).
+        if let Some(rev) = &meta.revision {
+            base_remote
+                .keep_revision(&key, rev)
+                .await
+                .map_err(|e| VolumeError::remote(format!("pinning revision {rev} of base image {bu}"), e))?;
+        }
+        let base = BaseRef {
+            url: bu.to_string(),
+            size: meta.size,
+            version: meta.version,
+            revision: meta.revision,
+            md5: meta.md5,
+            sha256: meta.sha256,
+        };
         let mut header = VolumeHeader::new(meta.size, cs, Some(base));
         header.image_format = opts.image_format.clone();
         let manifest = Manifest::new(&header, 1);

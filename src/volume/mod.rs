@@ -6,6 +6,7 @@
 //! All functions here are synchronous: each runs its remote I/O on a tokio
 //! runtime it owns, so the clap-based CLI needs no async of its own.
 
+pub mod adopt;
 pub mod commit;
 pub mod error;
 pub mod fork;
@@ -24,6 +25,7 @@ pub mod verify;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use adopt::adopt;
 pub use error::{VolumeError, VolumeResult};
 pub use format::{BaseRef, ChunkRef, Manifest, VolumeHeader, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
 pub use import::{attach, import, AttachOptions, ImportOptions};
@@ -117,6 +119,9 @@ pub struct VolumeInfo {
     /// Compressed bytes of all packed chunks.
     pub packed_bytes: u64,
     pub base: Option<BaseRef>,
+    /// What opening noticed about the base (adopted; replaced but served
+    /// from its pinned revision).
+    pub base_note: Option<String>,
     /// The newest boot profile: key, page bytes, generation recorded at.
     pub boot_profile: Option<(String, u64, u64)>,
     /// The image format recorded at import/attach.
@@ -152,6 +157,7 @@ impl VolumeInfo {
             packs: m.packs.len() as u64,
             packed_bytes: bytes,
             base: r.header.base.clone(),
+            base_note: r.base.as_ref().and_then(|b| b.note.clone()),
             boot_profile: None,
             image_format: r.header.image_format.clone(),
         }

@@ -36,6 +36,115 @@ pub struct BaseFile {
     pub remote: DynRemote,
     pub key: String,
     pub size: u64,
+    /// The pinned content revision base chunks are read from (Drive), so
+    /// a file replaced since attach is never read as the volume's data.
+    pub revision: Option<String>,
+    /// What open noticed about the base (replaced but served from its
+    /// pinned revision; adopted), for `info` and logs.
+    pub note: Option<String>,
+}
+
+/// What a volume advises when its base can no longer be read as pinned.
+const BASE_ADVICE: &str = "restore the original content (Drive web UI: Manage versions), or re-import the image; `driveblk adopt` before replacing a base keeps a volume independent of it";
+
+/// The volume's base: its adopted copy when the manifest names one, else
+/// the original file, checked against the pin in the header.
+async fn open_base(
+    url_s: &str,
+    header: &VolumeHeader,
+    manifest: &Manifest,
+    remote: &DynRemote,
+    opts: &RemoteOptions,
+) -> VolumeResult<Option<BaseFile>> {
+    let Some(b) = &header.base else { return Ok(None) };
+    if let Some(c) = &manifest.base_copy {
+        if let Some(s) = &c.slot {
+            remote.locate(&c.key, s);
+        }
+        let m = remote.head(&c.key).await.map_err(|e| {
+            VolumeError::remote(format!("the adopted copy {} of base image {} of volume {url_s}", c.key, b.url), e)
+        })?;
+        if m.size != c.size || (m.md5.is_some() && c.md5.is_some() && m.md5 != c.md5) {
+            return Err(VolumeError::BaseChanged {
+                url: url_s.to_string(),
+                base: format!("{url_s}/{}", c.key),
+                what: format!(
+                    "the adopted copy holds {} bytes (md5 {:?}), expected {} (md5 {:?})",
+                    m.size, m.md5, c.size, c.md5
+                ),
+            });
+        }
+        return Ok(Some(BaseFile {
+            url: format!("{url_s}/{}", c.key),
+            remote: remote.clone(),
+            key: c.key.clone(),
+            size: c.size,
+            revision: None,
+            note: Some(format!("adopted: base chunks are read from the volume's own copy {} of {}", c.key, b.url)),
+        }));
+    }
+    let burl = RemoteUrl::parse(&b.url)?;
+    let (backend, bkey) = burl.object_with(&opts.config);
+    let bremote = connect(backend, opts);
+    let meta = bremote
+        .head(&bkey)
+        .await
+        .map_err(|e| VolumeError::remote(format!("base image {} of volume {url_s}", b.url), e))?;
+    let changed = |what: String| VolumeError::BaseChanged { url: url_s.to_string(), base: b.url.clone(), what };
+    let mut note = None;
+    if let Some(rev) = &b.revision {
+        let same_md5 = |m: &Option<String>| m.is_none() || b.md5.is_none() || m == &b.md5;
+        if meta.revision.as_deref() != Some(rev) || meta.size != b.size || !same_md5(&meta.md5) {
+            // The content was replaced: the volume reads the pinned
+            // revision if Drive still has it, and never the new content.
+            let now = format!(
+                "its head revision is now {} ({} bytes, md5 {}), pinned was {rev} ({} bytes, md5 {})",
+                meta.revision.as_deref().unwrap_or("?"),
+                meta.size,
+                meta.md5.as_deref().unwrap_or("?"),
+                b.size,
+                b.md5.as_deref().unwrap_or("?")
+            );
+            match bremote.head_revision(&bkey, rev).await {
+                Ok(r) if r.size == b.size && same_md5(&r.md5) => {
+                    let n = format!("base image {} was replaced since attach ({now}); serving its pinned revision, which Drive keeps forever. Run `driveblk adopt {url_s}` to copy it into the volume", b.url);
+                    tracing::warn!("{n}");
+                    note = Some(n);
+                }
+                Ok(r) => {
+                    return Err(changed(format!(
+                        "{now}, and the pinned revision now reads {} bytes (md5 {:?}); {BASE_ADVICE}",
+                        r.size, r.md5
+                    )))
+                }
+                Err(e) if e.is_not_found() => {
+                    return Err(changed(format!(
+                        "its content was replaced ({now}), and the pinned revision is gone (deleted, or purged by Drive); the volume's base chunks can no longer be read: {BASE_ADVICE}"
+                    )))
+                }
+                Err(e) => return Err(VolumeError::remote(format!("pinned revision {rev} of base image {} of volume {url_s}", b.url), e)),
+            }
+        }
+    } else {
+        if meta.size != b.size {
+            return Err(changed(format!("size was {}, is now {}; re-attach it", b.size, meta.size)));
+        }
+        if b.version.is_some() && meta.version.is_some() && meta.version != b.version {
+            return Err(changed(format!(
+                "version was {}, is now {}; the volume's view of it would silently shift; re-attach it",
+                b.version.as_deref().unwrap_or("?"),
+                meta.version.as_deref().unwrap_or("?")
+            )));
+        }
+    }
+    Ok(Some(BaseFile {
+        url: b.url.clone(),
+        remote: bremote,
+        key: bkey,
+        size: b.size,
+        revision: b.revision.clone(),
+        note,
+    }))
 }
 
 /// A volume as committed on the remote: header plus newest manifest.
@@ -88,43 +197,35 @@ impl VolumeReader {
     pub async fn open(url: &RemoteUrl, opts: &RemoteOptions) -> VolumeResult<Arc<Self>> {
         let url_s = url.to_string();
         let remote = connect(url.folder_with(&opts.config), opts);
-        let header_bytes = match remote.get(HEADER_KEY).await {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => return Err(VolumeError::NotFound { url: url_s }),
-            Err(e) => return Err(VolumeError::remote(format!("reading {url_s}/{HEADER_KEY}"), e)),
+        // Drive's listings lag behind creates, and a path is found by
+        // listing: a volume another host created moments ago is looked
+        // for again for a while before it counts as absent.
+        let grace = match url.scheme() {
+            crate::remote::url::Scheme::GDrive => opts.config.drive.open_grace,
+            crate::remote::url::Scheme::Dir => std::time::Duration::ZERO,
+        };
+        let t0 = std::time::Instant::now();
+        let mut wait = std::time::Duration::from_millis(250);
+        let header_bytes = loop {
+            match remote.get(HEADER_KEY).await {
+                Ok(b) => break b,
+                Err(e) if e.is_not_found() && t0.elapsed() < grace => {
+                    tracing::info!(url = %url_s, "no volume listed there yet; looking again (Drive listings lag behind creates)");
+                    tokio::time::sleep(wait.min(grace.saturating_sub(t0.elapsed()))).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(e) if e.is_not_found() => return Err(VolumeError::NotFound { url: url_s }),
+                Err(e) => return Err(VolumeError::remote(format!("reading {url_s}/{HEADER_KEY}"), e)),
+            }
         };
         let header = VolumeHeader::from_bytes(&header_bytes)
             .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
         let manifest = newest_manifest(&remote, &url_s, &header).await?;
-        let base = match &header.base {
-            None => None,
-            Some(b) => {
-                let burl = RemoteUrl::parse(&b.url)?;
-                let (backend, bkey) = burl.object_with(&opts.config);
-                let bremote = connect(backend, opts);
-                let meta = bremote
-                    .head(&bkey)
-                    .await
-                    .map_err(|e| VolumeError::remote(format!("base image {} of volume {url_s}", b.url), e))?;
-                if meta.size != b.size {
-                    return Err(VolumeError::BaseChanged {
-                        url: url_s,
-                        base: b.url.clone(),
-                        what: format!("size was {}, is now {}", b.size, meta.size),
-                    });
-                }
-                if b.version.is_some() && meta.version.is_some() && meta.version != b.version {
-                    let what = format!(
-                        "version was {}, is now {}",
-                        b.version.as_deref().unwrap_or("?"),
-                        meta.version.as_deref().unwrap_or("?")
-                    );
-                    return Err(VolumeError::BaseChanged { url: url_s, base: b.url.clone(), what });
-                }
-                Some(BaseFile { url: b.url.clone(), remote: bremote, key: bkey, size: meta.size })
-            }
-        };
         let origins = origin_remotes(&header, opts)?;
+        for (k, slot) in &manifest.ids {
+            remote.locate(k, slot);
+        }
+        let base = open_base(&url_s, &header, &manifest, &remote, opts).await?;
         Ok(Arc::new(Self {
             url: url_s,
             remote,
@@ -182,12 +283,36 @@ impl VolumeReader {
         let key = format!("offline copy of {}", gen_key(generation));
         let manifest = Manifest::from_bytes(&manifest_raw, &header, generation)
             .map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key, reason })?;
-        let base = match &header.base {
-            None => None,
-            Some(b) => {
+        let remote = connect(url.folder_with(&opts.config), opts);
+        for (k, slot) in &manifest.ids {
+            remote.locate(k, slot);
+        }
+        let base = match (&header.base, &manifest.base_copy) {
+            (None, _) => None,
+            (Some(b), Some(c)) => {
+                if let Some(s) = &c.slot {
+                    remote.locate(&c.key, s);
+                }
+                Some(BaseFile {
+                    url: format!("{url_s}/{}", c.key),
+                    remote: remote.clone(),
+                    key: c.key.clone(),
+                    size: c.size,
+                    revision: None,
+                    note: Some(format!("adopted copy {} of {}", c.key, b.url)),
+                })
+            }
+            (Some(b), None) => {
                 let burl = RemoteUrl::parse(&b.url)?;
                 let (backend, bkey) = burl.object_with(&opts.config);
-                Some(BaseFile { url: b.url.clone(), remote: connect(backend, opts), key: bkey, size: b.size })
+                Some(BaseFile {
+                    url: b.url.clone(),
+                    remote: connect(backend, opts),
+                    key: bkey,
+                    size: b.size,
+                    revision: b.revision.clone(),
+                    note: None,
+                })
             }
         };
         let remote = connect(url.folder_with(&opts.config), opts);
@@ -216,6 +341,9 @@ impl VolumeReader {
 
     /// Serves `m` from now on (write-back committed it).
     pub fn set_manifest(&self, m: Manifest) {
+        for (k, slot) in &m.ids {
+            self.remote.locate(k, slot);
+        }
         self.manifest.store(Arc::new(m));
     }
 
@@ -398,7 +526,12 @@ impl VolumeReader {
                     reason: format!("chunk {idx} refers to a base, but the volume has none"),
                 })?;
                 let start = idx * self.chunk_size();
-                let got: Bytes = base.remote.get_range(&base.key, start..start + want as u64).await.map_err(|e| {
+                let range = start..start + want as u64;
+                let got = match &base.revision {
+                    Some(rev) => base.remote.get_range_revision(&base.key, rev, range).await,
+                    None => base.remote.get_range(&base.key, range).await,
+                };
+                let got: Bytes = got.map_err(|e| {
                     VolumeError::remote(format!("reading chunk {idx} of {} from base {}", self.url, base.url), e)
                 })?;
                 let wire = got.len() as u64;
@@ -517,14 +650,20 @@ pub(crate) async fn resolve(
 async fn newest_manifest(remote: &DynRemote, url: &str, header: &VolumeHeader) -> VolumeResult<Manifest> {
     let gens =
         remote.list(GEN_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing generations of {url}"), e))?;
-    let listed = gens
-        .iter()
-        .filter_map(|m| parse_gen_key(&m.key))
-        .max()
-        .ok_or_else(|| VolumeError::NoGeneration { url: url.to_string() })?;
+    let listed = gens.iter().filter_map(|m| parse_gen_key(&m.key)).max();
     // The newest generation being corrupt is an error, not a cue to fall
     // back: an older generation would silently lose committed writes.
-    let mut top = read_object(remote, url, header, listed, None).await?;
+    let mut top = match (listed, &header.first_slot) {
+        (Some(g), _) => read_object(remote, url, header, g, None).await?,
+        // Nothing listed yet: generation 1 by the id the header names.
+        (None, Some(slot)) => match read_object(remote, url, header, 1, Some(slot)).await {
+            Err(VolumeError::Remote { source, .. }) if source.is_not_found() => {
+                return Err(VolumeError::NoGeneration { url: url.to_string() })
+            }
+            r => r?,
+        },
+        (None, None) => return Err(VolumeError::NoGeneration { url: url.to_string() }),
+    };
     let mut seen = BTreeMap::new();
     loop {
         let next = top.generation + 1;

@@ -234,3 +234,102 @@ async fn service_account_token_without_drive_scope_is_refused() {
     let v: Value = serde_json::from_slice(&r.bytes().await.expect("b")).expect("json");
     assert_eq!(v["error"]["errors"][0]["reason"], "insufficientPermissions");
 }
+
+/// Follows the authorization endpoint as a browser would, without following the redirect.
+async fn authorize(http: &reqwest::Client, emu: &Emulator, query: &[(&str, &str)]) -> (u16, String) {
+    let r = http.get(emu.auth_uri()).query(query).send().await.expect("authorize");
+    let s = r.status().as_u16();
+    let loc = r.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    (s, loc)
+}
+
+fn param(url: &str, k: &str) -> Option<String> {
+    let q = url.split_once('?')?.1;
+    form_urlencoded::parse(q.as_bytes()).find(|(n, _)| n == k).map(|(_, v)| v.into_owned())
+}
+
+/// The installed-app flow: authorization request with PKCE (S256) to a loopback URI, the
+/// redirect with a code and the state, the code exchanged once for an access and a refresh
+/// token that work; a reused code, a wrong verifier, another redirect URI, a non-loopback
+/// redirect and a denied consent all fail the way Google's endpoints do.
+#[tokio::test]
+async fn installed_app_authorization_code_flow() {
+    use sha2::Digest;
+    let emu = Emulator::start(Config::default()).await.expect("start");
+    let http =
+        reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let (cid, secret) = emu.oauth_client();
+    let verifier = "a-verifier-of-at-least-forty-three-characters-0123456789";
+    let challenge = b64(&sha2::Sha256::digest(verifier.as_bytes()));
+    let redirect = "http://127.0.0.1:55555";
+    let q = [
+        ("client_id", cid.as_str()),
+        ("redirect_uri", redirect),
+        ("response_type", "code"),
+        ("scope", "https://www.googleapis.com/auth/drive"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+        ("state", "xyz"),
+        ("access_type", "offline"),
+    ];
+    let (s, loc) = authorize(&http, &emu, &q).await;
+    assert_eq!(s, 302);
+    assert!(loc.starts_with(&format!("{redirect}?")), "{loc}");
+    assert_eq!(param(&loc, "state").as_deref(), Some("xyz"));
+    let code = param(&loc, "code").expect("code");
+    let exchange = |code: String, verifier: &'static str, redirect: &'static str| {
+        let (http, uri, cid, secret) = (http.clone(), emu.token_uri(), cid.clone(), secret.clone());
+        async move {
+            let r = http
+                .post(uri)
+                .form(&[
+                    ("grant_type", "authorization_code"),
+                    ("code", code.as_str()),
+                    ("client_id", cid.as_str()),
+                    ("client_secret", secret.as_str()),
+                    ("redirect_uri", redirect),
+                    ("code_verifier", verifier),
+                ])
+                .send()
+                .await
+                .expect("token");
+            let s = r.status().as_u16();
+            (s, serde_json::from_slice::<Value>(&r.bytes().await.expect("body")).unwrap_or(Value::Null))
+        }
+    };
+    let (s, v) =
+        exchange(code.clone(), "wrong-verifier-wrong-verifier-wrong-verifier-00", "http://127.0.0.1:55555").await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")), "{v}");
+    // A failed exchange spends the code too; get a fresh one.
+    let (_, loc) = authorize(&http, &emu, &q).await;
+    let code = param(&loc, "code").expect("code");
+    let (s, v) = exchange(code.clone(), verifier, "http://127.0.0.1:1").await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("redirect_uri_mismatch")), "{v}");
+    let (_, loc) = authorize(&http, &emu, &q).await;
+    let code = param(&loc, "code").expect("code");
+    let (s, v) = exchange(code.clone(), verifier, "http://127.0.0.1:55555").await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["refresh_token"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+    let tok = v["access_token"].as_str().expect("access token").to_string();
+    let r = http
+        .get(format!("{}/drive/v3/about", emu.base_url()))
+        .query(&[("fields", "user")])
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .expect("about");
+    assert_eq!(r.status().as_u16(), 200);
+    let (s, v) = exchange(code, verifier, "http://127.0.0.1:55555").await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("invalid_grant")), "a code is good once: {v}");
+    // Refused without a redirect: a non-loopback redirect URI, an unknown client.
+    let mut bad = q;
+    bad[1] = ("redirect_uri", "https://example.com/cb");
+    assert_eq!(authorize(&http, &emu, &bad).await.0, 400);
+    let mut bad = q;
+    bad[0] = ("client_id", "nobody.apps.googleusercontent.com");
+    assert_eq!(authorize(&http, &emu, &bad).await.0, 401);
+    // The user clicks Cancel: redirected with error=access_denied.
+    emu.faults().set_consent_denied(true);
+    let (s, loc) = authorize(&http, &emu, &q).await;
+    assert_eq!((s, param(&loc, "error").as_deref()), (302, Some("access_denied")), "{loc}");
+}

@@ -15,6 +15,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 
 use super::auth::{Auth, AuthError};
+use super::ids::{Entries, IdRecord, Kind};
 use super::pacer::Pacer;
 use crate::remote::config::DriveConfig;
 
@@ -97,6 +98,27 @@ fn rfc3339_ms(s: &str) -> Option<u64> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
     u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
+
+/// A revision resource (the fields driveblk asks for).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DriveRevision {
+    pub id: String,
+    pub size: Option<String>,
+    pub md5_checksum: Option<String>,
+    #[serde(default)]
+    pub keep_forever: bool,
+}
+
+impl DriveRevision {
+    /// Size in bytes (0 when Drive reports none).
+    pub fn size(&self) -> u64 {
+        self.size.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+}
+
+/// The revision fields driveblk asks for.
+pub const REVISION_FIELDS: &str = "id,size,md5Checksum,keepForever";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -317,6 +339,13 @@ pub struct DriveApi {
     /// shared by every remote of the account: a listing may lag behind a
     /// create, but an object this process made is found by id at once.
     pub(crate) known: parking_lot::Mutex<HashMap<String, HashMap<String, String>>>,
+    /// Ids this host recorded on disk (see `ids.rs`), loaded at start.
+    record: IdRecord,
+    /// What the record holds now, so an id is appended once.
+    pub(crate) recorded: parking_lot::Mutex<Entries>,
+    /// Ranged reads asked, requests sent for them, reads merged
+    /// (`remote/merge.rs`), for every remote of the account.
+    pub read_merge: std::sync::Arc<crate::remote::merge::MergeStats>,
 }
 
 /// The HTTP client of a Drive account.
@@ -351,6 +380,13 @@ impl DriveApi {
         let http = http_client(cfg);
         let base = cfg.api_url.trim_end_matches('/');
         let auth = Auth::from_config(cfg, http.clone()).map_err(|e| e.to_string());
+        let (record, recorded) = IdRecord::open(cfg.id_record.clone(), base);
+        let mut known: HashMap<String, HashMap<String, String>> = HashMap::new();
+        for ((kind, parent, name), id) in &recorded {
+            if *kind == Kind::File {
+                known.entry(parent.clone()).or_default().insert(name.clone(), id.clone());
+            }
+        }
         Self {
             api: format!("{base}/drive/v3"),
             upload: format!("{base}/upload/drive/v3"),
@@ -361,8 +397,37 @@ impl DriveApi {
             ids: parking_lot::Mutex::new(Vec::new()),
             ids_refill: tokio::sync::Mutex::new(()),
             folders: parking_lot::Mutex::new(HashMap::new()),
-            known: parking_lot::Mutex::new(HashMap::new()),
+            known: parking_lot::Mutex::new(known),
+            record,
+            recorded: parking_lot::Mutex::new(recorded),
+            read_merge: Default::default(),
         }
+    }
+
+    /// The id this host recorded for `name` in `parent`, if any.
+    pub fn recorded(&self, kind: Kind, parent: &str, name: &str) -> Option<String> {
+        self.recorded.lock().get(&(kind, parent.to_string(), name.to_string())).cloned()
+    }
+
+    /// Records on disk that `name` in `parent` is `id` (empty: forget it).
+    pub fn record(&self, kind: Kind, parent: &str, name: &str, id: &str) {
+        let key = (kind, parent.to_string(), name.to_string());
+        {
+            let mut r = self.recorded.lock();
+            let same = match r.get(&key) {
+                Some(old) => old == id,
+                None => id.is_empty(),
+            };
+            if same {
+                return;
+            }
+            if id.is_empty() {
+                r.remove(&key);
+            } else {
+                r.insert(key, id.to_string());
+            }
+        }
+        self.record.add(kind, parent, name, id);
     }
 
     /// The credentials, or why there are none.
@@ -610,6 +675,14 @@ impl DriveApi {
         Ok(())
     }
 
+    /// revisions.get: one revision's metadata (size, md5, keepForever).
+    pub async fn get_revision(&self, id: &str, rev: &str) -> Result<DriveRevision, ApiError> {
+        let url =
+            self.url(&format!("{}/revisions/{}", self.file_url(id), urlencode(rev)), &[("fields", REVISION_FIELDS)]);
+        let t = self.cfg.request_timeout;
+        self.json(|tok| self.req(Method::GET, &url, tok, t), false).await
+    }
+
     /// files.copy of `id` into folder `parent` as `name`, with the
     /// pre-generated id `new_id` (server-side: no bytes cross the link).
     pub async fn copy(&self, id: &str, new_id: &str, name: &str, parent: &str) -> Result<DriveFile, ApiError> {
@@ -636,16 +709,31 @@ impl DriveApi {
     /// `Content-Range`; a 200 means the server ignored the range, and only
     /// the asked bytes are kept (the rest of the body is not read).
     pub async fn read_range(&self, id: &str, range: Range<u64>) -> Result<Bytes, ApiError> {
+        self.read_range_at(id, None, range).await
+    }
+
+    /// [`read_range`](Self::read_range) of revision `rev` when given
+    /// (revisions.get `alt=media`: the bytes of that revision, whatever
+    /// the file's head is now).
+    pub async fn read_range_at(&self, id: &str, rev: Option<&str>, range: Range<u64>) -> Result<Bytes, ApiError> {
         if range.start >= range.end {
             return Ok(Bytes::new());
         }
         let mut ack = false;
+        let path = match rev {
+            Some(r) => format!("{}/revisions/{}", self.file_url(id), urlencode(r)),
+            None => self.file_url(id),
+        };
         loop {
-            let mut query = vec![("alt", "media"), ("supportsAllDrives", "true")];
+            // revisions.get takes no supportsAllDrives (not one of its parameters).
+            let mut query = vec![("alt", "media")];
+            if rev.is_none() {
+                query.push(("supportsAllDrives", "true"));
+            }
             if ack {
                 query.push(("acknowledgeAbuse", "true"));
             }
-            let url = self.url(&self.file_url(id), &query);
+            let url = self.url(&path, &query);
             let want = range.end - range.start;
             let t = self.timeout_for(want);
             let header = format!("bytes={}-{}", range.start, range.end - 1);
@@ -670,8 +758,16 @@ impl DriveApi {
 
     /// One ranged read as Drive answers it: status, `Content-Range`, body
     /// length (for `selftest`).
-    pub async fn probe_range(&self, id: &str, range: Range<u64>) -> Result<(u16, Option<String>, usize), ApiError> {
-        let url = self.url(&self.file_url(id), &[("alt", "media"), ("supportsAllDrives", "true")]);
+    pub async fn probe_range(
+        &self,
+        id: &str,
+        rev: Option<&str>,
+        range: Range<u64>,
+    ) -> Result<(u16, Option<String>, Bytes), ApiError> {
+        let url = match rev {
+            Some(r) => self.url(&format!("{}/revisions/{}", self.file_url(id), urlencode(r)), &[("alt", "media")]),
+            None => self.url(&self.file_url(id), &[("alt", "media"), ("supportsAllDrives", "true")]),
+        };
         let header = format!("bytes={}-{}", range.start, range.end.saturating_sub(1));
         let t = self.cfg.request_timeout;
         let resp = self
@@ -679,8 +775,8 @@ impl DriveApi {
             .await?;
         let status = resp.status().as_u16();
         let cr = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let n = resp.bytes().await.map_err(ApiError::transport)?.len();
-        Ok((status, cr, n))
+        let body = resp.bytes().await.map_err(ApiError::transport)?;
+        Ok((status, cr, body))
     }
 
     /// The whole content of file `id`, without a Range header (which an

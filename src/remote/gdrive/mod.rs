@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod ids;
 pub mod pacer;
 pub mod path;
 pub mod selftest;
@@ -35,7 +36,6 @@ pub use self::path::DriveLocation as Location;
 /// and what this process knows about the objects it wrote. A process uses
 /// a handful of configurations at most.
 pub fn api_for(cfg: &DriveConfig) -> Arc<DriveApi> {
-    static CLIENTS: parking_lot::Mutex<Vec<(DriveConfig, Arc<DriveApi>)>> = parking_lot::Mutex::new(Vec::new());
     let mut clients = CLIENTS.lock();
     if let Some((_, a)) = clients.iter().find(|(c, _)| c == cfg) {
         return a.clone();
@@ -44,6 +44,20 @@ pub fn api_for(cfg: &DriveConfig) -> Arc<DriveApi> {
     clients.push((cfg.clone(), a.clone()));
     a
 }
+
+/// Ranged reads asked of Drive, requests sent for them, and reads merged
+/// into a shared request, summed over every account this process uses
+/// (for `status`).
+pub fn read_merge_totals() -> (u64, u64, u64) {
+    api_totals(|a| a.read_merge.snapshot())
+}
+
+fn api_totals(f: impl Fn(&DriveApi) -> (u64, u64, u64)) -> (u64, u64, u64) {
+    CLIENTS.lock().iter().map(|(_, a)| f(a)).fold((0, 0, 0), |s, x| (s.0 + x.0, s.1 + x.1, s.2 + x.2))
+}
+
+/// Every [`DriveApi`] this process made, by configuration.
+static CLIENTS: parking_lot::Mutex<Vec<(DriveConfig, Arc<DriveApi>)>> = parking_lot::Mutex::new(Vec::new());
 
 /// What a remote is rooted at.
 #[derive(Debug, Clone)]
@@ -70,6 +84,10 @@ pub struct GDriveRemote {
     /// lands, so a put retried after a lost reply reuses it (409, not a
     /// duplicate file).
     pending: parking_lot::Mutex<HashMap<String, String>>,
+    /// key -> file id from [`Remote::locate`] (ids a manifest recorded):
+    /// used before any name lookup, so objects another machine created
+    /// moments ago are read without waiting for a listing to show them.
+    located: parking_lot::Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for GDriveRemote {
@@ -121,6 +139,7 @@ impl GDriveRemote {
             folder: tokio::sync::Mutex::new(None),
             folder_key: parking_lot::Mutex::new(None),
             pending: parking_lot::Mutex::new(HashMap::new()),
+            located: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
@@ -181,8 +200,9 @@ impl GDriveRemote {
 
     /// The file id of `key`, if this process knows it.
     fn known_id(&self, key: &str) -> Option<String> {
-        let folder = self.folder_key.lock().clone()?;
-        self.api.known.lock().get(&folder).and_then(|m| m.get(key).cloned())
+        let folder = self.folder_key.lock().clone();
+        let known = folder.and_then(|f| self.api.known.lock().get(&f).and_then(|m| m.get(key).cloned()));
+        known.or_else(|| self.located.lock().get(key).cloned())
     }
 
     fn remember(&self, key: &str, id: &str) {
@@ -191,8 +211,19 @@ impl GDriveRemote {
         }
     }
 
-    fn forget(&self, key: &str) {
+    /// [`remember`](Self::remember) an object this process created, and
+    /// record it on disk for other processes on this host.
+    fn created(&self, key: &str, id: &str) {
+        self.remember(key, id);
         if let Some(folder) = self.folder_key.lock().clone() {
+            self.api.record(ids::Kind::File, &folder, key, id);
+        }
+    }
+
+    fn forget(&self, key: &str) {
+        self.located.lock().remove(key);
+        if let Some(folder) = self.folder_key.lock().clone() {
+            self.api.record(ids::Kind::File, &folder, key, "");
             if let Some(m) = self.api.known.lock().get_mut(&folder) {
                 m.remove(key);
             }
@@ -261,7 +292,9 @@ impl GDriveRemote {
         let cached = self.known_id(key);
         if let Some(id) = cached {
             match self.get_by_id(op, key, &id).await {
-                Ok(f) => return Ok(f),
+                Ok(f) if f.name == key || matches!(self.target, Target::File { .. }) => return Ok(f),
+                // Renamed by someone: not this key any more.
+                Ok(_) => self.forget(key),
                 // Deleted behind our back: forget the id, look again.
                 Err(e) if e.is_not_found() => {
                     self.forget(key);
@@ -321,25 +354,29 @@ impl GDriveRemote {
     }
 
     /// Copies `key` server-side into `dest` as `dest_key` (how a volume
-    /// adopts its base so it no longer depends on the original file). Like
-    /// every create here it uses a pre-generated id, so a retry after a
-    /// lost reply finds the copy instead of making a second one.
-    pub async fn copy_to(&self, key: &str, dest: &GDriveRemote, dest_key: &str) -> RemoteResult<ObjectMeta> {
+    /// adopts its base so it no longer depends on the original file), with
+    /// the pre-generated id `id` (a slot `dest.reserve` gave): a retry
+    /// after a lost reply gets 409 and finds the copy instead of making a
+    /// second one. files.copy copies the head revision.
+    pub async fn copy_to(&self, key: &str, dest: &GDriveRemote, dest_key: &str, id: &str) -> RemoteResult<ObjectMeta> {
         let src = self.find("copy", key).await?;
         dest.writable("copy", dest_key)?;
         let folder = dest
             .folder_id("copy", dest_key, true)
             .await?
             .ok_or_else(|| dest.fatal("copy", dest_key, "folder vanished"))?;
-        let id = dest.api.new_id().await.map_err(|e| dest.err("copy", dest_key, e))?;
-        let f = match self.api.copy(&src.id, &id, dest_key, &folder.id).await {
+        let f = match self.api.copy(&src.id, id, dest_key, &folder.id).await {
             Ok(f) => f,
             Err(e) if e.kind == ErrorKind::Conflict => {
-                self.api.get_file(&id).await.map_err(|e| dest.err("copy", dest_key, e))?
+                let f = self.api.get_file(id).await.map_err(|e| dest.err("copy", dest_key, e))?;
+                if f.name != dest_key || f.trashed {
+                    return Err(dest.fatal("copy", dest_key, format!("id {id} holds another file ({:?})", f.name)));
+                }
+                f
             }
             Err(e) => return Err(dest.err("copy", dest_key, e)),
         };
-        dest.remember(dest_key, &f.id);
+        dest.created(dest_key, &f.id);
         Ok(dest.meta(dest_key, &f))
     }
 
@@ -352,6 +389,8 @@ impl GDriveRemote {
             tag: f.tag(),
             created_ms: f.created_ms(),
             modified_ms: f.modified_ms(),
+            revision: f.head_revision_id.clone(),
+            md5: f.md5_checksum.clone(),
         }
     }
 
@@ -483,7 +522,7 @@ impl Remote for GDriveRemote {
             }
             Err(e) => return Err(self.err("put", key, e)),
         };
-        self.remember(key, &f.id);
+        self.created(key, &f.id);
         self.pending.lock().remove(key);
         Ok(self.meta(key, &f))
     }
@@ -587,7 +626,7 @@ impl Remote for GDriveRemote {
         };
         match self.create_with_id(&folder, key, &id, Some(tag), &body).await {
             Ok(f) => {
-                self.remember(key, &f.id);
+                self.created(key, &f.id);
                 self.pending.lock().remove(key);
                 Ok(ObjectMeta { tag: Some(tag.to_string()), ..self.meta(key, &f) })
             }
@@ -646,6 +685,36 @@ impl Remote for GDriveRemote {
             return Ok(Bytes::new());
         }
         self.api.read_all(&s.0, m.size).await.map_err(|e| self.err("get_created", key, e))
+    }
+
+    /// revisions.update `keepForever: true`: Drive then never purges the
+    /// revision (otherwise it may, 30 days after newer content arrives).
+    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
+        let id = self.find_id("keep_revision", key).await?;
+        self.api.keep_revision(&id, revision).await.map_err(|e| self.err("keep_revision", key, e))
+    }
+
+    /// revisions.get: size and md5 of one revision; NotFound once Drive
+    /// has purged or someone deleted it.
+    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
+        let id = self.find_id("head_revision", key).await?;
+        let r = self.api.get_revision(&id, revision).await.map_err(|e| self.err("head_revision", key, e))?;
+        Ok(ObjectMeta { revision: Some(r.id.clone()), md5: r.md5_checksum.clone(), ..ObjectMeta::new(key, r.size()) })
+    }
+
+    /// revisions.get `alt=media` with `Range`: the pinned bytes even after
+    /// the file's content was replaced.
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        let id = self.find_id_within_lag("get_range", key).await?;
+        self.api.read_range_at(&id, Some(revision), range).await.map_err(|e| self.err("get_range", key, e))
+    }
+
+    /// Remembers the file id a slot names for `key` (ids are immutable;
+    /// a deleted file is noticed by the next files.get and looked up again).
+    fn locate(&self, key: &str, slot: &Slot) {
+        if matches!(self.target, Target::Folder { .. }) && self.known_id(key).is_none() {
+            self.located.lock().insert(key.to_string(), slot.0.clone());
+        }
     }
 
     fn describe(&self) -> String {

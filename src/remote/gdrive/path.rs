@@ -7,6 +7,7 @@
 use std::fmt;
 
 use super::api::{q_escape, ApiError, DriveApi, DriveFile, ErrorKind, FOLDER_MIME};
+use super::ids::Kind;
 
 /// Where a path starts.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -151,6 +152,19 @@ pub async fn resolve(
                 Err(e) => return Err(e),
             }
         }
+        // A folder this host made (another process): by id as well,
+        // confirmed to still be that folder.
+        if let Some(id) = api.recorded(Kind::Folder, &cur.id, name) {
+            match api.get_file(&id).await {
+                Ok(f) if !f.trashed && f.is_folder() && f.name == *name => {
+                    cur = Folder { id: f.id, drive_id: f.drive_id.or(cur.drive_id) };
+                    continue;
+                }
+                Ok(_) => api.record(Kind::Folder, &cur.id, name, ""),
+                Err(e) if e.kind == ErrorKind::NotFound => api.record(Kind::Folder, &cur.id, name, ""),
+                Err(e) => return Err(e),
+            }
+        }
         let q = format!(
             "name = '{}' and '{}' in parents and mimeType = '{FOLDER_MIME}' and trashed = false",
             q_escape(name),
@@ -178,6 +192,7 @@ pub async fn resolve(
                     Err(e) => return Err(e),
                 };
                 tracing::info!(folder = %name, id = %f.id, "created Drive folder");
+                api.record(Kind::Folder, &cur.id, name, &f.id);
                 Folder { id: f.id, drive_id: f.drive_id.or(cur.drive_id) }
             }
         };

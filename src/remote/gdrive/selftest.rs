@@ -1,7 +1,8 @@
 //! `driveblk selftest`: checks, against a real Drive account, every Drive
 //! behaviour driveblk's design relies on — the 409 fence on a reused
 //! pre-generated id, that ids generated earlier still work, 206 ranged
-//! reads, resuming an interrupted resumable upload, files.get seeing a new
+//! reads, a revision kept forever and read by Range after its file is
+//! replaced (how bases are pinned), resuming an interrupted resumable upload, files.get seeing a new
 //! file at once, and how long a listing lags behind a create — so the
 //! emulator's assumptions can be confirmed in one command.
 
@@ -142,15 +143,18 @@ async fn run_checks(api: &DriveApi, folder: &Folder, opts: &Options, out: &mut V
         }
     }
     // Ranged reads.
-    match api.probe_range(&first, 100..200).await {
-        Ok((206, Some(cr), 100)) if cr.starts_with("bytes 100-199/") => {
+    match api.probe_range(&first, None, 100..200).await {
+        Ok((206, Some(cr), b)) if cr.starts_with("bytes 100-199/") && b.len() == 100 => {
             out.push(check("Range read answers 206", true, format!("Content-Range: {cr}")))
         }
-        Ok((s, cr, n)) => {
-            out.push(check("Range read answers 206", false, format!("status {s}, Content-Range {cr:?}, {n} bytes")))
-        }
+        Ok((s, cr, b)) => out.push(check(
+            "Range read answers 206",
+            false,
+            format!("status {s}, Content-Range {cr:?}, {} bytes", b.len()),
+        )),
         Err(e) => out.push(check("Range read answers 206", false, e.to_string())),
     }
+    revision_check(api, &first, &data, out).await;
     // Listing lag: how long until the new file is visible by name.
     let q = format!("name = '{}' and '{}' in parents and trashed = false", q_escape(&name), q_escape(&folder.id));
     let t0 = Instant::now();
@@ -195,6 +199,42 @@ async fn run_checks(api: &DriveApi, folder: &Folder, opts: &Options, out: &mut V
         Err(e) => out.push(check("ids generated earlier still work", false, e.to_string())),
     }
     resumable_check(api, folder, &stamp, out, made).await;
+}
+
+/// A pinned base: its head revision kept forever (revisions.update), the
+/// content replaced, and the pinned revision still read by Range (206,
+/// the old bytes) through revisions.get `alt=media`.
+async fn revision_check(api: &DriveApi, id: &str, data: &Bytes, out: &mut Vec<Check>) {
+    const NAME: &str = "pinned revision kept and read by Range after a replace";
+    let rev = match api.get_file(id).await.map(|f| f.head_revision_id) {
+        Ok(Some(r)) => r,
+        Ok(None) => return out.push(check(NAME, false, "files.get reports no headRevisionId")),
+        Err(e) => return out.push(check(NAME, false, e.to_string())),
+    };
+    if let Err(e) = api.keep_revision(id, &rev).await {
+        return out.push(check(NAME, false, format!("revisions.update keepForever: {e}")));
+    }
+    let other = Bytes::from(data.iter().map(|b| b ^ 0xff).collect::<Vec<u8>>());
+    match api.upload_simple(&serde_json::json!({}), Some(id), other).await {
+        Ok(f) if f.head_revision_id.as_deref() != Some(rev.as_str()) => {}
+        Ok(_) => return out.push(check(NAME, false, "replacing the content made no new head revision")),
+        Err(e) => return out.push(check(NAME, false, format!("replacing the content: {e}"))),
+    }
+    match api.probe_range(id, Some(&rev), 100..200).await {
+        Ok((206, Some(cr), b)) if b[..] == data[100..200] => {
+            out.push(check(NAME, true, format!("revision {rev}: Content-Range {cr}, the pinned bytes")))
+        }
+        Ok((s, cr, b)) => out.push(check(
+            NAME,
+            false,
+            format!(
+                "status {s}, Content-Range {cr:?}, {} bytes, pinned bytes: {}",
+                b.len(),
+                b.len() == 100 && b[..] == data[100..200]
+            ),
+        )),
+        Err(e) => out.push(check(NAME, false, format!("revisions.get alt=media: {e}"))),
+    }
 }
 
 /// Starts a resumable upload, sends one 256 KiB chunk, asks the session

@@ -138,6 +138,23 @@ async fn run_session(
                 None => eof = true,
             }
         }
+        if !eof && declared == Some(read) {
+            // The declared length is in: the stream must end here (a body
+            // in pieces larger than a chunk reaches it before saying so),
+            // so the last chunk goes out as the last.
+            match stream.next().await {
+                None => eof = true,
+                Some(Ok(b)) => {
+                    md5.update(&b);
+                    read += b.len() as u64;
+                    buf.extend_from_slice(&b);
+                    eof = b.is_empty() && stream.next().await.is_none();
+                }
+                Some(Err(e)) => {
+                    return Err(ApiError::new(ErrorKind::Fatal, format!("reading the upload's body: {e}")));
+                }
+            }
+        }
         if let Some(n) = declared {
             if read > n || (eof && read != n) {
                 return Err(ApiError::new(
