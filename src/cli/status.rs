@@ -486,11 +486,11 @@ mod tests {
         let v = json!({
             "running": true, "state": "serving", "generation": 7, "volume_id": "abc",
             "sync": {"dirty_bytes": 2097152, "uploading": true},
-            "lease": {"holder": "host-a", "expires_in_secs": 30, "stolen": null},
+            "peers": {"holder": "host-a", "expires_in_secs": 30, "stolen": null},
         });
         let out = render(&v);
-        let line = out.lines().find(|l| l.starts_with("lease")).unwrap_or_else(|| panic!("{out}"));
-        assert_eq!(line, "lease       expires_in_secs 30, holder host-a");
+        let line = out.lines().find(|l| l.starts_with("peers")).unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(line, "peers       expires_in_secs 30, holder host-a");
         assert!(!out.lines().any(|l| l.starts_with("state") || l.starts_with("url")), "built-in keys once: {out}");
         assert_eq!(summary(&v), "serving; generation 7; 2.0 MiB not uploaded (uploading)");
     }
