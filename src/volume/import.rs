@@ -99,11 +99,6 @@ pub(crate) async fn commit_new(
         .put(HEADER_KEY, PutBody::from_bytes(header.to_bytes()))
         .await
         .map_err(|e| VolumeError::remote(format!("writing {url}/{HEADER_KEY}"), e))?;
-    let key = gen_key(manifest.generation);
-    remote
-        .put(&key, PutBody::from_bytes(manifest.to_bytes()))
-        .await
-        .map_err(|e| VolumeError::remote(format!("committing {url}/{key}"), e))?;
     // Tells people browsing the folder what it is; the volume works
     // without it (`verify --repair` writes a missing one).
     if let Err(e) = super::verify::write_readme(remote, &header.volume_id).await {
