@@ -198,13 +198,19 @@ pub struct Log {
     pub entries: Vec<LogEntry>,
 }
 
-/// The note a special writer record carries.
+/// The note a special writer record carries, or the writer lease a
+/// generation took (a commit of its own, changing nothing).
 fn note_of(m: &Manifest) -> Option<String> {
     let id = &m.writer.as_ref()?.cache_id;
     if let Some(g) = id.strip_prefix("rollback:") {
         Some(format!("rollback to generation {g}"))
+    } else if let Some(what) = id.strip_prefix("gc:") {
+        Some(format!("gc {what}"))
     } else {
-        id.strip_prefix("gc:").map(|what| format!("gc {what}"))
+        m.lease
+            .as_ref()
+            .filter(|l| l.taken_at == m.generation)
+            .map(|l| format!("took the writer lease ({}, pid {})", l.host, l.pid))
     }
 }
 
