@@ -755,3 +755,64 @@ fn dir_gc_keeps_the_newest_boot_profile_and_young_generations() {
     assert!(rep.deleted.iter().any(|(k, _)| k.starts_with("gen-")), "without --keep-days they go: {rep:?}");
     assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
 }
+
+/// A daemon on another host holding the writer lease serves the volume
+/// however long ago it last committed: rollback refuses and gc repacks
+/// nothing (it still runs and deletes what is dead) unless forced; a forced repack carries that
+/// lease forward.
+#[test]
+fn dir_gc_and_rollback_respect_a_lease_held_elsewhere() {
+    let v = dir_vol();
+    let rt = rt();
+    let expect = import(&v);
+    let r = open(&rt, &v);
+    let mut b = volume::commit::GenerationBuilder::new(
+        r.remote.clone(),
+        &r.url,
+        &r.header,
+        r.manifest(),
+        false,
+        Default::default(),
+    );
+    let g = r.generation() + 1;
+    b.set_lease(Some(driveblk::volume::format::LeaseRecord {
+        host: "elsewhere".into(),
+        pid: 7,
+        cache_id: "other-cache".into(),
+        taken_at: g,
+        since_ms: None,
+        ttl_ms: 3_600_000,
+        generation: g,
+        pending_bytes: 0,
+        released: false,
+    }));
+    let mut w = volume::commit::writer_record("other-cache");
+    w.host = "elsewhere".into();
+    // Taken (and last committed) an hour ago by that host's clock: only
+    // the lease says it is still there.
+    w.unix_ms -= 3_600_000;
+    rt.block_on(b.commit(w)).unwrap();
+    let e = history::rollback(&v.url, 1, &RollbackOptions { remote: v.remote.clone(), ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lease") && e.contains("elsewhere") && e.contains("--force"), "{e}");
+    // Four small packs and a limit of one: a repack is due.
+    let opts = GcOptions { max_packs: 1, ..gc_opts(&v, 1) };
+    let rep = volume::gc::gc(&v.url, &opts).unwrap();
+    assert!(rep.repack_generation.is_none(), "{rep:?}");
+    assert!(rep.repack_skipped.as_deref().is_some_and(|s| s.contains("lease") && s.contains("elsewhere")), "{rep:?}");
+    assert_eq!((rep.newest, rep.kept.as_slice()), (g, &[g][..]), "gc still runs (and deletes): {rep:?}");
+    // Forced, a rollback goes through, and leaves the lease where it is.
+    let rb = history::rollback(&v.url, 1, &RollbackOptions { force: true, remote: v.remote.clone() }).unwrap();
+    assert_eq!(rb.generation, g + 1);
+    let m = rt.block_on(open(&rt, &v).load_generation(rb.generation)).unwrap();
+    assert_eq!(m.lease.map(|l| (l.host, l.taken_at)), Some(("elsewhere".to_string(), g)));
+    let rep = volume::gc::gc(&v.url, &GcOptions { force: true, ..opts }).unwrap();
+    let g2 = rep.repack_generation.expect("forced, gc repacks");
+    let m = rt.block_on(open(&rt, &v).load_generation(g2)).unwrap();
+    let lease = m.lease.expect("the repack carries the lease");
+    assert_eq!((lease.host.as_str(), lease.taken_at), ("elsewhere", g));
+    let view = driveblk::volume::lease::lease_status(&v.url, &v.remote).unwrap();
+    assert_eq!(view.standing, driveblk::volume::lease::Standing::Held, "{}", view.describe());
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
+}

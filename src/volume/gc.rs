@@ -30,7 +30,8 @@ use futures::StreamExt;
 
 use super::format::{new_pack_key, parse_gen_key, ChunkRef, Manifest, GEN_PREFIX, PACK_PREFIX};
 use super::history::{
-    check_writer, commit_full, frames, load_generations, now_ms, pack_generation, DEFAULT_ACTIVE_WINDOW,
+    check_writer, commit_full, frames, lease_held_elsewhere, load_generations, now_ms, pack_generation,
+    DEFAULT_ACTIVE_WINDOW,
 };
 use super::lease::PROBE_PREFIX;
 use super::pack::decode_chunk_upto;
@@ -540,12 +541,21 @@ pub async fn gc_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<GcRepor
             .writer
             .as_ref()
             .is_some_and(|w| now_ms().saturating_sub(w.unix_ms) < opts.active_window.as_millis() as u64);
+        // A daemon on another host holding the writer lease serves the
+        // volume however long ago it last committed.
+        let held = if active || opts.force { None } else { lease_held_elsewhere(r, &last.newest).await? };
         if active && !opts.force {
             report.repack_skipped = Some(format!(
                 "generation {} was committed less than {} s ago (the volume is being written); \
                  repacking would fence that writer out — gc deleted only",
                 last.newest.generation,
                 opts.active_window.as_secs()
+            ));
+        } else if let Some(view) = held {
+            report.repack_skipped = Some(format!(
+                "the writer lease is {}; repacking would fence that writer out — gc deleted only \
+                 (--force repacks anyway)",
+                view.describe()
             ));
         } else {
             match repack(r, &last.newest, &candidates, opts).await {
