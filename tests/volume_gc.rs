@@ -151,63 +151,83 @@ fn gc_keeps_what_is_needed_repacks_and_frees(v: Vol) {
     let rt = rt();
     let mut expect = import(&v);
     let s = writer(&v, "a", None);
+    // Opening took the writer lease: a generation of its own, after the
+    // import's.
+    let leased = s.volume().generation();
+    assert_eq!(leased, 2, "the lease is taken by a commit on top of the import");
+    // The generations this test commits, named by what they hold.
     write_chunks(&*s, 0..8, 2, &mut expect);
-    assert_eq!(commit(&s), 2);
+    let g_fork = commit(&s);
+    assert_eq!(g_fork, leased + 1);
     let expect2 = expect.clone();
     write_chunks(&*s, 8..16, 3, &mut expect);
-    assert_eq!(commit(&s), 3);
+    let g_b = commit(&s);
+    assert_eq!(g_b, g_fork + 1);
     write_chunks(&*s, 0..4, 4, &mut expect);
-    assert_eq!(commit(&s), 4);
-    // Three of generation 4's four chunks are rewritten: its pack is
+    let g_dead = commit(&s);
+    assert_eq!(g_dead, g_b + 1);
+    // Three of generation g_dead's four chunks are rewritten: its pack is
     // mostly dead.
     write_chunks(&*s, 0..3, 5, &mut expect);
-    assert_eq!(commit(&s), 5);
+    let g_last = commit(&s);
+    assert_eq!(g_last, g_dead + 1);
     assert_eq!(s.close(Duration::from_secs(30)), 0);
     drop(s);
 
     let r = open(&rt, &v);
-    let gen4_packs: Vec<String> = rt
-        .block_on(r.load_generation(4))
+    assert_eq!(r.generation(), g_last, "closing commits nothing more");
+    let dead_prefix = format!("pack-{g_dead:020}");
+    let dead_packs: Vec<String> = rt
+        .block_on(r.load_generation(g_dead))
         .unwrap()
         .packs
         .into_iter()
-        .filter(|k| k.starts_with("pack-00000000000000000004"))
+        .filter(|k| k.starts_with(&dead_prefix))
         .collect();
-    assert_eq!(gen4_packs.len(), 1, "generation 4 wrote one pack");
-    // A fork made from generation 2 (what `driveblk fork` registers).
+    assert_eq!(dead_packs.len(), 1, "generation {g_dead} wrote one pack");
+    // A fork made from generation g_fork (what `driveblk fork` registers).
     let fork = serde_json::json!({"volume_id": "ab".repeat(16), "url": "dir:/elsewhere/fork",
-                                  "from_generation": 2, "created_unix_ms": 1});
+                                  "from_generation": g_fork, "created_unix_ms": 1});
     rt.block_on(r.remote.put(&format!("fork-{}.json", "ab".repeat(16)), PutBody::from_bytes(fork.to_string())))
         .unwrap();
-    // A daemon still serving generation 2.
-    let old = pinned(&rt, &v, 2);
+    // A daemon still serving generation g_fork.
+    let old = pinned(&rt, &v, g_fork);
+    // A clock probe a host left behind (stopped between writing and
+    // deleting it): garbage.
+    rt.block_on(r.remote.put("clock-probe-00112233deadbeef", PutBody::from_bytes(b"clock probe\n".to_vec()))).unwrap();
 
     let log = history::log(&v.url, &v.remote).unwrap();
     let gens: Vec<u64> = log.entries.iter().map(|e| e.generation).collect();
-    assert_eq!(gens, vec![1, 2, 3, 4, 5], "{log:?}");
-    for e in &log.entries[1..] {
-        assert!(e.bytes_uploaded > 0 && e.chunks_changed > 0 && e.host.is_some(), "{e:?}");
+    assert_eq!(gens, vec![1, leased, g_fork, g_b, g_dead, g_last], "{log:?}");
+    // The lease's generation changes nothing and says what it is.
+    let e = &log.entries[1];
+    assert!(e.chunks_changed == 0 && e.bytes_uploaded == 0, "{e:?}");
+    assert!(e.note.as_deref().is_some_and(|n| n.contains("writer lease")), "{e:?}");
+    for e in &log.entries[2..] {
+        assert!(e.bytes_uploaded > 0 && e.chunks_changed > 0 && e.host.is_some() && e.note.is_none(), "{e:?}");
     }
-    assert_eq!(log.entries[4].chunks_changed, 3);
+    assert_eq!(log.entries[5].chunks_changed, 3);
     let before = verify::verify(&v.url, &verify_opts(&v, false)).unwrap();
-    assert!(before.is_clean() && before.newest_intact == Some(5), "{:?}", before.problems);
+    assert!(before.is_clean() && before.newest_intact == Some(g_last), "{:?}", before.problems);
     assert_eq!(before.readme, Readme::Present, "import writes the README");
 
     // A dry run changes nothing.
     let objs0 = listing(&rt, &v);
     let dry = volume::gc::gc(&v.url, &GcOptions { dry_run: true, ..gc_opts(&v, 1) }).unwrap();
-    assert!(!dry.deleted.is_empty() && dry.repacked == gen4_packs, "{dry:?}");
+    assert!(!dry.deleted.is_empty() && dry.repacked == dead_packs, "{dry:?}");
     assert_eq!(listing(&rt, &v).len(), objs0.len());
 
     // Nothing committed for minutes would be needed to repack; the test
     // says "idle" with a zero window.
     let rep = volume::gc::gc(&v.url, &GcOptions { active_window: Duration::ZERO, ..gc_opts(&v, 1) }).unwrap();
-    assert_eq!(rep.repack_generation, Some(6), "{rep:?}");
-    assert_eq!(rep.repacked, gen4_packs);
-    assert!(rep.kept.contains(&2) && rep.kept.contains(&6), "{rep:?}");
+    let g_repack = g_last + 1;
+    assert_eq!(rep.repack_generation, Some(g_repack), "{rep:?}");
+    assert_eq!(rep.repacked, dead_packs);
+    assert!(rep.kept.contains(&g_fork) && rep.kept.contains(&g_repack), "{rep:?}");
     let gone: Vec<&str> = rep.deleted.iter().map(|(k, _)| k.as_str()).collect();
-    assert!(gone.contains(&gen4_packs[0].as_str()), "the repacked pack goes: {gone:?}");
-    for g in [3u64, 4, 5] {
+    assert!(gone.contains(&dead_packs[0].as_str()), "the repacked pack goes: {gone:?}");
+    assert!(gone.contains(&"clock-probe-00112233deadbeef"), "a leftover clock probe goes: {gone:?}");
+    for g in [g_b, g_dead, g_last] {
         assert!(gone.contains(&format!("gen-{g:020}").as_str()), "generation {g} retired: {gone:?}");
     }
     assert!(rep.objects_after < rep.objects_before && rep.bytes_after < rep.bytes_before, "{rep:?}");
@@ -215,15 +235,21 @@ fn gc_keeps_what_is_needed_repacks_and_frees(v: Vol) {
     assert_eq!(objs1.len() as u64, rep.objects_after, "report matches the folder");
     assert!(objs1.len() < objs0.len());
     assert!(objs1.iter().any(|m| m.key.starts_with("fork-")), "fork registrations are never deleted");
+    assert!(objs1.iter().any(|m| m.key.starts_with("lease-")), "lease heartbeats are never deleted");
+    // gc's commit carries the writer lease forward (it must never make a
+    // held lease look free).
+    let repacked = rt.block_on(r.load_generation(g_repack)).unwrap();
+    let lease = repacked.lease.as_ref().expect("the repack carries the lease record");
+    assert_eq!(lease.taken_at, leased, "{lease:?}");
 
     // Nothing lost: the old reader, the newest, verify (cheap and full).
-    assert_eq!(image_of(&rt, &old), expect2, "the reader pinned at generation 2 reads every chunk");
+    assert_eq!(image_of(&rt, &old), expect2, "the reader pinned at generation {g_fork} reads every chunk");
     let newest = open(&rt, &v);
-    assert_eq!(newest.generation(), 6);
+    assert_eq!(newest.generation(), g_repack);
     assert_eq!(image_of(&rt, &newest), expect, "the newest generation reads back equal");
     for full in [false, true] {
         let after = verify::verify(&v.url, &verify_opts(&v, full)).unwrap();
-        assert!(after.is_clean() && after.newest_intact == Some(6), "{:?}", after.problems);
+        assert!(after.is_clean() && after.newest_intact == Some(g_repack), "{:?}", after.problems);
     }
     // A second gc finds nothing more to do.
     let again = volume::gc::gc(&v.url, &GcOptions { active_window: Duration::ZERO, ..gc_opts(&v, 1) }).unwrap();
@@ -240,11 +266,13 @@ fn gdrive_gc_keeps_forks_and_old_readers_repacks_and_frees() {
     gc_keeps_what_is_needed_repacks_and_frees(drive_vol());
 }
 
-/// Holds manifest creates (commits) at a gate: the writer's packs are up,
-/// its generation not yet committed.
+/// Once armed, holds manifest creates (commits) at a gate: the writer's
+/// packs are up, its generation not yet committed. (Unarmed while the
+/// store opens: taking the writer lease is a commit too.)
 #[derive(Debug)]
 struct GateCommits {
     inner: DynRemote,
+    armed: Arc<AtomicBool>,
     gate: Arc<tokio::sync::Semaphore>,
     waiting: Arc<AtomicU64>,
 }
@@ -270,7 +298,7 @@ impl driveblk::remote::Remote for GateCommits {
         self.inner.reserve(key).await
     }
     async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
-        if key.starts_with("gen-") {
+        if key.starts_with("gen-") && self.armed.load(Ordering::SeqCst) {
             self.waiting.fetch_add(1, Ordering::SeqCst);
             self.gate.acquire().await.unwrap().forget();
         }
@@ -294,17 +322,23 @@ fn gc_under_a_concurrent_writer_loses_nothing(v: Vol) {
     // its commit after gc finished (grace 0).
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let waiting = Arc::new(AtomicU64::new(0));
-    let (g2, w2) = (gate.clone(), waiting.clone());
-    let layer: driveblk::remote::RemoteLayer =
-        Arc::new(move |inner| Arc::new(GateCommits { inner, gate: g2.clone(), waiting: w2.clone() }) as DynRemote);
+    let armed = Arc::new(AtomicBool::new(false));
+    let (g2, w2, a2) = (gate.clone(), waiting.clone(), armed.clone());
+    let layer: driveblk::remote::RemoteLayer = Arc::new(move |inner| {
+        Arc::new(GateCommits { inner, armed: a2.clone(), gate: g2.clone(), waiting: w2.clone() }) as DynRemote
+    });
     let s = writer(&v, "a", Some(layer));
+    // The writer's next generation (opening took the lease with one).
+    let next = s.volume().generation() + 1;
+    armed.store(true, Ordering::SeqCst);
     write_chunks(&*s, 2..6, 11, &mut expect);
     s.request_sync();
     while waiting.load(Ordering::SeqCst) == 0 {
         std::thread::sleep(Duration::from_millis(10));
     }
+    let prefix = format!("pack-{next:020}");
     let unreferenced: Vec<String> =
-        listing(&rt, &v).into_iter().map(|m| m.key).filter(|k| k.starts_with("pack-00000000000000000002")).collect();
+        listing(&rt, &v).into_iter().map(|m| m.key).filter(|k| k.starts_with(&prefix)).collect();
     assert!(!unreferenced.is_empty(), "the writer's pack is up, not yet committed");
     // Strictly older than gc's snapshot by any clock's granularity (file
     // times are coarse): only the rule for uncommitted generations' packs
@@ -312,10 +346,20 @@ fn gc_under_a_concurrent_writer_loses_nothing(v: Vol) {
     std::thread::sleep(Duration::from_millis(50));
     let rep = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap();
     gate.add_permits(1000);
-    assert_eq!(commit(&s), 2);
+    assert_eq!(commit(&s), next);
     let clean = verify::verify(&v.url, &verify_opts(&v, false)).unwrap();
     assert!(clean.is_clean(), "{:?}", clean.problems);
-    assert!(rep.young >= 1 && rep.deleted.is_empty(), "the writer's pack is left alone: {rep:?}");
+    // gc may retire the manifests below the newest (the import's, now that
+    // the lease's generation is a full one), but no pack: the import's is
+    // live, the writer's is for a generation not committed yet.
+    assert!(
+        rep.young >= 1 && rep.deleted.iter().all(|(k, _)| k.starts_with("gen-") && !unreferenced.contains(k)),
+        "the writer's pack is left alone: {rep:?}"
+    );
+    assert!(
+        listing(&rt, &v).iter().any(|m| m.key.starts_with("lease-")),
+        "the writer's lease heartbeat is never deleted"
+    );
 
     // 2. Free-running: gc over and over while the writer commits.
     let stop = Arc::new(AtomicBool::new(false));
@@ -392,44 +436,56 @@ fn verify_names_the_damage_and_rollback_restores(v: Vol) {
     let rt = rt();
     let mut expect = import(&v);
     let s = writer(&v, "a", None);
+    // Opening took the writer lease with a generation of its own.
+    let leased = s.volume().generation();
     write_chunks(&*s, 0..4, 31, &mut expect);
-    assert_eq!(commit(&s), 2);
+    let good = commit(&s);
+    assert_eq!(good, leased + 1);
     let expect2 = expect.clone();
     write_chunks(&*s, 4..6, 32, &mut expect);
-    assert_eq!(commit(&s), 3);
+    let bad = commit(&s);
+    assert_eq!(bad, good + 1);
     assert_eq!(s.close(Duration::from_secs(30)), 0);
     drop(s);
     let r = open(&rt, &v);
-    let pack3 = r.manifest().packs.iter().find(|k| k.starts_with("pack-00000000000000000003")).unwrap().clone();
-    let undo = damage(&v, &pack3);
+    assert_eq!(r.generation(), bad);
+    let prefix = format!("pack-{bad:020}");
+    let pack = r.manifest().packs.iter().find(|k| k.starts_with(&prefix)).unwrap().clone();
+    let undo = damage(&v, &pack);
 
     let rep = verify::verify(&v.url, &verify_opts(&v, false)).unwrap();
     assert_eq!(rep.problems.len(), 1, "{:?}", rep.problems);
     let p = &rep.problems[0];
-    assert_eq!(p.key, pack3);
+    assert_eq!(p.key, pack);
     assert_eq!(p.kind, if v.drive.is_some() { ProblemKind::Trashed } else { ProblemKind::Missing });
-    assert_eq!(p.generations, vec![3]);
-    assert_eq!(rep.newest_intact, Some(2), "generation 2 does not use that pack");
+    assert_eq!(p.generations, vec![bad]);
+    assert_eq!(rep.newest_intact, Some(good), "generation {good} does not use that pack");
     let advice = rep.advice();
-    assert!(advice.contains("rollback") && advice.contains(" 2"), "{advice}");
+    assert!(advice.contains("rollback") && advice.contains(&format!(" {good}")), "{advice}");
     if v.drive.is_some() {
         assert!(advice.contains("Trash"), "{advice}");
     }
-    // Rolling back to it: a new generation 4 equal to 2, read back.
-    let rb = history::rollback(&v.url, 2, &RollbackOptions { remote: v.remote.clone(), ..Default::default() }).unwrap();
-    assert_eq!((rb.generation, rb.previous), (4, 3));
-    assert_eq!(image_of(&rt, &open(&rt, &v)), expect2, "rollback reads back generation 2's image");
+    // Rolling back to it: a new generation equal to `good`, read back.
+    let rb =
+        history::rollback(&v.url, good, &RollbackOptions { remote: v.remote.clone(), ..Default::default() }).unwrap();
+    assert_eq!((rb.generation, rb.previous), (bad + 1, bad));
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect2, "rollback reads back generation {good}'s image");
     let log = history::log(&v.url, &v.remote).unwrap();
-    assert_eq!(log.entries.iter().map(|e| e.generation).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
-    assert!(log.entries[3].note.as_deref().is_some_and(|n| n.contains("rollback to generation 2")), "{log:?}");
-    assert!(log.entries[3].checkpoint);
+    assert_eq!(log.entries.iter().map(|e| e.generation).collect::<Vec<_>>(), vec![1, leased, good, bad, rb.generation]);
+    let last = log.entries.last().unwrap();
+    assert!(last.note.as_deref().is_some_and(|n| n.contains(&format!("rollback to generation {good}"))), "{log:?}");
+    assert!(last.checkpoint);
+    // The rollback carries the (released) lease forward: it never makes a
+    // lease look free that someone holds, nor takes one.
+    let rolled = rt.block_on(r.load_generation(rb.generation)).unwrap();
+    assert_eq!(rolled.lease.as_ref().map(|l| l.taken_at), Some(leased), "{:?}", rolled.lease);
     let rep = verify::verify(&v.url, &verify_opts(&v, false)).unwrap();
-    assert_eq!(rep.newest_intact, Some(4), "the rollback is intact; {:?}", rep.problems);
+    assert_eq!(rep.newest_intact, Some(rb.generation), "the rollback is intact; {:?}", rep.problems);
     // Rolling back to the damaged generation is refused.
-    let e = history::rollback(&v.url, 3, &RollbackOptions { remote: v.remote.clone(), ..Default::default() })
+    let e = history::rollback(&v.url, bad, &RollbackOptions { remote: v.remote.clone(), ..Default::default() })
         .unwrap_err()
         .to_string();
-    assert!(e.contains(&pack3), "{e}");
+    assert!(e.contains(&pack), "{e}");
     if let (Some(env), Some(id)) = (&v.drive, undo) {
         // Untrashed in the web UI: clean again.
         let api = driveblk::remote::gdrive::api::DriveApi::new(&env.cfg.drive);
@@ -444,13 +500,11 @@ fn verify_names_the_damage_and_rollback_restores(v: Vol) {
         assert!(rep.is_clean(), "{:?}", rep.problems);
         // The newest manifest trashed: readers would quietly serve the one
         // before it; verify names it.
-        damage(&v, "gen-00000000000000000004");
+        let newest_key = format!("gen-{:020}", rb.generation);
+        damage(&v, &newest_key);
         let rep = verify::verify(&v.url, &verify_opts(&v, false)).unwrap();
         assert_eq!(rep.problems.len(), 1, "{:?}", rep.problems);
-        assert_eq!(
-            (rep.problems[0].key.as_str(), &rep.problems[0].kind),
-            ("gen-00000000000000000004", &ProblemKind::Trashed)
-        );
+        assert_eq!((rep.problems[0].key.as_str(), &rep.problems[0].kind), (newest_key.as_str(), &ProblemKind::Trashed));
         assert!(rep.advice().contains("newest committed generation"), "{}", rep.advice());
     }
 }
@@ -488,12 +542,12 @@ fn serve_names_a_missing_pack_at_open() {
     let mut expect = import(&v);
     let s = writer(&v, "a", None);
     write_chunks(&*s, 0..2, 41, &mut expect);
-    commit(&s);
+    let g = commit(&s);
     assert_eq!(s.close(Duration::from_secs(30)), 0);
     drop(s);
     let rt = rt();
-    let pack =
-        open(&rt, &v).manifest().packs.iter().find(|k| k.starts_with("pack-00000000000000000002")).unwrap().clone();
+    let prefix = format!("pack-{g:020}");
+    let pack = open(&rt, &v).manifest().packs.iter().find(|k| k.starts_with(&prefix)).unwrap().clone();
     damage(&v, &pack);
     let log = v.tmp.path().join("serve.log");
     let sock = v.tmp.path().join("sock");
@@ -532,7 +586,10 @@ fn gdrive_full_drive_pauses_sync_and_gc_frees_room() {
     let mut expect = import(&v);
     let s = writer(&v, "a", None);
     // Churn: the same chunks rewritten, so older generations hold dead bytes.
-    for round in 0..3 {
+    // Four rounds: whichever of them the newest generation's delta chain
+    // still needs (a checkpoint every 2, counted from the lease's
+    // generation), at least two rounds' packs are dead.
+    for round in 0..4 {
         write_chunks(&*s, 0..4, 50 + round, &mut expect);
         commit(&s);
     }
@@ -696,5 +753,66 @@ fn dir_gc_keeps_the_newest_boot_profile_and_young_generations() {
     assert_eq!(left, vec![new.to_string(), format!("{new}.pack"), flying.to_string()]);
     let rep = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap();
     assert!(rep.deleted.iter().any(|(k, _)| k.starts_with("gen-")), "without --keep-days they go: {rep:?}");
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
+}
+
+/// A daemon on another host holding the writer lease serves the volume
+/// however long ago it last committed: rollback refuses and gc repacks
+/// nothing (it still runs and deletes what is dead) unless forced; a forced repack carries that
+/// lease forward.
+#[test]
+fn dir_gc_and_rollback_respect_a_lease_held_elsewhere() {
+    let v = dir_vol();
+    let rt = rt();
+    let expect = import(&v);
+    let r = open(&rt, &v);
+    let mut b = volume::commit::GenerationBuilder::new(
+        r.remote.clone(),
+        &r.url,
+        &r.header,
+        r.manifest(),
+        false,
+        Default::default(),
+    );
+    let g = r.generation() + 1;
+    b.set_lease(Some(driveblk::volume::format::LeaseRecord {
+        host: "elsewhere".into(),
+        pid: 7,
+        cache_id: "other-cache".into(),
+        taken_at: g,
+        since_ms: None,
+        ttl_ms: 3_600_000,
+        generation: g,
+        pending_bytes: 0,
+        released: false,
+    }));
+    let mut w = volume::commit::writer_record("other-cache");
+    w.host = "elsewhere".into();
+    // Taken (and last committed) an hour ago by that host's clock: only
+    // the lease says it is still there.
+    w.unix_ms -= 3_600_000;
+    rt.block_on(b.commit(w)).unwrap();
+    let e = history::rollback(&v.url, 1, &RollbackOptions { remote: v.remote.clone(), ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lease") && e.contains("elsewhere") && e.contains("--force"), "{e}");
+    // Four small packs and a limit of one: a repack is due.
+    let opts = GcOptions { max_packs: 1, ..gc_opts(&v, 1) };
+    let rep = volume::gc::gc(&v.url, &opts).unwrap();
+    assert!(rep.repack_generation.is_none(), "{rep:?}");
+    assert!(rep.repack_skipped.as_deref().is_some_and(|s| s.contains("lease") && s.contains("elsewhere")), "{rep:?}");
+    assert_eq!((rep.newest, rep.kept.as_slice()), (g, &[g][..]), "gc still runs (and deletes): {rep:?}");
+    // Forced, a rollback goes through, and leaves the lease where it is.
+    let rb = history::rollback(&v.url, 1, &RollbackOptions { force: true, remote: v.remote.clone() }).unwrap();
+    assert_eq!(rb.generation, g + 1);
+    let m = rt.block_on(open(&rt, &v).load_generation(rb.generation)).unwrap();
+    assert_eq!(m.lease.map(|l| (l.host, l.taken_at)), Some(("elsewhere".to_string(), g)));
+    let rep = volume::gc::gc(&v.url, &GcOptions { force: true, ..opts }).unwrap();
+    let g2 = rep.repack_generation.expect("forced, gc repacks");
+    let m = rt.block_on(open(&rt, &v).load_generation(g2)).unwrap();
+    let lease = m.lease.expect("the repack carries the lease");
+    assert_eq!((lease.host.as_str(), lease.taken_at), ("elsewhere", g));
+    let view = driveblk::volume::lease::lease_status(&v.url, &v.remote).unwrap();
+    assert_eq!(view.standing, driveblk::volume::lease::Standing::Held, "{}", view.describe());
     assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
 }

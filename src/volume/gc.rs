@@ -13,7 +13,13 @@
 //! - only listed objects older than the grace period (by the remote's
 //!   `createdTime`) are deleted, never one missing from the listing, never
 //!   a pack written for a generation newer than the newest (a writer's,
-//!   about to be committed), never `volume.json`, `README.txt` or `fork-*`;
+//!   about to be committed), never `volume.json`, `README.txt`, `fork-*`
+//!   (registrations) or `lease-*` (the writer lease's heartbeats); a
+//!   leftover `clock-probe-*` (a host stopped between writing and deleting
+//!   it) is garbage once older than the grace period;
+//! - a fork's `<origin volume id>:<key>` pack entries are the origin's
+//!   objects: never deleted or repacked from this folder (they are not in
+//!   its listing; the origin keeps them by the fork's registration);
 //! - before deleting, the newest generation is read again; if it moved, the
 //!   plan is made again.
 
@@ -24,8 +30,10 @@ use futures::StreamExt;
 
 use super::format::{new_pack_key, parse_gen_key, ChunkRef, Manifest, GEN_PREFIX, PACK_PREFIX};
 use super::history::{
-    check_writer, commit_full, frames, load_generations, now_ms, pack_generation, DEFAULT_ACTIVE_WINDOW,
+    check_writer, commit_full, frames, lease_held_elsewhere, load_generations, now_ms, pack_generation,
+    DEFAULT_ACTIVE_WINDOW,
 };
+use super::lease::PROBE_PREFIX;
 use super::pack::decode_chunk_upto;
 use super::profile::{parse_profile_key, PACK_SUFFIX, PROFILE_PREFIX};
 use super::reader::VolumeReader;
@@ -38,7 +46,7 @@ pub const REPACK_WRITER: &str = "gc:repack";
 
 /// Key prefix of fork registrations (written by `driveblk fork` in the
 /// origin volume).
-pub const FORK_PREFIX: &str = "fork-";
+pub const FORK_PREFIX: &str = super::fork::FORK_PREFIX;
 
 /// A fork registration: `fork-<fork volume id>.json` in the origin volume.
 /// While it exists, generation `from_generation` and everything it
@@ -293,6 +301,10 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
             } else {
                 true
             }
+        } else if key.starts_with(PROBE_PREFIX) {
+            // A clock probe is deleted by its writer right after; one left
+            // over is garbage (the grace period below spares one in flight).
+            true
         } else if key.starts_with(PROFILE_PREFIX) {
             profiles_settled
                 && match key.strip_suffix(PACK_SUFFIX) {
@@ -529,12 +541,21 @@ pub async fn gc_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<GcRepor
             .writer
             .as_ref()
             .is_some_and(|w| now_ms().saturating_sub(w.unix_ms) < opts.active_window.as_millis() as u64);
+        // A daemon on another host holding the writer lease serves the
+        // volume however long ago it last committed.
+        let held = if active || opts.force { None } else { lease_held_elsewhere(r, &last.newest).await? };
         if active && !opts.force {
             report.repack_skipped = Some(format!(
                 "generation {} was committed less than {} s ago (the volume is being written); \
                  repacking would fence that writer out — gc deleted only",
                 last.newest.generation,
                 opts.active_window.as_secs()
+            ));
+        } else if let Some(view) = held {
+            report.repack_skipped = Some(format!(
+                "the writer lease is {}; repacking would fence that writer out — gc deleted only \
+                 (--force repacks anyway)",
+                view.describe()
             ));
         } else {
             match repack(r, &last.newest, &candidates, opts).await {

@@ -198,13 +198,19 @@ pub struct Log {
     pub entries: Vec<LogEntry>,
 }
 
-/// The note a special writer record carries.
+/// The note a special writer record carries, or the writer lease a
+/// generation took (a commit of its own, changing nothing).
 fn note_of(m: &Manifest) -> Option<String> {
     let id = &m.writer.as_ref()?.cache_id;
     if let Some(g) = id.strip_prefix("rollback:") {
         Some(format!("rollback to generation {g}"))
+    } else if let Some(what) = id.strip_prefix("gc:") {
+        Some(format!("gc {what}"))
     } else {
-        id.strip_prefix("gc:").map(|what| format!("gc {what}"))
+        m.lease
+            .as_ref()
+            .filter(|l| l.taken_at == m.generation)
+            .map(|l| format!("took the writer lease ({}, pid {})", l.host, l.pid))
     }
 }
 
@@ -318,6 +324,22 @@ pub fn check_writer(url: &str, newest: &Manifest, window: std::time::Duration, f
     Ok(())
 }
 
+/// The writer lease of the volume whose newest generation is `newest`, when
+/// another host holds it (neither released nor expired): a daemon there
+/// serves the volume, however long ago it last committed. A holder on this
+/// host is left to the caller, as in [`check_writer`].
+pub(crate) async fn lease_held_elsewhere(
+    r: &VolumeReader,
+    newest: &Manifest,
+) -> VolumeResult<Option<super::lease::LeaseView>> {
+    match &newest.lease {
+        Some(l) if !l.released && l.host != host_name() => {}
+        _ => return Ok(None),
+    }
+    let view = super::lease::inspect(&r.remote, &r.header, newest, None).await?;
+    Ok((view.standing == super::lease::Standing::Held).then_some(view))
+}
+
 /// Milliseconds since the epoch, by this host's clock.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -392,6 +414,18 @@ pub fn rollback(url: &str, target: u64, opts: &RollbackOptions) -> VolumeResult<
         let r = VolumeReader::open(&u, &opts.remote).await?;
         let newest = r.manifest();
         check_writer(&r.url, &newest, DEFAULT_ACTIVE_WINDOW, opts.force)?;
+        if !opts.force {
+            if let Some(view) = lease_held_elsewhere(&r, &newest).await? {
+                return Err(VolumeError::InUse {
+                    url: r.url.clone(),
+                    detail: format!(
+                        "its writer lease is {}, so a daemon there is probably serving it; \
+                         stop it there first (a clean stop releases the lease), or pass --force",
+                        view.describe()
+                    ),
+                });
+            }
+        }
         if target >= newest.generation {
             return Err(VolumeError::InvalidOptions(format!(
                 "generation {target} is not older than the newest ({}); `driveblk log {}` lists the generations",
