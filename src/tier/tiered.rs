@@ -919,18 +919,27 @@ impl Inner {
                     continue;
                 }
                 self.before_modify(p.idx)?;
-                let fill_guard = fill.as_ref().map(|b| b.read());
-                let fill_bytes = fill_guard.as_deref().map(|v| v.as_slice());
-                if let Some(rb) = self.ram.get(p.idx) {
-                    // Both copies come from one read of the guest's buffer:
-                    // a guest changing it mid-request cannot leave RAM and
-                    // SSD holding different bytes.
-                    let mut once = vec![0u8; p.len];
-                    sub.copy_to_slice(0, &mut once);
-                    self.ssd.write(p.idx, p.off as u64, &IoVec::from_slice(&mut once), fill_bytes)?;
-                    rb.write()[p.off..p.off + p.len].copy_from_slice(&once);
-                } else {
-                    self.ssd.write(p.idx, p.off as u64, &sub, fill_bytes)?;
+                let in_ram = self.ram.get(p.idx);
+                // With a RAM copy, both copies come from one read of the
+                // guest's buffer: a guest changing it mid-request cannot
+                // leave RAM and SSD holding different bytes.
+                let mut once = in_ram.as_ref().map(|_| {
+                    let mut v = vec![0u8; p.len];
+                    sub.copy_to_slice(0, &mut v);
+                    v
+                });
+                {
+                    // The fill may be the RAM copy itself (fetched from
+                    // RAM): its read guard is gone before RAM is written.
+                    let fill_guard = fill.as_ref().map(|b| b.read());
+                    let fill_bytes = fill_guard.as_deref().map(|v| v.as_slice());
+                    match once.as_mut() {
+                        Some(v) => self.ssd.write(p.idx, p.off as u64, &IoVec::from_slice(v), fill_bytes)?,
+                        None => self.ssd.write(p.idx, p.off as u64, &sub, fill_bytes)?,
+                    }
+                }
+                if let (Some(rb), Some(v)) = (in_ram, once) {
+                    rb.write()[p.off..p.off + p.len].copy_from_slice(&v);
                 }
                 break;
             }
