@@ -28,6 +28,13 @@
 #                    volume is imported once per chunk size (default "1M")
 #   --cold-link "MS MBIT"   simulated link (default "100 200": 100 ms per request, 200 Mbit/s)
 #   --cold-no-export skip the download-first measurement
+#   --cold-remote R  dir (default: a local folder behind the simulated link) or gdrive: the
+#                    project's Drive emulator (driveemu) on loopback shapes the link itself
+#                    (--cold-link latency per request, one shared bandwidth) and enforces a
+#                    per-user request limit (--cold-drive-limit RATE/BURST, default 200/200: the
+#                    ~12,000 requests/min per user Drive documented before its quota units);
+#                    import, serve and export then go through the real Drive code path (auth,
+#                    pacer, retries, read merging). Remote requests per run are reported.
 #   --sync-link "MS MBIT"   simulated link of the write-back rows (default "100 200"): the
 #                    "volume writeback/writethrough/unsafe, link" FLUSH rows and the sync rows
 # Write-back set: --rows 'volume (writeback|writethrough|unsafe)|sync:' (about 11 min, --reps 3):
@@ -48,6 +55,7 @@ A=${BENCH_A:-driveblk}
 B=${BENCH_B:-qsd}
 REPS=3 RUNTIME=8 WARMUP=1 SIZE=2G ROWS_RE="" RECORD=0 KEEP=0 QUICK=0 REPS_SET=0
 DROP_CACHES=0 COLD=0 COLD_ONLY=0 COLD_SIZE=10G COLD_LINK="100 200" COLD_EXPORT=1 COLD_CONFIGS=()
+COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200
 SYNC_LINK="100 200"
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
@@ -71,6 +79,8 @@ while [[ $# -gt 0 ]]; do
         --cold-size) COLD_SIZE=$2; shift 2 ;;
         --cold-link) COLD_LINK=$2; shift 2 ;;
         --cold-no-export) COLD_EXPORT=0; shift ;;
+        --cold-remote) COLD_REMOTE=$2; shift 2 ;;
+        --cold-drive-limit) COLD_DRIVE_LIMIT=$2; shift 2 ;;
         --sync-link) SYNC_LINK=$2; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
@@ -81,6 +91,7 @@ if [[ $QUICK == 1 ]]; then
     [[ $REPS_SET == 1 ]] || REPS=1
 fi
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
+[[ $COLD_REMOTE == dir || $COLD_REMOTE == gdrive ]] || die "--cold-remote is dir or gdrive"
 for d in "$A" "$B"; do [[ $d == driveblk || $d == qsd ]] || die "unknown daemon '$d' (driveblk|qsd)"; done
 read -r SYNC_LAT SYNC_MBIT <<<"$SYNC_LINK"
 [[ $SYNC_LAT =~ ^[0-9]+$ && $SYNC_MBIT =~ ^[1-9][0-9]*$ ]] || die "--sync-link wants \"MS MBIT\", e.g. \"100 200\""
@@ -184,6 +195,11 @@ elif [[ $A == driveblk || $B == driveblk || $COLD == 1 ]]; then
     cargo build --release -q -p driveblk ||
         die "driveblk failed to build (BENCH_A=qsd or --self-test-qsd benchmarks qsd against itself)"
 fi
+if [[ $COLD == 1 && $COLD_REMOTE == gdrive ]]; then
+    log "building driveemu (release)"
+    cargo build --release -q -p driveemu || die "driveemu failed to build"
+fi
+EMU=$TARGET/release/driveemu EMU_PID=""
 
 # ---- Work dir, cleanup -------------------------------------------------------------------------
 # /var/tmp rather than /tmp: the image should sit on a real filesystem's page cache, not tmpfs.
@@ -191,6 +207,7 @@ WORK=$(mktemp -d /var/tmp/driveblk-bench.XXXXXX)
 SOCK=$WORK/vhost.sock
 DPID=""
 cleanup() {
+    [[ -z $EMU_PID ]] || kill -TERM "$EMU_PID" 2>/dev/null || true
     if [[ -n $DPID ]] && kill -0 "$DPID" 2>/dev/null; then
         kill -TERM "$DPID" 2>/dev/null || true
         sleep 0.5
@@ -591,11 +608,28 @@ SYNC_END_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 # driveblk only: a raw volume behind a simulated link, empty cache, one --pattern boot replay per
 # config; then "download first": driveblk export of the whole volume over the same link.
 COLD_TAB=$WORK/cold.md
+cold_url() { # chunk size -> the cold volume's URL
+    if [[ $COLD_REMOTE == gdrive ]]; then echo "gdrive:/bench/cold-$1"; else echo "dir:$WORK/remote/cold-$1"; fi
+}
 cold_experiment() {
     local lat mbit bytes span_mb img=$WORK/cold.raw spec cs args url cache tag out t0 t1 secs
     read -r lat mbit <<<"$COLD_LINK"
     local link="--remote-latency-ms $lat --remote-bandwidth-mbit $mbit"
     local rate=$((mbit * 125000)) # bytes/s
+    local remote_note="dir: remote on local disk behind driveblk's simulated link"
+    if [[ $COLD_REMOTE == gdrive ]]; then
+        # The emulator is the link: its latency per request, one shared bandwidth, and the
+        # per-user request limit; driveblk talks to it exactly as to Drive.
+        "$EMU" --latency-ms "$lat" --bandwidth-mbit "$mbit" --rate-limit "$COLD_DRIVE_LIMIT" \
+            --oauth-out "$WORK/drive-creds.json" >"$WORK/emu.out" 2>"$WORK/emu.log" &
+        EMU_PID=$!
+        local i
+        for ((i = 0; i < 100; i++)); do grep -q '^base_url=' "$WORK/emu.out" 2>/dev/null && break; sleep 0.1; done
+        local base; base=$(sed -n 's/^base_url=//p' "$WORK/emu.out")
+        [[ -n $base ]] || die "cold: the Drive emulator did not start (see $WORK/emu.log)"
+        link="--drive-api-url $base --drive-credentials $WORK/drive-creds.json"
+        remote_note="the Drive emulator (driveemu) at ${lat} ms per request, ${mbit} Mbit/s shared, per-user limit $COLD_DRIVE_LIMIT requests/s/burst; driveblk's real Drive code path (auth, pacer, retries, read merging)"
+    fi
     [[ ${#COLD_CONFIGS[@]} -gt 0 ]] || COLD_CONFIGS=(1M)
     bytes=$(numfmt --from=iec "$COLD_SIZE") || die "bad --cold-size $COLD_SIZE"
     span_mb=$((bytes * 60 / 100 / 1048576))
@@ -605,7 +639,7 @@ cold_experiment() {
     declare -A imported=()
     local first_url=""
     {
-        echo "Link: ${lat} ms per request, ${mbit} Mbit/s (= $((rate / 1000000)) MB/s) shared; image $COLD_SIZE raw, first 60% random data; QD8 boot trace (\`--pattern boot\`, defaults); empty cache dir per run; 1 run per config."
+        echo "Link: ${lat} ms per request, ${mbit} Mbit/s (= $((rate / 1000000)) MB/s) shared; remote: $remote_note; image $COLD_SIZE raw, first 60% random data; QD8 boot trace (\`--pattern boot\`, defaults); empty cache dir per run; 1 run per config."
         echo
         echo "First boot: no boot profile yet; driveblk records one and saves it to the remote at SIGTERM (save time in its own column). Cold with profile: a new empty cache dir (another machine), same volume; driveblk streams the saved profile ahead of the guest."
         echo
@@ -615,12 +649,13 @@ cold_experiment() {
     # All imports first (CPU-heavy), then the replays (link-bound).
     for spec in "${COLD_CONFIGS[@]}"; do
         cs=${spec%%:*}
-        url=dir:$WORK/remote/cold-$cs
+        url=$(cold_url "$cs")
         [[ -n $first_url ]] || first_url=$url
         if [[ -z ${imported[$cs]:-} ]]; then
             log "cold: importing with --chunk-size $cs"
             t0=$EPOCHREALTIME
-            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet >"$WORK/cold-import-$cs.log" 2>&1 ||
+            # shellcheck disable=SC2086
+            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $( [[ $COLD_REMOTE == gdrive ]] && echo "$link" ) >"$WORK/cold-import-$cs.log" 2>&1 ||
                 { sed 's/^/    /' "$WORK/cold-import-$cs.log" >&2; die "cold import failed"; }
             sync -f "$WORK"
             imported[$cs]=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.0f", b - a}')
@@ -630,9 +665,16 @@ cold_experiment() {
     for spec in "${COLD_CONFIGS[@]}"; do
         cs=${spec%%:*} args=""
         [[ $spec != *:* ]] || args=${spec#*:}
-        url=dir:$WORK/remote/cold-$cs
+        url=$(cold_url "$cs")
         # Each config starts from a volume without a boot profile.
         rm -f "$WORK/remote/cold-$cs"/profile-*
+        [[ $COLD_REMOTE != gdrive ]] || [[ ${#COLD_ROWS[@]} == 0 ]] || {
+            # Drive: a fresh volume per config (profiles cannot be removed by path here).
+            url=gdrive:/bench/cold-$cs-${#COLD_ROWS[@]}
+            # shellcheck disable=SC2086
+            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $link >"$WORK/cold-import-$cs-again.log" 2>&1 ||
+                die "cold: re-import for $spec failed"
+        }
         local run
         for run in "first boot" "cold with profile"; do
             tag=cold-${#COLD_ROWS[@]}
@@ -654,14 +696,14 @@ cold_experiment() {
             t0=$EPOCHREALTIME
             stop_daemon driveblk "$WORK/$tag.log" 900 || die "cold: daemon did not stop cleanly"
             secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}')
-            [[ $run != "first boot" ]] || ls "$WORK/remote/cold-$cs"/profile-* >/dev/null 2>&1 ||
+            [[ $run != "first boot" || $COLD_REMOTE == gdrive ]] || ls "$WORK/remote/cold-$cs"/profile-* >/dev/null 2>&1 ||
                 die "cold: the first boot saved no boot profile (see $WORK/$tag.log)"
             [[ $run == "first boot" ]] || secs="-"
             rm -rf "$cache"
             jq -r --arg spec "$spec" --arg run "$run" --arg imp "${imported[$cs]}" --arg rate "$rate" --arg save "$secs" \
                 --slurpfile st "$WORK/$tag.status.json" '
                 ($st[0]) as $s | (.bytes / ($rate | tonumber)) as $floor |
-                "| \($spec) | \($run) | \($imp) | \(.elapsed_s * 10 | round / 10) | \($floor * 10 | round / 10) | \(.elapsed_s / $floor * 100 | round / 100) | \(.bytes / 1e6 | round) | \($s.remote.bytes / 1e6 | round) | \($s.remote.bytes / .bytes * 100 | round / 100) | \($s.remote.fetches) | \($s.remote.misses) | \($s.boot_profile.waits // 0) | \($s.remote.readahead_chunks) | \($save) |"' \
+                "| \($spec) | \($run) | \($imp) | \(.elapsed_s * 10 | round / 10) | \($floor * 10 | round / 10) | \(.elapsed_s / $floor * 100 | round / 100) | \(.bytes / 1e6 | round) | \($s.remote.bytes / 1e6 | round) | \($s.remote.bytes / .bytes * 100 | round / 100) | \($s.remote.fetches)\(if ($s.drive_reads.requests // 0) > 0 then " (\($s.drive_reads.requests) Drive reads)" else "" end) | \($s.remote.misses) | \($s.boot_profile.waits // 0) | \($s.remote.readahead_chunks) | \($save) |"' \
                 "$out" >>"$COLD_TAB"
             log "    $(tail -1 "$COLD_TAB")"
         done

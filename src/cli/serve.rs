@@ -239,11 +239,11 @@ pub struct CacheArgs {
     pub on_remote_error: OnRemoteError,
 
     /// Most seconds a guest request waits on the remote before it fails.
-    /// Keep it under the guest's disk timeout (Windows resets a disk after
-    /// about 60 s, Linux after 30 s). Also the most `serve` waits for the
-    /// remote at start when the cache holds a copy of the volume: past it,
-    /// the cache's copy is served.
-    #[arg(long, value_name = "SECS", default_value_t = 25)]
+    /// Keep it under the guest's disk timeout (Windows resets a disk whose
+    /// request is held about 60 s; Linux's virtio-blk waits). At start, when
+    /// the cache holds a copy of the volume, `serve` waits for the remote at
+    /// most this or 15 s, whichever is less, then serves the copy.
+    #[arg(long, value_name = "SECS", default_value_t = 45)]
     pub remote_wait: u64,
 }
 

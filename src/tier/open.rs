@@ -82,6 +82,10 @@ impl CacheOptions {
     }
 }
 
+/// The most `open_volume` waits for a remote that does not answer when the
+/// cache holds a copy of the volume to serve instead.
+pub const OPEN_WAIT_MAX: Duration = Duration::from_secs(15);
+
 /// What a guest request does when the bytes it needs must come from a
 /// remote that fails or hangs (like QEMU's `rerror=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -101,14 +105,14 @@ pub struct RemoteWait {
     /// under the guest's disk timeout (Windows resets a disk whose request
     /// is held about a minute; Linux after 30 s by default), since a
     /// failed read of a pagefile page is a blue screen either way, but a
-    /// reset disk is worse. Also the most `serve` waits for the remote at
-    /// open when the cache can serve without it.
+    /// reset disk is worse. At open, when the cache can serve without the
+    /// remote, it is waited for at most this or [`OPEN_WAIT_MAX`].
     pub budget: Duration,
 }
 
 impl Default for RemoteWait {
     fn default() -> Self {
-        Self { on_error: OnRemoteError::Wait, budget: Duration::from_secs(25) }
+        Self { on_error: OnRemoteError::Wait, budget: Duration::from_secs(45) }
     }
 }
 
@@ -134,7 +138,8 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
     let has_copy = VolumeReader::has_offline_copy(&opts.cache_dir);
     let opening = async {
         if has_copy {
-            tokio::time::timeout(opts.remote_wait.budget, VolumeReader::open(&u, &opts.remote)).await.unwrap_or_else(
+            let wait = opts.remote_wait.budget.min(OPEN_WAIT_MAX);
+            tokio::time::timeout(wait, VolumeReader::open(&u, &opts.remote)).await.unwrap_or_else(
                 |_| {
                     Err(VolumeError::Remote {
                         context: format!("opening {u}"),
@@ -142,7 +147,7 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
                             remote: u.to_string(),
                             op: "open",
                             key: String::new(),
-                            message: format!("no answer within {} s", opts.remote_wait.budget.as_secs()),
+                            message: format!("no answer within {} s", wait.as_secs()),
                             retry_after: None,
                         }),
                     })
