@@ -621,7 +621,7 @@ cold_experiment() {
         # The emulator is the link: its latency per request, one shared bandwidth, and the
         # per-user request limit; driveblk talks to it exactly as to Drive.
         "$EMU" --latency-ms "$lat" --bandwidth-mbit "$mbit" --rate-limit "$COLD_DRIVE_LIMIT" \
-            --oauth-out "$WORK/drive-creds.json" >"$WORK/emu.out" 2>"$WORK/emu.log" &
+            --sa-key-out "$WORK/drive-creds.json" >"$WORK/emu.out" 2>"$WORK/emu.log" &
         EMU_PID=$!
         local i
         for ((i = 0; i < 100; i++)); do grep -q '^base_url=' "$WORK/emu.out" 2>/dev/null && break; sleep 0.1; done
