@@ -139,20 +139,18 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
     let opening = async {
         if has_copy {
             let wait = opts.remote_wait.budget.min(OPEN_WAIT_MAX);
-            tokio::time::timeout(wait, VolumeReader::open(&u, &opts.remote)).await.unwrap_or_else(
-                |_| {
-                    Err(VolumeError::Remote {
-                        context: format!("opening {u}"),
-                        source: Box::new(crate::remote::RemoteError::Transient {
-                            remote: u.to_string(),
-                            op: "open",
-                            key: String::new(),
-                            message: format!("no answer within {} s", wait.as_secs()),
-                            retry_after: None,
-                        }),
-                    })
-                },
-            )
+            tokio::time::timeout(wait, VolumeReader::open(&u, &opts.remote)).await.unwrap_or_else(|_| {
+                Err(VolumeError::Remote {
+                    context: format!("opening {u}"),
+                    source: Box::new(crate::remote::RemoteError::Transient {
+                        remote: u.to_string(),
+                        op: "open",
+                        key: String::new(),
+                        message: format!("no answer within {} s", wait.as_secs()),
+                        retry_after: None,
+                    }),
+                })
+            })
         } else {
             VolumeReader::open(&u, &opts.remote).await
         }
