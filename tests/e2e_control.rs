@@ -12,18 +12,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Client, Daemon};
+use common::{bin, run_ok, Client, Daemon};
 use serde_json::Value;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_driveblk")
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    assert!(out.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn status(cache: &Path) -> Value {
     serde_json::from_str(&run_ok(&["status", "--cache-dir", cache.to_str().unwrap(), "--json"])).unwrap()

@@ -12,17 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Client;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_driveblk")
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    assert!(out.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{bin, run_ok, Client};
 
 fn volume(dir: &Path) -> (String, Vec<u8>) {
     let img = dir.join("img.raw");

@@ -10,17 +10,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::Daemon;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_driveblk")
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    assert!(out.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{bin, run_ok, Daemon};
 
 fn have(cmd: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success())

@@ -9,17 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Client, Daemon};
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_driveblk")
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    assert!(out.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{bin, run_ok, Client, Daemon};
 
 fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img").args(args).output().unwrap();

@@ -9,6 +9,18 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
+/// The driveblk binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_driveblk")
+}
+
+/// Runs `driveblk ARGS`, asserts it succeeded, returns its stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    assert!(out.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A driveblk daemon child process, stopped with SIGTERM on drop.
 pub struct Daemon {
     pub child: Option<Child>,
