@@ -394,3 +394,50 @@ fn gdrive_generations_found_by_id_from_the_header() {
     driveblk::tier::export("gdrive:/byid/vol", &out, &eo).unwrap();
     assert!(std::fs::read(&out).unwrap() == bytes);
 }
+
+/// Write-back's packs are found by id too: a generation committed while
+/// listings lag an hour behind creates is read at once on another host
+/// (its own DriveApi, no id record, no patience for listings) — the
+/// manifest names each new pack's file id. Without the ids the new pack is
+/// invisible there and the export fails.
+#[test]
+fn gdrive_written_packs_found_by_id_on_another_host() {
+    use driveblk::format::{IoMode, IoVec};
+    use driveblk::tier::Storage;
+    let env = start(driveemu::Config::default(), Creds::User);
+    let (img, mut bytes) = tier_support::raw_image(env.dir.path(), "disk.raw", 1 << 20, 63);
+    let io = driveblk::volume::ImportOptions {
+        chunk_size: 256 << 10,
+        pack_size: 1 << 20,
+        parallel_uploads: 2,
+        progress: false,
+        remote: remote_opts(&env),
+        image_format: None,
+    };
+    volume::import(&img, "gdrive:/wpack/vol", &io).unwrap();
+    // From now on nothing new shows in a listing for an hour.
+    env.emu.faults().set_listing_lag(Duration::from_secs(3600));
+    let mut o = tier_support::cache_opts(&env.dir.path().join("cache-a"), remote_opts(&env));
+    o.boot_profile = driveblk::tier::boot::BootProfileMode::Off;
+    let s = driveblk::tier::open_volume("gdrive:/wpack/vol", o).unwrap();
+    let mut data = gdrive_support::data(64, 300 << 10);
+    let off = 100 << 10;
+    s.write_vectored_at(off, &IoVec::from_slice(&mut data), IoMode::Blocking).unwrap();
+    bytes[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    let t = s.flush_point().unwrap();
+    s.wait_durable(t).unwrap();
+    assert_eq!(s.close(Duration::from_secs(60)), 0, "everything uploaded");
+    drop(s);
+    let mut cfg = env.cfg.clone();
+    cfg.drive.pacer.rate = 9_004.0; // another host: its own DriveApi, nothing known
+    cfg.drive.id_record = None;
+    cfg.drive.open_grace = Duration::ZERO;
+    let mut other = remote_opts(&env);
+    other.config = Arc::new(cfg);
+    let i = volume::info_with("gdrive:/wpack/vol", &other).unwrap();
+    assert!(i.generation >= 2, "the write-back generation is found by id: {}", i.generation);
+    let eo = ExportOptions { cache_dir: None, parallel: 4, progress: false, remote: other };
+    let out = env.dir.path().join("wpack.raw");
+    driveblk::tier::export("gdrive:/wpack/vol", &out, &eo).unwrap();
+    assert!(std::fs::read(&out).unwrap() == bytes, "another host reads the written bytes");
+}

@@ -102,6 +102,7 @@ fn meta_of(key: &str, m: &std::fs::Metadata) -> ObjectMeta {
         modified_ms: u64::try_from(m.mtime()).ok().map(|s| s * 1000 + m.mtime_nsec() as u64 / 1_000_000),
         revision: None,
         md5: None,
+        slot: None,
     }
 }
 

@@ -71,6 +71,10 @@ pub struct ObjectMeta {
     /// Hex md5 of the content when the store reports it (Drive:
     /// `md5Checksum`).
     pub md5: Option<String>,
+    /// The object's identity on stores whose names are not unique (Drive:
+    /// its file id): a manifest records it so readers on other hosts find
+    /// the object without waiting for a listing to show it.
+    pub slot: Option<Slot>,
 }
 
 impl ObjectMeta {
@@ -86,6 +90,7 @@ impl ObjectMeta {
             modified_ms: None,
             revision: None,
             md5: None,
+            slot: None,
         }
     }
 }

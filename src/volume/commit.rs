@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use super::format::{gen_key, new_pack_key, ChunkRef, LeaseRecord, Manifest, VolumeHeader, Writer, PATCH_PAGE};
 use super::pack::{extract_patch, sha256_hex, PackWriter};
 use super::{VolumeError, VolumeResult};
-use crate::remote::{content_tag, DynRemote, PutBody, RemoteError};
+use crate::remote::{content_tag, DynRemote, ObjectMeta, PutBody, RemoteError};
 
 /// How generations are packed and written.
 #[derive(Clone, Debug)]
@@ -106,7 +106,7 @@ pub struct GenerationBuilder {
     has_base: bool,
     delta: Manifest,
     pack: PackWriter,
-    uploads: JoinSet<VolumeResult<u64>>,
+    uploads: JoinSet<VolumeResult<ObjectMeta>>,
     sem: Arc<Semaphore>,
     opts: CommitOptions,
     stats: CommitStats,
@@ -266,8 +266,7 @@ impl GenerationBuilder {
         }
         // Reap finished uploads so a failure stops the commit early.
         while let Some(r) = self.uploads.try_join_next() {
-            self.stats.pack_bytes +=
-                r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+            self.landed(r)?;
         }
         let key = self.delta.packs[self.current as usize].clone();
         let body = PutBody::from_bytes(std::mem::take(&mut self.pack).finish());
@@ -283,8 +282,19 @@ impl GenerationBuilder {
         self.uploads.spawn(async move {
             let r = remote.put(&key, body).await.map_err(|e| VolumeError::remote(format!("uploading {url}/{key}"), e));
             drop(permit);
-            r.map(|m| m.size)
+            r
         });
+        Ok(())
+    }
+
+    /// Accounts a finished pack upload; its identity goes into the manifest
+    /// so other hosts find the pack without waiting for a listing.
+    fn landed(&mut self, r: Result<VolumeResult<ObjectMeta>, tokio::task::JoinError>) -> VolumeResult<()> {
+        let meta = r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+        self.stats.pack_bytes += meta.size;
+        if let Some(slot) = meta.slot {
+            self.delta.ids.insert(meta.key, slot);
+        }
         Ok(())
     }
 
@@ -295,8 +305,7 @@ impl GenerationBuilder {
     pub async fn commit(mut self, writer: Writer) -> VolumeResult<(Manifest, CommitStats)> {
         self.ship().await?;
         while let Some(r) = self.uploads.join_next().await {
-            self.stats.pack_bytes +=
-                r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+            self.landed(r)?;
         }
         let g = self.delta.generation;
         let key = gen_key(g);

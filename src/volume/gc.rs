@@ -452,10 +452,15 @@ async fn repack(r: &VolumeReader, newest: &Manifest, packs: &[String], opts: &Gc
     }
     // Packs first, then the manifest naming them.
     for (k, b) in new_packs {
-        r.remote
+        let meta = r
+            .remote
             .put(&k, PutBody::from_bytes(b))
             .await
             .map_err(|e| VolumeError::remote(format!("uploading {}/{k}", r.url), e))?;
+        // Other hosts read the new pack by id, never waiting for a listing.
+        if let Some(slot) = meta.slot {
+            m.ids.insert(k, slot);
+        }
     }
     commit_full(r, newest, m, REPACK_WRITER).await
 }

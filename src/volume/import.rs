@@ -18,7 +18,7 @@ use super::format::{
 use super::pack::PackWriter;
 use super::reader::{connect, VolumeReader};
 use super::{runtime, RemoteOptions, VolumeError, VolumeInfo, VolumeResult, DEFAULT_CHUNK_SIZE};
-use crate::remote::{content_tag, DynRemote, PutBody, RemoteUrl};
+use crate::remote::{content_tag, DynRemote, ObjectMeta, PutBody, RemoteUrl};
 
 /// Options for [`import`].
 #[derive(Clone, Debug)]
@@ -113,6 +113,19 @@ pub(crate) async fn commit_new(
     Ok(())
 }
 
+/// A finished pack upload: its identity goes into the manifest so other
+/// hosts open the volume without waiting for a listing to show the pack.
+fn record_pack(
+    manifest: &mut Manifest,
+    r: Result<VolumeResult<ObjectMeta>, tokio::task::JoinError>,
+) -> VolumeResult<()> {
+    let meta = r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+    if let Some(slot) = meta.slot {
+        manifest.ids.insert(meta.key, slot);
+    }
+    Ok(())
+}
+
 /// Uploads the image file at `image` as a new volume at `url`: chunks it,
 /// skips all-zero chunks, compresses each chunk on its own into packs,
 /// uploads them, then commits generation 1. The image's bytes are stored
@@ -134,7 +147,7 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     let cs = opts.chunk_size as usize;
     let mut buf = vec![0u8; cs];
     let mut pack = PackWriter::new();
-    let mut uploads: JoinSet<VolumeResult<()>> = JoinSet::new();
+    let mut uploads: JoinSet<VolumeResult<ObjectMeta>> = JoinSet::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel_uploads.max(1)));
     let mut idx = 0u64;
     let mut pos = 0u64;
@@ -142,7 +155,7 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     // `parallel_uploads` are in memory and in flight at once.
     let ship = |pack: PackWriter,
                 manifest: &mut Manifest,
-                uploads: &mut JoinSet<VolumeResult<()>>|
+                uploads: &mut JoinSet<VolumeResult<ObjectMeta>>|
      -> VolumeResult<()> {
         let key = manifest.packs.last().cloned().expect("pack key registered before its chunks");
         let permit = rt
@@ -156,7 +169,7 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
                 let r =
                     remote.put(&key, body).await.map_err(|e| VolumeError::remote(format!("uploading {url}/{key}"), e));
                 drop(permit);
-                r.map(|_| ())
+                r
             },
             rt.handle(),
         );
@@ -181,7 +194,7 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
         }
         // Reap finished uploads early so a failure stops the import soon.
         while let Some(r) = uploads.try_join_next() {
-            r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+            record_pack(&mut manifest, r)?;
         }
         pos += n as u64;
         idx += 1;
@@ -192,7 +205,7 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     }
     rt.block_on(async {
         while let Some(r) = uploads.join_next().await {
-            r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+            record_pack(&mut manifest, r)?;
         }
         Ok::<(), VolumeError>(())
     })?;

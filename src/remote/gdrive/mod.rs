@@ -391,6 +391,7 @@ impl GDriveRemote {
             modified_ms: f.modified_ms(),
             revision: f.head_revision_id.clone(),
             md5: f.md5_checksum.clone(),
+            slot: Some(Slot(f.id.clone())),
         }
     }
 
