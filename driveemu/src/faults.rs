@@ -231,7 +231,7 @@ impl Faults {
 }
 
 /// What the emulator has seen and sent, for tests and benchmarks.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Stats {
     /// Requests by kind, e.g. "files.get", "files.get media", "upload resumable chunk", "token".
     pub requests: BTreeMap<String, u64>,

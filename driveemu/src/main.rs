@@ -57,6 +57,10 @@ struct Args {
     /// Create a shared drive of this name and print its id.
     #[arg(long)]
     shared_drive: Option<String>,
+    /// Keep the request and byte counters in this JSON file, rewritten
+    /// every half second (benchmarks read requests per run from it).
+    #[arg(long)]
+    stats_out: Option<std::path::PathBuf>,
 }
 
 impl TryFrom<&Args> for Config {
@@ -133,5 +137,18 @@ async fn main() {
     // Scripts read the lines above before the first request.
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    std::future::pending::<()>().await;
+    match &args.stats_out {
+        Some(p) => {
+            let tmp = p.with_extension("tmp");
+            loop {
+                let json = serde_json::to_vec_pretty(&emu.stats()).unwrap_or_default();
+                // Renamed into place so a reader never sees half a file.
+                if std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, p)).is_err() {
+                    eprintln!("driveemu: cannot write {}", p.display());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }

@@ -38,6 +38,7 @@ use sha2::{Digest, Sha256};
 use crate::format::{IoMode, IoVec};
 use crate::tier::journal::{Change, Journal, Record};
 use crate::tier::{LocalFile, Storage};
+use crate::volume::format::MAX_CHUNKS;
 use crate::volume::{VolumeError, VolumeResult};
 
 /// Chunk not in the cache.
@@ -282,6 +283,9 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
         2 => PARTIAL,
         _ => ZERO_DIRTY,
     };
+    if h.image_len.div_ceil(h.id.chunk_size) > MAX_CHUNKS || h.chunks > MAX_CHUNKS {
+        return Err(format!("state file claims an image of {} bytes, more than {MAX_CHUNKS} chunks", h.image_len));
+    }
     if h.chunks > rest.len() as u64 {
         return Err("state map does not match its header".into());
     }
@@ -331,7 +335,7 @@ fn apply_journal(l: &mut Loaded, dir: &Path, words: usize) -> Result<(), String>
     let pages = l.header.id.chunk_size.div_ceil(PAGE);
     for rec in Journal::replay(dir, l.header.checkpoint, words) {
         let chunks = rec.image_len.div_ceil(l.header.id.chunk_size);
-        if chunks > 1 << 40 {
+        if chunks > MAX_CHUNKS {
             return Err("journal record with an implausible image length".into());
         }
         if (l.states.len() as u64) < chunks {

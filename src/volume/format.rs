@@ -34,6 +34,10 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 /// Smallest and largest chunk sizes accepted (powers of two).
 pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+/// Most chunks an image may span (64 TiB at the default chunk size). Every
+/// chunk costs memory in a serving daemon, so a header, manifest or cache
+/// journal claiming more is damaged or hostile, not a bigger disk.
+pub const MAX_CHUNKS: u64 = 1 << 26;
 
 /// How chunks inside packs are compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +176,9 @@ impl VolumeHeader {
             ));
         }
         check_chunk_size(self.chunk_size)?;
+        if self.image_len.div_ceil(self.chunk_size) > MAX_CHUNKS {
+            return Err(format!("image length {} is more than {MAX_CHUNKS} chunks", self.image_len));
+        }
         if self.encryption != "none" || self.crypto.is_some() {
             return Err("the volume is encrypted; this driveblk cannot read encrypted volumes".into());
         }
@@ -562,6 +569,9 @@ impl Manifest {
             return Err("names a copy of a base, but the volume has none (or the copy's key is not base-*)".into());
         }
         let n = m.chunk_count();
+        if n > MAX_CHUNKS {
+            return Err(format!("image length {} is more than {MAX_CHUNKS} chunks", m.image_len));
+        }
         for (idx, r) in &m.chunks {
             if *idx >= n {
                 return Err(format!("chunk {idx} lies past the image end ({n} chunks)"));
