@@ -335,7 +335,8 @@ fn refcount_table_growth_sequential_fill() {
 }
 
 fn apply_write(disk: &Qcow2Disk, off: u64, buf: &mut [u8]) {
-    match disk.write(off, &IoVec::from_slice(buf), IoMode::NonBlocking) {
+    let r = disk.write(off, &IoVec::from_slice(buf), IoMode::NonBlocking);
+    match r {
         Err(e) if e.is_would_block() => disk.write(off, &IoVec::from_slice(buf), IoMode::Blocking).unwrap(),
         r => r.unwrap(),
     }

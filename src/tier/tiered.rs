@@ -790,6 +790,10 @@ impl Inner {
 
     fn start_readahead(self: &Arc<Self>, offset: u64, len: u64) {
         let ra = self.readahead.observe(offset, len);
+        if ra.is_empty() {
+            // Random I/O: nothing more to do (not even a manifest lookup).
+            return;
+        }
         let end = ra.end.min(self.vol.chunk_count());
         let replay = if self.streaming.load(Ordering::Relaxed) { self.replay.read().clone() } else { None };
         for idx in ra.start..end {
