@@ -41,7 +41,8 @@ fn apply(disk: &Qcow2Disk, op: &Op) -> DiskResult<()> {
     let attempt = |mode: IoMode| match *op {
         Op::Write { off, len, pat } => {
             let mut buf = vec![pat; len as usize];
-            disk.write(off, &IoVec::from_slice(&mut buf), mode)
+            let v = IoVec::from_slice(&mut buf);
+            disk.write(off, &v, mode)
         }
         Op::Zero { off, len, unmap } => disk.write_zeroes(off, len, unmap, mode),
         Op::Discard { off, len } => disk.discard(off, len, mode),
