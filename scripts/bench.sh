@@ -4,6 +4,7 @@
 #
 # Usage: scripts/bench.sh [--reps N] [--quick] [--runtime S] [--warmup S] [--size SIZE]
 #                         [--rows REGEX] [--record] [--keep] [--self-test-qsd] [--drop-caches]
+#                         [--no-ceiling]
 #                         [--cold] [--cold-only] [--cold-config SPEC]... [--cold-size SIZE]
 #                         [--cold-link "MS MBIT"] [--cold-no-export] [--sync-link "MS MBIT"]
 #   --reps N         repetitions per row and daemon (default 3); the table shows medians
@@ -11,6 +12,11 @@
 #   --runtime S      measured seconds per run (default 8); --warmup S unmeasured (default 1)
 #   --size SIZE      image size for dd (default 2G)
 #   --rows REGEX     only rows whose name matches (grep -E)
+#   --no-ceiling     skip the ceiling runs: by default every rep of every A/B row also runs the
+#                    same load against qsd's null-co driver (`--blockdev driver=null-co,
+#                    read-zeroes=off`: the vhost-user protocol with no storage at all), once per
+#                    distinct load and queue count, and the table shows each daemon's IOPS as a
+#                    share of that ceiling measured in the same run
 #   --record         append the table, command, date and machine to docs/benchmarks.md
 #   --keep           keep the work dir (images, logs, per-run JSON)
 #   --self-test-qsd  benchmark qsd against qsd (same as BENCH_A=qsd), to prove the harness
@@ -54,7 +60,7 @@ CMDLINE="scripts/bench.sh$(printf ' %q' "$@")"
 A=${BENCH_A:-driveblk}
 B=${BENCH_B:-qsd}
 REPS=3 RUNTIME=8 WARMUP=1 SIZE=2G ROWS_RE="" RECORD=0 KEEP=0 QUICK=0 REPS_SET=0
-DROP_CACHES=0 COLD=0 COLD_ONLY=0 COLD_SIZE=10G COLD_LINK="100 200" COLD_EXPORT=1 COLD_CONFIGS=()
+CEILING=1 DROP_CACHES=0 COLD=0 COLD_ONLY=0 COLD_SIZE=10G COLD_LINK="100 200" COLD_EXPORT=1 COLD_CONFIGS=()
 COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200
 SYNC_LINK="100 200"
 
@@ -73,6 +79,7 @@ while [[ $# -gt 0 ]]; do
         --keep) KEEP=1; shift ;;
         --self-test-qsd) A=qsd; shift ;;
         --drop-caches) DROP_CACHES=1; shift ;;
+        --no-ceiling) CEILING=0; shift ;;
         --cold) COLD=1; shift ;;
         --cold-only) COLD=1 COLD_ONLY=1; shift ;;
         --cold-config) COLD_CONFIGS+=("$2"); shift 2 ;;
@@ -122,6 +129,7 @@ LINK_ARGS="--remote-latency-ms $SYNC_LAT --remote-bandwidth-mbit $SYNC_MBIT"
 #                the driveblk column becomes the --sync-link simulated link.
 #   vol-wb-cold  vol-wb, but from an empty cache dir per run (writes of whole pages into chunks
 #                not cached land without fetching them; qcow2 metadata is fetched on first use).
+#   null         qsd's null-co driver, no image (the ceiling runs, see --no-ceiling); not a row.
 #   The vol-* rows run with --boot-profile off: they measure steady-state serving (a recorded
 #   "boot" here would be the warm-up pass, saved at every stop); the cold experiment measures
 #   boot profiles.
@@ -142,9 +150,14 @@ ROWS=(
     "volume RAM-warm: 4K randread QD32 1q|vol-ram|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
     "volume RAM-warm: 4K randread QD32 2q|vol-ram|2|--rw randread --bs 4k --iodepth 32|--format qcow2 --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
     "volume SSD-warm: 4K randread QD32 1q|vol-ssd|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
+    "volume SSD-warm: 4K randread QD32 2q|vol-ssd|2|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
+    "volume RAM-warm: 4K randread QD1 1q (latency)|vol-ram|1|--rw randread --bs 4k --iodepth 1|--format qcow2 --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
+    "volume SSD-warm: 4K randread QD1 1q (latency)|vol-ssd|1|--rw randread --bs 4k --iodepth 1|--format qcow2 --ram-cache 64M --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
     "volume SSD, page cache dropped: 4K randread QD32 1q|vol-ssd-drop|1|--rw randread --bs 4k --iodepth 32|--format qcow2 --ram-cache 64M --boot-profile off|driver=qcow2,l2-cache-size=@L2@"
     "volume writeback: 4K randwrite QD32 1q|vol-wb|1|--rw randwrite --bs 4k --iodepth 32|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
     "volume writeback: 64K seqwrite QD8 1q|vol-wb|1|--rw write --bs 64k --iodepth 8|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
+    "volume writeback: 4K randwrite QD32, FLUSH every 8 1q|vol-wb|1|--rw randwrite --bs 4k --iodepth 32 --flush-every 8|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
+    "volume writeback: 4K write+FLUSH QD1 1q (latency)|vol-wb|1|--rw randwrite --bs 4k --iodepth 1 --flush-every 1|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
     "volume writeback, empty cache: 4K randwrite QD32 1q|vol-wb-cold|1|--rw randwrite --bs 4k --iodepth 32|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
     "volume writeback, empty cache: 64K seqwrite QD8 1q|vol-wb-cold|1|--rw write --bs 64k --iodepth 8|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1|driver=qcow2,l2-cache-size=@L2@"
     "volume writeback, link: 4K write+FLUSH QD1|vol-wb|1|--rw randwrite --bs 4k --iodepth 1 --flush-every 1|--format qcow2 --boot-profile off --cache writeback --sync-timeout 1 @LINK@|driver=qcow2,l2-cache-size=@L2@"
@@ -250,6 +263,10 @@ ensure_image() { # kind: creates the image once per run (in this shell, so IMAGE
             path=$WORK/overlay.qcow2
             qemu-img create -q -f qcow2 -b "${IMAGES[qcow2]}" -F qcow2 "$path"
             ;;
+        null)
+            IMAGES[$kind]=none # qsd's null-co driver: no image at all
+            return 0
+            ;;
         vol-ram | vol-ssd | vol-ssd-drop | vol-wb | vol-wb-cold)
             ensure_image qcow2
             path=${IMAGES[qcow2]}
@@ -290,9 +307,13 @@ start_daemon() { # daemon image queues driveblk-args qsd-fmt logfile [driveblk s
                 pre=(--blockdev "driver=file,node-name=bfile0,filename=${IMAGES[qcow2]},aio=io_uring,cache.direct=off,read-only=on"
                     --blockdev "driver=qcow2,node-name=base0,file=bfile0,read-only=on,l2-cache-size=$L2_BYTES")
             fi
+            if [[ $qfmt == driver=null-co* ]]; then
+                pre=(--blockdev "$qfmt,node-name=disk0")
+            else
+                pre+=(--blockdev "driver=file,node-name=file0,filename=$img,aio=io_uring,cache.direct=off"
+                    --blockdev "$qfmt,node-name=disk0,file=file0")
+            fi
             qemu-storage-daemon "${pre[@]}" \
-                --blockdev "driver=file,node-name=file0,filename=$img,aio=io_uring,cache.direct=off" \
-                --blockdev "$qfmt,node-name=disk0,file=file0" \
                 --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$q" \
                 >"$logf" 2>&1 &
             ;;
@@ -412,7 +433,7 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
         fi
         stop_daemon "$d" "$WORK/$tag.log" || ok=0
         # Flush dirty pages of write rows now, so writeback never lands inside the next run.
-        sync "$img"
+        [[ $kind == null ]] || sync "$img"
     else
         ok=0
     fi
@@ -451,11 +472,30 @@ done
 [[ ${#SEL[@]} -gt 0 || ${#SYNC_SEL[@]} -gt 0 || $COLD == 1 ]] || die "no row matches --rows '$ROWS_RE'"
 [[ ${#SEL[@]} -eq 0 ]] ||
     log "$LABEL_A vs $LABEL_B: ${#SEL[@]} rows x $REPS reps, ${RUNTIME}s + ${WARMUP}s warmup each; work dir $WORK"
+# The ceiling of a row: the same load and queue count against qsd's null-co driver. One ceiling
+# row per distinct (queues, load), appended to ROWS; CEIL_OF maps a row to its ceiling's index.
+declare -A CEIL_OF=() CEIL_IDX=()
+if [[ $CEILING == 1 ]]; then
+    for i in "${SEL[@]}"; do
+        IFS='|' read -r _ _ q gargs _ <<<"${ROWS[$i]}"
+        key="$q|$gargs"
+        if [[ -z ${CEIL_IDX[$key]:-} ]]; then
+            CEIL_IDX[$key]=${#ROWS[@]}
+            ROWS+=("ceiling (qsd null-co): ${gargs//--/} ${q}q|null|$q|$gargs|-|driver=null-co,read-zeroes=off,size=$SIZE_BYTES")
+        fi
+        CEIL_OF[$i]=${CEIL_IDX[$key]}
+    done
+fi
 for i in "${SEL[@]}"; do
     for ((rep = 1; rep <= REPS; rep++)); do
         log "${ROWS[$i]%%|*}: rep $rep/$REPS"
         run_one "$i" "$rep" "$A" "$KEY_A"
         run_one "$i" "$rep" "$B" "$KEY_B"
+        c=${CEIL_OF[$i]:-}
+        # Each ceiling runs once per rep, next to the first row that needs it.
+        if [[ -n $c ]] && ! awk -F'\t' -v n="${ROWS[$c]%%|*}" -v r="$rep" '$1 == n && $3 == r {f=1} END {exit !f}' "$RESULTS"; then
+            run_one "$c" "$rep" qsd ceil
+        fi
     done
 done
 AB_END_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -748,8 +788,8 @@ TABLE=$WORK/table.md REPTAB=$WORK/reps.md
 : >"$TABLE"; : >"$REPTAB"
 if [[ ${#SEL[@]} -gt 0 ]]; then
 {
-    echo "| row | $LABEL_A IOPS | $LABEL_B IOPS | $LABEL_A MB/s | $LABEL_B MB/s | $LABEL_A p50/p99 µs | $LABEL_B p50/p99 µs | daemon CPU % $LABEL_A / $LABEL_B | IOPS $LABEL_A/$LABEL_B |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| row | $LABEL_A IOPS | $LABEL_B IOPS | $LABEL_A MB/s | $LABEL_B MB/s | $LABEL_A p50/p99 µs | $LABEL_B p50/p99 µs | daemon CPU % $LABEL_A / $LABEL_B | CPU % per 100K IOPS $LABEL_A / $LABEL_B | IOPS $LABEL_A/$LABEL_B | null-co IOPS | $LABEL_A / null-co | $LABEL_B / null-co |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for i in "${SEL[@]}"; do
         name=${ROWS[$i]%%|*}
         ia=$(med "$name" "$A" 4) ib=$(med "$name" "$KEY_B" 4)
@@ -758,7 +798,16 @@ if [[ ${#SEL[@]} -gt 0 ]]; then
         lb=$(med "$name" "$KEY_B" 6)/$(med "$name" "$KEY_B" 7)
         if [[ $ia == FAIL || $ib == FAIL ]]; then ratio=n/a; else ratio=$(awk -v a="$ia" -v b="$ib" 'BEGIN {printf "%.2f", a / b}'); fi
         ca=$(med "$name" "$A" 8)/$(med "$name" "$KEY_B" 8)
-        echo "| $name | $(fmt "$ia" 0) | $(fmt "$ib" 0) | $(fmt "$ma" 1) | $(fmt "$mb" 1) | $(fmtl "$la") | $(fmtl "$lb") | $(fmtl "$ca") | $ratio |"
+        per=$(awk -v a="$(med "$name" "$A" 8)" -v ia="$ia" -v b="$(med "$name" "$KEY_B" 8)" -v ib="$ib" '
+            function f(c, i) { return (c == "FAIL" || i == "FAIL" || c == "nan" || i + 0 == 0) ? "n/a" : sprintf("%.1f", c / (i / 1e5)) }
+            BEGIN { printf "%s / %s", f(a, ia), f(b, ib) }')
+        ic=FAIL rc="-" rcb="-"
+        if [[ -n ${CEIL_OF[$i]:-} ]]; then
+            ic=$(med "${ROWS[${CEIL_OF[$i]}]%%|*}" ceil 4)
+            rc=$(awk -v a="$ia" -v c="$ic" 'BEGIN {print (a == "FAIL" || c == "FAIL") ? "n/a" : sprintf("%.2f", a / c)}')
+            rcb=$(awk -v a="$ib" -v c="$ic" 'BEGIN {print (a == "FAIL" || c == "FAIL") ? "n/a" : sprintf("%.2f", a / c)}')
+        fi
+        echo "| $name | $(fmt "$ia" 0) | $(fmt "$ib" 0) | $(fmt "$ma" 1) | $(fmt "$mb" 1) | $(fmtl "$la") | $(fmtl "$lb") | $(fmtl "$ca") | $per | $ratio | $( [[ -n ${CEIL_OF[$i]:-} ]] && fmt "$ic" 0 || echo -) | $rc | $rcb |"
     done
 } >"$TABLE"
 # Per-rep IOPS, so a reader can see the spread behind each median.
@@ -768,7 +817,9 @@ reps_line() { awk '{printf "%s%s", (NR > 1 ? ", " : ""), ($1 == "FAIL" ? "FAIL" 
     echo
     for i in "${SEL[@]}"; do
         name=${ROWS[$i]%%|*}
-        echo "- $name: $LABEL_A $(col "$name" "$A" 4 | reps_line); $LABEL_B $(col "$name" "$KEY_B" 4 | reps_line)" \
+        ceil=""
+        [[ -z ${CEIL_OF[$i]:-} ]] || ceil="; null-co $(col "${ROWS[${CEIL_OF[$i]}]%%|*}" ceil 4 | reps_line)"
+        echo "- $name: $LABEL_A $(col "$name" "$A" 4 | reps_line); $LABEL_B $(col "$name" "$KEY_B" 4 | reps_line)$ceil" \
             "(generator CPU % median: $(fmtl "$(med "$name" "$A" 9)/$(med "$name" "$KEY_B" 9)"))"
     done
 } >"$REPTAB"

@@ -251,7 +251,8 @@ fn same_cluster_race_once(opts: &str) {
                 for sec in (0..sectors).filter(|s| s % 16 < 8 && s % threads == t) {
                     let mut b = vec![(t + 1) as u8; 512];
                     let mode = if sec % 3 == 0 { IoMode::NonBlocking } else { IoMode::Blocking };
-                    match disk.write(sec * 512, &IoVec::from_slice(&mut b), mode) {
+                    let r = disk.write(sec * 512, &IoVec::from_slice(&mut b), mode);
+                    match r {
                         Err(e) if e.is_would_block() => {
                             disk.write(sec * 512, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap()
                         }

@@ -41,7 +41,8 @@ fn apply(disk: &Qcow2Disk, op: &Op) -> DiskResult<()> {
     let attempt = |mode: IoMode| match *op {
         Op::Write { off, len, pat } => {
             let mut buf = vec![pat; len as usize];
-            disk.write(off, &IoVec::from_slice(&mut buf), mode)
+            let v = IoVec::from_slice(&mut buf);
+            disk.write(off, &v, mode)
         }
         Op::Zero { off, len, unmap } => disk.write_zeroes(off, len, unmap, mode),
         Op::Discard { off, len } => disk.discard(off, len, mode),
@@ -335,7 +336,8 @@ fn refcount_table_growth_sequential_fill() {
 }
 
 fn apply_write(disk: &Qcow2Disk, off: u64, buf: &mut [u8]) {
-    match disk.write(off, &IoVec::from_slice(buf), IoMode::NonBlocking) {
+    let r = disk.write(off, &IoVec::from_slice(buf), IoMode::NonBlocking);
+    match r {
         Err(e) if e.is_would_block() => disk.write(off, &IoVec::from_slice(buf), IoMode::Blocking).unwrap(),
         r => r.unwrap(),
     }

@@ -59,7 +59,8 @@ fn concurrent_reads_and_writes_stay_coherent_under_eviction() {
                         let start = off.saturating_sub(BLOCK * THREADS);
                         let end = (off + BLOCK * (THREADS + 1)).min(model.len());
                         let mut b = vec![0u8; end - start];
-                        match s.read_vectored_at(start as u64, &IoVec::from_slice(&mut b), IoMode::NonBlocking) {
+                        let r = s.read_vectored_at(start as u64, &IoVec::from_slice(&mut b), IoMode::NonBlocking);
+                        match r {
                             Ok(()) => {}
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                                 s.read_vectored_at(start as u64, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap()

@@ -44,7 +44,8 @@ impl Storage for Mem {
     }
     fn write_zeroes_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
         let mut z = vec![0u8; len.min(MAX_FILE as u64) as usize];
-        self.write_vectored_at(offset, &IoVec::from_slice(&mut z), IoMode::Blocking)
+        let v = IoVec::from_slice(&mut z);
+        self.write_vectored_at(offset, &v, IoMode::Blocking)
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         if len > MAX_FILE as u64 {

@@ -199,7 +199,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
         "chunk_size": s.chunk_size,
         "chunks": { "total": s.chunks_total, "cached": s.chunks_cached, "dirty": s.chunks_dirty,
                     "pinned": s.chunks_pinned, "zero": s.chunks_zero },
-        "ram": { "bytes": s.ram_bytes, "cap": s.ram_cap, "hits": s.ram_hits },
+        "ram": { "bytes": s.ram_bytes, "cap": s.ram_cap, "hits": s.ram_hits, "promotions": s.ram_promotions },
         "ssd": { "bytes": s.ssd_bytes, "cap": s.ssd_cap, "hits": s.ssd_hits, "evictions": s.ssd_evictions },
         "zero_hits": s.zero_hits,
         "remote": { "misses": s.misses, "fetches": s.remote_fetches, "bytes": s.remote_bytes,

@@ -11,7 +11,15 @@
 
 use std::marker::PhantomData;
 
+use smallvec::SmallVec;
 use vm_memory::VolatileSlice;
+
+/// Segments kept inline: a request's buffers are a few segments, so the
+/// hot path builds and slices vectors without touching the heap.
+const INLINE: usize = 4;
+
+/// `iovec`s for one `preadv`/`pwritev`, inline up to [`INLINE`].
+pub type IoVecs = SmallVec<[libc::iovec; INLINE]>;
 
 /// Source of the zeroes `fill_zero` copies in, a page at a time.
 static ZEROES: [u8; 4096] = [0u8; 4096];
@@ -23,7 +31,7 @@ static ZEROES: [u8; 4096] = [0u8; 4096];
 /// alive until the request completes, which is what makes that sound.
 #[derive(Clone, Debug, Default)]
 pub struct IoVec<'a> {
-    segs: Vec<VolatileSlice<'a>>,
+    segs: SmallVec<[VolatileSlice<'a>; INLINE]>,
     len: usize,
     _mem: PhantomData<&'a mut [u8]>,
 }
@@ -40,7 +48,7 @@ unsafe impl Sync for IoVec<'_> {}
 impl<'a> IoVec<'a> {
     /// An empty vector.
     pub fn new() -> Self {
-        Self { segs: Vec::new(), len: 0, _mem: PhantomData }
+        Self { segs: SmallVec::new(), len: 0, _mem: PhantomData }
     }
 
     /// A vector over one mutable byte slice (tests, metadata, bounce edges).
@@ -139,7 +147,7 @@ impl<'a> IoVec<'a> {
     }
 
     /// The segments as `libc::iovec`s for preadv/pwritev.
-    pub fn as_iovecs(&self) -> Vec<libc::iovec> {
+    pub fn as_iovecs(&self) -> IoVecs {
         self.segs
             .iter()
             .map(|s| libc::iovec { iov_base: s.ptr_guard_mut().as_ptr().cast(), iov_len: s.len() })

@@ -7,6 +7,7 @@ pub mod error;
 pub mod iovec;
 pub mod qcow2;
 pub mod raw;
+pub mod read_mostly;
 
 use std::fmt;
 use std::str::FromStr;

@@ -25,6 +25,11 @@ pub struct LocalFile {
     /// Cleared once the kernel says RWF_NOWAIT is unsupported here, so we stop
     /// asking (the blocking worker then serves every request).
     nowait_reads: AtomicBool,
+    /// Bumped after every write (of data, zeroes, length) completes;
+    /// `synced` is the value the last good `fdatasync` covered, so a flush
+    /// with nothing written since costs no fsync.
+    written: AtomicU64,
+    synced: AtomicU64,
 }
 
 impl LocalFile {
@@ -45,6 +50,9 @@ impl LocalFile {
             read_only,
             len: AtomicU64::new(len),
             nowait_reads: AtomicBool::new(true),
+            // Unequal: the first flush syncs what earlier openers wrote.
+            written: AtomicU64::new(1),
+            synced: AtomicU64::new(0),
         })
     }
 
@@ -58,6 +66,13 @@ impl LocalFile {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Notes that a write finished (well or not: a failed one may still
+    /// have changed some bytes), so the next flush syncs.
+    fn wrote<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        self.written.fetch_add(1, Ordering::SeqCst);
+        r
     }
 
     /// The path this file was opened from.
@@ -107,7 +122,7 @@ fn file_len(file: &File) -> io::Result<u64> {
 }
 
 /// Advances `iov` past `n` consumed bytes.
-fn advance(iov: &mut Vec<libc::iovec>, mut n: usize) {
+fn advance(iov: &mut crate::format::iovec::IoVecs, mut n: usize) {
     let mut drop_count = 0;
     for v in iov.iter_mut() {
         if n >= v.iov_len {
@@ -179,17 +194,17 @@ impl Storage for LocalFile {
         let mut done = 0u64;
         while done < total {
             match self.writev_once(offset + done, &iov) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing")),
+                Ok(0) => return self.wrote(Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"))),
                 Ok(n) => {
                     done += n as u64;
                     advance(&mut iov, n);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(e),
+                Err(e) => return self.wrote(Err(e)),
             }
         }
         self.len.fetch_max(end, Ordering::AcqRel);
-        Ok(())
+        self.wrote(Ok(()))
     }
 
     fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -199,6 +214,40 @@ impl Storage for LocalFile {
         if len == 0 {
             return Ok(());
         }
+        let r = self.zero_range(offset, len);
+        self.wrote(r)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let r = self.file.set_len(len);
+        self.wrote(r)?;
+        self.len.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        // Read before the sync: a write finishing during it bumps past it.
+        let epoch = self.written.load(Ordering::SeqCst);
+        if epoch == self.synced.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        self.synced.fetch_max(epoch, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("local file {}", self.path.display())
+    }
+}
+
+impl LocalFile {
+    /// Zeroes `[offset, offset + len)`: holes inside the file, written
+    /// zeroes past its end.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let flen = self.len();
         // Punch only inside the file; zero-extend past its end by writing.
         let punch_end = (offset + len).min(flen);
@@ -221,23 +270,6 @@ impl Storage for LocalFile {
             self.len.fetch_max(offset + len, Ordering::AcqRel);
         }
         Ok(())
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)?;
-        self.len.store(len, Ordering::Release);
-        Ok(())
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        self.file.sync_data()
-    }
-
-    fn describe(&self) -> String {
-        format!("local file {}", self.path.display())
     }
 }
 
@@ -288,5 +320,30 @@ mod tests {
         let f = LocalFile::open(&p, true).unwrap();
         assert!(f.write_at(0, b"x").is_err());
         assert!(f.write_zeroes_at(0, 512).is_err());
+    }
+
+    /// A flush syncs only when something was written since the last one
+    /// (the guest's FLUSH with nothing dirty costs no fdatasync).
+    #[test]
+    fn flush_syncs_only_after_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![0u8; 8192]).unwrap();
+        let f = LocalFile::open(&p, false).unwrap();
+        let pending = |f: &LocalFile| f.written.load(Ordering::SeqCst) != f.synced.load(Ordering::SeqCst);
+        assert!(pending(&f), "what earlier openers wrote is synced at the first flush");
+        f.flush().unwrap();
+        assert!(!pending(&f));
+        f.write_at(0, b"x").unwrap();
+        assert!(pending(&f));
+        f.flush().unwrap();
+        assert!(!pending(&f));
+        f.write_zeroes_at(0, 4096).unwrap();
+        assert!(pending(&f));
+        f.flush().unwrap();
+        f.set_len(4096).unwrap();
+        assert!(pending(&f));
+        f.flush().unwrap();
+        assert!(!pending(&f));
     }
 }

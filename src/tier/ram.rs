@@ -1,26 +1,80 @@
-//! RAM tier: a sharded LRU of whole chunks with a byte cap, plus a pinned
-//! set (qcow2 metadata) that is never evicted. Shards keep queue threads
-//! from contending on one lock.
+//! RAM tier: sharded whole chunks with a byte cap, evicted by CLOCK (a
+//! referenced bit per chunk, a second chance before eviction), plus pinned
+//! chunks (qcow2 metadata) that are never evicted. A hit takes one shard's
+//! read lock and sets a bit: no global lock, no reordering, no allocation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use lru::LruCache;
-use parking_lot::{Mutex, RwLock};
+use crossbeam_utils::CachePadded;
+use parking_lot::RwLock;
 
 /// One chunk's bytes, shared between the cache, in-flight fetches and
 /// readers. Writes patch it in place (under the chunk's stripe lock), so a
 /// cached copy never goes stale.
 pub type ChunkBuf = Arc<RwLock<Vec<u8>>>;
 
-const SHARDS: usize = 16;
+const SHARDS: usize = 64;
+
+struct Entry {
+    buf: ChunkBuf,
+    /// Set by every hit; CLOCK clears it once before evicting the chunk.
+    referenced: AtomicBool,
+    pinned: bool,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<u64, Entry>,
+    /// Unpinned chunks in the map.
+    cached: usize,
+    /// The CLOCK ring of unpinned chunks. May hold indexes no longer cached
+    /// (removed, pinned): the sweep drops them as it passes.
+    ring: VecDeque<u64>,
+}
+
+impl Shard {
+    /// Evicts by CLOCK until at most `cap` unpinned chunks remain.
+    fn sweep(&mut self, cap: usize) {
+        while self.cached > cap {
+            let Some(idx) = self.ring.pop_front() else { break };
+            match self.map.get(&idx) {
+                Some(e) if !e.pinned => {
+                    if e.referenced.swap(false, Ordering::Relaxed) {
+                        self.ring.push_back(idx);
+                    } else {
+                        self.map.remove(&idx);
+                        self.cached -= 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Stale ring entries (removed or pinned chunks, and second entries
+        // of chunks removed and cached again) are bounded.
+        if self.ring.len() > 2 * self.cached + 16 {
+            let map = &self.map;
+            let mut seen = std::collections::HashSet::new();
+            self.ring.retain(|i| map.get(i).is_some_and(|e| !e.pinned) && seen.insert(*i));
+        }
+    }
+
+    fn remove_unpinned(&mut self, idx: u64) -> bool {
+        if self.map.get(&idx).is_some_and(|e| !e.pinned) {
+            self.map.remove(&idx);
+            self.cached -= 1;
+            return true;
+        }
+        false
+    }
+}
 
 /// The RAM tier.
 pub struct RamCache {
-    shards: Vec<Mutex<LruCache<u64, ChunkBuf>>>,
-    /// Entries per shard; 0 disables the LRU (pins still work).
+    shards: Box<[CachePadded<RwLock<Shard>>]>,
+    /// Unpinned entries per shard; 0 disables caching (pins still work).
     shard_cap: usize,
-    pinned: RwLock<HashMap<u64, ChunkBuf>>,
     chunk_size: u64,
 }
 
@@ -32,86 +86,98 @@ impl RamCache {
         // cost of overshooting it by less than one chunk per shard.
         let shard_cap = chunks.div_ceil(SHARDS);
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(LruCache::unbounded())).collect(),
+            shards: (0..SHARDS).map(|_| CachePadded::new(RwLock::new(Shard::default()))).collect(),
             shard_cap,
-            pinned: RwLock::new(HashMap::new()),
             chunk_size,
         }
     }
 
-    fn shard(&self, idx: u64) -> &Mutex<LruCache<u64, ChunkBuf>> {
+    fn shard(&self, idx: u64) -> &RwLock<Shard> {
         &self.shards[(idx as usize) % SHARDS]
+    }
+
+    fn hit(e: &Entry) -> ChunkBuf {
+        // Only write the bit when it changes: a hot chunk's line stays shared.
+        if !e.pinned && !e.referenced.load(Ordering::Relaxed) {
+            e.referenced.store(true, Ordering::Relaxed);
+        }
+        e.buf.clone()
     }
 
     /// The chunk if resident (pinned or cached), marking it recently used.
     pub fn get(&self, idx: u64) -> Option<ChunkBuf> {
-        if let Some(b) = self.pinned.read().get(&idx) {
-            return Some(b.clone());
-        }
-        if self.shard_cap == 0 {
-            return None;
-        }
-        self.shard(idx).lock().get(&idx).cloned()
+        self.shard(idx).read().map.get(&idx).map(Self::hit)
     }
 
     /// [`get`](Self::get) without waiting: `Err(())` when another thread
-    /// holds the shard (the non-blocking fast path then says WouldBlock
-    /// instead of waiting on the queue's thread).
+    /// holds the shard exclusively (the non-blocking fast path then says
+    /// WouldBlock instead of waiting on the queue's thread).
     #[allow(clippy::result_unit_err)]
     pub fn try_get(&self, idx: u64) -> Result<Option<ChunkBuf>, ()> {
-        if let Some(b) = self.pinned.try_read().ok_or(())?.get(&idx) {
-            return Ok(Some(b.clone()));
-        }
-        if self.shard_cap == 0 {
-            return Ok(None);
-        }
-        let mut shard = self.shard(idx).try_lock().ok_or(())?;
-        Ok(shard.get(&idx).cloned())
+        let shard = self.shard(idx).try_read().ok_or(())?;
+        Ok(shard.map.get(&idx).map(Self::hit))
     }
 
-    /// Caches a chunk, evicting the least recently used beyond the cap.
+    /// Caches a chunk (replacing an unpinned copy), evicting by CLOCK
+    /// beyond the cap. A pinned chunk stays as it is.
     pub fn insert(&self, idx: u64, buf: ChunkBuf) {
-        if self.shard_cap == 0 || self.pinned.read().contains_key(&idx) {
+        if self.shard_cap == 0 {
             return;
         }
-        let mut s = self.shard(idx).lock();
-        s.put(idx, buf);
-        while s.len() > self.shard_cap {
-            s.pop_lru();
+        let mut s = self.shard(idx).write();
+        match s.map.get_mut(&idx) {
+            Some(e) if e.pinned => return,
+            Some(e) => e.buf = buf,
+            None => {
+                // New chunks start unreferenced: one read of a chunk does not
+                // make it outlive chunks read again and again.
+                s.map.insert(idx, Entry { buf, referenced: AtomicBool::new(false), pinned: false });
+                s.cached += 1;
+                s.ring.push_back(idx);
+            }
         }
+        let cap = self.shard_cap;
+        s.sweep(cap);
     }
 
-    /// Keeps a chunk resident for good (moving it out of the LRU).
+    /// Keeps a chunk resident for good (out of the cap and of eviction).
     pub fn pin(&self, idx: u64, buf: ChunkBuf) {
-        self.shard(idx).lock().pop(&idx);
-        self.pinned.write().insert(idx, buf);
+        let mut s = self.shard(idx).write();
+        s.remove_unpinned(idx);
+        s.map.insert(idx, Entry { buf, referenced: AtomicBool::new(false), pinned: true });
     }
 
     /// True if `idx` is pinned.
     pub fn is_pinned(&self, idx: u64) -> bool {
-        self.pinned.read().contains_key(&idx)
+        self.shard(idx).read().map.get(&idx).is_some_and(|e| e.pinned)
     }
 
     /// Drops an unpinned chunk.
     pub fn remove(&self, idx: u64) {
-        self.shard(idx).lock().pop(&idx);
+        self.shard(idx).write().remove_unpinned(idx);
     }
 
     /// Drops every unpinned chunk; returns the bytes freed.
     pub fn clear(&self) -> u64 {
-        let n: usize = self.shards.iter().map(|s| std::mem::replace(&mut *s.lock(), LruCache::unbounded()).len()).sum();
+        let mut n = 0usize;
+        for s in self.shards.iter() {
+            let mut s = s.write();
+            s.map.retain(|_, e| e.pinned);
+            n += std::mem::take(&mut s.cached);
+            s.ring.clear();
+        }
         n as u64 * self.chunk_size
     }
 
     /// Number of pinned chunks.
     pub fn pinned_count(&self) -> u64 {
-        self.pinned.read().len() as u64
+        self.shards.iter().map(|s| s.read().map.values().filter(|e| e.pinned).count() as u64).sum()
     }
 
     /// Bytes held (cached plus pinned).
     pub fn bytes(&self) -> u64 {
-        let cached: usize = self.shards.iter().map(|s| s.lock().len()).sum();
-        (cached as u64 + self.pinned_count()) * self.chunk_size
+        let n: usize = self.shards.iter().map(|s| s.read().map.len()).sum();
+        n as u64 * self.chunk_size
     }
 }
 
@@ -123,22 +189,49 @@ mod tests {
         Arc::new(RwLock::new(vec![v; 4]))
     }
 
+    const S: u64 = SHARDS as u64;
+
     #[test]
-    fn lru_cap_and_pins() {
-        let r = RamCache::new(16 * 2 * 4, 4); // two entries per shard
+    fn clock_cap_and_pins() {
+        let r = RamCache::new(S * 2 * 4, 4); // two entries per shard
         for i in 0..3u64 {
-            r.insert(i * 16, buf(i as u8)); // all in shard 0
+            r.insert(i * S, buf(i as u8)); // all in shard 0
         }
-        assert!(r.get(0).is_none(), "oldest evicted");
-        assert!(r.get(16).is_some() && r.get(32).is_some());
-        r.pin(48, buf(9));
+        assert!(r.get(0).is_none(), "oldest unreferenced evicted");
+        assert!(r.get(S).is_some() && r.get(2 * S).is_some());
+        r.pin(3 * S, buf(9));
         for i in 4..10u64 {
-            r.insert(i * 16, buf(0));
+            r.insert(i * S, buf(0));
         }
-        assert_eq!(r.get(48).unwrap().read()[0], 9);
-        assert!(r.is_pinned(48));
+        assert_eq!(r.get(3 * S).unwrap().read()[0], 9);
+        assert!(r.is_pinned(3 * S));
+        assert_eq!(r.pinned_count(), 1);
+        assert_eq!(r.bytes(), 3 * 4, "two cached and one pinned");
         let off = RamCache::new(0, 4);
         off.insert(1, buf(1));
         assert!(off.get(1).is_none());
+        off.pin(1, buf(1));
+        assert!(off.get(1).is_some(), "pins work with caching off");
+    }
+
+    /// A chunk read since it was cached gets a second chance: the sweep
+    /// evicts the unreferenced one after it instead.
+    #[test]
+    fn referenced_chunks_survive_a_sweep() {
+        let r = RamCache::new(S * 2 * 4, 4);
+        r.insert(0, buf(0));
+        r.insert(S, buf(1));
+        assert!(r.get(0).is_some());
+        r.insert(2 * S, buf(2));
+        assert!(r.get(0).is_some(), "referenced: kept");
+        assert!(r.get(S).is_none(), "unreferenced: evicted");
+        // Removed and re-inserted chunks do not grow the ring without bound.
+        for _ in 0..1000 {
+            r.remove(3 * S);
+            r.insert(3 * S, buf(3));
+        }
+        assert!(r.shard(0).read().ring.len() <= 2 * 2 + 17);
+        assert_eq!(r.clear(), 2 * 4);
+        assert_eq!(r.bytes(), 0);
     }
 }

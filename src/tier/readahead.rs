@@ -1,8 +1,14 @@
 //! Sequential-stream detection for readahead: remembers a few recent
 //! streams and, once one has read enough back-to-back bytes, says which
 //! chunks to fetch ahead of it (the window doubles as the stream goes on).
+//!
+//! Streams are tracked per thread: each virtqueue has its own thread and a
+//! guest stream is submitted on one queue, so detection needs no lock and
+//! shares no memory between queues; random reads cost a scan of eight
+//! entries on the thread's own table.
 
-use parking_lot::Mutex;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const STREAMS: usize = 8;
 /// Back-to-back bytes before a stream counts as sequential.
@@ -17,17 +23,28 @@ struct Stream {
     last_use: u64,
 }
 
+/// One thread's streams: whose they are (a [`Readahead`]'s id), the
+/// streams and their clock.
+type Table = (u64, [Stream; STREAMS], u64);
+
+thread_local! {
+    static TABLE: RefCell<Table> = const { RefCell::new((0, [Stream { next: 0, run: 0, issued_to: 0, last_use: 0 }; STREAMS], 0)) };
+}
+
 /// Tracks streams; thread-safe.
 pub struct Readahead {
     chunk_size: u64,
     max_chunks: u64,
-    streams: Mutex<([Stream; STREAMS], u64)>,
+    /// Tells this detector's streams apart in a thread's table (a thread
+    /// serving another store starts over: readahead is only a hint).
+    id: u64,
 }
 
 impl Readahead {
     /// `max_chunks` = 0 disables readahead.
     pub fn new(chunk_size: u64, max_chunks: u64) -> Self {
-        Self { chunk_size, max_chunks, streams: Mutex::new(([Stream::default(); STREAMS], 0)) }
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self { chunk_size, max_chunks, id: NEXT.fetch_add(1, Ordering::Relaxed) }
     }
 
     /// Records a read of `[offset, offset+len)`; returns the chunk range to
@@ -36,9 +53,24 @@ impl Readahead {
         if self.max_chunks == 0 || len == 0 {
             return 0..0;
         }
+        TABLE.with(|t| {
+            let mut t = t.borrow_mut();
+            if t.0 != self.id {
+                *t = (self.id, [Stream::default(); STREAMS], 0);
+            }
+            let (_, streams, clock) = &mut *t;
+            self.observe_in(streams, clock, offset, len)
+        })
+    }
+
+    fn observe_in(
+        &self,
+        streams: &mut [Stream; STREAMS],
+        clock: &mut u64,
+        offset: u64,
+        len: u64,
+    ) -> std::ops::Range<u64> {
         let end = offset + len;
-        let mut g = self.streams.lock();
-        let (streams, clock) = &mut *g;
         *clock += 1;
         let now = *clock;
         // The same read again (a non-blocking attempt retried on a worker)

@@ -29,7 +29,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
@@ -154,11 +157,81 @@ pub enum OpenMode {
 struct Slot {
     state: AtomicU8,
     pinned: AtomicBool,
-    /// Last access, on the cache's logical clock (for eviction order).
-    tick: AtomicU32,
+    /// Set by every access; eviction (CLOCK) clears it once before
+    /// evicting the chunk, so a chunk in use gets a second chance.
+    referenced: AtomicBool,
     /// Write sequence of the newest write to a dirty chunk: write-back
     /// marks a chunk clean only if no write came after the copy it uploaded.
     seq: AtomicU64,
+}
+
+/// Slots per segment of [`Slots`].
+const SEG: usize = 4096;
+
+/// The chunk map: slots in segments that never move. Growing the map adds
+/// segments and publishes a new list of them, so a lookup takes no lock
+/// (one arc-swap load) and no update to a slot is lost to a copy.
+struct Slots {
+    segs: ArcSwap<Vec<Arc<[Slot]>>>,
+    len: AtomicUsize,
+    grow: Mutex<()>,
+}
+
+/// All slots as of one moment, for scans.
+struct SlotsView {
+    segs: Arc<Vec<Arc<[Slot]>>>,
+    len: usize,
+}
+
+impl SlotsView {
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.segs.iter().flat_map(|s| s.iter()).take(self.len)
+    }
+}
+
+fn segment() -> Arc<[Slot]> {
+    (0..SEG).map(|_| Slot::default()).collect()
+}
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Self {
+            segs: ArcSwap::from_pointee((0..n.div_ceil(SEG)).map(|_| segment()).collect()),
+            len: AtomicUsize::new(n),
+            grow: Mutex::new(()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// `f` on slot `idx`; None past the end.
+    fn with<R>(&self, idx: u64, f: impl FnOnce(&Slot) -> R) -> Option<R> {
+        let i = usize::try_from(idx).ok().filter(|&i| i < self.len())?;
+        self.segs.load().get(i / SEG).map(|seg| f(&seg[i % SEG]))
+    }
+
+    /// Grows the map to at least `n` slots.
+    fn grow(&self, n: usize) {
+        let _g = self.grow.lock();
+        if n <= self.len() {
+            return;
+        }
+        let cur = self.segs.load_full();
+        if n.div_ceil(SEG) > cur.len() {
+            let mut segs = (*cur).clone();
+            segs.resize_with(n.div_ceil(SEG), segment);
+            self.segs.store(Arc::new(segs));
+        }
+        // Segments first, then the length that lets lookups reach them.
+        self.len.store(n, Ordering::Release);
+    }
+
+    fn view(&self) -> SlotsView {
+        let len = self.len();
+        SlotsView { segs: self.segs.load_full(), len }
+    }
 }
 
 /// Bitmaps of the partial chunks.
@@ -194,7 +267,7 @@ pub struct SsdCache {
     lock: File,
     id: CacheIdentity,
     chunk_size: u64,
-    slots: RwLock<Vec<Slot>>,
+    slots: Slots,
     /// Per-chunk (striped) locks ordering installs, writes, evictions and
     /// reads of one chunk; the tiered store also updates RAM under them.
     stripes: Vec<RwLock<()>>,
@@ -203,14 +276,16 @@ pub struct SsdCache {
     /// Whole chunks held (clean + dirty).
     cached: AtomicU64,
     dirty: AtomicU64,
-    /// Lock order: `persisted`, then `pages`, then `slots`.
+    /// Lock order: `persisted`, then `pages`.
     pages: Mutex<Pages>,
     /// Chunks partial, and pages held by them (updated under `pages`).
     partial: AtomicU64,
     pages_held: AtomicU64,
     /// The map as last persisted; the mutex serialises persists.
     persisted: Mutex<Persisted>,
-    clock: AtomicU32,
+    /// Where the CLOCK sweep of eviction resumes (the lock serialises
+    /// choosing victims).
+    hand: Mutex<usize>,
     evictions: AtomicU64,
     /// The generation clean chunks match.
     generation: AtomicU64,
@@ -445,24 +520,24 @@ impl SsdCache {
             .map_err(|e| VolumeError::io("opening", &data_path, e))?;
         let cs = id.chunk_size;
         let n = len.div_ceil(cs) as usize;
-        let slots: Vec<Slot> = (0..n.max(states.len())).map(|_| Slot::default()).collect();
+        let slots = Slots::new(n.max(states.len()));
         let (mut cached, mut dirty) = (0, 0);
         for (i, &s) in states.iter().enumerate() {
-            slots[i].state.store(s, Ordering::Relaxed);
+            slots.with(i as u64, |slot| slot.state.store(s, Ordering::Relaxed));
             cached += (s == CLEAN || s == DIRTY) as u64;
             dirty += is_dirty(s) as u64;
         }
         let held: u64 = maps.values().map(|m| popcount(m)).sum();
         let persisted_maps = maps.clone();
         let partial = maps.len() as u64;
-        let persisted: Vec<u8> = slots.iter().map(|s| s.state.load(Ordering::Relaxed)).collect();
+        let persisted: Vec<u8> = slots.view().iter().map(|s| s.state.load(Ordering::Relaxed)).collect();
         let c = Self {
             dir: dir.to_path_buf(),
             data,
             lock,
             id,
             chunk_size: cs,
-            slots: RwLock::new(slots),
+            slots,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             len: AtomicU64::new(len),
             cap,
@@ -480,7 +555,7 @@ impl SsdCache {
                 written: false,
                 gen: 0,
             }),
-            clock: AtomicU32::new(1),
+            hand: Mutex::new(0),
             evictions: AtomicU64::new(0),
             generation: AtomicU64::new(generation),
             cache_id,
@@ -525,7 +600,7 @@ impl SsdCache {
 
     /// Chunks covering the local image.
     pub fn chunk_count(&self) -> u64 {
-        self.slots.read().len() as u64
+        self.slots.len() as u64
     }
 
     /// Grows the local length (and the chunk map with it).
@@ -533,11 +608,7 @@ impl SsdCache {
         if len <= self.len() {
             return;
         }
-        let n = len.div_ceil(self.chunk_size) as usize;
-        let mut slots = self.slots.write();
-        while slots.len() < n {
-            slots.push(Slot::default());
-        }
+        self.slots.grow(len.div_ceil(self.chunk_size) as usize);
         self.len.fetch_max(len, Ordering::AcqRel);
     }
 
@@ -565,7 +636,7 @@ impl SsdCache {
 
     /// State of chunk `idx` ([`ABSENT`] past the end).
     pub fn state(&self, idx: u64) -> u8 {
-        self.slots.read().get(idx as usize).map_or(ABSENT, |s| s.state.load(Ordering::Acquire))
+        self.slots.with(idx, |s| s.state.load(Ordering::Acquire)).unwrap_or(ABSENT)
     }
 
     /// True when the whole chunk is local (CLEAN, DIRTY, or zeroed).
@@ -599,17 +670,23 @@ impl SsdCache {
         }
     }
 
-    fn touch(&self, idx: u64) {
-        let t = self.clock.fetch_add(1, Ordering::Relaxed);
-        if let Some(s) = self.slots.read().get(idx as usize) {
-            s.tick.store(t, Ordering::Relaxed);
-        }
+    /// Marks chunk `idx` used; returns whether it was used already since
+    /// the last eviction sweep passed it.
+    fn touch(&self, idx: u64) -> bool {
+        self.slots
+            .with(idx, |s| {
+                // Only write when it changes: a hot chunk's line stays shared.
+                let was = s.referenced.load(Ordering::Relaxed);
+                if !was {
+                    s.referenced.store(true, Ordering::Relaxed);
+                }
+                was
+            })
+            .unwrap_or(false)
     }
 
     fn set_state(&self, idx: u64, st: u8) {
-        if let Some(s) = self.slots.read().get(idx as usize) {
-            s.state.store(st, Ordering::Release);
-        }
+        self.slots.with(idx, |s| s.state.store(st, Ordering::Release));
     }
 
     /// Pages of chunk `idx` inside the local image (a short last page counts).
@@ -659,24 +736,23 @@ impl SsdCache {
 
     /// Marks a chunk as metadata: never evicted.
     pub fn set_pinned(&self, idx: u64) {
-        if let Some(s) = self.slots.read().get(idx as usize) {
-            s.pinned.store(true, Ordering::Relaxed);
-        }
+        self.slots.with(idx, |s| s.pinned.store(true, Ordering::Relaxed));
     }
 
     /// Reads part of a cached chunk. Caller holds the stripe lock and saw
     /// the range present. Non-blocking reads use `RWF_NOWAIT`: a page-cache
-    /// hit completes inline, anything else says `WouldBlock`.
-    pub fn read(&self, idx: u64, off: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+    /// hit completes inline, anything else says `WouldBlock`. Returns
+    /// whether the chunk was read before since eviction last passed it
+    /// (a hot chunk, worth a copy in RAM).
+    pub fn read(&self, idx: u64, off: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<bool> {
         if self.state(idx) == ZERO_DIRTY {
             // Whatever the data file holds there (a crash may have come
             // before the hole punch), the chunk is zeroes.
             bufs.fill_zero(0, bufs.len());
-            return Ok(());
+            return Ok(false);
         }
         self.data.read_vectored_at(idx * self.chunk_size + off, bufs, mode)?;
-        self.touch(idx);
-        Ok(())
+        Ok(self.touch(idx))
     }
 
     /// Reads a whole cached chunk. Caller holds the stripe lock.
@@ -984,20 +1060,18 @@ impl SsdCache {
     /// Gives chunk `idx` a new write sequence number (it was just written).
     fn bump_seq(&self, idx: u64) {
         let seq = self.write_seq.fetch_add(1, Ordering::Relaxed);
-        if let Some(s) = self.slots.read().get(idx as usize) {
-            s.seq.store(seq, Ordering::Release);
-        }
+        self.slots.with(idx, |s| s.seq.store(seq, Ordering::Release));
     }
 
     /// Write sequence of chunk `idx`'s newest write (0 if never written).
     pub fn seq(&self, idx: u64) -> u64 {
-        self.slots.read().get(idx as usize).map_or(0, |s| s.seq.load(Ordering::Acquire))
+        self.slots.with(idx, |s| s.seq.load(Ordering::Acquire)).unwrap_or(0)
     }
 
     /// Dirty chunks with their write sequence numbers.
     pub fn dirty_set(&self) -> Vec<(u64, u64)> {
         self.slots
-            .read()
+            .view()
             .iter()
             .enumerate()
             .filter(|(_, s)| is_dirty(s.state.load(Ordering::Acquire)))
@@ -1053,23 +1127,27 @@ impl SsdCache {
     /// stays dirty for the next generation). Caller holds the stripe write
     /// lock. Returns whether it became clean.
     pub fn mark_clean(&self, idx: u64, seq: u64) -> bool {
-        let slots = self.slots.read();
-        let Some(s) = slots.get(idx as usize) else { return false };
-        let st = s.state.load(Ordering::Acquire);
-        if !is_dirty(st) || s.seq.load(Ordering::Acquire) != seq {
+        let cleaned = self.slots.with(idx, |s| {
+            let st = s.state.load(Ordering::Acquire);
+            if !is_dirty(st) || s.seq.load(Ordering::Acquire) != seq {
+                return false;
+            }
+            // A chunk dirty in part holds the committed bytes where it holds
+            // pages at all: it becomes partial (clean).
+            // A zeroed chunk is zero in the committed generation: nothing to hold.
+            s.state.store(
+                match st {
+                    DIRTY => CLEAN,
+                    DIRTY_PARTIAL => PARTIAL,
+                    _ => ABSENT,
+                },
+                Ordering::Release,
+            );
+            true
+        });
+        if cleaned != Some(true) {
             return false;
         }
-        // A chunk dirty in part holds the committed bytes where it holds
-        // pages at all: it becomes partial (clean).
-        // A zeroed chunk is zero in the committed generation: nothing to hold.
-        s.state.store(
-            match st {
-                DIRTY => CLEAN,
-                DIRTY_PARTIAL => PARTIAL,
-                _ => ABSENT,
-            },
-            Ordering::Release,
-        );
         self.dirty.fetch_sub(1, Ordering::Relaxed);
         self.dirty_pages.lock().remove(&idx);
         true
@@ -1176,8 +1254,8 @@ impl SsdCache {
         Ok(())
     }
 
-    /// Evicts clean and partial unpinned chunks, least recently used first,
-    /// until `want` bytes are freed, skipping any whose lock is busy
+    /// Evicts clean and partial unpinned chunks, not recently used first
+    /// (CLOCK), until `want` bytes are freed, skipping any whose lock is busy
     /// (including `holding`, whose stripe the caller has).
     fn evict(&self, want: u64, holding: u64) -> io::Result<()> {
         self.evict_except(want, Some(holding)).map(|_| ())
@@ -1190,56 +1268,64 @@ impl SsdCache {
         self.evict_except(u64::MAX, None)
     }
 
+    /// The CLOCK sweep: from where the last one stopped, a referenced
+    /// chunk loses its bit and is passed over, an unreferenced one goes;
+    /// at most two turns of the map (the second finds every bit cleared).
     fn evict_except(&self, want: u64, holding: Option<u64>) -> io::Result<u64> {
-        let mut cands: Vec<(u32, u64)> = {
-            let slots = self.slots.read();
-            slots
-                .iter()
-                .enumerate()
-                .filter(|(i, s)| {
-                    Some(*i as u64) != holding
-                        && matches!(s.state.load(Ordering::Relaxed), CLEAN | PARTIAL)
-                        && !s.pinned.load(Ordering::Relaxed)
-                })
-                .map(|(i, s)| (s.tick.load(Ordering::Relaxed), i as u64))
-                .collect()
-        };
-        cands.sort_unstable();
         let hold_stripe = holding.map(|h| (h as usize) % STRIPES);
         let mut guards = Vec::new();
         let mut locked = Vec::new();
         let mut victims = Vec::new();
         let (mut freed, mut whole) = (0, 0);
-        for (_, idx) in cands {
-            if freed >= want {
-                break;
-            }
-            let s = (idx as usize) % STRIPES;
-            if Some(s) == hold_stripe {
-                continue;
-            }
-            // A stripe may cover several victims; take each lock once.
-            if !locked.contains(&s) {
-                match self.stripes[s].try_write() {
-                    Some(g) => {
-                        guards.push(g);
-                        locked.push(s);
+        {
+            let mut hand = self.hand.lock();
+            let view = self.slots.view();
+            let n = view.len;
+            let mut steps = 0;
+            while freed < want && steps < 2 * n {
+                let i = (*hand + steps) % n;
+                steps += 1;
+                let Some(slot) = view.segs.get(i / SEG).map(|seg| &seg[i % SEG]) else { continue };
+                let idx = i as u64;
+                if Some(idx) == holding
+                    || !matches!(slot.state.load(Ordering::Relaxed), CLEAN | PARTIAL)
+                    || slot.pinned.load(Ordering::Relaxed)
+                {
+                    continue;
+                }
+                if slot.referenced.swap(false, Ordering::Relaxed) {
+                    continue;
+                }
+                let s = i % STRIPES;
+                if Some(s) == hold_stripe {
+                    continue;
+                }
+                // A stripe may cover several victims; take each lock once.
+                if !locked.contains(&s) {
+                    match self.stripes[s].try_write() {
+                        Some(g) => {
+                            guards.push(g);
+                            locked.push(s);
+                        }
+                        None => continue,
                     }
-                    None => continue,
+                }
+                match self.state(idx) {
+                    CLEAN => {
+                        self.set_state(idx, ABSENT);
+                        freed += self.chunk_size;
+                        whole += 1;
+                        victims.push(idx);
+                    }
+                    PARTIAL => {
+                        freed += self.leave_partial(&mut self.pages.lock(), idx, ABSENT) * PAGE;
+                        victims.push(idx);
+                    }
+                    _ => {}
                 }
             }
-            match self.state(idx) {
-                CLEAN => {
-                    self.set_state(idx, ABSENT);
-                    freed += self.chunk_size;
-                    whole += 1;
-                    victims.push(idx);
-                }
-                PARTIAL => {
-                    freed += self.leave_partial(&mut self.pages.lock(), idx, ABSENT) * PAGE;
-                    victims.push(idx);
-                }
-                _ => {}
+            if n > 0 {
+                *hand = (*hand + steps) % n;
             }
         }
         if victims.is_empty() {
@@ -1298,7 +1384,7 @@ impl SsdCache {
             // States and bitmaps agree under the bitmap lock (every move
             // into or out of partial happens under it).
             let pages = self.pages.lock();
-            let mut snap: Vec<u8> = self.slots.read().iter().map(|s| s.state.load(Ordering::Acquire)).collect();
+            let mut snap: Vec<u8> = self.slots.view().iter().map(|s| s.state.load(Ordering::Acquire)).collect();
             let mut bitmaps = Vec::new();
             let mut partial = 0u64;
             for (i, s) in snap.iter_mut().enumerate().filter(|(_, s)| has_bitmap(**s)) {
@@ -1432,8 +1518,8 @@ impl SsdCache {
         if self.pages.lock().gen != persisted.gen || persisted.generation != self.generation() {
             return true;
         }
-        let slots = self.slots.read();
-        slots.len() != persisted.states.len()
+        let slots = self.slots.view();
+        slots.len != persisted.states.len()
             || slots.iter().zip(persisted.states.iter()).any(|(s, p)| s.state.load(Ordering::Relaxed) != *p)
     }
 
@@ -1483,7 +1569,7 @@ impl SsdCache {
     /// Chunk indexes in a given state (for export and stats).
     pub fn chunks_in(&self, state: u8) -> Vec<u64> {
         self.slots
-            .read()
+            .view()
             .iter()
             .enumerate()
             .filter(|(_, s)| s.state.load(Ordering::Relaxed) == state)
@@ -1518,7 +1604,7 @@ mod tests {
         let mut w = *b"dirtydat";
         c.write(1, 100, &IoVec::from_slice(&mut w), None).unwrap();
         drop(g);
-        // Over the cap: the least recently used clean chunk (0) goes, never dirty 1.
+        // Over the cap: the clean chunk not used since (0) goes, never dirty 1.
         {
             let _g = c.lock_write(5);
             assert!(c.install_clean(5, &vec![6u8; 4096]).unwrap());
@@ -1808,14 +1894,15 @@ mod tests {
         assert!(pages(&c, 1, 0, 4));
         assert!(pages(&c, 2, 0, 4));
         assert_eq!(c.cached_bytes(), CS + 8 * PAGE);
-        // 32 KiB over: the least recently used (whole chunk 0) goes.
+        // 32 KiB over: the sweep clears every bit, then takes the first
+        // chunk it passes again (whole chunk 0).
         {
             let _g = c.lock_write(3);
             assert!(c.install_clean(3, &remote(3)).unwrap());
         }
         assert_eq!((c.state(0), c.state(1), c.state(2), c.state(3)), (ABSENT, PARTIAL, PARTIAL, CLEAN));
         assert_eq!((c.evictions(), c.cached_bytes()), (1, CS + 8 * PAGE));
-        // Reading chunk 1 makes chunk 2 the least recently used.
+        // Reading chunk 1 gives it a second chance: chunk 2 goes next.
         read_at(&c, 1, 0, 8);
         // Exactly at the cap: no eviction.
         assert!(pages(&c, 5, 0, 8));

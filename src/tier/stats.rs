@@ -1,15 +1,62 @@
 //! Counters of the tiered store and the snapshot the CLI shows
 //! (`driveblk status`, progress bars).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use crossbeam_utils::CachePadded;
+
+/// Cells of a [`Striped`] counter.
+const STRIPES: usize = 16;
+
+/// A counter bumped on the hit path by every queue thread at once: one
+/// cache-padded cell per thread (threads spread over the cells), summed on
+/// read, so queues never write one shared cache line.
+pub struct Striped {
+    cells: Box<[CachePadded<AtomicU64>]>,
+}
+
+impl Default for Striped {
+    fn default() -> Self {
+        Self { cells: (0..STRIPES).map(|_| CachePadded::new(AtomicU64::new(0))).collect() }
+    }
+}
+
+impl std::fmt::Debug for Striped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.get())
+    }
+}
+
+/// This thread's cell: threads take cells in turn, so the few queue
+/// threads of a device each get their own.
+fn cell() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static CELL: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    CELL.with(|c| *c)
+}
+
+impl Striped {
+    pub fn inc(&self) {
+        self.cells[cell()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.cells.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
 
 /// Live counters, bumped on the I/O paths.
 #[derive(Debug, Default)]
 pub struct Counters {
-    pub ram_hits: AtomicU64,
-    pub ssd_hits: AtomicU64,
-    pub zero_hits: AtomicU64,
+    /// The hit counters, bumped by every request.
+    pub ram_hits: Striped,
+    pub ssd_hits: Striped,
+    pub zero_hits: Striped,
     pub misses: AtomicU64,
+    /// Hot SSD chunks copied into the RAM tier.
+    pub ram_promotions: AtomicU64,
     pub remote_fetches: AtomicU64,
     pub remote_bytes: AtomicU64,
     pub fetch_errors: AtomicU64,
@@ -67,6 +114,8 @@ pub struct TierStats {
     pub ram_hits: u64,
     pub ssd_hits: u64,
     pub zero_hits: u64,
+    /// Hot chunks copied from the SSD tier into RAM.
+    pub ram_promotions: u64,
     /// Chunk-parts that had to wait for the remote.
     pub misses: u64,
     /// Chunks fetched from the remote and bytes that crossed the link.
@@ -110,4 +159,22 @@ pub struct TierStats {
     /// hot set is local (or the whole volume is). None when no hot set is
     /// known (no boot profile, nothing pinned).
     pub offline_ready: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn striped_counts_from_many_threads() {
+        let c = std::sync::Arc::new(Striped::default());
+        let ts: Vec<_> = (0..20)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || (0..1000).for_each(|_| c.inc()))
+            })
+            .collect();
+        ts.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(c.get(), 20_000);
+    }
 }

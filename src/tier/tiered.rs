@@ -93,8 +93,11 @@ struct Piece {
     len: usize,
 }
 
-fn pieces(offset: u64, len: usize, cs: u64) -> Vec<Piece> {
-    let mut out = Vec::new();
+/// Inline: a request spans one chunk or two, and the hit path never allocates.
+type Pieces = smallvec::SmallVec<[Piece; 4]>;
+
+fn pieces(offset: u64, len: usize, cs: u64) -> Pieces {
+    let mut out = Pieces::new();
     let mut done = 0usize;
     while done < len {
         let pos = offset + done as u64;
@@ -148,7 +151,13 @@ struct Inner {
     /// pinned part of it.
     hot: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
     pinned: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
+    /// A hot SSD chunk is being copied into RAM (one at a time).
+    promoting: AtomicBool,
 }
+
+/// Bytes a second copied from the SSD tier into a full RAM tier (see
+/// `Inner::promote`).
+const PROMOTE_FULL_RATE: u64 = 64 << 20;
 
 /// The least time `close` gives the boot profile's upload, even after a
 /// final sync that used up its whole timeout.
@@ -230,6 +239,7 @@ impl TieredStore {
             profile_closed: AtomicBool::new(false),
             hot: Default::default(),
             pinned: Default::default(),
+            promoting: AtomicBool::new(false),
             vol,
             lease: parking_lot::Mutex::new(None),
         });
@@ -323,9 +333,10 @@ impl TieredStore {
             ram_cap: i.ram_cap,
             ssd_bytes: i.ssd.cached_bytes(),
             ssd_cap: i.ssd.cap(),
-            ram_hits: l(&c.ram_hits),
-            ssd_hits: l(&c.ssd_hits),
-            zero_hits: l(&c.zero_hits),
+            ram_hits: c.ram_hits.get(),
+            ssd_hits: c.ssd_hits.get(),
+            zero_hits: c.zero_hits.get(),
+            ram_promotions: l(&c.ram_promotions),
             misses: l(&c.misses),
             remote_fetches: l(&c.remote_fetches),
             remote_bytes: l(&c.remote_bytes),
@@ -573,7 +584,7 @@ impl Inner {
     /// In [`IoMode::NonBlocking`] no lock is waited for: a RAM shard or an
     /// SSD stripe held by another thread (across an fsync, an eviction, a
     /// hole punch) makes it `WouldBlock`, and a worker thread retries.
-    fn serve_local(&self, p: Piece, buf: &IoVec<'_>, mode: IoMode) -> io::Result<bool> {
+    fn serve_local(self: &Arc<Self>, p: Piece, buf: &IoVec<'_>, mode: IoMode) -> io::Result<bool> {
         let would_block = || io::Error::from(io::ErrorKind::WouldBlock);
         let in_ram = match mode {
             IoMode::NonBlocking => self.ram.try_get(p.idx).map_err(|_| would_block())?,
@@ -585,7 +596,7 @@ impl Inner {
                 IoMode::Blocking => b.read(),
             };
             buf.copy_from_slice(0, &data[p.off..p.off + p.len]);
-            Counters::inc(&self.counters.ram_hits);
+            self.counters.ram_hits.inc();
             return Ok(true);
         }
         let _g = match mode {
@@ -593,18 +604,51 @@ impl Inner {
             IoMode::Blocking => self.ssd.lock_read(p.idx),
         };
         if self.ssd.has_pages(p.idx, p.off as u64, p.len as u64) {
-            self.ssd.read(p.idx, p.off as u64, buf, mode)?;
-            Counters::inc(&self.counters.ssd_hits);
+            if self.ssd.read(p.idx, p.off as u64, buf, mode)? && self.ram_cap > 0 {
+                self.promote(p.idx);
+            }
+            self.counters.ssd_hits.inc();
             return Ok(true);
         }
         // A zero chunk with pages written is not zero: it is completed
         // (with zeroes) by the flight, then read from the SSD tier.
         if self.is_zero(p.idx) && self.ssd.state(p.idx) != DIRTY_PARTIAL {
             buf.fill_zero(0, p.len);
-            Counters::inc(&self.counters.zero_hits);
+            self.counters.zero_hits.inc();
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Copies a hot SSD chunk (read again since eviction last passed it)
+    /// into the RAM tier, in the background, one chunk at a time. While
+    /// the RAM tier has room chunks follow each other at once; once it is
+    /// full each copy evicts another chunk (pinned metadata never), so the
+    /// pace drops to [`PROMOTE_FULL_RATE`] bytes a second: a working set
+    /// larger than RAM must not churn it, nor spend the CPU on copies.
+    fn promote(self: &Arc<Self>, idx: u64) {
+        if self.closed.load(Ordering::Relaxed) || self.promoting.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let me = self.clone();
+        self.handle.spawn_blocking(move || {
+            let full = me.ram.bytes() + me.cs > me.ram_cap + me.ram.pinned_count() * me.cs;
+            {
+                // Under the stripe lock: a write to the chunk (which updates
+                // a RAM copy) cannot land between the read and the insert.
+                let _g = me.ssd.lock_read(idx);
+                if me.ssd.has_chunk(idx) && me.ram.get(idx).is_none() {
+                    if let Ok(v) = me.ssd.read_chunk(idx) {
+                        me.ram.insert(idx, Arc::new(RwLock::new(v)));
+                        Counters::inc(&me.counters.ram_promotions);
+                    }
+                }
+            }
+            if full {
+                std::thread::sleep(Duration::from_secs_f64(me.cs as f64 / PROMOTE_FULL_RATE as f64));
+            }
+            me.promoting.store(false, Ordering::Release);
+        });
     }
 
     /// The single flight fetching chunk `idx` (joining one that runs).
@@ -746,6 +790,10 @@ impl Inner {
 
     fn start_readahead(self: &Arc<Self>, offset: u64, len: u64) {
         let ra = self.readahead.observe(offset, len);
+        if ra.is_empty() {
+            // Random I/O: nothing more to do (not even a manifest lookup).
+            return;
+        }
         let end = ra.end.min(self.vol.chunk_count());
         let replay = if self.streaming.load(Ordering::Relaxed) { self.replay.read().clone() } else { None };
         for idx in ra.start..end {
@@ -775,7 +823,7 @@ impl Inner {
         if let Some(rec) = &self.recorder {
             rec.observe(offset, inside as u64);
         }
-        let mut misses = Vec::new();
+        let mut misses = Pieces::new();
         for p in pieces(offset, inside, self.cs) {
             if !self.serve_local(p, &bufs.slice(p.buf_off, p.len), mode)? {
                 misses.push(p);
@@ -1171,6 +1219,41 @@ mod tests {
         b.fill(0);
         s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
         assert_eq!(b, data[..4096]);
+    }
+
+    /// A chunk read again from the SSD tier is copied into RAM in the
+    /// background; later reads of it are RAM hits.
+    #[test]
+    fn ssd_hits_feed_the_ram_tier() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("img.raw");
+        let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+        std::fs::write(&img, &data).unwrap();
+        let url = format!("dir:{}", d.path().join("vol").display());
+        let io = crate::volume::ImportOptions { chunk_size: 256 << 10, ..Default::default() };
+        crate::volume::import(&img, &url, &io).unwrap();
+        let mut o = CacheOptions::new(d.path().join("cache"));
+        o.ram_cache = 4 << 20;
+        o.read_only = true;
+        o.readahead_chunks = 0;
+        let s = crate::tier::open_volume(&url, o).unwrap();
+        let mut b = vec![0u8; 4096];
+        let at = 300 << 10; // chunk 1
+        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        // Only the SSD copy is left.
+        s.inner.ram.clear();
+        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        assert_eq!(b, data[at as usize..at as usize + 4096]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while s.stats().ram_promotions == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(s.stats().ram_promotions, 1, "the hot chunk was copied into RAM");
+        let ram_hits = s.stats().ram_hits;
+        b.fill(0);
+        s.read_vectored_at(at + 8192, &IoVec::from_slice(&mut b), IoMode::NonBlocking).unwrap();
+        assert_eq!(b, data[at as usize + 8192..at as usize + 8192 + 4096]);
+        assert_eq!(s.stats().ram_hits, ram_hits + 1);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
+use smallvec::SmallVec;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
@@ -172,7 +173,8 @@ impl BlockBackend {
         let capacity = sh.disk.capacity();
         let read_only = sh.cfg.read_only || sh.disk.read_only();
         let write_through = !sh.writeback.load(Ordering::Relaxed);
-        let mut done: Vec<(u16, u32)> = Vec::new();
+        // Inline up to a typical batch: a pass allocates nothing.
+        let mut done: SmallVec<[(u16, u32); 32]> = SmallVec::new();
         let mut dispatched = false;
         loop {
             let mut throttled = false;
@@ -184,7 +186,11 @@ impl BlockBackend {
             // maps a buffer's region (acked) before it publishes a chain using
             // it, so this snapshot holds every region those chains touch; one
             // taken earlier could predate a region just added.
-            let (chains, mem): (Vec<_>, _) = {
+            // Chains borrow the snapshot (declared first, so it outlives
+            // them) instead of each holding a count on the shared mapping.
+            let mem: Arc<GuestMem>;
+            let chains: SmallVec<[_; 32]>;
+            {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
                 let ring_mem = atomic.memory();
@@ -203,16 +209,15 @@ impl BlockBackend {
                     throttled = true;
                     tracing::debug!(queue = qidx, ready, granted, "in-flight cap reached: not popping more");
                 }
-                let mem = atomic.memory().into_inner();
-                match queue.iter(mem.clone()) {
+                mem = atomic.memory().into_inner();
+                match queue.iter(&*mem) {
                     Ok(it) => {
-                        let chains: Vec<_> = it.take(granted).collect();
+                        chains = it.take(granted).collect();
                         // The avail index said `granted` chains are there;
                         // return the reservation of any the iterator did not yield.
                         if chains.len() < granted {
                             sh.inflight[qidx].sub(granted - chains.len());
                         }
-                        (chains, mem)
                     }
                     Err(e) => {
                         sh.inflight[qidx].sub(granted);
@@ -220,7 +225,7 @@ impl BlockBackend {
                         return Ok(());
                     }
                 }
-            };
+            }
             tracing::trace!(queue = qidx, chains = chains.len(), "popped");
             for chain in chains {
                 let req = Request::parse(chain, mem.clone(), capacity, read_only);

@@ -9,6 +9,8 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -26,6 +28,10 @@ const SEGMENT_LEN: usize = 16;
 /// collected, so a hostile chain (an indirect table of 65535 entries)
 /// cannot make us allocate for it.
 const MAX_CHAIN_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+
+/// A chain's pieces (address, length), inline for the usual header + data +
+/// status layout: parsing a request does not touch the heap.
+type Pieces = SmallVec<[(GuestAddress, usize); 4]>;
 
 /// Guest memory type the device serves.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -84,8 +90,8 @@ impl Request {
         M: Deref<Target = GuestMem>,
     {
         let head = chain.head_index();
-        let mut readable: Vec<(GuestAddress, usize)> = Vec::new();
-        let mut writable: Vec<(GuestAddress, usize)> = Vec::new();
+        let mut readable = Pieces::new();
+        let mut writable = Pieces::new();
         let mut order_error = false;
         let mut descriptors = 0usize;
         for desc in chain {
@@ -111,19 +117,22 @@ impl Request {
             }
         }
 
+        // The request owns the mapping; parsing borrows it (no reference
+        // count traffic on the shared mapping per request).
+        let mut req = Request { head, op: Operation::Flush, status: None, _mem: mem };
+        let mem: &GuestMem = &req._mem;
         // The status byte is the last byte of the last writable descriptor.
-        let status = match writable.last_mut() {
+        req.status = match writable.last_mut() {
             Some((addr, len)) if *len > 0 => {
                 let status_addr = addr.checked_add(*len as u64 - 1);
                 *len -= 1;
                 if *len == 0 {
                     writable.pop();
                 }
-                status_addr.and_then(|a| guest_iovec(&mem, &[(a, 1)]).ok())
+                status_addr.and_then(|a| guest_iovec(mem, &[(a, 1)]).ok())
             }
             _ => None,
         };
-        let mut req = Request { head, op: Operation::Flush, status, _mem: mem.clone() };
         let refuse = |status: u8, reason: String| Operation::Refused { status, reason };
         if req.status.is_none() {
             req.op = refuse(VIRTIO_BLK_S_IOERR as u8, "chain has no writable status byte".into());
@@ -142,7 +151,7 @@ impl Request {
         }
 
         let mut header = [0u8; HEADER_LEN];
-        if let Err(e) = read_gathered(&mem, &readable, 0, &mut header) {
+        if let Err(e) = read_gathered(mem, &readable, 0, &mut header) {
             req.op = refuse(VIRTIO_BLK_S_IOERR as u8, format!("request header unreadable: {e}"));
             return req;
         }
@@ -169,7 +178,7 @@ impl Request {
         req.op = match req_type {
             VIRTIO_BLK_T_IN => {
                 match data_range(sector, total(&writable), capacity)
-                    .and_then(|off| guest_iovec(&mem, &writable).map(|data| Operation::Read { offset: off, data }))
+                    .and_then(|off| guest_iovec(mem, &writable).map(|data| Operation::Read { offset: off, data }))
                 {
                     Ok(op) => op,
                     Err(reason) => refuse(VIRTIO_BLK_S_IOERR as u8, format!("read: {reason}")),
@@ -180,7 +189,7 @@ impl Request {
                     refuse(VIRTIO_BLK_S_IOERR as u8, "write to a read-only disk".into())
                 } else {
                     match data_range(sector, total(&out_data), capacity)
-                        .and_then(|off| guest_iovec(&mem, &out_data).map(|data| Operation::Write { offset: off, data }))
+                        .and_then(|off| guest_iovec(mem, &out_data).map(|data| Operation::Write { offset: off, data }))
                     {
                         Ok(op) => op,
                         Err(reason) => refuse(VIRTIO_BLK_S_IOERR as u8, format!("write: {reason}")),
@@ -188,7 +197,7 @@ impl Request {
                 }
             }
             VIRTIO_BLK_T_FLUSH => Operation::Flush,
-            VIRTIO_BLK_T_GET_ID => match guest_iovec(&mem, &writable) {
+            VIRTIO_BLK_T_GET_ID => match guest_iovec(mem, &writable) {
                 Ok(data) => Operation::GetId { data },
                 Err(reason) => refuse(VIRTIO_BLK_S_IOERR as u8, format!("get-id: {reason}")),
             },
@@ -197,7 +206,7 @@ impl Request {
                 if read_only {
                     refuse(VIRTIO_BLK_S_IOERR as u8, "discard/write-zeroes on a read-only disk".into())
                 } else {
-                    match parse_extents(&mem, &out_data, zeroes, capacity) {
+                    match parse_extents(mem, &out_data, zeroes, capacity) {
                         Ok(ext) if zeroes => Operation::WriteZeroes(ext),
                         Ok(ext) => Operation::Discard(ext),
                         Err((status, reason)) => refuse(status, reason),
@@ -303,8 +312,8 @@ fn total(pieces: &[(GuestAddress, usize)]) -> u64 {
 }
 
 /// The pieces after skipping the first `n` bytes.
-fn skip(pieces: &[(GuestAddress, usize)], mut n: usize) -> Vec<(GuestAddress, usize)> {
-    let mut out = Vec::with_capacity(pieces.len());
+fn skip(pieces: &[(GuestAddress, usize)], mut n: usize) -> Pieces {
+    let mut out = Pieces::new();
     for &(addr, len) in pieces {
         if n >= len {
             n -= len;

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 mod flush;
 mod open;
@@ -26,6 +26,7 @@ use super::metadata::{claim_cluster, read_l2, Extent, Layout, Meta};
 use super::refcount::Refcounts;
 use super::snapshot::{read_table, Snapshot};
 use super::{corrupt, unsupported, Qcow2Options, DEFAULT_METADATA_PIN_BYTES, PIN_GRANULE};
+use crate::format::read_mostly::{ReadGuard, ReadMostly};
 use crate::format::{check_range, Disk, DiskError, DiskResult, ImageFormat, IoMode, IoVec};
 use crate::tier::Storage;
 
@@ -65,14 +66,15 @@ pub struct Qcow2Disk {
     backing: Option<Arc<dyn Disk>>,
     snapshots: Vec<Snapshot>,
     served_snapshot: Option<String>,
-    meta: RwLock<Meta>,
+    /// Read by every request: sharded, so queues do not share its lock word.
+    meta: ReadMostly<Meta>,
     alloc: Mutex<AllocState>,
     /// Signalled when an in-flight allocating write publishes its cluster.
     alloc_done: Condvar,
     /// Data I/O on clusters found by a lookup holds this shared; applying
     /// frees takes it exclusively, so no I/O still targets a cluster that is
     /// about to become reusable.
-    gate: RwLock<()>,
+    gate: ReadMostly<()>,
     tick: AtomicU64,
     /// Most L2 tables kept in memory (`None`: all).
     cache_tables: Option<usize>,
@@ -111,7 +113,7 @@ impl Qcow2Disk {
         self.tick.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    fn gate(&self, mode: IoMode) -> DiskResult<RwLockReadGuard<'_, ()>> {
+    fn gate(&self, mode: IoMode) -> DiskResult<ReadGuard<'_, ()>> {
         match mode {
             IoMode::Blocking => Ok(self.gate.read()),
             IoMode::NonBlocking => self.gate.try_read().ok_or(DiskError::WouldBlock),

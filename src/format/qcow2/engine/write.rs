@@ -408,6 +408,7 @@ impl Qcow2Disk {
         }
         drop(st);
         let mut zeroes = vec![0u8; n as usize];
-        self.write_slow(guest, &IoVec::from_slice(&mut zeroes))
+        let v = IoVec::from_slice(&mut zeroes);
+        self.write_slow(guest, &v)
     }
 }
