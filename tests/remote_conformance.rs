@@ -10,22 +10,28 @@
 //! ignores `If-None-Match: *`, so there the backend refuses creates unless
 //! the operator declared a single writer (`DRIVEBLK_OBJSTORE_UNFENCED`).
 
-mod gdrive_support;
 #[path = "garage_support/mod.rs"]
 mod garage_support;
+mod gdrive_support;
 
 use bytes::Bytes;
 use driveblk::remote::objstore::{Fence, ObjStoreRemote, StoreKind};
-use driveblk::remote::{content_tag, DynRemote, PutBody, RemoteConfig, RemoteError, RemoteUrl, RetryPolicy, RetryingRemote};
+use driveblk::remote::{
+    content_tag, DynRemote, PutBody, RemoteConfig, RemoteError, RemoteUrl, RetryPolicy, RetryingRemote,
+};
 use gdrive_support::data;
 
-/// The suite. `folder` opens a volume folder URL; `a` and `b` are two
-/// sibling folders (`.../vol` and `.../vol-2`) of one parent.
-async fn conformance(a: DynRemote, b: DynRemote) {
+/// The suite. `a` and `b` are two sibling folders (`.../vol` and
+/// `.../vol-2`) of one parent. `absent_reads`: also check that a ranged
+/// read of an absent key is NotFound (on Drive that takes 30 s: the
+/// backend waits out a lagging listing before it believes a name absent).
+async fn conformance(a: DynRemote, b: DynRemote, absent_reads: bool) {
     // Empty, and absent keys are NotFound.
     assert!(a.list("").await.unwrap().is_empty());
     assert!(a.head("volume.json").await.unwrap_err().is_not_found());
-    assert!(a.get_range("pack-1", 0..10).await.unwrap_err().is_not_found());
+    if absent_reads {
+        assert!(a.get_range("pack-1", 0..10).await.unwrap_err().is_not_found());
+    }
 
     // A small object: exact, cut and past-the-end ranges.
     let small = data(1, 1000);
@@ -40,24 +46,28 @@ async fn conformance(a: DynRemote, b: DynRemote) {
 
     // A large object (multipart on object stores), read in ranges that
     // span parts (parallel ranged reads there).
-    let big = data(2, (12 << 20) + 5);
-    let m = a.put("pack-big", PutBody::from_stream_fn(None, {
-        let big = Bytes::from(big.clone());
-        move || {
-            let parts: Vec<std::io::Result<Bytes>> =
-                big.chunks(300 << 10).map(|c| Ok(big.slice_ref(c))).collect();
-            Box::pin(futures::stream::iter(parts))
-        }
-    }))
-    .await
-    .unwrap();
+    let big = data(2, (10 << 20) + 5);
+    let m = a
+        .put(
+            "pack-big",
+            PutBody::from_stream_fn(None, {
+                let big = Bytes::from(big.clone());
+                move || {
+                    let parts: Vec<std::io::Result<Bytes>> =
+                        big.chunks(300 << 10).map(|c| Ok(big.slice_ref(c))).collect();
+                    Box::pin(futures::stream::iter(parts))
+                }
+            }),
+        )
+        .await
+        .unwrap();
     assert_eq!(m.size, big.len() as u64);
     assert_eq!(a.head("pack-big").await.unwrap().size, big.len() as u64);
     assert!(a.get("pack-big").await.unwrap() == big, "a large object reads back different");
     let r = (3 << 20) + 7..(9 << 20) + 11;
     assert!(a.get_range("pack-big", r.clone()).await.unwrap() == big[r.start as usize..r.end as usize]);
-    let tail = a.get_range("pack-big", (12 << 20) - 3..(40 << 20)).await.unwrap();
-    assert_eq!(&tail[..], &big[(12 << 20) - 3..]);
+    let tail = a.get_range("pack-big", (10 << 20) - 3..(40 << 20)).await.unwrap();
+    assert_eq!(&tail[..], &big[(10 << 20) - 3..]);
 
     // put replaces whole.
     let small2 = data(3, 700);
@@ -79,7 +89,9 @@ async fn conformance(a: DynRemote, b: DynRemote) {
     a.delete("pack-big").await.unwrap();
     a.delete("pack-big").await.unwrap();
     assert!(a.head("pack-big").await.unwrap_err().is_not_found());
-    assert!(a.get_range("pack-big", 0..1).await.unwrap_err().is_not_found());
+    if absent_reads {
+        assert!(a.get_range("pack-big", 0..1).await.unwrap_err().is_not_found());
+    }
 
     // The fence: the first create wins, a second create of the same key
     // fails and names the winner's tag, and the content is the winner's.
@@ -97,12 +109,9 @@ async fn conformance(a: DynRemote, b: DynRemote) {
     assert_eq!(a.head_created(key, slot.as_ref()).await.unwrap().size, ba.len() as u64);
     // A retry whose first attempt landed recognises its own object.
     let retrying = RetryingRemote::wrap(a.clone(), RetryPolicy::fast());
-    let m = retrying.create(key, slot.as_ref(), &ta, PutBody::from_bytes(ba.clone())).await.unwrap();
+    let m =
+        retrying.create(key, slot.as_ref(), &ta, PutBody::from_bytes(ba.clone())).await.expect("retry of own create");
     assert_eq!(m.tag.as_deref(), Some(ta.as_str()));
-
-    // Keys that could leave the folder are refused, not retried.
-    let e = a.put("../x", PutBody::from_bytes(vec![])).await.unwrap_err();
-    assert!(!e.is_retryable(), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,14 +119,18 @@ async fn dir_conformance() {
     let d = tempfile::tempdir().unwrap();
     let cfg = RemoteConfig::default();
     let at = |n: &str| RemoteUrl::parse(&format!("dir:{}", d.path().join(n).display())).unwrap().folder_with(&cfg);
-    conformance(at("vol"), at("vol-2")).await;
+    conformance(at("vol"), at("vol-2"), true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gdrive_conformance() {
     let env = gdrive_support::start(driveemu::Config::default(), gdrive_support::Creds::ServiceAccount);
-    let at = |n: &str| RemoteUrl::parse(&format!("gdrive:/vms/{n}")).unwrap().folder_with(&env.cfg);
-    conformance(at("vol"), at("vol-2")).await;
+    // Resumable uploads in a few chunks (the support's tiny chunks test
+    // resumption elsewhere and would make the large object slow here).
+    let mut cfg = env.cfg.clone();
+    cfg.drive.chunk_size = 4 << 20;
+    let at = |n: &str| RemoteUrl::parse(&format!("gdrive:/vms/{n}")).unwrap().folder_with(&cfg);
+    conformance(at("vol"), at("vol-2"), false).await;
 }
 
 /// On Garage, with the single-writer declaration (its conditional put does
@@ -128,7 +141,7 @@ async fn s3_garage_conformance() {
     let cfg = g.config(true);
     let base = g.url("vol");
     let at = |u: &str| RemoteUrl::parse(u).unwrap().folder_with(&cfg);
-    conformance(at(&base), at(&format!("{base}-2"))).await;
+    conformance(at(&base), at(&format!("{base}-2")), true).await;
 }
 
 /// What Garage really does with a conditional create, through
@@ -154,7 +167,8 @@ async fn s3_garage_ignores_if_none_match_so_creates_are_refused() {
          docs/object-stores.md"
     );
 
-    let r = ObjStoreRemote::new(StoreKind::S3, &g.bucket, &format!("t{:08x}/vol", rand::random::<u32>()), &cfg.objstore);
+    let r =
+        ObjStoreRemote::new(StoreKind::S3, &g.bucket, &format!("t{:08x}/vol", rand::random::<u32>()), &cfg.objstore);
     assert_eq!(r.fence().await.unwrap(), Fence::Ignored);
     let r: DynRemote = std::sync::Arc::new(r);
     r.put("volume.json", PutBody::from_bytes(b"{}".to_vec())).await.unwrap();

@@ -253,7 +253,13 @@ impl ObjStoreRemote {
     /// Uploads a large or unsized body as a multipart upload: parts go up
     /// in parallel, the object appears only at completion, and a failed
     /// upload is aborted (its parts deleted).
-    async fn put_multipart(&self, store: &Arc<dyn ObjectStore>, path: &OsPath, key: &str, body: &PutBody) -> RemoteResult<()> {
+    async fn put_multipart(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        path: &OsPath,
+        key: &str,
+        body: &PutBody,
+    ) -> RemoteResult<()> {
         let upload = store.put_multipart(path).await.map_err(|e| self.err("put", key, e))?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, self.cfg.part_size as usize);
         let mut s = body.stream();
@@ -274,7 +280,13 @@ impl ObjStoreRemote {
     }
 
     /// One ranged GET; a range starting at or past the end is empty.
-    async fn get_one(&self, store: &Arc<dyn ObjectStore>, path: &OsPath, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+    async fn get_one(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        path: &OsPath,
+        key: &str,
+        range: Range<u64>,
+    ) -> RemoteResult<Bytes> {
         match store.get_range(path, range.clone()).await {
             Ok(b) => Ok(b),
             Err(e @ object_store::Error::NotFound { .. }) => Err(self.err("get_range", key, e)),
@@ -328,9 +340,12 @@ impl Remote for ObjStoreRemote {
         let store = self.store("put", key)?;
         match body.len() {
             Some(n) if n <= self.cfg.multipart_threshold => {
-                let data = super::collect_body(&body)
-                    .await
-                    .map_err(|e| RemoteError::Io { remote: self.name(), op: "put", key: key.to_string(), source: e })?;
+                let data = super::collect_body(&body).await.map_err(|e| RemoteError::Io {
+                    remote: self.name(),
+                    op: "put",
+                    key: key.to_string(),
+                    source: e,
+                })?;
                 store.put(&path, PutPayload::from(data)).await.map_err(|e| self.err("put", key, e))?;
             }
             _ => self.put_multipart(store, &path, key, &body).await?,
@@ -375,9 +390,12 @@ impl Remote for ObjStoreRemote {
     async fn create(&self, key: &str, _slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         let path = self.path("create", key)?;
         let store = self.store("create", key)?;
-        let data = super::collect_body(&body)
-            .await
-            .map_err(|e| RemoteError::Io { remote: self.name(), op: "create", key: key.to_string(), source: e })?;
+        let data = super::collect_body(&body).await.map_err(|e| RemoteError::Io {
+            remote: self.name(),
+            op: "create",
+            key: key.to_string(),
+            source: e,
+        })?;
         if self.fence().await? == Fence::Ignored {
             if !self.cfg.unfenced {
                 return Err(RemoteError::Fatal {

@@ -228,7 +228,12 @@ mod tests {
         let u = RemoteUrl::parse("s3://vms/golden/win10").unwrap();
         assert_eq!(
             u,
-            RemoteUrl::ObjStore { kind: StoreKind::S3, bucket: "vms".into(), parent: "golden".into(), name: "win10".into() }
+            RemoteUrl::ObjStore {
+                kind: StoreKind::S3,
+                bucket: "vms".into(),
+                parent: "golden".into(),
+                name: "win10".into()
+            }
         );
         assert_eq!(u.scheme(), Scheme::ObjStore);
         for s in ["s3://b/v", "gs://b/a/b/c.qcow2", "az://container/x/vol"] {
