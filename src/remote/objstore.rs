@@ -92,33 +92,41 @@ impl std::fmt::Debug for ObjStoreRemote {
 /// environment (each cloud's usual variables and chains: `AWS_*`,
 /// `GOOGLE_*`, `AZURE_*`, instance metadata).
 pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> object_store::Result<Arc<dyn ObjectStore>> {
-    use object_store::{BackoffConfig, ClientOptions, RetryConfig};
-    let client = ClientOptions::new().with_timeout(cfg.request_timeout).with_connect_timeout(cfg.connect_timeout);
+    use object_store::client::ClientConfigKey as K;
+    use object_store::{BackoffConfig, RetryConfig};
+    // Deadlines go in as config keys, over what the environment set (a
+    // whole ClientOptions would drop e.g. AWS_ALLOW_HTTP).
+    let timeouts = [
+        (K::Timeout, format!("{}ms", cfg.request_timeout.as_millis())),
+        (K::ConnectTimeout, format!("{}ms", cfg.connect_timeout.as_millis())),
+    ];
     // object_store retries each request a little; the volume's retry
     // wrapper sits above and decides when to give up for good.
     let retry = RetryConfig { backoff: BackoffConfig::default(), max_retries: 3, retry_timeout: cfg.request_timeout };
     Ok(match kind {
-        StoreKind::S3 => Arc::new(
-            object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .with_client_options(client)
-                .with_retry(retry)
-                .build()?,
-        ),
-        StoreKind::Gcs => Arc::new(
-            object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_bucket_name(bucket)
-                .with_client_options(client)
-                .with_retry(retry)
-                .build()?,
-        ),
-        StoreKind::Azure => Arc::new(
-            object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_container_name(bucket)
-                .with_client_options(client)
-                .with_retry(retry)
-                .build()?,
-        ),
+        StoreKind::S3 => {
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
+            for (k, v) in &timeouts {
+                b = b.with_config(object_store::aws::AmazonS3ConfigKey::Client(*k), v);
+            }
+            Arc::new(b.build()?)
+        }
+        StoreKind::Gcs => {
+            let mut b =
+                object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).with_retry(retry);
+            for (k, v) in &timeouts {
+                b = b.with_config(object_store::gcp::GoogleConfigKey::Client(*k), v);
+            }
+            Arc::new(b.build()?)
+        }
+        StoreKind::Azure => {
+            let mut b =
+                object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(bucket).with_retry(retry);
+            for (k, v) in &timeouts {
+                b = b.with_config(object_store::azure::AzureConfigKey::Client(*k), v);
+            }
+            Arc::new(b.build()?)
+        }
     })
 }
 
