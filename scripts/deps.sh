@@ -26,6 +26,14 @@ have systemd-analyze || need_apt+=(systemd)
 have virt-xml-validate || need_apt+=(libvirt-clients)
 have xmllint || need_apt+=(libxml2-utils)
 
+# Garage: the real S3 store the s3:// tests start (scripts/garage.sh).
+# crates.io ships no binary, so it is built once (several minutes on two
+# cores; cache ~/.cargo/bin/garage between CI runs to skip it).
+if ! have garage && [ ! -x "$HOME/.cargo/bin/garage" ]; then
+  echo "deps: installing garage 2.5.0 (cargo install, takes minutes)" >&2
+  cargo install --locked --quiet garage --version 2.5.0
+fi
+
 if [ ${#need_apt[@]} -eq 0 ]; then
   exit 0
 fi

@@ -1,5 +1,7 @@
 //! Remote configuration: where each backend's service is and how to
-//! authenticate to it. Only `gdrive:` needs any today; `dir:` ignores it.
+//! authenticate to it. `gdrive:` needs most; `s3://`, `gs://` and `az://`
+//! take endpoints and credentials from each cloud's usual variables (read
+//! by `object_store`) plus the few settings here; `dir:` ignores it.
 //!
 //! Every field can come from the command line or from the environment, so
 //! tests and scripts can point the unchanged CLI at an emulator (only base
@@ -28,6 +30,11 @@ pub const ENV_TOKEN: &str = "DRIVEBLK_DRIVE_TOKEN";
 pub const ENV_SCOPE: &str = "DRIVEBLK_DRIVE_SCOPE";
 /// Env var: pacer as `RATE[,BURST]` requests per second.
 pub const ENV_PACER: &str = "DRIVEBLK_DRIVE_PACER";
+
+/// Env var: `1` declares that only one host ever writes the volumes on an
+/// object store whose conditional puts do not hold (Garage), so writing
+/// is allowed there without a fence (`remote/objstore.rs`).
+pub const ENV_OBJSTORE_UNFENCED: &str = "DRIVEBLK_OBJSTORE_UNFENCED";
 
 /// Which Drive OAuth scope to ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -186,10 +193,48 @@ impl Default for DriveConfig {
     }
 }
 
+/// How to use an object store (`s3://`, `gs://`, `az://`). Endpoint,
+/// region and credentials are the cloud's own variables (`AWS_ENDPOINT`,
+/// `AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`,
+/// ...), read by `object_store`'s builders with their credential chains.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjStoreConfig {
+    /// Bodies larger than this (or of unknown size) go up as multipart
+    /// uploads.
+    pub multipart_threshold: u64,
+    /// Multipart part size (S3: at least 5 MiB except the last).
+    pub part_size: u64,
+    /// Ranged reads longer than this are split into parallel GETs.
+    pub read_part_size: u64,
+    /// Parts in flight at once, per upload or per read.
+    pub parallel_parts: usize,
+    /// Deadline of one HTTP request (a part of at most `part_size`).
+    pub request_timeout: Duration,
+    /// TCP connect deadline.
+    pub connect_timeout: Duration,
+    /// The operator guarantees a single writer ([`ENV_OBJSTORE_UNFENCED`]).
+    pub unfenced: bool,
+}
+
+impl Default for ObjStoreConfig {
+    fn default() -> Self {
+        Self {
+            multipart_threshold: 16 << 20,
+            part_size: 8 << 20,
+            read_part_size: 8 << 20,
+            parallel_parts: 4,
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            unfenced: false,
+        }
+    }
+}
+
 /// Configuration of the remote layer, shared by every remote a command opens.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct RemoteConfig {
     pub drive: DriveConfig,
+    pub objstore: ObjStoreConfig,
 }
 
 /// Why an environment variable could not be used.
@@ -243,6 +288,14 @@ impl RemoteConfig {
                 expected: "drive.file or drive",
             })?;
         }
+        if let Some(v) = var(ENV_OBJSTORE_UNFENCED) {
+            self.objstore.unfenced = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                _ => return Err(ConfigError { var: ENV_OBJSTORE_UNFENCED, value: v, expected: "1 or 0" }),
+            };
+        }
+        let d = &mut self.drive;
         if let Some(v) = var(ENV_PACER) {
             d.pacer = PacerConfig::parse(&v).ok_or(ConfigError {
                 var: ENV_PACER,

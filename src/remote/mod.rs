@@ -1,6 +1,6 @@
 //! Remote layer: the [`Remote`] trait — an immutable-object store with ranged
-//! reads, shaped after what Google Drive can do — plus its `dir:` and
-//! `gdrive:` backends and
+//! reads, shaped after what Google Drive can do — plus its `dir:`,
+//! `gdrive:` and object-store (`s3://`, `gs://`, `az://`) backends and
 //! the wrappers (retry, metrics, latency/fault shaping) that stack around any
 //! backend as one trait object.
 
@@ -11,6 +11,7 @@ pub mod error;
 pub mod gdrive;
 pub mod merge;
 pub mod metrics;
+pub mod objstore;
 pub mod retry;
 pub mod shaped;
 pub mod url;

@@ -1,6 +1,8 @@
 //! Remote URLs: `dir:/path/NAME` names a volume folder or an object file in
 //! a folder; `gdrive:/Folder/NAME`, `gdrive:id=FOLDER_ID/NAME` and
-//! `gdrive:file=FILE_ID` do the same on Google Drive. The same syntax serves
+//! `gdrive:file=FILE_ID` do the same on Google Drive, and
+//! `s3://BUCKET/prefix/NAME`, `gs://...`, `az://CONTAINER/...` on object
+//! stores (a folder is a key prefix there). The same syntax serves
 //! both, since a volume is a folder of objects and a base image is one
 //! object in a folder.
 
@@ -11,12 +13,13 @@ use std::sync::Arc;
 
 use super::config::RemoteConfig;
 use super::gdrive::{path::DriveLocation, GDriveRemote};
+use super::objstore::{ObjStoreRemote, StoreKind};
 use super::{DirRemote, DynRemote};
 
 /// Why a URL could not be parsed.
 #[derive(Debug, thiserror::Error)]
 pub enum UrlError {
-    #[error("unsupported remote URL {0:?}: expected dir:/path/NAME (a folder path, local or NFS/SMB mounted), gdrive:/Folder/NAME, gdrive:id=FOLDER_ID/NAME or gdrive:file=FILE_ID")]
+    #[error("unsupported remote URL {0:?}: expected dir:/path/NAME (a folder path, local or NFS/SMB mounted), gdrive:/Folder/NAME, gdrive:id=FOLDER_ID/NAME, gdrive:file=FILE_ID, s3://BUCKET/path/NAME, gs://BUCKET/path/NAME or az://CONTAINER/path/NAME")]
     Scheme(String),
     #[error("remote URL {0:?} has no name: expected dir:/path/NAME, not a bare folder or root")]
     NoName(String),
@@ -31,6 +34,8 @@ pub enum Scheme {
     Dir,
     /// Google Drive.
     GDrive,
+    /// An object store (S3, GCS, Azure).
+    ObjStore,
 }
 
 /// A parsed remote URL.
@@ -45,6 +50,16 @@ pub enum RemoteUrl {
     },
     /// A place on Google Drive.
     GDrive(DriveLocation),
+    /// A key prefix and a name in a bucket.
+    ObjStore {
+        kind: StoreKind,
+        bucket: String,
+        /// The prefix holding `name`, without leading or trailing `/`
+        /// (empty: the bucket's top).
+        parent: String,
+        /// A volume folder (prefix) or an object's key.
+        name: String,
+    },
 }
 
 impl RemoteUrl {
@@ -56,6 +71,15 @@ impl RemoteUrl {
             return DriveLocation::parse(rest)
                 .map(RemoteUrl::GDrive)
                 .map_err(|reason| UrlError::Drive { url: s.to_string(), reason });
+        }
+        if let Some((kind, rest)) = StoreKind::strip(s) {
+            let mut parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+            if parts.len() < 2 || parts.iter().any(|p| *p == "." || *p == "..") {
+                return Err(UrlError::NoName(s.to_string()));
+            }
+            let name = parts.pop().unwrap_or_default().to_string();
+            let bucket = parts.remove(0).to_string();
+            return Ok(RemoteUrl::ObjStore { kind, bucket, parent: parts.join("/"), name });
         }
         let rest = s.strip_prefix("dir:").ok_or_else(|| UrlError::Scheme(s.to_string()))?;
         // Accept dir:///abs as well as dir:/abs.
@@ -82,6 +106,7 @@ impl RemoteUrl {
         match self {
             RemoteUrl::Dir { .. } => Scheme::Dir,
             RemoteUrl::GDrive(_) => Scheme::GDrive,
+            RemoteUrl::ObjStore { .. } => Scheme::ObjStore,
         }
     }
 
@@ -89,7 +114,7 @@ impl RemoteUrl {
     pub fn path(&self) -> Option<PathBuf> {
         match self {
             RemoteUrl::Dir { parent, name } => Some(parent.join(name)),
-            RemoteUrl::GDrive(_) => None,
+            RemoteUrl::GDrive(_) | RemoteUrl::ObjStore { .. } => None,
         }
     }
 
@@ -106,6 +131,10 @@ impl RemoteUrl {
         match self {
             RemoteUrl::Dir { parent, name } => Arc::new(DirRemote::new(parent.join(name))),
             RemoteUrl::GDrive(loc) => merging(Arc::new(GDriveRemote::folder(loc, &cfg.drive)), cfg),
+            RemoteUrl::ObjStore { kind, bucket, parent, name } => {
+                let root = if parent.is_empty() { name.clone() } else { format!("{parent}/{name}") };
+                Arc::new(ObjStoreRemote::new(*kind, bucket, &root, &cfg.objstore))
+            }
         }
     }
 
@@ -122,6 +151,9 @@ impl RemoteUrl {
             RemoteUrl::GDrive(loc) => {
                 let (r, key) = GDriveRemote::object(loc, &cfg.drive);
                 (merging(Arc::new(r), cfg), key)
+            }
+            RemoteUrl::ObjStore { kind, bucket, parent, name } => {
+                (Arc::new(ObjStoreRemote::new(*kind, bucket, parent, &cfg.objstore)), name.clone())
             }
         }
     }
@@ -155,6 +187,12 @@ impl fmt::Display for RemoteUrl {
         match self {
             RemoteUrl::Dir { parent, name } => write!(f, "dir:{}", parent.join(name).display()),
             RemoteUrl::GDrive(loc) => write!(f, "{loc}"),
+            RemoteUrl::ObjStore { kind, bucket, parent, name } if parent.is_empty() => {
+                write!(f, "{}{bucket}/{name}", kind.scheme())
+            }
+            RemoteUrl::ObjStore { kind, bucket, parent, name } => {
+                write!(f, "{}{bucket}/{parent}/{name}", kind.scheme())
+            }
         }
     }
 }
@@ -179,8 +217,29 @@ mod tests {
         assert_eq!(u.to_string(), "dir:/a/c.qcow2");
         assert!(RemoteUrl::parse("dir:rel/x").unwrap().path().unwrap().is_absolute());
         assert!(matches!(RemoteUrl::parse("s3:x"), Err(UrlError::Scheme(_))));
+        assert!(matches!(RemoteUrl::parse("s3://bucket"), Err(UrlError::NoName(_))));
+        assert!(matches!(RemoteUrl::parse("s3://bucket/a/../b"), Err(UrlError::NoName(_))));
         assert!(matches!(RemoteUrl::parse("dir:/"), Err(UrlError::NoName(_))));
         assert!(matches!(RemoteUrl::parse("dir:"), Err(UrlError::NoName(_))));
+    }
+
+    #[test]
+    fn parses_object_store_urls() {
+        let u = RemoteUrl::parse("s3://vms/golden/win10").unwrap();
+        assert_eq!(
+            u,
+            RemoteUrl::ObjStore {
+                kind: StoreKind::S3,
+                bucket: "vms".into(),
+                parent: "golden".into(),
+                name: "win10".into()
+            }
+        );
+        assert_eq!(u.scheme(), Scheme::ObjStore);
+        for s in ["s3://b/v", "gs://b/a/b/c.qcow2", "az://container/x/vol"] {
+            assert_eq!(RemoteUrl::parse(s).unwrap().to_string(), s);
+        }
+        assert_eq!(RemoteUrl::parse("s3://b//a/").unwrap().to_string(), "s3://b/a");
     }
 
     #[test]

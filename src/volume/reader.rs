@@ -202,7 +202,9 @@ impl VolumeReader {
         // for again for a while before it counts as absent.
         let grace = match url.scheme() {
             crate::remote::url::Scheme::GDrive => opts.config.drive.open_grace,
-            crate::remote::url::Scheme::Dir => std::time::Duration::ZERO,
+            // Object stores list what they created (S3 has been strongly
+            // consistent since 2020; GCS and Azure always were).
+            crate::remote::url::Scheme::Dir | crate::remote::url::Scheme::ObjStore => std::time::Duration::ZERO,
         };
         let t0 = std::time::Instant::now();
         let mut wait = std::time::Duration::from_millis(250);

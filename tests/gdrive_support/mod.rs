@@ -60,6 +60,7 @@ pub fn start(emu_cfg: driveemu::Config, creds: Creds) -> DriveEnv {
             upload_backoff: Duration::from_millis(10),
             ..DriveConfig::default()
         },
+        ..RemoteConfig::default()
     };
     DriveEnv { emu, dir, cfg, creds_file }
 }

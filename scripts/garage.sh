@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A one-node Garage S3 store on loopback, for tests and trying s3:// URLs.
+#
+#   scripts/garage.sh start DIR   # start it in DIR; prints `export VAR=...`
+#                                 # lines (endpoint, key, bucket) on stdout
+#   scripts/garage.sh stop DIR    # stop it (DIR stays)
+#   GARAGE_WATCH_PID=PID ...      # start: also stop it when PID exits
+#
+#   eval "$(scripts/garage.sh start /tmp/g)"
+#   driveblk import disk.qcow2 s3://$GARAGE_BUCKET/vols/disk
+#
+# The binary is $GARAGE, else `garage` on PATH (scripts/deps.sh installs
+# it). Ports are picked at random among free ones unless GARAGE_S3_PORT /
+# GARAGE_RPC_PORT / GARAGE_ADMIN_PORT are set. One node, replication 1:
+# for a fleet's three-node set-up see docs/object-stores.md.
+set -euo pipefail
+
+cmd=${1:-}; dir=${2:-}
+[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+garage_bin=${GARAGE:-$(command -v garage || echo "$HOME/.cargo/bin/garage")}
+
+if [ "$cmd" = stop ]; then
+  if [ -f "$dir/pid" ]; then kill "$(cat "$dir/pid")" 2>/dev/null || true; rm -f "$dir/pid"; fi
+  exit 0
+fi
+[ "$cmd" = start ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+[ -x "$garage_bin" ] || { echo "garage: no binary (set GARAGE, or run scripts/deps.sh)" >&2; exit 1; }
+
+free_port() { # a port nothing listens on now
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 40000))
+    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+  done
+}
+s3=${GARAGE_S3_PORT:-$(free_port)}
+rpc=${GARAGE_RPC_PORT:-$(free_port)}
+admin=${GARAGE_ADMIN_PORT:-$(free_port)}
+hex() { head -c "$1" /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+
+mkdir -p "$dir/meta" "$dir/data"
+cfg="$dir/garage.toml"
+cat > "$cfg" <<EOF
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
+rpc_secret = "$(hex 32)"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$s3"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:$admin"
+EOF
+
+g() { "$garage_bin" -c "$cfg" "$@"; }
+RUST_LOG=${RUST_LOG_GARAGE:-warn} setsid "$garage_bin" -c "$cfg" server >"$dir/garage.log" 2>&1 < /dev/null &
+echo $! > "$dir/pid"
+# Tests pass their own pid: the server goes when they do, even on a panic.
+if [ -n "${GARAGE_WATCH_PID:-}" ]; then
+  ( gp=$(cat "$dir/pid")
+    while kill -0 "$GARAGE_WATCH_PID" 2>/dev/null && kill -0 "$gp" 2>/dev/null; do sleep 1; done
+    kill "$gp" 2>/dev/null ) >/dev/null 2>&1 < /dev/null &
+  disown
+fi
+for _ in $(seq 1 100); do
+  g status >/dev/null 2>&1 && break
+  kill -0 "$(cat "$dir/pid")" 2>/dev/null || { echo "garage: server exited; see $dir/garage.log" >&2; cat "$dir/garage.log" >&2; exit 1; }
+  sleep 0.2
+done
+node=$(g node id -q 2>/dev/null | cut -d@ -f1)
+g layout assign -z dc1 -c 1G "$node" >/dev/null
+g layout apply --version 1 >/dev/null
+key_id="GK$(hex 12)"; secret=$(hex 32)
+g key import --yes -n driveblk "$key_id" "$secret" >/dev/null
+g bucket create driveblk >/dev/null
+g bucket allow --read --write --owner driveblk --key "$key_id" >/dev/null
+
+cat > "$dir/env" <<EOF
+export AWS_ENDPOINT=http://127.0.0.1:$s3
+export AWS_ACCESS_KEY_ID=$key_id
+export AWS_SECRET_ACCESS_KEY=$secret
+export AWS_REGION=garage
+export AWS_DEFAULT_REGION=garage
+export AWS_ALLOW_HTTP=true
+export GARAGE_BUCKET=driveblk
+export GARAGE_PID=$(cat "$dir/pid")
+EOF
+cat "$dir/env"
