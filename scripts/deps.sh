@@ -31,7 +31,11 @@ have xmllint || need_apt+=(libxml2-utils)
 # cores; cache ~/.cargo/bin/garage between CI runs to skip it).
 if ! have garage && [ ! -x "$HOME/.cargo/bin/garage" ]; then
   echo "deps: installing garage 2.5.0 (cargo install, takes minutes)" >&2
-  cargo install --locked --quiet garage --version 2.5.0
+  # Built for speed of building (no LTO, light optimisation): a test
+  # fixture, not a production store.
+  CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
+    CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_DEBUG=0 \
+    cargo install --locked --quiet garage --version 2.5.0
 fi
 
 if [ ${#need_apt[@]} -eq 0 ]; then
