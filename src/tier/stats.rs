@@ -72,6 +72,14 @@ pub struct TierStats {
     /// Chunks fetched from the remote and bytes that crossed the link.
     pub remote_fetches: u64,
     pub remote_bytes: u64,
+    /// `remote_bytes` by what caused them (they add up to it): guest
+    /// misses, the boot profile's stream, readahead, hydration and pins,
+    /// the first boot's stream of dense regions.
+    pub bytes_miss: u64,
+    pub bytes_profile: u64,
+    pub bytes_readahead: u64,
+    pub bytes_hydrate: u64,
+    pub bytes_stream: u64,
     pub fetch_errors: u64,
     /// Guest requests failed after waiting the whole remote budget.
     pub remote_timeouts: u64,
