@@ -722,8 +722,8 @@ impl Inner {
             })?;
             Counters::inc(&self.counters.remote_fetches);
             self.counters.remote_bytes.fetch_add(fetched.wire_bytes, Ordering::Relaxed);
-            // A speculative flight a guest joined counts as a miss.
-            self.lanes.count(if urgency.is_urgent() { fetch::Source::Miss } else { src }, fetched.wire_bytes);
+            // Counted by what started the fetch (a guest may have joined it).
+            self.lanes.count(src, fetched.wire_bytes);
             let used = fetched.chunk_ref;
             let mut data = fetched.data;
             data.resize(self.cs as usize, 0);

@@ -252,8 +252,7 @@ impl Inner {
         })?;
         Counters::inc(&self.counters.remote_fetches);
         self.counters.remote_bytes.fetch_add(wire, Ordering::Relaxed);
-        // The stream's bytes; a segment a guest waited for is a miss's.
-        self.lanes.count(if urgency.is_urgent() { Source::Miss } else { Source::Profile }, wire);
+        self.lanes.count(Source::Profile, wire);
         self.counters.profile_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         let me = self.clone();
         let rp2 = rp.clone();
