@@ -25,8 +25,10 @@
 #   --cold           after the A/B rows, the cold boot-trace experiment (driveblk only, slow:
 #                    minutes per config): a --cold-size image (default 10G, first 60% random
 #                    data) imported as a raw volume, served over a simulated link, empty cache,
-#                    two --pattern boot replays per config: the first boot (records a boot
-#                    profile, saved at SIGTERM) and a cold start on a new cache with that profile;
+#                    three --pattern boot replays per config: the first boot (records a boot
+#                    profile, saved at SIGTERM), a cold start on a new cache with that profile
+#                    (identical repeat), and a boot a tenth of whose files differ
+#                    (--trace-differ 0.1) on a new cache with the profile the runs before left;
 #                    compared with the bandwidth floor and with "download first" (driveblk
 #                    export over the same link)
 #   --cold-only      only the cold experiment (no A/B rows)
@@ -681,10 +683,10 @@ cold_experiment() {
     {
         echo "Link: ${lat} ms per request, ${mbit} Mbit/s (= $((rate / 1000000)) MB/s) shared; remote: $remote_note; image $COLD_SIZE raw, first 60% random data; QD8 boot trace (\`--pattern boot\`, defaults); empty cache dir per run; 1 run per config."
         echo
-        echo "First boot: no boot profile yet; driveblk records one and saves it to the remote at SIGTERM (save time in its own column). Cold with profile: a new empty cache dir (another machine), same volume; driveblk streams the saved profile ahead of the guest."
+        echo "First boot: no boot profile yet; driveblk records one and saves it to the remote at SIGTERM (save time in its own column). Cold with profile: a new empty cache dir (another machine), same volume, the same boot; driveblk streams the saved profile ahead of the guest. 10%-different: a new empty cache dir, a boot a tenth of whose files are other files and as many read in another order (\`--trace-differ 0.1\`), against the profile the runs before left. MB by source: guest misses / profile stream / readahead / first-boot stream (hydration is off)."
         echo
-        echo "| config (import chunk : serve args) | run | import s | boot trace wall s | floor s (trace bytes / link) | wall / floor | trace MB | remote MB fetched | fetched / trace | remote fetches | guest misses | misses served by profile | readahead chunks | profile saved at stop, s |"
-        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        echo "| config (import chunk : serve args) | run | import s | boot trace wall s | floor s (trace bytes / link) | wall / floor | trace MB | remote MB fetched | fetched / trace | MB by source miss/profile/readahead/stream | remote fetches | guest misses | misses served by profile | readahead chunks | profile saved at stop, s |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
     } >"$COLD_TAB"
     # All imports first (CPU-heavy), then the replays (link-bound).
     for spec in "${COLD_CONFIGS[@]}"; do
@@ -716,7 +718,7 @@ cold_experiment() {
                 die "cold: re-import for $spec failed"
         }
         local run
-        for run in "first boot" "cold with profile"; do
+        for run in "first boot" "cold with profile" "10%-different"; do
             tag=cold-${#COLD_ROWS[@]}
             COLD_ROWS+=("$spec $run")
             cache=$WORK/$tag-cache out=$WORK/$tag.json
@@ -725,7 +727,9 @@ cold_experiment() {
             # shellcheck disable=SC2086
             start_daemon driveblk "" 1 "--format raw $link $args" "" "$WORK/$tag.log" \
                 --volume "$url" --cache-dir "$cache" || die "cold: daemon did not start"
-            if ! "$GEN" --socket "$SOCK" --pattern boot --io-timeout 300 --json >"$out" 2>"$WORK/$tag.err"; then
+            local differ=0
+            [[ $run != "10%-different" ]] || differ=0.1
+            if ! "$GEN" --socket "$SOCK" --pattern boot --trace-differ "$differ" --io-timeout 300 --json >"$out" 2>"$WORK/$tag.err"; then
                 sed 's/^/    /' "$WORK/$tag.err" >&2
                 stop_daemon driveblk "$WORK/$tag.log" || true
                 die "cold: generator failed"
@@ -738,12 +742,12 @@ cold_experiment() {
             secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}')
             [[ $run != "first boot" || $COLD_REMOTE == gdrive ]] || ls "$WORK/remote/cold-$cs"/profile-* >/dev/null 2>&1 ||
                 die "cold: the first boot saved no boot profile (see $WORK/$tag.log)"
-            [[ $run == "first boot" ]] || secs="-"
+            [[ $run != "cold with profile" ]] || secs="-"
             rm -rf "$cache"
             jq -r --arg spec "$spec" --arg run "$run" --arg imp "${imported[$cs]}" --arg rate "$rate" --arg save "$secs" \
                 --slurpfile st "$WORK/$tag.status.json" '
                 ($st[0]) as $s | (.bytes / ($rate | tonumber)) as $floor |
-                "| \($spec) | \($run) | \($imp) | \(.elapsed_s * 10 | round / 10) | \($floor * 10 | round / 10) | \(.elapsed_s / $floor * 100 | round / 100) | \(.bytes / 1e6 | round) | \($s.remote.bytes / 1e6 | round) | \($s.remote.bytes / .bytes * 100 | round / 100) | \($s.remote.fetches)\(if ($s.drive_reads.requests // 0) > 0 then " (\($s.drive_reads.requests) Drive reads)" else "" end) | \($s.remote.misses) | \($s.boot_profile.waits // 0) | \($s.remote.readahead_chunks) | \($save) |"' \
+                "| \($spec) | \($run) | \($imp) | \(.elapsed_s * 10 | round / 10) | \($floor * 10 | round / 10) | \(.elapsed_s / $floor * 100 | round / 100) | \(.bytes / 1e6 | round) | \($s.remote.bytes / 1e6 | round) | \($s.remote.bytes / .bytes * 100 | round / 100) | \([$s.remote.bytes_by_source | (.miss, .profile, .readahead, .stream) / 1e6 | round] | map(tostring) | join(" / ")) | \($s.remote.fetches)\(if ($s.drive_reads.requests // 0) > 0 then " (\($s.drive_reads.requests) Drive reads)" else "" end) | \($s.remote.misses) | \($s.boot_profile.waits // 0) | \($s.remote.readahead_chunks) | \($save) |"' \
                 "$out" >>"$COLD_TAB"
             log "    $(tail -1 "$COLD_TAB")"
         done

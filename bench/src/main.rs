@@ -84,6 +84,10 @@ struct Args {
     /// Boot trace: files are placed in the first N percent of the range.
     #[arg(long, default_value_t = 60.0)]
     trace_span_pct: f64,
+    /// Boot trace: a boot that differs from the seed's — this share of its files replaced by
+    /// others and as many moved in the read order (e.g. 0.1: the "10%-different boot").
+    #[arg(long, default_value_t = 0.0)]
+    trace_differ: f64,
     /// Virtqueue size (power of two). libblkio uses 3 descriptors per request (no indirect
     /// descriptors), so the default 256 holds 85 requests; larger iodepths wait in its backlog.
     #[arg(long)]
@@ -214,8 +218,13 @@ fn boot_plan(args: &Args, range: u64) -> Result<Plan> {
     ensure!(args.trace_span_pct > 0.0 && args.trace_span_pct <= 100.0, "--trace-span-pct must be in (0, 100]");
     let span = (range as f64 * args.trace_span_pct / 100.0) as u64 / 4096 * 4096;
     ensure!(span >= 1 << 20, "the boot trace needs a span of at least 1 MiB");
-    let reqs =
-        workload::boot_trace(&BootParams { reads: args.trace_reads, bytes: args.trace_bytes, span, seed: args.seed });
+    let reqs = workload::boot_trace(&BootParams {
+        reads: args.trace_reads,
+        bytes: args.trace_bytes,
+        span,
+        seed: args.seed,
+        differ: args.trace_differ,
+    });
     let total_qd = args.iodepth.unwrap_or(8);
     let n = args.queues;
     ensure!(total_qd >= n, "--iodepth (total for --pattern boot) must be at least --queues");

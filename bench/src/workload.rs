@@ -107,12 +107,17 @@ impl Source {
 }
 
 /// Parameters of the synthetic "Windows-10-boot-like" read trace.
+#[derive(Clone, Copy)]
 pub struct BootParams {
     pub reads: u64,
     pub bytes: u64,
     /// Files live in the first `span` bytes of the device.
     pub span: u64,
     pub seed: u64,
+    /// A boot that differs from the seed's: this share of its files (0.0..=1.0) is replaced by
+    /// other files (same sizes, elsewhere in the span), and as many are moved to another place
+    /// in the read order. 0 is the seed's boot itself.
+    pub differ: f64,
 }
 
 const KIB4: u64 = 4096;
@@ -148,6 +153,21 @@ pub fn boot_trace(p: &BootParams) -> Vec<Req> {
         let file_len: u64 = chunk.iter().sum();
         let max_start = span_pages.saturating_sub(file_len / KIB4).max(1);
         files.push((rng.below(max_start) * KIB4, chunk));
+    }
+    if p.differ > 0.0 {
+        // Its own generator: the seed's files stay exactly where they were.
+        let mut vr = Rng::new(p.seed ^ 0xd1ff_d1ff_d1ff_d1ff);
+        let n = files.len() as u64;
+        for f in files.iter_mut() {
+            if vr.unit() < p.differ {
+                let len: u64 = f.1.iter().sum();
+                f.0 = vr.below(span_pages.saturating_sub(len / KIB4).max(1)) * KIB4;
+            }
+        }
+        for _ in 0..(n as f64 * p.differ) as u64 {
+            let (a, b) = (vr.below(n) as usize, vr.below(n) as usize);
+            files.swap(a, b);
+        }
     }
 
     // Interleave up to 4 open files: each step continues a random open file.
@@ -212,7 +232,7 @@ mod tests {
 
     #[test]
     fn boot_trace_matches_parameters() {
-        let p = BootParams { reads: 60_000, bytes: 600 << 20, span: 6 << 30, seed: 7 };
+        let p = BootParams { reads: 60_000, bytes: 600 << 20, span: 6 << 30, seed: 7, differ: 0.0 };
         let t = boot_trace(&p);
         assert_eq!(t.len(), 60_000);
         let total: u64 = t.iter().map(|r| r.len as u64).sum();
@@ -223,6 +243,19 @@ mod tests {
         // Deterministic from the seed.
         let again = boot_trace(&p);
         assert!(t.iter().zip(&again).all(|(a, b)| a.offset == b.offset && a.len == b.len));
+    }
+
+    /// The "10%-different boot" reads about 90% of what the seed's boot reads.
+    #[test]
+    fn a_differing_boot_shares_most_pages() {
+        let p = BootParams { reads: 20_000, bytes: 200 << 20, span: 4 << 30, seed: 1, differ: 0.0 };
+        let pages = |t: &[Req]| -> std::collections::HashSet<u64> {
+            t.iter().flat_map(|r| r.offset / 4096..(r.offset + r.len as u64) / 4096).collect()
+        };
+        let a = pages(&boot_trace(&p));
+        let b = pages(&boot_trace(&BootParams { differ: 0.1, ..p }));
+        let shared = a.intersection(&b).count() as f64 / a.len() as f64;
+        assert!((0.8..0.97).contains(&shared), "shared {shared}");
     }
 
     #[test]

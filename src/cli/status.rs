@@ -204,7 +204,9 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
         "zero_hits": s.zero_hits,
         "remote": { "misses": s.misses, "fetches": s.remote_fetches, "bytes": s.remote_bytes,
                     "errors": s.fetch_errors, "readahead_chunks": s.readahead_chunks,
-                    "guest_timeouts": s.remote_timeouts },
+                    "guest_timeouts": s.remote_timeouts,
+                    "bytes_by_source": { "miss": s.bytes_miss, "profile": s.bytes_profile,
+                        "readahead": s.bytes_readahead, "hydrate": s.bytes_hydrate, "stream": s.bytes_stream } },
         "hot_set": { "chunks": s.hot_chunks, "local": s.hot_local, "pinned": s.pinned_chunks,
                      "pinned_local": s.pinned_local, "offline_ready": s.offline_ready },
         "hydrate": { "running": s.hydrating, "total": s.hydrate_total, "done": s.hydrate_done, "complete": s.hydrated },
@@ -339,6 +341,17 @@ pub fn render(v: &Value) -> String {
         u("/remote/errors"),
         u("/remote/readahead_chunks")
     );
+    if u("/remote/bytes") > 0 {
+        let by: Vec<String> = ["miss", "profile", "readahead", "hydrate", "stream"]
+            .iter()
+            .map(|k| (k, u(&format!("/remote/bytes_by_source/{k}"))))
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {}", human(n)))
+            .collect();
+        if !by.is_empty() {
+            out += &format!("downloaded  {}\n", by.join(", "));
+        }
+    }
     out += &format!(
         "hit rate    RAM {:.1}%, SSD {:.1}%, zero {:.1}%, remote {:.1}%\n",
         f("/hit_rate/ram"),

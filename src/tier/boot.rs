@@ -29,10 +29,14 @@ pub enum BootProfileMode {
     Off,
 }
 
-/// Share of a boot's recorded bytes the replayed profile must hold for the
-/// profile to be kept; below it (the OS was updated, the volume changed)
-/// the recording replaces it.
-pub const STILL_MATCHES: f64 = 0.8;
+/// Boots a page stays in the profile after the last boot that read it
+/// (profiles learn: a saved profile is this boot's pages, then the older
+/// profile's pages this boot did not read, until they age out).
+pub const KEEP_BOOTS: u32 = 2;
+
+/// Share of a boot's bytes that must be new to the profile (read by this
+/// boot, not held by the profile) before a new profile is saved.
+pub const NEW_SHARE: f64 = 0.02;
 
 /// Largest boot working set recorded; past it recording stops (a guest
 /// that reads this much is no longer just booting).
@@ -178,12 +182,57 @@ impl Recorder {
     }
 }
 
+/// What a profile saved after this boot holds, in order, with each
+/// extent's age: the pages this boot read (age 0, first-touch order), then
+/// the replayed profile's pages this boot did not read (in the profile's
+/// order, one boot older; those older than [`KEEP_BOOTS`] and those of
+/// chunks that changed are dropped), at most [`RECORD_CAP`] bytes.
+pub fn learned(recorded: &Recorded, old: Option<&Replay>, image_len: u64, chunk_size: u64) -> Vec<(u32, Extent)> {
+    let mut out: Vec<(u32, Extent)> = recorded.extents.iter().map(|e| (0, *e)).collect();
+    let Some(old) = old else { return out };
+    let pages = image_len.div_ceil(PAGE_SIZE);
+    let mut read = vec![0u64; pages.div_ceil(64) as usize];
+    for e in &recorded.extents {
+        for p in e.offset / PAGE_SIZE..e.end().div_ceil(PAGE_SIZE).min(pages) {
+            read[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+    let mut total = recorded.bytes;
+    for s in &old.index.segments {
+        let age = s.age.saturating_add(1);
+        if age > KEEP_BOOTS {
+            continue;
+        }
+        for e in &s.extents {
+            let end = e.end().min(image_len);
+            let mut p = e.offset / PAGE_SIZE;
+            while p * PAGE_SIZE < end {
+                let start = p * PAGE_SIZE;
+                let plen = PAGE_SIZE.min(end - start);
+                let unread = read[(p / 64) as usize] & (1 << (p % 64)) == 0;
+                if unread && old.usable(start / chunk_size) && total + plen <= RECORD_CAP {
+                    total += plen;
+                    match out.last_mut() {
+                        Some((a, x)) if *a == age && x.end() == start => x.len += plen,
+                        _ => out.push((age, Extent { offset: start, len: plen })),
+                    }
+                }
+                p += 1;
+            }
+        }
+    }
+    out
+}
+
 /// Where a profile's pages are: for every chunk, the page ranges (offsets
 /// inside the chunk) each segment holds.
 pub struct Replay {
     pub key: String,
     pub index: ProfileIndex,
     cover: HashMap<u64, Vec<(u64, u64, usize)>>,
+    /// Segments streamed (or found local) already: a segment fetched
+    /// again later, or joined by a miss, counts once.
+    done: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl Replay {
@@ -204,7 +253,13 @@ impl Replay {
         for v in cover.values_mut() {
             v.sort_unstable();
         }
-        Self { key, index, cover }
+        let done = (0..index.segments.len()).map(|_| Default::default()).collect();
+        Self { key, index, cover, done }
+    }
+
+    /// Marks segment `seg` done; true the first time only.
+    pub fn mark_done(&self, seg: usize) -> bool {
+        self.done.get(seg).is_some_and(|d| !d.swap(true, std::sync::atomic::Ordering::SeqCst))
     }
 
     /// The segments that together hold every byte of `[off, off + len)` of
@@ -323,6 +378,58 @@ mod tests {
         assert!(!r.active());
     }
 
+    /// The saved profile is this boot's pages, then the old profile's
+    /// unread ones one boot older; pages past KEEP_BOOTS or of changed
+    /// chunks are gone.
+    #[test]
+    fn profiles_learn_and_forget() {
+        use crate::volume::profile::Segment;
+        let seg = |age, extents: Vec<Extent>| Segment {
+            offset: 0,
+            len: 1,
+            raw_len: extents.iter().map(|e| e.len).sum(),
+            sha256: String::new(),
+            extents,
+            age,
+        };
+        let p = |n: u64| n * PAGE_SIZE;
+        let index = ProfileIndex {
+            format: String::new(),
+            version: 1,
+            volume_id: String::new(),
+            generation: 1,
+            created_unix_ms: 0,
+            page_size: 4096,
+            chunk_size: p(16),
+            image_len: p(64),
+            pack: String::new(),
+            chunk_refs: Default::default(),
+            segments: vec![
+                seg(0, vec![Extent { offset: p(0), len: p(4) }, Extent { offset: p(20), len: p(2) }]),
+                seg(KEEP_BOOTS, vec![Extent { offset: p(8), len: p(1) }]),
+                seg(1, vec![Extent { offset: p(40), len: p(2) }]),
+            ],
+        };
+        // Chunk 2 (pages 32-47) changed since.
+        let old = Replay::new("k".into(), index, p(16), |idx| idx != 2);
+        let r = Recorder::new(p(64), Duration::from_secs(60));
+        r.observe(p(30), p(1));
+        r.observe(p(2), p(1)); // read again: not carried over as old
+        let rec = r.finish();
+        let got = learned(&rec, Some(&old), p(64), p(16));
+        assert_eq!(
+            got,
+            vec![
+                (0, Extent { offset: p(30), len: p(1) }),
+                (0, Extent { offset: p(2), len: p(1) }),
+                (1, Extent { offset: p(0), len: p(2) }),
+                (1, Extent { offset: p(3), len: p(1) }),
+                (1, Extent { offset: p(20), len: p(2) }),
+            ]
+        );
+        assert_eq!(learned(&rec, None, p(64), p(16)).len(), 2);
+    }
+
     #[test]
     fn covering_finds_segments_or_none() {
         use crate::volume::profile::Segment;
@@ -332,6 +439,7 @@ mod tests {
             raw_len: extents.iter().map(|e| e.len).sum(),
             sha256: String::new(),
             extents,
+            age: 0,
         };
         let index = ProfileIndex {
             format: String::new(),

@@ -1,23 +1,66 @@
 //! Single flight: concurrent requests for the same key share one running
 //! task instead of each fetching it (a burst of guest reads into one cold
-//! chunk makes one remote request).
+//! chunk makes one remote request). A flight started as speculative work
+//! is raised to urgent when a guest request joins it ([`Urgency`]).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
+use tokio::sync::Notify;
 
 /// A handle on a running flight; clone and await it from any number of
 /// callers.
 pub type Flight<V> = Shared<BoxFuture<'static, V>>;
 
+/// Whether a guest waits on a flight: speculative work waiting for its
+/// turn on the link stops waiting once it is.
+#[derive(Debug, Default)]
+pub struct Urgency {
+    urgent: AtomicBool,
+    notify: Notify,
+}
+
+impl Urgency {
+    /// A flight urgent (a guest waits) or not from the start.
+    pub fn new(urgent: bool) -> Arc<Self> {
+        Arc::new(Self { urgent: AtomicBool::new(urgent), notify: Notify::new() })
+    }
+
+    /// True once a guest waits on the flight.
+    pub fn is_urgent(&self) -> bool {
+        self.urgent.load(Ordering::SeqCst)
+    }
+
+    /// Marks the flight urgent and wakes whoever waits in [`raised`](Self::raised).
+    pub fn raise(&self) {
+        if !self.urgent.swap(true, Ordering::SeqCst) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Completes once the flight is urgent.
+    pub async fn raised(&self) {
+        loop {
+            let n = self.notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_urgent() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
 /// Merges concurrent work per key.
 pub struct SingleFlight<K, V: Clone> {
-    running: Arc<Mutex<HashMap<K, Flight<V>>>>,
+    running: Arc<Mutex<HashMap<K, (Flight<V>, Arc<Urgency>)>>>,
 }
 
 impl<K, V> Default for SingleFlight<K, V>
@@ -43,11 +86,32 @@ where
     where
         F: Future<Output = V> + Send + 'static,
     {
+        self.join_as(rt, key, true, |_| work(), lost)
+    }
+
+    /// [`join`](Self::join) with a priority: `urgent` when a guest waits.
+    /// `work` gets the flight's [`Urgency`], which a later urgent join
+    /// raises (a readahead a guest now waits for jumps the queue).
+    pub fn join_as<F>(
+        &self,
+        rt: &Handle,
+        key: K,
+        urgent: bool,
+        work: impl FnOnce(Arc<Urgency>) -> F,
+        lost: fn() -> V,
+    ) -> Flight<V>
+    where
+        F: Future<Output = V> + Send + 'static,
+    {
         let mut running = self.running.lock();
-        if let Some(f) = running.get(&key) {
+        if let Some((f, u)) = running.get(&key) {
+            if urgent {
+                u.raise();
+            }
             return f.clone();
         }
-        let fut = work();
+        let urgency = Urgency::new(urgent);
+        let fut = work(urgency.clone());
         let map = self.running.clone();
         let k = key.clone();
         let task = rt.spawn(async move {
@@ -58,8 +122,13 @@ where
             v
         });
         let flight: Flight<V> = async move { task.await.unwrap_or_else(|_| lost()) }.boxed().shared();
-        running.insert(key, flight.clone());
+        running.insert(key, (flight.clone(), urgency));
         flight
+    }
+
+    /// True when a flight for `key` is running.
+    pub fn contains(&self, key: &K) -> bool {
+        self.running.lock().contains_key(key)
     }
 
     /// Number of flights running.
@@ -102,5 +171,28 @@ mod tests {
         assert_eq!(rt.block_on(b), 7);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(sf.is_empty());
+    }
+
+    /// A speculative flight waiting for its turn is woken when a guest
+    /// joins it.
+    #[test]
+    fn an_urgent_join_raises_a_speculative_flight() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let sf: SingleFlight<u32, bool> = SingleFlight::default();
+        let a = sf.join_as(
+            rt.handle(),
+            1,
+            false,
+            |u| async move {
+                u.raised().await;
+                u.is_urgent()
+            },
+            || false,
+        );
+        let b = sf.join_as(rt.handle(), 2, false, |u| async move { u.is_urgent() }, || true);
+        assert!(!rt.block_on(b), "nobody raised flight 2");
+        let c = sf.join_as(rt.handle(), 1, true, |_| async { false }, || false);
+        assert!(rt.block_on(a));
+        assert!(rt.block_on(c));
     }
 }

@@ -39,7 +39,11 @@ fn cell() -> usize {
 
 impl Striped {
     pub fn inc(&self) {
-        self.cells[cell()].fetch_add(1, Ordering::Relaxed);
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.cells[cell()].fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> u64 {
@@ -121,6 +125,14 @@ pub struct TierStats {
     /// Chunks fetched from the remote and bytes that crossed the link.
     pub remote_fetches: u64,
     pub remote_bytes: u64,
+    /// `remote_bytes` by what caused them (they add up to it): guest
+    /// misses, the boot profile's stream, readahead, hydration and pins,
+    /// the first boot's stream of dense regions.
+    pub bytes_miss: u64,
+    pub bytes_profile: u64,
+    pub bytes_readahead: u64,
+    pub bytes_hydrate: u64,
+    pub bytes_stream: u64,
     pub fetch_errors: u64,
     /// Guest requests failed after waiting the whole remote budget.
     pub remote_timeouts: u64,

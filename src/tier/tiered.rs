@@ -24,7 +24,7 @@ use super::open::{CacheOptions, LeaseMode, RemoteWait};
 use super::pins::Pins;
 use super::ram::{ChunkBuf, RamCache};
 use super::readahead::Readahead;
-use super::single_flight::{Flight, SingleFlight};
+use super::single_flight::{Flight, SingleFlight, Urgency};
 use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL};
 use super::stats::{Counters, TierStats};
 use super::Storage;
@@ -33,8 +33,10 @@ use crate::remote::retry::within_budget;
 use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 mod boot_profile;
+mod fetch;
 mod hot_set;
 mod lease;
+mod stream;
 mod writeback;
 
 use writeback::Writeback;
@@ -118,6 +120,13 @@ struct Inner {
     flights: SingleFlight<u64, FetchResult>,
     counters: Counters,
     fetch_sem: Semaphore,
+    /// Guest misses first; speculative fetches within a byte budget.
+    lanes: fetch::Lanes,
+    /// Bytes the guest read (hits and misses): what bounds the first
+    /// boot's stream.
+    guest_bytes: super::stats::Striped,
+    /// The first boot's stream of dense regions (no profile yet).
+    dense: stream::Dense,
     /// Guest misses waiting right now; hydration pauses while any are.
     demand: AtomicUsize,
     readahead: Readahead,
@@ -211,6 +220,9 @@ impl TieredStore {
             flights: SingleFlight::default(),
             counters: Counters::default(),
             fetch_sem: Semaphore::new(opts.fetch_concurrency.max(1)),
+            lanes: fetch::Lanes::default(),
+            guest_bytes: Default::default(),
+            dense: stream::Dense::new(opts.boot_profile != BootProfileMode::Off && !opts.hydrate),
             demand: AtomicUsize::new(0),
             readahead: Readahead::new(cs, opts.readahead_chunks),
             read_only: opts.read_only,
@@ -340,6 +352,11 @@ impl TieredStore {
             misses: l(&c.misses),
             remote_fetches: l(&c.remote_fetches),
             remote_bytes: l(&c.remote_bytes),
+            bytes_miss: i.lanes.bytes(fetch::Source::Miss),
+            bytes_profile: i.lanes.bytes(fetch::Source::Profile),
+            bytes_readahead: i.lanes.bytes(fetch::Source::Readahead),
+            bytes_hydrate: i.lanes.bytes(fetch::Source::Hydrate),
+            bytes_stream: i.lanes.bytes(fetch::Source::Stream),
             fetch_errors: l(&c.fetch_errors),
             remote_timeouts: l(&c.remote_timeouts),
             readahead_chunks: l(&c.readahead_chunks),
@@ -651,10 +668,17 @@ impl Inner {
         });
     }
 
-    /// The single flight fetching chunk `idx` (joining one that runs).
-    fn flight(self: &Arc<Self>, idx: u64, to_ram: bool) -> Flight<FetchResult> {
+    /// The single flight fetching chunk `idx` (joining one that runs) as
+    /// speculative work for `src`.
+    fn flight(self: &Arc<Self>, idx: u64, to_ram: bool, src: fetch::Source) -> Flight<FetchResult> {
         let me = self.clone();
-        self.flights.join(&self.handle, idx, move || me.fetch_and_install(idx, to_ram), || Err(closing()))
+        self.flights.join_as(
+            &self.handle,
+            idx,
+            false,
+            move |u| me.fetch_and_install(idx, to_ram, src, u),
+            || Err(closing()),
+        )
     }
 
     /// The single flight fetching chunk `idx` for a guest request: when
@@ -664,10 +688,11 @@ impl Inner {
     fn guest_flight(self: &Arc<Self>, idx: u64, to_ram: bool) -> Flight<FetchResult> {
         let me = self.clone();
         let budget = self.remote_wait.call_budget();
-        self.flights.join(
+        self.flights.join_as(
             &self.handle,
             idx,
-            move || within_budget(budget, me.fetch_and_install(idx, to_ram)),
+            true,
+            move |u| within_budget(budget, me.fetch_and_install(idx, to_ram, fetch::Source::Miss, u)),
             || Err(closing()),
         )
     }
@@ -689,7 +714,13 @@ impl Inner {
     /// The whole chunk: from RAM or SSD when it is already local (the
     /// flight may have started just after another one installed it),
     /// otherwise fetched, verified and installed in SSD (and RAM).
-    async fn fetch_and_install(self: Arc<Self>, idx: u64, to_ram: bool) -> FetchResult {
+    async fn fetch_and_install(
+        self: Arc<Self>,
+        idx: u64,
+        to_ram: bool,
+        src: fetch::Source,
+        urgency: Arc<Urgency>,
+    ) -> FetchResult {
         if let Some(b) = self.ram.get(idx) {
             return Ok(b);
         }
@@ -721,6 +752,10 @@ impl Inner {
         // this chunk's reference: then the bytes are stale, fetch again.
         for attempt in 0.. {
             let fetched = {
+                // Speculative work waits for its share of the link (or for
+                // a guest to join it) before it takes a fetch slot.
+                let wire = fetch::wire_len(&self.vol.chunk_ref(idx), self.vol.chunk_len(idx) as u64);
+                let _lane = self.lanes.admit(wire, &urgency).await;
                 let _permit = self.fetch_sem.acquire().await;
                 self.vol.fetch_chunk(idx).await
             };
@@ -731,6 +766,8 @@ impl Inner {
             })?;
             Counters::inc(&self.counters.remote_fetches);
             self.counters.remote_bytes.fetch_add(fetched.wire_bytes, Ordering::Relaxed);
+            // Counted by what started the fetch (a guest may have joined it).
+            self.lanes.count(src, fetched.wire_bytes);
             let used = fetched.chunk_ref;
             let mut data = fetched.data;
             data.resize(self.cs as usize, 0);
@@ -804,7 +841,7 @@ impl Inner {
             }
             if self.ram.get(idx).is_none() && !self.ssd.has_chunk(idx) && !self.is_zero(idx) {
                 Counters::inc(&self.counters.readahead_chunks);
-                drop(self.flight(idx, true));
+                drop(self.flight(idx, true, fetch::Source::Readahead));
             }
         }
     }
@@ -823,6 +860,7 @@ impl Inner {
         if let Some(rec) = &self.recorder {
             rec.observe(offset, inside as u64);
         }
+        self.guest_bytes.add(inside as u64);
         let mut misses = Pieces::new();
         for p in pieces(offset, inside, self.cs) {
             if !self.serve_local(p, &bufs.slice(p.buf_off, p.len), mode)? {
@@ -842,7 +880,7 @@ impl Inner {
             .map(|p| match replay.as_ref().and_then(|r| r.covering(p.idx, p.off as u64, p.len as u64)) {
                 Some(segs) => {
                     let rp = replay.as_ref().expect("covering came from it");
-                    Pending::Segments(segs.into_iter().map(|s| self.segment_flight(rp, s)).collect())
+                    Pending::Segments(segs.into_iter().map(|s| self.segment_flight(rp, s, true)).collect())
                 }
                 None => Pending::Chunk(self.guest_flight(p.idx, true)),
             })
@@ -853,6 +891,11 @@ impl Inner {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         self.counters.misses.fetch_add(misses.len() as u64, Ordering::Relaxed);
+        if replay.is_none() {
+            for p in &misses {
+                self.dense.note_miss(p.idx, self.cs);
+            }
+        }
         self.demand.fetch_add(1, Ordering::SeqCst);
         if let Some(rec) = &self.recorder {
             rec.stall_begin();
@@ -1099,7 +1142,7 @@ impl Inner {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             let Ok(permit) = sem.clone().acquire_owned().await else { return };
-            let f = self.flight(idx, false);
+            let f = self.flight(idx, false, fetch::Source::Hydrate);
             let me = self.clone();
             set.spawn(async move {
                 let ok = f.await.is_ok();

@@ -95,6 +95,15 @@ pub struct Segment {
     /// Image extents whose bytes, concatenated in this order, are the
     /// decoded frame.
     pub extents: Vec<Extent>,
+    /// Boots since one last read these pages (0: the boot that saved the
+    /// profile). Profiles learn: each save keeps the older profile's
+    /// unread pages a few boots longer, then lets them go.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub age: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A profile index: what `profile-<gen>-<ms>-<hex>` holds.
@@ -311,6 +320,8 @@ pub struct ProfileBuilder {
     extents: Vec<Extent>,
     raw_total: u64,
     chunk_refs: BTreeMap<u64, String>,
+    /// Age of the pages being added (see [`Segment::age`]).
+    age: u32,
 }
 
 impl std::fmt::Debug for ProfileBuilder {
@@ -356,6 +367,7 @@ impl ProfileBuilder {
             extents: Vec::new(),
             raw_total: 0,
             chunk_refs: BTreeMap::new(),
+            age: 0,
         })
     }
 
@@ -423,6 +435,16 @@ impl ProfileBuilder {
         Ok(())
     }
 
+    /// The age of the pages added from now on (a segment holds pages of
+    /// one age).
+    pub fn set_age(&mut self, age: u32) -> VolumeResult<()> {
+        if age != self.age {
+            self.finish_segment()?;
+            self.age = age;
+        }
+        Ok(())
+    }
+
     /// Uncompressed bytes added so far.
     pub fn raw_bytes(&self) -> u64 {
         self.raw_total
@@ -443,6 +465,7 @@ impl ProfileBuilder {
             raw_len: self.raw.len() as u64,
             sha256: sha256_hex(&self.raw),
             extents: std::mem::take(&mut self.extents),
+            age: self.age,
         });
         self.pack_len += frame.len() as u64;
         self.raw.clear();
@@ -654,7 +677,7 @@ mod tests {
             image_len: h.image_len,
             pack: format!("{}{PACK_SUFFIX}", profile_key(3, 1_700_000_000_000)),
             chunk_refs: [(0, "a".repeat(64)), (3, BASE_DIGEST.to_string())].into_iter().collect(),
-            segments: vec![Segment { offset: 0, len: 100, raw_len: 12288, sha256: "b".repeat(64), extents }],
+            segments: vec![Segment { offset: 0, len: 100, raw_len: 12288, sha256: "b".repeat(64), extents, age: 0 }],
         }
     }
 

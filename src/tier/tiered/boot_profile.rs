@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use super::fetch::Source;
 use super::{closing, Inner, SegmentResult, SharedError};
 use crate::format::{IoMode, IoVec};
-use crate::tier::boot::{for_each_chunk_part, BootProfileMode, Recorded, Replay, STILL_MATCHES};
-use crate::tier::single_flight::Flight;
+use crate::tier::boot::{for_each_chunk_part, learned, BootProfileMode, Replay, NEW_SHARE};
+use crate::tier::single_flight::{Flight, Urgency};
 use crate::tier::ssd::{DIRTY, PARTIAL};
 use crate::tier::stats::Counters;
 use crate::volume::profile::{self, ProfileBuilder};
@@ -49,8 +50,14 @@ impl Inner {
                 self.clone().stream_profile(rp).await;
                 self.streaming.store(false, Ordering::SeqCst);
             }
-            Ok(None) => tracing::debug!("the volume has no boot profile yet; recording this boot"),
-            Err(e) => tracing::warn!(error = %e, "could not look for a boot profile; recording this boot"),
+            Ok(None) => {
+                tracing::debug!("the volume has no boot profile yet; recording this boot");
+                self.start_dense_stream();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for a boot profile; recording this boot");
+                self.start_dense_stream();
+            }
         }
         // Save the recording when its window closes (or it hit its cap).
         let Some(rec) = &self.recorder else { return };
@@ -78,19 +85,19 @@ impl Inner {
         let recorded = rec.finish();
         let replay = self.replay.read().clone();
         let keep = match (&replay, self.boot_mode) {
-            // The boot still reads what the profile holds: keep it, do not
-            // upload the same pages again.
+            // The boot read nothing (much) the profile does not hold: keep
+            // it, do not upload the same pages again.
             (Some(rp), BootProfileMode::Auto) => {
                 let covered: u64 = recorded.extents.iter().map(|e| rp.covered_bytes(e.offset, e.len, self.cs)).sum();
-                let share = covered as f64 / recorded.bytes.max(1) as f64;
-                if share >= STILL_MATCHES {
-                    tracing::info!(share, profile = %rp.key, "this boot read what the boot profile holds; keeping it");
+                let new = recorded.bytes.saturating_sub(covered);
+                if (new as f64) < NEW_SHARE * recorded.bytes as f64 {
+                    tracing::info!(new, profile = %rp.key, "this boot read what the boot profile holds; keeping it");
                     true
                 } else {
                     tracing::info!(
-                        share,
+                        new,
                         profile = %rp.key,
-                        "this boot read much that the boot profile does not hold; saving a new one"
+                        "this boot read pages the boot profile does not hold; saving it with them"
                     );
                     false
                 }
@@ -98,15 +105,20 @@ impl Inner {
             _ => false,
         };
         if recorded.bytes > 0 && !keep {
-            self.clone().save_recorded(recorded).await;
+            // Auto: the profile learns (this boot's pages, then the old
+            // profile's it did not read, until they age out); Record: this
+            // boot's alone.
+            let old = replay.as_deref().filter(|_| self.boot_mode == BootProfileMode::Auto);
+            let extents = learned(&recorded, old, self.vol.image_len(), self.cs);
+            self.clone().save_recorded(recorded.reads, extents).await;
         }
         self.saving.store(false, Ordering::SeqCst);
     }
 
-    async fn save_recorded(self: Arc<Self>, recorded: Recorded) {
+    async fn save_recorded(self: Arc<Self>, reads: u64, extents: Vec<(u32, profile::Extent)>) {
         let t0 = std::time::Instant::now();
         let me = self.clone();
-        let built = tokio::task::spawn_blocking(move || me.build_profile(&recorded.extents)).await;
+        let built = tokio::task::spawn_blocking(move || me.build_profile(&extents)).await;
         let builder = match built {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => return tracing::warn!(error = %e, "could not build the boot profile"),
@@ -119,7 +131,7 @@ impl Inner {
                 tracing::info!(
                     profile = %key,
                     bytes,
-                    reads = recorded.reads,
+                    reads,
                     secs = t0.elapsed().as_secs_f64(),
                     "saved the boot profile: the next cold start streams these pages first"
                 );
@@ -133,11 +145,12 @@ impl Inner {
     /// from the SSD tier into a profile pack. Pages of chunks written
     /// locally, evicted, or known zero are left out: another machine would
     /// not read those bytes from the remote.
-    fn build_profile(&self, extents: &[profile::Extent]) -> VolumeResult<ProfileBuilder> {
+    fn build_profile(&self, extents: &[(u32, profile::Extent)]) -> VolumeResult<ProfileBuilder> {
         let mut b = ProfileBuilder::new(self.ssd.dir(), &self.vol)?;
         let image_len = self.vol.image_len();
         let mut buf = Vec::new();
-        for e in extents {
+        for (age, e) in extents {
+            b.set_age(*age)?;
             let end = (e.offset + e.len).min(image_len);
             if e.offset >= end {
                 continue;
@@ -183,11 +196,23 @@ impl Inner {
         Ok(b)
     }
 
-    /// The single flight fetching profile segment `seg`.
-    pub(super) fn segment_flight(self: &Arc<Self>, rp: &Arc<Replay>, seg: usize) -> Flight<SegmentResult> {
+    /// The single flight fetching profile segment `seg`; `urgent` when a
+    /// guest waits for it (the stream's flights are speculative).
+    pub(super) fn segment_flight(
+        self: &Arc<Self>,
+        rp: &Arc<Replay>,
+        seg: usize,
+        urgent: bool,
+    ) -> Flight<SegmentResult> {
         let me = self.clone();
         let rp = rp.clone();
-        self.segment_flights.join(&self.handle, seg, move || me.fetch_segment(rp, seg), || Err(closing()))
+        self.segment_flights.join_as(
+            &self.handle,
+            seg,
+            urgent,
+            move |u| me.fetch_segment(rp, seg, u),
+            || Err(closing()),
+        )
     }
 
     /// Calls `f(chunk, offset in chunk, offset in segment, len)` for the
@@ -206,23 +231,33 @@ impl Inner {
 
     /// Fetches segment `seg` (unless all its pages are local already) and
     /// installs its pages in the SSD tier.
-    async fn fetch_segment(self: Arc<Self>, rp: Arc<Replay>, seg: usize) -> SegmentResult {
+    async fn fetch_segment(self: Arc<Self>, rp: Arc<Replay>, seg: usize, urgency: Arc<Urgency>) -> SegmentResult {
         let mut local = true;
         self.segment_parts(&rp, seg, |idx, off, _, len| local &= self.ssd.has_pages(idx, off, len));
         if local {
-            Counters::inc(&self.counters.profile_segments_done);
+            if rp.mark_done(seg) {
+                Counters::inc(&self.counters.profile_segments_done);
+            }
             return Ok(());
         }
-        let data = profile::fetch_segment(&self.vol.remote, &self.vol.url, &rp.index, seg).await.map_err(|e| {
+        let wire = rp.index.segments[seg].len;
+        let data = {
+            let _lane = self.lanes.admit(wire, &urgency).await;
+            profile::fetch_segment(&self.vol.remote, &self.vol.url, &rp.index, seg).await
+        }
+        .map_err(|e| {
             Counters::inc(&self.counters.fetch_errors);
             tracing::warn!(segment = seg, error = %e, "boot profile segment fetch failed");
             SharedError(Arc::new(e))
         })?;
         Counters::inc(&self.counters.remote_fetches);
-        self.counters.remote_bytes.fetch_add(rp.index.segments[seg].len, Ordering::Relaxed);
+        self.counters.remote_bytes.fetch_add(wire, Ordering::Relaxed);
+        self.lanes.count(Source::Profile, wire);
         self.counters.profile_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         let me = self.clone();
+        let rp2 = rp.clone();
         let installed = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let rp = rp2;
             let mut res = Ok(());
             me.segment_parts(&rp, seg, |idx, off, at, len| {
                 if res.is_err() {
@@ -268,7 +303,9 @@ impl Inner {
         .await;
         match installed {
             Ok(Ok(())) => {
-                Counters::inc(&self.counters.profile_segments_done);
+                if rp.mark_done(seg) {
+                    Counters::inc(&self.counters.profile_segments_done);
+                }
                 Ok(())
             }
             Ok(Err(e)) => {
@@ -307,7 +344,7 @@ impl Inner {
                 return;
             }
             let Ok(permit) = sem.clone().acquire_owned().await else { return };
-            let f = self.segment_flight(&rp, seg);
+            let f = self.segment_flight(&rp, seg, false);
             set.spawn(async move {
                 let _ = f.await;
                 drop(permit);

@@ -62,7 +62,7 @@ impl Inner {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             let Ok(permit) = sem.clone().acquire_owned().await else { break };
-            let f = self.flight(idx, false);
+            let f = self.flight(idx, false, super::fetch::Source::Hydrate);
             set.spawn(async move {
                 let r = f.await;
                 drop(permit);

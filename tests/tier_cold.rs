@@ -1,0 +1,196 @@
+//! Cold starts through the tiered store: guest misses go to the remote
+//! ahead of speculative work (which keeps to a budget of bytes in flight),
+//! a first boot without a profile streams the dense part of the image
+//! within its bound, profiles learn the pages a boot that strays reads, and
+//! the status counts add up.
+
+#[path = "tier_support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use driveblk::format::{IoMode, IoVec};
+use driveblk::remote::{RemoteMetrics, Shaping};
+use driveblk::tier::boot::BootProfileMode;
+use driveblk::tier::stats::TierStats;
+use driveblk::tier::tiered::TieredStore;
+use driveblk::tier::{CacheOptions, Storage};
+use driveblk::volume::{self, ImportOptions};
+use rand::{Rng, SeedableRng};
+use support::*;
+
+const CHUNK: u64 = 1 << 20;
+
+fn imported(d: &Path, len: usize) -> (String, Vec<u8>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+    let src = d.join("src.raw");
+    std::fs::write(&src, &data).unwrap();
+    let vurl = url(&d.join("remote/vol"));
+    volume::import(&src, &vurl, &ImportOptions { chunk_size: CHUNK, pack_size: 4 << 20, ..Default::default() })
+        .unwrap();
+    (vurl, data)
+}
+
+fn read(s: &dyn Storage, off: u64, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    s.read_vectored_at(off, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+    b
+}
+
+/// Waits (bounded, so a broken feature fails instead of hanging) until
+/// `cond` holds.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Bytes by source add up to the bytes downloaded; replayed segments never
+/// exceed the profile's.
+fn counts_add_up(st: &TierStats) {
+    let by = st.bytes_miss + st.bytes_profile + st.bytes_readahead + st.bytes_hydrate + st.bytes_stream;
+    assert_eq!(by, st.remote_bytes, "{st:?}");
+    assert!(st.profile_segments_done <= st.profile_segments, "{st:?}");
+}
+
+/// Speculative work (here hydration, 16 fetches at a time) keeps to its
+/// budget of bytes in flight, and a guest miss goes to the remote at once —
+/// also one for a chunk whose speculative fetch is queued for the budget.
+#[test]
+fn guest_misses_go_ahead_of_speculative_work() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 32 << 20);
+    let (layer, gate, waiting) = gated_layer(false);
+    let mut o = cache_opts(&d.path().join("c"), Default::default());
+    o.remote.layer = Some(layer);
+    o.hydrate = true;
+    o.hydrate_concurrency = 16;
+    o.readahead_chunks = 0;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    // Chunks are ~1 MiB frames: three fit in the 4 MiB budget.
+    wait_for("hydration's fetches", || waiting.load(Ordering::SeqCst) == 3);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(waiting.load(Ordering::SeqCst), 3, "speculative fetches beyond the budget reached the remote");
+    // Chunk 10: hydration queued it behind the budget; a guest now waits.
+    let s2 = s.clone();
+    let guest = std::thread::spawn(move || read(&*s2, 10 * CHUNK + 4096, 8192));
+    wait_for("the guest's fetch to reach the remote", || waiting.load(Ordering::SeqCst) == 4);
+    gate.add_permits(1 << 20);
+    assert_eq!(guest.join().unwrap(), data[10 << 20..][4096..4096 + 8192]);
+    assert!(s.wait_hydrated(Duration::from_secs(60), false));
+    let st = s.stats();
+    counts_add_up(&st);
+    // Bytes count by what started the fetch: hydration, guest or not.
+    assert_eq!(st.bytes_hydrate, st.remote_bytes, "{st:?}");
+    assert_eq!(read_all(&*s).unwrap(), data);
+}
+
+/// A boot's files: each a few small reads front to back at a scattered
+/// page offset.
+fn boot_files(len: u64, seed: u64, files: usize) -> Vec<Vec<(u64, usize)>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..files)
+        .map(|_| {
+            let mut off = rng.random_range(0..len / 4096 - 16) * 4096;
+            (0..rng.random_range(1..4))
+                .map(|_| {
+                    let n = rng.random_range(1..5) * 4096;
+                    off += n as u64;
+                    (off - n as u64, n)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn boot_reads(len: u64, seed: u64, files: usize) -> Vec<(u64, usize)> {
+    boot_files(len, seed, files).concat()
+}
+
+fn opts(cache: &Path, m: &Arc<RemoteMetrics>) -> CacheOptions {
+    let mut o = cache_opts(cache, counted(m.clone(), None, Shaping::default()));
+    o.boot_profile = BootProfileMode::Auto;
+    o.readahead_chunks = 0;
+    o
+}
+
+fn boot(s: &TieredStore, reads: &[(u64, usize)], data: &[u8]) {
+    for &(off, n) in reads {
+        assert_eq!(read(s, off, n), data[off as usize..off as usize + n]);
+    }
+}
+
+fn streamed(s: &TieredStore) {
+    wait_for("the profile stream", || {
+        let st = s.stats();
+        st.profile_segments > 0 && st.profile_segments_done == st.profile_segments
+    });
+}
+
+/// With no profile, a boot whose misses are dense streams the rest of the
+/// region in the background — never more than 3x the bytes it read.
+#[test]
+fn a_first_boot_streams_the_dense_region_within_its_bound() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 48 << 20);
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c"), &m)).unwrap();
+    let reads = boot_reads(data.len() as u64, 1, 10);
+    boot(&s, &reads, &data);
+    let read_bytes: u64 = reads.iter().map(|r| r.1 as u64).sum();
+    wait_for("the stream", || s.stats().bytes_stream >= read_bytes);
+    // Settled: nothing more is fetched while the guest reads nothing.
+    std::thread::sleep(Duration::from_millis(300));
+    let st = s.stats();
+    counts_add_up(&st);
+    assert!(
+        st.bytes_stream <= 3 * read_bytes + CHUNK + 64 * 1024,
+        "streamed {} for {read_bytes} read",
+        st.bytes_stream
+    );
+    boot(&s, &reads, &data);
+    s.close(Duration::from_secs(30));
+}
+
+/// A boot that strays from the profile (a tenth of its files differ) saves
+/// a profile holding both: the next cold start of either boot reads
+/// nothing from the remote.
+#[test]
+fn profiles_learn_a_boot_that_strays() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 48 << 20);
+    let len = data.len() as u64;
+    let a_files = boot_files(len, 7, 100);
+    let other = boot_files(len, 8, 100);
+    let a = a_files.concat();
+    // Boot B: A with every tenth file replaced by another.
+    let b: Vec<(u64, usize)> =
+        a_files.iter().enumerate().flat_map(|(i, f)| if i % 10 == 9 { &other[i] } else { f }).copied().collect();
+    let m = Arc::new(RemoteMetrics::default());
+    for (cache, reads) in [("c1", &a), ("c2", &b)] {
+        let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join(cache), &m)).unwrap();
+        if cache == "c2" {
+            streamed(&s);
+        }
+        boot(&s, reads, &data);
+        counts_add_up(&s.stats());
+        s.close(Duration::from_secs(60));
+    }
+    for (cache, reads) in [("c3", &a), ("c4", &b)] {
+        let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join(cache), &m)).unwrap();
+        streamed(&s);
+        let gets = m.snapshot().gets;
+        boot(&s, reads, &data);
+        assert_eq!(m.snapshot().gets, gets, "{cache}: the learned profile holds this boot's pages");
+        let st = s.stats();
+        counts_add_up(&st);
+        assert_eq!(st.misses, 0);
+        s.close(Duration::from_secs(60));
+    }
+}
