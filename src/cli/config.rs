@@ -130,6 +130,9 @@ serve_file! {
     drive_credentials: String,
     drive_scope: String,
     drive_pacer: String,
+    key_file: String,
+    key_env: String,
+    passphrase: bool,
     log_level: String,
 }
 
