@@ -114,6 +114,11 @@ impl KeySource {
 }
 
 impl UserKey {
+    /// The key material (to compare two entries of a passphrase).
+    pub fn secret(&self) -> &[u8] {
+        &self.secret
+    }
+
     /// Key material from bytes; a trailing newline is not part of it.
     pub fn new(mut secret: Vec<u8>, source: String) -> Result<Self, String> {
         while secret.last().is_some_and(|&c| c == b'\n' || c == b'\r') {
@@ -672,6 +677,40 @@ impl Remote for EncryptedRemote {
     fn reset_connections(&self) {
         self.inner.reset_connections()
     }
+}
+
+/// Rewraps the data key of the encrypted volume at `url` (opened with
+/// `opts.key`) under `new`: only `volume.json` is rewritten, nothing else
+/// is re-encrypted. Returns the data key's id.
+pub fn rekey(url: &str, opts: &super::RemoteOptions, new: &UserKey) -> super::VolumeResult<String> {
+    use super::format::{VolumeHeader, HEADER_KEY};
+    use super::VolumeError;
+    let u = crate::remote::RemoteUrl::parse(url)?;
+    let rt = super::runtime("driveblk-rekey")?;
+    let remote = super::reader::connect(u.folder_with(&opts.config), opts);
+    rt.block_on(async {
+        let bytes = remote.get(HEADER_KEY).await.map_err(|e| match e.is_not_found() {
+            true => VolumeError::NotFound { url: url.to_string() },
+            false => VolumeError::remote(format!("reading {url}/{HEADER_KEY}"), e),
+        })?;
+        let mut header =
+            VolumeHeader::from_bytes(&bytes).map_err(|reason| VolumeError::BadHeader { url: url.to_string(), reason })?;
+        let key_err = |source| VolumeError::Key { url: url.to_string(), source };
+        let Some(key) = open_key(header.crypto.as_ref(), opts.key.as_deref()).map_err(key_err)? else {
+            return Err(VolumeError::InvalidOptions(format!(
+                "{url} is not encrypted; rekey changes the key of an encrypted volume (encrypting an existing one means importing it again with --encrypt)"
+            )));
+        };
+        let h = key.wrap(new).map_err(key_err)?;
+        header.crypto = Some(serde_json::to_value(h).expect("crypto header serialises"));
+        // One atomic replace of the small header (temp + rename on `dir:`,
+        // a content update on Drive): readers see the old wrap or the new.
+        remote
+            .put(HEADER_KEY, PutBody::from_bytes(header.to_bytes()))
+            .await
+            .map_err(|e| VolumeError::remote(format!("writing {url}/{HEADER_KEY}"), e))?;
+        Ok(key.key_id.clone())
+    })
 }
 
 #[cfg(test)]
