@@ -6,7 +6,7 @@
 #                         [--rows REGEX] [--record] [--keep] [--self-test-qsd] [--drop-caches]
 #                         [--no-ceiling]
 #                         [--cold] [--cold-only] [--cold-config SPEC]... [--cold-size SIZE]
-#                         [--cold-link "MS MBIT"] [--cold-no-export] [--sync-link "MS MBIT"]
+#                         [--cold-link "MS MBIT"] [--cold-no-export] [--sync-link "MS MBIT"] [--encrypt]
 #   --reps N         repetitions per row and daemon (default 3); the table shows medians
 #   --quick          fast smoke run: 1 rep, 1 s runs, 256 MiB image
 #   --runtime S      measured seconds per run (default 8); --warmup S unmeasured (default 1)
@@ -53,6 +53,9 @@
 #   driveblk-only sync rows (SYNC_ROWS below, own table): bytes uploaded / bytes the guest changed
 #   (before and after compression), upload rate as a share of the link, remote requests (counted
 #   with strace) per GiB uploaded, and the upload for one 4 KiB write on a 40 GiB sparse qcow2.
+#   --encrypt        every volume is imported with --encrypt (a random key file in the work
+#                    dir, given to every driveblk command by DRIVEBLK_KEY_FILE): the cost of
+#                    encryption is this run's rows against a run without it
 # Env: BENCH_A / BENCH_B pick the two daemons (driveblk|qsd; default driveblk vs qsd).
 #      DRIVEBLK_BIN=path benchmarks a prebuilt driveblk instead of building this tree's.
 set -euo pipefail
@@ -63,7 +66,7 @@ A=${BENCH_A:-driveblk}
 B=${BENCH_B:-qsd}
 REPS=3 RUNTIME=8 WARMUP=1 SIZE=2G ROWS_RE="" RECORD=0 KEEP=0 QUICK=0 REPS_SET=0
 CEILING=1 DROP_CACHES=0 COLD=0 COLD_ONLY=0 COLD_SIZE=10G COLD_LINK="100 200" COLD_EXPORT=1 COLD_CONFIGS=()
-COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200
+COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200 IMPORT_ENC=
 SYNC_LINK="100 200"
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
@@ -91,6 +94,7 @@ while [[ $# -gt 0 ]]; do
         --cold-remote) COLD_REMOTE=$2; shift 2 ;;
         --cold-drive-limit) COLD_DRIVE_LIMIT=$2; shift 2 ;;
         --sync-link) SYNC_LINK=$2; shift 2 ;;
+        --encrypt) IMPORT_ENC=--encrypt; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
@@ -219,6 +223,10 @@ EMU=$TARGET/release/driveemu EMU_PID=""
 # ---- Work dir, cleanup -------------------------------------------------------------------------
 # /var/tmp rather than /tmp: the image should sit on a real filesystem's page cache, not tmpfs.
 WORK=$(mktemp -d /var/tmp/driveblk-bench.XXXXXX)
+if [[ -n $IMPORT_ENC ]]; then
+    head -c 32 /dev/urandom >"$WORK/volume.key"
+    export DRIVEBLK_KEY_FILE=$WORK/volume.key
+fi
 SOCK=$WORK/vhost.sock
 DPID=""
 cleanup() {
@@ -277,7 +285,7 @@ ensure_image() { # kind: creates the image once per run (in this shell, so IMAGE
                 VOLURL=dir:$WORK/remote/vol
                 mkdir -p "$WORK/remote"
                 log "importing $path into $VOLURL"
-                "$DRIVEBLK" import "$path" "$VOLURL" --quiet >"$WORK/import.log" 2>&1 ||
+                "$DRIVEBLK" import "$path" "$VOLURL" --quiet $IMPORT_ENC >"$WORK/import.log" 2>&1 ||
                     { sed 's/^/    /' "$WORK/import.log" >&2; die "driveblk import failed"; }
             fi
             if [[ -n $VOLURL && $kind != vol-ram && -z $SSD_CACHE ]]; then
@@ -522,7 +530,7 @@ ensure_sync_volume() { # kind
             src=$WORK/sync.raw
             log "sync: 512 MiB of random data as a raw volume"
             dd if=/dev/urandom of="$src" bs=1M count=512 status=none
-            "$DRIVEBLK" import "$src" "dir:$WORK/remote/sync-raw" --quiet >"$WORK/sync-import.log" 2>&1 ||
+            "$DRIVEBLK" import "$src" "dir:$WORK/remote/sync-raw" --quiet $IMPORT_ENC >"$WORK/sync-import.log" 2>&1 ||
                 { sed 's/^/    /' "$WORK/sync-import.log" >&2; die "sync: import failed"; }
             "$DRIVEBLK" hydrate "dir:$WORK/remote/sync-raw" --cache-dir "$WORK/sync-raw-cache" --quiet \
                 >"$WORK/sync-hydrate.log" 2>&1 ||
@@ -533,7 +541,7 @@ ensure_sync_volume() { # kind
         sync-40g)
             src=$WORK/sync-40g.qcow2
             qemu-img create -q -f qcow2 "$src" 40G
-            "$DRIVEBLK" import "$src" "dir:$WORK/remote/sync-40g" --quiet >"$WORK/sync-import.log" 2>&1 ||
+            "$DRIVEBLK" import "$src" "dir:$WORK/remote/sync-40g" --quiet $IMPORT_ENC >"$WORK/sync-import.log" 2>&1 ||
                 { sed 's/^/    /' "$WORK/sync-import.log" >&2; die "sync: import failed"; }
             rm -f "$src"
             SYNC_CACHE[$kind]=""
@@ -697,7 +705,7 @@ cold_experiment() {
             log "cold: importing with --chunk-size $cs"
             t0=$EPOCHREALTIME
             # shellcheck disable=SC2086
-            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $( [[ $COLD_REMOTE == gdrive ]] && echo "$link" ) >"$WORK/cold-import-$cs.log" 2>&1 ||
+            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $IMPORT_ENC $( [[ $COLD_REMOTE == gdrive ]] && echo "$link" ) >"$WORK/cold-import-$cs.log" 2>&1 ||
                 { sed 's/^/    /' "$WORK/cold-import-$cs.log" >&2; die "cold import failed"; }
             sync -f "$WORK"
             imported[$cs]=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.0f", b - a}')
@@ -714,7 +722,7 @@ cold_experiment() {
             # Drive: a fresh volume per config (profiles cannot be removed by path here).
             url=gdrive:/bench/cold-$cs-${#COLD_ROWS[@]}
             # shellcheck disable=SC2086
-            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $link >"$WORK/cold-import-$cs-again.log" 2>&1 ||
+            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $IMPORT_ENC $link >"$WORK/cold-import-$cs-again.log" 2>&1 ||
                 die "cold: re-import for $spec failed"
         }
         local run

@@ -29,6 +29,7 @@ fn remote_opts(env: &DriveEnv) -> RemoteOptions {
             attempt_timeout: Duration::from_secs(60),
         },
         config: Arc::new(env.cfg.clone()),
+        key: None,
     }
 }
 
@@ -50,7 +51,7 @@ fn gdrive_base_is_pinned_to_its_revision() {
     let image = gdrive_support::data(31, 3 << 20);
     let id = env.emu.ui_upload(&env.emu.root_folder_id(), "win10.qcow2", &image);
     let rev0 = env.emu.ui_head_revision(&id).unwrap();
-    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env), image_format: None };
+    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env), image_format: None, encrypt: false };
     let url = "gdrive:/vms/pinned";
     let info = volume::attach(&format!("gdrive:file={id}"), url, &ao).unwrap();
     let b = info.base.clone().unwrap();
@@ -83,7 +84,7 @@ fn gdrive_adopted_base_outlives_the_original() {
     let env = start(driveemu::Config::default(), Creds::User);
     let image = gdrive_support::data(41, 3 << 20);
     let id = env.emu.ui_upload(&env.emu.root_folder_id(), "base.img", &image);
-    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env), image_format: None };
+    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env), image_format: None, encrypt: false };
     let url = "gdrive:/vms/adopted";
     volume::attach(&format!("gdrive:file={id}"), url, &ao).unwrap();
     let bytes_in = env.emu.stats().bytes_in;
@@ -118,7 +119,7 @@ fn gdrive_adopt_after_replacement_copies_the_pinned_revision() {
     let env = start(driveemu::Config::default(), Creds::User);
     let image = gdrive_support::data(51, 2 << 20);
     let id = env.emu.ui_upload(&env.emu.root_folder_id(), "base.img", &image);
-    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env), image_format: None };
+    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env), image_format: None, encrypt: false };
     let url = "gdrive:/vms/adopt-late";
     volume::attach(&format!("gdrive:file={id}"), url, &ao).unwrap();
     env.emu.ui_replace_content(&id, &gdrive_support::data(52, 2 << 20));
@@ -381,6 +382,7 @@ fn gdrive_generations_found_by_id_from_the_header() {
         progress: false,
         remote: opts,
         image_format: None,
+        encrypt: false,
     };
     volume::import(&img, "gdrive:/byid/vol", &io).unwrap();
     let mut cfg = env.cfg.clone();

@@ -32,6 +32,7 @@ fn remote_opts(env: &DriveEnv) -> RemoteOptions {
             attempt_timeout: Duration::from_secs(60),
         },
         config: Arc::new(env.cfg.clone()),
+        key: None,
     }
 }
 
@@ -58,6 +59,7 @@ fn gdrive_volume_round_trip_under_faults() {
         progress: false,
         remote: remote_opts(&env),
         image_format: None,
+        encrypt: false,
     };
     let info = volume::import(&img, url, &opts).unwrap();
     assert_eq!(info.image_len, bytes.len() as u64);
@@ -86,7 +88,7 @@ fn gdrive_attach_a_file_id_base_uploads_none_of_it() {
     let image = gdrive_support::data(5, 5 << 20);
     let id = env.emu.ui_upload(&root, "win10.qcow2", &image);
     let before = env.emu.stats().bytes_in;
-    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env), image_format: None };
+    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env), image_format: None, encrypt: false };
     let info = volume::attach(&format!("gdrive:file={id}"), "gdrive:/vms/win10", &ao).unwrap();
     assert_eq!((info.image_len, info.chunks_base), (image.len() as u64, 5));
     let uploaded = env.emu.stats().bytes_in - before;
@@ -206,6 +208,7 @@ fn gdrive_import_then_open_despite_a_lagging_listing() {
         progress: false,
         remote: remote_opts(&env),
         image_format: None,
+        encrypt: false,
     };
     let info = volume::import(&img, "gdrive:/lag/vol", &opts).unwrap();
     assert_eq!(info.generation, 1);

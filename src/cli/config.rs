@@ -74,6 +74,10 @@ macro_rules! serve_file {
             /// `$CREDENTIALS_DIRECTORY/NAME`.
             #[serde(default)]
             pub drive_credential: Option<Spanned<String>>,
+            /// Name of a systemd credential holding an encrypted volume's
+            /// key: `--key-file $CREDENTIALS_DIRECTORY/NAME`.
+            #[serde(default)]
+            pub key_credential: Option<Spanned<String>>,
         }
 
         impl ServeFile {
@@ -130,6 +134,9 @@ serve_file! {
     drive_credentials: String,
     drive_scope: String,
     drive_pacer: String,
+    key_file: String,
+    key_env: String,
+    passphrase: bool,
     log_level: String,
 }
 
@@ -210,6 +217,20 @@ impl Loaded {
                 bail!("{}: {n:?} is not a credential name", self.at(name.span()));
             }
             out.push("--drive-credentials".into());
+            out.push(PathBuf::from(dir).join(n).into());
+        }
+        if let Some(name) = &self.file.key_credential {
+            let n = name.get_ref();
+            let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+                bail!(
+                    "{}: key_credential = {n:?} needs $CREDENTIALS_DIRECTORY (LoadCredential={n}:PATH)",
+                    self.at(name.span())
+                );
+            };
+            if n.contains('/') || n.is_empty() || n == ".." || self.file.key_file.is_some() {
+                bail!("{}: {n:?} is not a credential name, or key_file is given too", self.at(name.span()));
+            }
+            out.push("--key-file".into());
             out.push(PathBuf::from(dir).join(n).into());
         }
         Ok(out)

@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod maintain;
 pub mod metrics;
+pub mod rekey;
 pub mod remote;
 pub mod serve;
 pub mod size;
@@ -72,6 +73,9 @@ pub enum Command {
     Rollback(maintain::RollbackArgs),
     /// Delete what no kept generation needs; repack mostly-dead packs.
     Gc(maintain::GcArgs),
+    /// Wrap an encrypted volume's data key under a new key or passphrase
+    /// (rewrites volume.json only).
+    Rekey(rekey::RekeyArgs),
     /// Check every object the volume's generations reference is there.
     Verify(maintain::VerifyArgs),
     /// Drop the clean data a running daemon caches in RAM and on SSD.
@@ -110,6 +114,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Rollback(a) => maintain::rollback(a),
         Command::Gc(a) => maintain::gc(a),
         Command::Verify(a) => maintain::verify(a),
+        Command::Rekey(a) => rekey::run(a),
         Command::DropCache(a) => control::drop_cache(a),
         Command::InstallUnit(a) => unit::install(a),
         Command::Config(c) => config::run(c),

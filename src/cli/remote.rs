@@ -3,7 +3,7 @@
 //! and benchmarks.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::Args;
@@ -12,6 +12,7 @@ use crate::cli::size::parse_size;
 use crate::remote::config::{DriveCredentials, DriveScope, PacerConfig};
 use crate::remote::shaped::{FaultPlan, ShapedRemote, Shaping};
 use crate::remote::{BwEntry, BwLimitRemote, BwSchedule, RemoteConfig};
+use crate::volume::crypto::{KeySource, UserKey};
 use crate::volume::RemoteOptions;
 
 #[derive(Debug, Clone, Args)]
@@ -58,6 +59,19 @@ pub struct RemoteArgs {
     /// Also DRIVEBLK_DRIVE_PACER. Default 20,100.
     #[arg(long, value_name = "RATE[,BURST]", value_parser = parse_pacer)]
     pub drive_pacer: Option<PacerConfig>,
+
+    /// The key of an encrypted volume: a file holding it (any bytes; a
+    /// random 32-byte file is best). Also DRIVEBLK_KEY_FILE.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["key_env", "passphrase"])]
+    pub key_file: Option<PathBuf>,
+
+    /// The key of an encrypted volume: the environment variable holding it.
+    #[arg(long, value_name = "VAR", conflicts_with = "passphrase")]
+    pub key_env: Option<String>,
+
+    /// The key of an encrypted volume: a passphrase, asked on the terminal.
+    #[arg(long)]
+    pub passphrase: bool,
 }
 
 /// Parses one rate: `off`, or a size per second (`512K`, `10M`).
@@ -115,7 +129,8 @@ fn parse_pacer(s: &str) -> Result<PacerConfig, String> {
 impl RemoteArgs {
     /// The remote options these arguments ask for.
     pub fn options(&self) -> RemoteOptions {
-        let mut opts = RemoteOptions { config: Arc::new(self.config()), ..RemoteOptions::default() };
+        let mut opts =
+            RemoteOptions { config: Arc::new(self.config()), key: self.user_key(), ..RemoteOptions::default() };
         let shaping = (self.remote_latency_ms > 0 || self.remote_bandwidth_mbit > 0).then(|| Shaping {
             latency: Duration::from_millis(self.remote_latency_ms),
             bandwidth_bps: (self.remote_bandwidth_mbit > 0).then(|| self.remote_bandwidth_mbit * 1_000_000),
@@ -138,6 +153,37 @@ impl RemoteArgs {
 }
 
 impl RemoteArgs {
+    /// Where the volume key comes from: the flags, then DRIVEBLK_KEY_FILE.
+    pub fn key_source(&self) -> Option<KeySource> {
+        if let Some(p) = &self.key_file {
+            return Some(KeySource::File(p.clone()));
+        }
+        if let Some(v) = &self.key_env {
+            return Some(KeySource::Env(v.clone()));
+        }
+        if self.passphrase {
+            return Some(KeySource::Prompt);
+        }
+        std::env::var_os("DRIVEBLK_KEY_FILE").filter(|v| !v.is_empty()).map(|p| KeySource::File(p.into()))
+    }
+
+    /// The user's key, loaded once per process (a passphrase is asked
+    /// once). A key that cannot be read ends the command: going on would
+    /// only fail later with "key needed".
+    fn user_key(&self) -> Option<Arc<UserKey>> {
+        static LOADED: OnceLock<Option<Arc<UserKey>>> = OnceLock::new();
+        let src = self.key_source()?;
+        LOADED
+            .get_or_init(|| match src.load() {
+                Ok(k) => Some(Arc::new(k)),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2);
+                }
+            })
+            .clone()
+    }
+
     /// The remote configuration: the environment, then these flags.
     pub fn config(&self) -> RemoteConfig {
         let mut c = RemoteConfig::from_env_or_default();

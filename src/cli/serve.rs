@@ -520,6 +520,11 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
                         .unwrap_or(serde_json::Value::Null)
                 }),
             );
+            let enc = match &store.volume().key {
+                Some(k) => format!("encrypted (AES-256-GCM, key id {}); the local cache holds plaintext", k.key_id),
+                None => "none".to_string(),
+            };
+            st.add_section("encryption", Box::new(move || serde_json::Value::String(enc.clone())));
             status = Some(Arc::new(st));
             if cache.hydrate {
                 store.start_hydrate();

@@ -31,6 +31,10 @@ pub struct ImportArgs {
     /// `serve` needs no --format. Never guessed from the contents.
     #[arg(long)]
     pub format: Option<crate::format::ImageFormat>,
+    /// Encrypt the volume with a new random data key, wrapped by the key
+    /// from --key-file, --key-env or --passphrase (docs/encryption.md).
+    #[arg(long)]
+    pub encrypt: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -46,6 +50,10 @@ pub struct AttachArgs {
     /// The image's format (raw or qcow2), recorded in the volume.
     #[arg(long)]
     pub format: Option<crate::format::ImageFormat>,
+    /// Encrypt what the volume stores (its changes, manifests, profiles);
+    /// the base file stays as it is, plaintext.
+    #[arg(long)]
+    pub encrypt: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -164,6 +172,13 @@ fn print_info(i: &VolumeInfo) {
     );
     println!("format      {}", i.image_format.as_deref().unwrap_or("not recorded (serve needs --format)"));
     println!("generation  {}", i.generation);
+    match &i.encrypted {
+        Some(id) => println!(
+            "encrypted   yes, AES-256-GCM (key id {id}){}",
+            if i.base.is_some() { "; the base file is not: it stays plaintext" } else { "" }
+        ),
+        None => println!("encrypted   no"),
+    }
     match &i.base {
         Some(b) => println!("base        {b:?}"),
         None => println!("base        none"),
@@ -185,6 +200,7 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
         progress: !a.quiet,
         remote: a.remote.options(),
         image_format: a.format.map(|f| f.to_string()),
+        encrypt: a.encrypt,
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -199,6 +215,7 @@ pub fn attach(a: AttachArgs) -> anyhow::Result<()> {
         chunk_size: a.chunk_size,
         remote: a.remote.options(),
         image_format: a.format.map(|f| f.to_string()),
+        encrypt: a.encrypt,
     };
     let info = volume::attach(&a.base_url, &a.url, &opts)?;
     eprintln!("attached: {} now serves {} without uploading it", a.url, a.base_url);
@@ -248,6 +265,7 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "base": i.base.as_ref().map(|b| format!("{b:?}")),
                 "chunks_base": i.chunks_base, "packs": i.packs, "packed_bytes": i.packed_bytes,
                 "base": i.base.as_ref().map(|b| format!("{b:?}")), "base_note": i.base_note,
+                "encrypted": i.encrypted.is_some(), "key_id": i.encrypted,
                 "boot_profile": i.boot_profile.as_ref().map(|(key, bytes, gen)| serde_json::json!({
                     "key": key, "bytes": bytes, "generation": gen })),
             })

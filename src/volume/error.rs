@@ -22,6 +22,13 @@ pub enum VolumeError {
     #[error("a volume already exists at {url} — choose another name, or delete that folder first")]
     AlreadyExists { url: String },
 
+    #[error("volume {url}: {source}")]
+    Key {
+        url: String,
+        #[source]
+        source: super::crypto::KeyError,
+    },
+
     #[error("volume header {url}/volume.json is unusable: {reason}")]
     BadHeader { url: String, reason: String },
 

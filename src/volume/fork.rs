@@ -46,6 +46,16 @@ pub async fn create_fork(
     let remote = connect(new_url.folder_with(&opts.config), opts);
     prepare_new(&remote, &url).await?;
     let mut header = VolumeHeader::new(from.image_len, origin.header.chunk_size, origin.header.base.clone());
+    // A fork reads the origin's packs, so it shares the origin's data key
+    // (wrapped afresh by the caller's key).
+    if let Some(k) = &origin.key {
+        let user = opts
+            .key
+            .as_deref()
+            .ok_or_else(|| VolumeError::Key { url: url.clone(), source: super::crypto::KeyError::Needed })?;
+        super::import::set_crypto(&mut header, k, user, &url)?;
+    }
+    let remote = super::crypto::wrap(remote, origin.key.as_ref());
     header.origin = Some(OriginRef {
         url: origin.url.clone(),
         volume_id: origin.header.volume_id.clone(),

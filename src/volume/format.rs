@@ -118,7 +118,7 @@ pub struct VolumeHeader {
     pub image_len: u64,
     pub chunk_size: u64,
     pub compression: Compression,
-    /// Only "none" for now.
+    /// "none", or "aes-256-gcm" with `crypto` set (docs/encryption.md).
     pub encryption: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<BaseRef>,
@@ -128,9 +128,9 @@ pub struct VolumeHeader {
     /// before it existed (and ignored by builds that predate it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_format: Option<String>,
-    /// Reserved for client-side encryption (cipher, key id, nonce scheme,
-    /// keyed chunk hash). A volume that sets it cannot be read by a build
-    /// that does not implement it, and says so instead of serving ciphertext.
+    /// Client-side encryption: the wrapped data key and how it is wrapped
+    /// (`crypto::CryptoHeader`). Builds that predate it refuse the volume
+    /// ("encrypted") instead of serving ciphertext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crypto: Option<serde_json::Value>,
     /// Set on a fork: the volume whose packs its manifests may name.
@@ -179,8 +179,10 @@ impl VolumeHeader {
         if self.image_len.div_ceil(self.chunk_size) > MAX_CHUNKS {
             return Err(format!("image length {} is more than {MAX_CHUNKS} chunks", self.image_len));
         }
-        if self.encryption != "none" || self.crypto.is_some() {
-            return Err("the volume is encrypted; this driveblk cannot read encrypted volumes".into());
+        match (self.encryption.as_str(), &self.crypto) {
+            ("none", None) => {}
+            (super::crypto::CIPHER_NAME, Some(_)) => {}
+            (e, _) => return Err(format!("encryption {e:?} is not supported, or its crypto field is missing")),
         }
         if self.volume_id.len() != 32 || hex::decode(&self.volume_id).is_err() {
             return Err(format!("volume_id {:?} is not 32 hex digits", self.volume_id));

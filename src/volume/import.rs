@@ -33,6 +33,8 @@ pub struct ImportOptions {
     pub remote: RemoteOptions,
     /// The image's format, recorded in the volume header (`raw`, `qcow2`).
     pub image_format: Option<String>,
+    /// Encrypt the volume with a new data key wrapped by `remote.key`.
+    pub encrypt: bool,
 }
 
 impl Default for ImportOptions {
@@ -45,6 +47,7 @@ impl Default for ImportOptions {
             progress: false,
             remote: RemoteOptions::default(),
             image_format: None,
+            encrypt: false,
         }
     }
 }
@@ -57,6 +60,41 @@ pub struct AttachOptions {
     pub remote: RemoteOptions,
     /// The image's format, recorded in the volume header (`raw`, `qcow2`).
     pub image_format: Option<String>,
+    /// Encrypt the volume (its own objects; the base stays as it is).
+    pub encrypt: bool,
+}
+
+/// A new data key for `header`, wrapped by the caller's key, when asked to
+/// encrypt (docs/encryption.md).
+pub(crate) fn new_key(
+    encrypt: bool,
+    url: &str,
+    header: &mut VolumeHeader,
+    opts: &RemoteOptions,
+) -> VolumeResult<Option<Arc<super::crypto::VolumeKey>>> {
+    if !encrypt {
+        return Ok(None);
+    }
+    let user = opts
+        .key
+        .as_deref()
+        .ok_or_else(|| VolumeError::Key { url: url.to_string(), source: super::crypto::KeyError::Needed })?;
+    let key = super::crypto::VolumeKey::generate();
+    set_crypto(header, &key, user, url)?;
+    Ok(Some(Arc::new(key)))
+}
+
+/// Marks `header` encrypted with `key`, wrapped by `user`.
+pub(crate) fn set_crypto(
+    header: &mut VolumeHeader,
+    key: &super::crypto::VolumeKey,
+    user: &super::crypto::UserKey,
+    url: &str,
+) -> VolumeResult<()> {
+    let h = key.wrap(user).map_err(|source| VolumeError::Key { url: url.to_string(), source })?;
+    header.encryption = super::crypto::CIPHER_NAME.into();
+    header.crypto = Some(serde_json::to_value(h).expect("crypto header serialises"));
+    Ok(())
 }
 
 /// Refuses to create a volume where one exists; clears packs left behind
@@ -142,6 +180,8 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
 
     let mut header = VolumeHeader::new(image_len, opts.chunk_size, None);
     header.image_format = opts.image_format.clone();
+    let key = new_key(opts.encrypt, &url_s, &mut header, &opts.remote)?;
+    let remote = super::crypto::wrap(remote, key.as_ref());
     let mut manifest = Manifest::new(&header, 1);
     let bar = super::progress::bar_of(opts.progress, image_len, "import", super::progress::Unit::Bytes);
     let cs = opts.chunk_size as usize;
@@ -232,6 +272,9 @@ pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeR
         let remote = connect(vu.folder_with(&opts.remote.config), &opts.remote);
         let url_s = vu.to_string();
         prepare_new(&remote, &url_s).await?;
+        let mut header = VolumeHeader::new(meta.size, cs, None);
+        let vkey = new_key(opts.encrypt, &url_s, &mut header, &opts.remote)?;
+        let remote = super::crypto::wrap(remote, vkey.as_ref());
         // Pin the content, not the file: its head revision is kept
         // forever, so base chunks stay readable from it even after the
         // file is replaced (Drive otherwise purges old revisions).
@@ -249,7 +292,7 @@ pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeR
             md5: meta.md5,
             sha256: meta.sha256,
         };
-        let mut header = VolumeHeader::new(meta.size, cs, Some(base));
+        header.base = Some(base);
         header.image_format = opts.image_format.clone();
         let manifest = Manifest::new(&header, 1);
         commit_new(&remote, &url_s, &header, &manifest).await?;

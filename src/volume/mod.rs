@@ -8,6 +8,7 @@
 
 pub mod adopt;
 pub mod commit;
+pub mod crypto;
 pub mod error;
 pub mod fork;
 pub mod format;
@@ -42,11 +43,18 @@ pub struct RemoteOptions {
     pub retry: RetryPolicy,
     /// Where the backends' services are and how to authenticate (Drive).
     pub config: Arc<RemoteConfig>,
+    /// The user's key, for encrypted volumes (docs/encryption.md).
+    pub key: Option<Arc<crypto::UserKey>>,
 }
 
 impl Default for RemoteOptions {
     fn default() -> Self {
-        Self { layer: None, retry: RetryPolicy::fast(), config: Arc::new(RemoteConfig::from_env_or_default()) }
+        Self {
+            layer: None,
+            retry: RetryPolicy::fast(),
+            config: Arc::new(RemoteConfig::from_env_or_default()),
+            key: None,
+        }
     }
 }
 
@@ -68,7 +76,11 @@ impl RemoteOptions {
 
 impl std::fmt::Debug for RemoteOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteOptions").field("layer", &self.layer.is_some()).field("retry", &self.retry).finish()
+        f.debug_struct("RemoteOptions")
+            .field("layer", &self.layer.is_some())
+            .field("retry", &self.retry)
+            .field("key", &self.key)
+            .finish()
     }
 }
 
@@ -126,6 +138,8 @@ pub struct VolumeInfo {
     pub boot_profile: Option<(String, u64, u64)>,
     /// The image format recorded at import/attach.
     pub image_format: Option<String>,
+    /// The data key's id when the volume is encrypted.
+    pub encrypted: Option<String>,
 }
 
 impl VolumeInfo {
@@ -160,6 +174,7 @@ impl VolumeInfo {
             base_note: r.base.as_ref().and_then(|b| b.note.clone()),
             boot_profile: None,
             image_format: r.header.image_format.clone(),
+            encrypted: r.key.as_ref().map(|k| k.key_id.clone()),
         }
     }
 }

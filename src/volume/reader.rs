@@ -166,16 +166,35 @@ pub struct VolumeReader {
     pub offline: bool,
     /// A fork's origin volumes (id, folder), whose packs its manifests name.
     origins: Vec<(String, DynRemote)>,
+    /// The data key of an encrypted volume (`remote` and the origins'
+    /// folders seal and open with it; a fork shares its origin's).
+    pub key: Option<Arc<super::crypto::VolumeKey>>,
+}
+
+/// The key of an encrypted volume, unwrapped with the caller's key
+/// (`None` for a plaintext volume); a missing or wrong key is an error
+/// here, at open, before any data is read.
+pub(crate) fn volume_key(
+    url: &str,
+    header: &VolumeHeader,
+    opts: &RemoteOptions,
+) -> VolumeResult<Option<Arc<super::crypto::VolumeKey>>> {
+    super::crypto::open_key(header.crypto.as_ref(), opts.key.as_deref())
+        .map_err(|source| VolumeError::Key { url: url.to_string(), source })
 }
 
 /// The folders of a fork's origins (nearest first), for pack reads.
-fn origin_remotes(header: &VolumeHeader, opts: &RemoteOptions) -> VolumeResult<Vec<(String, DynRemote)>> {
+fn origin_remotes(
+    header: &VolumeHeader,
+    opts: &RemoteOptions,
+    key: Option<&Arc<super::crypto::VolumeKey>>,
+) -> VolumeResult<Vec<(String, DynRemote)>> {
     let Some(o) = &header.origin else { return Ok(Vec::new()) };
     o.chain()
         .into_iter()
         .map(|o| {
             let u = RemoteUrl::parse(&o.url)?;
-            Ok((o.volume_id.clone(), connect(u.folder_with(&opts.config), opts)))
+            Ok((o.volume_id.clone(), super::crypto::wrap(connect(u.folder_with(&opts.config), opts), key)))
         })
         .collect()
 }
@@ -222,8 +241,10 @@ impl VolumeReader {
         };
         let header = VolumeHeader::from_bytes(&header_bytes)
             .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
+        let key = volume_key(&url_s, &header, opts)?;
+        let remote = super::crypto::wrap(remote, key.as_ref());
         let manifest = newest_manifest(&remote, &url_s, &header).await?;
-        let origins = origin_remotes(&header, opts)?;
+        let origins = origin_remotes(&header, opts, key.as_ref())?;
         for (k, slot) in &manifest.ids {
             remote.locate(k, slot);
         }
@@ -237,6 +258,7 @@ impl VolumeReader {
             header_raw: header_bytes,
             offline: false,
             origins,
+            key,
         }))
     }
 
@@ -275,6 +297,7 @@ impl VolumeReader {
         let manifest_raw = Bytes::from(read(OFFLINE_MANIFEST)?);
         let header = VolumeHeader::from_bytes(&header_raw)
             .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
+        let vkey = volume_key(&url_s, &header, opts)?;
         // The manifest names its own generation; from_bytes re-checks the
         // checksum and that it belongs to this header.
         let generation =
@@ -317,8 +340,8 @@ impl VolumeReader {
                 })
             }
         };
-        let remote = connect(url.folder_with(&opts.config), opts);
-        let origins = origin_remotes(&header, opts)?;
+        let remote = super::crypto::wrap(connect(url.folder_with(&opts.config), opts), vkey.as_ref());
+        let origins = origin_remotes(&header, opts, vkey.as_ref())?;
         Ok(Arc::new(Self {
             url: url_s,
             remote,
@@ -328,6 +351,7 @@ impl VolumeReader {
             header_raw,
             offline: true,
             origins,
+            key: vkey,
         }))
     }
 

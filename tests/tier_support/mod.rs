@@ -92,6 +92,7 @@ pub fn counted(metrics: Arc<RemoteMetrics>, faults: Option<Arc<FaultPlan>>, shap
             attempt_timeout: Duration::from_secs(60),
         },
         config: Default::default(),
+        key: None,
     }
 }
 
