@@ -4,6 +4,7 @@
 //! whichever thread finishes them, so a slow request never holds up the
 //! requests behind it (virtio allows out-of-order completion).
 
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,17 +12,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::format::{Disk, DiskError, IoMode};
 use crate::vhost::config::{protocol_features, virtio_features, DeviceConfig, VirtioBlkConfig, WRITEBACK_OFFSET};
+use crate::vhost::inflight::{walk_chain, InflightRegion};
 use crate::vhost::pool::IoPool;
 use crate::vhost::ratelimit::LogLimiter;
 use crate::vhost::request::{status_for, GuestMem, Request, STATUS_OK};
@@ -105,6 +107,10 @@ struct Shared {
     /// it completes (also forced when the driver did not negotiate FLUSH).
     writeback: AtomicBool,
     inflight: Vec<Inflight>,
+    /// The frontend's inflight tracking region (`SET_INFLIGHT_FD`), if it
+    /// sent one: popped chains are recorded there until they complete, so a
+    /// daemon restarted after a crash resubmits exactly the unfinished ones.
+    region: RwLock<Option<Arc<InflightRegion>>>,
     exit_notifiers: Mutex<Vec<EventNotifier>>,
     log_limit: LogLimiter,
 }
@@ -129,6 +135,7 @@ impl BlockBackend {
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(true),
                 inflight,
+                region: RwLock::new(None),
                 exit_notifiers: Mutex::new(Vec::new()),
                 log_limit: LogLimiter::new(10, Duration::from_secs(1)),
             }),
@@ -168,6 +175,7 @@ impl BlockBackend {
     fn process_queue(&self, qidx: usize, vring: &Vring) -> io::Result<()> {
         let sh = &self.shared;
         let Some(atomic) = sh.mem.read().clone() else { return Ok(()) };
+        let region = sh.region.read().clone();
         let event_idx = sh.event_idx.load(Ordering::Relaxed);
         let capacity = sh.disk.capacity();
         let read_only = sh.cfg.read_only || sh.disk.read_only();
@@ -184,10 +192,33 @@ impl BlockBackend {
             // maps a buffer's region (acked) before it publishes a chain using
             // it, so this snapshot holds every region those chains touch; one
             // taken earlier could predate a region just added.
-            let (chains, mem): (Vec<_>, _) = {
+            let (resubmit, chains, mem): (Vec<_>, Vec<_>, _) = {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
                 let ring_mem = atomic.memory();
+                // First pass after a (re)connect with an inflight region:
+                // the chains a previous daemon left unfinished run first,
+                // and popping resumes after the last chain it took.
+                let mut resubmit = Vec::new();
+                if let Some(r) = &region {
+                    let used = queue.used_idx(&*ring_mem, std::sync::atomic::Ordering::Acquire).map(|i| i.0);
+                    if let Some(resume) = used.ok().and_then(|used| r.check(qidx, used).map(|res| (used, res))) {
+                        let (used, resume) = resume;
+                        queue.set_next_avail(resume.next_avail);
+                        queue.set_next_used(used);
+                        let table = GuestAddress(queue.desc_table());
+                        resubmit =
+                            resume.heads.iter().map(|&h| (h, walk_chain(&ring_mem, table, queue.size(), h))).collect();
+                        sh.inflight[qidx].reserve(resubmit.len(), usize::MAX);
+                        tracing::info!(
+                            queue = qidx,
+                            resubmitted = resubmit.len(),
+                            used,
+                            next_avail = resume.next_avail,
+                            "resuming the requests a previous daemon left in flight"
+                        );
+                    }
+                }
                 let ready = match queue.avail_idx(&*ring_mem, std::sync::atomic::Ordering::Acquire) {
                     Ok(idx) => idx.0.wrapping_sub(queue.next_avail()) as usize,
                     Err(e) => {
@@ -212,18 +243,31 @@ impl BlockBackend {
                         if chains.len() < granted {
                             sh.inflight[qidx].sub(granted - chains.len());
                         }
-                        (chains, mem)
+                        // Recorded before anything runs: a crash from here
+                        // on resubmits them.
+                        if let Some(r) = &region {
+                            for c in &chains {
+                                r.get(qidx, c.head_index());
+                            }
+                        }
+                        (resubmit, chains, mem)
                     }
                     Err(e) => {
                         sh.inflight[qidx].sub(granted);
                         self.warn(format_args!("queue {qidx}: cannot read the available ring: {e}"));
-                        return Ok(());
+                        if resubmit.is_empty() {
+                            return Ok(());
+                        }
+                        (resubmit, Vec::new(), mem)
                     }
                 }
             };
             tracing::trace!(queue = qidx, chains = chains.len(), "popped");
-            for chain in chains {
-                let req = Request::parse(chain, mem.clone(), capacity, read_only);
+            let resubmitted = resubmit
+                .into_iter()
+                .map(|(head, descs)| Request::parse_descriptors(head, descs, mem.clone(), capacity, read_only));
+            let popped = chains.into_iter().map(|chain| Request::parse(chain, mem.clone(), capacity, read_only));
+            for req in resubmitted.chain(popped) {
                 if let Some((status, reason)) = req.refused() {
                     self.warn(format_args!("queue {qidx}: request refused: {reason}"));
                     done.push((req.head, req.complete(status, 0)));
@@ -356,11 +400,20 @@ impl Shared {
     /// Puts completed requests in the used ring and notifies the guest if it
     /// asked to be notified.
     fn complete(&self, qidx: usize, vring: &Vring, done: &[(u16, u32)]) {
+        let region = self.region.read().clone();
         let notify = {
             let mut state = vring.get_mut();
             for &(head, len) in done {
+                // Inflight record order (libvhost-user's vu_queue_push): a
+                // crash between any two steps is repaired by `check`.
+                if let Some(r) = &region {
+                    r.pre_put(qidx, head);
+                }
                 if let Err(e) = state.add_used(head, len) {
                     tracing::warn!(queue = qidx, head, "cannot add to used ring: {e}");
+                }
+                if let Some(r) = &region {
+                    r.post_put(qidx, head, state.get_queue().next_used());
                 }
             }
             if self.event_idx.load(Ordering::Relaxed) {
@@ -449,6 +502,17 @@ impl VhostUserBackend for BlockBackend {
         } else {
             Err(io::Error::new(io::ErrorKind::InvalidInput, format!("config write at {offset}+{} refused", buf.len())))
         }
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        InflightRegion::create(msg.num_queues, msg.queue_size)
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::map(msg, &file, self.shared.cfg.num_queues as usize)?;
+        tracing::debug!(queues = msg.num_queues, queue_size = msg.queue_size, "inflight tracking region mapped");
+        *self.shared.region.write() = Some(Arc::new(region));
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod config;
 pub mod daemon;
+pub mod inflight;
 pub mod pool;
 pub mod ratelimit;
 pub mod request;
