@@ -2,7 +2,9 @@
 //! runs each request at once if it can complete without waiting, and hands
 //! the rest to the I/O pool. Completions are added to the used ring from
 //! whichever thread finishes them, so a slow request never holds up the
-//! requests behind it (virtio allows out-of-order completion).
+//! requests behind it (virtio allows out-of-order completion). Every chain
+//! is recorded in the frontend's inflight region from pop to completion, so
+//! a daemon restarted after a crash resubmits exactly the unfinished ones.
 
 use std::fs::File;
 use std::io;
@@ -400,19 +402,19 @@ impl Shared {
     /// Puts completed requests in the used ring and notifies the guest if it
     /// asked to be notified.
     fn complete(&self, qidx: usize, vring: &Vring, done: &[(u16, u32)]) {
-        let region = self.region.read().clone();
+        let region = self.region.read();
         let notify = {
             let mut state = vring.get_mut();
             for &(head, len) in done {
                 // Inflight record order (libvhost-user's vu_queue_push): a
                 // crash between any two steps is repaired by `check`.
-                if let Some(r) = &region {
+                if let Some(r) = region.as_deref() {
                     r.pre_put(qidx, head);
                 }
                 if let Err(e) = state.add_used(head, len) {
                     tracing::warn!(queue = qidx, head, "cannot add to used ring: {e}");
                 }
-                if let Some(r) = &region {
+                if let Some(r) = region.as_deref() {
                     r.post_put(qidx, head, state.get_queue().next_used());
                 }
             }
@@ -422,6 +424,7 @@ impl Shared {
                 true
             }
         };
+        drop(region);
         tracing::trace!(queue = qidx, completed = done.len(), notify, "completed");
         if notify {
             if let Err(e) = vring.signal_used_queue() {
