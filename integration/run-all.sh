@@ -22,6 +22,7 @@
 # Cases: raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty
 #        volume-qcow2 volume-profile-ro volume-wb-2nd-machine
 #        qcow2-compressed-ro volume-gdrive-2nd-machine restart-kill9
+#        restart-kill9-verify
 #                              (--list; details at the bottom of this file)
 # Exit 0 only if every case passed.
 set -euo pipefail
@@ -30,7 +31,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
-ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 volume-profile-ro volume-wb-2nd-machine qcow2-compressed-ro volume-gdrive-2nd-machine restart-kill9)
+ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 volume-profile-ro volume-wb-2nd-machine qcow2-compressed-ro volume-gdrive-2nd-machine restart-kill9 restart-kill9-verify)
 VOLUME_URL= VOLUME_CACHE=
 SERVE_EXTRA=()   # more `driveblk serve` arguments for the next start_backend
 BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WZEROES=yes EXP_WCACHE=
@@ -404,33 +405,46 @@ run_case() {
     finish_case "$name" "$t0"
 }
 
-# run_restart_case NAME QUEUES SIZE KILLS LOAD_SEC LATENCY_MS
-# A daemon restart the guest never notices: a cold volume (random data all
-# over, so reads miss) served with LATENCY_MS added to every remote request;
-# the guest (QEMU chardev reconnect-ms=500) runs a verifying load (cold
-# random reads + random writes with crc32c verify) while the backend is
-# killed with SIGKILL and started again KILLS times, each time with misses
-# pending behind completed hits; the last restart drops the latency (the
-# rest of the run is quick). Passes only if the load finished and verified
-# clean, the guest logged no I/O error, the restarted daemons resubmitted
-# requests left in flight (backend logs), and the exported volume equals the
-# guest's final view of the disk.
+# run_restart_case NAME SOURCE QUEUES SIZE KILLS LOAD_SEC [LATENCY_MS]
+# A daemon restart the guest never notices. The guest (QEMU chardev
+# reconnect-ms=500) runs a load of random reads over the first 3/4 of the
+# disk and O_SYNC random writes over the rest while the backend is killed
+# with SIGKILL and started again KILLS times, 2 s after each start. Passes
+# only if the load finished without error (no request lost), the guest
+# logged no I/O error or stray completion, a restarted daemon resubmitted
+# requests left in flight (backend logs), and the backing store equals the
+# guest's final view of the disk. SOURCE:
+#   volume  random data imported into a dir: volume in 64 KiB chunks, served
+#           from an empty cache with LATENCY_MS on every remote request: the
+#           reads miss while written pages hit, so completions are out of
+#           order at every kill. The writes are not checksummed: the
+#           write-back cache keeps completed writes across a daemon crash only
+#           from its last FLUSH checkpoint (docs/restart.md)
+#   file    a raw image file, its page cache dropped (reads go to the disk);
+#           the writes carry crc32c checksums verified during the load
 run_restart_case() {
-    local name=$1 nq=$2 size=$3 kills=$4 load=$5 latency=$6
-    local img="$WORK/$name.raw" sock="$WORK/$name.sock" blog t0 rc=0 gh after i k resub
+    local name=$1 source=$2 nq=$3 size=$4 kills=$5 load=$6 latency=${7:-0}
+    local img="$WORK/$name.raw" sock="$WORK/$name.sock" blog t0 rc=0 gh after i k tk resub verify=yes
     CASE_OK=1
     t0=$(date +%s.%N)
-    echo "=== case $name: volume of $size random bytes, queues=$nq, remote latency ${latency}ms, $kills x kill -9 during a ${load}s load"
+    echo "=== case $name: $source of $size random bytes, queues=$nq, remote latency ${latency}ms, $kills x kill -9 during a ${load}s load"
     head -c "$size" /dev/urandom >"$img"
-    VOLUME_URL="dir:$WORK/$name.remote/vol" VOLUME_CACHE="$WORK/$name.cache"
-    mkdir -p "$WORK/$name.remote"
-    # 64 KiB chunks: many distinct misses for the cold reads to hit
-    "$BIN" import --quiet --chunk-size 64K "$img" "$VOLUME_URL" >"$LOGDIR/$name.import.log" 2>&1 \
-        || die "import into $VOLUME_URL failed (log: $LOGDIR/$name.import.log)"
-    rm -f "$img"
-    SERVE_EXTRA=(--remote-latency-ms "$latency")
+    VOLUME_URL= VOLUME_CACHE=
+    if [ "$source" = volume ]; then
+        VOLUME_URL="dir:$WORK/$name.remote/vol" VOLUME_CACHE="$WORK/$name.cache"
+        mkdir -p "$WORK/$name.remote"
+        # 64 KiB chunks: many distinct misses for the cold reads to hit
+        "$BIN" import --quiet --chunk-size 64K "$img" "$VOLUME_URL" >"$LOGDIR/$name.import.log" 2>&1 \
+            || die "import into $VOLUME_URL failed (log: $LOGDIR/$name.import.log)"
+        rm -f "$img"
+        SERVE_EXTRA=(--remote-latency-ms "$latency")
+        verify=no
+    else
+        sync "$img"
+        dd if="$img" iflag=nocache count=0 status=none   # drop it from the page cache
+    fi
     blog="$LOGDIR/$name.0.backend.log"
-    if ! start_backend "$sock" "" raw "$nq" 0 "drvblk-restart" "$blog"; then
+    if ! start_backend "$sock" "$img" raw "$nq" 0 "drvblk-restart" "$blog"; then
         hostcheck backend-start FAIL "backend did not create $sock (log: $blog)"
         SERVE_EXTRA=()
         finish_case "$name" "$t0"
@@ -439,7 +453,7 @@ run_restart_case() {
     local serial_log="$LOGDIR/$name.serial.log"
     : >"$serial_log"
     local args=(--socket "$sock" --size "$size" --queues "$nq" --no-fio --restart-load "$load"
-        --reconnect-ms 500 --dump-hash "$size" --timeout "$TIMEOUT" --no-build --log "$serial_log")
+        --restart-verify "$verify" --reconnect-ms 500 --dump-hash "$size" --timeout "$TIMEOUT" --no-build --log "$serial_log")
     [ "$DEMO" = 0 ] || args+=(--demo)
     "$HERE/run-guest.sh" "${args[@]}" > >(tee "$LOGDIR/$name.result.txt") 2>&1 &
     GPID=$!
@@ -454,15 +468,16 @@ run_restart_case() {
         for k in $(seq "$kills"); do
             sleep 2
             kill -0 "$GPID" 2>/dev/null || { k=$((k - 1)); break; }
+            tk=$(date +%s.%N)
             kill -KILL "$BPID" 2>/dev/null || true
             wait "$BPID" 2>/dev/null || true
             [ "$k" -lt "$kills" ] || SERVE_EXTRA=()
             blog="$LOGDIR/$name.$k.backend.log"
-            if ! start_backend "$sock" "" raw "$nq" 0 "drvblk-restart" "$blog"; then
+            if ! start_backend "$sock" "$img" raw "$nq" 0 "drvblk-restart" "$blog"; then
                 hostcheck backend-restart FAIL "backend did not start again after kill -9 #$k (log: $blog)"
                 break
             fi
-            echo "  kill -9 #$k, restarted (pid $BPID)"
+            echo "  $(date -u +%T.%3N) kill -9 #$k, restarted (pid $BPID) in $(awk -v a="$tk" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')s"
         done
     fi
     SERVE_EXTRA=()
@@ -483,13 +498,13 @@ run_restart_case() {
     BPID=
     if [ "$rc" = 0 ]; then hostcheck backend-exit PASS "exit 0 on SIGTERM"
     else hostcheck backend-exit FAIL "exit status $rc on SIGTERM (log: $blog)"; fi
-    if "$BIN" export --quiet "$VOLUME_URL" "$img" --cache-dir "$VOLUME_CACHE" >"$LOGDIR/$name.export.log" 2>&1; then
+    if [ "$source" = volume ] && ! "$BIN" export --quiet "$VOLUME_URL" "$img" --cache-dir "$VOLUME_CACHE" >"$LOGDIR/$name.export.log" 2>&1; then
+        hostcheck volume-export FAIL "export failed (log: $LOGDIR/$name.export.log)"
+    else
         after=$(raw_hash "$img" "$size")
         if [ -z "$gh" ]; then hostcheck image-matches-guest FAIL "guest printed no final HASH"
-        elif [ "$after" = "$gh" ]; then hostcheck image-matches-guest PASS "exported volume = guest's view (md5 ${after:0:16}...)"
-        else hostcheck image-matches-guest FAIL "exported md5 $after != guest's $gh"; fi
-    else
-        hostcheck volume-export FAIL "export failed (log: $LOGDIR/$name.export.log)"
+        elif [ "$after" = "$gh" ]; then hostcheck image-matches-guest PASS "$source = guest's view (md5 ${after:0:16}...)"
+        else hostcheck image-matches-guest FAIL "$source md5 $after != guest's $gh"; fi
     fi
     if grep -qiE "panicked" "$LOGDIR/$name".*backend.log; then
         hostcheck backend-log FAIL "panic in $LOGDIR/$name.*.backend.log"
@@ -572,10 +587,12 @@ want volume-wb-2nd-machine && run_case volume-wb-2nd-machine qcow2 1 0 "drvblk-w
 # and syncs, the stop uploads every change as fenced generations, and a
 # second backend with an empty cache and its own id record reads them back
 want volume-gdrive-2nd-machine && run_case volume-gdrive-2nd-machine qcow2 1 0 "drvblk-gd" $((32 * MiB)) source=volume remote=gdrive othermachine=1 fio_size=4M
-# kill -9 and restart the backend 5 times under a guest's verifying load on
-# a cold volume behind a slow link: inflight tracking (INFLIGHT_SHMFD) makes
-# each restart invisible to the guest (docs/restart.md)
-want restart-kill9 && run_restart_case restart-kill9 2 $((64 * MiB)) 5 40 300
+# kill -9 and restart the backend 5 times under a guest's load, on a cold
+# volume behind a slow link and on a raw file with checksummed writes:
+# inflight tracking (INFLIGHT_SHMFD) makes each restart invisible to the
+# guest (docs/restart.md)
+want restart-kill9 && run_restart_case restart-kill9 volume 2 $((64 * MiB)) 5 40 300
+want restart-kill9-verify && run_restart_case restart-kill9-verify file 2 $((96 * MiB)) 5 20
 want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')
