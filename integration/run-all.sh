@@ -438,7 +438,9 @@ run_restart_case() {
             || die "import into $VOLUME_URL failed (log: $LOGDIR/$name.import.log)"
         rm -f "$img"
         SERVE_EXTRA=(--remote-latency-ms "$latency")
-        verify=no
+        # DRIVEBLK_RESTART_VERIFY_VOLUME=1 checksums them anyway (fails today:
+        # see "Known gap" in docs/restart.md)
+        [ "${DRIVEBLK_RESTART_VERIFY_VOLUME:-0}" = 1 ] || verify=no
     else
         sync "$img"
         dd if="$img" iflag=nocache count=0 status=none   # drop it from the page cache
