@@ -596,7 +596,7 @@ want volume-gdrive-2nd-machine && run_case volume-gdrive-2nd-machine qcow2 1 0 "
 # volume behind a slow link and on a raw file with checksummed writes:
 # inflight tracking (INFLIGHT_SHMFD) makes each restart invisible to the
 # guest (docs/restart.md)
-want restart-kill9 && run_restart_case restart-kill9 volume 2 $((64 * MiB)) 5 40 300
+want restart-kill9 && run_restart_case restart-kill9 volume 2 $((64 * MiB)) "${DRIVEBLK_RESTART_KILLS:-5}" 40 300
 want restart-kill9-verify && run_restart_case restart-kill9-verify file 2 $((96 * MiB)) 5 20
 want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
