@@ -788,33 +788,40 @@ impl SsdCache {
         let before = self.entry(idx);
         self.write_unrecorded(idx, off, bufs, fill)?;
         if self.entry(idx) != before {
-            self.record_volatile(idx)?;
+            self.record_volatile(idx..idx + 1)?;
         }
         Ok(())
     }
 
     /// Chunk `idx`'s map entry in memory: its state and page bitmap.
+    /// Caller holds the stripe lock (so the state cannot change under it).
     fn entry(&self, idx: u64) -> (u8, Option<Bitmap>) {
-        let pages = self.pages.lock();
         let st = self.state(idx);
-        (st, if has_bitmap(st) { pages.maps.get(&idx).cloned() } else { None })
+        (st, if has_bitmap(st) { self.pages.lock().maps.get(&idx).cloned() } else { None })
     }
 
-    /// Appends chunk `idx`'s map entry to the journal as a volatile record
-    /// (journal.rs): a write the guest sees complete must not vanish with
-    /// this process before the next flush persists it, or the next
-    /// process would acknowledge that flush without it. Caller holds the
-    /// stripe write lock, so no later change of the chunk is recorded first.
-    fn record_volatile(&self, idx: u64) -> io::Result<()> {
+    /// Appends the map entries of chunks `range` the last persist did not
+    /// record to the journal as a volatile record (journal.rs): a write the
+    /// guest sees complete must not vanish with this process before the
+    /// next flush persists it, or the next process would acknowledge that
+    /// flush without it. Caller holds the stripe write locks, so no later
+    /// change of these chunks is recorded first.
+    fn record_volatile(&self, range: std::ops::Range<u64>) -> io::Result<()> {
         // The persisted lock keeps this between persists: the record names
         // the generation the journal's last durable record does.
         let persisted = self.persisted.lock();
-        let (state, bitmap) = self.entry(idx);
-        let rec = Record {
-            generation: persisted.generation,
-            image_len: self.len(),
-            changes: vec![Change { idx, state, bitmap }],
-        };
+        let changes: Vec<Change> = range
+            .filter_map(|idx| {
+                let (state, bitmap) = self.entry(idx);
+                let same = persisted.states.get(idx as usize) == Some(&state)
+                    && (!has_bitmap(state) || persisted.maps.get(&idx) == bitmap.as_ref());
+                (!same).then_some(Change { idx, state, bitmap })
+            })
+            .collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let rec = Record { generation: persisted.generation, image_len: self.len(), changes };
         match self.journal.lock().as_mut() {
             Some(j) => j.append_volatile(&rec),
             None => Ok(()),
@@ -1216,12 +1223,7 @@ impl SsdCache {
             }
         }
         // Zeroed chunks not persisted yet survive a crash of this process.
-        for idx in range {
-            if self.persisted.lock().states.get(idx as usize) != Some(&ZERO_DIRTY) {
-                self.record_volatile(idx)?;
-            }
-        }
-        Ok(())
+        self.record_volatile(range)
     }
 
     /// Evicts clean and partial unpinned chunks, least recently used first,
