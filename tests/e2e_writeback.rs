@@ -296,7 +296,7 @@ fn a_write_completed_before_a_kill_9_is_covered_by_the_next_daemons_flush() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.raw");
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let orig: Vec<u8> = (0..4 << 20).map(|_| rng.gen()).collect();
+    let orig: Vec<u8> = (0..4 << 20).map(|_| rng.random()).collect();
     std::fs::write(&img, &orig).unwrap();
     let url = format!("dir:{}", d.path().join("remote/vol").display());
     run_ok(bin(), &["import", img.to_str().unwrap(), &url, "--chunk-size", "64K", "--quiet"]);
