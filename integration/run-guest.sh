@@ -25,6 +25,11 @@
 #   --files write|check  after the other tests: write = make an ext2 over the whole
 #                        disk and write 16 fsynced files + their md5 list; check =
 #                        mount it read-only and verify the files
+#   --restart-load SEC   a SEC-second load (guest/init dbt.restartload) during
+#                        which the host may kill and restart the backend
+#   --restart-verify yes|no  its writes are checksummed and verified (default yes)
+#   --reconnect-ms MS    QEMU reconnects to a backend that went away (chardev
+#                        reconnect-ms), as a VM meant to survive restarts would
 #   --log FILE           serial log (default: integration/build/logs/guest-<time>-<pid>.log)
 #   --timeout SEC        kill the VM after SEC seconds (default 240)
 #   --smp N / --mem MB   guest CPUs (default 2) / memory (default 512)
@@ -43,7 +48,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}
 
 SOCK= SIZE= SERIAL= SERIAL_SET=0 RO= DISCARD= DZERO=1 WZEROES= WCACHE= QUEUES=1 EXPECT_Q= QSIZE=
 FIO=1 FIO_SIZE=8M FIO_RUNTIME=60 FIO_JOBS= FIO_OFFSET=0 HASH= DUMPHASH= LOG= TIMEOUT=240
-SMP=2 MEM=512 QUIET=quiet DEMO=0 BUILD=1 FILES=
+SMP=2 MEM=512 QUIET=quiet DEMO=0 BUILD=1 FILES= RESTARTLOAD= RESTARTVERIFY=1 RECONNECT=
 
 yesno() { case "$2" in yes|1|on|true) echo 1 ;; no|0|off|false) echo 0 ;; *) die "$1 wants yes|no, got '$2'" ;; esac; }
 isnum() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 wants a number, got '$2'"; echo "$2"; }
@@ -79,6 +84,9 @@ while [ $# -gt 0 ]; do
         --hash) [[ "$val" =~ ^[0-9]+:[0-9a-f]{32}$ ]] || die "--hash wants LEN:MD5HEX (32 hex digits)"; HASH=$val ;;
         --dump-hash) DUMPHASH=$(isnum "$opt" "$val") ;;
         --files) case $val in write|check) FILES=$val ;; *) die "--files wants write|check" ;; esac ;;
+        --restart-load) RESTARTLOAD=$(isnum "$opt" "$val") ;;
+        --restart-verify) RESTARTVERIFY=$(yesno "$opt" "$val") ;;
+        --reconnect-ms) RECONNECT=$(isnum "$opt" "$val") ;;
         --log) LOG=$val ;;
         --timeout) TIMEOUT=$(isnum "$opt" "$val") ;;
         --smp) SMP=$(isnum "$opt" "$val") ;;
@@ -120,12 +128,15 @@ APPEND+=" dbt.fio_runtime=$FIO_RUNTIME dbt.fio_jobs=$FIO_JOBS dbt.fio_offset=$FI
 [ -z "$HASH" ] || APPEND+=" dbt.hash=$HASH"
 [ -z "$DUMPHASH" ] || APPEND+=" dbt.dumphash=$DUMPHASH"
 [ -z "$FILES" ] || APPEND+=" dbt.files=$FILES"
+[ -z "$RESTARTLOAD" ] || APPEND+=" dbt.restartload=$RESTARTLOAD dbt.restartverify=$RESTARTVERIFY"
 if [ "$SERIAL_SET" = 1 ]; then
     # hex, so any bytes survive the kernel command line
     APPEND+=" dbt.serial=$(printf '%s' "$SERIAL" | od -An -v -tx1 | tr -d ' \n')"
 fi
 
 DEV="vhost-user-blk-pci,chardev=c0,num-queues=$QUEUES"
+CHARDEV="socket,id=c0,path=$SOCK"
+[ -z "$RECONNECT" ] || CHARDEV+=",reconnect-ms=$RECONNECT"
 [ -z "$QSIZE" ] || DEV+=",queue-size=$QSIZE"
 
 # shellcheck disable=SC2054  # commas belong to QEMU option values
@@ -134,7 +145,7 @@ QEMU_ARGS=(
     -nographic -nodefaults -no-user-config -no-reboot
     -monitor none -serial "file:$LOG"
     -object "memory-backend-memfd,id=mem,size=${MEM}M,share=on" -numa node,memdev=mem
-    -chardev "socket,id=c0,path=$SOCK"
+    -chardev "$CHARDEV"
     -device "$DEV"
     -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND"
 )

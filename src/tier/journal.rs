@@ -5,6 +5,15 @@
 //! replay stops at the first record that is torn or does not verify (a
 //! record is only acknowledged once its fsync returned, so a torn one never
 //! was).
+//!
+//! A write the guest sees complete changes the map before its FLUSH
+//! persists it; a crash of the process in between must not lose it (the
+//! next process would acknowledge that FLUSH without it). So such a write
+//! also appends a *volatile* record, without an fsync, naming the kernel's
+//! boot id: the page cache holds it and the data written before it as long
+//! as the host runs, so it is replayed only on the same boot (a host crash
+//! may have kept the record but not the data; the guest's unflushed writes
+//! may be lost then, as on any disk with a write cache).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -14,6 +23,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 4] = b"DBJ1";
+/// A volatile record: its payload starts with the boot id it was written in.
+const MAGIC_VOLATILE: &[u8; 4] = b"DBJV";
+const BOOT: usize = 36;
 /// Magic, checkpoint id, payload length.
 const HEAD: usize = 4 + 8 + 4;
 const SUM: usize = 32;
@@ -97,6 +109,14 @@ pub struct Journal {
     checkpoint: u64,
     len: u64,
     words: usize,
+    boot: Option<[u8; BOOT]>,
+}
+
+/// This boot of the kernel (None where it cannot be told: then no volatile
+/// record is written, nor trusted).
+fn boot_id() -> Option<[u8; BOOT]> {
+    let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    s.trim().as_bytes().try_into().ok()
 }
 
 impl Journal {
@@ -111,7 +131,7 @@ impl Journal {
             File::open(dir)?.sync_all()?;
         }
         let len = file.metadata()?.len();
-        Ok(Self { file, path, checkpoint, len, words })
+        Ok(Self { file, path, checkpoint, len, words, boot: boot_id() })
     }
 
     /// Bytes in the journal.
@@ -127,18 +147,35 @@ impl Journal {
     /// Appends `rec` and makes it durable. An error here must be treated
     /// as a failed fsync (the record may or may not be there).
     pub fn append(&mut self, rec: &Record) -> io::Result<()> {
-        let payload = rec.encode(self.words);
-        let mut buf = Vec::with_capacity(HEAD + payload.len() + SUM);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&self.checkpoint.to_le_bytes());
-        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&payload);
-        let sum = Sha256::digest(&buf);
-        buf.extend_from_slice(&sum);
+        let buf = self.frame(MAGIC, &[], rec);
         self.file.write_all_at(&buf, self.len)?;
         self.file.sync_data()?;
         self.len += buf.len() as u64;
         Ok(())
+    }
+
+    /// Appends `rec` as a volatile record (no fsync; see the module doc),
+    /// trusted on replay only during this boot. A failed append leaves
+    /// nothing the next append does not overwrite.
+    pub fn append_volatile(&mut self, rec: &Record) -> io::Result<()> {
+        let Some(boot) = self.boot else { return Ok(()) };
+        let buf = self.frame(MAGIC_VOLATILE, &boot, rec);
+        self.file.write_all_at(&buf, self.len)?;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    fn frame(&self, magic: &[u8; 4], prefix: &[u8], rec: &Record) -> Vec<u8> {
+        let payload = rec.encode(self.words);
+        let mut buf = Vec::with_capacity(HEAD + prefix.len() + payload.len() + SUM);
+        buf.extend_from_slice(magic);
+        buf.extend_from_slice(&self.checkpoint.to_le_bytes());
+        buf.extend_from_slice(&((prefix.len() + payload.len()) as u32).to_le_bytes());
+        buf.extend_from_slice(prefix);
+        buf.extend_from_slice(&payload);
+        let sum = Sha256::digest(&buf);
+        buf.extend_from_slice(&sum);
+        buf
     }
 
     /// Starts over after checkpoint `checkpoint` was written (its records
@@ -151,8 +188,19 @@ impl Journal {
     }
 
     /// The records of `dir/journal` that follow checkpoint `checkpoint`, in
-    /// order, up to the first that is torn or does not verify.
+    /// order, up to the first that is torn or does not verify; volatile
+    /// records of another boot are skipped.
     pub fn replay(dir: &Path, checkpoint: u64, words: usize) -> Vec<Record> {
+        Self::replay_on(dir, checkpoint, words, boot_id())
+    }
+
+    /// [`replay`](Self::replay) as after a reboot: durable records only.
+    #[cfg(test)]
+    pub fn replay_durable(dir: &Path, checkpoint: u64, words: usize) -> Vec<Record> {
+        Self::replay_on(dir, checkpoint, words, None)
+    }
+
+    fn replay_on(dir: &Path, checkpoint: u64, words: usize, boot: Option<[u8; BOOT]>) -> Vec<Record> {
         let mut bytes = Vec::new();
         match File::open(dir.join("journal")) {
             Ok(mut f) => {
@@ -166,7 +214,10 @@ impl Journal {
         let mut at = 0usize;
         while bytes.len() - at >= HEAD + SUM {
             let head = &bytes[at..at + HEAD];
-            if &head[..4] != MAGIC || u64::from_le_bytes(head[4..12].try_into().expect("8 bytes")) != checkpoint {
+            let volatile = &head[..4] == MAGIC_VOLATILE;
+            if (&head[..4] != MAGIC && !volatile)
+                || u64::from_le_bytes(head[4..12].try_into().expect("8 bytes")) != checkpoint
+            {
                 break;
             }
             let n = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;
@@ -177,7 +228,20 @@ impl Journal {
             if Sha256::digest(body).as_slice() != &bytes[at + HEAD + n..at + HEAD + n + SUM] {
                 break;
             }
-            match Record::decode(&body[HEAD..], words) {
+            let mut payload = &body[HEAD..];
+            if volatile {
+                if payload.len() < BOOT {
+                    break;
+                }
+                let this_boot = boot.is_some_and(|b| payload[..BOOT] == b);
+                payload = &payload[BOOT..];
+                if !this_boot {
+                    // The host restarted since: its data may be gone.
+                    at += HEAD + n + SUM;
+                    continue;
+                }
+            }
+            match Record::decode(payload, words) {
                 Some(r) => out.push(r),
                 None => break,
             }
@@ -230,5 +294,21 @@ mod tests {
         j.reset(9).unwrap();
         j.append(&c).unwrap();
         assert_eq!(Journal::replay(d.path(), 9, 2), vec![c]);
+    }
+
+    #[test]
+    fn volatile_records_replay_on_the_same_boot_only() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path(), 7, 2).unwrap();
+        j.boot = Some([b'a'; BOOT]);
+        let (a, b, c) = (rec(1, 3, 2, None), rec(1, 4, 4, Some(0b1)), rec(1, 4, 4, Some(0b11)));
+        j.append(&a).unwrap();
+        j.append_volatile(&b).unwrap();
+        j.append(&c).unwrap();
+        let on = |boot| Journal::replay_on(d.path(), 7, 2, boot);
+        assert_eq!(on(Some([b'a'; BOOT])), vec![a.clone(), b, c.clone()]);
+        // After a reboot the volatile record is skipped, the later ones kept.
+        assert_eq!(on(Some([b'b'; BOOT])), vec![a.clone(), c.clone()]);
+        assert_eq!(on(None), vec![a, c]);
     }
 }

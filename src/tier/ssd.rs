@@ -327,6 +327,11 @@ fn popcount(m: &[u64]) -> u64 {
 }
 
 fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
+    read_state_with(path, Journal::replay)
+}
+
+/// [`read_state`] with `replay` reading the journal.
+fn read_state_with(path: &Path, replay: fn(&Path, u64, usize) -> Vec<Record>) -> Result<Option<Loaded>, String> {
     let b = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -400,15 +405,17 @@ fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
     }
     let mut l = Loaded { header: h, states: states.to_vec(), maps };
     if let Some(dir) = path.parent() {
-        apply_journal(&mut l, dir, words)?;
+        let records = replay(dir, l.header.checkpoint, words);
+        apply_journal(&mut l, records)?;
     }
     Ok(Some(l))
 }
 
 /// Applies the journal records that follow the checkpoint `l` was read from.
-fn apply_journal(l: &mut Loaded, dir: &Path, words: usize) -> Result<(), String> {
+fn apply_journal(l: &mut Loaded, records: Vec<Record>) -> Result<(), String> {
     let pages = l.header.id.chunk_size.div_ceil(PAGE);
-    for rec in Journal::replay(dir, l.header.checkpoint, words) {
+    let words = bitmap_words(l.header.id.chunk_size);
+    for rec in records {
         let chunks = rec.image_len.div_ceil(l.header.id.chunk_size);
         if chunks > MAX_CHUNKS {
             return Err("journal record with an implausible image length".into());
@@ -858,6 +865,50 @@ impl SsdCache {
     /// and the write does not cover it whole (the read half of
     /// read-modify-write). Caller holds the stripe write lock.
     pub fn write(&self, idx: u64, off: u64, bufs: &IoVec<'_>, fill: Option<&[u8]>) -> io::Result<()> {
+        let before = self.entry(idx);
+        self.write_unrecorded(idx, off, bufs, fill)?;
+        if self.entry(idx) != before {
+            self.record_volatile(idx..idx + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Chunk `idx`'s map entry in memory: its state and page bitmap.
+    /// Caller holds the stripe lock (so the state cannot change under it).
+    fn entry(&self, idx: u64) -> (u8, Option<Bitmap>) {
+        let st = self.state(idx);
+        (st, if has_bitmap(st) { self.pages.lock().maps.get(&idx).cloned() } else { None })
+    }
+
+    /// Appends the map entries of chunks `range` the last persist did not
+    /// record to the journal as a volatile record (journal.rs): a write the
+    /// guest sees complete must not vanish with this process before the
+    /// next flush persists it, or the next process would acknowledge that
+    /// flush without it. Caller holds the stripe write locks, so no later
+    /// change of these chunks is recorded first.
+    fn record_volatile(&self, range: std::ops::Range<u64>) -> io::Result<()> {
+        // The persisted lock keeps this between persists: the record names
+        // the generation the journal's last durable record does.
+        let persisted = self.persisted.lock();
+        let changes: Vec<Change> = range
+            .filter_map(|idx| {
+                let (state, bitmap) = self.entry(idx);
+                let same = persisted.states.get(idx as usize) == Some(&state)
+                    && (!has_bitmap(state) || persisted.maps.get(&idx) == bitmap.as_ref());
+                (!same).then_some(Change { idx, state, bitmap })
+            })
+            .collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let rec = Record { generation: persisted.generation, image_len: self.len(), changes };
+        match self.journal.lock().as_mut() {
+            Some(j) => j.append_volatile(&rec),
+            None => Ok(()),
+        }
+    }
+
+    fn write_unrecorded(&self, idx: u64, off: u64, bufs: &IoVec<'_>, fill: Option<&[u8]>) -> io::Result<()> {
         match self.write_once(idx, off, bufs, fill) {
             // A full cache disk: clean chunks give way to the guest's
             // writes (the cap bounds clean data; dirty data is bounded only
@@ -1246,12 +1297,15 @@ impl SsdCache {
             self.set_state(idx, ZERO_DIRTY);
             self.dirty.fetch_add(1, Ordering::Relaxed);
         }
-        let mut pages = self.dirty_pages.lock();
-        for idx in range {
-            pages.remove(&idx);
-            self.bump_seq(idx);
+        {
+            let mut pages = self.dirty_pages.lock();
+            for idx in range.clone() {
+                pages.remove(&idx);
+                self.bump_seq(idx);
+            }
         }
-        Ok(())
+        // Zeroed chunks not persisted yet survive a crash of this process.
+        self.record_volatile(range)
     }
 
     /// Evicts clean and partial unpinned chunks, not recently used first
@@ -1742,9 +1796,10 @@ mod tests {
         v
     }
 
-    /// What the state file on disk says right now.
+    /// What the state file on disk says right now, as durable as it is
+    /// (after a host crash: without the volatile records).
     fn on_disk(dir: &Path) -> Loaded {
-        read_state(&dir.join("state")).unwrap().unwrap()
+        read_state_with(&dir.join("state"), Journal::replay_durable).unwrap().unwrap()
     }
 
     #[test]
@@ -1813,6 +1868,50 @@ mod tests {
         assert_eq!(o, Opened::Reused { cached: 1, dirty: 0 });
         assert_eq!((c.partial_chunks(), c.cached_bytes()), (0, CS));
         assert_eq!(c.read_chunk(0).unwrap(), remote(0));
+    }
+
+    /// kill -9 between a guest write and its FLUSH: the next process's
+    /// flush must cover that write (the bug: it acknowledged the flush and
+    /// the page read back as the remote's bytes).
+    #[test]
+    fn ssd_writes_survive_a_process_crash_before_their_flush() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        let write = |c: &SsdCache, idx: u64, off: usize, byte: u8, fill: Option<&[u8]>| {
+            let _g = c.lock_write(idx);
+            let mut w = vec![byte; P];
+            c.write(idx, off as u64, &IoVec::from_slice(&mut w), fill).unwrap();
+        };
+        // Flushed: chunk 0 dirty in part.
+        write(&c, 0, 0, 1, None);
+        c.persist().unwrap();
+        // Then, unflushed: a new page of chunk 0, a page of absent chunk 1,
+        // a partial write of absent chunk 2 (with its fill), zeroed chunk 3.
+        write(&c, 0, 3 * P, 2, None);
+        write(&c, 1, 5 * P, 3, None);
+        write(&c, 2, P, 4, Some(&remote(2)));
+        {
+            let _l = c.lock_many(3..4);
+            c.zero_chunks(3..4).unwrap();
+        }
+        // The process dies: no persist; its page cache stays.
+        drop(c);
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        // The next process's first flush.
+        c.persist().unwrap();
+        drop(c);
+        let (c, o) = open64(d.path(), 4 * CS, 1 << 30);
+        assert_eq!(o, Opened::Reused { cached: 1, dirty: 4 });
+        assert_eq!((c.state(0), c.state(1), c.state(2), c.state(3)), (DIRTY_PARTIAL, DIRTY_PARTIAL, DIRTY, ZERO_DIRTY));
+        assert!(c.has_pages(0, 0, PAGE) && c.has_pages(0, 3 * PAGE, PAGE) && !c.has_pages(0, PAGE, PAGE));
+        assert!(c.has_pages(1, 5 * PAGE, PAGE) && !c.has_pages(1, 0, PAGE));
+        assert_eq!(read_at(&c, 0, 0, P), vec![1u8; P]);
+        assert_eq!(read_at(&c, 0, 3 * PAGE, P), vec![2u8; P]);
+        assert_eq!(read_at(&c, 1, 5 * PAGE, P), vec![3u8; P]);
+        let mut want2 = remote(2);
+        want2[P..2 * P].fill(4);
+        assert_eq!(c.read_chunk(2).unwrap(), want2);
+        assert_eq!(c.read_chunk(3).unwrap(), vec![0u8; CS as usize]);
     }
 
     #[test]

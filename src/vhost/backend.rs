@@ -2,8 +2,11 @@
 //! runs each request at once if it can complete without waiting, and hands
 //! the rest to the I/O pool. Completions are added to the used ring from
 //! whichever thread finishes them, so a slow request never holds up the
-//! requests behind it (virtio allows out-of-order completion).
+//! requests behind it (virtio allows out-of-order completion). Every chain
+//! is recorded in the frontend's inflight region from pop to completion, so
+//! a daemon restarted after a crash resubmits exactly the unfinished ones.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,17 +15,18 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use smallvec::SmallVec;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::format::{Disk, DiskError, IoMode};
 use crate::vhost::config::{protocol_features, virtio_features, DeviceConfig, VirtioBlkConfig, WRITEBACK_OFFSET};
+use crate::vhost::inflight::{walk_chain, InflightRegion};
 use crate::vhost::pool::IoPool;
 use crate::vhost::ratelimit::LogLimiter;
 use crate::vhost::request::{status_for, GuestMem, Request, STATUS_OK};
@@ -106,6 +110,10 @@ struct Shared {
     /// it completes (also forced when the driver did not negotiate FLUSH).
     writeback: AtomicBool,
     inflight: Vec<Inflight>,
+    /// The frontend's inflight tracking region (`SET_INFLIGHT_FD`), if it
+    /// sent one: popped chains are recorded there until they complete, so a
+    /// daemon restarted after a crash resubmits exactly the unfinished ones.
+    region: RwLock<Option<Arc<InflightRegion>>>,
     exit_notifiers: Mutex<Vec<EventNotifier>>,
     log_limit: LogLimiter,
 }
@@ -130,6 +138,7 @@ impl BlockBackend {
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(true),
                 inflight,
+                region: RwLock::new(None),
                 exit_notifiers: Mutex::new(Vec::new()),
                 log_limit: LogLimiter::new(10, Duration::from_secs(1)),
             }),
@@ -169,6 +178,7 @@ impl BlockBackend {
     fn process_queue(&self, qidx: usize, vring: &Vring) -> io::Result<()> {
         let sh = &self.shared;
         let Some(atomic) = sh.mem.read().clone() else { return Ok(()) };
+        let region = sh.region.read().clone();
         let event_idx = sh.event_idx.load(Ordering::Relaxed);
         let capacity = sh.disk.capacity();
         let read_only = sh.cfg.read_only || sh.disk.read_only();
@@ -190,10 +200,33 @@ impl BlockBackend {
             // them) instead of each holding a count on the shared mapping.
             let mem: Arc<GuestMem>;
             let chains: SmallVec<[_; 32]>;
+            let mut resubmit = Vec::new();
             {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
                 let ring_mem = atomic.memory();
+                // First pass after a (re)connect with an inflight region:
+                // the chains a previous daemon left unfinished run first,
+                // and popping resumes after the last chain it took.
+                if let Some(r) = &region {
+                    let used = queue.used_idx(&*ring_mem, std::sync::atomic::Ordering::Acquire).map(|i| i.0);
+                    if let Some(resume) = used.ok().and_then(|used| r.check(qidx, used).map(|res| (used, res))) {
+                        let (used, resume) = resume;
+                        queue.set_next_avail(resume.next_avail);
+                        queue.set_next_used(used);
+                        let table = GuestAddress(queue.desc_table());
+                        resubmit =
+                            resume.heads.iter().map(|&h| (h, walk_chain(&ring_mem, table, queue.size(), h))).collect();
+                        sh.inflight[qidx].reserve(resubmit.len(), usize::MAX);
+                        tracing::info!(
+                            queue = qidx,
+                            resubmitted = resubmit.len(),
+                            used,
+                            next_avail = resume.next_avail,
+                            "resuming the requests a previous daemon left in flight"
+                        );
+                    }
+                }
                 let ready = match queue.avail_idx(&*ring_mem, std::sync::atomic::Ordering::Acquire) {
                     Ok(idx) => idx.0.wrapping_sub(queue.next_avail()) as usize,
                     Err(e) => {
@@ -218,17 +251,30 @@ impl BlockBackend {
                         if chains.len() < granted {
                             sh.inflight[qidx].sub(granted - chains.len());
                         }
+                        // Recorded before anything runs: a crash from here
+                        // on resubmits them.
+                        if let Some(r) = &region {
+                            for c in &chains {
+                                r.get(qidx, c.head_index());
+                            }
+                        }
                     }
                     Err(e) => {
                         sh.inflight[qidx].sub(granted);
                         self.warn(format_args!("queue {qidx}: cannot read the available ring: {e}"));
-                        return Ok(());
+                        if resubmit.is_empty() {
+                            return Ok(());
+                        }
+                        chains = SmallVec::new();
                     }
                 }
             }
             tracing::trace!(queue = qidx, chains = chains.len(), "popped");
-            for chain in chains {
-                let req = Request::parse(chain, mem.clone(), capacity, read_only);
+            let resubmitted = resubmit
+                .into_iter()
+                .map(|(head, descs)| Request::parse_descriptors(head, descs, mem.clone(), capacity, read_only));
+            let popped = chains.into_iter().map(|chain| Request::parse(chain, mem.clone(), capacity, read_only));
+            for req in resubmitted.chain(popped) {
                 if let Some((status, reason)) = req.refused() {
                     self.warn(format_args!("queue {qidx}: request refused: {reason}"));
                     done.push((req.head, req.complete(status, 0)));
@@ -361,11 +407,20 @@ impl Shared {
     /// Puts completed requests in the used ring and notifies the guest if it
     /// asked to be notified.
     fn complete(&self, qidx: usize, vring: &Vring, done: &[(u16, u32)]) {
+        let region = self.region.read();
         let notify = {
             let mut state = vring.get_mut();
             for &(head, len) in done {
+                // Inflight record order (libvhost-user's vu_queue_push): a
+                // crash between any two steps is repaired by `check`.
+                if let Some(r) = region.as_deref() {
+                    r.pre_put(qidx, head);
+                }
                 if let Err(e) = state.add_used(head, len) {
                     tracing::warn!(queue = qidx, head, "cannot add to used ring: {e}");
+                }
+                if let Some(r) = region.as_deref() {
+                    r.post_put(qidx, head, state.get_queue().next_used());
                 }
             }
             if self.event_idx.load(Ordering::Relaxed) {
@@ -374,6 +429,7 @@ impl Shared {
                 true
             }
         };
+        drop(region);
         tracing::trace!(queue = qidx, completed = done.len(), notify, "completed");
         if notify {
             if let Err(e) = vring.signal_used_queue() {
@@ -454,6 +510,17 @@ impl VhostUserBackend for BlockBackend {
         } else {
             Err(io::Error::new(io::ErrorKind::InvalidInput, format!("config write at {offset}+{} refused", buf.len())))
         }
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        InflightRegion::create(msg.num_queues, msg.queue_size)
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::map(msg, &file, self.shared.cfg.num_queues as usize)?;
+        tracing::debug!(queues = msg.num_queues, queue_size = msg.queue_size, "inflight tracking region mapped");
+        *self.shared.region.write() = Some(Arc::new(region));
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {

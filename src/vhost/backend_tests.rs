@@ -162,3 +162,131 @@ fn republished_descriptors_are_capped_in_flight_and_all_complete() {
     assert_eq!(st, VIRTIO_BLK_S_OK as u8);
     pool.shutdown();
 }
+
+/// Guest memory and one queue holding a read at head 0 (blocks: a remote
+/// miss) followed by three GET_ID requests at heads 3, 6, 9 (complete at
+/// once: cached hits), all published.
+fn restart_fixture() -> (GuestMem, GuestAddress, GuestAddress) {
+    let gm = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mock = MockSplitQueue::new(&gm, QSIZE);
+    let chain = |head: u16, op: u32, data_len: u32| {
+        let base = HDR + u64::from(head) * 0x1000;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&op.to_le_bytes());
+        gm.write_slice(&h, GuestAddress(base)).unwrap();
+        let next = VIRTQ_NEXT;
+        let descs = [
+            SplitDescriptor::new(base, 16, next, head + 1),
+            SplitDescriptor::new(base + 0x100, data_len, next | VRING_DESC_F_WRITE as u16, head + 2),
+            SplitDescriptor::new(base + 0xf00, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (i, d) in descs.into_iter().enumerate() {
+            mock.desc_table().store(head + i as u16, RawDescriptor::from(d)).unwrap();
+        }
+    };
+    chain(0, VIRTIO_BLK_T_IN, 512);
+    for (i, head) in [0u16, 3, 6, 9].into_iter().enumerate() {
+        if head != 0 {
+            chain(head, VIRTIO_BLK_T_GET_ID, 20);
+        }
+        mock.avail().ring().ref_at(i).unwrap().store(head.to_le());
+    }
+    mock.avail().idx().store(4u16.to_le());
+    let (desc, avail) = (mock.desc_table_addr(), mock.avail_addr());
+    (gm, desc, avail)
+}
+
+const VIRTQ_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+
+/// A vring as the frontend sets it up on (re)connect: after a backend that
+/// died, QEMU cannot ask it for its avail index and restores `next_avail`
+/// from the used index.
+fn vring_at(gm: &GuestMem, desc: GuestAddress, avail: GuestAddress) -> Vring {
+    let vring = Vring::new(GuestMemoryAtomic::new(gm.clone()), QSIZE).unwrap();
+    vring.set_queue_size(QSIZE);
+    vring.set_queue_info(desc.0, avail.0, USED).unwrap();
+    let used = vring.queue_used_idx().unwrap();
+    vring.set_queue_next_used(used);
+    vring.set_queue_next_avail(used);
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    vring
+}
+
+fn used_heads(gm: &GuestMem) -> Vec<u32> {
+    let idx: u16 = gm.read_obj(GuestAddress(USED + 2)).unwrap();
+    (0..u64::from(idx))
+        .map(|i| gm.read_obj::<u32>(GuestAddress(USED + 4 + 8 * (i % u64::from(QSIZE)))).unwrap())
+        .collect()
+}
+
+/// The daemon is killed with a miss pending behind completed hits, and a
+/// new one takes over: with the frontend's inflight region the pending read
+/// is resubmitted and completed once, the hits are not run again, and
+/// popping resumes after the last chain the dead daemon took. Without the
+/// region the restart replays a completed request and skips the miss.
+fn kill_and_restart(with_region: bool) -> (Vec<u32>, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let open = || RawDisk::new(Arc::new(LocalFile::open(&img, false).unwrap()) as Arc<dyn Storage>, false).unwrap();
+    let (gm, desc_addr, avail_addr) = restart_fixture();
+    let cfg = DeviceConfig { num_queues: 1, queue_size: QSIZE, ..Default::default() };
+    let (msg, region_file) = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+
+    // The first daemon: its read never finishes (the gate stays shut).
+    let gated = Arc::new(GatedDisk {
+        inner: open(),
+        open: Mutex::new(false),
+        opened: Condvar::new(),
+        blocked: AtomicBool::new(false),
+    });
+    let pool_a = Arc::new(IoPool::new(1, usize::from(QSIZE)).unwrap());
+    let a = BlockBackend::new(gated.clone(), cfg.clone(), pool_a.clone()).unwrap();
+    if with_region {
+        a.set_inflight_fd(&msg, region_file.try_clone().unwrap()).unwrap();
+    }
+    a.update_memory(GuestMemoryAtomic::new(gm.clone())).unwrap();
+    let va = vring_at(&gm, desc_addr, avail_addr);
+    a.handle_event(0, EventSet::IN, &[va], 0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gated.blocked.load(AtomicOrdering::SeqCst) {
+        assert!(Instant::now() < deadline, "the read never reached the disk");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(used_heads(&gm), vec![3, 6, 9], "the hits complete ahead of the miss");
+    // "kill -9": the first daemon is gone for good, its read still pending
+    // (its pool thread stays parked on the gate; it never touches the ring).
+    std::mem::forget(a);
+    std::mem::forget(pool_a);
+
+    let pool_b = Arc::new(IoPool::new(1, usize::from(QSIZE)).unwrap());
+    let b = BlockBackend::new(Arc::new(open()), cfg, pool_b.clone()).unwrap();
+    if with_region {
+        b.set_inflight_fd(&msg, region_file.try_clone().unwrap()).unwrap();
+    }
+    b.update_memory(GuestMemoryAtomic::new(gm.clone())).unwrap();
+    let vb = vring_at(&gm, desc_addr, avail_addr);
+    b.handle_event(0, EventSet::IN, std::slice::from_ref(&vb), 0).unwrap();
+    b.wait_idle();
+    // A second pass finds nothing more to do.
+    b.handle_event(0, EventSet::IN, std::slice::from_ref(&vb), 0).unwrap();
+    b.wait_idle();
+    pool_b.shutdown();
+    (used_heads(&gm), vb.queue_next_avail())
+}
+
+#[test]
+fn restart_with_inflight_region_resubmits_exactly_the_pending_request() {
+    let (used, next_avail) = kill_and_restart(true);
+    assert_eq!(used, vec![3, 6, 9, 0], "each request completed exactly once");
+    assert_eq!(next_avail, 4, "popping resumes after the last chain the dead daemon took");
+}
+
+#[test]
+fn restart_without_inflight_region_replays_and_skips() {
+    // What QEMU's used-index restore does without the feature (kept as the
+    // reason for it): head 9 runs and completes twice, head 0 never does.
+    let (used, _) = kill_and_restart(false);
+    assert_eq!(used, vec![3, 6, 9, 9]);
+}

@@ -78,13 +78,14 @@ pub fn virtio_features(read_only: bool) -> u64 {
 }
 
 /// vhost-user protocol features: CONFIG is required by QEMU to realize the
-/// device, MQ for more than one queue. No INFLIGHT_SHMFD (not implemented by
-/// vhost-user-backend), no packed rings, no IOMMU.
+/// device, MQ for more than one queue, INFLIGHT_SHMFD for a restart under a
+/// running guest (see `inflight`). No packed rings, no IOMMU.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// The virtio-blk config space up to `write_zeroes_may_unmap` (virtio 1.2

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use virtio_bindings::virtio_blk::*;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -89,7 +90,19 @@ impl Request {
     where
         M: Deref<Target = GuestMem>,
     {
-        let head = chain.head_index();
+        Self::parse_descriptors(chain.head_index(), chain, mem, capacity, read_only)
+    }
+
+    /// [`parse`](Self::parse) from the descriptors of the chain at `head`,
+    /// however they were walked (a resubmitted chain is walked from its head
+    /// index, not popped from the avail ring).
+    pub fn parse_descriptors(
+        head: u16,
+        chain: impl IntoIterator<Item = Descriptor>,
+        mem: Arc<GuestMem>,
+        capacity: u64,
+        read_only: bool,
+    ) -> Request {
         let mut readable = Pieces::new();
         let mut writable = Pieces::new();
         let mut order_error = false;
