@@ -415,6 +415,7 @@ fn gdrive_written_packs_found_by_id_on_another_host() {
         progress: false,
         remote: remote_opts(&env),
         image_format: None,
+        encrypt: false,
     };
     volume::import(&img, "gdrive:/wpack/vol", &io).unwrap();
     // From now on nothing new shows in a listing for an hour.
