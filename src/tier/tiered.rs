@@ -474,6 +474,8 @@ impl TieredStore {
     /// pinned metadata stay); later reads fetch it again. Returns the RAM
     /// bytes and SSD chunks dropped.
     pub fn drop_clean(&self) -> io::Result<(u64, u64)> {
+        // A first boot's stream would fill the cache again.
+        self.inner.dense.stop();
         let ram = self.inner.ram.clear();
         let ssd = self.inner.ssd.drop_clean()?;
         // Hydration's "complete" no longer holds.

@@ -37,6 +37,8 @@ pub struct Dense {
     allowed: bool,
     /// The volume has no profile: the stream may run.
     enabled: AtomicBool,
+    /// Stopped for good (the cache was dropped: refilling it is not wanted).
+    stopped: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -44,7 +46,17 @@ impl Dense {
     /// `allowed`: the stream may run at all (not with `--hydrate`, which
     /// fetches everything anyway, nor with boot profiles off).
     pub fn new(allowed: bool) -> Self {
-        Self { allowed, enabled: AtomicBool::new(false), state: Mutex::new(State::default()) }
+        Self {
+            allowed,
+            enabled: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Ends the stream: nothing more is queued.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
     }
 
     /// Notes a guest miss of chunk `idx`.
@@ -95,7 +107,8 @@ impl Inner {
     async fn stream_dense(self: Arc<Self>) {
         let mut set = tokio::task::JoinSet::new();
         let per_region = (REGION_BYTES / self.cs).max(1);
-        let booting = || self.recorder.as_ref().is_some_and(|r| r.active());
+        let booting =
+            || self.recorder.as_ref().is_some_and(|r| r.active()) && !self.dense.stopped.load(Ordering::SeqCst);
         let mut streamed = 0u64;
         // Bytes of the chunks queued so far (fetched or not): the bound
         // counts them when they are queued, not when they land.
