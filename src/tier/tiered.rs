@@ -1238,11 +1238,8 @@ impl Storage for TieredStore {
 mod tests {
     use super::*;
 
-    /// A non-blocking read of a chunk cached in the SSD tier never waits
-    /// behind a writer holding the chunk's stripe (an fsync, an eviction, a
-    /// hole punch): it says WouldBlock, and the blocking retry gets the bytes.
-    #[test]
-    fn the_fast_path_never_waits_on_a_held_lock() {
+    /// A 2 MiB volume of nonzero bytes in 256 KiB chunks on a `dir:` remote.
+    fn imported() -> (tempfile::TempDir, String, Vec<u8>) {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("img.raw");
         let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
@@ -1250,6 +1247,15 @@ mod tests {
         let url = format!("dir:{}", d.path().join("vol").display());
         let io = crate::volume::ImportOptions { chunk_size: 256 << 10, ..Default::default() };
         crate::volume::import(&img, &url, &io).unwrap();
+        (d, url, data)
+    }
+
+    /// A non-blocking read of a chunk cached in the SSD tier never waits
+    /// behind a writer holding the chunk's stripe (an fsync, an eviction, a
+    /// hole punch): it says WouldBlock, and the blocking retry gets the bytes.
+    #[test]
+    fn the_fast_path_never_waits_on_a_held_lock() {
+        let (d, url, data) = imported();
         let mut o = CacheOptions::new(d.path().join("cache"));
         o.ram_cache = 0;
         o.read_only = true;
@@ -1270,13 +1276,7 @@ mod tests {
     /// background; later reads of it are RAM hits.
     #[test]
     fn ssd_hits_feed_the_ram_tier() {
-        let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("img.raw");
-        let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
-        std::fs::write(&img, &data).unwrap();
-        let url = format!("dir:{}", d.path().join("vol").display());
-        let io = crate::volume::ImportOptions { chunk_size: 256 << 10, ..Default::default() };
-        crate::volume::import(&img, &url, &io).unwrap();
+        let (d, url, data) = imported();
         let mut o = CacheOptions::new(d.path().join("cache"));
         o.ram_cache = 4 << 20;
         o.read_only = true;
