@@ -18,21 +18,13 @@ use driveblk::tier::boot::BootProfileMode;
 use driveblk::tier::stats::TierStats;
 use driveblk::tier::tiered::TieredStore;
 use driveblk::tier::{CacheOptions, Storage};
-use driveblk::volume::{self, ImportOptions};
 use rand::{Rng, SeedableRng};
 use support::*;
 
 const CHUNK: u64 = 1 << 20;
 
 fn imported(d: &Path, len: usize) -> (String, Vec<u8>) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-    let src = d.join("src.raw");
-    std::fs::write(&src, &data).unwrap();
-    let vurl = url(&d.join("remote/vol"));
-    volume::import(&src, &vurl, &ImportOptions { chunk_size: CHUNK, pack_size: 4 << 20, ..Default::default() })
-        .unwrap();
-    (vurl, data)
+    random_volume(d, len, 5)
 }
 
 fn read(s: &dyn Storage, off: u64, n: usize) -> Vec<u8> {

@@ -18,22 +18,13 @@ use driveblk::tier::boot::BootProfileMode;
 use driveblk::tier::tiered::TieredStore;
 use driveblk::tier::CacheOptions;
 use driveblk::tier::Storage;
-use driveblk::volume::{self, ImportOptions};
 use rand::{Rng, SeedableRng};
 use support::*;
 
 const CHUNK: u64 = 1 << 20;
 
 fn imported(d: &Path, len: usize) -> (String, Vec<u8>) {
-    // Random data everywhere: every chunk is packed, nothing compresses.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(77);
-    let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-    let src = d.join("src.raw");
-    std::fs::write(&src, &data).unwrap();
-    let vurl = url(&d.join("remote/vol"));
-    volume::import(&src, &vurl, &ImportOptions { chunk_size: CHUNK, pack_size: 4 << 20, ..Default::default() })
-        .unwrap();
-    (vurl, data)
+    random_volume(d, len, 77)
 }
 
 /// A "boot": small files at scattered page offsets, each read front to back

@@ -182,3 +182,17 @@ impl driveblk::remote::Remote for GatedRemote {
         self.inner.describe()
     }
 }
+
+/// A volume of random bytes (every chunk packed, nothing compresses) in
+/// 1 MiB chunks and 4 MiB packs at `d/remote/vol`: its URL and its bytes.
+pub fn random_volume(d: &Path, len: usize, seed: u64) -> (String, Vec<u8>) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+    let src = d.join("src.raw");
+    std::fs::write(&src, &data).unwrap();
+    let vurl = url(&d.join("remote/vol"));
+    let io = driveblk::volume::ImportOptions { chunk_size: 1 << 20, pack_size: 4 << 20, ..Default::default() };
+    driveblk::volume::import(&src, &vurl, &io).unwrap();
+    (vurl, data)
+}
