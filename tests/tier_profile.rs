@@ -285,3 +285,54 @@ fn a_bad_profile_cannot_make_a_chunk_clean() {
     assert!(read(&*s, 2 * CHUNK, CHUNK as usize) == data[2 * CHUNK as usize..3 * CHUNK as usize]);
     s.close(Duration::from_secs(10));
 }
+
+/// A profile whose upload does not get through by shutdown (here: the
+/// remote is down by then) is not lost and does not hold the shutdown:
+/// it stays sealed in the cache directory, and the next start on that
+/// cache uploads it in the background, where another machine's cold start
+/// finds and streams it.
+#[test]
+fn a_profile_upload_cut_short_goes_up_at_the_next_start() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 32 << 20);
+    let reads = boot_reads(data.len() as u64, 5);
+    let m = Arc::new(RemoteMetrics::default());
+    let faults = driveblk::remote::FaultPlan::new(7);
+    let mut o = cache_opts(&d.path().join("c1"), counted(m.clone(), Some(faults.clone()), Shaping::default()));
+    o.boot_profile = BootProfileMode::Auto;
+    o.readahead_chunks = 0;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    faults.set_down(true);
+    s.close(Duration::from_secs(60));
+    drop(s);
+    assert!(profiles(d.path()).is_empty(), "the remote was down: nothing can have gone up");
+    let pending = d.path().join("c1").join(driveblk::volume::profile::PENDING_DIR);
+    let sealed = std::fs::read_dir(&pending).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(sealed, 2, "the profile (index and pack) is sealed in the cache directory");
+
+    // The next start on that cache, remote back: the sealed profile goes up
+    // in the background while the store serves.
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c1"), &m, BootProfileMode::Auto)).unwrap();
+    let t0 = Instant::now();
+    while profiles(d.path()).len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the sealed profile never went up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.close(Duration::from_secs(60));
+    drop(s);
+    assert!(!pending.exists(), "an uploaded profile leaves nothing sealed");
+
+    // Another machine's cold start streams it: the boot reads nothing remote.
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    let before = m.snapshot().gets;
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert_eq!(m.snapshot().gets, before, "the resumed profile holds the boot's reads");
+    s.close(Duration::from_secs(60));
+}

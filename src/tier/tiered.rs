@@ -146,7 +146,7 @@ struct Inner {
     /// The profile is streaming now.
     streaming: AtomicBool,
     boot_mode: BootProfileMode,
-    /// A recorded profile is being built or uploaded now.
+    /// A recorded profile is being built and sealed now.
     saving: AtomicBool,
     /// Write-back of local changes (None when read-only).
     writeback: Option<Writeback>,
@@ -168,9 +168,16 @@ struct Inner {
 /// `Inner::promote`).
 const PROMOTE_FULL_RATE: u64 = 64 << 20;
 
-/// The least time `close` gives the boot profile's upload, even after a
-/// final sync that used up its whole timeout.
+/// The least time `close` gives the lease's last record and the sealing
+/// of the boot profile (local work), even after a final sync that used up
+/// its whole timeout.
 pub const PROFILE_SAVE_MIN: Duration = Duration::from_secs(10);
+
+/// The most `close` waits for a sealed boot profile's upload: a profile is
+/// a speed-up, so a shutdown never waits on it longer than this (a 600 MB
+/// profile on a 10 Mbit/s uplink is 8 minutes); what does not go up in
+/// time stays sealed in the cache directory and goes up at the next start.
+pub const PROFILE_UPLOAD_AT_CLOSE: Duration = Duration::from_secs(5);
 
 /// The tiered RAM/SSD/remote store of one volume.
 pub struct TieredStore {
@@ -411,14 +418,17 @@ impl TieredStore {
     }
 
     /// Saves the boot recorded so far as a profile (a boot shorter than the
-    /// recording window still leaves one), waiting at most `limit`.
+    /// recording window still leaves one): seals it in the cache directory
+    /// within `limit` (local work), then gives its upload at most
+    /// [`PROFILE_UPLOAD_AT_CLOSE`]. An upload not done by then (this one,
+    /// or one the recording window started) resumes at the next start.
     fn save_profile_at_close(&self, limit: Duration) {
         let inner = &self.inner;
         if inner.profile_closed.swap(true, Ordering::SeqCst) || Handle::try_current().is_ok() {
             return;
         }
         let deadline = std::time::Instant::now() + limit;
-        // A save the window started in the background finishes first.
+        // A seal the window started in the background finishes first.
         while inner.saving.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -437,10 +447,22 @@ impl TieredStore {
         );
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let me = inner.clone();
-        if let Ok(Err(_)) = inner.wait(async move { tokio::time::timeout(left, me.save_profile()).await }) {
-            tracing::warn!(
-                seconds = limit.as_secs(),
-                "boot profile not saved: the remote did not take it in time (the next boot records one again)"
+        let sealed = match inner.wait(async move { tokio::time::timeout(left, me.seal_profile()).await }) {
+            Ok(Ok(p)) => p,
+            _ => {
+                tracing::warn!(seconds = limit.as_secs(), "boot profile not saved: building it took too long");
+                return;
+            }
+        };
+        let Some(p) = sealed else { return };
+        let key = p.key.clone();
+        let me = inner.clone();
+        if let Ok(Err(_)) =
+            inner.wait(async move { tokio::time::timeout(PROFILE_UPLOAD_AT_CLOSE, me.upload_pending(p)).await })
+        {
+            tracing::info!(
+                profile = %key,
+                "the boot profile's upload did not finish at shutdown; it stays sealed in the cache directory and goes up at the next start"
             );
         }
     }

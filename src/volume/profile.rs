@@ -260,6 +260,12 @@ impl ProfileIndex {
     pub fn raw_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.raw_len).sum()
     }
+
+    /// Length of the pack: the end of its last segment (segments are in
+    /// pack order).
+    pub fn pack_len(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.offset + s.len)
+    }
 }
 
 fn is_sha256_hex(s: &str) -> bool {
@@ -472,22 +478,35 @@ impl ProfileBuilder {
         Ok(())
     }
 
-    /// Finishes the last segment, uploads the pack (streamed from the temp
-    /// file, length known) and then the index; removes the temp file (also
-    /// on error, and on drop if never uploaded). Returns the index key. An
-    /// empty builder uploads nothing and returns `Ok(None)`.
-    pub async fn upload(mut self, remote: &DynRemote) -> VolumeResult<Option<String>> {
+    /// Finishes the last segment, then uploads the pack and the index
+    /// ([`seal`](Self::seal) into `dir`, then [`PendingProfile::upload`]).
+    /// Returns the index key; an empty builder uploads nothing and returns
+    /// `Ok(None)`. On an error the sealed files stay in `dir`.
+    pub async fn upload(self, remote: &DynRemote) -> VolumeResult<Option<String>> {
+        let dir = self.tmp_path.parent().map(Path::to_path_buf).unwrap_or_default();
+        match self.seal(&dir)? {
+            Some(p) => p.upload(remote).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Finishes the last segment and seals the profile in `dir`'s
+    /// [`PENDING_DIR`]: the pack file and the index it is committed with,
+    /// both fsynced, so an upload cut short (a shutdown, a crash, a lost
+    /// link) resumes at the next start. Takes the key now: the profile is
+    /// of this generation and this moment, whenever it goes up. An empty
+    /// builder seals nothing.
+    pub fn seal(mut self, dir: &Path) -> VolumeResult<Option<PendingProfile>> {
         self.finish_segment()?;
         if self.segments.is_empty() {
             return Ok(None);
         }
-        let tmp = self.tmp.take().expect("temporary pack open until upload");
+        let tmp = self.tmp.take().expect("temporary pack open until sealed");
         tmp.sync_all().map_err(|e| VolumeError::io("flushing temporary profile pack", &self.tmp_path, e))?;
         drop(tmp);
         let created_unix_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let key = profile_key(self.manifest.generation, created_unix_ms);
-        let pack = format!("{key}{PACK_SUFFIX}");
         let index = ProfileIndex {
             format: PROFILE_MAGIC.into(),
             version: PROFILE_VERSION,
@@ -497,32 +516,135 @@ impl ProfileBuilder {
             page_size: PAGE_SIZE,
             chunk_size: self.manifest.chunk_size,
             image_len: self.manifest.image_len,
-            pack: pack.clone(),
+            pack: format!("{key}{PACK_SUFFIX}"),
             chunk_refs: std::mem::take(&mut self.chunk_refs),
             segments: std::mem::take(&mut self.segments),
         };
-        // Commit rule: the whole pack first, then the index naming it.
-        let path = self.tmp_path.clone();
-        let len = self.pack_len;
+        let pending = dir.join(PENDING_DIR);
+        let io = |what: &'static str, path: &Path, e| VolumeError::io(what, path, e);
+        std::fs::create_dir_all(&pending).map_err(|e| io("creating", &pending, e))?;
+        // Older sealed profiles are superseded: this one learned from them.
+        PendingProfile::remove_all(&pending);
+        let p = PendingProfile { url: self.url.clone(), dir: pending.clone(), key: key.clone(), index };
+        // The pack first, then the index: a sealed profile is one whose
+        // index file exists (a crash between leaves an orphan pack that the
+        // next seal or start removes).
+        std::fs::rename(&self.tmp_path, p.pack_path()).map_err(|e| io("sealing the profile pack in", &pending, e))?;
+        write_synced(&p.index_path(), &p.index.to_bytes()).map_err(|e| io("writing", &p.index_path(), e))?;
+        if let Ok(d) = File::open(&pending) {
+            let _ = d.sync_all();
+        }
+        Ok(Some(p))
+    }
+}
+
+/// Subdirectory of a cache directory holding a sealed boot profile not
+/// yet uploaded (see [`ProfileBuilder::seal`]).
+pub const PENDING_DIR: &str = "profile-pending";
+
+/// A boot profile sealed on local disk, waiting to go up: its pack file
+/// and its index, named by the key it will have on the remote.
+#[derive(Debug)]
+pub struct PendingProfile {
+    url: String,
+    dir: PathBuf,
+    /// The index key it is uploaded under.
+    pub key: String,
+    pub index: ProfileIndex,
+}
+
+impl PendingProfile {
+    fn pack_path(&self) -> PathBuf {
+        self.dir.join(format!("{}{PACK_SUFFIX}", self.key))
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.dir.join(&self.key)
+    }
+
+    /// The sealed profile in cache directory `cache_dir`, if one is whole
+    /// and belongs to this volume (anything else there is removed).
+    pub fn find(cache_dir: &Path, url: &str, header: &VolumeHeader) -> Option<PendingProfile> {
+        let dir = cache_dir.join(PENDING_DIR);
+        let entries = std::fs::read_dir(&dir).ok()?;
+        let mut found = None;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if parse_profile_key(&name).is_none() {
+                continue;
+            }
+            let index = std::fs::read(e.path()).ok().and_then(|b| ProfileIndex::from_bytes(&b, header).ok());
+            let Some(index) = index else { continue };
+            let p = PendingProfile { url: url.to_string(), dir: dir.clone(), key: name, index };
+            let whole = std::fs::metadata(p.pack_path()).is_ok_and(|m| m.len() == p.index.pack_len());
+            if whole && found.as_ref().is_none_or(|f: &PendingProfile| f.key < p.key) {
+                found = Some(p);
+            }
+        }
+        // Keep the newest whole one; drop the rest (older, torn, foreign).
+        for e in std::fs::read_dir(&dir).ok()?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let keep = found.as_ref().is_some_and(|f| name == f.key || name == format!("{}{PACK_SUFFIX}", f.key));
+            if !keep {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        found
+    }
+
+    fn remove_all(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Drops the sealed files (uploaded, or a newer profile made this one
+    /// useless), and the directory once empty.
+    pub fn discard(self) {
+        let _ = std::fs::remove_file(self.index_path());
+        let _ = std::fs::remove_file(self.pack_path());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+
+    /// Uploads the pack (streamed from its file), then the index — the
+    /// commit rule — and removes the sealed files. Returns the index key.
+    /// On an error the files stay for the next attempt.
+    pub async fn upload(self, remote: &DynRemote) -> VolumeResult<String> {
+        let key = self.key.clone();
+        let pack = self.index.pack.clone();
+        let path = self.pack_path();
+        let len = self.index.pack_len();
         let body = PutBody::from_stream_fn(Some(len), move || file_stream(path.clone(), len));
         remote
             .put(&pack, body)
             .await
             .map_err(|e| VolumeError::remote(format!("uploading boot profile pack {}/{pack}", self.url), e))?;
         remote
-            .put(&key, PutBody::from_bytes(index.to_bytes()))
+            .put(&key, PutBody::from_bytes(self.index.to_bytes()))
             .await
             .map_err(|e| VolumeError::remote(format!("uploading boot profile index {}/{key}", self.url), e))?;
         tracing::info!(
             url = %self.url,
             key = %key,
-            segments = index.segments.len(),
-            raw_bytes = index.raw_bytes(),
+            segments = self.index.segments.len(),
+            raw_bytes = self.index.raw_bytes(),
             pack_bytes = len,
             "boot profile uploaded"
         );
-        Ok(Some(key))
+        self.discard();
+        Ok(key)
     }
+}
+
+/// Writes `data` to `path` through a temporary file, fsynced, renamed.
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 impl Drop for ProfileBuilder {
