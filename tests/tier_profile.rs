@@ -336,3 +336,74 @@ fn a_profile_upload_cut_short_goes_up_at_the_next_start() {
     assert_eq!(m.snapshot().gets, before, "the resumed profile holds the boot's reads");
     s.close(Duration::from_secs(60));
 }
+
+/// The index JSON of profile `key` (its first line).
+fn index_json(d: &Path, key: &str) -> serde_json::Value {
+    let b = std::fs::read(d.join("remote/vol").join(key)).unwrap();
+    let line = b.split(|&c| c == b'\n').next().unwrap();
+    serde_json::from_slice(line).unwrap()
+}
+
+/// A boot that strayed a tenth from its profile saves a delta: the new
+/// profile uploads only the pages the old one lacked and names the old
+/// pack for the frames it keeps, so the upload is a fraction of the first.
+/// The next cold start streams both packs and the strayed boot reads
+/// nothing remote; gc keeps the old pack the newest index still reads.
+#[test]
+fn a_boot_that_strayed_saves_a_delta_that_reuses_the_old_pack() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 48 << 20);
+    let reads = first_boot(d.path(), &vurl, &data);
+    let first = profiles(d.path());
+    let first_index = first.iter().find(|k| !k.ends_with(".pack")).unwrap().clone();
+    let first_pack = format!("{first_index}.pack");
+    let first_len = std::fs::metadata(d.path().join("remote/vol").join(&first_pack)).unwrap().len();
+
+    // The strayed boot: every tenth file replaced by another.
+    let other = boot_reads(data.len() as u64, 1234);
+    let mut strayed = Vec::new();
+    for (i, &r) in reads.iter().enumerate() {
+        strayed.push(if i % 10 == 3 { other[i % other.len()] } else { r });
+    }
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    for &(off, n) in &strayed {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    s.close(Duration::from_secs(60));
+    drop(s);
+    let now = profiles(d.path());
+    let second_index = now.iter().rfind(|k| !k.ends_with(".pack")).unwrap().clone();
+    assert_ne!(second_index, first_index, "the strayed boot saved a new profile: {now:?}");
+    let idx = index_json(d.path(), &second_index);
+    assert_eq!(idx["version"], 2, "{idx}");
+    assert_eq!(idx["packs"], serde_json::json!([first_pack]), "the delta reads kept frames from the old pack");
+    let second_len = std::fs::metadata(d.path().join("remote/vol").join(format!("{second_index}.pack"))).unwrap().len();
+    assert!(
+        second_len * 3 < first_len,
+        "the delta uploaded {second_len} bytes of pages, the first profile {first_len}"
+    );
+
+    // gc (no grace) drops the old index but keeps the pack the new one reads.
+    driveblk_gc(&vurl);
+    let after = profiles(d.path());
+    assert!(!after.contains(&first_index) && after.contains(&first_pack), "{after:?}");
+
+    // Another cold start streams the delta: the strayed boot is all local.
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c3"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    let before = m.snapshot().gets;
+    for &(off, n) in &strayed {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert_eq!(m.snapshot().gets, before, "the delta profile holds the strayed boot's reads");
+    s.close(Duration::from_secs(60));
+}
+
+/// gc with no grace period (objects are seconds old here).
+fn driveblk_gc(vurl: &str) {
+    let opts = driveblk::volume::gc::GcOptions { grace: Duration::ZERO, force: true, ..Default::default() };
+    driveblk::volume::gc::gc(vurl, &opts).unwrap();
+}

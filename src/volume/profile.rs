@@ -27,8 +27,12 @@ use crate::remote::{ByteStream, DynRemote, PutBody};
 pub const PROFILE_PREFIX: &str = "profile-";
 /// `format` field of a profile index.
 pub const PROFILE_MAGIC: &str = "driveblk-profile";
-/// Version of the profile format (independent of the volume format's).
+/// Version of the profile format (independent of the volume format's):
+/// 1, or 2 for an index whose segments also come from older profiles'
+/// packs (a delta, `packs`), which a version-1 reader must not read.
 pub const PROFILE_VERSION: u32 = 1;
+/// Version of an index that names other packs (`packs`).
+pub const PROFILE_VERSION_DELTA: u32 = 2;
 /// Granularity of a profile: extents are whole pages (but for a tail that
 /// ends at the image end).
 pub const PAGE_SIZE: u64 = 4096;
@@ -100,6 +104,10 @@ pub struct Segment {
     /// unread pages a few boots longer, then lets them go.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub age: u32,
+    /// Which pack holds the frame: 0 this profile's own (`pack`), `k` the
+    /// index's `packs[k - 1]` (an older profile's, reused by a delta).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pack: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -122,6 +130,11 @@ pub struct ProfileIndex {
     pub image_len: u64,
     /// Key of the profile pack.
     pub pack: String,
+    /// Older profiles' packs some segments are read from (version 2): a
+    /// profile that learned uploads only its new pages and names the
+    /// frames it kept where they already are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<String>,
     /// For every chunk an extent touches: its digest in `generation` (see
     /// [`ref_digest`]). A replay on a later generation skips the pages of
     /// chunks whose digest changed.
@@ -150,11 +163,14 @@ impl ProfileIndex {
 
     /// The checks of [`from_bytes`](Self::from_bytes) after parsing.
     fn validate(&self, header: &VolumeHeader) -> Result<(), String> {
-        if self.format != PROFILE_MAGIC || self.version != PROFILE_VERSION {
+        if self.format != PROFILE_MAGIC || !(PROFILE_VERSION..=PROFILE_VERSION_DELTA).contains(&self.version) {
             return Err(format!(
-                "format {:?} version {} is not {PROFILE_MAGIC:?} version {PROFILE_VERSION}",
+                "format {:?} version {} is not {PROFILE_MAGIC:?} version {PROFILE_VERSION} or {PROFILE_VERSION_DELTA}",
                 self.format, self.version
             ));
+        }
+        if self.version == PROFILE_VERSION && !self.packs.is_empty() {
+            return Err(format!("names other packs but is version {PROFILE_VERSION}"));
         }
         if self.volume_id != header.volume_id {
             return Err(format!("belongs to volume {}, not {}", self.volume_id, header.volume_id));
@@ -165,8 +181,12 @@ impl ProfileIndex {
         if self.page_size != PAGE_SIZE {
             return Err(format!("page size {} is not {PAGE_SIZE}", self.page_size));
         }
-        if !self.pack.starts_with(PROFILE_PREFIX) || !self.pack.ends_with(PACK_SUFFIX) || self.pack.contains('/') {
+        let pack_key = |k: &str| k.starts_with(PROFILE_PREFIX) && k.ends_with(PACK_SUFFIX) && !k.contains('/');
+        if !pack_key(&self.pack) {
             return Err(format!("pack key {:?} is not a profile pack key", self.pack));
+        }
+        if let Some(k) = self.packs.iter().find(|k| !pack_key(k) || **k == self.pack) {
+            return Err(format!("other pack {k:?} is not another profile pack key"));
         }
         // Sizes first: everything below loops over extents and chunks, and
         // the tier sizes its replay tables from them.
@@ -186,6 +206,8 @@ impl ProfileIndex {
         }
         let mut pack_end = 0u64;
         let mut total_raw = 0u64;
+        // Frames in other packs: no two may overlap (checked after sorting).
+        let mut others: Vec<(u32, u64, u64)> = Vec::new();
         // Every extent is whole pages but a tail at the image end, so a
         // segment within MAX_SEGMENT_RAW has at most this many.
         let max_extents = (MAX_SEGMENT_RAW / PAGE_SIZE + 1) as usize;
@@ -219,10 +241,22 @@ impl ProfileIndex {
             if s.len == 0 || s.len > s.raw_len + s.raw_len / 8 + 4096 {
                 return Err(bad(format!("implausible compressed length {} for {} raw bytes", s.len, s.raw_len)));
             }
+            let end = s.offset.checked_add(s.len).ok_or_else(|| bad("frame end overflows".into()))?;
+            if s.pack as usize > self.packs.len() {
+                return Err(bad(format!("names pack {} of {}", s.pack, self.packs.len())));
+            }
+            if s.pack > 0 {
+                others.push((s.pack, s.offset, end));
+                continue;
+            }
             if s.offset < pack_end {
                 return Err(bad(format!("frame at {} overlaps the previous one (ending at {pack_end})", s.offset)));
             }
-            pack_end = s.offset.checked_add(s.len).ok_or_else(|| bad("frame end overflows".into()))?;
+            pack_end = end;
+        }
+        others.sort_unstable();
+        if let Some(w) = others.windows(2).find(|w| w[0].0 == w[1].0 && w[1].1 < w[0].2) {
+            return Err(format!("two frames of pack {} overlap (at {} and {})", w[0].0, w[0].1, w[1].1));
         }
         Ok(())
     }
@@ -261,10 +295,18 @@ impl ProfileIndex {
         self.segments.iter().map(|s| s.raw_len).sum()
     }
 
-    /// Length of the pack: the end of its last segment (segments are in
-    /// pack order).
+    /// Length of this profile's own pack: the end of its last frame (its
+    /// segments are in pack order).
     pub fn pack_len(&self) -> u64 {
-        self.segments.last().map_or(0, |s| s.offset + s.len)
+        self.segments.iter().rev().find(|s| s.pack == 0).map_or(0, |s| s.offset + s.len)
+    }
+
+    /// Key of the pack holding segment `seg`'s frame.
+    pub fn pack_key(&self, seg: usize) -> &str {
+        match self.segments[seg].pack {
+            0 => &self.pack,
+            k => &self.packs[k as usize - 1],
+        }
     }
 }
 
@@ -328,6 +370,8 @@ pub struct ProfileBuilder {
     chunk_refs: BTreeMap<u64, String>,
     /// Age of the pages being added (see [`Segment::age`]).
     age: u32,
+    /// Other profiles' packs that reused segments are read from.
+    packs: Vec<String>,
 }
 
 impl std::fmt::Debug for ProfileBuilder {
@@ -374,6 +418,7 @@ impl ProfileBuilder {
             raw_total: 0,
             chunk_refs: BTreeMap::new(),
             age: 0,
+            packs: Vec::new(),
         })
     }
 
@@ -441,6 +486,46 @@ impl ProfileBuilder {
         Ok(())
     }
 
+    /// Appends a segment of an older profile as it is, read from that
+    /// profile's pack (`pack_key`) instead of uploaded again: a profile
+    /// that learned sends only its new pages. The caller guarantees that
+    /// the chunks it touches are unchanged since that profile (their
+    /// digests are recorded as this generation's). The open segment stays
+    /// open, so new pages between reused ones still fill whole frames.
+    pub fn reuse(&mut self, pack_key: &str, seg: &Segment, age: u32) -> VolumeResult<()> {
+        let cs = self.manifest.chunk_size;
+        let mut refs = Vec::new();
+        for e in &seg.extents {
+            if e.len == 0 || e.end() > self.manifest.image_len {
+                return Err(VolumeError::InvalidOptions(format!(
+                    "reused boot profile extent [{}, {}] is empty or past the image end",
+                    e.offset, e.len
+                )));
+            }
+            for idx in e.offset / cs..=(e.end() - 1) / cs {
+                match ref_digest(&self.manifest.chunk(idx, self.has_base)) {
+                    Some(d) => refs.push((idx, d)),
+                    None => {
+                        return Err(VolumeError::InvalidOptions(format!(
+                            "reused boot profile segment touches zero chunk {idx}"
+                        )))
+                    }
+                }
+            }
+        }
+        self.chunk_refs.extend(refs);
+        let k = match self.packs.iter().position(|p| p == pack_key) {
+            Some(i) => i,
+            None => {
+                self.packs.push(pack_key.to_string());
+                self.packs.len() - 1
+            }
+        };
+        self.segments.push(Segment { age, pack: k as u32 + 1, ..seg.clone() });
+        self.raw_total += seg.raw_len;
+        Ok(())
+    }
+
     /// The age of the pages added from now on (a segment holds pages of
     /// one age).
     pub fn set_age(&mut self, age: u32) -> VolumeResult<()> {
@@ -472,6 +557,7 @@ impl ProfileBuilder {
             sha256: sha256_hex(&self.raw),
             extents: std::mem::take(&mut self.extents),
             age: self.age,
+            pack: 0,
         });
         self.pack_len += frame.len() as u64;
         self.raw.clear();
@@ -507,9 +593,10 @@ impl ProfileBuilder {
         let created_unix_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let key = profile_key(self.manifest.generation, created_unix_ms);
+        let packs = std::mem::take(&mut self.packs);
         let index = ProfileIndex {
             format: PROFILE_MAGIC.into(),
-            version: PROFILE_VERSION,
+            version: if packs.is_empty() { PROFILE_VERSION } else { PROFILE_VERSION_DELTA },
             volume_id: self.volume_id.clone(),
             generation: self.manifest.generation,
             created_unix_ms,
@@ -517,6 +604,7 @@ impl ProfileBuilder {
             chunk_size: self.manifest.chunk_size,
             image_len: self.manifest.image_len,
             pack: format!("{key}{PACK_SUFFIX}"),
+            packs,
             chunk_refs: std::mem::take(&mut self.chunk_refs),
             segments: std::mem::take(&mut self.segments),
         };
@@ -616,11 +704,14 @@ impl PendingProfile {
         let pack = self.index.pack.clone();
         let path = self.pack_path();
         let len = self.index.pack_len();
-        let body = PutBody::from_stream_fn(Some(len), move || file_stream(path.clone(), len));
-        remote
-            .put(&pack, body)
-            .await
-            .map_err(|e| VolumeError::remote(format!("uploading boot profile pack {}/{pack}", self.url), e))?;
+        // A delta whose every segment is reused has no pack of its own.
+        if len > 0 {
+            let body = PutBody::from_stream_fn(Some(len), move || file_stream(path.clone(), len));
+            remote
+                .put(&pack, body)
+                .await
+                .map_err(|e| VolumeError::remote(format!("uploading boot profile pack {}/{pack}", self.url), e))?;
+        }
         remote
             .put(&key, PutBody::from_bytes(self.index.to_bytes()))
             .await
@@ -733,21 +824,23 @@ pub async fn fetch_segment(remote: &DynRemote, url: &str, index: &ProfileIndex, 
             index.segments.len()
         ))
     })?;
+    // `from_bytes` checked these; an index built by hand may not have been.
+    let pack = match s.pack as usize {
+        0 => &index.pack,
+        k => index.packs.get(k - 1).unwrap_or(&index.pack),
+    };
     let corrupt = |reason: String| VolumeError::CorruptProfile {
         url: url.to_string(),
-        key: index.pack.clone(),
+        key: pack.clone(),
         reason: format!("segment {seg} (offset {}, {} bytes): {reason}", s.offset, s.len),
     };
-    // `from_bytes` checked these; an index built by hand may not have been.
-    if s.raw_len > MAX_SEGMENT_RAW || s.offset.checked_add(s.len).is_none() {
-        return Err(corrupt(format!("implausible segment (raw_len {})", s.raw_len)));
+    if s.raw_len > MAX_SEGMENT_RAW || s.offset.checked_add(s.len).is_none() || s.pack as usize > index.packs.len() {
+        return Err(corrupt(format!("implausible segment (raw_len {}, pack {})", s.raw_len, s.pack)));
     }
-    let frame = match remote.get_range(&index.pack, s.offset..s.offset + s.len).await {
+    let frame = match remote.get_range(pack, s.offset..s.offset + s.len).await {
         Ok(f) => f,
         Err(e) if e.is_not_found() => return Err(corrupt("the pack is missing".into())),
-        Err(e) => {
-            return Err(VolumeError::remote(format!("reading segment {seg} of boot profile {url}/{}", index.pack), e))
-        }
+        Err(e) => return Err(VolumeError::remote(format!("reading segment {seg} of boot profile {url}/{pack}"), e)),
     };
     if frame.len() as u64 != s.len {
         return Err(corrupt(format!("pack is too short: got {} of {} bytes", frame.len(), s.len)));
@@ -798,8 +891,17 @@ mod tests {
             chunk_size: CS,
             image_len: h.image_len,
             pack: format!("{}{PACK_SUFFIX}", profile_key(3, 1_700_000_000_000)),
+            packs: Vec::new(),
             chunk_refs: [(0, "a".repeat(64)), (3, BASE_DIGEST.to_string())].into_iter().collect(),
-            segments: vec![Segment { offset: 0, len: 100, raw_len: 12288, sha256: "b".repeat(64), extents, age: 0 }],
+            segments: vec![Segment {
+                offset: 0,
+                len: 100,
+                raw_len: 12288,
+                sha256: "b".repeat(64),
+                extents,
+                age: 0,
+                pack: 0,
+            }],
         }
     }
 
@@ -824,7 +926,17 @@ mod tests {
             assert!(e.contains(want), "{e:?} does not contain {want:?}");
         };
         reject(&|q| q.volume_id = "0".repeat(32), "belongs to volume");
-        reject(&|q| q.version = 2, "version 2");
+        reject(&|q| q.version = 3, "version 3");
+        // A delta names other packs, and only as version 2.
+        let other = format!("{}{PACK_SUFFIX}", profile_key(2, 1_600_000_000_000));
+        reject(&|q| q.packs = vec![other.clone()], "names other packs but is version 1");
+        let mut delta = index(&h);
+        (delta.version, delta.packs, delta.segments[0].pack) = (2, vec![other.clone()], 1);
+        let b2 = delta.to_bytes();
+        assert!(String::from_utf8_lossy(&b2).contains("\"pack\":1"));
+        assert_eq!(ProfileIndex::from_bytes(&b2, &h).unwrap().pack_key(0), other);
+        reject(&|q| (q.version, q.packs, q.segments[0].pack) = (2, vec![other.clone()], 2), "names pack 2 of 1");
+        reject(&|q| (q.version, q.packs) = (2, vec!["gen-1".into()]), "not another profile pack key");
         reject(&|q| q.chunk_size = CS * 2, "chunk size");
         reject(&|q| q.page_size = 512, "page size");
         reject(&|q| q.segments[0].extents[0].offset = 512, "not a multiple of 4096");

@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use super::fetch::Source;
 use super::{closing, Inner, SegmentResult, SharedError};
 use crate::format::{IoMode, IoVec};
-use crate::tier::boot::{for_each_chunk_part, learned, BootProfileMode, Replay, NEW_SHARE};
+use crate::tier::boot::{delta_plan, for_each_chunk_part, learned, BootProfileMode, Planned, Replay, NEW_SHARE};
 use crate::tier::single_flight::{Flight, Urgency};
 use crate::tier::ssd::{DIRTY, PARTIAL};
 use crate::tier::stats::Counters;
@@ -134,16 +134,22 @@ impl Inner {
         };
         let mut sealed = None;
         if recorded.bytes > 0 && !keep {
-            // Auto: the profile learns (this boot's pages, then the old
-            // profile's it did not read, until they age out); Record: this
-            // boot's alone.
-            let old = replay.as_deref().filter(|_| self.boot_mode == BootProfileMode::Auto);
-            let extents = learned(&recorded, old, self.vol.image_len(), self.cs);
+            // Auto: the profile learns — a delta over the old one (this
+            // boot's new pages uploaded, the old frames it keeps named where
+            // they are); Record: this boot's pages alone.
+            let plan = match replay.as_deref().filter(|_| self.boot_mode == BootProfileMode::Auto) {
+                Some(old) => delta_plan(&recorded, old, self.cs),
+                None => learned(&recorded, None, self.vol.image_len(), self.cs)
+                    .into_iter()
+                    .map(|(_, e)| Planned::Fresh(e))
+                    .collect(),
+            };
             let me = self.clone();
             let reads = recorded.reads;
-            let built =
-                tokio::task::spawn_blocking(move || me.build_profile(&extents).and_then(|b| b.seal(me.ssd.dir())))
-                    .await;
+            let built = tokio::task::spawn_blocking(move || {
+                me.build_profile(&plan, replay.as_deref()).and_then(|b| b.seal(me.ssd.dir()))
+            })
+            .await;
             match built {
                 Ok(Ok(Some(p))) => {
                     tracing::info!(profile = %p.key, bytes = p.index.raw_bytes(), reads, "sealed the boot profile in the cache");
@@ -184,12 +190,19 @@ impl Inner {
     /// from the SSD tier into a profile pack. Pages of chunks written
     /// locally, evicted, or known zero are left out: another machine would
     /// not read those bytes from the remote.
-    fn build_profile(&self, extents: &[(u32, profile::Extent)]) -> VolumeResult<ProfileBuilder> {
+    fn build_profile(&self, plan: &[Planned], old: Option<&Replay>) -> VolumeResult<ProfileBuilder> {
         let mut b = ProfileBuilder::new(self.ssd.dir(), &self.vol)?;
         let image_len = self.vol.image_len();
         let mut buf = Vec::new();
-        for (age, e) in extents {
-            b.set_age(*age)?;
+        for step in plan {
+            let e = match step {
+                Planned::Fresh(e) => e,
+                Planned::Reuse(seg, age) => {
+                    let old = old.expect("a plan that reuses segments comes with the old profile");
+                    b.reuse(old.index.pack_key(*seg), &old.index.segments[*seg], *age)?;
+                    continue;
+                }
+            };
             let end = (e.offset + e.len).min(image_len);
             if e.offset >= end {
                 continue;
