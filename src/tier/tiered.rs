@@ -628,15 +628,20 @@ impl Inner {
     fn serve_local(self: &Arc<Self>, p: Piece, buf: &IoVec<'_>, mode: IoMode) -> io::Result<bool> {
         let would_block = || io::Error::from(io::ErrorKind::WouldBlock);
         let in_ram = match mode {
-            IoMode::NonBlocking => self.ram.try_get(p.idx).map_err(|_| would_block())?,
-            IoMode::Blocking => self.ram.get(p.idx),
+            IoMode::NonBlocking => self
+                .ram
+                .try_read_with(p.idx, |data| buf.copy_from_slice(0, &data[p.off..p.off + p.len]))
+                .map_err(|_| would_block())?
+                .is_some(),
+            IoMode::Blocking => match self.ram.get(p.idx) {
+                Some(b) => {
+                    buf.copy_from_slice(0, &b.read()[p.off..p.off + p.len]);
+                    true
+                }
+                None => false,
+            },
         };
-        if let Some(b) = in_ram {
-            let data = match mode {
-                IoMode::NonBlocking => b.try_read().ok_or_else(would_block)?,
-                IoMode::Blocking => b.read(),
-            };
-            buf.copy_from_slice(0, &data[p.off..p.off + p.len]);
+        if in_ram {
             self.counters.ram_hits.inc();
             return Ok(true);
         }
