@@ -17,6 +17,7 @@
 #   --rows REGEX  rows to (re)run: build|import|first-read|drive|export|hydrate (default all)
 #   --work DIR    scratch (default /var/tmp/driveblk-scale); images are built once and kept
 #   --table       only print the table from the results so far
+#   --results F   keep results in F (default $WORK/results.tsv), e.g. one file per build compared
 #   --clean       delete the work dir and exit
 #   --record      append the table to docs/benchmarks.md's scale section (prints it otherwise)
 # Every timed step runs under $QUIET_RUN (default /work/quiet-run.sh when present: it pauses
@@ -25,7 +26,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SIZES="40G 400G" ROWS_RE="" WORK=/var/tmp/driveblk-scale LINK="100 200" TABLE_ONLY=0 RECORD=0
+SIZES="40G 400G" ROWS_RE="" RESULTS="" WORK=/var/tmp/driveblk-scale LINK="100 200" TABLE_ONLY=0 RECORD=0
 die() { echo "bench-scale.sh: error: $*" >&2; exit 1; }
 log() { echo "bench-scale.sh: $*" >&2; }
 while [[ $# -gt 0 ]]; do
@@ -34,6 +35,7 @@ while [[ $# -gt 0 ]]; do
         --rows) ROWS_RE=$2; shift 2 ;;
         --work) WORK=$2; shift 2 ;;
         --link) LINK=$2; shift 2 ;;
+        --results) RESULTS=$2; shift 2 ;;
         --table) TABLE_ONLY=1; shift ;;
         --record) RECORD=1; shift ;;
         --clean) rm -rf "$WORK"; exit 0 ;;
@@ -51,7 +53,7 @@ LINKARGS=(--remote-latency-ms "$LAT" --remote-bandwidth-mbit "$MBIT")
 LINK_MBS=$(awk -v m="$MBIT" 'BEGIN {printf "%.1f", m / 8}')
 RAM_CACHE=256M
 mkdir -p "$WORK"
-RESULTS=$WORK/results.tsv
+RESULTS=${RESULTS:-$WORK/results.tsv}
 touch "$RESULTS"
 
 want() { [[ -z $ROWS_RE ]] || grep -Eq "$ROWS_RE" <<<"$1"; }
@@ -65,6 +67,8 @@ put() { # size key value: one result, replacing an earlier one
 }
 get() { awk -F'\t' -v s="$1" -v k="$2" '$1 == s && $2 == k {v = $3} END {print (v == "" ? "-" : v)}' "$RESULTS"; }
 quiet() { if [[ -n $QUIET_RUN ]]; then "$QUIET_RUN" "$@"; else "$@"; fi; }
+# A shell function run in a quiet window (quiet-run.sh runs a command, not a function).
+quiet_fn() { quiet bash -c '"$@"' bash "$@"; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN {printf "%.0f", k / 1024}'; }
 
@@ -125,7 +129,7 @@ row_import() { # size: import, disk read, zstd -3 -T2
     rm -rf "$WORK/remote/imp-$s"
     # The disk, bypassing the page cache; zstd on 2 cores (input from the page cache).
     local disk zs
-    disk=$(quiet dd if="$img" of=/dev/null bs=4M iflag=direct 2>&1 | awk '/copied/ {print $(NF-3) * ($NF ~ /^G/ ? 1000 : 1)}')
+    disk=$(quiet dd if="$img" of=/dev/null bs=4M iflag=direct 2>&1 | awk '/copied/ {v = $(NF-1); if ($NF ~ /^GB/) v *= 1000; if ($NF ~ /^kB/) v /= 1000; print v}')
     cat "$img" >/dev/null
     t0=$(now)
     quiet zstd -3 -T2 -q -c "$img" >/dev/null
@@ -183,7 +187,7 @@ row_first_read() { # size, dir: remote behind the shaping wrapper
     local s=$1
     import_vol "$s"
     log "$s: first read over the simulated link (dir:)"
-    quiet serve_first_read "$s" "dir-$s" --volume "dir:$WORK/remote/vol-$s" "${LINKARGS[@]}"
+    quiet_fn serve_first_read "$s" "dir-$s" --volume "dir:$WORK/remote/vol-$s" "${LINKARGS[@]}"
 }
 
 row_drive() { # size, through the Drive emulator shaping the link (latency, one shared bandwidth)
@@ -200,7 +204,7 @@ row_drive() { # size, through the Drive emulator shaping the link (latency, one 
     "$DRIVEBLK" import "$WORK/img-$s.qcow2" "gdrive:/bench/vol-$s" --format qcow2 --quiet "${drive[@]}" \
         >"$WORK/emu-import-$s.log" 2>&1 || { kill "$emu"; cat "$WORK/emu-import-$s.log" >&2; die "import failed"; }
     log "$s: first read through the Drive emulator"
-    quiet serve_first_read "$s" "drive-$s" --volume "gdrive:/bench/vol-$s" "${drive[@]}" || true
+    quiet_fn serve_first_read "$s" "drive-$s" --volume "gdrive:/bench/vol-$s" "${drive[@]}" || true
     kill "$emu"; wait "$emu" 2>/dev/null || true
 }
 
@@ -237,6 +241,8 @@ row_hydrate() { # size, over the link, into an empty cache
     put "$s" hydrate_mbs "$(awk -v b="$bytes" -v a="$t0" -v c="$t1" 'BEGIN {printf "%.1f", b / (c - a) / 1e6}')"
 }
 
+export -f now secs put get rss_kib mib die log serve_first_read
+export WORK DRIVEBLK GEN RAM_CACHE RESULTS
 # ---- Run -------------------------------------------------------------------------------------------
 if [[ $TABLE_ONLY == 0 ]]; then
     for s in $SIZES; do
@@ -285,5 +291,5 @@ target_rss() { awk -v r="$(numfmt --from=iec "$RAM_CACHE")" -v s="$(numfmt --fro
     for s in $SIZES; do printf ' %s (%s) |' "$(get "$s" export_s)" "$(get "$s" export_mbs)"; done; echo
     printf '| hydrate over the link, s (MB/s; link %s MB/s) | |' "$LINK_MBS"
     for s in $SIZES; do printf ' %s (%s) |' "$(get "$s" hydrate_s)" "$(get "$s" hydrate_mbs)"; done; echo
-} >"$WORK/table.md"
-cat "$WORK/table.md"
+} >"$RESULTS.md"
+cat "$RESULTS.md"

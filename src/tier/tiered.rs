@@ -35,6 +35,7 @@ use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 mod boot_profile;
 mod fetch;
 mod hot_set;
+pub use fetch::SPECULATIVE_BYTES;
 mod lease;
 mod metadata;
 mod stream;
@@ -223,7 +224,7 @@ impl TieredStore {
             flights: SingleFlight::default(),
             counters: Counters::default(),
             fetch_sem: Semaphore::new(opts.fetch_concurrency.max(1)),
-            lanes: fetch::Lanes::default(),
+            lanes: fetch::Lanes::new(opts.speculative_bytes),
             guest_bytes: Default::default(),
             dense: stream::Dense::new(opts.boot_profile != BootProfileMode::Off && !opts.hydrate),
             demand: AtomicUsize::new(0),
