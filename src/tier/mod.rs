@@ -105,6 +105,16 @@ pub trait Storage: Send + Sync {
         Ok(())
     }
 
+    /// Declares `ranges` as metadata the format will want soon but need not
+    /// wait for (qcow2 L2 tables): a tiered store pins what is local now and
+    /// fetches the rest in the background, behind guest misses. Returns true
+    /// while some of it is still on its way; the caller then reads those
+    /// tables on demand (a read of one joins its fetch) instead of all at
+    /// open. By default the same as [`hint_metadata`](Self::hint_metadata).
+    fn prefetch_metadata(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<bool> {
+        self.hint_metadata(ranges).map(|_| false)
+    }
+
     /// One-line description for logs.
     fn describe(&self) -> String;
 }

@@ -30,6 +30,10 @@ pub struct CacheOptions {
     /// Parallel fetches of the background hydration (kept low so guest
     /// misses go first).
     pub hydrate_concurrency: usize,
+    /// Speculative bytes in flight at most (profile stream, readahead,
+    /// hydration, metadata prefetch): a guest miss queues behind at most
+    /// this much on a shared link.
+    pub speculative_bytes: u64,
     /// Refuse writes.
     pub read_only: bool,
     /// Boot profiles: replay the volume's newest, record one.
@@ -71,6 +75,7 @@ impl CacheOptions {
             readahead_chunks: 8,
             fetch_concurrency: 16,
             hydrate_concurrency: 2,
+            speculative_bytes: super::tiered::SPECULATIVE_BYTES,
             read_only: false,
             boot_profile: super::boot::BootProfileMode::Off,
             boot_profile_window: std::time::Duration::from_secs(180),

@@ -35,7 +35,9 @@ use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 mod boot_profile;
 mod fetch;
 mod hot_set;
+pub use fetch::SPECULATIVE_BYTES;
 mod lease;
+mod metadata;
 mod stream;
 mod writeback;
 
@@ -162,6 +164,8 @@ struct Inner {
     pinned: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
     /// A hot SSD chunk is being copied into RAM (one at a time).
     promoting: AtomicBool,
+    /// Metadata chunks the background prefetch has yet to pin.
+    metadata_pending: std::sync::atomic::AtomicU64,
 }
 
 /// Bytes a second copied from the SSD tier into a full RAM tier (see
@@ -227,7 +231,7 @@ impl TieredStore {
             flights: SingleFlight::default(),
             counters: Counters::default(),
             fetch_sem: Semaphore::new(opts.fetch_concurrency.max(1)),
-            lanes: fetch::Lanes::default(),
+            lanes: fetch::Lanes::new(opts.speculative_bytes),
             guest_bytes: Default::default(),
             dense: stream::Dense::new(opts.boot_profile != BootProfileMode::Off && !opts.hydrate),
             demand: AtomicUsize::new(0),
@@ -259,6 +263,7 @@ impl TieredStore {
             hot: Default::default(),
             pinned: Default::default(),
             promoting: AtomicBool::new(false),
+            metadata_pending: Default::default(),
             vol,
             lease: parking_lot::Mutex::new(None),
         });
@@ -1116,40 +1121,13 @@ impl Inner {
     }
 
     fn hint_metadata(self: &Arc<Self>, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
-        let len = self.ssd.len();
-        let mut idxs: Vec<u64> = Vec::new();
-        for r in ranges {
-            let end = r.end.min(len);
-            if r.start >= end {
-                continue;
-            }
-            idxs.extend(r.start / self.cs..=(end - 1) / self.cs);
-        }
-        idxs.sort_unstable();
-        idxs.dedup();
-        idxs.retain(|&i| !self.ram.is_pinned(i));
+        let idxs = self.metadata_chunks(ranges);
         // Each fetch keeps to the remote budget, so a hung remote fails the
         // open instead of holding it.
         let flights: Vec<_> = idxs.iter().map(|&i| self.guest_flight(i, false)).collect();
         let results = self.wait(futures::future::join_all(flights))?;
         for (idx, r) in idxs.into_iter().zip(results) {
-            let fetched = r.map_err(SharedError::into_io)?;
-            let _g = self.ssd.lock_write(idx);
-            // Under the lock, take the newest copy: RAM, then SSD, then what
-            // was fetched (a write could have landed since the fetch).
-            let b = if let Some(rb) = self.ram.get(idx) {
-                rb
-            } else if self.ssd.has_chunk(idx) {
-                Arc::new(RwLock::new(self.ssd.read_chunk(idx)?))
-            } else if self.ssd.state(idx) == DIRTY_PARTIAL {
-                return Err(io::Error::other(format!(
-                    "metadata chunk {idx} holds local changes and could not be completed"
-                )));
-            } else {
-                fetched
-            };
-            self.ram.pin(idx, b);
-            self.ssd.set_pinned(idx);
+            self.pin_metadata(idx, r.map_err(SharedError::into_io)?)?;
         }
         Ok(())
     }
@@ -1249,6 +1227,10 @@ impl Storage for TieredStore {
 
     fn hint_metadata(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
         self.inner.hint_metadata(ranges)
+    }
+
+    fn prefetch_metadata(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<bool> {
+        self.inner.prefetch_metadata(ranges)
     }
 
     fn describe(&self) -> String {

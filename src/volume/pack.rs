@@ -39,6 +39,15 @@ impl PackWriter {
         Ok(PackedChunk { offset, len: frame.len() as u64, sha256: sha256_hex(data) })
     }
 
+    /// Appends a chunk compressed elsewhere (`super::compress`): its zstd
+    /// frame and the hex sha256 of its uncompressed bytes.
+    pub fn add_compressed(&mut self, frame: &[u8], sha256: String) -> PackedChunk {
+        let offset = self.buf.len() as u64;
+        self.buf.extend_from_slice(frame);
+        self.chunks += 1;
+        PackedChunk { offset, len: frame.len() as u64, sha256 }
+    }
+
     /// Appends raw bytes (a patch) as one frame; returns its place. The
     /// hash is of `data` itself.
     pub fn add_frame(&mut self, data: &[u8]) -> std::io::Result<PackedChunk> {
