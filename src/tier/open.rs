@@ -32,6 +32,9 @@ pub struct CacheOptions {
     pub hydrate_concurrency: usize,
     /// Refuse writes.
     pub read_only: bool,
+    /// Keep the SSD cache's files encrypted (cache_crypto.rs); needs an
+    /// encrypted volume.
+    pub encrypt_cache: bool,
     /// Boot profiles: replay the volume's newest, record one.
     pub boot_profile: super::boot::BootProfileMode,
     /// How long after the first guest read a boot is recorded.
@@ -72,6 +75,7 @@ impl CacheOptions {
             fetch_concurrency: 16,
             hydrate_concurrency: 2,
             read_only: false,
+            encrypt_cache: false,
             boot_profile: super::boot::BootProfileMode::Off,
             boot_profile_window: std::time::Duration::from_secs(180),
             writeback: Default::default(),

@@ -13,10 +13,12 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::crypto::SpillCipher;
 use super::format::{seal, unseal, ChunkRef, Manifest, VolumeHeader};
 use super::pack::{decode_chunk, sha256_hex, ZSTD_LEVEL};
 use super::reader::VolumeReader;
@@ -322,6 +324,8 @@ pub struct ProfileBuilder {
     chunk_refs: BTreeMap<u64, String>,
     /// Age of the pages being added (see [`Segment::age`]).
     age: u32,
+    /// Encrypts the temporary pack (see [`seal_spill`](Self::seal_spill)).
+    spill: Option<Arc<SpillCipher>>,
 }
 
 impl std::fmt::Debug for ProfileBuilder {
@@ -368,7 +372,15 @@ impl ProfileBuilder {
             raw_total: 0,
             chunk_refs: BTreeMap::new(),
             age: 0,
+            spill: None,
         })
+    }
+
+    /// Keeps the temporary pack encrypted on disk, under a key only this
+    /// process holds (an encrypted SSD cache must not hold plaintext pages
+    /// in its directory). Call before the first [`add`](Self::add).
+    pub fn seal_spill(&mut self) {
+        self.spill = Some(Arc::new(SpillCipher::random()));
     }
 
     /// Appends one extent's bytes (offset a multiple of PAGE_SIZE,
@@ -456,7 +468,10 @@ impl ProfileBuilder {
             return Ok(());
         }
         let ioerr = |path: &Path, e| VolumeError::io("writing temporary profile pack", path, e);
-        let frame = zstd::bulk::compress(&self.raw, ZSTD_LEVEL).map_err(|e| ioerr(&self.tmp_path, e))?;
+        let mut frame = zstd::bulk::compress(&self.raw, ZSTD_LEVEL).map_err(|e| ioerr(&self.tmp_path, e))?;
+        if let Some(c) = &self.spill {
+            c.apply(self.pack_len, &mut frame);
+        }
         let f = self.tmp.as_mut().expect("temporary pack open until upload");
         f.write_all(&frame).map_err(|e| ioerr(&self.tmp_path, e))?;
         self.segments.push(Segment {
@@ -504,7 +519,8 @@ impl ProfileBuilder {
         // Commit rule: the whole pack first, then the index naming it.
         let path = self.tmp_path.clone();
         let len = self.pack_len;
-        let body = PutBody::from_stream_fn(Some(len), move || file_stream(path.clone(), len));
+        let spill = self.spill.clone();
+        let body = PutBody::from_stream_fn(Some(len), move || file_stream(path.clone(), len, spill.clone()));
         remote
             .put(&pack, body)
             .await
@@ -536,24 +552,30 @@ impl Drop for ProfileBuilder {
     }
 }
 
-/// The first `len` bytes of the file at `path`, in pieces of up to 1 MiB;
-/// an error if the file is shorter.
-fn file_stream(path: PathBuf, len: u64) -> ByteStream {
+/// The first `len` bytes of the file at `path`, in pieces of up to 1 MiB
+/// (decrypted with `spill` when given); an error if the file is shorter.
+fn file_stream(path: PathBuf, len: u64, spill: Option<Arc<SpillCipher>>) -> ByteStream {
     use tokio::io::AsyncReadExt;
     const PIECE: u64 = 1 << 20;
     let state = (path, None::<tokio::fs::File>, 0u64);
-    Box::pin(futures::stream::try_unfold(state, move |(path, file, done)| async move {
-        if done >= len {
-            return Ok(None);
+    Box::pin(futures::stream::try_unfold(state, move |(path, file, done)| {
+        let spill = spill.clone();
+        async move {
+            if done >= len {
+                return Ok(None);
+            }
+            let mut f = match file {
+                Some(f) => f,
+                None => tokio::fs::File::open(&path).await?,
+            };
+            let mut buf = vec![0u8; PIECE.min(len - done) as usize];
+            f.read_exact(&mut buf).await?;
+            if let Some(c) = &spill {
+                c.apply(done, &mut buf);
+            }
+            let n = buf.len() as u64;
+            Ok(Some((Bytes::from(buf), (path, Some(f), done + n))))
         }
-        let mut f = match file {
-            Some(f) => f,
-            None => tokio::fs::File::open(&path).await?,
-        };
-        let mut buf = vec![0u8; PIECE.min(len - done) as usize];
-        f.read_exact(&mut buf).await?;
-        let n = buf.len() as u64;
-        Ok(Some((Bytes::from(buf), (path, Some(f), done + n))))
     }))
 }
 

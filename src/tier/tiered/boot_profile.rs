@@ -147,6 +147,9 @@ impl Inner {
     /// not read those bytes from the remote.
     fn build_profile(&self, extents: &[(u32, profile::Extent)]) -> VolumeResult<ProfileBuilder> {
         let mut b = ProfileBuilder::new(self.ssd.dir(), &self.vol)?;
+        if self.ssd.is_sealed() {
+            b.seal_spill();
+        }
         let image_len = self.vol.image_len();
         let mut buf = Vec::new();
         for (age, e) in extents {
