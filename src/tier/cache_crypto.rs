@@ -396,6 +396,76 @@ mod tests {
         assert_ne!(std::fs::read(&path2).unwrap()[..4096], raw[..4096]);
     }
 
+    /// The SSD tier over a sealed data file: writes of whole pages, of
+    /// part of a page (read-modify-write) and clean installs read back after
+    /// a reopen; the data file holds none of it in clear; a cache kept
+    /// otherwise, or under another key, or without the key, is refused.
+    #[test]
+    fn a_sealed_ssd_cache_reopens_refuses_mismatches_and_holds_no_plaintext() {
+        use crate::tier::ssd::{CacheIdentity, OpenMode, SsdCache, CLEAN, DIRTY, DIRTY_PARTIAL};
+        const CS: u64 = 64 << 10;
+        let d = tempfile::tempdir().unwrap();
+        let key = Arc::new(VolumeKey::generate());
+        let id = CacheIdentity { volume_id: "ab".repeat(16), chunk_size: CS };
+        let open = |s: &Sealing| SsdCache::open_sealed(d.path(), id.clone(), 1, 4 * CS, 1 << 30, OpenMode::Serve, s);
+        let secret: Vec<u8> = b"TOPSECRET-PAGE!!".iter().copied().cycle().take(PAGE as usize).collect();
+        let clean: Vec<u8> = b"CLEAN-CHUNK-DATA".iter().copied().cycle().take(CS as usize).collect();
+        let (c, _) = open(&Sealing::Sealed(key.clone())).unwrap().unwrap();
+        assert!(c.is_sealed());
+        {
+            let _g = c.lock_write(0);
+            let mut w = secret.clone();
+            c.write(0, PAGE, &IoVec::from_slice(&mut w), None).unwrap();
+        }
+        {
+            let _g = c.lock_write(1);
+            assert!(c.install_clean(1, &clean).unwrap());
+            let mut w = secret[..100].to_vec();
+            c.write(1, 10, &IoVec::from_slice(&mut w), None).unwrap();
+        }
+        c.persist().unwrap();
+        drop(c);
+        let mut want1 = clean.clone();
+        want1[10..110].copy_from_slice(&secret[..100]);
+
+        let (c, _) = open(&Sealing::Sealed(key.clone())).unwrap().unwrap();
+        assert_eq!((c.state(0), c.state(1)), (DIRTY_PARTIAL, DIRTY));
+        let mut page = vec![0u8; PAGE as usize];
+        c.read(0, PAGE, &IoVec::from_slice(&mut page), IoMode::Blocking).unwrap();
+        assert_eq!(page, secret);
+        assert_eq!(c.read_chunk(1).unwrap(), want1);
+        drop(c);
+        let raw = std::fs::read(d.path().join("data")).unwrap();
+        for probe in [&b"TOPSECRET"[..], b"CLEAN-CHUNK"] {
+            assert!(!raw.windows(probe.len()).any(|w| w == probe), "plaintext in the data file");
+        }
+
+        let err = |s: &Sealing| match open(s) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("opened as {s:?}"),
+        };
+        assert!(err(&Sealing::Plain).contains("unsaved writes"));
+        assert!(err(&Sealing::AsFound(None)).contains("needs the volume's key"));
+        assert!(err(&Sealing::AsFound(Some(Arc::new(VolumeKey::generate())))).contains("another data key"));
+        let (c, _) = open(&Sealing::AsFound(Some(key.clone()))).unwrap().unwrap();
+        assert!(c.is_sealed() && c.read_chunk(1).unwrap() == want1);
+        drop(c);
+
+        // A clean plaintext cache asked to be sealed starts afresh.
+        let d2 = tempfile::tempdir().unwrap();
+        let open2 = |s: &Sealing| SsdCache::open_sealed(d2.path(), id.clone(), 1, 4 * CS, 1 << 30, OpenMode::Serve, s);
+        let (c, _) = open2(&Sealing::Plain).unwrap().unwrap();
+        {
+            let _g = c.lock_write(2);
+            assert!(c.install_clean(2, &clean).unwrap());
+        }
+        c.persist().unwrap();
+        drop(c);
+        let (c, o) = open2(&Sealing::Sealed(key)).unwrap().unwrap();
+        assert!(matches!(o, crate::tier::ssd::Opened::Discarded(_)), "{o:?}");
+        assert!(c.is_sealed() && c.state(2) != CLEAN);
+    }
+
     /// Each cache derives its own key from the data key.
     #[test]
     fn caches_of_one_volume_have_different_keys() {
