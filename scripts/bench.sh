@@ -7,6 +7,7 @@
 #                         [--no-ceiling]
 #                         [--cold] [--cold-only] [--cold-config SPEC]... [--cold-size SIZE]
 #                         [--cold-link "MS MBIT"] [--cold-no-export] [--sync-link "MS MBIT"] [--encrypt]
+#                         [--encrypt-cache]
 #   --reps N         repetitions per row and daemon (default 3); the table shows medians
 #   --quick          fast smoke run: 1 rep, 1 s runs, 256 MiB image
 #   --runtime S      measured seconds per run (default 8); --warmup S unmeasured (default 1)
@@ -56,6 +57,8 @@
 #   --encrypt        every volume is imported with --encrypt (a random key file in the work
 #                    dir, given to every driveblk command by DRIVEBLK_KEY_FILE): the cost of
 #                    encryption is this run's rows against a run without it
+#   --encrypt-cache  --encrypt, and every driveblk cache (serve, hydrate) kept encrypted
+#                    (`--encrypt-cache`): the SSD-warm and write-back rows then show its cost
 # Env: BENCH_A / BENCH_B pick the two daemons (driveblk|qsd; default driveblk vs qsd).
 #      DRIVEBLK_BIN=path benchmarks a prebuilt driveblk instead of building this tree's.
 set -euo pipefail
@@ -66,7 +69,7 @@ A=${BENCH_A:-driveblk}
 B=${BENCH_B:-qsd}
 REPS=3 RUNTIME=8 WARMUP=1 SIZE=2G ROWS_RE="" RECORD=0 KEEP=0 QUICK=0 REPS_SET=0
 CEILING=1 DROP_CACHES=0 COLD=0 COLD_ONLY=0 COLD_SIZE=10G COLD_LINK="100 200" COLD_EXPORT=1 COLD_CONFIGS=()
-COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200 IMPORT_ENC=
+COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200 IMPORT_ENC= ENC_CACHE=
 SYNC_LINK="100 200"
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
@@ -95,6 +98,7 @@ while [[ $# -gt 0 ]]; do
         --cold-drive-limit) COLD_DRIVE_LIMIT=$2; shift 2 ;;
         --sync-link) SYNC_LINK=$2; shift 2 ;;
         --encrypt) IMPORT_ENC=--encrypt; shift ;;
+        --encrypt-cache) IMPORT_ENC=--encrypt ENC_CACHE=--encrypt-cache; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
@@ -291,7 +295,7 @@ ensure_image() { # kind: creates the image once per run (in this shell, so IMAGE
             if [[ -n $VOLURL && $kind != vol-ram && -z $SSD_CACHE ]]; then
                 SSD_CACHE=$WORK/cache-ssd
                 log "hydrating $VOLURL into $SSD_CACHE"
-                "$DRIVEBLK" hydrate "$VOLURL" --cache-dir "$SSD_CACHE" --quiet >"$WORK/hydrate.log" 2>&1 ||
+                "$DRIVEBLK" hydrate "$VOLURL" --cache-dir "$SSD_CACHE" --quiet $ENC_CACHE >"$WORK/hydrate.log" 2>&1 ||
                     { sed 's/^/    /' "$WORK/hydrate.log" >&2; die "driveblk hydrate failed"; }
                 sync -f "$WORK"
             fi
@@ -329,7 +333,9 @@ start_daemon() { # daemon image queues driveblk-args qsd-fmt logfile [driveblk s
             ;;
         driveblk)
             # shellcheck disable=SC2086 # row args are word lists
-            NO_COLOR=1 "${DAEMON_PREFIX[@]}" "$DRIVEBLK" serve --socket "$SOCK" "${src[@]}" --num-queues "$q" $dargs >"$logf" 2>&1 &
+            local enc=()
+            [[ -n $ENC_CACHE && " ${src[*]} " == *" --volume "* ]] && enc=("$ENC_CACHE")
+            NO_COLOR=1 "${DAEMON_PREFIX[@]}" "$DRIVEBLK" serve --socket "$SOCK" "${src[@]}" "${enc[@]}" --num-queues "$q" $dargs >"$logf" 2>&1 &
             ;;
     esac
     DPID=$!
@@ -532,7 +538,7 @@ ensure_sync_volume() { # kind
             dd if=/dev/urandom of="$src" bs=1M count=512 status=none
             "$DRIVEBLK" import "$src" "dir:$WORK/remote/sync-raw" --quiet $IMPORT_ENC >"$WORK/sync-import.log" 2>&1 ||
                 { sed 's/^/    /' "$WORK/sync-import.log" >&2; die "sync: import failed"; }
-            "$DRIVEBLK" hydrate "dir:$WORK/remote/sync-raw" --cache-dir "$WORK/sync-raw-cache" --quiet \
+            "$DRIVEBLK" hydrate "dir:$WORK/remote/sync-raw" --cache-dir "$WORK/sync-raw-cache" --quiet $ENC_CACHE \
                 >"$WORK/sync-hydrate.log" 2>&1 ||
                 { sed 's/^/    /' "$WORK/sync-hydrate.log" >&2; die "sync: hydrate failed"; }
             rm -f "$src"

@@ -117,6 +117,7 @@ serve_file! {
     ram_cache: Size,
     ssd_cache: Size,
     hydrate: bool,
+    encrypt_cache: bool,
     fetch_concurrency: u64,
     readahead_chunks: u64,
     boot_profile: String,

@@ -3,6 +3,7 @@
 //! file, and the tiered RAM/SSD/remote store implements the same trait.
 
 pub mod boot;
+pub mod cache_crypto;
 pub mod export;
 pub mod fork;
 pub mod journal;

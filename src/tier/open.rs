@@ -36,6 +36,9 @@ pub struct CacheOptions {
     pub speculative_bytes: u64,
     /// Refuse writes.
     pub read_only: bool,
+    /// Keep the SSD cache's files encrypted (cache_crypto.rs); needs an
+    /// encrypted volume.
+    pub encrypt_cache: bool,
     /// Boot profiles: replay the volume's newest, record one.
     pub boot_profile: super::boot::BootProfileMode,
     /// How long after the first guest read a boot is recorded.
@@ -77,6 +80,7 @@ impl CacheOptions {
             hydrate_concurrency: 2,
             speculative_bytes: super::tiered::SPECULATIVE_BYTES,
             read_only: false,
+            encrypt_cache: false,
             boot_profile: super::boot::BootProfileMode::Off,
             boot_profile_window: std::time::Duration::from_secs(180),
             writeback: Default::default(),

@@ -20,6 +20,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Semaphore;
 
 use super::boot::{BootProfileMode, Recorder, Replay};
+use super::cache_crypto::Sealing;
 use super::open::{CacheOptions, LeaseMode, RemoteWait};
 use super::pins::Pins;
 use super::ram::{ChunkBuf, RamCache};
@@ -203,12 +204,30 @@ impl TieredStore {
             )));
         }
         let id = CacheIdentity { volume_id: vol.header.volume_id.clone(), chunk_size: cs };
-        let (ssd, opened) =
-            SsdCache::open(&opts.cache_dir, id, vol.generation(), vol.image_len(), opts.ssd_cache, OpenMode::Serve)?
-                .ok_or_else(|| VolumeError::Cache {
-                    dir: opts.cache_dir.clone(),
-                    reason: "could not be opened".into(),
-                })?;
+        let sealing = if opts.encrypt_cache {
+            Sealing::Sealed(vol.key.clone().ok_or_else(|| {
+                VolumeError::InvalidOptions(format!(
+                    "--encrypt-cache needs an encrypted volume (its cache key derives from the volume's data key), \
+                     and {} is not encrypted: import it with --encrypt, or serve without --encrypt-cache",
+                    vol.url
+                ))
+            })?)
+        } else {
+            // An encrypted cache stays encrypted (sync, hydrate, a serve
+            // without the flag): never silently back to plaintext.
+            Sealing::AsFound(vol.key.clone())
+        };
+        let (ssd, opened) = SsdCache::open_sealed(
+            &opts.cache_dir,
+            id,
+            vol.generation(),
+            vol.image_len(),
+            opts.ssd_cache,
+            OpenMode::Serve,
+            &sealing,
+        )?
+        .ok_or_else(|| VolumeError::Cache { dir: opts.cache_dir.clone(), reason: "could not be opened".into() })?;
+        let ssd_sealed = ssd.is_sealed();
         // Profile packs a crashed process was building (the directory lock
         // is ours now, so nobody else is).
         if let Ok(entries) = std::fs::read_dir(&opts.cache_dir) {
@@ -254,7 +273,7 @@ impl TieredStore {
                 None
             } else {
                 Some(
-                    Writeback::new(&opts.cache_dir, opts.writeback.clone())
+                    Writeback::new(&opts.cache_dir, opts.writeback.clone(), ssd_sealed)
                         .map_err(|e| VolumeError::io("opening write-back state in", &opts.cache_dir, e))?,
                 )
             },

@@ -13,10 +13,12 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::crypto::SpillCipher;
 use super::format::{seal, unseal, ChunkRef, Manifest, VolumeHeader};
 use super::pack::{decode_chunk, sha256_hex, ZSTD_LEVEL};
 use super::reader::VolumeReader;
@@ -372,6 +374,8 @@ pub struct ProfileBuilder {
     age: u32,
     /// Other profiles' packs that reused segments are read from.
     packs: Vec<String>,
+    /// Encrypts the temporary pack (see [`seal_spill`](Self::seal_spill)).
+    spill: Option<Arc<SpillCipher>>,
 }
 
 impl std::fmt::Debug for ProfileBuilder {
@@ -419,7 +423,15 @@ impl ProfileBuilder {
             chunk_refs: BTreeMap::new(),
             age: 0,
             packs: Vec::new(),
+            spill: None,
         })
+    }
+
+    /// Keeps the temporary pack encrypted on disk, under a key only this
+    /// process holds (an encrypted SSD cache must not hold plaintext pages
+    /// in its directory). Call before the first [`add`](Self::add).
+    pub fn seal_spill(&mut self) {
+        self.spill = Some(Arc::new(SpillCipher::random()));
     }
 
     /// Appends one extent's bytes (offset a multiple of PAGE_SIZE,
@@ -547,7 +559,10 @@ impl ProfileBuilder {
             return Ok(());
         }
         let ioerr = |path: &Path, e| VolumeError::io("writing temporary profile pack", path, e);
-        let frame = zstd::bulk::compress(&self.raw, ZSTD_LEVEL).map_err(|e| ioerr(&self.tmp_path, e))?;
+        let mut frame = zstd::bulk::compress(&self.raw, ZSTD_LEVEL).map_err(|e| ioerr(&self.tmp_path, e))?;
+        if let Some(c) = &self.spill {
+            c.apply(self.pack_len, &mut frame);
+        }
         let f = self.tmp.as_mut().expect("temporary pack open until upload");
         f.write_all(&frame).map_err(|e| ioerr(&self.tmp_path, e))?;
         self.segments.push(Segment {
@@ -613,7 +628,14 @@ impl ProfileBuilder {
         std::fs::create_dir_all(&pending).map_err(|e| io("creating", &pending, e))?;
         // Older sealed profiles are superseded: this one learned from them.
         PendingProfile::remove_all(&pending);
-        let p = PendingProfile { url: self.url.clone(), dir: pending.clone(), key: key.clone(), index };
+        let spill = self.spill.clone();
+        let p = PendingProfile { url: self.url.clone(), dir: pending.clone(), key: key.clone(), index, spill };
+        // A pack encrypted under this process's key cannot be read by the
+        // next one: marked, so a later start drops it rather than upload
+        // ciphertext it cannot decrypt.
+        if p.spill.is_some() {
+            write_synced(&p.dir.join(SPILL_MARK), b"").map_err(|e| io("writing", &p.dir, e))?;
+        }
         // The pack first, then the index: a sealed profile is one whose
         // index file exists (a crash between leaves an orphan pack that the
         // next seal or start removes).
@@ -630,15 +652,26 @@ impl ProfileBuilder {
 /// yet uploaded (see [`ProfileBuilder::seal`]).
 pub const PENDING_DIR: &str = "profile-pending";
 
+/// In [`PENDING_DIR`]: the sealed pack is encrypted under the sealing
+/// process's key (an encrypted cache); no later process can upload it.
+const SPILL_MARK: &str = "spill-key-gone";
+
 /// A boot profile sealed on local disk, waiting to go up: its pack file
 /// and its index, named by the key it will have on the remote.
-#[derive(Debug)]
 pub struct PendingProfile {
     url: String,
     dir: PathBuf,
     /// The index key it is uploaded under.
     pub key: String,
     pub index: ProfileIndex,
+    /// Decrypts the pack file (an encrypted cache's, this process only).
+    spill: Option<Arc<SpillCipher>>,
+}
+
+impl std::fmt::Debug for PendingProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingProfile").field("url", &self.url).field("key", &self.key).finish()
+    }
 }
 
 impl PendingProfile {
@@ -655,6 +688,12 @@ impl PendingProfile {
     pub fn find(cache_dir: &Path, url: &str, header: &VolumeHeader) -> Option<PendingProfile> {
         let dir = cache_dir.join(PENDING_DIR);
         let entries = std::fs::read_dir(&dir).ok()?;
+        if dir.join(SPILL_MARK).exists() {
+            tracing::info!(dir = %dir.display(), "dropping a boot profile sealed under an earlier process's cache key");
+            Self::remove_all(&dir);
+            let _ = std::fs::remove_dir(&dir);
+            return None;
+        }
         let mut found = None;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -663,7 +702,7 @@ impl PendingProfile {
             }
             let index = std::fs::read(e.path()).ok().and_then(|b| ProfileIndex::from_bytes(&b, header).ok());
             let Some(index) = index else { continue };
-            let p = PendingProfile { url: url.to_string(), dir: dir.clone(), key: name, index };
+            let p = PendingProfile { url: url.to_string(), dir: dir.clone(), key: name, index, spill: None };
             let whole = std::fs::metadata(p.pack_path()).is_ok_and(|m| m.len() == p.index.pack_len());
             if whole && found.as_ref().is_none_or(|f: &PendingProfile| f.key < p.key) {
                 found = Some(p);
@@ -693,6 +732,7 @@ impl PendingProfile {
     pub fn discard(self) {
         let _ = std::fs::remove_file(self.index_path());
         let _ = std::fs::remove_file(self.pack_path());
+        let _ = std::fs::remove_file(self.dir.join(SPILL_MARK));
         let _ = std::fs::remove_dir(&self.dir);
     }
 
@@ -706,7 +746,8 @@ impl PendingProfile {
         let len = self.index.pack_len();
         // A delta whose every segment is reused has no pack of its own.
         if len > 0 {
-            let body = PutBody::from_stream_fn(Some(len), move || file_stream(path.clone(), len));
+            let spill = self.spill.clone();
+            let body = PutBody::from_stream_fn(Some(len), move || file_stream(path.clone(), len, spill.clone()));
             remote
                 .put(&pack, body)
                 .await
@@ -749,24 +790,30 @@ impl Drop for ProfileBuilder {
     }
 }
 
-/// The first `len` bytes of the file at `path`, in pieces of up to 1 MiB;
-/// an error if the file is shorter.
-fn file_stream(path: PathBuf, len: u64) -> ByteStream {
+/// The first `len` bytes of the file at `path`, in pieces of up to 1 MiB
+/// (decrypted with `spill` when given); an error if the file is shorter.
+fn file_stream(path: PathBuf, len: u64, spill: Option<Arc<SpillCipher>>) -> ByteStream {
     use tokio::io::AsyncReadExt;
     const PIECE: u64 = 1 << 20;
     let state = (path, None::<tokio::fs::File>, 0u64);
-    Box::pin(futures::stream::try_unfold(state, move |(path, file, done)| async move {
-        if done >= len {
-            return Ok(None);
+    Box::pin(futures::stream::try_unfold(state, move |(path, file, done)| {
+        let spill = spill.clone();
+        async move {
+            if done >= len {
+                return Ok(None);
+            }
+            let mut f = match file {
+                Some(f) => f,
+                None => tokio::fs::File::open(&path).await?,
+            };
+            let mut buf = vec![0u8; PIECE.min(len - done) as usize];
+            f.read_exact(&mut buf).await?;
+            if let Some(c) = &spill {
+                c.apply(done, &mut buf);
+            }
+            let n = buf.len() as u64;
+            Ok(Some((Bytes::from(buf), (path, Some(f), done + n))))
         }
-        let mut f = match file {
-            Some(f) => f,
-            None => tokio::fs::File::open(&path).await?,
-        };
-        let mut buf = vec![0u8; PIECE.min(len - done) as usize];
-        f.read_exact(&mut buf).await?;
-        let n = buf.len() as u64;
-        Ok(Some((Bytes::from(buf), (path, Some(f), done + n))))
     }))
 }
 

@@ -274,7 +274,13 @@ impl VolumeReader {
             std::fs::rename(&tmp, dir.join(name))
         };
         put(OFFLINE_HEADER, &self.header_raw)?;
-        put(OFFLINE_MANIFEST, &self.manifest().to_bytes())?;
+        // The manifest holds each chunk's sha256: of an encrypted volume it
+        // is kept sealed, as on the remote (docs/encryption.md).
+        let m = self.manifest().to_bytes();
+        match &self.key {
+            Some(k) => put(OFFLINE_MANIFEST, &k.seal_local(OFFLINE_MANIFEST, &m))?,
+            None => put(OFFLINE_MANIFEST, &m)?,
+        }
         std::fs::File::open(dir)?.sync_all()
     }
 
@@ -298,6 +304,14 @@ impl VolumeReader {
         let header = VolumeHeader::from_bytes(&header_raw)
             .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
         let vkey = volume_key(&url_s, &header, opts)?;
+        let manifest_raw = match &vkey {
+            Some(k) if super::crypto::looks_sealed(&manifest_raw) => {
+                Bytes::from(k.open_local(OFFLINE_MANIFEST, &manifest_raw).map_err(|reason| {
+                    VolumeError::CorruptManifest { url: url_s.clone(), key: "offline copy".into(), reason }
+                })?)
+            }
+            _ => manifest_raw,
+        };
         // The manifest names its own generation; from_bytes re-checks the
         // checksum and that it belongs to this header.
         let generation =

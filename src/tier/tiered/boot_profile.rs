@@ -192,6 +192,9 @@ impl Inner {
     /// not read those bytes from the remote.
     fn build_profile(&self, plan: &[Planned], old: Option<&Replay>) -> VolumeResult<ProfileBuilder> {
         let mut b = ProfileBuilder::new(self.ssd.dir(), &self.vol)?;
+        if self.ssd.is_sealed() {
+            b.seal_spill();
+        }
         let image_len = self.vol.image_len();
         let mut buf = Vec::new();
         for step in plan {
