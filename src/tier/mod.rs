@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod export;
+pub mod fleet;
 pub mod fork;
 pub mod journal;
 pub mod local;
