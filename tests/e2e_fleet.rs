@@ -106,6 +106,9 @@ fn fleet_of_daemons_fetches_each_chunk_about_once() {
         r.join().unwrap();
     }
     let sent = env.emu.stats().bytes_out - before;
+    // Each of the 64 chunks fetched about once (a wait that ran out may
+    // fetch one twice); without sharing this is N times the volume.
+    assert!(sent < (want.len() as u64) * 3 / 2, "the remote sent {sent} bytes for {N} boots of a 16 MiB volume");
     let mut stored = 0;
     let mut hits = 0;
     for (d, _, cache) in daemons {
@@ -114,9 +117,6 @@ fn fleet_of_daemons_fetches_each_chunk_about_once() {
         stored += st["shared_cache"]["stored"].as_u64().unwrap();
         hits += st["shared_cache"]["hits"].as_u64().unwrap();
     }
-    // Each of the 64 chunks fetched about once (a wait that ran out may
-    // fetch one twice); without sharing this is N times the volume.
-    assert!(sent < (want.len() as u64) * 3 / 2, "the remote sent {sent} bytes for {N} boots of a 16 MiB volume");
     assert!(stored >= 64 && hits >= 64 * (N as u64 - 1) / 2, "stored {stored}, hits {hits}");
     assert_eq!(entries(&shared).len() as u64, stored);
 }
@@ -300,12 +300,15 @@ fn ephemeral_refuses_a_cache_with_pending_changes() {
     c.flush().unwrap();
     drop(c);
     d.stop();
-    let out = Command::new(common::bin())
+    let log = dir.path().join("refused.log");
+    let mut child = Command::new(common::bin())
         .args(["serve", "--socket", sock.to_str().unwrap(), "--volume", &url, "--format", "raw"])
         .args(["--cache-dir", c_s, "--ephemeral"])
-        .output()
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // (Were it not refused, it would serve until stopped: the wait fails.)
+    assert!(!common::wait_timeout(&mut child, Duration::from_secs(60)).success());
+    let err = std::fs::read_to_string(&log).unwrap();
     assert!(err.contains("--ephemeral would drop"), "{err}");
 }
