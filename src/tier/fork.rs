@@ -14,7 +14,7 @@ use crate::volume::{runtime, RemoteOptions, VolumeError, VolumeReader, VolumeRes
 
 /// Files of a cache directory that describe its volume and contents
 /// (`lock` and `status.json` stay).
-const CACHE_FILES: [&str; 6] = ["state", "journal", "data", "frozen", "volume.json", "manifest"];
+pub(crate) const CACHE_FILES: [&str; 6] = ["state", "journal", "data", "frozen", "volume.json", "manifest"];
 
 /// What [`fork`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]

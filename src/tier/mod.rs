@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod cache_crypto;
 pub mod export;
+pub mod fleet;
 pub mod fork;
 pub mod journal;
 pub mod local;

@@ -262,14 +262,16 @@ impl TieredStore {
             chunks_zero,
             hydrate_concurrency: opts.hydrate_concurrency.max(1),
             fetch_concurrency: opts.fetch_concurrency.max(1),
-            recorder: (opts.boot_profile != BootProfileMode::Off && !vol.offline)
+            // An ephemeral fleet member replays the volume's profile but
+            // writes nothing to the volume, profiles included.
+            recorder: (opts.boot_profile != BootProfileMode::Off && !vol.offline && !opts.ephemeral)
                 .then(|| Recorder::new(vol.image_len(), opts.boot_profile_window)),
             replay: RwLock::new(None),
             segment_flights: SingleFlight::default(),
             streaming: AtomicBool::new(false),
             boot_mode: opts.boot_profile,
             saving: AtomicBool::new(false),
-            writeback: if opts.read_only {
+            writeback: if opts.read_only || opts.ephemeral {
                 None
             } else {
                 Some(

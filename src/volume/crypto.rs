@@ -560,7 +560,9 @@ impl EncryptedRemote {
     }
 
     async fn salt_of(&self, key: &str) -> RemoteResult<[u8; SALT_LEN]> {
-        if let Some(s) = self.salts.lock().expect("salts").get(key) {
+        // Read again when a shared cache entry failed verification: the
+        // memo may hold what that entry said.
+        if let Some(s) = self.salts.lock().expect("salts").get(key).filter(|_| !crate::remote::shared::refreshing()) {
             return Ok(*s);
         }
         let h = self.inner.get_range(key, 0..HEADER_LEN).await?;

@@ -864,6 +864,12 @@ pub async fn find_latest(remote: &DynRemote, header: &VolumeHeader) -> VolumeRes
 /// hash mismatch is [`VolumeError::CorruptProfile`]; bad bytes are never
 /// returned.
 pub async fn fetch_segment(remote: &DynRemote, url: &str, index: &ProfileIndex, seg: usize) -> VolumeResult<Bytes> {
+    // Bytes a shared cache directory gave that fail the checks are fetched
+    // again from the remote (`remote::shared`).
+    crate::remote::shared::verified(|| fetch_segment_once(remote, url, index, seg)).await
+}
+
+async fn fetch_segment_once(remote: &DynRemote, url: &str, index: &ProfileIndex, seg: usize) -> VolumeResult<Bytes> {
     let s = index.segments.get(seg).ok_or_else(|| {
         VolumeError::InvalidOptions(format!(
             "boot profile {} has {} segments; there is no segment {seg}",

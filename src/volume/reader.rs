@@ -464,6 +464,12 @@ impl VolumeReader {
     /// patched chunk, its base and its patch frame in parallel, the result
     /// hash-checked.
     pub async fn fetch_chunk(&self, idx: u64) -> VolumeResult<Fetched> {
+        // Bytes a shared cache directory gave that fail these checks are
+        // fetched again from the remote (`remote::shared`).
+        crate::remote::shared::verified(|| self.fetch_chunk_once(idx)).await
+    }
+
+    async fn fetch_chunk_once(&self, idx: u64) -> VolumeResult<Fetched> {
         // One manifest for the whole fetch: pack numbers are per manifest.
         let m = self.manifest.load_full();
         let start = idx.saturating_mul(self.chunk_size());
