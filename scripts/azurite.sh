@@ -26,13 +26,8 @@ fi
 bin=${AZURITE:-$(command -v azurite-blob || true)}
 [ -n "$bin" ] || { echo "azurite: no azurite-blob (run scripts/deps.sh)" >&2; exit 1; }
 
-free_port() { # a port nothing listens on now
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 40000))
-    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-  done
-}
+# shellcheck source=scripts/loopback.sh
+. "$(dirname "$0")/loopback.sh"
 port=${AZURITE_PORT:-$(free_port)}
 mkdir -p "$dir/data"
 setsid "$bin" --blobHost 127.0.0.1 --blobPort "$port" --location "$dir/data" --silent \

@@ -27,13 +27,8 @@ fi
 [ "$cmd" = start ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
 [ -x "$garage_bin" ] || { echo "garage: no binary (set GARAGE, or run scripts/deps.sh)" >&2; exit 1; }
 
-free_port() { # a port nothing listens on now
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 40000))
-    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-  done
-}
+# shellcheck source=scripts/loopback.sh
+. "$(dirname "$0")/loopback.sh"
 s3=${GARAGE_S3_PORT:-$(free_port)}
 rpc=${GARAGE_RPC_PORT:-$(free_port)}
 admin=${GARAGE_ADMIN_PORT:-$(free_port)}
