@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
+use std::io::Write;
 
 use super::{ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
@@ -58,15 +58,25 @@ impl DirRemote {
     /// object or the whole object, never a prefix under the real key.
     async fn write_temp(&self, key: &str, body: &PutBody) -> io::Result<PathBuf> {
         let tmp = self.root.join(format!("{TMP_PREFIX}{key}.{:016x}", rand::random::<u64>()));
+        // Plain blocking writes of each piece as it comes: tokio's file
+        // would copy every piece again through its own 2 MiB buffer.
         let res: io::Result<()> = async {
-            tokio::fs::create_dir_all(&self.root).await?;
-            let mut f = tokio::fs::File::create(&tmp).await?;
+            let (root, path) = (self.root.clone(), tmp.clone());
+            let mut f = blocking(move || {
+                std::fs::create_dir_all(&root)?;
+                std::fs::File::create(&path)
+            })
+            .await?;
             let mut s = body.stream();
             while let Some(chunk) = s.next().await {
-                f.write_all(&chunk?).await?;
+                let chunk = chunk?;
+                f = blocking(move || {
+                    f.write_all(&chunk)?;
+                    Ok(f)
+                })
+                .await?;
             }
-            f.flush().await?;
-            f.sync_all().await
+            blocking(move || f.sync_all()).await
         }
         .await;
         if let Err(e) = res {

@@ -184,7 +184,9 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     let mut manifest = Manifest::new(&header, 1);
     let bar = super::progress::bar_of(opts.progress, image_len, "import", super::progress::Unit::Bytes);
     let cs = opts.chunk_size as usize;
-    let mut pack = PackWriter::new();
+    // A pack ships once it reaches pack_size; one more frame may overshoot.
+    let new_pack = || PackWriter::with_capacity(opts.pack_size as usize + cs + 4096);
+    let mut pack = new_pack();
     let mut uploads: JoinSet<VolumeResult<ObjectMeta>> = JoinSet::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel_uploads.max(1)));
     let mut pos = 0u64;
@@ -219,13 +221,13 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
             if pack.is_empty() {
                 manifest.packs.push(new_pack_key(1));
             }
-            let pc = pack.add_compressed(&c.frame, c.sha256);
+            let pc = pack.add_compressed(&c.frame, c.sha256.clone());
             let pack_no = (manifest.packs.len() - 1) as u32;
             manifest
                 .chunks
                 .insert(idx, ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, sha256: pc.sha256 });
             if pack.len() as u64 >= opts.pack_size {
-                ship(std::mem::take(&mut pack), &mut manifest, &mut uploads)?;
+                ship(std::mem::replace(&mut pack, new_pack()), &mut manifest, &mut uploads)?;
             }
         }
         // Reap finished uploads early so a failure stops the import soon.

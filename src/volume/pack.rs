@@ -30,6 +30,12 @@ impl PackWriter {
         Self::default()
     }
 
+    /// An empty pack with room for `bytes`, so filling it never copies
+    /// what it holds to grow.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self { buf: Vec::with_capacity(bytes), chunks: 0 }
+    }
+
     /// Appends one chunk, compressed on its own.
     pub fn add(&mut self, data: &[u8]) -> std::io::Result<PackedChunk> {
         let frame = zstd::bulk::compress(data, ZSTD_LEVEL)?;
