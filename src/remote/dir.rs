@@ -14,6 +14,9 @@ use std::io::Write;
 
 use super::{ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
+/// Bytes of an upload handed to one blocking write.
+const WRITE_BATCH: usize = 4 << 20;
+
 /// Temp files start with this; `list` skips them and keys may not use it.
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -67,14 +70,32 @@ impl DirRemote {
                 std::fs::File::create(&path)
             })
             .await?;
+            // Small pieces (an encrypted body comes in 16 KiB blocks) are
+            // gathered so each blocking call writes a few MiB.
             let mut s = body.stream();
-            while let Some(chunk) = s.next().await {
-                let chunk = chunk?;
-                f = blocking(move || {
-                    f.write_all(&chunk)?;
-                    Ok(f)
-                })
-                .await?;
+            let mut gathered: Vec<Bytes> = Vec::new();
+            let mut size = 0usize;
+            loop {
+                let next = s.next().await.transpose()?;
+                let end = next.is_none();
+                if let Some(b) = next {
+                    size += b.len();
+                    gathered.push(b);
+                }
+                if size >= WRITE_BATCH || (end && size > 0) {
+                    let pieces = std::mem::take(&mut gathered);
+                    size = 0;
+                    f = blocking(move || {
+                        for p in &pieces {
+                            f.write_all(p)?;
+                        }
+                        Ok(f)
+                    })
+                    .await?;
+                }
+                if end {
+                    break;
+                }
             }
             blocking(move || f.sync_all()).await
         }
