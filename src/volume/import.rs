@@ -150,6 +150,25 @@ pub(crate) async fn commit_new(
     Ok(())
 }
 
+/// A pack's bytes in an upload, handed back for the next pack when the
+/// upload is done with them.
+struct Recycled {
+    buf: Vec<u8>,
+    back: crossbeam_channel::Sender<Vec<u8>>,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        let _ = self.back.send(std::mem::take(&mut self.buf));
+    }
+}
+
 /// A finished pack upload: its identity goes into the manifest so other
 /// hosts open the volume without waiting for a listing to show the pack.
 fn record_pack(
@@ -185,7 +204,11 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     let bar = super::progress::bar_of(opts.progress, image_len, "import", super::progress::Unit::Bytes);
     let cs = opts.chunk_size as usize;
     // A pack ships once it reaches pack_size; one more frame may overshoot.
-    let new_pack = || PackWriter::with_capacity(opts.pack_size as usize + cs + 4096);
+    // Pack buffers come back when their upload drops them: the next pack
+    // reuses the memory instead of faulting in 64 MiB afresh.
+    let pack_cap = opts.pack_size as usize + cs + 4096;
+    let (spare_tx, spare_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+    let new_pack = || PackWriter::in_buffer(spare_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(pack_cap)));
     let mut pack = new_pack();
     let mut uploads: JoinSet<VolumeResult<ObjectMeta>> = JoinSet::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel_uploads.max(1)));
@@ -202,7 +225,8 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
             .map_err(|_| VolumeError::InvalidOptions("upload limiter closed".into()))?;
         let remote = remote.clone();
         let url = url_s.clone();
-        let body = PutBody::from_bytes(pack.finish());
+        let body =
+            PutBody::from_bytes(bytes::Bytes::from_owner(Recycled { buf: pack.finish(), back: spare_tx.clone() }));
         uploads.spawn_on(
             async move {
                 let r =

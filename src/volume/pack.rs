@@ -30,10 +30,11 @@ impl PackWriter {
         Self::default()
     }
 
-    /// An empty pack with room for `bytes`, so filling it never copies
-    /// what it holds to grow.
-    pub fn with_capacity(bytes: usize) -> Self {
-        Self { buf: Vec::with_capacity(bytes), chunks: 0 }
+    /// An empty pack built in `buf` (its contents dropped, its capacity
+    /// kept), so filling it neither grows nor faults in fresh memory.
+    pub fn in_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        Self { buf, chunks: 0 }
     }
 
     /// Appends one chunk, compressed on its own.
