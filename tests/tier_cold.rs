@@ -150,6 +150,50 @@ fn a_first_boot_streams_the_dense_region_within_its_bound() {
     s.close(Duration::from_secs(30));
 }
 
+/// With no profile, a volume storing less than `first_boot_whole_below`
+/// streams whole from its first read on: one read brings the rest, and the
+/// boot then reads everything without another remote get. Above the
+/// threshold (here: the option off) one read streams nothing.
+#[test]
+fn a_small_volume_streams_whole_on_its_first_boot() {
+    let d = tempfile::tempdir().unwrap();
+    // A volume each: a first boot saves a profile, and the next would replay it.
+    for (cache, whole_below) in [("c-off", 0u64), ("c-on", 64 << 20)] {
+        let vdir = d.path().join(format!("v-{cache}"));
+        std::fs::create_dir_all(&vdir).unwrap();
+        let (vurl, data) = imported(&vdir, 24 << 20);
+        let len = data.len() as u64;
+        let m = Arc::new(RemoteMetrics::default());
+        let mut o = opts(&d.path().join(cache), &m);
+        o.first_boot_whole_below = whole_below;
+        let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+        assert_eq!(read(&*s, 5 << 20, 4096), data[5 << 20..(5 << 20) + 4096]);
+        if whole_below == 0 {
+            std::thread::sleep(Duration::from_millis(500));
+            let st = s.stats();
+            assert_eq!(st.bytes_stream, 0, "one read of a volume above the threshold streams nothing");
+            assert!(
+                st.chunks_cached < st.chunks_total / 4,
+                "{} of {} chunks cached",
+                st.chunks_cached,
+                st.chunks_total
+            );
+        } else {
+            wait_for("the whole volume", || {
+                let st = s.stats();
+                st.chunks_cached + st.chunks_zero >= st.chunks_total
+            });
+            let st = s.stats();
+            counts_add_up(&st);
+            assert!(st.bytes_stream > len / 2, "streamed {} of a {len}-byte volume", st.bytes_stream);
+            let gets = m.snapshot().gets;
+            boot(&s, &boot_reads(len, 3, 20), &data);
+            assert_eq!(m.snapshot().gets, gets, "everything was local after the stream");
+        }
+        s.close(Duration::from_secs(30));
+    }
+}
+
 /// A boot that strays from the profile (a tenth of its files differ) saves
 /// a profile holding both: the next cold start of either boot reads
 /// nothing from the remote.

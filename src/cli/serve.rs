@@ -206,6 +206,14 @@ pub struct CacheArgs {
     #[arg(long)]
     pub hydrate: bool,
 
+    /// A first boot with no boot profile fetches the whole volume from the
+    /// start, behind the guest's own reads, when the volume stores at most
+    /// this much (a small image comes down faster than its boot's misses
+    /// would take one round trip at a time). 0 turns it off; larger volumes
+    /// stream only the regions the boot reads densely, within 3x its reads.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub first_boot_whole_below: u64,
+
     /// A chunk directory shared by every daemon of a fleet booting the
     /// same volumes (one host, or several over NFSv4): a lower tier between
     /// this daemon's own cache and the remote, so each range is fetched
@@ -304,6 +312,7 @@ impl CacheArgs {
         o.ram_cache = self.ram_cache;
         o.ssd_cache = self.ssd_cache;
         o.hydrate = self.hydrate;
+        o.first_boot_whole_below = self.first_boot_whole_below;
         o.encrypt_cache = self.encrypt_cache;
         o.fetch_concurrency = self.fetch_concurrency;
         o.readahead_chunks = self.readahead_chunks;

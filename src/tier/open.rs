@@ -27,6 +27,10 @@ pub struct CacheOptions {
     pub readahead_chunks: u64,
     /// Parallel remote fetches.
     pub fetch_concurrency: usize,
+    /// A first boot (no profile) of a volume storing at most this many
+    /// bytes fetches all of it from the start (0: only what the boot's
+    /// dense regions ask for, within their bound).
+    pub first_boot_whole_below: u64,
     /// Parallel fetches of the background hydration (kept low so guest
     /// misses go first).
     pub hydrate_concurrency: usize,
@@ -83,6 +87,7 @@ impl CacheOptions {
             hydrate: false,
             readahead_chunks: 8,
             fetch_concurrency: 16,
+            first_boot_whole_below: 0,
             hydrate_concurrency: 2,
             speculative_bytes: super::tiered::SPECULATIVE_BYTES,
             read_only: false,

@@ -40,6 +40,7 @@ pub use fetch::SPECULATIVE_BYTES;
 mod lease;
 mod metadata;
 mod stream;
+pub use stream::WHOLE_BELOW as FIRST_BOOT_WHOLE_BELOW;
 mod writeback;
 
 use writeback::Writeback;
@@ -252,7 +253,10 @@ impl TieredStore {
             fetch_sem: Semaphore::new(opts.fetch_concurrency.max(1)),
             lanes: fetch::Lanes::new(opts.speculative_bytes),
             guest_bytes: Default::default(),
-            dense: stream::Dense::new(opts.boot_profile != BootProfileMode::Off && !opts.hydrate),
+            dense: stream::Dense::new(
+                opts.boot_profile != BootProfileMode::Off && !opts.hydrate,
+                opts.first_boot_whole_below,
+            ),
             demand: AtomicUsize::new(0),
             readahead: Readahead::new(cs, opts.readahead_chunks),
             read_only: opts.read_only,
