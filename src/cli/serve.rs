@@ -466,8 +466,7 @@ fn vm_toml(cfg: &ServeConfig, store: &TieredStore) -> Option<crate::cli::vm::VmS
         return None;
     }
     let remote = store.volume().remote.clone();
-    let got = crate::volume::runtime("driveblk-vm")
-        .and_then(|rt| rt.block_on(crate::volume::sidecar::read_from(&remote, crate::cli::vm::VM_FILE)));
+    let got = store.block_on(crate::volume::sidecar::read_from(&remote, crate::cli::vm::VM_FILE));
     match got {
         Ok(Some(bytes)) => match crate::cli::vm::parse(&String::from_utf8_lossy(&bytes)) {
             Ok(v) => Some(v),

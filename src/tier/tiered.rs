@@ -540,6 +540,14 @@ impl TieredStore {
         &self.inner.vol
     }
 
+    /// Runs `f` (a call on the volume's remote) to completion on the
+    /// store's runtime, from a thread outside it. The remote's HTTP
+    /// connections belong to this runtime: a runtime made for one call and
+    /// dropped after would leave its pooled connection dead for the next.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.inner.handle.block_on(f)
+    }
+
     /// Pins more of the image (saved in the cache directory, so every start
     /// keeps it): its chunks are fetched whole in the background and never
     /// evicted. See [`wait_pinned`](Self::wait_pinned).
