@@ -11,6 +11,9 @@
 # Rows, interleaved within each repetition (medians of --reps):
 #   local     QEMU's own qcow2 driver on a local copy of the image (virtio-blk-pci; the copy is
 #             in the page cache)
+#   file      driveblk serving a local copy of the image (`serve --image`): the daemon's own cost
+#             (vhost-user, its qcow2 code, CPU next to a TCG guest) with no remote, to tell it
+#             apart from what the link costs the volume rows
 #   cold      driveblk: the image imported into a `dir:` volume, served with an empty cache and
 #             no boot profile over the simulated link (`serve --remote-latency-ms MS
 #             --remote-bandwidth-mbit MBIT`, the link of `scripts/bench.sh --cold`); the boot
@@ -25,20 +28,26 @@
 #             qemu-block-extra from bookworm-backports (installed if missing)
 # Each repetition works on its own hard-link copy of the freshly imported volume (so every cold
 # row has no profile) and its own copy of the local image (QEMU writes to it).
-# Columns: time, ratio to local, MB that crossed the link and remote requests (the daemon's
-# status.json: remote.bytes, remote.fetches; by source: miss / profile / readahead / stream),
-# guest misses, and misses that waited on the profile stream.
+# Columns: time, ratio to local, the wall time during which a guest read waited on the remote
+# (status.json remote.guest_wait_ms), guest misses, misses served by waiting on the profile
+# stream, MB that crossed the link, remote requests (the daemon's
+# status.json: remote.bytes, remote.requests.gets; by source: miss / profile / readahead / stream /
+# hydrate), the daemon's CPU seconds from its start to the guest's power-off (driveblk rows).
 # Targets (issue 11): cold <= 1.2x local, profile <= 1.02x local.
 #
 # Usage: scripts/bench-guest.sh [--reps N] [--rows REGEX] [--link "MS MBIT"] [--smp N]
-#                               [--mem MIB] [--timeout S] [--rep-wrapper CMD] [--record] [--keep]
+#                               [--mem MIB] [--serve-args STR] [--chunk-size SIZE]
+#                               [--timeout S] [--rep-wrapper CMD] [--record] [--keep]
 #                               [--rebuild] [--build-only] [--append STR] [--smoke]
 #   --reps N          repetitions (default 3); each runs every selected row once, in order
-#   --rows REGEX      only rows whose name matches (grep -E; default all: local, cold, profile,
-#                     http; profile needs cold)
+#   --rows REGEX      only rows whose name matches (grep -E; default all: local, file, cold,
+#                     profile, http; profile needs cold)
 #   --link "MS MBIT"  simulated link (default "100 200": 100 ms per request, 200 Mbit/s)
 #   --smp N, --mem MIB  guest vCPUs (default 1: on a 2-core host the other core is left to the
 #                     backend) and memory (default 1024)
+#   --serve-args STR  more `driveblk serve` arguments for the cold and profile rows (e.g.
+#                     "--hydrate", "--readahead-chunks 0")
+#   --chunk-size SIZE the volume's chunk size at import (default: import's, 1M)
 #   --timeout S       most seconds one boot may take to reach the marker (default 300)
 #   --rep-wrapper CMD each repetition runs as `CMD bench-guest.sh <one rep>` (e.g. a command that
 #                     quiets the machine while it runs); the image build and the import are outside
@@ -64,7 +73,7 @@ log() { echo "bench-guest.sh: $*" >&2; }
 GCACHE=${DRIVEBLK_GUEST_CACHE:-/var/tmp/driveblk-bench-guest}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 REPS=3 ROWS_RE="" LINK="100 200" SMP=1 MEM=1024 TIMEOUT=300 WRAPPER="" RECORD=0 KEEP=0
-REBUILD=0 BUILD_ONLY=0 ONE_REP="" WORK="" APPEND_EXTRA=""
+REBUILD=0 BUILD_ONLY=0 ONE_REP="" WORK="" APPEND_EXTRA="" SERVE_ARGS="" CHUNK_SIZE=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --reps) REPS=$2; shift 2 ;;
@@ -79,6 +88,8 @@ while [[ $# -gt 0 ]]; do
         --rebuild) REBUILD=1; shift ;;
         --build-only) BUILD_ONLY=1; shift ;;
         --append) APPEND_EXTRA=$2; shift 2 ;;
+        --serve-args) SERVE_ARGS=$2; shift 2 ;;
+        --chunk-size) CHUNK_SIZE=$2; shift 2 ;;
         --smoke) REPS=1 ROWS_RE='^local$'; shift ;;
         --one-rep) ONE_REP=$2 WORK=$3; shift 3 ;; # internal: one repetition in an existing work dir
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -89,7 +100,8 @@ done
 read -r LAT MBIT <<<"$LINK"
 [[ $LAT =~ ^[0-9]+$ && $MBIT =~ ^[1-9][0-9]*$ ]] || die "--link wants \"MS MBIT\", e.g. \"100 200\""
 LINK_ARGS=(--remote-latency-ms "$LAT" --remote-bandwidth-mbit "$MBIT")
-ALL_ROWS=(local cold profile http)
+read -r -a EXTRA_SERVE <<<"$SERVE_ARGS"
+ALL_ROWS=(local file cold profile http)
 ROWS=()
 for r in "${ALL_ROWS[@]}"; do
     [[ -z $ROWS_RE ]] || grep -qE -- "$ROWS_RE" <<<"$r" || continue
@@ -314,6 +326,8 @@ stop_daemon() { # logfile [seconds]: SIGTERM, must exit 0 (the final sync and th
     [[ $rc == 0 ]] || { log "driveblk exited $rc after SIGTERM; log tail:"; tail -n 20 "$logf" | sed 's/^/    /' >&2; }
     return "$rc"
 }
+# CPU seconds (user + system, all threads) a process used so far.
+cpu_secs() { [[ -r /proc/$1/stat ]] && sed 's/.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($12 + $13) / hz}'; }
 has_profile() { "$DRIVEBLK" info --json "$1" 2>/dev/null | jq -e '.boot_profile != null' >/dev/null; }
 
 # The http row's server: ranged GETs of one file, each after one round trip (MS), the bytes
@@ -395,10 +409,10 @@ VHOST_ARGS=(-chardev "socket,id=c0,path=@SOCK@" -device "vhost-user-blk-pci,char
 vhost_args() { local a; for a in "${VHOST_ARGS[@]}"; do printf '%s\n' "${a//@SOCK@/$WORK/vhost.sock}"; done; }
 
 # ---- One repetition (rows in order; results appended to $WORK/results.tsv) ----------------------
-# results.tsv: row rep secs guest-uptime remote-bytes fetches misses miss/profile/readahead/stream
-#              profile-waits stop-secs (or "row rep FAIL")
+# results.tsv: row rep secs guest-uptime remote-bytes gets misses miss/profile/readahead/stream/hydrate
+#              profile-waits stop-secs guest-wait-secs daemon-cpu-secs (or "row rep FAIL")
 run_rep() {
-    local rep=$1 row res vol url cache st t0 stop args
+    local rep=$1 row res vol url cache st t0 stop args cpu
     vol=$WORK/remote/vol-$rep url=dir:$WORK/remote/vol-$rep
     for row in "${ROWS[@]}"; do
         log "rep $rep: $row"
@@ -408,11 +422,29 @@ run_rep() {
                 cat "$WORK/local.qcow2" >/dev/null
                 if res=$(boot "r$rep-local" -blockdev "driver=file,node-name=f0,filename=$WORK/local.qcow2" \
                     -blockdev driver=qcow2,node-name=d0,file=f0 -device virtio-blk-pci,drive=d0,num-queues=1); then
-                    printf 'local\t%s\t%s\t%s\t-\t-\t-\t-\t-\t-\n' "$rep" ${res} >>"$WORK/results.tsv"
+                    printf 'local\t%s\t%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\n' "$rep" ${res} >>"$WORK/results.tsv"
                 else
                     printf 'local\t%s\tFAIL\n' "$rep" >>"$WORK/results.tsv"
                 fi
                 rm -f "$WORK/local.qcow2"
+                ;;
+            file)
+                cp --sparse=always "$IMG" "$WORK/local.qcow2"
+                cat "$WORK/local.qcow2" >/dev/null
+                res=FAIL
+                if start_daemon "$WORK/r$rep-file.log" machine-file --image "$WORK/local.qcow2" --format qcow2; then
+                    mapfile -t args < <(vhost_args)
+                    res=$(boot "r$rep-file" "${args[@]}") || res=FAIL
+                    cpu=$(cpu_secs "$DPID")
+                    stop_daemon "$WORK/r$rep-file.log" 30 || res=FAIL
+                fi
+                rm -f "$WORK/local.qcow2"
+                if [[ $res == FAIL ]]; then
+                    printf 'file\t%s\tFAIL\n' "$rep" >>"$WORK/results.tsv"
+                else
+                    # shellcheck disable=SC2086 # res is "secs uptime"
+                    printf 'file\t%s\t%s\t%s\t-\t-\t-\t-\t-\t-\t-\t%s\n' "$rep" ${res} "$cpu" >>"$WORK/results.tsv"
+                fi
                 ;;
             http)
                 local r0=0 b0=0
@@ -430,7 +462,7 @@ run_rep() {
                 else
                     read -r r1 b1 <"$WORK/http.stats"
                     # shellcheck disable=SC2086 # res is "secs uptime"
-                    printf 'http\t%s\t%s\t%s\t%s\t%s\t-\t-\t-\t-\n' "$rep" ${res} $((b1 - b0)) $((r1 - r0)) >>"$WORK/results.tsv"
+                    printf 'http\t%s\t%s\t%s\t%s\t%s\t-\t-\t-\t-\t-\t-\n' "$rep" ${res} $((b1 - b0)) $((r1 - r0)) >>"$WORK/results.tsv"
                 fi
                 ;;
             cold | profile)
@@ -441,12 +473,13 @@ run_rep() {
                 cache=$WORK/cache-$rep-$row
                 rm -rf "$cache"
                 if ! start_daemon "$WORK/r$rep-$row.log" "machine-$row" --volume "$url" --cache-dir "$cache" \
-                    "${LINK_ARGS[@]}"; then
+                    "${LINK_ARGS[@]}" "${EXTRA_SERVE[@]}"; then
                     printf '%s\t%s\tFAIL\n' "$row" "$rep" >>"$WORK/results.tsv"
                     continue
                 fi
                 mapfile -t args < <(vhost_args)
                 res=$(boot "r$rep-$row" "${args[@]}") || res=FAIL
+                cpu=$(cpu_secs "$DPID")
                 sleep 1.2 # status.json is refreshed every second
                 st=$WORK/r$rep-$row.status.json
                 cp "$cache/status.json" "$st" 2>/dev/null || true
@@ -470,10 +503,11 @@ run_rep() {
                     continue
                 fi
                 # shellcheck disable=SC2086 # res is "secs uptime"
-                jq -r --arg row "$row" --arg rep "$rep" --arg res "$res" --arg stop "$stop" '
+                jq -r --arg row "$row" --arg rep "$rep" --arg res "$res" --arg stop "$stop" --arg cpu "$cpu" '
                     ($res | split(" ")) as $r | .remote as $m | $m.bytes_by_source as $b |
-                    [$row, $rep, $r[0], $r[1], $m.bytes, $m.fetches, $m.misses,
-                     "\($b.miss)/\($b.profile)/\($b.readahead)/\($b.stream)", (.boot_profile.waits // 0), $stop] | @tsv' \
+                    [$row, $rep, $r[0], $r[1], $m.bytes, ($m.requests.gets // $m.fetches), $m.misses,
+                     "\($b.miss)/\($b.profile)/\($b.readahead)/\($b.stream)/\($b.hydrate // 0)", (.boot_profile.waits // 0), $stop,
+                     (if $m.guest_wait_ms == null then "-" else $m.guest_wait_ms / 1000 end), $cpu] | @tsv' \
                     "$st" >>"$WORK/results.tsv"
                 ;;
         esac
@@ -515,7 +549,7 @@ if [[ " ${ROWS[*]} " == *" cold "* ]]; then
     log "importing the guest image into a dir: volume (local, no link)"
     mkdir -p "$WORK/remote"
     t0=$EPOCHREALTIME
-    "$DRIVEBLK" import --format qcow2 --quiet "$IMG" "dir:$WORK/remote/base" >"$WORK/import.log" 2>&1 ||
+    "$DRIVEBLK" import --format qcow2 --quiet ${CHUNK_SIZE:+--chunk-size "$CHUNK_SIZE"} "$IMG" "dir:$WORK/remote/base" >"$WORK/import.log" 2>&1 ||
         { sed 's/^/    /' "$WORK/import.log" >&2; die "import failed"; }
     log "    imported in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}') s, $(du -sm "$WORK/remote/base" | cut -f1) MiB in the volume"
 fi
@@ -535,7 +569,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
     if [[ -n $WRAPPER ]]; then
         # shellcheck disable=SC2086 # the wrapper is a word list
         $WRAPPER "$SELF" --one-rep "$rep" "$WORK" --rows "$ROWS_RE" --link "$LINK" --smp "$SMP" --mem "$MEM" \
-            --timeout "$TIMEOUT" --append "$APPEND_EXTRA" || log "rep $rep: the wrapper failed"
+            --timeout "$TIMEOUT" --append "$APPEND_EXTRA" --serve-args "$SERVE_ARGS" || log "rep $rep: the wrapper failed"
     else
         run_rep "$rep"
     fi
@@ -550,8 +584,8 @@ failed() { awk -F'\t' -v r="$1" '$1 == r && $3 == "FAIL" {n++} END {print n + 0}
 LOCAL_MED=$(vals local 3 | median)
 TAB=$WORK/table.md
 {
-    echo "| row | time s (median) | per rep | guest uptime s | × local | target | met | MB from the remote: total (miss / profile / readahead / stream) | remote requests | guest misses | waits on the profile | stop s (sync + profile upload) |"
-    echo "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+    echo "| row | time s (median) | per rep | guest uptime s | × local | target | met | guest waited on the remote s | guest misses | waits on the profile | MB from the remote: total (miss / profile / readahead / stream / hydrate) | remote requests | daemon CPU s | stop s (sync + profile upload) |"
+    echo "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     for row in "${ROWS[@]}"; do
         med=$(vals "$row" 3 | median)
         per=$(vals "$row" 3 | paste -sd' ' | sed 's/ /, /g')
@@ -561,21 +595,24 @@ TAB=$WORK/table.md
         ratio=$(awk -v a="$med" -v b="$LOCAL_MED" 'BEGIN {print (a == "nan" || b == "nan") ? "n/a" : sprintf("%.2f", a / b)}')
         case $row in cold) tgt=1.2 ;; profile) tgt=1.02 ;; *) tgt="" ;; esac
         if [[ $row == http ]]; then
-            echo "| $row (qsd, QEMU's http driver) | $med | $per | $up | $ratio | - | - | $(vals "$row" 5 | median | awk '{printf "%.0f", $1 / 1e6}') | $(vals "$row" 6 | median) | - | - | - |"
+            echo "| $row (qsd, QEMU's http driver) | $med | $per | $up | $ratio | - | - | - | - | - | $(vals "$row" 5 | median | awk '{printf "%.0f", $1 / 1e6}') | $(vals "$row" 6 | median) | - | - |"
             continue
         fi
         met="-"
         [[ -z $tgt || $ratio == n/a ]] || met=$(awk -v r="$ratio" -v t="$tgt" 'BEGIN {print (r <= t) ? "yes" : "no"}')
-        if [[ $row == local ]]; then
-            echo "| $row | $med | $per | $up | 1.00 | - | - | - | - | - | - | - |"
+        if [[ $row == local || $row == file ]]; then
+            name=$row
+            [[ $row == local ]] && name="local (QEMU's qcow2 driver)"
+            [[ $row == file ]] && name="file (driveblk --image, no remote)"
+            echo "| $name | $med | $per | $up | $ratio | - | - | - | - | - | - | - | $(vals "$row" 12 | median) | - |"
         else
             mb=$(vals "$row" 5 | median | awk '{printf "%.0f", $1 / 1e6}')
-            by=$(vals "$row" 8 | awk -F/ '{m += $1; p += $2; r += $3; s += $4; n++} END {if (n) printf "%.0f / %.0f / %.0f / %.0f", m/n/1e6, p/n/1e6, r/n/1e6, s/n/1e6}')
-            echo "| $row | $med | $per | $up | $ratio | ≤ ${tgt}× | $met | $mb ($by) | $(vals "$row" 6 | median) | $(vals "$row" 7 | median) | $(vals "$row" 9 | median) | $(vals "$row" 10 | median) |"
+            by=$(vals "$row" 8 | awk -F/ '{m += $1; p += $2; r += $3; s += $4; h += $5; n++} END {if (n) printf "%.0f / %.0f / %.0f / %.0f / %.0f", m/n/1e6, p/n/1e6, r/n/1e6, s/n/1e6, h/n/1e6}')
+            echo "| $row | $med | $per | $up | $ratio | ≤ ${tgt}× | $met | $(vals "$row" 11 | median) | $(vals "$row" 7 | median) | $(vals "$row" 9 | median) | $mb ($by) | $(vals "$row" 6 | median) | $(vals "$row" 12 | median) | $(vals "$row" 10 | median) |"
         fi
     done
 } >"$TAB"
-HEAD="Guest: Debian 12 ($PKGS), ${DISK_SIZE} ext4 qcow2, ${STORED} MiB stored; cloud kernel $(sed -n 's/.*kernel=linux-image-\([^ ]*\) .*/\1/p' "$STAMP" | head -n1); QEMU $(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9.]*\).*/\1/p' | head -n1) -accel tcg -smp $SMP -m $MEM. Link: $LAT ms per request, $MBIT Mbit/s. Time: QEMU start to the marker (a unit after multi-user.target); guest uptime at the marker alongside. Medians of $REPS reps, rows interleaved per rep; MB by source: means. Load average (1/5/15) at start: $START_LOAD; after each rep: ${REP_LOADS[*]}; at end: $END_LOAD."
+HEAD="Guest: Debian 12 ($PKGS), ${DISK_SIZE} ext4 qcow2, ${STORED} MiB stored; cloud kernel $(sed -n 's/.*kernel=linux-image-\([^ ]*\) .*/\1/p' "$STAMP" | head -n1); QEMU $(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9.]*\).*/\1/p' | head -n1) -accel tcg -smp $SMP -m $MEM. Volume: chunk size ${CHUNK_SIZE:-1M}${SERVE_ARGS:+, serve $SERVE_ARGS}. Link: $LAT ms per request, $MBIT Mbit/s. Time: QEMU start to the marker (a unit after multi-user.target); guest uptime at the marker alongside. Medians of $REPS reps, rows interleaved per rep; MB by source: means. Load average (1/5/15) at start: $START_LOAD; after each rep: ${REP_LOADS[*]}; at end: $END_LOAD."
 echo
 echo "$HEAD"
 echo
