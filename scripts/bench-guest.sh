@@ -418,7 +418,9 @@ run_rep() {
         log "rep $rep: $row"
         case $row in
             local)
+                # In the page cache, and written back: the copy's writeback must not land in the boot.
                 cp --sparse=always "$IMG" "$WORK/local.qcow2"
+                sync "$WORK/local.qcow2"
                 cat "$WORK/local.qcow2" >/dev/null
                 if res=$(boot "r$rep-local" -blockdev "driver=file,node-name=f0,filename=$WORK/local.qcow2" \
                     -blockdev driver=qcow2,node-name=d0,file=f0 -device virtio-blk-pci,drive=d0,num-queues=1); then
@@ -430,6 +432,7 @@ run_rep() {
                 ;;
             file)
                 cp --sparse=always "$IMG" "$WORK/local.qcow2"
+                sync "$WORK/local.qcow2"
                 cat "$WORK/local.qcow2" >/dev/null
                 res=FAIL
                 if start_daemon "$WORK/r$rep-file.log" machine-file --image "$WORK/local.qcow2" --format qcow2; then
