@@ -581,7 +581,8 @@ done
 END_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- Table ---------------------------------------------------------------------------------------
-median() { sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+# Median of the numbers on stdin ("-" entries skipped; "nan" if none).
+median() { grep -E '^-?[0-9.]+$' | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 vals() { awk -F'\t' -v r="$1" -v c="$2" '$1 == r && $3 != "FAIL" {print $c}' "$WORK/results.tsv"; }
 failed() { awk -F'\t' -v r="$1" '$1 == r && $3 == "FAIL" {n++} END {print n + 0}' "$WORK/results.tsv"; }
 LOCAL_MED=$(vals local 3 | median)
@@ -607,7 +608,7 @@ TAB=$WORK/table.md
             name=$row
             [[ $row == local ]] && name="local (QEMU's qcow2 driver)"
             [[ $row == file ]] && name="file (driveblk --image, no remote)"
-            echo "| $name | $med | $per | $up | $ratio | - | - | - | - | - | - | - | $(vals "$row" 12 | median) | - |"
+            echo "| $name | $med | $per | $up | $ratio | - | - | - | - | - | - | - | $(vals "$row" 12 | median | sed 's/^nan$/-/') | - |"
         else
             mb=$(vals "$row" 5 | median | awk '{printf "%.0f", $1 / 1e6}')
             by=$(vals "$row" 8 | awk -F/ '{m += $1; p += $2; r += $3; s += $4; h += $5; n++} END {if (n) printf "%.0f / %.0f / %.0f / %.0f / %.0f", m/n/1e6, p/n/1e6, r/n/1e6, s/n/1e6, h/n/1e6}')
