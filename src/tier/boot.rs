@@ -242,14 +242,19 @@ pub enum Planned {
 /// segment is kept only if every chunk it touches is unchanged
 /// (`old.usable`), so a kept frame never carries stale bytes; only the
 /// fresh pages go up again.
-pub fn delta_plan(recorded: &Recorded, old: &Replay, chunk_size: u64) -> Vec<Planned> {
+///
+/// `unchanged(idx)` says whether chunk `idx` still has the digest the old
+/// profile recorded, asked when the new profile is built: a chunk this
+/// boot wrote and committed was usable when the boot began, but its old
+/// frame now holds replaced bytes.
+pub fn delta_plan(recorded: &Recorded, old: &Replay, chunk_size: u64, unchanged: &dyn Fn(u64) -> bool) -> Vec<Planned> {
     let segs = &old.index.segments;
     let keepable: Vec<bool> = segs
         .iter()
         .map(|s| {
             s.extents.iter().all(|e| {
                 let mut ok = true;
-                for_each_chunk_part(e.offset, e.len, chunk_size, |idx, _, _| ok &= old.usable(idx));
+                for_each_chunk_part(e.offset, e.len, chunk_size, |idx, _, _| ok &= old.usable(idx) && unchanged(idx));
                 ok
             })
         })
@@ -360,10 +365,14 @@ impl Replay {
     }
 
     /// Bytes of `[offset, offset + len)` the profile holds (usable pages
-    /// only: those of changed chunks do not count).
-    pub fn covered_bytes(&self, offset: u64, len: u64, chunk_size: u64) -> u64 {
+    /// only: those of chunks changed before the replay began, or for which
+    /// `unchanged` says no, do not count).
+    pub fn covered_bytes(&self, offset: u64, len: u64, chunk_size: u64, unchanged: &dyn Fn(u64) -> bool) -> u64 {
         let mut n = 0;
         for_each_chunk_part(offset, len, chunk_size, |idx, off, l| {
+            if !unchanged(idx) {
+                return;
+            }
             for &(a, b, _) in self.cover.get(&idx).map_or(&[][..], |v| &v[..]) {
                 let (s, e) = (a.max(off), b.min(off + l));
                 n += e.saturating_sub(s);
@@ -540,8 +549,8 @@ mod tests {
         assert_eq!(r.covering(2, 0, 1), None);
         // Chunk 0's last 2 pages + chunk 1's first 3 are held; chunk 5 is
         // not usable.
-        assert_eq!(r.covered_bytes(0, 2 * 65536, 65536), 5 * 4096);
-        assert_eq!(r.covered_bytes(65536 - 4096, 8192, 65536), 8192);
-        assert_eq!(r.covered_bytes(3 * 65536, 65536, 65536), 0);
+        assert_eq!(r.covered_bytes(0, 2 * 65536, 65536, &|_| true), 5 * 4096);
+        assert_eq!(r.covered_bytes(65536 - 4096, 8192, 65536, &|_| true), 8192);
+        assert_eq!(r.covered_bytes(3 * 65536, 65536, 65536, &|_| true), 0);
     }
 }
