@@ -458,3 +458,40 @@ fn a_delta_never_keeps_pages_this_boot_changed() {
     }
     s.close(Duration::from_secs(60));
 }
+
+/// Pages the recorded boot wrote without reading them (a log it appends
+/// to) are in the profile it saves once written back: the boot on the
+/// next machine reads them locally, and reads what was written.
+#[test]
+fn pages_a_recorded_boot_wrote_are_in_its_profile() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut data) = imported(d.path(), 48 << 20);
+    let reads = boot_reads(data.len() as u64, 5);
+    let read_chunks: std::collections::BTreeSet<u64> = reads.iter().map(|&(o, _)| o / CHUNK).collect();
+    let log_chunk = (0..data.len() as u64 / CHUNK).find(|c| !read_chunks.contains(c)).unwrap();
+    let log = log_chunk * CHUNK + 5 * 4096;
+
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c1"), &m, BootProfileMode::Auto)).unwrap();
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    let line = vec![0x77u8; 8192];
+    s.write_at(log, &line).unwrap();
+    s.flush().unwrap();
+    data[log as usize..log as usize + line.len()].copy_from_slice(&line);
+    assert_eq!(s.close(Duration::from_secs(60)), 0, "the write went up at close");
+    drop(s);
+
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    let before = m.snapshot().gets;
+    assert!(read(&*s, log, 8192) == line, "the written pages read back");
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert_eq!(m.snapshot().gets, before, "the written pages came with the profile");
+    assert_eq!(s.stats().misses, 0);
+    s.close(Duration::from_secs(60));
+}

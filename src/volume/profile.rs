@@ -530,9 +530,11 @@ impl ProfileBuilder {
             for idx in e.offset / cs..=(e.end() - 1) / cs {
                 match ref_digest(&self.manifest.chunk(idx, self.has_base)) {
                     Some(d) if old_refs.get(&idx) == Some(&d) => refs.push((idx, d)),
-                    Some(_) => return Err(VolumeError::InvalidOptions(format!(
+                    Some(_) => {
+                        return Err(VolumeError::InvalidOptions(format!(
                         "reused boot profile segment holds chunk {idx} as it was before a newer generation changed it"
-                    ))),
+                    )))
+                    }
                     None => {
                         return Err(VolumeError::InvalidOptions(format!(
                             "reused boot profile segment touches zero chunk {idx}"
