@@ -310,13 +310,18 @@ fn boot_profile_saved_at_stop_and_streamed_by_the_next_cold_start() {
     let info: serde_json::Value = serde_json::from_str(&run_ok(&["info", "--json", &url])).unwrap();
     assert!(info["boot_profile"].is_null(), "{info}");
 
-    // First boot: recorded, saved when the daemon stops.
+    // First boot: recorded, saved when the daemon stops. Over a 30 ms link
+    // every miss keeps the guest waiting at least a round trip, and status
+    // says how long it waited in all (reads one at a time here: the waits
+    // never overlap, except two chunks of one read).
     let cache1 = dir.path().join("cache1");
-    let d = serve(&sock, &url, &cache1, &[]);
+    let d = serve(&sock, &url, &cache1, &["--remote-latency-ms", "30"]);
     let mut c = Client::connect(&sock, 1);
     boot_like_reads(&mut c, &want);
     let st = status(&cache1);
     assert_eq!(st["boot_profile"]["recording"], true, "{st}");
+    let (misses, waited) = (st["remote"]["misses"].as_u64().unwrap(), st["remote"]["guest_wait_ms"].as_u64().unwrap());
+    assert!(misses > 0 && waited >= misses / 2 * 30, "{misses} misses over a 30 ms link, waited {waited} ms: {st}");
     drop(c);
     assert!(d.stop().success());
     let info: serde_json::Value = serde_json::from_str(&run_ok(&["info", "--json", &url])).unwrap();
@@ -343,6 +348,7 @@ fn boot_profile_saved_at_stop_and_streamed_by_the_next_cold_start() {
     boot_like_reads(&mut c, &want);
     let after = status(&cache2);
     assert_eq!(after["remote"]["misses"].as_u64().unwrap(), misses, "boot reads waited on the remote: {after}");
+    assert_eq!(after["remote"]["guest_wait_ms"], st["remote"]["guest_wait_ms"], "{after}");
     assert!(after["chunks_partial"].as_u64().unwrap() > 0, "{after}");
     drop(c);
     // The boot matched the profile: stopping uploads no new one.

@@ -202,7 +202,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
         "ram": { "bytes": s.ram_bytes, "cap": s.ram_cap, "hits": s.ram_hits, "promotions": s.ram_promotions },
         "ssd": { "bytes": s.ssd_bytes, "cap": s.ssd_cap, "hits": s.ssd_hits, "evictions": s.ssd_evictions },
         "zero_hits": s.zero_hits,
-        "remote": { "misses": s.misses, "fetches": s.remote_fetches, "bytes": s.remote_bytes,
+        "remote": { "misses": s.misses, "guest_wait_ms": s.guest_wait_ms, "fetches": s.remote_fetches, "bytes": s.remote_bytes,
                     "errors": s.fetch_errors, "readahead_chunks": s.readahead_chunks,
                     "guest_timeouts": s.remote_timeouts,
                     "bytes_by_source": { "miss": s.bytes_miss, "profile": s.bytes_profile,
@@ -334,8 +334,9 @@ pub fn render(v: &Value) -> String {
         u("/ssd/evictions")
     );
     out += &format!(
-        "remote      {} misses, {} fetches, {} downloaded, {} errors, {} chunks read ahead\n",
+        "remote      {} misses (the guest waited {:.1} s), {} fetches, {} downloaded, {} errors, {} chunks read ahead\n",
         u("/remote/misses"),
+        u("/remote/guest_wait_ms") as f64 / 1000.0,
         u("/remote/fetches"),
         human(u("/remote/bytes")),
         u("/remote/errors"),

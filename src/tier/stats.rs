@@ -51,6 +51,40 @@ impl Striped {
     }
 }
 
+/// Wall time during which at least one guest read waited on the remote:
+/// what a cold start costs the guest, overlapping waits counted once.
+#[derive(Debug, Default)]
+pub struct WaitClock {
+    waiting: u32,
+    since: Option<std::time::Instant>,
+    total: std::time::Duration,
+}
+
+impl WaitClock {
+    /// A guest read starts waiting.
+    pub fn begin(&mut self, now: std::time::Instant) {
+        self.waiting += 1;
+        if self.waiting == 1 {
+            self.since = Some(now);
+        }
+    }
+
+    /// A guest read stops waiting.
+    pub fn end(&mut self, now: std::time::Instant) {
+        self.waiting = self.waiting.saturating_sub(1);
+        if self.waiting == 0 {
+            if let Some(s) = self.since.take() {
+                self.total += now.saturating_duration_since(s);
+            }
+        }
+    }
+
+    /// Waited so far, the wait under way included.
+    pub fn total(&self, now: std::time::Instant) -> std::time::Duration {
+        self.total + self.since.map_or(std::time::Duration::ZERO, |s| now.saturating_duration_since(s))
+    }
+}
+
 /// Live counters, bumped on the I/O paths.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -81,6 +115,9 @@ pub struct Counters {
     pub profile_waits: AtomicU64,
     /// Chunks whose boot profile pages did not match the chunk's digest.
     pub profile_rejected: AtomicU64,
+    /// Time guest reads spent waiting on the remote (misses only: a hit
+    /// never touches it).
+    pub guest_wait: parking_lot::Mutex<WaitClock>,
 }
 
 impl Counters {
@@ -122,6 +159,9 @@ pub struct TierStats {
     pub ram_promotions: u64,
     /// Chunk-parts that had to wait for the remote.
     pub misses: u64,
+    /// Wall time, in ms, during which at least one guest read waited on
+    /// the remote.
+    pub guest_wait_ms: u64,
     /// Chunks fetched from the remote and bytes that crossed the link.
     pub remote_fetches: u64,
     pub remote_bytes: u64,
@@ -188,5 +228,20 @@ mod tests {
             .collect();
         ts.into_iter().for_each(|t| t.join().unwrap());
         assert_eq!(c.get(), 20_000);
+    }
+
+    #[test]
+    fn wait_clock_counts_overlapping_waits_once() {
+        let t0 = std::time::Instant::now();
+        let ms = |n| t0 + std::time::Duration::from_millis(n);
+        let mut w = WaitClock::default();
+        w.begin(ms(0));
+        w.begin(ms(50)); // a second read waits while the first still does
+        w.end(ms(100));
+        assert_eq!(w.total(ms(120)).as_millis(), 120, "a wait under way counts");
+        w.end(ms(150));
+        w.begin(ms(300));
+        w.end(ms(400));
+        assert_eq!(w.total(ms(1000)).as_millis(), 250, "0..150 and 300..400, idle time not counted");
     }
 }

@@ -387,6 +387,7 @@ impl TieredStore {
             zero_hits: c.zero_hits.get(),
             ram_promotions: l(&c.ram_promotions),
             misses: l(&c.misses),
+            guest_wait_ms: c.guest_wait.lock().total(std::time::Instant::now()).as_millis() as u64,
             remote_fetches: l(&c.remote_fetches),
             remote_bytes: l(&c.remote_bytes),
             bytes_miss: i.lanes.bytes(fetch::Source::Miss),
@@ -967,6 +968,7 @@ impl Inner {
         if let Some(rec) = &self.recorder {
             rec.stall_begin();
         }
+        self.counters.guest_wait.lock().begin(std::time::Instant::now());
         let results = self.wait_guest(async move {
             let mut out = Vec::with_capacity(waits.len());
             for w in waits {
@@ -983,6 +985,7 @@ impl Inner {
         if let Some(rec) = &self.recorder {
             rec.stall_end();
         }
+        self.counters.guest_wait.lock().end(std::time::Instant::now());
         self.demand.fetch_sub(1, Ordering::SeqCst);
         'pieces: for (p, r) in misses.into_iter().zip(results?) {
             let sub = bufs.slice(p.buf_off, p.len);
