@@ -46,7 +46,8 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 /// Bytes by source add up to the bytes downloaded; replayed segments never
 /// exceed the profile's.
 fn counts_add_up(st: &TierStats) {
-    let by = st.bytes_miss + st.bytes_profile + st.bytes_readahead + st.bytes_hydrate + st.bytes_stream;
+    let by =
+        st.bytes_miss + st.bytes_profile + st.bytes_readahead + st.bytes_hydrate + st.bytes_stream + st.bytes_index;
     assert_eq!(by, st.remote_bytes, "{st:?}");
     assert!(st.profile_segments_done <= st.profile_segments, "{st:?}");
 }

@@ -36,6 +36,7 @@ mod boot_profile;
 mod fetch;
 mod hot_set;
 mod lease;
+mod part;
 mod stream;
 mod writeback;
 
@@ -82,6 +83,8 @@ impl SharedError {
 enum Pending {
     Chunk(Flight<FetchResult>),
     Segments(Vec<Flight<SegmentResult>>),
+    /// Only the chunk's sub-frames the piece needs (`part.rs`).
+    Part(Flight<SegmentResult>),
 }
 
 /// One chunk's share of a request.
@@ -143,6 +146,10 @@ struct Inner {
     replay: RwLock<Option<Arc<Replay>>>,
     /// Profile segments being fetched (single flight per segment).
     segment_flights: SingleFlight<usize, SegmentResult>,
+    /// Parts of chunks being fetched: (chunk, first sub-frame, end).
+    part_flights: SingleFlight<(u64, u64, u64), SegmentResult>,
+    /// Chunks a guest miss fetched part of (a second part sends for the rest).
+    parted: parking_lot::Mutex<std::collections::HashSet<u64>>,
     /// The profile is streaming now.
     streaming: AtomicBool,
     boot_mode: BootProfileMode,
@@ -236,6 +243,8 @@ impl TieredStore {
                 .then(|| Recorder::new(vol.image_len(), opts.boot_profile_window)),
             replay: RwLock::new(None),
             segment_flights: SingleFlight::default(),
+            part_flights: SingleFlight::default(),
+            parted: Default::default(),
             streaming: AtomicBool::new(false),
             boot_mode: opts.boot_profile,
             saving: AtomicBool::new(false),
@@ -277,6 +286,9 @@ impl TieredStore {
         }
         if opts.boot_profile != BootProfileMode::Off && !inner.vol.offline {
             rt.spawn(inner.clone().boot_profile());
+        }
+        if !inner.vol.offline {
+            rt.spawn(inner.clone().prefetch_indexes());
         }
         // Clean chunks fetched since the last flush are recorded every few
         // seconds, so a restart after a crash still finds most of them.
@@ -357,6 +369,8 @@ impl TieredStore {
             bytes_readahead: i.lanes.bytes(fetch::Source::Readahead),
             bytes_hydrate: i.lanes.bytes(fetch::Source::Hydrate),
             bytes_stream: i.lanes.bytes(fetch::Source::Stream),
+            bytes_index: i.lanes.bytes(fetch::Source::Index),
+            part_fetches: l(&c.part_fetches),
             fetch_errors: l(&c.fetch_errors),
             remote_timeouts: l(&c.remote_timeouts),
             readahead_chunks: l(&c.readahead_chunks),
@@ -750,6 +764,31 @@ impl Inner {
             }
             return Ok(buf);
         }
+        // Speculative work completing a partial chunk of sub-frames fetches
+        // only the sub-frames it lacks (a guest that joins raises it).
+        if src != fetch::Source::Miss
+            && self.ssd.state(idx) == super::ssd::PARTIAL
+            && self.vol.part_ready(idx)
+            && self.fetch_rest(idx, src, urgency.clone()).await.is_ok()
+        {
+            let me = self.clone();
+            let local = tokio::task::spawn_blocking(move || {
+                let _g = me.ssd.lock_read(idx);
+                if me.ssd.has_chunk(idx) {
+                    me.ssd.read_chunk(idx).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .await;
+            if let Ok(Ok(Some(v))) = local {
+                let buf: ChunkBuf = Arc::new(RwLock::new(v));
+                if to_ram {
+                    self.ram.insert(idx, buf.clone());
+                }
+                return Ok(buf);
+            }
+        }
         // A generation committed while the fetch ran may have replaced
         // this chunk's reference: then the bytes are stale, fetch again.
         for attempt in 0.. {
@@ -874,8 +913,9 @@ impl Inner {
             return Ok(());
         }
         // A miss the boot profile covers waits for its segments (which
-        // bring exactly the pages the boot reads); any other fetches its
-        // whole chunk.
+        // bring exactly the pages the boot reads); any other fetches the
+        // sub-frames it needs when its chunk has them (and no fetch of the
+        // whole chunk runs already), else its whole chunk.
         let replay = self.replay.read().clone();
         let waits: Vec<Pending> = misses
             .iter()
@@ -884,9 +924,11 @@ impl Inner {
                     let rp = replay.as_ref().expect("covering came from it");
                     Pending::Segments(segs.into_iter().map(|s| self.segment_flight(rp, s, true)).collect())
                 }
+                None if self.part_wanted(p.idx) => Pending::Part(self.part_flight(p.idx, p.off as u64, p.len as u64)),
                 None => Pending::Chunk(self.guest_flight(p.idx, true)),
             })
             .collect();
+        let parts: Vec<bool> = waits.iter().map(|w| matches!(w, Pending::Part(_))).collect();
         if mode == IoMode::NonBlocking {
             // The fetches are under way; the blocking retry will join them
             // (and count the misses, so a retried request counts once).
@@ -911,6 +953,10 @@ impl Inner {
                         futures::future::join_all(fs).await;
                         None
                     }
+                    Pending::Part(f) => {
+                        let _ = f.await;
+                        None
+                    }
                 });
             }
             out
@@ -919,11 +965,11 @@ impl Inner {
             rec.stall_end();
         }
         self.demand.fetch_sub(1, Ordering::SeqCst);
-        'pieces: for (p, r) in misses.into_iter().zip(results?) {
+        'pieces: for ((p, r), part) in misses.into_iter().zip(results?).zip(parts) {
             let sub = bufs.slice(p.buf_off, p.len);
             // Prefer the tiers (a write may have landed since the fetch).
             if self.serve_local(p, &sub, IoMode::Blocking)? {
-                if r.is_none() {
+                if r.is_none() && !part {
                     Counters::inc(&self.counters.profile_waits);
                 }
                 continue;

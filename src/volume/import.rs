@@ -35,6 +35,10 @@ pub struct ImportOptions {
     pub image_format: Option<String>,
     /// Encrypt the volume with a new data key wrapped by `remote.key`.
     pub encrypt: bool,
+    /// Store chunks as sub-frames with an index per pack (docs/format.md),
+    /// so a miss can fetch part of a chunk; false writes one frame per
+    /// chunk, as versions before sub-frames did.
+    pub subframes: bool,
 }
 
 impl Default for ImportOptions {
@@ -48,6 +52,7 @@ impl Default for ImportOptions {
             remote: RemoteOptions::default(),
             image_format: None,
             encrypt: false,
+            subframes: true,
         }
     }
 }
@@ -186,7 +191,8 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     let bar = super::progress::bar_of(opts.progress, image_len, "import", super::progress::Unit::Bytes);
     let cs = opts.chunk_size as usize;
     let mut buf = vec![0u8; cs];
-    let mut pack = PackWriter::new();
+    let new_pack = || if opts.subframes { PackWriter::indexed(opts.chunk_size) } else { PackWriter::new() };
+    let mut pack = new_pack();
     let mut uploads: JoinSet<VolumeResult<ObjectMeta>> = JoinSet::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel_uploads.max(1)));
     let mut idx = 0u64;
@@ -203,7 +209,11 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
             .map_err(|_| VolumeError::InvalidOptions("upload limiter closed".into()))?;
         let remote = remote.clone();
         let url = url_s.clone();
-        let body = PutBody::from_bytes(pack.finish());
+        let (body, index) = pack.finish();
+        if let Some(ix) = index {
+            manifest.indexes.insert(key.clone(), ix);
+        }
+        let body = PutBody::from_bytes(body);
         uploads.spawn_on(
             async move {
                 let r =
@@ -229,7 +239,7 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
                 .chunks
                 .insert(idx, ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, sha256: pc.sha256 });
             if pack.len() as u64 >= opts.pack_size {
-                ship(std::mem::take(&mut pack), &mut manifest, &mut uploads)?;
+                ship(std::mem::replace(&mut pack, new_pack()), &mut manifest, &mut uploads)?;
             }
         }
         // Reap finished uploads early so a failure stops the import soon.

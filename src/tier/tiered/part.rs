@@ -1,0 +1,191 @@
+//! Misses that cost the bytes they need: in a chunk stored as sub-frames
+//! (`volume::subframe`), a guest miss fetches, verifies and installs only
+//! the sub-frames covering it, at once; the rest of a chunk the guest keeps
+//! missing in follows as speculative work. Packs' sub-frame indexes are
+//! fetched once, in the background, from the start.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+use super::fetch::Source;
+use super::{Inner, SegmentResult, SharedError};
+use crate::remote::retry::within_budget;
+use crate::tier::single_flight::{Flight, Urgency};
+use crate::tier::ssd::{ABSENT, PARTIAL};
+use crate::tier::stats::Counters;
+use crate::volume::subframe::SUB_SIZE;
+use crate::volume::{Part, VolumeError};
+
+/// Indexes fetched at once in the background.
+const INDEX_FETCHES: usize = 8;
+
+impl Inner {
+    /// True when a guest miss in chunk `idx` should fetch only its part:
+    /// the chunk is stored as sub-frames of a known index, no fetch of the
+    /// whole chunk runs already (joining it is cheaper), and the SSD tier
+    /// can hold pages of it.
+    pub(super) fn part_wanted(&self, idx: u64) -> bool {
+        matches!(self.ssd.state(idx), ABSENT | PARTIAL) && !self.flights.contains(&idx) && self.vol.part_ready(idx)
+    }
+
+    /// The single flight fetching the sub-frames of chunk `idx` covering
+    /// `[off, off + len)` for a guest (urgent).
+    pub(super) fn part_flight(self: &Arc<Self>, idx: u64, off: u64, len: u64) -> Flight<SegmentResult> {
+        let sub = u64::from(SUB_SIZE);
+        let key = (idx, off / sub, (off + len).div_ceil(sub));
+        let me = self.clone();
+        let budget = self.remote_wait.call_budget();
+        self.part_flights.join_as(
+            &self.handle,
+            key,
+            true,
+            move |_| within_budget(budget, me.fetch_part(idx, off, len)),
+            || Err(super::closing()),
+        )
+    }
+
+    /// Fetches the part for a guest and installs it; a second part missed
+    /// in the same chunk sends for the rest of it, speculatively.
+    async fn fetch_part(self: Arc<Self>, idx: u64, off: u64, len: u64) -> SegmentResult {
+        let again = self.ssd.state(idx) == PARTIAL && self.parted.lock().contains(&idx);
+        self.parted.lock().insert(idx);
+        let part = {
+            let _permit = self.fetch_sem.acquire().await;
+            self.vol.fetch_part(idx, off, len).await
+        };
+        self.install_part(idx, part, Source::Miss).await?;
+        Counters::inc(&self.counters.part_fetches);
+        if again {
+            let me = self.clone();
+            self.handle.spawn(async move {
+                let _ = me.fetch_rest(idx, Source::Readahead, Urgency::new(false)).await;
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts and installs a fetched part in the SSD tier (unless a commit
+    /// replaced the chunk meanwhile, or it is no longer absent or partial).
+    async fn install_part(
+        self: &Arc<Self>,
+        idx: u64,
+        part: crate::volume::VolumeResult<Option<Part>>,
+        src: Source,
+    ) -> SegmentResult {
+        let part = match part {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                return Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!(
+                    "chunk {idx} has no sub-frames to fetch"
+                )))))
+            }
+            Err(e) => {
+                Counters::inc(&self.counters.fetch_errors);
+                tracing::warn!(chunk = idx, error = %e, "fetch of part of a chunk failed");
+                return Err(SharedError(Arc::new(e)));
+            }
+        };
+        Counters::inc(&self.counters.remote_fetches);
+        self.counters.remote_bytes.fetch_add(part.wire_bytes, Ordering::Relaxed);
+        self.lanes.count(src, part.wire_bytes);
+        let me = self.clone();
+        let installed = tokio::task::spawn_blocking(move || -> io::Result<bool> {
+            let _g = me.ssd.lock_write(idx);
+            if !me.vol.chunk_ref(idx).same_bytes(&part.chunk_ref) {
+                return Ok(false);
+            }
+            me.ssd.install_pages(idx, part.off, &part.data)
+        })
+        .await;
+        match installed {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!(
+                "part of chunk {idx} could not be kept (changed meanwhile, or no room)"
+            ))))),
+            Ok(Err(e)) => Err(SharedError(Arc::new(VolumeError::io("storing part of a chunk in", self.ssd.dir(), e)))),
+            Err(e) => Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!("part install task: {e}"))))),
+        }
+    }
+
+    /// Fetches the sub-frames of partial chunk `idx` it lacks (runs of
+    /// missing sub-frames, one ranged read each) within the speculative
+    /// budget unless `urgency` says a guest waits. Ok once the chunk is
+    /// whole in the SSD tier.
+    pub(super) async fn fetch_rest(self: &Arc<Self>, idx: u64, src: Source, urgency: Arc<Urgency>) -> SegmentResult {
+        let sub = u64::from(SUB_SIZE);
+        let chunk_len = self.vol.chunk_len(idx) as u64;
+        let mut runs = Vec::new();
+        let mut start = None;
+        let mut at = 0;
+        while at < chunk_len {
+            let n = sub.min(chunk_len - at);
+            let missing = !self.ssd.has_pages(idx, at, n);
+            match (missing, start) {
+                (true, None) => start = Some(at),
+                (false, Some(s)) => {
+                    runs.push((s, at - s));
+                    start = None;
+                }
+                _ => {}
+            }
+            at += n;
+        }
+        if let Some(s) = start {
+            runs.push((s, chunk_len - s));
+        }
+        for (off, len) in runs {
+            let part = {
+                let _lane = self.lanes.admit(len, &urgency).await;
+                let _permit = self.fetch_sem.acquire().await;
+                self.vol.fetch_part(idx, off, len).await
+            };
+            self.install_part(idx, part, src).await?;
+        }
+        if self.ssd.has_chunk(idx) {
+            Ok(())
+        } else {
+            Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!("chunk {idx} is still not whole")))))
+        }
+    }
+
+    /// Fetches the sub-frame indexes of the served generation's packs, a
+    /// few at a time, as speculative work: until a pack's index is known,
+    /// misses in it fetch whole chunks.
+    pub(super) async fn prefetch_indexes(self: Arc<Self>) {
+        let keys = self.vol.indexes_to_fetch();
+        if keys.is_empty() {
+            return;
+        }
+        let sem = Arc::new(Semaphore::new(INDEX_FETCHES));
+        let mut set = tokio::task::JoinSet::new();
+        let n = keys.len();
+        for key in keys {
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(permit) = sem.clone().acquire_owned().await else { return };
+            let me = self.clone();
+            set.spawn(async move {
+                let want = me.vol.manifest().indexes.get(&key).map_or(0, |r| r.len);
+                let _lane = me.lanes.admit(want, &Urgency::new(false)).await;
+                match me.vol.pack_index(&key).await {
+                    Ok((_, bytes)) if bytes > 0 => {
+                        Counters::inc(&me.counters.remote_fetches);
+                        me.counters.remote_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        me.lanes.count(Source::Index, bytes);
+                    }
+                    Ok(_) => {}
+                    // Its chunks are then fetched whole, as before indexes.
+                    Err(e) => tracing::warn!(pack = %key, error = %e, "could not read a pack's sub-frame index"),
+                }
+                drop(permit);
+            });
+            while set.try_join_next().is_some() {}
+        }
+        while set.join_next().await.is_some() {}
+        tracing::debug!(packs = n, "sub-frame indexes fetched");
+    }
+}
