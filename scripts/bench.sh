@@ -36,6 +36,8 @@
 #                    volume is imported once per chunk size (default "1M")
 #   --cold-link "MS MBIT"   simulated link (default "100 200": 100 ms per request, 200 Mbit/s)
 #   --cold-no-export skip the download-first measurement
+#   --cold-import-args A  extra arguments for the cold volume's import, e.g. "--single-frames"
+#                    (one zstd frame per chunk, as before sub-frames: misses fetch whole chunks)
 #   --cold-remote R  dir (default: a local folder behind the simulated link) or gdrive: the
 #                    project's Drive emulator (driveemu) on loopback shapes the link itself
 #                    (--cold-link latency per request, one shared bandwidth) and enforces a
@@ -57,6 +59,7 @@
 #                    dir, given to every driveblk command by DRIVEBLK_KEY_FILE): the cost of
 #                    encryption is this run's rows against a run without it
 # Env: BENCH_A / BENCH_B pick the two daemons (driveblk|qsd; default driveblk vs qsd).
+#      BENCH_TMPDIR=dir holds the work dir (default /var/tmp), e.g. /dev/shm when the disk is short.
 #      DRIVEBLK_BIN=path benchmarks a prebuilt driveblk instead of building this tree's.
 set -euo pipefail
 
@@ -66,7 +69,7 @@ A=${BENCH_A:-driveblk}
 B=${BENCH_B:-qsd}
 REPS=3 RUNTIME=8 WARMUP=1 SIZE=2G ROWS_RE="" RECORD=0 KEEP=0 QUICK=0 REPS_SET=0
 CEILING=1 DROP_CACHES=0 COLD=0 COLD_ONLY=0 COLD_SIZE=10G COLD_LINK="100 200" COLD_EXPORT=1 COLD_CONFIGS=()
-COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200 IMPORT_ENC=
+COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200 IMPORT_ENC= COLD_IMPORT_ARGS=
 SYNC_LINK="100 200"
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
@@ -91,6 +94,7 @@ while [[ $# -gt 0 ]]; do
         --cold-size) COLD_SIZE=$2; shift 2 ;;
         --cold-link) COLD_LINK=$2; shift 2 ;;
         --cold-no-export) COLD_EXPORT=0; shift ;;
+        --cold-import-args) COLD_IMPORT_ARGS=$2; shift 2 ;;
         --cold-remote) COLD_REMOTE=$2; shift 2 ;;
         --cold-drive-limit) COLD_DRIVE_LIMIT=$2; shift 2 ;;
         --sync-link) SYNC_LINK=$2; shift 2 ;;
@@ -222,7 +226,7 @@ EMU=$TARGET/release/driveemu EMU_PID=""
 
 # ---- Work dir, cleanup -------------------------------------------------------------------------
 # /var/tmp rather than /tmp: the image should sit on a real filesystem's page cache, not tmpfs.
-WORK=$(mktemp -d /var/tmp/driveblk-bench.XXXXXX)
+WORK=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/driveblk-bench.XXXXXX")
 if [[ -n $IMPORT_ENC ]]; then
     head -c 32 /dev/urandom >"$WORK/volume.key"
     export DRIVEBLK_KEY_FILE=$WORK/volume.key
@@ -705,7 +709,7 @@ cold_experiment() {
             log "cold: importing with --chunk-size $cs"
             t0=$EPOCHREALTIME
             # shellcheck disable=SC2086
-            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $IMPORT_ENC $( [[ $COLD_REMOTE == gdrive ]] && echo "$link" ) >"$WORK/cold-import-$cs.log" 2>&1 ||
+            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $IMPORT_ENC $COLD_IMPORT_ARGS $( [[ $COLD_REMOTE == gdrive ]] && echo "$link" ) >"$WORK/cold-import-$cs.log" 2>&1 ||
                 { sed 's/^/    /' "$WORK/cold-import-$cs.log" >&2; die "cold import failed"; }
             sync -f "$WORK"
             imported[$cs]=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.0f", b - a}')
@@ -722,7 +726,7 @@ cold_experiment() {
             # Drive: a fresh volume per config (profiles cannot be removed by path here).
             url=gdrive:/bench/cold-$cs-${#COLD_ROWS[@]}
             # shellcheck disable=SC2086
-            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $IMPORT_ENC $link >"$WORK/cold-import-$cs-again.log" 2>&1 ||
+            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $IMPORT_ENC $COLD_IMPORT_ARGS $link >"$WORK/cold-import-$cs-again.log" 2>&1 ||
                 die "cold: re-import for $spec failed"
         }
         local run

@@ -148,8 +148,6 @@ struct Inner {
     segment_flights: SingleFlight<usize, SegmentResult>,
     /// Parts of chunks being fetched: (chunk, first sub-frame, end).
     part_flights: SingleFlight<(u64, u64, u64), SegmentResult>,
-    /// Chunks a guest miss fetched part of (a second part sends for the rest).
-    parted: parking_lot::Mutex<std::collections::HashSet<u64>>,
     /// The profile is streaming now.
     streaming: AtomicBool,
     boot_mode: BootProfileMode,
@@ -244,7 +242,6 @@ impl TieredStore {
             replay: RwLock::new(None),
             segment_flights: SingleFlight::default(),
             part_flights: SingleFlight::default(),
-            parted: Default::default(),
             streaming: AtomicBool::new(false),
             boot_mode: opts.boot_profile,
             saving: AtomicBool::new(false),
@@ -764,10 +761,9 @@ impl Inner {
             }
             return Ok(buf);
         }
-        // Speculative work completing a partial chunk of sub-frames fetches
-        // only the sub-frames it lacks (a guest that joins raises it).
-        if src != fetch::Source::Miss
-            && self.ssd.state(idx) == super::ssd::PARTIAL
+        // Completing a partial chunk of sub-frames fetches only the
+        // sub-frames it lacks (a guest that joins speculative work raises it).
+        if self.ssd.state(idx) == super::ssd::PARTIAL
             && self.vol.part_ready(idx)
             && self.fetch_rest(idx, src, urgency.clone()).await.is_ok()
         {

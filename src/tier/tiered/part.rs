@@ -1,7 +1,8 @@
 //! Misses that cost the bytes they need: in a chunk stored as sub-frames
 //! (`volume::subframe`), a guest miss fetches, verifies and installs only
-//! the sub-frames covering it, at once; the rest of a chunk the guest keeps
-//! missing in follows as speculative work. Packs' sub-frame indexes are
+//! the sub-frames covering it, at once (outside regions the guest reads
+//! densely, where whole chunks save round trips); completing a partial
+//! chunk fetches only the sub-frames it lacks. Packs' sub-frame indexes are
 //! fetched once, in the background, from the start.
 
 use std::io;
@@ -25,16 +26,30 @@ const INDEX_FETCHES: usize = 8;
 impl Inner {
     /// True when a guest miss in chunk `idx` should fetch only its part:
     /// the chunk is stored as sub-frames of a known index, no fetch of the
-    /// whole chunk runs already (joining it is cheaper), and the SSD tier
-    /// can hold pages of it.
+    /// whole chunk runs already (joining it is cheaper), the SSD tier can
+    /// hold pages of it, and its region is not one the guest reads densely
+    /// (there a whole chunk saves the round trips of the misses to come).
     pub(super) fn part_wanted(&self, idx: u64) -> bool {
-        matches!(self.ssd.state(idx), ABSENT | PARTIAL) && !self.flights.contains(&idx) && self.vol.part_ready(idx)
+        matches!(self.ssd.state(idx), ABSENT | PARTIAL)
+            && !self.flights.contains(&idx)
+            && !self.dense.is_dense(idx, self.cs)
+            && self.vol.part_ready(idx)
     }
 
     /// The single flight fetching the sub-frames of chunk `idx` covering
     /// `[off, off + len)` for a guest (urgent).
     pub(super) fn part_flight(self: &Arc<Self>, idx: u64, off: u64, len: u64) -> Flight<SegmentResult> {
         let sub = u64::from(SUB_SIZE);
+        // Sub-frames at the edges already local are not fetched again.
+        let cl = (self.vol.chunk_len(idx) as u64).max(off + len);
+        let (mut a, mut b) = (off / sub * sub, ((off + len).div_ceil(sub) * sub).min(cl));
+        while a + sub < b && self.ssd.has_pages(idx, a, sub) {
+            a += sub;
+        }
+        while b - a > sub && self.ssd.has_pages(idx, (b - 1) / sub * sub, b - (b - 1) / sub * sub) {
+            b = (b - 1) / sub * sub;
+        }
+        let (off, len) = (a, b - a);
         let key = (idx, off / sub, (off + len).div_ceil(sub));
         let me = self.clone();
         let budget = self.remote_wait.call_budget();
@@ -47,23 +62,18 @@ impl Inner {
         )
     }
 
-    /// Fetches the part for a guest and installs it; a second part missed
-    /// in the same chunk sends for the rest of it, speculatively.
+    /// Fetches the part for a guest and installs it. The rest of the chunk
+    /// is not sent for here: in a region the guest reads densely misses
+    /// fetch whole chunks and the first boot's stream brings the rest (of a
+    /// partial chunk, only the sub-frames it lacks); elsewhere the rest is
+    /// rarely read.
     async fn fetch_part(self: Arc<Self>, idx: u64, off: u64, len: u64) -> SegmentResult {
-        let again = self.ssd.state(idx) == PARTIAL && self.parted.lock().contains(&idx);
-        self.parted.lock().insert(idx);
         let part = {
             let _permit = self.fetch_sem.acquire().await;
             self.vol.fetch_part(idx, off, len).await
         };
         self.install_part(idx, part, Source::Miss).await?;
         Counters::inc(&self.counters.part_fetches);
-        if again {
-            let me = self.clone();
-            self.handle.spawn(async move {
-                let _ = me.fetch_rest(idx, Source::Readahead, Urgency::new(false)).await;
-            });
-        }
         Ok(())
     }
 
@@ -117,6 +127,9 @@ impl Inner {
     pub(super) async fn fetch_rest(self: &Arc<Self>, idx: u64, src: Source, urgency: Arc<Urgency>) -> SegmentResult {
         let sub = u64::from(SUB_SIZE);
         let chunk_len = self.vol.chunk_len(idx) as u64;
+        // Room on the link first: a guest's part fetched meanwhile is then
+        // installed and not fetched again.
+        let _lane = self.lanes.admit(chunk_len, &urgency).await;
         let mut runs = Vec::new();
         let mut start = None;
         let mut at = 0;
@@ -136,13 +149,15 @@ impl Inner {
         if let Some(s) = start {
             runs.push((s, chunk_len - s));
         }
-        for (off, len) in runs {
+        let fetches = runs.into_iter().map(|(off, len)| async move {
             let part = {
-                let _lane = self.lanes.admit(len, &urgency).await;
                 let _permit = self.fetch_sem.acquire().await;
                 self.vol.fetch_part(idx, off, len).await
             };
-            self.install_part(idx, part, src).await?;
+            self.install_part(idx, part, src).await
+        });
+        for r in futures::future::join_all(fetches).await {
+            r?;
         }
         if self.ssd.has_chunk(idx) {
             Ok(())
