@@ -38,6 +38,14 @@ if ! have garage && [ ! -x "$HOME/.cargo/bin/garage" ]; then
     cargo install --locked --quiet garage --version 2.5.0
 fi
 
+# Azurite: Microsoft's Azure Blob Storage emulator the az:// tests start
+# (scripts/azurite.sh), from npm; Node comes from Debian if missing.
+if ! have azurite-blob; then
+  have npm || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+  echo "deps: installing azurite (npm)" >&2
+  npm install -g --silent azurite@3 >/dev/null
+fi
+
 if [ ${#need_apt[@]} -eq 0 ]; then
   exit 0
 fi

@@ -4,7 +4,8 @@
 #   scripts/garage.sh start DIR   # start it in DIR; prints `export VAR=...`
 #                                 # lines (endpoint, key, bucket) on stdout
 #   scripts/garage.sh stop DIR    # stop it (DIR stays)
-#   GARAGE_WATCH_PID=PID ...      # start: also stop it when PID exits
+#   GARAGE_WATCH_PID=PID ...      # start: also stop it when PID exits,
+#                                 # and then delete DIR (a test's scratch)
 #
 #   eval "$(scripts/garage.sh start /tmp/g)"
 #   driveblk import disk.qcow2 s3://$GARAGE_BUCKET/vols/disk
@@ -26,13 +27,8 @@ fi
 [ "$cmd" = start ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
 [ -x "$garage_bin" ] || { echo "garage: no binary (set GARAGE, or run scripts/deps.sh)" >&2; exit 1; }
 
-free_port() { # a port nothing listens on now
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 40000))
-    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-  done
-}
+# shellcheck source=scripts/loopback.sh
+. "$(dirname "$0")/loopback.sh"
 s3=${GARAGE_S3_PORT:-$(free_port)}
 rpc=${GARAGE_RPC_PORT:-$(free_port)}
 admin=${GARAGE_ADMIN_PORT:-$(free_port)}
@@ -65,7 +61,10 @@ echo $! > "$dir/pid"
 if [ -n "${GARAGE_WATCH_PID:-}" ]; then
   ( gp=$(cat "$dir/pid")
     while kill -0 "$GARAGE_WATCH_PID" 2>/dev/null && kill -0 "$gp" 2>/dev/null; do sleep 1; done
-    kill "$gp" 2>/dev/null ) >/dev/null 2>&1 < /dev/null &
+    kill "$gp" 2>/dev/null
+    # The server's files go with it: nobody else knows this directory.
+    for _ in $(seq 1 50); do kill -0 "$gp" 2>/dev/null || break; sleep 0.2; done
+    rm -rf "$dir" ) >/dev/null 2>&1 < /dev/null &
   disown
 fi
 for _ in $(seq 1 100); do

@@ -1,6 +1,7 @@
 //! One conformance suite for every backend of the `Remote` trait, run
 //! against real stores: `dir:` (a local folder), `gdrive:` (the Drive API
-//! emulator) and `s3://` (a real Garage started by `scripts/garage.sh`).
+//! emulator), `s3://` (a real Garage started by `scripts/garage.sh`),
+//! and `az://` (Azurite, Microsoft's Azure Storage emulator).
 //! put/replace, exact and past-the-end ranged reads (parallel on object
 //! stores), a multipart-sized object, listings confined to one folder,
 //! delete, and the commit fence: a second create of one key fails and
@@ -9,10 +10,13 @@
 //! What the S3 store really guarantees is tested, not assumed: Garage 2.5
 //! ignores `If-None-Match: *`, so there the backend refuses creates unless
 //! the operator declared a single writer (`DRIVEBLK_OBJSTORE_UNFENCED`).
+//! Azurite refuses a second `If-None-Match: *` create, so `az://` is fenced.
 
 #[path = "garage_support/mod.rs"]
 mod garage_support;
 mod gdrive_support;
+#[path = "objstore_emu_support/mod.rs"]
+mod objstore_emu_support;
 
 use bytes::Bytes;
 use driveblk::remote::objstore::{Fence, ObjStoreRemote, StoreKind};
@@ -178,4 +182,36 @@ async fn s3_garage_ignores_if_none_match_so_creates_are_refused() {
     assert!(r.head("gen-2").await.unwrap_err().is_not_found(), "a refused create wrote anyway");
     // No probe object is left behind.
     assert_eq!(r.list("").await.unwrap().len(), 1);
+}
+
+/// On Azurite, fenced for real: its conditional create holds, so no
+/// single-writer declaration is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn az_azurite_conformance() {
+    let e = objstore_emu_support::azurite();
+    let cfg = e.config();
+    let base = e.url("vol");
+    let at = |u: &str| RemoteUrl::parse(u).unwrap().folder_with(&cfg);
+    conformance(at(&base), at(&format!("{base}-2")), true).await;
+}
+
+/// What Azurite does with a second conditional create of one key, through
+/// `object_store` as a caller would use it: it refuses it and keeps the
+/// first, and the backend's probe reports the fence holding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn az_azurite_refuses_a_second_create_so_the_fence_holds() {
+    use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+    let (e, kind) = (objstore_emu_support::azurite(), StoreKind::Azure);
+    let cfg = e.config();
+    let store = driveblk::remote::objstore::build_store(kind, &e.bucket, &cfg.objstore).unwrap();
+    let p = object_store::path::Path::from(format!("raw-{:08x}/gen-2", rand::random::<u32>()));
+    let create = PutOptions { mode: PutMode::Create, ..Default::default() };
+    store.put_opts(&p, PutPayload::from_static(b"A"), create.clone()).await.unwrap();
+    let second = store.put_opts(&p, PutPayload::from_static(b"B"), create).await;
+    let now = store.get(&p).await.unwrap().bytes().await.unwrap();
+    let r = ObjStoreRemote::new(kind, &e.bucket, &format!("t{:08x}/vol", rand::random::<u32>()), &cfg.objstore);
+    let fence = r.fence().await.unwrap();
+    assert!(matches!(second, Err(object_store::Error::AlreadyExists { .. })), "{second:?}");
+    assert_eq!(&now[..], b"A");
+    assert_eq!(fence, Fence::Holds);
 }

@@ -285,3 +285,125 @@ fn a_bad_profile_cannot_make_a_chunk_clean() {
     assert!(read(&*s, 2 * CHUNK, CHUNK as usize) == data[2 * CHUNK as usize..3 * CHUNK as usize]);
     s.close(Duration::from_secs(10));
 }
+
+/// A profile whose upload does not get through by shutdown (here: the
+/// remote is down by then) is not lost and does not hold the shutdown:
+/// it stays sealed in the cache directory, and the next start on that
+/// cache uploads it in the background, where another machine's cold start
+/// finds and streams it.
+#[test]
+fn a_profile_upload_cut_short_goes_up_at_the_next_start() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 32 << 20);
+    let reads = boot_reads(data.len() as u64, 5);
+    let m = Arc::new(RemoteMetrics::default());
+    let faults = driveblk::remote::FaultPlan::new(7);
+    let mut o = cache_opts(&d.path().join("c1"), counted(m.clone(), Some(faults.clone()), Shaping::default()));
+    o.boot_profile = BootProfileMode::Auto;
+    o.readahead_chunks = 0;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    faults.set_down(true);
+    s.close(Duration::from_secs(60));
+    drop(s);
+    assert!(profiles(d.path()).is_empty(), "the remote was down: nothing can have gone up");
+    let pending = d.path().join("c1").join(driveblk::volume::profile::PENDING_DIR);
+    let sealed = std::fs::read_dir(&pending).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(sealed, 2, "the profile (index and pack) is sealed in the cache directory");
+
+    // The next start on that cache, remote back: the sealed profile goes up
+    // in the background while the store serves.
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c1"), &m, BootProfileMode::Auto)).unwrap();
+    let t0 = Instant::now();
+    while profiles(d.path()).len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the sealed profile never went up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.close(Duration::from_secs(60));
+    drop(s);
+    assert!(!pending.exists(), "an uploaded profile leaves nothing sealed");
+
+    // Another machine's cold start streams it: the boot reads nothing remote.
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    let before = m.snapshot().gets;
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert_eq!(m.snapshot().gets, before, "the resumed profile holds the boot's reads");
+    s.close(Duration::from_secs(60));
+}
+
+/// The index JSON of profile `key` (its first line).
+fn index_json(d: &Path, key: &str) -> serde_json::Value {
+    let b = std::fs::read(d.join("remote/vol").join(key)).unwrap();
+    let line = b.split(|&c| c == b'\n').next().unwrap();
+    serde_json::from_slice(line).unwrap()
+}
+
+/// A boot that strayed a tenth from its profile saves a delta: the new
+/// profile uploads only the pages the old one lacked and names the old
+/// pack for the frames it keeps, so the upload is a fraction of the first.
+/// The next cold start streams both packs and the strayed boot reads
+/// nothing remote; gc keeps the old pack the newest index still reads.
+#[test]
+fn a_boot_that_strayed_saves_a_delta_that_reuses_the_old_pack() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 48 << 20);
+    let reads = first_boot(d.path(), &vurl, &data);
+    let first = profiles(d.path());
+    let first_index = first.iter().find(|k| !k.ends_with(".pack")).unwrap().clone();
+    let first_pack = format!("{first_index}.pack");
+    let first_len = std::fs::metadata(d.path().join("remote/vol").join(&first_pack)).unwrap().len();
+
+    // The strayed boot: every tenth file replaced by another.
+    let other = boot_reads(data.len() as u64, 1234);
+    let mut strayed = Vec::new();
+    for (i, &r) in reads.iter().enumerate() {
+        strayed.push(if i % 10 == 3 { other[i % other.len()] } else { r });
+    }
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    for &(off, n) in &strayed {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    s.close(Duration::from_secs(60));
+    drop(s);
+    let now = profiles(d.path());
+    let second_index = now.iter().rfind(|k| !k.ends_with(".pack")).unwrap().clone();
+    assert_ne!(second_index, first_index, "the strayed boot saved a new profile: {now:?}");
+    let idx = index_json(d.path(), &second_index);
+    assert_eq!(idx["version"], 2, "{idx}");
+    assert_eq!(idx["packs"], serde_json::json!([first_pack]), "the delta reads kept frames from the old pack");
+    let second_len = std::fs::metadata(d.path().join("remote/vol").join(format!("{second_index}.pack"))).unwrap().len();
+    assert!(
+        second_len * 3 < first_len,
+        "the delta uploaded {second_len} bytes of pages, the first profile {first_len}"
+    );
+
+    // gc (no grace) drops the old index but keeps the pack the new one reads.
+    driveblk_gc(&vurl);
+    let after = profiles(d.path());
+    assert!(!after.contains(&first_index) && after.contains(&first_pack), "{after:?}");
+
+    // Another cold start streams the delta: the strayed boot is all local.
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c3"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    let before = m.snapshot().gets;
+    for &(off, n) in &strayed {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert_eq!(m.snapshot().gets, before, "the delta profile holds the strayed boot's reads");
+    s.close(Duration::from_secs(60));
+}
+
+/// gc with no grace period (objects are seconds old here).
+fn driveblk_gc(vurl: &str) {
+    let opts = driveblk::volume::gc::GcOptions { grace: Duration::ZERO, force: true, ..Default::default() };
+    driveblk::volume::gc::gc(vurl, &opts).unwrap();
+}

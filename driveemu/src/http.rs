@@ -139,6 +139,13 @@ pub(crate) struct Session {
     service_account: bool,
 }
 
+impl Session {
+    /// The bytes received so far.
+    pub(crate) fn buffered(&self) -> &[u8] {
+        &self.data
+    }
+}
+
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     sh: Arc<Shared>,

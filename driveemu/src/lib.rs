@@ -369,6 +369,29 @@ impl Emulator {
         }
     }
 
+    /// Every byte the emulator holds for files, bypassing the API (for
+    /// assertions): each file's name with its current content and every
+    /// kept revision's, trashed files included, and the bytes of upload
+    /// sessions not finished yet (named `upload session`).
+    pub fn ui_all_bytes(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        {
+            let st = self.shared.store.lock();
+            for f in st.files.values() {
+                if let Some(c) = &f.content {
+                    out.push((f.name.clone(), c.data.to_vec()));
+                }
+                for r in &f.revisions {
+                    out.push((format!("{} revision {}", f.name, r.id), r.content.data.to_vec()));
+                }
+            }
+        }
+        for s in self.shared.sessions.lock().values() {
+            out.push(("upload session".into(), s.buffered().to_vec()));
+        }
+        out
+    }
+
     /// A file's current bytes, bypassing the API (for assertions).
     pub fn ui_content(&self, id: &str) -> Option<Vec<u8>> {
         let st = self.shared.store.lock();

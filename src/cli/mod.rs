@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod rekey;
 pub mod remote;
 pub mod serve;
+pub mod shared;
 pub mod size;
 pub mod status;
 pub mod sync;
@@ -80,6 +81,8 @@ pub enum Command {
     Verify(maintain::VerifyArgs),
     /// Drop the clean data a running daemon caches in RAM and on SSD.
     DropCache(control::DropCacheArgs),
+    /// Keep a shared cache directory (`serve --shared-cache`) under a size.
+    TrimShared(shared::TrimSharedArgs),
     /// Install the systemd template unit driveblk@.service.
     InstallUnit(unit::InstallUnitArgs),
     /// Volume config files (`serve --config FILE`).
@@ -116,6 +119,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Verify(a) => maintain::verify(a),
         Command::Rekey(a) => rekey::run(a),
         Command::DropCache(a) => control::drop_cache(a),
+        Command::TrimShared(a) => shared::run(a),
         Command::InstallUnit(a) => unit::install(a),
         Command::Config(c) => config::run(c),
         Command::Vm(c) => vm::vm(c),

@@ -66,6 +66,13 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "read_only")]
     pub force_takeover: bool,
 
+    /// A throwaway disk for one of many VMs booting the same volume: the
+    /// guest may write, but its writes stay in this daemon's cache, are
+    /// never uploaded, need no writer lease, and are dropped at the next
+    /// start (docs/object-stores.md, "Fleets").
+    #[arg(long, conflicts_with_all = ["read_only", "force_takeover"], requires = "volume")]
+    pub ephemeral: bool,
+
     /// Number of virtqueues (one worker thread each). Default: the
     /// volume's vm.toml (`driveblk vm init`), else 1.
     #[arg(long)]
@@ -187,10 +194,31 @@ pub struct CacheArgs {
     #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
     pub ssd_cache: u64,
 
+    /// Keep the SSD cache encrypted on disk (AES-256-XTS per 4 KiB page,
+    /// under a key derived from the volume's data key): nothing the guest
+    /// reads or writes is stored there in plaintext. Needs an encrypted
+    /// volume (`import --encrypt`). A cache once encrypted stays so.
+    #[arg(long)]
+    pub encrypt_cache: bool,
+
     /// Download the whole volume into the SSD tier in the background, at
     /// lowest priority; afterwards no read goes to the remote.
     #[arg(long)]
     pub hydrate: bool,
+
+    /// A chunk directory shared by every daemon of a fleet booting the
+    /// same volumes (one host, or several over NFSv4): a lower tier between
+    /// this daemon's own cache and the remote, so each range is fetched
+    /// from the remote about once. Holds the remote's bytes as sent
+    /// (ciphertext for encrypted volumes), checked on use like remote bytes.
+    #[arg(long, value_name = "DIR")]
+    pub shared_cache: Option<PathBuf>,
+
+    /// Size cap of --shared-cache: past it, the least recently used
+    /// entries are deleted. Default: no cap (`driveblk trim-shared`
+    /// from cron is the other way).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "shared_cache")]
+    pub shared_cache_max: Option<u64>,
 
     /// Parallel chunk fetches from the remote.
     #[arg(long, default_value_t = 32)]
@@ -276,6 +304,7 @@ impl CacheArgs {
         o.ram_cache = self.ram_cache;
         o.ssd_cache = self.ssd_cache;
         o.hydrate = self.hydrate;
+        o.encrypt_cache = self.encrypt_cache;
         o.fetch_concurrency = self.fetch_concurrency;
         o.readahead_chunks = self.readahead_chunks;
         o.boot_profile = self.boot_profile;
@@ -294,6 +323,12 @@ impl CacheArgs {
             bail!("--remote-wait must be at least 1 second");
         }
         o.remote_wait = RemoteWait { on_error: self.on_remote_error, budget: Duration::from_secs(self.remote_wait) };
+        if let Some(d) = &self.shared_cache {
+            o.shared_cache = Some(
+                crate::remote::SharedCache::open(d, self.shared_cache_max)
+                    .with_context(|| format!("cannot use shared cache directory {}", d.display()))?,
+            );
+        }
         Ok(o)
     }
 }
@@ -353,6 +388,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 if a.force_takeover {
                     cache.lease = tier_layer::LeaseMode::Force;
                 }
+                cache.ephemeral = a.ephemeral;
                 ImageSource::Volume { url, cache }
             }
             _ => bail!("give exactly one of --image FILE or --volume URL"),
@@ -525,6 +561,19 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
                 None => "none".to_string(),
             };
             st.add_section("encryption", Box::new(move || serde_json::Value::String(enc.clone())));
+            if let Some(c) = cache.shared_cache.clone() {
+                st.add_section("shared_cache", Box::new(move || serde_json::to_value(c.stats()).unwrap_or_default()));
+            }
+            if cache.ephemeral {
+                st.add_section(
+                    "ephemeral",
+                    Box::new(|| {
+                        serde_json::Value::String(
+                            "guest writes stay in this cache and are dropped at the next start".into(),
+                        )
+                    }),
+                );
+            }
             status = Some(Arc::new(st));
             if cache.hydrate {
                 store.start_hydrate();

@@ -299,6 +299,10 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     cache.lease = tier::LeaseMode::OnCommit;
     // No guest to record, and every chunk comes whole anyway.
     cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
+    // No guest to keep the link for: fill it (the background hydration of
+    // `serve --hydrate` keeps its low defaults).
+    cache.hydrate_concurrency = cache.fetch_concurrency;
+    cache.speculative_bytes = cache.speculative_bytes.max(cache.fetch_concurrency as u64 * (1 << 20));
     let dir = cache.cache_dir.clone();
     let store = tier::open_volume(&a.url, cache).context(
         "(if a daemon is serving this volume from another cache directory, pass its --cache-dir or --control)",

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod objstore;
 pub mod retry;
 pub mod shaped;
+pub mod shared;
 pub mod url;
 
 use std::fmt;
@@ -33,6 +34,7 @@ pub use merge::{MergeConfig, MergeStats, MergingRemote};
 pub use metrics::{LatencyPercentiles, MetricsRemote, RemoteMetrics, RemoteMetricsSnapshot};
 pub use retry::{RetryPolicy, RetryingRemote};
 pub use shaped::{FaultPlan, ShapedRemote, Shaping};
+pub use shared::{SharedCache, SharedStats};
 pub use url::RemoteUrl;
 
 /// A stream of body chunks for an upload.

@@ -224,6 +224,75 @@ pub fn learned(recorded: &Recorded, old: Option<&Replay>, image_len: u64, chunk_
     out
 }
 
+/// One step of a learning profile's plan ([`delta_plan`]), in stream order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Planned {
+    /// Pages the old profile does not hold (or holds in a frame that cannot
+    /// be kept): read from the cache and uploaded in the new pack.
+    Fresh(Extent),
+    /// Segment `.0` of the old profile, kept where it is with age `.1`.
+    Reuse(usize, u32),
+}
+
+/// What a boot that strayed from its profile saves, as a delta: this
+/// boot's pages in first-touch order, each old segment it read from kept
+/// as it is (age 0) at the point the boot first read it, the pages no
+/// kept segment holds as fresh extents; then the old segments the boot
+/// did not read, a boot older, until they age out ([`KEEP_BOOTS`]). A
+/// segment is kept only if every chunk it touches is unchanged
+/// (`old.usable`), so a kept frame never carries stale bytes; only the
+/// fresh pages go up again.
+pub fn delta_plan(recorded: &Recorded, old: &Replay, chunk_size: u64) -> Vec<Planned> {
+    let segs = &old.index.segments;
+    let keepable: Vec<bool> = segs
+        .iter()
+        .map(|s| {
+            s.extents.iter().all(|e| {
+                let mut ok = true;
+                for_each_chunk_part(e.offset, e.len, chunk_size, |idx, _, _| ok &= old.usable(idx));
+                ok
+            })
+        })
+        .collect();
+    let mut page_seg: HashMap<u64, usize> = HashMap::new();
+    for (i, s) in segs.iter().enumerate().filter(|(i, _)| keepable[*i]) {
+        for e in &s.extents {
+            for p in e.offset / PAGE_SIZE..e.end().div_ceil(PAGE_SIZE) {
+                page_seg.entry(p).or_insert(i);
+            }
+        }
+    }
+    let mut out: Vec<Planned> = Vec::new();
+    let mut taken = vec![false; segs.len()];
+    for e in &recorded.extents {
+        let mut p = e.offset / PAGE_SIZE;
+        while p * PAGE_SIZE < e.end() {
+            let start = p * PAGE_SIZE;
+            let plen = PAGE_SIZE.min(e.end() - start);
+            match page_seg.get(&p) {
+                Some(&i) => {
+                    if !taken[i] {
+                        taken[i] = true;
+                        out.push(Planned::Reuse(i, 0));
+                    }
+                }
+                None => match out.last_mut() {
+                    Some(Planned::Fresh(x)) if x.end() == start => x.len += plen,
+                    _ => out.push(Planned::Fresh(Extent { offset: start, len: plen })),
+                },
+            }
+            p += 1;
+        }
+    }
+    for (i, s) in segs.iter().enumerate() {
+        let age = s.age.saturating_add(1);
+        if keepable[i] && !taken[i] && age <= KEEP_BOOTS {
+            out.push(Planned::Reuse(i, age));
+        }
+    }
+    out
+}
+
 /// Where a profile's pages are: for every chunk, the page ranges (offsets
 /// inside the chunk) each segment holds.
 pub struct Replay {
@@ -391,6 +460,7 @@ mod tests {
             sha256: String::new(),
             extents,
             age,
+            pack: 0,
         };
         let p = |n: u64| n * PAGE_SIZE;
         let index = ProfileIndex {
@@ -403,6 +473,7 @@ mod tests {
             chunk_size: p(16),
             image_len: p(64),
             pack: String::new(),
+            packs: Vec::new(),
             chunk_refs: Default::default(),
             segments: vec![
                 seg(0, vec![Extent { offset: p(0), len: p(4) }, Extent { offset: p(20), len: p(2) }]),
@@ -440,6 +511,7 @@ mod tests {
             sha256: String::new(),
             extents,
             age: 0,
+            pack: 0,
         };
         let index = ProfileIndex {
             format: String::new(),
@@ -451,6 +523,7 @@ mod tests {
             chunk_size: 65536,
             image_len: 1 << 20,
             pack: String::new(),
+            packs: Vec::new(),
             chunk_refs: Default::default(),
             segments: vec![
                 seg(vec![Extent { offset: 65536 - 8192, len: 16384 }]),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 
+use super::cache_crypto::Sealing;
 use super::ssd::{CacheIdentity, OpenMode, SsdCache, DIRTY, DIRTY_PARTIAL, PAGE};
 use crate::remote::RemoteUrl;
 use crate::volume::{runtime, ChunkRef, RemoteOptions, VolumeError, VolumeReader, VolumeResult};
@@ -65,7 +66,16 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
         None => None,
         Some(dir) => {
             let id = CacheIdentity { volume_id: reader.header.volume_id.clone(), chunk_size: reader.chunk_size() };
-            let c = SsdCache::open(dir, id, reader.generation(), reader.image_len(), u64::MAX, OpenMode::Inspect)?;
+            let sealing = Sealing::AsFound(reader.key.clone());
+            let c = SsdCache::open_sealed(
+                dir,
+                id,
+                reader.generation(),
+                reader.image_len(),
+                u64::MAX,
+                OpenMode::Inspect,
+                &sealing,
+            )?;
             if c.is_none() {
                 tracing::warn!(dir = %dir.display(), "cache directory holds nothing for this volume; exporting the remote copy only");
             }

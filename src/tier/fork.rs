@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use super::cache_crypto::Sealing;
 use super::ssd::{CacheIdentity, OpenMode, SsdCache};
 use crate::remote::RemoteUrl;
 use crate::volume::fork::create_fork;
@@ -13,7 +14,7 @@ use crate::volume::{runtime, RemoteOptions, VolumeError, VolumeReader, VolumeRes
 
 /// Files of a cache directory that describe its volume and contents
 /// (`lock` and `status.json` stay).
-const CACHE_FILES: [&str; 6] = ["state", "journal", "data", "frozen", "volume.json", "manifest"];
+pub(crate) const CACHE_FILES: [&str; 6] = ["state", "journal", "data", "frozen", "volume.json", "manifest"];
 
 /// What [`fork`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,9 +41,17 @@ pub fn fork(url: &str, new_url: &str, cache_dir: &Path, remote: &RemoteOptions) 
         return Err(VolumeError::Cache { dir: cache_dir.to_path_buf(), reason: "holds no cache to fork".into() });
     }
     let id = CacheIdentity { volume_id: origin.header.volume_id.clone(), chunk_size: origin.chunk_size() };
-    let (mut ssd, _) =
-        SsdCache::open(cache_dir, id, origin.generation(), origin.image_len(), u64::MAX, OpenMode::Serve)?
-            .ok_or_else(|| VolumeError::Cache { dir: cache_dir.to_path_buf(), reason: "could not be opened".into() })?;
+    let sealing = Sealing::AsFound(origin.key.clone());
+    let (mut ssd, _) = SsdCache::open_sealed(
+        cache_dir,
+        id,
+        origin.generation(),
+        origin.image_len(),
+        u64::MAX,
+        OpenMode::Serve,
+        &sealing,
+    )?
+    .ok_or_else(|| VolumeError::Cache { dir: cache_dir.to_path_buf(), reason: "could not be opened".into() })?;
     let g = ssd.generation();
     let from =
         if g == origin.generation() { (*origin.manifest()).clone() } else { rt.block_on(origin.load_generation(g))? };
@@ -67,7 +76,9 @@ pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions) -> Vol
     let rt = runtime("driveblk-discard")?;
     let vol = rt.block_on(VolumeReader::open(&u, remote))?;
     let id = CacheIdentity { volume_id: vol.header.volume_id.clone(), chunk_size: vol.chunk_size() };
-    let Some((ssd, _)) = SsdCache::open(cache_dir, id, vol.generation(), vol.image_len(), u64::MAX, OpenMode::Inspect)?
+    let sealing = Sealing::AsFound(vol.key.clone());
+    let Some((ssd, _)) =
+        SsdCache::open_sealed(cache_dir, id, vol.generation(), vol.image_len(), u64::MAX, OpenMode::Inspect, &sealing)?
     else {
         return Ok(0);
     };

@@ -3,7 +3,9 @@
 //! file, and the tiered RAM/SSD/remote store implements the same trait.
 
 pub mod boot;
+pub mod cache_crypto;
 pub mod export;
+pub mod fleet;
 pub mod fork;
 pub mod journal;
 pub mod local;
@@ -103,6 +105,16 @@ pub trait Storage: Send + Sync {
     fn hint_metadata(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
         let _ = ranges;
         Ok(())
+    }
+
+    /// Declares `ranges` as metadata the format will want soon but need not
+    /// wait for (qcow2 L2 tables): a tiered store pins what is local now and
+    /// fetches the rest in the background, behind guest misses. Returns true
+    /// while some of it is still on its way; the caller then reads those
+    /// tables on demand (a read of one joins its fetch) instead of all at
+    /// open. By default the same as [`hint_metadata`](Self::hint_metadata).
+    fn prefetch_metadata(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<bool> {
+        self.hint_metadata(ranges).map(|_| false)
     }
 
     /// One-line description for logs.

@@ -30,8 +30,15 @@ pub struct CacheOptions {
     /// Parallel fetches of the background hydration (kept low so guest
     /// misses go first).
     pub hydrate_concurrency: usize,
+    /// Speculative bytes in flight at most (profile stream, readahead,
+    /// hydration, metadata prefetch): a guest miss queues behind at most
+    /// this much on a shared link.
+    pub speculative_bytes: u64,
     /// Refuse writes.
     pub read_only: bool,
+    /// Keep the SSD cache's files encrypted (cache_crypto.rs); needs an
+    /// encrypted volume.
+    pub encrypt_cache: bool,
     /// Boot profiles: replay the volume's newest, record one.
     pub boot_profile: super::boot::BootProfileMode,
     /// How long after the first guest read a boot is recorded.
@@ -44,6 +51,12 @@ pub struct CacheOptions {
     /// fails or does not answer.
     pub remote_wait: RemoteWait,
     pub remote: RemoteOptions,
+    /// A chunk directory shared with other daemons, under the SSD tier
+    /// (`serve --shared-cache`, `fleet.rs`).
+    pub shared_cache: Option<Arc<crate::remote::SharedCache>>,
+    /// The guest may write, but only into this cache: no write-back, no
+    /// lease, and the writes are dropped at the next open (`fleet.rs`).
+    pub ephemeral: bool,
 }
 
 /// When a writable store takes the writer lease (`volume::lease`).
@@ -71,13 +84,17 @@ impl CacheOptions {
             readahead_chunks: 8,
             fetch_concurrency: 16,
             hydrate_concurrency: 2,
+            speculative_bytes: super::tiered::SPECULATIVE_BYTES,
             read_only: false,
+            encrypt_cache: false,
             boot_profile: super::boot::BootProfileMode::Off,
             boot_profile_window: std::time::Duration::from_secs(180),
             writeback: Default::default(),
             lease: LeaseMode::AtOpen,
             remote_wait: RemoteWait::default(),
             remote: RemoteOptions::default(),
+            shared_cache: None,
+            ephemeral: false,
         }
     }
 }
@@ -136,10 +153,14 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
     // With a copy of the volume in the cache, a remote that hangs must not
     // keep the guest from its disk: past the budget, serve from the copy.
     let has_copy = VolumeReader::has_offline_copy(&opts.cache_dir);
+    let remote = match &opts.shared_cache {
+        Some(c) => super::fleet::with_shared(&opts.remote, c),
+        None => opts.remote.clone(),
+    };
     let opening = async {
         if has_copy {
             let wait = opts.remote_wait.budget.min(OPEN_WAIT_MAX);
-            tokio::time::timeout(wait, VolumeReader::open(&u, &opts.remote)).await.unwrap_or_else(|_| {
+            tokio::time::timeout(wait, VolumeReader::open(&u, &remote)).await.unwrap_or_else(|_| {
                 Err(VolumeError::Remote {
                     context: format!("opening {u}"),
                     source: Box::new(crate::remote::RemoteError::Transient {
@@ -152,7 +173,7 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
                 })
             })
         } else {
-            VolumeReader::open(&u, &opts.remote).await
+            VolumeReader::open(&u, &remote).await
         }
     };
     let reader = match rt.block_on(opening) {
@@ -160,7 +181,7 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
         // Remote unreachable (not missing, not corrupt): start from the
         // copies the cache kept, so cached data stays usable offline.
         Err(VolumeError::Remote { context, source }) if !source.is_not_found() => {
-            match VolumeReader::open_offline(&u, &opts.cache_dir, &opts.remote) {
+            match VolumeReader::open_offline(&u, &opts.cache_dir, &remote) {
                 Ok(r) => {
                     tracing::warn!(url = %u, error = %source, "remote unreachable; serving from the local cache's copy of the volume");
                     r
@@ -171,7 +192,7 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
         // Not found, but this cache holds a copy of the volume: an empty
         // mountpoint of an unmounted share looks exactly like this, and the
         // cache may hold the user's only copy of local writes. Serve it, loudly.
-        Err(VolumeError::NotFound { url }) => match VolumeReader::open_offline(&u, &opts.cache_dir, &opts.remote) {
+        Err(VolumeError::NotFound { url }) => match VolumeReader::open_offline(&u, &opts.cache_dir, &remote) {
             Ok(r) => {
                 tracing::warn!(
                     url = %url,
@@ -184,6 +205,7 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
         },
         Err(e) => return Err(e),
     };
+    super::fleet::prepare_cache(&opts, &reader)?;
     let store = TieredStore::new(rt, reader.clone(), &opts)?;
     if !reader.offline {
         if let Err(e) = reader.save_copies(&opts.cache_dir) {

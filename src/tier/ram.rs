@@ -109,13 +109,19 @@ impl RamCache {
         self.shard(idx).read().map.get(&idx).map(Self::hit)
     }
 
-    /// [`get`](Self::get) without waiting: `Err(())` when another thread
-    /// holds the shard exclusively (the non-blocking fast path then says
-    /// WouldBlock instead of waiting on the queue's thread).
+    /// Runs `f` on the chunk's bytes if it is resident, marking it
+    /// recently used, without waiting for any lock (`Err(())` when the
+    /// shard or the chunk is held exclusively) and without touching the
+    /// chunk's reference count: the hit path's one read of the chunk.
     #[allow(clippy::result_unit_err)]
-    pub fn try_get(&self, idx: u64) -> Result<Option<ChunkBuf>, ()> {
+    pub fn try_read_with<R>(&self, idx: u64, f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, ()> {
         let shard = self.shard(idx).try_read().ok_or(())?;
-        Ok(shard.map.get(&idx).map(Self::hit))
+        let Some(e) = shard.map.get(&idx) else { return Ok(None) };
+        if !e.pinned && !e.referenced.load(Ordering::Relaxed) {
+            e.referenced.store(true, Ordering::Relaxed);
+        }
+        let data = e.buf.try_read().ok_or(())?;
+        Ok(Some(f(&data)))
     }
 
     /// Caches a chunk (replacing an unpinned copy), evicting by CLOCK
@@ -233,5 +239,28 @@ mod tests {
         assert!(r.shard(0).read().ring.len() <= 2 * 2 + 17);
         assert_eq!(r.clear(), 2 * 4);
         assert_eq!(r.bytes(), 0);
+    }
+
+    /// The hit path's read: copies under the shard lock, counts as a use,
+    /// and never waits for a lock another thread holds exclusively.
+    #[test]
+    fn try_read_with_reads_marks_and_never_waits() {
+        let r = RamCache::new(S * 2 * 4, 4);
+        r.insert(0, buf(7));
+        assert_eq!(r.try_read_with(0, |d| d[0]), Ok(Some(7)));
+        assert_eq!(r.try_read_with(S, |d| d[0]), Ok(None));
+        // Read once through try_read_with: referenced, so it survives a sweep.
+        r.insert(S, buf(1));
+        r.insert(2 * S, buf(2));
+        assert!(r.get(0).is_some() && r.get(S).is_none());
+        {
+            let _shard = r.shard(0).write();
+            assert_eq!(r.try_read_with(0, |d| d[0]), Err(()));
+        }
+        {
+            let chunk = r.get(0).unwrap();
+            let _w = chunk.write();
+            assert_eq!(r.try_read_with(0, |d| d[0]), Err(()));
+        }
     }
 }

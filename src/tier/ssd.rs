@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::format::{IoMode, IoVec};
+use crate::tier::cache_crypto::{self, CacheFile, Sealing};
 use crate::tier::journal::{Change, Journal, Record};
 use crate::tier::{LocalFile, Storage};
 use crate::volume::format::MAX_CHUNKS;
@@ -79,8 +80,10 @@ const STATE_MAGIC: &str = "driveblk-cache";
 /// Version 2 added partial chunks and their page bitmaps; version 3 keyed
 /// the cache by volume alone (the generation its clean chunks match is a
 /// field, so committing a generation keeps the cache) and gave each cache
-/// directory an id. Versions 1 and 2 are still read.
-const STATE_VERSION: u32 = 3;
+/// directory an id. Version 4 is an encrypted cache (`sealed`), so older
+/// binaries refuse it rather than read ciphertext as data. Versions 1 to
+/// 3 are still read.
+const STATE_VERSION: u32 = 4;
 const STRIPES: usize = 1024;
 /// The journal grows to at least this many bytes (or twice the map) before
 /// the next persist writes a checkpoint instead.
@@ -116,6 +119,9 @@ struct StateHeader {
     /// Id of this checkpoint: journal records that follow it name it.
     #[serde(default)]
     checkpoint: u64,
+    /// The data file's encryption (cache_crypto.rs), "" for plaintext.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    sealed: String,
 }
 
 /// Page bitmap of one partial chunk: bit i of the words = page i present.
@@ -263,7 +269,10 @@ struct Persisted {
 /// The SSD tier of one volume.
 pub struct SsdCache {
     dir: PathBuf,
-    data: LocalFile,
+    /// The data file, plaintext or encrypted (cache_crypto.rs).
+    data: CacheFile,
+    /// Its state file's `sealed` value.
+    sealed: String,
     lock: File,
     id: CacheIdentity,
     chunk_size: u64,
@@ -461,6 +470,22 @@ impl SsdCache {
         cap: u64,
         mode: OpenMode,
     ) -> VolumeResult<Option<(Self, Opened)>> {
+        Self::open_sealed(dir, id, generation, image_len, cap, mode, &Sealing::Plain)
+    }
+
+    /// [`open`](Self::open) with the data file kept as `sealing` says: a
+    /// cache kept otherwise is discarded, or refused while it holds dirty
+    /// chunks.
+    pub fn open_sealed(
+        dir: &Path,
+        id: CacheIdentity,
+        generation: u64,
+        image_len: u64,
+        cap: u64,
+        mode: OpenMode,
+        sealing: &Sealing,
+    ) -> VolumeResult<Option<(Self, Opened)>> {
+        let want = sealing.wanted();
         if mode == OpenMode::Inspect && !dir.join("state").exists() {
             return Ok(None);
         }
@@ -481,9 +506,11 @@ impl SsdCache {
         }
         let state_path = dir.join("state");
         let fresh_id = || hex::encode(rand::random::<[u8; 16]>());
+        let mut sealed = want.clone().unwrap_or_default();
         let (opened, states, maps, len, generation, cache_id) = match read_state(&state_path) {
             Ok(None) => (Opened::Fresh, Vec::new(), HashMap::new(), image_len, generation, fresh_id()),
-            Ok(Some(l)) if l.header.id == id => {
+            Ok(Some(l)) if l.header.id == id && want.as_ref().is_none_or(|w| *w == l.header.sealed) => {
+                sealed = l.header.sealed.clone();
                 let dirty = l.states.iter().filter(|&&s| is_dirty(s)).count() as u64;
                 let cached = l.states.iter().filter(|&&s| s == CLEAN || s == DIRTY).count() as u64;
                 let cid = if l.header.cache_id.len() == 32 { l.header.cache_id.clone() } else { fresh_id() };
@@ -493,8 +520,19 @@ impl SsdCache {
                 let dirty = states.iter().filter(|&&s| is_dirty(s)).count();
                 let why = if h.id.volume_id != id.volume_id {
                     format!("it belongs to volume {}, not {}", h.id.volume_id, id.volume_id)
-                } else {
+                } else if h.id.chunk_size != id.chunk_size {
                     format!("its chunk size {} differs from the volume's {}", h.id.chunk_size, id.chunk_size)
+                } else {
+                    let want = want.as_deref().unwrap_or_default();
+                    let why = format!(
+                        "it is {}, and a {} cache was asked for",
+                        cache_crypto::describe(&h.sealed),
+                        cache_crypto::describe(want)
+                    );
+                    if dirty > 0 {
+                        return Err(cache_err(dir, format!("holds {dirty} chunks of unsaved writes, but {why}; serve it as it is ({} --encrypt-cache) until `driveblk sync` has saved them", if h.sealed.is_empty() { "without" } else { "with" })));
+                    }
+                    why
                 };
                 if dirty > 0 {
                     return Err(cache_err(dir, format!("holds {dirty} chunks of unsaved writes, but {why}; use the right cache directory, or `driveblk export` those writes with it first")));
@@ -525,6 +563,7 @@ impl SsdCache {
         }
         let data = LocalFile::open(&data_path, mode == OpenMode::Inspect)
             .map_err(|e| VolumeError::io("opening", &data_path, e))?;
+        let data = sealing.data_file(data, &sealed, &cache_id).map_err(|why| cache_err(dir, why))?;
         let cs = id.chunk_size;
         let n = len.div_ceil(cs) as usize;
         let slots = Slots::new(n.max(states.len()));
@@ -541,6 +580,7 @@ impl SsdCache {
         let c = Self {
             dir: dir.to_path_buf(),
             data,
+            sealed,
             lock,
             id,
             chunk_size: cs,
@@ -588,6 +628,11 @@ impl SsdCache {
     /// The cache directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// True when the cache is kept encrypted (`--encrypt-cache`).
+    pub fn is_sealed(&self) -> bool {
+        self.data.is_sealed()
     }
 
     /// What the cache belongs to.
@@ -1505,7 +1550,7 @@ impl SsdCache {
         let checkpoint = rand::random::<u64>() | 1;
         let header = StateHeader {
             format: STATE_MAGIC.into(),
-            version: STATE_VERSION,
+            version: if self.sealed.is_empty() { 3 } else { STATE_VERSION },
             id: self.id.clone(),
             generation: self.generation(),
             cache_id: self.cache_id.clone(),
@@ -1513,6 +1558,7 @@ impl SsdCache {
             chunks: snap.len() as u64,
             partial,
             checkpoint,
+            sealed: self.sealed.clone(),
         };
         let mut body = serde_json::to_vec(&header).map_err(|e| retryable(io::Error::other(e)))?;
         body.push(b'\n');

@@ -20,6 +20,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Semaphore;
 
 use super::boot::{BootProfileMode, Recorder, Replay};
+use super::cache_crypto::Sealing;
 use super::open::{CacheOptions, LeaseMode, RemoteWait};
 use super::pins::Pins;
 use super::ram::{ChunkBuf, RamCache};
@@ -35,7 +36,9 @@ use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 mod boot_profile;
 mod fetch;
 mod hot_set;
+pub use fetch::SPECULATIVE_BYTES;
 mod lease;
+mod metadata;
 mod part;
 mod stream;
 mod writeback;
@@ -151,7 +154,7 @@ struct Inner {
     /// The profile is streaming now.
     streaming: AtomicBool,
     boot_mode: BootProfileMode,
-    /// A recorded profile is being built or uploaded now.
+    /// A recorded profile is being built and sealed now.
     saving: AtomicBool,
     /// Write-back of local changes (None when read-only).
     writeback: Option<Writeback>,
@@ -167,15 +170,24 @@ struct Inner {
     pinned: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
     /// A hot SSD chunk is being copied into RAM (one at a time).
     promoting: AtomicBool,
+    /// Metadata chunks the background prefetch has yet to pin.
+    metadata_pending: std::sync::atomic::AtomicU64,
 }
 
 /// Bytes a second copied from the SSD tier into a full RAM tier (see
 /// `Inner::promote`).
 const PROMOTE_FULL_RATE: u64 = 64 << 20;
 
-/// The least time `close` gives the boot profile's upload, even after a
-/// final sync that used up its whole timeout.
+/// The least time `close` gives the lease's last record and the sealing
+/// of the boot profile (local work), even after a final sync that used up
+/// its whole timeout.
 pub const PROFILE_SAVE_MIN: Duration = Duration::from_secs(10);
+
+/// The most `close` waits for a sealed boot profile's upload: a profile is
+/// a speed-up, so a shutdown never waits on it longer than this (a 600 MB
+/// profile on a 10 Mbit/s uplink is 8 minutes); what does not go up in
+/// time stays sealed in the cache directory and goes up at the next start.
+pub const PROFILE_UPLOAD_AT_CLOSE: Duration = Duration::from_secs(5);
 
 /// The tiered RAM/SSD/remote store of one volume.
 pub struct TieredStore {
@@ -197,12 +209,30 @@ impl TieredStore {
             )));
         }
         let id = CacheIdentity { volume_id: vol.header.volume_id.clone(), chunk_size: cs };
-        let (ssd, opened) =
-            SsdCache::open(&opts.cache_dir, id, vol.generation(), vol.image_len(), opts.ssd_cache, OpenMode::Serve)?
-                .ok_or_else(|| VolumeError::Cache {
-                    dir: opts.cache_dir.clone(),
-                    reason: "could not be opened".into(),
-                })?;
+        let sealing = if opts.encrypt_cache {
+            Sealing::Sealed(vol.key.clone().ok_or_else(|| {
+                VolumeError::InvalidOptions(format!(
+                    "--encrypt-cache needs an encrypted volume (its cache key derives from the volume's data key), \
+                     and {} is not encrypted: import it with --encrypt, or serve without --encrypt-cache",
+                    vol.url
+                ))
+            })?)
+        } else {
+            // An encrypted cache stays encrypted (sync, hydrate, a serve
+            // without the flag): never silently back to plaintext.
+            Sealing::AsFound(vol.key.clone())
+        };
+        let (ssd, opened) = SsdCache::open_sealed(
+            &opts.cache_dir,
+            id,
+            vol.generation(),
+            vol.image_len(),
+            opts.ssd_cache,
+            OpenMode::Serve,
+            &sealing,
+        )?
+        .ok_or_else(|| VolumeError::Cache { dir: opts.cache_dir.clone(), reason: "could not be opened".into() })?;
+        let ssd_sealed = ssd.is_sealed();
         // Profile packs a crashed process was building (the directory lock
         // is ours now, so nobody else is).
         if let Ok(entries) = std::fs::read_dir(&opts.cache_dir) {
@@ -225,7 +255,7 @@ impl TieredStore {
             flights: SingleFlight::default(),
             counters: Counters::default(),
             fetch_sem: Semaphore::new(opts.fetch_concurrency.max(1)),
-            lanes: fetch::Lanes::default(),
+            lanes: fetch::Lanes::new(opts.speculative_bytes),
             guest_bytes: Default::default(),
             dense: stream::Dense::new(opts.boot_profile != BootProfileMode::Off && !opts.hydrate),
             demand: AtomicUsize::new(0),
@@ -237,7 +267,9 @@ impl TieredStore {
             chunks_zero,
             hydrate_concurrency: opts.hydrate_concurrency.max(1),
             fetch_concurrency: opts.fetch_concurrency.max(1),
-            recorder: (opts.boot_profile != BootProfileMode::Off && !vol.offline)
+            // An ephemeral fleet member replays the volume's profile but
+            // writes nothing to the volume, profiles included.
+            recorder: (opts.boot_profile != BootProfileMode::Off && !vol.offline && !opts.ephemeral)
                 .then(|| Recorder::new(vol.image_len(), opts.boot_profile_window)),
             replay: RwLock::new(None),
             segment_flights: SingleFlight::default(),
@@ -245,11 +277,11 @@ impl TieredStore {
             streaming: AtomicBool::new(false),
             boot_mode: opts.boot_profile,
             saving: AtomicBool::new(false),
-            writeback: if opts.read_only {
+            writeback: if opts.read_only || opts.ephemeral {
                 None
             } else {
                 Some(
-                    Writeback::new(&opts.cache_dir, opts.writeback.clone())
+                    Writeback::new(&opts.cache_dir, opts.writeback.clone(), ssd_sealed)
                         .map_err(|e| VolumeError::io("opening write-back state in", &opts.cache_dir, e))?,
                 )
             },
@@ -258,6 +290,7 @@ impl TieredStore {
             hot: Default::default(),
             pinned: Default::default(),
             promoting: AtomicBool::new(false),
+            metadata_pending: Default::default(),
             vol,
             lease: parking_lot::Mutex::new(None),
         });
@@ -422,14 +455,17 @@ impl TieredStore {
     }
 
     /// Saves the boot recorded so far as a profile (a boot shorter than the
-    /// recording window still leaves one), waiting at most `limit`.
+    /// recording window still leaves one): seals it in the cache directory
+    /// within `limit` (local work), then gives its upload at most
+    /// [`PROFILE_UPLOAD_AT_CLOSE`]. An upload not done by then (this one,
+    /// or one the recording window started) resumes at the next start.
     fn save_profile_at_close(&self, limit: Duration) {
         let inner = &self.inner;
         if inner.profile_closed.swap(true, Ordering::SeqCst) || Handle::try_current().is_ok() {
             return;
         }
         let deadline = std::time::Instant::now() + limit;
-        // A save the window started in the background finishes first.
+        // A seal the window started in the background finishes first.
         while inner.saving.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -448,10 +484,22 @@ impl TieredStore {
         );
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let me = inner.clone();
-        if let Ok(Err(_)) = inner.wait(async move { tokio::time::timeout(left, me.save_profile()).await }) {
-            tracing::warn!(
-                seconds = limit.as_secs(),
-                "boot profile not saved: the remote did not take it in time (the next boot records one again)"
+        let sealed = match inner.wait(async move { tokio::time::timeout(left, me.seal_profile()).await }) {
+            Ok(Ok(p)) => p,
+            _ => {
+                tracing::warn!(seconds = limit.as_secs(), "boot profile not saved: building it took too long");
+                return;
+            }
+        };
+        let Some(p) = sealed else { return };
+        let key = p.key.clone();
+        let me = inner.clone();
+        if let Ok(Err(_)) =
+            inner.wait(async move { tokio::time::timeout(PROFILE_UPLOAD_AT_CLOSE, me.upload_pending(p)).await })
+        {
+            tracing::info!(
+                profile = %key,
+                "the boot profile's upload did not finish at shutdown; it stays sealed in the cache directory and goes up at the next start"
             );
         }
     }
@@ -617,15 +665,20 @@ impl Inner {
     fn serve_local(self: &Arc<Self>, p: Piece, buf: &IoVec<'_>, mode: IoMode) -> io::Result<bool> {
         let would_block = || io::Error::from(io::ErrorKind::WouldBlock);
         let in_ram = match mode {
-            IoMode::NonBlocking => self.ram.try_get(p.idx).map_err(|_| would_block())?,
-            IoMode::Blocking => self.ram.get(p.idx),
+            IoMode::NonBlocking => self
+                .ram
+                .try_read_with(p.idx, |data| buf.copy_from_slice(0, &data[p.off..p.off + p.len]))
+                .map_err(|_| would_block())?
+                .is_some(),
+            IoMode::Blocking => match self.ram.get(p.idx) {
+                Some(b) => {
+                    buf.copy_from_slice(0, &b.read()[p.off..p.off + p.len]);
+                    true
+                }
+                None => false,
+            },
         };
-        if let Some(b) = in_ram {
-            let data = match mode {
-                IoMode::NonBlocking => b.try_read().ok_or_else(would_block)?,
-                IoMode::Blocking => b.read(),
-            };
-            buf.copy_from_slice(0, &data[p.off..p.off + p.len]);
+        if in_ram {
             self.counters.ram_hits.inc();
             return Ok(true);
         }
@@ -1131,40 +1184,13 @@ impl Inner {
     }
 
     fn hint_metadata(self: &Arc<Self>, ranges: &[std::ops::Range<u64>]) -> io::Result<()> {
-        let len = self.ssd.len();
-        let mut idxs: Vec<u64> = Vec::new();
-        for r in ranges {
-            let end = r.end.min(len);
-            if r.start >= end {
-                continue;
-            }
-            idxs.extend(r.start / self.cs..=(end - 1) / self.cs);
-        }
-        idxs.sort_unstable();
-        idxs.dedup();
-        idxs.retain(|&i| !self.ram.is_pinned(i));
+        let idxs = self.metadata_chunks(ranges);
         // Each fetch keeps to the remote budget, so a hung remote fails the
         // open instead of holding it.
         let flights: Vec<_> = idxs.iter().map(|&i| self.guest_flight(i, false)).collect();
         let results = self.wait(futures::future::join_all(flights))?;
         for (idx, r) in idxs.into_iter().zip(results) {
-            let fetched = r.map_err(SharedError::into_io)?;
-            let _g = self.ssd.lock_write(idx);
-            // Under the lock, take the newest copy: RAM, then SSD, then what
-            // was fetched (a write could have landed since the fetch).
-            let b = if let Some(rb) = self.ram.get(idx) {
-                rb
-            } else if self.ssd.has_chunk(idx) {
-                Arc::new(RwLock::new(self.ssd.read_chunk(idx)?))
-            } else if self.ssd.state(idx) == DIRTY_PARTIAL {
-                return Err(io::Error::other(format!(
-                    "metadata chunk {idx} holds local changes and could not be completed"
-                )));
-            } else {
-                fetched
-            };
-            self.ram.pin(idx, b);
-            self.ssd.set_pinned(idx);
+            self.pin_metadata(idx, r.map_err(SharedError::into_io)?)?;
         }
         Ok(())
     }
@@ -1266,6 +1292,10 @@ impl Storage for TieredStore {
         self.inner.hint_metadata(ranges)
     }
 
+    fn prefetch_metadata(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<bool> {
+        self.inner.prefetch_metadata(ranges)
+    }
+
     fn describe(&self) -> String {
         format!(
             "volume {} (generation {}) cached in {}",
@@ -1326,7 +1356,9 @@ mod tests {
         let s = crate::tier::open_volume(&url, o).unwrap();
         let mut b = vec![0u8; 4096];
         let at = 300 << 10; // chunk 1
-        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+                            // The whole chunk (a 4 KiB miss would fetch only its sub-frame).
+        let mut whole = vec![0u8; 256 << 10];
+        s.read_vectored_at(256 << 10, &IoVec::from_slice(&mut whole), IoMode::Blocking).unwrap();
         // Only the SSD copy is left.
         s.inner.ram.clear();
         s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();

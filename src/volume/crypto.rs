@@ -335,6 +335,34 @@ impl VolumeKey {
         u64::from(self.block_size)
     }
 
+    /// A 64-byte key for local use (the SSD cache's AES-256-XTS key pair),
+    /// HKDF-SHA256 of the data key with `salt` (per cache) and `label` (per
+    /// purpose), so no two caches or purposes share a key and none of them
+    /// reveals the data key.
+    pub fn derive_local(&self, label: &str, salt: &[u8]) -> Zeroizing<[u8; 64]> {
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(salt), &self.data_key[..]);
+        let mut out = Zeroizing::new([0u8; 64]);
+        hk.expand(label.as_bytes(), &mut out[..]).expect("64 bytes is a valid HKDF-SHA256 length");
+        out
+    }
+
+    /// `data` sealed like an object named `name` (random salt), for a copy
+    /// kept on local disk (the cache's offline manifest).
+    pub fn seal_local(&self, name: &str, data: &[u8]) -> Vec<u8> {
+        self.seal(name, &rand::random(), data)
+    }
+
+    /// Opens what [`seal_local`](Self::seal_local) sealed under `name`.
+    pub fn open_local(&self, name: &str, b: &[u8]) -> Result<Vec<u8>, String> {
+        let salt = split_header(b)?;
+        let c = self.object_cipher(&salt);
+        let (out, ended) = open_blocks(&c, name, 0, &b[HEADER_LEN as usize..], self.bs())?;
+        if !ended {
+            return Err("object is truncated".into());
+        }
+        Ok(out)
+    }
+
     /// Stored size of a plaintext of `n` bytes.
     pub fn sealed_len(&self, n: u64) -> u64 {
         HEADER_LEN + (n / self.bs()) * (self.bs() + TAG_LEN) + n % self.bs() + TAG_LEN
@@ -417,6 +445,48 @@ fn split_header(b: &[u8]) -> Result<[u8; SALT_LEN], String> {
     Ok(b[4..HEADER_LEN as usize].try_into().expect("salt length"))
 }
 
+/// True when `b` starts like a sealed object (`DBE1`).
+pub fn looks_sealed(b: &[u8]) -> bool {
+    b.starts_with(MAGIC)
+}
+
+/// AES-256-CTR under a random key that lives only in this process: for
+/// spill files (a boot profile's pack while it is built) that this process
+/// writes once, reads back and deletes, and that must not hold plaintext on
+/// disk. Each byte position has its own keystream byte and the file is
+/// written once, so no keystream is ever reused; nothing needs integrity
+/// (whatever is read back is checked by its digest where it is used).
+pub struct SpillCipher {
+    key: Zeroizing<[u8; 32]>,
+    iv: [u8; 16],
+}
+
+impl std::fmt::Debug for SpillCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpillCipher")
+    }
+}
+
+impl SpillCipher {
+    /// A fresh random key.
+    pub fn random() -> Self {
+        // The low half of the counter starts at 0: 2^64 blocks before it
+        // could wrap into the random high half.
+        let mut iv: [u8; 16] = rand::random();
+        iv[8..].fill(0);
+        Self { key: Zeroizing::new(rand::random()), iv }
+    }
+
+    /// Encrypts or decrypts (the same operation) `buf`, which sits at byte
+    /// `pos` of the file.
+    pub fn apply(&self, pos: u64, buf: &mut [u8]) {
+        use ctr::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
+        let mut c = ctr::Ctr128BE::<aes::Aes256>::new((&*self.key).into(), (&self.iv).into());
+        c.seek(pos);
+        c.apply_keystream(buf);
+    }
+}
+
 /// A volume folder whose objects (but the plaintext ones) are sealed with
 /// a volume key. Sits above retry, so every attempt of an upload sends the
 /// same sealed bytes.
@@ -490,7 +560,9 @@ impl EncryptedRemote {
     }
 
     async fn salt_of(&self, key: &str) -> RemoteResult<[u8; SALT_LEN]> {
-        if let Some(s) = self.salts.lock().expect("salts").get(key) {
+        // Read again when a shared cache entry failed verification: the
+        // memo may hold what that entry said.
+        if let Some(s) = self.salts.lock().expect("salts").get(key).filter(|_| !crate::remote::shared::refreshing()) {
             return Ok(*s);
         }
         let h = self.inner.get_range(key, 0..HEADER_LEN).await?;

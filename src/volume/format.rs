@@ -692,6 +692,13 @@ pub fn new_pack_key(generation: u64) -> String {
     format!("{PACK_PREFIX}{generation:020}-{}", hex::encode(rand::random::<[u8; 8]>()))
 }
 
+/// True for keys of objects written once and never replaced (packs and
+/// boot profile packs, each named with random bits): their byte ranges may
+/// be kept and shared by key (`remote::shared`).
+pub fn is_immutable_key(key: &str) -> bool {
+    key.starts_with(PACK_PREFIX) || (key.starts_with(super::profile::PROFILE_PREFIX) && key.ends_with(".pack"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,7 +36,7 @@ use super::history::{
 };
 use super::lease::PROBE_PREFIX;
 use super::pack::{decode_chunk_upto, PackWriter};
-use super::profile::{parse_profile_key, PACK_SUFFIX, PROFILE_PREFIX};
+use super::profile::{parse_profile_key, ProfileIndex, PACK_SUFFIX, PROFILE_PREFIX};
 use super::reader::VolumeReader;
 use super::{runtime, RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::{ObjectMeta, PutBody, RemoteUrl};
@@ -285,6 +285,19 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
         .as_deref()
         .is_none_or(|k| old_enough(listing.iter().find(|m| m.key == k).and_then(|m| m.created_ms)));
     let index_keys: BTreeSet<&str> = indexes.iter().map(|(_, k)| *k).collect();
+    // Older profiles' packs the newest reads segments from (a delta) stay.
+    let (profiles_settled, kept_packs) = match &newest_profile {
+        Some(k) if profiles_settled => match r.remote.get(k).await.map(|b| ProfileIndex::from_bytes(&b, &r.header)) {
+            Ok(Ok(p)) => (true, p.packs),
+            // Readers skip it too, so it keeps nothing alive.
+            Ok(Err(why)) => {
+                tracing::warn!(profile = %k, %why, "gc: the newest boot profile does not parse");
+                (true, Vec::new())
+            }
+            Err(e) => return Err(VolumeError::remote(format!("reading boot profile {}/{k}", r.url), e)),
+        },
+        _ => (profiles_settled, Vec::new()),
+    };
     let mut delete = Vec::new();
     let mut young = 0u64;
     for m in &listing {
@@ -311,6 +324,7 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
                 && match key.strip_suffix(PACK_SUFFIX) {
                     Some(index) => {
                         Some(index) != newest_profile.as_deref()
+                            && !kept_packs.iter().any(|p| p == key)
                             && (index_keys.contains(index)
                             // An orphan pack older than the newest index
                             // (newer ones may be uploads in flight).
@@ -428,7 +442,7 @@ async fn repack(r: &VolumeReader, newest: &Manifest, packs: &[String], opts: &Gc
                     })?;
                     nb.add(&data).map_err(|e| VolumeError::io("compressing a chunk for", PathBuf::from(&r.url), e))?
                 }
-                None => nb.add_compressed(frame),
+                None => nb.add_raw_frame(frame),
             };
             moved.insert((pi, off), ((new_packs.len() - 1) as u32, pc.offset, pc.len));
         }

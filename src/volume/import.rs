@@ -6,7 +6,6 @@
 //! data): every pack, then `volume.json`, then `gen-1` last.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -190,12 +189,10 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     let mut manifest = Manifest::new(&header, 1);
     let bar = super::progress::bar_of(opts.progress, image_len, "import", super::progress::Unit::Bytes);
     let cs = opts.chunk_size as usize;
-    let mut buf = vec![0u8; cs];
     let new_pack = || if opts.subframes { PackWriter::indexed(opts.chunk_size) } else { PackWriter::new() };
     let mut pack = new_pack();
     let mut uploads: JoinSet<VolumeResult<ObjectMeta>> = JoinSet::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel_uploads.max(1)));
-    let mut idx = 0u64;
     let mut pos = 0u64;
     // Ships the current pack in the background; at most
     // `parallel_uploads` are in memory and in flight at once.
@@ -225,15 +222,17 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
         );
         Ok(())
     };
-    while pos < image_len {
-        let n = (image_len - pos).min(cs as u64) as usize;
-        file.read_exact(&mut buf[..n]).map_err(|e| VolumeError::io("reading image", image, e))?;
-        let data = &buf[..n];
-        if data.iter().any(|&b| b != 0) {
+    // Chunks are read on one thread and compressed on every core.
+    let threads = super::compress::default_threads();
+    let sub = pack.sub_size();
+    super::compress::compress_file(image, &mut file, image_len, cs, threads, sub, |idx, n, c| {
+        if let Some(c) = c {
             if pack.is_empty() {
                 manifest.packs.push(new_pack_key(1));
             }
-            let pc = pack.add(data).map_err(|e| VolumeError::io("compressing a chunk of", image, e))?;
+            let pc = pack
+                .add_compressed(&c.frame, c.entry, c.sha256)
+                .map_err(|e| VolumeError::io("packing a chunk of", image, e))?;
             let pack_no = (manifest.packs.len() - 1) as u32;
             manifest
                 .chunks
@@ -247,9 +246,9 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
             record_pack(&mut manifest, r)?;
         }
         pos += n as u64;
-        idx += 1;
         bar.set_position(pos);
-    }
+        Ok(())
+    })?;
     if !pack.is_empty() {
         ship(pack, &mut manifest, &mut uploads)?;
     }

@@ -8,6 +8,7 @@
 
 pub mod adopt;
 pub mod commit;
+pub mod compress;
 pub mod crypto;
 pub mod error;
 pub mod fork;

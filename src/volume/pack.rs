@@ -70,11 +70,38 @@ impl PackWriter {
 
     /// Appends an already compressed frame (a patch copied by a repack) as
     /// it is.
-    pub fn add_compressed(&mut self, frame: &[u8]) -> PackedChunk {
+    pub fn add_raw_frame(&mut self, frame: &[u8]) -> PackedChunk {
         let offset = self.buf.len() as u64;
         self.buf.extend_from_slice(frame);
         self.chunks += 1;
         PackedChunk { offset, len: frame.len() as u64, sha256: String::new() }
+    }
+
+    /// Appends a chunk compressed elsewhere (`super::compress`): its frame
+    /// (its sub-frames, with `entry` describing them, in an indexed pack)
+    /// and the hex sha256 of its uncompressed bytes.
+    pub fn add_compressed(
+        &mut self,
+        frame: &[u8],
+        entry: Option<super::subframe::Entry>,
+        sha256: String,
+    ) -> std::io::Result<PackedChunk> {
+        let offset = self.buf.len() as u64;
+        match (&mut self.index, entry) {
+            (Some(ix), Some(e)) if e.frame_len() == frame.len() as u64 => {
+                ix.entries.insert(offset, e);
+            }
+            (None, None) => {}
+            _ => return Err(std::io::Error::other("chunk compressed for another pack shape")),
+        }
+        self.buf.extend_from_slice(frame);
+        self.chunks += 1;
+        Ok(PackedChunk { offset, len: frame.len() as u64, sha256 })
+    }
+
+    /// Uncompressed bytes per sub-frame when chunks go in as sub-frames.
+    pub fn sub_size(&self) -> Option<u32> {
+        self.index.as_ref().map(|ix| ix.sub_size)
     }
 
     /// Bytes so far.

@@ -13,10 +13,12 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::crypto::SpillCipher;
 use super::format::{seal, unseal, ChunkRef, Manifest, VolumeHeader};
 use super::pack::{decode_chunk, sha256_hex, ZSTD_LEVEL};
 use super::reader::VolumeReader;
@@ -27,8 +29,12 @@ use crate::remote::{ByteStream, DynRemote, PutBody};
 pub const PROFILE_PREFIX: &str = "profile-";
 /// `format` field of a profile index.
 pub const PROFILE_MAGIC: &str = "driveblk-profile";
-/// Version of the profile format (independent of the volume format's).
+/// Version of the profile format (independent of the volume format's):
+/// 1, or 2 for an index whose segments also come from older profiles'
+/// packs (a delta, `packs`), which a version-1 reader must not read.
 pub const PROFILE_VERSION: u32 = 1;
+/// Version of an index that names other packs (`packs`).
+pub const PROFILE_VERSION_DELTA: u32 = 2;
 /// Granularity of a profile: extents are whole pages (but for a tail that
 /// ends at the image end).
 pub const PAGE_SIZE: u64 = 4096;
@@ -100,6 +106,10 @@ pub struct Segment {
     /// unread pages a few boots longer, then lets them go.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub age: u32,
+    /// Which pack holds the frame: 0 this profile's own (`pack`), `k` the
+    /// index's `packs[k - 1]` (an older profile's, reused by a delta).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pack: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -122,6 +132,11 @@ pub struct ProfileIndex {
     pub image_len: u64,
     /// Key of the profile pack.
     pub pack: String,
+    /// Older profiles' packs some segments are read from (version 2): a
+    /// profile that learned uploads only its new pages and names the
+    /// frames it kept where they already are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<String>,
     /// For every chunk an extent touches: its digest in `generation` (see
     /// [`ref_digest`]). A replay on a later generation skips the pages of
     /// chunks whose digest changed.
@@ -150,11 +165,14 @@ impl ProfileIndex {
 
     /// The checks of [`from_bytes`](Self::from_bytes) after parsing.
     fn validate(&self, header: &VolumeHeader) -> Result<(), String> {
-        if self.format != PROFILE_MAGIC || self.version != PROFILE_VERSION {
+        if self.format != PROFILE_MAGIC || !(PROFILE_VERSION..=PROFILE_VERSION_DELTA).contains(&self.version) {
             return Err(format!(
-                "format {:?} version {} is not {PROFILE_MAGIC:?} version {PROFILE_VERSION}",
+                "format {:?} version {} is not {PROFILE_MAGIC:?} version {PROFILE_VERSION} or {PROFILE_VERSION_DELTA}",
                 self.format, self.version
             ));
+        }
+        if self.version == PROFILE_VERSION && !self.packs.is_empty() {
+            return Err(format!("names other packs but is version {PROFILE_VERSION}"));
         }
         if self.volume_id != header.volume_id {
             return Err(format!("belongs to volume {}, not {}", self.volume_id, header.volume_id));
@@ -165,8 +183,12 @@ impl ProfileIndex {
         if self.page_size != PAGE_SIZE {
             return Err(format!("page size {} is not {PAGE_SIZE}", self.page_size));
         }
-        if !self.pack.starts_with(PROFILE_PREFIX) || !self.pack.ends_with(PACK_SUFFIX) || self.pack.contains('/') {
+        let pack_key = |k: &str| k.starts_with(PROFILE_PREFIX) && k.ends_with(PACK_SUFFIX) && !k.contains('/');
+        if !pack_key(&self.pack) {
             return Err(format!("pack key {:?} is not a profile pack key", self.pack));
+        }
+        if let Some(k) = self.packs.iter().find(|k| !pack_key(k) || **k == self.pack) {
+            return Err(format!("other pack {k:?} is not another profile pack key"));
         }
         // Sizes first: everything below loops over extents and chunks, and
         // the tier sizes its replay tables from them.
@@ -186,6 +208,8 @@ impl ProfileIndex {
         }
         let mut pack_end = 0u64;
         let mut total_raw = 0u64;
+        // Frames in other packs: no two may overlap (checked after sorting).
+        let mut others: Vec<(u32, u64, u64)> = Vec::new();
         // Every extent is whole pages but a tail at the image end, so a
         // segment within MAX_SEGMENT_RAW has at most this many.
         let max_extents = (MAX_SEGMENT_RAW / PAGE_SIZE + 1) as usize;
@@ -219,10 +243,22 @@ impl ProfileIndex {
             if s.len == 0 || s.len > s.raw_len + s.raw_len / 8 + 4096 {
                 return Err(bad(format!("implausible compressed length {} for {} raw bytes", s.len, s.raw_len)));
             }
+            let end = s.offset.checked_add(s.len).ok_or_else(|| bad("frame end overflows".into()))?;
+            if s.pack as usize > self.packs.len() {
+                return Err(bad(format!("names pack {} of {}", s.pack, self.packs.len())));
+            }
+            if s.pack > 0 {
+                others.push((s.pack, s.offset, end));
+                continue;
+            }
             if s.offset < pack_end {
                 return Err(bad(format!("frame at {} overlaps the previous one (ending at {pack_end})", s.offset)));
             }
-            pack_end = s.offset.checked_add(s.len).ok_or_else(|| bad("frame end overflows".into()))?;
+            pack_end = end;
+        }
+        others.sort_unstable();
+        if let Some(w) = others.windows(2).find(|w| w[0].0 == w[1].0 && w[1].1 < w[0].2) {
+            return Err(format!("two frames of pack {} overlap (at {} and {})", w[0].0, w[0].1, w[1].1));
         }
         Ok(())
     }
@@ -259,6 +295,20 @@ impl ProfileIndex {
     /// Total uncompressed bytes (sum of raw_len).
     pub fn raw_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.raw_len).sum()
+    }
+
+    /// Length of this profile's own pack: the end of its last frame (its
+    /// segments are in pack order).
+    pub fn pack_len(&self) -> u64 {
+        self.segments.iter().rev().find(|s| s.pack == 0).map_or(0, |s| s.offset + s.len)
+    }
+
+    /// Key of the pack holding segment `seg`'s frame.
+    pub fn pack_key(&self, seg: usize) -> &str {
+        match self.segments[seg].pack {
+            0 => &self.pack,
+            k => &self.packs[k as usize - 1],
+        }
     }
 }
 
@@ -322,6 +372,10 @@ pub struct ProfileBuilder {
     chunk_refs: BTreeMap<u64, String>,
     /// Age of the pages being added (see [`Segment::age`]).
     age: u32,
+    /// Other profiles' packs that reused segments are read from.
+    packs: Vec<String>,
+    /// Encrypts the temporary pack (see [`seal_spill`](Self::seal_spill)).
+    spill: Option<Arc<SpillCipher>>,
 }
 
 impl std::fmt::Debug for ProfileBuilder {
@@ -368,7 +422,16 @@ impl ProfileBuilder {
             raw_total: 0,
             chunk_refs: BTreeMap::new(),
             age: 0,
+            packs: Vec::new(),
+            spill: None,
         })
+    }
+
+    /// Keeps the temporary pack encrypted on disk, under a key only this
+    /// process holds (an encrypted SSD cache must not hold plaintext pages
+    /// in its directory). Call before the first [`add`](Self::add).
+    pub fn seal_spill(&mut self) {
+        self.spill = Some(Arc::new(SpillCipher::random()));
     }
 
     /// Appends one extent's bytes (offset a multiple of PAGE_SIZE,
@@ -435,6 +498,46 @@ impl ProfileBuilder {
         Ok(())
     }
 
+    /// Appends a segment of an older profile as it is, read from that
+    /// profile's pack (`pack_key`) instead of uploaded again: a profile
+    /// that learned sends only its new pages. The caller guarantees that
+    /// the chunks it touches are unchanged since that profile (their
+    /// digests are recorded as this generation's). The open segment stays
+    /// open, so new pages between reused ones still fill whole frames.
+    pub fn reuse(&mut self, pack_key: &str, seg: &Segment, age: u32) -> VolumeResult<()> {
+        let cs = self.manifest.chunk_size;
+        let mut refs = Vec::new();
+        for e in &seg.extents {
+            if e.len == 0 || e.end() > self.manifest.image_len {
+                return Err(VolumeError::InvalidOptions(format!(
+                    "reused boot profile extent [{}, {}] is empty or past the image end",
+                    e.offset, e.len
+                )));
+            }
+            for idx in e.offset / cs..=(e.end() - 1) / cs {
+                match ref_digest(&self.manifest.chunk(idx, self.has_base)) {
+                    Some(d) => refs.push((idx, d)),
+                    None => {
+                        return Err(VolumeError::InvalidOptions(format!(
+                            "reused boot profile segment touches zero chunk {idx}"
+                        )))
+                    }
+                }
+            }
+        }
+        self.chunk_refs.extend(refs);
+        let k = match self.packs.iter().position(|p| p == pack_key) {
+            Some(i) => i,
+            None => {
+                self.packs.push(pack_key.to_string());
+                self.packs.len() - 1
+            }
+        };
+        self.segments.push(Segment { age, pack: k as u32 + 1, ..seg.clone() });
+        self.raw_total += seg.raw_len;
+        Ok(())
+    }
+
     /// The age of the pages added from now on (a segment holds pages of
     /// one age).
     pub fn set_age(&mut self, age: u32) -> VolumeResult<()> {
@@ -456,7 +559,10 @@ impl ProfileBuilder {
             return Ok(());
         }
         let ioerr = |path: &Path, e| VolumeError::io("writing temporary profile pack", path, e);
-        let frame = zstd::bulk::compress(&self.raw, ZSTD_LEVEL).map_err(|e| ioerr(&self.tmp_path, e))?;
+        let mut frame = zstd::bulk::compress(&self.raw, ZSTD_LEVEL).map_err(|e| ioerr(&self.tmp_path, e))?;
+        if let Some(c) = &self.spill {
+            c.apply(self.pack_len, &mut frame);
+        }
         let f = self.tmp.as_mut().expect("temporary pack open until upload");
         f.write_all(&frame).map_err(|e| ioerr(&self.tmp_path, e))?;
         self.segments.push(Segment {
@@ -466,63 +572,211 @@ impl ProfileBuilder {
             sha256: sha256_hex(&self.raw),
             extents: std::mem::take(&mut self.extents),
             age: self.age,
+            pack: 0,
         });
         self.pack_len += frame.len() as u64;
         self.raw.clear();
         Ok(())
     }
 
-    /// Finishes the last segment, uploads the pack (streamed from the temp
-    /// file, length known) and then the index; removes the temp file (also
-    /// on error, and on drop if never uploaded). Returns the index key. An
-    /// empty builder uploads nothing and returns `Ok(None)`.
-    pub async fn upload(mut self, remote: &DynRemote) -> VolumeResult<Option<String>> {
+    /// Finishes the last segment, then uploads the pack and the index
+    /// ([`seal`](Self::seal) into `dir`, then [`PendingProfile::upload`]).
+    /// Returns the index key; an empty builder uploads nothing and returns
+    /// `Ok(None)`. On an error the sealed files stay in `dir`.
+    pub async fn upload(self, remote: &DynRemote) -> VolumeResult<Option<String>> {
+        let dir = self.tmp_path.parent().map(Path::to_path_buf).unwrap_or_default();
+        match self.seal(&dir)? {
+            Some(p) => p.upload(remote).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Finishes the last segment and seals the profile in `dir`'s
+    /// [`PENDING_DIR`]: the pack file and the index it is committed with,
+    /// both fsynced, so an upload cut short (a shutdown, a crash, a lost
+    /// link) resumes at the next start. Takes the key now: the profile is
+    /// of this generation and this moment, whenever it goes up. An empty
+    /// builder seals nothing.
+    pub fn seal(mut self, dir: &Path) -> VolumeResult<Option<PendingProfile>> {
         self.finish_segment()?;
         if self.segments.is_empty() {
             return Ok(None);
         }
-        let tmp = self.tmp.take().expect("temporary pack open until upload");
+        let tmp = self.tmp.take().expect("temporary pack open until sealed");
         tmp.sync_all().map_err(|e| VolumeError::io("flushing temporary profile pack", &self.tmp_path, e))?;
         drop(tmp);
         let created_unix_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let key = profile_key(self.manifest.generation, created_unix_ms);
-        let pack = format!("{key}{PACK_SUFFIX}");
+        let packs = std::mem::take(&mut self.packs);
         let index = ProfileIndex {
             format: PROFILE_MAGIC.into(),
-            version: PROFILE_VERSION,
+            version: if packs.is_empty() { PROFILE_VERSION } else { PROFILE_VERSION_DELTA },
             volume_id: self.volume_id.clone(),
             generation: self.manifest.generation,
             created_unix_ms,
             page_size: PAGE_SIZE,
             chunk_size: self.manifest.chunk_size,
             image_len: self.manifest.image_len,
-            pack: pack.clone(),
+            pack: format!("{key}{PACK_SUFFIX}"),
+            packs,
             chunk_refs: std::mem::take(&mut self.chunk_refs),
             segments: std::mem::take(&mut self.segments),
         };
-        // Commit rule: the whole pack first, then the index naming it.
-        let path = self.tmp_path.clone();
-        let len = self.pack_len;
-        let body = PutBody::from_stream_fn(Some(len), move || file_stream(path.clone(), len));
+        let pending = dir.join(PENDING_DIR);
+        let io = |what: &'static str, path: &Path, e| VolumeError::io(what, path, e);
+        std::fs::create_dir_all(&pending).map_err(|e| io("creating", &pending, e))?;
+        // Older sealed profiles are superseded: this one learned from them.
+        PendingProfile::remove_all(&pending);
+        let spill = self.spill.clone();
+        let p = PendingProfile { url: self.url.clone(), dir: pending.clone(), key: key.clone(), index, spill };
+        // A pack encrypted under this process's key cannot be read by the
+        // next one: marked, so a later start drops it rather than upload
+        // ciphertext it cannot decrypt.
+        if p.spill.is_some() {
+            write_synced(&p.dir.join(SPILL_MARK), b"").map_err(|e| io("writing", &p.dir, e))?;
+        }
+        // The pack first, then the index: a sealed profile is one whose
+        // index file exists (a crash between leaves an orphan pack that the
+        // next seal or start removes).
+        std::fs::rename(&self.tmp_path, p.pack_path()).map_err(|e| io("sealing the profile pack in", &pending, e))?;
+        write_synced(&p.index_path(), &p.index.to_bytes()).map_err(|e| io("writing", &p.index_path(), e))?;
+        if let Ok(d) = File::open(&pending) {
+            let _ = d.sync_all();
+        }
+        Ok(Some(p))
+    }
+}
+
+/// Subdirectory of a cache directory holding a sealed boot profile not
+/// yet uploaded (see [`ProfileBuilder::seal`]).
+pub const PENDING_DIR: &str = "profile-pending";
+
+/// In [`PENDING_DIR`]: the sealed pack is encrypted under the sealing
+/// process's key (an encrypted cache); no later process can upload it.
+const SPILL_MARK: &str = "spill-key-gone";
+
+/// A boot profile sealed on local disk, waiting to go up: its pack file
+/// and its index, named by the key it will have on the remote.
+pub struct PendingProfile {
+    url: String,
+    dir: PathBuf,
+    /// The index key it is uploaded under.
+    pub key: String,
+    pub index: ProfileIndex,
+    /// Decrypts the pack file (an encrypted cache's, this process only).
+    spill: Option<Arc<SpillCipher>>,
+}
+
+impl std::fmt::Debug for PendingProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingProfile").field("url", &self.url).field("key", &self.key).finish()
+    }
+}
+
+impl PendingProfile {
+    fn pack_path(&self) -> PathBuf {
+        self.dir.join(format!("{}{PACK_SUFFIX}", self.key))
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.dir.join(&self.key)
+    }
+
+    /// The sealed profile in cache directory `cache_dir`, if one is whole
+    /// and belongs to this volume (anything else there is removed).
+    pub fn find(cache_dir: &Path, url: &str, header: &VolumeHeader) -> Option<PendingProfile> {
+        let dir = cache_dir.join(PENDING_DIR);
+        let entries = std::fs::read_dir(&dir).ok()?;
+        if dir.join(SPILL_MARK).exists() {
+            tracing::info!(dir = %dir.display(), "dropping a boot profile sealed under an earlier process's cache key");
+            Self::remove_all(&dir);
+            let _ = std::fs::remove_dir(&dir);
+            return None;
+        }
+        let mut found = None;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if parse_profile_key(&name).is_none() {
+                continue;
+            }
+            let index = std::fs::read(e.path()).ok().and_then(|b| ProfileIndex::from_bytes(&b, header).ok());
+            let Some(index) = index else { continue };
+            let p = PendingProfile { url: url.to_string(), dir: dir.clone(), key: name, index, spill: None };
+            let whole = std::fs::metadata(p.pack_path()).is_ok_and(|m| m.len() == p.index.pack_len());
+            if whole && found.as_ref().is_none_or(|f: &PendingProfile| f.key < p.key) {
+                found = Some(p);
+            }
+        }
+        // Keep the newest whole one; drop the rest (older, torn, foreign).
+        for e in std::fs::read_dir(&dir).ok()?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let keep = found.as_ref().is_some_and(|f| name == f.key || name == format!("{}{PACK_SUFFIX}", f.key));
+            if !keep {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        found
+    }
+
+    fn remove_all(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Drops the sealed files (uploaded, or a newer profile made this one
+    /// useless), and the directory once empty.
+    pub fn discard(self) {
+        let _ = std::fs::remove_file(self.index_path());
+        let _ = std::fs::remove_file(self.pack_path());
+        let _ = std::fs::remove_file(self.dir.join(SPILL_MARK));
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+
+    /// Uploads the pack (streamed from its file), then the index — the
+    /// commit rule — and removes the sealed files. Returns the index key.
+    /// On an error the files stay for the next attempt.
+    pub async fn upload(self, remote: &DynRemote) -> VolumeResult<String> {
+        let key = self.key.clone();
+        let pack = self.index.pack.clone();
+        let path = self.pack_path();
+        let len = self.index.pack_len();
+        // A delta whose every segment is reused has no pack of its own.
+        if len > 0 {
+            let spill = self.spill.clone();
+            let body = PutBody::from_stream_fn(Some(len), move || file_stream(path.clone(), len, spill.clone()));
+            remote
+                .put(&pack, body)
+                .await
+                .map_err(|e| VolumeError::remote(format!("uploading boot profile pack {}/{pack}", self.url), e))?;
+        }
         remote
-            .put(&pack, body)
-            .await
-            .map_err(|e| VolumeError::remote(format!("uploading boot profile pack {}/{pack}", self.url), e))?;
-        remote
-            .put(&key, PutBody::from_bytes(index.to_bytes()))
+            .put(&key, PutBody::from_bytes(self.index.to_bytes()))
             .await
             .map_err(|e| VolumeError::remote(format!("uploading boot profile index {}/{key}", self.url), e))?;
         tracing::info!(
             url = %self.url,
             key = %key,
-            segments = index.segments.len(),
-            raw_bytes = index.raw_bytes(),
+            segments = self.index.segments.len(),
+            raw_bytes = self.index.raw_bytes(),
             pack_bytes = len,
             "boot profile uploaded"
         );
-        Ok(Some(key))
+        self.discard();
+        Ok(key)
     }
+}
+
+/// Writes `data` to `path` through a temporary file, fsynced, renamed.
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 impl Drop for ProfileBuilder {
@@ -536,24 +790,30 @@ impl Drop for ProfileBuilder {
     }
 }
 
-/// The first `len` bytes of the file at `path`, in pieces of up to 1 MiB;
-/// an error if the file is shorter.
-fn file_stream(path: PathBuf, len: u64) -> ByteStream {
+/// The first `len` bytes of the file at `path`, in pieces of up to 1 MiB
+/// (decrypted with `spill` when given); an error if the file is shorter.
+fn file_stream(path: PathBuf, len: u64, spill: Option<Arc<SpillCipher>>) -> ByteStream {
     use tokio::io::AsyncReadExt;
     const PIECE: u64 = 1 << 20;
     let state = (path, None::<tokio::fs::File>, 0u64);
-    Box::pin(futures::stream::try_unfold(state, move |(path, file, done)| async move {
-        if done >= len {
-            return Ok(None);
+    Box::pin(futures::stream::try_unfold(state, move |(path, file, done)| {
+        let spill = spill.clone();
+        async move {
+            if done >= len {
+                return Ok(None);
+            }
+            let mut f = match file {
+                Some(f) => f,
+                None => tokio::fs::File::open(&path).await?,
+            };
+            let mut buf = vec![0u8; PIECE.min(len - done) as usize];
+            f.read_exact(&mut buf).await?;
+            if let Some(c) = &spill {
+                c.apply(done, &mut buf);
+            }
+            let n = buf.len() as u64;
+            Ok(Some((Bytes::from(buf), (path, Some(f), done + n))))
         }
-        let mut f = match file {
-            Some(f) => f,
-            None => tokio::fs::File::open(&path).await?,
-        };
-        let mut buf = vec![0u8; PIECE.min(len - done) as usize];
-        f.read_exact(&mut buf).await?;
-        let n = buf.len() as u64;
-        Ok(Some((Bytes::from(buf), (path, Some(f), done + n))))
     }))
 }
 
@@ -604,6 +864,12 @@ pub async fn find_latest(remote: &DynRemote, header: &VolumeHeader) -> VolumeRes
 /// hash mismatch is [`VolumeError::CorruptProfile`]; bad bytes are never
 /// returned.
 pub async fn fetch_segment(remote: &DynRemote, url: &str, index: &ProfileIndex, seg: usize) -> VolumeResult<Bytes> {
+    // Bytes a shared cache directory gave that fail the checks are fetched
+    // again from the remote (`remote::shared`).
+    crate::remote::shared::verified(|| fetch_segment_once(remote, url, index, seg)).await
+}
+
+async fn fetch_segment_once(remote: &DynRemote, url: &str, index: &ProfileIndex, seg: usize) -> VolumeResult<Bytes> {
     let s = index.segments.get(seg).ok_or_else(|| {
         VolumeError::InvalidOptions(format!(
             "boot profile {} has {} segments; there is no segment {seg}",
@@ -611,21 +877,23 @@ pub async fn fetch_segment(remote: &DynRemote, url: &str, index: &ProfileIndex, 
             index.segments.len()
         ))
     })?;
+    // `from_bytes` checked these; an index built by hand may not have been.
+    let pack = match s.pack as usize {
+        0 => &index.pack,
+        k => index.packs.get(k - 1).unwrap_or(&index.pack),
+    };
     let corrupt = |reason: String| VolumeError::CorruptProfile {
         url: url.to_string(),
-        key: index.pack.clone(),
+        key: pack.clone(),
         reason: format!("segment {seg} (offset {}, {} bytes): {reason}", s.offset, s.len),
     };
-    // `from_bytes` checked these; an index built by hand may not have been.
-    if s.raw_len > MAX_SEGMENT_RAW || s.offset.checked_add(s.len).is_none() {
-        return Err(corrupt(format!("implausible segment (raw_len {})", s.raw_len)));
+    if s.raw_len > MAX_SEGMENT_RAW || s.offset.checked_add(s.len).is_none() || s.pack as usize > index.packs.len() {
+        return Err(corrupt(format!("implausible segment (raw_len {}, pack {})", s.raw_len, s.pack)));
     }
-    let frame = match remote.get_range(&index.pack, s.offset..s.offset + s.len).await {
+    let frame = match remote.get_range(pack, s.offset..s.offset + s.len).await {
         Ok(f) => f,
         Err(e) if e.is_not_found() => return Err(corrupt("the pack is missing".into())),
-        Err(e) => {
-            return Err(VolumeError::remote(format!("reading segment {seg} of boot profile {url}/{}", index.pack), e))
-        }
+        Err(e) => return Err(VolumeError::remote(format!("reading segment {seg} of boot profile {url}/{pack}"), e)),
     };
     if frame.len() as u64 != s.len {
         return Err(corrupt(format!("pack is too short: got {} of {} bytes", frame.len(), s.len)));
@@ -676,8 +944,17 @@ mod tests {
             chunk_size: CS,
             image_len: h.image_len,
             pack: format!("{}{PACK_SUFFIX}", profile_key(3, 1_700_000_000_000)),
+            packs: Vec::new(),
             chunk_refs: [(0, "a".repeat(64)), (3, BASE_DIGEST.to_string())].into_iter().collect(),
-            segments: vec![Segment { offset: 0, len: 100, raw_len: 12288, sha256: "b".repeat(64), extents, age: 0 }],
+            segments: vec![Segment {
+                offset: 0,
+                len: 100,
+                raw_len: 12288,
+                sha256: "b".repeat(64),
+                extents,
+                age: 0,
+                pack: 0,
+            }],
         }
     }
 
@@ -702,7 +979,17 @@ mod tests {
             assert!(e.contains(want), "{e:?} does not contain {want:?}");
         };
         reject(&|q| q.volume_id = "0".repeat(32), "belongs to volume");
-        reject(&|q| q.version = 2, "version 2");
+        reject(&|q| q.version = 3, "version 3");
+        // A delta names other packs, and only as version 2.
+        let other = format!("{}{PACK_SUFFIX}", profile_key(2, 1_600_000_000_000));
+        reject(&|q| q.packs = vec![other.clone()], "names other packs but is version 1");
+        let mut delta = index(&h);
+        (delta.version, delta.packs, delta.segments[0].pack) = (2, vec![other.clone()], 1);
+        let b2 = delta.to_bytes();
+        assert!(String::from_utf8_lossy(&b2).contains("\"pack\":1"));
+        assert_eq!(ProfileIndex::from_bytes(&b2, &h).unwrap().pack_key(0), other);
+        reject(&|q| (q.version, q.packs, q.segments[0].pack) = (2, vec![other.clone()], 2), "names pack 2 of 1");
+        reject(&|q| (q.version, q.packs) = (2, vec!["gen-1".into()]), "not another profile pack key");
         reject(&|q| q.chunk_size = CS * 2, "chunk size");
         reject(&|q| q.page_size = 512, "page size");
         reject(&|q| q.segments[0].extents[0].offset = 512, "not a multiple of 4096");

@@ -293,7 +293,13 @@ impl VolumeReader {
             std::fs::rename(&tmp, dir.join(name))
         };
         put(OFFLINE_HEADER, &self.header_raw)?;
-        put(OFFLINE_MANIFEST, &self.manifest().to_bytes())?;
+        // The manifest holds each chunk's sha256: of an encrypted volume it
+        // is kept sealed, as on the remote (docs/encryption.md).
+        let m = self.manifest().to_bytes();
+        match &self.key {
+            Some(k) => put(OFFLINE_MANIFEST, &k.seal_local(OFFLINE_MANIFEST, &m))?,
+            None => put(OFFLINE_MANIFEST, &m)?,
+        }
         std::fs::File::open(dir)?.sync_all()
     }
 
@@ -317,6 +323,14 @@ impl VolumeReader {
         let header = VolumeHeader::from_bytes(&header_raw)
             .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
         let vkey = volume_key(&url_s, &header, opts)?;
+        let manifest_raw = match &vkey {
+            Some(k) if super::crypto::looks_sealed(&manifest_raw) => {
+                Bytes::from(k.open_local(OFFLINE_MANIFEST, &manifest_raw).map_err(|reason| {
+                    VolumeError::CorruptManifest { url: url_s.clone(), key: "offline copy".into(), reason }
+                })?)
+            }
+            _ => manifest_raw,
+        };
         // The manifest names its own generation; from_bytes re-checks the
         // checksum and that it belongs to this header.
         let generation =
@@ -470,6 +484,12 @@ impl VolumeReader {
     /// patched chunk, its base and its patch frame in parallel, the result
     /// hash-checked.
     pub async fn fetch_chunk(&self, idx: u64) -> VolumeResult<Fetched> {
+        // Bytes a shared cache directory gave that fail these checks are
+        // fetched again from the remote (`remote::shared`).
+        crate::remote::shared::verified(|| self.fetch_chunk_once(idx)).await
+    }
+
+    async fn fetch_chunk_once(&self, idx: u64) -> VolumeResult<Fetched> {
         // One manifest for the whole fetch: pack numbers are per manifest.
         let m = self.manifest.load_full();
         let start = idx.saturating_mul(self.chunk_size());
@@ -560,29 +580,43 @@ impl VolumeReader {
         let mut fetched = 0;
         let ix = cell
             .get_or_try_init(|| async {
-                let (remote, object) = self.pack_remote(key)?;
-                let corrupt = |reason: String| VolumeError::CorruptChunk {
-                    url: self.url.clone(),
-                    chunk: 0,
-                    key: key.to_string(),
-                    offset: ixr.offset,
-                    reason: format!("sub-frame index: {reason}"),
-                };
-                let bytes = remote.get_range(object, ixr.offset..ixr.offset + ixr.len).await.map_err(|e| {
-                    VolumeError::remote(format!("reading the sub-frame index of {}/{key}", self.url), e)
-                })?;
-                fetched = bytes.len() as u64;
-                if bytes.len() as u64 != ixr.len {
-                    return Err(corrupt(format!("got {} of {} bytes", bytes.len(), ixr.len)));
-                }
-                let got = super::pack::sha256_hex(&bytes);
-                if got != ixr.sha256 {
-                    return Err(corrupt(format!("sha256 mismatch: expected {}, got {got}", ixr.sha256)));
-                }
-                PackIndex::parse(&bytes, ixr.offset).map(Arc::new).map_err(corrupt)
+                // Bytes a shared cache directory gave that fail the checks
+                // are fetched again from the remote (`remote::shared`).
+                let (ix, n) = crate::remote::shared::verified(|| self.fetch_index_once(key, &ixr)).await?;
+                fetched = n;
+                Ok::<_, VolumeError>(ix)
             })
             .await?;
         Ok((Some(ix.clone()), fetched))
+    }
+
+    /// Reads and checks pack `key`'s sub-frame index once.
+    async fn fetch_index_once(
+        &self,
+        key: &str,
+        ixr: &super::format::PackIndexRef,
+    ) -> VolumeResult<(Arc<PackIndex>, u64)> {
+        let (remote, object) = self.pack_remote(key)?;
+        let corrupt = |reason: String| VolumeError::CorruptChunk {
+            url: self.url.clone(),
+            chunk: 0,
+            key: key.to_string(),
+            offset: ixr.offset,
+            reason: format!("sub-frame index: {reason}"),
+        };
+        let bytes = remote
+            .get_range(object, ixr.offset..ixr.offset + ixr.len)
+            .await
+            .map_err(|e| VolumeError::remote(format!("reading the sub-frame index of {}/{key}", self.url), e))?;
+        if bytes.len() as u64 != ixr.len {
+            return Err(corrupt(format!("got {} of {} bytes", bytes.len(), ixr.len)));
+        }
+        let got = super::pack::sha256_hex(&bytes);
+        if got != ixr.sha256 {
+            return Err(corrupt(format!("sha256 mismatch: expected {}, got {got}", ixr.sha256)));
+        }
+        let ix = PackIndex::parse(&bytes, ixr.offset).map(Arc::new).map_err(corrupt)?;
+        Ok((ix, bytes.len() as u64))
     }
 
     /// True when part of chunk `idx` can be fetched alone now: it is packed
@@ -601,6 +635,12 @@ impl VolumeReader {
     /// its bytes `[off, off + len)`: one ranged read. Ok(None) when the
     /// chunk is not stored as sub-frames of a known index (fetch it whole).
     pub async fn fetch_part(&self, idx: u64, off: u64, len: u64) -> VolumeResult<Option<Part>> {
+        // Bytes a shared cache directory gave that fail the checks are
+        // fetched again from the remote (`remote::shared`).
+        crate::remote::shared::verified(|| self.fetch_part_once(idx, off, len)).await
+    }
+
+    async fn fetch_part_once(&self, idx: u64, off: u64, len: u64) -> VolumeResult<Option<Part>> {
         let m = self.manifest.load_full();
         let r = m.chunk(idx, self.base.is_some());
         let ChunkRef::Packed { pack, offset, len: flen, .. } = &r else { return Ok(None) };

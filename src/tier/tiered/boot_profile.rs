@@ -1,7 +1,10 @@
 //! The tiered store's side of boot profiles: finding and streaming the
 //! volume's newest profile into the SSD tier ahead of the guest, and saving
 //! what this boot read as a new profile when the recording window closes or
-//! the store closes (unless the replayed one still matches the boot).
+//! the store closes (unless the replayed one still matches the boot). A
+//! saved profile is sealed in the cache directory first and uploaded in the
+//! background, so a shutdown never waits on its upload: one cut short goes
+//! up at the next start.
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -13,11 +16,11 @@ use tokio::sync::Semaphore;
 use super::fetch::Source;
 use super::{closing, Inner, SegmentResult, SharedError};
 use crate::format::{IoMode, IoVec};
-use crate::tier::boot::{for_each_chunk_part, learned, BootProfileMode, Replay, NEW_SHARE};
+use crate::tier::boot::{delta_plan, for_each_chunk_part, learned, BootProfileMode, Planned, Replay, NEW_SHARE};
 use crate::tier::single_flight::{Flight, Urgency};
 use crate::tier::ssd::{DIRTY, PARTIAL};
 use crate::tier::stats::Counters;
-use crate::volume::profile::{self, ProfileBuilder};
+use crate::volume::profile::{self, PendingProfile, ProfileBuilder};
 use crate::volume::{VolumeError, VolumeResult};
 
 impl Inner {
@@ -27,7 +30,22 @@ impl Inner {
     /// matches the boot (see [`save_profile`](Self::save_profile)), or when
     /// asked to.
     pub(super) async fn boot_profile(self: Arc<Self>) {
-        match profile::find_latest(&self.vol.remote, &self.vol.header).await {
+        let latest = profile::find_latest(&self.vol.remote, &self.vol.header).await;
+        // A profile an earlier run sealed but did not get up goes up now,
+        // beside this boot (unless the remote has a newer one by now).
+        if let Some(p) = PendingProfile::find(self.ssd.dir(), &self.vol.url, &self.vol.header) {
+            match &latest {
+                Ok(Some((key, _))) if *key >= p.key => {
+                    tracing::info!(pending = %p.key, newest = %key, "a newer boot profile is on the remote; dropping the one not uploaded");
+                    p.discard();
+                }
+                _ => {
+                    tracing::info!(profile = %p.key, "uploading the boot profile an earlier run sealed");
+                    self.handle.spawn(self.clone().upload_pending(p));
+                }
+            }
+        }
+        match latest {
             Ok(Some((key, index))) => {
                 let vol = self.vol.clone();
                 let refs = index.chunk_refs.clone();
@@ -76,11 +94,21 @@ impl Inner {
         self.save_profile().await;
     }
 
-    /// Ends the recording and uploads it as the volume's newest profile.
+    /// Ends the recording, seals it in the cache directory and uploads it
+    /// as the volume's newest profile.
     pub(super) async fn save_profile(self: Arc<Self>) {
-        let Some(rec) = &self.recorder else { return };
+        if let Some(p) = self.clone().seal_profile().await {
+            self.upload_pending(p).await;
+        }
+    }
+
+    /// Ends the recording and, if it is worth saving, builds the profile
+    /// from the SSD tier and seals it on local disk (local work only:
+    /// `close` waits for this, never for the upload).
+    pub(super) async fn seal_profile(self: Arc<Self>) -> Option<PendingProfile> {
+        let rec = self.recorder.as_ref()?;
         if self.saving.swap(true, Ordering::SeqCst) {
-            return;
+            return None;
         }
         let recorded = rec.finish();
         let replay = self.replay.read().clone();
@@ -104,40 +132,57 @@ impl Inner {
             }
             _ => false,
         };
+        let mut sealed = None;
         if recorded.bytes > 0 && !keep {
-            // Auto: the profile learns (this boot's pages, then the old
-            // profile's it did not read, until they age out); Record: this
-            // boot's alone.
-            let old = replay.as_deref().filter(|_| self.boot_mode == BootProfileMode::Auto);
-            let extents = learned(&recorded, old, self.vol.image_len(), self.cs);
-            self.clone().save_recorded(recorded.reads, extents).await;
+            // Auto: the profile learns — a delta over the old one (this
+            // boot's new pages uploaded, the old frames it keeps named where
+            // they are); Record: this boot's pages alone.
+            let plan = match replay.as_deref().filter(|_| self.boot_mode == BootProfileMode::Auto) {
+                Some(old) => delta_plan(&recorded, old, self.cs),
+                None => learned(&recorded, None, self.vol.image_len(), self.cs)
+                    .into_iter()
+                    .map(|(_, e)| Planned::Fresh(e))
+                    .collect(),
+            };
+            let me = self.clone();
+            let reads = recorded.reads;
+            let built = tokio::task::spawn_blocking(move || {
+                me.build_profile(&plan, replay.as_deref()).and_then(|b| b.seal(me.ssd.dir()))
+            })
+            .await;
+            match built {
+                Ok(Ok(Some(p))) => {
+                    tracing::info!(profile = %p.key, bytes = p.index.raw_bytes(), reads, "sealed the boot profile in the cache");
+                    sealed = Some(p);
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not build the boot profile"),
+                Err(e) => tracing::warn!(error = %e, "building the boot profile failed"),
+            }
         }
         self.saving.store(false, Ordering::SeqCst);
+        sealed
     }
 
-    async fn save_recorded(self: Arc<Self>, reads: u64, extents: Vec<(u32, profile::Extent)>) {
+    /// Uploads a sealed profile; on failure it stays sealed in the cache
+    /// directory and the next start tries again.
+    pub(super) async fn upload_pending(self: Arc<Self>, p: PendingProfile) {
         let t0 = std::time::Instant::now();
-        let me = self.clone();
-        let built = tokio::task::spawn_blocking(move || me.build_profile(&extents)).await;
-        let builder = match built {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return tracing::warn!(error = %e, "could not build the boot profile"),
-            Err(e) => return tracing::warn!(error = %e, "building the boot profile failed"),
-        };
-        let bytes = builder.raw_bytes();
-        match builder.upload(&self.vol.remote).await {
-            Ok(Some(key)) => {
+        let bytes = p.index.raw_bytes();
+        match p.upload(&self.vol.remote).await {
+            Ok(key) => {
                 Counters::inc(&self.counters.profile_saved);
                 tracing::info!(
                     profile = %key,
                     bytes,
-                    reads,
                     secs = t0.elapsed().as_secs_f64(),
                     "saved the boot profile: the next cold start streams these pages first"
                 );
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "could not upload the boot profile"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not upload the boot profile; it stays sealed in the cache directory and goes up at the next start"
+            ),
         }
     }
 
@@ -145,12 +190,22 @@ impl Inner {
     /// from the SSD tier into a profile pack. Pages of chunks written
     /// locally, evicted, or known zero are left out: another machine would
     /// not read those bytes from the remote.
-    fn build_profile(&self, extents: &[(u32, profile::Extent)]) -> VolumeResult<ProfileBuilder> {
+    fn build_profile(&self, plan: &[Planned], old: Option<&Replay>) -> VolumeResult<ProfileBuilder> {
         let mut b = ProfileBuilder::new(self.ssd.dir(), &self.vol)?;
+        if self.ssd.is_sealed() {
+            b.seal_spill();
+        }
         let image_len = self.vol.image_len();
         let mut buf = Vec::new();
-        for (age, e) in extents {
-            b.set_age(*age)?;
+        for step in plan {
+            let e = match step {
+                Planned::Fresh(e) => e,
+                Planned::Reuse(seg, age) => {
+                    let old = old.expect("a plan that reuses segments comes with the old profile");
+                    b.reuse(old.index.pack_key(*seg), &old.index.segments[*seg], *age)?;
+                    continue;
+                }
+            };
             let end = (e.offset + e.len).min(image_len);
             if e.offset >= end {
                 continue;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::Inner;
+use crate::tier::cache_crypto::{CacheFile, PageCipher};
 use crate::tier::local::LocalFile;
 use crate::tier::Storage;
 use crate::volume::commit::{writer_record, CommitOptions, GenerationBuilder};
@@ -113,7 +114,9 @@ pub(crate) struct Writeback {
     /// The cut being uploaded, and which of its chunks were copied aside.
     frozen: Mutex<Frozen>,
     /// Cut-time bytes of rewritten chunks (sparse, chunk i at i * cs).
-    frozen_file: LocalFile,
+    /// Cut-time copies of chunks rewritten during an upload (encrypted
+    /// under a key of this process when the cache is).
+    frozen_file: CacheFile,
     status: Mutex<SyncStatus>,
     changed: Condvar,
     next_cut: AtomicU64,
@@ -138,16 +141,18 @@ struct Frozen {
 }
 
 impl Writeback {
-    pub(crate) fn new(dir: &std::path::Path, opts: WritebackOptions) -> io::Result<Self> {
+    pub(crate) fn new(dir: &std::path::Path, opts: WritebackOptions, sealed: bool) -> io::Result<Self> {
         let path = dir.join("frozen");
         // Copies from a previous run are never needed: after a restart every
         // dirty chunk is simply part of the next cut.
         std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+        let file = LocalFile::open(&path, false)?;
+        let frozen_file = if sealed { CacheFile::sealed(file, PageCipher::random()) } else { CacheFile::Plain(file) };
         Ok(Self {
             opts,
             gate: RwLock::new(()),
             frozen: Mutex::new(Frozen::default()),
-            frozen_file: LocalFile::open(&path, false)?,
+            frozen_file,
             status: Mutex::new(SyncStatus::default()),
             changed: Condvar::new(),
             next_cut: AtomicU64::new(1),

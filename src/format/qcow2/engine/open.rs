@@ -128,6 +128,10 @@ impl Qcow2Disk {
             budget.charge(r);
         }
         let mut ranges = hint.clone();
+        // L2 tables: a tiered store may fetch them in the background while
+        // the guest starts (reads load a table on demand until it is in);
+        // everything else above is needed now.
+        let mut l2_ranges = Vec::new();
         let mut unpinned = 0usize;
         if served_snapshot.is_some() {
             ranges.push(l1_offset..l1_offset + u64::from(l1_size) * 8);
@@ -155,7 +159,7 @@ impl Qcow2Disk {
                 continue;
             }
             claim_cluster("L2 table", i, off, cs, file_len, &mut metadata_clusters)?;
-            budget.offer(off..off + cs, &mut ranges, &mut unpinned);
+            budget.offer(off..off + cs, &mut l2_ranges, &mut unpinned);
             l2_count += 1;
         }
         for l1 in &snapshot_l1s {
@@ -163,7 +167,7 @@ impl Qcow2Disk {
                 let off = e & OFFSET_MASK;
                 // Shared with the active L1 or another snapshot: legitimate.
                 if off != 0 && off % cs == 0 && metadata_clusters.insert(off) {
-                    budget.offer(off..off + cs, &mut ranges, &mut unpinned);
+                    budget.offer(off..off + cs, &mut l2_ranges, &mut unpinned);
                 }
             }
         }
@@ -175,6 +179,8 @@ impl Qcow2Disk {
             );
         }
         storage.hint_metadata(&ranges).map_err(|e| DiskError::io("hint metadata", 0, e))?;
+        let l2_deferred =
+            storage.prefetch_metadata(&l2_ranges).map_err(|e| DiskError::io("prefetch metadata", 0, e))?;
 
         let mut meta = Meta { l1, l1_offset, l1_dirty: false, l2: Default::default(), refs, metadata_clusters };
         if let Some(r) = meta.refs.as_mut() {
@@ -219,7 +225,8 @@ impl Qcow2Disk {
             None => None,
         };
         let cache_tables = cache_bytes.map(|b| ((b / cs) as usize).max(4));
-        if cache_tables.is_none_or(|cap| l2_count <= cap) {
+        // Tables still on their way load on demand, each when first used.
+        if !l2_deferred && cache_tables.is_none_or(|cap| l2_count <= cap) {
             for i in 0..meta.l1.len() {
                 if meta.l1[i] & OFFSET_MASK != 0 && (i as u64 * lay.l2_entries * cs) < size {
                     let t = read_l2(&*storage, &lay, &meta, i, file_len)?;

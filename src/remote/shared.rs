@@ -1,0 +1,645 @@
+//! A chunk directory shared by many daemons (one host, or several over
+//! NFS): ranged reads of immutable objects kept as the exact bytes the
+//! remote returned, so a fleet booting one volume at once fetches each
+//! range from the remote about once.
+//!
+//! An entry is trusted no more than the remote: the caller verifies what
+//! it gets exactly as it verifies remote bytes (chunk hashes, AES-GCM
+//! tags), and when a call that was served from an entry fails, runs it
+//! again under [`verified`]: that run ignores entries, fetches from the
+//! remote and replaces them. Entries are named by a hash of the object's
+//! key and range, written to a temporary name and renamed (whole or
+//! absent), never fsynced (a torn entry after a crash fails verification
+//! like a hostile one). Concurrent misses on one entry in different
+//! processes are merged by an `flock` on a per-entry lock file: the first
+//! fetches, the others wait for its entry, at most [`SharedCache::wait`],
+//! then fetch themselves. A directory that cannot be written (read-only
+//! share, full disk) is still read; the daemon then fetches without
+//! sharing and says so once.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteResult, Slot};
+
+/// Tells the layer which keys name immutable objects (whose ranges may be
+/// shared); the volume layer knows its key formats, this one does not.
+pub type Cacheable = fn(&str) -> bool;
+
+/// The shared directory of one daemon, with its counters.
+#[derive(Debug)]
+pub struct SharedCache {
+    dir: PathBuf,
+    /// Cap on the entries' bytes; past it the oldest (least recently
+    /// used) entries are deleted. `None`: no cap.
+    max_bytes: Option<u64>,
+    /// Most time a miss waits for another process fetching the same entry.
+    wait: Duration,
+    stats: Counters,
+    /// The "cannot write the shared directory" warning was logged.
+    warned: AtomicBool,
+    /// Bytes stored since the last trim, and whether one runs.
+    since_trim: AtomicU64,
+    trimming: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    hit_bytes: AtomicU64,
+    waited: AtomicU64,
+    stored: AtomicU64,
+    stored_bytes: AtomicU64,
+    fetched_bytes: AtomicU64,
+    write_errors: AtomicU64,
+    evicted: AtomicU64,
+}
+
+/// What the shared directory did for this daemon (status, metrics, tests).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SharedStats {
+    pub dir: String,
+    /// Reads served from an entry (another daemon's fetch, or an earlier one).
+    pub hits: u64,
+    pub hit_bytes: u64,
+    /// Of the hits, those that waited for another process's fetch first.
+    pub waited: u64,
+    /// Entries this daemon fetched from the remote and stored.
+    pub stored: u64,
+    pub stored_bytes: u64,
+    /// Bytes of cacheable ranges this daemon fetched from the remote.
+    pub fetched_bytes: u64,
+    /// Calls run again from the remote because what an entry gave failed
+    /// verification (the bad entries were replaced).
+    pub refreshed: u64,
+    /// Entries that could not be stored (unwritable directory, full disk).
+    pub write_errors: u64,
+    /// Entries deleted to keep under the size cap.
+    pub evicted: u64,
+}
+
+tokio::task_local! {
+    static SCOPE: Scope;
+}
+
+/// What one [`verified`] call saw.
+struct Scope {
+    /// Ignore entries: fetch from the remote and replace them.
+    refresh: bool,
+    /// An entry served part of this call.
+    served: Cell<bool>,
+}
+
+/// Runs `f`, which fetches and verifies something; if it fails after
+/// bytes from the shared directory served part of it, runs it again with
+/// every entry ignored and replaced by the remote's bytes. So a corrupt or
+/// hostile entry costs one refetch and is never served, and an error that
+/// is the remote's own is returned as before.
+pub async fn verified<T, E, F, Fut>(mut f: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let first = SCOPE
+        .scope(Scope { refresh: false, served: Cell::new(false) }, async {
+            let r = f().await;
+            (r, SCOPE.with(|s| s.served.get()))
+        })
+        .await;
+    match first {
+        (Err(e), true) => {
+            tracing::warn!(error = %e, "bytes from the shared cache directory failed verification; fetching them from the remote and replacing the entries");
+            REFRESHES.fetch_add(1, Ordering::Relaxed);
+            SCOPE.scope(Scope { refresh: true, served: Cell::new(false) }, f()).await
+        }
+        (r, _) => r,
+    }
+}
+
+/// Process-wide count of [`verified`] re-runs (folded into every cache's
+/// stats: a process serves one volume).
+static REFRESHES: AtomicU64 = AtomicU64::new(0);
+
+/// True inside the second run of [`verified`]: layers that memoise what
+/// they read (an encrypted object's header) must read it again.
+pub fn refreshing() -> bool {
+    SCOPE.try_with(|s| s.refresh).unwrap_or(false)
+}
+
+fn mark_served() {
+    let _ = SCOPE.try_with(|s| s.served.set(true));
+}
+
+/// Default most time a miss waits for another process's fetch of the same
+/// entry: longer than a chunk takes over a slow shared link, shorter than
+/// a guest's disk timeout.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(20);
+
+impl SharedCache {
+    /// The shared directory `dir` (created if missing), with an optional
+    /// size cap.
+    pub fn open(dir: &Path, max_bytes: Option<u64>) -> io::Result<Arc<Self>> {
+        std::fs::create_dir_all(dir)?;
+        if !dir.is_dir() {
+            return Err(io::Error::new(io::ErrorKind::NotADirectory, format!("{} is not a directory", dir.display())));
+        }
+        let me = Arc::new(Self {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            wait: DEFAULT_WAIT,
+            stats: Counters::default(),
+            warned: AtomicBool::new(false),
+            since_trim: AtomicU64::new(0),
+            trimming: AtomicBool::new(false),
+        });
+        Ok(me)
+    }
+
+    /// The same directory with another wait bound (tests).
+    pub fn with_wait(mut self: Arc<Self>, wait: Duration) -> Arc<Self> {
+        if let Some(m) = Arc::get_mut(&mut self) {
+            m.wait = wait;
+        }
+        self
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `inner` with ranged reads of the keys `cacheable` accepts (and of
+    /// pinned content revisions) served through this directory.
+    pub fn wrap(self: &Arc<Self>, inner: DynRemote, cacheable: Cacheable) -> DynRemote {
+        Arc::new(SharedRemote { inner, cache: self.clone(), cacheable })
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> SharedStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let s = &self.stats;
+        SharedStats {
+            dir: self.dir.display().to_string(),
+            hits: l(&s.hits),
+            hit_bytes: l(&s.hit_bytes),
+            waited: l(&s.waited),
+            stored: l(&s.stored),
+            stored_bytes: l(&s.stored_bytes),
+            fetched_bytes: l(&s.fetched_bytes),
+            refreshed: REFRESHES.load(Ordering::Relaxed),
+            write_errors: l(&s.write_errors),
+            evicted: l(&s.evicted),
+        }
+    }
+
+    fn entry_path(&self, name: &str) -> PathBuf {
+        self.dir.join(&name[..2]).join(name)
+    }
+
+    fn warn_once(&self, what: &str, e: &io::Error) {
+        self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(dir = %self.dir.display(), error = %e,
+                "{what} in the shared cache directory; serving without sharing what cannot be stored (entries there are still read)");
+        }
+    }
+
+    /// The entry `name` from the directory, or from `fetch` (stored for
+    /// the others), merging concurrent misses across processes.
+    async fn get_or_fetch<F, Fut>(self: &Arc<Self>, name: String, fetch: F) -> RemoteResult<Bytes>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = RemoteResult<Bytes>>,
+    {
+        let path = self.entry_path(&name);
+        let refresh = refreshing();
+        if !refresh {
+            if let Some(b) = read_entry(path.clone()).await {
+                self.hit(&b, false);
+                return Ok(b);
+            }
+        }
+        let lock_path = path.with_extension("lock");
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let mut delay = Duration::from_millis(2);
+        let mut waited = false;
+        let held = loop {
+            let lp = lock_path.clone();
+            match tokio::task::spawn_blocking(move || try_lock(&lp)).await.unwrap_or_else(|e| Err(io::Error::other(e)))
+            {
+                Ok(Some(lock)) => break Some(lock),
+                Ok(None) => {
+                    // Another process fetches it: its entry appears when done.
+                    waited = true;
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::debug!(entry = %name, "waited long enough for another process's fetch; fetching it here");
+                        break None;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(50));
+                    if !refresh {
+                        if let Some(b) = read_entry(path.clone()).await {
+                            self.hit(&b, true);
+                            return Ok(b);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.warn_once("cannot create a lock file", &e);
+                    break None;
+                }
+            }
+        };
+        if held.is_some() && !refresh {
+            // It may have landed between the first look and the lock.
+            if let Some(b) = read_entry(path.clone()).await {
+                self.hit(&b, waited);
+                return Ok(b);
+            }
+        }
+        let b = fetch().await?;
+        self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        if !b.is_empty() {
+            let (me, data) = (self.clone(), b.clone());
+            let _ = tokio::task::spawn_blocking(move || me.store(&path, &data)).await;
+        }
+        drop(held);
+        Ok(b)
+    }
+
+    fn hit(&self, b: &Bytes, waited: bool) {
+        mark_served();
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        self.stats.hit_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        if waited {
+            self.stats.waited.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes an entry: temporary name, then rename over any old one.
+    fn store(self: &Arc<Self>, path: &Path, data: &[u8]) {
+        let tmp = path.with_file_name(format!(
+            ".{}.{}.{}.tmp",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
+            std::process::id(),
+            hex::encode(rand::random::<[u8; 4]>())
+        ));
+        let r = (|| -> io::Result<()> {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            drop(f);
+            std::fs::rename(&tmp, path)
+        })();
+        match r {
+            Ok(()) => {
+                self.stats.stored.fetch_add(1, Ordering::Relaxed);
+                self.stats.stored_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.after_store(data.len() as u64);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                self.warn_once("cannot store an entry", &e);
+            }
+        }
+    }
+
+    /// Trims the directory in the background once a sixteenth of the cap
+    /// was written since the last trim.
+    fn after_store(self: &Arc<Self>, n: u64) {
+        let Some(max) = self.max_bytes else { return };
+        let since = self.since_trim.fetch_add(n, Ordering::Relaxed) + n;
+        if since < (max / 16).max(1) || self.trimming.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.since_trim.store(0, Ordering::Relaxed);
+        let me = self.clone();
+        std::thread::spawn(move || {
+            match trim(&me.dir, max) {
+                Ok(t) => {
+                    me.stats.evicted.fetch_add(t.removed, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %me.dir.display(), error = %e, "could not trim the shared cache directory")
+                }
+            }
+            me.trimming.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Name of the entry for `parts` (hex sha256; versioned so a change of
+/// layout never reads old entries as new ones).
+fn entry_name(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"driveblk-shared-v1");
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// An entry's bytes, or `None` if absent or unreadable. A hit refreshes
+/// its mtime, which the trim uses as last use.
+async fn read_entry(path: PathBuf) -> Option<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut f = File::open(&path).ok()?;
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).ok()?;
+        if v.is_empty() {
+            return None;
+        }
+        let old = f.metadata().ok().and_then(|m| m.modified().ok());
+        if old.is_some_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60)) {
+            // Best effort (a read-only share keeps its times).
+            if let Ok(w) = std::fs::OpenOptions::new().write(true).open(&path) {
+                let _ = w.set_modified(SystemTime::now());
+            }
+        }
+        Some(Bytes::from(v))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The entry's lock, if no other process holds it (released when the
+/// file is dropped; the kernel releases it if the process dies).
+fn try_lock(path: &Path) -> io::Result<Option<File>> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(f));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// What a [`trim`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Entries and their bytes before.
+    pub entries: u64,
+    pub bytes: u64,
+    /// Entries deleted, and their bytes.
+    pub removed: u64,
+    pub removed_bytes: u64,
+}
+
+/// Deletes the least recently used entries of the shared directory `dir`
+/// until they hold at most 90% of `max` bytes, with leftover temporary
+/// files older than an hour (a process died writing them). Safe while
+/// daemons use the directory: a reader holding an entry open keeps its
+/// bytes, and a deleted entry is fetched again.
+pub fn trim(dir: &Path, max: u64) -> io::Result<Trimmed> {
+    let mut entries = Vec::new();
+    let mut t = Trimmed::default();
+    for sub in std::fs::read_dir(dir)? {
+        let sub = sub?;
+        if !sub.file_type()?.is_dir() {
+            continue;
+        }
+        for e in std::fs::read_dir(sub.path())?.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let Ok(m) = e.metadata() else { continue };
+            let mtime = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            if name.ends_with(".tmp") {
+                if mtime.elapsed().unwrap_or_default() > Duration::from_secs(3600) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            } else if name.len() == 64 && name.bytes().all(|c| c.is_ascii_hexdigit()) {
+                t.entries += 1;
+                t.bytes += m.len();
+                entries.push((mtime, m.len(), e.path()));
+            }
+        }
+    }
+    if t.bytes <= max {
+        return Ok(t);
+    }
+    entries.sort();
+    let target = max / 10 * 9;
+    let mut left = t.bytes;
+    for (_, len, path) in entries {
+        if left <= target {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            // Its lock file goes too (a process holding it only loses
+            // the merging of one fetch).
+            let _ = std::fs::remove_file(path.with_extension("lock"));
+            left -= len;
+            t.removed += 1;
+            t.removed_bytes += len;
+        }
+    }
+    Ok(t)
+}
+
+/// The shared-directory layer around one remote.
+#[derive(Debug)]
+struct SharedRemote {
+    inner: DynRemote,
+    cache: Arc<SharedCache>,
+    cacheable: Cacheable,
+}
+
+#[async_trait]
+impl Remote for SharedRemote {
+    async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        if !(self.cacheable)(key) || range.is_empty() {
+            return self.inner.get_range(key, range).await;
+        }
+        // Immutable keys carry random bits (pack names): the key and range
+        // name the bytes, on every host and through any URL spelling.
+        let name = entry_name(&["range", key, &range.start.to_string(), &range.end.to_string()]);
+        self.cache.get_or_fetch(name, || self.inner.get_range(key, range.clone())).await
+    }
+
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        if range.is_empty() {
+            return self.inner.get_range_revision(key, revision, range).await;
+        }
+        // A content revision never changes; base files' names are not
+        // unique, so the store is part of the name.
+        let store = self.inner.describe();
+        let name = entry_name(&["revision", &store, key, revision, &range.start.to_string(), &range.end.to_string()]);
+        self.cache.get_or_fetch(name, || self.inner.get_range_revision(key, revision, range.clone())).await
+    }
+
+    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        self.inner.put(key, body).await
+    }
+
+    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
+        self.inner.head(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+
+    async fn delete(&self, key: &str) -> RemoteResult<()> {
+        self.inner.delete(key).await
+    }
+
+    async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
+        self.inner.reserve(key).await
+    }
+
+    async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        self.inner.create(key, slot, tag, body).await
+    }
+
+    async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
+        self.inner.head_created(key, slot).await
+    }
+
+    async fn get_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<Bytes> {
+        self.inner.get_created(key, slot).await
+    }
+
+    async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
+        self.inner.find_trashed(key).await
+    }
+
+    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
+        self.inner.keep_revision(key, revision).await
+    }
+
+    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
+        self.inner.head_revision(key, revision).await
+    }
+
+    fn locate(&self, key: &str, slot: &Slot) {
+        self.inner.locate(key, slot)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn reset_connections(&self) {
+        self.inner.reset_connections()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::{DirRemote, MetricsRemote, RemoteMetrics};
+
+    fn setup() -> (tempfile::TempDir, DynRemote, Arc<RemoteMetrics>) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("r")).unwrap();
+        std::fs::write(d.path().join("r/pack-1"), (0..=255u8).cycle().take(100_000).collect::<Vec<_>>()).unwrap();
+        std::fs::write(d.path().join("r/gen-1"), b"mutable").unwrap();
+        let m = Arc::new(RemoteMetrics::default());
+        let r = MetricsRemote::wrap(Arc::new(DirRemote::new(d.path().join("r"))), m.clone());
+        (d, r, m)
+    }
+
+    fn packs(k: &str) -> bool {
+        k.starts_with("pack-")
+    }
+
+    #[tokio::test]
+    async fn second_reader_hits_and_bad_entries_are_replaced() {
+        let (d, r, m) = setup();
+        let c = SharedCache::open(&d.path().join("shared"), None).unwrap();
+        let a = c.wrap(r.clone(), packs);
+        let want = a.get_range("pack-1", 10..5000).await.unwrap();
+        assert_eq!(m.snapshot().gets, 1);
+        // Another daemon's layer over the same directory.
+        let c2 = SharedCache::open(&d.path().join("shared"), None).unwrap();
+        let b = c2.wrap(r.clone(), packs);
+        assert_eq!(b.get_range("pack-1", 10..5000).await.unwrap(), want);
+        assert_eq!(m.snapshot().gets, 1, "served from the entry");
+        assert_eq!(c2.stats().hits, 1);
+        // Mutable objects are never shared.
+        b.get_range("gen-1", 0..3).await.unwrap();
+        b.get_range("gen-1", 0..3).await.unwrap();
+        assert_eq!(m.snapshot().gets, 3);
+        // Corrupt the entry: a check that fails makes verified() refetch.
+        let name = entry_name(&["range", "pack-1", "10", "5000"]);
+        let path = c.entry_path(&name);
+        std::fs::write(&path, b"evil").unwrap();
+        let got = verified(|| {
+            let b = b.clone();
+            let want = want.clone();
+            async move {
+                let x = b.get_range("pack-1", 10..5000).await.map_err(|e| e.to_string())?;
+                if x != want {
+                    return Err("hash mismatch".to_string());
+                }
+                Ok(x)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, want);
+        assert_eq!(m.snapshot().gets, 4, "one refetch");
+        assert_eq!(std::fs::read(&path).unwrap(), want.to_vec(), "the bad entry was replaced");
+    }
+
+    #[tokio::test]
+    async fn unwritable_dir_still_serves() {
+        let (d, r, m) = setup();
+        let shared = d.path().join("shared");
+        let c = SharedCache::open(&shared, None).unwrap();
+        // A file where an entry's subdirectory would go: nothing can be stored.
+        let name = entry_name(&["range", "pack-1", "0", "10"]);
+        std::fs::write(shared.join(&name[..2]), b"x").unwrap();
+        let a = c.wrap(r, packs);
+        assert_eq!(a.get_range("pack-1", 0..10).await.unwrap().len(), 10);
+        assert_eq!(a.get_range("pack-1", 0..10).await.unwrap().len(), 10);
+        assert_eq!(m.snapshot().gets, 2);
+        assert!(c.stats().write_errors >= 1);
+    }
+
+    #[test]
+    fn trim_removes_oldest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let mut names = Vec::new();
+        for i in 0..10u64 {
+            let n = entry_name(&[&i.to_string()]);
+            let p = d.path().join(&n[..2]).join(&n);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, vec![0u8; 1000]).unwrap();
+            let f = File::options().write(true).open(&p).unwrap();
+            f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1000 + i)).unwrap();
+            names.push(p);
+        }
+        let t = trim(d.path(), 5000).unwrap();
+        assert_eq!((t.entries, t.bytes, t.removed), (10, 10_000, 6));
+        assert!(names[..6].iter().all(|p| !p.exists()));
+        assert!(names[6..].iter().all(|p| p.exists()));
+    }
+}
