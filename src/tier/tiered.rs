@@ -151,6 +151,10 @@ struct Inner {
     segment_flights: SingleFlight<usize, SegmentResult>,
     /// Parts of chunks being fetched: (chunk, first sub-frame, end).
     part_flights: SingleFlight<(u64, u64, u64), SegmentResult>,
+    /// The run of sub-frames a first guest miss sent for, per chunk
+    /// (`part.rs`): a later miss inside it joins it, one elsewhere in the
+    /// chunk fetches the rest.
+    part_runs: parking_lot::Mutex<std::collections::HashMap<u64, (u64, u64)>>,
     /// The profile is streaming now.
     streaming: AtomicBool,
     boot_mode: BootProfileMode,
@@ -274,6 +278,7 @@ impl TieredStore {
             replay: RwLock::new(None),
             segment_flights: SingleFlight::default(),
             part_flights: SingleFlight::default(),
+            part_runs: Default::default(),
             streaming: AtomicBool::new(false),
             boot_mode: opts.boot_profile,
             saving: AtomicBool::new(false),
@@ -973,8 +978,10 @@ impl Inner {
                     let rp = replay.as_ref().expect("covering came from it");
                     Pending::Segments(segs.into_iter().map(|s| self.segment_flight(rp, s, true)).collect())
                 }
-                None if self.part_wanted(p.idx) => Pending::Part(self.part_flight(p.idx, p.off as u64, p.len as u64)),
-                None => Pending::Chunk(self.guest_flight(p.idx, true)),
+                None => match self.plan_miss(p.idx, p.off as u64, p.len as u64) {
+                    part::MissPlan::Part(off, len) => Pending::Part(self.part_flight(p.idx, off, len)),
+                    part::MissPlan::Chunk => Pending::Chunk(self.guest_flight(p.idx, true)),
+                },
             })
             .collect();
         let parts: Vec<bool> = waits.iter().map(|w| matches!(w, Pending::Part(_))).collect();
@@ -1039,6 +1046,16 @@ impl Inner {
                 self.wait_guest(f)?.map_err(SharedError::into_io)?;
                 if self.serve_local(p, &sub, IoMode::Blocking)? {
                     continue 'pieces;
+                }
+            }
+            // A run of sub-frames or the rest of a chunk failed (a damaged
+            // sub-frame elsewhere in it, say): the piece's own sub-frames
+            // alone may well be sound.
+            if (part || matches!(r, Some(Err(_)))) && self.vol.part_ready(p.idx) {
+                let f = self.part_flight(p.idx, p.off as u64, p.len as u64);
+                let _ = self.wait_guest(f)?;
+                if self.serve_local(p, &sub, IoMode::Blocking)? {
+                    continue;
                 }
             }
             let r = match r {
