@@ -1139,18 +1139,27 @@ impl SsdCache {
     }
 
     fn data_write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        // Counted once written: a persist that reads the epoch after this
+        // covers the bytes, and one that read it before leaves it behind.
+        let r = self.data.write_at(off, buf);
         self.data_epoch.fetch_add(1, Ordering::SeqCst);
-        self.data.write_at(off, buf)
+        r
     }
 
     fn data_write_vectored_at(&self, off: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        // Counted once written: a persist that reads the epoch after this
+        // covers the bytes, and one that read it before leaves it behind.
+        let r = self.data.write_vectored_at(off, bufs, mode);
         self.data_epoch.fetch_add(1, Ordering::SeqCst);
-        self.data.write_vectored_at(off, bufs, mode)
+        r
     }
 
     fn data_write_zeroes_at(&self, off: u64, len: u64) -> io::Result<()> {
+        // Counted once written: a persist that reads the epoch after this
+        // covers the bytes, and one that read it before leaves it behind.
+        let r = self.data.write_zeroes_at(off, len);
         self.data_epoch.fetch_add(1, Ordering::SeqCst);
-        self.data.write_zeroes_at(off, len)
+        r
     }
 
     /// Gives chunk `idx` a new write sequence number (it was just written).
@@ -1474,6 +1483,10 @@ impl SsdCache {
     fn persist_inner(&self) -> Result<(), Persist> {
         let sticky = Persist::Sticky;
         let retryable = Persist::Retryable;
+        // Every write this flush must cover has completed (and counted) by
+        // now. Group commit: if a persist that read a later epoch finishes
+        // while this one waits for the lock, it covered them all.
+        let wanted = self.data_epoch.load(Ordering::SeqCst);
         let mut persisted = self.persisted.lock();
         // Read before the snapshot and the fsync: a write racing with this
         // persist leaves the epoch ahead, so the next flush syncs again.
@@ -1512,8 +1525,9 @@ impl SsdCache {
             && gen == persisted.gen
             && self.generation() == persisted.generation
             && self.len() == persisted.image_len;
-        if map_same && epoch == persisted.data_epoch {
-            // Nothing written and nothing changed since the last flush.
+        if map_same && wanted <= persisted.data_epoch {
+            // Nothing written and nothing changed since the last persist
+            // began, or what was written before this flush it made durable.
             return Ok(());
         }
         self.data.flush().map_err(sticky)?;
