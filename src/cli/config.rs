@@ -118,6 +118,7 @@ serve_file! {
     ram_cache: Size,
     ssd_cache: Size,
     hydrate: bool,
+    first_boot_whole_below: Size,
     encrypt_cache: bool,
     shared_cache: String,
     shared_cache_max: Size,

@@ -554,12 +554,16 @@ impl VolumeReader {
     }
 
     /// Packs of the served generation with a sub-frame index not fetched
-    /// yet, in the order chunks first name them.
-    pub fn indexes_to_fetch(&self) -> Vec<String> {
+    /// yet that hold a chunk `needed` accepts (one not local already), in
+    /// the order chunks first name them.
+    pub fn indexes_to_fetch(&self, needed: impl Fn(u64) -> bool) -> Vec<String> {
         let m = self.manifest.load();
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        for r in m.chunks.values() {
+        for (&idx, r) in m.chunks.iter() {
+            if !needed(idx) {
+                continue;
+            }
             if let ChunkRef::Packed { pack, .. } = r {
                 let k = &m.packs[*pack as usize];
                 if m.indexes.contains_key(k) && seen.insert(*pack) && self.cached_index(k).is_none() {

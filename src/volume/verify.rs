@@ -368,7 +368,7 @@ async fn check_frames(
         r.set_manifest(m);
         // Sub-frame indexes first: with one known, a chunk's every
         // sub-frame is checked as well as the chunk.
-        for key in r.indexes_to_fetch() {
+        for key in r.indexes_to_fetch(|_| true) {
             if gone.contains(key.as_str()) {
                 continue;
             }

@@ -232,7 +232,7 @@ impl Inner {
     /// few at a time, as speculative work: until a pack's index is known,
     /// misses in it fetch whole chunks.
     pub(super) async fn prefetch_indexes(self: Arc<Self>) {
-        let keys = self.vol.indexes_to_fetch();
+        let keys = self.vol.indexes_to_fetch(|idx| !self.ssd.has_chunk(idx));
         if keys.is_empty() {
             return;
         }
