@@ -11,7 +11,7 @@ mod support;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use driveblk::format::{IoMode, IoVec};
 use driveblk::remote::{RemoteMetrics, Shaping};
@@ -48,15 +48,6 @@ fn read(s: &dyn Storage, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
     let mut b = vec![0u8; n];
     s.read_vectored_at(off, &IoVec::from_slice(&mut b), IoMode::Blocking)?;
     Ok(b)
-}
-
-/// Waits (bounded) until every pack's sub-frame index is known.
-fn indexes_known(s: &TieredStore) {
-    let t0 = Instant::now();
-    while !s.volume().indexes_to_fetch(|_| true).is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the packs' indexes were never fetched");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A 4 KiB miss fetches, in one request, the run of missing sub-frames
@@ -215,15 +206,87 @@ fn encrypted_volumes_fetch_parts() {
     o.readahead_chunks = 0;
     o.read_only = true;
     o.remote.key = Some(key);
-    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(&vurl, o.clone()).unwrap();
     indexes_known(&s);
     let at = CHUNK + 300_000;
     assert_eq!(read(&*s, at, 8192).unwrap(), data[at as usize..][..8192]);
     let got = s.stats().bytes_miss;
     assert!(got < 5 * SUB, "the miss waited for {got} bytes (its run: sub-frames 4-7)");
     assert_eq!(s.stats().part_fetches, 1);
+    s.close(Duration::from_secs(10));
+    drop(s);
+    // The indexes kept in the cache directory are sealed (they hold hashes
+    // of the plaintext), and a restart opens them instead of fetching.
+    let saved: Vec<_> = std::fs::read_dir(d.path().join("c/indexes")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(!saved.is_empty());
+    for p in &saved {
+        let b = std::fs::read(p).unwrap();
+        assert!(!b.windows(4).any(|w| w == b"DBSX"), "{} holds a plaintext index", p.display());
+    }
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    indexes_known(&s);
+    assert_eq!(s.stats().bytes_index, 0, "{:?}", s.stats());
     assert_eq!(read_all(&*s).unwrap(), data);
     s.close(Duration::from_secs(10));
+}
+
+/// The packs' sub-frame indexes stay in the cache directory: a restart
+/// over a warm cache takes them from there (a read of cached data makes no
+/// remote request, nor do the indexes, and a miss still fetches only its
+/// sub-frames), and one deleted or damaged there is fetched again, once.
+#[test]
+fn indexes_are_kept_in_the_cache_directory() {
+    let d = tempfile::tempdir().unwrap();
+    // 8 chunks in two packs; chunks 0 and 4 (one in each) made local.
+    let (vurl, data) = volume(d.path(), 8 << 20, |_| {});
+    let m = Arc::new(RemoteMetrics::default());
+    let s = open(d.path(), &vurl, "c", &m);
+    indexes_known(&s);
+    for c in [0, 4] {
+        assert_eq!(read(&*s, c * CHUNK, CHUNK as usize).unwrap(), data[(c * CHUNK) as usize..][..CHUNK as usize]);
+    }
+    let indexes = s.volume().manifest().indexes.clone();
+    assert_eq!(indexes.len(), 2);
+    s.close(Duration::from_secs(10));
+    drop(s);
+    let dir = d.path().join("c/indexes");
+    for k in indexes.keys() {
+        assert!(dir.join(k).is_file(), "index of {k} not kept");
+    }
+
+    // Restart: the indexes come from the cache directory.
+    let s = open(d.path(), &vurl, "c", &m);
+    let before = m.snapshot();
+    indexes_known(&s);
+    for c in [0, 4] {
+        assert_eq!(read(&*s, c * CHUNK, CHUNK as usize).unwrap(), data[(c * CHUNK) as usize..][..CHUNK as usize]);
+    }
+    assert_eq!(m.snapshot().gets - before.gets, 0, "a warm restart went remote");
+    assert_eq!(s.stats().bytes_index, 0);
+    let at = 2 * CHUNK + 100;
+    assert_eq!(read(&*s, at, 4096).unwrap(), data[at as usize..][..4096]);
+    assert_eq!(s.stats().part_fetches, 1, "the saved index serves parts");
+    s.close(Duration::from_secs(10));
+    drop(s);
+
+    // One deleted, one damaged: both fetched again (and kept again).
+    let keys: Vec<&String> = indexes.keys().collect();
+    std::fs::remove_file(dir.join(keys[0])).unwrap();
+    let mut b = std::fs::read(dir.join(keys[1])).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 1;
+    std::fs::write(dir.join(keys[1]), &b).unwrap();
+    let s = open(d.path(), &vurl, "c", &m);
+    indexes_known(&s);
+    let want: u64 = indexes.values().map(|r| r.len).sum();
+    assert_eq!(s.stats().bytes_index, want, "{:?}", s.stats());
+    assert_eq!(read_all(&*s).unwrap(), data);
+    s.close(Duration::from_secs(10));
+    drop(s);
+    for (k, r) in &indexes {
+        let pack = std::fs::read(d.path().join("remote/vol").join(k)).unwrap();
+        assert!(std::fs::read(dir.join(k)).unwrap() == pack[r.offset as usize..(r.offset + r.len) as usize]);
+    }
 }
 
 /// A qcow2 image read in scattered parts (the cache then holds partial

@@ -75,6 +75,7 @@ impl SharedError {
     fn into_io(self) -> io::Error {
         let kind = match &*self.0 {
             VolumeError::CorruptChunk { .. }
+            | VolumeError::CorruptIndex { .. }
             | VolumeError::CorruptManifest { .. }
             | VolumeError::CorruptProfile { .. } => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,
@@ -326,9 +327,7 @@ impl TieredStore {
         if opts.boot_profile != BootProfileMode::Off && !inner.vol.offline {
             rt.spawn(inner.clone().boot_profile());
         }
-        if !inner.vol.offline {
-            rt.spawn(inner.clone().prefetch_indexes());
-        }
+        rt.spawn(inner.clone().prefetch_indexes());
         // Clean chunks fetched since the last flush are recorded every few
         // seconds, so a restart after a crash still finds most of them.
         let bg = inner.clone();

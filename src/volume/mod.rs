@@ -21,6 +21,7 @@ pub mod pack;
 pub mod profile;
 pub mod progress;
 pub mod reader;
+pub mod saved_index;
 pub mod sidecar;
 pub mod subframe;
 pub mod verify;

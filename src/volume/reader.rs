@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use super::format::{gen_key, parse_gen_key, ChunkRef, Manifest, VolumeHeader, GEN_PREFIX, HEADER_KEY, PATCH_PAGE};
 use super::pack::decode_chunk_upto;
+use super::saved_index::SavedIndexes;
 use super::subframe::PackIndex;
 use super::{RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::Slot;
@@ -172,6 +173,8 @@ pub struct VolumeReader {
     pub key: Option<Arc<super::crypto::VolumeKey>>,
     /// Sub-frame indexes of packs, fetched once each (pack key -> index).
     indexes: IndexCache,
+    /// Where fetched indexes are kept across restarts (a cache directory).
+    saved: std::sync::OnceLock<SavedIndexes>,
 }
 
 type IndexCache = parking_lot::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<PackIndex>>>>>;
@@ -278,6 +281,7 @@ impl VolumeReader {
             origins,
             key,
             indexes: Default::default(),
+            saved: Default::default(),
         }))
     }
 
@@ -386,6 +390,7 @@ impl VolumeReader {
             origins,
             key: vkey,
             indexes: Default::default(),
+            saved: Default::default(),
         }))
     }
 
@@ -574,39 +579,87 @@ impl VolumeReader {
         out
     }
 
+    /// Keeps the sub-frame indexes this reader fetches in `cache_dir`, and
+    /// takes them from there instead of the remote while they match the
+    /// served manifest (set once, before serving).
+    pub fn keep_indexes_in(&self, cache_dir: &Path) {
+        let _ = self.saved.set(SavedIndexes::new(cache_dir, self.key.clone()));
+    }
+
+    /// Loads every saved index the served generation names and still lacks
+    /// (blocking file reads), and deletes saved ones it no longer names.
+    /// Returns how many were loaded.
+    pub fn load_saved_indexes(&self) -> usize {
+        let Some(saved) = self.saved.get() else { return 0 };
+        let m = self.manifest.load_full();
+        saved.prune(|k| m.indexes.contains_key(k));
+        let mut n = 0;
+        for (key, ixr) in &m.indexes {
+            if self.cached_index(key).is_some() {
+                continue;
+            }
+            let Some(bytes) = saved.load(key, ixr) else { continue };
+            // Its hash matched the manifest's, so a parse error is the
+            // pack's own: the remote would give the same bytes.
+            if let Ok(ix) = PackIndex::parse(&bytes, ixr.offset) {
+                let cell = self.indexes.lock().entry(key.clone()).or_default().clone();
+                if cell.set(Arc::new(ix)).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     /// Fetches (once; concurrent callers share the fetch) and verifies the
-    /// sub-frame index of pack `key` as the served manifest names it.
+    /// sub-frame index of pack `key` as the served manifest names it
+    /// (from the cache directory's saved copy when it matches).
     /// Ok(None): the pack has none (it predates sub-frames). Returns the
-    /// bytes fetched with it (0 when it was known).
+    /// bytes fetched from the remote with it (0 when it was known or saved).
     pub async fn pack_index(&self, key: &str) -> VolumeResult<(Option<Arc<PackIndex>>, u64)> {
         let Some(ixr) = self.manifest.load().indexes.get(key).cloned() else { return Ok((None, 0)) };
         let cell = self.indexes.lock().entry(key.to_string()).or_default().clone();
         let mut fetched = 0;
         let ix = cell
             .get_or_try_init(|| async {
+                let saved = self.saved.get().cloned();
+                if let Some(s) = saved.clone() {
+                    let (k, r) = (key.to_string(), ixr.clone());
+                    let local = tokio::task::spawn_blocking(move || s.load(&k, &r)).await.ok().flatten();
+                    if let Some(ix) = local.and_then(|b| PackIndex::parse(&b, ixr.offset).ok()) {
+                        return Ok(Arc::new(ix));
+                    }
+                }
                 // Bytes a shared cache directory gave that fail the checks
                 // are fetched again from the remote (`remote::shared`).
-                let (ix, n) = crate::remote::shared::verified(|| self.fetch_index_once(key, &ixr)).await?;
-                fetched = n;
+                let (ix, bytes) = crate::remote::shared::verified(|| self.fetch_index_once(key, &ixr)).await?;
+                fetched = bytes.len() as u64;
+                if let Some(s) = saved {
+                    let k = key.to_string();
+                    let kept = tokio::task::spawn_blocking(move || s.save(&k, &bytes)).await;
+                    if let Ok(Err(e)) = kept {
+                        tracing::debug!(pack = %key, error = %e, "could not keep a sub-frame index in the cache directory");
+                    }
+                }
                 Ok::<_, VolumeError>(ix)
             })
             .await?;
         Ok((Some(ix.clone()), fetched))
     }
 
-    /// Reads and checks pack `key`'s sub-frame index once.
+    /// Reads and checks pack `key`'s sub-frame index once; returns it and
+    /// its bytes.
     async fn fetch_index_once(
         &self,
         key: &str,
         ixr: &super::format::PackIndexRef,
-    ) -> VolumeResult<(Arc<PackIndex>, u64)> {
+    ) -> VolumeResult<(Arc<PackIndex>, Bytes)> {
         let (remote, object) = self.pack_remote(key)?;
-        let corrupt = |reason: String| VolumeError::CorruptChunk {
+        let corrupt = |reason: String| VolumeError::CorruptIndex {
             url: self.url.clone(),
-            chunk: 0,
             key: key.to_string(),
             offset: ixr.offset,
-            reason: format!("sub-frame index: {reason}"),
+            reason,
         };
         let bytes = remote
             .get_range(object, ixr.offset..ixr.offset + ixr.len)
@@ -620,7 +673,7 @@ impl VolumeReader {
             return Err(corrupt(format!("sha256 mismatch: expected {}, got {got}", ixr.sha256)));
         }
         let ix = PackIndex::parse(&bytes, ixr.offset).map(Arc::new).map_err(corrupt)?;
-        Ok((ix, bytes.len() as u64))
+        Ok((ix, bytes))
     }
 
     /// True when part of chunk `idx` can be fetched alone now: it is packed

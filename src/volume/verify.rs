@@ -374,7 +374,7 @@ async fn check_frames(
             }
             if let Err(e) = r.pack_index(&key).await {
                 let reason = match &e {
-                    VolumeError::CorruptChunk { reason, .. } => reason.clone(),
+                    VolumeError::CorruptIndex { reason, .. } => format!("sub-frame index: {reason}"),
                     e => e.to_string(),
                 };
                 bad.entry(key).or_insert((reason, BTreeSet::new())).1.insert(g);

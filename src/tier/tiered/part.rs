@@ -5,7 +5,7 @@
 //! one flight (outside regions the guest reads densely, where whole chunks
 //! save round trips); completing a partial chunk fetches only the
 //! sub-frames it lacks. Packs' sub-frame indexes are fetched once, in the
-//! background, from the start.
+//! background, from the start (or loaded from the cache directory).
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -228,10 +228,18 @@ impl Inner {
         }
     }
 
-    /// Fetches the sub-frame indexes of the served generation's packs, a
-    /// few at a time, as speculative work: until a pack's index is known,
+    /// Loads the indexes the cache directory kept, then fetches the rest
+    /// of the served generation's packs' (those holding a chunk not local),
+    /// a few at a time, as speculative work: until a pack's index is known,
     /// misses in it fetch whole chunks.
     pub(super) async fn prefetch_indexes(self: Arc<Self>) {
+        let me = self.clone();
+        if let Ok(n) = tokio::task::spawn_blocking(move || me.vol.load_saved_indexes()).await {
+            tracing::debug!(packs = n, "sub-frame indexes loaded from the cache directory");
+        }
+        if self.vol.offline {
+            return;
+        }
         let keys = self.vol.indexes_to_fetch(|idx| !self.ssd.has_chunk(idx));
         if keys.is_empty() {
             return;
@@ -255,8 +263,12 @@ impl Inner {
                         me.lanes.count(Source::Index, bytes);
                     }
                     Ok(_) => {}
-                    // Its chunks are then fetched whole, as before indexes.
-                    Err(e) => tracing::warn!(pack = %key, error = %e, "could not read a pack's sub-frame index"),
+                    // Its chunks are then fetched whole, as before indexes
+                    // (each checked against the manifest's hash).
+                    Err(e) => {
+                        Counters::inc(&me.counters.fetch_errors);
+                        tracing::warn!(pack = %key, error = %e, "could not read a pack's sub-frame index");
+                    }
                 }
                 drop(permit);
             });
