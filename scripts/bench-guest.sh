@@ -298,19 +298,23 @@ boot() {
 
 # ---- The daemon ----------------------------------------------------------------------------------
 DPID=""
+wait_socket() { # name logfile: until $DPID listens on the vhost socket (30 s), or says why not
+    local i
+    for ((i = 0; i < 300; i++)); do
+        [[ -S $WORK/vhost.sock ]] && return 0
+        kill -0 "$DPID" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "$1 did not start; log:"; sed 's/^/    /' "$2" >&2
+    return 1
+}
 start_daemon() { # logfile hostname serve-args...
     local logf=$1 host=$2 i
     shift 2
     rm -f "$WORK/vhost.sock"
     DRIVEBLK_HOSTNAME=$host NO_COLOR=1 "$DRIVEBLK" serve --socket "$WORK/vhost.sock" "$@" >"$logf" 2>&1 &
     DPID=$!
-    for ((i = 0; i < 300; i++)); do
-        [[ -S $WORK/vhost.sock ]] && return 0
-        kill -0 "$DPID" 2>/dev/null || break
-        sleep 0.1
-    done
-    log "driveblk did not start; log:"; sed 's/^/    /' "$logf" >&2
-    return 1
+    wait_socket driveblk "$logf"
 }
 stop_daemon() { # logfile [seconds]: SIGTERM, must exit 0 (the final sync and the profile's upload)
     local logf=$1 secs=${2:-600} rc=0 i
@@ -396,13 +400,7 @@ start_qsd_http() { # logfile: qsd exports an overlay whose backing file comes ov
         --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$WORK/vhost.sock,writable=on,num-queues=1" \
         >"$logf" 2>&1 &
     DPID=$!
-    for ((i = 0; i < 300; i++)); do
-        [[ -S $WORK/vhost.sock ]] && return 0
-        kill -0 "$DPID" 2>/dev/null || break
-        sleep 0.1
-    done
-    log "qemu-storage-daemon did not start; log:"; sed 's/^/    /' "$logf" >&2
-    return 1
+    wait_socket qemu-storage-daemon "$logf"
 }
 
 VHOST_ARGS=(-chardev "socket,id=c0,path=@SOCK@" -device "vhost-user-blk-pci,chardev=c0,num-queues=1")

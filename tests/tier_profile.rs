@@ -141,6 +141,18 @@ fn profile_recorded_then_streamed_on_a_cold_cache() {
     assert_eq!(read(&*s, other, 8192), data[other as usize..other as usize + 8192]);
     assert!(m.snapshot().gets > after.gets);
 
+    s.close(Duration::from_secs(60));
+    drop(s);
+    assert_eq!(profiles(d.path()), saved, "boots that read what the profile holds keep it");
+
+    // Restart on the same cache: partial pages survive.
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Off)).unwrap();
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert_eq!(s.stats().misses, 0, "partial pages were kept across the restart");
+
     // A write into a partial chunk (read-modify-write) and a read around it.
     let (woff, _) = reads[reads.len() / 2];
     let patch = vec![0xEEu8; 3000];
@@ -153,18 +165,11 @@ fn profile_recorded_then_streamed_on_a_cold_cache() {
     s.close(Duration::from_secs(60));
     drop(s);
 
-    // Restart on the same cache: partial pages and the write survive, and
-    // the whole image reads right.
+    // And again: the write survives, and the whole image reads right.
     let m = Arc::new(RemoteMetrics::default());
     let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Off)).unwrap();
-    for &(off, n) in &reads {
-        assert_eq!(read(&*s, off, n), expect[off as usize..off as usize + n]);
-    }
-    assert_eq!(s.stats().misses, 0, "partial pages were kept across the restart");
     assert_eq!(read_all(&*s).unwrap(), expect);
     s.close(Duration::from_secs(60));
-    drop(s);
-    assert_eq!(profiles(d.path()), saved, "boots that read what the profile holds keep it");
 }
 
 #[test]
@@ -406,4 +411,87 @@ fn a_boot_that_strayed_saves_a_delta_that_reuses_the_old_pack() {
 fn driveblk_gc(vurl: &str) {
     let opts = driveblk::volume::gc::GcOptions { grace: Duration::ZERO, force: true, ..Default::default() };
     driveblk::volume::gc::gc(vurl, &opts).unwrap();
+}
+
+/// A boot that strayed (so it saves a delta) and also wrote into pages the
+/// old profile holds: the delta must not keep the old frame for those
+/// pages under the chunk's new digest. The next cold start reads what was
+/// written, never the profile's older bytes.
+#[test]
+fn a_delta_never_keeps_pages_this_boot_changed() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut data) = imported(d.path(), 48 << 20);
+    let reads = first_boot(d.path(), &vurl, &data);
+    let first = profiles(d.path());
+
+    let other = boot_reads(data.len() as u64, 1234);
+    let mut strayed = Vec::new();
+    for (i, &r) in reads.iter().enumerate() {
+        strayed.push(if i % 10 == 3 { other[i % other.len()] } else { r });
+    }
+    // A page the first boot read (and the profile holds), read again by
+    // this boot and then rewritten.
+    let (off, _) = strayed[0];
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    for &(o, n) in &strayed {
+        assert_eq!(read(&*s, o, n), data[o as usize..o as usize + n]);
+    }
+    let new = vec![0x5a; 4096];
+    s.write_at(off, &new).unwrap();
+    s.flush().unwrap();
+    data[off as usize..off as usize + 4096].copy_from_slice(&new);
+    assert_eq!(s.close(Duration::from_secs(60)), 0, "the write went up at close");
+    drop(s);
+    let now = profiles(d.path());
+    assert!(now.len() > first.len(), "the strayed boot saved a delta: {now:?}");
+
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c3"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    for &(o, n) in &strayed {
+        assert!(
+            read(&*s, o, n) == data[o as usize..o as usize + n],
+            "read at {o} after the delta profile: stale bytes"
+        );
+    }
+    s.close(Duration::from_secs(60));
+}
+
+/// Pages the recorded boot wrote without reading them (a log it appends
+/// to) are in the profile it saves once written back: the boot on the
+/// next machine reads them locally, and reads what was written.
+#[test]
+fn pages_a_recorded_boot_wrote_are_in_its_profile() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut data) = imported(d.path(), 48 << 20);
+    let reads = boot_reads(data.len() as u64, 5);
+    let read_chunks: std::collections::BTreeSet<u64> = reads.iter().map(|&(o, _)| o / CHUNK).collect();
+    let log_chunk = (0..data.len() as u64 / CHUNK).find(|c| !read_chunks.contains(c)).unwrap();
+    let log = log_chunk * CHUNK + 5 * 4096;
+
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c1"), &m, BootProfileMode::Auto)).unwrap();
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    let line = vec![0x77u8; 8192];
+    s.write_at(log, &line).unwrap();
+    s.flush().unwrap();
+    data[log as usize..log as usize + line.len()].copy_from_slice(&line);
+    assert_eq!(s.close(Duration::from_secs(60)), 0, "the write went up at close");
+    drop(s);
+
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c2"), &m, BootProfileMode::Auto)).unwrap();
+    wait_streamed(&s);
+    let before = m.snapshot().gets;
+    assert!(read(&*s, log, 8192) == line, "the written pages read back");
+    for &(off, n) in &reads {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert_eq!(m.snapshot().gets, before, "the written pages came with the profile");
+    assert_eq!(s.stats().misses, 0);
+    s.close(Duration::from_secs(60));
 }

@@ -1,5 +1,6 @@
 //! Boot profiles in the tier layer: recording which 4 KiB pages of the image
-//! file a boot reads, in first-touch order ([`Recorder`]), and streaming a
+//! file a boot reads, in first-touch order, with a bounded share of the
+//! pages it writes ([`Recorder`]), and streaming a
 //! recorded profile's pages into the SSD tier at the next cold start
 //! ([`Replay`]) so the guest finds them local instead of waiting a round
 //! trip per file. The objects themselves are `volume::profile`.
@@ -42,11 +43,23 @@ pub const NEW_SHARE: f64 = 0.02;
 /// that reads this much is no longer just booting).
 pub const RECORD_CAP: u64 = 2 << 30;
 
+/// Pages a boot writes before reading them, kept in its profile up to this
+/// share of the pages it reads (the earliest first). The next boot, on
+/// another machine, reads many of them (logs, seeds, registry hives it
+/// appends to), and once written back they come from the remote like any
+/// other page; the bound keeps a page file written at boot from filling
+/// the profile.
+pub const WRITE_SHARE: f64 = 0.1;
+
 struct Recording {
     /// One bit per page of the image: touched already.
     touched: Vec<u64>,
-    extents: Vec<Extent>,
+    /// First-touch order; true where a write touched the pages first.
+    extents: Vec<(Extent, bool)>,
+    /// Bytes of pages a read touched first.
     bytes: u64,
+    /// Bytes of pages a write touched first.
+    written: u64,
     reads: u64,
 }
 
@@ -95,7 +108,13 @@ impl Recorder {
     /// `window` after the first read, [`RECORD_CAP`], or [`finish`](Self::finish).
     pub fn new(image_len: u64, window: Duration) -> Self {
         let pages = image_len.div_ceil(PAGE_SIZE);
-        let rec = Recording { touched: vec![0; pages.div_ceil(64) as usize], extents: Vec::new(), bytes: 0, reads: 0 };
+        let rec = Recording {
+            touched: vec![0; pages.div_ceil(64) as usize],
+            extents: Vec::new(),
+            bytes: 0,
+            written: 0,
+            reads: 0,
+        };
         Self {
             image_len,
             window,
@@ -111,9 +130,9 @@ impl Recorder {
         self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Bytes recorded so far (0 once finished).
+    /// Bytes recorded so far, read or written (0 once finished).
     pub fn bytes(&self) -> u64 {
-        self.state.lock().as_ref().map_or(0, |r| r.bytes)
+        self.state.lock().as_ref().map_or(0, |r| r.bytes + r.written)
     }
 
     /// True once the window has passed. The owner polls this and calls
@@ -148,9 +167,24 @@ impl Recorder {
             return;
         }
         self.started.get_or_init(Instant::now);
+        self.touch(offset, len, false);
+    }
+
+    /// Notes a guest write of `[offset, offset + len)` (once the window
+    /// began: a boot starts with reads).
+    pub fn observe_write(&self, offset: u64, len: u64) {
+        if !self.active() || len == 0 || offset >= self.image_len || self.started.get().is_none() {
+            return;
+        }
+        self.touch(offset, len, true);
+    }
+
+    fn touch(&self, offset: u64, len: u64, write: bool) {
         let mut guard = self.state.lock();
         let Some(r) = guard.as_mut() else { return };
-        r.reads += 1;
+        if !write {
+            r.reads += 1;
+        }
         let end = (offset + len).min(self.image_len);
         for page in offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE) {
             let (w, b) = ((page / 64) as usize, page % 64);
@@ -160,25 +194,45 @@ impl Recorder {
             r.touched[w] |= 1 << b;
             let start = page * PAGE_SIZE;
             let plen = PAGE_SIZE.min(self.image_len - start);
-            r.bytes += plen;
+            if write {
+                r.written += plen;
+            } else {
+                r.bytes += plen;
+            }
             match r.extents.last_mut() {
-                Some(e) if e.offset + e.len == start => e.len += plen,
-                _ => r.extents.push(Extent { offset: start, len: plen }),
+                Some((e, w)) if *w == write && e.offset + e.len == start => e.len += plen,
+                _ => r.extents.push((Extent { offset: start, len: plen }, write)),
             }
         }
-        if r.bytes >= RECORD_CAP {
+        if r.bytes + r.written >= RECORD_CAP {
             self.active.store(false, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     /// Ends recording and hands over what was recorded (empty if it was
-    /// already taken).
+    /// already taken): the pages read, and the pages written first up to
+    /// [`WRITE_SHARE`] of those, in first-touch order.
     pub fn finish(&self) -> Recorded {
         self.active.store(false, std::sync::atomic::Ordering::Relaxed);
-        match self.state.lock().take() {
-            Some(r) => Recorded { extents: r.extents, bytes: r.bytes, reads: r.reads },
-            None => Recorded::default(),
+        let Some(r) = self.state.lock().take() else { return Recorded::default() };
+        let mut budget = (r.bytes as f64 * WRITE_SHARE) as u64 / PAGE_SIZE * PAGE_SIZE;
+        let mut out = Recorded { extents: Vec::with_capacity(r.extents.len()), bytes: 0, reads: r.reads };
+        for (mut e, write) in r.extents {
+            if write {
+                if budget == 0 {
+                    continue;
+                }
+                // A short last page counts as a whole one.
+                e.len = e.len.min(budget);
+                budget -= e.len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            }
+            out.bytes += e.len;
+            match out.extents.last_mut() {
+                Some(x) if x.end() == e.offset => x.len += e.len,
+                _ => out.extents.push(e),
+            }
         }
+        out
     }
 }
 
@@ -242,14 +296,19 @@ pub enum Planned {
 /// segment is kept only if every chunk it touches is unchanged
 /// (`old.usable`), so a kept frame never carries stale bytes; only the
 /// fresh pages go up again.
-pub fn delta_plan(recorded: &Recorded, old: &Replay, chunk_size: u64) -> Vec<Planned> {
+///
+/// `unchanged(idx)` says whether chunk `idx` still has the digest the old
+/// profile recorded, asked when the new profile is built: a chunk this
+/// boot wrote and committed was usable when the boot began, but its old
+/// frame now holds replaced bytes.
+pub fn delta_plan(recorded: &Recorded, old: &Replay, chunk_size: u64, unchanged: &dyn Fn(u64) -> bool) -> Vec<Planned> {
     let segs = &old.index.segments;
     let keepable: Vec<bool> = segs
         .iter()
         .map(|s| {
             s.extents.iter().all(|e| {
                 let mut ok = true;
-                for_each_chunk_part(e.offset, e.len, chunk_size, |idx, _, _| ok &= old.usable(idx));
+                for_each_chunk_part(e.offset, e.len, chunk_size, |idx, _, _| ok &= old.usable(idx) && unchanged(idx));
                 ok
             })
         })
@@ -360,10 +419,14 @@ impl Replay {
     }
 
     /// Bytes of `[offset, offset + len)` the profile holds (usable pages
-    /// only: those of changed chunks do not count).
-    pub fn covered_bytes(&self, offset: u64, len: u64, chunk_size: u64) -> u64 {
+    /// only: those of chunks changed before the replay began, or for which
+    /// `unchanged` says no, do not count).
+    pub fn covered_bytes(&self, offset: u64, len: u64, chunk_size: u64, unchanged: &dyn Fn(u64) -> bool) -> u64 {
         let mut n = 0;
         for_each_chunk_part(offset, len, chunk_size, |idx, off, l| {
+            if !unchanged(idx) {
+                return;
+            }
             for &(a, b, _) in self.cover.get(&idx).map_or(&[][..], |v| &v[..]) {
                 let (s, e) = (a.max(off), b.min(off + l));
                 n += e.saturating_sub(s);
@@ -415,6 +478,32 @@ mod tests {
         assert!(!r.active());
         r.observe(65536, 4096);
         assert!(r.finish().extents.is_empty());
+    }
+
+    /// Pages written before they are read join the recording in first-touch
+    /// order, up to WRITE_SHARE of the pages read; later writes are left out.
+    #[test]
+    fn written_pages_join_up_to_their_share() {
+        let r = Recorder::new(64 << 20, Duration::from_secs(60));
+        r.observe_write(0, 4096); // before the first read: not the boot yet
+        r.observe(1 << 20, 40 * 4096); // 40 pages read
+        r.observe_write(8 << 20, 3 * 4096); // 3 pages written first: kept
+        r.observe_write(1 << 20, 4096); // read already: nothing new
+        r.observe(2 << 20, 4096); // page 41 read
+        r.observe_write(9 << 20, 8 * 4096); // budget left: 4 - 3 = 1 page
+        r.observe(9 << 20, 4096); // written already: no new page
+        let rec = r.finish();
+        assert_eq!(
+            rec.extents,
+            vec![
+                Extent { offset: 1 << 20, len: 40 * 4096 },
+                Extent { offset: 8 << 20, len: 3 * 4096 },
+                Extent { offset: 2 << 20, len: 4096 },
+                Extent { offset: 9 << 20, len: 4096 },
+            ]
+        );
+        assert_eq!(rec.bytes, 45 * 4096);
+        assert_eq!(rec.reads, 3);
     }
 
     #[test]
@@ -540,8 +629,8 @@ mod tests {
         assert_eq!(r.covering(2, 0, 1), None);
         // Chunk 0's last 2 pages + chunk 1's first 3 are held; chunk 5 is
         // not usable.
-        assert_eq!(r.covered_bytes(0, 2 * 65536, 65536), 5 * 4096);
-        assert_eq!(r.covered_bytes(65536 - 4096, 8192, 65536), 8192);
-        assert_eq!(r.covered_bytes(3 * 65536, 65536, 65536), 0);
+        assert_eq!(r.covered_bytes(0, 2 * 65536, 65536, &|_| true), 5 * 4096);
+        assert_eq!(r.covered_bytes(65536 - 4096, 8192, 65536, &|_| true), 8192);
+        assert_eq!(r.covered_bytes(3 * 65536, 65536, 65536, &|_| true), 0);
     }
 }

@@ -1105,6 +1105,9 @@ impl Inner {
             }
         }
         self.ssd.grow(end);
+        if let Some(rec) = &self.recorder {
+            rec.observe_write(offset, total as u64);
+        }
         for p in ps {
             let sub = bufs.slice(p.buf_off, p.len);
             let whole = p.off == 0 && p.len as u64 == self.cs;

@@ -498,13 +498,26 @@ impl ProfileBuilder {
         Ok(())
     }
 
+    /// The digest a profile built now records for chunk `idx` (None: a
+    /// zero chunk, never profiled).
+    pub fn chunk_digest(&self, idx: u64) -> Option<String> {
+        ref_digest(&self.manifest.chunk(idx, self.has_base))
+    }
+
     /// Appends a segment of an older profile as it is, read from that
     /// profile's pack (`pack_key`) instead of uploaded again: a profile
-    /// that learned sends only its new pages. The caller guarantees that
-    /// the chunks it touches are unchanged since that profile (their
-    /// digests are recorded as this generation's). The open segment stays
+    /// that learned sends only its new pages. `old_refs` is that profile's
+    /// `chunk_refs`: every chunk the segment touches must have the same
+    /// digest now, or its frame holds bytes this generation replaced and
+    /// is refused (an error; nothing is added). The open segment stays
     /// open, so new pages between reused ones still fill whole frames.
-    pub fn reuse(&mut self, pack_key: &str, seg: &Segment, age: u32) -> VolumeResult<()> {
+    pub fn reuse(
+        &mut self,
+        pack_key: &str,
+        seg: &Segment,
+        old_refs: &BTreeMap<u64, String>,
+        age: u32,
+    ) -> VolumeResult<()> {
         let cs = self.manifest.chunk_size;
         let mut refs = Vec::new();
         for e in &seg.extents {
@@ -516,7 +529,12 @@ impl ProfileBuilder {
             }
             for idx in e.offset / cs..=(e.end() - 1) / cs {
                 match ref_digest(&self.manifest.chunk(idx, self.has_base)) {
-                    Some(d) => refs.push((idx, d)),
+                    Some(d) if old_refs.get(&idx) == Some(&d) => refs.push((idx, d)),
+                    Some(_) => {
+                        return Err(VolumeError::InvalidOptions(format!(
+                        "reused boot profile segment holds chunk {idx} as it was before a newer generation changed it"
+                    )))
+                    }
                     None => {
                         return Err(VolumeError::InvalidOptions(format!(
                             "reused boot profile segment touches zero chunk {idx}"

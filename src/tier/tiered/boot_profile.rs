@@ -16,7 +16,9 @@ use tokio::sync::Semaphore;
 use super::fetch::Source;
 use super::{closing, Inner, SegmentResult, SharedError};
 use crate::format::{IoMode, IoVec};
-use crate::tier::boot::{delta_plan, for_each_chunk_part, learned, BootProfileMode, Planned, Replay, NEW_SHARE};
+use crate::tier::boot::{
+    delta_plan, for_each_chunk_part, learned, BootProfileMode, Planned, Recorded, Replay, NEW_SHARE,
+};
 use crate::tier::single_flight::{Flight, Urgency};
 use crate::tier::ssd::{DIRTY, PARTIAL};
 use crate::tier::stats::Counters;
@@ -114,9 +116,14 @@ impl Inner {
         let replay = self.replay.read().clone();
         let keep = match (&replay, self.boot_mode) {
             // The boot read nothing (much) the profile does not hold: keep
-            // it, do not upload the same pages again.
+            // it, do not upload the same pages again. Pages of chunks this
+            // boot changed are not held any more: the next boot could not
+            // take them from the profile.
             (Some(rp), BootProfileMode::Auto) => {
-                let covered: u64 = recorded.extents.iter().map(|e| rp.covered_bytes(e.offset, e.len, self.cs)).sum();
+                let unchanged =
+                    |idx: u64| rp.index.chunk_refs.get(&idx) == profile::ref_digest(&self.vol.chunk_ref(idx)).as_ref();
+                let covered: u64 =
+                    recorded.extents.iter().map(|e| rp.covered_bytes(e.offset, e.len, self.cs, &unchanged)).sum();
                 let new = recorded.bytes.saturating_sub(covered);
                 if (new as f64) < NEW_SHARE * recorded.bytes as f64 {
                     tracing::info!(new, profile = %rp.key, "this boot read what the boot profile holds; keeping it");
@@ -137,17 +144,11 @@ impl Inner {
             // Auto: the profile learns — a delta over the old one (this
             // boot's new pages uploaded, the old frames it keeps named where
             // they are); Record: this boot's pages alone.
-            let plan = match replay.as_deref().filter(|_| self.boot_mode == BootProfileMode::Auto) {
-                Some(old) => delta_plan(&recorded, old, self.cs),
-                None => learned(&recorded, None, self.vol.image_len(), self.cs)
-                    .into_iter()
-                    .map(|(_, e)| Planned::Fresh(e))
-                    .collect(),
-            };
+            let old = replay.filter(|_| self.boot_mode == BootProfileMode::Auto);
             let me = self.clone();
             let reads = recorded.reads;
             let built = tokio::task::spawn_blocking(move || {
-                me.build_profile(&plan, replay.as_deref()).and_then(|b| b.seal(me.ssd.dir()))
+                me.build_profile(&recorded, old.as_deref()).and_then(|b| b.seal(me.ssd.dir()))
             })
             .await;
             match built {
@@ -187,22 +188,34 @@ impl Inner {
     }
 
     /// Reads the recorded pages that hold the committed generation's bytes
-    /// from the SSD tier into a profile pack. Pages of chunks written
-    /// locally, evicted, or known zero are left out: another machine would
-    /// not read those bytes from the remote.
-    fn build_profile(&self, plan: &[Planned], old: Option<&Replay>) -> VolumeResult<ProfileBuilder> {
+    /// from the SSD tier into a profile pack, as a delta over `old` when
+    /// given (see [`delta_plan`]). Pages of chunks written locally and not
+    /// committed, evicted, or known zero are left out: another machine
+    /// would not read those bytes from the remote.
+    fn build_profile(&self, recorded: &Recorded, old: Option<&Replay>) -> VolumeResult<ProfileBuilder> {
         let mut b = ProfileBuilder::new(self.ssd.dir(), &self.vol)?;
         if self.ssd.is_sealed() {
             b.seal_spill();
         }
+        // Planned against the generation the builder records: a kept frame
+        // must hold that generation's bytes.
+        let plan: Vec<Planned> = match old {
+            Some(old) => delta_plan(recorded, old, self.cs, &|idx| {
+                old.index.chunk_refs.get(&idx) == b.chunk_digest(idx).as_ref()
+            }),
+            None => learned(recorded, None, self.vol.image_len(), self.cs)
+                .into_iter()
+                .map(|(_, e)| Planned::Fresh(e))
+                .collect(),
+        };
         let image_len = self.vol.image_len();
         let mut buf = Vec::new();
-        for step in plan {
+        for step in &plan {
             let e = match step {
                 Planned::Fresh(e) => e,
                 Planned::Reuse(seg, age) => {
                     let old = old.expect("a plan that reuses segments comes with the old profile");
-                    b.reuse(old.index.pack_key(*seg), &old.index.segments[*seg], *age)?;
+                    b.reuse(old.index.pack_key(*seg), &old.index.segments[*seg], &old.index.chunk_refs, *age)?;
                     continue;
                 }
             };
