@@ -1393,15 +1393,21 @@ mod tests {
                             // The whole chunk (a 4 KiB miss would fetch only its sub-frame).
         let mut whole = vec![0u8; 256 << 10];
         s.read_vectored_at(256 << 10, &IoVec::from_slice(&mut whole), IoMode::Blocking).unwrap();
-        // Only the SSD copy is left.
-        s.inner.ram.clear();
-        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
-        assert_eq!(b, data[at as usize..at as usize + 4096]);
+        // Its sub-frames landed in the SSD tier and the read was served
+        // from there, which may have started a copy into RAM: let it end.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while s.stats().ram_promotions == 0 && std::time::Instant::now() < deadline {
+        while s.inner.promoting.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(s.stats().ram_promotions, 1, "the hot chunk was copied into RAM");
+        // Only the SSD copy is left.
+        s.inner.ram.clear();
+        let promoted = s.stats().ram_promotions;
+        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        assert_eq!(b, data[at as usize..at as usize + 4096]);
+        while s.stats().ram_promotions == promoted && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(s.stats().ram_promotions, promoted + 1, "the hot chunk was copied into RAM");
         let ram_hits = s.stats().ram_hits;
         b.fill(0);
         s.read_vectored_at(at + 8192, &IoVec::from_slice(&mut b), IoMode::NonBlocking).unwrap();
