@@ -37,6 +37,12 @@
 #                    volume is imported once per chunk size (default "1M")
 #   --cold-link "MS MBIT"   simulated link (default "100 200": 100 ms per request, 200 Mbit/s)
 #   --cold-no-export skip the download-first measurement
+#   --cold-runs L    which cold runs, comma-separated: first,repeat,differ (default all three;
+#                    "none": only make the image and import it). With BENCH_WORK the runs of one
+#                    experiment can be split across invocations (short quiet windows): e.g.
+#                    "none", then "first", then "repeat,differ" (they use the profile left there)
+#   --cold-import-args A  extra arguments for the cold volume's import, e.g. "--single-frames"
+#                    (one zstd frame per chunk, as before sub-frames: misses fetch whole chunks)
 #   --cold-remote R  dir (default: a local folder behind the simulated link) or gdrive: the
 #                    project's Drive emulator (driveemu) on loopback shapes the link itself
 #                    (--cold-link latency per request, one shared bandwidth) and enforces a
@@ -60,7 +66,11 @@
 #   --encrypt-cache  --encrypt, and every driveblk cache (serve, hydrate) kept encrypted
 #                    (`--encrypt-cache`): the SSD-warm and write-back rows then show its cost
 # Env: BENCH_A / BENCH_B pick the two daemons (driveblk|qsd; default driveblk vs qsd).
-#      DRIVEBLK_BIN=path benchmarks a prebuilt driveblk instead of building this tree's.
+#      BENCH_TMPDIR=dir holds the work dir (default /var/tmp), e.g. /dev/shm when the disk is short.
+#      BENCH_WORK=dir is the work dir itself, reused and kept (the cold image and volumes are made
+#      only when absent there): see --cold-runs.
+#      DRIVEBLK_BIN=path benchmarks a prebuilt driveblk instead of building this tree's;
+#      BENCH_GEN=path uses a prebuilt driveblk-bench likewise (nothing is built then).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -69,7 +79,7 @@ A=${BENCH_A:-driveblk}
 B=${BENCH_B:-qsd}
 REPS=3 RUNTIME=8 WARMUP=1 SIZE=2G ROWS_RE="" RECORD=0 KEEP=0 QUICK=0 REPS_SET=0
 CEILING=1 DROP_CACHES=0 COLD=0 COLD_ONLY=0 COLD_SIZE=10G COLD_LINK="100 200" COLD_EXPORT=1 COLD_CONFIGS=()
-COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200 IMPORT_ENC= ENC_CACHE=
+COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200 IMPORT_ENC= ENC_CACHE= COLD_IMPORT_ARGS= COLD_RUNS=first,repeat,differ
 SYNC_LINK="100 200"
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
@@ -94,6 +104,8 @@ while [[ $# -gt 0 ]]; do
         --cold-size) COLD_SIZE=$2; shift 2 ;;
         --cold-link) COLD_LINK=$2; shift 2 ;;
         --cold-no-export) COLD_EXPORT=0; shift ;;
+        --cold-import-args) COLD_IMPORT_ARGS=$2; shift 2 ;;
+        --cold-runs) COLD_RUNS=$2; shift 2 ;;
         --cold-remote) COLD_REMOTE=$2; shift 2 ;;
         --cold-drive-limit) COLD_DRIVE_LIMIT=$2; shift 2 ;;
         --sync-link) SYNC_LINK=$2; shift 2 ;;
@@ -208,9 +220,14 @@ fi
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 GEN=$TARGET/release/driveblk-bench
 DRIVEBLK=${DRIVEBLK_BIN:-$TARGET/release/driveblk}
+GEN=${BENCH_GEN:-$GEN}
 cd "$ROOT"
-log "building driveblk-bench (release)"
-cargo build --release -q -p driveblk-bench || die "driveblk-bench failed to build"
+if [[ -n ${BENCH_GEN:-} ]]; then
+    [[ -x $GEN ]] || die "BENCH_GEN=$GEN is not an executable"
+else
+    log "building driveblk-bench (release)"
+    cargo build --release -q -p driveblk-bench || die "driveblk-bench failed to build"
+fi
 if [[ -n ${DRIVEBLK_BIN:-} ]]; then
     [[ -x $DRIVEBLK_BIN ]] || die "DRIVEBLK_BIN=$DRIVEBLK_BIN is not an executable"
 elif [[ $A == driveblk || $B == driveblk || $COLD == 1 ]]; then
@@ -226,8 +243,12 @@ EMU=$TARGET/release/driveemu EMU_PID=""
 
 # ---- Work dir, cleanup -------------------------------------------------------------------------
 # /var/tmp rather than /tmp: the image should sit on a real filesystem's page cache, not tmpfs.
-WORK=$(mktemp -d /var/tmp/driveblk-bench.XXXXXX)
-if [[ -n $IMPORT_ENC ]]; then
+if [[ -n ${BENCH_WORK:-} ]]; then
+    mkdir -p "$BENCH_WORK" && WORK=$(cd "$BENCH_WORK" && pwd) KEEP=1
+else
+    WORK=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/driveblk-bench.XXXXXX")
+fi
+if [[ -n $IMPORT_ENC && ! -f $WORK/volume.key ]]; then
     head -c 32 /dev/urandom >"$WORK/volume.key"
     export DRIVEBLK_KEY_FILE=$WORK/volume.key
 fi
@@ -697,8 +718,11 @@ cold_experiment() {
     bytes=$(numfmt --from=iec "$COLD_SIZE") || die "bad --cold-size $COLD_SIZE"
     span_mb=$((bytes * 60 / 100 / 1048576))
     log "cold: $COLD_SIZE image, first 60% ($span_mb MiB) random data, the rest a hole"
-    truncate -s "$bytes" "$img"
-    dd if=/dev/urandom of="$img" bs=1M count="$span_mb" conv=notrunc status=none
+    if [[ ! -f $img.done ]]; then
+        truncate -s "$bytes" "$img"
+        dd if=/dev/urandom of="$img" bs=1M count="$span_mb" conv=notrunc status=none
+        touch "$img.done"
+    fi
     declare -A imported=()
     local first_url=""
     {
@@ -714,33 +738,46 @@ cold_experiment() {
         cs=${spec%%:*}
         url=$(cold_url "$cs")
         [[ -n $first_url ]] || first_url=$url
-        if [[ -z ${imported[$cs]:-} ]]; then
+        if [[ -z ${imported[$cs]:-} && -f $WORK/cold-import-$cs.done ]]; then
+            imported[$cs]=-
+        elif [[ -z ${imported[$cs]:-} ]]; then
             log "cold: importing with --chunk-size $cs"
             t0=$EPOCHREALTIME
             # shellcheck disable=SC2086
-            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $IMPORT_ENC $( [[ $COLD_REMOTE == gdrive ]] && echo "$link" ) >"$WORK/cold-import-$cs.log" 2>&1 ||
+            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $IMPORT_ENC $COLD_IMPORT_ARGS $( [[ $COLD_REMOTE == gdrive ]] && echo "$link" ) >"$WORK/cold-import-$cs.log" 2>&1 ||
                 { sed 's/^/    /' "$WORK/cold-import-$cs.log" >&2; die "cold import failed"; }
             sync -f "$WORK"
+            touch "$WORK/cold-import-$cs.done"
             imported[$cs]=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.0f", b - a}')
         fi
     done
     log "cold: imports done"
+    local ci=0
     for spec in "${COLD_CONFIGS[@]}"; do
+        ci=$((ci + 1))
         cs=${spec%%:*} args=""
         [[ $spec != *:* ]] || args=${spec#*:}
         url=$(cold_url "$cs")
         # Each config starts from a volume without a boot profile.
-        rm -f "$WORK/remote/cold-$cs"/profile-*
+        [[ ,$COLD_RUNS, != *,first,* ]] || rm -f "$WORK/remote/cold-$cs"/profile-*
         [[ $COLD_REMOTE != gdrive ]] || [[ ${#COLD_ROWS[@]} == 0 ]] || {
             # Drive: a fresh volume per config (profiles cannot be removed by path here).
             url=gdrive:/bench/cold-$cs-${#COLD_ROWS[@]}
             # shellcheck disable=SC2086
-            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $IMPORT_ENC $link >"$WORK/cold-import-$cs-again.log" 2>&1 ||
+            "$DRIVEBLK" import "$img" "$url" --chunk-size "$cs" --quiet $IMPORT_ENC $COLD_IMPORT_ARGS $link >"$WORK/cold-import-$cs-again.log" 2>&1 ||
                 die "cold: re-import for $spec failed"
         }
         local run
         for run in "first boot" "cold with profile" "10%-different"; do
-            tag=cold-${#COLD_ROWS[@]}
+            local short
+            case $run in
+                "first boot") short=first ;;
+                "cold with profile") short=repeat ;;
+                *) short=differ ;;
+            esac
+            [[ ,$COLD_RUNS, == *,$short,* ]] || continue
+            # Named by config and run: runs split across invocations (BENCH_WORK) keep their logs.
+            tag=cold-c$ci-$short
             COLD_ROWS+=("$spec $run")
             cache=$WORK/$tag-cache out=$WORK/$tag.json
             rm -rf "$cache"

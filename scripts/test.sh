@@ -51,7 +51,7 @@ fi
 # the run discovers goes to a temporary corpus and is dropped. FUZZ_TARGETS
 # (target:seconds ...) overrides the list and the CI times.
 # cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP enables them on stable.
-FUZZ_TARGETS=${FUZZ_TARGETS:-"qcow2_open:60 virtio_request:30 volume_meta:30 pack_decode:30 profile_index:30 cache_state:30"}
+FUZZ_TARGETS=${FUZZ_TARGETS:-"qcow2_open:60 virtio_request:30 volume_meta:30 pack_decode:30 profile_index:30 cache_state:30 subframe_index:30"}
 fuzz_one() { # target seconds
   local corpus dirs=()
   corpus=$(mktemp -d)

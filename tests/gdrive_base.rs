@@ -383,6 +383,7 @@ fn gdrive_generations_found_by_id_from_the_header() {
         remote: opts,
         image_format: None,
         encrypt: false,
+        subframes: true,
     };
     volume::import(&img, "gdrive:/byid/vol", &io).unwrap();
     let mut cfg = env.cfg.clone();
@@ -416,6 +417,7 @@ fn gdrive_written_packs_found_by_id_on_another_host() {
         remote: remote_opts(&env),
         image_format: None,
         encrypt: false,
+        subframes: true,
     };
     volume::import(&img, "gdrive:/wpack/vol", &io).unwrap();
     // From now on nothing new shows in a listing for an hour.

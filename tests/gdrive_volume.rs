@@ -60,6 +60,7 @@ fn gdrive_volume_round_trip_under_faults() {
         remote: remote_opts(&env),
         image_format: None,
         encrypt: false,
+        subframes: true,
     };
     let info = volume::import(&img, url, &opts).unwrap();
     assert_eq!(info.image_len, bytes.len() as u64);
@@ -209,6 +210,7 @@ fn gdrive_import_then_open_despite_a_lagging_listing() {
         remote: remote_opts(&env),
         image_format: None,
         encrypt: false,
+        subframes: true,
     };
     let info = volume::import(&img, "gdrive:/lag/vol", &opts).unwrap();
     assert_eq!(info.generation, 1);

@@ -46,7 +46,8 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 /// Bytes by source add up to the bytes downloaded; replayed segments never
 /// exceed the profile's.
 fn counts_add_up(st: &TierStats) {
-    let by = st.bytes_miss + st.bytes_profile + st.bytes_readahead + st.bytes_hydrate + st.bytes_stream;
+    let by =
+        st.bytes_miss + st.bytes_profile + st.bytes_readahead + st.bytes_hydrate + st.bytes_stream + st.bytes_index;
     assert_eq!(by, st.remote_bytes, "{st:?}");
     assert!(st.profile_segments_done <= st.profile_segments, "{st:?}");
 }
@@ -79,7 +80,7 @@ fn guest_misses_go_ahead_of_speculative_work() {
     let st = s.stats();
     counts_add_up(&st);
     // Bytes count by what started the fetch: hydration, guest or not.
-    assert_eq!(st.bytes_hydrate, st.remote_bytes, "{st:?}");
+    assert_eq!(st.bytes_hydrate + st.bytes_index, st.remote_bytes, "{st:?}");
     assert_eq!(read_all(&*s).unwrap(), data);
 }
 

@@ -139,8 +139,12 @@ fn sequential_reads_trigger_readahead() {
     assert!(out == bytes);
     let st = s.stats();
     assert!(st.readahead_chunks > 0, "{st:?}");
-    // Read-ahead chunks were fetched once, not again on demand.
-    assert!(st.remote_fetches <= st.chunks_total, "{st:?}");
+    // Read-ahead chunks were fetched once, not again on demand: every
+    // chunk's bytes crossed the link once (the packs' sub-frame indexes,
+    // each at most once, come on top).
+    assert_eq!(st.remote_bytes - st.bytes_index, packed_bytes(s.volume()), "{st:?}");
+    assert!(st.bytes_index <= index_bytes(s.volume()), "{st:?}");
+    assert!(st.bytes_readahead > st.bytes_miss, "readahead brought most of it: {st:?}");
 }
 
 #[test]

@@ -35,6 +35,10 @@ pub struct ImportArgs {
     /// from --key-file, --key-env or --passphrase (docs/encryption.md).
     #[arg(long)]
     pub encrypt: bool,
+    /// Store each chunk as one zstd frame, as versions before sub-frames
+    /// did (misses then fetch whole chunks; for comparisons).
+    #[arg(long, hide = true)]
+    pub single_frames: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -201,6 +205,7 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
         remote: a.remote.options(),
         image_format: a.format.map(|f| f.to_string()),
         encrypt: a.encrypt,
+        subframes: !a.single_frames,
         ..Default::default()
     };
     let t0 = Instant::now();

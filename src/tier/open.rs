@@ -211,6 +211,8 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
         Err(e) => return Err(e),
     };
     super::fleet::prepare_cache(&opts, &reader)?;
+    // Packs' sub-frame indexes fetched once stay in the cache directory.
+    reader.keep_indexes_in(&opts.cache_dir);
     let store = TieredStore::new(rt, reader.clone(), &opts)?;
     if !reader.offline {
         if let Err(e) = reader.save_copies(&opts.cache_dir) {

@@ -126,6 +126,11 @@ where
         flight
     }
 
+    /// The flight for `key`, when one is running.
+    pub fn get(&self, key: &K) -> Option<Flight<V>> {
+        self.running.lock().get(key).map(|(f, _)| f.clone())
+    }
+
     /// True when a flight for `key` is running.
     pub fn contains(&self, key: &K) -> bool {
         self.running.lock().contains_key(key)

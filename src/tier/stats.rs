@@ -95,6 +95,7 @@ pub struct Counters {
     pub misses: AtomicU64,
     /// Hot SSD chunks copied into the RAM tier.
     pub ram_promotions: AtomicU64,
+    pub part_fetches: AtomicU64,
     pub remote_fetches: AtomicU64,
     pub remote_bytes: AtomicU64,
     pub fetch_errors: AtomicU64,
@@ -167,12 +168,15 @@ pub struct TierStats {
     pub remote_bytes: u64,
     /// `remote_bytes` by what caused them (they add up to it): guest
     /// misses, the boot profile's stream, readahead, hydration and pins,
-    /// the first boot's stream of dense regions.
+    /// the first boot's stream of dense regions, packs' sub-frame indexes.
     pub bytes_miss: u64,
     pub bytes_profile: u64,
     pub bytes_readahead: u64,
     pub bytes_hydrate: u64,
     pub bytes_stream: u64,
+    pub bytes_index: u64,
+    /// Guest misses served by fetching only the sub-frames they need.
+    pub part_fetches: u64,
     pub fetch_errors: u64,
     /// Guest requests failed after waiting the whole remote budget.
     pub remote_timeouts: u64,

@@ -39,6 +39,7 @@ mod hot_set;
 pub use fetch::SPECULATIVE_BYTES;
 mod lease;
 mod metadata;
+mod part;
 mod stream;
 pub use stream::WHOLE_BELOW as FIRST_BOOT_WHOLE_BELOW;
 mod writeback;
@@ -74,6 +75,7 @@ impl SharedError {
     fn into_io(self) -> io::Error {
         let kind = match &*self.0 {
             VolumeError::CorruptChunk { .. }
+            | VolumeError::CorruptIndex { .. }
             | VolumeError::CorruptManifest { .. }
             | VolumeError::CorruptProfile { .. } => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,
@@ -86,6 +88,8 @@ impl SharedError {
 enum Pending {
     Chunk(Flight<FetchResult>),
     Segments(Vec<Flight<SegmentResult>>),
+    /// Only the chunk's sub-frames the piece needs (`part.rs`).
+    Part(Flight<SegmentResult>),
 }
 
 /// One chunk's share of a request.
@@ -147,6 +151,12 @@ struct Inner {
     replay: RwLock<Option<Arc<Replay>>>,
     /// Profile segments being fetched (single flight per segment).
     segment_flights: SingleFlight<usize, SegmentResult>,
+    /// Parts of chunks being fetched: (chunk, first sub-frame, end).
+    part_flights: SingleFlight<(u64, u64, u64), SegmentResult>,
+    /// The run of sub-frames a first guest miss sent for, per chunk
+    /// (`part.rs`): a later miss inside it joins it, one elsewhere in the
+    /// chunk fetches the rest.
+    part_runs: parking_lot::Mutex<std::collections::HashMap<u64, (u64, u64)>>,
     /// The profile is streaming now.
     streaming: AtomicBool,
     boot_mode: BootProfileMode,
@@ -272,6 +282,8 @@ impl TieredStore {
                 .then(|| Recorder::new(vol.image_len(), opts.boot_profile_window)),
             replay: RwLock::new(None),
             segment_flights: SingleFlight::default(),
+            part_flights: SingleFlight::default(),
+            part_runs: Default::default(),
             streaming: AtomicBool::new(false),
             boot_mode: opts.boot_profile,
             saving: AtomicBool::new(false),
@@ -315,6 +327,7 @@ impl TieredStore {
         if opts.boot_profile != BootProfileMode::Off && !inner.vol.offline {
             rt.spawn(inner.clone().boot_profile());
         }
+        rt.spawn(inner.clone().prefetch_indexes());
         // Clean chunks fetched since the last flush are recorded every few
         // seconds, so a restart after a crash still finds most of them.
         let bg = inner.clone();
@@ -395,6 +408,8 @@ impl TieredStore {
             bytes_readahead: i.lanes.bytes(fetch::Source::Readahead),
             bytes_hydrate: i.lanes.bytes(fetch::Source::Hydrate),
             bytes_stream: i.lanes.bytes(fetch::Source::Stream),
+            bytes_index: i.lanes.bytes(fetch::Source::Index),
+            part_fetches: l(&c.part_fetches),
             fetch_errors: l(&c.fetch_errors),
             remote_timeouts: l(&c.remote_timeouts),
             readahead_chunks: l(&c.readahead_chunks),
@@ -816,6 +831,30 @@ impl Inner {
             }
             return Ok(buf);
         }
+        // Completing a partial chunk of sub-frames fetches only the
+        // sub-frames it lacks (a guest that joins speculative work raises it).
+        if self.ssd.state(idx) == super::ssd::PARTIAL
+            && self.vol.part_ready(idx)
+            && self.fetch_rest(idx, src, urgency.clone()).await.is_ok()
+        {
+            let me = self.clone();
+            let local = tokio::task::spawn_blocking(move || {
+                let _g = me.ssd.lock_read(idx);
+                if me.ssd.has_chunk(idx) {
+                    me.ssd.read_chunk(idx).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .await;
+            if let Ok(Ok(Some(v))) = local {
+                let buf: ChunkBuf = Arc::new(RwLock::new(v));
+                if to_ram {
+                    self.ram.insert(idx, buf.clone());
+                }
+                return Ok(buf);
+            }
+        }
         // A generation committed while the fetch ran may have replaced
         // this chunk's reference: then the bytes are stale, fetch again.
         for attempt in 0.. {
@@ -940,8 +979,9 @@ impl Inner {
             return Ok(());
         }
         // A miss the boot profile covers waits for its segments (which
-        // bring exactly the pages the boot reads); any other fetches its
-        // whole chunk.
+        // bring exactly the pages the boot reads); any other fetches the
+        // sub-frames it needs when its chunk has them (and no fetch of the
+        // whole chunk runs already), else its whole chunk.
         let replay = self.replay.read().clone();
         let waits: Vec<Pending> = misses
             .iter()
@@ -950,9 +990,13 @@ impl Inner {
                     let rp = replay.as_ref().expect("covering came from it");
                     Pending::Segments(segs.into_iter().map(|s| self.segment_flight(rp, s, true)).collect())
                 }
-                None => Pending::Chunk(self.guest_flight(p.idx, true)),
+                None => match self.plan_miss(p.idx, p.off as u64, p.len as u64) {
+                    part::MissPlan::Part(off, len) => Pending::Part(self.part_flight(p.idx, off, len)),
+                    part::MissPlan::Chunk => Pending::Chunk(self.guest_flight(p.idx, true)),
+                },
             })
             .collect();
+        let parts: Vec<bool> = waits.iter().map(|w| matches!(w, Pending::Part(_))).collect();
         if mode == IoMode::NonBlocking {
             // The fetches are under way; the blocking retry will join them
             // (and count the misses, so a retried request counts once).
@@ -978,6 +1022,10 @@ impl Inner {
                         futures::future::join_all(fs).await;
                         None
                     }
+                    Pending::Part(f) => {
+                        let _ = f.await;
+                        None
+                    }
                 });
             }
             out
@@ -987,11 +1035,11 @@ impl Inner {
         }
         self.counters.guest_wait.lock().end(std::time::Instant::now());
         self.demand.fetch_sub(1, Ordering::SeqCst);
-        'pieces: for (p, r) in misses.into_iter().zip(results?) {
+        'pieces: for ((p, r), part) in misses.into_iter().zip(results?).zip(parts) {
             let sub = bufs.slice(p.buf_off, p.len);
             // Prefer the tiers (a write may have landed since the fetch).
             if self.serve_local(p, &sub, IoMode::Blocking)? {
-                if r.is_none() {
+                if r.is_none() && !part {
                     Counters::inc(&self.counters.profile_waits);
                 }
                 continue;
@@ -1012,6 +1060,16 @@ impl Inner {
                 self.wait_guest(f)?.map_err(SharedError::into_io)?;
                 if self.serve_local(p, &sub, IoMode::Blocking)? {
                     continue 'pieces;
+                }
+            }
+            // A run of sub-frames or the rest of a chunk failed (a damaged
+            // sub-frame elsewhere in it, say): the piece's own sub-frames
+            // alone may well be sound.
+            if (part || matches!(r, Some(Err(_)))) && self.vol.part_ready(p.idx) {
+                let f = self.part_flight(p.idx, p.off as u64, p.len as u64);
+                let _ = self.wait_guest(f)?;
+                if self.serve_local(p, &sub, IoMode::Blocking)? {
+                    continue;
                 }
             }
             let r = match r {
@@ -1332,16 +1390,24 @@ mod tests {
         let s = crate::tier::open_volume(&url, o).unwrap();
         let mut b = vec![0u8; 4096];
         let at = 300 << 10; // chunk 1
-        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
-        // Only the SSD copy is left.
-        s.inner.ram.clear();
-        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
-        assert_eq!(b, data[at as usize..at as usize + 4096]);
+                            // The whole chunk (a 4 KiB miss would fetch only its sub-frame).
+        let mut whole = vec![0u8; 256 << 10];
+        s.read_vectored_at(256 << 10, &IoVec::from_slice(&mut whole), IoMode::Blocking).unwrap();
+        // Its sub-frames landed in the SSD tier and the read was served
+        // from there, which may have started a copy into RAM: let it end.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while s.stats().ram_promotions == 0 && std::time::Instant::now() < deadline {
+        while s.inner.promoting.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(s.stats().ram_promotions, 1, "the hot chunk was copied into RAM");
+        // Only the SSD copy is left.
+        s.inner.ram.clear();
+        let promoted = s.stats().ram_promotions;
+        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        assert_eq!(b, data[at as usize..at as usize + 4096]);
+        while s.stats().ram_promotions == promoted && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(s.stats().ram_promotions, promoted + 1, "the hot chunk was copied into RAM");
         let ram_hits = s.stats().ram_hits;
         b.fill(0);
         s.read_vectored_at(at + 8192, &IoVec::from_slice(&mut b), IoMode::NonBlocking).unwrap();

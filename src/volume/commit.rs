@@ -139,7 +139,7 @@ impl GenerationBuilder {
             parent,
             has_base,
             delta,
-            pack: PackWriter::new(),
+            pack: PackWriter::indexed(header.chunk_size),
             uploads: JoinSet::new(),
             opts,
             stats: CommitStats::default(),
@@ -201,7 +201,7 @@ impl GenerationBuilder {
             }
             None => data,
         };
-        let (pack_no, pc) = self.pack_frame(body).await?;
+        let (pack_no, pc) = self.pack_frame(body, patch.is_some()).await?;
         let r = match patch {
             Some((mut base, runs)) => {
                 // The base names a pack of the parent's table; the delta
@@ -244,7 +244,7 @@ impl GenerationBuilder {
 
     /// Compresses `body` into the current pack as one frame; returns the
     /// pack's index in the delta's table and the frame's place.
-    async fn pack_frame(&mut self, body: Vec<u8>) -> VolumeResult<(u32, super::pack::PackedChunk)> {
+    async fn pack_frame(&mut self, body: Vec<u8>, patch: bool) -> VolumeResult<(u32, super::pack::PackedChunk)> {
         if self.pack.is_empty() {
             self.delta.packs.push(new_pack_key(self.delta.generation));
             self.current = (self.delta.packs.len() - 1) as u32;
@@ -252,7 +252,8 @@ impl GenerationBuilder {
         let pack = std::mem::take(&mut self.pack);
         let (pack, pc) = tokio::task::spawn_blocking(move || {
             let mut pack = pack;
-            let pc = pack.add(&body);
+            // A patch is one frame, read whole; a chunk is sub-frames.
+            let pc = if patch { pack.add_frame(&body) } else { pack.add(&body) };
             (pack, pc)
         })
         .await
@@ -273,7 +274,11 @@ impl GenerationBuilder {
             self.landed(r)?;
         }
         let key = self.delta.packs[self.current as usize].clone();
-        let body = PutBody::from_bytes(std::mem::take(&mut self.pack).finish());
+        let (body, index) = std::mem::replace(&mut self.pack, PackWriter::indexed(self.delta.chunk_size)).finish();
+        if let Some(ix) = index {
+            self.delta.indexes.insert(key.clone(), ix);
+        }
+        let body = PutBody::from_bytes(body);
         let permit = self
             .sem
             .clone()

@@ -18,8 +18,10 @@ const PER_THREAD: usize = 4;
 
 /// One non-zero chunk, compressed on its own.
 pub struct Compressed {
-    /// Its zstd frame.
+    /// Its zstd frame, or its sub-frames concatenated.
     pub frame: Vec<u8>,
+    /// The sub-frames, when compressed as such.
+    pub entry: Option<super::subframe::Entry>,
     /// Hex sha256 of the uncompressed bytes.
     pub sha256: String,
 }
@@ -33,13 +35,16 @@ type Done = (u64, io::Result<(Vec<u8>, Option<Compressed>)>);
 /// order; `compressed` is `None` for an all-zero chunk. Reading, the
 /// `threads` compression threads and the sink all run at once, and chunk
 /// and frame buffers are reused, so the steady state allocates nothing
-/// (fresh 1 MiB buffers cost a page fault per 4 KiB).
+/// (fresh 1 MiB buffers cost a page fault per 4 KiB). With `sub`, chunks
+/// are compressed as sub-frames of that many bytes.
+#[allow(clippy::too_many_arguments)]
 pub fn compress_file(
     image: &Path,
     file: &mut File,
     len: u64,
     cs: usize,
     threads: usize,
+    sub: Option<u32>,
     mut sink: impl FnMut(u64, usize, Option<&Compressed>) -> VolumeResult<()>,
 ) -> VolumeResult<()> {
     let threads = threads.max(1);
@@ -92,7 +97,8 @@ pub fn compress_file(
                     }
                 };
                 for (idx, buf) in work_rx.iter() {
-                    let r = compress_one(&mut z, &buf, || frame_rx.try_recv().unwrap_or_default()).map(|c| (buf, c));
+                    let r =
+                        compress_one(&mut z, &buf, sub, || frame_rx.try_recv().unwrap_or_default()).map(|c| (buf, c));
                     if done_tx.send((idx, r)).is_err() {
                         return;
                     }
@@ -139,16 +145,21 @@ pub fn compress_file(
 fn compress_one(
     z: &mut zstd::bulk::Compressor<'_>,
     data: &[u8],
+    sub: Option<u32>,
     frame: impl FnOnce() -> Vec<u8>,
 ) -> io::Result<Option<Compressed>> {
     if data.iter().all(|&b| b == 0) {
         return Ok(None);
     }
     let mut frame = frame();
+    if let Some(sub) = sub {
+        let entry = super::subframe::compress_with(z, data, sub, &mut frame)?;
+        return Ok(Some(Compressed { frame, entry: Some(entry), sha256: sha256_hex(data) }));
+    }
     frame.clear();
     frame.reserve(zstd::zstd_safe::compress_bound(data.len()));
     z.compress_to_buffer(data, &mut frame)?;
-    Ok(Some(Compressed { frame, sha256: sha256_hex(data) }))
+    Ok(Some(Compressed { frame, entry: None, sha256: sha256_hex(data) }))
 }
 
 /// Threads for compression: every core.
@@ -178,7 +189,7 @@ mod tests {
         for threads in [1, 2, 5] {
             let mut f = File::open(&p).unwrap();
             let mut seen = Vec::new();
-            compress_file(&p, &mut f, data.len() as u64, cs, threads, |idx, len, c| {
+            compress_file(&p, &mut f, data.len() as u64, cs, threads, None, |idx, len, c| {
                 let want = &data[idx as usize * cs..idx as usize * cs + len];
                 match c {
                     None => assert!(want.iter().all(|&b| b == 0), "chunk {idx}"),
@@ -205,14 +216,14 @@ mod tests {
         std::fs::write(&p, vec![7u8; cs * 40]).unwrap();
         let mut f = File::open(&p).unwrap();
         let mut seen = 0u64;
-        let e = compress_file(&p, &mut f, (cs * 100) as u64, cs, 2, |_, _, _| {
+        let e = compress_file(&p, &mut f, (cs * 100) as u64, cs, 2, None, |_, _, _| {
             seen += 1;
             Ok(())
         });
         assert!(e.is_err(), "an image shorter than its length must fail");
         assert_eq!(seen, 40, "every chunk before the short read reaches the sink");
         let mut f = File::open(&p).unwrap();
-        let e = compress_file(&p, &mut f, (cs * 40) as u64, cs, 2, |idx, _, _| {
+        let e = compress_file(&p, &mut f, (cs * 40) as u64, cs, 2, None, |idx, _, _| {
             if idx == 5 {
                 return Err(VolumeError::InvalidOptions("sink full".into()));
             }

@@ -41,6 +41,9 @@ pub enum VolumeError {
     #[error("chunk {chunk} of volume {url} (in {key} at offset {offset}) is corrupt: {reason} — the pack is damaged; no data was returned for it")]
     CorruptChunk { url: String, chunk: u64, key: String, offset: u64, reason: String },
 
+    #[error("the sub-frame index of {key} in volume {url} (at offset {offset}) is corrupt: {reason} — the pack is damaged; its chunks are read whole, each checked against the manifest")]
+    CorruptIndex { url: String, key: String, offset: u64, reason: String },
+
     #[error(
         "boot profile {key} of volume {url} is corrupt: {reason} — it is ignored; the next boot records a new one"
     )]
@@ -100,6 +103,7 @@ impl VolumeError {
         let kind = match &self {
             VolumeError::Io { source, .. } => source.kind(),
             VolumeError::CorruptChunk { .. }
+            | VolumeError::CorruptIndex { .. }
             | VolumeError::CorruptManifest { .. }
             | VolumeError::CorruptProfile { .. } => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,

@@ -78,6 +78,13 @@ pub async fn create_fork(
             *key = format!("{}{ORIGIN_PACK_SEP}{k}", origin.header.volume_id);
         }
     }
+    m.indexes = std::mem::take(&mut m.indexes)
+        .into_iter()
+        .map(|(key, ix)| match split_pack_key(&key) {
+            (None, k) => (format!("{}{ORIGIN_PACK_SEP}{k}", origin.header.volume_id), ix),
+            _ => (key, ix),
+        })
+        .collect();
     // The registration first: from now on GC of the origin keeps `from`.
     let reg = ForkRegistration {
         volume_id: header.volume_id.clone(),

@@ -330,6 +330,22 @@ pub struct Manifest {
     /// delta lists the ids it adds.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ids: BTreeMap<String, Slot>,
+    /// pack key -> where its sub-frame index lies (`subframe.rs`): packs
+    /// listed here hold their whole chunks as sub-frames, so part of a chunk
+    /// can be fetched and verified alone. A delta lists the packs it adds;
+    /// readers that predate it read every chunk whole (the frames still
+    /// decode as one zstd stream).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub indexes: BTreeMap<String, PackIndexRef>,
+}
+
+/// Where a pack's sub-frame index lies in it, and its sha256: the one hash
+/// per pack that authenticates every sub-frame's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackIndexRef {
+    pub offset: u64,
+    pub len: u64,
+    pub sha256: String,
 }
 
 /// Who holds a volume's writer lease: recorded in every manifest its
@@ -420,6 +436,7 @@ impl Manifest {
             lease: None,
             base_copy: None,
             ids: BTreeMap::new(),
+            indexes: BTreeMap::new(),
         }
     }
 
@@ -454,6 +471,7 @@ impl Manifest {
             self.base_copy = delta.base_copy.clone();
         }
         self.ids.extend(delta.ids.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.indexes.extend(delta.indexes.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(())
     }
 
@@ -511,6 +529,7 @@ impl Manifest {
         let copy = self.base_copy.as_ref().map(|c| c.key.clone());
         let packs = &self.packs;
         self.ids.retain(|k, _| packs.contains(k) || copy.as_ref() == Some(k));
+        self.indexes.retain(|k, _| packs.contains(k));
     }
 
     /// Number of chunks covering the image.
@@ -569,6 +588,11 @@ impl Manifest {
             || (m.base_copy.is_some() && header.base.is_none())
         {
             return Err("names a copy of a base, but the volume has none (or the copy's key is not base-*)".into());
+        }
+        for (k, ix) in &m.indexes {
+            if !m.packs.contains(k) || ix.len == 0 || ix.len > super::subframe::MAX_INDEX || ix.sha256.len() != 64 {
+                return Err(format!("pack index entry for {k:?} is implausible or names no listed pack"));
+            }
         }
         let n = m.chunk_count();
         if n > MAX_CHUNKS {

@@ -24,6 +24,7 @@
 //!   plan is made again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -34,7 +35,7 @@ use super::history::{
     DEFAULT_ACTIVE_WINDOW,
 };
 use super::lease::PROBE_PREFIX;
-use super::pack::decode_chunk_upto;
+use super::pack::{decode_chunk_upto, PackWriter};
 use super::profile::{parse_profile_key, ProfileIndex, PACK_SUFFIX, PROFILE_PREFIX};
 use super::reader::VolumeReader;
 use super::{runtime, RemoteOptions, VolumeError, VolumeResult};
@@ -388,9 +389,9 @@ async fn repack(r: &VolumeReader, newest: &Manifest, packs: &[String], opts: &Gc
     let mut m = newest.clone();
     let old: BTreeSet<u32> =
         m.packs.iter().enumerate().filter(|(_, k)| packs.contains(k)).map(|(i, _)| i as u32).collect();
-    // (old pack, offset) -> (new pack index, new offset)
-    let mut moved: HashMap<(u32, u64), (u32, u64)> = HashMap::new();
-    let mut new_packs: Vec<(String, Vec<u8>)> = Vec::new();
+    // (old pack, offset) -> (new pack index, new offset, new length)
+    let mut moved: HashMap<(u32, u64), (u32, u64, u64)> = HashMap::new();
+    let mut new_packs: Vec<(String, PackWriter)> = Vec::new();
     for &pi in &old {
         let key = m.packs[pi as usize].clone();
         let body = r.remote.get(&key).await.map_err(|e| VolumeError::remote(format!("reading {}/{key}", r.url), e))?;
@@ -424,48 +425,56 @@ async fn repack(r: &VolumeReader, newest: &Manifest, packs: &[String], opts: &Gc
                 offset: off,
                 reason: format!("pack is {} bytes, a frame ends at {end}", body.len()),
             })?;
-            if let Some(sha) = &sha {
-                decode_chunk_upto(frame, cs, sha).map_err(|reason| VolumeError::CorruptChunk {
-                    url: r.url.clone(),
-                    chunk: 0,
-                    key: key.clone(),
-                    offset: off,
-                    reason,
-                })?;
-            }
             if new_packs.last().is_none_or(|(_, b)| b.len() as u64 >= opts.pack_size) {
-                new_packs.push((new_pack_key(g), Vec::new()));
+                new_packs.push((new_pack_key(g), PackWriter::indexed(r.header.chunk_size)));
             }
-            let (nk, nb) = new_packs.last_mut().expect("pushed above");
-            let _ = nk;
-            let at = nb.len() as u64;
-            nb.extend_from_slice(frame);
-            moved.insert((pi, off), ((new_packs.len() - 1) as u32, at));
+            let (_, nb) = new_packs.last_mut().expect("pushed above");
+            // Whole chunks are checked, then written in the current shape
+            // (sub-frames); patches are copied as they are.
+            let pc = match &sha {
+                Some(sha) => {
+                    let data = decode_chunk_upto(frame, cs, sha).map_err(|reason| VolumeError::CorruptChunk {
+                        url: r.url.clone(),
+                        chunk: 0,
+                        key: key.clone(),
+                        offset: off,
+                        reason,
+                    })?;
+                    nb.add(&data).map_err(|e| VolumeError::io("compressing a chunk for", PathBuf::from(&r.url), e))?
+                }
+                None => nb.add_raw_frame(frame),
+            };
+            moved.insert((pi, off), ((new_packs.len() - 1) as u32, pc.offset, pc.len));
         }
     }
     // New pack indexes follow the old table.
     let base_idx = m.packs.len() as u32;
     m.packs.extend(new_packs.iter().map(|(k, _)| k.clone()));
-    let remap = |pack: &mut u32, offset: &mut u64| {
-        if let Some(&(np, no)) = moved.get(&(*pack, *offset)) {
+    let remap = |pack: &mut u32, offset: &mut u64, len: &mut u64| {
+        if let Some(&(np, no, nl)) = moved.get(&(*pack, *offset)) {
             *pack = base_idx + np;
             *offset = no;
+            *len = nl;
         }
     };
     for cr in m.chunks.values_mut() {
         match cr {
-            ChunkRef::Packed { pack, offset, .. } => remap(pack, offset),
-            ChunkRef::Patched { base, pack, offset, .. } => {
-                remap(pack, offset);
-                if let ChunkRef::Packed { pack, offset, .. } = &mut **base {
-                    remap(pack, offset);
+            ChunkRef::Packed { pack, offset, len, .. } => remap(pack, offset, len),
+            ChunkRef::Patched { base, pack, offset, len, .. } => {
+                remap(pack, offset, len);
+                if let ChunkRef::Packed { pack, offset, len, .. } = &mut **base {
+                    remap(pack, offset, len);
                 }
             }
             _ => {}
         }
     }
     // Packs first, then the manifest naming them.
-    for (k, b) in new_packs {
+    for (k, w) in new_packs {
+        let (b, index) = w.finish();
+        if let Some(ix) = index {
+            m.indexes.insert(k.clone(), ix);
+        }
         let meta = r
             .remote
             .put(&k, PutBody::from_bytes(b))

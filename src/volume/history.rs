@@ -151,20 +151,24 @@ pub fn pack_generation(key: &str) -> Option<u64> {
 
 /// Every pack frame a resolved manifest references: (pack key, offset, len).
 pub(crate) fn frames(m: &Manifest) -> impl Iterator<Item = (&str, u64, u64)> + '_ {
-    m.chunks.values().flat_map(move |r| {
-        let mut v: Vec<(&str, u64, u64)> = Vec::with_capacity(2);
-        match r {
-            ChunkRef::Packed { pack, offset, len, .. } => v.push((&m.packs[*pack as usize], *offset, *len)),
-            ChunkRef::Patched { base, pack, offset, len, .. } => {
-                v.push((&m.packs[*pack as usize], *offset, *len));
-                if let ChunkRef::Packed { pack, offset, len, .. } = &**base {
+    m.chunks
+        .values()
+        .flat_map(move |r| {
+            let mut v: Vec<(&str, u64, u64)> = Vec::with_capacity(2);
+            match r {
+                ChunkRef::Packed { pack, offset, len, .. } => v.push((&m.packs[*pack as usize], *offset, *len)),
+                ChunkRef::Patched { base, pack, offset, len, .. } => {
                     v.push((&m.packs[*pack as usize], *offset, *len));
+                    if let ChunkRef::Packed { pack, offset, len, .. } = &**base {
+                        v.push((&m.packs[*pack as usize], *offset, *len));
+                    }
                 }
+                _ => {}
             }
-            _ => {}
-        }
-        v
-    })
+            v
+        })
+        // A pack's sub-frame index is part of what its chunks need.
+        .chain(m.indexes.iter().filter(|(k, _)| m.packs.contains(k)).map(|(k, ix)| (k.as_str(), ix.offset, ix.len)))
 }
 
 /// One line of `driveblk log`.

@@ -34,6 +34,10 @@ pub struct ImportOptions {
     pub image_format: Option<String>,
     /// Encrypt the volume with a new data key wrapped by `remote.key`.
     pub encrypt: bool,
+    /// Store chunks as sub-frames with an index per pack (docs/format.md),
+    /// so a miss can fetch part of a chunk; false writes one frame per
+    /// chunk, as versions before sub-frames did.
+    pub subframes: bool,
 }
 
 impl Default for ImportOptions {
@@ -47,6 +51,7 @@ impl Default for ImportOptions {
             remote: RemoteOptions::default(),
             image_format: None,
             encrypt: false,
+            subframes: true,
         }
     }
 }
@@ -208,7 +213,10 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     // reuses the memory instead of faulting in 64 MiB afresh.
     let pack_cap = opts.pack_size as usize + cs + 4096;
     let (spare_tx, spare_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
-    let new_pack = || PackWriter::in_buffer(spare_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(pack_cap)));
+    let new_pack = || {
+        let p = if opts.subframes { PackWriter::indexed(opts.chunk_size) } else { PackWriter::new() };
+        p.in_buffer(spare_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(pack_cap)))
+    };
     let mut pack = new_pack();
     let mut uploads: JoinSet<VolumeResult<ObjectMeta>> = JoinSet::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel_uploads.max(1)));
@@ -225,8 +233,11 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
             .map_err(|_| VolumeError::InvalidOptions("upload limiter closed".into()))?;
         let remote = remote.clone();
         let url = url_s.clone();
-        let body =
-            PutBody::from_bytes(bytes::Bytes::from_owner(Recycled { buf: pack.finish(), back: spare_tx.clone() }));
+        let (buf, index) = pack.finish();
+        if let Some(ix) = index {
+            manifest.indexes.insert(key.clone(), ix);
+        }
+        let body = PutBody::from_bytes(bytes::Bytes::from_owner(Recycled { buf, back: spare_tx.clone() }));
         uploads.spawn_on(
             async move {
                 let r =
@@ -240,12 +251,15 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     };
     // Chunks are read on one thread and compressed on every core.
     let threads = super::compress::default_threads();
-    super::compress::compress_file(image, &mut file, image_len, cs, threads, |idx, n, c| {
+    let sub = pack.sub_size();
+    super::compress::compress_file(image, &mut file, image_len, cs, threads, sub, |idx, n, c| {
         if let Some(c) = c {
             if pack.is_empty() {
                 manifest.packs.push(new_pack_key(1));
             }
-            let pc = pack.add_compressed(&c.frame, c.sha256.clone());
+            let pc = pack
+                .add_compressed(&c.frame, c.entry.clone(), c.sha256.clone())
+                .map_err(|e| VolumeError::io("packing a chunk of", image, e))?;
             let pack_no = (manifest.packs.len() - 1) as u32;
             manifest
                 .chunks

@@ -21,7 +21,9 @@ pub mod pack;
 pub mod profile;
 pub mod progress;
 pub mod reader;
+pub mod saved_index;
 pub mod sidecar;
+pub mod subframe;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -31,7 +33,7 @@ pub use adopt::adopt;
 pub use error::{VolumeError, VolumeResult};
 pub use format::{BaseRef, ChunkRef, Manifest, VolumeHeader, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
 pub use import::{attach, import, AttachOptions, ImportOptions};
-pub use reader::VolumeReader;
+pub use reader::{Part, VolumeReader};
 
 use crate::remote::{RemoteConfig, RemoteLayer, RemoteUrl, RetryPolicy};
 

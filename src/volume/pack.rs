@@ -1,6 +1,8 @@
-//! Packs: many chunks concatenated, each its own zstd frame, so any one
-//! chunk is a single ranged read and decodes alone. A pack has no header;
-//! the manifest holds every frame's offset, length and hash.
+//! Packs: many chunks concatenated, each its own zstd frame (or, indexed,
+//! its own run of sub-frames), so any one chunk is a single ranged read and
+//! decodes alone. A pack has no header; the manifest holds every frame's
+//! offset, length and hash, and an indexed pack ends with its sub-frame
+//! index (`subframe.rs`).
 
 use sha2::{Digest, Sha256};
 
@@ -13,6 +15,8 @@ pub const ZSTD_LEVEL: i32 = 3;
 pub struct PackWriter {
     buf: Vec<u8>,
     chunks: usize,
+    /// Set when chunks are written as sub-frames (the index, so far).
+    index: Option<super::subframe::PackIndex>,
 }
 
 /// Where a chunk landed in a pack.
@@ -25,20 +29,46 @@ pub struct PackedChunk {
 }
 
 impl PackWriter {
-    /// An empty pack.
+    /// An empty pack of single-frame chunks (the shape before sub-frames).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// An empty pack built in `buf` (its contents dropped, its capacity
-    /// kept), so filling it neither grows nor faults in fresh memory.
-    pub fn in_buffer(mut buf: Vec<u8>) -> Self {
+    /// This pack built in `buf` (its contents dropped, its capacity kept),
+    /// so filling it neither grows nor faults in fresh memory.
+    pub fn in_buffer(mut self, mut buf: Vec<u8>) -> Self {
         buf.clear();
-        Self { buf, chunks: 0 }
+        self.buf = buf;
+        self
     }
 
-    /// Appends one chunk, compressed on its own.
+    /// An empty pack for chunks of `chunk_size` bytes: chunks larger than a
+    /// sub-frame are written as sub-frames, with an index at the end.
+    pub fn indexed(chunk_size: u64) -> Self {
+        let sub = super::subframe::SUB_SIZE;
+        Self { index: (chunk_size > u64::from(sub)).then(|| super::subframe::PackIndex::new(sub)), ..Self::default() }
+    }
+
+    /// Appends one chunk, compressed on its own (as sub-frames in an
+    /// indexed pack).
     pub fn add(&mut self, data: &[u8]) -> std::io::Result<PackedChunk> {
+        let offset = self.buf.len() as u64;
+        let frame = match &mut self.index {
+            Some(ix) => {
+                let (frames, entry) = super::subframe::compress(data, ix.sub_size, ZSTD_LEVEL)?;
+                ix.entries.insert(offset, entry);
+                frames
+            }
+            None => zstd::bulk::compress(data, ZSTD_LEVEL)?,
+        };
+        self.buf.extend_from_slice(&frame);
+        self.chunks += 1;
+        Ok(PackedChunk { offset, len: frame.len() as u64, sha256: sha256_hex(data) })
+    }
+
+    /// Appends raw bytes (a patch) as one frame; returns its place. The
+    /// hash is of `data` itself. Patches are read whole: never indexed.
+    pub fn add_frame(&mut self, data: &[u8]) -> std::io::Result<PackedChunk> {
         let frame = zstd::bulk::compress(data, ZSTD_LEVEL)?;
         let offset = self.buf.len() as u64;
         self.buf.extend_from_slice(&frame);
@@ -46,19 +76,40 @@ impl PackWriter {
         Ok(PackedChunk { offset, len: frame.len() as u64, sha256: sha256_hex(data) })
     }
 
-    /// Appends a chunk compressed elsewhere (`super::compress`): its zstd
-    /// frame and the hex sha256 of its uncompressed bytes.
-    pub fn add_compressed(&mut self, frame: &[u8], sha256: String) -> PackedChunk {
+    /// Appends an already compressed frame (a patch copied by a repack) as
+    /// it is.
+    pub fn add_raw_frame(&mut self, frame: &[u8]) -> PackedChunk {
         let offset = self.buf.len() as u64;
         self.buf.extend_from_slice(frame);
         self.chunks += 1;
-        PackedChunk { offset, len: frame.len() as u64, sha256 }
+        PackedChunk { offset, len: frame.len() as u64, sha256: String::new() }
     }
 
-    /// Appends raw bytes (a patch) as one frame; returns its place. The
-    /// hash is of `data` itself.
-    pub fn add_frame(&mut self, data: &[u8]) -> std::io::Result<PackedChunk> {
-        self.add(data)
+    /// Appends a chunk compressed elsewhere (`super::compress`): its frame
+    /// (its sub-frames, with `entry` describing them, in an indexed pack)
+    /// and the hex sha256 of its uncompressed bytes.
+    pub fn add_compressed(
+        &mut self,
+        frame: &[u8],
+        entry: Option<super::subframe::Entry>,
+        sha256: String,
+    ) -> std::io::Result<PackedChunk> {
+        let offset = self.buf.len() as u64;
+        match (&mut self.index, entry) {
+            (Some(ix), Some(e)) if e.frame_len() == frame.len() as u64 => {
+                ix.entries.insert(offset, e);
+            }
+            (None, None) => {}
+            _ => return Err(std::io::Error::other("chunk compressed for another pack shape")),
+        }
+        self.buf.extend_from_slice(frame);
+        self.chunks += 1;
+        Ok(PackedChunk { offset, len: frame.len() as u64, sha256 })
+    }
+
+    /// Uncompressed bytes per sub-frame when chunks go in as sub-frames.
+    pub fn sub_size(&self) -> Option<u32> {
+        self.index.as_ref().map(|ix| ix.sub_size)
     }
 
     /// Bytes so far.
@@ -71,9 +122,22 @@ impl PackWriter {
         self.chunks == 0
     }
 
-    /// The finished pack.
-    pub fn finish(self) -> Vec<u8> {
-        self.buf
+    /// The finished pack, and where its index lies in it (for the
+    /// manifest) when it has one.
+    pub fn finish(mut self) -> (Vec<u8>, Option<super::format::PackIndexRef>) {
+        match self.index.take() {
+            Some(ix) if !ix.entries.is_empty() => {
+                let enc = ix.encode();
+                let r = super::format::PackIndexRef {
+                    offset: self.buf.len() as u64,
+                    len: enc.len() as u64,
+                    sha256: sha256_hex(&enc),
+                };
+                self.buf.extend_from_slice(&enc);
+                (self.buf, Some(r))
+            }
+            _ => (self.buf, None),
+        }
     }
 }
 
@@ -165,7 +229,7 @@ mod tests {
         let b: Vec<u8> = (0..7000u32).map(|i| (i * 31 % 251) as u8).collect();
         let pa = w.add(&a).unwrap();
         let pb = w.add(&b).unwrap();
-        let pack = w.finish();
+        let (pack, _) = w.finish();
         let fb = &pack[pb.offset as usize..(pb.offset + pb.len) as usize];
         assert_eq!(decode_chunk(fb, b.len(), &pb.sha256).unwrap(), b);
         let fa = &pack[pa.offset as usize..(pa.offset + pa.len) as usize];

@@ -1,7 +1,7 @@
 //! Opening a volume on its remote (header, newest committed generation,
 //! base file) and fetching single chunks with verification.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +11,8 @@ use bytes::Bytes;
 
 use super::format::{gen_key, parse_gen_key, ChunkRef, Manifest, VolumeHeader, GEN_PREFIX, HEADER_KEY, PATCH_PAGE};
 use super::pack::decode_chunk_upto;
+use super::saved_index::SavedIndexes;
+use super::subframe::PackIndex;
 use super::{RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::Slot;
 use crate::remote::{DynRemote, RemoteUrl, RetryingRemote};
@@ -169,6 +171,25 @@ pub struct VolumeReader {
     /// The data key of an encrypted volume (`remote` and the origins'
     /// folders seal and open with it; a fork shares its origin's).
     pub key: Option<Arc<super::crypto::VolumeKey>>,
+    /// Sub-frame indexes of packs, fetched once each (pack key -> index).
+    indexes: IndexCache,
+    /// Where fetched indexes are kept across restarts (a cache directory).
+    saved: std::sync::OnceLock<SavedIndexes>,
+}
+
+type IndexCache = parking_lot::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<PackIndex>>>>>;
+
+/// Part of a chunk, fetched alone (see [`VolumeReader::fetch_part`]).
+pub struct Part {
+    /// The reference the bytes were fetched by.
+    pub chunk_ref: ChunkRef,
+    /// Offset of `data` in the chunk (a sub-frame boundary).
+    pub off: u64,
+    /// The chunk's bytes from `off` (whole sub-frames, cut at the chunk's
+    /// end in the image).
+    pub data: Vec<u8>,
+    /// Bytes that crossed the link.
+    pub wire_bytes: u64,
 }
 
 /// The key of an encrypted volume, unwrapped with the caller's key
@@ -259,6 +280,8 @@ impl VolumeReader {
             offline: false,
             origins,
             key,
+            indexes: Default::default(),
+            saved: Default::default(),
         }))
     }
 
@@ -366,6 +389,8 @@ impl VolumeReader {
             offline: true,
             origins,
             key: vkey,
+            indexes: Default::default(),
+            saved: Default::default(),
         }))
     }
 
@@ -528,6 +553,178 @@ impl VolumeReader {
         }
     }
 
+    /// The sub-frame index of pack `key`, if fetched already.
+    pub fn cached_index(&self, key: &str) -> Option<Arc<PackIndex>> {
+        self.indexes.lock().get(key).and_then(|c| c.get().cloned())
+    }
+
+    /// Packs of the served generation with a sub-frame index not fetched
+    /// yet that hold a chunk `needed` accepts (one not local already), in
+    /// the order chunks first name them.
+    pub fn indexes_to_fetch(&self, needed: impl Fn(u64) -> bool) -> Vec<String> {
+        let m = self.manifest.load();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (&idx, r) in m.chunks.iter() {
+            if !needed(idx) {
+                continue;
+            }
+            if let ChunkRef::Packed { pack, .. } = r {
+                let k = &m.packs[*pack as usize];
+                if m.indexes.contains_key(k) && seen.insert(*pack) && self.cached_index(k).is_none() {
+                    out.push(k.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps the sub-frame indexes this reader fetches in `cache_dir`, and
+    /// takes them from there instead of the remote while they match the
+    /// served manifest (set once, before serving).
+    pub fn keep_indexes_in(&self, cache_dir: &Path) {
+        let _ = self.saved.set(SavedIndexes::new(cache_dir, self.key.clone()));
+    }
+
+    /// Loads every saved index the served generation names and still lacks
+    /// (blocking file reads), and deletes saved ones it no longer names.
+    /// Returns how many were loaded.
+    pub fn load_saved_indexes(&self) -> usize {
+        let Some(saved) = self.saved.get() else { return 0 };
+        let m = self.manifest.load_full();
+        saved.prune(|k| m.indexes.contains_key(k));
+        let mut n = 0;
+        for (key, ixr) in &m.indexes {
+            if self.cached_index(key).is_some() {
+                continue;
+            }
+            let Some(bytes) = saved.load(key, ixr) else { continue };
+            // Its hash matched the manifest's, so a parse error is the
+            // pack's own: the remote would give the same bytes.
+            if let Ok(ix) = PackIndex::parse(&bytes, ixr.offset) {
+                let cell = self.indexes.lock().entry(key.clone()).or_default().clone();
+                if cell.set(Arc::new(ix)).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Fetches (once; concurrent callers share the fetch) and verifies the
+    /// sub-frame index of pack `key` as the served manifest names it
+    /// (from the cache directory's saved copy when it matches).
+    /// Ok(None): the pack has none (it predates sub-frames). Returns the
+    /// bytes fetched from the remote with it (0 when it was known or saved).
+    pub async fn pack_index(&self, key: &str) -> VolumeResult<(Option<Arc<PackIndex>>, u64)> {
+        let Some(ixr) = self.manifest.load().indexes.get(key).cloned() else { return Ok((None, 0)) };
+        let cell = self.indexes.lock().entry(key.to_string()).or_default().clone();
+        let mut fetched = 0;
+        let ix = cell
+            .get_or_try_init(|| async {
+                let saved = self.saved.get().cloned();
+                if let Some(s) = saved.clone() {
+                    let (k, r) = (key.to_string(), ixr.clone());
+                    let local = tokio::task::spawn_blocking(move || s.load(&k, &r)).await.ok().flatten();
+                    if let Some(ix) = local.and_then(|b| PackIndex::parse(&b, ixr.offset).ok()) {
+                        return Ok(Arc::new(ix));
+                    }
+                }
+                // Bytes a shared cache directory gave that fail the checks
+                // are fetched again from the remote (`remote::shared`).
+                let (ix, bytes) = crate::remote::shared::verified(|| self.fetch_index_once(key, &ixr)).await?;
+                fetched = bytes.len() as u64;
+                if let Some(s) = saved {
+                    let k = key.to_string();
+                    let kept = tokio::task::spawn_blocking(move || s.save(&k, &bytes)).await;
+                    if let Ok(Err(e)) = kept {
+                        tracing::debug!(pack = %key, error = %e, "could not keep a sub-frame index in the cache directory");
+                    }
+                }
+                Ok::<_, VolumeError>(ix)
+            })
+            .await?;
+        Ok((Some(ix.clone()), fetched))
+    }
+
+    /// Reads and checks pack `key`'s sub-frame index once; returns it and
+    /// its bytes.
+    async fn fetch_index_once(
+        &self,
+        key: &str,
+        ixr: &super::format::PackIndexRef,
+    ) -> VolumeResult<(Arc<PackIndex>, Bytes)> {
+        let (remote, object) = self.pack_remote(key)?;
+        let corrupt = |reason: String| VolumeError::CorruptIndex {
+            url: self.url.clone(),
+            key: key.to_string(),
+            offset: ixr.offset,
+            reason,
+        };
+        let bytes = remote
+            .get_range(object, ixr.offset..ixr.offset + ixr.len)
+            .await
+            .map_err(|e| VolumeError::remote(format!("reading the sub-frame index of {}/{key}", self.url), e))?;
+        if bytes.len() as u64 != ixr.len {
+            return Err(corrupt(format!("got {} of {} bytes", bytes.len(), ixr.len)));
+        }
+        let got = super::pack::sha256_hex(&bytes);
+        if got != ixr.sha256 {
+            return Err(corrupt(format!("sha256 mismatch: expected {}, got {got}", ixr.sha256)));
+        }
+        let ix = PackIndex::parse(&bytes, ixr.offset).map(Arc::new).map_err(corrupt)?;
+        Ok((ix, bytes))
+    }
+
+    /// True when part of chunk `idx` can be fetched alone now: it is packed
+    /// whole, as sub-frames, in a pack whose index is known.
+    pub fn part_ready(&self, idx: u64) -> bool {
+        let m = self.manifest.load();
+        match m.chunk(idx, self.base.is_some()) {
+            ChunkRef::Packed { pack, offset, len, .. } => self
+                .cached_index(&m.packs[pack as usize])
+                .is_some_and(|ix| ix.entries.get(&offset).is_some_and(|e| e.frame_len() == len)),
+            _ => false,
+        }
+    }
+
+    /// Fetches and verifies only the sub-frames of chunk `idx` covering
+    /// its bytes `[off, off + len)`: one ranged read. Ok(None) when the
+    /// chunk is not stored as sub-frames of a known index (fetch it whole).
+    pub async fn fetch_part(&self, idx: u64, off: u64, len: u64) -> VolumeResult<Option<Part>> {
+        // Bytes a shared cache directory gave that fail the checks are
+        // fetched again from the remote (`remote::shared`).
+        crate::remote::shared::verified(|| self.fetch_part_once(idx, off, len)).await
+    }
+
+    async fn fetch_part_once(&self, idx: u64, off: u64, len: u64) -> VolumeResult<Option<Part>> {
+        let m = self.manifest.load_full();
+        let r = m.chunk(idx, self.base.is_some());
+        let ChunkRef::Packed { pack, offset, len: flen, .. } = &r else { return Ok(None) };
+        let key = &m.packs[*pack as usize];
+        let Some(ix) = self.cached_index(key) else { return Ok(None) };
+        let Some(span) = ix.span(*offset, *flen, off, len) else { return Ok(None) };
+        let (remote, object) = self.pack_remote(key)?;
+        let corrupt = |reason: String| VolumeError::CorruptChunk {
+            url: self.url.clone(),
+            chunk: idx,
+            key: key.clone(),
+            offset: span.pack_offset,
+            reason,
+        };
+        let bytes = remote
+            .get_range(object, span.pack_offset..span.pack_offset + span.pack_len)
+            .await
+            .map_err(|e| VolumeError::remote(format!("reading part of chunk {idx} of {} from {key}", self.url), e))?;
+        let mut data = ix.decode(*offset, &span, &bytes).map_err(corrupt)?;
+        // A chunk stored while it was the image's short last one reads as
+        // zeroes past what was stored.
+        let chunk_end = m.image_len.saturating_sub(idx * self.chunk_size()).min(self.chunk_size());
+        let end = (span.last as u64 * u64::from(ix.sub_size)).min(chunk_end).max(span.raw_offset);
+        data.resize((end - span.raw_offset) as usize, 0);
+        Ok(Some(Part { chunk_ref: r.clone(), off: span.raw_offset, data, wire_bytes: span.pack_len }))
+    }
+
     /// The header as read from the remote (bytes).
     pub fn header_bytes(&self) -> &Bytes {
         &self.header_raw
@@ -589,15 +786,31 @@ impl VolumeReader {
             }
             ChunkRef::Packed { pack, offset, len, sha256 } => {
                 let frame = self.read_frame(m, idx, *pack, *offset, *len).await?;
-                let mut data = decode_chunk_upto(&frame, self.chunk_size() as usize, sha256).map_err(|reason| {
-                    VolumeError::CorruptChunk {
-                        url: self.url.clone(),
-                        chunk: idx,
-                        key: m.packs[*pack as usize].clone(),
-                        offset: *offset,
-                        reason,
+                let key = &m.packs[*pack as usize];
+                let corrupt = |reason: String| VolumeError::CorruptChunk {
+                    url: self.url.clone(),
+                    chunk: idx,
+                    key: key.clone(),
+                    offset: *offset,
+                    reason,
+                };
+                // With the pack's index at hand every sub-frame is checked
+                // too (what `verify --full` relies on), then the chunk.
+                let whole = self
+                    .cached_index(key)
+                    .and_then(|ix| ix.span(*offset, *len, 0, u64::MAX >> 1).map(|s| (ix, s)))
+                    .filter(|(_, s)| s.first == 0 && s.pack_len == *len);
+                let mut data = match whole {
+                    Some((ix, span)) => {
+                        let data = ix.decode(*offset, &span, &frame).map_err(corrupt)?;
+                        let got = super::pack::sha256_hex(&data);
+                        if got != *sha256 {
+                            return Err(corrupt(format!("sha256 mismatch: expected {sha256}, got {got}")));
+                        }
+                        data
                     }
-                })?;
+                    None => decode_chunk_upto(&frame, self.chunk_size() as usize, sha256).map_err(corrupt)?,
+                };
                 data.resize(want, 0);
                 Ok(Fetched { data, wire_bytes: *len, chunk_ref: ChunkRef::Zero })
             }

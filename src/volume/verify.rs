@@ -366,6 +366,20 @@ async fn check_frames(
             None => continue,
         };
         r.set_manifest(m);
+        // Sub-frame indexes first: with one known, a chunk's every
+        // sub-frame is checked as well as the chunk.
+        for key in r.indexes_to_fetch(|_| true) {
+            if gone.contains(key.as_str()) {
+                continue;
+            }
+            if let Err(e) = r.pack_index(&key).await {
+                let reason = match &e {
+                    VolumeError::CorruptIndex { reason, .. } => format!("sub-frame index: {reason}"),
+                    e => e.to_string(),
+                };
+                bad.entry(key).or_insert((reason, BTreeSet::new())).1.insert(g);
+            }
+        }
         let res =
             futures::stream::iter(chunks.into_iter().map(|(idx, key)| async move { (key, r.fetch_chunk(idx).await) }))
                 .buffer_unordered(parallel.max(1))

@@ -30,10 +30,13 @@ pub enum Source {
     Hydrate,
     /// The first boot's stream of the dense region (no profile yet).
     Stream,
+    /// Packs' sub-frame indexes (what lets a miss fetch part of a chunk).
+    Index,
 }
 
 impl Source {
-    const ALL: [Source; 5] = [Source::Miss, Source::Profile, Source::Readahead, Source::Hydrate, Source::Stream];
+    const ALL: [Source; 6] =
+        [Source::Miss, Source::Profile, Source::Readahead, Source::Hydrate, Source::Stream, Source::Index];
 
     fn slot(self) -> usize {
         Self::ALL.iter().position(|&s| s == self).unwrap_or(0)
@@ -45,7 +48,7 @@ pub struct Lanes {
     /// Permits are KiB of speculative bytes in flight.
     speculative: Semaphore,
     cap_kib: u32,
-    bytes: [AtomicU64; 5],
+    bytes: [AtomicU64; 6],
 }
 
 impl Default for Lanes {

@@ -109,6 +109,11 @@ impl Dense {
         self.floor.store(floor, Ordering::Relaxed);
     }
 
+    /// True when chunk `idx` lies in a region found dense.
+    pub fn is_dense(&self, idx: u64, chunk_size: u64) -> bool {
+        self.allowed && self.state.lock().dense.contains(&(idx * chunk_size / REGION_BYTES))
+    }
+
     fn next_region(&self) -> Option<u64> {
         self.state.lock().queue.pop_front()
     }

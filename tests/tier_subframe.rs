@@ -1,0 +1,320 @@
+//! Sub-frames through the tiered store on a real `dir:` remote: a miss in
+//! a chunk stored as sub-frames fetches the run of sub-frames from its own
+//! on in one request (not the chunk), a second miss the rest as one flight
+//! later misses join, a corrupt sub-frame is refused and never cached, volumes of
+//! single-frame chunks (written before sub-frames) still read, encrypted
+//! volumes fetch parts too, and an export after partial reads equals the
+//! source image (qemu-img compare).
+
+#[path = "tier_support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use driveblk::format::{IoMode, IoVec};
+use driveblk::remote::{RemoteMetrics, Shaping};
+use driveblk::tier::tiered::TieredStore;
+use driveblk::tier::Storage;
+use driveblk::volume::{ChunkRef, ImportOptions};
+use rand::{Rng, SeedableRng};
+use support::*;
+
+const CHUNK: u64 = 1 << 20;
+const SUB: u64 = 64 << 10;
+
+/// Random bytes (nothing compresses) imported in 1 MiB chunks, 4 MiB packs.
+fn volume(d: &Path, len: usize, tweak: impl FnOnce(&mut ImportOptions)) -> (String, Vec<u8>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+    let src = d.join("src.raw");
+    std::fs::write(&src, &data).unwrap();
+    let vurl = url(&d.join("remote/vol"));
+    let mut io = ImportOptions { chunk_size: CHUNK, pack_size: 4 << 20, ..Default::default() };
+    tweak(&mut io);
+    driveblk::volume::import(&src, &vurl, &io).unwrap();
+    (vurl, data)
+}
+
+fn open(d: &Path, vurl: &str, cache: &str, m: &Arc<RemoteMetrics>) -> Arc<TieredStore> {
+    let mut o = cache_opts(&d.join(cache), counted(m.clone(), None, Shaping::default()));
+    o.readahead_chunks = 0;
+    o.read_only = true;
+    driveblk::tier::open_volume(vurl, o).unwrap()
+}
+
+fn read(s: &dyn Storage, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut b = vec![0u8; n];
+    s.read_vectored_at(off, &IoVec::from_slice(&mut b), IoMode::Blocking)?;
+    Ok(b)
+}
+
+/// A 4 KiB miss fetches, in one request, the run of missing sub-frames
+/// from its own on (256 KiB of a 1 MiB chunk: the reads after it in a file
+/// are then local); reads inside the run cost no request; completing the
+/// chunk fetches only the sub-frames it lacks, so the chunk costs its size
+/// once; every byte reads back right.
+#[test]
+fn a_miss_fetches_the_subframes_it_needs() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = volume(d.path(), 8 << 20, |_| {});
+    let m = Arc::new(RemoteMetrics::default());
+    let s = open(d.path(), &vurl, "c", &m);
+    indexes_known(&s);
+    let before = m.snapshot();
+    let at = 3 * CHUNK + 70_000;
+    assert_eq!(read(&*s, at, 4096).unwrap(), data[at as usize..at as usize + 4096]);
+    let after = m.snapshot();
+    let got = after.bytes_read - before.bytes_read;
+    assert_eq!(after.gets - before.gets, 1, "one ranged read");
+    assert!((4 * SUB..4 * SUB + 4096).contains(&got), "a 4 KiB miss fetched {got} bytes, not sub-frames 1-4");
+    assert_eq!(s.stats().part_fetches, 1);
+    for at in [3 * CHUNK + SUB, 3 * CHUNK + 2 * SUB + 10_000, 3 * CHUNK + 5 * SUB - 4096] {
+        assert_eq!(read(&*s, at, 4096).unwrap(), data[at as usize..at as usize + 4096]);
+    }
+    assert_eq!(m.snapshot().gets - after.gets, 0, "reads inside the run are local");
+    assert_eq!(s.stats().chunks_partial, 1);
+    // Reading the whole image completes chunk 3 from the sub-frames it
+    // lacks (runs 0 and 5-15), not the whole chunk again.
+    assert_eq!(read_all(&*s).unwrap(), data);
+    let st = s.stats();
+    assert_eq!(st.chunks_partial, 0);
+    assert!(st.remote_bytes - st.bytes_index < 8 * CHUNK + 8 * 16 * 64, "{st:?}");
+    assert_eq!(
+        st.bytes_miss + st.bytes_readahead + st.bytes_index + st.bytes_profile + st.bytes_hydrate + st.bytes_stream,
+        st.remote_bytes,
+        "{st:?}"
+    );
+    s.close(Duration::from_secs(10));
+}
+
+/// A second miss elsewhere in a chunk fetches the rest of it (its missing
+/// runs, one request each) as one flight: misses arriving together in the
+/// chunk, over a slow remote, join it instead of each sending for its own
+/// sub-frames, and the chunk costs its size once.
+#[test]
+fn a_second_miss_fetches_the_rest_as_one_flight() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = volume(d.path(), 4 << 20, |_| {});
+    let data = Arc::new(data);
+    let m = Arc::new(RemoteMetrics::default());
+    let slow = Shaping { latency: Duration::from_millis(150), ..Shaping::default() };
+    let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, slow));
+    o.readahead_chunks = 0;
+    o.read_only = true;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    indexes_known(&s);
+    let at = 2 * CHUNK + 2 * SUB + 100;
+    assert_eq!(read(&*s, at, 4096).unwrap(), data[at as usize..at as usize + 4096]);
+    let before = m.snapshot();
+    // Five misses outside the run (sub-frames 2-5) at once.
+    let readers: Vec<_> = [8u64, 10, 12, 14, 0]
+        .into_iter()
+        .map(|sf| {
+            let (s, data) = (s.clone(), data.clone());
+            std::thread::spawn(move || {
+                let at = 2 * CHUNK + sf * SUB + 4096;
+                assert_eq!(read(&*s, at, 4096).unwrap(), data[at as usize..at as usize + 4096]);
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    let after = m.snapshot();
+    assert_eq!(after.gets - before.gets, 2, "the rest of the chunk: runs 0-1 and 6-15, once");
+    let got = after.bytes_read - before.bytes_read;
+    assert!((CHUNK - 4 * SUB..CHUNK - 4 * SUB + 4096).contains(&got), "the rest fetched {got} bytes");
+    let st = s.stats();
+    assert_eq!(st.chunks_partial, 0, "{st:?}");
+    assert_eq!(read_all(&*s).unwrap(), *data);
+    s.close(Duration::from_secs(10));
+}
+
+/// A sub-frame whose bytes were damaged in the pack is refused (the read
+/// fails, InvalidData, and nothing of it is cached), while the other
+/// sub-frames of the same chunk still read; `verify --full` names the
+/// pack.
+#[test]
+fn a_corrupt_subframe_is_refused_and_never_cached() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = volume(d.path(), 4 << 20, |_| {});
+    let m = Arc::new(RemoteMetrics::default());
+    let s = open(d.path(), &vurl, "c", &m);
+    indexes_known(&s);
+    let ChunkRef::Packed { pack, offset, .. } = s.volume().chunk_ref(2) else { panic!("chunk 2 is packed") };
+    let key = s.volume().manifest().packs[pack as usize].clone();
+    let ix = s.volume().cached_index(&key).unwrap();
+    let e = &ix.entries[&offset];
+    // The middle of sub-frame 1.
+    let bad_at = offset + u64::from(e.subs[0].0) + u64::from(e.subs[1].0) / 2;
+    let path = d.path().join("remote/vol").join(&key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[bad_at as usize] ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+    for _ in 0..2 {
+        let err = read(&*s, 2 * CHUNK + SUB + 100, 4096).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    }
+    assert!(!s.volume().manifest().chunks.is_empty());
+    assert_eq!(read(&*s, 2 * CHUNK + 100, 4096).unwrap(), data[2 * CHUNK as usize + 100..][..4096]);
+    assert_eq!(read(&*s, 2 * CHUNK + 2 * SUB, 4096).unwrap(), data[(2 * CHUNK + 2 * SUB) as usize..][..4096]);
+    assert!(s.stats().fetch_errors > 0);
+    s.close(Duration::from_secs(10));
+    drop(s);
+    let r = driveblk::volume::verify::verify(
+        &vurl,
+        &driveblk::volume::verify::VerifyOptions { full: true, ..Default::default() },
+    )
+    .unwrap();
+    assert!(r.problems.iter().any(|p| p.key == key), "{:?}", r.problems);
+}
+
+/// Volumes written before sub-frames (one frame per chunk, no indexes)
+/// read exactly as before: misses fetch whole chunks.
+#[test]
+fn single_frame_volumes_still_read() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = volume(d.path(), 4 << 20, |io| io.subframes = false);
+    let m = Arc::new(RemoteMetrics::default());
+    let s = open(d.path(), &vurl, "c", &m);
+    assert!(s.volume().manifest().indexes.is_empty());
+    let before = m.snapshot();
+    assert_eq!(read(&*s, CHUNK + 8192, 4096).unwrap(), data[CHUNK as usize + 8192..][..4096]);
+    assert!(m.snapshot().bytes_read - before.bytes_read >= CHUNK, "a whole chunk");
+    assert_eq!(read_all(&*s).unwrap(), data);
+    let st = s.stats();
+    assert_eq!(st.part_fetches, 0);
+    assert_eq!(st.bytes_index, 0);
+    s.close(Duration::from_secs(10));
+}
+
+/// An encrypted volume (sealed 16 KiB blocks) fetches parts too, and they
+/// read right.
+#[test]
+fn encrypted_volumes_fetch_parts() {
+    let d = tempfile::tempdir().unwrap();
+    let key = Arc::new(driveblk::volume::crypto::UserKey::new(b"sub-frame test key".to_vec(), "test".into()).unwrap());
+    let k2 = key.clone();
+    let (vurl, data) = volume(d.path(), 3 << 20, move |io| {
+        io.encrypt = true;
+        io.remote.key = Some(k2);
+    });
+    let m = Arc::new(RemoteMetrics::default());
+    let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, Shaping::default()));
+    o.readahead_chunks = 0;
+    o.read_only = true;
+    o.remote.key = Some(key);
+    let s = driveblk::tier::open_volume(&vurl, o.clone()).unwrap();
+    indexes_known(&s);
+    let at = CHUNK + 300_000;
+    assert_eq!(read(&*s, at, 8192).unwrap(), data[at as usize..][..8192]);
+    let got = s.stats().bytes_miss;
+    assert!(got < 5 * SUB, "the miss waited for {got} bytes (its run: sub-frames 4-7)");
+    assert_eq!(s.stats().part_fetches, 1);
+    s.close(Duration::from_secs(10));
+    drop(s);
+    // The indexes kept in the cache directory are sealed (they hold hashes
+    // of the plaintext), and a restart opens them instead of fetching.
+    let saved: Vec<_> = std::fs::read_dir(d.path().join("c/indexes")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(!saved.is_empty());
+    for p in &saved {
+        let b = std::fs::read(p).unwrap();
+        assert!(!b.windows(4).any(|w| w == b"DBSX"), "{} holds a plaintext index", p.display());
+    }
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    indexes_known(&s);
+    assert_eq!(s.stats().bytes_index, 0, "{:?}", s.stats());
+    assert_eq!(read_all(&*s).unwrap(), data);
+    s.close(Duration::from_secs(10));
+}
+
+/// The packs' sub-frame indexes stay in the cache directory: a restart
+/// over a warm cache takes them from there (a read of cached data makes no
+/// remote request, nor do the indexes, and a miss still fetches only its
+/// sub-frames), and one deleted or damaged there is fetched again, once.
+#[test]
+fn indexes_are_kept_in_the_cache_directory() {
+    let d = tempfile::tempdir().unwrap();
+    // 8 chunks in two packs; chunks 0 and 4 (one in each) made local.
+    let (vurl, data) = volume(d.path(), 8 << 20, |_| {});
+    let m = Arc::new(RemoteMetrics::default());
+    let s = open(d.path(), &vurl, "c", &m);
+    indexes_known(&s);
+    for c in [0, 4] {
+        assert_eq!(read(&*s, c * CHUNK, CHUNK as usize).unwrap(), data[(c * CHUNK) as usize..][..CHUNK as usize]);
+    }
+    let indexes = s.volume().manifest().indexes.clone();
+    assert_eq!(indexes.len(), 2);
+    s.close(Duration::from_secs(10));
+    drop(s);
+    let dir = d.path().join("c/indexes");
+    for k in indexes.keys() {
+        assert!(dir.join(k).is_file(), "index of {k} not kept");
+    }
+
+    // Restart: the indexes come from the cache directory.
+    let s = open(d.path(), &vurl, "c", &m);
+    let before = m.snapshot();
+    indexes_known(&s);
+    for c in [0, 4] {
+        assert_eq!(read(&*s, c * CHUNK, CHUNK as usize).unwrap(), data[(c * CHUNK) as usize..][..CHUNK as usize]);
+    }
+    assert_eq!(m.snapshot().gets - before.gets, 0, "a warm restart went remote");
+    assert_eq!(s.stats().bytes_index, 0);
+    let at = 2 * CHUNK + 100;
+    assert_eq!(read(&*s, at, 4096).unwrap(), data[at as usize..][..4096]);
+    assert_eq!(s.stats().part_fetches, 1, "the saved index serves parts");
+    s.close(Duration::from_secs(10));
+    drop(s);
+
+    // One deleted, one damaged: both fetched again (and kept again).
+    let keys: Vec<&String> = indexes.keys().collect();
+    std::fs::remove_file(dir.join(keys[0])).unwrap();
+    let mut b = std::fs::read(dir.join(keys[1])).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 1;
+    std::fs::write(dir.join(keys[1]), &b).unwrap();
+    let s = open(d.path(), &vurl, "c", &m);
+    indexes_known(&s);
+    let want: u64 = indexes.values().map(|r| r.len).sum();
+    assert_eq!(s.stats().bytes_index, want, "{:?}", s.stats());
+    assert_eq!(read_all(&*s).unwrap(), data);
+    s.close(Duration::from_secs(10));
+    drop(s);
+    for (k, r) in &indexes {
+        let pack = std::fs::read(d.path().join("remote/vol").join(k)).unwrap();
+        assert!(std::fs::read(dir.join(k)).unwrap() == pack[r.offset as usize..(r.offset + r.len) as usize]);
+    }
+}
+
+/// A qcow2 image read in scattered parts (the cache then holds partial
+/// chunks), exported: qemu-img says it equals the source.
+#[test]
+fn an_export_after_partial_reads_equals_the_source() {
+    let d = tempfile::tempdir().unwrap();
+    let (q, bytes) = qcow2_image(d.path(), 6 << 20, 4);
+    let vurl = url(&d.path().join("remote/q"));
+    let io = ImportOptions { chunk_size: CHUNK, pack_size: 2 << 20, ..Default::default() };
+    driveblk::volume::import(&q, &vurl, &io).unwrap();
+    let m = Arc::new(RemoteMetrics::default());
+    let s = open(d.path(), &vurl, "c", &m);
+    indexes_known(&s);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for _ in 0..40 {
+        let at = rng.random_range(0..bytes.len() as u64 / 4096 - 1) * 4096;
+        assert_eq!(read(&*s, at, 4096).unwrap(), bytes[at as usize..][..4096]);
+    }
+    assert!(s.stats().part_fetches > 0);
+    s.close(Duration::from_secs(10));
+    drop(s);
+    let out = d.path().join("out.qcow2");
+    let eo = driveblk::tier::export::ExportOptions {
+        cache_dir: Some(d.path().join("c")),
+        parallel: 4,
+        ..Default::default()
+    };
+    driveblk::tier::export::export(&vurl, &out, &eo).unwrap();
+    assert!(qemu_compare("qcow2", &q, &out));
+}
