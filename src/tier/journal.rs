@@ -326,6 +326,33 @@ mod tests {
         assert_eq!(Journal::replay(d.path(), 9, 2), vec![c]);
     }
 
+    /// Appends after a checkpoint change no file size (their fdatasync is a
+    /// data write, not a filesystem metadata commit), and a checkpoint
+    /// overwrites the old records in place rather than truncating.
+    #[test]
+    fn appends_overwrite_preallocated_zeroes() {
+        let d = tempfile::tempdir().unwrap();
+        let size = || std::fs::metadata(d.path().join("journal")).unwrap().len();
+        let mut j = Journal::open(d.path(), 0, 2).unwrap();
+        j.reset(5).unwrap();
+        assert_eq!(size(), PREALLOC);
+        let recs: Vec<Record> = (0..50).map(|i| rec(1, i, 2, None)).collect();
+        for r in &recs {
+            j.append(r).unwrap();
+        }
+        assert_eq!(size(), PREALLOC, "an append grew the file");
+        assert_eq!(Journal::replay(d.path(), 5, 2), recs);
+        j.reset(6).unwrap();
+        j.append(&recs[0]).unwrap();
+        assert_eq!(size(), PREALLOC);
+        assert_eq!(
+            Journal::replay(d.path(), 6, 2),
+            vec![recs[0].clone()],
+            "older records after the new ones were replayed"
+        );
+        assert!(Journal::replay(d.path(), 5, 2).is_empty());
+    }
+
     #[test]
     fn volatile_records_replay_on_the_same_boot_only() {
         let d = tempfile::tempdir().unwrap();
