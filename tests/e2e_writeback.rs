@@ -354,3 +354,84 @@ fn a_write_completed_before_a_kill_9_is_covered_by_the_next_daemons_flush() {
     let mut c = Client::connect(&sock, 1);
     assert!(read_all(&mut c) == want, "the disk differs from every acknowledged write after two kill -9");
 }
+
+/// FLUSHes that follow first writes into chunks a hydrated cache holds
+/// clean (each such write first makes "dirty" durable in the cache's
+/// journal, with no sync of the data file, and the qcow2 FLUSH with no
+/// metadata to write syncs once), then kill -9 right after an
+/// acknowledged FLUSH, and again with writes not yet flushed: the next
+/// daemon on the same cache serves every acknowledged write, and its
+/// clean stop uploads them all (a chunk whose dirty record were lost
+/// would read back from the cache but never reach the remote).
+#[test]
+fn flushes_after_first_writes_into_clean_chunks_survive_kill_9() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("disk.raw");
+    let img = d.path().join("disk.qcow2");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xF1);
+    let orig: Vec<u8> = (0..8 << 20).map(|_| rng.random()).collect();
+    std::fs::write(&raw, &orig).unwrap();
+    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    let url = format!("dir:{}", d.path().join("remote/vol").display());
+    run_ok(bin(), &["import", img.to_str().unwrap(), &url, "--chunk-size", "64K", "--quiet"]);
+    let cache = d.path().join("cache");
+    run_ok(bin(), &["hydrate", &url, "--cache-dir", cache.to_str().unwrap(), "--quiet"]);
+    let sock = d.path().join("sock");
+    let args = [
+        "--volume",
+        &url,
+        "--format",
+        "qcow2",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--sync-interval",
+        "3600",
+        "--boot-profile",
+        "off",
+    ];
+    let mut want = orig.clone();
+    let mut daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    let mut k = 0u64;
+    let mut write_some = |c: &mut Client, want: &mut Vec<u8>, n: usize| {
+        for _ in 0..n {
+            let off = rng.random_range(0..(8 << 20) / 4096) * 4096;
+            let data = common::pattern(900 + k, 4096);
+            k += 1;
+            c.write(off, &data).unwrap();
+            want[off as usize..off as usize + 4096].copy_from_slice(&data);
+        }
+    };
+    // 8 MiB of 64 KiB chunks: most of these writes are a chunk's first.
+    for _ in 0..40 {
+        write_some(&mut c, &mut want, 8);
+        c.flush().unwrap();
+    }
+    let mut child = daemon.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(c);
+    drop(daemon);
+    let mut daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want, "an acknowledged FLUSH lost writes to kill -9");
+    // More first writes, flushed, then some not flushed, then kill -9.
+    for _ in 0..10 {
+        write_some(&mut c, &mut want, 8);
+        c.flush().unwrap();
+    }
+    write_some(&mut c, &mut want, 8);
+    let mut child = daemon.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(c);
+    drop(daemon);
+    let daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    c.flush().unwrap();
+    assert!(read_all(&mut c) == want, "writes completed before kill -9 are not all there after restart");
+    drop(c);
+    assert!(daemon.stop().success());
+    let _ = std::fs::remove_dir_all(&cache);
+    assert!(remote_view(d.path(), &url) == want, "the clean stop did not upload every write");
+}

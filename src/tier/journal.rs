@@ -14,6 +14,13 @@
 //! as the host runs, so it is replayed only on the same boot (a host crash
 //! may have kept the record but not the data; the guest's unflushed writes
 //! may be lost then, as on any disk with a write cache).
+//!
+//! The file is written with zeroes ahead of the records (preallocated,
+//! overwritten in place): an fdatasync of a record then changes no file
+//! size or extent, so it costs a data write, not a filesystem journal
+//! commit. A checkpoint starts the records over at offset 0 without
+//! truncating; what follows the last record (zeroes, records naming an
+//! older checkpoint) stops the replay.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -32,6 +39,8 @@ const SUM: usize = 32;
 /// Largest payload accepted on replay (a record for every chunk of a huge
 /// image with bitmaps stays far below this).
 const MAX_PAYLOAD: usize = 256 << 20;
+/// The file is extended with zeroes in steps of this many bytes.
+const PREALLOC: u64 = 1 << 20;
 
 /// One chunk's new entry in the map.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +117,9 @@ pub struct Journal {
     path: PathBuf,
     checkpoint: u64,
     len: u64,
+    /// Bytes of the file written (records or zeroes): appends below this
+    /// allocate nothing.
+    alloc: u64,
     words: usize,
     boot: Option<[u8; BOOT]>,
 }
@@ -131,10 +143,10 @@ impl Journal {
             File::open(dir)?.sync_all()?;
         }
         let len = file.metadata()?.len();
-        Ok(Self { file, path, checkpoint, len, words, boot: boot_id() })
+        Ok(Self { file, path, checkpoint, len, alloc: len, words, boot: boot_id() })
     }
 
-    /// Bytes in the journal.
+    /// Bytes of records in the journal (the file may be longer).
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -148,6 +160,7 @@ impl Journal {
     /// as a failed fsync (the record may or may not be there).
     pub fn append(&mut self, rec: &Record) -> io::Result<()> {
         let buf = self.frame(MAGIC, &[], rec);
+        self.extend(self.len + buf.len() as u64)?;
         self.file.write_all_at(&buf, self.len)?;
         self.file.sync_data()?;
         self.len += buf.len() as u64;
@@ -160,8 +173,21 @@ impl Journal {
     pub fn append_volatile(&mut self, rec: &Record) -> io::Result<()> {
         let Some(boot) = self.boot else { return Ok(()) };
         let buf = self.frame(MAGIC_VOLATILE, &boot, rec);
+        self.extend(self.len + buf.len() as u64)?;
         self.file.write_all_at(&buf, self.len)?;
         self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Writes zeroes up to at least `need` bytes (the next fdatasync makes
+    /// them durable with the size).
+    fn extend(&mut self, need: u64) -> io::Result<()> {
+        if need <= self.alloc {
+            return Ok(());
+        }
+        let end = need.next_multiple_of(PREALLOC);
+        self.file.write_all_at(&vec![0u8; (end - self.alloc) as usize], self.alloc)?;
+        self.alloc = end;
         Ok(())
     }
 
@@ -178,12 +204,17 @@ impl Journal {
         buf
     }
 
-    /// Starts over after checkpoint `checkpoint` was written (its records
-    /// would be ignored anyway: they name the old checkpoint).
+    /// Starts over after checkpoint `checkpoint` was written: records are
+    /// overwritten from offset 0 (the old ones name the old checkpoint, so
+    /// they are ignored). The first step of zeroes is made durable now, so
+    /// the appends that follow change no file size.
     pub fn reset(&mut self, checkpoint: u64) -> io::Result<()> {
-        self.file.set_len(0)?;
         self.len = 0;
         self.checkpoint = checkpoint;
+        if self.alloc < PREALLOC {
+            self.extend(PREALLOC)?;
+            self.file.sync_data()?;
+        }
         Ok(())
     }
 
@@ -280,9 +311,8 @@ mod tests {
         // Another checkpoint's journal is not this one's.
         assert!(Journal::replay(d.path(), 8, 2).is_empty());
         // A torn last record (a crash mid-append) is dropped, the rest kept.
-        let len = std::fs::metadata(d.path().join("journal")).unwrap().len();
         let f = OpenOptions::new().write(true).open(d.path().join("journal")).unwrap();
-        f.set_len(len - 5).unwrap();
+        f.write_all_at(&[0u8; 5], j.len() - 5).unwrap();
         assert_eq!(Journal::replay(d.path(), 7, 2), vec![a.clone(), b.clone()]);
         // A flipped bit stops the replay there.
         let mut bytes = std::fs::read(d.path().join("journal")).unwrap();
@@ -294,6 +324,33 @@ mod tests {
         j.reset(9).unwrap();
         j.append(&c).unwrap();
         assert_eq!(Journal::replay(d.path(), 9, 2), vec![c]);
+    }
+
+    /// Appends after a checkpoint change no file size (their fdatasync is a
+    /// data write, not a filesystem metadata commit), and a checkpoint
+    /// overwrites the old records in place rather than truncating.
+    #[test]
+    fn appends_overwrite_preallocated_zeroes() {
+        let d = tempfile::tempdir().unwrap();
+        let size = || std::fs::metadata(d.path().join("journal")).unwrap().len();
+        let mut j = Journal::open(d.path(), 0, 2).unwrap();
+        j.reset(5).unwrap();
+        assert_eq!(size(), PREALLOC);
+        let recs: Vec<Record> = (0..50).map(|i| rec(1, i, 2, None)).collect();
+        for r in &recs {
+            j.append(r).unwrap();
+        }
+        assert_eq!(size(), PREALLOC, "an append grew the file");
+        assert_eq!(Journal::replay(d.path(), 5, 2), recs);
+        j.reset(6).unwrap();
+        j.append(&recs[0]).unwrap();
+        assert_eq!(size(), PREALLOC);
+        assert_eq!(
+            Journal::replay(d.path(), 6, 2),
+            vec![recs[0].clone()],
+            "older records after the new ones were replayed"
+        );
+        assert!(Journal::replay(d.path(), 5, 2).is_empty());
     }
 
     #[test]

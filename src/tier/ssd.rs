@@ -14,11 +14,15 @@
 //! - eviction (clean or partial): mark absent and drop the bitmap, persist
 //!   the map, and only then punch the hole;
 //! - first write to a chunk the persisted map calls clean: mark dirty and
-//!   persist (data still the clean bytes, fsynced) before writing into it,
-//!   so the map never calls modified bytes "clean";
-//! - first write to (or zeroing of) a chunk the persisted map calls partial:
-//!   mark absent, drop the bitmap and persist before any byte of it changes,
-//!   then go on as for an absent chunk.
+//!   make that one change durable (a journal record and its fdatasync; the
+//!   data file needs no fsync, it still holds the clean bytes synced before
+//!   the map claimed them) before writing into it, so the map never calls
+//!   modified bytes "clean"; concurrent first writes share one record;
+//! - first write to a chunk the persisted map calls partial: the same, the
+//!   record saying dirty-partial with the persisted page bitmap (or absent,
+//!   when the write does not go by pages), then go on as for an absent
+//!   chunk; zeroing such a chunk (or a clean one) persists before the hole
+//!   punch.
 //!
 //! Every move into or out of partial happens under the bitmap mutex, so a
 //! persist snapshots state bytes and bitmaps that agree. Bitmaps exist only
@@ -264,6 +268,16 @@ struct Persisted {
     written: bool,
     /// `Pages::gen` at the time of that snapshot.
     gen: u64,
+    /// Batches of [`Marks`] made durable (batch `b` is when `marked > b`).
+    marked: u64,
+}
+
+/// Chunks queued for one journal record by [`SsdCache::mark_unclean`]
+/// (group commit), and the number of the batch they will go in.
+#[derive(Default)]
+struct Marks {
+    queue: Vec<u64>,
+    batch: u64,
 }
 
 /// The SSD tier of one volume.
@@ -292,6 +306,9 @@ pub struct SsdCache {
     pages_held: AtomicU64,
     /// The map as last persisted; the mutex serialises persists.
     persisted: Mutex<Persisted>,
+    /// Chunks waiting for [`mark_unclean`](Self::mark_unclean) to make
+    /// their map entry stop claiming clean bytes.
+    marks: Mutex<Marks>,
     /// Where the CLOCK sweep of eviction resumes (the lock serialises
     /// choosing victims).
     hand: Mutex<usize>,
@@ -601,7 +618,9 @@ impl SsdCache {
                 data_epoch: 0,
                 written: false,
                 gen: 0,
+                marked: 0,
             }),
+            marks: Mutex::new(Marks::default()),
             hand: Mutex::new(0),
             evictions: AtomicU64::new(0),
             generation: AtomicU64::new(generation),
@@ -1005,7 +1024,7 @@ impl SsdCache {
             // See the module doc: the map must stop claiming this chunk's
             // pages before any of its bytes change.
             if self.drop_partial(idx) {
-                self.persist()?;
+                self.mark_unclean(idx)?;
             }
             state = ABSENT;
         }
@@ -1026,7 +1045,7 @@ impl SsdCache {
                 if persisted_clean {
                     // See the module doc: the map must stop calling this
                     // chunk clean before its bytes change.
-                    self.persist()?;
+                    self.mark_unclean(idx)?;
                 }
                 self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
             }
@@ -1098,7 +1117,7 @@ impl SsdCache {
             }
             self.dirty.fetch_add(1, Ordering::Relaxed);
             if self.persisted.lock().states.get(idx as usize) == Some(&PARTIAL) {
-                self.persist()?;
+                self.mark_unclean(idx)?;
             }
         }
         self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
@@ -1450,6 +1469,76 @@ impl SsdCache {
         Ok(n)
     }
 
+    /// Makes the map on disk stop claiming the clean bytes of chunk `idx`
+    /// (clean, or the present pages of a partial chunk) before a write
+    /// changes them (module doc): one durable journal record, no fsync of
+    /// the data file (the bytes the map claimed were synced before it
+    /// claimed them and have not changed). The record says what the chunk
+    /// is in memory now: dirty, dirty-partial with the persisted bitmap (the
+    /// pages installed since may not be synced), or absent. Concurrent
+    /// callers share one record and one fdatasync (group commit). Caller
+    /// holds the chunk's stripe write lock and has set its new state.
+    fn mark_unclean(&self, idx: u64) -> io::Result<()> {
+        let batch = {
+            let mut m = self.marks.lock();
+            m.queue.push(idx);
+            m.batch
+        };
+        let mut persisted = self.persisted.lock();
+        if self.failed.load(Ordering::SeqCst) {
+            drop(persisted);
+            return self.persist();
+        }
+        if persisted.marked > batch {
+            // A batch that held this chunk was made durable meanwhile.
+            return Ok(());
+        }
+        let mut journal = self.journal.lock();
+        let Some(j) = journal.as_mut().filter(|_| persisted.written) else {
+            // No journal to append to: a whole persist records it.
+            drop((journal, persisted));
+            return self.persist();
+        };
+        let (queue, taken) = {
+            let mut m = self.marks.lock();
+            m.batch += 1;
+            (std::mem::take(&mut m.queue), m.batch - 1)
+        };
+        let mut changes: Vec<Change> = Vec::new();
+        for i in queue {
+            let change = match persisted.states.get(i as usize) {
+                Some(&CLEAN) => Change { idx: i, state: DIRTY, bitmap: None },
+                Some(&PARTIAL) if self.state(i) == DIRTY_PARTIAL => {
+                    Change { idx: i, state: DIRTY_PARTIAL, bitmap: persisted.maps.get(&i).cloned() }
+                }
+                Some(&PARTIAL) => Change { idx: i, state: ABSENT, bitmap: None },
+                _ => continue,
+            };
+            if has_bitmap(change.state) != change.bitmap.is_some() || changes.iter().any(|c| c.idx == i) {
+                continue;
+            }
+            changes.push(change);
+        }
+        if !changes.is_empty() {
+            let rec = Record { generation: persisted.generation, image_len: persisted.image_len, changes };
+            if let Err(e) = j.append(&rec) {
+                // As a failed fsync: the record may or may not be there.
+                if !self.failed.swap(true, Ordering::SeqCst) {
+                    tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make its map durable; every later flush fails until driveblk is restarted");
+                }
+                return Err(e);
+            }
+            for c in rec.changes {
+                persisted.states[c.idx as usize] = c.state;
+                if c.bitmap.is_none() {
+                    persisted.maps.remove(&c.idx);
+                }
+            }
+        }
+        persisted.marked = taken + 1;
+        Ok(())
+    }
+
     /// Makes the data file and the chunk map durable: fsync data, then
     /// atomically replace the map.
     ///
@@ -1558,6 +1647,7 @@ impl SsdCache {
                 data_epoch: epoch,
                 written: true,
                 gen,
+                marked: persisted.marked,
             };
             return Ok(());
         }
@@ -1605,6 +1695,7 @@ impl SsdCache {
             data_epoch: epoch,
             written: true,
             gen,
+            marked: persisted.marked,
         };
         Ok(())
     }
@@ -1753,7 +1844,7 @@ mod tests {
             let _g = c.lock_write(1);
             c.write(1, 0, &IoVec::from_slice(&mut w), Some(&[0u8; 4096])).unwrap();
         }
-        let journal = || std::fs::metadata(d.path().join("journal")).unwrap().len();
+        let journal = || c.journal.lock().as_ref().unwrap().len();
         let j0 = journal();
         c.persist().unwrap();
         assert_eq!(ino(), first, "a chunk became dirty: a journal record, not a new map");
@@ -1791,6 +1882,7 @@ mod tests {
         }
         c.set_generation(7);
         c.persist().unwrap();
+        let used = c.journal.lock().as_ref().unwrap().len();
         // A crash: no close, no checkpoint. The reopened cache has it all.
         std::mem::forget(c);
         let d2 = d.path().to_path_buf();
@@ -1801,9 +1893,9 @@ mod tests {
         assert!((0..40).all(|i| l.states[i] == DIRTY), "{:?}", &l.states[..40]);
         assert!(l.states[50] == CLEAN || (l.states[50] == PARTIAL && l.maps.contains_key(&50)));
         // A torn last record loses only that persist.
+        use std::os::unix::fs::FileExt;
         let j = d2.join("journal");
-        let len = std::fs::metadata(&j).unwrap().len();
-        std::fs::OpenOptions::new().write(true).open(&j).unwrap().set_len(len - 3).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&j).unwrap().write_all_at(&[0u8; 3], used - 3).unwrap();
         let l = read_state(&d2.join("state")).unwrap().unwrap();
         assert_eq!(l.header.generation, 1, "the last record (generation 7) was torn");
         assert!((0..40).all(|i| l.states[i] == DIRTY));
@@ -1972,6 +2064,52 @@ mod tests {
         want2[P..2 * P].fill(4);
         assert_eq!(c.read_chunk(2).unwrap(), want2);
         assert_eq!(c.read_chunk(3).unwrap(), vec![0u8; CS as usize]);
+    }
+
+    /// The first write into a chunk the map on disk calls clean (or
+    /// partial) makes "not clean" durable before its bytes change, as
+    /// after a host crash (durable journal records only) the map would
+    /// otherwise call modified bytes the remote's; and it costs no fsync of
+    /// the data file (a later flush still has the write to sync).
+    #[test]
+    fn ssd_first_write_to_a_clean_chunk_is_recorded_durably_without_a_data_sync() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        {
+            let _g = c.lock_write(0);
+            assert!(c.install_clean(0, &remote(0)).unwrap());
+        }
+        {
+            let _g = c.lock_write(1);
+            assert!(c.install_pages(1, 0, &remote(1)[..2 * P]).unwrap());
+        }
+        c.persist().unwrap();
+        let synced = c.persisted.lock().data_epoch;
+        let mut w = vec![7u8; P];
+        {
+            let _g = c.lock_write(0);
+            c.write(0, 2 * PAGE, &IoVec::from_slice(&mut w), None).unwrap();
+        }
+        {
+            let _g = c.lock_write(1);
+            c.write(1, PAGE, &IoVec::from_slice(&mut w), None).unwrap();
+        }
+        let after_reboot = read_state_with(&d.path().join("state"), Journal::replay_durable).unwrap().unwrap();
+        assert_eq!(after_reboot.states[0], DIRTY, "the clean chunk's change was not durable before its write");
+        assert_eq!(
+            after_reboot.states[1], DIRTY_PARTIAL,
+            "the partial chunk's change was not durable before its write"
+        );
+        // Only the pages synced before: the map claims no unsynced byte.
+        assert_eq!(after_reboot.maps[&1][0], 0b11);
+        assert_eq!(c.persisted.lock().data_epoch, synced, "the data file was synced for a map change");
+        assert!(c.needs_persist() || c.data_epoch.load(Ordering::SeqCst) > synced);
+        c.persist().unwrap();
+        drop(c);
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        assert_eq!(read_at(&c, 0, 2 * PAGE, P), w);
+        assert_eq!(read_at(&c, 1, PAGE, P), w);
+        assert_eq!(read_at(&c, 1, 0, P), remote(1)[..P].to_vec());
     }
 
     #[test]

@@ -5,8 +5,14 @@ use super::*;
 
 impl Qcow2Disk {
     /// Writes back metadata in dependency order. Holds the allocation mutex.
-    pub(super) fn flush_locked(&self, st: &mut AllocState) -> DiskResult<()> {
+    /// `synced_after`: the caller makes storage durable right after (a
+    /// guest FLUSH's flush point), so with no metadata to write this costs
+    /// no sync of its own (it would be a second fsync per FLUSH).
+    pub(super) fn flush_locked(&self, st: &mut AllocState, synced_after: bool) -> DiskResult<()> {
         let cs = self.lay.cluster_size();
+        if synced_after && st.pending_free.is_empty() && !self.meta_dirty() {
+            return Ok(());
+        }
         // 1. Refcount blocks. The sync after them also makes guest data
         //    written to new clusters durable before any L2 entry points at it.
         let blocks: Vec<(usize, u64, Vec<u8>)> = {
@@ -109,5 +115,15 @@ impl Qcow2Disk {
             }
         }
         Ok(())
+    }
+
+    /// True when some metadata in memory is newer than on storage.
+    fn meta_dirty(&self) -> bool {
+        let m = self.meta.read();
+        m.l1_dirty
+            || m.l2.values().any(|t| t.dirty)
+            || m.refs
+                .as_ref()
+                .is_some_and(|r| r.table_dirty || r.header_dirty || r.blocks.iter().flatten().any(|b| b.dirty))
     }
 }

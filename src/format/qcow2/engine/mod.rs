@@ -240,7 +240,7 @@ impl Drop for Qcow2Disk {
     fn drop(&mut self) {
         if !self.read_only && !self.closed.load(Ordering::Acquire) {
             let mut st = self.alloc.lock();
-            if let Err(e) = self.flush_locked(&mut st).and_then(|_| self.flush_locked(&mut st)) {
+            if let Err(e) = self.flush_locked(&mut st, false).and_then(|_| self.flush_locked(&mut st, false)) {
                 tracing::warn!("qcow2: flush on drop failed: {e}");
             }
         }
@@ -347,7 +347,7 @@ impl Disk for Qcow2Disk {
             return Ok(());
         }
         let mut st = self.alloc.lock();
-        self.flush_locked(&mut st)?;
+        self.flush_locked(&mut st, true)?;
         // The image is consistent here (metadata written in order, no
         // allocation can interleave under the lock): the store may cut a
         // generation. Waiting for a remote commit happens outside the lock.
@@ -363,8 +363,8 @@ impl Disk for Qcow2Disk {
         let mut st = self.alloc.lock();
         // The first pass frees clusters in memory; the second writes those
         // refcounts, so a clean close leaves no leaks.
-        self.flush_locked(&mut st)?;
-        self.flush_locked(&mut st)?;
+        self.flush_locked(&mut st, false)?;
+        self.flush_locked(&mut st, false)?;
         self.closed.store(true, Ordering::Release);
         Ok(())
     }
