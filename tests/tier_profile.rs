@@ -69,7 +69,10 @@ fn profiles(d: &Path) -> Vec<String> {
     v
 }
 
+/// Waits until the profile streamed and the packs' sub-frame indexes are
+/// known (their background fetch would count as a remote get).
 fn wait_streamed(s: &TieredStore) {
+    indexes_known(s);
     let t0 = Instant::now();
     loop {
         let st = s.stats();
