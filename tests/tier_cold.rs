@@ -120,6 +120,9 @@ fn boot(s: &TieredStore, reads: &[(u64, usize)], data: &[u8]) {
 }
 
 fn streamed(s: &TieredStore) {
+    // The packs' sub-frame indexes come in the background too: a test that
+    // counts remote gets after this must not count theirs.
+    indexes_known(s);
     wait_for("the profile stream", || {
         let st = s.stats();
         st.profile_segments > 0 && st.profile_segments_done == st.profile_segments
