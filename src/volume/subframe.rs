@@ -204,6 +204,10 @@ impl PackIndex {
         if v[0] != VERSION || v[1] as usize != HASH_LEN {
             return Err(format!("unsupported index version {} (hash length {})", v[0], v[1]));
         }
+        // Reserved: zero (one encoding per index; a later version says otherwise).
+        if v[2..] != [0, 0] {
+            return Err(format!("reserved index bytes are {:?}, not zero", &v[2..]));
+        }
         let sub_size = r.u32()?;
         if !(4096..=MAX_RAW).contains(&sub_size) || !sub_size.is_power_of_two() {
             return Err(format!("implausible sub-frame size {sub_size}"));
@@ -321,5 +325,9 @@ mod tests {
         let mut bad = enc.clone();
         bad[8] = b'X';
         assert!(PackIndex::parse(&bad, 1 << 30).is_err());
+        // Found by the fuzz target: reserved bytes set parsed, and re-encoded as zero.
+        let mut bad = enc.clone();
+        bad[14] = 1;
+        assert!(PackIndex::parse(&bad, 1 << 30).unwrap_err().contains("reserved"));
     }
 }
