@@ -691,8 +691,9 @@ cold_url() { # chunk size -> the cold volume's URL
     if [[ $COLD_REMOTE == gdrive ]]; then echo "gdrive:/bench/cold-$1"; else echo "dir:$WORK/remote/cold-$1"; fi
 }
 # Whether volume URL $1 has a boot profile on its remote.
-has_profile() {
-    "$DRIVEBLK" info --json "$1" 2>/dev/null | jq -e '.boot_profile != null' >/dev/null
+has_profile() { # url (inside cold_experiment: a gdrive: url needs its caller's $link for the emulator)
+    # shellcheck disable=SC2046,SC2154
+    "$DRIVEBLK" info --json "$1" $([[ $COLD_REMOTE == gdrive ]] && echo "$link") 2>/dev/null | jq -e '.boot_profile != null' >/dev/null
 }
 
 cold_experiment() {
