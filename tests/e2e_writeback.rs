@@ -148,9 +148,7 @@ fn kill_9_during_write_back_leaves_generations_of_whole_flushes() {
         let mut t = Duration::from_millis(1);
         let _ = c.queues[0].do_io(&mut comps, 0, Some(&mut t), None);
         std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
-        let mut child = daemon.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
+        kill_9(&mut daemon);
         drop(c);
         let _ = std::fs::remove_file(&sock);
 
@@ -234,9 +232,7 @@ fn driveblk_sync_uploads_now_through_the_daemon_or_from_a_stopped_cache() {
     let b = common::pattern(2, 1 << 20);
     c.write(4 << 20, &b).unwrap();
     c.flush().unwrap();
-    let mut child = daemon.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_9(&mut daemon);
     drop(c);
     run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "60"]);
     let got = remote_view(d.path(), &url);
@@ -277,9 +273,7 @@ fn writethrough_survives_losing_the_machine_right_after_a_flush() {
         c.flush().unwrap();
     }
     // The machine is lost the moment the last FLUSH returned.
-    let mut child = daemon.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_9(&mut daemon);
     drop(c);
     std::fs::remove_dir_all(&cache).unwrap();
     let got = remote_view(d.path(), &url);
@@ -302,18 +296,7 @@ fn a_write_completed_before_a_kill_9_is_covered_by_the_next_daemons_flush() {
     run_ok(bin(), &["import", img.to_str().unwrap(), &url, "--chunk-size", "64K", "--quiet"]);
     let sock = d.path().join("sock");
     let cache = d.path().join("cache");
-    let args = [
-        "--volume",
-        &url,
-        "--format",
-        "raw",
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "--sync-interval",
-        "3600",
-        "--boot-profile",
-        "off",
-    ];
+    let args = kill_9_args(&url, "raw", &cache);
     let mut want = orig.clone();
     // Whole pages into cold chunks (no fetch: dirty in part), a page into a
     // chunk already written, and a partial page (read-modify-write).
@@ -330,9 +313,7 @@ fn a_write_completed_before_a_kill_9_is_covered_by_the_next_daemons_flush() {
         c.write(off, &data).unwrap();
         want[off as usize..off as usize + len].copy_from_slice(&data);
     }
-    let mut child = daemon.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_9(&mut daemon);
     drop(c);
     drop(daemon);
     let mut daemon = Daemon::start(&sock, &args);
@@ -345,9 +326,7 @@ fn a_write_completed_before_a_kill_9_is_covered_by_the_next_daemons_flush() {
         );
     }
     // And durable: once more after another kill -9, then the whole disk.
-    let mut child = daemon.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_9(&mut daemon);
     drop(c);
     drop(daemon);
     let _daemon = Daemon::start(&sock, &args);
@@ -377,18 +356,7 @@ fn flushes_after_first_writes_into_clean_chunks_survive_kill_9() {
     let cache = d.path().join("cache");
     run_ok(bin(), &["hydrate", &url, "--cache-dir", cache.to_str().unwrap(), "--quiet"]);
     let sock = d.path().join("sock");
-    let args = [
-        "--volume",
-        &url,
-        "--format",
-        "qcow2",
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "--sync-interval",
-        "3600",
-        "--boot-profile",
-        "off",
-    ];
+    let args = kill_9_args(&url, "qcow2", &cache);
     let mut want = orig.clone();
     let mut daemon = Daemon::start(&sock, &args);
     let mut c = Client::connect(&sock, 1);
@@ -407,9 +375,7 @@ fn flushes_after_first_writes_into_clean_chunks_survive_kill_9() {
         write_some(&mut c, &mut want, 8);
         c.flush().unwrap();
     }
-    let mut child = daemon.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_9(&mut daemon);
     drop(c);
     drop(daemon);
     let mut daemon = Daemon::start(&sock, &args);
@@ -421,9 +387,7 @@ fn flushes_after_first_writes_into_clean_chunks_survive_kill_9() {
         c.flush().unwrap();
     }
     write_some(&mut c, &mut want, 8);
-    let mut child = daemon.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_9(&mut daemon);
     drop(c);
     drop(daemon);
     let daemon = Daemon::start(&sock, &args);
@@ -434,4 +398,28 @@ fn flushes_after_first_writes_into_clean_chunks_survive_kill_9() {
     assert!(daemon.stop().success());
     let _ = std::fs::remove_dir_all(&cache);
     assert!(remote_view(d.path(), &url) == want, "the clean stop did not upload every write");
+}
+
+/// Kills the daemon with SIGKILL and reaps it: no shutdown path runs.
+fn kill_9(daemon: &mut Daemon) {
+    let mut child = daemon.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// `serve` arguments of the kill -9 tests: no sync of its own for an hour
+/// and no boot profile, so only the guest's FLUSHes make anything durable.
+fn kill_9_args<'a>(url: &'a str, format: &'a str, cache: &'a std::path::Path) -> [&'a str; 10] {
+    [
+        "--volume",
+        url,
+        "--format",
+        format,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--sync-interval",
+        "3600",
+        "--boot-profile",
+        "off",
+    ]
 }
