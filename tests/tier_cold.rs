@@ -137,7 +137,10 @@ fn a_first_boot_streams_the_dense_region_within_its_bound() {
     let (vurl, data) = imported(d.path(), 48 << 20);
     let m = Arc::new(RemoteMetrics::default());
     let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c"), &m)).unwrap();
-    let reads = boot_reads(data.len() as u64, 1, 10);
+    // Eight files of 512 KiB in chunks apart from each other, each read
+    // front to back: the misses show a dense region.
+    let reads: Vec<(u64, usize)> =
+        (0..8u64).flat_map(|f| (0..16u64).map(move |i| ((3 * f + 1) * CHUNK + 8192 + i * 32768, 32768usize))).collect();
     boot(&s, &reads, &data);
     let read_bytes: u64 = reads.iter().map(|r| r.1 as u64).sum();
     wait_for("the stream", || s.stats().bytes_stream >= read_bytes);

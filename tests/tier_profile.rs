@@ -498,3 +498,46 @@ fn pages_a_recorded_boot_wrote_are_in_its_profile() {
     assert_eq!(s.stats().misses, 0);
     s.close(Duration::from_secs(60));
 }
+
+/// A boot reading the files its profile holds front to back reads nothing
+/// ahead past them: the recorded boot did not read what follows, so those
+/// chunks would only take the link from the profile. A file the profile
+/// does not hold is still read ahead.
+#[test]
+fn reading_profiled_files_reads_nothing_ahead() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 48 << 20);
+    // Two long files, each read front to back in 32 KiB requests (well past
+    // the readahead trigger), and ending short of a chunk boundary.
+    let file = |start: u64| (0..24u64).map(move |i| (start + i * 32768, 32768usize));
+    let profiled: Vec<(u64, usize)> = file(3 * CHUNK + 12288).chain(file(9 * CHUNK + 4096)).collect();
+
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c1"), &m, BootProfileMode::Auto)).unwrap();
+    for &(off, n) in &profiled {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    s.close(Duration::from_secs(60));
+    drop(s);
+    assert_eq!(profiles(d.path()).len(), 2, "the boot's profile was saved");
+
+    let m = Arc::new(RemoteMetrics::default());
+    let mut o = opts(&d.path().join("c2"), &m, BootProfileMode::Auto);
+    o.readahead_chunks = 8;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    wait_streamed(&s);
+    let before = m.snapshot().gets;
+    for &(off, n) in &profiled {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    let st = s.stats();
+    assert_eq!((st.readahead_chunks, st.misses), (0, 0), "{st:?}");
+    assert_eq!(m.snapshot().gets, before, "reading the profiled files went remote");
+
+    // A file the profile does not hold: read ahead as ever.
+    for (off, n) in file(30 * CHUNK) {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    assert!(s.stats().readahead_chunks > 0, "{:?}", s.stats());
+    s.close(Duration::from_secs(60));
+}

@@ -318,3 +318,35 @@ fn an_export_after_partial_reads_equals_the_source() {
     driveblk::tier::export::export(&vurl, &out, &eo).unwrap();
     assert!(qemu_compare("qcow2", &q, &out));
 }
+
+/// Small reads scattered over a volume stop taking runs and whole chunks
+/// once what was fetched passes the bound (the bytes read, three times
+/// that again, and a few MiB for the first misses): each miss then fetches
+/// only the sub-frame it reads, so the boot of a big disk reading small
+/// files does not fetch several times what it reads. Every byte reads
+/// back right.
+#[test]
+fn scattered_misses_keep_to_the_bound() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = volume(d.path(), 48 << 20, |_| {});
+    let m = Arc::new(RemoteMetrics::default());
+    let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, Shaping::default()));
+    o.readahead_chunks = 0;
+    o.boot_profile = driveblk::tier::boot::BootProfileMode::Off;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    indexes_known(&s);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut read_bytes = 0u64;
+    for _ in 0..200 {
+        let at = rng.random_range(0..data.len() as u64 / 4096) * 4096;
+        assert_eq!(read(&*s, at, 4096).unwrap(), data[at as usize..at as usize + 4096]);
+        read_bytes += 4096;
+    }
+    let st = s.stats();
+    // Unbounded, the first miss in each chunk takes a 256 KiB run and the
+    // second the rest of the chunk: most of the 48 MiB.
+    let bound = 4 * read_bytes + (4 << 20);
+    assert!(st.bytes_miss < bound + 200 * SUB, "misses fetched {} for {read_bytes} read: {st:?}", st.bytes_miss);
+    assert!(st.bytes_miss < 24 << 20, "{st:?}");
+    s.close(Duration::from_secs(30));
+}

@@ -2,6 +2,7 @@
 //! driver, an independent client implementation, so driveblk and qemu-storage-daemon are
 //! measured through exactly the same code path.
 
+mod bound;
 mod engine;
 mod hist;
 mod verify;
@@ -23,8 +24,8 @@ use workload::{BootParams, Req, Rw, Source};
 #[command(version, about = "vhost-user-blk load generator (libblkio client)")]
 struct Args {
     /// vhost-user-blk unix socket of the daemon under test.
-    #[arg(long)]
-    socket: PathBuf,
+    #[arg(long, required_unless_present = "bound")]
+    socket: Option<PathBuf>,
     /// Number of virtqueues, one thread each.
     #[arg(long, default_value_t = 1)]
     queues: usize,
@@ -88,6 +89,15 @@ struct Args {
     /// others and as many moved in the read order (e.g. 0.1: the "10%-different boot").
     #[arg(long, default_value_t = 0.0)]
     trace_differ: f64,
+    /// Boot trace: connect to nothing; print what an ideal daemon would reach on this trace
+    /// (`--size` is the device's bytes; `--trace-differ` > 0 replays against the seed boot's
+    /// profile, 0 is a first boot) over a link of --bound-rtt-ms per request and --bound-mbit.
+    #[arg(long, requires = "size")]
+    bound: bool,
+    #[arg(long, default_value_t = 100.0)]
+    bound_rtt_ms: f64,
+    #[arg(long, default_value_t = 200.0)]
+    bound_mbit: f64,
     /// Virtqueue size (power of two). libblkio uses 3 descriptors per request (no indirect
     /// descriptors), so the default 256 holds 85 requests; larger iodepths wait in its backlog.
     #[arg(long)]
@@ -135,7 +145,8 @@ fn main() -> std::process::ExitCode {
 /// Connects, retrying while the daemon's socket is not accepting yet.
 fn connect(args: &Args, read_only: bool) -> Result<Blkio> {
     let deadline = Instant::now() + Duration::from_secs_f64(args.connect_timeout);
-    let path = args.socket.to_str().context("socket path is not UTF-8")?;
+    let socket = args.socket.as_ref().context("--socket is needed")?;
+    let path = socket.to_str().context("socket path is not UTF-8")?;
     loop {
         let mut b = Blkio::new("virtio-blk-vhost-user")?;
         b.set_str("path", path)?;
@@ -145,7 +156,7 @@ fn connect(args: &Args, read_only: bool) -> Result<Blkio> {
         match b.connect() {
             Ok(()) => return Ok(b),
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => bail!("connecting to {}: {e}", args.socket.display()),
+            Err(e) => bail!("connecting to {}: {e}", socket.display()),
         }
     }
 }
@@ -214,17 +225,21 @@ fn synthetic_plan(args: &Args, range: u64) -> Result<Plan> {
     })
 }
 
-fn boot_plan(args: &Args, range: u64) -> Result<Plan> {
+fn boot_params(args: &Args, range: u64) -> Result<BootParams> {
     ensure!(args.trace_span_pct > 0.0 && args.trace_span_pct <= 100.0, "--trace-span-pct must be in (0, 100]");
     let span = (range as f64 * args.trace_span_pct / 100.0) as u64 / 4096 * 4096;
     ensure!(span >= 1 << 20, "the boot trace needs a span of at least 1 MiB");
-    let reqs = workload::boot_trace(&BootParams {
+    Ok(BootParams {
         reads: args.trace_reads,
         bytes: args.trace_bytes,
         span,
         seed: args.seed,
         differ: args.trace_differ,
-    });
+    })
+}
+
+fn boot_plan(args: &Args, range: u64) -> Result<Plan> {
+    let reqs = workload::boot_trace(&boot_params(args, range)?);
     let total_qd = args.iodepth.unwrap_or(8);
     let n = args.queues;
     ensure!(total_qd >= n, "--iodepth (total for --pattern boot) must be at least --queues");
@@ -236,6 +251,41 @@ fn boot_plan(args: &Args, range: u64) -> Result<Plan> {
         })
         .collect();
     Ok(Plan { sources, slot_len: 32 << 10, warmup: Duration::ZERO, runtime: None, quota: None, label: "boot".into() })
+}
+
+/// `--bound`: the ideal daemon's figures for this trace, per size of the piece a miss fetches.
+fn print_bound(args: &Args) -> Result<()> {
+    let range = args.size.context("--bound needs --size")?;
+    let params = boot_params(args, range)?;
+    let rate = args.bound_mbit * 125_000.0;
+    let profiled = args.trace_differ > 0.0;
+    let qd = args.iodepth.unwrap_or(8);
+    let read: u64 = workload::boot_trace(&params).iter().map(|r| u64::from(r.len)).sum();
+    let floor = read as f64 / rate;
+    println!(
+        "{} of {} MB read at QD{qd}, {} ms per request, {} Mbit/s: bandwidth floor {floor:.1} s",
+        if profiled { "a boot against the seed boot's profile" } else { "a first boot (nothing local)" },
+        read / 1_000_000,
+        args.bound_rtt_ms,
+        args.bound_mbit
+    );
+    println!("| piece a miss fetches | round trips | wall from round trips, s | MB moved (profile + misses) | link time for them, s | lower bound / floor |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for unit in [64u64 << 10, 128 << 10, 256 << 10, 1 << 20] {
+        let b = bound::ideal(&params, profiled, unit, args.bound_rtt_ms / 1000.0, qd);
+        let moved = b.profile_bytes + b.miss_bytes;
+        let link = moved as f64 / rate;
+        println!(
+            "| {} KiB | {} | {:.1} | {} + {} | {link:.1} | {:.2} |",
+            b.unit >> 10,
+            b.fetches,
+            b.latency_s,
+            b.profile_bytes / 1_000_000,
+            b.miss_bytes / 1_000_000,
+            b.latency_s.max(link) / floor
+        );
+    }
+    Ok(())
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -254,6 +304,10 @@ fn run(args: &Args) -> Result<()> {
     ensure!(args.flush_every == 0 || (!boot && args.rw.writes()), "--flush-every needs a writing workload");
     ensure!(args.warmup >= 0.0, "--warmup must not be negative");
     let writes = !boot && args.rw.writes();
+    if args.bound {
+        ensure!(boot, "--bound needs --pattern boot");
+        return print_bound(args);
+    }
 
     let mut blkio = connect(args, !writes)?;
     let capacity = blkio.get_u64("capacity")?;

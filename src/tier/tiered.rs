@@ -938,8 +938,22 @@ impl Inner {
             // Random I/O: nothing more to do (not even a manifest lookup).
             return;
         }
+        // Readahead is speculative: past the boot's bound it waits with
+        // the stream (misses then fetch only what they need).
+        if !self.fetched_within_bound() {
+            return;
+        }
         let end = ra.end.min(self.vol.chunk_count());
-        let replay = if self.streaming.load(Ordering::Relaxed) { self.replay.read().clone() } else { None };
+        let replay = self.replay.read().clone();
+        // A sequential read of pages the profile holds is the recorded boot
+        // reading a file the profile brings; what lies past it that boot
+        // did not read, so reading it ahead would only take the link from
+        // the profile (on a big disk, the bytes after most files).
+        let last = offset + len - 1;
+        if replay.as_ref().is_some_and(|r| r.covering(last / self.cs, last % self.cs, 1).is_some()) {
+            return;
+        }
+        let replay = replay.filter(|_| self.streaming.load(Ordering::Relaxed));
         for idx in ra.start..end {
             // The profile brings the pages the boot reads; a whole chunk
             // read ahead for them would compete with it for the link.
@@ -967,12 +981,16 @@ impl Inner {
         if let Some(rec) = &self.recorder {
             rec.observe(offset, inside as u64);
         }
-        self.guest_bytes.add(inside as u64);
         let mut misses = Pieces::new();
         for p in pieces(offset, inside, self.cs) {
             if !self.serve_local(p, &bufs.slice(p.buf_off, p.len), mode)? {
                 misses.push(p);
             }
+        }
+        // Counted once per request: a non-blocking attempt that misses is
+        // retried blocking, and counts then.
+        if misses.is_empty() || mode != IoMode::NonBlocking {
+            self.guest_bytes.add(inside as u64);
         }
         self.start_readahead(offset, inside as u64);
         if misses.is_empty() {

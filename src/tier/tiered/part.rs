@@ -1,7 +1,8 @@
 //! Misses that cost one round trip of the bytes they need: in a chunk
 //! stored as sub-frames (`volume::subframe`), a first guest miss fetches,
 //! verifies and installs the run of missing sub-frames from its own on (up
-//! to [`PART_RUN`]), a second miss elsewhere in the chunk the rest of it as
+//! to [`PART_RUN`], or only its own once the boot has fetched what its
+//! bound allows), a second miss elsewhere in the chunk the rest of it as
 //! one flight (outside regions the guest reads densely, where whole chunks
 //! save round trips); completing a partial chunk fetches only the
 //! sub-frames it lacks. Packs' sub-frame indexes are fetched once, in the
@@ -52,11 +53,12 @@ impl Inner {
     /// chunk is stored as sub-frames of a known index, no fetch of the
     /// whole chunk runs already (joining it is cheaper), the SSD tier can
     /// hold pages of it, and its region is not one the guest reads densely
-    /// (there a whole chunk saves the round trips of the misses to come).
+    /// while the first boot's stream has room (there a whole chunk saves
+    /// the round trips of the misses to come).
     pub(super) fn part_wanted(&self, idx: u64) -> bool {
         matches!(self.ssd.state(idx), ABSENT | PARTIAL)
             && !self.flights.contains(&idx)
-            && !self.dense.is_dense(idx, self.cs)
+            && !self.dense_and_streaming(idx)
             && self.vol.part_ready(idx)
     }
 
@@ -65,14 +67,22 @@ impl Inner {
     /// on (up to [`PART_RUN`]); a miss inside a run already sent for joins
     /// it; any other miss in the chunk fetches the rest of the chunk (the
     /// guest reads more of it than one run: one flight, and every later
-    /// miss in the chunk joins it).
+    /// miss in the chunk joins it). Once the boot has fetched what its
+    /// bound allows, a miss fetches only the sub-frames it covers.
     pub(super) fn plan_miss(&self, idx: u64, off: u64, len: u64) -> MissPlan {
         if !self.part_wanted(idx) {
             return MissPlan::Chunk;
         }
         let mut runs = self.part_runs.lock();
+        let within = self.fetched_within_bound();
         if let Some(&(a, b)) = runs.get(&idx) {
-            return if off >= a && off + len <= b { MissPlan::Part(a, b - a) } else { MissPlan::Chunk };
+            if off >= a && off + len <= b {
+                return MissPlan::Part(a, b - a);
+            }
+            if within {
+                return MissPlan::Chunk;
+            }
+            // Past the bound a second miss takes only its own sub-frames too.
         }
         let sub = u64::from(SUB_SIZE);
         let cl = (self.vol.chunk_len(idx) as u64).max(off + len);
@@ -84,8 +94,10 @@ impl Inner {
         while b - a > sub && self.ssd.has_pages(idx, (b - 1) / sub * sub, b - (b - 1) / sub * sub) {
             b = (b - 1) / sub * sub;
         }
-        // The run goes on while its sub-frames are missing.
-        let limit = (a + PART_RUN).min(cl);
+        // The run goes on while its sub-frames are missing, unless the boot
+        // has fetched all its bound allows: then the miss takes only its own.
+        let run = if within { PART_RUN } else { 0 };
+        let limit = (a + run).min(cl);
         while b < limit && !self.ssd.has_pages(idx, b, sub.min(cl - b)) {
             b = (b + sub).min(cl);
         }

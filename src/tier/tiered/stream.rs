@@ -1,11 +1,13 @@
 //! The first boot's stream: with no boot profile, once guest misses show
-//! that a region of the image is dense (several of its chunks missed), the
-//! rest of that region streams in the background as speculative work — at
-//! full link speed, behind every guest miss, and never more than
-//! [`STREAM_FACTOR`] times the bytes the guest has read. A volume whose
-//! stored bytes are few (at most `whole_below`) streams whole from the
-//! start: fetching all of it costs less than the round trips its boot's
-//! misses would.
+//! that a region of the image is dense (several of its chunks among the
+//! guest's recent misses), the rest of that region streams in the
+//! background as speculative work — at full link speed, behind every guest
+//! miss, and never more than [`STREAM_FACTOR`] times the bytes the guest
+//! has read. Past the bytes read plus that bound, in all, readahead waits
+//! and misses outside streamed regions fetch only their own sub-frames. A
+//! volume whose stored bytes are few (at most `whole_below`) streams whole
+//! from the start: fetching all of it costs less than the round trips its
+//! boot's misses would.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,10 +21,21 @@ use super::Inner;
 
 /// Bytes of the image judged together.
 pub const REGION_BYTES: u64 = 64 << 20;
-/// Distinct chunks of a region missed before it counts as dense.
-pub const DENSE_MISSES: usize = 4;
-/// Speculative bytes a first boot fetches at most, per byte the guest read.
+/// Distinct chunks of a region among the last [`RECENT_MISSES`] missed
+/// chunks before it counts as dense. Measured against recent misses, not
+/// all of them: on a 40 GiB disk whose boot reads files scattered over
+/// 20 GiB every region collects a few misses sooner or later, yet
+/// streaming such a region brings ~60 MiB for a few small files; a region
+/// drawing a share of the misses (here 1 in 43) is one the guest works in.
+pub const DENSE_MISSES: usize = 6;
+/// The window of distinct missed chunks that density is judged in.
+pub const RECENT_MISSES: u64 = 256;
+/// Speculative bytes a first boot fetches at most, per byte the guest read;
+/// past that many beyond what it read, in all, misses fetch only their own.
 pub const STREAM_FACTOR: u64 = 3;
+/// Bytes a boot's misses may fetch beyond the bound, so that its first
+/// ones, before it has read much, fetch whole runs.
+pub const BOUND_SLACK: u64 = 4 << 20;
 /// Default of `whole_below`: a volume storing at most this many bytes
 /// streams whole on its first boot (10 s at 200 Mbit/s; a small Linux
 /// image, not a 40 GiB Windows disk).
@@ -32,8 +45,11 @@ const QUEUED: usize = 32;
 
 #[derive(Default)]
 struct State {
-    /// Regions not dense yet: the distinct chunks missed in each.
-    missed: HashMap<u64, Vec<u64>>,
+    /// Distinct chunks missed so far (the clock of the window).
+    misses: u64,
+    /// Regions not dense yet: their distinct chunks missed, each with the
+    /// clock of its miss and whether it counts (not right after another).
+    missed: HashMap<u64, Vec<(u64, u64, bool)>>,
     /// Regions found dense, in that order, not streamed yet.
     queue: VecDeque<u64>,
     dense: std::collections::HashSet<u64>,
@@ -85,11 +101,20 @@ impl Dense {
         if s.dense.contains(&region) {
             return;
         }
+        let now = s.misses;
         let m = s.missed.entry(region).or_default();
-        if !m.contains(&idx) {
-            m.push(idx);
+        m.retain(|&(_, at, _)| at + RECENT_MISSES > now);
+        if m.iter().any(|&(i, _, _)| i == idx) {
+            return;
         }
-        if m.len() >= DENSE_MISSES {
+        // A chunk right after one just missed is a file read on (readahead's
+        // work), not another place the guest reads: one long file is no
+        // sign that its region is dense.
+        let elsewhere = !m.iter().any(|&(i, _, _)| i + 1 == idx);
+        m.push((idx, now, elsewhere));
+        let dense = m.iter().filter(|e| e.2).count() >= DENSE_MISSES;
+        s.misses += 1;
+        if dense {
             s.missed.remove(&region);
             s.dense.insert(region);
             s.queue.push_back(region);
@@ -130,6 +155,34 @@ impl Inner {
         if self.dense.allowed && !self.dense.enabled.swap(true, Ordering::SeqCst) {
             self.handle.spawn(self.clone().stream_dense());
         }
+    }
+
+    /// Speculative bytes a first boot may have fetched by now.
+    fn speculative_bound(&self) -> u64 {
+        (STREAM_FACTOR * self.guest_bytes.get()).max(self.dense.floor.load(Ordering::Relaxed))
+    }
+
+    /// True while everything the boot fetched (misses included, hydration
+    /// not: `--hydrate` asks for the whole image) is within the bytes the
+    /// guest read plus the speculative bound, with [`BOUND_SLACK`] for its
+    /// first misses. Past it readahead waits and a miss outside a streamed
+    /// region fetches only the sub-frames it needs, so misses on a disk
+    /// whose boot reads small files scattered over many GiB cannot fetch
+    /// several times what the guest reads in runs it never uses.
+    pub(super) fn fetched_within_bound(&self) -> bool {
+        let fetched: u64 = [Source::Miss, Source::Profile, Source::Readahead, Source::Stream, Source::Index]
+            .into_iter()
+            .map(|src| self.lanes.bytes(src))
+            .sum();
+        fetched < self.guest_bytes.get() + self.speculative_bound() + BOUND_SLACK
+    }
+
+    /// True when a guest miss in chunk `idx` fetches the whole chunk as
+    /// the stream's work: its region is dense and the stream's bound has
+    /// room. Past the bound the stream waits, so whole chunks cannot carry
+    /// a first boot past it.
+    pub(super) fn dense_and_streaming(&self, idx: u64) -> bool {
+        self.dense.is_dense(idx, self.cs) && self.lanes.speculative_bytes() < self.speculative_bound()
     }
 
     fn local_or_running(&self, idx: u64) -> bool {
@@ -173,8 +226,7 @@ impl Inner {
                 loop {
                     while set.try_join_next().is_some() {}
                     let others = self.lanes.speculative_bytes().saturating_sub(self.lanes.bytes(Source::Stream));
-                    let bound = (STREAM_FACTOR * self.guest_bytes.get()).max(self.dense.floor.load(Ordering::Relaxed));
-                    let within = issued + others < bound;
+                    let within = issued + others < self.speculative_bound();
                     if within && set.len() < QUEUED {
                         break;
                     }
@@ -216,9 +268,11 @@ mod tests {
             d.note_miss(3, cs); // the same chunk again and again
         }
         assert_eq!(d.dense_regions(), 0);
-        for idx in [1, 2, 63] {
-            d.note_miss(idx, cs);
+        for i in 0..DENSE_MISSES as u64 - 2 {
+            d.note_miss(10 + 2 * i, cs);
         }
+        assert_eq!(d.dense_regions(), 0, "one distinct chunk short");
+        d.note_miss(63, cs);
         assert_eq!(d.dense_regions(), 1);
         assert_eq!(d.next_region(), Some(0));
         d.note_miss(64, cs); // region 1: one miss
@@ -228,5 +282,35 @@ mod tests {
             off.note_miss(idx, cs);
         }
         assert_eq!(off.dense_regions(), 0);
+    }
+
+    /// Misses scattered over a big disk (a few per region, far apart in
+    /// time) never make a region dense; the same misses close together do.
+    #[test]
+    fn density_is_judged_among_recent_misses() {
+        let cs = 1 << 20;
+        let per_region = REGION_BYTES / cs;
+        let regions = 320; // 20 GiB of data
+        let d = Dense::new(true, 0);
+        // Round after round, every region gets one more distinct chunk.
+        for round in 0..DENSE_MISSES as u64 * 2 {
+            for r in 0..regions {
+                d.note_miss(r * per_region + 2 * round, cs);
+            }
+        }
+        assert_eq!(d.dense_regions(), 0, "{regions} regions, each missed once per {regions} misses");
+        // One long file read across many chunks of a region.
+        let file = Dense::new(true, 0);
+        for idx in 10..40 {
+            file.note_miss(idx, cs);
+        }
+        assert_eq!(file.dense_regions(), 0, "a file read on is readahead's, not a dense region");
+        let close = Dense::new(true, 0);
+        for round in 0..DENSE_MISSES as u64 {
+            for r in 0..8 {
+                close.note_miss(r * per_region + 2 * round, cs);
+            }
+        }
+        assert_eq!(close.dense_regions(), 8);
     }
 }
