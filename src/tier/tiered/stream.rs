@@ -162,15 +162,16 @@ impl Inner {
         (STREAM_FACTOR * self.guest_bytes.get()).max(self.dense.floor.load(Ordering::Relaxed))
     }
 
-    /// True while everything the boot fetched (misses included, hydration
-    /// not: `--hydrate` asks for the whole image) is within the bytes the
-    /// guest read plus the speculative bound, with [`BOUND_SLACK`] for its
-    /// first misses. Past it readahead waits and a miss outside a streamed
+    /// True while what the boot fetched beyond its own reads (misses,
+    /// readahead, the stream, indexes; not the profile, which is the pages
+    /// a boot read brought ahead, nor hydration, which `--hydrate` asks
+    /// for) is within the bytes the guest read plus the speculative bound,
+    /// with [`BOUND_SLACK`] for its first misses. Past it readahead waits and a miss outside a streamed
     /// region fetches only the sub-frames it needs, so misses on a disk
     /// whose boot reads small files scattered over many GiB cannot fetch
     /// several times what the guest reads in runs it never uses.
     pub(super) fn fetched_within_bound(&self) -> bool {
-        let fetched: u64 = [Source::Miss, Source::Profile, Source::Readahead, Source::Stream, Source::Index]
+        let fetched: u64 = [Source::Miss, Source::Readahead, Source::Stream, Source::Index]
             .into_iter()
             .map(|src| self.lanes.bytes(src))
             .sum();
