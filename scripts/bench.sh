@@ -853,7 +853,7 @@ cold_experiment() {
     else
         {
             echo
-            echo "Download first: not measured (--cold-no-export); its floor is $(awk -v b="$((span_mb * 1048576))" -v r="$rate" 'BEGIN {printf "%.1f", b / r}') s for $((span_mb * 1048576 / 1000000)) MB of non-zero chunks at the link's rate (the 4G run of 15:47 measured export at 1.01x its floor)."
+            echo "Download first: not measured (--cold-no-export); its floor is $(awk -v b="$((span_mb * 1048576))" -v r="$rate" 'BEGIN {printf "%.1f", b / r}') s for $((span_mb * 1048576 / 1000000)) MB of non-zero chunks at the link's rate."
         } >>"$COLD_TAB"
     fi
 }
