@@ -541,3 +541,49 @@ fn reading_profiled_files_reads_nothing_ahead() {
     assert!(s.stats().readahead_chunks > 0, "{:?}", s.stats());
     s.close(Duration::from_secs(60));
 }
+
+/// A boot that opens a profiled file sooner than the recorded one did
+/// reads ahead of the profile's stream: the segments after the one it
+/// waits for come with it, so it waits about once per few segments of
+/// the file, not once per segment.
+#[test]
+fn a_file_read_sooner_than_recorded_brings_its_next_segments() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 64 << 20);
+    let file = |start: u64, len: u64| (0..len / 65536).map(move |i| (start + i * 65536, 65536usize));
+    // The recorded boot: a long file A, then file B.
+    let b: Vec<(u64, usize)> = file(40 * CHUNK, 8 * CHUNK).collect();
+    let m = Arc::new(RemoteMetrics::default());
+    let s = driveblk::tier::open_volume(&vurl, opts(&d.path().join("c1"), &m, BootProfileMode::Auto)).unwrap();
+    for (off, n) in file(2 * CHUNK, 30 * CHUNK).chain(b.iter().copied()) {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    s.close(Duration::from_secs(60));
+    drop(s);
+
+    // This boot reads B first, over a link with long round trips, while
+    // the stream is still on A (a small speculative budget keeps it there).
+    let m = Arc::new(RemoteMetrics::default());
+    let shaping = Shaping { latency: Duration::from_millis(300), bandwidth_bps: None };
+    let mut o = cache_opts(&d.path().join("c2"), counted(m.clone(), None, shaping));
+    o.boot_profile = BootProfileMode::Auto;
+    o.readahead_chunks = 0;
+    o.speculative_bytes = 1 << 20;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let t0 = Instant::now();
+    while s.stats().profile_segments == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the profile never started streaming");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = s.stats();
+    for &(off, n) in &b {
+        assert_eq!(read(&*s, off, n), data[off as usize..off as usize + n]);
+    }
+    let st = s.stats();
+    // B is 8 MiB: 8 segments or more. One wait per segment without the
+    // segments after it; here each wait brings 2 MiB more.
+    let waits = st.misses - before.misses;
+    assert!(waits <= 4, "{waits} waits reading B: {st:?}");
+    assert!(st.profile_segments_done < 30, "the stream was to be still on A: {st:?}");
+    s.close(Duration::from_secs(60));
+}

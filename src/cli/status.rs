@@ -208,6 +208,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
                     "bytes_by_source": { "miss": s.bytes_miss, "profile": s.bytes_profile,
                         "readahead": s.bytes_readahead, "hydrate": s.bytes_hydrate, "stream": s.bytes_stream,
                         "index": s.bytes_index },
+                    "speculative_budget": s.speculative_budget,
                     "part_fetches": s.part_fetches },
         "hot_set": { "chunks": s.hot_chunks, "local": s.hot_local, "pinned": s.pinned_chunks,
                      "pinned_local": s.pinned_local, "offline_ready": s.offline_ready },
@@ -345,14 +346,18 @@ pub fn render(v: &Value) -> String {
         u("/remote/readahead_chunks")
     );
     if u("/remote/bytes") > 0 {
-        let by: Vec<String> = ["miss", "profile", "readahead", "hydrate", "stream"]
+        let by: Vec<String> = ["miss", "profile", "readahead", "hydrate", "stream", "index"]
             .iter()
             .map(|k| (k, u(&format!("/remote/bytes_by_source/{k}"))))
             .filter(|(_, n)| *n > 0)
             .map(|(k, n)| format!("{k} {}", human(n)))
             .collect();
         if !by.is_empty() {
-            out += &format!("downloaded  {}\n", by.join(", "));
+            out += &format!(
+                "downloaded  {}; speculative work may have {} in flight\n",
+                by.join(", "),
+                human(u("/remote/speculative_budget"))
+            );
         }
     }
     out += &format!(

@@ -390,6 +390,11 @@ impl Replay {
         self.done.get(seg).is_some_and(|d| !d.swap(true, std::sync::atomic::Ordering::SeqCst))
     }
 
+    /// Whether segment `seg` is streamed (or was found local) already.
+    pub fn is_done(&self, seg: usize) -> bool {
+        self.done.get(seg).is_some_and(|d| d.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// The segments that together hold every byte of `[off, off + len)` of
     /// chunk `idx`, or None when the profile does not cover all of it.
     pub fn covering(&self, idx: u64, off: u64, len: u64) -> Option<Vec<usize>> {

@@ -175,6 +175,9 @@ pub struct TierStats {
     pub bytes_hydrate: u64,
     pub bytes_stream: u64,
     pub bytes_index: u64,
+    /// Speculative bytes allowed in flight now: the link's measured
+    /// bandwidth-delay product and a margin, at least the configured least.
+    pub speculative_budget: u64,
     /// Guest misses served by fetching only the sub-frames they need.
     pub part_fetches: u64,
     pub fetch_errors: u64,

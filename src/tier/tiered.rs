@@ -36,6 +36,7 @@ use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 mod boot_profile;
 mod fetch;
 mod hot_set;
+mod link_speed;
 pub use fetch::SPECULATIVE_BYTES;
 mod lease;
 mod metadata;
@@ -144,7 +145,6 @@ struct Inner {
     ram_cap: u64,
     chunks_zero: u64,
     hydrate_concurrency: usize,
-    fetch_concurrency: usize,
     /// Boot profile being recorded (None: recording is off).
     recorder: Option<Recorder>,
     /// Boot profile being replayed, once found.
@@ -261,7 +261,7 @@ impl TieredStore {
             flights: SingleFlight::default(),
             counters: Counters::default(),
             fetch_sem: Semaphore::new(opts.fetch_concurrency.max(1)),
-            lanes: fetch::Lanes::new(opts.speculative_bytes),
+            lanes: fetch::Lanes::new(opts.speculative_bytes, cs),
             guest_bytes: Default::default(),
             dense: stream::Dense::new(
                 opts.boot_profile != BootProfileMode::Off && !opts.hydrate,
@@ -275,7 +275,6 @@ impl TieredStore {
             ram_cap: opts.ram_cache,
             chunks_zero,
             hydrate_concurrency: opts.hydrate_concurrency.max(1),
-            fetch_concurrency: opts.fetch_concurrency.max(1),
             // An ephemeral fleet member replays the volume's profile but
             // writes nothing to the volume, profiles included.
             recorder: (opts.boot_profile != BootProfileMode::Off && !vol.offline && !opts.ephemeral)
@@ -409,6 +408,7 @@ impl TieredStore {
             bytes_hydrate: i.lanes.bytes(fetch::Source::Hydrate),
             bytes_stream: i.lanes.bytes(fetch::Source::Stream),
             bytes_index: i.lanes.bytes(fetch::Source::Index),
+            speculative_budget: i.lanes.budget(),
             part_fetches: l(&c.part_fetches),
             fetch_errors: l(&c.fetch_errors),
             remote_timeouts: l(&c.remote_timeouts),
@@ -862,9 +862,14 @@ impl Inner {
                 // Speculative work waits for its share of the link (or for
                 // a guest to join it) before it takes a fetch slot.
                 let wire = fetch::wire_len(&self.vol.chunk_ref(idx), self.vol.chunk_len(idx) as u64);
-                let _lane = self.lanes.admit(wire, &urgency).await;
+                let mut lane = self.lanes.admit(wire, &urgency).await;
                 let _permit = self.fetch_sem.acquire().await;
-                self.vol.fetch_chunk(idx).await
+                lane.started();
+                let fetched = self.vol.fetch_chunk(idx).await;
+                if let Ok(f) = &fetched {
+                    lane.done(f.wire_bytes);
+                }
+                fetched
             };
             let fetched = fetched.map_err(|e| {
                 Counters::inc(&self.counters.fetch_errors);
@@ -1006,6 +1011,11 @@ impl Inner {
             .map(|p| match replay.as_ref().and_then(|r| r.covering(p.idx, p.off as u64, p.len as u64)) {
                 Some(segs) => {
                     let rp = replay.as_ref().expect("covering came from it");
+                    if let Some(&last) = segs.iter().max() {
+                        if !rp.is_done(last) {
+                            self.follow_segment(rp, last);
+                        }
+                    }
                     Pending::Segments(segs.into_iter().map(|s| self.segment_flight(rp, s, true)).collect())
                 }
                 None => match self.plan_miss(p.idx, p.off as u64, p.len as u64) {

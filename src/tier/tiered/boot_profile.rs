@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+/// Profile bytes after a segment a guest waits for that are fetched with it.
+const FOLLOW_BYTES: u64 = 2 << 20;
+
 use super::fetch::Source;
 use super::{closing, Inner, SegmentResult, SharedError};
 use crate::format::{IoMode, IoVec};
@@ -283,6 +286,23 @@ impl Inner {
         )
     }
 
+    /// A guest waiting for segment `seg` reads where the recorded boot read
+    /// later (a file opened sooner this time): it is likely to read on, so
+    /// the segments after it, up to `FOLLOW_BYTES` on the wire, go at once
+    /// too, not one round trip each as the guest gets to them.
+    pub(super) fn follow_segment(self: &Arc<Self>, rp: &Arc<Replay>, seg: usize) {
+        let mut wire = 0;
+        for next in seg + 1..rp.segments() {
+            if wire >= FOLLOW_BYTES {
+                break;
+            }
+            wire += rp.index.segments[next].len;
+            if !rp.is_done(next) {
+                drop(self.segment_flight(rp, next, true));
+            }
+        }
+    }
+
     /// Calls `f(chunk, offset in chunk, offset in segment, len)` for the
     /// pieces of segment `seg` that may be installed.
     fn segment_parts(&self, rp: &Replay, seg: usize, mut f: impl FnMut(u64, u64, usize, u64)) {
@@ -310,8 +330,12 @@ impl Inner {
         }
         let wire = rp.index.segments[seg].len;
         let data = {
-            let _lane = self.lanes.admit(wire, &urgency).await;
-            profile::fetch_segment(&self.vol.remote, &self.vol.url, &rp.index, seg).await
+            let lane = self.lanes.admit(wire, &urgency).await;
+            let data = profile::fetch_segment(&self.vol.remote, &self.vol.url, &rp.index, seg).await;
+            if data.is_ok() {
+                lane.done(wire);
+            }
+            data
         }
         .map_err(|e| {
             Counters::inc(&self.counters.fetch_errors);
@@ -401,11 +425,15 @@ impl Inner {
     }
 
     /// Streams every segment of the profile, in order, many at a time:
-    /// the boot's pages arrive in the order the boot reads them.
+    /// the boot's pages arrive in the order the boot reads them. The link's
+    /// speculative budget says how many are in flight; this many wait for
+    /// it in order (segments are often a few hundred KiB, so a fixed number
+    /// of fetches would hold the stream below a long link's speed).
     async fn stream_profile(self: Arc<Self>, rp: Arc<Replay>) {
+        const QUEUED: usize = 256;
         let n = rp.segments();
         self.counters.profile_segments.store(n as u64, Ordering::Relaxed);
-        let sem = Arc::new(Semaphore::new(self.fetch_concurrency));
+        let sem = Arc::new(Semaphore::new(QUEUED));
         let mut set = tokio::task::JoinSet::new();
         for seg in 0..n {
             if self.closed.load(Ordering::Relaxed) {

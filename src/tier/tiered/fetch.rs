@@ -2,20 +2,44 @@
 //! once. Speculative work (profile streaming, readahead, hydration, pins,
 //! the first-boot stream) shares a budget of in-flight bytes, so a guest
 //! miss never queues behind more than that on a shared link; a speculative
-//! flight a guest joins stops waiting for the budget. Bytes are counted by
+//! flight a guest joins stops waiting for the budget. The budget follows
+//! the link: it grows while speculative work waits for it and the guest's
+//! own fetches take no longer than the link's quickest (so on a link that
+//! shares itself fairly, or with long round trips, the stream runs at full
+//! speed), and shrinks when they queue behind it. Bytes are counted by
 //! what caused them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+use super::link_speed::LinkSpeed;
 use crate::tier::single_flight::Urgency;
 use crate::volume::ChunkRef;
 
-/// Speculative bytes in flight at most. Enough to keep a 200 Mbit/s link
-/// with 100 ms round trips busy (its bandwidth-delay product is 2.5 MB)
-/// while a guest miss waits behind at most ~1.5 MB of it.
+/// Speculative bytes in flight at least: a 200 Mbit/s link with 100 ms
+/// round trips stays busy (its bandwidth-delay product is 2.5 MB) while a
+/// guest miss waits behind at most ~1.5 MB of it.
 pub const SPECULATIVE_BYTES: u64 = 4 << 20;
+
+/// Speculative bytes in flight at most.
+pub const SPECULATIVE_MAX: u64 = 64 << 20;
+
+/// A guest fetch that took this much longer than the link's quickest
+/// (beyond moving its bytes) queued behind speculative work; at least
+/// `QUEUE_MIN`, and this share of the quickest.
+const QUEUE_SHARE: f64 = 0.25;
+const QUEUE_MIN: Duration = Duration::from_millis(25);
+/// Guest fetches this recent still speak for the link.
+const GUEST_FRESH: Duration = Duration::from_secs(2);
+/// What the budget keeps when it shrinks.
+const SHRINK: f64 = 0.8;
+/// The budget never holds more than the link moves in this long: a guest
+/// miss that comes after a long quiet stream waits behind at most that
+/// on a link that serves requests in turn.
+const MOST_QUEUED: Duration = Duration::from_secs(1);
 
 /// Why bytes crossed the link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,35 +71,177 @@ impl Source {
 pub struct Lanes {
     /// Permits are KiB of speculative bytes in flight.
     speculative: Semaphore,
-    cap_kib: u32,
+    /// Speculative fetches waiting for the budget now.
+    waiting: AtomicUsize,
+    budget: Mutex<Budget>,
+    /// The least the budget holds (KiB): a speculative fetch asks for at
+    /// most this, so it never waits for more permits than exist.
+    floor_kib: u32,
+    /// The budget grows by about this much per budget's worth of fetches.
+    chunk: u64,
+    origin: Instant,
     bytes: [AtomicU64; 6],
+}
+
+/// The budget and what it is judged by.
+struct Budget {
+    /// Permits the semaphore was given (KiB).
+    cap_kib: u32,
+    speed: LinkSpeed,
+    /// How much longer than the link's quickest recent guest fetches took
+    /// (seconds, a moving average), and when the last one ended.
+    guest_queue: f64,
+    guest_at: Option<Duration>,
+    /// When the budget last shrank: once per round trip, as one signal.
+    cut_at: Option<Duration>,
 }
 
 impl Default for Lanes {
     fn default() -> Self {
-        Self::new(SPECULATIVE_BYTES)
+        Self::new(SPECULATIVE_BYTES, 1 << 20)
+    }
+}
+
+/// Counts a fetch waiting for the budget while it lives (a wait given up
+/// half-way, its future dropped, counts no more).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A fetch admitted to the link. Tell it when its bytes arrived (`done`)
+/// so the budget learns from it; hold it while the fetch runs.
+pub struct Admitted<'a> {
+    lanes: &'a Lanes,
+    _permit: Option<SemaphorePermit<'a>>,
+    start: Instant,
+    /// A guest waits for it.
+    guest: bool,
+}
+
+impl Admitted<'_> {
+    /// Whether it holds part of the speculative budget (it did not go at
+    /// once as urgent, nor stop waiting when a guest joined).
+    #[cfg(test)]
+    fn in_budget(&self) -> bool {
+        self._permit.is_some()
+    }
+
+    /// The fetch starts now (after waiting for a fetch slot, say).
+    pub fn started(&mut self) {
+        self.start = Instant::now();
+    }
+
+    /// Its `bytes` arrived. Judged as a guest's fetch only if it went as
+    /// one: a speculative fetch a guest joined on the way took as long as
+    /// speculative work does.
+    pub fn done(self, bytes: u64) {
+        self.lanes.learn(bytes, self.start.elapsed(), self.guest);
     }
 }
 
 impl Lanes {
-    /// A lane letting `cap` speculative bytes be in flight.
-    pub fn new(cap: u64) -> Self {
-        let cap_kib = (cap >> 10).clamp(1, u32::MAX as u64 >> 4) as u32;
-        Self { speculative: Semaphore::new(cap_kib as usize), cap_kib, bytes: Default::default() }
+    /// A lane letting at least `floor` speculative bytes be in flight, and
+    /// more while the link takes more without delaying guests (growing by
+    /// about `chunk` bytes per budget's worth of fetches).
+    pub fn new(floor: u64, chunk: u64) -> Self {
+        let floor_kib = (floor >> 10).clamp(1, SPECULATIVE_MAX.max(floor) >> 10) as u32;
+        Self {
+            speculative: Semaphore::new(floor_kib as usize),
+            waiting: AtomicUsize::new(0),
+            budget: Mutex::new(Budget {
+                cap_kib: floor_kib,
+                speed: LinkSpeed::default(),
+                guest_queue: 0.0,
+                guest_at: None,
+                cut_at: None,
+            }),
+            floor_kib,
+            chunk: chunk.max(1024),
+            origin: Instant::now(),
+            bytes: Default::default(),
+        }
     }
 
     /// Waits for the link: at once when urgent (now or later, when a guest
-    /// joins), else until `bytes` fit in the speculative budget. Hold the
-    /// result while the fetch runs.
-    pub async fn admit(&self, bytes: u64, urgency: &Urgency) -> Option<SemaphorePermit<'_>> {
-        if urgency.is_urgent() {
-            return None;
+    /// joins), else until `bytes` fit in the speculative budget (a fetch
+    /// larger than the least budget counts as that much).
+    pub async fn admit(&self, bytes: u64, urgency: &Urgency) -> Admitted<'_> {
+        let permit = if urgency.is_urgent() {
+            None
+        } else {
+            let n = bytes.div_ceil(1024).clamp(1, self.floor_kib as u64) as u32;
+            let _waiting = Waiting::new(&self.waiting);
+            tokio::select! {
+                p = self.speculative.acquire_many(n) => p.ok(),
+                _ = urgency.raised() => None,
+            }
+        };
+        let guest = permit.is_none();
+        Admitted { lanes: self, _permit: permit, start: Instant::now(), guest }
+    }
+
+    /// A fetch outside the budget, `guest` when a guest waits for it,
+    /// timed so the budget learns from it.
+    pub fn timed(&self, guest: bool) -> Admitted<'_> {
+        Admitted { lanes: self, _permit: None, start: Instant::now(), guest }
+    }
+
+    /// Speculative bytes allowed in flight now.
+    pub fn budget(&self) -> u64 {
+        u64::from(self.budget.lock().cap_kib) << 10
+    }
+
+    /// Learns from a fetch of `bytes` that took `took` (`guest`: one a
+    /// guest waited for) and resizes the budget: smaller when guests'
+    /// fetches queue, larger when speculative work waits and they do not.
+    fn learn(&self, bytes: u64, took: Duration, guest: bool) {
+        self.learn_at(self.origin.elapsed(), bytes, took, guest)
+    }
+
+    /// `learn`, for a fetch that ended at `now` (since `origin`).
+    fn learn_at(&self, now: Duration, bytes: u64, took: Duration, guest: bool) {
+        let mut b = self.budget.lock();
+        b.speed.record(now, bytes, took);
+        let (Some(rate), Some(quickest)) = (b.speed.rate(), b.speed.delay()) else { return };
+        if guest {
+            let queued = (took.as_secs_f64() - bytes as f64 / rate.max(1.0) - quickest.as_secs_f64()).max(0.0);
+            let fresh = b.guest_at.is_some_and(|t| now.saturating_sub(t) < GUEST_FRESH);
+            b.guest_queue = if fresh { 0.8 * b.guest_queue + 0.2 * queued } else { queued };
+            b.guest_at = Some(now);
         }
-        // A request larger than the whole budget waits for all of it.
-        let n = bytes.div_ceil(1024).clamp(1, self.cap_kib as u64) as u32;
-        tokio::select! {
-            p = self.speculative.acquire_many(n) => p.ok(),
-            _ = urgency.raised() => None,
+        let fresh = b.guest_at.is_some_and(|t| now.saturating_sub(t) < GUEST_FRESH);
+        let too_long = QUEUE_MIN.as_secs_f64().max(QUEUE_SHARE * quickest.as_secs_f64());
+        let cap = (b.cap_kib as f64) * 1024.0;
+        let want = if fresh && b.guest_queue > too_long {
+            if b.cut_at.is_some_and(|t| now.saturating_sub(t) < quickest) {
+                return;
+            }
+            b.cut_at = Some(now);
+            cap * SHRINK
+        } else if self.waiting.load(Ordering::Relaxed) > 0 && !guest {
+            cap + self.chunk as f64 * bytes as f64 / cap
+        } else {
+            return;
+        };
+        let most = (rate * MOST_QUEUED.as_secs_f64()) as u64;
+        let want_kib = ((want as u64).min(most) >> 10).clamp(self.floor_kib as u64, SPECULATIVE_MAX >> 10) as u32;
+        if want_kib > b.cap_kib {
+            self.speculative.add_permits((want_kib - b.cap_kib) as usize);
+            b.cap_kib = want_kib;
+        } else if want_kib < b.cap_kib {
+            // Only free permits can go; the rest go as later fetches end.
+            b.cap_kib -= self.speculative.forget_permits((b.cap_kib - want_kib) as usize) as u32;
         }
     }
 
@@ -117,29 +283,123 @@ mod tests {
     fn urgent_work_skips_the_speculative_budget() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let lanes = Arc::new(Lanes::new(2 << 20));
+            let lanes = Arc::new(Lanes::new(2 << 20, 1 << 20));
             let held = lanes.admit(2 << 20, &Urgency::new(false)).await;
-            assert!(held.is_some());
+            assert!(held.in_budget());
             // Full: a speculative fetch waits...
             let slow = Urgency::new(false);
             let t = tokio::time::timeout(Duration::from_millis(50), lanes.admit(1 << 20, &slow)).await;
             assert!(t.is_err(), "the budget is used up");
+            assert_eq!(lanes.waiting.load(Ordering::Relaxed), 0, "a wait given up no longer counts");
             // ...an urgent one does not...
-            assert!(lanes.admit(1 << 20, &Urgency::new(true)).await.is_none());
+            assert!(!lanes.admit(1 << 20, &Urgency::new(true)).await.in_budget());
             // ...and a raised one stops waiting.
             let l2 = lanes.clone();
             let s2 = slow.clone();
-            let waiter = tokio::spawn(async move { l2.admit(1 << 20, &s2).await.is_none() });
+            let waiter = tokio::spawn(async move { !l2.admit(1 << 20, &s2).await.in_budget() });
             tokio::time::sleep(Duration::from_millis(20)).await;
             slow.raise();
             assert!(waiter.await.unwrap());
             drop(held);
-            assert!(lanes.admit(3 << 20, &Urgency::new(false)).await.is_some(), "larger than the budget: all of it");
+            let big = lanes.admit(3 << 20, &Urgency::new(false)).await;
+            assert!(big.in_budget(), "larger than the budget: all of it");
+            assert_eq!(lanes.speculative.available_permits(), 0);
         });
         let lanes = Lanes::default();
         lanes.count(Source::Miss, 5);
         lanes.count(Source::Profile, 7);
         lanes.count(Source::Stream, 1);
         assert_eq!((lanes.bytes(Source::Miss), lanes.speculative_bytes()), (5, 8));
+    }
+
+    /// Teaches `lanes` a link of `rate` bytes/s and `delay` per fetch, with
+    /// `n` fetches of 1 MB finishing one after another.
+    /// Returns when the last one ended.
+    fn teach(lanes: &Lanes, n: u64, rate: f64, delay: Duration) -> Duration {
+        let mut b = lanes.budget.lock();
+        let now = lanes.origin.elapsed();
+        let each = Duration::from_secs_f64(1e6 / rate);
+        for i in 0..n {
+            b.speed.record(now + each * i as u32, 1_000_000, delay + each);
+        }
+        now + each * (n - 1) as u32
+    }
+
+    /// The budget grows while speculative work waits for it and guests'
+    /// fetches take no longer than the link's quickest; it shrinks (once
+    /// per round trip, never below the least) when they queue, and permits
+    /// in use go as they come back.
+    #[test]
+    fn the_budget_grows_until_guests_queue() {
+        // One thread: the waiting fetch stays waiting until the test yields.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let lanes = Arc::new(Lanes::new(4 << 20, 1 << 20));
+            // 25 MB/s, 200 ms at the quickest.
+            teach(&lanes, 40, 25e6, Duration::from_millis(200));
+            let ms = Duration::from_millis;
+            // Nothing waits: no reason to grow.
+            lanes.learn(1_000_000, ms(240), false);
+            assert_eq!(lanes.budget(), 4 << 20);
+            // The stream waits for the budget (all of it in flight).
+            let held = lanes.admit(4 << 20, &Urgency::new(false)).await;
+            let l2 = lanes.clone();
+            let waiter = tokio::spawn(async move { l2.admit(1 << 20, &Urgency::new(false)).await.in_budget() });
+            while lanes.waiting.load(Ordering::Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+            for _ in 0..30 {
+                lanes.learn(1_000_000, ms(300), false);
+            }
+            let grown = lanes.budget();
+            assert!(grown > 6 << 20, "{grown}: about a chunk per budget's worth");
+            assert!(waiter.await.unwrap(), "the grown budget let the waiting fetch go");
+            // A guest fetch that took as long as the link's quickest: still
+            // growing.
+            lanes.learn(64_000, ms(205), true);
+            assert!(lanes.budget() >= grown);
+            // Guests queue: it shrinks, once per round trip (200 ms), but
+            // only by the permits not in use...
+            let held2 = lanes.admit(2 << 20, &Urgency::new(false)).await;
+            lanes.learn(64_000, ms(900), true);
+            let cut = lanes.budget();
+            assert!(cut < grown && cut > 5 << 20, "{cut} of {grown}");
+            lanes.learn(64_000, ms(900), true);
+            assert_eq!(lanes.budget(), cut, "one cut per round trip");
+            // ...and never below the least.
+            drop((held, held2));
+            for _ in 0..12 {
+                tokio::time::sleep(ms(210)).await;
+                lanes.learn(64_000, ms(900), true);
+            }
+            assert_eq!(lanes.budget(), 4 << 20);
+            assert_eq!(lanes.speculative.available_permits(), 4096);
+        });
+    }
+
+    /// On a slow link the budget stays within what it moves in a second,
+    /// however long speculative work waits.
+    #[test]
+    fn a_slow_link_keeps_the_least_budget() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let lanes = Arc::new(Lanes::new(1 << 20, 1 << 20));
+            // 1.25 MB/s (10 Mbit/s), 100 ms at the quickest.
+            let mut t = teach(&lanes, 40, 1.25e6, Duration::from_millis(100));
+            let _held = lanes.admit(1 << 20, &Urgency::new(false)).await;
+            let l2 = lanes.clone();
+            let _waiter = tokio::spawn(async move { l2.admit(1 << 20, &Urgency::new(false)).await.in_budget() });
+            while lanes.waiting.load(Ordering::Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+            // Fetches ending as fast as such a link delivers them.
+            for _ in 0..100 {
+                t += Duration::from_millis(800);
+                lanes.learn_at(t, 1_000_000, Duration::from_millis(900), false);
+            }
+            // A second's rate is judged from whole fetches: up to one more.
+            let b = lanes.budget();
+            assert!((1 << 20..=2_100_000).contains(&b), "{b}");
+        });
     }
 }

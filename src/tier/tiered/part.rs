@@ -128,8 +128,14 @@ impl Inner {
     /// rarely read.
     async fn fetch_part(self: Arc<Self>, idx: u64, off: u64, len: u64) -> SegmentResult {
         let part = {
+            let mut lane = self.lanes.timed(true);
             let _permit = self.fetch_sem.acquire().await;
-            self.vol.fetch_part(idx, off, len).await
+            lane.started();
+            let part = self.vol.fetch_part(idx, off, len).await;
+            if let Ok(Some(p)) = &part {
+                lane.done(p.wire_bytes);
+            }
+            part
         };
         self.install_part(idx, part, Source::Miss).await?;
         Counters::inc(&self.counters.part_fetches);
@@ -223,10 +229,17 @@ impl Inner {
             }
         }
         let runs = merged;
+        let urgency = &urgency;
         let fetches = runs.into_iter().map(|(off, len)| async move {
             let part = {
+                let mut lane = self.lanes.timed(urgency.is_urgent());
                 let _permit = self.fetch_sem.acquire().await;
-                self.vol.fetch_part(idx, off, len).await
+                lane.started();
+                let part = self.vol.fetch_part(idx, off, len).await;
+                if let Ok(Some(p)) = &part {
+                    lane.done(p.wire_bytes);
+                }
+                part
             };
             self.install_part(idx, part, src).await
         });
@@ -267,9 +280,10 @@ impl Inner {
             let me = self.clone();
             set.spawn(async move {
                 let want = me.vol.manifest().indexes.get(&key).map_or(0, |r| r.len);
-                let _lane = me.lanes.admit(want, &Urgency::new(false)).await;
+                let lane = me.lanes.admit(want, &Urgency::new(false)).await;
                 match me.vol.pack_index(&key).await {
                     Ok((_, bytes)) if bytes > 0 => {
+                        lane.done(bytes);
                         Counters::inc(&me.counters.remote_fetches);
                         me.counters.remote_bytes.fetch_add(bytes, Ordering::Relaxed);
                         me.lanes.count(Source::Index, bytes);
