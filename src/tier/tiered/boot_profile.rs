@@ -13,9 +13,6 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-/// Profile bytes after a segment a guest waits for that are fetched with it.
-const FOLLOW_BYTES: u64 = 2 << 20;
-
 use super::fetch::Source;
 use super::{closing, Inner, SegmentResult, SharedError};
 use crate::format::{IoMode, IoVec};
@@ -27,6 +24,9 @@ use crate::tier::ssd::{DIRTY, PARTIAL};
 use crate::tier::stats::Counters;
 use crate::volume::profile::{self, PendingProfile, ProfileBuilder};
 use crate::volume::{VolumeError, VolumeResult};
+
+/// Profile bytes after a segment a guest waits for that are fetched with it.
+const FOLLOW_BYTES: u64 = 2 << 20;
 
 impl Inner {
     /// The boot profile's background work: find the volume's newest
