@@ -325,6 +325,17 @@ mod tests {
         now + each * (n - 1) as u32
     }
 
+    /// Starts a speculative 1 MiB fetch and returns once it waits for the
+    /// budget; it yields whether it got into the budget.
+    async fn park_a_waiter(lanes: &Arc<Lanes>) -> tokio::task::JoinHandle<bool> {
+        let l2 = lanes.clone();
+        let waiter = tokio::spawn(async move { l2.admit(1 << 20, &Urgency::new(false)).await.in_budget() });
+        while lanes.waiting.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        waiter
+    }
+
     /// The budget grows while speculative work waits for it and guests'
     /// fetches take no longer than the link's quickest; it shrinks (once
     /// per round trip, never below the least) when they queue, and permits
@@ -343,11 +354,7 @@ mod tests {
             assert_eq!(lanes.budget(), 4 << 20);
             // The stream waits for the budget (all of it in flight).
             let held = lanes.admit(4 << 20, &Urgency::new(false)).await;
-            let l2 = lanes.clone();
-            let waiter = tokio::spawn(async move { l2.admit(1 << 20, &Urgency::new(false)).await.in_budget() });
-            while lanes.waiting.load(Ordering::Relaxed) == 0 {
-                tokio::task::yield_now().await;
-            }
+            let waiter = park_a_waiter(&lanes).await;
             for _ in 0..30 {
                 lanes.learn(1_000_000, ms(300), false);
             }
@@ -387,11 +394,7 @@ mod tests {
             // 1.25 MB/s (10 Mbit/s), 100 ms at the quickest.
             let mut t = teach(&lanes, 40, 1.25e6, Duration::from_millis(100));
             let _held = lanes.admit(1 << 20, &Urgency::new(false)).await;
-            let l2 = lanes.clone();
-            let _waiter = tokio::spawn(async move { l2.admit(1 << 20, &Urgency::new(false)).await.in_budget() });
-            while lanes.waiting.load(Ordering::Relaxed) == 0 {
-                tokio::task::yield_now().await;
-            }
+            let _waiter = park_a_waiter(&lanes).await;
             // Fetches ending as fast as such a link delivers them.
             for _ in 0..100 {
                 t += Duration::from_millis(800);
