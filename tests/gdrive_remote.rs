@@ -215,18 +215,47 @@ async fn gdrive_pacer_keeps_under_the_per_user_limit() {
         }
     };
     // Paced at 90% of the limit.
-    env.cfg.drive.pacer = PacerConfig { rate: 45.0, burst: 15 };
+    env.cfg.drive.pacer = PacerConfig::fixed(45.0, 15);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (failed, took) = burst(&env, "gdrive:/paced/vol").await;
     let st = env.emu.stats();
     assert_eq!((failed, st.rate_limited_403 + st.rate_limited_429), (0, 0), "{st:?}");
     assert!(took >= Duration::from_millis(1500), "{took:?}");
     // Unpaced: Drive pushes back.
-    env.cfg.drive.pacer = PacerConfig { rate: 100_000.0, burst: 100_000 };
+    env.cfg.drive.pacer = PacerConfig::fixed(100_000.0, 100_000);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (failed, _) = burst(&env, "gdrive:/unpaced/vol").await;
     let st = env.emu.stats();
     assert!(failed > 0 && st.rate_limited_403 + st.rate_limited_429 > 0, "{st:?}");
+}
+
+/// Started well under an account's real limit, the pacer climbs while reads
+/// queue behind it and settles under the limit once Drive refuses: a queue
+/// of reads ends far sooner than at the starting rate, every read lands
+/// (the refusals are retried), and Drive refused only a few.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_pacer_finds_a_limit_above_its_start() {
+    use driveblk::remote::config::PacerConfig;
+    use driveblk::remote::{RetryPolicy, RetryingRemote};
+    let limit = driveemu::RateLimit { per_second: 50.0, burst: 20 };
+    let mut env = start(driveemu::Config { rate_limit: Some(limit), ..Default::default() }, Creds::User);
+    env.cfg.drive.read_merge.window = Duration::ZERO;
+    env.cfg.drive.pacer = PacerConfig { rate: 5.0, burst: 5, max_rate: 200.0 };
+    let r = RetryingRemote::wrap(folder(&env, "gdrive:/climb/vol"), RetryPolicy::default());
+    r.put("x", PutBody::from_bytes(data(1, 10))).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let reads = (0..400).map(|_| {
+        let r = r.clone();
+        async move { r.get_range("x", 0..10).await }
+    });
+    let results = futures::future::join_all(reads).await;
+    let took = t0.elapsed();
+    assert!(results.iter().all(|r| r.is_ok()), "{:?}", results.iter().find(|r| r.is_err()));
+    // At the starting 5/s the 400 reads take 80 s.
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    let st = env.emu.stats();
+    let refused = st.rate_limited_403 + st.rate_limited_429;
+    assert!((1..=40).contains(&refused), "{st:?}");
 }
 
 /// An upload whose session expires mid-way (404) starts a new session and

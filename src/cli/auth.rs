@@ -261,7 +261,10 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
     let d = &cfg.drive;
     println!("Drive API:   {}", d.api_url);
     println!("scope:       {}", d.scope.url());
-    println!("pacer:       {} requests/s, burst {}", d.pacer.rate, d.pacer.burst);
+    println!(
+        "pacer:       {} requests/s, burst {}, climbing to {} requests/s",
+        d.pacer.rate, d.pacer.burst, d.pacer.max_rate
+    );
     let http = reqwest::Client::new();
     let auth = match Auth::from_config(d, http) {
         Ok(a) => a,

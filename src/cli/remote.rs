@@ -55,9 +55,11 @@ pub struct RemoteArgs {
     #[arg(long, value_name = "SCOPE", value_parser = parse_scope)]
     pub drive_scope: Option<DriveScope>,
 
-    /// Drive request pacing, RATE[,BURST] requests/s for the account.
-    /// Also DRIVEBLK_DRIVE_PACER. Default 20,100.
-    #[arg(long, value_name = "RATE[,BURST]", value_parser = parse_pacer)]
+    /// Drive request pacing for the account: start at RATE requests/s with
+    /// bursts of BURST, climb to MAX while requests queue and Drive does
+    /// not refuse (without MAX the rate is fixed). Also
+    /// DRIVEBLK_DRIVE_PACER. Default 20,100,200.
+    #[arg(long, value_name = "RATE[,BURST[,MAX]]", value_parser = parse_pacer)]
     pub drive_pacer: Option<PacerConfig>,
 
     /// The key of an encrypted volume: a file holding it (any bytes; a
@@ -123,7 +125,8 @@ fn parse_scope(s: &str) -> Result<DriveScope, String> {
 }
 
 fn parse_pacer(s: &str) -> Result<PacerConfig, String> {
-    PacerConfig::parse(s).ok_or_else(|| format!("{s:?}: expected RATE[,BURST] with RATE > 0, e.g. 20,100"))
+    PacerConfig::parse(s)
+        .ok_or_else(|| format!("{s:?}: expected RATE[,BURST[,MAX]] with 0 < RATE <= MAX, e.g. 20,100,200"))
 }
 
 impl RemoteArgs {

@@ -188,6 +188,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     // Drive merges ranged reads asked at once: reads asked vs requests sent.
     let drive = crate::remote::gdrive::read_merge_totals();
+    let pacer = crate::remote::gdrive::pacer_totals();
     json!({
         "pid": pid,
         "running": running,
@@ -223,6 +224,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
             "last_error": y.last_error, "paused": y.paused, "conflict": y.conflict,
         })),
         "drive_reads": { "asked": drive.0, "requests": drive.1, "merged": drive.2 },
+        "drive_pacer": pacer.map(|p| json!({ "rate": p.rate, "refusals": p.refusals })),
         "boot_profile": {
             "recording": s.profile_recording, "recorded_bytes": s.profile_recorded_bytes, "saved": s.profile_saved,
             "segments": s.profile_segments, "segments_done": s.profile_segments_done,
@@ -384,6 +386,13 @@ pub fn render(v: &Value) -> String {
             u("/drive_reads/asked"),
             u("/drive_reads/requests"),
             u("/drive_reads/merged")
+        );
+    }
+    if v.pointer("/drive_pacer/rate").is_some() {
+        out += &format!(
+            "Drive pacer {:.0} requests/s in force; {} rate-limit refusals\n",
+            f("/drive_pacer/rate"),
+            u("/drive_pacer/refusals")
         );
     }
     let (done, total) = (u("/hydrate/done"), u("/hydrate/total"));

@@ -28,7 +28,7 @@ pub const ENV_CREDENTIALS: &str = "DRIVEBLK_DRIVE_CREDENTIALS";
 pub const ENV_TOKEN: &str = "DRIVEBLK_DRIVE_TOKEN";
 /// Env var: OAuth scope, `drive.file` (default) or `drive`.
 pub const ENV_SCOPE: &str = "DRIVEBLK_DRIVE_SCOPE";
-/// Env var: pacer as `RATE[,BURST]` requests per second.
+/// Env var: pacer as `RATE[,BURST[,MAX]]` requests per second.
 pub const ENV_PACER: &str = "DRIVEBLK_DRIVE_PACER";
 
 /// Env var: `1` declares that only one host ever writes the volumes on an
@@ -97,28 +97,36 @@ impl std::fmt::Debug for DriveCredentials {
 /// A token-bucket pacer's settings, shared by every request of one account.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PacerConfig {
-    /// Sustained requests per second.
+    /// Requests per second to start at.
     pub rate: f64,
     /// Requests that may go at once after a quiet spell.
     pub burst: u32,
+    /// Most requests per second the rate may climb to while requests queue
+    /// and Drive does not refuse (`rate` for a fixed rate).
+    pub max_rate: f64,
 }
 
 impl Default for PacerConfig {
-    /// 20 requests/s sustained, bursts of 100: twice rclone's rate (100 ms
-    /// spacing, burst 100), since ranged reads are merged into fewer, larger
-    /// requests and a cold boot is latency-bound. Google documents 325,000
-    /// quota units per minute per user today (older projects: 12,000
-    /// requests a minute, 200/s), and backend checks may answer 429 sooner,
-    /// so this stays well below. The emulator test
-    /// `gdrive_pacer_keeps_under_the_per_user_limit` shows a pacer set to
-    /// 90% of a per-user limit draws no refusal where an unpaced burst does.
+    /// Starts at 20 requests/s with bursts of 100 (twice rclone's fixed
+    /// 100 ms spacing) and climbs to 200/s while requests queue and Drive
+    /// does not refuse. Google documents 325,000 quota units per minute per
+    /// user (older projects: 12,000 requests a minute, 200/s), and backend
+    /// checks may answer 429 sooner: a refusal halves the rate, so the pacer
+    /// settles under whatever limit the account really has. The emulator
+    /// tests `gdrive_pacer_keeps_under_the_per_user_limit` and
+    /// `gdrive_pacer_finds_a_limit_above_its_start` show both.
     fn default() -> Self {
-        Self { rate: 20.0, burst: 100 }
+        Self { rate: 20.0, burst: 100, max_rate: 200.0 }
     }
 }
 
 impl PacerConfig {
-    /// Parses `RATE[,BURST]`.
+    /// A pacer that never climbs above `rate`.
+    pub fn fixed(rate: f64, burst: u32) -> Self {
+        Self { rate, burst, max_rate: rate }
+    }
+
+    /// Parses `RATE[,BURST[,MAX]]`; without MAX the rate is fixed.
     pub fn parse(s: &str) -> Option<Self> {
         let mut it = s.split(',');
         let rate: f64 = it.next()?.trim().parse().ok()?;
@@ -126,7 +134,11 @@ impl PacerConfig {
             Some(b) => b.trim().parse().ok()?,
             None => Self::default().burst,
         };
-        (rate > 0.0 && burst > 0 && it.next().is_none()).then_some(Self { rate, burst })
+        let max_rate: f64 = match it.next() {
+            Some(m) => m.trim().parse().ok()?,
+            None => rate,
+        };
+        (rate > 0.0 && burst > 0 && max_rate >= rate && it.next().is_none()).then_some(Self { rate, burst, max_rate })
     }
 }
 
@@ -300,7 +312,7 @@ impl RemoteConfig {
             d.pacer = PacerConfig::parse(&v).ok_or(ConfigError {
                 var: ENV_PACER,
                 value: v,
-                expected: "RATE[,BURST], e.g. 20,100",
+                expected: "RATE[,BURST[,MAX]], e.g. 20,100,200",
             })?;
         }
         Ok(())
@@ -330,8 +342,10 @@ mod tests {
         assert_eq!(DriveScope::parse("drive"), Some(DriveScope::Full));
         assert_eq!(DriveScope::parse("https://www.googleapis.com/auth/drive.file"), Some(DriveScope::File));
         assert_eq!(DriveScope::parse("drive.readonly"), None);
-        assert_eq!(PacerConfig::parse("10,50"), Some(PacerConfig { rate: 10.0, burst: 50 }));
-        assert_eq!(PacerConfig::parse("2.5"), Some(PacerConfig { rate: 2.5, burst: 100 }));
+        assert_eq!(PacerConfig::parse("10,50"), Some(PacerConfig::fixed(10.0, 50)));
+        assert_eq!(PacerConfig::parse("10,50,80"), Some(PacerConfig { rate: 10.0, burst: 50, max_rate: 80.0 }));
+        assert_eq!(PacerConfig::parse("10,50,5"), None, "a ceiling under the start");
+        assert_eq!(PacerConfig::parse("2.5"), Some(PacerConfig::fixed(2.5, 100)));
         assert_eq!(PacerConfig::parse("0,1"), None);
         assert_eq!(PacerConfig::parse("x"), None);
     }

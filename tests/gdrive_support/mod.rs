@@ -53,7 +53,7 @@ pub fn start(emu_cfg: driveemu::Config, creds: Creds) -> DriveEnv {
             api_url: emu.base_url(),
             credentials: DriveCredentials::File(creds_file.clone()),
             // Tests are limited by the emulator's own quota when they set one.
-            pacer: PacerConfig { rate: 10_000.0, burst: 10_000 },
+            pacer: PacerConfig::fixed(10_000.0, 10_000),
             resumable_threshold: 256 << 10,
             chunk_size: 256 << 10,
             request_timeout: Duration::from_secs(10),

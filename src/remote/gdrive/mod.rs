@@ -52,6 +52,19 @@ pub fn read_merge_totals() -> (u64, u64, u64) {
     api_totals(|a| a.read_merge.snapshot())
 }
 
+/// The Drive pacer's rate in force (the highest over this process's
+/// accounts) and the rate-limit refusals Drive gave them all, or None when
+/// this process has not used Drive (for `status`).
+pub fn pacer_totals() -> Option<pacer::PacerStats> {
+    let clients = CLIENTS.lock();
+    (!clients.is_empty()).then(|| {
+        clients.iter().map(|(_, a)| a.pacer.stats()).fold(pacer::PacerStats::default(), |s, x| pacer::PacerStats {
+            rate: s.rate.max(x.rate),
+            refusals: s.refusals + x.refusals,
+        })
+    })
+}
+
 fn api_totals(f: impl Fn(&DriveApi) -> (u64, u64, u64)) -> (u64, u64, u64) {
     CLIENTS.lock().iter().map(|(_, a)| f(a)).fold((0, 0, 0), |s, x| (s.0 + x.0, s.1 + x.1, s.2 + x.2))
 }
@@ -745,7 +758,7 @@ mod tests {
         let cfg = DriveConfig {
             api_url: emu.base_url(),
             credentials: DriveCredentials::File(key_file),
-            pacer: PacerConfig { rate: 1000.0, burst: 1000 },
+            pacer: PacerConfig::fixed(1000.0, 1000),
             ..DriveConfig::default()
         };
         let loc = DriveLocation::parse("/vol").unwrap();

@@ -1,10 +1,13 @@
 //! A token-bucket pacer shared by every request of one Drive account: Drive
 //! throttles per user, and answers bursts over its limit with 403/429
 //! rate-limit errors well before the link is full, so requests are spaced
-//! here rather than discovered by failing. When Drive still says "slow
-//! down", the pacer halves its rate (down to a sixteenth) and wins it back
-//! over the following quiet seconds, so a configured rate above the
-//! account's real limit costs a few refusals, not a stream of them.
+//! here rather than discovered by failing. The rate adapts: while requests
+//! queue behind the pacer and Drive has not refused any, it climbs (by a
+//! quarter a second until the first refusal, slowly after) up to the
+//! configured ceiling; when Drive says "slow down" it halves (down to a
+//! sixteenth of the starting rate). So an account whose real limit is above
+//! the starting rate gets the link's worth of requests, and one whose limit
+//! is below it costs a few refusals, not a stream of them.
 
 use std::time::Duration;
 
@@ -13,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::remote::config::PacerConfig;
 
-/// Hands out request slots at `rate` per second with bursts of `burst`.
+/// Hands out request slots at an adaptive rate with bursts of `burst`.
 #[derive(Debug)]
 pub struct Pacer {
     cfg: PacerConfig,
@@ -22,29 +25,62 @@ pub struct Pacer {
 
 #[derive(Debug)]
 struct Bucket {
-    /// Tokens available at `at` (may go negative: slots already promised to
-    /// waiting callers).
-    tokens: f64,
+    /// Slots handed out so far, counting those still waiting: a caller's
+    /// ticket is the count after its own.
+    issued: f64,
+    /// Slots the bucket has made available so far (as of `at`): a ticket
+    /// may go once this reaches it. Refills stop `burst` ahead of `issued`.
+    avail: f64,
     at: Instant,
-    /// Share of the configured rate in force (1/16 ..= 1).
-    factor: f64,
+    /// Requests per second in force (`cfg.rate / 16 ..= cfg.max_rate`).
+    rate: f64,
     /// When the rate was last halved: the refusals of one burst arrive
     /// together and count as one signal.
     last_cut: Option<Instant>,
+    /// Refusals seen (for status).
+    refusals: u64,
 }
 
-/// Lowest share of the configured rate after repeated throttling.
+/// Lowest share of the starting rate after repeated throttling.
 const MIN_FACTOR: f64 = 1.0 / 16.0;
-/// Share of the configured rate won back per second without throttling.
+/// Share of the starting rate won back per second below it, busy or not.
 const RECOVERY_PER_SEC: f64 = 0.05;
+/// Growth per second of queueing before Drive has ever refused: finds a
+/// high limit within seconds (20/s to 200/s in about 10 s).
+const SLOW_START_PER_SEC: f64 = 0.25;
+/// Growth per second of queueing, as a share of the starting rate, once
+/// Drive has refused: creeps back towards the limit it found.
+const PROBE_PER_SEC: f64 = 0.02;
+/// After a refusal the rate holds this long before it may climb again.
+const HOLD_AFTER_CUT: Duration = Duration::from_secs(5);
+/// A waiting caller looks again this often, so a rate that climbed while
+/// it waited lets it go sooner.
+const RECHECK: Duration = Duration::from_millis(100);
+
+/// The pacer's state, for status.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PacerStats {
+    /// Requests per second in force.
+    pub rate: f64,
+    /// Rate-limit answers Drive gave.
+    pub refusals: u64,
+}
 
 impl Pacer {
-    /// A full bucket.
+    /// A full bucket at the starting rate.
     pub fn new(cfg: PacerConfig) -> Self {
-        let cfg = PacerConfig { rate: cfg.rate.max(0.001), burst: cfg.burst.max(1) };
+        let rate = cfg.rate.max(0.001);
+        let cfg = PacerConfig { rate, burst: cfg.burst.max(1), max_rate: cfg.max_rate.max(rate) };
         Self {
             cfg,
-            state: Mutex::new(Bucket { tokens: cfg.burst as f64, at: Instant::now(), factor: 1.0, last_cut: None }),
+            state: Mutex::new(Bucket {
+                issued: 0.0,
+                avail: cfg.burst as f64,
+                at: Instant::now(),
+                rate,
+                last_cut: None,
+                refusals: 0,
+            }),
         }
     }
 
@@ -53,34 +89,55 @@ impl Pacer {
         self.cfg
     }
 
-    /// Brings the bucket to now: tokens refilled, rate partly won back.
+    /// Brings the bucket to now: slots refilled, and the rate won back
+    /// (below the start) or grown (above it, for the time callers queued).
     fn advance(&self, b: &mut Bucket) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * self.cfg.rate * b.factor).min(self.cfg.burst as f64);
-        b.factor = (b.factor + elapsed * RECOVERY_PER_SEC).min(1.0);
+        // Callers queued for as long as the promised slots took to refill.
+        let short = b.issued - b.avail;
+        let queued = if short > 0.0 { elapsed.min(short / b.rate) } else { 0.0 };
+        b.avail = (b.avail + elapsed * b.rate).min(b.issued + self.cfg.burst as f64);
         b.at = now;
+        let start = self.cfg.rate;
+        if b.rate < start {
+            b.rate = (b.rate + elapsed * RECOVERY_PER_SEC * start).min(start);
+        } else if queued > 0.0 && b.last_cut.is_none_or(|t| now.saturating_duration_since(t) >= HOLD_AFTER_CUT) {
+            b.rate = match b.last_cut {
+                None => b.rate * (1.0 + SLOW_START_PER_SEC).powf(queued),
+                Some(_) => b.rate + queued * PROBE_PER_SEC * start,
+            }
+            .min(self.cfg.max_rate);
+        }
     }
 
-    /// How long the caller must wait for its slot; takes the slot.
-    fn reserve(&self) -> Duration {
+    /// How long ticket `t` has still to wait at the rate in force.
+    fn wait_for(&self, t: f64) -> Duration {
         let mut b = self.state.lock();
         self.advance(&mut b);
-        let rate = self.cfg.rate * b.factor;
-        b.tokens -= 1.0;
-        if b.tokens >= 0.0 {
+        if b.avail >= t {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-b.tokens / rate)
+            Duration::from_secs_f64((t - b.avail) / b.rate)
         }
     }
 
     /// Waits for a slot for one request. The lock is held only to do the
-    /// arithmetic; the wait happens outside it.
+    /// arithmetic; the wait happens outside it, looked at again every
+    /// [`RECHECK`] in case the rate changed.
     pub async fn acquire(&self) {
-        let d = self.reserve();
-        if !d.is_zero() {
-            tokio::time::sleep(d).await;
+        let ticket = {
+            let mut b = self.state.lock();
+            self.advance(&mut b);
+            b.issued += 1.0;
+            b.issued
+        };
+        loop {
+            let d = self.wait_for(ticket);
+            if d.is_zero() {
+                return;
+            }
+            tokio::time::sleep(d.min(RECHECK)).await;
         }
     }
 
@@ -89,19 +146,24 @@ impl Pacer {
     pub fn throttled(&self) {
         let mut b = self.state.lock();
         self.advance(&mut b);
-        if b.tokens > 0.0 {
-            b.tokens = 0.0;
-        }
+        b.refusals += 1;
+        b.avail = b.avail.min(b.issued);
         let now = Instant::now();
         if b.last_cut.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
-            b.factor = (b.factor / 2.0).max(MIN_FACTOR);
+            b.rate = (b.rate / 2.0).max(self.cfg.rate * MIN_FACTOR);
             b.last_cut = Some(now);
         }
     }
 
-    /// The rate in force now (requests/s), after any throttling.
+    /// The rate in force now (requests/s).
     pub fn current_rate(&self) -> f64 {
-        self.cfg.rate * self.state.lock().factor
+        self.state.lock().rate
+    }
+
+    /// Rate in force and refusals so far.
+    pub fn stats(&self) -> PacerStats {
+        let b = self.state.lock();
+        PacerStats { rate: b.rate, refusals: b.refusals }
     }
 }
 
@@ -111,7 +173,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn gdrive_pacer_allows_a_burst_then_the_rate() {
-        let p = Pacer::new(PacerConfig { rate: 10.0, burst: 5 });
+        let p = Pacer::new(PacerConfig::fixed(10.0, 5));
         let t0 = Instant::now();
         for _ in 0..5 {
             p.acquire().await;
@@ -135,7 +197,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn gdrive_pacer_throttle_spends_the_burst_and_halves_the_rate() {
-        let p = Pacer::new(PacerConfig { rate: 10.0, burst: 100 });
+        let p = Pacer::new(PacerConfig::fixed(10.0, 100));
         p.throttled();
         assert_eq!(p.current_rate(), 5.0);
         let t0 = Instant::now();
@@ -158,6 +220,64 @@ mod tests {
         // Quiet seconds win the rate back, up to the configured one.
         tokio::time::sleep(Duration::from_secs(30)).await;
         p.acquire().await;
+        assert_eq!(p.current_rate(), 10.0);
+    }
+
+    /// Callers that keep `n` requests waiting on the pacer for `secs`;
+    /// answers how many slots came within that time.
+    async fn queue_for(p: &std::sync::Arc<Pacer>, n: usize, secs: u64) -> usize {
+        let end = Instant::now() + Duration::from_secs(secs);
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    let mut got = 0;
+                    while Instant::now() < end {
+                        p.acquire().await;
+                        got += usize::from(Instant::now() <= end);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut got = 0;
+        for t in tasks {
+            got += t.await.unwrap();
+        }
+        got
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gdrive_pacer_climbs_while_requests_queue() {
+        let p = std::sync::Arc::new(Pacer::new(PacerConfig { rate: 10.0, burst: 10, max_rate: 100.0 }));
+        // Unhurried callers (well under the rate) leave it where it is.
+        for _ in 0..20 {
+            p.acquire().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(p.current_rate(), 10.0);
+        // Callers that queue: it climbs by a quarter a second to the ceiling
+        // (10/s to 100/s in about 10 s), then holds there.
+        queue_for(&p, 32, 12).await;
+        assert_eq!(p.current_rate(), 100.0);
+        let got = queue_for(&p, 32, 5).await;
+        assert!((480..=510).contains(&got), "{got} slots in 5 s at 100/s");
+        // A refusal halves it; for 5 s it holds, then creeps up by 2% of the
+        // start a second (0.2/s), not by a quarter.
+        p.throttled();
+        assert_eq!(p.stats(), PacerStats { rate: 50.0, refusals: 1 });
+        queue_for(&p, 32, 4).await;
+        assert_eq!(p.current_rate(), 50.0);
+        queue_for(&p, 32, 6).await;
+        let r = p.current_rate();
+        assert!(r > 50.0 && r < 51.5, "{r}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gdrive_pacer_set_to_a_fixed_rate_stays_there() {
+        let p = std::sync::Arc::new(Pacer::new(PacerConfig::fixed(10.0, 10)));
+        let got = queue_for(&p, 32, 10).await;
+        assert!((105..=115).contains(&got), "{got} slots in 10 s at 10/s after a burst of 10");
         assert_eq!(p.current_rate(), 10.0);
     }
 }
