@@ -57,6 +57,24 @@ const HOLD_AFTER_CUT: Duration = Duration::from_secs(5);
 /// it waited lets it go sooner.
 const RECHECK: Duration = Duration::from_millis(100);
 
+/// A caller's place in line; dropped before its slot is taken, it moves
+/// every later caller up by one.
+struct Ticket<'a> {
+    pacer: &'a Pacer,
+    n: f64,
+    taken: bool,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.taken && self.n > 0.0 {
+            let mut b = self.pacer.state.lock();
+            self.pacer.advance(&mut b);
+            b.avail = (b.avail + 1.0).min(b.issued + self.pacer.cfg.burst as f64);
+        }
+    }
+}
+
 /// The pacer's state, for status.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PacerStats {
@@ -124,17 +142,20 @@ impl Pacer {
 
     /// Waits for a slot for one request. The lock is held only to do the
     /// arithmetic; the wait happens outside it, looked at again every
-    /// [`RECHECK`] in case the rate changed.
+    /// [`RECHECK`] in case the rate changed. A caller that gives up (its
+    /// future dropped: a deadline, a cancelled read) hands its slot on.
     pub async fn acquire(&self) {
-        let ticket = {
+        let mut ticket = Ticket { pacer: self, n: 0.0, taken: false };
+        ticket.n = {
             let mut b = self.state.lock();
             self.advance(&mut b);
             b.issued += 1.0;
             b.issued
         };
         loop {
-            let d = self.wait_for(ticket);
+            let d = self.wait_for(ticket.n);
             if d.is_zero() {
+                ticket.taken = true;
                 return;
             }
             tokio::time::sleep(d.min(RECHECK)).await;
@@ -271,6 +292,19 @@ mod tests {
         queue_for(&p, 32, 6).await;
         let r = p.current_rate();
         assert!(r > 50.0 && r < 51.5, "{r}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gdrive_pacer_a_caller_that_gives_up_hands_on_its_slot() {
+        let p = Pacer::new(PacerConfig::fixed(1.0, 1));
+        p.acquire().await;
+        // The next slot is 1 s away; its caller gives up after 100 ms.
+        assert!(tokio::time::timeout(Duration::from_millis(100), p.acquire()).await.is_err());
+        // The caller after it gets that slot, not the one after.
+        let t0 = Instant::now();
+        p.acquire().await;
+        let e = t0.elapsed();
+        assert!(e >= Duration::from_millis(890) && e <= Duration::from_millis(910), "{e:?}");
     }
 
     #[tokio::test(start_paused = true)]
