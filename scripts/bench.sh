@@ -848,7 +848,7 @@ cold_experiment() {
         rm -f "$WORK/export.raw"
         {
             echo
-            echo "Download first (\`driveblk export\` of the ${first_url##*/} volume, same link, default --parallel 16): $secs s for $((span_mb * 1048576 / 1000000)) MB of non-zero chunks (zero chunks are not stored; their own floor: $(awk -v b="$((span_mb * 1048576))" -v r="$rate" 'BEGIN {printf "%.1f", b / r}') s)."
+            echo "Download first (\`driveblk export\` of the ${first_url##*/} volume, same link, default --parallel: 64 MiB in flight): $secs s for $((span_mb * 1048576 / 1000000)) MB of non-zero chunks (zero chunks are not stored; their own floor: $(awk -v b="$((span_mb * 1048576))" -v r="$rate" 'BEGIN {printf "%.1f", b / r}') s)."
         } >>"$COLD_TAB"
     else
         {

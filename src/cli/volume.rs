@@ -72,9 +72,10 @@ pub struct ExportArgs {
     /// stopped). Default: the volume's default cache directory, if it exists.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Parallel chunk fetches.
-    #[arg(long, default_value_t = 16)]
-    pub parallel: usize,
+    /// Parallel chunk fetches. Default: 64 MiB of chunks in flight (64 of
+    /// 1 MiB), what a link with a round trip needs to stay full.
+    #[arg(long)]
+    pub parallel: Option<usize>,
     #[arg(long)]
     pub quiet: bool,
     #[command(flatten)]
@@ -229,7 +230,7 @@ pub fn attach(a: AttachArgs) -> anyhow::Result<()> {
 }
 
 pub fn export(a: ExportArgs) -> anyhow::Result<()> {
-    if a.parallel == 0 || a.parallel > 1024 {
+    if a.parallel.is_some_and(|p| p == 0 || p > 1024) {
         bail!("--parallel must be between 1 and 1024");
     }
     let cache_dir = match a.cache_dir {
@@ -246,7 +247,8 @@ pub fn export(a: ExportArgs) -> anyhow::Result<()> {
             }
         },
     };
-    let opts = ExportOptions { cache_dir, parallel: a.parallel, progress: !a.quiet, remote: a.remote.options() };
+    let opts =
+        ExportOptions { cache_dir, parallel: a.parallel.unwrap_or(0), progress: !a.quiet, remote: a.remote.options() };
     let t0 = Instant::now();
     let s = tier::export(&a.url, &a.file, &opts)?;
     eprintln!(
