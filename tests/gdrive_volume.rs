@@ -192,6 +192,10 @@ fn gdrive_daemon_serves_a_drive_volume_and_a_file_id_base() {
         let (asked, sent) =
             (st["drive_reads"]["asked"].as_u64().unwrap(), st["drive_reads"]["requests"].as_u64().unwrap());
         assert!(asked > 0 && sent > 0 && sent <= asked, "{}", st["drive_reads"]);
+        // And the pacer: the rate in force (20/s to start, at most 200/s) and no refusal.
+        let rate = st["drive_pacer"]["rate"].as_f64().unwrap();
+        assert!((20.0..=200.0).contains(&rate), "{}", st["drive_pacer"]);
+        assert_eq!(st["drive_pacer"]["refusals"].as_u64(), Some(0), "{}", st["drive_pacer"]);
     }
 }
 
