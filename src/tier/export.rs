@@ -30,7 +30,7 @@ fn overlay_present(chunk: &mut [u8], local: &[u8], present: &[u64]) {
 /// transfers (Drive, object stores, any TCP path with a round trip) moves
 /// in-flight / (delay + in-flight / bandwidth): on a 200 Mbit/s link with a
 /// 100 ms round trip, 16 MiB fill 63% of it (measured) and 64 MiB 90%.
-pub const IN_FLIGHT_BYTES: u64 = 64 << 20;
+const IN_FLIGHT_BYTES: u64 = 64 << 20;
 
 /// Options for [`export`].
 #[derive(Clone, Debug, Default)]
@@ -39,7 +39,7 @@ pub struct ExportOptions {
     /// uploaded) are included, and its clean chunks save downloads. The
     /// daemon serving the volume must be stopped (the directory is locked).
     pub cache_dir: Option<PathBuf>,
-    /// Parallel chunk fetches; 0: as many as make [`IN_FLIGHT_BYTES`].
+    /// Parallel chunk fetches; 0: as many chunks as make 64 MiB.
     pub parallel: usize,
     /// Show a progress bar on stderr.
     pub progress: bool,

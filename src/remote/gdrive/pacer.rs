@@ -67,7 +67,7 @@ struct Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        if !self.taken && self.n > 0.0 {
+        if !self.taken {
             let mut b = self.pacer.state.lock();
             self.pacer.advance(&mut b);
             b.avail = (b.avail + 1.0).min(b.issued + self.pacer.cfg.burst as f64);
@@ -145,13 +145,13 @@ impl Pacer {
     /// [`RECHECK`] in case the rate changed. A caller that gives up (its
     /// future dropped: a deadline, a cancelled read) hands its slot on.
     pub async fn acquire(&self) {
-        let mut ticket = Ticket { pacer: self, n: 0.0, taken: false };
-        ticket.n = {
+        let n = {
             let mut b = self.state.lock();
             self.advance(&mut b);
             b.issued += 1.0;
             b.issued
         };
+        let mut ticket = Ticket { pacer: self, n, taken: false };
         loop {
             let d = self.wait_for(ticket.n);
             if d.is_zero() {
