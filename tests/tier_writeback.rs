@@ -142,6 +142,39 @@ fn a_commit_whose_reply_was_lost_is_recognised_not_repeated() {
     assert_eq!(fresh_view(d.path(), &vurl, "c"), expect);
 }
 
+/// A commit adopted as this cache's own (its reply was lost, or the
+/// process died before recording it) holds the disk as of its cut. What
+/// the guest wrote after the cut past that image's end — into the chunk
+/// the image ended in, or into chunks wholly beyond it — is not in it:
+/// those chunks stay dirty and go up next. (The soak found this: such
+/// chunks were called clean, evicted, and read back as zeroes.)
+#[test]
+fn an_adopted_commit_leaves_writes_past_its_end_dirty() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 << 20, 33);
+    let faults = FaultPlan::new(6);
+    let remote = counted(Arc::new(RemoteMetrics::default()), Some(faults.clone()), Shaping::default());
+    let mut o = cache_opts(&d.path().join("a"), remote);
+    o.remote.retry.max_attempts = 1;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    // The image grows to end 7000 bytes into a new chunk; that cut's
+    // commit lands, its reply is lost, and write-back retries in a second.
+    faults.lose_create_replies(1);
+    let end = expect.len() as u64 + 7000;
+    write(&*s, end - 9000, &[0x31; 9000], &mut expect);
+    guest_flush(&*s);
+    // Meanwhile the guest writes past that end.
+    write(&*s, end + 1000, &[0x42; 3000], &mut expect);
+    write(&*s, end.next_multiple_of(CS) + 2 * CS + 512, &[0x53; 5000], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0, "everything uploaded");
+    let st = s.sync_status().unwrap();
+    assert_eq!(st.conflict, None, "{st:?}");
+    assert!(st.generations_committed >= 1, "{st:?}");
+    drop(s);
+    assert_eq!(fresh_view(d.path(), &vurl, "b"), expect, "the writes past the adopted commit's end went up");
+}
+
 #[test]
 fn a_second_writer_is_fenced_and_keeps_its_changes() {
     let d = tempfile::tempdir().unwrap();

@@ -577,13 +577,16 @@ impl Inner {
                 self.ssd.read_chunk(idx).map_err(|e| VolumeError::io("reading", self.ssd.dir(), e))?
             };
             let n = newest.image_len.saturating_sub(idx * self.cs).min(self.cs) as usize;
-            let same = match &want {
-                ChunkRef::Zero => data[..n].iter().all(|&b| b == 0),
-                ChunkRef::Base => false,
-                // Patched chunks are hashed at the full chunk size.
-                ChunkRef::Patched { sha256, .. } => crate::volume::pack::sha256_hex(&data) == *sha256,
-                ChunkRef::Packed { sha256, .. } => crate::volume::pack::sha256_hex(&data[..n]) == *sha256,
-            };
+            // Past the generation's end it holds zeroes: bytes the guest
+            // wrote there after its cut (the image grew) are not in it.
+            let same = data[n..].iter().all(|&b| b == 0)
+                && match &want {
+                    ChunkRef::Zero => data[..n].iter().all(|&b| b == 0),
+                    ChunkRef::Base => false,
+                    // Patched chunks are hashed at the full chunk size.
+                    ChunkRef::Patched { sha256, .. } => crate::volume::pack::sha256_hex(&data) == *sha256,
+                    ChunkRef::Packed { sha256, .. } => crate::volume::pack::sha256_hex(&data[..n]) == *sha256,
+                };
             if same {
                 clean.insert(idx, seq);
             }
