@@ -1,8 +1,10 @@
 //! Soak (issue: hardening, item 8): mixed guest I/O on 4 queues (libblkio)
 //! against a qcow2 volume on the Drive emulator with random faults (5xx,
 //! connection resets, lost replies), a small SSD tier that keeps evicting,
-//! periodic `driveblk sync`, and one kill -9 + restart of the daemon; every
-//! read is checked against a reference model as it runs. At the end: a
+//! periodic `driveblk sync`, and a FLUSH then kill -9 + restart of the
+//! daemon every 8 s, each restart followed by a full read-back against the
+//! reference model (every read is also checked as it runs).
+//! At the end: a
 //! full read-back against the reference, a sync, an export through a fresh
 //! machine (empty cache) that `qemu-img check` passes and whose guest
 //! bytes equal the reference, and the daemon's peak RSS within the tiers
@@ -28,6 +30,8 @@ const RAM: u64 = 8 << 20;
 /// What the daemon may use beyond its RAM tier: code, the runtime,
 /// buffers, pinned qcow2 metadata (a debug build).
 const OVERHEAD: u64 = 192 << 20;
+/// A crash this often (a commit is often in flight at the kill).
+const KILL_EVERY: Duration = Duration::from_secs(8);
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -37,8 +41,31 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Reads the whole disk and compares it with the reference.
+fn read_back(c: &mut common::Client, model: &[u8], what: &str) {
+    let mut off = 0;
+    while off < LEN {
+        let n = (1u64 << 20).min(LEN - off) as usize;
+        let got = c.read(off, n).unwrap();
+        if got != model[off as usize..off as usize + n] {
+            let want = &model[off as usize..off as usize + n];
+            let bad: Vec<usize> = (0..n).filter(|&i| got[i] != want[i]).collect();
+            let (first, last) = (bad[0], bad[bad.len() - 1]);
+            let zero = bad.iter().all(|&i| got[i] == 0);
+            panic!(
+                "{what}: {} wrong bytes between {} and {} ({}; in the MiB at {off})",
+                bad.len(),
+                off + first as u64,
+                off + last as u64,
+                if zero { "all read as zeroes" } else { "not all zeroes" }
+            );
+        }
+        off += n as u64;
+    }
+}
+
 #[test]
-fn soak_mixed_io_faults_evictions_syncs_and_a_restart() {
+fn soak_mixed_io_faults_evictions_syncs_and_restarts() {
     let secs = if std::env::var_os("SOAK").is_some_and(|v| v != "0") { 600 } else { 40 };
     let env = start(driveemu::Config { latency: Duration::from_millis(2), ..Default::default() }, Creds::User);
     let dir = env.dir.path();
@@ -77,7 +104,7 @@ fn soak_mixed_io_faults_evictions_syncs_and_a_restart() {
     let mut c = common::Client::connect(&sock, QUEUES as i32);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x50a4);
     let t0 = Instant::now();
-    let (mut restarted, mut last_sync, mut peak_kib) = (false, Instant::now(), 0u64);
+    let (mut kills, mut last_sync, mut peak_kib) = (0u64, Instant::now(), 0u64);
     let (mut reads, mut writes, mut zeroes, mut flushes, mut batches) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let part = common::BUF_LEN / QUEUES;
     while t0.elapsed() < Duration::from_secs(secs) {
@@ -138,8 +165,10 @@ fn soak_mixed_io_faults_evictions_syncs_and_a_restart() {
         if let Some(ch) = &d.child {
             peak_kib = peak_kib.max(rss_kib(ch.id()));
         }
-        if !restarted && t0.elapsed() > Duration::from_secs(secs / 2) {
-            // A crash after a flush: everything flushed survives.
+        let due = KILL_EVERY * (kills as u32 + 1);
+        if t0.elapsed() > due && t0.elapsed() + Duration::from_secs(4) < Duration::from_secs(secs) {
+            // A crash after a flush (often with a commit in flight): everything
+            // flushed survives, read back at once.
             c.flush().unwrap();
             drop(c);
             let mut ch = d.child.take().unwrap();
@@ -147,17 +176,12 @@ fn soak_mixed_io_faults_evictions_syncs_and_a_restart() {
             ch.wait().unwrap();
             d = serve();
             c = common::Client::connect(&sock, QUEUES as i32);
-            restarted = true;
+            kills += 1;
+            read_back(&mut c, &model, &format!("read-back after kill -9 number {kills}"));
         }
     }
     c.flush().unwrap();
-    // Everything reads back.
-    let mut off = 0;
-    while off < LEN {
-        let n = (1u64 << 20).min(LEN - off) as usize;
-        assert!(c.read(off, n).unwrap() == model[off as usize..off as usize + n], "final read-back at {off}");
-        off += n as u64;
-    }
+    read_back(&mut c, &model, "final read-back");
     if let Some(ch) = &d.child {
         peak_kib = peak_kib.max(rss_kib(ch.id()));
     }
@@ -186,12 +210,13 @@ fn soak_mixed_io_faults_evictions_syncs_and_a_restart() {
     let stats = env.emu.stats();
     eprintln!(
         "soak: {secs} s, {batches} batches of {QUEUES}: {reads} reads, {writes} writes, {zeroes} write-zeroes, \
-         {flushes} flushes, 1 kill -9; emulator injected {} 5xx; daemon peak RSS {} MiB",
+         {flushes} flushes, {kills} kill -9; emulator injected {} 5xx; daemon peak RSS {} MiB",
         stats.injected_5xx,
         peak_kib >> 10
     );
     assert!(stats.injected_5xx > 0, "the faults were exercised");
     assert!(batches > 50);
+    assert!(kills >= secs / 10, "{kills} kills in {secs} s");
     assert!(
         peak_kib << 10 <= RAM + OVERHEAD,
         "peak RSS {} MiB exceeds the RAM tier ({} MiB) + {} MiB",

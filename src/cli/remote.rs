@@ -58,7 +58,7 @@ pub struct RemoteArgs {
     /// Drive request pacing for the account: start at RATE requests/s with
     /// bursts of BURST, climb to MAX while requests queue and Drive does
     /// not refuse (without MAX the rate is fixed). Also
-    /// DRIVEBLK_DRIVE_PACER. Default 20,100 (fixed).
+    /// DRIVEBLK_DRIVE_PACER. Default 20,100,200.
     #[arg(long, value_name = "RATE[,BURST[,MAX]]", value_parser = parse_pacer)]
     pub drive_pacer: Option<PacerConfig>,
 

