@@ -3,12 +3,10 @@
 //! connection resets, lost replies), a small SSD tier that keeps evicting,
 //! periodic `driveblk sync`, and a FLUSH then kill -9 + restart of the
 //! daemon every 8 s, each restart followed by a full read-back against the
-//! reference model (every read is also checked as it runs).
-//! At the end: a
-//! full read-back against the reference, a sync, an export through a fresh
-//! machine (empty cache) that `qemu-img check` passes and whose guest
-//! bytes equal the reference, and the daemon's peak RSS within the tiers
-//! plus a fixed overhead.
+//! reference model (every read is also checked as it runs). At the end: a
+//! full read-back, a sync, an export through a fresh machine (empty cache)
+//! that `qemu-img check` passes and whose guest bytes equal the reference,
+//! and the daemon's peak RSS within the tiers plus a fixed overhead.
 //!
 //! CI runs 40 s of it; `SOAK=1` runs 10 minutes.
 
