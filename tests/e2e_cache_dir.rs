@@ -81,3 +81,93 @@ fn every_spelling_of_a_volume_url_finds_its_cache() {
         .collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
 }
+
+/// A cache whose state file is damaged may hold writes never uploaded:
+/// `serve` refuses it with the reason and the way out, changes nothing in
+/// it, and `discard-local` removes it when the user says so.
+#[test]
+fn a_cache_with_a_damaged_state_is_refused_not_dropped() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.raw");
+    let data = common::make_raw(&img, 2 << 20, 6);
+    let url = format!("dir:{}/vol", d.path().display());
+    let cache = d.path().join("cache");
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_driveblk")).args(args).args(["--cache-dir", cache.to_str().unwrap()]).output()
+    };
+    let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sock = d.path().join("sock");
+    let args = ["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+    let args = [&args[..], &["--sync-interval", "3600", "--boot-profile", "off"]].concat();
+
+    // A flushed write that lives in the cache only, then a crash.
+    let mut dmn = common::Daemon::start(&sock, &args);
+    let mut c = common::Client::connect(&sock, 1);
+    c.write(0, &[1u8; 4096]).unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let page = vec![0xabu8; 4096];
+    c.write(65536, &page).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    let mut child = dmn.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // One byte of the state file goes bad (after its header line).
+    let state = cache.join("state");
+    let mut s = std::fs::read(&state).unwrap();
+    let last = s.len() - 1;
+    s[last] ^= 0x40;
+    std::fs::write(&state, &s).unwrap();
+    let before: Vec<(String, Vec<u8>)> =
+        ["state", "data", "journal"].iter().map(|f| (f.to_string(), std::fs::read(cache.join(f)).unwrap())).collect();
+    assert!(before[1].1.windows(4096).any(|w| w == page), "the unsaved write is in the cache's data file");
+
+    // Refused, with the reason and the way out; nothing in it changed.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(&sock)
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed().as_secs() > 30 {
+            child.kill().unwrap();
+            panic!("serve started on a cache whose state is damaged");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("checksum") && err.contains("not yet uploaded") && err.contains("discard-local"), "{err}");
+    for (f, bytes) in &before {
+        assert!(std::fs::read(cache.join(f)).unwrap() == *bytes, "serve changed the cache's {f}");
+    }
+    // So does export, which reads the cache's changes too.
+    let out = d.path().join("out.raw");
+    let o = cli(&["export", "--quiet", &url, out.to_str().unwrap()]).unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("discard-local"));
+
+    // The user drops it: the next start follows the remote, at once (the
+    // damaged state still named the cache holding the writer lease).
+    let o = cli(&["discard-local", &url]).unwrap();
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && msg.contains("state could not be read"), "{msg}");
+    let dmn = common::Daemon::start(&sock, &args);
+    let mut c = common::Client::connect(&sock, 1);
+    assert!(c.read(65536, 4096).unwrap() == data[65536..65536 + 4096], "the dropped write is gone");
+    drop(c);
+    assert!(dmn.stop().success());
+}

@@ -482,13 +482,11 @@ pub fn discard_local(a: DiscardArgs) -> anyhow::Result<()> {
         Some(d) => d,
         None => default_cache_dir(&a.url, &a.remote.options())?,
     };
-    let dropped = tier::discard_local(&a.url, &dir, &a.remote.options())?;
-    eprintln!(
-        "dropped {} of local changes in {}; the next start follows {}'s newest generation",
-        human(dropped),
-        dir.display(),
-        a.url
-    );
+    let dropped = match tier::discard_local(&a.url, &dir, &a.remote.options())? {
+        Some(b) => format!("dropped {} of local changes", human(b)),
+        None => "removed a cache whose state could not be read (what it held is unknown)".to_string(),
+    };
+    eprintln!("{dropped} in {}; the next start follows {}'s newest generation", dir.display(), a.url);
     Ok(())
 }
 

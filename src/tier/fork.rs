@@ -70,17 +70,29 @@ pub fn fork(url: &str, new_url: &str, cache_dir: &Path, remote: &RemoteOptions) 
 /// Drops the local changes of the cache in `cache_dir` (and everything
 /// else it holds: the next start follows the volume's newest generation).
 /// If this cache held the volume's writer lease, it is released. Returns
-/// the bytes of changes dropped.
-pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions) -> VolumeResult<u64> {
+/// the bytes of changes dropped, or `None` for a cache whose state could
+/// not be read (so what it held is unknown).
+pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions) -> VolumeResult<Option<u64>> {
     let u = RemoteUrl::parse(url)?;
     let rt = runtime("driveblk-discard")?;
     let vol = rt.block_on(VolumeReader::open(&u, remote))?;
     let id = CacheIdentity { volume_id: vol.header.volume_id.clone(), chunk_size: vol.chunk_size() };
     let sealing = Sealing::AsFound(vol.key.clone());
+    // A cache whose state cannot be read is what `serve` refuses and
+    // points here for: it goes whole, and what it held is unknown. Its
+    // lease is released if the state's header still names the holder
+    // (else it runs out by itself).
+    if let Some(gone) = super::ssd::remove_damaged(cache_dir, &CACHE_FILES)? {
+        tracing::warn!(dir = %cache_dir.display(), why = %gone.why, "removed a cache whose state could not be read");
+        if let Some(cache_id) = gone.cache_id {
+            release_lease(&rt, &vol, &cache_id)?;
+        }
+        return Ok(None);
+    }
     let Some((ssd, _)) =
         SsdCache::open_sealed(cache_dir, id, vol.generation(), vol.image_len(), u64::MAX, OpenMode::Inspect, &sealing)?
     else {
-        return Ok(0);
+        return Ok(Some(0));
     };
     let dropped = ssd.dirty_data_chunks() * vol.chunk_size();
     let cache_id = ssd.cache_id().to_string();
@@ -93,6 +105,12 @@ pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions) -> Vol
         }
     }
     drop(ssd);
+    release_lease(&rt, &vol, &cache_id)?;
+    Ok(Some(dropped))
+}
+
+/// Releases the volume's writer lease if the cache `cache_id` holds it.
+fn release_lease(rt: &tokio::runtime::Runtime, vol: &VolumeReader, cache_id: &str) -> VolumeResult<()> {
     let newest = vol.manifest();
     if let Some(rec) = newest.lease.clone().filter(|r| r.cache_id == cache_id) {
         let view = rt.block_on(inspect(&vol.remote, &vol.header, &newest, None))?;
@@ -101,5 +119,5 @@ pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions) -> Vol
         rt.block_on(h.release(newest.generation))?;
         tracing::info!(url = %vol.url, "released the writer lease this cache held");
     }
-    Ok(dropped)
+    Ok(())
 }

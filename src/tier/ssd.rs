@@ -339,6 +339,57 @@ fn cache_err(dir: &Path, reason: impl Into<String>) -> VolumeError {
     VolumeError::Cache { dir: dir.to_path_buf(), reason: reason.into() }
 }
 
+/// Why a cache with an unusable state file is refused, and what to do.
+fn damaged_reason(dir: &Path, why: &str) -> String {
+    format!(
+        "its state cannot be used ({why}). It may hold writes not yet uploaded, so nothing in it was \
+         changed: copy the directory aside if they matter, then start again from the volume on the remote \
+         with `driveblk discard-local VOLUME --cache-dir {}`",
+        dir.display()
+    )
+}
+
+/// A cache removed because its state file could not be used.
+#[derive(Debug)]
+pub struct RemovedDamaged {
+    /// Why the state could not be used.
+    pub why: String,
+    /// The cache's id, if its state's header line still names one (the
+    /// writer lease names the cache that holds it).
+    pub cache_id: Option<String>,
+}
+
+/// Removes the files of the cache in `dir` if its state file cannot be
+/// used, under the directory's lock; `None` (and nothing changed) if the
+/// state is sound or absent.
+pub fn remove_damaged(dir: &Path, files: &[&str]) -> VolumeResult<Option<RemovedDamaged>> {
+    let lock_path = dir.join("lock");
+    let lock = match OpenOptions::new().write(true).open(&lock_path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(VolumeError::io("opening", &lock_path, e)),
+    };
+    // SAFETY: plain syscall on an owned fd.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(cache_err(dir, "in use by another driveblk process (stop it first)"));
+    }
+    let Err(why) = read_state(&dir.join("state")) else { return Ok(None) };
+    let cache_id = std::fs::read(dir.join("state")).ok().and_then(|b| {
+        let line = b.split(|&c| c == b'\n').next()?;
+        let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+        let id = v.get("cache_id")?.as_str()?;
+        (id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit())).then(|| id.to_string())
+    });
+    for f in files {
+        match std::fs::remove_file(dir.join(f)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(VolumeError::io("removing", dir.join(f), e)),
+        }
+    }
+    Ok(Some(RemovedDamaged { why, cache_id }))
+}
+
 /// Bitmap words of one chunk.
 fn bitmap_words(chunk_size: u64) -> usize {
     chunk_size.div_ceil(PAGE).div_ceil(64) as usize
@@ -559,13 +610,10 @@ impl SsdCache {
                 }
                 (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len, generation, fresh_id())
             }
-            Err(why) => {
-                if mode == OpenMode::Inspect {
-                    return Err(cache_err(dir, why));
-                }
-                tracing::warn!(dir = %dir.display(), %why, "discarding damaged cache state");
-                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len, generation, fresh_id())
-            }
+            // Without its state nothing tells unsaved writes in the data
+            // file from stale bytes: dropping it could lose writes that were
+            // never uploaded, so it stays as it is for the user to decide.
+            Err(why) => return Err(cache_err(dir, damaged_reason(dir, &why))),
         };
         let data_path = dir.join("data");
         if mode == OpenMode::Serve && (states.is_empty() || matches!(opened, Opened::Discarded(_))) {
@@ -1915,10 +1963,22 @@ mod tests {
         assert!(matches!(o, Opened::Discarded(ref w) if w.contains("belongs to volume")), "{o:?}");
         assert_eq!(c.state(0), ABSENT);
         drop(c);
-        // Damaged state file: discarded with a reason.
+        // Damaged state file: refused with a reason, the data file kept.
+        std::fs::write(d.path().join("data"), [7u8; 4096]).unwrap();
         std::fs::write(d.path().join("state"), b"garbage garbage garbage garbage garbage").unwrap();
-        let (_c, o) = SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
-        assert!(matches!(o, Opened::Discarded(ref w) if w.contains("checksum")), "{o:?}");
+        let e = SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).err().unwrap();
+        assert!(e.to_string().contains("checksum") && e.to_string().contains("discard-local"), "{e}");
+        assert_eq!(std::fs::read(d.path().join("data")).unwrap(), [7u8; 4096]);
+        // Removing it is asked for separately, and leaves a sound one alone.
+        let gone = remove_damaged(d.path(), &["state", "data"]).unwrap().unwrap();
+        assert!(gone.why.contains("checksum") && gone.cache_id.is_none(), "{gone:?}");
+        assert!(!d.path().join("data").exists());
+        let (c, o) = SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+        assert_eq!(o, Opened::Fresh);
+        c.persist().unwrap();
+        drop(c);
+        assert!(remove_damaged(d.path(), &["state", "data"]).unwrap().is_none());
+        assert!(d.path().join("state").exists());
     }
 
     const CS: u64 = 64 * 1024;
@@ -2302,7 +2362,7 @@ mod tests {
     }
 
     #[test]
-    fn ssd_damaged_bitmaps_are_discarded() {
+    fn ssd_damaged_bitmaps_are_refused() {
         let hdr = |partial: u64| {
             format!(
                 r#"{{"format":"driveblk-cache","version":2,"volume_id":"{}","generation":1,"chunk_size":{CS},"image_len":{},"chunks":3,"partial":{partial}}}"#,
@@ -2330,11 +2390,10 @@ mod tests {
         drop(c);
         for (file, why) in cases {
             std::fs::write(d.path().join("state"), &file).unwrap();
-            let e = SsdCache::open(d.path(), id64(), 1, 3 * CS, 1 << 30, OpenMode::Inspect).err().unwrap();
-            assert!(e.to_string().contains(why), "{why}: {e}");
-            let (c, o) = open64(d.path(), 3 * CS, 1 << 30);
-            assert!(matches!(o, Opened::Discarded(ref w) if w.contains(why)), "{why}: {o:?}");
-            assert_eq!((c.state(0), c.partial_chunks(), c.cached_bytes()), (ABSENT, 0, 0));
+            for mode in [OpenMode::Inspect, OpenMode::Serve] {
+                let e = SsdCache::open(d.path(), id64(), 1, 3 * CS, 1 << 30, mode).err().unwrap();
+                assert!(e.to_string().contains(why), "{why}: {e}");
+            }
         }
     }
 
