@@ -25,6 +25,10 @@ pub struct LocalFile {
     /// Cleared once the kernel says RWF_NOWAIT is unsupported here, so we stop
     /// asking (the blocking worker then serves every request).
     nowait_reads: AtomicBool,
+    /// The file lives in memory (tmpfs, ramfs): a read never waits on a
+    /// device, so the non-blocking path reads at once. (tmpfs refuses
+    /// RWF_NOWAIT, which would send every read to the blocking workers.)
+    in_memory: bool,
     /// Bumped after every write (of data, zeroes, length) completes;
     /// `synced` is the value the last good `fdatasync` covered, so a flush
     /// with nothing written since costs no fsync.
@@ -44,12 +48,14 @@ impl LocalFile {
             ));
         }
         let len = file_len(&file)?;
+        let in_memory = in_memory_fs(&file);
         Ok(Self {
             file,
             path: path.to_path_buf(),
             read_only,
             len: AtomicU64::new(len),
             nowait_reads: AtomicBool::new(true),
+            in_memory,
             // Unequal: the first flush syncs what earlier openers wrote.
             written: AtomicU64::new(1),
             synced: AtomicU64::new(0),
@@ -114,6 +120,18 @@ impl FileTypeExt for std::fs::FileType {
     }
 }
 
+/// True if `file` is on a filesystem held in memory (tmpfs, ramfs).
+fn in_memory_fs(file: &File) -> bool {
+    // SAFETY: fstatfs fills the struct it is given; an all-zero statfs is valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscall on an owned fd.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    // statfs(2)'s magic numbers of tmpfs and ramfs.
+    matches!(st.f_type as u64, 0x0102_1994 | 0x8584_58f6)
+}
+
 fn file_len(file: &File) -> io::Result<u64> {
     use std::io::{Seek, SeekFrom};
     // Works for block devices too, where metadata().len() is 0.
@@ -148,7 +166,7 @@ impl Storage for LocalFile {
 
     fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
         let total = bufs.len();
-        let nowait = mode == IoMode::NonBlocking;
+        let nowait = mode == IoMode::NonBlocking && !self.in_memory;
         if nowait && !self.nowait_reads.load(Ordering::Relaxed) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -287,6 +305,24 @@ fn write_zero_bytes(file: &File, mut offset: u64, mut len: u64) -> io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file in memory (tmpfs refuses RWF_NOWAIT) is read on the fast
+    /// path, not handed to the blocking workers.
+    #[test]
+    fn reads_from_tmpfs_never_say_would_block() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else { return };
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![9u8; 8192]).unwrap();
+        let f = LocalFile::open(&p, true).unwrap();
+        if !f.in_memory {
+            return; // /dev/shm is not tmpfs here
+        }
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..2 {
+            f.read_vectored_at(4096, &IoVec::from_slice(&mut buf), IoMode::NonBlocking).unwrap();
+            assert_eq!(buf, vec![9u8; 4096]);
+        }
+    }
 
     #[test]
     fn read_write_zero_and_eof() {
