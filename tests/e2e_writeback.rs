@@ -39,11 +39,14 @@ fn remote_view(dir: &Path, url: &str) -> Vec<u8> {
     let _ = std::fs::remove_file(&q);
     let _ = std::fs::remove_file(&raw);
     run_ok(bin(), &["export", url, q.to_str().unwrap(), "--quiet"]);
-    let out = Command::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(&q).output().unwrap();
+    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&q).output().unwrap();
+    // 3: leaked clusters only, which a kill -9 in the middle of a flush may
+    // leave (as a crash of QEMU does); 2 is corruption.
     assert!(
-        out.status.success(),
-        "qemu-img check of the remote's generation failed: {}",
-        String::from_utf8_lossy(&out.stdout)
+        matches!(out.status.code(), Some(0 | 3)),
+        "qemu-img check of the remote's generation failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
     run_ok("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", q.to_str().unwrap(), raw.to_str().unwrap()]);
     std::fs::read(&raw).unwrap()

@@ -195,8 +195,17 @@ fn soak_mixed_io_faults_evictions_syncs_and_restarts() {
     let out = dir.join("export.qcow2");
     let other = dir.join("cache-other");
     run(&["export", "--quiet", "gdrive:/vms/soak", out.to_str().unwrap(), "--cache-dir", other.to_str().unwrap()]);
+    // Exit code 3: leaked clusters only. A kill -9 between a flush's
+    // refcount and L2 writes leaks the cluster being allocated, as a crash
+    // of QEMU does (harmless, `qemu-img check -r leaks` frees it); anything
+    // else (2: corruption) fails.
     let chk = Command::new("qemu-img").args(["check", "-f", "qcow2", out.to_str().unwrap()]).output().unwrap();
-    assert!(chk.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&chk.stdout));
+    assert!(
+        matches!(chk.status.code(), Some(0 | 3)),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&chk.stdout),
+        String::from_utf8_lossy(&chk.stderr)
+    );
     let back = dir.join("back.raw");
     let o = Command::new("qemu-img")
         .args(["convert", "-f", "qcow2", "-O", "raw", out.to_str().unwrap(), back.to_str().unwrap()])
