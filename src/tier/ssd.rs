@@ -369,10 +369,7 @@ pub fn remove_damaged(dir: &Path, files: &[&str]) -> VolumeResult<Option<Removed
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(VolumeError::io("opening", &lock_path, e)),
     };
-    // SAFETY: plain syscall on an owned fd.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(cache_err(dir, "in use by another driveblk process (stop it first)"));
-    }
+    lock_exclusive(&lock, dir)?;
     let Err(why) = read_state(&dir.join("state")) else { return Ok(None) };
     let cache_id = std::fs::read(dir.join("state")).ok().and_then(|b| {
         let line = b.split(|&c| c == b'\n').next()?;
@@ -388,6 +385,16 @@ pub fn remove_damaged(dir: &Path, files: &[&str]) -> VolumeResult<Option<Removed
         }
     }
     Ok(Some(RemovedDamaged { why, cache_id }))
+}
+
+/// Takes the cache directory's lock (its `lock` file, open as `lock`),
+/// failing at once if another process holds it.
+fn lock_exclusive(lock: &File, dir: &Path) -> VolumeResult<()> {
+    // SAFETY: plain syscall on an owned fd.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(cache_err(dir, "in use by another driveblk process (stop it first, or use another --cache-dir)"));
+    }
+    Ok(())
 }
 
 /// Bitmap words of one chunk.
@@ -565,13 +572,7 @@ impl SsdCache {
             .write(true)
             .open(&lock_path)
             .map_err(|e| VolumeError::io("opening", &lock_path, e))?;
-        // SAFETY: plain syscall on an owned fd.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(cache_err(
-                dir,
-                "in use by another driveblk process (stop it first, or use another --cache-dir)",
-            ));
-        }
+        lock_exclusive(&lock, dir)?;
         let state_path = dir.join("state");
         let fresh_id = || hex::encode(rand::random::<[u8; 16]>());
         let mut sealed = want.clone().unwrap_or_default();
