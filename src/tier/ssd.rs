@@ -349,6 +349,14 @@ fn damaged_reason(dir: &Path, why: &str) -> String {
     )
 }
 
+/// For a directory without a state file: why its data file cannot be
+/// trusted, if it holds bytes (the state is written at a cache's first
+/// open, before any data, so only a state lost since leaves that).
+fn lost_state(dir: &Path) -> Option<String> {
+    let n = std::fs::metadata(dir.join("data")).map(|m| m.len()).unwrap_or(0);
+    (n > 0).then(|| format!("the state file is missing, and the data file holds {n} bytes"))
+}
+
 /// A cache removed because its state file could not be used.
 #[derive(Debug)]
 pub struct RemovedDamaged {
@@ -370,7 +378,14 @@ pub fn remove_damaged(dir: &Path, files: &[&str]) -> VolumeResult<Option<Removed
         Err(e) => return Err(VolumeError::io("opening", &lock_path, e)),
     };
     lock_exclusive(&lock, dir)?;
-    let Err(why) = read_state(&dir.join("state")) else { return Ok(None) };
+    let why = match read_state(&dir.join("state")) {
+        Err(why) => why,
+        Ok(Some(_)) => return Ok(None),
+        Ok(None) => match lost_state(dir) {
+            Some(why) => why,
+            None => return Ok(None),
+        },
+    };
     let cache_id = std::fs::read(dir.join("state")).ok().and_then(|b| {
         let line = b.split(|&c| c == b'\n').next()?;
         let v: serde_json::Value = serde_json::from_slice(line).ok()?;
@@ -577,7 +592,12 @@ impl SsdCache {
         let fresh_id = || hex::encode(rand::random::<[u8; 16]>());
         let mut sealed = want.clone().unwrap_or_default();
         let (opened, states, maps, len, generation, cache_id) = match read_state(&state_path) {
-            Ok(None) => (Opened::Fresh, Vec::new(), HashMap::new(), image_len, generation, fresh_id()),
+            Ok(None) => {
+                if let Some(why) = lost_state(dir) {
+                    return Err(cache_err(dir, damaged_reason(dir, &why)));
+                }
+                (Opened::Fresh, Vec::new(), HashMap::new(), image_len, generation, fresh_id())
+            }
             Ok(Some(l)) if l.header.id == id && want.as_ref().is_none_or(|w| *w == l.header.sealed) => {
                 sealed = l.header.sealed.clone();
                 let dirty = l.states.iter().filter(|&&s| is_dirty(s)).count() as u64;
@@ -1980,6 +2000,14 @@ mod tests {
         drop(c);
         assert!(remove_damaged(d.path(), &["state", "data"]).unwrap().is_none());
         assert!(d.path().join("state").exists());
+        // A lost state file with data left: refused, and removed when asked.
+        std::fs::remove_file(d.path().join("state")).unwrap();
+        std::fs::write(d.path().join("data"), [7u8; 4096]).unwrap();
+        let e = SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).err().unwrap();
+        assert!(e.to_string().contains("state file is missing"), "{e}");
+        assert_eq!(std::fs::read(d.path().join("data")).unwrap(), [7u8; 4096]);
+        assert!(remove_damaged(d.path(), &["state", "data"]).unwrap().is_some());
+        assert!(SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().is_some());
     }
 
     const CS: u64 = 64 * 1024;
