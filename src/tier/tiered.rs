@@ -839,19 +839,22 @@ impl Inner {
         {
             let me = self.clone();
             let local = tokio::task::spawn_blocking(move || {
+                // The RAM copy goes in under the same lock as the read: a
+                // write landing between them would not update a copy not yet
+                // in RAM, which would then serve (and fill a later
+                // read-modify-write with) the bytes from before it.
                 let _g = me.ssd.lock_read(idx);
-                if me.ssd.has_chunk(idx) {
-                    me.ssd.read_chunk(idx).map(Some)
-                } else {
-                    Ok(None)
+                if !me.ssd.has_chunk(idx) {
+                    return Ok(None);
                 }
+                let buf: ChunkBuf = Arc::new(RwLock::new(me.ssd.read_chunk(idx)?));
+                if to_ram {
+                    me.ram.insert(idx, buf.clone());
+                }
+                Ok::<_, io::Error>(Some(buf))
             })
             .await;
-            if let Ok(Ok(Some(v))) = local {
-                let buf: ChunkBuf = Arc::new(RwLock::new(v));
-                if to_ram {
-                    self.ram.insert(idx, buf.clone());
-                }
+            if let Ok(Ok(Some(buf))) = local {
                 return Ok(buf);
             }
         }
