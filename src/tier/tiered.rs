@@ -848,6 +848,8 @@ impl Inner {
                     return Ok(None);
                 }
                 let buf: ChunkBuf = Arc::new(RwLock::new(me.ssd.read_chunk(idx)?));
+                #[cfg(test)]
+                tests::before_ram_insert(me.ssd.dir(), idx);
                 if to_ram {
                     me.ram.insert(idx, buf.clone());
                 }
@@ -1374,6 +1376,82 @@ impl Storage for TieredStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Hook = Arc<dyn Fn(&std::path::Path, u64) + Send + Sync>;
+
+    /// Runs between reading a chunk completed from its sub-frames and
+    /// putting it in RAM, for the one test that sets it.
+    static BEFORE_RAM_INSERT: parking_lot::Mutex<Option<Hook>> = parking_lot::const_mutex(None);
+
+    pub(super) fn before_ram_insert(dir: &std::path::Path, idx: u64) {
+        let hook = BEFORE_RAM_INSERT.lock().clone();
+        if let Some(h) = hook {
+            h(dir, idx);
+        }
+    }
+
+    /// A chunk completed from its sub-frames goes into RAM under the lock
+    /// it was read under: a write arriving meanwhile waits, then updates
+    /// the RAM copy, so RAM never serves the bytes from before it (nor
+    /// hands them to a later read-modify-write as the chunk's content).
+    #[test]
+    fn a_write_never_lands_between_a_chunk_read_and_its_ram_copy() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("img.raw");
+        let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+        std::fs::write(&img, &data).unwrap();
+        let url = format!("dir:{}", d.path().join("vol").display());
+        let io = crate::volume::ImportOptions { chunk_size: 1 << 20, ..Default::default() };
+        crate::volume::import(&img, &url, &io).unwrap();
+        let cache = d.path().join("cache");
+        let mut o = CacheOptions::new(&cache);
+        o.ram_cache = 8 << 20;
+        o.readahead_chunks = 0;
+        let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
+        // A miss at the chunk's start: its first run of sub-frames only.
+        let mut b = vec![0u8; 4096];
+        s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        assert_eq!(s.inner.ssd.state(0), crate::tier::ssd::PARTIAL);
+        // A miss past that run completes the chunk; hold it after its read.
+        let (paused_tx, paused) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = parking_lot::Mutex::new(go_rx);
+        let mine = cache.clone();
+        *BEFORE_RAM_INSERT.lock() = Some(Arc::new(move |dir: &std::path::Path, idx: u64| {
+            if dir == mine && idx == 0 {
+                let _ = paused_tx.send(());
+                let _ = go_rx.lock().recv_timeout(Duration::from_secs(20));
+            }
+        }));
+        let reader = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut b = vec![0u8; 4096];
+                let r = s.read_vectored_at(800 << 10, &IoVec::from_slice(&mut b), IoMode::Blocking);
+                r.map(|_| b)
+            })
+        };
+        paused.recv_timeout(Duration::from_secs(20)).expect("the chunk was never completed from its sub-frames");
+        // A write to the chunk now: it must not land before the RAM copy.
+        let at = 600u64 << 10;
+        let writer = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut w = vec![0xeeu8; 4096];
+                let r = s.write_vectored_at(at, &IoVec::from_slice(&mut w), IoMode::Blocking);
+                r
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        go.send(()).unwrap();
+        let got = reader.join().unwrap().unwrap();
+        assert_eq!(got, data[800 << 10..(800 << 10) + 4096]);
+        writer.join().unwrap().unwrap();
+        *BEFORE_RAM_INSERT.lock() = None;
+        assert!(s.inner.ram.get(0).is_some(), "the completed chunk went into RAM");
+        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        assert_eq!(b, vec![0xeeu8; 4096], "RAM served the bytes from before the write");
+    }
 
     /// A 2 MiB volume of nonzero bytes in 256 KiB chunks on a `dir:` remote.
     fn imported() -> (tempfile::TempDir, String, Vec<u8>) {
