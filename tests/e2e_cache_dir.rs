@@ -9,6 +9,19 @@ mod common;
 
 use std::process::Command;
 
+/// Writes a page at 64 KiB that stays in the cache only (with
+/// `--sync-interval 3600`): the first FLUSH cuts a generation at once, the
+/// next write, flushed within the interval, is not uploaded. Returns it.
+fn write_kept_in_cache(c: &mut common::Client) -> Vec<u8> {
+    c.write(0, &[1u8; 4096]).unwrap();
+    c.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let page = vec![0xabu8; 4096];
+    c.write(65536, &page).unwrap();
+    c.flush().unwrap();
+    page
+}
+
 #[test]
 fn every_spelling_of_a_volume_url_finds_its_cache() {
     let d = tempfile::tempdir().unwrap();
@@ -48,14 +61,7 @@ fn every_spelling_of_a_volume_url_finds_its_cache() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let mut c = common::Client::connect(&sock, 1);
-    // The first FLUSH cuts a generation at once; the next write, flushed
-    // within --sync-interval, stays in the cache only.
-    c.write(0, &[1u8; 4096]).unwrap();
-    c.flush().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let page = vec![0xabu8; 4096];
-    c.write(65536, &page).unwrap();
-    c.flush().unwrap();
+    let page = write_kept_in_cache(&mut c);
     std::thread::sleep(std::time::Duration::from_millis(1500)); // a status write
     drop(c);
     let mut child = dmn.child.take().unwrap();
@@ -107,12 +113,7 @@ fn a_cache_with_a_damaged_state_is_refused_not_dropped() {
     // A flushed write that lives in the cache only, then a crash.
     let mut dmn = common::Daemon::start(&sock, &args);
     let mut c = common::Client::connect(&sock, 1);
-    c.write(0, &[1u8; 4096]).unwrap();
-    c.flush().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let page = vec![0xabu8; 4096];
-    c.write(65536, &page).unwrap();
-    c.flush().unwrap();
+    let page = write_kept_in_cache(&mut c);
     drop(c);
     let mut child = dmn.child.take().unwrap();
     child.kill().unwrap();

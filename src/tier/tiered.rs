@@ -1396,19 +1396,20 @@ mod tests {
     /// hands them to a later read-modify-write as the chunk's content).
     #[test]
     fn a_write_never_lands_between_a_chunk_read_and_its_ram_copy() {
-        let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("img.raw");
-        let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
-        std::fs::write(&img, &data).unwrap();
-        let url = format!("dir:{}", d.path().join("vol").display());
-        let io = crate::volume::ImportOptions { chunk_size: 1 << 20, ..Default::default() };
-        crate::volume::import(&img, &url, &io).unwrap();
+        let (d, url, data) = imported_in_chunks(1 << 20);
         let cache = d.path().join("cache");
         let mut o = CacheOptions::new(&cache);
         o.ram_cache = 8 << 20;
         o.readahead_chunks = 0;
         let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
-        // A miss at the chunk's start: its first run of sub-frames only.
+        // Once the pack's sub-frame index is in (it is fetched in the
+        // background at open), a miss at the chunk's start takes its first
+        // run of sub-frames only.
+        let t0 = std::time::Instant::now();
+        while !s.inner.vol.part_ready(0) {
+            assert!(t0.elapsed() < Duration::from_secs(30), "the pack's index was never fetched");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let mut b = vec![0u8; 4096];
         s.read_vectored_at(0, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
         assert_eq!(s.inner.ssd.state(0), crate::tier::ssd::PARTIAL);
@@ -1455,12 +1456,17 @@ mod tests {
 
     /// A 2 MiB volume of nonzero bytes in 256 KiB chunks on a `dir:` remote.
     fn imported() -> (tempfile::TempDir, String, Vec<u8>) {
+        imported_in_chunks(256 << 10)
+    }
+
+    /// [`imported`] with chunks of `chunk_size`.
+    fn imported_in_chunks(chunk_size: u64) -> (tempfile::TempDir, String, Vec<u8>) {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("img.raw");
         let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
         std::fs::write(&img, &data).unwrap();
         let url = format!("dir:{}", d.path().join("vol").display());
-        let io = crate::volume::ImportOptions { chunk_size: 256 << 10, ..Default::default() };
+        let io = crate::volume::ImportOptions { chunk_size, ..Default::default() };
         crate::volume::import(&img, &url, &io).unwrap();
         (d, url, data)
     }
