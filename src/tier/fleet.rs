@@ -50,13 +50,7 @@ pub fn prepare_cache(opts: &CacheOptions, vol: &VolumeReader) -> VolumeResult<()
         if let Some((ssd, _)) = SsdCache::open(dir, id, vol.generation(), vol.image_len(), u64::MAX, OpenMode::Inspect)?
         {
             if leftover {
-                for f in CACHE_FILES {
-                    match std::fs::remove_file(dir.join(f)) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(VolumeError::io("removing", dir.join(f), e)),
-                    }
-                }
+                super::ssd::remove_files(dir, &CACHE_FILES)?;
                 tracing::info!(dir = %dir.display(), "dropped the cache of an earlier ephemeral run (its guest's writes)");
             } else if ssd.dirty_chunks() > 0 {
                 return Err(VolumeError::Cache {

@@ -97,13 +97,7 @@ pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions) -> Vol
     let dropped = ssd.dirty_data_chunks() * vol.chunk_size();
     let cache_id = ssd.cache_id().to_string();
     // Under the directory lock: no daemon uses it meanwhile.
-    for f in CACHE_FILES {
-        match std::fs::remove_file(cache_dir.join(f)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(VolumeError::io("removing", cache_dir.join(f), e)),
-        }
-    }
+    super::ssd::remove_files(cache_dir, &CACHE_FILES)?;
     drop(ssd);
     release_lease(&rt, &vol, &cache_id)?;
     Ok(Some(dropped))

@@ -392,6 +392,13 @@ pub fn remove_damaged(dir: &Path, files: &[&str]) -> VolumeResult<Option<Removed
         let id = v.get("cache_id")?.as_str()?;
         (id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit())).then(|| id.to_string())
     });
+    remove_files(dir, files)?;
+    Ok(Some(RemovedDamaged { why, cache_id }))
+}
+
+/// Removes `files` from the cache directory `dir` (those not there are
+/// fine). Callers hold the directory's lock.
+pub(crate) fn remove_files(dir: &Path, files: &[&str]) -> VolumeResult<()> {
     for f in files {
         match std::fs::remove_file(dir.join(f)) {
             Ok(()) => {}
@@ -399,7 +406,7 @@ pub fn remove_damaged(dir: &Path, files: &[&str]) -> VolumeResult<Option<Removed
             Err(e) => return Err(VolumeError::io("removing", dir.join(f), e)),
         }
     }
-    Ok(Some(RemovedDamaged { why, cache_id }))
+    Ok(())
 }
 
 /// Takes the cache directory's lock (its `lock` file, open as `lock`),
