@@ -157,6 +157,35 @@ fn a_first_boot_streams_the_dense_region_within_its_bound() {
     s.close(Duration::from_secs(30));
 }
 
+/// Early in a first boot the guest has read little: with
+/// `first_boot_ahead` the dense region's stream runs ahead of 3x that by
+/// what the link moves in that long (here 1 s of a 20 MB/s link), so it
+/// keeps the link busy instead of waiting for the guest — and stops there.
+#[test]
+fn a_first_boot_streams_ahead_of_its_bound_by_link_time() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 48 << 20);
+    let m = Arc::new(RemoteMetrics::default());
+    let link = Shaping { latency: Duration::from_millis(2), bandwidth_bps: Some(160_000_000) };
+    let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, link));
+    o.boot_profile = BootProfileMode::Auto;
+    o.readahead_chunks = 0;
+    o.first_boot_ahead = Duration::from_secs(1);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    // Ten small reads in chunks apart from each other: a dense region, and
+    // 3x what they read is 120 KiB.
+    let reads: Vec<(u64, usize)> = (0..10u64).map(|f| ((4 * f + 1) * CHUNK + 8192, 4096usize)).collect();
+    boot(&s, &reads, &data);
+    wait_for("the stream to run ahead of 3x the bytes read", || s.stats().bytes_stream >= 8 << 20);
+    // Settled: past what the link moves in a second it waits for the guest.
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = s.stats();
+    counts_add_up(&st);
+    assert!(st.bytes_stream <= 3 * 40960 + 24_000_000 + CHUNK, "streamed {}: {st:?}", st.bytes_stream);
+    boot(&s, &reads, &data);
+    s.close(Duration::from_secs(30));
+}
+
 /// With no profile, a volume storing less than `first_boot_whole_below`
 /// streams whole from its first read on: one read brings the rest, and the
 /// boot then reads everything without another remote get. Above the

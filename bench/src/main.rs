@@ -91,7 +91,8 @@ struct Args {
     trace_differ: f64,
     /// Boot trace: connect to nothing; print what an ideal daemon would reach on this trace
     /// (`--size` is the device's bytes; `--trace-differ` > 0 replays against the seed boot's
-    /// profile, 0 is a first boot) over a link of --bound-rtt-ms per request and --bound-mbit.
+    /// profile, 0 is a first boot) over a link of --bound-rtt-ms per request and --bound-mbit,
+    /// with the profile (or the image) local from the start and streamed beside the misses.
     #[arg(long, requires = "size")]
     bound: bool,
     #[arg(long, default_value_t = 100.0)]
@@ -283,6 +284,25 @@ fn print_bound(args: &Args) -> Result<()> {
             b.profile_bytes / 1_000_000,
             b.miss_bytes / 1_000_000,
             b.latency_s.max(link) / floor
+        );
+    }
+    println!();
+    println!(
+        "With a stream beside the misses ({}), misses ahead of it on the link:",
+        if profiled { "the profile, in the recorded boot's order" } else { "the image, front to back" }
+    );
+    println!("| piece a miss fetches | wall s | round trips | MB misses moved | MB streamed | wall / floor |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for unit in [64u64 << 10, 128 << 10, 256 << 10, 1 << 20] {
+        let b = bound::streamed(&params, profiled, unit, args.bound_rtt_ms / 1000.0, rate, qd);
+        println!(
+            "| {} KiB | {:.1} | {} | {} | {} | {:.2} |",
+            b.unit >> 10,
+            b.wall_s,
+            b.fetches,
+            b.miss_bytes / 1_000_000,
+            b.stream_bytes / 1_000_000,
+            b.wall_s / floor
         );
     }
     Ok(())

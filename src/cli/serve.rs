@@ -313,6 +313,7 @@ impl CacheArgs {
         o.ssd_cache = self.ssd_cache;
         o.hydrate = self.hydrate;
         o.first_boot_whole_below = self.first_boot_whole_below;
+        o.first_boot_ahead = crate::tier::tiered::FIRST_BOOT_AHEAD;
         o.encrypt_cache = self.encrypt_cache;
         o.fetch_concurrency = self.fetch_concurrency;
         o.readahead_chunks = self.readahead_chunks;

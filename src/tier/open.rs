@@ -31,6 +31,9 @@ pub struct CacheOptions {
     /// bytes fetches all of it from the start (0: only what the boot's
     /// dense regions ask for, within their bound).
     pub first_boot_whole_below: u64,
+    /// The first boot's stream of dense regions may run ahead of its bound
+    /// by what the link moves in this long (zero: never past the bound).
+    pub first_boot_ahead: Duration,
     /// Parallel fetches of the background hydration (kept low so guest
     /// misses go first).
     pub hydrate_concurrency: usize,
@@ -88,6 +91,7 @@ impl CacheOptions {
             readahead_chunks: 8,
             fetch_concurrency: 16,
             first_boot_whole_below: 0,
+            first_boot_ahead: Duration::ZERO,
             hydrate_concurrency: 2,
             speculative_bytes: super::tiered::SPECULATIVE_BYTES,
             read_only: false,

@@ -42,7 +42,7 @@ mod lease;
 mod metadata;
 mod part;
 mod stream;
-pub use stream::WHOLE_BELOW as FIRST_BOOT_WHOLE_BELOW;
+pub use stream::{STREAM_AHEAD as FIRST_BOOT_AHEAD, WHOLE_BELOW as FIRST_BOOT_WHOLE_BELOW};
 mod writeback;
 
 use writeback::Writeback;
@@ -266,6 +266,7 @@ impl TieredStore {
             dense: stream::Dense::new(
                 opts.boot_profile != BootProfileMode::Off && !opts.hydrate,
                 opts.first_boot_whole_below,
+                opts.first_boot_ahead,
             ),
             demand: AtomicUsize::new(0),
             readahead: Readahead::new(cs, opts.readahead_chunks),

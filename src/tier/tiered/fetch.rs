@@ -197,6 +197,11 @@ impl Lanes {
         Admitted { lanes: self, _permit: None, start: Instant::now(), guest }
     }
 
+    /// The link's rate (bytes/s), once enough fetches have ended to tell.
+    pub fn rate(&self) -> Option<f64> {
+        self.budget.lock().speed.rate()
+    }
+
     /// Speculative bytes allowed in flight now.
     pub fn budget(&self) -> u64 {
         u64::from(self.budget.lock().cap_kib) << 10
