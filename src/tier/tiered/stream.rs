@@ -4,8 +4,9 @@
 //! background as speculative work — at full link speed, behind every guest
 //! miss, and never more than [`STREAM_FACTOR`] times the bytes the guest
 //! has read plus what the link moves in a while (`serve`: [`STREAM_AHEAD`]).
-//! Past the bytes read plus 3x that, in all, readahead waits and misses
-//! outside streamed regions fetch only their own sub-frames. A
+//! Once everything fetched passes the bytes read plus 3x them, readahead
+//! waits and misses outside streamed regions fetch only their own
+//! sub-frames. A
 //! volume whose stored bytes are few (at most `whole_below`) streams whole
 //! from the start: fetching all of it costs less than the round trips its
 //! boot's misses would.
