@@ -581,9 +581,11 @@ fn a_file_read_sooner_than_recorded_brings_its_next_segments() {
     }
     let st = s.stats();
     // B is 8 MiB: 8 segments or more. One wait per segment without the
-    // segments after it; here each wait brings 2 MiB more.
+    // segments after it; here each wait brings 2 MiB more, so about 4 (on a
+    // loaded machine a read may find the next segment still being
+    // installed and wait once or twice more).
     let waits = st.misses - before.misses;
-    assert!(waits <= 4, "{waits} waits reading B: {st:?}");
+    assert!(waits <= 6, "{waits} waits reading B: {st:?}");
     assert!(st.profile_segments_done < 30, "the stream was to be still on A: {st:?}");
     s.close(Duration::from_secs(60));
 }
