@@ -16,7 +16,9 @@ passed=0
 failed=0
 stages_failed=0
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# What failed, repeated at the very end: CI keeps only the tail of the output.
+failures=$(mktemp)
+trap 'rm -f "$log" "$failures"' EXIT
 stage() { # name, command...
   local name=$1; shift
   echo "=== $name"
@@ -35,13 +37,28 @@ count() { # passed-regex failed-regex: add the numbers the last stage printed
   passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0}))
 }
 
+rust_failures() { # the failing tests of the last nextest stage, for the closing report
+  grep -qE '^ +(FAIL|SIGSEGV|SIGABRT|SIGKILL|TIMEOUT|LEAK)' "$log" || return 0
+  { echo "--- $1 that failed, why, and the end of their output:"
+    sed -n '/^ *Summary \[/,$p' "$log" >"$failures.rust"
+    grep -E '^ +(FAIL|SIGSEGV|SIGABRT|SIGKILL|TIMEOUT|LEAK)' "$failures.rust"
+    grep -A8 'panicked at' "$failures.rust" | head -60
+    echo "--- (end of output)"; tail -60 "$failures.rust"; rm -f "$failures.rust"; } >>"$failures"
+}
+
 cargo build --workspace --all-targets
-stage "rust tests" cargo nextest run --workspace --no-fail-fast
+# A failing test's output is printed again after nextest's summary; that
+# part goes to the closing report too.
+stage "rust tests" cargo nextest run --workspace --no-fail-fast --failure-output immediate-final
 count '[0-9]+ passed' '[0-9]+ failed'
+rust_failures "rust tests"
 if [ -x integration/run-all.sh ]; then
   stage "guest tests" integration/run-all.sh "${CARGO_TARGET_DIR:-$PWD/target}/debug/driveblk"
   passed=$((passed + $(grep -cE '^  [a-z0-9-]+ +PASS ' "$log" || true)))
   failed=$((failed + $(grep -cE '^  [a-z0-9-]+ +FAIL ' "$log" || true)))
+  if grep -qE '^  [a-z0-9-]+ +FAIL ' "$log"; then
+    { echo "--- guest cases that failed:"; grep -E '^  [a-z0-9-]+ +FAIL ' "$log"; } >>"$failures"
+  fi
 fi
 
 # The parsers under libFuzzer: every target briefly here (3 minutes in
@@ -70,14 +87,17 @@ fuzz_stage() { # seconds for every target, or "" for the CI times
     target=${spec%%:*}
     secs=${1:-${spec##*:}}
     stage "fuzz $target ($secs s)" fuzz_one "$target" "$secs"
-    if grep -q 'Done [0-9]* runs' "$log"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+    if grep -q 'Done [0-9]* runs' "$log"; then passed=$((passed + 1)); else
+      failed=$((failed + 1)); { echo "--- fuzz $target failed:"; tail -40 "$log"; } >>"$failures"
+    fi
   done
 }
 if [ "${SOAK:-0}" = 1 ]; then
   fuzz_stage 600
   stage "slow tests (ignored by default: benchmarks of the tier and qcow2 engine)" \
-    cargo nextest run --workspace --run-ignored ignored-only --release
+    cargo nextest run --workspace --run-ignored ignored-only --release --failure-output immediate-final
   count '[0-9]+ passed' '[0-9]+ failed'
+  rust_failures "slow tests"
 else
   fuzz_stage ""
 fi
@@ -85,5 +105,6 @@ fi
 # A stage that failed without printing a count (a build error, a crash)
 # still counts as a failure.
 if [ "$stages_failed" -gt 0 ] && [ "$failed" -eq 0 ]; then failed=$stages_failed; fi
+if [ -s "$failures" ]; then echo "=== what failed"; cat "$failures"; fi
 echo "test.sh: $passed passed, $failed failed"
 [ "$stages_failed" -eq 0 ] && [ "$failed" -eq 0 ]
