@@ -39,8 +39,80 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// One guest write, kept so a wrong read can say whose bytes it got.
+#[derive(Clone, Copy)]
+struct Write {
+    off: u64,
+    len: u64,
+    /// `pattern(seed)`, or zeroes (write-zeroes).
+    seed: Option<u64>,
+    batch: u64,
+    /// Daemon restarts before it.
+    kills: u64,
+}
+
+impl Write {
+    fn describe(&self, i: usize) -> String {
+        let what = if self.seed.is_some() { "write" } else { "write-zeroes" };
+        format!("{what} #{i} of {}+{} (batch {}, after {} restarts)", self.off, self.len, self.batch, self.kills)
+    }
+}
+
+/// Where each wrong sector's bytes came from: the import, a guest write
+/// (here or elsewhere on the disk: a misplaced cluster), or zeroes. A
+/// failure that explains itself is one CI can act on.
+fn provenance(model: &[u8], history: &[Write], got: &[u8], off: u64) -> String {
+    // Every sector's first word, over the import and every write: (source, offset in it).
+    let mut first_words: std::collections::HashMap<u64, (String, u64)> = Default::default();
+    let word = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap());
+    let import = common::pattern(11, (LEN / 2) as usize);
+    for s in (0..import.len()).step_by(512) {
+        first_words.insert(word(&import[s..]), ("the import".into(), s as u64));
+    }
+    for (i, w) in history.iter().enumerate() {
+        if let Some(seed) = w.seed {
+            let p = common::pattern(seed, w.len as usize);
+            for s in (0..p.len()).step_by(512) {
+                first_words.insert(word(&p[s..]), (w.describe(i), s as u64));
+            }
+        }
+    }
+    // Runs of sectors: [start, end) got (source, its offset), reference.
+    let mut runs: Vec<(u64, u64, String, u64, String)> = Vec::new();
+    for s in (0..got.len()).step_by(512) {
+        let at = off + s as u64;
+        let g = &got[s..s + 512];
+        if g == &model[at as usize..at as usize + 512] {
+            continue;
+        }
+        let (source, pos) = if g.iter().all(|&b| b == 0) {
+            ("zeroes".to_string(), 0)
+        } else {
+            first_words.get(&word(g)).cloned().unwrap_or_else(|| ("bytes of no write".into(), 0))
+        };
+        let reference = match history.iter().enumerate().rev().find(|(_, w)| w.off <= at && at < w.off + w.len) {
+            Some((i, w)) => w.describe(i),
+            None => "the import".into(),
+        };
+        match runs.last_mut() {
+            Some((a, e, src, p, r))
+                if *e == at && *src == source && *r == reference && (source == "zeroes" || *p + (*e - *a) == pos) =>
+            {
+                *e += 512
+            }
+            _ => runs.push((at, at + 512, source, pos, reference)),
+        }
+    }
+    let lines: Vec<String> = runs
+        .iter()
+        .take(12)
+        .map(|(a, e, src, p, r)| format!("  {a}..{e}: got {src} (from +{p}); the reference is {r}"))
+        .collect();
+    lines.join("\n")
+}
+
 /// Reads the whole disk and compares it with the reference.
-fn read_back(c: &mut common::Client, model: &[u8], what: &str) {
+fn read_back(c: &mut common::Client, model: &[u8], history: &[Write], what: &str) {
     let mut off = 0;
     while off < LEN {
         let n = (1u64 << 20).min(LEN - off) as usize;
@@ -50,12 +122,21 @@ fn read_back(c: &mut common::Client, model: &[u8], what: &str) {
             let bad: Vec<usize> = (0..n).filter(|&i| got[i] != want[i]).collect();
             let (first, last) = (bad[0], bad[bad.len() - 1]);
             let zero = bad.iter().all(|&i| got[i] == 0);
+            let again = c.read(off, n).unwrap();
             panic!(
-                "{what}: {} wrong bytes between {} and {} ({}; in the MiB at {off})",
+                "{what}: {} wrong bytes between {} and {} ({}; in the MiB at {off}); read again: {}\n{}",
                 bad.len(),
                 off + first as u64,
                 off + last as u64,
-                if zero { "all read as zeroes" } else { "not all zeroes" }
+                if zero { "all read as zeroes" } else { "not all zeroes" },
+                if again == want {
+                    "right"
+                } else if again == got {
+                    "the same wrong bytes"
+                } else {
+                    "other wrong bytes"
+                },
+                provenance(model, history, &got, off)
             );
         }
         off += n as u64;
@@ -105,6 +186,7 @@ fn soak_mixed_io_faults_evictions_syncs_and_restarts() {
     let (mut kills, mut last_sync, mut peak_kib) = (0u64, Instant::now(), 0u64);
     let (mut reads, mut writes, mut zeroes, mut flushes, mut batches) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let part = common::BUF_LEN / QUEUES;
+    let mut history: Vec<Write> = Vec::new();
     while t0.elapsed() < Duration::from_secs(secs) {
         // One request per queue, on distinct slots, all in flight at once.
         let mut slots: Vec<u64> = Vec::new();
@@ -123,14 +205,17 @@ fn soak_mixed_io_faults_evictions_syncs_and_restarts() {
             match op {
                 0..=4 => c.queues[q].read(off, buf, len as usize, q, ReqFlags::empty()),
                 5..=8 => {
-                    let data = common::pattern(rng.random(), len as usize);
+                    let seed = rng.random();
+                    let data = common::pattern(seed, len as usize);
                     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf, len as usize) };
                     c.queues[q].write(off, buf, len as usize, q, ReqFlags::empty());
                     model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                    history.push(Write { off, len, seed: Some(seed), batch: batches, kills });
                 }
                 _ => {
                     c.queues[q].write_zeroes(off, len, q, ReqFlags::empty());
                     model[off as usize..(off + len) as usize].fill(0);
+                    history.push(Write { off, len, seed: None, batch: batches, kills });
                 }
             }
             pending.push((q, op, off, len));
@@ -141,7 +226,9 @@ fn soak_mixed_io_faults_evictions_syncs_and_restarts() {
             match op {
                 0..=4 => {
                     let got = &c.buf()[q * part..q * part + len as usize];
-                    assert!(got == &model[off as usize..(off + len) as usize], "wrong bytes at {off}+{len}");
+                    if got != &model[off as usize..(off + len) as usize] {
+                        panic!("wrong bytes at {off}+{len}:\n{}", provenance(&model, &history, got, off));
+                    }
                     reads += 1;
                 }
                 5..=8 => writes += 1,
@@ -175,11 +262,11 @@ fn soak_mixed_io_faults_evictions_syncs_and_restarts() {
             d = serve();
             c = common::Client::connect(&sock, QUEUES as i32);
             kills += 1;
-            read_back(&mut c, &model, &format!("read-back after kill -9 number {kills}"));
+            read_back(&mut c, &model, &history, &format!("read-back after kill -9 number {kills}"));
         }
     }
     c.flush().unwrap();
-    read_back(&mut c, &model, "final read-back");
+    read_back(&mut c, &model, &history, "final read-back");
     if let Some(ch) = &d.child {
         peak_kib = peak_kib.max(rss_kib(ch.id()));
     }
