@@ -28,7 +28,7 @@
 //! persist snapshots state bytes and bitmaps that agree. Bitmaps exist only
 //! for partial chunks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::io::AsRawFd;
@@ -270,6 +270,11 @@ struct Persisted {
     gen: u64,
     /// Batches of [`Marks`] made durable (batch `b` is when `marked > b`).
     marked: u64,
+    /// Chunks named by volatile records since: on replay such a record is
+    /// the last word on its chunk until a later record names it, so the
+    /// next persist names them all, even those back in the state recorded
+    /// here (written, committed and evicted in between, say).
+    volatile: HashSet<u64>,
 }
 
 /// Chunks queued for one journal record by [`SsdCache::mark_unclean`]
@@ -695,6 +700,7 @@ impl SsdCache {
                 written: false,
                 gen: 0,
                 marked: 0,
+                volatile: HashSet::new(),
             }),
             marks: Mutex::new(Marks::default()),
             hand: Mutex::new(0),
@@ -1029,7 +1035,7 @@ impl SsdCache {
     fn record_volatile(&self, range: std::ops::Range<u64>) -> io::Result<()> {
         // The persisted lock keeps this between persists: the record names
         // the generation the journal's last durable record does.
-        let persisted = self.persisted.lock();
+        let mut persisted = self.persisted.lock();
         let changes: Vec<Change> = range
             .filter_map(|idx| {
                 let (state, bitmap) = self.entry(idx);
@@ -1042,10 +1048,11 @@ impl SsdCache {
             return Ok(());
         }
         let rec = Record { generation: persisted.generation, image_len: self.len(), changes };
-        match self.journal.lock().as_mut() {
-            Some(j) => j.append_volatile(&rec),
-            None => Ok(()),
+        if let Some(j) = self.journal.lock().as_mut() {
+            j.append_volatile(&rec)?;
+            persisted.volatile.extend(rec.changes.iter().map(|c| c.idx));
         }
+        Ok(())
     }
 
     fn write_unrecorded(&self, idx: u64, off: u64, bufs: &IoVec<'_>, fill: Option<&[u8]>) -> io::Result<()> {
@@ -1686,6 +1693,7 @@ impl SsdCache {
             (snap, bitmaps, partial, pages.gen, maps)
         };
         let map_same = persisted.written
+            && persisted.volatile.is_empty()
             && snap == persisted.states
             && gen == persisted.gen
             && self.generation() == persisted.generation
@@ -1709,7 +1717,10 @@ impl SsdCache {
                 let idx = i as u64;
                 let before = persisted.states.get(i).copied().unwrap_or(ABSENT);
                 let map = maps.get(&idx);
-                if st != before || (has_bitmap(st) && persisted.maps.get(&idx) != map) {
+                if st != before
+                    || (has_bitmap(st) && persisted.maps.get(&idx) != map)
+                    || persisted.volatile.contains(&idx)
+                {
                     changes.push(Change { idx, state: st, bitmap: map.cloned() });
                 }
             }
@@ -1724,6 +1735,7 @@ impl SsdCache {
                 written: true,
                 gen,
                 marked: persisted.marked,
+                volatile: HashSet::new(),
             };
             return Ok(());
         }
@@ -1772,6 +1784,7 @@ impl SsdCache {
             written: true,
             gen,
             marked: persisted.marked,
+            volatile: HashSet::new(),
         };
         Ok(())
     }
@@ -2160,6 +2173,37 @@ mod tests {
         want2[P..2 * P].fill(4);
         assert_eq!(c.read_chunk(2).unwrap(), want2);
         assert_eq!(c.read_chunk(3).unwrap(), vec![0u8; CS as usize]);
+    }
+
+    /// A volatile record is the journal's last word on its chunk until a
+    /// durable record names the chunk again. A chunk written (volatile
+    /// record: dirty), committed (clean) and evicted (absent) before any
+    /// persist ends as the map on disk already calls it; the persist that
+    /// records the eviction must still name it, or a crash after the hole
+    /// punch replays "dirty" over zeroes (the bug: the next commit would
+    /// have uploaded them over the committed bytes).
+    #[test]
+    fn ssd_a_persist_supersedes_the_volatile_records_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        c.persist().unwrap();
+        let mut w = remote(1);
+        {
+            let _g = c.lock_write(1);
+            c.write(1, 0, &IoVec::from_slice(&mut w), None).unwrap();
+        }
+        assert_eq!(c.state(1), DIRTY);
+        {
+            let _g = c.lock_write(1);
+            assert!(c.mark_clean(1, c.seq(1)));
+        }
+        assert_eq!(c.drop_clean().unwrap(), 1);
+        assert_eq!(c.state(1), ABSENT);
+        // The process dies: its page cache (journal included) stays.
+        drop(c);
+        let (c, o) = open64(d.path(), 4 * CS, 1 << 30);
+        assert_eq!(o, Opened::Reused { cached: 0, dirty: 0 }, "the evicted chunk came back");
+        assert_eq!(c.state(1), ABSENT);
     }
 
     /// The first write into a chunk the map on disk calls clean (or
