@@ -13,7 +13,10 @@
 //! boot id: the page cache holds it and the data written before it as long
 //! as the host runs, so it is replayed only on the same boot (a host crash
 //! may have kept the record but not the data; the guest's unflushed writes
-//! may be lost then, as on any disk with a write cache).
+//! may be lost then, as on any disk with a write cache). A volatile record
+//! is the last word on its chunk until a later record names the chunk, so
+//! the next persist names every chunk one named, even one whose state is
+//! back to what the checkpoint says.
 //!
 //! The file is written with zeroes ahead of the records (preallocated,
 //! overwritten in place): an fdatasync of a record then changes no file
