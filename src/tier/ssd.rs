@@ -1295,6 +1295,24 @@ impl SsdCache {
         self.pages.lock().maps.get(&idx).cloned()
     }
 
+    /// Chunk `idx`'s content: its own bytes where it holds them, `under`
+    /// (its committed version, fetched) in the pages a chunk dirty in part
+    /// lacks. Caller holds the stripe lock.
+    pub fn read_chunk_over(&self, idx: u64, under: &[u8]) -> io::Result<Vec<u8>> {
+        let mut v = self.read_chunk(idx)?;
+        if let Some(m) = self.present_pages(idx) {
+            for (p, dst) in v.chunks_mut(PAGE as usize).enumerate() {
+                if !bit(&m, p as u64) {
+                    let src = under.get(p * PAGE as usize..).unwrap_or(&[]);
+                    let n = dst.len().min(src.len());
+                    dst[..n].copy_from_slice(&src[..n]);
+                    dst[n..].fill(0);
+                }
+            }
+        }
+        Ok(v)
+    }
+
     /// Completes a chunk that is dirty in part with `data`, its committed
     /// version (fetched): only absent pages are written, so local changes
     /// stay. The chunk becomes wholly dirty. Caller holds the stripe write

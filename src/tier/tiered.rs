@@ -665,6 +665,17 @@ impl Drop for TieredStore {
     }
 }
 
+/// What [`Inner::install`] found the chunk's content to be.
+enum Installed {
+    /// The fetched bytes (kept in the tiers, or already there).
+    Fetched,
+    /// Local bytes: the chunk holds changes not in the fetched version.
+    Local(ChunkBuf),
+    /// Neither: a commit replaced the chunk since the fetch began; fetch
+    /// again.
+    Stale,
+}
+
 impl Inner {
     fn is_zero(&self, idx: u64) -> bool {
         self.vol.chunk_ref(idx) == ChunkRef::Zero
@@ -828,7 +839,12 @@ impl Inner {
             if self.ssd.state(idx) == DIRTY_PARTIAL {
                 let me = self.clone();
                 let b2 = buf.clone();
-                let _ = tokio::task::spawn_blocking(move || me.install(idx, &b2, false, &ChunkRef::Zero)).await;
+                let installed = tokio::task::spawn_blocking(move || me.install(idx, &b2, false, &ChunkRef::Zero)).await;
+                match installed {
+                    Ok(Ok(Installed::Local(local))) => return Ok(local),
+                    Ok(Err(e)) => return Err(self.local_read_failed(idx, e)),
+                    _ => {}
+                }
             }
             return Ok(buf);
         }
@@ -892,35 +908,55 @@ impl Inner {
             let buf: ChunkBuf = Arc::new(RwLock::new(data));
             let me = self.clone();
             let b2 = buf.clone();
-            let current =
-                tokio::task::spawn_blocking(move || me.install(idx, &b2, to_ram, &used)).await.unwrap_or(false);
-            if current || attempt >= 3 {
-                return Ok(buf);
+            match tokio::task::spawn_blocking(move || me.install(idx, &b2, to_ram, &used)).await {
+                // The chunk holds local changes: its content is not the
+                // fetched bytes, and a reader that finds the chunk gone
+                // from the tiers (committed and evicted meanwhile) copies
+                // from what the flight returns.
+                Ok(Ok(Installed::Local(local))) => return Ok(local),
+                Ok(Ok(Installed::Fetched)) => return Ok(buf),
+                Ok(Err(e)) => return Err(self.local_read_failed(idx, e)),
+                _ if attempt >= 3 => return Ok(buf),
+                _ => {}
             }
         }
         unreachable!("the loop returns")
     }
 
+    /// The error of a flight whose chunk holds local changes that could not
+    /// be read back.
+    fn local_read_failed(&self, idx: u64, e: io::Error) -> SharedError {
+        tracing::warn!(chunk = idx, error = %e, "could not read a written chunk from the SSD cache");
+        SharedError(Arc::new(VolumeError::io("reading a written chunk from", self.ssd.dir(), e)))
+    }
+
     /// Puts a fetched chunk in the SSD tier (and RAM), unless a write made
-    /// it local meanwhile — then the local copy is newer and wins.
-    /// Returns false when `used`, the reference the bytes were fetched by,
-    /// is no longer the chunk's (a commit replaced it): nothing is kept then.
-    fn install(&self, idx: u64, buf: &ChunkBuf, to_ram: bool, used: &ChunkRef) -> bool {
+    /// it local meanwhile — then the local copy is newer and wins, and is
+    /// what this returns (read under the same lock). `Stale` when `used`,
+    /// the reference the bytes were fetched by, is no longer the chunk's (a
+    /// commit replaced it): nothing is kept then.
+    /// Err when the local copy could not be read.
+    fn install(&self, idx: u64, buf: &ChunkBuf, to_ram: bool, used: &ChunkRef) -> io::Result<Installed> {
         let _g = self.ssd.lock_write(idx);
         if !self.vol.chunk_ref(idx).same_bytes(used) {
-            return false;
+            return Ok(Installed::Stale);
         }
-        if self.ssd.state(idx) == DIRTY_PARTIAL {
+        let state = self.ssd.state(idx);
+        if state == DIRTY_PARTIAL {
             // Local changes in some pages: the fetched bytes fill only the
             // others (and never go to RAM as they are: they are not the
             // chunk's content).
+            let content = self.ssd.read_chunk_over(idx, &buf.read())?;
             if let Err(e) = self.ssd.fill_missing(idx, &buf.read()) {
                 tracing::warn!(chunk = idx, error = %e, "could not complete a partly written chunk in the SSD cache");
             }
-            return true;
+            return Ok(Installed::Local(Arc::new(RwLock::new(content))));
+        }
+        if crate::tier::ssd::is_dirty(state) {
+            return Ok(Installed::Local(Arc::new(RwLock::new(self.ssd.read_chunk(idx)?))));
         }
         if self.ssd.has_chunk(idx) {
-            return true;
+            return Ok(Installed::Fetched);
         }
         if let Err(e) = self.ssd.install_clean(idx, &buf.read()) {
             // The read still succeeds from the fetched bytes; the cache just
@@ -930,7 +966,7 @@ impl Inner {
         if to_ram {
             self.ram.insert(idx, buf.clone());
         }
-        true
+        Ok(Installed::Fetched)
     }
 
     /// Runs `fut` on the store's runtime and blocks this (non-runtime)
@@ -1453,6 +1489,33 @@ mod tests {
         assert!(s.inner.ram.get(0).is_some(), "the completed chunk went into RAM");
         s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
         assert_eq!(b, vec![0xeeu8; 4096], "RAM served the bytes from before the write");
+    }
+
+    /// A fetch that completes a chunk dirty in part hands back the chunk's
+    /// content, not the fetched version: a reader whose chunk is committed
+    /// and evicted before it copies (the restart's first commit, under a
+    /// small cache) copies from that. The bug: the soak read a cluster's
+    /// bytes from before a write made in the previous run.
+    #[test]
+    fn a_fetch_into_a_chunk_dirty_in_part_returns_its_content() {
+        let (_d, url, data) = imported();
+        let mut o = CacheOptions::new(&_d.path().join("cache"));
+        o.readahead_chunks = 0;
+        let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
+        let cs = 256usize << 10;
+        // Whole pages into an absent chunk: dirty in part, nothing fetched.
+        let mut w = vec![0xabu8; 8192];
+        s.write_vectored_at(cs as u64 + 4096, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
+        assert_eq!(s.inner.ssd.state(1), DIRTY_PARTIAL);
+        let f = s.inner.guest_flight(1, true);
+        let got = s.inner.wait(f).unwrap().unwrap();
+        let mut want = data[cs..2 * cs].to_vec();
+        want[4096..4096 + 8192].fill(0xab);
+        assert!(got.read()[..] == want[..], "the flight returned bytes other than the chunk's");
+        assert_eq!(s.inner.ssd.state(1), crate::tier::ssd::DIRTY, "the fetch completed the chunk");
+        // The same for a chunk already whole and written.
+        let f = s.inner.guest_flight(1, true);
+        assert!(s.inner.wait(f).unwrap().unwrap().read()[..] == want[..]);
     }
 
     /// A 2 MiB volume of nonzero bytes in 256 KiB chunks on a `dir:` remote.
