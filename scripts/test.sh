@@ -41,8 +41,9 @@ rust_failures() { # the failing tests of the last nextest stage, for the closing
   grep -qE '^ +(FAIL|SIGSEGV|SIGABRT|SIGKILL|TIMEOUT|LEAK)' "$log" || return 0
   { echo "--- $1 that failed, why, and the end of their output:"
     sed -n '/^ *Summary \[/,$p' "$log" >"$failures.rust"
-    grep -E '^ +(FAIL|SIGSEGV|SIGABRT|SIGKILL|TIMEOUT|LEAK)' "$failures.rust"
-    grep -A8 'panicked at' "$failures.rust" | head -60
+    [ -s "$failures.rust" ] || cp "$log" "$failures.rust"
+    grep -E '^ +(FAIL|SIGSEGV|SIGABRT|SIGKILL|TIMEOUT|LEAK)' "$failures.rust" || true
+    { grep -A8 'panicked at' "$failures.rust" || true; } | head -60
     echo "--- (end of output)"; tail -60 "$failures.rust"; rm -f "$failures.rust"; } >>"$failures"
 }
 
