@@ -433,6 +433,20 @@ fn bit(m: &[u64], page: u64) -> bool {
     m.get((page / 64) as usize).is_some_and(|w| (w >> (page % 64)) & 1 == 1)
 }
 
+/// Copies into `chunk` the pages of `under` that `present` (a page bitmap)
+/// does not mark; past the end of `under` they become zeroes.
+pub fn overlay_absent(chunk: &mut [u8], under: &[u8], present: &[u64]) {
+    let page = PAGE as usize;
+    for (p, dst) in chunk.chunks_mut(page).enumerate() {
+        if !bit(present, p as u64) {
+            let src = under.get(p * page..).unwrap_or(&[]);
+            let n = dst.len().min(src.len());
+            dst[..n].copy_from_slice(&src[..n]);
+            dst[n..].fill(0);
+        }
+    }
+}
+
 fn popcount(m: &[u64]) -> u64 {
     m.iter().map(|w| u64::from(w.count_ones())).sum()
 }
@@ -1301,14 +1315,7 @@ impl SsdCache {
     pub fn read_chunk_over(&self, idx: u64, under: &[u8]) -> io::Result<Vec<u8>> {
         let mut v = self.read_chunk(idx)?;
         if let Some(m) = self.present_pages(idx) {
-            for (p, dst) in v.chunks_mut(PAGE as usize).enumerate() {
-                if !bit(&m, p as u64) {
-                    let src = under.get(p * PAGE as usize..).unwrap_or(&[]);
-                    let n = dst.len().min(src.len());
-                    dst[..n].copy_from_slice(&src[..n]);
-                    dst[n..].fill(0);
-                }
-            }
+            overlay_absent(&mut v, under, &m);
         }
         Ok(v)
     }

@@ -1498,8 +1498,8 @@ mod tests {
     /// bytes from before a write made in the previous run.
     #[test]
     fn a_fetch_into_a_chunk_dirty_in_part_returns_its_content() {
-        let (_d, url, data) = imported();
-        let mut o = CacheOptions::new(&_d.path().join("cache"));
+        let (d, url, data) = imported();
+        let mut o = CacheOptions::new(&d.path().join("cache"));
         o.readahead_chunks = 0;
         let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
         let cs = 256usize << 10;

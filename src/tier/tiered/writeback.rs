@@ -455,7 +455,7 @@ impl Inner {
             if let Some(present) = cut.present.get(&idx) {
                 // Pages it did not hold are unchanged since the parent.
                 let parent = self.vol.fetch_chunk(idx).await?;
-                overlay_absent(&mut data, &parent.data, present);
+                crate::tier::ssd::overlay_absent(&mut data, &parent.data, present);
             }
             data.truncate(chunk_len);
             b.add_chunk(idx, data, cut.pages.get(&idx).map(|p| &p[..])).await?;
@@ -624,21 +624,6 @@ impl Inner {
                 wb.wake.notify_one();
                 return self.ssd.dirty_chunks() * self.cs;
             }
-        }
-    }
-}
-
-/// Copies into `chunk` the pages of `parent` that `present` (a 4 KiB page
-/// bitmap) does not mark.
-fn overlay_absent(chunk: &mut [u8], parent: &[u8], present: &[u64]) {
-    let page = crate::tier::ssd::PAGE as usize;
-    for (p, dst) in chunk.chunks_mut(page).enumerate() {
-        let held = present.get(p / 64).is_some_and(|w| (w >> (p % 64)) & 1 == 1);
-        if !held {
-            let src = parent.get(p * page..).unwrap_or(&[]);
-            let n = dst.len().min(src.len());
-            dst[..n].copy_from_slice(&src[..n]);
-            dst[n..].fill(0);
         }
     }
 }
