@@ -37,12 +37,14 @@ count() { # passed-regex failed-regex: add the numbers the last stage printed
   passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0}))
 }
 
+# nextest's line for a test that did not pass.
+failed_test='^ +(FAIL|SIGSEGV|SIGABRT|SIGKILL|TIMEOUT|LEAK)'
 rust_failures() { # the failing tests of the last nextest stage, for the closing report
-  grep -qE '^ +(FAIL|SIGSEGV|SIGABRT|SIGKILL|TIMEOUT|LEAK)' "$log" || return 0
+  grep -qE "$failed_test" "$log" || return 0
   { echo "--- $1 that failed, why, and the end of their output:"
     sed -n '/^ *Summary \[/,$p' "$log" >"$failures.rust"
     [ -s "$failures.rust" ] || cp "$log" "$failures.rust"
-    grep -E '^ +(FAIL|SIGSEGV|SIGABRT|SIGKILL|TIMEOUT|LEAK)' "$failures.rust" || true
+    grep -E "$failed_test" "$failures.rust" || true
     { grep -A8 'panicked at' "$failures.rust" || true; } | head -60
     echo "--- (end of output)"; tail -60 "$failures.rust"; rm -f "$failures.rust"; } >>"$failures"
 }
@@ -56,9 +58,10 @@ rust_failures "rust tests"
 if [ -x integration/run-all.sh ]; then
   stage "guest tests" integration/run-all.sh "${CARGO_TARGET_DIR:-$PWD/target}/debug/driveblk"
   passed=$((passed + $(grep -cE '^  [a-z0-9-]+ +PASS ' "$log" || true)))
-  failed=$((failed + $(grep -cE '^  [a-z0-9-]+ +FAIL ' "$log" || true)))
-  if grep -qE '^  [a-z0-9-]+ +FAIL ' "$log"; then
-    { echo "--- guest cases that failed:"; grep -E '^  [a-z0-9-]+ +FAIL ' "$log"; } >>"$failures"
+  guest_failed=$(grep -E '^  [a-z0-9-]+ +FAIL ' "$log" || true)
+  if [ -n "$guest_failed" ]; then
+    failed=$((failed + $(grep -c . <<<"$guest_failed")))
+    { echo "--- guest cases that failed:"; echo "$guest_failed"; } >>"$failures"
   fi
 fi
 
