@@ -721,6 +721,9 @@ cold_experiment() {
         local base; base=$(sed -n 's/^base_url=//p' "$WORK/emu.out")
         [[ -n $base ]] || die "cold: the Drive emulator did not start (see $WORK/emu.log)"
         link="--drive-api-url $base --drive-credentials $WORK/drive-creds.json"
+        # The emulator keeps its files in memory: imports of an earlier run (BENCH_WORK) are gone.
+        rm -f "$WORK"/cold-import-*.done
+        [[ ! -f $img.dropped ]] || die "cold: --cold-drop-image removed $img, which a new Drive emulator needs: use a fresh BENCH_WORK"
         remote_note="the Drive emulator (driveemu) at ${lat} ms per request, ${mbit} Mbit/s shared, per-user limit $COLD_DRIVE_LIMIT requests/s/burst; driveblk's real Drive code path (auth, pacer, retries, read merging)"
     fi
     [[ ${#COLD_CONFIGS[@]} -gt 0 ]] || COLD_CONFIGS=(1M)

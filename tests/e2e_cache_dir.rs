@@ -4,7 +4,6 @@
 //! `dir:/abs/real/vol` find the same cache, so an export includes the
 //! local writes not uploaded yet.
 
-#[allow(dead_code)]
 mod common;
 
 use std::process::Command;

@@ -7,10 +7,8 @@
 //! holds the guest's data, while a plaintext volume in the same emulator
 //! does (the control).
 
-#[allow(dead_code)]
 mod common;
 mod gdrive_support;
-#[allow(dead_code)]
 mod tier_support;
 
 use std::path::Path;

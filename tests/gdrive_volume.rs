@@ -6,10 +6,8 @@
 //! flags; the daemon serving a `gdrive:` volume and a `gdrive:file=` base
 //! to a libblkio client; and `driveblk selftest`.
 
-#[allow(dead_code)]
 mod common;
 mod gdrive_support;
-#[allow(dead_code)]
 mod tier_support;
 
 use std::process::Command;

@@ -6,10 +6,8 @@
 //! lost replies, a listing that lags behind creates, and access tokens that
 //! expire every few seconds. No guest I/O error, nothing lost.
 
-#[allow(dead_code)]
 mod common;
 mod gdrive_support;
-#[allow(dead_code)]
 mod tier_support;
 
 use std::process::Command;

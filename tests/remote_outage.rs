@@ -19,7 +19,6 @@
 //! `SOAK=1` stretches the outage of the hot set to two minutes and holds an
 //! uncached read through a 30 s silence (the figures).
 
-#[allow(dead_code)]
 mod common;
 mod gdrive_support;
 

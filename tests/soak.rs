@@ -10,7 +10,6 @@
 //!
 //! CI runs 40 s of it; `SOAK=1` runs 10 minutes.
 
-#[allow(dead_code)]
 mod common;
 mod gdrive_support;
 

@@ -351,6 +351,8 @@ pub fn default_cache_dir(url: &str, remote: &crate::volume::RemoteOptions) -> an
 }
 
 /// Where the image's bytes come from.
+// One per `serve`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ImageSource {
     File(PathBuf),

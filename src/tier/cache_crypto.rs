@@ -141,6 +141,8 @@ impl PageCipher {
 }
 
 /// A file of the cache directory: plaintext, or encrypted page by page.
+// One per cache file, read in place on every SSD hit: not boxed.
+#[allow(clippy::large_enum_variant)]
 pub enum CacheFile {
     Plain(LocalFile),
     Sealed(SealedFile),

@@ -58,9 +58,12 @@ impl Urgency {
     }
 }
 
+/// The flights running now, each with its urgency.
+type Running<K, V> = Arc<Mutex<HashMap<K, (Flight<V>, Arc<Urgency>)>>>;
+
 /// Merges concurrent work per key.
 pub struct SingleFlight<K, V: Clone> {
-    running: Arc<Mutex<HashMap<K, (Flight<V>, Arc<Urgency>)>>>,
+    running: Running<K, V>,
 }
 
 impl<K, V> Default for SingleFlight<K, V>

@@ -1499,7 +1499,7 @@ mod tests {
     #[test]
     fn a_fetch_into_a_chunk_dirty_in_part_returns_its_content() {
         let (d, url, data) = imported();
-        let mut o = CacheOptions::new(&d.path().join("cache"));
+        let mut o = CacheOptions::new(d.path().join("cache"));
         o.readahead_chunks = 0;
         let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
         let cs = 256usize << 10;

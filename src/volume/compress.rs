@@ -108,7 +108,7 @@ pub fn compress_file(
         drop((work_rx, done_tx, frame_rx));
         // Results arrive in any order; the sink takes them in order. At most
         // `in_flight` wait here, since each holds one of the pool's buffers.
-        let mut waiting: BTreeMap<u64, io::Result<(Vec<u8>, Option<Compressed>)>> = BTreeMap::new();
+        let mut waiting: BTreeMap<u64, io::Result<Packed>> = BTreeMap::new();
         let mut next = 0u64;
         for (idx, r) in done_rx.iter() {
             if idx == u64::MAX {
@@ -139,6 +139,10 @@ pub fn compress_file(
         Ok(())
     })
 }
+
+/// A chunk's buffer (back to the pool after the sink) and its compressed
+/// form (`None`: all zeroes).
+type Packed = (Vec<u8>, Option<Compressed>);
 
 /// Compresses one chunk into a buffer from `frame` (a recycled one when
 /// there is one) and hashes it; `None` for an all-zero chunk.

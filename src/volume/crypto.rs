@@ -224,7 +224,8 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 /// The key-encryption key; derived once per process for each (key, salt,
 /// cost), since argon2 is slow on purpose.
 fn kek(user: &UserKey, kdf: &KdfParams) -> Result<Zeroizing<[u8; 32]>, KeyError> {
-    static CACHE: OnceLock<Mutex<HashMap<[u8; 32], Zeroizing<[u8; 32]>>>> = OnceLock::new();
+    type Keks = Mutex<HashMap<[u8; 32], Zeroizing<[u8; 32]>>>;
+    static CACHE: OnceLock<Keks> = OnceLock::new();
     if kdf.alg != "argon2id" {
         return Err(KeyError::Bad(format!("unknown key derivation {:?}", kdf.alg)));
     }

@@ -509,7 +509,7 @@ impl VolumeReader {
         match r {
             ChunkRef::Patched { base, pack, offset, len, runs, sha256 } => {
                 let (b, p) =
-                    futures::join!(self.fetch_plain(&m, idx, &base, want), self.read_frame(&m, idx, pack, offset, len));
+                    futures::join!(self.fetch_plain(m, idx, &base, want), self.read_frame(m, idx, pack, offset, len));
                 let (mut b, frame) = (b?, p?);
                 let corrupt = |reason: String| VolumeError::CorruptChunk {
                     url: self.url.clone(),
