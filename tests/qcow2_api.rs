@@ -365,3 +365,80 @@ fn perf_smoke() {
     );
     disk.close().unwrap();
 }
+
+/// Wraps a storage: a `flush` waits (up to 5 s) until another `flush` is
+/// running beside it, and records how many ran at once.
+struct Rendezvous {
+    inner: Arc<dyn Storage>,
+    inside: Mutex<(usize, usize)>,
+    changed: parking_lot::Condvar,
+}
+
+impl Storage for Rendezvous {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
+        self.inner.read_vectored_at(offset, bufs, mode)
+    }
+    fn write_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
+        self.inner.write_vectored_at(offset, bufs, mode)
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.write_zeroes_at(offset, len)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let mut g = self.inside.lock();
+        g.0 += 1;
+        g.1 = g.1.max(g.0);
+        self.changed.notify_all();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while g.1 < 2 && !self.changed.wait_until(&mut g, until).timed_out() {}
+        g.0 -= 1;
+        drop(g);
+        self.inner.flush()
+    }
+    fn describe(&self) -> String {
+        "rendezvous".into()
+    }
+}
+
+/// A FLUSH with no metadata to write syncs storage outside the engine's
+/// allocation lock, so FLUSHes that arrive together can share one sync
+/// (under the lock each waited for the one before it and paid its own).
+#[test]
+fn flushes_with_no_metadata_to_write_sync_side_by_side() {
+    let (dir, p, _) = mem_image("cluster_size=65536", 4 * MIB, &["write -P 5 0 256k".into()]);
+    let _dir = dir;
+    let storage = Arc::new(Rendezvous {
+        inner: Arc::new(LocalFile::open(&p, false).unwrap()),
+        inside: Mutex::new((0, 0)),
+        changed: parking_lot::Condvar::new(),
+    });
+    let s: Arc<dyn Storage> = storage.clone();
+    let disk = Arc::new(Qcow2Disk::open(s, Qcow2Options::default(), &NoBacking).unwrap());
+    // Writes into allocated clusters leave no metadata dirty.
+    let threads: Vec<_> = (0..2u64)
+        .map(|i| {
+            let disk = disk.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![i as u8 + 1; 4096];
+                disk.write(i * 65536, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
+                disk.flush(IoMode::Blocking).unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(storage.inside.lock().1, 2, "the two FLUSHes' syncs ran one after the other");
+    let mut buf = vec![0u8; 4096];
+    disk.read(65536, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
+    assert_eq!(buf, vec![2u8; 4096]);
+}

@@ -72,6 +72,14 @@ pub trait Storage: Send + Sync {
         self.flush().map(|_| 0)
     }
 
+    /// [`flush_point`](Self::flush_point) for a caller that has just made
+    /// the guest's writes durable with [`flush`](Self::flush) (outside its
+    /// own locks, so concurrent FLUSHes share one sync) and holds the
+    /// format consistent now: only the store's cut, if one is due.
+    fn cut_point(&self) -> io::Result<u64> {
+        Ok(0)
+    }
+
     /// Waits until the flush point `ticket` is as durable as the store's
     /// cache mode promises (writethrough: committed on the remote). Called
     /// without the format's locks held.

@@ -1388,6 +1388,10 @@ impl Storage for TieredStore {
         self.inner.flush_point()
     }
 
+    fn cut_point(&self) -> io::Result<u64> {
+        self.inner.cut_point()
+    }
+
     fn wait_durable(&self, ticket: u64) -> io::Result<()> {
         self.inner.wait_durable(ticket)
     }

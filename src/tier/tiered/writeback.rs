@@ -210,13 +210,22 @@ impl Inner {
     /// and cuts a generation if one is due. Returns the cut a writethrough
     /// FLUSH must wait for (0: none).
     pub(super) fn flush_point(&self) -> io::Result<u64> {
-        let Some(wb) = &self.writeback else {
-            return self.ssd.persist().map(|_| 0);
-        };
-        if wb.opts.mode == CacheMode::Unsafe {
+        if self.writeback.as_ref().is_some_and(|wb| wb.opts.mode == CacheMode::Unsafe) {
             return Ok(0);
         }
         self.ssd.persist()?;
+        self.cut_point()
+    }
+
+    /// A FLUSH point whose writes the caller has just made durable (with
+    /// the store's `flush`, outside the format's lock, so that concurrent
+    /// FLUSHes share one sync): cuts a generation if one is due. Returns
+    /// the cut a writethrough FLUSH must wait for (0: none).
+    pub(super) fn cut_point(&self) -> io::Result<u64> {
+        let Some(wb) = &self.writeback else { return Ok(0) };
+        if wb.opts.mode == CacheMode::Unsafe {
+            return Ok(0);
+        }
         wb.writes_since_flush.store(0, Ordering::SeqCst);
         let due = match wb.opts.mode {
             CacheMode::Writethrough => {

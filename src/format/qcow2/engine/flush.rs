@@ -7,11 +7,12 @@ impl Qcow2Disk {
     /// Writes back metadata in dependency order. Holds the allocation mutex.
     /// `synced_after`: the caller makes storage durable right after (a
     /// guest FLUSH's flush point), so with no metadata to write this costs
-    /// no sync of its own (it would be a second fsync per FLUSH).
-    pub(super) fn flush_locked(&self, st: &mut AllocState, synced_after: bool) -> DiskResult<()> {
+    /// no sync of its own (it would be a second fsync per FLUSH). Returns
+    /// false when it had nothing to do.
+    pub(super) fn flush_locked(&self, st: &mut AllocState, synced_after: bool) -> DiskResult<bool> {
         let cs = self.lay.cluster_size();
         if synced_after && st.pending_free.is_empty() && !self.meta_dirty() {
-            return Ok(());
+            return Ok(false);
         }
         // 1. Refcount blocks. The sync after them also makes guest data
         //    written to new clusters durable before any L2 entry points at it.
@@ -114,7 +115,7 @@ impl Qcow2Disk {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// True when some metadata in memory is newer than on storage.

@@ -347,11 +347,24 @@ impl Disk for Qcow2Disk {
             return Ok(());
         }
         let mut st = self.alloc.lock();
-        self.flush_locked(&mut st, true)?;
-        // The image is consistent here (metadata written in order, no
-        // allocation can interleave under the lock): the store may cut a
-        // generation. Waiting for a remote commit happens outside the lock.
-        let ticket = self.storage.flush_point().map_err(|e| DiskError::io("flush", 0, e))?;
+        let ticket = if self.flush_locked(&mut st, true)? {
+            // The image is consistent here (metadata written in order, no
+            // allocation can interleave under the lock): the store may cut
+            // a generation.
+            self.storage.flush_point()
+        } else {
+            // No metadata to write: every write this FLUSH covers is in
+            // storage, and its sync needs no lock, so FLUSHes arriving
+            // together share one (under the lock they took one each). Later
+            // allocations leave metadata dirty in memory only, so storage
+            // stays consistent for the cut taken under the lock after.
+            drop(st);
+            self.storage.flush().map_err(|e| DiskError::io("flush", 0, e))?;
+            st = self.alloc.lock();
+            self.storage.cut_point()
+        }
+        .map_err(|e| DiskError::io("flush", 0, e))?;
+        // Waiting for a remote commit happens outside the lock.
         drop(st);
         self.storage.wait_durable(ticket).map_err(|e| DiskError::io("flush", 0, e))
     }
