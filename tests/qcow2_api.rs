@@ -15,50 +15,29 @@ use qcow2_common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Wraps a storage: fails NonBlocking reads with WouldBlock when asked, and
-/// records metadata hints and the reads that follow them.
+/// Fails NonBlocking reads with WouldBlock when asked, and records
+/// metadata hints and the reads that follow them.
 struct Spy {
-    inner: Arc<dyn Storage>,
     nowait_blocks: bool,
     log: Mutex<Vec<(bool, Range<u64>)>>,
 }
 
-impl Storage for Spy {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_only(&self) -> bool {
-        self.inner.read_only()
-    }
-    fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
+impl Watch for Spy {
+    fn read(&self, offset: u64, len: u64, mode: IoMode) -> Option<std::io::Result<()>> {
         if self.nowait_blocks && mode == IoMode::NonBlocking {
-            return Err(std::io::ErrorKind::WouldBlock.into());
+            return Some(Err(std::io::ErrorKind::WouldBlock.into()));
         }
-        self.log.lock().push((false, offset..offset + bufs.len() as u64));
-        self.inner.read_vectored_at(offset, bufs, mode)
+        self.log.lock().push((false, offset..offset + len));
+        None
     }
-    fn write_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
-        self.inner.write_vectored_at(offset, bufs, mode)
+    fn hint_metadata(&self, ranges: &[Range<u64>]) {
+        self.log.lock().extend(ranges.iter().map(|r| (true, r.clone())));
     }
-    fn write_zeroes_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.write_zeroes_at(offset, len)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn hint_metadata(&self, ranges: &[Range<u64>]) -> std::io::Result<()> {
-        let mut l = self.log.lock();
-        for r in ranges {
-            l.push((true, r.clone()));
-        }
-        Ok(())
-    }
-    fn describe(&self) -> String {
-        "spy".into()
-    }
+}
+
+fn spy(p: &std::path::Path, nowait_blocks: bool) -> Arc<Watched<Spy>> {
+    let inner: Arc<dyn Storage> = Arc::new(LocalFile::open(p, false).unwrap());
+    Arc::new(Watched { inner, watch: Spy { nowait_blocks, log: Mutex::new(Vec::new()) } })
 }
 
 fn mem_image(opts: &str, size: u64, cmds: &[String]) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
@@ -114,9 +93,7 @@ fn nonblocking_never_allocates_and_blocking_completes() {
 fn nonblocking_propagates_storage_wouldblock_only_for_data() {
     let (_dir, p, _) =
         mem_image("cluster_size=65536", 4 * MIB, &["write -P 5 0 64k".into(), "write -z 128k 64k".into()]);
-    let inner: Arc<dyn Storage> = Arc::new(LocalFile::open(&p, false).unwrap());
-    let spy = Arc::new(Spy { inner, nowait_blocks: true, log: Mutex::new(Vec::new()) });
-    let s: Arc<dyn Storage> = spy.clone();
+    let s: Arc<dyn Storage> = spy(&p, true);
     let disk = Qcow2Disk::open(s, Qcow2Options::default(), &NoBacking).unwrap();
     let mut buf = vec![1u8; 4096];
     // Data cluster: the storage would block, so the disk does.
@@ -133,11 +110,10 @@ fn nonblocking_propagates_storage_wouldblock_only_for_data() {
 fn metadata_is_hinted_before_it_is_read() {
     let cmds: Vec<String> = (0..20).map(|i| format!("write -P {i} {} 4k", i * 3 * MIB / 2)).collect();
     let (_dir, p, bytes) = mem_image("cluster_size=4096", 32 * MIB, &cmds);
-    let inner: Arc<dyn Storage> = Arc::new(LocalFile::open(&p, false).unwrap());
-    let spy = Arc::new(Spy { inner, nowait_blocks: false, log: Mutex::new(Vec::new()) });
+    let spy = spy(&p, false);
     let s: Arc<dyn Storage> = spy.clone();
     let _disk = Qcow2Disk::open(s, Qcow2Options::default(), &NoBacking).unwrap();
-    let log = spy.log.lock().clone();
+    let log = spy.watch.log.lock().clone();
     // Every L2 table from the image's L1 is hinted before it is read.
     let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
     let l1_size = u32::from_be_bytes(bytes[36..40].try_into().unwrap()) as usize;
@@ -366,34 +342,15 @@ fn perf_smoke() {
     disk.close().unwrap();
 }
 
-/// Wraps a storage: a `flush` waits (up to 5 s) until another `flush` is
-/// running beside it, and records how many ran at once.
+/// A `flush` waits (up to 5 s) until another `flush` is running beside
+/// it, and records how many ran at once.
 struct Rendezvous {
-    inner: Arc<dyn Storage>,
     inside: Mutex<(usize, usize)>,
     changed: parking_lot::Condvar,
 }
 
-impl Storage for Rendezvous {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_only(&self) -> bool {
-        self.inner.read_only()
-    }
-    fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
-        self.inner.read_vectored_at(offset, bufs, mode)
-    }
-    fn write_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
-        self.inner.write_vectored_at(offset, bufs, mode)
-    }
-    fn write_zeroes_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.write_zeroes_at(offset, len)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn flush(&self) -> std::io::Result<()> {
+impl Watch for Rendezvous {
+    fn flush(&self) {
         let mut g = self.inside.lock();
         g.0 += 1;
         g.1 = g.1.max(g.0);
@@ -401,11 +358,6 @@ impl Storage for Rendezvous {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while g.1 < 2 && !self.changed.wait_until(&mut g, until).timed_out() {}
         g.0 -= 1;
-        drop(g);
-        self.inner.flush()
-    }
-    fn describe(&self) -> String {
-        "rendezvous".into()
     }
 }
 
@@ -416,10 +368,9 @@ impl Storage for Rendezvous {
 fn flushes_with_no_metadata_to_write_sync_side_by_side() {
     let (dir, p, _) = mem_image("cluster_size=65536", 4 * MIB, &["write -P 5 0 256k".into()]);
     let _dir = dir;
-    let storage = Arc::new(Rendezvous {
+    let storage = Arc::new(Watched {
         inner: Arc::new(LocalFile::open(&p, false).unwrap()),
-        inside: Mutex::new((0, 0)),
-        changed: parking_lot::Condvar::new(),
+        watch: Rendezvous { inside: Mutex::new((0, 0)), changed: parking_lot::Condvar::new() },
     });
     let s: Arc<dyn Storage> = storage.clone();
     let disk = Arc::new(Qcow2Disk::open(s, Qcow2Options::default(), &NoBacking).unwrap());
@@ -437,7 +388,7 @@ fn flushes_with_no_metadata_to_write_sync_side_by_side() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(storage.inside.lock().1, 2, "the two FLUSHes' syncs ran one after the other");
+    assert_eq!(storage.watch.inside.lock().1, 2, "the two FLUSHes' syncs ran one after the other");
     let mut buf = vec![0u8; 4096];
     disk.read(65536, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
     assert_eq!(buf, vec![2u8; 4096]);

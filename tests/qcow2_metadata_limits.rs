@@ -16,40 +16,15 @@ use qcow2_common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// A local file that records the ranges the engine hints as metadata.
+/// Records the ranges the engine hints as metadata.
+#[derive(Default)]
 struct Recording {
-    inner: LocalFile,
     hints: Mutex<Vec<Vec<Range<u64>>>>,
 }
 
-impl Storage for Recording {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_only(&self) -> bool {
-        self.inner.read_only()
-    }
-    fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
-        self.inner.read_vectored_at(offset, bufs, mode)
-    }
-    fn write_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
-        self.inner.write_vectored_at(offset, bufs, mode)
-    }
-    fn write_zeroes_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.write_zeroes_at(offset, len)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn hint_metadata(&self, ranges: &[Range<u64>]) -> std::io::Result<()> {
+impl Watch for Recording {
+    fn hint_metadata(&self, ranges: &[Range<u64>]) {
         self.hints.lock().unwrap().push(ranges.to_vec());
-        Ok(())
-    }
-    fn describe(&self) -> String {
-        "recording file".into()
     }
 }
 
@@ -79,10 +54,10 @@ fn a_fragmented_image_pins_at_most_the_budget_and_reads_the_rest_on_demand() {
     let budget = 8 * MIB;
     for read_only in [true, false] {
         let storage =
-            Arc::new(Recording { inner: LocalFile::open(&p, read_only).unwrap(), hints: Mutex::new(Vec::new()) });
+            Arc::new(Watched { inner: Arc::new(LocalFile::open(&p, read_only).unwrap()), watch: Recording::default() });
         let opts = Qcow2Options { read_only, metadata_pin_bytes: Some(budget), ..Default::default() };
         let disk = Qcow2Disk::open(storage.clone(), opts, &NoBacking).unwrap();
-        let hints = storage.hints.lock().unwrap().clone();
+        let hints = storage.watch.hints.lock().unwrap().clone();
         let last = hints.last().expect("no metadata hint");
         let pinned = granules(last) as u64 * PIN_GRANULE;
         assert!(pinned <= budget, "read_only={read_only}: hinted {pinned} bytes of granules, budget {budget}");

@@ -266,3 +266,58 @@ impl Storage for CrashStorage {
         "crash-simulating memory storage".into()
     }
 }
+
+/// What a test watches or steers in the engine's calls to its storage
+/// (wrapped in a [`Watched`]); whatever it does not override goes to the
+/// storage as it is.
+pub trait Watch: Send + Sync {
+    /// Before a read: `Some(result)` answers it instead of the storage.
+    fn read(&self, _offset: u64, _len: u64, _mode: IoMode) -> Option<std::io::Result<()>> {
+        None
+    }
+    /// Before the storage's flush.
+    fn flush(&self) {}
+    /// A metadata hint, kept here (the storage does not see it).
+    fn hint_metadata(&self, _ranges: &[std::ops::Range<u64>]) {}
+}
+
+/// A storage seen through a [`Watch`].
+pub struct Watched<W> {
+    pub inner: Arc<dyn Storage>,
+    pub watch: W,
+}
+
+impl<W: Watch> Storage for Watched<W> {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn read_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
+        match self.watch.read(offset, bufs.len() as u64, mode) {
+            Some(r) => r,
+            None => self.inner.read_vectored_at(offset, bufs, mode),
+        }
+    }
+    fn write_vectored_at(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> std::io::Result<()> {
+        self.inner.write_vectored_at(offset, bufs, mode)
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.write_zeroes_at(offset, len)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.watch.flush();
+        self.inner.flush()
+    }
+    fn hint_metadata(&self, ranges: &[std::ops::Range<u64>]) -> std::io::Result<()> {
+        self.watch.hint_metadata(ranges);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        format!("watched {}", self.inner.describe())
+    }
+}
