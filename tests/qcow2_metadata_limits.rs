@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use driveblk::format::qcow2::{NoBacking, Qcow2Disk, Qcow2Options, PIN_GRANULE};
 use driveblk::format::{Disk, IoMode, IoVec};
-use driveblk::tier::{LocalFile, Storage};
+use driveblk::tier::LocalFile;
 use qcow2_common::*;
 
 const MIB: u64 = 1 << 20;
