@@ -4,6 +4,7 @@
 
 mod bound;
 mod engine;
+mod floor;
 mod hist;
 mod verify;
 mod workload;
@@ -24,7 +25,7 @@ use workload::{BootParams, Req, Rw, Source};
 #[command(version, about = "vhost-user-blk load generator (libblkio client)")]
 struct Args {
     /// vhost-user-blk unix socket of the daemon under test.
-    #[arg(long, required_unless_present = "bound")]
+    #[arg(long, required_unless_present_any = ["bound", "copy_floor"])]
     socket: Option<PathBuf>,
     /// Number of virtqueues, one thread each.
     #[arg(long, default_value_t = 1)]
@@ -99,6 +100,14 @@ struct Args {
     bound_rtt_ms: f64,
     #[arg(long, default_value_t = 200.0)]
     bound_mbit: f64,
+    /// Connect to nothing; time what one 4 KiB read costs this machine's memory at the least:
+    /// random copies from an anonymous region of --size (default 2g) with 4 KiB and 2 MiB pages,
+    /// --ios of them (default 3,000,000), and from --copy-floor-file when given (pread, and
+    /// copies from a mapping). The floor under the RAM-warm and SSD-warm rows.
+    #[arg(long)]
+    copy_floor: bool,
+    #[arg(long, requires = "copy_floor")]
+    copy_floor_file: Option<PathBuf>,
     /// Virtqueue size (power of two). libblkio uses 3 descriptors per request (no indirect
     /// descriptors), so the default 256 holds 85 requests; larger iodepths wait in its backlog.
     #[arg(long)]
@@ -309,6 +318,13 @@ fn print_bound(args: &Args) -> Result<()> {
 }
 
 fn run(args: &Args) -> Result<()> {
+    if args.copy_floor {
+        return floor::run(
+            args.size.unwrap_or(2 << 30),
+            args.ios.unwrap_or(3_000_000),
+            args.copy_floor_file.as_deref(),
+        );
+    }
     ensure!(args.queues >= 1, "--queues must be at least 1");
     let boot = args.pattern == Some(Pattern::Boot);
     if boot {
