@@ -1376,12 +1376,7 @@ impl Storage for TieredStore {
     }
 
     fn flush(&self) -> io::Result<()> {
-        // `--cache unsafe` makes nothing durable on the format's syncs
-        // either (a qcow2 flush syncs between its metadata writes).
-        if self.inner.writeback.as_ref().is_some_and(|w| w.opts.mode == CacheMode::Unsafe) {
-            return Ok(());
-        }
-        self.inner.ssd.persist()
+        self.inner.sync()
     }
 
     fn flush_point(&self) -> io::Result<u64> {

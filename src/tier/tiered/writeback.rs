@@ -206,14 +206,21 @@ impl Inner {
         Ok(())
     }
 
+    /// Makes the cache's data and map durable, unless `--cache unsafe`,
+    /// which makes nothing durable: neither at a FLUSH nor at the format's
+    /// own syncs (a qcow2 flush syncs between its metadata writes).
+    pub(super) fn sync(&self) -> io::Result<()> {
+        if self.writeback.as_ref().is_some_and(|wb| wb.opts.mode == CacheMode::Unsafe) {
+            return Ok(());
+        }
+        self.ssd.persist()
+    }
+
     /// The guest's FLUSH point: makes the cache durable (unless `unsafe`)
     /// and cuts a generation if one is due. Returns the cut a writethrough
     /// FLUSH must wait for (0: none).
     pub(super) fn flush_point(&self) -> io::Result<u64> {
-        if self.writeback.as_ref().is_some_and(|wb| wb.opts.mode == CacheMode::Unsafe) {
-            return Ok(0);
-        }
-        self.ssd.persist()?;
+        self.sync()?;
         self.cut_point()
     }
 
