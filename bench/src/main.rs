@@ -6,6 +6,7 @@ mod bound;
 mod engine;
 mod floor;
 mod hist;
+mod syncfloor;
 mod verify;
 mod workload;
 
@@ -25,7 +26,7 @@ use workload::{BootParams, Req, Rw, Source};
 #[command(version, about = "vhost-user-blk load generator (libblkio client)")]
 struct Args {
     /// vhost-user-blk unix socket of the daemon under test.
-    #[arg(long, required_unless_present_any = ["bound", "copy_floor"])]
+    #[arg(long, required_unless_present_any = ["bound", "copy_floor", "sync_floor"])]
     socket: Option<PathBuf>,
     /// Number of virtqueues, one thread each.
     #[arg(long, default_value_t = 1)]
@@ -108,6 +109,12 @@ struct Args {
     copy_floor: bool,
     #[arg(long, requires = "copy_floor")]
     copy_floor_file: Option<PathBuf>,
+    /// Connect to nothing; time what making one 4 KiB write durable costs the disk under DIR
+    /// at the least, --ios times (default 2,000) for each order of syncs a write-back cache
+    /// can choose (data only; a journal record's sync, then the data's; both at once; one
+    /// file; the record by RWF_DSYNC). The floor under the QD1 write+FLUSH row.
+    #[arg(long, value_name = "DIR")]
+    sync_floor: Option<PathBuf>,
     /// Virtqueue size (power of two). libblkio uses 3 descriptors per request (no indirect
     /// descriptors), so the default 256 holds 85 requests; larger iodepths wait in its backlog.
     #[arg(long)]
@@ -318,6 +325,9 @@ fn print_bound(args: &Args) -> Result<()> {
 }
 
 fn run(args: &Args) -> Result<()> {
+    if let Some(dir) = &args.sync_floor {
+        return syncfloor::run(dir, args.ios.unwrap_or(2_000));
+    }
     if args.copy_floor {
         return floor::run(
             args.size.unwrap_or(2 << 30),
