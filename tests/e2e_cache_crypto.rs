@@ -137,7 +137,9 @@ fn an_encrypted_cache_holds_no_plaintext_and_survives_kill_restart_writeback_for
     d.child.as_mut().unwrap().wait().unwrap();
     drop(c);
     let hits = found(&p("cache-p"), &probes);
-    assert_eq!(hits.len(), probes.len(), "control: a plaintext cache holds every probe: {hits:?}");
+    // Some in two files: a plaintext cache's journal carries small writes.
+    let probed: std::collections::HashSet<_> = hits.iter().map(|h| h.split(" in ").next().unwrap()).collect();
+    assert_eq!(probed.len(), probes.len(), "control: a plaintext cache holds every probe: {hits:?}");
     // It holds unsaved writes in clear: not turned into an encrypted cache.
     let err = serve_err(&sock, &ctl, &p("cache-p"), &["--key-file", kf, "--encrypt-cache"]);
     assert!(err.contains("unsaved writes") && err.contains("plaintext"), "{err}");

@@ -18,6 +18,12 @@
 //! the next persist names every chunk one named, even one whose state is
 //! back to what the checkpoint says.
 //!
+//! A record may also carry guest writes (bytes at an offset of the data
+//! file): a write-ahead log for the writes that would otherwise need a
+//! second sync (ssd.rs, "logged chunks"). Replay hands them back in order
+//! to be written again; they go under their own magic, so a binary that
+//! predates them stops its replay there instead of misreading one.
+//!
 //! The file is written with zeroes ahead of the records (preallocated,
 //! overwritten in place): an fdatasync of a record then changes no file
 //! size or extent, so it costs a data write, not a filesystem journal
@@ -35,6 +41,8 @@ use sha2::{Digest, Sha256};
 const MAGIC: &[u8; 4] = b"DBJ1";
 /// A volatile record: its payload starts with the boot id it was written in.
 const MAGIC_VOLATILE: &[u8; 4] = b"DBJV";
+/// A record carrying guest writes after its map changes.
+const MAGIC_WRITES: &[u8; 4] = b"DBJ2";
 const BOOT: usize = 36;
 /// Magic, checkpoint id, payload length.
 const HEAD: usize = 4 + 8 + 4;
@@ -54,12 +62,22 @@ pub struct Change {
     pub bitmap: Option<Box<[u64]>>,
 }
 
-/// The map changes of one persist.
+/// Guest bytes written at `at` in the data file, carried by a record.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Logged {
+    pub at: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// The map changes of one persist, and the writes logged with them. A
+/// record with writes and no changes changes no map field on replay (its
+/// generation and image length are not read).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Record {
     pub generation: u64,
     pub image_len: u64,
     pub changes: Vec<Change>,
+    pub writes: Vec<Logged>,
 }
 
 impl Record {
@@ -81,10 +99,18 @@ impl Record {
                 None => p.push(0),
             }
         }
+        if !self.writes.is_empty() {
+            p.extend_from_slice(&(self.writes.len() as u32).to_le_bytes());
+            for w in &self.writes {
+                p.extend_from_slice(&w.at.to_le_bytes());
+                p.extend_from_slice(&(w.bytes.len() as u32).to_le_bytes());
+                p.extend_from_slice(&w.bytes);
+            }
+        }
         p
     }
 
-    fn decode(p: &[u8], words: usize) -> Option<Self> {
+    fn decode(p: &[u8], words: usize, with_writes: bool) -> Option<Self> {
         let mut at = 0usize;
         let mut take = |n: usize| -> Option<&[u8]> {
             let s = p.get(at..at.checked_add(n)?)?;
@@ -110,7 +136,21 @@ impl Record {
             };
             changes.push(Change { idx, state, bitmap });
         }
-        (at == p.len()).then_some(Record { generation, image_len, changes })
+        let mut writes = Vec::new();
+        if with_writes {
+            let n = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            // Each write takes at least 12 bytes: bound n before allocating.
+            if n == 0 || n > p.len() / 12 {
+                return None;
+            }
+            writes.reserve(n);
+            for _ in 0..n {
+                let at = u64_of(take(8)?);
+                let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                writes.push(Logged { at, bytes: take(len)?.to_vec() });
+            }
+        }
+        (at == p.len()).then_some(Record { generation, image_len, changes, writes })
     }
 }
 
@@ -125,6 +165,8 @@ pub struct Journal {
     alloc: u64,
     words: usize,
     boot: Option<[u8; BOOT]>,
+    /// Records appended since the last fdatasync.
+    unsynced: bool,
 }
 
 /// This boot of the kernel (None where it cannot be told: then no volatile
@@ -146,7 +188,7 @@ impl Journal {
             File::open(dir)?.sync_all()?;
         }
         let len = file.metadata()?.len();
-        Ok(Self { file, path, checkpoint, len, alloc: len, words, boot: boot_id() })
+        Ok(Self { file, path, checkpoint, len, alloc: len, words, boot: boot_id(), unsynced: false })
     }
 
     /// Bytes of records in the journal (the file may be longer).
@@ -162,12 +204,37 @@ impl Journal {
     /// Appends `rec` and makes it durable. An error here must be treated
     /// as a failed fsync (the record may or may not be there).
     pub fn append(&mut self, rec: &Record) -> io::Result<()> {
-        let buf = self.frame(MAGIC, &[], rec);
+        self.append_unsynced(rec)?;
+        self.sync()
+    }
+
+    /// Appends `rec` without an fdatasync: a later [`sync`](Self::sync)
+    /// (or [`append`](Self::append)) makes it durable. Until then it is in
+    /// the page cache: a crash of the process keeps it, a crash of the
+    /// host may keep it, tear it (the replay stops there) or lose it.
+    pub fn append_unsynced(&mut self, rec: &Record) -> io::Result<()> {
+        let magic = if rec.writes.is_empty() { MAGIC } else { MAGIC_WRITES };
+        let buf = self.frame(magic, &[], rec);
         self.extend(self.len + buf.len() as u64)?;
         self.file.write_all_at(&buf, self.len)?;
-        self.file.sync_data()?;
         self.len += buf.len() as u64;
+        self.unsynced = true;
         Ok(())
+    }
+
+    /// Makes every record appended so far durable (nothing to do when
+    /// they are). An error must be treated as a failed fsync.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// True while records appended are not yet durable.
+    pub fn is_unsynced(&self) -> bool {
+        self.unsynced
     }
 
     /// Appends `rec` as a volatile record (no fsync; see the module doc),
@@ -249,7 +316,8 @@ impl Journal {
         while bytes.len() - at >= HEAD + SUM {
             let head = &bytes[at..at + HEAD];
             let volatile = &head[..4] == MAGIC_VOLATILE;
-            if (&head[..4] != MAGIC && !volatile)
+            let with_writes = &head[..4] == MAGIC_WRITES;
+            if (&head[..4] != MAGIC && !volatile && !with_writes)
                 || u64::from_le_bytes(head[4..12].try_into().expect("8 bytes")) != checkpoint
             {
                 break;
@@ -275,7 +343,7 @@ impl Journal {
                     continue;
                 }
             }
-            match Record::decode(payload, words) {
+            match Record::decode(payload, words, with_writes) {
                 Some(r) => out.push(r),
                 None => break,
             }
@@ -299,6 +367,7 @@ mod tests {
             generation: g,
             image_len: 1 << 20,
             changes: vec![Change { idx, state, bitmap: bits.map(|b| vec![b, 0].into_boxed_slice()) }],
+            writes: Vec::new(),
         }
     }
 
@@ -370,5 +439,33 @@ mod tests {
         // After a reboot the volatile record is skipped, the later ones kept.
         assert_eq!(on(Some([b'b'; BOOT])), vec![a.clone(), c.clone()]);
         assert_eq!(on(None), vec![a, c]);
+    }
+
+    #[test]
+    fn records_carry_writes_and_unsynced_ones_replay_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path(), 3, 2).unwrap();
+        let mut a = rec(1, 3, 2, None);
+        a.writes = vec![Logged { at: 4096, bytes: vec![7; 4096] }, Logged { at: 9, bytes: vec![1, 2, 3] }];
+        let b = Record {
+            generation: 1,
+            image_len: 1 << 20,
+            changes: Vec::new(),
+            writes: vec![Logged { at: 0, bytes: vec![9; 512] }],
+        };
+        let c = rec(1, 4, 2, None);
+        j.append(&a).unwrap();
+        assert!(!j.is_unsynced());
+        j.append_unsynced(&b).unwrap();
+        assert!(j.is_unsynced());
+        j.append_unsynced(&c).unwrap();
+        assert_eq!(Journal::replay_durable(d.path(), 3, 2), vec![a.clone(), b.clone(), c.clone()]);
+        j.sync().unwrap();
+        assert!(!j.is_unsynced());
+        // A torn write-carrying record ends the replay.
+        let f = OpenOptions::new().write(true).open(d.path().join("journal")).unwrap();
+        let at_c = j.len() - (HEAD + c.encode(2).len() + SUM) as u64;
+        f.write_all_at(&[0xff; 3], at_c - 40).unwrap();
+        assert_eq!(Journal::replay(d.path(), 3, 2), vec![a]);
     }
 }

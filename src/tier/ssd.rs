@@ -17,7 +17,15 @@
 //!   make that one change durable (a journal record and its fdatasync; the
 //!   data file needs no fsync, it still holds the clean bytes synced before
 //!   the map claimed them) before writing into it, so the map never calls
-//!   modified bytes "clean"; concurrent first writes share one record;
+//!   modified bytes "clean"; concurrent first writes share one record. A
+//!   small first write with no other first write or persist under way
+//!   rides in that record itself (a write-ahead log), so the guest's FLUSH
+//!   after it has nothing left to sync: one sync for the pair, as a plain
+//!   disk pays. The chunk is then *logged*: until the next checkpoint its
+//!   small writes go to the journal too (their FLUSH syncs the journal,
+//!   not the data file), and any other change to its bytes (an install, a
+//!   large write, a write after zeroing) writes a checkpoint first, so a
+//!   replay never writes a logged record's old bytes over newer ones;
 //! - first write to a chunk the persisted map calls partial: the same, the
 //!   record saying dirty-partial with the persisted page bitmap (or absent,
 //!   when the write does not go by pages), then go on as for an absent
@@ -44,7 +52,7 @@ use sha2::{Digest, Sha256};
 
 use crate::format::{IoMode, IoVec};
 use crate::tier::cache_crypto::{self, CacheFile, Sealing};
-use crate::tier::journal::{Change, Journal, Record};
+use crate::tier::journal::{Change, Journal, Logged, Record};
 use crate::tier::{LocalFile, Storage};
 use crate::volume::format::MAX_CHUNKS;
 use crate::volume::{VolumeError, VolumeResult};
@@ -86,9 +94,21 @@ const STATE_MAGIC: &str = "driveblk-cache";
 /// field, so committing a generation keeps the cache) and gave each cache
 /// directory an id. Version 4 is an encrypted cache (`sealed`), so older
 /// binaries refuse it rather than read ciphertext as data. Versions 1 to
-/// 3 are still read.
-const STATE_VERSION: u32 = 4;
+/// 3 are still read. Version 5 is a plain cache whose journal may carry
+/// guest writes (journal.rs), so older binaries refuse it rather than
+/// replay its map without them.
+const STATE_VERSION: u32 = 5;
 const STRIPES: usize = 1024;
+/// A first write into a clean chunk up to this size rides in its record
+/// (the small synchronous writes a person waits on one at a time; a
+/// stream of large writes would pay twice its bytes for nothing).
+const LOG_FIRST_MAX: u64 = 16 << 10;
+/// Writes up to this size into a logged chunk ride in journal records;
+/// a larger one writes a checkpoint first and goes to the data file.
+const LOG_MAX_WRITE: u64 = 64 << 10;
+/// A journal past this size takes no more logged writes: the next write
+/// into a logged chunk writes a checkpoint first.
+const LOG_MAX_JOURNAL: u64 = 32 << 20;
 /// The journal grows to at least this many bytes (or twice the map) before
 /// the next persist writes a checkpoint instead.
 const JOURNAL_MIN_CHECKPOINT: u64 = 1 << 20;
@@ -143,6 +163,8 @@ struct Loaded {
     header: StateHeader,
     states: Vec<u8>,
     maps: HashMap<u64, Bitmap>,
+    /// Guest writes the journal carried, in order, to write again.
+    writes: Vec<Logged>,
 }
 
 /// What `open` found in the directory.
@@ -173,6 +195,10 @@ struct Slot {
     /// Write sequence of the newest write to a dirty chunk: write-back
     /// marks a chunk clean only if no write came after the copy it uploaded.
     seq: AtomicU64,
+    /// The journal holds records carrying writes into this chunk (module
+    /// doc): its bytes change only through more of them until the next
+    /// checkpoint. Set and cleared under the journal lock.
+    logged: AtomicBool,
 }
 
 /// Slots per segment of [`Slots`].
@@ -330,6 +356,14 @@ pub struct SsdCache {
     dirty_pages: Mutex<HashMap<u64, Bitmap>>,
     /// Changes since the last checkpoint (None when only inspecting).
     journal: Mutex<Option<Journal>>,
+    /// Chunks whose `logged` flag is set (under the journal lock).
+    logged: Mutex<Vec<u64>>,
+    /// How many chunks are logged: a write checks flags only when some are.
+    logged_count: AtomicUsize,
+    /// Bumped by every logged write into the data file: a checkpoint that
+    /// sees it move during its data sync syncs again before dropping the
+    /// records that covered those bytes.
+    logged_writes: AtomicU64,
     /// Bumped by every write to the data file, so a flush with nothing
     /// written since the last one costs no fsync.
     data_epoch: AtomicU64,
@@ -528,7 +562,7 @@ fn read_state_with(path: &Path, replay: fn(&Path, u64, usize) -> Vec<Record>) ->
         }
         maps.insert(idx, m);
     }
-    let mut l = Loaded { header: h, states: states.to_vec(), maps };
+    let mut l = Loaded { header: h, states: states.to_vec(), maps, writes: Vec::new() };
     if let Some(dir) = path.parent() {
         let records = replay(dir, l.header.checkpoint, words);
         apply_journal(&mut l, records)?;
@@ -538,36 +572,47 @@ fn read_state_with(path: &Path, replay: fn(&Path, u64, usize) -> Vec<Record>) ->
 
 /// Applies the journal records that follow the checkpoint `l` was read from.
 fn apply_journal(l: &mut Loaded, records: Vec<Record>) -> Result<(), String> {
-    let pages = l.header.id.chunk_size.div_ceil(PAGE);
-    let words = bitmap_words(l.header.id.chunk_size);
+    let cs = l.header.id.chunk_size;
+    let pages = cs.div_ceil(PAGE);
+    let words = bitmap_words(cs);
     for rec in records {
-        let chunks = rec.image_len.div_ceil(l.header.id.chunk_size);
-        if chunks > MAX_CHUNKS {
-            return Err("journal record with an implausible image length".into());
-        }
-        if (l.states.len() as u64) < chunks {
-            l.states.resize(chunks as usize, ABSENT);
-        }
-        for c in rec.changes {
-            let ok = c.state <= ZERO_DIRTY
-                && has_bitmap(c.state) == c.bitmap.is_some()
-                && (c.idx as usize) < l.states.len()
-                && c.bitmap.as_ref().is_none_or(|m| popcount(m) > 0 && !(pages..words as u64 * 64).any(|p| bit(m, p)));
-            if !ok {
-                return Err(format!("journal record for chunk {} does not fit the map", c.idx));
+        // A record of logged writes alone changes no map field.
+        if !rec.changes.is_empty() || rec.writes.is_empty() {
+            let chunks = rec.image_len.div_ceil(cs);
+            if chunks > MAX_CHUNKS {
+                return Err("journal record with an implausible image length".into());
             }
-            l.states[c.idx as usize] = c.state;
-            match c.bitmap {
-                Some(m) => {
-                    l.maps.insert(c.idx, m);
+            if (l.states.len() as u64) < chunks {
+                l.states.resize(chunks as usize, ABSENT);
+            }
+            for c in rec.changes {
+                let ok = c.state <= ZERO_DIRTY
+                    && has_bitmap(c.state) == c.bitmap.is_some()
+                    && (c.idx as usize) < l.states.len()
+                    && c.bitmap
+                        .as_ref()
+                        .is_none_or(|m| popcount(m) > 0 && !(pages..words as u64 * 64).any(|p| bit(m, p)));
+                if !ok {
+                    return Err(format!("journal record for chunk {} does not fit the map", c.idx));
                 }
-                None => {
-                    l.maps.remove(&c.idx);
+                l.states[c.idx as usize] = c.state;
+                match c.bitmap {
+                    Some(m) => {
+                        l.maps.insert(c.idx, m);
+                    }
+                    None => {
+                        l.maps.remove(&c.idx);
+                    }
                 }
             }
+            l.header.generation = rec.generation;
+            l.header.image_len = rec.image_len;
         }
-        l.header.generation = rec.generation;
-        l.header.image_len = rec.image_len;
+        let end = l.states.len() as u64 * cs;
+        if rec.writes.iter().any(|w| w.at.checked_add(w.bytes.len() as u64).is_none_or(|e| e > end)) {
+            return Err("journal record writes past the map".into());
+        }
+        l.writes.extend(rec.writes);
     }
     Ok(())
 }
@@ -617,19 +662,27 @@ impl SsdCache {
         let state_path = dir.join("state");
         let fresh_id = || hex::encode(rand::random::<[u8; 16]>());
         let mut sealed = want.clone().unwrap_or_default();
-        let (opened, states, maps, len, generation, cache_id) = match read_state(&state_path) {
+        let (opened, states, maps, len, generation, cache_id, writes) = match read_state(&state_path) {
             Ok(None) => {
                 if let Some(why) = lost_state(dir) {
                     return Err(cache_err(dir, damaged_reason(dir, &why)));
                 }
-                (Opened::Fresh, Vec::new(), HashMap::new(), image_len, generation, fresh_id())
+                (Opened::Fresh, Vec::new(), HashMap::new(), image_len, generation, fresh_id(), Vec::new())
             }
             Ok(Some(l)) if l.header.id == id && want.as_ref().is_none_or(|w| *w == l.header.sealed) => {
                 sealed = l.header.sealed.clone();
                 let dirty = l.states.iter().filter(|&&s| is_dirty(s)).count() as u64;
                 let cached = l.states.iter().filter(|&&s| s == CLEAN || s == DIRTY).count() as u64;
                 let cid = if l.header.cache_id.len() == 32 { l.header.cache_id.clone() } else { fresh_id() };
-                (Opened::Reused { cached, dirty }, l.states, l.maps, l.header.image_len, l.header.generation, cid)
+                (
+                    Opened::Reused { cached, dirty },
+                    l.states,
+                    l.maps,
+                    l.header.image_len,
+                    l.header.generation,
+                    cid,
+                    l.writes,
+                )
             }
             Ok(Some(Loaded { header: h, states, .. })) => {
                 let dirty = states.iter().filter(|&&s| is_dirty(s)).count();
@@ -655,7 +708,7 @@ impl SsdCache {
                 if mode == OpenMode::Inspect {
                     return Ok(None);
                 }
-                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len, generation, fresh_id())
+                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len, generation, fresh_id(), Vec::new())
             }
             // Without its state nothing tells unsaved writes in the data
             // file from stale bytes: dropping it could lose writes that were
@@ -676,6 +729,26 @@ impl SsdCache {
         let data = LocalFile::open(&data_path, mode == OpenMode::Inspect)
             .map_err(|e| VolumeError::io("opening", &data_path, e))?;
         let data = sealing.data_file(data, &sealed, &cache_id).map_err(|why| cache_err(dir, why))?;
+        if !writes.is_empty() {
+            // Writes the journal carried may be missing from the data file
+            // (a host crash): write them again, in order, and make them
+            // durable before anything reads the file. Inspecting does this
+            // too; it changes no byte the cache serves.
+            let rw = match mode {
+                OpenMode::Serve => None,
+                OpenMode::Inspect => Some(
+                    LocalFile::open(&data_path, false)
+                        .map_err(|e| VolumeError::io("opening", &data_path, e))
+                        .and_then(|f| sealing.data_file(f, &sealed, &cache_id).map_err(|why| cache_err(dir, why)))?,
+                ),
+            };
+            let file = rw.as_ref().unwrap_or(&data);
+            writes
+                .iter()
+                .try_for_each(|w| file.write_at(w.at, &w.bytes))
+                .and_then(|()| file.flush())
+                .map_err(|e| VolumeError::io("replaying the journal's writes into", &data_path, e))?;
+        }
         let cs = id.chunk_size;
         let n = len.div_ceil(cs) as usize;
         let slots = Slots::new(n.max(states.len()));
@@ -725,6 +798,9 @@ impl SsdCache {
             dirty_pages: Mutex::new(HashMap::new()),
             data_epoch: AtomicU64::new(1),
             journal: Mutex::new(None),
+            logged: Mutex::new(Vec::new()),
+            logged_count: AtomicUsize::new(0),
+            logged_writes: AtomicU64::new(0),
             failed: AtomicBool::new(false),
         };
         if mode == OpenMode::Serve {
@@ -1061,7 +1137,7 @@ impl SsdCache {
         if changes.is_empty() {
             return Ok(());
         }
-        let rec = Record { generation: persisted.generation, image_len: self.len(), changes };
+        let rec = Record { generation: persisted.generation, image_len: self.len(), changes, writes: Vec::new() };
         if let Some(j) = self.journal.lock().as_mut() {
             j.append_volatile(&rec)?;
             persisted.volatile.extend(rec.changes.iter().map(|c| c.idx));
@@ -1126,7 +1202,7 @@ impl SsdCache {
             state = ABSENT;
         }
         match state {
-            DIRTY => self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?,
+            DIRTY => self.write_dirty(idx, base + off, bufs)?,
             ZERO_DIRTY => {
                 // Zeroes on disk first (a crash may have come before the
                 // hole punch), then the write; it holds data from now on.
@@ -1139,12 +1215,15 @@ impl SsdCache {
                 self.set_state(idx, DIRTY);
                 self.dirty.fetch_add(1, Ordering::Relaxed);
                 let persisted_clean = self.persisted.lock().states.get(idx as usize) == Some(&CLEAN);
-                if persisted_clean {
-                    // See the module doc: the map must stop calling this
-                    // chunk clean before its bytes change.
-                    self.mark_unclean(idx)?;
+                // See the module doc: the map must stop calling this chunk
+                // clean before its bytes change; a small write rides in
+                // that record, else the bytes follow it.
+                if !(persisted_clean && self.log_first_write(idx, base + off, bufs)?) {
+                    if persisted_clean {
+                        self.mark_unclean(idx)?;
+                    }
+                    self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
                 }
-                self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
             }
             _ => {
                 // Bytes first, state after: a persist racing with this never
@@ -1255,6 +1334,7 @@ impl SsdCache {
     }
 
     fn data_write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        self.unlog(off, buf.len() as u64)?;
         // Counted once written: a persist that reads the epoch after this
         // covers the bytes, and one that read it before leaves it behind.
         let r = self.data.write_at(off, buf);
@@ -1263,6 +1343,7 @@ impl SsdCache {
     }
 
     fn data_write_vectored_at(&self, off: u64, bufs: &IoVec<'_>, mode: IoMode) -> io::Result<()> {
+        self.unlog(off, bufs.len() as u64)?;
         // Counted once written: a persist that reads the epoch after this
         // covers the bytes, and one that read it before leaves it behind.
         let r = self.data.write_vectored_at(off, bufs, mode);
@@ -1276,6 +1357,112 @@ impl SsdCache {
         let r = self.data.write_zeroes_at(off, len);
         self.data_epoch.fetch_add(1, Ordering::SeqCst);
         r
+    }
+
+    /// Before bytes [off, off + len) of the data file change other than by
+    /// a logged write: if a chunk there is logged, writes a checkpoint
+    /// first, so no replay can put a logged record's older bytes over
+    /// these (module doc). Zeroing needs no such care: a zeroed or evicted
+    /// chunk's bytes are never read, and leaving that state writes data.
+    fn unlog(&self, off: u64, len: u64) -> io::Result<()> {
+        if self.logged_count.load(Ordering::Acquire) == 0 || len == 0 {
+            return Ok(());
+        }
+        let (first, last) = (off / self.chunk_size, (off + len - 1) / self.chunk_size);
+        if (first..=last).any(|i| self.slots.with(i, |s| s.logged.load(Ordering::Acquire)) == Some(true)) {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// True when writes may ride in journal records (module doc): a plain
+    /// cache (a sealed one would put plaintext in its journal), a write
+    /// small enough, and a cache that has not failed.
+    fn may_log(&self, len: u64) -> bool {
+        self.sealed.is_empty() && len <= LOG_MAX_WRITE && !self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Marks chunk `idx` logged; caller holds the journal lock.
+    fn set_logged(&self, idx: u64) {
+        if self.slots.with(idx, |s| s.logged.swap(true, Ordering::AcqRel)) == Some(false) {
+            self.logged.lock().push(idx);
+            self.logged_count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Forgets every logged chunk after a checkpoint dropped their records;
+    /// caller holds the journal lock.
+    fn clear_logged(&self) {
+        let mut logged = self.logged.lock();
+        for idx in logged.drain(..) {
+            self.slots.with(idx, |s| s.logged.store(false, Ordering::Release));
+        }
+        self.logged_count.store(0, Ordering::Release);
+    }
+
+    /// The first write into chunk `idx`, which the persisted map calls
+    /// clean, as one durable journal record carrying both the chunk's new
+    /// state and the write (`at` in the data file), then the bytes into
+    /// the data file: the guest's FLUSH after it has nothing left to sync.
+    /// Only when nothing else is persisting or marking (the group commit of
+    /// [`mark_unclean`](Self::mark_unclean) serves concurrent first writes
+    /// better); false when not done, and the caller takes the usual path.
+    /// Caller holds the chunk's stripe write lock and has set it dirty.
+    fn log_first_write(&self, idx: u64, at: u64, bufs: &IoVec<'_>) -> io::Result<bool> {
+        if bufs.len() as u64 > LOG_FIRST_MAX || !self.may_log(bufs.len() as u64) {
+            return Ok(false);
+        }
+        let Some(mut persisted) = self.persisted.try_lock() else { return Ok(false) };
+        let mut journal = self.journal.lock();
+        let Some(j) = journal.as_mut().filter(|j| persisted.written && j.len() < LOG_MAX_JOURNAL) else {
+            return Ok(false);
+        };
+        if persisted.states.get(idx as usize) != Some(&CLEAN) || self.failed.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let rec = Record {
+            generation: persisted.generation,
+            image_len: persisted.image_len,
+            changes: vec![Change { idx, state: DIRTY, bitmap: None }],
+            writes: vec![Logged { at, bytes: bufs.to_vec() }],
+        };
+        if let Err(e) = j.append(&rec) {
+            // As a failed fsync: the record may or may not be there.
+            if !self.failed.swap(true, Ordering::SeqCst) {
+                tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make its map durable; every later flush fails until driveblk is restarted");
+            }
+            return Err(e);
+        }
+        persisted.states[idx as usize] = DIRTY;
+        self.set_logged(idx);
+        // Durable in the record: no data sync owed for these bytes.
+        self.data.write_vectored_at(at, bufs, IoMode::Blocking)?;
+        self.logged_writes.fetch_add(1, Ordering::SeqCst);
+        Ok(true)
+    }
+
+    /// A write into dirty chunk `idx` (`at` in the data file): into the
+    /// data file, and into the journal as well while the chunk is logged
+    /// (its FLUSH then syncs the journal). Caller holds the stripe write lock.
+    fn write_dirty(&self, idx: u64, at: u64, bufs: &IoVec<'_>) -> io::Result<()> {
+        if self.slots.with(idx, |s| s.logged.load(Ordering::Acquire)) != Some(true) {
+            return self.data_write_vectored_at(at, bufs, IoMode::Blocking);
+        }
+        if self.may_log(bufs.len() as u64) {
+            let mut journal = self.journal.lock();
+            if let Some(j) = journal.as_mut().filter(|j| j.len() < LOG_MAX_JOURNAL) {
+                // Writes alone: replay reads no map field from it.
+                let rec = Record { writes: vec![Logged { at, bytes: bufs.to_vec() }], ..Record::default() };
+                j.append_unsynced(&rec)?;
+                // A checkpoint may have cleared the flag while this waited.
+                self.set_logged(idx);
+                self.data.write_vectored_at(at, bufs, IoMode::Blocking)?;
+                self.logged_writes.fetch_add(1, Ordering::SeqCst);
+                return Ok(());
+            }
+        }
+        // Too large, or the journal is full: checkpoint, then as usual.
+        self.data_write_vectored_at(at, bufs, IoMode::Blocking)
     }
 
     /// Gives chunk `idx` a new write sequence number (it was just written).
@@ -1628,7 +1815,12 @@ impl SsdCache {
             changes.push(change);
         }
         if !changes.is_empty() {
-            let rec = Record { generation: persisted.generation, image_len: persisted.image_len, changes };
+            let rec = Record {
+                generation: persisted.generation,
+                image_len: persisted.image_len,
+                changes,
+                writes: Vec::new(),
+            };
             if let Err(e) = j.append(&rec) {
                 // As a failed fsync: the record may or may not be there.
                 if !self.failed.swap(true, Ordering::SeqCst) {
@@ -1723,13 +1915,17 @@ impl SsdCache {
             && gen == persisted.gen
             && self.generation() == persisted.generation
             && self.len() == persisted.image_len;
+        // Logged writes are durable once their records are.
+        let sync_log = || self.journal.lock().as_mut().map_or(Ok(()), |j| j.sync()).map_err(sticky);
         if map_same && wanted <= persisted.data_epoch {
             // Nothing written and nothing changed since the last persist
             // began, or what was written before this flush it made durable.
-            return Ok(());
+            return sync_log();
         }
+        let logged_seen = self.logged_writes.load(Ordering::SeqCst);
         self.data.flush().map_err(sticky)?;
         if map_same {
+            sync_log()?;
             persisted.data_epoch = epoch;
             return Ok(());
         }
@@ -1749,7 +1945,7 @@ impl SsdCache {
                     changes.push(Change { idx, state: st, bitmap: map.cloned() });
                 }
             }
-            let rec = Record { generation: self.generation(), image_len: self.len(), changes };
+            let rec = Record { generation: self.generation(), image_len: self.len(), changes, writes: Vec::new() };
             j.append(&rec).map_err(sticky)?;
             *persisted = Persisted {
                 states: snap,
@@ -1764,10 +1960,16 @@ impl SsdCache {
             };
             return Ok(());
         }
+        if self.logged_writes.load(Ordering::SeqCst) != logged_seen {
+            // Logged writes landed during that sync; the checkpoint drops
+            // their records, so their bytes must be durable first. No more
+            // land while this holds the journal lock.
+            self.data.flush().map_err(sticky)?;
+        }
         let checkpoint = rand::random::<u64>() | 1;
         let header = StateHeader {
             format: STATE_MAGIC.into(),
-            version: if self.sealed.is_empty() { 3 } else { STATE_VERSION },
+            version: if self.sealed.is_empty() { STATE_VERSION } else { 4 },
             id: self.id.clone(),
             generation: self.generation(),
             cache_id: self.cache_id.clone(),
@@ -1800,6 +2002,7 @@ impl SsdCache {
         if let Some(j) = journal.as_mut() {
             j.reset(checkpoint).map_err(sticky)?;
         }
+        self.clear_logged();
         *persisted = Persisted {
             states: snap,
             maps,
@@ -2278,6 +2481,101 @@ mod tests {
     }
 
     #[test]
+    fn ssd_a_small_first_write_rides_in_its_record_and_survives_a_lost_page() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        {
+            let _g = c.lock_write(0);
+            assert!(c.install_clean(0, &remote(0)).unwrap());
+        }
+        c.persist().unwrap();
+        let epoch = c.data_epoch.load(Ordering::SeqCst);
+        let mut w = vec![7u8; P];
+        {
+            let _g = c.lock_write(0);
+            c.write(0, 2 * PAGE, &IoVec::from_slice(&mut w), None).unwrap();
+        }
+        assert_eq!(c.data_epoch.load(Ordering::SeqCst), epoch, "the write owes the data file a sync");
+        assert!(!c.journal.lock().as_ref().unwrap().is_unsynced(), "the record is not durable");
+        // The host dies with the written page not on disk: the data file
+        // holds the clean bytes there again.
+        drop(c);
+        let data = OpenOptions::new().write(true).open(d.path().join("data")).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&data, &remote(0)[2 * P..3 * P], 2 * PAGE).unwrap();
+        let after_reboot = read_state_with(&d.path().join("state"), Journal::replay_durable).unwrap().unwrap();
+        assert_eq!(after_reboot.states[0], DIRTY);
+        // Looking (export, fork) sees the write, and so does serving.
+        let (c, _) = SsdCache::open(d.path(), id64(), 1, 4 * CS, 1 << 30, OpenMode::Inspect).unwrap().unwrap();
+        assert_eq!(read_at(&c, 0, 2 * PAGE, P), w);
+        drop(c);
+        std::os::unix::fs::FileExt::write_all_at(&data, &remote(0)[2 * P..3 * P], 2 * PAGE).unwrap();
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        assert_eq!(c.state(0), DIRTY);
+        assert_eq!(read_at(&c, 0, 2 * PAGE, P), w);
+        assert_eq!(read_at(&c, 0, 3 * PAGE, P), remote(0)[3 * P..4 * P].to_vec());
+    }
+
+    #[test]
+    fn ssd_a_replay_never_puts_a_logged_chunks_older_bytes_over_newer_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        let write = |c: &SsdCache, byte: u8| {
+            let _g = c.lock_write(0);
+            let mut w = vec![byte; P];
+            c.write(0, 2 * PAGE, &IoVec::from_slice(&mut w), None).unwrap();
+        };
+        {
+            let _g = c.lock_write(0);
+            assert!(c.install_clean(0, &remote(0)).unwrap());
+        }
+        c.persist().unwrap();
+        write(&c, 1);
+        c.persist().unwrap();
+        let journal = || c.journal.lock().as_ref().unwrap().len();
+        let before = journal();
+        write(&c, 2);
+        assert!(journal() > before, "a write into a logged chunk did not go to the journal");
+        c.persist().unwrap();
+        // Committed, evicted, fetched again from a newer generation whose
+        // page 2 differs from both writes.
+        {
+            let _g = c.lock_write(0);
+            assert!(c.mark_clean(0, c.seq(0)));
+        }
+        c.persist().unwrap();
+        assert_eq!(c.drop_clean().unwrap(), 1);
+        let mut newer = remote(0);
+        newer[2 * P..3 * P].fill(9);
+        {
+            let _g = c.lock_write(0);
+            assert!(c.install_clean(0, &newer).unwrap());
+        }
+        c.persist().unwrap();
+        drop(c);
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        assert_eq!(c.state(0), CLEAN);
+        assert_eq!(c.read_chunk(0).unwrap(), newer, "a replay wrote a logged record's bytes over newer ones");
+        // And the newest logged bytes win over older ones of the same chunk.
+        write(&c, 3);
+        write(&c, 4);
+        c.persist().unwrap();
+        drop(c);
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        assert_eq!(read_at(&c, 0, 2 * PAGE, P), vec![4u8; P]);
+    }
+
+    #[test]
+    fn ssd_a_journal_write_past_the_map_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        let rec = Record { writes: vec![Logged { at: 4 * CS - 10, bytes: vec![1; 20] }], ..Record::default() };
+        c.journal.lock().as_mut().unwrap().append(&rec).unwrap();
+        drop(c);
+        let err = SsdCache::open(d.path(), id64(), 1, 4 * CS, 1 << 30, OpenMode::Serve).err().unwrap().to_string();
+        assert!(err.contains("writes past the map"), "{err}");
+    }
+
+    #[test]
     fn ssd_write_over_persisted_partial() {
         let d = tempfile::tempdir().unwrap();
         let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
@@ -2409,7 +2707,7 @@ mod tests {
         let raw = std::fs::read(d.path().join("state")).unwrap();
         let nl = raw.iter().position(|&b| b == b'\n').unwrap();
         let h: serde_json::Value = serde_json::from_slice(&raw[..nl]).unwrap();
-        assert_eq!((h["version"].as_u64(), h["partial"].as_u64()), (Some(3), Some(2)));
+        assert_eq!((h["version"].as_u64(), h["partial"].as_u64()), (Some(5), Some(2)));
         assert_eq!(raw.len(), nl + 1 + 4 + 2 * 16 + 32);
         assert_eq!(raw[nl + 5..nl + 5 + 16], [0, 0, 0, 0, 0, 0, 0, 0, 0b1000_0001, 0b1, 0, 0, 0, 0, 0, 0]);
         drop(c);
