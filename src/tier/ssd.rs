@@ -1382,6 +1382,15 @@ impl SsdCache {
         self.sealed.is_empty() && len <= LOG_MAX_WRITE && !self.failed.load(Ordering::SeqCst)
     }
 
+    /// A journal append that failed counts as a failed fsync (the record may
+    /// or may not be there): sticky, like every failed sync.
+    fn journal_failed(&self, e: io::Error) -> io::Error {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make its map durable; every later flush fails until driveblk is restarted");
+        }
+        e
+    }
+
     /// Marks chunk `idx` logged; caller holds the journal lock.
     fn set_logged(&self, idx: u64) {
         if self.slots.with(idx, |s| s.logged.swap(true, Ordering::AcqRel)) == Some(false) {
@@ -1426,13 +1435,7 @@ impl SsdCache {
             changes: vec![Change { idx, state: DIRTY, bitmap: None }],
             writes: vec![Logged { at, bytes: bufs.to_vec() }],
         };
-        if let Err(e) = j.append(&rec) {
-            // As a failed fsync: the record may or may not be there.
-            if !self.failed.swap(true, Ordering::SeqCst) {
-                tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make its map durable; every later flush fails until driveblk is restarted");
-            }
-            return Err(e);
-        }
+        j.append(&rec).map_err(|e| self.journal_failed(e))?;
         persisted.states[idx as usize] = DIRTY;
         self.set_logged(idx);
         // Durable in the record: no data sync owed for these bytes.
@@ -1821,13 +1824,7 @@ impl SsdCache {
                 changes,
                 writes: Vec::new(),
             };
-            if let Err(e) = j.append(&rec) {
-                // As a failed fsync: the record may or may not be there.
-                if !self.failed.swap(true, Ordering::SeqCst) {
-                    tracing::error!(dir = %self.dir.display(), error = %e, "the SSD cache could not make its map durable; every later flush fails until driveblk is restarted");
-                }
-                return Err(e);
-            }
+            j.append(&rec).map_err(|e| self.journal_failed(e))?;
             for c in rec.changes {
                 persisted.states[c.idx as usize] = c.state;
                 if c.bitmap.is_none() {
