@@ -276,11 +276,12 @@ impl Journal {
 
     /// Starts over after checkpoint `checkpoint` was written: records are
     /// overwritten from offset 0 (the old ones name the old checkpoint, so
-    /// they are ignored). The first step of zeroes is made durable now, so
-    /// the appends that follow change no file size.
+    /// they are ignored, synced or not). The first step of zeroes is made
+    /// durable now, so the appends that follow change no file size.
     pub fn reset(&mut self, checkpoint: u64) -> io::Result<()> {
         self.len = 0;
         self.checkpoint = checkpoint;
+        self.unsynced = false;
         if self.alloc < PREALLOC {
             self.extend(PREALLOC)?;
             self.file.sync_data()?;
