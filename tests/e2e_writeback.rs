@@ -291,12 +291,7 @@ fn writethrough_survives_losing_the_machine_right_after_a_flush() {
 #[test]
 fn a_write_completed_before_a_kill_9_is_covered_by_the_next_daemons_flush() {
     let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("disk.raw");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let orig: Vec<u8> = (0..4 << 20).map(|_| rng.random()).collect();
-    std::fs::write(&img, &orig).unwrap();
-    let url = format!("dir:{}", d.path().join("remote/vol").display());
-    run_ok(bin(), &["import", img.to_str().unwrap(), &url, "--chunk-size", "64K", "--quiet"]);
+    let (orig, url) = raw_volume(d.path(), 7, 4 << 20, &[]);
     let sock = d.path().join("sock");
     let cache = d.path().join("cache");
     let args = kill_9_args(&url, "raw", &cache);
@@ -410,21 +405,48 @@ fn flushes_after_first_writes_into_clean_chunks_survive_kill_9() {
 /// data file), the next daemon writes it again from the record.
 #[test]
 fn a_flushed_small_first_write_survives_its_page_missing_after_a_crash() {
+    small_first_writes_survive_lost_pages(false);
+}
+
+/// The same with an encrypted cache (`--encrypt-cache`): its records carry
+/// the written pages as ciphertext.
+#[test]
+fn an_encrypted_caches_flushed_small_first_write_survives_its_page_missing_after_a_crash() {
+    small_first_writes_survive_lost_pages(true);
+}
+
+fn small_first_writes_survive_lost_pages(encrypted: bool) {
     let d = tempfile::tempdir().unwrap();
-    let raw = d.path().join("disk.raw");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0xF2);
-    let orig: Vec<u8> = (0..8 << 20).map(|_| rng.random()).collect();
-    std::fs::write(&raw, &orig).unwrap();
-    let url = format!("dir:{}", d.path().join("remote/vol").display());
-    run_ok(bin(), &["import", raw.to_str().unwrap(), &url, "--format", "raw", "--chunk-size", "64K", "--quiet"]);
+    let keyfile = d.path().join("key");
+    std::fs::write(&keyfile, rand::random::<[u8; 32]>()).unwrap();
+    let key: &[&str] = if encrypted { &["--key-file", keyfile.to_str().unwrap()] } else { &[] };
+    let enc: &[&str] = if encrypted { &["--encrypt"] } else { &[] };
+    let (orig, url) = raw_volume(d.path(), 0xF2, 8 << 20, &[enc, key].concat());
     let cache = d.path().join("cache");
-    run_ok(bin(), &["hydrate", &url, "--cache-dir", cache.to_str().unwrap(), "--quiet"]);
     let sock = d.path().join("sock");
-    let args = kill_9_args(&url, "raw", &cache);
+    let cache_key: &[&str] = if encrypted { &["--encrypt-cache"] } else { &[] };
+    let args = [&kill_9_args(&url, "raw", &cache)[..], key, cache_key].concat();
+    // The cache holds the volume clean, and the page bytes it holds for
+    // the places written below are kept, to put back after the crash.
+    let daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == orig);
+    drop(c);
+    assert!(daemon.stop().success());
+    let offs = [3u64 << 16, (37 << 16) + 8192, (100 << 16) + 4096];
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(cache.join("data")).unwrap();
+    let held: Vec<Vec<u8>> = offs
+        .iter()
+        .map(|&off| {
+            let mut page = vec![0u8; 4096];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut page, off).unwrap();
+            assert_eq!(page == orig[off as usize..off as usize + 4096], !encrypted);
+            page
+        })
+        .collect();
     let mut want = orig.clone();
     let mut daemon = Daemon::start(&sock, &args);
     let mut c = Client::connect(&sock, 1);
-    let offs = [3u64 << 16, (37 << 16) + 8192, (100 << 16) + 4096];
     for (i, &off) in offs.iter().enumerate() {
         let data = common::pattern(700 + i as u64, 4096);
         c.write(off, &data).unwrap();
@@ -434,9 +456,8 @@ fn a_flushed_small_first_write_survives_its_page_missing_after_a_crash() {
     kill_9(&mut daemon);
     drop(c);
     drop(daemon);
-    let file = std::fs::OpenOptions::new().write(true).open(cache.join("data")).unwrap();
-    for &off in &offs {
-        std::os::unix::fs::FileExt::write_all_at(&file, &orig[off as usize..off as usize + 4096], off).unwrap();
+    for (&off, page) in offs.iter().zip(&held) {
+        std::os::unix::fs::FileExt::write_all_at(&file, page, off).unwrap();
     }
     drop(file);
     let daemon = Daemon::start(&sock, &args);
@@ -445,8 +466,22 @@ fn a_flushed_small_first_write_survives_its_page_missing_after_a_crash() {
     drop(c);
     assert!(daemon.stop().success());
     let out = d.path().join("export.raw");
-    run_ok(bin(), &["export", &url, out.to_str().unwrap(), "--quiet"]);
+    run_ok(bin(), &[&["export", &url, out.to_str().unwrap(), "--quiet"], key].concat());
     assert!(std::fs::read(&out).unwrap() == want, "the clean stop did not upload every write");
+}
+
+/// A raw volume of `size` random bytes (from `seed`) on a `dir:` remote in
+/// `dir`, 64 KiB chunks, `import` given `extra`: the image and the URL.
+fn raw_volume(dir: &Path, seed: u64, size: usize, extra: &[&str]) -> (Vec<u8>, String) {
+    let img = dir.join("disk.raw");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let orig: Vec<u8> = (0..size).map(|_| rng.random()).collect();
+    std::fs::write(&img, &orig).unwrap();
+    let url = format!("dir:{}", dir.join("remote/vol").display());
+    let args =
+        [&["import", img.to_str().unwrap(), &url, "--format", "raw", "--chunk-size", "64K", "--quiet"], extra].concat();
+    run_ok(bin(), &args);
+    (orig, url)
 }
 
 /// Kills the daemon with SIGKILL and reaps it: no shutdown path runs.

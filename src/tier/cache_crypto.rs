@@ -158,6 +158,34 @@ impl CacheFile {
     pub fn is_sealed(&self) -> bool {
         matches!(self, CacheFile::Sealed(_))
     }
+
+    /// What writing `bufs` at `offset` leaves in the file, as stored: where
+    /// it goes and its bytes. For plaintext, the write itself; encrypted,
+    /// the whole pages it touches as ciphertext (the pages at its edges are
+    /// read first). A journal record carries this, so a replay puts it back
+    /// with [`write_stored`](Self::write_stored), no key needed and no
+    /// plaintext in the journal. Caller keeps others from writing those
+    /// pages until it is written (as for a write).
+    pub fn stored_write(&self, offset: u64, bufs: &IoVec<'_>) -> io::Result<(u64, Vec<u8>)> {
+        match self {
+            CacheFile::Plain(_) => Ok((offset, bufs.to_vec())),
+            CacheFile::Sealed(f) => {
+                let len = bufs.len() as u64;
+                let (a, n) = SealedFile::pages_around(offset, len)?;
+                let mut buf = vec![0u8; n as usize];
+                f.seal_range(a, &mut buf, offset, len, Some(bufs), IoMode::Blocking)?;
+                Ok((a, buf))
+            }
+        }
+    }
+
+    /// Writes bytes made by [`stored_write`](Self::stored_write) as they are.
+    pub fn write_stored(&self, at: u64, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            CacheFile::Plain(f) => f.write_at(at, bytes),
+            CacheFile::Sealed(f) => f.file.write_at(at, bytes),
+        }
+    }
 }
 
 /// A local file whose pages are stored encrypted. Byte ranges that are not
@@ -203,26 +231,51 @@ impl SealedFile {
         Ok(())
     }
 
-    /// Writes `len` bytes at `offset`, taken from `src` (None: zeroes).
-    fn write_range(&self, offset: u64, len: u64, src: Option<&IoVec<'_>>, mode: IoMode) -> io::Result<()> {
+    /// The whole pages around [offset, offset + len): where they start and
+    /// how many bytes they span.
+    fn pages_around(offset: u64, len: u64) -> io::Result<(u64, u64)> {
         let end = offset.checked_add(len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         let a = offset / PAGE * PAGE;
-        let e = end.next_multiple_of(PAGE);
-        with_scratch((e - a) as usize, |buf| {
-            let n = buf.len();
-            let p = PAGE as usize;
-            if offset % PAGE != 0 {
-                self.read_pages(a, &mut buf[..p], mode)?;
-            }
-            if end % PAGE != 0 && (e - PAGE > a || offset % PAGE == 0) {
-                self.read_pages(e - PAGE, &mut buf[n - p..], mode)?;
-            }
-            let piece = &mut buf[(offset - a) as usize..(end - a) as usize];
-            match src {
-                Some(v) => v.copy_to_slice(0, piece),
-                None => piece.fill(0),
-            }
-            self.cipher.encrypt(buf, a / PAGE);
+        Ok((a, end.next_multiple_of(PAGE) - a))
+    }
+
+    /// Fills `buf` (the whole pages from `a`) with the ciphertext they hold
+    /// once `len` bytes at `offset` are written, taken from `src` (None:
+    /// zeroes): the pages at the edges are read and decrypted, the range
+    /// patched, the lot encrypted.
+    fn seal_range(
+        &self,
+        a: u64,
+        buf: &mut [u8],
+        offset: u64,
+        len: u64,
+        src: Option<&IoVec<'_>>,
+        mode: IoMode,
+    ) -> io::Result<()> {
+        let end = offset + len;
+        let e = a + buf.len() as u64;
+        let n = buf.len();
+        let p = PAGE as usize;
+        if offset % PAGE != 0 {
+            self.read_pages(a, &mut buf[..p], mode)?;
+        }
+        if end % PAGE != 0 && (e - PAGE > a || offset % PAGE == 0) {
+            self.read_pages(e - PAGE, &mut buf[n - p..], mode)?;
+        }
+        let piece = &mut buf[(offset - a) as usize..(end - a) as usize];
+        match src {
+            Some(v) => v.copy_to_slice(0, piece),
+            None => piece.fill(0),
+        }
+        self.cipher.encrypt(buf, a / PAGE);
+        Ok(())
+    }
+
+    /// Writes `len` bytes at `offset`, taken from `src` (None: zeroes).
+    fn write_range(&self, offset: u64, len: u64, src: Option<&IoVec<'_>>, mode: IoMode) -> io::Result<()> {
+        let (a, n) = Self::pages_around(offset, len)?;
+        with_scratch(n as usize, |buf| {
+            self.seal_range(a, buf, offset, len, src, mode)?;
             self.file.write_vectored_at(a, &IoVec::from_slice(buf), mode)
         })
     }

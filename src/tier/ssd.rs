@@ -25,7 +25,9 @@
 //!   small writes go to the journal too (their FLUSH syncs the journal,
 //!   not the data file), and any other change to its bytes (an install, a
 //!   large write, a write after zeroing) writes a checkpoint first, so a
-//!   replay never writes a logged record's old bytes over newer ones;
+//!   replay never writes a logged record's old bytes over newer ones. A
+//!   record carries a write as the data file stores it (an encrypted
+//!   cache: the ciphertext of the pages it touches);
 //! - first write to a chunk the persisted map calls partial: the same, the
 //!   record saying dirty-partial with the persisted page bitmap (or absent,
 //!   when the write does not go by pages), then go on as for an absent
@@ -94,10 +96,13 @@ const STATE_MAGIC: &str = "driveblk-cache";
 /// field, so committing a generation keeps the cache) and gave each cache
 /// directory an id. Version 4 is an encrypted cache (`sealed`), so older
 /// binaries refuse it rather than read ciphertext as data. Versions 1 to
-/// 3 are still read. Version 5 is a plain cache whose journal may carry
-/// guest writes (journal.rs), so older binaries refuse it rather than
-/// replay its map without them.
-const STATE_VERSION: u32 = 5;
+/// 4 are still read. Version 5 is a plain cache whose journal may carry
+/// guest writes (journal.rs), and version 6 an encrypted one whose journal
+/// may carry them as stored (ciphertext pages): older binaries refuse
+/// them rather than replay the map without the writes.
+const STATE_VERSION: u32 = 6;
+/// The version a plain cache writes (6 is only ever encrypted).
+const PLAIN_VERSION: u32 = 5;
 const STRIPES: usize = 1024;
 /// A first write into a clean chunk up to this size rides in its record
 /// (the small synchronous writes a person waits on one at a time; a
@@ -745,7 +750,7 @@ impl SsdCache {
             let file = rw.as_ref().unwrap_or(&data);
             writes
                 .iter()
-                .try_for_each(|w| file.write_at(w.at, &w.bytes))
+                .try_for_each(|w| file.write_stored(w.at, &w.bytes))
                 .and_then(|()| file.flush())
                 .map_err(|e| VolumeError::io("replaying the journal's writes into", &data_path, e))?;
         }
@@ -1375,11 +1380,10 @@ impl SsdCache {
         Ok(())
     }
 
-    /// True when writes may ride in journal records (module doc): a plain
-    /// cache (a sealed one would put plaintext in its journal), a write
-    /// small enough, and a cache that has not failed.
+    /// True when writes may ride in journal records (module doc): a write
+    /// small enough, into a cache that has not failed.
     fn may_log(&self, len: u64) -> bool {
-        self.sealed.is_empty() && len <= LOG_MAX_WRITE && !self.failed.load(Ordering::SeqCst)
+        len <= LOG_MAX_WRITE && !self.failed.load(Ordering::SeqCst)
     }
 
     /// A journal append that failed counts as a failed fsync (the record may
@@ -1429,17 +1433,18 @@ impl SsdCache {
         if persisted.states.get(idx as usize) != Some(&CLEAN) || self.failed.load(Ordering::SeqCst) {
             return Ok(false);
         }
+        let (at, bytes) = self.data.stored_write(at, bufs)?;
         let rec = Record {
             generation: persisted.generation,
             image_len: persisted.image_len,
             changes: vec![Change { idx, state: DIRTY, bitmap: None }],
-            writes: vec![Logged { at, bytes: bufs.to_vec() }],
+            writes: vec![Logged { at, bytes }],
         };
         j.append(&rec).map_err(|e| self.journal_failed(e))?;
         persisted.states[idx as usize] = DIRTY;
         self.set_logged(idx);
         // Durable in the record: no data sync owed for these bytes.
-        self.data.write_vectored_at(at, bufs, IoMode::Blocking)?;
+        self.data.write_stored(at, &rec.writes[0].bytes)?;
         self.logged_writes.fetch_add(1, Ordering::SeqCst);
         Ok(true)
     }
@@ -1455,11 +1460,12 @@ impl SsdCache {
             let mut journal = self.journal.lock();
             if let Some(j) = journal.as_mut().filter(|j| j.len() < LOG_MAX_JOURNAL) {
                 // Writes alone: replay reads no map field from it.
-                let rec = Record { writes: vec![Logged { at, bytes: bufs.to_vec() }], ..Record::default() };
+                let (at, bytes) = self.data.stored_write(at, bufs)?;
+                let rec = Record { writes: vec![Logged { at, bytes }], ..Record::default() };
                 j.append_unsynced(&rec)?;
                 // A checkpoint may have cleared the flag while this waited.
                 self.set_logged(idx);
-                self.data.write_vectored_at(at, bufs, IoMode::Blocking)?;
+                self.data.write_stored(at, &rec.writes[0].bytes)?;
                 self.logged_writes.fetch_add(1, Ordering::SeqCst);
                 return Ok(());
             }
@@ -1966,7 +1972,7 @@ impl SsdCache {
         let checkpoint = rand::random::<u64>() | 1;
         let header = StateHeader {
             format: STATE_MAGIC.into(),
-            version: if self.sealed.is_empty() { STATE_VERSION } else { 4 },
+            version: if self.sealed.is_empty() { PLAIN_VERSION } else { STATE_VERSION },
             id: self.id.clone(),
             generation: self.generation(),
             cache_id: self.cache_id.clone(),
@@ -2510,6 +2516,67 @@ mod tests {
         assert_eq!(c.state(0), DIRTY);
         assert_eq!(read_at(&c, 0, 2 * PAGE, P), w);
         assert_eq!(read_at(&c, 0, 3 * PAGE, P), remote(0)[3 * P..4 * P].to_vec());
+    }
+
+    /// An encrypted cache logs too, its records carrying the written pages
+    /// as ciphertext: the journal holds no plaintext, and a replay with the
+    /// pages lost from the data file gives the writes back.
+    #[test]
+    fn ssd_an_encrypted_cache_logs_ciphertext_and_replays_it() {
+        use crate::volume::crypto::VolumeKey;
+        let d = tempfile::tempdir().unwrap();
+        let sealing = Sealing::Sealed(Arc::new(VolumeKey::generate()));
+        let open = |mode| SsdCache::open_sealed(d.path(), id64(), 1, 4 * CS, 1 << 30, mode, &sealing).unwrap().unwrap();
+        let (c, _) = open(OpenMode::Serve);
+        {
+            let _g = c.lock_write(0);
+            assert!(c.install_clean(0, &remote(0)).unwrap());
+        }
+        c.persist().unwrap();
+        let before = std::fs::read(d.path().join("data")).unwrap();
+        let epoch = c.data_epoch.load(Ordering::SeqCst);
+        let small: Vec<u8> = b"SMALL-SECRET-512".iter().copied().cycle().take(512).collect();
+        let page: Vec<u8> = b"PAGE-SECRET-4096".iter().copied().cycle().take(P).collect();
+        {
+            let _g = c.lock_write(0);
+            c.write(0, 2 * PAGE + 1536, &IoVec::from_slice(&mut small.clone()), None).unwrap();
+        }
+        assert_eq!(c.data_epoch.load(Ordering::SeqCst), epoch, "the first write did not ride in its record");
+        assert!(!c.journal.lock().as_ref().unwrap().is_unsynced(), "the record is not durable");
+        let journal = || c.journal.lock().as_ref().unwrap().len();
+        let logged = journal();
+        {
+            let _g = c.lock_write(0);
+            c.write(0, 5 * PAGE, &IoVec::from_slice(&mut page.clone()), None).unwrap();
+        }
+        assert!(journal() > logged, "a write into a logged chunk did not go to the journal");
+        c.persist().unwrap();
+        assert_eq!(c.data_epoch.load(Ordering::SeqCst), epoch, "the FLUSH synced the data file");
+        drop(c);
+        let j = std::fs::read(d.path().join("journal")).unwrap();
+        for probe in [&b"SMALL-SECRET"[..], b"PAGE-SECRET"] {
+            assert!(!j.windows(probe.len()).any(|w| w == probe), "plaintext in the journal");
+        }
+        assert_eq!(on_disk(d.path()).header.version, STATE_VERSION);
+        // The host dies with neither page on disk.
+        let lose = || {
+            let data = OpenOptions::new().write(true).open(d.path().join("data")).unwrap();
+            for pg in [2, 5] {
+                let r = pg * P..(pg + 1) * P;
+                std::os::unix::fs::FileExt::write_all_at(&data, &before[r], (pg * P) as u64).unwrap();
+            }
+        };
+        let mut want = remote(0);
+        want[2 * P + 1536..2 * P + 2048].copy_from_slice(&small);
+        want[5 * P..6 * P].copy_from_slice(&page);
+        lose();
+        let (c, _) = open(OpenMode::Inspect);
+        assert_eq!(c.read_chunk(0).unwrap(), want, "looking at the cache");
+        drop(c);
+        lose();
+        let (c, _) = open(OpenMode::Serve);
+        assert_eq!(c.state(0), DIRTY);
+        assert_eq!(c.read_chunk(0).unwrap(), want, "serving the cache");
     }
 
     #[test]
