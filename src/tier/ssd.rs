@@ -2277,6 +2277,12 @@ mod tests {
         (0..CS).map(|i| ((i / PAGE) as u8).wrapping_mul(7) ^ (idx as u8).wrapping_add(i as u8)).collect()
     }
 
+    /// Installs chunk `idx` whole and clean, as fetched.
+    fn install(c: &SsdCache, idx: u64) {
+        let _g = c.lock_write(idx);
+        assert!(c.install_clean(idx, &remote(idx)).unwrap());
+    }
+
     fn pages(c: &SsdCache, idx: u64, first: usize, n: usize) -> bool {
         let _g = c.lock_write(idx);
         c.install_pages(idx, (first * P) as u64, &remote(idx)[first * P..(first + n) * P]).unwrap()
@@ -2446,10 +2452,7 @@ mod tests {
     fn ssd_first_write_to_a_clean_chunk_is_recorded_durably_without_a_data_sync() {
         let d = tempfile::tempdir().unwrap();
         let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
-        {
-            let _g = c.lock_write(0);
-            assert!(c.install_clean(0, &remote(0)).unwrap());
-        }
+        install(&c, 0);
         {
             let _g = c.lock_write(1);
             assert!(c.install_pages(1, 0, &remote(1)[..2 * P]).unwrap());
@@ -2487,10 +2490,7 @@ mod tests {
     fn ssd_a_small_first_write_rides_in_its_record_and_survives_a_lost_page() {
         let d = tempfile::tempdir().unwrap();
         let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
-        {
-            let _g = c.lock_write(0);
-            assert!(c.install_clean(0, &remote(0)).unwrap());
-        }
+        install(&c, 0);
         c.persist().unwrap();
         let epoch = c.data_epoch.load(Ordering::SeqCst);
         let mut w = vec![7u8; P];
@@ -2528,10 +2528,7 @@ mod tests {
         let sealing = Sealing::Sealed(Arc::new(VolumeKey::generate()));
         let open = |mode| SsdCache::open_sealed(d.path(), id64(), 1, 4 * CS, 1 << 30, mode, &sealing).unwrap().unwrap();
         let (c, _) = open(OpenMode::Serve);
-        {
-            let _g = c.lock_write(0);
-            assert!(c.install_clean(0, &remote(0)).unwrap());
-        }
+        install(&c, 0);
         c.persist().unwrap();
         let before = std::fs::read(d.path().join("data")).unwrap();
         let epoch = c.data_epoch.load(Ordering::SeqCst);
@@ -2588,10 +2585,7 @@ mod tests {
             let mut w = vec![byte; P];
             c.write(0, 2 * PAGE, &IoVec::from_slice(&mut w), None).unwrap();
         };
-        {
-            let _g = c.lock_write(0);
-            assert!(c.install_clean(0, &remote(0)).unwrap());
-        }
+        install(&c, 0);
         c.persist().unwrap();
         write(&c, 1);
         c.persist().unwrap();
@@ -2711,19 +2705,13 @@ mod tests {
     fn ssd_eviction_counts_bytes_lru() {
         let d = tempfile::tempdir().unwrap();
         let (c, _) = open64(d.path(), 16 * CS, 2 * CS);
-        {
-            let _g = c.lock_write(0);
-            assert!(c.install_clean(0, &remote(0)).unwrap());
-        }
+        install(&c, 0);
         assert!(pages(&c, 1, 0, 4));
         assert!(pages(&c, 2, 0, 4));
         assert_eq!(c.cached_bytes(), CS + 8 * PAGE);
         // 32 KiB over: the sweep clears every bit, then takes the first
         // chunk it passes again (whole chunk 0).
-        {
-            let _g = c.lock_write(3);
-            assert!(c.install_clean(3, &remote(3)).unwrap());
-        }
+        install(&c, 3);
         assert_eq!((c.state(0), c.state(1), c.state(2), c.state(3)), (ABSENT, PARTIAL, PARTIAL, CLEAN));
         assert_eq!((c.evictions(), c.cached_bytes()), (1, CS + 8 * PAGE));
         // Reading chunk 1 gives it a second chance: chunk 2 goes next.
