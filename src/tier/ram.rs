@@ -26,7 +26,8 @@ struct Entry {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<u64, Entry>,
+    /// A fast (randomly seeded) hasher: every hit hashes its chunk index.
+    map: HashMap<u64, Entry, foldhash::fast::RandomState>,
     /// Unpinned chunks in the map.
     cached: usize,
     /// The CLOCK ring of unpinned chunks. May hold indexes no longer cached

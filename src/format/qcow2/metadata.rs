@@ -59,8 +59,9 @@ pub struct Meta {
     pub l1: Vec<u64>,
     pub l1_offset: u64,
     pub l1_dirty: bool,
-    /// Cached L2 tables by L1 index.
-    pub l2: HashMap<usize, L2Table>,
+    /// Cached L2 tables by L1 index: looked up on every guest request,
+    /// hence a fast (randomly seeded) hasher rather than SipHash.
+    pub l2: HashMap<usize, L2Table, foldhash::fast::RandomState>,
     /// Refcounts; `None` for read-only images.
     pub refs: Option<Refcounts>,
     /// Clusters that held metadata at open: data must never point into them.
