@@ -1433,20 +1433,45 @@ impl SsdCache {
         if persisted.states.get(idx as usize) != Some(&CLEAN) || self.failed.load(Ordering::SeqCst) {
             return Ok(false);
         }
-        let (at, bytes) = self.data.stored_write(at, bufs)?;
         let rec = Record {
             generation: persisted.generation,
             image_len: persisted.image_len,
             changes: vec![Change { idx, state: DIRTY, bitmap: None }],
-            writes: vec![Logged { at, bytes }],
+            writes: Vec::new(),
         };
-        j.append(&rec).map_err(|e| self.journal_failed(e))?;
-        persisted.states[idx as usize] = DIRTY;
-        self.set_logged(idx);
         // Durable in the record: no data sync owed for these bytes.
+        self.log_write(j, rec, idx, at, bufs, true, || persisted.states[idx as usize] = DIRTY)?;
+        Ok(true)
+    }
+
+    /// Appends `rec` carrying a write into chunk `idx` (`bufs` at `at` in
+    /// the data file, as the data file stores it) to the journal, synced
+    /// when `durable`; runs `appended` once the record is in; then marks
+    /// the chunk logged and writes the same bytes into the data file.
+    /// Caller holds the journal lock and the chunk's stripe write lock.
+    #[allow(clippy::too_many_arguments)]
+    fn log_write(
+        &self,
+        j: &mut Journal,
+        mut rec: Record,
+        idx: u64,
+        at: u64,
+        bufs: &IoVec<'_>,
+        durable: bool,
+        appended: impl FnOnce(),
+    ) -> io::Result<()> {
+        let (at, bytes) = self.data.stored_write(at, bufs)?;
+        rec.writes = vec![Logged { at, bytes }];
+        if durable {
+            j.append(&rec).map_err(|e| self.journal_failed(e))?;
+        } else {
+            j.append_unsynced(&rec)?;
+        }
+        appended();
+        self.set_logged(idx);
         self.data.write_stored(at, &rec.writes[0].bytes)?;
         self.logged_writes.fetch_add(1, Ordering::SeqCst);
-        Ok(true)
+        Ok(())
     }
 
     /// A write into dirty chunk `idx` (`at` in the data file): into the
@@ -1459,15 +1484,10 @@ impl SsdCache {
         if self.may_log(bufs.len() as u64) {
             let mut journal = self.journal.lock();
             if let Some(j) = journal.as_mut().filter(|j| j.len() < LOG_MAX_JOURNAL) {
-                // Writes alone: replay reads no map field from it.
-                let (at, bytes) = self.data.stored_write(at, bufs)?;
-                let rec = Record { writes: vec![Logged { at, bytes }], ..Record::default() };
-                j.append_unsynced(&rec)?;
-                // A checkpoint may have cleared the flag while this waited.
-                self.set_logged(idx);
-                self.data.write_stored(at, &rec.writes[0].bytes)?;
-                self.logged_writes.fetch_add(1, Ordering::SeqCst);
-                return Ok(());
+                // Writes alone: replay reads no map field from it. (A
+                // checkpoint may have cleared the logged flag while this
+                // waited: `log_write` sets it again.)
+                return self.log_write(j, Record::default(), idx, at, bufs, false, || {});
             }
         }
         // Too large, or the journal is full: checkpoint, then as usual.
