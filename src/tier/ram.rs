@@ -71,6 +71,17 @@ impl Shard {
     }
 }
 
+/// What caching a chunk would do (see [`RamCache::admit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Its shard has room.
+    Room,
+    /// It would evict a chunk not read since the clock last passed.
+    Replaces,
+    /// It would be evicted at once (or it is pinned, or caching is off).
+    Refused,
+}
+
 /// The RAM tier.
 pub struct RamCache {
     shards: Box<[CachePadded<RwLock<Shard>>]>,
@@ -123,6 +134,32 @@ impl RamCache {
         }
         let data = e.buf.try_read().ok_or(())?;
         Ok(Some(f(&data)))
+    }
+
+    /// Whether caching `idx` now would keep it. A new chunk starts
+    /// unreferenced, so in a full shard whose chunks were all read since
+    /// the clock last passed, the insert's sweep would evict the new chunk
+    /// itself. In that case the clock passes now instead (their reference
+    /// bits are cleared), and a chunk left unread until the next try makes
+    /// room then.
+    pub fn admit(&self, idx: u64) -> Admit {
+        if self.shard_cap == 0 {
+            return Admit::Refused;
+        }
+        let mut s = self.shard(idx).write();
+        if s.map.get(&idx).is_some_and(|e| e.pinned) {
+            return Admit::Refused;
+        }
+        if s.cached < self.shard_cap {
+            return Admit::Room;
+        }
+        if s.map.values().any(|e| !e.pinned && !e.referenced.load(Ordering::Relaxed)) {
+            return Admit::Replaces;
+        }
+        for e in s.map.values_mut().filter(|e| !e.pinned) {
+            *e.referenced.get_mut() = false;
+        }
+        Admit::Refused
     }
 
     /// Caches a chunk (replacing an unpinned copy), evicting by CLOCK
@@ -240,6 +277,35 @@ mod tests {
         assert!(r.shard(0).read().ring.len() <= 2 * 2 + 17);
         assert_eq!(r.clear(), 2 * 4);
         assert_eq!(r.bytes(), 0);
+    }
+
+    /// A full shard whose chunks were all read since the clock passed
+    /// refuses a new chunk (the insert would evict it at once) and lets the
+    /// clock pass; a chunk left unread until the next try is replaced.
+    #[test]
+    fn admit_refuses_what_the_sweep_would_drop_and_ages_the_shard() {
+        let r = RamCache::new(S * 4, 4); // one entry per shard
+        assert_eq!(r.admit(0), Admit::Room);
+        r.insert(0, buf(0));
+        assert_eq!(r.admit(S), Admit::Replaces, "chunk 0 was never read");
+        assert!(r.get(0).is_some());
+        assert_eq!(r.admit(S), Admit::Refused, "chunk 0 was read since it came in");
+        // The refusal passed the clock: unread since, chunk 0 gives way.
+        assert_eq!(r.admit(S), Admit::Replaces);
+        r.insert(S, buf(1));
+        assert!(r.get(S).is_some() && r.get(0).is_none(), "the admitted chunk stayed");
+        // Read again between tries: refused each time.
+        for _ in 0..3 {
+            assert_eq!(r.admit(2 * S), Admit::Refused);
+            assert!(r.get(S).is_some());
+        }
+        // What the refusal predicts: inserted anyway, the new chunk is the one dropped.
+        r.get(S);
+        r.insert(2 * S, buf(2));
+        assert!(r.get(2 * S).is_none() && r.get(S).is_some());
+        r.pin(3 * S, buf(3));
+        assert_eq!(r.admit(3 * S), Admit::Refused, "pinned");
+        assert_eq!(RamCache::new(0, 4).admit(0), Admit::Refused, "caching off");
     }
 
     /// The hit path's read: copies under the shard lock, counts as a use,

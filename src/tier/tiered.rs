@@ -23,7 +23,7 @@ use super::boot::{BootProfileMode, Recorder, Replay};
 use super::cache_crypto::Sealing;
 use super::open::{CacheOptions, LeaseMode, RemoteWait};
 use super::pins::Pins;
-use super::ram::{ChunkBuf, RamCache};
+use super::ram::{Admit, ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight, Urgency};
 use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL};
@@ -180,8 +180,8 @@ struct Inner {
     metadata_pending: std::sync::atomic::AtomicU64,
 }
 
-/// Bytes a second copied from the SSD tier into a full RAM tier (see
-/// `Inner::promote`).
+/// Bytes a second copied from the SSD tier into a full RAM tier, or
+/// refused by it (see `Inner::promote`).
 const PROMOTE_FULL_RATE: u64 = 64 << 20;
 
 /// The least time `close` gives the lease's last record and the sealing
@@ -734,18 +734,22 @@ impl Inner {
 
     /// Copies a hot SSD chunk (read again since eviction last passed it)
     /// into the RAM tier, in the background, one chunk at a time. While
-    /// the RAM tier has room chunks follow each other at once; once it is
-    /// full each copy evicts another chunk (pinned metadata never), so the
-    /// pace drops to [`PROMOTE_FULL_RATE`] bytes a second: a working set
-    /// larger than RAM must not churn it, nor spend the CPU on copies.
+    /// the RAM tier has room chunks follow each other at once. Once it is
+    /// full a copy must evict a chunk not read since the clock last passed
+    /// (pinned metadata never), else it is not made: with reads spread
+    /// evenly over more than RAM holds, every resident chunk is read again
+    /// before a new one could outlast it, and the copy would be dropped at
+    /// once. Either way the pace then drops to [`PROMOTE_FULL_RATE`]
+    /// bytes a second: a working set larger than RAM must not churn it,
+    /// nor spend the CPU (and the guest's latency) on copies.
     fn promote(self: &Arc<Self>, idx: u64) {
         if self.closed.load(Ordering::Relaxed) || self.promoting.swap(true, Ordering::Acquire) {
             return;
         }
         let me = self.clone();
         self.handle.spawn_blocking(move || {
-            let full = me.ram.bytes() + me.cs > me.ram_cap + me.ram.pinned_count() * me.cs;
-            {
+            let admit = me.ram.admit(idx);
+            if admit != Admit::Refused {
                 // Under the stripe lock: a write to the chunk (which updates
                 // a RAM copy) cannot land between the read and the insert.
                 let _g = me.ssd.lock_read(idx);
@@ -756,7 +760,7 @@ impl Inner {
                     }
                 }
             }
-            if full {
+            if admit != Admit::Room {
                 std::thread::sleep(Duration::from_secs_f64(me.cs as f64 / PROMOTE_FULL_RATE as f64));
             }
             me.promoting.store(false, Ordering::Release);
