@@ -1528,9 +1528,14 @@ mod tests {
 
     /// [`imported`] with chunks of `chunk_size`.
     fn imported_in_chunks(chunk_size: u64) -> (tempfile::TempDir, String, Vec<u8>) {
+        imported_sized(2 << 20, chunk_size)
+    }
+
+    /// A volume of `len` bytes in chunks of `chunk_size`.
+    fn imported_sized(len: u32, chunk_size: u64) -> (tempfile::TempDir, String, Vec<u8>) {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("img.raw");
-        let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 | 1).collect();
         std::fs::write(&img, &data).unwrap();
         let url = format!("dir:{}", d.path().join("vol").display());
         let io = crate::volume::ImportOptions { chunk_size, ..Default::default() };
@@ -1595,6 +1600,59 @@ mod tests {
         s.read_vectored_at(at + 8192, &IoVec::from_slice(&mut b), IoMode::NonBlocking).unwrap();
         assert_eq!(b, data[at as usize + 8192..at as usize + 8192 + 4096]);
         assert_eq!(s.stats().ram_hits, ram_hits + 1);
+    }
+
+    /// A full RAM tier takes a chunk from the SSD tier only in place of
+    /// one not read since the clock last passed: a chunk read between
+    /// tries keeps its place, and no copy is made for nothing.
+    #[test]
+    fn a_full_ram_tier_replaces_only_chunks_gone_cold() {
+        const CS: u64 = 64 << 10;
+        // 80 chunks; RAM for one chunk per shard, so chunks 0 and 64 share one.
+        let (d, url, data) = imported_sized(80 * CS as u32, CS);
+        let mut o = CacheOptions::new(d.path().join("cache"));
+        o.ram_cache = 64 * CS;
+        o.read_only = true;
+        o.readahead_chunks = 0;
+        let s = crate::tier::open_volume(&url, o).unwrap();
+        let idle = |s: &TieredStore| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while s.inner.promoting.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let mut whole = vec![0u8; CS as usize];
+        for at in [0, 64 * CS] {
+            s.read_vectored_at(at, &IoVec::from_slice(&mut whole), IoMode::Blocking).unwrap();
+            assert_eq!(whole, data[at as usize..(at + CS) as usize]);
+            idle(&s);
+        }
+        s.inner.ram.clear();
+        let promoted = || s.stats().ram_promotions;
+        let promote = |idx: u64| {
+            s.inner.promote(idx);
+            idle(&s);
+        };
+        let read_64 = || {
+            let mut b = vec![0u8; 4096];
+            s.read_vectored_at(64 * CS, &IoVec::from_slice(&mut b), IoMode::NonBlocking).unwrap();
+            assert_eq!(b, data[(64 * CS) as usize..(64 * CS) as usize + 4096]);
+        };
+        let n = promoted();
+        promote(0); // room
+        promote(64); // in place of chunk 0, never read since it came in
+        assert_eq!(promoted(), n + 2);
+        let ram_hits = s.stats().ram_hits;
+        read_64();
+        assert_eq!(s.stats().ram_hits, ram_hits + 1, "chunk 64 is in RAM");
+        for _ in 0..3 {
+            promote(0);
+            assert_eq!(promoted(), n + 2, "chunk 64 was read since the clock passed: no copy");
+            read_64();
+        }
+        promote(0); // refused (chunk 64 was just read); the clock passes
+        promote(0); // chunk 64 went unread since: replaced
+        assert_eq!(promoted(), n + 3);
     }
 
     #[test]
