@@ -95,7 +95,7 @@ fn buffers_spanning_guest_memory_regions() {
     let f = fixture_in(&[(GuestAddress(0), half as usize), (GuestAddress(half), half as usize)]);
     let (hdr, data) = (half - 8, half - 512);
     header(&f.mem, hdr, VIRTIO_BLK_T_IN, 2);
-    // The header straddles the boundary in one descriptor; the data too.
+    // First the header straddles the boundary (in one descriptor), then the data buffer.
     let (st, used, _) = run(&f, &[desc(hdr, 16, false), desc(data - 0x1000, 1024, true), desc(STATUS, 1, true)], false);
     assert_eq!((st, used), (Some(VIRTIO_BLK_S_OK as u8), 1025));
     header(&f.mem, HDR, VIRTIO_BLK_T_IN, 2);
