@@ -2,7 +2,10 @@
 //! it points at, parsed into a virtio-blk request and run against a small
 //! raw disk, as the queue worker does. Every chain must end with a status
 //! (or a zero used length when it has nowhere to put one); any panic, hang
-//! or huge allocation is a bug.
+//! or huge allocation is a bug. Guest memory is one region, two adjacent
+//! regions, or two regions around a hole (as a guest with RAM split around
+//! an MMIO window has), picked by the input's length, so buffers that
+//! straddle regions or run into a hole are fuzzed too.
 #![no_main]
 
 use std::sync::Arc;
@@ -27,6 +30,11 @@ const MEM: usize = 0x1_8000;
 const BUFS: u64 = 0x1000;
 const QUEUE: u16 = 256;
 const DISK: usize = 64 << 10;
+/// Where the second region begins in the split layouts: past the rings,
+/// inside the range descriptors reach.
+const SPLIT: u64 = 0x9000;
+/// The hole between the regions in the layout that has one.
+const HOLE: u64 = 0x1000;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&n, rest)) = data.split_first() else { return };
@@ -51,11 +59,26 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
 
-    let Ok(mem) = GuestMem::from_ranges(&[(GuestAddress(0), MEM)]) else { return };
+    // The same bytes of memory in every layout; in the split ones the second
+    // region starts at SPLIT, or HOLE bytes above it.
+    let second = match (data.len() / 7) % 3 {
+        0 => None,
+        1 => Some(SPLIT),
+        _ => Some(SPLIT + HOLE),
+    };
+    let ranges = match second {
+        None => vec![(GuestAddress(0), MEM)],
+        Some(at) => vec![(GuestAddress(0), SPLIT as usize), (GuestAddress(at), MEM - SPLIT as usize)],
+    };
+    let Ok(mem) = GuestMem::from_ranges(&ranges) else { return };
     let mem = Arc::new(mem);
-    // The rest of the input is what the buffers hold (headers, segments).
+    // The rest of the input is what the buffers hold (headers, segments),
+    // from BUFS on, continuing in the second region after a split.
     let fill = &fill[..fill.len().min(MEM - BUFS as usize)];
-    if mem.write_slice(fill, GuestAddress(BUFS)).is_err() {
+    let (low, high) = fill.split_at(fill.len().min((SPLIT - BUFS) as usize));
+    if mem.write_slice(low, GuestAddress(BUFS)).is_err()
+        || mem.write_slice(high, GuestAddress(second.unwrap_or(SPLIT))).is_err()
+    {
         return;
     }
     let q = MockSplitQueue::new(&*mem, QUEUE);
