@@ -11,7 +11,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteResult, Slot};
+use super::{DynRemote, ObjectMeta, PutBody, RemoteResult, Slot};
 
 /// Upload and download limits from one time of day on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,7 +101,11 @@ impl BwLimitRemote {
 }
 
 #[async_trait]
-impl Remote for BwLimitRemote {
+impl super::Layer for BwLimitRemote {
+    fn inner(&self) -> &DynRemote {
+        &self.inner
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         let r = self.inner.get_range(key, range).await?;
         self.down.pace(r.len() as u64, self.rates().1).await;
@@ -119,33 +123,9 @@ impl Remote for BwLimitRemote {
         self.inner.put(key, body).await
     }
 
-    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-
-    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
-        self.inner.list(prefix).await
-    }
-
-    async fn delete(&self, key: &str) -> RemoteResult<()> {
-        self.inner.delete(key).await
-    }
-
-    async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
-        self.inner.reserve(key).await
-    }
-
     async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         self.up.pace(body.len().unwrap_or(0), self.rates().0).await;
         self.inner.create(key, slot, tag, body).await
-    }
-
-    async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
-        self.inner.find_trashed(key).await
-    }
-
-    async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
-        self.inner.head_created(key, slot).await
     }
 
     async fn get_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<Bytes> {
@@ -154,30 +134,10 @@ impl Remote for BwLimitRemote {
         Ok(r)
     }
 
-    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
-        self.inner.keep_revision(key, revision).await
-    }
-
-    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
-        self.inner.head_revision(key, revision).await
-    }
-
     async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         let r = self.inner.get_range_revision(key, revision, range).await?;
         self.down.pace(r.len() as u64, self.rates().1).await;
         Ok(r)
-    }
-
-    fn locate(&self, key: &str, slot: &Slot) {
-        self.inner.locate(key, slot)
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn reset_connections(&self) {
-        self.inner.reset_connections()
     }
 }
 

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteResult, Slot};
+use super::{DynRemote, RemoteResult};
 
 /// How reads are merged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,7 +204,11 @@ impl Drop for Closer<'_> {
 }
 
 #[async_trait]
-impl Remote for MergingRemote {
+impl super::Layer for MergingRemote {
+    fn inner(&self) -> &DynRemote {
+        &self.inner
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         self.read(key, None, range).await
     }
@@ -212,72 +216,12 @@ impl Remote for MergingRemote {
     async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         self.read(key, Some(revision), range).await
     }
-
-    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
-        self.inner.get(key).await
-    }
-
-    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
-        self.inner.put(key, body).await
-    }
-
-    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-
-    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
-        self.inner.list(prefix).await
-    }
-
-    async fn delete(&self, key: &str) -> RemoteResult<()> {
-        self.inner.delete(key).await
-    }
-
-    async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
-        self.inner.reserve(key).await
-    }
-
-    async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
-        self.inner.create(key, slot, tag, body).await
-    }
-
-    async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
-        self.inner.head_created(key, slot).await
-    }
-
-    async fn get_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<Bytes> {
-        self.inner.get_created(key, slot).await
-    }
-
-    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
-        self.inner.keep_revision(key, revision).await
-    }
-
-    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
-        self.inner.head_revision(key, revision).await
-    }
-
-    async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
-        self.inner.find_trashed(key).await
-    }
-
-    fn reset_connections(&self) {
-        self.inner.reset_connections()
-    }
-
-    fn locate(&self, key: &str, slot: &Slot) {
-        self.inner.locate(key, slot)
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote::DirRemote;
+    use crate::remote::{DirRemote, PutBody, Remote};
 
     /// Adjacent, overlapping and distant reads asked at once: fewer
     /// requests, and each caller gets exactly its own bytes (cut at the end).

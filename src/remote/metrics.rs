@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteResult, Slot};
+use super::{DynRemote, ObjectMeta, PutBody, RemoteResult, Slot};
 
 /// Live counters, shared with whoever wants to read them.
 #[derive(Debug, Default)]
@@ -136,7 +136,11 @@ impl MetricsRemote {
 }
 
 #[async_trait]
-impl Remote for MetricsRemote {
+impl super::Layer for MetricsRemote {
+    fn inner(&self) -> &DynRemote {
+        &self.inner
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         let r = self.count(&self.metrics.gets, self.inner.get_range(key, range)).await?;
         self.metrics.bytes_read.fetch_add(r.len() as u64, Ordering::Relaxed);
@@ -203,18 +207,6 @@ impl Remote for MetricsRemote {
         let r = self.count(&self.metrics.gets, self.inner.get_range_revision(key, revision, range)).await?;
         self.metrics.bytes_read.fetch_add(r.len() as u64, Ordering::Relaxed);
         Ok(r)
-    }
-
-    fn locate(&self, key: &str, slot: &Slot) {
-        self.inner.locate(key, slot)
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn reset_connections(&self) {
-        self.inner.reset_connections()
     }
 }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dir;
 pub mod error;
 pub mod gdrive;
+pub mod layer;
 pub mod merge;
 pub mod metrics;
 pub mod objstore;
@@ -30,6 +31,7 @@ pub use bwlimit::{BwEntry, BwLimitRemote, BwSchedule};
 pub use config::RemoteConfig;
 pub use dir::DirRemote;
 pub use error::{RemoteError, RemoteResult};
+pub use layer::Layer;
 pub use merge::{MergeConfig, MergeStats, MergingRemote};
 pub use metrics::{LatencyPercentiles, MetricsRemote, RemoteMetrics, RemoteMetricsSnapshot};
 pub use retry::{RetryPolicy, RetryingRemote};
@@ -169,6 +171,9 @@ impl fmt::Debug for PutBody {
 /// Errors must be classified ([`RemoteError::Transient`] vs
 /// [`RemoteError::Fatal`] / [`RemoteError::NotFound`]) so the retry wrapper
 /// can decide without knowing the backend.
+///
+/// A method added here goes into [`Layer`] too (forwarding, and called
+/// from its blanket impl), or every wrapper gets this trait's default.
 #[async_trait]
 pub trait Remote: Send + Sync + fmt::Debug {
     /// Bytes `range` of object `key`. A range reaching past the end of the

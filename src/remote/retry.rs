@@ -217,7 +217,11 @@ impl RetryingRemote {
 }
 
 #[async_trait]
-impl Remote for RetryingRemote {
+impl super::Layer for RetryingRemote {
+    fn inner(&self) -> &DynRemote {
+        &self.inner
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         self.run("get_range", key, || self.inner.get_range(key, range.clone())).await
     }
@@ -246,7 +250,7 @@ impl Remote for RetryingRemote {
         let r = self.run_within("create", key, limit, || self.inner.create(key, slot, tag, body.clone())).await;
         match r {
             Err(RemoteError::AlreadyExists { tag: Some(t), .. }) if t == tag => {
-                let mut m = self.head_created(key, slot).await?;
+                let mut m = Remote::head_created(self, key, slot).await?;
                 m.tag = Some(t);
                 Ok(m)
             }
@@ -288,18 +292,6 @@ impl Remote for RetryingRemote {
 
     async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         self.run("get_range", key, || self.inner.get_range_revision(key, revision, range.clone())).await
-    }
-
-    fn locate(&self, key: &str, slot: &Slot) {
-        self.inner.locate(key, slot)
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn reset_connections(&self) {
-        self.inner.reset_connections()
     }
 }
 

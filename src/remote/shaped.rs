@@ -167,7 +167,11 @@ impl ShapedRemote {
 }
 
 #[async_trait]
-impl Remote for ShapedRemote {
+impl super::Layer for ShapedRemote {
+    fn inner(&self) -> &DynRemote {
+        &self.inner
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         self.before("get_range", key).await?;
         let r = self.inner.get_range(key, range).await?;
@@ -255,16 +259,11 @@ impl Remote for ShapedRemote {
         Ok(r)
     }
 
-    fn locate(&self, key: &str, slot: &Slot) {
-        self.inner.locate(key, slot)
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn reset_connections(&self) {
-        self.inner.reset_connections()
+    // Through this layer's own head and get_range, as Remote's default
+    // does, so a whole read is delayed, faulted and paced like a ranged one.
+    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
+        let meta = Remote::head(self, key).await?;
+        Remote::get_range(self, key, 0..meta.size).await
     }
 }
 

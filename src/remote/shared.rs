@@ -31,7 +31,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::{DynRemote, ObjectMeta, PutBody, Remote, RemoteResult, Slot};
+use super::{DynRemote, RemoteResult};
 
 /// Tells the layer which keys name immutable objects (whose ranges may be
 /// shared); the volume layer knows its key formats, this one does not.
@@ -468,7 +468,11 @@ struct SharedRemote {
 }
 
 #[async_trait]
-impl Remote for SharedRemote {
+impl super::Layer for SharedRemote {
+    fn inner(&self) -> &DynRemote {
+        &self.inner
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         if !(self.cacheable)(key) || range.is_empty() {
             return self.inner.get_range(key, range).await;
@@ -488,66 +492,6 @@ impl Remote for SharedRemote {
         let store = self.inner.describe();
         let name = entry_name(&["revision", &store, key, revision, &range.start.to_string(), &range.end.to_string()]);
         self.cache.get_or_fetch(name, || self.inner.get_range_revision(key, revision, range.clone())).await
-    }
-
-    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
-        self.inner.get(key).await
-    }
-
-    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
-        self.inner.put(key, body).await
-    }
-
-    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-
-    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
-        self.inner.list(prefix).await
-    }
-
-    async fn delete(&self, key: &str) -> RemoteResult<()> {
-        self.inner.delete(key).await
-    }
-
-    async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
-        self.inner.reserve(key).await
-    }
-
-    async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
-        self.inner.create(key, slot, tag, body).await
-    }
-
-    async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
-        self.inner.head_created(key, slot).await
-    }
-
-    async fn get_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<Bytes> {
-        self.inner.get_created(key, slot).await
-    }
-
-    async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
-        self.inner.find_trashed(key).await
-    }
-
-    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
-        self.inner.keep_revision(key, revision).await
-    }
-
-    async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
-        self.inner.head_revision(key, revision).await
-    }
-
-    fn locate(&self, key: &str, slot: &Slot) {
-        self.inner.locate(key, slot)
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn reset_connections(&self) {
-        self.inner.reset_connections()
     }
 }
 

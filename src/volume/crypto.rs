@@ -643,7 +643,11 @@ impl EncryptedRemote {
 }
 
 #[async_trait]
-impl Remote for EncryptedRemote {
+impl crate::remote::Layer for EncryptedRemote {
+    fn inner(&self) -> &DynRemote {
+        &self.inner
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         if is_plaintext_key(key) {
             return self.inner.get_range(key, range).await;
@@ -694,14 +698,6 @@ impl Remote for EncryptedRemote {
         Ok(self.inner.list(prefix).await?.into_iter().map(|m| self.map_meta(m)).collect())
     }
 
-    async fn delete(&self, key: &str) -> RemoteResult<()> {
-        self.inner.delete(key).await
-    }
-
-    async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
-        self.inner.reserve(key).await
-    }
-
     async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         if is_plaintext_key(key) {
             return self.inner.create(key, slot, tag, body).await;
@@ -743,24 +739,19 @@ impl Remote for EncryptedRemote {
         Ok(self.inner.find_trashed(key).await?.map(|m| self.map_meta(m)))
     }
 
-    async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
-        self.inner.keep_revision(key, revision).await
-    }
-
     async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
         Ok(self.map_meta(self.inner.head_revision(key, revision).await?))
-    }
-
-    fn locate(&self, key: &str, slot: &Slot) {
-        self.inner.locate(key, slot)
     }
 
     fn describe(&self) -> String {
         format!("{} (encrypted)", self.inner.describe())
     }
 
-    fn reset_connections(&self) {
-        self.inner.reset_connections()
+    // Remote's default through this layer (check the revision, then read
+    // and decrypt the current content): forwarding would return ciphertext.
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        Remote::head_revision(self, key, revision).await?;
+        Remote::get_range(self, key, range).await
     }
 }
 
