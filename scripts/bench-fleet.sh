@@ -161,7 +161,8 @@ if [[ $RECORD == 1 ]]; then
         cat "$TAB"
         echo
     } >"$SEC"
-    awk -v f="$SEC" '/^## How to run/ && !done { while ((getline l < f) > 0) print l; done = 1 } { print }' \
+    # The newest sitting goes first under "## Sittings and analyses" (or before "## How to run").
+    awk -v f="$SEC" '/^## Sittings and analyses/ { s = 1 } ((s && /^### /) || /^## How to run/) && !done { while ((getline l < f) > 0) print l; done = 1 } { print }' \
         "$ROOT/docs/benchmarks.md" >"$WORK/benchmarks.md"
     cp "$WORK/benchmarks.md" "$ROOT/docs/benchmarks.md"
     log "recorded in docs/benchmarks.md"
