@@ -35,9 +35,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::remote::{
-    collect_body, ByteStream, DynRemote, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot,
-};
+use crate::remote::{collect_body, ByteStream, DynRemote, ObjectMeta, PutBody, RemoteError, RemoteResult, Slot};
 
 /// The header's `encryption` value of an encrypted volume.
 pub const CIPHER_NAME: &str = "aes-256-gcm";
@@ -747,11 +745,22 @@ impl crate::remote::Layer for EncryptedRemote {
         format!("{} (encrypted)", self.inner.describe())
     }
 
-    // Remote's default through this layer (check the revision, then read
-    // and decrypt the current content): forwarding would return ciphertext.
+    // A plaintext object (a base image) reads its pinned revision as
+    // stored. A sealed object's revision would need that revision's own
+    // header to decrypt, and volume objects are never revised, so such a
+    // read is refused: never the current content in the revision's place.
     async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
-        Remote::head_revision(self, key, revision).await?;
-        Remote::get_range(self, key, range).await
+        if is_plaintext_key(key) {
+            return self.inner.get_range_revision(key, revision, range).await;
+        }
+        Err(RemoteError::Fatal {
+            remote: self.inner.describe(),
+            op: "read revision",
+            key: key.to_string(),
+            message: format!(
+                "revision {revision} of an encrypted object cannot be read; volume objects are never revised"
+            ),
+        })
     }
 }
 
@@ -894,6 +903,42 @@ mod tests {
             e => panic!("{e}"),
         }
         assert_eq!(&r.get("gen-1").await.unwrap()[..], b"manifest");
+    }
+
+    /// A store that keeps an older revision `r1` of each object as
+    /// `KEY@r1`, for revision reads.
+    #[derive(Debug)]
+    struct Revised(DynRemote);
+
+    #[async_trait]
+    impl crate::remote::Layer for Revised {
+        fn inner(&self) -> &DynRemote {
+            &self.0
+        }
+        async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {
+            self.0.head(&format!("{key}@{revision}")).await
+        }
+        async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+            self.0.get_range(&format!("{key}@{revision}"), range).await
+        }
+    }
+
+    /// A base image replaced since attach is read at its pinned revision
+    /// through the encryption layer, and a sealed object's revision read
+    /// is refused: neither ever yields the current content in its place.
+    #[tokio::test]
+    async fn revision_reads_never_return_the_current_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: DynRemote = Arc::new(DirRemote::new(dir.path()));
+        let k = Arc::new(VolumeKey::generate());
+        let r = wrap(Arc::new(Revised(store.clone())), Some(&k));
+        store.put("base-disk.qcow2@r1", PutBody::from_bytes(&b"pinned bytes"[..])).await.unwrap();
+        store.put("base-disk.qcow2", PutBody::from_bytes(&b"newer upload"[..])).await.unwrap();
+        assert_eq!(&r.get_range_revision("base-disk.qcow2", "r1", 0..6).await.unwrap()[..], b"pinned");
+        r.put("pack-1", PutBody::from_bytes(&b"sealed"[..])).await.unwrap();
+        store.put("pack-1@r1", PutBody::from_bytes(store.get("pack-1").await.unwrap())).await.unwrap();
+        let e = r.get_range_revision("pack-1", "r1", 0..6).await.unwrap_err();
+        assert!(e.to_string().contains("cannot be read"), "{e}");
     }
 
     #[test]
