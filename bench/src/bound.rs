@@ -69,11 +69,25 @@ pub fn ideal(p: &BootParams, profiled: bool, unit: u64, rtt_s: f64, qd: usize) -
 pub struct Streamed {
     pub unit: u64,
     pub wall_s: f64,
-    /// Round trips the misses cost and the bytes they moved.
+    /// Requests the misses (and read-ahead) sent and the bytes they moved.
     pub fetches: u64,
     pub miss_bytes: u64,
+    /// Of `miss_bytes`, what read-ahead moved.
+    pub read_ahead_bytes: u64,
     /// Bytes the stream moved before the boot ended.
     pub stream_bytes: u64,
+}
+
+/// How the daemon of [`streamed`] behaves beyond fetching a `unit` piece per miss.
+#[derive(Clone, Copy, Default)]
+pub struct Policy {
+    /// A miss on a page the stream has not reached moves the stream on from that page (the
+    /// pages it skipped follow once it reaches the end).
+    pub follow: bool,
+    /// A read that continues one of the last eight reads, of pages no profile holds, has the
+    /// pages after it that no profile holds fetched ahead: twice what that run has read, from `unit` up to
+    /// this many bytes (0: no read-ahead).
+    pub read_ahead: u64,
 }
 
 /// Like [`ideal`], with the link carrying a stream beside the misses, as a real cold start
@@ -84,7 +98,15 @@ pub struct Streamed {
 /// miss costs one round trip and then its bytes' time on the link ahead of the stream (misses
 /// in turn among themselves): an ideal priority no real link gives; a page the stream brings
 /// sooner than that is waited for instead. No CPU time.
-pub fn streamed(p: &BootParams, profiled: bool, unit: u64, rtt_s: f64, rate: f64, qd: usize) -> Streamed {
+pub fn streamed(
+    p: &BootParams,
+    profiled: bool,
+    unit: u64,
+    rtt_s: f64,
+    rate: f64,
+    qd: usize,
+    policy: Policy,
+) -> Streamed {
     let trace = boot_trace(p);
     let order: Vec<u64> = if profiled {
         let mut seen = HashSet::new();
@@ -94,53 +116,143 @@ pub fn streamed(p: &BootParams, profiled: bool, unit: u64, rtt_s: f64, rate: f64
     };
     let at: HashMap<u64, usize> =
         if profiled { order.iter().enumerate().map(|(i, &pg)| (pg, i)).collect() } else { HashMap::new() };
-    let pos = |pg: u64| if profiled { at.get(&pg).copied().unwrap_or(usize::MAX) } else { pg as usize };
+    let pos = |pg: u64| if profiled { at.get(&pg).copied() } else { Some(pg as usize) };
+    // When each page a miss or read-ahead fetched lands, in ns since the start.
     let mut lands: HashMap<u64, u64> = HashMap::new();
     let mut in_flight: BinaryHeap<Reverse<u64>> = BinaryHeap::new();
     let rtt = (rtt_s * 1e9) as u64;
-    let xfer = (unit as f64 / rate * 1e9) as u64;
-    let (mut now, mut miss_bytes, mut link_free) = (0u64, 0u64, 0u64);
-    // The stream's next page (an index into `order`) and the bytes it moved.
-    let (mut next, mut moved) = (0usize, 0u64);
+    let mut link = Link { rate, rtt, link_free: 0, fetches: 0, bytes: 0 };
+    let mut now = 0u64;
+    // Which of `order` the stream has passed; its cursor, the lowest page it has not passed
+    // (where it goes on once the cursor reaches the end), and the bytes it moved.
+    let mut passed = vec![false; order.len()];
+    let (mut next, mut low, mut moved) = (0usize, 0usize, 0u64);
+    // Read-ahead: recent runs as (next byte, bytes read, fetched up to), oldest first.
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    let mut read_ahead_bytes = 0u64;
+    let unit_pages = unit / PAGE;
     for r in &trace {
         if in_flight.len() >= qd.max(1) {
             let Reverse(t) = in_flight.pop().expect("queue is full");
             now = now.max(t);
         }
-        let streamed = ((now as f64 / 1e9 * rate) as u64).saturating_sub(miss_bytes);
-        while moved < streamed && next < order.len() {
-            if !lands.contains_key(&(order[next] * PAGE / unit)) {
-                moved += PAGE;
+        let streamed = ((now as f64 / 1e9 * rate) as u64).saturating_sub(link.bytes);
+        while moved < streamed {
+            if next >= order.len() {
+                while low < order.len() && passed[low] {
+                    low += 1;
+                }
+                if low >= order.len() {
+                    break;
+                }
+                next = low;
+            }
+            if !passed[next] {
+                passed[next] = true;
+                if !lands.contains_key(&order[next]) {
+                    moved += PAGE;
+                }
             }
             next += 1;
         }
+        let local = |pg: u64, lands: &HashMap<u64, u64>| {
+            lands.get(&pg).copied().or_else(|| pos(pg).filter(|&i| passed[i]).map(|_| 0))
+        };
+        let (first, end) = (r.offset / PAGE, (r.offset + u64::from(r.len)).div_ceil(PAGE));
         let mut done = now;
-        for pg in pages(r) {
-            let key = pg * PAGE / unit;
+        for pg in first..end {
+            if let Some(t) = local(pg, &lands) {
+                done = done.max(t);
+                continue;
+            }
             // A page the stream brings sooner than a round trip would is waited for.
+            let xfer = (unit as f64 / rate * 1e9) as u64;
             let by_stream = pos(pg)
-                .checked_sub(next)
+                .and_then(|i| i.checked_sub(next))
                 .map(|ahead| now.saturating_add((ahead as f64 * PAGE as f64 / rate * 1e9) as u64));
-            let t = match lands.get(&key) {
-                Some(&t) => t,
-                None if pos(pg) < next => continue,
-                None if by_stream.is_some_and(|t| t <= now + rtt + xfer) => by_stream.unwrap_or(now),
-                None => {
-                    miss_bytes += unit;
-                    let start = (now + rtt).max(link_free);
-                    link_free = start + xfer;
-                    lands.insert(key, link_free);
-                    link_free
+            if let Some(t) = by_stream.filter(|&t| t <= now + rtt + xfer) {
+                done = done.max(t);
+                continue;
+            }
+            let a = pg / unit_pages * unit_pages;
+            // The whole piece, as a store of `unit`-byte objects would send it, less what a
+            // read-ahead already asked for.
+            let want: Vec<u64> = (a..a + unit_pages).filter(|q| !lands.contains_key(q)).collect();
+            done = done.max(link.fetch(now, &want, &mut lands));
+            if policy.follow {
+                if let Some(i) = pos(pg) {
+                    next = i + 1;
                 }
+            }
+        }
+        if policy.read_ahead > 0 {
+            let (off, e) = (r.offset, r.offset + u64::from(r.len));
+            let run = match runs.iter().position(|run| run.0 == off) {
+                Some(i) => {
+                    let mut run = runs.remove(i);
+                    run.0 = e;
+                    run.1 += u64::from(r.len);
+                    let to = e + (run.1 * 2).clamp(unit.min(policy.read_ahead), policy.read_ahead);
+                    let from = run.2.max(e);
+                    if to > from && (first..end).all(|q| pos(q).is_none()) {
+                        let want: Vec<u64> = (from / PAGE..to / PAGE)
+                            .filter(|&q| pos(q).is_none() && local(q, &lands).is_none())
+                            .collect();
+                        let before = link.bytes;
+                        link.fetch(now, &want, &mut lands);
+                        read_ahead_bytes += link.bytes - before;
+                        run.2 = to;
+                    }
+                    run
+                }
+                None => (e, u64::from(r.len), e),
             };
-            done = done.max(t);
+            if runs.len() >= 8 {
+                runs.remove(0);
+            }
+            runs.push(run);
         }
         in_flight.push(Reverse(done));
     }
     while let Some(Reverse(t)) = in_flight.pop() {
         now = now.max(t);
     }
-    Streamed { unit, wall_s: now as f64 / 1e9, fetches: lands.len() as u64, miss_bytes, stream_bytes: moved }
+    Streamed {
+        unit,
+        wall_s: now as f64 / 1e9,
+        fetches: link.fetches,
+        miss_bytes: link.bytes,
+        read_ahead_bytes,
+        stream_bytes: moved,
+    }
+}
+
+/// The misses' side of the link in [`streamed`]: a request costs a round trip, then its bytes
+/// take the link in turn.
+struct Link {
+    rate: f64,
+    rtt: u64,
+    link_free: u64,
+    fetches: u64,
+    bytes: u64,
+}
+
+impl Link {
+    /// Sends one request at `now` for `pages`; returns when it lands (`now` for none).
+    fn fetch(&mut self, now: u64, pages: &[u64], lands: &mut HashMap<u64, u64>) -> u64 {
+        if pages.is_empty() {
+            return now;
+        }
+        let bytes = pages.len() as u64 * PAGE;
+        self.fetches += 1;
+        self.bytes += bytes;
+        let start = (now + self.rtt).max(self.link_free);
+        self.link_free = start + (bytes as f64 / self.rate * 1e9) as u64;
+        for &pg in pages {
+            lands.insert(pg, self.link_free);
+        }
+        self.link_free
+    }
 }
 
 #[cfg(test)]
@@ -166,15 +278,29 @@ mod tests {
         let p = params(0.0);
         let rate = 25e6;
         let alone = ideal(&p, false, 64 << 10, 0.1, 8);
-        let first = streamed(&p, false, 64 << 10, 0.1, rate, 8);
+        let first = streamed(&p, false, 64 << 10, 0.1, rate, 8, Policy::default());
         assert!(first.wall_s < alone.latency_s, "{} vs {}", first.wall_s, alone.latency_s);
         assert!(first.wall_s <= p.span as f64 / rate + 0.2, "{}", first.wall_s);
         assert!(first.stream_bytes + first.miss_bytes >= 40 << 20);
-        let profiled = streamed(&params(0.1), true, 256 << 10, 0.1, rate, 8);
+        let profiled = streamed(&params(0.1), true, 256 << 10, 0.1, rate, 8, Policy::default());
         let local = ideal(&params(0.1), true, 256 << 10, 0.1, 8);
         let profile_s = local.profile_bytes as f64 / rate;
         assert!(profiled.wall_s >= profile_s * 0.8, "{} vs {profile_s}", profiled.wall_s);
         assert!(profiled.wall_s > local.latency_s);
+    }
+
+    /// Read-ahead fetches only pages no profile holds, beside what the misses fetch.
+    #[test]
+    fn read_ahead_of_unprofiled_runs() {
+        let p = params(0.1);
+        let plain = streamed(&p, true, 64 << 10, 0.1, 25e6, 8, Policy::default());
+        let ahead = streamed(&p, true, 64 << 10, 0.1, 25e6, 8, Policy { follow: false, read_ahead: 1 << 20 });
+        assert_eq!(plain.read_ahead_bytes, 0);
+        assert!(ahead.read_ahead_bytes > 0);
+        assert!(ahead.miss_bytes > plain.miss_bytes && ahead.fetches > plain.fetches);
+        // An identical boot has nothing unprofiled to read ahead.
+        let same = streamed(&params(0.0), true, 64 << 10, 0.1, 25e6, 8, Policy { follow: true, read_ahead: 1 << 20 });
+        assert_eq!(same.read_ahead_bytes, 0);
     }
 
     #[test]

@@ -302,6 +302,9 @@ fn print_bound(args: &Args) -> Result<()> {
             b.latency_s.max(link) / floor
         );
     }
+    let streamed = |unit: u64, policy: bound::Policy| {
+        bound::streamed(&params, profiled, unit, args.bound_rtt_ms / 1000.0, rate, qd, policy)
+    };
     println!();
     println!(
         "With a stream beside the misses ({}), misses ahead of it on the link:",
@@ -310,7 +313,7 @@ fn print_bound(args: &Args) -> Result<()> {
     println!("| piece a miss fetches | wall s | round trips | MB misses moved | MB streamed | wall / floor |");
     println!("|---:|---:|---:|---:|---:|---:|");
     for unit in [64u64 << 10, 128 << 10, 256 << 10, 1 << 20] {
-        let b = bound::streamed(&params, profiled, unit, args.bound_rtt_ms / 1000.0, rate, qd);
+        let b = streamed(unit, bound::Policy::default());
         println!(
             "| {} KiB | {:.1} | {} | {} | {} | {:.2} |",
             b.unit >> 10,
@@ -320,6 +323,30 @@ fn print_bound(args: &Args) -> Result<()> {
             b.stream_bytes / 1_000_000,
             b.wall_s / floor
         );
+    }
+    if !profiled {
+        return Ok(());
+    }
+    println!();
+    println!("The same, with a stream that follows the guest (a miss on a profiled page moves the stream on from there) or read-ahead of the pages no profile holds (a read that continues a recent one fetches twice the run ahead, up to the size given):");
+    println!("| piece a miss fetches | stream follows | read-ahead up to | wall s | requests | MB misses + read-ahead moved (of it read-ahead) | MB streamed | wall / floor |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    for unit in [64u64 << 10, 256 << 10] {
+        for (follow, read_ahead) in [(true, 0), (false, 256u64 << 10), (false, 1 << 20), (true, 1 << 20)] {
+            let b = streamed(unit, bound::Policy { follow, read_ahead });
+            println!(
+                "| {} KiB | {} | {} | {:.1} | {} | {} ({}) | {} | {:.2} |",
+                unit >> 10,
+                if follow { "yes" } else { "no" },
+                if read_ahead == 0 { "none".to_string() } else { format!("{} KiB", read_ahead >> 10) },
+                b.wall_s,
+                b.fetches,
+                b.miss_bytes / 1_000_000,
+                b.read_ahead_bytes / 1_000_000,
+                b.stream_bytes / 1_000_000,
+                b.wall_s / floor
+            );
+        }
     }
     Ok(())
 }
