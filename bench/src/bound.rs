@@ -85,8 +85,8 @@ pub struct Policy {
     /// pages it skipped follow once it reaches the end).
     pub follow: bool,
     /// A read that continues one of the last eight reads, of pages no profile holds, has the
-    /// pages after it that no profile holds fetched ahead: twice what that run has read, from `unit` up to
-    /// this many bytes (0: no read-ahead).
+    /// pages after it that no profile holds fetched ahead, a window at a time: twice what that
+    /// run has read, from `unit` up to this many bytes (0: no read-ahead).
     pub read_ahead: u64,
 }
 
@@ -192,9 +192,11 @@ pub fn streamed(
                     let mut run = runs.remove(i);
                     run.0 = e;
                     run.1 += u64::from(r.len);
-                    let to = e + (run.1 * 2).clamp(unit.min(policy.read_ahead), policy.read_ahead);
-                    let from = run.2.max(e);
-                    if to > from && (first..end).all(|q| pos(q).is_none()) {
+                    // A window at a time, sent once less than half of it is left ahead (fewer
+                    // requests than topping it up on every read, at the same wall time).
+                    let window = (run.1 * 2).clamp(unit.min(policy.read_ahead), policy.read_ahead);
+                    let (from, to) = (run.2.max(e), e + window);
+                    if run.2 < e + window / 2 && (first..end).all(|q| pos(q).is_none()) {
                         let want: Vec<u64> = (from / PAGE..to / PAGE)
                             .filter(|&q| pos(q).is_none() && local(q, &lands).is_none())
                             .collect();
