@@ -50,6 +50,10 @@ type R = Result<Response<Body>, Fail>;
 const CHUNK_GRANULE: u64 = 256 * 1024;
 const SESSION_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_JSON_BODY: usize = 16 << 20;
+/// The revisions methods have no `supportsAllDrives` parameter (revisions.get, list,
+/// update and delete take only their ids, `acknowledgeAbuse`, paging and `fields`), so
+/// they see a shared drive's files whatever the query says.
+const REVISIONS_SEE_ALL_DRIVES: bool = true;
 
 /// The file fields of Drive v3's `File` resource, for validating `fields=`.
 const FILE_FIELDS: &[&str] = &[
@@ -523,7 +527,7 @@ async fn api(
         (Method::GET, ["files", id, "revisions"]) => {
             sh.stats.request("revisions.list");
             let st = sh.store.lock();
-            let f = st.get(id, all)?;
+            let f = st.get(id, REVISIONS_SEE_ALL_DRIVES)?;
             if f.content.is_none() {
                 return Err(revisions_unsupported().into());
             }
@@ -538,7 +542,7 @@ async fn api(
             }
             sh.stats.request("revisions.get");
             let st = sh.store.lock();
-            let f = st.get(id, all)?;
+            let f = st.get(id, REVISIONS_SEE_ALL_DRIVES)?;
             let r = find_revision(f, rid)?;
             let want = want_in(params.get("fields"), None);
             Ok(json_resp(sh, 200, &mask(&r.to_json(&want), params.get("fields"), &default_revision)?))
@@ -548,7 +552,7 @@ async fn api(
             let raw = read_small(body).await?;
             let meta = parse_json_body(&raw)?;
             let mut st = sh.store.lock();
-            let f = st.get_mut(id, all)?;
+            let f = st.get_mut(id, REVISIONS_SEE_ALL_DRIVES)?;
             if f.read_only {
                 return Err(crate::store::no_write(id).into());
             }
@@ -575,7 +579,7 @@ async fn api(
         (Method::DELETE, ["files", id, "revisions", rid]) => {
             sh.stats.request("revisions.delete");
             let mut st = sh.store.lock();
-            let f = st.get_mut(id, all)?;
+            let f = st.get_mut(id, REVISIONS_SEE_ALL_DRIVES)?;
             if f.read_only {
                 return Err(crate::store::no_write(id).into());
             }
@@ -1534,7 +1538,7 @@ async fn download(
     headers: &HeaderMap,
     revision: Option<&str>,
 ) -> R {
-    let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
+    let all = revision.is_some() || flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let (data, mime) = {
         let st = sh.store.lock();
         let f = st.get(id, all)?;
