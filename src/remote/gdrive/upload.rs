@@ -176,6 +176,7 @@ async fn run_session(api: &DriveApi, uri: &str, body: &PutBody, chunk: u64) -> R
         let send = if last { buf.len() as u64 } else { chunk };
         let total = if last { Some(read) } else { declared };
         let data = Bytes::copy_from_slice(&buf[..send as usize]);
+        let sent_end = buf_start + send;
         let answer = put_chunk(api, uri, buf_start, data, total).await;
         let answer = match answer {
             Ok(a) => a,
@@ -201,6 +202,13 @@ async fn run_session(api: &DriveApi, uri: &str, body: &PutBody, chunk: u64) -> R
                 }
                 check_landed(&f, read, &sent)?;
                 return Ok(SessionEnd::Done(Box::new((*f, sent))));
+            }
+            ChunkAnswer::Continue(n) if n > sent_end => {
+                // A `Range` past the last byte sent is no count of ours.
+                return Err(ApiError::new(
+                    ErrorKind::Fatal,
+                    format!("Drive reports {n} bytes of the upload received, only {sent_end} were sent"),
+                ));
             }
             ChunkAnswer::Continue(n) => {
                 if n > acked {
@@ -413,6 +421,16 @@ mod tests {
         let e = resumable(&api, &serde_json::json!({}), None, &body).await.unwrap_err();
         assert_eq!((e.kind, e.status), (ErrorKind::Quota, Some(403)));
         assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    /// A 308 whose `Range` covers bytes never sent is refused, not followed.
+    #[tokio::test]
+    async fn gdrive_upload_refuses_a_range_past_the_bytes_sent() {
+        let (api, _) = scripted(vec![session("one"), (308, vec![("Range", "bytes=0-999999".into())], String::new())]);
+        let body = PutBody::from_bytes(vec![2u8; 3 * CHUNK_UNIT as usize]);
+        let e = resumable(&api, &serde_json::json!({}), None, &body).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Fatal, "{e}");
+        assert!(e.message.contains("999999") || e.message.contains("1000000"), "{e}");
     }
 
     #[test]
