@@ -304,11 +304,14 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
 }
 
 /// The daily upload cap answers 403 userRateLimitExceeded like request
-/// throttling does, but with the short message "User rate limit exceeded."
-/// (throttling's message goes on about the project's quota).
+/// throttling does, but with the message "User rate limit exceeded." (as
+/// observed; the cap's answer is not documented). Exactly that text: the
+/// documented throttling answer, "User Rate Limit Exceeded" (Resolve errors
+/// guide) or with the project-quota advice after it, is to be retried with
+/// backoff (Usage limits guide), never taken for the cap.
 fn is_upload_cap(item_msg: &str, top: &str) -> bool {
-    let short = |m: &str| m.trim_end_matches('.').eq_ignore_ascii_case("user rate limit exceeded");
-    short(item_msg) || short(top)
+    const CAP: &str = "User rate limit exceeded.";
+    item_msg == CAP || top == CAP
 }
 
 /// Escapes a value for a `q` string literal (backslash and single quote).
@@ -867,6 +870,11 @@ mod tests {
         let cap = google(403, "userRateLimitExceeded", "User rate limit exceeded.");
         assert_eq!(err(403, &cap, true).kind, ErrorKind::Quota);
         assert_eq!(err(403, &cap, false).kind, ErrorKind::Transient);
+        // The Resolve errors guide's own sample of per-user throttling: back
+        // off and retry (Usage limits guide), on an upload too.
+        let documented = google(403, "userRateLimitExceeded", "User Rate Limit Exceeded");
+        assert_eq!(err(403, &documented, true).kind, ErrorKind::Transient);
+        assert_eq!(err(403, &documented, false).kind, ErrorKind::Transient);
         assert_eq!(
             err(403, &google(403, "rateLimitExceeded", "Rate Limit Exceeded"), false).kind,
             ErrorKind::Transient
