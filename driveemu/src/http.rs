@@ -1771,13 +1771,25 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
         )
         .into());
     }
+    // "Supported values are 'drive' and 'appDataFolder'"; nothing is kept in appDataFolder
+    // here, so only a listing that includes 'drive' finds anything.
+    let spaces = params.get("spaces").map(String::as_str).unwrap_or("drive");
+    let mut in_drive = false;
+    for sp in spaces.split(',').map(str::trim) {
+        match sp {
+            "drive" => in_drive = true,
+            "appDataFolder" => {}
+            _ => return Err(ApiError::invalid_param("spaces").into()),
+        }
+    }
     let order = parse_order(params.get("orderBy").map(String::as_str).unwrap_or(""))?;
     let token_key = fnv(&format!(
-        "{}|{}|{}|{:?}",
+        "{}|{}|{}|{:?}|{}",
         params.get("q").map(String::as_str).unwrap_or(""),
         params.get("orderBy").map(String::as_str).unwrap_or(""),
         corpora,
-        drive_id
+        drive_id,
+        spaces
     ));
     let offset = match params.get("pageToken").filter(|t| !t.is_empty()) {
         None => 0,
@@ -1795,7 +1807,7 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
     let mut hits: Vec<&FileRec> = st
         .files
         .values()
-        .filter(|f| !f.is_root && f.listable_at <= now)
+        .filter(|f| in_drive && !f.is_root && f.listable_at <= now)
         .filter(|f| match corpora.as_str() {
             "drive" => f.drive_id == drive_id,
             "allDrives" => true,
