@@ -1305,7 +1305,14 @@ enum CR {
 }
 
 fn parse_content_range(s: &str) -> Option<CR> {
-    let s = s.trim().strip_prefix("bytes")?.trim_start();
+    let s = s.trim();
+    // The guide writes the status query without the unit ("set the Content-Range to
+    // */2000000"); chunks always carry it.
+    let s = match s.strip_prefix("bytes") {
+        Some(rest) => rest.trim_start(),
+        None if s.starts_with("*/") => s,
+        None => return None,
+    };
     let (range, total) = s.split_once('/')?;
     let total = if total.trim() == "*" { None } else { Some(total.trim().parse::<u64>().ok()?) };
     if range.trim() == "*" {
