@@ -286,7 +286,7 @@ async fn gdrive_upload_restarts_when_its_session_is_gone() {
     assert_eq!(&r.get("pack-big").await.unwrap()[..], &body[..]);
 }
 
-/// Files Drive flags as abusive are read with acknowledgeAbuse.
+/// Files Drive flags as abusive are read with acknowledgeAbuse, by range and whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gdrive_abusive_flag_is_acknowledged() {
     let env = start(driveemu::Config::default(), Creds::User);
@@ -296,6 +296,8 @@ async fn gdrive_abusive_flag_is_acknowledged() {
     let (r, key) = RemoteUrl::parse(&format!("gdrive:file={id}")).unwrap().object_with(&env.cfg);
     assert_eq!(&r.get_range(&key, 100..200).await.unwrap()[..], &body[100..200]);
     assert!(env.emu.stats().errors.get(&403).copied().unwrap_or(0) >= 1, "the first read was refused");
+    // A whole-file read too (files.get alt=media takes acknowledgeAbuse as a ranged one does).
+    assert_eq!(&r.get(&key).await.unwrap()[..], &body[..]);
 }
 
 /// A volume in a shared drive, addressed by the drive's id.

@@ -50,6 +50,10 @@ type R = Result<Response<Body>, Fail>;
 const CHUNK_GRANULE: u64 = 256 * 1024;
 const SESSION_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_JSON_BODY: usize = 16 << 20;
+/// The revisions methods have no `supportsAllDrives` parameter (revisions.get, list,
+/// update and delete take only their ids, `acknowledgeAbuse`, paging and `fields`), so
+/// they see a shared drive's files whatever the query says.
+const REVISIONS_SEE_ALL_DRIVES: bool = true;
 
 /// The file fields of Drive v3's `File` resource, for validating `fields=`.
 const FILE_FIELDS: &[&str] = &[
@@ -523,7 +527,7 @@ async fn api(
         (Method::GET, ["files", id, "revisions"]) => {
             sh.stats.request("revisions.list");
             let st = sh.store.lock();
-            let f = st.get(id, all)?;
+            let f = st.get(id, REVISIONS_SEE_ALL_DRIVES)?;
             if f.content.is_none() {
                 return Err(revisions_unsupported().into());
             }
@@ -538,7 +542,7 @@ async fn api(
             }
             sh.stats.request("revisions.get");
             let st = sh.store.lock();
-            let f = st.get(id, all)?;
+            let f = st.get(id, REVISIONS_SEE_ALL_DRIVES)?;
             let r = find_revision(f, rid)?;
             let want = want_in(params.get("fields"), None);
             Ok(json_resp(sh, 200, &mask(&r.to_json(&want), params.get("fields"), &default_revision)?))
@@ -548,7 +552,7 @@ async fn api(
             let raw = read_small(body).await?;
             let meta = parse_json_body(&raw)?;
             let mut st = sh.store.lock();
-            let f = st.get_mut(id, all)?;
+            let f = st.get_mut(id, REVISIONS_SEE_ALL_DRIVES)?;
             if f.read_only {
                 return Err(crate::store::no_write(id).into());
             }
@@ -575,7 +579,7 @@ async fn api(
         (Method::DELETE, ["files", id, "revisions", rid]) => {
             sh.stats.request("revisions.delete");
             let mut st = sh.store.lock();
-            let f = st.get_mut(id, all)?;
+            let f = st.get_mut(id, REVISIONS_SEE_ALL_DRIVES)?;
             if f.read_only {
                 return Err(crate::store::no_write(id).into());
             }
@@ -1301,7 +1305,14 @@ enum CR {
 }
 
 fn parse_content_range(s: &str) -> Option<CR> {
-    let s = s.trim().strip_prefix("bytes")?.trim_start();
+    let s = s.trim();
+    // The guide writes the status query without the unit ("set the Content-Range to
+    // */2000000"); chunks always carry it.
+    let s = match s.strip_prefix("bytes") {
+        Some(rest) => rest.trim_start(),
+        None if s.starts_with("*/") => s,
+        None => return None,
+    };
     let (range, total) = s.split_once('/')?;
     let total = if total.trim() == "*" { None } else { Some(total.trim().parse::<u64>().ok()?) };
     if range.trim() == "*" {
@@ -1534,7 +1545,7 @@ async fn download(
     headers: &HeaderMap,
     revision: Option<&str>,
 ) -> R {
-    let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
+    let all = revision.is_some() || flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let (data, mime) = {
         let st = sh.store.lock();
         let f = st.get(id, all)?;
@@ -1767,13 +1778,25 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
         )
         .into());
     }
+    // "Supported values are 'drive' and 'appDataFolder'"; nothing is kept in appDataFolder
+    // here, so only a listing that includes 'drive' finds anything.
+    let spaces = params.get("spaces").map(String::as_str).unwrap_or("drive");
+    let mut in_drive = false;
+    for sp in spaces.split(',').map(str::trim) {
+        match sp {
+            "drive" => in_drive = true,
+            "appDataFolder" => {}
+            _ => return Err(ApiError::invalid_param("spaces").into()),
+        }
+    }
     let order = parse_order(params.get("orderBy").map(String::as_str).unwrap_or(""))?;
     let token_key = fnv(&format!(
-        "{}|{}|{}|{:?}",
+        "{}|{}|{}|{:?}|{}",
         params.get("q").map(String::as_str).unwrap_or(""),
         params.get("orderBy").map(String::as_str).unwrap_or(""),
         corpora,
-        drive_id
+        drive_id,
+        spaces
     ));
     let offset = match params.get("pageToken").filter(|t| !t.is_empty()) {
         None => 0,
@@ -1791,7 +1814,7 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
     let mut hits: Vec<&FileRec> = st
         .files
         .values()
-        .filter(|f| !f.is_root && f.listable_at <= now)
+        .filter(|f| in_drive && !f.is_root && f.listable_at <= now)
         .filter(|f| match corpora.as_str() {
             "drive" => f.drive_id == drive_id,
             "allDrives" => true,

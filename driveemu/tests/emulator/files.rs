@@ -280,6 +280,28 @@ async fn shared_drives_need_supports_all_drives() {
     assert_eq!(api.get(&format!("/drive/v3/drives/{drive}")).await.json()["name"], "team");
 }
 
+/// The revisions methods take no `supportsAllDrives` (revisions.get, list, update and
+/// delete list none: Drive API v3 reference), so they reach a shared drive's files
+/// without it, as they reach My Drive's.
+#[tokio::test]
+async fn revisions_of_shared_drive_files_need_no_supports_all_drives() {
+    let api = Api::new().await;
+    let drive = api.emu.create_shared_drive("team");
+    let f = api.upload(json!({"name": "base", "parents": [drive]}), b"one").await;
+    let id = f["id"].as_str().expect("id");
+    let head = f["headRevisionId"].as_str().expect("head").to_string();
+    let rev = format!("/drive/v3/files/{id}/revisions/{head}");
+    let r = api.get(&format!("{rev}?fields=id,size")).await;
+    assert_eq!((r.code(), r.json()), (200, json!({"id": head, "size": "3"})));
+    assert_eq!(api.get(&format!("/drive/v3/files/{id}/revisions?fields=revisions(id)")).await.code(), 200);
+    let r = api.json(Method::PATCH, &format!("{rev}?fields=keepForever"), json!({"keepForever": true})).await;
+    assert_eq!((r.code(), r.json()), (200, json!({"keepForever": true})));
+    let r = api.send(Method::GET, &format!("{rev}?alt=media"), &[("Range", "bytes=1-2")], vec![]).await;
+    assert_eq!((r.code(), r.body.as_slice()), (206, &b"ne"[..]));
+    // The file itself still needs the flag.
+    assert_eq!(api.get(&format!("/drive/v3/files/{id}")).await.code(), 404);
+}
+
 #[tokio::test]
 async fn about_reports_quota() {
     let api = Api::new().await;

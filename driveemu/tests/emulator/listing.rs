@@ -173,3 +173,19 @@ async fn short_and_empty_pages_before_the_end() {
     assert_eq!(got, (0..30).map(|i| format!("n{i:02}")).collect::<Vec<_>>());
     assert!(sizes.iter().any(|n| *n < 8), "some page should be short: {sizes:?}");
 }
+
+/// files.list `spaces`: "A comma-separated list of spaces to query within the corpora.
+/// Supported values are 'drive' and 'appDataFolder'" (files.list reference). The emulator
+/// keeps nothing in appDataFolder, so a listing of that space alone finds nothing.
+#[tokio::test]
+async fn spaces_select_what_is_listed() {
+    let api = Api::new().await;
+    api.create(json!({"name": "in-my-drive"})).await;
+    let files = |r: Resp| r.json()["files"].as_array().map(Vec::len);
+    assert_eq!(files(api.list("fields=files(name)").await), Some(1));
+    assert_eq!(files(api.list("spaces=drive&fields=files(name)").await), Some(1));
+    assert_eq!(files(api.list("spaces=drive,appDataFolder&fields=files(name)").await), Some(1));
+    assert_eq!(files(api.list("spaces=appDataFolder&fields=files(name)").await), Some(0));
+    let r = api.list("spaces=photos").await;
+    assert_eq!((r.code(), r.reason().as_str()), (400, "invalid"));
+}

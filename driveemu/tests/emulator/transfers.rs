@@ -320,3 +320,30 @@ async fn resent_overlap_is_accepted_and_size_mismatch_refused() {
         put(&api, &loc, &format!("bytes {KIB256}-{}/{}", KIB256 + 9, KIB256 + 10), &data[KIB256..KIB256 + 10]).await;
     assert_eq!(r.json()["size"], (KIB256 + 10).to_string());
 }
+
+/// manage-uploads, "Resume an interrupted upload": "set the Content-Range to */2000000 if
+/// your total file length is 2,000,000 bytes. If you don't know the full size of the file,
+/// set the Content-Range to */*." A status query in that literal form (no `bytes` unit) is
+/// answered like `bytes */N`.
+#[tokio::test]
+async fn status_query_in_the_guides_literal_form() {
+    let api = Api::new().await;
+    let total = KIB256 + 10;
+    let data = pattern(total, 3);
+    let r = start_resumable(
+        &api,
+        "/upload/drive/v3/files?uploadType=resumable&fields=size",
+        Method::POST,
+        &json!({"name": "q"}),
+        Some(total),
+    )
+    .await;
+    let loc = r.header("location").expect("Location");
+    let r = put(&api, &loc, &format!("*/{total}"), &[]).await;
+    assert_eq!((r.code(), r.header("range")), (308, None));
+    assert_eq!(put(&api, &loc, &format!("bytes 0-{}/{total}", KIB256 - 1), &data[..KIB256]).await.code(), 308);
+    let r = put(&api, &loc, "*/*", &[]).await;
+    assert_eq!((r.code(), r.header("range").as_deref()), (308, Some("bytes=0-262143")));
+    let r = put(&api, &loc, &format!("bytes {KIB256}-{}/{total}", total - 1), &data[KIB256..]).await;
+    assert_eq!((r.code(), r.json()["size"].as_str()), (200, Some(total.to_string().as_str())));
+}

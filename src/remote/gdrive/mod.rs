@@ -11,6 +11,8 @@ pub mod auth;
 pub mod ids;
 pub mod pacer;
 pub mod path;
+#[cfg(test)]
+pub(crate) mod scripted;
 pub mod selftest;
 pub mod upload;
 

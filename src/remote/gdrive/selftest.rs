@@ -254,6 +254,9 @@ async fn resumable_check(api: &DriveApi, folder: &Folder, stamp: &str, out: &mut
         let ChunkAnswer::Continue(m) = query_status(api, &uri, Some(total)).await? else {
             return Ok("the status query did not answer 308".into());
         };
+        if m > total {
+            return Ok(format!("the status query reported {m} bytes of a {total}-byte upload"));
+        }
         let rest = data.slice(m as usize..);
         match put_chunk(api, &uri, m, rest, Some(total)).await? {
             ChunkAnswer::Done(f) => {
@@ -275,5 +278,27 @@ async fn resumable_check(api: &DriveApi, folder: &Folder, stamp: &str, out: &mut
         }
         Ok(problem) => out.push(check(NAME, false, problem)),
         Err(e) => out.push(check(NAME, false, e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::gdrive::scripted::{scripted, session};
+
+    /// A status answer past the upload's end fails the check instead of
+    /// slicing past the data.
+    #[tokio::test]
+    async fn gdrive_selftest_resume_check_survives_a_range_past_the_end() {
+        let (api, _) = scripted(vec![
+            session("one"),
+            (308, vec![("Range", format!("bytes=0-{}", CHUNK_UNIT - 1))], String::new()),
+            (308, vec![("Range", "bytes=0-99999999".into())], String::new()),
+        ]);
+        let folder = Folder { id: "root".into(), drive_id: None };
+        let (mut out, mut made) = (Vec::new(), Vec::new());
+        resumable_check(&api, &folder, "t", &mut out, &mut made).await;
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].ok && out[0].detail.contains("100000000"), "{}", out[0]);
     }
 }

@@ -1,7 +1,8 @@
 //! Resumable uploads (Drive's protocol): a session, then chunks of a
 //! multiple of 256 KiB with `Content-Range`; after a failed chunk, ask the
 //! session how much it has (`bytes */N`, answered by 308 + `Range`) and go
-//! on from there; a session that is gone (404/410) starts over. Retries live
+//! on from there; a session that answers a 4xx (404: expired) starts over.
+//! Retries live
 //! here, not in the retry wrapper, so a lost chunk costs one chunk, not
 //! the whole body. The md5 Drive reports is checked against what was sent.
 
@@ -19,8 +20,8 @@ use crate::remote::PutBody;
 /// Drive's chunk granularity.
 pub const CHUNK_UNIT: u64 = 256 << 10;
 
-/// How many times a session is started afresh (404: session gone) before
-/// the upload gives up.
+/// How many times a session is started afresh (a 4xx: session spent)
+/// before the upload gives up.
 const MAX_SESSIONS: u32 = 3;
 
 /// The chunk size actually used: `want` rounded down to a multiple of
@@ -58,8 +59,16 @@ pub(crate) enum ChunkAnswer {
     Done(Box<DriveFile>),
     /// 308: the session has everything before this offset.
     Continue(u64),
-    /// 404/410: the session expired or was lost.
-    SessionGone,
+    /// A 4xx (404: expired): the session is spent; the error says why.
+    SessionGone(ApiError),
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The file and the hex md5 of what was sent.
+    Done(Box<(DriveFile, String)>),
+    /// Spent: start a new one.
+    Gone(ApiError),
 }
 
 /// Uploads `body` as a new file with `meta` or as the new content of
@@ -71,19 +80,22 @@ pub async fn resumable(
     body: &PutBody,
 ) -> Result<(DriveFile, String), ApiError> {
     let chunk = chunk_size(api.cfg.chunk_size);
+    let mut why = ApiError::new(ErrorKind::Transient, "no upload session");
     for session in 0..MAX_SESSIONS {
         if session > 0 {
-            tracing::info!(session, "Drive upload session gone; starting the upload over");
+            tracing::info!(session, error = %why, "Drive upload session spent; starting the upload over");
         }
         // A session that cannot be started has sent no data: its error
         // goes back as it is (transient ones to the retry wrapper).
         let uri = api.start_resumable(meta, existing, body.len()).await?;
         match run_session(api, &uri, body, chunk).await? {
-            Some(done) => return Ok(done),
-            None => continue,
+            SessionEnd::Done(done) => return Ok(*done),
+            SessionEnd::Gone(e) => why = e,
         }
     }
-    Err(give_up(ApiError::new(ErrorKind::Transient, format!("the upload session expired {MAX_SESSIONS} times"))))
+    // Fatal whatever the last 4xx was (a 404 here is no missing file).
+    let message = format!("{MAX_SESSIONS} upload sessions ended early, the last with: {}", why.message);
+    Err(give_up(ApiError { kind: ErrorKind::Fatal, message, ..why }))
 }
 
 /// The error an upload ends with once its own retries are spent: not
@@ -101,14 +113,8 @@ async fn backoff(api: &DriveApi, attempt: u32, e: &ApiError) {
     tokio::time::sleep(d).await;
 }
 
-/// Sends the whole body through one session. `Ok(None)`: the session is
-/// gone, start a new one.
-async fn run_session(
-    api: &DriveApi,
-    uri: &str,
-    body: &PutBody,
-    chunk: u64,
-) -> Result<Option<(DriveFile, String)>, ApiError> {
+/// Sends the whole body through one session.
+async fn run_session(api: &DriveApi, uri: &str, body: &PutBody, chunk: u64) -> Result<SessionEnd, ApiError> {
     let declared = body.len();
     let mut stream = body.stream();
     let mut md5 = Md5::new();
@@ -121,7 +127,10 @@ async fn run_session(
     loop {
         if acked < buf_start {
             // The session lost bytes we no longer hold: start over.
-            return Ok(None);
+            return Ok(SessionEnd::Gone(ApiError::new(
+                ErrorKind::Transient,
+                format!("the session has {acked} bytes, the upload no longer holds those from there"),
+            )));
         }
         buf.advance((acked - buf_start) as usize);
         buf_start = acked;
@@ -167,6 +176,7 @@ async fn run_session(
         let send = if last { buf.len() as u64 } else { chunk };
         let total = if last { Some(read) } else { declared };
         let data = Bytes::copy_from_slice(&buf[..send as usize]);
+        let sent_end = buf_start + send;
         let answer = put_chunk(api, uri, buf_start, data, total).await;
         let answer = match answer {
             Ok(a) => a,
@@ -191,7 +201,14 @@ async fn run_session(
                     return Err(ApiError::new(ErrorKind::Fatal, "Drive closed the upload before its end"));
                 }
                 check_landed(&f, read, &sent)?;
-                return Ok(Some((*f, sent)));
+                return Ok(SessionEnd::Done(Box::new((*f, sent))));
+            }
+            ChunkAnswer::Continue(n) if n > sent_end => {
+                // A `Range` past the last byte sent is no count of ours.
+                return Err(ApiError::new(
+                    ErrorKind::Fatal,
+                    format!("Drive reports {n} bytes of the upload received, only {sent_end} were sent"),
+                ));
             }
             ChunkAnswer::Continue(n) => {
                 if n > acked {
@@ -199,7 +216,7 @@ async fn run_session(
                 }
                 acked = n;
             }
-            ChunkAnswer::SessionGone => return Ok(None),
+            ChunkAnswer::SessionGone(e) => return Ok(SessionEnd::Gone(e)),
         }
     }
 }
@@ -279,10 +296,20 @@ fn accept_chunk(s: StatusCode) -> bool {
     s.is_success() || s.as_u16() == 308
 }
 
+/// "For any 4xx errors (including 403) during a resumable upload, restart
+/// the upload" (Drive's manage-uploads guide; 404 is the expired session).
+/// Not those a new session cannot help: rate limits and 408 are waited out
+/// and resumed (transient), a quota or credentials error is reported as it
+/// is, and a 409 means the pre-generated id is taken.
+fn spends_session(e: &ApiError) -> bool {
+    matches!(e.status, Some(400..=499))
+        && !matches!(e.kind, ErrorKind::Transient | ErrorKind::Quota | ErrorKind::Auth | ErrorKind::Conflict)
+}
+
 async fn chunk_answer(resp: Result<reqwest::Response, ApiError>) -> Result<ChunkAnswer, ApiError> {
     let resp = match resp {
         Ok(r) => r,
-        Err(e) if e.kind == ErrorKind::NotFound || e.status == Some(410) => return Ok(ChunkAnswer::SessionGone),
+        Err(e) if spends_session(&e) => return Ok(ChunkAnswer::SessionGone(e)),
         Err(e) => return Err(e),
     };
     if resp.status().as_u16() == 308 {
@@ -300,6 +327,52 @@ async fn chunk_answer(resp: Result<reqwest::Response, ApiError>) -> Result<Chunk
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::remote::gdrive::scripted::{google_error, landed, scripted, session};
+
+    /// manage-uploads: "For any 4xx errors (including 403) during a
+    /// resumable upload, restart the upload" with a new session URI.
+    #[tokio::test]
+    async fn gdrive_upload_restarts_the_session_after_a_4xx_on_a_chunk() {
+        let data = vec![7u8; 1000];
+        let (api, seen) = scripted(vec![
+            session("one"),
+            google_error(400, "badRequest", "Failed to parse Content-Range header."),
+            session("two"),
+            landed(&data),
+        ]);
+        let body = PutBody::from_bytes(data.clone());
+        let (f, _) = resumable(&api, &serde_json::json!({"name": "x"}), None, &body).await.expect("upload");
+        assert_eq!(f.id, "f1");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert!(seen[0].starts_with("POST /upload/drive/v3/files?uploadType=resumable"), "{seen:?}");
+        assert!(seen[1].starts_with("PUT ") && seen[1].contains("upload_id=one"), "{seen:?}");
+        assert!(seen[2].starts_with("POST "), "{seen:?}");
+        assert!(seen[3].contains("upload_id=two") && seen[3].ends_with("bytes 0-999/1000"), "{seen:?}");
+    }
+
+    /// A quota error on a chunk is reported at once, not restarted.
+    #[tokio::test]
+    async fn gdrive_upload_quota_error_on_a_chunk_is_final() {
+        let (api, seen) = scripted(vec![
+            session("one"),
+            google_error(403, "storageQuotaExceeded", "The user's Drive storage quota has been exceeded."),
+        ]);
+        let body = PutBody::from_bytes(vec![1u8; 1000]);
+        let e = resumable(&api, &serde_json::json!({}), None, &body).await.unwrap_err();
+        assert_eq!((e.kind, e.status), (ErrorKind::Quota, Some(403)));
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    /// A 308 whose `Range` covers bytes never sent is refused, not followed.
+    #[tokio::test]
+    async fn gdrive_upload_refuses_a_range_past_the_bytes_sent() {
+        let (api, _) = scripted(vec![session("one"), (308, vec![("Range", "bytes=0-999999".into())], String::new())]);
+        let body = PutBody::from_bytes(vec![2u8; 3 * CHUNK_UNIT as usize]);
+        let e = resumable(&api, &serde_json::json!({}), None, &body).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Fatal, "{e}");
+        assert!(e.message.contains("999999") || e.message.contains("1000000"), "{e}");
+    }
 
     #[test]
     fn gdrive_chunks_are_multiples_of_256k() {
