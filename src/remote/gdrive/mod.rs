@@ -12,6 +12,8 @@ pub mod ids;
 pub mod pacer;
 pub mod path;
 pub mod selftest;
+#[cfg(test)]
+mod test_http;
 pub mod upload;
 
 use std::collections::HashMap;
