@@ -414,7 +414,10 @@ impl Watch for PanicOnce {
 /// next write to that cluster completes instead of waiting for good.
 #[test]
 fn a_write_that_panicked_leaves_its_cluster_writable() {
-    let (dir, p, _) = mem_image("cluster_size=65536", 4 * MIB, &["write -c -P 5 0 64k".into(), "write -P 6 1M 64k".into()]);
+    // A plain cluster after the compressed one: a writable open refuses
+    // compressed data that ends the file unpadded, as QEMU leaves it.
+    let (dir, p, _) =
+        mem_image("cluster_size=65536", 4 * MIB, &["write -c -P 5 0 64k".into(), "write -P 6 1M 64k".into()]);
     let _dir = dir;
     let storage = Arc::new(Watched {
         inner: Arc::new(LocalFile::open(&p, false).unwrap()),
@@ -436,7 +439,8 @@ fn a_write_that_panicked_leaves_its_cluster_writable() {
         let r = d.write(8192, &IoVec::from_slice(&mut b), IoMode::Blocking).map_err(|e| e.to_string());
         let _ = tx.send(r);
     });
-    let got = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the next write to the cluster waits for good");
+    let got =
+        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the next write to the cluster waits for good");
     got.unwrap();
     let mut back = vec![0u8; 4096];
     disk.read(8192, &IoVec::from_slice(&mut back), IoMode::Blocking).unwrap();

@@ -261,11 +261,9 @@ fn request_within(path: &Path, req: &Request, wait: Duration) -> anyhow::Result<
     let mut r = BufReader::new(conn);
     let mut resp = String::new();
     match r.read_line(&mut resp) {
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => bail!(
-            "the daemon at {} did not answer within {} s: it may be hung",
-            path.display(),
-            wait.as_secs_f64()
-        ),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            bail!("the daemon at {} did not answer within {} s: it may be hung", path.display(), wait.as_secs_f64())
+        }
         r => r.context("the daemon closed the control connection")?,
     };
     let v: Value = serde_json::from_str(&resp).context("the daemon's reply is not JSON")?;

@@ -620,7 +620,9 @@ impl Manifest {
             }
             // The frame's end is computed for every read of it.
             if len == 0 || len > 2 * self.chunk_size + 4096 || sha256.len() != 64 || offset.checked_add(len).is_none() {
-                return Err(format!("chunk {idx} has an implausible entry (offset {offset}, len {len}, sha256 {sha256:?})"));
+                return Err(format!(
+                    "chunk {idx} has an implausible entry (offset {offset}, len {len}, sha256 {sha256:?})"
+                ));
             }
             Ok(())
         };

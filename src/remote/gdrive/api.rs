@@ -950,7 +950,8 @@ mod tests {
     async fn gdrive_a_body_that_stalls_mid_way_fails_in_time() {
         use super::super::test_http::{serve, Reply};
         let base = serve(|_| {
-            let head = "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-999/1000\r\nContent-Length: 1000\r\n\r\n";
+            let head =
+                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-999/1000\r\nContent-Length: 1000\r\n\r\n";
             let mut b = head.as_bytes().to_vec();
             b.extend_from_slice(&[1u8; 10]);
             Reply::Stall(b)
