@@ -414,8 +414,8 @@ impl Watch for PanicOnce {
 /// next write to that cluster completes instead of waiting for good.
 #[test]
 fn a_write_that_panicked_leaves_its_cluster_writable() {
-    // A plain cluster after the compressed one: a writable open refuses
-    // compressed data that ends the file unpadded, as QEMU leaves it.
+    // A plain cluster after the compressed one, so the panic comes from
+    // the copy-on-write read and not the one of a cluster at the file end.
     let (dir, p, _) =
         mem_image("cluster_size=65536", 4 * MIB, &["write -c -P 5 0 64k".into(), "write -P 6 1M 64k".into()]);
     let _dir = dir;
@@ -445,4 +445,26 @@ fn a_write_that_panicked_leaves_its_cluster_writable() {
     let mut back = vec![0u8; 4096];
     disk.read(8192, &IoVec::from_slice(&mut back), IoMode::Blocking).unwrap();
     assert_eq!(back, vec![2u8; 4096]);
+}
+
+/// QEMU leaves a compressed cluster that ends the file unpadded (its
+/// last sector partly past the end): a writable open takes the image
+/// as QEMU does, and the cluster reads and rewrites correctly.
+#[test]
+fn compressed_data_that_ends_the_file_unpadded_opens_writable() {
+    let (dir, p, bytes) = mem_image("cluster_size=65536", 4 * MIB, &["write -c -P 5 0 64k".into()]);
+    let _dir = dir;
+    assert_ne!(bytes.len() % 512, 0, "qemu-io padded the file; this test needs it unpadded");
+    let s: Arc<dyn Storage> = Arc::new(LocalFile::open(&p, false).unwrap());
+    let disk = Qcow2Disk::open(s, Qcow2Options::default(), &NoBacking).unwrap();
+    let mut back = vec![0u8; 65536];
+    disk.read(0, &IoVec::from_slice(&mut back), IoMode::Blocking).unwrap();
+    assert!(back.iter().all(|&b| b == 5));
+    let mut b = vec![9u8; 4096];
+    disk.write(4096, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+    disk.read(0, &IoVec::from_slice(&mut back), IoMode::Blocking).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 5) && back[4096..8192].iter().all(|&b| b == 9));
+    assert!(back[8192..].iter().all(|&b| b == 5));
+    disk.close().unwrap();
+    qemu_img(&["check", "-q", p.to_str().unwrap()]);
 }
