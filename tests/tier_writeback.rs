@@ -262,6 +262,40 @@ fn writethrough_flush_returns_once_the_data_is_on_the_remote() {
     }
 }
 
+/// A writethrough FLUSH while the remote is down fails within the guest's
+/// remote budget (an I/O error the guest sees) instead of waiting for the
+/// remote to come back; the data stays in the cache and is committed once
+/// it does.
+#[test]
+fn writethrough_flush_on_a_remote_that_is_down_fails_within_the_budget() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 << 20, 36);
+    let faults = FaultPlan::new(11);
+    let m = Arc::new(RemoteMetrics::default());
+    let mut o = cache_opts(&d.path().join("a"), counted(m, Some(faults.clone()), Shaping::default()));
+    o.writeback.mode = CacheMode::Writethrough;
+    o.remote.retry.max_attempts = 2;
+    o.remote_wait.budget = Duration::from_secs(2);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let mut warm = vec![0u8; CS as usize];
+    s.read_vectored_at(0, &IoVec::from_slice(&mut warm), IoMode::Blocking).unwrap();
+    faults.set_down(true);
+    write(&*s, 11, &[7; 3000], &mut expect);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = s.clone();
+    std::thread::spawn(move || {
+        let t = s2.flush_point().unwrap();
+        let _ = tx.send(s2.wait_durable(t));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(30)).expect("the FLUSH still waits on a remote that is down");
+    let e = got.expect_err("a FLUSH cannot be durable on a remote that is down");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    faults.set_down(false);
+    assert_eq!(s.close(Duration::from_secs(30)), 0, "the flushed data went up once the remote was back");
+    drop(s);
+    assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
+}
+
 #[test]
 fn scattered_small_writes_upload_about_what_changed() {
     let d = tempfile::tempdir().unwrap();

@@ -237,14 +237,35 @@ fn execute(req: &Request, st: &DaemonStatus) -> anyhow::Result<Value> {
 
 /// Sends one request to the daemon at `path` and returns its result.
 pub fn request(path: &Path, req: &Request) -> anyhow::Result<Value> {
+    request_within(path, req, reply_wait(req))
+}
+
+/// How long a client waits for the daemon's reply: a daemon that is hung
+/// (stopped, stuck on a dead mount) must not hang `status` or `sync` with
+/// it. A sync gets its own timeout, which the daemon keeps, and a margin.
+fn reply_wait(req: &Request) -> Duration {
+    match req {
+        Request::Sync { timeout_secs } => Duration::from_secs(timeout_secs.unwrap_or(3600).saturating_add(30)),
+        Request::Status | Request::Hydrate | Request::DropCache => Duration::from_secs(60),
+    }
+}
+
+fn request_within(path: &Path, req: &Request, wait: Duration) -> anyhow::Result<Value> {
     let mut conn = UnixStream::connect(path)
         .with_context(|| format!("cannot connect to the control socket {}", path.display()))?;
+    conn.set_read_timeout(Some(wait))?;
+    conn.set_write_timeout(Some(wait))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     conn.write_all(&line)?;
     let mut r = BufReader::new(conn);
     let mut resp = String::new();
-    r.read_line(&mut resp).context("the daemon closed the control connection")?;
+    match r.read_line(&mut resp) {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            bail!("the daemon at {} did not answer within {} s: it may be hung", path.display(), wait.as_secs_f64())
+        }
+        r => r.context("the daemon closed the control connection")?,
+    };
     let v: Value = serde_json::from_str(&resp).context("the daemon's reply is not JSON")?;
     if v["ok"].as_bool() == Some(true) {
         Ok(v["result"].clone())
@@ -322,4 +343,31 @@ pub fn drop_cache(a: DropCacheArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon that accepts but never answers (stopped, hung) fails the
+    /// request after the wait, not never.
+    #[test]
+    fn a_silent_daemon_fails_the_request_in_time() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("ctl");
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let held: Vec<UnixStream> = l.incoming().map_while(Result::ok).collect();
+            drop(held);
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let r = request_within(&p, &Request::Status, Duration::from_millis(300));
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(20)).expect("the client still waits on a silent daemon");
+        assert!(got.unwrap_err().contains("did not answer within 0.3 s"));
+        assert_eq!(reply_wait(&Request::Sync { timeout_secs: Some(600) }), Duration::from_secs(630));
+    }
 }

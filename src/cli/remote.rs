@@ -29,7 +29,8 @@ pub struct RemoteArgs {
 
     /// Limit remote bandwidth, in bytes per second, like rclone: `2M`
     /// (both ways), `1M:10M` (up:down), `off`, or a timetable by local
-    /// time of day: `"08:00,512K 19:00,2M:off 23:00,off"`.
+    /// time of day: `"08:00,512K 19:00,2M:off 23:00,off"`. Upload limits
+    /// start at 16K.
     #[arg(long, value_name = "LIMIT", value_parser = parse_bwlimit)]
     pub bwlimit: Option<BwSchedule>,
 
@@ -112,6 +113,15 @@ pub fn parse_bwlimit(s: &str) -> Result<BwSchedule, String> {
                 (r, r)
             }
         };
+        // An upload attempt's deadline allows its body at this rate and no
+        // slower: under a lower limit every attempt would time out while
+        // paced, and be retried for ever.
+        if let Some(u) = up.filter(|&u| u < crate::remote::retry::MIN_UPLOAD_RATE) {
+            return Err(format!(
+                "upload limit {u} bytes/s in {part:?} is below {} KiB/s, the slowest upload driveblk waits for",
+                crate::remote::retry::MIN_UPLOAD_RATE >> 10
+            ));
+        }
         entries.push(BwEntry { from_minute, up, down });
     }
     if entries.is_empty() {
@@ -226,5 +236,9 @@ mod tests {
         assert!(s.entries[2].up.is_none() && s.entries[2].down.is_none());
         assert!(parse_bwlimit("25:00,1M").is_err());
         assert!(parse_bwlimit("fast").is_err());
+        // Uploads slower than an attempt's deadline allows never finish.
+        assert!(parse_bwlimit("8K").unwrap_err().contains("below 16 KiB/s"));
+        assert!(parse_bwlimit("08:00,1M:off 19:00,8K:off").is_err());
+        assert!(parse_bwlimit("16K:4K").is_ok());
     }
 }

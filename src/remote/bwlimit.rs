@@ -69,14 +69,42 @@ impl Pacer {
     async fn pace(&self, bytes: u64, rate: Option<u64>) {
         let Some(rate) = rate.filter(|r| *r > 0) else { return };
         let dur = Duration::from_secs_f64(bytes as f64 / rate as f64);
-        let done = {
+        let (start, done) = {
             let mut free = self.free_at.lock();
             let now = Instant::now();
             let start = free.map_or(now, |f| f.max(now));
             *free = Some(start + dur);
-            start + dur
+            (start, start + dur)
         };
+        let mut held = Reservation { pacer: self, start, dur, done: false };
         tokio::time::sleep_until(done).await;
+        held.done = true;
+    }
+}
+
+/// A share of the rate reserved by a transfer that has not gone yet. A
+/// transfer given up while it waits (its attempt's deadline, a guest that
+/// stopped waiting) hands back the part not yet due: kept, each retry of
+/// a timed-out upload would queue behind its own earlier attempts, and
+/// the upload would never go.
+struct Reservation<'a> {
+    pacer: &'a Pacer,
+    start: Instant,
+    dur: Duration,
+    done: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let now = Instant::now();
+        let unused = self.dur.saturating_sub(now.saturating_duration_since(self.start));
+        let mut free = self.pacer.free_at.lock();
+        if let Some(f) = *free {
+            *free = Some(f.checked_sub(unused).unwrap_or(now).max(now));
+        }
     }
 }
 
@@ -155,6 +183,19 @@ mod tests {
         assert_eq!(s.at(23 * 60 + 30).unwrap().up, None);
         // Before the first entry, the last one of the previous day applies.
         assert_eq!(s.at(60).unwrap().up, None);
+    }
+
+    /// An upload given up while it waits for its turn (its attempt timed
+    /// out) does not hold the link for the retry that follows.
+    #[tokio::test(start_paused = true)]
+    async fn a_transfer_given_up_hands_back_its_share() {
+        let p = Pacer::default();
+        let t0 = Instant::now();
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), p.pace(1 << 20, Some(1 << 20))).await;
+        assert!(gave_up.is_err());
+        p.pace(512 << 10, Some(1 << 20)).await;
+        let el = t0.elapsed();
+        assert!(el >= Duration::from_millis(600) && el < Duration::from_millis(700), "{el:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -467,6 +467,48 @@ mod tests {
         assert_eq!(StoreKind::strip("dir:/x"), None);
     }
 
+    /// An S3 endpoint that sends a ranged GET's headers and a few bytes,
+    /// then nothing: the read fails within a few request deadlines
+    /// (object_store's own retries included), instead of waiting for bytes
+    /// that never come. The client is built as `s3://` URLs build it, from
+    /// the environment (nextest runs each test in its own process).
+    #[tokio::test]
+    async fn a_body_that_stalls_mid_way_fails_in_time() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 8192];
+                    let _ = c.read(&mut b).await;
+                    let head = "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-999/1000\r\n\
+                                Content-Length: 1000\r\nETag: \"e\"\r\n\
+                                Last-Modified: Wed, 02 Dec 2026 10:00:00 GMT\r\n\r\n";
+                    let _ = c.write_all(head.as_bytes()).await;
+                    let _ = c.write_all(&[1u8; 10]).await;
+                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                });
+            }
+        });
+        for (k, v) in [
+            ("AWS_ENDPOINT", endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
+            std::env::set_var(k, v);
+        }
+        let cfg = ObjStoreConfig { request_timeout: std::time::Duration::from_millis(500), ..Default::default() };
+        let r = ObjStoreRemote::new(StoreKind::S3, "b", "v", &cfg);
+        let t0 = std::time::Instant::now();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(30), r.get_range("pack-1", 0..1000)).await;
+        let e = got.expect("the read waited on the silent endpoint").unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{:?}", t0.elapsed());
+    }
+
     /// object_store's in-memory store honours PutMode::Create: the probe
     /// must say so, and keys must stay inside the prefix.
     #[tokio::test]

@@ -118,11 +118,12 @@ where
         let map = self.running.clone();
         let k = key.clone();
         let task = rt.spawn(async move {
-            let v = fut.await;
             // Removed by the task itself, before waiters wake, so a caller
-            // arriving later starts afresh (and finds the data cached).
-            map.lock().remove(&k);
-            v
+            // arriving later starts afresh (and finds the data cached);
+            // removed on drop too, so work that panicked or was cancelled
+            // does not leave its `lost` value to every later caller.
+            let _done = Remove { map, key: Some(k) };
+            fut.await
         });
         let flight: Flight<V> = async move { task.await.unwrap_or_else(|_| lost()) }.boxed().shared();
         running.insert(key, (flight.clone(), urgency));
@@ -147,6 +148,20 @@ where
     /// True when nothing is running.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Takes a finished (or dead) flight out of the running map.
+struct Remove<K: Eq + Hash, V: Clone> {
+    map: Running<K, V>,
+    key: Option<K>,
+}
+
+impl<K: Eq + Hash, V: Clone> Drop for Remove<K, V> {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            self.map.lock().remove(&k);
+        }
     }
 }
 
@@ -179,6 +194,20 @@ mod tests {
         assert_eq!(rt.block_on(b), 7);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(sf.is_empty());
+    }
+
+    /// A flight whose work panics answers its waiters with `lost`, and
+    /// the next caller starts a new flight instead of getting that answer
+    /// again for as long as the process runs.
+    #[test]
+    fn a_panicked_flight_is_not_left_behind() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let sf: SingleFlight<u32, u32> = SingleFlight::default();
+        let a = sf.join(rt.handle(), 1, || async { panic!("a fetch hit a bug") }, || 0);
+        assert_eq!(rt.block_on(a), 0);
+        assert!(sf.is_empty(), "the dead flight is still registered");
+        let b = sf.join(rt.handle(), 1, || async { 7 }, || 0);
+        assert_eq!(rt.block_on(b), 7);
     }
 
     /// A speculative flight waiting for its turn is woken when a guest

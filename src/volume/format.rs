@@ -590,7 +590,12 @@ impl Manifest {
             return Err("names a copy of a base, but the volume has none (or the copy's key is not base-*)".into());
         }
         for (k, ix) in &m.indexes {
-            if !m.packs.contains(k) || ix.len == 0 || ix.len > super::subframe::MAX_INDEX || ix.sha256.len() != 64 {
+            if !m.packs.contains(k)
+                || ix.len == 0
+                || ix.len > super::subframe::MAX_INDEX
+                || ix.offset.checked_add(ix.len).is_none()
+                || ix.sha256.len() != 64
+            {
                 return Err(format!("pack index entry for {k:?} is implausible or names no listed pack"));
             }
         }
@@ -609,12 +614,15 @@ impl Manifest {
 
     /// Checks one reference against the pack table and the header.
     fn check_ref(&self, idx: u64, r: &ChunkRef, header: &VolumeHeader, top: bool) -> Result<(), String> {
-        let frame = |pack: u32, len: u64, sha256: &str| {
+        let frame = |pack: u32, offset: u64, len: u64, sha256: &str| {
             if pack as usize >= self.packs.len() {
                 return Err(format!("chunk {idx} names pack #{pack}, but only {} packs are listed", self.packs.len()));
             }
-            if len == 0 || len > 2 * self.chunk_size + 4096 || sha256.len() != 64 {
-                return Err(format!("chunk {idx} has an implausible entry (len {len}, sha256 {sha256:?})"));
+            // The frame's end is computed for every read of it.
+            if len == 0 || len > 2 * self.chunk_size + 4096 || sha256.len() != 64 || offset.checked_add(len).is_none() {
+                return Err(format!(
+                    "chunk {idx} has an implausible entry (offset {offset}, len {len}, sha256 {sha256:?})"
+                ));
             }
             Ok(())
         };
@@ -624,10 +632,10 @@ impl Manifest {
                 Err(format!("chunk {idx} refers to a base, but the volume has none"))
             }
             ChunkRef::Base => Ok(()),
-            ChunkRef::Packed { pack, len, sha256, .. } => frame(*pack, *len, sha256),
+            ChunkRef::Packed { pack, offset, len, sha256 } => frame(*pack, *offset, *len, sha256),
             ChunkRef::Patched { .. } if !top => Err(format!("chunk {idx} is a patch over a patch")),
-            ChunkRef::Patched { base, pack, len, runs, sha256, .. } => {
-                frame(*pack, *len, sha256)?;
+            ChunkRef::Patched { base, pack, offset, len, runs, sha256, .. } => {
+                frame(*pack, *offset, *len, sha256)?;
                 self.check_ref(idx, base, header, false)?;
                 let pages = self.chunk_size.div_ceil(PATCH_PAGE);
                 let mut next = 0u64;
@@ -776,6 +784,23 @@ mod tests {
             *runs = vec![[5, 2], [0, 1]];
         }
         assert!(Manifest::from_bytes(&bad.to_bytes(), &h, 2).unwrap_err().contains("page runs"));
+    }
+
+    /// A frame or pack index whose end does not fit in 64 bits (a hostile
+    /// or damaged manifest) is refused when the manifest is read, not
+    /// overflowed when the frame is.
+    #[test]
+    fn frame_ends_must_not_overflow() {
+        let h = VolumeHeader::new(4 << 20, DEFAULT_CHUNK_SIZE, None);
+        let mut m = Manifest::new(&h, 1);
+        m.packs.push(new_pack_key(1));
+        m.chunks.insert(0, ChunkRef::Packed { pack: 0, offset: u64::MAX - 5, len: 10, sha256: "a".repeat(64) });
+        assert!(Manifest::from_bytes(&m.to_bytes(), &h, 1).unwrap_err().contains("implausible"));
+        m.chunks.insert(0, ChunkRef::Packed { pack: 0, offset: 0, len: 10, sha256: "a".repeat(64) });
+        assert_eq!(Manifest::from_bytes(&m.to_bytes(), &h, 1).unwrap(), m);
+        let k = m.packs[0].clone();
+        m.indexes.insert(k, PackIndexRef { offset: u64::MAX, len: 10, sha256: "b".repeat(64) });
+        assert!(Manifest::from_bytes(&m.to_bytes(), &h, 1).unwrap_err().contains("implausible"));
     }
 
     #[test]

@@ -816,7 +816,8 @@ async fn read_ranged_body(resp: Response, range: Range<u64>) -> Result<Bytes, Ap
                 format!("asked bytes {}-{}, Drive sent {start}-{end_incl}", range.start, range.end - 1),
             ));
         }
-        let expect = (end_incl - start + 1).min(want);
+        // Saturating: the end is the server's word (`bytes 0-18446744073709551615/*`).
+        let expect = (end_incl - start).saturating_add(1).min(want);
         let body = resp.bytes().await.map_err(ApiError::transport)?;
         if (body.len() as u64) < expect {
             return Err(ApiError::new(ErrorKind::Transient, format!("short read: {} of {expect} bytes", body.len())));
@@ -947,6 +948,9 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Transient);
         // 206 without Content-Range is refused.
         assert!(read_ranged_body(response(206, None, b"234"), 2..5).await.is_err());
+        // An end past any file is cut to what was asked, not overflowed.
+        let r = read_ranged_body(response(206, Some("bytes 0-18446744073709551615/*"), b"012"), 0..3).await.unwrap();
+        assert_eq!(&r[..], b"012");
         // A short body is refused.
         assert!(read_ranged_body(response(206, Some("bytes 2-4/10"), b"23"), 2..5).await.is_err());
         // 200: the range was ignored; only the asked bytes are kept.
@@ -954,6 +958,35 @@ mod tests {
         assert_eq!(&r[..], b"234");
         let r = read_ranged_body(response(200, None, b"0123456789"), 8..20).await.unwrap();
         assert_eq!(&r[..], b"89");
+    }
+
+    /// A server that sends a ranged read's headers and a few bytes, then
+    /// nothing (a silent peer, a dead NAT entry): the read fails within
+    /// the request deadline, retryable, instead of waiting for bytes that
+    /// never come.
+    #[tokio::test]
+    async fn gdrive_a_body_that_stalls_mid_way_fails_in_time() {
+        use super::super::test_http::{serve, Reply};
+        let base = serve(|_| {
+            let head =
+                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-999/1000\r\nContent-Length: 1000\r\n\r\n";
+            let mut b = head.as_bytes().to_vec();
+            b.extend_from_slice(&[1u8; 10]);
+            Reply::Stall(b)
+        })
+        .await;
+        let cfg = crate::remote::config::DriveConfig {
+            api_url: base,
+            credentials: crate::remote::config::DriveCredentials::StaticToken("t".into()),
+            request_timeout: Duration::from_millis(500),
+            ..Default::default()
+        };
+        let api = DriveApi::new(&cfg);
+        let t0 = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(20), api.read_range("f", 0..1000)).await;
+        let e = r.expect("the read waited on the silent server").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient, "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     }
 
     #[test]

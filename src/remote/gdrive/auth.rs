@@ -118,6 +118,10 @@ enum Source {
     User { user: AuthorizedUser, token_uri: String, path: PathBuf },
 }
 
+/// Longest a token is used before asking for a new one, whatever the
+/// token endpoint said.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// A cached access token.
 struct Cached {
     token: String,
@@ -207,6 +211,9 @@ impl Auth {
         }
         let force = self.force_next.swap(false, std::sync::atomic::Ordering::SeqCst);
         let (token, lifetime) = self.fetch(force).await?;
+        // The token endpoint's word, capped: Google's tokens live an hour,
+        // and an absurd `expires_in` must not overflow the clock.
+        let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
         let margin = REFRESH_MARGIN.min(lifetime / 4);
         *cached = Some(Cached { token: token.clone(), refresh_at: Instant::now() + lifetime - margin });
         Ok(token)
@@ -374,6 +381,32 @@ mod tests {
         assert!(e.to_string().contains("driveblk auth login"), "{e}");
         let e = token_answer(reqwest::StatusCode::SERVICE_UNAVAILABLE, b"<html>", "t").unwrap_err();
         assert!(matches!(e, AuthError::Unavailable(_)), "{e}");
+    }
+
+    /// A token endpoint that says its token lives for ever gets its token
+    /// used (for a day at most), not a panic on the clock.
+    #[tokio::test]
+    async fn gdrive_an_absurd_token_lifetime_is_capped() {
+        use super::super::test_http::{response, serve, Reply};
+        let base = serve(|_| {
+            let body = br#"{"access_token":"ya29.x","expires_in":18446744073709551615}"#;
+            Reply::Raw(response("200 OK", &[("Content-Type", "application/json".into())], body))
+        })
+        .await;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("token.json");
+        let u = AuthorizedUser {
+            kind: "authorized_user".into(),
+            client_id: "cid".into(),
+            client_secret: "s".into(),
+            refresh_token: "r".into(),
+            token_uri: Some(format!("{base}/token")),
+            scope: None,
+        };
+        u.save(&p).unwrap();
+        let cfg = DriveConfig { credentials: DriveCredentials::File(p), ..Default::default() };
+        let auth = Auth::from_config(&cfg, reqwest::Client::new()).unwrap();
+        assert_eq!(auth.token().await.unwrap(), "ya29.x");
     }
 
     #[test]

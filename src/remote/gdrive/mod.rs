@@ -14,6 +14,8 @@ pub mod path;
 #[cfg(test)]
 pub(crate) mod scripted;
 pub mod selftest;
+#[cfg(test)]
+mod test_http;
 pub mod upload;
 
 use std::collections::HashMap;

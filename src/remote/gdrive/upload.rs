@@ -49,7 +49,7 @@ pub fn next_offset(range: Option<&str>) -> Option<u64> {
         Some(r) => {
             let r = r.trim().strip_prefix("bytes=")?;
             let (_, end) = r.split_once('-')?;
-            end.trim().parse::<u64>().ok().map(|e| e + 1)
+            end.trim().parse::<u64>().ok()?.checked_add(1)
         }
     }
 }
@@ -208,6 +208,15 @@ async fn run_session(api: &DriveApi, uri: &str, body: &PutBody, chunk: u64) -> R
                 return Err(ApiError::new(
                     ErrorKind::Fatal,
                     format!("Drive reports {n} bytes of the upload received, only {sent_end} were sent"),
+                ));
+            }
+            // More than was ever sent: a broken server or proxy. The
+            // buffer cannot skip bytes it never held; the retry wrapper
+            // starts the upload over on a new session.
+            ChunkAnswer::Continue(n) if n > read => {
+                return Err(ApiError::new(
+                    ErrorKind::Transient,
+                    format!("Drive says the upload session holds {n} bytes, but only {read} were sent"),
                 ));
             }
             ChunkAnswer::Continue(n) => {
@@ -385,6 +394,39 @@ mod tests {
         assert_eq!(next_offset(None), Some(0));
         assert_eq!(next_offset(Some("bytes=0-262143")), Some(262144));
         assert_eq!(next_offset(Some("junk")), None);
+        assert_eq!(next_offset(Some("bytes=0-18446744073709551615")), None);
+    }
+
+    /// A session that claims more bytes than were sent (a broken proxy,
+    /// a hostile server) fails the upload with a retryable error naming
+    /// both counts, instead of panicking on the upload buffer.
+    #[tokio::test]
+    async fn gdrive_upload_refuses_a_session_ahead_of_the_sender() {
+        use super::super::test_http::{response, serve, Reply};
+        use crate::remote::config::{DriveConfig, DriveCredentials};
+        let session = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+        let s = session.clone();
+        let base = serve(move |r| {
+            Reply::Raw(if r.method == "POST" {
+                response("200 OK", &[("Location", s.get().cloned().unwrap_or_default())], b"")
+            } else {
+                response("308 Resume Incomplete", &[("Range", "bytes=0-99999".to_string())], b"")
+            })
+        })
+        .await;
+        session.set(format!("{base}/session")).unwrap();
+        let cfg = DriveConfig {
+            api_url: base,
+            credentials: DriveCredentials::StaticToken("t".into()),
+            upload_attempts: 2,
+            upload_backoff: Duration::from_millis(1),
+            ..Default::default()
+        };
+        let api = DriveApi::new(&cfg);
+        let body = PutBody::from_bytes(vec![7u8; 1000]);
+        let e = resumable(&api, &serde_json::json!({"name": "x"}), None, &body).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transient, "{e}");
+        assert!(e.message.contains("holds 100000 bytes, but only 1000"), "{e}");
     }
 
     #[test]

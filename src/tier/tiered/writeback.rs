@@ -291,12 +291,16 @@ impl Inner {
     }
 
     /// Blocks until cut `ticket` is committed (writethrough FLUSH), or
-    /// fails if write-back cannot commit it.
+    /// fails if write-back cannot commit it. A guest waits at most its
+    /// remote budget: a failed commit keeps its cut and retries until the
+    /// remote is back, which may be never; the data stays in the cache.
     pub(super) fn wait_durable(&self, ticket: u64) -> io::Result<()> {
         let Some(wb) = &self.writeback else { return Ok(()) };
         if ticket == 0 || wb.opts.mode != CacheMode::Writethrough {
             return Ok(());
         }
+        let budget = self.remote_wait.budget;
+        let deadline = Instant::now() + budget;
         let mut st = wb.status.lock();
         loop {
             if st.committed_cut >= ticket {
@@ -308,7 +312,20 @@ impl Inner {
             if st.last_error.is_some() && !wb.cut_in_progress() {
                 return Err(io::Error::other(st.last_error.clone().unwrap_or_default()));
             }
-            wb.changed.wait_for(&mut st, Duration::from_millis(500));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                crate::tier::stats::Counters::inc(&self.counters.remote_timeouts);
+                let why = st.last_error.as_deref().unwrap_or("no answer");
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the flushed data was not committed on the remote within {} s (--remote-wait): {why}; \
+                         it stays in the cache and goes up when the remote answers",
+                        budget.as_secs_f64()
+                    ),
+                ));
+            }
+            wb.changed.wait_for(&mut st, left.min(Duration::from_millis(500)));
         }
     }
 

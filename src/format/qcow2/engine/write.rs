@@ -147,10 +147,9 @@ impl Qcow2Disk {
         };
         st.inflight.insert(gc);
         drop(st);
+        let flight = InFlight { disk: self, gc };
         let res = self.fill_and_write(guest - in_cluster, &e, host, fresh, s0, s1, in_cluster, data);
-        let mut st = self.alloc.lock();
-        st.inflight.remove(&gc);
-        self.alloc_done.notify_all();
+        let mut st = flight.land();
         if let Err(err) = res {
             if fresh {
                 // Nothing references it: a flush meanwhile may have recorded
@@ -410,5 +409,33 @@ impl Qcow2Disk {
         let mut zeroes = vec![0u8; n as usize];
         let v = IoVec::from_slice(&mut zeroes);
         self.write_slow(guest, &v)
+    }
+}
+
+/// Guest cluster `gc` marked in flight by an allocating write. Cleared on
+/// unwind too: the device turns a panic below into an I/O error for that
+/// request, and a cluster left in flight would hold every later write to
+/// it for good.
+struct InFlight<'a> {
+    disk: &'a Qcow2Disk,
+    gc: u64,
+}
+
+impl<'a> InFlight<'a> {
+    /// Clears the mark and wakes the writers waiting on it; returns the
+    /// allocation mutex, still held.
+    fn land(self) -> MutexGuard<'a, AllocState> {
+        let mut st = self.disk.alloc.lock();
+        st.inflight.remove(&self.gc);
+        self.disk.alloc_done.notify_all();
+        std::mem::forget(self);
+        st
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.disk.alloc.lock().inflight.remove(&self.gc);
+        self.disk.alloc_done.notify_all();
     }
 }
