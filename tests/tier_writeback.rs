@@ -296,6 +296,32 @@ fn writethrough_flush_on_a_remote_that_is_down_fails_within_the_budget() {
     assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
 }
 
+/// A writethrough FLUSH whose upload takes longer than the remote budget
+/// (a big flush on a slow uplink) but goes on without a failure is waited
+/// for, not failed: the budget runs only while the remote fails.
+#[test]
+fn writethrough_flush_slower_than_the_budget_is_waited_for() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 4 << 20, 37);
+    let m = Arc::new(RemoteMetrics::default());
+    // 4 Mbit/s: the 2 MiB of new data below take about 4 s to go up.
+    let shaping = Shaping { latency: Duration::from_millis(20), bandwidth_bps: Some(4_000_000) };
+    let mut o = cache_opts(&d.path().join("a"), counted(m, None, shaping));
+    o.writeback.mode = CacheMode::Writethrough;
+    o.remote_wait.budget = Duration::from_secs(1);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let mut noise = vec![0u8; 2 << 20];
+    rand::Rng::fill(&mut rand::rngs::StdRng::seed_from_u64(39), &mut noise[..]);
+    write(&*s, 0, &noise, &mut expect);
+    let t0 = std::time::Instant::now();
+    let t = s.flush_point().unwrap();
+    s.wait_durable(t).expect("a FLUSH whose upload is going is waited for");
+    assert!(t0.elapsed() > Duration::from_secs(1), "the upload was quicker than the budget: {:?}", t0.elapsed());
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
+}
+
 #[test]
 fn scattered_small_writes_upload_about_what_changed() {
     let d = tempfile::tempdir().unwrap();

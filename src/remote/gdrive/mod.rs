@@ -11,11 +11,9 @@ pub mod auth;
 pub mod ids;
 pub mod pacer;
 pub mod path;
-#[cfg(test)]
-pub(crate) mod scripted;
 pub mod selftest;
 #[cfg(test)]
-mod test_http;
+pub(crate) mod test_http;
 pub mod upload;
 
 use std::collections::HashMap;

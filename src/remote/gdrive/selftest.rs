@@ -284,7 +284,7 @@ async fn resumable_check(api: &DriveApi, folder: &Folder, stamp: &str, out: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote::gdrive::scripted::{scripted, session};
+    use crate::remote::gdrive::test_http::{scripted, session};
 
     /// A status answer past the upload's end fails the check instead of
     /// slicing past the data.
@@ -294,7 +294,8 @@ mod tests {
             session("one"),
             (308, vec![("Range", format!("bytes=0-{}", CHUNK_UNIT - 1))], String::new()),
             (308, vec![("Range", "bytes=0-99999999".into())], String::new()),
-        ]);
+        ])
+        .await;
         let folder = Folder { id: "root".into(), drive_id: None };
         let (mut out, mut made) = (Vec::new(), Vec::new());
         resumable_check(&api, &folder, "t", &mut out, &mut made).await;

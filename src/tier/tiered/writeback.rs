@@ -291,16 +291,19 @@ impl Inner {
     }
 
     /// Blocks until cut `ticket` is committed (writethrough FLUSH), or
-    /// fails if write-back cannot commit it. A guest waits at most its
-    /// remote budget: a failed commit keeps its cut and retries until the
-    /// remote is back, which may be never; the data stays in the cache.
+    /// fails if write-back cannot commit it. A failed commit keeps its cut
+    /// and retries until the remote is back, which may be never: once the
+    /// remote has been failing for the guest's remote budget the FLUSH
+    /// fails, and the data stays in the cache. An upload that is going (a
+    /// big flush on a slow uplink) is waited for: each of its attempts has
+    /// its own deadline, and one that runs out counts as failing.
     pub(super) fn wait_durable(&self, ticket: u64) -> io::Result<()> {
         let Some(wb) = &self.writeback else { return Ok(()) };
         if ticket == 0 || wb.opts.mode != CacheMode::Writethrough {
             return Ok(());
         }
         let budget = self.remote_wait.budget;
-        let deadline = Instant::now() + budget;
+        let mut failing_since: Option<Instant> = None;
         let mut st = wb.status.lock();
         loop {
             if st.committed_cut >= ticket {
@@ -312,7 +315,13 @@ impl Inner {
             if st.last_error.is_some() && !wb.cut_in_progress() {
                 return Err(io::Error::other(st.last_error.clone().unwrap_or_default()));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let failing = match (&st.last_error, failing_since) {
+                (None, _) => None,
+                (Some(_), None) => Some(Instant::now()),
+                (Some(_), since) => since,
+            };
+            failing_since = failing;
+            let left = failing.map_or(budget, |t| budget.saturating_sub(t.elapsed()));
             if left.is_zero() {
                 crate::tier::stats::Counters::inc(&self.counters.remote_timeouts);
                 let why = st.last_error.as_deref().unwrap_or("no answer");
