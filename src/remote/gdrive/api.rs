@@ -305,13 +305,14 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
 
 /// The daily upload cap answers 403 userRateLimitExceeded like request
 /// throttling does, but with the message "User rate limit exceeded." (as
-/// observed; the cap's answer is not documented). Exactly that text: the
-/// documented throttling answer, "User Rate Limit Exceeded" (Resolve errors
-/// guide) or with the project-quota advice after it, is to be retried with
-/// backoff (Usage limits guide), never taken for the cap.
+/// observed, and as rclone matches it; the cap's answer is not documented).
+/// That text in that case, with or without its full stop: the documented
+/// throttling answer, "User Rate Limit Exceeded" (Resolve errors guide) or
+/// with the project-quota advice after it, is to be retried with backoff
+/// (Usage limits guide), never taken for the cap.
 fn is_upload_cap(item_msg: &str, top: &str) -> bool {
-    const CAP: &str = "User rate limit exceeded.";
-    item_msg == CAP || top == CAP
+    let cap = |m: &str| m.strip_suffix('.').unwrap_or(m) == "User rate limit exceeded";
+    cap(item_msg) || cap(top)
 }
 
 /// Escapes a value for a `q` string literal (backslash and single quote).
@@ -880,6 +881,8 @@ mod tests {
         assert_eq!(err(403, &rate, true).kind, ErrorKind::Transient);
         let cap = google(403, "userRateLimitExceeded", "User rate limit exceeded.");
         assert_eq!(err(403, &cap, true).kind, ErrorKind::Quota);
+        let bare = google(403, "userRateLimitExceeded", "User rate limit exceeded");
+        assert_eq!(err(403, &bare, true).kind, ErrorKind::Quota);
         assert_eq!(err(403, &cap, false).kind, ErrorKind::Transient);
         // The Resolve errors guide's own sample of per-user throttling: back
         // off and retry (Usage limits guide), on an upload too.
