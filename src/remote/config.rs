@@ -153,7 +153,8 @@ pub struct DriveConfig {
     pub credentials: DriveCredentials,
     pub scope: DriveScope,
     pub pacer: PacerConfig,
-    /// Bodies larger than this go up as resumable uploads in chunks.
+    /// Bodies larger than this go up as resumable uploads in chunks (the
+    /// upload guide keeps multipart for files of 5 MB or less).
     pub resumable_threshold: u64,
     /// Resumable upload chunk size; a multiple of 256 KiB.
     pub chunk_size: u64,
@@ -190,7 +191,7 @@ impl Default for DriveConfig {
             credentials: DriveCredentials::Auto,
             scope: DriveScope::File,
             pacer: PacerConfig::default(),
-            resumable_threshold: 8 << 20,
+            resumable_threshold: 5_000_000,
             chunk_size: 8 << 20,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),

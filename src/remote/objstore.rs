@@ -20,9 +20,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as OsPath;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{MultipartUpload, ObjectStore, PutMode, PutOptions, PutPayload, UploadPart};
 
 use super::config::ObjStoreConfig;
 use super::{content_tag, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
@@ -128,6 +129,20 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
             Arc::new(b.build()?)
         }
     })
+}
+
+/// A multipart upload neither completed nor aborted yet: dropped (its
+/// put given up at a deadline), it is aborted in the background.
+struct OpenUpload(Option<Box<dyn MultipartUpload>>);
+
+impl Drop for OpenUpload {
+    fn drop(&mut self) {
+        if let (Some(mut u), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = u.abort().await;
+            });
+        }
+    }
 }
 
 impl ObjStoreRemote {
@@ -259,8 +274,10 @@ impl ObjStoreRemote {
     }
 
     /// Uploads a large or unsized body as a multipart upload: parts go up
-    /// in parallel, the object appears only at completion, and a failed
-    /// upload is aborted (its parts deleted).
+    /// in parallel and the object appears only at completion. An upload
+    /// that fails is aborted before the error is returned, and one given up
+    /// (its future dropped at a deadline) is aborted in the background, so
+    /// no parts are left in the bucket, billed and invisible.
     async fn put_multipart(
         &self,
         store: &Arc<dyn ObjectStore>,
@@ -269,22 +286,73 @@ impl ObjStoreRemote {
         body: &PutBody,
     ) -> RemoteResult<()> {
         let upload = store.put_multipart(path).await.map_err(|e| self.err("put", key, e))?;
-        let mut w = WriteMultipart::new_with_chunk_size(upload, self.cfg.part_size as usize);
+        let mut open = OpenUpload(Some(upload));
+        let sent = self.send_parts(open.0.as_mut().expect("open"), key, body).await;
+        let mut upload = open.0.take().expect("open");
+        let done = match sent {
+            Ok(()) => upload.complete().await.map(|_| ()).map_err(|e| self.err("put", key, e)),
+            Err(e) => Err(e),
+        };
+        if done.is_err() {
+            if let Err(e) = upload.abort().await {
+                tracing::warn!(remote = %self.name(), key, "a failed multipart upload could not be aborted; its parts stay in the bucket until a lifecycle rule removes them: {e}");
+            }
+        }
+        done
+    }
+
+    /// Cuts `body` into parts of `part_size` and sends them, at most
+    /// `parallel_parts` at once.
+    async fn send_parts(&self, upload: &mut Box<dyn MultipartUpload>, key: &str, body: &PutBody) -> RemoteResult<()> {
+        let part = (self.cfg.part_size as usize).max(1);
+        let mut in_flight = FuturesUnordered::new();
+        let mut buf: Vec<u8> = Vec::with_capacity(part);
+        let mut parts = 0usize;
         let mut s = body.stream();
         while let Some(chunk) = s.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = w.abort().await;
-                    return Err(RemoteError::Io { remote: self.name(), op: "put", key: key.to_string(), source: e });
+            let chunk = chunk.map_err(|e| RemoteError::Io {
+                remote: self.name(),
+                op: "put",
+                key: key.to_string(),
+                source: e,
+            })?;
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                let take = rest.len().min(part - buf.len());
+                buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if buf.len() == part {
+                    let full = std::mem::replace(&mut buf, Vec::with_capacity(part));
+                    self.send_part(upload, &mut in_flight, full, key).await?;
+                    parts += 1;
                 }
-            };
-            if let Err(e) = w.wait_for_capacity(self.cfg.parallel_parts).await {
-                return Err(self.err("put", key, e));
             }
-            w.put(chunk);
         }
-        w.finish().await.map(|_| ()).map_err(|e| self.err("put", key, e))
+        // The remainder; an upload needs at least one part, even empty.
+        if !buf.is_empty() || parts == 0 {
+            self.send_part(upload, &mut in_flight, buf, key).await?;
+        }
+        while let Some(r) = in_flight.next().await {
+            r.map_err(|e| self.err("put", key, e))?;
+        }
+        Ok(())
+    }
+
+    /// Starts one part once fewer than `parallel_parts` are in flight.
+    async fn send_part(
+        &self,
+        upload: &mut Box<dyn MultipartUpload>,
+        in_flight: &mut FuturesUnordered<UploadPart>,
+        data: Vec<u8>,
+        key: &str,
+    ) -> RemoteResult<()> {
+        while in_flight.len() >= self.cfg.parallel_parts.max(1) {
+            if let Some(r) = in_flight.next().await {
+                r.map_err(|e| self.err("put", key, e))?;
+            }
+        }
+        in_flight.push(upload.put_part(PutPayload::from(data)));
+        Ok(())
     }
 
     /// One ranged GET; a range starting at or past the end is empty.
@@ -507,6 +575,164 @@ mod tests {
         let e = got.expect("the read waited on the silent endpoint").unwrap_err();
         assert!(e.is_retryable(), "{e}");
         assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{:?}", t0.elapsed());
+    }
+
+    /// An S3 endpoint for multipart uploads that records what it was asked
+    /// (method, path and query, body length) and answers part `bad` with a
+    /// 403 AccessDenied, or never (`hang`).
+    async fn s3_multipart_endpoint(bad: Option<u32>, hang: bool) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut b = [0u8; 65536];
+                            match c.read(&mut b).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&b[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                            })
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < head_end + len {
+                            let mut b = [0u8; 65536];
+                            match c.read(&mut b).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&b[..n]),
+                            }
+                        }
+                        buf.drain(..head_end + len);
+                        let line = head.lines().next().unwrap_or_default().to_string();
+                        let mut words = line.split(' ');
+                        let (method, target) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+                        log.lock().unwrap().push(format!("{method} {target} {len}"));
+                        let part: Option<u32> = target
+                            .split(['?', '&'])
+                            .find_map(|q| q.strip_prefix("partNumber="))
+                            .and_then(|n| n.parse().ok());
+                        let (status, extra, body) = match (method, part) {
+                            ("PUT", Some(n)) if Some(n) == bad && hang => {
+                                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                                return;
+                            }
+                            ("PUT", Some(n)) if Some(n) == bad => (
+                                "403 Forbidden",
+                                String::new(),
+                                "<Error><Code>AccessDenied</Code><Message>denied</Message></Error>".to_string(),
+                            ),
+                            ("PUT", Some(n)) => ("200 OK", format!("ETag: \"p{n}\"\r\n"), String::new()),
+                            ("POST", _) if !target.contains("uploadId=") => (
+                                "200 OK",
+                                String::new(),
+                                "<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>v/pack-1</Key>\
+                                 <UploadId>U1</UploadId></InitiateMultipartUploadResult>"
+                                    .to_string(),
+                            ),
+                            ("POST", _) => (
+                                "200 OK",
+                                String::new(),
+                                "<CompleteMultipartUploadResult><ETag>\"all\"</ETag></CompleteMultipartUploadResult>"
+                                    .to_string(),
+                            ),
+                            ("DELETE", _) => ("204 No Content", String::new(), String::new()),
+                            ("HEAD", _) => (
+                                "200 OK",
+                                "ETag: \"all\"\r\nLast-Modified: Wed, 02 Dec 2026 10:00:00 GMT\r\n".to_string(),
+                                String::new(),
+                            ),
+                            _ => ("404 Not Found", String::new(), String::new()),
+                        };
+                        let resp = format!("HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len());
+                        if c.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (endpoint, seen)
+    }
+
+    fn s3_remote_at(endpoint: &str) -> ObjStoreRemote {
+        for (k, v) in [
+            ("AWS_ENDPOINT", endpoint),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
+            std::env::set_var(k, v);
+        }
+        let cfg = ObjStoreConfig {
+            multipart_threshold: 1,
+            part_size: 1 << 20,
+            parallel_parts: 2,
+            request_timeout: std::time::Duration::from_secs(30),
+            ..Default::default()
+        };
+        ObjStoreRemote::new(StoreKind::S3, "b", "v", &cfg)
+    }
+
+    /// A body cut into parts of `part_size` (the last one short), then the
+    /// completion; nothing aborted.
+    #[tokio::test]
+    async fn multipart_upload_sends_whole_parts_then_completes() {
+        let (endpoint, seen) = s3_multipart_endpoint(None, false).await;
+        let r = s3_remote_at(&endpoint);
+        r.put("pack-1", PutBody::from_bytes(vec![7u8; (5 << 20) / 2])).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let mut parts: Vec<&String> = seen.iter().filter(|l| l.contains("partNumber=")).collect();
+        parts.sort();
+        assert_eq!(parts.len(), 3, "{seen:?}");
+        let sizes: Vec<&str> = parts.iter().map(|l| l.rsplit(' ').next().unwrap()).collect();
+        assert_eq!(sizes, ["1048576", "1048576", "524288"], "{seen:?}");
+        assert!(seen.iter().any(|l| l.starts_with("POST") && l.contains("uploadId=U1")), "{seen:?}");
+        assert!(!seen.iter().any(|l| l.starts_with("DELETE")), "{seen:?}");
+    }
+
+    /// A part the store refuses fails the put, and the upload is aborted
+    /// (AbortMultipartUpload) so its other parts are not left in the
+    /// bucket.
+    #[tokio::test]
+    async fn multipart_upload_that_fails_is_aborted() {
+        let (endpoint, seen) = s3_multipart_endpoint(Some(2), false).await;
+        let r = s3_remote_at(&endpoint);
+        let e = r.put("pack-1", PutBody::from_bytes(vec![7u8; 4 << 20])).await.unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen.iter().any(|l| l.starts_with("DELETE") && l.contains("uploadId=U1")), "{seen:?}");
+        assert!(!seen.iter().any(|l| l.starts_with("POST") && l.contains("uploadId=U1")), "{seen:?}");
+    }
+
+    /// A put given up at its caller's deadline (a part that never gets an
+    /// answer) is aborted in the background.
+    #[tokio::test]
+    async fn multipart_upload_given_up_is_aborted() {
+        let (endpoint, seen) = s3_multipart_endpoint(Some(2), true).await;
+        let r = s3_remote_at(&endpoint);
+        let put = r.put("pack-1", PutBody::from_bytes(vec![7u8; 4 << 20]));
+        assert!(tokio::time::timeout(std::time::Duration::from_secs(2), put).await.is_err());
+        let t0 = std::time::Instant::now();
+        while !seen.lock().unwrap().iter().any(|l| l.starts_with("DELETE") && l.contains("uploadId=U1")) {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{:?}", seen.lock().unwrap());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// object_store's in-memory store honours PutMode::Create: the probe

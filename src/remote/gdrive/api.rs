@@ -259,21 +259,21 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
     let code = status.as_u16();
     let (kind, advice): (ErrorKind, &str) = match (code, reason.as_str()) {
         (403, "cannotDownloadAbusiveFile") => (ErrorKind::Abusive, ""),
-        (403, "userRateLimitExceeded") if upload && is_upload_cap(&item_msg, &detail.message) => (
+        (403 | 429, "userRateLimitExceeded") if upload && is_upload_cap(&item_msg, &detail.message) => (
             ErrorKind::Quota,
             " (the daily upload limit of about 750 GB per user is used up; uploads resume by themselves tomorrow)",
         ),
         (403 | 429, "rateLimitExceeded" | "userRateLimitExceeded" | "sharingRateLimitExceeded") => {
             (ErrorKind::Transient, "")
         }
-        (403, "storageQuotaExceeded" | "quotaExceeded" | "teamDriveFileLimitExceeded") => (
+        (403 | 429, "storageQuotaExceeded" | "quotaExceeded" | "teamDriveFileLimitExceeded") => (
             ErrorKind::Quota,
             " (the Drive is full: free space, buy storage, or use a shared drive; a service account has no storage of its own)",
         ),
-        (403, "dailyLimitExceeded" | "activeItemCreationLimitExceeded" | "uploadLimitExceeded") => {
+        (403 | 429, "dailyLimitExceeded" | "activeItemCreationLimitExceeded" | "uploadLimitExceeded") => {
             (ErrorKind::Quota, " (a Drive quota is used up; it resets by itself)")
         }
-        (403, "downloadQuotaExceeded") => (
+        (403 | 429, "downloadQuotaExceeded") => (
             ErrorKind::Quota,
             " (Drive limits downloads of this file for now; cached data keeps working, and it lifts by itself within a day)",
         ),
@@ -894,6 +894,12 @@ mod tests {
             ErrorKind::Transient
         );
         assert_eq!(err(429, &google(429, "rateLimitExceeded", "Too many"), false).kind, ErrorKind::Transient);
+        // A quota's reason is final whichever of 403 or 429 carries it: a
+        // 429 is retried only when it says it is throttling.
+        assert_eq!(err(429, &google(429, "dailyLimitExceeded", "x"), false).kind, ErrorKind::Quota);
+        assert_eq!(err(429, &google(429, "storageQuotaExceeded", "x"), true).kind, ErrorKind::Quota);
+        assert_eq!(err(429, &cap, true).kind, ErrorKind::Quota);
+        assert_eq!(err(429, &google(429, "unknownReason", "x"), false).kind, ErrorKind::Transient);
         let full =
             err(403, &google(403, "storageQuotaExceeded", "The user's Drive storage quota has been exceeded."), true);
         assert_eq!(full.kind, ErrorKind::Quota);
