@@ -405,7 +405,7 @@ run_case() {
     finish_case "$name" "$t0"
 }
 
-# run_restart_case NAME SOURCE QUEUES SIZE KILLS LOAD_SEC [LATENCY_MS]
+# run_restart_case NAME SOURCE QUEUES SIZE KILLS LOAD_SEC [LATENCY_MS [WCACHE]]
 # A daemon restart the guest never notices. The guest (QEMU chardev
 # reconnect-ms=500) runs a load of random reads over the first 3/4 of the
 # disk and O_SYNC random writes over the rest while the backend is killed
@@ -421,10 +421,14 @@ run_case() {
 #   file    a raw image file, its page cache dropped (reads go to the disk)
 # The writes carry crc32c checksums verified during the load: a write the
 # guest saw complete (and flushed: O_SYNC) must survive every kill.
+# WCACHE=through: the guest first switches the disk to write-through, which
+# QEMU never tells a restarted daemon; each one must keep it (its log says
+# so), or the guest's writes would sit in a write-back cache it never
+# flushes.
 # DRIVEBLK_RESTART_KILLS=N overrides the number of kills (0: the same load
 # without any, which tells a crash-recovery bug from a race).
 run_restart_case() {
-    local name=$1 source=$2 nq=$3 size=$4 kills=$5 load=$6 latency=${7:-0}
+    local name=$1 source=$2 nq=$3 size=$4 kills=$5 load=$6 latency=${7:-0} wcache=${8:-}
     local img="$WORK/$name.raw" sock="$WORK/$name.sock" blog t0 rc=0 gh after i k tk resub verify=yes
     CASE_OK=1
     t0=$(date +%s.%N)
@@ -455,6 +459,7 @@ run_restart_case() {
     local args=(--socket "$sock" --size "$size" --queues "$nq" --no-fio --restart-load "$load"
         --restart-verify "$verify" --reconnect-ms 500 --dump-hash "$size" --timeout "$TIMEOUT" --no-build --log "$serial_log")
     [ "$DEMO" = 0 ] || args+=(--demo)
+    [ -z "$wcache" ] || args+=(--set-wcache "$wcache")
     "$HERE/run-guest.sh" "${args[@]}" > >(tee "$LOGDIR/$name.result.txt") 2>&1 &
     GPID=$!
     # Kill only once the load runs (a kill during boot proves nothing).
@@ -494,6 +499,15 @@ run_restart_case() {
         hostcheck resubmitted PASS "$resub request(s) left in flight by a killed daemon resubmitted by its successor"
     else
         hostcheck resubmitted FAIL "no restarted daemon resubmitted anything (inflight tracking off, or no kill hit a request in flight) (logs: $LOGDIR/$name.*.backend.log)"
+    fi
+    if [ -n "$wcache" ] && [ "$k" -gt 0 ]; then
+        local kept=0
+        for i in $(seq "$k"); do
+            grep -q "cache mode (write $wcache), set before this daemon started, is kept" \
+                "$LOGDIR/$name.$i.backend.log" && kept=$((kept + 1))
+        done
+        if [ "$kept" = "$k" ]; then hostcheck cache-mode-kept PASS "all $k restarted daemons kept the guest's write $wcache"
+        else hostcheck cache-mode-kept FAIL "only $kept of $k restarted daemons kept the guest's write $wcache (logs: $LOGDIR/$name.*.backend.log)"; fi
     fi
     gh=$(sed -n 's/^ *HASH len=[0-9]* md5=\([0-9a-f]*\).*/\1/p' "$LOGDIR/$name.result.txt" | tail -n1)
     rc=0
@@ -595,7 +609,7 @@ want volume-gdrive-2nd-machine && run_case volume-gdrive-2nd-machine qcow2 1 0 "
 # inflight tracking (INFLIGHT_SHMFD) makes each restart invisible to the
 # guest (docs/restart.md)
 want restart-kill9 && run_restart_case restart-kill9 volume 2 $((64 * MiB)) "${DRIVEBLK_RESTART_KILLS:-5}" 40 300
-want restart-kill9-verify && run_restart_case restart-kill9-verify file 2 $((96 * MiB)) 5 20
+want restart-kill9-verify && run_restart_case restart-kill9-verify file 2 $((96 * MiB)) 5 20 0 through
 want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')

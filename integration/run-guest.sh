@@ -28,6 +28,8 @@
 #   --restart-load SEC   a SEC-second load (guest/init dbt.restartload) during
 #                        which the host may kill and restart the backend
 #   --restart-verify yes|no  its writes are checksummed and verified (default yes)
+#   --set-wcache back|through  the guest sets the disk's cache mode (sysfs
+#                        cache_type, virtio CONFIG_WCE) before the restart load
 #   --reconnect-ms MS    QEMU reconnects to a backend that went away (chardev
 #                        reconnect-ms), as a VM meant to survive restarts would
 #   --log FILE           serial log (default: integration/build/logs/guest-<time>-<pid>.log)
@@ -48,7 +50,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}
 
 SOCK= SIZE= SERIAL= SERIAL_SET=0 RO= DISCARD= DZERO=1 WZEROES= WCACHE= QUEUES=1 EXPECT_Q= QSIZE=
 FIO=1 FIO_SIZE=8M FIO_RUNTIME=60 FIO_JOBS= FIO_OFFSET=0 HASH= DUMPHASH= LOG= TIMEOUT=240
-SMP=2 MEM=512 QUIET=quiet DEMO=0 BUILD=1 FILES= RESTARTLOAD= RESTARTVERIFY=1 RECONNECT=
+SMP=2 MEM=512 QUIET=quiet DEMO=0 BUILD=1 FILES= RESTARTLOAD= RESTARTVERIFY=1 RECONNECT= SETWCACHE=
 
 yesno() { case "$2" in yes|1|on|true) echo 1 ;; no|0|off|false) echo 0 ;; *) die "$1 wants yes|no, got '$2'" ;; esac; }
 isnum() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 wants a number, got '$2'"; echo "$2"; }
@@ -86,6 +88,7 @@ while [ $# -gt 0 ]; do
         --files) case $val in write|check) FILES=$val ;; *) die "--files wants write|check" ;; esac ;;
         --restart-load) RESTARTLOAD=$(isnum "$opt" "$val") ;;
         --restart-verify) RESTARTVERIFY=$(yesno "$opt" "$val") ;;
+        --set-wcache) case $val in back|through) SETWCACHE=$val ;; *) die "--set-wcache wants back|through" ;; esac ;;
         --reconnect-ms) RECONNECT=$(isnum "$opt" "$val") ;;
         --log) LOG=$val ;;
         --timeout) TIMEOUT=$(isnum "$opt" "$val") ;;
@@ -129,6 +132,7 @@ APPEND+=" dbt.fio_runtime=$FIO_RUNTIME dbt.fio_jobs=$FIO_JOBS dbt.fio_offset=$FI
 [ -z "$DUMPHASH" ] || APPEND+=" dbt.dumphash=$DUMPHASH"
 [ -z "$FILES" ] || APPEND+=" dbt.files=$FILES"
 [ -z "$RESTARTLOAD" ] || APPEND+=" dbt.restartload=$RESTARTLOAD dbt.restartverify=$RESTARTVERIFY"
+[ -z "$SETWCACHE" ] || APPEND+=" dbt.setwcache=$SETWCACHE"
 if [ "$SERIAL_SET" = 1 ]; then
     # hex, so any bytes survive the kernel command line
     APPEND+=" dbt.serial=$(printf '%s' "$SERIAL" | od -An -v -tx1 | tr -d ' \n')"

@@ -26,7 +26,7 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use crate::format::{Disk, DiskError, IoMode};
 use crate::vhost::config::{protocol_features, virtio_features, DeviceConfig, VirtioBlkConfig, WRITEBACK_OFFSET};
-use crate::vhost::inflight::{walk_chain, InflightRegion};
+use crate::vhost::inflight::{walk_chain, CacheMode, InflightRegion};
 use crate::vhost::pool::IoPool;
 use crate::vhost::ratelimit::LogLimiter;
 use crate::vhost::request::{status_for, GuestMem, Request, STATUS_OK};
@@ -109,6 +109,8 @@ struct Shared {
     /// Virtio "writeback" (WCE): false means every write is flushed before
     /// it completes (also forced when the driver did not negotiate FLUSH).
     writeback: AtomicBool,
+    /// The driver may set the cache mode (FLUSH and CONFIG_WCE negotiated).
+    mode_settable: AtomicBool,
     inflight: Vec<Inflight>,
     /// The frontend's inflight tracking region (`SET_INFLIGHT_FD`), if it
     /// sent one: popped chains are recorded there until they complete, so a
@@ -137,12 +139,41 @@ impl BlockBackend {
                 mem: RwLock::new(None),
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(true),
+                mode_settable: AtomicBool::new(false),
                 inflight,
                 region: RwLock::new(None),
                 exit_notifiers: Mutex::new(Vec::new()),
                 log_limit: LogLimiter::new(10, Duration::from_secs(1)),
             }),
         })
+    }
+
+    /// The cache mode across a daemon restart: QEMU answers the guest from
+    /// its own copy of the mode byte and never sends it to a new daemon, so
+    /// a guest that chose write-through would silently get write-back. The
+    /// mode a previous daemon recorded in the region QEMU kept is taken
+    /// back; a region holding none is given the current one.
+    fn keep_cache_mode(&self, region: &InflightRegion) {
+        let sh = &self.shared;
+        if !sh.mode_settable.load(Ordering::Relaxed) {
+            return;
+        }
+        match region.cache_mode() {
+            Some(mode) => {
+                let writeback = mode == CacheMode::WriteBack;
+                if sh.writeback.swap(writeback, Ordering::Relaxed) != writeback {
+                    let mode = if writeback { "write back" } else { "write through" };
+                    tracing::info!("the guest's cache mode ({mode}), set before this daemon started, is kept");
+                }
+            }
+            None => {
+                region.set_cache_mode(if sh.writeback.load(Ordering::Relaxed) {
+                    CacheMode::WriteBack
+                } else {
+                    CacheMode::WriteThrough
+                });
+            }
+        }
     }
 
     /// Registers each queue's resume event with the epoll handler of the
@@ -479,6 +510,8 @@ impl VhostUserBackend for BlockBackend {
         } else if features & (1 << VIRTIO_BLK_F_CONFIG_WCE) == 0 {
             self.shared.writeback.store(true, Ordering::Relaxed);
         }
+        let settable = features & (1 << VIRTIO_BLK_F_FLUSH) != 0 && features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
+        self.shared.mode_settable.store(settable, Ordering::Relaxed);
         self.shared.event_idx.store(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0, Ordering::Relaxed);
     }
 
@@ -506,6 +539,9 @@ impl VhostUserBackend for BlockBackend {
         if offset == WRITEBACK_OFFSET && buf.len() == 1 {
             self.shared.writeback.store(buf[0] != 0, Ordering::Relaxed);
             tracing::info!(writeback = buf[0] != 0, "guest set the cache mode");
+            if let Some(r) = self.shared.region.read().as_deref() {
+                r.set_cache_mode(if buf[0] != 0 { CacheMode::WriteBack } else { CacheMode::WriteThrough });
+            }
             Ok(())
         } else {
             Err(io::Error::new(io::ErrorKind::InvalidInput, format!("config write at {offset}+{} refused", buf.len())))
@@ -519,6 +555,7 @@ impl VhostUserBackend for BlockBackend {
     fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
         let region = InflightRegion::map(msg, &file, self.shared.cfg.num_queues as usize)?;
         tracing::debug!(queues = msg.num_queues, queue_size = msg.queue_size, "inflight tracking region mapped");
+        self.keep_cache_mode(&region);
         *self.shared.region.write() = Some(Arc::new(region));
         Ok(())
     }

@@ -290,3 +290,42 @@ fn restart_without_inflight_region_replays_and_skips() {
     let (used, _) = kill_and_restart(false);
     assert_eq!(used, vec![3, 6, 9, 9]);
 }
+
+/// A guest that chose write-through keeps it across a daemon restart: QEMU
+/// never sends the mode byte again, so the next daemon takes it from the
+/// inflight region QEMU hands over. A fresh region (a new VM) starts in
+/// write-back, the device's default.
+#[test]
+fn the_guest_cache_mode_survives_a_daemon_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let disk =
+        || Arc::new(RawDisk::new(Arc::new(LocalFile::open(&img, false).unwrap()) as Arc<dyn Storage>, false).unwrap());
+    let cfg = DeviceConfig { num_queues: 1, queue_size: QSIZE, ..Default::default() };
+    let pool = Arc::new(IoPool::new(1, usize::from(QSIZE)).unwrap());
+    let features = (1u64 << VIRTIO_BLK_F_FLUSH) | (1u64 << VIRTIO_BLK_F_CONFIG_WCE);
+    let offset = crate::vhost::config::WRITEBACK_OFFSET;
+    let connect = |region: &(vhost::vhost_user::message::VhostUserInflight, std::fs::File)| {
+        let b = BlockBackend::new(disk(), cfg.clone(), pool.clone()).unwrap();
+        b.acked_features(features);
+        b.set_inflight_fd(&region.0, region.1.try_clone().unwrap()).unwrap();
+        b
+    };
+    let region = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    let a = connect(&region);
+    assert_eq!(a.get_config(offset, 1), vec![1], "write back by default");
+    a.set_config(offset, &[0]).unwrap();
+    drop(a);
+
+    let b = connect(&region);
+    assert_eq!(b.get_config(offset, 1), vec![0], "the restarted daemon is write-through");
+    b.set_config(offset, &[1]).unwrap();
+    drop(b);
+    assert_eq!(connect(&region).get_config(offset, 1), vec![1], "and follows the guest back");
+
+    let fresh = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    let c = connect(&fresh);
+    assert_eq!(c.get_config(offset, 1), vec![1]);
+    pool.shutdown();
+}

@@ -10,6 +10,14 @@
 //! (`features: u64, version: u16, desc_num: u16, last_batch_head: u16,
 //! used_idx: u16`) followed by `desc_num` 16-byte `DescStateSplit`
 //! (`inflight: u8, padding: [u8; 5], next: u16, counter: u64`).
+//!
+//! After the queues, a region this backend created holds a small trailer of
+//! its own (the region is the backend's; the frontend only keeps it): the
+//! cache mode the guest chose (virtio `CONFIG_WCE`). QEMU answers the guest
+//! from its own copy of that byte and never sends it again, so a restarted
+//! daemon learns it here; the region lives exactly as long as that copy
+//! matters, in the same QEMU, and a region without the trailer (made by an
+//! older driveblk) just has no mode to give back.
 
 use std::fs::File;
 use std::io;
@@ -31,6 +39,10 @@ const DESC_STATE: usize = 16;
 const ALIGN: usize = 64;
 /// The largest split virtqueue.
 const MAX_QUEUE_SIZE: u16 = 32768;
+/// The trailer after the queue regions: magic, then the cache mode byte.
+const TRAILER: usize = 64;
+const TRAILER_MAGIC: &[u8; 4] = b"DBI1";
+const OFF_CACHE_MODE: usize = 4;
 
 // Header field offsets.
 const OFF_VERSION: usize = 8;
@@ -63,6 +75,15 @@ pub struct InflightRegion {
     len: usize,
     queue_size: u16,
     queues: Vec<QueueState>,
+    /// Offset of the trailer, when the region has one.
+    trailer: Option<usize>,
+}
+
+/// The guest's cache mode as kept in the region's trailer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    WriteBack,
+    WriteThrough,
 }
 
 struct QueueState {
@@ -84,7 +105,7 @@ impl InflightRegion {
     /// `num_queues` queues of `queue_size` entries, and the reply to send.
     pub fn create(num_queues: u16, queue_size: u16) -> io::Result<(VhostUserInflight, File)> {
         check_geometry(num_queues, queue_size)?;
-        let size = queue_region_size(queue_size) * usize::from(num_queues);
+        let size = queue_region_size(queue_size) * usize::from(num_queues) + TRAILER;
         // SAFETY: a NUL-terminated name and valid flags.
         let fd =
             unsafe { libc::memfd_create(c"driveblk-inflight".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
@@ -124,6 +145,12 @@ impl InflightRegion {
         if msg.mmap_offset.checked_add(need as u64).is_none_or(|end| end > file_len) {
             return Err(invalid(format!("inflight region {}+{need} beyond its file ({file_len})", msg.mmap_offset)));
         }
+        let queues_len = need;
+        let with_trailer = need + TRAILER;
+        let trailer = (msg.mmap_size >= with_trailer as u64
+            && msg.mmap_offset.checked_add(with_trailer as u64).is_some_and(|end| end <= file_len))
+        .then_some(queues_len);
+        let need = if trailer.is_some() { with_trailer } else { queues_len };
         let offset =
             libc::off_t::try_from(msg.mmap_offset).map_err(|_| invalid("inflight offset out of range".into()))?;
         // SAFETY: a fresh shared mapping of a range checked to lie in the file.
@@ -144,7 +171,7 @@ impl InflightRegion {
         let queues = (0..msg.num_queues)
             .map(|_| QueueState { counter: AtomicU64::new(0), needs_check: AtomicBool::new(true) })
             .collect();
-        let region = Self { base, len: need, queue_size: msg.queue_size, queues };
+        let region = Self { base, len: need, queue_size: msg.queue_size, queues, trailer };
         for q in 0..usize::from(msg.num_queues) {
             // As libvhost-user: the size this backend tracks is the one negotiated now.
             region.write_u16(q, OFF_DESC_NUM, msg.queue_size);
@@ -187,6 +214,31 @@ impl InflightRegion {
         }
         let next_avail = used_idx.wrapping_add(pending.len() as u16);
         Some(Resume { heads: pending.into_iter().map(|(_, h)| h).collect(), next_avail })
+    }
+
+    /// The cache mode a previous backend recorded in this region, if any.
+    pub fn cache_mode(&self) -> Option<CacheMode> {
+        let t = self.trailer?;
+        let magic: Vec<u8> = (0..4).map(|i| self.read_u8(t + i)).collect();
+        if magic != TRAILER_MAGIC {
+            return None;
+        }
+        match self.read_u8(t + OFF_CACHE_MODE) {
+            1 => Some(CacheMode::WriteBack),
+            2 => Some(CacheMode::WriteThrough),
+            _ => None,
+        }
+    }
+
+    /// Records the cache mode for a backend that takes this region over;
+    /// false when the region has no trailer.
+    pub fn set_cache_mode(&self, mode: CacheMode) -> bool {
+        let Some(t) = self.trailer else { return false };
+        self.write_u8(t + OFF_CACHE_MODE, if mode == CacheMode::WriteBack { 1 } else { 2 });
+        for (i, b) in TRAILER_MAGIC.iter().enumerate() {
+            self.write_u8(t + i, *b);
+        }
+        true
     }
 
     /// A chain with this head was popped: in flight from now on.
@@ -241,6 +293,16 @@ impl InflightRegion {
     fn write_u16(&self, q: usize, field: usize, v: u16) {
         // SAFETY: as read_u16.
         unsafe { self.ptr(self.queue_off(q) + field, 2).cast::<u16>().write_volatile(v.to_le()) }
+    }
+
+    fn read_u8(&self, off: usize) -> u8 {
+        // SAFETY: in bounds.
+        unsafe { self.ptr(off, 1).read_volatile() }
+    }
+
+    fn write_u8(&self, off: usize, v: u8) {
+        // SAFETY: in bounds.
+        unsafe { self.ptr(off, 1).write_volatile(v) }
     }
 
     fn read_desc_u8(&self, q: usize, head: u16, field: usize) -> u8 {

@@ -16,7 +16,7 @@ fn remap(msg: &VhostUserInflight, file: &File) -> InflightRegion {
 #[test]
 fn fresh_region_has_nothing_to_resubmit() {
     let (msg, file) = InflightRegion::create(2, QS).unwrap();
-    assert_eq!(msg.mmap_size as usize, 2 * queue_region_size(QS));
+    assert_eq!(msg.mmap_size as usize, 2 * queue_region_size(QS) + TRAILER);
     assert_eq!(file.metadata().unwrap().len(), msg.mmap_size);
     let r = remap(&msg, &file);
     assert_eq!(r.check(0, 0), None);
@@ -69,7 +69,7 @@ fn crash_between_used_ring_and_region_counts_the_request_as_done() {
 #[test]
 fn hostile_regions_are_refused_or_contained() {
     let (msg, file) = InflightRegion::create(1, QS).unwrap();
-    let small = VhostUserInflight::new(msg.mmap_size - 1, 0, 1, QS);
+    let small = VhostUserInflight::new(queue_region_size(QS) as u64 - 1, 0, 1, QS);
     assert!(InflightRegion::map(&small, &file, 1).is_err());
     let beyond = VhostUserInflight::new(msg.mmap_size, 64, 1, QS);
     assert!(InflightRegion::map(&beyond, &file, 1).is_err());
@@ -85,6 +85,29 @@ fn hostile_regions_are_refused_or_contained() {
     assert!(res.heads.is_empty(), "flags of 0xff are not 'in flight' (1)");
     r.get(0, QS + 5);
     r.post_put(0, u16::MAX, 4);
+    assert_eq!(r.cache_mode(), None, "a trailer of garbage holds no mode");
+}
+
+/// The guest's cache mode, recorded by one daemon, is what the next one
+/// mapping the same region reads; a fresh region and one without a trailer
+/// (an older driveblk's, or a frontend's own) hold none.
+#[test]
+fn the_cache_mode_outlives_the_daemon_in_the_region() {
+    let (msg, file) = InflightRegion::create(2, QS).unwrap();
+    let r = remap(&msg, &file);
+    assert_eq!(r.cache_mode(), None);
+    assert!(r.set_cache_mode(CacheMode::WriteThrough));
+    drop(r);
+    let r = remap(&msg, &file);
+    assert_eq!(r.cache_mode(), Some(CacheMode::WriteThrough));
+    r.set_cache_mode(CacheMode::WriteBack);
+    drop(r);
+    assert_eq!(remap(&msg, &file).cache_mode(), Some(CacheMode::WriteBack));
+
+    let queues = VhostUserInflight::new(2 * queue_region_size(QS) as u64, 0, 2, QS);
+    let old = InflightRegion::map(&queues, &file, 2).unwrap();
+    assert_eq!(old.cache_mode(), None);
+    assert!(!old.set_cache_mode(CacheMode::WriteThrough));
 }
 
 #[test]
