@@ -669,24 +669,21 @@ mod tests {
         (endpoint, seen)
     }
 
+    /// A remote on `endpoint`, its client configured in code (not from the
+    /// environment, which tests running in one process would share).
     fn s3_remote_at(endpoint: &str) -> ObjStoreRemote {
-        for (k, v) in [
-            ("AWS_ENDPOINT", endpoint),
-            ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", "k"),
-            ("AWS_SECRET_ACCESS_KEY", "s"),
-            ("AWS_REGION", "us-east-1"),
-        ] {
-            std::env::set_var(k, v);
-        }
-        let cfg = ObjStoreConfig {
-            multipart_threshold: 1,
-            part_size: 1 << 20,
-            parallel_parts: 2,
-            request_timeout: std::time::Duration::from_secs(30),
-            ..Default::default()
-        };
-        ObjStoreRemote::new(StoreKind::S3, "b", "v", &cfg)
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(endpoint)
+            .with_allow_http(true)
+            .with_access_key_id("k")
+            .with_secret_access_key("s")
+            .with_region("us-east-1")
+            .with_bucket_name("b")
+            .build()
+            .unwrap();
+        let cfg =
+            ObjStoreConfig { multipart_threshold: 1, part_size: 1 << 20, parallel_parts: 2, ..Default::default() };
+        ObjStoreRemote::with_store(Ok(Arc::new(store)), StoreKind::S3, "b", "v", &cfg)
     }
 
     /// A body cut into parts of `part_size` (the last one short), then the
