@@ -6,11 +6,15 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use parking_lot::Mutex;
 use std::io::Write;
+use tokio::sync::Semaphore;
 
 use super::{ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
@@ -20,16 +24,87 @@ const WRITE_BATCH: usize = 4 << 20;
 /// Temp files start with this; `list` skips them and keys may not use it.
 const TMP_PREFIX: &str = ".tmp-";
 
+/// File operations of one remote in flight at once. On a hung network
+/// mount (NFS, SMB) `open` and `pread` never return, and every attempt a
+/// caller gives up on leaves its thread stuck in the kernel: unbounded,
+/// retries would pile up stuck threads until tokio's blocking pool, which
+/// the rest of the daemon shares, had none left.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// At most one warning about stuck operations per this long.
+const STUCK_WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// A folder of objects.
 #[derive(Debug, Clone)]
 pub struct DirRemote {
     root: PathBuf,
+    /// Shared by clones: permits for file operations in flight, each held
+    /// until its syscall really returns.
+    in_flight: Arc<Semaphore>,
+    last_stuck_warning: Arc<Mutex<Option<Instant>>>,
 }
 
 impl DirRemote {
     /// A remote rooted at `root`. The folder is created on the first `put`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            last_stuck_warning: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Runs blocking file work off the async threads, once fewer than
+    /// [`MAX_IN_FLIGHT`] operations of this folder are running. A caller's
+    /// attempt deadline bounds the wait for a permit as it bounds the work.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+        let permit = match self.in_flight.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.warn_stuck();
+                self.in_flight.clone().acquire_owned().await.map_err(io::Error::other)?
+            }
+        };
+        let run = move || {
+            let _held = permit;
+            f()
+        };
+        match tokio::task::spawn_blocking(run).await {
+            Ok(r) => r,
+            Err(e) => Err(io::Error::other(format!("blocking task failed: {e}"))),
+        }
+    }
+
+    async fn read_file(&self, p: &Path) -> io::Result<Vec<u8>> {
+        let p = p.to_path_buf();
+        self.blocking(move || std::fs::read(p)).await
+    }
+
+    async fn remove_file(&self, p: &Path) -> io::Result<()> {
+        let p = p.to_path_buf();
+        self.blocking(move || std::fs::remove_file(p)).await
+    }
+
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let (from, to) = (from.to_path_buf(), to.to_path_buf());
+        self.blocking(move || std::fs::rename(from, to)).await
+    }
+
+    async fn metadata(&self, p: &Path) -> io::Result<std::fs::Metadata> {
+        let p = p.to_path_buf();
+        self.blocking(move || std::fs::metadata(p)).await
+    }
+
+    fn warn_stuck(&self) {
+        let mut last = self.last_stuck_warning.lock();
+        if last.is_none_or(|t| t.elapsed() >= STUCK_WARN_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                remote = %self.name(),
+                "{MAX_IN_FLIGHT} file operations on the folder have not returned (a hung network mount?); \
+                 further ones wait for them"
+            );
+        }
     }
 
     /// The folder.
@@ -65,11 +140,12 @@ impl DirRemote {
         // would copy every piece again through its own 2 MiB buffer.
         let res: io::Result<()> = async {
             let (root, path) = (self.root.clone(), tmp.clone());
-            let mut f = blocking(move || {
-                std::fs::create_dir_all(&root)?;
-                std::fs::File::create(&path)
-            })
-            .await?;
+            let mut f = self
+                .blocking(move || {
+                    std::fs::create_dir_all(&root)?;
+                    std::fs::File::create(&path)
+                })
+                .await?;
             // Small pieces (an encrypted body comes in 16 KiB blocks) are
             // gathered so each blocking call writes a few MiB.
             let mut s = body.stream();
@@ -85,23 +161,24 @@ impl DirRemote {
                 if size >= WRITE_BATCH || (end && size > 0) {
                     let pieces = std::mem::take(&mut gathered);
                     size = 0;
-                    f = blocking(move || {
-                        for p in &pieces {
-                            f.write_all(p)?;
-                        }
-                        Ok(f)
-                    })
-                    .await?;
+                    f = self
+                        .blocking(move || {
+                            for p in &pieces {
+                                f.write_all(p)?;
+                            }
+                            Ok(f)
+                        })
+                        .await?;
                 }
                 if end {
                     break;
                 }
             }
-            blocking(move || f.sync_all()).await
+            self.blocking(move || f.sync_all()).await
         }
         .await;
         if let Err(e) = res {
-            let _ = tokio::fs::remove_file(&tmp).await;
+            let _ = self.remove_file(&tmp).await;
             return Err(e);
         }
         Ok(tmp)
@@ -109,7 +186,7 @@ impl DirRemote {
 
     async fn sync_root(&self) -> io::Result<()> {
         let root = self.root.clone();
-        blocking(move || std::fs::File::open(&root)?.sync_all()).await
+        self.blocking(move || std::fs::File::open(&root)?.sync_all()).await
     }
 
     fn io_err(&self, op: &'static str, key: &str, e: io::Error) -> RemoteError {
@@ -137,49 +214,42 @@ fn meta_of(key: &str, m: &std::fs::Metadata) -> ObjectMeta {
     }
 }
 
-/// Runs blocking file work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(io::Error::other(format!("blocking task failed: {e}"))),
-    }
-}
-
 #[async_trait]
 impl Remote for DirRemote {
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         let path = self.path("get_range", key)?;
-        let r = blocking(move || {
-            let f = std::fs::File::open(&path)?;
-            let size = f.metadata()?.len();
-            let end = range.end.min(size);
-            if range.start >= end {
-                return Ok(Vec::new());
-            }
-            let mut buf = vec![0u8; (end - range.start) as usize];
-            f.read_exact_at(&mut buf, range.start)?;
-            Ok(buf)
-        })
-        .await;
+        let r = self
+            .blocking(move || {
+                let f = std::fs::File::open(&path)?;
+                let size = f.metadata()?.len();
+                let end = range.end.min(size);
+                if range.start >= end {
+                    return Ok(Vec::new());
+                }
+                let mut buf = vec![0u8; (end - range.start) as usize];
+                f.read_exact_at(&mut buf, range.start)?;
+                Ok(buf)
+            })
+            .await;
         r.map(Bytes::from).map_err(|e| self.io_err("get_range", key, e))
     }
 
     /// One read instead of the default `head` + `get_range`.
     async fn get(&self, key: &str) -> RemoteResult<Bytes> {
         let path = self.path("get", key)?;
-        tokio::fs::read(&path).await.map(Bytes::from).map_err(|e| self.io_err("get", key, e))
+        self.read_file(&path).await.map(Bytes::from).map_err(|e| self.io_err("get", key, e))
     }
 
     async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         let path = self.path("put", key)?;
         let res: io::Result<ObjectMeta> = async {
             let tmp = self.write_temp(key, &body).await?;
-            if let Err(e) = tokio::fs::rename(&tmp, &path).await {
-                let _ = tokio::fs::remove_file(&tmp).await;
+            if let Err(e) = self.rename(&tmp, &path).await {
+                let _ = self.remove_file(&tmp).await;
                 return Err(e);
             }
             self.sync_root().await?;
-            let m = tokio::fs::metadata(&path).await?;
+            let m = self.metadata(&path).await?;
             Ok(meta_of(key, &m))
         }
         .await;
@@ -193,16 +263,16 @@ impl Remote for DirRemote {
         let path = self.path("create", key)?;
         let tmp = self.write_temp(key, &body).await.map_err(|e| self.io_err("create", key, e))?;
         let (t2, p2) = (tmp.clone(), path.clone());
-        let linked = blocking(move || std::fs::hard_link(&t2, &p2)).await;
-        let _ = tokio::fs::remove_file(&tmp).await;
+        let linked = self.blocking(move || std::fs::hard_link(&t2, &p2)).await;
+        let _ = self.remove_file(&tmp).await;
         match linked {
             Ok(()) => {
                 self.sync_root().await.map_err(|e| self.io_err("create", key, e))?;
-                let m = tokio::fs::metadata(&path).await.map_err(|e| self.io_err("create", key, e))?;
+                let m = self.metadata(&path).await.map_err(|e| self.io_err("create", key, e))?;
                 Ok(ObjectMeta { tag: Some(tag.to_string()), ..meta_of(key, &m) })
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let existing = tokio::fs::read(&path).await.ok().map(|b| super::content_tag(&b));
+                let existing = self.read_file(&path).await.ok().map(|b| super::content_tag(&b));
                 Err(RemoteError::AlreadyExists { remote: self.name(), key: key.to_string(), tag: existing })
             }
             Err(e) => Err(self.io_err("create", key, e)),
@@ -211,7 +281,7 @@ impl Remote for DirRemote {
 
     async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
         let path = self.path("head", key)?;
-        match tokio::fs::metadata(&path).await {
+        match self.metadata(&path).await {
             Ok(m) if m.is_file() => Ok(meta_of(key, &m)),
             Ok(_) => Err(RemoteError::Fatal {
                 remote: self.name(),
@@ -226,35 +296,36 @@ impl Remote for DirRemote {
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
         let root = self.root.clone();
         let prefix_owned = prefix.to_string();
-        let r = blocking(move || {
-            let mut out = Vec::new();
-            let rd = match std::fs::read_dir(&root) {
-                Ok(rd) => rd,
-                // A folder that does not exist yet holds no objects.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-                Err(e) => return Err(e),
-            };
-            for ent in rd {
-                let ent = ent?;
-                let Ok(name) = ent.file_name().into_string() else { continue };
-                if name.starts_with('.') || !name.starts_with(&prefix_owned) {
-                    continue;
+        let r = self
+            .blocking(move || {
+                let mut out = Vec::new();
+                let rd = match std::fs::read_dir(&root) {
+                    Ok(rd) => rd,
+                    // A folder that does not exist yet holds no objects.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                    Err(e) => return Err(e),
+                };
+                for ent in rd {
+                    let ent = ent?;
+                    let Ok(name) = ent.file_name().into_string() else { continue };
+                    if name.starts_with('.') || !name.starts_with(&prefix_owned) {
+                        continue;
+                    }
+                    let m = ent.metadata()?;
+                    if m.is_file() {
+                        out.push(meta_of(&name, &m));
+                    }
                 }
-                let m = ent.metadata()?;
-                if m.is_file() {
-                    out.push(meta_of(&name, &m));
-                }
-            }
-            out.sort_by(|a, b| a.key.cmp(&b.key));
-            Ok(out)
-        })
-        .await;
+                out.sort_by(|a, b| a.key.cmp(&b.key));
+                Ok(out)
+            })
+            .await;
         r.map_err(|e| self.io_err("list", prefix, e))
     }
 
     async fn delete(&self, key: &str) -> RemoteResult<()> {
         let path = self.path("delete", key)?;
-        match tokio::fs::remove_file(&path).await {
+        match self.remove_file(&path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(self.io_err("delete", key, e)),
@@ -269,6 +340,44 @@ impl Remote for DirRemote {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hung network mount, played by a FIFO: opening one for reading
+    /// blocks in the kernel until a writer comes, as an open on a dead NFS
+    /// server does. Reads given up at their deadline leave their threads
+    /// stuck, but no more than [`MAX_IN_FLIGHT`] of them; once the "mount"
+    /// answers, the permits come back and the folder works again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_mount_strands_a_bounded_number_of_threads() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        let r = DirRemote::new(d.path());
+        r.put("ok", PutBody::from_bytes(b"fine".to_vec())).await.unwrap();
+        let fifo = d.path().join("hung");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+        let before = threads();
+        for _ in 0..200 {
+            let got = tokio::time::timeout(Duration::from_millis(20), r.get("hung")).await;
+            assert!(got.is_err(), "a read of the hung file returned");
+        }
+        let stuck = threads().saturating_sub(before);
+        let free = r.in_flight.available_permits();
+
+        // The mount answers: a writer comes and goes, every stuck open
+        // returns (first, so that a failed check below does not leave the
+        // runtime waiting on them for good).
+        drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+        let t0 = Instant::now();
+        while r.in_flight.available_permits() < MAX_IN_FLIGHT {
+            assert!(t0.elapsed() < Duration::from_secs(10), "permits never came back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(stuck <= MAX_IN_FLIGHT + 8, "{stuck} threads stuck on the hung folder");
+        assert_eq!(free, 0);
+        assert_eq!(&r.get("ok").await.unwrap()[..], b"fine");
+    }
 
     #[tokio::test]
     async fn put_get_list_delete() {
