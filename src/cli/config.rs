@@ -109,6 +109,7 @@ serve_file! {
     serial: String,
     io_threads: u64,
     poll_us: u64,
+    queue_threads: u64,
     metadata_cache: Size,
     control_socket: String,
     socket_group: String,

@@ -96,6 +96,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "US", default_value_t = 50)]
     pub poll_us: u64,
 
+    /// Threads per queue (1 or 2). With 2, a queue that pops many reads at
+    /// once runs half of them on a second thread, so one busy queue can use
+    /// two CPUs; the second thread sleeps while the queue is quiet.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub queue_threads: u8,
+
     /// Most qcow2 L2 tables to keep in memory, in bytes. Default: all of them
     /// (lookups never do I/O). A smaller cap loads tables on demand.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -424,6 +430,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 serial: a.serial.clone().unwrap_or_else(|| DEFAULT_SERIAL.into()).into_bytes(),
                 io_threads: a.io_threads,
                 poll_us: a.poll_us,
+                queue_threads: a.queue_threads,
             },
         })
     }
@@ -445,6 +452,9 @@ pub fn validate_device(a: &ServeArgs) -> anyhow::Result<()> {
     }
     if a.poll_us > 1_000_000 {
         bail!("--poll-us must be at most 1000000 (one second)");
+    }
+    if !(1..=2).contains(&a.queue_threads) {
+        bail!("--queue-threads must be 1 or 2 (got {})", a.queue_threads);
     }
     if a.io_threads == 0 || a.io_threads > 1024 {
         bail!("--io-threads must be between 1 and 1024 (got {})", a.io_threads);

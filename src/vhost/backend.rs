@@ -26,10 +26,11 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use crate::format::{Disk, DiskError, IoMode};
 use crate::vhost::config::{protocol_features, virtio_features, DeviceConfig, VirtioBlkConfig, WRITEBACK_OFFSET};
+use crate::vhost::helper::{QueueHelper, MIN_SPLIT};
 use crate::vhost::inflight::{walk_chain, CacheMode, InflightRegion};
 use crate::vhost::pool::IoPool;
 use crate::vhost::ratelimit::LogLimiter;
-use crate::vhost::request::{status_for, GuestMem, Request, STATUS_OK};
+use crate::vhost::request::{status_for, GuestMem, Operation, Request, STATUS_OK};
 
 type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
 
@@ -118,6 +119,8 @@ struct Shared {
     region: RwLock<Option<Arc<InflightRegion>>>,
     exit_notifiers: Mutex<Vec<EventNotifier>>,
     log_limit: LogLimiter,
+    /// Each queue's second thread, when the device has them.
+    helpers: Vec<QueueHelper>,
 }
 
 /// The vhost-user-blk device for one frontend connection. Cheap to clone.
@@ -131,6 +134,15 @@ impl BlockBackend {
     /// requests on `pool`. Fails only if an eventfd cannot be created.
     pub fn new(disk: Arc<dyn Disk>, cfg: DeviceConfig, pool: Arc<IoPool>) -> io::Result<Self> {
         let inflight = (0..cfg.num_queues).map(|_| Inflight::new()).collect::<io::Result<Vec<_>>>()?;
+        // Only where every queue can have two CPUs: otherwise the second
+        // threads take turns with the other queues' first ones (two queues
+        // on two CPUs ran at half speed with them).
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let helpers = if cfg.queue_threads >= 2 && cpus >= 2 * usize::from(cfg.num_queues) {
+            (0..usize::from(cfg.num_queues)).map(QueueHelper::spawn).collect::<io::Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 disk,
@@ -144,6 +156,7 @@ impl BlockBackend {
                 region: RwLock::new(None),
                 exit_notifiers: Mutex::new(Vec::new()),
                 log_limit: LogLimiter::new(10, Duration::from_secs(1)),
+                helpers,
             }),
         })
     }
@@ -305,11 +318,35 @@ impl BlockBackend {
                 .into_iter()
                 .map(|(head, descs)| Request::parse_descriptors(head, descs, mem.clone(), capacity, read_only));
             let popped = chains.into_iter().map(|chain| Request::parse(chain, mem.clone(), capacity, read_only));
-            for req in resubmitted.chain(popped) {
+            let mut reqs: SmallVec<[Request; 32]> = resubmitted.chain(popped).collect();
+            // Half the reads of a big pass run on the queue's helper, at the
+            // same time as the rest run here.
+            let reads = if sh.helpers.is_empty() {
+                0
+            } else {
+                reqs.iter().filter(|r| matches!(r.op, Operation::Read { .. })).count()
+            };
+            let helper = sh.helpers.get(qidx).filter(|h| reads >= MIN_SPLIT && h.alive() && !holds_a_stream(&reqs));
+            if let Some(h) = helper {
+                let mut give = reads / 2;
+                let mut mine: SmallVec<[Request; 32]> = SmallVec::new();
+                let mut theirs: SmallVec<[Request; 32]> = SmallVec::new();
+                for r in reqs.drain(..) {
+                    if give > 0 && matches!(r.op, Operation::Read { .. }) {
+                        give -= 1;
+                        theirs.push(r);
+                    } else {
+                        mine.push(r);
+                    }
+                }
+                h.start(&sh.disk, write_through, &sh.cfg.serial, theirs.into_iter());
+                reqs = mine;
+            }
+            let mut run_here = |req: Request| {
                 if let Some((status, reason)) = req.refused() {
                     self.warn(format_args!("queue {qidx}: request refused: {reason}"));
                     done.push((req.head, req.complete(status, 0)));
-                    continue;
+                    return;
                 }
                 match execute_guarded(&req, &*sh.disk, IoMode::NonBlocking, write_through, &sh.cfg.serial) {
                     Ok(n) => done.push((req.head, req.complete(STATUS_OK, n))),
@@ -322,6 +359,25 @@ impl BlockBackend {
                         self.warn(format_args!("queue {qidx}: {:?} failed: {e}", req.op_name()));
                         done.push((req.head, req.complete(status_for(&e), 0)));
                     }
+                }
+            };
+            for req in reqs {
+                run_here(req);
+            }
+            if let Some(h) = helper {
+                let mut fin = h.finish();
+                // Not started by the helper yet: quicker here than waiting.
+                for req in fin.take_unrun() {
+                    run_here(req);
+                }
+                done.extend_from_slice(fin.done());
+                for (head, op, e) in fin.failed() {
+                    self.warn(format_args!("queue {qidx}: {op:?} (head {head}) failed: {e}"));
+                }
+                for req in fin.take_blocked() {
+                    tracing::trace!(queue = qidx, head = req.head, "would block: to the I/O pool");
+                    dispatched = true;
+                    self.dispatch(qidx, vring.clone(), req, write_through);
                 }
             }
             if !done.is_empty() {
@@ -404,6 +460,21 @@ impl BlockBackend {
     }
 }
 
+/// Whether one read of the pass starts where another ends: part of a
+/// sequential stream, which the tier's readahead detects per thread, so
+/// such a pass is not split between a queue's two threads.
+fn holds_a_stream(reqs: &[Request]) -> bool {
+    let mut spans: SmallVec<[(u64, u64); 32]> = reqs
+        .iter()
+        .filter_map(|r| match &r.op {
+            Operation::Read { offset, data } => Some((*offset, offset.saturating_add(data.len() as u64))),
+            _ => None,
+        })
+        .collect();
+    spans.sort_unstable();
+    spans.windows(2).any(|w| w[0].1 == w[1].0)
+}
+
 /// The epoll `data` of queue `q`'s resume event: past the range
 /// vhost-user-backend reserves for queues and its exit event.
 fn resume_event(num_queues: u64, q: usize) -> u64 {
@@ -413,7 +484,7 @@ fn resume_event(num_queues: u64, q: usize) -> u64 {
 /// Runs a request, turning a panic anywhere below into an I/O error for
 /// this request: every accepted chain must reach the used ring, or the
 /// guest's queue stalls for good.
-fn execute_guarded(
+pub(crate) fn execute_guarded(
     req: &Request,
     disk: &dyn Disk,
     mode: IoMode,
@@ -472,7 +543,7 @@ impl Shared {
 }
 
 impl Request {
-    fn op_name(&self) -> &'static str {
+    pub(crate) fn op_name(&self) -> &'static str {
         use crate::vhost::request::Operation::*;
         match self.op {
             Read { .. } => "read",

@@ -329,3 +329,173 @@ fn the_guest_cache_mode_survives_a_daemon_restart() {
     assert_eq!(c.get_config(offset, 1), vec![1]);
     pool.shutdown();
 }
+
+/// The name of queue 0's second thread.
+const HELPER: &str = "driveblk-q0b";
+
+/// Reads that note which thread ran them; some offsets would block (a
+/// miss) and some fail.
+struct ThreadNotingDisk {
+    inner: RawDisk,
+    threads: Mutex<Vec<String>>,
+    helper_ran: AtomicBool,
+    blocks_at: [u64; 2],
+    fails_at: [u64; 2],
+}
+
+impl Disk for ThreadNotingDisk {
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
+        if mode == IoMode::NonBlocking {
+            let me = std::thread::current().name().unwrap_or("?").to_string();
+            if me == HELPER {
+                self.helper_ran.store(true, AtomicOrdering::SeqCst);
+            } else {
+                // The worker takes back a batch the helper has not started:
+                // give the helper time to start it.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !self.helper_ran.load(AtomicOrdering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                // Waited in vain (no second thread): once is enough.
+                self.helper_ran.store(true, AtomicOrdering::SeqCst);
+            }
+            self.threads.lock().push(me);
+            if self.blocks_at.contains(&offset) {
+                return Err(DiskError::WouldBlock);
+            }
+        }
+        if self.fails_at.contains(&offset) {
+            return Err(DiskError::Io { op: "read", offset, source: std::io::Error::other("bad sector") });
+        }
+        self.inner.read(offset, bufs, mode)
+    }
+    fn write(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
+        self.inner.write(offset, bufs, mode)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, mode: IoMode) -> DiskResult<()> {
+        self.inner.write_zeroes(offset, len, unmap, mode)
+    }
+    fn discard(&self, offset: u64, len: u64, mode: IoMode) -> DiskResult<()> {
+        self.inner.discard(offset, len, mode)
+    }
+    fn flush(&self, mode: IoMode) -> DiskResult<()> {
+        self.inner.flush(mode)
+    }
+    fn describe(&self) -> String {
+        "thread-noting test disk".into()
+    }
+}
+
+/// With two threads per queue, a pass of sixteen reads runs half of them
+/// on the queue's second thread, and every read is answered once with the
+/// right bytes and status: those that would block go to the I/O pool,
+/// those that fail report an I/O error.
+#[test]
+fn a_busy_queue_runs_half_its_reads_on_its_second_thread() {
+    const N: u16 = 16;
+    const QS: u16 = 64;
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: a second thread per queue needs two CPUs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    // Sector s holds the byte s.
+    let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i / 512) as u8).collect();
+    std::fs::write(&img, &bytes).unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(&img, false).unwrap());
+    let sector_of = |i: u16| u64::from(i) * 2;
+    let disk = Arc::new(ThreadNotingDisk {
+        inner: RawDisk::new(storage, false).unwrap(),
+        threads: Mutex::new(Vec::new()),
+        helper_ran: AtomicBool::new(false),
+        blocks_at: [sector_of(1) * 512, sector_of(12) * 512],
+        fails_at: [sector_of(2) * 512, sector_of(13) * 512],
+    });
+
+    let gm = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mock = MockSplitQueue::new(&gm, QS);
+    // The i-th read of a batch: 512 bytes of `sector` at head 3i, in the
+    // avail ring's slot `slot`.
+    let publish = |i: u16, slot: u16, sector: u64| {
+        let head = i * 3;
+        let base = HDR + u64::from(head) * 0x1000;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        gm.write_slice(&h, GuestAddress(base)).unwrap();
+        gm.write_slice(&[0xEE], GuestAddress(base + 0xf00)).unwrap();
+        let descs = [
+            SplitDescriptor::new(base, 16, VIRTQ_NEXT, head + 1),
+            SplitDescriptor::new(base + 0x100, 512, VIRTQ_NEXT | VRING_DESC_F_WRITE as u16, head + 2),
+            SplitDescriptor::new(base + 0xf00, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (k, d) in descs.into_iter().enumerate() {
+            mock.desc_table().store(head + k as u16, RawDescriptor::from(d)).unwrap();
+        }
+        mock.avail().ring().ref_at(usize::from(slot % QS)).unwrap().store(head.to_le());
+    };
+    for i in 0..N {
+        publish(i, i, sector_of(i));
+    }
+    mock.avail().idx().store(N.to_le());
+    let vring = Vring::new(GuestMemoryAtomic::new(gm.clone()), QS).unwrap();
+    vring.set_queue_size(QS);
+    vring.set_queue_info(mock.desc_table_addr().0, mock.avail_addr().0, USED).unwrap();
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+
+    let cfg = DeviceConfig { num_queues: 1, queue_size: QS, queue_threads: 2, ..Default::default() };
+    let pool = Arc::new(IoPool::new(2, usize::from(QS)).unwrap());
+    let backend = BlockBackend::new(disk.clone(), cfg, pool.clone()).unwrap();
+    backend.update_memory(GuestMemoryAtomic::new(gm.clone())).unwrap();
+    backend.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
+    backend.wait_idle();
+
+    assert_eq!(vring.queue_used_idx().unwrap(), N, "every read answered");
+    let mut heads: Vec<u32> =
+        (0..u64::from(N)).map(|k| gm.read_obj::<u32>(GuestAddress(USED + 4 + 8 * k)).unwrap()).collect();
+    heads.sort_unstable();
+    assert_eq!(heads, (0..u32::from(N)).map(|i| i * 3).collect::<Vec<_>>(), "each read answered once");
+    for i in 0..N {
+        let base = HDR + u64::from(i * 3) * 0x1000;
+        let status: u8 = gm.read_obj(GuestAddress(base + 0xf00)).unwrap();
+        if i == 2 || i == 13 {
+            assert_eq!(status, VIRTIO_BLK_S_IOERR as u8, "read {i} failed on the disk");
+            continue;
+        }
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8, "read {i}");
+        let mut data = [0u8; 512];
+        gm.read_slice(&mut data, GuestAddress(base + 0x100)).unwrap();
+        assert!(data.iter().all(|&b| b == sector_of(i) as u8), "read {i} got the bytes of another sector");
+    }
+    let threads = disk.threads.lock().clone();
+    let on_helper = threads.iter().filter(|t| t.as_str() == HELPER).count();
+    assert_eq!(on_helper, usize::from(N / 2), "half the reads ran on the second thread: {threads:?}");
+
+    // A sequential stream stays on one thread: the tier's readahead
+    // follows streams per thread.
+    for i in 0..N {
+        publish(i, N + i, 1000 + u64::from(i));
+    }
+    mock.avail().idx().store((2 * N).to_le());
+    backend.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).unwrap();
+    backend.wait_idle();
+    assert_eq!(vring.queue_used_idx().unwrap(), 2 * N, "every read of the stream answered");
+    for i in 0..N {
+        let base = HDR + u64::from(i * 3) * 0x1000;
+        let mut data = [0u8; 512];
+        gm.read_slice(&mut data, GuestAddress(base + 0x100)).unwrap();
+        assert!(data.iter().all(|&b| b == (1000 + u32::from(i)) as u8), "stream read {i}");
+    }
+    let threads = disk.threads.lock().clone();
+    let on_helper = threads.iter().filter(|t| t.as_str() == HELPER).count();
+    assert_eq!(on_helper, usize::from(N / 2), "a stream's reads went to the second thread: {threads:?}");
+    pool.shutdown();
+}

@@ -41,6 +41,9 @@ pub struct DeviceConfig {
     /// How long a queue worker polls for more requests before sleeping, in
     /// microseconds (0: never poll).
     pub poll_us: u64,
+    /// Threads per queue: with 2, a pass of many reads runs half of them on
+    /// the queue's second thread.
+    pub queue_threads: u8,
 }
 
 impl Default for DeviceConfig {
@@ -52,6 +55,7 @@ impl Default for DeviceConfig {
             serial: b"driveblk".to_vec(),
             io_threads: 16,
             poll_us: 0,
+            queue_threads: 1,
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod config;
 pub mod daemon;
+pub mod helper;
 pub mod inflight;
 pub mod pool;
 pub mod ratelimit;
