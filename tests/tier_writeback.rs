@@ -427,6 +427,63 @@ fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upl
     assert!(fresh_view(d.path(), &vurl, "c") == after);
 }
 
+/// Small writes during an upload copy aside only the pages they change:
+/// scattered and unaligned writes, pages written twice, and a chunk first
+/// written in pages and then zeroed whole all leave the generation exactly
+/// as it was cut, and go up in the next one.
+#[test]
+fn small_rewrites_during_an_upload_keep_the_cut_page_by_page() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, base) = imported(d.path(), 8 * CS as usize, 41);
+    let (layer, gate, waiting) = gated_layer(true);
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.remote.layer = Some(layer);
+    o.writeback.commit.pack_size = 1;
+    o.writeback.commit.parallel_uploads = 1;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let mut at_cut = base.clone();
+    for i in 0..6u64 {
+        write(&*s, i * CS, &vec![0xA0 + i as u8; CS as usize], &mut at_cut);
+    }
+    guest_flush(&*s);
+    let t0 = std::time::Instant::now();
+    while waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the upload never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut after = at_cut.clone();
+    for i in 0..6u64 {
+        let c = i * CS;
+        // One page; across a page boundary, unaligned; the same page again.
+        write(&*s, c + 3 * 4096, &[0xB1; 4096], &mut after);
+        write(&*s, c + 2 * 4096 - 100, &[0xB2; 300], &mut after);
+        write(&*s, c + 3 * 4096 + 10, &[0xB3; 20], &mut after);
+        write(&*s, c + CS - 4096, &[0xB4; 4096], &mut after);
+    }
+    // A chunk written in pages, then zeroed whole; another zeroed in part.
+    s.write_zeroes_at(CS, CS).unwrap();
+    after[CS as usize..2 * CS as usize].fill(0);
+    s.write_zeroes_at(4 * CS + 8192, 8192).unwrap();
+    after[(4 * CS + 8192) as usize..(4 * CS + 16384) as usize].fill(0);
+    write(&*s, CS + 4096, &[0xB5; 4096], &mut after);
+    // What was copied aside: the zeroed chunk whole, a few pages of the
+    // others (copying each chunk whole would be 6 chunks).
+    use std::os::unix::fs::MetadataExt;
+    let copied = std::fs::metadata(d.path().join("a").join("frozen")).unwrap().blocks() * 512;
+    assert!(copied <= 2 * CS, "{copied} bytes copied aside for a few pages");
+    gate.add_permits(1000);
+    let t0 = std::time::Instant::now();
+    while s.sync_status().unwrap().committed_cut == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the cut was never committed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(fresh_view(d.path(), &vurl, "b") == at_cut, "the generation mixes the cut with later writes");
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "c") == after, "the rewrites did not go up whole");
+}
+
 #[test]
 fn a_write_into_a_cold_chunk_never_waits_for_its_fetch() {
     let d = tempfile::tempdir().unwrap();

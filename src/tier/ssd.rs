@@ -1013,6 +1013,16 @@ impl SsdCache {
         Ok(v)
     }
 
+    /// Reads `buf.len()` bytes of cached chunk `idx` from `off`. Caller
+    /// holds the stripe lock.
+    pub fn read_in_chunk(&self, idx: u64, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.state(idx) == ZERO_DIRTY {
+            buf.fill(0);
+            return Ok(());
+        }
+        self.data.read_at(idx * self.chunk_size + off, buf)
+    }
+
     /// Makes room for `need` more bytes under the cap, evicting if it must.
     /// False when that is not possible.
     fn make_room(&self, need: u64, holding: u64) -> io::Result<bool> {

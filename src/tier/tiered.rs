@@ -1214,7 +1214,7 @@ impl Inner {
                     // A commit landed since the fetch: its bytes may be stale.
                     continue;
                 }
-                self.before_modify(p.idx)?;
+                self.before_modify(p.idx, Some((p.off as u64, p.len as u64)))?;
                 let in_ram = self.ram.get(p.idx);
                 // With a RAM copy, both copies come from one read of the
                 // guest's buffer: a guest changing it mid-request cannot
@@ -1278,7 +1278,7 @@ impl Inner {
             let _cut_gate = self.writeback_gate();
             let _locks = self.ssd.lock_many(a..b);
             for idx in a..b {
-                self.before_modify(idx)?;
+                self.before_modify(idx, None)?;
             }
             self.ssd.zero_chunks(a..b)?;
             for idx in a..b {

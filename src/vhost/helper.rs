@@ -205,7 +205,9 @@ fn run(inner: &Inner) {
                 // `start` stores POSTED before it unparks, so a batch posted
                 // after the check above still wakes us. (A batch taken back
                 // before we got to it is simply not there any more.)
-                std::thread::park_timeout(Duration::from_secs(1));
+                // (`Drop` sets `stop`, then unparks.) No timeout: an idle
+                // helper never wakes on its own.
+                std::thread::park();
             } else {
                 std::hint::spin_loop();
             }

@@ -8,7 +8,7 @@
 //! `frozen` file), so the generation never mixes older and newer writes.
 //! After the fenced commit, chunks not written since the cut become clean.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -137,7 +137,36 @@ pub(crate) struct Writeback {
 #[derive(Default)]
 struct Frozen {
     cut: Option<Arc<Cut>>,
-    copied: HashSet<u64>,
+    /// Chunks of the cut with cut-time bytes copied aside: the whole chunk,
+    /// or the pages a write changed (a 4 KiB write during a long upload
+    /// copies 4 KiB, not its whole chunk).
+    copied: HashMap<u64, Copied>,
+}
+
+/// What of a chunk was copied aside.
+enum Copied {
+    Whole,
+    /// One bit per page (`PAGE` bytes) of the chunk.
+    Pages(Vec<u64>),
+}
+
+/// Runs `[a, b)` of the set bits of `bits` among the first `n`.
+fn runs(bits: &[u64], n: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let set = move |i: u64| bits[(i / 64) as usize] & (1 << (i % 64)) != 0;
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < n && !set(i) {
+            i += 1;
+        }
+        if i >= n {
+            return None;
+        }
+        let a = i;
+        while i < n && set(i) {
+            i += 1;
+        }
+        Some((a, i))
+    })
 }
 
 impl Writeback {
@@ -189,20 +218,64 @@ impl Inner {
     }
 
     /// Called before any byte of chunk `idx` changes, under its stripe
-    /// write lock: if the chunk belongs to the cut being uploaded and its
-    /// cut-time bytes were not saved yet, saves them.
-    pub(super) fn before_modify(&self, idx: u64) -> io::Result<()> {
+    /// write lock: if the chunk belongs to the cut being uploaded, saves
+    /// the cut-time bytes that are about to change and were not saved yet
+    /// (`within`: the byte range of the chunk the change touches, or
+    /// `None` for all of it).
+    pub(super) fn before_modify(&self, idx: u64, within: Option<(u64, u64)>) -> io::Result<()> {
         let Some(wb) = &self.writeback else { return Ok(()) };
         let mut f = wb.frozen.lock();
         let Some(cut) = f.cut.clone() else { return Ok(()) };
-        if !cut.chunks.contains_key(&idx) || f.copied.contains(&idx) {
+        if !cut.chunks.contains_key(&idx) || matches!(f.copied.get(&idx), Some(Copied::Whole)) {
             return Ok(());
         }
-        if crate::tier::ssd::is_dirty(self.ssd.state(idx)) {
-            let data = self.ssd.read_chunk(idx)?;
-            wb.frozen_file.write_at(idx * self.cs, &data)?;
+        let state = self.ssd.state(idx);
+        if !crate::tier::ssd::is_dirty(state) {
+            f.copied.insert(idx, Copied::Whole);
+            return Ok(());
         }
-        f.copied.insert(idx);
+        let page = crate::tier::ssd::PAGE;
+        let pages = self.cs.div_ceil(page);
+        // Pages only of a chunk the cache holds whole and as it is (a
+        // chunk dirty in part, or zeroed, is copied whole, as before).
+        let span = within.filter(|_| state == crate::tier::ssd::DIRTY && self.cs % page == 0);
+        let Some((off, len)) = span.filter(|&(off, len)| len > 0 && off + len <= self.cs) else {
+            if let Some(Copied::Pages(bits)) = f.copied.get(&idx) {
+                // Pages copied earlier hold cut-time bytes the chunk no
+                // longer has: keep them, copy the rest.
+                let saved: Vec<(u64, u64)> = runs(bits, pages).collect();
+                let mut data = self.ssd.read_chunk(idx)?;
+                for (a, b) in saved {
+                    let r = (a * page) as usize..(b * page) as usize;
+                    wb.frozen_file.read_at(idx * self.cs + a * page, &mut data[r])?;
+                }
+                wb.frozen_file.write_at(idx * self.cs, &data)?;
+            } else {
+                let data = self.ssd.read_chunk(idx)?;
+                wb.frozen_file.write_at(idx * self.cs, &data)?;
+            }
+            f.copied.insert(idx, Copied::Whole);
+            return Ok(());
+        };
+        let words = pages.div_ceil(64) as usize;
+        let Copied::Pages(bits) = f.copied.entry(idx).or_insert_with(|| Copied::Pages(vec![0; words])) else {
+            return Ok(());
+        };
+        let (first, end) = (off / page, (off + len).div_ceil(page));
+        let mut todo = vec![0u64; words];
+        for i in first..end {
+            if bits[(i / 64) as usize] & (1 << (i % 64)) == 0 {
+                todo[(i / 64) as usize] |= 1 << (i % 64);
+            }
+        }
+        for (a, b) in runs(&todo, pages).collect::<Vec<_>>() {
+            let mut buf = vec![0u8; ((b - a) * page) as usize];
+            self.ssd.read_in_chunk(idx, a * page, &mut buf)?;
+            wb.frozen_file.write_at(idx * self.cs + a * page, &buf)?;
+            for i in a..b {
+                bits[(i / 64) as usize] |= 1 << (i % 64);
+            }
+        }
         Ok(())
     }
 
@@ -342,12 +415,22 @@ impl Inner {
     fn read_cut_chunk(&self, idx: u64) -> io::Result<Vec<u8>> {
         let wb = self.writeback.as_ref().expect("write-back is on");
         let _g = self.ssd.lock_read(idx);
-        if wb.frozen.lock().copied.contains(&idx) {
-            let mut v = vec![0u8; self.cs as usize];
-            wb.frozen_file.read_at(idx * self.cs, &mut v)?;
-            return Ok(v);
+        let saved = match wb.frozen.lock().copied.get(&idx) {
+            None => None,
+            Some(Copied::Whole) => {
+                let mut v = vec![0u8; self.cs as usize];
+                wb.frozen_file.read_at(idx * self.cs, &mut v)?;
+                return Ok(v);
+            }
+            Some(Copied::Pages(bits)) => Some(runs(bits, self.cs.div_ceil(crate::tier::ssd::PAGE)).collect::<Vec<_>>()),
+        };
+        let mut v = self.ssd.read_chunk(idx)?;
+        let page = crate::tier::ssd::PAGE;
+        for (a, b) in saved.unwrap_or_default() {
+            let r = (a * page) as usize..(b * page) as usize;
+            wb.frozen_file.read_at(idx * self.cs + a * page, &mut v[r])?;
         }
-        self.ssd.read_chunk(idx)
+        Ok(v)
     }
 
     /// The uploader: commits each cut, retrying with backoff; runs until
@@ -450,13 +533,23 @@ impl Inner {
     /// Forgets the cut and its copied-aside bytes.
     fn release_cut(&self) {
         let wb = self.writeback.as_ref().expect("write-back is on");
-        let copied: Vec<u64> = {
+        let copied: Vec<(u64, Copied)> = {
             let mut f = wb.frozen.lock();
             f.cut = None;
             f.copied.drain().collect()
         };
-        for idx in copied {
-            let _ = wb.frozen_file.write_zeroes_at(idx * self.cs, self.cs);
+        let page = crate::tier::ssd::PAGE;
+        for (idx, c) in copied {
+            match c {
+                Copied::Whole => {
+                    let _ = wb.frozen_file.write_zeroes_at(idx * self.cs, self.cs);
+                }
+                Copied::Pages(bits) => {
+                    for (a, b) in runs(&bits, self.cs.div_ceil(page)) {
+                        let _ = wb.frozen_file.write_zeroes_at(idx * self.cs + a * page, (b - a) * page);
+                    }
+                }
+            }
         }
     }
 
