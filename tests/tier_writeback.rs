@@ -382,19 +382,23 @@ fn scattered_small_writes_upload_about_what_changed() {
     assert!(fresh_view(d.path(), &vurl, "c") == expect);
 }
 
-#[test]
-fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upload() {
-    let d = tempfile::tempdir().unwrap();
-    let (vurl, base) = imported(d.path(), 8 * CS as usize, 37);
+/// A volume of 8 chunks whose first 6 the guest wrote and flushed, with
+/// the upload of that cut held at the gate after it started. Returns the
+/// volume, the store, the disk as cut, and the gate.
+fn upload_held_mid_cut(
+    dir: &std::path::Path,
+    seed: u64,
+) -> (String, Arc<driveblk::tier::tiered::TieredStore>, Vec<u8>, Arc<tokio::sync::Semaphore>) {
+    let (vurl, base) = imported(dir, 8 * CS as usize, seed);
     let (layer, gate, waiting) = gated_layer(true);
-    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    let mut o = cache_opts(&dir.join("a"), Default::default());
     o.remote.layer = Some(layer);
     // One chunk per pack, one upload at a time: the uploader reads a chunk
     // only when the previous pack went up, so the gate stops it mid-cut.
     o.writeback.commit.pack_size = 1;
     o.writeback.commit.parallel_uploads = 1;
     let s = driveblk::tier::open_volume(&vurl, o).unwrap();
-    let mut at_cut = base.clone();
+    let mut at_cut = base;
     for i in 0..6u64 {
         write(&*s, i * CS, &vec![0xA0 + i as u8; CS as usize], &mut at_cut);
     }
@@ -404,6 +408,13 @@ fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upl
         assert!(t0.elapsed() < Duration::from_secs(20), "the upload never started");
         std::thread::sleep(Duration::from_millis(5));
     }
+    (vurl, s, at_cut, gate)
+}
+
+#[test]
+fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upload() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, s, at_cut, gate) = upload_held_mid_cut(d.path(), 37);
     // The guest rewrites every chunk of the cut (and some partly) while it
     // uploads; none of this may leak into that generation.
     let mut after = at_cut.clone();
@@ -434,23 +445,7 @@ fn a_generation_holds_the_cut_even_when_the_guest_rewrites_its_chunks_during_upl
 #[test]
 fn small_rewrites_during_an_upload_keep_the_cut_page_by_page() {
     let d = tempfile::tempdir().unwrap();
-    let (vurl, base) = imported(d.path(), 8 * CS as usize, 41);
-    let (layer, gate, waiting) = gated_layer(true);
-    let mut o = cache_opts(&d.path().join("a"), Default::default());
-    o.remote.layer = Some(layer);
-    o.writeback.commit.pack_size = 1;
-    o.writeback.commit.parallel_uploads = 1;
-    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
-    let mut at_cut = base.clone();
-    for i in 0..6u64 {
-        write(&*s, i * CS, &vec![0xA0 + i as u8; CS as usize], &mut at_cut);
-    }
-    guest_flush(&*s);
-    let t0 = std::time::Instant::now();
-    while waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "the upload never started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (vurl, s, at_cut, gate) = upload_held_mid_cut(d.path(), 41);
     let mut after = at_cut.clone();
     for i in 0..6u64 {
         let c = i * CS;

@@ -30,6 +30,31 @@ const DATA: u64 = 0x2_0000;
 const STATUS: u64 = 0x3_0000;
 const USED: u64 = 0x8000;
 
+/// The `Disk` methods a test disk passes to its `inner` `RawDisk` as they
+/// are (every one but `read` and `describe`).
+macro_rules! forward_to_inner {
+    () => {
+        fn capacity(&self) -> u64 {
+            self.inner.capacity()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn write(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
+            self.inner.write(offset, bufs, mode)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, mode: IoMode) -> DiskResult<()> {
+            self.inner.write_zeroes(offset, len, unmap, mode)
+        }
+        fn discard(&self, offset: u64, len: u64, mode: IoMode) -> DiskResult<()> {
+            self.inner.discard(offset, len, mode)
+        }
+        fn flush(&self, mode: IoMode) -> DiskResult<()> {
+            self.inner.flush(mode)
+        }
+    };
+}
+
 /// Reads never complete inline; blocking reads wait until the gate opens.
 struct GatedDisk {
     inner: RawDisk,
@@ -39,12 +64,6 @@ struct GatedDisk {
 }
 
 impl Disk for GatedDisk {
-    fn capacity(&self) -> u64 {
-        self.inner.capacity()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
     fn read(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
         if mode == IoMode::NonBlocking {
             return Err(DiskError::WouldBlock);
@@ -57,18 +76,7 @@ impl Disk for GatedDisk {
         drop(open);
         self.inner.read(offset, bufs, mode)
     }
-    fn write(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
-        self.inner.write(offset, bufs, mode)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, mode: IoMode) -> DiskResult<()> {
-        self.inner.write_zeroes(offset, len, unmap, mode)
-    }
-    fn discard(&self, offset: u64, len: u64, mode: IoMode) -> DiskResult<()> {
-        self.inner.discard(offset, len, mode)
-    }
-    fn flush(&self, mode: IoMode) -> DiskResult<()> {
-        self.inner.flush(mode)
-    }
+    forward_to_inner!();
     fn describe(&self) -> String {
         "gated test disk".into()
     }
@@ -344,12 +352,6 @@ struct ThreadNotingDisk {
 }
 
 impl Disk for ThreadNotingDisk {
-    fn capacity(&self) -> u64 {
-        self.inner.capacity()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
     fn read(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
         if mode == IoMode::NonBlocking {
             let me = std::thread::current().name().unwrap_or("?").to_string();
@@ -375,18 +377,7 @@ impl Disk for ThreadNotingDisk {
         }
         self.inner.read(offset, bufs, mode)
     }
-    fn write(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
-        self.inner.write(offset, bufs, mode)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, mode: IoMode) -> DiskResult<()> {
-        self.inner.write_zeroes(offset, len, unmap, mode)
-    }
-    fn discard(&self, offset: u64, len: u64, mode: IoMode) -> DiskResult<()> {
-        self.inner.discard(offset, len, mode)
-    }
-    fn flush(&self, mode: IoMode) -> DiskResult<()> {
-        self.inner.flush(mode)
-    }
+    forward_to_inner!();
     fn describe(&self) -> String {
         "thread-noting test disk".into()
     }
