@@ -1,5 +1,6 @@
 //! The vhost-user-blk backend: one epoll worker per virtqueue pops chains,
-//! runs each request at once if it can complete without waiting, and hands
+//! runs each request at once if it can complete without waiting (half the
+//! reads of a big pass on the queue's second thread, `helper`), and hands
 //! the rest to the I/O pool. Completions are added to the used ring from
 //! whichever thread finishes them, so a slow request never holds up the
 //! requests behind it (virtio allows out-of-order completion). Every chain
