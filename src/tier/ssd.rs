@@ -464,11 +464,13 @@ fn lock_exclusive(lock: &File, dir: &Path) -> VolumeResult<()> {
 }
 
 /// Bitmap words of one chunk.
-fn bitmap_words(chunk_size: u64) -> usize {
+/// Words of a page bitmap of a chunk of `chunk_size` bytes.
+pub(crate) fn bitmap_words(chunk_size: u64) -> usize {
     chunk_size.div_ceil(PAGE).div_ceil(64) as usize
 }
 
-fn bit(m: &[u64], page: u64) -> bool {
+/// Whether a page bitmap marks `page`.
+pub(crate) fn bit(m: &[u64], page: u64) -> bool {
     m.get((page / 64) as usize).is_some_and(|w| (w >> (page % 64)) & 1 == 1)
 }
 

@@ -19,6 +19,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use super::Inner;
 use crate::tier::cache_crypto::{CacheFile, PageCipher};
 use crate::tier::local::LocalFile;
+use crate::tier::ssd::{bit, bitmap_words, PAGE};
 use crate::tier::Storage;
 use crate::volume::commit::{writer_record, CommitOptions, GenerationBuilder};
 use crate::volume::{ChunkRef, VolumeError, VolumeResult};
@@ -152,7 +153,7 @@ enum Copied {
 
 /// Runs `[a, b)` of the set bits of `bits` among the first `n`.
 fn runs(bits: &[u64], n: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
-    let set = move |i: u64| bits[(i / 64) as usize] & (1 << (i % 64)) != 0;
+    let set = move |i: u64| bit(bits, i);
     let mut i = 0;
     std::iter::from_fn(move || {
         while i < n && !set(i) {
@@ -234,39 +235,30 @@ impl Inner {
             f.copied.insert(idx, Copied::Whole);
             return Ok(());
         }
-        let page = crate::tier::ssd::PAGE;
+        let page = PAGE;
         let pages = self.cs.div_ceil(page);
         // Pages only of a chunk the cache holds whole and as it is (a
         // chunk dirty in part, or zeroed, is copied whole, as before).
         let span = within.filter(|_| state == crate::tier::ssd::DIRTY && self.cs % page == 0);
         let Some((off, len)) = span.filter(|&(off, len)| len > 0 && off + len <= self.cs) else {
+            // Pages copied earlier hold cut-time bytes the chunk no longer
+            // has: keep them, copy the rest.
+            let mut data = self.ssd.read_chunk(idx)?;
             if let Some(Copied::Pages(bits)) = f.copied.get(&idx) {
-                // Pages copied earlier hold cut-time bytes the chunk no
-                // longer has: keep them, copy the rest.
-                let saved: Vec<(u64, u64)> = runs(bits, pages).collect();
-                let mut data = self.ssd.read_chunk(idx)?;
-                for (a, b) in saved {
-                    let r = (a * page) as usize..(b * page) as usize;
-                    wb.frozen_file.read_at(idx * self.cs + a * page, &mut data[r])?;
-                }
-                wb.frozen_file.write_at(idx * self.cs, &data)?;
-            } else {
-                let data = self.ssd.read_chunk(idx)?;
-                wb.frozen_file.write_at(idx * self.cs, &data)?;
+                self.overlay_saved(wb, idx, bits, &mut data)?;
             }
+            wb.frozen_file.write_at(idx * self.cs, &data)?;
             f.copied.insert(idx, Copied::Whole);
             return Ok(());
         };
-        let words = pages.div_ceil(64) as usize;
+        let words = bitmap_words(self.cs);
         let Copied::Pages(bits) = f.copied.entry(idx).or_insert_with(|| Copied::Pages(vec![0; words])) else {
             return Ok(());
         };
         let (first, end) = (off / page, (off + len).div_ceil(page));
         let mut todo = vec![0u64; words];
-        for i in first..end {
-            if bits[(i / 64) as usize] & (1 << (i % 64)) == 0 {
-                todo[(i / 64) as usize] |= 1 << (i % 64);
-            }
+        for i in (first..end).filter(|&i| !bit(bits, i)) {
+            todo[(i / 64) as usize] |= 1 << (i % 64);
         }
         for (a, b) in runs(&todo, pages).collect::<Vec<_>>() {
             let mut buf = vec![0u8; ((b - a) * page) as usize];
@@ -422,15 +414,23 @@ impl Inner {
                 wb.frozen_file.read_at(idx * self.cs, &mut v)?;
                 return Ok(v);
             }
-            Some(Copied::Pages(bits)) => Some(runs(bits, self.cs.div_ceil(crate::tier::ssd::PAGE)).collect::<Vec<_>>()),
+            Some(Copied::Pages(bits)) => Some(bits.clone()),
         };
         let mut v = self.ssd.read_chunk(idx)?;
-        let page = crate::tier::ssd::PAGE;
-        for (a, b) in saved.unwrap_or_default() {
-            let r = (a * page) as usize..(b * page) as usize;
-            wb.frozen_file.read_at(idx * self.cs + a * page, &mut v[r])?;
+        if let Some(bits) = saved {
+            self.overlay_saved(wb, idx, &bits, &mut v)?;
         }
         Ok(v)
+    }
+
+    /// Lays the cut-time pages of chunk `idx` saved in `frozen` (`bits`)
+    /// over `data`, the chunk as the cache holds it now.
+    fn overlay_saved(&self, wb: &Writeback, idx: u64, bits: &[u64], data: &mut [u8]) -> io::Result<()> {
+        for (a, b) in runs(bits, self.cs.div_ceil(PAGE)) {
+            let r = (a * PAGE) as usize..(b * PAGE) as usize;
+            wb.frozen_file.read_at(idx * self.cs + a * PAGE, &mut data[r])?;
+        }
+        Ok(())
     }
 
     /// The uploader: commits each cut, retrying with backoff; runs until
@@ -538,15 +538,14 @@ impl Inner {
             f.cut = None;
             f.copied.drain().collect()
         };
-        let page = crate::tier::ssd::PAGE;
         for (idx, c) in copied {
             match c {
                 Copied::Whole => {
                     let _ = wb.frozen_file.write_zeroes_at(idx * self.cs, self.cs);
                 }
                 Copied::Pages(bits) => {
-                    for (a, b) in runs(&bits, self.cs.div_ceil(page)) {
-                        let _ = wb.frozen_file.write_zeroes_at(idx * self.cs + a * page, (b - a) * page);
+                    for (a, b) in runs(&bits, self.cs.div_ceil(PAGE)) {
+                        let _ = wb.frozen_file.write_zeroes_at(idx * self.cs + a * PAGE, (b - a) * PAGE);
                     }
                 }
             }
