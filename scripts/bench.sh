@@ -442,6 +442,9 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
             fi ;;
     esac
     [[ $kind != vol-ssd-drop ]] || drop_page_cache
+    # Start on a settled disk: what the previous run wrote or deleted is on it, so its writeback
+    # never lands inside this run (a write+FLUSH row would pay for it).
+    sync
     local ok=1 cpu0 cpu1 t0 t1 cpu=nan
     if start_daemon "$d" "$img" "$q" "$dargs" "$qfmt" "$WORK/$tag.log" "${src[@]}"; then
         if [[ $kind == vol-ram ]]; then
@@ -534,8 +537,15 @@ fi
 for i in "${SEL[@]}"; do
     for ((rep = 1; rep <= REPS; rep++)); do
         log "${ROWS[$i]%%|*}: rep $rep/$REPS"
-        run_one "$i" "$rep" "$A" "$KEY_A"
-        run_one "$i" "$rep" "$B" "$KEY_B"
+        # A, B on odd reps and B, A on even ones: whichever side runs second inherits what the
+        # first left behind (its deleted files, a warmer page cache), so neither always does.
+        if ((rep % 2)); then
+            run_one "$i" "$rep" "$A" "$KEY_A"
+            run_one "$i" "$rep" "$B" "$KEY_B"
+        else
+            run_one "$i" "$rep" "$B" "$KEY_B"
+            run_one "$i" "$rep" "$A" "$KEY_A"
+        fi
         c=${CEIL_OF[$i]:-}
         # Each ceiling runs once per rep, next to the first row that needs it.
         if [[ -n $c ]] && ! awk -F'\t' -v n="${ROWS[$c]%%|*}" -v r="$rep" '$1 == n && $3 == r {f=1} END {exit !f}' "$RESULTS"; then
@@ -908,7 +918,7 @@ if [[ ${#SEL[@]} -gt 0 ]]; then
 # Per-rep IOPS, so a reader can see the spread behind each median.
 reps_line() { awk '{printf "%s%s", (NR > 1 ? ", " : ""), ($1 == "FAIL" ? "FAIL" : sprintf("%.0f", $1))}'; }
 {
-    echo "Per-repetition IOPS (run order A, B per rep), and the load generator's own CPU use:"
+    echo "Per-repetition IOPS (run order A, B on odd reps, B, A on even reps), and the load generator's own CPU use:"
     echo
     for i in "${SEL[@]}"; do
         name=${ROWS[$i]%%|*}
