@@ -257,7 +257,7 @@ impl GenerationBuilder {
             (pack, pc)
         })
         .await
-        .map_err(|e| VolumeError::InvalidOptions(format!("compression task failed: {e}")))?;
+        .map_err(VolumeError::task("compressing a pack"))?;
         self.pack = pack;
         let pc = pc.map_err(|e| VolumeError::io("compressing chunk for", std::path::PathBuf::from(&self.url), e))?;
         Ok((self.current, pc))
@@ -299,7 +299,7 @@ impl GenerationBuilder {
     /// Accounts a finished pack upload; its identity goes into the manifest
     /// so other hosts find the pack without waiting for a listing.
     fn landed(&mut self, r: Result<VolumeResult<ObjectMeta>, tokio::task::JoinError>) -> VolumeResult<()> {
-        let meta = r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+        let meta = r.map_err(VolumeError::task("uploading a pack"))??;
         self.stats.pack_bytes += meta.size;
         if let Some(slot) = meta.slot {
             self.delta.ids.insert(meta.key, slot);

@@ -73,6 +73,15 @@ pub enum VolumeError {
     #[error("invalid option: {0}")]
     InvalidOptions(String),
 
+    /// A task doing part of the work ended before it: it panicked, or the
+    /// daemon was shutting down and cancelled it.
+    #[error("{what} did not finish: {source}")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+
     /// The commit fence: someone else committed generation `generation`
     /// first. Nothing of ours was published; the local changes are kept.
     #[error("volume {url} moved on: generation {generation} was committed by {by} while this cache held changes made on top of generation {}; nothing was overwritten and the local changes are kept in the cache", generation - 1)]
@@ -96,6 +105,11 @@ impl VolumeError {
     /// Wraps a local I/O error with what and where.
     pub fn io(context: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         VolumeError::Io { context, path: path.into(), source }
+    }
+
+    /// For `map_err` on a joined task: what the task was doing.
+    pub fn task(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Self {
+        move |source| VolumeError::Task { what, source }
     }
 
     /// Converts for the `Storage` seam, keeping this error as the source.

@@ -180,7 +180,7 @@ fn record_pack(
     manifest: &mut Manifest,
     r: Result<VolumeResult<ObjectMeta>, tokio::task::JoinError>,
 ) -> VolumeResult<()> {
-    let meta = r.map_err(|e| VolumeError::InvalidOptions(format!("upload task failed: {e}")))??;
+    let meta = r.map_err(VolumeError::task("uploading a pack"))??;
     if let Some(slot) = meta.slot {
         manifest.ids.insert(meta.key, slot);
     }

@@ -405,7 +405,7 @@ impl Inner {
                 tracing::warn!(segment = seg, error = %e, "could not store boot profile pages in the SSD cache");
                 Err(SharedError(Arc::new(VolumeError::io("storing boot profile pages in", self.ssd.dir(), e))))
             }
-            Err(e) => Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!("profile install task: {e}"))))),
+            Err(e) => Err(SharedError(Arc::new(VolumeError::task("storing boot profile pages")(e)))),
         }
     }
 

@@ -34,7 +34,7 @@ impl Inner {
         let m = taken.manifest;
         tokio::task::spawn_blocking(move || me.install_generation(m, &BTreeMap::new()))
             .await
-            .map_err(|e| VolumeError::InvalidOptions(format!("install task failed: {e}")))??;
+            .map_err(VolumeError::task("installing a generation"))??;
         let holder = Arc::new(taken.holder);
         *self.lease.lock() = Some(holder.clone());
         tracing::info!(url = %self.vol.url, generation = g, "took the writer lease");

@@ -181,7 +181,7 @@ impl Inner {
                 "part of chunk {idx} could not be kept (changed meanwhile, or no room)"
             ))))),
             Ok(Err(e)) => Err(SharedError(Arc::new(VolumeError::io("storing part of a chunk in", self.ssd.dir(), e)))),
-            Err(e) => Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!("part install task: {e}"))))),
+            Err(e) => Err(SharedError(Arc::new(VolumeError::task("storing part of a chunk")(e)))),
         }
     }
 

@@ -478,7 +478,14 @@ impl Inner {
                     }
                     Err(e) => {
                         let pause = matches!(&e, VolumeError::Remote { source, .. } if source.is_pause());
-                        tracing::error!(error = %e, "write-back: could not commit a generation; the local changes are kept");
+                        if wb.stopping.load(Ordering::SeqCst) {
+                            // The stop's sync timeout ran out and shutdown
+                            // cancels the upload: expected, and the stop has
+                            // already said what is left.
+                            tracing::info!(error = %e, "write-back: stopped before this upload finished; the local changes are kept and go up at the next start");
+                        } else {
+                            tracing::error!(error = %e, "write-back: could not commit a generation; the local changes are kept");
+                        }
                         st.last_error = Some(e.to_string());
                         st.paused = pause;
                         if matches!(e, VolumeError::Conflict { .. } | VolumeError::LeaseHeld { .. }) {
@@ -584,7 +591,7 @@ impl Inner {
             let me = self.clone();
             let mut data = tokio::task::spawn_blocking(move || me.read_cut_chunk(idx))
                 .await
-                .map_err(|e| VolumeError::InvalidOptions(format!("read task failed: {e}")))?
+                .map_err(VolumeError::task("reading a dirty chunk"))?
                 .map_err(|e| VolumeError::io("reading a dirty chunk from", self.ssd.dir(), e))?;
             if let Some(present) = cut.present.get(&idx) {
                 // Pages it did not hold are unchanged since the parent.
@@ -669,7 +676,7 @@ impl Inner {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.reconcile_dirty(newest))
             .await
-            .map_err(|e| VolumeError::InvalidOptions(format!("reconcile task failed: {e}")))??;
+            .map_err(VolumeError::task("reconciling the cache with the volume"))??;
         Ok(true)
     }
 
@@ -817,7 +824,7 @@ impl Inner {
             let me = self.clone();
             return tokio::task::spawn_blocking(move || me.reconcile_dirty((*new).clone()))
                 .await
-                .map_err(|e| VolumeError::InvalidOptions(format!("reconcile task failed: {e}")))?;
+                .map_err(VolumeError::task("reconciling the cache with the volume"))?;
         }
         self.ssd.set_generation(m);
         self.ssd.persist().map_err(|e| VolumeError::io("persisting cache state in", self.ssd.dir(), e))
