@@ -90,7 +90,7 @@ fn profile_roundtrip_corruption_and_newest() {
     // A page of a zero chunk is refused and changes nothing.
     let raw = b.raw_bytes();
     let e = b.add(ZERO_CHUNK * CS + 4096, &[0u8; 4096]).unwrap_err();
-    assert!(matches!(&e, VolumeError::InvalidOptions(s) if s.contains("chunk 10")), "{e}");
+    assert!(matches!(&e, VolumeError::Unusable(s) if s.contains("chunk 10")), "{e}");
     assert_eq!(b.raw_bytes(), raw);
     let total: u64 = adds.iter().map(|a| a.1).sum();
     assert_eq!(raw, total);

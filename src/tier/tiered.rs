@@ -69,7 +69,7 @@ impl std::error::Error for SharedError {
 
 /// What waiters of a flight get when the store closes under it.
 fn closing() -> SharedError {
-    SharedError(Arc::new(VolumeError::InvalidOptions("fetch was cancelled: the store is closing".into())))
+    SharedError(Arc::new(VolumeError::Cancelled("fetch was cancelled: the store is closing")))
 }
 
 impl SharedError {

@@ -279,12 +279,8 @@ impl GenerationBuilder {
             self.delta.indexes.insert(key.clone(), ix);
         }
         let body = PutBody::from_bytes(body);
-        let permit = self
-            .sem
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| VolumeError::InvalidOptions("upload limiter closed".into()))?;
+        let permit =
+            self.sem.clone().acquire_owned().await.map_err(|_| VolumeError::Cancelled("the upload limiter closed"))?;
         let remote = self.remote.clone();
         let url = self.url.clone();
         self.stats.packs += 1;

@@ -73,6 +73,21 @@ pub enum VolumeError {
     #[error("invalid option: {0}")]
     InvalidOptions(String),
 
+    /// An object or a piece of state that cannot be used as it is (a boot
+    /// profile that no longer fits the image, a fork registration that does
+    /// not parse, a chunk a partial fetch could not complete). The text
+    /// says what and why.
+    #[error("{0}")]
+    Unusable(String),
+
+    /// Work dropped because its owner is going away (the store closing).
+    #[error("{0}")]
+    Cancelled(&'static str),
+
+    /// The remote did not answer a request within the wait the caller allows.
+    #[error("{url}: the remote did not answer within {secs} s")]
+    NoAnswer { url: String, secs: u64 },
+
     /// A task doing part of the work ended before it: it panicked, or the
     /// daemon was shutting down and cancelled it.
     #[error("{what} did not finish: {source}")]

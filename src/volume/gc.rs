@@ -190,7 +190,7 @@ async fn read_forks(r: &VolumeReader, listing: &[ObjectMeta]) -> VolumeResult<Ve
             Err(e) => return Err(VolumeError::remote(format!("reading fork registration {}/{}", r.url, m.key), e)),
         };
         let f: ForkRef = serde_json::from_slice(&b).map_err(|e| {
-            VolumeError::InvalidOptions(format!(
+            VolumeError::Unusable(format!(
                 "fork registration {}/{} is not valid ({e}); gc will not guess what it protects — fix or remove it",
                 r.url, m.key
             ))

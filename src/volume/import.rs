@@ -230,7 +230,7 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
         let key = manifest.packs.last().cloned().expect("pack key registered before its chunks");
         let permit = rt
             .block_on(sem.clone().acquire_owned())
-            .map_err(|_| VolumeError::InvalidOptions("upload limiter closed".into()))?;
+            .map_err(|_| VolumeError::Cancelled("the upload limiter closed"))?;
         let remote = remote.clone();
         let url = url_s.clone();
         let (buf, index) = pack.finish();

@@ -101,12 +101,7 @@ pub fn volume_id(url: &str, opts: &RemoteOptions, wait: std::time::Duration) -> 
         Ok(Ok(b)) => b,
         Ok(Err(e)) if e.is_not_found() => return Err(VolumeError::NotFound { url: url.to_string() }),
         Ok(Err(e)) => return Err(VolumeError::remote(format!("reading {url}/{}", format::HEADER_KEY), e)),
-        Err(_) => {
-            return Err(VolumeError::InvalidOptions(format!(
-                "{url}: the remote did not answer within {} s",
-                wait.as_secs()
-            )))
-        }
+        Err(_) => return Err(VolumeError::NoAnswer { url: url.to_string(), secs: wait.as_secs() }),
     };
     let h =
         VolumeHeader::from_bytes(&bytes).map_err(|reason| VolumeError::BadHeader { url: url.to_string(), reason })?;

@@ -444,8 +444,7 @@ impl ProfileBuilder {
         let image_len = self.manifest.image_len;
         let len = data.len() as u64;
         let end = offset.checked_add(len);
-        let invalid =
-            |what: String| VolumeError::InvalidOptions(format!("boot profile extent [{offset}, {len}]: {what}"));
+        let invalid = |what: String| VolumeError::Unusable(format!("boot profile extent [{offset}, {len}]: {what}"));
         if offset % PAGE_SIZE != 0 {
             return Err(invalid(format!("offset is not a multiple of {PAGE_SIZE}")));
         }
@@ -522,7 +521,7 @@ impl ProfileBuilder {
         let mut refs = Vec::new();
         for e in &seg.extents {
             if e.len == 0 || e.end() > self.manifest.image_len {
-                return Err(VolumeError::InvalidOptions(format!(
+                return Err(VolumeError::Unusable(format!(
                     "reused boot profile extent [{}, {}] is empty or past the image end",
                     e.offset, e.len
                 )));
@@ -531,12 +530,12 @@ impl ProfileBuilder {
                 match ref_digest(&self.manifest.chunk(idx, self.has_base)) {
                     Some(d) if old_refs.get(&idx) == Some(&d) => refs.push((idx, d)),
                     Some(_) => {
-                        return Err(VolumeError::InvalidOptions(format!(
+                        return Err(VolumeError::Unusable(format!(
                         "reused boot profile segment holds chunk {idx} as it was before a newer generation changed it"
                     )))
                     }
                     None => {
-                        return Err(VolumeError::InvalidOptions(format!(
+                        return Err(VolumeError::Unusable(format!(
                             "reused boot profile segment touches zero chunk {idx}"
                         )))
                     }
@@ -889,7 +888,7 @@ pub async fn fetch_segment(remote: &DynRemote, url: &str, index: &ProfileIndex, 
 
 async fn fetch_segment_once(remote: &DynRemote, url: &str, index: &ProfileIndex, seg: usize) -> VolumeResult<Bytes> {
     let s = index.segments.get(seg).ok_or_else(|| {
-        VolumeError::InvalidOptions(format!(
+        VolumeError::Unusable(format!(
             "boot profile {} has {} segments; there is no segment {seg}",
             index.pack,
             index.segments.len()
@@ -1119,7 +1118,7 @@ mod tests {
         // A zero chunk is refused, and changes nothing.
         let before = b.raw_bytes();
         let e = b.add(2 * CS + 4096, &[0u8; 4096]).unwrap_err();
-        assert!(matches!(&e, VolumeError::InvalidOptions(s) if s.contains("chunk 2")), "{e}");
+        assert!(matches!(&e, VolumeError::Unusable(s) if s.contains("chunk 2")), "{e}");
         let e = b.add(CS, &vec![1u8; (CS + 4096) as usize]).unwrap_err();
         assert!(e.to_string().contains("chunk 2"), "{e}");
         assert!(b.add(100, &[0u8; 4096]).is_err());

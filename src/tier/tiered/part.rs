@@ -153,7 +153,7 @@ impl Inner {
         let part = match part {
             Ok(Some(p)) => p,
             Ok(None) => {
-                return Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!(
+                return Err(SharedError(Arc::new(VolumeError::Unusable(format!(
                     "chunk {idx} has no sub-frames to fetch"
                 )))))
             }
@@ -177,7 +177,7 @@ impl Inner {
         .await;
         match installed {
             Ok(Ok(true)) => Ok(()),
-            Ok(Ok(false)) => Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!(
+            Ok(Ok(false)) => Err(SharedError(Arc::new(VolumeError::Unusable(format!(
                 "part of chunk {idx} could not be kept (changed meanwhile, or no room)"
             ))))),
             Ok(Err(e)) => Err(SharedError(Arc::new(VolumeError::io("storing part of a chunk in", self.ssd.dir(), e)))),
@@ -249,7 +249,7 @@ impl Inner {
         if self.ssd.has_chunk(idx) {
             Ok(())
         } else {
-            Err(SharedError(Arc::new(VolumeError::InvalidOptions(format!("chunk {idx} is still not whole")))))
+            Err(SharedError(Arc::new(VolumeError::Unusable(format!("chunk {idx} is still not whole")))))
         }
     }
 
