@@ -1,6 +1,7 @@
 //! The `dir:` backend: objects are files in one folder (local disk, NFS or
 //! SMB). Uploads go to a hidden temp name, are fsynced, then renamed, so a
-//! half-written object is never visible under its key.
+//! half-written object is never visible under its key. The folder is made
+//! only for a new volume (`create_folder`): a write never makes it again.
 
 use std::io;
 use std::ops::Range;
@@ -139,13 +140,8 @@ impl DirRemote {
         // Plain blocking writes of each piece as it comes: tokio's file
         // would copy every piece again through its own 2 MiB buffer.
         let res: io::Result<()> = async {
-            let (root, path) = (self.root.clone(), tmp.clone());
-            let mut f = self
-                .blocking(move || {
-                    std::fs::create_dir_all(&root)?;
-                    std::fs::File::create(&path)
-                })
-                .await?;
+            let path = tmp.clone();
+            let mut f = self.blocking(move || std::fs::File::create(&path)).await?;
             // Small pieces (an encrypted body comes in 16 KiB blocks) are
             // gathered so each blocking call writes a few MiB.
             let mut s = body.stream();
@@ -187,6 +183,23 @@ impl DirRemote {
     async fn sync_root(&self) -> io::Result<()> {
         let root = self.root.clone();
         self.blocking(move || std::fs::File::open(&root)?.sync_all()).await
+    }
+
+    /// [`io_err`](Self::io_err) of a write: when the folder itself is gone,
+    /// says so (it is never made again here: see
+    /// [`Remote::create_folder`]).
+    fn write_err(&self, op: &'static str, key: &str, e: io::Error) -> RemoteError {
+        if e.kind() == io::ErrorKind::NotFound && !self.root.is_dir() {
+            let gone = io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "the folder {} is gone (a network share not mounted? the volume moved or deleted?); nothing is written until it is back",
+                    self.root.display()
+                ),
+            );
+            return RemoteError::Io { remote: self.name(), op, key: key.to_string(), source: gone };
+        }
+        self.io_err(op, key, e)
     }
 
     fn io_err(&self, op: &'static str, key: &str, e: io::Error) -> RemoteError {
@@ -253,7 +266,7 @@ impl Remote for DirRemote {
             Ok(meta_of(key, &m))
         }
         .await;
-        res.map_err(|e| self.io_err("put", key, e))
+        res.map_err(|e| self.write_err("put", key, e))
     }
 
     /// `link(2)` of the fsynced temp file to the key: fails with EEXIST if
@@ -261,7 +274,7 @@ impl Remote for DirRemote {
     /// servers). The existing object's tag is its content's sha256.
     async fn create(&self, key: &str, _slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         let path = self.path("create", key)?;
-        let tmp = self.write_temp(key, &body).await.map_err(|e| self.io_err("create", key, e))?;
+        let tmp = self.write_temp(key, &body).await.map_err(|e| self.write_err("create", key, e))?;
         let (t2, p2) = (tmp.clone(), path.clone());
         let linked = self.blocking(move || std::fs::hard_link(&t2, &p2)).await;
         let _ = self.remove_file(&tmp).await;
@@ -275,8 +288,13 @@ impl Remote for DirRemote {
                 let existing = self.read_file(&path).await.ok().map(|b| super::content_tag(&b));
                 Err(RemoteError::AlreadyExists { remote: self.name(), key: key.to_string(), tag: existing })
             }
-            Err(e) => Err(self.io_err("create", key, e)),
+            Err(e) => Err(self.write_err("create", key, e)),
         }
+    }
+
+    async fn create_folder(&self) -> RemoteResult<()> {
+        let root = self.root.clone();
+        self.blocking(move || std::fs::create_dir_all(&root)).await.map_err(|e| self.io_err("create folder", "", e))
     }
 
     async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
@@ -384,6 +402,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let r = DirRemote::new(d.path().join("vol"));
         assert!(r.list("").await.unwrap().is_empty());
+        r.create_folder().await.unwrap();
         let m = r.put("pack-1", PutBody::from_bytes(b"hello world".to_vec())).await.unwrap();
         assert_eq!(m.size, 11);
         assert_eq!(&r.get_range("pack-1", 6..11).await.unwrap()[..], b"world");
@@ -405,6 +424,7 @@ mod tests {
     async fn create_is_exclusive_and_names_the_winner() {
         let d = tempfile::tempdir().unwrap();
         let r = DirRemote::new(d.path().join("vol"));
+        r.create_folder().await.unwrap();
         let (a, b) = (b"first".to_vec(), b"second".to_vec());
         let (ta, tb) = (crate::remote::content_tag(&a), crate::remote::content_tag(&b));
         let m = r.create("gen-2", None, &ta, PutBody::from_bytes(a)).await.unwrap();
@@ -416,5 +436,30 @@ mod tests {
         assert_eq!(&r.get("gen-2").await.unwrap()[..], b"first");
         // Only the object is left (no temp files).
         assert_eq!(std::fs::read_dir(r.root()).unwrap().count(), 1);
+    }
+
+    /// Writes never make the folder: one that vanished (a share not
+    /// mounted, the volume moved) fails them with an error saying so, and
+    /// nothing appears where it was; once it is back they work again.
+    #[tokio::test]
+    async fn writes_into_a_vanished_folder_fail_and_never_make_it_again() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("share/vol");
+        let r = DirRemote::new(&root);
+        r.create_folder().await.unwrap();
+        r.put("a", PutBody::from_bytes(b"1".to_vec())).await.unwrap();
+        let away = d.path().join("away");
+        std::fs::rename(d.path().join("share"), &away).unwrap();
+        std::fs::create_dir(d.path().join("share")).unwrap(); // the empty mount point
+        let e = r.put("b", PutBody::from_bytes(b"2".to_vec())).await.unwrap_err();
+        assert!(e.to_string().contains("is gone"), "{e}");
+        assert!(!e.is_retryable() && !e.is_not_found(), "{e:?}");
+        let e = r.create("gen-2", None, "t", PutBody::from_bytes(b"3".to_vec())).await.unwrap_err();
+        assert!(e.to_string().contains("is gone"), "{e}");
+        assert!(!root.exists(), "a write made the vanished folder again");
+        std::fs::remove_dir(d.path().join("share")).unwrap();
+        std::fs::rename(&away, d.path().join("share")).unwrap();
+        r.put("b", PutBody::from_bytes(b"2".to_vec())).await.unwrap();
+        assert_eq!(&r.get("a").await.unwrap()[..], b"1");
     }
 }

@@ -67,6 +67,10 @@ pub trait Layer: Send + Sync + fmt::Debug {
         self.inner().get_created(key, slot).await
     }
 
+    async fn create_folder(&self) -> RemoteResult<()> {
+        self.inner().create_folder().await
+    }
+
     async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
         self.inner().find_trashed(key).await
     }
@@ -144,6 +148,10 @@ impl<T: Layer> Remote for T {
 
     async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
         Layer::keep_revision(self, key, revision).await
+    }
+
+    async fn create_folder(&self) -> RemoteResult<()> {
+        Layer::create_folder(self).await
     }
 
     async fn head_revision(&self, key: &str, revision: &str) -> RemoteResult<ObjectMeta> {

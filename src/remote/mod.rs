@@ -200,6 +200,16 @@ pub trait Remote: Send + Sync + fmt::Debug {
     /// Deletes `key`; deleting an absent key is not an error.
     async fn delete(&self, key: &str) -> RemoteResult<()>;
 
+    /// Makes the folder this remote is rooted at, for a new volume (import,
+    /// fork). Other writes never make it: on a path-named store (`dir:`) a
+    /// folder that vanished (deleted, or a network share not mounted) then
+    /// fails them, instead of being made again empty where commits would
+    /// land unseen. Stores that make folders otherwise (Drive, on its first
+    /// write, then by id) or have none (object stores) do nothing here.
+    async fn create_folder(&self) -> RemoteResult<()> {
+        Ok(())
+    }
+
     /// Reserves a slot for a later exclusive [`create`](Self::create) of
     /// `key`. Stores whose keys are unique (`dir`, object stores) need
     /// none and answer `Ok(None)`.

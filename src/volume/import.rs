@@ -105,6 +105,8 @@ pub(crate) fn set_crypto(
 /// by an import that died before writing its header (nothing refers to
 /// them).
 pub(crate) async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<()> {
+    // The one place a volume's folder is made (writes never make it).
+    remote.create_folder().await.map_err(|e| VolumeError::remote(format!("creating the folder of {url}"), e))?;
     match remote.head(HEADER_KEY).await {
         Ok(_) => return Err(VolumeError::AlreadyExists { url: url.to_string() }),
         Err(e) if e.is_not_found() => {}

@@ -1129,6 +1129,7 @@ mod tests {
 
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let remote: DynRemote = Arc::new(DirRemote::new(d.path().join("vol")));
+        rt.block_on(remote.create_folder()).unwrap();
         let key = rt.block_on(b.upload(&remote)).unwrap().unwrap();
         assert!(!tmp.exists(), "temp pack removed after upload");
         let (k2, p) = rt.block_on(find_latest(&remote, &h)).unwrap().unwrap();
