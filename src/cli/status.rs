@@ -228,7 +228,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
         "boot_profile": {
             "recording": s.profile_recording, "recorded_bytes": s.profile_recorded_bytes, "saved": s.profile_saved,
             "segments": s.profile_segments, "segments_done": s.profile_segments_done,
-            "bytes": s.profile_bytes, "waits": s.profile_waits,
+            "bytes": s.profile_bytes, "waits": s.profile_waits, "ahead": s.profile_ahead,
         },
     })
 }
@@ -460,9 +460,10 @@ pub fn render(v: &Value) -> String {
     let mut prof = Vec::new();
     if st > 0 {
         prof.push(format!(
-            "replayed {sd}/{st} segments ({} of pages, {} guest misses served by it)",
+            "replayed {sd}/{st} segments ({} of pages, {} guest misses served by it, {} of them ahead of the stream)",
             human(u("/boot_profile/bytes")),
-            u("/boot_profile/waits")
+            u("/boot_profile/waits"),
+            u("/boot_profile/ahead")
         ));
     }
     if b("/boot_profile/recording") {

@@ -23,13 +23,26 @@ pub type Flight<V> = Shared<BoxFuture<'static, V>>;
 #[derive(Debug, Default)]
 pub struct Urgency {
     urgent: AtomicBool,
+    /// Set once the work is admitted to the link (its request is sent).
+    sent: AtomicBool,
     notify: Notify,
 }
 
 impl Urgency {
     /// A flight urgent (a guest waits) or not from the start.
     pub fn new(urgent: bool) -> Arc<Self> {
-        Arc::new(Self { urgent: AtomicBool::new(urgent), notify: Notify::new() })
+        Arc::new(Self { urgent: AtomicBool::new(urgent), sent: AtomicBool::new(false), notify: Notify::new() })
+    }
+
+    /// Notes that the flight's request went on the wire.
+    pub fn mark_sent(&self) {
+        self.sent.store(true, Ordering::SeqCst);
+    }
+
+    /// True when a guest waiting now would be the first to hurry the
+    /// flight: it is neither urgent already nor on the wire.
+    pub fn idle(&self) -> bool {
+        !self.is_urgent() && !self.sent.load(Ordering::SeqCst)
     }
 
     /// True once a guest waits on the flight.
@@ -133,6 +146,11 @@ where
     /// The flight for `key`, when one is running.
     pub fn get(&self, key: &K) -> Option<Flight<V>> {
         self.running.lock().get(key).map(|(f, _)| f.clone())
+    }
+
+    /// The urgency of the flight for `key`, when one is running.
+    pub fn urgency(&self, key: &K) -> Option<Arc<Urgency>> {
+        self.running.lock().get(key).map(|(_, u)| u.clone())
     }
 
     /// True when a flight for `key` is running.

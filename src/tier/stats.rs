@@ -114,6 +114,7 @@ pub struct Counters {
     pub profile_segments_done: AtomicU64,
     pub profile_bytes: AtomicU64,
     pub profile_waits: AtomicU64,
+    pub profile_ahead: AtomicU64,
     /// Chunks whose boot profile pages did not match the chunk's digest.
     pub profile_rejected: AtomicU64,
     /// Time guest reads spent waiting on the remote (misses only: a hit
@@ -204,6 +205,10 @@ pub struct TierStats {
     pub profile_segments_done: u64,
     pub profile_bytes: u64,
     pub profile_waits: u64,
+    /// Of those waits, the ones where the guest got ahead of every fetch
+    /// and started its segment's fetch itself: a whole round trip each
+    /// (the rest joined a fetch already on the wire or being stored).
+    pub profile_ahead: u64,
     /// Chunks whose profile pages were discarded: they did not add up to
     /// the chunk the manifest names.
     pub profile_rejected: u64,

@@ -428,6 +428,7 @@ impl TieredStore {
             profile_segments_done: l(&c.profile_segments_done),
             profile_bytes: l(&c.profile_bytes),
             profile_waits: l(&c.profile_waits),
+            profile_ahead: l(&c.profile_ahead),
             profile_rejected: l(&c.profile_rejected),
             dirty_bytes: i.ssd.dirty_data_chunks() * i.cs,
             sync: i.writeback.as_ref().map(|w| w.status()),
@@ -1057,6 +1058,12 @@ impl Inner {
             .map(|p| match replay.as_ref().and_then(|r| r.covering(p.idx, p.off as u64, p.len as u64)) {
                 Some(segs) => {
                     let rp = replay.as_ref().expect("covering came from it");
+                    // Counted by the attempt that hurries the fetch (a blocking
+                    // retry of a non-blocking one joins it).
+                    let ahead = |s: &usize| !rp.is_done(*s) && self.segment_flights.urgency(s).is_none_or(|u| u.idle());
+                    if segs.iter().any(ahead) {
+                        Counters::inc(&self.counters.profile_ahead);
+                    }
                     if let Some(&last) = segs.iter().max() {
                         if !rp.is_done(last) {
                             self.follow_segment(rp, last);

@@ -188,6 +188,7 @@ impl Lanes {
             }
         };
         let guest = permit.is_none();
+        urgency.mark_sent();
         Admitted { lanes: self, _permit: permit, start: Instant::now(), guest }
     }
 
