@@ -3,7 +3,8 @@
 //! was lost is recognised (by the retry wrapper, or after it gave up); a
 //! second writer is fenced out and keeps its changes; a remote that is down
 //! loses nothing and the sync resumes; writethrough FLUSH returns only once
-//! the data is on the remote; scattered small writes upload what changed.
+//! the data is on the remote; scattered small writes upload what changed;
+//! a commit whose cache state cannot be saved is not committed again.
 
 #[path = "tier_support/mod.rs"]
 mod support;
@@ -613,4 +614,55 @@ fn a_remote_that_stalls_mid_upload_half_commits_nothing_and_sync_resumes() {
     drop(s);
     assert_eq!(volume::info(&vurl).unwrap().generation, 3);
     assert!(fresh_view(d.path(), &vurl, "b") == expect);
+}
+
+/// Waits until this store has committed `n` generations.
+fn wait_committed(s: &driveblk::tier::tiered::TieredStore, n: u64) {
+    let t0 = std::time::Instant::now();
+    while s.sync_status().unwrap().generations_committed < n {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never committed: {:?}", s.sync_status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The cache's folder deleted under a running store (or its disk full): a
+/// commit lands once, says the cache state could not be saved, and is not
+/// committed again and again by retries; the committed data is whole.
+#[test]
+fn a_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() {
+    use rand::RngCore;
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 << 20, 36);
+    let cache = d.path().join("a");
+    let mut o = cache_opts(&cache, Default::default());
+    o.writeback.sync_interval = Duration::from_secs(3600);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    write(&*s, 100, &[1; 3000], &mut expect);
+    guest_flush(&*s);
+    s.request_sync();
+    wait_committed(&s, 1);
+    let g = volume::info(&vurl).unwrap().generation;
+    // Small writes into the now clean chunk ride in the journal until it
+    // is past its checkpoint size: the next change to the map writes the
+    // state file, which the deleted folder cannot take.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for i in 0..320u64 {
+        let mut b = vec![0u8; 4096];
+        rng.fill_bytes(&mut b);
+        write(&*s, (i % 16) * 4096, &b, &mut expect);
+    }
+    guest_flush(&*s);
+    std::fs::remove_dir_all(&cache).unwrap();
+    s.request_sync();
+    wait_committed(&s, 2);
+    assert_eq!(volume::info(&vurl).unwrap().generation, g + 1);
+    let st = s.sync_status().unwrap();
+    assert!(st.last_error.as_deref().is_some_and(|e| e.contains("could not be saved")), "{st:?}");
+    // A failed commit is retried after 1, 2 and 4 s: none may come.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(volume::info(&vurl).unwrap().generation, g + 1, "the same changes were committed again");
+    s.close(Duration::from_secs(30));
+    drop(s);
+    assert_eq!(volume::info(&vurl).unwrap().generation, g + 1, "closing committed the same changes again");
+    assert!(fresh_view(d.path(), &vurl, "b") == expect, "the committed generation holds every change");
 }

@@ -32,9 +32,14 @@ impl Inner {
         let g = taken.manifest.generation;
         let me = self.clone();
         let m = taken.manifest;
-        tokio::task::spawn_blocking(move || me.install_generation(m, &BTreeMap::new()))
+        let saved = tokio::task::spawn_blocking(move || me.install_generation(m, &BTreeMap::new()))
             .await
-            .map_err(VolumeError::task("installing a generation"))??;
+            .map_err(VolumeError::task("installing a generation"))?;
+        // The lease is committed and served: taking it again would commit
+        // another generation each time the state cannot be saved.
+        if let Err(e) = saved {
+            tracing::error!(generation = g, error = %e, "took the writer lease, but could not save this cache's state");
+        }
         let holder = Arc::new(taken.holder);
         *self.lease.lock() = Some(holder.clone());
         tracing::info!(url = %self.vol.url, generation = g, "took the writer lease");

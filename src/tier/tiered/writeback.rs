@@ -469,9 +469,9 @@ impl Inner {
                 let mut st = wb.status.lock();
                 st.uploading = false;
                 match r {
-                    Ok(()) => {
+                    Ok(unsaved) => {
                         st.committed_cut = cut.id;
-                        st.last_error = None;
+                        st.last_error = unsaved;
                         st.paused = false;
                         backoff = Duration::from_secs(1);
                         Next::Done
@@ -559,8 +559,10 @@ impl Inner {
         }
     }
 
-    /// Uploads one cut and commits it; then marks its chunks clean.
-    async fn commit_cut(self: Arc<Self>, cut: Arc<Cut>) -> VolumeResult<()> {
+    /// Uploads one cut and commits it; then marks its chunks clean. A
+    /// commit that landed but whose cache state could not be saved (the
+    /// cache's disk full, its folder deleted) returns what went wrong.
+    async fn commit_cut(self: Arc<Self>, cut: Arc<Cut>) -> VolumeResult<Option<String>> {
         let wb = self.writeback.as_ref().expect("write-back is on");
         // Only the lease holder commits (a store opened offline, or for a
         // stopped daemon's sync, takes it now).
@@ -608,7 +610,7 @@ impl Inner {
                 // Maybe our own earlier attempt landed and its reply was lost
                 // beyond the retries: then adopt it, nothing forked.
                 if self.clone().adopt_own_generations().await? {
-                    return Ok(());
+                    return Ok(None);
                 }
                 // `driveblk gc` repacked the volume (same bytes, new packs):
                 // build this cut again on top of that, nothing forked.
@@ -630,20 +632,31 @@ impl Inner {
             full = stats.full,
             "write-back: committed a generation"
         );
-        self.install_generation(manifest, &cut.chunks)?;
+        let me = self.clone();
+        let c = cut.clone();
+        let saved = tokio::task::spawn_blocking(move || me.install_generation(manifest, &c.chunks))
+            .await
+            .map_err(VolumeError::task("installing a committed generation"))?;
         let mut st = wb.status.lock();
         st.generations_committed += 1;
         let bytes = stats.pack_bytes + stats.manifest_bytes;
         st.bytes_uploaded += bytes;
         st.last_rate_bps = (bytes as f64 / t0.elapsed().as_secs_f64().max(1e-3)) as u64;
         *wb.last_commit_at.lock() = Some(Instant::now());
-        Ok(())
+        // The generation is committed and served: retrying the cut would
+        // commit the same changes again, and again, while the state cannot
+        // be saved. A restart recognises the generation as this cache's.
+        Ok(saved.err().map(|e| {
+            tracing::error!(generation = g, error = %e, "write-back: committed a generation, but could not save this cache's state");
+            format!("generation {g} is committed, but this cache's state could not be saved: {e}")
+        }))
     }
 
     /// Serves `manifest` from now on and marks the committed chunks clean
     /// (those not written since their copy went up). The manifest is
     /// swapped in first: a chunk evicted once clean must be fetched by its
-    /// new reference.
+    /// new reference. An error says only that the cache state could not be
+    /// saved: the generation is served all the same.
     pub(super) fn install_generation(
         &self,
         manifest: crate::volume::Manifest,
