@@ -350,3 +350,66 @@ fn scattered_misses_keep_to_the_bound() {
     assert!(st.bytes_miss < 24 << 20, "{st:?}");
     s.close(Duration::from_secs(30));
 }
+
+/// A volume exactly as format version 2 wrote it (`tests/fixtures/volume-v2`,
+/// imported by the release before version 3: SHA-256 chunk digests, a
+/// version 1 pack index of SHA-256 sub-frame hashes) reads whole and by
+/// sub-frames, takes writes, and its next generation is version 3 with
+/// BLAKE3 digests while the chunks it did not change keep theirs.
+#[test]
+fn a_volume_written_by_format_version_2_reads_and_takes_writes() {
+    use sha2::{Digest, Sha256};
+    let d = tempfile::tempdir().unwrap();
+    let folder = d.path().join("remote/vol");
+    std::fs::create_dir_all(&folder).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/volume-v2");
+    for e in std::fs::read_dir(&fixture).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), folder.join(e.file_name())).unwrap();
+    }
+    let vurl = url(&folder);
+    const CS: u64 = 128 << 10;
+    let m = Arc::new(RemoteMetrics::default());
+    let s = open(d.path(), &vurl, "a", &m);
+    assert!(!s.volume().manifest().indexes.is_empty(), "the fixture has a pack index");
+    // A sub-frame miss first (verified by the version 1 index), then all.
+    let mid = read(&*s, CS + 70_000, 4096).unwrap();
+    let all = read(&*s, 0, 4 * CS as usize).unwrap();
+    assert_eq!(mid, all[(CS + 70_000) as usize..][..4096]);
+    assert_eq!(
+        hex::encode(Sha256::digest(&all)),
+        "9a4c8f79acc39cbc6ce5d83a30af27ea7c175581198198aba8c696d63f9ea6b2",
+        "the image the fixture was imported from"
+    );
+    drop(s);
+    // Writes: a few pages of chunk 0 (a patch over a SHA-256 chunk), chunk 3
+    // rewritten with the bytes it holds (unchanged: nothing to upload).
+    let mut o = cache_opts(&d.path().join("w"), Default::default());
+    o.readahead_chunks = 0;
+    let w = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let mut expect = all.clone();
+    for (off, len, byte) in [(4096u64, 8192usize, 0xa5u8), (3 * CS, CS as usize, 0)] {
+        let mut b = if byte == 0 { all[off as usize..][..len].to_vec() } else { vec![byte; len] };
+        expect[off as usize..][..len].copy_from_slice(&b);
+        w.write_vectored_at(off, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+    }
+    w.flush_point().and_then(|t| w.wait_durable(t)).unwrap();
+    assert_eq!(w.close(Duration::from_secs(30)), 0);
+    drop(w);
+    let text = std::fs::read_to_string(folder.join(driveblk::volume::format::gen_key(3))).unwrap();
+    assert!(text.contains("\"version\":3"), "{text}");
+    assert!(text.contains("\"patched\"") && text.contains("\"digest\":\"blake3:"), "{text}");
+    assert!(!text.contains("\"3\":"), "an unchanged chunk went up again: {text}");
+    // Another machine reads the result; every generation checks out.
+    let r = open(d.path(), &vurl, "b", &m);
+    assert!(read(&*r, 0, 4 * CS as usize).unwrap() == expect);
+    let ChunkRef::Packed { digest, .. } = r.volume().chunk_ref(1) else { panic!("chunk 1 is packed") };
+    assert_eq!(digest.len(), 64, "an untouched chunk keeps its SHA-256 digest: {digest}");
+    drop(r);
+    let v = driveblk::volume::verify::verify(
+        &vurl,
+        &driveblk::volume::verify::VerifyOptions { full: true, ..Default::default() },
+    )
+    .unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+}

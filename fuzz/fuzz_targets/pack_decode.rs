@@ -4,7 +4,8 @@
 //! expected length; bad data must never come back as Ok.
 #![no_main]
 
-use driveblk::volume::pack::{decode_chunk, sha256_hex, PackWriter};
+use driveblk::volume::digest;
+use driveblk::volume::pack::{decode_chunk, PackWriter};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -22,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(plain) = zstd::bulk::decompress(frame, expected) {
         if plain.len() == expected {
-            let got = decode_chunk(frame, expected, &sha256_hex(&plain)).expect("a matching frame decodes");
+            let got = decode_chunk(frame, expected, &digest::of(&plain)).expect("a matching frame decodes");
             assert_eq!(got, plain);
         }
     }
@@ -30,6 +31,6 @@ fuzz_target!(|data: &[u8]| {
     let mut w = PackWriter::new();
     let c = w.add(frame).expect("compress");
     let (pack, _) = w.finish();
-    let back = decode_chunk(&pack[c.offset as usize..(c.offset + c.len) as usize], frame.len(), &c.sha256);
+    let back = decode_chunk(&pack[c.offset as usize..(c.offset + c.len) as usize], frame.len(), &c.digest);
     assert_eq!(back.as_deref(), Ok(frame));
 });

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::digest;
 use super::format::{gen_key, new_pack_key, ChunkRef, LeaseRecord, Manifest, VolumeHeader, Writer, PATCH_PAGE};
-use super::pack::{extract_patch, sha256_hex, PackWriter};
+use super::pack::{extract_patch, PackWriter};
 use super::{VolumeError, VolumeResult};
 use crate::remote::{content_tag, DynRemote, ObjectMeta, PutBody, RemoteError};
 
@@ -169,9 +170,8 @@ impl GenerationBuilder {
     /// anything. `changed`, when known, is a bitmap of the 4 KiB pages that
     /// differ from the parent's version: if few did, only they go up, as a
     /// patch over that version (merged with its earlier patch, so a cold
-    /// read stays two ranged reads). Returns the hex sha256 of `data`.
-    pub async fn add_chunk(&mut self, idx: u64, data: Vec<u8>, changed: Option<&[u64]>) -> VolumeResult<String> {
-        let sha = sha256_hex(&data);
+    /// read stays two ranged reads).
+    pub async fn add_chunk(&mut self, idx: u64, data: Vec<u8>, changed: Option<&[u64]>) -> VolumeResult<()> {
         let old = self.parent.chunk(idx, self.has_base);
         if data.iter().all(|&b| b == 0) {
             if old == ChunkRef::Zero {
@@ -180,23 +180,25 @@ impl GenerationBuilder {
                 self.delta.chunks.insert(idx, ChunkRef::Zero);
                 self.stats.chunks_zero += 1;
             }
-            return Ok(sha);
+            return Ok(());
         }
-        if old.content_sha256() == Some(sha.as_str()) {
+        // Compared in the kind the parent recorded (an older version's
+        // chunk has a SHA-256 digest).
+        if old.content_digest().is_some_and(|d| digest::matches(&data, d)) {
             self.stats.chunks_unchanged += 1;
-            return Ok(sha);
+            return Ok(());
         }
         let cs = self.header.chunk_size as usize;
         let patch = changed.and_then(|bits| patch_plan(&old, bits, cs));
         // A patched chunk is hashed and patched at the full chunk size (a
         // short last chunk padded with zeroes), so the image growing later
         // changes nothing about it.
-        let mut padded_sha = String::new(); // set when patched
+        let mut padded_digest = String::new(); // set when patched
         let body = match &patch {
             Some((_, runs)) => {
                 let mut full = data;
                 full.resize(cs, 0);
-                padded_sha = sha256_hex(&full);
+                padded_digest = digest::of(&full);
                 extract_patch(&full, runs, PATCH_PAGE)
             }
             None => data,
@@ -216,19 +218,19 @@ impl GenerationBuilder {
                     offset: pc.offset,
                     len: pc.len,
                     runs,
-                    sha256: padded_sha,
+                    digest: padded_digest,
                 }
             }
             None => {
                 self.stats.chunks_packed += 1;
-                ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, sha256: pc.sha256 }
+                ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, digest: pc.digest }
             }
         };
         self.delta.chunks.insert(idx, r);
         if self.pack.len() as u64 >= self.opts.pack_size {
             self.ship().await?;
         }
-        Ok(sha)
+        Ok(())
     }
 
     /// The index of pack `key` in the delta's pack table (added if new).

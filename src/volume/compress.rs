@@ -9,7 +9,8 @@ use std::path::Path;
 
 use crossbeam_channel::{bounded, unbounded};
 
-use super::pack::{sha256_hex, ZSTD_LEVEL};
+use super::digest;
+use super::pack::ZSTD_LEVEL;
 use super::{VolumeError, VolumeResult};
 
 /// Chunks in the pipeline per compression thread: enough that a thread
@@ -22,8 +23,8 @@ pub struct Compressed {
     pub frame: Vec<u8>,
     /// The sub-frames, when compressed as such.
     pub entry: Option<super::subframe::Entry>,
-    /// Hex sha256 of the uncompressed bytes.
-    pub sha256: String,
+    /// [Digest](super::digest) of the uncompressed bytes.
+    pub digest: String,
 }
 
 /// A chunk on its way back: its buffer (returned to the reader's pool after
@@ -158,12 +159,12 @@ fn compress_one(
     let mut frame = frame();
     if let Some(sub) = sub {
         let entry = super::subframe::compress_with(z, data, sub, &mut frame)?;
-        return Ok(Some(Compressed { frame, entry: Some(entry), sha256: sha256_hex(data) }));
+        return Ok(Some(Compressed { frame, entry: Some(entry), digest: digest::of(data) }));
     }
     frame.clear();
     frame.reserve(zstd::zstd_safe::compress_bound(data.len()));
     z.compress_to_buffer(data, &mut frame)?;
-    Ok(Some(Compressed { frame, entry: None, sha256: sha256_hex(data) }))
+    Ok(Some(Compressed { frame, entry: None, digest: digest::of(data) }))
 }
 
 /// Threads for compression: every core.
@@ -199,7 +200,7 @@ mod tests {
                     None => assert!(want.iter().all(|&b| b == 0), "chunk {idx}"),
                     Some(c) => {
                         assert_eq!(zstd::bulk::decompress(&c.frame, cs).unwrap(), want, "chunk {idx}");
-                        assert_eq!(c.sha256, sha256_hex(want));
+                        assert_eq!(c.digest, digest::of(want));
                     }
                 }
                 seen.push(idx);

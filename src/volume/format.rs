@@ -12,9 +12,12 @@ use crate::remote::Slot;
 /// Version of the volume format this code writes. Version 2 added
 /// generations written as deltas over their parent, the commit fence (each
 /// manifest names the slot of its successor), the writer of each
-/// generation, and a reserved `crypto` header field; version 1 volumes
-/// still open (and are written in version 2 from then on).
-pub const FORMAT_VERSION: u32 = 2;
+/// generation, and a reserved `crypto` header field. Version 3 records
+/// chunk digests as BLAKE3 (`digest`, see [`super::digest`]) and writes
+/// pack indexes of BLAKE3 sub-frame hashes. Older volumes still open (and
+/// their new generations are written in version 3; chunks written before
+/// keep their SHA-256 digests).
+pub const FORMAT_VERSION: u32 = 3;
 /// Oldest version this code reads.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// `format` field of `volume.json`.
@@ -238,8 +241,10 @@ pub enum ChunkRef {
         offset: u64,
         /// Compressed length.
         len: u64,
-        /// Hex sha256 of the uncompressed chunk.
-        sha256: String,
+        /// [Digest](super::digest) of the uncompressed chunk (`sha256`
+        /// in versions 1 and 2).
+        #[serde(alias = "sha256")]
+        digest: String,
     },
     /// Some pages changed over an earlier version of the chunk (`base`:
     /// zero, base or packed, never itself patched): one zstd frame in a
@@ -256,8 +261,9 @@ pub enum ChunkRef {
         /// `[first page, page count]` runs of [`PATCH_PAGE`] bytes, sorted,
         /// not overlapping.
         runs: Vec<[u32; 2]>,
-        /// Hex sha256 of the whole chunk after patching.
-        sha256: String,
+        /// [Digest](super::digest) of the whole chunk after patching.
+        #[serde(alias = "sha256")]
+        digest: String,
     },
 }
 
@@ -265,11 +271,11 @@ pub enum ChunkRef {
 pub const PATCH_PAGE: u64 = 4096;
 
 impl ChunkRef {
-    /// The hex sha256 of the chunk's bytes when the reference records it
+    /// The digest of the chunk's bytes when the reference records it
     /// (packed and patched chunks).
-    pub fn content_sha256(&self) -> Option<&str> {
+    pub fn content_digest(&self) -> Option<&str> {
         match self {
-            ChunkRef::Packed { sha256, .. } | ChunkRef::Patched { sha256, .. } => Some(sha256),
+            ChunkRef::Packed { digest, .. } | ChunkRef::Patched { digest, .. } => Some(digest),
             _ => None,
         }
     }
@@ -277,7 +283,7 @@ impl ChunkRef {
     /// True when two references name the same bytes (pack numbering
     /// differs between manifests, so stored chunks compare by hash).
     pub fn same_bytes(&self, other: &ChunkRef) -> bool {
-        match (self.content_sha256(), other.content_sha256()) {
+        match (self.content_digest(), other.content_digest()) {
             (Some(a), Some(b)) => a == b,
             (None, None) => self == other,
             _ => false,
@@ -614,14 +620,18 @@ impl Manifest {
 
     /// Checks one reference against the pack table and the header.
     fn check_ref(&self, idx: u64, r: &ChunkRef, header: &VolumeHeader, top: bool) -> Result<(), String> {
-        let frame = |pack: u32, offset: u64, len: u64, sha256: &str| {
+        let frame = |pack: u32, offset: u64, len: u64, digest: &str| {
             if pack as usize >= self.packs.len() {
                 return Err(format!("chunk {idx} names pack #{pack}, but only {} packs are listed", self.packs.len()));
             }
             // The frame's end is computed for every read of it.
-            if len == 0 || len > 2 * self.chunk_size + 4096 || sha256.len() != 64 || offset.checked_add(len).is_none() {
+            if len == 0
+                || len > 2 * self.chunk_size + 4096
+                || !super::digest::is_valid(digest)
+                || offset.checked_add(len).is_none()
+            {
                 return Err(format!(
-                    "chunk {idx} has an implausible entry (offset {offset}, len {len}, sha256 {sha256:?})"
+                    "chunk {idx} has an implausible entry (offset {offset}, len {len}, digest {digest:?})"
                 ));
             }
             Ok(())
@@ -632,10 +642,10 @@ impl Manifest {
                 Err(format!("chunk {idx} refers to a base, but the volume has none"))
             }
             ChunkRef::Base => Ok(()),
-            ChunkRef::Packed { pack, offset, len, sha256 } => frame(*pack, *offset, *len, sha256),
+            ChunkRef::Packed { pack, offset, len, digest } => frame(*pack, *offset, *len, digest),
             ChunkRef::Patched { .. } if !top => Err(format!("chunk {idx} is a patch over a patch")),
-            ChunkRef::Patched { base, pack, offset, len, runs, sha256, .. } => {
-                frame(*pack, *offset, *len, sha256)?;
+            ChunkRef::Patched { base, pack, offset, len, runs, digest, .. } => {
+                frame(*pack, *offset, *len, digest)?;
                 self.check_ref(idx, base, header, false)?;
                 let pages = self.chunk_size.div_ceil(PATCH_PAGE);
                 let mut next = 0u64;
@@ -716,7 +726,7 @@ mod tests {
         let h = VolumeHeader::new(10 << 20, DEFAULT_CHUNK_SIZE, None);
         let mut m = Manifest::new(&h, 3);
         m.packs.push(new_pack_key(3));
-        m.chunks.insert(2, ChunkRef::Packed { pack: 0, offset: 0, len: 10, sha256: "a".repeat(64) });
+        m.chunks.insert(2, ChunkRef::Packed { pack: 0, offset: 0, len: 10, digest: "a".repeat(64) });
         m.chunks.insert(4, ChunkRef::Zero);
         let b = m.to_bytes();
         assert_eq!(Manifest::from_bytes(&b, &h, 3).unwrap(), m);
@@ -739,20 +749,20 @@ mod tests {
         let mut full = Manifest::new(&h, 1);
         full.packs = vec!["pack-a".into(), "pack-b".into()];
         let sha = |c: char| c.to_string().repeat(64);
-        full.chunks.insert(0, ChunkRef::Packed { pack: 1, offset: 0, len: 10, sha256: sha('a') });
-        full.chunks.insert(1, ChunkRef::Packed { pack: 0, offset: 5, len: 10, sha256: sha('b') });
+        full.chunks.insert(0, ChunkRef::Packed { pack: 1, offset: 0, len: 10, digest: sha('a') });
+        full.chunks.insert(1, ChunkRef::Packed { pack: 0, offset: 5, len: 10, digest: sha('b') });
         let mut d = Manifest::new(&h, 2);
         d.parent = Some(1);
         d.packs = vec!["pack-c".into(), "pack-b".into()];
         d.chunks.insert(
             0,
             ChunkRef::Patched {
-                base: Box::new(ChunkRef::Packed { pack: 1, offset: 0, len: 10, sha256: sha('a') }),
+                base: Box::new(ChunkRef::Packed { pack: 1, offset: 0, len: 10, digest: sha('a') }),
                 pack: 0,
                 offset: 0,
                 len: 7,
                 runs: vec![[0, 1], [5, 2]],
-                sha256: sha('c'),
+                digest: sha('c'),
             },
         );
         d.chunks.insert(1, ChunkRef::Zero);
@@ -777,7 +787,7 @@ mod tests {
             }
             r => panic!("{r:?}"),
         }
-        assert!(full.chunks[&0].same_bytes(&ChunkRef::Packed { pack: 9, offset: 1, len: 1, sha256: sha('c') }));
+        assert!(full.chunks[&0].same_bytes(&ChunkRef::Packed { pack: 9, offset: 1, len: 1, digest: sha('c') }));
         // Bad runs are refused.
         let mut bad = parsed.clone();
         if let Some(ChunkRef::Patched { runs, .. }) = bad.chunks.get_mut(&0) {
@@ -794,9 +804,9 @@ mod tests {
         let h = VolumeHeader::new(4 << 20, DEFAULT_CHUNK_SIZE, None);
         let mut m = Manifest::new(&h, 1);
         m.packs.push(new_pack_key(1));
-        m.chunks.insert(0, ChunkRef::Packed { pack: 0, offset: u64::MAX - 5, len: 10, sha256: "a".repeat(64) });
+        m.chunks.insert(0, ChunkRef::Packed { pack: 0, offset: u64::MAX - 5, len: 10, digest: "a".repeat(64) });
         assert!(Manifest::from_bytes(&m.to_bytes(), &h, 1).unwrap_err().contains("implausible"));
-        m.chunks.insert(0, ChunkRef::Packed { pack: 0, offset: 0, len: 10, sha256: "a".repeat(64) });
+        m.chunks.insert(0, ChunkRef::Packed { pack: 0, offset: 0, len: 10, digest: "a".repeat(64) });
         assert_eq!(Manifest::from_bytes(&m.to_bytes(), &h, 1).unwrap(), m);
         let k = m.packs[0].clone();
         m.indexes.insert(k, PackIndexRef { offset: u64::MAX, len: 10, sha256: "b".repeat(64) });
@@ -809,7 +819,7 @@ mod tests {
         let origin = "ab".repeat(16);
         let mut m = Manifest::new(&h, 1);
         m.packs.push(format!("{origin}:{}", new_pack_key(3)));
-        m.chunks.insert(0, ChunkRef::Packed { pack: 0, offset: 0, len: 10, sha256: "a".repeat(64) });
+        m.chunks.insert(0, ChunkRef::Packed { pack: 0, offset: 0, len: 10, digest: "a".repeat(64) });
         let b = m.to_bytes();
         assert!(Manifest::from_bytes(&b, &h, 1).unwrap_err().contains("not an origin"));
         h.origin = Some(OriginRef { url: "dir:/o".into(), volume_id: origin.clone(), generation: 3, origin: None });

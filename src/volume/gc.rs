@@ -400,16 +400,16 @@ async fn repack(r: &VolumeReader, newest: &Manifest, packs: &[String], opts: &Gc
         let mut want: BTreeMap<u64, (u64, Option<String>)> = BTreeMap::new();
         for cr in m.chunks.values() {
             match cr {
-                ChunkRef::Packed { pack, offset, len, sha256 } if *pack == pi => {
-                    want.insert(*offset, (*len, Some(sha256.clone())));
+                ChunkRef::Packed { pack, offset, len, digest } if *pack == pi => {
+                    want.insert(*offset, (*len, Some(digest.clone())));
                 }
                 ChunkRef::Patched { base, pack, offset, len, .. } => {
                     if *pack == pi {
                         want.entry(*offset).or_insert((*len, None));
                     }
-                    if let ChunkRef::Packed { pack, offset, len, sha256 } = &**base {
+                    if let ChunkRef::Packed { pack, offset, len, digest } = &**base {
                         if *pack == pi {
-                            want.insert(*offset, (*len, Some(sha256.clone())));
+                            want.insert(*offset, (*len, Some(digest.clone())));
                         }
                     }
                 }

@@ -260,12 +260,12 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
                 manifest.packs.push(new_pack_key(1));
             }
             let pc = pack
-                .add_compressed(&c.frame, c.entry.clone(), c.sha256.clone())
+                .add_compressed(&c.frame, c.entry.clone(), c.digest.clone())
                 .map_err(|e| VolumeError::io("packing a chunk of", image, e))?;
             let pack_no = (manifest.packs.len() - 1) as u32;
             manifest
                 .chunks
-                .insert(idx, ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, sha256: pc.sha256 });
+                .insert(idx, ChunkRef::Packed { pack: pack_no, offset: pc.offset, len: pc.len, digest: pc.digest });
             if pack.len() as u64 >= opts.pack_size {
                 ship(std::mem::replace(&mut pack, new_pack()), &mut manifest, &mut uploads)?;
             }

@@ -10,6 +10,7 @@ pub mod adopt;
 pub mod commit;
 pub mod compress;
 pub mod crypto;
+pub mod digest;
 pub mod error;
 pub mod fork;
 pub mod format;

@@ -24,8 +24,8 @@ pub struct PackWriter {
 pub struct PackedChunk {
     pub offset: u64,
     pub len: u64,
-    /// Hex sha256 of the uncompressed data.
-    pub sha256: String,
+    /// [Digest](super::digest) of the uncompressed data.
+    pub digest: String,
 }
 
 impl PackWriter {
@@ -63,7 +63,7 @@ impl PackWriter {
         };
         self.buf.extend_from_slice(&frame);
         self.chunks += 1;
-        Ok(PackedChunk { offset, len: frame.len() as u64, sha256: sha256_hex(data) })
+        Ok(PackedChunk { offset, len: frame.len() as u64, digest: super::digest::of(data) })
     }
 
     /// Appends raw bytes (a patch) as one frame; returns its place. The
@@ -73,7 +73,7 @@ impl PackWriter {
         let offset = self.buf.len() as u64;
         self.buf.extend_from_slice(&frame);
         self.chunks += 1;
-        Ok(PackedChunk { offset, len: frame.len() as u64, sha256: sha256_hex(data) })
+        Ok(PackedChunk { offset, len: frame.len() as u64, digest: super::digest::of(data) })
     }
 
     /// Appends an already compressed frame (a patch copied by a repack) as
@@ -82,17 +82,17 @@ impl PackWriter {
         let offset = self.buf.len() as u64;
         self.buf.extend_from_slice(frame);
         self.chunks += 1;
-        PackedChunk { offset, len: frame.len() as u64, sha256: String::new() }
+        PackedChunk { offset, len: frame.len() as u64, digest: String::new() }
     }
 
     /// Appends a chunk compressed elsewhere (`super::compress`): its frame
     /// (its sub-frames, with `entry` describing them, in an indexed pack)
-    /// and the hex sha256 of its uncompressed bytes.
+    /// and the digest of its uncompressed bytes.
     pub fn add_compressed(
         &mut self,
         frame: &[u8],
         entry: Option<super::subframe::Entry>,
-        sha256: String,
+        digest: String,
     ) -> std::io::Result<PackedChunk> {
         let offset = self.buf.len() as u64;
         match (&mut self.index, entry) {
@@ -104,7 +104,7 @@ impl PackWriter {
         }
         self.buf.extend_from_slice(frame);
         self.chunks += 1;
-        Ok(PackedChunk { offset, len: frame.len() as u64, sha256 })
+        Ok(PackedChunk { offset, len: frame.len() as u64, digest })
     }
 
     /// Uncompressed bytes per sub-frame when chunks go in as sub-frames.
@@ -147,31 +147,34 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// Decodes one frame and verifies it is exactly `expected_len` bytes whose
-/// sha256 is `expected_sha256`. Errors say what was wrong; bad data is never
-/// returned.
-pub fn decode_chunk(frame: &[u8], expected_len: usize, expected_sha256: &str) -> Result<Vec<u8>, String> {
+/// [digest](super::digest) is `expected`. Errors say what was wrong; bad
+/// data is never returned.
+pub fn decode_chunk(frame: &[u8], expected_len: usize, expected: &str) -> Result<Vec<u8>, String> {
     // The capacity bound stops a corrupt frame from claiming a huge size.
     let data = zstd::bulk::decompress(frame, expected_len).map_err(|e| format!("zstd frame does not decode: {e}"))?;
     if data.len() != expected_len {
         return Err(format!("decoded to {} bytes, expected {expected_len}", data.len()));
     }
-    let got = sha256_hex(&data);
-    if got != expected_sha256 {
-        return Err(format!("sha256 mismatch: expected {expected_sha256}, got {got}"));
-    }
+    check_digest(&data, expected)?;
     Ok(data)
 }
 
-/// Decodes a stored chunk frame of at most `max_len` bytes whose sha256 is
-/// `expected_sha256`. A chunk stored while it was the image's last, short
+/// Checks that `data` has digest `expected`; the error says what it has.
+pub fn check_digest(data: &[u8], expected: &str) -> Result<(), String> {
+    if super::digest::matches(data, expected) {
+        return Ok(());
+    }
+    let got = super::digest::of_like(data, expected);
+    Err(format!("digest mismatch: expected {expected}, got {got}"))
+}
+
+/// Decodes a stored chunk frame of at most `max_len` bytes whose digest is
+/// `expected`. A chunk stored while it was the image's last, short
 /// chunk decodes shorter than the chunk is now (the image grew since; the
 /// rest reads as zeroes): the caller pads or cuts to the length it needs.
-pub fn decode_chunk_upto(frame: &[u8], max_len: usize, expected_sha256: &str) -> Result<Vec<u8>, String> {
+pub fn decode_chunk_upto(frame: &[u8], max_len: usize, expected: &str) -> Result<Vec<u8>, String> {
     let data = zstd::bulk::decompress(frame, max_len).map_err(|e| format!("zstd frame does not decode: {e}"))?;
-    let got = sha256_hex(&data);
-    if got != expected_sha256 {
-        return Err(format!("sha256 mismatch: expected {expected_sha256}, got {got}"));
-    }
+    check_digest(&data, expected)?;
     Ok(data)
 }
 
@@ -231,14 +234,14 @@ mod tests {
         let pb = w.add(&b).unwrap();
         let (pack, _) = w.finish();
         let fb = &pack[pb.offset as usize..(pb.offset + pb.len) as usize];
-        assert_eq!(decode_chunk(fb, b.len(), &pb.sha256).unwrap(), b);
+        assert_eq!(decode_chunk(fb, b.len(), &pb.digest).unwrap(), b);
         let fa = &pack[pa.offset as usize..(pa.offset + pa.len) as usize];
-        assert_eq!(decode_chunk(fa, a.len(), &pa.sha256).unwrap(), a);
-        assert!(decode_chunk(fa, a.len(), &pb.sha256).unwrap_err().contains("sha256"));
+        assert_eq!(decode_chunk(fa, a.len(), &pa.digest).unwrap(), a);
+        assert!(decode_chunk(fa, a.len(), &pb.digest).unwrap_err().contains("digest mismatch"));
         let mut bad = fb.to_vec();
         let mid = bad.len() / 2;
         bad[mid] ^= 0x40;
-        assert!(decode_chunk(&bad, b.len(), &pb.sha256).is_err());
-        assert!(decode_chunk(&fb[..fb.len() - 1], b.len(), &pb.sha256).is_err());
+        assert!(decode_chunk(&bad, b.len(), &pb.digest).is_err());
+        assert!(decode_chunk(&fb[..fb.len() - 1], b.len(), &pb.digest).is_err());
     }
 }

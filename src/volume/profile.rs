@@ -202,8 +202,10 @@ impl ProfileIndex {
             }
         }
         for (idx, d) in &self.chunk_refs {
-            if d != BASE_DIGEST && !is_sha256_hex(d) {
-                return Err(format!("chunk_refs entry of chunk {idx} is {d:?}, neither a sha256 nor {BASE_DIGEST:?}"));
+            if d != BASE_DIGEST && !super::digest::is_valid(d) {
+                return Err(format!(
+                    "chunk_refs entry of chunk {idx} is {d:?}, neither a chunk digest nor {BASE_DIGEST:?}"
+                ));
             }
         }
         let mut pack_end = 0u64;
@@ -323,7 +325,7 @@ pub fn ref_digest(r: &ChunkRef) -> Option<String> {
     match r {
         ChunkRef::Zero => None,
         ChunkRef::Base => Some(BASE_DIGEST.into()),
-        ChunkRef::Packed { sha256, .. } | ChunkRef::Patched { sha256, .. } => Some(sha256.clone()),
+        ChunkRef::Packed { digest, .. } | ChunkRef::Patched { digest, .. } => Some(digest.clone()),
     }
 }
 
@@ -938,7 +940,7 @@ mod tests {
             let r = match idx {
                 2 => ChunkRef::Zero,
                 3 => ChunkRef::Base,
-                _ => ChunkRef::Packed { pack: 0, offset: 0, len: 1, sha256: format!("{idx:064x}") },
+                _ => ChunkRef::Packed { pack: 0, offset: 0, len: 1, digest: format!("{idx:064x}") },
             };
             m.chunks.insert(idx, r);
         }
@@ -1088,7 +1090,7 @@ mod tests {
         assert!(profile_key(7, 9_999_999_999_999) < profile_key(8, 0));
         assert_eq!(ref_digest(&ChunkRef::Zero), None);
         assert_eq!(ref_digest(&ChunkRef::Base).as_deref(), Some("base"));
-        let p = ChunkRef::Packed { pack: 0, offset: 0, len: 1, sha256: "c".repeat(64) };
+        let p = ChunkRef::Packed { pack: 0, offset: 0, len: 1, digest: "c".repeat(64) };
         assert_eq!(ref_digest(&p), Some("c".repeat(64)));
     }
 

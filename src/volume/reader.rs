@@ -297,7 +297,7 @@ impl VolumeReader {
             std::fs::rename(&tmp, dir.join(name))
         };
         put(OFFLINE_HEADER, &self.header_raw)?;
-        // The manifest holds each chunk's sha256: of an encrypted volume it
+        // The manifest holds each chunk's digest: of an encrypted volume it
         // is kept sealed, as on the remote (docs/encryption.md).
         let m = self.manifest().to_bytes();
         match &self.key {
@@ -507,7 +507,7 @@ impl VolumeReader {
 
     async fn fetch_ref(&self, m: &Manifest, idx: u64, r: ChunkRef, want: usize) -> VolumeResult<Fetched> {
         match r {
-            ChunkRef::Patched { base, pack, offset, len, runs, sha256 } => {
+            ChunkRef::Patched { base, pack, offset, len, runs, digest } => {
                 let (b, p) =
                     futures::join!(self.fetch_plain(m, idx, &base, want), self.read_frame(m, idx, pack, offset, len));
                 let (mut b, frame) = (b?, p?);
@@ -526,10 +526,7 @@ impl VolumeReader {
                 let patch = zstd::bulk::decompress(&frame, plen)
                     .map_err(|e| corrupt(format!("patch frame does not decode: {e}")))?;
                 super::pack::apply_patch(&mut b.data, &runs, PATCH_PAGE, &patch).map_err(corrupt)?;
-                let got = super::pack::sha256_hex(&b.data);
-                if got != sha256 {
-                    return Err(corrupt(format!("patched chunk's sha256 mismatch: expected {sha256}, got {got}")));
-                }
+                super::pack::check_digest(&b.data, &digest).map_err(|e| corrupt(format!("patched chunk: {e}")))?;
                 b.data.truncate(want);
                 Ok(Fetched { data: b.data, wire_bytes: b.wire_bytes + len, chunk_ref: ChunkRef::Zero })
             }
@@ -784,7 +781,7 @@ impl VolumeReader {
                 data.resize(want, 0);
                 Ok(Fetched { data, wire_bytes: wire, chunk_ref: ChunkRef::Zero })
             }
-            ChunkRef::Packed { pack, offset, len, sha256 } => {
+            ChunkRef::Packed { pack, offset, len, digest } => {
                 let frame = self.read_frame(m, idx, *pack, *offset, *len).await?;
                 let key = &m.packs[*pack as usize];
                 let corrupt = |reason: String| VolumeError::CorruptChunk {
@@ -803,13 +800,10 @@ impl VolumeReader {
                 let mut data = match whole {
                     Some((ix, span)) => {
                         let data = ix.decode(*offset, &span, &frame).map_err(corrupt)?;
-                        let got = super::pack::sha256_hex(&data);
-                        if got != *sha256 {
-                            return Err(corrupt(format!("sha256 mismatch: expected {sha256}, got {got}")));
-                        }
+                        super::pack::check_digest(&data, digest).map_err(corrupt)?;
                         data
                     }
-                    None => decode_chunk_upto(&frame, self.chunk_size() as usize, sha256).map_err(corrupt)?,
+                    None => decode_chunk_upto(&frame, self.chunk_size() as usize, digest).map_err(corrupt)?,
                 };
                 data.resize(want, 0);
                 Ok(Fetched { data, wire_bytes: *len, chunk_ref: ChunkRef::Zero })

@@ -1,7 +1,8 @@
 //! Sub-frames: a chunk stored as independent zstd frames of a fixed
 //! uncompressed size, and the pack index (a zstd skippable frame at the end
 //! of the pack) listing each one's compressed length and hash, so a miss
-//! fetches, decodes and verifies only the part of a chunk it needs.
+//! fetches, decodes and verifies only the part of a chunk it needs. Index
+//! version 2 holds BLAKE3 hashes; version 1 (SHA-256) is still read.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +11,7 @@ use sha2::{Digest, Sha256};
 /// Uncompressed bytes per sub-frame: the default qcow2 cluster, so a
 /// guest's cluster-sized miss is one sub-frame.
 pub const SUB_SIZE: u32 = 64 << 10;
-/// Bytes of sha256 kept per sub-frame. The index itself is hashed in full
+/// Bytes of hash kept per sub-frame. The index itself is hashed in full
 /// by the manifest, so these only have to resist a second preimage of a
 /// writer's sub-frame (128 bits), not collisions an attacker chooses.
 pub const HASH_LEN: usize = 16;
@@ -18,7 +19,9 @@ pub const HASH_LEN: usize = 16;
 /// skippable; `zstd -d` ignores them).
 pub const SKIPPABLE_MAGIC: u32 = 0x184D_2A5D;
 const MAGIC: &[u8; 4] = b"DBSX";
-const VERSION: u8 = 1;
+/// Index version written: sub-frame hashes are BLAKE3. Version 1 (read
+/// still) held SHA-256 ones.
+const VERSION: u8 = 2;
 /// Largest chunk an entry may describe (the largest chunk size).
 const MAX_RAW: u32 = 64 << 20;
 /// Largest index accepted (a 64 GiB pack of 64 KiB sub-frames).
@@ -29,8 +32,8 @@ pub const MAX_INDEX: u64 = 32 << 20;
 pub struct Entry {
     /// Uncompressed length of the chunk as stored.
     pub raw_len: u32,
-    /// Compressed length and truncated sha256 (of the uncompressed bytes)
-    /// of each sub-frame, in order.
+    /// Compressed length and truncated hash (of the uncompressed bytes) of
+    /// each sub-frame, in order: BLAKE3 as [`compress`] makes them.
     pub subs: Vec<(u32, [u8; HASH_LEN])>,
 }
 
@@ -46,6 +49,30 @@ impl Entry {
 pub struct PackIndex {
     pub sub_size: u32,
     pub entries: BTreeMap<u64, Entry>,
+    /// The hash its entries hold (what the index version says).
+    pub hash: SubHash,
+}
+
+/// The hash of an index's sub-frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SubHash {
+    /// Index version 1.
+    Sha256,
+    /// Index version 2, what this version writes.
+    #[default]
+    Blake3,
+}
+
+impl SubHash {
+    /// Truncated hash of `data`.
+    pub fn short(self, data: &[u8]) -> [u8; HASH_LEN] {
+        let mut h = [0u8; HASH_LEN];
+        match self {
+            SubHash::Sha256 => h.copy_from_slice(&Sha256::digest(data)[..HASH_LEN]),
+            SubHash::Blake3 => h.copy_from_slice(&blake3::hash(data).as_bytes()[..HASH_LEN]),
+        }
+        h
+    }
 }
 
 /// Where sub-frames `first..last` of a chunk lie, and what they decode to.
@@ -59,14 +86,6 @@ pub struct Span {
     pub raw_len: u64,
     pub first: usize,
     pub last: usize,
-}
-
-/// Truncated sha256 of `data`.
-pub fn short_hash(data: &[u8]) -> [u8; HASH_LEN] {
-    let d = Sha256::digest(data);
-    let mut h = [0u8; HASH_LEN];
-    h.copy_from_slice(&d[..HASH_LEN]);
-    h
 }
 
 /// Compresses `data` as sub-frames of `sub_size` bytes; returns the frames
@@ -94,7 +113,7 @@ pub fn compress_with(
         out.resize(start + zstd::zstd_safe::compress_bound(p.len()), 0);
         let n = c.compress_to_buffer(p, &mut out[start..])?;
         out.truncate(start + n);
-        subs.push((n as u32, short_hash(p)));
+        subs.push((n as u32, SubHash::Blake3.short(p)));
     }
     Ok(Entry { raw_len: data.len() as u32, subs })
 }
@@ -102,7 +121,7 @@ pub fn compress_with(
 impl PackIndex {
     /// An empty index of `sub_size` sub-frames.
     pub fn new(sub_size: u32) -> Self {
-        Self { sub_size, entries: BTreeMap::new() }
+        Self { sub_size, entries: BTreeMap::new(), hash: SubHash::Blake3 }
     }
 
     /// The sub-frames of the frame at `frame_offset` (`frame_len` bytes, as
@@ -152,7 +171,7 @@ impl PackIndex {
             if data.len() != want {
                 return Err(format!("sub-frame {i} decoded to {} bytes, expected {want}", data.len()));
             }
-            if &short_hash(&data) != h {
+            if &self.hash.short(&data) != h {
                 return Err(format!("sub-frame {i} hash mismatch"));
             }
             out.extend_from_slice(&data);
@@ -164,7 +183,10 @@ impl PackIndex {
     pub fn encode(&self) -> Vec<u8> {
         let mut p = Vec::new();
         p.extend_from_slice(MAGIC);
-        p.push(VERSION);
+        p.push(match self.hash {
+            SubHash::Sha256 => 1,
+            SubHash::Blake3 => VERSION,
+        });
         p.push(HASH_LEN as u8);
         p.extend_from_slice(&[0, 0]);
         p.extend_from_slice(&self.sub_size.to_le_bytes());
@@ -201,8 +223,13 @@ impl PackIndex {
             return Err("bad index magic".into());
         }
         let v = r.take(4)?;
-        if v[0] != VERSION || v[1] as usize != HASH_LEN {
-            return Err(format!("unsupported index version {} (hash length {})", v[0], v[1]));
+        let hash = match v[0] {
+            1 => SubHash::Sha256,
+            VERSION => SubHash::Blake3,
+            _ => return Err(format!("unsupported index version {} (this driveblk reads 1 and {VERSION})", v[0])),
+        };
+        if v[1] as usize != HASH_LEN {
+            return Err(format!("unsupported hash length {} in the index", v[1]));
         }
         // Reserved: zero (one encoding per index; a later version says otherwise).
         if v[2..] != [0, 0] {
@@ -248,7 +275,7 @@ impl PackIndex {
         if !r.0.is_empty() {
             return Err(format!("{} trailing bytes", r.0.len()));
         }
-        Ok(Self { sub_size, entries })
+        Ok(Self { sub_size, entries, hash })
     }
 }
 
@@ -329,5 +356,41 @@ mod tests {
         let mut bad = enc.clone();
         bad[14] = 1;
         assert!(PackIndex::parse(&bad, 1 << 30).unwrap_err().contains("reserved"));
+    }
+
+    /// Packs written before index version 2 hold SHA-256 sub-frame hashes:
+    /// they still decode, and each kind is checked as its version says.
+    #[test]
+    fn version_1_indexes_of_sha256_hashes_still_verify() {
+        let d = data(200_000);
+        let (frames, mut e) = compress(&d, SUB_SIZE, 3).unwrap();
+        let blake3_subs = e.subs.clone();
+        for (i, s) in e.subs.iter_mut().enumerate() {
+            let end = ((i + 1) * SUB_SIZE as usize).min(d.len());
+            s.1 = SubHash::Sha256.short(&d[i * SUB_SIZE as usize..end]);
+        }
+        let mut ix = PackIndex::new(SUB_SIZE);
+        ix.hash = SubHash::Sha256;
+        ix.entries.insert(0, e);
+        let enc = ix.encode();
+        assert_eq!(enc[12], 1, "written as version 1");
+        let parsed = PackIndex::parse(&enc, frames.len() as u64).unwrap();
+        assert_eq!(parsed.hash, SubHash::Sha256);
+        let s = parsed.span(0, frames.len() as u64, 0, d.len() as u64).unwrap();
+        assert_eq!(parsed.decode(0, &s, &frames).unwrap(), d);
+        // The same hashes read as version 2 (BLAKE3) are a mismatch, and
+        // BLAKE3 hashes verify only as version 2.
+        let mut wrong = enc.clone();
+        wrong[12] = VERSION;
+        let wrong = PackIndex::parse(&wrong, frames.len() as u64).unwrap();
+        assert!(wrong.decode(0, &s, &frames).unwrap_err().contains("hash mismatch"));
+        let mut ix = PackIndex::new(SUB_SIZE);
+        ix.entries.insert(0, Entry { raw_len: d.len() as u32, subs: blake3_subs });
+        let v2 = PackIndex::parse(&ix.encode(), frames.len() as u64).unwrap();
+        assert_eq!(v2.hash, SubHash::Blake3);
+        assert_eq!(v2.decode(0, &s, &frames).unwrap(), d);
+        let mut bad = ix.encode();
+        bad[12] = 3;
+        assert!(PackIndex::parse(&bad, 1 << 30).unwrap_err().contains("version 3"));
     }
 }

@@ -414,14 +414,15 @@ impl Inner {
     /// none, e.g. a base file's bytes). Caller holds the stripe lock.
     fn profile_completes_chunk(&self, idx: u64, off: u64, pages: &[u8]) -> io::Result<bool> {
         let r = self.vol.chunk_ref(idx);
-        let Some(want) = r.content_sha256() else { return Ok(true) };
+        let Some(want) = r.content_digest() else { return Ok(true) };
         let mut chunk = self.ssd.read_chunk(idx)?;
         let end = (off as usize + pages.len()).min(chunk.len());
         chunk[off as usize..end].copy_from_slice(&pages[..end - off as usize]);
         // Packed digests cover the chunk's bytes inside the image (the last
         // chunk may be short); patched ones the whole chunk.
         let inside = self.ssd.len().saturating_sub(idx * self.cs).min(self.cs) as usize;
-        Ok(crate::volume::pack::sha256_hex(&chunk) == want || crate::volume::pack::sha256_hex(&chunk[..inside]) == want)
+        use crate::volume::digest::matches;
+        Ok(matches(&chunk, want) || matches(&chunk[..inside], want))
     }
 
     /// Streams every segment of the profile, in order, many at a time:

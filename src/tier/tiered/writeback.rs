@@ -738,8 +738,8 @@ impl Inner {
                     ChunkRef::Zero => data[..n].iter().all(|&b| b == 0),
                     ChunkRef::Base => false,
                     // Patched chunks are hashed at the full chunk size.
-                    ChunkRef::Patched { sha256, .. } => crate::volume::pack::sha256_hex(&data) == *sha256,
-                    ChunkRef::Packed { sha256, .. } => crate::volume::pack::sha256_hex(&data[..n]) == *sha256,
+                    ChunkRef::Patched { digest, .. } => crate::volume::digest::matches(&data, digest),
+                    ChunkRef::Packed { digest, .. } => crate::volume::digest::matches(&data[..n], digest),
                 };
             if same {
                 clean.insert(idx, seq);
