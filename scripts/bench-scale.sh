@@ -43,7 +43,7 @@ while [[ $# -gt 0 ]]; do
         *) die "unknown argument $1" ;;
     esac
 done
-QUIET_RUN=${QUIET_RUN-$([[ -x /work/quiet-run.sh ]] && echo /work/quiet-run.sh)}
+QUIET_RUN=${QUIET_RUN-$([[ -x /work/quiet-run.sh ]] && echo /work/quiet-run.sh || true)}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 DRIVEBLK=${DRIVEBLK_BIN:-$TARGET/release/driveblk}
 EMU=${DRIVEEMU_BIN:-$TARGET/release/driveemu}
