@@ -50,8 +50,13 @@ const SUM: usize = 32;
 /// Largest payload accepted on replay (a record for every chunk of a huge
 /// image with bitmaps stays far below this).
 const MAX_PAYLOAD: usize = 256 << 20;
-/// The file is extended with zeroes in steps of this many bytes.
+/// The file is extended with zeroes in steps of at least this many bytes,
 const PREALLOC: u64 = 1 << 20;
+/// and of at most this many: a step is as long as the file already is, so
+/// a new cache's journal filling with tens of MiB of logged writes pays a
+/// handful of slower syncs (each extension's fdatasync also writes its
+/// zeroes and the new size), not one every 250 small writes.
+const PREALLOC_MAX_STEP: u64 = 8 << 20;
 
 /// One chunk's new entry in the map.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,7 +260,8 @@ impl Journal {
         if need <= self.alloc {
             return Ok(());
         }
-        let end = need.next_multiple_of(PREALLOC);
+        let step = self.alloc.clamp(PREALLOC, PREALLOC_MAX_STEP);
+        let end = need.max(self.alloc + step).next_multiple_of(PREALLOC);
         self.file.write_all_at(&vec![0u8; (end - self.alloc) as usize], self.alloc)?;
         self.alloc = end;
         Ok(())
@@ -424,6 +430,30 @@ mod tests {
             "older records after the new ones were replayed"
         );
         assert!(Journal::replay(d.path(), 5, 2).is_empty());
+    }
+
+    /// A journal that fills with logged writes grows in doubling steps (up
+    /// to PREALLOC_MAX_STEP): few extensions, each one a slower sync.
+    #[test]
+    fn a_growing_journal_extends_in_doubling_steps() {
+        let d = tempfile::tempdir().unwrap();
+        let size = || std::fs::metadata(d.path().join("journal")).unwrap().len();
+        let mut j = Journal::open(d.path(), 0, 2).unwrap();
+        j.reset(1).unwrap();
+        let mut r = rec(1, 1, 2, None);
+        r.writes = vec![Logged { at: 0, bytes: vec![5; 4096] }];
+        let (mut sizes, mut appended) = (vec![size()], 0);
+        while j.len() < 32 << 20 {
+            j.append_unsynced(&r).unwrap();
+            appended += 1;
+            if size() != *sizes.last().unwrap() {
+                sizes.push(size());
+            }
+        }
+        j.sync().unwrap();
+        let mib = |n: u64| n << 20;
+        assert_eq!(sizes, [1, 2, 4, 8, 16, 24, 32, 40].map(mib), "sizes the journal grew through");
+        assert_eq!(Journal::replay(d.path(), 1, 2).len(), appended);
     }
 
     #[test]
