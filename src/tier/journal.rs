@@ -405,15 +405,25 @@ mod tests {
         assert_eq!(Journal::replay(d.path(), 9, 2), vec![c]);
     }
 
+    /// A journal in a new directory, started over after `checkpoint`.
+    fn reset_journal(checkpoint: u64) -> (tempfile::TempDir, Journal) {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path(), 0, 2).unwrap();
+        j.reset(checkpoint).unwrap();
+        (d, j)
+    }
+
+    fn file_len(d: &tempfile::TempDir) -> u64 {
+        std::fs::metadata(d.path().join("journal")).unwrap().len()
+    }
+
     /// Appends after a checkpoint change no file size (their fdatasync is a
     /// data write, not a filesystem metadata commit), and a checkpoint
     /// overwrites the old records in place rather than truncating.
     #[test]
     fn appends_overwrite_preallocated_zeroes() {
-        let d = tempfile::tempdir().unwrap();
-        let size = || std::fs::metadata(d.path().join("journal")).unwrap().len();
-        let mut j = Journal::open(d.path(), 0, 2).unwrap();
-        j.reset(5).unwrap();
+        let (d, mut j) = reset_journal(5);
+        let size = || file_len(&d);
         assert_eq!(size(), PREALLOC);
         let recs: Vec<Record> = (0..50).map(|i| rec(1, i, 2, None)).collect();
         for r in &recs {
@@ -436,10 +446,8 @@ mod tests {
     /// to PREALLOC_MAX_STEP): few extensions, each one a slower sync.
     #[test]
     fn a_growing_journal_extends_in_doubling_steps() {
-        let d = tempfile::tempdir().unwrap();
-        let size = || std::fs::metadata(d.path().join("journal")).unwrap().len();
-        let mut j = Journal::open(d.path(), 0, 2).unwrap();
-        j.reset(1).unwrap();
+        let (d, mut j) = reset_journal(1);
+        let size = || file_len(&d);
         let mut r = rec(1, 1, 2, None);
         r.writes = vec![Logged { at: 0, bytes: vec![5; 4096] }];
         let (mut sizes, mut appended) = (vec![size()], 0);
