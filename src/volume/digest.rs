@@ -35,8 +35,13 @@ pub fn matches(data: &[u8], want: &str) -> bool {
 
 /// True when `s` is a well-formed digest of either kind.
 pub fn is_valid(s: &str) -> bool {
-    let hex = s.strip_prefix(BLAKE3_PREFIX).unwrap_or(s);
-    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    is_hex64(s.strip_prefix(BLAKE3_PREFIX).unwrap_or(s))
+}
+
+/// True when `s` is 64 lowercase hex digits (a bare SHA-256, or the hex
+/// of a BLAKE3 digest).
+pub fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 #[cfg(test)]

@@ -217,7 +217,7 @@ impl ProfileIndex {
         let max_extents = (MAX_SEGMENT_RAW / PAGE_SIZE + 1) as usize;
         for (i, s) in self.segments.iter().enumerate() {
             let bad = |what: String| format!("segment {i}: {what}");
-            if !is_sha256_hex(&s.sha256) {
+            if !super::digest::is_hex64(&s.sha256) {
                 return Err(bad(format!("sha256 {:?} is not 64 hex digits", s.sha256)));
             }
             if s.extents.is_empty() {
@@ -312,10 +312,6 @@ impl ProfileIndex {
             k => &self.packs[k as usize - 1],
         }
     }
-}
-
-fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
 /// The digest recorded in `chunk_refs` for a chunk ref: Some(sha256) for
