@@ -1628,20 +1628,21 @@ async fn download(
 
 // ---------------------------------------------------------------- list, copy, ids, about
 
+/// A count parameter (`count`, `pageSize`): 1 to 1000, `default` when absent.
+fn count_param(params: &HashMap<String, String>, name: &str, default: usize) -> Result<usize, Fail> {
+    let Some(v) = params.get(name) else { return Ok(default) };
+    match v.parse::<usize>() {
+        Ok(n) if (1..=1000).contains(&n) => Ok(n),
+        _ => Err(ApiError::invalid_param_msg(
+            name,
+            format!("Invalid value for {name}: {v}. Values must be within the range: [1, 1000]"),
+        )
+        .into()),
+    }
+}
+
 fn generate_ids(sh: &Shared, params: &HashMap<String, String>) -> R {
-    let count = match params.get("count") {
-        None => 10,
-        Some(c) => match c.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::invalid_param_msg(
-                    "count",
-                    format!("Invalid value for count: {c}. Values must be within the range: [1, 1000]"),
-                )
-                .into())
-            }
-        },
-    };
+    let count = count_param(params, "count", 10)?;
     let space = params.get("space").map(String::as_str).unwrap_or("drive");
     if space != "drive" && space != "appDataFolder" {
         return Err(ApiError::invalid_param_msg("space", format!("Invalid value for space: {space}")).into());
@@ -1730,19 +1731,7 @@ fn fnv(s: &str) -> u64 {
 }
 
 fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
-    let page_size = match params.get("pageSize") {
-        None => 100,
-        Some(p) => match p.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::invalid_param_msg(
-                    "pageSize",
-                    format!("Invalid value for pageSize: {p}. Values must be within the range: [1, 1000]"),
-                )
-                .into())
-            }
-        },
-    };
+    let page_size = count_param(params, "pageSize", 100)?;
     let expr = match params.get("q").filter(|q| !q.trim().is_empty()) {
         Some(q) => Some(query::parse(q)?),
         None => None,
