@@ -112,6 +112,34 @@ pub(crate) struct FileRec {
 }
 
 impl FileRec {
+    /// The root folder of My Drive (`drive_id` None) or of a shared drive.
+    fn root(id: String, name: &str, drive_id: Option<String>, seq: u64, now: i64) -> FileRec {
+        FileRec {
+            id,
+            name: name.to_string(),
+            mime_type: FOLDER_MIME.into(),
+            parents: vec![],
+            drive_id,
+            content: None,
+            version: 1,
+            revisions: vec![],
+            created_ms: now,
+            modified_ms: now,
+            trashed: false,
+            explicitly_trashed: false,
+            starred: false,
+            description: None,
+            original_filename: None,
+            app_properties: BTreeMap::new(),
+            properties: BTreeMap::new(),
+            seq,
+            listable_at: Instant::now(),
+            is_root: true,
+            abusive: false,
+            read_only: false,
+        }
+    }
+
     pub fn size(&self) -> u64 {
         self.content.as_ref().map_or(0, |c| c.data.len() as u64)
     }
@@ -240,30 +268,7 @@ impl Store {
     pub fn new(mut rng: StdRng) -> Store {
         let root_id = new_root_id(&mut rng);
         let now = crate::util::now_ms();
-        let root = FileRec {
-            id: root_id.clone(),
-            name: "My Drive".into(),
-            mime_type: FOLDER_MIME.into(),
-            parents: vec![],
-            drive_id: None,
-            content: None,
-            version: 1,
-            revisions: vec![],
-            created_ms: now,
-            modified_ms: now,
-            trashed: false,
-            explicitly_trashed: false,
-            starred: false,
-            description: None,
-            original_filename: None,
-            app_properties: BTreeMap::new(),
-            properties: BTreeMap::new(),
-            seq: 0,
-            listable_at: Instant::now(),
-            is_root: true,
-            abusive: false,
-            read_only: false,
-        };
+        let root = FileRec::root(root_id.clone(), "My Drive", None, 0, now);
         let mut files = HashMap::new();
         files.insert(root_id.clone(), root);
         Store { files, generated: HashSet::new(), drives: HashMap::new(), root_id, rng, seq: 1 }
@@ -517,30 +522,7 @@ impl Store {
         let now = crate::util::now_ms();
         let d = DriveRec { id: id.clone(), name: name.to_string(), created_ms: now };
         self.seq += 1;
-        let root = FileRec {
-            id: id.clone(),
-            name: name.to_string(),
-            mime_type: FOLDER_MIME.into(),
-            parents: vec![],
-            drive_id: Some(id.clone()),
-            content: None,
-            version: 1,
-            revisions: vec![],
-            created_ms: now,
-            modified_ms: now,
-            trashed: false,
-            explicitly_trashed: false,
-            starred: false,
-            description: None,
-            original_filename: None,
-            app_properties: BTreeMap::new(),
-            properties: BTreeMap::new(),
-            seq: self.seq,
-            listable_at: Instant::now(),
-            is_root: true,
-            abusive: false,
-            read_only: false,
-        };
+        let root = FileRec::root(id.clone(), name, Some(id.clone()), self.seq, now);
         self.files.insert(id.clone(), root);
         self.drives.insert(id, d.clone());
         d
