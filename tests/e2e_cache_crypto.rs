@@ -10,10 +10,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use common::{bin, run_ok, Client, Daemon};
+use common::{run_ok, Client, Daemon};
 
 const SIZE: usize = 8 << 20;
 
@@ -36,19 +34,9 @@ fn serve(sock: &Path, url: &str, cache: &Path, extra: &[&str]) -> Daemon {
 
 /// `serve` that must fail at open; returns its stderr.
 fn serve_err(sock: &Path, url: &str, cache: &Path, extra: &[&str]) -> String {
-    let mut child = Command::new(bin())
-        .args(["serve", "--socket", sock.to_str().unwrap(), "--volume", url, "--format", "raw"])
-        .args(["--cache-dir", cache.to_str().unwrap()])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let st = common::wait_timeout(&mut child, Duration::from_secs(60));
-    assert!(!st.success(), "serve {extra:?} succeeded");
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    err
+    let mut args = vec!["--volume", url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    common::serve_fails(sock, &args)
 }
 
 /// Every file under `dir`, with its bytes.

@@ -12,7 +12,7 @@ mod gdrive_support;
 mod tier_support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use gdrive_support::{start, Creds};
@@ -67,20 +67,10 @@ fn gdrive_encrypted_volume_serves_writes_back_forks_and_drive_holds_no_plaintext
         common::Daemon::start(&sock, &a)
     };
     let serve_err = |url: &str, cache: &Path, extra: &[&str]| -> String {
-        let mut child = Command::new(common::bin())
-            .args(["serve", "--socket", sock.to_str().unwrap(), "--volume", url, "--format", "raw"])
-            .args(["--cache-dir", cache.to_str().unwrap()])
-            .args(extra)
-            .args(flags)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let st = common::wait_timeout(&mut child, Duration::from_secs(60));
-        assert!(!st.success(), "serve {extra:?} succeeded");
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-        err
+        let mut a = vec!["--volume", url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&flags);
+        common::serve_fails(&sock, &a)
     };
 
     // The control: a plaintext volume's packs hold its image literally.

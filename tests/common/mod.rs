@@ -84,6 +84,23 @@ impl Daemon {
     }
 }
 
+/// Runs `driveblk serve --socket SOCKET ARGS`, which must fail (within a
+/// minute); returns its stderr.
+pub fn serve_fails(socket: &Path, args: &[&str]) -> String {
+    let mut child = Command::new(bin())
+        .args(["serve", "--socket", socket.to_str().unwrap()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = wait_timeout(&mut child, Duration::from_secs(60));
+    assert!(!st.success(), "serve {args:?} succeeded");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    err
+}
+
 pub fn wait_timeout(child: &mut Child, t: Duration) -> ExitStatus {
     let deadline = Instant::now() + t;
     loop {
