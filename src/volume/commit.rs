@@ -182,9 +182,11 @@ impl GenerationBuilder {
             }
             return Ok(());
         }
-        // Compared in the kind the parent recorded (an older version's
-        // chunk has a SHA-256 digest).
-        if old.content_digest().is_some_and(|d| digest::matches(&data, d)) {
+        // Hashed once, for the comparison and the new reference. Compared
+        // in the kind the parent recorded (an older version's chunk has a
+        // SHA-256 digest).
+        let data_digest = digest::of(&data);
+        if old.content_digest().is_some_and(|d| digest::matches_known(&data, &data_digest, d)) {
             self.stats.chunks_unchanged += 1;
             return Ok(());
         }
@@ -197,13 +199,18 @@ impl GenerationBuilder {
         let body = match &patch {
             Some((_, runs)) => {
                 let mut full = data;
-                full.resize(cs, 0);
-                padded_digest = digest::of(&full);
+                padded_digest = if full.len() == cs {
+                    data_digest.clone()
+                } else {
+                    full.resize(cs, 0);
+                    digest::of(&full)
+                };
                 extract_patch(&full, runs, PATCH_PAGE)
             }
             None => data,
         };
-        let (pack_no, pc) = self.pack_frame(body, patch.is_some()).await?;
+        let whole_digest = patch.is_none().then_some(data_digest);
+        let (pack_no, pc) = self.pack_frame(body, whole_digest).await?;
         let r = match patch {
             Some((mut base, runs)) => {
                 // The base names a pack of the parent's table; the delta
@@ -244,9 +251,14 @@ impl GenerationBuilder {
         }
     }
 
-    /// Compresses `body` into the current pack as one frame; returns the
+    /// Compresses `body` into the current pack: a whole chunk (with its
+    /// digest) as sub-frames, a patch (no digest) as one frame. Returns the
     /// pack's index in the delta's table and the frame's place.
-    async fn pack_frame(&mut self, body: Vec<u8>, patch: bool) -> VolumeResult<(u32, super::pack::PackedChunk)> {
+    async fn pack_frame(
+        &mut self,
+        body: Vec<u8>,
+        whole_digest: Option<String>,
+    ) -> VolumeResult<(u32, super::pack::PackedChunk)> {
         if self.pack.is_empty() {
             self.delta.packs.push(new_pack_key(self.delta.generation));
             self.current = (self.delta.packs.len() - 1) as u32;
@@ -255,7 +267,10 @@ impl GenerationBuilder {
         let (pack, pc) = tokio::task::spawn_blocking(move || {
             let mut pack = pack;
             // A patch is one frame, read whole; a chunk is sub-frames.
-            let pc = if patch { pack.add_frame(&body) } else { pack.add(&body) };
+            let pc = match whole_digest {
+                Some(d) => pack.add_digested(&body, d),
+                None => pack.add_frame(&body),
+            };
             (pack, pc)
         })
         .await

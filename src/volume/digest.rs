@@ -33,6 +33,16 @@ pub fn matches(data: &[u8], want: &str) -> bool {
     is_valid(want) && of_like(data, want) == want
 }
 
+/// [`matches`] for `data` whose digest by [`of`] is already `known`: hashes
+/// again only when `want` is of the older kind.
+pub fn matches_known(data: &[u8], known: &str, want: &str) -> bool {
+    if want.starts_with(BLAKE3_PREFIX) {
+        is_valid(want) && known == want
+    } else {
+        matches(data, want)
+    }
+}
+
 /// True when `s` is a well-formed digest of either kind.
 pub fn is_valid(s: &str) -> bool {
     is_hex64(s.strip_prefix(BLAKE3_PREFIX).unwrap_or(s))
@@ -62,6 +72,13 @@ mod tests {
         assert!(!matches(b"other", &old));
         for bad in ["", "blake3:", "xyz", &old[..63], &format!("sha1:{old}"), &old.to_uppercase()] {
             assert!(!is_valid(bad) && !matches(data, bad), "{bad:?}");
+            assert!(!matches_known(data, &new, bad), "{bad:?}");
         }
+        // With the digest known, a BLAKE3 digest compares as it is and an
+        // old SHA-256 one is computed.
+        assert!(matches_known(data, &new, &new));
+        assert!(!matches_known(data, &new, &of(b"other")));
+        assert!(matches_known(data, &new, &old));
+        assert!(!matches_known(b"other", &of(b"other"), &old));
     }
 }

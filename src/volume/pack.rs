@@ -52,6 +52,12 @@ impl PackWriter {
     /// Appends one chunk, compressed on its own (as sub-frames in an
     /// indexed pack).
     pub fn add(&mut self, data: &[u8]) -> std::io::Result<PackedChunk> {
+        self.add_digested(data, super::digest::of(data))
+    }
+
+    /// [`add`](Self::add) for a chunk whose digest (by `digest::of`) the
+    /// caller already has.
+    pub fn add_digested(&mut self, data: &[u8], digest: String) -> std::io::Result<PackedChunk> {
         let offset = self.buf.len() as u64;
         let frame = match &mut self.index {
             Some(ix) => {
@@ -63,17 +69,15 @@ impl PackWriter {
         };
         self.buf.extend_from_slice(&frame);
         self.chunks += 1;
-        Ok(PackedChunk { offset, len: frame.len() as u64, digest: super::digest::of(data) })
+        Ok(PackedChunk { offset, len: frame.len() as u64, digest })
     }
 
-    /// Appends raw bytes (a patch) as one frame; returns its place. The
-    /// hash is of `data` itself. Patches are read whole: never indexed.
+    /// Appends raw bytes (a patch) as one frame; returns its place, without
+    /// a digest: a patch is checked by its patched chunk's digest. Patches
+    /// are read whole: never indexed.
     pub fn add_frame(&mut self, data: &[u8]) -> std::io::Result<PackedChunk> {
         let frame = zstd::bulk::compress(data, ZSTD_LEVEL)?;
-        let offset = self.buf.len() as u64;
-        self.buf.extend_from_slice(&frame);
-        self.chunks += 1;
-        Ok(PackedChunk { offset, len: frame.len() as u64, digest: super::digest::of(data) })
+        Ok(self.add_raw_frame(&frame))
     }
 
     /// Appends an already compressed frame (a patch copied by a repack) as
