@@ -173,7 +173,22 @@ impl GenerationBuilder {
     /// read stays two ranged reads).
     pub async fn add_chunk(&mut self, idx: u64, data: Vec<u8>, changed: Option<&[u64]>) -> VolumeResult<()> {
         let old = self.parent.chunk(idx, self.has_base);
-        if data.iter().all(|&b| b == 0) {
+        let want = old.content_digest().map(str::to_string);
+        // Scanned and hashed off the async workers (guest misses wait on
+        // them), once for both the comparison and the new reference.
+        // Compared in the kind the parent recorded (an older version's
+        // chunk has a SHA-256 digest).
+        let (data, data_digest, same) = tokio::task::spawn_blocking(move || {
+            if data.iter().all(|&b| b == 0) {
+                return (data, None, false);
+            }
+            let d = digest::of(&data);
+            let same = want.is_some_and(|w| digest::matches_known(&data, &d, &w));
+            (data, Some(d), same)
+        })
+        .await
+        .map_err(VolumeError::task("hashing a chunk"))?;
+        let Some(data_digest) = data_digest else {
             if old == ChunkRef::Zero {
                 self.stats.chunks_unchanged += 1;
             } else {
@@ -181,12 +196,8 @@ impl GenerationBuilder {
                 self.stats.chunks_zero += 1;
             }
             return Ok(());
-        }
-        // Hashed once, for the comparison and the new reference. Compared
-        // in the kind the parent recorded (an older version's chunk has a
-        // SHA-256 digest).
-        let data_digest = digest::of(&data);
-        if old.content_digest().is_some_and(|d| digest::matches_known(&data, &data_digest, d)) {
+        };
+        if same {
             self.stats.chunks_unchanged += 1;
             return Ok(());
         }
