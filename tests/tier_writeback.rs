@@ -666,3 +666,52 @@ fn a_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() {
     assert_eq!(volume::info(&vurl).unwrap().generation, g + 1, "closing committed the same changes again");
     assert!(fresh_view(d.path(), &vurl, "b") == expect, "the committed generation holds every change");
 }
+
+/// As above, but the commit's reply is lost too: the retry meets the fence,
+/// adopts the generation as this cache's own, and cannot save the state
+/// that says so. It must say the state could not be saved, and neither
+/// retries nor closing may commit another generation on top.
+#[test]
+fn an_adopted_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() {
+    use rand::RngCore;
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 << 20, 37);
+    let cache = d.path().join("a");
+    let faults = FaultPlan::new(11);
+    let remote = counted(Arc::new(RemoteMetrics::default()), Some(faults.clone()), Shaping::default());
+    let mut o = cache_opts(&cache, remote);
+    o.remote.retry.max_attempts = 1;
+    o.writeback.sync_interval = Duration::from_secs(3600);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    write(&*s, 100, &[1; 3000], &mut expect);
+    guest_flush(&*s);
+    s.request_sync();
+    wait_committed(&s, 1);
+    let g = volume::info(&vurl).unwrap().generation;
+    // Past the journal's checkpoint size (as above), so saving the state
+    // writes the state file, which the deleted folder cannot take.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    for i in 0..320u64 {
+        let mut b = vec![0u8; 4096];
+        rng.fill_bytes(&mut b);
+        write(&*s, (i % 16) * 4096, &b, &mut expect);
+    }
+    guest_flush(&*s);
+    std::fs::remove_dir_all(&cache).unwrap();
+    faults.lose_create_replies(1);
+    s.request_sync();
+    let t0 = std::time::Instant::now();
+    while !s.sync_status().unwrap().last_error.as_deref().is_some_and(|e| e.contains("could not be saved")) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never said so: {:?}", s.sync_status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(volume::info(&vurl).unwrap().generation, g + 1);
+    assert_eq!(s.sync_status().unwrap().conflict, None);
+    // Failed commits are retried after 1, 2 and 4 s: none may come.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(volume::info(&vurl).unwrap().generation, g + 1, "the same changes were committed again");
+    s.close(Duration::from_secs(30));
+    drop(s);
+    assert_eq!(volume::info(&vurl).unwrap().generation, g + 1, "closing committed the same changes again");
+    assert!(fresh_view(d.path(), &vurl, "b") == expect, "the adopted generation holds every change");
+}

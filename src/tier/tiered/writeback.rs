@@ -609,8 +609,9 @@ impl Inner {
             Err(VolumeError::Conflict { url, generation, by }) => {
                 // Maybe our own earlier attempt landed and its reply was lost
                 // beyond the retries: then adopt it, nothing forked.
-                if self.clone().adopt_own_generations().await? {
-                    return Ok(None);
+                if let Some(saved) = self.clone().adopt_own_generations().await? {
+                    // As below: adopted and served, so never committed again.
+                    return Ok(saved.err().map(|e| unsaved(self.vol.generation(), &e)));
                 }
                 // `driveblk gc` repacked the volume (same bytes, new packs):
                 // build this cut again on top of that, nothing forked.
@@ -646,10 +647,7 @@ impl Inner {
         // The generation is committed and served: retrying the cut would
         // commit the same changes again, and again, while the state cannot
         // be saved. A restart recognises the generation as this cache's.
-        Ok(saved.err().map(|e| {
-            tracing::error!(generation = g, error = %e, "write-back: committed a generation, but could not save this cache's state");
-            format!("generation {g} is committed, but this cache's state could not be saved: {e}")
-        }))
+        Ok(saved.err().map(|e| unsaved(g, &e)))
     }
 
     /// Serves `manifest` from now on and marks the committed chunks clean
@@ -679,18 +677,22 @@ impl Inner {
     /// After a fence conflict: if every generation past ours was committed
     /// by this cache (an attempt that landed but whose reply was lost),
     /// serves the newest and marks clean the dirty chunks whose bytes it
-    /// holds. Returns false when someone else committed (a real conflict).
-    async fn adopt_own_generations(self: Arc<Self>) -> VolumeResult<bool> {
+    /// holds, and returns whether the cache state saying so was saved.
+    /// None when someone else committed (a real conflict).
+    async fn adopt_own_generations(self: Arc<Self>) -> VolumeResult<Option<VolumeResult<()>>> {
         let newest = self.vol.newest_manifest().await?;
         let mine = self.vol.generations_by(self.ssd.cache_id(), self.vol.generation() + 1, newest.generation).await?;
         if !mine {
-            return Ok(false);
+            return Ok(None);
         }
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.reconcile_dirty(newest))
-            .await
-            .map_err(VolumeError::task("reconciling the cache with the volume"))??;
-        Ok(true)
+        let saved = tokio::task::spawn_blocking(move || -> VolumeResult<VolumeResult<()>> {
+            let clean = me.clean_in(&newest)?;
+            Ok(me.install_adopted(newest, &clean))
+        })
+        .await
+        .map_err(VolumeError::task("reconciling the cache with the volume"))??;
+        Ok(Some(saved))
     }
 
     /// After a fence conflict: if every generation past ours is a gc
@@ -722,6 +724,22 @@ impl Inner {
     /// Serves `newest` (committed from this cache's data) and marks clean
     /// every dirty chunk whose bytes equal what it references.
     pub(super) fn reconcile_dirty(&self, newest: crate::volume::Manifest) -> VolumeResult<()> {
+        let clean = self.clean_in(&newest)?;
+        self.install_adopted(newest, &clean)
+    }
+
+    fn install_adopted(&self, newest: crate::volume::Manifest, clean: &BTreeMap<u64, u64>) -> VolumeResult<()> {
+        tracing::info!(
+            generation = newest.generation,
+            chunks = clean.len(),
+            "write-back: adopted generations this cache committed earlier"
+        );
+        self.install_generation(newest, clean)
+    }
+
+    /// The dirty chunks (with their write sequence) whose bytes equal what
+    /// `newest` references: those a commit of this cache already holds.
+    fn clean_in(&self, newest: &crate::volume::Manifest) -> VolumeResult<BTreeMap<u64, u64>> {
         let has_base = self.vol.base.is_some();
         let mut clean = BTreeMap::new();
         for (idx, seq) in self.ssd.dirty_set() {
@@ -745,12 +763,7 @@ impl Inner {
                 clean.insert(idx, seq);
             }
         }
-        tracing::info!(
-            generation = newest.generation,
-            chunks = clean.len(),
-            "write-back: adopted generations this cache committed earlier"
-        );
-        self.install_generation(newest, &clean)
+        Ok(clean)
     }
 
     /// Close: cuts what is left and waits up to `timeout` for it to be
@@ -842,4 +855,13 @@ impl Inner {
         self.ssd.set_generation(m);
         self.ssd.persist().map_err(|e| VolumeError::io("persisting cache state in", self.ssd.dir(), e))
     }
+}
+
+/// What the status says of a generation committed (or adopted) and served
+/// whose cache state could not be saved: retrying would commit the same
+/// changes again, and again, while it cannot be; a restart recognises the
+/// generation as this cache's.
+fn unsaved(generation: u64, e: &VolumeError) -> String {
+    tracing::error!(generation, error = %e, "write-back: committed a generation, but could not save this cache's state");
+    format!("generation {generation} is committed, but this cache's state could not be saved: {e}")
 }
