@@ -715,3 +715,139 @@ fn an_adopted_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() 
     assert_eq!(volume::info(&vurl).unwrap().generation, g + 1, "closing committed the same changes again");
     assert!(fresh_view(d.path(), &vurl, "b") == expect, "the adopted generation holds every change");
 }
+
+/// Pack objects in a `dir:` volume folder.
+fn packs_in(folder: &std::path::Path) -> usize {
+    std::fs::read_dir(folder)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("pack-"))
+        .count()
+}
+
+/// Writes 32 chunks of fresh random data into a store whose packs hold a
+/// chunk each, over a 16 Mbit/s link, and takes the remote down once half
+/// of them have gone up. Returns what the disk holds and how many packs
+/// the folder had at the outage's end.
+/// With `pages`, writes one 4 KiB page into each chunk instead (each goes
+/// up as a patch over the chunk's imported version).
+fn upload_cut_short(
+    d: &std::path::Path,
+    s: &driveblk::tier::tiered::TieredStore,
+    faults: &FaultPlan,
+    expect: &mut Vec<u8>,
+    pages: bool,
+) -> usize {
+    use rand::RngCore;
+    let folder = d.join("remote/vol");
+    let before = packs_in(&folder);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    if pages {
+        for i in 0..32 {
+            let mut page = vec![0u8; 4096];
+            rng.fill_bytes(&mut page);
+            write(s, i * CS + 4096 * (i % 7), &page, expect);
+        }
+    } else {
+        let mut data = vec![0u8; 32 * CS as usize];
+        rng.fill_bytes(&mut data);
+        write(s, 0, &data, expect);
+    }
+    guest_flush(s);
+    s.request_sync();
+    let t0 = std::time::Instant::now();
+    while packs_in(&folder) < before + 16 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the upload never got half-way");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    faults.set_down(true);
+    while s.sync_status().unwrap().last_error.is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the outage was never noticed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.sync_status().unwrap().generations_committed, 0);
+    packs_in(&folder)
+}
+
+/// A link of `mbit` whose packs hold one chunk or patch each.
+fn slow_link_opts(cache: &std::path::Path, faults: &Arc<FaultPlan>, mbit: f64) -> driveblk::tier::CacheOptions {
+    let shaping = Shaping { latency: Duration::ZERO, bandwidth_bps: Some((mbit * 1e6) as u64) };
+    let mut o = cache_opts(cache, counted(Arc::new(RemoteMetrics::default()), Some(faults.clone()), shaping));
+    o.remote.retry.max_attempts = 1;
+    o.writeback.sync_interval = Duration::from_secs(3600);
+    o.writeback.commit.pack_size = 4096;
+    o
+}
+
+/// How fast a link takes a pack of what [`upload_cut_short`] writes in
+/// about 1/8 s.
+fn pack_rate_mbit(pages: bool) -> f64 {
+    if pages {
+        0.256
+    } else {
+        16.0
+    }
+}
+
+/// A long upload cut short by an outage resumes: the retry uploads only
+/// the chunks that had not gone up, and the generation holds every change.
+#[test]
+fn an_upload_cut_short_resumes_where_it_was() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 32 * CS as usize, 38);
+    let faults = FaultPlan::new(12);
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&d.path().join("a"), &faults, pack_rate_mbit(false)))
+        .unwrap();
+    let landed = upload_cut_short(d.path(), &s, &faults, &mut expect, false);
+    faults.set_down(false);
+    s.request_sync();
+    wait_committed(&s, 1);
+    let again = packs_in(&d.path().join("remote/vol")) - landed;
+    assert!(again <= 17, "{again} packs uploaded after the outage: the chunks already up went up again");
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect, "the resumed generation holds every change");
+}
+
+/// The same across a restart: a stop during the outage keeps what was
+/// uploaded, and the next start uploads only the rest.
+#[test]
+fn an_upload_cut_short_by_a_stop_resumes_at_the_next_start() {
+    cut_short_by_a_stop(false);
+}
+
+/// The same with patches: each resumed patch stays over the bytes its
+/// chunk has in the parent generation (the writer lease taken at the
+/// restart committed a generation in between).
+#[test]
+fn patches_cut_short_by_a_stop_resume_at_the_next_start() {
+    cut_short_by_a_stop(true);
+}
+
+fn cut_short_by_a_stop(pages: bool) {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 32 * CS as usize, 39);
+    let faults = FaultPlan::new(13);
+    let cache = d.path().join("a");
+    if pages {
+        // The chunks are local first, so that packing a patch fetches nothing
+        // over the slow link.
+        let s = driveblk::tier::open_volume(&vurl, cache_opts(&cache, Default::default())).unwrap();
+        assert!(read_all(&*s).unwrap() == expect);
+        assert_eq!(s.close(Duration::from_secs(30)), 0);
+    }
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, pack_rate_mbit(pages))).unwrap();
+    let landed = upload_cut_short(d.path(), &s, &faults, &mut expect, pages);
+    assert!(s.close(Duration::from_millis(300)) > 0, "nothing was left to upload");
+    drop(s);
+    assert!(cache.join("uploaded").is_file(), "what went up was not recorded");
+    faults.set_down(false);
+    // (After a restart a chunk's changed pages are not known: what goes up
+    // again goes whole, on a faster link.)
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    assert_eq!(s.close(Duration::from_secs(60)), 0);
+    let again = packs_in(&d.path().join("remote/vol")) - landed;
+    assert!(again <= 17, "{again} packs uploaded after the restart: the chunks already up went up again");
+    assert!(!cache.join("uploaded").exists(), "the record outlived its commit");
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect, "the resumed generation holds every change");
+}

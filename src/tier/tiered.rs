@@ -318,6 +318,7 @@ impl TieredStore {
             }
         }
         if inner.writeback.is_some() {
+            inner.load_uploaded();
             rt.spawn(inner.clone().writeback_loop());
             // Changes left by an earlier run (a crash, a stop that could not
             // finish its sync) go up now; no guest is attached yet, so the
@@ -448,6 +449,10 @@ impl TieredStore {
     pub fn close(&self, timeout: Duration) -> u64 {
         let t0 = std::time::Instant::now();
         let left = self.inner.final_sync(timeout);
+        if left > 0 {
+            // The upload cut short resumes at the next start.
+            self.inner.save_uploaded();
+        }
         let me = self.inner.clone();
         let lease_time = timeout.saturating_sub(t0.elapsed()).max(PROFILE_SAVE_MIN);
         if let Ok(Err(_)) =

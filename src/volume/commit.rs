@@ -92,6 +92,9 @@ pub struct CommitStats {
     pub chunks_zero: u64,
     /// Chunks whose bytes equal the parent's (nothing uploaded).
     pub chunks_unchanged: u64,
+    /// Chunks an earlier attempt at this generation had uploaded already
+    /// (nothing uploaded again; see [`Uploaded`]).
+    pub chunks_resumed: u64,
     /// Bytes of packs uploaded.
     pub pack_bytes: u64,
     /// Packs uploaded.
@@ -100,6 +103,78 @@ pub struct CommitStats {
     pub manifest_bytes: u64,
     /// Whether the manifest was written in full.
     pub full: bool,
+}
+
+/// Chunks uploaded for a generation that was never committed (its commit
+/// failed, or the process stopped first). A later attempt reuses each
+/// chunk whose bytes are still those uploaded instead of uploading it
+/// again, so a long upload on a slow link that is cut short resumes where
+/// it was. A pack is reused only while `gc` must spare it: named for a
+/// generation newer than the parent (gc never deletes those), or created
+/// less than [`REUSE_WINDOW`] ago (half gc's default grace period); and
+/// only once the remote says it is still there.
+///
+/// Held as a delta manifest of the generation attempted over its parent,
+/// listing only chunks whose packs landed; shared between a store's
+/// attempts and kept in its cache directory across restarts.
+#[derive(Clone, Debug, Default)]
+pub struct Uploaded(Arc<parking_lot::Mutex<Option<Manifest>>>);
+
+impl Uploaded {
+    /// What to keep for the next process, if anything was uploaded.
+    pub fn to_bytes(&self) -> Option<Vec<u8>> {
+        self.0.lock().as_ref().filter(|m| !m.chunks.is_empty()).map(Manifest::to_bytes)
+    }
+
+    /// Takes back what [`to_bytes`](Self::to_bytes) kept, checked against
+    /// `header`.
+    pub fn restore(&self, b: &[u8], header: &VolumeHeader) -> Result<(), String> {
+        let generation = serde_json::from_slice::<serde_json::Value>(b.split(|&c| c == b'\n').next().unwrap_or(&[]))
+            .ok()
+            .and_then(|v| v.get("generation").and_then(|g| g.as_u64()))
+            .ok_or("no generation")?;
+        *self.0.lock() = Some(Manifest::from_bytes(b, header, generation)?);
+        Ok(())
+    }
+
+    /// The generation the chunks were uploaded for, and how many there are.
+    pub fn summary(&self) -> Option<(u64, usize)> {
+        self.0.lock().as_ref().map(|m| (m.generation, m.chunks.len()))
+    }
+
+    /// Forgets everything (the generation was committed, or will never be).
+    pub fn clear(&self) {
+        *self.0.lock() = None;
+    }
+}
+
+/// How long after its upload a pack not committed may still be reused
+/// when gc no longer spares it by its name.
+pub const REUSE_WINDOW: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// The index of pack `key` in `table` (added if new).
+fn pack_index(table: &mut Vec<String>, key: &str) -> u32 {
+    match table.iter().position(|k| k == key) {
+        Some(p) => p as u32,
+        None => {
+            table.push(key.to_string());
+            (table.len() - 1) as u32
+        }
+    }
+}
+
+/// `r` (packs indexed in `from`) with its packs indexed in `to`.
+fn reindex(r: &ChunkRef, from: &[String], to: &mut Vec<String>) -> ChunkRef {
+    let mut r = r.clone();
+    if let ChunkRef::Patched { base, pack, .. } = &mut r {
+        *pack = pack_index(to, &from[*pack as usize]);
+        if let ChunkRef::Packed { pack, .. } = base.as_mut() {
+            *pack = pack_index(to, &from[*pack as usize]);
+        }
+    } else if let ChunkRef::Packed { pack, .. } = &mut r {
+        *pack = pack_index(to, &from[*pack as usize]);
+    }
+    r
 }
 
 /// Builds generation `parent.generation + 1`.
@@ -117,6 +192,13 @@ pub struct GenerationBuilder {
     stats: CommitStats,
     /// Index in `delta.packs` of the pack being filled.
     current: u32,
+    /// Where chunks uploaded for this generation are recorded as their
+    /// packs land, and found again by a later attempt.
+    uploaded: Option<Uploaded>,
+    /// Pack key -> the chunks framed into it, until it lands.
+    in_pack: std::collections::HashMap<String, Vec<u64>>,
+    /// Packs of `uploaded` checked on the remote: whether they are there.
+    checked: std::collections::HashMap<String, bool>,
 }
 
 impl GenerationBuilder {
@@ -145,7 +227,16 @@ impl GenerationBuilder {
             opts,
             stats: CommitStats::default(),
             current: 0,
+            uploaded: None,
+            in_pack: Default::default(),
+            checked: Default::default(),
         }
+    }
+
+    /// Records the chunks this attempt uploads in `uploaded` as their packs
+    /// land, and reuses those an earlier attempt left there.
+    pub fn resume(&mut self, uploaded: &Uploaded) {
+        self.uploaded = Some(uploaded.clone());
     }
 
     /// The generation being built.
@@ -201,6 +292,11 @@ impl GenerationBuilder {
             self.stats.chunks_unchanged += 1;
             return Ok(());
         }
+        if let Some(r) = self.resumable(idx, &data, &data_digest).await? {
+            self.delta.chunks.insert(idx, r);
+            self.stats.chunks_resumed += 1;
+            return Ok(());
+        }
         let cs = self.header.chunk_size as usize;
         let patch = changed.and_then(|bits| patch_plan(&old, bits, cs));
         // A patched chunk is hashed and patched at the full chunk size (a
@@ -222,6 +318,9 @@ impl GenerationBuilder {
         };
         let whole_digest = patch.is_none().then_some(data_digest);
         let (pack_no, pc) = self.pack_frame(body, whole_digest).await?;
+        if self.uploaded.is_some() {
+            self.in_pack.entry(self.delta.packs[pack_no as usize].clone()).or_default().push(idx);
+        }
         let r = match patch {
             Some((mut base, runs)) => {
                 // The base names a pack of the parent's table; the delta
@@ -253,12 +352,123 @@ impl GenerationBuilder {
 
     /// The index of pack `key` in the delta's pack table (added if new).
     fn local_pack(&mut self, key: &str) -> u32 {
-        match self.delta.packs.iter().position(|k| k == key) {
-            Some(p) => p as u32,
-            None => {
-                self.delta.packs.push(key.to_string());
-                (self.delta.packs.len() - 1) as u32
+        pack_index(&mut self.delta.packs, key)
+    }
+
+    /// Chunk `idx`'s reference from an earlier attempt, if that attempt
+    /// uploaded exactly these bytes (`data`, whose digest is `data_digest`),
+    /// a patch is over the bytes the parent holds, and the pack holding
+    /// them may be reused (see [`Uploaded`]).
+    async fn resumable(&mut self, idx: u64, data: &[u8], data_digest: &str) -> VolumeResult<Option<ChunkRef>> {
+        let Some(uploaded) = self.uploaded.clone() else { return Ok(None) };
+        let (r, key, slot, index, table) = {
+            let u = uploaded.0.lock();
+            let Some(m) = u.as_ref() else { return Ok(None) };
+            let Some(r) = m.chunks.get(&idx) else { return Ok(None) };
+            let pack = match r {
+                ChunkRef::Packed { pack, .. } | ChunkRef::Patched { pack, .. } => *pack as usize,
+                _ => return Ok(None),
+            };
+            let key = m.packs[pack].clone();
+            (r.clone(), key.clone(), m.ids.get(&key).cloned(), m.indexes.get(&key).cloned(), m.packs.clone())
+        };
+        let same = match &r {
+            ChunkRef::Packed { digest, .. } => digest == data_digest,
+            // A patched chunk's digest is of the chunk at full size.
+            ChunkRef::Patched { digest, .. } => {
+                let cs = self.header.chunk_size as usize;
+                if data.len() == cs {
+                    digest == data_digest
+                } else {
+                    let mut full = data.to_vec();
+                    full.resize(cs, 0);
+                    *digest == digest::of(&full)
+                }
             }
+            _ => false,
+        };
+        if !same {
+            return Ok(None);
+        }
+        // A patch applies to its base's bytes: the parent's version of the
+        // chunk (its base, if itself patched) must hold them still.
+        let base_now = match &r {
+            ChunkRef::Patched { base, .. } => {
+                let now = match self.parent.chunk(idx, self.has_base) {
+                    ChunkRef::Patched { base, .. } => *base,
+                    other => other,
+                };
+                if !base.same_bytes(&now) {
+                    return Ok(None);
+                }
+                Some(now)
+            }
+            _ => None,
+        };
+        let usable = match self.checked.get(&key) {
+            Some(&usable) => usable,
+            None => {
+                if let Some(s) = &slot {
+                    self.remote.locate(&key, s);
+                }
+                let usable = match self.remote.head(&key).await {
+                    Ok(meta) => {
+                        let spared = super::history::pack_generation(&key).is_some_and(|g| g > self.parent.generation);
+                        let now = super::history::now_ms();
+                        let young =
+                            meta.created_ms.is_some_and(|c| c.saturating_add(REUSE_WINDOW.as_millis() as u64) > now);
+                        spared || young
+                    }
+                    Err(e) if e.is_not_found() => {
+                        tracing::warn!(pack = %key, "a pack uploaded earlier for this generation is gone: its chunks go up again");
+                        false
+                    }
+                    Err(e) => return Err(VolumeError::remote(format!("checking {}/{key}", self.url), e)),
+                };
+                self.checked.insert(key.clone(), usable);
+                usable
+            }
+        };
+        if !usable {
+            return Ok(None);
+        }
+        if let Some(ix) = index {
+            self.delta.indexes.insert(key.clone(), ix);
+        }
+        if let Some(s) = slot {
+            self.delta.ids.insert(key.clone(), s);
+        }
+        let mut r = reindex(&r, &table, &mut self.delta.packs);
+        if let (ChunkRef::Patched { base, .. }, Some(mut now)) = (&mut r, base_now) {
+            // The base names a pack of the parent's table.
+            if let ChunkRef::Packed { pack, .. } = &mut now {
+                *pack = self.local_pack(&self.parent.packs[*pack as usize].clone());
+            }
+            **base = now;
+        }
+        Ok(Some(r))
+    }
+
+    /// Records in [`Uploaded`] the chunks of pack `key`, which just landed.
+    fn record_landed(&mut self, key: &str, slot: Option<&crate::remote::Slot>) {
+        let (Some(uploaded), Some(idxs)) = (&self.uploaded, self.in_pack.remove(key)) else { return };
+        let mut u = uploaded.0.lock();
+        let m = u.get_or_insert_with(|| {
+            let mut m = Manifest::new(&self.header, self.delta.generation);
+            m.parent = self.delta.parent;
+            m
+        });
+        for idx in idxs {
+            if let Some(r) = self.delta.chunks.get(&idx) {
+                let r = reindex(r, &self.delta.packs, &mut m.packs);
+                m.chunks.insert(idx, r);
+            }
+        }
+        if let Some(ix) = self.delta.indexes.get(key) {
+            m.indexes.insert(key.to_string(), ix.clone());
+        }
+        if let Some(s) = slot {
+            m.ids.insert(key.to_string(), s.clone());
         }
     }
 
@@ -325,6 +535,7 @@ impl GenerationBuilder {
     fn landed(&mut self, r: Result<VolumeResult<ObjectMeta>, tokio::task::JoinError>) -> VolumeResult<()> {
         let meta = r.map_err(VolumeError::task("uploading a pack"))??;
         self.stats.pack_bytes += meta.size;
+        self.record_landed(&meta.key, meta.slot.as_ref());
         if let Some(slot) = meta.slot {
             self.delta.ids.insert(meta.key, slot);
         }

@@ -307,6 +307,37 @@ impl VolumeReader {
         std::fs::File::open(dir)?.sync_all()
     }
 
+    /// Keeps `data` (this volume's metadata: chunk digests, pack names) in
+    /// file `name` of the cache directory `dir`, sealed as the offline
+    /// manifest is for an encrypted volume. Written whole or not at all.
+    pub fn save_local(&self, dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+        let sealed;
+        let data = match &self.key {
+            Some(k) => {
+                sealed = k.seal_local(name, data);
+                &sealed[..]
+            }
+            None => data,
+        };
+        let tmp = dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, data)?;
+        std::fs::rename(&tmp, dir.join(name))
+    }
+
+    /// What [`save_local`](Self::save_local) kept as `name` in `dir`
+    /// (`Ok(None)`: nothing).
+    pub fn load_local(&self, dir: &Path, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        let b = match std::fs::read(dir.join(name)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match &self.key {
+            Some(k) => k.open_local(name, &b).map(Some).map_err(std::io::Error::other),
+            None => Ok(Some(b)),
+        }
+    }
+
     /// True when `dir` holds the copies [`open_offline`](Self::open_offline)
     /// needs.
     pub fn has_offline_copy(dir: &Path) -> bool {

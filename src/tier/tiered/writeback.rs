@@ -21,7 +21,12 @@ use crate::tier::cache_crypto::{CacheFile, PageCipher};
 use crate::tier::local::LocalFile;
 use crate::tier::ssd::{bit, bitmap_words, PAGE};
 use crate::tier::Storage;
-use crate::volume::commit::{writer_record, CommitOptions, GenerationBuilder};
+use crate::volume::commit::{writer_record, CommitOptions, GenerationBuilder, Uploaded};
+
+/// The cache directory's record of chunks uploaded for a generation not
+/// committed yet ([`Uploaded`]): the next attempt, in this process or the
+/// next, uploads only what is not there.
+const UPLOADED_FILE: &str = "uploaded";
 use crate::volume::{ChunkRef, VolumeError, VolumeResult};
 
 /// When a guest FLUSH counts as done (DESIGN.md, durability contract).
@@ -129,6 +134,9 @@ pub(crate) struct Writeback {
     stopping: AtomicBool,
     /// `driveblk sync` asked for a cut regardless of the interval.
     requested: AtomicBool,
+    /// Chunks uploaded for the generation being committed, kept across
+    /// failed attempts and restarts.
+    uploaded: Uploaded,
     /// Writes since the last flush point: while 0, the disk is exactly as
     /// it was at that flush point, so a cut may be taken without one (an
     /// idle guest's last changes still go up within the sync interval).
@@ -192,6 +200,7 @@ impl Writeback {
             stopping: AtomicBool::new(false),
             writes_since_flush: AtomicU64::new(0),
             requested: AtomicBool::new(false),
+            uploaded: Uploaded::default(),
         })
     }
 
@@ -403,6 +412,55 @@ impl Inner {
         }
     }
 
+    /// At open: finds what an earlier process uploaded for a generation it
+    /// did not get to commit. A record that cannot be read only costs its
+    /// chunks' upload again.
+    pub(super) fn load_uploaded(&self) {
+        let Some(wb) = &self.writeback else { return };
+        let dir = self.ssd.dir();
+        match self.vol.load_local(dir, UPLOADED_FILE) {
+            Ok(None) => {}
+            Ok(Some(b)) => match wb.uploaded.restore(&b, &self.vol.header) {
+                Ok(()) => {
+                    if let Some((generation, chunks)) = wb.uploaded.summary() {
+                        tracing::info!(
+                            generation,
+                            chunks,
+                            "write-back: resuming an upload an earlier run did not finish"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "write-back: ignoring an unreadable record of chunks uploaded earlier")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "write-back: ignoring an unreadable record of chunks uploaded earlier")
+            }
+        }
+    }
+
+    /// Keeps what this process uploaded but did not commit, for the next
+    /// attempt or the next start.
+    pub(super) fn save_uploaded(&self) {
+        let Some(wb) = &self.writeback else { return };
+        let Some(b) = wb.uploaded.to_bytes() else { return };
+        if let Err(e) = self.vol.save_local(self.ssd.dir(), UPLOADED_FILE, &b) {
+            tracing::warn!(error = %e, "write-back: could not record the chunks uploaded so far (they go up again next time)");
+        }
+    }
+
+    /// The generation was committed: what was uploaded for it is its own.
+    fn forget_uploaded(&self) {
+        let Some(wb) = &self.writeback else { return };
+        wb.uploaded.clear();
+        match std::fs::remove_file(self.ssd.dir().join(UPLOADED_FILE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "write-back: could not remove the record of chunks uploaded"),
+        }
+    }
+
     /// Reads chunk `idx` as it was at the cut.
     fn read_cut_chunk(&self, idx: u64) -> io::Result<Vec<u8>> {
         let wb = self.writeback.as_ref().expect("write-back is on");
@@ -458,6 +516,12 @@ impl Inner {
                 st.uploading_chunks = cut.chunks.len() as u64;
             }
             let r = self.clone().commit_cut(cut.clone()).await;
+            {
+                let me = self.clone();
+                let ok = r.is_ok();
+                let _ = tokio::task::spawn_blocking(move || if ok { me.forget_uploaded() } else { me.save_uploaded() })
+                    .await;
+            }
             // What to do next, decided under the status lock, which must not
             // be held across an await.
             enum Next {
@@ -577,6 +641,7 @@ impl Inner {
             wb.opts.commit.clone(),
         );
         b.set_image_len(cut.image_len);
+        b.resume(&wb.uploaded);
         let left_after = self.pending_bytes().saturating_sub(cut.chunks.len() as u64 * self.cs);
         b.set_lease(Some(holder.record_for(b.generation(), left_after)));
         let t0 = Instant::now();
