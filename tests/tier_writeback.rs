@@ -625,23 +625,21 @@ fn wait_committed(s: &driveblk::tier::tiered::TieredStore, n: u64) {
     }
 }
 
-/// The cache's folder deleted under a running store (or its disk full): a
-/// commit lands once, says the cache state could not be saved, and is not
-/// committed again and again by retries; the committed data is whole.
-#[test]
-fn a_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() {
+/// Commits a first change, then makes more and deletes the cache's folder
+/// (as a full disk would): the next change to the map cannot be saved.
+/// Returns the generation committed.
+fn commit_then_lose_the_cache_folder(
+    s: &driveblk::tier::tiered::TieredStore,
+    cache: &std::path::Path,
+    vurl: &str,
+    expect: &mut Vec<u8>,
+) -> u64 {
     use rand::RngCore;
-    let d = tempfile::tempdir().unwrap();
-    let (vurl, mut expect) = imported(d.path(), 2 << 20, 36);
-    let cache = d.path().join("a");
-    let mut o = cache_opts(&cache, Default::default());
-    o.writeback.sync_interval = Duration::from_secs(3600);
-    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
-    write(&*s, 100, &[1; 3000], &mut expect);
-    guest_flush(&*s);
+    write(s, 100, &[1; 3000], expect);
+    guest_flush(s);
     s.request_sync();
-    wait_committed(&s, 1);
-    let g = volume::info(&vurl).unwrap().generation;
+    wait_committed(s, 1);
+    let g = volume::info(vurl).unwrap().generation;
     // Small writes into the now clean chunk ride in the journal until it
     // is past its checkpoint size: the next change to the map writes the
     // state file, which the deleted folder cannot take.
@@ -649,10 +647,25 @@ fn a_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() {
     for i in 0..320u64 {
         let mut b = vec![0u8; 4096];
         rng.fill_bytes(&mut b);
-        write(&*s, (i % 16) * 4096, &b, &mut expect);
+        write(s, (i % 16) * 4096, &b, expect);
     }
-    guest_flush(&*s);
-    std::fs::remove_dir_all(&cache).unwrap();
+    guest_flush(s);
+    std::fs::remove_dir_all(cache).unwrap();
+    g
+}
+
+/// The cache's folder deleted under a running store (or its disk full): a
+/// commit lands once, says the cache state could not be saved, and is not
+/// committed again and again by retries; the committed data is whole.
+#[test]
+fn a_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 << 20, 36);
+    let cache = d.path().join("a");
+    let mut o = cache_opts(&cache, Default::default());
+    o.writeback.sync_interval = Duration::from_secs(3600);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let g = commit_then_lose_the_cache_folder(&s, &cache, &vurl, &mut expect);
     s.request_sync();
     wait_committed(&s, 2);
     assert_eq!(volume::info(&vurl).unwrap().generation, g + 1);
@@ -673,7 +686,6 @@ fn a_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() {
 /// retries nor closing may commit another generation on top.
 #[test]
 fn an_adopted_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() {
-    use rand::RngCore;
     let d = tempfile::tempdir().unwrap();
     let (vurl, mut expect) = imported(d.path(), 2 << 20, 37);
     let cache = d.path().join("a");
@@ -683,21 +695,7 @@ fn an_adopted_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() 
     o.remote.retry.max_attempts = 1;
     o.writeback.sync_interval = Duration::from_secs(3600);
     let s = driveblk::tier::open_volume(&vurl, o).unwrap();
-    write(&*s, 100, &[1; 3000], &mut expect);
-    guest_flush(&*s);
-    s.request_sync();
-    wait_committed(&s, 1);
-    let g = volume::info(&vurl).unwrap().generation;
-    // Past the journal's checkpoint size (as above), so saving the state
-    // writes the state file, which the deleted folder cannot take.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
-    for i in 0..320u64 {
-        let mut b = vec![0u8; 4096];
-        rng.fill_bytes(&mut b);
-        write(&*s, (i % 16) * 4096, &b, &mut expect);
-    }
-    guest_flush(&*s);
-    std::fs::remove_dir_all(&cache).unwrap();
+    let g = commit_then_lose_the_cache_folder(&s, &cache, &vurl, &mut expect);
     faults.lose_create_replies(1);
     s.request_sync();
     let t0 = std::time::Instant::now();
