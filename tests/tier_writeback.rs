@@ -4,7 +4,8 @@
 //! second writer is fenced out and keeps its changes; a remote that is down
 //! loses nothing and the sync resumes; writethrough FLUSH returns only once
 //! the data is on the remote; scattered small writes upload what changed;
-//! a commit whose cache state cannot be saved is not committed again.
+//! a commit whose cache state cannot be saved is not committed again; an
+//! upload cut short by an outage or a stop resumes (also across a gc run).
 
 #[path = "tier_support/mod.rs"]
 mod support;
@@ -715,29 +716,22 @@ fn an_adopted_commit_whose_cache_state_cannot_be_saved_is_not_committed_again() 
 }
 
 /// Pack objects in a `dir:` volume folder.
-fn packs_in(folder: &std::path::Path) -> usize {
+fn packs_in(folder: &std::path::Path) -> std::collections::BTreeSet<String> {
     std::fs::read_dir(folder)
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("pack-"))
-        .count()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("pack-"))
+        .collect()
 }
 
-/// Writes 32 chunks of fresh random data into a store whose packs hold a
-/// chunk each, over a 16 Mbit/s link, and takes the remote down once half
-/// of them have gone up. Returns what the disk holds and how many packs
-/// the folder had at the outage's end.
-/// With `pages`, writes one 4 KiB page into each chunk instead (each goes
-/// up as a patch over the chunk's imported version).
-fn upload_cut_short(
-    d: &std::path::Path,
-    s: &driveblk::tier::tiered::TieredStore,
-    faults: &FaultPlan,
-    expect: &mut Vec<u8>,
-    pages: bool,
-) -> usize {
+/// Writes 32 chunks of fresh random data (with `pages`, one 4 KiB page
+/// into each chunk instead: each goes up as a patch over the chunk's
+/// imported version) into a store whose packs hold a chunk or patch each,
+/// and returns once half of them have gone up.
+fn start_upload(d: &std::path::Path, s: &driveblk::tier::tiered::TieredStore, expect: &mut Vec<u8>, pages: bool) {
     use rand::RngCore;
     let folder = d.join("remote/vol");
-    let before = packs_in(&folder);
+    let before = packs_in(&folder).len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     if pages {
         for i in 0..32 {
@@ -753,17 +747,28 @@ fn upload_cut_short(
     guest_flush(s);
     s.request_sync();
     let t0 = std::time::Instant::now();
-    while packs_in(&folder) < before + 16 {
+    while packs_in(&folder).len() < before + 16 {
         assert!(t0.elapsed() < Duration::from_secs(30), "the upload never got half-way");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// [`start_upload`], then the remote goes down until write-back notices.
+fn upload_cut_short(
+    d: &std::path::Path,
+    s: &driveblk::tier::tiered::TieredStore,
+    faults: &FaultPlan,
+    expect: &mut Vec<u8>,
+    pages: bool,
+) {
+    start_upload(d, s, expect, pages);
     faults.set_down(true);
+    let t0 = std::time::Instant::now();
     while s.sync_status().unwrap().last_error.is_none() {
         assert!(t0.elapsed() < Duration::from_secs(30), "the outage was never noticed");
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(s.sync_status().unwrap().generations_committed, 0);
-    packs_in(&folder)
 }
 
 /// A link of `mbit` whose packs hold one chunk or patch each.
@@ -795,11 +800,12 @@ fn an_upload_cut_short_resumes_where_it_was() {
     let faults = FaultPlan::new(12);
     let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&d.path().join("a"), &faults, pack_rate_mbit(false)))
         .unwrap();
-    let landed = upload_cut_short(d.path(), &s, &faults, &mut expect, false);
+    upload_cut_short(d.path(), &s, &faults, &mut expect, false);
+    let landed = packs_in(&d.path().join("remote/vol"));
     faults.set_down(false);
     s.request_sync();
     wait_committed(&s, 1);
-    let again = packs_in(&d.path().join("remote/vol")) - landed;
+    let again = packs_in(&d.path().join("remote/vol")).difference(&landed).count();
     assert!(again <= 17, "{again} packs uploaded after the outage: the chunks already up went up again");
     assert_eq!(s.close(Duration::from_secs(30)), 0);
     drop(s);
@@ -810,7 +816,7 @@ fn an_upload_cut_short_resumes_where_it_was() {
 /// uploaded, and the next start uploads only the rest.
 #[test]
 fn an_upload_cut_short_by_a_stop_resumes_at_the_next_start() {
-    cut_short_by_a_stop(false);
+    cut_short_by_a_stop(false, false);
 }
 
 /// The same with patches: each resumed patch stays over the bytes its
@@ -818,14 +824,23 @@ fn an_upload_cut_short_by_a_stop_resumes_at_the_next_start() {
 /// restart committed a generation in between).
 #[test]
 fn patches_cut_short_by_a_stop_resume_at_the_next_start() {
-    cut_short_by_a_stop(true);
+    cut_short_by_a_stop(true, false);
 }
 
-fn cut_short_by_a_stop(pages: bool) {
+/// The writer lease taken at the next start is a generation named like
+/// the packs uploaded, and `gc --grace 0` runs while that start uploads:
+/// gc spares the packs this cache may still commit, and they are reused.
+#[test]
+fn an_upload_cut_short_survives_gc_while_it_resumes() {
+    cut_short_by_a_stop(false, true);
+}
+
+fn cut_short_by_a_stop(pages: bool, gc_while_resuming: bool) {
     let d = tempfile::tempdir().unwrap();
     let (vurl, mut expect) = imported(d.path(), 32 * CS as usize, 39);
     let faults = FaultPlan::new(13);
     let cache = d.path().join("a");
+    let folder = d.path().join("remote/vol");
     if pages {
         // The chunks are local first, so that packing a patch fetches nothing
         // over the slow link.
@@ -834,16 +849,26 @@ fn cut_short_by_a_stop(pages: bool) {
         assert_eq!(s.close(Duration::from_secs(30)), 0);
     }
     let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, pack_rate_mbit(pages))).unwrap();
-    let landed = upload_cut_short(d.path(), &s, &faults, &mut expect, pages);
+    upload_cut_short(d.path(), &s, &faults, &mut expect, pages);
     assert!(s.close(Duration::from_millis(300)) > 0, "nothing was left to upload");
     drop(s);
     assert!(cache.join("uploaded").is_file(), "what went up was not recorded");
+    let landed = packs_in(&folder);
     faults.set_down(false);
     // (After a restart a chunk's changed pages are not known: what goes up
     // again goes whole, on a faster link.)
     let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    if gc_while_resuming {
+        let opts = driveblk::volume::gc::GcOptions {
+            retention: driveblk::volume::gc::Retention { keep_generations: 1, keep_days: None },
+            grace: Duration::ZERO,
+            active_window: Duration::ZERO,
+            ..Default::default()
+        };
+        driveblk::volume::gc::gc(&vurl, &opts).unwrap();
+    }
     assert_eq!(s.close(Duration::from_secs(60)), 0);
-    let again = packs_in(&d.path().join("remote/vol")) - landed;
+    let again = packs_in(&folder).difference(&landed).count();
     assert!(again <= 17, "{again} packs uploaded after the restart: the chunks already up went up again");
     assert!(!cache.join("uploaded").exists(), "the record outlived its commit");
     drop(s);

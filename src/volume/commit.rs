@@ -109,10 +109,15 @@ pub struct CommitStats {
 /// failed, or the process stopped first). A later attempt reuses each
 /// chunk whose bytes are still those uploaded instead of uploading it
 /// again, so a long upload on a slow link that is cut short resumes where
-/// it was. A pack is reused only while `gc` must spare it: named for a
-/// generation newer than the parent (gc never deletes those), or created
-/// less than [`REUSE_WINDOW`] ago (half gc's default grace period); and
-/// only once the remote says it is still there.
+/// it was. A pack is reused only once the remote says it is still there,
+/// and only while `gc` must spare it whatever its grace period:
+/// - named for a generation newer than the parent: gc never deletes those
+///   (a writer's upload about to be committed);
+/// - or named for a generation that this cache, and only it, committed
+///   since (the writer lease it takes at each start, or gives back at a
+///   stop, is a generation), and created less than [`RESUME_WINDOW`] ago:
+///   gc spares such a pack for [`RESUME_SPARED`] (`gc::writers_own_run`),
+///   which leaves the upload after the check that long to finish.
 ///
 /// Held as a delta manifest of the generation attempted over its parent,
 /// listing only chunks whose packs landed; shared between a store's
@@ -142,6 +147,21 @@ impl Uploaded {
         self.0.lock().as_ref().map(|m| (m.generation, m.chunks.len()))
     }
 
+    /// The lowest generation a pack holding a recorded frame was written
+    /// for (a patch's base is the parent's, not the upload's).
+    pub fn lowest_pack_generation(&self) -> Option<u64> {
+        let u = self.0.lock();
+        let m = u.as_ref()?;
+        m.chunks
+            .values()
+            .filter_map(|r| match r {
+                ChunkRef::Packed { pack, .. } | ChunkRef::Patched { pack, .. } => m.packs.get(*pack as usize),
+                _ => None,
+            })
+            .filter_map(|k| super::history::pack_generation(k))
+            .min()
+    }
+
     /// Forgets everything (the generation was committed, or will never be).
     pub fn clear(&self) {
         *self.0.lock() = None;
@@ -149,8 +169,12 @@ impl Uploaded {
 }
 
 /// How long after its upload a pack not committed may still be reused
-/// when gc no longer spares it by its name.
-pub const REUSE_WINDOW: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+/// when gc no longer spares it by its name (see [`Uploaded`]).
+pub const RESUME_WINDOW: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// How long gc spares a pack a writer may still reuse (see [`Uploaded`]):
+/// [`RESUME_WINDOW`] plus the rest of an upload, and hours of clock skew.
+pub const RESUME_SPARED: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// The index of pack `key` in `table` (added if new).
 fn pack_index(table: &mut Vec<String>, key: &str) -> u32 {
@@ -197,8 +221,10 @@ pub struct GenerationBuilder {
     uploaded: Option<Uploaded>,
     /// Pack key -> the chunks framed into it, until it lands.
     in_pack: std::collections::HashMap<String, Vec<u64>>,
-    /// Packs of `uploaded` checked on the remote: whether they are there.
+    /// Packs of `uploaded` checked on the remote: whether they may be reused.
     checked: std::collections::HashMap<String, bool>,
+    /// See [`resume`](Self::resume).
+    own_since: u64,
 }
 
 impl GenerationBuilder {
@@ -230,13 +256,17 @@ impl GenerationBuilder {
             uploaded: None,
             in_pack: Default::default(),
             checked: Default::default(),
+            own_since: u64::MAX,
         }
     }
 
     /// Records the chunks this attempt uploads in `uploaded` as their packs
-    /// land, and reuses those an earlier attempt left there.
-    pub fn resume(&mut self, uploaded: &Uploaded) {
+    /// land, and reuses those an earlier attempt left there. `own_since`:
+    /// generations `own_since..=parent` were all committed by this cache
+    /// (`parent + 1` when the parent was not).
+    pub fn resume(&mut self, uploaded: &Uploaded, own_since: u64) {
         self.uploaded = Some(uploaded.clone());
+        self.own_since = own_since;
     }
 
     /// The generation being built.
@@ -413,11 +443,11 @@ impl GenerationBuilder {
                 }
                 let usable = match self.remote.head(&key).await {
                     Ok(meta) => {
-                        let spared = super::history::pack_generation(&key).is_some_and(|g| g > self.parent.generation);
-                        let now = super::history::now_ms();
-                        let young =
-                            meta.created_ms.is_some_and(|c| c.saturating_add(REUSE_WINDOW.as_millis() as u64) > now);
-                        spared || young
+                        let named = super::history::pack_generation(&key);
+                        let young = meta.created_ms.is_some_and(|c| {
+                            c.saturating_add(RESUME_WINDOW.as_millis() as u64) > super::history::now_ms()
+                        });
+                        named.is_some_and(|g| g > self.parent.generation || (g >= self.own_since && young))
                     }
                     Err(e) if e.is_not_found() => {
                         tracing::warn!(pack = %key, "a pack uploaded earlier for this generation is gone: its chunks go up again");

@@ -13,7 +13,9 @@
 //! - only listed objects older than the grace period (by the remote's
 //!   `createdTime`) are deleted, never one missing from the listing, never
 //!   a pack written for a generation newer than the newest (a writer's,
-//!   about to be committed), never `volume.json`, `README.txt`, `fork-*`
+//!   about to be committed), nor, for 24 h, one never committed that was
+//!   written for a generation of the newest's writer's current run of
+//!   commits (an upload it had cut short and resumes: `commit::Uploaded`), never `volume.json`, `README.txt`, `fork-*`
 //!   (registrations) or `lease-*` (the writer lease's heartbeats); a
 //!   leftover `clock-probe-*` (a host stopped between writing and deleting
 //!   it) is garbage once older than the grace period;
@@ -29,6 +31,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
+use super::commit::RESUME_SPARED;
 use super::format::{new_pack_key, parse_gen_key, ChunkRef, Manifest, GEN_PREFIX, PACK_PREFIX};
 use super::history::{
     check_writer, commit_full, frames, lease_held_elsewhere, load_generations, now_ms, pack_generation,
@@ -298,6 +301,7 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
         },
         _ => (profiles_settled, Vec::new()),
     };
+    let resumable_from = writers_own_run(&gens.objects, n);
     let mut delete = Vec::new();
     let mut young = 0u64;
     for m in &listing {
@@ -310,6 +314,15 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
             } else if pack_generation(key).is_none_or(|pg| pg > n) {
                 // Written for a generation not committed yet: a writer's,
                 // about to be committed (it may only build on the newest).
+                young += 1;
+                false
+            } else if pack_generation(key).is_some_and(|pg| {
+                pg >= resumable_from && gens.objects.get(&pg).is_none_or(|g| !g.packs.iter().any(|k| k == key))
+            }) && m.created_ms.is_some_and(|c| c.saturating_add(RESUME_SPARED.as_millis() as u64) > now)
+            {
+                // Never committed, by the writer whose run of commits its
+                // generation is in: an upload cut short that this writer may
+                // still commit (`commit::Uploaded`), whatever the grace.
                 young += 1;
                 false
             } else {
@@ -693,4 +706,58 @@ pub fn space(url: &str, opts: &GcOptions) -> VolumeResult<Space> {
         let r = VolumeReader::open(&u, &opts.remote).await?;
         space_open(&r, opts).await
     })
+}
+
+/// The first generation of the newest's writer's current run of commits:
+/// every generation from it to `newest` that is still there was committed
+/// by that one cache (generations retention removed are skipped). A pack
+/// named for one of them may be that writer's upload cut short, which it
+/// still means to commit (`commit::Uploaded`). `newest + 1` when gc itself
+/// committed the newest (a repack) or nobody is named.
+pub(crate) fn writers_own_run(objects: &BTreeMap<u64, Manifest>, newest: u64) -> u64 {
+    let writer = |g: &Manifest| g.writer.as_ref().map(|w| w.cache_id.clone());
+    let Some(who) = objects.get(&newest).and_then(writer).filter(|c| c != REPACK_WRITER) else {
+        return newest + 1;
+    };
+    let mut from = newest;
+    for (&g, m) in objects.range(..newest).rev() {
+        if writer(m).as_deref() != Some(who.as_str()) {
+            break;
+        }
+        from = g;
+    }
+    from
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::format::{VolumeHeader, Writer, DEFAULT_CHUNK_SIZE};
+
+    /// Generations by the writers named (None: no writer record), from 1.
+    fn chain(writers: &[(u64, Option<&str>)]) -> BTreeMap<u64, Manifest> {
+        let h = VolumeHeader::new(4 << 20, DEFAULT_CHUNK_SIZE, None);
+        writers
+            .iter()
+            .map(|&(g, w)| {
+                let mut m = Manifest::new(&h, g);
+                m.writer = w.map(|c| Writer { host: "h".into(), pid: 1, cache_id: c.into(), unix_ms: 0 });
+                (g, m)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_writers_own_run_ends_at_another_writer_or_gc() {
+        let run = |w: &[(u64, Option<&str>)]| writers_own_run(&chain(w), w.last().unwrap().0);
+        // The newest's writer committed 3 and 4 (its leases), after b's 2.
+        assert_eq!(run(&[(1, None), (2, Some("b")), (3, Some("a")), (4, Some("a"))]), 3);
+        // Generations retention removed are skipped, not a break in the run.
+        assert_eq!(run(&[(1, Some("b")), (3, Some("a")), (6, Some("a"))]), 3);
+        // Another writer's generation since: a's earlier uploads are garbage.
+        assert_eq!(run(&[(1, Some("a")), (2, Some("b"))]), 2);
+        // gc repacked, or nobody is named: no run at all.
+        assert_eq!(run(&[(1, Some("a")), (2, Some(REPACK_WRITER))]), 3);
+        assert_eq!(run(&[(1, Some("a")), (2, None)]), 3);
+    }
 }

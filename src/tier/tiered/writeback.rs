@@ -450,6 +450,23 @@ impl Inner {
         }
     }
 
+    /// The first generation of this cache's run of commits that ends with
+    /// `parent` (`parent + 1` if it is not this cache's), looked for only as
+    /// far down as the packs recorded in `uploaded` need; a generation that
+    /// cannot be read ends the run (`commit::Uploaded`).
+    async fn own_run_since(&self, parent: u64) -> u64 {
+        let wb = self.writeback.as_ref().expect("write-back is on");
+        let Some(lowest) = wb.uploaded.lowest_pack_generation() else { return parent + 1 };
+        let mut from = parent + 1;
+        while from > lowest.max(1) {
+            match self.vol.generations_by(self.ssd.cache_id(), from - 1, from - 1).await {
+                Ok(true) => from -= 1,
+                _ => break,
+            }
+        }
+        from
+    }
+
     /// The generation was committed: what was uploaded for it is its own.
     fn forget_uploaded(&self) {
         let Some(wb) = &self.writeback else { return };
@@ -641,7 +658,7 @@ impl Inner {
             wb.opts.commit.clone(),
         );
         b.set_image_len(cut.image_len);
-        b.resume(&wb.uploaded);
+        b.resume(&wb.uploaded, self.own_run_since(parent.generation).await);
         let left_after = self.pending_bytes().saturating_sub(cut.chunks.len() as u64 * self.cs);
         b.set_lease(Some(holder.record_for(b.generation(), left_after)));
         let t0 = Instant::now();
@@ -693,6 +710,7 @@ impl Inner {
             patched = stats.chunks_patched,
             zero = stats.chunks_zero,
             unchanged = stats.chunks_unchanged,
+            resumed = stats.chunks_resumed,
             pack_bytes = stats.pack_bytes,
             manifest_bytes = stats.manifest_bytes,
             full = stats.full,
