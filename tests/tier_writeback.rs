@@ -874,3 +874,48 @@ fn cut_short_by_a_stop(pages: bool, gc_while_resuming: bool) {
     drop(s);
     assert!(fresh_view(d.path(), &vurl, "b") == expect, "the resumed generation holds every change");
 }
+
+/// A commit that landed though its reply was lost, then a stop: the next
+/// start adopts the generation as this cache's own, and forgets the record
+/// of what that attempt uploaded (those packs are committed now: gc no
+/// longer spares them as an upload cut short, so they must not be reused).
+#[test]
+fn adopting_a_landed_commit_at_start_forgets_what_it_uploaded() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 << 20, 40);
+    let cache = d.path().join("a");
+    let faults = FaultPlan::new(15);
+    let opts = || {
+        let remote = counted(Arc::new(RemoteMetrics::default()), Some(faults.clone()), Shaping::default());
+        let mut o = cache_opts(&cache, remote);
+        o.remote.retry.max_attempts = 1;
+        o.writeback.sync_interval = Duration::from_secs(3600);
+        o
+    };
+    let s = driveblk::tier::open_volume(&vurl, opts()).unwrap();
+    // Chunk 5 whole in the cache, so that the next start finds all of it in
+    // the adopted generation (nothing left to commit).
+    let mut warm = vec![0u8; CS as usize];
+    s.read_vectored_at(5 * CS, &IoVec::from_slice(&mut warm), IoMode::Blocking).unwrap();
+    faults.lose_create_replies(1);
+    write(&*s, 5 * CS + 3, &[7; 9000], &mut expect);
+    // The first FLUSH cuts (no `request_sync`: its wake-up would start the
+    // retry at once instead of a second later).
+    guest_flush(&*s);
+    let t0 = std::time::Instant::now();
+    while s.sync_status().unwrap().last_error.is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the lost reply was never noticed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Down before the retry (1 s later) could adopt it in this run.
+    faults.set_down(true);
+    assert!(s.close(Duration::from_millis(300)) > 0);
+    drop(s);
+    assert!(cache.join("uploaded").is_file(), "the attempt's upload was not recorded");
+    faults.set_down(false);
+    let s = driveblk::tier::open_volume(&vurl, opts()).unwrap();
+    assert!(!cache.join("uploaded").exists(), "the record of a committed upload was kept");
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
+}

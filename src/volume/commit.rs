@@ -450,7 +450,7 @@ impl GenerationBuilder {
                         named.is_some_and(|g| g > self.parent.generation || (g >= self.own_since && young))
                     }
                     Err(e) if e.is_not_found() => {
-                        tracing::warn!(pack = %key, "a pack uploaded earlier for this generation is gone: its chunks go up again");
+                        tracing::warn!(pack = %key, "a pack uploaded earlier and not committed is gone: its chunks go up again");
                         false
                     }
                     Err(e) => return Err(VolumeError::remote(format!("checking {}/{key}", self.url), e)),

@@ -808,6 +808,9 @@ impl Inner {
     /// every dirty chunk whose bytes equal what it references.
     pub(super) fn reconcile_dirty(&self, newest: crate::volume::Manifest) -> VolumeResult<()> {
         let clean = self.clean_in(&newest)?;
+        // A pack recorded as uploaded may be one of these generations' own:
+        // committed, so no longer one gc spares as an upload cut short.
+        self.forget_uploaded();
         self.install_adopted(newest, &clean)
     }
 
