@@ -137,6 +137,9 @@ pub(crate) struct Writeback {
     /// Chunks uploaded for the generation being committed, kept across
     /// failed attempts and restarts.
     uploaded: Uploaded,
+    /// Held to save or forget `uploaded` with its file: a stop's save that
+    /// raced a commit must not leave the record of a committed upload.
+    uploaded_file: Mutex<()>,
     /// Writes since the last flush point: while 0, the disk is exactly as
     /// it was at that flush point, so a cut may be taken without one (an
     /// idle guest's last changes still go up within the sync interval).
@@ -201,6 +204,7 @@ impl Writeback {
             writes_since_flush: AtomicU64::new(0),
             requested: AtomicBool::new(false),
             uploaded: Uploaded::default(),
+            uploaded_file: Mutex::new(()),
         })
     }
 
@@ -444,6 +448,7 @@ impl Inner {
     /// attempt or the next start.
     pub(super) fn save_uploaded(&self) {
         let Some(wb) = &self.writeback else { return };
+        let _file = wb.uploaded_file.lock();
         let Some(b) = wb.uploaded.to_bytes() else { return };
         if let Err(e) = self.vol.save_local(self.ssd.dir(), UPLOADED_FILE, &b) {
             tracing::warn!(error = %e, "write-back: could not record the chunks uploaded so far (they go up again next time)");
@@ -470,6 +475,7 @@ impl Inner {
     /// The generation was committed: what was uploaded for it is its own.
     fn forget_uploaded(&self) {
         let Some(wb) = &self.writeback else { return };
+        let _file = wb.uploaded_file.lock();
         wb.uploaded.clear();
         match std::fs::remove_file(self.ssd.dir().join(UPLOADED_FILE)) {
             Ok(()) => {}
