@@ -134,10 +134,7 @@ impl Uploaded {
     /// Takes back what [`to_bytes`](Self::to_bytes) kept, checked against
     /// `header`.
     pub fn restore(&self, b: &[u8], header: &VolumeHeader) -> Result<(), String> {
-        let generation = serde_json::from_slice::<serde_json::Value>(b.split(|&c| c == b'\n').next().unwrap_or(&[]))
-            .ok()
-            .and_then(|v| v.get("generation").and_then(|g| g.as_u64()))
-            .ok_or("no generation")?;
+        let generation = Manifest::generation_named(b).ok_or("no generation")?;
         *self.0.lock() = Some(Manifest::from_bytes(b, header, generation)?);
         Ok(())
     }

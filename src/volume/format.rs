@@ -559,6 +559,15 @@ impl Manifest {
         seal(serde_json::to_vec(self).expect("manifest serialises"))
     }
 
+    /// The generation a stored manifest says it is (read from its JSON
+    /// line, before the trailer), for a copy kept under no generation's
+    /// key; [`from_bytes`](Self::from_bytes) then checks it whole.
+    pub fn generation_named(b: &[u8]) -> Option<u64> {
+        serde_json::from_slice::<serde_json::Value>(b.split(|&c| c == b'\n').next().unwrap_or(&[]))
+            .ok()
+            .and_then(|v| v.get("generation").and_then(|g| g.as_u64()))
+    }
+
     /// Verifies the trailer, parses, and checks the manifest against the
     /// volume header and the generation its key names.
     pub fn from_bytes(b: &[u8], header: &VolumeHeader, generation: u64) -> Result<Self, String> {

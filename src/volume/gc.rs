@@ -15,8 +15,9 @@
 //!   a pack written for a generation newer than the newest (a writer's,
 //!   about to be committed), nor, for 24 h, one never committed that was
 //!   written for a generation of the newest's writer's current run of
-//!   commits (an upload it had cut short and resumes: `commit::Uploaded`), never `volume.json`, `README.txt`, `fork-*`
-//!   (registrations) or `lease-*` (the writer lease's heartbeats); a
+//!   commits (an upload it had cut short and resumes: `commit::Uploaded`),
+//!   never `volume.json`, `README.txt`, `fork-*` (registrations) or
+//!   `lease-*` (the writer lease's heartbeats); a
 //!   leftover `clock-probe-*` (a host stopped between writing and deleting
 //!   it) is garbage once older than the grace period;
 //! - a fork's `<origin volume id>:<key>` pack entries are the origin's

@@ -368,11 +368,7 @@ impl VolumeReader {
         };
         // The manifest names its own generation; from_bytes re-checks the
         // checksum and that it belongs to this header.
-        let generation =
-            serde_json::from_slice::<serde_json::Value>(manifest_raw.split(|&c| c == b'\n').next().unwrap_or(&[]))
-                .ok()
-                .and_then(|v| v.get("generation").and_then(|g| g.as_u64()))
-                .unwrap_or(0);
+        let generation = Manifest::generation_named(&manifest_raw).unwrap_or(0);
         let key = format!("offline copy of {}", gen_key(generation));
         let manifest = Manifest::from_bytes(&manifest_raw, &header, generation)
             .map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key, reason })?;
