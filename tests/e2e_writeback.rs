@@ -272,7 +272,7 @@ fn a_stop_that_cuts_an_upload_short_is_not_an_error() {
     let daemon = Daemon::start_logged(&sock, &args, &[], Some(&log));
     let mut c = Client::connect(&sock, 1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-    let new: Vec<u8> = (0..48 << 20).map(|_| rng.random()).collect();
+    let new: Vec<u8> = random_bytes(&mut rng, 48 << 20);
     for (i, piece) in new.chunks(256 << 10).enumerate() {
         c.write((i * (256 << 10)) as u64, piece).unwrap();
     }
@@ -290,6 +290,74 @@ fn a_stop_that_cuts_an_upload_short_is_not_an_error() {
     let out = d.path().join("export.raw");
     run_ok(bin(), &["export", &url, out.to_str().unwrap(), "--quiet"]);
     assert!(std::fs::read(&out).unwrap() == want, "the changes went up after the stop");
+}
+
+/// `n` bytes from `rng` (a byte at a time is slow in a debug build).
+fn random_bytes(rng: &mut impl Rng, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rng.fill(&mut v[..]);
+    v
+}
+
+/// The packs in the volume at `remote` (a `dir:` remote's folder): name
+/// and size.
+fn packs_in(remote: &Path) -> std::collections::BTreeMap<String, u64> {
+    std::fs::read_dir(remote)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pack-"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+        .collect()
+}
+
+#[test]
+fn an_upload_cut_short_by_a_kill_9_resumes_at_the_next_start() {
+    let d = tempfile::tempdir().unwrap();
+    let (orig, url) = raw_volume(d.path(), 13, 128 << 20, &[]);
+    let remote = d.path().join("remote/vol");
+    let cache = d.path().join("cache");
+    let sock = d.path().join("sock");
+    let before = packs_in(&remote);
+    // 128 MiB of fresh data is 8 packs of 16 MiB, 4 going up at once over
+    // an 8 MiB/s uplink: the first four land after about 8 s, the rest 8 s
+    // later.
+    let mut args = kill_9_args(&url, "raw", &cache).to_vec();
+    args.extend(["--bwlimit", "8M:off"]);
+    let mut daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+    let new: Vec<u8> = random_bytes(&mut rng, 128 << 20);
+    for (i, piece) in new.chunks(1 << 20).enumerate() {
+        c.write((i << 20) as u64, piece).unwrap();
+    }
+    c.flush().unwrap(); // the first FLUSH cuts a generation at once
+                        // Kill once half has landed and the cache has had time to record it
+                        // (it saves what went up at most every 2 s), long before the rest.
+    let t0 = std::time::Instant::now();
+    while packs_in(&remote).len() < before.len() + 4 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "4 packs had not landed after 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(cache.join("uploaded").exists(), "the cache keeps a record of what went up");
+    drop(c);
+    kill_9(&mut daemon);
+    let landed: u64 = packs_in(&remote).iter().filter(|(k, _)| !before.contains_key(*k)).map(|(_, n)| n).sum();
+    assert!(landed >= 16 << 20, "a pack had landed before the kill ({landed} bytes)");
+    // The next start uploads the rest only.
+    let at_kill = packs_in(&remote);
+    run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "300"]);
+    let again: u64 = packs_in(&remote).iter().filter(|(k, _)| !at_kill.contains_key(*k)).map(|(_, n)| n).sum();
+    assert!(
+        again <= 96 << 20,
+        "after the kill -9, the next start uploaded {again} bytes of packs for 128 MiB of changes \
+         ({landed} had landed before the kill): what went up was not resumed"
+    );
+    let mut want = orig;
+    want[..128 << 20].copy_from_slice(&new);
+    let out = d.path().join("export.raw");
+    run_ok(bin(), &["export", &url, out.to_str().unwrap(), "--quiet"]);
+    assert!(std::fs::read(&out).unwrap() == want, "the volume holds every change after the resumed upload");
 }
 
 #[test]
@@ -396,7 +464,7 @@ fn flushes_after_first_writes_into_clean_chunks_survive_kill_9() {
     let raw = d.path().join("disk.raw");
     let img = d.path().join("disk.qcow2");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xF1);
-    let orig: Vec<u8> = (0..8 << 20).map(|_| rng.random()).collect();
+    let orig: Vec<u8> = random_bytes(&mut rng, 8 << 20);
     std::fs::write(&raw, &orig).unwrap();
     run_ok("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), img.to_str().unwrap()]);
     let url = format!("dir:{}", d.path().join("remote/vol").display());
@@ -525,7 +593,7 @@ fn small_first_writes_survive_lost_pages(encrypted: bool) {
 fn raw_volume(dir: &Path, seed: u64, size: usize, extra: &[&str]) -> (Vec<u8>, String) {
     let img = dir.join("disk.raw");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let orig: Vec<u8> = (0..size).map(|_| rng.random()).collect();
+    let orig: Vec<u8> = random_bytes(&mut rng, size);
     std::fs::write(&img, &orig).unwrap();
     let url = format!("dir:{}", dir.join("remote/vol").display());
     let args =

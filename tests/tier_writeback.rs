@@ -875,6 +875,49 @@ fn cut_short_by_a_stop(pages: bool, gc_while_resuming: bool) {
     assert!(fresh_view(d.path(), &vurl, "b") == expect, "the resumed generation holds every change");
 }
 
+/// A record of what went up that outlived its commit (a kill between the
+/// commit and the record's removal) is never reused for those packs: they
+/// are committed, and gc spares only packs no generation names. Here the
+/// chunks go back to exactly the bytes the record lists, two generations
+/// later, and go up again rather than point at the old packs.
+#[test]
+fn a_record_that_outlived_its_commit_is_not_reused() {
+    use rand::RngCore;
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 32 * CS as usize, 41);
+    let faults = FaultPlan::new(16);
+    let cache = d.path().join("a");
+    let folder = d.path().join("remote/vol");
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, pack_rate_mbit(false))).unwrap();
+    upload_cut_short(d.path(), &s, &faults, &mut expect, false);
+    assert!(s.close(Duration::from_millis(300)) > 0);
+    drop(s);
+    let stale = std::fs::read(cache.join("uploaded")).expect("what went up was recorded");
+    let first = expect.clone();
+    faults.set_down(false);
+    // The resumed commit makes the recorded packs committed ones.
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    assert_eq!(s.close(Duration::from_secs(60)), 0);
+    drop(s);
+    // Another generation changes every chunk.
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    let mut other = vec![0u8; 32 * CS as usize];
+    rand::rngs::StdRng::seed_from_u64(9).fill_bytes(&mut other);
+    write(&*s, 0, &other, &mut expect);
+    assert_eq!(s.close(Duration::from_secs(60)), 0);
+    drop(s);
+    // The stale record is back, and so are the bytes it lists.
+    std::fs::write(cache.join("uploaded"), &stale).unwrap();
+    let before = packs_in(&folder);
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    write(&*s, 0, &first, &mut expect);
+    assert_eq!(s.close(Duration::from_secs(60)), 0);
+    drop(s);
+    let again = packs_in(&folder).difference(&before).count();
+    assert!(again >= 32, "only {again} packs uploaded: committed packs of a stale record were reused");
+    assert!(fresh_view(d.path(), &vurl, "b") == expect, "the newest generation holds the last writes");
+}
+
 /// A commit that landed though its reply was lost, then a stop: the next
 /// start adopts the generation as this cache's own, and forgets the record
 /// of what that attempt uploaded (those packs are committed now: gc no

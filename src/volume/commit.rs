@@ -119,35 +119,50 @@ pub struct CommitStats {
 ///   gc spares such a pack for [`RESUME_SPARED`] (`gc::writers_own_run`),
 ///   which leaves the upload after the check that long to finish.
 ///
+/// A pack a generation in the cache's run names is never reused, even if
+/// the record still lists it (a process killed between a commit and
+/// forgetting its record): it is committed, and gc spares only packs no
+/// generation references.
+///
 /// Held as a delta manifest of the generation attempted over its parent,
 /// listing only chunks whose packs landed; shared between a store's
 /// attempts and kept in its cache directory across restarts.
 #[derive(Clone, Debug, Default)]
-pub struct Uploaded(Arc<parking_lot::Mutex<Option<Manifest>>>);
+pub struct Uploaded {
+    record: Arc<parking_lot::Mutex<Option<Manifest>>>,
+    /// Woken each time a pack's chunks are recorded.
+    grew: Arc<tokio::sync::Notify>,
+}
 
 impl Uploaded {
     /// What to keep for the next process, if anything was uploaded.
     pub fn to_bytes(&self) -> Option<Vec<u8>> {
-        self.0.lock().as_ref().filter(|m| !m.chunks.is_empty()).map(Manifest::to_bytes)
+        self.record.lock().as_ref().filter(|m| !m.chunks.is_empty()).map(Manifest::to_bytes)
+    }
+
+    /// Returns once more chunks have been recorded (at once if some were
+    /// since the last call), so the record can be kept as it grows.
+    pub async fn grown(&self) {
+        self.grew.notified().await
     }
 
     /// Takes back what [`to_bytes`](Self::to_bytes) kept, checked against
     /// `header`.
     pub fn restore(&self, b: &[u8], header: &VolumeHeader) -> Result<(), String> {
         let generation = Manifest::generation_named(b).ok_or("no generation")?;
-        *self.0.lock() = Some(Manifest::from_bytes(b, header, generation)?);
+        *self.record.lock() = Some(Manifest::from_bytes(b, header, generation)?);
         Ok(())
     }
 
     /// The generation the chunks were uploaded for, and how many there are.
     pub fn summary(&self) -> Option<(u64, usize)> {
-        self.0.lock().as_ref().map(|m| (m.generation, m.chunks.len()))
+        self.record.lock().as_ref().map(|m| (m.generation, m.chunks.len()))
     }
 
     /// The lowest generation a pack holding a recorded frame was written
     /// for (a patch's base is the parent's, not the upload's).
     pub fn lowest_pack_generation(&self) -> Option<u64> {
-        let u = self.0.lock();
+        let u = self.record.lock();
         let m = u.as_ref()?;
         m.chunks
             .values()
@@ -161,7 +176,7 @@ impl Uploaded {
 
     /// Forgets everything (the generation was committed, or will never be).
     pub fn clear(&self) {
-        *self.0.lock() = None;
+        *self.record.lock() = None;
     }
 }
 
@@ -222,6 +237,8 @@ pub struct GenerationBuilder {
     checked: std::collections::HashMap<String, bool>,
     /// See [`resume`](Self::resume).
     own_since: u64,
+    /// See [`resume`](Self::resume).
+    committed: std::collections::HashSet<String>,
 }
 
 impl GenerationBuilder {
@@ -254,16 +271,19 @@ impl GenerationBuilder {
             in_pack: Default::default(),
             checked: Default::default(),
             own_since: u64::MAX,
+            committed: Default::default(),
         }
     }
 
     /// Records the chunks this attempt uploads in `uploaded` as their packs
     /// land, and reuses those an earlier attempt left there. `own_since`:
     /// generations `own_since..=parent` were all committed by this cache
-    /// (`parent + 1` when the parent was not).
-    pub fn resume(&mut self, uploaded: &Uploaded, own_since: u64) {
+    /// (`parent + 1` when the parent was not); `committed`: the packs those
+    /// generations' objects name, never reused.
+    pub fn resume(&mut self, uploaded: &Uploaded, own_since: u64, committed: std::collections::HashSet<String>) {
         self.uploaded = Some(uploaded.clone());
         self.own_since = own_since;
+        self.committed = committed;
     }
 
     /// The generation being built.
@@ -389,7 +409,7 @@ impl GenerationBuilder {
     async fn resumable(&mut self, idx: u64, data: &[u8], data_digest: &str) -> VolumeResult<Option<ChunkRef>> {
         let Some(uploaded) = self.uploaded.clone() else { return Ok(None) };
         let (r, key, slot, index, table) = {
-            let u = uploaded.0.lock();
+            let u = uploaded.record.lock();
             let Some(m) = u.as_ref() else { return Ok(None) };
             let Some(r) = m.chunks.get(&idx) else { return Ok(None) };
             let pack = match r {
@@ -444,7 +464,8 @@ impl GenerationBuilder {
                         let young = meta.created_ms.is_some_and(|c| {
                             c.saturating_add(RESUME_WINDOW.as_millis() as u64) > super::history::now_ms()
                         });
-                        named.is_some_and(|g| g > self.parent.generation || (g >= self.own_since && young))
+                        !self.committed.contains(&key)
+                            && named.is_some_and(|g| g > self.parent.generation || (g >= self.own_since && young))
                     }
                     Err(e) if e.is_not_found() => {
                         tracing::warn!(pack = %key, "a pack uploaded earlier and not committed is gone: its chunks go up again");
@@ -479,7 +500,7 @@ impl GenerationBuilder {
     /// Records in [`Uploaded`] the chunks of pack `key`, which just landed.
     fn record_landed(&mut self, key: &str, slot: Option<&crate::remote::Slot>) {
         let (Some(uploaded), Some(idxs)) = (&self.uploaded, self.in_pack.remove(key)) else { return };
-        let mut u = uploaded.0.lock();
+        let mut u = uploaded.record.lock();
         let m = u.get_or_insert_with(|| {
             let mut m = Manifest::new(&self.header, self.delta.generation);
             m.parent = self.delta.parent;
@@ -497,6 +518,8 @@ impl GenerationBuilder {
         if let Some(s) = slot {
             m.ids.insert(key.to_string(), s.clone());
         }
+        drop(u);
+        uploaded.grew.notify_one();
     }
 
     /// Compresses `body` into the current pack: a whole chunk (with its

@@ -320,7 +320,11 @@ impl VolumeReader {
             None => data,
         };
         let tmp = dir.join(format!("{name}.tmp"));
-        std::fs::write(&tmp, data)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        // Durable before it replaces the old copy: a power cut leaves one
+        // whole copy or the other.
+        f.sync_all()?;
         std::fs::rename(&tmp, dir.join(name))
     }
 
@@ -459,6 +463,17 @@ impl VolumeReader {
             }
         }
         Ok(true)
+    }
+
+    /// The packs generation `g`'s object names, if `cache_id` committed it
+    /// (None: another writer did, or `driveblk gc` removed it).
+    pub async fn packs_of_generation_by(&self, cache_id: &str, g: u64) -> VolumeResult<Option<Vec<String>>> {
+        match read_object(&self.remote, &self.url, &self.header, g, None).await {
+            Ok(m) if m.writer.as_ref().is_some_and(|w| w.cache_id == cache_id) => Ok(Some(m.packs)),
+            Ok(_) => Ok(None),
+            Err(VolumeError::Remote { source, .. }) if source.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// True when every generation in `from..=to` was committed by `gc`

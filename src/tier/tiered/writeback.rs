@@ -8,7 +8,7 @@
 //! `frozen` file), so the generation never mixes older and newer writes.
 //! After the fenced commit, chunks not written since the cut become clean.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,12 +22,16 @@ use crate::tier::local::LocalFile;
 use crate::tier::ssd::{bit, bitmap_words, PAGE};
 use crate::tier::Storage;
 use crate::volume::commit::{writer_record, CommitOptions, GenerationBuilder, Uploaded};
+use crate::volume::{ChunkRef, VolumeError, VolumeResult};
 
 /// The cache directory's record of chunks uploaded for a generation not
 /// committed yet ([`Uploaded`]): the next attempt, in this process or the
 /// next, uploads only what is not there.
 const UPLOADED_FILE: &str = "uploaded";
-use crate::volume::{ChunkRef, VolumeError, VolumeResult};
+
+/// How often, at most, the record in [`UPLOADED_FILE`] is saved while an
+/// upload lands.
+const UPLOADED_SAVE_EVERY: Duration = Duration::from_secs(2);
 
 /// When a guest FLUSH counts as done (DESIGN.md, durability contract).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -457,19 +461,24 @@ impl Inner {
 
     /// The first generation of this cache's run of commits that ends with
     /// `parent` (`parent + 1` if it is not this cache's), looked for only as
-    /// far down as the packs recorded in `uploaded` need; a generation that
-    /// cannot be read ends the run (`commit::Uploaded`).
-    async fn own_run_since(&self, parent: u64) -> u64 {
+    /// far down as the packs recorded in `uploaded` need, and the packs that
+    /// run's generations name; a generation that cannot be read ends the run
+    /// (`commit::Uploaded`).
+    async fn own_run_since(&self, parent: u64) -> (u64, HashSet<String>) {
         let wb = self.writeback.as_ref().expect("write-back is on");
-        let Some(lowest) = wb.uploaded.lowest_pack_generation() else { return parent + 1 };
+        let mut committed = HashSet::new();
+        let Some(lowest) = wb.uploaded.lowest_pack_generation() else { return (parent + 1, committed) };
         let mut from = parent + 1;
         while from > lowest.max(1) {
-            match self.vol.generations_by(self.ssd.cache_id(), from - 1, from - 1).await {
-                Ok(true) => from -= 1,
+            match self.vol.packs_of_generation_by(self.ssd.cache_id(), from - 1).await {
+                Ok(Some(packs)) => {
+                    committed.extend(packs);
+                    from -= 1;
+                }
                 _ => break,
             }
         }
-        from
+        (from, committed)
     }
 
     /// The generation was committed: what was uploaded for it is its own.
@@ -649,7 +658,29 @@ impl Inner {
     /// Uploads one cut and commits it; then marks its chunks clean. A
     /// commit that landed but whose cache state could not be saved (the
     /// cache's disk full, its folder deleted) returns what went wrong.
+    /// What goes up meanwhile is recorded in the cache as it lands, so
+    /// even a kill -9 leaves the next start only the rest to upload.
     async fn commit_cut(self: Arc<Self>, cut: Arc<Cut>) -> VolumeResult<Option<String>> {
+        let keeper = tokio::spawn(self.clone().keep_uploaded_saved());
+        let r = self.upload_and_commit(cut).await;
+        keeper.abort();
+        r
+    }
+
+    /// Saves the record of what went up each time it grows, at most every
+    /// [`UPLOADED_SAVE_EVERY`]: a kill costs at most that much upload again.
+    async fn keep_uploaded_saved(self: Arc<Self>) {
+        let wb = self.writeback.as_ref().expect("write-back is on");
+        loop {
+            wb.uploaded.grown().await;
+            tokio::time::sleep(UPLOADED_SAVE_EVERY).await;
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.save_uploaded()).await;
+        }
+    }
+
+    /// [`commit_cut`](Self::commit_cut) itself.
+    async fn upload_and_commit(self: Arc<Self>, cut: Arc<Cut>) -> VolumeResult<Option<String>> {
         let wb = self.writeback.as_ref().expect("write-back is on");
         // Only the lease holder commits (a store opened offline, or for a
         // stopped daemon's sync, takes it now).
@@ -664,7 +695,8 @@ impl Inner {
             wb.opts.commit.clone(),
         );
         b.set_image_len(cut.image_len);
-        b.resume(&wb.uploaded, self.own_run_since(parent.generation).await);
+        let (own_since, committed) = self.own_run_since(parent.generation).await;
+        b.resume(&wb.uploaded, own_since, committed);
         let left_after = self.pending_bytes().saturating_sub(cut.chunks.len() as u64 * self.cs);
         b.set_lease(Some(holder.record_for(b.generation(), left_after)));
         let t0 = Instant::now();
@@ -704,7 +736,7 @@ impl Inner {
                 // `driveblk gc` repacked the volume (same bytes, new packs):
                 // build this cut again on top of that, nothing forked.
                 if self.clone().adopt_repacks().await? {
-                    return Box::pin(self.commit_cut(cut)).await;
+                    return Box::pin(self.upload_and_commit(cut)).await;
                 }
                 return Err(VolumeError::Conflict { url, generation, by });
             }
