@@ -360,6 +360,46 @@ fn an_upload_cut_short_by_a_kill_9_resumes_at_the_next_start() {
     assert!(std::fs::read(&out).unwrap() == want, "the volume holds every change after the resumed upload");
 }
 
+/// A stop that leaves page writes keeps which pages changed, so the next
+/// start uploads patches; a kill -9 of that next run after it wrote other
+/// pages of the same chunks loses none of them (the record was good for
+/// that one start only).
+#[test]
+fn page_writes_after_a_restart_survive_a_kill_9() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut want, url) = raw_volume(d.path(), 15, 8 << 20, &[]);
+    let cache = d.path().join("cache");
+    let sock = d.path().join("sock");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+    // 16 KiB/s up: nothing finishes uploading while the test writes.
+    let mut args = kill_9_args(&url, "raw", &cache).to_vec();
+    args.extend(["--bwlimit", "16K:off", "--sync-timeout", "0"]);
+    let mut write_pages = |c: &mut Client, at: u64| {
+        for chunk in 0..64u64 {
+            let off = chunk * (64 << 10) + at;
+            let page = random_bytes(&mut rng, 4096);
+            c.write(off, &page).unwrap();
+            want[off as usize..off as usize + 4096].copy_from_slice(&page);
+        }
+        c.flush().unwrap();
+    };
+    let daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    write_pages(&mut c, 0);
+    drop(c);
+    assert!(daemon.stop().success());
+    assert!(cache.join("dirty-pages").is_file(), "the stop kept which pages changed");
+    let mut daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    write_pages(&mut c, 8192);
+    drop(c);
+    kill_9(&mut daemon);
+    run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "120"]);
+    let out = d.path().join("export.raw");
+    run_ok(bin(), &["export", &url, out.to_str().unwrap(), "--quiet"]);
+    assert!(std::fs::read(&out).unwrap() == want, "a page written after the restart was lost");
+}
+
 #[test]
 fn writethrough_survives_losing_the_machine_right_after_a_flush() {
     let d = tempfile::tempdir().unwrap();

@@ -855,9 +855,9 @@ fn cut_short_by_a_stop(pages: bool, gc_while_resuming: bool) {
     assert!(cache.join("uploaded").is_file(), "what went up was not recorded");
     let landed = packs_in(&folder);
     faults.set_down(false);
-    // (After a restart a chunk's changed pages are not known: what goes up
-    // again goes whole, on a faster link.)
-    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    // The stop kept which pages changed: what goes up again is patches
+    // still, over the same slow link.
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, pack_rate_mbit(pages))).unwrap();
     if gc_while_resuming {
         let opts = driveblk::volume::gc::GcOptions {
             retention: driveblk::volume::gc::Retention { keep_generations: 1, keep_days: None },
@@ -873,6 +873,90 @@ fn cut_short_by_a_stop(pages: bool, gc_while_resuming: bool) {
     assert!(!cache.join("uploaded").exists(), "the record outlived its commit");
     drop(s);
     assert!(fresh_view(d.path(), &vurl, "b") == expect, "the resumed generation holds every change");
+}
+
+/// The bytes of the packs in `folder`.
+fn pack_bytes(folder: &std::path::Path, names: &std::collections::BTreeSet<String>) -> u64 {
+    names.iter().map(|n| std::fs::metadata(folder.join(n)).unwrap().len()).sum()
+}
+
+/// Scattered page writes a stop left in the cache go up as patches at the
+/// next start, not as whole chunks: the stop keeps which pages changed,
+/// and the start takes that record back (it is not left on disk, where a
+/// later crash could make it say too little).
+#[test]
+fn page_writes_left_by_a_stop_go_up_as_patches_after_a_restart() {
+    use rand::RngCore;
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 32 * CS as usize, 42);
+    let faults = FaultPlan::new(17);
+    let cache = d.path().join("a");
+    let folder = d.path().join("remote/vol");
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    faults.set_down(true);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    for i in 0..32 {
+        let mut page = vec![0u8; 4096];
+        rng.fill_bytes(&mut page);
+        write(&*s, i * CS + 4096 * (i % 7), &page, &mut expect);
+    }
+    guest_flush(&*s);
+    assert!(s.close(Duration::from_millis(300)) > 0, "nothing was left to upload");
+    drop(s);
+    assert!(cache.join("dirty-pages").is_file(), "the stop did not keep the changed pages");
+    faults.set_down(false);
+    let before = packs_in(&folder);
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    assert!(!cache.join("dirty-pages").exists(), "the record stayed on disk after the start took it");
+    assert_eq!(s.close(Duration::from_secs(60)), 0);
+    drop(s);
+    let new: std::collections::BTreeSet<String> = packs_in(&folder).difference(&before).cloned().collect();
+    let up = pack_bytes(&folder, &new);
+    assert!(
+        up < 32 * 3 * 4096,
+        "32 changed pages went up as {up} bytes of packs after the restart: whole chunks, not patches"
+    );
+    assert!(fresh_view(d.path(), &vurl, "b") == expect, "the patches hold every change");
+}
+
+/// The record of changed pages is good for one start only: pages written
+/// after it was taken, then a crash, must still go up (the chunks go up
+/// whole), never be left out of a patch by a stale record.
+#[test]
+fn pages_written_after_the_record_was_taken_survive_a_crash() {
+    use rand::RngCore;
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 8 * CS as usize, 43);
+    let faults = FaultPlan::new(18);
+    let cache = d.path().join("a");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut page = || {
+        let mut p = vec![0u8; 4096];
+        rng.fill_bytes(&mut p);
+        p
+    };
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    faults.set_down(true);
+    for i in 0..8 {
+        write(&*s, i * CS, &page(), &mut expect);
+    }
+    guest_flush(&*s);
+    assert!(s.close(Duration::from_millis(300)) > 0);
+    drop(s);
+    assert!(cache.join("dirty-pages").is_file());
+    // The next run takes the record, writes other pages of the same chunks,
+    // and crashes (dropped unclosed: nothing is kept).
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    for i in 0..8 {
+        write(&*s, i * CS + 8192, &page(), &mut expect);
+    }
+    guest_flush(&*s);
+    drop(s);
+    faults.set_down(false);
+    let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
+    assert_eq!(s.close(Duration::from_secs(60)), 0);
+    drop(s);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect, "a write after the record was taken was lost");
 }
 
 /// A record of what went up that outlived its commit (a kill between the

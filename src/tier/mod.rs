@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod cache_crypto;
+pub mod dirty_pages;
 pub mod export;
 pub mod fleet;
 pub mod fork;

@@ -54,6 +54,7 @@ use sha2::{Digest, Sha256};
 
 use crate::format::{IoMode, IoVec};
 use crate::tier::cache_crypto::{self, CacheFile, Sealing};
+use crate::tier::dirty_pages::DirtyPages;
 use crate::tier::journal::{Change, Journal, Logged, Record};
 use crate::tier::{LocalFile, Storage};
 use crate::volume::format::MAX_CHUNKS;
@@ -354,11 +355,10 @@ pub struct SsdCache {
     cache_id: String,
     /// Source of write sequence numbers.
     write_seq: AtomicU64,
-    /// Pages written since each dirty chunk was last clean (in memory
-    /// only): write-back uploads just those as a patch. A dirty chunk
-    /// without an entry (after a restart, or zeroed whole) counts as
-    /// changed everywhere.
-    dirty_pages: Mutex<HashMap<u64, Bitmap>>,
+    /// Pages written since each dirty chunk was last clean: write-back
+    /// uploads just those as a patch. A dirty chunk without an entry (after
+    /// a crash, or zeroed whole) counts as changed everywhere.
+    dirty_pages: DirtyPages,
     /// Changes since the last checkpoint (None when only inspecting).
     journal: Mutex<Option<Journal>>,
     /// Chunks whose `logged` flag is set (under the journal lock).
@@ -802,7 +802,7 @@ impl SsdCache {
             generation: AtomicU64::new(generation),
             cache_id,
             write_seq: AtomicU64::new(1),
-            dirty_pages: Mutex::new(HashMap::new()),
+            dirty_pages: DirtyPages::new(dir, cs),
             data_epoch: AtomicU64::new(1),
             journal: Mutex::new(None),
             logged: Mutex::new(Vec::new()),
@@ -815,6 +815,11 @@ impl SsdCache {
                 Journal::open(dir, 0, bitmap_words(cs))
                     .map_err(|e| VolumeError::io("opening the journal in", dir, e))?,
             );
+            // Which pages of the dirty chunks a clean stop said changed: their
+            // uploads stay patches.
+            if let Err(e) = c.dirty_pages.take(|i| matches!(c.state(i), DIRTY | DIRTY_PARTIAL)) {
+                tracing::warn!(error = %e, "ignoring the cache's record of changed pages: dirty chunks go up whole");
+            }
             // Record the identity now (a fresh checkpoint), so a crash
             // before the first flush still leaves a directory that says
             // whose it is.
@@ -1191,7 +1196,7 @@ impl SsdCache {
                 state = DIRTY;
             }
         }
-        self.note_dirty_pages(idx, is_dirty(state), off, len);
+        self.dirty_pages.note(idx, is_dirty(state), off, len)?;
         let whole = off == 0 && len == self.chunk_size;
         if fill.is_none() && !whole && matches!(state, ABSENT | PARTIAL | DIRTY_PARTIAL) {
             if !self.whole_pages(idx, off, len) {
@@ -1324,30 +1329,16 @@ impl SsdCache {
         Ok(())
     }
 
-    /// Records that pages [off, off + len) of chunk `idx` change. A chunk
-    /// becoming dirty starts a fresh page set; one already dirty without a
-    /// set stays "changed everywhere".
-    fn note_dirty_pages(&self, idx: u64, was_dirty: bool, off: u64, len: u64) {
-        let mut map = self.dirty_pages.lock();
-        let m = if was_dirty {
-            match map.get_mut(&idx) {
-                Some(m) => m,
-                None => return,
-            }
-        } else {
-            map.insert(idx, vec![0u64; bitmap_words(self.chunk_size)].into_boxed_slice());
-            map.get_mut(&idx).expect("just inserted")
-        };
-        let end = (off + len).min(self.chunk_size);
-        for p in off / PAGE..end.div_ceil(PAGE) {
-            m[(p / 64) as usize] |= 1 << (p % 64);
-        }
-    }
-
     /// Pages changed in dirty chunk `idx` since it was last clean, as a
     /// bitmap of 4 KiB pages (None: unknown, treat all as changed).
     pub fn dirty_pages(&self, idx: u64) -> Option<Box<[u64]>> {
-        self.dirty_pages.lock().get(&idx).cloned()
+        self.dirty_pages.get(idx)
+    }
+
+    /// Keeps the dirty chunks' changed-page sets for the next start (a
+    /// stop that leaves changes): it then uploads patches, not whole chunks.
+    pub fn keep_dirty_pages(&self) -> io::Result<()> {
+        self.dirty_pages.keep()
     }
 
     fn data_write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
@@ -1609,7 +1600,7 @@ impl SsdCache {
             return false;
         }
         self.dirty.fetch_sub(1, Ordering::Relaxed);
-        self.dirty_pages.lock().remove(&idx);
+        self.dirty_pages.forget(idx);
         true
     }
 
@@ -1706,12 +1697,9 @@ impl SsdCache {
             self.set_state(idx, ZERO_DIRTY);
             self.dirty.fetch_add(1, Ordering::Relaxed);
         }
-        {
-            let mut pages = self.dirty_pages.lock();
-            for idx in range.clone() {
-                pages.remove(&idx);
-                self.bump_seq(idx);
-            }
+        for idx in range.clone() {
+            self.dirty_pages.forget(idx);
+            self.bump_seq(idx);
         }
         // Zeroed chunks not persisted yet survive a crash of this process.
         self.record_volatile(range)

@@ -450,8 +450,12 @@ impl TieredStore {
         let t0 = std::time::Instant::now();
         let left = self.inner.final_sync(timeout);
         if left > 0 {
-            // The upload cut short resumes at the next start.
+            // The upload cut short resumes at the next start, with the
+            // changed pages known (patches, not whole chunks).
             self.inner.save_uploaded();
+            if let Err(e) = self.inner.ssd.keep_dirty_pages() {
+                tracing::warn!(error = %e, "could not record which pages changed: the next start uploads whole chunks");
+            }
         }
         let me = self.inner.clone();
         let lease_time = timeout.saturating_sub(t0.elapsed()).max(PROFILE_SAVE_MIN);
