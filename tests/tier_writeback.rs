@@ -617,6 +617,39 @@ fn a_remote_that_stalls_mid_upload_half_commits_nothing_and_sync_resumes() {
     assert!(fresh_view(d.path(), &vurl, "b") == expect);
 }
 
+/// A cut whose chunks all hold their parent's bytes again (rewritten with
+/// the same data, or zeroed and rewritten) commits no generation: the
+/// chunks are clean as they are, and nothing is left to upload.
+#[test]
+fn a_cut_that_changes_nothing_commits_no_generation() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 8 * CS as usize, 44);
+    let cache = d.path().join("a");
+    let s = driveblk::tier::open_volume(&vurl, cache_opts(&cache, Default::default())).unwrap();
+    let g = volume::info(&vurl).unwrap().generation;
+    let (a, b) = (2 * CS as usize, 4 * CS as usize);
+    let same = expect[a..b].to_vec();
+    write(&*s, a as u64, &vec![0; b - a], &mut expect);
+    write(&*s, a as u64, &same, &mut expect);
+    guest_flush(&*s);
+    s.request_sync();
+    let t0 = std::time::Instant::now();
+    while !s.sync_status().is_some_and(|st| st.last_cut > 0 && st.committed_cut == st.last_cut) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the cut never completed: {:?}", s.sync_status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = s.sync_status().unwrap();
+    assert!(st.generations_committed == 0 && st.last_error.is_none(), "{st:?}");
+    assert_eq!(volume::info(&vurl).unwrap().generation, g, "a generation that changes nothing was committed");
+    // A real change after it still goes up.
+    write(&*s, 5 * CS + 100, &[9; 5000], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert_eq!(volume::info(&vurl).unwrap().generation, g + 1);
+    assert!(fresh_view(d.path(), &vurl, "b") == expect);
+}
+
 /// Waits until this store has committed `n` generations.
 fn wait_committed(s: &driveblk::tier::tiered::TieredStore, n: u64) {
     let t0 = std::time::Instant::now();

@@ -286,6 +286,16 @@ impl GenerationBuilder {
         self.committed = committed;
     }
 
+    /// True when nothing was added that differs from the parent (every
+    /// chunk unchanged, the image length too): a generation would say
+    /// nothing new.
+    pub fn changes_nothing(&self) -> bool {
+        self.delta.chunks.is_empty()
+            && self.delta.image_len == self.parent.image_len
+            && self.pack.is_empty()
+            && self.stats.packs == 0
+    }
+
     /// The generation being built.
     pub fn generation(&self) -> u64 {
         self.delta.generation

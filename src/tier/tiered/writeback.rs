@@ -723,6 +723,23 @@ impl Inner {
             data.truncate(chunk_len);
             b.add_chunk(idx, data, cut.pages.get(&idx).map(|p| &p[..])).await?;
         }
+        if b.changes_nothing() {
+            // Every chunk holds its parent's bytes again (rewritten as it
+            // was): they are clean as they are, and a generation would only
+            // cost a manifest upload and a line of history.
+            tracing::info!(
+                chunks = cut.chunks.len(),
+                generation = parent.generation,
+                "write-back: the changes equal the last generation; nothing to commit"
+            );
+            let me = self.clone();
+            let c = cut.clone();
+            let m = (*parent).clone();
+            let saved = tokio::task::spawn_blocking(move || me.install_generation(m, &c.chunks))
+                .await
+                .map_err(VolumeError::task("marking unchanged chunks clean"))?;
+            return Ok(saved.err().map(|e| unsaved(parent.generation, &e)));
+        }
         let g = b.generation();
         let (manifest, stats) = match b.commit(writer_record(self.ssd.cache_id())).await {
             Ok(r) => r,
