@@ -784,6 +784,9 @@ fn start_upload(d: &std::path::Path, s: &driveblk::tier::tiered::TieredStore, ex
         assert!(t0.elapsed() < Duration::from_secs(30), "the upload never got half-way");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // Status shows how far the upload got (packs are counted once landed).
+    let st = s.sync_status().unwrap();
+    assert!(st.uploading && st.uploading_done >= 8 && st.uploading_done < st.uploading_chunks, "{st:?}");
 }
 
 /// [`start_upload`], then the remote goes down until write-back notices.

@@ -218,7 +218,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
         "hit_rate": hit_rates(s),
         "sync": s.sync.as_ref().map(|y| json!({
             "dirty_bytes": s.dirty_bytes,
-            "uploading": y.uploading, "uploading_chunks": y.uploading_chunks,
+            "uploading": y.uploading, "uploading_chunks": y.uploading_chunks, "uploading_done": y.uploading_done,
             "generations_committed": y.generations_committed, "bytes_uploaded": y.bytes_uploaded,
             "since_commit_secs": y.since_commit_secs, "last_rate_bps": y.last_rate_bps,
             "last_error": y.last_error, "paused": y.paused, "conflict": y.conflict,
@@ -431,7 +431,7 @@ pub fn render(v: &Value) -> String {
             "{} not uploaded{}, {} generations committed ({} uploaded)",
             human(yu("dirty_bytes")),
             if y.get("uploading").and_then(Value::as_bool).unwrap_or(false) {
-                format!(", uploading {} chunks", yu("uploading_chunks"))
+                format!(", uploading {} chunks ({} up)", yu("uploading_chunks"), yu("uploading_done"))
             } else {
                 String::new()
             },

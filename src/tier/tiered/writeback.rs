@@ -98,6 +98,9 @@ pub struct SyncStatus {
     pub uploading: bool,
     /// Chunks of the cut being uploaded.
     pub uploading_chunks: u64,
+    /// Of those, chunks already up: in packs that landed, in this attempt
+    /// or one cut short before it.
+    pub uploading_done: u64,
     /// Generations this process committed.
     pub generations_committed: u64,
     /// Pack bytes uploaded by this process.
@@ -216,6 +219,10 @@ impl Writeback {
     pub(crate) fn status(&self) -> SyncStatus {
         let mut s = self.status.lock().clone();
         s.since_commit_secs = self.last_commit_at.lock().map(|t| t.elapsed().as_secs());
+        if s.uploading {
+            let up = self.uploaded.summary().map_or(0, |(_, n)| n as u64);
+            s.uploading_done = up.min(s.uploading_chunks);
+        }
         s
     }
 
