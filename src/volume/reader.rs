@@ -452,13 +452,7 @@ impl VolumeReader {
     /// cache with id `cache_id`.
     pub async fn generations_by(&self, cache_id: &str, from: u64, to: u64) -> VolumeResult<bool> {
         for g in from..=to {
-            let m = match read_object(&self.remote, &self.url, &self.header, g, None).await {
-                Ok(m) => m,
-                // Removed by `driveblk gc`: nothing says it was ours.
-                Err(VolumeError::Remote { source, .. }) if source.is_not_found() => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            if m.writer.as_ref().is_none_or(|w| w.cache_id != cache_id) {
+            if self.packs_of_generation_by(cache_id, g).await?.is_none() {
                 return Ok(false);
             }
         }
@@ -471,6 +465,7 @@ impl VolumeReader {
         match read_object(&self.remote, &self.url, &self.header, g, None).await {
             Ok(m) if m.writer.as_ref().is_some_and(|w| w.cache_id == cache_id) => Ok(Some(m.packs)),
             Ok(_) => Ok(None),
+            // Removed by `driveblk gc`: nothing says it was ours.
             Err(VolumeError::Remote { source, .. }) if source.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
