@@ -130,6 +130,17 @@ fn drive_packs(url: &str, remote: &driveblk::volume::RemoteOptions, at_least: us
 /// the rest; another machine reads every change.
 #[test]
 fn gdrive_an_upload_cut_short_resumes() {
+    cut_short_on_drive(false);
+}
+
+/// The same across a stop and a restart: the file ids come back from the
+/// cache's record.
+#[test]
+fn gdrive_an_upload_cut_short_by_a_stop_resumes_at_the_next_start() {
+    cut_short_on_drive(true);
+}
+
+fn cut_short_on_drive(restart: bool) {
     use driveblk::format::{IoMode, IoVec};
     use driveblk::tier::Storage;
     use rand::{RngCore, SeedableRng};
@@ -147,11 +158,14 @@ fn gdrive_an_upload_cut_short_resumes() {
     let mut remote = tier_support::counted(metrics.clone(), Some(faults.clone()), shaping);
     remote.config = base.config.clone();
     remote.retry.max_attempts = 1;
-    let mut o = tier_support::cache_opts(&env.dir.path().join("a"), remote);
-    o.writeback.sync_interval = Duration::from_secs(3600);
-    o.writeback.commit.pack_size = 4096;
-    o.boot_profile = driveblk::tier::boot::BootProfileMode::Off;
-    let s = driveblk::tier::open_volume(url, o).unwrap();
+    let opts = || {
+        let mut o = tier_support::cache_opts(&env.dir.path().join("a"), remote.clone());
+        o.writeback.sync_interval = Duration::from_secs(3600);
+        o.writeback.commit.pack_size = 4096;
+        o.boot_profile = driveblk::tier::boot::BootProfileMode::Off;
+        o
+    };
+    let s = driveblk::tier::open_volume(url, opts()).unwrap();
     let before = drive_packs(url, &base, 0).len();
     let mut data = vec![0u8; 32 * cs as usize];
     rand::rngs::StdRng::seed_from_u64(9).fill_bytes(&mut data);
@@ -171,7 +185,15 @@ fn gdrive_an_upload_cut_short_resumes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let landed = drive_packs(url, &base, before + 16);
-    faults.set_down(false);
+    let s = if restart {
+        assert!(s.close(Duration::from_millis(300)) > 0, "nothing was left to upload");
+        drop(s);
+        faults.set_down(false);
+        driveblk::tier::open_volume(url, opts()).unwrap()
+    } else {
+        faults.set_down(false);
+        s
+    };
     assert_eq!(s.close(Duration::from_secs(60)), 0);
     drop(s);
     let after = drive_packs(url, &base, landed.len() + 16);
