@@ -287,9 +287,15 @@ fn a_stop_that_cuts_an_upload_short_is_not_an_error() {
     run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "120"]);
     let mut want = orig;
     want[..48 << 20].copy_from_slice(&new);
-    let out = d.path().join("export.raw");
-    run_ok(bin(), &["export", &url, out.to_str().unwrap(), "--quiet"]);
-    assert!(std::fs::read(&out).unwrap() == want, "the changes went up after the stop");
+    assert!(raw_export(d.path(), &url) == want, "the changes went up after the stop");
+}
+
+/// The newest generation of the raw volume at `url`, through a fresh
+/// export (no cache) into `dir`.
+fn raw_export(dir: &Path, url: &str) -> Vec<u8> {
+    let out = dir.join("export.raw");
+    run_ok(bin(), &["export", url, out.to_str().unwrap(), "--quiet"]);
+    std::fs::read(&out).unwrap()
 }
 
 /// `n` bytes from `rng` (a byte at a time is slow in a debug build).
@@ -355,9 +361,7 @@ fn an_upload_cut_short_by_a_kill_9_resumes_at_the_next_start() {
     );
     let mut want = orig;
     want[..128 << 20].copy_from_slice(&new);
-    let out = d.path().join("export.raw");
-    run_ok(bin(), &["export", &url, out.to_str().unwrap(), "--quiet"]);
-    assert!(std::fs::read(&out).unwrap() == want, "the volume holds every change after the resumed upload");
+    assert!(raw_export(d.path(), &url) == want, "the volume holds every change after the resumed upload");
 }
 
 /// A stop that leaves page writes keeps which pages changed, so the next
@@ -395,9 +399,7 @@ fn page_writes_after_a_restart_survive_a_kill_9() {
     drop(c);
     kill_9(&mut daemon);
     run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "120"]);
-    let out = d.path().join("export.raw");
-    run_ok(bin(), &["export", &url, out.to_str().unwrap(), "--quiet"]);
-    assert!(std::fs::read(&out).unwrap() == want, "a page written after the restart was lost");
+    assert!(raw_export(d.path(), &url) == want, "a page written after the restart was lost");
 }
 
 #[test]
