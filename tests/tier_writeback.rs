@@ -940,10 +940,14 @@ fn page_writes_left_by_a_stop_go_up_as_patches_after_a_restart() {
     assert!(s.close(Duration::from_millis(300)) > 0, "nothing was left to upload");
     drop(s);
     assert!(cache.join("dirty-pages").is_file(), "the stop did not keep the changed pages");
+    // A driveblk that predates the record (state versions up to 6) would
+    // write into those chunks without removing it: it must refuse the cache.
+    assert_eq!(state_version(&cache), 7, "the state left by the stop is one older binaries accept");
     faults.set_down(false);
     let before = packs_in(&folder);
     let s = driveblk::tier::open_volume(&vurl, slow_link_opts(&cache, &faults, 16.0)).unwrap();
     assert!(!cache.join("dirty-pages").exists(), "the record stayed on disk after the start took it");
+    assert_eq!(state_version(&cache), 5, "the start that took the record back wrote the plain version");
     assert_eq!(s.close(Duration::from_secs(60)), 0);
     drop(s);
     let new: std::collections::BTreeSet<String> = packs_in(&folder).difference(&before).cloned().collect();
@@ -953,6 +957,13 @@ fn page_writes_left_by_a_stop_go_up_as_patches_after_a_restart() {
         "32 changed pages went up as {up} bytes of packs after the restart: whole chunks, not patches"
     );
     assert!(fresh_view(d.path(), &vurl, "b") == expect, "the patches hold every change");
+}
+
+/// The `version` of the cache directory's state file header.
+fn state_version(cache: &std::path::Path) -> u64 {
+    let b = std::fs::read(cache.join("state")).unwrap();
+    let line = b.split(|&c| c == b'\n').next().unwrap();
+    serde_json::from_slice::<serde_json::Value>(line).unwrap()["version"].as_u64().unwrap()
 }
 
 /// The record of changed pages is good for one start only: pages written

@@ -70,6 +70,18 @@ impl DirtyPages {
         Ok(map.len())
     }
 
+    /// From now on the file may hold the sets: the cache state says so
+    /// (see [`DirtyPages::announced`]) before [`DirtyPages::keep`] writes it.
+    pub fn announce(&self) {
+        self.kept.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the file may hold the sets: the cache state is then written
+    /// with a version that binaries not knowing the file refuse.
+    pub fn announced(&self) -> bool {
+        self.kept.load(Ordering::SeqCst)
+    }
+
     /// Writes the sets to the file (temp, fsync, rename, fsync of the
     /// folder), where the next start takes them back.
     pub fn keep(&self) -> io::Result<()> {

@@ -100,10 +100,19 @@ const STATE_MAGIC: &str = "driveblk-cache";
 /// 4 are still read. Version 5 is a plain cache whose journal may carry
 /// guest writes (journal.rs), and version 6 an encrypted one whose journal
 /// may carry them as stored (ciphertext pages): older binaries refuse
-/// them rather than replay the map without the writes.
-const STATE_VERSION: u32 = 6;
-/// The version a plain cache writes (6 is only ever encrypted).
+/// them rather than replay the map without the writes. Version 7 is
+/// either, written while the directory holds a record of changed pages
+/// (`dirty_pages.rs`): a binary that does not know that record would
+/// write into the dirty chunks without removing it, and the next start
+/// would then upload patches that leave those pages out, so older
+/// binaries refuse it.
+const STATE_VERSION: u32 = 7;
+/// The version a plain cache writes.
 const PLAIN_VERSION: u32 = 5;
+/// The version an encrypted cache writes.
+const SEALED_VERSION: u32 = 6;
+/// The version either writes while a record of changed pages may exist.
+const PAGES_KEPT_VERSION: u32 = 7;
 const STRIPES: usize = 1024;
 /// A first write into a clean chunk up to this size rides in its record
 /// (the small synchronous writes a person waits on one at a time; a
@@ -1338,6 +1347,11 @@ impl SsdCache {
     /// Keeps the dirty chunks' changed-page sets for the next start (a
     /// stop that leaves changes): it then uploads patches, not whole chunks.
     pub fn keep_dirty_pages(&self) -> io::Result<()> {
+        // The state says so first (a version older binaries refuse), then
+        // the record is written: a crash between leaves a state that
+        // refuses old binaries for nothing, never a record they ignore.
+        self.dirty_pages.announce();
+        self.checkpoint()?;
         self.dirty_pages.keep()
     }
 
@@ -1992,7 +2006,13 @@ impl SsdCache {
         let checkpoint = rand::random::<u64>() | 1;
         let header = StateHeader {
             format: STATE_MAGIC.into(),
-            version: if self.sealed.is_empty() { PLAIN_VERSION } else { STATE_VERSION },
+            version: if self.dirty_pages.announced() {
+                PAGES_KEPT_VERSION
+            } else if self.sealed.is_empty() {
+                PLAIN_VERSION
+            } else {
+                SEALED_VERSION
+            },
             id: self.id.clone(),
             generation: self.generation(),
             cache_id: self.cache_id.clone(),
@@ -2574,7 +2594,7 @@ mod tests {
         for probe in [&b"SMALL-SECRET"[..], b"PAGE-SECRET"] {
             assert!(!j.windows(probe.len()).any(|w| w == probe), "plaintext in the journal");
         }
-        assert_eq!(on_disk(d.path()).header.version, STATE_VERSION);
+        assert_eq!(on_disk(d.path()).header.version, SEALED_VERSION);
         // The host dies with neither page on disk.
         let lose = || {
             let data = OpenOptions::new().write(true).open(d.path().join("data")).unwrap();
@@ -2930,5 +2950,33 @@ mod tests {
         assert_eq!((c.partial_chunks(), c.cached_bytes()), (64, 64 * 8 * PAGE));
         c.persist().unwrap();
         assert_eq!(on_disk(d.path()).maps.len(), 64);
+    }
+
+    #[test]
+    fn a_kept_record_of_changed_pages_is_refused_by_binaries_that_predate_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        install(&c, 1);
+        {
+            let _g = c.lock_write(1);
+            c.write(1, 3 * PAGE, &IoVec::from_slice(&mut vec![9u8; P]), None).unwrap();
+        }
+        c.persist().unwrap();
+        assert_eq!(on_disk(d.path()).header.version, PLAIN_VERSION);
+        // A stop that leaves changes: the state a binary that predates the
+        // record accepts (versions up to 6) is no longer what is on disk.
+        c.keep_dirty_pages().unwrap();
+        assert!(d.path().join("dirty-pages").exists());
+        assert_eq!(on_disk(d.path()).header.version, PAGES_KEPT_VERSION);
+        assert!(PAGES_KEPT_VERSION > SEALED_VERSION.max(PLAIN_VERSION));
+        c.checkpoint().unwrap();
+        assert_eq!(on_disk(d.path()).header.version, PAGES_KEPT_VERSION, "a later checkpoint kept the version");
+        drop(c);
+        // The next start takes the record back and writes the plain version again.
+        let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+        let set = c.dirty_pages(1).expect("the changed pages came back");
+        assert_eq!(set[0], 1 << 3);
+        assert!(!d.path().join("dirty-pages").exists());
+        assert_eq!(on_disk(d.path()).header.version, PLAIN_VERSION);
     }
 }
