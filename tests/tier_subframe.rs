@@ -3,8 +3,9 @@
 //! on in one request (not the chunk), a second miss the rest as one flight
 //! later misses join, a corrupt sub-frame is refused and never cached, volumes of
 //! single-frame chunks (written before sub-frames) still read, encrypted
-//! volumes fetch parts too, and an export after partial reads equals the
-//! source image (qemu-img compare).
+//! volumes fetch parts too, an export after partial reads equals the
+//! source image (qemu-img compare), and a write of part of a page a miss
+//! brought needs no fetch.
 
 #[path = "tier_support/mod.rs"]
 mod support;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use driveblk::format::{IoMode, IoVec};
-use driveblk::remote::{RemoteMetrics, Shaping};
+use driveblk::remote::{FaultPlan, RemoteMetrics, Shaping};
 use driveblk::tier::tiered::TieredStore;
 use driveblk::tier::Storage;
 use driveblk::volume::{ChunkRef, ImportOptions};
@@ -412,4 +413,84 @@ fn a_volume_written_by_format_version_2_reads_and_takes_writes() {
     )
     .unwrap();
     assert!(v.problems.is_empty(), "{:?}", v.problems);
+}
+
+/// A write of part of a page not local fetches that page's sub-frames, not
+/// the chunk. A write of part of a page in a chunk only partly local (a
+/// miss fetched some of its sub-frames) takes the rest of that page from
+/// the cache: no fetch, so it succeeds with the remote down. A write of part of a page
+/// not local still needs the remote: it fails within the budget and
+/// changes nothing. Once the remote is back, the change goes up.
+#[test]
+fn a_write_of_part_of_a_page_fetches_its_sub_frames_or_nothing_when_local() {
+    part_of_a_local_page(false);
+}
+
+/// The same with an encrypted volume and cache (the page is decrypted,
+/// changed and sealed again in the cache).
+#[test]
+fn a_write_of_part_of_a_page_fetches_its_sub_frames_or_nothing_when_local_encrypted() {
+    part_of_a_local_page(true);
+}
+
+fn part_of_a_local_page(encrypted: bool) {
+    let d = tempfile::tempdir().unwrap();
+    let key = encrypted.then(|| {
+        Arc::new(driveblk::volume::crypto::UserKey::new(b"sub-frame test key".to_vec(), "test".into()).unwrap())
+    });
+    let k2 = key.clone();
+    let (vurl, mut data) = volume(d.path(), 4 << 20, move |io| {
+        io.encrypt = encrypted;
+        io.remote.key = k2;
+    });
+    let faults = FaultPlan::new(1);
+    let m = Arc::new(RemoteMetrics::default());
+    let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), Some(faults.clone()), Shaping::default()));
+    o.readahead_chunks = 0;
+    o.remote.key = key.clone();
+    o.encrypt_cache = encrypted;
+    o.remote_wait.budget = Duration::from_millis(500);
+    o.writeback.sync_interval = Duration::from_secs(3600);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    indexes_known(&s);
+    // A write of part of a page in a chunk not local fetches the run of
+    // sub-frames from that page's on, as a read miss does, not the chunk.
+    let before = m.snapshot().bytes_read;
+    let y = 3 * CHUNK + 5 * SUB + 100;
+    let mut b = vec![0x3Cu8; 700];
+    s.write_vectored_at(y, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+    data[y as usize..][..700].fill(0x3C);
+    let got = m.snapshot().bytes_read - before;
+    assert!(got > 0 && got <= 5 * SUB, "a write of 700 bytes fetched {got} bytes, not the page's sub-frames");
+    assert_eq!(read(&*s, y - 100, 4096).unwrap(), data[(y - 100) as usize..][..4096]);
+    assert_eq!(m.snapshot().bytes_read - before, got, "the written page's run is local");
+    // Sub-frames 1-4 of chunk 2 come in.
+    let at = 2 * CHUNK + 70_000;
+    assert_eq!(read(&*s, at, 4096).unwrap(), data[at as usize..][..4096]);
+    assert_eq!(s.stats().chunks_partial, 2, "chunks 2 and 3 are local in part");
+    faults.set_down(true);
+    let gets = m.snapshot().gets;
+    let w = 2 * CHUNK + SUB + 1536;
+    let mut b = vec![0xA5u8; 1024];
+    s.write_vectored_at(w, &IoVec::from_slice(&mut b), IoMode::Blocking)
+        .expect("a write of part of a local page waited for the remote");
+    data[w as usize..][..1024].fill(0xA5);
+    assert_eq!(read(&*s, w - 1000, 8192).unwrap(), data[(w - 1000) as usize..][..8192]);
+    assert_eq!(m.snapshot().gets, gets, "the write or the read asked the remote");
+    let x = 2 * CHUNK + 10 * SUB + 512;
+    let mut b = vec![0x5Au8; 512];
+    assert!(
+        s.write_vectored_at(x, &IoVec::from_slice(&mut b), IoMode::Blocking).is_err(),
+        "a write of part of a page not local succeeded with the remote down"
+    );
+    faults.set_down(false);
+    let t = s.flush_point().unwrap();
+    s.wait_durable(t).unwrap();
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let mut o = cache_opts(&d.path().join("other"), Default::default());
+    o.read_only = true;
+    o.remote.key = key;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    assert!(read_all(&*s).unwrap() == data, "the remote holds other bytes than were written");
 }

@@ -1208,9 +1208,10 @@ impl SsdCache {
         self.dirty_pages.note(idx, is_dirty(state), off, len)?;
         let whole = off == 0 && len == self.chunk_size;
         if fill.is_none() && !whole && matches!(state, ABSENT | PARTIAL | DIRTY_PARTIAL) {
-            if !self.whole_pages(idx, off, len) {
+            // Part of a page needs the rest of it: present here, or the fill.
+            if !self.writable_in_place(idx, off, len) {
                 return Err(io::Error::other(
-                    "internal: a write of part of a page into a chunk not held whole, without its content",
+                    "internal: a write of part of a page not local into a chunk not held whole, without its content",
                 ));
             }
             return self.write_pages(idx, state, off, bufs);
@@ -1277,11 +1278,17 @@ impl SsdCache {
         Ok(())
     }
 
-    /// True when [off, off + len) of chunk `idx` is whole pages (the last
-    /// one may end short exactly at the end of the image).
-    pub fn whole_pages(&self, idx: u64, off: u64, len: u64) -> bool {
+    /// True when a write of [off, off + len) into chunk `idx` needs no
+    /// bytes from elsewhere: each page it covers only in part is local
+    /// (whole pages go straight in; the last page may end short exactly at
+    /// the end of the image).
+    pub fn writable_in_place(&self, idx: u64, off: u64, len: u64) -> bool {
         let end = off + len;
-        off % PAGE == 0 && end <= self.chunk_size && (end % PAGE == 0 || idx * self.chunk_size + end == self.len())
+        let image_end = idx * self.chunk_size + end == self.len();
+        len > 0
+            && end <= self.chunk_size
+            && (off % PAGE == 0 || self.has_pages(idx, off, 1))
+            && (end % PAGE == 0 || image_end || self.has_pages(idx, end - 1, 1))
     }
 
     /// Marks pages [first, last) of chunk `idx` present, under the bitmap

@@ -26,7 +26,7 @@ use super::pins::Pins;
 use super::ram::{Admit, ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight, Urgency};
-use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL};
+use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL, PAGE};
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
@@ -806,12 +806,26 @@ impl Inner {
         )
     }
 
-    /// Waits, for a guest request, on work that may need the remote: at
-    /// most the remote budget, then the request fails (TimedOut, which the
-    /// device reports as an I/O error) instead of hanging the guest.
-    fn wait_guest<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> io::Result<T> {
+    /// When a guest request that starts waiting on the remote now must be
+    /// answered: however many fetches it then waits on in turn (a part,
+    /// its own sub-frames again, the chunk), it fails at this one deadline.
+    fn guest_deadline(&self) -> std::time::Instant {
+        std::time::Instant::now() + self.remote_wait.budget
+    }
+
+    /// Waits, for a guest request, on work that may need the remote: until
+    /// the request's `deadline` (see [`guest_deadline`](Self::guest_deadline)),
+    /// then the request fails (TimedOut, which the device reports as an I/O
+    /// error) instead of hanging the guest.
+    fn wait_guest<T: Send + 'static>(
+        &self,
+        deadline: std::time::Instant,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> io::Result<T> {
         let budget = self.remote_wait.budget;
-        self.wait(async move { tokio::time::timeout(budget, fut).await })?.map_err(|_| {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // A future already done is still taken (timeout polls it first).
+        self.wait(async move { tokio::time::timeout(left, fut).await })?.map_err(|_| {
             Counters::inc(&self.counters.remote_timeouts);
             io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -1103,7 +1117,8 @@ impl Inner {
             rec.stall_begin();
         }
         self.counters.guest_wait.lock().begin(std::time::Instant::now());
-        let results = self.wait_guest(async move {
+        let deadline = self.guest_deadline();
+        let results = self.wait_guest(deadline, async move {
             let mut out = Vec::with_capacity(waits.len());
             for w in waits {
                 out.push(match w {
@@ -1147,7 +1162,7 @@ impl Inner {
                     )));
                 }
                 let f = self.guest_flight(p.idx, false);
-                self.wait_guest(f)?.map_err(SharedError::into_io)?;
+                self.wait_guest(deadline, f)?.map_err(SharedError::into_io)?;
                 if self.serve_local(p, &sub, IoMode::Blocking)? {
                     continue 'pieces;
                 }
@@ -1157,7 +1172,7 @@ impl Inner {
             // alone may well be sound.
             if (part || matches!(r, Some(Err(_)))) && self.vol.part_ready(p.idx) {
                 let f = self.part_flight(p.idx, p.off as u64, p.len as u64);
-                let _ = self.wait_guest(f)?;
+                let _ = self.wait_guest(deadline, f)?;
                 if self.serve_local(p, &sub, IoMode::Blocking)? {
                     continue;
                 }
@@ -1168,7 +1183,7 @@ impl Inner {
                 // the chunk instead.
                 None => {
                     let f = self.guest_flight(p.idx, true);
-                    self.wait_guest(f)?
+                    self.wait_guest(deadline, f)?
                 }
             };
             let b = r.map_err(SharedError::into_io)?;
@@ -1198,22 +1213,30 @@ impl Inner {
         if let Some(rec) = &self.recorder {
             rec.observe_write(offset, total as u64);
         }
+        // Taken at the first wait on the remote (most writes have none).
+        let deadline = std::cell::OnceCell::new();
+        let deadline = || *deadline.get_or_init(|| self.guest_deadline());
         for p in ps {
             let sub = bufs.slice(p.buf_off, p.len);
             let whole = p.off == 0 && p.len as u64 == self.cs;
             // Whole pages go straight into a chunk not held whole (it becomes
-            // dirty in part); only a write of part of a page needs the
-            // chunk's bytes first.
-            let pages = self.ssd.whole_pages(p.idx, p.off as u64, p.len as u64);
+            // dirty in part); only a write of part of a page not local needs
+            // bytes first: that page's sub-frames where the chunk has them,
+            // else the chunk (the rest of a local page is there, with the
+            // remote down too).
+            let local = || self.ssd.writable_in_place(p.idx, p.off as u64, p.len as u64);
+            let mut parts_tried = false;
             loop {
                 // The read half of read-modify-write, outside the lock.
                 let fill_gen = self.vol.generation();
-                let fill = if !whole && !pages && !self.ssd.has_chunk(p.idx) {
+                let fill = if !whole && !local() {
                     if self.is_zero(p.idx) {
                         Some(self.zero_buf())
+                    } else if !std::mem::replace(&mut parts_tried, true) && self.fetch_edge_pages(p, deadline())? {
+                        continue;
                     } else {
                         let f = self.guest_flight(p.idx, false);
-                        Some(self.wait_guest(f)?.map_err(SharedError::into_io)?)
+                        Some(self.wait_guest(deadline(), f)?.map_err(SharedError::into_io)?)
                     }
                 } else {
                     None
@@ -1222,7 +1245,7 @@ impl Inner {
                 // write still in flight may be cut in part, as a crash would).
                 let _cut_gate = self.writeback_gate();
                 let _g = self.ssd.lock_write(p.idx);
-                if !whole && !pages && fill.is_none() && !self.ssd.has_chunk(p.idx) {
+                if !whole && fill.is_none() && !local() {
                     // Evicted between the check and the lock: fetch again.
                     continue;
                 }
@@ -1257,6 +1280,45 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Fetches, as a guest miss does, the sub-frames of the pages a write
+    /// of piece `p` covers only in part and that are not local. False when
+    /// the chunk must come whole instead (no sub-frames, a fetch of it
+    /// running, a second miss in it, or the part failed or could not be
+    /// kept: the chunk then comes within what is left of the deadline).
+    fn fetch_edge_pages(self: &Arc<Self>, p: Piece, deadline: std::time::Instant) -> io::Result<bool> {
+        let (off, end) = (p.off as u64, (p.off + p.len) as u64);
+        let mut pages = Vec::with_capacity(2);
+        if off % PAGE != 0 {
+            pages.push(off / PAGE * PAGE);
+        }
+        if end % PAGE != 0 {
+            pages.push(end / PAGE * PAGE);
+        }
+        pages.dedup();
+        let stored = self.vol.chunk_len(p.idx) as u64;
+        let mut flights = Vec::new();
+        for page in pages {
+            if self.ssd.has_pages(p.idx, page, 1) {
+                continue;
+            }
+            if page + PAGE > stored {
+                // Past what the volume stores of the chunk (a write growing
+                // the image): no sub-frame holds it.
+                return Ok(false);
+            }
+            match self.plan_miss(p.idx, page, PAGE) {
+                part::MissPlan::Part(o, l) => flights.push(self.part_flight(p.idx, o, l)),
+                part::MissPlan::Chunk => return Ok(false),
+            }
+        }
+        if flights.is_empty() {
+            return Ok(true);
+        }
+        Counters::inc(&self.counters.misses);
+        let results = self.wait_guest(deadline, futures::future::join_all(flights))?;
+        Ok(results.iter().all(Result::is_ok))
     }
 
     /// Zeroes `[offset, offset + len)`: partial chunks through the write
