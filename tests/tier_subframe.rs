@@ -433,6 +433,54 @@ fn a_write_of_part_of_a_page_fetches_its_sub_frames_or_nothing_when_local_encryp
     part_of_a_local_page(true);
 }
 
+/// A chunk the SSD tier had no room for is still local in RAM: a write of
+/// part of one of its pages takes the rest of the page from there, with no
+/// fetch, so it succeeds with the remote down.
+#[test]
+fn a_write_of_part_of_a_page_of_a_chunk_held_in_ram_alone_needs_no_fetch() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut data) = volume(d.path(), 4 << 20, |_| {});
+    let faults = FaultPlan::new(1);
+    let m = Arc::new(RemoteMetrics::default());
+    let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), Some(faults.clone()), Shaping::default()));
+    o.readahead_chunks = 0;
+    o.ssd_cache = 2 * CHUNK;
+    o.remote_wait.budget = Duration::from_millis(500);
+    o.writeback.sync_interval = Duration::from_secs(3600);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    indexes_known(&s);
+    // Two dirty chunks fill the SSD tier (they are never evicted).
+    for idx in 0..2u64 {
+        let mut b = vec![idx as u8 + 1; CHUNK as usize];
+        s.write_vectored_at(idx * CHUNK, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        data[(idx * CHUNK) as usize..][..CHUNK as usize].fill(idx as u8 + 1);
+    }
+    let at = 3 * CHUNK + 7 * SUB;
+    assert_eq!(read(&*s, at, 4096).unwrap(), data[at as usize..][..4096]);
+    let st = s.stats();
+    assert_eq!((st.chunks_cached, st.ssd_bytes), (2, 2 * CHUNK), "the SSD tier kept chunk 3");
+    assert_eq!(st.ram_bytes, CHUNK, "chunk 3 is in RAM");
+    faults.set_down(true);
+    let gets = m.snapshot().gets;
+    // Inside the run of sub-frames the read planned: a part would be fetched.
+    let w = 3 * CHUNK + 8 * SUB + 3000;
+    let mut b = vec![0x6Bu8; 300];
+    s.write_vectored_at(w, &IoVec::from_slice(&mut b), IoMode::Blocking)
+        .expect("a write of part of a page of a chunk in RAM waited for the remote");
+    data[w as usize..][..300].fill(0x6B);
+    assert_eq!(read(&*s, w - 3000, 8192).unwrap(), data[(w - 3000) as usize..][..8192]);
+    assert_eq!(m.snapshot().gets, gets, "the write asked the remote");
+    faults.set_down(false);
+    let t = s.flush_point().unwrap();
+    s.wait_durable(t).unwrap();
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let mut o = cache_opts(&d.path().join("other"), Default::default());
+    o.read_only = true;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    assert!(read_all(&*s).unwrap() == data, "the remote holds other bytes than were written");
+}
+
 fn part_of_a_local_page(encrypted: bool) {
     let d = tempfile::tempdir().unwrap();
     let key = encrypted.then(|| {

@@ -1221,9 +1221,9 @@ impl Inner {
             let whole = p.off == 0 && p.len as u64 == self.cs;
             // Whole pages go straight into a chunk not held whole (it becomes
             // dirty in part); only a write of part of a page not local needs
-            // bytes first: that page's sub-frames where the chunk has them,
-            // else the chunk (the rest of a local page is there, with the
-            // remote down too).
+            // bytes first: the RAM copy, else that page's sub-frames where the
+            // chunk has them, else the chunk (the rest of a local page is
+            // there, with the remote down too).
             let local = || self.ssd.writable_in_place(p.idx, p.off as u64, p.len as u64);
             let mut parts_tried = false;
             loop {
@@ -1232,6 +1232,10 @@ impl Inner {
                 let fill = if !whole && !local() {
                     if self.is_zero(p.idx) {
                         Some(self.zero_buf())
+                    } else if let Some(b) = self.ram.get(p.idx) {
+                        // Local in RAM alone (pinned metadata, a chunk the
+                        // SSD had no room for): the fill, no fetch.
+                        Some(b)
                     } else if !std::mem::replace(&mut parts_tried, true) && self.fetch_edge_pages(p, deadline())? {
                         continue;
                     } else {
