@@ -471,14 +471,7 @@ fn a_write_of_part_of_a_page_of_a_chunk_held_in_ram_alone_needs_no_fetch() {
     assert_eq!(read(&*s, w - 3000, 8192).unwrap(), data[(w - 3000) as usize..][..8192]);
     assert_eq!(m.snapshot().gets, gets, "the write asked the remote");
     faults.set_down(false);
-    let t = s.flush_point().unwrap();
-    s.wait_durable(t).unwrap();
-    assert_eq!(s.close(Duration::from_secs(30)), 0);
-    drop(s);
-    let mut o = cache_opts(&d.path().join("other"), Default::default());
-    o.read_only = true;
-    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
-    assert!(read_all(&*s).unwrap() == data, "the remote holds other bytes than were written");
+    changes_went_up(s, &vurl, &d.path().join("other"), None, &data);
 }
 
 fn part_of_a_local_page(encrypted: bool) {
@@ -532,13 +525,25 @@ fn part_of_a_local_page(encrypted: bool) {
         "a write of part of a page not local succeeded with the remote down"
     );
     faults.set_down(false);
+    changes_went_up(s, &vurl, &d.path().join("other"), key, &data);
+}
+
+/// Syncs and closes `s`, then checks that a new cache in `dir` reads
+/// `data` from the volume at `vurl`.
+fn changes_went_up(
+    s: Arc<TieredStore>,
+    vurl: &str,
+    dir: &Path,
+    key: Option<Arc<driveblk::volume::crypto::UserKey>>,
+    data: &[u8],
+) {
     let t = s.flush_point().unwrap();
     s.wait_durable(t).unwrap();
     assert_eq!(s.close(Duration::from_secs(30)), 0);
     drop(s);
-    let mut o = cache_opts(&d.path().join("other"), Default::default());
+    let mut o = cache_opts(dir, Default::default());
     o.read_only = true;
     o.remote.key = key;
-    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let s = driveblk::tier::open_volume(vurl, o).unwrap();
     assert!(read_all(&*s).unwrap() == data, "the remote holds other bytes than were written");
 }
