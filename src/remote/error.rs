@@ -120,10 +120,19 @@ impl RemoteError {
 
     /// Converts to an `io::Error` for the `Storage` seam, keeping this error
     /// as the source (never flattened to a string).
+    /// A request that gave up after a time-out is `TimedOut`, whether the
+    /// attempt's deadline or the caller's budget ran out (other given-up
+    /// errors stay `Other`: a `WouldBlock` from a backend must not read as
+    /// the tier's "not local").
     pub fn into_io(self) -> io::Error {
-        let kind = match &self {
-            RemoteError::NotFound { .. } => io::ErrorKind::NotFound,
-            RemoteError::Io { source, .. } => source.kind(),
+        let kind = match (&self, self.root()) {
+            (RemoteError::NotFound { .. }, _) => io::ErrorKind::NotFound,
+            (RemoteError::Io { source, .. }, _) => source.kind(),
+            (RemoteError::RetriesExhausted { .. }, RemoteError::Io { source, .. })
+                if source.kind() == io::ErrorKind::TimedOut =>
+            {
+                io::ErrorKind::TimedOut
+            }
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, self)

@@ -205,13 +205,17 @@ impl RetryingRemote {
         }
     }
 
+    /// A time-out (retryable): the caller sees `TimedOut` whether its own
+    /// budget or the attempt's deadline ran out first.
     fn no_answer(&self, op: &'static str, key: &str, limit: Duration, why: &str) -> RemoteError {
-        RemoteError::Transient {
+        RemoteError::Io {
             remote: self.inner.describe(),
             op,
             key: key.to_string(),
-            message: format!("{why} within {:.1} s", limit.as_secs_f64()),
-            retry_after: None,
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{why} within {:.1} s", limit.as_secs_f64()),
+            ),
         }
     }
 }
@@ -415,5 +419,26 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         r.put("k", PutBody::from_bytes(vec![0u8; 1 << 20])).await.unwrap_err();
         assert!(t0.elapsed() >= Duration::from_secs(3 * (5 + 64)), "{:?}", t0.elapsed());
+    }
+
+    /// A guest request sees `TimedOut` when the remote did not answer,
+    /// whether the attempt's deadline or the caller's budget ran out first.
+    #[tokio::test(start_paused = true)]
+    async fn no_answer_reaches_the_caller_as_a_time_out() {
+        let policy = RetryPolicy { max_attempts: 2, attempt_timeout: Duration::from_secs(1), ..Default::default() };
+        let r = RetryingRemote::new(Arc::new(Hung), policy);
+        let e = r.get_range("k", 0..1).await.unwrap_err().into_io();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        let budget = CallBudget::new(Duration::from_millis(300), false);
+        let e = within_budget(budget, r.get_range("k", 0..1)).await.unwrap_err().into_io();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("no answer within 0.3 s"), "{e}");
+        // Other errors given up on are not time-outs.
+        let busy = RetryingRemote::new(
+            Arc::new(Busy { fail: AtomicU32::new(9) }),
+            RetryPolicy { max_attempts: 1, ..Default::default() },
+        );
+        let e = busy.get_range("k", 0..1).await.unwrap_err().into_io();
+        assert_eq!(e.kind(), std::io::ErrorKind::Other, "{e}");
     }
 }
