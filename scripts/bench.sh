@@ -29,7 +29,11 @@
 #                    three --pattern boot replays per config: the first boot (records a boot
 #                    profile, saved at SIGTERM), a cold start on a new cache with that profile
 #                    (identical repeat), and a boot a tenth of whose files differ
-#                    (--trace-differ 0.1) on a new cache with the profile the runs before left;
+#                    (--trace-differ 0.1) on a new cache with the profile the runs before left,
+#                    then (dir: only) that boot again against the same profile on a new cache
+#                    with `serve` started ahead of the guest, which waits until the profile
+#                    has streamed (the profile local before the boot; that wait in the run's
+#                    name);
 #                    compared with the bandwidth floor and with "download first" (driveblk
 #                    export over the same link)
 #   --cold-only      only the cold experiment (no A/B rows)
@@ -43,7 +47,7 @@
 #   --cold-drop-image  delete the cold image once imported (implies --cold-no-export): a 40G
 #                    image's data then need not fit on the disk twice; the table states the
 #                    download-first time as its floor (stored bytes / link rate)
-#   --cold-runs L    which cold runs, comma-separated: first,repeat,differ (default all three;
+#   --cold-runs L    which cold runs, comma-separated: first,repeat,differ,ahead (default all;
 #                    "none": only make the image and import it). With BENCH_WORK the runs of one
 #                    experiment can be split across invocations (short quiet windows): e.g.
 #                    "none", then "first", then "repeat,differ" (they use the profile left there)
@@ -85,7 +89,7 @@ A=${BENCH_A:-driveblk}
 B=${BENCH_B:-qsd}
 REPS=3 RUNTIME=8 WARMUP=1 SIZE=2G ROWS_RE="" RECORD=0 KEEP=0 QUICK=0 REPS_SET=0
 CEILING=1 DROP_CACHES=0 COLD=0 COLD_ONLY=0 COLD_SIZE=10G COLD_LINK="100 200" COLD_EXPORT=1 COLD_CONFIGS=() COLD_DATA_PCT=60 COLD_DROP_IMAGE=0
-COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200 IMPORT_ENC= ENC_CACHE= COLD_IMPORT_ARGS= COLD_RUNS=first,repeat,differ
+COLD_REMOTE=dir COLD_DRIVE_LIMIT=200/200 IMPORT_ENC= ENC_CACHE= COLD_IMPORT_ARGS= COLD_RUNS=first,repeat,differ,ahead
 SYNC_LINK="100 200"
 
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
@@ -751,7 +755,7 @@ cold_experiment() {
     {
         echo "Link: ${lat} ms per request, ${mbit} Mbit/s (= $((rate / 1000000)) MB/s) shared; remote: $remote_note; image $COLD_SIZE raw, first $COLD_DATA_PCT% random data; QD8 boot trace (\`--pattern boot\`, defaults, its files spread over that $COLD_DATA_PCT%); empty cache dir per run; 1 run per config."
         echo
-        echo "First boot: no boot profile yet; driveblk records one and saves it to the remote at SIGTERM (save time in its own column). Cold with profile: a new empty cache dir (another machine), same volume, the same boot; driveblk streams the saved profile ahead of the guest. 10%-different: a new empty cache dir, a boot a tenth of whose files are other files and as many read in another order (\`--trace-differ 0.1\`), against the profile the runs before left. MB by source: guest misses / profile stream / readahead / first-boot stream (hydration is off)."
+        echo "First boot: no boot profile yet; driveblk records one and saves it to the remote at SIGTERM (save time in its own column). Cold with profile: a new empty cache dir (another machine), same volume, the same boot; driveblk streams the saved profile ahead of the guest. 10%-different: a new empty cache dir, a boot a tenth of whose files are other files and as many read in another order (\`--trace-differ 0.1\`), against the profile the runs before left. 10%-different, serve started ahead: the same boot against the same profile (the one it learned is set aside) on a new cache, the guest starting once \`serve\` has streamed the profile (as when the daemon starts with the host and the VM later); that wait is in the run's name, the boot's wall time excludes it. MB by source: guest misses / profile stream / readahead / first-boot stream (hydration is off)."
         echo
         echo "| config (import chunk : serve args) | run | import s | boot trace wall s | floor s (trace bytes / link) | wall / floor | trace MB | remote MB fetched | fetched / trace | MB by source miss/profile/readahead/stream | remote fetches | guest misses | misses served by profile | readahead chunks | profile saved at stop, s |"
         echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
@@ -795,14 +799,29 @@ cold_experiment() {
                 die "cold: re-import for $spec failed"
         }
         local run
-        for run in "first boot" "cold with profile" "10%-different"; do
+        for run in "first boot" "cold with profile" "10%-different" "10%-different, serve started ahead"; do
             local short
             case $run in
                 "first boot") short=first ;;
                 "cold with profile") short=repeat ;;
-                *) short=differ ;;
+                "10%-different") short=differ ;;
+                *) short=ahead ;;
             esac
             [[ ,$COLD_RUNS, == *,$short,* ]] || continue
+            local pdir=$WORK/remote/cold-$cs
+            if [[ $short == differ && $COLD_REMOTE == dir ]]; then
+                # The profile this boot streams: the "ahead" run streams it too (this boot
+                # saves a new one, which has learned the files it read).
+                (cd "$pdir" && ls -A | grep '^profile-' || true) >"$WORK/cold-c$ci-profiles"
+            fi
+            if [[ $short == ahead ]]; then
+                if [[ $COLD_REMOTE != dir ]]; then
+                    log "cold: $spec, $run: dir: remote only (it sets the remote's boot profiles back); skipped"
+                    continue
+                fi
+                [[ -s $WORK/cold-c$ci-profiles ]] || die "cold: the ahead run needs the differ run before it"
+                (cd "$pdir" && ls -A | grep '^profile-' | grep -vxF -f "$WORK/cold-c$ci-profiles" | xargs -r rm -f)
+            fi
             # Named by config and run: runs split across invocations (BENCH_WORK) keep their logs.
             tag=cold-c$ci-$short
             COLD_ROWS+=("$spec $run")
@@ -812,8 +831,21 @@ cold_experiment() {
             # shellcheck disable=SC2086
             start_daemon driveblk "" 1 "--format raw $link $args" "" "$WORK/$tag.log" \
                 --volume "$url" --cache-dir "$cache" || die "cold: daemon did not start"
+            if [[ $short == ahead ]]; then
+                # The guest comes once the profile has streamed (status.json, refreshed each second).
+                t0=$EPOCHREALTIME
+                for _ in $(seq 1 1200); do
+                    jq -e '.boot_profile.segments > 0 and .boot_profile.segments_done == .boot_profile.segments' \
+                        "$cache/status.json" >/dev/null 2>&1 && break
+                    sleep 0.25
+                done
+                secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}')
+                jq -e '.boot_profile.segments_done == .boot_profile.segments' "$cache/status.json" >/dev/null 2>&1 ||
+                    die "cold: the profile did not stream within 300 s (see $WORK/$tag.log)"
+                run="$run (profile streamed in $secs s)"
+            fi
             local differ=0
-            [[ $run != "10%-different" ]] || differ=0.1
+            [[ $short != differ && $short != ahead ]] || differ=0.1
             if ! "$GEN" --socket "$SOCK" --pattern boot --trace-differ "$differ" --trace-span-pct "$COLD_DATA_PCT" --io-timeout 300 --json >"$out" 2>"$WORK/$tag.err"; then
                 sed 's/^/    /' "$WORK/$tag.err" >&2
                 stop_daemon driveblk "$WORK/$tag.log" || true
@@ -838,7 +870,7 @@ cold_experiment() {
                 secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}')
                 has_profile "$url" || die "cold: the first boot saved no boot profile (see $WORK/$tag.log)"
             fi
-            [[ $run != "cold with profile" ]] || secs="-"
+            [[ $short == first || $short == differ ]] || secs="-"
             rm -rf "$cache"
             jq -r --arg spec "$spec" --arg run "$run" --arg imp "${imported[$cs]}" --arg rate "$rate" --arg save "$secs" \
                 --slurpfile st "$WORK/$tag.status.json" '

@@ -301,10 +301,7 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     cache.lease = tier::LeaseMode::OnCommit;
     // No guest to record, and every chunk comes whole anyway.
     cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
-    // No guest to keep the link for: fill it (the background hydration of
-    // `serve --hydrate` keeps its low defaults).
-    cache.hydrate_concurrency = cache.fetch_concurrency;
-    cache.speculative_bytes = cache.speculative_bytes.max(cache.fetch_concurrency as u64 * (1 << 20));
+    fill_the_link(&mut cache);
     let dir = cache.cache_dir.clone();
     let store = tier::open_volume(&a.url, cache).context(
         "(if a daemon is serving this volume from another cache directory, pass its --cache-dir or --control)",
@@ -323,6 +320,15 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `hydrate` in the foreground has no guest to keep the link for: it fills
+/// it (the background hydration and pinning of `serve` keep their low
+/// defaults). With the defaults, `hydrate --pin` of 2.4 GiB over a 25 MB/s
+/// link took 184.9 s.
+fn fill_the_link(cache: &mut tier::CacheOptions) {
+    cache.hydrate_concurrency = cache.fetch_concurrency;
+    cache.speculative_bytes = cache.speculative_bytes.max(cache.fetch_concurrency as u64 * (1 << 20));
+}
+
 /// `hydrate --pin`: pins part of the volume and waits until it is local.
 fn hydrate_pin(a: &HydrateArgs, spec: &str) -> anyhow::Result<()> {
     let pins = if spec.eq_ignore_ascii_case("profile") {
@@ -333,6 +339,7 @@ fn hydrate_pin(a: &HydrateArgs, spec: &str) -> anyhow::Result<()> {
     };
     let mut cache = a.cache.options(&a.url, false, &a.remote)?;
     cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
+    fill_the_link(&mut cache);
     let dir = cache.cache_dir.clone();
     let store = tier::open_volume(&a.url, cache)
         .context("(if a daemon is serving this volume, stop it first; the pins apply at its next start)")?;
