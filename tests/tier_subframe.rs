@@ -464,10 +464,7 @@ fn a_write_of_part_of_a_page_of_a_chunk_held_in_ram_alone_needs_no_fetch() {
     let gets = m.snapshot().gets;
     // Inside the run of sub-frames the read planned: a part would be fetched.
     let w = 3 * CHUNK + 8 * SUB + 3000;
-    let mut b = vec![0x6Bu8; 300];
-    s.write_vectored_at(w, &IoVec::from_slice(&mut b), IoMode::Blocking)
-        .expect("a write of part of a page of a chunk in RAM waited for the remote");
-    data[w as usize..][..300].fill(0x6B);
+    write_filled(&*s, &mut data, w, 300, 0x6B, "a write of part of a page of a chunk in RAM waited for the remote");
     assert_eq!(read(&*s, w - 3000, 8192).unwrap(), data[(w - 3000) as usize..][..8192]);
     assert_eq!(m.snapshot().gets, gets, "the write asked the remote");
     faults.set_down(false);
@@ -512,10 +509,7 @@ fn part_of_a_local_page(encrypted: bool) {
     faults.set_down(true);
     let gets = m.snapshot().gets;
     let w = 2 * CHUNK + SUB + 1536;
-    let mut b = vec![0xA5u8; 1024];
-    s.write_vectored_at(w, &IoVec::from_slice(&mut b), IoMode::Blocking)
-        .expect("a write of part of a local page waited for the remote");
-    data[w as usize..][..1024].fill(0xA5);
+    write_filled(&*s, &mut data, w, 1024, 0xA5, "a write of part of a local page waited for the remote");
     assert_eq!(read(&*s, w - 1000, 8192).unwrap(), data[(w - 1000) as usize..][..8192]);
     assert_eq!(m.snapshot().gets, gets, "the write or the read asked the remote");
     let x = 2 * CHUNK + 10 * SUB + 512;
@@ -526,6 +520,16 @@ fn part_of_a_local_page(encrypted: bool) {
     );
     faults.set_down(false);
     changes_went_up(s, &vurl, &d.path().join("other"), key, &data);
+}
+
+/// Writes `len` bytes of `byte` at `at` (failing with `what`) and notes
+/// them in `data`, the expected image.
+fn write_filled(s: &dyn Storage, data: &mut [u8], at: u64, len: usize, byte: u8, what: &str) {
+    let mut b = vec![byte; len];
+    if let Err(e) = s.write_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking) {
+        panic!("{what}: {e}");
+    }
+    data[at as usize..][..len].fill(byte);
 }
 
 /// Syncs and closes `s`, then checks that a new cache in `dir` reads
