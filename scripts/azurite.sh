@@ -28,11 +28,28 @@ bin=${AZURITE:-$(command -v azurite-blob || true)}
 
 # shellcheck source=scripts/loopback.sh
 . "$(dirname "$0")/loopback.sh"
-port=${AZURITE_PORT:-$(free_port)}
 mkdir -p "$dir/data"
-setsid "$bin" --blobHost 127.0.0.1 --blobPort "$port" --location "$dir/data" --silent \
-  --skipApiVersionCheck --disableTelemetry >"$dir/azurite.log" 2>&1 < /dev/null &
-echo $! > "$dir/pid"
+# A picked port can be taken between the check and the bind (by another
+# test's store): then the server is started again on a new port.
+for attempt in 1 2 3 4 5; do
+  port=${AZURITE_PORT:-$(free_port)}
+  setsid "$bin" --blobHost 127.0.0.1 --blobPort "$port" --location "$dir/data" --silent \
+    --skipApiVersionCheck --disableTelemetry >"$dir/azurite.log" 2>&1 < /dev/null &
+  echo $! > "$dir/pid"
+  sp=$(cat "$dir/pid")
+  for _ in $(seq 1 100); do
+    holds "$sp" "$port" && break
+    kill -0 "$sp" 2>/dev/null || break
+    sleep 0.2
+  done
+  holds "$sp" "$port" && break
+  kill "$sp" 2>/dev/null || true
+  if [ "$attempt" -lt 5 ] && [ -z "${AZURITE_PORT:-}" ] && grep -q EADDRINUSE "$dir/azurite.log"; then
+    echo "azurite: port $port was taken before the server bound it; trying another" >&2
+    continue
+  fi
+  echo "azurite: server did not come up; see $dir/azurite.log" >&2; cat "$dir/azurite.log" >&2; exit 1
+done
 if [ -n "${AZURITE_WATCH_PID:-}" ]; then
   ( sp=$(cat "$dir/pid")
     while kill -0 "$AZURITE_WATCH_PID" 2>/dev/null && kill -0 "$sp" 2>/dev/null; do sleep 1; done

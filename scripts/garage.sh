@@ -29,14 +29,21 @@ fi
 
 # shellcheck source=scripts/loopback.sh
 . "$(dirname "$0")/loopback.sh"
-s3=${GARAGE_S3_PORT:-$(free_port)}
-rpc=${GARAGE_RPC_PORT:-$(free_port)}
-admin=${GARAGE_ADMIN_PORT:-$(free_port)}
 hex() { head -c "$1" /dev/urandom | od -An -tx1 | tr -d ' \n'; }
-
 mkdir -p "$dir/meta" "$dir/data"
 cfg="$dir/garage.toml"
-cat > "$cfg" <<EOF
+g() { "$garage_bin" -c "$cfg" "$@"; }
+
+# A picked port can still be taken between the check and Garage's bind (by
+# another test's store): then a bind fails with AddrInUse, and the server is
+# started again on new ports. Ports set by the caller are not second-guessed.
+up=
+for attempt in 1 2 3 4 5; do
+  s3=${GARAGE_S3_PORT:-$(free_port)}
+  rpc=${GARAGE_RPC_PORT:-$(free_port)}
+  admin=${GARAGE_ADMIN_PORT:-$(free_port)}
+  if [ "$s3" = "$rpc" ] || [ "$s3" = "$admin" ] || [ "$rpc" = "$admin" ]; then continue; fi
+  cat > "$cfg" <<EOF
 metadata_dir = "$dir/meta"
 data_dir = "$dir/data"
 db_engine = "sqlite"
@@ -54,9 +61,30 @@ root_domain = ".s3.garage.localhost"
 api_bind_addr = "127.0.0.1:$admin"
 EOF
 
-g() { "$garage_bin" -c "$cfg" "$@"; }
-RUST_LOG=${RUST_LOG_GARAGE:-warn} setsid "$garage_bin" -c "$cfg" server >"$dir/garage.log" 2>&1 < /dev/null &
-echo $! > "$dir/pid"
+  RUST_LOG=${RUST_LOG_GARAGE:-warn} setsid "$garage_bin" -c "$cfg" server >"$dir/garage.log" 2>&1 < /dev/null &
+  echo $! > "$dir/pid"
+  # Up means the node answers and the server itself holds both HTTP ports:
+  # Garage logs a failed S3 or admin bind and runs on without that API.
+  gp=$(cat "$dir/pid")
+  for _ in $(seq 1 100); do
+    grep -q "Address already in use" "$dir/garage.log" && break
+    if timeout 5 "$garage_bin" -c "$cfg" status >/dev/null 2>&1 && holds "$gp" "$s3" && holds "$gp" "$admin"; then up=1; break; fi
+    kill -0 "$gp" 2>/dev/null || break
+    sleep 0.2
+  done
+  [ -n "$up" ] && break
+  kill "$gp" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$gp" 2>/dev/null || break; sleep 0.1; done
+  if [ "$attempt" -lt 5 ] && grep -q "Address already in use" "$dir/garage.log" \
+     && [ -z "${GARAGE_S3_PORT:-}${GARAGE_RPC_PORT:-}${GARAGE_ADMIN_PORT:-}" ]; then
+    echo "garage: a port was taken before the server bound it; trying new ports" >&2
+    rm -rf "$dir/meta" "$dir/data"; mkdir -p "$dir/meta" "$dir/data"
+    continue
+  fi
+  echo "garage: server did not come up; see $dir/garage.log" >&2; cat "$dir/garage.log" >&2; exit 1
+done
+[ -n "$up" ] || { echo "garage: found no three free ports" >&2; exit 1; }
+
 # Tests pass their own pid: the server goes when they do, even on a panic.
 if [ -n "${GARAGE_WATCH_PID:-}" ]; then
   ( gp=$(cat "$dir/pid")
@@ -67,11 +95,6 @@ if [ -n "${GARAGE_WATCH_PID:-}" ]; then
     rm -rf "$dir" ) >/dev/null 2>&1 < /dev/null &
   disown
 fi
-for _ in $(seq 1 100); do
-  g status >/dev/null 2>&1 && break
-  kill -0 "$(cat "$dir/pid")" 2>/dev/null || { echo "garage: server exited; see $dir/garage.log" >&2; cat "$dir/garage.log" >&2; exit 1; }
-  sleep 0.2
-done
 node=$(g node id -q 2>/dev/null | cut -d@ -f1)
 g layout assign -z dc1 -c 1G "$node" >/dev/null
 g layout apply --version 1 >/dev/null
