@@ -1,8 +1,9 @@
 //! The control socket of a daemon serving a volume: `status` is live (no
 //! waiting for the status file), `drop-cache` drops clean data but keeps
-//! local changes, `hydrate` goes through the running daemon, bad requests
-//! get an error reply, the socket takes `--socket-mode`, and after a stop
-//! the socket is gone and `status` shows the last state from the file.
+//! local changes, `hydrate` and `hydrate --pin` go through the running
+//! daemon, bad requests get an error reply, the socket takes
+//! `--socket-mode`, and after a stop the socket is gone and `status` shows
+//! the last state from the file.
 
 mod common;
 
@@ -156,4 +157,83 @@ fn prometheus_endpoint_serves_the_status_figures() {
     drop(c);
     assert!(daemon.stop().success());
     assert!(std::net::TcpStream::connect(&addr).is_err(), "the endpoint closes with the daemon");
+}
+
+/// `hydrate --pin` with the VM running: the daemon holds the cache, so the
+/// pins go to it over the control socket; it fetches them behind the
+/// guest's reads, the command waits until they are local, and the pins are
+/// kept at the next start.
+#[test]
+fn hydrate_pin_goes_through_the_running_daemon() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img.raw");
+    let data = common::make_raw(&img, 16 << 20, 11);
+    let url = format!("dir:{}", d.path().join("vol").display());
+    run_ok(&["import", "--quiet", img.to_str().unwrap(), &url]);
+    let sock = d.path().join("vhost.sock");
+    let serve = |cache: &Path, profile: &str| {
+        let args = [
+            "--volume",
+            &url,
+            "--format",
+            "raw",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--boot-profile",
+            profile,
+            "--remote-latency-ms",
+            "20",
+        ];
+        Daemon::start(&sock, &args)
+    };
+    // A boot that reads the first 2 MiB records a profile of 2 chunks.
+    let daemon = serve(&d.path().join("cache-rec"), "record");
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.read(0, 2 << 20).unwrap(), data[..2 << 20]);
+    drop(c);
+    assert!(daemon.stop().success());
+
+    // Another machine: the VM runs (no profile stream), and the user pins.
+    let cache = d.path().join("cache");
+    let daemon = serve(&cache, "off");
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.read(12 << 20, 4096).unwrap(), data[12 << 20..(12 << 20) + 4096]);
+    let pin = |spec: &str| {
+        let out = Command::new(bin())
+            .args(["hydrate", &url, "--cache-dir", cache.to_str().unwrap(), "--pin", spec, "--quiet"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "hydrate --pin {spec} with the daemon running: {err}");
+        err
+    };
+    let out = pin("8M+2M");
+    assert!(out.contains("pinned 2 chunks (2.0 MiB)") && out.contains("through the daemon"), "{out}");
+    let out = pin("profile");
+    assert!(out.contains("pinned 4 chunks") && out.contains("offline-ready"), "{out}");
+    // The guest kept running all along, and reads what it always read.
+    assert_eq!(c.read(8 << 20, 2 << 20).unwrap(), data[8 << 20..10 << 20]);
+    let s = status(&cache);
+    assert_eq!(s["hot_set"]["pinned"], 4, "{s}");
+    assert_eq!(s["hot_set"]["pinned_local"], 4, "{s}");
+    assert_eq!(s["hot_set"]["pinning"], false, "{s}");
+    assert_eq!(s["hot_set"]["offline_ready"], true, "{s}");
+    // Nothing to pin is refused with a reason.
+    let v = raw_request(&d.path().join("vhost.sock.ctl"), r#"{"cmd":"pin"}"#);
+    assert!(v["error"].as_str().unwrap().contains("nothing to pin"), "{v}");
+    drop(c);
+    assert!(daemon.stop().success());
+
+    // The pins were saved: the next start keeps them, and they stay local.
+    let daemon = serve(&cache, "off");
+    let t0 = std::time::Instant::now();
+    let mut s = status(&cache);
+    while s["hot_set"]["pinning"] != false && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        s = status(&cache);
+    }
+    assert_eq!(s["hot_set"]["pinned"], 4, "{s}");
+    assert_eq!(s["hot_set"]["pinned_local"], 4, "{s}");
+    assert_eq!(s["remote"]["bytes_by_source"]["hydrate"], 0, "pinned chunks already local are not fetched again: {s}");
+    assert!(daemon.stop().success());
 }

@@ -1,11 +1,13 @@
 //! The control socket: a daemon serving a volume answers `status`, `sync`,
-//! `hydrate` and `drop-cache` on a unix socket (by default `<socket>.ctl`),
-//! one JSON request per line, one JSON reply per line; and the client side
-//! that `driveblk status|sync|hydrate|drop-cache` use to find and ask it.
+//! `hydrate`, `pin` and `drop-cache` on a unix socket (by default
+//! `<socket>.ctl`), one JSON request per line, one JSON reply per line; and
+//! the client side that `driveblk status|sync|hydrate|drop-cache` use to
+//! find and ask it.
 //!
 //! Protocol (docs/systemd.md): `{"cmd":"status"}`, `{"cmd":"sync",
-//! "timeout_secs":600}`, `{"cmd":"hydrate"}`, `{"cmd":"drop-cache"}`;
-//! replies `{"ok":true,"result":{...}}` or `{"ok":false,"error":"..."}`.
+//! "timeout_secs":600}`, `{"cmd":"hydrate"}`, `{"cmd":"pin","profile":true,
+//! "ranges":[[0,1048576]]}`, `{"cmd":"drop-cache"}`; replies
+//! `{"ok":true,"result":{...}}` or `{"ok":false,"error":"..."}`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -43,6 +45,14 @@ pub enum Request {
     },
     /// Start downloading the whole volume into the SSD tier.
     Hydrate,
+    /// Pin the newest boot profile's chunks and/or `[start, end)` byte
+    /// ranges of the image (kept at every start) and start fetching them.
+    Pin {
+        #[serde(default)]
+        profile: bool,
+        #[serde(default)]
+        ranges: Vec<[u64; 2]>,
+    },
     /// Drop the clean data of the RAM and SSD tiers.
     DropCache,
 }
@@ -226,6 +236,18 @@ fn execute(req: &Request, st: &DaemonStatus) -> anyhow::Result<Value> {
             let s = store.stats();
             Ok(json!({ "running": s.hydrating, "total": s.hydrate_total, "done": s.hydrate_done }))
         }
+        Request::Pin { profile, ranges } => {
+            if !profile && ranges.is_empty() {
+                bail!("nothing to pin: give \"profile\": true and/or \"ranges\"");
+            }
+            if let Some([s, e]) = ranges.iter().find(|[s, e]| s >= e) {
+                bail!("empty byte range [{s}, {e}) to pin");
+            }
+            tracing::info!(profile, ranges = ranges.len(), "pin requested");
+            store.pin(&crate::tier::pins::Pins { ranges: ranges.clone(), profile: *profile }).context("cannot pin")?;
+            let s = store.stats();
+            Ok(json!({ "pinned": s.pinned_chunks, "pinned_local": s.pinned_local, "pinning": s.pinning }))
+        }
         Request::DropCache => {
             let (ram, ssd) = store.drop_clean().context("cannot drop the cache")?;
             let s = store.stats();
@@ -246,7 +268,7 @@ pub fn request(path: &Path, req: &Request) -> anyhow::Result<Value> {
 fn reply_wait(req: &Request) -> Duration {
     match req {
         Request::Sync { timeout_secs } => Duration::from_secs(timeout_secs.unwrap_or(3600).saturating_add(30)),
-        Request::Status | Request::Hydrate | Request::DropCache => Duration::from_secs(60),
+        Request::Status | Request::Hydrate | Request::Pin { .. } | Request::DropCache => Duration::from_secs(60),
     }
 }
 

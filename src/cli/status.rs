@@ -212,7 +212,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
                     "speculative_budget": s.speculative_budget,
                     "part_fetches": s.part_fetches },
         "hot_set": { "chunks": s.hot_chunks, "local": s.hot_local, "pinned": s.pinned_chunks,
-                     "pinned_local": s.pinned_local, "offline_ready": s.offline_ready },
+                     "pinned_local": s.pinned_local, "pinning": s.pinning, "offline_ready": s.offline_ready },
         "hydrate": { "running": s.hydrating, "total": s.hydrate_total, "done": s.hydrate_done, "complete": s.hydrated },
         "chunks_partial": s.chunks_partial,
         "hit_rate": hit_rates(s),

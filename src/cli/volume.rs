@@ -101,6 +101,8 @@ pub struct HydrateArgs {
     /// `START+LEN` (e.g. `0-2G,30G+1G`). Pinned chunks are never evicted
     /// and every later start keeps them (saved in the cache directory);
     /// `driveblk status` says "offline-ready" once the hot set is local.
+    /// With a daemon serving the volume, the daemon pins and fetches them,
+    /// behind the guest's own reads.
     #[arg(long, value_name = "profile|RANGES")]
     pub pin: Option<String>,
     #[command(flatten)]
@@ -337,12 +339,17 @@ fn hydrate_pin(a: &HydrateArgs, spec: &str) -> anyhow::Result<()> {
         let ranges = parse_ranges(spec, parse_size).map_err(|e| anyhow::anyhow!("--pin: {e}"))?;
         Pins { ranges: ranges.into_iter().map(|r| [r.start, r.end]).collect(), profile: false }
     };
+    let dir = control::cache_dir_of(Some(&a.url), a.cache.cache_dir.as_deref());
+    if let Some(ctl) = control::find(a.control.control.as_deref(), dir.as_deref())? {
+        return pin_through_daemon(&ctl, pins, a.quiet);
+    }
     let mut cache = a.cache.options(&a.url, false, &a.remote)?;
     cache.boot_profile = crate::tier::boot::BootProfileMode::Off;
     fill_the_link(&mut cache);
     let dir = cache.cache_dir.clone();
-    let store = tier::open_volume(&a.url, cache)
-        .context("(if a daemon is serving this volume, stop it first; the pins apply at its next start)")?;
+    let store = tier::open_volume(&a.url, cache).context(
+        "(if a daemon is serving this volume from another cache directory, pass its --cache-dir or --control)",
+    )?;
     let t0 = Instant::now();
     store.pin(&pins)?;
     let all = store.wait_pinned(Duration::from_secs(24 * 3600), !a.quiet);
@@ -495,6 +502,46 @@ pub fn discard_local(a: DiscardArgs) -> anyhow::Result<()> {
     };
     eprintln!("{dropped} in {}; the next start follows {}'s newest generation", dir.display(), a.url);
     Ok(())
+}
+
+/// `hydrate --pin` with a daemon serving the volume: it pins and fetches
+/// (behind the guest's misses); this waits until the pinned chunks are
+/// local, showing progress.
+fn pin_through_daemon(ctl: &std::path::Path, pins: Pins, quiet: bool) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    control::request(ctl, &control::Request::Pin { profile: pins.profile, ranges: pins.ranges })?;
+    let bar = crate::volume::progress::bar(!quiet, 0, "pin");
+    loop {
+        // The daemon reads `pinning` before the counts: once it is false,
+        // they are final.
+        let v = control::request(ctl, &control::Request::Status)?;
+        let u = |p: &str| v.pointer(p).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let (pinned, local) = (u("/hot_set/pinned"), u("/hot_set/pinned_local"));
+        bar.set_length(pinned);
+        bar.set_position(local);
+        if v.pointer("/hot_set/pinning").and_then(serde_json::Value::as_bool) != Some(true) {
+            bar.finish_and_clear();
+            let chunk = u("/chunk_size");
+            let ready = match v.pointer("/hot_set/offline_ready").and_then(serde_json::Value::as_bool) {
+                Some(true) if local == pinned => ": offline-ready",
+                _ => "",
+            };
+            eprintln!(
+                "pinned {pinned} chunks ({}) in {:.1} s through the daemon{ready}",
+                human(pinned * chunk),
+                t0.elapsed().as_secs_f64()
+            );
+            if local < pinned {
+                bail!(
+                    "{} of {pinned} pinned chunks could not be fetched (remote errors: {}); run it again",
+                    pinned - local,
+                    u("/remote/errors")
+                );
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Asks the running daemon to hydrate, and follows it until every chunk

@@ -107,8 +107,9 @@ pub struct Counters {
     pub hydrate_done: AtomicU64,
     pub hydrating: AtomicBool,
     pub hydrate_complete: AtomicBool,
-    /// Pinned chunks are being fetched.
-    pub pinning: AtomicBool,
+    /// Runs fetching pinned chunks (the pins found at open, and each
+    /// `pin` since): pinning is done when none is left.
+    pub pinning: AtomicUsize,
     pub profile_saved: AtomicU64,
     pub profile_segments: AtomicU64,
     pub profile_segments_done: AtomicU64,
@@ -219,6 +220,8 @@ pub struct TierStats {
     pub hot_local: u64,
     pub pinned_chunks: u64,
     pub pinned_local: u64,
+    /// Pinned chunks are being fetched.
+    pub pinning: bool,
     /// Whether the guest can run without the network: every chunk of the
     /// hot set is local (or the whole volume is). None when no hot set is
     /// known (no boot profile, nothing pinned).

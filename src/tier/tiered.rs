@@ -347,6 +347,7 @@ impl TieredStore {
         }
         match Pins::load(&opts.cache_dir) {
             Ok(p) if !p.is_empty() => {
+                inner.counters.pinning.fetch_add(1, Ordering::SeqCst);
                 rt.spawn(inner.clone().apply_pins(p));
             }
             Ok(_) => {}
@@ -369,6 +370,8 @@ impl TieredStore {
         let i = &self.inner;
         let c = &i.counters;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        // Before the counts: when no run is pinning, the counts are final.
+        let pinning = c.pinning.load(Ordering::SeqCst) > 0;
         let (hot_chunks, hot_local, pinned_chunks, pinned_local) = i.hot_counts();
         let offline_ready = if c.hydrate_complete.load(Ordering::Relaxed) {
             Some(true)
@@ -382,6 +385,7 @@ impl TieredStore {
             hot_local,
             pinned_chunks,
             pinned_local,
+            pinning,
             offline_ready,
             volume_id: i.vol.header.volume_id.clone(),
             generation: i.vol.generation(),
@@ -577,13 +581,14 @@ impl TieredStore {
 
     /// Pins more of the image (saved in the cache directory, so every start
     /// keeps it): its chunks are fetched whole in the background and never
-    /// evicted. See [`wait_pinned`](Self::wait_pinned).
+    /// evicted, behind any guest miss; callable while the store serves a
+    /// guest. See [`wait_pinned`](Self::wait_pinned).
     pub fn pin(&self, more: &Pins) -> VolumeResult<()> {
         let dir = self.inner.ssd.dir().to_path_buf();
         let mut pins = Pins::load(&dir).map_err(|e| VolumeError::io("reading pins in", &dir, e))?;
         pins.merge(more);
         pins.save(&dir).map_err(|e| VolumeError::io("saving pins in", &dir, e))?;
-        self.inner.counters.pinning.store(true, Ordering::SeqCst);
+        self.inner.counters.pinning.fetch_add(1, Ordering::SeqCst);
         self.inner.handle.spawn(self.inner.clone().apply_pins(pins));
         Ok(())
     }
@@ -597,7 +602,7 @@ impl TieredStore {
             let s = self.stats();
             bar.set_length(s.pinned_chunks);
             bar.set_position(s.pinned_local);
-            if !self.inner.counters.pinning.load(Ordering::SeqCst) || std::time::Instant::now() >= deadline {
+            if !s.pinning || std::time::Instant::now() >= deadline {
                 bar.finish_and_clear();
                 return s.pinned_local == s.pinned_chunks;
             }

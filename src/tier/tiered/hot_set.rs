@@ -29,9 +29,10 @@ impl Inner {
 
     /// Applies `pins`: marks their chunks pinned (resolving the newest
     /// boot profile's chunks when it is pinned) and fetches the ones not
-    /// local yet, a few at a time, behind any guest miss.
+    /// local yet, a few at a time, behind any guest miss. The caller
+    /// counted this run in `counters.pinning` before spawning it (so a
+    /// waiter never sees it done before it began); it ends the count.
     pub(super) async fn apply_pins(self: Arc<Self>, pins: Pins) {
-        self.counters.pinning.store(true, Ordering::SeqCst);
         self.add_hot(pins.range_chunks(self.cs, self.vol.image_len()), true);
         if pins.profile {
             match profile::find_latest(&self.vol.remote, &self.vol.header).await {
@@ -78,7 +79,7 @@ impl Inner {
         }
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || me.ssd.persist()).await;
-        self.counters.pinning.store(false, Ordering::SeqCst);
+        self.counters.pinning.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// (chunks in the hot set, of them local, pinned, pinned and local).
