@@ -20,6 +20,16 @@ fn status(cache: &Path) -> Value {
     serde_json::from_str(&run_ok(&["status", "--cache-dir", cache.to_str().unwrap(), "--json"])).unwrap()
 }
 
+/// A raw image of `len` pattern bytes imported as the `dir:` volume `vol`
+/// under `dir`: its bytes and URL.
+fn raw_volume(dir: &Path, len: usize, seed: u64) -> (Vec<u8>, String) {
+    let img = dir.join("img.raw");
+    let data = common::make_raw(&img, len, seed);
+    let url = format!("dir:{}", dir.join("vol").display());
+    run_ok(&["import", "--quiet", img.to_str().unwrap(), &url]);
+    (data, url)
+}
+
 /// One raw request line on the control socket, one reply.
 fn raw_request(ctl: &Path, line: &str) -> Value {
     let mut s = UnixStream::connect(ctl).unwrap();
@@ -33,10 +43,7 @@ fn raw_request(ctl: &Path, line: &str) -> Value {
 #[test]
 fn control_socket_status_drop_cache_hydrate_and_errors() {
     let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("img.raw");
-    let data = common::make_raw(&img, 16 << 20, 7);
-    let url = format!("dir:{}", d.path().join("vol").display());
-    run_ok(&["import", "--quiet", img.to_str().unwrap(), &url]);
+    let (data, url) = raw_volume(d.path(), 16 << 20, 7);
     let cache = d.path().join("cache");
     let sock = d.path().join("vhost.sock");
     let ctl = d.path().join("vhost.sock.ctl");
@@ -126,10 +133,7 @@ fn http_get(addr: &str, path: &str) -> String {
 #[test]
 fn prometheus_endpoint_serves_the_status_figures() {
     let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("img.raw");
-    let data = common::make_raw(&img, 8 << 20, 5);
-    let url = format!("dir:{}", d.path().join("vol").display());
-    run_ok(&["import", "--quiet", img.to_str().unwrap(), &url]);
+    let (data, url) = raw_volume(d.path(), 8 << 20, 5);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
     let sock = d.path().join("vhost.sock");
@@ -166,10 +170,7 @@ fn prometheus_endpoint_serves_the_status_figures() {
 #[test]
 fn hydrate_pin_goes_through_the_running_daemon() {
     let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("img.raw");
-    let data = common::make_raw(&img, 16 << 20, 11);
-    let url = format!("dir:{}", d.path().join("vol").display());
-    run_ok(&["import", "--quiet", img.to_str().unwrap(), &url]);
+    let (data, url) = raw_volume(d.path(), 16 << 20, 11);
     let sock = d.path().join("vhost.sock");
     let serve = |cache: &Path, profile: &str| {
         let args = [
