@@ -3,7 +3,8 @@
 //! and no transfer time) to bound the wall time from below by round trips, and the link time
 //! from below by the bytes those misses and the profile move; and against one whose link also
 //! carries a stream (the image for a first boot, the profile for a profiled boot) beside the
-//! misses, which is what a cold start with nothing local can at best do.
+//! misses, which is what a cold start with nothing local can at best do (or whose profile
+//! crossed the link before the boot, as when `serve` starts ahead of the guest).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -88,6 +89,9 @@ pub struct Policy {
     /// pages after it that no profile holds fetched ahead, a window at a time: twice what that
     /// run has read, from `unit` up to this many bytes (0: no read-ahead).
     pub read_ahead: u64,
+    /// The profile streamed before the boot began (`serve` started ahead of the guest): its
+    /// pages are local from the start and the link carries only the misses.
+    pub profile_local: bool,
 }
 
 /// Like [`ideal`], with the link carrying a stream beside the misses, as a real cold start
@@ -125,8 +129,9 @@ pub fn streamed(
     let mut now = 0u64;
     // Which of `order` the stream has passed; its cursor, the lowest page it has not passed
     // (where it goes on once the cursor reaches the end), and the bytes it moved.
-    let mut passed = vec![false; order.len()];
-    let (mut next, mut low, mut moved) = (0usize, 0usize, 0u64);
+    let ahead = profiled && policy.profile_local;
+    let mut passed = vec![ahead; order.len()];
+    let (mut next, mut low, mut moved) = if ahead { (order.len(), order.len(), 0u64) } else { (0, 0, 0) };
     // Read-ahead: recent runs as (next byte, bytes read, fetched up to), oldest first.
     let mut runs: Vec<(u64, u64, u64)> = Vec::new();
     let mut read_ahead_bytes = 0u64;
@@ -296,13 +301,45 @@ mod tests {
     fn read_ahead_of_unprofiled_runs() {
         let p = params(0.1);
         let plain = streamed(&p, true, 64 << 10, 0.1, 25e6, 8, Policy::default());
-        let ahead = streamed(&p, true, 64 << 10, 0.1, 25e6, 8, Policy { follow: false, read_ahead: 1 << 20 });
+        let ahead = streamed(
+            &p,
+            true,
+            64 << 10,
+            0.1,
+            25e6,
+            8,
+            Policy { follow: false, read_ahead: 1 << 20, ..Policy::default() },
+        );
         assert_eq!(plain.read_ahead_bytes, 0);
         assert!(ahead.read_ahead_bytes > 0);
         assert!(ahead.miss_bytes > plain.miss_bytes && ahead.fetches > plain.fetches);
         // An identical boot has nothing unprofiled to read ahead.
-        let same = streamed(&params(0.0), true, 64 << 10, 0.1, 25e6, 8, Policy { follow: true, read_ahead: 1 << 20 });
+        let same = streamed(
+            &params(0.0),
+            true,
+            64 << 10,
+            0.1,
+            25e6,
+            8,
+            Policy { follow: true, read_ahead: 1 << 20, ..Policy::default() },
+        );
         assert_eq!(same.read_ahead_bytes, 0);
+    }
+
+    /// With the profile local before the boot, an identical boot fetches nothing and a differing
+    /// one fetches only what no profile holds, sooner than with the profile crossing the link.
+    #[test]
+    fn a_profile_local_before_the_boot() {
+        let local = Policy { profile_local: true, ..Policy::default() };
+        let same = streamed(&params(0.0), true, 256 << 10, 0.1, 25e6, 8, local);
+        assert_eq!((same.fetches, same.stream_bytes, same.wall_s), (0, 0, 0.0));
+        let p = params(0.1);
+        let ahead = streamed(&p, true, 256 << 10, 0.1, 25e6, 8, local);
+        let streaming = streamed(&p, true, 256 << 10, 0.1, 25e6, 8, Policy::default());
+        assert_eq!(ahead.stream_bytes, 0);
+        assert!(ahead.fetches > 0 && ahead.wall_s < streaming.wall_s, "{} vs {}", ahead.wall_s, streaming.wall_s);
+        // Its round trips alone, with no transfer time, bound it from below.
+        assert!(ahead.wall_s >= ideal(&p, true, 256 << 10, 0.1, 8).latency_s);
     }
 
     #[test]

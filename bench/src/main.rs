@@ -333,7 +333,7 @@ fn print_bound(args: &Args) -> Result<()> {
     println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     for unit in [64u64 << 10, 256 << 10] {
         for (follow, read_ahead) in [(true, 0), (false, 256u64 << 10), (false, 1 << 20), (true, 1 << 20)] {
-            let b = streamed(unit, bound::Policy { follow, read_ahead });
+            let b = streamed(unit, bound::Policy { follow, read_ahead, profile_local: false });
             println!(
                 "| {} KiB | {} | {} | {:.1} | {} | {} ({}) | {} | {:.2} |",
                 unit >> 10,
@@ -344,6 +344,25 @@ fn print_bound(args: &Args) -> Result<()> {
                 b.miss_bytes / 1_000_000,
                 b.read_ahead_bytes / 1_000_000,
                 b.stream_bytes / 1_000_000,
+                b.wall_s / floor
+            );
+        }
+    }
+    println!();
+    println!("With the profile local before the boot (`serve` started ahead of the guest): the link carries only the misses and read-ahead:");
+    println!("| piece a miss fetches | read-ahead up to | wall s | requests | MB misses + read-ahead moved (of it read-ahead) | wall / floor |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for unit in [64u64 << 10, 256 << 10] {
+        for read_ahead in [0u64, 256 << 10, 1 << 20, 4 << 20] {
+            let b = streamed(unit, bound::Policy { follow: false, read_ahead, profile_local: true });
+            println!(
+                "| {} KiB | {} | {:.1} | {} | {} ({}) | {:.2} |",
+                unit >> 10,
+                if read_ahead == 0 { "none".to_string() } else { format!("{} KiB", read_ahead >> 10) },
+                b.wall_s,
+                b.fetches,
+                b.miss_bytes / 1_000_000,
+                b.read_ahead_bytes / 1_000_000,
                 b.wall_s / floor
             );
         }
