@@ -134,14 +134,16 @@ fn http_get(addr: &str, path: &str) -> String {
 fn prometheus_endpoint_serves_the_status_figures() {
     let d = tempfile::tempdir().unwrap();
     let (data, url) = raw_volume(d.path(), 8 << 20, 5);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
     let sock = d.path().join("vhost.sock");
     let cache = d.path().join("cache");
     let daemon = Daemon::start(
         &sock,
-        &["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap(), "--metrics", &addr],
+        &["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap(), "--metrics", "127.0.0.1:0"],
     );
+    // Port 0: the daemon binds a free port and the status says which.
+    let metrics_url = status(&cache)["metrics_url"].as_str().expect("status gives the metrics URL").to_string();
+    let addr = metrics_url.strip_prefix("http://").and_then(|u| u.strip_suffix("/metrics")).unwrap().to_string();
+    assert!(!addr.ends_with(":0"), "{metrics_url}");
     let mut c = Client::connect(&sock, 1);
     assert_eq!(c.read(0, 2 << 20).unwrap(), data[..2 << 20]);
     c.write(4 << 20, &common::pattern(2, 4096)).unwrap();

@@ -170,7 +170,11 @@ impl MetricsServer {
         let server = Arc::new(
             tiny_http::Server::http(addr).map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?,
         );
-        tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+        // Port 0 asks the kernel for a free port: report the one it chose.
+        let bound = server.server_addr().to_ip().unwrap_or(addr);
+        let url = format!("http://{bound}/metrics");
+        tracing::info!(addr = %bound, "Prometheus metrics at {url}");
+        let _ = status.metrics_url.set(url);
         let s = server.clone();
         let thread = std::thread::Builder::new()
             .name("driveblk-metrics".into())

@@ -72,13 +72,23 @@ pub struct DaemonStatus {
     pub metrics: Arc<RemoteMetrics>,
     pub url: String,
     pub control_socket: Option<PathBuf>,
+    /// Where `--metrics` serves, once bound (the port the kernel chose for port 0).
+    pub metrics_url: std::sync::OnceLock<String>,
     phase: PhaseHandle,
     sections: Vec<(String, Section)>,
 }
 
 impl DaemonStatus {
     pub fn new(store: Arc<TieredStore>, metrics: Arc<RemoteMetrics>, url: String) -> Self {
-        Self { store, metrics, url, control_socket: None, phase: PhaseHandle::default(), sections: Vec::new() }
+        Self {
+            store,
+            metrics,
+            url,
+            control_socket: None,
+            metrics_url: std::sync::OnceLock::new(),
+            phase: PhaseHandle::default(),
+            sections: Vec::new(),
+        }
     }
 
     /// Adds a section, reported under `name` (after the built-in ones).
@@ -109,6 +119,7 @@ impl DaemonStatus {
         v["url"] = json!(self.url);
         v["state"] = json!(self.phase().name());
         v["control_socket"] = json!(self.control_socket.as_ref().map(|p| p.display().to_string()));
+        v["metrics_url"] = json!(self.metrics_url.get());
         v["remote"]["requests"] = json!({
             "gets": m.gets, "puts": m.puts, "heads": m.heads, "lists": m.lists, "deletes": m.deletes,
             "errors": m.errors, "in_flight": m.in_flight, "bytes_read": m.bytes_read, "bytes_written": m.bytes_written,
@@ -289,6 +300,7 @@ const KNOWN_KEYS: &[&str] = &[
     "url",
     "state",
     "control_socket",
+    "metrics_url",
 ];
 
 /// Renders a status for people.
@@ -316,6 +328,9 @@ pub fn render(v: &Value) -> String {
         if b("/offline") { "  (offline: remote unreachable at start)" } else { "" }
     );
     out += &format!("daemon      {state}\n");
+    if let Some(m) = v["metrics_url"].as_str().filter(|_| b("/running")) {
+        out += &format!("metrics     {m}\n");
+    }
     out += &format!(
         "image       {} in {} chunks of {}\n",
         human(u("/image_len")),
