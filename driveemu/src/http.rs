@@ -337,10 +337,11 @@ async fn read_media(sh: &Shared, body: Incoming, expect: Option<u64>, may_reset:
     };
     let mut buf = Vec::with_capacity(expect.unwrap_or(0).min(64 << 20) as usize);
     let mut body = body;
+    let mut turn = None;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else { return Err(buf) };
         let Ok(d) = frame.into_data() else { continue };
-        sh.link.pace(d.len(), sh.faults.bandwidth()).await;
+        sh.link.pace(&mut turn, d.len(), sh.faults.bandwidth()).await;
         sh.stats.with(|s| s.bytes_in += d.len() as u64);
         buf.extend_from_slice(&d);
         if let Some(c) = cutoff {
@@ -1605,7 +1606,8 @@ async fn download(
     const SLICE: usize = 64 * 1024;
     let bps = sh.faults.bandwidth();
     let sh_arc = sh.clone();
-    let stream = futures::stream::unfold((0usize, slice, sh_arc, false), move |(pos, data, sh, ended)| async move {
+    let start = (0usize, slice, sh_arc, false, None);
+    let stream = futures::stream::unfold(start, move |(pos, data, sh, ended, mut turn)| async move {
         if ended || pos >= data.len() {
             return None;
         }
@@ -1614,14 +1616,14 @@ async fn download(
             sh.stats.with(|s| s.resets += 1);
             return Some((
                 Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected reset")),
-                (pos, data, sh, true),
+                (pos, data, sh, true, turn),
             ));
         }
         let end = (pos + SLICE).min(data.len()).min(limit.max(pos + 1));
-        sh.link.pace(end - pos, bps).await;
+        sh.link.pace(&mut turn, end - pos, bps).await;
         sh.stats.with(|s| s.bytes_out += (end - pos) as u64);
         let frame = Frame::data(data.slice(pos..end));
-        Some((Ok(frame), (end, data, sh, false)))
+        Some((Ok(frame), (end, data, sh, false, turn)))
     });
     b.body(StreamBody::new(stream).boxed_unsync()).map_err(|_| Fail::Api(ApiError::backend(500)))
 }
