@@ -165,7 +165,7 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
         let r = &reader;
         let mut s = futures::stream::iter(remote_idx)
             .map(|idx| async move { (idx, r.fetch_chunk(idx).await) })
-            .buffered(parallel);
+            .buffer_unordered(parallel);
         while let Some((idx, res)) = s.next().await {
             let mut data = res?.data;
             if let Some(c) = cache.as_ref() {
