@@ -165,6 +165,9 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
         let r = &reader;
         let mut s = futures::stream::iter(remote_idx)
             .map(|idx| async move { (idx, r.fetch_chunk(idx).await) })
+            // Unordered: an answer frees its slot at once (writes are
+            // positional). In order, a window's answers waited for its
+            // slowest and the link idled a round trip per window.
             .buffer_unordered(parallel);
         while let Some((idx, res)) = s.next().await {
             let mut data = res?.data;
