@@ -160,11 +160,12 @@ fn a_first_boot_streams_the_dense_region_within_its_bound() {
 /// Early in a first boot the guest has read little: with
 /// `first_boot_ahead` the dense region's stream runs ahead of 3x that by
 /// what the link moves in that long (here 1 s of a 20 MB/s link), so it
-/// keeps the link busy instead of waiting for the guest — and stops there.
+/// keeps the link busy instead of waiting for the guest — and stops there,
+/// without pushing the guest's own misses past the boot's bound.
 #[test]
 fn a_first_boot_streams_ahead_of_its_bound_by_link_time() {
     let d = tempfile::tempdir().unwrap();
-    let (vurl, data) = imported(d.path(), 48 << 20);
+    let (vurl, data) = imported(d.path(), 80 << 20);
     let m = Arc::new(RemoteMetrics::default());
     let link = Shaping { latency: Duration::from_millis(2), bandwidth_bps: Some(160_000_000) };
     let mut o = cache_opts(&d.path().join("c"), counted(m.clone(), None, link));
@@ -172,17 +173,27 @@ fn a_first_boot_streams_ahead_of_its_bound_by_link_time() {
     o.readahead_chunks = 0;
     o.first_boot_ahead = Duration::from_secs(1);
     let s = driveblk::tier::open_volume(&vurl, o).unwrap();
-    // Ten small reads in chunks apart from each other: a dense region, and
-    // 3x what they read is 120 KiB.
-    let reads: Vec<(u64, usize)> = (0..10u64).map(|f| ((4 * f + 1) * CHUNK + 8192, 4096usize)).collect();
+    // Ten reads of a sub-frame run in chunks apart from each other: a dense
+    // region, and 3x what they read is 7.5 MiB.
+    let reads: Vec<(u64, usize)> = (0..10u64).map(|f| ((4 * f + 1) * CHUNK, 256usize << 10)).collect();
+    let read_bytes = 10 * (256 << 10);
     boot(&s, &reads, &data);
-    wait_for("the stream to run ahead of 3x the bytes read", || s.stats().bytes_stream >= 8 << 20);
+    wait_for("the stream to run ahead of 3x the bytes read", || s.stats().bytes_stream >= 3 * read_bytes + (4 << 20));
     // Settled: past what the link moves in a second it waits for the guest.
     std::thread::sleep(Duration::from_millis(1500));
     let st = s.stats();
     counts_add_up(&st);
-    assert!(st.bytes_stream <= 3 * 40960 + 24_000_000 + CHUNK, "streamed {}: {st:?}", st.bytes_stream);
+    assert!(st.bytes_stream <= 3 * read_bytes + 24_000_000 + CHUNK, "streamed {}: {st:?}", st.bytes_stream);
     boot(&s, &reads, &data);
+    // The stream ran ahead within its bound, so the boot has not passed
+    // it: a miss in the next region (64 MiB on, not dense) still fetches a
+    // run of sub-frames (256 KiB), not only the one it reads.
+    let late = 70 * CHUNK;
+    indexes_known(&s);
+    let before = s.stats().bytes_miss;
+    assert_eq!(read(&*s, late, 4096), data[late as usize..late as usize + 4096]);
+    let fetched = s.stats().bytes_miss - before;
+    assert!(fetched > 128 << 10, "the miss fetched {fetched} bytes: {:?}", s.stats());
     s.close(Duration::from_secs(30));
 }
 
