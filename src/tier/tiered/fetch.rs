@@ -9,6 +9,7 @@
 //! speed), and shrinks when they queue behind it. Bytes are counted by
 //! what caused them.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,10 +20,19 @@ use super::link_speed::LinkSpeed;
 use crate::tier::single_flight::Urgency;
 use crate::volume::ChunkRef;
 
-/// Speculative bytes in flight at least: a 200 Mbit/s link with 100 ms
-/// round trips stays busy (its bandwidth-delay product is 2.5 MB) while a
-/// guest miss waits behind at most ~1.5 MB of it.
+/// Speculative bytes in flight at least, while the link is not known or
+/// is fast: a 200 Mbit/s link with 100 ms round trips stays busy (its
+/// bandwidth-delay product is 2.5 MB) while a guest miss waits behind at
+/// most ~1.5 MB of it.
 pub const SPECULATIVE_BYTES: u64 = 4 << 20;
+
+/// Once the link is known the least budget is this many of its round
+/// trips' worth of bytes (if that is less than the configured least): it
+/// keeps the link busy, and a guest miss queues behind about one round
+/// trip of it. On a 10 Mbit/s link 4 MiB would be over 3 s of link.
+const LINK_ROUNDS: f64 = 2.0;
+/// The least budget whatever the link.
+const LEAST_BYTES: u64 = 256 << 10;
 
 /// Speculative bytes in flight at most.
 pub const SPECULATIVE_MAX: u64 = 64 << 20;
@@ -74,8 +84,8 @@ pub struct Lanes {
     /// Speculative fetches waiting for the budget now.
     waiting: AtomicUsize,
     budget: Mutex<Budget>,
-    /// The least the budget holds (KiB): a speculative fetch asks for at
-    /// most this, so it never waits for more permits than exist.
+    /// The least the budget holds (KiB) until the link is known, and the
+    /// most a speculative fetch asks for.
     floor_kib: u32,
     /// The budget grows by about this much per budget's worth of fetches.
     chunk: u64,
@@ -94,6 +104,12 @@ struct Budget {
     guest_at: Option<Duration>,
     /// When the budget last shrank: once per round trip, as one signal.
     cut_at: Option<Duration>,
+    /// Permits asked for by the fetches waiting now (asked -> how many):
+    /// the budget never shrinks below the largest, so no fetch waits for
+    /// more permits than exist (the semaphore hands a waiting fetch the
+    /// permits that come free, but one that asked and is not queued yet
+    /// has none of them).
+    asks: BTreeMap<u32, usize>,
 }
 
 impl Default for Lanes {
@@ -102,20 +118,39 @@ impl Default for Lanes {
     }
 }
 
-/// Counts a fetch waiting for the budget while it lives (a wait given up
-/// half-way, its future dropped, counts no more).
-struct Waiting<'a>(&'a AtomicUsize);
+/// Counts a fetch waiting for the budget, and the permits it asks for,
+/// while it lives (a wait given up half-way, its future dropped, counts no
+/// more).
+struct Waiting<'a> {
+    lanes: &'a Lanes,
+    kib: u32,
+}
 
 impl<'a> Waiting<'a> {
-    fn new(n: &'a AtomicUsize) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Self(n)
+    /// Registers a fetch of `bytes`: it asks for that many KiB, but no
+    /// more than the budget holds now nor than a fetch asks for at most.
+    fn new(lanes: &'a Lanes, bytes: u64) -> Self {
+        let kib = {
+            let mut b = lanes.budget.lock();
+            let kib = bytes.div_ceil(1024).clamp(1, lanes.floor_kib.min(b.cap_kib) as u64) as u32;
+            *b.asks.entry(kib).or_default() += 1;
+            kib
+        };
+        lanes.waiting.fetch_add(1, Ordering::Relaxed);
+        Self { lanes, kib }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.lanes.waiting.fetch_sub(1, Ordering::Relaxed);
+        let mut b = self.lanes.budget.lock();
+        if let Some(n) = b.asks.get_mut(&self.kib) {
+            *n -= 1;
+            if *n == 0 {
+                b.asks.remove(&self.kib);
+            }
+        }
     }
 }
 
@@ -165,6 +200,7 @@ impl Lanes {
                 guest_queue: 0.0,
                 guest_at: None,
                 cut_at: None,
+                asks: BTreeMap::new(),
             }),
             floor_kib,
             chunk: chunk.max(1024),
@@ -175,15 +211,15 @@ impl Lanes {
 
     /// Waits for the link: at once when urgent (now or later, when a guest
     /// joins), else until `bytes` fit in the speculative budget (a fetch
-    /// larger than the least budget counts as that much).
+    /// larger than the budget, or than its configured least, counts as
+    /// that much).
     pub async fn admit(&self, bytes: u64, urgency: &Urgency) -> Admitted<'_> {
         let permit = if urgency.is_urgent() {
             None
         } else {
-            let n = bytes.div_ceil(1024).clamp(1, self.floor_kib as u64) as u32;
-            let _waiting = Waiting::new(&self.waiting);
+            let waiting = Waiting::new(self, bytes);
             tokio::select! {
-                p = self.speculative.acquire_many(n) => p.ok(),
+                p = self.speculative.acquire_many(waiting.kib) => p.ok(),
                 _ = urgency.raised() => None,
             }
         };
@@ -210,7 +246,9 @@ impl Lanes {
 
     /// Learns from a fetch of `bytes` that took `took` (`guest`: one a
     /// guest waited for) and resizes the budget: smaller when guests'
-    /// fetches queue, larger when speculative work waits and they do not.
+    /// fetches queue (down to two of the link's round trips' worth, or the
+    /// configured least if that is less), larger when speculative work
+    /// waits and they do not.
     fn learn(&self, bytes: u64, took: Duration, guest: bool) {
         self.learn_at(self.origin.elapsed(), bytes, took, guest)
     }
@@ -241,7 +279,13 @@ impl Lanes {
             return;
         };
         let most = (rate * MOST_QUEUED.as_secs_f64()) as u64;
-        let want_kib = ((want as u64).min(most) >> 10).clamp(self.floor_kib as u64, SPECULATIVE_MAX >> 10) as u32;
+        // The least: the link's round trips, within the configured least,
+        // and never below what a waiting fetch asked for.
+        let link = ((LINK_ROUNDS * rate * quickest.as_secs_f64()) as u64).max(LEAST_BYTES);
+        let asked = b.asks.keys().next_back().copied().unwrap_or(0);
+        let least = ((link >> 10).min(self.floor_kib as u64) as u32).max(asked);
+        let want_kib =
+            ((want as u64).min(most) >> 10).clamp(least as u64, (SPECULATIVE_MAX >> 10).max(least as u64)) as u32;
         if want_kib > b.cap_kib {
             self.speculative.add_permits((want_kib - b.cap_kib) as usize);
             b.cap_kib = want_kib;
@@ -322,11 +366,16 @@ mod tests {
     /// `n` fetches of 1 MB finishing one after another.
     /// Returns when the last one ended.
     fn teach(lanes: &Lanes, n: u64, rate: f64, delay: Duration) -> Duration {
+        teach_in(lanes, n, 1_000_000, rate, delay)
+    }
+
+    /// `teach`, with fetches of `bytes`.
+    fn teach_in(lanes: &Lanes, n: u64, bytes: u64, rate: f64, delay: Duration) -> Duration {
         let mut b = lanes.budget.lock();
         let now = lanes.origin.elapsed();
-        let each = Duration::from_secs_f64(1e6 / rate);
+        let each = Duration::from_secs_f64(bytes as f64 / rate);
         for i in 0..n {
-            b.speed.record(now + each * i as u32, 1_000_000, delay + each);
+            b.speed.record(now + each * i as u32, bytes, delay + each);
         }
         now + each * (n - 1) as u32
     }
@@ -387,6 +436,47 @@ mod tests {
             }
             assert_eq!(lanes.budget(), 4 << 20);
             assert_eq!(lanes.speculative.available_permits(), 4096);
+        });
+    }
+
+    /// On a slow link the budget shrinks below its configured least, to
+    /// two round trips' worth of the link, when guests queue behind it:
+    /// 4 MiB on a 10 Mbit/s link would put 3 s of speculative bytes ahead
+    /// of every guest miss. A fetch waiting for all of the budget holds it
+    /// up until it goes, and then gets all it asked for.
+    #[test]
+    fn on_a_slow_link_guests_queue_behind_two_round_trips_at_most() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let lanes = Arc::new(Lanes::new(SPECULATIVE_BYTES, 1 << 20));
+            // 1.25 MB/s (10 Mbit/s), 100 ms at the quickest, in fetches small
+            // enough for a second's rate to tell.
+            let mut t = teach_in(&lanes, 200, 64_000, 1.25e6, Duration::from_millis(100));
+            let mut guests_queue = |lanes: &Lanes, times: usize| {
+                for _ in 0..times {
+                    t += Duration::from_millis(110);
+                    lanes.learn_at(t, 64_000, Duration::from_millis(900), true);
+                }
+            };
+            // 1 MiB in flight, and a fetch waiting for all of the budget.
+            let held = lanes.admit(1 << 20, &Urgency::new(false)).await;
+            let l2 = lanes.clone();
+            let waiter = tokio::spawn(async move { l2.admit(8 << 20, &Urgency::new(false)).await.in_budget() });
+            while lanes.waiting.load(Ordering::Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+            guests_queue(&lanes, 30);
+            assert_eq!(lanes.budget(), SPECULATIVE_BYTES, "the free permits went to the fetch waiting for all of it");
+            drop(held);
+            let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+            assert!(got.expect("the waiting fetch got its permits").unwrap());
+            guests_queue(&lanes, 30);
+            assert_eq!(lanes.budget(), LEAST_BYTES, "two round trips of 125 KB, at least 256 KiB");
+            assert_eq!(lanes.speculative.available_permits(), (LEAST_BYTES >> 10) as usize);
+            // A fetch asks for no more than the budget holds now.
+            let one = lanes.admit(1 << 20, &Urgency::new(false)).await;
+            assert!(one.in_budget());
+            assert_eq!(lanes.speculative.available_permits(), 0);
         });
     }
 
