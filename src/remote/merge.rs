@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::priority::{self, Speculative};
 use super::{DynRemote, RemoteResult};
 
 /// How reads are merged.
@@ -56,6 +57,9 @@ impl MergeStats {
 struct Waiter {
     range: Range<u64>,
     tx: oneshot::Sender<RemoteResult<Bytes>>,
+    /// The reader's mark: the batch runs in the first reader's task, and
+    /// its request is speculative only if it is for every reader in it.
+    mark: Option<Speculative>,
 }
 
 /// (key, revision) of the reads a batch merges.
@@ -89,15 +93,16 @@ impl MergingRemote {
         }
         let target: Target = (key.to_string(), rev.map(str::to_string));
         let (tx, rx) = oneshot::channel();
+        let mark = priority::current();
         let leader = {
             let mut p = self.pending.lock();
             match p.get_mut(&target) {
                 Some(v) => {
-                    v.push(Waiter { range: range.clone(), tx });
+                    v.push(Waiter { range: range.clone(), tx, mark });
                     false
                 }
                 None => {
-                    p.insert(target.clone(), vec![Waiter { range: range.clone(), tx }]);
+                    p.insert(target.clone(), vec![Waiter { range: range.clone(), tx, mark }]);
                     true
                 }
             }
@@ -154,11 +159,12 @@ impl MergingRemote {
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
         if g.len() == 1 {
             let w = g.into_iter().next().expect("one waiter");
-            let _ = w.tx.send(self.one(key, rev, w.range).await);
+            let _ = w.tx.send(priority::with(w.mark, self.one(key, rev, w.range)).await);
             return;
         }
         self.stats.merged.fetch_add(g.len() as u64, Ordering::Relaxed);
-        match self.one(key, rev, start..end).await {
+        let mark = Speculative::all(g.iter().map(|w| w.mark.clone()).collect());
+        match priority::with(mark, self.one(key, rev, start..end)).await {
             Ok(b) => {
                 // A range past the object's end is cut there, as a lone read would be.
                 for w in g {
@@ -173,7 +179,7 @@ impl MergingRemote {
                 tracing::debug!(key, error = %e, "merged read failed; reading the ranges one by one");
                 futures::future::join_all(g.into_iter().map(|w| async move {
                     self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                    let r = self.one(key, rev, w.range.clone()).await;
+                    let r = priority::with(w.mark, self.one(key, rev, w.range.clone())).await;
                     let _ = w.tx.send(r);
                 }))
                 .await;
@@ -277,5 +283,61 @@ mod tests {
         assert_eq!(got.unwrap().unwrap().len(), 4096);
         // And the next read leads a batch of its own.
         assert_eq!(m.get_range("obj", 0..10).await.unwrap().len(), 10);
+    }
+
+    /// Records, for each request it forwards, whether it was speculative.
+    #[derive(Debug)]
+    struct Marks {
+        inner: DynRemote,
+        seen: parking_lot::Mutex<Vec<(Range<u64>, bool)>>,
+    }
+
+    #[async_trait]
+    impl crate::remote::Layer for Marks {
+        fn inner(&self) -> &DynRemote {
+            &self.inner
+        }
+
+        async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+            let spec = priority::current().is_some_and(|m| m.holds());
+            self.seen.lock().push((range.clone(), spec));
+            self.inner.get_range(key, range).await
+        }
+    }
+
+    /// A batch runs in its first reader's task: a guest's read that joins
+    /// a speculative one makes the merged request not speculative, and a
+    /// guest's read batched apart goes without the first reader's mark.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merged_request_is_speculative_only_if_every_read_in_it_is() {
+        let d = tempfile::tempdir().unwrap();
+        let dir: DynRemote = Arc::new(DirRemote::new(d.path().to_path_buf()));
+        dir.put("obj", PutBody::from_bytes(vec![7u8; 1 << 20])).await.unwrap();
+        let marks = Arc::new(Marks { inner: dir, seen: Default::default() });
+        let cfg = MergeConfig { window: Duration::from_millis(50), max_gap: 4096, max_span: 1 << 20 };
+        let m = Arc::new(MergingRemote::new(marks.clone(), cfg, Arc::default()));
+        let read = |r: Range<u64>, spec: bool| {
+            let m = m.clone();
+            tokio::spawn(async move {
+                let f = m.get_range("obj", r);
+                if spec {
+                    priority::speculative(Speculative::new(|| false), f).await
+                } else {
+                    f.await
+                }
+            })
+        };
+        // Speculative first (it leads the batch): a speculative neighbour,
+        // a guest's neighbour, and a guest's read far away.
+        let reads = [read(0..4096, true), read(4096..8192, true)];
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let guest = [read(8192..12288, false), read(900_000..904_096, false)];
+        let lone = read(500_000..504_096, true);
+        for t in reads.into_iter().chain(guest).chain([lone]) {
+            t.await.unwrap().unwrap();
+        }
+        let mut seen = marks.seen.lock().clone();
+        seen.sort_by_key(|(r, _)| r.start);
+        assert_eq!(seen, vec![(0..12288, false), (500_000..504_096, true), (900_000..904_096, false)]);
     }
 }

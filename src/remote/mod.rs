@@ -13,6 +13,7 @@ pub mod layer;
 pub mod merge;
 pub mod metrics;
 pub mod objstore;
+pub mod priority;
 pub mod retry;
 pub mod shaped;
 pub mod shared;

@@ -14,6 +14,8 @@ use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
+use crate::remote::priority::Speculative;
+
 /// A handle on a running flight; clone and await it from any number of
 /// callers.
 pub type Flight<V> = Shared<BoxFuture<'static, V>>;
@@ -55,6 +57,13 @@ impl Urgency {
         if !self.urgent.swap(true, Ordering::SeqCst) {
             self.notify.notify_waiters();
         }
+    }
+
+    /// The mark of the flight's remote requests: speculative until a guest
+    /// waits (so Drive's pacer lets guests' requests go first).
+    pub fn mark(self: &Arc<Self>) -> Speculative {
+        let me = self.clone();
+        Speculative::new(move || me.is_urgent())
     }
 
     /// Completes once the flight is urgent.

@@ -30,6 +30,7 @@ use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
+use crate::remote::priority;
 use crate::remote::retry::within_budget;
 use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
@@ -920,7 +921,7 @@ impl Inner {
                 let mut lane = self.lanes.admit(wire, &urgency).await;
                 let _permit = self.fetch_sem.acquire().await;
                 lane.started();
-                let fetched = self.vol.fetch_chunk(idx).await;
+                let fetched = priority::speculative(urgency.mark(), self.vol.fetch_chunk(idx)).await;
                 if let Ok(f) = &fetched {
                     lane.done(f.wire_bytes);
                 }

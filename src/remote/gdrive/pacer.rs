@@ -7,7 +7,10 @@
 //! configured ceiling; when Drive says "slow down" it halves (down to a
 //! sixteenth of the starting rate). So an account whose real limit is above
 //! the starting rate gets the link's worth of requests, and one whose limit
-//! is below it costs a few refusals, not a stream of them.
+//! is below it costs a few refusals, not a stream of them. Requests queue
+//! in turn, except that speculative ones ([`crate::remote::priority`]) let
+//! every other request go first: a guest's miss waits for the next slot,
+//! not behind the profile stream's or hydration's requests.
 
 use std::time::Duration;
 
@@ -15,6 +18,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::remote::config::PacerConfig;
+use crate::remote::priority::{self, Speculative};
 
 /// Hands out request slots at an adaptive rate with bursts of `burst`.
 #[derive(Debug)]
@@ -25,11 +29,15 @@ pub struct Pacer {
 
 #[derive(Debug)]
 struct Bucket {
-    /// Slots handed out so far, counting those still waiting: a caller's
-    /// ticket is the count after its own.
-    issued: f64,
-    /// Slots the bucket has made available so far (as of `at`): a ticket
-    /// may go once this reaches it. Refills stop `burst` ahead of `issued`.
+    /// Slots taken so far.
+    taken: f64,
+    /// Callers waiting for a slot, in the order they came.
+    waiting: Vec<Waiter>,
+    /// Callers so far (the order of `waiting`).
+    arrived: u64,
+    /// Slots the bucket has made available so far (as of `at`): the caller
+    /// first in line may go once this passes `taken`. Refills stop `burst`
+    /// ahead of the slots taken and waited for.
     avail: f64,
     at: Instant,
     /// Requests per second in force (`cfg.rate / 16 ..= cfg.max_rate`).
@@ -39,6 +47,42 @@ struct Bucket {
     last_cut: Option<Instant>,
     /// Refusals seen (for status).
     refusals: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    seq: u64,
+    /// Speculative while this holds: it goes after every other caller.
+    mark: Option<Speculative>,
+}
+
+impl Waiter {
+    fn speculative(&self) -> bool {
+        self.mark.as_ref().is_some_and(Speculative::holds)
+    }
+}
+
+impl Bucket {
+    /// Slots taken and waited for.
+    fn issued(&self) -> f64 {
+        self.taken + self.waiting.len() as f64
+    }
+
+    /// Callers ahead of caller `seq`: every caller not speculative that came
+    /// before it, and, when it is speculative, every one that is not too.
+    fn ahead_of(&self, seq: u64) -> usize {
+        let Some(me) = self.waiting.iter().find(|w| w.seq == seq) else { return 0 };
+        let spec = me.speculative();
+        self.waiting
+            .iter()
+            .filter(|w| w.seq != seq)
+            .filter(|w| match (spec, w.speculative()) {
+                (true, false) => true,
+                (false, true) => false,
+                _ => w.seq < seq,
+            })
+            .count()
+    }
 }
 
 /// Lowest share of the starting rate after repeated throttling.
@@ -54,14 +98,17 @@ const PROBE_PER_SEC: f64 = 0.02;
 /// After a refusal the rate holds this long before it may climb again.
 const HOLD_AFTER_CUT: Duration = Duration::from_secs(5);
 /// A waiting caller looks again this often, so a rate that climbed while
-/// it waited lets it go sooner.
+/// it waited is seen soon.
 const RECHECK: Duration = Duration::from_millis(100);
+/// A speculative caller looks again this often: one a guest came to wait
+/// for (a miss joined the profile stream's read) moves up within this.
+const RECHECK_SPECULATIVE: Duration = Duration::from_millis(20);
 
-/// A caller's place in line; dropped before its slot is taken, it moves
-/// every later caller up by one.
+/// A caller's place in line; dropped before its slot is taken (a deadline,
+/// a cancelled read), it leaves the line and every later caller moves up.
 struct Ticket<'a> {
     pacer: &'a Pacer,
-    n: f64,
+    seq: u64,
     taken: bool,
 }
 
@@ -70,7 +117,7 @@ impl Drop for Ticket<'_> {
         if !self.taken {
             let mut b = self.pacer.state.lock();
             self.pacer.advance(&mut b);
-            b.avail = (b.avail + 1.0).min(b.issued + self.pacer.cfg.burst as f64);
+            b.waiting.retain(|w| w.seq != self.seq);
         }
     }
 }
@@ -92,7 +139,9 @@ impl Pacer {
         Self {
             cfg,
             state: Mutex::new(Bucket {
-                issued: 0.0,
+                taken: 0.0,
+                waiting: Vec::new(),
+                arrived: 0,
                 avail: cfg.burst as f64,
                 at: Instant::now(),
                 rate,
@@ -113,9 +162,9 @@ impl Pacer {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
         // Callers queued for as long as the promised slots took to refill.
-        let short = b.issued - b.avail;
+        let short = b.issued() - b.avail;
         let queued = if short > 0.0 { elapsed.min(short / b.rate) } else { 0.0 };
-        b.avail = (b.avail + elapsed * b.rate).min(b.issued + self.cfg.burst as f64);
+        b.avail = (b.avail + elapsed * b.rate).min(b.issued() + self.cfg.burst as f64);
         b.at = now;
         let start = self.cfg.rate;
         if b.rate < start {
@@ -129,37 +178,43 @@ impl Pacer {
         }
     }
 
-    /// How long ticket `t` has still to wait at the rate in force.
-    fn wait_for(&self, t: f64) -> Duration {
+    /// Takes a slot for caller `seq` if its turn has come; else how long it
+    /// has still to wait at the rate in force, and whether it is speculative.
+    fn try_take(&self, seq: u64) -> Option<(Duration, bool)> {
         let mut b = self.state.lock();
         self.advance(&mut b);
-        if b.avail >= t {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64((t - b.avail) / b.rate)
+        let turn = b.taken + b.ahead_of(seq) as f64 + 1.0;
+        if b.avail >= turn {
+            b.taken += 1.0;
+            b.waiting.retain(|w| w.seq != seq);
+            return None;
         }
+        let spec = b.waiting.iter().find(|w| w.seq == seq).is_some_and(Waiter::speculative);
+        Some((Duration::from_secs_f64((turn - b.avail) / b.rate), spec))
     }
 
-    /// Waits for a slot for one request. The lock is held only to do the
+    /// Waits for a slot for one request: in turn, after every caller not
+    /// speculative when this one is (the running task's mark,
+    /// [`crate::remote::priority`]). The lock is held only to do the
     /// arithmetic; the wait happens outside it, looked at again every
-    /// [`RECHECK`] in case the rate changed. A caller that gives up (its
-    /// future dropped: a deadline, a cancelled read) hands its slot on.
+    /// [`RECHECK`] in case the rate or the line changed. A caller that
+    /// gives up (its future dropped: a deadline, a cancelled read) hands
+    /// its slot on.
     pub async fn acquire(&self) {
-        let n = {
+        let mark = priority::current();
+        let seq = {
             let mut b = self.state.lock();
             self.advance(&mut b);
-            b.issued += 1.0;
-            b.issued
+            b.arrived += 1;
+            let seq = b.arrived;
+            b.waiting.push(Waiter { seq, mark });
+            seq
         };
-        let mut ticket = Ticket { pacer: self, n, taken: false };
-        loop {
-            let d = self.wait_for(ticket.n);
-            if d.is_zero() {
-                ticket.taken = true;
-                return;
-            }
-            tokio::time::sleep(d.min(RECHECK)).await;
+        let mut ticket = Ticket { pacer: self, seq, taken: false };
+        while let Some((d, spec)) = self.try_take(seq) {
+            tokio::time::sleep(d.min(if spec { RECHECK_SPECULATIVE } else { RECHECK })).await;
         }
+        ticket.taken = true;
     }
 
     /// Drive said "slow down": spend the burst, so the requests queued
@@ -168,7 +223,7 @@ impl Pacer {
         let mut b = self.state.lock();
         self.advance(&mut b);
         b.refusals += 1;
-        b.avail = b.avail.min(b.issued);
+        b.avail = b.avail.min(b.issued());
         let now = Instant::now();
         if b.last_cut.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
             b.rate = (b.rate / 2.0).max(self.cfg.rate * MIN_FACTOR);
@@ -305,6 +360,52 @@ mod tests {
         p.acquire().await;
         let e = t0.elapsed();
         assert!(e >= Duration::from_millis(890) && e <= Duration::from_millis(910), "{e:?}");
+    }
+
+    /// Starts a caller of `p` that waits for a slot, speculative while
+    /// `guest` is false (None: not speculative); answers when it got it.
+    fn caller(
+        p: &std::sync::Arc<Pacer>,
+        guest: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> tokio::task::JoinHandle<Duration> {
+        let p = p.clone();
+        let t0 = Instant::now();
+        tokio::spawn(async move {
+            match guest {
+                Some(g) => {
+                    let mark = Speculative::new(move || g.load(std::sync::atomic::Ordering::SeqCst));
+                    priority::speculative(mark, p.acquire()).await
+                }
+                None => p.acquire().await,
+            }
+            t0.elapsed()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gdrive_pacer_serves_a_guest_before_speculative_requests() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let p = std::sync::Arc::new(Pacer::new(PacerConfig::fixed(10.0, 1)));
+        p.acquire().await;
+        // Five speculative requests queue (a slot every 100 ms), then a
+        // guest's: it takes the next slot, not the sixth.
+        let flags: Vec<_> = (0..5).map(|_| std::sync::Arc::new(AtomicBool::new(false))).collect();
+        let spec: Vec<_> = flags.iter().map(|g| caller(&p, Some(g.clone()))).collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let guest = caller(&p, None).await.unwrap();
+        assert!(guest <= Duration::from_millis(95), "the guest's request waited {guest:?}");
+        // A speculative request a guest comes to wait for moves up too.
+        flags[4].store(true, Ordering::SeqCst);
+        let mut got: Vec<Duration> = Vec::new();
+        for t in spec {
+            got.push(t.await.unwrap());
+        }
+        let raised = got.pop().expect("five");
+        assert!(raised <= Duration::from_millis(230), "the raised request waited {raised:?}");
+        // The rest go in turn after them, one slot each: none is lost.
+        got.sort();
+        let last = *got.last().expect("four");
+        assert!(last >= Duration::from_millis(590) && last <= Duration::from_millis(640), "{got:?}");
     }
 
     #[tokio::test(start_paused = true)]

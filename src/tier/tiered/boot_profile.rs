@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use super::fetch::Source;
 use super::{closing, Inner, SegmentResult, SharedError};
 use crate::format::{IoMode, IoVec};
+use crate::remote::priority;
 use crate::tier::boot::{
     delta_plan, for_each_chunk_part, learned, BootProfileMode, Planned, Recorded, Replay, NEW_SHARE,
 };
@@ -331,7 +332,8 @@ impl Inner {
         let wire = rp.index.segments[seg].len;
         let data = {
             let lane = self.lanes.admit(wire, &urgency).await;
-            let data = profile::fetch_segment(&self.vol.remote, &self.vol.url, &rp.index, seg).await;
+            let fetch = profile::fetch_segment(&self.vol.remote, &self.vol.url, &rp.index, seg);
+            let data = priority::speculative(urgency.mark(), fetch).await;
             if data.is_ok() {
                 lane.done(wire);
             }

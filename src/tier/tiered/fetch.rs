@@ -6,7 +6,9 @@
 //! the link: it grows while speculative work waits for it and the guest's
 //! own fetches take no longer than the link's quickest (so on a link that
 //! shares itself fairly, or with long round trips, the stream runs at full
-//! speed), and shrinks when they queue behind it. Bytes are counted by
+//! speed), and shrinks when they queue behind it. Speculative requests go
+//! to the remote marked so ([`crate::remote::priority`]): a queue in front
+//! of it (Drive's pacer) serves a guest's first. Bytes are counted by
 //! what caused them.
 
 use std::collections::BTreeMap;

@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 
 use super::fetch::Source;
 use super::{Inner, SegmentResult, SharedError};
+use crate::remote::priority;
 use crate::remote::retry::within_budget;
 use crate::tier::single_flight::{Flight, Urgency};
 use crate::tier::ssd::{ABSENT, PARTIAL};
@@ -235,7 +236,7 @@ impl Inner {
                 let mut lane = self.lanes.timed(urgency.is_urgent());
                 let _permit = self.fetch_sem.acquire().await;
                 lane.started();
-                let part = self.vol.fetch_part(idx, off, len).await;
+                let part = priority::speculative(urgency.mark(), self.vol.fetch_part(idx, off, len)).await;
                 if let Ok(Some(p)) = &part {
                     lane.done(p.wire_bytes);
                 }
@@ -281,7 +282,7 @@ impl Inner {
             set.spawn(async move {
                 let want = me.vol.manifest().indexes.get(&key).map_or(0, |r| r.len);
                 let lane = me.lanes.admit(want, &Urgency::new(false)).await;
-                match me.vol.pack_index(&key).await {
+                match priority::speculative(Urgency::new(false).mark(), me.vol.pack_index(&key)).await {
                     Ok((_, bytes)) if bytes > 0 => {
                         lane.done(bytes);
                         Counters::inc(&me.counters.remote_fetches);
