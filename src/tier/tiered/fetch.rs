@@ -12,7 +12,7 @@
 //! what caused them.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -83,8 +83,6 @@ impl Source {
 pub struct Lanes {
     /// Permits are KiB of speculative bytes in flight.
     speculative: Semaphore,
-    /// Speculative fetches waiting for the budget now.
-    waiting: AtomicUsize,
     budget: Mutex<Budget>,
     /// The least the budget holds (KiB) until the link is known, and the
     /// most a speculative fetch asks for.
@@ -138,14 +136,12 @@ impl<'a> Waiting<'a> {
             *b.asks.entry(kib).or_default() += 1;
             kib
         };
-        lanes.waiting.fetch_add(1, Ordering::Relaxed);
         Self { lanes, kib }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.lanes.waiting.fetch_sub(1, Ordering::Relaxed);
         let mut b = self.lanes.budget.lock();
         if let Some(n) = b.asks.get_mut(&self.kib) {
             *n -= 1;
@@ -195,7 +191,6 @@ impl Lanes {
         let floor_kib = (floor >> 10).clamp(1, SPECULATIVE_MAX.max(floor) >> 10) as u32;
         Self {
             speculative: Semaphore::new(floor_kib as usize),
-            waiting: AtomicUsize::new(0),
             budget: Mutex::new(Budget {
                 cap_kib: floor_kib,
                 speed: LinkSpeed::default(),
@@ -246,6 +241,12 @@ impl Lanes {
         u64::from(self.budget.lock().cap_kib) << 10
     }
 
+    /// Speculative fetches waiting for the budget now.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.budget.lock().asks.values().sum()
+    }
+
     /// Learns from a fetch of `bytes` that took `took` (`guest`: one a
     /// guest waited for) and resizes the budget: smaller when guests'
     /// fetches queue (down to two of the link's round trips' worth, or the
@@ -275,7 +276,7 @@ impl Lanes {
             }
             b.cut_at = Some(now);
             cap * SHRINK
-        } else if self.waiting.load(Ordering::Relaxed) > 0 && !guest {
+        } else if !b.asks.is_empty() && !guest {
             cap + self.chunk as f64 * bytes as f64 / cap
         } else {
             return;
@@ -342,7 +343,7 @@ mod tests {
             let slow = Urgency::new(false);
             let t = tokio::time::timeout(Duration::from_millis(50), lanes.admit(1 << 20, &slow)).await;
             assert!(t.is_err(), "the budget is used up");
-            assert_eq!(lanes.waiting.load(Ordering::Relaxed), 0, "a wait given up no longer counts");
+            assert_eq!(lanes.waiting(), 0, "a wait given up no longer counts");
             // ...an urgent one does not...
             assert!(!lanes.admit(1 << 20, &Urgency::new(true)).await.in_budget());
             // ...and a raised one stops waiting.
@@ -387,7 +388,7 @@ mod tests {
     async fn park_a_waiter(lanes: &Arc<Lanes>) -> tokio::task::JoinHandle<bool> {
         let l2 = lanes.clone();
         let waiter = tokio::spawn(async move { l2.admit(1 << 20, &Urgency::new(false)).await.in_budget() });
-        while lanes.waiting.load(Ordering::Relaxed) == 0 {
+        while lanes.waiting() == 0 {
             tokio::task::yield_now().await;
         }
         waiter
@@ -464,7 +465,7 @@ mod tests {
             let held = lanes.admit(1 << 20, &Urgency::new(false)).await;
             let l2 = lanes.clone();
             let waiter = tokio::spawn(async move { l2.admit(8 << 20, &Urgency::new(false)).await.in_budget() });
-            while lanes.waiting.load(Ordering::Relaxed) == 0 {
+            while lanes.waiting() == 0 {
                 tokio::task::yield_now().await;
             }
             guests_queue(&lanes, 30);
