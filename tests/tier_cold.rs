@@ -84,39 +84,21 @@ fn guest_misses_go_ahead_of_speculative_work() {
     assert_eq!(read_all(&*s).unwrap(), data);
 }
 
-/// Records, for each read of chunk bytes (over 16 KiB: not an index), its
-/// offset and whether it went marked speculative.
-#[derive(Debug)]
-struct Marks {
-    inner: driveblk::remote::DynRemote,
-    seen: Arc<parking_lot::Mutex<Vec<(u64, bool)>>>,
-}
-
-#[async_trait::async_trait]
-impl driveblk::remote::layer::Layer for Marks {
-    fn inner(&self) -> &driveblk::remote::DynRemote {
-        &self.inner
-    }
-
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> driveblk::remote::RemoteResult<bytes::Bytes> {
-        if range.end - range.start > 16 << 10 {
-            let spec = driveblk::remote::priority::current().is_some_and(|m| m.holds());
-            self.seen.lock().push((range.start, spec));
-        }
-        self.inner.get_range(key, range).await
-    }
-}
-
 /// Hydration's requests reach the remote marked speculative (so Drive's
 /// pacer lets a guest's go first); a guest's misses do not.
 #[test]
 fn speculative_requests_are_marked_for_the_remote_and_guest_misses_are_not() {
     let d = tempfile::tempdir().unwrap();
     let (vurl, data) = imported(d.path(), 16 << 20);
-    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let seen2 = seen.clone();
-    let layer: driveblk::remote::RemoteLayer =
-        Arc::new(move |inner| Arc::new(Marks { inner, seen: seen2.clone() }) as driveblk::remote::DynRemote);
+    let (layer, log) = marked_layer();
+    // Reads of chunk bytes (over 16 KiB: not an index), with their marks.
+    let seen = || -> Vec<(u64, bool)> {
+        std::mem::take(&mut *log.lock())
+            .into_iter()
+            .filter(|m| m.len > 16 << 10)
+            .map(|m| (m.start, m.speculative))
+            .collect()
+    };
     let opts = |cache: &str, hydrate: bool| {
         let mut o = cache_opts(&d.path().join(cache), Default::default());
         o.remote.layer = Some(layer.clone());
@@ -127,7 +109,7 @@ fn speculative_requests_are_marked_for_the_remote_and_guest_misses_are_not() {
     let s = driveblk::tier::open_volume(&vurl, opts("hydrated", true)).unwrap();
     assert!(s.wait_hydrated(Duration::from_secs(60), false));
     s.close(Duration::from_secs(30));
-    let hydration = std::mem::take(&mut *seen.lock());
+    let hydration = seen();
     assert!(hydration.len() >= 16, "{hydration:?}");
     assert!(hydration.iter().all(|&(_, spec)| spec), "a hydration request went unmarked: {hydration:?}");
     let s = driveblk::tier::open_volume(&vurl, opts("guest", false)).unwrap();
@@ -135,7 +117,7 @@ fn speculative_requests_are_marked_for_the_remote_and_guest_misses_are_not() {
         assert_eq!(read(&*s, c * CHUNK + 8192, 4096), data[(c * CHUNK + 8192) as usize..][..4096]);
     }
     s.close(Duration::from_secs(30));
-    let misses = seen.lock().clone();
+    let misses = seen();
     assert!(misses.len() >= 3, "{misses:?}");
     assert!(misses.iter().all(|&(_, spec)| !spec), "a guest's miss went marked speculative: {misses:?}");
 }

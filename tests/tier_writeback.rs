@@ -264,6 +264,68 @@ fn writethrough_flush_returns_once_the_data_is_on_the_remote() {
     }
 }
 
+/// Write-back's uploads go to the remote marked speculative while nobody
+/// waits for them, so Drive's pacer lets a guest's reads go first; the
+/// uploads a `driveblk sync`, a stop or a writethrough FLUSH waits for go
+/// unmarked.
+#[test]
+fn uploads_nobody_waits_for_go_marked_speculative() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 4 << 20, 41);
+    let (layer, log) = marked_layer();
+    // The uploads since the last look: (key, speculative).
+    let uploads = || -> Vec<(String, bool)> {
+        std::mem::take(&mut *log.lock())
+            .into_iter()
+            .filter(|m| m.call != "get_range")
+            .map(|m| (m.key, m.speculative))
+            .collect()
+    };
+    let packs = |u: &[(String, bool)]| u.iter().filter(|(k, _)| k.starts_with("pack-")).count();
+    let open = |name: &str, mode: CacheMode| {
+        let mut o = cache_opts(&d.path().join(name), Default::default());
+        o.remote.layer = Some(layer.clone());
+        o.writeback.mode = mode;
+        driveblk::tier::open_volume(&vurl, o).unwrap()
+    };
+    let s = open("a", CacheMode::Writeback);
+    uploads();
+    // The first FLUSH cuts a generation; it goes up in the background.
+    write(&*s, 11, &[1; 3000], &mut expect);
+    guest_flush(&*s);
+    wait_committed(&s, 1);
+    let background = uploads();
+    assert!(packs(&background) > 0, "{background:?}");
+    assert!(background.iter().all(|(_, spec)| *spec), "a background upload went unmarked: {background:?}");
+    // The next FLUSH is within the sync interval: nothing is cut until a
+    // sync asks, and the sync waits for the upload.
+    write(&*s, CS + 11, &[2; 3000], &mut expect);
+    guest_flush(&*s);
+    s.request_sync();
+    wait_committed(&s, 2);
+    let synced = uploads();
+    assert!(packs(&synced) > 0, "{synced:?}");
+    assert!(synced.iter().all(|(_, spec)| !spec), "a sync's upload went marked speculative: {synced:?}");
+    // A stop waits for what is left.
+    write(&*s, 2 * CS + 11, &[3; 3000], &mut expect);
+    guest_flush(&*s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let stopped = uploads();
+    assert!(packs(&stopped) > 0, "{stopped:?}");
+    assert!(stopped.iter().all(|(_, spec)| !spec), "a stop's upload went marked speculative: {stopped:?}");
+    // Every writethrough FLUSH waits for its upload.
+    let s = open("b", CacheMode::Writethrough);
+    uploads();
+    write(&*s, 3 * CS + 11, &[4; 3000], &mut expect);
+    guest_flush(&*s);
+    let flushed = uploads();
+    assert!(packs(&flushed) > 0, "{flushed:?}");
+    assert!(flushed.iter().all(|(_, spec)| !spec), "a writethrough upload went marked speculative: {flushed:?}");
+    s.close(Duration::from_secs(30));
+    assert_eq!(fresh_view(d.path(), &vurl, "c"), expect);
+}
+
 /// A writethrough FLUSH while the remote is down fails within the guest's
 /// remote budget (an I/O error the guest sees) instead of waiting for the
 /// remote to come back; the data stays in the cache and is committed once

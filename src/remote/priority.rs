@@ -1,7 +1,8 @@
-//! Which remote requests no guest waits for: a task-local mark, set by the
-//! tier around its speculative fetches, that the layers queueing requests
-//! (Drive's pacer, read merging) read to serve a guest's requests first.
-//! A request without the mark is served first: misses, metadata, uploads.
+//! Which remote requests nobody waits for: a task-local mark, set by the
+//! tier around its speculative fetches and its background uploads, that
+//! the layers queueing requests (Drive's pacer, read merging) read to serve
+//! a guest's requests first. A request without the mark is served first:
+//! misses, metadata, uploads something waits for.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -582,11 +582,14 @@ impl GenerationBuilder {
         let remote = self.remote.clone();
         let url = self.url.clone();
         self.stats.packs += 1;
-        self.uploads.spawn(async move {
+        // The upload runs in a task of its own: it keeps the committer's
+        // mark (a background commit's packs are speculative work).
+        let mark = crate::remote::priority::current();
+        self.uploads.spawn(crate::remote::priority::with(mark, async move {
             let r = remote.put(&key, body).await.map_err(|e| VolumeError::remote(format!("uploading {url}/{key}"), e));
             drop(permit);
             r
-        });
+        }));
         Ok(())
     }
 

@@ -110,6 +110,87 @@ pub fn url(p: &Path) -> String {
     format!("dir:{}", p.display())
 }
 
+/// A remote request as a queue in front of the remote sees it: which
+/// call, its key, where a ranged read starts and its length, and whether
+/// it went marked speculative ([`driveblk::remote::priority`]).
+#[derive(Clone, Debug)]
+pub struct Marked {
+    pub call: &'static str,
+    pub key: String,
+    pub start: u64,
+    pub len: u64,
+    pub speculative: bool,
+}
+
+/// A remote layer that logs each ranged read, put and create with its mark.
+#[derive(Debug)]
+pub struct MarkedRemote {
+    inner: DynRemote,
+    log: Arc<parking_lot::Mutex<Vec<Marked>>>,
+}
+
+impl MarkedRemote {
+    fn note(&self, call: &'static str, key: &str, start: u64, len: u64) {
+        let speculative = driveblk::remote::priority::current().is_some_and(|m| m.holds());
+        self.log.lock().push(Marked { call, key: key.to_string(), start, len, speculative });
+    }
+}
+
+/// The layer of [`MarkedRemote`], and its log.
+pub fn marked_layer() -> (driveblk::remote::RemoteLayer, Arc<parking_lot::Mutex<Vec<Marked>>>) {
+    let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let l2 = log.clone();
+    let layer: driveblk::remote::RemoteLayer =
+        Arc::new(move |inner| Arc::new(MarkedRemote { inner, log: l2.clone() }) as DynRemote);
+    (layer, log)
+}
+
+/// Puts a [`MarkedRemote`] around the remote `o` gives (and its layers).
+pub fn with_marks(o: &mut RemoteOptions) -> Arc<parking_lot::Mutex<Vec<Marked>>> {
+    let (marks, log) = marked_layer();
+    let under = o.layer.take();
+    o.layer = Some(Arc::new(move |r: DynRemote| {
+        let r = match &under {
+            Some(l) => l(r),
+            None => r,
+        };
+        marks(r)
+    }));
+    log
+}
+
+#[async_trait::async_trait]
+impl driveblk::remote::layer::Layer for MarkedRemote {
+    fn inner(&self) -> &DynRemote {
+        &self.inner
+    }
+
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> driveblk::remote::RemoteResult<bytes::Bytes> {
+        self.note("get_range", key, range.start, range.end - range.start);
+        self.inner.get_range(key, range).await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        body: driveblk::remote::PutBody,
+    ) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
+        self.note("put", key, 0, 0);
+        self.inner.put(key, body).await
+    }
+
+    async fn create(
+        &self,
+        key: &str,
+        slot: Option<&driveblk::remote::Slot>,
+        tag: &str,
+        body: driveblk::remote::PutBody,
+    ) -> driveblk::remote::RemoteResult<driveblk::remote::ObjectMeta> {
+        self.note("create", key, 0, 0);
+        self.inner.create(key, slot, tag, body).await
+    }
+}
+
 /// A remote whose ranged reads of packs wait at a gate until the test opens it, to
 /// force exact interleavings (a fetch in flight while a write lands).
 #[derive(Debug)]

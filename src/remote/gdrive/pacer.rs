@@ -10,7 +10,8 @@
 //! is below it costs a few refusals, not a stream of them. Requests queue
 //! in turn, except that speculative ones ([`crate::remote::priority`]) let
 //! every other request go first: a guest's miss waits for the next slot,
-//! not behind the profile stream's or hydration's requests.
+//! not behind the profile stream's, hydration's or a background upload's
+//! requests.
 
 use std::time::Duration;
 

@@ -170,11 +170,16 @@ impl Inner {
     }
 
     /// Uploads a sealed profile; on failure it stays sealed in the cache
-    /// directory and the next start tries again.
+    /// directory and the next start tries again. It goes up as speculative
+    /// work (a guest's reads go first at Drive's pacer) until the store
+    /// closes and waits for it.
     pub(super) async fn upload_pending(self: Arc<Self>, p: PendingProfile) {
         let t0 = std::time::Instant::now();
         let bytes = p.index.raw_bytes();
-        match p.upload(&self.vol.remote).await {
+        let me = Arc::downgrade(&self);
+        let closing =
+            priority::Speculative::new(move || me.upgrade().is_none_or(|me| me.profile_closed.load(Ordering::SeqCst)));
+        match priority::speculative(closing, p.upload(&self.vol.remote)).await {
             Ok(key) => {
                 Counters::inc(&self.counters.profile_saved);
                 tracing::info!(

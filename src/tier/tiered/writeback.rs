@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::Inner;
+use crate::remote::priority::{self, Speculative};
 use crate::tier::cache_crypto::{CacheFile, PageCipher};
 use crate::tier::local::LocalFile;
 use crate::tier::ssd::{bit, bitmap_words, PAGE};
@@ -141,6 +142,10 @@ pub(crate) struct Writeback {
     stopping: AtomicBool,
     /// `driveblk sync` asked for a cut regardless of the interval.
     requested: AtomicBool,
+    /// The newest cut somebody waits to see committed (a `driveblk sync`,
+    /// a stop): until it is, uploads go to the remote unmarked. Otherwise they are speculative work, behind every
+    /// guest read at a queue in front of the remote (Drive's pacer).
+    awaited_cut: AtomicU64,
     /// Chunks uploaded for the generation being committed, kept across
     /// failed attempts and restarts.
     uploaded: Uploaded,
@@ -204,6 +209,7 @@ impl Writeback {
             status: Mutex::new(SyncStatus::default()),
             changed: Condvar::new(),
             next_cut: AtomicU64::new(1),
+            awaited_cut: AtomicU64::new(0),
             last_cut_at: Mutex::new(None),
             last_commit_at: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
@@ -554,7 +560,7 @@ impl Inner {
                 st.uploading = true;
                 st.uploading_chunks = cut.chunks.len() as u64;
             }
-            let r = self.clone().commit_cut(cut.clone()).await;
+            let r = priority::speculative(self.upload_mark(), self.clone().commit_cut(cut.clone())).await;
             {
                 let me = self.clone();
                 let ok = r.is_ok();
@@ -632,9 +638,26 @@ impl Inner {
         }
     }
 
+    /// The mark of the uploads: speculative while nobody waits for them
+    /// (writeback mode, no `sync` asked, not closing), so at Drive's pacer
+    /// a guest's reads go first; a writethrough FLUSH waits for each.
+    fn upload_mark(self: &Arc<Self>) -> Speculative {
+        let me = Arc::downgrade(self);
+        Speculative::new(move || me.upgrade().is_none_or(|me| me.upload_awaited()))
+    }
+
+    fn upload_awaited(&self) -> bool {
+        let Some(wb) = &self.writeback else { return true };
+        wb.opts.mode == CacheMode::Writethrough
+            || wb.stopping.load(Ordering::SeqCst)
+            || wb.status.lock().committed_cut < wb.awaited_cut.load(Ordering::SeqCst)
+    }
+
     /// See [`TieredStore::request_sync`](super::TieredStore::request_sync).
     pub(super) fn request_sync(&self) {
         if let Some(wb) = &self.writeback {
+            // The sync waits for the next cut (and so for the one uploading).
+            wb.awaited_cut.fetch_max(wb.next_cut.load(Ordering::SeqCst), Ordering::SeqCst);
             wb.requested.store(true, Ordering::SeqCst);
             wb.wake.notify_one();
         }
@@ -930,6 +953,8 @@ impl Inner {
                 return pending * self.cs;
             }
             let target = if ticket != 0 { ticket } else { st.last_cut };
+            // Waited for: its uploads go unmarked (see `upload_mark`).
+            wb.awaited_cut.fetch_max(target, Ordering::SeqCst);
             while st.committed_cut < target && Instant::now() < deadline && st.conflict.is_none() {
                 wb.changed.wait_for(&mut st, Duration::from_millis(200));
             }
