@@ -120,6 +120,30 @@ async fn gdrive_duplicate_names_are_reported_with_their_ids() {
     assert!(e.to_string().contains(&v1) && e.to_string().contains(&v2), "{e}");
 }
 
+/// Drive's `name =` ignores case: a folder or file whose name differs only
+/// in case (a user's own `vms` beside the volume's `VMs`) is another one,
+/// never used for it nor counted as its duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_names_that_differ_in_case_are_other_names() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let root = env.emu.root_folder_id();
+    // The user's own `vms/vol/gen-1`.
+    let theirs = env.emu.ui_create_folder(&root, "vms");
+    let their_vol = env.emu.ui_create_folder(&theirs, "vol");
+    let their_gen = env.emu.ui_upload(&their_vol, "gen-1", b"the user's own");
+    let r = folder(&env, "gdrive:/VMs/vol");
+    assert!(r.list("").await.unwrap().is_empty(), "the user's `vms` is not `VMs`");
+    r.put("gen-1", PutBody::from_bytes(b"one".to_vec())).await.unwrap();
+    assert_eq!(env.emu.ui_content(&their_gen).unwrap(), b"the user's own");
+    assert_eq!(&folder(&env, "gdrive:/VMs/vol").get("gen-1").await.unwrap()[..], b"one");
+    // A file named `GEN-1` beside `gen-1` is neither it nor its duplicate.
+    env.emu.ui_upload(&their_vol, "GEN-1", b"other");
+    let fresh = folder(&env, "gdrive:/vms/vol");
+    assert_eq!(&fresh.get("gen-1").await.unwrap()[..], b"the user's own");
+    let keys: Vec<String> = fresh.list("gen-").await.unwrap().into_iter().map(|m| m.key).collect();
+    assert_eq!(keys, vec!["gen-1".to_string()]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gdrive_file_id_base_reads_and_pins_content() {
     let env = start(driveemu::Config::default(), Creds::User);

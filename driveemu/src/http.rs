@@ -245,6 +245,7 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         tokio::time::sleep(lat + extra).await;
     }
     let (parts, body) = req.into_parts();
+    let body: In = body.boxed_unsync();
     let write = matches!(parts.method, Method::POST | Method::PATCH | Method::PUT | Method::DELETE);
     let path = parts.uri.path().to_string();
     let params: HashMap<String, String> =
@@ -266,7 +267,10 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
                 .unwrap_or_else(|_| empty(500)),
         })
     } else if let Some(rest) = path.strip_prefix("/drive/v3/") {
-        api(&sh, parts.method, rest, &params, &parts.headers, body, false).await
+        match method_override(parts.method, &parts.headers, params, body).await {
+            Ok((method, params, body)) => api(&sh, method, rest, &params, &parts.headers, body, false).await,
+            Err(e) => Err(e),
+        }
     } else if let Some(rest) = path.strip_prefix("/upload/drive/v3/") {
         api(&sh, parts.method, rest, &params, &parts.headers, body, true).await
     } else {
@@ -295,9 +299,40 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
     }
 }
 
+/// A request body, as received or as rebuilt by [`method_override`].
+type In = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Google's APIs take a POST with `X-HTTP-Method-Override` as the method it
+/// names. Google's client libraries send one for a GET whose URL would be
+/// over 2,048 characters (a long `files.list` query): a POST whose
+/// form-encoded body holds the query's parameters.
+async fn method_override(
+    method: Method,
+    headers: &HeaderMap,
+    mut params: HashMap<String, String>,
+    body: In,
+) -> Result<(Method, HashMap<String, String>, In), Fail> {
+    let Some(over) = header(headers, "x-http-method-override") else { return Ok((method, params, body)) };
+    if method != Method::POST {
+        return Ok((method, params, body));
+    }
+    let Ok(over) = Method::from_bytes(over.trim().to_ascii_uppercase().as_bytes()) else {
+        drain(body).await;
+        return Err(ApiError::bad_request("Invalid X-HTTP-Method-Override.").into());
+    };
+    let form = header(headers, "content-type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    if !form {
+        return Ok((over, params, body));
+    }
+    let raw = read_small(body).await?;
+    params.extend(form_urlencoded::parse(&raw).into_owned());
+    let none: In = Full::new(Bytes::new()).map_err(|e: Infallible| match e {}).boxed_unsync();
+    Ok((over, params, none))
+}
+
 /// Reads and drops what is left of a refused request's body, so the client sees the error
 /// answer rather than a reset caused by unread bytes (bounded: past 256 MiB it drops).
-async fn drain(body: Incoming) {
+async fn drain(body: In) {
     let mut body = body;
     let mut n = 0usize;
     while let Some(Ok(frame)) = body.frame().await {
@@ -311,7 +346,7 @@ async fn drain(body: Incoming) {
 }
 
 /// Reads a small (JSON or form) request body whole.
-async fn read_small(body: Incoming) -> Result<Bytes, Fail> {
+async fn read_small(body: In) -> Result<Bytes, Fail> {
     let mut buf = Vec::new();
     let mut body = body;
     while let Some(frame) = body.frame().await {
@@ -328,7 +363,7 @@ async fn read_small(body: Incoming) -> Result<Bytes, Fail> {
 
 /// Reads a media body through the shared link. `Err(partial)` if it was cut off, by an
 /// injected reset (when `may_reset`) or by the client going away.
-async fn read_media(sh: &Shared, body: Incoming, expect: Option<u64>, may_reset: bool) -> Result<Vec<u8>, Vec<u8>> {
+async fn read_media(sh: &Shared, body: In, expect: Option<u64>, may_reset: bool) -> Result<Vec<u8>, Vec<u8>> {
     let cutoff = match expect {
         Some(n) if n > 0 && may_reset && roll(sh, sh.faults.reset_rate()) => {
             Some(sh.rng.lock().random_range(0..n) as usize)
@@ -364,7 +399,7 @@ fn header<'a>(h: &'a HeaderMap, k: &str) -> Option<&'a str> {
 
 // ---------------------------------------------------------------- token endpoint
 
-async fn token_endpoint(sh: &Shared, method: &Method, headers: &HeaderMap, body: Incoming) -> R {
+async fn token_endpoint(sh: &Shared, method: &Method, headers: &HeaderMap, body: In) -> R {
     sh.stats.request("token");
     if method != Method::POST {
         return Err(ApiError::new(405, "global", "httpMethodNotAllowed", "Method Not Allowed").into());
@@ -403,7 +438,7 @@ async fn api(
     rest: &str,
     params: &HashMap<String, String>,
     headers: &HeaderMap,
-    body: Incoming,
+    body: In,
     upload: bool,
 ) -> R {
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
@@ -1151,7 +1186,7 @@ async fn simple_upload(
     target: Option<String>,
     params: &HashMap<String, String>,
     headers: &HeaderMap,
-    body: Incoming,
+    body: In,
     is_sa: bool,
     multipart: bool,
 ) -> R {
@@ -1219,7 +1254,7 @@ async fn start_session(
     target: Option<String>,
     params: &HashMap<String, String>,
     headers: &HeaderMap,
-    body: Incoming,
+    body: In,
     is_sa: bool,
 ) -> R {
     let raw = read_small(body).await?;
@@ -1329,8 +1364,20 @@ fn session_gone() -> ApiError {
     ApiError::new(404, "global", "notFound", "The upload session was not found or has expired; start a new one.")
 }
 
-fn incomplete(received: u64, upload_id: &str) -> Response<Body> {
-    let mut b = Response::builder().status(308).header("X-GUploader-UploadID", upload_id).header("Content-Length", "0");
+/// "Resume incomplete": a 308 with the bytes held so far in `Range`, or,
+/// for a client that sent `X-GUploader-No-308: yes` (Google's Go client
+/// does, since its HTTP stack takes a 308 for a redirect), a 200 carrying
+/// `X-HTTP-Status-Code-Override: 308`.
+fn incomplete(received: u64, upload_id: &str, headers: &HeaderMap) -> Response<Body> {
+    let no_308 =
+        headers.get("x-guploader-no-308").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("yes"));
+    let mut b = Response::builder()
+        .status(if no_308 { 200 } else { 308 })
+        .header("X-GUploader-UploadID", upload_id)
+        .header("Content-Length", "0");
+    if no_308 {
+        b = b.header("X-HTTP-Status-Code-Override", "308");
+    }
     if received > 0 {
         b = b.header("Range", format!("bytes=0-{}", received - 1));
     }
@@ -1354,7 +1401,7 @@ async fn session_request(
     method: &Method,
     params: &HashMap<String, String>,
     headers: &HeaderMap,
-    body: Incoming,
+    body: In,
 ) -> R {
     let upload_id = params.get("upload_id").cloned().unwrap_or_default();
     let step = match session_step(sh, method, &upload_id, headers) {
@@ -1371,7 +1418,7 @@ async fn session_request(
             return Ok(r);
         }
         Step::Finalize => return finalize(sh, &upload_id),
-        Step::Incomplete(received) => return Ok(incomplete(received, &upload_id)),
+        Step::Incomplete(received) => return Ok(incomplete(received, &upload_id, headers)),
         Step::Read { a, n } => (a, n),
     };
     let got = read_media(sh, body, Some(n), true).await;
@@ -1408,7 +1455,7 @@ async fn session_request(
     if complete {
         return finalize(sh, &upload_id);
     }
-    Ok(incomplete(received, &upload_id))
+    Ok(incomplete(received, &upload_id, headers))
 }
 
 /// Validates a session request against the session's state, without reading its body.

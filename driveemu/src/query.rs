@@ -310,6 +310,12 @@ pub(crate) fn matches(e: &Expr, f: &FileRec, root: &str) -> bool {
                 TextField::FullText => &f.name,
             };
             match (*op, field) {
+                // Drive compares names without regard to case (`name =
+                // 'VMs'` finds `vms` too), so clients check the names
+                // listed; rclone does, "since the `=` operator is case
+                // insensitive".
+                ("=", TextField::Name) => hay.to_lowercase() == value.to_lowercase(),
+                ("!=", TextField::Name) => hay.to_lowercase() != value.to_lowercase(),
                 ("=", _) => hay == value,
                 ("!=", _) => hay != value,
                 (_, TextField::Name) => name_contains(hay, value),

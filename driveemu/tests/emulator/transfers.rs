@@ -347,3 +347,42 @@ async fn status_query_in_the_guides_literal_form() {
     let r = put(&api, &loc, &format!("bytes {KIB256}-{}/{total}", total - 1), &data[KIB256..]).await;
     assert_eq!((r.code(), r.json()["size"].as_str()), (200, Some(total.to_string().as_str())));
 }
+
+/// Google's Go client sends `X-GUploader-No-308: yes` with every chunk (its
+/// HTTP stack takes a 308 for a redirect) and reads "resume incomplete" from
+/// a 200 carrying `X-HTTP-Status-Code-Override: 308` and the `Range` held.
+#[tokio::test]
+async fn resume_incomplete_without_a_308_when_asked() {
+    let api = Api::new().await;
+    let total = KIB256 + 10;
+    let data = pattern(total, 4);
+    let r = start_resumable(
+        &api,
+        "/upload/drive/v3/files?uploadType=resumable&fields=size",
+        Method::POST,
+        &json!({"name": "go"}),
+        Some(total),
+    )
+    .await;
+    let loc = r.header("location").expect("Location");
+    let chunk = |range: String, body: &[u8]| {
+        let (loc, body) = (loc.clone(), body.to_vec());
+        let api = &api;
+        async move {
+            let h = [("X-GUploader-No-308", "yes"), ("Content-Range", range.as_str())];
+            api.send(Method::PUT, &loc, &h, body).await
+        }
+    };
+    let r = chunk(format!("bytes 0-{}/{total}", KIB256 - 1), &data[..KIB256]).await;
+    assert_eq!(r.code(), 200);
+    assert_eq!(r.header("x-http-status-code-override").as_deref(), Some("308"));
+    assert_eq!(r.header("range").as_deref(), Some("bytes=0-262143"));
+    let r = chunk(format!("bytes */{total}"), &[]).await;
+    assert_eq!((r.code(), r.header("x-http-status-code-override").as_deref()), (200, Some("308")));
+    // Without the header, the same state is a plain 308.
+    assert_eq!(put(&api, &loc, &format!("bytes */{total}"), &[]).await.code(), 308);
+    // The last chunk ends the upload: a 200 with no override, the file.
+    let r = chunk(format!("bytes {KIB256}-{}/{total}", total - 1), &data[KIB256..]).await;
+    assert_eq!((r.code(), r.header("x-http-status-code-override")), (200, None));
+    assert_eq!(r.json()["size"], total.to_string());
+}

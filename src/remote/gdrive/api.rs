@@ -251,11 +251,7 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
     } else {
         status.canonical_reason().unwrap_or("error").to_string()
     };
-    let retry_after = headers
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(retry_after);
     let code = status.as_u16();
     let (kind, advice): (ErrorKind, &str) = match (code, reason.as_str()) {
         (403, "cannotDownloadAbusiveFile") => (ErrorKind::Abusive, ""),
@@ -313,6 +309,22 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
 fn is_upload_cap(item_msg: &str, top: &str) -> bool {
     let cap = |m: &str| m.strip_suffix('.').unwrap_or(m) == "User rate limit exceeded";
     cap(item_msg) || cap(top)
+}
+
+/// The longest `Retry-After` taken: a server's wish, not a reason to hang.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
+
+/// A `Retry-After` value (RFC 9110 10.2.3): seconds, or an HTTP date.
+fn retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let d = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = httpdate::parse_http_date(v).ok()?;
+            at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(d.min(RETRY_AFTER_MAX))
 }
 
 /// Escapes a value for a `q` string literal (backslash and single quote).
@@ -926,6 +938,13 @@ mod tests {
         h.insert(RETRY_AFTER, "7".parse().unwrap());
         let e = classify(StatusCode::TOO_MANY_REQUESTS, &h, b"", false);
         assert_eq!((e.kind, e.retry_after), (ErrorKind::Transient, Some(Duration::from_secs(7))));
+        // An HTTP date, and never longer than the cap.
+        let at = std::time::SystemTime::now() + Duration::from_secs(120);
+        let secs = retry_after(&httpdate::fmt_http_date(at)).unwrap().as_secs();
+        assert!((118..=120).contains(&secs), "{secs}");
+        assert_eq!(retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(retry_after("999999"), Some(RETRY_AFTER_MAX));
+        assert_eq!(retry_after("soon"), None);
     }
 
     #[test]

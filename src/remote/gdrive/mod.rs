@@ -676,7 +676,8 @@ impl Remote for GDriveRemote {
         );
         let files =
             self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err("find_trashed", key, e))?;
-        Ok(files.into_iter().find(|f| !f.is_folder()).map(|f| self.meta(key, &f)))
+        // `name =` ignores case: only this very name is this key.
+        Ok(files.into_iter().find(|f| !f.is_folder() && f.name == key).map(|f| self.meta(key, &f)))
     }
 
     /// files.get on the slot's id: follows a create at once, where a

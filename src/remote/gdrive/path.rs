@@ -88,9 +88,12 @@ pub struct Folder {
     pub drive_id: Option<String>,
 }
 
-/// Exactly one of `files`, or an error naming every id when Drive holds
-/// the name more than once.
+/// Exactly one of `files` named `what`, or an error naming every id when
+/// Drive holds the name more than once. Drive's `name =` query matches
+/// without regard to case, so the listing may hold other names (`vms`
+/// for `VMs`): those are not this one.
 pub fn unique(files: Vec<DriveFile>, what: &str, parent: &str) -> Result<Option<DriveFile>, ApiError> {
+    let files: Vec<DriveFile> = files.into_iter().filter(|f| f.name == what).collect();
     match files.len() {
         0 => Ok(None),
         1 => Ok(files.into_iter().next()),
@@ -226,8 +229,12 @@ mod tests {
     #[test]
     fn gdrive_duplicates_name_every_id() {
         let f = |id: &str| DriveFile { id: id.into(), name: "gen-2".into(), ..Default::default() };
-        assert_eq!(unique(vec![], "x", "p").unwrap(), None);
-        assert_eq!(unique(vec![f("a")], "x", "p").unwrap().unwrap().id, "a");
+        assert_eq!(unique(vec![], "gen-2", "p").unwrap(), None);
+        assert_eq!(unique(vec![f("a")], "gen-2", "p").unwrap().unwrap().id, "a");
+        // Another case of the name is another name.
+        let other = DriveFile { id: "b".into(), name: "GEN-2".into(), ..Default::default() };
+        assert_eq!(unique(vec![other.clone(), f("a")], "gen-2", "p").unwrap().unwrap().id, "a");
+        assert_eq!(unique(vec![other], "gen-2", "p").unwrap(), None);
         let e = unique(vec![f("a1"), f("b2")], "gen-2", "P").unwrap_err();
         assert_eq!(e.kind, ErrorKind::Fatal);
         assert!(e.message.contains("a1, b2") && e.message.contains("gen-2"), "{}", e.message);
