@@ -177,6 +177,81 @@ fn an_adopted_commit_leaves_writes_past_its_end_dirty() {
     assert_eq!(fresh_view(d.path(), &vurl, "b"), expect, "the writes past the adopted commit's end went up");
 }
 
+/// A guest that keeps reading from the remote (two reads always waiting)
+/// does not hold its changes back: uploads let its reads go first, a
+/// moment at a time, and still go up while it reads.
+#[test]
+fn a_guest_that_keeps_missing_does_not_hold_its_changes_back() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 64 << 20, 43);
+    let m = Arc::new(RemoteMetrics::default());
+    let shaping = Shaping { latency: Duration::from_millis(60), bandwidth_bps: None };
+    let mut o = cache_opts(&d.path().join("a"), counted(m, None, shaping));
+    o.readahead_chunks = 0;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let chunks = (64 << 20) / CS;
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let readers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (s, done, data) = (s.clone(), done.clone(), expect.clone());
+            std::thread::spawn(move || {
+                // Every read a miss: each chunk once, from the 8th on.
+                for idx in (8 + t..chunks).step_by(2) {
+                    let off = idx * CS + 8192;
+                    let mut buf = vec![0u8; 4096];
+                    s.read_vectored_at(off, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
+                    assert_eq!(buf, data[off as usize..off as usize + 4096]);
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..4u64 {
+        write(&*s, i * CS, &[i as u8 + 1; 8192], &mut expect);
+    }
+    guest_flush(&*s);
+    let t0 = std::time::Instant::now();
+    wait_committed(&s, 1);
+    assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0, "committed only once the guest stopped reading");
+    let took = t0.elapsed();
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert!(took < Duration::from_secs(3), "the commit took {took:?} while the guest read");
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
+}
+
+/// Once another writer's generation fenced this cache's changes out, a
+/// writethrough FLUSH fails every time (the data cannot reach the remote),
+/// never reports them committed.
+#[test]
+fn writethrough_flushes_after_a_conflict_fail() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, base) = imported(d.path(), 2 << 20, 37);
+    let mut ob = cache_opts(&d.path().join("b"), Default::default());
+    ob.lease = driveblk::tier::LeaseMode::OnCommit;
+    ob.writeback.mode = CacheMode::Writethrough;
+    let b = driveblk::tier::open_volume(&vurl, ob).unwrap();
+    let a = driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("a"), Default::default())).unwrap();
+    let (mut ea, mut eb) = (base.clone(), base.clone());
+    write(&*a, 0, &[0xAA; 4096], &mut ea);
+    guest_flush(&*a);
+    assert_eq!(a.close(Duration::from_secs(30)), 0);
+    drop(a);
+    for i in 0..3u64 {
+        write(&*b, i * CS, &[0xB0 + i as u8; 4096], &mut eb);
+        let r = b.flush_point().and_then(|t| b.wait_durable(t));
+        let e = r.expect_err("a writethrough FLUSH after a conflict reported its data committed");
+        assert!(e.to_string().contains("moved on"), "FLUSH {i}: {e}");
+    }
+    b.close(Duration::from_secs(5));
+    drop(b);
+    assert_eq!(fresh_view(d.path(), &vurl, "c"), ea, "the remote holds A's changes only");
+}
+
 #[test]
 fn a_second_writer_is_fenced_and_keeps_its_changes() {
     let d = tempfile::tempdir().unwrap();
@@ -354,6 +429,19 @@ fn writethrough_flush_on_a_remote_that_is_down_fails_within_the_budget() {
     let got = rx.recv_timeout(Duration::from_secs(30)).expect("the FLUSH still waits on a remote that is down");
     let e = got.expect_err("a FLUSH cannot be durable on a remote that is down");
     assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    // The next FLUSH finds the first one's cut still retrying: it fails
+    // within the budget too, not waiting for the remote to come back.
+    write(&*s, 8192, &[8; 4096], &mut expect);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = s.clone();
+    let t0 = std::time::Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(s2.flush_point().and_then(|t| s2.wait_durable(t)));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(30)).expect("the second FLUSH waits on a remote that is down");
+    let e = got.expect_err("a FLUSH cannot be durable on a remote that is down");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     faults.set_down(false);
     assert_eq!(s.close(Duration::from_secs(30)), 0, "the flushed data went up once the remote was back");
     drop(s);

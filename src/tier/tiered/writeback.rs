@@ -30,6 +30,11 @@ use crate::volume::{ChunkRef, VolumeError, VolumeResult};
 /// next, uploads only what is not there.
 const UPLOADED_FILE: &str = "uploaded";
 
+/// How long packing a chunk waits, at most, for the guest's reads from the
+/// remote to end: they go first, but a guest that reads without a pause
+/// still lets its changes go up (a chunk per this much at least).
+const UPLOAD_YIELD: Duration = Duration::from_millis(50);
+
 /// How often, at most, the record in [`UPLOADED_FILE`] is saved while an
 /// upload lands.
 const UPLOADED_SAVE_EVERY: Duration = Duration::from_secs(2);
@@ -235,6 +240,22 @@ impl Writeback {
     fn cut_in_progress(&self) -> bool {
         self.frozen.lock().cut.is_some()
     }
+
+    /// The id of the cut uploading now.
+    fn current_cut(&self) -> Option<u64> {
+        self.frozen.lock().cut.as_ref().map(|c| c.id)
+    }
+}
+
+/// What an attempt to cut found.
+enum CutTry {
+    Taken(u64),
+    /// A cut is uploading (its id): one at a time.
+    Busy(u64),
+    /// Nothing to cut (or, quiescent, written to since the flush point).
+    Nothing,
+    /// The remote moved on under this cache: nothing is cut any more.
+    Conflict(String),
 }
 
 impl Inner {
@@ -329,22 +350,34 @@ impl Inner {
             return Ok(0);
         }
         wb.writes_since_flush.store(0, Ordering::SeqCst);
-        let due = match wb.opts.mode {
-            CacheMode::Writethrough => {
-                // Group commit: flushes that arrive while a cut uploads all
-                // wait for it, then one of them cuts for the rest.
-                let mut st = wb.status.lock();
-                while wb.cut_in_progress() && st.conflict.is_none() {
-                    wb.changed.wait_for(&mut st, Duration::from_millis(200));
-                }
-                true
-            }
-            _ => !wb.cut_in_progress() && wb.last_cut_at.lock().is_none_or(|t| t.elapsed() >= wb.opts.sync_interval),
-        };
+        if wb.opts.mode == CacheMode::Writethrough {
+            return self.writethrough_cut(wb);
+        }
+        let due = !wb.cut_in_progress() && wb.last_cut_at.lock().is_none_or(|t| t.elapsed() >= wb.opts.sync_interval);
         if !due {
             return Ok(0);
         }
         Ok(self.cut())
+    }
+
+    /// A writethrough FLUSH's cut: the cut that holds every write done
+    /// before it, which the FLUSH then waits for. Group commit: a cut
+    /// uploading now may have been taken before this FLUSH's writes, so it
+    /// is waited for (within the remote budget, as
+    /// [`wait_durable`](Self::wait_durable)); then this FLUSH cuts for
+    /// everything written since. If another FLUSH (or the idle cut) takes
+    /// a cut first, that one was taken after these writes and holds them.
+    /// Once the remote moved on under this cache (a conflict) a FLUSH
+    /// fails: nothing it flushes can reach the remote.
+    fn writethrough_cut(&self, wb: &Writeback) -> io::Result<u64> {
+        if let Some(busy) = wb.current_cut() {
+            self.wait_durable(busy)?;
+        }
+        match self.try_cut(false) {
+            CutTry::Taken(id) | CutTry::Busy(id) => Ok(id),
+            CutTry::Nothing => Ok(0),
+            CutTry::Conflict(c) => Err(io::Error::other(c)),
+        }
     }
 
     /// Takes a cut of the dirty chunks now (the caller knows the disk is
@@ -357,22 +390,30 @@ impl Inner {
     /// [`cut`](Self::cut), or with `quiescent`, only if nothing was
     /// written since the last flush point (checked under the gate).
     fn cut_when(&self, quiescent: bool) -> u64 {
-        let Some(wb) = &self.writeback else { return 0 };
-        if wb.status.lock().conflict.is_some() {
-            return 0;
+        match self.try_cut(quiescent) {
+            CutTry::Taken(id) => id,
+            _ => 0,
+        }
+    }
+
+    /// [`cut_when`](Self::cut_when), saying why no cut was taken.
+    fn try_cut(&self, quiescent: bool) -> CutTry {
+        let Some(wb) = &self.writeback else { return CutTry::Nothing };
+        if let Some(c) = &wb.status.lock().conflict {
+            return CutTry::Conflict(c.clone());
         }
         let _all = wb.gate.write();
         if quiescent && wb.writes_since_flush.load(Ordering::SeqCst) != 0 {
-            return 0;
+            return CutTry::Nothing;
         }
         let mut f = wb.frozen.lock();
-        if f.cut.is_some() {
-            return 0;
+        if let Some(c) = &f.cut {
+            return CutTry::Busy(c.id);
         }
         let chunks: BTreeMap<u64, u64> = self.ssd.dirty_set().into_iter().collect();
         let image_len = self.ssd.len();
         if chunks.is_empty() && image_len == self.vol.image_len() {
-            return 0;
+            return CutTry::Nothing;
         }
         let pages = chunks.keys().filter_map(|&i| self.ssd.dirty_pages(i).map(|p| (i, p))).collect();
         let present = chunks.keys().filter_map(|&i| self.ssd.present_pages(i).map(|p| (i, p))).collect();
@@ -382,7 +423,7 @@ impl Inner {
         *wb.last_cut_at.lock() = Some(Instant::now());
         wb.status.lock().last_cut = id;
         wb.wake.notify_one();
-        id
+        CutTry::Taken(id)
     }
 
     /// Blocks until cut `ticket` is committed (writethrough FLUSH), or
@@ -732,8 +773,12 @@ impl Inner {
         let t0 = Instant::now();
         for &idx in cut.chunks.keys() {
             // Uploads yield to the guest: while a guest read waits for the
-            // remote, packing (and so the next pack upload) holds back.
-            while self.demand.load(Ordering::SeqCst) > 0 && !wb.stopping.load(Ordering::SeqCst) {
+            // remote, packing (and so the next pack upload) holds back — a
+            // moment per chunk, as a guest that keeps missing would hold
+            // them back for ever, and not at all when somebody waits.
+            let yielding = Instant::now();
+            while self.demand.load(Ordering::SeqCst) > 0 && yielding.elapsed() < UPLOAD_YIELD && !self.upload_awaited()
+            {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             let chunk_len = cut.image_len.saturating_sub(idx * self.cs).min(self.cs) as usize;
