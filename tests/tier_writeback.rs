@@ -224,6 +224,36 @@ fn a_guest_that_keeps_missing_does_not_hold_its_changes_back() {
     assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
 }
 
+/// Zeroed chunks are changes waiting like written ones: the lease's
+/// heartbeat says so, so no other machine takes the lease while they wait.
+#[test]
+fn zeroed_chunks_count_as_pending_for_the_lease() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, _) = imported(d.path(), 2 << 20, 44);
+    let mut o = cache_opts(&d.path().join("a"), Default::default());
+    o.writeback.sync_interval = Duration::from_secs(3600);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    // A first change, committed: the next FLUSH is not due for an hour.
+    let mut e = Vec::new();
+    write(&*s, 0, &[1; 4096], &mut e);
+    guest_flush(&*s);
+    wait_committed(&s, 1);
+    let t0 = std::time::Instant::now();
+    while s.lease().unwrap().pending_bytes != 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", s.lease());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.write_zeroes_at(CS, 2 * CS).unwrap();
+    guest_flush(&*s);
+    assert_eq!(s.sync_status().unwrap().generations_committed, 1, "the zeroes wait for the next cut");
+    let t0 = std::time::Instant::now();
+    while s.lease().unwrap().pending_bytes == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the heartbeat never said the zeroes wait: {:?}", s.lease());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+}
+
 /// Once another writer's generation fenced this cache's changes out, a
 /// writethrough FLUSH fails every time (the data cannot reach the remote),
 /// never reports them committed.

@@ -12,9 +12,11 @@ use crate::volume::lease::{self, Claim, LeaseHolder};
 use crate::volume::{VolumeError, VolumeResult};
 
 impl Inner {
-    /// Bytes of local changes not on the remote yet.
+    /// Bytes of local changes not on the remote yet, by whole chunks: a
+    /// zeroed chunk counts too (it changes the next generation as much as
+    /// a written one, and a lease must stand while it waits).
     pub(super) fn pending_bytes(&self) -> u64 {
-        self.ssd.dirty_data_chunks() * self.cs
+        self.ssd.dirty_chunks() * self.cs
     }
 
     /// Takes the lease (a generation committed through the fence on top
