@@ -31,8 +31,9 @@
 //! - first write to a chunk the persisted map calls partial: the same, the
 //!   record saying dirty-partial with the persisted page bitmap (or absent,
 //!   when the write does not go by pages), then go on as for an absent
-//!   chunk; zeroing such a chunk (or a clean one) persists before the hole
-//!   punch.
+//!   chunk — also when the chunk has been completed since (clean in
+//!   memory, still partial on disk); zeroing such a chunk (or a clean one)
+//!   persists before the hole punch.
 //!
 //! Every move into or out of partial happens under the bitmap mutex, so a
 //! persist snapshots state bytes and bitmaps that agree. Bitmaps exist only
@@ -867,12 +868,15 @@ impl SsdCache {
             CLEAN => {
                 self.set_state(idx, DIRTY);
                 self.dirty.fetch_add(1, Ordering::Relaxed);
-                let persisted_clean = self.persisted.lock().states.get(idx as usize) == Some(&CLEAN);
+                let persisted = self.persisted.lock().states.get(idx as usize).copied();
+                let persisted_clean = persisted == Some(CLEAN);
                 // See the module doc: the map must stop calling this chunk
                 // clean before its bytes change; a small write rides in
-                // that record, else the bytes follow it.
+                // that record, else the bytes follow it. A map that still
+                // says partial (the chunk completed since) claims pages
+                // too: it stops before they change.
                 if !(persisted_clean && self.log_first_write(idx, base + off, bufs)?) {
-                    if persisted_clean {
+                    if persisted_clean || persisted == Some(PARTIAL) {
                         self.mark_unclean(idx)?;
                     }
                     self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
@@ -1315,16 +1319,18 @@ impl SsdCache {
                     DIRTY_PARTIAL => {
                         self.leave_partial(&mut self.pages.lock(), idx, ZERO_DIRTY);
                     }
+                    // A map on disk that calls the chunk clean or partial
+                    // claims its bytes: it must stop before the hole punch.
                     CLEAN => {
                         self.set_state(idx, ZERO_DIRTY);
                         self.cached.fetch_sub(1, Ordering::Relaxed);
                         self.dirty.fetch_add(1, Ordering::Relaxed);
-                        need_persist |= persisted.states.get(idx as usize) == Some(&CLEAN);
+                        need_persist |= matches!(persisted.states.get(idx as usize), Some(&CLEAN | &PARTIAL));
                     }
                     PARTIAL => {
                         self.leave_partial(&mut self.pages.lock(), idx, ZERO_DIRTY);
                         self.dirty.fetch_add(1, Ordering::Relaxed);
-                        need_persist |= persisted.states.get(idx as usize) == Some(&PARTIAL);
+                        need_persist |= matches!(persisted.states.get(idx as usize), Some(&CLEAN | &PARTIAL));
                     }
                     _ => absent.push(idx),
                 }

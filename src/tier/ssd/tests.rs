@@ -383,6 +383,39 @@ fn ssd_first_write_to_a_clean_chunk_is_recorded_durably_without_a_data_sync() {
     assert_eq!(read_at(&c, 1, 0, P), remote(1)[..P].to_vec());
 }
 
+/// A chunk the map on disk still calls partial, completed since (clean in
+/// memory): its first write, and zeroing it, make "not clean" durable
+/// first too, or after a host crash the map would call the changed (or
+/// punched) pages the remote's.
+#[test]
+fn ssd_a_chunk_completed_since_the_map_said_partial_is_recorded_before_it_changes() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    assert!(pages(&c, 0, 0, 2));
+    assert!(pages(&c, 1, 0, 2));
+    c.persist().unwrap();
+    install(&c, 0);
+    install(&c, 1);
+    assert_eq!((c.state(0), c.state(1)), (CLEAN, CLEAN));
+    assert_eq!(on_disk(d.path()).states[..2], [PARTIAL, PARTIAL]);
+    let mut w = vec![7u8; P];
+    {
+        let _g = c.lock_write(0);
+        c.write(0, 0, &IoVec::from_slice(&mut w), None).unwrap();
+    }
+    let after_reboot = read_state_with(&d.path().join("state"), Journal::replay_durable).unwrap().unwrap();
+    assert_ne!(after_reboot.states[0], PARTIAL, "the written chunk's map still claims its pages");
+    assert!(!after_reboot.maps.contains_key(&0));
+    assert_eq!(after_reboot.states[1], PARTIAL);
+    {
+        let _g = c.lock_many(1..2);
+        c.zero_chunks(1..2).unwrap();
+    }
+    let after_reboot = read_state_with(&d.path().join("state"), Journal::replay_durable).unwrap().unwrap();
+    assert_ne!(after_reboot.states[1], PARTIAL, "the zeroed chunk's map still claims its pages");
+    assert!(!after_reboot.maps.contains_key(&1));
+}
+
 #[test]
 fn ssd_a_small_first_write_rides_in_its_record_and_survives_a_lost_page() {
     let d = tempfile::tempdir().unwrap();
