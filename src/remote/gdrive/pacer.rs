@@ -11,7 +11,9 @@
 //! in turn, except that speculative ones ([`crate::remote::priority`]) let
 //! every other request go first: a guest's miss waits for the next slot,
 //! not behind the profile stream's, hydration's or a background upload's
-//! requests.
+//! requests. After five slots in a row to the others while a speculative
+//! request waits, the oldest goes: a guest that keeps a throttled account
+//! busy alone still leaves a sixth of it to its uploads.
 
 use std::time::Duration;
 
@@ -48,6 +50,9 @@ struct Bucket {
     last_cut: Option<Instant>,
     /// Refusals seen (for status).
     refusals: u64,
+    /// Slots taken in a row by callers not speculative while a
+    /// speculative one waited (see [`SPECULATIVE_EVERY`]).
+    others_run: u32,
 }
 
 #[derive(Debug)]
@@ -70,21 +75,47 @@ impl Bucket {
     }
 
     /// Callers ahead of caller `seq`: every caller not speculative that came
-    /// before it, and, when it is speculative, every one that is not too.
+    /// before it, and, when it is speculative, every one that is not too —
+    /// except that once [`SPECULATIVE_EVERY`] slots in a row went to the
+    /// others, the oldest speculative caller is first.
     fn ahead_of(&self, seq: u64) -> usize {
-        let Some(me) = self.waiting.iter().find(|w| w.seq == seq) else { return 0 };
-        let spec = me.speculative();
-        self.waiting
-            .iter()
-            .filter(|w| w.seq != seq)
-            .filter(|w| match (spec, w.speculative()) {
-                (true, false) => true,
-                (false, true) => false,
-                _ => w.seq < seq,
-            })
-            .count()
+        let favoured = (self.others_run >= SPECULATIVE_EVERY)
+            .then(|| self.waiting.iter().filter(|w| w.speculative()).map(|w| w.seq).min())
+            .flatten();
+        let place = |w: &Waiter| {
+            let class = if Some(w.seq) == favoured {
+                0
+            } else if w.speculative() {
+                2
+            } else {
+                1
+            };
+            (class, w.seq)
+        };
+        let Some(me) = self.waiting.iter().find(|w| w.seq == seq).map(place) else { return 0 };
+        self.waiting.iter().filter(|w| w.seq != seq && place(w) < me).count()
+    }
+
+    /// Caller `seq` takes a slot: counts the slots the others took in a
+    /// row while a speculative caller waited.
+    fn took(&mut self, seq: u64) {
+        let spec = self.waiting.iter().find(|w| w.seq == seq).is_some_and(Waiter::speculative);
+        if spec {
+            self.others_run = 0;
+        } else if self.waiting.iter().any(|w| w.seq != seq && w.speculative()) {
+            self.others_run += 1;
+        }
+        self.taken += 1.0;
+        self.waiting.retain(|w| w.seq != seq);
     }
 }
+
+/// Speculative requests wait behind the others, but not for ever: after
+/// this many slots in a row went to others while one waited, the oldest
+/// goes next. A guest that alone asks for the whole rate of a throttled
+/// account so leaves a sixth of it to uploads, the profile stream and
+/// hydration, and waits at most one slot more for that.
+const SPECULATIVE_EVERY: u32 = 5;
 
 /// Lowest share of the starting rate after repeated throttling.
 const MIN_FACTOR: f64 = 1.0 / 16.0;
@@ -148,6 +179,7 @@ impl Pacer {
                 rate,
                 last_cut: None,
                 refusals: 0,
+                others_run: 0,
             }),
         }
     }
@@ -186,12 +218,13 @@ impl Pacer {
         self.advance(&mut b);
         let turn = b.taken + b.ahead_of(seq) as f64 + 1.0;
         if b.avail >= turn {
-            b.taken += 1.0;
-            b.waiting.retain(|w| w.seq != seq);
+            b.took(seq);
             return None;
         }
         let spec = b.waiting.iter().find(|w| w.seq == seq).is_some_and(Waiter::speculative);
-        Some((Duration::from_secs_f64((turn - b.avail) / b.rate), spec))
+        // At least a millisecond: a shortfall of a rounding error would
+        // otherwise be a sleep of nothing, looked at again at once.
+        Some((Duration::from_secs_f64((turn - b.avail) / b.rate).max(Duration::from_millis(1)), spec))
     }
 
     /// Waits for a slot for one request: in turn, after every caller not
@@ -407,6 +440,35 @@ mod tests {
         got.sort();
         let last = *got.last().expect("four");
         assert!(last >= Duration::from_millis(590) && last <= Duration::from_millis(640), "{got:?}");
+    }
+
+    /// A guest that alone asks for the whole rate does not starve the
+    /// speculative requests: after five slots in a row to the guest, the
+    /// oldest speculative one goes.
+    #[tokio::test(start_paused = true)]
+    async fn gdrive_pacer_leaves_speculative_requests_a_share() {
+        let p = std::sync::Arc::new(Pacer::new(PacerConfig::fixed(10.0, 1)));
+        p.acquire().await;
+        let never = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spec: Vec<_> = (0..2).map(|_| caller(&p, Some(never.clone()))).collect();
+        // Twenty guest requests, always more waiting than the rate serves.
+        let guests: Vec<_> = (0..20).map(|_| caller(&p, None)).collect();
+        let mut got = Vec::new();
+        for t in spec {
+            got.push(t.await.unwrap());
+        }
+        // Slots every 100 ms: five guests, the first speculative one, five
+        // more guests, the second.
+        assert!(got[0] >= Duration::from_millis(590) && got[0] <= Duration::from_millis(640), "{got:?}");
+        assert!(got[1] >= Duration::from_millis(1190) && got[1] <= Duration::from_millis(1240), "{got:?}");
+        let mut g: Vec<Duration> = Vec::new();
+        for t in guests {
+            g.push(t.await.unwrap());
+        }
+        g.sort();
+        // Every slot used, none lost: the last guest's is the 22nd.
+        assert!(g[19] >= Duration::from_millis(2190) && g[19] <= Duration::from_millis(2240), "{g:?}");
+        assert!(g[4] <= Duration::from_millis(540), "{g:?}");
     }
 
     #[tokio::test(start_paused = true)]
