@@ -91,6 +91,19 @@ impl Inflight {
         }
     }
 
+    /// Gives back a reservation the worker could not use because the ring
+    /// is unreadable, and clears `throttled` without waking the queue: a
+    /// resume would find the same ring and fail again, for ever. The
+    /// guest's next kick brings the worker back.
+    fn release_unread(&self, n: usize) {
+        let mut st = self.state.lock();
+        st.count = st.count.saturating_sub(n);
+        st.throttled = false;
+        if st.count == 0 {
+            self.idle.notify_all();
+        }
+    }
+
     fn wait_idle(&self, queue: usize) {
         let mut st = self.state.lock();
         while st.count > 0 {
@@ -305,7 +318,7 @@ impl BlockBackend {
                         }
                     }
                     Err(e) => {
-                        sh.inflight[qidx].sub(granted);
+                        sh.inflight[qidx].release_unread(granted);
                         self.warn(format_args!("queue {qidx}: cannot read the available ring: {e}"));
                         if resubmit.is_empty() {
                             return Ok(());

@@ -13,7 +13,7 @@ use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{resume_event, BlockBackend, Vring};
@@ -489,4 +489,95 @@ fn a_busy_queue_runs_half_its_reads_on_its_second_thread() {
     let on_helper = threads.iter().filter(|t| t.as_str() == HELPER).count();
     assert_eq!(on_helper, usize::from(N / 2), "a stream's reads went to the second thread: {threads:?}");
     pool.shutdown();
+}
+
+/// A backend over a plain raw disk and one ready queue whose avail ring
+/// names, in every slot, a GET_ID chain at head 0 (it completes at once);
+/// nothing is published yet: `set_avail_idx` does that.
+struct GetIdQueue {
+    gm: GuestMem,
+    avail: GuestAddress,
+    vrings: [Vring; 1],
+    backend: BlockBackend,
+    pool: Arc<IoPool>,
+    _dir: tempfile::TempDir,
+}
+
+fn get_id_queue() -> GetIdQueue {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(&img, false).unwrap());
+    let disk = Arc::new(RawDisk::new(storage, false).unwrap());
+    let gm = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mock = MockSplitQueue::new(&gm, QSIZE);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_GET_ID.to_le_bytes());
+    gm.write_slice(&h, GuestAddress(HDR)).unwrap();
+    mock.build_desc_chain(&[desc(HDR, 16, false), desc(DATA, 20, true), desc(STATUS, 1, true)]).unwrap();
+    for i in 0..usize::from(QSIZE) {
+        mock.avail().ring().ref_at(i).unwrap().store(0u16.to_le());
+    }
+    mock.avail().idx().store(0u16.to_le());
+    let (desc_addr, avail) = (mock.desc_table_addr(), mock.avail_addr());
+    let vring = vring_at(&gm, desc_addr, avail);
+    let cfg = DeviceConfig { num_queues: 1, queue_size: QSIZE, ..Default::default() };
+    let pool = Arc::new(IoPool::new(1, usize::from(QSIZE)).unwrap());
+    let backend = BlockBackend::new(disk, cfg, pool.clone()).unwrap();
+    backend.update_memory(GuestMemoryAtomic::new(gm.clone())).unwrap();
+    GetIdQueue { gm, avail, vrings: [vring], backend, pool, _dir: dir }
+}
+
+impl GetIdQueue {
+    fn set_avail_idx(&self, idx: u16) {
+        self.gm.write_obj(idx.to_le(), self.avail.unchecked_add(2)).unwrap();
+    }
+
+    fn kick(&self) {
+        self.backend.handle_event(0, EventSet::IN, &self.vrings, 0).unwrap();
+    }
+
+    /// Runs what the epoll loop would for `time`: a pass whenever the
+    /// queue's resume event fires. Returns how many passes it ran.
+    fn resumes_within(&self, time: Duration) -> usize {
+        let mut passes = 0;
+        let until = Instant::now() + time;
+        while Instant::now() < until {
+            if self.backend.shared.inflight[0].resume_consumer.consume().is_ok() {
+                passes += 1;
+                self.backend.handle_event(resume_event(1, 0) as u16, EventSet::IN, &self.vrings, 0).unwrap();
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        passes
+    }
+
+    fn in_flight(&self) -> (usize, bool) {
+        let st = self.backend.shared.inflight[0].state.lock();
+        (st.count, st.throttled)
+    }
+}
+
+/// An avail index more than a ring ahead of the worker (virtio-queue
+/// refuses it) pops nothing and does not wake the queue by itself: the
+/// worker waits for the guest's next kick instead of retrying at once,
+/// forever. Once the guest publishes a sane index, it is served again.
+#[test]
+fn an_avail_index_more_than_a_ring_ahead_does_not_spin_the_queue() {
+    let q = get_id_queue();
+    q.set_avail_idx(QSIZE + 1);
+    q.kick();
+    assert_eq!(q.resumes_within(Duration::from_millis(200)), 0, "the queue woke itself");
+    assert_eq!(q.in_flight(), (0, false), "the reservation was given back");
+    let vring = &q.vrings[0];
+    assert_eq!((vring.queue_next_avail(), vring.queue_used_idx().unwrap()), (0, 0), "nothing popped");
+
+    q.set_avail_idx(2);
+    q.kick();
+    q.backend.wait_idle();
+    assert_eq!(vring.queue_used_idx().unwrap(), 2, "served again after the guest's fix");
+    let st: u8 = q.gm.read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(st, VIRTIO_BLK_S_OK as u8);
+    q.pool.shutdown();
 }
