@@ -252,15 +252,26 @@ impl Request {
             }
             Operation::Flush => disk.flush(mode).map(|_| 0),
             Operation::GetId { .. } => Ok(self.write_id(serial)),
+            // Not flushed in write-through mode: a discarded range may read
+            // as its old contents (nothing advertises that it reads as
+            // zeroes), so there is nothing that must be stable.
             Operation::Discard(extents) => {
                 for e in extents {
                     disk.discard(e.offset, e.len, mode)?;
                 }
                 Ok(0)
             }
+            // Zeroes are data: in write-through mode they are stable when
+            // the request completes, as a write's are (virtio 1.2 5.2.6.2).
             Operation::WriteZeroes(extents) => {
+                if write_through && mode == IoMode::NonBlocking {
+                    return Err(DiskError::WouldBlock);
+                }
                 for e in extents {
                     disk.write_zeroes(e.offset, e.len, e.unmap, mode)?;
+                }
+                if write_through {
+                    disk.flush(mode)?;
                 }
                 Ok(0)
             }

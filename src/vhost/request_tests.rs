@@ -2,6 +2,7 @@
 //! queue: every one must yield a status (or a zero used length when there is
 //! nowhere to put one), never a panic.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
@@ -12,7 +13,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::format::raw::RawDisk;
-use crate::format::{Disk, IoMode};
+use crate::format::{Disk, DiskError, DiskResult, IoMode, IoVec};
 use crate::tier::{LocalFile, Storage};
 use crate::vhost::request::{status_for, GuestMem, Operation, Request, STATUS_OK};
 
@@ -324,4 +325,61 @@ fn requests_past_size_max_or_seg_max_are_refused() {
     let (st, used, req) = run(&f, &chain, false);
     assert_eq!((st, used), (Some(VIRTIO_BLK_S_IOERR as u8), 1));
     assert!(req.refused().is_some_and(|(_, r)| r.contains("descriptors")), "{:?}", req.op);
+}
+
+/// Counts the flushes that reach the disk.
+struct FlushCounting {
+    inner: Arc<dyn Disk>,
+    flushes: AtomicUsize,
+}
+
+impl Disk for FlushCounting {
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
+        self.inner.read(offset, bufs, mode)
+    }
+    fn write(&self, offset: u64, bufs: &IoVec<'_>, mode: IoMode) -> DiskResult<()> {
+        self.inner.write(offset, bufs, mode)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, mode: IoMode) -> DiskResult<()> {
+        self.inner.write_zeroes(offset, len, unmap, mode)
+    }
+    fn discard(&self, offset: u64, len: u64, mode: IoMode) -> DiskResult<()> {
+        self.inner.discard(offset, len, mode)
+    }
+    fn flush(&self, mode: IoMode) -> DiskResult<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.inner.flush(mode)
+    }
+    fn describe(&self) -> String {
+        "flush-counting test disk".into()
+    }
+}
+
+/// In write-through mode a completed WRITE_ZEROES is stable, as a write is
+/// (virtio 1.2 5.2.6.2): it is flushed before it completes, and so not run
+/// inline where a flush may not wait. In write-back mode it is not flushed.
+#[test]
+fn write_zeroes_is_flushed_in_write_through_mode() {
+    let f = fixture();
+    let disk = FlushCounting { inner: f.disk.clone(), flushes: Default::default() };
+    let flushes = || disk.flushes.load(Ordering::SeqCst);
+    header(&f.mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 4);
+    seg(&f.mem, DATA, 4, 8, 0);
+    let q = MockSplitQueue::new(&*f.mem, 256);
+    let chain = q.build_desc_chain(&[desc(HDR, 16, false), desc(DATA, 16, false), desc(STATUS, 1, true)]).unwrap();
+    let req = Request::parse(chain, f.mem.clone(), f.disk.capacity(), false);
+    assert!(matches!(req.op, Operation::WriteZeroes(_)), "{:?}", req.op);
+
+    let nonblocking = req.execute(&disk, IoMode::NonBlocking, true, b"");
+    assert!(matches!(nonblocking, Err(DiskError::WouldBlock)), "{nonblocking:?}");
+    req.execute(&disk, IoMode::Blocking, true, b"").unwrap();
+    assert_eq!(flushes(), 1, "write-through: flushed before completion");
+    req.execute(&disk, IoMode::Blocking, false, b"").unwrap();
+    assert_eq!(flushes(), 1, "write-back: no flush");
 }
