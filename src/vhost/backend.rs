@@ -468,9 +468,7 @@ impl BlockBackend {
     }
 
     fn warn(&self, msg: std::fmt::Arguments<'_>) {
-        if let Some(suppressed) = self.shared.log_limit.allow() {
-            tracing::warn!(suppressed, "{msg}");
-        }
+        self.shared.warn(msg)
     }
 }
 
@@ -520,20 +518,36 @@ pub(crate) fn execute_guarded(
 }
 
 impl Shared {
+    /// A warning under the log limit: a guest can cause any number of them.
+    fn warn(&self, msg: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.log_limit.allow() {
+            tracing::warn!(suppressed, "{msg}");
+        }
+    }
+
     /// Puts completed requests in the used ring and notifies the guest if it
     /// asked to be notified.
     fn complete(&self, qidx: usize, vring: &Vring, done: &[(u16, u32)]) {
         let region = self.region.read();
         let notify = {
             let mut state = vring.get_mut();
+            let size = state.get_queue().size();
             for &(head, len) in done {
+                // A head the queue does not have (a guest can name 0xffff)
+                // has no used entry to take: the chain is dropped.
+                if head >= size {
+                    self.warn(format_args!(
+                        "queue {qidx}: chain head {head} is beyond the {size}-entry queue: dropped"
+                    ));
+                    continue;
+                }
                 // Inflight record order (libvhost-user's vu_queue_push): a
                 // crash between any two steps is repaired by `check`.
                 if let Some(r) = region.as_deref() {
                     r.pre_put(qidx, head);
                 }
                 if let Err(e) = state.add_used(head, len) {
-                    tracing::warn!(queue = qidx, head, "cannot add to used ring: {e}");
+                    self.warn(format_args!("queue {qidx}: cannot add head {head} to the used ring: {e}"));
                 }
                 if let Some(r) = region.as_deref() {
                     r.post_put(qidx, head, state.get_queue().next_used());

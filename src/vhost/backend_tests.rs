@@ -533,6 +533,10 @@ impl GetIdQueue {
         self.gm.write_obj(idx.to_le(), self.avail.unchecked_add(2)).unwrap();
     }
 
+    fn set_avail_slot(&self, slot: u16, head: u16) {
+        self.gm.write_obj(head.to_le(), self.avail.unchecked_add(4 + 2 * u64::from(slot % QSIZE))).unwrap();
+    }
+
     fn kick(&self) {
         self.backend.handle_event(0, EventSet::IN, &self.vrings, 0).unwrap();
     }
@@ -579,5 +583,51 @@ fn an_avail_index_more_than_a_ring_ahead_does_not_spin_the_queue() {
     assert_eq!(vring.queue_used_idx().unwrap(), 2, "served again after the guest's fix");
     let st: u8 = q.gm.read_obj(GuestAddress(STATUS)).unwrap();
     assert_eq!(st, VIRTIO_BLK_S_OK as u8);
+    q.pool.shutdown();
+}
+
+/// Counts the warnings logged.
+struct CountWarnings(Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountWarnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            self.0.fetch_add(1, AtomicOrdering::SeqCst);
+        }
+    }
+}
+
+/// A guest filling its avail ring with a head beyond the queue gets its
+/// chains dropped under the log limiter (ten warnings a second), not a
+/// warning each, and nothing in the used ring; the queue keeps serving.
+#[test]
+fn heads_beyond_the_queue_are_dropped_under_the_log_limit() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let q = get_id_queue();
+    let warnings = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let subscriber = tracing_subscriber::registry().with(CountWarnings(warnings.clone()));
+    let vring = &q.vrings[0];
+    let bad = 4 * QSIZE;
+    tracing::subscriber::with_default(subscriber, || {
+        for slot in 0..bad {
+            q.set_avail_slot(slot, 0xffff);
+        }
+        for kick in 1..=4 {
+            q.set_avail_idx(kick * QSIZE);
+            q.kick();
+        }
+    });
+    q.backend.wait_idle();
+    assert_eq!(vring.queue_next_avail(), bad, "every chain was taken");
+    assert_eq!(vring.queue_used_idx().unwrap(), 0, "none reached the used ring");
+    assert_eq!(q.in_flight(), (0, false));
+    let logged = warnings.load(AtomicOrdering::SeqCst);
+    assert!(logged <= 20, "{logged} warnings for {bad} bad heads");
+
+    q.set_avail_slot(bad, 0);
+    q.set_avail_idx(bad + 1);
+    q.kick();
+    q.backend.wait_idle();
+    assert_eq!(vring.queue_used_idx().unwrap(), 1, "a good chain after them is served");
     q.pool.shutdown();
 }
