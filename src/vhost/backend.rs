@@ -126,6 +126,8 @@ struct Shared {
     writeback: AtomicBool,
     /// The driver may set the cache mode (FLUSH and CONFIG_WCE negotiated).
     mode_settable: AtomicBool,
+    /// The driver's features are known (`acked_features` ran).
+    features_acked: AtomicBool,
     inflight: Vec<Inflight>,
     /// The frontend's inflight tracking region (`SET_INFLIGHT_FD`), if it
     /// sent one: popped chains are recorded there until they complete, so a
@@ -166,6 +168,7 @@ impl BlockBackend {
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(true),
                 mode_settable: AtomicBool::new(false),
+                features_acked: AtomicBool::new(false),
                 inflight,
                 region: RwLock::new(None),
                 exit_notifiers: Mutex::new(Vec::new()),
@@ -611,6 +614,7 @@ impl VhostUserBackend for BlockBackend {
         }
         let settable = features & (1 << VIRTIO_BLK_F_FLUSH) != 0 && features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
         self.shared.mode_settable.store(settable, Ordering::Relaxed);
+        self.shared.features_acked.store(true, Ordering::Relaxed);
         self.shared.event_idx.store(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0, Ordering::Relaxed);
     }
 
@@ -636,6 +640,17 @@ impl VhostUserBackend for BlockBackend {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // The only writable field is the cache mode byte (CONFIG_WCE).
         if offset == WRITEBACK_OFFSET && buf.len() == 1 {
+            // Only a driver that negotiated FLUSH and CONFIG_WCE may change
+            // the mode (virtio 5.2.5); otherwise the one `acked_features`
+            // forced stays, or a guest without FLUSH could turn write-through
+            // off. Ignored rather than refused: an error here ends the
+            // connection. A write before the features are known is kept:
+            // `acked_features` forces the mode then if it must.
+            let sh = &self.shared;
+            if sh.features_acked.load(Ordering::Relaxed) && !sh.mode_settable.load(Ordering::Relaxed) {
+                sh.warn(format_args!("cache mode write ignored: FLUSH and CONFIG_WCE were not negotiated"));
+                return Ok(());
+            }
             self.shared.writeback.store(buf[0] != 0, Ordering::Relaxed);
             tracing::info!(writeback = buf[0] != 0, "guest set the cache mode");
             if let Some(r) = self.shared.region.read().as_deref() {

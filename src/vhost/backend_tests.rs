@@ -631,3 +631,39 @@ fn heads_beyond_the_queue_are_dropped_under_the_log_limit() {
     assert_eq!(vring.queue_used_idx().unwrap(), 1, "a good chain after them is served");
     q.pool.shutdown();
 }
+
+/// The guest sets the cache mode only when it negotiated FLUSH and
+/// CONFIG_WCE (virtio 5.2.5): otherwise a write of the mode byte is
+/// ignored, so a guest without FLUSH cannot turn write-through off. A write
+/// that comes before the features are known is kept, as before.
+#[test]
+fn the_cache_mode_is_set_only_with_flush_and_config_wce() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let cfg = DeviceConfig { num_queues: 1, queue_size: QSIZE, ..Default::default() };
+    let pool = Arc::new(IoPool::new(1, usize::from(QSIZE)).unwrap());
+    let offset = crate::vhost::config::WRITEBACK_OFFSET;
+    let flush = 1u64 << VIRTIO_BLK_F_FLUSH;
+    let wce = 1u64 << VIRTIO_BLK_F_CONFIG_WCE;
+    let backend = || {
+        let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(&img, false).unwrap());
+        BlockBackend::new(Arc::new(RawDisk::new(storage, false).unwrap()), cfg.clone(), pool.clone()).unwrap()
+    };
+    let mode_after = |features: u64, write: u8| {
+        let b = backend();
+        b.acked_features(features);
+        b.set_config(offset, &[write]).unwrap();
+        b.get_config(offset, 1)[0]
+    };
+    assert_eq!(mode_after(0, 1), 0, "no FLUSH: write-through stays");
+    assert_eq!(mode_after(flush, 0), 1, "FLUSH without CONFIG_WCE: write-back stays");
+    assert_eq!(mode_after(flush | wce, 0), 0);
+    assert_eq!(mode_after(flush | wce, 1), 1);
+
+    let early = backend();
+    early.set_config(offset, &[0]).unwrap();
+    early.acked_features(flush | wce);
+    assert_eq!(early.get_config(offset, 1), vec![0], "a write before SET_FEATURES is kept");
+    pool.shutdown();
+}
