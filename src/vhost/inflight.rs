@@ -29,7 +29,7 @@ use vhost::vhost_user::message::VhostUserInflight;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use crate::vhost::request::GuestMem;
+use crate::vhost::request::{GuestMem, MAX_CHAIN_DESCRIPTORS};
 
 /// `version` once a queue's region is in use (libvhost-user's `INFLIGHT_VERSION`).
 const VERSION: u16 = 1;
@@ -349,6 +349,12 @@ fn invalid(msg: String) -> io::Error {
 /// bounded by the table size, at most 4 GiB in all): a resubmitted chain is
 /// named by its head, not popped from the avail ring, and virtio-queue
 /// builds chains only from the avail ring.
+///
+/// Past the most descriptors a request may have, only the last writable one
+/// is kept (in one slot after the cap): the parser refuses such a chain and
+/// reports it in that descriptor's status byte, as for a popped chain, and
+/// a hostile region naming chains of 65535 indirect descriptors costs no
+/// more memory than short ones.
 pub fn walk_chain(mem: &GuestMem, desc_table: GuestAddress, queue_size: u16, head: u16) -> Vec<Descriptor> {
     let mut out = Vec::new();
     let (mut table, mut size, mut next) = (desc_table, queue_size, head);
@@ -375,7 +381,14 @@ pub fn walk_chain(mem: &GuestMem, desc_table: GuestAddress, queue_size: u16, hea
         } else {
             ttl = 0;
         }
-        out.push(desc);
+        if out.len() > MAX_CHAIN_DESCRIPTORS {
+            if desc.is_write_only() {
+                out.pop();
+                out.push(desc);
+            }
+        } else {
+            out.push(desc);
+        }
     }
     out
 }

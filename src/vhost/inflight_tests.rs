@@ -137,3 +137,27 @@ fn walk_chain_follows_next_and_indirect_tables_and_stops_on_loops() {
     // A head beyond the table yields nothing.
     assert!(walk_chain(&mem, table, QS, QS).is_empty());
 }
+
+/// A resubmitted chain of a thousand indirect descriptors is walked to its
+/// status byte without collecting them all, and the parser refuses it there
+/// as it refuses such a popped chain.
+#[test]
+fn walk_chain_keeps_no_more_of_a_huge_chain_than_the_parser_takes() {
+    use crate::vhost::request::{Request, MAX_CHAIN_DESCRIPTORS};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
+    const N: u16 = 1000;
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+    let (table, ind, status) = (GuestAddress(0x1000), GuestAddress(0x4000), 0x800u64);
+    for i in 0..N - 1 {
+        mem.write_obj(Descriptor::new(0x100, 0, 1, i + 1), ind.unchecked_add(16 * u64::from(i))).unwrap();
+    }
+    mem.write_obj(Descriptor::new(status, 1, 2, 0), ind.unchecked_add(16 * u64::from(N - 1))).unwrap();
+    mem.write_obj(Descriptor::new(ind.0, 16 * u32::from(N), 4, 0), table).unwrap();
+    let d = walk_chain(&mem, table, QS, 0);
+    assert_eq!(d.len(), MAX_CHAIN_DESCRIPTORS + 1);
+    assert_eq!(d.last().map(|d| d.addr().0), Some(status), "the status descriptor is kept");
+    let req = Request::parse_descriptors(0, d, std::sync::Arc::new(mem.clone()), 1 << 20, false);
+    assert!(req.refused().is_some_and(|(_, why)| why.contains("descriptors")), "{:?}", req.op);
+    assert_eq!(req.complete(VIRTIO_BLK_S_IOERR as u8, 0), 1);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), VIRTIO_BLK_S_IOERR as u8);
+}

@@ -28,7 +28,7 @@ const SEGMENT_LEN: usize = 16;
 /// lays them out. Anything longer is refused before its pieces are
 /// collected, so a hostile chain (an indirect table of 65535 entries)
 /// cannot make us allocate for it.
-const MAX_CHAIN_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+pub(crate) const MAX_CHAIN_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 
 /// A chain's pieces (address, length), inline for the usual header + data +
 /// status layout: parsing a request does not touch the heap.
