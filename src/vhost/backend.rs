@@ -265,6 +265,11 @@ impl BlockBackend {
             {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
+                // Stopped (GET_VRING_BASE) or not started: the frontend owns
+                // the ring's indices, so nothing is popped or resubmitted.
+                if !queue.ready() {
+                    return Ok(());
+                }
                 let ring_mem = atomic.memory();
                 // First pass after a (re)connect with an inflight region:
                 // the chains a previous daemon left unfinished run first,
@@ -490,6 +495,13 @@ fn holds_a_stream(reqs: &[Request]) -> bool {
     spans.windows(2).any(|w| w[0].1 == w[1].0)
 }
 
+/// Whether the queue is enabled and not stopped: a resume event can
+/// outlive GET_VRING_BASE, after which the queue must not move.
+fn serving(vring: &Vring) -> bool {
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
+}
+
 /// The epoll `data` of queue `q`'s resume event: past the range
 /// vhost-user-backend reserves for queues and its exit event.
 fn resume_event(num_queues: u64, q: usize) -> u64 {
@@ -712,7 +724,7 @@ impl VhostUserBackend for BlockBackend {
             let Some(f) = self.shared.inflight.get(q) else { return Ok(()) };
             let _ = f.resume_consumer.consume();
             return match vrings.first() {
-                Some(vring) if q == qidx && vring.get_ref().is_enabled() => self.process_queue(qidx, vring),
+                Some(vring) if q == qidx && serving(vring) => self.process_queue(qidx, vring),
                 _ => Ok(()),
             };
         }

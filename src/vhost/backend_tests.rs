@@ -234,6 +234,13 @@ fn used_heads(gm: &GuestMem) -> Vec<u32> {
 /// popping resumes after the last chain the dead daemon took. Without the
 /// region the restart replays a completed request and skips the miss.
 fn kill_and_restart(with_region: bool) -> (Vec<u32>, u16) {
+    kill_and_restart_into(with_region, false)
+}
+
+/// [`kill_and_restart`]; with `stopped`, the new daemon's queue is first
+/// stopped (as GET_VRING_BASE leaves it) while a kick and a resume event
+/// arrive, and only then started.
+fn kill_and_restart_into(with_region: bool, stopped: bool) -> (Vec<u32>, u16) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img");
     std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
@@ -275,6 +282,16 @@ fn kill_and_restart(with_region: bool) -> (Vec<u32>, u16) {
     }
     b.update_memory(GuestMemoryAtomic::new(gm.clone())).unwrap();
     let vb = vring_at(&gm, desc_addr, avail_addr);
+    if stopped {
+        vb.set_queue_ready(false);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&vb), 0).unwrap();
+        b.shared.inflight[0].resume.notify().unwrap();
+        b.handle_event(resume_event(1, 0) as u16, EventSet::IN, std::slice::from_ref(&vb), 0).unwrap();
+        b.wait_idle();
+        assert_eq!(used_heads(&gm), vec![3, 6, 9], "a stopped queue resubmitted nothing");
+        assert_eq!(vb.queue_next_avail(), 3, "a stopped queue's index did not move");
+        vb.set_queue_ready(true);
+    }
     b.handle_event(0, EventSet::IN, std::slice::from_ref(&vb), 0).unwrap();
     b.wait_idle();
     // A second pass finds nothing more to do.
@@ -289,6 +306,15 @@ fn restart_with_inflight_region_resubmits_exactly_the_pending_request() {
     let (used, next_avail) = kill_and_restart(true);
     assert_eq!(used, vec![3, 6, 9, 0], "each request completed exactly once");
     assert_eq!(next_avail, 4, "popping resumes after the last chain the dead daemon took");
+}
+
+/// A queue stopped by GET_VRING_BASE neither pops nor resubmits, whatever
+/// event wakes its worker; started again, it resubmits as usual.
+#[test]
+fn a_stopped_queue_does_not_move() {
+    let (used, next_avail) = kill_and_restart_into(true, true);
+    assert_eq!(used, vec![3, 6, 9, 0]);
+    assert_eq!(next_avail, 4);
 }
 
 #[test]
