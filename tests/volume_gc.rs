@@ -400,6 +400,172 @@ fn gdrive_gc_under_a_concurrent_writer_loses_nothing() {
     gc_under_a_concurrent_writer_loses_nothing(drive_vol());
 }
 
+/// Holds every delete of an object named `prefix…` at a gate (gc deletes
+/// several at once): gc is then stopped between two of its steps.
+#[derive(Debug)]
+struct GateDeletes {
+    inner: DynRemote,
+    prefix: &'static str,
+    gate: Arc<tokio::sync::Semaphore>,
+    waiting: Arc<AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl driveblk::remote::layer::Layer for GateDeletes {
+    fn inner(&self) -> &DynRemote {
+        &self.inner
+    }
+    async fn delete(&self, key: &str) -> RemoteResult<()> {
+        if key.starts_with(self.prefix) {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            self.gate.acquire().await.unwrap().forget();
+        }
+        self.inner.delete(key).await
+    }
+}
+
+/// Runs gc (keep 1, grace 0) in a thread, stopped at its first delete of a
+/// `prefix…` object; runs `meanwhile` there, then lets gc finish.
+fn gc_stopped_at<T>(v: &Vol, prefix: &'static str, meanwhile: impl FnOnce() -> T) -> (volume::gc::GcReport, T) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let waiting = Arc::new(AtomicU64::new(0));
+    let (g2, w2) = (gate.clone(), waiting.clone());
+    let mut opts = gc_opts(v, 1);
+    if v.drive.is_some() {
+        // gc runs as another host would: its own Drive client, which knows
+        // nothing this process created, so it finds objects by listing.
+        let mut cfg = (*opts.remote.config).clone();
+        cfg.drive.id_record = None;
+        cfg.drive.open_grace += Duration::from_millis(1);
+        opts.remote.config = Arc::new(cfg);
+    }
+    opts.remote.layer = Some(Arc::new(move |inner| {
+        Arc::new(GateDeletes { inner, prefix, gate: g2.clone(), waiting: w2.clone() }) as DynRemote
+    }));
+    let url = v.url.clone();
+    let gc = std::thread::spawn(move || volume::gc::gc(&url, &opts));
+    let t0 = std::time::Instant::now();
+    while waiting.load(Ordering::SeqCst) == 0 {
+        if gc.is_finished() {
+            panic!("gc never deleted a {prefix}… object: {:?}", gc.join().unwrap());
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "gc never deleted a {prefix}… object");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = meanwhile();
+    gate.add_permits(1000);
+    (gc.join().unwrap().unwrap(), out)
+}
+
+/// gc racing `fork` and `rollback` of a generation it retires. When their
+/// holds are up before gc deletes the generation, gc keeps what it
+/// references and both read back whole; when gc deleted it first, both
+/// refuse and leave nothing behind.
+fn gc_racing_a_fork_and_a_rollback_loses_nothing(v: Vol, fork_url: &str, fork2_url: &str) {
+    let rt = rt();
+    let mut expect = import(&v);
+    let expect_1 = expect.clone();
+    let s = writer(&v, "a", None);
+    write_chunks(&*s, 0..16, 2, &mut expect);
+    let g_a = commit(&s);
+    let expect_a = expect.clone();
+    write_chunks(&*s, 0..16, 3, &mut expect);
+    let g_b = commit(&s);
+    let expect_b = expect.clone();
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let r = open(&rt, &v);
+    let from_1 = rt.block_on(r.load_generation(1)).unwrap();
+    let from_a = rt.block_on(r.load_generation(g_a)).unwrap();
+    let from_b = rt.block_on(r.load_generation(g_b)).unwrap();
+    let packs_of =
+        |m: &volume::Manifest| -> Vec<String> { m.packs.iter().filter(|k| !k.contains(':')).cloned().collect() };
+    let rollback =
+        |g: u64| history::rollback(&v.url, g, &RollbackOptions { remote: v.remote.clone(), ..Default::default() });
+    if let Some(env) = &v.drive {
+        // Their holds are created unlisted: each waits until it is listed.
+        env.emu.faults().set_listing_lag(Duration::from_millis(1500));
+    }
+
+    // 1. gc planned to retire generations 1 to g_a (keep 1), then a fork
+    // of g_a and a rollback to 1 were made before it deleted anything.
+    let (rep, rolled) = gc_stopped_at(&v, "gen-", || {
+        rt.block_on(volume::fork::create_fork(
+            &r,
+            &from_a,
+            &RemoteUrl::parse(fork_url).unwrap(),
+            &v.remote,
+            "test-fork",
+        ))
+        .unwrap();
+        rollback(1).unwrap()
+    });
+    assert_eq!(rolled.generation, g_b + 1);
+    let gone: Vec<&str> = rep.deleted.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(gone.contains(&format!("gen-{g_a:020}").as_str()), "g_a's manifest was retired: {gone:?}");
+    for k in packs_of(&from_a) {
+        assert!(!gone.contains(&k.as_str()), "{k}, which the fork uses, is kept: {gone:?}");
+    }
+    for k in packs_of(&from_1) {
+        assert!(!gone.contains(&k.as_str()), "{k}, which the rollback uses, is kept: {gone:?}");
+    }
+    if let Some(env) = &v.drive {
+        env.emu.faults().set_listing_lag(Duration::ZERO);
+    }
+    let after = verify::verify(&v.url, &verify_opts(&v, true)).unwrap();
+    assert!(after.is_clean() && after.newest_intact == Some(g_b + 1), "{:?}", after.problems);
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect_1, "the rollback reads back whole");
+    let fork = rt.block_on(VolumeReader::open(&RemoteUrl::parse(fork_url).unwrap(), &v.remote)).unwrap();
+    assert_eq!(image_of(&rt, &fork), expect_a, "the fork reads back whole");
+    let fv = verify::verify(fork_url, &verify_opts(&v, true)).unwrap();
+    assert!(fv.is_clean(), "{:?}", fv.problems);
+    assert!(!listing(&rt, &v).iter().any(|m| m.key.starts_with("hold-")), "the rollback removed its hold");
+
+    // 2. gc deleted g_b's manifest first: a fork of g_b (its cache was
+    // based on it) and a rollback to it refuse, and reference nothing.
+    if let Some(env) = &v.drive {
+        env.emu.faults().set_listing_lag(Duration::from_millis(1500));
+    }
+    let (rep, (forked, rolled)) = gc_stopped_at(&v, "pack-", || {
+        let forked = rt.block_on(volume::fork::create_fork(
+            &r,
+            &from_b,
+            &RemoteUrl::parse(fork2_url).unwrap(),
+            &v.remote,
+            "test-fork2",
+        ));
+        (forked.map(|_| ()), rollback(g_b))
+    });
+    let e = forked.unwrap_err().to_string();
+    assert!(e.contains("removed by gc while the fork was being made"), "{e}");
+    let e = rolled.unwrap_err().to_string();
+    assert!(e.contains(&format!("generation {g_b} of")) && e.contains("no longer exists"), "{e}");
+    assert!(rep.deleted.iter().any(|(k, _)| k == &format!("gen-{g_b:020}")), "{rep:?}");
+    if let Some(env) = &v.drive {
+        env.emu.faults().set_listing_lag(Duration::ZERO);
+    }
+    let objs = listing(&rt, &v);
+    assert!(!objs.iter().any(|m| m.key.starts_with("hold-")), "no hold is left behind: {objs:?}");
+    assert_eq!(objs.iter().filter(|m| m.key.starts_with("fork-")).count(), 1, "only the real fork is registered");
+    let after = verify::verify(&v.url, &verify_opts(&v, true)).unwrap();
+    assert!(after.is_clean() && after.newest_intact == Some(g_b + 1), "{:?}", after.problems);
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect_1);
+    assert!(expect_1 != expect_a && expect_a != expect_b);
+}
+
+#[test]
+fn dir_gc_racing_a_fork_and_a_rollback_loses_nothing() {
+    let v = dir_vol();
+    let root = v.tmp.path().join("remote");
+    let (f1, f2) = (format!("dir:{}", root.join("fork").display()), format!("dir:{}", root.join("fork2").display()));
+    gc_racing_a_fork_and_a_rollback_loses_nothing(v, &f1, &f2);
+}
+
+#[test]
+fn gdrive_gc_racing_a_fork_and_a_rollback_loses_nothing() {
+    gc_racing_a_fork_and_a_rollback_loses_nothing(drive_vol(), "gdrive:/vms/fork", "gdrive:/vms/fork2");
+}
+
 /// Trashes (Drive, `files.update trashed=true` over the wire) or deletes
 /// (`dir:`) object `key`; returns how to undo it, if it can be.
 fn damage(v: &Vol, key: &str) -> Option<String> {

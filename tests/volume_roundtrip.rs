@@ -168,6 +168,21 @@ fn adopted_dir_base_outlives_the_original() {
     let out = d.path().join("out.qcow2");
     driveblk::tier::export(&vurl, &out, &ExportOptions::default()).unwrap();
     assert!(qemu_compare("qcow2", &src, &out));
+    // A fork reads the base from the origin's copy, not its own folder.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let furl = url(&drive.join("fork"));
+    rt.block_on(async {
+        let opts = volume::RemoteOptions::default();
+        let origin =
+            volume::VolumeReader::open(&driveblk::remote::RemoteUrl::parse(&vurl).unwrap(), &opts).await.unwrap();
+        let from = (*origin.manifest()).clone();
+        let fork_url = driveblk::remote::RemoteUrl::parse(&furl).unwrap();
+        volume::fork::create_fork(&origin, &from, &fork_url, &opts, "test").await.unwrap();
+    });
+    assert!(!drive.join("fork/base-00000000000000000002").exists(), "nothing is copied");
+    let out = d.path().join("fork.qcow2");
+    driveblk::tier::export(&furl, &out, &ExportOptions::default()).unwrap();
+    assert!(qemu_compare("qcow2", &src, &out), "the fork of an adopted volume reads back equal");
 }
 
 #[test]

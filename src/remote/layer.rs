@@ -51,6 +51,10 @@ pub trait Layer: Send + Sync + fmt::Debug {
         self.inner().delete(key).await
     }
 
+    async fn listed(&self, key: &str) -> RemoteResult<bool> {
+        self.inner().listed(key).await
+    }
+
     async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
         self.inner().reserve(key).await
     }
@@ -124,6 +128,10 @@ impl<T: Layer> Remote for T {
 
     async fn delete(&self, key: &str) -> RemoteResult<()> {
         Layer::delete(self, key).await
+    }
+
+    async fn listed(&self, key: &str) -> RemoteResult<bool> {
+        Layer::listed(self, key).await
     }
 
     async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {

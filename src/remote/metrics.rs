@@ -191,6 +191,10 @@ impl super::Layer for MetricsRemote {
         self.count(&self.metrics.lists, self.inner.list(prefix)).await
     }
 
+    async fn listed(&self, key: &str) -> RemoteResult<bool> {
+        self.count(&self.metrics.lists, self.inner.listed(key)).await
+    }
+
     async fn delete(&self, key: &str) -> RemoteResult<()> {
         self.count(&self.metrics.deletes, self.inner.delete(key)).await
     }

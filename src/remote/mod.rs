@@ -201,6 +201,16 @@ pub trait Remote: Send + Sync + fmt::Debug {
     /// Deletes `key`; deleting an absent key is not an error.
     async fn delete(&self, key: &str) -> RemoteResult<()>;
 
+    /// Whether a listing made now by any other client shows `key`: the
+    /// store's listing alone, never what this process knows it created.
+    /// Drive's listings lag behind creates; a host that must be sure
+    /// another host's listing sees an object it wrote (a hold that keeps a
+    /// generation from a concurrent gc) waits until this says so. Stores
+    /// that list what they created at once answer from [`list`](Self::list).
+    async fn listed(&self, key: &str) -> RemoteResult<bool> {
+        Ok(self.list(key).await?.iter().any(|m| m.key == key))
+    }
+
     /// Makes the folder this remote is rooted at, for a new volume (import,
     /// fork). Other writes never make it: on a path-named store (`dir:`) a
     /// folder that vanished (deleted, or a network share not mounted) then

@@ -282,6 +282,10 @@ impl super::Layer for RetryingRemote {
         self.run("list", prefix, || self.inner.list(prefix)).await
     }
 
+    async fn listed(&self, key: &str) -> RemoteResult<bool> {
+        self.run("list", key, || self.inner.listed(key)).await
+    }
+
     async fn delete(&self, key: &str) -> RemoteResult<()> {
         self.run("delete", key, || self.inner.delete(key)).await
     }

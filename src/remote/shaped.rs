@@ -237,6 +237,11 @@ impl super::Layer for ShapedRemote {
         self.inner.list(prefix).await
     }
 
+    async fn listed(&self, key: &str) -> RemoteResult<bool> {
+        self.before("list", key).await?;
+        self.inner.listed(key).await
+    }
+
     async fn delete(&self, key: &str) -> RemoteResult<()> {
         self.before("delete", key).await?;
         self.inner.delete(key).await

@@ -2,8 +2,9 @@
 //! G, sharing that volume's packs by reference (`<origin id>:<pack key>`
 //! entries in its pack table, resolved through the header's `origin`), so
 //! nothing already uploaded goes up again. The origin gets a registration
-//! object (`fork-<fork id>.json`) that keeps generation G and what it
-//! references from garbage collection while the fork exists.
+//! object (`fork-<fork id>.json`), a hold (`volume::hold`) that keeps
+//! generation G and what it references from garbage collection while the
+//! fork exists.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,7 +13,7 @@ use super::format::{split_pack_key, Manifest, OriginRef, VolumeHeader, FORMAT_VE
 use super::import::{commit_new, prepare_new};
 use super::reader::connect;
 use super::{RemoteOptions, VolumeError, VolumeReader, VolumeResult};
-use crate::remote::{PutBody, RemoteUrl};
+use crate::remote::RemoteUrl;
 
 /// Key prefix of fork registrations in an origin volume.
 pub const FORK_PREFIX: &str = "fork-";
@@ -78,13 +79,16 @@ pub async fn create_fork(
             *key = format!("{}{ORIGIN_PACK_SEP}{k}", origin.header.volume_id);
         }
     }
-    m.indexes = std::mem::take(&mut m.indexes)
-        .into_iter()
-        .map(|(key, ix)| match split_pack_key(&key) {
-            (None, k) => (format!("{}{ORIGIN_PACK_SEP}{k}", origin.header.volume_id), ix),
-            _ => (key, ix),
-        })
-        .collect();
+    let through_origin = |key: String| match split_pack_key(&key) {
+        (None, k) => format!("{}{ORIGIN_PACK_SEP}{k}", origin.header.volume_id),
+        _ => key,
+    };
+    m.indexes = std::mem::take(&mut m.indexes).into_iter().map(|(k, ix)| (through_origin(k), ix)).collect();
+    m.ids = std::mem::take(&mut m.ids).into_iter().map(|(k, id)| (through_origin(k), id)).collect();
+    // An adopted base's copy is the origin's object too.
+    if let Some(c) = &mut m.base_copy {
+        c.key = through_origin(std::mem::take(&mut c.key));
+    }
     // The registration first: from now on GC of the origin keeps `from`.
     let reg = ForkRegistration {
         volume_id: header.volume_id.clone(),
@@ -93,11 +97,14 @@ pub async fn create_fork(
         created_unix_ms: super::lease::local_now_ms(),
     };
     let key = registration_key(&header.volume_id);
-    origin
-        .remote
-        .put(&key, PutBody::from_bytes(serde_json::to_vec_pretty(&reg).expect("registration serialises")))
-        .await
-        .map_err(|e| VolumeError::remote(format!("registering the fork in {}/{key}", origin.url), e))?;
+    let body = serde_json::to_vec_pretty(&reg).expect("registration serialises");
+    if !super::hold::place(origin, &key, body, from.generation, super::hold::LISTED_WITHIN).await? {
+        return Err(VolumeError::Unusable(format!(
+            "generation {} of {} was removed by gc while the fork was being made, so what it \
+             references may be gone; no volume was created at {url}",
+            from.generation, origin.url
+        )));
+    }
     commit_new(&remote, &url, &header, &m).await?;
     Ok((header, m))
 }

@@ -599,10 +599,20 @@ impl Manifest {
                 }
             }
         }
-        if m.base_copy.as_ref().is_some_and(|c| !c.key.starts_with("base-"))
-            || (m.base_copy.is_some() && header.base.is_none())
-        {
-            return Err("names a copy of a base, but the volume has none (or the copy's key is not base-*)".into());
+        // A fork names its origin's copy as `<origin id>:base-*`.
+        let copy_ok = |key: &str| match split_pack_key(key) {
+            (None, k) => k.starts_with("base-"),
+            (Some(vid), k) => {
+                k.starts_with("base-")
+                    && header.origin.as_ref().is_some_and(|o| o.chain().iter().any(|o| o.volume_id == vid))
+            }
+        };
+        if m.base_copy.as_ref().is_some_and(|c| !copy_ok(&c.key)) || (m.base_copy.is_some() && header.base.is_none()) {
+            return Err(
+                "names a copy of a base, but the volume has none (or the copy's key is not base-*, or names a \
+                 volume that is not an origin of this one)"
+                    .into(),
+            );
         }
         for (k, ix) in &m.indexes {
             if !m.packs.contains(k)

@@ -35,13 +35,14 @@ use futures::StreamExt;
 use super::commit::RESUME_SPARED;
 use super::format::{new_pack_key, parse_gen_key, ChunkRef, Manifest, GEN_PREFIX, PACK_PREFIX};
 use super::history::{
-    check_writer, commit_full, frames, lease_held_elsewhere, load_generations, now_ms, pack_generation,
+    check_writer, commit_full, frames, lease_held_elsewhere, load_generations, now_ms, pack_generation, Generations,
     DEFAULT_ACTIVE_WINDOW,
 };
+use super::hold::{Hold, HOLD_LIFETIME, HOLD_PREFIX};
 use super::lease::PROBE_PREFIX;
 use super::pack::{decode_chunk_upto, PackWriter};
 use super::profile::{parse_profile_key, ProfileIndex, PACK_SUFFIX, PROFILE_PREFIX};
-use super::reader::VolumeReader;
+use super::reader::{read_object, VolumeReader};
 use super::{runtime, RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::{ObjectMeta, PutBody, RemoteUrl};
 
@@ -176,6 +177,11 @@ struct Plan {
     users: HashMap<String, BTreeSet<u64>>,
     /// Generations kept only for the newest's delta chain.
     chain_only: BTreeSet<u64>,
+    /// Every manifest as loaded: what a generation held after planning
+    /// references is found here after its manifest was deleted.
+    gens: Generations,
+    /// Generations held (forks' registrations and holds) when planned.
+    held: BTreeSet<u64>,
 }
 
 impl Plan {
@@ -204,6 +210,40 @@ async fn read_forks(r: &VolumeReader, listing: &[ObjectMeta]) -> VolumeResult<Ve
     Ok(out)
 }
 
+/// The generations live holds keep (`hold-*.json` younger than
+/// [`HOLD_LIFETIME`], by the remote's clock when listed), and the holds
+/// that expired (garbage).
+async fn read_holds(r: &VolumeReader, listing: &[ObjectMeta], now: u64) -> VolumeResult<(Vec<u64>, Vec<String>)> {
+    let mut held = Vec::new();
+    let mut expired = Vec::new();
+    let lifetime = HOLD_LIFETIME.as_millis() as u64;
+    for m in listing.iter().filter(|m| m.key.starts_with(HOLD_PREFIX)) {
+        if m.created_ms.is_some_and(|c| c.saturating_add(lifetime) <= now) {
+            expired.push(m.key.clone());
+            continue;
+        }
+        let b = match r.remote.get(&m.key).await {
+            Ok(b) => b,
+            // Its maker finished and removed it.
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(VolumeError::remote(format!("reading hold {}/{}", r.url, m.key), e)),
+        };
+        let h: Hold = serde_json::from_slice(&b).map_err(|e| {
+            VolumeError::Unusable(format!(
+                "hold {}/{} is not valid ({e}); gc will not guess what it keeps — remove it, or wait until it \
+                 expires",
+                r.url, m.key
+            ))
+        })?;
+        if m.created_ms.is_none() && h.created_unix_ms.saturating_add(lifetime) <= now {
+            expired.push(m.key.clone());
+        } else {
+            held.push(h.generation);
+        }
+    }
+    Ok((held, expired))
+}
+
 /// Makes a plan from a fresh listing.
 async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan> {
     let listing = r.remote.list("").await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?;
@@ -216,6 +256,7 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
         });
     }
     let forks = read_forks(r, &listing).await?;
+    let (holds, expired_holds) = read_holds(r, &listing, now).await?;
     let n = gens.newest;
     let grace = opts.grace.as_millis() as u64;
     let old_enough = |created: Option<u64>| created.is_some_and(|c| c.saturating_add(grace) <= now);
@@ -227,11 +268,8 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
         let horizon = now.saturating_sub((days * 86_400_000.0) as u64);
         kept.extend(gens.objects.keys().copied().filter(|&g| gens.created_ms(g).is_none_or(|c| c >= horizon)));
     }
-    for f in &forks {
-        if gens.objects.contains_key(&f.from_generation) {
-            kept.insert(f.from_generation);
-        }
-    }
+    let held: BTreeSet<u64> = forks.iter().map(|f| f.from_generation).chain(holds).collect();
+    kept.extend(held.iter().copied().filter(|g| gens.objects.contains_key(g)));
     // A reader may still serve g while the generation that replaced it
     // is young (or of unknown age).
     let stored: Vec<u64> = gens.objects.keys().copied().collect();
@@ -329,6 +367,8 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
             } else {
                 true
             }
+        } else if key.starts_with(HOLD_PREFIX) {
+            expired_holds.iter().any(|k| k == key)
         } else if key.starts_with(PROBE_PREFIX) {
             // A clock probe is deleted by its writer right after; one left
             // over is garbage (the grace period below spares one in flight).
@@ -358,7 +398,7 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
             young += 1;
         }
     }
-    Ok(Plan { newest, listing, kept, surviving, forks, delete, young, live, users, chain_only })
+    Ok(Plan { newest, listing, kept, surviving, forks, delete, young, live, users, chain_only, gens, held })
 }
 
 /// Packs worth rewriting: used only by the newest generation (and the
@@ -523,29 +563,87 @@ async fn delete_all(r: &VolumeReader, objs: &[ObjectMeta], parallel: usize) -> V
     Ok(())
 }
 
-/// One planning + deleting round. Generations committed while gc planned
-/// are read before anything is deleted, and what they reference is kept
-/// (a writer builds on the newest, which survives, and names its new packs
-/// for a generation gc never deletes packs of; a rollback may name older
-/// packs).
+/// One planning + deleting round: the manifests that go first, then the
+/// packs and other objects — minus what became needed meanwhile. Between
+/// the two, the holds are listed again (a fork or rollback that placed one
+/// after the plan: `volume::hold`), and then the newest generation is read
+/// again, by slots (generations committed meanwhile: a writer builds on the newest,
+/// which survives, and names its new packs for a generation gc never
+/// deletes packs of; a rollback, whose hold may be gone by now, names older
+/// packs). In that order: a rollback that removed its hold before the
+/// second listing committed before the re-read.
 async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> VolumeResult<Plan> {
     let mut p = plan(r, opts, now_ms()).await?;
     if opts.dry_run || p.delete.is_empty() {
         return Ok(p);
     }
-    let again = r.newest_manifest().await?;
-    if again.generation != p.newest.generation {
-        tracing::info!(url = %r.url, from = p.newest.generation, to = again.generation, "generations committed while gc planned; keeping what they use");
-        let mut used: BTreeSet<String> = BTreeSet::new();
-        for g in p.newest.generation + 1..=again.generation {
-            let m = if g == again.generation { again.clone() } else { r.load_generation(g).await? };
-            used.extend(frames(&m).map(|(k, _, _)| k.to_string()));
+    let (manifests, mut rest): (Vec<ObjectMeta>, Vec<ObjectMeta>) =
+        p.delete.drain(..).partition(|m| m.key.starts_with(GEN_PREFIX));
+    delete_all(r, &manifests, opts.parallel).await?;
+    report.deleted.extend(manifests.iter().map(|m| (m.key.clone(), m.size)));
+    let mut used: BTreeSet<String> = BTreeSet::new();
+    let now_held = held_now(r).await?;
+    let newly: BTreeSet<u64> =
+        now_held.difference(&p.held).copied().filter(|g| p.gens.objects.contains_key(g)).collect();
+    if !newly.is_empty() {
+        tracing::info!(url = %r.url, generations = ?newly, "generations held while gc planned; keeping what they use");
+        let mut chains = BTreeSet::new();
+        for &g in &newly {
+            chains.extend(p.gens.chain(g).map_err(|why| VolumeError::CorruptManifest {
+                url: r.url.clone(),
+                key: super::format::gen_key(g),
+                reason: format!("held, but its delta chain is broken ({why}); gc stops before deleting packs"),
+            })?);
         }
-        p.delete.retain(|m| !used.contains(&m.key));
+        p.gens
+            .for_each_resolved(&chains, |m| {
+                if newly.contains(&m.generation) {
+                    used.extend(frames(m).map(|(k, _, _)| k.to_string()));
+                }
+            })
+            .map_err(|reason| VolumeError::CorruptManifest { url: r.url.clone(), key: "(chain)".into(), reason })?;
+        p.held.extend(newly);
     }
-    delete_all(r, &p.delete, opts.parallel).await?;
-    report.deleted.extend(p.delete.iter().map(|m| (m.key.clone(), m.size)));
+    // By the slots each generation reserved for the next, never by a
+    // listing: one lagging behind would show neither the new generations
+    // nor (deleted just now) the old ones.
+    let mut cur = p.newest.clone();
+    loop {
+        let g = cur.generation + 1;
+        let next = match read_object(&r.remote, &r.url, &r.header, g, cur.next_slot.as_ref()).await {
+            Ok(m) => m,
+            Err(VolumeError::Remote { source, .. }) if source.is_not_found() => break,
+            Err(e) => return Err(e),
+        };
+        tracing::info!(url = %r.url, generation = g, "generation committed while gc planned; keeping what it uses");
+        if next.parent.is_some() {
+            cur.apply(&next).map_err(|reason| VolumeError::CorruptManifest {
+                url: r.url.clone(),
+                key: super::format::gen_key(g),
+                reason,
+            })?;
+        } else {
+            cur = next;
+        }
+        used.extend(frames(&cur).map(|(k, _, _)| k.to_string()));
+    }
+    rest.retain(|m| !used.contains(&m.key));
+    delete_all(r, &rest, opts.parallel).await?;
+    report.deleted.extend(rest.iter().map(|m| (m.key.clone(), m.size)));
+    p.delete = manifests;
+    p.delete.extend(rest);
     Ok(p)
+}
+
+/// The generations fork registrations and live holds keep now (a fresh
+/// listing of just those).
+async fn held_now(r: &VolumeReader) -> VolumeResult<BTreeSet<u64>> {
+    let mut listing =
+        r.remote.list(FORK_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?;
+    listing.extend(r.remote.list(HOLD_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?);
+    let forks = read_forks(r, &listing).await?;
+    let (holds, _) = read_holds(r, &listing, now_ms()).await?;
+    Ok(forks.iter().map(|f| f.from_generation).chain(holds).collect())
 }
 
 /// Runs gc on the volume at `url`.

@@ -436,29 +436,50 @@ pub fn rollback(url: &str, target: u64, opts: &RollbackOptions) -> VolumeResult<
                 newest.generation, r.url
             )));
         }
-        let old = match r.load_generation(target).await {
-            Ok(m) => m,
-            Err(VolumeError::Remote { source, .. }) if source.is_not_found() => {
-                return Err(VolumeError::InvalidOptions(format!(
-                    "generation {target} of {} no longer exists (or its delta chain was removed by gc); \
-                     `driveblk log {}` lists the ones that do",
-                    r.url, r.url
-                )))
-            }
-            Err(e) => return Err(e),
+        let gone = || {
+            VolumeError::InvalidOptions(format!(
+                "generation {target} of {} no longer exists (or its delta chain was removed by gc); \
+                 `driveblk log {}` lists the ones that do",
+                r.url, r.url
+            ))
         };
-        let problems = super::verify::check_manifest_objects(&r, &old, 16).await?;
-        if !problems.is_empty() {
-            let names: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-            return Err(VolumeError::InvalidOptions(format!(
-                "generation {target} is not intact, so rolling back to it would serve errors: {}; \
-                 `driveblk verify {}` names the newest intact generation",
-                names.join("; "),
-                r.url
-            )));
+        // A hold keeps the target and what it references from a gc running
+        // meanwhile, until the rollback committed (and the newest keeps it).
+        let key = super::hold::new_hold_key();
+        let hold = super::hold::Hold {
+            generation: target,
+            what: format!("rollback to {target}"),
+            host: super::commit::host_name(),
+            created_unix_ms: super::lease::local_now_ms(),
+        };
+        let body = serde_json::to_vec_pretty(&hold).expect("a hold serialises");
+        if !super::hold::place(&r, &key, body, target, super::hold::LISTED_WITHIN).await? {
+            return Err(gone());
         }
-        let m = commit_full(&r, &newest, old, &format!("rollback:{target}")).await?;
+        let res = restore(&r, &newest, target).await;
+        super::hold::release(&r, &key).await;
+        let m = res.map_err(|e| match e {
+            VolumeError::Remote { source, .. } if source.is_not_found() => gone(),
+            e => e,
+        })?;
         tracing::info!(url = %r.url, from = target, generation = m.generation, "rolled back");
         Ok(RollbackReport { from: target, previous: newest.generation, generation: m.generation })
     })
+}
+
+/// Commits generation `target`'s content as the one after `newest`, after
+/// checking every object it references is there.
+async fn restore(r: &VolumeReader, newest: &Manifest, target: u64) -> VolumeResult<Manifest> {
+    let old = r.load_generation(target).await?;
+    let problems = super::verify::check_manifest_objects(r, &old, 16).await?;
+    if !problems.is_empty() {
+        let names: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        return Err(VolumeError::InvalidOptions(format!(
+            "generation {target} is not intact, so rolling back to it would serve errors: {}; \
+             `driveblk verify {}` names the newest intact generation",
+            names.join("; "),
+            r.url
+        )));
+    }
+    commit_full(r, newest, old, &format!("rollback:{target}")).await
 }

@@ -16,6 +16,7 @@ pub mod fork;
 pub mod format;
 pub mod gc;
 pub mod history;
+pub mod hold;
 pub mod import;
 pub mod lease;
 pub mod pack;

@@ -56,14 +56,13 @@ async fn open_base(
     header: &VolumeHeader,
     manifest: &Manifest,
     remote: &DynRemote,
+    origins: &[(String, DynRemote)],
     opts: &RemoteOptions,
 ) -> VolumeResult<Option<BaseFile>> {
     let Some(b) = &header.base else { return Ok(None) };
     if let Some(c) = &manifest.base_copy {
-        if let Some(s) = &c.slot {
-            remote.locate(&c.key, s);
-        }
-        let m = remote.head(&c.key).await.map_err(|e| {
+        let copy = adopted_copy(url_s, remote, origins, c, b)?;
+        let m = copy.remote.head(&copy.key).await.map_err(|e| {
             VolumeError::remote(format!("the adopted copy {} of base image {} of volume {url_s}", c.key, b.url), e)
         })?;
         if m.size != c.size || (m.md5.is_some() && c.md5.is_some() && m.md5 != c.md5) {
@@ -76,14 +75,7 @@ async fn open_base(
                 ),
             });
         }
-        return Ok(Some(BaseFile {
-            url: format!("{url_s}/{}", c.key),
-            remote: remote.clone(),
-            key: c.key.clone(),
-            size: c.size,
-            revision: None,
-            note: Some(format!("adopted: base chunks are read from the volume's own copy {} of {}", c.key, b.url)),
-        }));
+        return Ok(Some(copy));
     }
     let burl = RemoteUrl::parse(&b.url)?;
     let (backend, bkey) = burl.object_with(&opts.config);
@@ -147,6 +139,62 @@ async fn open_base(
         revision: b.revision.clone(),
         note,
     }))
+}
+
+/// The adopted copy `c` of base `b` as a base file: in the volume's own
+/// folder, or (`<origin id>:base-*`, a fork's) in its origin's.
+fn adopted_copy(
+    url_s: &str,
+    remote: &DynRemote,
+    origins: &[(String, DynRemote)],
+    c: &super::format::BaseCopy,
+    b: &super::format::BaseRef,
+) -> VolumeResult<BaseFile> {
+    let (folder, key) = object_remote(url_s, remote, origins, &c.key)?;
+    if let Some(s) = &c.slot {
+        folder.locate(key, s);
+    }
+    let url =
+        if Arc::ptr_eq(folder, remote) { format!("{url_s}/{key}") } else { format!("{}/{key}", folder.describe()) };
+    Ok(BaseFile {
+        url,
+        remote: folder.clone(),
+        key: key.to_string(),
+        size: c.size,
+        revision: None,
+        note: Some(format!("adopted: base chunks are read from the volume's own copy {} of {}", c.key, b.url)),
+    })
+}
+
+/// Where an object a manifest names lives: `<volume id>:<key>` names an
+/// origin's object (a fork's), anything else one of the volume's folder.
+fn object_remote<'a>(
+    url_s: &str,
+    remote: &'a DynRemote,
+    origins: &'a [(String, DynRemote)],
+    key: &'a str,
+) -> VolumeResult<(&'a DynRemote, &'a str)> {
+    match super::format::split_pack_key(key) {
+        (None, k) => Ok((remote, k)),
+        (Some(vid), k) => match origins.iter().find(|(v, _)| v == vid) {
+            Some((_, r)) => Ok((r, k)),
+            None => Err(VolumeError::CorruptManifest {
+                url: url_s.to_string(),
+                key: key.to_string(),
+                reason: format!("it names volume {vid}, which is not an origin of this one"),
+            }),
+        },
+    }
+}
+
+/// Tells each folder the ids of its objects a manifest lists (Drive finds
+/// them by id instead of through a lagging listing).
+fn locate_ids(remote: &DynRemote, origins: &[(String, DynRemote)], ids: &BTreeMap<String, crate::remote::Slot>) {
+    for (k, slot) in ids {
+        if let Ok((r, key)) = object_remote("", remote, origins, k) {
+            r.locate(key, slot);
+        }
+    }
 }
 
 /// A volume as committed on the remote: header plus newest manifest.
@@ -266,10 +314,8 @@ impl VolumeReader {
         let remote = super::crypto::wrap(remote, key.as_ref());
         let manifest = newest_manifest(&remote, &url_s, &header).await?;
         let origins = origin_remotes(&header, opts, key.as_ref())?;
-        for (k, slot) in &manifest.ids {
-            remote.locate(k, slot);
-        }
-        let base = open_base(&url_s, &header, &manifest, &remote, opts).await?;
+        locate_ids(&remote, &origins, &manifest.ids);
+        let base = open_base(&url_s, &header, &manifest, &remote, &origins, opts).await?;
         Ok(Arc::new(Self {
             url: url_s,
             remote,
@@ -376,25 +422,12 @@ impl VolumeReader {
         let key = format!("offline copy of {}", gen_key(generation));
         let manifest = Manifest::from_bytes(&manifest_raw, &header, generation)
             .map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key, reason })?;
-        let remote = connect(url.folder_with(&opts.config), opts);
-        for (k, slot) in &manifest.ids {
-            remote.locate(k, slot);
-        }
+        let remote = super::crypto::wrap(connect(url.folder_with(&opts.config), opts), vkey.as_ref());
+        let origins = origin_remotes(&header, opts, vkey.as_ref())?;
+        locate_ids(&remote, &origins, &manifest.ids);
         let base = match (&header.base, &manifest.base_copy) {
             (None, _) => None,
-            (Some(b), Some(c)) => {
-                if let Some(s) = &c.slot {
-                    remote.locate(&c.key, s);
-                }
-                Some(BaseFile {
-                    url: format!("{url_s}/{}", c.key),
-                    remote: remote.clone(),
-                    key: c.key.clone(),
-                    size: c.size,
-                    revision: None,
-                    note: Some(format!("adopted copy {} of {}", c.key, b.url)),
-                })
-            }
+            (Some(b), Some(c)) => Some(adopted_copy(&url_s, &remote, &origins, c, b)?),
             (Some(b), None) => {
                 let burl = RemoteUrl::parse(&b.url)?;
                 let (backend, bkey) = burl.object_with(&opts.config);
@@ -408,8 +441,6 @@ impl VolumeReader {
                 })
             }
         };
-        let remote = super::crypto::wrap(connect(url.folder_with(&opts.config), opts), vkey.as_ref());
-        let origins = origin_remotes(&header, opts, vkey.as_ref())?;
         Ok(Arc::new(Self {
             url: url_s,
             remote,
@@ -437,9 +468,7 @@ impl VolumeReader {
 
     /// Serves `m` from now on (write-back committed it).
     pub fn set_manifest(&self, m: Manifest) {
-        for (k, slot) in &m.ids {
-            self.remote.locate(k, slot);
-        }
+        locate_ids(&self.remote, &self.origins, &m.ids);
         self.manifest.store(Arc::new(m));
     }
 
@@ -574,17 +603,7 @@ impl VolumeReader {
     /// The folder holding pack `key` (this volume's, or an origin's for a
     /// `<volume id>:<key>` entry of a fork) and the key there.
     pub fn pack_remote<'a>(&'a self, key: &'a str) -> VolumeResult<(&'a DynRemote, &'a str)> {
-        match super::format::split_pack_key(key) {
-            (None, k) => Ok((&self.remote, k)),
-            (Some(vid), k) => match self.origins.iter().find(|(v, _)| v == vid) {
-                Some((_, r)) => Ok((r, k)),
-                None => Err(VolumeError::CorruptManifest {
-                    url: self.url.clone(),
-                    key: key.to_string(),
-                    reason: format!("pack names volume {vid}, which is not an origin of this one"),
-                }),
-            },
-        }
+        object_remote(&self.url, &self.remote, &self.origins, key)
     }
 
     /// The sub-frame index of pack `key`, if fetched already.

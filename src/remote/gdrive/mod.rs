@@ -593,6 +593,12 @@ impl Remote for GDriveRemote {
         Ok(out)
     }
 
+    /// A files.list by name only: what this process created and the
+    /// listing does not show yet stays unlisted here.
+    async fn listed(&self, key: &str) -> RemoteResult<bool> {
+        Ok(self.lookup("listed", key).await?.is_some())
+    }
+
     async fn delete(&self, key: &str) -> RemoteResult<()> {
         self.writable("delete", key)?;
         let id = match self.find_id("delete", key).await {

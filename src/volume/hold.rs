@@ -1,0 +1,108 @@
+//! Holds on generations: objects in a volume's folder that keep one
+//! generation, and everything it references, from garbage collection while
+//! something that will reference it is being made — a rollback
+//! (`hold-*.json`, removed once it committed) or a fork (its
+//! `fork-*.json` registration, for as long as the fork exists) — and the
+//! handshake that makes a new hold one a concurrent gc cannot miss.
+//!
+//! gc deletes the manifests it retires first, then lists the holds again,
+//! then deletes packs minus what any held generation references. The maker
+//! of a hold puts it, waits until the remote's listing shows it to everyone
+//! (Drive's listings lag behind creates), and only then checks that the
+//! generation's manifest is still stored. If it is, gc deletes it (if at
+//! all) after that, so gc's second listing comes later still and shows the
+//! hold. If it is not, gc got there first: the maker stops, having
+//! referenced nothing.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::format::gen_key;
+use super::{VolumeError, VolumeReader, VolumeResult};
+use crate::remote::PutBody;
+
+/// Key prefix of holds (`hold-<16 hex>.json`).
+pub const HOLD_PREFIX: &str = "hold-";
+
+/// A hold older than this (remote clock) is a leftover of a maker that
+/// stopped before removing it: gc no longer honours it, and deletes it.
+pub const HOLD_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a maker waits for its hold to be listed before giving up.
+pub const LISTED_WITHIN: Duration = Duration::from_secs(120);
+
+/// `hold-<16 hex>.json`: keeps `generation` while something is made from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub generation: u64,
+    /// What placed it ("rollback to 4"), for people reading the folder.
+    pub what: String,
+    pub host: String,
+    pub created_unix_ms: u64,
+}
+
+/// A fresh hold key.
+pub fn new_hold_key() -> String {
+    format!("{HOLD_PREFIX}{}.json", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+/// Writes `body` at `key` in `r`'s folder, waits (at most `within`) until
+/// the listing shows it, then checks generation `generation` is still
+/// stored. `Ok(true)`: from now on gc keeps the generation while the
+/// object exists. `Ok(false)`: gc removed the generation first; the
+/// object was removed again. On an error it is removed too (best effort).
+pub(crate) async fn place(
+    r: &VolumeReader,
+    key: &str,
+    body: Vec<u8>,
+    generation: u64,
+    within: Duration,
+) -> VolumeResult<bool> {
+    r.remote
+        .put(key, PutBody::from_bytes(body))
+        .await
+        .map_err(|e| VolumeError::remote(format!("writing {}/{key}", r.url), e))?;
+    let res = confirm(r, key, generation, within).await;
+    if !matches!(res, Ok(true)) {
+        release(r, key).await;
+    }
+    res
+}
+
+async fn confirm(r: &VolumeReader, key: &str, generation: u64, within: Duration) -> VolumeResult<bool> {
+    let t0 = Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        if r.remote.listed(key).await.map_err(|e| VolumeError::remote(format!("listing {}/{key}", r.url), e))? {
+            break;
+        }
+        if t0.elapsed() >= within {
+            return Err(VolumeError::Unusable(format!(
+                "{}/{key} was written but the remote's listing still does not show it after {} s \
+                 (Drive's listings lag behind creates), so a gc elsewhere could miss it; nothing was \
+                 changed — try again",
+                r.url,
+                within.as_secs()
+            )));
+        }
+        tracing::debug!(url = %r.url, key, "not listed yet; looking again");
+        tokio::time::sleep(wait.min(within.saturating_sub(t0.elapsed()))).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+    // Read, not just looked up: a lookup by name may still show a manifest
+    // deleted a moment ago; its content is fetched by id.
+    match r.remote.get(&gen_key(generation)).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(VolumeError::remote(format!("reading {}/{}", r.url, gen_key(generation)), e)),
+    }
+}
+
+/// Removes a hold (best effort: one left behind expires after
+/// [`HOLD_LIFETIME`]).
+pub(crate) async fn release(r: &VolumeReader, key: &str) {
+    if let Err(e) = r.remote.delete(key).await {
+        tracing::warn!(url = %r.url, key, error = %e, "could not remove a hold; gc removes it once it expires");
+    }
+}
