@@ -459,8 +459,8 @@ fn gc_stopped_at<T>(v: &Vol, prefix: &'static str, meanwhile: impl FnOnce() -> T
 
 /// gc racing `fork` and `rollback` of a generation it retires. When their
 /// holds are up before gc deletes the generation, gc keeps what it
-/// references and both read back whole; when gc deleted it first, both
-/// refuse and leave nothing behind.
+/// references and both read back whole, also after the next gc; when gc
+/// deleted it first, both refuse and leave nothing behind.
 fn gc_racing_a_fork_and_a_rollback_loses_nothing(v: Vol, fork_url: &str, fork2_url: &str) {
     let rt = rt();
     let mut expect = import(&v);
@@ -551,6 +551,12 @@ fn gc_racing_a_fork_and_a_rollback_loses_nothing(v: Vol, fork_url: &str, fork2_u
     assert!(after.is_clean() && after.newest_intact == Some(g_b + 1), "{:?}", after.problems);
     assert_eq!(image_of(&rt, &open(&rt, &v)), expect_1);
     assert!(expect_1 != expect_a && expect_a != expect_b);
+    // The first fork's registration still keeps what it uses, although gc
+    // retired its generation's manifest (step 1) before this run.
+    let fork = rt.block_on(VolumeReader::open(&RemoteUrl::parse(fork_url).unwrap(), &v.remote)).unwrap();
+    assert_eq!(image_of(&rt, &fork), expect_a, "the fork reads back whole after the next gc");
+    let fv = verify::verify(fork_url, &verify_opts(&v, true)).unwrap();
+    assert!(fv.is_clean(), "{:?}", fv.problems);
 }
 
 #[test]

@@ -26,6 +26,12 @@ pub struct ForkRegistration {
     /// The origin's generation the fork holds (kept while this exists).
     pub from_generation: u64,
     pub created_unix_ms: u64,
+    /// The objects of the origin's folder the fork references (packs, an
+    /// adopted base's copy): kept by name, so they stay even once gc
+    /// retired the generation's manifest. Absent in registrations made
+    /// before 2026-12.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<String>,
 }
 
 /// The registration key of fork `volume_id`.
@@ -95,6 +101,7 @@ pub async fn create_fork(
         url: url.clone(),
         from_generation: from.generation,
         created_unix_ms: super::lease::local_now_ms(),
+        packs: super::hold::own_objects(from),
     };
     let key = registration_key(&header.volume_id);
     let body = serde_json::to_vec_pretty(&reg).expect("registration serialises");
@@ -105,6 +112,9 @@ pub async fn create_fork(
             from.generation, origin.url
         )));
     }
-    commit_new(&remote, &url, &header, &m).await?;
+    if let Err(e) = commit_new(&remote, &url, &header, &m).await {
+        super::hold::release(origin, &key).await;
+        return Err(e);
+    }
     Ok((header, m))
 }

@@ -23,8 +23,11 @@
 //! - a fork's `<origin volume id>:<key>` pack entries are the origin's
 //!   objects: never deleted or repacked from this folder (they are not in
 //!   its listing; the origin keeps them by the fork's registration);
-//! - before deleting, the newest generation is read again; if it moved, the
-//!   plan is made again.
+//! - holds (`volume::hold`: a rollback's `hold-*.json`, a fork's
+//!   registration) keep their generation and the objects they name;
+//! - manifests are deleted first; then the holds are listed again and the
+//!   generations committed since the plan are read (by slot), and packs
+//!   are deleted minus what those name or reference.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -55,15 +58,9 @@ pub const REPACK_WRITER: &str = "gc:repack";
 pub const FORK_PREFIX: &str = super::fork::FORK_PREFIX;
 
 /// A fork registration: `fork-<fork volume id>.json` in the origin volume.
-/// While it exists, generation `from_generation` and everything it
-/// references is kept.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ForkRef {
-    pub volume_id: String,
-    pub url: String,
-    pub from_generation: u64,
-    pub created_unix_ms: u64,
-}
+/// While it exists, generation `from_generation` and every object it names
+/// (or, in an older one naming none, that generation references) is kept.
+pub use super::fork::ForkRegistration as ForkRef;
 
 /// Which generations are kept (besides the newest, forks' and those a
 /// reader may still serve).
@@ -180,8 +177,8 @@ struct Plan {
     /// Every manifest as loaded: what a generation held after planning
     /// references is found here after its manifest was deleted.
     gens: Generations,
-    /// Generations held (forks' registrations and holds) when planned.
-    held: BTreeSet<u64>,
+    /// What forks' registrations and holds kept when planned.
+    held: Held,
 }
 
 impl Plan {
@@ -210,10 +207,32 @@ async fn read_forks(r: &VolumeReader, listing: &[ObjectMeta]) -> VolumeResult<Ve
     Ok(out)
 }
 
-/// The generations live holds keep (`hold-*.json` younger than
-/// [`HOLD_LIFETIME`], by the remote's clock when listed), and the holds
-/// that expired (garbage).
-async fn read_holds(r: &VolumeReader, listing: &[ObjectMeta], now: u64) -> VolumeResult<(Vec<u64>, Vec<String>)> {
+/// What holds keep: generations, and objects by name.
+#[derive(Default)]
+struct Held {
+    generations: BTreeSet<u64>,
+    objects: BTreeSet<String>,
+}
+
+impl Held {
+    fn of(forks: &[ForkRef], holds: &[Hold]) -> Self {
+        let mut h = Held::default();
+        for f in forks {
+            h.generations.insert(f.from_generation);
+            h.objects.extend(f.packs.iter().cloned());
+        }
+        for x in holds {
+            h.generations.insert(x.generation);
+            h.objects.extend(x.packs.iter().cloned());
+        }
+        h
+    }
+}
+
+/// The live holds (`hold-*.json` younger than [`HOLD_LIFETIME`], by the
+/// remote's clock when listed), and the keys of those that expired
+/// (garbage).
+async fn read_holds(r: &VolumeReader, listing: &[ObjectMeta], now: u64) -> VolumeResult<(Vec<Hold>, Vec<String>)> {
     let mut held = Vec::new();
     let mut expired = Vec::new();
     let lifetime = HOLD_LIFETIME.as_millis() as u64;
@@ -238,7 +257,7 @@ async fn read_holds(r: &VolumeReader, listing: &[ObjectMeta], now: u64) -> Volum
         if m.created_ms.is_none() && h.created_unix_ms.saturating_add(lifetime) <= now {
             expired.push(m.key.clone());
         } else {
-            held.push(h.generation);
+            held.push(h);
         }
     }
     Ok((held, expired))
@@ -268,8 +287,8 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
         let horizon = now.saturating_sub((days * 86_400_000.0) as u64);
         kept.extend(gens.objects.keys().copied().filter(|&g| gens.created_ms(g).is_none_or(|c| c >= horizon)));
     }
-    let held: BTreeSet<u64> = forks.iter().map(|f| f.from_generation).chain(holds).collect();
-    kept.extend(held.iter().copied().filter(|g| gens.objects.contains_key(g)));
+    let held = Held::of(&forks, &holds);
+    kept.extend(held.generations.iter().copied().filter(|g| gens.objects.contains_key(g)));
     // A reader may still serve g while the generation that replaced it
     // is young (or of unknown age).
     let stored: Vec<u64> = gens.objects.keys().copied().collect();
@@ -348,7 +367,7 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
         let dead = if let Some(g) = parse_gen_key(key) {
             !surviving.contains(&g) && g < n && gens.objects.contains_key(&g)
         } else if key.starts_with(PACK_PREFIX) {
-            if live.contains_key(key) {
+            if live.contains_key(key) || held.objects.contains(key) {
                 false
             } else if pack_generation(key).is_none_or(|pg| pg > n) {
                 // Written for a generation not committed yet: a writer's,
@@ -583,8 +602,15 @@ async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> Vol
     report.deleted.extend(manifests.iter().map(|m| (m.key.clone(), m.size)));
     let mut used: BTreeSet<String> = BTreeSet::new();
     let now_held = held_now(r).await?;
-    let newly: BTreeSet<u64> =
-        now_held.difference(&p.held).copied().filter(|g| p.gens.objects.contains_key(g)).collect();
+    used.extend(now_held.objects.iter().cloned());
+    // A hold naming no objects (made before holds named them): what its
+    // generation references, from the manifests as loaded.
+    let newly: BTreeSet<u64> = now_held
+        .generations
+        .difference(&p.held.generations)
+        .copied()
+        .filter(|g| p.gens.objects.contains_key(g))
+        .collect();
     if !newly.is_empty() {
         tracing::info!(url = %r.url, generations = ?newly, "generations held while gc planned; keeping what they use");
         let mut chains = BTreeSet::new();
@@ -602,8 +628,9 @@ async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> Vol
                 }
             })
             .map_err(|reason| VolumeError::CorruptManifest { url: r.url.clone(), key: "(chain)".into(), reason })?;
-        p.held.extend(newly);
     }
+    p.held.generations.extend(now_held.generations);
+    p.held.objects.extend(now_held.objects);
     // By the slots each generation reserved for the next, never by a
     // listing: one lagging behind would show neither the new generations
     // nor (deleted just now) the old ones.
@@ -635,15 +662,15 @@ async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> Vol
     Ok(p)
 }
 
-/// The generations fork registrations and live holds keep now (a fresh
-/// listing of just those).
-async fn held_now(r: &VolumeReader) -> VolumeResult<BTreeSet<u64>> {
+/// What fork registrations and live holds keep now (a fresh listing of
+/// just those).
+async fn held_now(r: &VolumeReader) -> VolumeResult<Held> {
     let mut listing =
         r.remote.list(FORK_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?;
     listing.extend(r.remote.list(HOLD_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?);
     let forks = read_forks(r, &listing).await?;
     let (holds, _) = read_holds(r, &listing, now_ms()).await?;
-    Ok(forks.iter().map(|f| f.from_generation).chain(holds).collect())
+    Ok(Held::of(&forks, &holds))
 }
 
 /// Runs gc on the volume at `url`.
@@ -750,7 +777,8 @@ fn space_of(p: &Plan) -> (u64, u64) {
     let deleting: BTreeSet<&str> = p.delete.iter().map(|d| d.key.as_str()).collect();
     for m in &p.listing {
         if m.key.starts_with(PACK_PREFIX) {
-            let l = p.live.get(&m.key).copied().unwrap_or(0).min(m.size);
+            let held = if p.held.objects.contains(&m.key) { m.size } else { 0 };
+            let l = p.live.get(&m.key).copied().unwrap_or(0).max(held).min(m.size);
             live += l;
             dead += m.size - l;
         } else if let Some(g) = parse_gen_key(&m.key) {

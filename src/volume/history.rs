@@ -443,7 +443,12 @@ pub fn rollback(url: &str, target: u64, opts: &RollbackOptions) -> VolumeResult<
                 r.url, r.url
             ))
         };
-        // A hold keeps the target and what it references from a gc running
+        let old = match r.load_generation(target).await {
+            Ok(m) => m,
+            Err(VolumeError::Remote { source, .. }) if source.is_not_found() => return Err(gone()),
+            Err(e) => return Err(e),
+        };
+        // A hold keeps what the target references from a gc running
         // meanwhile, until the rollback committed (and the newest keeps it).
         let key = super::hold::new_hold_key();
         let hold = super::hold::Hold {
@@ -451,26 +456,24 @@ pub fn rollback(url: &str, target: u64, opts: &RollbackOptions) -> VolumeResult<
             what: format!("rollback to {target}"),
             host: super::commit::host_name(),
             created_unix_ms: super::lease::local_now_ms(),
+            packs: super::hold::own_objects(&old),
         };
         let body = serde_json::to_vec_pretty(&hold).expect("a hold serialises");
         if !super::hold::place(&r, &key, body, target, super::hold::LISTED_WITHIN).await? {
             return Err(gone());
         }
-        let res = restore(&r, &newest, target).await;
+        let res = restore(&r, &newest, old).await;
         super::hold::release(&r, &key).await;
-        let m = res.map_err(|e| match e {
-            VolumeError::Remote { source, .. } if source.is_not_found() => gone(),
-            e => e,
-        })?;
+        let m = res?;
         tracing::info!(url = %r.url, from = target, generation = m.generation, "rolled back");
         Ok(RollbackReport { from: target, previous: newest.generation, generation: m.generation })
     })
 }
 
-/// Commits generation `target`'s content as the one after `newest`, after
-/// checking every object it references is there.
-async fn restore(r: &VolumeReader, newest: &Manifest, target: u64) -> VolumeResult<Manifest> {
-    let old = r.load_generation(target).await?;
+/// Commits `old`'s content (a resolved generation) as the one after
+/// `newest`, after checking every object it references is there.
+async fn restore(r: &VolumeReader, newest: &Manifest, old: Manifest) -> VolumeResult<Manifest> {
+    let target = old.generation;
     let problems = super::verify::check_manifest_objects(r, &old, 16).await?;
     if !problems.is_empty() {
         let names: Vec<String> = problems.iter().map(|p| p.to_string()).collect();

@@ -5,8 +5,10 @@
 //! `fork-*.json` registration, for as long as the fork exists) — and the
 //! handshake that makes a new hold one a concurrent gc cannot miss.
 //!
-//! gc deletes the manifests it retires first, then lists the holds again,
-//! then deletes packs minus what any held generation references. The maker
+//! A hold names the objects the generation references, so it keeps them
+//! by name however long it lives, even once gc retired the manifest. gc
+//! deletes the manifests it retires first, then lists the holds again,
+//! then deletes packs minus what any hold names. The maker
 //! of a hold puts it, waits until the remote's listing shows it to everyone
 //! (Drive's listings lag behind creates), and only then checks that the
 //! generation's manifest is still stored. If it is, gc deletes it (if at
@@ -18,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::format::gen_key;
+use super::format::{gen_key, split_pack_key, Manifest};
+use super::history::frames;
 use super::{VolumeError, VolumeReader, VolumeResult};
 use crate::remote::PutBody;
 
@@ -40,6 +43,20 @@ pub struct Hold {
     pub what: String,
     pub host: String,
     pub created_unix_ms: u64,
+    /// The objects of the folder the generation references, kept by name
+    /// (gc may have retired the generation's manifest meanwhile).
+    pub packs: Vec<String>,
+}
+
+/// The objects of its own folder that resolved manifest `m` references:
+/// its packs (not an origin's `<id>:<key>` ones) and an adopted base's copy.
+pub fn own_objects(m: &Manifest) -> Vec<String> {
+    let mut out: std::collections::BTreeSet<String> =
+        frames(m).map(|(k, _, _)| k).filter(|k| split_pack_key(k).0.is_none()).map(str::to_string).collect();
+    if let Some(c) = m.base_copy.as_ref().filter(|c| split_pack_key(&c.key).0.is_none()) {
+        out.insert(c.key.clone());
+    }
+    out.into_iter().collect()
 }
 
 /// A fresh hold key.
@@ -59,11 +76,11 @@ pub(crate) async fn place(
     generation: u64,
     within: Duration,
 ) -> VolumeResult<bool> {
-    r.remote
-        .put(key, PutBody::from_bytes(body))
-        .await
-        .map_err(|e| VolumeError::remote(format!("writing {}/{key}", r.url), e))?;
-    let res = confirm(r, key, generation, within).await;
+    let res = match r.remote.put(key, PutBody::from_bytes(body)).await {
+        // Its reply may be what was lost: removed below all the same.
+        Err(e) => Err(VolumeError::remote(format!("writing {}/{key}", r.url), e)),
+        Ok(_) => confirm(r, key, generation, within).await,
+    };
     if !matches!(res, Ok(true)) {
         release(r, key).await;
     }
