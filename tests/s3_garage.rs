@@ -52,6 +52,18 @@ fn s3_two_hosts_alternate_on_one_disk() {
     lease_support::two_hosts_alternate(d.path(), &g.url("vol"), &[]);
 }
 
+/// The declaration also works with a client told not to send conditional
+/// puts at all (object_store's `AWS_CONDITIONAL_PUT=disabled`): creates are
+/// then plain puts after a look.
+#[test]
+fn s3_two_hosts_alternate_with_conditional_puts_disabled_in_the_client() {
+    let g = garage_support::garage();
+    declare_single_writer();
+    std::env::set_var("AWS_CONDITIONAL_PUT", "disabled");
+    let d = tempfile::tempdir().unwrap();
+    lease_support::two_hosts_alternate(d.path(), &g.url("vol"), &[]);
+}
+
 #[test]
 fn s3_boot_profile_saved_at_stop_and_streamed_by_the_next_cold_start() {
     let g = garage_support::garage();

@@ -285,8 +285,16 @@ impl Remote for DirRemote {
                 Ok(ObjectMeta { tag: Some(tag.to_string()), ..meta_of(key, &m) })
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let existing = self.read_file(&path).await.ok().map(|b| super::content_tag(&b));
-                Err(RemoteError::AlreadyExists { remote: self.name(), key: key.to_string(), tag: existing })
+                // Never without the tag: it tells a retry's own landed
+                // create from another writer's.
+                match self.read_file(&path).await {
+                    Ok(b) => Err(RemoteError::AlreadyExists {
+                        remote: self.name(),
+                        key: key.to_string(),
+                        tag: Some(super::content_tag(&b)),
+                    }),
+                    Err(e) => Err(self.io_err("create", key, e)),
+                }
             }
             Err(e) => Err(self.write_err("create", key, e)),
         }

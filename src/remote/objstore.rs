@@ -267,10 +267,30 @@ impl ObjStoreRemote {
         res
     }
 
-    /// The tag of the object at `key` (the sha256 of its content, as
-    /// `dir:` does): manifests are small, so reading one back is cheap.
-    async fn existing_tag(&self, key: &str) -> Option<String> {
-        self.get(key).await.ok().map(|b| content_tag(&b))
+    /// The answer to a create the store refused because `key` exists:
+    /// [`RemoteError::AlreadyExists`] with the existing object's tag (the
+    /// sha256 of its content, as `dir:` does; manifests are small, so
+    /// reading one back is cheap). Never without the tag: a create whose
+    /// first attempt landed must be recognised as the caller's own, so a
+    /// failed read-back is that read's error (retried, and the create with
+    /// it), and an object that cannot be read yet — S3 answers 409 while
+    /// a conditional write to the key is still in progress — is transient.
+    async fn refused_create(&self, key: &str) -> RemoteError {
+        match self.get(key).await {
+            Ok(b) => {
+                RemoteError::AlreadyExists { remote: self.name(), key: key.to_string(), tag: Some(content_tag(&b)) }
+            }
+            Err(e) if e.is_not_found() => RemoteError::Transient {
+                remote: self.name(),
+                op: "create",
+                key: key.to_string(),
+                message: "the store refused the create as if the object existed (or a conditional write to it \
+                          was in progress), but it cannot be read yet"
+                    .into(),
+                retry_after: None,
+            },
+            Err(e) => e,
+        }
     }
 
     /// Uploads a large or unsized body as a multipart upload: parts go up
@@ -496,13 +516,16 @@ impl Remote for ObjStoreRemote {
                 );
             }
             match store.head(&path).await {
-                Ok(_) => {
-                    let tag = self.existing_tag(key).await;
-                    return Err(RemoteError::AlreadyExists { remote: self.name(), key: key.to_string(), tag });
-                }
+                Ok(_) => return Err(self.refused_create(key).await),
                 Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.err("create", key, e)),
             }
+            // A plain put: the client may be configured without conditional
+            // puts at all (`AWS_CONDITIONAL_PUT=disabled`).
+            return match store.put_opts(&path, PutPayload::from(data), PutOptions::default()).await {
+                Ok(_) => Ok(ObjectMeta { tag: Some(tag.to_string()), ..self.head(key).await? }),
+                Err(e) => Err(self.err("create", key, e)),
+            };
         }
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         match store.put_opts(&path, PutPayload::from(data), opts).await {
@@ -510,10 +533,7 @@ impl Remote for ObjStoreRemote {
                 let m = self.head(key).await?;
                 Ok(ObjectMeta { tag: Some(tag.to_string()), ..m })
             }
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let tag = self.existing_tag(key).await;
-                Err(RemoteError::AlreadyExists { remote: self.name(), key: key.to_string(), tag })
-            }
+            Err(object_store::Error::AlreadyExists { .. }) => Err(self.refused_create(key).await),
             Err(e) => Err(self.err("create", key, e)),
         }
     }

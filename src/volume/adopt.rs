@@ -65,17 +65,29 @@ pub fn adopt(url: &str, opts: &RemoteOptions) -> VolumeResult<VolumeInfo> {
         delta.writer = Some(writer_record("adopt"));
         let bytes = delta.to_bytes();
         let gkey = gen_key(g);
-        match r.remote.create(&gkey, m.next_slot.as_ref(), &content_tag(&bytes), PutBody::from_bytes(bytes)).await {
+        let tag = content_tag(&bytes);
+        match r.remote.create(&gkey, m.next_slot.as_ref(), &tag, PutBody::from_bytes(bytes)).await {
             Ok(_) => {}
-            Err(e) => {
-                // Nothing references the copy: remove it.
+            Err(e) if matches!(e.root(), RemoteError::AlreadyExists { .. }) => {
+                // Another writer's generation: nothing references the copy.
                 let _ = r.remote.delete(&key).await;
-                return Err(match e.root() {
-                    RemoteError::AlreadyExists { .. } => {
-                        VolumeError::Conflict { url: url_s, generation: g, by: "another writer".into() }
+                return Err(VolumeError::Conflict { url: url_s, generation: g, by: "another writer".into() });
+            }
+            Err(e) => {
+                // The commit may have landed with its reply lost: the copy
+                // goes only if the generation is certainly not there.
+                match r.remote.get_created(&gkey, m.next_slot.as_ref()).await {
+                    Ok(b) if content_tag(&b) == tag => {}
+                    Ok(_) => {
+                        let _ = r.remote.delete(&key).await;
+                        return Err(VolumeError::Conflict { url: url_s, generation: g, by: "another writer".into() });
                     }
-                    _ => VolumeError::remote(format!("committing {url_s}/{gkey}"), e),
-                });
+                    Err(g) if g.is_not_found() => {
+                        let _ = r.remote.delete(&key).await;
+                        return Err(VolumeError::remote(format!("committing {url_s}/{gkey}"), e));
+                    }
+                    _ => return Err(VolumeError::remote(format!("committing {url_s}/{gkey}"), e)),
+                }
             }
         }
         let r = VolumeReader::open(&u, opts).await?;
