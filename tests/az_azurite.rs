@@ -25,5 +25,5 @@ fn az_two_hosts_alternate_on_one_disk_fenced_by_the_store() {
 fn az_a_holder_that_slept_through_its_lease_meets_the_fence() {
     let e = objstore_emu_support::azurite();
     let d = tempfile::tempdir().unwrap();
-    lease_support::sleeping_holder_is_fenced(d.path(), &e.url("vol"), &[]);
+    lease_support::sleeping_holder_is_fenced(d.path(), &e.url("vol"), &[], false);
 }

@@ -62,5 +62,11 @@ fn discard_local_drops_a_fenced_hosts_changes_only_when_asked() {
 #[test]
 fn a_holder_that_slept_through_its_lease_is_fenced_at_its_next_commit() {
     let d = tempfile::tempdir().unwrap();
-    lease_support::sleeping_holder_is_fenced(d.path(), &url(&d.path().join("remote/vol")), &[]);
+    lease_support::sleeping_holder_is_fenced(d.path(), &url(&d.path().join("remote/vol")), &[], false);
+}
+
+#[test]
+fn a_holder_that_slept_while_gc_retired_its_next_generation_is_still_fenced() {
+    let d = tempfile::tempdir().unwrap();
+    lease_support::sleeping_holder_is_fenced(d.path(), &url(&d.path().join("remote/vol")), &[], true);
 }

@@ -44,5 +44,5 @@ fn gdrive_a_killed_holder_keeps_its_lease_and_a_silent_one_expires_by_drives_clo
 #[test]
 fn gdrive_a_holder_that_slept_through_its_lease_is_fenced_at_its_next_commit() {
     let (env, flags) = drive();
-    lease_support::sleeping_holder_is_fenced(env.dir.path(), "gdrive:/lease/vol", &flags);
+    lease_support::sleeping_holder_is_fenced(env.dir.path(), "gdrive:/lease/vol", &flags, false);
 }

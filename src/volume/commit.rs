@@ -14,10 +14,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::digest;
-use super::format::{gen_key, new_pack_key, ChunkRef, LeaseRecord, Manifest, VolumeHeader, Writer, PATCH_PAGE};
+use super::format::{
+    gen_key, new_pack_key, parse_gen_key, ChunkRef, LeaseRecord, Manifest, VolumeHeader, Writer, GEN_PREFIX, PATCH_PAGE,
+};
 use super::pack::{extract_patch, PackWriter};
 use super::{VolumeError, VolumeResult};
-use crate::remote::{content_tag, DynRemote, ObjectMeta, PutBody, RemoteError};
+use crate::remote::{content_tag, DynRemote, ObjectMeta, PutBody, RemoteError, RemoteResult};
 
 /// How generations are packed and written.
 #[derive(Clone, Debug)]
@@ -638,8 +640,17 @@ impl GenerationBuilder {
         let tag = content_tag(&bytes);
         self.stats.manifest_bytes = bytes.len() as u64;
         self.stats.full = full;
-        match self.remote.create(&key, self.parent.next_slot.as_ref(), &tag, PutBody::from_bytes(bytes)).await {
-            Ok(_) => Ok((resolved, self.stats)),
+        // The listing for the gap check goes with the create, costing no
+        // round trip: a gap's newer generations are older than gc's grace.
+        let (created, listed) = tokio::join!(
+            self.remote.create(&key, self.parent.next_slot.as_ref(), &tag, PutBody::from_bytes(bytes)),
+            self.remote.list(GEN_PREFIX)
+        );
+        match created {
+            Ok(_) => {
+                self.check_not_in_a_gap(g, listed).await?;
+                Ok((resolved, self.stats))
+            }
             Err(e) => match e.root() {
                 RemoteError::AlreadyExists { .. } => {
                     let by = match self.remote.get_created(&key, self.parent.next_slot.as_ref()).await {
@@ -654,6 +665,39 @@ impl GenerationBuilder {
                 _ => Err(VolumeError::remote(format!("committing {}/{key}", self.url), e)),
             },
         }
+    }
+}
+
+impl GenerationBuilder {
+    /// A create-if-absent only sees that the key is absent now: a writer
+    /// that slept through others' commits (a laptop suspended for a
+    /// weekend) finds generation `g` free again once gc retired it, and
+    /// its create succeeds in a gap no reader ever looks at. A commit is
+    /// only one if no newer generation exists; else the object is removed
+    /// again and the commit is a conflict (the local changes are kept).
+    async fn check_not_in_a_gap(&self, g: u64, listed: RemoteResult<Vec<ObjectMeta>>) -> VolumeResult<()> {
+        let listed = match listed {
+            Ok(l) => l,
+            // The create went through where the listing did not: a gap
+            // needs gc to have run long after the volume moved on, far
+            // rarer than a failed listing, which must not fail a commit.
+            Err(e) => {
+                tracing::warn!(url = %self.url, error = %e, "could not list generations to check the commit is the newest; accepting it");
+                return Ok(());
+            }
+        };
+        let Some(newer) = listed.iter().filter_map(|m| parse_gen_key(&m.key)).filter(|&n| n > g).max() else {
+            return Ok(());
+        };
+        tracing::warn!(url = %self.url, generation = g, newest = newer, "committed into a gap gc left: the volume moved on long ago; removing it");
+        if let Err(e) = self.remote.delete(&gen_key(g)).await {
+            tracing::warn!(url = %self.url, error = %e, "could not remove the generation committed into a gap; gc reports it");
+        }
+        Err(VolumeError::Conflict {
+            url: self.url.clone(),
+            generation: g,
+            by: format!("another writer long ago (the volume is at generation {newer}; gc had retired {g})"),
+        })
     }
 }
 

@@ -386,7 +386,12 @@ pub fn discard_local(root: &Path, url: &str, flags: &[String]) {
 /// SIGSTOP, nothing pending): once silent past its ttl, another host takes
 /// over and writes. The laptop wakes, its guest writes, and its next
 /// commit meets the fence: refused, nothing overwritten, its change kept.
-pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String]) {
+///
+/// `gc_retired`: meanwhile the other host commits more and gc (keep 1,
+/// grace 0) retires every older generation, the one the laptop commits
+/// next among them: its create would find that key free again, and the
+/// commit must still be refused.
+pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String], gc_retired: bool) {
     let a = Host::new(root, "laptop", flags, &[("DRIVEBLK_LEASE_TTL_MS", "1500")]);
     let b = Host::new(root, "desktop", flags, &[]);
     let mut want = import(&a, url);
@@ -402,6 +407,8 @@ pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String]) {
         assert!(t0.elapsed() < Duration::from_secs(30), "the first commit never landed");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let info: Value = serde_json::from_str(&a.cli_ok(&["info", "--json", url])).unwrap();
+    let next = info["generation"].as_u64().unwrap() + 1;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let t0 = Instant::now();
     while b.lease(url)["standing"] != "expired" {
@@ -414,6 +421,20 @@ pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String]) {
     write(&mut cb, 8192, &crate::common::pattern(11, 4096), &mut want_b);
     drop(cb);
     assert!(db.stop().success());
+    if gc_retired {
+        // More than half the chunks change after the first FLUSH (which
+        // cuts a generation of its own): a full manifest, so gc needs
+        // no older generation for the newest's delta chain.
+        let db = b.serve(url, &[]);
+        let mut cb = connect(&db);
+        for chunk in 3..14u64 {
+            write(&mut cb, chunk << 18, &crate::common::pattern(20 + chunk, 1 << 18), &mut want_b);
+        }
+        drop(cb);
+        assert!(db.stop().success());
+        let rep = b.cli_ok(&["gc", url, "--keep-generations", "1", "--grace", "0s", "--json"]);
+        assert!(rep.contains(&format!("gen-{next:020}")), "gc retired the laptop's next generation: {rep}");
+    }
     // The laptop wakes up and writes.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let mut want_a = want.clone();
@@ -429,6 +450,13 @@ pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String]) {
     assert!(read_all(&mut rc) == want_b, "the woken holder overwrote the other host's generation");
     drop(rc);
     assert!(dr.stop().success());
+    if gc_retired {
+        // The generation its changes are based on is gone (retention):
+        // a fork is refused, and says why.
+        let o = a.cli(&["fork", url, &format!("{url}-laptop"), "--cache-dir", a.cache.to_str().unwrap()]);
+        assert!(!o.status.success(), "a fork of a retired generation");
+        return;
+    }
     // Its change is kept: a fork holds the laptop's disk.
     let f = format!("{url}-laptop");
     a.cli_ok(&["fork", url, &f, "--cache-dir", a.cache.to_str().unwrap()]);
