@@ -46,7 +46,7 @@ mod state_file;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::io::AsRawFd;
@@ -178,11 +178,13 @@ struct Persisted {
     gen: u64,
     /// Batches of [`Marks`] made durable (batch `b` is when `marked > b`).
     marked: u64,
-    /// Chunks named by volatile records since: on replay such a record is
-    /// the last word on its chunk until a later record names it, so the
-    /// next persist names them all, even those back in the state recorded
-    /// here (written, committed and evicted in between, say).
-    volatile: HashSet<u64>,
+    /// Chunks named by volatile records since, with the entry the last of
+    /// them gave: on replay such a record is the last word on its chunk
+    /// until a later record names it, so the next persist names them all,
+    /// even those back in the state recorded here (written, committed and
+    /// evicted in between, say), and a change back to that state is
+    /// recorded too (zeroed, then written into).
+    volatile: HashMap<u64, (u8, Option<Bitmap>)>,
 }
 
 /// Chunks queued for one journal record by [`SsdCache::mark_unclean`]
@@ -425,7 +427,7 @@ impl SsdCache {
                 written: false,
                 gen: 0,
                 marked: 0,
-                volatile: HashSet::new(),
+                volatile: HashMap::new(),
             }),
             marks: Mutex::new(Marks::default()),
             hand: Mutex::new(0),
@@ -782,18 +784,29 @@ impl SsdCache {
         let changes: Vec<Change> = range
             .filter_map(|idx| {
                 let (state, bitmap) = self.entry(idx);
-                let same = persisted.states.get(idx as usize) == Some(&state)
-                    && (!has_bitmap(state) || persisted.maps.get(&idx) == bitmap.as_ref());
+                // Compared with what a replay would say of the chunk now.
+                let same = match persisted.volatile.get(&idx) {
+                    Some((s, m)) => *s == state && *m == bitmap,
+                    None => {
+                        persisted.states.get(idx as usize) == Some(&state)
+                            && (!has_bitmap(state) || persisted.maps.get(&idx) == bitmap.as_ref())
+                    }
+                };
                 (!same).then_some(Change { idx, state, bitmap })
             })
             .collect();
+        self.append_volatile(&mut persisted, changes)
+    }
+
+    /// Appends `changes` as a volatile record; caller holds `persisted`.
+    fn append_volatile(&self, persisted: &mut Persisted, changes: Vec<Change>) -> io::Result<()> {
         if changes.is_empty() {
             return Ok(());
         }
         let rec = Record { generation: persisted.generation, image_len: self.len(), changes, writes: Vec::new() };
         if let Some(j) = self.journal.lock().as_mut() {
             j.append_volatile(&rec)?;
-            persisted.volatile.extend(rec.changes.iter().map(|c| c.idx));
+            persisted.volatile.extend(rec.changes.into_iter().map(|c| (c.idx, (c.state, c.bitmap))));
         }
         Ok(())
     }
@@ -1089,7 +1102,10 @@ impl SsdCache {
             writes: Vec::new(),
         };
         // Durable in the record: no data sync owed for these bytes.
-        self.log_write(j, rec, idx, at, bufs, true, || persisted.states[idx as usize] = DIRTY)?;
+        self.log_write(j, rec, idx, at, bufs, true, || {
+            persisted.states[idx as usize] = DIRTY;
+            persisted.volatile.remove(&idx);
+        })?;
         Ok(true)
     }
 
@@ -1504,6 +1520,8 @@ impl SsdCache {
                 if c.bitmap.is_none() {
                     persisted.maps.remove(&c.idx);
                 }
+                // This record is the replay's last word on it now.
+                persisted.volatile.remove(&c.idx);
             }
         }
         persisted.marked = taken + 1;
@@ -1599,7 +1617,7 @@ impl SsdCache {
                 let map = maps.get(&idx);
                 if st != before
                     || (has_bitmap(st) && persisted.maps.get(&idx) != map)
-                    || persisted.volatile.contains(&idx)
+                    || persisted.volatile.contains_key(&idx)
                 {
                     changes.push(Change { idx, state: st, bitmap: map.cloned() });
                 }
@@ -1615,7 +1633,7 @@ impl SsdCache {
                 written: true,
                 gen,
                 marked: persisted.marked,
-                volatile: HashSet::new(),
+                volatile: HashMap::new(),
             };
             return Ok(());
         }
@@ -1666,7 +1684,7 @@ impl SsdCache {
             written: true,
             gen,
             marked: persisted.marked,
-            volatile: HashSet::new(),
+            volatile: HashMap::new(),
         };
         Ok(())
     }

@@ -343,6 +343,43 @@ fn ssd_a_persist_supersedes_the_volatile_records_before_it() {
     assert_eq!(c.state(1), ABSENT);
 }
 
+/// A write into a chunk zeroed whole since the last persist, dirty on
+/// disk before: its state is back to what the map on disk says, but the
+/// volatile "zeroed" record is the replay's last word on it, so the write
+/// records again (the bug: after a kill -9 the chunk read as zeroes). Also
+/// when a commit made the zeroed chunk absent before a whole-chunk write.
+#[test]
+fn ssd_a_write_after_zeroing_survives_a_process_crash() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    let write = |c: &SsdCache, idx: u64, off: u64, w: &mut [u8]| {
+        let _g = c.lock_write(idx);
+        c.write(idx, off, &IoVec::from_slice(w), None).unwrap();
+    };
+    write(&c, 0, 0, &mut vec![5u8; CS as usize]);
+    write(&c, 1, 0, &mut vec![5u8; CS as usize]);
+    c.persist().unwrap();
+    {
+        let _l = c.lock_many(0..2);
+        c.zero_chunks(0..2).unwrap();
+    }
+    write(&c, 0, PAGE, &mut vec![6u8; P]);
+    {
+        let _g = c.lock_write(1);
+        assert!(c.mark_clean(1, c.seq(1)));
+    }
+    assert_eq!(c.state(1), ABSENT);
+    write(&c, 1, 0, &mut vec![7u8; CS as usize]);
+    assert_eq!((c.state(0), c.state(1)), (DIRTY, DIRTY));
+    // The process dies: its page cache (journal included) stays.
+    drop(c);
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    let mut want0 = vec![0u8; CS as usize];
+    want0[P..2 * P].fill(6);
+    assert!(c.read_chunk(0).unwrap() == want0, "the write after zeroing was lost");
+    assert!(c.read_chunk(1).unwrap() == vec![7u8; CS as usize], "the write after the commit was lost");
+}
+
 /// The first write into a chunk the map on disk calls clean (or
 /// partial) makes "not clean" durable before its bytes change, as
 /// after a host crash (durable journal records only) the map would
