@@ -1228,8 +1228,13 @@ impl SsdCache {
             }
         }
         {
-            let mut pages = self.pages.lock();
-            self.leave_partial(&mut pages, idx, DIRTY);
+            // Recorded before it is whole in memory, and no persist comes
+            // between: a later write into a filled page changes no state
+            // (dirty -> dirty) and records nothing, and a replay that said
+            // "dirty in part" would fill that page from the remote again.
+            let mut persisted = self.persisted.lock();
+            self.append_volatile(&mut persisted, vec![Change { idx, state: DIRTY, bitmap: None }])?;
+            self.leave_partial(&mut self.pages.lock(), idx, DIRTY);
         }
         self.cached.fetch_add(1, Ordering::Relaxed);
         Ok(true)

@@ -380,6 +380,39 @@ fn ssd_a_write_after_zeroing_survives_a_process_crash() {
     assert!(c.read_chunk(1).unwrap() == vec![7u8; CS as usize], "the write after the commit was lost");
 }
 
+/// A chunk dirty in part on disk, completed by a fill (a read of one of
+/// its absent pages fetched it): a write into a page the fill supplied
+/// survives a kill -9 (the bug: nothing recorded the fill, the write went
+/// dirty -> dirty and recorded nothing either, the replay brought back the
+/// chunk without that page, and the next fill wrote the remote's bytes
+/// over the guest's).
+#[test]
+fn ssd_a_write_into_a_filled_page_survives_a_process_crash() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    let write = |c: &SsdCache, off: u64, byte: u8| {
+        let _g = c.lock_write(0);
+        c.write(0, off, &IoVec::from_slice(&mut vec![byte; P]), None).unwrap();
+    };
+    write(&c, 0, 1);
+    assert_eq!(c.state(0), DIRTY_PARTIAL);
+    c.persist().unwrap();
+    {
+        let _g = c.lock_write(0);
+        assert!(c.fill_missing(0, &remote(0)).unwrap());
+    }
+    assert_eq!(c.state(0), DIRTY);
+    write(&c, 3 * PAGE, 2);
+    // The process dies: its page cache (journal included) stays.
+    drop(c);
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    assert!(c.has_pages(0, 3 * PAGE, PAGE), "the written page is not held after the crash");
+    let mut want = remote(0);
+    want[..P].fill(1);
+    want[3 * P..4 * P].fill(2);
+    assert!(c.read_chunk_over(0, &remote(0)).unwrap() == want, "the written page read back otherwise");
+}
+
 /// The first write into a chunk the map on disk calls clean (or
 /// partial) makes "not clean" durable before its bytes change, as
 /// after a host crash (durable journal records only) the map would
