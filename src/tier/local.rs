@@ -270,11 +270,12 @@ impl Storage for LocalFile {
 }
 
 impl LocalFile {
-    /// Zeroes `[offset, offset + len)`: holes inside the file, written
-    /// zeroes past its end.
+    /// Zeroes `[offset, offset + len)`: holes inside the file; past its
+    /// end the file only grows, sparsely (a large trim of a fresh cache
+    /// must not write GiBs of zeroes).
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let flen = self.len();
-        // Punch only inside the file; zero-extend past its end by writing.
+        // Punch only inside the file; past its end nothing needs punching.
         let punch_end = (offset + len).min(flen);
         if offset < punch_end {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -290,8 +291,9 @@ impl LocalFile {
             }
         }
         if offset + len > flen {
-            let start = offset.max(flen);
-            write_zero_bytes(&self.file, start, offset + len - start)?;
+            // Its last byte extends the file, a hole before it (set_len
+            // could cut off what a concurrent write just put past here).
+            self.file.write_all_at(&[0], offset + len - 1)?;
             self.len.fetch_max(offset + len, Ordering::AcqRel);
         }
         Ok(())
@@ -368,6 +370,14 @@ mod tests {
         assert_eq!(f.len(), 8192);
         f.write_at(10_000, b"x").unwrap();
         assert_eq!(f.len(), 10_001);
+        // Zeroes past the end grow the file sparsely.
+        f.write_zeroes_at(8192, 64 << 20).unwrap();
+        assert_eq!(f.len(), 8192 + (64 << 20));
+        let mut buf = vec![1u8; 4096];
+        f.read_at(10_000 - 2048, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&p).unwrap().blocks() * 512 < 1 << 20);
     }
 
     #[test]

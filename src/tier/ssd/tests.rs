@@ -413,6 +413,36 @@ fn ssd_a_write_into_a_filled_page_survives_a_process_crash() {
     assert!(c.read_chunk_over(0, &remote(0)).unwrap() == want, "the written page read back otherwise");
 }
 
+/// A guest trimming a large region of a fresh cache: zeroed chunks hold
+/// no space, also past the end of the data file (the bug: zeroes were
+/// written there, GiBs of them for a large trim).
+#[test]
+fn ssd_zeroing_past_the_data_file_end_takes_no_space() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let n = SsdCache::MAX_BATCH;
+    let (c, _) = open64(d.path(), n * CS, 1 << 30);
+    {
+        let _g = c.lock_write(0);
+        c.write(0, 0, &IoVec::from_slice(&mut vec![5u8; P]), Some(&remote(0))).unwrap();
+    }
+    {
+        let _l = c.lock_many(0..n);
+        c.zero_chunks(0..n).unwrap();
+    }
+    c.persist().unwrap();
+    let held = std::fs::metadata(d.path().join("data")).unwrap().blocks() * 512;
+    assert!(held <= CS, "{held} bytes held by {n} zeroed chunks");
+    {
+        let _g = c.lock_write(n - 1);
+        c.write(n - 1, PAGE, &IoVec::from_slice(&mut vec![6u8; P]), None).unwrap();
+    }
+    let mut want = vec![0u8; CS as usize];
+    want[P..2 * P].fill(6);
+    assert!(c.read_chunk(n - 1).unwrap() == want);
+    assert!(c.read_chunk(0).unwrap() == vec![0u8; CS as usize]);
+}
+
 /// The first write into a chunk the map on disk calls clean (or
 /// partial) makes "not clean" durable before its bytes change, as
 /// after a host crash (durable journal records only) the map would
