@@ -888,11 +888,27 @@ impl SsdCache {
                 // that record, else the bytes follow it. A map that still
                 // says partial (the chunk completed since) claims pages
                 // too: it stops before they change.
-                if !(persisted_clean && self.log_first_write(idx, base + off, bufs)?) {
-                    if persisted_clean || persisted == Some(PARTIAL) {
-                        self.mark_unclean(idx)?;
+                let r = (|| {
+                    if !(persisted_clean && self.log_first_write(idx, base + off, bufs)?) {
+                        if persisted_clean || persisted == Some(PARTIAL) {
+                            self.mark_unclean(idx)?;
+                        }
+                        self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
                     }
-                    self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;
+                    Ok(())
+                })();
+                if let Err(e) = r {
+                    // A map on disk that still claims the chunk was not
+                    // told: no byte changed (they follow the record), and
+                    // the next write must try to record it again.
+                    let persisted = self.persisted.lock();
+                    if matches!(persisted.states.get(idx as usize), Some(&CLEAN | &PARTIAL)) {
+                        self.set_state(idx, CLEAN);
+                        self.dirty.fetch_sub(1, Ordering::Relaxed);
+                        drop(persisted);
+                        self.dirty_pages.forget(idx);
+                    }
+                    return Err(e);
                 }
             }
             _ => {

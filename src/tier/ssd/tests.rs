@@ -443,6 +443,32 @@ fn ssd_zeroing_past_the_data_file_end_takes_no_space() {
     assert!(c.read_chunk(0).unwrap() == vec![0u8; CS as usize]);
 }
 
+/// The first write into a clean chunk whose record could not be made
+/// durable (a full disk under the journal) leaves the chunk clean, so the
+/// next write tries to record it again (the bug: the chunk stayed dirty in
+/// memory, and the next write changed its bytes, with no record, under a
+/// map on disk that still called them the remote's).
+#[test]
+fn ssd_a_first_write_whose_record_fails_leaves_the_chunk_clean() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    install(&c, 0);
+    c.persist().unwrap();
+    // Every journal append from here on fails as on a full disk.
+    let full = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/dev/full", full.path().join("journal")).unwrap();
+    *c.journal.lock() = Some(Journal::open(full.path(), 0, bitmap_words(CS)).unwrap());
+    let write = |c: &SsdCache| {
+        let _g = c.lock_write(0);
+        c.write(0, PAGE, &IoVec::from_slice(&mut vec![7u8; P]), None)
+    };
+    assert!(write(&c).is_err());
+    assert_eq!(c.state(0), CLEAN);
+    assert!(write(&c).is_err(), "a write went in with no record");
+    assert_eq!(on_disk(d.path()).states[0], CLEAN);
+    assert!(c.read_chunk(0).unwrap() == remote(0), "a chunk the map on disk calls clean changed");
+}
+
 /// The first write into a chunk the map on disk calls clean (or
 /// partial) makes "not clean" durable before its bytes change, as
 /// after a host crash (durable journal records only) the map would
