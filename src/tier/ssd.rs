@@ -17,11 +17,12 @@
 //!   make that one change durable (a journal record and its fdatasync; the
 //!   data file needs no fsync, it still holds the clean bytes synced before
 //!   the map claimed them) before writing into it, so the map never calls
-//!   modified bytes "clean"; concurrent first writes share one record. A
-//!   small first write with no other first write or persist under way
-//!   rides in that record itself (a write-ahead log), so the guest's FLUSH
-//!   after it has nothing left to sync: one sync for the pair, as a plain
-//!   disk pays. The chunk is then *logged*: until the next checkpoint its
+//!   modified bytes "clean"; concurrent first writes share one record (a
+//!   record that fails puts the chunk back as it was in memory, so the
+//!   next write records first). A small first write with no other first
+//!   write or persist under way rides in that record itself (a write-ahead
+//!   log), so the guest's FLUSH after it has nothing left to sync: one
+//!   sync for the pair, as a plain disk pays. The chunk is then *logged*: until the next checkpoint its
 //!   small writes go to the journal too (their FLUSH syncs the journal,
 //!   not the data file), and any other change to its bytes (an install, a
 //!   large write, a write after zeroing) writes a checkpoint first, so a
@@ -622,6 +623,30 @@ impl SsdCache {
         self.persisted.lock().states.get(idx as usize) == Some(&PARTIAL)
     }
 
+    /// Puts partial chunk `idx` back as it was before
+    /// [`drop_partial`](Self::drop_partial), with its bitmap `m`.
+    fn restore_partial(&self, idx: u64, m: Bitmap) {
+        let mut pages = self.pages.lock();
+        self.partial.fetch_add(1, Ordering::Relaxed);
+        self.pages_held.fetch_add(popcount(&m), Ordering::Relaxed);
+        pages.maps.insert(idx, m);
+        pages.gen += 1;
+        self.set_state(idx, PARTIAL);
+    }
+
+    /// After a write into chunk `idx` failed to make the map on disk stop
+    /// claiming the chunk's bytes: while that map still claims them, none
+    /// changed (they follow the record), and `undo` puts back the chunk's
+    /// state in memory, so the next write records first instead of
+    /// changing them unrecorded. No persist comes between the check and
+    /// `undo`.
+    fn undo_unless_recorded(&self, idx: u64, undo: impl FnOnce()) {
+        let persisted = self.persisted.lock();
+        if matches!(persisted.states.get(idx as usize), Some(&CLEAN | &PARTIAL)) {
+            undo();
+        }
+    }
+
     /// Marks a chunk as metadata: never evicted.
     pub fn set_pinned(&self, idx: u64) {
         self.slots.with(idx, |s| s.pinned.store(true, Ordering::Relaxed));
@@ -863,8 +888,14 @@ impl SsdCache {
         if state == PARTIAL {
             // See the module doc: the map must stop claiming this chunk's
             // pages before any of its bytes change.
+            let held = self.pages.lock().maps.get(&idx).cloned();
             if self.drop_partial(idx) {
-                self.mark_unclean(idx)?;
+                if let Err(e) = self.mark_unclean(idx) {
+                    if let Some(m) = held {
+                        self.undo_unless_recorded(idx, || self.restore_partial(idx, m));
+                    }
+                    return Err(e);
+                }
             }
             state = ABSENT;
         }
@@ -898,16 +929,10 @@ impl SsdCache {
                     Ok(())
                 })();
                 if let Err(e) = r {
-                    // A map on disk that still claims the chunk was not
-                    // told: no byte changed (they follow the record), and
-                    // the next write must try to record it again.
-                    let persisted = self.persisted.lock();
-                    if matches!(persisted.states.get(idx as usize), Some(&CLEAN | &PARTIAL)) {
+                    self.undo_unless_recorded(idx, || {
                         self.set_state(idx, CLEAN);
                         self.dirty.fetch_sub(1, Ordering::Relaxed);
-                        drop(persisted);
-                        self.dirty_pages.forget(idx);
-                    }
+                    });
                     return Err(e);
                 }
             }
@@ -985,7 +1010,14 @@ impl SsdCache {
             }
             self.dirty.fetch_add(1, Ordering::Relaxed);
             if self.persisted.lock().states.get(idx as usize) == Some(&PARTIAL) {
-                self.mark_unclean(idx)?;
+                if let Err(e) = self.mark_unclean(idx) {
+                    self.undo_unless_recorded(idx, || {
+                        let _pages = self.pages.lock();
+                        self.set_state(idx, PARTIAL);
+                        self.dirty.fetch_sub(1, Ordering::Relaxed);
+                    });
+                    return Err(e);
+                }
             }
         }
         self.data_write_vectored_at(base + off, bufs, IoMode::Blocking)?;

@@ -469,6 +469,40 @@ fn ssd_a_first_write_whose_record_fails_leaves_the_chunk_clean() {
     assert!(c.read_chunk(0).unwrap() == remote(0), "a chunk the map on disk calls clean changed");
 }
 
+/// The same for chunks the map on disk calls partial: written by whole
+/// pages (dirty in part) or with the fill (dirty), a failed record leaves
+/// them partial.
+#[test]
+fn ssd_a_first_write_whose_record_fails_leaves_the_chunk_partial() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    for idx in 0..2 {
+        assert!(pages(&c, idx, 0, 2));
+        // Not evicted when the full disk makes room for the write.
+        c.set_pinned(idx);
+    }
+    c.persist().unwrap();
+    let full = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/dev/full", full.path().join("journal")).unwrap();
+    *c.journal.lock() = Some(Journal::open(full.path(), 0, bitmap_words(CS)).unwrap());
+    let write = |c: &SsdCache, idx: u64, off: u64, len: usize, fill: Option<&[u8]>| {
+        let _g = c.lock_write(idx);
+        c.write(idx, off, &IoVec::from_slice(&mut vec![7u8; len]), fill)
+    };
+    for _ in 0..2 {
+        assert!(write(&c, 0, 0, P, None).is_err(), "a write went in with no record");
+        assert_eq!(c.state(0), PARTIAL);
+        assert!(write(&c, 1, 100, 10, Some(&remote(1))).is_err(), "a write went in with no record");
+        assert_eq!(c.state(1), PARTIAL);
+    }
+    assert_eq!(on_disk(d.path()).states[..2], [PARTIAL, PARTIAL]);
+    for idx in 0..2 {
+        assert!(c.has_pages(idx, 0, 2 * PAGE));
+        assert_eq!(read_at(&c, idx, 0, 2 * P), remote(idx)[..2 * P]);
+    }
+    assert_eq!((c.partial_chunks(), c.cached_bytes(), c.dirty_chunks()), (2, 4 * PAGE, 0));
+}
+
 /// The first write into a chunk the map on disk calls clean (or
 /// partial) makes "not clean" durable before its bytes change, as
 /// after a host crash (durable journal records only) the map would
