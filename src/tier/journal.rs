@@ -177,8 +177,20 @@ pub struct Journal {
 /// This boot of the kernel (None where it cannot be told: then no volatile
 /// record is written, nor trusted).
 fn boot_id() -> Option<[u8; BOOT]> {
-    let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    s.trim().as_bytes().try_into().ok()
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|s| <[u8; BOOT]>::try_from(s.trim().as_bytes()).ok());
+    if id.is_none() {
+        // Said once: the promise it weakens is the README's.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::warn!(
+                "cannot read this boot's id (/proc/sys/kernel/random/boot_id): writes completed but not yet \
+                 flushed are not kept across a daemon crash (a FLUSH still makes them durable)"
+            )
+        });
+    }
+    id
 }
 
 impl Journal {

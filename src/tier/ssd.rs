@@ -902,6 +902,11 @@ impl SsdCache {
         match state {
             DIRTY => self.write_dirty(idx, base + off, bufs)?,
             ZERO_DIRTY => {
+                // A zeroing whose persist failed left the map on disk
+                // claiming the old bytes: it stops before they change.
+                if matches!(self.persisted.lock().states.get(idx as usize), Some(&CLEAN | &PARTIAL)) {
+                    self.mark_unclean(idx)?;
+                }
                 // Zeroes on disk first (a crash may have come before the
                 // hole punch), then the write; it holds data from now on.
                 self.data_write_zeroes_at(base, self.chunk_size)?;
@@ -1380,7 +1385,11 @@ impl SsdCache {
                 // Zeroed chunks hold no data and do not count against the
                 // cap: a guest trimming 30 GB never fills the cache.
                 match self.state(idx) {
-                    ZERO_DIRTY => {}
+                    // Zeroed by a call whose persist failed, the map on
+                    // disk may still claim its bytes.
+                    ZERO_DIRTY => {
+                        need_persist |= matches!(persisted.states.get(idx as usize), Some(&CLEAN | &PARTIAL));
+                    }
                     DIRTY => {
                         self.set_state(idx, ZERO_DIRTY);
                         self.cached.fetch_sub(1, Ordering::Relaxed);

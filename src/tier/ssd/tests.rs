@@ -1029,3 +1029,31 @@ fn a_kept_record_of_changed_pages_is_refused_by_binaries_that_predate_it() {
     assert!(!d.path().join("dirty-pages").exists());
     assert_eq!(on_disk(d.path()).header.version, PLAIN_VERSION);
 }
+
+/// A zeroing whose persist failed (a full disk when the map is written)
+/// leaves the map on disk calling the chunk clean: a write into it after
+/// records it first, so that map never calls changed bytes the remote's.
+#[test]
+fn ssd_a_write_after_a_zeroing_whose_persist_failed_is_recorded() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    install(&c, 0);
+    c.persist().unwrap();
+    // Without a journal every change is a whole map written; the next one
+    // goes to a full disk (once: the failed temporary file is removed).
+    *c.journal.lock() = None;
+    std::os::unix::fs::symlink("/dev/full", d.path().join("state.tmp")).unwrap();
+    {
+        let _l = c.lock_many(0..1);
+        assert!(c.zero_chunks(0..1).is_err());
+    }
+    assert_eq!(on_disk(d.path()).states[0], CLEAN);
+    {
+        let _g = c.lock_write(0);
+        c.write(0, PAGE, &IoVec::from_slice(&mut vec![9u8; P]), None).unwrap();
+    }
+    assert_ne!(on_disk(d.path()).states[0], CLEAN, "bytes changed under a map on disk that calls them clean");
+    let mut want = vec![0u8; CS as usize];
+    want[P..2 * P].fill(9);
+    assert!(c.read_chunk(0).unwrap() == want);
+}
