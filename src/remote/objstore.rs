@@ -145,6 +145,30 @@ impl Drop for OpenUpload {
     }
 }
 
+/// The HTTP status a store answered, when the error says (object_store
+/// names no public type for it: its request errors read "...status code:
+/// 400 Bad Request...").
+fn http_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if let Some(at) = text.find("status code: ") {
+            let digits: String = text[at + 13..].chars().take_while(|c| c.is_ascii_digit()).collect();
+            if let Ok(s) = digits.parse() {
+                return Some(s);
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Answers worth asking again: timeouts, throttling, server errors (but
+/// not "not implemented").
+fn retried_status(s: u16) -> bool {
+    matches!(s, 408 | 429) || (s >= 500 && s != 501)
+}
+
 impl ObjStoreRemote {
     /// A remote rooted at `root` (a key prefix, `a/b/vol`) in `bucket`. A
     /// client that cannot be configured (no region, no credentials) makes
@@ -219,6 +243,15 @@ impl ObjStoreRemote {
             E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
                 RemoteError::Auth { remote, op, key, message: e.to_string() }
             }
+            // A request the store refused as such (400 bad argument or
+            // expired token, 405, 411, 413, 501 not implemented): asking
+            // again gets the same answer.
+            E::Generic { .. } if matches!(http_status(&e), Some(401 | 403)) => {
+                RemoteError::Auth { remote, op, key, message: e.to_string() }
+            }
+            E::Generic { .. } if http_status(&e).is_some_and(|s| (400..600).contains(&s) && !retried_status(s)) => {
+                RemoteError::Fatal { remote, op, key, message: e.to_string() }
+            }
             E::Generic { .. } | E::JoinError { .. } => {
                 // Network failures and 5xx answers object_store gave up on.
                 RemoteError::Transient { remote, op, key, message: e.to_string(), retry_after: None }
@@ -253,6 +286,10 @@ impl ObjStoreRemote {
         let first = store.put_opts(&path, PutPayload::from_static(b"first"), create.clone()).await;
         let res = match first {
             Err(object_store::Error::NotImplemented | object_store::Error::NotSupported { .. }) => Ok(Fence::Ignored),
+            // A store that does not implement the condition (S3 before
+            // August 2024: "A header you provided implies functionality
+            // that is not implemented").
+            Err(e) if http_status(&e) == Some(501) => Ok(Fence::Ignored),
             Err(e) => Err(self.err("fence probe", &key, e)),
             Ok(_) => match store.put_opts(&path, PutPayload::from_static(b"second"), create).await {
                 Ok(_) => Ok(Fence::Ignored),
@@ -308,16 +345,19 @@ impl ObjStoreRemote {
         let upload = store.put_multipart(path).await.map_err(|e| self.err("put", key, e))?;
         let mut open = OpenUpload(Some(upload));
         let sent = self.send_parts(open.0.as_mut().expect("open"), key, body).await;
-        let mut upload = open.0.take().expect("open");
+        // The guard holds the upload until it is completed or aborted
+        // here, so one given up meanwhile is still aborted (an abort after
+        // a completion that landed is refused by the store, harmlessly).
         let done = match sent {
-            Ok(()) => upload.complete().await.map(|_| ()).map_err(|e| self.err("put", key, e)),
+            Ok(()) => open.0.as_mut().expect("open").complete().await.map(|_| ()).map_err(|e| self.err("put", key, e)),
             Err(e) => Err(e),
         };
         if done.is_err() {
-            if let Err(e) = upload.abort().await {
+            if let Err(e) = open.0.as_mut().expect("open").abort().await {
                 tracing::warn!(remote = %self.name(), key, "a failed multipart upload could not be aborted; its parts stay in the bucket until a lifecycle rule removes them: {e}");
             }
         }
+        open.0 = None;
         done
     }
 
@@ -553,6 +593,60 @@ mod tests {
         assert_eq!(StoreKind::strip("gs://b"), Some((StoreKind::Gcs, "b")));
         assert_eq!(StoreKind::strip("az://c/p"), Some((StoreKind::Azure, "c/p")));
         assert_eq!(StoreKind::strip("dir:/x"), None);
+    }
+
+    /// An S3 endpoint answering every request with `status` and an S3
+    /// error body; returns its URL (the client's variables set).
+    async fn answering(status: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = vec![0u8; 1 << 20];
+                    let _ = c.read(&mut b).await;
+                    let body = "<?xml version=\"1.0\"?><Error><Code>X</Code><Message>m</Message></Error>";
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+                         Connection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = c.write_all(head.as_bytes()).await;
+                    let _ = c.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        for (k, v) in [
+            ("AWS_ENDPOINT", endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
+            std::env::set_var(k, v);
+        }
+        endpoint
+    }
+
+    /// A request the store refuses as such (400: a bad argument, an
+    /// expired token) is not retried: asking again gets the same answer.
+    #[tokio::test]
+    async fn a_refused_request_is_not_retried() {
+        answering("400 Bad Request").await;
+        let r = ObjStoreRemote::new(StoreKind::S3, "b", "v", &ObjStoreConfig::default());
+        let e = r.get_range("pack-1", 0..1000).await.unwrap_err();
+        assert!(!e.is_retryable() && e.to_string().contains("400"), "{e}");
+    }
+
+    /// A store that answers 501 to a conditional put does not implement
+    /// the fence: it counts as one that ignores it (refused unless one
+    /// writer is declared), not as a passing outage retried for ever.
+    #[tokio::test]
+    async fn a_store_without_conditional_puts_has_no_fence() {
+        answering("501 Not Implemented").await;
+        let r = ObjStoreRemote::new(StoreKind::S3, "b", "v", &ObjStoreConfig::default());
+        assert_eq!(r.fence().await.unwrap(), Fence::Ignored);
     }
 
     /// An S3 endpoint that sends a ranged GET's headers and a few bytes,
