@@ -928,6 +928,40 @@ fn dir_gc_keeps_the_newest_boot_profile_and_young_generations() {
     assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
 }
 
+/// The profile readers use is the newest that parses: gc keeps it when a
+/// newer one is damaged (or a newer driveblk's), and leaves that one alone.
+#[test]
+fn dir_gc_keeps_the_newest_readable_boot_profile() {
+    let v = dir_vol();
+    let rt = rt();
+    let img = import(&v);
+    let r = open(&rt, &v);
+    let cache = v.tmp.path().join("profile-tmp");
+    std::fs::create_dir_all(&cache).unwrap();
+    let upload = |pages: std::ops::Range<u64>| {
+        let mut b = driveblk::volume::profile::ProfileBuilder::new(&cache, &r).unwrap();
+        for p in pages {
+            b.add(p * 4096, &img[(p * 4096) as usize..((p + 1) * 4096) as usize]).unwrap();
+        }
+        let key = rt.block_on(b.upload(&r.remote)).unwrap().unwrap();
+        // Profile keys are named by the millisecond.
+        std::thread::sleep(Duration::from_millis(5));
+        key
+    };
+    let older = upload(0..2);
+    let readable = upload(2..4);
+    // Newer than both, but damaged.
+    let damaged = format!("profile-{:020}-9999999999999-deadbeef", r.generation());
+    rt.block_on(r.remote.put(&damaged, PutBody::from_bytes(b"not a profile".to_vec()))).unwrap();
+    let find = || rt.block_on(driveblk::volume::profile::find_latest(&r.remote, &r.header)).unwrap().map(|(k, _)| k);
+    assert_eq!(find(), Some(readable.clone()), "readers skip the damaged one");
+    let rep = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap();
+    let gone: Vec<&str> = rep.deleted.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(gone.contains(&older.as_str()), "the older profile goes: {gone:?}");
+    assert!(!gone.iter().any(|k| k.starts_with(&readable) || *k == damaged), "{gone:?}");
+    assert_eq!(find(), Some(readable), "the profile readers use is still there");
+}
+
 /// A daemon on another host holding the writer lease serves the volume
 /// however long ago it last committed: rollback refuses and gc repacks
 /// nothing (it still runs and deletes what is dead) unless forced; a forced repack carries that

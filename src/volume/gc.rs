@@ -44,7 +44,7 @@ use super::history::{
 use super::hold::{Hold, HOLD_LIFETIME, HOLD_PREFIX};
 use super::lease::PROBE_PREFIX;
 use super::pack::{decode_chunk_upto, PackWriter};
-use super::profile::{parse_profile_key, ProfileIndex, PACK_SUFFIX, PROFILE_PREFIX};
+use super::profile::{find_latest, parse_profile_key, PACK_SUFFIX, PROFILE_PREFIX};
 use super::reader::{read_object, VolumeReader};
 use super::{runtime, RemoteOptions, VolumeError, VolumeResult};
 use crate::remote::{ObjectMeta, PutBody, RemoteUrl};
@@ -335,30 +335,24 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
     let newest = newest.expect("the newest generation survives");
     let live: HashMap<String, u64> =
         frames_by_pack.into_iter().map(|(k, fr)| (k, fr.iter().map(|(_, l)| l).sum())).collect();
-    // Profiles: the newest index and its pack are kept; older ones go.
+    // Profiles: the newest index readers use — the newest that parses
+    // (`find_latest`) — and what it reads are kept, and older ones go; a
+    // newer one this gc cannot read (damaged, or a newer driveblk's) is
+    // left alone. With none readable, the newest by key stands in.
     let mut indexes: Vec<((u64, u64), &str)> =
         listing.iter().filter_map(|m| parse_profile_key(&m.key).map(|t| (t, m.key.as_str()))).collect();
     indexes.sort();
-    let newest_profile = indexes.last().map(|(_, k)| k.to_string());
+    let latest = find_latest(&r.remote, &r.header).await?;
+    let newest_profile = match &latest {
+        Some((k, _)) => Some(k.clone()),
+        None => indexes.last().map(|(_, k)| k.to_string()),
+    };
+    let kept_packs = latest.map(|(_, p)| p.packs).unwrap_or_default();
     // A daemon that started before the newest profile was saved may still
     // stream an older one: those go only once the newest is old enough.
     let profiles_settled = newest_profile
         .as_deref()
         .is_none_or(|k| old_enough(listing.iter().find(|m| m.key == k).and_then(|m| m.created_ms)));
-    let index_keys: BTreeSet<&str> = indexes.iter().map(|(_, k)| *k).collect();
-    // Older profiles' packs the newest reads segments from (a delta) stay.
-    let (profiles_settled, kept_packs) = match &newest_profile {
-        Some(k) if profiles_settled => match r.remote.get(k).await.map(|b| ProfileIndex::from_bytes(&b, &r.header)) {
-            Ok(Ok(p)) => (true, p.packs),
-            // Readers skip it too, so it keeps nothing alive.
-            Ok(Err(why)) => {
-                tracing::warn!(profile = %k, %why, "gc: the newest boot profile does not parse");
-                (true, Vec::new())
-            }
-            Err(e) => return Err(VolumeError::remote(format!("reading boot profile {}/{k}", r.url), e)),
-        },
-        _ => (profiles_settled, Vec::new()),
-    };
     let resumable_from = writers_own_run(&gens.objects, n);
     let mut delete = Vec::new();
     let mut young = 0u64;
@@ -393,17 +387,13 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
             // over is garbage (the grace period below spares one in flight).
             true
         } else if key.starts_with(PROFILE_PREFIX) {
+            // Only what is older than the newest index (a newer pack with
+            // no index yet is an upload in flight).
+            let older = |index: &str| newest_profile.as_deref().is_some_and(|np| index < np);
             profiles_settled
                 && match key.strip_suffix(PACK_SUFFIX) {
-                    Some(index) => {
-                        Some(index) != newest_profile.as_deref()
-                            && !kept_packs.iter().any(|p| p == key)
-                            && (index_keys.contains(index)
-                            // An orphan pack older than the newest index
-                            // (newer ones may be uploads in flight).
-                            || newest_profile.as_deref().is_some_and(|np| index < np))
-                    }
-                    None => index_keys.contains(key) && Some(key) != newest_profile.as_deref(),
+                    Some(index) => older(index) && !kept_packs.iter().any(|p| p == key),
+                    None => parse_profile_key(key).is_some() && older(key),
                 }
         } else {
             false
