@@ -595,6 +595,20 @@ mod tests {
         assert_eq!(StoreKind::strip("dir:/x"), None);
     }
 
+    /// Points `s3://` clients built from the environment at `endpoint`
+    /// (nextest runs each test in its own process).
+    fn use_endpoint(endpoint: &str) {
+        for (k, v) in [
+            ("AWS_ENDPOINT", endpoint),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
+            std::env::set_var(k, v);
+        }
+    }
+
     /// An S3 endpoint answering every request with `status` and an S3
     /// error body; returns its URL (the client's variables set).
     async fn answering(status: &'static str) -> String {
@@ -617,15 +631,7 @@ mod tests {
                 });
             }
         });
-        for (k, v) in [
-            ("AWS_ENDPOINT", endpoint.as_str()),
-            ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", "k"),
-            ("AWS_SECRET_ACCESS_KEY", "s"),
-            ("AWS_REGION", "us-east-1"),
-        ] {
-            std::env::set_var(k, v);
-        }
+        use_endpoint(&endpoint);
         endpoint
     }
 
@@ -673,15 +679,7 @@ mod tests {
                 });
             }
         });
-        for (k, v) in [
-            ("AWS_ENDPOINT", endpoint.as_str()),
-            ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", "k"),
-            ("AWS_SECRET_ACCESS_KEY", "s"),
-            ("AWS_REGION", "us-east-1"),
-        ] {
-            std::env::set_var(k, v);
-        }
+        use_endpoint(&endpoint);
         let cfg = ObjStoreConfig { request_timeout: std::time::Duration::from_millis(500), ..Default::default() };
         let r = ObjStoreRemote::new(StoreKind::S3, "b", "v", &cfg);
         let t0 = std::time::Instant::now();
