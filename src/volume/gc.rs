@@ -187,22 +187,32 @@ impl Plan {
     }
 }
 
+/// Reads and parses the JSON object `key` that keeps something (`what`
+/// names it in messages); `None` when it is gone since listed.
+async fn read_keeper<T: serde::de::DeserializeOwned>(
+    r: &VolumeReader,
+    key: &str,
+    what: &str,
+    advice: &str,
+) -> VolumeResult<Option<T>> {
+    let b = match r.remote.get(key).await {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(VolumeError::remote(format!("reading {what} {}/{key}", r.url), e)),
+    };
+    serde_json::from_slice(&b).map(Some).map_err(|e| {
+        VolumeError::Unusable(format!(
+            "{what} {}/{key} is not valid ({e}); gc will not guess what it keeps — {advice}",
+            r.url
+        ))
+    })
+}
+
 /// Reads the fork registrations in the listing.
 async fn read_forks(r: &VolumeReader, listing: &[ObjectMeta]) -> VolumeResult<Vec<ForkRef>> {
     let mut out = Vec::new();
     for m in listing.iter().filter(|m| m.key.starts_with(FORK_PREFIX) && m.key.ends_with(".json")) {
-        let b = match r.remote.get(&m.key).await {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(VolumeError::remote(format!("reading fork registration {}/{}", r.url, m.key), e)),
-        };
-        let f: ForkRef = serde_json::from_slice(&b).map_err(|e| {
-            VolumeError::Unusable(format!(
-                "fork registration {}/{} is not valid ({e}); gc will not guess what it protects — fix or remove it",
-                r.url, m.key
-            ))
-        })?;
-        out.push(f);
+        out.extend(read_keeper(r, &m.key, "fork registration", "fix or remove it").await?);
     }
     Ok(out)
 }
@@ -241,19 +251,10 @@ async fn read_holds(r: &VolumeReader, listing: &[ObjectMeta], now: u64) -> Volum
             expired.push(m.key.clone());
             continue;
         }
-        let b = match r.remote.get(&m.key).await {
-            Ok(b) => b,
-            // Its maker finished and removed it.
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(VolumeError::remote(format!("reading hold {}/{}", r.url, m.key), e)),
+        // Gone: its maker finished and removed it.
+        let Some(h) = read_keeper::<Hold>(r, &m.key, "hold", "remove it, or wait until it expires").await? else {
+            continue;
         };
-        let h: Hold = serde_json::from_slice(&b).map_err(|e| {
-            VolumeError::Unusable(format!(
-                "hold {}/{} is not valid ({e}); gc will not guess what it keeps — remove it, or wait until it \
-                 expires",
-                r.url, m.key
-            ))
-        })?;
         if m.created_ms.is_none() && h.created_unix_ms.saturating_add(lifetime) <= now {
             expired.push(m.key.clone());
         } else {
