@@ -593,10 +593,17 @@ impl Remote for GDriveRemote {
         Ok(out)
     }
 
-    /// A files.list by name only: what this process created and the
-    /// listing does not show yet stays unlisted here.
+    /// The folder's files.list, the very query another host's `list`
+    /// makes (not a lookup by name, which Drive may index apart), without
+    /// what this process knows it created.
     async fn listed(&self, key: &str) -> RemoteResult<bool> {
-        Ok(self.lookup("listed", key).await?.is_some())
+        if let Target::File { .. } = &self.target {
+            return Ok(self.lookup("listed", key).await?.is_some());
+        }
+        let Some(folder) = self.folder_id("listed", key, false).await? else { return Ok(false) };
+        let q = format!("'{}' in parents and trashed = false", api::q_escape(&folder.id));
+        let files = self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err("listed", key, e))?;
+        Ok(files.iter().any(|f| !f.is_folder() && f.name == key))
     }
 
     async fn delete(&self, key: &str) -> RemoteResult<()> {
