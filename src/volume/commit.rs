@@ -241,6 +241,9 @@ pub struct GenerationBuilder {
     own_since: u64,
     /// See [`resume`](Self::resume).
     committed: std::collections::HashSet<String>,
+    /// A listing of `gen-*` made before the create (see
+    /// [`generations_listed`](Self::generations_listed)).
+    listed: Option<RemoteResult<Vec<ObjectMeta>>>,
 }
 
 impl GenerationBuilder {
@@ -274,6 +277,7 @@ impl GenerationBuilder {
             checked: Default::default(),
             own_since: u64::MAX,
             committed: Default::default(),
+            listed: None,
         }
     }
 
@@ -612,6 +616,43 @@ impl GenerationBuilder {
     /// generation. [`VolumeError::Conflict`] if another writer committed
     /// that generation first (nothing of ours is then referenced).
     pub async fn commit(mut self, writer: Writer) -> VolumeResult<(Manifest, CommitStats)> {
+        // The listing for the gap check goes while the packs go up.
+        let remote = self.remote.clone();
+        let given = self.listed.take();
+        let listing = async move {
+            match given {
+                Some(l) => l,
+                None => remote.list(GEN_PREFIX).await,
+            }
+        };
+        let (prepared, listed) = tokio::join!(self.prepare(writer), listing);
+        let (g, key, resolved, bytes) = prepared?;
+        self.check_not_in_a_gap(g, listed)?;
+        let tag = content_tag(&bytes);
+        match self.remote.create(&key, self.parent.next_slot.as_ref(), &tag, PutBody::from_bytes(bytes)).await {
+            Ok(_) => Ok((resolved, self.stats)),
+            Err(e) => match e.root() {
+                RemoteError::AlreadyExists { .. } => {
+                    let by = match self.remote.get_created(&key, self.parent.next_slot.as_ref()).await {
+                        Ok(b) => Manifest::from_bytes(&b, &self.header, g)
+                            .ok()
+                            .and_then(|m| m.writer)
+                            .map_or_else(|| "another writer".to_string(), |w| format!("{} (pid {})", w.host, w.pid)),
+                        Err(_) => "another writer".to_string(),
+                    };
+                    Err(VolumeError::Conflict { url: self.url.clone(), generation: g, by })
+                }
+                _ => Err(VolumeError::remote(format!("committing {}/{key}", self.url), e)),
+            },
+        }
+    }
+}
+
+impl GenerationBuilder {
+    /// Lands every pack, reserves the next slot and builds the manifest:
+    /// the generation, its key, its resolved manifest and the object's
+    /// bytes.
+    async fn prepare(&mut self, writer: Writer) -> VolumeResult<(u64, String, Manifest, Vec<u8>)> {
         self.ship().await?;
         while let Some(r) = self.uploads.join_next().await {
             self.landed(r)?;
@@ -637,50 +678,30 @@ impl GenerationBuilder {
         }
         let object = if full { resolved.clone() } else { self.delta.clone() };
         let bytes = object.to_bytes();
-        let tag = content_tag(&bytes);
         self.stats.manifest_bytes = bytes.len() as u64;
         self.stats.full = full;
-        // The listing for the gap check goes with the create, costing no
-        // round trip: a gap's newer generations are older than gc's grace.
-        let (created, listed) = tokio::join!(
-            self.remote.create(&key, self.parent.next_slot.as_ref(), &tag, PutBody::from_bytes(bytes)),
-            self.remote.list(GEN_PREFIX)
-        );
-        match created {
-            Ok(_) => {
-                self.check_not_in_a_gap(g, listed).await?;
-                Ok((resolved, self.stats))
-            }
-            Err(e) => match e.root() {
-                RemoteError::AlreadyExists { .. } => {
-                    let by = match self.remote.get_created(&key, self.parent.next_slot.as_ref()).await {
-                        Ok(b) => Manifest::from_bytes(&b, &self.header, g)
-                            .ok()
-                            .and_then(|m| m.writer)
-                            .map_or_else(|| "another writer".to_string(), |w| format!("{} (pid {})", w.host, w.pid)),
-                        Err(_) => "another writer".to_string(),
-                    };
-                    Err(VolumeError::Conflict { url: self.url.clone(), generation: g, by })
-                }
-                _ => Err(VolumeError::remote(format!("committing {}/{key}", self.url), e)),
-            },
-        }
+        Ok((g, key, resolved, bytes))
     }
-}
 
-impl GenerationBuilder {
+    /// A listing of `gen-*` the caller made before this commit (alongside
+    /// other requests), so the commit makes none of its own.
+    pub fn generations_listed(&mut self, listed: RemoteResult<Vec<ObjectMeta>>) {
+        self.listed = Some(listed);
+    }
+
     /// A create-if-absent only sees that the key is absent now: a writer
     /// that slept through others' commits (a laptop suspended for a
     /// weekend) finds generation `g` free again once gc retired it, and
-    /// its create succeeds in a gap no reader ever looks at. A commit is
-    /// only one if no newer generation exists; else the object is removed
-    /// again and the commit is a conflict (the local changes are kept).
-    async fn check_not_in_a_gap(&self, g: u64, listed: RemoteResult<Vec<ObjectMeta>>) -> VolumeResult<()> {
+    /// its create would succeed in a gap no reader ever looks at. So a
+    /// listing made before the create must show no newer generation (one
+    /// listed then cannot be built on this one); else the commit is a
+    /// conflict, nothing is created, and the local changes are kept.
+    fn check_not_in_a_gap(&self, g: u64, listed: RemoteResult<Vec<ObjectMeta>>) -> VolumeResult<()> {
         let listed = match listed {
             Ok(l) => l,
-            // The create went through where the listing did not: a gap
-            // needs gc to have run long after the volume moved on, far
-            // rarer than a failed listing, which must not fail a commit.
+            // A gap needs gc to have run long after the volume moved on,
+            // far rarer than a failed listing, which must not fail a
+            // commit.
             Err(e) => {
                 tracing::warn!(url = %self.url, error = %e, "could not list generations to check the commit is the newest; accepting it");
                 return Ok(());
@@ -689,10 +710,7 @@ impl GenerationBuilder {
         let Some(newer) = listed.iter().filter_map(|m| parse_gen_key(&m.key)).filter(|&n| n > g).max() else {
             return Ok(());
         };
-        tracing::warn!(url = %self.url, generation = g, newest = newer, "committed into a gap gc left: the volume moved on long ago; removing it");
-        if let Err(e) = self.remote.delete(&gen_key(g)).await {
-            tracing::warn!(url = %self.url, error = %e, "could not remove the generation committed into a gap; gc reports it");
-        }
+        tracing::warn!(url = %self.url, generation = g, newest = newer, "generation {g} is free again only because gc retired it: the volume moved on long ago");
         Err(VolumeError::Conflict {
             url: self.url.clone(),
             generation: g,

@@ -289,6 +289,10 @@ pub struct Taken {
     pub forked: Option<LeaseView>,
 }
 
+/// How long after its served generation was known to be the newest a
+/// volume skips the listing a commit makes to find a gap gc left.
+const RECENTLY_NEWEST: Duration = Duration::from_secs(60);
+
 /// Takes the lease of the volume `vol` serves (its served generation must
 /// be the newest; the take is a commit on top of it). Refuses with
 /// [`VolumeError::LeaseHeld`] while another host holds it, unless
@@ -339,6 +343,12 @@ pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -
     let mut b =
         GenerationBuilder::new(vol.remote.clone(), &vol.url, &vol.header, parent.clone(), vol.base.is_some(), commit);
     b.set_lease(Some(record.clone()));
+    // Known as the newest a moment ago (the usual take, at start): no
+    // generation after it can be old enough for gc to have retired the
+    // one this commit creates, so the check for that gap needs no listing.
+    if vol.known_newest_within(RECENTLY_NEWEST) {
+        b.generations_listed(Ok(Vec::new()));
+    }
     let manifest = match b.commit(writer_record(&claim.cache_id)).await {
         Ok((m, _)) => m,
         Err(VolumeError::Conflict { .. }) => {

@@ -223,6 +223,10 @@ pub struct VolumeReader {
     indexes: IndexCache,
     /// Where fetched indexes are kept across restarts (a cache directory).
     saved: std::sync::OnceLock<SavedIndexes>,
+    /// When the served generation was last known to be the newest (read
+    /// as such from the remote, or committed by this process), by the wall
+    /// clock, which goes on while a laptop sleeps (a monotonic one stops).
+    newest_known_at: parking_lot::Mutex<Option<std::time::SystemTime>>,
 }
 
 type IndexCache = parking_lot::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<PackIndex>>>>>;
@@ -328,6 +332,7 @@ impl VolumeReader {
             key,
             indexes: Default::default(),
             saved: Default::default(),
+            newest_known_at: parking_lot::Mutex::new(Some(std::time::SystemTime::now())),
         }))
     }
 
@@ -453,6 +458,7 @@ impl VolumeReader {
             key: vkey,
             indexes: Default::default(),
             saved: Default::default(),
+            newest_known_at: parking_lot::Mutex::new(None),
         }))
     }
 
@@ -469,7 +475,14 @@ impl VolumeReader {
     /// Serves `m` from now on (write-back committed it).
     pub fn set_manifest(&self, m: Manifest) {
         locate_ids(&self.remote, &self.origins, &m.ids);
+        *self.newest_known_at.lock() = Some(std::time::SystemTime::now());
         self.manifest.store(Arc::new(m));
+    }
+
+    /// True when the served generation was known to be the newest less
+    /// than `d` ago (never for a volume opened offline).
+    pub fn known_newest_within(&self, d: std::time::Duration) -> bool {
+        self.newest_known_at.lock().is_some_and(|t| t.elapsed().is_ok_and(|e| e < d))
     }
 
     /// The newest committed generation on the remote now, resolved.
