@@ -63,7 +63,6 @@ impl Inner {
     async fn lease_loop(self: Arc<Self>, holder: Arc<LeaseHolder>) {
         let every = Duration::from_millis(holder.record().ttl_ms / 4).max(Duration::from_millis(50));
         let mut last = Instant::now();
-        let mut last_pending = Some(self.pending_bytes());
         let mut failing = false;
         loop {
             tokio::time::sleep(every.min(Duration::from_millis(500))).await;
@@ -71,14 +70,16 @@ impl Inner {
                 return;
             }
             let pending = self.pending_bytes();
-            let flipped = last_pending.is_none_or(|p| (p > 0) != (pending > 0));
+            // Against what the record says, not what this loop saw last:
+            // changes made and committed between two ticks (or before the
+            // loop started) must not hide a flip from the record.
+            let flipped = failing || (holder.record().pending_bytes > 0) != (pending > 0);
             if !flipped && last.elapsed() < every {
                 continue;
             }
             match holder.renew(self.vol.generation(), pending).await {
                 Ok(()) => {
                     last = Instant::now();
-                    last_pending = Some(pending);
                     if failing {
                         tracing::info!("lease heartbeat written again");
                     }
@@ -89,7 +90,6 @@ impl Inner {
                         tracing::warn!(error = %e, "could not renew the lease heartbeat (retrying)");
                     }
                     failing = true;
-                    last_pending = None;
                 }
             }
         }
