@@ -1414,19 +1414,27 @@ impl SsdCache {
                 }
             }
         }
-        if need_persist {
-            self.persist()?;
-        }
         let cs = self.chunk_size;
-        self.data_write_zeroes_at(range.start * cs, (range.end - range.start) * cs)?;
-        for idx in absent {
-            self.set_state(idx, ZERO_DIRTY);
-            self.dirty.fetch_add(1, Ordering::Relaxed);
+        let stored = (|| {
+            if need_persist {
+                self.persist()?;
+            }
+            self.data_write_zeroes_at(range.start * cs, (range.end - range.start) * cs)
+        })();
+        if stored.is_ok() {
+            for idx in absent {
+                self.set_state(idx, ZERO_DIRTY);
+                self.dirty.fetch_add(1, Ordering::Relaxed);
+            }
         }
+        // Even when the zeroing failed part way, the chunks already zeroed
+        // in memory are not what a cut being uploaded holds: committing it
+        // must not mark them clean (it would bring its bytes back).
         for idx in range.clone() {
             self.dirty_pages.forget(idx);
             self.bump_seq(idx);
         }
+        stored?;
         // Zeroed chunks not persisted yet survive a crash of this process.
         self.record_volatile(range)
     }
@@ -1492,11 +1500,13 @@ impl SsdCache {
                         self.set_state(idx, ABSENT);
                         freed += self.chunk_size;
                         whole += 1;
-                        victims.push(idx);
+                        victims.push((idx, None));
                     }
                     PARTIAL => {
-                        freed += self.leave_partial(&mut self.pages.lock(), idx, ABSENT) * PAGE;
-                        victims.push(idx);
+                        let mut pages = self.pages.lock();
+                        let held = pages.maps.get(&idx).cloned();
+                        freed += self.leave_partial(&mut pages, idx, ABSENT) * PAGE;
+                        victims.push((idx, held));
                     }
                     _ => {}
                 }
@@ -1510,9 +1520,21 @@ impl SsdCache {
         }
         let n = victims.len() as u64;
         self.cached.fetch_sub(whole, Ordering::Relaxed);
+        if let Err(e) = self.persist() {
+            // The map on disk still claims the victims' bytes, which are
+            // still there: they stay cached. Left absent in memory, the
+            // next write into one would change bytes that map calls clean.
+            for (idx, held) in victims {
+                match held {
+                    Some(m) => self.restore_partial(idx, m),
+                    None => self.set_state(idx, CLEAN),
+                }
+            }
+            self.cached.fetch_add(whole, Ordering::Relaxed);
+            return Err(e);
+        }
         self.evictions.fetch_add(n, Ordering::Relaxed);
-        self.persist()?;
-        for idx in victims {
+        for (idx, _) in victims {
             self.data_write_zeroes_at(idx * self.chunk_size, self.chunk_size)?;
         }
         drop(guards);

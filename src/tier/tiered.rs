@@ -26,7 +26,7 @@ use super::pins::Pins;
 use super::ram::{Admit, ChunkBuf, RamCache};
 use super::readahead::Readahead;
 use super::single_flight::{Flight, SingleFlight, Urgency};
-use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL, PAGE};
+use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL, PAGE, ZERO_DIRTY};
 use super::stats::{Counters, TierStats};
 use super::Storage;
 use crate::format::{IoMode, IoVec};
@@ -1368,12 +1368,17 @@ impl Inner {
             for idx in a..b {
                 self.before_modify(idx, None)?;
             }
-            self.ssd.zero_chunks(a..b)?;
+            let zeroed = self.ssd.zero_chunks(a..b);
             for idx in a..b {
-                if let Some(rb) = self.ram.get(idx) {
-                    rb.write().fill(0);
+                // A zeroing that failed part way left some chunks reading
+                // as zeroes and some not: the SSD says which.
+                if zeroed.is_ok() || self.ssd.state(idx) == ZERO_DIRTY {
+                    if let Some(rb) = self.ram.get(idx) {
+                        rb.write().fill(0);
+                    }
                 }
             }
+            zeroed?;
             a = b;
         }
         zero_part(last_whole * cs, end)

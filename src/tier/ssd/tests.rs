@@ -1057,3 +1057,63 @@ fn ssd_a_write_after_a_zeroing_whose_persist_failed_is_recorded() {
     want[P..2 * P].fill(9);
     assert!(c.read_chunk(0).unwrap() == want);
 }
+
+/// An eviction whose persist failed (a full disk when the map is written)
+/// keeps its victims cached: the map on disk still claims their bytes, so
+/// a write into one records first, as into any clean chunk.
+#[test]
+fn ssd_an_eviction_whose_persist_failed_keeps_its_victims() {
+    for kept in [CLEAN, PARTIAL] {
+        let d = tempfile::tempdir().unwrap();
+        let (c, _) = open64(d.path(), 4 * CS, CS);
+        if kept == CLEAN {
+            install(&c, 0);
+        } else {
+            assert!(pages(&c, 0, 2, 3));
+        }
+        c.persist().unwrap();
+        // Without a journal every change is a whole map written; the next
+        // one goes to a full disk (once: the failed temporary file is removed).
+        *c.journal.lock() = None;
+        std::os::unix::fs::symlink("/dev/full", d.path().join("state.tmp")).unwrap();
+        {
+            // Chunk 1 needs chunk 0's room.
+            let _g = c.lock_write(1);
+            assert!(c.install_clean(1, &remote(1)).is_err());
+        }
+        assert_eq!(on_disk(d.path()).states[0], kept);
+        assert_eq!(c.state(0), kept, "the victim stays as the map on disk says");
+        assert_eq!(read_at(&c, 0, 2 * PAGE, P), remote(0)[2 * P..3 * P]);
+        {
+            let _g = c.lock_write(0);
+            c.write(0, 0, &IoVec::from_slice(&mut vec![9u8; CS as usize]), None).unwrap();
+        }
+        assert_ne!(on_disk(d.path()).states[0], kept, "bytes changed under a map on disk that calls them the remote's");
+        assert!(c.read_chunk(0).unwrap() == vec![9u8; CS as usize]);
+    }
+}
+
+/// A zeroing whose persist failed still changes which write a commit may
+/// call uploaded: a cut taken before it no longer marks its chunks clean
+/// (that would bring the cut's bytes back where the guest read zeroes).
+#[test]
+fn ssd_a_zeroing_whose_persist_failed_outdates_the_cut() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    install(&c, 1);
+    c.persist().unwrap();
+    {
+        let _g = c.lock_write(0);
+        c.write(0, 0, &IoVec::from_slice(&mut vec![7u8; CS as usize]), None).unwrap();
+    }
+    let cut = c.seq(0);
+    *c.journal.lock() = None;
+    std::os::unix::fs::symlink("/dev/full", d.path().join("state.tmp")).unwrap();
+    {
+        let _l = c.lock_many(0..2);
+        assert!(c.zero_chunks(0..2).is_err());
+    }
+    assert_eq!(c.state(0), ZERO_DIRTY);
+    assert!(!c.mark_clean(0, cut), "a commit of the cut before the zeroing cleaned the zeroed chunk");
+    assert!(c.read_chunk(0).unwrap() == vec![0u8; CS as usize]);
+}
