@@ -10,7 +10,10 @@ mod gdrive_support;
 #[path = "lease_support/mod.rs"]
 mod lease_support;
 
+use std::time::{Duration, Instant};
+
 use gdrive_support::{start, Creds};
+use lease_support::Host;
 
 fn drive() -> (gdrive_support::DriveEnv, Vec<String>) {
     let env = start(driveemu::Config::default(), Creds::User);
@@ -45,4 +48,35 @@ fn gdrive_a_killed_holder_keeps_its_lease_and_a_silent_one_expires_by_drives_clo
 fn gdrive_a_holder_that_slept_through_its_lease_is_fenced_at_its_next_commit() {
     let (env, flags) = drive();
     lease_support::sleeping_holder_is_fenced(env.dir.path(), "gdrive:/lease/vol", &flags, false);
+}
+
+/// A heartbeat trashed in the web UI while its holder runs: the holder's
+/// next heartbeat restores it, and another host still hears a holder that
+/// cannot (stopped, a laptop's lid closed) by the trashed file's time,
+/// instead of taking its lease for silent by the older manifest's.
+#[test]
+fn gdrive_a_trashed_heartbeat_keeps_its_holders_lease() {
+    let (env, flags) = drive();
+    let url = "gdrive:/lease/vol";
+    let a = Host::new(env.dir.path(), "desktop", &flags, &[("DRIVEBLK_LEASE_TTL_MS", "4000")]);
+    let b = Host::new(env.dir.path(), "laptop", &flags, &[]);
+    lease_support::import(&a, url);
+    let da = a.serve(url, &[]);
+    // Serving past its ttl: the manifest that took the lease is older.
+    std::thread::sleep(Duration::from_secs(5));
+    let heartbeat = || env.emu.ui_find("lease-").into_iter().next().expect("a heartbeat");
+    env.emu.ui_trash(&heartbeat().0);
+    assert!(heartbeat().2);
+    let t0 = Instant::now();
+    while heartbeat().2 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the holder never restored its heartbeat");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = da.child.as_ref().unwrap().id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    env.emu.ui_trash(&heartbeat().0);
+    let l = b.lease(url);
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(l["standing"], "held", "{l}");
+    assert!(da.stop().success());
 }

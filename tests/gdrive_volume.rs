@@ -320,3 +320,49 @@ fn gdrive_hydrated_volume_serves_while_drive_is_down() {
     drop(c);
     assert!(d.stop().success());
 }
+
+/// A volume whose `volume.json` was trashed in the web UI: opening it says
+/// where the header went, and `import` to the same place refuses instead
+/// of taking the volume's packs for an interrupted import's and deleting
+/// them; with the header deleted for good, the generations left still
+/// keep `import` off. Restored from the trash, the volume reads back whole.
+#[test]
+fn gdrive_a_trashed_header_is_named_and_import_keeps_the_volume() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let (img, bytes) = tier_support::raw_image(env.dir.path(), "disk.raw", 2 << 20, 26);
+    let mut ro = remote_opts(&env);
+    let mut cfg = env.cfg.clone();
+    cfg.drive.open_grace = Duration::from_millis(200);
+    ro.config = Arc::new(cfg);
+    let opts = ImportOptions {
+        chunk_size: 256 << 10,
+        pack_size: 1 << 20,
+        parallel_uploads: 2,
+        progress: false,
+        remote: ro.clone(),
+        image_format: None,
+        encrypt: false,
+        subframes: true,
+    };
+    let url = "gdrive:/trash/vol";
+    volume::import(&img, url, &opts).unwrap();
+    let packs = env.emu.ui_find("pack-");
+    assert!(!packs.is_empty());
+    let header = env.emu.ui_find("volume.json")[0].0.clone();
+    env.emu.ui_trash(&header);
+    let e = volume::info_with(url, &ro).unwrap_err().to_string();
+    assert!(e.contains("volume.json is in the Drive trash"), "{e}");
+    let e = volume::import(&img, url, &opts).unwrap_err().to_string();
+    assert!(e.contains("volume.json is in the Drive trash"), "{e}");
+    assert_eq!(env.emu.ui_find("pack-"), packs, "import deleted the volume's packs");
+    env.emu.ui_restore(&header);
+    let out = env.dir.path().join("out.raw");
+    let eo = ExportOptions { cache_dir: None, parallel: 4, progress: false, remote: ro.clone() };
+    driveblk::tier::export(url, &out, &eo).unwrap();
+    assert!(std::fs::read(&out).unwrap() == bytes);
+    // Deleted for good: the generations still say a volume lives here.
+    env.emu.ui_delete(&header);
+    let e = volume::import(&img, url, &opts).unwrap_err().to_string();
+    assert!(e.contains("no volume.json"), "{e}");
+    assert_eq!(env.emu.ui_find("pack-"), packs, "import deleted the volume's packs");
+}

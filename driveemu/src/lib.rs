@@ -282,12 +282,35 @@ impl Emulator {
         st.create(meta, None, true, Duration::ZERO, None).unwrap_or_default()
     }
 
+    /// Items whose name starts with `prefix`, trashed ones too, as the web
+    /// UI's search finds them: (id, name, trashed), sorted by name.
+    pub fn ui_find(&self, prefix: &str) -> Vec<(String, String, bool)> {
+        let st = self.shared.store.lock();
+        let mut out: Vec<_> = st
+            .files
+            .values()
+            .filter(|f| !f.is_root && f.name.starts_with(prefix))
+            .map(|f| (f.id.clone(), f.name.clone(), f.trashed))
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        out
+    }
+
     /// Moves an item (and what is below it) to the trash. Unknown ids are ignored.
     pub fn ui_trash(&self, id: &str) {
         let mut st = self.shared.store.lock();
         let id = st.canon(id).to_string();
         if st.files.get(&id).is_some_and(|f| !f.is_root) {
             st.set_trashed(&id, true);
+        }
+    }
+
+    /// Restores an item from the trash. Unknown ids are ignored.
+    pub fn ui_restore(&self, id: &str) {
+        let mut st = self.shared.store.lock();
+        let id = st.canon(id).to_string();
+        if st.files.contains_key(&id) {
+            st.set_trashed(&id, false);
         }
     }
 

@@ -22,6 +22,12 @@ pub enum VolumeError {
     #[error("a volume already exists at {url} — choose another name, or delete that folder first")]
     AlreadyExists { url: String },
 
+    #[error("{url}/{key} is in the Drive trash — restore it (Drive web UI: Trash, Restore); nothing was changed")]
+    InTrash { url: String, key: String },
+
+    #[error("{url} holds generations (gen-*) but no volume.json — restore volume.json (from the Drive trash, or a backup) rather than importing over it; nothing was changed")]
+    HeaderMissing { url: String },
+
     #[error("volume {url}: {source}")]
     Key {
         url: String,

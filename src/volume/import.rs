@@ -12,7 +12,8 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 
 use super::format::{
-    check_chunk_size, gen_key, new_pack_key, BaseRef, ChunkRef, Manifest, VolumeHeader, HEADER_KEY, PACK_PREFIX,
+    check_chunk_size, gen_key, new_pack_key, BaseRef, ChunkRef, Manifest, VolumeHeader, GEN_PREFIX, HEADER_KEY,
+    PACK_PREFIX,
 };
 use super::pack::PackWriter;
 use super::reader::{connect, VolumeReader};
@@ -112,12 +113,30 @@ pub(crate) async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<(
         Err(e) if e.is_not_found() => {}
         Err(e) => return Err(VolumeError::remote(format!("checking {url}/{HEADER_KEY}"), e)),
     }
+    // Packs are only "left by an interrupted import" when no volume owns
+    // them: a header in the trash, or generations without a header, mean
+    // a volume that lost its header (deleting its packs would destroy it).
+    missing_header(remote, url).await?;
+    let gens = remote.list(GEN_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {url}"), e))?;
+    if !gens.is_empty() {
+        return Err(VolumeError::HeaderMissing { url: url.to_string() });
+    }
     let stale = remote.list(PACK_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {url}"), e))?;
     for m in stale {
         tracing::info!(key = %m.key, "removing a pack left by an interrupted import");
         remote.delete(&m.key).await.map_err(|e| VolumeError::remote(format!("deleting stale {url}/{}", m.key), e))?;
     }
     Ok(())
+}
+
+/// Why `volume.json` cannot be read at `url` when it is not found: in the
+/// Drive trash (a click in the web UI), else plainly absent.
+pub(crate) async fn missing_header(remote: &DynRemote, url: &str) -> VolumeResult<()> {
+    match remote.find_trashed(HEADER_KEY).await {
+        Ok(Some(_)) => Err(VolumeError::InTrash { url: url.to_string(), key: HEADER_KEY.to_string() }),
+        Ok(None) => Ok(()),
+        Err(e) => Err(VolumeError::remote(format!("looking for {url}/{HEADER_KEY} in the trash"), e)),
+    }
 }
 
 /// Writes the header, then the manifest (the commit point). The manifest

@@ -203,20 +203,45 @@ pub async fn remote_now_ms(remote: &DynRemote) -> RemoteResult<u64> {
 }
 
 /// Reads the holder's heartbeat: its record and when it was written (by
-/// the remote's clock). None when absent or unreadable.
-async fn read_heartbeat(remote: &DynRemote, header: &VolumeHeader, cache_id: &str) -> Option<(LeaseRecord, u64)> {
-    let key = heartbeat_key(cache_id);
-    let meta = remote.head(&key).await.ok()?;
-    let body = remote.get(&key).await.ok()?;
-    let hb: Heartbeat = serde_json::from_slice(&body).ok()?;
-    if hb.format != HEARTBEAT_MAGIC || hb.volume_id != header.volume_id || hb.lease.cache_id != cache_id {
-        return None;
+/// the remote's clock). None when absent, or not a heartbeat of this
+/// volume's lease. A heartbeat that cannot be read is an error, never
+/// "absent": a holder alive behind a failed read would lose its lease.
+/// One in the Drive trash (a click in the web UI) still says when its
+/// holder last wrote it: `record` (the manifest's) stands in for its body.
+async fn read_heartbeat(
+    remote: &DynRemote,
+    header: &VolumeHeader,
+    record: &LeaseRecord,
+) -> VolumeResult<Option<(LeaseRecord, u64)>> {
+    let key = heartbeat_key(&record.cache_id);
+    let failed = |e| VolumeError::remote(format!("reading the lease heartbeat {key}"), e);
+    let meta = match remote.head(&key).await {
+        Ok(m) => m,
+        Err(e) if e.is_not_found() => {
+            return match remote.find_trashed(&key).await.map_err(failed)? {
+                Some(m) => {
+                    tracing::warn!(key = %key, "the lease heartbeat is in the Drive trash; its holder restores it at its next write");
+                    Ok(m.modified_ms.map(|ms| (record.clone(), ms)))
+                }
+                None => Ok(None),
+            };
+        }
+        Err(e) => return Err(failed(e)),
+    };
+    let body = match remote.get(&key).await {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(failed(e)),
+    };
+    let Ok(hb) = serde_json::from_slice::<Heartbeat>(&body) else { return Ok(None) };
+    if hb.format != HEARTBEAT_MAGIC || hb.volume_id != header.volume_id || hb.lease.cache_id != record.cache_id {
+        return Ok(None);
     }
-    let ms = meta.modified_ms?;
+    let Some(ms) = meta.modified_ms else { return Ok(None) };
     let mut rec = hb.lease;
     // The first heartbeat is what dates the lease.
     rec.since_ms = rec.since_ms.or(Some(ms));
-    Some((rec, ms))
+    Ok(Some((rec, ms)))
 }
 
 /// The lease of the volume whose newest resolved manifest is `newest`, as
@@ -231,7 +256,13 @@ pub async fn inspect(
     let Some(rec) = newest.lease.clone() else {
         return Ok(LeaseView { standing: Standing::Free, holder: None, silent_ms: None, generation });
     };
-    let hb = read_heartbeat(remote, header, &rec.cache_id).await.filter(|(h, _)| h.taken_at == rec.taken_at);
+    let hb = if mine == Some(rec.cache_id.as_str()) {
+        // Ours: what it says is only shown, never judged.
+        read_heartbeat(remote, header, &rec).await.ok().flatten()
+    } else {
+        read_heartbeat(remote, header, &rec).await?
+    };
+    let hb = hb.filter(|(h, _)| h.taken_at == rec.taken_at);
     // Without a heartbeat of this lease (its holder stopped before the
     // first one), the manifest that took it stands in, dated by the remote.
     let (holder, heard_ms) = match hb {

@@ -308,7 +308,10 @@ impl VolumeReader {
                     tokio::time::sleep(wait.min(grace.saturating_sub(t0.elapsed()))).await;
                     wait = (wait * 2).min(std::time::Duration::from_secs(2));
                 }
-                Err(e) if e.is_not_found() => return Err(VolumeError::NotFound { url: url_s }),
+                Err(e) if e.is_not_found() => {
+                    super::import::missing_header(&remote, &url_s).await?;
+                    return Err(VolumeError::NotFound { url: url_s });
+                }
                 Err(e) => return Err(VolumeError::remote(format!("reading {url_s}/{HEADER_KEY}"), e)),
             }
         };

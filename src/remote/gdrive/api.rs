@@ -691,6 +691,14 @@ impl DriveApi {
         Ok(())
     }
 
+    /// files.update `trashed: false`: takes file `id` out of the trash.
+    pub async fn untrash(&self, id: &str) -> Result<DriveFile, ApiError> {
+        let url = self.url(&self.file_url(id), &[("fields", FILE_FIELDS), ("supportsAllDrives", "true")]);
+        let body = serde_json::json!({ "trashed": false });
+        let t = self.cfg.request_timeout;
+        self.json(|tok| self.req(Method::PATCH, &url, tok, t).json(&body), true).await
+    }
+
     /// revisions.get: one revision's metadata (size, md5, keepForever).
     pub async fn get_revision(&self, id: &str, rev: &str) -> Result<DriveRevision, ApiError> {
         let url =

@@ -506,6 +506,14 @@ impl Remote for GDriveRemote {
         if let Some(id) = existing {
             // Keys are unique: a put to an existing key replaces its content.
             match self.upload(&serde_json::json!({}), Some(&id), &body).await {
+                // Trashed in the web UI: a put leaves the key readable by
+                // name (a holder's heartbeat others look for), so it comes
+                // back out.
+                Ok(f) if f.trashed => {
+                    tracing::warn!(remote = %self.name, key, "this object was in the Drive trash; restoring it");
+                    let f = self.api.untrash(&id).await.map_err(|e| self.err("put", key, e))?;
+                    return Ok(self.meta(key, &f));
+                }
                 Ok(f) => return Ok(self.meta(key, &f)),
                 // Deleted since it was seen (a lagging listing, another
                 // host): create it afresh below.

@@ -64,10 +64,18 @@ impl Inner {
         let every = Duration::from_millis(holder.record().ttl_ms / 4).max(Duration::from_millis(50));
         let mut last = Instant::now();
         let mut failing = false;
+        // A failing renewal is tried again sooner than `every`, but backs
+        // off: a refusal (quota, permissions) must not become a request
+        // every tick for as long as it lasts.
+        let mut retry = Duration::ZERO;
+        let mut failed_at = Instant::now();
         loop {
             tokio::time::sleep(every.min(Duration::from_millis(500))).await;
             if self.closed.load(Ordering::Relaxed) || holder.record().released {
                 return;
+            }
+            if failing && failed_at.elapsed() < retry {
+                continue;
             }
             let pending = self.pending_bytes();
             // Against what the record says, not what this loop saw last:
@@ -84,12 +92,15 @@ impl Inner {
                         tracing::info!("lease heartbeat written again");
                     }
                     failing = false;
+                    retry = Duration::ZERO;
                 }
                 Err(e) => {
                     if !failing {
                         tracing::warn!(error = %e, "could not renew the lease heartbeat (retrying)");
                     }
                     failing = true;
+                    failed_at = Instant::now();
+                    retry = (retry * 2).clamp(Duration::from_millis(500), every);
                 }
             }
         }
