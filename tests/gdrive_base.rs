@@ -306,6 +306,9 @@ impl std::fmt::Debug for AfterPut {
 
 #[async_trait::async_trait]
 impl driveblk::remote::Remote for AfterPut {
+    async fn create_folder(&self) -> driveblk::remote::RemoteResult<()> {
+        self.inner.create_folder().await
+    }
     async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> driveblk::remote::RemoteResult<bytes::Bytes> {
         self.inner.get_range(key, range).await
     }

@@ -25,6 +25,7 @@ async fn gdrive_put_get_list_delete_conformance() {
     assert_eq!(env.emu.stats().requests.get("files.create").copied().unwrap_or(0), 0);
 
     let small = data(1, 1000);
+    r.create_folder().await.unwrap();
     let m = r.put("pack-1", PutBody::from_bytes(small.clone())).await.unwrap();
     assert_eq!(m.size, 1000);
     assert!(m.created_ms.is_some() && m.version.is_some());
@@ -66,6 +67,10 @@ async fn gdrive_put_get_list_delete_conformance() {
 async fn gdrive_create_at_a_slot_is_the_fence_and_seen_before_listings() {
     let emu_cfg = driveemu::Config { listing_lag: Duration::from_secs(30), ..Default::default() };
     let env = start(emu_cfg, Creds::ServiceAccount);
+    // A folder made long ago (the listing shows it), so the other host
+    // finds it; the objects in it are new.
+    let vols = env.emu.ui_create_folder(&env.emu.root_folder_id(), "vols");
+    env.emu.ui_create_folder(&vols, "fenced");
     let a = folder(&env, "gdrive:/vols/fenced");
     // Another host: its own connection, knowing nothing this one wrote.
     let mut other_host = env.cfg.clone();
@@ -109,6 +114,7 @@ async fn gdrive_duplicate_names_are_reported_with_their_ids() {
     let f1 = env.emu.ui_upload(&v1, "gen-1", b"one");
     let f2 = env.emu.ui_upload(&v1, "gen-1", b"two");
     let r = folder(&env, "gdrive:/dups/vol");
+    r.create_folder().await.unwrap();
     for e in [r.list("gen-").await.unwrap_err(), r.head("gen-1").await.unwrap_err()] {
         let msg = e.to_string();
         assert!(msg.contains(&f1) && msg.contains(&f2), "{msg}");
@@ -132,6 +138,7 @@ async fn gdrive_names_that_differ_in_case_are_other_names() {
     let their_vol = env.emu.ui_create_folder(&theirs, "vol");
     let their_gen = env.emu.ui_upload(&their_vol, "gen-1", b"the user's own");
     let r = folder(&env, "gdrive:/VMs/vol");
+    r.create_folder().await.unwrap();
     assert!(r.list("").await.unwrap().is_empty(), "the user's `vms` is not `VMs`");
     r.put("gen-1", PutBody::from_bytes(b"one".to_vec())).await.unwrap();
     assert_eq!(env.emu.ui_content(&their_gen).unwrap(), b"the user's own");
@@ -171,6 +178,7 @@ async fn gdrive_file_id_base_reads_and_pins_content() {
 async fn gdrive_quota_and_revoked_grant_are_classified() {
     let env = start(driveemu::Config::default(), Creds::User);
     let r = folder(&env, "gdrive:/q/vol");
+    r.create_folder().await.unwrap();
     r.put("a", PutBody::from_bytes(data(1, 100))).await.unwrap();
     env.emu.faults().set_storage_quota(Some(10));
     let e = r.put("b", PutBody::from_bytes(data(2, 1000))).await.unwrap_err();
@@ -205,6 +213,7 @@ async fn gdrive_short_token_lifetime_is_refreshed() {
     let emu_cfg = driveemu::Config { token_lifetime: Duration::from_secs(2), ..Default::default() };
     let env = start(emu_cfg, Creds::User);
     let r = folder(&env, "gdrive:/t/vol");
+    r.create_folder().await.unwrap();
     r.put("a", PutBody::from_bytes(data(1, 100))).await.unwrap();
     // Tokens expire early (a 2 s lifetime is inside the refresh margin, and
     // expire_tokens_now invalidates one we still trust): both are renewed.
@@ -239,6 +248,7 @@ async fn gdrive_pacer_keeps_under_the_per_user_limit() {
     let burst = |env: &gdrive_support::DriveEnv, url: &'static str| {
         let r = folder(env, url);
         async move {
+            r.create_folder().await.unwrap();
             r.put("x", PutBody::from_bytes(data(1, 10))).await.ok();
             read_at_once(&r, 100).await
         }
@@ -271,6 +281,7 @@ async fn gdrive_pacer_finds_a_limit_above_its_start() {
     env.cfg.drive.read_merge.window = Duration::ZERO;
     env.cfg.drive.pacer = PacerConfig { rate: 5.0, burst: 5, max_rate: 200.0 };
     let r = RetryingRemote::wrap(folder(&env, "gdrive:/climb/vol"), RetryPolicy::default());
+    r.create_folder().await.unwrap();
     r.put("x", PutBody::from_bytes(data(1, 10))).await.unwrap();
     let (failed, took) = read_at_once(&r, 400).await;
     assert_eq!(failed, 0);
@@ -289,6 +300,7 @@ async fn gdrive_upload_restarts_when_its_session_is_gone() {
     use std::sync::Arc;
     let env = Arc::new(start(driveemu::Config::default(), Creds::User));
     let r = folder(&env, "gdrive:/sess/vol");
+    r.create_folder().await.unwrap();
     let body = data(11, (1 << 20) + 7);
     let sessions = Arc::new(AtomicU32::new(0));
     let (e2, b2, s2) = (env.clone(), Bytes::from(body.clone()), sessions.clone());
@@ -330,6 +342,7 @@ async fn gdrive_shared_drive_volume() {
     let env = start(driveemu::Config::default(), Creds::ServiceAccount);
     let drive = env.emu.create_shared_drive("team");
     let r = folder(&env, &format!("gdrive:id={drive}/vms/vol"));
+    r.create_folder().await.unwrap();
     r.put("volume.json", PutBody::from_bytes(b"{}".to_vec())).await.unwrap();
     let other = folder(&env, &format!("gdrive:id={drive}/vms/vol"));
     let keys: Vec<_> = other.list("").await.unwrap().into_iter().map(|m| m.key).collect();
@@ -354,6 +367,7 @@ async fn gdrive_lost_replies_leave_no_duplicates() {
         attempt_timeout: Duration::from_secs(30),
     };
     let r = RetryingRemote::wrap(folder(&env, "gdrive:/lost/vol"), policy);
+    r.create_folder().await.unwrap();
     for i in 0..12u64 {
         // Small (multipart) and large (resumable) bodies.
         let len = if i % 3 == 0 { 300 << 10 } else { 2000 };
@@ -385,6 +399,7 @@ async fn gdrive_a_silent_drive_fails_within_the_deadline() {
     let mut env = start(driveemu::Config::default(), Creds::User);
     env.cfg.drive.request_timeout = Duration::from_millis(500);
     let r = folder(&env, "gdrive:/slow/vol");
+    r.create_folder().await.unwrap();
     r.put("a", PutBody::from_bytes(data(1, 100))).await.unwrap();
     env.emu.faults().set_latency(Duration::from_secs(30));
     let t0 = std::time::Instant::now();
@@ -409,6 +424,7 @@ async fn gdrive_base_is_pinned_and_copied_server_side() {
     let version = base.head(&key).await.unwrap().version.unwrap();
     assert!(version.starts_with(&format!("{rev}:")), "{version} vs {rev}");
     let vol = GDriveRemote::folder(&DriveLocation::parse("/vms/adopted").unwrap(), &env.cfg.drive);
+    vol.create_folder().await.unwrap();
     let before = env.emu.stats().bytes_in;
     let slot = vol.reserve("base").await.unwrap().unwrap();
     let m = base.copy_to(&key, &vol, "base", &slot.0).await.unwrap();

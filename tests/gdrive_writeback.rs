@@ -204,3 +204,72 @@ fn cut_short_on_drive(restart: bool) {
     let s = driveblk::tier::open_volume(url, fresh).unwrap();
     assert!(tier_support::read_all(&*s).unwrap() == want, "another machine reads every change");
 }
+
+/// The volume's folder renamed in the web UI between two runs: the cache
+/// serves its copy, and write-back says the folder is not at its path
+/// instead of making a new empty one there and committing into it (where
+/// no reader looks, and which the user would delete as junk). Renamed
+/// back, the changes go up.
+#[test]
+fn gdrive_a_renamed_volume_folder_is_never_made_again() {
+    use driveblk::format::{IoMode, IoVec};
+    use driveblk::tier::Storage;
+    let env = start(driveemu::Config::default(), Creds::User);
+    let mut cfg = env.cfg.clone();
+    cfg.drive.open_grace = Duration::from_millis(200);
+    let remote = driveblk::volume::RemoteOptions {
+        layer: None,
+        retry: driveblk::remote::RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(50),
+            seed: Some(3),
+            attempt_timeout: Duration::from_secs(30),
+        },
+        config: std::sync::Arc::new(cfg),
+        key: None,
+    };
+    let (img, mut want) = tier_support::raw_image(env.dir.path(), "disk.raw", 2 << 20, 62);
+    let url = "gdrive:/vms/disk";
+    let io = driveblk::volume::ImportOptions {
+        chunk_size: tier_support::CS,
+        pack_size: 1 << 20,
+        remote: remote.clone(),
+        ..Default::default()
+    };
+    driveblk::volume::import(&img, url, &io).unwrap();
+    let cache = env.dir.path().join("cache");
+    let write = |s: &dyn Storage, off: u64, fill: u8, want: &mut Vec<u8>| {
+        let mut v = vec![fill; 4096];
+        s.write_vectored_at(off, &IoVec::from_slice(&mut v), IoMode::Blocking).unwrap();
+        want[off as usize..off as usize + 4096].fill(fill);
+        let t = s.flush_point().unwrap();
+        s.wait_durable(t).unwrap();
+    };
+    let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&cache, remote.clone())).unwrap();
+    write(&*s, 8192, 0x11, &mut want);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+
+    let folder = env.emu.ui_find("disk").into_iter().find(|f| f.1 == "disk").unwrap().0;
+    env.emu.ui_rename(&folder, "disk-old");
+    let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&cache, remote.clone())).unwrap();
+    write(&*s, 65536, 0x22, &mut want);
+    assert!(!s.sync_now(Duration::from_secs(10)), "synced into a folder that is not the volume's");
+    let st = s.sync_status().unwrap();
+    let e = st.last_error.unwrap_or_default();
+    assert!(e.contains("not on Drive at this path"), "{e}");
+    assert_ne!(s.close(Duration::from_secs(1)), 0, "the change stays pending");
+    drop(s);
+    let names: Vec<String> = env.emu.ui_find("disk").into_iter().map(|f| f.1).collect();
+    assert_eq!(names, ["disk-old"], "a folder was made again at the volume's path");
+
+    env.emu.ui_rename(&folder, "disk");
+    let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&cache, remote.clone())).unwrap();
+    assert_eq!(s.close(Duration::from_secs(30)), 0, "the change went up");
+    drop(s);
+    let mut ro = tier_support::cache_opts(&env.dir.path().join("fresh"), remote);
+    ro.read_only = true;
+    let s = driveblk::tier::open_volume(url, ro).unwrap();
+    assert!(tier_support::read_all(&*s).unwrap() == want);
+}

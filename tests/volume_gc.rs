@@ -279,6 +279,9 @@ struct GateCommits {
 
 #[async_trait::async_trait]
 impl driveblk::remote::Remote for GateCommits {
+    async fn create_folder(&self) -> driveblk::remote::RemoteResult<()> {
+        self.inner.create_folder().await
+    }
     async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> RemoteResult<bytes::Bytes> {
         self.inner.get_range(key, range).await
     }

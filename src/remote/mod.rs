@@ -215,11 +215,11 @@ pub trait Remote: Send + Sync + fmt::Debug {
     /// fork). Other writes never make it: on a path-named store (`dir:`) a
     /// folder that vanished (deleted, or a network share not mounted) then
     /// fails them, instead of being made again empty where commits would
-    /// land unseen. Stores that make folders otherwise (Drive, on its first
-    /// write, then by id) or have none (object stores) do nothing here.
-    async fn create_folder(&self) -> RemoteResult<()> {
-        Ok(())
-    }
+    /// land unseen. On Drive the same holds for a folder renamed, moved or
+    /// trashed in the web UI. Stores without folders (object stores) do
+    /// nothing here. No default: a wrapper that forgot to pass it on
+    /// would leave a new volume's folder unmade.
+    async fn create_folder(&self) -> RemoteResult<()>;
 
     /// Reserves a slot for a later exclusive [`create`](Self::create) of
     /// `key`. Stores whose keys are unique (`dir`, object stores) need

@@ -440,6 +440,11 @@ impl ObjStoreRemote {
 
 #[async_trait]
 impl Remote for ObjStoreRemote {
+    /// Object stores have no folders: a key's prefix is all there is.
+    async fn create_folder(&self) -> RemoteResult<()> {
+        Ok(())
+    }
+
     /// Ranges longer than a part are read as parallel ranged GETs (one
     /// connection's throughput is the limit on object stores, not the
     /// request count).

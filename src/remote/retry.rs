@@ -266,6 +266,12 @@ impl super::Layer for RetryingRemote {
         self.run("find_trashed", key, || self.inner.find_trashed(key)).await
     }
 
+    /// Idempotent on every store (Drive creates a folder at a pre-generated
+    /// id, so a retry after a lost reply finds it).
+    async fn create_folder(&self) -> RemoteResult<()> {
+        self.run("create_folder", "", || self.inner.create_folder()).await
+    }
+
     async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
         self.run("head_created", key, || self.inner.head_created(key, slot)).await
     }
@@ -320,6 +326,9 @@ mod tests {
 
     #[async_trait]
     impl Remote for Busy {
+        async fn create_folder(&self) -> RemoteResult<()> {
+            Ok(())
+        }
         async fn get_range(&self, key: &str, _: Range<u64>) -> RemoteResult<Bytes> {
             if self.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
                 return Err(RemoteError::Transient {
@@ -378,6 +387,9 @@ mod tests {
 
     #[async_trait]
     impl Remote for Hung {
+        async fn create_folder(&self) -> RemoteResult<()> {
+            Ok(())
+        }
         async fn get_range(&self, _: &str, _: Range<u64>) -> RemoteResult<Bytes> {
             std::future::pending().await
         }

@@ -206,7 +206,7 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
                 tracing::warn!(
                     url = %url,
                     cache = %opts.cache_dir.display(),
-                    "volume not found on the remote (share not mounted? volume deleted?); serving from the local cache's copy"
+                    "volume not found on the remote (share not mounted? folder renamed, moved or deleted?); serving from the local cache's copy"
                 );
                 r
             }

@@ -227,6 +227,9 @@ impl GatedRemote {
 
 #[async_trait::async_trait]
 impl driveblk::remote::Remote for GatedRemote {
+    async fn create_folder(&self) -> driveblk::remote::RemoteResult<()> {
+        self.inner.create_folder().await
+    }
     async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> driveblk::remote::RemoteResult<bytes::Bytes> {
         // Only chunk reads (or uploads) wait; opening the volume goes
         // straight through, and so do reads of a pack's sub-frame index

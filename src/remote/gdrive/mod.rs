@@ -213,6 +213,21 @@ impl GDriveRemote {
         Ok(f)
     }
 
+    /// The folder a write goes into. Writes never make it (only
+    /// [`create_folder`](Remote::create_folder) does, for a new volume): a
+    /// volume folder renamed, moved or deleted in the web UI would be made
+    /// again empty at the old path, and commits land there unseen.
+    async fn write_folder(&self, op: &'static str, key: &str) -> RemoteResult<Folder> {
+        self.folder_id(op, key, false).await?.ok_or_else(|| {
+            self.fatal(
+                op,
+                key,
+                "the volume's folder is not on Drive at this path (renamed, moved, trashed or deleted in the web UI?): \
+                 put it back, or pass its new path; writes never make it again",
+            )
+        })
+    }
+
     /// The file id of `key`, if this process knows it.
     fn known_id(&self, key: &str) -> Option<String> {
         let folder = self.folder_key.lock().clone();
@@ -376,10 +391,7 @@ impl GDriveRemote {
     pub async fn copy_to(&self, key: &str, dest: &GDriveRemote, dest_key: &str, id: &str) -> RemoteResult<ObjectMeta> {
         let src = self.find("copy", key).await?;
         dest.writable("copy", dest_key)?;
-        let folder = dest
-            .folder_id("copy", dest_key, true)
-            .await?
-            .ok_or_else(|| dest.fatal("copy", dest_key, "folder vanished"))?;
+        let folder = dest.write_folder("copy", dest_key).await?;
         let f = match self.api.copy(&src.id, id, dest_key, &folder.id).await {
             Ok(f) => f,
             Err(e) if e.kind == ErrorKind::Conflict => {
@@ -496,8 +508,7 @@ impl Remote for GDriveRemote {
 
     async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         self.writable("put", key)?;
-        let folder =
-            self.folder_id("put", key, true).await?.ok_or_else(|| self.fatal("put", key, "folder vanished"))?;
+        let folder = self.write_folder("put", key).await?;
         let cached = self.known_id(key);
         let existing = match cached {
             Some(id) => Some(id),
@@ -639,8 +650,7 @@ impl Remote for GDriveRemote {
     /// fence reserve a slot.
     async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         self.writable("create", key)?;
-        let folder =
-            self.folder_id("create", key, true).await?.ok_or_else(|| self.fatal("create", key, "folder vanished"))?;
+        let folder = self.write_folder("create", key).await?;
         let id = match slot {
             Some(s) => s.0.clone(),
             None => {
@@ -678,6 +688,13 @@ impl Remote for GDriveRemote {
     /// A trashed file of this name in the folder: by the id this process
     /// knows, else by a query for trashed files (trashed files keep their
     /// parents).
+    /// The one place a volume's folder (and missing parents) is made.
+    async fn create_folder(&self) -> RemoteResult<()> {
+        self.writable("create_folder", "")?;
+        self.folder_id("create_folder", "", true).await?;
+        Ok(())
+    }
+
     async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
         if let Target::File { .. } = &self.target {
             return Ok(None);
@@ -787,6 +804,7 @@ mod tests {
         };
         let loc = DriveLocation::parse("/vol").unwrap();
         let r = GDriveRemote::folder(&loc, &cfg);
+        r.create_folder().await.unwrap();
         let body = PutBody::from_bytes(b"pack bytes".to_vec());
         r.put("pack-0", body.clone()).await.unwrap();
         // The first attempt of "pack-1": its id is taken, and the file

@@ -142,7 +142,9 @@ pub async fn resolve(
         let known = api.folders.lock().get(&slot).cloned();
         if let Some(id) = known {
             match api.get_file(&id).await {
-                Ok(f) if !f.trashed => {
+                // Still that name: one renamed in the web UI is no longer
+                // at this path.
+                Ok(f) if !f.trashed && f.name == *name => {
                     cur = Folder { id: f.id, drive_id: f.drive_id.or(cur.drive_id) };
                     continue;
                 }
