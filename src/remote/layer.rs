@@ -79,6 +79,10 @@ pub trait Layer: Send + Sync + fmt::Debug {
         self.inner().find_trashed(key).await
     }
 
+    async fn list_trashed(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.inner().list_trashed(prefix).await
+    }
+
     async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
         self.inner().keep_revision(key, revision).await
     }
@@ -152,6 +156,10 @@ impl<T: Layer> Remote for T {
 
     async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
         Layer::find_trashed(self, key).await
+    }
+
+    async fn list_trashed(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        Layer::list_trashed(self, prefix).await
     }
 
     async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {

@@ -177,6 +177,10 @@ impl super::Layer for MetricsRemote {
         self.count(&self.metrics.heads, self.inner.find_trashed(key)).await
     }
 
+    async fn list_trashed(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.count(&self.metrics.lists, self.inner.list_trashed(prefix)).await
+    }
+
     async fn head_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<ObjectMeta> {
         self.count(&self.metrics.heads, self.inner.head_created(key, slot)).await
     }

@@ -262,6 +262,13 @@ pub trait Remote: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
+    /// The objects in the store's trash whose keys start with `prefix`,
+    /// sorted by key; empty on stores without one. `gc` stops while any
+    /// is there: a generation, pack or hold in the trash may be restored.
+    async fn list_trashed(&self, _prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        Ok(Vec::new())
+    }
+
     /// Keeps content revision `revision` of `key` for good (Drive:
     /// revisions.update `keepForever`), so a base image pinned to it stays
     /// readable after its file is replaced. Stores without revisions do

@@ -266,6 +266,10 @@ impl super::Layer for RetryingRemote {
         self.run("find_trashed", key, || self.inner.find_trashed(key)).await
     }
 
+    async fn list_trashed(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.run("list_trashed", prefix, || self.inner.list_trashed(prefix)).await
+    }
+
     /// Idempotent on every store (Drive creates a folder at a pre-generated
     /// id, so a retry after a lost reply finds it).
     async fn create_folder(&self) -> RemoteResult<()> {

@@ -25,6 +25,9 @@ pub enum VolumeError {
     #[error("{url}/{key} is in the Drive trash — restore it (Drive web UI: Trash, Restore); nothing was changed")]
     InTrash { url: String, key: String },
 
+    #[error("gc of {url} stopped before deleting anything: {keys} in the Drive trash — restore it (a generation, pack or hold there may still be needed) or delete it for good, then run gc again")]
+    GcTrash { url: String, keys: String },
+
     #[error("{url} holds generations (gen-*) but no volume.json — restore volume.json (from the Drive trash, or a backup) rather than importing over it; nothing was changed")]
     HeaderMissing { url: String },
 

@@ -676,6 +676,23 @@ pub fn gc(url: &str, opts: &GcOptions) -> VolumeResult<GcReport> {
 
 /// [`gc`] on an open volume.
 pub async fn gc_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<GcReport> {
+    // What sits in the trash is invisible to the plan: a fork registration
+    // or a hold there keeps nothing, a newest generation there makes an
+    // older one look newest. Restored, either would name deleted packs.
+    let trashed = r
+        .remote
+        .list_trashed("")
+        .await
+        .map_err(|e| VolumeError::remote(format!("listing the trash of {}", r.url), e))?;
+    if !trashed.is_empty() {
+        let mut keys: Vec<&str> = trashed.iter().map(|m| m.key.as_str()).take(5).collect();
+        if trashed.len() > keys.len() {
+            keys.push("…");
+        }
+        let keys =
+            format!("{} object{} ({})", trashed.len(), if trashed.len() == 1 { "" } else { "s" }, keys.join(", "));
+        return Err(VolumeError::GcTrash { url: r.url.clone(), keys });
+    }
     let newest = r.newest_manifest().await?;
     check_writer(&r.url, &newest, opts.active_window, opts.force)?;
     let mut report = GcReport { url: r.url.clone(), dry_run: opts.dry_run, ..Default::default() };

@@ -685,9 +685,6 @@ impl Remote for GDriveRemote {
         }
     }
 
-    /// A trashed file of this name in the folder: by the id this process
-    /// knows, else by a query for trashed files (trashed files keep their
-    /// parents).
     /// The one place a volume's folder (and missing parents) is made.
     async fn create_folder(&self) -> RemoteResult<()> {
         self.writable("create_folder", "")?;
@@ -695,6 +692,25 @@ impl Remote for GDriveRemote {
         Ok(())
     }
 
+    /// The folder's trashed files whose names start with `prefix` (trashed
+    /// files keep their parents).
+    async fn list_trashed(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        if let Target::File { .. } = &self.target {
+            return Ok(Vec::new());
+        }
+        let Some(folder) = self.folder_id("list_trashed", prefix, false).await? else { return Ok(Vec::new()) };
+        let q = format!("'{}' in parents and trashed = true", api::q_escape(&folder.id));
+        let files =
+            self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err("list_trashed", prefix, e))?;
+        let mut out: Vec<ObjectMeta> =
+            files.iter().filter(|f| f.name.starts_with(prefix)).map(|f| self.meta(&f.name, f)).collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// A trashed file of this name in the folder: by the id this process
+    /// knows, else by a query for trashed files (trashed files keep their
+    /// parents).
     async fn find_trashed(&self, key: &str) -> RemoteResult<Option<ObjectMeta>> {
         if let Target::File { .. } = &self.target {
             return Ok(None);
