@@ -1055,3 +1055,29 @@ fn gdrive_gc_stops_while_anything_is_in_the_trash() {
     assert!(!report.deleted.is_empty(), "{report:?}");
     assert!(image_of(&rt, &open(&rt, &v)) == expect);
 }
+
+/// The newest generation moved to the Drive trash: readers see the one
+/// before as newest, and a writer taking the lease on it finds the next
+/// slot taken; it says the generation is in the trash (not "another
+/// writer", not "start again"). Restored, the next writer serves it.
+#[test]
+fn gdrive_a_trashed_newest_generation_is_named_to_the_next_writer() {
+    let v = drive_vol();
+    let mut expect = import(&v);
+    let w = writer(&v, "w", None);
+    write_chunks(&*w, 0..4, 1, &mut expect);
+    commit(&w);
+    assert_eq!(w.close(Duration::from_secs(30)), 0);
+    drop(w);
+    let env = v.drive.as_ref().unwrap();
+    let (id, name, _) = env.emu.ui_find("gen-").pop().unwrap();
+    env.emu.ui_trash(&id);
+    let mut o = cache_opts(&v.tmp.path().join("other"), v.remote.clone());
+    o.boot_profile = driveblk::tier::boot::BootProfileMode::Off;
+    let e = driveblk::tier::open_volume(&v.url, o.clone()).err().expect("opened past a trashed generation").to_string();
+    assert!(e.contains(&format!("{name} is in the Drive trash")), "{e}");
+    env.emu.ui_restore(&id);
+    let s = driveblk::tier::open_volume(&v.url, o).unwrap();
+    assert!(support::read_all(&*s).unwrap() == expect);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+}

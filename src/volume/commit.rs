@@ -638,6 +638,15 @@ impl GenerationBuilder {
                             .ok()
                             .and_then(|m| m.writer)
                             .map_or_else(|| "another writer".to_string(), |w| format!("{} (pid {})", w.host, w.pid)),
+                        // Taken, yet unreadable: on Drive, a generation
+                        // moved to the trash in the web UI, which every
+                        // reader now skips (the newest they see is older).
+                        Err(e) if e.is_not_found() => {
+                            if let Ok(Some(_)) = self.remote.find_trashed(&key).await {
+                                return Err(VolumeError::InTrash { url: self.url.clone(), key });
+                            }
+                            "another writer".to_string()
+                        }
                         Err(_) => "another writer".to_string(),
                     };
                     Err(VolumeError::Conflict { url: self.url.clone(), generation: g, by })
