@@ -80,3 +80,31 @@ fn gdrive_a_trashed_heartbeat_keeps_its_holders_lease() {
     assert_eq!(l["standing"], "held", "{l}");
     assert!(da.stop().success());
 }
+
+/// The volume's folder moved to the Drive trash while a holder serves it:
+/// its heartbeat says so in the log (everything written there would go
+/// when the trash is emptied), and does not take the heartbeat back out
+/// of a trashed folder as it does a heartbeat trashed by itself.
+#[test]
+fn gdrive_a_trashed_volume_folder_is_reported_by_the_heartbeat() {
+    let (env, flags) = drive();
+    let url = "gdrive:/lease/vol";
+    let a = Host::new(env.dir.path(), "desktop", &flags, &[("DRIVEBLK_LEASE_TTL_MS", "2000")]);
+    lease_support::import(&a, url);
+    let da = a.serve(url, &[]);
+    let folder = env.emu.ui_find("vol").into_iter().find(|f| f.1 == "vol").unwrap().0;
+    env.emu.ui_trash(&folder);
+    let t0 = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(a.log()).unwrap_or_default();
+        if log.contains("the volume's folder is in the Drive trash") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "the heartbeat never said the folder is in the trash:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let heartbeat = env.emu.ui_find("lease-").into_iter().next().unwrap();
+    assert!(heartbeat.2, "the heartbeat was taken out of a trashed folder");
+    env.emu.ui_restore(&folder);
+    assert!(da.stop().success());
+}

@@ -21,7 +21,7 @@ use crate::remote::config::DriveConfig;
 
 /// The file fields every metadata call asks for.
 pub const FILE_FIELDS: &str =
-    "id,name,mimeType,size,md5Checksum,sha256Checksum,headRevisionId,version,createdTime,modifiedTime,appProperties,trashed,parents,driveId";
+    "id,name,mimeType,size,md5Checksum,sha256Checksum,headRevisionId,version,createdTime,modifiedTime,appProperties,trashed,explicitlyTrashed,parents,driveId";
 /// Drive's folder MIME type.
 pub const FOLDER_MIME: &str = "application/vnd.google-apps.folder";
 /// The appProperty holding a created object's tag.
@@ -51,6 +51,9 @@ pub struct DriveFile {
     pub app_properties: Option<HashMap<String, String>>,
     #[serde(default)]
     pub trashed: bool,
+    /// Trashed itself, as opposed to with a folder above it.
+    #[serde(default)]
+    pub explicitly_trashed: bool,
     #[serde(default)]
     pub parents: Vec<String>,
     /// Set for items in a shared drive.
