@@ -257,8 +257,9 @@ fn gdrive_a_renamed_volume_folder_is_never_made_again() {
     write(&*s, 65536, 0x22, &mut want);
     assert!(!s.sync_now(Duration::from_secs(10)), "synced into a folder that is not the volume's");
     let st = s.sync_status().unwrap();
-    let e = st.last_error.unwrap_or_default();
+    let e = st.last_error.clone().unwrap_or_default();
     assert!(e.contains("not on Drive at this path"), "{e}");
+    assert!(st.paused, "a folder someone must put back pauses write-back: {st:?}");
     assert_ne!(s.close(Duration::from_secs(1)), 0, "the change stays pending");
     drop(s);
     let names: Vec<String> = env.emu.ui_find("disk").into_iter().map(|f| f.1).collect();

@@ -91,6 +91,19 @@ fn write_chunks(s: &dyn Storage, chunks: std::ops::Range<u64>, seed: u64, expect
     s.wait_durable(t).unwrap();
 }
 
+/// Imports, then commits `rounds` rounds of fresh bytes in chunks 0..4
+/// from writer `name` (seeds from `seed`); returns the image's bytes and
+/// the writer.
+fn committed(v: &Vol, name: &str, rounds: u64, seed: u64) -> (Vec<u8>, Arc<TieredStore>) {
+    let mut expect = import(v);
+    let w = writer(v, name, None);
+    for r in 0..rounds {
+        write_chunks(&*w, 0..4, seed + r, &mut expect);
+        commit(&w);
+    }
+    (expect, w)
+}
+
 /// Commits what was written; returns the new generation.
 fn commit(s: &TieredStore) -> u64 {
     let before = s.sync_status().unwrap().generations_committed;
@@ -758,16 +771,11 @@ fn serve_names_a_missing_pack_at_open() {
 fn gdrive_full_drive_pauses_sync_and_gc_frees_room() {
     let v = drive_vol();
     let rt = rt();
-    let mut expect = import(&v);
-    let s = writer(&v, "a", None);
     // Churn: the same chunks rewritten, so older generations hold dead bytes.
     // Four rounds: whichever of them the newest generation's delta chain
     // still needs (a checkpoint every 2, counted from the lease's
     // generation), at least two rounds' packs are dead.
-    for round in 0..4 {
-        write_chunks(&*s, 0..4, 50 + round, &mut expect);
-        commit(&s);
-    }
+    let (mut expect, s) = committed(&v, "a", 4, 50);
     let used: u64 = listing(&rt, &v).iter().map(|m| m.size).sum();
     let env = v.drive.as_ref().unwrap();
     env.emu.faults().set_storage_quota(Some(used + 4096));
@@ -1035,12 +1043,7 @@ fn dir_gc_and_rollback_respect_a_lease_held_elsewhere() {
 fn gdrive_gc_stops_while_anything_is_in_the_trash() {
     let v = drive_vol();
     let rt = rt();
-    let mut expect = import(&v);
-    let w = writer(&v, "w", None);
-    for i in 0..3 {
-        write_chunks(&*w, 0..4, i + 1, &mut expect);
-        commit(&w);
-    }
+    let (expect, w) = committed(&v, "w", 3, 1);
     assert_eq!(w.close(Duration::from_secs(30)), 0);
     drop(w);
     let env = v.drive.as_ref().unwrap();
@@ -1063,10 +1066,7 @@ fn gdrive_gc_stops_while_anything_is_in_the_trash() {
 #[test]
 fn gdrive_a_trashed_newest_generation_is_named_to_the_next_writer() {
     let v = drive_vol();
-    let mut expect = import(&v);
-    let w = writer(&v, "w", None);
-    write_chunks(&*w, 0..4, 1, &mut expect);
-    commit(&w);
+    let (expect, w) = committed(&v, "w", 1, 1);
     assert_eq!(w.close(Duration::from_secs(30)), 0);
     drop(w);
     let env = v.drive.as_ref().unwrap();

@@ -113,9 +113,10 @@ impl RemoteError {
     }
 
     /// True for errors that pause write-back rather than fail it: quota and
-    /// credentials problems, which a person has to fix.
+    /// credentials problems and refusals (a permission taken away, the
+    /// volume's folder renamed or trashed), which a person has to fix.
     pub fn is_pause(&self) -> bool {
-        matches!(self.root(), RemoteError::Quota { .. } | RemoteError::Auth { .. })
+        matches!(self.root(), RemoteError::Quota { .. } | RemoteError::Auth { .. } | RemoteError::Fatal { .. })
     }
 
     /// Converts to an `io::Error` for the `Storage` seam, keeping this error

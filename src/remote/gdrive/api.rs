@@ -285,7 +285,7 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
             " (the credentials lack a Drive scope: run `driveblk auth login` again, or check the key's scopes)",
         ),
         (403, "insufficientFilePermissions" | "forbidden" | "domainPolicy") => {
-            (ErrorKind::Fatal, " (this account may not do that to this file or folder: check its sharing settings)")
+            (ErrorKind::Fatal, " (this account may not do that to this file or folder: check its sharing settings; a volume shared with it read-only is served with `serve --read-only`)")
         }
         (401, _) => (
             ErrorKind::Auth,
