@@ -58,12 +58,13 @@ fn gdrive_a_holder_that_slept_through_its_lease_is_fenced_at_its_next_commit() {
 fn gdrive_a_trashed_heartbeat_keeps_its_holders_lease() {
     let (env, flags) = drive();
     let url = "gdrive:/lease/vol";
-    let a = Host::new(env.dir.path(), "desktop", &flags, &[("DRIVEBLK_LEASE_TTL_MS", "4000")]);
+    // A heartbeat every 1.5 s: the other host's `status` has 4.5 s to look.
+    let a = Host::new(env.dir.path(), "desktop", &flags, &[("DRIVEBLK_LEASE_TTL_MS", "6000")]);
     let b = Host::new(env.dir.path(), "laptop", &flags, &[]);
     lease_support::import(&a, url);
     let da = a.serve(url, &[]);
     // Serving past its ttl: the manifest that took the lease is older.
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(7));
     let heartbeat = || env.emu.ui_find("lease-").into_iter().next().expect("a heartbeat");
     env.emu.ui_trash(&heartbeat().0);
     assert!(heartbeat().2);
