@@ -174,6 +174,10 @@ fn sd_notify_ready_only_once_the_socket_accepts_then_stopping_and_extend_timeout
     assert!(log.contains("stopped cleanly") && !log.contains('\x1b'), "{log}");
     let all = after.join("\n");
     assert!(all.contains("STOPPING=1"), "{all}");
+    // The stop is covered from its first moment (requests in flight on a
+    // dead link may outlast TimeoutStopSec before the final sync starts).
+    let stopping = after.iter().find(|m| m.contains("STOPPING=1")).unwrap();
+    assert!(stopping.contains("EXTEND_TIMEOUT_USEC="), "{stopping}");
     assert!(all.contains("STATUS=final sync"), "{all}");
     assert!(all.contains("EXTEND_TIMEOUT_USEC="), "{all}");
 }
@@ -233,4 +237,23 @@ fn progress_off_a_terminal_is_plain_lines() {
     let last = lines.last().unwrap();
     assert!(last.contains("8.00 MiB of 8.00 MiB (100%)") && last.contains("/s"), "{err}");
     assert!(!err.contains('\x1b') && !err.contains('\r'), "no terminal control codes: {err:?}");
+}
+
+/// SIGHUP (a closed terminal, `systemctl kill -s HUP`) does not end the
+/// daemon: by default it would exit at once, without a flush, and systemd
+/// would not restart it. SIGTERM still stops it cleanly.
+#[test]
+fn sighup_is_ignored_and_sigterm_still_stops() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img.raw");
+    let data = common::make_raw(&img, 4 << 20, 11);
+    let sock = d.path().join("s.sock");
+    let daemon = common::Daemon::start(&sock, &["--image", img.to_str().unwrap(), "--format", "raw"]);
+    let pid = daemon.child.as_ref().unwrap().id() as i32;
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.read(0, 1 << 20).unwrap(), data[..1 << 20], "the daemon stopped serving after SIGHUP");
+    drop(c);
+    assert!(daemon.stop().success());
 }

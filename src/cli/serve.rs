@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::cli::control::{self, ControlServer};
@@ -376,6 +376,10 @@ pub struct ServeConfig {
     pub metadata_cache: Option<u64>,
     /// At stop, how long to wait for the final sync.
     pub sync_timeout: Duration,
+    /// How long a guest request may wait on the remote (`--remote-wait`):
+    /// at stop, the requests in flight finish within twice that (a read,
+    /// then a write-through flush).
+    pub remote_wait: Duration,
     /// Control socket of a volume daemon.
     pub control_socket: PathBuf,
     pub socket_perms: SocketPerms,
@@ -423,6 +427,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             format: a.format,
             metadata_cache: a.metadata_cache,
             sync_timeout: Duration::from_secs(a.cache.sync_timeout),
+            remote_wait: Duration::from_secs(a.cache.remote_wait),
             device: DeviceConfig {
                 num_queues: a.num_queues.unwrap_or(DEFAULT_QUEUES),
                 queue_size: a.queue_size,
@@ -668,13 +673,26 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     // The vhost socket listens (connections queue in its backlog) and the
     // image is open: QEMU may start now.
     notify.ready(&format!("serving {what} on {}", cfg.socket.display()));
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
     let (sig_phase, sig_notify) = (status.as_ref().map(|s| s.phase_handle()), notify.clone());
+    // The whole stop: requests in flight, then the final sync (which
+    // extends again from its own start).
+    let stop_within = 2 * cfg.remote_wait + cfg.sync_timeout + Duration::from_secs(30);
     std::thread::Builder::new().name("driveblk-signals".into()).spawn(move || {
-        let mut signals = signals.forever();
+        // SIGHUP (a closed terminal, `systemctl kill -s HUP`) would end the
+        // daemon without a flush and, under systemd, without a restart: a
+        // guest's disk gone. Only SIGTERM and SIGINT stop it.
+        let mut signals = signals.forever().filter(|&sig| {
+            if sig == SIGHUP {
+                tracing::info!("SIGHUP ignored: stop with SIGTERM; upload now with `driveblk sync`");
+            }
+            sig != SIGHUP
+        });
+        // Kept until the process ends.
+        let mut _extended = None;
         if let Some(sig) = signals.next() {
             tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
-            sig_notify.stopping("stopping: finishing in-flight requests");
+            _extended = Some(sig_notify.stopping("stopping: finishing in-flight requests", stop_within));
             if let Some(p) = &sig_phase {
                 p.set(Phase::Stopping);
             }
@@ -692,7 +710,12 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     })?;
-    server.run()?;
+    // Serving that ended in an error (a flush that failed at close) still
+    // uploads what it can and finishes the lease: the error comes after.
+    let served = server.run();
+    if let Err(e) = &served {
+        tracing::error!(error = %format!("{e:#}"), "serving ended with an error; the local changes are kept");
+    }
     if let Some(store) = &volume_store {
         if let Some(st) = &status {
             st.set_phase(Phase::FinalSync);
@@ -721,6 +744,7 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     if let Some(s) = status_file {
         s.finish();
     }
+    served?;
     notify.status("stopped");
     tracing::info!("stopped cleanly");
     Ok(())

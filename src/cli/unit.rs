@@ -44,9 +44,12 @@ impl Notifier {
         self.send(&[NotifyState::Ready, NotifyState::Status(s)]);
     }
 
-    /// `STOPPING=1`.
-    pub fn stopping(&self, s: &str) {
-        self.send(&[NotifyState::Stopping, NotifyState::Status(s)]);
+    /// `STOPPING=1`, with the stop timeout extended for up to `total` in
+    /// the same message (see [`extend_timeout`](Self::extend_timeout)):
+    /// finishing in-flight requests on a dead link, before the final sync
+    /// even starts, may take longer than the unit's TimeoutStopSec.
+    pub fn stopping(&self, s: &str, total: Duration) -> ExtendGuard {
+        self.extend_with(&[NotifyState::Stopping, NotifyState::Status(s)], total)
     }
 
     /// Keeps systemd's stop timeout from firing for up to `total` (the
@@ -54,6 +57,12 @@ impl Notifier {
     /// then until the returned guard drops or `total` passes, so systemd
     /// neither kills an upload in progress nor waits past its limit.
     pub fn extend_timeout(&self, total: Duration) -> ExtendGuard {
+        self.extend_with(&[], total)
+    }
+
+    /// [`extend_timeout`](Self::extend_timeout), its first message also
+    /// carrying `with`.
+    fn extend_with(&self, with: &[NotifyState], total: Duration) -> ExtendGuard {
         let done = Arc::new(AtomicBool::new(false));
         if !self.on {
             return ExtendGuard { done };
@@ -65,7 +74,9 @@ impl Notifier {
         let usec =
             move |left: Duration| left.min(step + Duration::from_secs(30)).as_micros().min(u32::MAX as u128) as u32;
         // The first one now, before the work it covers starts.
-        self.send(&[NotifyState::ExtendTimeoutUsec(usec(total))]);
+        let mut first = with.to_vec();
+        first.push(NotifyState::ExtendTimeoutUsec(usec(total)));
+        self.send(&first);
         let _ = std::thread::Builder::new().name("driveblk-sd-extend".into()).spawn(move || loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let until = Instant::now() + step.min(left);
