@@ -116,7 +116,7 @@ pub(crate) async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<(
     // Packs are only "left by an interrupted import" when no volume owns
     // them: a header in the trash, or generations without a header, mean
     // a volume that lost its header (deleting its packs would destroy it).
-    missing_header(remote, url).await?;
+    super::reader::missing_header(remote, url).await?;
     let gens = remote.list(GEN_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {url}"), e))?;
     if !gens.is_empty() {
         return Err(VolumeError::HeaderMissing { url: url.to_string() });
@@ -127,16 +127,6 @@ pub(crate) async fn prepare_new(remote: &DynRemote, url: &str) -> VolumeResult<(
         remote.delete(&m.key).await.map_err(|e| VolumeError::remote(format!("deleting stale {url}/{}", m.key), e))?;
     }
     Ok(())
-}
-
-/// Why `volume.json` cannot be read at `url` when it is not found: in the
-/// Drive trash (a click in the web UI), else plainly absent.
-pub(crate) async fn missing_header(remote: &DynRemote, url: &str) -> VolumeResult<()> {
-    match remote.find_trashed(HEADER_KEY).await {
-        Ok(Some(_)) => Err(VolumeError::InTrash { url: url.to_string(), key: HEADER_KEY.to_string() }),
-        Ok(None) => Ok(()),
-        Err(e) => Err(VolumeError::remote(format!("looking for {url}/{HEADER_KEY} in the trash"), e)),
-    }
 }
 
 /// Writes the header, then the manifest (the commit point). The manifest

@@ -272,6 +272,16 @@ fn origin_remotes(
         .collect()
 }
 
+/// Why `volume.json` cannot be read at `url` when it is not found: in the
+/// Drive trash (a click in the web UI), else plainly absent.
+pub(crate) async fn missing_header(remote: &DynRemote, url: &str) -> VolumeResult<()> {
+    match remote.find_trashed(HEADER_KEY).await {
+        Ok(Some(_)) => Err(VolumeError::InTrash { url: url.to_string(), key: HEADER_KEY.to_string() }),
+        Ok(None) => Ok(()),
+        Err(e) => Err(VolumeError::remote(format!("looking for {url}/{HEADER_KEY} in the trash"), e)),
+    }
+}
+
 /// What one chunk fetch returned.
 pub struct Fetched {
     /// The reference the bytes were fetched by (a commit may replace it
@@ -309,7 +319,7 @@ impl VolumeReader {
                     wait = (wait * 2).min(std::time::Duration::from_secs(2));
                 }
                 Err(e) if e.is_not_found() => {
-                    super::import::missing_header(&remote, &url_s).await?;
+                    missing_header(&remote, &url_s).await?;
                     return Err(VolumeError::NotFound { url: url_s });
                 }
                 Err(e) => return Err(VolumeError::remote(format!("reading {url_s}/{HEADER_KEY}"), e)),

@@ -517,11 +517,8 @@ impl Remote for GDriveRemote {
         if let Some(id) = existing {
             // Keys are unique: a put to an existing key replaces its content.
             match self.upload(&serde_json::json!({}), Some(&id), &body).await {
-                // Trashed in the web UI: a put leaves the key readable by
-                // name (a holder's heartbeat others look for), so it comes
-                // back out.
-                // With its folder: everything written there is in the
-                // trash, to be lost when it is emptied. Say so, every time.
+                // Trashed with its folder: everything written there is in
+                // the trash, to be lost when it is emptied. Say so, every time.
                 Ok(f) if f.trashed && !f.explicitly_trashed => {
                     return Err(self.fatal(
                         "put",
@@ -529,6 +526,9 @@ impl Remote for GDriveRemote {
                         "the volume's folder is in the Drive trash (restore it: Drive web UI, Trash, Restore)",
                     ));
                 }
+                // Trashed itself in the web UI: a put leaves the key
+                // readable by name (a holder's heartbeat others look for),
+                // so it comes back out.
                 Ok(f) if f.trashed => {
                     tracing::warn!(remote = %self.name, key, "this object was in the Drive trash; restoring it");
                     let f = self.api.untrash(&id).await.map_err(|e| self.err("put", key, e))?;
