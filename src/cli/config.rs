@@ -360,7 +360,11 @@ pub fn check(path: &Path) -> anyhow::Result<String> {
         Some(at) => anyhow::anyhow!("{at}: {}", e.to_string().replace("--", "").replace('-', "_")),
         None => anyhow::anyhow!("{}: {e}", path.display()),
     })?;
-    Ok(format!("{}: ok ({what} on {})", path.display(), a.socket.display()))
+    let mut summary = format!("{}: ok ({what} on {})", path.display(), a.socket.display());
+    for w in crate::cli::unit::sandbox_warnings(&a) {
+        summary.push_str(&format!("\nwarning: under driveblk@.service, {w}"));
+    }
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -396,6 +400,7 @@ mod tests {
                   socket_mode = \"0660\"\ncache = \"writeback\"\nsync_interval = 10\n";
         let s = check(&write(d.path(), ok)).unwrap();
         assert!(s.contains("ok (volume dir:/mnt/nas/w10"), "{s}");
+        assert!(!s.contains("warning"), "the unit's own layout is fine: {s}");
 
         // An unknown key: line and column from toml's span.
         let e = check(&write(d.path(), "socket = \"/s\"\nvolume = \"dir:/v\"\nnum_queue = 2\n")).unwrap_err();
@@ -421,6 +426,31 @@ mod tests {
         // A secret written inline is refused with the way to reference one.
         let e = format!("{:#}", check(&write(d.path(), "socket = \"/s\"\ntoken = \"ya29.x\"\n")).unwrap_err());
         assert!(e.contains("never written in a config file"), "{e}");
+    }
+
+    #[test]
+    fn check_warns_of_what_the_units_sandbox_would_refuse() {
+        let d = tempfile::tempdir().unwrap();
+        let warn = |text: &str| -> Vec<String> {
+            let s = check(&write(d.path(), text)).unwrap();
+            s.lines().filter_map(|l| l.strip_prefix("warning: under driveblk@.service, ")).map(String::from).collect()
+        };
+        // A block device: PrivateDevices hides it.
+        let w = warn("socket = \"/run/driveblk/a.sock\"\nimage = \"/dev/vg0/w10\"\nformat = \"raw\"\n");
+        assert!(w.len() == 1 && w[0].contains("PrivateDevices=no") && w[0].contains("DeviceAllow=/dev/vg0/w10"), "{w:?}");
+        // A writable image outside the writable paths; read-only, it is fine.
+        let w = warn("socket = \"/run/driveblk/a.sock\"\nimage = \"/var/lib/libvirt/images/w10.qcow2\"\n");
+        assert!(w.len() == 1 && w[0].contains("ReadWritePaths=/var/lib/libvirt/images"), "{w:?}");
+        let w = warn("socket = \"/run/driveblk/a.sock\"\nimage = \"/var/lib/libvirt/images/w10.qcow2\"\nread_only = true\n");
+        assert!(w.is_empty(), "{w:?}");
+        // A socket in the private /tmp, a dir: remote in a home directory.
+        let w = warn("socket = \"/tmp/w10.sock\"\nvolume = \"dir:/home/me/vms/w10\"\n");
+        assert!(w.len() == 2, "{w:?}");
+        assert!(w[0].contains("PrivateTmp=yes") && w[0].contains("QEMU would not find it"), "{w:?}");
+        assert!(w[1].contains("ProtectHome=read-only") && w[1].contains("ReadWritePaths=/home/me/vms/w10"), "{w:?}");
+        // Paths are taken lexically: /mnt/../etc is not under /mnt.
+        let w = warn("socket = \"/run/driveblk/a.sock\"\ncache_dir = \"/mnt/../etc/c\"\nvolume = \"dir:/srv/v\"\n");
+        assert!(w.len() == 1 && w[0].contains("cache_dir /etc/c"), "{w:?}");
     }
 
     #[test]

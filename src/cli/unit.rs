@@ -2,7 +2,7 @@
 //! `driveblk install-unit`, which installs the `driveblk@.service`
 //! template (one instance per volume, config in /etc/driveblk/%i.toml).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,6 +102,124 @@ impl Drop for ExtendGuard {
     fn drop(&mut self) {
         self.done.store(true, Ordering::Release);
     }
+}
+
+/// What the shipped unit's sandbox lets the daemon touch, read from
+/// [`UNIT`] itself so the two cannot drift apart.
+struct Sandbox {
+    /// Paths the daemon may write (the unit's directories and
+    /// `ReadWritePaths=`); everything else is read-only
+    /// (`ProtectSystem=strict`).
+    writable: Vec<PathBuf>,
+    private_devices: bool,
+    private_tmp: bool,
+    /// `ProtectHome=`: `None` when off, else its value (`read-only`, `yes`, `tmpfs`).
+    protect_home: Option<String>,
+}
+
+impl Sandbox {
+    fn of_unit() -> Self {
+        let setting = |key: &str| -> Vec<&str> {
+            UNIT.lines().filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('=')).collect()
+        };
+        let mut writable = Vec::new();
+        for (key, root) in [("RuntimeDirectory", "/run"), ("CacheDirectory", "/var/cache"), ("StateDirectory", "/var/lib")] {
+            for v in setting(key).iter().flat_map(|v| v.split_whitespace()) {
+                writable.push(Path::new(root).join(v));
+            }
+        }
+        for v in setting("ReadWritePaths").iter().flat_map(|v| v.split_whitespace()) {
+            writable.push(PathBuf::from(v.trim_start_matches(['-', '+'])));
+        }
+        let yes = |key: &str| setting(key).last().is_some_and(|v| matches!(*v, "yes" | "true" | "1"));
+        let protect_home = setting("ProtectHome").last().filter(|v| !matches!(**v, "no" | "false" | "0")).map(|v| v.to_string());
+        Self { writable, private_devices: yes("PrivateDevices"), private_tmp: yes("PrivateTmp"), protect_home }
+    }
+
+    fn can_write(&self, p: &Path) -> bool {
+        self.writable.iter().any(|w| p.starts_with(w))
+    }
+
+    /// Why the unit's sandbox would get in the way of `p`, if it would.
+    /// `write`: the daemon writes there; `shared`: another process (QEMU)
+    /// must see the same file.
+    fn hinder(&self, what: &str, p: &Path, write: bool, shared: bool) -> Option<String> {
+        let p = normalize(p);
+        let shown = p.display();
+        if self.private_devices && p.starts_with("/dev") && !p.starts_with("/dev/shm") {
+            return Some(format!(
+                "{what} {shown}: the unit has PrivateDevices=yes, so the service sees no {shown}; \
+                 add a drop-in with PrivateDevices=no and DeviceAllow={shown} rw"
+            ));
+        }
+        if self.private_tmp && (p.starts_with("/tmp") || p.starts_with("/var/tmp")) {
+            return Some(if shared {
+                format!("{what} {shown}: the unit has PrivateTmp=yes, so QEMU would not find it there; use /run/driveblk/")
+            } else {
+                format!("{what} {shown}: the unit has PrivateTmp=yes: the service sees an empty private /tmp, not this path")
+            });
+        }
+        if write && !self.can_write(&p) {
+            let home = p.starts_with("/home") || p.starts_with("/root");
+            let why = match (&self.protect_home, home) {
+                (Some(v), true) => format!("ProtectHome={v}"),
+                _ => "ProtectSystem=strict".to_string(),
+            };
+            let dir = if p.extension().is_some() { p.parent().unwrap_or(&p) } else { &p };
+            return Some(format!(
+                "{what} {shown}: the unit's {why} makes it read-only for the service; \
+                 add a drop-in with ReadWritePaths={}",
+                dir.display()
+            ));
+        }
+        None
+    }
+}
+
+/// `p` absolute, with `.` and `..` taken out lexically (the file need
+/// not exist on the machine that checks the config).
+fn normalize(p: &Path) -> PathBuf {
+    let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(p) };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// What would fail when `a` is served by the shipped `driveblk@.service`
+/// as it stands (a warning each, with the drop-in that fixes it):
+/// `config check` prints these, since under systemd the failure shows
+/// only at start, as a permission or "no such file" error.
+pub fn sandbox_warnings(a: &crate::cli::serve::ServeArgs) -> Vec<String> {
+    let sb = Sandbox::of_unit();
+    let mut out = Vec::new();
+    let mut add = |w: Option<String>| out.extend(w);
+    add(sb.hinder("socket", &a.socket, true, true));
+    if let Some(c) = &a.control_socket {
+        add(sb.hinder("control_socket", c, true, true));
+    }
+    if let Some(c) = &a.cache.cache_dir {
+        add(sb.hinder("cache_dir", c, true, false));
+    }
+    if let Some(c) = &a.cache.shared_cache {
+        add(sb.hinder("shared_cache", c, true, true));
+    }
+    if let Some(i) = &a.image {
+        add(sb.hinder("image", i, !a.read_only, true));
+    }
+    if let Some(crate::remote::url::RemoteUrl::Dir { parent, name }) =
+        a.volume.as_deref().and_then(|v| v.parse::<crate::remote::url::RemoteUrl>().ok())
+    {
+        add(sb.hinder("volume", &parent.join(name), !a.read_only, true));
+    }
+    out
 }
 
 #[derive(Debug, Args)]
