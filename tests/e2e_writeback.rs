@@ -290,6 +290,52 @@ fn a_stop_that_cuts_an_upload_short_is_not_an_error() {
     assert!(raw_export(d.path(), &url) == want, "the changes went up after the stop");
 }
 
+/// A stop uploads what the guest flushed while the guest keeps running
+/// (a restart under a running VM pauses its disk only for the final sync
+/// of what it wrote meanwhile): right after SIGTERM, with a paced upload
+/// of 8 MiB under way, the guest's reads, writes and FLUSHes are still
+/// answered; the stop then commits them too.
+#[test]
+fn a_stop_uploads_while_the_guest_still_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let (orig, url) = raw_volume(d.path(), 21, 32 << 20, &[]);
+    let cache = d.path().join("cache");
+    let sock = d.path().join("sock");
+    let log = d.path().join("serve.log");
+    let mut args = kill_9_args(&url, "raw", &cache).to_vec();
+    // 8 MiB of random bytes at 2 MiB/s: about 4 s of upload.
+    args.extend(["--bwlimit", "2M:off"]);
+    let mut daemon = Daemon::start_logged(&sock, &args, &[], Some(&log));
+    let mut c = Client::connect(&sock, 1);
+    let mut want = orig;
+    // The first FLUSH cuts at once; the next ones wait for the interval.
+    c.write(0, &common::pattern(1, 4096)).unwrap();
+    c.flush().unwrap();
+    want[..4096].copy_from_slice(&common::pattern(1, 4096));
+    run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "60"]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let big = random_bytes(&mut rng, 8 << 20);
+    c.write(8 << 20, &big).unwrap();
+    c.flush().unwrap();
+    want[8 << 20..16 << 20].copy_from_slice(&big);
+    let mut child = daemon.child.take().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(child.try_wait().unwrap().is_none(), "the daemon is still uploading");
+    // The guest still runs: its requests are answered during the upload.
+    assert!(c.read(8 << 20, 4096).unwrap() == big[..4096], "a read during the stop's upload");
+    let late = common::pattern(3, 64 << 10);
+    c.write(24 << 20, &late).expect("a write during the stop's upload");
+    c.flush().expect("a FLUSH during the stop's upload");
+    want[24 << 20..(24 << 20) + late.len()].copy_from_slice(&late);
+    drop(c);
+    let st = common::wait_timeout(&mut child, Duration::from_secs(60));
+    assert!(st.success(), "the stop exits cleanly: {st}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the flushed changes are on the remote"), "the upload before the stop finished: {text}");
+    assert!(raw_export(d.path(), &url) == want, "the stop committed every flushed write, the late one too");
+}
+
 /// The newest generation of the raw volume at `url`, through a fresh
 /// export (no cache) into `dir`.
 fn raw_export(dir: &Path, url: &str) -> Vec<u8> {

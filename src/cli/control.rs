@@ -197,39 +197,13 @@ fn execute(req: &Request, st: &DaemonStatus) -> anyhow::Result<Value> {
         Request::Status => Ok(st.to_json()),
         Request::Sync { timeout_secs } => {
             let timeout = Duration::from_secs(timeout_secs.unwrap_or(3600));
-            let Some(before) = store.sync_status() else { bail!("the volume is served read-only: nothing to sync") };
-            let t0 = Instant::now();
             tracing::info!("sync requested");
-            store.request_sync();
-            loop {
-                let y = store.sync_status().unwrap_or_default();
-                if let Some(c) = y.conflict {
-                    bail!("{c}");
-                }
-                let dirty = store.stats().dirty_bytes;
-                // A cut taken after the request holds every write flushed
-                // before it; with nothing dirty there is nothing to cut.
-                if y.committed_cut > before.last_cut || (dirty == 0 && !y.uploading) {
-                    return Ok(json!({
-                        "generation": store.volume().generation(),
-                        "committed_cut": y.committed_cut,
-                        "dirty_bytes": dirty,
-                        "seconds": t0.elapsed().as_secs_f64(),
-                    }));
-                }
-                if t0.elapsed() >= timeout {
-                    bail!(
-                        "{} still not uploaded after {} s: {}",
-                        human(dirty),
-                        timeout.as_secs(),
-                        y.last_error.unwrap_or_else(|| "the upload is slow".into())
-                    );
-                }
+            wait_synced(store, timeout, || {
                 if st.phase() == status::Phase::Stopped {
                     bail!("the daemon stopped before the sync finished; run `driveblk sync` again");
                 }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+                Ok(())
+            })
         }
         Request::Hydrate => {
             store.start_hydrate();
@@ -254,6 +228,47 @@ fn execute(req: &Request, st: &DaemonStatus) -> anyhow::Result<Value> {
             Ok(json!({ "ram_bytes_dropped": ram, "ssd_chunks_dropped": ssd,
                        "ssd_bytes": s.ssd_bytes, "ram_bytes": s.ram_bytes, "dirty_bytes": s.dirty_bytes }))
         }
+    }
+}
+
+/// Cuts a generation of every write flushed so far and waits, up to
+/// `timeout`, until it is committed, while the guest keeps running
+/// (`driveblk sync`, and a stop's upload before it lets the guest go).
+/// `check` runs every 100 ms; its error ends the wait.
+pub fn wait_synced(
+    store: &crate::tier::TieredStore,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Value> {
+    let Some(before) = store.sync_status() else { bail!("the volume is served read-only: nothing to sync") };
+    let t0 = Instant::now();
+    store.request_sync();
+    loop {
+        let y = store.sync_status().unwrap_or_default();
+        if let Some(c) = y.conflict {
+            bail!("{c}");
+        }
+        let dirty = store.stats().dirty_bytes;
+        // A cut taken after the request holds every write flushed
+        // before it; with nothing dirty there is nothing to cut.
+        if y.committed_cut > before.last_cut || (dirty == 0 && !y.uploading) {
+            return Ok(json!({
+                "generation": store.volume().generation(),
+                "committed_cut": y.committed_cut,
+                "dirty_bytes": dirty,
+                "seconds": t0.elapsed().as_secs_f64(),
+            }));
+        }
+        if t0.elapsed() >= timeout {
+            bail!(
+                "{} still not uploaded after {} s: {}",
+                human(dirty),
+                timeout.as_secs(),
+                y.last_error.unwrap_or_else(|| "the upload is slow".into())
+            );
+        }
+        check()?;
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
