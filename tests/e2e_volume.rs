@@ -8,6 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::{bin, run_ok, Client, Daemon};
 
@@ -361,6 +362,52 @@ fn boot_profile_saved_at_stop_and_streamed_by_the_next_cold_start() {
     assert!(read_all(&mut c) == want);
     drop(c);
     assert!(d.stop().success());
+}
+
+/// Every file under `dir` with its size and modification time.
+fn listing(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    for e in walk(dir) {
+        let m = std::fs::metadata(&e).unwrap();
+        out.push((e, m.len(), m.modified().unwrap()));
+    }
+    out.sort();
+    out
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// `serve --read-only` (a second machine watching the disk, viewer-only
+/// Drive access, read-only S3 keys) writes nothing to the volume: no
+/// boot profile recorded and saved at stop, no lease, no generation.
+#[test]
+fn a_read_only_serve_writes_nothing_to_the_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, want) = make_source(dir.path());
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    let before = listing(&dir.path().join("remote"));
+    let sock = dir.path().join("sock");
+    let cache = dir.path().join("cache");
+    let d = serve(&sock, &url, &cache, &["--read-only", "--boot-profile-window", "1"]);
+    let mut c = Client::connect_with(&sock, 1, true);
+    boot_like_reads(&mut c, &want);
+    std::thread::sleep(Duration::from_millis(1500)); // the recording window closes
+    boot_like_reads(&mut c, &want);
+    drop(c);
+    assert!(d.stop().success());
+    assert_eq!(listing(&dir.path().join("remote")), before, "the read-only serve changed the remote");
 }
 
 #[test]

@@ -277,9 +277,11 @@ impl TieredStore {
             ram_cap: opts.ram_cache,
             chunks_zero,
             hydrate_concurrency: opts.hydrate_concurrency.max(1),
-            // An ephemeral fleet member replays the volume's profile but
-            // writes nothing to the volume, profiles included.
-            recorder: (opts.boot_profile != BootProfileMode::Off && !vol.offline && !opts.ephemeral)
+            // An ephemeral fleet member and a read-only serve (a second
+            // machine watching, viewer-only Drive access, read-only S3
+            // keys) replay the volume's profile but write nothing to the
+            // volume, profiles included.
+            recorder: (opts.boot_profile != BootProfileMode::Off && !vol.offline && !opts.ephemeral && !opts.read_only)
                 .then(|| Recorder::new(vol.image_len(), opts.boot_profile_window)),
             replay: RwLock::new(None),
             segment_flights: SingleFlight::default(),

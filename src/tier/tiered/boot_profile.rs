@@ -39,7 +39,10 @@ impl Inner {
         let latest = profile::find_latest(&self.vol.remote, &self.vol.header).await;
         // A profile an earlier run sealed but did not get up goes up now,
         // beside this boot (unless the remote has a newer one by now).
-        if let Some(p) = PendingProfile::find(self.ssd.dir(), &self.vol.url, &self.vol.header) {
+        // A run that writes nothing (read-only, ephemeral) leaves it for
+        // the next one that does.
+        let writes = self.recorder.is_some();
+        if let Some(p) = PendingProfile::find(self.ssd.dir(), &self.vol.url, &self.vol.header).filter(|_| writes) {
             match &latest {
                 Ok(Some((key, _))) if *key >= p.key => {
                     tracing::info!(pending = %p.key, newest = %key, "a newer boot profile is on the remote; dropping the one not uploaded");
