@@ -8,6 +8,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use driveblk::cli::{run, Cli};
+use driveblk::volume::{VolumeError, EXIT_DIVERGED};
 
 /// Buffers at least this large get their own mapping, returned to the
 /// system when freed.
@@ -49,7 +50,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("driveblk: error: {e:#}");
-            ExitCode::FAILURE
+            let diverged = e.chain().any(|c| matches!(c.downcast_ref(), Some(VolumeError::Diverged { .. })));
+            if diverged {
+                ExitCode::from(EXIT_DIVERGED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

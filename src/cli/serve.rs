@@ -723,7 +723,7 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
         if let Some(sig) = signals.next() {
             tracing::warn!(
                 signal = sig,
-                "second signal: exiting now (changes not uploaded yet stay in the cache and go up at the next start)"
+                "second signal: exiting now (changes not uploaded yet stay in the cache directory)"
             );
             std::process::exit(1);
         }
@@ -734,6 +734,7 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     if let Err(e) = &served {
         tracing::error!(error = %format!("{e:#}"), "serving ended with an error; the local changes are kept");
     }
+    let mut diverged = None;
     if let Some(store) = &volume_store {
         if let Some(st) = &status {
             st.set_phase(Phase::FinalSync);
@@ -751,6 +752,13 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
         let _extend = notify.extend_timeout(timeout + Duration::from_secs(30));
         notify.status(&format!("final sync: uploading {} of changes", human(dirty)));
         let left = store.close(timeout);
+        diverged = store.diverged().map(|c| crate::volume::VolumeError::Diverged {
+            dir: store.cache_dir().to_path_buf(),
+            reason: format!(
+                "holds {} of changes the volume moved on without ({c}); the log above says how to keep them",
+                human(left)
+            ),
+        });
         if left == 0 {
             if let Some(st) = store.sync_status().filter(|s| s.generations_committed > 0) {
                 tracing::info!(
@@ -769,6 +777,10 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
         s.finish();
     }
     served?;
+    if let Some(e) = diverged {
+        notify.status("stopped: the local changes need a choice (fork, export or discard-local)");
+        return Err(e.into());
+    }
     notify.status("stopped");
     tracing::info!("stopped cleanly");
     Ok(())

@@ -471,7 +471,17 @@ impl TieredStore {
         {
             tracing::warn!("could not record the lease's state on the remote in time (it stands until the next start)");
         }
-        if left > 0 {
+        if let Some(c) = self.diverged() {
+            tracing::error!(
+                bytes = left,
+                conflict = %c,
+                "local changes not uploaded: the volume moved on without them, so they never go up as they are; \
+                 they stay in the cache directory {dir}: save them as a new volume with `driveblk fork URL NEWURL \
+                 --cache-dir {dir}`, export them with `driveblk export URL FILE --cache-dir {dir}`, or drop them \
+                 with `driveblk discard-local URL --cache-dir {dir}`",
+                dir = self.inner.ssd.dir().display()
+            );
+        } else if left > 0 {
             tracing::warn!(
                 bytes = left,
                 "local changes not uploaded yet; they stay in the cache directory and are uploaded at the next start"
@@ -536,6 +546,17 @@ impl TieredStore {
     /// its next FLUSH), whatever the sync interval.
     pub fn request_sync(&self) {
         self.inner.request_sync();
+    }
+
+    /// The volume's cache directory.
+    pub fn cache_dir(&self) -> &std::path::Path {
+        self.inner.ssd.dir()
+    }
+
+    /// Why write-back stopped for good: the volume moved on under this
+    /// cache's changes (another host committed, or took the lease).
+    pub fn diverged(&self) -> Option<String> {
+        self.sync_status().and_then(|s| s.conflict)
     }
 
     /// Write-back status (None when the store is read-only).

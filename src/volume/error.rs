@@ -79,6 +79,13 @@ pub enum VolumeError {
     #[error("cache directory {}: {reason}", dir.display())]
     Cache { dir: PathBuf, reason: String },
 
+    /// The cache holds changes made on a generation someone else has since
+    /// replaced: they are kept, never mixed into the newer disk, and only
+    /// a person can choose (fork, export, discard). Starting again does
+    /// not help, so `serve` exits with [`EXIT_DIVERGED`].
+    #[error("cache directory {}: {reason}", dir.display())]
+    Diverged { dir: PathBuf, reason: String },
+
     #[error("invalid option: {0}")]
     InvalidOptions(String),
 
@@ -119,6 +126,12 @@ pub enum VolumeError {
     #[error("volume {url} is in use: {detail}")]
     InUse { url: String, detail: String },
 }
+
+/// The exit status of a command that stopped on [`VolumeError::Diverged`]
+/// (or a write-back conflict while serving): 78, `EX_CONFIG` in sysexits.h.
+/// The systemd unit lists it in `RestartPreventExitStatus=`, so a disk
+/// that needs a person's choice is not restarted every few seconds.
+pub const EXIT_DIVERGED: u8 = 78;
 
 impl VolumeError {
     /// Wraps a remote error with what was being done.

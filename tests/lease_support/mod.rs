@@ -64,6 +64,11 @@ impl Host {
 
     /// `serve` that is expected to refuse to start: its output.
     pub fn serve_refused(&self, url: &str, extra: &[&str]) -> String {
+        self.serve_refused_with_status(url, extra).1
+    }
+
+    /// [`serve_refused`](Self::serve_refused), with its exit status.
+    pub fn serve_refused_with_status(&self, url: &str, extra: &[&str]) -> (std::process::ExitStatus, String) {
         let sock = self.dir.join("sock-refused");
         let err = self.dir.join("refused.stderr");
         let mut child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
@@ -90,7 +95,7 @@ impl Host {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(!status.success(), "a second writer was not refused");
-        std::fs::read_to_string(&err).unwrap()
+        (status, std::fs::read_to_string(&err).unwrap())
     }
 
     /// Runs `driveblk ARGS` (plus the remote flags) on this host.
@@ -253,8 +258,17 @@ pub fn forced_takeover_then_fork(root: &Path, url: &str, new_url: &str, flags: &
     assert!(db.stop().success());
     assert_eq!(b.lease(url)["standing"], "released");
     // A's stop tries to commit on top of the generation it started from:
-    // fenced. Its changes stay in its cache.
-    assert!(da.stop().success());
+    // fenced. Its changes stay in its cache; the log says what to do with
+    // them (not that the next start uploads them), and the exit status
+    // keeps systemd from starting it again and again.
+    let st = da.stop();
+    let log = std::fs::read_to_string(a.log()).unwrap();
+    assert_eq!(st.code(), Some(78), "a stop with diverged changes exits 78: {log}");
+    assert!(
+        log.contains("the volume moved on without them") && log.contains("driveblk fork URL NEWURL"),
+        "the stop did not say how to keep the changes: {log}"
+    );
+    assert!(!log.contains("uploaded at the next start"), "the stop promised an upload that cannot happen: {log}");
     let status: Value = serde_json::from_slice(&std::fs::read(a.cache.join("status.json")).unwrap()).unwrap();
     let conflict = status["sync"]["conflict"].as_str().unwrap_or_default().to_string();
     assert!(conflict.contains("moved on") || conflict.contains("in use"), "{status}");
@@ -265,8 +279,9 @@ pub fn forced_takeover_then_fork(root: &Path, url: &str, new_url: &str, flags: &
     drop(rc);
     assert!(dr.stop().success());
     // A's cache refuses to serve its changes over B's, and says what to do.
-    let e = a.serve_refused(url, &[]);
+    let (st, e) = a.serve_refused_with_status(url, &[]);
     assert!(e.contains("driveblk fork") && e.contains("discard-local"), "{e}");
+    assert_eq!(st.code(), Some(78), "{e}");
     // fork saves A's state as a new volume sharing the origin's packs.
     let out = a.cli_ok(&["fork", url, new_url, "--cache-dir", a.cache.to_str().unwrap()]);
     assert!(out.contains("saved"), "{out}");
@@ -443,7 +458,7 @@ pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String], gc_re
     let o = a.cli(&["sync", url, "--cache-dir", a.cache.to_str().unwrap(), "--timeout", "60"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("moved on"), "the woken holder's commit was not fenced: {e}");
-    assert!(da.stop().success());
+    assert_eq!(da.stop().code(), Some(78), "a stop with diverged changes exits 78");
     let reader = Host::new(root, "reader", flags, &[]);
     let dr = reader.serve(url, &["--read-only"]);
     let mut rc = Client::connect_with(&dr.socket, 1, true);

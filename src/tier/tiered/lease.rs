@@ -116,6 +116,10 @@ impl Inner {
         let r = if left == 0 && !conflict { holder.release(g).await } else { holder.renew(g, left).await };
         match r {
             Ok(()) if left == 0 && !conflict => tracing::info!(generation = g, "released the writer lease"),
+            Ok(()) if conflict => tracing::info!(
+                bytes = left,
+                "this host's heartbeat records the changes it keeps (another host holds the writer lease now)"
+            ),
             Ok(()) => tracing::info!(
                 bytes = left,
                 "the writer lease stays with this host until its changes are uploaded (`driveblk sync`, or serve again here)"

@@ -1028,7 +1028,7 @@ impl Inner {
             return Ok(());
         }
         let dirty = self.ssd.dirty_chunks();
-        let refuse = |why: String| VolumeError::Cache {
+        let refuse = |why: String| VolumeError::Diverged {
             dir: self.ssd.dir().to_path_buf(),
             reason: format!(
                 "holds {dirty} chunks of changes not yet uploaded, made on top of generation {g}, but {why}; \
