@@ -336,6 +336,44 @@ fn a_stop_uploads_while_the_guest_still_runs() {
     assert!(raw_export(d.path(), &url) == want, "the stop committed every flushed write, the late one too");
 }
 
+/// `export --cache-dir` of a clean cache left behind by newer generations
+/// (the laptop's, after the desktop wrote for a week) exports the newest
+/// generation, taking from the cache only the chunks it did not change;
+/// a cache with local changes still exports its own generation with them.
+#[test]
+fn export_through_an_old_clean_cache_gives_the_newest_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let (orig, url) = raw_volume(d.path(), 31, 8 << 20, &[]);
+    let (cache_a, cache_b) = (d.path().join("cache-a"), d.path().join("cache-b"));
+    let sock = d.path().join("sock");
+    let mut want = orig.clone();
+    // A writes the first chunk and reads the whole disk (all cached, clean).
+    let daemon = Daemon::start(&sock, &kill_9_args(&url, "raw", &cache_a));
+    let mut c = Client::connect(&sock, 1);
+    let x = common::pattern(41, 64 << 10);
+    c.write(0, &x).unwrap();
+    c.flush().unwrap();
+    want[..x.len()].copy_from_slice(&x);
+    assert!(read_all(&mut c) == want);
+    drop(c);
+    assert!(daemon.stop().success());
+    // B rewrites that chunk and another one: a newer generation.
+    let daemon = Daemon::start(&sock, &kill_9_args(&url, "raw", &cache_b));
+    let mut c = Client::connect(&sock, 1);
+    let y = common::pattern(42, 64 << 10);
+    c.write(0, &y).unwrap();
+    c.write(4 << 20, &y).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    assert!(daemon.stop().success());
+    want[..y.len()].copy_from_slice(&y);
+    want[4 << 20..(4 << 20) + y.len()].copy_from_slice(&y);
+    assert!(raw_export(d.path(), &url) == want, "the remote holds B's disk");
+    let out = d.path().join("through-a.raw");
+    run_ok(bin(), &["export", &url, out.to_str().unwrap(), "--cache-dir", cache_a.to_str().unwrap(), "--quiet"]);
+    assert!(std::fs::read(&out).unwrap() == want, "export through A's old clean cache is not the newest disk");
+}
+
 /// The newest generation of the raw volume at `url`, through a fresh
 /// export (no cache) into `dir`.
 fn raw_export(dir: &Path, url: &str) -> Vec<u8> {

@@ -69,6 +69,10 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
     let u = RemoteUrl::parse(url)?;
     let rt = runtime("driveblk-export")?;
     let reader = rt.block_on(VolumeReader::open(&u, &opts.remote))?;
+    // Cached chunks a newer generation changed (a clean cache of an older
+    // generation): fetched from the remote instead.
+    let mut stale = std::collections::HashSet::new();
+    let mut newest = false;
     let cache = match &opts.cache_dir {
         None => None,
         Some(dir) => {
@@ -87,18 +91,29 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
                 tracing::warn!(dir = %dir.display(), "cache directory holds nothing for this volume; exporting the remote copy only");
             }
             if let Some((c, _)) = &c {
-                // The cache's chunks hold its generation's bytes plus its
-                // changes: export exactly that view, not a mix with a newer
-                // generation committed elsewhere.
                 if c.generation() != reader.generation() {
-                    match rt.block_on(reader.load_generation(c.generation())) {
-                        Ok(m) => {
+                    let old = rt.block_on(reader.load_generation(c.generation()));
+                    match old {
+                        // The cache's chunks hold its generation's bytes plus
+                        // its changes: export exactly that view, not a mix
+                        // with a newer generation committed elsewhere.
+                        Ok(m) if c.dirty_chunks() > 0 => {
                             tracing::warn!(
                                 cache = c.generation(),
                                 remote = reader.generation(),
-                                "exporting the cache's generation with its local changes"
+                                "exporting the cache's generation with its local changes, not the newer one on the \
+                                 remote (export without --cache-dir for that)"
                             );
                             reader.set_manifest(m);
+                        }
+                        // Nothing local to keep: the newest generation, with
+                        // only the cached chunks it did not change.
+                        Ok(m) => {
+                            let (new, has_base) = (reader.manifest(), reader.base.is_some());
+                            newest = true;
+                            stale = (0..new.chunk_count().max(m.chunk_count()))
+                                .filter(|&i| !m.chunk(i, has_base).same_bytes(&new.chunk(i, has_base)))
+                                .collect();
                         }
                         Err(e) if c.dirty_chunks() > 0 => return Err(e),
                         // Its clean chunks may be stale; use none of them.
@@ -109,7 +124,7 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
             c.map(|(c, _)| c)
         }
     };
-    let len = cache.as_ref().map_or(reader.image_len(), |c| c.len());
+    let len = cache.as_ref().filter(|_| !newest).map_or(reader.image_len(), |c| c.len());
     let cs = reader.chunk_size();
     let tmp = file
         .with_file_name(format!(".{}.driveblk-partial", file.file_name().and_then(|n| n.to_str()).unwrap_or("export")));
@@ -141,7 +156,7 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
             remote_idx.push(idx);
             continue;
         }
-        match cache.as_ref().filter(|c| c.has_chunk(idx)) {
+        match cache.as_ref().filter(|c| c.has_chunk(idx) && !stale.contains(&idx)) {
             Some(c) => {
                 let st = c.state(idx);
                 let data = c.read_chunk(idx).map_err(|e| VolumeError::io("reading cache of", c.dir(), e))?;
