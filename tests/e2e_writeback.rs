@@ -240,6 +240,13 @@ fn driveblk_sync_uploads_now_through_the_daemon_or_from_a_stopped_cache() {
     run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "60"]);
     let got = remote_view(d.path(), &url);
     assert!(got[4 << 20..5 << 20] == b[..], "the stopped cache's changes reached the remote");
+    // A cache directory that holds nothing (a typo, the daemon's is
+    // elsewhere) is an error, not "synced 0 B".
+    let typo = d.path().join("cache-typo");
+    let o = Command::new(bin()).args(["sync", &url, "--cache-dir", typo.to_str().unwrap()]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("holds no cache of the volume"), "{e}");
+    assert!(!typo.exists(), "sync made an empty cache directory");
 }
 
 /// A stop whose `--sync-timeout` runs out while a generation uploads is a

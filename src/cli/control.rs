@@ -332,8 +332,27 @@ pub fn find(control: Option<&Path>, cache_dir: Option<&Path>) -> anyhow::Result<
         return Ok(None);
     }
     let Some(p) = v["control_socket"].as_str().map(PathBuf::from) else { return Ok(None) };
-    // A daemon killed -9 leaves "running" behind: trust only a live socket.
-    Ok(UnixStream::connect(&p).is_ok().then_some(p))
+    // A daemon killed -9 leaves "running" behind: trust only a live socket,
+    // and only one whose daemon serves this cache's volume (another daemon
+    // may have bound the same path since).
+    if UnixStream::connect(&p).is_err() {
+        return Ok(None);
+    }
+    let same = |live: &Value| ["url", "volume_id"].iter().all(|k| v[*k].is_null() || live[*k] == v[*k]);
+    match request_within(&p, &Request::Status, Duration::from_secs(10)) {
+        Ok(live) if same(&live) => Ok(Some(p)),
+        Ok(live) => {
+            tracing::warn!(
+                socket = %p.display(),
+                serves = %live["url"],
+                "the control socket named in {} belongs to a daemon serving another volume now",
+                dir.display()
+            );
+            Ok(None)
+        }
+        // A hung daemon: its commands say so themselves.
+        Err(_) => Ok(Some(p)),
+    }
 }
 
 /// The cache directory a client command means: `--cache-dir`, else the

@@ -52,6 +52,19 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // Opening a cache that is not there would make an empty one and report
+    // "synced 0 B" while the changes sit in the cache a daemon uses.
+    let have = dir.as_deref().filter(|d| d.join("state").exists());
+    if have.is_none() {
+        bail!(
+            "no daemon serves {url} from {dir}, and it holds no cache of the volume: nothing to sync here. \
+             If a daemon serves it from another cache directory, give that (`--cache-dir`, as given to serve) or \
+             its `--control` socket; a daemon run by systemd as root keeps its cache under /var/cache/driveblk \
+             (run this as root)",
+            url = a.url,
+            dir = dir.as_deref().map_or("the default cache directory".into(), |d| d.display().to_string()),
+        );
+    }
     let mut opts = a.cache.options(&a.url, false, &a.remote)?;
     // Nothing to upload, no lease needed; something to upload takes it.
     opts.lease = tier::LeaseMode::OnCommit;
