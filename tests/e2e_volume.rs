@@ -410,6 +410,30 @@ fn a_read_only_serve_writes_nothing_to_the_remote() {
     assert_eq!(listing(&dir.path().join("remote")), before, "the read-only serve changed the remote");
 }
 
+/// A second `serve` given a socket already in use (a copy-pasted config)
+/// is refused before it opens its volume: it takes no writer lease and
+/// writes nothing to that volume's remote.
+#[test]
+fn a_serve_on_a_used_socket_touches_no_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, _) = make_source(dir.path());
+    let (url_a, url_b) =
+        (format!("dir:{}/remote/a", dir.path().display()), format!("dir:{}/remote/b", dir.path().display()));
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url_a]);
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url_b]);
+    let sock = dir.path().join("sock");
+    let d = serve(&sock, &url_a, &dir.path().join("cache-a"), &[]);
+    let before = listing(&dir.path().join("remote/b"));
+    let cache_b = dir.path().join("cache-b");
+    let e = common::serve_fails(
+        &sock,
+        &["--volume", &url_b, "--format", "qcow2", "--cache-dir", cache_b.to_str().unwrap()],
+    );
+    assert!(e.contains("in use by a running daemon"), "{e}");
+    assert_eq!(listing(&dir.path().join("remote/b")), before, "the refused serve wrote to its volume");
+    assert!(d.stop().success());
+}
+
 #[test]
 fn second_signal_skips_a_slow_profile_save() {
     let dir = tempfile::tempdir().unwrap();

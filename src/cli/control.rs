@@ -75,30 +75,41 @@ impl ControlServer {
     /// Binds `path` (a stale socket is replaced, a live one refused), with
     /// `prepare` (owner, mode) run before the socket appears there.
     pub fn bind(path: &Path, prepare: &dyn Fn(&Path) -> anyhow::Result<()>) -> anyhow::Result<(UnixListener, PathBuf)> {
-        match std::fs::symlink_metadata(path) {
-            Ok(m) => {
-                use std::os::unix::fs::FileTypeExt;
-                if !m.file_type().is_socket() {
-                    bail!("{} exists and is not a socket; refusing to replace it", path.display());
-                }
-                if UnixStream::connect(path).is_ok() {
-                    bail!("control socket {} is in use by a running daemon", path.display());
-                }
-                std::fs::remove_file(path)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("control socket {}", path.display())),
+        Self::check_free(path)?;
+        if std::fs::symlink_metadata(path).is_ok() {
+            std::fs::remove_file(path)?;
         }
         let tmp = PathBuf::from(format!("{}.{}.tmp", path.display(), std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let l = UnixListener::bind(&tmp).with_context(|| format!("cannot listen on {}", path.display()))?;
-        let moved = prepare(&tmp)
-            .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("cannot create {}", path.display())));
+        let moved = prepare(&tmp).and_then(|()| {
+            crate::vhost::rename_noreplace(&tmp, path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => {
+                    anyhow!("control socket {} is in use by a running daemon", path.display())
+                }
+                _ => anyhow::Error::new(e).context(format!("cannot create {}", path.display())),
+            })
+        });
         if let Err(e) = moved {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
         Ok((l, path.to_path_buf()))
+    }
+
+    /// Fails unless a control socket can be bound at `path` (nothing
+    /// there, or a socket nobody listens on).
+    pub fn check_free(path: &Path) -> anyhow::Result<()> {
+        match crate::vhost::socket_free(path) {
+            Ok(()) => Ok(()),
+            Err(crate::vhost::ServeError::SocketInUse { .. }) => {
+                bail!("control socket {} is in use by a running daemon", path.display())
+            }
+            Err(crate::vhost::ServeError::NotASocket { .. }) => {
+                bail!("{} exists and is not a socket; refusing to replace it", path.display())
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("control socket {}", path.display()))),
+        }
     }
 
     /// Serves `status` on an already bound listener until [`stop`](Self::stop).

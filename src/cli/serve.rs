@@ -541,6 +541,12 @@ fn open_format(
 /// Runs `driveblk serve` until SIGTERM/SIGINT.
 pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     let notify = Notifier::from_env();
+    // Sockets already in use end the start before a volume is opened (that
+    // takes the writer lease on the remote).
+    crate::vhost::socket_free(&cfg.socket)?;
+    if matches!(cfg.source, ImageSource::Volume { .. }) {
+        ControlServer::check_free(&cfg.control_socket)?;
+    }
     let read_only = cfg.device.read_only;
     let mut status: Option<Arc<DaemonStatus>> = None;
     let mut volume_store: Option<Arc<TieredStore>> = None;

@@ -202,49 +202,120 @@ impl Server {
     }
 }
 
-/// Binds a listening socket at `path`. A socket file nobody listens on (left
-/// by a crash) is replaced; a live one or a non-socket file is refused.
-fn bind_socket(path: &Path, prepare: &dyn Fn(&Path) -> io::Result<()>) -> Result<UnixListener, ServeError> {
+/// Whether a socket can be bound at `path`: nothing there, or a socket
+/// file nobody listens on (left by a crash). A live socket or a file that
+/// is not a socket is refused. `serve` asks before opening a volume, so a
+/// second daemon given a used path touches no volume.
+pub fn socket_free(path: &Path) -> Result<(), ServeError> {
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if socket_is_live(path) {
                 return Err(ServeError::SocketInUse { path: path.to_path_buf() });
             }
-            tracing::info!(path = %path.display(), "replacing stale socket file");
-            fs::remove_file(path)?;
+            Ok(())
         }
-        Ok(_) => return Err(ServeError::NotASocket { path: path.to_path_buf() }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
+        Ok(_) => Err(ServeError::NotASocket { path: path.to_path_buf() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Binds a listening socket at `path` (see [`socket_free`]): bound under a
+/// temporary name, prepared (owner, mode), then moved into place, so QEMU
+/// never connects to a socket it may not use.
+fn bind_socket(path: &Path, prepare: &dyn Fn(&Path) -> io::Result<()>) -> Result<UnixListener, ServeError> {
+    socket_free(path)?;
+    if fs::symlink_metadata(path).is_ok() {
+        tracing::info!(path = %path.display(), "replacing stale socket file");
+        fs::remove_file(path)?;
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let _ = fs::remove_file(&tmp);
     let l = UnixListener::bind(&tmp).map_err(|source| ServeError::Bind { path: path.to_path_buf(), source })?;
-    let ready = prepare(&tmp).and_then(|()| fs::rename(&tmp, path));
+    let ready = prepare(&tmp).and_then(|()| rename_noreplace(&tmp, path));
     if let Err(source) = ready {
         let _ = fs::remove_file(&tmp);
+        if source.kind() == io::ErrorKind::AlreadyExists {
+            // Another daemon given the same path bound it meanwhile.
+            return Err(ServeError::SocketInUse { path: path.to_path_buf() });
+        }
         return Err(ServeError::Bind { path: path.to_path_buf(), source });
     }
     Ok(l)
 }
 
+/// `rename` that fails with `AlreadyExists` instead of replacing `to`:
+/// two daemons started at once with one socket path must not take each
+/// other's socket. Falls back to a plain rename where the filesystem
+/// cannot do it.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    match rustix::fs::renameat_with(rustix::fs::CWD, from, rustix::fs::CWD, to, rustix::fs::RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => fs::rename(from, to),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// True if some process listens on the socket. Looks in /proc/net/unix first
-/// so a live vhost-user daemon is not disturbed by a probe connection.
+/// so a live vhost-user daemon is not disturbed by a probe connection (an
+/// idle one would take it for a frontend). The table lists the name a
+/// socket was bound under: `PATH` itself, or `PATH.<pid>.tmp` for one a
+/// daemon bound and then moved into place (see [`bind_socket`]).
 fn socket_is_live(path: &Path) -> bool {
     if let Ok(table) = fs::read_to_string("/proc/net/unix") {
         let want = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let names = [want.as_os_str().to_string_lossy().into_owned(), path.as_os_str().to_string_lossy().into_owned()];
+        let ours = |p: &str| {
+            names.iter().any(|n| {
+                p == n
+                    || p.strip_prefix(n.as_str())
+                        .and_then(|r| r.strip_prefix('.'))
+                        .and_then(|r| r.strip_suffix(".tmp"))
+                        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+            })
+        };
         let listed = table.lines().skip(1).any(|line| {
             let mut cols = line.split_whitespace();
             // Num RefCount Protocol Flags Type St Inode Path
             let flags = cols.nth(3).and_then(|f| u32::from_str_radix(f, 16).ok()).unwrap_or(0);
             let p = cols.nth(3);
-            flags & 0x10000 != 0 && p.is_some_and(|p| Path::new(p) == want || Path::new(p) == path)
+            flags & 0x10000 != 0 && p.is_some_and(ours)
         });
         if listed {
             return true;
         }
     }
     UnixStream::connect(path).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon's socket, bound under a temporary name and moved into
+    /// place, is found live in /proc/net/unix: no probe connection lands
+    /// in its backlog (an idle daemon would take it for a frontend).
+    #[test]
+    fn a_moved_live_socket_is_found_without_a_probe() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("vm.sock");
+        let l = bind_socket(&path, &|_| Ok(())).unwrap();
+        l.set_nonblocking(true).unwrap();
+        assert!(socket_is_live(&path));
+        assert!(matches!(socket_free(&path), Err(ServeError::SocketInUse { .. })));
+        assert_eq!(l.accept().unwrap_err().kind(), io::ErrorKind::WouldBlock, "a probe connected");
+        // Gone: the file stays, nobody listens, so it is free to replace.
+        drop(l);
+        assert!(path.exists() && !socket_is_live(&path));
+        socket_free(&path).unwrap();
+        let l = bind_socket(&path, &|_| Ok(())).unwrap();
+        drop(l);
+        // The move into place never replaces a socket bound meanwhile.
+        let other = d.path().join("other.sock");
+        drop(UnixListener::bind(&other).unwrap());
+        let e = rename_noreplace(&other, &path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+    }
 }

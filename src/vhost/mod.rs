@@ -15,4 +15,4 @@ pub mod request;
 
 pub use backend::BlockBackend;
 pub use config::DeviceConfig;
-pub use daemon::{ServeError, Server, StopHandle};
+pub use daemon::{rename_noreplace, socket_free, ServeError, Server, StopHandle};
