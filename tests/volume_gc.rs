@@ -973,16 +973,11 @@ fn dir_gc_keeps_the_newest_readable_boot_profile() {
     assert_eq!(find(), Some(readable), "the profile readers use is still there");
 }
 
-/// A daemon on another host holding the writer lease serves the volume
-/// however long ago it last committed: rollback refuses and gc repacks
-/// nothing (it still runs and deletes what is dead) unless forced; a forced repack carries that
-/// lease forward.
-#[test]
-fn dir_gc_and_rollback_respect_a_lease_held_elsewhere() {
-    let v = dir_vol();
-    let rt = rt();
-    let expect = import(&v);
-    let r = open(&rt, &v);
+/// Commits a generation whose writer lease `host` took (and last
+/// committed) an hour ago by its clock, a ttl of an hour: only the lease
+/// says the holder is still there. Returns that generation.
+fn commit_leased_an_hour_ago(rt: &tokio::runtime::Runtime, v: &Vol, host: &str) -> u64 {
+    let r = open(rt, v);
     let mut b = volume::commit::GenerationBuilder::new(
         r.remote.clone(),
         &r.url,
@@ -993,7 +988,7 @@ fn dir_gc_and_rollback_respect_a_lease_held_elsewhere() {
     );
     let g = r.generation() + 1;
     b.set_lease(Some(driveblk::volume::format::LeaseRecord {
-        host: "elsewhere".into(),
+        host: host.into(),
         pid: 7,
         cache_id: "other-cache".into(),
         taken_at: g,
@@ -1004,11 +999,40 @@ fn dir_gc_and_rollback_respect_a_lease_held_elsewhere() {
         released: false,
     }));
     let mut w = volume::commit::writer_record("other-cache");
-    w.host = "elsewhere".into();
-    // Taken (and last committed) an hour ago by that host's clock: only
-    // the lease says it is still there.
+    w.host = host.into();
     w.unix_ms -= 3_600_000;
     rt.block_on(b.commit(w)).unwrap();
+    g
+}
+
+/// A daemon on this host holding the writer lease (serving, or stopped
+/// with changes not uploaded) is refused a rollback as one elsewhere is:
+/// it would keep the disk from before the rollback and meet a conflict.
+#[test]
+fn dir_rollback_refuses_under_a_lease_held_on_this_host() {
+    let v = dir_vol();
+    let rt = rt();
+    import(&v);
+    let here = volume::commit::host_name();
+    let g = commit_leased_an_hour_ago(&rt, &v, &here);
+    let e = history::rollback(&v.url, 1, &RollbackOptions { remote: v.remote.clone(), ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lease") && e.contains(&here) && e.contains("--force"), "{e}");
+    let rb = history::rollback(&v.url, 1, &RollbackOptions { force: true, remote: v.remote.clone() }).unwrap();
+    assert_eq!(rb.generation, g + 1);
+}
+
+/// A daemon on another host holding the writer lease serves the volume
+/// however long ago it last committed: rollback refuses and gc repacks
+/// nothing (it still runs and deletes what is dead) unless forced; a forced repack carries that
+/// lease forward.
+#[test]
+fn dir_gc_and_rollback_respect_a_lease_held_elsewhere() {
+    let v = dir_vol();
+    let rt = rt();
+    let expect = import(&v);
+    let g = commit_leased_an_hour_ago(&rt, &v, "elsewhere");
     let e = history::rollback(&v.url, 1, &RollbackOptions { remote: v.remote.clone(), ..Default::default() })
         .unwrap_err()
         .to_string();

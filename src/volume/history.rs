@@ -336,8 +336,18 @@ pub(crate) async fn lease_held_elsewhere(
     r: &VolumeReader,
     newest: &Manifest,
 ) -> VolumeResult<Option<super::lease::LeaseView>> {
+    lease_held(r, newest, false).await
+}
+
+/// [`lease_held_elsewhere`], a holder on this host included when
+/// `this_host`.
+async fn lease_held(
+    r: &VolumeReader,
+    newest: &Manifest,
+    this_host: bool,
+) -> VolumeResult<Option<super::lease::LeaseView>> {
     match &newest.lease {
-        Some(l) if !l.released && l.host != host_name() => {}
+        Some(l) if !l.released && (this_host || l.host != host_name()) => {}
         _ => return Ok(None),
     }
     let view = super::lease::inspect(&r.remote, &r.header, newest, None).await?;
@@ -418,13 +428,18 @@ pub fn rollback(url: &str, target: u64, opts: &RollbackOptions) -> VolumeResult<
         let r = VolumeReader::open(&u, &opts.remote).await?;
         let newest = r.manifest();
         check_writer(&r.url, &newest, DEFAULT_ACTIVE_WINDOW, opts.force)?;
+        // A holder on this host counts too: a daemon serving the volume here
+        // would keep the disk from before the rollback and meet a conflict
+        // at its next commit (and one that stopped with changes pending
+        // would have them refused).
         if !opts.force {
-            if let Some(view) = lease_held_elsewhere(&r, &newest).await? {
+            if let Some(view) = lease_held(&r, &newest, true).await? {
                 return Err(VolumeError::InUse {
                     url: r.url.clone(),
                     detail: format!(
-                        "its writer lease is {}, so a daemon there is probably serving it; \
-                         stop it there first (a clean stop releases the lease), or pass --force",
+                        "its writer lease is {}, so a daemon there is probably serving it (or stopped with \
+                         changes not uploaded yet); stop it there first (a clean stop uploads them and releases \
+                         the lease), or pass --force",
                         view.describe()
                     ),
                 });
