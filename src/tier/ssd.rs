@@ -343,6 +343,22 @@ impl SsdCache {
                     }
                     why
                 };
+                if dirty > 0 && h.id.volume_id != id.volume_id {
+                    // Export, fork and discard-local open the volume at the
+                    // URL too, so they refuse the same way: say what works.
+                    return Err(cache_err(
+                        dir,
+                        format!(
+                            "holds {dirty} chunks of unsaved writes of volume {}, but the URL now names volume {} \
+                         (re-imported or replaced?); those writes belong to the old volume: if it still exists \
+                         elsewhere, serve or export it with this --cache-dir; otherwise move this directory aside \
+                         (`mv {d} {d}.old`) or give another --cache-dir, and the new volume starts with an empty cache",
+                            h.id.volume_id,
+                            id.volume_id,
+                            d = dir.display()
+                        ),
+                    ));
+                }
                 if dirty > 0 {
                     return Err(cache_err(dir, format!("holds {dirty} chunks of unsaved writes, but {why}; use the right cache directory, or `driveblk export` those writes with it first")));
                 }

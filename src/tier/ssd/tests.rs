@@ -48,6 +48,9 @@ fn install_evict_dirty_and_reopen() {
     // Another volume with dirty data: refused, not discarded.
     let e = SsdCache::open(&dir, id(2), 1, 10 * 4096, 4 * 4096, OpenMode::Serve).err().unwrap();
     assert!(e.to_string().contains("unsaved writes"), "{e}");
+    // It says what works (export, fork and discard-local open the new
+    // volume and refuse the same way): move the directory aside.
+    assert!(e.to_string().contains("re-imported or replaced?") && e.to_string().contains(".old`"), "{e}");
 }
 
 #[test]
