@@ -437,11 +437,16 @@ mod tests {
         };
         // A block device: PrivateDevices hides it.
         let w = warn("socket = \"/run/driveblk/a.sock\"\nimage = \"/dev/vg0/w10\"\nformat = \"raw\"\n");
-        assert!(w.len() == 1 && w[0].contains("PrivateDevices=no") && w[0].contains("DeviceAllow=/dev/vg0/w10"), "{w:?}");
+        assert!(
+            w.len() == 1 && w[0].contains("PrivateDevices=no") && w[0].contains("DeviceAllow=/dev/vg0/w10"),
+            "{w:?}"
+        );
         // A writable image outside the writable paths; read-only, it is fine.
         let w = warn("socket = \"/run/driveblk/a.sock\"\nimage = \"/var/lib/libvirt/images/w10.qcow2\"\n");
         assert!(w.len() == 1 && w[0].contains("ReadWritePaths=/var/lib/libvirt/images"), "{w:?}");
-        let w = warn("socket = \"/run/driveblk/a.sock\"\nimage = \"/var/lib/libvirt/images/w10.qcow2\"\nread_only = true\n");
+        let w = warn(
+            "socket = \"/run/driveblk/a.sock\"\nimage = \"/var/lib/libvirt/images/w10.qcow2\"\nread_only = true\n",
+        );
         assert!(w.is_empty(), "{w:?}");
         // A socket in the private /tmp, a dir: remote in a home directory.
         let w = warn("socket = \"/tmp/w10.sock\"\nvolume = \"dir:/home/me/vms/w10\"\n");

@@ -123,7 +123,9 @@ impl Sandbox {
             UNIT.lines().filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('=')).collect()
         };
         let mut writable = Vec::new();
-        for (key, root) in [("RuntimeDirectory", "/run"), ("CacheDirectory", "/var/cache"), ("StateDirectory", "/var/lib")] {
+        for (key, root) in
+            [("RuntimeDirectory", "/run"), ("CacheDirectory", "/var/cache"), ("StateDirectory", "/var/lib")]
+        {
             for v in setting(key).iter().flat_map(|v| v.split_whitespace()) {
                 writable.push(Path::new(root).join(v));
             }
@@ -132,7 +134,8 @@ impl Sandbox {
             writable.push(PathBuf::from(v.trim_start_matches(['-', '+'])));
         }
         let yes = |key: &str| setting(key).last().is_some_and(|v| matches!(*v, "yes" | "true" | "1"));
-        let protect_home = setting("ProtectHome").last().filter(|v| !matches!(**v, "no" | "false" | "0")).map(|v| v.to_string());
+        let protect_home =
+            setting("ProtectHome").last().filter(|v| !matches!(**v, "no" | "false" | "0")).map(|v| v.to_string());
         Self { writable, private_devices: yes("PrivateDevices"), private_tmp: yes("PrivateTmp"), protect_home }
     }
 
@@ -154,7 +157,9 @@ impl Sandbox {
         }
         if self.private_tmp && (p.starts_with("/tmp") || p.starts_with("/var/tmp")) {
             return Some(if shared {
-                format!("{what} {shown}: the unit has PrivateTmp=yes, so QEMU would not find it there; use /run/driveblk/")
+                format!(
+                    "{what} {shown}: the unit has PrivateTmp=yes, so QEMU would not find it there; use /run/driveblk/"
+                )
             } else {
                 format!("{what} {shown}: the unit has PrivateTmp=yes: the service sees an empty private /tmp, not this path")
             });
