@@ -214,6 +214,8 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
         },
         Err(e) => return Err(e),
     };
+    // Before anything touches the cache or the remote.
+    reader.check_cache_copy(&opts.cache_dir)?;
     super::fleet::prepare_cache(&opts, &reader)?;
     // Packs' sub-frame indexes fetched once stay in the cache directory.
     reader.keep_indexes_in(&opts.cache_dir);
