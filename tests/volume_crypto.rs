@@ -365,3 +365,40 @@ fn a_key_given_for_a_plaintext_volume_is_refused_unless_from_the_environment() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("DRIVEBLK_KEY_FILE") && log.contains("not encrypted"), "{log}");
 }
+
+/// An offline start of an encrypted volume uses the cache's copy of the
+/// manifest only sealed: a copy in clear (never written for an encrypted
+/// volume) is refused, naming the file.
+#[test]
+fn an_offline_manifest_copy_in_clear_is_refused_for_an_encrypted_volume() {
+    use driveblk::volume::crypto::{CryptoHeader, UserKey, VolumeKey};
+    use driveblk::volume::{RemoteOptions, VolumeHeader, VolumeReader};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    common::make_raw(&img, 1 << 20, 6);
+    let secret = "the offline test key";
+    let kf = dir.path().join("key");
+    std::fs::write(&kf, secret).unwrap();
+    let kf = kf.to_str().unwrap();
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", "--format", "raw", "--encrypt", "--key-file", kf, img.to_str().unwrap(), &url]);
+    let (sock, cache) = (dir.path().join("sock"), dir.path().join("cache"));
+    let d = serve(&sock, &url, &cache, &["--key-file", kf]);
+    let mut c = Client::connect(&sock, 1);
+    c.read(0, 4096).unwrap();
+    drop(c);
+    assert!(d.stop().success());
+
+    let u = driveblk::remote::RemoteUrl::parse(&url).unwrap();
+    let user = std::sync::Arc::new(UserKey::new(secret.as_bytes().to_vec(), "test".into()).unwrap());
+    let opts = RemoteOptions { key: Some(user.clone()), ..Default::default() };
+    VolumeReader::open_offline(&u, &cache, &opts).expect("the sealed copy opens");
+    let header = VolumeHeader::from_bytes(&std::fs::read(cache.join("volume.json")).unwrap()).unwrap();
+    let ch: CryptoHeader = serde_json::from_value(header.crypto.unwrap()).unwrap();
+    let key = VolumeKey::unwrap(&ch, &user).unwrap();
+    let manifest = cache.join("manifest");
+    let plain = key.open_local("manifest", &std::fs::read(&manifest).unwrap()).unwrap();
+    std::fs::write(&manifest, plain).unwrap();
+    let e = VolumeReader::open_offline(&u, &cache, &opts).unwrap_err().to_string();
+    assert!(e.contains(&manifest.display().to_string()) && e.contains("not sealed"), "{e}");
+}

@@ -452,7 +452,18 @@ impl VolumeReader {
                     VolumeError::CorruptManifest { url: url_s.clone(), key: "offline copy".into(), reason }
                 })?)
             }
-            _ => manifest_raw,
+            // Kept sealed for every encrypted volume: a copy in clear was
+            // not written so, and its plain checksum authenticates nothing.
+            Some(_) => {
+                return Err(VolumeError::Cache {
+                    dir: dir.to_path_buf(),
+                    reason: format!(
+                        "the offline copy of the manifest, {}, is not sealed, but the volume is encrypted (that copy is always kept sealed): it is not used; an online start replaces it",
+                        dir.join(OFFLINE_MANIFEST).display()
+                    ),
+                })
+            }
+            None => manifest_raw,
         };
         // The manifest names its own generation; from_bytes re-checks the
         // checksum and that it belongs to this header.
