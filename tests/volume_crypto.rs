@@ -402,3 +402,28 @@ fn an_offline_manifest_copy_in_clear_is_refused_for_an_encrypted_volume() {
     let e = VolumeReader::open_offline(&u, &cache, &opts).unwrap_err().to_string();
     assert!(e.contains(&manifest.display().to_string()) && e.contains("not sealed"), "{e}");
 }
+
+/// A key file others may read is used, with a warning naming the fix.
+#[test]
+fn a_key_file_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    common::make_raw(&img, 1 << 20, 8);
+    let kf = dir.path().join("key");
+    std::fs::write(&kf, "the permissions test key").unwrap();
+    std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let kfs = kf.to_str().unwrap();
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", "--format", "raw", "--encrypt", "--key-file", kfs, img.to_str().unwrap(), &url]);
+    let info = |what: &str| {
+        let out = Command::new(bin()).args(["info", &url, "--key-file", kfs]).output().unwrap();
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let log = info("0644");
+    assert!(log.contains("chmod 600") && log.contains(kfs), "{log}");
+    std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let log = info("0600");
+    assert!(!log.contains("chmod 600"), "{log}");
+}
