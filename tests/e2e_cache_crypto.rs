@@ -136,6 +136,8 @@ fn an_encrypted_cache_holds_no_plaintext_and_survives_kill_restart_writeback_for
     assert!(read_all(&mut c) == want_ctl, "the plaintext cache after the refusal");
     drop(c);
     assert!(d.stop().success());
+    let enc = status_encryption(&p("cache-p"));
+    assert!(enc.starts_with("encrypted") && enc.contains("the local cache holds plaintext"), "{enc}");
 
     // The option needs an encrypted volume.
     let plain = format!("dir:{}", p("plain").display());
@@ -164,6 +166,8 @@ fn an_encrypted_cache_holds_no_plaintext_and_survives_kill_restart_writeback_for
     assert!(read_all(&mut c) == want, "the encrypted cache after kill -9 and restart");
     drop(c);
     assert!(d.stop().success(), "a clean stop syncs");
+    let st = status_encryption(&cache);
+    assert!(st.contains("the local cache is encrypted") && !st.contains("plaintext"), "{st}");
     assert_eq!(found(&cache, &probes), Vec::<String>::new(), "plaintext in the encrypted cache after restart");
 
     // Written back: a fresh plaintext cache elsewhere reads every write.
@@ -223,6 +227,13 @@ fn an_encrypted_cache_holds_no_plaintext_and_survives_kill_restart_writeback_for
     assert_eq!(found(&p("fork"), &remote_probes), Vec::<String>::new(), "plaintext in the fork's folder");
     let info = run_ok(&["info", &forked, "--key-file", kf]);
     assert!(info.contains("encrypted"), "{info}");
+}
+
+/// What `driveblk status` of the cache in `dir` says of encryption.
+fn status_encryption(dir: &Path) -> String {
+    let st: serde_json::Value =
+        serde_json::from_str(&run_ok(&["status", "--cache-dir", dir.to_str().unwrap(), "--json"])).unwrap();
+    st["encryption"].as_str().unwrap_or_default().to_string()
 }
 
 /// 32 random bytes (a key file).

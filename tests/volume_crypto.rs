@@ -248,3 +248,182 @@ fn tampered_ciphertext_is_an_error_never_data() {
     let e = run_err(&["info", &url, "--key-file", kf], &[]);
     assert!(e.contains("decryption failed"), "{e}");
 }
+
+/// `driveblk serve ARGS` with `env`, which must fail; returns its stderr.
+fn serve_fails_env(sock: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut child = Command::new(bin())
+        .args(["serve", "--socket", sock.to_str().unwrap()])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = common::wait_timeout(&mut child, std::time::Duration::from_secs(60));
+    assert!(!st.success(), "serve {args:?} succeeded");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    err
+}
+
+/// The remote's operator (whom encryption is against) replaces the header
+/// of an encrypted volume with a plaintext one — same id and chunk size;
+/// nothing authenticates it — and the newest manifest with a plaintext one
+/// (its checksum is a plain sha256). Opened as it says, write-back would
+/// upload the cache's unsaved writes, and every later one, in clear. A
+/// host given the key refuses it; so does one that holds a cache of the
+/// volume and no key (the cache's copy of the header remembers), with the
+/// key from DRIVEBLK_KEY_FILE or without; export with that cache too. Each
+/// refusal comes before anything is written: the folder is unchanged.
+#[test]
+fn a_header_swapped_to_plaintext_is_refused_before_anything_is_written() {
+    use driveblk::volume::format::{gen_key, parse_gen_key, Manifest, VolumeHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    common::make_raw(&img, SIZE, 5);
+    let keyfile = dir.path().join("key");
+    std::fs::write(&keyfile, "the downgrade test key").unwrap();
+    let kf = keyfile.to_str().unwrap();
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    let folder = dir.path().join("remote/vol");
+    run_ok(&["import", "--quiet", "--format", "raw", "--encrypt", "--key-file", kf, img.to_str().unwrap(), &url]);
+
+    // A session that leaves writes in the cache: a kill -9 after a flush
+    // and after one more write.
+    let (sock, cache) = (dir.path().join("sock"), dir.path().join("cache"));
+    let cache_s = cache.to_str().unwrap();
+    let mut d = serve(&sock, &url, &cache, &["--key-file", kf]);
+    let mut c = Client::connect(&sock, 1);
+    let secret = common::pattern(77, 64 << 10);
+    c.write(1 << 20, &secret).unwrap();
+    c.flush().unwrap();
+    c.write(4 << 20, &secret).unwrap();
+    d.child.as_mut().unwrap().kill().unwrap();
+    d.child.as_mut().unwrap().wait().unwrap();
+    drop(c);
+
+    // The forgery: a plaintext header and an empty plaintext manifest as
+    // the newest generation.
+    let mut header = VolumeHeader::from_bytes(&std::fs::read(folder.join("volume.json")).unwrap()).unwrap();
+    header.encryption = "none".into();
+    header.crypto = None;
+    std::fs::write(folder.join("volume.json"), header.to_bytes()).unwrap();
+    let newest = files(&folder).iter().filter_map(|(n, _)| parse_gen_key(n)).max().unwrap();
+    std::fs::write(folder.join(gen_key(newest)), Manifest::new(&header, newest).to_bytes()).unwrap();
+    let before = files(&folder);
+    let untouched = |what: &str| {
+        let now = files(&folder);
+        let names = |v: &[(String, Vec<u8>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&now), names(&before), "{what}: objects appeared or went");
+        assert!(now == before, "{what}: an object of the folder changed");
+    };
+    let args = ["--volume", &url, "--format", "raw", "--cache-dir", cache_s];
+
+    // Given the key: the header says plaintext, the user says encrypted.
+    let e = serve_fails_env(&sock, &[&args[..], &["--key-file", kf][..]].concat(), &[]);
+    assert!(e.contains("says it is not encrypted") && e.contains("a key was given"), "{e}");
+    untouched("serve --key-file");
+    // No key: the cache's copy of the header says encrypted.
+    let e = serve_fails_env(&sock, &args, &[]);
+    assert!(e.contains("says it is not encrypted") && e.contains("nothing was written"), "{e}");
+    untouched("serve without a key");
+    // The key only in DRIVEBLK_KEY_FILE (maybe set for every volume): a
+    // warning, and the cache's refusal.
+    let e = serve_fails_env(&sock, &args, &[("DRIVEBLK_KEY_FILE", kf)]);
+    assert!(e.contains("DRIVEBLK_KEY_FILE") && e.contains("nothing was written"), "{e}");
+    untouched("serve with DRIVEBLK_KEY_FILE");
+    let out = dir.path().join("export.raw");
+    let e = run_err(&["export", "--quiet", &url, out.to_str().unwrap(), "--cache-dir", cache_s], &[]);
+    assert!(e.contains("says it is not encrypted") && e.contains("nothing was written"), "{e}");
+    assert!(!out.exists());
+    untouched("export with the cache");
+}
+
+/// A key given by a flag for a plaintext volume is refused (whoever can
+/// write the folder can make any volume's header say plaintext); a key
+/// from DRIVEBLK_KEY_FILE, which may be set for every volume, is not used,
+/// with a warning. `import` with a key but without --encrypt is refused
+/// before anything is created: the user meant an encrypted volume.
+#[test]
+fn a_key_given_for_a_plaintext_volume_is_refused_unless_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    common::make_raw(&img, 1 << 20, 4);
+    let kf = dir.path().join("key");
+    std::fs::write(&kf, "a key for another volume").unwrap();
+    let kf = kf.to_str().unwrap();
+    let url = format!("dir:{}/remote/plain", dir.path().display());
+    let e = run_err(&["import", "--quiet", "--format", "raw", "--key-file", kf, img.to_str().unwrap(), &url], &[]);
+    assert!(e.contains("--encrypt"), "{e}");
+    assert!(!dir.path().join("remote/plain/volume.json").exists(), "nothing was created");
+    run_ok(&["import", "--quiet", "--format", "raw", img.to_str().unwrap(), &url]);
+    let e = run_err(&["info", &url, "--key-file", kf], &[]);
+    assert!(e.contains("says it is not encrypted") && e.contains("a key was given"), "{e}");
+    let out = Command::new(bin()).args(["info", &url]).env("DRIVEBLK_KEY_FILE", kf).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("encrypted   no"));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("DRIVEBLK_KEY_FILE") && log.contains("not encrypted"), "{log}");
+}
+
+/// An offline start of an encrypted volume uses the cache's copy of the
+/// manifest only sealed: a copy in clear (never written for an encrypted
+/// volume) is refused, naming the file.
+#[test]
+fn an_offline_manifest_copy_in_clear_is_refused_for_an_encrypted_volume() {
+    use driveblk::volume::crypto::{CryptoHeader, UserKey, VolumeKey};
+    use driveblk::volume::{RemoteOptions, VolumeHeader, VolumeReader};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    common::make_raw(&img, 1 << 20, 6);
+    let secret = "the offline test key";
+    let kf = dir.path().join("key");
+    std::fs::write(&kf, secret).unwrap();
+    let kf = kf.to_str().unwrap();
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", "--format", "raw", "--encrypt", "--key-file", kf, img.to_str().unwrap(), &url]);
+    let (sock, cache) = (dir.path().join("sock"), dir.path().join("cache"));
+    let d = serve(&sock, &url, &cache, &["--key-file", kf]);
+    let mut c = Client::connect(&sock, 1);
+    c.read(0, 4096).unwrap();
+    drop(c);
+    assert!(d.stop().success());
+
+    let u = driveblk::remote::RemoteUrl::parse(&url).unwrap();
+    let user = std::sync::Arc::new(UserKey::new(secret.as_bytes().to_vec(), "test".into()).unwrap());
+    let opts = RemoteOptions { key: Some(user.clone()), ..Default::default() };
+    VolumeReader::open_offline(&u, &cache, &opts).expect("the sealed copy opens");
+    let header = VolumeHeader::from_bytes(&std::fs::read(cache.join("volume.json")).unwrap()).unwrap();
+    let ch: CryptoHeader = serde_json::from_value(header.crypto.unwrap()).unwrap();
+    let key = VolumeKey::unwrap(&ch, &user).unwrap();
+    let manifest = cache.join("manifest");
+    let plain = key.open_local("manifest", &std::fs::read(&manifest).unwrap()).unwrap();
+    std::fs::write(&manifest, plain).unwrap();
+    let e = VolumeReader::open_offline(&u, &cache, &opts).unwrap_err().to_string();
+    assert!(e.contains(&manifest.display().to_string()) && e.contains("not sealed"), "{e}");
+}
+
+/// A key file others may read is used, with a warning naming the fix.
+#[test]
+fn a_key_file_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    common::make_raw(&img, 1 << 20, 8);
+    let kf = dir.path().join("key");
+    std::fs::write(&kf, "the permissions test key").unwrap();
+    std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let kfs = kf.to_str().unwrap();
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", "--format", "raw", "--encrypt", "--key-file", kfs, img.to_str().unwrap(), &url]);
+    let info = |what: &str| {
+        let out = Command::new(bin()).args(["info", &url, "--key-file", kfs]).output().unwrap();
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let log = info("0644");
+    assert!(log.contains("chmod 600") && log.contains(kfs), "{log}");
+    std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let log = info("0600");
+    assert!(!log.contains("chmod 600"), "{log}");
+}

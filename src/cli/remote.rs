@@ -166,7 +166,8 @@ impl RemoteArgs {
 }
 
 impl RemoteArgs {
-    /// Where the volume key comes from: the flags, then DRIVEBLK_KEY_FILE.
+    /// Where the volume key comes from: the flags, then DRIVEBLK_KEY_FILE
+    /// (which may be set for every volume: `open_key` treats it apart).
     pub fn key_source(&self) -> Option<KeySource> {
         if let Some(p) = &self.key_file {
             return Some(KeySource::File(p.clone()));
@@ -177,7 +178,7 @@ impl RemoteArgs {
         if self.passphrase {
             return Some(KeySource::Prompt);
         }
-        std::env::var_os("DRIVEBLK_KEY_FILE").filter(|v| !v.is_empty()).map(|p| KeySource::File(p.into()))
+        std::env::var_os("DRIVEBLK_KEY_FILE").filter(|v| !v.is_empty()).map(|p| KeySource::DefaultFile(p.into()))
     }
 
     /// The user's key, loaded once per process (a passphrase is asked

@@ -538,6 +538,18 @@ fn open_format(
     })
 }
 
+/// The status's `encryption` line: the volume's, and the SSD cache's
+/// (an encrypted cache stays so without the flag, so the store says).
+fn encryption_status(key_id: Option<&str>, cache_encrypted: bool) -> String {
+    match (key_id, cache_encrypted) {
+        (Some(id), true) => {
+            format!("encrypted (AES-256-GCM, key id {id}); the local cache is encrypted too (AES-256-XTS)")
+        }
+        (Some(id), false) => format!("encrypted (AES-256-GCM, key id {id}); the local cache holds plaintext"),
+        (None, _) => "none".to_string(),
+    }
+}
+
 /// Runs `driveblk serve` until SIGTERM/SIGINT.
 pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     let notify = Notifier::from_env();
@@ -588,10 +600,8 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
                         .unwrap_or(serde_json::Value::Null)
                 }),
             );
-            let enc = match &store.volume().key {
-                Some(k) => format!("encrypted (AES-256-GCM, key id {}); the local cache holds plaintext", k.key_id),
-                None => "none".to_string(),
-            };
+            let enc =
+                encryption_status(store.volume().key.as_ref().map(|k| k.key_id.as_str()), store.cache_encrypted());
             st.add_section("encryption", Box::new(move || serde_json::Value::String(enc.clone())));
             if let Some(c) = cache.shared_cache.clone() {
                 st.add_section("shared_cache", Box::new(move || serde_json::to_value(c.stats()).unwrap_or_default()));

@@ -76,6 +76,7 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
     let cache = match &opts.cache_dir {
         None => None,
         Some(dir) => {
+            reader.check_cache_copy(dir)?;
             let id = CacheIdentity { volume_id: reader.header.volume_id.clone(), chunk_size: reader.chunk_size() };
             let sealing = Sealing::AsFound(reader.key.clone());
             let c = SsdCache::open_sealed(

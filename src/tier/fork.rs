@@ -37,6 +37,7 @@ pub fn fork(url: &str, new_url: &str, cache_dir: &Path, remote: &RemoteOptions) 
     let nu = RemoteUrl::parse(new_url)?;
     let rt = runtime("driveblk-fork")?;
     let origin = rt.block_on(VolumeReader::open(&u, remote))?;
+    origin.check_cache_copy(cache_dir)?;
     if !cache_dir.join("state").exists() {
         return Err(VolumeError::Cache { dir: cache_dir.to_path_buf(), reason: "holds no cache to fork".into() });
     }
@@ -76,6 +77,8 @@ pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions) -> Vol
     let u = RemoteUrl::parse(url)?;
     let rt = runtime("driveblk-discard")?;
     let vol = rt.block_on(VolumeReader::open(&u, remote))?;
+    // Releasing the lease writes to the remote.
+    vol.check_cache_copy(cache_dir)?;
     let id = CacheIdentity { volume_id: vol.header.volume_id.clone(), chunk_size: vol.chunk_size() };
     let sealing = Sealing::AsFound(vol.key.clone());
     // A cache whose state cannot be read is what `serve` refuses and

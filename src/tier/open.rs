@@ -195,7 +195,10 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
                     tracing::warn!(url = %u, error = %source, "remote unreachable; serving from the local cache's copy of the volume");
                     r
                 }
-                Err(_) => return Err(VolumeError::Remote { context, source }),
+                Err(e) => {
+                    offline_refused(has_copy, &e);
+                    return Err(VolumeError::Remote { context, source });
+                }
             }
         }
         // Not found, but this cache holds a copy of the volume: an empty
@@ -210,10 +213,15 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
                 );
                 r
             }
-            Err(_) => return Err(VolumeError::NotFound { url }),
+            Err(e) => {
+                offline_refused(has_copy, &e);
+                return Err(VolumeError::NotFound { url });
+            }
         },
         Err(e) => return Err(e),
     };
+    // Before anything touches the cache or the remote.
+    reader.check_cache_copy(&opts.cache_dir)?;
     super::fleet::prepare_cache(&opts, &reader)?;
     // Packs' sub-frame indexes fetched once stay in the cache directory.
     reader.keep_indexes_in(&opts.cache_dir);
@@ -224,6 +232,14 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
         }
     }
     Ok(Arc::new(store))
+}
+
+/// Says why the cache's copy of the volume could not stand in for the
+/// remote (the remote's own error is what the caller returns).
+fn offline_refused(has_copy: bool, e: &VolumeError) {
+    if has_copy {
+        tracing::error!(error = %e, "the local cache's copy of the volume cannot be served instead");
+    }
 }
 
 /// A conventional cache directory for a volume under a cache root (e.g.

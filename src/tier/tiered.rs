@@ -595,6 +595,12 @@ impl TieredStore {
         &self.inner.vol
     }
 
+    /// True when the SSD cache's files are kept encrypted (`--encrypt-cache`,
+    /// or a cache that was encrypted before).
+    pub fn cache_encrypted(&self) -> bool {
+        self.inner.ssd.is_sealed()
+    }
+
     /// Runs `f` (a call on the volume's remote) to completion on the
     /// store's runtime, from a thread outside it. The remote's HTTP
     /// connections belong to this runtime: a runtime made for one call and

@@ -74,6 +74,10 @@ pub struct UserKey {
     secret: Zeroizing<Vec<u8>>,
     /// Where it came from, for messages (never the secret).
     pub source: String,
+    /// True when it came from `DRIVEBLK_KEY_FILE` alone, which may be set
+    /// for every volume: a plaintext volume opened with it is served with a
+    /// warning, where a key given by a flag is refused ([`open_key`]).
+    pub ambient: bool,
 }
 
 impl std::fmt::Debug for UserKey {
@@ -87,6 +91,8 @@ impl std::fmt::Debug for UserKey {
 pub enum KeySource {
     /// A file's contents (a trailing newline is dropped).
     File(PathBuf),
+    /// The file `DRIVEBLK_KEY_FILE` names, used when no flag gives a key.
+    DefaultFile(PathBuf),
     /// The value of an environment variable.
     Env(String),
     /// A passphrase typed at the terminal.
@@ -97,9 +103,13 @@ impl KeySource {
     /// Reads the key material.
     pub fn load(&self) -> Result<UserKey, String> {
         let (secret, source) = match self {
-            KeySource::File(p) => {
+            KeySource::File(p) | KeySource::DefaultFile(p) => {
                 let b = std::fs::read(p).map_err(|e| format!("reading key file {}: {e}", p.display()))?;
-                (b, format!("key file {}", p.display()))
+                warn_if_exposed(p);
+                match self {
+                    KeySource::DefaultFile(_) => (b, format!("key file {} (DRIVEBLK_KEY_FILE)", p.display())),
+                    _ => (b, format!("key file {}", p.display())),
+                }
             }
             KeySource::Env(v) => {
                 let s = std::env::var_os(v).ok_or_else(|| format!("environment variable {v} (the key) is not set"))?;
@@ -107,7 +117,31 @@ impl KeySource {
             }
             KeySource::Prompt => (read_passphrase("Volume passphrase: ")?.into_bytes(), "passphrase".to_string()),
         };
-        UserKey::new(secret, source)
+        let mut key = UserKey::new(secret, source)?;
+        key.ambient = matches!(self, KeySource::DefaultFile(_));
+        Ok(key)
+    }
+}
+
+/// Warns (once per file) when a key file is open to other users: anyone
+/// who can read it can decrypt the volume. Not refused: the file may sit
+/// where the owner cannot change its mode (a mounted secret).
+fn warn_if_exposed(p: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    static WARNED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let Ok(m) = std::fs::metadata(p) else { return };
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return;
+    }
+    let mut warned = WARNED.lock().expect("warned key files");
+    if !warned.iter().any(|w| w == p) {
+        warned.push(p.to_path_buf());
+        tracing::warn!(
+            "key file {} can be read or written by other users (mode {mode:03o}): whoever reads it can decrypt the volume; run `chmod 600 {}`",
+            p.display(),
+            p.display()
+        );
     }
 }
 
@@ -125,7 +159,7 @@ impl UserKey {
         if secret.len() < 8 {
             return Err(format!("the {source} holds {} bytes; a key needs at least 8", secret.len()));
         }
-        Ok(Self { secret: Zeroizing::new(secret), source })
+        Ok(Self { secret: Zeroizing::new(secret), source, ambient: false })
     }
 }
 
@@ -194,6 +228,11 @@ pub enum KeyError {
     Wrong(String),
     #[error("the volume's crypto header is unusable: {0}")]
     Bad(String),
+    /// Nothing authenticates `volume.json`: whoever can write the folder
+    /// can make an encrypted volume's header say plaintext, and a host
+    /// that believed it would upload in clear.
+    #[error("the volume's header says it is not encrypted, but a key was given ({0}): refusing (the header may have been replaced on the remote, to have this host write in clear); if the volume really is plaintext, open it without --key-file, --key-env or --passphrase (or a config file's key_file, key_env, key_credential)")]
+    NotEncrypted(String),
 }
 
 /// A volume's data key and the keys derived from it.
@@ -512,12 +551,31 @@ pub fn wrap(remote: DynRemote, key: Option<&Arc<VolumeKey>>) -> DynRemote {
 }
 
 /// The volume key of a header, unwrapped with the caller's key; `None`
-/// when the volume is not encrypted.
+/// when the volume is not encrypted. The header is not authenticated, so a
+/// key given for a volume whose header says plaintext is refused (the
+/// header may have been replaced); one from `DRIVEBLK_KEY_FILE` alone only
+/// warns, since that variable may be set for plaintext volumes too.
 pub fn open_key(
     crypto: Option<&serde_json::Value>,
     user: Option<&UserKey>,
 ) -> Result<Option<Arc<VolumeKey>>, KeyError> {
-    let Some(v) = crypto else { return Ok(None) };
+    let Some(v) = crypto else {
+        return match user {
+            None => Ok(None),
+            Some(u) if u.ambient => {
+                // Once: a command may open the volume more than once.
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        "the volume's header says it is not encrypted: opening it as plaintext, not using the {}, which may be meant for other volumes (given by a flag, the key would be refused). If this volume was encrypted, its header was replaced on the remote: stop, and check who can write there",
+                        u.source
+                    )
+                });
+                Ok(None)
+            }
+            Some(u) => Err(KeyError::NotEncrypted(u.source.clone())),
+        };
+    };
     let h: CryptoHeader = serde_json::from_value(v.clone()).map_err(|e| KeyError::Bad(e.to_string()))?;
     let user = user.ok_or(KeyError::Needed)?;
     Ok(Some(Arc::new(VolumeKey::unwrap(&h, user)?)))
@@ -781,10 +839,16 @@ pub fn rekey(url: &str, opts: &super::RemoteOptions, new: &UserKey) -> super::Vo
         let mut header =
             VolumeHeader::from_bytes(&bytes).map_err(|reason| VolumeError::BadHeader { url: url.to_string(), reason })?;
         let key_err = |source| VolumeError::Key { url: url.to_string(), source };
-        let Some(key) = open_key(header.crypto.as_ref(), opts.key.as_deref()).map_err(key_err)? else {
-            return Err(VolumeError::InvalidOptions(format!(
+        let not_encrypted = || {
+            VolumeError::InvalidOptions(format!(
                 "{url} is not encrypted; rekey changes the key of an encrypted volume (encrypting an existing one means importing it again with --encrypt)"
-            )));
+            ))
+        };
+        if header.crypto.is_none() {
+            return Err(not_encrypted());
+        }
+        let Some(key) = open_key(header.crypto.as_ref(), opts.key.as_deref()).map_err(key_err)? else {
+            return Err(not_encrypted());
         };
         let h = key.wrap(new).map_err(key_err)?;
         header.crypto = Some(serde_json::to_value(h).expect("crypto header serialises"));
@@ -814,6 +878,18 @@ mod tests {
         let k2 = VolumeKey::unwrap(&h, &user("correct horse battery")).unwrap();
         assert_eq!(*k2.data_key, *k.data_key);
         assert!(matches!(VolumeKey::unwrap(&h, &user("wrong horse battery")), Err(KeyError::Wrong(_))));
+    }
+
+    /// The header is not authenticated: a key given for a volume whose
+    /// header says plaintext is refused; one from DRIVEBLK_KEY_FILE alone
+    /// (maybe set for every volume) is not used; no key, no question.
+    #[test]
+    fn a_key_for_a_plaintext_header_is_refused_unless_from_the_environment() {
+        assert!(matches!(open_key(None, Some(&user("given by a flag"))), Err(KeyError::NotEncrypted(_))));
+        let mut ambient = user("from the environment");
+        ambient.ambient = true;
+        assert!(open_key(None, Some(&ambient)).unwrap().is_none());
+        assert!(open_key(None, None).unwrap().is_none());
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub enum VolumeError {
         source: super::crypto::KeyError,
     },
 
+    /// The remote's header says plaintext, the cache's copy of it says
+    /// encrypted: someone replaced the header (docs/encryption.md).
+    #[error("volume {url}: its header on the remote says it is not encrypted, but the copy of it kept in cache directory {} says it is: refusing to open it (whoever can write to the remote may have replaced volume.json, to have this host upload in clear); nothing was written. Compare {url}/volume.json with {}, the header as this host last opened it, and check who can write there", dir.display(), dir.join("volume.json").display())]
+    Downgraded { url: String, dir: PathBuf },
+
     #[error("volume header {url}/volume.json is unusable: {reason}")]
     BadHeader { url: String, reason: String },
 

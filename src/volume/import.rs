@@ -69,6 +69,20 @@ pub struct AttachOptions {
     pub encrypt: bool,
 }
 
+/// Refuses a key given by a flag for a new volume that is not to be
+/// encrypted: the user meant an encrypted volume, and a volume whose header
+/// says plaintext refuses that key from then on (`crypto::open_key`). A key
+/// from `DRIVEBLK_KEY_FILE` alone may be meant for other volumes.
+pub(crate) fn check_key_use(encrypt: bool, opts: &RemoteOptions) -> VolumeResult<()> {
+    match opts.key.as_deref() {
+        Some(k) if !encrypt && !k.ambient => Err(VolumeError::InvalidOptions(format!(
+            "a key was given ({}) without --encrypt: the volume would be stored in clear; add --encrypt to encrypt it under that key, or give no key",
+            k.source
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A new data key for `header`, wrapped by the caller's key, when asked to
 /// encrypt (docs/encryption.md).
 pub(crate) fn new_key(
@@ -204,6 +218,7 @@ fn record_pack(
 /// as they are (a qcow2 file stays a qcow2 file).
 pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<VolumeInfo> {
     check_chunk_size(opts.chunk_size).map_err(VolumeError::InvalidOptions)?;
+    check_key_use(opts.encrypt, &opts.remote)?;
     let u = RemoteUrl::parse(url)?;
     let url_s = u.to_string();
     let mut file = File::open(image).map_err(|e| VolumeError::io("opening image", image, e))?;
@@ -309,6 +324,7 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
 pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeResult<VolumeInfo> {
     let cs = if opts.chunk_size == 0 { DEFAULT_CHUNK_SIZE } else { opts.chunk_size };
     check_chunk_size(cs).map_err(VolumeError::InvalidOptions)?;
+    check_key_use(opts.encrypt, &opts.remote)?;
     let bu = RemoteUrl::parse(base_url)?;
     let vu = RemoteUrl::parse(volume_url)?;
     let rt = runtime("driveblk-attach")?;

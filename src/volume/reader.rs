@@ -406,6 +406,26 @@ impl VolumeReader {
         }
     }
 
+    /// Refuses a volume whose header on the remote says plaintext while the
+    /// copy of its header that the cache directory `dir` keeps says
+    /// encrypted: nothing authenticates `volume.json`, and whoever can
+    /// write the folder could otherwise have this host upload the cache's
+    /// changes, and every later write, in clear. Called before anything
+    /// is written (docs/encryption.md).
+    pub fn check_cache_copy(&self, dir: &Path) -> VolumeResult<()> {
+        if self.key.is_some() || self.offline {
+            return Ok(());
+        }
+        let Ok(b) = std::fs::read(dir.join(OFFLINE_HEADER)) else { return Ok(()) };
+        // Another volume's copy (a --cache-dir reused) says nothing of this one.
+        match VolumeHeader::from_bytes(&b) {
+            Ok(h) if h.volume_id == self.header.volume_id && h.crypto.is_some() => {
+                Err(VolumeError::Downgraded { url: self.url.clone(), dir: dir.to_path_buf() })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// True when `dir` holds the copies [`open_offline`](Self::open_offline)
     /// needs.
     pub fn has_offline_copy(dir: &Path) -> bool {
@@ -432,7 +452,18 @@ impl VolumeReader {
                     VolumeError::CorruptManifest { url: url_s.clone(), key: "offline copy".into(), reason }
                 })?)
             }
-            _ => manifest_raw,
+            // Kept sealed for every encrypted volume: a copy in clear was
+            // not written so, and its plain checksum authenticates nothing.
+            Some(_) => {
+                return Err(VolumeError::Cache {
+                    dir: dir.to_path_buf(),
+                    reason: format!(
+                        "the offline copy of the manifest, {}, is not sealed, but the volume is encrypted (that copy is always kept sealed): it is not used; an online start replaces it",
+                        dir.join(OFFLINE_MANIFEST).display()
+                    ),
+                })
+            }
+            None => manifest_raw,
         };
         // The manifest names its own generation; from_bytes re-checks the
         // checksum and that it belongs to this header.
