@@ -70,3 +70,9 @@ fn a_holder_that_slept_while_gc_retired_its_next_generation_is_still_fenced() {
     let d = tempfile::tempdir().unwrap();
     lease_support::sleeping_holder_is_fenced(d.path(), &url(&d.path().join("remote/vol")), &[], true);
 }
+
+#[test]
+fn a_copied_cache_directory_is_another_cache() {
+    let d = tempfile::tempdir().unwrap();
+    lease_support::copied_cache_is_another_cache(d.path(), &url(&d.path().join("remote/vol")), &[]);
+}

@@ -1,8 +1,9 @@
 //! One disk, several machines, on the Drive emulator (real daemon
 //! processes): the same scenarios as `e2e_lease.rs` — the lease is taken
 //! through the fence (a create at a pre-generated file id), its heartbeat
-//! is a file updated in place whose `modifiedTime` dates it, and expiry
-//! is judged against Drive's clock.
+//! is a file updated in place whose `modifiedTime` dates it, expiry
+//! is judged against Drive's clock, and a copied cache directory is
+//! another cache.
 
 mod common;
 #[path = "gdrive_support/mod.rs"]
@@ -48,6 +49,12 @@ fn gdrive_a_killed_holder_keeps_its_lease_and_a_silent_one_expires_by_drives_clo
 fn gdrive_a_holder_that_slept_through_its_lease_is_fenced_at_its_next_commit() {
     let (env, flags) = drive();
     lease_support::sleeping_holder_is_fenced(env.dir.path(), "gdrive:/lease/vol", &flags, false);
+}
+
+#[test]
+fn gdrive_a_copied_cache_directory_is_another_cache() {
+    let (env, flags) = drive();
+    lease_support::copied_cache_is_another_cache(env.dir.path(), "gdrive:/lease/vol", &flags);
 }
 
 /// A heartbeat trashed in the web UI while its holder runs: the holder's

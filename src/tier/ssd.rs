@@ -42,6 +42,7 @@
 
 mod bitmap;
 mod directory;
+mod place;
 mod slots;
 mod state_file;
 #[cfg(test)]
@@ -70,6 +71,7 @@ use bitmap::{popcount, Bitmap};
 pub(crate) use directory::remove_files;
 use directory::{cache_err, damaged_reason, lock_exclusive, lost_state};
 pub use directory::{remove_damaged, RemovedDamaged};
+use place::Place;
 use slots::Slots;
 use state_file::{read_state, Loaded, StateHeader, STATE_MAGIC};
 
@@ -153,6 +155,31 @@ pub enum OpenMode {
     Inspect,
 }
 
+/// Who a cache directory is: its id (what manifests and the writer lease
+/// name), and for a copy of another cache's directory found by
+/// [`Place`], that cache's id and the id its encrypted data file's key
+/// derives from ("" when not a copy, and when that key is its own).
+struct Ident {
+    cache_id: String,
+    copy_of: String,
+    key_id: String,
+}
+
+impl Ident {
+    fn fresh() -> Self {
+        Self { cache_id: hex::encode(rand::random::<[u8; 16]>()), copy_of: String::new(), key_id: String::new() }
+    }
+
+    /// The id the data file's key derives from.
+    fn key_id(&self) -> &str {
+        if self.key_id.is_empty() {
+            &self.cache_id
+        } else {
+            &self.key_id
+        }
+    }
+}
+
 /// Bitmaps of the partial chunks.
 #[derive(Default)]
 struct Pages {
@@ -196,6 +223,48 @@ struct Marks {
     batch: u64,
 }
 
+/// Who the cache whose state header is `h` is, found in `dir` at `here`:
+/// the id it records, unless the state was written elsewhere — a copy of
+/// the directory, which must not pass for the cache it was copied from
+/// (take its writer lease as its own, adopt its commits): then a new id,
+/// and a warning. The data file of an encrypted copy keeps the original's
+/// key.
+fn identify(dir: &Path, h: &StateHeader, here: &Place, dirty: u64, mode: OpenMode) -> Ident {
+    if h.cache_id.len() != 32 {
+        // Before version 3 a cache had no id.
+        return Ident::fresh();
+    }
+    let Some(why) = here.moved_from(&h.machine, h.dir_inode) else {
+        return Ident { cache_id: h.cache_id.clone(), copy_of: h.copy_of.clone(), key_id: h.key_id.clone() };
+    };
+    let mut ident = Ident::fresh();
+    ident.copy_of = h.cache_id.clone();
+    if !h.sealed.is_empty() {
+        ident.key_id = if h.key_id.is_empty() { h.cache_id.clone() } else { h.key_id.clone() };
+    }
+    let now = match mode {
+        OpenMode::Serve => format!("It is cache {} from now on", ident.cache_id),
+        OpenMode::Inspect => "It is looked at as another cache".to_string(),
+    };
+    let changes = if dirty > 0 {
+        format!(
+            "its {dirty} chunks of changes go up only if the volume is still at the generation they were made on \
+             (otherwise they are kept, as a conflict)"
+        )
+    } else {
+        "it holds no changes".to_string()
+    };
+    tracing::warn!(
+        "cache directory {} looks like a copy of cache {}: {why}, as after a copy, a restore from a backup, or a \
+         move to another machine or file system. {now}, which does not take cache {}'s writer lease or \
+         commits as its own; {changes}",
+        dir.display(),
+        h.cache_id,
+        h.cache_id
+    );
+    ident
+}
+
 /// The SSD tier of one volume.
 pub struct SsdCache {
     dir: PathBuf,
@@ -232,6 +301,14 @@ pub struct SsdCache {
     /// The generation clean chunks match.
     generation: AtomicU64,
     cache_id: String,
+    /// The cache this directory was found to be a copy of ("" if none).
+    copy_of: String,
+    /// The id the encrypted data file's key derives from, when not
+    /// `cache_id` (a copy's: the original's).
+    key_id: String,
+    /// Where the directory is: recorded in the state, so a copy of it
+    /// opened elsewhere is known for one (place.rs).
+    place: Place,
     /// Source of write sequence numbers.
     write_seq: AtomicU64,
     /// Pages written since each dirty chunk was last clean: write-back
@@ -300,28 +377,28 @@ impl SsdCache {
             .open(&lock_path)
             .map_err(|e| VolumeError::io("opening", &lock_path, e))?;
         lock_exclusive(&lock, dir)?;
+        let place = Place::here(dir).map_err(|e| VolumeError::io("reading the inode of", dir, e))?;
         let state_path = dir.join("state");
-        let fresh_id = || hex::encode(rand::random::<[u8; 16]>());
         let mut sealed = want.clone().unwrap_or_default();
-        let (opened, states, maps, len, generation, cache_id, writes) = match read_state(&state_path) {
+        let (opened, states, maps, len, generation, ident, writes) = match read_state(&state_path) {
             Ok(None) => {
                 if let Some(why) = lost_state(dir) {
                     return Err(cache_err(dir, damaged_reason(dir, &why)));
                 }
-                (Opened::Fresh, Vec::new(), HashMap::new(), image_len, generation, fresh_id(), Vec::new())
+                (Opened::Fresh, Vec::new(), HashMap::new(), image_len, generation, Ident::fresh(), Vec::new())
             }
             Ok(Some(l)) if l.header.id == id && want.as_ref().is_none_or(|w| *w == l.header.sealed) => {
                 sealed = l.header.sealed.clone();
                 let dirty = l.states.iter().filter(|&&s| is_dirty(s)).count() as u64;
                 let cached = l.states.iter().filter(|&&s| s == CLEAN || s == DIRTY).count() as u64;
-                let cid = if l.header.cache_id.len() == 32 { l.header.cache_id.clone() } else { fresh_id() };
+                let ident = identify(dir, &l.header, &place, dirty, mode);
                 (
                     Opened::Reused { cached, dirty },
                     l.states,
                     l.maps,
                     l.header.image_len,
                     l.header.generation,
-                    cid,
+                    ident,
                     l.writes,
                 )
             }
@@ -365,7 +442,7 @@ impl SsdCache {
                 if mode == OpenMode::Inspect {
                     return Ok(None);
                 }
-                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len, generation, fresh_id(), Vec::new())
+                (Opened::Discarded(why), Vec::new(), HashMap::new(), image_len, generation, Ident::fresh(), Vec::new())
             }
             // Without its state nothing tells unsaved writes in the data
             // file from stale bytes: dropping it could lose writes that were
@@ -385,7 +462,7 @@ impl SsdCache {
         }
         let data = LocalFile::open(&data_path, mode == OpenMode::Inspect)
             .map_err(|e| VolumeError::io("opening", &data_path, e))?;
-        let data = sealing.data_file(data, &sealed, &cache_id).map_err(|why| cache_err(dir, why))?;
+        let data = sealing.data_file(data, &sealed, ident.key_id()).map_err(|why| cache_err(dir, why))?;
         if !writes.is_empty() {
             // Writes the journal carried may be missing from the data file
             // (a host crash): write them again, in order, and make them
@@ -396,7 +473,9 @@ impl SsdCache {
                 OpenMode::Inspect => Some(
                     LocalFile::open(&data_path, false)
                         .map_err(|e| VolumeError::io("opening", &data_path, e))
-                        .and_then(|f| sealing.data_file(f, &sealed, &cache_id).map_err(|why| cache_err(dir, why)))?,
+                        .and_then(|f| {
+                            sealing.data_file(f, &sealed, ident.key_id()).map_err(|why| cache_err(dir, why))
+                        })?,
                 ),
             };
             let file = rw.as_ref().unwrap_or(&data);
@@ -450,7 +529,10 @@ impl SsdCache {
             hand: Mutex::new(0),
             evictions: AtomicU64::new(0),
             generation: AtomicU64::new(generation),
-            cache_id,
+            cache_id: ident.cache_id,
+            copy_of: ident.copy_of,
+            key_id: ident.key_id,
+            place,
             write_seq: AtomicU64::new(1),
             dirty_pages: DirtyPages::new(dir, cs),
             data_epoch: AtomicU64::new(1),
@@ -1372,6 +1454,12 @@ impl SsdCache {
         &self.cache_id
     }
 
+    /// The id of the cache this directory was found to be a copy of (at
+    /// this open or an earlier one), if any.
+    pub fn copy_of(&self) -> Option<&str> {
+        Some(self.copy_of.as_str()).filter(|c| !c.is_empty())
+    }
+
     /// Most chunks one [`zero_chunks`](Self::zero_chunks) call may cover.
     pub const MAX_BATCH: u64 = STRIPES as u64;
 
@@ -1746,7 +1834,11 @@ impl SsdCache {
         let checkpoint = rand::random::<u64>() | 1;
         let header = StateHeader {
             format: STATE_MAGIC.into(),
-            version: state_file::version(!self.sealed.is_empty(), self.dirty_pages.announced()),
+            version: state_file::version(
+                !self.sealed.is_empty(),
+                self.dirty_pages.announced(),
+                !self.key_id.is_empty(),
+            ),
             id: self.id.clone(),
             generation: self.generation(),
             cache_id: self.cache_id.clone(),
@@ -1755,6 +1847,10 @@ impl SsdCache {
             partial: maps.len() as u64,
             checkpoint,
             sealed: self.sealed.clone(),
+            machine: self.place.machine.clone(),
+            dir_inode: self.place.inode,
+            copy_of: self.copy_of.clone(),
+            key_id: self.key_id.clone(),
         };
         let body = state_file::encode(&header, &snap, &maps).map_err(retryable)?;
         let tmp = self.dir.join("state.tmp");
@@ -1801,6 +1897,8 @@ impl SsdCache {
     /// Written as a fresh checkpoint.
     pub fn rebind(&mut self, id: CacheIdentity, generation: u64) -> io::Result<()> {
         self.id = id;
+        // No cache of that volume is the one this was copied from.
+        self.copy_of.clear();
         self.set_generation(generation);
         self.checkpoint()
     }

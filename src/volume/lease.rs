@@ -122,8 +122,26 @@ impl LeaseView {
 
     /// The refusal a second writer gets: who holds it and what to do.
     pub fn refusal(&self) -> String {
+        self.refusal_to(None)
+    }
+
+    /// [`refusal`](Self::refusal) for the cache that is a copy of cache
+    /// `copy_of` (a directory copied, restored or moved, `ssd/place.rs`):
+    /// when that cache holds the lease, the refusal says so.
+    pub fn refusal_to(&self, copy_of: Option<&str>) -> String {
         let d = self.describe();
         match &self.holder {
+            Some(h) if copy_of == Some(h.cache_id.as_str()) => format!(
+                "{d} — this cache directory looks like a copy of cache {}, the holder's (copied, restored from a \
+                 backup, or moved from another machine), so the lease is not its own: {}; if the original is gone \
+                 for good, `--force-takeover` takes the lease",
+                h.cache_id,
+                if h.pending_bytes > 0 {
+                    "start the original and let it sync"
+                } else {
+                    "stop the original (a clean stop releases the lease)"
+                }
+            ),
             Some(h) if h.pending_bytes > 0 => {
                 format!("{d} — start it there and let it sync, or `--force-takeover` to fork")
             }
@@ -307,6 +325,8 @@ pub struct Claim {
     pub pending_bytes: u64,
     /// Take it even from a live holder (whose pending changes then fork).
     pub force: bool,
+    /// The cache this one was found to be a copy of (for the refusal).
+    pub copy_of: Option<String>,
     pub ttl: Duration,
 }
 
@@ -334,7 +354,10 @@ pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -
     let mut forked = None;
     if !view.may_take() {
         if !claim.force {
-            return Err(VolumeError::LeaseHeld { url: vol.url.clone(), holder: view.refusal() });
+            return Err(VolumeError::LeaseHeld {
+                url: vol.url.clone(),
+                holder: view.refusal_to(claim.copy_of.as_deref()),
+            });
         }
         let h = view.holder.clone().expect("a held lease has a holder");
         tracing::warn!(
@@ -390,7 +413,7 @@ pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -
             let holder = if v.may_take() {
                 format!("the volume moved on to generation {} while starting; start again", newest.generation)
             } else {
-                v.refusal()
+                v.refusal_to(claim.copy_of.as_deref())
             };
             return Err(VolumeError::LeaseHeld { url: vol.url.clone(), holder });
         }

@@ -481,3 +481,71 @@ pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String], gc_re
     drop(rc);
     assert!(dr.stop().success());
 }
+
+/// The id a cache directory's state file names (its header line).
+pub fn cache_id_of(cache: &Path) -> String {
+    let b = std::fs::read(cache.join("state")).unwrap();
+    let line = b.split(|&c| c == b'\n').next().unwrap();
+    let v: Value = serde_json::from_slice(line).unwrap();
+    v["cache_id"].as_str().unwrap().to_string()
+}
+
+/// A cache directory copied (`cp -a` to pre-warm a laptop, a restored
+/// backup) is another cache, not the one it was copied from: A is killed
+/// with changes pending, B starts on a copy of A's cache. B does not take
+/// A's lease as its own (it is told its directory looks like a copy of
+/// A's cache, and that `--force-takeover` takes it if the original is
+/// gone); forced, B writes and commits. A, back on its own cache, finds
+/// the volume moved on: its changes are refused as a conflict, never
+/// committed on top of B's, and the remote holds B's disk.
+pub fn copied_cache_is_another_cache(root: &Path, url: &str, flags: &[String]) {
+    let a = Host::new(root, "desktop", flags, &[]);
+    let b = Host::new(root, "laptop", flags, &[]);
+    let mut base = import(&a, url);
+    let da = a.serve(url, &[]);
+    let mut c = connect(&da);
+    prime(&mut c, &mut [&mut base]);
+    let mut want_a = base.clone();
+    write(&mut c, 0, &crate::common::pattern(13, 8192), &mut want_a);
+    write(&mut c, 1 << 20, &crate::common::pattern(14, 4096), &mut want_a);
+    drop(c);
+    wait_pending(&b, url, "desktop");
+    kill9(da);
+    let a_id = cache_id_of(&a.cache);
+    let st = Command::new("cp").arg("-a").arg(&a.cache).arg(&b.cache).status().unwrap();
+    assert!(st.success(), "cp -a");
+    // The lease A holds is not B's, however alike their caches are.
+    let e = b.serve_refused(url, &[]);
+    assert!(e.contains("held by desktop (pid ") && e.contains("not yet uploaded"), "{e}");
+    assert!(
+        e.contains(&format!("looks like a copy of cache {a_id}")) && e.contains("--force-takeover"),
+        "the refusal does not say the cache is a copy: {e}"
+    );
+    // Its first open said so, and made it a cache of its own.
+    let warned = format!("cache directory {} looks like a copy of cache {a_id}", b.cache.display());
+    assert!(e.contains(&warned), "no warning that the cache is a copy: {e}");
+    let b_id = cache_id_of(&b.cache);
+    assert_ne!(b_id, a_id, "the copy kept the original's cache id");
+    // Forced, B serves its copy (A's flushed writes included), writes
+    // over A's changes and elsewhere, and commits at its stop.
+    let db = b.serve(url, &["--force-takeover"]);
+    let mut c = connect(&db);
+    assert!(read_all(&mut c) == want_a, "the copy does not hold A's flushed writes");
+    let mut want_b = want_a.clone();
+    write(&mut c, 4096, &crate::common::pattern(15, 4096), &mut want_b);
+    write(&mut c, 2 << 20, &crate::common::pattern(16, 4096), &mut want_b);
+    drop(c);
+    assert!(db.stop().success());
+    assert_eq!(b.lease(url)["standing"], "released");
+    // A, on its own cache: its changes were made on the generation B
+    // replaced. Refused, and kept; nothing of A's goes over B's.
+    let e = a.serve_refused(url, &[]);
+    assert!(e.contains("moved on") && e.contains("driveblk fork"), "{e}");
+    let reader = Host::new(root, "reader", flags, &[]);
+    let dr = reader.serve(url, &["--read-only"]);
+    let mut rc = Client::connect_with(&dr.socket, 1, true);
+    assert!(read_all(&mut rc) == want_b, "the remote is not B's disk");
+    drop(rc);
+    assert!(dr.stop().success());
+    assert_eq!(cache_id_of(&a.cache), a_id, "the original's restart changed its cache id");
+}

@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+use super::place::Place;
 use super::state_file::read_state;
 use crate::volume::{VolumeError, VolumeResult};
 
@@ -65,6 +66,15 @@ pub fn remove_damaged(dir: &Path, files: &[&str]) -> VolumeResult<Option<Removed
         let line = b.split(|&c| c == b'\n').next()?;
         let v: serde_json::Value = serde_json::from_slice(line).ok()?;
         let id = v.get("cache_id")?.as_str()?;
+        // A state written elsewhere (a copy of another cache's directory)
+        // names that cache, whose lease is not this directory's to release.
+        let machine = v.get("machine").and_then(|m| m.as_str()).unwrap_or_default();
+        let inode = v.get("dir_inode").and_then(|i| i.as_u64()).unwrap_or(0);
+        let here = Place::here(dir).ok()?;
+        if let Some(why) = here.moved_from(machine, inode) {
+            tracing::warn!(dir = %dir.display(), "the damaged state names cache {id}, but {why}: a copy of that cache, whose writer lease stays");
+            return None;
+        }
         (id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit())).then(|| id.to_string())
     });
     remove_files(dir, files)?;

@@ -30,19 +30,35 @@ pub(super) const STATE_MAGIC: &str = "driveblk-cache";
 /// (`dirty_pages.rs`): a binary that does not know that record would
 /// write into the dirty chunks without removing it, and the next start
 /// would then upload patches that leave those pages out, so older
-/// binaries refuse it.
-pub(super) const STATE_VERSION: u32 = 7;
+/// binaries refuse it. Version 8 is an encrypted cache whose data file's
+/// key derives from another id than its own (`key_id`: a copy of another
+/// cache directory, place.rs): older binaries would derive the key from
+/// `cache_id` and read its pages as garbage, so they refuse it.
+///
+/// Where the directory was when the state was written (`machine`,
+/// `dir_inode`) and what it was found to be a copy of (`copy_of`) are
+/// optional fields of any version: an older binary ignores them (and
+/// drops them at its next checkpoint), a state without them is taken as
+/// written here and gets them at the next one.
+pub(super) const STATE_VERSION: u32 = 8;
 /// The version a plain cache writes.
 pub(super) const PLAIN_VERSION: u32 = 5;
 /// The version an encrypted cache writes.
 pub(super) const SEALED_VERSION: u32 = 6;
 /// The version either writes while a record of changed pages may exist.
 pub(super) const PAGES_KEPT_VERSION: u32 = 7;
+/// The version an encrypted cache writes whose data key derives from
+/// `key_id` (a copy of another cache), whatever else holds.
+pub(super) const KEY_APART_VERSION: u32 = 8;
 
 /// The version a cache writes: plain or sealed, or while a record of
-/// changed pages may exist the one binaries that predate it refuse.
-pub(super) fn version(sealed: bool, pages_kept: bool) -> u32 {
-    if pages_kept {
+/// changed pages may exist the one binaries that predate it refuse, or,
+/// for an encrypted copy of another cache, the one binaries that would
+/// derive its key wrongly refuse.
+pub(super) fn version(sealed: bool, pages_kept: bool, key_apart: bool) -> u32 {
+    if key_apart {
+        KEY_APART_VERSION
+    } else if pages_kept {
         PAGES_KEPT_VERSION
     } else if sealed {
         SEALED_VERSION
@@ -76,6 +92,28 @@ pub(super) struct StateHeader {
     /// The data file's encryption (cache_crypto.rs), "" for plaintext.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(super) sealed: String,
+    /// Which machine wrote this state (place.rs: a hash of its machine
+    /// id); "" in states written before it was recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(super) machine: String,
+    /// The inode of the cache directory this state was written in (0:
+    /// not recorded). Its device is left out: device numbers may change
+    /// across reboots, a directory's inode does not.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) dir_inode: u64,
+    /// The id of the cache this directory was found to be a copy of, for
+    /// the lease's refusal ("" when it is not known to be one).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(super) copy_of: String,
+    /// For an encrypted cache found to be a copy: the id its data file's
+    /// key derives from (the original's; the pages are its ciphertext).
+    /// "" when that is `cache_id`. Only in version 8.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(super) key_id: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A parsed state file.
@@ -140,6 +178,12 @@ pub(super) fn read_state_with(
     }
     if h.id.chunk_size == 0 {
         return Err("state file has chunk size 0".into());
+    }
+    if !h.key_id.is_empty() && (h.version < KEY_APART_VERSION || h.sealed.is_empty()) {
+        return Err(format!(
+            "state file version {} names a data key id, which only encrypted version 8 may",
+            h.version
+        ));
     }
     let rest = &body[nl + 1..];
     // Before version 3 a cache was tied to one generation and had no id,

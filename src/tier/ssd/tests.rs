@@ -1120,3 +1120,177 @@ fn ssd_a_zeroing_whose_persist_failed_outdates_the_cut() {
     assert!(!c.mark_clean(0, cut), "a commit of the cut before the zeroing cleaned the zeroed chunk");
     assert!(c.read_chunk(0).unwrap() == vec![0u8; CS as usize]);
 }
+
+/// The header line of the state file in `dir`.
+fn header_of(dir: &Path) -> serde_json::Value {
+    let raw = std::fs::read(dir.join("state")).unwrap();
+    let nl = raw.iter().position(|&b| b == b'\n').unwrap();
+    serde_json::from_slice(&raw[..nl]).unwrap()
+}
+
+/// A copy of the cache directory `from` at `to` (a new directory, its
+/// files copied as `cp -a` would).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A restart keeps the cache's id, a rename keeps it, and a copy of the
+/// directory (another inode) is another cache: a new id, the original's
+/// noted, the changes kept. Looking at a copy changes nothing.
+#[test]
+fn a_copied_cache_directory_gets_an_id_of_its_own() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a");
+    let (c, _) = SsdCache::open(&a, id(1), 1, 4 * 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+    let a_id = c.cache_id().to_string();
+    assert_eq!(c.copy_of(), None);
+    {
+        let _g = c.lock_write(1);
+        let mut w = *b"pending!";
+        c.write(1, 0, &IoVec::from_slice(&mut w), Some(&[0u8; 4096])).unwrap();
+    }
+    c.persist().unwrap();
+    drop(c);
+    let h = header_of(&a);
+    assert_eq!(h["dir_inode"].as_u64(), Some(std::fs::metadata(&a).unwrap().ino()), "{h}");
+    assert_eq!(h["machine"].as_str(), Some(place::machine_hash()), "{h}");
+    // A restart (after a crash too: the state is what it reads) keeps it.
+    let (c, _) = SsdCache::open(&a, id(1), 1, 4 * 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+    assert_eq!((c.cache_id(), c.copy_of()), (a_id.as_str(), None));
+    drop(c);
+    // A copy: another cache, its changes kept.
+    let b = d.path().join("b");
+    copy_dir(&a, &b);
+    // Looked at, it is not the original either, and stays as it was.
+    let before = std::fs::read(b.join("state")).unwrap();
+    let (c, _) = SsdCache::open(&b, id(1), 1, 4 * 4096, 1 << 20, OpenMode::Inspect).unwrap().unwrap();
+    assert_ne!(c.cache_id(), a_id);
+    assert_eq!(c.copy_of(), Some(a_id.as_str()));
+    drop(c);
+    assert_eq!(std::fs::read(b.join("state")).unwrap(), before, "inspecting a copy changed its state");
+    let (c, o) = SsdCache::open(&b, id(1), 1, 4 * 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+    assert_eq!(o, Opened::Reused { cached: 1, dirty: 1 });
+    let b_id = c.cache_id().to_string();
+    assert!(b_id != a_id && b_id.len() == 32, "{b_id}");
+    assert_eq!(c.copy_of(), Some(a_id.as_str()));
+    assert_eq!(&read_at(&c, 1, 0, 8), b"pending!");
+    drop(c);
+    let h = header_of(&b);
+    assert_eq!((h["cache_id"].as_str(), h["copy_of"].as_str()), (Some(b_id.as_str()), Some(a_id.as_str())));
+    // The copy's restarts keep its new id; so does a rename.
+    let b2 = d.path().join("b2");
+    std::fs::rename(&b, &b2).unwrap();
+    let (c, _) = SsdCache::open(&b2, id(1), 1, 4 * 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+    assert_eq!((c.cache_id(), c.copy_of()), (b_id.as_str(), Some(a_id.as_str())));
+    drop(c);
+    // The original is still itself.
+    let (c, _) = SsdCache::open(&a, id(1), 1, 4 * 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
+    assert_eq!((c.cache_id(), c.copy_of()), (a_id.as_str(), None));
+    drop(c);
+    // A damaged copy names no cache whose lease `discard-local` would
+    // release: the id in it is the original's.
+    let e = d.path().join("e");
+    copy_dir(&a, &e);
+    for dir in [&a, &e] {
+        let mut s = std::fs::read(dir.join("state")).unwrap();
+        let n = s.len();
+        s[n - 1] ^= 1;
+        std::fs::write(dir.join("state"), s).unwrap();
+    }
+    assert_eq!(remove_damaged(&e, &["state", "data"]).unwrap().unwrap().cache_id, None);
+    assert_eq!(remove_damaged(&a, &["state", "data"]).unwrap().unwrap().cache_id, Some(a_id));
+}
+
+/// A state written before places were recorded keeps its id (an upgrade
+/// is not a copy) and records the place at the next checkpoint; one
+/// written on another machine is a copy.
+#[test]
+fn a_state_without_a_place_keeps_its_id_and_one_from_another_machine_does_not() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let cid = "ab".repeat(16);
+    let hdr = |extra: &str| {
+        format!(
+            r#"{{"format":"driveblk-cache","version":5,"volume_id":"{}","chunk_size":{CS},"generation":3,"cache_id":"{cid}","image_len":{},"chunks":4,"partial":0,"checkpoint":1{extra}}}"#,
+            "cd".repeat(16),
+            4 * CS
+        )
+    };
+    std::fs::write(d.path().join("data"), vec![3u8; 3 * CS as usize]).unwrap();
+    std::fs::write(d.path().join("state"), state_file(&hdr(""), &[ABSENT, DIRTY, CLEAN, ABSENT], &[], true)).unwrap();
+    let (c, o) = open64(d.path(), 4 * CS, 1 << 30);
+    assert_eq!(o, Opened::Reused { cached: 2, dirty: 1 });
+    assert_eq!((c.cache_id(), c.copy_of()), (cid.as_str(), None));
+    drop(c);
+    let h = header_of(d.path());
+    assert_eq!(h["cache_id"].as_str(), Some(cid.as_str()));
+    assert_eq!(h["dir_inode"].as_u64(), Some(std::fs::metadata(d.path()).unwrap().ino()));
+    assert_eq!(h["version"].as_u64(), Some(PLAIN_VERSION as u64));
+    // The same directory, written on another machine (a share): a copy.
+    let ino = std::fs::metadata(d.path()).unwrap().ino();
+    let elsewhere = hdr(&format!(r#","machine":"{}","dir_inode":{ino}"#, "00".repeat(16)));
+    std::fs::write(d.path().join("state"), state_file(&elsewhere, &[ABSENT, DIRTY, CLEAN, ABSENT], &[], true)).unwrap();
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    assert_ne!(c.cache_id(), cid);
+    assert_eq!(c.copy_of(), Some(cid.as_str()));
+    drop(c);
+    // A data key id is only for encrypted version 8 states.
+    let bad = hdr(r#","key_id":"0123""#);
+    std::fs::write(d.path().join("state"), state_file(&bad, &[ABSENT, DIRTY, CLEAN, ABSENT], &[], true)).unwrap();
+    let e = SsdCache::open(d.path(), id64(), 1, 4 * CS, 1 << 30, OpenMode::Inspect).err().unwrap();
+    assert!(e.to_string().contains("data key id"), "{e}");
+}
+
+/// A copy of an encrypted cache gets its own id, but its data file is
+/// the original's ciphertext: it keeps the original's key (a version
+/// older binaries refuse, as they would derive another).
+#[test]
+fn an_encrypted_copy_keeps_its_originals_data_key() {
+    use crate::volume::crypto::VolumeKey;
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a");
+    let sealing = Sealing::Sealed(Arc::new(VolumeKey::generate()));
+    let open =
+        |dir: &Path, mode| SsdCache::open_sealed(dir, id64(), 1, 4 * CS, 1 << 30, mode, &sealing).unwrap().unwrap();
+    let (c, _) = open(&a, OpenMode::Serve);
+    install(&c, 0);
+    let a_id = c.cache_id().to_string();
+    {
+        let _g = c.lock_write(2);
+        let mut w = vec![5u8; CS as usize];
+        c.write(2, 0, &IoVec::from_slice(&mut w), None).unwrap();
+    }
+    c.persist().unwrap();
+    drop(c);
+    let b = d.path().join("b");
+    copy_dir(&a, &b);
+    let (c, _) = open(&b, OpenMode::Serve);
+    assert_ne!(c.cache_id(), a_id);
+    assert_eq!(c.read_chunk(0).unwrap(), remote(0));
+    assert_eq!(c.read_chunk(2).unwrap(), vec![5u8; CS as usize]);
+    drop(c);
+    let h = header_of(&b);
+    assert_eq!((h["version"].as_u64(), h["key_id"].as_str()), (Some(8), Some(a_id.as_str())), "{h}");
+    // Again, and a copy of the copy: still the first key.
+    let (c, _) = open(&b, OpenMode::Inspect);
+    assert_eq!(c.read_chunk(2).unwrap(), vec![5u8; CS as usize]);
+    drop(c);
+    let e = d.path().join("e");
+    copy_dir(&b, &e);
+    let (c, _) = open(&e, OpenMode::Serve);
+    assert_eq!(c.read_chunk(0).unwrap(), remote(0));
+    drop(c);
+    assert_eq!(header_of(&e)["key_id"].as_str(), Some(a_id.as_str()));
+    // The original writes the sealed version, without a key id.
+    let (c, _) = open(&a, OpenMode::Serve);
+    drop(c);
+    assert_eq!(header_of(&a)["version"].as_u64(), Some(SEALED_VERSION as u64));
+    assert!(header_of(&a).get("key_id").is_none());
+}

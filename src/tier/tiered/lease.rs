@@ -28,6 +28,7 @@ impl Inner {
             cache_id: self.ssd.cache_id().to_string(),
             pending_bytes: self.pending_bytes(),
             force,
+            copy_of: self.ssd.copy_of().map(str::to_string),
             ttl: lease::ttl(),
         };
         let taken = lease::acquire(&self.vol, &claim, wb.opts.commit.clone()).await?;
