@@ -655,7 +655,12 @@ impl ProfileBuilder {
         // index file exists (a crash between leaves an orphan pack that the
         // next seal or start removes).
         std::fs::rename(&self.tmp_path, p.pack_path()).map_err(|e| io("sealing the profile pack in", &pending, e))?;
-        write_synced(&p.index_path(), &p.index.to_bytes()).map_err(|e| io("writing", &p.index_path(), e))?;
+        // An encrypted cache's sealed profile dies with this process (the
+        // mark above), so its index is kept in memory only: on disk it
+        // would be plaintext (page extents, digests of chunk contents).
+        if p.spill.is_none() {
+            write_synced(&p.index_path(), &p.index.to_bytes()).map_err(|e| io("writing", &p.index_path(), e))?;
+        }
         if let Ok(d) = File::open(&pending) {
             let _ = d.sync_all();
         }
@@ -700,11 +705,21 @@ impl PendingProfile {
 
     /// The sealed profile in cache directory `cache_dir`, if one is whole
     /// and belongs to this volume (anything else there is removed).
-    pub fn find(cache_dir: &Path, url: &str, header: &VolumeHeader) -> Option<PendingProfile> {
+    /// `encrypted_cache`: the cache is encrypted now, so a profile sealed
+    /// in clear (before it was) is removed too: its pack holds the boot's
+    /// pages as they are.
+    pub fn find(cache_dir: &Path, url: &str, header: &VolumeHeader, encrypted_cache: bool) -> Option<PendingProfile> {
         let dir = cache_dir.join(PENDING_DIR);
         let entries = std::fs::read_dir(&dir).ok()?;
-        if dir.join(SPILL_MARK).exists() {
-            tracing::info!(dir = %dir.display(), "dropping a boot profile sealed under an earlier process's cache key");
+        let why = if dir.join(SPILL_MARK).exists() {
+            Some("sealed under an earlier process's cache key")
+        } else if encrypted_cache {
+            Some("sealed in clear, before the cache was encrypted")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            tracing::info!(dir = %dir.display(), "dropping a boot profile {why}");
             Self::remove_all(&dir);
             let _ = std::fs::remove_dir(&dir);
             return None;
@@ -1088,6 +1103,40 @@ mod tests {
         assert_eq!(ref_digest(&ChunkRef::Base).as_deref(), Some("base"));
         let p = ChunkRef::Packed { pack: 0, offset: 0, len: 1, digest: "c".repeat(64) };
         assert_eq!(ref_digest(&p), Some("c".repeat(64)));
+    }
+
+    /// An encrypted cache's sealed profile leaves nothing readable on disk:
+    /// its pack is encrypted under the process's key and its index (page
+    /// extents, digests of chunk contents) stays in memory; it still goes
+    /// up. A later start drops what is left of one; a profile sealed in
+    /// clear is dropped once the cache is encrypted.
+    #[test]
+    fn an_encrypted_caches_sealed_profile_keeps_its_index_off_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let (h, m) = volume(8 * CS);
+        let mut b = ProfileBuilder::with_parts(d.path(), "dir:/x", &h, m, true).unwrap();
+        b.seal_spill();
+        let page = data(0, 4096);
+        b.add(0, &page).unwrap();
+        let p = b.seal(d.path()).unwrap().unwrap();
+        for e in std::fs::read_dir(d.path().join(PENDING_DIR)).unwrap() {
+            let (name, bytes) = (e.as_ref().unwrap().file_name(), std::fs::read(e.unwrap().path()).unwrap());
+            assert!(name.to_string_lossy().ends_with(PACK_SUFFIX) || name == SPILL_MARK, "{name:?} on disk");
+            assert!(!bytes.windows(page.len()).any(|w| w == page), "{name:?} holds the page in clear");
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let remote: DynRemote = Arc::new(DirRemote::new(d.path().join("vol")));
+        rt.block_on(remote.create_folder()).unwrap();
+        let key = rt.block_on(p.upload(&remote)).unwrap();
+        let (_, index) = rt.block_on(find_latest(&remote, &h)).unwrap().unwrap();
+        assert_eq!(rt.block_on(fetch_segment(&remote, "dir:/x", &index, 0)).unwrap(), page, "{key}");
+        // Sealed in clear, then the cache is encrypted: dropped, not kept.
+        let (h, m) = volume(8 * CS);
+        let mut b = ProfileBuilder::with_parts(d.path(), "dir:/x", &h, m, true).unwrap();
+        b.add(0, &page).unwrap();
+        b.seal(d.path()).unwrap().unwrap();
+        assert!(PendingProfile::find(d.path(), "dir:/x", &h, true).is_none());
+        assert!(!d.path().join(PENDING_DIR).exists());
     }
 
     #[test]

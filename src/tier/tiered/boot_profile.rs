@@ -42,7 +42,9 @@ impl Inner {
         // A run that writes nothing (read-only, ephemeral) leaves it for
         // the next one that does.
         let writes = self.recorder.is_some();
-        if let Some(p) = PendingProfile::find(self.ssd.dir(), &self.vol.url, &self.vol.header).filter(|_| writes) {
+        if let Some(p) = PendingProfile::find(self.ssd.dir(), &self.vol.url, &self.vol.header, self.ssd.is_sealed())
+            .filter(|_| writes)
+        {
             match &latest {
                 Ok(Some((key, _))) if *key >= p.key => {
                     tracing::info!(pending = %p.key, newest = %key, "a newer boot profile is on the remote; dropping the one not uploaded");
