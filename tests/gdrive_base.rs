@@ -449,3 +449,23 @@ fn gdrive_written_packs_found_by_id_on_another_host() {
     driveblk::tier::export("gdrive:/wpack/vol", &out, &eo).unwrap();
     assert!(std::fs::read(&out).unwrap() == bytes, "another host reads the written bytes");
 }
+
+/// An encrypted volume attached to a base on another store (a local file)
+/// never adopts it: the copy would put the whole image on Drive in clear.
+#[test]
+fn gdrive_an_encrypted_volume_never_adopts_a_base_from_another_store() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let image = gdrive_support::data(33, 2 << 20);
+    let base = env.dir.path().join("base.raw");
+    std::fs::write(&base, &image).unwrap();
+    let keyf = env.dir.path().join("key");
+    std::fs::write(&keyf, gdrive_support::data(34, 32)).unwrap();
+    let mut ro = remote_opts(&env);
+    ro.key = Some(Arc::new(driveblk::volume::crypto::KeySource::File(keyf).load().unwrap()));
+    let ao = AttachOptions { chunk_size: 1 << 20, remote: ro.clone(), image_format: None, encrypt: true };
+    let url = "gdrive:/vms/enc-attached";
+    volume::attach(&format!("dir:{}", base.display()), url, &ao).unwrap();
+    let e = volume::adopt(url, &ro).unwrap_err().to_string();
+    assert!(e.contains("on another store") && e.contains("import --encrypt"), "{e}");
+    assert!(env.emu.ui_find("base-").is_empty(), "a copy of the base reached Drive");
+}

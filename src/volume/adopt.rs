@@ -33,6 +33,17 @@ pub fn adopt(url: &str, opts: &RemoteOptions) -> VolumeResult<VolumeInfo> {
         if m.base_copy.is_some() {
             return Ok(VolumeInfo::from_reader(&r));
         }
+        // A copy keeps the base's bytes as they are (`base-*` is read as
+        // plaintext): into an encrypted volume on another store it would
+        // hand that store's operator the whole image in clear.
+        if r.key.is_some() && !same_store(&b.url, &u) {
+            return Err(VolumeError::InvalidOptions(format!(
+                "volume {url_s} is encrypted and its base {} is on another store: a copy would put the whole image, \
+                 unencrypted, into {url_s}'s folder; keep the volume attached to its base, or import the image \
+                 encrypted (`driveblk export {url_s} FILE`, then `driveblk import --encrypt FILE NEWURL`)",
+                b.url
+            )));
+        }
         let base = r.base.as_ref().expect("a volume with a base opens with one");
         let g = m.generation + 1;
         let key = format!("base-{g:020}");
@@ -93,6 +104,27 @@ pub fn adopt(url: &str, opts: &RemoteOptions) -> VolumeResult<VolumeInfo> {
         let r = VolumeReader::open(&u, opts).await?;
         Ok(VolumeInfo::from_reader(&r))
     })
+}
+
+/// Whether the base at `base_url` is on the same store as the volume at
+/// `vol`, so one operator sees both (Google Drive; one bucket; one file
+/// system): a plaintext copy of the base then shows that operator nothing
+/// new.
+fn same_store(base_url: &str, vol: &RemoteUrl) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (RemoteUrl::parse(base_url), vol) {
+        (Ok(RemoteUrl::GDrive(_)), RemoteUrl::GDrive(_)) => true,
+        (Ok(RemoteUrl::ObjStore { kind: a, bucket: x, .. }), RemoteUrl::ObjStore { kind: b, bucket: y, .. }) => {
+            a == *b && x == *y
+        }
+        (Ok(RemoteUrl::Dir { parent: a, .. }), RemoteUrl::Dir { parent: b, .. }) => {
+            match (std::fs::metadata(&a), std::fs::metadata(b)) {
+                (Ok(x), Ok(y)) => x.dev() == y.dev(),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
 }
 
 /// Copies the base into the volume folder as `key`: server-side when both
