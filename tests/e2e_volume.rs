@@ -434,6 +434,31 @@ fn a_serve_on_a_used_socket_touches_no_volume() {
     assert!(d.stop().success());
 }
 
+/// `hydrate` that cannot fetch every chunk (a pack deleted on the remote)
+/// ends with an error saying why, instead of spinning for ever.
+#[test]
+fn a_hydrate_that_cannot_finish_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, _) = make_source(dir.path());
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    let pack = walk(&dir.path().join("remote/vol"))
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pack-"))
+        .unwrap();
+    std::fs::remove_file(&pack).unwrap();
+    let cache = dir.path().join("cache");
+    let log = dir.path().join("hydrate.log");
+    let mut child = Command::new(bin())
+        .args(["hydrate", &url, "--cache-dir", cache.to_str().unwrap(), "--quiet"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let st = common::wait_timeout(&mut child, Duration::from_secs(120));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(!st.success() && err.contains("hydration stopped having fetched"), "{st}: {err}");
+}
+
 #[test]
 fn second_signal_skips_a_slow_profile_save() {
     let dir = tempfile::tempdir().unwrap();

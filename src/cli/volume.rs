@@ -310,7 +310,18 @@ pub fn hydrate(a: HydrateArgs) -> anyhow::Result<()> {
     )?;
     let t0 = Instant::now();
     store.start_hydrate();
-    while !store.wait_hydrated(Duration::from_secs(3600), !a.quiet) {}
+    while !store.wait_hydrated(Duration::from_secs(3600), !a.quiet) {
+        // Ended with chunks left out: say why, never spin.
+        let s = store.stats();
+        if !s.hydrating {
+            bail!(
+                "hydration stopped having fetched {} of {} chunks: {}; what was fetched is kept, run hydrate again",
+                s.hydrate_done,
+                s.hydrate_total,
+                store.hydrate_error().unwrap_or_else(|| "some chunks could not be fetched".into())
+            );
+        }
+    }
     let s = store.stats();
     eprintln!(
         "hydrated {} into {} in {:.1} s ({} downloaded): reads of this volume no longer go to the remote",

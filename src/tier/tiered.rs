@@ -177,6 +177,8 @@ struct Inner {
     pinned: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
     /// A hot SSD chunk is being copied into RAM (one at a time).
     promoting: AtomicBool,
+    /// Why the last hydration left chunks out (its first failed fetch).
+    hydrate_error: parking_lot::Mutex<Option<String>>,
     /// Metadata chunks the background prefetch has yet to pin.
     metadata_pending: std::sync::atomic::AtomicU64,
 }
@@ -303,6 +305,7 @@ impl TieredStore {
             hot: Default::default(),
             pinned: Default::default(),
             promoting: AtomicBool::new(false),
+            hydrate_error: Default::default(),
             metadata_pending: Default::default(),
             vol,
             lease: parking_lot::Mutex::new(None),
@@ -645,8 +648,15 @@ impl TieredStore {
         if self.inner.counters.hydrating.swap(true, Ordering::SeqCst) {
             return;
         }
+        *self.inner.hydrate_error.lock() = None;
         let me = self.inner.clone();
         self.inner.handle.spawn(me.hydrate());
+    }
+
+    /// Why the last hydration left chunks out (None: it did not, or
+    /// none ended yet).
+    pub fn hydrate_error(&self) -> Option<String> {
+        self.inner.hydrate_error.lock().clone()
     }
 
     /// Blocks until background hydration finishes or `timeout` passes, with
@@ -1445,12 +1455,15 @@ impl Inner {
             let f = self.flight(idx, false, fetch::Source::Hydrate);
             let me = self.clone();
             set.spawn(async move {
-                let ok = f.await.is_ok();
+                let r = f.await;
                 drop(permit);
-                if ok {
-                    Counters::inc(&me.counters.hydrate_done);
+                match &r {
+                    Ok(_) => Counters::inc(&me.counters.hydrate_done),
+                    Err(e) => {
+                        me.hydrate_error.lock().get_or_insert_with(|| format!("chunk {idx}: {e}"));
+                    }
                 }
-                ok
+                r.is_ok()
             });
             while let Some(r) = set.try_join_next() {
                 failed |= !r.unwrap_or(false);
