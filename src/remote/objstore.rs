@@ -26,6 +26,7 @@ use object_store::path::Path as OsPath;
 use object_store::{MultipartUpload, ObjectStore, PutMode, PutOptions, PutPayload, UploadPart};
 
 use super::config::ObjStoreConfig;
+use super::retry::MIN_UPLOAD_RATE;
 use super::{content_tag, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
 /// Which cloud's API a URL speaks.
@@ -89,6 +90,33 @@ impl std::fmt::Debug for ObjStoreRemote {
     }
 }
 
+/// The deadline of one HTTP request moving `bytes` of body: the small
+/// request's deadline plus the body at [`MIN_UPLOAD_RATE`], the slowest
+/// link write-back supports. One total for the client would either fail
+/// every 8 MiB part below about 1 Mbit/s per part (a home uplink shared by
+/// parts in flight, `--bwlimit`) or wait many minutes on a stalled small
+/// read.
+fn request_deadline(cfg: &ObjStoreConfig, bytes: u64) -> std::time::Duration {
+    cfg.request_timeout + std::time::Duration::from_secs(bytes / MIN_UPLOAD_RATE)
+}
+
+/// `fut`, failed as an outage (retried above) when it takes longer than
+/// [`request_deadline`] for `bytes`.
+async fn within<T>(
+    cfg: &ObjStoreConfig,
+    bytes: u64,
+    fut: impl std::future::Future<Output = object_store::Result<T>>,
+) -> object_store::Result<T> {
+    let limit = request_deadline(cfg, bytes);
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(object_store::Error::Generic {
+            store: "driveblk",
+            source: format!("no answer within {:.1} s ({bytes} bytes of body)", limit.as_secs_f64()).into(),
+        }),
+    }
+}
+
 /// Builds the client for `bucket`; credentials and endpoint come from the
 /// environment (each cloud's usual variables and chains: `AWS_*`,
 /// `GOOGLE_*`, `AZURE_*`, instance metadata).
@@ -97,8 +125,11 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
     use object_store::{BackoffConfig, RetryConfig};
     // Deadlines go in as config keys, over what the environment set (a
     // whole ClientOptions would drop e.g. AWS_ALLOW_HTTP).
+    // Each request gets its own deadline by its size (`request_deadline`);
+    // the client's own total timeout is only a backstop for the largest.
+    let largest = cfg.part_size.max(cfg.read_part_size).max(cfg.multipart_threshold);
     let timeouts = [
-        (K::Timeout, format!("{}ms", cfg.request_timeout.as_millis())),
+        (K::Timeout, format!("{}ms", request_deadline(cfg, largest).as_millis())),
         (K::ConnectTimeout, format!("{}ms", cfg.connect_timeout.as_millis())),
     ];
     // object_store retries each request a little; the volume's retry
@@ -411,7 +442,9 @@ impl ObjStoreRemote {
                 r.map_err(|e| self.err("put", key, e))?;
             }
         }
-        in_flight.push(upload.put_part(PutPayload::from(data)));
+        let (cfg, len) = (self.cfg.clone(), data.len() as u64);
+        let part = upload.put_part(PutPayload::from(data));
+        in_flight.push(Box::pin(async move { within(&cfg, len, part).await }));
         Ok(())
     }
 
@@ -423,7 +456,7 @@ impl ObjStoreRemote {
         key: &str,
         range: Range<u64>,
     ) -> RemoteResult<Bytes> {
-        match store.get_range(path, range.clone()).await {
+        match within(&self.cfg, range.end - range.start, store.get_range(path, range.clone())).await {
             Ok(b) => Ok(b),
             Err(e @ object_store::Error::NotFound { .. }) => Err(self.err("get_range", key, e)),
             Err(e) => {
@@ -487,7 +520,10 @@ impl Remote for ObjStoreRemote {
                     key: key.to_string(),
                     source: e,
                 })?;
-                store.put(&path, PutPayload::from(data)).await.map_err(|e| self.err("put", key, e))?;
+                let n = data.len() as u64;
+                within(&self.cfg, n, store.put(&path, PutPayload::from(data)))
+                    .await
+                    .map_err(|e| self.err("put", key, e))?;
             }
             _ => self.put_multipart(store, &path, key, &body).await?,
         }
@@ -567,13 +603,17 @@ impl Remote for ObjStoreRemote {
             }
             // A plain put: the client may be configured without conditional
             // puts at all (`AWS_CONDITIONAL_PUT=disabled`).
-            return match store.put_opts(&path, PutPayload::from(data), PutOptions::default()).await {
+            let n = data.len() as u64;
+            return match within(&self.cfg, n, store.put_opts(&path, PutPayload::from(data), PutOptions::default()))
+                .await
+            {
                 Ok(_) => Ok(ObjectMeta { tag: Some(tag.to_string()), ..self.head(key).await? }),
                 Err(e) => Err(self.err("create", key, e)),
             };
         }
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match store.put_opts(&path, PutPayload::from(data), opts).await {
+        let n = data.len() as u64;
+        match within(&self.cfg, n, store.put_opts(&path, PutPayload::from(data), opts)).await {
             Ok(_) => {
                 let m = self.head(key).await?;
                 Ok(ObjectMeta { tag: Some(tag.to_string()), ..m })
@@ -658,6 +698,72 @@ mod tests {
         answering("501 Not Implemented").await;
         let r = ObjStoreRemote::new(StoreKind::S3, "b", "v", &ObjStoreConfig::default());
         assert_eq!(r.fence().await.unwrap(), Fence::Ignored);
+    }
+
+    /// An S3 endpoint that takes a PUT's body at 64 KiB/s (a slow uplink,
+    /// `--bwlimit`) and answers HEADs: a 256 KiB put takes 4 s, longer than
+    /// the small request's deadline (1 s here), and still succeeds: each
+    /// request's deadline grows with its body.
+    #[tokio::test]
+    async fn a_put_slower_than_the_small_request_deadline_gets_through() {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut c = tokio::io::BufReader::new(c);
+                    let mut stored = 0u64;
+                    loop {
+                        let (mut method, mut len) = (String::new(), 0u64);
+                        loop {
+                            let mut line = String::new();
+                            if c.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if method.is_empty() {
+                                method = line.split(' ').next().unwrap_or("").to_string();
+                            }
+                            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut left = len;
+                        let mut buf = vec![0u8; 16 << 10];
+                        while left > 0 {
+                            let n = c.read(&mut buf[..left.min(16 << 10) as usize]).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            left -= n as u64;
+                            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                        }
+                        let reply = if method == "PUT" {
+                            stored = len;
+                            "HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: 0\r\n\r\n".to_string()
+                        } else {
+                            format!(
+                                "HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: {stored}\r\n\
+                                 Last-Modified: Wed, 02 Dec 2026 10:00:00 GMT\r\n\r\n"
+                            )
+                        };
+                        if c.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        use_endpoint(&endpoint);
+        let cfg = ObjStoreConfig { request_timeout: std::time::Duration::from_secs(1), ..Default::default() };
+        let r = ObjStoreRemote::new(StoreKind::S3, "b", "v", &cfg);
+        let t0 = std::time::Instant::now();
+        let m = r.put("pack-1", PutBody::from_bytes(vec![7u8; 256 << 10])).await.unwrap();
+        assert_eq!(m.size, 256 << 10);
+        assert!(t0.elapsed() >= std::time::Duration::from_secs(3), "{:?}", t0.elapsed());
     }
 
     /// An S3 endpoint that sends a ranged GET's headers and a few bytes,

@@ -61,10 +61,10 @@ pub struct RetryPolicy {
     /// Seed for the jitter; `None` seeds from the OS. Tests pass a seed so
     /// retry timing is reproducible.
     pub seed: Option<u64>,
-    /// Deadline of one attempt of a small request (reads of up to a few
-    /// MiB, heads, lists, deletes): a hung remote — a stalled NFS mount, a
-    /// silent TCP peer — fails the attempt instead of holding its caller
-    /// forever. Uploads get this plus the time their body takes at
+    /// Deadline of one attempt of a small request (heads, lists, deletes,
+    /// whole small objects): a hung remote — a stalled NFS mount, a silent
+    /// TCP peer — fails the attempt instead of holding its caller forever.
+    /// Uploads and ranged reads get this plus the time their body takes at
     /// [`MIN_UPLOAD_RATE`].
     pub attempt_timeout: Duration,
 }
@@ -226,8 +226,12 @@ impl super::Layer for RetryingRemote {
         &self.inner
     }
 
+    /// A read's deadline grows with its length, as an upload's does: a
+    /// merged 16 MiB Drive read or a hydration sharing a slow link must
+    /// not fail every attempt at a deadline made for a few MiB.
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
-        self.run("get_range", key, || self.inner.get_range(key, range.clone())).await
+        let limit = self.policy.timeout_for(range.end.saturating_sub(range.start));
+        self.run_within("get_range", key, limit, || self.inner.get_range(key, range.clone())).await
     }
 
     async fn get(&self, key: &str) -> RemoteResult<Bytes> {
@@ -309,7 +313,8 @@ impl super::Layer for RetryingRemote {
     }
 
     async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
-        self.run("get_range", key, || self.inner.get_range_revision(key, revision, range.clone())).await
+        let limit = self.policy.timeout_for(range.end.saturating_sub(range.start));
+        self.run_within("get_range", key, limit, || self.inner.get_range_revision(key, revision, range.clone())).await
     }
 }
 
@@ -439,6 +444,13 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         r.put("k", PutBody::from_bytes(vec![0u8; 1 << 20])).await.unwrap_err();
         assert!(t0.elapsed() >= Duration::from_secs(3 * (5 + 64)), "{:?}", t0.elapsed());
+        // So does a ranged read's (a merged read, a hydration on a slow link).
+        let t0 = tokio::time::Instant::now();
+        r.get_range("k", 0..1 << 20).await.unwrap_err();
+        assert!(t0.elapsed() >= Duration::from_secs(3 * (5 + 64)), "{:?}", t0.elapsed());
+        let t0 = tokio::time::Instant::now();
+        r.get_range("k", 0..4096).await.unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(16), "a small read keeps the short deadline: {:?}", t0.elapsed());
     }
 
     /// A guest request sees `TimedOut` when the remote did not answer,
