@@ -459,6 +459,32 @@ fn a_hydrate_that_cannot_finish_says_why() {
     assert!(!st.success() && err.contains("hydration stopped having fetched"), "{st}: {err}");
 }
 
+/// `status URL` on a remote that never answers (here a `volume.json` that
+/// blocks every read, as a hung mount would) prints what this host knows
+/// within its lease wait, instead of nothing for as long as retries last.
+#[test]
+fn status_of_a_silent_remote_answers_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("remote/vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    let fifo = std::ffi::CString::new(vol.join("volume.json").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let url = format!("dir:{}", vol.display());
+    let log = dir.path().join("status.out");
+    let t0 = std::time::Instant::now();
+    let mut child = Command::new(bin())
+        .args(["status", &url, "--cache-dir", dir.path().join("cache").to_str().unwrap()])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let st = common::wait_timeout(&mut child, Duration::from_secs(60));
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(st.success() && out.contains("lease       unknown: the remote did not answer"), "{st}: {out}");
+    assert!(out.contains("no daemon status on this host"), "{out}");
+    assert!(t0.elapsed() < Duration::from_secs(40), "{:?}", t0.elapsed());
+}
+
 #[test]
 fn second_signal_skips_a_slow_profile_save() {
     let dir = tempfile::tempdir().unwrap();

@@ -394,6 +394,10 @@ fn hydrate_pin(a: &HydrateArgs, spec: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `status URL` waits for the remote's view of the lease before
+/// it prints what this host knows without it.
+const LEASE_WAIT: Duration = Duration::from_secs(20);
+
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let dir = match (&a.cache_dir, &a.url) {
         (Some(d), _) => Some(d.clone()),
@@ -419,23 +423,42 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     };
-    // The lease as the remote has it, then this host's daemon if any.
-    let lease = volume::lease::lease_status(&url, &a.remote.options())?;
+    // The lease as the remote has it, then this host's daemon if any. A
+    // silent remote (whose retries may go on for many minutes) must not
+    // hide what this host knows: the lease waits at most LEASE_WAIT.
+    let lease = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (u, opts) = (url.clone(), a.remote.options());
+        std::thread::Builder::new()
+            .name("driveblk-lease-status".into())
+            .spawn(move || {
+                let _ = tx.send(volume::lease::lease_status(&u, &opts));
+            })
+            .context("cannot start a thread")?;
+        match rx.recv_timeout(LEASE_WAIT) {
+            Ok(r) => Some(r?),
+            // Left running: the process ends after printing.
+            Err(_) => None,
+        }
+    };
+    let unknown = || format!("unknown: the remote did not answer within {} s", LEASE_WAIT.as_secs());
     if a.json {
-        let h = lease.holder.as_ref();
-        let v = serde_json::json!({
-            "lease": {
-                "standing": format!("{:?}", lease.standing).to_lowercase(),
-                "describe": lease.describe(),
-                "holder": h.map(|h| serde_json::to_value(h).unwrap_or_default()),
-                "silent_ms": lease.silent_ms,
-                "generation": lease.generation,
-            },
-            "local": local,
-        });
+        let v = match &lease {
+            Some(lease) => serde_json::json!({
+                "lease": {
+                    "standing": format!("{:?}", lease.standing).to_lowercase(),
+                    "describe": lease.describe(),
+                    "holder": lease.holder.as_ref().map(|h| serde_json::to_value(h).unwrap_or_default()),
+                    "silent_ms": lease.silent_ms,
+                    "generation": lease.generation,
+                },
+                "local": local,
+            }),
+            None => serde_json::json!({ "lease": { "standing": "unknown", "describe": unknown() }, "local": local }),
+        };
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("lease       {}", lease.describe());
+        println!("lease       {}", lease.as_ref().map_or_else(unknown, |l| l.describe()));
         match &local {
             Some(v) => {
                 print!("{}", status::render(v));
