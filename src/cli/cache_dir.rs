@@ -37,13 +37,42 @@ pub fn root() -> anyhow::Result<PathBuf> {
 pub fn canonical_url(url: &str) -> anyhow::Result<String> {
     let u = RemoteUrl::parse(url)?;
     if let Some(p) = u.path() {
-        let real = match (p.parent().and_then(|d| std::fs::canonicalize(d).ok()), p.file_name()) {
+        let real = match (p.parent().and_then(canonicalize_within), p.file_name()) {
             (Some(dir), Some(name)) => dir.join(name),
             _ => p,
         };
         return Ok(format!("dir:{}", real.display()));
     }
     Ok(u.to_string())
+}
+
+/// How long resolving a `dir:` URL's folder may take: on a hung NFS mount
+/// the call never returns, and the cache must still be found to serve
+/// from its copy of the volume.
+const RESOLVE_WAIT: Duration = Duration::from_secs(5);
+
+/// `dir` with symlinks resolved, or None when it cannot be (missing) or
+/// does not answer within [`RESOLVE_WAIT`] (the path as written is used
+/// then; the same unless it goes through a symlink).
+fn canonicalize_within(dir: &Path) -> Option<PathBuf> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = dir.to_path_buf();
+    // Left behind if stuck: a thread in the kernel cannot be cancelled.
+    std::thread::Builder::new()
+        .name("driveblk-resolve".into())
+        .spawn(move || tx.send(std::fs::canonicalize(d)))
+        .ok()?;
+    match rx.recv_timeout(RESOLVE_WAIT) {
+        Ok(r) => r.ok(),
+        Err(_) => {
+            tracing::warn!(
+                folder = %dir.display(),
+                "the folder did not answer within {} s (a hung mount?); taking its path as written",
+                RESOLVE_WAIT.as_secs()
+            );
+            None
+        }
+    }
 }
 
 fn hash16(s: &str) -> String {

@@ -153,12 +153,16 @@ impl RemoteWait {
 /// behind a RAM tier and an SSD cache in `opts.cache_dir`.
 pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStore>> {
     let u = RemoteUrl::parse(url)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(3)
-        .thread_name("driveblk-tier")
-        .enable_all()
-        .build()
-        .map_err(|e| VolumeError::io("starting tokio runtime for", &opts.cache_dir, e))?;
+    // Until the store owns it, an error return must not wait for blocking
+    // calls stuck on a hung mount (`Rt`).
+    let rt = crate::volume::Rt::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(3)
+            .thread_name("driveblk-tier")
+            .enable_all()
+            .build()
+            .map_err(|e| VolumeError::io("starting tokio runtime for", &opts.cache_dir, e))?,
+    );
     // With a copy of the volume in the cache, a remote that hangs must not
     // keep the guest from its disk: past the budget, serve from the copy.
     let has_copy = VolumeReader::has_offline_copy(&opts.cache_dir);
@@ -225,7 +229,7 @@ pub fn open_volume(url: &str, opts: CacheOptions) -> VolumeResult<Arc<TieredStor
     super::fleet::prepare_cache(&opts, &reader)?;
     // Packs' sub-frame indexes fetched once stay in the cache directory.
     reader.keep_indexes_in(&opts.cache_dir);
-    let store = TieredStore::new(rt, reader.clone(), &opts)?;
+    let store = TieredStore::new(rt.into_inner(), reader.clone(), &opts)?;
     if !reader.offline {
         if let Err(e) = reader.save_copies(&opts.cache_dir) {
             tracing::warn!(dir = %opts.cache_dir.display(), error = %e, "could not keep an offline copy of the volume header");

@@ -93,10 +93,12 @@ impl std::fmt::Debug for RemoteOptions {
 /// waiting at most `wait` for the remote.
 pub fn volume_id(url: &str, opts: &RemoteOptions, wait: std::time::Duration) -> VolumeResult<String> {
     let u = RemoteUrl::parse(url)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| VolumeError::io("starting tokio runtime for", std::path::Path::new(url), e))?;
+    let rt = Rt(Some(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| VolumeError::io("starting tokio runtime for", std::path::Path::new(url), e))?,
+    ));
     let remote = reader::connect(u.folder_with(&opts.config), opts);
     let got = rt.block_on(async { tokio::time::timeout(wait, remote.get(format::HEADER_KEY)).await });
     let bytes = match got {
@@ -181,13 +183,48 @@ impl VolumeInfo {
 
 /// A runtime for one library call (2 workers: remote I/O is mostly waiting,
 /// and the machine's cores belong to the guest).
-pub(crate) fn runtime(name: &str) -> VolumeResult<tokio::runtime::Runtime> {
+pub(crate) fn runtime(name: &str) -> VolumeResult<Rt> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(name)
         .enable_all()
         .build()
+        .map(|rt| Rt(Some(rt)))
         .map_err(|e| VolumeError::io("starting tokio runtime for", PathBuf::from(name), e))
+}
+
+/// A command's runtime. Dropped, it waits for its blocking tasks at most
+/// a moment: a `dir:` call stuck in the kernel on a hung mount would
+/// otherwise hold the command for ever after its deadline gave up on it
+/// (a plain runtime's drop waits for every blocking task).
+pub(crate) struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Rt {
+    /// Wraps `rt`.
+    pub(crate) fn new(rt: tokio::runtime::Runtime) -> Self {
+        Self(Some(rt))
+    }
+
+    /// The runtime itself, for an owner that outlives this scope (and
+    /// shuts it down its own way).
+    pub(crate) fn into_inner(mut self) -> tokio::runtime::Runtime {
+        self.0.take().expect("runtime present until dropped")
+    }
+}
+
+impl std::ops::Deref for Rt {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("runtime present until dropped")
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+        }
+    }
 }
 
 /// Describes the volume at `url`.
@@ -206,4 +243,22 @@ pub fn info_with(url: &str, opts: &RemoteOptions) -> VolumeResult<VolumeInfo> {
         info.boot_profile = Some((key, p.raw_bytes(), p.generation));
     }
     Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    /// A command's runtime does not wait at its end for a blocking call
+    /// stuck on a hung mount (a plain runtime's drop waits for it).
+    #[test]
+    fn a_runtime_ends_without_its_stuck_blocking_calls() {
+        let rt = super::runtime("driveblk-test").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        rt.spawn_blocking(move || {
+            let _ = rx.recv(); // stuck until the test ends
+        });
+        let t0 = std::time::Instant::now();
+        drop(rt);
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{:?}", t0.elapsed());
+        drop(tx);
+    }
 }
