@@ -156,6 +156,10 @@ pub enum ErrorKind {
     Abusive,
     /// Anything retrying cannot fix.
     Fatal,
+    /// An outage the call already retried through (a resumable upload's
+    /// chunks, each resumed): the retry wrapper must not restart it from
+    /// byte 0, and it is no reason to pause write-back for a person.
+    GaveUp,
 }
 
 /// A classified Drive failure. The message is Drive's own plus advice; it

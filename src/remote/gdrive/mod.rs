@@ -174,6 +174,12 @@ impl GDriveRemote {
             ErrorKind::Conflict | ErrorKind::RangeNotSatisfiable | ErrorKind::Abusive | ErrorKind::Fatal => {
                 RemoteError::Fatal { remote, op, key, message }
             }
+            ErrorKind::GaveUp => RemoteError::RetriesExhausted {
+                op,
+                key: key.clone(),
+                attempts: self.api.cfg.upload_attempts,
+                last: Box::new(RemoteError::Transient { remote, op, key, message, retry_after: e.retry_after }),
+            },
         }
     }
 

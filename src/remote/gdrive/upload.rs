@@ -101,7 +101,7 @@ pub async fn resumable(
 /// The error an upload ends with once its own retries are spent: not
 /// retryable, so the retry wrapper does not start it all over again.
 fn give_up(e: ApiError) -> ApiError {
-    let kind = if e.kind == ErrorKind::Transient { ErrorKind::Fatal } else { e.kind };
+    let kind = if e.kind == ErrorKind::Transient { ErrorKind::GaveUp } else { e.kind };
     ApiError { kind, message: format!("upload gave up after its own retries: {}", e.message), ..e }
 }
 
@@ -423,6 +423,44 @@ mod tests {
         let e = resumable(&api, &serde_json::json!({"name": "x"}), None, &body).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Transient, "{e}");
         assert!(e.message.contains("holds 100000 bytes, but only 1000"), "{e}");
+    }
+
+    /// An upload whose chunks keep failing (an outage longer than its own
+    /// resumes) gives up as an outage already retried through: the retry
+    /// wrapper does not restart it from byte 0, and write-back retries it
+    /// later without calling it a pause for a person to act on.
+    #[tokio::test]
+    async fn gdrive_an_upload_given_up_is_an_outage_not_a_pause() {
+        use super::super::test_http::{response, serve, Reply};
+        use crate::remote::config::{DriveConfig, DriveCredentials};
+        let session = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+        let s = session.clone();
+        let base = serve(move |r| {
+            Reply::Raw(if r.method == "POST" {
+                response("200 OK", &[("Location", s.get().cloned().unwrap_or_default())], b"")
+            } else {
+                response("503 Service Unavailable", &[], b"")
+            })
+        })
+        .await;
+        session.set(format!("{base}/session")).unwrap();
+        let cfg = DriveConfig {
+            api_url: base,
+            credentials: DriveCredentials::StaticToken("t".into()),
+            upload_attempts: 2,
+            upload_backoff: Duration::from_millis(1),
+            ..Default::default()
+        };
+        let api = DriveApi::new(&cfg);
+        let body = PutBody::from_bytes(vec![7u8; 1000]);
+        let e = resumable(&api, &serde_json::json!({"name": "x"}), None, &body).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::GaveUp, "{e}");
+        let remote = crate::remote::gdrive::GDriveRemote::folder(
+            &crate::remote::gdrive::path::DriveLocation::parse("/v").unwrap(),
+            &cfg,
+        );
+        let r = remote.err("put", "pack-1", e);
+        assert!(!r.is_retryable() && !r.is_pause(), "{r}");
     }
 
     #[test]
