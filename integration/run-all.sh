@@ -182,8 +182,9 @@ hostcheck() { # name status detail
 #                   local file, and serve the volume from an empty cache; the
 #                   host checks run on `driveblk export` of the volume
 #   coldagain=1     (source=volume, ro=1) afterwards boot again from a second,
-#                   empty cache: the first boot saved a boot profile, which
-#                   the second streams ahead of the guest
+#                   empty cache: the first boot (`--boot-profile record`: a
+#                   read-only serve records only when asked) saved a boot
+#                   profile, which the second streams ahead of the guest
 #   remote=gdrive   (source=volume) the volume lives on Google Drive: the Drive
 #                   API emulator (the driveemu binary next to driveblk) on
 #                   loopback, reached through DRIVEBLK_DRIVE_API_URL and a
@@ -243,12 +244,16 @@ run_case() {
         rm -f "$img"   # the guest can only be reading the volume
     fi
 
+    # A read-only serve records a boot profile only when asked to.
+    if [ "$coldagain" = 1 ] && [ "$ro" = 1 ]; then SERVE_EXTRA=(--boot-profile record); fi
     if ! start_backend "$sock" "$img" "$fmt" "$nq" "$ro" "$serial" "$blog"; then
+        SERVE_EXTRA=()
         hostcheck backend-start FAIL "backend did not create $sock (log: $blog)"
         finish_case "$name" "$t0"
         return
     fi
 
+    SERVE_EXTRA=()
     local args=(--socket "$sock" --size "$size" --queues "$nq" --ro "$([ "$ro" = 1 ] && echo yes || echo no)"
         --hash "$hashlen:$before" --fio-size "$fio_size" --fio-offset "$fio_offset"
         --timeout "$TIMEOUT" --no-build --log "$LOGDIR/$name.serial.log")

@@ -408,6 +408,17 @@ fn a_read_only_serve_writes_nothing_to_the_remote() {
     drop(c);
     assert!(d.stop().success());
     assert_eq!(listing(&dir.path().join("remote")), before, "the read-only serve changed the remote");
+    // Asked to (a read-only golden image's first boot), it records one.
+    let d = serve(&sock, &url, &dir.path().join("cache2"), &["--read-only", "--boot-profile", "record"]);
+    let mut c = Client::connect_with(&sock, 1, true);
+    boot_like_reads(&mut c, &want);
+    drop(c);
+    assert!(d.stop().success());
+    let profiles = walk(&dir.path().join("remote/vol"))
+        .iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("profile-"))
+        .count();
+    assert!(profiles > 0, "--boot-profile record saved no profile");
 }
 
 /// A second `serve` given a socket already in use (a copy-pasted config)

@@ -279,11 +279,16 @@ impl TieredStore {
             ram_cap: opts.ram_cache,
             chunks_zero,
             hydrate_concurrency: opts.hydrate_concurrency.max(1),
-            // An ephemeral fleet member and a read-only serve (a second
-            // machine watching, viewer-only Drive access, read-only S3
-            // keys) replay the volume's profile but write nothing to the
-            // volume, profiles included.
-            recorder: (opts.boot_profile != BootProfileMode::Off && !vol.offline && !opts.ephemeral && !opts.read_only)
+            // An ephemeral fleet member replays the volume's profile but
+            // writes nothing to the volume, profiles included; so does a
+            // read-only serve (a second machine watching, viewer-only Drive
+            // access, read-only S3 keys) unless asked to record
+            // (`--boot-profile record`: a read-only golden image's first
+            // boot recording the fleet's profile).
+            recorder: (opts.boot_profile != BootProfileMode::Off
+                && !vol.offline
+                && !opts.ephemeral
+                && (!opts.read_only || opts.boot_profile == BootProfileMode::Record))
                 .then(|| Recorder::new(vol.image_len(), opts.boot_profile_window)),
             replay: RwLock::new(None),
             segment_flights: SingleFlight::default(),
