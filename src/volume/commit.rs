@@ -738,7 +738,8 @@ pub fn host_name() -> String {
     system_hostname().unwrap_or_else(|| "unknown-host".into())
 }
 
-fn system_hostname() -> Option<String> {
+/// The system's host name (not `DRIVEBLK_HOSTNAME`).
+pub(crate) fn system_hostname() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.
     let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };

@@ -393,11 +393,12 @@ mod tests {
         assert_eq!(next_offset(Some("bytes=0-18446744073709551615")), None);
     }
 
-    /// A session that claims more bytes than were sent (a broken proxy,
-    /// a hostile server) fails the upload with a retryable error naming
-    /// both counts, instead of panicking on the upload buffer.
-    #[tokio::test]
-    async fn gdrive_upload_refuses_a_session_ahead_of_the_sender() {
+    /// A 1000-byte resumable upload (two chunk attempts) to a server that
+    /// opens a session and answers every chunk with `chunk_reply`
+    /// (status, headers): the error it ends with, and the config.
+    async fn upload_against(
+        chunk_reply: (&'static str, Vec<(&'static str, String)>),
+    ) -> (ApiError, crate::remote::config::DriveConfig) {
         use super::super::test_http::{response, serve, Reply};
         use crate::remote::config::{DriveConfig, DriveCredentials};
         let session = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
@@ -406,7 +407,8 @@ mod tests {
             Reply::Raw(if r.method == "POST" {
                 response("200 OK", &[("Location", s.get().cloned().unwrap_or_default())], b"")
             } else {
-                response("308 Resume Incomplete", &[("Range", "bytes=0-99999".to_string())], b"")
+                let headers: Vec<(&str, String)> = chunk_reply.1.clone();
+                response(chunk_reply.0, &headers, b"")
             })
         })
         .await;
@@ -420,7 +422,15 @@ mod tests {
         };
         let api = DriveApi::new(&cfg);
         let body = PutBody::from_bytes(vec![7u8; 1000]);
-        let e = resumable(&api, &serde_json::json!({"name": "x"}), None, &body).await.unwrap_err();
+        (resumable(&api, &serde_json::json!({"name": "x"}), None, &body).await.unwrap_err(), cfg)
+    }
+
+    /// A session that claims more bytes than were sent (a broken proxy,
+    /// a hostile server) fails the upload with a retryable error naming
+    /// both counts, instead of panicking on the upload buffer.
+    #[tokio::test]
+    async fn gdrive_upload_refuses_a_session_ahead_of_the_sender() {
+        let (e, _) = upload_against(("308 Resume Incomplete", vec![("Range", "bytes=0-99999".to_string())])).await;
         assert_eq!(e.kind, ErrorKind::Transient, "{e}");
         assert!(e.message.contains("holds 100000 bytes, but only 1000"), "{e}");
     }
@@ -431,29 +441,7 @@ mod tests {
     /// later without calling it a pause for a person to act on.
     #[tokio::test]
     async fn gdrive_an_upload_given_up_is_an_outage_not_a_pause() {
-        use super::super::test_http::{response, serve, Reply};
-        use crate::remote::config::{DriveConfig, DriveCredentials};
-        let session = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
-        let s = session.clone();
-        let base = serve(move |r| {
-            Reply::Raw(if r.method == "POST" {
-                response("200 OK", &[("Location", s.get().cloned().unwrap_or_default())], b"")
-            } else {
-                response("503 Service Unavailable", &[], b"")
-            })
-        })
-        .await;
-        session.set(format!("{base}/session")).unwrap();
-        let cfg = DriveConfig {
-            api_url: base,
-            credentials: DriveCredentials::StaticToken("t".into()),
-            upload_attempts: 2,
-            upload_backoff: Duration::from_millis(1),
-            ..Default::default()
-        };
-        let api = DriveApi::new(&cfg);
-        let body = PutBody::from_bytes(vec![7u8; 1000]);
-        let e = resumable(&api, &serde_json::json!({"name": "x"}), None, &body).await.unwrap_err();
+        let (e, cfg) = upload_against(("503 Service Unavailable", vec![])).await;
         assert_eq!(e.kind, ErrorKind::GaveUp, "{e}");
         let remote = crate::remote::gdrive::GDriveRemote::folder(
             &crate::remote::gdrive::path::DriveLocation::parse("/v").unwrap(),

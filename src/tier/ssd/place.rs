@@ -58,23 +58,12 @@ pub(super) fn machine_hash() -> &'static str {
             .map(|s| s.trim().to_string())
             .find(|s| !s.is_empty())
             .map(|id| format!("machine-id:{id}"))
-            .unwrap_or_else(|| format!("host:{}", system_hostname().unwrap_or_default()));
+            // The system's name, not DRIVEBLK_HOSTNAME (which names a host in
+            // messages and may be changed at will).
+            .unwrap_or_else(|| format!("host:{}", crate::volume::commit::system_hostname().unwrap_or_default()));
         let mut h = Sha256::new();
         h.update(b"driveblk cache place v1\n");
         h.update(raw.as_bytes());
         hex::encode(&h.finalize()[..16])
     })
-}
-
-/// The system's host name (not `DRIVEBLK_HOSTNAME`, which names a host in
-/// messages and may be changed at will).
-fn system_hostname() -> Option<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    if r != 0 {
-        return None;
-    }
-    let n = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
-    String::from_utf8(buf[..n].to_vec()).ok().filter(|s| !s.is_empty())
 }
