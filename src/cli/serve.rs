@@ -245,8 +245,9 @@ pub struct CacheArgs {
     /// Boot profiles. auto: at start, stream the volume's newest boot
     /// profile (the pages earlier boots read first) into the cache ahead of
     /// the guest; record this boot, and save it to the remote if the volume
-    /// has no profile or under 80% of what the boot read is in it. record:
-    /// save this boot's profile regardless. off: neither.
+    /// has no profile or under 80% of what the boot read is in it (not
+    /// with --read-only, which writes nothing to the volume). record: save
+    /// this boot's profile regardless, read-only too. off: neither.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub boot_profile: BootProfileMode,
 
