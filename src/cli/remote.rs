@@ -30,7 +30,8 @@ pub struct RemoteArgs {
     /// Limit remote bandwidth, in bytes per second, like rclone: `2M`
     /// (both ways), `1M:10M` (up:down), `off`, or a timetable by local
     /// time of day: `"08:00,512K 19:00,2M:off 23:00,off"`. Upload limits
-    /// start at 16K.
+    /// start at 16K. The limit is an average: requests are spaced out,
+    /// each one goes at line speed.
     #[arg(long, value_name = "LIMIT", value_parser = parse_bwlimit)]
     pub bwlimit: Option<BwSchedule>,
 

@@ -1,6 +1,9 @@
 //! Bandwidth limits (`--bwlimit`, like rclone's): a wrapper that paces
-//! uploads and downloads to a byte rate, optionally by time of day, so a
-//! sync never saturates a home uplink the rest of the house needs.
+//! uploads and downloads to an average byte rate, optionally by time of
+//! day, so a long sync leaves a home uplink to the rest of the house most
+//! of the time. It spaces whole requests (each waits its share of the
+//! rate, then goes at line speed): a 16 MiB pack still fills the uplink
+//! while it goes, and a download is paced after it arrived.
 
 use std::ops::Range;
 use std::sync::Arc;
