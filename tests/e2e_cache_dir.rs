@@ -171,3 +171,111 @@ fn a_cache_with_a_damaged_state_is_refused_not_dropped() {
     drop(c);
     assert!(dmn.stop().success());
 }
+
+/// `serve` that must refuse to start: its stderr.
+fn serve_refused(sock: &std::path::Path, args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed().as_secs() > 30 {
+            child.kill().unwrap();
+            panic!("serve started where it must refuse");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    err
+}
+
+/// A cache a newer driveblk wrote (this machine went back to an older
+/// binary) is sound and may hold writes only that version can upload: it
+/// is refused as newer, never as damaged, and `discard-local` does not
+/// drop it (nor release its lease) unless forced.
+#[test]
+fn a_cache_a_newer_driveblk_wrote_is_refused_as_newer_not_damaged() {
+    use sha2::Digest;
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.raw");
+    common::make_raw(&img, 2 << 20, 6);
+    let url = format!("dir:{}/vol", d.path().display());
+    let cache = d.path().join("cache");
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_driveblk")).args(args).args(["--cache-dir", cache.to_str().unwrap()]).output()
+    };
+    let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sock = d.path().join("sock");
+    let args = ["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+    let args = [&args[..], &["--sync-interval", "3600", "--boot-profile", "off"]].concat();
+
+    // A stopped daemon with a flushed write not uploaded.
+    let mut dmn = common::Daemon::start(&sock, &args);
+    let mut c = common::Client::connect(&sock, 1);
+    let page = write_kept_in_cache(&mut c);
+    drop(c);
+    let mut child = dmn.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Its state as a newer driveblk would write it: a higher version,
+    // checksummed as the state file is (SHA-256 of all before it).
+    let state = cache.join("state");
+    let s = std::fs::read(&state).unwrap();
+    let body = &s[..s.len() - 32];
+    let nl = body.iter().position(|&c| c == b'\n').unwrap();
+    let mut h: serde_json::Value = serde_json::from_slice(&body[..nl]).unwrap();
+    h["version"] = 99.into();
+    let mut nu = serde_json::to_vec(&h).unwrap();
+    nu.extend_from_slice(&body[nl..]);
+    let sum = sha2::Sha256::digest(&nu);
+    nu.extend_from_slice(&sum);
+    std::fs::write(&state, &nu).unwrap();
+    let files = ["state", "data", "journal"];
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(cache.join(f)).unwrap()).collect();
+    assert!(before[1].windows(4096).any(|w| w == page), "the unsaved write is in the cache's data file");
+    let lease = || {
+        let empty = d.path().join("no-cache");
+        let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+            .args(["status", &url, "--json", "--cache-dir", empty.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "status: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["lease"]["holder"]["cache_id"].clone()
+    };
+    let holder = lease();
+    assert!(holder.is_string(), "the killed daemon held the lease: {holder}");
+
+    let err = serve_refused(&sock, &args);
+    let newer = "newer driveblk (cache state v99, this one reads up to v";
+    assert!(err.contains(newer) && err.contains("driveblk sync") && err.contains("nothing was changed"), "{err}");
+    assert!(!err.contains("checksum") && !err.contains("cannot be used"), "called damaged: {err}");
+    // discard-local refuses it too, without --force.
+    let o = cli(&["discard-local", &url]).unwrap();
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && msg.contains("newer driveblk") && msg.contains("--force"), "{msg}");
+    for (f, b) in files.iter().zip(&before) {
+        assert!(std::fs::read(cache.join(f)).unwrap() == *b, "the cache's {f} changed");
+    }
+    assert_eq!(lease(), holder, "the lease was released");
+    // Forced, the cache goes, and its lease stays (this binary cannot
+    // tell what that state says of it).
+    let o = cli(&["discard-local", &url, "--force"]).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!state.exists() && !cache.join("data").exists());
+    assert_eq!(lease(), holder, "a forced discard of a newer cache released its lease");
+}

@@ -83,3 +83,56 @@ fn vm_init_then_libvirt_xml_validates_and_qemu_args_start_qemu() {
     drop(daemon);
     let _ = Path::new(&pidfile);
 }
+
+/// The VM's disk identity holds on every start: serve keeps a copy of
+/// vm.toml in its cache directory and uses it when the remote is
+/// unreachable (else an offline laptop shows its guest another disk serial
+/// and one queue where QEMU asks for two); a vm.toml that does not parse
+/// stops serve, and one with fields a newer driveblk added still serves.
+#[test]
+fn serve_takes_the_disk_identity_from_vm_toml_offline_too_and_refuses_a_broken_one() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img.raw");
+    common::make_raw(&img, 4 << 20, 1);
+    let remote = d.path().join("remote");
+    std::fs::create_dir(&remote).unwrap();
+    let url = format!("dir:{}", remote.join("w10").display());
+    run_ok(&["import", "--quiet", img.to_str().unwrap(), &url]);
+    let spec = run_ok(&["vm", "init", &url, "--memory-mib", "128", "--vcpus", "1", "--num-queues", "2"]);
+    let serial = field(&spec, "disk_serial").to_string();
+    let sock = d.path().join("w10.sock");
+    let cache = d.path().join("cache");
+    let args = ["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap(), "--boot-profile", "off"];
+    let log = d.path().join("serve.log");
+    // Serves with vm.toml's serial and two queues (a client asking for two
+    // is refused by a one-queue backend).
+    let serves_vm = |whence: &str| {
+        let daemon = Daemon::start_logged(&sock, &args, &[], Some(&log));
+        let c = common::Client::connect(&sock, 2);
+        drop(c);
+        assert!(daemon.stop().success());
+        let l = std::fs::read_to_string(&log).unwrap();
+        assert!(l.contains(&format!("serial={serial}")) && l.contains("queues=2"), "{whence}: {l}");
+        l
+    };
+    serves_vm("online");
+    assert!(cache.join("vm.toml").exists(), "no copy of vm.toml kept in the cache directory");
+
+    // The remote is unreachable (its folder moved away): the copy serves.
+    let gone = d.path().join("remote-gone");
+    std::fs::rename(&remote, &gone).unwrap();
+    let l = serves_vm("offline");
+    assert!(l.contains("offline") || l.contains("unreachable"), "{l}");
+    std::fs::rename(&gone, &remote).unwrap();
+
+    // A newer driveblk's field: ignored with a warning, the rest used.
+    let vm = remote.join("w10/vm.toml");
+    std::fs::write(&vm, format!("{spec}disk_wwn = \"0x5000c500a0b1c2d3\"\n")).unwrap();
+    let l = serves_vm("with an unknown field");
+    assert!(l.contains("disk_wwn"), "the unknown field was not named: {l}");
+
+    // A vm.toml that does not parse: serve stops, saying which and how out.
+    std::fs::write(&vm, spec.replace("num_queues = 2", "num_queues = \"two\"")).unwrap();
+    let err = common::serve_fails(&sock, &args);
+    assert!(err.contains("vm.toml") && err.contains("cannot be used") && err.contains("--serial"), "{err}");
+}

@@ -176,6 +176,77 @@ fn corrupt_index_byte_is_detected_and_reported() {
     assert!(format!("{p:?}").contains("sub-frame index"), "{p:?}");
 }
 
+/// A manifest a newer driveblk wrote (another machine upgraded first) is
+/// not damaged: open, info, verify and gc all say so and name the way out,
+/// even when its fields no longer parse here.
+#[test]
+fn a_manifest_a_newer_driveblk_wrote_is_newer_not_corrupt() {
+    use driveblk::volume::format::{seal, unseal, FORMAT_VERSION};
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, _) = imported(d.path(), 2 << 20, 12);
+    let g = d.path().join("remote/vol/gen-00000000000000000001");
+    let raw = std::fs::read(&g).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(unseal(&raw).unwrap()).unwrap();
+    m["version"] = (FORMAT_VERSION + 1).into();
+    m["chunk_map"] = m["chunks"].take();
+    m.as_object_mut().unwrap().remove("chunks");
+    std::fs::write(&g, seal(serde_json::to_vec(&m).unwrap())).unwrap();
+    let newer = |e: &VolumeError| {
+        let msg = e.to_string();
+        assert!(matches!(e, VolumeError::Newer { .. }), "{msg}");
+        assert!(
+            msg.contains("gen-00000000000000000001")
+                && msg.contains("newer driveblk")
+                && msg.contains("upgrade this machine")
+                && msg.contains("nothing is damaged")
+                && !msg.contains("corrupt"),
+            "{msg}"
+        );
+    };
+    newer(&driveblk::tier::open_volume(&vurl, cache_opts(&d.path().join("c"), Default::default())).err().unwrap());
+    newer(&volume::info(&vurl).unwrap_err());
+    newer(&volume::verify::verify(&vurl, &Default::default()).unwrap_err());
+    newer(&volume::gc::gc(&vurl, &Default::default()).unwrap_err());
+}
+
+/// A lease heartbeat a newer driveblk wrote, whose fields do not parse
+/// here, is not taken for "no heartbeat" (its holder may be alive and
+/// writing): the lease's standing is an error that says why.
+#[test]
+fn a_lease_heartbeat_a_newer_driveblk_wrote_is_not_taken_for_absent() {
+    use driveblk::volume::format::LeaseRecord;
+    use driveblk::volume::lease::{heartbeat_key, inspect, HEARTBEAT_MAGIC};
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, _) = imported(d.path(), 2 << 20, 12);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let u = driveblk::remote::RemoteUrl::parse(&vurl).unwrap();
+        let r = volume::VolumeReader::open(&u, &Default::default()).await.unwrap();
+        let mut m = (*r.manifest()).clone();
+        let cache_id = "ab".repeat(16);
+        m.lease = Some(LeaseRecord {
+            host: "desktop".into(),
+            pid: 1,
+            cache_id: cache_id.clone(),
+            taken_at: m.generation,
+            since_ms: None,
+            ttl_ms: 1000,
+            generation: m.generation,
+            pending_bytes: 4096,
+            released: false,
+        });
+        let body = format!(
+            r#"{{"format":"{HEARTBEAT_MAGIC}","volume_id":"{}","holder":{{"host":"desktop"}}}}"#,
+            r.header.volume_id
+        );
+        let put = driveblk::remote::PutBody::from_bytes(body.into_bytes());
+        r.remote.put(&heartbeat_key(&cache_id), put).await.unwrap();
+        let e = inspect(&r.remote, &r.header, &m, None).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, VolumeError::Newer { .. }) && msg.contains("lease heartbeat"), "{msg}");
+    });
+}
+
 #[test]
 fn corrupt_manifest_is_detected_and_reported() {
     let d = tempfile::tempdir().unwrap();

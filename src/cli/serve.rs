@@ -1,6 +1,6 @@
 //! `driveblk serve`: arguments, their validation, and running the server.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use crate::cli::remote::RemoteArgs;
 use crate::cli::size::{human, parse_size};
 use crate::cli::status::{DaemonStatus, Phase, StatusWriter};
 use crate::cli::unit::Notifier;
+use crate::cli::vm::{VmSpec, VM_FILE};
 use crate::format::qcow2::{BackingOpener, LocalBackingOpener, NoBacking, Qcow2Disk, Qcow2Options};
 use crate::format::raw::RawDisk;
 use crate::format::{Disk, ImageFormat};
@@ -479,27 +480,65 @@ pub fn validate_device(a: &ServeArgs) -> anyhow::Result<()> {
 
 /// The disk serial and queue count of the volume's VM (`vm.toml`), where
 /// the command line gave none, so the guest sees the same disk on every
-/// host. A missing or unreadable vm.toml leaves the defaults.
-fn vm_toml(cfg: &ServeConfig, store: &TieredStore) -> Option<crate::cli::vm::VmSpec> {
-    if !(cfg.serial_from_vm || cfg.queues_from_vm) || store.volume().offline {
-        return None;
+/// host. Read from the remote, and kept in the cache directory `cache_dir`
+/// for a start while the remote is unreachable (an offline laptop must not
+/// show its guest another disk serial, nor give QEMU fewer queues than
+/// `qemu-args` asked for). A vm.toml that exists but cannot be used stops
+/// the start.
+fn vm_toml(cfg: &ServeConfig, store: &TieredStore, cache_dir: &Path) -> anyhow::Result<Option<VmSpec>> {
+    if !(cfg.serial_from_vm || cfg.queues_from_vm) {
+        return Ok(None);
     }
-    let remote = store.volume().remote.clone();
-    let got = store.block_on(crate::volume::sidecar::read_from(&remote, crate::cli::vm::VM_FILE));
-    match got {
-        Ok(Some(bytes)) => match crate::cli::vm::parse(&String::from_utf8_lossy(&bytes)) {
-            Ok(v) => Some(v),
+    let vol = store.volume();
+    let way_out = "or give --serial and --num-queues";
+    let remote = if vol.offline {
+        None
+    } else {
+        match store.block_on(crate::volume::sidecar::read_from(&vol.remote, VM_FILE)) {
+            Ok(got) => Some(got),
             Err(e) => {
-                tracing::warn!("ignoring the volume's vm.toml: {e:#}");
+                tracing::warn!(
+                    "could not read the volume's {VM_FILE} ({e}): using the copy kept in the cache directory"
+                );
                 None
             }
-        },
-        Ok(None) => None,
-        Err(e) => {
-            tracing::warn!("could not read the volume's vm.toml: {e}");
-            None
         }
-    }
+    };
+    let (bytes, whence) = match remote {
+        Some(Some(b)) => {
+            if let Err(e) = vol.save_local(cache_dir, VM_FILE, &b) {
+                tracing::warn!("could not keep a copy of the volume's {VM_FILE} in {}: {e}", cache_dir.display());
+            }
+            (b, format!("the volume's {VM_FILE}"))
+        }
+        Some(None) => {
+            // Removed from the volume (or never made): no stale copy stays.
+            match std::fs::remove_file(cache_dir.join(VM_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    bail!("cannot remove the stale copy {}: {e}", cache_dir.join(VM_FILE).display())
+                }
+                _ => return Ok(None),
+            }
+        }
+        None => match vol.load_local(cache_dir, VM_FILE) {
+            Ok(Some(b)) => (b, format!("the copy of the volume's {VM_FILE} in {}", cache_dir.display())),
+            Ok(None) if vol.offline => {
+                tracing::warn!(
+                    "the remote is unreachable and the cache directory keeps no copy of the volume's {VM_FILE}: \
+                     if it has one, stop and give --serial and --num-queues as it says, or the guest sees another disk"
+                );
+                return Ok(None);
+            }
+            Ok(None) => bail!(
+                "could not read the volume's {VM_FILE} (see the warning above), and the cache directory keeps no \
+                 copy of it: start again once the remote answers, {way_out}"
+            ),
+            Err(e) => bail!("cannot read the copy {}: {e}; {way_out}", cache_dir.join(VM_FILE).display()),
+        },
+    };
+    let v = crate::cli::vm::parse(&String::from_utf8_lossy(&bytes))
+        .with_context(|| format!("{whence} cannot be used: fix it (`driveblk vm init URL --force`), {way_out}"))?;
+    Ok(Some(v))
 }
 
 /// The format to serve a volume as: `--format`, else the one recorded in
@@ -588,7 +627,7 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
                     crate::volume::verify::check_at_open_blocking(s.volume());
                 }
             })?;
-            vm = vm_toml(&cfg, &store);
+            vm = vm_toml(&cfg, &store, &cache.cache_dir)?;
             let mut st = DaemonStatus::new(store.clone(), metrics, url.clone());
             st.control_socket = Some(cfg.control_socket.clone());
             let leased = Arc::downgrade(&store);

@@ -17,9 +17,10 @@ use crate::volume::sidecar;
 /// The sidecar's name.
 pub const VM_FILE: &str = "vm.toml";
 
-/// A VM's identity and shape.
+/// A VM's identity and shape. Fields this binary does not know (a newer
+/// driveblk's) are ignored with a warning, so one machine upgraded first
+/// does not stop the others from serving the volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// Name used for the libvirt domain and the default socket path.
     pub name: String,
@@ -86,11 +87,28 @@ pub fn fresh(name: &str, memory_mib: u64, vcpus: u32, num_queues: u16) -> VmSpec
     }
 }
 
-/// Parses and checks a vm.toml.
+/// Parses and checks a vm.toml; its fields this binary does not know are
+/// named in a warning and ignored.
 pub fn parse(text: &str) -> anyhow::Result<VmSpec> {
-    let v: VmSpec = toml::from_str(text).map_err(|e| anyhow::anyhow!("{VM_FILE}: {e}"))?;
-    check(&v).with_context(|| format!("{VM_FILE} is not valid"))?;
+    let (v, unknown) = parse_with_unknown(text)?;
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "{VM_FILE} has fields this driveblk does not know ({}): written by a newer driveblk? They are ignored \
+             here; upgrade this machine (docs/restart.md) if they change the VM",
+            unknown.join(", ")
+        );
+    }
     Ok(v)
+}
+
+/// [`parse`], and the names of the fields it ignored.
+fn parse_with_unknown(text: &str) -> anyhow::Result<(VmSpec, Vec<String>)> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{VM_FILE}: {e}"))?;
+    let v: VmSpec = toml::Value::Table(table.clone()).try_into().map_err(|e| anyhow::anyhow!("{VM_FILE}: {e}"))?;
+    check(&v).with_context(|| format!("{VM_FILE} is not valid"))?;
+    let known = toml::Value::try_from(&v)?;
+    let unknown = table.keys().filter(|k| known.get(k.as_str()).is_none()).cloned().collect();
+    Ok((v, unknown))
 }
 
 /// The last path segment of a volume URL, as a name.
@@ -350,6 +368,10 @@ mod tests {
         assert!(a.disk_serial.len() <= 20);
         assert_eq!(parse(&toml::to_string(&a).unwrap()).unwrap(), a);
         assert!(parse("name = 'x'\nbogus = 1\n").is_err());
+        // A newer driveblk's field is ignored, and named.
+        let newer = format!("{}disk_wwn = \"0x5000c500a0b1c2d3\"\n", toml::to_string(&a).unwrap());
+        let (v, unknown) = parse_with_unknown(&newer).unwrap();
+        assert_eq!((v, unknown), (a.clone(), vec!["disk_wwn".to_string()]));
         let mut bad = a.clone();
         bad.mac = "52:54:00:zz:00:00".into();
         assert!(check(&bad).is_err());

@@ -159,6 +159,10 @@ pub struct DiscardArgs {
     /// The cache directory holding them (default: URL's).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Also remove a cache a newer driveblk wrote (refused otherwise: that
+    /// version can still upload its writes; its writer lease stays).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -530,7 +534,7 @@ pub fn discard_local(a: DiscardArgs) -> anyhow::Result<()> {
         Some(d) => d,
         None => default_cache_dir(&a.url, &a.remote.options())?,
     };
-    let dropped = match tier::discard_local(&a.url, &dir, &a.remote.options())? {
+    let dropped = match tier::discard_local(&a.url, &dir, &a.remote.options(), a.force)? {
         Some(b) => format!("dropped {} of local changes", human(b)),
         None => "removed a cache whose state could not be read (what it held is unknown)".to_string(),
     };

@@ -14,7 +14,8 @@ use crate::volume::{runtime, RemoteOptions, VolumeError, VolumeReader, VolumeRes
 
 /// Files of a cache directory that describe its volume and contents
 /// (`lock` and `status.json` stay).
-pub(crate) const CACHE_FILES: [&str; 6] = ["state", "journal", "data", "frozen", "volume.json", "manifest"];
+pub(crate) const CACHE_FILES: [&str; 7] =
+    ["state", "journal", "data", "frozen", "dirty-pages", "volume.json", "manifest"];
 
 /// What [`fork`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,8 +73,10 @@ pub fn fork(url: &str, new_url: &str, cache_dir: &Path, remote: &RemoteOptions) 
 /// else it holds: the next start follows the volume's newest generation).
 /// If this cache held the volume's writer lease, it is released. Returns
 /// the bytes of changes dropped, or `None` for a cache whose state could
-/// not be read (so what it held is unknown).
-pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions) -> VolumeResult<Option<u64>> {
+/// not be read (so what it held is unknown). A cache a newer driveblk
+/// wrote is refused unless `force` (its state is sound: that version can
+/// still upload its writes), and its lease is never released here.
+pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions, force: bool) -> VolumeResult<Option<u64>> {
     let u = RemoteUrl::parse(url)?;
     let rt = runtime("driveblk-discard")?;
     let vol = rt.block_on(VolumeReader::open(&u, remote))?;
@@ -84,8 +87,8 @@ pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions) -> Vol
     // A cache whose state cannot be read is what `serve` refuses and
     // points here for: it goes whole, and what it held is unknown. Its
     // lease is released if the state's header still names the holder
-    // (else it runs out by itself).
-    if let Some(gone) = super::ssd::remove_damaged(cache_dir, &CACHE_FILES)? {
+    // (else it stays until it runs out, or `serve --force-takeover`).
+    if let Some(gone) = super::ssd::remove_damaged(cache_dir, &CACHE_FILES, force)? {
         tracing::warn!(dir = %cache_dir.display(), why = %gone.why, "removed a cache whose state could not be read");
         if let Some(cache_id) = gone.cache_id {
             release_lease(&rt, &vol, &cache_id)?;

@@ -22,7 +22,9 @@
 //! file): a write-ahead log for the writes that would otherwise need a
 //! second sync (ssd.rs, "logged chunks"). Replay hands them back in order
 //! to be written again; they go under their own magic, so a binary that
-//! predates them stops its replay there instead of misreading one.
+//! predates them does not misread one (the state's version refuses it
+//! first). A whole record of a kind this binary does not know is an
+//! error, not the end of the replay: the records after it would be lost.
 //!
 //! The file is written with zeroes ahead of the records (preallocated,
 //! overwritten in place): an fdatasync of a record then changes no file
@@ -309,26 +311,28 @@ impl Journal {
 
     /// The records of `dir/journal` that follow checkpoint `checkpoint`, in
     /// order, up to the first that is torn or does not verify; volatile
-    /// records of another boot are skipped.
-    pub fn replay(dir: &Path, checkpoint: u64, words: usize) -> Vec<Record> {
+    /// records of another boot are skipped. A record that verifies but is
+    /// of a kind this binary does not know (a newer driveblk's), or does
+    /// not decode, is an error: the records after it would be dropped.
+    pub fn replay(dir: &Path, checkpoint: u64, words: usize) -> Result<Vec<Record>, String> {
         Self::replay_on(dir, checkpoint, words, boot_id())
     }
 
     /// [`replay`](Self::replay) as after a reboot: durable records only.
     #[cfg(test)]
-    pub fn replay_durable(dir: &Path, checkpoint: u64, words: usize) -> Vec<Record> {
+    pub fn replay_durable(dir: &Path, checkpoint: u64, words: usize) -> Result<Vec<Record>, String> {
         Self::replay_on(dir, checkpoint, words, None)
     }
 
-    fn replay_on(dir: &Path, checkpoint: u64, words: usize, boot: Option<[u8; BOOT]>) -> Vec<Record> {
+    fn replay_on(dir: &Path, checkpoint: u64, words: usize, boot: Option<[u8; BOOT]>) -> Result<Vec<Record>, String> {
         let mut bytes = Vec::new();
         match File::open(dir.join("journal")) {
             Ok(mut f) => {
                 if f.read_to_end(&mut bytes).is_err() {
-                    return Vec::new();
+                    return Ok(Vec::new());
                 }
             }
-            Err(_) => return Vec::new(),
+            Err(_) => return Ok(Vec::new()),
         }
         let mut out = Vec::new();
         let mut at = 0usize;
@@ -336,9 +340,8 @@ impl Journal {
             let head = &bytes[at..at + HEAD];
             let volatile = &head[..4] == MAGIC_VOLATILE;
             let with_writes = &head[..4] == MAGIC_WRITES;
-            if (&head[..4] != MAGIC && !volatile && !with_writes)
-                || u64::from_le_bytes(head[4..12].try_into().expect("8 bytes")) != checkpoint
-            {
+            let known = &head[..4] == MAGIC || volatile || with_writes;
+            if u64::from_le_bytes(head[4..12].try_into().expect("8 bytes")) != checkpoint {
                 break;
             }
             let n = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;
@@ -349,10 +352,22 @@ impl Journal {
             if Sha256::digest(body).as_slice() != &bytes[at + HEAD + n..at + HEAD + n + SUM] {
                 break;
             }
+            // Checksummed and naming this checkpoint: written whole, for
+            // this state. Not understanding it must not end the replay
+            // quietly (the changes after it would be lost).
+            let unusable = |what: &str| {
+                format!(
+                    "journal record at offset {at} is {what} (written by a newer driveblk, or damaged); the \
+                     records after it cannot be replayed"
+                )
+            };
+            if !known {
+                return Err(unusable(&format!("of an unknown kind {:?}", String::from_utf8_lossy(&head[..4]))));
+            }
             let mut payload = &body[HEAD..];
             if volatile {
                 if payload.len() < BOOT {
-                    break;
+                    return Err(unusable("too short for a volatile record"));
                 }
                 let this_boot = boot.is_some_and(|b| payload[..BOOT] == b);
                 payload = &payload[BOOT..];
@@ -364,11 +379,11 @@ impl Journal {
             }
             match Record::decode(payload, words, with_writes) {
                 Some(r) => out.push(r),
-                None => break,
+                None => return Err(unusable("not laid out as this driveblk reads it")),
             }
             at += HEAD + n + SUM;
         }
-        out
+        Ok(out)
     }
 
     /// The journal's path (for messages).
@@ -398,23 +413,50 @@ mod tests {
         j.append(&a).unwrap();
         j.append(&b).unwrap();
         j.append(&c).unwrap();
-        assert_eq!(Journal::replay(d.path(), 7, 2), vec![a.clone(), b.clone(), c.clone()]);
+        assert_eq!(Journal::replay(d.path(), 7, 2).unwrap(), vec![a.clone(), b.clone(), c.clone()]);
         // Another checkpoint's journal is not this one's.
-        assert!(Journal::replay(d.path(), 8, 2).is_empty());
+        assert!(Journal::replay(d.path(), 8, 2).unwrap().is_empty());
         // A torn last record (a crash mid-append) is dropped, the rest kept.
         let f = OpenOptions::new().write(true).open(d.path().join("journal")).unwrap();
         f.write_all_at(&[0u8; 5], j.len() - 5).unwrap();
-        assert_eq!(Journal::replay(d.path(), 7, 2), vec![a.clone(), b.clone()]);
+        assert_eq!(Journal::replay(d.path(), 7, 2).unwrap(), vec![a.clone(), b.clone()]);
         // A flipped bit stops the replay there.
         let mut bytes = std::fs::read(d.path().join("journal")).unwrap();
         bytes[HEAD + 2] ^= 1;
         std::fs::write(d.path().join("journal"), &bytes).unwrap();
-        assert!(Journal::replay(d.path(), 7, 2).is_empty());
+        assert!(Journal::replay(d.path(), 7, 2).unwrap().is_empty());
         // Reset starts over for a new checkpoint.
         let mut j = Journal::open(d.path(), 7, 2).unwrap();
         j.reset(9).unwrap();
         j.append(&c).unwrap();
-        assert_eq!(Journal::replay(d.path(), 9, 2), vec![c]);
+        assert_eq!(Journal::replay(d.path(), 9, 2).unwrap(), vec![c]);
+    }
+
+    #[test]
+    fn a_whole_record_of_an_unknown_kind_is_an_error_not_the_end() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path(), 7, 2).unwrap();
+        let (a, b) = (rec(1, 3, 2, None), rec(1, 4, 2, None));
+        j.append(&a).unwrap();
+        // A newer driveblk's kind of record, checksummed, for this
+        // checkpoint, then one this binary knows.
+        let f = OpenOptions::new().write(true).open(d.path().join("journal")).unwrap();
+        let unknown = j.frame(b"DBJ9", &[], &b);
+        f.write_all_at(&unknown, j.len()).unwrap();
+        let known = j.frame(MAGIC, &[], &b);
+        f.write_all_at(&known, j.len() + unknown.len() as u64).unwrap();
+        let e = Journal::replay(d.path(), 7, 2).unwrap_err();
+        assert!(e.contains("unknown kind \"DBJ9\"") && e.contains("newer driveblk"), "{e}");
+        // A checksummed record of a known kind that does not decode, too.
+        let mut bad = j.frame(MAGIC, &[], &b);
+        bad.truncate(HEAD);
+        bad.extend_from_slice(&[1, 2, 3]);
+        bad[12..16].copy_from_slice(&3u32.to_le_bytes());
+        let sum = Sha256::digest(&bad);
+        bad.extend_from_slice(&sum);
+        f.write_all_at(&bad, j.len()).unwrap();
+        let e = Journal::replay(d.path(), 7, 2).unwrap_err();
+        assert!(e.contains("not laid out"), "{e}");
     }
 
     /// A journal in a new directory, started over after `checkpoint`.
@@ -442,16 +484,16 @@ mod tests {
             j.append(r).unwrap();
         }
         assert_eq!(size(), PREALLOC, "an append grew the file");
-        assert_eq!(Journal::replay(d.path(), 5, 2), recs);
+        assert_eq!(Journal::replay(d.path(), 5, 2).unwrap(), recs);
         j.reset(6).unwrap();
         j.append(&recs[0]).unwrap();
         assert_eq!(size(), PREALLOC);
         assert_eq!(
-            Journal::replay(d.path(), 6, 2),
+            Journal::replay(d.path(), 6, 2).unwrap(),
             vec![recs[0].clone()],
             "older records after the new ones were replayed"
         );
-        assert!(Journal::replay(d.path(), 5, 2).is_empty());
+        assert!(Journal::replay(d.path(), 5, 2).unwrap().is_empty());
     }
 
     /// A journal that fills with logged writes grows in doubling steps (up
@@ -473,7 +515,7 @@ mod tests {
         j.sync().unwrap();
         let mib = |n: u64| n << 20;
         assert_eq!(sizes, [1, 2, 4, 8, 16, 24, 32, 40].map(mib), "sizes the journal grew through");
-        assert_eq!(Journal::replay(d.path(), 1, 2).len(), appended);
+        assert_eq!(Journal::replay(d.path(), 1, 2).unwrap().len(), appended);
     }
 
     #[test]
@@ -485,7 +527,7 @@ mod tests {
         j.append(&a).unwrap();
         j.append_volatile(&b).unwrap();
         j.append(&c).unwrap();
-        let on = |boot| Journal::replay_on(d.path(), 7, 2, boot);
+        let on = |boot| Journal::replay_on(d.path(), 7, 2, boot).unwrap();
         assert_eq!(on(Some([b'a'; BOOT])), vec![a.clone(), b, c.clone()]);
         // After a reboot the volatile record is skipped, the later ones kept.
         assert_eq!(on(Some([b'b'; BOOT])), vec![a.clone(), c.clone()]);
@@ -510,13 +552,13 @@ mod tests {
         j.append_unsynced(&b).unwrap();
         assert!(j.is_unsynced());
         j.append_unsynced(&c).unwrap();
-        assert_eq!(Journal::replay_durable(d.path(), 3, 2), vec![a.clone(), b.clone(), c.clone()]);
+        assert_eq!(Journal::replay_durable(d.path(), 3, 2).unwrap(), vec![a.clone(), b.clone(), c.clone()]);
         j.sync().unwrap();
         assert!(!j.is_unsynced());
         // A torn write-carrying record ends the replay.
         let f = OpenOptions::new().write(true).open(d.path().join("journal")).unwrap();
         let at_c = j.len() - (HEAD + c.encode(2).len() + SUM) as u64;
         f.write_all_at(&[0xff; 3], at_c - 40).unwrap();
-        assert_eq!(Journal::replay(d.path(), 3, 2), vec![a]);
+        assert_eq!(Journal::replay(d.path(), 3, 2).unwrap(), vec![a]);
     }
 }

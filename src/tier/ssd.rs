@@ -69,11 +69,11 @@ pub use bitmap::overlay_absent;
 pub(crate) use bitmap::{bit, bitmap_words};
 use bitmap::{popcount, Bitmap};
 pub(crate) use directory::remove_files;
-use directory::{cache_err, damaged_reason, lock_exclusive, lost_state};
+use directory::{cache_err, damaged_reason, lock_exclusive, lost_state, newer_reason};
 pub use directory::{remove_damaged, RemovedDamaged};
 use place::Place;
 use slots::Slots;
-use state_file::{read_state, Loaded, StateHeader, STATE_MAGIC};
+use state_file::{read_state, Loaded, StateHeader, Unusable, STATE_MAGIC};
 
 /// Chunk not in the cache.
 pub const ABSENT: u8 = 0;
@@ -380,6 +380,8 @@ impl SsdCache {
         let place = Place::here(dir).map_err(|e| VolumeError::io("reading the inode of", dir, e))?;
         let state_path = dir.join("state");
         let mut sealed = want.clone().unwrap_or_default();
+        // The version of the state reused (0: none).
+        let mut reused_version = 0;
         let (opened, states, maps, len, generation, ident, writes) = match read_state(&state_path) {
             Ok(None) => {
                 if let Some(why) = lost_state(dir) {
@@ -389,6 +391,7 @@ impl SsdCache {
             }
             Ok(Some(l)) if l.header.id == id && want.as_ref().is_none_or(|w| *w == l.header.sealed) => {
                 sealed = l.header.sealed.clone();
+                reused_version = l.header.version;
                 let dirty = l.states.iter().filter(|&&s| is_dirty(s)).count() as u64;
                 let cached = l.states.iter().filter(|&&s| s == CLEAN || s == DIRTY).count() as u64;
                 let ident = identify(dir, &l.header, &place, dirty, mode);
@@ -447,7 +450,10 @@ impl SsdCache {
             // Without its state nothing tells unsaved writes in the data
             // file from stale bytes: dropping it could lose writes that were
             // never uploaded, so it stays as it is for the user to decide.
-            Err(why) => return Err(cache_err(dir, damaged_reason(dir, &why))),
+            // A newer driveblk's state is sound: only this binary cannot
+            // read it, and it is not to be discarded as damaged.
+            Err(Unusable::Newer(v)) => return Err(cache_err(dir, newer_reason(dir, v))),
+            Err(Unusable::Damaged(why)) => return Err(cache_err(dir, damaged_reason(dir, &why))),
         };
         let data_path = dir.join("data");
         if mode == OpenMode::Serve && (states.is_empty() || matches!(opened, Opened::Discarded(_))) {
@@ -548,8 +554,13 @@ impl SsdCache {
                     .map_err(|e| VolumeError::io("opening the journal in", dir, e))?,
             );
             // Which pages of the dirty chunks a clean stop said changed: their
-            // uploads stay patches.
-            if let Err(e) = c.dirty_pages.take(|i| matches!(c.state(i), DIRTY | DIRTY_PARTIAL)) {
+            // uploads stay patches. Only a state of a version that announces
+            // the record vouches for it: one a binary that predates it wrote
+            // (after an old `discard-local` left the record behind) may have
+            // written into those chunks since, and a patch of the recorded
+            // pages would leave those writes out. Then it is only removed.
+            let trusted = reused_version >= state_file::PAGES_KEPT_VERSION;
+            if let Err(e) = c.dirty_pages.take(|i| trusted && matches!(c.state(i), DIRTY | DIRTY_PARTIAL)) {
                 tracing::warn!(error = %e, "ignoring the cache's record of changed pages: dirty chunks go up whole");
             }
             // Record the identity now (a fresh checkpoint), so a crash

@@ -836,8 +836,7 @@ pub fn rekey(url: &str, opts: &super::RemoteOptions, new: &UserKey) -> super::Vo
             true => VolumeError::NotFound { url: url.to_string() },
             false => VolumeError::remote(format!("reading {url}/{HEADER_KEY}"), e),
         })?;
-        let mut header =
-            VolumeHeader::from_bytes(&bytes).map_err(|reason| VolumeError::BadHeader { url: url.to_string(), reason })?;
+        let mut header = VolumeHeader::from_bytes(&bytes).map_err(|reason| VolumeError::header(url, &bytes, reason))?;
         let key_err = |source| VolumeError::Key { url: url.to_string(), source };
         let not_encrypted = || {
             VolumeError::InvalidOptions(format!(

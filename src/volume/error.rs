@@ -52,6 +52,13 @@ pub enum VolumeError {
     #[error("manifest {key} of volume {url} is corrupt: {reason} — the remote copy is damaged; restore it from a backup or re-import the image")]
     CorruptManifest { url: String, key: String, reason: String },
 
+    /// An object a newer driveblk wrote, in a layout this one does not
+    /// read: nothing is wrong with it.
+    #[error(
+        "{what} was written by a newer driveblk ({detail}): upgrade this machine (docs/restart.md); nothing is damaged"
+    )]
+    Newer { what: String, detail: String },
+
     #[error("chunk {chunk} of volume {url} (in {key} at offset {offset}) is corrupt: {reason} — the pack is damaged; no data was returned for it")]
     CorruptChunk { url: String, chunk: u64, key: String, offset: u64, reason: String },
 
@@ -154,6 +161,25 @@ impl VolumeError {
         move |source| VolumeError::Task { what, source }
     }
 
+    /// A manifest that cannot be used, read from `bytes`: one a newer
+    /// driveblk wrote ([`Newer`](Self::Newer)), else a corrupt one.
+    pub fn manifest(url: &str, key: impl Into<String>, bytes: &[u8], reason: String) -> Self {
+        let key = key.into();
+        match super::format::newer_version(bytes, super::format::MANIFEST_MAGIC) {
+            Some(v) => VolumeError::Newer { what: format!("manifest {key} of volume {url}"), detail: newer_detail(v) },
+            None => VolumeError::CorruptManifest { url: url.to_string(), key, reason },
+        }
+    }
+
+    /// A volume header that cannot be used, read from `bytes`: one a newer
+    /// driveblk wrote ([`Newer`](Self::Newer)), else a bad one.
+    pub fn header(url: &str, bytes: &[u8], reason: String) -> Self {
+        match super::format::newer_version(bytes, super::format::HEADER_MAGIC) {
+            Some(v) => VolumeError::Newer { what: format!("volume header {url}/volume.json"), detail: newer_detail(v) },
+            None => VolumeError::BadHeader { url: url.to_string(), reason },
+        }
+    }
+
     /// Converts for the `Storage` seam, keeping this error as the source.
     pub fn into_io(self) -> io::Error {
         let kind = match &self {
@@ -166,4 +192,9 @@ impl VolumeError {
         };
         io::Error::new(kind, self)
     }
+}
+
+/// What a newer object's version is, next to what this binary reads.
+fn newer_detail(version: u32) -> String {
+    format!("format version {version}; this one reads up to {}", super::format::FORMAT_VERSION)
 }

@@ -211,10 +211,34 @@ impl VolumeHeader {
 
     /// Parses and validates.
     pub fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        if let Some(v) = newer_version(b, HEADER_MAGIC) {
+            return Err(newer(v));
+        }
         let h: Self = serde_json::from_slice(b).map_err(|e| format!("not valid JSON for a volume header: {e}"))?;
         h.validate()?;
         Ok(h)
     }
+}
+
+/// The format version a volume object (`magic`: its `format` field) says
+/// it is in, when that is past what this binary reads. Only `{format,
+/// version}` are read — of the whole object (the header), or of its first
+/// line (a manifest, before its trailer) — so a newer layout of the rest
+/// is told apart from damage.
+pub fn newer_version(b: &[u8], magic: &str) -> Option<u32> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        format: String,
+        version: u32,
+    }
+    let v: Versioned =
+        serde_json::from_slice(b).ok().or_else(|| serde_json::from_slice(b.split(|&c| c == b'\n').next()?).ok())?;
+    (v.format == magic && v.version > FORMAT_VERSION).then_some(v.version)
+}
+
+/// Why an object [`newer_version`] found newer is refused.
+fn newer(version: u32) -> String {
+    format!("written by a newer driveblk (format version {version}; this one reads up to {FORMAT_VERSION})")
 }
 
 /// Checks that a chunk size is a power of two within bounds.
@@ -468,6 +492,10 @@ impl Manifest {
         }
         self.generation = delta.generation;
         self.image_len = delta.image_len;
+        // The resolved map now holds what the delta's writer wrote: a full
+        // manifest written from it must say that version, or binaries that
+        // only read the older one take it for theirs and fail on its fields.
+        self.version = self.version.max(delta.version);
         let n = self.chunk_count();
         self.chunks.retain(|&i, _| i < n);
         self.next_slot = delta.next_slot.clone();
@@ -571,6 +599,9 @@ impl Manifest {
     /// Verifies the trailer, parses, and checks the manifest against the
     /// volume header and the generation its key names.
     pub fn from_bytes(b: &[u8], header: &VolumeHeader, generation: u64) -> Result<Self, String> {
+        if let Some(v) = newer_version(b, MANIFEST_MAGIC) {
+            return Err(newer(v));
+        }
         let body = unseal(b)?;
         let m: Self = serde_json::from_slice(body).map_err(|e| format!("not valid JSON for a manifest: {e}"))?;
         if m.format != MANIFEST_MAGIC || !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.version) {
@@ -860,5 +891,35 @@ mod tests {
         assert!(VolumeHeader::from_bytes(&h2.to_bytes()).unwrap_err().contains("version 99"));
         assert!(VolumeHeader::from_bytes(b"{").is_err());
         assert!(check_chunk_size(3 << 20).is_err());
+    }
+
+    #[test]
+    fn a_full_manifest_resolved_over_newer_deltas_says_their_version() {
+        let h = VolumeHeader::new(8 << 20, DEFAULT_CHUNK_SIZE, None);
+        // A volume imported by a version 2 binary, then written by this one.
+        let mut full = Manifest::new(&h, 1);
+        full.version = 2;
+        let mut d = Manifest::new(&h, 2);
+        d.parent = Some(1);
+        d.chunks.insert(0, ChunkRef::Zero);
+        full.apply(&d).unwrap();
+        assert_eq!(full.version, FORMAT_VERSION, "a full checkpoint written from it would claim version 2");
+    }
+
+    #[test]
+    fn an_object_of_a_newer_version_is_refused_as_newer_before_its_fields_are_read() {
+        let h = VolumeHeader::new(1 << 20, DEFAULT_CHUNK_SIZE, None);
+        let newer = FORMAT_VERSION + 1;
+        // A newer layout: fields this one requires are missing, others added.
+        let m = seal(format!(r#"{{"format":"{MANIFEST_MAGIC}","version":{newer},"generation":1,"map":{{}}}}"#).into());
+        let e = Manifest::from_bytes(&m, &h, 1).unwrap_err();
+        assert!(e.contains("newer driveblk") && e.contains(&format!("format version {newer}")), "{e}");
+        assert_eq!(newer_version(&m, MANIFEST_MAGIC), Some(newer));
+        let hb = format!("{{\n  \"format\": \"{HEADER_MAGIC}\",\n  \"version\": {newer},\n  \"id\": \"x\"\n}}\n");
+        let e = VolumeHeader::from_bytes(hb.as_bytes()).unwrap_err();
+        assert!(e.contains("newer driveblk"), "{e}");
+        // This version, or another object's magic, is not newer.
+        assert_eq!(newer_version(&Manifest::new(&h, 1).to_bytes(), MANIFEST_MAGIC), None);
+        assert_eq!(newer_version(&m, HEADER_MAGIC), None);
     }
 }

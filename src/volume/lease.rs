@@ -251,7 +251,21 @@ async fn read_heartbeat(
         Err(e) if e.is_not_found() => return Ok(None),
         Err(e) => return Err(failed(e)),
     };
-    let Ok(hb) = serde_json::from_slice::<Heartbeat>(&body) else { return Ok(None) };
+    let hb = match serde_json::from_slice::<Heartbeat>(&body) {
+        Ok(hb) => hb,
+        // A heartbeat by its name that this binary cannot parse is a newer
+        // driveblk's: its holder may be alive, so it is not "absent".
+        Err(e)
+            if serde_json::from_slice::<serde_json::Value>(&body)
+                .is_ok_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(HEARTBEAT_MAGIC)) =>
+        {
+            return Err(VolumeError::Newer {
+                what: format!("the lease heartbeat {key}"),
+                detail: format!("its fields do not parse here: {e}"),
+            });
+        }
+        Err(_) => return Ok(None),
+    };
     if hb.format != HEARTBEAT_MAGIC || hb.volume_id != header.volume_id || hb.lease.cache_id != record.cache_id {
         return Ok(None);
     }

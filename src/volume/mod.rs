@@ -107,8 +107,7 @@ pub fn volume_id(url: &str, opts: &RemoteOptions, wait: std::time::Duration) -> 
         Ok(Err(e)) => return Err(VolumeError::remote(format!("reading {url}/{}", format::HEADER_KEY), e)),
         Err(_) => return Err(VolumeError::NoAnswer { url: url.to_string(), secs: wait.as_secs() }),
     };
-    let h =
-        VolumeHeader::from_bytes(&bytes).map_err(|reason| VolumeError::BadHeader { url: url.to_string(), reason })?;
+    let h = VolumeHeader::from_bytes(&bytes).map_err(|reason| VolumeError::header(url, &bytes, reason))?;
     Ok(h.volume_id)
 }
 

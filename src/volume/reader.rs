@@ -326,7 +326,7 @@ impl VolumeReader {
             }
         };
         let header = VolumeHeader::from_bytes(&header_bytes)
-            .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
+            .map_err(|reason| VolumeError::header(&url_s, &header_bytes, reason))?;
         let key = volume_key(&url_s, &header, opts)?;
         let remote = super::crypto::wrap(remote, key.as_ref());
         let manifest = newest_manifest(&remote, &url_s, &header).await?;
@@ -443,8 +443,8 @@ impl VolumeReader {
         };
         let header_raw = Bytes::from(read(OFFLINE_HEADER)?);
         let manifest_raw = Bytes::from(read(OFFLINE_MANIFEST)?);
-        let header = VolumeHeader::from_bytes(&header_raw)
-            .map_err(|reason| VolumeError::BadHeader { url: url_s.clone(), reason })?;
+        let header =
+            VolumeHeader::from_bytes(&header_raw).map_err(|reason| VolumeError::header(&url_s, &header_raw, reason))?;
         let vkey = volume_key(&url_s, &header, opts)?;
         let manifest_raw = match &vkey {
             Some(k) if super::crypto::looks_sealed(&manifest_raw) => {
@@ -470,7 +470,7 @@ impl VolumeReader {
         let generation = Manifest::generation_named(&manifest_raw).unwrap_or(0);
         let key = format!("offline copy of {}", gen_key(generation));
         let manifest = Manifest::from_bytes(&manifest_raw, &header, generation)
-            .map_err(|reason| VolumeError::CorruptManifest { url: url_s.clone(), key, reason })?;
+            .map_err(|reason| VolumeError::manifest(&url_s, key, &manifest_raw, reason))?;
         let remote = super::crypto::wrap(connect(url.folder_with(&opts.config), opts), vkey.as_ref());
         let origins = origin_remotes(&header, opts, vkey.as_ref())?;
         locate_ids(&remote, &origins, &manifest.ids);
@@ -949,11 +949,7 @@ pub(crate) async fn read_object(
         .get_created(&key, slot)
         .await
         .map_err(|e| VolumeError::remote(format!("reading manifest {url}/{key}"), e))?;
-    Manifest::from_bytes(&bytes, header, g).map_err(|reason| VolumeError::CorruptManifest {
-        url: url.to_string(),
-        key,
-        reason,
-    })
+    Manifest::from_bytes(&bytes, header, g).map_err(|reason| VolumeError::manifest(url, key, &bytes, reason))
 }
 
 /// The resolved manifest of generation `g`: its object, and when that is a

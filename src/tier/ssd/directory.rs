@@ -7,7 +7,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use super::place::Place;
-use super::state_file::read_state;
+use super::state_file::{read_state, Unusable, STATE_VERSION};
 use crate::volume::{VolumeError, VolumeResult};
 
 /// An error about the cache in `dir`.
@@ -21,6 +21,17 @@ pub(super) fn damaged_reason(dir: &Path, why: &str) -> String {
         "its state cannot be used ({why}). It may hold writes not yet uploaded, so nothing in it was \
          changed: copy the directory aside if they matter, then start again from the volume on the remote \
          with `driveblk discard-local VOLUME --cache-dir {}`",
+        dir.display()
+    )
+}
+
+/// Why a cache whose state a newer driveblk wrote is refused, and what to
+/// do: that state is sound, and may hold writes not yet uploaded.
+pub(super) fn newer_reason(dir: &Path, version: u32) -> String {
+    format!(
+        "it was written by a newer driveblk (cache state v{version}, this one reads up to v{STATE_VERSION}): run \
+         that version (and `driveblk sync` it) before using this one; nothing was changed. Once it is synced, \
+         `driveblk discard-local VOLUME --cache-dir {} --force` lets this version start the cache over",
         dir.display()
     )
 }
@@ -45,8 +56,11 @@ pub struct RemovedDamaged {
 
 /// Removes the files of the cache in `dir` if its state file cannot be
 /// used, under the directory's lock; `None` (and nothing changed) if the
-/// state is sound or absent.
-pub fn remove_damaged(dir: &Path, files: &[&str]) -> VolumeResult<Option<RemovedDamaged>> {
+/// state is sound or absent. A state a newer driveblk wrote is sound, not
+/// damaged: it is refused unless `force`, and when forced its writer lease
+/// is left alone (`cache_id` None: this binary cannot tell what that
+/// state says of it).
+pub fn remove_damaged(dir: &Path, files: &[&str], force: bool) -> VolumeResult<Option<RemovedDamaged>> {
     let lock_path = dir.join("lock");
     let lock = match OpenOptions::new().write(true).open(&lock_path) {
         Ok(f) => f,
@@ -55,7 +69,25 @@ pub fn remove_damaged(dir: &Path, files: &[&str]) -> VolumeResult<Option<Removed
     };
     lock_exclusive(&lock, dir)?;
     let why = match read_state(&dir.join("state")) {
-        Err(why) => why,
+        Err(Unusable::Newer(v)) if !force => {
+            return Err(cache_err(
+                dir,
+                format!(
+                    "it was written by a newer driveblk (cache state v{v}, this one reads up to v{STATE_VERSION}) \
+                     and may hold writes not yet uploaded: run that version and `driveblk sync` it; nothing was \
+                     changed. `--force` removes it anyway, with whatever it held"
+                ),
+            ));
+        }
+        Err(Unusable::Newer(v)) => {
+            tracing::warn!(dir = %dir.display(), "removing a cache a newer driveblk wrote (--force); a writer lease it holds is not released");
+            remove_files(dir, files)?;
+            return Ok(Some(RemovedDamaged {
+                why: format!("written by a newer driveblk (cache state v{v})"),
+                cache_id: None,
+            }));
+        }
+        Err(Unusable::Damaged(why)) => why,
         Ok(Some(_)) => return Ok(None),
         Ok(None) => match lost_state(dir) {
             Some(why) => why,

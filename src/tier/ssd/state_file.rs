@@ -35,6 +35,10 @@ pub(super) const STATE_MAGIC: &str = "driveblk-cache";
 /// cache directory, place.rs): older binaries would derive the key from
 /// `cache_id` and read its pages as garbage, so they refuse it.
 ///
+/// A state of a version past this one is a newer driveblk's: its header
+/// line is read first, before the checksum, and it is refused as such
+/// (`Unusable::Newer`), never as damaged (which points at `discard-local`).
+///
 /// Where the directory was when the state was written (`machine`,
 /// `dir_inode`) and what it was found to be a copy of (`copy_of`) are
 /// optional fields of any version: an older binary ignores them (and
@@ -145,22 +149,54 @@ pub(super) fn encode(header: &StateHeader, states: &[u8], maps: &HashMap<u64, Bi
     Ok(body)
 }
 
+/// Why a state file cannot be used.
+#[derive(Debug)]
+pub(super) enum Unusable {
+    /// A newer driveblk wrote it (its version is past [`STATE_VERSION`]):
+    /// nothing is wrong with it, this binary cannot read it.
+    Newer(u32),
+    /// It is damaged, or does not hold what its header says.
+    Damaged(String),
+}
+
+/// The version a state file's header line names when it is past
+/// [`STATE_VERSION`]. Read before the checksum and the rest: a newer
+/// binary may lay out what follows differently.
+fn newer_version(b: &[u8]) -> Option<u32> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        format: String,
+        version: u32,
+    }
+    let line = b.split(|&c| c == b'\n').next()?;
+    let v: Versioned = serde_json::from_slice(line).ok()?;
+    (v.format == STATE_MAGIC && v.version > STATE_VERSION).then_some(v.version)
+}
+
 /// Reads the state file at `path` and the journal beside it; `None` when
 /// there is no state file, `Err(why)` when it cannot be used.
-pub(super) fn read_state(path: &Path) -> Result<Option<Loaded>, String> {
+pub(super) fn read_state(path: &Path) -> Result<Option<Loaded>, Unusable> {
     read_state_with(path, Journal::replay)
 }
 
 /// [`read_state`] with `replay` reading the journal.
-pub(super) fn read_state_with(
-    path: &Path,
-    replay: fn(&Path, u64, usize) -> Vec<Record>,
-) -> Result<Option<Loaded>, String> {
+pub(super) fn read_state_with(path: &Path, replay: Replay) -> Result<Option<Loaded>, Unusable> {
     let b = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read state file: {e}")),
+        Err(e) => return Err(Unusable::Damaged(format!("cannot read state file: {e}"))),
     };
+    if let Some(v) = newer_version(&b) {
+        return Err(Unusable::Newer(v));
+    }
+    parse(path, &b, replay).map(Some).map_err(Unusable::Damaged)
+}
+
+/// Reads the journal of a cache directory: the records after a checkpoint.
+pub(super) type Replay = fn(&Path, u64, usize) -> Result<Vec<Record>, String>;
+
+/// Parses the state file `b` read from `path`, and applies the journal.
+fn parse(path: &Path, b: &[u8], replay: Replay) -> Result<Loaded, String> {
     if b.len() < 33 {
         return Err("state file is truncated".into());
     }
@@ -235,10 +271,10 @@ pub(super) fn read_state_with(
     }
     let mut l = Loaded { header: h, states: states.to_vec(), maps, writes: Vec::new() };
     if let Some(dir) = path.parent() {
-        let records = replay(dir, l.header.checkpoint, words);
+        let records = replay(dir, l.header.checkpoint, words)?;
         apply_journal(&mut l, records)?;
     }
-    Ok(Some(l))
+    Ok(l)
 }
 
 /// Applies the journal records that follow the checkpoint `l` was read from.

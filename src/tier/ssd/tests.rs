@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::state_file::{read_state_with, PAGES_KEPT_VERSION, PLAIN_VERSION, SEALED_VERSION};
+use super::state_file::{read_state_with, Unusable, PAGES_KEPT_VERSION, PLAIN_VERSION, SEALED_VERSION, STATE_VERSION};
 use super::*;
 
 /// Identity of test volume `n`.
@@ -145,14 +145,14 @@ fn mismatched_clean_cache_is_discarded() {
     assert!(e.to_string().contains("checksum") && e.to_string().contains("discard-local"), "{e}");
     assert_eq!(std::fs::read(d.path().join("data")).unwrap(), [7u8; 4096]);
     // Removing it is asked for separately, and leaves a sound one alone.
-    let gone = remove_damaged(d.path(), &["state", "data"]).unwrap().unwrap();
+    let gone = remove_damaged(d.path(), &["state", "data"], false).unwrap().unwrap();
     assert!(gone.why.contains("checksum") && gone.cache_id.is_none(), "{gone:?}");
     assert!(!d.path().join("data").exists());
     let (c, o) = SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap();
     assert_eq!(o, Opened::Fresh);
     c.persist().unwrap();
     drop(c);
-    assert!(remove_damaged(d.path(), &["state", "data"]).unwrap().is_none());
+    assert!(remove_damaged(d.path(), &["state", "data"], false).unwrap().is_none());
     assert!(d.path().join("state").exists());
     // A lost state file with data left: refused, and removed when asked.
     std::fs::remove_file(d.path().join("state")).unwrap();
@@ -160,8 +160,26 @@ fn mismatched_clean_cache_is_discarded() {
     let e = SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).err().unwrap();
     assert!(e.to_string().contains("state file is missing"), "{e}");
     assert_eq!(std::fs::read(d.path().join("data")).unwrap(), [7u8; 4096]);
-    assert!(remove_damaged(d.path(), &["state", "data"]).unwrap().is_some());
+    assert!(remove_damaged(d.path(), &["state", "data"], false).unwrap().is_some());
     assert!(SsdCache::open(d.path(), id(2), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().is_some());
+}
+
+#[test]
+fn a_state_a_newer_driveblk_wrote_is_refused_as_newer_before_its_checksum_is_read() {
+    let d = tempfile::tempdir().unwrap();
+    drop(SsdCache::open(d.path(), id(1), 1, 4096, 1 << 20, OpenMode::Serve).unwrap().unwrap());
+    // A newer layout after the header line: its checksum is not this one's.
+    let newer = format!("{{\"format\":\"driveblk-cache\",\"version\":{}}}\nwhatever follows", STATE_VERSION + 1);
+    std::fs::write(d.path().join("state"), newer).unwrap();
+    assert!(matches!(read_state(&d.path().join("state")), Err(Unusable::Newer(v)) if v == STATE_VERSION + 1));
+    let e = SsdCache::open(d.path(), id(1), 1, 4096, 1 << 20, OpenMode::Serve).err().unwrap().to_string();
+    assert!(e.contains("newer driveblk") && !e.contains("checksum") && !e.contains("cannot be used"), "{e}");
+    let e = remove_damaged(d.path(), &["state", "data"], false).unwrap_err().to_string();
+    assert!(e.contains("newer driveblk") && e.contains("--force"), "{e}");
+    assert!(d.path().join("state").exists());
+    let gone = remove_damaged(d.path(), &["state", "data"], true).unwrap().unwrap();
+    assert_eq!(gone.cache_id, None, "a forced removal of a newer cache named its lease for release");
+    assert!(!d.path().join("state").exists());
 }
 
 const CS: u64 = 64 * 1024;
@@ -1033,6 +1051,30 @@ fn a_kept_record_of_changed_pages_is_refused_by_binaries_that_predate_it() {
     assert_eq!(on_disk(d.path()).header.version, PLAIN_VERSION);
 }
 
+#[test]
+fn a_record_of_changed_pages_is_taken_only_beside_a_state_that_announces_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    install(&c, 1);
+    {
+        let _g = c.lock_write(1);
+        c.write(1, 3 * PAGE, &IoVec::from_slice(&mut vec![9u8; P]), None).unwrap();
+    }
+    c.keep_dirty_pages().unwrap();
+    drop(c);
+    // The same map in a state of a version that predates the record, as a
+    // binary that ignores the record writes it (one that wrote into chunk
+    // 1 since, outside the pages the record names).
+    let mut l = on_disk(d.path());
+    assert_eq!(l.header.version, PAGES_KEPT_VERSION);
+    l.header.version = PLAIN_VERSION;
+    std::fs::write(d.path().join("state"), super::state_file::encode(&l.header, &l.states, &l.maps).unwrap()).unwrap();
+    let (c, _) = open64(d.path(), 4 * CS, 1 << 30);
+    assert_eq!(c.state(1), DIRTY);
+    assert!(c.dirty_pages(1).is_none(), "a stale record of changed pages was trusted: the chunk must go up whole");
+    assert!(!d.path().join("dirty-pages").exists(), "the stale record was left");
+}
+
 /// A zeroing whose persist failed (a full disk when the map is written)
 /// leaves the map on disk calling the chunk clean: a write into it after
 /// records it first, so that map never calls changed bytes the remote's.
@@ -1204,8 +1246,8 @@ fn a_copied_cache_directory_gets_an_id_of_its_own() {
         s[n - 1] ^= 1;
         std::fs::write(dir.join("state"), s).unwrap();
     }
-    assert_eq!(remove_damaged(&e, &["state", "data"]).unwrap().unwrap().cache_id, None);
-    assert_eq!(remove_damaged(&a, &["state", "data"]).unwrap().unwrap().cache_id, Some(a_id));
+    assert_eq!(remove_damaged(&e, &["state", "data"], false).unwrap().unwrap().cache_id, None);
+    assert_eq!(remove_damaged(&a, &["state", "data"], false).unwrap().unwrap().cache_id, Some(a_id));
 }
 
 /// A state written before places were recorded keeps its id (an upgrade
