@@ -451,6 +451,35 @@ async fn gdrive_a_time_out_drops_the_dead_pooled_connections() {
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }
 
+/// A listing by prefix asks Drive for names with that prefix (`name
+/// contains`, a prefix match), not for the whole folder: the commit's
+/// check of the generations costs the generations, not every pack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_a_listing_by_prefix_asks_for_those_names_only() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let r = folder(&env, "gdrive:/many/vol");
+    r.create_folder().await.unwrap();
+    for i in 0..60u64 {
+        r.put(&format!("pack-{i:04}"), PutBody::from_bytes(data(i, 10))).await.unwrap();
+    }
+    for g in ["gen-1", "gen-2", "gen-10"] {
+        r.put(g, PutBody::from_bytes(data(7, 10))).await.unwrap();
+    }
+    // Names that only look like the prefix are cut by the caller.
+    r.put("pack-gen-1", PutBody::from_bytes(data(8, 10))).await.unwrap();
+    let other = folder(&env, "gdrive:/many/vol");
+    let out0 = env.emu.stats().bytes_out;
+    assert_eq!(other.list("").await.unwrap().len(), 64);
+    let out1 = env.emu.stats().bytes_out;
+    let gens: Vec<String> = other.list("gen-").await.unwrap().into_iter().map(|m| m.key).collect();
+    let out2 = env.emu.stats().bytes_out;
+    assert_eq!(gens, ["gen-1", "gen-10", "gen-2"]);
+    let (whole, narrow) = (out1 - out0, out2 - out1);
+    assert!(narrow * 10 < whole, "listing gen- sent {narrow} bytes, the whole folder {whole}");
+    assert!(other.listed("gen-2").await.unwrap());
+    assert!(!other.listed("gen-3").await.unwrap());
+}
+
 /// A base file's revision is pinned keep-forever, and a copy into a volume
 /// folder is made server-side (no bytes cross the link).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
