@@ -4,6 +4,7 @@
 //! a `gdrive:file=` base, and the error classes (quota, revoked grant).
 
 mod gdrive_support;
+mod net_support;
 
 use std::time::Duration;
 
@@ -408,6 +409,75 @@ async fn gdrive_a_silent_drive_fails_within_the_deadline() {
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     assert!(e.to_string().contains("timed out"), "{e}");
     env.emu.faults().set_latency(Duration::ZERO);
+}
+
+/// After a suspend every pooled connection is dead while the kernel does
+/// not know it: Drive's own request deadline fires (before the retry
+/// wrapper's), and the pool is dropped with it, so the retry goes out on
+/// a fresh connection instead of the next dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_a_time_out_drops_the_dead_pooled_connections() {
+    use driveblk::remote::{RetryPolicy, RetryingRemote};
+    let mut env = start(driveemu::Config::default(), Creds::User);
+    let proxy = net_support::SuspendProxy::start(&env.emu.addr().to_string()).await;
+    env.cfg.drive.api_url = proxy.url();
+    env.cfg.drive.request_timeout = Duration::from_secs(1);
+    let r = folder(&env, "gdrive:/sleep/vol");
+    r.create_folder().await.unwrap();
+    for k in ["a", "b", "c", "d", "e", "f"] {
+        r.put(k, PutBody::from_bytes(data(1, 100))).await.unwrap();
+    }
+    // Six reads at once leave several connections in the pool.
+    env.emu.faults().set_latency(Duration::from_millis(200));
+    let reads = ["a", "b", "c", "d", "e", "f"].map(|k| r.get_range(k, 0..10));
+    for got in futures::future::join_all(reads).await {
+        assert_eq!(got.unwrap().len(), 10);
+    }
+    env.emu.faults().set_latency(Duration::ZERO);
+    assert!(proxy.opened() >= 4, "the pool holds {} connections", proxy.opened());
+
+    proxy.suspend();
+    let policy = RetryPolicy {
+        max_attempts: 3,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(50),
+        seed: Some(1),
+        attempt_timeout: Duration::from_secs(30),
+    };
+    let retried = RetryingRemote::wrap(r.clone(), policy);
+    let t0 = std::time::Instant::now();
+    let got = retried.get_range("a", 0..10).await;
+    assert_eq!(got.expect("a retry after a time-out took another dead pooled connection").len(), 10);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+/// A listing by prefix asks Drive for names with that prefix (`name
+/// contains`, a prefix match), not for the whole folder: the commit's
+/// check of the generations costs the generations, not every pack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_a_listing_by_prefix_asks_for_those_names_only() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let r = folder(&env, "gdrive:/many/vol");
+    r.create_folder().await.unwrap();
+    for i in 0..60u64 {
+        r.put(&format!("pack-{i:04}"), PutBody::from_bytes(data(i, 10))).await.unwrap();
+    }
+    for g in ["gen-1", "gen-2", "gen-10"] {
+        r.put(g, PutBody::from_bytes(data(7, 10))).await.unwrap();
+    }
+    // Names that only look like the prefix are cut by the caller.
+    r.put("pack-gen-1", PutBody::from_bytes(data(8, 10))).await.unwrap();
+    let other = folder(&env, "gdrive:/many/vol");
+    let out0 = env.emu.stats().bytes_out;
+    assert_eq!(other.list("").await.unwrap().len(), 64);
+    let out1 = env.emu.stats().bytes_out;
+    let gens: Vec<String> = other.list("gen-").await.unwrap().into_iter().map(|m| m.key).collect();
+    let out2 = env.emu.stats().bytes_out;
+    assert_eq!(gens, ["gen-1", "gen-10", "gen-2"]);
+    let (whole, narrow) = (out1 - out0, out2 - out1);
+    assert!(narrow * 10 < whole, "listing gen- sent {narrow} bytes, the whole folder {whole}");
+    assert!(other.listed("gen-2").await.unwrap());
+    assert!(!other.listed("gen-3").await.unwrap());
 }
 
 /// A base file's revision is pinned keep-forever, and a copy into a volume

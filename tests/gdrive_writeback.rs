@@ -274,3 +274,89 @@ fn gdrive_a_renamed_volume_folder_is_never_made_again() {
     let s = driveblk::tier::open_volume(url, ro).unwrap();
     assert!(tier_support::read_all(&*s).unwrap() == want);
 }
+
+/// The saved grant stops working while a volume is served (revoked, or a
+/// client left in "testing" whose refresh tokens expire after 7 days):
+/// write-back pauses naming invalid_grant. `driveblk auth login` then
+/// writes a new grant to the credentials file, and write-back goes on
+/// with it, without a restart.
+#[test]
+fn gdrive_a_new_login_is_used_without_a_restart() {
+    use driveblk::format::{IoMode, IoVec};
+    use driveblk::remote::gdrive::auth::AuthorizedUser;
+    use driveblk::tier::Storage;
+    let env = start(driveemu::Config::default(), Creds::User);
+    let remote = driveblk::volume::RemoteOptions {
+        layer: None,
+        retry: driveblk::remote::RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(50),
+            seed: Some(3),
+            attempt_timeout: Duration::from_secs(30),
+        },
+        config: std::sync::Arc::new(env.cfg.clone()),
+        key: None,
+    };
+    let (img, mut want) = tier_support::raw_image(env.dir.path(), "disk.raw", 2 << 20, 63);
+    let url = "gdrive:/vms/disk";
+    let io = driveblk::volume::ImportOptions {
+        chunk_size: tier_support::CS,
+        pack_size: 1 << 20,
+        remote: remote.clone(),
+        ..Default::default()
+    };
+    driveblk::volume::import(&img, url, &io).unwrap();
+    let write = |s: &dyn Storage, off: u64, fill: u8, want: &mut Vec<u8>| {
+        let mut v = vec![fill; 4096];
+        s.write_vectored_at(off, &IoVec::from_slice(&mut v), IoMode::Blocking).unwrap();
+        want[off as usize..off as usize + 4096].fill(fill);
+        let t = s.flush_point().unwrap();
+        s.wait_durable(t).unwrap();
+    };
+    let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&env.dir.path().join("cache"), remote.clone()))
+        .unwrap();
+    // Waits until write-back's status says `done` (a `driveblk sync`
+    // without the stop that `sync_now` makes).
+    let wait_for = |s: &dyn Fn() -> driveblk::tier::tiered::SyncStatus,
+                    done: &dyn Fn(&driveblk::tier::tiered::SyncStatus) -> bool,
+                    what: &str| {
+        let t0 = std::time::Instant::now();
+        loop {
+            let st = s();
+            if done(&st) {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "{what}: {st:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let status = || s.sync_status().unwrap();
+    write(&*s, 8192, 0x11, &mut want);
+    s.request_sync();
+    wait_for(&status, &|st| st.committed_cut == 1, "the first change did not go up");
+
+    // The grant is revoked, and the access token in hand runs out.
+    env.emu.faults().revoke_refresh_tokens();
+    env.emu.faults().expire_tokens_now();
+    write(&*s, 65536, 0x22, &mut want);
+    s.request_sync();
+    let revoked = |st: &driveblk::tier::tiered::SyncStatus| {
+        st.paused && st.last_error.as_deref().is_some_and(|e| e.contains("invalid_grant"))
+    };
+    wait_for(&status, &revoked, "write-back did not pause on the revoked grant");
+
+    // `driveblk auth login` again: a new grant in the same file.
+    let mut user: AuthorizedUser = serde_json::from_slice(&std::fs::read(&env.creds_file).unwrap()).unwrap();
+    user.refresh_token = env.emu.issue_refresh_token();
+    user.save(&env.creds_file).unwrap();
+    s.request_sync();
+    let resumed = |st: &driveblk::tier::tiered::SyncStatus| st.committed_cut == 2 && !st.paused;
+    wait_for(&status, &resumed, "write-back still paused after a new login");
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let mut ro = tier_support::cache_opts(&env.dir.path().join("fresh"), remote);
+    ro.read_only = true;
+    let s = driveblk::tier::open_volume(url, ro).unwrap();
+    assert!(tier_support::read_all(&*s).unwrap() == want, "another cache reads every change");
+}

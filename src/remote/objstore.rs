@@ -13,6 +13,14 @@
 //! operator's promise that only one host ever writes a volume there; then a
 //! create looks before it writes (catches a second writer that starts
 //! later, not one racing in the same instant). See docs/object-stores.md.
+//!
+//! The client is rebuilt (a new connection pool, a new credential cache)
+//! when a request gets no answer in time or the store refuses the
+//! credentials: `object_store` dates its cached tokens by a monotonic clock
+//! that stops while a laptop sleeps, so after a resume it may keep sending
+//! credentials that expired meanwhile, and its pooled connections may be
+//! dead. A refused request is sent once more on the new client before the
+//! refusal counts.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,9 +80,16 @@ pub enum Fence {
 /// listings treat a left-over one as scratch.
 const FENCE_PROBE_PREFIX: &str = "clock-probe-fence-";
 
+/// A client, or why none could be configured.
+type Client = Result<Arc<dyn ObjectStore>, String>;
+
 /// One bucket (container) and a key prefix in it.
 pub struct ObjStoreRemote {
-    store: Result<Arc<dyn ObjectStore>, String>,
+    /// The client in use; replaced by a fresh one (see the module doc).
+    store: arc_swap::ArcSwap<Client>,
+    /// Whether the client was made from the environment, and so can be
+    /// made again (a client handed to [`with_store`](Self::with_store) cannot).
+    rebuildable: bool,
     kind: StoreKind,
     bucket: String,
     /// Key prefix without leading or trailing `/` (may be empty).
@@ -100,6 +115,14 @@ fn request_deadline(cfg: &ObjStoreConfig, bytes: u64) -> std::time::Duration {
     cfg.request_timeout + std::time::Duration::from_secs(bytes / MIN_UPLOAD_RATE)
 }
 
+/// A request that got no answer within its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer within {secs:.1} s ({bytes} bytes of body)")]
+struct NoAnswer {
+    secs: f64,
+    bytes: u64,
+}
+
 /// `fut`, failed as an outage (retried above) when it takes longer than
 /// [`request_deadline`] for `bytes`.
 async fn within<T>(
@@ -112,9 +135,27 @@ async fn within<T>(
         Ok(r) => r,
         Err(_) => Err(object_store::Error::Generic {
             store: "driveblk",
-            source: format!("no answer within {:.1} s ({bytes} bytes of body)", limit.as_secs_f64()).into(),
+            source: Box::new(NoAnswer { secs: limit.as_secs_f64(), bytes }),
         }),
     }
+}
+
+/// Whether `e` is a request that timed out: ours ([`within`]) or the
+/// client's own deadline.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<NoAnswer>() {
+            return true;
+        }
+        if let Some(h) = err.downcast_ref::<object_store::client::HttpError>() {
+            if h.kind() == object_store::client::HttpErrorKind::Timeout {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Builds the client for `bucket`; credentials and endpoint come from the
@@ -206,19 +247,14 @@ impl ObjStoreRemote {
     /// a remote whose every request fails with the reason.
     pub fn new(kind: StoreKind, bucket: &str, root: &str, cfg: &ObjStoreConfig) -> Self {
         let store = build_store(kind, bucket, cfg).map_err(|e| e.to_string());
-        Self::with_store(store, kind, bucket, root, cfg)
+        Self { rebuildable: true, ..Self::with_store(store, kind, bucket, root, cfg) }
     }
 
-    /// A remote over an already built client.
-    pub fn with_store(
-        store: Result<Arc<dyn ObjectStore>, String>,
-        kind: StoreKind,
-        bucket: &str,
-        root: &str,
-        cfg: &ObjStoreConfig,
-    ) -> Self {
+    /// A remote over an already built client (never rebuilt).
+    pub fn with_store(store: Client, kind: StoreKind, bucket: &str, root: &str, cfg: &ObjStoreConfig) -> Self {
         Self {
-            store,
+            store: arc_swap::ArcSwap::from_pointee(store),
+            rebuildable: false,
             kind,
             bucket: bucket.to_string(),
             root: root.trim_matches('/').to_string(),
@@ -236,13 +272,63 @@ impl ObjStoreRemote {
         }
     }
 
-    fn store(&self, op: &'static str, key: &str) -> RemoteResult<&Arc<dyn ObjectStore>> {
-        self.store.as_ref().map_err(|e| RemoteError::Fatal {
-            remote: self.name(),
-            op,
-            key: key.to_string(),
-            message: format!("cannot configure the client: {e}"),
-        })
+    fn store(&self, op: &'static str, key: &str) -> RemoteResult<Arc<dyn ObjectStore>> {
+        match &**self.store.load() {
+            Ok(s) => Ok(s.clone()),
+            Err(e) => Err(RemoteError::Fatal {
+                remote: self.name(),
+                op,
+                key: key.to_string(),
+                message: format!("cannot configure the client: {e}"),
+            }),
+        }
+    }
+
+    /// Replaces the client `seen` with a fresh one from the environment (a
+    /// new connection pool, a new credential cache), unless another failure
+    /// replaced it already. True when the client in use is now newer than
+    /// `seen`.
+    fn rebuild(&self, seen: &Arc<Client>, why: &str) -> bool {
+        if !self.rebuildable {
+            return false;
+        }
+        if !Arc::ptr_eq(&self.store.load(), seen) {
+            return true;
+        }
+        let fresh = match build_store(self.kind, &self.bucket, &self.cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(remote = %self.name(), "cannot make a fresh client ({why}); keeping the old one: {e}");
+                return false;
+            }
+        };
+        self.store.compare_and_swap(seen, Arc::new(Ok(fresh)));
+        tracing::info!(remote = %self.name(), "made a fresh client: {why}");
+        true
+    }
+
+    /// Runs one operation `f`. A time-out replaces the client (its pooled
+    /// connections may all be dead after a resume or a network change);
+    /// a credentials refusal replaces it and sends `f` once more, since
+    /// the old client's cached token may be one it wrongly believes valid.
+    async fn fresh_on_failure<T, Fut>(&self, op: &'static str, key: &str, f: impl Fn() -> Fut) -> RemoteResult<T>
+    where
+        Fut: std::future::Future<Output = RemoteResult<T>>,
+    {
+        let seen = self.store.load_full();
+        let r = f().await;
+        let (refused, silent) = match r.as_ref().map_err(RemoteError::root) {
+            Err(RemoteError::Auth { .. }) => (true, false),
+            Err(RemoteError::Io { source, .. }) => (false, source.kind() == std::io::ErrorKind::TimedOut),
+            _ => (false, false),
+        };
+        if refused && self.rebuild(&seen, &format!("the store refused the credentials ({op} {key:?})")) {
+            return f().await;
+        }
+        if silent {
+            self.rebuild(&seen, &format!("{op} {key:?} got no answer in time"));
+        }
+        r
     }
 
     /// The object path of `key`, refusing keys that could leave the folder.
@@ -268,6 +354,10 @@ impl ObjStoreRemote {
     fn err(&self, op: &'static str, key: &str, e: object_store::Error) -> RemoteError {
         use object_store::Error as E;
         let (remote, key) = (self.name(), key.to_string());
+        if timed_out(&e) {
+            let source = std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string());
+            return RemoteError::Io { remote, op, key, source };
+        }
         match e {
             E::NotFound { .. } => RemoteError::NotFound { remote, key },
             E::AlreadyExists { .. } => RemoteError::AlreadyExists { remote, key, tag: None },
@@ -459,10 +549,13 @@ impl ObjStoreRemote {
         match within(&self.cfg, range.end - range.start, store.get_range(path, range.clone())).await {
             Ok(b) => Ok(b),
             Err(e @ object_store::Error::NotFound { .. }) => Err(self.err("get_range", key, e)),
+            // No answer: asking again on this client waits on the same
+            // dead connections.
+            Err(e) if timed_out(&e) => Err(self.err("get_range", key, e)),
             Err(e) => {
                 // S3 answers 416 to a range starting past the end (also
                 // for an empty object): say "empty" when that is why.
-                match store.head(path).await {
+                match within(&self.cfg, 0, store.head(path)).await {
                     Ok(m) if range.start >= m.size => Ok(Bytes::new()),
                     _ => Err(self.err("get_range", key, e)),
                 }
@@ -471,17 +564,13 @@ impl ObjStoreRemote {
     }
 }
 
-#[async_trait]
-impl Remote for ObjStoreRemote {
-    /// Object stores have no folders: a key's prefix is all there is.
-    async fn create_folder(&self) -> RemoteResult<()> {
-        Ok(())
-    }
-
+/// The operations, each sent once on the client in use (the [`Remote`]
+/// methods wrap them in [`ObjStoreRemote::fresh_on_failure`]).
+impl ObjStoreRemote {
     /// Ranges longer than a part are read as parallel ranged GETs (one
     /// connection's throughput is the limit on object stores, not the
     /// request count).
-    async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+    async fn get_range_once(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         let path = self.path("get_range", key)?;
         let store = self.store("get_range", key)?;
         if range.start >= range.end {
@@ -489,12 +578,12 @@ impl Remote for ObjStoreRemote {
         }
         let part = self.cfg.read_part_size.max(1);
         if range.end - range.start <= part {
-            return self.get_one(store, &path, key, range).await;
+            return self.get_one(&store, &path, key, range).await;
         }
         let parts: Vec<Range<u64>> =
             (range.start..range.end).step_by(part as usize).map(|s| s..(s + part).min(range.end)).collect();
         let got: Vec<Bytes> = futures::stream::iter(parts)
-            .map(|r| self.get_one(store, &path, key, r))
+            .map(|r| self.get_one(&store, &path, key, r))
             .buffered(self.cfg.parallel_parts.max(1))
             .try_collect()
             .await?;
@@ -509,12 +598,12 @@ impl Remote for ObjStoreRemote {
         Ok(Bytes::from(out))
     }
 
-    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+    async fn put_once(&self, key: &str, body: &PutBody) -> RemoteResult<ObjectMeta> {
         let path = self.path("put", key)?;
         let store = self.store("put", key)?;
         match body.len() {
             Some(n) if n <= self.cfg.multipart_threshold => {
-                let data = super::collect_body(&body).await.map_err(|e| RemoteError::Io {
+                let data = super::collect_body(body).await.map_err(|e| RemoteError::Io {
                     remote: self.name(),
                     op: "put",
                     key: key.to_string(),
@@ -525,18 +614,19 @@ impl Remote for ObjStoreRemote {
                     .await
                     .map_err(|e| self.err("put", key, e))?;
             }
-            _ => self.put_multipart(store, &path, key, &body).await?,
+            _ => self.put_multipart(&store, &path, key, body).await?,
         }
-        self.head(key).await
+        self.head_once(key).await
     }
 
-    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
+    async fn head_once(&self, key: &str) -> RemoteResult<ObjectMeta> {
         let path = self.path("head", key)?;
-        let m = self.store("head", key)?.head(&path).await.map_err(|e| self.err("head", key, e))?;
+        let store = self.store("head", key)?;
+        let m = within(&self.cfg, 0, store.head(&path)).await.map_err(|e| self.err("head", key, e))?;
         Ok(self.meta(key, &m))
     }
 
-    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+    async fn list_once(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
         let store = self.store("list", prefix)?;
         let root = if self.root.is_empty() { None } else { Some(OsPath::from(self.root.as_str())) };
         let all: Vec<object_store::ObjectMeta> =
@@ -553,7 +643,7 @@ impl Remote for ObjStoreRemote {
         Ok(out)
     }
 
-    async fn delete(&self, key: &str) -> RemoteResult<()> {
+    async fn delete_once(&self, key: &str) -> RemoteResult<()> {
         let path = self.path("delete", key)?;
         match self.store("delete", key)?.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -564,10 +654,10 @@ impl Remote for ObjStoreRemote {
     /// A conditional put (`PutMode::Create`) where the store was seen to
     /// honour it; refused where it was not, unless the operator declared a
     /// single writer (then: look, then put).
-    async fn create(&self, key: &str, _slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+    async fn create_once(&self, key: &str, tag: &str, body: &PutBody) -> RemoteResult<ObjectMeta> {
         let path = self.path("create", key)?;
         let store = self.store("create", key)?;
-        let data = super::collect_body(&body).await.map_err(|e| RemoteError::Io {
+        let data = super::collect_body(body).await.map_err(|e| RemoteError::Io {
             remote: self.name(),
             op: "create",
             key: key.to_string(),
@@ -607,7 +697,7 @@ impl Remote for ObjStoreRemote {
             return match within(&self.cfg, n, store.put_opts(&path, PutPayload::from(data), PutOptions::default()))
                 .await
             {
-                Ok(_) => Ok(ObjectMeta { tag: Some(tag.to_string()), ..self.head(key).await? }),
+                Ok(_) => Ok(ObjectMeta { tag: Some(tag.to_string()), ..self.head_once(key).await? }),
                 Err(e) => Err(self.err("create", key, e)),
             };
         }
@@ -615,16 +705,54 @@ impl Remote for ObjStoreRemote {
         let n = data.len() as u64;
         match within(&self.cfg, n, store.put_opts(&path, PutPayload::from(data), opts)).await {
             Ok(_) => {
-                let m = self.head(key).await?;
+                let m = self.head_once(key).await?;
                 Ok(ObjectMeta { tag: Some(tag.to_string()), ..m })
             }
             Err(object_store::Error::AlreadyExists { .. }) => Err(self.refused_create(key).await),
             Err(e) => Err(self.err("create", key, e)),
         }
     }
+}
+
+#[async_trait]
+impl Remote for ObjStoreRemote {
+    /// Object stores have no folders: a key's prefix is all there is.
+    async fn create_folder(&self) -> RemoteResult<()> {
+        Ok(())
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        self.fresh_on_failure("get_range", key, || self.get_range_once(key, range.clone())).await
+    }
+
+    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        self.fresh_on_failure("put", key, || self.put_once(key, &body)).await
+    }
+
+    async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
+        self.fresh_on_failure("head", key, || self.head_once(key)).await
+    }
+
+    async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.fresh_on_failure("list", prefix, || self.list_once(prefix)).await
+    }
+
+    async fn delete(&self, key: &str) -> RemoteResult<()> {
+        self.fresh_on_failure("delete", key, || self.delete_once(key)).await
+    }
+
+    async fn create(&self, key: &str, _slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
+        self.fresh_on_failure("create", key, || self.create_once(key, tag, &body)).await
+    }
 
     fn describe(&self) -> String {
         self.name()
+    }
+
+    /// A fresh client: a new connection pool and a new credential cache.
+    fn reset_connections(&self) {
+        let seen = self.store.load_full();
+        self.rebuild(&seen, "a request got no answer in time");
     }
 }
 

@@ -342,8 +342,12 @@ pub fn q_escape(s: &str) -> String {
 /// One account's connection to Drive.
 pub struct DriveApi {
     /// Swapped for a fresh client (a fresh pool) by
-    /// [`reset_connections`](Self::reset_connections).
-    http: arc_swap::ArcSwap<reqwest::Client>,
+    /// [`reset_connections`](Self::reset_connections); shared with the
+    /// credentials' token requests.
+    http: std::sync::Arc<arc_swap::ArcSwap<reqwest::Client>>,
+    /// When the pool was last replaced: requests that time out together
+    /// (all on connections that died in one sleep) replace it once.
+    last_reset: parking_lot::Mutex<Option<std::time::Instant>>,
     /// `{base}/drive/v3`
     api: String,
     /// `{base}/upload/drive/v3`
@@ -400,9 +404,9 @@ impl DriveApi {
     /// A client for `cfg`. Credentials that cannot be loaded make every
     /// call fail with an [`ErrorKind::Auth`] error naming the problem.
     pub fn new(cfg: &DriveConfig) -> Self {
-        let http = http_client(cfg);
+        let http = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(http_client(cfg)));
         let base = cfg.api_url.trim_end_matches('/');
-        let auth = Auth::from_config(cfg, http.clone()).map_err(|e| e.to_string());
+        let auth = Auth::with_shared_client(cfg, http.clone()).map_err(|e| e.to_string());
         let (record, recorded) = IdRecord::open(cfg.id_record.clone(), base);
         let mut known: HashMap<String, HashMap<String, String>> = HashMap::new();
         for ((kind, parent, name), id) in &recorded {
@@ -413,7 +417,8 @@ impl DriveApi {
         Self {
             api: format!("{base}/drive/v3"),
             upload: format!("{base}/upload/drive/v3"),
-            http: arc_swap::ArcSwap::from_pointee(http),
+            http,
+            last_reset: parking_lot::Mutex::new(None),
             auth,
             pacer: Pacer::new(cfg.pacer),
             cfg: cfg.clone(),
@@ -464,10 +469,31 @@ impl DriveApi {
     }
 
     /// Replaces the connection pool: requests in flight finish on their
-    /// connections, new ones open fresh connections.
+    /// connections, new ones open fresh connections. Requests that time out
+    /// within a second of a reset were sent on the old pool, so they do
+    /// not replace the new one again.
     pub fn reset_connections(&self) {
+        {
+            let mut last = self.last_reset.lock();
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
         tracing::debug!(api = %self.api, "dropping pooled Drive connections after a request got no answer");
         self.http.store(std::sync::Arc::new(http_client(&self.cfg)));
+    }
+
+    /// A transport failure as an [`ApiError`]. A time-out also replaces
+    /// the pool: after a laptop's sleep or a network change every pooled
+    /// connection may be dead, and Drive's own deadlines fire before the
+    /// retry wrapper's, so without this each retry would take the next
+    /// dead connection.
+    pub fn transport(&self, e: reqwest::Error) -> ApiError {
+        if e.is_timeout() {
+            self.reset_connections();
+        }
+        ApiError::transport(e)
     }
 
     /// Deadline for a request moving `bytes` of body.
@@ -489,7 +515,7 @@ impl DriveApi {
         loop {
             self.pacer.acquire().await;
             let token = auth.token().await.map_err(ApiError::from_auth)?;
-            let resp = build(&token).send().await.map_err(ApiError::transport)?;
+            let resp = build(&token).send().await.map_err(|e| self.transport(e))?;
             let status = resp.status();
             if accept(status) {
                 return Ok(resp);
@@ -517,7 +543,7 @@ impl DriveApi {
         upload: bool,
     ) -> Result<T, ApiError> {
         let resp = self.send(build, |s| s.is_success(), upload).await?;
-        let bytes = resp.bytes().await.map_err(ApiError::transport)?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
         serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::new(ErrorKind::Transient, format!("unreadable answer from Drive: {e}")))
     }
@@ -776,7 +802,7 @@ impl DriveApi {
                 )
                 .await;
             match r {
-                Ok(resp) => return read_ranged_body(resp, range).await,
+                Ok(resp) => return read_ranged_body(resp, range, |e| self.transport(e)).await,
                 Err(e) if e.kind == ErrorKind::Abusive && !ack => {
                     tracing::warn!(file = id, "Drive flags this file as abusive; reading it with acknowledgeAbuse");
                     ack = true;
@@ -806,7 +832,7 @@ impl DriveApi {
             .await?;
         let status = resp.status().as_u16();
         let cr = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let body = resp.bytes().await.map_err(ApiError::transport)?;
+        let body = resp.bytes().await.map_err(|e| self.transport(e))?;
         Ok((status, cr, body))
     }
 
@@ -818,7 +844,7 @@ impl DriveApi {
         loop {
             let url = self.url(&self.file_url(id), &query);
             match self.send(|tok| self.req(Method::GET, &url, tok, t), |s| s.is_success(), false).await {
-                Ok(resp) => return resp.bytes().await.map_err(ApiError::transport),
+                Ok(resp) => return resp.bytes().await.map_err(|e| self.transport(e)),
                 // As for ranged reads: files.get takes acknowledgeAbuse for a flagged file.
                 Err(e) if e.kind == ErrorKind::Abusive && query.len() == 2 => {
                     tracing::warn!(file = id, "Drive flags this file as abusive; reading it with acknowledgeAbuse");
@@ -830,8 +856,13 @@ impl DriveApi {
     }
 }
 
-/// Takes exactly the asked bytes from a ranged read's answer.
-async fn read_ranged_body(resp: Response, range: Range<u64>) -> Result<Bytes, ApiError> {
+/// Takes exactly the asked bytes from a ranged read's answer (`transport`
+/// turns a failed body read into the error).
+async fn read_ranged_body(
+    resp: Response,
+    range: Range<u64>,
+    transport: impl Fn(reqwest::Error) -> ApiError,
+) -> Result<Bytes, ApiError> {
     let want = range.end - range.start;
     if resp.status() == StatusCode::PARTIAL_CONTENT {
         let cr = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -846,7 +877,7 @@ async fn read_ranged_body(resp: Response, range: Range<u64>) -> Result<Bytes, Ap
         }
         // Saturating: the end is the server's word (`bytes 0-18446744073709551615/*`).
         let expect = (end_incl - start).saturating_add(1).min(want);
-        let body = resp.bytes().await.map_err(ApiError::transport)?;
+        let body = resp.bytes().await.map_err(&transport)?;
         if (body.len() as u64) < expect {
             return Err(ApiError::new(ErrorKind::Transient, format!("short read: {} of {expect} bytes", body.len())));
         }
@@ -858,7 +889,7 @@ async fn read_ranged_body(resp: Response, range: Range<u64>) -> Result<Bytes, Ap
     let mut pos = 0u64;
     let mut s = resp.bytes_stream();
     while let Some(chunk) = s.next().await {
-        let chunk = chunk.map_err(ApiError::transport)?;
+        let chunk = chunk.map_err(&transport)?;
         let (c0, c1) = (pos, pos + chunk.len() as u64);
         pos = c1;
         let lo = range.start.max(c0);
@@ -981,25 +1012,29 @@ mod tests {
     #[tokio::test]
     async fn gdrive_ranged_reads_take_only_the_asked_bytes() {
         // 206 with the asked range.
-        let r = read_ranged_body(response(206, Some("bytes 2-4/10"), b"234"), 2..5).await.unwrap();
+        let r = read_ranged_body(response(206, Some("bytes 2-4/10"), b"234"), 2..5, ApiError::transport).await.unwrap();
         assert_eq!(&r[..], b"234");
         // 206 cut at the end of the file.
-        let r = read_ranged_body(response(206, Some("bytes 8-9/10"), b"89"), 8..20).await.unwrap();
+        let r = read_ranged_body(response(206, Some("bytes 8-9/10"), b"89"), 8..20, ApiError::transport).await.unwrap();
         assert_eq!(&r[..], b"89");
         // 206 for another range than asked is refused (retryable).
-        let e = read_ranged_body(response(206, Some("bytes 0-2/10"), b"012"), 2..5).await.unwrap_err();
+        let e =
+            read_ranged_body(response(206, Some("bytes 0-2/10"), b"012"), 2..5, ApiError::transport).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Transient);
         // 206 without Content-Range is refused.
-        assert!(read_ranged_body(response(206, None, b"234"), 2..5).await.is_err());
+        assert!(read_ranged_body(response(206, None, b"234"), 2..5, ApiError::transport).await.is_err());
         // An end past any file is cut to what was asked, not overflowed.
-        let r = read_ranged_body(response(206, Some("bytes 0-18446744073709551615/*"), b"012"), 0..3).await.unwrap();
+        let r =
+            read_ranged_body(response(206, Some("bytes 0-18446744073709551615/*"), b"012"), 0..3, ApiError::transport)
+                .await
+                .unwrap();
         assert_eq!(&r[..], b"012");
         // A short body is refused.
-        assert!(read_ranged_body(response(206, Some("bytes 2-4/10"), b"23"), 2..5).await.is_err());
+        assert!(read_ranged_body(response(206, Some("bytes 2-4/10"), b"23"), 2..5, ApiError::transport).await.is_err());
         // 200: the range was ignored; only the asked bytes are kept.
-        let r = read_ranged_body(response(200, None, b"0123456789"), 2..5).await.unwrap();
+        let r = read_ranged_body(response(200, None, b"0123456789"), 2..5, ApiError::transport).await.unwrap();
         assert_eq!(&r[..], b"234");
-        let r = read_ranged_body(response(200, None, b"0123456789"), 8..20).await.unwrap();
+        let r = read_ranged_body(response(200, None, b"0123456789"), 8..20, ApiError::transport).await.unwrap();
         assert_eq!(&r[..], b"89");
     }
 

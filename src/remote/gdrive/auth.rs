@@ -3,9 +3,13 @@
 //! that `driveblk auth login` saved (refreshed here, so the token URI can
 //! come from config — yup-oauth2's AuthorizedUserAuthenticator hard-codes
 //! Google's), or a static token. Tokens are refreshed a minute before they
-//! expire, and never appear in an error message or a log line.
+//! expire, and never appear in an error message or a log line. A refresh
+//! that fails after the credentials file changed (`driveblk auth login`
+//! wrote a new grant, a key was rotated) re-reads the file and tries again,
+//! so a running daemon picks up a new login without a restart.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -129,31 +133,97 @@ struct Cached {
     refresh_at: Instant,
 }
 
+/// Which version of a credentials file was read: rewriting it (in place,
+/// or a new file renamed over it as `auth login` does) changes this.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    ino: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self { modified: m.modified().ok(), len: m.len(), ino: m.ino() })
+    }
+}
+
+/// Credentials as read from their source.
+struct Loaded {
+    source: Source,
+    describe: String,
+    /// The file's version when it was read (None: not from a file).
+    stamp: Option<FileStamp>,
+}
+
 /// Bearer tokens for one account.
 pub struct Auth {
-    source: Source,
+    /// Swapped when the credentials file changed (see the module doc).
+    loaded: parking_lot::Mutex<Arc<Loaded>>,
+    /// The credentials file, if they came from one.
+    file: Option<PathBuf>,
+    /// The token URI configured over the file's own.
+    token_uri: Option<String>,
     scope: &'static str,
-    http: reqwest::Client,
+    /// Shared with the Drive API client, so a reset of its connection pool
+    /// reaches the token endpoint's connections too.
+    http: Arc<arc_swap::ArcSwap<reqwest::Client>>,
     /// Held across a refresh, so concurrent callers wait for one refresh.
     cached: Mutex<Option<Cached>>,
     /// Set when Drive refused a token before its time: the next fetch
     /// skips yup-oauth2's own cache.
     force_next: std::sync::atomic::AtomicBool,
-    describe: String,
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.describe)
+        f.write_str(&self.describe())
     }
+}
+
+/// Reads the credentials file at `path`; `token_uri` is the configured
+/// override of the file's own.
+fn load(path: &Path, token_uri: Option<&str>) -> Result<Loaded, AuthError> {
+    // The version is taken before the read: a rewrite in between is seen
+    // as a change next time, never missed.
+    let stamp = FileStamp::of(path);
+    Ok(match read_credentials(path)? {
+        CredentialFile::ServiceAccount(mut key) => {
+            if let Some(u) = token_uri {
+                key.token_uri = u.to_string();
+            }
+            let describe = format!("service account {}", key.client_email);
+            Loaded { source: Source::ServiceAccount { key, auth: OnceCell::new() }, describe, stamp }
+        }
+        CredentialFile::User(user) => {
+            let token_uri = token_uri
+                .map(str::to_string)
+                .or_else(|| user.token_uri.clone())
+                .unwrap_or_else(|| DEFAULT_TOKEN_URI.into());
+            let describe = format!("user login {} (OAuth client {})", path.display(), user.client_id);
+            Loaded { source: Source::User { user, token_uri, path: path.to_path_buf() }, describe, stamp }
+        }
+    })
 }
 
 impl Auth {
     /// Credentials per `cfg` (files are read now, tokens fetched at first use).
     pub fn from_config(cfg: &DriveConfig, http: reqwest::Client) -> Result<Self, AuthError> {
+        Self::with_shared_client(cfg, Arc::new(arc_swap::ArcSwap::from_pointee(http)))
+    }
+
+    /// [`from_config`](Self::from_config) with the HTTP client of a Drive
+    /// API connection, whose pool resets it follows.
+    pub(crate) fn with_shared_client(
+        cfg: &DriveConfig,
+        http: Arc<arc_swap::ArcSwap<reqwest::Client>>,
+    ) -> Result<Self, AuthError> {
         let path = match &cfg.credentials {
             DriveCredentials::StaticToken(t) => {
-                return Ok(Self::new(Source::Static(t.clone()), cfg, http, "a static access token".into()))
+                let l = Loaded { source: Source::Static(t.clone()), describe: "a static access token".into(), stamp: None };
+                return Ok(Self::new(l, None, cfg, http));
             }
             DriveCredentials::File(p) => p.clone(),
             DriveCredentials::Auto => match default_token_file().filter(|p| p.exists()) {
@@ -165,40 +235,30 @@ impl Auth {
                 }
             },
         };
-        Ok(match read_credentials(&path)? {
-            CredentialFile::ServiceAccount(mut key) => {
-                if let Some(u) = &cfg.token_uri {
-                    key.token_uri = u.clone();
-                }
-                let d = format!("service account {}", key.client_email);
-                Self::new(Source::ServiceAccount { key, auth: OnceCell::new() }, cfg, http, d)
-            }
-            CredentialFile::User(user) => {
-                let token_uri = cfg
-                    .token_uri
-                    .clone()
-                    .or_else(|| user.token_uri.clone())
-                    .unwrap_or_else(|| DEFAULT_TOKEN_URI.into());
-                let d = format!("user login {} (OAuth client {})", path.display(), user.client_id);
-                Self::new(Source::User { user, token_uri, path }, cfg, http, d)
-            }
-        })
+        let l = load(&path, cfg.token_uri.as_deref())?;
+        Ok(Self::new(l, Some(path), cfg, http))
     }
 
-    fn new(source: Source, cfg: &DriveConfig, http: reqwest::Client, describe: String) -> Self {
+    fn new(
+        loaded: Loaded,
+        file: Option<PathBuf>,
+        cfg: &DriveConfig,
+        http: Arc<arc_swap::ArcSwap<reqwest::Client>>,
+    ) -> Self {
         Self {
-            source,
+            loaded: parking_lot::Mutex::new(Arc::new(loaded)),
+            file,
+            token_uri: cfg.token_uri.clone(),
             scope: cfg.scope.url(),
             http,
             cached: Mutex::new(None),
             force_next: std::sync::atomic::AtomicBool::new(false),
-            describe,
         }
     }
 
     /// Who these credentials are, for `auth status` and messages (no secret).
-    pub fn describe(&self) -> &str {
-        &self.describe
+    pub fn describe(&self) -> String {
+        self.loaded.lock().describe.clone()
     }
 
     /// A bearer token valid for at least a minute (as far as we know).
@@ -210,7 +270,13 @@ impl Auth {
             }
         }
         let force = self.force_next.swap(false, std::sync::atomic::Ordering::SeqCst);
-        let (token, lifetime) = self.fetch(force).await?;
+        let (token, lifetime) = match self.fetch(force).await {
+            Ok(t) => t,
+            // A grant refused (or any failure) after the file changed: the
+            // person logged in again while this process ran.
+            Err(_) if self.reload_if_changed() => self.fetch(true).await?,
+            Err(e) => return Err(e),
+        };
         // The token endpoint's word, capped: Google's tokens live an hour,
         // and an absurd `expires_in` must not overflow the clock.
         let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
@@ -228,9 +294,33 @@ impl Auth {
         }
     }
 
+    /// Re-reads the credentials file if it changed since it was read;
+    /// true when new credentials are in use. A changed file that cannot
+    /// be used (half written, malformed) leaves the old credentials.
+    fn reload_if_changed(&self) -> bool {
+        let Some(path) = &self.file else { return false };
+        let now = FileStamp::of(path);
+        if now.is_none() || now == self.loaded.lock().stamp {
+            return false;
+        }
+        match load(path, self.token_uri.as_deref()) {
+            Ok(l) => {
+                tracing::info!(file = %path.display(), "Drive credentials file changed; using the new credentials");
+                *self.loaded.lock() = Arc::new(l);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), "Drive credentials file changed but cannot be used: {e}");
+                false
+            }
+        }
+    }
+
     /// A fresh token and how long it lives.
     async fn fetch(&self, force: bool) -> Result<(String, Duration), AuthError> {
-        match &self.source {
+        let loaded = self.loaded.lock().clone();
+        let describe = &loaded.describe;
+        match &loaded.source {
             Source::Static(t) => Ok((t.clone(), Duration::from_secs(365 * 86400))),
             Source::ServiceAccount { key, auth } => {
                 let a = auth
@@ -244,7 +334,7 @@ impl Auth {
                     .await?;
                 let scopes = [self.scope];
                 let t = if force { a.force_refreshed_token(&scopes).await } else { a.token(&scopes).await };
-                let t = t.map_err(|e| yup_error(&self.describe, e))?;
+                let t = t.map_err(|e| yup_error(describe, e))?;
                 let token =
                     t.token().ok_or_else(|| AuthError::Unavailable("token endpoint sent no access token".into()))?;
                 let lifetime = t
@@ -256,7 +346,10 @@ impl Auth {
                     .unwrap_or(Duration::from_secs(3600));
                 Ok((token.to_string(), lifetime))
             }
-            Source::User { user, token_uri, path } => refresh_grant(&self.http, user, token_uri, path).await,
+            Source::User { user, token_uri, path } => {
+                let http = (**self.http.load()).clone();
+                refresh_grant(&http, user, token_uri, path).await
+            }
         }
     }
 }

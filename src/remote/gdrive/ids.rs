@@ -4,6 +4,13 @@
 //! read-after-write consistent) instead of by a listing, which lags
 //! behind creates. Every id read from here is confirmed by files.get
 //! before it is trusted; a stale one is forgotten and looked up by name.
+//!
+//! Each commit appends lines (its packs and generation; gc's deletes
+//! append "forgotten" lines), so the file is rewritten without superseded
+//! lines whenever it holds more than twice the live ones — at open, and
+//! while a daemon runs for months. The rewrite holds an exclusive `flock`
+//! on the file and appenders a shared one, so no process's line is lost
+//! to a rewrite made at the same moment.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -11,10 +18,19 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Lines kept before the file is rewritten without superseded entries.
+/// Lines kept before the file is rewritten without superseded entries,
+/// however many are live.
 const COMPACT_AT: usize = 20_000;
+/// Below this many lines the file is never rewritten (not worth it).
+const COMPACT_MIN: usize = 1_000;
 /// Entries a rewrite keeps (the newest).
 const KEEP: usize = 5_000;
+
+/// Whether a file of `lines` lines, `live` of them live, is worth
+/// rewriting.
+fn worth_compacting(lines: usize, live: usize) -> bool {
+    lines > COMPACT_AT || (lines > COMPACT_MIN && lines > 2 * live)
+}
 
 /// Which map an entry belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -46,7 +62,23 @@ pub type Entries = HashMap<(Kind, String, String), String>;
 pub struct IdRecord {
     path: Option<PathBuf>,
     api_url: String,
-    lock: parking_lot::Mutex<()>,
+    /// (lines in the file, live lines among them) as of the last read,
+    /// plus the lines this process appended since.
+    counts: parking_lot::Mutex<(usize, usize)>,
+}
+
+/// What the file holds: every line, and how many are live (the last of
+/// their endpoint, kind, parent and name, not a "forgotten" one).
+fn read_lines(text: &str) -> (Vec<Line>, usize) {
+    let all: Vec<Line> = text.lines().filter_map(|l| serde_json::from_str::<Line>(l).ok()).collect();
+    let live = {
+        let mut last: HashMap<(&str, Kind, &str, &str), bool> = HashMap::new();
+        for l in &all {
+            last.insert((&l.u, l.k, &l.p, &l.n), !l.i.is_empty());
+        }
+        last.values().filter(|v| **v).count()
+    };
+    (all, live)
 }
 
 impl IdRecord {
@@ -54,28 +86,24 @@ impl IdRecord {
     /// holds for `api_url`. Unreadable lines are skipped: this is a cache.
     pub fn open(path: Option<PathBuf>, api_url: &str) -> (Self, Entries) {
         let mut entries = Entries::new();
+        let mut counts = (0, 0);
         if let Some(p) = &path {
             if let Ok(text) = std::fs::read_to_string(p) {
-                let mut lines = 0usize;
-                let mut all: Vec<Line> = Vec::new();
-                for l in text.lines().filter_map(|l| serde_json::from_str::<Line>(l).ok()) {
-                    lines += 1;
-                    if l.u == api_url {
-                        let key = (l.k, l.p.clone(), l.n.clone());
-                        if l.i.is_empty() {
-                            entries.remove(&key);
-                        } else {
-                            entries.insert(key, l.i.clone());
-                        }
+                let (all, live) = read_lines(&text);
+                for l in all.iter().filter(|l| l.u == api_url) {
+                    let key = (l.k, l.p.clone(), l.n.clone());
+                    if l.i.is_empty() {
+                        entries.remove(&key);
+                    } else {
+                        entries.insert(key, l.i.clone());
                     }
-                    all.push(l);
                 }
-                if lines > COMPACT_AT {
-                    compact(p, all);
-                }
+                counts = (all.len(), live);
             }
         }
-        (Self { path, api_url: api_url.to_string(), lock: parking_lot::Mutex::new(()) }, entries)
+        let r = Self { path, api_url: api_url.to_string(), counts: parking_lot::Mutex::new(counts) };
+        r.compact_if_worth_it();
+        (r, entries)
     }
 
     /// Records `id` (empty: forgets) for `name` in `parent`.
@@ -84,10 +112,46 @@ impl IdRecord {
         let line = Line { u: self.api_url.clone(), k: kind, p: parent.into(), n: name.into(), i: id.into() };
         let Ok(mut s) = serde_json::to_string(&line) else { return };
         s.push('\n');
-        let _g = self.lock.lock();
         if let Err(e) = append(p, s.as_bytes()) {
             tracing::debug!(path = %p.display(), error = %e, "cannot record a Drive id (lookups fall back to listings)");
+            return;
         }
+        self.counts.lock().0 += 1;
+        self.compact_if_worth_it();
+    }
+
+    /// Rewrites the file without superseded lines once it has grown past
+    /// twice its live lines (as last counted; counted again under the
+    /// lock, since other processes append and rewrite too).
+    fn compact_if_worth_it(&self) {
+        let Some(p) = &self.path else { return };
+        let (lines, live) = *self.counts.lock();
+        if !worth_compacting(lines, live) {
+            return;
+        }
+        match compact(p) {
+            Ok(now) => *self.counts.lock() = now,
+            Err(e) => {
+                tracing::debug!(path = %p.display(), error = %e, "cannot rewrite the Drive id record");
+                // Not again before it doubles once more.
+                *self.counts.lock() = (lines, lines);
+            }
+        }
+    }
+}
+
+/// Takes a `flock` on `f` (`rustix`'s safe wrapper).
+fn lock(f: &std::fs::File, exclusive: bool) -> std::io::Result<()> {
+    use rustix::fs::FlockOperation as Op;
+    rustix::fs::flock(f, if exclusive { Op::LockExclusive } else { Op::LockShared }).map_err(std::io::Error::from)
+}
+
+/// Whether `f` is still the file at `p` (not one a rewrite renamed away).
+fn is_current(f: &std::fs::File, p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(p)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -96,16 +160,39 @@ fn append(p: &Path, line: &[u8]) -> std::io::Result<()> {
     if let Some(d) = p.parent() {
         std::fs::create_dir_all(d)?;
     }
-    // One write of one line with O_APPEND: concurrent processes interleave
-    // whole lines.
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(p)?;
-    f.write_all(line)
+    loop {
+        // One write of one line with O_APPEND: concurrent processes
+        // interleave whole lines. The shared lock keeps a rewrite out
+        // meanwhile; a file a rewrite replaced while we waited is left
+        // for the new one.
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(p)?;
+        lock(&f, false)?;
+        if is_current(&f, p) {
+            return f.write_all(line);
+        }
+    }
 }
 
 /// Rewrites the file with the last entry of each (endpoint, kind, parent,
 /// name), keeping the newest [`KEEP`] (a test machine meets a new emulator
-/// endpoint every run; ids of old ones are never asked for again).
-fn compact(p: &Path, all: Vec<Line>) {
+/// endpoint every run; ids of old ones are never asked for again), under
+/// an exclusive lock, if it is still worth it. Answers the file's (lines,
+/// live lines) afterwards.
+fn compact(p: &Path) -> std::io::Result<(usize, usize)> {
+    use std::io::Read;
+    let mut f = loop {
+        let f = std::fs::File::open(p)?;
+        lock(&f, true)?;
+        if is_current(&f, p) {
+            break f;
+        }
+    };
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    let (all, live) = read_lines(&text);
+    if !worth_compacting(all.len(), live) {
+        return Ok((all.len(), live));
+    }
     let mut last: HashMap<(String, Kind, String, String), (usize, Line)> = HashMap::new();
     for (i, l) in all.into_iter().enumerate() {
         last.insert((l.u.clone(), l.k, l.p.clone(), l.n.clone()), (i, l));
@@ -114,16 +201,22 @@ fn compact(p: &Path, all: Vec<Line>) {
     keep.sort_by_key(|(i, _)| *i);
     let skip = keep.len().saturating_sub(KEEP);
     let mut out = String::new();
+    let mut kept = 0;
     for (_, l) in keep.into_iter().skip(skip) {
         if let Ok(s) = serde_json::to_string(&l) {
             out.push_str(&s);
             out.push('\n');
+            kept += 1;
         }
     }
     let tmp = p.with_extension("tmp");
-    if std::fs::write(&tmp, out).is_ok() {
-        let _ = std::fs::rename(&tmp, p);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut t = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        t.write_all(out.as_bytes())?;
     }
+    std::fs::rename(&tmp, p)?;
+    Ok((kept, kept))
 }
 
 /// Where the record lives: `$XDG_CACHE_HOME/driveblk/gdrive-ids.jsonl`, else
@@ -156,5 +249,62 @@ mod tests {
         assert_eq!(e.get(&(Kind::Folder, "root".into(), "vms".into())).map(String::as_str), Some("F1"));
         assert_eq!(e.get(&(Kind::File, "F1".into(), "volume.json".into())).map(String::as_str), Some("H1"));
         assert!(!e.contains_key(&(Kind::File, "F1".into(), "gen-1".into())));
+    }
+
+    /// A daemon running for months: each commit records its generation,
+    /// gc forgets old ones. The file stays near its live lines, rewritten
+    /// while in use, not only at the next open.
+    #[test]
+    fn gdrive_id_record_is_compacted_while_in_use() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ids.jsonl");
+        let (r, _) = IdRecord::open(Some(p.clone()), "http://a");
+        r.add(Kind::Folder, "root", "vms", "F1");
+        for g in 0..5000 {
+            r.add(Kind::File, "F1", &format!("gen-{g}"), &format!("G{g}"));
+            if g >= 2 {
+                r.add(Kind::File, "F1", &format!("gen-{}", g - 2), "");
+            }
+        }
+        let lines = std::fs::read_to_string(&p).unwrap().lines().count();
+        assert!(lines <= COMPACT_MIN + 1, "{lines} lines for 3 live ids");
+        let (_, e) = IdRecord::open(Some(p), "http://a");
+        let mut live: Vec<_> = e.into_iter().map(|((_, _, n), i)| (n, i)).collect();
+        live.sort();
+        assert_eq!(
+            live,
+            [("gen-4998".into(), "G4998".into()), ("gen-4999".into(), "G4999".into()), ("vms".into(), "F1".into())]
+        );
+    }
+
+    /// Two processes append to one record while both rewrite it: no line
+    /// either wrote is lost to the other's rewrite.
+    #[test]
+    fn gdrive_id_record_rewrites_lose_no_concurrent_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ids.jsonl");
+        let writers: Vec<_> = ["http://a", "http://b"]
+            .into_iter()
+            .map(|u| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    let (r, _) = IdRecord::open(Some(p), u);
+                    for g in 0..3000 {
+                        r.add(Kind::File, "F", &format!("gen-{g}"), &format!("{u}-{g}"));
+                        if g >= 1 {
+                            r.add(Kind::File, "F", &format!("gen-{}", g - 1), "");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        for u in ["http://a", "http://b"] {
+            let (_, e) = IdRecord::open(Some(p.clone()), u);
+            let live: Vec<_> = e.into_iter().map(|((_, _, n), i)| (n, i)).collect();
+            assert_eq!(live, [("gen-2999".to_string(), format!("{u}-2999"))], "{u}");
+        }
     }
 }

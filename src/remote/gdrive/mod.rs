@@ -484,6 +484,20 @@ impl GDriveRemote {
     }
 }
 
+/// The files.list query for the objects in folder `folder` whose keys
+/// start with `prefix`. A prefix narrows it with `name contains`, which
+/// Drive documents as a prefix match on a name (case-insensitive, and on
+/// each word of it): a superset of the keys wanted, cut to them by the
+/// caller, so a listing of `gen-` costs the generations, not every pack.
+fn listing_query(folder: &str, prefix: &str) -> String {
+    let q = format!("'{}' in parents and trashed = false", api::q_escape(folder));
+    if prefix.is_empty() {
+        q
+    } else {
+        format!("{q} and name contains '{}'", api::q_escape(prefix))
+    }
+}
+
 /// How long a read waits for an object it knows exists to show up in a
 /// listing (measured lags are seconds; `driveblk selftest` reports it).
 const LISTING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -590,7 +604,7 @@ impl Remote for GDriveRemote {
             };
         }
         let Some(folder) = self.folder_id("list", prefix, false).await? else { return Ok(Vec::new()) };
-        let q = format!("'{}' in parents and trashed = false", api::q_escape(&folder.id));
+        let q = listing_query(&folder.id, prefix);
         let files = self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err("list", prefix, e))?;
         let mut by_name: HashMap<String, Vec<DriveFile>> = HashMap::new();
         for f in files.into_iter().filter(|f| !f.is_folder() && f.name.starts_with(prefix)) {
@@ -627,17 +641,23 @@ impl Remote for GDriveRemote {
         Ok(out)
     }
 
-    /// The folder's files.list, the very query another host's `list`
-    /// makes (not a lookup by name, which Drive may index apart), without
-    /// what this process knows it created.
+    /// The folder's files.list as another host's `list` queries it, without
+    /// what this process knows it created: both the whole folder (what
+    /// `list("")` and older builds ask) and by the key's kind (`hold-`, as
+    /// `list(prefix)` narrows it), since Drive may index names apart.
     async fn listed(&self, key: &str) -> RemoteResult<bool> {
         if let Target::File { .. } = &self.target {
             return Ok(self.lookup("listed", key).await?.is_some());
         }
         let Some(folder) = self.folder_id("listed", key, false).await? else { return Ok(false) };
-        let q = format!("'{}' in parents and trashed = false", api::q_escape(&folder.id));
-        let files = self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err("listed", key, e))?;
-        Ok(files.iter().any(|f| !f.is_folder() && f.name == key))
+        let kind = key.find('-').map_or(key, |i| &key[..=i]);
+        for q in [listing_query(&folder.id, ""), listing_query(&folder.id, kind)] {
+            let files = self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err("listed", key, e))?;
+            if !files.iter().any(|f| !f.is_folder() && f.name == key) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     async fn delete(&self, key: &str) -> RemoteResult<()> {

@@ -270,7 +270,7 @@ pub(crate) async fn put_chunk(
             true,
         )
         .await;
-    chunk_answer(resp).await
+    chunk_answer(api, resp).await
 }
 
 /// Asks the session how much it has.
@@ -291,7 +291,7 @@ pub(crate) async fn query_status(api: &DriveApi, uri: &str, total: Option<u64>) 
             true,
         )
         .await;
-    chunk_answer(resp).await
+    chunk_answer(api, resp).await
 }
 
 fn accept_chunk(s: StatusCode) -> bool {
@@ -308,7 +308,7 @@ fn spends_session(e: &ApiError) -> bool {
         && !matches!(e.kind, ErrorKind::Transient | ErrorKind::Quota | ErrorKind::Auth | ErrorKind::Conflict)
 }
 
-async fn chunk_answer(resp: Result<reqwest::Response, ApiError>) -> Result<ChunkAnswer, ApiError> {
+async fn chunk_answer(api: &DriveApi, resp: Result<reqwest::Response, ApiError>) -> Result<ChunkAnswer, ApiError> {
     let resp = match resp {
         Ok(r) => r,
         Err(e) if spends_session(&e) => return Ok(ChunkAnswer::SessionGone(e)),
@@ -320,7 +320,7 @@ async fn chunk_answer(resp: Result<reqwest::Response, ApiError>) -> Result<Chunk
             .map(ChunkAnswer::Continue)
             .ok_or_else(|| ApiError::new(ErrorKind::Transient, format!("308 with a bad Range {range:?}")));
     }
-    let bytes = resp.bytes().await.map_err(ApiError::transport)?;
+    let bytes = resp.bytes().await.map_err(|e| api.transport(e))?;
     serde_json::from_slice(&bytes)
         .map(|f| ChunkAnswer::Done(Box::new(f)))
         .map_err(|e| ApiError::new(ErrorKind::Transient, format!("unreadable answer to the last chunk: {e}")))
