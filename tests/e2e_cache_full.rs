@@ -90,3 +90,76 @@ fn a_full_cache_disk_fails_writes_keeps_reads_and_loses_nothing_flushed() {
     let got = std::fs::read(&out).unwrap();
     assert!(got[..keep.len()] == keep[..], "flushed data reached the remote");
 }
+
+/// A guest rewriting chunks of a generation being uploaded while clean
+/// chunks fill the cache disk: the cut-time copies those rewrites need
+/// (the cache's `frozen` file, on the same disk) make room by evicting
+/// clean chunks, as a guest write does, instead of failing the guest's
+/// write. The cap that cannot fit is warned about at start, and status
+/// shows the disk's free space and the bytes copied aside.
+#[test]
+fn a_rewrite_during_an_upload_on_a_full_cache_disk_evicts_clean_chunks() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
+    let dir = tempfile::tempdir().unwrap();
+    let src_data = pattern(8, 48 << 20);
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, &src_data).unwrap();
+    let url = format!("dir:{}", dir.path().join("remote/vol").display());
+    run_ok(&["import", "--quiet", "--chunk-size", "256K", src.to_str().unwrap(), &url]);
+    let mnt = dir.path().join("cache");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _m = Mount(mnt.clone());
+    let sock = dir.path().join("sock");
+    let log = dir.path().join("serve.log");
+    let args = [
+        "--volume",
+        &url,
+        "--format",
+        "raw",
+        "--cache-dir",
+        mnt.to_str().unwrap(),
+        "--ssd-cache",
+        "1G",
+        "--sync-interval",
+        "3600",
+        "--boot-profile",
+        "off",
+        // 2 MiB at 128 KiB/s: the cut uploads for about 16 s.
+        "--bwlimit",
+        "128K:off",
+    ];
+    let mut d = Daemon::start_logged(&sock, &args, &[], Some(&log));
+    let mut c = Client::connect(&sock, 1);
+    let first = pattern(2, 2 << 20);
+    c.write(0, &first).unwrap();
+    c.flush().unwrap(); // the first FLUSH cuts at once
+                        // Clean chunks fill the cache disk.
+    for i in (8..48u64).step_by(2) {
+        assert!(c.read(i << 20, 1 << 20).unwrap() == src_data[(i << 20) as usize..((i + 1) << 20) as usize]);
+    }
+    // The guest rewrites the uploading cut's chunks: their cut-time bytes
+    // go aside first, on the full disk.
+    let second = pattern(3, 2 << 20);
+    c.write(0, &second).expect("a rewrite during the upload failed on a disk clean chunks could give way on");
+    c.flush().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["status", "--cache-dir", mnt.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["ssd"]["free_bytes"].as_u64().is_some_and(|f| f < 12 << 20), "status shows the disk's free space: {v}");
+    let frozen = v["sync"]["frozen_bytes"].as_u64().unwrap();
+    assert!(frozen == 2 << 20 || v["sync"]["uploading"] == false, "status shows the bytes copied aside: {v}");
+    drop(c);
+    // Both uploads at 128 KiB/s: longer than `Daemon::stop` waits.
+    let mut child = d.child.take().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(common::wait_timeout(&mut child, std::time::Duration::from_secs(120)).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("cap does not fit on its disk"), "the 1 GiB cap on a 12 MiB disk is warned about: {text}");
+    let out = dir.path().join("out.raw");
+    run_ok(&["export", "--quiet", &url, out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap()[..2 << 20] == second[..], "the rewrite reached the remote");
+}

@@ -163,6 +163,20 @@ fn prometheus_endpoint_serves_the_status_figures() {
     drop(c);
     assert!(daemon.stop().success());
     assert!(std::net::TcpStream::connect(&addr).is_err(), "the endpoint closes with the daemon");
+    // The stop committed the write. A restart knows how old that commit
+    // is (wall clock, from the generation's record) before it commits
+    // anything itself: the metric used to be missing until then.
+    let daemon = Daemon::start(
+        &sock,
+        &["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap(), "--metrics", "127.0.0.1:0"],
+    );
+    let metrics_url = status(&cache)["metrics_url"].as_str().unwrap().to_string();
+    let addr = metrics_url.strip_prefix("http://").and_then(|u| u.strip_suffix("/metrics")).unwrap().to_string();
+    let page = http_get(&addr, "/metrics");
+    let line = page.lines().find(|l| l.starts_with("driveblk_seconds_since_commit "));
+    let age: f64 = line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).expect(&page);
+    assert!((0.0..60.0).contains(&age), "{page}");
+    assert!(daemon.stop().success());
 }
 
 /// `hydrate --pin` with the VM running: the daemon holds the cache, so the

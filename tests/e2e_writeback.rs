@@ -343,6 +343,140 @@ fn a_stop_uploads_while_the_guest_still_runs() {
     assert!(raw_export(d.path(), &url) == want, "the stop committed every flushed write, the late one too");
 }
 
+/// A stop whose first upload outlasts the 30 s wait for the guest's next
+/// FLUSH still keeps the guest running until what it flushed meanwhile is
+/// committed. The wait for that FLUSH counted from the signal, so it gave
+/// up the moment the long upload committed, before the guest's next FLUSH
+/// could cut: the guest was let go and its disk paused for the whole final
+/// sync (minutes for a Windows guest's backlog on a slow uplink, past its
+/// ~60 s disk reset). Here a 10 MiB cut uploads for ~40 s at SIGTERM while
+/// the guest writes and flushes without a pause (always a write pending
+/// between FLUSHes, so only a FLUSH can cut).
+#[test]
+fn a_stop_whose_upload_outlasts_the_flush_wait_keeps_the_guest_running() {
+    let d = tempfile::tempdir().unwrap();
+    let (orig, url) = raw_volume(d.path(), 23, 32 << 20, &[]);
+    let cache = d.path().join("cache");
+    let sock = d.path().join("sock");
+    let log = d.path().join("serve.log");
+    let mut args = kill_9_args(&url, "raw", &cache).to_vec();
+    // 10 MiB of random bytes at 256 KiB/s: about 40 s of upload.
+    args.extend(["--bwlimit", "256K:off"]);
+    let mut daemon = Daemon::start_logged(&sock, &args, &[], Some(&log));
+    let mut c = Client::connect(&sock, 1);
+    let mut want = orig;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+    let big = random_bytes(&mut rng, 10 << 20);
+    for (i, piece) in big.chunks(4 << 20).enumerate() {
+        c.write((i * (4 << 20)) as u64, piece).unwrap();
+    }
+    // The first FLUSH cuts at once: the 10 MiB start uploading.
+    c.flush().unwrap();
+    want[..big.len()].copy_from_slice(&big);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut child = daemon.child.take().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t0 = std::time::Instant::now();
+    // The guest: a 4 KiB write into another chunk each time, a FLUSH 300
+    // ms later, until the daemon lets it go (a request not answered
+    // within 5 s) or for 100 s at most.
+    let (mut acked, mut unanswered) = (Vec::new(), None);
+    let mut k = 0u64;
+    let let_go = loop {
+        let off = (16 << 20) + (k % 256) * (64 << 10);
+        let page = common::pattern(100 + k, 4096);
+        if c.write_within(off, &page, Duration::from_secs(5)) != Some(0) {
+            unanswered = Some((off, page));
+            break t0.elapsed();
+        }
+        // Completed: the stop's own flush keeps it, FLUSHed or not.
+        acked.push((off, page));
+        std::thread::sleep(Duration::from_millis(300));
+        if c.flush_within(Duration::from_secs(5)) != Some(0) {
+            break t0.elapsed();
+        }
+        k += 1;
+        assert!(t0.elapsed() < Duration::from_secs(100), "the stop never let the guest go");
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    drop(c);
+    let st = common::wait_timeout(&mut child, Duration::from_secs(60));
+    assert!(st.success(), "the stop exits cleanly: {st}");
+    assert!(let_go > Duration::from_secs(35), "the guest was let go before the long upload ended: {let_go:?}");
+    // Let go only once phase one ended, never stalled before it.
+    let ended = text.find("shutting down: finishing in-flight requests");
+    assert!(ended.is_some(), "a guest request went unanswered while the stop still uploaded: {text}");
+    let phase_one = &text[..ended.unwrap()];
+    assert!(!phase_one.contains("did not flush"), "the stop gave up waiting for a FLUSH the guest sent: {text}");
+    assert!(
+        phase_one.contains("the flushed changes are on the remote"),
+        "the upload while the guest ran did not end with its flushed changes committed: {text}"
+    );
+    assert!(
+        phase_one.matches("write-back: committed a generation").count() >= 2,
+        "the guest's FLUSHes during the stop were not committed while it ran: {text}"
+    );
+    let put = |want: &mut Vec<u8>, (off, page): &(u64, Vec<u8>)| {
+        want[*off as usize..*off as usize + page.len()].copy_from_slice(page);
+    };
+    for w in &acked {
+        put(&mut want, w);
+    }
+    // A write sent as the guest was let go may or may not have run.
+    let got = raw_export(d.path(), &url);
+    let also = unanswered.map(|w| {
+        let mut v = want.clone();
+        put(&mut v, &w);
+        v
+    });
+    assert!(got == want || also.is_some_and(|v| got == v), "the stop committed every completed write");
+}
+
+/// A discard on a raw volume (Windows' retrim: the whole disk) dirties
+/// only the chunks that held data: the volume's zero chunks stay as they
+/// are (the whole disk used to turn dirty, every chunk a cut must go
+/// through). A discard repeated while a cut holding zeroed chunks uploads
+/// copies no zeroes aside (it used to copy each whole chunk into the
+/// cache's `frozen` file: up to the image's size of zeroes on the SSD).
+#[test]
+fn a_discard_dirties_only_chunks_that_held_data_and_copies_no_zeroes_aside() {
+    let d = tempfile::tempdir().unwrap();
+    // 32 MiB: data in the first MiB, zeroes after it.
+    let img = d.path().join("disk.raw");
+    let mut want = vec![0u8; 32 << 20];
+    want[..1 << 20].copy_from_slice(&common::pattern(61, 1 << 20));
+    std::fs::write(&img, &want).unwrap();
+    let url = format!("dir:{}", d.path().join("remote/vol").display());
+    run_ok(bin(), &["import", img.to_str().unwrap(), &url, "--format", "raw", "--chunk-size", "64K", "--quiet"]);
+    let cache = d.path().join("cache");
+    let sock = d.path().join("sock");
+    let mut args = kill_9_args(&url, "raw", &cache).to_vec();
+    // 8 MiB of random bytes at 1 MiB/s: the cut uploads for about 8 s.
+    args.extend(["--bwlimit", "1M:off"]);
+    let daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    c.discard(0, 16 << 20).unwrap();
+    want[..16 << 20].fill(0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(62);
+    let big = random_bytes(&mut rng, 8 << 20);
+    c.write(16 << 20, &big).unwrap();
+    want[16 << 20..24 << 20].copy_from_slice(&big);
+    // The first FLUSH cuts at once.
+    c.flush().unwrap();
+    let st: serde_json::Value =
+        serde_json::from_str(&common::run_ok(&["status", "--cache-dir", cache.to_str().unwrap(), "--json"])).unwrap();
+    // 16 chunks of data zeroed, 128 written: not the 256 discarded.
+    assert_eq!(st["chunks"]["dirty"].as_u64(), Some(16 + 128), "{st}");
+    // Again, during the upload of the cut that holds them zeroed.
+    c.discard(0, 16 << 20).unwrap();
+    c.flush().unwrap();
+    let frozen = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(cache.join("frozen")).unwrap()) * 512;
+    assert!(frozen < 64 << 10, "a discard during the upload copied {frozen} bytes of zeroes aside");
+    drop(c);
+    assert!(daemon.stop().success());
+    assert!(raw_export(d.path(), &url) == want, "the remote holds the discards and the write");
+}
+
 /// `export --cache-dir` of a clean cache left behind by newer generations
 /// (the laptop's, after the desktop wrote for a week) exports the newest
 /// generation, taking from the cache only the chunks it did not change;

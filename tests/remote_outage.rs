@@ -345,3 +345,66 @@ fn pinned_hot_set_stays_local_through_evictions_and_outages() {
     let out = driveblk(&["hydrate", "gdrive:/vms/disk", "--cache-dir", &cache2, "--pin", "profile", "--quiet"]);
     assert!(out.contains("pinned 4 chunks"), "{out}");
 }
+
+/// A stop when nothing can go up ends promptly instead of holding the
+/// shutdown (`systemctl stop`, a laptop's power-off) for all of
+/// `--sync-timeout`: write-back paused (Drive full) or the network gone
+/// (connections refused past `--remote-wait`). The log says the changes
+/// stay in the cache; the next start uploads them.
+#[test]
+fn a_stop_that_cannot_upload_does_not_wait_out_the_sync_timeout() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let (data, flags) = setup(&env);
+    let faults = env.emu.faults();
+    let mut want = data.clone();
+    let cache = path(&env.dir.path().join("cache"));
+    let sync = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+            .args(["sync", "gdrive:/vms/disk", "--cache-dir", &cache, "--timeout", "60"])
+            .args(&flags)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "sync: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    type Fault<'a> = (&'a str, &'a dyn Fn(bool), &'a str);
+    let full = |on: bool| faults.set_storage_quota(on.then_some(1));
+    let down = |on: bool| faults.set_down(on);
+    let cases: [Fault; 2] = [("full", &full, "write-back is paused"), ("down", &down, "nothing reached the remote")];
+    for (round, (name, fault, why)) in cases.into_iter().enumerate() {
+        let log = env.dir.path().join(format!("{name}.log"));
+        let mut a: Vec<&str> = vec!["--volume", "gdrive:/vms/disk", "--format", "raw", "--cache-dir", &cache];
+        a.extend(["--boot-profile", "off", "--sync-interval", "1", "--remote-wait", "4", "--sync-timeout", "120"]);
+        a.extend(flags.iter().map(|s| s.as_str()));
+        let mut d = common::Daemon::start_logged(&env.dir.path().join("sock"), &a, &[], Some(&log));
+        let mut c = common::Client::connect(&d.socket, 1);
+        // Cached first: the write needs no fetch.
+        let off = round * CHUNK as usize;
+        assert_eq!(c.read(off as u64, 4096).unwrap(), want[off..off + 4096]);
+        fault(true);
+        let page = gdrive_support::data(50 + round as u64, 4096);
+        c.write(off as u64, &page).unwrap();
+        c.flush().unwrap();
+        want[off..off + 4096].copy_from_slice(&page);
+        // Write-back tries, and fails.
+        std::thread::sleep(Duration::from_secs(3));
+        drop(c);
+        let mut child = d.child.take().unwrap();
+        let t0 = Instant::now();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let st = common::wait_timeout(&mut child, Duration::from_secs(200));
+        let took = t0.elapsed();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(st.success(), "{name}: a stop that cannot upload still exits cleanly: {st}: {text}");
+        assert!(took < Duration::from_secs(60), "{name}: the stop waited {took:?} for uploads that cannot go: {text}");
+        assert!(text.contains(why), "{name}: the log says why nothing goes up: {text}");
+        assert!(text.contains("go up at the next start"), "{name}: the log says what stays in the cache: {text}");
+        // The next start, the remote back, uploads them.
+        fault(false);
+        let d = serve(&env, &flags, "cache", &[]);
+        sync();
+        assert!(d.stop().success());
+    }
+    let d = serve(&env, &flags, "cache-b", &[]);
+    let mut c = common::Client::connect(&d.socket, 1);
+    assert_eq!(c.read(0, 2 * CHUNK as usize).unwrap(), want[..2 * CHUNK as usize], "both writes reached the remote");
+}

@@ -234,8 +234,11 @@ fn zeroed_chunks_count_as_pending_for_the_lease() {
     o.writeback.sync_interval = Duration::from_secs(3600);
     let s = driveblk::tier::open_volume(&vurl, o).unwrap();
     // A first change, committed: the next FLUSH is not due for an hour.
+    // Chunks 1 and 2 hold data then (a discard of chunks the volume has
+    // as zero changes nothing).
     let mut e = Vec::new();
     write(&*s, 0, &[1; 4096], &mut e);
+    write(&*s, CS, &vec![2; 2 * CS as usize], &mut e);
     guest_flush(&*s);
     wait_committed(&s, 1);
     let t0 = std::time::Instant::now();

@@ -763,9 +763,14 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             *sig_until.lock() = Some(Instant::now() + sync_timeout);
             // On its own thread: this one waits for a second signal.
             let notify = sig_notify.clone();
+            let until = sig_until.clone();
             let _ = std::thread::Builder::new().name("driveblk-stop".into()).spawn(move || {
                 if let Some(store) = sig_store.as_ref().and_then(|w| w.upgrade()) {
-                    upload_before_letting_go(&store, sig, sync_timeout);
+                    if upload_before_letting_go(&store, sig, sync_timeout) == Upload::Hopeless {
+                        // Nothing goes up: the final sync only gets its
+                        // minimum, for the guest's last writes.
+                        *until.lock() = Some(Instant::now());
+                    }
                 }
                 tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
                 notify.status("stopping: finishing in-flight requests");
@@ -847,39 +852,76 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
 const FINAL_SYNC_MIN: Duration = Duration::from_secs(10);
 
 /// How long the upload before the stop waits for the guest's next FLUSH
-/// to make a cut possible (a guest that never flushes would otherwise
-/// hold the stop for all of --sync-timeout).
+/// to make a cut possible, counted from the signal or from the last
+/// commit, whichever is later (a guest that never flushes would otherwise
+/// hold the stop for all of --sync-timeout; a cut uploading at the signal
+/// may take far longer than this, and the guest's next FLUSH cuts only
+/// once it is committed).
 const CUT_WAIT: Duration = Duration::from_secs(30);
 
 /// At a stop, uploads what the guest has flushed while it keeps running,
 /// so the guest's disk pauses (for a restart under a running VM) only for
 /// the final sync of what it wrote meanwhile, not for the whole upload:
 /// on a 10 Mbit/s uplink a GiB of changes takes 15 minutes. Ends early on
-/// a paused or conflicted write-back, when no cut comes within
-/// [`CUT_WAIT`], or at a second signal (which exits at once, as it does
-/// during the final sync).
-fn upload_before_letting_go(store: &TieredStore, sig: i32, timeout: Duration) {
-    let Some(before) = store.sync_status() else { return };
+/// a paused or conflicted write-back, when nothing reaches the remote for
+/// --remote-wait, when no cut comes within [`CUT_WAIT`] of the last
+/// commit, or at a second signal (which exits at once, as it does during
+/// the final sync).
+fn upload_before_letting_go(store: &TieredStore, sig: i32, timeout: Duration) -> Upload {
+    let Some(before) = store.sync_status() else { return Upload::Done };
     let dirty = store.stats().dirty_bytes;
-    if dirty == 0 || before.paused || before.conflict.is_some() || timeout.is_zero() {
-        return;
+    if before.paused || before.conflict.is_some() {
+        return Upload::Hopeless;
+    }
+    if dirty == 0 || timeout.is_zero() {
+        return Upload::Done;
     }
     tracing::info!(signal = sig, dirty = %human(dirty), "stopping: uploading the flushed changes while the guest runs");
     let t0 = Instant::now();
+    let mut watch = store.upload_watch();
+    let mut hopeless = false;
+    // Since when no cut is uploading or waiting for a retry: the guest's
+    // next FLUSH is awaited from then.
+    let (mut idle_since, mut seen) = (t0, (before.last_cut, before.committed_cut));
     let r = crate::cli::control::wait_synced(store, timeout, || {
         let y = store.sync_status().unwrap_or_default();
-        if y.paused {
-            anyhow::bail!("write-back is paused: {}", y.last_error.unwrap_or_default());
+        if let Some(why) = watch.hopeless(&y) {
+            hopeless = true;
+            anyhow::bail!("{why}");
         }
-        if y.last_cut == before.last_cut && !y.uploading && t0.elapsed() >= CUT_WAIT {
+        let now = (y.last_cut, y.committed_cut);
+        if y.uploading || y.last_cut > y.committed_cut || now != seen {
+            (idle_since, seen) = (Instant::now(), now);
+        }
+        if idle_since.elapsed() >= CUT_WAIT {
             anyhow::bail!("the guest did not flush within {} s", CUT_WAIT.as_secs());
         }
         Ok(())
     });
     match r {
         Ok(_) => {
-            tracing::info!(seconds = t0.elapsed().as_secs_f64(), "stopping: the flushed changes are on the remote")
+            tracing::info!(seconds = t0.elapsed().as_secs_f64(), "stopping: the flushed changes are on the remote");
+            Upload::Done
         }
-        Err(e) => tracing::info!(reason = %format!("{e:#}"), "stopping: the final sync takes what is left"),
+        Err(e) => {
+            tracing::info!(reason = %format!("{e:#}"), "stopping: the final sync takes what is left");
+            if hopeless {
+                Upload::Hopeless
+            } else {
+                Upload::Left
+            }
+        }
     }
+}
+
+/// How the upload before the stop ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Upload {
+    /// Nothing (more) to upload while the guest runs.
+    Done,
+    /// Cut short (time, or no FLUSH from the guest): the final sync goes on.
+    Left,
+    /// Nothing can go up now (write-back paused or in conflict, the
+    /// network gone).
+    Hopeless,
 }

@@ -212,7 +212,8 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
         "chunks": { "total": s.chunks_total, "cached": s.chunks_cached, "dirty": s.chunks_dirty,
                     "pinned": s.chunks_pinned, "zero": s.chunks_zero },
         "ram": { "bytes": s.ram_bytes, "cap": s.ram_cap, "hits": s.ram_hits, "promotions": s.ram_promotions },
-        "ssd": { "bytes": s.ssd_bytes, "cap": s.ssd_cap, "hits": s.ssd_hits, "evictions": s.ssd_evictions },
+        "ssd": { "bytes": s.ssd_bytes, "cap": s.ssd_cap, "free_bytes": s.ssd_free, "hits": s.ssd_hits,
+                 "evictions": s.ssd_evictions },
         "zero_hits": s.zero_hits,
         "remote": { "misses": s.misses, "guest_wait_ms": s.guest_wait_ms, "fetches": s.remote_fetches, "bytes": s.remote_bytes,
                     "errors": s.fetch_errors, "readahead_chunks": s.readahead_chunks,
@@ -233,6 +234,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
             "generations_committed": y.generations_committed, "bytes_uploaded": y.bytes_uploaded,
             "since_commit_secs": y.since_commit_secs, "last_rate_bps": y.last_rate_bps,
             "last_error": y.last_error, "paused": y.paused, "conflict": y.conflict,
+            "frozen_bytes": y.frozen_bytes,
         })),
         "drive_reads": { "asked": drive.0, "requests": drive.1, "merged": drive.2 },
         "drive_pacer": pacer.map(|p| json!({ "rate": p.rate, "refusals": p.refusals })),
@@ -346,8 +348,11 @@ pub fn render(v: &Value) -> String {
         u("/chunks/zero")
     );
     out += &format!("RAM tier    {} of {}, {} hits\n", human(u("/ram/bytes")), human(u("/ram/cap")), u("/ram/hits"));
+    let free = v.pointer("/ssd/free_bytes").and_then(Value::as_u64).map_or(String::new(), |f| {
+        format!(", {} free on its disk{}", human(f), if f < u("/ssd/cap") { " (less than the cap)" } else { "" })
+    });
     out += &format!(
-        "SSD tier    {} of {}, {} hits, {} evictions\n",
+        "SSD tier    {} of {}, {} hits, {} evictions{free}\n",
         human(u("/ssd/bytes")),
         human(u("/ssd/cap")),
         u("/ssd/hits"),
@@ -446,7 +451,12 @@ pub fn render(v: &Value) -> String {
             "{} not uploaded{}, {} generations committed ({} uploaded)",
             human(yu("dirty_bytes")),
             if y.get("uploading").and_then(Value::as_bool).unwrap_or(false) {
-                format!(", uploading {} chunks ({} up)", yu("uploading_chunks"), yu("uploading_done"))
+                format!(
+                    ", uploading {} chunks ({} up, {} copied aside for it)",
+                    yu("uploading_chunks"),
+                    yu("uploading_done"),
+                    human(yu("frozen_bytes"))
+                )
             } else {
                 String::new()
             },
@@ -454,7 +464,10 @@ pub fn render(v: &Value) -> String {
             human(yu("bytes_uploaded"))
         );
         if let Some(s) = y.get("since_commit_secs").and_then(Value::as_u64) {
-            line += &format!(", last commit {s} s ago at {}/s", human(yu("last_rate_bps")));
+            line += &format!(", last commit {s} s ago");
+            if yu("last_rate_bps") > 0 {
+                line += &format!(" at {}/s", human(yu("last_rate_bps")));
+            }
         }
         out += &format!("write-back  {line}\n");
         if let Some(l) = v.get("lease").filter(|l| !l.is_null()) {

@@ -951,9 +951,7 @@ impl SsdCache {
             // writes (the cap bounds clean data; dirty data is bounded only
             // by the disk), then the write is tried once more.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                let before = self.cached_bytes();
-                self.evict((self.cap / 10).max(8 * self.chunk_size), idx)?;
-                if self.cached_bytes() < before {
+                if self.make_room_on_disk(idx)? {
                     self.write_once(idx, off, bufs, fill)
                 } else {
                     Err(e)
@@ -961,6 +959,23 @@ impl SsdCache {
             }
             r => r,
         }
+    }
+
+    /// The cache disk is full (ENOSPC): evicts clean chunks (a tenth of
+    /// the cap, at least 8 chunks), skipping `holding`, whose stripe the
+    /// caller has. Returns whether anything was freed, so that the write
+    /// that failed is worth trying once more.
+    pub fn make_room_on_disk(&self, holding: u64) -> io::Result<bool> {
+        let before = self.cached_bytes();
+        self.evict((self.cap / 10).max(8 * self.chunk_size), holding)?;
+        Ok(self.cached_bytes() < before)
+    }
+
+    /// Bytes free for this process on the cache's filesystem (None when
+    /// it cannot be asked).
+    pub fn disk_free(&self) -> Option<u64> {
+        let st = rustix::fs::statvfs(&self.dir).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
     fn write_once(&self, idx: u64, off: u64, bufs: &IoVec<'_>, fill: Option<&[u8]>) -> io::Result<()> {
@@ -1489,6 +1504,18 @@ impl SsdCache {
     /// its whole disk must not cost an fsync per chunk). Caller holds
     /// [`lock_many`](Self::lock_many) for `range`.
     pub fn zero_chunks(&self, range: std::ops::Range<u64>) -> io::Result<()> {
+        self.zero_chunks_except(range, |_| false)
+    }
+
+    /// [`zero_chunks`](Self::zero_chunks), leaving alone the chunks the
+    /// cache does not hold for which `zero_already` is true (the volume
+    /// has them as zero chunks): they read as zeroes as they are, and a
+    /// whole-disk discard must not turn the whole disk dirty.
+    pub fn zero_chunks_except(
+        &self,
+        range: std::ops::Range<u64>,
+        zero_already: impl Fn(u64) -> bool,
+    ) -> io::Result<()> {
         if range.is_empty() {
             return Ok(());
         }
@@ -1525,6 +1552,7 @@ impl SsdCache {
                         self.dirty.fetch_add(1, Ordering::Relaxed);
                         need_persist |= matches!(persisted.states.get(idx as usize), Some(&CLEAN | &PARTIAL));
                     }
+                    ABSENT if zero_already(idx) => {}
                     _ => absent.push(idx),
                 }
             }

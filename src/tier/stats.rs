@@ -154,6 +154,8 @@ pub struct TierStats {
     pub ram_cap: u64,
     pub ssd_bytes: u64,
     pub ssd_cap: u64,
+    /// Bytes free on the cache's filesystem (None: could not be asked).
+    pub ssd_free: Option<u64>,
     /// Chunk-parts served from RAM / SSD / known zero.
     pub ram_hits: u64,
     pub ssd_hits: u64,

@@ -47,7 +47,7 @@ pub use stream::{STREAM_AHEAD as FIRST_BOOT_AHEAD, WHOLE_BELOW as FIRST_BOOT_WHO
 mod writeback;
 
 use writeback::Writeback;
-pub use writeback::{CacheMode, SyncStatus, WritebackOptions};
+pub use writeback::{CacheMode, SyncStatus, UploadWatch, WritebackOptions};
 
 type FetchResult = Result<ChunkBuf, SharedError>;
 type SegmentResult = Result<(), SharedError>;
@@ -242,6 +242,19 @@ impl TieredStore {
         )?
         .ok_or_else(|| VolumeError::Cache { dir: opts.cache_dir.clone(), reason: "could not be opened".into() })?;
         let ssd_sealed = ssd.is_sealed();
+        // Clean data gives way when the cache's disk fills, but changes not
+        // uploaded yet cannot: a disk they fill fails the guest's writes.
+        if let Some(free) = ssd.disk_free().filter(|&f| f.saturating_add(ssd.cached_bytes()) < opts.ssd_cache) {
+            tracing::warn!(
+                dir = %opts.cache_dir.display(),
+                free_mib = free >> 20,
+                held_mib = ssd.cached_bytes() >> 20,
+                cap_mib = opts.ssd_cache >> 20,
+                "the SSD cache's cap does not fit on its disk: clean data gives way when the disk fills, but \
+                 changes not uploaded yet fill it for good (guest writes then fail); lower --ssd-cache \
+                 (ssd_cache) or free space there"
+            );
+        }
         // Profile packs a crashed process was building (the directory lock
         // is ours now, so nobody else is).
         if let Ok(entries) = std::fs::read_dir(&opts.cache_dir) {
@@ -411,6 +424,7 @@ impl TieredStore {
             ram_cap: i.ram_cap,
             ssd_bytes: i.ssd.cached_bytes(),
             ssd_cap: i.ssd.cap(),
+            ssd_free: i.ssd.disk_free(),
             ram_hits: c.ram_hits.get(),
             ssd_hits: c.ssd_hits.get(),
             zero_hits: c.zero_hits.get(),
@@ -447,7 +461,7 @@ impl TieredStore {
             profile_ahead: l(&c.profile_ahead),
             profile_rejected: l(&c.profile_rejected),
             dirty_bytes: i.ssd.dirty_data_chunks() * i.cs,
-            sync: i.writeback.as_ref().map(|w| w.status()),
+            sync: i.sync_status(),
         }
     }
 
@@ -569,7 +583,13 @@ impl TieredStore {
 
     /// Write-back status (None when the store is read-only).
     pub fn sync_status(&self) -> Option<SyncStatus> {
-        self.inner.writeback.as_ref().map(|w| w.status())
+        self.inner.sync_status()
+    }
+
+    /// Tells a wait for uploads when nothing can go up (see
+    /// [`UploadWatch`]), with this store's remote budget.
+    pub fn upload_watch(&self) -> UploadWatch {
+        UploadWatch::new(self.inner.remote_wait.budget)
     }
 
     /// Cuts a generation of everything written so far and waits up to
@@ -737,6 +757,17 @@ enum Installed {
 }
 
 impl Inner {
+    /// Write-back status (None when read-only). The age of the newest
+    /// commit is wall-clock time since its generation's commit record: an
+    /// `Instant` stops while the host is suspended (a laptop's lid), and a
+    /// restarted daemon knows the age from the start.
+    fn sync_status(&self) -> Option<SyncStatus> {
+        let mut s = self.writeback.as_ref()?.status();
+        let now = crate::volume::lease::local_now_ms();
+        s.since_commit_secs = self.vol.manifest().writer.as_ref().map(|w| now.saturating_sub(w.unix_ms) / 1000);
+        Some(s)
+    }
+
     fn is_zero(&self, idx: u64) -> bool {
         self.vol.chunk_ref(idx) == ChunkRef::Zero
     }
@@ -1412,7 +1443,7 @@ impl Inner {
             for idx in a..b {
                 self.before_modify(idx, None)?;
             }
-            let zeroed = self.ssd.zero_chunks(a..b);
+            let zeroed = self.ssd.zero_chunks_except(a..b, |idx| self.is_zero(idx));
             for idx in a..b {
                 // A zeroing that failed part way left some chunks reading
                 // as zeroes and some not: the SSD says which.

@@ -217,6 +217,32 @@ impl Client {
         }
     }
 
+    /// One completion on queue 0 within `t`: its status, or None when none
+    /// came or the connection failed (the daemon let the guest go).
+    fn one_within(&mut self, t: Duration) -> Option<i32> {
+        let mut comps = [MaybeUninit::<Completion>::uninit()];
+        let mut t = t;
+        match self.queues[0].do_io(&mut comps, 1, Some(&mut t), None) {
+            Ok(1) => Some(unsafe { comps[0].assume_init_read() }.ret),
+            _ => None,
+        }
+    }
+
+    /// A write answered within `t` (Some(status)), or None.
+    pub fn write_within(&mut self, off: u64, data: &[u8], t: Duration) -> Option<i32> {
+        assert!(data.len() <= BUF_LEN);
+        self.buf()[..data.len()].copy_from_slice(data);
+        let p = self.region.addr as *const u8;
+        self.queues[0].write(off, p, data.len(), 0, ReqFlags::empty());
+        self.one_within(t)
+    }
+
+    /// A FLUSH answered within `t` (Some(status)), or None.
+    pub fn flush_within(&mut self, t: Duration) -> Option<i32> {
+        self.queues[0].flush(0, ReqFlags::empty());
+        self.one_within(t)
+    }
+
     pub fn discard(&mut self, off: u64, len: u64) -> Result<(), i32> {
         self.queues[0].discard(off, len, 0, ReqFlags::empty());
         match self.one(0) {

@@ -118,10 +118,56 @@ pub struct SyncStatus {
     /// The remote moved on under this cache's changes: syncing stopped and
     /// the changes are kept locally.
     pub conflict: Option<String>,
-    /// Seconds since the newest commit of this process (None: none yet).
+    /// Seconds since the newest generation served was committed, by the
+    /// wall clock of its commit record (None: it has none); filled in by
+    /// the store.
     pub since_commit_secs: Option<u64>,
     /// Upload rate of the newest commit, bytes per second.
     pub last_rate_bps: u64,
+    /// Attempts to commit a cut that failed, in this process.
+    pub failed_attempts: u64,
+    /// Bytes of the cut being uploaded copied aside in the cache (the
+    /// cut-time bytes of chunks the guest rewrote since).
+    pub frozen_bytes: u64,
+}
+
+/// Watches a wait for uploads (a stop's, a final sync's) and says when
+/// waiting longer is pointless: write-back paused for a person to act
+/// (quota, credentials), or every attempt failing with nothing landing
+/// for the remote budget (`--remote-wait`: the network gone). A stop then
+/// ends at once instead of holding a shutdown for all of `--sync-timeout`;
+/// what is left stays in the cache and goes up at the next start.
+#[derive(Debug)]
+pub struct UploadWatch {
+    budget: Duration,
+    /// Failed attempts when the watch began: only a failure seen while
+    /// watching counts (an old one, followed by a slow attempt that is
+    /// still going, does not).
+    failures: Option<u64>,
+    /// The last commit and chunks landed seen, and since when.
+    progress: Option<(u64, u64)>,
+    since: Instant,
+}
+
+impl UploadWatch {
+    pub fn new(budget: Duration) -> Self {
+        Self { budget, failures: None, progress: None, since: Instant::now() }
+    }
+
+    /// Why waiting on is pointless, from the sync state now (None: wait).
+    pub fn hopeless(&mut self, st: &SyncStatus) -> Option<String> {
+        if st.paused {
+            return Some(format!("write-back is paused: {}", st.last_error.as_deref().unwrap_or("refused")));
+        }
+        let first = *self.failures.get_or_insert(st.failed_attempts);
+        let progress = (st.committed_cut, st.uploading_done);
+        if self.progress != Some(progress) {
+            (self.progress, self.since) = (Some(progress), Instant::now());
+        }
+        let error = st.last_error.as_deref().filter(|_| st.failed_attempts > first)?;
+        (self.since.elapsed() >= self.budget)
+            .then(|| format!("nothing reached the remote for {} s (--remote-wait): {error}", self.budget.as_secs()))
+    }
 }
 
 /// Write-back state of one store.
@@ -140,7 +186,6 @@ pub(crate) struct Writeback {
     changed: Condvar,
     next_cut: AtomicU64,
     last_cut_at: Mutex<Option<Instant>>,
-    last_commit_at: Mutex<Option<Instant>>,
     /// Wakes the uploader.
     wake: tokio::sync::Notify,
     /// Set by close: the uploader stops after the cut in hand.
@@ -170,11 +215,17 @@ struct Frozen {
     /// or the pages a write changed (a 4 KiB write during a long upload
     /// copies 4 KiB, not its whole chunk).
     copied: HashMap<u64, Copied>,
+    /// Bytes in `copied` (the space they take in the `frozen` file).
+    bytes: u64,
 }
 
 /// What of a chunk was copied aside.
 enum Copied {
     Whole,
+    /// Nothing: the chunk was zeroed (a discard) at the cut and is all
+    /// zeroes in it; a discard repeated during a long upload copies no
+    /// zeroes aside.
+    Zero,
     /// One bit per page (`PAGE` bytes) of the chunk.
     Pages(Vec<u64>),
 }
@@ -216,7 +267,6 @@ impl Writeback {
             next_cut: AtomicU64::new(1),
             awaited_cut: AtomicU64::new(0),
             last_cut_at: Mutex::new(None),
-            last_commit_at: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
             writes_since_flush: AtomicU64::new(0),
@@ -229,12 +279,17 @@ impl Writeback {
     /// A snapshot of the sync state.
     pub(crate) fn status(&self) -> SyncStatus {
         let mut s = self.status.lock().clone();
-        s.since_commit_secs = self.last_commit_at.lock().map(|t| t.elapsed().as_secs());
+        s.frozen_bytes = self.frozen_bytes();
         if s.uploading {
             let up = self.uploaded.summary().map_or(0, |(_, n)| n as u64);
             s.uploading_done = up.min(s.uploading_chunks);
         }
         s
+    }
+
+    /// Bytes copied aside for the cut being uploaded.
+    fn frozen_bytes(&self) -> u64 {
+        self.frozen.lock().bytes
     }
 
     fn cut_in_progress(&self) -> bool {
@@ -278,12 +333,18 @@ impl Inner {
         let Some(wb) = &self.writeback else { return Ok(()) };
         let mut f = wb.frozen.lock();
         let Some(cut) = f.cut.clone() else { return Ok(()) };
-        if !cut.chunks.contains_key(&idx) || matches!(f.copied.get(&idx), Some(Copied::Whole)) {
+        if !cut.chunks.contains_key(&idx) || matches!(f.copied.get(&idx), Some(Copied::Whole | Copied::Zero)) {
             return Ok(());
         }
         let state = self.ssd.state(idx);
         if !crate::tier::ssd::is_dirty(state) {
             f.copied.insert(idx, Copied::Whole);
+            return Ok(());
+        }
+        // Zeroed since the cut and not changed since (a change would have
+        // come here first and been copied): zero at the cut.
+        if state == crate::tier::ssd::ZERO_DIRTY && !f.copied.contains_key(&idx) {
+            f.copied.insert(idx, Copied::Zero);
             return Ok(());
         }
         let page = PAGE;
@@ -295,14 +356,18 @@ impl Inner {
             // Pages copied earlier hold cut-time bytes the chunk no longer
             // has: keep them, copy the rest.
             let mut data = self.ssd.read_chunk(idx)?;
+            let mut had = 0;
             if let Some(Copied::Pages(bits)) = f.copied.get(&idx) {
                 self.overlay_saved(wb, idx, bits, &mut data)?;
+                had = runs(bits, pages).map(|(a, b)| (b - a) * page).sum();
             }
-            wb.frozen_file.write_at(idx * self.cs, &data)?;
+            self.write_frozen(wb, idx, idx * self.cs, &data)?;
             f.copied.insert(idx, Copied::Whole);
+            f.bytes = f.bytes - had + self.cs;
             return Ok(());
         };
         let words = bitmap_words(self.cs);
+        let f = &mut *f;
         let Copied::Pages(bits) = f.copied.entry(idx).or_insert_with(|| Copied::Pages(vec![0; words])) else {
             return Ok(());
         };
@@ -314,12 +379,31 @@ impl Inner {
         for (a, b) in runs(&todo, pages).collect::<Vec<_>>() {
             let mut buf = vec![0u8; ((b - a) * page) as usize];
             self.ssd.read_in_chunk(idx, a * page, &mut buf)?;
-            wb.frozen_file.write_at(idx * self.cs + a * page, &buf)?;
+            self.write_frozen(wb, idx, idx * self.cs + a * page, &buf)?;
             for i in a..b {
                 bits[(i / 64) as usize] |= 1 << (i % 64);
             }
+            f.bytes += (b - a) * page;
         }
         Ok(())
+    }
+
+    /// Writes cut-time bytes of chunk `idx` into the `frozen` file, on the
+    /// cache's disk: when it is full, clean chunks give way (as for a
+    /// guest write) and the write is tried once more, so a guest rewriting
+    /// a chunk of a cut being uploaded does not fail while the cache holds
+    /// data it can drop.
+    fn write_frozen(&self, wb: &Writeback, idx: u64, at: u64, data: &[u8]) -> io::Result<()> {
+        match wb.frozen_file.write_at(at, data) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                if self.ssd.make_room_on_disk(idx)? {
+                    wb.frozen_file.write_at(at, data)
+                } else {
+                    Err(e)
+                }
+            }
+            r => r,
+        }
     }
 
     /// Makes the cache's data and map durable, unless `--cache unsafe`,
@@ -353,7 +437,12 @@ impl Inner {
         if wb.opts.mode == CacheMode::Writethrough {
             return self.writethrough_cut(wb);
         }
-        let due = !wb.cut_in_progress() && wb.last_cut_at.lock().is_none_or(|t| t.elapsed() >= wb.opts.sync_interval);
+        // A sync (a `driveblk sync`, a stop) waits for a cut the idle
+        // uploader cannot take while the guest keeps writing: this flush
+        // point takes it, whatever the interval.
+        let asked = wb.awaited_cut.load(Ordering::SeqCst) > wb.status.lock().last_cut;
+        let due = !wb.cut_in_progress()
+            && (asked || wb.last_cut_at.lock().is_none_or(|t| t.elapsed() >= wb.opts.sync_interval));
         if !due {
             return Ok(0);
         }
@@ -420,6 +509,7 @@ impl Inner {
         let id = wb.next_cut.fetch_add(1, Ordering::SeqCst);
         f.cut = Some(Arc::new(Cut { id, chunks, pages, present, image_len }));
         f.copied.clear();
+        f.bytes = 0;
         *wb.last_cut_at.lock() = Some(Instant::now());
         wb.status.lock().last_cut = id;
         wb.wake.notify_one();
@@ -558,6 +648,7 @@ impl Inner {
                 wb.frozen_file.read_at(idx * self.cs, &mut v)?;
                 return Ok(v);
             }
+            Some(Copied::Zero) => return Ok(vec![0u8; self.cs as usize]),
             Some(Copied::Pages(bits)) => Some(bits.clone()),
         };
         let mut v = self.ssd.read_chunk(idx)?;
@@ -637,6 +728,7 @@ impl Inner {
                             tracing::error!(error = %e, "write-back: could not commit a generation; the local changes are kept");
                         }
                         st.last_error = Some(e.to_string());
+                        st.failed_attempts += 1;
                         st.paused = pause;
                         if matches!(e, VolumeError::Conflict { .. } | VolumeError::LeaseHeld { .. }) {
                             st.conflict = Some(e.to_string());
@@ -710,6 +802,7 @@ impl Inner {
         let copied: Vec<(u64, Copied)> = {
             let mut f = wb.frozen.lock();
             f.cut = None;
+            f.bytes = 0;
             f.copied.drain().collect()
         };
         for (idx, c) in copied {
@@ -717,6 +810,7 @@ impl Inner {
                 Copied::Whole => {
                     let _ = wb.frozen_file.write_zeroes_at(idx * self.cs, self.cs);
                 }
+                Copied::Zero => {}
                 Copied::Pages(bits) => {
                     for (a, b) in runs(&bits, self.cs.div_ceil(PAGE)) {
                         let _ = wb.frozen_file.write_zeroes_at(idx * self.cs + a * PAGE, (b - a) * PAGE);
@@ -856,7 +950,6 @@ impl Inner {
         let bytes = stats.pack_bytes + stats.manifest_bytes;
         st.bytes_uploaded += bytes;
         st.last_rate_bps = (bytes as f64 / t0.elapsed().as_secs_f64().max(1e-3)) as u64;
-        *wb.last_commit_at.lock() = Some(Instant::now());
         // The generation is committed and served: retrying the cut would
         // commit the same changes again, and again, while the state cannot
         // be saved. A restart recognises the generation as this cache's.
@@ -983,31 +1076,58 @@ impl Inner {
     }
 
     /// Close: cuts what is left and waits up to `timeout` for it to be
-    /// committed. Returns the dirty bytes still not uploaded.
+    /// committed, or less when nothing can go up (see [`UploadWatch`]).
+    /// Returns the dirty bytes still not uploaded.
     pub(super) fn final_sync(&self, timeout: Duration) -> u64 {
         let Some(wb) = &self.writeback else { return 0 };
         let deadline = Instant::now() + timeout;
+        let mut watch = UploadWatch::new(self.remote_wait.budget);
+        let give_up = || {
+            wb.stopping.store(true, Ordering::SeqCst);
+            wb.wake.notify_one();
+            self.ssd.dirty_chunks() * self.cs
+        };
         loop {
             let ticket = self.cut();
             let pending = self.ssd.dirty_chunks();
             if pending == 0 && !wb.cut_in_progress() {
                 return 0;
             }
-            let mut st = wb.status.lock();
-            if st.conflict.is_some() {
-                return pending * self.cs;
-            }
-            let target = if ticket != 0 { ticket } else { st.last_cut };
+            let target = {
+                let st = wb.status.lock();
+                if st.conflict.is_some() {
+                    return pending * self.cs;
+                }
+                if ticket != 0 {
+                    ticket
+                } else {
+                    st.last_cut
+                }
+            };
             // Waited for: its uploads go unmarked (see `upload_mark`).
             wb.awaited_cut.fetch_max(target, Ordering::SeqCst);
-            while st.committed_cut < target && Instant::now() < deadline && st.conflict.is_none() {
-                wb.changed.wait_for(&mut st, Duration::from_millis(200));
+            loop {
+                let st = wb.status();
+                if st.committed_cut >= target || st.conflict.is_some() || Instant::now() >= deadline {
+                    break;
+                }
+                if let Some(why) = watch.hopeless(&st) {
+                    let left = give_up();
+                    tracing::warn!(
+                        left = left,
+                        "final sync: {why}; the changes not uploaded stay in the cache directory {} and go up at \
+                         the next start",
+                        self.ssd.dir().display()
+                    );
+                    return left;
+                }
+                let mut g = wb.status.lock();
+                if g.committed_cut < target && g.conflict.is_none() {
+                    wb.changed.wait_for(&mut g, Duration::from_millis(200));
+                }
             }
-            drop(st);
             if Instant::now() >= deadline || self.ssd.dirty_chunks() == 0 {
-                wb.stopping.store(true, Ordering::SeqCst);
-                wb.wake.notify_one();
-                return self.ssd.dirty_chunks() * self.cs;
+                return give_up();
             }
         }
     }
