@@ -2,7 +2,9 @@
 //! workload goes through driveblk (libblkio client, several queues at once)
 //! and through qemu-io on a copy; then `qemu-img compare` and `qemu-img
 //! check` must agree. Also: kill -9 in the middle of a write workload leaves
-//! an image `qemu-img check` accepts, with every flushed write present.
+//! an image `qemu-img check` accepts, with every flushed write present; a
+//! discard gives the freed clusters' space back to the file system, as
+//! QEMU's discard=unmap does, and never a cluster a snapshot still holds.
 
 mod common;
 mod qcow2_common;
@@ -11,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{Client, Daemon};
-use qcow2_common::{check, qemu_img, Rng};
+use qcow2_common::{check, qemu_img, qemu_io, qemu_raw, Rng};
 
 /// One operation of the workload, applied identically to both sides.
 #[derive(Clone, Debug)]
@@ -269,4 +271,75 @@ fn kill_9_during_writes_leaves_a_consistent_image_with_flushed_data() {
         }
         let _ = std::fs::remove_file(&sock);
     }
+}
+
+/// Bytes the file system holds for `path` (holes excluded).
+fn allocated(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).unwrap()) * 512
+}
+
+/// True if the guest reads `[off, off + len)` as zeroes.
+fn reads_zero(c: &mut Client, off: u64, len: u64) -> bool {
+    (off..off + len)
+        .step_by(4 << 20)
+        .all(|o| c.read(o, (off + len - o).min(4 << 20) as usize).unwrap().iter().all(|&b| b == 0))
+}
+
+/// A 32 MiB image, 64 KiB clusters, its first 24 MiB written with byte 7.
+fn written_image(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("t.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img.to_str().unwrap(), "32M"]);
+    qemu_io(&img, &["write -P 7 0 24M".into()]);
+    img
+}
+
+#[test]
+fn discard_punches_the_freed_clusters_out_of_the_image_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = written_image(dir.path());
+    let before = allocated(&img);
+    let sock = dir.path().join("sock");
+    let d = Daemon::start(&sock, &["--image", img.to_str().unwrap(), "--format", "qcow2"]);
+    let mut c = Client::connect(&sock, 1);
+    c.discard(4 << 20, 16 << 20).unwrap();
+    c.flush().unwrap();
+    // Released at the guest's FLUSH, while the guest runs.
+    let freed = before.saturating_sub(allocated(&img));
+    assert!(freed >= 15 << 20, "the discard released {freed} of 16 MiB of the image file");
+    assert!(reads_zero(&mut c, 4 << 20, 16 << 20));
+    assert!(c.read((4 << 20) - 4096, 4096).unwrap().iter().all(|&b| b == 7));
+    assert!(c.read(20 << 20, 4096).unwrap().iter().all(|&b| b == 7));
+    // Freed clusters are reused: the file does not grow for new data.
+    let len = std::fs::metadata(&img).unwrap().len();
+    c.write(8 << 20, &[9u8; 1 << 20]).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    assert!(d.stop().success());
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), len, "new data went past the freed clusters");
+    assert_eq!(check(&img), 0, "leaked clusters after a clean stop");
+    let mut want = vec![0u8; 32 << 20];
+    want[..4 << 20].fill(7);
+    want[8 << 20..9 << 20].fill(9);
+    want[20 << 20..24 << 20].fill(7);
+    assert!(qemu_raw(&img, &["-f", "qcow2"]) == want, "QEMU reads something else");
+}
+
+#[test]
+fn discard_keeps_clusters_a_snapshot_still_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = written_image(dir.path());
+    qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
+    let before = allocated(&img);
+    let sock = dir.path().join("sock");
+    let d = Daemon::start(&sock, &["--image", img.to_str().unwrap(), "--format", "qcow2"]);
+    let mut c = Client::connect(&sock, 1);
+    c.discard(0, 24 << 20).unwrap();
+    c.flush().unwrap();
+    assert!(reads_zero(&mut c, 0, 24 << 20));
+    drop(c);
+    assert!(d.stop().success());
+    assert!(allocated(&img) >= before, "space of clusters the snapshot holds was released");
+    check(&img);
+    let snap = qemu_raw(&img, &["-f", "qcow2", "-l", "snapshot.name=s1"]);
+    assert!(snap[..24 << 20].iter().all(|&b| b == 7), "the snapshot lost its data");
 }

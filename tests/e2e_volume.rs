@@ -174,6 +174,45 @@ fn writes_go_back_to_the_remote_at_stop_and_persist_across_restart() {
     assert!(std::fs::read(&raw).unwrap() == want, "export differs from what the guest wrote");
 }
 
+/// A guest's TRIM reaches the volume: the clusters it frees are zeroed in
+/// the store, so chunks left all zero go up as zero chunks and the deleted
+/// data is in no later generation (nor in an export) any more.
+#[test]
+fn trimmed_clusters_become_zero_chunks_on_the_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, mut want) = make_source(dir.path());
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
+    let info = || -> serde_json::Value { serde_json::from_str(&run_ok(&["info", "--json", &url])).unwrap() };
+    let before = info();
+    let cache = dir.path().join("cache");
+    let sock = dir.path().join("sock");
+    let d = serve(&sock, &url, &cache, &[]);
+    let mut c = Client::connect(&sock, 1);
+    // 8 MiB of data, contiguous in the image file (qemu-img convert lays
+    // clusters out in guest order), the way NTFS frees a deleted file.
+    c.discard(0, 8 << 20).unwrap();
+    want[..8 << 20].fill(0);
+    c.flush().unwrap();
+    drop(c);
+    assert!(d.stop().success());
+    let after = info();
+    assert!(after["generation"].as_u64() > before["generation"].as_u64(), "{after}");
+    let (z0, z1) = (before["chunks_zero"].as_u64().unwrap(), after["chunks_zero"].as_u64().unwrap());
+    assert!(z1 >= z0 + 6, "8 MiB trimmed, zero chunks {z0} -> {z1}: {after}");
+
+    let out = dir.path().join("exported.qcow2");
+    run_ok(&["export", "--quiet", &url, out.to_str().unwrap()]);
+    qemu_img(&["check", "-q", "-f", "qcow2", out.to_str().unwrap()]);
+    let raw = dir.path().join("exported.raw");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", out.to_str().unwrap(), raw.to_str().unwrap()]);
+    assert!(std::fs::read(&raw).unwrap() == want, "export differs from what the guest sees");
+    // The trimmed data itself is gone from the image file.
+    let file = std::fs::read(&out).unwrap();
+    let deleted = &common::pattern(5, 48 << 20)[4 << 20..(4 << 20) + 4096];
+    assert!(!file.chunks_exact(4096).any(|w| w == deleted), "the export still carries trimmed data");
+}
+
 #[test]
 fn corrupted_pack_is_an_error_never_data() {
     let dir = tempfile::tempdir().unwrap();

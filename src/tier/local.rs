@@ -243,6 +243,27 @@ impl Storage for LocalFile {
         self.wrote(r)
     }
 
+    /// A hole where the filesystem can punch one (QEMU's discard=unmap);
+    /// elsewhere the old bytes stay, rather than writing zeroes nobody
+    /// needs. Never past the end of the file.
+    fn discard_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "storage is read-only"));
+        }
+        let end = offset.saturating_add(len).min(self.len());
+        if offset >= end {
+            return Ok(());
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: plain syscall on an owned fd.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, (end - offset) as i64) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::EOPNOTSUPP) { Ok(()) } else { self.wrote(Err(e)) };
+        }
+        self.wrote(Ok(()))
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         let r = self.file.set_len(len);
         self.wrote(r)?;
@@ -378,6 +399,32 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0));
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&p).unwrap().blocks() * 512 < 1 << 20);
+    }
+
+    /// A discard punches a hole (the blocks are gone, the range reads as
+    /// zeroes) and never grows the file.
+    #[test]
+    fn discard_releases_blocks_and_stays_inside_the_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![7u8; 4 << 20]).unwrap();
+        let f = LocalFile::open(&p, false).unwrap();
+        let blocks = || std::fs::metadata(&p).unwrap().blocks() * 512;
+        let before = blocks();
+        f.discard_at(1 << 20, 4 << 20).unwrap();
+        assert_eq!(f.len(), 4 << 20);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 4 << 20);
+        let mut buf = vec![1u8; 4096];
+        f.read_at(1 << 20, &mut buf).unwrap();
+        // Filesystems without hole punching keep the old bytes.
+        if before - blocks() >= 3 << 20 {
+            assert!(buf.iter().all(|&b| b == 0));
+        } else {
+            assert!(buf.iter().all(|&b| b == 7));
+        }
+        f.read_at((1 << 20) - 4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
     }
 
     #[test]

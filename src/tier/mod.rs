@@ -58,6 +58,15 @@ pub trait Storage: Send + Sync {
     /// where the storage can (hole punching). Does not change the length.
     fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()>;
 
+    /// Tells the storage nothing will read `[offset, offset + len)` before
+    /// writing it again (a qcow2 cluster freed): it releases the space as
+    /// it can, after which the range reads as zeroes or, where it could not
+    /// release it cheaply, as before. By default the range is zeroed (a
+    /// volume's chunks that end up all zero then cost nothing).
+    fn discard_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes_at(offset, len)
+    }
+
     /// Sets the file length (truncate or extend with zeroes).
     fn set_len(&self, len: u64) -> io::Result<()>;
 

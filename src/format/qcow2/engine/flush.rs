@@ -100,22 +100,49 @@ impl Qcow2Disk {
             self.meta.write().l1_dirty = false;
         }
         // 5. Everything that dropped references is durable: free for reuse.
+        //    A cluster losing its last reference keeps it until the storage
+        //    has been told it is free (`release`), so it cannot be handed
+        //    out and written meanwhile. The gate waits out I/O aimed at it.
         if !st.pending_free.is_empty() {
             let _g = self.gate.write();
             let mut m = self.meta.write();
-            if let Some(r) = m.refs.as_mut() {
+            let Meta { refs, metadata_clusters, .. } = &mut *m;
+            if let Some(r) = refs.as_mut() {
+                let mut frees = std::mem::take(&mut st.pending_free);
+                frees.sort_unstable();
                 let mut first_err = None;
-                for h in st.pending_free.drain(..) {
-                    if let Err(e) = r.adjust(h, -1) {
-                        first_err.get_or_insert(e);
+                let mut release = Vec::new();
+                for run in frees.chunk_by(|a, b| a == b) {
+                    let (h, n) = (run[0], run.len() as u64);
+                    // Metadata the image had at open is never reused (nor
+                    // released: its refcount might lie about a live table).
+                    let last = r.get(h / cs) == n && !metadata_clusters.contains(&h);
+                    let drop_refs = if last { n - 1 } else { n };
+                    if drop_refs > 0 {
+                        if let Err(e) = r.adjust(h, -(drop_refs as i64)) {
+                            first_err.get_or_insert(e);
+                            continue;
+                        }
+                    }
+                    if last {
+                        release.push(h);
                     }
                 }
+                st.unreleased.append(&mut release);
                 if let Some(e) = first_err {
                     return Err(e);
                 }
             }
         }
         Ok(true)
+    }
+
+    /// The end of a close (or drop), after a first flush freed clusters in
+    /// memory: releases them all and writes the refcounts, so a clean
+    /// close leaves no leaks.
+    pub(super) fn close_flushes(&self, st: &mut MutexGuard<'_, AllocState>) -> DiskResult<()> {
+        self.release_freed(st, None)?;
+        self.flush_locked(st, false).map(|_| ())
     }
 
     /// True when some metadata in memory is newer than on storage.

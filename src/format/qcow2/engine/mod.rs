@@ -1,6 +1,7 @@
 //! The engine: the `Disk` operations (read path and in-place write fast
 //! path here; opening in `open`, allocation and zeroing in `write`,
-//! metadata write-back in `flush`). Lookups run under a read lock and do no
+//! metadata write-back in `flush`, telling the storage about freed
+//! clusters in `release`). Lookups run under a read lock and do no
 //! I/O; data I/O runs outside every metadata lock; anything that changes
 //! metadata (allocation, copy-on-write, zeroing, discard, flush) holds the
 //! allocation mutex, taking the metadata write lock only briefly.
@@ -13,6 +14,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 mod flush;
 mod open;
+mod release;
 mod write;
 
 use super::backing::BackingOpener;
@@ -37,6 +39,9 @@ struct AllocState {
     /// refcounts are decremented only after a flush has made the metadata
     /// that dropped them durable, so they cannot be reused too early.
     pending_free: Vec<u64>,
+    /// Host clusters whose last reference is durably gone, still counted
+    /// until the storage is told they are free (`release`).
+    unreleased: Vec<u64>,
     /// Guest clusters whose allocating write is doing its data I/O with the
     /// mutex released; other changes to them wait on `alloc_done`.
     inflight: HashSet<u64>,
@@ -240,7 +245,7 @@ impl Drop for Qcow2Disk {
     fn drop(&mut self) {
         if !self.read_only && !self.closed.load(Ordering::Acquire) {
             let mut st = self.alloc.lock();
-            if let Err(e) = self.flush_locked(&mut st, false).and_then(|_| self.flush_locked(&mut st, false)) {
+            if let Err(e) = self.flush_locked(&mut st, false).and_then(|_| self.close_flushes(&mut st)) {
                 tracing::warn!("qcow2: flush on drop failed: {e}");
             }
         }
@@ -347,7 +352,10 @@ impl Disk for Qcow2Disk {
             return Ok(());
         }
         let mut st = self.alloc.lock();
-        let ticket = if self.flush_locked(&mut st, true)? {
+        let wrote = self.flush_locked(&mut st, true)?;
+        // Before the cut, so the zeroes go up with this generation.
+        let released = self.release_freed(&mut st, Some(release::FLUSH_BUDGET))?;
+        let ticket = if wrote || released {
             // The image is consistent here (metadata written in order, no
             // allocation can interleave under the lock): the store may cut
             // a generation.
@@ -374,10 +382,8 @@ impl Disk for Qcow2Disk {
             return Ok(());
         }
         let mut st = self.alloc.lock();
-        // The first pass frees clusters in memory; the second writes those
-        // refcounts, so a clean close leaves no leaks.
         self.flush_locked(&mut st, false)?;
-        self.flush_locked(&mut st, false)?;
+        self.close_flushes(&mut st)?;
         self.closed.store(true, Ordering::Release);
         Ok(())
     }
