@@ -340,10 +340,6 @@ pub struct Taken {
     pub forked: Option<LeaseView>,
 }
 
-/// How long after its served generation was known to be the newest a
-/// volume skips the listing a commit makes to find a gap gc left.
-const RECENTLY_NEWEST: Duration = Duration::from_secs(60);
-
 /// Takes the lease of the volume `vol` serves (its served generation must
 /// be the newest; the take is a commit on top of it). Refuses with
 /// [`VolumeError::LeaseHeld`] while another host holds it, unless
@@ -399,9 +395,10 @@ pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -
     b.set_lease(Some(record.clone()));
     // Known as the newest a moment ago (the usual take, at start): no
     // generation after it can be old enough for gc to have retired the
-    // one this commit creates, so the check for that gap needs no listing.
-    if vol.known_newest_within(RECENTLY_NEWEST) {
-        b.generations_listed(Ok(Vec::new()));
+    // one this commit creates, so the check for that gap needs no listing
+    // (unless the create comes much later: `commit::LISTING_FRESH`).
+    if let Some(at) = vol.newest_known_at() {
+        b.generations_listed(Ok(Vec::new()), at);
     }
     let manifest = match b.commit(writer_record(&claim.cache_id)).await {
         Ok((m, _)) => m,

@@ -482,6 +482,71 @@ pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String], gc_re
     assert!(dr.stop().success());
 }
 
+/// A laptop frozen while its commit's packs upload (SIGSTOP: a lid closed
+/// mid-commit, after the commit had started): another host takes the lease
+/// by force, commits past it, and gc (keep 1, grace 0) retires every older
+/// generation, the one the laptop is committing among them. Woken, the
+/// laptop finds that key free again; its commit must still be refused —
+/// landed there, it would sit in a gap no reader looks at, its chunks
+/// marked clean, its packs later deleted by gc.
+pub fn frozen_mid_commit_is_fenced(root: &Path, url: &str, flags: &[String]) {
+    let a = Host::new(root, "laptop", flags, &[]);
+    let b = Host::new(root, "desktop", flags, &[]);
+    let mut want = import(&a, url);
+    // 2 MiB of changes that do not compress, at 512 KiB/s: 4 s of upload.
+    let da = a.serve(url, &["--bwlimit", "512K:off"]);
+    let pid = da.child.as_ref().unwrap().id() as i32;
+    let mut c = connect(&da);
+    prime(&mut c, &mut [&mut want]);
+    let mut want_a = want.clone();
+    write(&mut c, 1 << 20, &crate::common::pattern(17, 2 << 20), &mut want_a);
+    drop(c);
+    wait_pending(&b, url, "laptop");
+    let info: Value = serde_json::from_str(&a.cli_ok(&["info", "--json", url])).unwrap();
+    let next = info["generation"].as_u64().unwrap() + 1;
+    let mut sync = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["sync", url, "--cache-dir", a.cache.to_str().unwrap(), "--timeout", "120"])
+        .args(&a.flags)
+        .envs(a.env())
+        .stderr(std::fs::File::create(a.dir.join("sync.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    // The commit has started (its chunks are read and packed at once);
+    // its pack is still going up.
+    std::thread::sleep(Duration::from_millis(1500));
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let info: Value = serde_json::from_str(&a.cli_ok(&["info", "--json", url])).unwrap();
+    assert_eq!(info["generation"].as_u64(), Some(next - 1), "the laptop committed before it was frozen");
+    // The desktop takes over and writes; a full manifest, so gc needs no
+    // older generation for the newest's delta chain.
+    let mut want_b = want.clone();
+    let db = b.serve(url, &["--force-takeover"]);
+    let mut cb = connect(&db);
+    for chunk in 3..14u64 {
+        write(&mut cb, chunk << 18, &crate::common::pattern(40 + chunk, 1 << 18), &mut want_b);
+    }
+    drop(cb);
+    assert!(db.stop().success());
+    let rep = b.cli_ok(&["gc", url, "--keep-generations", "1", "--grace", "0s", "--json"]);
+    assert!(rep.contains(&format!("gen-{next:020}")), "gc did not retire the laptop's next generation: {rep}");
+    // The laptop wakes up: its commit is refused, never created in the gap.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let st = crate::common::wait_timeout(&mut sync, Duration::from_secs(150));
+    let e = std::fs::read_to_string(a.dir.join("sync.stderr")).unwrap();
+    assert!(!st.success() && e.contains("moved on"), "the woken laptop's commit was not fenced: {e}");
+    if let Some(dir) = url.strip_prefix("dir:") {
+        let gap = Path::new(dir).join(format!("gen-{next:020}"));
+        assert!(!gap.exists(), "the woken laptop committed generation {next} in the gap gc left");
+    }
+    assert_eq!(da.stop().code(), Some(78), "a stop with diverged changes exits 78");
+    let reader = Host::new(root, "reader", flags, &[]);
+    let dr = reader.serve(url, &["--read-only"]);
+    let mut rc = Client::connect_with(&dr.socket, 1, true);
+    assert!(read_all(&mut rc) == want_b, "the remote is not the desktop's disk");
+    drop(rc);
+    assert!(dr.stop().success());
+}
+
 /// The id a cache directory's state file names (its header line).
 pub fn cache_id_of(cache: &Path) -> String {
     let b = std::fs::read(cache.join("state")).unwrap();
