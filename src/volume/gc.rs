@@ -38,8 +38,8 @@ use futures::StreamExt;
 use super::commit::RESUME_SPARED;
 use super::format::{new_pack_key, parse_gen_key, ChunkRef, Manifest, GEN_PREFIX, PACK_PREFIX};
 use super::history::{
-    check_writer, commit_full, frames, lease_held_elsewhere, load_generations, now_ms, pack_generation, Generations,
-    DEFAULT_ACTIVE_WINDOW,
+    check_writer, commit_full, committed_ago, frames, lease_held_elsewhere, load_generations, pack_generation,
+    remote_clock, Generations, DEFAULT_ACTIVE_WINDOW,
 };
 use super::hold::{Hold, HOLD_LIFETIME, HOLD_PREFIX};
 use super::lease::PROBE_PREFIX;
@@ -286,7 +286,7 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
     kept.extend(gens.objects.keys().rev().take(opts.retention.keep_generations as usize).copied());
     if let Some(days) = opts.retention.keep_days {
         let horizon = now.saturating_sub((days * 86_400_000.0) as u64);
-        kept.extend(gens.objects.keys().copied().filter(|&g| gens.created_ms(g).is_none_or(|c| c >= horizon)));
+        kept.extend(gens.objects.keys().copied().filter(|&g| gens.stored_ms(g).is_none_or(|c| c >= horizon)));
     }
     let held = Held::of(&forks, &holds);
     kept.extend(held.generations.iter().copied().filter(|g| gens.objects.contains_key(g)));
@@ -294,7 +294,7 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
     // is young (or of unknown age).
     let stored: Vec<u64> = gens.objects.keys().copied().collect();
     for w in stored.windows(2) {
-        if !old_enough(gens.created_ms(w[1])) {
+        if !old_enough(gens.stored_ms(w[1])) {
             kept.insert(w[0]);
         }
     }
@@ -302,7 +302,7 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
     let mut protect = kept.clone();
     for &g in gens.objects.keys() {
         let listed = gens.meta.contains_key(&g);
-        if !listed || !old_enough(gens.created_ms(g)) {
+        if !listed || !old_enough(gens.stored_ms(g)) {
             protect.insert(g);
         }
     }
@@ -583,7 +583,9 @@ async fn delete_all(r: &VolumeReader, objs: &[ObjectMeta], parallel: usize) -> V
 /// packs). In that order: a rollback that removed its hold before the
 /// second listing committed before the re-read.
 async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> VolumeResult<Plan> {
-    let mut p = plan(r, opts, now_ms()).await?;
+    // The remote's clock, as the creation times it is compared with.
+    let now = remote_clock(r).await?;
+    let mut p = plan(r, opts, now).await?;
     if opts.dry_run || p.delete.is_empty() {
         return Ok(p);
     }
@@ -592,7 +594,7 @@ async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> Vol
     delete_all(r, &manifests, opts.parallel).await?;
     report.deleted.extend(manifests.iter().map(|m| (m.key.clone(), m.size)));
     let mut used: BTreeSet<String> = BTreeSet::new();
-    let now_held = held_now(r).await?;
+    let now_held = held_now(r, now).await?;
     used.extend(now_held.objects.iter().cloned());
     // A hold naming no objects (made before holds named them): what its
     // generation references, from the manifests as loaded.
@@ -654,13 +656,13 @@ async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> Vol
 }
 
 /// What fork registrations and live holds keep now (a fresh listing of
-/// just those).
-async fn held_now(r: &VolumeReader) -> VolumeResult<Held> {
+/// just those), judged at `now` (the remote's clock).
+async fn held_now(r: &VolumeReader, now: u64) -> VolumeResult<Held> {
     let mut listing =
         r.remote.list(FORK_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?;
     listing.extend(r.remote.list(HOLD_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?);
     let forks = read_forks(r, &listing).await?;
-    let (holds, _) = read_holds(r, &listing, now_ms()).await?;
+    let (holds, _) = read_holds(r, &listing, now).await?;
     Ok(Held::of(&forks, &holds))
 }
 
@@ -694,7 +696,7 @@ pub async fn gc_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<GcRepor
         return Err(VolumeError::GcTrash { url: r.url.clone(), keys });
     }
     let newest = r.newest_manifest().await?;
-    check_writer(&r.url, &newest, opts.active_window, opts.force)?;
+    check_writer(r, &newest, opts.active_window, opts.force).await?;
     let mut report = GcReport { url: r.url.clone(), dry_run: opts.dry_run, ..Default::default() };
     let first = round(r, opts, &mut report).await?;
     report.newest = first.newest.generation;
@@ -711,11 +713,9 @@ pub async fn gc_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<GcRepor
     let candidates = repack_candidates(&last, opts);
     let want_commit = !candidates.is_empty();
     if want_commit && !opts.dry_run {
-        let active = last
-            .newest
-            .writer
-            .as_ref()
-            .is_some_and(|w| now_ms().saturating_sub(w.unix_ms) < opts.active_window.as_millis() as u64);
+        // By the remote's clock on both ends; unknown counts as a moment ago.
+        let active = last.newest.writer.is_some()
+            && committed_ago(r, &last.newest).await?.is_none_or(|a| a < opts.active_window.as_millis() as u64);
         // A daemon on another host holding the writer lease serves the
         // volume however long ago it last committed.
         let held = if active || opts.force { None } else { lease_held_elsewhere(r, &last.newest).await? };
@@ -821,7 +821,7 @@ pub struct Space {
 
 /// Live vs dead bytes of the volume (a gc dry run's view).
 pub async fn space_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<Space> {
-    let p = plan(r, opts, now_ms()).await?;
+    let p = plan(r, opts, remote_clock(r).await?).await?;
     let (live, dead) = space_of(&p);
     Ok(Space {
         objects: p.listing.len() as u64,

@@ -547,6 +547,43 @@ pub fn frozen_mid_commit_is_fenced(root: &Path, url: &str, flags: &[String]) {
     assert!(dr.stop().success());
 }
 
+/// gc judges ages by the remote's clock alone, never a host's: run from a
+/// host whose clock is an hour ahead, it still sees that another host
+/// committed a moment ago (and refuses); run from one two days ahead (as
+/// the writer's host, so past that check), it deletes nothing younger than
+/// its grace period (24 h by default) — not even what retention retired.
+pub fn gc_by_the_remote_clock(root: &Path, url: &str, flags: &[String]) {
+    let a = Host::new(root, "desktop", flags, &[]);
+    let ahead = Host::new(root, "laptop", flags, &[("DRIVEBLK_TEST_CLOCK_OFFSET_S", "3600")]);
+    let far = Host::new(
+        root,
+        "desktop-later",
+        flags,
+        &[("DRIVEBLK_TEST_CLOCK_OFFSET_S", "172800"), ("DRIVEBLK_HOSTNAME", "desktop")],
+    );
+    let mut want = import(&a, url);
+    for seed in [31, 32] {
+        let da = a.serve(url, &[]);
+        let mut c = connect(&da);
+        write(&mut c, 0, &crate::common::pattern(seed, 1 << 18), &mut want);
+        drop(c);
+        assert!(da.stop().success());
+    }
+    let o = ahead.cli(&["gc", url, "--keep-generations", "1"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("committed by desktop"), "gc ran over a writer of a moment ago: {e}");
+    let o = far.cli(&["gc", url, "--keep-generations", "1", "--json"]);
+    assert!(o.status.success(), "gc: {}", String::from_utf8_lossy(&o.stderr));
+    let rep: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rep["deleted"], serde_json::json!([]), "gc deleted objects younger than its grace period: {rep}");
+    let reader = Host::new(root, "reader", flags, &[]);
+    let dr = reader.serve(url, &["--read-only"]);
+    let mut rc = Client::connect_with(&dr.socket, 1, true);
+    assert!(read_all(&mut rc) == want);
+    drop(rc);
+    assert!(dr.stop().success());
+}
+
 /// The id a cache directory's state file names (its header line).
 pub fn cache_id_of(cache: &Path) -> String {
     let b = std::fs::read(cache.join("state")).unwrap();
