@@ -157,6 +157,9 @@ pub struct GcReport {
     /// Bytes still stored that no kept generation needs, after (dead
     /// frames inside live packs, young objects).
     pub dead_bytes: u64,
+    /// Holds kept for a cache's changes after its lease was taken over
+    /// (`volume::hold`): generation and what it is for. They never expire.
+    pub held_for_changes: Vec<(u64, String)>,
 }
 
 /// A GC plan over one snapshot of the folder.
@@ -179,6 +182,8 @@ struct Plan {
     gens: Generations,
     /// What forks' registrations and holds kept when planned.
     held: Held,
+    /// Holds kept for a cache's changes: generation and what for.
+    held_for_changes: Vec<(u64, String)>,
 }
 
 impl Plan {
@@ -240,22 +245,19 @@ impl Held {
 }
 
 /// The live holds (`hold-*.json` younger than [`HOLD_LIFETIME`], by the
-/// remote's clock when listed), and the keys of those that expired
-/// (garbage).
+/// remote's clock when listed, or kept for a cache's changes: those never
+/// expire), and the keys of those that expired (garbage).
 async fn read_holds(r: &VolumeReader, listing: &[ObjectMeta], now: u64) -> VolumeResult<(Vec<Hold>, Vec<String>)> {
     let mut held = Vec::new();
     let mut expired = Vec::new();
     let lifetime = HOLD_LIFETIME.as_millis() as u64;
     for m in listing.iter().filter(|m| m.key.starts_with(HOLD_PREFIX)) {
-        if m.created_ms.is_some_and(|c| c.saturating_add(lifetime) <= now) {
-            expired.push(m.key.clone());
-            continue;
-        }
         // Gone: its maker finished and removed it.
         let Some(h) = read_keeper::<Hold>(r, &m.key, "hold", "remove it, or wait until it expires").await? else {
             continue;
         };
-        if m.created_ms.is_none() && h.created_unix_ms.saturating_add(lifetime) <= now {
+        let created = m.created_ms.unwrap_or(h.created_unix_ms);
+        if h.for_cache.is_none() && created.saturating_add(lifetime) <= now {
             expired.push(m.key.clone());
         } else {
             held.push(h);
@@ -289,6 +291,8 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
         kept.extend(gens.objects.keys().copied().filter(|&g| gens.stored_ms(g).is_none_or(|c| c >= horizon)));
     }
     let held = Held::of(&forks, &holds);
+    let held_for_changes: Vec<(u64, String)> =
+        holds.iter().filter(|h| h.for_cache.is_some()).map(|h| (h.generation, h.what.clone())).collect();
     kept.extend(held.generations.iter().copied().filter(|g| gens.objects.contains_key(g)));
     // A reader may still serve g while the generation that replaced it
     // is young (or of unknown age).
@@ -408,7 +412,21 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
             young += 1;
         }
     }
-    Ok(Plan { newest, listing, kept, surviving, forks, delete, young, live, users, chain_only, gens, held })
+    Ok(Plan {
+        newest,
+        listing,
+        kept,
+        surviving,
+        forks,
+        delete,
+        young,
+        live,
+        users,
+        chain_only,
+        gens,
+        held,
+        held_for_changes,
+    })
 }
 
 /// Packs worth rewriting: used only by the newest generation (and the
@@ -703,6 +721,7 @@ pub async fn gc_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<GcRepor
     report.objects_before = first.listing.len() as u64;
     report.bytes_before = first.bytes_before();
     report.forks = first.forks.clone();
+    report.held_for_changes = first.held_for_changes.clone();
     let mut added: Vec<(String, u64)> = Vec::new();
     if opts.dry_run {
         for m in &first.delete {

@@ -504,6 +504,7 @@ pub fn rollback(url: &str, target: u64, opts: &RollbackOptions) -> VolumeResult<
             host: super::commit::host_name(),
             created_unix_ms: super::lease::local_now_ms(),
             packs: super::hold::own_objects(&old),
+            for_cache: None,
         };
         let body = serde_json::to_vec_pretty(&hold).expect("a hold serialises");
         if !super::hold::place(&r, &key, body, target, super::hold::LISTED_WITHIN).await? {

@@ -405,7 +405,8 @@ pub fn discard_local(root: &Path, url: &str, flags: &[String]) {
 /// `gc_retired`: meanwhile the other host commits more and gc (keep 1,
 /// grace 0) retires every older generation, the one the laptop commits
 /// next among them: its create would find that key free again, and the
-/// commit must still be refused.
+/// commit must still be refused. gc keeps the one the laptop's changes
+/// are based on (the takeover put a hold on it), so they still fork.
 pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String], gc_retired: bool) {
     let a = Host::new(root, "laptop", flags, &[("DRIVEBLK_LEASE_TTL_MS", "1500")]);
     let b = Host::new(root, "desktop", flags, &[]);
@@ -449,6 +450,7 @@ pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String], gc_re
         assert!(db.stop().success());
         let rep = b.cli_ok(&["gc", url, "--keep-generations", "1", "--grace", "0s", "--json"]);
         assert!(rep.contains(&format!("gen-{next:020}")), "gc retired the laptop's next generation: {rep}");
+        assert!(rep.contains("the changes of laptop"), "gc does not say what it keeps for the laptop: {rep}");
     }
     // The laptop wakes up and writes.
     unsafe { libc::kill(pid, libc::SIGCONT) };
@@ -465,16 +467,19 @@ pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String], gc_re
     assert!(read_all(&mut rc) == want_b, "the woken holder overwrote the other host's generation");
     drop(rc);
     assert!(dr.stop().success());
-    if gc_retired {
-        // The generation its changes are based on is gone (retention):
-        // a fork is refused, and says why.
-        let o = a.cli(&["fork", url, &format!("{url}-laptop"), "--cache-dir", a.cache.to_str().unwrap()]);
-        assert!(!o.status.success(), "a fork of a retired generation");
-        return;
-    }
-    // Its change is kept: a fork holds the laptop's disk.
+    // Its change is kept: a fork holds the laptop's disk — even after gc
+    // with `--keep-generations 1`: the takeover put a hold on the
+    // generation the laptop's changes are based on, which its fork removes.
     let f = format!("{url}-laptop");
     a.cli_ok(&["fork", url, &f, "--cache-dir", a.cache.to_str().unwrap()]);
+    if let Some(dir) = url.strip_prefix("dir:") {
+        let holds: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("hold-"))
+            .collect();
+        assert!(holds.is_empty(), "the fork left the hold kept for its changes: {holds:?}");
+    }
     let dr = reader.serve(&f, &["--read-only"]);
     let mut rc = Client::connect_with(&dr.socket, 1, true);
     assert!(read_all(&mut rc) == want_a, "the fork lost the woken holder's change");
