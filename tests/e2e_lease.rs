@@ -72,6 +72,18 @@ fn a_holder_that_slept_while_gc_retired_its_next_generation_is_still_fenced() {
 }
 
 #[test]
+fn a_holder_frozen_mid_commit_while_gc_retired_its_next_generation_is_fenced() {
+    let d = tempfile::tempdir().unwrap();
+    lease_support::frozen_mid_commit_is_fenced(d.path(), &url(&d.path().join("remote/vol")), &[]);
+}
+
+#[test]
+fn gc_judges_ages_by_the_remote_clock_only() {
+    let d = tempfile::tempdir().unwrap();
+    lease_support::gc_by_the_remote_clock(d.path(), &url(&d.path().join("remote/vol")), &[]);
+}
+
+#[test]
 fn a_copied_cache_directory_is_another_cache() {
     let d = tempfile::tempdir().unwrap();
     lease_support::copied_cache_is_another_cache(d.path(), &url(&d.path().join("remote/vol")), &[]);

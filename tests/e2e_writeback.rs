@@ -589,6 +589,83 @@ fn an_upload_cut_short_by_a_kill_9_resumes_at_the_next_start() {
     assert!(raw_export(d.path(), &url) == want, "the volume holds every change after the resumed upload");
 }
 
+/// A resumed commit checks the packs it reuses again right before its
+/// create: the daemon is frozen (SIGSTOP: a laptop's lid closed) while the
+/// rest of a resumed upload goes up; meanwhile the reused pack ages past
+/// what gc spares (its time set back 25 h) and gc deletes it. Woken, the
+/// commit must not name it: its chunks go up again and the volume reads
+/// back whole.
+#[test]
+fn a_reused_pack_gc_deleted_while_the_writer_slept_is_uploaded_again() {
+    let d = tempfile::tempdir().unwrap();
+    let (orig, url) = raw_volume(d.path(), 17, 64 << 20, &[]);
+    let remote = d.path().join("remote/vol");
+    let cache = d.path().join("cache");
+    let sock = d.path().join("sock");
+    let before = packs_in(&remote);
+    // 64 MiB of fresh data is 4 packs of 16 MiB at 4 MiB/s: one lands
+    // every 4 s.
+    let mut args = kill_9_args(&url, "raw", &cache).to_vec();
+    args.extend(["--bwlimit", "4M:off"]);
+    let mut daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let new: Vec<u8> = random_bytes(&mut rng, 64 << 20);
+    for (i, piece) in new.chunks(1 << 20).enumerate() {
+        c.write((i << 20) as u64, piece).unwrap();
+    }
+    c.flush().unwrap(); // the first FLUSH cuts a generation at once
+    let t0 = std::time::Instant::now();
+    while packs_in(&remote).len() < before.len() + 1 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no pack had landed after 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The cache records what went up at most every 2 s.
+    std::thread::sleep(Duration::from_millis(2500));
+    drop(c);
+    kill_9(&mut daemon);
+    let reused: Vec<String> = packs_in(&remote).into_keys().filter(|k| !before.contains_key(k)).collect();
+    // The next start resumes: it reuses what landed and uploads the rest,
+    // and is frozen once the first of those has landed.
+    let daemon = Daemon::start(&sock, &args);
+    let generation = |url: &str| {
+        let o = Command::new(bin()).args(["info", "--json", url]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["generation"].as_u64().unwrap()
+    };
+    let parent = generation(&url);
+    let mut sync = Command::new(bin())
+        .args(["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "180"])
+        .stderr(std::fs::File::create(d.path().join("sync.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let at_restart = packs_in(&remote);
+    let t0 = std::time::Instant::now();
+    while packs_in(&remote).len() < at_restart.len() + 1 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the resumed upload landed nothing after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = daemon.child.as_ref().unwrap().id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    assert_eq!(generation(&url), parent, "the resumed commit landed before the daemon was frozen");
+    // A day passes for what landed before the kill; gc deletes it.
+    let day_ago = std::time::SystemTime::now() - Duration::from_secs(25 * 3600);
+    for k in &reused {
+        std::fs::File::options().write(true).open(remote.join(k)).unwrap().set_modified(day_ago).unwrap();
+    }
+    let o = Command::new(bin()).args(["gc", &url, "--grace", "0s", "--json"]).output().unwrap();
+    let rep = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "gc: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(reused.iter().all(|k| rep.contains(k.as_str())), "gc did not delete the reused packs: {rep}");
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let st = common::wait_timeout(&mut sync, Duration::from_secs(200));
+    let err = std::fs::read_to_string(d.path().join("sync.stderr")).unwrap();
+    assert!(st.success(), "the woken daemon's sync failed: {err}");
+    let mut want = orig;
+    want[..64 << 20].copy_from_slice(&new);
+    assert!(raw_export(d.path(), &url) == want, "the commit named a pack gc had deleted");
+    assert!(daemon.stop().success());
+}
+
 /// A stop that leaves page writes keeps which pages changed, so the next
 /// start uploads patches; a kill -9 of that next run after it wrote other
 /// pages of the same chunks loses none of them (the record was good for

@@ -537,6 +537,12 @@ fn gc_racing_a_fork_and_a_rollback_loses_nothing(v: Vol, fork_url: &str, fork2_u
     assert!(fv.is_clean(), "{:?}", fv.problems);
     assert!(!listing(&rt, &v).iter().any(|m| m.key.starts_with("hold-")), "the rollback removed its hold");
 
+    // gc judges a generation's age by the remote's time in its listing:
+    // the rollback's, created while listings lagged, must be listed first.
+    if v.drive.is_some() {
+        std::thread::sleep(Duration::from_millis(1600));
+    }
+
     // 2. gc deleted g_b's manifest first: a fork of g_b (its cache was
     // based on it) and a rollback to it refuse, and reference nothing.
     if let Some(env) = &v.drive {
@@ -1002,6 +1008,12 @@ fn commit_leased_an_hour_ago(rt: &tokio::runtime::Runtime, v: &Vol, host: &str) 
     w.host = host.into();
     w.unix_ms -= 3_600_000;
     rt.block_on(b.commit(w)).unwrap();
+    // Past the active window by the remote's clock too (gc and rollback
+    // judge by it; the writer's clock is only recorded), and within the
+    // lease's ttl: held, not expired.
+    let dir = v.url.strip_prefix("dir:").expect("a dir: volume");
+    let f = std::fs::File::options().write(true).open(Path::new(dir).join(format!("gen-{g:020}"))).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(600)).unwrap();
     g
 }
 

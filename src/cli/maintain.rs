@@ -226,6 +226,12 @@ pub fn gc(a: GcArgs) -> anyhow::Result<()> {
     for f in &r.forks {
         println!("fork {} ({}) keeps generation {}", f.volume_id, f.url, f.from_generation);
     }
+    for (g, what) in &r.held_for_changes {
+        println!(
+            "generation {g} is kept for {what}: `driveblk fork` or `discard-local` there removes the hold \
+             (or delete its hold-*.json by hand if that machine and its cache are gone for good)"
+        );
+    }
     if r.young > 0 {
         println!("{} unreferenced objects are younger than the grace period and were left", r.young);
     }

@@ -59,6 +59,12 @@ pub fn fork(url: &str, new_url: &str, cache_dir: &Path, remote: &RemoteOptions) 
         if g == origin.generation() { (*origin.manifest()).clone() } else { rt.block_on(origin.load_generation(g))? };
     let dirty = ssd.dirty_chunks();
     let (header, _) = rt.block_on(create_fork(&origin, &from, &nu, remote, ssd.cache_id()))?;
+    // The fork's registration keeps `from` from now on.
+    rt.block_on(crate::volume::hold::release_for_cache(
+        origin.remote.clone(),
+        origin.url.clone(),
+        ssd.cache_id().to_string(),
+    ));
     let new_id = CacheIdentity { volume_id: header.volume_id.clone(), chunk_size: header.chunk_size };
     ssd.rebind(new_id, 1).map_err(|e| VolumeError::io("re-tying the cache to the fork in", cache_dir, e))?;
     drop(ssd);
@@ -92,6 +98,7 @@ pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions, force:
         tracing::warn!(dir = %cache_dir.display(), why = %gone.why, "removed a cache whose state could not be read");
         if let Some(cache_id) = gone.cache_id {
             release_lease(&rt, &vol, &cache_id)?;
+            rt.block_on(crate::volume::hold::release_for_cache(vol.remote.clone(), vol.url.clone(), cache_id.clone()));
         }
         return Ok(None);
     }
@@ -106,6 +113,7 @@ pub fn discard_local(url: &str, cache_dir: &Path, remote: &RemoteOptions, force:
     super::ssd::remove_files(cache_dir, &CACHE_FILES)?;
     drop(ssd);
     release_lease(&rt, &vol, &cache_id)?;
+    rt.block_on(crate::volume::hold::release_for_cache(vol.remote.clone(), vol.url.clone(), cache_id.clone()));
     Ok(Some(dropped))
 }
 

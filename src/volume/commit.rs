@@ -117,9 +117,11 @@ pub struct CommitStats {
 ///   (a writer's upload about to be committed);
 /// - or named for a generation that this cache, and only it, committed
 ///   since (the writer lease it takes at each start, or gives back at a
-///   stop, is a generation), and created less than [`RESUME_WINDOW`] ago:
-///   gc spares such a pack for [`RESUME_SPARED`] (`gc::writers_own_run`),
-///   which leaves the upload after the check that long to finish.
+///   stop, is a generation), and created less than [`RESUME_WINDOW`] ago
+///   by the remote's clock: gc spares such a pack for [`RESUME_SPARED`]
+///   by that clock (`gc::writers_own_run`). Since the rest of the upload
+///   may take arbitrarily long (a laptop suspended mid-upload), each
+///   reused pack is checked again right before the create.
 ///
 /// A pack a generation in the cache's run names is never reused, even if
 /// the record still lists it (a process killed between a commit and
@@ -190,6 +192,12 @@ pub const RESUME_WINDOW: std::time::Duration = std::time::Duration::from_secs(6 
 /// [`RESUME_WINDOW`] plus the rest of an upload, and hours of clock skew.
 pub const RESUME_SPARED: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// How long a listing of the generations made before a commit's create
+/// still counts for its gap check ([`GenerationBuilder::commit`]), by the
+/// wall clock (which, unlike the monotonic clock, runs on while a laptop
+/// is suspended).
+const LISTING_FRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The index of pack `key` in `table` (added if new).
 fn pack_index(table: &mut Vec<String>, key: &str) -> u32 {
     match table.iter().position(|k| k == key) {
@@ -241,9 +249,11 @@ pub struct GenerationBuilder {
     own_since: u64,
     /// See [`resume`](Self::resume).
     committed: std::collections::HashSet<String>,
-    /// A listing of `gen-*` made before the create (see
-    /// [`generations_listed`](Self::generations_listed)).
-    listed: Option<RemoteResult<Vec<ObjectMeta>>>,
+    /// The remote's clock, read once for [`young`](Self::young).
+    remote_now: Option<u64>,
+    /// A listing of `gen-*` the caller made, and when by the wall clock
+    /// (see [`generations_listed`](Self::generations_listed)).
+    listed: Option<(RemoteResult<Vec<ObjectMeta>>, std::time::SystemTime)>,
 }
 
 impl GenerationBuilder {
@@ -277,6 +287,7 @@ impl GenerationBuilder {
             checked: Default::default(),
             own_since: u64::MAX,
             committed: Default::default(),
+            remote_now: None,
             listed: None,
         }
     }
@@ -477,11 +488,12 @@ impl GenerationBuilder {
                 let usable = match self.remote.head(&key).await {
                     Ok(meta) => {
                         let named = super::history::pack_generation(&key);
-                        let young = meta.created_ms.is_some_and(|c| {
-                            c.saturating_add(RESUME_WINDOW.as_millis() as u64) > super::history::now_ms()
-                        });
                         !self.committed.contains(&key)
-                            && named.is_some_and(|g| g > self.parent.generation || (g >= self.own_since && young))
+                            && match named {
+                                Some(g) if g > self.parent.generation => true,
+                                Some(g) if g >= self.own_since => self.young(&meta).await?,
+                                _ => false,
+                            }
                     }
                     Err(e) if e.is_not_found() => {
                         tracing::warn!(pack = %key, "a pack uploaded earlier and not committed is gone: its chunks go up again");
@@ -511,6 +523,69 @@ impl GenerationBuilder {
             **base = now;
         }
         Ok(Some(r))
+    }
+
+    /// Whether a pack uploaded earlier (`meta`, just looked up) is still
+    /// within [`RESUME_WINDOW`] of its creation, by the remote's clock (gc
+    /// judges its [`RESUME_SPARED`] by the same clock).
+    async fn young(&mut self, meta: &ObjectMeta) -> VolumeResult<bool> {
+        let Some(created) = meta.created_ms else { return Ok(false) };
+        let now = match self.remote_now {
+            Some(now) => now,
+            None => {
+                let now = super::lease::remote_now_ms(&self.remote)
+                    .await
+                    .map_err(|e| VolumeError::remote(format!("reading the clock of {}", self.url), e))?;
+                self.remote_now = Some(now);
+                now
+            }
+        };
+        Ok(created.saturating_add(RESUME_WINDOW.as_millis() as u64) > now)
+    }
+
+    /// The packs uploaded earlier that this commit reuses were checked as
+    /// their chunks were added; the uploads since may have taken hours (a
+    /// laptop suspended mid-upload), long enough for gc to delete one it
+    /// spares only for [`RESUME_SPARED`] after its creation. So, right
+    /// before the create, each is looked up again and, when only its age
+    /// spares it, must still be within [`RESUME_WINDOW`] by the remote's
+    /// clock now. If one is not, nothing is created: the commit fails and
+    /// its retry uploads those chunks again.
+    async fn check_reused_still_spared(&mut self) -> VolumeResult<()> {
+        let reused: Vec<String> = self
+            .checked
+            .iter()
+            .filter(|(k, &usable)| usable && self.delta.packs.contains(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if reused.is_empty() {
+            return Ok(());
+        }
+        self.remote_now = None;
+        let mut stale = Vec::new();
+        for key in reused {
+            let spared_by_name = super::history::pack_generation(&key).is_some_and(|g| g > self.parent.generation);
+            let ok = match self.remote.head(&key).await {
+                Ok(meta) => spared_by_name || self.young(&meta).await?,
+                Err(e) if e.is_not_found() => false,
+                Err(e) => return Err(VolumeError::remote(format!("checking {}/{key}", self.url), e)),
+            };
+            if !ok {
+                self.checked.insert(key.clone(), false);
+                stale.push(key);
+            }
+        }
+        if stale.is_empty() {
+            return Ok(());
+        }
+        Err(VolumeError::Unusable(format!(
+            "{} pack(s) of {} uploaded by an earlier attempt and reused by this commit ({}) are gone or old \
+             enough for gc to delete by now (this commit took hours: was the machine suspended?); nothing was \
+             committed, and the next attempt uploads their chunks again",
+            stale.len(),
+            self.url,
+            stale.join(", ")
+        )))
     }
 
     /// Records in [`Uploaded`] the chunks of pack `key`, which just landed.
@@ -616,18 +691,15 @@ impl GenerationBuilder {
     /// generation. [`VolumeError::Conflict`] if another writer committed
     /// that generation first (nothing of ours is then referenced).
     pub async fn commit(mut self, writer: Writer) -> VolumeResult<(Manifest, CommitStats)> {
-        // The listing for the gap check goes while the packs go up.
-        let remote = self.remote.clone();
-        let given = self.listed.take();
-        let listing = async move {
-            match given {
-                Some(l) => l,
-                None => remote.list(GEN_PREFIX).await,
-            }
+        let (g, key, resolved, bytes) = self.prepare(writer).await?;
+        // Listed after the uploads, right before the create: they may take
+        // minutes, and a laptop suspended meanwhile wakes days later.
+        let listed = match self.listed.take() {
+            Some((l, at)) if at.elapsed().is_ok_and(|e| e < LISTING_FRESH) => l,
+            _ => self.remote.list(GEN_PREFIX).await,
         };
-        let (prepared, listed) = tokio::join!(self.prepare(writer), listing);
-        let (g, key, resolved, bytes) = prepared?;
         self.check_not_in_a_gap(g, listed)?;
+        self.check_reused_still_spared().await?;
         let tag = content_tag(&bytes);
         match self.remote.create(&key, self.parent.next_slot.as_ref(), &tag, PutBody::from_bytes(bytes)).await {
             Ok(_) => Ok((resolved, self.stats)),
@@ -692,10 +764,12 @@ impl GenerationBuilder {
         Ok((g, key, resolved, bytes))
     }
 
-    /// A listing of `gen-*` the caller made before this commit (alongside
-    /// other requests), so the commit makes none of its own.
-    pub fn generations_listed(&mut self, listed: RemoteResult<Vec<ObjectMeta>>) {
-        self.listed = Some(listed);
+    /// What the caller knows of the generations as of `at` (a listing of
+    /// `gen-*`, or none past the parent), so the commit makes no listing of
+    /// its own — unless its create comes more than [`LISTING_FRESH`] of
+    /// wall-clock time after `at`.
+    pub fn generations_listed(&mut self, listed: RemoteResult<Vec<ObjectMeta>>, at: std::time::SystemTime) {
+        self.listed = Some((listed, at));
     }
 
     /// A create-if-absent only sees that the key is absent now: a writer
@@ -706,16 +780,12 @@ impl GenerationBuilder {
     /// listed then cannot be built on this one); else the commit is a
     /// conflict, nothing is created, and the local changes are kept.
     fn check_not_in_a_gap(&self, g: u64, listed: RemoteResult<Vec<ObjectMeta>>) -> VolumeResult<()> {
-        let listed = match listed {
-            Ok(l) => l,
-            // A gap needs gc to have run long after the volume moved on,
-            // far rarer than a failed listing, which must not fail a
-            // commit.
-            Err(e) => {
-                tracing::warn!(url = %self.url, error = %e, "could not list generations to check the commit is the newest; accepting it");
-                return Ok(());
-            }
-        };
+        // Unchecked, the create could land in a gap no reader sees, and
+        // the chunks would be marked clean: the commit fails (and is
+        // retried, its packs reused) instead.
+        let listed = listed.map_err(|e| {
+            VolumeError::remote(format!("listing the generations of {} to check the commit is the newest", self.url), e)
+        })?;
         let Some(newer) = listed.iter().filter_map(|m| parse_gen_key(&m.key)).filter(|&n| n > g).max() else {
             return Ok(());
         };

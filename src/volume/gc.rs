@@ -38,8 +38,8 @@ use futures::StreamExt;
 use super::commit::RESUME_SPARED;
 use super::format::{new_pack_key, parse_gen_key, ChunkRef, Manifest, GEN_PREFIX, PACK_PREFIX};
 use super::history::{
-    check_writer, commit_full, frames, lease_held_elsewhere, load_generations, now_ms, pack_generation, Generations,
-    DEFAULT_ACTIVE_WINDOW,
+    check_writer, commit_full, committed_ago, frames, lease_held_elsewhere, load_generations, pack_generation,
+    remote_clock, Generations, DEFAULT_ACTIVE_WINDOW,
 };
 use super::hold::{Hold, HOLD_LIFETIME, HOLD_PREFIX};
 use super::lease::PROBE_PREFIX;
@@ -157,6 +157,9 @@ pub struct GcReport {
     /// Bytes still stored that no kept generation needs, after (dead
     /// frames inside live packs, young objects).
     pub dead_bytes: u64,
+    /// Holds kept for a cache's changes after its lease was taken over
+    /// (`volume::hold`): generation and what it is for. They never expire.
+    pub held_for_changes: Vec<(u64, String)>,
 }
 
 /// A GC plan over one snapshot of the folder.
@@ -179,6 +182,8 @@ struct Plan {
     gens: Generations,
     /// What forks' registrations and holds kept when planned.
     held: Held,
+    /// Holds kept for a cache's changes: generation and what for.
+    held_for_changes: Vec<(u64, String)>,
 }
 
 impl Plan {
@@ -240,22 +245,19 @@ impl Held {
 }
 
 /// The live holds (`hold-*.json` younger than [`HOLD_LIFETIME`], by the
-/// remote's clock when listed), and the keys of those that expired
-/// (garbage).
+/// remote's clock when listed, or kept for a cache's changes: those never
+/// expire), and the keys of those that expired (garbage).
 async fn read_holds(r: &VolumeReader, listing: &[ObjectMeta], now: u64) -> VolumeResult<(Vec<Hold>, Vec<String>)> {
     let mut held = Vec::new();
     let mut expired = Vec::new();
     let lifetime = HOLD_LIFETIME.as_millis() as u64;
     for m in listing.iter().filter(|m| m.key.starts_with(HOLD_PREFIX)) {
-        if m.created_ms.is_some_and(|c| c.saturating_add(lifetime) <= now) {
-            expired.push(m.key.clone());
-            continue;
-        }
         // Gone: its maker finished and removed it.
         let Some(h) = read_keeper::<Hold>(r, &m.key, "hold", "remove it, or wait until it expires").await? else {
             continue;
         };
-        if m.created_ms.is_none() && h.created_unix_ms.saturating_add(lifetime) <= now {
+        let created = m.created_ms.unwrap_or(h.created_unix_ms);
+        if h.for_cache.is_none() && created.saturating_add(lifetime) <= now {
             expired.push(m.key.clone());
         } else {
             held.push(h);
@@ -286,15 +288,17 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
     kept.extend(gens.objects.keys().rev().take(opts.retention.keep_generations as usize).copied());
     if let Some(days) = opts.retention.keep_days {
         let horizon = now.saturating_sub((days * 86_400_000.0) as u64);
-        kept.extend(gens.objects.keys().copied().filter(|&g| gens.created_ms(g).is_none_or(|c| c >= horizon)));
+        kept.extend(gens.objects.keys().copied().filter(|&g| gens.stored_ms(g).is_none_or(|c| c >= horizon)));
     }
     let held = Held::of(&forks, &holds);
+    let held_for_changes: Vec<(u64, String)> =
+        holds.iter().filter(|h| h.for_cache.is_some()).map(|h| (h.generation, h.what.clone())).collect();
     kept.extend(held.generations.iter().copied().filter(|g| gens.objects.contains_key(g)));
     // A reader may still serve g while the generation that replaced it
     // is young (or of unknown age).
     let stored: Vec<u64> = gens.objects.keys().copied().collect();
     for w in stored.windows(2) {
-        if !old_enough(gens.created_ms(w[1])) {
+        if !old_enough(gens.stored_ms(w[1])) {
             kept.insert(w[0]);
         }
     }
@@ -302,7 +306,7 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
     let mut protect = kept.clone();
     for &g in gens.objects.keys() {
         let listed = gens.meta.contains_key(&g);
-        if !listed || !old_enough(gens.created_ms(g)) {
+        if !listed || !old_enough(gens.stored_ms(g)) {
             protect.insert(g);
         }
     }
@@ -408,7 +412,21 @@ async fn plan(r: &VolumeReader, opts: &GcOptions, now: u64) -> VolumeResult<Plan
             young += 1;
         }
     }
-    Ok(Plan { newest, listing, kept, surviving, forks, delete, young, live, users, chain_only, gens, held })
+    Ok(Plan {
+        newest,
+        listing,
+        kept,
+        surviving,
+        forks,
+        delete,
+        young,
+        live,
+        users,
+        chain_only,
+        gens,
+        held,
+        held_for_changes,
+    })
 }
 
 /// Packs worth rewriting: used only by the newest generation (and the
@@ -583,7 +601,9 @@ async fn delete_all(r: &VolumeReader, objs: &[ObjectMeta], parallel: usize) -> V
 /// packs). In that order: a rollback that removed its hold before the
 /// second listing committed before the re-read.
 async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> VolumeResult<Plan> {
-    let mut p = plan(r, opts, now_ms()).await?;
+    // The remote's clock, as the creation times it is compared with.
+    let now = remote_clock(r).await?;
+    let mut p = plan(r, opts, now).await?;
     if opts.dry_run || p.delete.is_empty() {
         return Ok(p);
     }
@@ -592,7 +612,7 @@ async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> Vol
     delete_all(r, &manifests, opts.parallel).await?;
     report.deleted.extend(manifests.iter().map(|m| (m.key.clone(), m.size)));
     let mut used: BTreeSet<String> = BTreeSet::new();
-    let now_held = held_now(r).await?;
+    let now_held = held_now(r, now).await?;
     used.extend(now_held.objects.iter().cloned());
     // A hold naming no objects (made before holds named them): what its
     // generation references, from the manifests as loaded.
@@ -654,13 +674,13 @@ async fn round(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> Vol
 }
 
 /// What fork registrations and live holds keep now (a fresh listing of
-/// just those).
-async fn held_now(r: &VolumeReader) -> VolumeResult<Held> {
+/// just those), judged at `now` (the remote's clock).
+async fn held_now(r: &VolumeReader, now: u64) -> VolumeResult<Held> {
     let mut listing =
         r.remote.list(FORK_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?;
     listing.extend(r.remote.list(HOLD_PREFIX).await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?);
     let forks = read_forks(r, &listing).await?;
-    let (holds, _) = read_holds(r, &listing, now_ms()).await?;
+    let (holds, _) = read_holds(r, &listing, now).await?;
     Ok(Held::of(&forks, &holds))
 }
 
@@ -694,13 +714,14 @@ pub async fn gc_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<GcRepor
         return Err(VolumeError::GcTrash { url: r.url.clone(), keys });
     }
     let newest = r.newest_manifest().await?;
-    check_writer(&r.url, &newest, opts.active_window, opts.force)?;
+    check_writer(r, &newest, opts.active_window, opts.force).await?;
     let mut report = GcReport { url: r.url.clone(), dry_run: opts.dry_run, ..Default::default() };
     let first = round(r, opts, &mut report).await?;
     report.newest = first.newest.generation;
     report.objects_before = first.listing.len() as u64;
     report.bytes_before = first.bytes_before();
     report.forks = first.forks.clone();
+    report.held_for_changes = first.held_for_changes.clone();
     let mut added: Vec<(String, u64)> = Vec::new();
     if opts.dry_run {
         for m in &first.delete {
@@ -711,11 +732,9 @@ pub async fn gc_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<GcRepor
     let candidates = repack_candidates(&last, opts);
     let want_commit = !candidates.is_empty();
     if want_commit && !opts.dry_run {
-        let active = last
-            .newest
-            .writer
-            .as_ref()
-            .is_some_and(|w| now_ms().saturating_sub(w.unix_ms) < opts.active_window.as_millis() as u64);
+        // By the remote's clock on both ends; unknown counts as a moment ago.
+        let active = last.newest.writer.is_some()
+            && committed_ago(r, &last.newest).await?.is_none_or(|a| a < opts.active_window.as_millis() as u64);
         // A daemon on another host holding the writer lease serves the
         // volume however long ago it last committed.
         let held = if active || opts.force { None } else { lease_held_elsewhere(r, &last.newest).await? };
@@ -821,7 +840,7 @@ pub struct Space {
 
 /// Live vs dead bytes of the volume (a gc dry run's view).
 pub async fn space_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<Space> {
-    let p = plan(r, opts, now_ms()).await?;
+    let p = plan(r, opts, remote_clock(r).await?).await?;
     let (live, dead) = space_of(&p);
     Ok(Space {
         objects: p.listing.len() as u64,

@@ -31,8 +31,14 @@ pub(crate) struct Generations {
 }
 
 impl Generations {
-    /// When generation `g` was created: the remote's clock when the listing
-    /// says, else the writer's.
+    /// When generation `g` was created by the remote's clock, if the
+    /// listing says: what gc compares with the remote's clock now.
+    pub fn stored_ms(&self, g: u64) -> Option<u64> {
+        self.meta.get(&g).and_then(|m| m.created_ms)
+    }
+
+    /// When generation `g` was created, for people: the remote's clock when
+    /// the listing says, else the writer's.
     pub fn created_ms(&self, g: u64) -> Option<u64> {
         self.meta
             .get(&g)
@@ -307,25 +313,56 @@ pub fn log(url: &str, opts: &RemoteOptions) -> VolumeResult<Log> {
 
 /// Refuses when another host committed the newest generation within
 /// `window` (it is probably serving the volume right now), unless `force`.
-pub fn check_writer(url: &str, newest: &Manifest, window: std::time::Duration, force: bool) -> VolumeResult<()> {
+/// The age is the remote's clock now against the generation object's
+/// modification time, never this host's clock against the writer's.
+pub async fn check_writer(
+    r: &VolumeReader,
+    newest: &Manifest,
+    window: std::time::Duration,
+    force: bool,
+) -> VolumeResult<()> {
     let Some(w) = &newest.writer else { return Ok(()) };
-    let now = now_ms();
-    let age = now.saturating_sub(w.unix_ms);
-    if !force && w.host != host_name() && age < window.as_millis() as u64 {
-        return Err(VolumeError::InUse {
-            url: url.to_string(),
-            detail: format!(
-                "generation {} was committed by {} (pid {}) {} s ago, so a daemon there is probably serving it; \
-                 stop it first (or wait {} s), or pass --force",
-                newest.generation,
-                w.host,
-                w.pid,
-                age / 1000,
-                window.as_secs().saturating_sub(age / 1000)
-            ),
-        });
+    if force || w.host == host_name() {
+        return Ok(());
     }
-    Ok(())
+    let age = committed_ago(r, newest).await?;
+    if age.is_some_and(|a| a >= window.as_millis() as u64) {
+        return Ok(());
+    }
+    let ago = age.map_or_else(|| "a moment".to_string(), |a| format!("{} s", a / 1000));
+    Err(VolumeError::InUse {
+        url: r.url.clone(),
+        detail: format!(
+            "generation {} was committed by {} (pid {}) {ago} ago, so a daemon there is probably serving it; \
+             stop it first (or wait {} s), or pass --force",
+            newest.generation,
+            w.host,
+            w.pid,
+            window.as_secs().saturating_sub(age.unwrap_or(0) / 1000)
+        ),
+    })
+}
+
+/// How long ago generation `newest` was committed: the remote's clock now
+/// against its object's modification time (two hosts' clocks are never
+/// compared). None when the remote does not say (a listing that lags).
+pub(crate) async fn committed_ago(r: &VolumeReader, newest: &Manifest) -> VolumeResult<Option<u64>> {
+    let key = gen_key(newest.generation);
+    let at = match r.remote.head(&key).await {
+        Ok(m) => m.modified_ms.or(m.created_ms),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(VolumeError::remote(format!("looking up {}/{key}", r.url), e)),
+    };
+    let Some(at) = at else { return Ok(None) };
+    Ok(Some(remote_clock(r).await?.saturating_sub(at)))
+}
+
+/// The remote's clock now (`lease::remote_now_ms`): what gc compares the
+/// remote's creation times with.
+pub(crate) async fn remote_clock(r: &VolumeReader) -> VolumeResult<u64> {
+    super::lease::remote_now_ms(&r.remote)
+        .await
+        .map_err(|e| VolumeError::remote(format!("reading the clock of {}", r.url), e))
 }
 
 /// The writer lease of the volume whose newest generation is `newest`, when
@@ -352,11 +389,6 @@ async fn lease_held(
     }
     let view = super::lease::inspect(&r.remote, &r.header, newest, None).await?;
     Ok((view.standing == super::lease::Standing::Held).then_some(view))
-}
-
-/// Milliseconds since the epoch, by this host's clock.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Commits `content` (a resolved manifest) as a full manifest of the
@@ -427,7 +459,7 @@ pub fn rollback(url: &str, target: u64, opts: &RollbackOptions) -> VolumeResult<
     rt.block_on(async {
         let r = VolumeReader::open(&u, &opts.remote).await?;
         let newest = r.manifest();
-        check_writer(&r.url, &newest, DEFAULT_ACTIVE_WINDOW, opts.force)?;
+        check_writer(&r, &newest, DEFAULT_ACTIVE_WINDOW, opts.force).await?;
         // A holder on this host counts too: a daemon serving the volume here
         // would keep the disk from before the rollback and meet a conflict
         // at its next commit (and one that stopped with changes pending
@@ -472,6 +504,7 @@ pub fn rollback(url: &str, target: u64, opts: &RollbackOptions) -> VolumeResult<
             host: super::commit::host_name(),
             created_unix_ms: super::lease::local_now_ms(),
             packs: super::hold::own_objects(&old),
+            for_cache: None,
         };
         let body = serde_json::to_vec_pretty(&hold).expect("a hold serialises");
         if !super::hold::place(&r, &key, body, target, super::hold::LISTED_WITHIN).await? {

@@ -15,6 +15,13 @@
 //! all) after that, so gc's second listing comes later still and shows the
 //! hold. If it is not, gc got there first: the maker stops, having
 //! referenced nothing.
+//!
+//! A hold *for a cache* (`for_cache`) is placed by a host that takes the
+//! writer lease over from another (forced, or expired while it slept): it
+//! keeps the generation the old holder's changes are based on, so its
+//! `fork` still works however long it takes to come back. It never expires;
+//! that cache's `fork` or `discard-local` removes it, and so does its next
+//! take of the lease (it came back with nothing to fork).
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::format::{gen_key, split_pack_key, Manifest};
 use super::history::frames;
 use super::{VolumeError, VolumeReader, VolumeResult};
-use crate::remote::PutBody;
+use crate::remote::{DynRemote, PutBody};
 
 /// Key prefix of holds (`hold-<16 hex>.json`).
 pub const HOLD_PREFIX: &str = "hold-";
@@ -46,6 +53,11 @@ pub struct Hold {
     /// The objects of the folder the generation references, kept by name
     /// (gc may have retired the generation's manifest meanwhile).
     pub packs: Vec<String>,
+    /// The cache whose local changes are based on the generation (a
+    /// holder taken over): the hold never expires, and goes when that
+    /// cache forks, discards its changes or takes the lease again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_cache: Option<String>,
 }
 
 /// The objects of its own folder that resolved manifest `m` references:
@@ -121,5 +133,64 @@ async fn confirm(r: &VolumeReader, key: &str, generation: u64, within: Duration)
 pub(crate) async fn release(r: &VolumeReader, key: &str) {
     if let Err(e) = r.remote.delete(key).await {
         tracing::warn!(url = %r.url, key, error = %e, "could not remove a hold; gc removes it once it expires");
+    }
+}
+
+/// Keeps generation `m` (resolved) for the changes of the cache `cache_id`
+/// on host `host`, which lost the writer lease (`what` says how). Best
+/// effort: a failure is logged (the old holder's fork then depends on
+/// retention, as before).
+pub(crate) async fn keep_for_cache(r: &VolumeReader, m: &Manifest, cache_id: &str, host: &str, what: &str) {
+    let hold = Hold {
+        generation: m.generation,
+        what: format!("the changes of {host} (cache {cache_id}), {what}"),
+        host: super::commit::host_name(),
+        created_unix_ms: super::lease::local_now_ms(),
+        packs: own_objects(m),
+        for_cache: Some(cache_id.to_string()),
+    };
+    let key = new_hold_key();
+    let body = serde_json::to_vec_pretty(&hold).expect("hold serialises");
+    match place(r, &key, body, m.generation, LISTED_WITHIN).await {
+        Ok(true) => tracing::info!(
+            url = %r.url,
+            generation = m.generation,
+            "gc keeps generation {} for {host}'s changes ({key}) until that host forks or discards them",
+            m.generation
+        ),
+        Ok(false) => {
+            tracing::warn!(url = %r.url, generation = m.generation, "generation {} is gone already: {host}'s changes on it can no longer be forked", m.generation)
+        }
+        Err(e) => {
+            tracing::warn!(url = %r.url, error = %e, "could not keep generation {} for {host}'s changes", m.generation)
+        }
+    }
+}
+
+/// Removes the holds kept for the cache `cache_id` (it forked, discarded
+/// its changes, or took the lease again with none) from the volume at
+/// `url`. Best effort: one left is listed by gc.
+pub(crate) async fn release_for_cache(remote: DynRemote, url: String, cache_id: String) {
+    let listing = match remote.list(HOLD_PREFIX).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(url = %url, error = %e, "could not list holds to remove this cache's");
+            return;
+        }
+    };
+    for m in listing {
+        let Ok(b) = remote.get(&m.key).await else { continue };
+        let Ok(h) = serde_json::from_slice::<Hold>(&b) else { continue };
+        if h.for_cache.as_deref() != Some(cache_id.as_str()) {
+            continue;
+        }
+        match remote.delete(&m.key).await {
+            Ok(()) => {
+                tracing::info!(url = %url, key = %m.key, generation = h.generation, "removed the hold on generation {} kept for this cache's changes", h.generation)
+            }
+            Err(e) => {
+                tracing::warn!(url = %url, key = %m.key, error = %e, "could not remove the hold kept for this cache's changes; gc lists it")
+            }
+        }
     }
 }

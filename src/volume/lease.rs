@@ -354,10 +354,6 @@ pub struct Taken {
     pub forked: Option<LeaseView>,
 }
 
-/// How long after its served generation was known to be the newest a
-/// volume skips the listing a commit makes to find a gap gc left.
-const RECENTLY_NEWEST: Duration = Duration::from_secs(60);
-
 /// Takes the lease of the volume `vol` serves (its served generation must
 /// be the newest; the take is a commit on top of it). Refuses with
 /// [`VolumeError::LeaseHeld`] while another host holds it, unless
@@ -392,7 +388,7 @@ pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -
             },
             view.describe()
         );
-        forked = Some(view);
+        forked = Some(view.clone());
     } else if view.standing == Standing::Expired {
         tracing::info!(url = %vol.url, "taking over an expired lease: {}", view.describe());
     }
@@ -413,9 +409,10 @@ pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -
     b.set_lease(Some(record.clone()));
     // Known as the newest a moment ago (the usual take, at start): no
     // generation after it can be old enough for gc to have retired the
-    // one this commit creates, so the check for that gap needs no listing.
-    if vol.known_newest_within(RECENTLY_NEWEST) {
-        b.generations_listed(Ok(Vec::new()));
+    // one this commit creates, so the check for that gap needs no listing
+    // (unless the create comes much later: `commit::LISTING_FRESH`).
+    if let Some(at) = vol.newest_known_at() {
+        b.generations_listed(Ok(Vec::new()), at);
     }
     let manifest = match b.commit(writer_record(&claim.cache_id)).await {
         Ok((m, _)) => m,
@@ -433,6 +430,33 @@ pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -
         }
         Err(e) => return Err(e),
     };
+    // The holder taken over may hold changes (or make them when its laptop
+    // wakes): its `fork` needs the generation they are based on, whatever
+    // gc's retention says meanwhile. That is the newest (the holder's last
+    // commit), or the one its heartbeat names if older (a heartbeat may lag
+    // behind a commit, a commit behind its install after a crash).
+    let taken_from = forked.as_ref().or((view.standing == Standing::Expired).then_some(&view));
+    if let Some(h) = taken_from.and_then(|v| v.holder.as_ref()) {
+        let how = if forked.is_some() { "taken over by force" } else { "expired" };
+        let mut bases = vec![parent.generation];
+        if h.generation < parent.generation {
+            bases.push(h.generation);
+        }
+        for g in bases {
+            let base = if g == parent.generation { Ok((*parent).clone()) } else { vol.load_generation(g).await };
+            match base {
+                Ok(m) => {
+                    super::hold::keep_for_cache(vol, &m, &h.cache_id, &h.host, &format!("whose lease was {how}")).await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "generation {g}, which {}'s changes may be based on, cannot be read: a fork of them may not work", h.host)
+                }
+            }
+        }
+    }
+    // Back with nothing to fork: holds kept for this cache's changes go
+    // (in the background: a start waits for no extra request).
+    tokio::spawn(super::hold::release_for_cache(vol.remote.clone(), vol.url.clone(), claim.cache_id.clone()));
     let holder = LeaseHolder::new(vol.remote.clone(), &vol.header.volume_id, record);
     if let Err(e) = holder.renew(g, claim.pending_bytes).await {
         // The lease is ours by the generation alone; the next renewal

@@ -523,10 +523,10 @@ impl VolumeReader {
         self.manifest.store(Arc::new(m));
     }
 
-    /// True when the served generation was known to be the newest less
-    /// than `d` ago (never for a volume opened offline).
-    pub fn known_newest_within(&self, d: std::time::Duration) -> bool {
-        self.newest_known_at.lock().is_some_and(|t| t.elapsed().is_ok_and(|e| e < d))
+    /// When the served generation was last known to be the newest, by the
+    /// wall clock (None for a volume opened offline).
+    pub fn newest_known_at(&self) -> Option<std::time::SystemTime> {
+        *self.newest_known_at.lock()
     }
 
     /// The newest committed generation on the remote now, resolved.

@@ -405,7 +405,8 @@ pub fn discard_local(root: &Path, url: &str, flags: &[String]) {
 /// `gc_retired`: meanwhile the other host commits more and gc (keep 1,
 /// grace 0) retires every older generation, the one the laptop commits
 /// next among them: its create would find that key free again, and the
-/// commit must still be refused.
+/// commit must still be refused. gc keeps the one the laptop's changes
+/// are based on (the takeover put a hold on it), so they still fork.
 pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String], gc_retired: bool) {
     let a = Host::new(root, "laptop", flags, &[("DRIVEBLK_LEASE_TTL_MS", "1500")]);
     let b = Host::new(root, "desktop", flags, &[]);
@@ -449,6 +450,7 @@ pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String], gc_re
         assert!(db.stop().success());
         let rep = b.cli_ok(&["gc", url, "--keep-generations", "1", "--grace", "0s", "--json"]);
         assert!(rep.contains(&format!("gen-{next:020}")), "gc retired the laptop's next generation: {rep}");
+        assert!(rep.contains("the changes of laptop"), "gc does not say what it keeps for the laptop: {rep}");
     }
     // The laptop wakes up and writes.
     unsafe { libc::kill(pid, libc::SIGCONT) };
@@ -465,19 +467,124 @@ pub fn sleeping_holder_is_fenced(root: &Path, url: &str, flags: &[String], gc_re
     assert!(read_all(&mut rc) == want_b, "the woken holder overwrote the other host's generation");
     drop(rc);
     assert!(dr.stop().success());
-    if gc_retired {
-        // The generation its changes are based on is gone (retention):
-        // a fork is refused, and says why.
-        let o = a.cli(&["fork", url, &format!("{url}-laptop"), "--cache-dir", a.cache.to_str().unwrap()]);
-        assert!(!o.status.success(), "a fork of a retired generation");
-        return;
-    }
-    // Its change is kept: a fork holds the laptop's disk.
+    // Its change is kept: a fork holds the laptop's disk — even after gc
+    // with `--keep-generations 1`: the takeover put a hold on the
+    // generation the laptop's changes are based on, which its fork removes.
     let f = format!("{url}-laptop");
     a.cli_ok(&["fork", url, &f, "--cache-dir", a.cache.to_str().unwrap()]);
+    if let Some(dir) = url.strip_prefix("dir:") {
+        let holds: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("hold-"))
+            .collect();
+        assert!(holds.is_empty(), "the fork left the hold kept for its changes: {holds:?}");
+    }
     let dr = reader.serve(&f, &["--read-only"]);
     let mut rc = Client::connect_with(&dr.socket, 1, true);
     assert!(read_all(&mut rc) == want_a, "the fork lost the woken holder's change");
+    drop(rc);
+    assert!(dr.stop().success());
+}
+
+/// A laptop frozen while its commit's packs upload (SIGSTOP: a lid closed
+/// mid-commit, after the commit had started): another host takes the lease
+/// by force, commits past it, and gc (keep 1, grace 0) retires every older
+/// generation, the one the laptop is committing among them. Woken, the
+/// laptop finds that key free again; its commit must still be refused —
+/// landed there, it would sit in a gap no reader looks at, its chunks
+/// marked clean, its packs later deleted by gc.
+pub fn frozen_mid_commit_is_fenced(root: &Path, url: &str, flags: &[String]) {
+    let a = Host::new(root, "laptop", flags, &[]);
+    let b = Host::new(root, "desktop", flags, &[]);
+    let mut want = import(&a, url);
+    // 2 MiB of changes that do not compress, at 512 KiB/s: 4 s of upload.
+    let da = a.serve(url, &["--bwlimit", "512K:off"]);
+    let pid = da.child.as_ref().unwrap().id() as i32;
+    let mut c = connect(&da);
+    prime(&mut c, &mut [&mut want]);
+    let mut want_a = want.clone();
+    write(&mut c, 1 << 20, &crate::common::pattern(17, 2 << 20), &mut want_a);
+    drop(c);
+    wait_pending(&b, url, "laptop");
+    let info: Value = serde_json::from_str(&a.cli_ok(&["info", "--json", url])).unwrap();
+    let next = info["generation"].as_u64().unwrap() + 1;
+    let mut sync = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["sync", url, "--cache-dir", a.cache.to_str().unwrap(), "--timeout", "120"])
+        .args(&a.flags)
+        .envs(a.env())
+        .stderr(std::fs::File::create(a.dir.join("sync.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    // The commit has started (its chunks are read and packed at once);
+    // its pack is still going up.
+    std::thread::sleep(Duration::from_millis(1500));
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let info: Value = serde_json::from_str(&a.cli_ok(&["info", "--json", url])).unwrap();
+    assert_eq!(info["generation"].as_u64(), Some(next - 1), "the laptop committed before it was frozen");
+    // The desktop takes over and writes; a full manifest, so gc needs no
+    // older generation for the newest's delta chain.
+    let mut want_b = want.clone();
+    let db = b.serve(url, &["--force-takeover"]);
+    let mut cb = connect(&db);
+    for chunk in 3..14u64 {
+        write(&mut cb, chunk << 18, &crate::common::pattern(40 + chunk, 1 << 18), &mut want_b);
+    }
+    drop(cb);
+    assert!(db.stop().success());
+    let rep = b.cli_ok(&["gc", url, "--keep-generations", "1", "--grace", "0s", "--json"]);
+    assert!(rep.contains(&format!("gen-{next:020}")), "gc did not retire the laptop's next generation: {rep}");
+    // The laptop wakes up: its commit is refused, never created in the gap.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let st = crate::common::wait_timeout(&mut sync, Duration::from_secs(150));
+    let e = std::fs::read_to_string(a.dir.join("sync.stderr")).unwrap();
+    assert!(!st.success() && e.contains("moved on"), "the woken laptop's commit was not fenced: {e}");
+    if let Some(dir) = url.strip_prefix("dir:") {
+        let gap = Path::new(dir).join(format!("gen-{next:020}"));
+        assert!(!gap.exists(), "the woken laptop committed generation {next} in the gap gc left");
+    }
+    assert_eq!(da.stop().code(), Some(78), "a stop with diverged changes exits 78");
+    let reader = Host::new(root, "reader", flags, &[]);
+    let dr = reader.serve(url, &["--read-only"]);
+    let mut rc = Client::connect_with(&dr.socket, 1, true);
+    assert!(read_all(&mut rc) == want_b, "the remote is not the desktop's disk");
+    drop(rc);
+    assert!(dr.stop().success());
+}
+
+/// gc judges ages by the remote's clock alone, never a host's: run from a
+/// host whose clock is an hour ahead, it still sees that another host
+/// committed a moment ago (and refuses); run from one two days ahead (as
+/// the writer's host, so past that check), it deletes nothing younger than
+/// its grace period (24 h by default) — not even what retention retired.
+pub fn gc_by_the_remote_clock(root: &Path, url: &str, flags: &[String]) {
+    let a = Host::new(root, "desktop", flags, &[]);
+    let ahead = Host::new(root, "laptop", flags, &[("DRIVEBLK_TEST_CLOCK_OFFSET_S", "3600")]);
+    let far = Host::new(
+        root,
+        "desktop-later",
+        flags,
+        &[("DRIVEBLK_TEST_CLOCK_OFFSET_S", "172800"), ("DRIVEBLK_HOSTNAME", "desktop")],
+    );
+    let mut want = import(&a, url);
+    for seed in [31, 32] {
+        let da = a.serve(url, &[]);
+        let mut c = connect(&da);
+        write(&mut c, 0, &crate::common::pattern(seed, 1 << 18), &mut want);
+        drop(c);
+        assert!(da.stop().success());
+    }
+    let o = ahead.cli(&["gc", url, "--keep-generations", "1"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("committed by desktop"), "gc ran over a writer of a moment ago: {e}");
+    let o = far.cli(&["gc", url, "--keep-generations", "1", "--json"]);
+    assert!(o.status.success(), "gc: {}", String::from_utf8_lossy(&o.stderr));
+    let rep: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rep["deleted"], serde_json::json!([]), "gc deleted objects younger than its grace period: {rep}");
+    let reader = Host::new(root, "reader", flags, &[]);
+    let dr = reader.serve(url, &["--read-only"]);
+    let mut rc = Client::connect_with(&dr.socket, 1, true);
+    assert!(read_all(&mut rc) == want);
     drop(rc);
     assert!(dr.stop().success());
 }
