@@ -212,12 +212,25 @@ pub async fn remote_now_ms(remote: &DynRemote) -> RemoteResult<u64> {
         Some(_) => meta,
         None => remote.head(&key).await.unwrap_or(meta),
     };
-    meta.modified_ms.ok_or_else(|| crate::remote::RemoteError::Fatal {
+    let ms = meta.modified_ms.ok_or_else(|| crate::remote::RemoteError::Fatal {
         remote: remote.describe(),
         op: "put",
         key,
         message: "the remote reports no modification time".into(),
-    })
+    })?;
+    Ok(end_of_second(ms))
+}
+
+/// A time read to the whole second (an S3 store's `Last-Modified` header)
+/// taken at the end of its second: listings give milliseconds, and an
+/// object made earlier in that second must not look made after "now"
+/// (gc would keep it as young, whatever its grace).
+fn end_of_second(ms: u64) -> u64 {
+    if ms % 1000 == 0 {
+        ms + 999
+    } else {
+        ms
+    }
 }
 
 /// Reads the holder's heartbeat: its record and when it was written (by

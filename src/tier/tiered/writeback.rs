@@ -133,21 +133,27 @@ pub struct SyncStatus {
 
 /// Watches a wait for uploads (a stop's, a final sync's) and says when
 /// waiting longer is pointless: write-back paused for a person to act
-/// (quota, credentials), or every attempt failing with nothing landing
-/// for the remote budget (`--remote-wait`: the network gone). A stop then
+/// (quota, credentials), or [`FAILURES_GONE`] attempts in a row failing
+/// with nothing landing for the remote budget (`--remote-wait`: the
+/// network gone). A stop then
 /// ends at once instead of holding a shutdown for all of `--sync-timeout`;
 /// what is left stays in the cache and goes up at the next start.
 #[derive(Debug)]
 pub struct UploadWatch {
     budget: Duration,
-    /// Failed attempts when the watch began: only a failure seen while
-    /// watching counts (an old one, followed by a slow attempt that is
-    /// still going, does not).
+    /// Failed attempts when the watch began or progress was last seen:
+    /// only failures after it count (an old one, followed by a slow
+    /// attempt that is still going, does not).
     failures: Option<u64>,
     /// The last commit and chunks landed seen, and since when.
     progress: Option<(u64, u64)>,
     since: Instant,
 }
+
+/// Failed attempts in a row, with nothing landing, before the network
+/// counts as gone: one attempt cut by a blip, or started while the link
+/// was down and failing once it is back, is followed by one that works.
+const FAILURES_GONE: u64 = 3;
 
 impl UploadWatch {
     pub fn new(budget: Duration) -> Self {
@@ -159,12 +165,12 @@ impl UploadWatch {
         if st.paused {
             return Some(format!("write-back is paused: {}", st.last_error.as_deref().unwrap_or("refused")));
         }
-        let first = *self.failures.get_or_insert(st.failed_attempts);
         let progress = (st.committed_cut, st.uploading_done);
         if self.progress != Some(progress) {
-            (self.progress, self.since) = (Some(progress), Instant::now());
+            (self.progress, self.since, self.failures) = (Some(progress), Instant::now(), Some(st.failed_attempts));
         }
-        let error = st.last_error.as_deref().filter(|_| st.failed_attempts > first)?;
+        let first = *self.failures.get_or_insert(st.failed_attempts);
+        let error = st.last_error.as_deref().filter(|_| st.failed_attempts >= first + FAILURES_GONE)?;
         (self.since.elapsed() >= self.budget)
             .then(|| format!("nothing reached the remote for {} s (--remote-wait): {error}", self.budget.as_secs()))
     }
