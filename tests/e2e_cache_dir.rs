@@ -87,36 +87,76 @@ fn every_spelling_of_a_volume_url_finds_its_cache() {
     assert_eq!(dirs.len(), 1, "{dirs:?}");
 }
 
+/// A volume of a 2 MiB raw image on a `dir:` remote under `dir`, served
+/// with its cache in `dir/cache` and killed (as in a crash) with a flushed
+/// write that lives in the cache only.
+struct KilledWithAWrite {
+    url: String,
+    cache: std::path::PathBuf,
+    sock: std::path::PathBuf,
+    /// The image imported.
+    data: Vec<u8>,
+    /// The page written and not uploaded.
+    page: Vec<u8>,
+}
+
+impl KilledWithAWrite {
+    /// `serve`'s arguments for the volume and cache.
+    fn args(&self) -> Vec<&str> {
+        let cache = self.cache.to_str().unwrap();
+        vec![
+            "--volume",
+            &self.url,
+            "--format",
+            "raw",
+            "--cache-dir",
+            cache,
+            "--sync-interval",
+            "3600",
+            "--boot-profile",
+            "off",
+        ]
+    }
+
+    /// Runs a driveblk command on the cache.
+    fn cli(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        Command::new(env!("CARGO_BIN_EXE_driveblk"))
+            .args(args)
+            .args(["--cache-dir", self.cache.to_str().unwrap()])
+            .output()
+    }
+}
+
+fn killed_with_a_write_in_cache(dir: &std::path::Path) -> KilledWithAWrite {
+    let img = dir.join("disk.raw");
+    let data = common::make_raw(&img, 2 << 20, 6);
+    let url = format!("dir:{}/vol", dir.display());
+    let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut k = KilledWithAWrite { url, cache: dir.join("cache"), sock: dir.join("sock"), data, page: Vec::new() };
+    let mut dmn = common::Daemon::start(&k.sock, &k.args());
+    let mut c = common::Client::connect(&k.sock, 1);
+    k.page = write_kept_in_cache(&mut c);
+    drop(c);
+    let mut child = dmn.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    k
+}
+
 /// A cache whose state file is damaged may hold writes never uploaded:
 /// `serve` refuses it with the reason and the way out, changes nothing in
 /// it, and `discard-local` removes it when the user says so.
 #[test]
 fn a_cache_with_a_damaged_state_is_refused_not_dropped() {
     let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("disk.raw");
-    let data = common::make_raw(&img, 2 << 20, 6);
-    let url = format!("dir:{}/vol", d.path().display());
-    let cache = d.path().join("cache");
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_driveblk")).args(args).args(["--cache-dir", cache.to_str().unwrap()]).output()
-    };
-    let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
-        .args(["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &url])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let sock = d.path().join("sock");
-    let args = ["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
-    let args = [&args[..], &["--sync-interval", "3600", "--boot-profile", "off"]].concat();
-
-    // A flushed write that lives in the cache only, then a crash.
-    let mut dmn = common::Daemon::start(&sock, &args);
-    let mut c = common::Client::connect(&sock, 1);
-    let page = write_kept_in_cache(&mut c);
-    drop(c);
-    let mut child = dmn.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let k = killed_with_a_write_in_cache(d.path());
+    let (url, cache, sock, data, page) = (&k.url, &k.cache, &k.sock, &k.data, &k.page);
+    let args = k.args();
+    let cli = |a: &[&str]| k.cli(a);
 
     // One byte of the state file goes bad (after its header line).
     let state = cache.join("state");
@@ -129,44 +169,23 @@ fn a_cache_with_a_damaged_state_is_refused_not_dropped() {
     assert!(before[1].1.windows(4096).any(|w| w == page), "the unsaved write is in the cache's data file");
 
     // Refused, with the reason and the way out; nothing in it changed.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
-        .arg("serve")
-        .arg("--socket")
-        .arg(&sock)
-        .args(&args)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed().as_secs() > 30 {
-            child.kill().unwrap();
-            panic!("serve started on a cache whose state is damaged");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "{err}");
+    let err = serve_refused(sock, &args);
     assert!(err.contains("checksum") && err.contains("not yet uploaded") && err.contains("discard-local"), "{err}");
     for (f, bytes) in &before {
         assert!(std::fs::read(cache.join(f)).unwrap() == *bytes, "serve changed the cache's {f}");
     }
     // So does export, which reads the cache's changes too.
     let out = d.path().join("out.raw");
-    let o = cli(&["export", "--quiet", &url, out.to_str().unwrap()]).unwrap();
+    let o = cli(&["export", "--quiet", url, out.to_str().unwrap()]).unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("discard-local"));
 
     // The user drops it: the next start follows the remote, at once (the
     // damaged state still named the cache holding the writer lease).
-    let o = cli(&["discard-local", &url]).unwrap();
+    let o = cli(&["discard-local", url]).unwrap();
     let msg = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && msg.contains("state could not be read"), "{msg}");
-    let dmn = common::Daemon::start(&sock, &args);
-    let mut c = common::Client::connect(&sock, 1);
+    let dmn = common::Daemon::start(sock, &args);
+    let mut c = common::Client::connect(sock, 1);
     assert!(c.read(65536, 4096).unwrap() == data[65536..65536 + 4096], "the dropped write is gone");
     drop(c);
     assert!(dmn.stop().success());
@@ -207,30 +226,10 @@ fn serve_refused(sock: &std::path::Path, args: &[&str]) -> String {
 fn a_cache_a_newer_driveblk_wrote_is_refused_as_newer_not_damaged() {
     use sha2::Digest;
     let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("disk.raw");
-    common::make_raw(&img, 2 << 20, 6);
-    let url = format!("dir:{}/vol", d.path().display());
-    let cache = d.path().join("cache");
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_driveblk")).args(args).args(["--cache-dir", cache.to_str().unwrap()]).output()
-    };
-    let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
-        .args(["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &url])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let sock = d.path().join("sock");
-    let args = ["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
-    let args = [&args[..], &["--sync-interval", "3600", "--boot-profile", "off"]].concat();
-
-    // A stopped daemon with a flushed write not uploaded.
-    let mut dmn = common::Daemon::start(&sock, &args);
-    let mut c = common::Client::connect(&sock, 1);
-    let page = write_kept_in_cache(&mut c);
-    drop(c);
-    let mut child = dmn.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let k = killed_with_a_write_in_cache(d.path());
+    let (url, cache, sock, page) = (&k.url, &k.cache, &k.sock, &k.page);
+    let args = k.args();
+    let cli = |a: &[&str]| k.cli(a);
 
     // Its state as a newer driveblk would write it: a higher version,
     // checksummed as the state file is (SHA-256 of all before it).
@@ -251,7 +250,7 @@ fn a_cache_a_newer_driveblk_wrote_is_refused_as_newer_not_damaged() {
     let lease = || {
         let empty = d.path().join("no-cache");
         let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
-            .args(["status", &url, "--json", "--cache-dir", empty.to_str().unwrap()])
+            .args(["status", url, "--json", "--cache-dir", empty.to_str().unwrap()])
             .output()
             .unwrap();
         assert!(o.status.success(), "status: {}", String::from_utf8_lossy(&o.stderr));
@@ -260,12 +259,12 @@ fn a_cache_a_newer_driveblk_wrote_is_refused_as_newer_not_damaged() {
     let holder = lease();
     assert!(holder.is_string(), "the killed daemon held the lease: {holder}");
 
-    let err = serve_refused(&sock, &args);
+    let err = serve_refused(sock, &args);
     let newer = "newer driveblk (cache state v99, this one reads up to v";
     assert!(err.contains(newer) && err.contains("driveblk sync") && err.contains("nothing was changed"), "{err}");
     assert!(!err.contains("checksum") && !err.contains("cannot be used"), "called damaged: {err}");
     // discard-local refuses it too, without --force.
-    let o = cli(&["discard-local", &url]).unwrap();
+    let o = cli(&["discard-local", url]).unwrap();
     let msg = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && msg.contains("newer driveblk") && msg.contains("--force"), "{msg}");
     for (f, b) in files.iter().zip(&before) {
@@ -274,7 +273,7 @@ fn a_cache_a_newer_driveblk_wrote_is_refused_as_newer_not_damaged() {
     assert_eq!(lease(), holder, "the lease was released");
     // Forced, the cache goes, and its lease stays (this binary cannot
     // tell what that state says of it).
-    let o = cli(&["discard-local", &url, "--force"]).unwrap();
+    let o = cli(&["discard-local", url, "--force"]).unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!state.exists() && !cache.join("data").exists());
     assert_eq!(lease(), holder, "a forced discard of a newer cache released its lease");

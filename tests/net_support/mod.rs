@@ -83,3 +83,23 @@ async fn pipe(
     }
     let _ = to.shutdown().await;
 }
+
+/// After [`SuspendProxy::suspend`]: reads `len` bytes of `key` through the
+/// retry wrapper (3 attempts of up to 30 s) and checks a time-out dropped
+/// the dead pooled connections, so the read came back within `within`
+/// instead of each retry taking another dead one.
+pub async fn read_after_suspend(r: driveblk::remote::DynRemote, key: &str, len: u64, within: Duration) {
+    use driveblk::remote::{RetryPolicy, RetryingRemote};
+    let policy = RetryPolicy {
+        max_attempts: 3,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(50),
+        seed: Some(1),
+        attempt_timeout: Duration::from_secs(30),
+    };
+    let retried = RetryingRemote::wrap(r, policy);
+    let t0 = std::time::Instant::now();
+    let got = retried.get_range(key, 0..len).await;
+    assert_eq!(got.expect("a retry after a time-out took another dead pooled connection").len() as u64, len);
+    assert!(t0.elapsed() < within, "{:?}", t0.elapsed());
+}
