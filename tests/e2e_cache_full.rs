@@ -21,20 +21,33 @@ fn run_ok(args: &[&str]) {
     assert!(out.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-#[test]
-fn a_full_cache_disk_fails_writes_keeps_reads_and_loses_nothing_flushed() {
+/// A 48 MiB volume of `pattern(seed)` imported (with `import_args`) to a
+/// `dir:` remote under `dir`, and a 12 MiB tmpfs mounted at `dir/cache`
+/// for its cache (unmounted when the guard drops): the image, the URL,
+/// the cache directory.
+fn volume_with_a_small_cache_disk(
+    dir: &std::path::Path,
+    seed: u64,
+    import_args: &[&str],
+) -> (Vec<u8>, String, std::path::PathBuf, Mount) {
     assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
-    let dir = tempfile::tempdir().unwrap();
-    let src_data = pattern(7, 48 << 20);
-    let src = dir.path().join("src.raw");
+    let src_data = pattern(seed, 48 << 20);
+    let src = dir.join("src.raw");
     std::fs::write(&src, &src_data).unwrap();
-    let url = format!("dir:{}", dir.path().join("remote/vol").display());
-    run_ok(&["import", "--quiet", src.to_str().unwrap(), &url]);
-    let mnt = dir.path().join("cache");
+    let url = format!("dir:{}", dir.join("remote/vol").display());
+    run_ok(&[&["import", "--quiet"], import_args, &[src.to_str().unwrap(), &url]].concat());
+    let mnt = dir.join("cache");
     std::fs::create_dir(&mnt).unwrap();
     let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(&mnt).status().unwrap();
     assert!(st.success(), "mount tmpfs");
-    let _m = Mount(mnt.clone());
+    let guard = Mount(mnt.clone());
+    (src_data, url, mnt, guard)
+}
+
+#[test]
+fn a_full_cache_disk_fails_writes_keeps_reads_and_loses_nothing_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src_data, url, mnt, _m) = volume_with_a_small_cache_disk(dir.path(), 7, &[]);
     let sock = dir.path().join("sock");
     let args = [
         "--volume",
@@ -99,18 +112,8 @@ fn a_full_cache_disk_fails_writes_keeps_reads_and_loses_nothing_flushed() {
 /// shows the disk's free space and the bytes copied aside.
 #[test]
 fn a_rewrite_during_an_upload_on_a_full_cache_disk_evicts_clean_chunks() {
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
     let dir = tempfile::tempdir().unwrap();
-    let src_data = pattern(8, 48 << 20);
-    let src = dir.path().join("src.raw");
-    std::fs::write(&src, &src_data).unwrap();
-    let url = format!("dir:{}", dir.path().join("remote/vol").display());
-    run_ok(&["import", "--quiet", "--chunk-size", "256K", src.to_str().unwrap(), &url]);
-    let mnt = dir.path().join("cache");
-    std::fs::create_dir(&mnt).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(&mnt).status().unwrap();
-    assert!(st.success(), "mount tmpfs");
-    let _m = Mount(mnt.clone());
+    let (src_data, url, mnt, _m) = volume_with_a_small_cache_disk(dir.path(), 8, &["--chunk-size", "256K"]);
     let sock = dir.path().join("sock");
     let log = dir.path().join("serve.log");
     let args = [
