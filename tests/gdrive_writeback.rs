@@ -210,14 +210,9 @@ fn cut_short_on_drive(restart: bool) {
 /// instead of making a new empty one there and committing into it (where
 /// no reader looks, and which the user would delete as junk). Renamed
 /// back, the changes go up.
-#[test]
-fn gdrive_a_renamed_volume_folder_is_never_made_again() {
-    use driveblk::format::{IoMode, IoVec};
-    use driveblk::tier::Storage;
-    let env = start(driveemu::Config::default(), Creds::User);
-    let mut cfg = env.cfg.clone();
-    cfg.drive.open_grace = Duration::from_millis(200);
-    let remote = driveblk::volume::RemoteOptions {
+/// Remote options over `cfg` with three quick attempts per request.
+fn quick_retries(cfg: driveblk::remote::RemoteConfig) -> driveblk::volume::RemoteOptions {
+    driveblk::volume::RemoteOptions {
         layer: None,
         retry: driveblk::remote::RetryPolicy {
             max_attempts: 3,
@@ -228,9 +223,12 @@ fn gdrive_a_renamed_volume_folder_is_never_made_again() {
         },
         config: std::sync::Arc::new(cfg),
         key: None,
-    };
-    let (img, mut want) = tier_support::raw_image(env.dir.path(), "disk.raw", 2 << 20, 62);
-    let url = "gdrive:/vms/disk";
+    }
+}
+
+/// Imports a 2 MiB raw image of `seed` to `url`; returns its bytes.
+fn imported(env: &gdrive_support::DriveEnv, url: &str, remote: &driveblk::volume::RemoteOptions, seed: u64) -> Vec<u8> {
+    let (img, want) = tier_support::raw_image(env.dir.path(), "disk.raw", 2 << 20, seed);
     let io = driveblk::volume::ImportOptions {
         chunk_size: tier_support::CS,
         pack_size: 1 << 20,
@@ -238,6 +236,19 @@ fn gdrive_a_renamed_volume_folder_is_never_made_again() {
         ..Default::default()
     };
     driveblk::volume::import(&img, url, &io).unwrap();
+    want
+}
+
+#[test]
+fn gdrive_a_renamed_volume_folder_is_never_made_again() {
+    use driveblk::format::{IoMode, IoVec};
+    use driveblk::tier::Storage;
+    let env = start(driveemu::Config::default(), Creds::User);
+    let mut cfg = env.cfg.clone();
+    cfg.drive.open_grace = Duration::from_millis(200);
+    let remote = quick_retries(cfg);
+    let url = "gdrive:/vms/disk";
+    let mut want = imported(&env, url, &remote, 62);
     let cache = env.dir.path().join("cache");
     let write = |s: &dyn Storage, off: u64, fill: u8, want: &mut Vec<u8>| {
         let mut v = vec![fill; 4096];
@@ -286,27 +297,9 @@ fn gdrive_a_new_login_is_used_without_a_restart() {
     use driveblk::remote::gdrive::auth::AuthorizedUser;
     use driveblk::tier::Storage;
     let env = start(driveemu::Config::default(), Creds::User);
-    let remote = driveblk::volume::RemoteOptions {
-        layer: None,
-        retry: driveblk::remote::RetryPolicy {
-            max_attempts: 3,
-            base_delay: Duration::from_millis(5),
-            max_delay: Duration::from_millis(50),
-            seed: Some(3),
-            attempt_timeout: Duration::from_secs(30),
-        },
-        config: std::sync::Arc::new(env.cfg.clone()),
-        key: None,
-    };
-    let (img, mut want) = tier_support::raw_image(env.dir.path(), "disk.raw", 2 << 20, 63);
+    let remote = quick_retries(env.cfg.clone());
     let url = "gdrive:/vms/disk";
-    let io = driveblk::volume::ImportOptions {
-        chunk_size: tier_support::CS,
-        pack_size: 1 << 20,
-        remote: remote.clone(),
-        ..Default::default()
-    };
-    driveblk::volume::import(&img, url, &io).unwrap();
+    let mut want = imported(&env, url, &remote, 63);
     let write = |s: &dyn Storage, off: u64, fill: u8, want: &mut Vec<u8>| {
         let mut v = vec![fill; 4096];
         s.write_vectored_at(off, &IoVec::from_slice(&mut v), IoMode::Blocking).unwrap();
