@@ -21,6 +21,25 @@ fn run_ok(args: &[&str]) {
     assert!(out.status.success(), "driveblk {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// `serve`'s arguments for the volume at `url` with its cache in `mnt`.
+fn serve_args<'a>(url: &'a str, mnt: &'a std::path::Path) -> Vec<&'a str> {
+    let cache = mnt.to_str().unwrap();
+    vec![
+        "--volume",
+        url,
+        "--format",
+        "raw",
+        "--cache-dir",
+        cache,
+        "--ssd-cache",
+        "1G",
+        "--sync-interval",
+        "3600",
+        "--boot-profile",
+        "off",
+    ]
+}
+
 /// A 48 MiB volume of `pattern(seed)` imported (with `import_args`) to a
 /// `dir:` remote under `dir`, and a 12 MiB tmpfs mounted at `dir/cache`
 /// for its cache (unmounted when the guard drops): the image, the URL,
@@ -49,20 +68,7 @@ fn a_full_cache_disk_fails_writes_keeps_reads_and_loses_nothing_flushed() {
     let dir = tempfile::tempdir().unwrap();
     let (src_data, url, mnt, _m) = volume_with_a_small_cache_disk(dir.path(), 7, &[]);
     let sock = dir.path().join("sock");
-    let args = [
-        "--volume",
-        &url,
-        "--format",
-        "raw",
-        "--cache-dir",
-        mnt.to_str().unwrap(),
-        "--ssd-cache",
-        "1G",
-        "--sync-interval",
-        "3600",
-        "--boot-profile",
-        "off",
-    ];
+    let args = serve_args(&url, &mnt);
     let d = Daemon::start(&sock, &args);
     let mut c = Client::connect(&sock, 1);
     // Flushed data: must survive whatever follows.
@@ -116,23 +122,8 @@ fn a_rewrite_during_an_upload_on_a_full_cache_disk_evicts_clean_chunks() {
     let (src_data, url, mnt, _m) = volume_with_a_small_cache_disk(dir.path(), 8, &["--chunk-size", "256K"]);
     let sock = dir.path().join("sock");
     let log = dir.path().join("serve.log");
-    let args = [
-        "--volume",
-        &url,
-        "--format",
-        "raw",
-        "--cache-dir",
-        mnt.to_str().unwrap(),
-        "--ssd-cache",
-        "1G",
-        "--sync-interval",
-        "3600",
-        "--boot-profile",
-        "off",
-        // 2 MiB at 128 KiB/s: the cut uploads for about 16 s.
-        "--bwlimit",
-        "128K:off",
-    ];
+    // 2 MiB at 128 KiB/s: the cut uploads for about 16 s.
+    let args = [serve_args(&url, &mnt), vec!["--bwlimit", "128K:off"]].concat();
     let mut d = Daemon::start_logged(&sock, &args, &[], Some(&log));
     let mut c = Client::connect(&sock, 1);
     let first = pattern(2, 2 << 20);

@@ -210,6 +210,16 @@ fn cut_short_on_drive(restart: bool) {
 /// instead of making a new empty one there and committing into it (where
 /// no reader looks, and which the user would delete as junk). Renamed
 /// back, the changes go up.
+/// Writes a page of `fill` at `off`, flushed and durable, and records it in `want`.
+fn write_flushed(s: &dyn driveblk::tier::Storage, off: u64, fill: u8, want: &mut [u8]) {
+    use driveblk::format::{IoMode, IoVec};
+    let mut v = vec![fill; 4096];
+    s.write_vectored_at(off, &IoVec::from_slice(&mut v), IoMode::Blocking).unwrap();
+    want[off as usize..off as usize + 4096].fill(fill);
+    let t = s.flush_point().unwrap();
+    s.wait_durable(t).unwrap();
+}
+
 /// Remote options over `cfg` with three quick attempts per request.
 fn quick_retries(cfg: driveblk::remote::RemoteConfig) -> driveblk::volume::RemoteOptions {
     driveblk::volume::RemoteOptions {
@@ -241,8 +251,6 @@ fn imported(env: &gdrive_support::DriveEnv, url: &str, remote: &driveblk::volume
 
 #[test]
 fn gdrive_a_renamed_volume_folder_is_never_made_again() {
-    use driveblk::format::{IoMode, IoVec};
-    use driveblk::tier::Storage;
     let env = start(driveemu::Config::default(), Creds::User);
     let mut cfg = env.cfg.clone();
     cfg.drive.open_grace = Duration::from_millis(200);
@@ -250,22 +258,15 @@ fn gdrive_a_renamed_volume_folder_is_never_made_again() {
     let url = "gdrive:/vms/disk";
     let mut want = imported(&env, url, &remote, 62);
     let cache = env.dir.path().join("cache");
-    let write = |s: &dyn Storage, off: u64, fill: u8, want: &mut Vec<u8>| {
-        let mut v = vec![fill; 4096];
-        s.write_vectored_at(off, &IoVec::from_slice(&mut v), IoMode::Blocking).unwrap();
-        want[off as usize..off as usize + 4096].fill(fill);
-        let t = s.flush_point().unwrap();
-        s.wait_durable(t).unwrap();
-    };
     let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&cache, remote.clone())).unwrap();
-    write(&*s, 8192, 0x11, &mut want);
+    write_flushed(&*s, 8192, 0x11, &mut want);
     assert_eq!(s.close(Duration::from_secs(30)), 0);
     drop(s);
 
     let folder = env.emu.ui_find("disk").into_iter().find(|f| f.1 == "disk").unwrap().0;
     env.emu.ui_rename(&folder, "disk-old");
     let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&cache, remote.clone())).unwrap();
-    write(&*s, 65536, 0x22, &mut want);
+    write_flushed(&*s, 65536, 0x22, &mut want);
     assert!(!s.sync_now(Duration::from_secs(10)), "synced into a folder that is not the volume's");
     let st = s.sync_status().unwrap();
     let e = st.last_error.clone().unwrap_or_default();
@@ -293,20 +294,11 @@ fn gdrive_a_renamed_volume_folder_is_never_made_again() {
 /// with it, without a restart.
 #[test]
 fn gdrive_a_new_login_is_used_without_a_restart() {
-    use driveblk::format::{IoMode, IoVec};
     use driveblk::remote::gdrive::auth::AuthorizedUser;
-    use driveblk::tier::Storage;
     let env = start(driveemu::Config::default(), Creds::User);
     let remote = quick_retries(env.cfg.clone());
     let url = "gdrive:/vms/disk";
     let mut want = imported(&env, url, &remote, 63);
-    let write = |s: &dyn Storage, off: u64, fill: u8, want: &mut Vec<u8>| {
-        let mut v = vec![fill; 4096];
-        s.write_vectored_at(off, &IoVec::from_slice(&mut v), IoMode::Blocking).unwrap();
-        want[off as usize..off as usize + 4096].fill(fill);
-        let t = s.flush_point().unwrap();
-        s.wait_durable(t).unwrap();
-    };
     let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&env.dir.path().join("cache"), remote.clone()))
         .unwrap();
     // Waits until write-back's status says `done` (a `driveblk sync`
@@ -325,14 +317,14 @@ fn gdrive_a_new_login_is_used_without_a_restart() {
         }
     };
     let status = || s.sync_status().unwrap();
-    write(&*s, 8192, 0x11, &mut want);
+    write_flushed(&*s, 8192, 0x11, &mut want);
     s.request_sync();
     wait_for(&status, &|st| st.committed_cut == 1, "the first change did not go up");
 
     // The grant is revoked, and the access token in hand runs out.
     env.emu.faults().revoke_refresh_tokens();
     env.emu.faults().expire_tokens_now();
-    write(&*s, 65536, 0x22, &mut want);
+    write_flushed(&*s, 65536, 0x22, &mut want);
     s.request_sync();
     let revoked = |st: &driveblk::tier::tiered::SyncStatus| {
         st.paused && st.last_error.as_deref().is_some_and(|e| e.contains("invalid_grant"))
