@@ -172,7 +172,7 @@ impl Auth {
         client: (String, String),
         faults: &Faults,
         lifetime: Duration,
-    ) -> Result<Value, OAuthError> {
+    ) -> Result<(Value, Option<String>), OAuthError> {
         let (cid, secret) = client;
         if cid != self.oauth_client_id {
             return Err(OAuthError::new(401, "invalid_client", "The OAuth client was not found."));
@@ -209,10 +209,11 @@ impl Auth {
         }
         let refresh = self.issue_refresh_token(faults);
         let tok = self.issue_access_token(faults, lifetime, grant.scopes.clone(), false);
-        Ok(json!({
+        let answer = json!({
             "access_token": tok, "expires_in": lifetime.as_secs(), "refresh_token": refresh,
             "scope": grant.scopes.join(" "), "token_type": "Bearer",
-        }))
+        });
+        Ok((answer, grant.challenge.map(|(method, _)| method)))
     }
 
     pub fn issue_refresh_token(&self, faults: &Faults) -> String {
@@ -242,7 +243,9 @@ impl Auth {
     }
 
     /// Handles a token-endpoint POST whose body is already decoded into `params`.
-    /// `basic` holds client credentials from an HTTP Basic header, if any.
+    /// `basic` holds client credentials from an HTTP Basic header, if any. Answers the
+    /// JSON, and the PKCE method whose `code_verifier` was checked (a code grant that
+    /// sent a challenge), so tests can see that a client proved it holds the verifier.
     pub fn token(
         &self,
         params: &HashMap<String, String>,
@@ -250,7 +253,7 @@ impl Auth {
         token_uri: &str,
         faults: &Faults,
         lifetime: Duration,
-    ) -> Result<Value, OAuthError> {
+    ) -> Result<(Value, Option<String>), OAuthError> {
         let grant = params.get("grant_type").map(String::as_str).unwrap_or("");
         match grant {
             JWT_GRANT => {
@@ -260,7 +263,7 @@ impl Auth {
                 let scopes = self.verify_jwt(assertion, token_uri)?;
                 let tok = self.issue_access_token(faults, lifetime, scopes, true);
                 // Google's service-account answer carries no scope and no refresh token.
-                Ok(json!({ "access_token": tok, "expires_in": lifetime.as_secs(), "token_type": "Bearer" }))
+                Ok((json!({ "access_token": tok, "expires_in": lifetime.as_secs(), "token_type": "Bearer" }), None))
             }
             "authorization_code" => {
                 let client = match basic {
@@ -295,9 +298,10 @@ impl Auth {
                     _ => return Err(OAuthError::invalid_grant("Token has been expired or revoked.")),
                 }
                 let tok = self.issue_access_token(faults, lifetime, vec![DRIVE_SCOPE.to_string()], false);
-                Ok(
+                Ok((
                     json!({ "access_token": tok, "expires_in": lifetime.as_secs(), "scope": DRIVE_SCOPE, "token_type": "Bearer" }),
-                )
+                    None,
+                ))
             }
             "" => Err(OAuthError::new(400, "invalid_request", "Missing required parameter: grant_type")),
             other => Err(OAuthError::new(400, "unsupported_grant_type", format!("Invalid grant_type: {other}"))),

@@ -233,7 +233,9 @@ impl Faults {
 /// What the emulator has seen and sent, for tests and benchmarks.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Stats {
-    /// Requests by kind, e.g. "files.get", "files.get media", "upload resumable chunk", "token".
+    /// Requests by kind, e.g. "files.get", "files.get media", "upload resumable chunk", "token";
+    /// "token pkce S256" (or "plain") counts code exchanges whose `code_verifier` matched
+    /// the authorization request's challenge.
     pub requests: BTreeMap<String, u64>,
     pub bytes_in: u64,
     pub bytes_out: u64,

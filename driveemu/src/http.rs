@@ -425,7 +425,12 @@ async fn token_endpoint(sh: &Shared, method: &Method, headers: &HeaderMap, body:
         Some((de(u)?, de(p)?))
     });
     match sh.auth.token(&params, basic, &sh.token_uri(), &sh.faults, sh.cfg.token_lifetime) {
-        Ok(v) => Ok(json_resp(sh, 200, &v)),
+        Ok((v, pkce)) => {
+            if let Some(method) = pkce {
+                sh.stats.request(&format!("token pkce {method}"));
+            }
+            Ok(json_resp(sh, 200, &v))
+        }
         Err(e) => Ok(oauth_error_resp(sh, &e)),
     }
 }
