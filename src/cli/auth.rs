@@ -1,11 +1,11 @@
 //! `driveblk auth login|status` and `driveblk selftest`: signing a personal
-//! Google account in with the user's own OAuth client (loopback redirect,
-//! or a headless paste-the-redirect-URL variant), showing which
-//! credentials are in use, and checking Drive's behaviour. No token or
-//! secret is ever printed.
+//! Google account in with the user's own OAuth client (a redirect to a
+//! listener on 127.0.0.1, or a headless paste-the-redirect-URL variant;
+//! both with `state` and PKCE), showing which credentials are in use, and
+//! checking Drive's behaviour. No token or secret is ever printed.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -61,6 +61,10 @@ pub struct LoginArgs {
     /// Token endpoint. Default: the client file's, else Google's.
     #[arg(long, value_name = "URL")]
     pub token_uri: Option<String>,
+    /// How long to wait for the browser to come back from Google (not
+    /// with --headless).
+    #[arg(long, value_name = "SECS", default_value_t = LOGIN_WAIT_SECS)]
+    pub wait_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -130,24 +134,6 @@ fn client(a: &LoginArgs) -> anyhow::Result<yup_oauth2::ApplicationSecret> {
     Ok(secret)
 }
 
-/// Captures the token yup-oauth2's installed flow obtains.
-struct Capture(parking_lot::Mutex<Option<yup_oauth2::storage::TokenInfo>>);
-
-#[async_trait::async_trait]
-impl yup_oauth2::storage::TokenStorage for Capture {
-    async fn set(
-        &self,
-        _scopes: &[&str],
-        token: yup_oauth2::storage::TokenInfo,
-    ) -> Result<(), yup_oauth2::storage::TokenStorageError> {
-        *self.0.lock() = Some(token);
-        Ok(())
-    }
-    async fn get(&self, _scopes: &[&str]) -> Option<yup_oauth2::storage::TokenInfo> {
-        None
-    }
-}
-
 fn login(a: LoginArgs) -> anyhow::Result<()> {
     let secret = client(&a)?;
     let path = a.token_file.clone().or_else(default_token_file).context("no config dir: set HOME or --token-file")?;
@@ -155,39 +141,7 @@ fn login(a: LoginArgs) -> anyhow::Result<()> {
     let refresh = if a.headless {
         rt.block_on(headless(&secret, a.scope))?
     } else {
-        let cap = Arc::new(Capture(parking_lot::Mutex::new(None)));
-        struct Shared(Arc<Capture>);
-        #[async_trait::async_trait]
-        impl yup_oauth2::storage::TokenStorage for Shared {
-            async fn set(
-                &self,
-                s: &[&str],
-                t: yup_oauth2::storage::TokenInfo,
-            ) -> Result<(), yup_oauth2::storage::TokenStorageError> {
-                self.0.set(s, t).await
-            }
-            async fn get(&self, s: &[&str]) -> Option<yup_oauth2::storage::TokenInfo> {
-                self.0.get(s).await
-            }
-        }
-        rt.block_on(async {
-            let auth = yup_oauth2::InstalledFlowAuthenticator::builder(
-                secret.clone(),
-                yup_oauth2::InstalledFlowReturnMethod::HTTPRedirect,
-            )
-            .force_account_selection(true)
-            .with_storage(Box::new(Shared(cap.clone())))
-            .build()
-            .await
-            .context("starting the sign-in flow")?;
-            eprintln!("Opening a loopback listener for Google's redirect; sign in with the URL below.");
-            auth.token(&[a.scope.url()]).await.map_err(|e| anyhow::anyhow!("sign-in failed: {e}"))?;
-            anyhow::Ok(())
-        })?;
-        let token = cap.0.lock().take();
-        token.and_then(|t| t.refresh_token).context(
-            "Google sent no refresh token (it does so only at the first consent): revoke driveblk's access at myaccount.google.com/permissions and log in again",
-        )?
+        loopback(&rt, &secret, a.scope, Duration::from_secs(a.wait_secs))?
     };
     let user = AuthorizedUser {
         kind: "authorized_user".into(),
@@ -205,54 +159,248 @@ fn login(a: LoginArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One sign-in attempt's secrets (Google's "OAuth 2.0 for iOS & Desktop
+/// Apps"): the `state` Google echoes on its redirect, which ties the
+/// redirect to this attempt (else any local process could hand us a code
+/// for its own account: login CSRF), and the PKCE verifier whose S256
+/// challenge the authorization request carries (a code caught on its way
+/// back is useless without it). Each is 256 random bits in base64url: 43
+/// characters, PKCE's minimum length, all in its unreserved alphabet.
+struct Attempt {
+    state: String,
+    verifier: String,
+}
+
+/// What a redirect (or a pasted address) says about this attempt.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    /// The authorization code.
+    Code(String),
+    /// Google ended the sign-in: `error` (and `error_description`).
+    Refused(String),
+    /// Not this attempt's redirect: no `state`, or another one.
+    NotOurs,
+    /// This attempt's state but neither a code nor an error.
+    NoCode,
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl Attempt {
+    fn new() -> Attempt {
+        Attempt { state: b64url(&rand::random::<[u8; 32]>()), verifier: b64url(&rand::random::<[u8; 32]>()) }
+    }
+
+    /// BASE64URL(SHA256(verifier)), no padding: `code_challenge_method=S256`.
+    fn challenge(&self) -> String {
+        use sha2::Digest;
+        b64url(&sha2::Sha256::digest(self.verifier.as_bytes()))
+    }
+
+    /// The authorization request: offline access (a refresh token), and
+    /// consent asked again so Google sends one even after an earlier grant.
+    fn auth_url(
+        &self,
+        secret: &yup_oauth2::ApplicationSecret,
+        scope: DriveScope,
+        redirect: &str,
+    ) -> anyhow::Result<url::Url> {
+        let mut url = url::Url::parse(&secret.auth_uri).context("bad auth URI")?;
+        url.query_pairs_mut()
+            .append_pair("client_id", &secret.client_id)
+            .append_pair("redirect_uri", redirect)
+            .append_pair("response_type", "code")
+            .append_pair("scope", scope.url())
+            .append_pair("code_challenge", &self.challenge())
+            .append_pair("code_challenge_method", "S256")
+            .append_pair("state", &self.state)
+            .append_pair("access_type", "offline")
+            .append_pair("prompt", "select_account consent");
+        Ok(url)
+    }
+
+    /// Reads a redirect's query string.
+    fn answer(&self, query: &str) -> Answer {
+        let get =
+            |k: &str| url::form_urlencoded::parse(query.as_bytes()).find(|(n, _)| n == k).map(|(_, v)| v.into_owned());
+        if get("state").as_deref() != Some(self.state.as_str()) {
+            return Answer::NotOurs;
+        }
+        if let Some(e) = get("error") {
+            return Answer::Refused(match get("error_description").filter(|d| !d.is_empty()) {
+                Some(d) => format!("{e} ({d})"),
+                None => e,
+            });
+        }
+        get("code").filter(|c| !c.is_empty()).map_or(Answer::NoCode, Answer::Code)
+    }
+
+    /// Exchanges the code at the token endpoint (grant `authorization_code`
+    /// with the PKCE verifier) for the refresh token.
+    async fn exchange(
+        &self,
+        secret: &yup_oauth2::ApplicationSecret,
+        code: &str,
+        redirect: &str,
+    ) -> anyhow::Result<String> {
+        let http = reqwest::Client::new();
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "authorization_code")
+            .append_pair("code", code)
+            .append_pair("code_verifier", &self.verifier)
+            .append_pair("client_id", &secret.client_id)
+            .append_pair("client_secret", &secret.client_secret)
+            .append_pair("redirect_uri", redirect)
+            .finish();
+        let (status, bytes) = post_form(&http, &secret.token_uri, body).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        token_answer(status, &bytes, "sign-in").map_err(|e| anyhow::anyhow!("{e}"))?;
+        #[derive(serde::Deserialize)]
+        struct R {
+            refresh_token: Option<String>,
+        }
+        serde_json::from_slice::<R>(&bytes).ok().and_then(|r| r.refresh_token).context(
+            "Google sent no refresh token; revoke driveblk's access at myaccount.google.com/permissions and try again",
+        )
+    }
+}
+
+/// The error for a sign-in Google ended with `error=` (the user clicked
+/// Cancel, or the account may not use the app).
+fn refused(why: &str) -> anyhow::Error {
+    let hint = if why.starts_with("access_denied") {
+        " (Cancel was clicked, or the account is not a test user of an OAuth app still in \"testing\")"
+    } else {
+        ""
+    };
+    anyhow::anyhow!("Google refused the sign-in: {why}{hint}; run `driveblk auth login` again")
+}
+
+/// How long `auth login` waits for the browser by default.
+const LOGIN_WAIT_SECS: u64 = 600;
+
+/// The loopback flow: listen on 127.0.0.1 (only) at a port the system
+/// picks, send the browser to Google with `redirect_uri=http://127.0.0.1:PORT`,
+/// and wait for the redirect that carries this attempt's state. Anything
+/// else gets 400 and the wait goes on; `error=` ends the sign-in; so does
+/// the wait running out.
+fn loopback(
+    rt: &tokio::runtime::Runtime,
+    secret: &yup_oauth2::ApplicationSecret,
+    scope: DriveScope,
+    wait: Duration,
+) -> anyhow::Result<String> {
+    let server = tiny_http::Server::http("127.0.0.1:0").map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on 127.0.0.1 for Google's redirect ({e}); sign in with `driveblk auth login --headless`"
+        )
+    })?;
+    let port = server.server_addr().to_ip().map(|a| a.port()).context("the loopback listener has no port")?;
+    let redirect = format!("http://127.0.0.1:{port}");
+    let attempt = Attempt::new();
+    let url = attempt.auth_url(secret, scope, &redirect)?;
+    println!("Open this URL in a browser on this machine and sign in:\n\n  {url}\n");
+    eprintln!("Waiting up to {} for Google's redirect to {redirect} (Ctrl-C to stop).", minutes(wait));
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let req = match server.recv_timeout(left).context("the loopback listener failed")? {
+            Some(r) => r,
+            None => bail!(
+                "no sign-in came back within {} (Google sends the browser to {redirect}, which must be this machine); run `driveblk auth login` again, or `driveblk auth login --headless` when the browser runs elsewhere",
+                minutes(wait)
+            ),
+        };
+        let query = req.url().split_once('?').map_or("", |(_, q)| q).to_string();
+        match attempt.answer(&query) {
+            Answer::NotOurs | Answer::NoCode => {
+                respond(
+                    req,
+                    400,
+                    "Not this sign-in",
+                    "This address only takes Google's answer to the sign-in driveblk started.",
+                );
+            }
+            Answer::Refused(why) => {
+                respond(
+                    req,
+                    200,
+                    "Sign-in not completed",
+                    &format!("Google said: {why}. Nothing was saved; see the terminal."),
+                );
+                return Err(refused(&why));
+            }
+            Answer::Code(code) => {
+                return match rt.block_on(attempt.exchange(secret, &code, &redirect)) {
+                    Ok(r) => {
+                        respond(req, 200, "Signed in", "driveblk is signed in. You can close this tab.");
+                        Ok(r)
+                    }
+                    Err(e) => {
+                        respond(req, 200, "Sign-in not completed", &format!("{e:#}. See the terminal."));
+                        Err(e)
+                    }
+                };
+            }
+        }
+    }
+}
+
+fn minutes(d: Duration) -> String {
+    match d.as_secs() {
+        s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// Answers the browser with a small page (best effort: the browser may be gone).
+fn respond(req: tiny_http::Request, status: u16, title: &str, text: &str) {
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>driveblk: {t}</title></head><body style=\"font-family:sans-serif;margin:3em\"><h1>{t}</h1><p>{x}</p></body></html>",
+        t = esc(title),
+        x = esc(text)
+    );
+    let mut resp = tiny_http::Response::from_string(html).with_status_code(status);
+    if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "text/html; charset=utf-8") {
+        resp = resp.with_header(h);
+    }
+    let _ = req.respond(resp);
+}
+
 /// Where the browser is sent after consent in the headless flow: a
 /// loopback address that fails to load on the browser's machine, leaving
 /// the code in its address bar for the user to paste.
 const HEADLESS_REDIRECT: &str = "http://127.0.0.1:1/";
 
 async fn headless(secret: &yup_oauth2::ApplicationSecret, scope: DriveScope) -> anyhow::Result<String> {
-    let mut url = url::Url::parse(&secret.auth_uri).context("bad auth URI")?;
-    url.query_pairs_mut()
-        .append_pair("client_id", &secret.client_id)
-        .append_pair("redirect_uri", HEADLESS_REDIRECT)
-        .append_pair("response_type", "code")
-        .append_pair("scope", scope.url())
-        .append_pair("access_type", "offline")
-        .append_pair("prompt", "consent");
+    let attempt = Attempt::new();
+    let url = attempt.auth_url(secret, scope, HEADLESS_REDIRECT)?;
     println!("Open this URL in a browser on any machine and sign in:\n\n  {url}\n");
     println!("The browser then fails to load a page at 127.0.0.1. Copy the whole address from its address bar and paste it here:");
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).context("reading the pasted address")?;
-    let code = code_from_paste(&line).context("no `code=` in what was pasted")?;
-    let http = reqwest::Client::new();
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("grant_type", "authorization_code")
-        .append_pair("code", &code)
-        .append_pair("client_id", &secret.client_id)
-        .append_pair("client_secret", &secret.client_secret)
-        .append_pair("redirect_uri", HEADLESS_REDIRECT)
-        .finish();
-    let (status, bytes) = post_form(&http, &secret.token_uri, body).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    token_answer(status, &bytes, "sign-in").map_err(|e| anyhow::anyhow!("{e}"))?;
-    #[derive(serde::Deserialize)]
-    struct R {
-        refresh_token: Option<String>,
-    }
-    serde_json::from_slice::<R>(&bytes).ok().and_then(|r| r.refresh_token).context(
-        "Google sent no refresh token; revoke driveblk's access at myaccount.google.com/permissions and try again",
-    )
+    let code = code_from_paste(&attempt, &line)?;
+    attempt.exchange(secret, &code, HEADLESS_REDIRECT).await
 }
 
-/// The authorization code from a pasted redirect address (or a bare code).
-pub fn code_from_paste(s: &str) -> Option<String> {
+/// The authorization code from a pasted redirect address, which must carry
+/// this attempt's state, or a bare code (PKCE ties that to this attempt).
+fn code_from_paste(attempt: &Attempt, s: &str) -> anyhow::Result<String> {
     let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
     match url::Url::parse(s) {
-        Ok(u) => u.query_pairs().find(|(k, _)| k == "code").map(|(_, v)| v.into_owned()),
-        Err(_) if !s.contains(['?', '&', '=', ' ']) => Some(s.to_string()),
-        Err(_) => None,
+        Ok(u) => match attempt.answer(u.query().unwrap_or("")) {
+            Answer::Code(c) => Ok(c),
+            Answer::Refused(why) => Err(refused(&why)),
+            Answer::NotOurs => bail!(
+                "the pasted address is not the answer to this sign-in (its `state` is missing or differs): open the URL printed above, sign in, and paste the address the browser then shows"
+            ),
+            Answer::NoCode => bail!("no `code=` in the pasted address; paste the whole address the browser ends on"),
+        },
+        Err(_) if !s.is_empty() && !s.contains(['?', '&', '=', ' ']) => Ok(s.to_string()),
+        Err(_) => bail!("no `code=` in what was pasted; paste the whole address the browser ends on"),
     }
 }
 
@@ -318,9 +466,30 @@ mod tests {
 
     #[test]
     fn gdrive_login_code_is_taken_from_the_pasted_address() {
-        assert_eq!(code_from_paste("http://127.0.0.1:1/?code=4/0Ab-c&scope=x\n").as_deref(), Some("4/0Ab-c"));
-        assert_eq!(code_from_paste(" 4/0Abc ").as_deref(), Some("4/0Abc"));
-        assert_eq!(code_from_paste("http://127.0.0.1:1/?error=access_denied"), None);
-        assert_eq!(code_from_paste(""), None);
+        let at = Attempt::new();
+        let st = &at.state;
+        let code = |s: &str| code_from_paste(&at, s).map_err(|e| e.to_string());
+        assert_eq!(code(&format!("http://127.0.0.1:1/?code=4/0Ab-c&scope=x&state={st}\n")).as_deref(), Ok("4/0Ab-c"));
+        assert_eq!(code(" 4/0Abc ").as_deref(), Ok("4/0Abc"));
+        assert!(code("http://127.0.0.1:1/?code=4/0Ab-c&scope=x").unwrap_err().contains("state"));
+        assert!(code("http://127.0.0.1:1/?code=4/0Ab-c&state=other").unwrap_err().contains("state"));
+        let denied = code(&format!("http://127.0.0.1:1/?error=access_denied&state={st}")).unwrap_err();
+        assert!(denied.contains("access_denied") && denied.contains("auth login"), "{denied}");
+        assert!(code("").is_err());
+    }
+
+    /// RFC 7636 appendix B: the verifier `dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk`
+    /// gives the S256 challenge `E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM`;
+    /// state and verifier are 43 characters of PKCE's alphabet, fresh each time.
+    #[test]
+    fn gdrive_login_pkce_challenge_is_s256_of_the_verifier() {
+        let at = Attempt { state: String::new(), verifier: "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk".into() };
+        assert_eq!(at.challenge(), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
+        let (a, b) = (Attempt::new(), Attempt::new());
+        for s in [&a.state, &a.verifier] {
+            assert_eq!(s.len(), 43);
+            assert!(s.bytes().all(|c| c.is_ascii_alphanumeric() || b"-._~".contains(&c)), "{s}");
+        }
+        assert!(a.state != b.state && a.verifier != b.verifier && a.state != a.verifier);
     }
 }
