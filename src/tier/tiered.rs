@@ -1601,6 +1601,98 @@ mod tests {
         }
     }
 
+    type StageHook = Arc<dyn Fn(&std::path::Path, &str) + Send + Sync>;
+
+    /// Runs in the uploader as it lets a committed cut go: at `releasing`
+    /// (the cut still held) and `released` (the cut gone, its copies in
+    /// the `frozen` file not cleared yet), for the tests that set it.
+    static RELEASE_CUT: parking_lot::Mutex<Option<StageHook>> = parking_lot::const_mutex(None);
+
+    pub(super) fn release_cut_hook(dir: &std::path::Path, stage: &str) {
+        let hook = RELEASE_CUT.lock().clone();
+        if let Some(h) = hook {
+            h(dir, stage);
+        }
+    }
+
+    /// Holds the uploader of the store in `dir` once at each of `stages`
+    /// of [`release_cut_hook`]: each stage reached is sent on the channel
+    /// returned, and waits for a word on the sender returned.
+    fn hold_release_at(
+        dir: &std::path::Path,
+        stages: &'static [&'static str],
+    ) -> (std::sync::mpsc::Receiver<&'static str>, std::sync::mpsc::Sender<()>) {
+        let (reached_tx, reached) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = parking_lot::Mutex::new(go_rx);
+        let left = parking_lot::Mutex::new(stages.to_vec());
+        let mine = dir.to_path_buf();
+        *RELEASE_CUT.lock() = Some(Arc::new(move |dir: &std::path::Path, stage: &str| {
+            let held = {
+                let mut left = left.lock();
+                let i = left.iter().position(|&s| s == stage).filter(|_| dir == mine);
+                i.map(|i| left.remove(i))
+            };
+            if let Some(stage) = held {
+                let _ = reached_tx.send(stage);
+                let _ = go_rx.lock().recv_timeout(Duration::from_secs(20));
+            }
+        }));
+        (reached, go)
+    }
+
+    /// Reads `len` bytes at `at` of the volume's newest generation, as a
+    /// fresh cache on another machine would.
+    fn fresh_read(d: &std::path::Path, url: &str, name: &str, at: u64, len: usize) -> Vec<u8> {
+        let mut o = CacheOptions::new(d.join(name));
+        o.read_only = true;
+        let s = crate::tier::open_volume(url, o).unwrap();
+        let mut b = vec![0u8; len];
+        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        b
+    }
+
+    /// A cut taken while the previous one is being let go, whose chunk the
+    /// guest rewrites at once, keeps the bytes it copied aside: letting the
+    /// old cut go clears only its own copies. The bug: the old cut's
+    /// copies were cleared after its lock was dropped, over the new cut's
+    /// copy of the same chunk, and the new generation held zeroes there.
+    #[test]
+    fn letting_a_cut_go_keeps_the_next_cuts_copies() {
+        let (d, url, _) = imported();
+        let cs = 256usize << 10;
+        let cache = d.path().join("cache");
+        let mut o = CacheOptions::new(&cache);
+        o.writeback.sync_interval = Duration::from_secs(3600);
+        let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
+        let (reached, go) = hold_release_at(&cache, &["releasing", "released"]);
+        let write = |byte: u8| {
+            let mut w = vec![byte; cs];
+            s.write_vectored_at(0, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
+        };
+        write(0xa1);
+        assert_eq!(s.flush_point().unwrap(), 1, "the first flush point cuts");
+        // Cut 1 committed, still held: B copies A aside.
+        assert_eq!(reached.recv_timeout(Duration::from_secs(20)), Ok("releasing"));
+        write(0xb2);
+        go.send(()).unwrap();
+        // Cut 1 let go, its copy of chunk 0 not cleared yet: cut 2 takes
+        // chunk 0 (B), and C copies B aside.
+        assert_eq!(reached.recv_timeout(Duration::from_secs(20)), Ok("released"));
+        s.request_sync();
+        assert_eq!(s.flush_point().unwrap(), 2, "a sync asked for cuts at the next flush point");
+        write(0xc3);
+        go.send(()).unwrap();
+        let t0 = std::time::Instant::now();
+        while s.sync_status().unwrap().committed_cut < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "cut 2 was never committed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        *RELEASE_CUT.lock() = None;
+        let got = fresh_read(d.path(), &url, "fresh", 0, cs);
+        assert!(got == vec![0xb2u8; cs], "cut 2 holds {:#x}.. in chunk 0, not the guest's 0xb2", got[0]);
+    }
+
     /// A chunk completed from its sub-frames goes into RAM under the lock
     /// it was read under: a write arriving meanwhile waits, then updates
     /// the RAM copy, so RAM never serves the bytes from before it (nor

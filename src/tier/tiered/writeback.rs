@@ -802,26 +802,40 @@ impl Inner {
         }
     }
 
-    /// Forgets the cut and its copied-aside bytes.
+    /// Forgets the cut and its copied-aside bytes. The next cut may be
+    /// taken, and copy its chunks aside at the same places in the `frozen`
+    /// file, as soon as this one is gone: each chunk's old copy is cleared
+    /// under the lock the copying takes, and only where the next cut has
+    /// not copied yet.
     fn release_cut(&self) {
         let wb = self.writeback.as_ref().expect("write-back is on");
+        #[cfg(test)]
+        super::tests::release_cut_hook(self.ssd.dir(), "releasing");
         let copied: Vec<(u64, Copied)> = {
             let mut f = wb.frozen.lock();
             f.cut = None;
             f.bytes = 0;
             f.copied.drain().collect()
         };
+        #[cfg(test)]
+        super::tests::release_cut_hook(self.ssd.dir(), "released");
+        let pages = self.cs.div_ceil(PAGE);
+        let all = vec![u64::MAX; bitmap_words(self.cs)];
         for (idx, c) in copied {
-            match c {
-                Copied::Whole => {
-                    let _ = wb.frozen_file.write_zeroes_at(idx * self.cs, self.cs);
-                }
-                Copied::Zero => {}
-                Copied::Pages(bits) => {
-                    for (a, b) in runs(&bits, self.cs.div_ceil(PAGE)) {
-                        let _ = wb.frozen_file.write_zeroes_at(idx * self.cs + a * PAGE, (b - a) * PAGE);
-                    }
-                }
+            let old = match &c {
+                Copied::Whole => &all,
+                Copied::Zero => continue,
+                Copied::Pages(bits) => bits,
+            };
+            let f = wb.frozen.lock();
+            let clear: Vec<u64> = match f.copied.get(&idx) {
+                Some(Copied::Whole) => continue,
+                Some(Copied::Pages(new)) => old.iter().zip(new).map(|(o, n)| o & !n).collect(),
+                None | Some(Copied::Zero) => old.clone(),
+            };
+            for (a, b) in runs(&clear, pages) {
+                let end = (b * PAGE).min(self.cs);
+                let _ = wb.frozen_file.write_zeroes_at(idx * self.cs + a * PAGE, end - a * PAGE);
             }
         }
     }
