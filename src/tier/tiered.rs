@@ -1601,17 +1601,18 @@ mod tests {
         }
     }
 
-    type StageHook = Arc<dyn Fn(&std::path::Path, &str) + Send + Sync>;
+    type StageHook = Arc<dyn Fn(&str) + Send + Sync>;
 
-    /// Runs in the uploader as it lets a committed cut go: at `releasing`
-    /// (the cut still held) and `released` (the cut gone, its copies in
-    /// the `frozen` file not cleared yet), for the tests that set it.
-    static RELEASE_CUT: parking_lot::Mutex<Option<StageHook>> = parking_lot::const_mutex(None);
+    /// Run in the uploader of the store in the directory named as it lets
+    /// a committed cut go: at `releasing` (the cut still held) and
+    /// `released` (the cut gone, its copies in the `frozen` file not
+    /// cleared yet), for the tests that set one.
+    static RELEASE_CUT: parking_lot::Mutex<Vec<(std::path::PathBuf, StageHook)>> = parking_lot::const_mutex(Vec::new());
 
     pub(super) fn release_cut_hook(dir: &std::path::Path, stage: &str) {
-        let hook = RELEASE_CUT.lock().clone();
+        let hook = RELEASE_CUT.lock().iter().find(|(d, _)| d == dir).map(|(_, h)| h.clone());
         if let Some(h) = hook {
-            h(dir, stage);
+            h(stage);
         }
     }
 
@@ -1626,18 +1627,18 @@ mod tests {
         let (go, go_rx) = std::sync::mpsc::channel::<()>();
         let go_rx = parking_lot::Mutex::new(go_rx);
         let left = parking_lot::Mutex::new(stages.to_vec());
-        let mine = dir.to_path_buf();
-        *RELEASE_CUT.lock() = Some(Arc::new(move |dir: &std::path::Path, stage: &str| {
+        let hook: StageHook = Arc::new(move |stage: &str| {
             let held = {
                 let mut left = left.lock();
-                let i = left.iter().position(|&s| s == stage).filter(|_| dir == mine);
+                let i = left.iter().position(|&s| s == stage);
                 i.map(|i| left.remove(i))
             };
             if let Some(stage) = held {
                 let _ = reached_tx.send(stage);
                 let _ = go_rx.lock().recv_timeout(Duration::from_secs(20));
             }
-        }));
+        });
+        RELEASE_CUT.lock().push((dir.to_path_buf(), hook));
         (reached, go)
     }
 
@@ -1688,9 +1689,51 @@ mod tests {
             assert!(t0.elapsed() < Duration::from_secs(20), "cut 2 was never committed");
             std::thread::sleep(Duration::from_millis(5));
         }
-        *RELEASE_CUT.lock() = None;
         let got = fresh_read(d.path(), &url, "fresh", 0, cs);
         assert!(got == vec![0xb2u8; cs], "cut 2 holds {:#x}.. in chunk 0, not the guest's 0xb2", got[0]);
+    }
+
+    /// A writethrough FLUSH returns only once a generation holding its
+    /// writes is committed, even when it comes as the cut before them has
+    /// just been committed and is being let go. The bug: such a FLUSH saw
+    /// that cut still held, counted it as its own, and returned at once.
+    #[test]
+    fn a_writethrough_flush_never_counts_a_committed_cut_as_its_own() {
+        let (d, url, _) = imported();
+        let cs = 256usize << 10;
+        let cache = d.path().join("cache");
+        let mut o = CacheOptions::new(&cache);
+        o.writeback.mode = CacheMode::Writethrough;
+        let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
+        let (reached, go) = hold_release_at(&cache, &["releasing"]);
+        let write = |idx: usize, byte: u8| {
+            let mut w = vec![byte; cs];
+            s.write_vectored_at((idx * cs) as u64, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
+        };
+        let flush = |s: &Arc<TieredStore>| {
+            let (s, (tx, rx)) = (s.clone(), std::sync::mpsc::channel());
+            let t = std::thread::spawn(move || {
+                let r = s.flush_point().and_then(|t| s.wait_durable(t));
+                let _ = tx.send(());
+                r
+            });
+            (t, rx)
+        };
+        write(0, 0xa1);
+        let (first, _) = flush(&s);
+        // Cut 1 committed, not let go yet: chunk 1 is written, and flushed.
+        assert_eq!(reached.recv_timeout(Duration::from_secs(20)), Ok("releasing"));
+        write(1, 0xb2);
+        let (second, done) = flush(&s);
+        if done.recv_timeout(Duration::from_secs(1)).is_ok() {
+            let got = fresh_read(d.path(), &url, "early", cs as u64, cs);
+            assert!(got == vec![0xb2u8; cs], "the FLUSH returned, but chunk 1 is not on the remote");
+        }
+        go.send(()).unwrap();
+        first.join().unwrap().unwrap();
+        second.join().unwrap().unwrap();
+        let got = fresh_read(d.path(), &url, "fresh", 0, 2 * cs);
+        assert!(got[..cs] == vec![0xa1u8; cs] && got[cs..] == vec![0xb2u8; cs]);
     }
 
     /// A chunk completed from its sub-frames goes into RAM under the lock
