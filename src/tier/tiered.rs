@@ -1603,23 +1603,24 @@ mod tests {
 
     type StageHook = Arc<dyn Fn(&str) + Send + Sync>;
 
-    /// Run in the uploader of the store in the directory named as it lets
-    /// a committed cut go: at `releasing` (the cut still held) and
-    /// `released` (the cut gone, its copies in the `frozen` file not
-    /// cleared yet), for the tests that set one.
-    static RELEASE_CUT: parking_lot::Mutex<Vec<(std::path::PathBuf, StageHook)>> = parking_lot::const_mutex(Vec::new());
+    /// Run by the store in the directory named at the stages of its work
+    /// that tests hold it at: in the uploader as it lets a committed cut
+    /// go, `releasing` (the cut still held) and `released` (the cut gone,
+    /// its copies in the `frozen` file not cleared yet); `profile build`,
+    /// once a boot profile's builder took its generation.
+    static STAGES: parking_lot::Mutex<Vec<(std::path::PathBuf, StageHook)>> = parking_lot::const_mutex(Vec::new());
 
-    pub(super) fn release_cut_hook(dir: &std::path::Path, stage: &str) {
-        let hook = RELEASE_CUT.lock().iter().find(|(d, _)| d == dir).map(|(_, h)| h.clone());
+    pub(super) fn stage(dir: &std::path::Path, stage: &str) {
+        let hook = STAGES.lock().iter().find(|(d, _)| d == dir).map(|(_, h)| h.clone());
         if let Some(h) = hook {
             h(stage);
         }
     }
 
-    /// Holds the uploader of the store in `dir` once at each of `stages`
-    /// of [`release_cut_hook`]: each stage reached is sent on the channel
-    /// returned, and waits for a word on the sender returned.
-    fn hold_release_at(
+    /// Holds the store in `dir` once at each of `stages` (see [`stage`]):
+    /// each stage reached is sent on the channel returned, and waits for a
+    /// word on the sender returned.
+    fn hold_at(
         dir: &std::path::Path,
         stages: &'static [&'static str],
     ) -> (std::sync::mpsc::Receiver<&'static str>, std::sync::mpsc::Sender<()>) {
@@ -1638,7 +1639,7 @@ mod tests {
                 let _ = go_rx.lock().recv_timeout(Duration::from_secs(20));
             }
         });
-        RELEASE_CUT.lock().push((dir.to_path_buf(), hook));
+        STAGES.lock().push((dir.to_path_buf(), hook));
         (reached, go)
     }
 
@@ -1666,7 +1667,7 @@ mod tests {
         let mut o = CacheOptions::new(&cache);
         o.writeback.sync_interval = Duration::from_secs(3600);
         let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
-        let (reached, go) = hold_release_at(&cache, &["releasing", "released"]);
+        let (reached, go) = hold_at(&cache, &["releasing", "released"]);
         let write = |byte: u8| {
             let mut w = vec![byte; cs];
             s.write_vectored_at(0, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
@@ -1705,7 +1706,7 @@ mod tests {
         let mut o = CacheOptions::new(&cache);
         o.writeback.mode = CacheMode::Writethrough;
         let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
-        let (reached, go) = hold_release_at(&cache, &["releasing"]);
+        let (reached, go) = hold_at(&cache, &["releasing"]);
         let write = |idx: usize, byte: u8| {
             let mut w = vec![byte; cs];
             s.write_vectored_at((idx * cs) as u64, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
@@ -1734,6 +1735,62 @@ mod tests {
         second.join().unwrap().unwrap();
         let got = fresh_read(d.path(), &url, "fresh", 0, 2 * cs);
         assert!(got[..cs] == vec![0xa1u8; cs] && got[cs..] == vec![0xb2u8; cs]);
+    }
+
+    /// A boot profile holds the bytes of the generation its builder took:
+    /// a chunk a commit replaced while the profile was built is left out.
+    /// The bug: its new bytes went in under the old generation's digest,
+    /// and a start at that generation (a rollback, a fork) would have
+    /// streamed them into its cache.
+    #[test]
+    fn a_profile_leaves_out_chunks_a_commit_replaced_while_it_was_built() {
+        let (d, url, data) = imported();
+        let cs = 256usize << 10;
+        let cache = d.path().join("cache");
+        let mut o = CacheOptions::new(&cache);
+        o.boot_profile = BootProfileMode::Auto;
+        o.boot_profile_window = Duration::from_secs(1);
+        o.writeback.sync_interval = Duration::from_secs(3600);
+        o.readahead_chunks = 0;
+        let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
+        let (reached, go) = hold_at(&cache, &["profile build"]);
+        // Parts of chunks 2 and 4 read (recorded), then chunk 2 rewritten.
+        for at in [2 * cs + 8192, 4 * cs] {
+            let mut b = vec![0u8; 16384];
+            s.read_vectored_at(at as u64, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+            assert!(b == data[at..at + 16384]);
+        }
+        let mut w = vec![0xc2u8; cs];
+        s.write_vectored_at(2 * cs as u64, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
+        assert_eq!(reached.recv_timeout(Duration::from_secs(30)), Ok("profile build"));
+        // A commit while the profile is built: chunk 2 is clean again,
+        // with the next generation's bytes.
+        s.request_sync();
+        assert_ne!(s.flush_point().unwrap(), 0);
+        let t0 = std::time::Instant::now();
+        while s.sync_status().unwrap().committed_cut < 1 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "the cut was never committed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        go.send(()).unwrap();
+        let index = || -> Option<serde_json::Value> {
+            let names = std::fs::read_dir(d.path().join("vol")).ok()?;
+            let name = names
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .find(|n| n.starts_with("profile-") && !n.ends_with(".pack"))?;
+            let b = std::fs::read(d.path().join("vol").join(name)).ok()?;
+            serde_json::from_slice(b.split(|&c| c == b'\n').next()?).ok()
+        };
+        let t0 = std::time::Instant::now();
+        let index = loop {
+            if let Some(i) = index() {
+                break i;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "the profile was never saved");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let chunks: Vec<&String> = index["chunk_refs"].as_object().unwrap().keys().collect();
+        assert_eq!(chunks, ["4"], "the profile's chunks");
     }
 
     /// A chunk completed from its sub-frames goes into RAM under the lock

@@ -209,6 +209,8 @@ impl Inner {
     /// machine would not read those bytes from the remote.
     fn build_profile(&self, recorded: &Recorded, old: Option<&Replay>) -> VolumeResult<ProfileBuilder> {
         let mut b = ProfileBuilder::new(self.ssd.dir(), &self.vol)?;
+        #[cfg(test)]
+        super::tests::stage(self.ssd.dir(), "profile build");
         if self.ssd.is_sealed() {
             b.seal_spill();
         }

@@ -821,7 +821,7 @@ impl Inner {
     fn release_cut(&self, committed: Option<u64>) {
         let wb = self.writeback.as_ref().expect("write-back is on");
         #[cfg(test)]
-        super::tests::release_cut_hook(self.ssd.dir(), "releasing");
+        super::tests::stage(self.ssd.dir(), "releasing");
         let copied: Vec<(u64, Copied)> = {
             let mut f = wb.frozen.lock();
             f.cut = None;
@@ -832,7 +832,7 @@ impl Inner {
             f.copied.drain().collect()
         };
         #[cfg(test)]
-        super::tests::release_cut_hook(self.ssd.dir(), "released");
+        super::tests::stage(self.ssd.dir(), "released");
         let pages = self.cs.div_ceil(PAGE);
         let all = vec![u64::MAX; bitmap_words(self.cs)];
         for (idx, c) in copied {
