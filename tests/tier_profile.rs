@@ -596,3 +596,45 @@ fn a_file_read_sooner_than_recorded_brings_its_next_segments() {
     assert!(st.profile_segments_done < 30, "the stream was to be still on A: {st:?}");
     s.close(Duration::from_secs(60));
 }
+
+/// A profile saved while the guest runs holds only committed bytes: pages
+/// of a chunk the guest zeroed since, not yet written back, are left out,
+/// and a cold start on another cache reads the volume's bytes there. The
+/// bug: the zeroes were streamed into the next cold start under the
+/// committed generation's digest.
+#[test]
+fn a_profile_never_holds_pages_not_committed() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, data) = imported(d.path(), 8 << 20);
+    let m = Arc::new(RemoteMetrics::default());
+    let mut o = opts(&d.path().join("c1"), &m, BootProfileMode::Auto);
+    o.boot_profile_window = Duration::from_secs(1);
+    o.writeback.sync_interval = Duration::from_secs(3600);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let generation = driveblk::volume::info(&vurl).unwrap().generation;
+    // Parts of chunks 2 and 4 are read (recorded), then chunk 2 is zeroed.
+    let reads = [(2 * CHUNK + 8192, 64 << 10), (4 * CHUNK, 64 << 10)];
+    for (at, n) in reads {
+        assert_eq!(read(&*s, at, n), data[at as usize..at as usize + n]);
+    }
+    s.write_zeroes_at(2 * CHUNK, CHUNK).unwrap();
+    let t0 = Instant::now();
+    while profiles(d.path()).len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the profile was never saved");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Gone without a close: the zeroes were never committed.
+    assert_eq!(s.sync_status().unwrap().generations_committed, 0);
+    drop(s);
+    assert_eq!(driveblk::volume::info(&vurl).unwrap().generation, generation);
+
+    // Another machine (a reader: the writer lease stays with the first).
+    let mut o = opts(&d.path().join("c2"), &m, BootProfileMode::Auto);
+    o.read_only = true;
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    wait_streamed(&s);
+    for (at, n) in reads {
+        assert!(read(&*s, at, n) == data[at as usize..at as usize + n], "read at {at}: not the volume's bytes");
+    }
+    s.close(Duration::from_secs(60));
+}

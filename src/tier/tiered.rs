@@ -1601,6 +1601,198 @@ mod tests {
         }
     }
 
+    type StageHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+    /// Run by the store in the directory named at the stages of its work
+    /// that tests hold it at: in the uploader as it lets a committed cut
+    /// go, `releasing` (the cut still held) and `released` (the cut gone,
+    /// its copies in the `frozen` file not cleared yet); `profile build`,
+    /// once a boot profile's builder took its generation.
+    static STAGES: parking_lot::Mutex<Vec<(std::path::PathBuf, StageHook)>> = parking_lot::const_mutex(Vec::new());
+
+    pub(super) fn stage(dir: &std::path::Path, stage: &str) {
+        let hook = STAGES.lock().iter().find(|(d, _)| d == dir).map(|(_, h)| h.clone());
+        if let Some(h) = hook {
+            h(stage);
+        }
+    }
+
+    /// Holds the store in `dir` once at each of `stages` (see [`stage`]):
+    /// each stage reached is sent on the channel returned, and waits for a
+    /// word on the sender returned.
+    fn hold_at(
+        dir: &std::path::Path,
+        stages: &'static [&'static str],
+    ) -> (std::sync::mpsc::Receiver<&'static str>, std::sync::mpsc::Sender<()>) {
+        let (reached_tx, reached) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = parking_lot::Mutex::new(go_rx);
+        let left = parking_lot::Mutex::new(stages.to_vec());
+        let hook: StageHook = Arc::new(move |stage: &str| {
+            let held = {
+                let mut left = left.lock();
+                let i = left.iter().position(|&s| s == stage);
+                i.map(|i| left.remove(i))
+            };
+            if let Some(stage) = held {
+                let _ = reached_tx.send(stage);
+                let _ = go_rx.lock().recv_timeout(Duration::from_secs(20));
+            }
+        });
+        STAGES.lock().push((dir.to_path_buf(), hook));
+        (reached, go)
+    }
+
+    /// Reads `len` bytes at `at` of the volume's newest generation, as a
+    /// fresh cache on another machine would.
+    fn fresh_read(d: &std::path::Path, url: &str, name: &str, at: u64, len: usize) -> Vec<u8> {
+        let mut o = CacheOptions::new(d.join(name));
+        o.read_only = true;
+        let s = crate::tier::open_volume(url, o).unwrap();
+        let mut b = vec![0u8; len];
+        s.read_vectored_at(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        b
+    }
+
+    /// A cut taken while the previous one is being let go, whose chunk the
+    /// guest rewrites at once, keeps the bytes it copied aside: letting the
+    /// old cut go clears only its own copies. The bug: the old cut's
+    /// copies were cleared after its lock was dropped, over the new cut's
+    /// copy of the same chunk, and the new generation held zeroes there.
+    #[test]
+    fn letting_a_cut_go_keeps_the_next_cuts_copies() {
+        let (d, url, _) = imported();
+        let cs = 256usize << 10;
+        let cache = d.path().join("cache");
+        let mut o = CacheOptions::new(&cache);
+        o.writeback.sync_interval = Duration::from_secs(3600);
+        let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
+        let (reached, go) = hold_at(&cache, &["releasing", "released"]);
+        let write = |byte: u8| {
+            let mut w = vec![byte; cs];
+            s.write_vectored_at(0, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
+        };
+        write(0xa1);
+        assert_eq!(s.flush_point().unwrap(), 1, "the first flush point cuts");
+        // Cut 1 committed, still held: B copies A aside.
+        assert_eq!(reached.recv_timeout(Duration::from_secs(20)), Ok("releasing"));
+        write(0xb2);
+        go.send(()).unwrap();
+        // Cut 1 let go, its copy of chunk 0 not cleared yet: cut 2 takes
+        // chunk 0 (B), and C copies B aside.
+        assert_eq!(reached.recv_timeout(Duration::from_secs(20)), Ok("released"));
+        s.request_sync();
+        assert_eq!(s.flush_point().unwrap(), 2, "a sync asked for cuts at the next flush point");
+        write(0xc3);
+        go.send(()).unwrap();
+        let t0 = std::time::Instant::now();
+        while s.sync_status().unwrap().committed_cut < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "cut 2 was never committed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let got = fresh_read(d.path(), &url, "fresh", 0, cs);
+        assert!(got == vec![0xb2u8; cs], "cut 2 holds {:#x}.. in chunk 0, not the guest's 0xb2", got[0]);
+    }
+
+    /// A writethrough FLUSH returns only once a generation holding its
+    /// writes is committed, even when it comes as the cut before them has
+    /// just been committed and is being let go. The bug: such a FLUSH saw
+    /// that cut still held, counted it as its own, and returned at once.
+    #[test]
+    fn a_writethrough_flush_never_counts_a_committed_cut_as_its_own() {
+        let (d, url, _) = imported();
+        let cs = 256usize << 10;
+        let cache = d.path().join("cache");
+        let mut o = CacheOptions::new(&cache);
+        o.writeback.mode = CacheMode::Writethrough;
+        let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
+        let (reached, go) = hold_at(&cache, &["releasing"]);
+        let write = |idx: usize, byte: u8| {
+            let mut w = vec![byte; cs];
+            s.write_vectored_at((idx * cs) as u64, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
+        };
+        let flush = |s: &Arc<TieredStore>| {
+            let (s, (tx, rx)) = (s.clone(), std::sync::mpsc::channel());
+            let t = std::thread::spawn(move || {
+                let r = s.flush_point().and_then(|t| s.wait_durable(t));
+                let _ = tx.send(());
+                r
+            });
+            (t, rx)
+        };
+        write(0, 0xa1);
+        let (first, _) = flush(&s);
+        // Cut 1 committed, not let go yet: chunk 1 is written, and flushed.
+        assert_eq!(reached.recv_timeout(Duration::from_secs(20)), Ok("releasing"));
+        write(1, 0xb2);
+        let (second, done) = flush(&s);
+        if done.recv_timeout(Duration::from_secs(1)).is_ok() {
+            let got = fresh_read(d.path(), &url, "early", cs as u64, cs);
+            assert!(got == vec![0xb2u8; cs], "the FLUSH returned, but chunk 1 is not on the remote");
+        }
+        go.send(()).unwrap();
+        first.join().unwrap().unwrap();
+        second.join().unwrap().unwrap();
+        let got = fresh_read(d.path(), &url, "fresh", 0, 2 * cs);
+        assert!(got[..cs] == vec![0xa1u8; cs] && got[cs..] == vec![0xb2u8; cs]);
+    }
+
+    /// A boot profile holds the bytes of the generation its builder took:
+    /// a chunk a commit replaced while the profile was built is left out.
+    /// The bug: its new bytes went in under the old generation's digest,
+    /// and a start at that generation (a rollback, a fork) would have
+    /// streamed them into its cache.
+    #[test]
+    fn a_profile_leaves_out_chunks_a_commit_replaced_while_it_was_built() {
+        let (d, url, data) = imported();
+        let cs = 256usize << 10;
+        let cache = d.path().join("cache");
+        let mut o = CacheOptions::new(&cache);
+        o.boot_profile = BootProfileMode::Auto;
+        o.boot_profile_window = Duration::from_secs(1);
+        o.writeback.sync_interval = Duration::from_secs(3600);
+        o.readahead_chunks = 0;
+        let s = Arc::new(crate::tier::open_volume(&url, o).unwrap());
+        let (reached, go) = hold_at(&cache, &["profile build"]);
+        // Parts of chunks 2 and 4 read (recorded), then chunk 2 rewritten.
+        for at in [2 * cs + 8192, 4 * cs] {
+            let mut b = vec![0u8; 16384];
+            s.read_vectored_at(at as u64, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+            assert!(b == data[at..at + 16384]);
+        }
+        let mut w = vec![0xc2u8; cs];
+        s.write_vectored_at(2 * cs as u64, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
+        assert_eq!(reached.recv_timeout(Duration::from_secs(30)), Ok("profile build"));
+        // A commit while the profile is built: chunk 2 is clean again,
+        // with the next generation's bytes.
+        s.request_sync();
+        assert_ne!(s.flush_point().unwrap(), 0);
+        let t0 = std::time::Instant::now();
+        while s.sync_status().unwrap().committed_cut < 1 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "the cut was never committed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        go.send(()).unwrap();
+        let index = || -> Option<serde_json::Value> {
+            let names = std::fs::read_dir(d.path().join("vol")).ok()?;
+            let name = names
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .find(|n| n.starts_with("profile-") && !n.ends_with(".pack"))?;
+            let b = std::fs::read(d.path().join("vol").join(name)).ok()?;
+            serde_json::from_slice(b.split(|&c| c == b'\n').next()?).ok()
+        };
+        let t0 = std::time::Instant::now();
+        let index = loop {
+            if let Some(i) = index() {
+                break i;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "the profile was never saved");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let chunks: Vec<&String> = index["chunk_refs"].as_object().unwrap().keys().collect();
+        assert_eq!(chunks, ["4"], "the profile's chunks");
+    }
+
     /// A chunk completed from its sub-frames goes into RAM under the lock
     /// it was read under: a write arriving meanwhile waits, then updates
     /// the RAM copy, so RAM never serves the bytes from before it (nor

@@ -21,7 +21,7 @@ use crate::tier::boot::{
     delta_plan, for_each_chunk_part, learned, BootProfileMode, Planned, Recorded, Replay, NEW_SHARE,
 };
 use crate::tier::single_flight::{Flight, Urgency};
-use crate::tier::ssd::{DIRTY, PARTIAL};
+use crate::tier::ssd::{is_dirty, PARTIAL};
 use crate::tier::stats::Counters;
 use crate::volume::profile::{self, PendingProfile, ProfileBuilder};
 use crate::volume::{VolumeError, VolumeResult};
@@ -203,11 +203,14 @@ impl Inner {
 
     /// Reads the recorded pages that hold the committed generation's bytes
     /// from the SSD tier into a profile pack, as a delta over `old` when
-    /// given (see [`delta_plan`]). Pages of chunks written locally and not
-    /// committed, evicted, or known zero are left out: another machine
-    /// would not read those bytes from the remote.
+    /// given (see [`delta_plan`]). Pages of chunks written (or zeroed)
+    /// locally and not committed, evicted, known zero, or changed by a
+    /// generation committed since the build began are left out: another
+    /// machine would not read those bytes from the remote.
     fn build_profile(&self, recorded: &Recorded, old: Option<&Replay>) -> VolumeResult<ProfileBuilder> {
         let mut b = ProfileBuilder::new(self.ssd.dir(), &self.vol)?;
+        #[cfg(test)]
+        super::tests::stage(self.ssd.dir(), "profile build");
         if self.ssd.is_sealed() {
             b.seal_spill();
         }
@@ -242,12 +245,18 @@ impl Inner {
                 runs.push((idx, off, len));
             });
             for (idx, off, len) in runs {
-                if self.is_zero(idx) {
-                    continue;
-                }
+                // (None: a zero chunk, never profiled.)
+                let Some(digest) = b.chunk_digest(idx) else { continue };
                 let _g = self.ssd.lock_read(idx);
+                // The cache holds the builder's generation's bytes of the
+                // chunk only if it is clean, and the generation served has
+                // the same bytes there: a commit while the profile is
+                // built serves the next generation's.
                 let state = self.ssd.state(idx);
-                if state == DIRTY || !(self.ssd.has_chunk(idx) || state == PARTIAL) {
+                if is_dirty(state)
+                    || !(self.ssd.has_chunk(idx) || state == PARTIAL)
+                    || profile::ref_digest(&self.vol.chunk_ref(idx)).as_ref() != Some(&digest)
+                {
                     continue;
                 }
                 // Whole runs of present pages (a partial chunk may miss some).

@@ -544,8 +544,16 @@ impl Inner {
             if let Some(c) = &st.conflict {
                 return Err(io::Error::other(c.clone()));
             }
-            if st.last_error.is_some() && !wb.cut_in_progress() {
-                return Err(io::Error::other(st.last_error.clone().unwrap_or_default()));
+            if st.last_error.is_some() {
+                // The cut is let go, and said committed, under `frozen`
+                // then `status`: looked at without `status` held.
+                let held = parking_lot::MutexGuard::unlocked(&mut st, || wb.cut_in_progress());
+                if st.committed_cut >= ticket {
+                    return Ok(());
+                }
+                if let (false, Some(e)) = (held, &st.last_error) {
+                    return Err(io::Error::other(e.clone()));
+                }
             }
             let failing = match (&st.last_error, failing_since) {
                 (None, _) => None,
@@ -717,7 +725,7 @@ impl Inner {
                 st.uploading = false;
                 match r {
                     Ok(unsaved) => {
-                        st.committed_cut = cut.id;
+                        // (`committed_cut` says so once the cut is let go.)
                         st.last_error = unsaved;
                         st.paused = false;
                         backoff = Duration::from_secs(1);
@@ -747,7 +755,7 @@ impl Inner {
             };
             match next {
                 Next::Done => {
-                    self.release_cut();
+                    self.release_cut(Some(cut.id));
                     // A sync asked for while this cut was retrying spent its
                     // wake-up on the retry's sleep: serve it now, not after
                     // a whole sync interval.
@@ -756,7 +764,7 @@ impl Inner {
                     }
                 }
                 Next::Stop => {
-                    self.release_cut();
+                    self.release_cut(None);
                     wb.changed.notify_all();
                     return;
                 }
@@ -802,26 +810,46 @@ impl Inner {
         }
     }
 
-    /// Forgets the cut and its copied-aside bytes.
-    fn release_cut(&self) {
+    /// Forgets the cut and its copied-aside bytes. The next cut may be
+    /// taken, and copy its chunks aside at the same places in the `frozen`
+    /// file, as soon as this one is gone: each chunk's old copy is cleared
+    /// under the lock the copying takes, and only where the next cut has
+    /// not copied yet. A cut `committed` is said to be in the same step:
+    /// a writethrough FLUSH that finds it committed then finds it gone, and
+    /// cuts for its own writes (while the cut is held, a FLUSH counts it as
+    /// the one holding its writes).
+    fn release_cut(&self, committed: Option<u64>) {
         let wb = self.writeback.as_ref().expect("write-back is on");
+        #[cfg(test)]
+        super::tests::stage(self.ssd.dir(), "releasing");
         let copied: Vec<(u64, Copied)> = {
             let mut f = wb.frozen.lock();
             f.cut = None;
             f.bytes = 0;
+            if let Some(id) = committed {
+                wb.status.lock().committed_cut = id;
+            }
             f.copied.drain().collect()
         };
+        #[cfg(test)]
+        super::tests::stage(self.ssd.dir(), "released");
+        let pages = self.cs.div_ceil(PAGE);
+        let all = vec![u64::MAX; bitmap_words(self.cs)];
         for (idx, c) in copied {
-            match c {
-                Copied::Whole => {
-                    let _ = wb.frozen_file.write_zeroes_at(idx * self.cs, self.cs);
-                }
-                Copied::Zero => {}
-                Copied::Pages(bits) => {
-                    for (a, b) in runs(&bits, self.cs.div_ceil(PAGE)) {
-                        let _ = wb.frozen_file.write_zeroes_at(idx * self.cs + a * PAGE, (b - a) * PAGE);
-                    }
-                }
+            let old = match &c {
+                Copied::Whole => &all,
+                Copied::Zero => continue,
+                Copied::Pages(bits) => bits,
+            };
+            let f = wb.frozen.lock();
+            let clear: Vec<u64> = match f.copied.get(&idx) {
+                Some(Copied::Whole) => continue,
+                Some(Copied::Pages(new)) => old.iter().zip(new).map(|(o, n)| o & !n).collect(),
+                None | Some(Copied::Zero) => old.clone(),
+            };
+            for (a, b) in runs(&clear, pages) {
+                let end = (b * PAGE).min(self.cs);
+                let _ = wb.frozen_file.write_zeroes_at(idx * self.cs + a * PAGE, end - a * PAGE);
             }
         }
     }

@@ -125,9 +125,14 @@ impl Qcow2Disk {
         let sc0 = (in_cluster / scs) as u32;
         let sc1 = ((in_cluster + n - 1) / scs) as u32;
         if e.writable_in_place(&geo, sc0, sc1) {
-            // Another request allocated it meanwhile: write like the fast path.
-            drop(st);
+            // Another request allocated it meanwhile: write like the fast
+            // path. The gate is taken before the mutex is let go (the order
+            // a flush takes them in), so a discard and a flush cannot free
+            // the cluster, and hand it out again, before this write lands.
             let _g = self.gate.read();
+            drop(st);
+            #[cfg(test)]
+            tests::allocated_meanwhile();
             return self.write_host((e.word & OFFSET_MASK) + in_cluster, data);
         }
         let kind = e.kind(&geo);
@@ -437,5 +442,98 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.disk.alloc.lock().inflight.remove(&self.gc);
         self.disk.alloc_done.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::format::qcow2::{NoBacking, Qcow2Options};
+    use crate::tier::LocalFile;
+
+    thread_local! {
+        /// Run on this thread where a slow write found its cluster
+        /// allocated meanwhile and let the allocation mutex go.
+        static ALLOCATED_MEANWHILE: RefCell<Option<Box<dyn FnMut()>>> = RefCell::new(None);
+    }
+
+    pub(super) fn allocated_meanwhile() {
+        ALLOCATED_MEANWHILE.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f()
+            }
+        });
+    }
+
+    /// A slow write that finds its cluster allocated meanwhile holds the
+    /// I/O gate from before it lets the allocation mutex go: a discard and
+    /// a flush cannot free the cluster, and another write reuse it, before
+    /// the write lands there. The bug: the write landed in the other
+    /// write's cluster.
+    #[test]
+    fn a_write_never_lands_in_a_cluster_freed_and_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("img.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+            .arg(&path)
+            .arg("4M")
+            .output()
+            .expect("qemu-img");
+        assert!(out.status.success(), "{out:?}");
+        let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(&path, false).unwrap());
+        let disk = Arc::new(Qcow2Disk::open(storage, Qcow2Options::default(), &NoBacking).unwrap());
+        let cs = disk.cluster_size();
+        let write = move |disk: &Qcow2Disk, at: u64, byte: u8| {
+            let mut b = vec![byte; cs as usize];
+            disk.write(at, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        };
+        write(&disk, 0, 0xa0);
+        disk.flush(IoMode::Blocking).unwrap();
+        // A write to cluster 0 that went the slow way (as when it raced the
+        // write allocating it), held once it let the mutex go.
+        let (held_tx, held) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let slow = {
+            let disk = disk.clone();
+            std::thread::spawn(move || {
+                let mut once = Some((held_tx, go_rx));
+                ALLOCATED_MEANWHILE.with(|h| {
+                    *h.borrow_mut() = Some(Box::new(move || {
+                        if let Some((held_tx, go_rx)) = once.take() {
+                            let _ = held_tx.send(());
+                            let _ = go_rx.recv_timeout(Duration::from_secs(20));
+                        }
+                    }))
+                });
+                let mut b = vec![0xa1u8; 4096];
+                let r = disk.write_slow(0, &IoVec::from_slice(&mut b));
+                r
+            })
+        };
+        held.recv_timeout(Duration::from_secs(20)).expect("the slow write never got there");
+        // Cluster 0 discarded, the discard flushed (its cluster freed, once
+        // no I/O aims at it), and a write to cluster 2 allocating.
+        disk.discard(0, cs, IoMode::Blocking).unwrap();
+        let (done_tx, done) = mpsc::channel();
+        let other = {
+            let disk = disk.clone();
+            std::thread::spawn(move || {
+                disk.flush(IoMode::Blocking).unwrap();
+                write(&disk, 2 * cs, 0xb2);
+                let _ = done_tx.send(());
+            })
+        };
+        let _ = done.recv_timeout(Duration::from_secs(1));
+        go.send(()).unwrap();
+        slow.join().unwrap().unwrap();
+        other.join().unwrap();
+        let mut b = vec![0u8; cs as usize];
+        disk.read(2 * cs, &IoVec::from_slice(&mut b), IoMode::Blocking).unwrap();
+        assert!(b == vec![0xb2u8; cs as usize], "cluster 2 holds {:#x}.., not the write's 0xb2", b[0]);
     }
 }
