@@ -438,6 +438,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 io_threads: a.io_threads,
                 poll_us: a.poll_us,
                 queue_threads: a.queue_threads,
+                // A read, then a write-through flush (see `remote_wait`).
+                stop_drain: 2 * Duration::from_secs(a.cache.remote_wait) + Duration::from_secs(5),
             },
         })
     }

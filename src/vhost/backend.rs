@@ -56,6 +56,10 @@ struct InflightState {
     count: usize,
     /// The worker left chains in the avail ring for lack of room.
     throttled: bool,
+    /// Stopping: nothing more is accepted (see [`BlockBackend::drain`]).
+    /// Under the same lock as `count`, so a reservation is either counted
+    /// before the drain waits or refused.
+    draining: bool,
 }
 
 impl Inflight {
@@ -69,6 +73,9 @@ impl Inflight {
     /// the same lock `sub` takes, so the wake-up cannot be missed.
     fn reserve(&self, want: usize, cap: usize) -> usize {
         let mut st = self.state.lock();
+        if st.draining {
+            return 0;
+        }
         let granted = want.min(cap.saturating_sub(st.count));
         st.count += granted;
         if granted < want {
@@ -102,6 +109,22 @@ impl Inflight {
         if st.count == 0 {
             self.idle.notify_all();
         }
+    }
+
+    fn start_draining(&self) {
+        self.state.lock().draining = true;
+    }
+
+    fn draining(&self) -> bool {
+        self.state.lock().draining
+    }
+
+    /// Waits until nothing is in flight or `until` passes; returns how many
+    /// requests are still in flight.
+    fn wait_idle_until(&self, until: std::time::Instant) -> usize {
+        let mut st = self.state.lock();
+        while st.count > 0 && !self.idle.wait_until(&mut st, until).timed_out() {}
+        st.count
     }
 
     fn wait_idle(&self, queue: usize) {
@@ -229,6 +252,37 @@ impl BlockBackend {
         }
     }
 
+    /// The first step of a stop, while the frontend is still connected:
+    /// accepts no more requests (the guest's new ones wait in the ring for
+    /// the next daemon) and waits, at most `within`, for those accepted to
+    /// complete. Their completions must reach the guest through the
+    /// frontend's notifiers, which it tears down when the connection ends;
+    /// a request completed after that sits in the used ring with no
+    /// interrupt, and the guest's I/O hangs. True if all completed.
+    pub fn drain(&self, within: Duration) -> bool {
+        let sh = &self.shared;
+        for f in &sh.inflight {
+            f.start_draining();
+        }
+        let start = std::time::Instant::now();
+        let until = start + within;
+        let inflight: usize = sh.inflight.iter().map(|f| f.state.lock().count).sum();
+        if inflight > 0 {
+            tracing::info!(inflight, "stopping: the requests in flight complete before the frontend is let go");
+        }
+        let left: usize = sh.inflight.iter().map(|f| f.wait_idle_until(until)).sum();
+        if left > 0 {
+            tracing::warn!(
+                left,
+                secs = within.as_secs(),
+                "stopping: requests still in flight after the stop's wait: letting the frontend go anyway (a daemon started on the same socket resubmits them)"
+            );
+        } else if inflight > 0 {
+            tracing::info!(ms = start.elapsed().as_millis() as u64, "stopping: every request in flight completed");
+        }
+        left == 0
+    }
+
     /// Waits until every accepted request of every queue has completed.
     pub fn wait_idle(&self) {
         for (q, f) in self.shared.inflight.iter().enumerate() {
@@ -239,6 +293,10 @@ impl BlockBackend {
     fn process_queue(&self, qidx: usize, vring: &Vring) -> io::Result<()> {
         let sh = &self.shared;
         let Some(atomic) = sh.mem.read().clone() else { return Ok(()) };
+        // Stopping: new requests wait in the ring for the next daemon.
+        if sh.inflight[qidx].draining() {
+            return Ok(());
+        }
         let region = sh.region.read().clone();
         let event_idx = sh.event_idx.load(Ordering::Relaxed);
         let capacity = sh.disk.capacity();
@@ -283,14 +341,30 @@ impl BlockBackend {
                         let table = GuestAddress(queue.desc_table());
                         resubmit =
                             resume.heads.iter().map(|&h| (h, walk_chain(&ring_mem, table, queue.size(), h))).collect();
-                        sh.inflight[qidx].reserve(resubmit.len(), usize::MAX);
-                        tracing::info!(
-                            queue = qidx,
-                            resubmitted = resubmit.len(),
-                            used,
-                            next_avail = resume.next_avail,
-                            "resuming the requests a previous daemon left in flight"
-                        );
+                        if sh.inflight[qidx].reserve(resubmit.len(), usize::MAX) < resubmit.len() {
+                            // Stopping: they stay recorded in the region
+                            // for the next daemon.
+                            return Ok(());
+                        }
+                        // Every start after a stop/cont or a reconnect
+                        // finds the region: worth a line only when it
+                        // held requests.
+                        if resubmit.is_empty() {
+                            tracing::debug!(
+                                queue = qidx,
+                                used,
+                                next_avail = resume.next_avail,
+                                "nothing left in flight"
+                            );
+                        } else {
+                            tracing::info!(
+                                queue = qidx,
+                                resubmitted = resubmit.len(),
+                                used,
+                                next_avail = resume.next_avail,
+                                "resuming the requests a previous daemon left in flight"
+                            );
+                        }
                     }
                 }
                 let ready = match queue.avail_idx(&*ring_mem, std::sync::atomic::Ordering::Acquire) {

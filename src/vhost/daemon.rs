@@ -12,6 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use vhost::vhost_user::Listener;
@@ -54,16 +55,24 @@ pub struct StopHandle {
 struct StopState {
     requested: AtomicBool,
     wake: EventNotifier,
-    current: Mutex<Option<ShutdownHandle>>,
+    /// The connection being served and its backend.
+    current: Mutex<Option<(ShutdownHandle, BlockBackend)>>,
+    /// How long the requests in flight get to complete before the frontend
+    /// is let go ([`DeviceConfig::stop_drain`]).
+    drain: Duration,
 }
 
 impl StopHandle {
-    /// Requests shutdown: the current frontend is disconnected and the server
-    /// returns once in-flight requests are done and the disk is closed.
+    /// Requests shutdown: the current frontend's requests in flight complete
+    /// while it is still connected (no new ones are taken), then it is
+    /// disconnected; the server returns once the disk is closed. Blocks
+    /// for that first step, at most [`DeviceConfig::stop_drain`].
     pub fn stop(&self) {
         self.inner.requested.store(true, Ordering::Release);
         let _ = self.inner.wake.notify();
-        if let Some(h) = self.inner.current.lock().as_ref() {
+        let current = self.inner.current.lock().clone();
+        if let Some((h, backend)) = current {
+            backend.drain(self.inner.drain);
             h.shutdown();
         }
     }
@@ -105,7 +114,12 @@ impl Server {
         let pool = Arc::new(IoPool::new(cfg.io_threads, usize::from(cfg.num_queues) * usize::from(cfg.queue_size))?);
         let (wake, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         let stop = StopHandle {
-            inner: Arc::new(StopState { requested: AtomicBool::new(false), wake: notifier, current: Mutex::new(None) }),
+            inner: Arc::new(StopState {
+                requested: AtomicBool::new(false),
+                wake: notifier,
+                current: Mutex::new(None),
+                drain: cfg.stop_drain,
+            }),
         };
         Ok(Self { disk, cfg, socket: socket.to_path_buf(), listener: Listener::from(listener), pool, stop, wake })
     }
@@ -145,9 +159,10 @@ impl Server {
                 continue;
             }
             tracing::info!("frontend connected");
-            *self.stop.inner.current.lock() = daemon.shutdown_handle();
+            *self.stop.inner.current.lock() = daemon.shutdown_handle().map(|h| (h, backend.clone()));
             // A stop requested between the accept and storing the handle.
             if self.stop.requested() {
+                backend.drain(self.stop.inner.drain);
                 daemon.request_shutdown();
             }
             let res = daemon.wait();

@@ -574,6 +574,15 @@ where
 
         vring.set_call(file);
 
+        // driveblk patch: with inflight tracking, signal the new call fd once so
+        // the guest collects what is already in the used ring: completions a
+        // previous back-end added after the frontend tore down its notifiers
+        // (or a kill -9 between add_used and the signal) would otherwise never
+        // raise an interrupt. A spurious interrupt is harmless.
+        if self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0 {
+            let _ = vring.signal_used_queue();
+        }
+
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
         }
