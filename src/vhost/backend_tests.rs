@@ -364,6 +364,65 @@ fn the_guest_cache_mode_survives_a_daemon_restart() {
     pool.shutdown();
 }
 
+/// Firmware (SeaBIOS acks VERSION_1 only, no FLUSH) is served
+/// write-through, and the guest's driver that negotiates FLUSH and
+/// CONFIG_WCE afterwards on the same connection gets write-back again: the
+/// mode follows every SET_FEATURES, and a mode the guest chose comes back
+/// with its features. Only a mode the guest set is recorded for a
+/// restarted daemon.
+#[test]
+fn the_cache_mode_follows_each_set_features() {
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let cfg = DeviceConfig { num_queues: 1, queue_size: QSIZE, ..Default::default() };
+    let pool = Arc::new(IoPool::new(1, usize::from(QSIZE)).unwrap());
+    let offset = crate::vhost::config::WRITEBACK_OFFSET;
+    let (v1, flush, wce) = (1u64 << VIRTIO_F_VERSION_1, 1u64 << VIRTIO_BLK_F_FLUSH, 1u64 << VIRTIO_BLK_F_CONFIG_WCE);
+    let backend = || {
+        let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(&img, false).unwrap());
+        BlockBackend::new(Arc::new(RawDisk::new(storage, false).unwrap()), cfg.clone(), pool.clone()).unwrap()
+    };
+    let region = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    let b = backend();
+    b.set_inflight_fd(&region.0, region.1.try_clone().unwrap()).unwrap();
+    b.acked_features(v1);
+    assert_eq!(b.get_config(offset, 1), vec![0], "firmware without FLUSH: write-through");
+    b.acked_features(v1 | flush | wce);
+    assert_eq!(b.get_config(offset, 1), vec![1], "the guest's driver with FLUSH: write-back");
+    b.set_config(offset, &[0]).unwrap();
+    b.acked_features(v1);
+    b.acked_features(v1 | flush | wce);
+    assert_eq!(b.get_config(offset, 1), vec![0], "the mode the guest chose comes back");
+    b.acked_features(v1 | flush);
+    assert_eq!(b.get_config(offset, 1), vec![1], "FLUSH without CONFIG_WCE: write-back");
+    drop(b);
+
+    // The firmware's forced write-through is not recorded: a daemon
+    // restarted under the guest's driver serves it write-back.
+    let fresh = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    let b = backend();
+    b.set_inflight_fd(&fresh.0, fresh.1.try_clone().unwrap()).unwrap();
+    b.acked_features(v1);
+    drop(b);
+    let b = backend();
+    b.set_inflight_fd(&fresh.0, fresh.1.try_clone().unwrap()).unwrap();
+    b.acked_features(v1 | flush | wce);
+    assert_eq!(b.get_config(offset, 1), vec![1], "nothing the guest set was recorded");
+    drop(b);
+
+    // A record of the old format may be such a forced mode: ignored.
+    use std::os::unix::fs::FileExt;
+    let old = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    old.1.write_all_at(b"DBI1\x02", old.0.mmap_size - 64).unwrap();
+    let b = backend();
+    b.set_inflight_fd(&old.0, old.1.try_clone().unwrap()).unwrap();
+    b.acked_features(v1 | flush | wce);
+    assert_eq!(b.get_config(offset, 1), vec![1], "an old write-through record is ignored");
+    pool.shutdown();
+}
+
 /// The name of queue 0's second thread.
 const HELPER: &str = "driveblk-q0b";
 
