@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use crate::format::{Disk, IoMode};
 use crate::vhost::backend::BlockBackend;
 use crate::vhost::config::DeviceConfig;
 use crate::vhost::pool::IoPool;
+use crate::vhost::ratelimit::LogLimiter;
 use crate::vhost::request::GuestMem;
 
 /// Errors that stop the server.
@@ -159,6 +160,9 @@ impl Server {
                 continue;
             }
             tracing::info!("frontend connected");
+            let refuser = Refuser::start(&self.listener, &self.socket)
+                .inspect_err(|e| tracing::warn!("cannot watch the socket for other frontends: {e}"))
+                .ok();
             *self.stop.inner.current.lock() = daemon.shutdown_handle().map(|h| (h, backend.clone()));
             // A stop requested between the accept and storing the handle.
             if self.stop.requested() {
@@ -166,6 +170,9 @@ impl Server {
                 daemon.request_shutdown();
             }
             let res = daemon.wait();
+            if let Some(r) = refuser {
+                r.stop();
+            }
             self.stop.inner.current.lock().take();
             backend.wait_idle();
             backend.stop_workers();
@@ -213,6 +220,91 @@ impl Server {
             if fds[0].revents & libc::POLLIN != 0 {
                 return Ok(true);
             }
+        }
+    }
+}
+
+/// While a frontend is served, others that connect to the socket are
+/// accepted and closed at once, with a warning: left in the backlog, a
+/// second VM's QEMU would wait in silence (no timeout) and get the disk the
+/// moment the first VM leaves, two VMs on one disk in sequence without
+/// anyone knowing.
+struct Refuser {
+    done: EventNotifier,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Refuser {
+    fn start(listener: &Listener, socket: &Path) -> io::Result<Self> {
+        // SAFETY: dup of a listening socket this server owns; the copy is
+        // owned by the thread.
+        let fd = unsafe { libc::dup(listener.as_raw_fd()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (consumer, done) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        let socket = socket.display().to_string();
+        let thread = std::thread::Builder::new()
+            .name("driveblk-refuse".into())
+            .spawn(move || refuse_others(fd, consumer, &socket))?;
+        Ok(Self { done, thread: Some(thread) })
+    }
+
+    fn stop(mut self) {
+        let _ = self.done.notify();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn refuse_others(listener: OwnedFd, done: EventConsumer, socket: &str) {
+    let limit = LogLimiter::new(1, Duration::from_secs(10));
+    loop {
+        match poll_in(&[done.as_raw_fd(), listener.as_raw_fd()], -1) {
+            Ok([false, true]) => {}
+            Ok([false, false]) => continue,
+            _ => return,
+        }
+        // The frontend served may be on its way out (a probe that connects
+        // and closes, the VM's QEMU restarted): if serving ends within a
+        // second, the newcomer is the next frontend, not a second one.
+        if !matches!(poll_in(&[done.as_raw_fd()], 1000), Ok([false])) {
+            return;
+        }
+        // SAFETY: accept on a listening socket we own; the new descriptor
+        // is owned (and closed) right here.
+        let conn = unsafe {
+            libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+        };
+        if conn < 0 {
+            continue;
+        }
+        // SAFETY: a fresh descriptor from accept4.
+        drop(unsafe { OwnedFd::from_raw_fd(conn) });
+        if let Some(suppressed) = limit.allow() {
+            tracing::warn!(
+                suppressed,
+                "another frontend connected to {socket} while one is served: refused (one disk serves one VM)"
+            );
+        }
+    }
+}
+
+/// Polls `fds` for input (`timeout_ms`, -1: no limit); which are readable.
+fn poll_in<const N: usize>(fds: &[RawFd; N], timeout_ms: i32) -> io::Result<[bool; N]> {
+    let mut p = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    loop {
+        // SAFETY: p is a valid array of N pollfds.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
+        if r >= 0 {
+            return Ok(p.map(|f| f.revents != 0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
