@@ -185,6 +185,22 @@ fn a_second_frontend_is_refused_at_once() {
     );
 }
 
+/// QEMU's largest virtqueue (queue-size=1024, libvirt queue_size) works
+/// with the default --queue-size: a size above it used to be refused at
+/// SET_VRING_NUM, and QEMU reconnected for ever with the guest hung.
+#[test]
+fn the_largest_qemu_queue_size_works_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let sock = dir.path().join("sock");
+    let expect = make_raw(&img, 8 << 20, 6);
+    let d = Daemon::start(&sock, &["--image", img.to_str().unwrap(), "--format", "raw"]);
+    let mut c = Client::connect_sized(&sock, 1, false, Some(1024));
+    assert_eq!(c.read(1 << 20, 64 << 10).unwrap(), expect[1 << 20..(1 << 20) + (64 << 10)]);
+    drop(c);
+    assert!(d.stop().success());
+}
+
 #[test]
 fn read_only_export_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();

@@ -80,7 +80,8 @@ pub struct ServeArgs {
     pub num_queues: Option<u16>,
 
     /// Maximum virtqueue size the frontend may configure (power of two).
-    #[arg(long, default_value_t = 256)]
+    /// The default is QEMU's largest (queue-size=1024).
+    #[arg(long, default_value_t = 1024)]
     pub queue_size: u16,
 
     /// Serial number the guest reads with GET_ID (at most 20 bytes).

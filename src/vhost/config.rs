@@ -55,7 +55,7 @@ impl Default for DeviceConfig {
     fn default() -> Self {
         Self {
             num_queues: 1,
-            queue_size: 256,
+            queue_size: 1024,
             read_only: false,
             serial: b"driveblk".to_vec(),
             io_threads: 16,

@@ -440,8 +440,11 @@ where
             .ok_or(VhostUserError::InvalidParam)?;
 
         if num == 0 || num as usize > self.max_queue_size {
+            // driveblk patch: the message names the way out.
             log::error!(
-                "vring {index} requested queue size {num} out of range (1-{})",
+                "vring {index}: the frontend asked for queue size {num}, out of this back-end's range (1-{}): \
+                 raise driveblk's --queue-size (a power of two up to 32768) or lower the frontend's \
+                 (QEMU vhost-user-blk-pci queue-size=, libvirt <driver queue_size=>)",
                 self.max_queue_size
             );
             return Err(VhostUserError::InvalidParam);
