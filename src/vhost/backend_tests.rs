@@ -682,6 +682,51 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountWarnings {
     }
 }
 
+/// Records the message of every INFO event.
+struct InfoMessages(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for InfoMessages {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message<'a>(&'a mut String);
+        impl tracing::field::Visit for Message<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    *self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if *event.metadata().level() == tracing::Level::INFO {
+            let mut m = String::new();
+            event.record(&mut Message(&mut m));
+            self.0.lock().push(m);
+        }
+    }
+}
+
+/// A stop/cont of the VM hands the same daemon the same inflight region
+/// again: with nothing in flight that is no restart, and the log does not
+/// say "resuming the requests a previous daemon left in flight".
+#[test]
+fn a_stop_and_cont_with_nothing_in_flight_is_not_logged_as_a_resume() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let q = get_id_queue();
+    let region = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    let infos = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(InfoMessages(infos.clone()));
+    tracing::subscriber::with_default(subscriber, || {
+        for round in 1..=3 {
+            q.backend.set_inflight_fd(&region.0, region.1.try_clone().unwrap()).unwrap();
+            q.set_avail_idx(round);
+            q.kick();
+            q.backend.wait_idle();
+        }
+    });
+    assert_eq!(q.vrings[0].queue_used_idx().unwrap(), 3, "every request served");
+    let infos = infos.lock().clone();
+    assert!(!infos.iter().any(|m| m.contains("resuming")), "{infos:?}");
+    q.pool.shutdown();
+}
+
 /// A guest filling its avail ring with a head beyond the queue gets its
 /// chains dropped under the log limiter (ten warnings a second), not a
 /// warning each, and nothing in the used ring; the queue keeps serving.
