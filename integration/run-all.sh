@@ -545,6 +545,9 @@ run_restart_case() {
 # hash finished and matched (GUEST PASS within --timeout): the stopping
 # daemon must complete what it accepted while QEMU is still connected, or
 # those completions' interrupts are lost and the guest's read hangs.
+# Also cache-mode: the first daemon's last "serving the guest write ..."
+# line names the mode the guest reports (SeaBIOS negotiates no FLUSH, the
+# guest's driver does).
 run_term_case() {
     local name=$1 size=$2 latency=$3
     local img="$WORK/$name.raw" sock="$WORK/$name.sock" blog t0 rc=0 md5 i
@@ -603,6 +606,14 @@ run_term_case() {
     GPID=
     if [ "$rc" = 0 ]; then hostcheck guest PASS "the guest's read finished across the SIGTERM restart"
     else hostcheck guest FAIL "run-guest.sh exit $rc (serial log: $serial_log)"; fi
+    # SeaBIOS negotiates no FLUSH (served write-through), the guest's
+    # driver then FLUSH and CONFIG_WCE: the first daemon's last word on the
+    # mode must be the one the guest reports
+    local gmode dmode
+    gmode=$(sed -n 's/.*name=write-cache status=[A-Z]* detail=write \(back\|through\).*/\1/p' "$serial_log" | tail -n1)
+    dmode=$(sed -n 's/.*serving the guest write \(back\|through\).*/\1/p' "$LOGDIR/$name.0.backend.log" | tail -n1)
+    if [ -n "$gmode" ] && [ "$gmode" = "$dmode" ]; then hostcheck cache-mode PASS "the daemon serves the guest write $gmode, as the guest reports"
+    else hostcheck cache-mode FAIL "the guest reports write ${gmode:-?}, the daemon last said write ${dmode:-?} (log: $LOGDIR/$name.0.backend.log)"; fi
     if [ -n "$BPID" ]; then
         rc=0
         stop_pid "$BPID" 30 || rc=$?
