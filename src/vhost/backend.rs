@@ -258,9 +258,10 @@ impl BlockBackend {
         if self.shared.writeback.swap(writeback, Ordering::Relaxed) != writeback {
             let why = match st.features {
                 Some(f) if f & (1 << VIRTIO_BLK_F_FLUSH) == 0 => "the driver did not negotiate FLUSH",
-                Some(f) if f & (1 << VIRTIO_BLK_F_CONFIG_WCE) == 0 => "the driver cannot change it (no CONFIG_WCE)",
+                Some(f) if f & (1 << VIRTIO_BLK_F_CONFIG_WCE) == 0 => "the driver negotiated FLUSH, not CONFIG_WCE",
                 _ if st.chosen.is_some() => "the guest's choice",
-                _ => "the default",
+                Some(_) => "the driver negotiated FLUSH (write back until the guest chooses)",
+                None => "the default",
             };
             let mode = if writeback { "write back" } else { "write through" };
             tracing::info!("serving the guest {mode}: {why}");
