@@ -314,7 +314,7 @@ impl BlockBackend {
             tracing::warn!(
                 left,
                 secs = within.as_secs(),
-                "stopping: requests still in flight after the stop's wait: letting the frontend go anyway (a daemon started on the same socket resubmits them)"
+                "stopping: requests still in flight after the stop's wait: letting the frontend go anyway (they complete afterwards; the next daemon on the socket signals the guest when QEMU reconnects)"
             );
         } else if inflight > 0 {
             tracing::info!(ms = start.elapsed().as_millis() as u64, "stopping: every request in flight completed");
