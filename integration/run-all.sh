@@ -22,7 +22,7 @@
 # Cases: raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty
 #        volume-qcow2 volume-profile-ro volume-wb-2nd-machine
 #        qcow2-compressed-ro volume-gdrive-2nd-machine restart-kill9
-#        restart-kill9-verify
+#        restart-kill9-verify restart-term
 #                              (--list; details at the bottom of this file)
 # Exit 0 only if every case passed.
 set -euo pipefail
@@ -31,9 +31,10 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/lib.sh
 . "$HERE/lib.sh"
 
-ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 volume-profile-ro volume-wb-2nd-machine qcow2-compressed-ro volume-gdrive-2nd-machine restart-kill9 restart-kill9-verify)
+ALL_CASES=(raw-1q raw-2q raw-4q raw-ro-serial raw-big qcow2-2q qcow2-empty volume-qcow2 volume-profile-ro volume-wb-2nd-machine qcow2-compressed-ro volume-gdrive-2nd-machine restart-kill9 restart-kill9-verify restart-term)
 VOLUME_URL= VOLUME_CACHE=
 SERVE_EXTRA=()   # more `driveblk serve` arguments for the next start_backend
+SOCKET_WAIT=15   # seconds start_backend waits for the socket
 BACKEND= BIN= SKIP_QCOW2=${DRIVEBLK_SKIP_QCOW2:-0} ONLY= EXP_DISCARD=yes EXP_WZEROES=yes EXP_WCACHE=
 FIO_SIZE=8M TIMEOUT=240 DEMO=0 KEEP=0
 
@@ -136,7 +137,7 @@ start_backend() {
             echo "+ $BIN ${args[*]}" >"$blog"
             NO_COLOR=1 "$BIN" "${args[@]}" >>"$blog" 2>&1 &
             BPID=$!
-            if ! wait_for_socket "$sock" "$BPID" 15; then
+            if ! wait_for_socket "$sock" "$BPID" "$SOCKET_WAIT"; then
                 sed 's/^/  | /' "$blog" >&2
                 kill -KILL "$BPID" 2>/dev/null && wait "$BPID" 2>/dev/null
                 BPID=
@@ -534,6 +535,97 @@ run_restart_case() {
     finish_case "$name" "$t0"
 }
 
+# run_term_case NAME SIZE LATENCY_MS
+# A planned restart (SIGTERM, as docs/restart.md recommends) while a guest
+# read is in flight. Random data imported into a dir: volume in 64 KiB
+# chunks and served from an empty cache with LATENCY_MS on every remote
+# request; the guest (reconnect-ms=500) hashes the whole disk; 2 s after it
+# sees the disk the backend gets SIGTERM, and once it has exited a new one
+# starts on the same cache (no added latency). Passes only if the guest's
+# hash finished and matched (GUEST PASS within --timeout): the stopping
+# daemon must complete what it accepted while QEMU is still connected, or
+# those completions' interrupts are lost and the guest's read hangs.
+# Also cache-mode: the first daemon's last "serving the guest write ..."
+# line names the mode the guest reports (SeaBIOS negotiates no FLUSH, the
+# guest's driver does).
+run_term_case() {
+    local name=$1 size=$2 latency=$3
+    local img="$WORK/$name.raw" sock="$WORK/$name.sock" blog t0 rc=0 md5 i
+    CASE_OK=1
+    t0=$(date +%s.%N)
+    echo "=== case $name: volume of $size random bytes, remote latency ${latency}ms, SIGTERM + restart during the guest's first read"
+    head -c "$size" /dev/urandom >"$img"
+    md5=$(raw_hash "$img" "$size")
+    VOLUME_URL="dir:$WORK/$name.remote/vol" VOLUME_CACHE="$WORK/$name.cache"
+    mkdir -p "$WORK/$name.remote"
+    "$BIN" import --quiet --chunk-size 64K "$img" "$VOLUME_URL" >"$LOGDIR/$name.import.log" 2>&1 \
+        || die "import into $VOLUME_URL failed (log: $LOGDIR/$name.import.log)"
+    rm -f "$img"
+    SERVE_EXTRA=(--remote-latency-ms "$latency")
+    # the lease and the volume check take several slow round trips
+    SOCKET_WAIT=90
+    blog="$LOGDIR/$name.0.backend.log"
+    if ! start_backend "$sock" "$img" raw 1 0 "drvblk-term" "$blog"; then
+        SERVE_EXTRA=() SOCKET_WAIT=15
+        hostcheck backend-start FAIL "backend did not create $sock (log: $blog)"
+        finish_case "$name" "$t0"
+        return
+    fi
+    SERVE_EXTRA=()
+    local serial_log="$LOGDIR/$name.serial.log"
+    : >"$serial_log"
+    local args=(--socket "$sock" --size "$size" --queues 1 --no-fio --hash "$size:$md5" --reconnect-ms 500
+        --timeout "$TIMEOUT" --no-build --log "$serial_log")
+    SOCKET_WAIT=15
+    [ "$DEMO" = 0 ] || args+=(--demo)
+    "$HERE/run-guest.sh" "${args[@]}" > >(tee "$LOGDIR/$name.result.txt") 2>&1 &
+    GPID=$!
+    for i in $(seq 1200); do
+        grep -q 'name=disk-present' "$serial_log" 2>/dev/null && break
+        kill -0 "$GPID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if grep -q 'name=disk-present' "$serial_log" 2>/dev/null; then
+        sleep 2
+        rc=0
+        stop_pid "$BPID" 60 || rc=$?
+        BPID=
+        if [ "$rc" = 0 ]; then hostcheck backend-term PASS "exit 0 on SIGTERM under the guest's read"
+        else hostcheck backend-term FAIL "exit status $rc on SIGTERM (log: $blog)"; fi
+        blog="$LOGDIR/$name.1.backend.log"
+        if start_backend "$sock" "$img" raw 1 0 "drvblk-term" "$blog"; then
+            echo "  $(date -u +%T.%3N) SIGTERM, restarted (pid $BPID)"
+        else
+            hostcheck backend-restart FAIL "backend did not start again after SIGTERM (log: $blog)"
+        fi
+    else
+        hostcheck disk-present FAIL "the guest never saw the disk (log: $serial_log)"
+    fi
+    rc=0
+    wait "$GPID" || rc=$?
+    GPID=
+    if [ "$rc" = 0 ]; then hostcheck guest PASS "the guest's read finished across the SIGTERM restart"
+    else hostcheck guest FAIL "run-guest.sh exit $rc (serial log: $serial_log)"; fi
+    # SeaBIOS negotiates no FLUSH (served write-through), the guest's
+    # driver then FLUSH and CONFIG_WCE: the first daemon's last word on the
+    # mode must be the one the guest reports
+    local gmode dmode
+    gmode=$(sed -n 's/.*name=write-cache status=[A-Z]* detail=write \(back\|through\).*/\1/p' "$serial_log" | tail -n1)
+    dmode=$(sed -n 's/.*serving the guest write \(back\|through\).*/\1/p' "$LOGDIR/$name.0.backend.log" | tail -n1)
+    if [ -n "$gmode" ] && [ "$gmode" = "$dmode" ]; then hostcheck cache-mode PASS "the daemon serves the guest write $gmode, as the guest reports"
+    else hostcheck cache-mode FAIL "the guest reports write ${gmode:-?}, the daemon last said write ${dmode:-?} (log: $LOGDIR/$name.0.backend.log)"; fi
+    if [ -n "$BPID" ]; then
+        rc=0
+        stop_pid "$BPID" 30 || rc=$?
+        BPID=
+        [ "$rc" = 0 ] || hostcheck backend-exit FAIL "exit status $rc on SIGTERM (log: $blog)"
+    fi
+    if grep -qiE "panicked" "$LOGDIR/$name".*backend.log; then
+        hostcheck backend-log FAIL "panic in $LOGDIR/$name.*.backend.log"
+    fi
+    finish_case "$name" "$t0"
+}
+
 # The Drive API emulator, started once for the gdrive cases; driveblk reaches
 # it through the same environment variables a user would set.
 start_drive_emulator() {
@@ -615,6 +707,9 @@ want volume-gdrive-2nd-machine && run_case volume-gdrive-2nd-machine qcow2 1 0 "
 # guest (docs/restart.md)
 want restart-kill9 && run_restart_case restart-kill9 volume 2 $((64 * MiB)) "${DRIVEBLK_RESTART_KILLS:-5}" 40 300
 want restart-kill9-verify && run_restart_case restart-kill9-verify file 2 $((96 * MiB)) 5 20 0 through
+# SIGTERM (a planned restart) while a cold read of the guest is in flight:
+# the stopping daemon completes it before letting QEMU go
+want restart-term && run_term_case restart-term $((16 * MiB)) 3000
 want qcow2-compressed-ro && run_case qcow2-compressed-ro qcow2 1 1 "drvblk-qcow2-cmp-ro" $((24 * MiB)) image=compressed
 
 TOTAL=$(awk -v a="$T_ALL" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')

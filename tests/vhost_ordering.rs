@@ -118,11 +118,15 @@ fn slow_read_does_not_hold_up_later_requests_and_shutdown_waits_for_it() {
         std::thread::sleep(Duration::from_millis(5));
     }
 
-    // Shutdown with the slow read still in flight: the server must wait.
-    stop.stop();
+    // Shutdown with the slow read still in flight: the stop waits for it
+    // while the frontend is still connected (its completion needs the
+    // frontend's notifier), then disconnects.
+    let stopper = std::thread::spawn(move || stop.stop());
     std::thread::sleep(Duration::from_millis(300));
     assert!(!server_thread.is_finished(), "server stopped with a request in flight");
+    assert!(!stopper.is_finished(), "the stop did not wait for the request in flight");
     open_gate(&gate);
+    stopper.join().unwrap();
     let res = server_thread.join().unwrap();
     assert!(res.is_ok(), "{res:?}");
     // The slow read completed into guest memory before the server returned.

@@ -80,7 +80,8 @@ pub struct ServeArgs {
     pub num_queues: Option<u16>,
 
     /// Maximum virtqueue size the frontend may configure (power of two).
-    #[arg(long, default_value_t = 256)]
+    /// The default is QEMU's largest (queue-size=1024).
+    #[arg(long, default_value_t = 1024)]
     pub queue_size: u16,
 
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
@@ -438,6 +439,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 io_threads: a.io_threads,
                 poll_us: a.poll_us,
                 queue_threads: a.queue_threads,
+                // A read, then a write-through flush (see `remote_wait`).
+                stop_drain: 2 * Duration::from_secs(a.cache.remote_wait) + Duration::from_secs(5),
             },
         })
     }

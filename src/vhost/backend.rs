@@ -56,6 +56,10 @@ struct InflightState {
     count: usize,
     /// The worker left chains in the avail ring for lack of room.
     throttled: bool,
+    /// Stopping: nothing more is accepted (see [`BlockBackend::drain`]).
+    /// Under the same lock as `count`, so a reservation is either counted
+    /// before the drain waits or refused.
+    draining: bool,
 }
 
 impl Inflight {
@@ -69,6 +73,9 @@ impl Inflight {
     /// the same lock `sub` takes, so the wake-up cannot be missed.
     fn reserve(&self, want: usize, cap: usize) -> usize {
         let mut st = self.state.lock();
+        if st.draining {
+            return 0;
+        }
         let granted = want.min(cap.saturating_sub(st.count));
         st.count += granted;
         if granted < want {
@@ -104,6 +111,22 @@ impl Inflight {
         }
     }
 
+    fn start_draining(&self) {
+        self.state.lock().draining = true;
+    }
+
+    fn draining(&self) -> bool {
+        self.state.lock().draining
+    }
+
+    /// Waits until nothing is in flight or `until` passes; returns how many
+    /// requests are still in flight.
+    fn wait_idle_until(&self, until: std::time::Instant) -> usize {
+        let mut st = self.state.lock();
+        while st.count > 0 && !self.idle.wait_until(&mut st, until).timed_out() {}
+        st.count
+    }
+
     fn wait_idle(&self, queue: usize) {
         let mut st = self.state.lock();
         while st.count > 0 {
@@ -114,6 +137,36 @@ impl Inflight {
     }
 }
 
+/// What the cache mode is derived from.
+#[derive(Default)]
+struct CacheState {
+    /// The driver's features at the last SET_FEATURES.
+    features: Option<u64>,
+    /// The mode the guest chose (a config write of the WCE byte, here or
+    /// to a previous daemon: the region's trailer); None: never set.
+    chosen: Option<bool>,
+}
+
+impl CacheState {
+    /// Write back or not (virtio 5.2.5): a driver without FLUSH cannot ask
+    /// for durability, so every write must be durable on completion; one
+    /// with FLUSH but not CONFIG_WCE gets write-back; one with both gets
+    /// the mode it chose, write-back until it chooses. Before the features
+    /// are known, the chosen mode.
+    fn effective(&self) -> bool {
+        match self.features {
+            Some(f) if f & (1 << VIRTIO_BLK_F_FLUSH) == 0 => false,
+            Some(f) if !settable(f) => true,
+            _ => self.chosen.unwrap_or(true),
+        }
+    }
+}
+
+/// The driver may set the cache mode: FLUSH and CONFIG_WCE negotiated.
+fn settable(features: u64) -> bool {
+    features & (1 << VIRTIO_BLK_F_FLUSH) != 0 && features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0
+}
+
 /// State shared by the queue workers and the I/O pool.
 struct Shared {
     disk: Arc<dyn Disk>,
@@ -121,13 +174,11 @@ struct Shared {
     pool: Arc<IoPool>,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMem>>>,
     event_idx: AtomicBool,
-    /// Virtio "writeback" (WCE): false means every write is flushed before
-    /// it completes (also forced when the driver did not negotiate FLUSH).
+    /// The effective cache mode, virtio "writeback" (WCE): false means
+    /// every write is flushed before it completes. Derived from `mode` by
+    /// [`CacheState::effective`].
     writeback: AtomicBool,
-    /// The driver may set the cache mode (FLUSH and CONFIG_WCE negotiated).
-    mode_settable: AtomicBool,
-    /// The driver's features are known (`acked_features` ran).
-    features_acked: AtomicBool,
+    mode: Mutex<CacheState>,
     inflight: Vec<Inflight>,
     /// The frontend's inflight tracking region (`SET_INFLIGHT_FD`), if it
     /// sent one: popped chains are recorded there until they complete, so a
@@ -167,8 +218,7 @@ impl BlockBackend {
                 mem: RwLock::new(None),
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(true),
-                mode_settable: AtomicBool::new(false),
-                features_acked: AtomicBool::new(false),
+                mode: Mutex::new(CacheState::default()),
                 inflight,
                 region: RwLock::new(None),
                 exit_notifiers: Mutex::new(Vec::new()),
@@ -181,28 +231,40 @@ impl BlockBackend {
     /// The cache mode across a daemon restart: QEMU answers the guest from
     /// its own copy of the mode byte and never sends it to a new daemon, so
     /// a guest that chose write-through would silently get write-back. The
-    /// mode a previous daemon recorded in the region QEMU kept is taken
-    /// back; a region holding none is given the current one.
+    /// mode a previous daemon recorded in the region QEMU kept (only ever
+    /// one the guest set) is taken back; a region holding none (a new one
+    /// after a device reset) is given the mode the guest set here, if any.
     fn keep_cache_mode(&self, region: &InflightRegion) {
-        let sh = &self.shared;
-        if !sh.mode_settable.load(Ordering::Relaxed) {
+        let mut st = self.shared.mode.lock();
+        let Some(mode) = region.cache_mode() else {
+            if let Some(writeback) = st.chosen {
+                region.set_cache_mode(if writeback { CacheMode::WriteBack } else { CacheMode::WriteThrough });
+            }
             return;
+        };
+        let writeback = mode == CacheMode::WriteBack;
+        let known = st.chosen.replace(writeback).is_some();
+        if !known && st.effective() == writeback {
+            let mode = if writeback { "write back" } else { "write through" };
+            tracing::info!("the guest's cache mode ({mode}), set before this daemon started, is kept");
         }
-        match region.cache_mode() {
-            Some(mode) => {
-                let writeback = mode == CacheMode::WriteBack;
-                if sh.writeback.swap(writeback, Ordering::Relaxed) != writeback {
-                    let mode = if writeback { "write back" } else { "write through" };
-                    tracing::info!("the guest's cache mode ({mode}), set before this daemon started, is kept");
-                }
-            }
-            None => {
-                region.set_cache_mode(if sh.writeback.load(Ordering::Relaxed) {
-                    CacheMode::WriteBack
-                } else {
-                    CacheMode::WriteThrough
-                });
-            }
+        self.apply_cache_mode(&st);
+    }
+
+    /// Makes the effective mode the one `st` gives, saying so when it
+    /// changes: the mode a guest runs in is worth a line.
+    fn apply_cache_mode(&self, st: &CacheState) {
+        let writeback = st.effective();
+        if self.shared.writeback.swap(writeback, Ordering::Relaxed) != writeback {
+            let why = match st.features {
+                Some(f) if f & (1 << VIRTIO_BLK_F_FLUSH) == 0 => "the driver did not negotiate FLUSH",
+                Some(f) if f & (1 << VIRTIO_BLK_F_CONFIG_WCE) == 0 => "the driver negotiated FLUSH, not CONFIG_WCE",
+                _ if st.chosen.is_some() => "the guest's choice",
+                Some(_) => "the driver negotiated FLUSH (write back until the guest chooses)",
+                None => "the default",
+            };
+            let mode = if writeback { "write back" } else { "write through" };
+            tracing::info!("serving the guest {mode}: {why}");
         }
     }
 
@@ -229,6 +291,37 @@ impl BlockBackend {
         }
     }
 
+    /// The first step of a stop, while the frontend is still connected:
+    /// accepts no more requests (the guest's new ones wait in the ring for
+    /// the next daemon) and waits, at most `within`, for those accepted to
+    /// complete. Their completions must reach the guest through the
+    /// frontend's notifiers, which it tears down when the connection ends;
+    /// a request completed after that sits in the used ring with no
+    /// interrupt, and the guest's I/O hangs. True if all completed.
+    pub fn drain(&self, within: Duration) -> bool {
+        let sh = &self.shared;
+        for f in &sh.inflight {
+            f.start_draining();
+        }
+        let start = std::time::Instant::now();
+        let until = start + within;
+        let inflight: usize = sh.inflight.iter().map(|f| f.state.lock().count).sum();
+        if inflight > 0 {
+            tracing::info!(inflight, "stopping: the requests in flight complete before the frontend is let go");
+        }
+        let left: usize = sh.inflight.iter().map(|f| f.wait_idle_until(until)).sum();
+        if left > 0 {
+            tracing::warn!(
+                left,
+                secs = within.as_secs(),
+                "stopping: requests still in flight after the stop's wait: letting the frontend go anyway (they complete afterwards; the next daemon on the socket signals the guest when QEMU reconnects)"
+            );
+        } else if inflight > 0 {
+            tracing::info!(ms = start.elapsed().as_millis() as u64, "stopping: every request in flight completed");
+        }
+        left == 0
+    }
+
     /// Waits until every accepted request of every queue has completed.
     pub fn wait_idle(&self) {
         for (q, f) in self.shared.inflight.iter().enumerate() {
@@ -239,6 +332,10 @@ impl BlockBackend {
     fn process_queue(&self, qidx: usize, vring: &Vring) -> io::Result<()> {
         let sh = &self.shared;
         let Some(atomic) = sh.mem.read().clone() else { return Ok(()) };
+        // Stopping: new requests wait in the ring for the next daemon.
+        if sh.inflight[qidx].draining() {
+            return Ok(());
+        }
         let region = sh.region.read().clone();
         let event_idx = sh.event_idx.load(Ordering::Relaxed);
         let capacity = sh.disk.capacity();
@@ -283,14 +380,30 @@ impl BlockBackend {
                         let table = GuestAddress(queue.desc_table());
                         resubmit =
                             resume.heads.iter().map(|&h| (h, walk_chain(&ring_mem, table, queue.size(), h))).collect();
-                        sh.inflight[qidx].reserve(resubmit.len(), usize::MAX);
-                        tracing::info!(
-                            queue = qidx,
-                            resubmitted = resubmit.len(),
-                            used,
-                            next_avail = resume.next_avail,
-                            "resuming the requests a previous daemon left in flight"
-                        );
+                        if sh.inflight[qidx].reserve(resubmit.len(), usize::MAX) < resubmit.len() {
+                            // Stopping: they stay recorded in the region
+                            // for the next daemon.
+                            return Ok(());
+                        }
+                        // Every start after a stop/cont or a reconnect
+                        // finds the region: worth a line only when it
+                        // held requests.
+                        if resubmit.is_empty() {
+                            tracing::debug!(
+                                queue = qidx,
+                                used,
+                                next_avail = resume.next_avail,
+                                "nothing left in flight"
+                            );
+                        } else {
+                            tracing::info!(
+                                queue = qidx,
+                                resubmitted = resubmit.len(),
+                                used,
+                                next_avail = resume.next_avail,
+                                "resuming the requests a previous daemon left in flight"
+                            );
+                        }
                     }
                 }
                 let ready = match queue.avail_idx(&*ring_mem, std::sync::atomic::Ordering::Acquire) {
@@ -617,16 +730,13 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        // Without FLUSH the driver cannot ask for durability, so every write
-        // must be durable on completion (virtio 5.2.5).
-        if features & (1 << VIRTIO_BLK_F_FLUSH) == 0 {
-            self.shared.writeback.store(false, Ordering::Relaxed);
-        } else if features & (1 << VIRTIO_BLK_F_CONFIG_WCE) == 0 {
-            self.shared.writeback.store(true, Ordering::Relaxed);
-        }
-        let settable = features & (1 << VIRTIO_BLK_F_FLUSH) != 0 && features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
-        self.shared.mode_settable.store(settable, Ordering::Relaxed);
-        self.shared.features_acked.store(true, Ordering::Relaxed);
+        // Every SET_FEATURES: firmware (SeaBIOS acks no FLUSH) and then the
+        // guest's own driver negotiate on one connection, and each gets the
+        // mode its features call for.
+        let mut st = self.shared.mode.lock();
+        st.features = Some(features);
+        self.apply_cache_mode(&st);
+        drop(st);
         self.shared.event_idx.store(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0, Ordering::Relaxed);
     }
 
@@ -659,13 +769,17 @@ impl VhostUserBackend for BlockBackend {
             // connection. A write before the features are known is kept:
             // `acked_features` forces the mode then if it must.
             let sh = &self.shared;
-            if sh.features_acked.load(Ordering::Relaxed) && !sh.mode_settable.load(Ordering::Relaxed) {
+            let mut st = sh.mode.lock();
+            if st.features.is_some_and(|f| !settable(f)) {
                 sh.warn(format_args!("cache mode write ignored: FLUSH and CONFIG_WCE were not negotiated"));
                 return Ok(());
             }
-            self.shared.writeback.store(buf[0] != 0, Ordering::Relaxed);
+            st.chosen = Some(buf[0] != 0);
             tracing::info!(writeback = buf[0] != 0, "guest set the cache mode");
-            if let Some(r) = self.shared.region.read().as_deref() {
+            self.apply_cache_mode(&st);
+            // Only a mode the guest set goes in the region: the next
+            // daemon takes it as the guest's choice.
+            if let Some(r) = sh.region.read().as_deref() {
                 r.set_cache_mode(if buf[0] != 0 { CacheMode::WriteBack } else { CacheMode::WriteThrough });
             }
             Ok(())

@@ -364,6 +364,65 @@ fn the_guest_cache_mode_survives_a_daemon_restart() {
     pool.shutdown();
 }
 
+/// Firmware (SeaBIOS acks VERSION_1 only, no FLUSH) is served
+/// write-through, and the guest's driver that negotiates FLUSH and
+/// CONFIG_WCE afterwards on the same connection gets write-back again: the
+/// mode follows every SET_FEATURES, and a mode the guest chose comes back
+/// with its features. Only a mode the guest set is recorded for a
+/// restarted daemon.
+#[test]
+fn the_cache_mode_follows_each_set_features() {
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let cfg = DeviceConfig { num_queues: 1, queue_size: QSIZE, ..Default::default() };
+    let pool = Arc::new(IoPool::new(1, usize::from(QSIZE)).unwrap());
+    let offset = crate::vhost::config::WRITEBACK_OFFSET;
+    let (v1, flush, wce) = (1u64 << VIRTIO_F_VERSION_1, 1u64 << VIRTIO_BLK_F_FLUSH, 1u64 << VIRTIO_BLK_F_CONFIG_WCE);
+    let backend = || {
+        let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(&img, false).unwrap());
+        BlockBackend::new(Arc::new(RawDisk::new(storage, false).unwrap()), cfg.clone(), pool.clone()).unwrap()
+    };
+    let region = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    let b = backend();
+    b.set_inflight_fd(&region.0, region.1.try_clone().unwrap()).unwrap();
+    b.acked_features(v1);
+    assert_eq!(b.get_config(offset, 1), vec![0], "firmware without FLUSH: write-through");
+    b.acked_features(v1 | flush | wce);
+    assert_eq!(b.get_config(offset, 1), vec![1], "the guest's driver with FLUSH: write-back");
+    b.set_config(offset, &[0]).unwrap();
+    b.acked_features(v1);
+    b.acked_features(v1 | flush | wce);
+    assert_eq!(b.get_config(offset, 1), vec![0], "the mode the guest chose comes back");
+    b.acked_features(v1 | flush);
+    assert_eq!(b.get_config(offset, 1), vec![1], "FLUSH without CONFIG_WCE: write-back");
+    drop(b);
+
+    // The firmware's forced write-through is not recorded: a daemon
+    // restarted under the guest's driver serves it write-back.
+    let fresh = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    let b = backend();
+    b.set_inflight_fd(&fresh.0, fresh.1.try_clone().unwrap()).unwrap();
+    b.acked_features(v1);
+    drop(b);
+    let b = backend();
+    b.set_inflight_fd(&fresh.0, fresh.1.try_clone().unwrap()).unwrap();
+    b.acked_features(v1 | flush | wce);
+    assert_eq!(b.get_config(offset, 1), vec![1], "nothing the guest set was recorded");
+    drop(b);
+
+    // A record of the old format may be such a forced mode: ignored.
+    use std::os::unix::fs::FileExt;
+    let old = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    old.1.write_all_at(b"DBI1\x02", old.0.mmap_size - 64).unwrap();
+    let b = backend();
+    b.set_inflight_fd(&old.0, old.1.try_clone().unwrap()).unwrap();
+    b.acked_features(v1 | flush | wce);
+    assert_eq!(b.get_config(offset, 1), vec![1], "an old write-through record is ignored");
+    pool.shutdown();
+}
+
 /// The name of queue 0's second thread.
 const HELPER: &str = "driveblk-q0b";
 
@@ -621,6 +680,51 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountWarnings {
             self.0.fetch_add(1, AtomicOrdering::SeqCst);
         }
     }
+}
+
+/// Records the message of every INFO event.
+struct InfoMessages(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for InfoMessages {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message<'a>(&'a mut String);
+        impl tracing::field::Visit for Message<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    *self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if *event.metadata().level() == tracing::Level::INFO {
+            let mut m = String::new();
+            event.record(&mut Message(&mut m));
+            self.0.lock().push(m);
+        }
+    }
+}
+
+/// A stop/cont of the VM hands the same daemon the same inflight region
+/// again: with nothing in flight that is no restart, and the log does not
+/// say "resuming the requests a previous daemon left in flight".
+#[test]
+fn a_stop_and_cont_with_nothing_in_flight_is_not_logged_as_a_resume() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let q = get_id_queue();
+    let region = crate::vhost::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    let infos = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(InfoMessages(infos.clone()));
+    tracing::subscriber::with_default(subscriber, || {
+        for round in 1..=3 {
+            q.backend.set_inflight_fd(&region.0, region.1.try_clone().unwrap()).unwrap();
+            q.set_avail_idx(round);
+            q.kick();
+            q.backend.wait_idle();
+        }
+    });
+    assert_eq!(q.vrings[0].queue_used_idx().unwrap(), 3, "every request served");
+    let infos = infos.lock().clone();
+    assert!(!infos.iter().any(|m| m.contains("resuming")), "{infos:?}");
+    q.pool.shutdown();
 }
 
 /// A guest filling its avail ring with a head beyond the queue gets its

@@ -1,6 +1,7 @@
 //! Device configuration: virtio feature bits, vhost-user protocol features and
 //! the virtio-blk config space the guest reads.
 
+use std::time::Duration;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use virtio_bindings::virtio_blk::*;
@@ -44,18 +45,23 @@ pub struct DeviceConfig {
     /// Threads per queue: with 2, a pass of many reads runs half of them on
     /// the queue's second thread.
     pub queue_threads: u8,
+    /// At stop, how long the requests in flight get to complete while the
+    /// frontend is still connected (their interrupts need it), before it is
+    /// let go anyway.
+    pub stop_drain: Duration,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
         Self {
             num_queues: 1,
-            queue_size: 256,
+            queue_size: 1024,
             read_only: false,
             serial: b"driveblk".to_vec(),
             io_threads: 16,
             poll_us: 0,
             queue_threads: 1,
+            stop_drain: Duration::from_secs(90),
         }
     }
 }

@@ -6,12 +6,13 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use vhost::vhost_user::Listener;
@@ -23,6 +24,7 @@ use crate::format::{Disk, IoMode};
 use crate::vhost::backend::BlockBackend;
 use crate::vhost::config::DeviceConfig;
 use crate::vhost::pool::IoPool;
+use crate::vhost::ratelimit::LogLimiter;
 use crate::vhost::request::GuestMem;
 
 /// Errors that stop the server.
@@ -54,16 +56,24 @@ pub struct StopHandle {
 struct StopState {
     requested: AtomicBool,
     wake: EventNotifier,
-    current: Mutex<Option<ShutdownHandle>>,
+    /// The connection being served and its backend.
+    current: Mutex<Option<(ShutdownHandle, BlockBackend)>>,
+    /// How long the requests in flight get to complete before the frontend
+    /// is let go ([`DeviceConfig::stop_drain`]).
+    drain: Duration,
 }
 
 impl StopHandle {
-    /// Requests shutdown: the current frontend is disconnected and the server
-    /// returns once in-flight requests are done and the disk is closed.
+    /// Requests shutdown: the current frontend's requests in flight complete
+    /// while it is still connected (no new ones are taken), then it is
+    /// disconnected; the server returns once the disk is closed. Blocks
+    /// for that first step, at most [`DeviceConfig::stop_drain`].
     pub fn stop(&self) {
         self.inner.requested.store(true, Ordering::Release);
         let _ = self.inner.wake.notify();
-        if let Some(h) = self.inner.current.lock().as_ref() {
+        let current = self.inner.current.lock().clone();
+        if let Some((h, backend)) = current {
+            backend.drain(self.inner.drain);
             h.shutdown();
         }
     }
@@ -105,7 +115,12 @@ impl Server {
         let pool = Arc::new(IoPool::new(cfg.io_threads, usize::from(cfg.num_queues) * usize::from(cfg.queue_size))?);
         let (wake, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         let stop = StopHandle {
-            inner: Arc::new(StopState { requested: AtomicBool::new(false), wake: notifier, current: Mutex::new(None) }),
+            inner: Arc::new(StopState {
+                requested: AtomicBool::new(false),
+                wake: notifier,
+                current: Mutex::new(None),
+                drain: cfg.stop_drain,
+            }),
         };
         Ok(Self { disk, cfg, socket: socket.to_path_buf(), listener: Listener::from(listener), pool, stop, wake })
     }
@@ -145,12 +160,19 @@ impl Server {
                 continue;
             }
             tracing::info!("frontend connected");
-            *self.stop.inner.current.lock() = daemon.shutdown_handle();
+            let refuser = Refuser::start(&self.listener, &self.socket)
+                .inspect_err(|e| tracing::warn!("cannot watch the socket for other frontends: {e}"))
+                .ok();
+            *self.stop.inner.current.lock() = daemon.shutdown_handle().map(|h| (h, backend.clone()));
             // A stop requested between the accept and storing the handle.
             if self.stop.requested() {
+                backend.drain(self.stop.inner.drain);
                 daemon.request_shutdown();
             }
             let res = daemon.wait();
+            if let Some(r) = refuser {
+                r.stop();
+            }
             self.stop.inner.current.lock().take();
             backend.wait_idle();
             backend.stop_workers();
@@ -198,6 +220,91 @@ impl Server {
             if fds[0].revents & libc::POLLIN != 0 {
                 return Ok(true);
             }
+        }
+    }
+}
+
+/// While a frontend is served, others that connect to the socket are
+/// accepted and closed at once, with a warning: left in the backlog, a
+/// second VM's QEMU would wait in silence (no timeout) and get the disk the
+/// moment the first VM leaves, two VMs on one disk in sequence without
+/// anyone knowing.
+struct Refuser {
+    done: EventNotifier,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Refuser {
+    fn start(listener: &Listener, socket: &Path) -> io::Result<Self> {
+        // SAFETY: dup of a listening socket this server owns; the copy is
+        // owned by the thread.
+        let fd = unsafe { libc::dup(listener.as_raw_fd()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (consumer, done) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        let socket = socket.display().to_string();
+        let thread = std::thread::Builder::new()
+            .name("driveblk-refuse".into())
+            .spawn(move || refuse_others(fd, consumer, &socket))?;
+        Ok(Self { done, thread: Some(thread) })
+    }
+
+    fn stop(mut self) {
+        let _ = self.done.notify();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn refuse_others(listener: OwnedFd, done: EventConsumer, socket: &str) {
+    let limit = LogLimiter::new(1, Duration::from_secs(10));
+    loop {
+        match poll_in(&[done.as_raw_fd(), listener.as_raw_fd()], -1) {
+            Ok([false, true]) => {}
+            Ok([false, false]) => continue,
+            _ => return,
+        }
+        // The frontend served may be on its way out (a probe that connects
+        // and closes, the VM's QEMU restarted): if serving ends within a
+        // second, the newcomer is the next frontend, not a second one.
+        if !matches!(poll_in(&[done.as_raw_fd()], 1000), Ok([false])) {
+            return;
+        }
+        // SAFETY: accept on a listening socket we own; the new descriptor
+        // is owned (and closed) right here.
+        let conn = unsafe {
+            libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+        };
+        if conn < 0 {
+            continue;
+        }
+        // SAFETY: a fresh descriptor from accept4.
+        drop(unsafe { OwnedFd::from_raw_fd(conn) });
+        if let Some(suppressed) = limit.allow() {
+            tracing::warn!(
+                suppressed,
+                "another frontend connected to {socket} while one is served: refused (one disk serves one VM)"
+            );
+        }
+    }
+}
+
+/// Polls `fds` for input (`timeout_ms`, -1: no limit); which are readable.
+fn poll_in<const N: usize>(fds: &[RawFd; N], timeout_ms: i32) -> io::Result<[bool; N]> {
+    let mut p = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    loop {
+        // SAFETY: p is a valid array of N pollfds.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
+        if r >= 0 {
+            return Ok(p.map(|f| f.revents != 0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

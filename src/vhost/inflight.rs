@@ -41,7 +41,10 @@ const ALIGN: usize = 64;
 const MAX_QUEUE_SIZE: u16 = 32768;
 /// The trailer after the queue regions: magic, then the cache mode byte.
 const TRAILER: usize = 64;
-const TRAILER_MAGIC: &[u8; 4] = b"DBI1";
+/// "DBI1" regions may hold a mode a daemon derived from the features
+/// instead of one the guest set (firmware without FLUSH recorded
+/// write-through): they are ignored.
+const TRAILER_MAGIC: &[u8; 4] = b"DBI2";
 const OFF_CACHE_MODE: usize = 4;
 
 // Header field offsets.

@@ -149,11 +149,20 @@ impl Client {
 
     /// Connects; a read-only device requires the client to ask for read-only.
     pub fn connect_with(socket: &Path, num_queues: i32, read_only: bool) -> Client {
+        Self::connect_sized(socket, num_queues, read_only, None)
+    }
+
+    /// [`connect_with`](Self::connect_with), with libblkio's virtqueue
+    /// size set (its default: 256).
+    pub fn connect_sized(socket: &Path, num_queues: i32, read_only: bool, queue_size: Option<i32>) -> Client {
         let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio new");
         b.set_str("path", socket.to_str().unwrap()).unwrap();
         b.set_bool("read-only", read_only).unwrap();
         b.connect().expect("blkio connect");
         b.set_i32("num-queues", num_queues).unwrap();
+        if let Some(n) = queue_size {
+            b.set_i32("queue-size", n).unwrap();
+        }
         let out = b.start().expect("blkio start");
         let capacity = b.get_u64("capacity").unwrap();
         let region = b.alloc_mem_region(BUF_LEN).unwrap();

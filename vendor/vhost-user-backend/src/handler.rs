@@ -440,8 +440,11 @@ where
             .ok_or(VhostUserError::InvalidParam)?;
 
         if num == 0 || num as usize > self.max_queue_size {
+            // driveblk patch: the message names the way out.
             log::error!(
-                "vring {index} requested queue size {num} out of range (1-{})",
+                "vring {index}: the frontend asked for queue size {num}, out of this back-end's range (1-{}): \
+                 raise driveblk's --queue-size (a power of two up to 32768) or lower the frontend's \
+                 (QEMU vhost-user-blk-pci queue-size=, libvirt <driver queue_size=>)",
                 self.max_queue_size
             );
             return Err(VhostUserError::InvalidParam);
@@ -573,6 +576,15 @@ where
             .ok_or(VhostUserError::InvalidParam)?;
 
         vring.set_call(file);
+
+        // driveblk patch: with inflight tracking, signal the new call fd once so
+        // the guest collects what is already in the used ring: completions a
+        // previous back-end added after the frontend tore down its notifiers
+        // (or a kill -9 between add_used and the signal) would otherwise never
+        // raise an interrupt. A spurious interrupt is harmless.
+        if self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0 {
+            let _ = vring.signal_used_queue();
+        }
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
