@@ -681,6 +681,9 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     }
     let what = disk.describe();
     tracing::info!(socket = %cfg.socket.display(), queues = cfg.device.num_queues, "serving {what}");
+    // Signal handlers before any socket: whoever sees a socket up may
+    // signal the daemon at once, and a SIGHUP must not end it then.
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
     // The control socket and status file come first: whoever sees the vhost
     // socket up can ask the daemon at once.
     let mut control = None;
@@ -732,7 +735,6 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     // The vhost socket listens (connections queue in its backlog) and the
     // image is open: QEMU may start now.
     notify.ready(&format!("serving {what} on {}", cfg.socket.display()));
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
     let (sig_phase, sig_notify) = (status.as_ref().map(|s| s.phase_handle()), notify.clone());
     // The whole stop: the upload while the guest still runs, requests in
     // flight, then the final sync (which extends again from its own
