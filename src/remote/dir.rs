@@ -154,9 +154,18 @@ impl DirRemote {
             let mut f = self.blocking(move || std::fs::File::create(&path)).await?;
             // Small pieces (an encrypted body comes in 16 KiB blocks) are
             // gathered so each blocking call writes a few MiB; under a
-            // limit, each paced piece is written as it is let out.
+            // limit, each paced piece is written as it is let out. A body
+            // of known length takes one turn (so concurrent puts land one
+            // after another, as on the other backends, not all at the end).
             let batch = if self.bwlimit.is_limited() { 1 } else { WRITE_BATCH };
-            let mut s = self.bwlimit.pace_upload(body.stream());
+            let turn = match body.len() {
+                Some(n) => Some(self.bwlimit.upload(n).await),
+                None => None,
+            };
+            let mut s = match &turn {
+                Some(t) => t.pace(body.stream()),
+                None => self.bwlimit.pace_upload(body.stream()),
+            };
             let mut gathered: Vec<Bytes> = Vec::new();
             let mut size = 0usize;
             loop {
