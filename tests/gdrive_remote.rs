@@ -511,7 +511,7 @@ async fn gdrive_bwlimit_paces_a_chunk_on_the_wire() {
     let body = data(7, 8 << 20);
     proxy.reset();
     r.put("pack-1", PutBody::from_bytes(body.clone())).await.unwrap();
-    net_support::assert_paced(&proxy, 8 << 20, rate);
+    net_support::assert_paced(&proxy.up, 1, 8 << 20, rate);
     assert_eq!(&r.get_range("pack-1", 0..1000).await.unwrap()[..], &body[..1000]);
 }
 
@@ -558,4 +558,35 @@ async fn gdrive_a_chunk_slower_than_request_timeout_lands() {
     assert!(t0.elapsed() >= Duration::from_secs(3), "{:?}", t0.elapsed());
     env.emu.faults().set_bandwidth(None);
     assert_eq!(&r.get("pack-1").await.unwrap()[..], &body[..]);
+}
+
+/// A download limit reads Drive's answer no faster than the limit (TCP
+/// flow control then holds the sender back once the client's receive
+/// buffer is full): an 8 MiB ranged read at 1 MiB/s takes about 8 s. How
+/// far the server runs ahead is the receive buffer, which Linux sizes
+/// itself: on loopback it grows to several MiB (printed, not asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_bwlimit_paces_a_download_as_it_is_read() {
+    use driveblk::remote::{BwLimit, BwSchedule};
+    let mut env = start(driveemu::Config::default(), Creds::User);
+    let proxy = net_support::MeterProxy::start(&env.emu.addr().to_string()).await;
+    env.cfg.drive.api_url = proxy.url();
+    let rate = 1 << 20;
+    env.cfg.set_bwlimit(BwLimit::new(BwSchedule::fixed(None, Some(rate))));
+    let r = folder(&env, "gdrive:/paced/vol");
+    r.create_folder().await.unwrap();
+    let body = data(10, 8 << 20);
+    r.put("pack-1", PutBody::from_bytes(body.clone())).await.unwrap();
+    r.head("pack-1").await.unwrap();
+    proxy.reset();
+    let t0 = std::time::Instant::now();
+    let got = r.get_range("pack-1", 0..8 << 20).await.unwrap();
+    let took = t0.elapsed();
+    assert!(got[..] == body[..]);
+    eprintln!(
+        "{took:?} for 8 MiB at 1 MiB/s; the server ran {} KiB ahead of the limit; 250 ms windows (KiB): {:?}",
+        proxy.down.ahead_of(rate) >> 10,
+        proxy.down.windows(Duration::from_millis(250)).iter().map(|b| b >> 10).collect::<Vec<_>>()
+    );
+    assert!(took >= Duration::from_millis(7900) && took < Duration::from_secs(11), "{took:?}");
 }

@@ -25,6 +25,6 @@ async fn s3_bwlimit_paces_parts_on_the_wire() {
     let data: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     proxy.reset();
     r.put("pack-1", PutBody::from_bytes(data.clone())).await.unwrap();
-    net_support::assert_paced(&proxy, 8 << 20, rate);
+    net_support::assert_paced(&proxy.up, 1, 8 << 20, rate);
     assert_eq!(&r.get_range("pack-1", 0..1000).await.unwrap()[..], &data[..1000]);
 }

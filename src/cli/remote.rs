@@ -32,8 +32,9 @@ pub struct RemoteArgs {
     /// time of day: `"08:00,512K 19:00,2M:off 23:00,off"`. Upload limits
     /// start at 16K. Paced on the wire and shared by every transfer:
     /// uploads go out in 64 KiB pieces at the rate, never in line-speed
-    /// bursts; Drive downloads are read no faster (a socket buffer may
-    /// come early), other downloads are paced after they arrived.
+    /// bursts; Drive downloads are read no faster (a receive buffer's
+    /// worth may come early), other downloads are paced after they
+    /// arrived.
     #[arg(long, value_name = "LIMIT", value_parser = parse_bwlimit)]
     pub bwlimit: Option<BwSchedule>,
 

@@ -107,44 +107,41 @@ pub async fn read_after_suspend(r: driveblk::remote::DynRemote, key: &str, len: 
 }
 
 /// A proxy that forwards both ways and logs each piece of bytes it
-/// forwards towards the server, with when it arrived.
+/// forwards, with when it arrived: `up` towards the server, `down` from it.
 pub struct MeterProxy {
     /// `127.0.0.1:PORT`
     pub addr: std::net::SocketAddr,
-    log: Arc<Mutex<Vec<(Instant, u64)>>>,
+    pub up: Meter,
+    pub down: Meter,
 }
 
+/// When the bytes of one direction arrived at the proxy.
+#[derive(Clone, Default)]
+pub struct Meter(Arc<Mutex<Vec<(Instant, u64)>>>);
+
 impl MeterProxy {
-    /// Forwards a fresh loopback port to `to` (`host:port`).
+    /// Forwards a fresh loopback port to `to` (`host:port`). Its sockets
+    /// towards the client keep a small send buffer, so what leaves the
+    /// server has crossed to the client (or sits in the client's receive
+    /// buffer), as on a real link, not in a buffer of the proxy's.
     pub async fn start(to: &str) -> MeterProxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_send_buffer_size(64 << 10).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = sock.listen(64).unwrap();
         let addr = l.local_addr().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (lg, to) = (log.clone(), to.to_string());
+        let (up, down) = (Meter::default(), Meter::default());
+        let (u, d, to) = (up.clone(), down.clone(), to.to_string());
         tokio::spawn(async move {
             while let Ok((c, _)) = l.accept().await {
                 let Ok(s) = TcpStream::connect(&to).await else { continue };
-                let (mut cr, cw) = c.into_split();
-                let (sr, mut sw) = s.into_split();
-                let lg = lg.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let n = match cr.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        lg.lock().unwrap().push((Instant::now(), n as u64));
-                        if sw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                    let _ = sw.shutdown().await;
-                });
-                tokio::spawn(pipe(sr, cw, Arc::new(AtomicU64::new(0)), 0));
+                let (cr, cw) = c.into_split();
+                let (sr, sw) = s.into_split();
+                tokio::spawn(metered(cr, sw, u.clone()));
+                tokio::spawn(metered(sr, cw, d.clone()));
             }
         });
-        MeterProxy { addr, log }
+        MeterProxy { addr, up, down }
     }
 
     /// `http://127.0.0.1:PORT`
@@ -154,13 +151,32 @@ impl MeterProxy {
 
     /// Forgets what was logged.
     pub fn reset(&self) {
-        self.log.lock().unwrap().clear();
+        self.up.0.lock().unwrap().clear();
+        self.down.0.lock().unwrap().clear();
     }
+}
 
-    /// Bytes sent to the server in consecutive windows of `width`, from
-    /// the first byte logged to the last.
+/// Copies `from` to `to`, logging each piece into `m`.
+async fn metered(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, m: Meter) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        m.0.lock().unwrap().push((Instant::now(), n as u64));
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+impl Meter {
+    /// Bytes in consecutive windows of `width`, from the first byte logged
+    /// to the last.
     pub fn windows(&self, width: Duration) -> Vec<u64> {
-        let log = self.log.lock().unwrap();
+        let log = self.0.lock().unwrap();
         let Some(&(t0, _)) = log.first() else { return Vec::new() };
         let mut out = Vec::new();
         for &(t, n) in log.iter() {
@@ -173,9 +189,25 @@ impl MeterProxy {
         out
     }
 
+    /// How far the bytes logged ran ahead of `rate` bytes/s from the
+    /// first one: the most, at any moment, by which what had arrived
+    /// exceeded what the rate allows by then.
+    pub fn ahead_of(&self, rate: u64) -> u64 {
+        let log = self.0.lock().unwrap();
+        let Some(&(t0, _)) = log.first() else { return 0 };
+        let mut sum = 0u64;
+        let mut most = 0u64;
+        for &(t, n) in log.iter() {
+            sum += n;
+            let allowed = (t.duration_since(t0).as_secs_f64() * rate as f64) as u64;
+            most = most.max(sum.saturating_sub(allowed));
+        }
+        most
+    }
+
     /// The time from the first byte logged to the last.
     pub fn span(&self) -> Duration {
-        let log = self.log.lock().unwrap();
+        let log = self.0.lock().unwrap();
         match (log.first(), log.last()) {
             (Some(a), Some(b)) => b.0.duration_since(a.0),
             _ => Duration::ZERO,
@@ -183,31 +215,26 @@ impl MeterProxy {
     }
 }
 
-/// Checks an upload of `bytes` at `rate` bytes/s crossed `proxy` paced:
-/// no 250 ms window after the first carries more than 1.5 times its share
-/// of the rate, and the whole took about bytes / rate. Answers the
+/// Checks a transfer of `bytes` at `rate` bytes/s crossed `m` paced: no
+/// 250 ms window after the first `skip` carries more than 1.5 times its
+/// share of the rate, and the whole took about bytes / rate. Answers the
 /// largest window, as a multiple of the share.
-pub fn assert_paced(proxy: &MeterProxy, bytes: u64, rate: u64) -> f64 {
+pub fn assert_paced(m: &Meter, skip: usize, bytes: u64, rate: u64) -> f64 {
     let width = Duration::from_millis(250);
     let share = rate as f64 * width.as_secs_f64();
-    let w = proxy.windows(width);
+    let w = m.windows(width);
     let total: u64 = w.iter().sum();
     assert!(total >= bytes, "only {total} bytes crossed");
-    let max = w.iter().skip(1).copied().max().unwrap_or(0) as f64 / share;
-    let span = proxy.span().as_secs_f64();
+    let max = w.iter().skip(skip).copied().max().unwrap_or(0) as f64 / share;
+    let span = m.span().as_secs_f64();
     let want = bytes as f64 / rate as f64;
+    let kib: Vec<u64> = w.iter().map(|b| b / 1024).collect();
     eprintln!(
-        "{} windows of 250 ms, largest after the first {:.2}x the share ({:.0} KiB), first {:.0} KiB; {span:.2} s for {want:.2} s at the rate",
+        "{} windows of 250 ms, largest after the first {skip} {max:.2}x the share ({:.0} KiB); {span:.2} s for {want:.2} s at the rate; KiB: {kib:?}",
         w.len(),
-        max,
         share / 1024.0,
-        w.first().copied().unwrap_or(0) as f64 / 1024.0
     );
-    assert!(
-        max <= 1.5,
-        "a window carried {max:.2}x its share of the limit: {:?} KiB",
-        w.iter().map(|b| b / 1024).collect::<Vec<_>>()
-    );
+    assert!(max <= 1.5, "a window carried {max:.2}x its share of the limit: {kib:?} KiB");
     assert!(span >= want * 0.9 && span <= want * 1.3, "{span:.2} s for {bytes} bytes at {rate} bytes/s");
     max
 }
