@@ -493,3 +493,100 @@ async fn gdrive_base_is_pinned_and_copied_server_side() {
     assert!(env.emu.stats().bytes_in - before < 4096, "the copy moved bytes");
     assert_eq!(&vol.get("base").await.unwrap()[..], &image[..]);
 }
+
+/// `--bwlimit` paces on the wire: an 8 MiB object (one resumable chunk)
+/// at 1 MiB/s crosses the link at about the limit in every quarter second,
+/// not at line speed in one burst, and takes about 8 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_bwlimit_paces_a_chunk_on_the_wire() {
+    use driveblk::remote::{BwLimit, BwSchedule};
+    let mut env = start(driveemu::Config::default(), Creds::User);
+    let proxy = net_support::MeterProxy::start(&env.emu.addr().to_string()).await;
+    env.cfg.drive.api_url = proxy.url();
+    env.cfg.drive.chunk_size = 8 << 20;
+    let rate = 1 << 20;
+    env.cfg.set_bwlimit(BwLimit::new(BwSchedule::fixed(Some(rate), None)));
+    let r = folder(&env, "gdrive:/paced/vol");
+    r.create_folder().await.unwrap();
+    let body = data(7, 8 << 20);
+    proxy.reset();
+    r.put("pack-1", PutBody::from_bytes(body.clone())).await.unwrap();
+    net_support::assert_paced(&proxy.up, 1, 8 << 20, rate);
+    assert_eq!(&r.get_range("pack-1", 0..1000).await.unwrap()[..], &body[..1000]);
+}
+
+/// A paced chunk whose pacing alone takes longer than the request's own
+/// deadline (`request_timeout` + its bytes at `min_transfer_rate`) is not
+/// failed by it: the deadline allows for the pacing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_a_paced_chunk_outlasts_the_request_deadline() {
+    use driveblk::remote::{BwLimit, BwSchedule};
+    let mut env = start(driveemu::Config::default(), Creds::User);
+    env.cfg.drive.chunk_size = 1 << 20;
+    env.cfg.drive.request_timeout = Duration::from_secs(1);
+    env.cfg.drive.min_transfer_rate = 1 << 20;
+    env.cfg.drive.upload_attempts = 1;
+    // 1 MiB at 256 KiB/s: 4 s, where the deadline without pacing is 2 s.
+    env.cfg.set_bwlimit(BwLimit::new(BwSchedule::fixed(Some(256 << 10), None)));
+    let r = folder(&env, "gdrive:/slow/vol");
+    r.create_folder().await.unwrap();
+    let t0 = std::time::Instant::now();
+    let body = data(8, 1 << 20);
+    r.put("pack-1", PutBody::from_bytes(body.clone())).await.expect("a paced chunk timed out on its own pacing");
+    assert!(t0.elapsed() >= Duration::from_millis(3900), "{:?}", t0.elapsed());
+    assert_eq!(&r.get("pack-1").await.unwrap()[..], &body[..]);
+}
+
+/// On a slow uplink (no `--bwlimit`), a chunk that takes longer than
+/// `request_timeout` still lands within its own deadline (its bytes at
+/// `min_transfer_rate`): reqwest's read deadline, counted from the
+/// request's start to its answer, does not apply to bodies going up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_a_chunk_slower_than_request_timeout_lands() {
+    let mut env = start(driveemu::Config::default(), Creds::User);
+    env.cfg.drive.chunk_size = 1 << 20;
+    env.cfg.drive.request_timeout = Duration::from_secs(1);
+    env.cfg.drive.min_transfer_rate = 128 << 10;
+    env.cfg.drive.upload_attempts = 1;
+    let r = folder(&env, "gdrive:/uplink/vol");
+    r.create_folder().await.unwrap();
+    // 1 MiB at 2 Mbit/s: about 4 s; its deadline is 1 s + 8 s.
+    env.emu.faults().set_bandwidth(Some(2_000_000));
+    let body = data(9, 1 << 20);
+    let t0 = std::time::Instant::now();
+    r.put("pack-1", PutBody::from_bytes(body.clone())).await.expect("a slow chunk failed before its deadline");
+    assert!(t0.elapsed() >= Duration::from_secs(3), "{:?}", t0.elapsed());
+    env.emu.faults().set_bandwidth(None);
+    assert_eq!(&r.get("pack-1").await.unwrap()[..], &body[..]);
+}
+
+/// A download limit reads Drive's answer no faster than the limit (TCP
+/// flow control then holds the sender back once the client's receive
+/// buffer is full): an 8 MiB ranged read at 1 MiB/s takes about 8 s. How
+/// far the server runs ahead is the receive buffer, which Linux sizes
+/// itself: on loopback it grows to several MiB (printed, not asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdrive_bwlimit_paces_a_download_as_it_is_read() {
+    use driveblk::remote::{BwLimit, BwSchedule};
+    let mut env = start(driveemu::Config::default(), Creds::User);
+    let proxy = net_support::MeterProxy::start(&env.emu.addr().to_string()).await;
+    env.cfg.drive.api_url = proxy.url();
+    let rate = 1 << 20;
+    env.cfg.set_bwlimit(BwLimit::new(BwSchedule::fixed(None, Some(rate))));
+    let r = folder(&env, "gdrive:/paced/vol");
+    r.create_folder().await.unwrap();
+    let body = data(10, 8 << 20);
+    r.put("pack-1", PutBody::from_bytes(body.clone())).await.unwrap();
+    r.head("pack-1").await.unwrap();
+    proxy.reset();
+    let t0 = std::time::Instant::now();
+    let got = r.get_range("pack-1", 0..8 << 20).await.unwrap();
+    let took = t0.elapsed();
+    assert!(got[..] == body[..]);
+    eprintln!(
+        "{took:?} for 8 MiB at 1 MiB/s; the server ran {} KiB ahead of the limit; 250 ms windows (KiB): {:?}",
+        proxy.down.ahead_of(rate) >> 10,
+        proxy.down.windows(Duration::from_millis(250)).iter().map(|b| b >> 10).collect::<Vec<_>>()
+    );
+    assert!(took >= Duration::from_millis(7900) && took < Duration::from_secs(11), "{took:?}");
+}

@@ -1322,7 +1322,10 @@ async fn start_session(
         None => "/upload/drive/v3/files".to_string(),
         Some(id) => format!("/upload/drive/v3/files/{id}"),
     };
-    let mut loc = format!("{}{}?uploadType=resumable&upload_id={}", sh.base_url, path, upload_id);
+    // The host the client reached (a proxy in front of the emulator gets
+    // the chunks too, as Google's own front ends do).
+    let base = header(headers, "host").map_or_else(|| sh.base_url.clone(), |h| format!("http://{h}"));
+    let mut loc = format!("{base}{path}?uploadType=resumable&upload_id={upload_id}");
     for k in ["supportsAllDrives", "fields"] {
         if let Some(v) = params.get(k) {
             loc.push('&');

@@ -11,7 +11,7 @@ use clap::Args;
 use crate::cli::size::parse_size;
 use crate::remote::config::{DriveCredentials, DriveScope, PacerConfig};
 use crate::remote::shaped::{FaultPlan, ShapedRemote, Shaping};
-use crate::remote::{BwEntry, BwLimitRemote, BwSchedule, RemoteConfig};
+use crate::remote::{BwEntry, BwLimit, BwSchedule, RemoteConfig};
 use crate::volume::crypto::{KeySource, UserKey};
 use crate::volume::RemoteOptions;
 
@@ -30,8 +30,11 @@ pub struct RemoteArgs {
     /// Limit remote bandwidth, in bytes per second, like rclone: `2M`
     /// (both ways), `1M:10M` (up:down), `off`, or a timetable by local
     /// time of day: `"08:00,512K 19:00,2M:off 23:00,off"`. Upload limits
-    /// start at 16K. The limit is an average: requests are spaced out,
-    /// each one goes at line speed.
+    /// start at 16K. Paced on the wire and shared by every transfer:
+    /// uploads go out in 64 KiB pieces at the rate, never in line-speed
+    /// bursts; Drive downloads are read no faster (a receive buffer's
+    /// worth may come early), other downloads are paced after they
+    /// arrived.
     #[arg(long, value_name = "LIMIT", value_parser = parse_bwlimit)]
     pub bwlimit: Option<BwSchedule>,
 
@@ -149,20 +152,17 @@ impl RemoteArgs {
             latency: Duration::from_millis(self.remote_latency_ms),
             bandwidth_bps: (self.remote_bandwidth_mbit > 0).then(|| self.remote_bandwidth_mbit * 1_000_000),
         });
-        let limit = self.bwlimit.clone().filter(|s| !s.is_unlimited()).map(Arc::new);
-        if shaping.is_some() || limit.is_some() {
-            opts.layer = Some(Arc::new(move |inner| {
-                let inner = match &shaping {
-                    Some(sh) => ShapedRemote::wrap(inner, sh.clone(), FaultPlan::new(0)),
-                    None => inner,
-                };
-                match &limit {
-                    Some(l) => BwLimitRemote::wrap(inner, l.clone()),
-                    None => inner,
-                }
-            }));
+        if let Some(sh) = shaping {
+            opts.layer = Some(Arc::new(move |inner| ShapedRemote::wrap(inner, sh.clone(), FaultPlan::new(0))));
         }
         opts
+    }
+
+    /// The process's `--bwlimit` limiter, made once: every remote of every
+    /// volume this command opens shares its clocks.
+    fn bwlimit(&self) -> BwLimit {
+        static LIMIT: OnceLock<BwLimit> = OnceLock::new();
+        LIMIT.get_or_init(|| self.bwlimit.clone().map(BwLimit::new).unwrap_or_default()).clone()
     }
 }
 
@@ -218,6 +218,7 @@ impl RemoteArgs {
         if let Some(p) = self.drive_pacer {
             d.pacer = p;
         }
+        c.set_bwlimit(self.bwlimit());
         c
     }
 }

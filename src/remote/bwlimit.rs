@@ -1,20 +1,21 @@
-//! Bandwidth limits (`--bwlimit`, like rclone's): a wrapper that paces
-//! uploads and downloads to an average byte rate, optionally by time of
-//! day, so a long sync leaves a home uplink to the rest of the house most
-//! of the time. It spaces whole requests (each waits its share of the
-//! rate, then goes at line speed): a 16 MiB pack still fills the uplink
-//! while it goes, and a download is paced after it arrived.
+//! Bandwidth limits (`--bwlimit`, like rclone's): one limiter per process,
+//! shared by every transfer of every remote, that paces uploads and
+//! downloads on the wire to a byte rate, optionally by time of day, so a
+//! long sync leaves a home uplink to the rest of the house (a video call
+//! stays usable). Each transfer reserves its slot on one shared clock per
+//! direction (its bytes at the rate in force), waits for the slot to
+//! start, then sends its body in 64 KiB pieces spread evenly across it;
+//! downloads are consumed no faster, so TCP flow control holds the sender
+//! back. The backends take turns here (`RemoteConfig`'s limiter): Drive
+//! and object-store bodies, `dir:` writes, Drive's download streams; other
+//! reads are paced after they arrived.
 
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
-
-use super::{DynRemote, ObjectMeta, PutBody, RemoteResult, Slot};
 
 /// Upload and download limits from one time of day on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +37,11 @@ pub struct BwSchedule {
 }
 
 impl BwSchedule {
+    /// One limit all day (bytes/s; None = unlimited).
+    pub fn fixed(up: Option<u64>, down: Option<u64>) -> Self {
+        Self { entries: vec![BwEntry { from_minute: 0, up, down }] }
+    }
+
     /// The entry in force at `minute` after local midnight.
     pub fn at(&self, minute: u32) -> Option<&BwEntry> {
         let mut sorted: Vec<&BwEntry> = self.entries.iter().collect();
@@ -61,6 +67,114 @@ fn local_minute() -> u32 {
     (tm.tm_hour * 60 + tm.tm_min) as u32
 }
 
+/// The largest piece of a body sent (or consumed) at once: at 1 MB/s a
+/// piece is 64 ms of the link, small enough that no half-second sees much
+/// more than its share.
+pub const PIECE: usize = 64 << 10;
+
+/// The process's bandwidth limiter: a cheap handle, cloned into every
+/// backend's configuration, all clones sharing one clock per direction.
+/// The default limits nothing.
+#[derive(Clone, Default)]
+pub struct BwLimit(Option<Arc<Limiter>>);
+
+struct Limiter {
+    schedule: BwSchedule,
+    up: Arc<Pacer>,
+    down: Arc<Pacer>,
+}
+
+impl std::fmt::Debug for BwLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("BwLimit(off)"),
+            Some(l) => f.debug_tuple("BwLimit").field(&l.schedule.entries).finish(),
+        }
+    }
+}
+
+/// Two handles are equal when they are the same limiter (configurations
+/// that differ only in their limiter get their own clients).
+impl PartialEq for BwLimit {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl BwLimit {
+    /// A limiter for `schedule` (one that limits nothing is no limiter).
+    pub fn new(schedule: BwSchedule) -> Self {
+        if schedule.is_unlimited() {
+            return Self::default();
+        }
+        Self(Some(Arc::new(Limiter { schedule, up: Arc::default(), down: Arc::default() })))
+    }
+
+    /// Whether any limit is set at any time of day.
+    pub fn is_limited(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Waits for an upload of `bytes` to get its turn (its slot on the
+    /// shared upload clock starts) and answers it: the body then goes out
+    /// through [`Turn::pace`].
+    pub async fn upload(&self, bytes: u64) -> Turn {
+        self.turn(bytes, true).await
+    }
+
+    /// Waits for a download of `bytes` to get its turn; the body is then
+    /// consumed no faster than [`Turn::until`] allows.
+    pub async fn download(&self, bytes: u64) -> Turn {
+        self.turn(bytes, false).await
+    }
+
+    /// Paces `bytes` that already arrived (where a backend gets a body
+    /// whole): returns when a download of them would have ended.
+    pub async fn downloaded(&self, bytes: u64) {
+        self.download(bytes).await.until(bytes).await;
+    }
+
+    /// An upload body of unknown shape paced piece by piece, each piece
+    /// taking its own turn (`dir:` writes).
+    pub fn pace_upload(&self, s: super::ByteStream) -> super::ByteStream {
+        use futures::StreamExt;
+        if !self.is_limited() {
+            return s;
+        }
+        let limit = self.clone();
+        Box::pin(futures::stream::unfold((s, Bytes::new()), move |(mut s, mut rest)| {
+            let limit = limit.clone();
+            async move {
+                while rest.is_empty() {
+                    match s.next().await? {
+                        Ok(b) => rest = b,
+                        Err(e) => return Some((Err(e), (s, rest))),
+                    }
+                }
+                let piece = rest.split_to(rest.len().min(PIECE));
+                let n = piece.len() as u64;
+                limit.upload(n).await.until(n).await;
+                Some((Ok(piece), (s, rest)))
+            }
+        }))
+    }
+
+    async fn turn(&self, bytes: u64, up: bool) -> Turn {
+        let Some(l) = &self.0 else { return Turn::free() };
+        let e = l.schedule.at(local_minute());
+        let rate = e.and_then(|e| if up { e.up } else { e.down }).filter(|r| *r > 0);
+        let Some(rate) = rate else { return Turn::free() };
+        let turn = if up { &l.up } else { &l.down }.reserve(bytes, rate);
+        note_paced_until(turn.clock.end());
+        tokio::time::sleep_until(turn.clock.start).await;
+        turn
+    }
+}
+
 /// Paces one direction: each transfer reserves its share of the rate on a
 /// shared clock, so many parallel requests together stay under it.
 #[derive(Debug, Default)]
@@ -69,41 +183,38 @@ struct Pacer {
 }
 
 impl Pacer {
-    async fn pace(&self, bytes: u64, rate: Option<u64>) {
-        let Some(rate) = rate.filter(|r| *r > 0) else { return };
+    /// Reserves the next `bytes / rate` of the clock.
+    fn reserve(self: &Arc<Self>, bytes: u64, rate: u64) -> Turn {
         let dur = Duration::from_secs_f64(bytes as f64 / rate as f64);
-        let (start, done) = {
+        let start = {
             let mut free = self.free_at.lock();
             let now = Instant::now();
             let start = free.map_or(now, |f| f.max(now));
             *free = Some(start + dur);
-            (start, start + dur)
+            start
         };
-        let mut held = Reservation { pacer: self, start, dur, done: false };
-        tokio::time::sleep_until(done).await;
-        held.done = true;
+        Turn { clock: Clock { start, dur, len: bytes }, _held: Some(Reservation { pacer: self.clone(), start, dur }) }
     }
 }
 
-/// A share of the rate reserved by a transfer that has not gone yet. A
-/// transfer given up while it waits (its attempt's deadline, a guest that
-/// stopped waiting) hands back the part not yet due: kept, each retry of
-/// a timed-out upload would queue behind its own earlier attempts, and
-/// the upload would never go.
-struct Reservation<'a> {
-    pacer: &'a Pacer,
+/// A share of the rate reserved by a transfer. A transfer given up before
+/// its slot ended (its attempt's deadline, a failed request, a guest that
+/// stopped waiting, a read shorter than asked) hands back the part not yet
+/// due: kept, each retry of a timed-out upload would queue behind its own
+/// earlier attempts, and the upload would never go.
+struct Reservation {
+    pacer: Arc<Pacer>,
     start: Instant,
     dur: Duration,
-    done: bool,
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.done {
-            return;
-        }
         let now = Instant::now();
         let unused = self.dur.saturating_sub(now.saturating_duration_since(self.start));
+        if unused.is_zero() {
+            return;
+        }
         let mut free = self.pacer.free_at.lock();
         if let Some(f) = *free {
             *free = Some(f.checked_sub(unused).unwrap_or(now).max(now));
@@ -111,71 +222,151 @@ impl Drop for Reservation<'_> {
     }
 }
 
-/// The bandwidth-limiting wrapper.
-#[derive(Debug)]
-pub struct BwLimitRemote {
-    inner: DynRemote,
-    schedule: Arc<BwSchedule>,
-    up: Pacer,
-    down: Pacer,
+/// A transfer's slot: `len` bytes spread evenly over `dur` from `start`.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    start: Instant,
+    dur: Duration,
+    len: u64,
 }
 
-impl BwLimitRemote {
-    /// Wraps `inner` under `schedule`.
-    pub fn wrap(inner: DynRemote, schedule: Arc<BwSchedule>) -> DynRemote {
-        Arc::new(Self { inner, schedule, up: Pacer::default(), down: Pacer::default() })
+impl Clock {
+    fn end(&self) -> Instant {
+        self.start + self.dur
     }
 
-    fn rates(&self) -> (Option<u64>, Option<u64>) {
-        self.schedule.at(local_minute()).map_or((None, None), |e| (e.up, e.down))
+    /// When the bytes before `offset` are due out.
+    fn due(&self, offset: u64) -> Instant {
+        if self.len == 0 {
+            return self.end();
+        }
+        self.start + self.dur.mul_f64(offset.min(self.len) as f64 / self.len as f64)
     }
 }
 
-#[async_trait]
-impl super::Layer for BwLimitRemote {
-    fn inner(&self) -> &DynRemote {
-        &self.inner
+/// A transfer's turn on the shared clock (held while the transfer goes;
+/// dropped early, it hands back what it did not use). A free turn (no
+/// limit in force) paces nothing.
+pub struct Turn {
+    clock: Clock,
+    _held: Option<Reservation>,
+}
+
+impl std::fmt::Debug for Turn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Turn").field("dur", &self.duration()).field("len", &self.clock.len).finish()
+    }
+}
+
+impl Turn {
+    /// A turn that paces nothing.
+    pub fn free() -> Self {
+        Self { clock: Clock { start: Instant::now(), dur: Duration::ZERO, len: 0 }, _held: None }
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
-        let r = self.inner.get_range(key, range).await?;
-        self.down.pace(r.len() as u64, self.rates().1).await;
-        Ok(r)
+    /// Whether this turn paces (a limit is in force).
+    pub fn is_paced(&self) -> bool {
+        self._held.is_some()
     }
 
-    async fn get(&self, key: &str) -> RemoteResult<Bytes> {
-        let r = self.inner.get(key).await?;
-        self.down.pace(r.len() as u64, self.rates().1).await;
-        Ok(r)
+    /// How long the body takes at the limit: a request's deadline adds it,
+    /// so a paced request never times out because of our own pacing.
+    pub fn duration(&self) -> Duration {
+        if self.is_paced() {
+            self.clock.dur
+        } else {
+            Duration::ZERO
+        }
     }
 
-    async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
-        self.up.pace(body.len().unwrap_or(0), self.rates().0).await;
-        self.inner.put(key, body).await
+    /// Waits until the bytes before `offset` are due (a download consumes
+    /// up to there, then waits before reading on).
+    pub async fn until(&self, offset: u64) {
+        if self.is_paced() {
+            tokio::time::sleep_until(self.clock.due(offset)).await;
+        }
     }
 
-    async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
-        self.up.pace(body.len().unwrap_or(0), self.rates().0).await;
-        self.inner.create(key, slot, tag, body).await
+    /// `s` in pieces of at most [`PIECE`] bytes, each let out when the
+    /// slot reaches its end: the body crosses the wire at the limit
+    /// instead of at line speed. The stream does not hold the turn (a
+    /// client may send it from another task); the caller keeps the turn
+    /// until the request ends.
+    pub fn pace<S, E>(&self, s: S) -> futures::stream::BoxStream<'static, Result<Bytes, E>>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Send + 'static,
+    {
+        use futures::StreamExt;
+        if !self.is_paced() {
+            return s.boxed();
+        }
+        let clock = self.clock;
+        futures::stream::unfold((Box::pin(s), Bytes::new(), 0u64), move |(mut s, mut rest, mut sent)| async move {
+            if rest.is_empty() {
+                match s.next().await? {
+                    Ok(b) => rest = b,
+                    Err(e) => return Some((Err(e), (s, rest, sent))),
+                }
+            }
+            let piece = rest.split_to(rest.len().min(PIECE));
+            sent += piece.len() as u64;
+            tokio::time::sleep_until(clock.due(sent)).await;
+            Some((Ok(piece), (s, rest, sent)))
+        })
+        .boxed()
     }
 
-    async fn get_created(&self, key: &str, slot: Option<&Slot>) -> RemoteResult<Bytes> {
-        let r = self.inner.get_created(key, slot).await?;
-        self.down.pace(r.len() as u64, self.rates().1).await;
-        Ok(r)
+    /// `data` as a request body: as it is when free, else a stream of
+    /// paced pieces (the caller sets `Content-Length`).
+    pub fn body(&self, data: Bytes) -> reqwest::Body {
+        if !self.is_paced() {
+            return reqwest::Body::from(data);
+        }
+        reqwest::Body::wrap_stream(self.pace(futures::stream::once(async move { Ok::<_, std::io::Error>(data) })))
     }
+}
 
-    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
-        let r = self.inner.get_range_revision(key, revision, range).await?;
-        self.down.pace(r.len() as u64, self.rates().1).await;
-        Ok(r)
-    }
+tokio::task_local! {
+    /// The latest end of a slot a transfer in this task was given, for
+    /// [`past_pacing`].
+    static PACED_UNTIL: std::cell::Cell<Option<Instant>>;
+}
+
+fn note_paced_until(end: Instant) {
+    let _ = PACED_UNTIL.try_with(|c| c.set(Some(c.get().map_or(end, |e| e.max(end)))));
+}
+
+/// Runs `fut` with a deadline of `limit`, counted from now or from the
+/// end of the latest slot a transfer inside it was given, whichever is
+/// later: a request whose turn comes late (other transfers hold the link)
+/// or whose body is spread over minutes is not failed by its deadline for
+/// that, and one that hangs still is. `None`: the deadline passed.
+pub async fn past_pacing<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    PACED_UNTIL
+        .scope(std::cell::Cell::new(None), async move {
+            tokio::pin!(fut);
+            let mut deadline = Instant::now() + limit;
+            loop {
+                tokio::select! {
+                    r = &mut fut => return Some(r),
+                    _ = tokio::time::sleep_until(deadline) => {
+                        match PACED_UNTIL.with(|c| c.get()).map(|e| e + limit) {
+                            Some(later) if later > deadline => deadline = later,
+                            _ => return None,
+                        }
+                    }
+                }
+            }
+        })
+        .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote::DirRemote;
+    use crate::remote::{DirRemote, PutBody, Remote};
+    use futures::StreamExt;
 
     #[test]
     fn timetable_picks_the_entry_in_force() {
@@ -188,24 +379,75 @@ mod tests {
         assert_eq!(s.at(60).unwrap().up, None);
     }
 
-    /// An upload given up while it waits for its turn (its attempt timed
-    /// out) does not hold the link for the retry that follows.
+    /// An upload given up while it waits for its turn or goes (its
+    /// attempt timed out) does not hold the link for the retry that follows.
     #[tokio::test(start_paused = true)]
     async fn a_transfer_given_up_hands_back_its_share() {
-        let p = Pacer::default();
+        let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
         let t0 = Instant::now();
-        let gave_up = tokio::time::timeout(Duration::from_millis(100), p.pace(1 << 20, Some(1 << 20))).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), async {
+            l.upload(1 << 20).await.until(1 << 20).await;
+        })
+        .await;
         assert!(gave_up.is_err());
-        p.pace(512 << 10, Some(1 << 20)).await;
+        l.upload(512 << 10).await.until(512 << 10).await;
         let el = t0.elapsed();
         assert!(el >= Duration::from_millis(600) && el < Duration::from_millis(700), "{el:?}");
     }
 
+    /// A body goes out in 64 KiB pieces evenly over its slot, never whole;
+    /// a second transfer's slot follows the first's on the shared clock.
     #[tokio::test(start_paused = true)]
-    async fn uploads_are_paced_to_the_limit() {
+    async fn a_body_is_spread_over_its_slot_in_pieces() {
+        let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
+        let t0 = Instant::now();
+        let first = l.upload(1 << 20).await;
+        assert_eq!(first.duration(), Duration::from_secs(1));
+        let mut s = first.pace(futures::stream::once(async { Ok::<_, ()>(Bytes::from(vec![0u8; 1 << 20])) }));
+        let mut at = Vec::new();
+        while let Some(p) = s.next().await {
+            at.push((p.unwrap().len(), t0.elapsed()));
+        }
+        assert_eq!(at.len(), 16, "{at:?}");
+        for (i, (n, t)) in at.iter().enumerate() {
+            assert_eq!(*n, PIECE);
+            let due = Duration::from_micros(62_500 * (i as u64 + 1));
+            assert!(*t >= due && *t < due + Duration::from_millis(2), "piece {i} at {t:?}");
+        }
+        let second = l.upload(256 << 10).await;
+        assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
+        second.until(256 << 10).await;
+        let el = t0.elapsed();
+        assert!(el >= Duration::from_millis(1250) && el < Duration::from_millis(1260), "{el:?}");
+        drop(first);
+    }
+
+    /// A deadline counts from the end of the slot the transfer inside it
+    /// was given, and still fails a transfer that hangs.
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_leave_out_our_own_pacing() {
+        let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
+        let ahead = l.upload(4 << 20).await;
+        let paced = past_pacing(Duration::from_millis(500), async {
+            let t = l.upload(1 << 20).await;
+            t.until(1 << 20).await;
+        })
+        .await;
+        assert!(paced.is_some(), "a paced transfer timed out on its own pacing");
+        drop(ahead);
+        let hung = past_pacing(Duration::from_millis(500), async {
+            l.upload(1 << 10).await;
+            std::future::pending::<()>().await
+        })
+        .await;
+        assert!(hung.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dir_uploads_are_paced_to_the_limit() {
         let d = tempfile::tempdir().unwrap();
-        let sched = Arc::new(BwSchedule { entries: vec![BwEntry { from_minute: 0, up: Some(1 << 20), down: None }] });
-        let r = BwLimitRemote::wrap(Arc::new(DirRemote::new(d.path())), sched);
+        let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
+        let r = DirRemote::new(d.path()).with_bwlimit(l);
         let t0 = Instant::now();
         for i in 0..4 {
             r.put(&format!("p{i}"), PutBody::from_bytes(vec![0u8; 512 << 10])).await.unwrap();

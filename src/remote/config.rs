@@ -10,6 +10,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::bwlimit::BwLimit;
+
 /// Google's production Drive API host.
 pub const DEFAULT_DRIVE_API_URL: &str = "https://www.googleapis.com";
 /// Google's OAuth 2.0 token endpoint.
@@ -181,6 +183,9 @@ pub struct DriveConfig {
     /// find (listings lag behind creates: another host may have created
     /// it moments ago) before answering "no volume".
     pub open_grace: Duration,
+    /// `--bwlimit`: the process's limiter (set through
+    /// [`RemoteConfig::set_bwlimit`]).
+    pub bwlimit: BwLimit,
 }
 
 impl Default for DriveConfig {
@@ -201,6 +206,7 @@ impl Default for DriveConfig {
             id_record: None,
             read_merge: super::merge::MergeConfig::default(),
             open_grace: Duration::from_secs(10),
+            bwlimit: BwLimit::default(),
         }
     }
 }
@@ -226,6 +232,10 @@ pub struct ObjStoreConfig {
     pub connect_timeout: Duration,
     /// The operator guarantees a single writer ([`ENV_OBJSTORE_UNFENCED`]).
     pub unfenced: bool,
+    /// `--bwlimit`: the process's limiter (set through
+    /// [`RemoteConfig::set_bwlimit`]); when it limits, requests go through
+    /// a client that paces their bodies.
+    pub bwlimit: BwLimit,
 }
 
 impl Default for ObjStoreConfig {
@@ -238,6 +248,7 @@ impl Default for ObjStoreConfig {
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             unfenced: false,
+            bwlimit: BwLimit::default(),
         }
     }
 }
@@ -259,6 +270,18 @@ pub struct ConfigError {
 }
 
 impl RemoteConfig {
+    /// Paces every backend's transfers with `limit` (one per process:
+    /// every remote shares its clocks).
+    pub fn set_bwlimit(&mut self, limit: BwLimit) {
+        self.drive.bwlimit = limit.clone();
+        self.objstore.bwlimit = limit;
+    }
+
+    /// The limiter the backends pace with (`dir:` takes it from here).
+    pub fn bwlimit(&self) -> &BwLimit {
+        &self.drive.bwlimit
+    }
+
     /// Defaults overridden by the `DRIVEBLK_DRIVE_*` environment variables.
     pub fn from_env() -> Result<Self, ConfigError> {
         let mut c = Self::default();

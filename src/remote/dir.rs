@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use std::io::Write;
 use tokio::sync::Semaphore;
 
+use super::bwlimit::BwLimit;
 use super::{ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
 /// Bytes of an upload handed to one blocking write.
@@ -43,6 +44,9 @@ pub struct DirRemote {
     /// until its syscall really returns.
     in_flight: Arc<Semaphore>,
     last_stuck_warning: Arc<Mutex<Option<Instant>>>,
+    /// `--bwlimit`: writes go in paced pieces, reads are paced after they
+    /// arrived.
+    bwlimit: BwLimit,
 }
 
 impl DirRemote {
@@ -52,7 +56,13 @@ impl DirRemote {
             root: root.into(),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             last_stuck_warning: Arc::new(Mutex::new(None)),
+            bwlimit: BwLimit::default(),
         }
+    }
+
+    /// The same folder, its transfers paced by `limit`.
+    pub fn with_bwlimit(self, limit: BwLimit) -> Self {
+        Self { bwlimit: limit, ..self }
     }
 
     /// Runs blocking file work off the async threads, once fewer than
@@ -143,8 +153,19 @@ impl DirRemote {
             let path = tmp.clone();
             let mut f = self.blocking(move || std::fs::File::create(&path)).await?;
             // Small pieces (an encrypted body comes in 16 KiB blocks) are
-            // gathered so each blocking call writes a few MiB.
-            let mut s = body.stream();
+            // gathered so each blocking call writes a few MiB; under a
+            // limit, each paced piece is written as it is let out. A body
+            // of known length takes one turn (so concurrent puts land one
+            // after another, as on the other backends, not all at the end).
+            let batch = if self.bwlimit.is_limited() { 1 } else { WRITE_BATCH };
+            let turn = match body.len() {
+                Some(n) => Some(self.bwlimit.upload(n).await),
+                None => None,
+            };
+            let mut s = match &turn {
+                Some(t) => t.pace(body.stream()),
+                None => self.bwlimit.pace_upload(body.stream()),
+            };
             let mut gathered: Vec<Bytes> = Vec::new();
             let mut size = 0usize;
             loop {
@@ -154,7 +175,7 @@ impl DirRemote {
                     size += b.len();
                     gathered.push(b);
                 }
-                if size >= WRITE_BATCH || (end && size > 0) {
+                if size >= batch || (end && size > 0) {
                     let pieces = std::mem::take(&mut gathered);
                     size = 0;
                     f = self
@@ -244,13 +265,17 @@ impl Remote for DirRemote {
                 Ok(buf)
             })
             .await;
-        r.map(Bytes::from).map_err(|e| self.io_err("get_range", key, e))
+        let r = r.map(Bytes::from).map_err(|e| self.io_err("get_range", key, e))?;
+        self.bwlimit.downloaded(r.len() as u64).await;
+        Ok(r)
     }
 
     /// One read instead of the default `head` + `get_range`.
     async fn get(&self, key: &str) -> RemoteResult<Bytes> {
         let path = self.path("get", key)?;
-        self.read_file(&path).await.map(Bytes::from).map_err(|e| self.io_err("get", key, e))
+        let r = self.read_file(&path).await.map(Bytes::from).map_err(|e| self.io_err("get", key, e))?;
+        self.bwlimit.downloaded(r.len() as u64).await;
+        Ok(r)
     }
 
     async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {

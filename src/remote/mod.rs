@@ -2,7 +2,8 @@
 //! reads, shaped after what Google Drive can do — plus its `dir:`,
 //! `gdrive:` and object-store (`s3://`, `gs://`, `az://`) backends and
 //! the wrappers (retry, metrics, latency/fault shaping) that stack around any
-//! backend as one trait object.
+//! backend as one trait object, and the process's bandwidth limiter the
+//! backends pace their transfers with (`bwlimit.rs`).
 
 pub mod bwlimit;
 pub mod config;
@@ -28,7 +29,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, Stream};
 
-pub use bwlimit::{BwEntry, BwLimitRemote, BwSchedule};
+pub use bwlimit::{BwEntry, BwLimit, BwSchedule};
 pub use config::RemoteConfig;
 pub use dir::DirRemote;
 pub use error::{RemoteError, RemoteResult};

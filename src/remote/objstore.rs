@@ -30,9 +30,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
+use object_store::client::{
+    ClientConfigKey, HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpResponseBody,
+    HttpService,
+};
 use object_store::path::Path as OsPath;
-use object_store::{MultipartUpload, ObjectStore, PutMode, PutOptions, PutPayload, UploadPart};
+use object_store::{ClientOptions, MultipartUpload, ObjectStore, PutMode, PutOptions, PutPayload, UploadPart};
 
+use super::bwlimit::BwLimit;
 use super::config::ObjStoreConfig;
 use super::retry::MIN_UPLOAD_RATE;
 use super::{content_tag, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
@@ -124,16 +129,18 @@ struct NoAnswer {
 }
 
 /// `fut`, failed as an outage (retried above) when it takes longer than
-/// [`request_deadline`] for `bytes`.
+/// [`request_deadline`] for `bytes`, counted past the `--bwlimit` turns
+/// its requests were given (waiting for the link and spreading the body
+/// over its slot is no outage).
 async fn within<T>(
     cfg: &ObjStoreConfig,
     bytes: u64,
     fut: impl std::future::Future<Output = object_store::Result<T>>,
 ) -> object_store::Result<T> {
     let limit = request_deadline(cfg, bytes);
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(object_store::Error::Generic {
+    match super::bwlimit::past_pacing(limit, fut).await {
+        Some(r) => r,
+        None => Err(object_store::Error::Generic {
             store: "driveblk",
             source: Box::new(NoAnswer { secs: limit.as_secs_f64(), bytes }),
         }),
@@ -176,11 +183,16 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
     // object_store retries each request a little; the volume's retry
     // wrapper sits above and decides when to give up for good.
     let retry = RetryConfig { backoff: BackoffConfig::default(), max_retries: 3, retry_timeout: cfg.request_timeout };
+    // Under `--bwlimit`, requests go through a client that paces bodies.
+    let paced = cfg.bwlimit.is_limited().then(|| PacedConnector(cfg.bwlimit.clone()));
     Ok(match kind {
         StoreKind::S3 => {
             let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
             for (k, v) in &timeouts {
                 b = b.with_config(object_store::aws::AmazonS3ConfigKey::Client(*k), v);
+            }
+            if let Some(c) = paced {
+                b = b.with_http_connector(c);
             }
             Arc::new(b.build()?)
         }
@@ -190,6 +202,9 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
             for (k, v) in &timeouts {
                 b = b.with_config(object_store::gcp::GoogleConfigKey::Client(*k), v);
             }
+            if let Some(c) = paced {
+                b = b.with_http_connector(c);
+            }
             Arc::new(b.build()?)
         }
         StoreKind::Azure => {
@@ -198,9 +213,148 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
             for (k, v) in &timeouts {
                 b = b.with_config(object_store::azure::AzureConfigKey::Client(*k), v);
             }
+            if let Some(c) = paced {
+                b = b.with_http_connector(c);
+            }
             Arc::new(b.build()?)
         }
     })
+}
+
+/// `--bwlimit` on object stores: object_store hands its client whole
+/// bodies (`Bytes` or a `PutPayload`, never a stream), so under a limit
+/// its requests go through this connector's client, which sends each body
+/// in paced pieces on the upload clock every transfer of the process
+/// shares. Its reqwest client gets the options object_store would give
+/// its own (deadlines, proxy, HTTP/1, plain HTTP allowed or not); each
+/// request's deadline adds its body's pacing time.
+#[derive(Debug)]
+struct PacedConnector(BwLimit);
+
+impl HttpConnector for PacedConnector {
+    fn connect(&self, o: &ClientOptions) -> object_store::Result<HttpClient> {
+        let bad = |e: String| object_store::Error::Generic { store: "driveblk", source: e.into() };
+        let timeout = o.get_config_value(&ClientConfigKey::Timeout).map(|v| duration(&v)).transpose().map_err(bad)?;
+        let client = client_like(o).map_err(bad)?;
+        Ok(HttpClient::new(PacedService { client, limit: self.0.clone(), timeout }))
+    }
+}
+
+/// A duration as object_store writes them (`30s`, `60000ms`).
+fn duration(v: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(v).map_err(|e| format!("bad duration {v:?}: {e}"))
+}
+
+/// A reqwest client with the settings `o` would give object_store's own
+/// (all but its address shuffling and compression, which driveblk's
+/// reqwest is built without). The total deadline is set per request.
+fn client_like(o: &ClientOptions) -> Result<reqwest::Client, String> {
+    use ClientConfigKey as K;
+    let get = |k: K| o.get_config_value(&k);
+    let flag =
+        |k: K| get(k).is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "on" | "yes" | "y"));
+    let e = |e: reqwest::Error| e.to_string();
+    let ua = get(K::UserAgent).unwrap_or_else(|| concat!("driveblk/", env!("CARGO_PKG_VERSION")).to_string());
+    let mut b = reqwest::ClientBuilder::new().user_agent(ua);
+    if let Some(p) = get(K::ProxyUrl) {
+        let mut proxy = reqwest::Proxy::all(&p).map_err(e)?;
+        if let Some(ca) = get(K::ProxyCaCertificate) {
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).map_err(e)?);
+        }
+        if let Some(x) = get(K::ProxyExcludes) {
+            proxy = proxy.no_proxy(reqwest::NoProxy::from_string(&x));
+        }
+        b = b.proxy(proxy);
+    }
+    if let Some(t) = get(K::ConnectTimeout) {
+        b = b.connect_timeout(duration(&t)?);
+    }
+    if let Some(t) = get(K::PoolIdleTimeout) {
+        b = b.pool_idle_timeout(duration(&t)?);
+    }
+    if let Some(n) = get(K::PoolMaxIdlePerHost) {
+        b = b.pool_max_idle_per_host(n.parse().map_err(|_| format!("bad pool size {n:?}"))?);
+    }
+    // object_store's default: HTTP/1 only (HTTP/2 is slower on stores).
+    if get(K::Http2Only).is_some_and(|_| flag(K::Http2Only)) {
+        b = b.http2_prior_knowledge();
+    } else if get(K::Http1Only).is_none() || flag(K::Http1Only) {
+        b = b.http1_only();
+    }
+    if flag(K::AllowInvalidCertificates) {
+        b = b.danger_accept_invalid_certs(true);
+    }
+    b.https_only(!flag(K::AllowHttp)).build().map_err(e)
+}
+
+/// The paced client (see [`PacedConnector`]).
+#[derive(Debug)]
+struct PacedService {
+    client: reqwest::Client,
+    limit: BwLimit,
+    /// The client's deadline of one request, before pacing.
+    timeout: Option<std::time::Duration>,
+}
+
+#[async_trait]
+impl HttpService for PacedService {
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        use http_body_util::BodyExt;
+        let (mut parts, body) = req.into_parts();
+        let len = body.content_length() as u64;
+        let url = reqwest::Url::parse(&parts.uri.to_string()).map_err(|e| HttpError::new(HttpErrorKind::Request, e))?;
+        // Waits for the body's turn (a retry by object_store is paced again).
+        let turn = if len > 0 { Some(self.limit.upload(len).await) } else { None };
+        let body = match (&turn, body.as_bytes()) {
+            (None, _) => reqwest::Body::from(body.as_bytes().cloned().unwrap_or_default()),
+            (Some(t), Some(b)) => t.body(b.clone()),
+            (Some(t), None) => reqwest::Body::wrap_stream(t.pace(body.into_data_stream())),
+        };
+        if len > 0 {
+            // A stream has no length of its own: S3 refuses chunked bodies.
+            parts.headers.entry(http::header::CONTENT_LENGTH).or_insert(len.into());
+        }
+        let mut r = reqwest::Request::new(parts.method, url);
+        *r.headers_mut() = parts.headers;
+        *r.body_mut() = Some(body);
+        *r.timeout_mut() = self.timeout.map(|t| t + turn.as_ref().map_or(std::time::Duration::ZERO, |t| t.duration()));
+        let res = self.client.execute(r).await.map_err(http_error)?;
+        drop(turn);
+        let (parts, body) = http::Response::<reqwest::Body>::from(res).into_parts();
+        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body.map_err(http_error))))
+    }
+}
+
+/// A failed request as object_store's kinds, which decide its retries:
+/// time-outs, refused connections and dropped ones are retried.
+fn http_error(e: reqwest::Error) -> HttpError {
+    let dropped = {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+        let mut found = false;
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind as K;
+                found |=
+                    matches!(io.kind(), K::ConnectionAborted | K::ConnectionReset | K::BrokenPipe | K::UnexpectedEof);
+            }
+            cur = err.source();
+        }
+        found
+    };
+    let kind = if e.is_timeout() {
+        HttpErrorKind::Timeout
+    } else if e.is_connect() {
+        HttpErrorKind::Connect
+    } else if e.is_decode() {
+        HttpErrorKind::Decode
+    } else if dropped {
+        HttpErrorKind::Interrupted
+    } else if e.is_request() || e.is_body() {
+        HttpErrorKind::Request
+    } else {
+        HttpErrorKind::Unknown
+    };
+    HttpError::new(kind, e)
 }
 
 /// A multipart upload neither completed nor aborted yet: dropped (its
@@ -721,8 +875,11 @@ impl Remote for ObjStoreRemote {
         Ok(())
     }
 
+    /// Paced after the bytes arrived (object_store reads bodies whole).
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
-        self.fresh_on_failure("get_range", key, || self.get_range_once(key, range.clone())).await
+        let r = self.fresh_on_failure("get_range", key, || self.get_range_once(key, range.clone())).await?;
+        self.cfg.bwlimit.downloaded(r.len() as u64).await;
+        Ok(r)
     }
 
     async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {

@@ -129,7 +129,9 @@ impl RemoteUrl {
     /// a Drive folder is resolved at its first use.
     pub fn folder_with(&self, cfg: &RemoteConfig) -> DynRemote {
         match self {
-            RemoteUrl::Dir { parent, name } => Arc::new(DirRemote::new(parent.join(name))),
+            RemoteUrl::Dir { parent, name } => {
+                Arc::new(DirRemote::new(parent.join(name)).with_bwlimit(cfg.bwlimit().clone()))
+            }
             RemoteUrl::GDrive(loc) => merging(Arc::new(GDriveRemote::folder(loc, &cfg.drive)), cfg),
             RemoteUrl::ObjStore { kind, bucket, parent, name } => {
                 let root = if parent.is_empty() { name.clone() } else { format!("{parent}/{name}") };
@@ -147,7 +149,9 @@ impl RemoteUrl {
     /// [`object`](Self::object) with explicit configuration.
     pub fn object_with(&self, cfg: &RemoteConfig) -> (DynRemote, String) {
         match self {
-            RemoteUrl::Dir { parent, name } => (Arc::new(DirRemote::new(parent.clone())), name.clone()),
+            RemoteUrl::Dir { parent, name } => {
+                (Arc::new(DirRemote::new(parent.clone()).with_bwlimit(cfg.bwlimit().clone())), name.clone())
+            }
             RemoteUrl::GDrive(loc) => {
                 let (r, key) = GDriveRemote::object(loc, &cfg.drive);
                 (merging(Arc::new(r), cfg), key)

@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, CONTENT_RANGE, CONTENT_TYPE, RANGE, RETRY_AFTER};
+use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 
 use super::auth::{Auth, AuthError};
 use super::ids::{Entries, IdRecord, Kind};
 use super::pacer::Pacer;
+use crate::remote::bwlimit::Turn;
 use crate::remote::config::DriveConfig;
 
 /// The file fields every metadata call asks for.
@@ -345,6 +346,13 @@ pub struct DriveApi {
     /// [`reset_connections`](Self::reset_connections); shared with the
     /// credentials' token requests.
     http: std::sync::Arc<arc_swap::ArcSwap<reqwest::Client>>,
+    /// The client of requests that carry a body up (chunks, small
+    /// uploads): no read deadline, since reqwest counts that one from the
+    /// request's start to its answer's headers, body included, so a chunk
+    /// slower than `request_timeout` (a slow uplink, `--bwlimit`) would
+    /// fail every time. Their own deadline (`timeout_for` plus the pacing)
+    /// bounds them. Replaced with `http`.
+    http_up: arc_swap::ArcSwap<reqwest::Client>,
     /// When the pool was last replaced: requests that time out together
     /// (all on connections that died in one sleep) replace it once.
     last_reset: parking_lot::Mutex<Option<std::time::Instant>>,
@@ -375,17 +383,17 @@ pub struct DriveApi {
     pub read_merge: std::sync::Arc<crate::remote::merge::MergeStats>,
 }
 
-/// The HTTP client of a Drive account.
-fn http_client(cfg: &DriveConfig) -> reqwest::Client {
+/// The HTTP client of a Drive account (`up`: the one for bodies going up,
+/// without the read deadline).
+fn http_client(cfg: &DriveConfig, up: bool) -> reqwest::Client {
     // HTTP/1.1 only (no http2 feature): Drive's HTTP/2 streams have been
     // seen to stall; parallel reads use pooled connections instead. A read
     // that waits this long between bytes is on a dead connection (a silent
     // peer, a network that changed under it): it fails and is retried on a
     // fresh one instead of waiting out the whole request deadline.
-    reqwest::Client::builder()
-        .connect_timeout(cfg.connect_timeout)
-        .read_timeout(cfg.request_timeout)
-        .pool_max_idle_per_host(64)
+    let b = reqwest::Client::builder().connect_timeout(cfg.connect_timeout);
+    let b = if up { b } else { b.read_timeout(cfg.request_timeout) };
+    b.pool_max_idle_per_host(64)
         .pool_idle_timeout(Duration::from_secs(60))
         .tcp_keepalive(Duration::from_secs(30))
         .tcp_nodelay(true)
@@ -404,7 +412,7 @@ impl DriveApi {
     /// A client for `cfg`. Credentials that cannot be loaded make every
     /// call fail with an [`ErrorKind::Auth`] error naming the problem.
     pub fn new(cfg: &DriveConfig) -> Self {
-        let http = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(http_client(cfg)));
+        let http = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(http_client(cfg, false)));
         let base = cfg.api_url.trim_end_matches('/');
         let auth = Auth::with_shared_client(cfg, http.clone()).map_err(|e| e.to_string());
         let (record, recorded) = IdRecord::open(cfg.id_record.clone(), base);
@@ -418,6 +426,7 @@ impl DriveApi {
             api: format!("{base}/drive/v3"),
             upload: format!("{base}/upload/drive/v3"),
             http,
+            http_up: arc_swap::ArcSwap::from_pointee(http_client(cfg, true)),
             last_reset: parking_lot::Mutex::new(None),
             auth,
             pacer: Pacer::new(cfg.pacer),
@@ -463,9 +472,15 @@ impl DriveApi {
         self.auth.as_ref().map_err(|m| ApiError::new(ErrorKind::Auth, m.clone()))
     }
 
-    /// The raw HTTP client (for the upload session's chunk requests).
+    /// The raw HTTP client.
     pub fn http(&self) -> reqwest::Client {
         (**self.http.load()).clone()
+    }
+
+    /// The HTTP client of requests carrying a body up (the upload
+    /// session's chunks).
+    pub fn http_up(&self) -> reqwest::Client {
+        (**self.http_up.load()).clone()
     }
 
     /// Replaces the connection pool: requests in flight finish on their
@@ -481,7 +496,8 @@ impl DriveApi {
             *last = Some(std::time::Instant::now());
         }
         tracing::debug!(api = %self.api, "dropping pooled Drive connections after a request got no answer");
-        self.http.store(std::sync::Arc::new(http_client(&self.cfg)));
+        self.http.store(std::sync::Arc::new(http_client(&self.cfg, false)));
+        self.http_up.store(std::sync::Arc::new(http_client(&self.cfg, true)));
     }
 
     /// A transport failure as an [`ApiError`]. A time-out also replaces
@@ -496,7 +512,8 @@ impl DriveApi {
         ApiError::transport(e)
     }
 
-    /// Deadline for a request moving `bytes` of body.
+    /// Deadline for a request moving `bytes` of body (a paced one adds its
+    /// turn's [`duration`](crate::remote::bwlimit::Turn::duration)).
     pub fn timeout_for(&self, bytes: u64) -> Duration {
         self.cfg.request_timeout + Duration::from_secs(bytes / self.cfg.min_transfer_rate.max(1))
     }
@@ -668,9 +685,22 @@ impl DriveApi {
             Some(id) => (Method::PATCH, self.url(&format!("{}/files/{}", self.upload, urlencode(id)), &query)),
         };
         let ctype = format!("multipart/related; boundary={boundary}");
-        let t = self.timeout_for(body.len() as u64);
+        let len = body.len() as u64;
+        // Paced on the wire (again on each attempt); the deadline allows
+        // for the pacing.
+        let turn = self.cfg.bwlimit.upload(len).await;
+        let t = self.timeout_for(len) + turn.duration();
         self.json(
-            |tok| self.req(method.clone(), &url, tok, t).header(CONTENT_TYPE, ctype.as_str()).body(body.clone()),
+            |tok| {
+                self.http_up
+                    .load()
+                    .request(method.clone(), &url)
+                    .bearer_auth(tok)
+                    .timeout(t)
+                    .header(CONTENT_TYPE, ctype.as_str())
+                    .header(CONTENT_LENGTH, len)
+                    .body(turn.body(body.clone()))
+            },
             true,
         )
         .await
@@ -792,7 +822,10 @@ impl DriveApi {
             }
             let url = self.url(&path, &query);
             let want = range.end - range.start;
-            let t = self.timeout_for(want);
+            // Consumed at the limit as it arrives (TCP holds the sender
+            // back); the deadline allows for the pacing.
+            let turn = self.cfg.bwlimit.download(want).await;
+            let t = self.timeout_for(want) + turn.duration();
             let header = format!("bytes={}-{}", range.start, range.end - 1);
             let r = self
                 .send(
@@ -802,7 +835,7 @@ impl DriveApi {
                 )
                 .await;
             match r {
-                Ok(resp) => return read_ranged_body(resp, range, |e| self.transport(e)).await,
+                Ok(resp) => return read_ranged_body(resp, range, &turn, |e| self.transport(e)).await,
                 Err(e) if e.kind == ErrorKind::Abusive && !ack => {
                     tracing::warn!(file = id, "Drive flags this file as abusive; reading it with acknowledgeAbuse");
                     ack = true;
@@ -839,12 +872,13 @@ impl DriveApi {
     /// The whole content of file `id`, without a Range header (which an
     /// empty file would answer with 416).
     pub async fn read_all(&self, id: &str, size_hint: u64) -> Result<Bytes, ApiError> {
-        let t = self.timeout_for(size_hint);
         let mut query = vec![("alt", "media"), ("supportsAllDrives", "true")];
         loop {
+            let turn = self.cfg.bwlimit.download(size_hint).await;
+            let t = self.timeout_for(size_hint) + turn.duration();
             let url = self.url(&self.file_url(id), &query);
             match self.send(|tok| self.req(Method::GET, &url, tok, t), |s| s.is_success(), false).await {
-                Ok(resp) => return resp.bytes().await.map_err(|e| self.transport(e)),
+                Ok(resp) => return read_paced(resp, u64::MAX, &turn, |e| self.transport(e)).await,
                 // As for ranged reads: files.get takes acknowledgeAbuse for a flagged file.
                 Err(e) if e.kind == ErrorKind::Abusive && query.len() == 2 => {
                     tracing::warn!(file = id, "Drive flags this file as abusive; reading it with acknowledgeAbuse");
@@ -861,6 +895,7 @@ impl DriveApi {
 async fn read_ranged_body(
     resp: Response,
     range: Range<u64>,
+    turn: &Turn,
     transport: impl Fn(reqwest::Error) -> ApiError,
 ) -> Result<Bytes, ApiError> {
     let want = range.end - range.start;
@@ -877,7 +912,7 @@ async fn read_ranged_body(
         }
         // Saturating: the end is the server's word (`bytes 0-18446744073709551615/*`).
         let expect = (end_incl - start).saturating_add(1).min(want);
-        let body = resp.bytes().await.map_err(&transport)?;
+        let body = read_paced(resp, want, turn, &transport).await?;
         if (body.len() as u64) < expect {
             return Err(ApiError::new(ErrorKind::Transient, format!("short read: {} of {expect} bytes", body.len())));
         }
@@ -892,12 +927,39 @@ async fn read_ranged_body(
         let chunk = chunk.map_err(&transport)?;
         let (c0, c1) = (pos, pos + chunk.len() as u64);
         pos = c1;
+        turn.until(c1.saturating_sub(range.start).min(want)).await;
         let lo = range.start.max(c0);
         let hi = range.end.min(c1);
         if lo < hi {
             out.extend_from_slice(&chunk[(lo - c0) as usize..(hi - c0) as usize]);
         }
         if pos >= range.end {
+            break;
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// A response's body, at most `cap` bytes of it: read whole when `turn`
+/// is free, else piece by piece, each read only once the turn has reached
+/// it, so the sender is held back by TCP flow control (a socket buffer's
+/// worth may come early).
+async fn read_paced(
+    resp: Response,
+    cap: u64,
+    turn: &Turn,
+    transport: impl Fn(reqwest::Error) -> ApiError,
+) -> Result<Bytes, ApiError> {
+    if !turn.is_paced() {
+        return resp.bytes().await.map_err(transport);
+    }
+    let mut out = BytesMut::with_capacity(resp.content_length().unwrap_or(0).min(cap).min(64 << 20) as usize);
+    let mut s = resp.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(&transport)?;
+        out.extend_from_slice(&chunk);
+        turn.until(out.len() as u64).await;
+        if out.len() as u64 >= cap {
             break;
         }
     }
@@ -1012,29 +1074,44 @@ mod tests {
     #[tokio::test]
     async fn gdrive_ranged_reads_take_only_the_asked_bytes() {
         // 206 with the asked range.
-        let r = read_ranged_body(response(206, Some("bytes 2-4/10"), b"234"), 2..5, ApiError::transport).await.unwrap();
+        let r = read_ranged_body(response(206, Some("bytes 2-4/10"), b"234"), 2..5, &Turn::free(), ApiError::transport)
+            .await
+            .unwrap();
         assert_eq!(&r[..], b"234");
         // 206 cut at the end of the file.
-        let r = read_ranged_body(response(206, Some("bytes 8-9/10"), b"89"), 8..20, ApiError::transport).await.unwrap();
+        let r = read_ranged_body(response(206, Some("bytes 8-9/10"), b"89"), 8..20, &Turn::free(), ApiError::transport)
+            .await
+            .unwrap();
         assert_eq!(&r[..], b"89");
         // 206 for another range than asked is refused (retryable).
-        let e =
-            read_ranged_body(response(206, Some("bytes 0-2/10"), b"012"), 2..5, ApiError::transport).await.unwrap_err();
+        let e = read_ranged_body(response(206, Some("bytes 0-2/10"), b"012"), 2..5, &Turn::free(), ApiError::transport)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Transient);
         // 206 without Content-Range is refused.
-        assert!(read_ranged_body(response(206, None, b"234"), 2..5, ApiError::transport).await.is_err());
+        assert!(read_ranged_body(response(206, None, b"234"), 2..5, &Turn::free(), ApiError::transport).await.is_err());
         // An end past any file is cut to what was asked, not overflowed.
-        let r =
-            read_ranged_body(response(206, Some("bytes 0-18446744073709551615/*"), b"012"), 0..3, ApiError::transport)
-                .await
-                .unwrap();
+        let r = read_ranged_body(
+            response(206, Some("bytes 0-18446744073709551615/*"), b"012"),
+            0..3,
+            &Turn::free(),
+            ApiError::transport,
+        )
+        .await
+        .unwrap();
         assert_eq!(&r[..], b"012");
         // A short body is refused.
-        assert!(read_ranged_body(response(206, Some("bytes 2-4/10"), b"23"), 2..5, ApiError::transport).await.is_err());
+        assert!(read_ranged_body(response(206, Some("bytes 2-4/10"), b"23"), 2..5, &Turn::free(), ApiError::transport)
+            .await
+            .is_err());
         // 200: the range was ignored; only the asked bytes are kept.
-        let r = read_ranged_body(response(200, None, b"0123456789"), 2..5, ApiError::transport).await.unwrap();
+        let r = read_ranged_body(response(200, None, b"0123456789"), 2..5, &Turn::free(), ApiError::transport)
+            .await
+            .unwrap();
         assert_eq!(&r[..], b"234");
-        let r = read_ranged_body(response(200, None, b"0123456789"), 8..20, ApiError::transport).await.unwrap();
+        let r = read_ranged_body(response(200, None, b"0123456789"), 8..20, &Turn::free(), ApiError::transport)
+            .await
+            .unwrap();
         assert_eq!(&r[..], b"89");
     }
 

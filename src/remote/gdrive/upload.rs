@@ -254,17 +254,20 @@ pub(crate) async fn put_chunk(
     total: Option<u64>,
 ) -> Result<ChunkAnswer, ApiError> {
     let cr = chunk_content_range(start, data.len() as u64, total);
-    let t = api.timeout_for(data.len() as u64);
+    // Paced on the wire (a retried chunk again); the deadline allows for
+    // the pacing.
+    let turn = api.cfg.bwlimit.upload(data.len() as u64).await;
+    let t = api.timeout_for(data.len() as u64) + turn.duration();
     let resp = api
         .send(
             |tok| {
-                api.http()
+                api.http_up()
                     .request(Method::PUT, uri)
                     .bearer_auth(tok)
                     .timeout(t)
                     .header(CONTENT_RANGE, cr.as_str())
                     .header(CONTENT_LENGTH, data.len())
-                    .body(data.clone())
+                    .body(turn.body(data.clone()))
             },
             accept_chunk,
             true,
