@@ -14,7 +14,7 @@ use super::pack::decode_chunk_upto;
 use super::saved_index::SavedIndexes;
 use super::subframe::PackIndex;
 use super::{RemoteOptions, VolumeError, VolumeResult};
-use crate::remote::Slot;
+use crate::remote::{private, Slot};
 use crate::remote::{DynRemote, RemoteUrl, RetryingRemote};
 
 /// Names of the header and manifest copies in a cache directory.
@@ -355,7 +355,7 @@ impl VolumeReader {
     pub fn save_copies(&self, dir: &Path) -> std::io::Result<()> {
         let put = |name: &str, data: &[u8]| -> std::io::Result<()> {
             let tmp = dir.join(format!("{name}.tmp"));
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = private::create(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
             std::fs::rename(&tmp, dir.join(name))
@@ -384,7 +384,7 @@ impl VolumeReader {
             None => data,
         };
         let tmp = dir.join(format!("{name}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = private::create(&tmp)?;
         f.write_all(data)?;
         // Durable before it replaces the old copy: a power cut leaves one
         // whole copy or the other.
