@@ -31,6 +31,7 @@ fn remote_opts(env: &DriveEnv) -> RemoteOptions {
         },
         config: Arc::new(env.cfg.clone()),
         key: None,
+        allow_base: Vec::new(),
     }
 }
 

@@ -23,10 +23,12 @@ pub enum Size {
     Text(String),
 }
 
-/// One file value as a `serve` argument.
+/// One file value as `serve` arguments.
 enum Arg {
     Flag(bool),
     Value(String),
+    /// A list: the flag once per value.
+    Values(Vec<String>),
 }
 
 trait ToArg {
@@ -36,6 +38,12 @@ trait ToArg {
 impl ToArg for String {
     fn to_arg(&self) -> Arg {
         Arg::Value(self.clone())
+    }
+}
+
+impl ToArg for Vec<String> {
+    fn to_arg(&self) -> Arg {
+        Arg::Values(self.clone())
     }
 }
 
@@ -143,6 +151,7 @@ serve_file! {
     key_file: String,
     key_env: String,
     passphrase: bool,
+    allow_base: Vec<String>,
     log_level: String,
 }
 
@@ -202,6 +211,12 @@ impl Loaded {
                 Arg::Value(v) => {
                     out.push(flag.into());
                     out.push(v.into());
+                }
+                Arg::Values(vs) => {
+                    for v in vs {
+                        out.push(flag.clone().into());
+                        out.push(v.into());
+                    }
                 }
             }
             let _ = span;
