@@ -295,6 +295,31 @@ fn gdrive_logs_hold_no_secrets_with_a_service_account() {
     }
 }
 
+/// A Drive credentials file others can read gives them the Drive account:
+/// named once, with the fix, as a key file is; a 0600 one is not.
+#[test]
+fn gdrive_a_credentials_file_open_to_others_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = start(driveemu::Config::default(), Creds::ServiceAccount);
+    let (img, _) = tier_support::raw_image(env.dir.path(), "disk.raw", 1 << 20, 29);
+    let import = |url: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+            .args(["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), url])
+            .args(["--drive-api-url", &env.emu.base_url(), "--drive-credentials", env.creds_file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let chmod = |mode| std::fs::set_permissions(&env.creds_file, std::fs::Permissions::from_mode(mode)).unwrap();
+    chmod(0o644);
+    let err = import("gdrive:/perm/a");
+    let fix = format!("chmod 600 {}", env.creds_file.display());
+    assert!(err.contains(&fix) && err.matches(&fix).count() == 1, "{err}");
+    chmod(0o600);
+    assert!(!import("gdrive:/perm/b").contains("chmod"));
+}
+
 /// An import with token refreshes and injected failures, logged at trace
 /// level: the environment and the log, which holds no access token, upload
 /// session URI or Authorization header.

@@ -86,6 +86,7 @@ enum CredentialFile {
 fn read_credentials(path: &Path) -> Result<CredentialFile, AuthError> {
     let bytes = std::fs::read(path)
         .map_err(|e| AuthError::Config(format!("cannot read Drive credentials {}: {e}", path.display())))?;
+    crate::remote::private::warn_if_exposed(path, "Drive credentials file", "use the Drive account");
     #[derive(Deserialize)]
     struct Kind {
         #[serde(rename = "type")]
