@@ -191,6 +191,39 @@ fn a_header_naming_a_host_file_as_base_is_refused() {
     assert!(err.contains("symbolic link") && err.contains(&base_url), "{err}");
 }
 
+/// An export is the guest's disk in clear: 0600 whatever the umask, and
+/// written through no symbolic link planted at its temporary name.
+#[test]
+fn an_export_is_the_owners_alone_and_follows_no_planted_link() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let want = common::make_raw(&img, 1 << 20, 11);
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &url]);
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"not to be overwritten").unwrap();
+    let out = dir.path().join("out.raw");
+    std::os::unix::fs::symlink(&victim, dir.path().join(".out.raw.driveblk-partial")).unwrap();
+    let mut export = Command::new(bin());
+    export.args(["export", "--quiet", &url, out.to_str().unwrap()]);
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        export.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        })
+    };
+    let o = export.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&victim).unwrap() == b"not to be overwritten", "the planted link was followed");
+    let meta = std::fs::symlink_metadata(&out).unwrap();
+    assert!(meta.is_file(), "the export is a regular file");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(std::fs::read(&out).unwrap() == want);
+}
+
 #[test]
 fn writes_go_back_to_the_remote_at_stop_and_persist_across_restart() {
     let dir = tempfile::tempdir().unwrap();
