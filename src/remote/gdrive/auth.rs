@@ -67,7 +67,7 @@ impl AuthorizedUser {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            crate::remote::private::create_dir_all(dir)?;
         }
         let tmp = path.with_extension("tmp");
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
