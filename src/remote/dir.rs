@@ -47,9 +47,9 @@ pub struct DirRemote {
     /// until its syscall really returns.
     in_flight: Arc<Semaphore>,
     last_stuck_warning: Arc<Mutex<Option<Instant>>>,
-    /// Reads refuse an object that is a symbolic link (a volume's base
-    /// beside it: whoever can write the folder could otherwise point it
-    /// at any file of this host).
+    /// Reads refuse an object that is a symbolic link (a volume's folder
+    /// and its base: whoever can write the folder could otherwise point
+    /// an object read without a digest at any file of this host).
     no_symlinks: bool,
 }
 

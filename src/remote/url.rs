@@ -129,7 +129,10 @@ impl RemoteUrl {
     /// a Drive folder is resolved at its first use.
     pub fn folder_with(&self, cfg: &RemoteConfig) -> DynRemote {
         match self {
-            RemoteUrl::Dir { parent, name } => Arc::new(DirRemote::new(parent.join(name))),
+            // A volume's objects are files driveblk wrote, never links:
+            // one planted by whoever can write the folder (an adopted
+            // base copy, read without a digest) could name any host file.
+            RemoteUrl::Dir { parent, name } => Arc::new(DirRemote::new(parent.join(name)).refusing_symlinks()),
             RemoteUrl::GDrive(loc) => merging(Arc::new(GDriveRemote::folder(loc, &cfg.drive)), cfg),
             RemoteUrl::ObjStore { kind, bucket, parent, name } => {
                 let root = if parent.is_empty() { name.clone() } else { format!("{parent}/{name}") };
