@@ -408,6 +408,15 @@ mod tests {
     }
 
     #[test]
+    fn a_list_key_is_its_flag_once_per_value() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "volume = \"dir:/v\"\nallow_base = [\"dir:/a\", \"dir:/b\"]\n");
+        let args = Loaded::read(&p).unwrap().to_args().unwrap();
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(args, ["--volume", "dir:/v", "--allow-base", "dir:/a", "--allow-base", "dir:/b"]);
+    }
+
+    #[test]
     fn check_accepts_a_full_file_and_points_at_bad_lines() {
         let d = tempfile::tempdir().unwrap();
         let ok = "socket = \"/run/driveblk/w10.sock\"\nvolume = \"dir:/mnt/nas/w10\"\nformat = \"qcow2\"\n\
