@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
 use driveblk::cli::{run, Cli};
@@ -45,7 +46,23 @@ fn main() -> ExitCode {
     };
     // journald and log files get plain text; colours only on a terminal.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    // yup-oauth2 logs its token requests and responses at debug level: a
+    // service account's signed assertion, the access tokens, `auth login`'s
+    // code and refresh token. Capped at info whatever --log-level or
+    // RUST_LOG asks (a filter of its own: no directive of theirs, however
+    // specific, lets them through). The HTTP crates log no header values
+    // (h2 and hyper leave them out; reqwest dumps the wire only with
+    // connection_verbose, never set here).
+    let no_token_logs = tracing_subscriber::filter::filter_fn(|m| {
+        !(m.target().starts_with("yup_oauth2") && *m.level() > tracing::Level::INFO)
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .finish()
+        .with(no_token_logs)
+        .init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -278,3 +278,59 @@ fn a_cache_a_newer_driveblk_wrote_is_refused_as_newer_not_damaged() {
     assert!(!state.exists() && !cache.join("data").exists());
     assert_eq!(lease(), holder, "a forced discard of a newer cache released its lease");
 }
+
+/// The cache holds the guest's disk in the clear: whatever the umask
+/// (only the systemd unit sets 0077), its directory is the owner's alone
+/// and its data and journal files are 0600.
+#[test]
+fn a_cache_is_the_owners_alone_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.raw");
+    common::make_raw(&img, 1 << 20, 8);
+    let url = format!("dir:{}/vol", d.path().display());
+    common::run_ok(&["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &url]);
+    let (cache, sock) = (d.path().join("root/cache"), d.path().join("sock"));
+    let mut serve = Command::new(common::bin());
+    serve.args(["serve", "--socket", sock.to_str().unwrap(), "--volume", &url, "--format", "raw"]);
+    serve.args(["--cache-dir", cache.to_str().unwrap(), "--boot-profile", "off"]);
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        serve.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        })
+    };
+    let dmn = common::Daemon { child: Some(serve.spawn().unwrap()), socket: sock.clone() };
+    let t0 = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(t0.elapsed().as_secs() < 20, "no socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut c = common::Client::connect(&sock, 1);
+    c.write(0, &[3u8; 4096]).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    assert!(dmn.stop().success());
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for dir in [&cache, &d.path().join("root")] {
+        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    }
+    for f in ["data", "journal"] {
+        assert_eq!(mode(&cache.join(f)), 0o600, "{f}");
+    }
+    for e in std::fs::read_dir(&cache).unwrap() {
+        let p = e.unwrap().path();
+        assert_eq!(mode(&p) & 0o077, 0, "{} is {:03o}", p.display(), mode(&p));
+    }
+    // A cache an older version left open to others: named, with the fix.
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = d.path().join("log");
+    let args = ["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap(), "--boot-profile", "off"];
+    let dmn = common::Daemon::start_logged(&sock, &args, &[], Some(&log));
+    drop(common::Client::connect(&sock, 1));
+    assert!(dmn.stop().success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains(&format!("`chmod -R go= {}`", cache.display())), "{log}");
+}

@@ -129,6 +129,101 @@ fn attached_base_file_serves_without_upload() {
     assert!(d.stop().success());
 }
 
+/// A volume's header is not authenticated: one rewritten to name a host
+/// file as its base (or a base beside it swapped for a symbolic link)
+/// must not have the daemon serve that file to the guest. Refused, naming
+/// the base and `--allow-base`, which lets a base the user moved be read.
+#[test]
+fn a_header_naming_a_host_file_as_base_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = dir.path().join("remote");
+    std::fs::create_dir(&remote).unwrap();
+    let base = remote.join("base.raw");
+    let want = common::make_raw(&base, 1 << 20, 9);
+    let url = format!("dir:{}/vol", remote.display());
+    let base_url = format!("dir:{}", base.display());
+    run_ok(&["attach", "--format", "raw", &base_url, &url]);
+    let args = |cache: &str| -> Vec<String> {
+        let cache = dir.path().join(cache).to_str().unwrap().to_string();
+        ["--volume", &url, "--format", "raw", "--cache-dir", &cache, "--boot-profile", "off"].map(String::from).to_vec()
+    };
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let sock = dir.path().join("sock");
+    // The base beside the volume, where attach found it: served.
+    let d = Daemon::start(&sock, &strs(&args("c0")));
+    let mut c = Client::connect(&sock, 1);
+    assert!(c.read(0, 4096).unwrap() == want[..4096], "the attached base is served");
+    drop(c);
+    assert!(d.stop().success());
+
+    // Whoever can write the folder names a host file of the same size.
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, vec![b'S'; 1 << 20]).unwrap();
+    let header = remote.join("vol/volume.json");
+    let original = std::fs::read_to_string(&header).unwrap();
+    let mut h: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let secret_url = format!("dir:{}", secret.display());
+    h["base"] = serde_json::json!({"url": secret_url, "size": 1 << 20});
+    std::fs::write(&header, serde_json::to_vec(&h).unwrap()).unwrap();
+    let a = args("c1");
+    let err = common::serve_fails(&sock, &strs(&a));
+    assert!(err.contains(&secret_url) && err.contains(&format!("--allow-base {secret_url}")), "{err}");
+    // The user's leave (a base they moved there themselves): served.
+    let mut a = args("c2");
+    a.extend(["--allow-base".to_string(), secret_url.clone()]);
+    let d = Daemon::start(&sock, &strs(&a));
+    let mut c = Client::connect(&sock, 1);
+    assert!(c.read(0, 4096).unwrap() == vec![b'S'; 4096], "an allowed base is served");
+    drop(c);
+    assert!(d.stop().success());
+
+    // The base beside the volume swapped for a symbolic link to the file.
+    std::fs::write(&header, &original).unwrap();
+    std::fs::remove_file(&base).unwrap();
+    std::os::unix::fs::symlink(&secret, &base).unwrap();
+    let mut h: serde_json::Value = serde_json::from_str(&original).unwrap();
+    h["base"] = serde_json::json!({"url": base_url, "size": 1 << 20});
+    std::fs::write(&header, serde_json::to_vec(&h).unwrap()).unwrap();
+    let a = args("c3");
+    let err = common::serve_fails(&sock, &strs(&a));
+    assert!(err.contains("symbolic link") && err.contains(&base_url), "{err}");
+}
+
+/// An export is the guest's disk in clear: 0600 whatever the umask, and
+/// written through no symbolic link planted at its temporary name.
+#[test]
+fn an_export_is_the_owners_alone_and_follows_no_planted_link() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let want = common::make_raw(&img, 1 << 20, 11);
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &url]);
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"not to be overwritten").unwrap();
+    let out = dir.path().join("out.raw");
+    std::os::unix::fs::symlink(&victim, dir.path().join(".out.raw.driveblk-partial")).unwrap();
+    let mut export = Command::new(bin());
+    export.args(["export", "--quiet", &url, out.to_str().unwrap()]);
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        export.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        })
+    };
+    let o = export.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&victim).unwrap() == b"not to be overwritten", "the planted link was followed");
+    let meta = std::fs::symlink_metadata(&out).unwrap();
+    assert!(meta.is_file(), "the export is a regular file");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(std::fs::read(&out).unwrap() == want);
+}
+
 #[test]
 fn writes_go_back_to_the_remote_at_stop_and_persist_across_restart() {
     let dir = tempfile::tempdir().unwrap();

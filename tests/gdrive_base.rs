@@ -30,6 +30,7 @@ fn remote_opts(env: &DriveEnv) -> RemoteOptions {
         },
         config: Arc::new(env.cfg.clone()),
         key: None,
+        allow_base: Vec::new(),
     }
 }
 
@@ -383,7 +384,13 @@ fn gdrive_an_encrypted_volume_never_adopts_a_base_from_another_store() {
     ro.key = Some(Arc::new(driveblk::volume::crypto::KeySource::File(keyf).load().unwrap()));
     let ao = AttachOptions { chunk_size: 1 << 20, remote: ro.clone(), image_format: None, encrypt: true };
     let url = "gdrive:/vms/enc-attached";
-    volume::attach(&format!("dir:{}", base.display()), url, &ao).unwrap();
+    // A base on another store than the volume is read only when allowed.
+    let base = format!("dir:{}", base.display());
+    let e = volume::attach(&base, url, &ao).unwrap_err().to_string();
+    assert!(e.contains("on another store") && e.contains(&format!("--allow-base {base}")), "{e}");
+    ro.allow_base = vec![base.clone()];
+    let ao = AttachOptions { remote: ro.clone(), ..ao };
+    volume::attach(&base, url, &ao).unwrap();
     let e = volume::adopt(url, &ro).unwrap_err().to_string();
     assert!(e.contains("on another store") && e.contains("import --encrypt"), "{e}");
     assert!(env.emu.ui_find("base-").is_empty(), "a copy of the base reached Drive");

@@ -31,6 +31,7 @@ fn remote_opts(env: &DriveEnv) -> RemoteOptions {
         },
         config: Arc::new(env.cfg.clone()),
         key: None,
+        allow_base: Vec::new(),
     }
 }
 
@@ -272,13 +273,64 @@ fn gdrive_write_back_reaches_another_machine() {
 /// injected failures.
 #[test]
 fn gdrive_logs_hold_no_secrets() {
+    let (env, log) = import_logged_at_trace(Creds::User, "gdrive:/logs/vol");
+    let creds: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&env.creds_file).unwrap()).unwrap();
+    for secret in [creds["refresh_token"].as_str().unwrap(), creds["client_secret"].as_str().unwrap()] {
+        assert!(!log.contains(secret), "a secret is in the log");
+    }
+}
+
+/// The same with a service account: yup-oauth2 logs its token requests
+/// (the signed assertion) and responses (the access token) at debug level.
+#[test]
+fn gdrive_logs_hold_no_secrets_with_a_service_account() {
+    let (env, log) = import_logged_at_trace(Creds::ServiceAccount, "gdrive:/salogs/vol");
+    let creds: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&env.creds_file).unwrap()).unwrap();
+    let key = creds["private_key"].as_str().unwrap();
+    let body = key.lines().find(|l| l.len() > 40).expect("a line of the key");
+    assert!(!log.contains(body), "the private key is in the log");
+    // The JWT assertion: its header {"alg":"RS256",...} in base64url.
+    for marker in ["assertion", "eyJhbGciOi"] {
+        assert!(!log.contains(marker), "{marker:?} is in the log");
+    }
+}
+
+/// A Drive credentials file others can read gives them the Drive account:
+/// named once, with the fix, as a key file is; a 0600 one is not.
+#[test]
+fn gdrive_a_credentials_file_open_to_others_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = start(driveemu::Config::default(), Creds::ServiceAccount);
+    let (img, _) = tier_support::raw_image(env.dir.path(), "disk.raw", 1 << 20, 29);
+    let import = |url: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+            .args(["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), url])
+            .args(["--drive-api-url", &env.emu.base_url(), "--drive-credentials", env.creds_file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let chmod = |mode| std::fs::set_permissions(&env.creds_file, std::fs::Permissions::from_mode(mode)).unwrap();
+    chmod(0o644);
+    let err = import("gdrive:/perm/a");
+    let fix = format!("chmod 600 {}", env.creds_file.display());
+    assert!(err.contains(&fix) && err.matches(&fix).count() == 1, "{err}");
+    chmod(0o600);
+    assert!(!import("gdrive:/perm/b").contains("chmod"));
+}
+
+/// An import with token refreshes and injected failures, logged at trace
+/// level: the environment and the log, which holds no access token, upload
+/// session URI or Authorization header.
+fn import_logged_at_trace(creds: Creds, url: &str) -> (DriveEnv, String) {
     let emu_cfg = driveemu::Config { token_lifetime: Duration::from_secs(3), ..Default::default() };
-    let env = start(emu_cfg, Creds::User);
+    let env = start(emu_cfg, creds);
     env.emu.faults().set_error_rate(0.1);
     env.emu.faults().set_reset_rate(0.05);
     let (img, _) = tier_support::raw_image(env.dir.path(), "disk.raw", 3 << 20, 27);
     let o = Command::new(env!("CARGO_BIN_EXE_driveblk"))
-        .args(["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), "gdrive:/logs/vol"])
+        .args(["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), url])
         .args(["--drive-api-url", &env.emu.base_url(), "--drive-credentials", env.creds_file.to_str().unwrap()])
         .env("RUST_LOG", "trace")
         .output()
@@ -286,13 +338,10 @@ fn gdrive_logs_hold_no_secrets() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let log = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
     assert!(log.contains("reqwest") || log.contains("hyper"), "HTTP trace logging was on");
-    let creds: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&env.creds_file).unwrap()).unwrap();
-    for secret in [creds["refresh_token"].as_str().unwrap(), creds["client_secret"].as_str().unwrap()] {
-        assert!(!log.contains(secret), "a secret is in the log");
-    }
     for marker in ["ya29.", "upload_id=", "Bearer "] {
         assert!(!log.contains(marker), "{marker:?} is in the log");
     }
+    (env, log)
 }
 
 /// `driveblk hydrate` pulls a whole Drive volume into the cache; with Drive

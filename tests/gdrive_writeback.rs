@@ -234,6 +234,7 @@ fn quick_retries(cfg: driveblk::remote::RemoteConfig) -> driveblk::volume::Remot
         },
         config: std::sync::Arc::new(cfg),
         key: None,
+        allow_base: Vec::new(),
     }
 }
 

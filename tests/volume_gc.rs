@@ -57,7 +57,7 @@ fn dir_vol() -> Vol {
 
 fn drive_vol() -> Vol {
     let env = gdrive_support::start(driveemu::Config::default(), gdrive_support::Creds::ServiceAccount);
-    let remote = RemoteOptions { retry: fast_retry(), config: Arc::new(env.cfg.clone()), layer: None, key: None };
+    let remote = RemoteOptions { retry: fast_retry(), config: Arc::new(env.cfg.clone()), ..Default::default() };
     Vol { url: "gdrive:/vms/vol".into(), remote, tmp: tempfile::tempdir().unwrap(), drive: Some(env) }
 }
 

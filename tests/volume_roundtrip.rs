@@ -183,6 +183,16 @@ fn adopted_dir_base_outlives_the_original() {
     let out = d.path().join("fork.qcow2");
     driveblk::tier::export(&furl, &out, &ExportOptions::default()).unwrap();
     assert!(qemu_compare("qcow2", &src, &out), "the fork of an adopted volume reads back equal");
+    // Whoever can write the folder swaps the copy for a link to a host
+    // file of the same size: not read (base chunks carry no digest).
+    let copy = drive.join("vol/base-00000000000000000002");
+    let secret = d.path().join("secret");
+    std::fs::write(&secret, vec![b'S'; std::fs::metadata(&copy).unwrap().len() as usize]).unwrap();
+    std::fs::remove_file(&copy).unwrap();
+    std::os::unix::fs::symlink(&secret, &copy).unwrap();
+    let out = d.path().join("swapped.qcow2");
+    let e = driveblk::tier::export(&vurl, &out, &ExportOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("symbolic link"), "{e}");
 }
 
 #[test]

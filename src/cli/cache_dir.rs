@@ -114,7 +114,7 @@ pub fn for_url(url: &str, opts: &RemoteOptions, lookup: bool, wait: Duration) ->
 /// Records `alias` -> `<root>/<id>` (relative, so the root can move).
 fn record(root: &Path, alias: &Path, id: &str) -> anyhow::Result<()> {
     let by_url = root.join("by-url");
-    std::fs::create_dir_all(&by_url).with_context(|| format!("cannot create {}", by_url.display()))?;
+    crate::remote::private::create_dir_all(&by_url).with_context(|| format!("cannot create {}", by_url.display()))?;
     let tmp = by_url.join(format!(".{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(Path::new("..").join(id), &tmp)

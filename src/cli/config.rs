@@ -23,10 +23,12 @@ pub enum Size {
     Text(String),
 }
 
-/// One file value as a `serve` argument.
+/// One file value as `serve` arguments.
 enum Arg {
     Flag(bool),
     Value(String),
+    /// A list: the flag once per value.
+    Values(Vec<String>),
 }
 
 trait ToArg {
@@ -36,6 +38,12 @@ trait ToArg {
 impl ToArg for String {
     fn to_arg(&self) -> Arg {
         Arg::Value(self.clone())
+    }
+}
+
+impl ToArg for Vec<String> {
+    fn to_arg(&self) -> Arg {
+        Arg::Values(self.clone())
     }
 }
 
@@ -143,6 +151,7 @@ serve_file! {
     key_file: String,
     key_env: String,
     passphrase: bool,
+    allow_base: Vec<String>,
     log_level: String,
 }
 
@@ -202,6 +211,12 @@ impl Loaded {
                 Arg::Value(v) => {
                     out.push(flag.into());
                     out.push(v.into());
+                }
+                Arg::Values(vs) => {
+                    for v in vs {
+                        out.push(flag.clone().into());
+                        out.push(v.into());
+                    }
                 }
             }
             let _ = span;
@@ -390,6 +405,15 @@ mod tests {
         let p = dir.join("vol.toml");
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    #[test]
+    fn a_list_key_is_its_flag_once_per_value() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "volume = \"dir:/v\"\nallow_base = [\"dir:/a\", \"dir:/b\"]\n");
+        let args = Loaded::read(&p).unwrap().to_args().unwrap();
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(args, ["--volume", "dir:/v", "--allow-base", "dir:/a", "--allow-base", "dir:/b"]);
     }
 
     #[test]

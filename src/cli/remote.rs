@@ -79,6 +79,14 @@ pub struct RemoteArgs {
     /// The key of an encrypted volume: a passphrase, asked on the terminal.
     #[arg(long)]
     pub passphrase: bool,
+
+    /// Let the volume read its base image at URL (as `info` shows it) even
+    /// away from the volume: a `dir:` file outside the folder holding the
+    /// volume or through a symbolic link, a file on another store. The
+    /// volume's header is not authenticated, so such a base is read only
+    /// when the user says so. Repeatable.
+    #[arg(long, value_name = "URL")]
+    pub allow_base: Vec<String>,
 }
 
 /// Parses one rate: `off`, or a size per second (`512K`, `10M`).
@@ -148,6 +156,7 @@ impl RemoteArgs {
     pub fn options(&self) -> RemoteOptions {
         let mut opts =
             RemoteOptions { config: Arc::new(self.config()), key: self.user_key(), ..RemoteOptions::default() };
+        opts.allow_base = self.allow_base.clone();
         let shaping = (self.remote_latency_ms > 0 || self.remote_bandwidth_mbit > 0).then(|| Shaping {
             latency: Duration::from_millis(self.remote_latency_ms),
             bandwidth_bps: (self.remote_bandwidth_mbit > 0).then(|| self.remote_bandwidth_mbit * 1_000_000),

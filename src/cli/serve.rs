@@ -316,7 +316,8 @@ impl CacheArgs {
             Some(d) => d.clone(),
             None => default_cache_dir(url, &remote.options())?,
         };
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+        crate::remote::private::create_dir_all(&dir)
+            .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
         let mut o = CacheOptions::new(dir);
         o.ram_cache = self.ram_cache;
         o.ssd_cache = self.ssd_cache;

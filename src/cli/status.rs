@@ -190,7 +190,7 @@ impl StatusWriter {
 
 fn write_atomic(path: &Path, v: &Value) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(v).unwrap_or_default())?;
+    crate::remote::private::write(&tmp, &serde_json::to_vec_pretty(v).unwrap_or_default())?;
     std::fs::rename(&tmp, path)
 }
 

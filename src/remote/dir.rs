@@ -26,6 +26,10 @@ const WRITE_BATCH: usize = 4 << 20;
 /// Temp files start with this; `list` skips them and keys may not use it.
 const TMP_PREFIX: &str = ".tmp-";
 
+/// Why a remote [refusing symbolic links](DirRemote::refusing_symlinks)
+/// does not read an object.
+const SYMLINK_REFUSED: &str = "is a symbolic link, which is not followed here";
+
 /// File operations of one remote in flight at once. On a hung network
 /// mount (NFS, SMB) `open` and `pread` never return, and every attempt a
 /// caller gives up on leaves its thread stuck in the kernel: unbounded,
@@ -47,6 +51,10 @@ pub struct DirRemote {
     /// `--bwlimit`: writes go in paced pieces, reads are paced after they
     /// arrived.
     bwlimit: BwLimit,
+    /// Reads refuse an object that is a symbolic link (a volume's folder
+    /// and its base: whoever can write the folder could otherwise point
+    /// an object read without a digest at any file of this host).
+    no_symlinks: bool,
 }
 
 impl DirRemote {
@@ -57,7 +65,33 @@ impl DirRemote {
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             last_stuck_warning: Arc::new(Mutex::new(None)),
             bwlimit: BwLimit::default(),
+            no_symlinks: false,
         }
+    }
+
+    /// The same remote, reading no object that is a symbolic link or not
+    /// a regular file (`O_NOFOLLOW` at every open, not only at `head`).
+    pub fn refusing_symlinks(mut self) -> Self {
+        self.no_symlinks = true;
+        self
+    }
+
+    /// Opens `p` for reading; with [`refusing_symlinks`](Self::refusing_symlinks)
+    /// a link is refused by the kernel, whatever was there at `head`.
+    fn open_read(no_symlinks: bool, p: &Path) -> io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let flags = if no_symlinks { libc::O_NOFOLLOW } else { 0 };
+        let f = std::fs::OpenOptions::new().read(true).custom_flags(flags).open(p).map_err(|e| {
+            if no_symlinks && e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(io::ErrorKind::InvalidInput, SYMLINK_REFUSED)
+            } else {
+                e
+            }
+        })?;
+        if no_symlinks && !f.metadata()?.is_file() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+        }
+        Ok(f)
     }
 
     /// The same folder, its transfers paced by `limit`.
@@ -87,8 +121,13 @@ impl DirRemote {
     }
 
     async fn read_file(&self, p: &Path) -> io::Result<Vec<u8>> {
-        let p = p.to_path_buf();
-        self.blocking(move || std::fs::read(p)).await
+        let (p, no_symlinks) = (p.to_path_buf(), self.no_symlinks);
+        self.blocking(move || {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut Self::open_read(no_symlinks, &p)?, &mut buf)?;
+            Ok(buf)
+        })
+        .await
     }
 
     async fn remove_file(&self, p: &Path) -> io::Result<()> {
@@ -102,8 +141,15 @@ impl DirRemote {
     }
 
     async fn metadata(&self, p: &Path) -> io::Result<std::fs::Metadata> {
-        let p = p.to_path_buf();
-        self.blocking(move || std::fs::metadata(p)).await
+        let (p, no_symlinks) = (p.to_path_buf(), self.no_symlinks);
+        self.blocking(move || {
+            let m = if no_symlinks { std::fs::symlink_metadata(p)? } else { std::fs::metadata(p)? };
+            if m.file_type().is_symlink() {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, SYMLINK_REFUSED));
+            }
+            Ok(m)
+        })
+        .await
     }
 
     fn warn_stuck(&self) {
@@ -226,6 +272,10 @@ impl DirRemote {
     fn io_err(&self, op: &'static str, key: &str, e: io::Error) -> RemoteError {
         if e.kind() == io::ErrorKind::NotFound {
             RemoteError::NotFound { remote: self.name(), key: key.to_string() }
+        } else if self.no_symlinks && e.kind() == io::ErrorKind::InvalidInput {
+            // A link or a device where an object should be: no retry
+            // changes that.
+            RemoteError::Fatal { remote: self.name(), op, key: key.to_string(), message: e.to_string() }
         } else {
             RemoteError::Io { remote: self.name(), op, key: key.to_string(), source: e }
         }
@@ -252,9 +302,10 @@ fn meta_of(key: &str, m: &std::fs::Metadata) -> ObjectMeta {
 impl Remote for DirRemote {
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
         let path = self.path("get_range", key)?;
+        let no_symlinks = self.no_symlinks;
         let r = self
             .blocking(move || {
-                let f = std::fs::File::open(&path)?;
+                let f = Self::open_read(no_symlinks, &path)?;
                 let size = f.metadata()?.len();
                 let end = range.end.min(size);
                 if range.start >= end {
@@ -334,11 +385,11 @@ impl Remote for DirRemote {
         let path = self.path("head", key)?;
         match self.metadata(&path).await {
             Ok(m) if m.is_file() => Ok(meta_of(key, &m)),
-            Ok(_) => Err(RemoteError::Fatal {
+            Ok(m) => Err(RemoteError::Fatal {
                 remote: self.name(),
                 op: "head",
                 key: key.to_string(),
-                message: "is a directory, not an object".into(),
+                message: if m.is_dir() { "is a directory, not an object" } else { "is not a regular file" }.into(),
             }),
             Err(e) => Err(self.io_err("head", key, e)),
         }

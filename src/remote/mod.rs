@@ -15,6 +15,7 @@ pub mod merge;
 pub mod metrics;
 pub mod objstore;
 pub mod priority;
+pub mod private;
 pub mod retry;
 pub mod shaped;
 pub mod shared;

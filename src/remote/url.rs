@@ -129,8 +129,11 @@ impl RemoteUrl {
     /// a Drive folder is resolved at its first use.
     pub fn folder_with(&self, cfg: &RemoteConfig) -> DynRemote {
         match self {
+            // A volume's objects are files driveblk wrote, never links:
+            // one planted by whoever can write the folder (an adopted
+            // base copy, read without a digest) could name any host file.
             RemoteUrl::Dir { parent, name } => {
-                Arc::new(DirRemote::new(parent.join(name)).with_bwlimit(cfg.bwlimit().clone()))
+                Arc::new(DirRemote::new(parent.join(name)).refusing_symlinks().with_bwlimit(cfg.bwlimit().clone()))
             }
             RemoteUrl::GDrive(loc) => merging(Arc::new(GDriveRemote::folder(loc, &cfg.drive)), cfg),
             RemoteUrl::ObjStore { kind, bucket, parent, name } => {

@@ -87,7 +87,7 @@ impl DirtyPages {
     pub fn keep(&self) -> io::Result<()> {
         let map = self.sets.lock();
         let tmp = self.dir.join(format!("{FILE}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = crate::remote::private::create(&tmp)?;
         f.write_all(&encode(&map, self.chunk_size))?;
         f.sync_all()?;
         std::fs::rename(&tmp, self.dir.join(FILE))?;

@@ -2,15 +2,14 @@
 //! the remote, overlaid with the local cache's chunks when its directory is
 //! given (which is how writes not uploaded yet get out).
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 
 use super::cache_crypto::Sealing;
 use super::ssd::{CacheIdentity, OpenMode, SsdCache, DIRTY, DIRTY_PARTIAL, PAGE};
-use crate::remote::RemoteUrl;
+use crate::remote::{private, RemoteUrl};
 use crate::volume::{runtime, ChunkRef, RemoteOptions, VolumeError, VolumeReader, VolumeResult};
 
 /// Copies into `chunk` the pages of `local` that `present` marks.
@@ -129,10 +128,20 @@ pub fn export(url: &str, file: &Path, opts: &ExportOptions) -> VolumeResult<Expo
     let cs = reader.chunk_size();
     let tmp = file
         .with_file_name(format!(".{}.driveblk-partial", file.file_name().and_then(|n| n.to_str()).unwrap_or("export")));
-    let out = OpenOptions::new()
-        .create(true)
-        .truncate(true)
+    // The export is the guest's disk in clear: a new file only its owner
+    // can read, whatever the umask, and never through a link someone
+    // planted at this predictable name (unlinking removes the link, not
+    // what it points to; O_EXCL then refuses one planted since).
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(VolumeError::io("removing the stale", &tmp, e))
+        }
+        _ => {}
+    }
+    let out = private::options()
+        .create_new(true)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(|e| VolumeError::io("creating", &tmp, e))?;
     // Sparse: chunks never written stay holes and read as zeroes.

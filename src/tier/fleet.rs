@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::fork::CACHE_FILES;
 use super::open::CacheOptions;
 use super::ssd::{CacheIdentity, OpenMode, SsdCache};
-use crate::remote::{DynRemote, SharedCache};
+use crate::remote::{private, DynRemote, SharedCache};
 use crate::volume::format::is_immutable_key;
 use crate::volume::{RemoteOptions, VolumeError, VolumeReader, VolumeResult};
 
@@ -77,8 +77,8 @@ pub fn prepare_cache(opts: &CacheOptions, vol: &VolumeReader) -> VolumeResult<()
 
 fn write_synced(dir: &Path, path: &Path) -> VolumeResult<()> {
     let r = (|| -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(path, b"this cache serves an ephemeral disk: its writes are dropped at the next start\n")?;
+        private::create_dir_all(dir)?;
+        private::write(path, b"this cache serves an ephemeral disk: its writes are dropped at the next start\n")?;
         std::fs::File::open(path)?.sync_all()?;
         std::fs::File::open(dir)?.sync_all()
     })();

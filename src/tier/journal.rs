@@ -33,7 +33,7 @@
 //! truncating; what follows the last record (zeroes, records naming an
 //! older checkpoint) stops the replay.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -201,7 +201,7 @@ impl Journal {
     pub fn open(dir: &Path, checkpoint: u64, words: usize) -> io::Result<Self> {
         let path = dir.join("journal");
         let existed = path.exists();
-        let file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
+        let file = crate::remote::private::options().create(true).truncate(false).read(true).write(true).open(&path)?;
         if !existed {
             // The name must survive a crash before the first record does.
             File::open(dir)?.sync_all()?;
@@ -395,6 +395,7 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     fn rec(g: u64, idx: u64, state: u8, bits: Option<u64>) -> Record {
         Record {

@@ -71,7 +71,7 @@ impl Pins {
         let body = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = crate::remote::private::create(&tmp)?;
             f.write_all(&body)?;
             f.sync_all()?;
         }

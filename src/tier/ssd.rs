@@ -49,7 +49,7 @@ mod state_file;
 mod tests;
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::format::{IoMode, IoVec};
+use crate::remote::private;
 use crate::tier::cache_crypto::{self, CacheFile, Sealing};
 use crate::tier::dirty_pages::DirtyPages;
 use crate::tier::journal::{Change, Journal, Logged, Record};
@@ -368,9 +369,10 @@ impl SsdCache {
         if mode == OpenMode::Inspect && !dir.join("state").exists() {
             return Ok(None);
         }
-        std::fs::create_dir_all(dir).map_err(|e| VolumeError::io("creating cache directory", dir, e))?;
+        private::create_dir_all(dir).map_err(|e| VolumeError::io("creating cache directory", dir, e))?;
+        private::warn_if_open_dir(dir);
         let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
+        let lock = private::options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -458,7 +460,7 @@ impl SsdCache {
         let data_path = dir.join("data");
         if mode == OpenMode::Serve && (states.is_empty() || matches!(opened, Opened::Discarded(_))) {
             // Start clean: stale bytes in the data file are never trusted.
-            let f = OpenOptions::new()
+            let f = private::options()
                 .create(true)
                 .truncate(true)
                 .write(true)
@@ -1895,7 +1897,7 @@ impl SsdCache {
         let tmp = self.dir.join("state.tmp");
         // Until the rename, the old map stands: failures here are retryable.
         let written = (|| {
-            let mut f = File::create(&tmp)?;
+            let mut f = private::create(&tmp)?;
             f.write_all(&body)?;
             f.sync_all()
         })();

@@ -105,7 +105,7 @@ impl KeySource {
         let (secret, source) = match self {
             KeySource::File(p) | KeySource::DefaultFile(p) => {
                 let b = std::fs::read(p).map_err(|e| format!("reading key file {}: {e}", p.display()))?;
-                warn_if_exposed(p);
+                crate::remote::private::warn_if_exposed(p, "key file", "decrypt the volume");
                 match self {
                     KeySource::DefaultFile(_) => (b, format!("key file {} (DRIVEBLK_KEY_FILE)", p.display())),
                     _ => (b, format!("key file {}", p.display())),
@@ -120,28 +120,6 @@ impl KeySource {
         let mut key = UserKey::new(secret, source)?;
         key.ambient = matches!(self, KeySource::DefaultFile(_));
         Ok(key)
-    }
-}
-
-/// Warns (once per file) when a key file is open to other users: anyone
-/// who can read it can decrypt the volume. Not refused: the file may sit
-/// where the owner cannot change its mode (a mounted secret).
-fn warn_if_exposed(p: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    static WARNED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-    let Ok(m) = std::fs::metadata(p) else { return };
-    let mode = m.permissions().mode() & 0o777;
-    if mode & 0o077 == 0 {
-        return;
-    }
-    let mut warned = WARNED.lock().expect("warned key files");
-    if !warned.iter().any(|w| w == p) {
-        warned.push(p.to_path_buf());
-        tracing::warn!(
-            "key file {} can be read or written by other users (mode {mode:03o}): whoever reads it can decrypt the volume; run `chmod 600 {}`",
-            p.display(),
-            p.display()
-        );
     }
 }
 

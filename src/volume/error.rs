@@ -73,6 +73,9 @@ pub enum VolumeError {
     #[error("base image {base} of volume {url} changed since the volume was attached: {what}")]
     BaseChanged { url: String, base: String, what: String },
 
+    #[error("volume {url} names base image {base}, {why}: not read (the volume's header is not authenticated: whoever can write it could have this host serve any file it can read to the guest). If you attached that base, allow it: --allow-base {base} (config file: allow_base = [\"{base}\"])")]
+    BaseRefused { url: String, base: String, why: String },
+
     #[error("{context}: {source}")]
     Remote {
         context: String,

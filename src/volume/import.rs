@@ -329,8 +329,9 @@ pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeR
     let vu = RemoteUrl::parse(volume_url)?;
     let rt = runtime("driveblk-attach")?;
     rt.block_on(async {
-        let (backend, key) = bu.object_with(&opts.remote.config);
-        let base_remote = connect(backend, &opts.remote);
+        // Refused here, before anything is written, where serve would
+        // refuse it: away from the volume without --allow-base, or a link.
+        let (base_remote, key) = super::reader::base_backend(&vu, &bu.to_string(), &opts.remote)?;
         let meta = base_remote.head(&key).await.map_err(|e| VolumeError::remote(format!("base image {bu}"), e))?;
         let remote = connect(vu.folder_with(&opts.remote.config), &opts.remote);
         let url_s = vu.to_string();

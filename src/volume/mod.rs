@@ -50,6 +50,11 @@ pub struct RemoteOptions {
     pub config: Arc<RemoteConfig>,
     /// The user's key, for encrypted volumes (docs/encryption.md).
     pub key: Option<Arc<crypto::UserKey>>,
+    /// Base images the user allows a volume to read wherever they are
+    /// (`--allow-base URL`): the header naming a base is not
+    /// authenticated, so a base away from the volume is read only when
+    /// listed here (reader.rs, `base_backend`).
+    pub allow_base: Vec<String>,
 }
 
 impl Default for RemoteOptions {
@@ -59,6 +64,7 @@ impl Default for RemoteOptions {
             retry: RetryPolicy::fast(),
             config: Arc::new(RemoteConfig::from_env_or_default()),
             key: None,
+            allow_base: Vec::new(),
         }
     }
 }
@@ -85,6 +91,7 @@ impl std::fmt::Debug for RemoteOptions {
             .field("layer", &self.layer.is_some())
             .field("retry", &self.retry)
             .field("key", &self.key)
+            .field("allow_base", &self.allow_base)
             .finish()
     }
 }

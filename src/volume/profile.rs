@@ -23,7 +23,7 @@ use super::format::{seal, unseal, ChunkRef, Manifest, VolumeHeader};
 use super::pack::{decode_chunk, sha256_hex, ZSTD_LEVEL};
 use super::reader::VolumeReader;
 use super::{VolumeError, VolumeResult};
-use crate::remote::{ByteStream, DynRemote, PutBody};
+use crate::remote::{private, ByteStream, DynRemote, PutBody};
 
 /// Key prefix of profile indexes and packs.
 pub const PROFILE_PREFIX: &str = "profile-";
@@ -405,7 +405,7 @@ impl ProfileBuilder {
     ) -> VolumeResult<Self> {
         let tmp_path = tmp_dir.join(format!(".profile-{}.tmp", hex::encode(rand::random::<[u8; 8]>())));
         let tmp =
-            File::create(&tmp_path).map_err(|e| VolumeError::io("creating temporary profile pack", &tmp_path, e))?;
+            private::create(&tmp_path).map_err(|e| VolumeError::io("creating temporary profile pack", &tmp_path, e))?;
         Ok(Self {
             url: url.to_string(),
             volume_id: header.volume_id.clone(),
@@ -640,7 +640,7 @@ impl ProfileBuilder {
         };
         let pending = dir.join(PENDING_DIR);
         let io = |what: &'static str, path: &Path, e| VolumeError::io(what, path, e);
-        std::fs::create_dir_all(&pending).map_err(|e| io("creating", &pending, e))?;
+        private::create_dir_all(&pending).map_err(|e| io("creating", &pending, e))?;
         // Older sealed profiles are superseded: this one learned from them.
         PendingProfile::remove_all(&pending);
         let spill = self.spill.clone();
@@ -803,7 +803,7 @@ impl PendingProfile {
 /// Writes `data` to `path` through a temporary file, fsynced, renamed.
 fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
+    let mut f = private::create(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)

@@ -14,7 +14,7 @@ use super::pack::decode_chunk_upto;
 use super::saved_index::SavedIndexes;
 use super::subframe::PackIndex;
 use super::{RemoteOptions, VolumeError, VolumeResult};
-use crate::remote::Slot;
+use crate::remote::{private, Slot};
 use crate::remote::{DynRemote, RemoteUrl, RetryingRemote};
 
 /// Names of the header and manifest copies in a cache directory.
@@ -49,9 +49,48 @@ pub struct BaseFile {
 /// What a volume advises when its base can no longer be read as pinned.
 const BASE_ADVICE: &str = "restore the original content (Drive web UI: Manage versions), or re-import the image; `driveblk adopt` before replacing a base keeps a volume independent of it";
 
+/// The remote and key to read the volume at `url`'s base `base_url` from,
+/// if the volume may read it. The header naming the base is not
+/// authenticated: whoever can write it could point a daemon (often root)
+/// at any file the host can read, and base chunks carry no digest. So a
+/// base is read only where `attach` finds it for the volume's own backend
+/// — a `dir:` file beside the volume's folder (`attach dir:/nas/img
+/// dir:/nas/vol`), never through a symbolic link; a Drive file for a
+/// Drive volume; an object in the volume's bucket — or when the user
+/// allowed it by its URL (`opts.allow_base`).
+pub(crate) fn base_backend(url: &RemoteUrl, base_url: &str, opts: &RemoteOptions) -> VolumeResult<(DynRemote, String)> {
+    let burl = RemoteUrl::parse(base_url)?;
+    if opts.allow_base.iter().any(|a| RemoteUrl::parse(a).is_ok_and(|a| a == burl)) {
+        let (backend, key) = burl.object_with(&opts.config);
+        return Ok((connect(backend, opts), key));
+    }
+    let refused = |why: String| VolumeError::BaseRefused { url: url.to_string(), base: base_url.to_string(), why };
+    match (url, &burl) {
+        (RemoteUrl::Dir { parent, name }, RemoteUrl::Dir { parent: bparent, name: bname }) => {
+            if bparent != parent && *bparent != parent.join(name) {
+                return Err(refused(format!("which is not in {}, the folder holding the volume", parent.display())));
+            }
+            let backend = crate::remote::DirRemote::new(bparent.clone()).refusing_symlinks();
+            Ok((connect(Arc::new(backend), opts), bname.clone()))
+        }
+        (RemoteUrl::GDrive(_), RemoteUrl::GDrive(_)) => {
+            let (backend, key) = burl.object_with(&opts.config);
+            Ok((connect(backend, opts), key))
+        }
+        (RemoteUrl::ObjStore { kind, bucket, .. }, RemoteUrl::ObjStore { kind: bkind, bucket: bbucket, .. })
+            if kind == bkind && bucket == bbucket =>
+        {
+            let (backend, key) = burl.object_with(&opts.config);
+            Ok((connect(backend, opts), key))
+        }
+        _ => Err(refused("which is on another store than the volume".to_string())),
+    }
+}
+
 /// The volume's base: its adopted copy when the manifest names one, else
 /// the original file, checked against the pin in the header.
 async fn open_base(
+    url: &RemoteUrl,
     url_s: &str,
     header: &VolumeHeader,
     manifest: &Manifest,
@@ -77,9 +116,7 @@ async fn open_base(
         }
         return Ok(Some(copy));
     }
-    let burl = RemoteUrl::parse(&b.url)?;
-    let (backend, bkey) = burl.object_with(&opts.config);
-    let bremote = connect(backend, opts);
+    let (bremote, bkey) = base_backend(url, &b.url, opts)?;
     let meta = bremote
         .head(&bkey)
         .await
@@ -332,7 +369,7 @@ impl VolumeReader {
         let manifest = newest_manifest(&remote, &url_s, &header).await?;
         let origins = origin_remotes(&header, opts, key.as_ref())?;
         locate_ids(&remote, &origins, &manifest.ids);
-        let base = open_base(&url_s, &header, &manifest, &remote, &origins, opts).await?;
+        let base = open_base(url, &url_s, &header, &manifest, &remote, &origins, opts).await?;
         Ok(Arc::new(Self {
             url: url_s,
             remote,
@@ -355,7 +392,7 @@ impl VolumeReader {
     pub fn save_copies(&self, dir: &Path) -> std::io::Result<()> {
         let put = |name: &str, data: &[u8]| -> std::io::Result<()> {
             let tmp = dir.join(format!("{name}.tmp"));
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = private::create(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
             std::fs::rename(&tmp, dir.join(name))
@@ -384,7 +421,7 @@ impl VolumeReader {
             None => data,
         };
         let tmp = dir.join(format!("{name}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = private::create(&tmp)?;
         f.write_all(data)?;
         // Durable before it replaces the old copy: a power cut leaves one
         // whole copy or the other.
@@ -478,11 +515,10 @@ impl VolumeReader {
             (None, _) => None,
             (Some(b), Some(c)) => Some(adopted_copy(&url_s, &remote, &origins, c, b)?),
             (Some(b), None) => {
-                let burl = RemoteUrl::parse(&b.url)?;
-                let (backend, bkey) = burl.object_with(&opts.config);
+                let (remote, bkey) = base_backend(url, &b.url, opts)?;
                 Some(BaseFile {
                     url: b.url.clone(),
-                    remote: connect(backend, opts),
+                    remote,
                     key: bkey,
                     size: b.size,
                     revision: b.revision.clone(),

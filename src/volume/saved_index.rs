@@ -66,13 +66,13 @@ impl SavedIndexes {
     /// file is whole or absent; a torn one after a crash fails its hash).
     pub fn save(&self, key: &str, bytes: &[u8]) -> std::io::Result<()> {
         let Some(p) = self.path(key) else { return Ok(()) };
-        std::fs::create_dir_all(&self.dir)?;
+        crate::remote::private::create_dir_all(&self.dir)?;
         let data = match &self.key {
             Some(k) => k.seal_local(&Self::seal_name(key), bytes),
             None => bytes.to_vec(),
         };
         let tmp = self.dir.join(format!(".{key}.tmp"));
-        std::fs::write(&tmp, data)?;
+        crate::remote::private::write(&tmp, &data)?;
         std::fs::rename(&tmp, p)
     }
 

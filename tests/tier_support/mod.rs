@@ -93,6 +93,7 @@ pub fn counted(metrics: Arc<RemoteMetrics>, faults: Option<Arc<FaultPlan>>, shap
         },
         config: Default::default(),
         key: None,
+        allow_base: Vec::new(),
     }
 }
 

@@ -67,7 +67,7 @@ impl AuthorizedUser {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            crate::remote::private::create_dir_all(dir)?;
         }
         let tmp = path.with_extension("tmp");
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
@@ -86,6 +86,7 @@ enum CredentialFile {
 fn read_credentials(path: &Path) -> Result<CredentialFile, AuthError> {
     let bytes = std::fs::read(path)
         .map_err(|e| AuthError::Config(format!("cannot read Drive credentials {}: {e}", path.display())))?;
+    crate::remote::private::warn_if_exposed(path, "Drive credentials file", "use the Drive account");
     #[derive(Deserialize)]
     struct Kind {
         #[serde(rename = "type")]

@@ -158,7 +158,7 @@ fn is_current(f: &std::fs::File, p: &Path) -> bool {
 fn append(p: &Path, line: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d)?;
+        crate::remote::private::create_dir_all(d)?;
     }
     loop {
         // One write of one line with O_APPEND: concurrent processes

@@ -1,5 +1,6 @@
 //! Unit tests of the SSD tier: state file, journal, pages, eviction.
 
+use std::fs::OpenOptions;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};

@@ -260,7 +260,7 @@ impl Writeback {
         let path = dir.join("frozen");
         // Copies from a previous run are never needed: after a restart every
         // dirty chunk is simply part of the next cut.
-        std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+        crate::remote::private::create(&path)?;
         let file = LocalFile::open(&path, false)?;
         let frozen_file = if sealed { CacheFile::sealed(file, PageCipher::random()) } else { CacheFile::Plain(file) };
         Ok(Self {
