@@ -1865,7 +1865,10 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
     hits.sort_by(|a, b| {
         for (key, desc) in &order {
             let o = match *key {
+                // "Sorted alphabetically, i.e. 1, 12, 2, 22".
                 "name" => a.name.cmp(&b.name),
+                // "Sorted using natural sort ordering, i.e. 1, 2, 12, 22".
+                "name_natural" => natural_cmp(&a.name, &b.name),
                 // Creation order breaks ties of equal timestamps, in the requested direction.
                 "createdTime" => (a.created_ms, a.seq).cmp(&(b.created_ms, b.seq)),
                 "modifiedTime" => a.modified_ms.cmp(&b.modified_ms),
@@ -1921,7 +1924,8 @@ fn parse_order(s: &str) -> Result<Vec<(&'static str, bool)>, ApiError> {
             Some(_) => return Err(ApiError::invalid_param("orderBy")),
         };
         let k: &'static str = match key {
-            "name" | "name_natural" => "name",
+            "name" => "name",
+            "name_natural" => "name_natural",
             "createdTime" => "createdTime",
             // No per-user view history here: these fall back to the modification time.
             "modifiedTime" | "recency" | "modifiedByMeTime" | "viewedByMeTime" | "sharedWithMeTime" => "modifiedTime",
@@ -1933,6 +1937,29 @@ fn parse_order(s: &str) -> Result<Vec<(&'static str, bool)>, ApiError> {
         out.push((k, desc));
     }
     Ok(out)
+}
+
+/// Natural order: runs of digits compare by their numbers, the rest by characters.
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let (mut a, mut b) = (a, b);
+    loop {
+        let (Some(ca), Some(cb)) = (a.chars().next(), b.chars().next()) else { return a.len().cmp(&b.len()) };
+        if ca.is_ascii_digit() && cb.is_ascii_digit() {
+            let na = a.len() - a.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            let nb = b.len() - b.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            let (da, db) = (a[..na].trim_start_matches('0'), b[..nb].trim_start_matches('0'));
+            let o = da.len().cmp(&db.len()).then_with(|| da.cmp(db));
+            if o != std::cmp::Ordering::Equal {
+                return o;
+            }
+            (a, b) = (&a[na..], &b[nb..]);
+        } else {
+            if ca != cb {
+                return ca.cmp(&cb);
+            }
+            (a, b) = (&a[ca.len_utf8()..], &b[cb.len_utf8()..]);
+        }
+    }
 }
 
 fn encode_page_token(offset: usize, key: u64) -> String {

@@ -55,6 +55,42 @@ impl DirRemote {
         }
     }
 
+    /// The objects under `prefix` (past `after`, if given), sorted; names
+    /// at or before `after` are passed over without a stat.
+    async fn list_past(&self, prefix: &str, after: Option<&str>) -> RemoteResult<Vec<ObjectMeta>> {
+        let root = self.root.clone();
+        let prefix_owned = prefix.to_string();
+        let after = after.map(str::to_string);
+        let r = self
+            .blocking(move || {
+                let mut out = Vec::new();
+                let rd = match std::fs::read_dir(&root) {
+                    Ok(rd) => rd,
+                    // A folder that does not exist yet holds no objects.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                    Err(e) => return Err(e),
+                };
+                for ent in rd {
+                    let ent = ent?;
+                    let Ok(name) = ent.file_name().into_string() else { continue };
+                    if name.starts_with('.') || !name.starts_with(&prefix_owned) {
+                        continue;
+                    }
+                    if after.as_deref().is_some_and(|a| name.as_str() <= a) {
+                        continue;
+                    }
+                    let m = ent.metadata()?;
+                    if m.is_file() {
+                        out.push(meta_of(&name, &m));
+                    }
+                }
+                out.sort_by(|a, b| a.key.cmp(&b.key));
+                Ok(out)
+            })
+            .await;
+        r.map_err(|e| self.io_err("list", prefix, e))
+    }
+
     /// Runs blocking file work off the async threads, once fewer than
     /// [`MAX_IN_FLIGHT`] operations of this folder are running. A caller's
     /// attempt deadline bounds the wait for a permit as it bounds the work.
@@ -320,33 +356,11 @@ impl Remote for DirRemote {
     }
 
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
-        let root = self.root.clone();
-        let prefix_owned = prefix.to_string();
-        let r = self
-            .blocking(move || {
-                let mut out = Vec::new();
-                let rd = match std::fs::read_dir(&root) {
-                    Ok(rd) => rd,
-                    // A folder that does not exist yet holds no objects.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-                    Err(e) => return Err(e),
-                };
-                for ent in rd {
-                    let ent = ent?;
-                    let Ok(name) = ent.file_name().into_string() else { continue };
-                    if name.starts_with('.') || !name.starts_with(&prefix_owned) {
-                        continue;
-                    }
-                    let m = ent.metadata()?;
-                    if m.is_file() {
-                        out.push(meta_of(&name, &m));
-                    }
-                }
-                out.sort_by(|a, b| a.key.cmp(&b.key));
-                Ok(out)
-            })
-            .await;
-        r.map_err(|e| self.io_err("list", prefix, e))
+        self.list_past(prefix, None).await
+    }
+
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.list_past(prefix, Some(after)).await
     }
 
     async fn delete(&self, key: &str) -> RemoteResult<()> {

@@ -47,6 +47,10 @@ pub trait Layer: Send + Sync + fmt::Debug {
         self.inner().list(prefix).await
     }
 
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.inner().list_after(prefix, after).await
+    }
+
     async fn delete(&self, key: &str) -> RemoteResult<()> {
         self.inner().delete(key).await
     }
@@ -128,6 +132,10 @@ impl<T: Layer> Remote for T {
 
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
         Layer::list(self, prefix).await
+    }
+
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        Layer::list_after(self, prefix, after).await
     }
 
     async fn delete(&self, key: &str) -> RemoteResult<()> {

@@ -198,6 +198,19 @@ pub trait Remote: Send + Sync + fmt::Debug {
     /// Every object whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>>;
 
+    /// What [`list`](Self::list) shows under `prefix` past `after` (keys
+    /// greater than it), sorted by key, at a cost that follows what lies
+    /// past `after`, not the whole history: a commit asks whether any
+    /// generation newer than its own exists, and a volume served for
+    /// months holds hundreds of thousands. Keys under `prefix` end in
+    /// fixed-width digits (as `gen-` keys do): a store may rely on it to
+    /// stop reading early.
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        let mut l = self.list(prefix).await?;
+        l.retain(|m| m.key.as_str() > after);
+        Ok(l)
+    }
+
     /// Deletes `key`; deleting an absent key is not an error.
     async fn delete(&self, key: &str) -> RemoteResult<()>;
 

@@ -576,18 +576,35 @@ impl DriveApi {
     /// files.list over every page. `drive_id` scopes the query to a shared
     /// drive (whose items a plain user-corpus query would miss).
     pub async fn list(&self, q: &str, drive_id: Option<&str>) -> Result<Vec<DriveFile>, ApiError> {
+        self.list_pages(q, drive_id, None, |_| true).await
+    }
+
+    /// files.list in the order `order_by` (e.g. `name desc`), page after
+    /// page while `more` (shown each page's files) says to go on.
+    pub async fn list_pages(
+        &self,
+        q: &str,
+        drive_id: Option<&str>,
+        order_by: Option<&str>,
+        mut more: impl FnMut(&[DriveFile]) -> bool + Send,
+    ) -> Result<Vec<DriveFile>, ApiError> {
         let fields = format!("nextPageToken,files({FILE_FIELDS})");
+        // Ordered, the caller likely wants the first few: smaller pages.
+        let size = if order_by.is_some() { "100" } else { "1000" };
         let mut out = Vec::new();
         let mut page: Option<String> = None;
         loop {
             let mut query: Vec<(&str, &str)> = vec![
                 ("q", q),
                 ("fields", &fields),
-                ("pageSize", "1000"),
+                ("pageSize", size),
                 ("supportsAllDrives", "true"),
                 ("includeItemsFromAllDrives", "true"),
                 ("spaces", "drive"),
             ];
+            if let Some(o) = order_by {
+                query.push(("orderBy", o));
+            }
             if let Some(d) = drive_id {
                 query.push(("corpora", "drive"));
                 query.push(("driveId", d));
@@ -598,12 +615,13 @@ impl DriveApi {
             let url = self.url(&format!("{}/files", self.api), &query);
             let t = self.cfg.request_timeout;
             let l: FileList = self.json(|tok| self.req(Method::GET, &url, tok, t), false).await?;
+            let go_on = more(&l.files);
             out.extend(l.files);
             // Pages may be short or empty before the end: only a missing
             // token ends the listing.
             match l.next_page_token.filter(|t| !t.is_empty()) {
-                Some(t) => page = Some(t),
-                None => return Ok(out),
+                Some(t) if go_on => page = Some(t),
+                _ => return Ok(out),
             }
         }
     }

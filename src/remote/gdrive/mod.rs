@@ -266,6 +266,80 @@ impl GDriveRemote {
         }
     }
 
+    /// The objects under `prefix`, past `after` when given: then listed
+    /// newest name first, reading stops at the first key at or before
+    /// `after` — unless Drive ignored the order (its documented limit for
+    /// users with about a million files), seen as keys out of order: then
+    /// every page is read.
+    async fn list_past(&self, prefix: &str, after: Option<&str>) -> RemoteResult<Vec<ObjectMeta>> {
+        let past = |name: &str| after.is_none_or(|a| name > a);
+        if let Target::File { id } = &self.target {
+            return match self.lookup("list", id).await? {
+                Some(f) if id.starts_with(prefix) && past(id) => Ok(vec![self.meta(id, &f)]),
+                _ => Ok(Vec::new()),
+            };
+        }
+        let Some(folder) = self.folder_id("list", prefix, false).await? else { return Ok(Vec::new()) };
+        let q = listing_query(&folder.id, prefix);
+        let drive = folder.drive_id.as_deref();
+        let files = match after {
+            None => self.api.list(&q, drive).await,
+            Some(after) => {
+                let (mut last, mut sorted) = (None::<String>, true);
+                let counter = |n: &str| {
+                    n.len() == after.len()
+                        && n.strip_prefix(prefix).is_some_and(|d| d.bytes().all(|c| c.is_ascii_digit()))
+                };
+                self.api
+                    .list_pages(&q, drive, Some("name desc"), |page| {
+                        for f in page.iter().filter(|f| counter(&f.name)) {
+                            sorted &= last.as_deref().is_none_or(|l| f.name.as_str() <= l);
+                            last = Some(f.name.clone());
+                        }
+                        !(sorted && last.as_deref().is_some_and(|l| l <= after))
+                    })
+                    .await
+            }
+        }
+        .map_err(|e| self.err("list", prefix, e))?;
+        let mut by_name: HashMap<String, Vec<DriveFile>> = HashMap::new();
+        for f in files.into_iter().filter(|f| !f.is_folder() && f.name.starts_with(prefix) && past(&f.name)) {
+            by_name.entry(f.name.clone()).or_default().push(f);
+        }
+        let mut out = Vec::with_capacity(by_name.len());
+        for (name, files) in by_name {
+            let f = unique(files, &name, &self.name).map_err(|e| self.err("list", &name, e))?.expect("non-empty");
+            self.remember(&name, &f.id);
+            out.push(self.meta(&name, &f));
+        }
+        // Objects this process wrote that the listing does not show yet
+        // (it lags behind creates): confirmed by id, so a deleted or
+        // trashed one is dropped, never listed.
+        let listed: std::collections::HashSet<String> = out.iter().map(|m| m.key.clone()).collect();
+        let unlisted: Vec<(String, String)> = self
+            .known_keys()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(prefix) && past(k) && !listed.contains(k))
+            .collect();
+        let checks = futures::stream::iter(unlisted.into_iter().map(|(key, id)| async move {
+            let r = self.api.get_file(&id).await;
+            (key, r)
+        }))
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+        for (key, r) in checks {
+            match r {
+                Ok(f) if !f.trashed && f.name == key => out.push(self.meta(&key, &f)),
+                Ok(_) => self.forget(&key),
+                Err(e) if e.kind == ErrorKind::NotFound => self.forget(&key),
+                Err(e) => return Err(self.err("list", &key, e)),
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
     /// Keys this process knows in the folder, with their ids.
     fn known_keys(&self) -> Vec<(String, String)> {
         let Some(folder) = self.folder_key.lock().clone() else { return Vec::new() };
@@ -597,48 +671,11 @@ impl Remote for GDriveRemote {
     }
 
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
-        if let Target::File { id } = &self.target {
-            return match self.lookup("list", id).await? {
-                Some(f) if id.starts_with(prefix) => Ok(vec![self.meta(id, &f)]),
-                _ => Ok(Vec::new()),
-            };
-        }
-        let Some(folder) = self.folder_id("list", prefix, false).await? else { return Ok(Vec::new()) };
-        let q = listing_query(&folder.id, prefix);
-        let files = self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err("list", prefix, e))?;
-        let mut by_name: HashMap<String, Vec<DriveFile>> = HashMap::new();
-        for f in files.into_iter().filter(|f| !f.is_folder() && f.name.starts_with(prefix)) {
-            by_name.entry(f.name.clone()).or_default().push(f);
-        }
-        let mut out = Vec::with_capacity(by_name.len());
-        for (name, files) in by_name {
-            let f = unique(files, &name, &self.name).map_err(|e| self.err("list", &name, e))?.expect("non-empty");
-            self.remember(&name, &f.id);
-            out.push(self.meta(&name, &f));
-        }
-        // Objects this process wrote that the listing does not show yet
-        // (it lags behind creates): confirmed by id, so a deleted or
-        // trashed one is dropped, never listed.
-        let listed: std::collections::HashSet<String> = out.iter().map(|m| m.key.clone()).collect();
-        let unlisted: Vec<(String, String)> =
-            self.known_keys().into_iter().filter(|(k, _)| k.starts_with(prefix) && !listed.contains(k)).collect();
-        let checks = futures::stream::iter(unlisted.into_iter().map(|(key, id)| async move {
-            let r = self.api.get_file(&id).await;
-            (key, r)
-        }))
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await;
-        for (key, r) in checks {
-            match r {
-                Ok(f) if !f.trashed && f.name == key => out.push(self.meta(&key, &f)),
-                Ok(_) => self.forget(&key),
-                Err(e) if e.kind == ErrorKind::NotFound => self.forget(&key),
-                Err(e) => return Err(self.err("list", &key, e)),
-            }
-        }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        self.list_past(prefix, None).await
+    }
+
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.list_past(prefix, Some(after)).await
     }
 
     /// The folder's files.list as another host's `list` queries it, without
