@@ -811,6 +811,36 @@ fn gdrive_full_drive_pauses_sync_and_gc_frees_room() {
     assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
 }
 
+/// A volume folder at Drive's limit of items in one folder (403
+/// `numChildrenInNonRootLimitExceeded`) pauses write-back naming gc, the
+/// way out, never "permission denied".
+#[test]
+fn gdrive_full_folder_pauses_sync_naming_gc() {
+    let v = drive_vol();
+    let rt = rt();
+    let (mut expect, s) = committed(&v, "a", 2, 90);
+    let items = listing(&rt, &v).len() as u64;
+    let env = v.drive.as_ref().unwrap();
+    env.emu.faults().set_folder_child_limit(Some(items));
+    write_chunks(&*s, 4..6, 92, &mut expect);
+    s.request_sync();
+    let t0 = std::time::Instant::now();
+    while !s.sync_status().unwrap().paused {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", s.sync_status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = s.sync_status().unwrap();
+    let e = st.last_error.clone().unwrap_or_default();
+    assert!(e.contains("driveblk gc") && e.contains("500,000"), "{st:?}");
+    assert!(!e.contains("permission denied"), "{st:?}");
+    assert_eq!(driveblk_read(&*s), expect, "the guest runs on");
+    env.emu.faults().set_folder_child_limit(None);
+    commit(&s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
+}
+
 fn driveblk_read(s: &dyn Storage) -> Vec<u8> {
     support::read_all(s).unwrap()
 }

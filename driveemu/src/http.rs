@@ -960,6 +960,21 @@ fn check_storage(
     Ok(())
 }
 
+/// The folder-size limit for a new item under `parents` (`set_folder_child_limit`).
+fn check_children(sh: &Shared, st: &crate::store::Store, parents: &[String]) -> Result<(), ApiError> {
+    let Some(limit) = sh.faults.folder_child_limit() else { return Ok(()) };
+    for p in parents {
+        if st.files.get(p).is_some_and(|f| f.is_root) {
+            continue;
+        }
+        let n = st.files.values().filter(|f| f.parents.iter().any(|q| q == p)).count() as u64;
+        if n >= limit {
+            return Err(ApiError::folder_full());
+        }
+    }
+    Ok(())
+}
+
 fn check_upload_cap(sh: &Shared, len: u64) -> Result<(), ApiError> {
     if let Some(cap) = sh.faults.upload_cap() {
         let used = sh.faults.uploaded_bytes.load(std::sync::atomic::Ordering::SeqCst);
@@ -986,7 +1001,8 @@ fn do_create(
     let nf = new_file_from(meta, params)?;
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let mut st = sh.store.lock();
-    let (_, drive) = st.resolve_parents(&nf.parents, all)?;
+    let (parents, drive) = st.resolve_parents(&nf.parents, all)?;
+    check_children(sh, &st, &parents)?;
     let mime = nf.mime_type.clone().or_else(|| media_mime.map(str::to_string)).unwrap_or_default();
     if !is_google_type(&mime) {
         check_storage(sh, &st, content.as_ref().map_or(0, |c| c.len() as u64), drive.is_some(), is_sa)?;
@@ -1274,7 +1290,8 @@ async fn start_session(
         match &target {
             None => {
                 let nf = new_file_from(&meta, params)?;
-                let (_, drive) = st.resolve_parents(&nf.parents, all)?;
+                let (parents, drive) = st.resolve_parents(&nf.parents, all)?;
+                check_children(sh, &st, &parents)?;
                 let mime = nf.mime_type.clone().unwrap_or_default();
                 if let Some(id) = &nf.id {
                     st.check_new_id(id, &mime)?;

@@ -280,6 +280,14 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
             ErrorKind::Quota,
             " (Drive limits downloads of this file for now; cached data keeps working, and it lifts by itself within a day)",
         ),
+        // Not a permission: Drive's limit of 500,000 items directly in one
+        // folder ("Resolve errors"). Only gc deletes objects of a volume.
+        (403, "numChildrenInNonRootLimitExceeded") => (
+            ErrorKind::Quota,
+            " (the volume's folder holds as many items as Drive allows in one folder, 500,000: \
+             run `driveblk gc` with the volume's URL to delete what no kept generation needs; \
+             fewer kept generations (`--keep-generations`) free more)",
+        ),
         (403, "appNotAuthorizedToFile") => (
             ErrorKind::Fatal,
             " (with the drive.file scope driveblk may only open files it created: log in with `driveblk auth login --scope drive` to attach a file uploaded another way)",
