@@ -811,6 +811,35 @@ fn gdrive_full_drive_pauses_sync_and_gc_frees_room() {
     assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
 }
 
+/// A Drive full to the byte (or a folder at its item limit) takes no
+/// object at all, not even gc's clock probe: gc, its dry run and `info`,
+/// the documented way out, must still run — judging ages by the newest
+/// time an object was written — and free room.
+#[test]
+fn gdrive_gc_frees_room_on_a_drive_full_to_the_byte() {
+    let v = drive_vol();
+    let rt = rt();
+    let (mut expect, s) = committed(&v, "a", 4, 50);
+    let env = v.drive.as_ref().unwrap();
+    let used: u64 = listing(&rt, &v).iter().map(|m| m.size).sum();
+    env.emu.faults().set_storage_quota(Some(used));
+    let items = listing(&rt, &v).len() as u64;
+    env.emu.faults().set_folder_child_limit(Some(items));
+    let space = volume::gc::space(&v.url, &gc_opts(&v, 1)).unwrap();
+    assert!(space.reclaimable_now > 0, "{space:?}");
+    let dry = volume::gc::gc(&v.url, &GcOptions { dry_run: true, ..gc_opts(&v, 1) }).unwrap();
+    assert!(!dry.deleted.is_empty(), "{dry:?}");
+    let rep = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap();
+    assert!(rep.bytes_after < rep.bytes_before, "{rep:?}");
+    env.emu.faults().set_folder_child_limit(None);
+    env.emu.faults().set_storage_quota(Some(used + 4096));
+    write_chunks(&*s, 4..6, 60, &mut expect);
+    commit(&s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
+}
+
 /// A volume folder at Drive's limit of items in one folder (403
 /// `numChildrenInNonRootLimitExceeded`) pauses write-back naming gc, the
 /// way out, never "permission denied".
