@@ -870,6 +870,29 @@ fn gdrive_full_folder_pauses_sync_naming_gc() {
     assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
 }
 
+/// On `dir:`, a put cut short by a killed process leaves a hidden temp
+/// file no listing shows: gc deletes it once it has gone unwritten long
+/// enough (never one a write may still be filling).
+#[test]
+fn dir_gc_deletes_leftover_temp_files() {
+    let v = dir_vol();
+    import(&v);
+    let folder = v.tmp.path().join("remote/vol");
+    let old = folder.join(".tmp-pack-00000000000000000002-00aa.00000000deadbeef");
+    let fresh = folder.join(".tmp-pack-00000000000000000002-00bb.00000000feedf00d");
+    std::fs::write(&old, vec![1u8; 5000]).unwrap();
+    std::fs::write(&fresh, vec![2u8; 10]).unwrap();
+    let two_days = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_days).unwrap();
+    let dry = volume::gc::gc(&v.url, &GcOptions { dry_run: true, ..gc_opts(&v, 1) }).unwrap();
+    assert_eq!(dry.scratch.len(), 1, "{dry:?}");
+    assert!(old.exists(), "a dry run deleted");
+    let rep = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap();
+    assert_eq!(rep.scratch, vec![(old.file_name().unwrap().to_string_lossy().into_owned(), 5000)]);
+    assert!(!old.exists(), "the old temp file is still there");
+    assert!(fresh.exists(), "a temp file a write may still be filling was deleted");
+}
+
 fn driveblk_read(s: &dyn Storage) -> Vec<u8> {
     support::read_all(s).unwrap()
 }

@@ -235,6 +235,13 @@ pub fn gc(a: GcArgs) -> anyhow::Result<()> {
     if r.young > 0 {
         println!("{} unreferenced objects are younger than the grace period and were left", r.young);
     }
+    if !r.scratch.is_empty() {
+        println!(
+            "{verb} {} leftovers of uploads cut short ({}, hidden temp files)",
+            r.scratch.len(),
+            human(r.scratch.iter().map(|(_, s)| s).sum())
+        );
+    }
     match (r.repack_generation, &r.repack_skipped) {
         (Some(g), _) => println!("repacked {} packs into generation {g}", r.repacked.len()),
         (None, Some(why)) => println!("repack skipped: {why}"),

@@ -59,6 +59,14 @@ pub trait Layer: Send + Sync + fmt::Debug {
         self.inner().listed(key).await
     }
 
+    async fn list_scratch(&self) -> RemoteResult<Vec<ObjectMeta>> {
+        self.inner().list_scratch().await
+    }
+
+    async fn delete_scratch(&self, key: &str) -> RemoteResult<()> {
+        self.inner().delete_scratch(key).await
+    }
+
     async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
         self.inner().reserve(key).await
     }
@@ -144,6 +152,14 @@ impl<T: Layer> Remote for T {
 
     async fn listed(&self, key: &str) -> RemoteResult<bool> {
         Layer::listed(self, key).await
+    }
+
+    async fn list_scratch(&self) -> RemoteResult<Vec<ObjectMeta>> {
+        Layer::list_scratch(self).await
+    }
+
+    async fn delete_scratch(&self, key: &str) -> RemoteResult<()> {
+        Layer::delete_scratch(self, key).await
     }
 
     async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {

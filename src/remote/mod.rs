@@ -214,6 +214,22 @@ pub trait Remote: Send + Sync + fmt::Debug {
     /// Deletes `key`; deleting an absent key is not an error.
     async fn delete(&self, key: &str) -> RemoteResult<()>;
 
+    /// Leftovers of writes that never finished, which no
+    /// [`list`](Self::list) shows (`dir:`: the hidden temp file of a put cut
+    /// short — its future dropped at a deadline, the process killed), with
+    /// their sizes and modification times by the remote's clock. Empty on
+    /// stores whose unfinished uploads leave nothing stored. gc deletes
+    /// those older than its grace period.
+    async fn list_scratch(&self) -> RemoteResult<Vec<ObjectMeta>> {
+        Ok(Vec::new())
+    }
+
+    /// Deletes a leftover [`list_scratch`](Self::list_scratch) named;
+    /// one already gone is fine.
+    async fn delete_scratch(&self, _key: &str) -> RemoteResult<()> {
+        Ok(())
+    }
+
     /// Whether a listing made now by any other client shows `key`: the
     /// store's listing alone, never what this process knows it created.
     /// Drive's listings lag behind creates; a host that must be sure
