@@ -15,7 +15,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 
 use super::auth::{Auth, AuthError};
-use super::ids::{Entries, IdRecord, Kind};
+use super::ids::{Entries, IdRecord, Kind, Recent};
 use super::pacer::Pacer;
 use crate::remote::config::DriveConfig;
 
@@ -373,7 +373,9 @@ pub struct DriveApi {
     /// folder id -> key -> file id of objects this process wrote or saw,
     /// shared by every remote of the account: a listing may lag behind a
     /// create, but an object this process made is found by id at once.
-    pub(crate) known: parking_lot::Mutex<HashMap<String, HashMap<String, String>>>,
+    /// (folder id, key) -> file id; the newest [`super::ids::MEMORY_KEEP`]
+    /// only, or a daemon that runs for months keeps every pack it made.
+    pub(crate) known: parking_lot::Mutex<Recent<(String, String), String>>,
     /// Ids this host recorded on disk (see `ids.rs`), loaded at start.
     record: IdRecord,
     /// What the record holds now, so an id is appended once.
@@ -416,10 +418,10 @@ impl DriveApi {
         let base = cfg.api_url.trim_end_matches('/');
         let auth = Auth::with_shared_client(cfg, http.clone()).map_err(|e| e.to_string());
         let (record, recorded) = IdRecord::open(cfg.id_record.clone(), base);
-        let mut known: HashMap<String, HashMap<String, String>> = HashMap::new();
-        for ((kind, parent, name), id) in &recorded {
+        let mut known = Recent::new();
+        for ((kind, parent, name), id) in recorded.iter() {
             if *kind == Kind::File {
-                known.entry(parent.clone()).or_default().insert(name.clone(), id.clone());
+                known.insert((parent.clone(), name.clone()), id.clone());
             }
         }
         Self {

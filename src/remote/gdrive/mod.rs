@@ -102,7 +102,7 @@ pub struct GDriveRemote {
     /// key -> file id from [`Remote::locate`] (ids a manifest recorded):
     /// used before any name lookup, so objects another machine created
     /// moments ago are read without waiting for a listing to show them.
-    located: parking_lot::Mutex<HashMap<String, String>>,
+    located: parking_lot::Mutex<ids::Recent<String, String>>,
 }
 
 impl std::fmt::Debug for GDriveRemote {
@@ -154,7 +154,7 @@ impl GDriveRemote {
             folder: tokio::sync::Mutex::new(None),
             folder_key: parking_lot::Mutex::new(None),
             pending: parking_lot::Mutex::new(HashMap::new()),
-            located: parking_lot::Mutex::new(HashMap::new()),
+            located: parking_lot::Mutex::new(ids::Recent::new()),
         }
     }
 
@@ -237,13 +237,13 @@ impl GDriveRemote {
     /// The file id of `key`, if this process knows it.
     fn known_id(&self, key: &str) -> Option<String> {
         let folder = self.folder_key.lock().clone();
-        let known = folder.and_then(|f| self.api.known.lock().get(&f).and_then(|m| m.get(key).cloned()));
+        let known = folder.and_then(|f| self.api.known.lock().get(&(f, key.to_string())).cloned());
         known.or_else(|| self.located.lock().get(key).cloned())
     }
 
     fn remember(&self, key: &str, id: &str) {
         if let Some(folder) = self.folder_key.lock().clone() {
-            self.api.known.lock().entry(folder).or_default().insert(key.to_string(), id.to_string());
+            self.api.known.lock().insert((folder, key.to_string()), id.to_string());
         }
     }
 
@@ -260,9 +260,7 @@ impl GDriveRemote {
         self.located.lock().remove(key);
         if let Some(folder) = self.folder_key.lock().clone() {
             self.api.record(ids::Kind::File, &folder, key, "");
-            if let Some(m) = self.api.known.lock().get_mut(&folder) {
-                m.remove(key);
-            }
+            self.api.known.lock().remove(&(folder, key.to_string()));
         }
     }
 
@@ -346,9 +344,10 @@ impl GDriveRemote {
         self.api
             .known
             .lock()
-            .get(&folder)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default()
+            .iter()
+            .filter(|((f, _), _)| *f == folder)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// The file named `key` in the folder, looked up by name (this lags
@@ -877,6 +876,55 @@ mod tests {
     /// A put whose first attempt landed but whose reply was lost is
     /// retried: the retry reuses the key's pre-generated id, gets 409, and
     /// recognises the file instead of making a second one.
+    /// A daemon that runs for months sees and makes far more objects than
+    /// it will ever ask for again (gc deletes them elsewhere): the ids it
+    /// keeps in memory are bounded, the newest kept; an older one is looked
+    /// up by name again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gdrive_the_ids_kept_in_memory_are_bounded() {
+        use super::test_http::{response, serve, Reply};
+        let n = ids::MEMORY_KEEP + 5_000;
+        let files: Vec<serde_json::Value> = (0..n)
+            .map(|i| serde_json::json!({"id": format!("id{i}"), "name": format!("pack-{i:08}"), "size": "1"}))
+            .collect();
+        let listing = serde_json::to_vec(&serde_json::json!({ "files": files })).unwrap();
+        let folder = br#"{"id": "fld", "name": "vol", "mimeType": "application/vnd.google-apps.folder"}"#;
+        let base = serve(move |req| {
+            let ok = |b: &[u8]| Reply::Raw(response("200 OK", &[("Content-Type", "application/json".into())], b));
+            if req.path.starts_with("/drive/v3/files/fld") {
+                ok(folder)
+            } else if req.path.starts_with("/drive/v3/files?") {
+                ok(&listing)
+            } else {
+                Reply::Raw(response("404 Not Found", &[], b"{}"))
+            }
+        })
+        .await;
+        let cfg = DriveConfig {
+            api_url: base,
+            credentials: DriveCredentials::StaticToken("t".into()),
+            id_record: None,
+            ..DriveConfig::default()
+        };
+        let loc = DriveLocation::Path { root: DriveRoot::Id("fld".into()), dirs: vec![], name: "x".into() };
+        let (r, _) = GDriveRemote::object(&loc, &cfg);
+        assert_eq!(r.list("pack-").await.unwrap().len(), n);
+        for i in 0..n {
+            r.locate(&format!("gen-{i:08}"), &Slot(format!("g{i}")));
+            r.api.record(ids::Kind::File, "fld", &format!("gen-{i:08}"), &format!("g{i}"));
+        }
+        assert_eq!(r.api.known.lock().len(), ids::MEMORY_KEEP);
+        assert_eq!(r.located.lock().len(), ids::MEMORY_KEEP);
+        assert_eq!(r.api.recorded.lock().len(), ids::MEMORY_KEEP);
+        // The newest are kept, the oldest gone.
+        assert_eq!(r.known_id(&format!("gen-{:08}", n - 1)).as_deref(), Some(format!("g{}", n - 1).as_str()));
+        assert_eq!(r.known_id("gen-00000000"), None);
+        // An object made now is known at once, within the bound.
+        r.created("pack-new", "id-new");
+        assert_eq!(r.known_id("pack-new").as_deref(), Some("id-new"));
+        assert_eq!(r.api.known.lock().len(), ids::MEMORY_KEEP);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn gdrive_put_retried_after_a_lost_reply_makes_no_duplicate() {
         let lagging = driveemu::Config { listing_lag: std::time::Duration::from_secs(2), ..Default::default() };
