@@ -893,6 +893,46 @@ fn dir_gc_deletes_leftover_temp_files() {
     assert!(fresh.exists(), "a temp file a write may still be filling was deleted");
 }
 
+/// Nothing but gc deletes, and nothing else would run it: `serve`, while
+/// it holds the writer lease, runs a delete-only gc about once a day
+/// (here every second, `DRIVEBLK_GC_EVERY`), next to its own commits.
+#[test]
+fn serve_runs_gc_while_it_writes() {
+    let v = dir_vol();
+    import(&v);
+    let folder = v.tmp.path().join("remote/vol");
+    let old = folder.join(".tmp-pack-00000000000000000001-00aa.00000000deadbeef");
+    std::fs::write(&old, vec![1u8; 5000]).unwrap();
+    let two_days = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_days).unwrap();
+    let log = v.tmp.path().join("serve.log");
+    let sock = v.tmp.path().join("sock");
+    let cache = v.tmp.path().join("serve-cache");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--volume", &v.url, "--format", "raw"])
+        .args(["--cache-dir", cache.to_str().unwrap(), "--sync-interval", "1"])
+        .env("DRIVEBLK_GC_EVERY", "1s")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if !old.exists() && text.contains("gc: deleted") {
+            break text;
+        }
+        if t0.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(!old.exists() && text.contains("gc: deleted"), "serve ran no gc: {text}");
+    assert!(status.success(), "{text}");
+}
+
 fn driveblk_read(s: &dyn Storage) -> Vec<u8> {
     support::read_all(s).unwrap()
 }

@@ -54,6 +54,11 @@ impl RetentionArgs {
 
     /// Gc options with these flags (over the environment's defaults).
     pub fn options(&self, remote: &RemoteArgs) -> GcOptions {
+        self.options_with(remote.options())
+    }
+
+    /// [`options`](Self::options) with remote options already made.
+    pub fn options_with(&self, remote: crate::volume::RemoteOptions) -> GcOptions {
         let d = Retention::default();
         let grace = self
             .grace
@@ -68,7 +73,7 @@ impl RetentionArgs {
                 keep_days: self.keep_days.or_else(|| Self::env("DRIVEBLK_GC_KEEP_DAYS")).or(d.keep_days),
             },
             grace,
-            remote: remote.options(),
+            remote,
             ..GcOptions::default()
         }
     }
