@@ -119,6 +119,13 @@ async fn conformance(a: DynRemote, b: DynRemote, absent_reads: bool) {
     let m =
         retrying.create(key, slot.as_ref(), &ta, PutBody::from_bytes(ba.clone())).await.expect("retry of own create");
     assert_eq!(m.tag.as_deref(), Some(ta.as_str()));
+
+    // What lies past a key: only newer generations, whatever is older.
+    let (g1, g2) = ("gen-00000000000000000001", "gen-00000000000000000002");
+    assert_eq!(keys(a.list_after("gen-", g1).await.unwrap()), vec![g2]);
+    assert!(a.list_after("gen-", g2).await.unwrap().is_empty());
+    assert_eq!(keys(a.list_after("gen-", "gen-00000000000000000000").await.unwrap()), vec![g1, g2]);
+    assert_eq!(keys(a.list_after("pack-", "pack-0").await.unwrap()), vec!["pack-1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

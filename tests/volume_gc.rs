@@ -811,6 +811,128 @@ fn gdrive_full_drive_pauses_sync_and_gc_frees_room() {
     assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
 }
 
+/// A Drive full to the byte (or a folder at its item limit) takes no
+/// object at all, not even gc's clock probe: gc, its dry run and `info`,
+/// the documented way out, must still run — judging ages by the newest
+/// time an object was written — and free room.
+#[test]
+fn gdrive_gc_frees_room_on_a_drive_full_to_the_byte() {
+    let v = drive_vol();
+    let rt = rt();
+    let (mut expect, s) = committed(&v, "a", 4, 50);
+    let env = v.drive.as_ref().unwrap();
+    let used: u64 = listing(&rt, &v).iter().map(|m| m.size).sum();
+    env.emu.faults().set_storage_quota(Some(used));
+    let items = listing(&rt, &v).len() as u64;
+    env.emu.faults().set_folder_child_limit(Some(items));
+    let space = volume::gc::space(&v.url, &gc_opts(&v, 1)).unwrap();
+    assert!(space.reclaimable_now > 0, "{space:?}");
+    let dry = volume::gc::gc(&v.url, &GcOptions { dry_run: true, ..gc_opts(&v, 1) }).unwrap();
+    assert!(!dry.deleted.is_empty(), "{dry:?}");
+    let rep = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap();
+    assert!(rep.bytes_after < rep.bytes_before, "{rep:?}");
+    env.emu.faults().set_folder_child_limit(None);
+    env.emu.faults().set_storage_quota(Some(used + 4096));
+    write_chunks(&*s, 4..6, 60, &mut expect);
+    commit(&s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
+}
+
+/// A volume folder at Drive's limit of items in one folder (403
+/// `numChildrenInNonRootLimitExceeded`) pauses write-back naming gc, the
+/// way out, never "permission denied".
+#[test]
+fn gdrive_full_folder_pauses_sync_naming_gc() {
+    let v = drive_vol();
+    let rt = rt();
+    let (mut expect, s) = committed(&v, "a", 2, 90);
+    let items = listing(&rt, &v).len() as u64;
+    let env = v.drive.as_ref().unwrap();
+    env.emu.faults().set_folder_child_limit(Some(items));
+    write_chunks(&*s, 4..6, 92, &mut expect);
+    s.request_sync();
+    let t0 = std::time::Instant::now();
+    while !s.sync_status().unwrap().paused {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", s.sync_status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = s.sync_status().unwrap();
+    let e = st.last_error.clone().unwrap_or_default();
+    assert!(e.contains("driveblk gc") && e.contains("500,000"), "{st:?}");
+    assert!(!e.contains("permission denied"), "{st:?}");
+    assert_eq!(driveblk_read(&*s), expect, "the guest runs on");
+    env.emu.faults().set_folder_child_limit(None);
+    commit(&s);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    assert_eq!(image_of(&rt, &open(&rt, &v)), expect);
+}
+
+/// On `dir:`, a put cut short by a killed process leaves a hidden temp
+/// file no listing shows: gc deletes it once it has gone unwritten long
+/// enough (never one a write may still be filling).
+#[test]
+fn dir_gc_deletes_leftover_temp_files() {
+    let v = dir_vol();
+    import(&v);
+    let folder = v.tmp.path().join("remote/vol");
+    let old = folder.join(".tmp-pack-00000000000000000002-00aa.00000000deadbeef");
+    let fresh = folder.join(".tmp-pack-00000000000000000002-00bb.00000000feedf00d");
+    std::fs::write(&old, vec![1u8; 5000]).unwrap();
+    std::fs::write(&fresh, vec![2u8; 10]).unwrap();
+    let two_days = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_days).unwrap();
+    let dry = volume::gc::gc(&v.url, &GcOptions { dry_run: true, ..gc_opts(&v, 1) }).unwrap();
+    assert_eq!(dry.scratch.len(), 1, "{dry:?}");
+    assert!(old.exists(), "a dry run deleted");
+    let rep = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap();
+    assert_eq!(rep.scratch, vec![(old.file_name().unwrap().to_string_lossy().into_owned(), 5000)]);
+    assert!(!old.exists(), "the old temp file is still there");
+    assert!(fresh.exists(), "a temp file a write may still be filling was deleted");
+}
+
+/// Nothing but gc deletes, and nothing else would run it: `serve`, while
+/// it holds the writer lease, runs a delete-only gc about once a day
+/// (here every second, `DRIVEBLK_GC_EVERY`), next to its own commits.
+#[test]
+fn serve_runs_gc_while_it_writes() {
+    let v = dir_vol();
+    import(&v);
+    let folder = v.tmp.path().join("remote/vol");
+    let old = folder.join(".tmp-pack-00000000000000000001-00aa.00000000deadbeef");
+    std::fs::write(&old, vec![1u8; 5000]).unwrap();
+    let two_days = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_days).unwrap();
+    let log = v.tmp.path().join("serve.log");
+    let sock = v.tmp.path().join("sock");
+    let cache = v.tmp.path().join("serve-cache");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--volume", &v.url, "--format", "raw"])
+        .args(["--cache-dir", cache.to_str().unwrap(), "--sync-interval", "1"])
+        .env("DRIVEBLK_GC_EVERY", "1s")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if !old.exists() && text.contains("gc: deleted") {
+            break text;
+        }
+        if t0.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(!old.exists() && text.contains("gc: deleted"), "serve ran no gc: {text}");
+    assert!(status.success(), "{text}");
+}
+
 fn driveblk_read(s: &dyn Storage) -> Vec<u8> {
     support::read_all(s).unwrap()
 }

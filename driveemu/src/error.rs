@@ -105,6 +105,16 @@ impl ApiError {
         ApiError::new(403, "usageLimits", "storageQuotaExceeded", "The user's Drive storage quota has been exceeded.")
     }
 
+    /// A create into a folder (not a root) that holds its limit of direct children.
+    pub fn folder_full() -> Self {
+        ApiError::new(
+            403,
+            "global",
+            "numChildrenInNonRootLimitExceeded",
+            "The limit for this folder's number of children (files and folders) has been exceeded.",
+        )
+    }
+
     pub fn download_quota() -> Self {
         ApiError::new(
             403,

@@ -36,6 +36,7 @@ pub struct Faults {
     pub(crate) refresh_epoch: AtomicU64,
     pub(crate) session_epoch: AtomicU64,
     storage_quota: AtomicU64,
+    folder_child_limit: AtomicU64,
     upload_cap: AtomicU64,
     pub(crate) uploaded_bytes: AtomicU64,
     download_quota: AtomicBool,
@@ -62,6 +63,7 @@ impl Faults {
             refresh_epoch: AtomicU64::new(0),
             session_epoch: AtomicU64::new(0),
             storage_quota: AtomicU64::new(NONE),
+            folder_child_limit: AtomicU64::new(NONE),
             upload_cap: AtomicU64::new(NONE),
             uploaded_bytes: AtomicU64::new(0),
             download_quota: AtomicBool::new(false),
@@ -116,6 +118,13 @@ impl Faults {
     /// Storage quota in bytes for My Drive (trash included); None = unlimited.
     pub fn set_storage_quota(&self, bytes: Option<u64>) {
         self.storage_quota.store(bytes.unwrap_or(NONE), Ordering::SeqCst);
+    }
+    /// The most items a folder other than a root may hold directly (Drive's is 500,000;
+    /// "Resolve errors": `numChildrenInNonRootLimitExceeded`); a create into a full folder
+    /// answers that 403. Trashed children count (Drive does not say; the stricter reading).
+    /// None = unlimited.
+    pub fn set_folder_child_limit(&self, items: Option<u64>) {
+        self.folder_child_limit.store(items.unwrap_or(NONE), Ordering::SeqCst);
     }
     /// The daily upload cap (Drive's 750 GB/day) in bytes; None = unlimited. Setting it
     /// starts a new "day": the bytes counted so far are forgotten.
@@ -187,6 +196,9 @@ impl Faults {
     }
     pub(crate) fn listing_lag(&self) -> Duration {
         Duration::from_micros(self.listing_lag_us.load(Ordering::SeqCst))
+    }
+    pub(crate) fn folder_child_limit(&self) -> Option<u64> {
+        Some(self.folder_child_limit.load(Ordering::SeqCst)).filter(|n| *n != NONE)
     }
     pub(crate) fn storage_quota(&self) -> Option<u64> {
         Some(self.storage_quota.load(Ordering::SeqCst)).filter(|b| *b != NONE)

@@ -965,6 +965,21 @@ fn check_storage(
     Ok(())
 }
 
+/// The folder-size limit for a new item under `parents` (`set_folder_child_limit`).
+fn check_children(sh: &Shared, st: &crate::store::Store, parents: &[String]) -> Result<(), ApiError> {
+    let Some(limit) = sh.faults.folder_child_limit() else { return Ok(()) };
+    for p in parents {
+        if st.files.get(p).is_some_and(|f| f.is_root) {
+            continue;
+        }
+        let n = st.files.values().filter(|f| f.parents.iter().any(|q| q == p)).count() as u64;
+        if n >= limit {
+            return Err(ApiError::folder_full());
+        }
+    }
+    Ok(())
+}
+
 fn check_upload_cap(sh: &Shared, len: u64) -> Result<(), ApiError> {
     if let Some(cap) = sh.faults.upload_cap() {
         let used = sh.faults.uploaded_bytes.load(std::sync::atomic::Ordering::SeqCst);
@@ -991,7 +1006,8 @@ fn do_create(
     let nf = new_file_from(meta, params)?;
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
     let mut st = sh.store.lock();
-    let (_, drive) = st.resolve_parents(&nf.parents, all)?;
+    let (parents, drive) = st.resolve_parents(&nf.parents, all)?;
+    check_children(sh, &st, &parents)?;
     let mime = nf.mime_type.clone().or_else(|| media_mime.map(str::to_string)).unwrap_or_default();
     if !is_google_type(&mime) {
         check_storage(sh, &st, content.as_ref().map_or(0, |c| c.len() as u64), drive.is_some(), is_sa)?;
@@ -1279,7 +1295,8 @@ async fn start_session(
         match &target {
             None => {
                 let nf = new_file_from(&meta, params)?;
-                let (_, drive) = st.resolve_parents(&nf.parents, all)?;
+                let (parents, drive) = st.resolve_parents(&nf.parents, all)?;
+                check_children(sh, &st, &parents)?;
                 let mime = nf.mime_type.clone().unwrap_or_default();
                 if let Some(id) = &nf.id {
                     st.check_new_id(id, &mime)?;
@@ -1873,7 +1890,10 @@ fn list(sh: &Shared, params: &HashMap<String, String>) -> R {
     hits.sort_by(|a, b| {
         for (key, desc) in &order {
             let o = match *key {
+                // "Sorted alphabetically, i.e. 1, 12, 2, 22".
                 "name" => a.name.cmp(&b.name),
+                // "Sorted using natural sort ordering, i.e. 1, 2, 12, 22".
+                "name_natural" => natural_cmp(&a.name, &b.name),
                 // Creation order breaks ties of equal timestamps, in the requested direction.
                 "createdTime" => (a.created_ms, a.seq).cmp(&(b.created_ms, b.seq)),
                 "modifiedTime" => a.modified_ms.cmp(&b.modified_ms),
@@ -1929,7 +1949,8 @@ fn parse_order(s: &str) -> Result<Vec<(&'static str, bool)>, ApiError> {
             Some(_) => return Err(ApiError::invalid_param("orderBy")),
         };
         let k: &'static str = match key {
-            "name" | "name_natural" => "name",
+            "name" => "name",
+            "name_natural" => "name_natural",
             "createdTime" => "createdTime",
             // No per-user view history here: these fall back to the modification time.
             "modifiedTime" | "recency" | "modifiedByMeTime" | "viewedByMeTime" | "sharedWithMeTime" => "modifiedTime",
@@ -1941,6 +1962,29 @@ fn parse_order(s: &str) -> Result<Vec<(&'static str, bool)>, ApiError> {
         out.push((k, desc));
     }
     Ok(out)
+}
+
+/// Natural order: runs of digits compare by their numbers, the rest by characters.
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let (mut a, mut b) = (a, b);
+    loop {
+        let (Some(ca), Some(cb)) = (a.chars().next(), b.chars().next()) else { return a.len().cmp(&b.len()) };
+        if ca.is_ascii_digit() && cb.is_ascii_digit() {
+            let na = a.len() - a.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            let nb = b.len() - b.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            let (da, db) = (a[..na].trim_start_matches('0'), b[..nb].trim_start_matches('0'));
+            let o = da.len().cmp(&db.len()).then_with(|| da.cmp(db));
+            if o != std::cmp::Ordering::Equal {
+                return o;
+            }
+            (a, b) = (&a[na..], &b[nb..]);
+        } else {
+            if ca != cb {
+                return ca.cmp(&cb);
+            }
+            (a, b) = (&a[ca.len_utf8()..], &b[cb.len_utf8()..]);
+        }
+    }
 }
 
 fn encode_page_token(offset: usize, key: u64) -> String {

@@ -54,6 +54,11 @@ impl RetentionArgs {
 
     /// Gc options with these flags (over the environment's defaults).
     pub fn options(&self, remote: &RemoteArgs) -> GcOptions {
+        self.options_with(remote.options())
+    }
+
+    /// [`options`](Self::options) with remote options already made.
+    pub fn options_with(&self, remote: crate::volume::RemoteOptions) -> GcOptions {
         let d = Retention::default();
         let grace = self
             .grace
@@ -68,7 +73,7 @@ impl RetentionArgs {
                 keep_days: self.keep_days.or_else(|| Self::env("DRIVEBLK_GC_KEEP_DAYS")).or(d.keep_days),
             },
             grace,
-            remote: remote.options(),
+            remote,
             ..GcOptions::default()
         }
     }
@@ -234,6 +239,13 @@ pub fn gc(a: GcArgs) -> anyhow::Result<()> {
     }
     if r.young > 0 {
         println!("{} unreferenced objects are younger than the grace period and were left", r.young);
+    }
+    if !r.scratch.is_empty() {
+        println!(
+            "{verb} {} leftovers of uploads cut short ({}, hidden temp files)",
+            r.scratch.len(),
+            human(r.scratch.iter().map(|(_, s)| s).sum())
+        );
     }
     match (r.repack_generation, &r.repack_skipped) {
         (Some(g), _) => println!("repacked {} packs into generation {g}", r.repacked.len()),

@@ -733,6 +733,11 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             }
         })?;
     }
+    if let (Some(store), ImageSource::Volume { url, cache }) = (&volume_store, &cfg.source) {
+        if !read_only && !cache.ephemeral {
+            start_background_gc(store, url.clone(), cache.remote.clone())?;
+        }
+    }
     // The vhost socket listens (connections queue in its backlog) and the
     // image is open: QEMU may start now.
     notify.ready(&format!("serving {what} on {}", cfg.socket.display()));
@@ -850,6 +855,70 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     }
     notify.status("stopped");
     tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// How often `serve` runs gc on the volume it writes
+/// (`DRIVEBLK_GC_EVERY`; `0` turns it off).
+const GC_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// The first gc comes this soon after the start (a laptop's serve may
+/// never run for a whole day).
+const GC_FIRST: Duration = Duration::from_secs(3600);
+
+/// gc is the only thing that deletes, and nothing else would run it: while
+/// this daemon holds the writer lease, a delete-only gc (default retention
+/// and grace, or `DRIVEBLK_GC_*`; no repack, which would commit a
+/// generation over this writer's) runs about once a day. gc is safe
+/// against a concurrent writer (`volume::gc`): the packs of a commit under
+/// way are named for a generation newer than any gc sees, and spared.
+fn start_background_gc(
+    store: &Arc<TieredStore>,
+    url: String,
+    remote: crate::volume::RemoteOptions,
+) -> anyhow::Result<()> {
+    let every = match std::env::var("DRIVEBLK_GC_EVERY") {
+        Ok(v) => crate::cli::maintain::parse_duration(&v)
+            .map_err(anyhow::Error::msg)
+            .context("invalid DRIVEBLK_GC_EVERY=VALUE: a duration such as 24h, or 0 for never")?,
+        Err(_) => GC_EVERY,
+    };
+    if every.is_zero() {
+        return Ok(());
+    }
+    let store = Arc::downgrade(store);
+    std::thread::Builder::new().name("driveblk-gc".into()).spawn(move || {
+        let mut wait = every.min(GC_FIRST);
+        loop {
+            std::thread::sleep(wait);
+            wait = every;
+            // Gone: serving ended. No lease: another host writes (or a
+            // read-only start); its gc is its own.
+            match store.upgrade() {
+                None => return,
+                Some(s) if s.lease().is_none() => continue,
+                Some(_) => {}
+            }
+            let mut opts = crate::cli::maintain::RetentionArgs { keep_generations: None, keep_days: None, grace: None }
+                .options_with(remote.clone());
+            opts.repack_dead_share = f64::INFINITY;
+            opts.max_packs = usize::MAX;
+            match crate::volume::gc::gc(&url, &opts) {
+                Ok(r) => tracing::info!(
+                    deleted = r.deleted.len() + r.scratch.len(),
+                    freed = %human(r.bytes_before.saturating_sub(r.bytes_after)),
+                    kept_generations = r.kept.len(),
+                    "gc: deleted what no kept generation needs (again in {} s)",
+                    every.as_secs()
+                ),
+                Err(e) => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "gc did not run (again in {} s; `driveblk gc {url}` by hand says the same)",
+                    every.as_secs()
+                ),
+            }
+        }
+    })?;
     Ok(())
 }
 

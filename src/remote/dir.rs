@@ -57,6 +57,36 @@ pub struct DirRemote {
     no_symlinks: bool,
 }
 
+/// A temp file being written: removed when dropped, unless
+/// [`renamed`](Self::renamed) to its key first. So a put whose
+/// future is dropped mid-write — its attempt's deadline, a failed pack
+/// aborting its siblings, a stop — leaves no hidden file behind, which
+/// no listing shows and so nothing but gc's sweep would ever remove.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    /// The file now has its key's name: nothing to remove.
+    fn renamed(mut self) {
+        self.0 = PathBuf::new();
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let p = std::mem::take(&mut self.0);
+        if p.as_os_str().is_empty() {
+            return;
+        }
+        // Off the async threads when there are some (a hung mount must not
+        // stall them); a blocking write still running for it unlinks a
+        // file that is then only freed when that write closes it.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(move || std::fs::remove_file(p))),
+            Err(_) => drop(std::fs::remove_file(p)),
+        }
+    }
+}
+
 impl DirRemote {
     /// A remote rooted at `root`. The folder is created on the first `put`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -97,6 +127,42 @@ impl DirRemote {
     /// The same folder, its transfers paced by `limit`.
     pub fn with_bwlimit(self, limit: BwLimit) -> Self {
         Self { bwlimit: limit, ..self }
+    }
+
+    /// The objects under `prefix` (past `after`, if given), sorted; names
+    /// at or before `after` are passed over without a stat.
+    async fn list_past(&self, prefix: &str, after: Option<&str>) -> RemoteResult<Vec<ObjectMeta>> {
+        let root = self.root.clone();
+        let prefix_owned = prefix.to_string();
+        let after = after.map(str::to_string);
+        let r = self
+            .blocking(move || {
+                let mut out = Vec::new();
+                let rd = match std::fs::read_dir(&root) {
+                    Ok(rd) => rd,
+                    // A folder that does not exist yet holds no objects.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                    Err(e) => return Err(e),
+                };
+                for ent in rd {
+                    let ent = ent?;
+                    let Ok(name) = ent.file_name().into_string() else { continue };
+                    if name.starts_with('.') || !name.starts_with(&prefix_owned) {
+                        continue;
+                    }
+                    if after.as_deref().is_some_and(|a| name.as_str() <= a) {
+                        continue;
+                    }
+                    let m = ent.metadata()?;
+                    if m.is_file() {
+                        out.push(meta_of(&name, &m));
+                    }
+                }
+                out.sort_by(|a, b| a.key.cmp(&b.key));
+                Ok(out)
+            })
+            .await;
+        r.map_err(|e| self.io_err("list", prefix, e))
     }
 
     /// Runs blocking file work off the async threads, once fewer than
@@ -190,13 +256,15 @@ impl DirRemote {
 
     /// Writes `body` to a fresh temp file in the folder and fsyncs it: data
     /// durable before any name points at it, so a crash leaves either no
-    /// object or the whole object, never a prefix under the real key.
-    async fn write_temp(&self, key: &str, body: &PutBody) -> io::Result<PathBuf> {
-        let tmp = self.root.join(format!("{TMP_PREFIX}{key}.{:016x}", rand::random::<u64>()));
+    /// object or the whole object, never a prefix under the real key. The
+    /// file goes again when the returned guard drops, and so does the part
+    /// written when this future is dropped (an attempt's deadline, a stop).
+    async fn write_temp(&self, key: &str, body: &PutBody) -> io::Result<TempFile> {
+        let tmp = TempFile(self.root.join(format!("{TMP_PREFIX}{key}.{:016x}", rand::random::<u64>())));
         // Plain blocking writes of each piece as it comes: tokio's file
         // would copy every piece again through its own 2 MiB buffer.
         let res: io::Result<()> = async {
-            let path = tmp.clone();
+            let path = tmp.0.clone();
             let mut f = self.blocking(move || std::fs::File::create(&path)).await?;
             // Small pieces (an encrypted body comes in 16 KiB blocks) are
             // gathered so each blocking call writes a few MiB; under a
@@ -240,11 +308,7 @@ impl DirRemote {
             self.blocking(move || f.sync_all()).await
         }
         .await;
-        if let Err(e) = res {
-            let _ = self.remove_file(&tmp).await;
-            return Err(e);
-        }
-        Ok(tmp)
+        res.map(|()| tmp)
     }
 
     async fn sync_root(&self) -> io::Result<()> {
@@ -333,10 +397,8 @@ impl Remote for DirRemote {
         let path = self.path("put", key)?;
         let res: io::Result<ObjectMeta> = async {
             let tmp = self.write_temp(key, &body).await?;
-            if let Err(e) = self.rename(&tmp, &path).await {
-                let _ = self.remove_file(&tmp).await;
-                return Err(e);
-            }
+            self.rename(&tmp.0, &path).await?;
+            tmp.renamed();
             self.sync_root().await?;
             let m = self.metadata(&path).await?;
             Ok(meta_of(key, &m))
@@ -351,9 +413,9 @@ impl Remote for DirRemote {
     async fn create(&self, key: &str, _slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         let path = self.path("create", key)?;
         let tmp = self.write_temp(key, &body).await.map_err(|e| self.write_err("create", key, e))?;
-        let (t2, p2) = (tmp.clone(), path.clone());
+        let (t2, p2) = (tmp.0.clone(), path.clone());
         let linked = self.blocking(move || std::fs::hard_link(&t2, &p2)).await;
-        let _ = self.remove_file(&tmp).await;
+        drop(tmp);
         match linked {
             Ok(()) => {
                 self.sync_root().await.map_err(|e| self.io_err("create", key, e))?;
@@ -373,6 +435,53 @@ impl Remote for DirRemote {
                 }
             }
             Err(e) => Err(self.write_err("create", key, e)),
+        }
+    }
+
+    async fn list_scratch(&self) -> RemoteResult<Vec<ObjectMeta>> {
+        let root = self.root.clone();
+        let r = self
+            .blocking(move || {
+                let mut out = Vec::new();
+                let rd = match std::fs::read_dir(&root) {
+                    Ok(rd) => rd,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                    Err(e) => return Err(e),
+                };
+                for ent in rd {
+                    let ent = ent?;
+                    let Ok(name) = ent.file_name().into_string() else { continue };
+                    if !name.starts_with(TMP_PREFIX) {
+                        continue;
+                    }
+                    match ent.metadata() {
+                        Ok(m) if m.is_file() => out.push(meta_of(&name, &m)),
+                        // Renamed or removed meanwhile: a put finishing.
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                out.sort_by(|a, b| a.key.cmp(&b.key));
+                Ok(out)
+            })
+            .await;
+        r.map_err(|e| self.io_err("list", TMP_PREFIX, e))
+    }
+
+    async fn delete_scratch(&self, key: &str) -> RemoteResult<()> {
+        if !key.starts_with(TMP_PREFIX) || key.contains('/') || key.contains('\0') {
+            return Err(RemoteError::Fatal {
+                remote: self.name(),
+                op: "delete",
+                key: key.to_string(),
+                message: format!("not a leftover temp file ({TMP_PREFIX}*)"),
+            });
+        }
+        match self.remove_file(&self.root.join(key)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io_err("delete", key, e)),
         }
     }
 
@@ -396,33 +505,11 @@ impl Remote for DirRemote {
     }
 
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
-        let root = self.root.clone();
-        let prefix_owned = prefix.to_string();
-        let r = self
-            .blocking(move || {
-                let mut out = Vec::new();
-                let rd = match std::fs::read_dir(&root) {
-                    Ok(rd) => rd,
-                    // A folder that does not exist yet holds no objects.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-                    Err(e) => return Err(e),
-                };
-                for ent in rd {
-                    let ent = ent?;
-                    let Ok(name) = ent.file_name().into_string() else { continue };
-                    if name.starts_with('.') || !name.starts_with(&prefix_owned) {
-                        continue;
-                    }
-                    let m = ent.metadata()?;
-                    if m.is_file() {
-                        out.push(meta_of(&name, &m));
-                    }
-                }
-                out.sort_by(|a, b| a.key.cmp(&b.key));
-                Ok(out)
-            })
-            .await;
-        r.map_err(|e| self.io_err("list", prefix, e))
+        self.list_past(prefix, None).await
+    }
+
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.list_past(prefix, Some(after)).await
     }
 
     async fn delete(&self, key: &str) -> RemoteResult<()> {
@@ -502,6 +589,38 @@ mod tests {
         assert!(r.head("pack-1").await.unwrap_err().is_not_found());
         assert!(r.get_range("nope", 0..1).await.unwrap_err().is_not_found());
         assert!(!r.put("../x", PutBody::from_bytes(vec![])).await.unwrap_err().is_retryable());
+    }
+
+    /// A put cut short — its future dropped at an attempt's deadline, a
+    /// failed pack aborting its siblings, a stop — leaves no hidden temp
+    /// file, which no listing shows (so nothing but gc would remove it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_put_cut_short_leaves_no_temp_file() {
+        use futures::StreamExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let r = DirRemote::new(d.path());
+        let body = PutBody::from_stream_fn(None, || {
+            let first = futures::stream::iter([Ok(Bytes::from(vec![7u8; 4 << 20]))]);
+            Box::pin(first.chain(futures::stream::pending()))
+        });
+        let cut = tokio::time::timeout(Duration::from_secs(1), r.put("pack-1", body)).await;
+        assert!(cut.is_err(), "the put finished");
+        let t0 = Instant::now();
+        loop {
+            let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "left behind: {left:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // One a killed process left is found for gc.
+        std::fs::write(d.path().join(".tmp-pack-2.0123456789abcdef"), b"part").unwrap();
+        let s = r.list_scratch().await.unwrap();
+        assert_eq!((s.len(), s[0].size), (1, 4));
+        r.delete_scratch(&s[0].key).await.unwrap();
+        assert!(r.delete_scratch("pack-1").await.is_err(), "only temp files are scratch");
+        assert!(r.list_scratch().await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -47,12 +47,24 @@ pub trait Layer: Send + Sync + fmt::Debug {
         self.inner().list(prefix).await
     }
 
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.inner().list_after(prefix, after).await
+    }
+
     async fn delete(&self, key: &str) -> RemoteResult<()> {
         self.inner().delete(key).await
     }
 
     async fn listed(&self, key: &str) -> RemoteResult<bool> {
         self.inner().listed(key).await
+    }
+
+    async fn list_scratch(&self) -> RemoteResult<Vec<ObjectMeta>> {
+        self.inner().list_scratch().await
+    }
+
+    async fn delete_scratch(&self, key: &str) -> RemoteResult<()> {
+        self.inner().delete_scratch(key).await
     }
 
     async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {
@@ -130,12 +142,24 @@ impl<T: Layer> Remote for T {
         Layer::list(self, prefix).await
     }
 
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        Layer::list_after(self, prefix, after).await
+    }
+
     async fn delete(&self, key: &str) -> RemoteResult<()> {
         Layer::delete(self, key).await
     }
 
     async fn listed(&self, key: &str) -> RemoteResult<bool> {
         Layer::listed(self, key).await
+    }
+
+    async fn list_scratch(&self) -> RemoteResult<Vec<ObjectMeta>> {
+        Layer::list_scratch(self).await
+    }
+
+    async fn delete_scratch(&self, key: &str) -> RemoteResult<()> {
+        Layer::delete_scratch(self, key).await
     }
 
     async fn reserve(&self, key: &str) -> RemoteResult<Option<Slot>> {

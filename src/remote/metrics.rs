@@ -195,6 +195,10 @@ impl super::Layer for MetricsRemote {
         self.count(&self.metrics.lists, self.inner.list(prefix)).await
     }
 
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.count(&self.metrics.lists, self.inner.list_after(prefix, after)).await
+    }
+
     async fn listed(&self, key: &str) -> RemoteResult<bool> {
         self.count(&self.metrics.lists, self.inner.listed(key)).await
     }

@@ -200,8 +200,37 @@ pub trait Remote: Send + Sync + fmt::Debug {
     /// Every object whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>>;
 
+    /// What [`list`](Self::list) shows under `prefix` past `after` (keys
+    /// greater than it), sorted by key, at a cost that follows what lies
+    /// past `after`, not the whole history: a commit asks whether any
+    /// generation newer than its own exists, and a volume served for
+    /// months holds hundreds of thousands. Keys under `prefix` end in
+    /// fixed-width digits (as `gen-` keys do): a store may rely on it to
+    /// stop reading early.
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        let mut l = self.list(prefix).await?;
+        l.retain(|m| m.key.as_str() > after);
+        Ok(l)
+    }
+
     /// Deletes `key`; deleting an absent key is not an error.
     async fn delete(&self, key: &str) -> RemoteResult<()>;
+
+    /// Leftovers of writes that never finished, which no
+    /// [`list`](Self::list) shows (`dir:`: the hidden temp file of a put cut
+    /// short — its future dropped at a deadline, the process killed), with
+    /// their sizes and modification times by the remote's clock. Empty on
+    /// stores whose unfinished uploads leave nothing stored. gc deletes
+    /// those older than its grace period.
+    async fn list_scratch(&self) -> RemoteResult<Vec<ObjectMeta>> {
+        Ok(Vec::new())
+    }
+
+    /// Deletes a leftover [`list_scratch`](Self::list_scratch) named;
+    /// one already gone is fine.
+    async fn delete_scratch(&self, _key: &str) -> RemoteResult<()> {
+        Ok(())
+    }
 
     /// Whether a listing made now by any other client shows `key`: the
     /// store's listing alone, never what this process knows it created.

@@ -780,11 +780,17 @@ impl ObjStoreRemote {
         Ok(self.meta(key, &m))
     }
 
-    async fn list_once(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
+    /// The objects under `prefix`, past `after` when given (S3 and GCS
+    /// start the listing there: `start-after`, `startOffset`).
+    async fn list_once(&self, prefix: &str, after: Option<&str>) -> RemoteResult<Vec<ObjectMeta>> {
         let store = self.store("list", prefix)?;
         let root = if self.root.is_empty() { None } else { Some(OsPath::from(self.root.as_str())) };
+        let listing = match after {
+            Some(a) => store.list_with_offset(root.as_ref(), &self.path("list", a)?),
+            None => store.list(root.as_ref()),
+        };
         let all: Vec<object_store::ObjectMeta> =
-            store.list(root.as_ref()).try_collect().await.map_err(|e| self.err("list", prefix, e))?;
+            listing.try_collect().await.map_err(|e| self.err("list", prefix, e))?;
         let skip = if self.root.is_empty() { 0 } else { self.root.len() + 1 };
         let mut out: Vec<ObjectMeta> = all
             .iter()
@@ -891,7 +897,14 @@ impl Remote for ObjStoreRemote {
     }
 
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
-        self.fresh_on_failure("list", prefix, || self.list_once(prefix)).await
+        self.fresh_on_failure("list", prefix, || self.list_once(prefix, None)).await
+    }
+
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        let mut l = self.fresh_on_failure("list", prefix, || self.list_once(prefix, Some(after))).await?;
+        // The offset is the store's order of whole paths; the trait's is keys.
+        l.retain(|m| m.key.as_str() > after);
+        Ok(l)
     }
 
     async fn delete(&self, key: &str) -> RemoteResult<()> {

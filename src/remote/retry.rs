@@ -296,6 +296,10 @@ impl super::Layer for RetryingRemote {
         self.run("list", prefix, || self.inner.list(prefix)).await
     }
 
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.run("list", prefix, || self.inner.list_after(prefix, after)).await
+    }
+
     async fn listed(&self, key: &str) -> RemoteResult<bool> {
         self.run("list", key, || self.inner.listed(key)).await
     }

@@ -237,6 +237,11 @@ impl super::Layer for ShapedRemote {
         self.inner.list(prefix).await
     }
 
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.before("list", prefix).await?;
+        self.inner.list_after(prefix, after).await
+    }
+
     async fn listed(&self, key: &str) -> RemoteResult<bool> {
         self.before("list", key).await?;
         self.inner.listed(key).await

@@ -693,10 +693,12 @@ impl GenerationBuilder {
     pub async fn commit(mut self, writer: Writer) -> VolumeResult<(Manifest, CommitStats)> {
         let (g, key, resolved, bytes) = self.prepare(writer).await?;
         // Listed after the uploads, right before the create: they may take
-        // minutes, and a laptop suspended meanwhile wakes days later.
+        // minutes, and a laptop suspended meanwhile wakes days later. Only
+        // generations past ours matter: a listing of them costs what is
+        // newer, not every generation since the volume was made.
         let listed = match self.listed.take() {
             Some((l, at)) if at.elapsed().is_ok_and(|e| e < LISTING_FRESH) => l,
-            _ => self.remote.list(GEN_PREFIX).await,
+            _ => self.remote.list_after(GEN_PREFIX, &key).await,
         };
         self.check_not_in_a_gap(g, listed)?;
         self.check_reused_still_spared().await?;

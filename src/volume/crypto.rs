@@ -732,6 +732,10 @@ impl crate::remote::Layer for EncryptedRemote {
         Ok(self.inner.list(prefix).await?.into_iter().map(|m| self.map_meta(m)).collect())
     }
 
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        Ok(self.inner.list_after(prefix, after).await?.into_iter().map(|m| self.map_meta(m)).collect())
+    }
+
     async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         if is_plaintext_key(key) {
             return self.inner.create(key, slot, tag, body).await;

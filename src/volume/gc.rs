@@ -143,6 +143,9 @@ pub struct GcReport {
     pub bytes_after: u64,
     /// Objects deleted (or to delete): key and size.
     pub deleted: Vec<(String, u64)>,
+    /// Leftovers of writes cut short (`dir:` hidden temp files), which no
+    /// listing shows and the counts leave out, deleted (or to delete).
+    pub scratch: Vec<(String, u64)>,
     /// Unreferenced objects left because they are younger than the grace
     /// period (or written for a generation not committed yet).
     pub young: u64,
@@ -794,7 +797,41 @@ pub async fn gc_open(r: &VolumeReader, opts: &GcOptions) -> VolumeResult<GcRepor
     let (live, dead) = space_of(&last);
     report.live_bytes = live;
     report.dead_bytes = dead;
+    sweep_scratch(r, opts, &mut report).await?;
     Ok(report)
+}
+
+/// How long a leftover of a write ([`Remote::list_scratch`]) must have
+/// gone unwritten before gc deletes it, whatever the grace period: a
+/// write under way keeps its file's time fresh, and no attempt lasts this
+/// long without writing.
+///
+/// [`Remote::list_scratch`]: crate::remote::Remote::list_scratch
+const SCRATCH_MIN_AGE: Duration = Duration::from_secs(3600);
+
+/// Deletes the leftovers of writes cut short (`dir:` temp files), which
+/// no listing shows, once older than the grace period by the remote's
+/// clock.
+async fn sweep_scratch(r: &VolumeReader, opts: &GcOptions, report: &mut GcReport) -> VolumeResult<()> {
+    let scratch = r.remote.list_scratch().await.map_err(|e| VolumeError::remote(format!("listing {}", r.url), e))?;
+    if scratch.is_empty() {
+        return Ok(());
+    }
+    let now = remote_clock(r).await?;
+    let age = opts.grace.max(SCRATCH_MIN_AGE).as_millis() as u64;
+    for m in scratch {
+        if m.modified_ms.or(m.created_ms).is_none_or(|t| t.saturating_add(age) > now) {
+            continue;
+        }
+        if !opts.dry_run {
+            r.remote
+                .delete_scratch(&m.key)
+                .await
+                .map_err(|e| VolumeError::remote(format!("deleting {}/{}", r.url, m.key), e))?;
+        }
+        report.scratch.push((m.key, m.size));
+    }
+    Ok(())
 }
 
 /// Live and dead bytes of a plan's snapshot.

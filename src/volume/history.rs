@@ -358,11 +358,31 @@ pub(crate) async fn committed_ago(r: &VolumeReader, newest: &Manifest) -> Volume
 }
 
 /// The remote's clock now (`lease::remote_now_ms`): what gc compares the
-/// remote's creation times with.
+/// remote's creation times with. On a remote too full to take the probe
+/// (a Drive full to the byte, a folder at Drive's item limit, a full
+/// disk), the newest time any object there was written: at or before the
+/// remote's now, so ages come out shorter and gc deletes less, never more
+/// — and gc, the way out of a full remote, still runs.
 pub(crate) async fn remote_clock(r: &VolumeReader) -> VolumeResult<u64> {
-    super::lease::remote_now_ms(&r.remote)
-        .await
-        .map_err(|e| VolumeError::remote(format!("reading the clock of {}", r.url), e))
+    let e = match super::lease::remote_now_ms(&r.remote).await {
+        Ok(now) => return Ok(now),
+        Err(e) => e,
+    };
+    let full = match e.root() {
+        RemoteError::Quota { .. } => true,
+        RemoteError::Io { source, .. } => {
+            matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+        }
+        _ => false,
+    };
+    let clock = |e| VolumeError::remote(format!("reading the clock of {}", r.url), e);
+    if !full {
+        return Err(clock(e));
+    }
+    let listing = r.remote.list("").await.map_err(clock)?;
+    let newest = listing.iter().filter_map(|m| m.modified_ms.max(m.created_ms)).max();
+    tracing::info!(url = %r.url, error = %e, "the remote is full: its clock is read as the newest time an object was written");
+    newest.ok_or_else(|| clock(e))
 }
 
 /// The writer lease of the volume whose newest generation is `newest`, when

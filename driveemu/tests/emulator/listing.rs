@@ -118,6 +118,18 @@ async fn pagination_and_order() {
     let v = api.list(&format!("q={q}&pageSize=3&orderBy=createdTime desc")).await.json();
     assert_eq!(names(&v), ["f18", "f11", "f04"]);
     assert!(v["nextPageToken"].is_string());
+    // As documented: `name` sorts alphabetically (1, 12, 2, 22),
+    // `name_natural` by numbers (1, 2, 12, 22); `desc` reverses either.
+    let nums = api.folder("nums", "root").await;
+    for n in ["12", "2", "22", "1"] {
+        api.create(json!({"name": n, "parents": [nums]})).await;
+    }
+    let nq = enc(&format!("'{nums}' in parents"));
+    let by = |o: &str| format!("q={nq}&orderBy={}&fields=files(name)", enc(o));
+    assert_eq!(names(&api.list(&by("name")).await.json()), ["1", "12", "2", "22"]);
+    assert_eq!(names(&api.list(&by("name_natural")).await.json()), ["1", "2", "12", "22"]);
+    assert_eq!(names(&api.list(&by("name desc")).await.json()), ["22", "2", "12", "1"]);
+    assert_eq!(names(&api.list(&by("name_natural desc")).await.json()), ["22", "12", "2", "1"]);
     // Default fields of a list: kind, incompleteSearch, nextPageToken, files(kind,id,name,mimeType).
     let f0 = &v["files"][0];
     assert_eq!(f0.as_object().map(|o| o.len()), Some(4), "{f0}");

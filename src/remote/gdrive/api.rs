@@ -15,7 +15,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 
 use super::auth::{Auth, AuthError};
-use super::ids::{Entries, IdRecord, Kind};
+use super::ids::{Entries, IdRecord, Kind, Recent};
 use super::pacer::Pacer;
 use crate::remote::bwlimit::Turn;
 use crate::remote::config::DriveConfig;
@@ -281,6 +281,14 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
             ErrorKind::Quota,
             " (Drive limits downloads of this file for now; cached data keeps working, and it lifts by itself within a day)",
         ),
+        // Not a permission: Drive's limit of 500,000 items directly in one
+        // folder ("Resolve errors"). Only gc deletes objects of a volume.
+        (403, "numChildrenInNonRootLimitExceeded") => (
+            ErrorKind::Quota,
+            " (the volume's folder holds as many items as Drive allows in one folder, 500,000: \
+             run `driveblk gc` with the volume's URL to delete what no kept generation needs; \
+             fewer kept generations (`--keep-generations`) free more)",
+        ),
         (403, "appNotAuthorizedToFile") => (
             ErrorKind::Fatal,
             " (with the drive.file scope driveblk may only open files it created: log in with `driveblk auth login --scope drive` to attach a file uploaded another way)",
@@ -373,7 +381,9 @@ pub struct DriveApi {
     /// folder id -> key -> file id of objects this process wrote or saw,
     /// shared by every remote of the account: a listing may lag behind a
     /// create, but an object this process made is found by id at once.
-    pub(crate) known: parking_lot::Mutex<HashMap<String, HashMap<String, String>>>,
+    /// (folder id, key) -> file id; the newest [`super::ids::MEMORY_KEEP`]
+    /// only, or a daemon that runs for months keeps every pack it made.
+    pub(crate) known: parking_lot::Mutex<Recent<(String, String), String>>,
     /// Ids this host recorded on disk (see `ids.rs`), loaded at start.
     record: IdRecord,
     /// What the record holds now, so an id is appended once.
@@ -416,10 +426,10 @@ impl DriveApi {
         let base = cfg.api_url.trim_end_matches('/');
         let auth = Auth::with_shared_client(cfg, http.clone()).map_err(|e| e.to_string());
         let (record, recorded) = IdRecord::open(cfg.id_record.clone(), base);
-        let mut known: HashMap<String, HashMap<String, String>> = HashMap::new();
-        for ((kind, parent, name), id) in &recorded {
+        let mut known = Recent::new();
+        for ((kind, parent, name), id) in recorded.iter() {
             if *kind == Kind::File {
-                known.entry(parent.clone()).or_default().insert(name.clone(), id.clone());
+                known.insert((parent.clone(), name.clone()), id.clone());
             }
         }
         Self {
@@ -593,18 +603,35 @@ impl DriveApi {
     /// files.list over every page. `drive_id` scopes the query to a shared
     /// drive (whose items a plain user-corpus query would miss).
     pub async fn list(&self, q: &str, drive_id: Option<&str>) -> Result<Vec<DriveFile>, ApiError> {
+        self.list_pages(q, drive_id, None, |_| true).await
+    }
+
+    /// files.list in the order `order_by` (e.g. `name desc`), page after
+    /// page while `more` (shown each page's files) says to go on.
+    pub async fn list_pages(
+        &self,
+        q: &str,
+        drive_id: Option<&str>,
+        order_by: Option<&str>,
+        mut more: impl FnMut(&[DriveFile]) -> bool + Send,
+    ) -> Result<Vec<DriveFile>, ApiError> {
         let fields = format!("nextPageToken,files({FILE_FIELDS})");
+        // Ordered, the caller likely wants the first few: smaller pages.
+        let size = if order_by.is_some() { "100" } else { "1000" };
         let mut out = Vec::new();
         let mut page: Option<String> = None;
         loop {
             let mut query: Vec<(&str, &str)> = vec![
                 ("q", q),
                 ("fields", &fields),
-                ("pageSize", "1000"),
+                ("pageSize", size),
                 ("supportsAllDrives", "true"),
                 ("includeItemsFromAllDrives", "true"),
                 ("spaces", "drive"),
             ];
+            if let Some(o) = order_by {
+                query.push(("orderBy", o));
+            }
             if let Some(d) = drive_id {
                 query.push(("corpora", "drive"));
                 query.push(("driveId", d));
@@ -615,12 +642,13 @@ impl DriveApi {
             let url = self.url(&format!("{}/files", self.api), &query);
             let t = self.cfg.request_timeout;
             let l: FileList = self.json(|tok| self.req(Method::GET, &url, tok, t), false).await?;
+            let go_on = more(&l.files);
             out.extend(l.files);
             // Pages may be short or empty before the end: only a missing
             // token ends the listing.
             match l.next_page_token.filter(|t| !t.is_empty()) {
-                Some(t) => page = Some(t),
-                None => return Ok(out),
+                Some(t) if go_on => page = Some(t),
+                _ => return Ok(out),
             }
         }
     }

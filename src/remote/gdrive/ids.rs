@@ -10,7 +10,8 @@
 //! lines whenever it holds more than twice the live ones — at open, and
 //! while a daemon runs for months. The rewrite holds an exclusive `flock`
 //! on the file and appenders a shared one, so no process's line is lost
-//! to a rewrite made at the same moment.
+//! to a rewrite made at the same moment. In memory too only the newest
+//! [`MEMORY_KEEP`] ids are kept ([`Recent`]).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -55,7 +56,103 @@ struct Line {
 }
 
 /// (kind, parent id, name) -> id.
-pub type Entries = HashMap<(Kind, String, String), String>;
+pub type Entries = Recent<(Kind, String, String), String>;
+
+/// Ids a process keeps in memory, at most this many (the newest): a daemon
+/// that runs for months makes a pack and a generation every few seconds,
+/// and the id of an object gc deleted long ago is never asked for again.
+/// One evicted that is asked for is looked up by name, as on a new host.
+pub const MEMORY_KEEP: usize = 20_000;
+
+/// A map that keeps only its [`MEMORY_KEEP`] most recently inserted
+/// entries (an insert of a present key makes it recent again).
+pub struct Recent<K, V> {
+    map: HashMap<K, (V, u64)>,
+    /// Insertion order; an entry whose stamp is not the map's is stale.
+    order: std::collections::VecDeque<(K, u64)>,
+    stamp: u64,
+    cap: usize,
+}
+
+impl<K: Clone + Eq + std::hash::Hash, V> Default for Recent<K, V> {
+    fn default() -> Self {
+        Self::with_cap(MEMORY_KEEP)
+    }
+}
+
+impl<K, V> IntoIterator for Recent<K, V> {
+    type Item = (K, V);
+    type IntoIter = std::iter::Map<std::collections::hash_map::IntoIter<K, (V, u64)>, fn((K, (V, u64))) -> (K, V)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.into_iter().map(|(k, (v, _))| (k, v))
+    }
+}
+
+impl<K: Clone + Eq + std::hash::Hash, V> Recent<K, V> {
+    /// An empty map keeping at most `cap` entries.
+    pub fn with_cap(cap: usize) -> Self {
+        Self { map: HashMap::new(), order: Default::default(), stamp: 0, cap: cap.max(1) }
+    }
+
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get<Q>(&self, k: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.map.get(k).map(|(v, _)| v)
+    }
+
+    pub fn insert(&mut self, k: K, v: V) {
+        self.stamp += 1;
+        self.order.push_back((k.clone(), self.stamp));
+        self.map.insert(k, (v, self.stamp));
+        while self.map.len() > self.cap {
+            let Some((old, stamp)) = self.order.pop_front() else { break };
+            if self.map.get(&old).is_some_and(|(_, s)| *s == stamp) {
+                self.map.remove(&old);
+            }
+        }
+        // Re-inserts and removals leave stale entries behind: drop them
+        // before they outgrow the map.
+        if self.order.len() > self.cap.saturating_mul(2) {
+            let map = &self.map;
+            self.order.retain(|(k, stamp)| map.get(k).is_some_and(|(_, s)| s == stamp));
+        }
+    }
+
+    pub fn remove<Q>(&mut self, k: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.map.remove(k).map(|(v, _)| v)
+    }
+
+    pub fn contains_key<Q>(&self, k: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.map.contains_key(k)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.map.iter().map(|(k, (v, _))| (k, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
 
 /// The on-disk record for one API endpoint.
 #[derive(Debug)]

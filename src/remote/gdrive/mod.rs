@@ -102,7 +102,7 @@ pub struct GDriveRemote {
     /// key -> file id from [`Remote::locate`] (ids a manifest recorded):
     /// used before any name lookup, so objects another machine created
     /// moments ago are read without waiting for a listing to show them.
-    located: parking_lot::Mutex<HashMap<String, String>>,
+    located: parking_lot::Mutex<ids::Recent<String, String>>,
 }
 
 impl std::fmt::Debug for GDriveRemote {
@@ -154,7 +154,7 @@ impl GDriveRemote {
             folder: tokio::sync::Mutex::new(None),
             folder_key: parking_lot::Mutex::new(None),
             pending: parking_lot::Mutex::new(HashMap::new()),
-            located: parking_lot::Mutex::new(HashMap::new()),
+            located: parking_lot::Mutex::new(ids::Recent::new()),
         }
     }
 
@@ -237,13 +237,13 @@ impl GDriveRemote {
     /// The file id of `key`, if this process knows it.
     fn known_id(&self, key: &str) -> Option<String> {
         let folder = self.folder_key.lock().clone();
-        let known = folder.and_then(|f| self.api.known.lock().get(&f).and_then(|m| m.get(key).cloned()));
+        let known = folder.and_then(|f| self.api.known.lock().get(&(f, key.to_string())).cloned());
         known.or_else(|| self.located.lock().get(key).cloned())
     }
 
     fn remember(&self, key: &str, id: &str) {
         if let Some(folder) = self.folder_key.lock().clone() {
-            self.api.known.lock().entry(folder).or_default().insert(key.to_string(), id.to_string());
+            self.api.known.lock().insert((folder, key.to_string()), id.to_string());
         }
     }
 
@@ -260,10 +260,82 @@ impl GDriveRemote {
         self.located.lock().remove(key);
         if let Some(folder) = self.folder_key.lock().clone() {
             self.api.record(ids::Kind::File, &folder, key, "");
-            if let Some(m) = self.api.known.lock().get_mut(&folder) {
-                m.remove(key);
+            self.api.known.lock().remove(&(folder, key.to_string()));
+        }
+    }
+
+    /// The objects under `prefix`, past `after` when given: then listed
+    /// newest name first, reading stops at the first key at or before
+    /// `after` — unless Drive ignored the order (its documented limit for
+    /// users with about a million files), seen as keys out of order: then
+    /// every page is read.
+    async fn list_past(&self, prefix: &str, after: Option<&str>) -> RemoteResult<Vec<ObjectMeta>> {
+        let past = |name: &str| after.is_none_or(|a| name > a);
+        if let Target::File { id } = &self.target {
+            return match self.lookup("list", id).await? {
+                Some(f) if id.starts_with(prefix) && past(id) => Ok(vec![self.meta(id, &f)]),
+                _ => Ok(Vec::new()),
+            };
+        }
+        let Some(folder) = self.folder_id("list", prefix, false).await? else { return Ok(Vec::new()) };
+        let q = listing_query(&folder.id, prefix);
+        let drive = folder.drive_id.as_deref();
+        let files = match after {
+            None => self.api.list(&q, drive).await,
+            Some(after) => {
+                let (mut last, mut sorted) = (None::<String>, true);
+                let counter = |n: &str| {
+                    n.len() == after.len()
+                        && n.strip_prefix(prefix).is_some_and(|d| d.bytes().all(|c| c.is_ascii_digit()))
+                };
+                self.api
+                    .list_pages(&q, drive, Some("name desc"), |page| {
+                        for f in page.iter().filter(|f| counter(&f.name)) {
+                            sorted &= last.as_deref().is_none_or(|l| f.name.as_str() <= l);
+                            last = Some(f.name.clone());
+                        }
+                        !(sorted && last.as_deref().is_some_and(|l| l <= after))
+                    })
+                    .await
             }
         }
+        .map_err(|e| self.err("list", prefix, e))?;
+        let mut by_name: HashMap<String, Vec<DriveFile>> = HashMap::new();
+        for f in files.into_iter().filter(|f| !f.is_folder() && f.name.starts_with(prefix) && past(&f.name)) {
+            by_name.entry(f.name.clone()).or_default().push(f);
+        }
+        let mut out = Vec::with_capacity(by_name.len());
+        for (name, files) in by_name {
+            let f = unique(files, &name, &self.name).map_err(|e| self.err("list", &name, e))?.expect("non-empty");
+            self.remember(&name, &f.id);
+            out.push(self.meta(&name, &f));
+        }
+        // Objects this process wrote that the listing does not show yet
+        // (it lags behind creates): confirmed by id, so a deleted or
+        // trashed one is dropped, never listed.
+        let listed: std::collections::HashSet<String> = out.iter().map(|m| m.key.clone()).collect();
+        let unlisted: Vec<(String, String)> = self
+            .known_keys()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(prefix) && past(k) && !listed.contains(k))
+            .collect();
+        let checks = futures::stream::iter(unlisted.into_iter().map(|(key, id)| async move {
+            let r = self.api.get_file(&id).await;
+            (key, r)
+        }))
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+        for (key, r) in checks {
+            match r {
+                Ok(f) if !f.trashed && f.name == key => out.push(self.meta(&key, &f)),
+                Ok(_) => self.forget(&key),
+                Err(e) if e.kind == ErrorKind::NotFound => self.forget(&key),
+                Err(e) => return Err(self.err("list", &key, e)),
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
     }
 
     /// Keys this process knows in the folder, with their ids.
@@ -272,9 +344,10 @@ impl GDriveRemote {
         self.api
             .known
             .lock()
-            .get(&folder)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default()
+            .iter()
+            .filter(|((f, _), _)| *f == folder)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// The file named `key` in the folder, looked up by name (this lags
@@ -597,48 +670,11 @@ impl Remote for GDriveRemote {
     }
 
     async fn list(&self, prefix: &str) -> RemoteResult<Vec<ObjectMeta>> {
-        if let Target::File { id } = &self.target {
-            return match self.lookup("list", id).await? {
-                Some(f) if id.starts_with(prefix) => Ok(vec![self.meta(id, &f)]),
-                _ => Ok(Vec::new()),
-            };
-        }
-        let Some(folder) = self.folder_id("list", prefix, false).await? else { return Ok(Vec::new()) };
-        let q = listing_query(&folder.id, prefix);
-        let files = self.api.list(&q, folder.drive_id.as_deref()).await.map_err(|e| self.err("list", prefix, e))?;
-        let mut by_name: HashMap<String, Vec<DriveFile>> = HashMap::new();
-        for f in files.into_iter().filter(|f| !f.is_folder() && f.name.starts_with(prefix)) {
-            by_name.entry(f.name.clone()).or_default().push(f);
-        }
-        let mut out = Vec::with_capacity(by_name.len());
-        for (name, files) in by_name {
-            let f = unique(files, &name, &self.name).map_err(|e| self.err("list", &name, e))?.expect("non-empty");
-            self.remember(&name, &f.id);
-            out.push(self.meta(&name, &f));
-        }
-        // Objects this process wrote that the listing does not show yet
-        // (it lags behind creates): confirmed by id, so a deleted or
-        // trashed one is dropped, never listed.
-        let listed: std::collections::HashSet<String> = out.iter().map(|m| m.key.clone()).collect();
-        let unlisted: Vec<(String, String)> =
-            self.known_keys().into_iter().filter(|(k, _)| k.starts_with(prefix) && !listed.contains(k)).collect();
-        let checks = futures::stream::iter(unlisted.into_iter().map(|(key, id)| async move {
-            let r = self.api.get_file(&id).await;
-            (key, r)
-        }))
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await;
-        for (key, r) in checks {
-            match r {
-                Ok(f) if !f.trashed && f.name == key => out.push(self.meta(&key, &f)),
-                Ok(_) => self.forget(&key),
-                Err(e) if e.kind == ErrorKind::NotFound => self.forget(&key),
-                Err(e) => return Err(self.err("list", &key, e)),
-            }
-        }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        self.list_past(prefix, None).await
+    }
+
+    async fn list_after(&self, prefix: &str, after: &str) -> RemoteResult<Vec<ObjectMeta>> {
+        self.list_past(prefix, Some(after)).await
     }
 
     /// The folder's files.list as another host's `list` queries it, without
@@ -840,6 +876,55 @@ mod tests {
     /// A put whose first attempt landed but whose reply was lost is
     /// retried: the retry reuses the key's pre-generated id, gets 409, and
     /// recognises the file instead of making a second one.
+    /// A daemon that runs for months sees and makes far more objects than
+    /// it will ever ask for again (gc deletes them elsewhere): the ids it
+    /// keeps in memory are bounded, the newest kept; an older one is looked
+    /// up by name again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gdrive_the_ids_kept_in_memory_are_bounded() {
+        use super::test_http::{response, serve, Reply};
+        let n = ids::MEMORY_KEEP + 5_000;
+        let files: Vec<serde_json::Value> = (0..n)
+            .map(|i| serde_json::json!({"id": format!("id{i}"), "name": format!("pack-{i:08}"), "size": "1"}))
+            .collect();
+        let listing = serde_json::to_vec(&serde_json::json!({ "files": files })).unwrap();
+        let folder = br#"{"id": "fld", "name": "vol", "mimeType": "application/vnd.google-apps.folder"}"#;
+        let base = serve(move |req| {
+            let ok = |b: &[u8]| Reply::Raw(response("200 OK", &[("Content-Type", "application/json".into())], b));
+            if req.path.starts_with("/drive/v3/files/fld") {
+                ok(folder)
+            } else if req.path.starts_with("/drive/v3/files?") {
+                ok(&listing)
+            } else {
+                Reply::Raw(response("404 Not Found", &[], b"{}"))
+            }
+        })
+        .await;
+        let cfg = DriveConfig {
+            api_url: base,
+            credentials: DriveCredentials::StaticToken("t".into()),
+            id_record: None,
+            ..DriveConfig::default()
+        };
+        let loc = DriveLocation::Path { root: DriveRoot::Id("fld".into()), dirs: vec![], name: "x".into() };
+        let (r, _) = GDriveRemote::object(&loc, &cfg);
+        assert_eq!(r.list("pack-").await.unwrap().len(), n);
+        for i in 0..n {
+            r.locate(&format!("gen-{i:08}"), &Slot(format!("g{i}")));
+            r.api.record(ids::Kind::File, "fld", &format!("gen-{i:08}"), &format!("g{i}"));
+        }
+        assert_eq!(r.api.known.lock().len(), ids::MEMORY_KEEP);
+        assert_eq!(r.located.lock().len(), ids::MEMORY_KEEP);
+        assert_eq!(r.api.recorded.lock().len(), ids::MEMORY_KEEP);
+        // The newest are kept, the oldest gone.
+        assert_eq!(r.known_id(&format!("gen-{:08}", n - 1)).as_deref(), Some(format!("g{}", n - 1).as_str()));
+        assert_eq!(r.known_id("gen-00000000"), None);
+        // An object made now is known at once, within the bound.
+        r.created("pack-new", "id-new");
+        assert_eq!(r.known_id("pack-new").as_deref(), Some("id-new"));
+        assert_eq!(r.api.known.lock().len(), ids::MEMORY_KEEP);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn gdrive_put_retried_after_a_lost_reply_makes_no_duplicate() {
         let lagging = driveemu::Config { listing_lag: std::time::Duration::from_secs(2), ..Default::default() };
