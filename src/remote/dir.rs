@@ -132,34 +132,14 @@ impl DirRemote {
     /// The objects under `prefix` (past `after`, if given), sorted; names
     /// at or before `after` are passed over without a stat.
     async fn list_past(&self, prefix: &str, after: Option<&str>) -> RemoteResult<Vec<ObjectMeta>> {
-        let root = self.root.clone();
-        let prefix_owned = prefix.to_string();
-        let after = after.map(str::to_string);
+        let (root, prefix_owned, after) = (self.root.clone(), prefix.to_string(), after.map(str::to_string));
         let r = self
             .blocking(move || {
-                let mut out = Vec::new();
-                let rd = match std::fs::read_dir(&root) {
-                    Ok(rd) => rd,
-                    // A folder that does not exist yet holds no objects.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-                    Err(e) => return Err(e),
-                };
-                for ent in rd {
-                    let ent = ent?;
-                    let Ok(name) = ent.file_name().into_string() else { continue };
-                    if name.starts_with('.') || !name.starts_with(&prefix_owned) {
-                        continue;
-                    }
-                    if after.as_deref().is_some_and(|a| name.as_str() <= a) {
-                        continue;
-                    }
-                    let m = ent.metadata()?;
-                    if m.is_file() {
-                        out.push(meta_of(&name, &m));
-                    }
-                }
-                out.sort_by(|a, b| a.key.cmp(&b.key));
-                Ok(out)
+                files_named(&root, |name| {
+                    !name.starts_with('.')
+                        && name.starts_with(&prefix_owned)
+                        && after.as_deref().is_none_or(|a| name > a)
+                })
             })
             .await;
         r.map_err(|e| self.io_err("list", prefix, e))
@@ -346,6 +326,33 @@ impl DirRemote {
     }
 }
 
+/// The regular files in `root` whose names `want` takes, sorted by name
+/// (a folder not made yet holds none; one removed between the listing and
+/// its stat, a put or gc finishing, is passed over).
+fn files_named(root: &Path, want: impl Fn(&str) -> bool) -> io::Result<Vec<ObjectMeta>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for ent in rd {
+        let ent = ent?;
+        let Ok(name) = ent.file_name().into_string() else { continue };
+        if !want(&name) {
+            continue;
+        }
+        match ent.metadata() {
+            Ok(m) if m.is_file() => out.push(meta_of(&name, &m)),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
 fn meta_of(key: &str, m: &std::fs::Metadata) -> ObjectMeta {
     ObjectMeta {
         key: key.to_string(),
@@ -440,32 +447,7 @@ impl Remote for DirRemote {
 
     async fn list_scratch(&self) -> RemoteResult<Vec<ObjectMeta>> {
         let root = self.root.clone();
-        let r = self
-            .blocking(move || {
-                let mut out = Vec::new();
-                let rd = match std::fs::read_dir(&root) {
-                    Ok(rd) => rd,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-                    Err(e) => return Err(e),
-                };
-                for ent in rd {
-                    let ent = ent?;
-                    let Ok(name) = ent.file_name().into_string() else { continue };
-                    if !name.starts_with(TMP_PREFIX) {
-                        continue;
-                    }
-                    match ent.metadata() {
-                        Ok(m) if m.is_file() => out.push(meta_of(&name, &m)),
-                        // Renamed or removed meanwhile: a put finishing.
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                out.sort_by(|a, b| a.key.cmp(&b.key));
-                Ok(out)
-            })
-            .await;
+        let r = self.blocking(move || files_named(&root, |name| name.starts_with(TMP_PREFIX))).await;
         r.map_err(|e| self.io_err("list", TMP_PREFIX, e))
     }
 
