@@ -200,17 +200,9 @@ fn cut_short_on_drive(restart: bool) {
     let after = drive_packs(url, &base, landed.len() + 16);
     let again = after.difference(&landed).count();
     assert!(again <= 17, "{again} packs uploaded after the outage: the chunks already up went up again");
-    let mut fresh = tier_support::cache_opts(&env.dir.path().join("b"), base);
-    fresh.read_only = true;
-    let s = driveblk::tier::open_volume(url, fresh).unwrap();
-    assert!(tier_support::read_all(&*s).unwrap() == want, "another machine reads every change");
+    another_cache_reads(&env, "b", url, base, &want);
 }
 
-/// The volume's folder renamed in the web UI between two runs: the cache
-/// serves its copy, and write-back says the folder is not at its path
-/// instead of making a new empty one there and committing into it (where
-/// no reader looks, and which the user would delete as junk). Renamed
-/// back, the changes go up.
 /// Writes a page of `fill` at `off`, flushed and durable, and records it in `want`.
 fn write_flushed(s: &dyn driveblk::tier::Storage, off: u64, fill: u8, want: &mut [u8]) {
     use driveblk::format::{IoMode, IoVec};
@@ -256,6 +248,37 @@ fn quick_retries(cfg: driveblk::remote::RemoteConfig) -> driveblk::volume::Remot
     }
 }
 
+/// A volume imported to `url` from `seed`, open on a cache whose first
+/// change (a page at 8 KiB) is committed; returns the bytes it should hold.
+fn with_a_first_commit(
+    env: &gdrive_support::DriveEnv,
+    url: &str,
+    remote: &driveblk::volume::RemoteOptions,
+    seed: u64,
+) -> (Vec<u8>, std::sync::Arc<driveblk::tier::TieredStore>) {
+    let mut want = imported(env, url, remote, seed);
+    let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&env.dir.path().join("cache"), remote.clone()))
+        .unwrap();
+    write_flushed(&*s, 8192, 0x11, &mut want);
+    s.request_sync();
+    wait_for(&|| s.sync_status().unwrap(), &|st| st.committed_cut == 1, "the first change did not go up");
+    (want, s)
+}
+
+/// Another machine's cache (read-only, in `dir`) reads `want` from `url`.
+fn another_cache_reads(
+    env: &gdrive_support::DriveEnv,
+    dir: &str,
+    url: &str,
+    remote: driveblk::volume::RemoteOptions,
+    want: &[u8],
+) {
+    let mut ro = tier_support::cache_opts(&env.dir.path().join(dir), remote);
+    ro.read_only = true;
+    let s = driveblk::tier::open_volume(url, ro).unwrap();
+    assert!(tier_support::read_all(&*s).unwrap() == want, "another cache reads every change");
+}
+
 /// Imports a 2 MiB raw image of `seed` to `url`; returns its bytes.
 fn imported(env: &gdrive_support::DriveEnv, url: &str, remote: &driveblk::volume::RemoteOptions, seed: u64) -> Vec<u8> {
     let (img, want) = tier_support::raw_image(env.dir.path(), "disk.raw", 2 << 20, seed);
@@ -269,6 +292,11 @@ fn imported(env: &gdrive_support::DriveEnv, url: &str, remote: &driveblk::volume
     want
 }
 
+/// The volume's folder renamed in the web UI between two runs: the cache
+/// serves its copy, and write-back says the folder is not at its path
+/// instead of making a new empty one there and committing into it (where
+/// no reader looks, and which the user would delete as junk). Renamed
+/// back, the changes go up.
 #[test]
 fn gdrive_a_renamed_volume_folder_is_never_made_again() {
     let env = start(driveemu::Config::default(), Creds::User);
@@ -301,10 +329,7 @@ fn gdrive_a_renamed_volume_folder_is_never_made_again() {
     let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&cache, remote.clone())).unwrap();
     assert_eq!(s.close(Duration::from_secs(30)), 0, "the change went up");
     drop(s);
-    let mut ro = tier_support::cache_opts(&env.dir.path().join("fresh"), remote);
-    ro.read_only = true;
-    let s = driveblk::tier::open_volume(url, ro).unwrap();
-    assert!(tier_support::read_all(&*s).unwrap() == want);
+    another_cache_reads(&env, "fresh", url, remote, &want);
 }
 
 /// The saved grant stops working while a volume is served (revoked, or a
@@ -318,13 +343,8 @@ fn gdrive_a_new_login_is_used_without_a_restart() {
     let env = start(driveemu::Config::default(), Creds::User);
     let remote = quick_retries(env.cfg.clone());
     let url = "gdrive:/vms/disk";
-    let mut want = imported(&env, url, &remote, 63);
-    let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&env.dir.path().join("cache"), remote.clone()))
-        .unwrap();
+    let (mut want, s) = with_a_first_commit(&env, url, &remote, 63);
     let status = || s.sync_status().unwrap();
-    write_flushed(&*s, 8192, 0x11, &mut want);
-    s.request_sync();
-    wait_for(&status, &|st| st.committed_cut == 1, "the first change did not go up");
 
     // The grant is revoked, and the access token in hand runs out.
     env.emu.faults().revoke_refresh_tokens();
@@ -345,10 +365,7 @@ fn gdrive_a_new_login_is_used_without_a_restart() {
     wait_for(&status, &resumed, "write-back still paused after a new login");
     assert_eq!(s.close(Duration::from_secs(30)), 0);
     drop(s);
-    let mut ro = tier_support::cache_opts(&env.dir.path().join("fresh"), remote);
-    ro.read_only = true;
-    let s = driveblk::tier::open_volume(url, ro).unwrap();
-    assert!(tier_support::read_all(&*s).unwrap() == want, "another cache reads every change");
+    another_cache_reads(&env, "fresh", url, remote, &want);
 }
 
 /// `serve --bwlimit` on the wire: a guest writes 8 MiB of fresh data and
@@ -399,13 +416,8 @@ fn gdrive_a_commit_does_not_list_older_generations() {
     let env = start(driveemu::Config::default(), Creds::User);
     let remote = quick_retries(env.cfg.clone());
     let url = "gdrive:/vms/disk";
-    let mut want = imported(&env, url, &remote, 64);
-    let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&env.dir.path().join("cache"), remote.clone()))
-        .unwrap();
+    let (mut want, s) = with_a_first_commit(&env, url, &remote, 64);
     let status = || s.sync_status().unwrap();
-    write_flushed(&*s, 8192, 0x11, &mut want);
-    s.request_sync();
-    wait_for(&status, &|st| st.committed_cut == 1, "the first change did not go up");
 
     // 3,000 objects listed under `gen-` that sort before the newest
     // generation, as its predecessors do (a young volume has too few
@@ -426,8 +438,5 @@ fn gdrive_a_commit_does_not_list_older_generations() {
     assert!(made <= 2, "one commit made {made} files.list requests");
     assert_eq!(s.close(Duration::from_secs(30)), 0);
     drop(s);
-    let mut ro = tier_support::cache_opts(&env.dir.path().join("fresh"), remote);
-    ro.read_only = true;
-    let s = driveblk::tier::open_volume(url, ro).unwrap();
-    assert!(tier_support::read_all(&*s).unwrap() == want, "another cache reads every change");
+    another_cache_reads(&env, "fresh", url, remote, &want);
 }
