@@ -343,23 +343,29 @@ fn note_paced_until(end: Instant) {
 /// or whose body is spread over minutes is not failed by its deadline for
 /// that, and one that hangs still is. `None`: the deadline passed.
 pub async fn past_pacing<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
-    PACED_UNTIL
-        .scope(std::cell::Cell::new(None), async move {
-            tokio::pin!(fut);
-            let mut deadline = Instant::now() + limit;
-            loop {
-                tokio::select! {
-                    r = &mut fut => return Some(r),
-                    _ = tokio::time::sleep_until(deadline) => {
-                        match PACED_UNTIL.with(|c| c.get()).map(|e| e + limit) {
-                            Some(later) if later > deadline => deadline = later,
-                            _ => return None,
-                        }
+    let watched = async move {
+        tokio::pin!(fut);
+        let mut deadline = Instant::now() + limit;
+        loop {
+            tokio::select! {
+                r = &mut fut => return Some(r),
+                _ = tokio::time::sleep_until(deadline) => {
+                    match PACED_UNTIL.with(|c| c.get()).map(|e| e + limit) {
+                        Some(later) if later > deadline => deadline = later,
+                        _ => return None,
                     }
                 }
             }
-        })
-        .await
+        }
+    };
+    // Inside another such deadline (the retry wrapper's around a backend's
+    // own), both watch one record: a scope of its own would hide the turns
+    // from the outer one.
+    if PACED_UNTIL.try_with(|_| ()).is_ok() {
+        watched.await
+    } else {
+        PACED_UNTIL.scope(std::cell::Cell::new(None), watched).await
+    }
 }
 
 #[cfg(test)]

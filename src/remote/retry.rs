@@ -158,9 +158,17 @@ impl RetryingRemote {
             let r = if limit.is_zero() {
                 Err(self.no_answer(op, key, limit, "the caller's time budget is spent"))
             } else {
-                match tokio::time::timeout(limit, f()).await {
-                    Ok(r) => r,
-                    Err(_) => {
+                // Without a caller's budget the deadline counts from the end
+                // of the `--bwlimit` turns the attempt was given: an upload
+                // queued behind other transfers' turns is not failed for
+                // waiting, and one that hangs after its turn still is.
+                let answered = match left {
+                    Some(_) => tokio::time::timeout(limit, f()).await.ok(),
+                    None => super::bwlimit::past_pacing(limit, f()).await,
+                };
+                match answered {
+                    Some(r) => r,
+                    None => {
                         // A silent peer: the pooled connections may all be
                         // dead (a laptop resumed, the network changed), so
                         // the next attempt starts on fresh ones.
@@ -392,6 +400,31 @@ mod tests {
         let e = r.get_range("k", 0..2).await.unwrap_err();
         assert!(matches!(e, RemoteError::RetriesExhausted { attempts: 3, .. }), "{e}");
         assert!(!e.is_retryable());
+    }
+
+    /// Two uploads at the lowest `--bwlimit`: the second waits the first's
+    /// turn (4 s), then takes 4 s of its own, past its attempt deadline of
+    /// 1 s + 64 KiB at 16 KiB/s counted from its start. Counted from the
+    /// end of its turn, it lands.
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_queued_behind_another_ones_turn_is_not_timed_out() {
+        use crate::remote::bwlimit::{BwLimit, BwSchedule};
+        let d = tempfile::tempdir().unwrap();
+        let l = BwLimit::new(BwSchedule::fixed(Some(16 << 10), None));
+        let policy = RetryPolicy {
+            max_attempts: 1,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            seed: Some(1),
+            attempt_timeout: Duration::from_secs(1),
+        };
+        let r = RetryingRemote::new(Arc::new(crate::remote::DirRemote::new(d.path()).with_bwlimit(l)), policy);
+        let t0 = tokio::time::Instant::now();
+        let put = |k: &'static str| r.put(k, PutBody::from_bytes(vec![7u8; 64 << 10]));
+        let (a, b) = tokio::join!(put("a"), put("b"));
+        a.unwrap();
+        b.unwrap();
+        assert!(t0.elapsed() >= Duration::from_secs(8), "{:?}", t0.elapsed());
     }
 
     /// Never answers.
