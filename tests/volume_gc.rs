@@ -1239,3 +1239,34 @@ fn gdrive_a_trashed_newest_generation_is_named_to_the_next_writer() {
     assert!(support::read_all(&*s).unwrap() == expect);
     assert_eq!(s.close(Duration::from_secs(30)), 0);
 }
+
+/// A fork deleted for good keeps its generation in the origin until its
+/// registration goes: gc names the registration to delete, and once it is
+/// deleted the generation goes at the next gc.
+#[test]
+fn gc_names_the_registration_that_keeps_a_deleted_forks_generation() {
+    let v = dir_vol();
+    let rt = rt();
+    let (_, s) = committed(&v, "a", 3, 70);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let r = open(&rt, &v);
+    let from = r.generation() - 2;
+    let id = "cd".repeat(16);
+    let fork = serde_json::json!({"volume_id": id, "url": "dir:/deleted/fork", "from_generation": from,
+                                  "created_unix_ms": 1});
+    let key = format!("fork-{id}.json");
+    rt.block_on(r.remote.put(&key, PutBody::from_bytes(fork.to_string()))).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["gc", &v.url, "--dry-run", "--grace", "0s", "--keep-generations", "1"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains(&format!("delete {key} in this volume's folder")), "{out}");
+    let manifest = format!("gen-{from:020}");
+    let rep = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap();
+    assert!(!rep.deleted.iter().any(|(k, _)| *k == manifest), "the registered fork's generation is kept");
+    rt.block_on(r.remote.delete(&key)).unwrap();
+    let rep = volume::gc::gc(&v.url, &gc_opts(&v, 1)).unwrap();
+    assert!(rep.deleted.iter().any(|(k, _)| *k == manifest), "{:?}", rep.deleted);
+}

@@ -229,7 +229,14 @@ pub fn gc(a: GcArgs) -> anyhow::Result<()> {
         r.also_kept.len()
     );
     for f in &r.forks {
-        println!("fork {} ({}) keeps generation {}", f.volume_id, f.url, f.from_generation);
+        println!(
+            "fork {} ({}) keeps generation {}: if that volume is gone for good (deleted, not just moved), \
+             delete {} in this volume's folder and gc frees what only it kept",
+            f.volume_id,
+            f.url,
+            f.from_generation,
+            crate::volume::fork::registration_key(&f.volume_id)
+        );
     }
     for (g, what) in &r.held_for_changes {
         println!(
