@@ -119,6 +119,20 @@ fn commit(s: &TieredStore) -> u64 {
     }
 }
 
+/// Asks for a sync and waits until write-back pauses; returns its status.
+fn sync_until_paused(s: &TieredStore) -> driveblk::tier::tiered::SyncStatus {
+    s.request_sync();
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = s.sync_status().unwrap();
+        if st.paused {
+            return st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{st:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Every chunk of the generation `r` serves, fetched and hash-checked.
 fn image_of(rt: &tokio::runtime::Runtime, r: &VolumeReader) -> Vec<u8> {
     let mut out = Vec::new();
@@ -786,13 +800,7 @@ fn gdrive_full_drive_pauses_sync_and_gc_frees_room() {
     let env = v.drive.as_ref().unwrap();
     env.emu.faults().set_storage_quota(Some(used + 4096));
     write_chunks(&*s, 4..8, 60, &mut expect);
-    s.request_sync();
-    let t0 = std::time::Instant::now();
-    while !s.sync_status().unwrap().paused {
-        assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", s.sync_status());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let st = s.sync_status().unwrap();
+    let st = sync_until_paused(&s);
     assert!(st.last_error.as_deref().is_some_and(|e| e.contains("storageQuotaExceeded")), "{st:?}");
     // The guest runs on: writes land and flush locally, reads see them.
     write_chunks(&*s, 8..9, 61, &mut expect);
@@ -852,13 +860,7 @@ fn gdrive_full_folder_pauses_sync_naming_gc() {
     let env = v.drive.as_ref().unwrap();
     env.emu.faults().set_folder_child_limit(Some(items));
     write_chunks(&*s, 4..6, 92, &mut expect);
-    s.request_sync();
-    let t0 = std::time::Instant::now();
-    while !s.sync_status().unwrap().paused {
-        assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", s.sync_status());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let st = s.sync_status().unwrap();
+    let st = sync_until_paused(&s);
     let e = st.last_error.clone().unwrap_or_default();
     assert!(e.contains("driveblk gc") && e.contains("500,000"), "{st:?}");
     assert!(!e.contains("permission denied"), "{st:?}");
