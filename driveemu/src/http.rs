@@ -1135,6 +1135,10 @@ fn apply_update(
     if let Some(t) = trashed {
         st.set_trashed(&fid, t);
     }
+    if moved {
+        // Into or out of a trashed folder: trashed follows the new parent.
+        st.inherit_trash(&fid);
+    }
     Ok(())
 }
 
