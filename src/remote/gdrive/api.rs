@@ -372,6 +372,9 @@ pub struct DriveApi {
     pub(crate) pacer: Pacer,
     pub(crate) cfg: DriveConfig,
     ids: parking_lot::Mutex<Vec<String>>,
+    /// The id behind My Drive's `root` alias (a folder's `parents` name
+    /// the id, never the alias), fetched once when needed.
+    root_id: tokio::sync::OnceCell<String>,
     /// Single flight for refilling `ids`.
     ids_refill: tokio::sync::Mutex<()>,
     /// (parent id, name) -> id of folders this process created or is
@@ -442,6 +445,7 @@ impl DriveApi {
             pacer: Pacer::new(cfg.pacer),
             cfg: cfg.clone(),
             ids: parking_lot::Mutex::new(Vec::new()),
+            root_id: tokio::sync::OnceCell::new(),
             ids_refill: tokio::sync::Mutex::new(()),
             folders: parking_lot::Mutex::new(HashMap::new()),
             known: parking_lot::Mutex::new(known),
@@ -598,6 +602,15 @@ impl DriveApi {
         let url = self.url(&self.file_url(id), &[("fields", FILE_FIELDS), ("supportsAllDrives", "true")]);
         let t = self.cfg.request_timeout;
         self.json(|tok| self.req(Method::GET, &url, tok, t), false).await
+    }
+
+    /// The id of folder `id`, with My Drive's `root` alias turned into the
+    /// id Drive lists in `parents` (one files.get, the first time).
+    pub async fn canonical_folder_id(&self, id: &str) -> Result<String, ApiError> {
+        if id != "root" {
+            return Ok(id.to_string());
+        }
+        self.root_id.get_or_try_init(|| async { Ok(self.get_file("root").await?.id) }).await.cloned()
     }
 
     /// files.list over every page. `drive_id` scopes the query to a shared
