@@ -391,6 +391,34 @@ fn gdrive_a_moved_volume_folder_is_not_at_its_old_path() {
     another_cache_reads(&env, "fresh", url, remote, &want);
 }
 
+/// The volume's folder moved to the Drive trash while a cache serves it:
+/// write-back does not commit into it (what is there goes when the trash
+/// is emptied, and other hosts already take it for absent) but pauses
+/// saying so, the changes kept in the cache. Restored, they go up.
+#[test]
+fn gdrive_write_back_never_commits_into_a_trashed_folder() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let remote = quick_retries(env.cfg.clone());
+    let url = "gdrive:/vms/disk";
+    let (mut want, s) = with_a_first_commit(&env, url, &remote, 66);
+    let status = || s.sync_status().unwrap();
+    let folder = env.emu.ui_find("disk").into_iter().find(|f| f.1 == "disk").unwrap().0;
+    env.emu.ui_trash(&folder);
+    write_flushed(&*s, 65536, 0x22, &mut want);
+    s.request_sync();
+    let in_trash = |st: &driveblk::tier::tiered::SyncStatus| {
+        st.paused && st.last_error.as_deref().is_some_and(|e| e.contains("folder is in the Drive trash"))
+    };
+    wait_for(&status, &in_trash, "write-back did not pause on the trashed folder");
+    assert_eq!(status().committed_cut, 1, "a generation was committed into the trash");
+    env.emu.ui_restore(&folder);
+    s.request_sync();
+    wait_for(&status, &|st| st.committed_cut == 2 && !st.paused, "the change did not go up once restored");
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    another_cache_reads(&env, "fresh", url, remote, &want);
+}
+
 /// The saved grant stops working while a volume is served (revoked, or a
 /// client left in "testing" whose refresh tokens expire after 7 days):
 /// write-back pauses naming invalid_grant. `driveblk auth login` then
