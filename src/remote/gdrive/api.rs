@@ -270,7 +270,15 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
         (403 | 429, "rateLimitExceeded" | "userRateLimitExceeded" | "sharingRateLimitExceeded") => {
             (ErrorKind::Transient, "")
         }
-        (403 | 429, "storageQuotaExceeded" | "quotaExceeded" | "teamDriveFileLimitExceeded") => (
+        // A count of items, not bytes: "The file limit for this shared drive
+        // has been exceeded." Space bought or freed elsewhere does not help.
+        (403 | 429, "teamDriveFileLimitExceeded") => (
+            ErrorKind::Quota,
+            " (the shared drive holds as many items as Drive allows in one shared drive: \
+             run `driveblk gc` with the volume's URL to delete what no kept generation needs, \
+             or keep the volume in another shared drive)",
+        ),
+        (403 | 429, "storageQuotaExceeded" | "quotaExceeded") => (
             ErrorKind::Quota,
             " (the Drive is full: free space, buy storage, or use a shared drive; a service account has no storage of its own)",
         ),
@@ -1065,6 +1073,14 @@ mod tests {
             err(403, &google(403, "storageQuotaExceeded", "The user's Drive storage quota has been exceeded."), true);
         assert_eq!(full.kind, ErrorKind::Quota);
         assert!(full.message.contains("shared drive"), "{full}");
+        // A shared drive full of items: gc, not storage, is the way out.
+        let items = err(
+            403,
+            &google(403, "teamDriveFileLimitExceeded", "The file limit for this shared drive has been exceeded."),
+            true,
+        );
+        assert_eq!(items.kind, ErrorKind::Quota);
+        assert!(items.message.contains("driveblk gc") && !items.message.contains("buy storage"), "{items}");
         assert_eq!(err(403, &google(403, "downloadQuotaExceeded", "x"), false).kind, ErrorKind::Quota);
         assert_eq!(err(403, &google(403, "insufficientFilePermissions", "x"), false).kind, ErrorKind::Fatal);
         assert_eq!(err(403, &google(403, "insufficientPermissions", "x"), false).kind, ErrorKind::Auth);
