@@ -261,6 +261,9 @@ async fn multipart_with_bare_newlines_and_jitter() {
         .await;
     assert_eq!(r.code(), 400);
     assert_eq!(api.send(Method::POST, "/upload/drive/v3/files?uploadType=bogus", &[], vec![]).await.code(), 400);
+    // "If you are uploading data with an /upload URI, this field is required."
+    let r = api.send(Method::POST, "/upload/drive/v3/files", &[], b"data".to_vec()).await;
+    assert_eq!((r.code(), r.reason()), (400, "required".to_string()));
 
     api.emu.faults().set_jitter(Duration::from_millis(100));
     let t = Instant::now();
