@@ -141,7 +141,7 @@ fn gdrive_selftest_passes_against_the_emulator() {
     let o = cli(&env, &["selftest", "--id-age-secs", "1", "--listing-wait-secs", "10", "gdrive:/driveblk-selftest"]);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "{text}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(text.contains("10 passed, 0 failed"), "{text}");
+    assert!(text.contains("11 passed, 0 failed"), "{text}");
     assert!(text.contains("PASS pinned revision kept and read by Range"), "{text}");
     assert!(text.contains("PASS second create with the same id answers 409"), "{text}");
 }

@@ -332,6 +332,93 @@ fn gdrive_a_renamed_volume_folder_is_never_made_again() {
     another_cache_reads(&env, "fresh", url, remote, &want);
 }
 
+/// The volume's folder moved into another folder in the web UI between two
+/// runs (its name and id unchanged): the ids this host remembers for the
+/// path (in this process, and on disk for the next one) no longer hold it
+/// there. The old path has no volume for a new process, write-back of the
+/// cache says the folder is not at its path instead of committing into
+/// the moved one, and the volume opens at its new path. Moved back, the
+/// changes go up.
+#[test]
+fn gdrive_a_moved_volume_folder_is_not_at_its_old_path() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let mut cfg = env.cfg.clone();
+    cfg.drive.open_grace = Duration::from_millis(200);
+    cfg.drive.id_record = Some(env.dir.path().join("gdrive-ids.jsonl"));
+    let remote = quick_retries(cfg.clone());
+    let url = "gdrive:/vms/disk";
+    let mut want = imported(&env, url, &remote, 65);
+    let cache = env.dir.path().join("cache");
+    let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&cache, remote.clone())).unwrap();
+    write_flushed(&*s, 8192, 0x11, &mut want);
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    let committed = want.clone();
+
+    let folder = env.emu.ui_find("disk").into_iter().find(|f| f.1 == "disk").unwrap().0;
+    let vms = env.emu.ui_find("vms").into_iter().find(|f| f.1 == "vms").unwrap().0;
+    let archive = env.emu.ui_create_folder(&env.emu.root_folder_id(), "archive");
+    env.emu.ui_move(&folder, &archive);
+
+    // Another process on this host (its own client, the same id record).
+    let mut other = cfg.clone();
+    other.drive.open_grace = Duration::from_millis(201);
+    let other = quick_retries(other);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let open = |u: &str| {
+        rt.block_on(driveblk::volume::VolumeReader::open(&driveblk::remote::RemoteUrl::parse(u).unwrap(), &other))
+    };
+    let Err(e) = open(url) else { panic!("the old path still opened the moved volume") };
+    assert!(e.to_string().contains("no volume at"), "{e}");
+    assert!(open("gdrive:/archive/disk").is_ok(), "the volume does not open at its new path");
+
+    // This process, whose cache holds the volume: write-back waits.
+    let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&cache, remote.clone())).unwrap();
+    write_flushed(&*s, 65536, 0x22, &mut want);
+    assert!(!s.sync_now(Duration::from_secs(10)), "synced into the folder moved away from the volume's path");
+    let st = s.sync_status().unwrap();
+    let e = st.last_error.clone().unwrap_or_default();
+    assert!(e.contains("not on Drive at this path"), "{e}");
+    assert!(st.paused, "a folder someone must put back pauses write-back: {st:?}");
+    assert_ne!(s.close(Duration::from_secs(1)), 0, "the change stays pending");
+    drop(s);
+    another_cache_reads(&env, "moved", "gdrive:/archive/disk", remote.clone(), &committed);
+
+    env.emu.ui_move(&folder, &vms);
+    let s = driveblk::tier::open_volume(url, tier_support::cache_opts(&cache, remote.clone())).unwrap();
+    assert_eq!(s.close(Duration::from_secs(30)), 0, "the change went up");
+    drop(s);
+    another_cache_reads(&env, "fresh", url, remote, &want);
+}
+
+/// The volume's folder moved to the Drive trash while a cache serves it:
+/// write-back does not commit into it (what is there goes when the trash
+/// is emptied, and other hosts already take it for absent) but pauses
+/// saying so, the changes kept in the cache. Restored, they go up.
+#[test]
+fn gdrive_write_back_never_commits_into_a_trashed_folder() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let remote = quick_retries(env.cfg.clone());
+    let url = "gdrive:/vms/disk";
+    let (mut want, s) = with_a_first_commit(&env, url, &remote, 66);
+    let status = || s.sync_status().unwrap();
+    let folder = env.emu.ui_find("disk").into_iter().find(|f| f.1 == "disk").unwrap().0;
+    env.emu.ui_trash(&folder);
+    write_flushed(&*s, 65536, 0x22, &mut want);
+    s.request_sync();
+    let in_trash = |st: &driveblk::tier::tiered::SyncStatus| {
+        st.paused && st.last_error.as_deref().is_some_and(|e| e.contains("folder is in the Drive trash"))
+    };
+    wait_for(&status, &in_trash, "write-back did not pause on the trashed folder");
+    assert_eq!(status().committed_cut, 1, "a generation was committed into the trash");
+    env.emu.ui_restore(&folder);
+    s.request_sync();
+    wait_for(&status, &|st| st.committed_cut == 2 && !st.paused, "the change did not go up once restored");
+    assert_eq!(s.close(Duration::from_secs(30)), 0);
+    drop(s);
+    another_cache_reads(&env, "fresh", url, remote, &want);
+}
+
 /// The saved grant stops working while a volume is served (revoked, or a
 /// client left in "testing" whose refresh tokens expire after 7 days):
 /// write-back pauses naming invalid_grant. `driveblk auth login` then

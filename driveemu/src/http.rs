@@ -472,7 +472,14 @@ async fn api(
             ["files", id] if method == Method::PATCH || method == Method::PUT => Some(id.to_string()),
             _ => return Err(ApiError::new(404, "global", "notFound", "Not Found").into()),
         };
-        let ut = params.get("uploadType").map(String::as_str).unwrap_or("media");
+        // files.create/update: "If you are uploading data with an /upload URI,
+        // this field is required."
+        let Some(ut) = params.get("uploadType").map(String::as_str) else {
+            drain(body).await;
+            return Err(ApiError::new(400, "global", "required", "Required parameter: uploadType")
+                .at("parameter", "uploadType")
+                .into());
+        };
         return match ut {
             "media" => {
                 sh.stats.request("upload media");
@@ -1134,6 +1141,10 @@ fn apply_update(
     }
     if let Some(t) = trashed {
         st.set_trashed(&fid, t);
+    }
+    if moved {
+        // Into or out of a trashed folder: trashed follows the new parent.
+        st.inherit_trash(&fid);
     }
     Ok(())
 }

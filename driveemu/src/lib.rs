@@ -324,6 +324,24 @@ impl Emulator {
         }
     }
 
+    /// Moves an item into another folder (the web UI's Move, or a drag):
+    /// its id and name stay, its parent changes, a metadata change. An item
+    /// moved into a trashed folder is trashed with it, and one moved out of
+    /// one is not any more (unless trashed itself). Unknown ids are ignored.
+    pub fn ui_move(&self, id: &str, new_parent: &str) {
+        let mut st = self.shared.store.lock();
+        let (id, parent) = (st.canon(id).to_string(), st.canon(new_parent).to_string());
+        if st.files.get(&parent).is_none_or(|p| p.mime_type != store::FOLDER_MIME) {
+            return;
+        }
+        if let Some(f) = st.files.get_mut(&id).filter(|f| !f.is_root) {
+            f.parents = vec![parent];
+            f.version += 1;
+            f.modified_ms = util::now_ms();
+        }
+        st.inherit_trash(&id);
+    }
+
     /// Replaces an item's bytes (a new head revision).
     pub fn ui_replace_content(&self, id: &str, data: &[u8]) {
         let _ = self.shared.store.lock().replace_content(id, Bytes::copy_from_slice(data), true, false, None);

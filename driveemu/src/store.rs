@@ -439,6 +439,8 @@ impl Store {
             read_only: false,
         };
         self.files.insert(id.clone(), rec);
+        // Made in a folder in the trash: trashed with it, not explicitly.
+        self.inherit_trash(&id);
         Ok(id)
     }
 
@@ -506,6 +508,25 @@ impl Store {
                     f.explicitly_trashed = trashed;
                 } else if !trashed {
                     f.explicitly_trashed = false;
+                }
+            }
+        }
+    }
+
+    /// Brings `trashed` of `id` and what is below it in line with its parent
+    /// after a move: "trashed, either explicitly or from a trashed parent
+    /// folder" (the files resource), so an item explicitly trashed stays so
+    /// and the rest follow the folder above them.
+    pub fn inherit_trash(&mut self, id: &str) {
+        // `subtree` lists parents before their children.
+        for fid in self.subtree(id) {
+            let Some(f) = self.files.get(&fid) else { continue };
+            let from_parent = f.parents.first().and_then(|p| self.files.get(p)).is_some_and(|p| p.trashed);
+            let trashed = f.explicitly_trashed || from_parent;
+            if let Some(f) = self.files.get_mut(&fid) {
+                if f.trashed != trashed {
+                    f.trashed = trashed;
+                    f.version += 1;
                 }
             }
         }

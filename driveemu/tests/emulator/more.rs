@@ -124,6 +124,36 @@ async fn trash_cascades_and_empty_trash_deletes() {
     assert_eq!(api.send(Method::DELETE, "/drive/v3/files/root", &[], vec![]).await.code(), 403);
 }
 
+/// `trashed`: "whether the file has been trashed, either explicitly or from
+/// a trashed parent folder" (files resource). An item created in a folder in
+/// the trash, or moved into one, is trashed with it (not explicitly), and
+/// out of the `trashed = false` listing; moved out again, it is not.
+#[tokio::test]
+async fn items_created_or_moved_into_a_trashed_folder_are_trashed() {
+    let api = Api::new().await;
+    let api = &api;
+    let dir = api.folder("d", "root").await;
+    let other = api.folder("o", "root").await;
+    api.json(Method::PATCH, &format!("/drive/v3/files/{dir}"), json!({"trashed": true})).await;
+    let f = api.upload(json!({"name": "new", "parents": [dir]}), b"abc").await;
+    let fid = f["id"].as_str().expect("id").to_string();
+    let state = |id: String| async move {
+        api.get(&format!("/drive/v3/files/{id}?fields=trashed,explicitlyTrashed")).await.json()
+    };
+    assert_eq!(state(fid.clone()).await, json!({"trashed": true, "explicitlyTrashed": false}));
+    let q = format!("q={}", enc(&format!("'{dir}' in parents and trashed = false")));
+    assert_eq!(api.list(&q).await.json()["files"], json!([]));
+    // Moved out (removeParents/addParents): no longer trashed; moved back in: trashed.
+    let mv = |to: &str, from: &str| format!("/drive/v3/files/{fid}?addParents={to}&removeParents={from}");
+    assert_eq!(api.json(Method::PATCH, &mv(&other, &dir), json!({})).await.code(), 200);
+    assert_eq!(state(fid.clone()).await, json!({"trashed": false, "explicitlyTrashed": false}));
+    api.json(Method::PATCH, &mv(&dir, &other), json!({})).await;
+    assert_eq!(state(fid.clone()).await, json!({"trashed": true, "explicitlyTrashed": false}));
+    // The web UI's move does the same.
+    api.emu.ui_move(&fid, &other);
+    assert_eq!(state(fid.clone()).await, json!({"trashed": false, "explicitlyTrashed": false}));
+}
+
 #[tokio::test]
 async fn session_uris_cancel_and_outlive_the_token() {
     let api = Api::new().await;
@@ -231,6 +261,9 @@ async fn multipart_with_bare_newlines_and_jitter() {
         .await;
     assert_eq!(r.code(), 400);
     assert_eq!(api.send(Method::POST, "/upload/drive/v3/files?uploadType=bogus", &[], vec![]).await.code(), 400);
+    // "If you are uploading data with an /upload URI, this field is required."
+    let r = api.send(Method::POST, "/upload/drive/v3/files", &[], b"data".to_vec()).await;
+    assert_eq!((r.code(), r.reason()), (400, "required".to_string()));
 
     api.emu.faults().set_jitter(Duration::from_millis(100));
     let t = Instant::now();

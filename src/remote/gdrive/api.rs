@@ -270,7 +270,15 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
         (403 | 429, "rateLimitExceeded" | "userRateLimitExceeded" | "sharingRateLimitExceeded") => {
             (ErrorKind::Transient, "")
         }
-        (403 | 429, "storageQuotaExceeded" | "quotaExceeded" | "teamDriveFileLimitExceeded") => (
+        // A count of items, not bytes: "The file limit for this shared drive
+        // has been exceeded." Space bought or freed elsewhere does not help.
+        (403 | 429, "teamDriveFileLimitExceeded") => (
+            ErrorKind::Quota,
+            " (the shared drive holds as many items as Drive allows in one shared drive: \
+             run `driveblk gc` with the volume's URL to delete what no kept generation needs, \
+             or keep the volume in another shared drive)",
+        ),
+        (403 | 429, "storageQuotaExceeded" | "quotaExceeded") => (
             ErrorKind::Quota,
             " (the Drive is full: free space, buy storage, or use a shared drive; a service account has no storage of its own)",
         ),
@@ -372,6 +380,9 @@ pub struct DriveApi {
     pub(crate) pacer: Pacer,
     pub(crate) cfg: DriveConfig,
     ids: parking_lot::Mutex<Vec<String>>,
+    /// The id behind My Drive's `root` alias (a folder's `parents` name
+    /// the id, never the alias), fetched once when needed.
+    root_id: tokio::sync::OnceCell<String>,
     /// Single flight for refilling `ids`.
     ids_refill: tokio::sync::Mutex<()>,
     /// (parent id, name) -> id of folders this process created or is
@@ -442,6 +453,7 @@ impl DriveApi {
             pacer: Pacer::new(cfg.pacer),
             cfg: cfg.clone(),
             ids: parking_lot::Mutex::new(Vec::new()),
+            root_id: tokio::sync::OnceCell::new(),
             ids_refill: tokio::sync::Mutex::new(()),
             folders: parking_lot::Mutex::new(HashMap::new()),
             known: parking_lot::Mutex::new(known),
@@ -598,6 +610,15 @@ impl DriveApi {
         let url = self.url(&self.file_url(id), &[("fields", FILE_FIELDS), ("supportsAllDrives", "true")]);
         let t = self.cfg.request_timeout;
         self.json(|tok| self.req(Method::GET, &url, tok, t), false).await
+    }
+
+    /// The id of folder `id`, with My Drive's `root` alias turned into the
+    /// id Drive lists in `parents` (one files.get, the first time).
+    pub async fn canonical_folder_id(&self, id: &str) -> Result<String, ApiError> {
+        if id != "root" {
+            return Ok(id.to_string());
+        }
+        self.root_id.get_or_try_init(|| async { Ok(self.get_file("root").await?.id) }).await.cloned()
     }
 
     /// files.list over every page. `drive_id` scopes the query to a shared
@@ -1052,6 +1073,14 @@ mod tests {
             err(403, &google(403, "storageQuotaExceeded", "The user's Drive storage quota has been exceeded."), true);
         assert_eq!(full.kind, ErrorKind::Quota);
         assert!(full.message.contains("shared drive"), "{full}");
+        // A shared drive full of items: gc, not storage, is the way out.
+        let items = err(
+            403,
+            &google(403, "teamDriveFileLimitExceeded", "The file limit for this shared drive has been exceeded."),
+            true,
+        );
+        assert_eq!(items.kind, ErrorKind::Quota);
+        assert!(items.message.contains("driveblk gc") && !items.message.contains("buy storage"), "{items}");
         assert_eq!(err(403, &google(403, "downloadQuotaExceeded", "x"), false).kind, ErrorKind::Quota);
         assert_eq!(err(403, &google(403, "insufficientFilePermissions", "x"), false).kind, ErrorKind::Fatal);
         assert_eq!(err(403, &google(403, "insufficientPermissions", "x"), false).kind, ErrorKind::Auth);

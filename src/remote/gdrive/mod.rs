@@ -187,6 +187,11 @@ impl GDriveRemote {
         RemoteError::Fatal { remote: self.name.clone(), op, key: key.to_string(), message: message.into() }
     }
 
+    /// A write into the volume's folder while it is in the Drive trash.
+    fn folder_in_trash(&self, op: &'static str, key: &str) -> RemoteError {
+        self.fatal(op, key, "the volume's folder is in the Drive trash (restore it: Drive web UI, Trash, Restore)")
+    }
+
     fn not_found(&self, key: &str) -> RemoteError {
         RemoteError::NotFound { remote: self.name.clone(), key: key.to_string() }
     }
@@ -612,13 +617,7 @@ impl Remote for GDriveRemote {
             match self.upload(&serde_json::json!({}), Some(&id), &body).await {
                 // Trashed with its folder: everything written there is in
                 // the trash, to be lost when it is emptied. Say so, every time.
-                Ok(f) if f.trashed && !f.explicitly_trashed => {
-                    return Err(self.fatal(
-                        "put",
-                        key,
-                        "the volume's folder is in the Drive trash (restore it: Drive web UI, Trash, Restore)",
-                    ));
-                }
+                Ok(f) if f.trashed && !f.explicitly_trashed => return Err(self.folder_in_trash("put", key)),
                 // Trashed itself in the web UI: a put leaves the key
                 // readable by name (a holder's heartbeat others look for),
                 // so it comes back out.
@@ -659,6 +658,13 @@ impl Remote for GDriveRemote {
             }
             Err(e) => return Err(self.err("put", key, e)),
         };
+        if f.trashed {
+            // Made in a folder trashed while this process serves it ("trashed,
+            // either explicitly or from a trashed parent folder"). Its id
+            // stays pending: the put retried once the folder is restored
+            // finds it (409).
+            return Err(self.folder_in_trash("put", key));
+        }
         self.created(key, &f.id);
         self.pending.lock().remove(key);
         Ok(self.meta(key, &f))
@@ -722,6 +728,14 @@ impl Remote for GDriveRemote {
     async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         self.writable("create", key)?;
         let folder = self.write_folder("create", key).await?;
+        // A create is a commit (a generation, the lease): never into a folder
+        // trashed while this process serves it, where it goes when the trash
+        // is emptied. Asked of the folder itself: a file made in it may not
+        // say it is trashed.
+        let f = self.api.get_file(&folder.id).await.map_err(|e| self.err("create", key, e))?;
+        if f.trashed {
+            return Err(self.folder_in_trash("create", key));
+        }
         let id = match slot {
             Some(s) => s.0.clone(),
             None => {
@@ -743,6 +757,10 @@ impl Remote for GDriveRemote {
             }
         };
         match self.create_with_id(&folder, key, &id, Some(tag), &body).await {
+            // Trashed with the folder since it was asked: not committed
+            // until restored (the create retried then answers 409 with
+            // this tag, which the retry wrapper takes for this one).
+            Ok(f) if f.trashed => Err(self.folder_in_trash("create", key)),
             Ok(f) => {
                 self.created(key, &f.id);
                 self.pending.lock().remove(key);

@@ -110,6 +110,23 @@ pub fn unique(files: Vec<DriveFile>, what: &str, parent: &str) -> Result<Option<
     }
 }
 
+/// Whether folder `f`, known by id, is still the one named `name` in folder
+/// `parent` (an id or `root`): not trashed, not renamed, and not moved
+/// elsewhere in the web UI (a move keeps its name and id; only `parents`
+/// says it is no longer at this path).
+async fn still_at(api: &DriveApi, f: &DriveFile, name: &str, parent: &str) -> Result<bool, ApiError> {
+    if f.trashed || !f.is_folder() || f.name != name {
+        return Ok(false);
+    }
+    // No parents given (Drive lists only the ones this account can
+    // discover): nothing says it moved.
+    if f.parents.is_empty() || f.parents.iter().any(|p| p == parent) {
+        return Ok(true);
+    }
+    let parent = api.canonical_folder_id(parent).await?;
+    Ok(f.parents.contains(&parent))
+}
+
 /// Resolves `names` below `root` one level at a time; creates missing
 /// folders when `create`, else answers `None` for a missing one.
 pub async fn resolve(
@@ -142,26 +159,26 @@ pub async fn resolve(
         let known = api.folders.lock().get(&slot).cloned();
         if let Some(id) = known {
             match api.get_file(&id).await {
-                // Still that name: one renamed in the web UI is no longer
-                // at this path.
-                Ok(f) if !f.trashed && f.name == *name => {
+                Ok(f) if still_at(api, &f, name, &cur.id).await? => {
                     cur = Folder { id: f.id, drive_id: f.drive_id.or(cur.drive_id) };
                     continue;
                 }
-                // Not created after all (a failed attempt), or gone: retry
-                // the create with the same id below if it is still needed.
+                // Renamed, moved or trashed: no longer at this path; retry
+                // a create below if one is still needed.
                 Ok(_) => {
                     api.folders.lock().remove(&slot);
                 }
+                // Not created after all (a failed attempt): retry the
+                // create with the same id below if it is still needed.
                 Err(e) if e.kind == ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
         // A folder this host made (another process): by id as well,
-        // confirmed to still be that folder.
+        // confirmed to still be that folder at this path.
         if let Some(id) = api.recorded(Kind::Folder, &cur.id, name) {
             match api.get_file(&id).await {
-                Ok(f) if !f.trashed && f.is_folder() && f.name == *name => {
+                Ok(f) if still_at(api, &f, name, &cur.id).await? => {
                     cur = Folder { id: f.id, drive_id: f.drive_id.or(cur.drive_id) };
                     continue;
                 }

@@ -184,6 +184,7 @@ async fn run_checks(api: &DriveApi, folder: &Folder, opts: &Options, out: &mut V
             }
         }
     }
+    prefix_listing_check(api, folder, &name, opts, out).await;
     // An id generated earlier, used after a pause.
     let wait = opts.id_age.saturating_sub(created.elapsed());
     tokio::time::sleep(wait).await;
@@ -199,6 +200,34 @@ async fn run_checks(api: &DriveApi, folder: &Folder, opts: &Options, out: &mut V
         Err(e) => out.push(check("ids generated earlier still work", false, e.to_string())),
     }
     resumable_check(api, folder, &stamp, out, made).await;
+}
+
+/// The listing by prefix driveblk makes for generations, holds and forks
+/// (`name contains 'gen-'`): Drive documents `contains` on a name as a prefix
+/// match, and gc's plan of what to keep relies on it finding every key that
+/// starts so, a prefix ending in `-` included.
+async fn prefix_listing_check(api: &DriveApi, folder: &Folder, name: &str, opts: &Options, out: &mut Vec<Check>) {
+    const NAME: &str = "listing by prefix finds a new file";
+    let prefix = "selftest-";
+    let q = super::listing_query(&folder.id, prefix);
+    let t0 = Instant::now();
+    loop {
+        match api.list(&q, folder.drive_id.as_deref()).await {
+            Ok(v) if v.iter().any(|f| f.name == name) => {
+                return out.push(check(NAME, true, format!("`name contains '{prefix}'` lists {name}")));
+            }
+            Ok(_) if t0.elapsed() < opts.listing_wait => tokio::time::sleep(Duration::from_millis(250)).await,
+            Ok(v) => {
+                let names: Vec<&str> = v.iter().map(|f| f.name.as_str()).take(5).collect();
+                return out.push(check(
+                    NAME,
+                    false,
+                    format!("`name contains '{prefix}'` did not list {name} (it listed {names:?})"),
+                ));
+            }
+            Err(e) => return out.push(check(NAME, false, e.to_string())),
+        }
+    }
 }
 
 /// A pinned base: its head revision kept forever (revisions.update), the

@@ -178,10 +178,14 @@ async fn run_session(api: &DriveApi, uri: &str, body: &PutBody, chunk: u64) -> R
         let data = Bytes::copy_from_slice(&buf[..send as usize]);
         let sent_end = buf_start + send;
         let answer = put_chunk(api, uri, buf_start, data, total).await;
+        // Whether the answer is the chunk's own (not a status query's
+        // after a failure, which the failure already counted).
+        let mut direct = true;
         let answer = match answer {
             Ok(a) => a,
             Err(e) if e.kind == ErrorKind::Transient && failures + 1 < api.cfg.upload_attempts => {
                 failures += 1;
+                direct = false;
                 backoff(api, failures - 1, &e).await;
                 match query_status(api, uri, total).await {
                     Ok(a) => a,
@@ -215,6 +219,21 @@ async fn run_session(api: &DriveApi, uri: &str, body: &PutBody, chunk: u64) -> R
             ChunkAnswer::Continue(n) => {
                 if n > acked {
                     failures = 0;
+                } else if direct {
+                    // A 308 that took none of the chunk ("do not assume that
+                    // the server received all bytes sent", upload guide): sent
+                    // again after a pause, as many times as a failed chunk, so
+                    // a session (or a proxy dropping `Range`) that never moves
+                    // ends the upload instead of resending it for ever.
+                    let e = ApiError::new(
+                        ErrorKind::Transient,
+                        format!("Drive answered 308 with the session still at byte {n}: the chunk was not taken"),
+                    );
+                    failures += 1;
+                    if failures >= api.cfg.upload_attempts {
+                        return Err(give_up(e));
+                    }
+                    backoff(api, failures - 1, &e).await;
                 }
                 acked = n;
             }
@@ -436,6 +455,18 @@ mod tests {
         let (e, _) = upload_against(("308 Resume Incomplete", vec![("Range", "bytes=0-99999".to_string())])).await;
         assert_eq!(e.kind, ErrorKind::Transient, "{e}");
         assert!(e.message.contains("holds 100000 bytes, but only 1000"), "{e}");
+    }
+
+    /// A session that answers every chunk with 308 and no `Range` (it took
+    /// none of it, or a proxy drops the header) ends the upload after the
+    /// chunk's attempts, retryable later, instead of resending the same
+    /// chunk for ever without a pause.
+    #[tokio::test]
+    async fn gdrive_upload_ends_when_the_session_never_moves() {
+        let r = tokio::time::timeout(Duration::from_secs(20), upload_against(("308 Resume Incomplete", vec![]))).await;
+        let (e, _) = r.expect("the upload resent its chunk for ever");
+        assert_eq!(e.kind, ErrorKind::GaveUp, "{e}");
+        assert!(e.message.contains("the chunk was not taken"), "{e}");
     }
 
     /// An upload whose chunks keep failing (an outage longer than its own
