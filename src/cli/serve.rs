@@ -248,13 +248,14 @@ pub struct CacheArgs {
     /// Boot profiles. auto: at start, stream the volume's newest boot
     /// profile (the pages earlier boots read first) into the cache ahead of
     /// the guest; record this boot, and save it to the remote if the volume
-    /// has no profile or under 80% of what the boot read is in it (not
-    /// with --read-only, which writes nothing to the volume). record: save
-    /// this boot's profile regardless, read-only too. off: neither.
+    /// has no profile or more than 2% of what the boot read is not in it
+    /// (not with --read-only, which writes nothing to the volume). record:
+    /// save this boot's profile regardless, read-only too. off: neither.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub boot_profile: BootProfileMode,
 
-    /// Seconds after the guest's first read that a boot is recorded.
+    /// Seconds after the guest's first read that a boot is recorded (time
+    /// the guest waits on the remote does not count).
     #[arg(long, value_name = "SECS", default_value_t = 180)]
     pub boot_profile_window: u64,
 
