@@ -29,9 +29,9 @@ use super::single_flight::{Flight, SingleFlight, Urgency};
 use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL, PAGE, ZERO_DIRTY};
 use super::stats::{Counters, TierStats};
 use super::Storage;
-use crate::format::{IoMode, IoVec};
 use crate::remote::priority;
 use crate::remote::retry::within_budget;
+use crate::tier::{IoMode, IoVec};
 use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 mod boot_profile;
