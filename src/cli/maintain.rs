@@ -34,15 +34,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// `DRIVEBLK_GC_GRACE`), else 10 generations, no age rule, 24 h grace.
 #[derive(Debug, Clone, Args)]
 pub struct RetentionArgs {
-    /// Keep the K newest generations (the newest is always kept).
+    /// Keep the K newest generations (the newest is always kept). Default:
+    /// DRIVEBLK_GC_KEEP_GENERATIONS, else 10.
     #[arg(long, value_name = "K")]
     pub keep_generations: Option<u64>,
-    /// Also keep every generation younger than D days.
+    /// Also keep every generation younger than D days. Default:
+    /// DRIVEBLK_GC_KEEP_DAYS, else none.
     #[arg(long, value_name = "D")]
     pub keep_days: Option<f64>,
     /// Never delete an object younger than this (remote clock): a writer's
     /// upload about to be committed, a reader still serving an older
-    /// generation.
+    /// generation. Default: DRIVEBLK_GC_GRACE, else 24h.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub grace: Option<Duration>,
 }
