@@ -421,6 +421,25 @@ fn an_import_killed_half_way_is_cleared_by_the_next_import() {
     assert!(std::fs::read(&out).unwrap() == want, "the second import does not read back as the image");
 }
 
+/// A clean stop releases the writer lease once: `close` does it, and the
+/// store dropped after it did it again (a second round of lease requests,
+/// up to 5 s more of a stop on a remote that hangs).
+#[test]
+fn a_clean_stop_releases_the_lease_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    common::make_raw(&src, 4 << 20, 22);
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", "--format", "raw", src.to_str().unwrap(), &url]);
+    let log = dir.path().join("serve.log");
+    let cache = dir.path().join("cache");
+    let args = ["--volume", &url, "--cache-dir", cache.to_str().unwrap(), "--boot-profile", "off"];
+    let d = Daemon::start_logged(&dir.path().join("sock"), &args, &[], Some(&log));
+    assert!(d.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("released the writer lease").count(), 1, "{text}");
+}
+
 #[test]
 fn hydrated_volume_needs_no_remote() {
     let dir = tempfile::tempdir().unwrap();
