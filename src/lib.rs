@@ -6,7 +6,11 @@
 //!   out-of-order completion.
 //! - [`format`]: raw / qcow2 translation from guest offsets to image-file offsets.
 //! - [`tier`]: where the image file's bytes live (local file; RAM/SSD/remote).
-//! - [`cli`]: command-line parsing into validated configuration.
+//! - [`volume`]: the remote volume format (import, generations, gc).
+//! - [`remote`]: the stores a volume lives on (`dir:`, Drive, object stores).
+//!
+//! [`cli`] parses the command line into validated configuration and wires
+//! the layers together; each layer uses only those below it.
 
 pub mod cli;
 pub mod format;

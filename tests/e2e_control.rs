@@ -77,6 +77,9 @@ fn control_socket_status_drop_cache_hydrate_and_errors() {
     assert_eq!(s["control_socket"].as_str().unwrap(), ctl.to_str().unwrap());
     assert!(s["remote"]["fetches"].as_u64().unwrap() >= 4, "{s}");
     assert!(s["remote"]["latency_ms"]["count"].as_u64().unwrap() > 0, "remote latency recorded: {s}");
+    // A healthy remote: its answers (a key not there yet among them) are no
+    // failed attempts (status: "N failed attempts"; a Prometheus counter).
+    assert_eq!(s["remote"]["requests"]["errors"], 0, "{s}");
     assert!(s["ssd"]["bytes"].as_u64().unwrap() >= 4 << 20, "{s}");
 
     // A local change, then drop-cache: clean data goes, the change stays.

@@ -84,6 +84,34 @@ fn serve_reads_everything_from_a_config_file_and_check_names_bad_lines() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("line 3"));
 }
 
+/// The config file docs/systemd.md shows (its commented keys too) passes
+/// `config check` run from a shell, as the docs' first steps do before
+/// systemd ever starts the unit: its `drive_credential` names a systemd
+/// credential, whose directory exists only under the unit.
+#[test]
+fn the_config_file_in_the_docs_passes_config_check_from_a_shell() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/systemd.md")).unwrap();
+    let toml = doc.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
+    // `# key = value` lines are keys the docs offer: checked too.
+    let text: String = toml
+        .lines()
+        .map(|l| {
+            let key = l.strip_prefix("# ").filter(|r| r.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')));
+            format!("{}\n", key.unwrap_or(l))
+        })
+        .collect();
+    let d = tempfile::tempdir().unwrap();
+    let conf = d.path().join("w10.toml");
+    std::fs::write(&conf, &text).unwrap();
+    let out = Command::new(bin())
+        .args(["config", "check", conf.to_str().unwrap()])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains(": ok"), "{text}\n{stdout}{stderr}");
+}
+
 #[test]
 fn systemd_unit_passes_systemd_analyze_verify() {
     if Command::new("systemd-analyze").arg("--version").output().is_err() {

@@ -380,6 +380,66 @@ fn volume_errors_are_clear() {
     assert!(!out.status.success());
 }
 
+/// An import killed -9 half way leaves packs but no volume: the next
+/// import into that folder removes them and makes a whole volume
+/// (docs/format.md, "Commit rule and the fence").
+#[test]
+fn an_import_killed_half_way_is_cleared_by_the_next_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    // Incompressible, at 4 MiB/s up: packs land one at a time.
+    let want = common::make_raw(&src, 64 << 20, 21);
+    let folder = dir.path().join("remote/vol");
+    let url = format!("dir:{}", folder.display());
+    let packs = || -> Vec<String> {
+        let names = std::fs::read_dir(&folder).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
+        let mut v: Vec<String> = names.iter().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        v.retain(|n| n.starts_with("pack-"));
+        v
+    };
+    let mut child = Command::new(bin())
+        .args(["import", "--quiet", "--format", "raw", "--bwlimit", "4M:off", src.to_str().unwrap(), &url])
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while packs().is_empty() {
+        assert!(child.try_wait().unwrap().is_none(), "the import ended before a pack landed");
+        assert!(t0.elapsed() < Duration::from_secs(60), "no pack landed in 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stale = packs();
+    assert!(!folder.join("volume.json").exists(), "the import was not cut short: nothing tested");
+    let out = Command::new(bin()).args(["info", &url]).output().unwrap();
+    assert!(!out.status.success(), "a killed import left a volume");
+    run_ok(&["import", "--quiet", "--format", "raw", src.to_str().unwrap(), &url]);
+    let left: Vec<String> = packs().into_iter().filter(|p| stale.contains(p)).collect();
+    assert!(left.is_empty(), "packs of the killed import are still there: {left:?}");
+    let out = dir.path().join("out.raw");
+    run_ok(&["export", "--quiet", &url, out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == want, "the second import does not read back as the image");
+}
+
+/// A clean stop releases the writer lease once: `close` does it, and the
+/// store dropped after it did it again (a second round of lease requests,
+/// up to 5 s more of a stop on a remote that hangs).
+#[test]
+fn a_clean_stop_releases_the_lease_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    common::make_raw(&src, 4 << 20, 22);
+    let url = format!("dir:{}/remote/vol", dir.path().display());
+    run_ok(&["import", "--quiet", "--format", "raw", src.to_str().unwrap(), &url]);
+    let log = dir.path().join("serve.log");
+    let cache = dir.path().join("cache");
+    let args = ["--volume", &url, "--cache-dir", cache.to_str().unwrap(), "--boot-profile", "off"];
+    let d = Daemon::start_logged(&dir.path().join("sock"), &args, &[], Some(&log));
+    assert!(d.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("released the writer lease").count(), 1, "{text}");
+}
+
 #[test]
 fn hydrated_volume_needs_no_remote() {
     let dir = tempfile::tempdir().unwrap();

@@ -589,6 +589,43 @@ fn an_upload_cut_short_by_a_kill_9_resumes_at_the_next_start() {
     assert!(raw_export(d.path(), &url) == want, "the volume holds every change after the resumed upload");
 }
 
+/// A second SIGTERM while the stop uploads exits at once; what the guest
+/// flushed stays in the cache and goes up at the next start (README, "At
+/// SIGTERM/SIGINT ...": an upload cut short by the user).
+#[test]
+fn a_second_signal_cuts_the_stops_upload_short_and_the_next_start_uploads_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (orig, url) = raw_volume(d.path(), 19, 32 << 20, &[]);
+    let cache = d.path().join("cache");
+    let sock = d.path().join("sock");
+    // 16 MiB of fresh data at 1 MiB/s up: the stop's upload takes 16 s.
+    let mut args = kill_9_args(&url, "raw", &cache).to_vec();
+    args.extend(["--bwlimit", "1M:off"]);
+    let mut daemon = Daemon::start(&sock, &args);
+    let mut c = Client::connect(&sock, 1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20);
+    let new: Vec<u8> = random_bytes(&mut rng, 16 << 20);
+    for (i, piece) in new.chunks(1 << 20).enumerate() {
+        c.write((i << 20) as u64, piece).unwrap();
+    }
+    c.flush().unwrap();
+    drop(c);
+    let parent = info_generation(&url);
+    let mut child = daemon.child.take().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = common::wait_timeout(&mut child, Duration::from_secs(30));
+    assert!(t0.elapsed() < Duration::from_secs(5), "the second signal took {:?} to end the stop", t0.elapsed());
+    assert!(!st.success(), "a stop cut short exits with an error: {st}");
+    assert_eq!(info_generation(&url), parent, "the 16 s upload was not cut short: nothing tested");
+    run_ok(bin(), &["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "300"]);
+    let mut want = orig;
+    want[..16 << 20].copy_from_slice(&new);
+    assert!(raw_export(d.path(), &url) == want, "the changes flushed before the stop were lost");
+}
+
 /// A resumed commit checks the packs it reuses again right before its
 /// create: the daemon is frozen (SIGSTOP: a laptop's lid closed) while the
 /// rest of a resumed upload goes up; meanwhile the reused pack ages past

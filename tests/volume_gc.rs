@@ -935,6 +935,56 @@ fn serve_runs_gc_while_it_writes() {
     assert!(status.success(), "{text}");
 }
 
+/// A `DRIVEBLK_GC_*` value that does not parse (`7d` where a number of
+/// days goes) is an error naming it, from `gc` and from `serve` before it
+/// serves: ignored, gc (serve's daily one too) fell back to the defaults
+/// and deleted the generations it was set to keep.
+#[test]
+fn a_malformed_gc_setting_is_an_error_never_ignored() {
+    let v = dir_vol();
+    import(&v);
+    let bin = env!("CARGO_BIN_EXE_driveblk");
+    let gc = |var: &str, val: &str| {
+        std::process::Command::new(bin).args(["gc", &v.url, "--dry-run", "--force"]).env(var, val).output().unwrap()
+    };
+    for (var, val) in
+        [("DRIVEBLK_GC_KEEP_DAYS", "7d"), ("DRIVEBLK_GC_KEEP_GENERATIONS", "ten"), ("DRIVEBLK_GC_GRACE", "1 week")]
+    {
+        let out = gc(var, val);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(&format!("invalid {var}=\"{val}\"")), "{var}={val}: {err}");
+    }
+    let out = gc("DRIVEBLK_GC_KEEP_DAYS", "7");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = v.tmp.path().join("serve.log");
+    let sock = v.tmp.path().join("sock");
+    let mut child = std::process::Command::new(bin)
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--volume", &v.url, "--format", "raw"])
+        .args(["--cache-dir", v.tmp.path().join("serve-cache").to_str().unwrap()])
+        .env("DRIVEBLK_GC_KEEP_DAYS", "7d")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()) && text.contains("invalid DRIVEBLK_GC_KEEP_DAYS=\"7d\""),
+        "serve started with a gc setting it ignores: {text}"
+    );
+}
+
 fn driveblk_read(s: &dyn Storage) -> Vec<u8> {
     support::read_all(s).unwrap()
 }

@@ -202,6 +202,12 @@ impl Loaded {
 
     /// The file's settings as `serve` arguments.
     pub fn to_args(&self) -> anyhow::Result<Vec<OsString>> {
+        self.to_args_in(std::env::var_os("CREDENTIALS_DIRECTORY"))
+    }
+
+    /// [`to_args`](Self::to_args) with systemd credentials read from
+    /// `credentials` (`$CREDENTIALS_DIRECTORY` under the unit).
+    fn to_args_in(&self, credentials: Option<OsString>) -> anyhow::Result<Vec<OsString>> {
         let mut out: Vec<OsString> = Vec::new();
         for (key, span, arg) in self.file.items() {
             let flag = format!("--{}", key.replace('_', "-"));
@@ -225,7 +231,7 @@ impl Loaded {
             if self.file.drive_credentials.is_some() {
                 bail!("{}: give drive_credential or drive_credentials, not both", self.at(name.span()));
             }
-            let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+            let Some(dir) = credentials.clone() else {
                 bail!(
                     "{}: drive_credential = {:?} needs $CREDENTIALS_DIRECTORY (run by systemd with LoadCredential={}:PATH)",
                     self.at(name.span()),
@@ -242,7 +248,7 @@ impl Loaded {
         }
         if let Some(name) = &self.file.key_credential {
             let n = name.get_ref();
-            let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+            let Some(dir) = credentials.clone() else {
                 bail!(
                     "{}: key_credential = {n:?} needs $CREDENTIALS_DIRECTORY (LoadCredential={n}:PATH)",
                     self.at(name.span())
@@ -324,6 +330,7 @@ pub enum ConfigCommand {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// The config file, e.g. /etc/driveblk/NAME.toml.
     pub file: PathBuf,
 }
 
@@ -338,7 +345,12 @@ pub fn run(c: ConfigCommand) -> anyhow::Result<()> {
 pub fn check(path: &Path) -> anyhow::Result<String> {
     let loaded = Loaded::read(path)?;
     let mut argv: Vec<OsString> = vec!["driveblk".into(), "serve".into()];
-    argv.extend(loaded.to_args()?);
+    // Checked before systemd runs the unit, where the credentials directory
+    // does not exist yet: the names are checked, the files are the unit's.
+    let unit = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .unwrap_or_else(|| format!("/run/credentials/driveblk@{unit}.service").into());
+    argv.extend(loaded.to_args_in(Some(credentials))?);
     let cli = match Cli::try_parse_from(&argv) {
         Ok(c) => c,
         Err(e) => {

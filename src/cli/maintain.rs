@@ -34,53 +34,67 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// `DRIVEBLK_GC_GRACE`), else 10 generations, no age rule, 24 h grace.
 #[derive(Debug, Clone, Args)]
 pub struct RetentionArgs {
-    /// Keep the K newest generations (the newest is always kept).
+    /// Keep the K newest generations (the newest is always kept). Default:
+    /// DRIVEBLK_GC_KEEP_GENERATIONS, else 10.
     #[arg(long, value_name = "K")]
     pub keep_generations: Option<u64>,
-    /// Also keep every generation younger than D days.
+    /// Also keep every generation younger than D days. Default:
+    /// DRIVEBLK_GC_KEEP_DAYS, else none.
     #[arg(long, value_name = "D")]
     pub keep_days: Option<f64>,
     /// Never delete an object younger than this (remote clock): a writer's
     /// upload about to be committed, a reader still serving an older
-    /// generation.
+    /// generation. Default: DRIVEBLK_GC_GRACE, else 24h.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub grace: Option<Duration>,
 }
 
 impl RetentionArgs {
-    fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
-        std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+    /// A `DRIVEBLK_GC_*` default, if set. One that does not parse is an
+    /// error naming it, never a silent fall back to the built-in default:
+    /// `DRIVEBLK_GC_KEEP_DAYS=7d` ignored would let gc (serve's daily one
+    /// too) delete the week of generations it was set to keep.
+    fn env<T>(name: &str, expected: &str, parse: impl Fn(&str) -> Option<T>) -> anyhow::Result<Option<T>> {
+        match std::env::var(name) {
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Ok(v) if v.trim().is_empty() => Ok(None),
+            Ok(v) => parse(v.trim()).map(Some).ok_or_else(|| anyhow::anyhow!("invalid {name}={v:?}: {expected}")),
+            Err(std::env::VarError::NotUnicode(v)) => bail!("invalid {name}={v:?}: {expected}"),
+        }
     }
 
     /// Gc options with these flags (over the environment's defaults).
-    pub fn options(&self, remote: &RemoteArgs) -> GcOptions {
+    pub fn options(&self, remote: &RemoteArgs) -> anyhow::Result<GcOptions> {
         self.options_with(remote.options())
     }
 
     /// [`options`](Self::options) with remote options already made.
-    pub fn options_with(&self, remote: crate::volume::RemoteOptions) -> GcOptions {
+    pub fn options_with(&self, remote: crate::volume::RemoteOptions) -> anyhow::Result<GcOptions> {
         let d = Retention::default();
-        let grace = self
-            .grace
-            .or_else(|| std::env::var("DRIVEBLK_GC_GRACE").ok().and_then(|v| parse_duration(&v).ok()))
-            .unwrap_or(gc::DEFAULT_GRACE);
-        GcOptions {
-            retention: Retention {
-                keep_generations: self
-                    .keep_generations
-                    .or_else(|| Self::env("DRIVEBLK_GC_KEEP_GENERATIONS"))
-                    .unwrap_or(d.keep_generations),
-                keep_days: self.keep_days.or_else(|| Self::env("DRIVEBLK_GC_KEEP_DAYS")).or(d.keep_days),
-            },
-            grace,
-            remote,
-            ..GcOptions::default()
-        }
+        let grace = match self.grace {
+            Some(g) => g,
+            None => Self::env("DRIVEBLK_GC_GRACE", "a duration such as 24h or 7d", |v| parse_duration(v).ok())?
+                .unwrap_or(gc::DEFAULT_GRACE),
+        };
+        let keep_generations = match self.keep_generations {
+            Some(k) => k,
+            None => Self::env("DRIVEBLK_GC_KEEP_GENERATIONS", "a number of generations, e.g. 10", |v| v.parse().ok())?
+                .unwrap_or(d.keep_generations),
+        };
+        let keep_days = match self.keep_days {
+            Some(k) => Some(k),
+            None => Self::env("DRIVEBLK_GC_KEEP_DAYS", "a number of days, e.g. 7 or 0.5", |v| {
+                v.parse::<f64>().ok().filter(|d| d.is_finite() && *d >= 0.0)
+            })?
+            .or(d.keep_days),
+        };
+        Ok(GcOptions { retention: Retention { keep_generations, keep_days }, grace, remote, ..GcOptions::default() })
     }
 }
 
 #[derive(Debug, Args)]
 pub struct LogArgs {
+    /// The volume whose generations to list.
     pub url: String,
     /// Print JSON.
     #[arg(long)]
@@ -91,6 +105,7 @@ pub struct LogArgs {
 
 #[derive(Debug, Args)]
 pub struct RollbackArgs {
+    /// The volume to roll back.
     pub url: String,
     /// The generation whose content becomes current again (as a new
     /// generation; nothing is deleted).
@@ -104,6 +119,7 @@ pub struct RollbackArgs {
 
 #[derive(Debug, Args)]
 pub struct GcArgs {
+    /// The volume to clean up.
     pub url: String,
     #[command(flatten)]
     pub retention: RetentionArgs,
@@ -122,6 +138,7 @@ pub struct GcArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
+    /// The volume to check.
     pub url: String,
     /// Download every referenced chunk and check its hash (default: check
     /// metadata only — presence, trash, size).
@@ -199,7 +216,7 @@ pub fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
 }
 
 pub fn gc(a: GcArgs) -> anyhow::Result<()> {
-    let mut opts = a.retention.options(&a.remote);
+    let mut opts = a.retention.options(&a.remote)?;
     opts.dry_run = a.dry_run;
     opts.force = a.force;
     let r = gc::gc(&a.url, &opts).with_context(|| format!("gc of {}", a.url))?;
@@ -296,7 +313,7 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<()> {
 
 /// Lines `info` adds: space used vs reclaimable.
 pub fn space_lines(url: &str, remote: &RemoteArgs) -> anyhow::Result<String> {
-    let opts = RetentionArgs { keep_generations: None, keep_days: None, grace: None }.options(remote);
+    let opts = RetentionArgs { keep_generations: None, keep_days: None, grace: None }.options(remote)?;
     let s = gc::space(url, &opts)?;
     Ok(format!(
         "space       {} in {} objects ({} generations): {} live, {} dead; `driveblk gc` would free {} now\n",

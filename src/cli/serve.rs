@@ -27,6 +27,7 @@ use crate::tier::{self as tier_layer, CacheOptions};
 use crate::tier::{LocalFile, Storage};
 use crate::vhost::config::ID_BYTES;
 use crate::vhost::{DeviceConfig, Server};
+use crate::volume::gc::GcOptions;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -247,13 +248,14 @@ pub struct CacheArgs {
     /// Boot profiles. auto: at start, stream the volume's newest boot
     /// profile (the pages earlier boots read first) into the cache ahead of
     /// the guest; record this boot, and save it to the remote if the volume
-    /// has no profile or under 80% of what the boot read is in it (not
-    /// with --read-only, which writes nothing to the volume). record: save
-    /// this boot's profile regardless, read-only too. off: neither.
+    /// has no profile or more than 2% of what the boot read is not in it
+    /// (not with --read-only, which writes nothing to the volume). record:
+    /// save this boot's profile regardless, read-only too. off: neither.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub boot_profile: BootProfileMode,
 
-    /// Seconds after the guest's first read that a boot is recorded.
+    /// Seconds after the guest's first read that a boot is recorded (time
+    /// the guest waits on the remote does not count).
     #[arg(long, value_name = "SECS", default_value_t = 180)]
     pub boot_profile_window: u64,
 
@@ -604,6 +606,12 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
         ControlServer::check_free(&cfg.control_socket)?;
     }
     let read_only = cfg.device.read_only;
+    let gc_plan = match &cfg.source {
+        ImageSource::Volume { cache, .. } if !read_only && !cache.ephemeral => {
+            background_gc_plan(cache.remote.clone())?
+        }
+        _ => None,
+    };
     let mut status: Option<Arc<DaemonStatus>> = None;
     let mut volume_store: Option<Arc<TieredStore>> = None;
     let mut vm = None;
@@ -733,10 +741,8 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             }
         })?;
     }
-    if let (Some(store), ImageSource::Volume { url, cache }) = (&volume_store, &cfg.source) {
-        if !read_only && !cache.ephemeral {
-            start_background_gc(store, url.clone(), cache.remote.clone())?;
-        }
+    if let (Some(store), ImageSource::Volume { url, .. }, Some(plan)) = (&volume_store, &cfg.source, gc_plan) {
+        start_background_gc(store, url.clone(), plan)?;
     }
     // The vhost socket listens (connections queue in its backlog) and the
     // image is open: QEMU may start now.
@@ -866,6 +872,28 @@ const GC_EVERY: Duration = Duration::from_secs(24 * 3600);
 /// never run for a whole day).
 const GC_FIRST: Duration = Duration::from_secs(3600);
 
+/// When and how [`start_background_gc`] runs gc (`None`: never), read
+/// from the environment before the volume is opened: a malformed
+/// `DRIVEBLK_GC_*` stops the start, instead of each day's run ignoring it
+/// and deleting what it was set to keep.
+fn background_gc_plan(remote: crate::volume::RemoteOptions) -> anyhow::Result<Option<(Duration, GcOptions)>> {
+    let every = match std::env::var("DRIVEBLK_GC_EVERY") {
+        Ok(v) => crate::cli::maintain::parse_duration(&v)
+            .map_err(anyhow::Error::msg)
+            .context("invalid DRIVEBLK_GC_EVERY=VALUE: a duration such as 24h, or 0 for never")?,
+        Err(_) => GC_EVERY,
+    };
+    if every.is_zero() {
+        return Ok(None);
+    }
+    let mut opts = crate::cli::maintain::RetentionArgs { keep_generations: None, keep_days: None, grace: None }
+        .options_with(remote)
+        .context("serve's daily gc of the volume (DRIVEBLK_GC_EVERY=0 turns it off)")?;
+    opts.repack_dead_share = f64::INFINITY;
+    opts.max_packs = usize::MAX;
+    Ok(Some((every, opts)))
+}
+
 /// gc is the only thing that deletes, and nothing else would run it: while
 /// this daemon holds the writer lease, a delete-only gc (default retention
 /// and grace, or `DRIVEBLK_GC_*`; no repack, which would commit a
@@ -875,17 +903,8 @@ const GC_FIRST: Duration = Duration::from_secs(3600);
 fn start_background_gc(
     store: &Arc<TieredStore>,
     url: String,
-    remote: crate::volume::RemoteOptions,
+    (every, opts): (Duration, GcOptions),
 ) -> anyhow::Result<()> {
-    let every = match std::env::var("DRIVEBLK_GC_EVERY") {
-        Ok(v) => crate::cli::maintain::parse_duration(&v)
-            .map_err(anyhow::Error::msg)
-            .context("invalid DRIVEBLK_GC_EVERY=VALUE: a duration such as 24h, or 0 for never")?,
-        Err(_) => GC_EVERY,
-    };
-    if every.is_zero() {
-        return Ok(());
-    }
     let store = Arc::downgrade(store);
     std::thread::Builder::new().name("driveblk-gc".into()).spawn(move || {
         let mut wait = every.min(GC_FIRST);
@@ -899,10 +918,6 @@ fn start_background_gc(
                 Some(s) if s.lease().is_none() => continue,
                 Some(_) => {}
             }
-            let mut opts = crate::cli::maintain::RetentionArgs { keep_generations: None, keep_days: None, grace: None }
-                .options_with(remote.clone());
-            opts.repack_dead_share = f64::INFINITY;
-            opts.max_packs = usize::MAX;
             match crate::volume::gc::gc(&url, &opts) {
                 Ok(r) => tracing::info!(
                     deleted = r.deleted.len() + r.scratch.len(),

@@ -294,10 +294,14 @@ const KNOWN_KEYS: &[&str] = &[
     "ssd",
     "zero_hits",
     "remote",
+    "hot_set",
     "hydrate",
     "chunks_partial",
     "hit_rate",
     "sync",
+    "lease",
+    "drive_reads",
+    "drive_pacer",
     "boot_profile",
     "url",
     "state",
@@ -552,5 +556,19 @@ mod tests {
         assert_eq!(line, "peers       expires_in_secs 30, holder host-a");
         assert!(!out.lines().any(|l| l.starts_with("state") || l.starts_with("url")), "built-in keys once: {out}");
         assert_eq!(summary(&v), "serving; generation 7; 2.0 MiB not uploaded (uploading)");
+    }
+
+    /// Every key of a daemon's own status is shown in its own words, once:
+    /// none comes back as a raw `key value, ...` section.
+    #[test]
+    fn a_daemons_own_keys_are_not_shown_again_raw() {
+        let mut v = to_json(&TierStats { sync: Some(Default::default()), ..Default::default() }, 42, true);
+        v["state"] = json!("serving");
+        v["lease"] = json!({"cache_id": "c1", "taken_at": 3, "released": false});
+        let out = render(&v);
+        for k in ["hot_set", "drive_reads", "drive_pacer"] {
+            assert!(!out.lines().any(|l| l.starts_with(k)), "{k} shown raw: {out}");
+        }
+        assert_eq!(out.lines().filter(|l| l.starts_with("lease")).count(), 1, "{out}");
     }
 }

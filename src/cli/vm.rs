@@ -241,20 +241,25 @@ pub enum VmCommand {
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
+    /// The volume to store the VM with.
     pub url: String,
     /// Domain name (default: the volume's last path segment).
     #[arg(long)]
     pub name: Option<String>,
+    /// Guest memory in MiB.
     #[arg(long, default_value_t = 4096)]
     pub memory_mib: u64,
+    /// Virtual CPUs.
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
+    /// Virtqueues of the disk (`serve` serves this many unless --num-queues says otherwise).
     #[arg(long, default_value_t = 2)]
     pub num_queues: u16,
     /// QEMU CPU model (host = passthrough; a named model keeps the CPU the
     /// same across hosts of different generations).
     #[arg(long, default_value = "host")]
     pub cpu: String,
+    /// QEMU machine type.
     #[arg(long, default_value = "q35")]
     pub machine: String,
     /// Replace an existing vm.toml (a new identity: Windows may ask to reactivate).
@@ -266,6 +271,7 @@ pub struct InitArgs {
 
 #[derive(Debug, Args)]
 pub struct ShowArgs {
+    /// The volume whose vm.toml to show.
     pub url: String,
     #[command(flatten)]
     pub remote: RemoteArgs,
@@ -273,6 +279,7 @@ pub struct ShowArgs {
 
 #[derive(Debug, Args)]
 pub struct GenArgs {
+    /// The volume whose vm.toml describes the VM.
     pub url: String,
     /// The vhost-user socket `driveblk serve` listens on (default:
     /// /run/driveblk/NAME.sock, as the systemd unit uses).

@@ -49,6 +49,7 @@ pub struct AttachArgs {
     pub base_url: String,
     /// Where to create the volume that uses it as its base.
     pub url: String,
+    /// Chunk size: the unit of caching, fetching and upload.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     pub chunk_size: u64,
     /// The image's format (raw or qcow2), recorded in the volume.
@@ -76,6 +77,7 @@ pub struct ExportArgs {
     /// 1 MiB), what a link with a round trip needs to stay full.
     #[arg(long)]
     pub parallel: Option<usize>,
+    /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
     #[command(flatten)]
@@ -84,6 +86,7 @@ pub struct ExportArgs {
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
+    /// The volume to describe.
     pub url: String,
     /// Print JSON.
     #[arg(long)]
@@ -94,13 +97,14 @@ pub struct InfoArgs {
 
 #[derive(Debug, Args)]
 pub struct HydrateArgs {
+    /// The volume to download into its cache directory.
     pub url: String,
     /// Instead of the whole volume, fetch and pin part of it: `profile`
     /// (every chunk the volume's newest boot profile touches: the guest's
     /// hot set, to run without a network), or byte ranges `START-END` /
     /// `START+LEN` (e.g. `0-2G,30G+1G`). Pinned chunks are never evicted
     /// and every later start keeps them (saved in the cache directory);
-    /// `driveblk status` says "offline-ready" once the hot set is local.
+    /// `driveblk status` says "offline ready" once the hot set is local.
     /// With a daemon serving the volume, the daemon pins and fetches them,
     /// behind the guest's own reads.
     #[arg(long, value_name = "profile|RANGES")]
@@ -109,6 +113,7 @@ pub struct HydrateArgs {
     pub control: crate::cli::control::ControlArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
+    /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
     #[command(flatten)]

@@ -4,7 +4,6 @@
 //! or from the tiered RAM/SSD/remote store alike.
 
 pub mod error;
-pub mod iovec;
 pub mod qcow2;
 pub mod raw;
 pub mod read_mostly;
@@ -13,20 +12,10 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use error::{DiskError, DiskResult};
-pub use iovec::IoVec;
-
-/// Whether an operation may block the calling thread.
-///
-/// The vhost queue workers first try every request with `NonBlocking`, so
-/// hits (page cache, RAM tier, metadata in memory) complete inline. An
-/// operation that would have to wait (a cache miss, a remote fetch, a cluster
-/// allocation) returns [`DiskError::WouldBlock`] instead and is re-run with
-/// `Blocking` on an I/O worker; requests behind it keep flowing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IoMode {
-    NonBlocking,
-    Blocking,
-}
+// The buffers and the blocking mode are the storage's (the tier layer,
+// below this one); the format layer hands them through.
+pub use crate::tier::iovec;
+pub use crate::tier::{IoMode, IoVec};
 
 /// The virtual disk a guest sees, in bytes.
 ///

@@ -128,7 +128,10 @@ impl MetricsRemote {
         self.metrics.request_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         self.metrics.record_latency(took);
         self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if r.is_err() {
+        // "Not there" is an answer, expected all the time (the next
+        // generation's key, a heartbeat not written yet), not a failure an
+        // operator should be shown or alerted on.
+        if r.as_ref().is_err_and(|e| !e.is_not_found()) {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
         }
         r

@@ -21,7 +21,7 @@ use aes::cipher::KeyInit;
 use aes::Aes256;
 use xts_mode::{get_tweak_default, Xts128};
 
-use crate::format::{IoMode, IoVec};
+use crate::tier::{IoMode, IoVec};
 use crate::tier::{LocalFile, Storage};
 use crate::volume::crypto::VolumeKey;
 

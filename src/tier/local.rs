@@ -9,8 +9,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::format::{IoMode, IoVec};
 use crate::tier::Storage;
+use crate::tier::{IoMode, IoVec};
 
 /// Maximum iovecs per preadv/pwritev call (IOV_MAX on Linux).
 const IOV_MAX: usize = 1024;
@@ -147,7 +147,7 @@ fn file_len(file: &File) -> io::Result<u64> {
 }
 
 /// Advances `iov` past `n` consumed bytes.
-fn advance(iov: &mut crate::format::iovec::IoVecs, mut n: usize) {
+fn advance(iov: &mut crate::tier::iovec::IoVecs, mut n: usize) {
     let mut drop_count = 0;
     for v in iov.iter_mut() {
         if n >= v.iov_len {

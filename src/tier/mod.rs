@@ -8,6 +8,7 @@ pub mod dirty_pages;
 pub mod export;
 pub mod fleet;
 pub mod fork;
+pub mod iovec;
 pub mod journal;
 pub mod local;
 pub mod open;
@@ -21,14 +22,26 @@ pub mod tiered;
 
 use std::io;
 
-use crate::format::{IoMode, IoVec};
-
 pub use export::{export, ExportOptions, ExportSummary};
 pub use fork::{discard_local, fork, Forked};
+pub use iovec::IoVec;
 pub use local::LocalFile;
 pub use open::{cache_dir_for, open_volume, CacheOptions, LeaseMode};
 pub use stats::TierStats;
 pub use tiered::TieredStore;
+
+/// Whether an operation may block the calling thread.
+///
+/// The vhost queue workers first try every request with `NonBlocking`, so
+/// hits (page cache, RAM tier, metadata in memory) complete inline. An
+/// operation that would have to wait (a cache miss, a remote fetch, a cluster
+/// allocation) returns `WouldBlock` instead and is re-run with
+/// `Blocking` on an I/O worker; requests behind it keep flowing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    NonBlocking,
+    Blocking,
+}
 
 /// Byte-addressable storage holding one image file.
 ///

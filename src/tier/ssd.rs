@@ -58,11 +58,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
 
-use crate::format::{IoMode, IoVec};
 use crate::remote::private;
 use crate::tier::cache_crypto::{self, CacheFile, Sealing};
 use crate::tier::dirty_pages::DirtyPages;
 use crate::tier::journal::{Change, Journal, Logged, Record};
+use crate::tier::{IoMode, IoVec};
 use crate::tier::{LocalFile, Storage};
 use crate::volume::{VolumeError, VolumeResult};
 

@@ -29,9 +29,9 @@ use super::single_flight::{Flight, SingleFlight, Urgency};
 use super::ssd::{CacheIdentity, OpenMode, Opened, SsdCache, DIRTY, DIRTY_PARTIAL, PAGE, ZERO_DIRTY};
 use super::stats::{Counters, TierStats};
 use super::Storage;
-use crate::format::{IoMode, IoVec};
 use crate::remote::priority;
 use crate::remote::retry::within_budget;
+use crate::tier::{IoMode, IoVec};
 use crate::volume::{ChunkRef, VolumeError, VolumeReader, VolumeResult};
 
 mod boot_profile;
@@ -171,6 +171,9 @@ struct Inner {
     remote_wait: RemoteWait,
     /// `close` has saved (or given up on) the boot profile.
     profile_closed: AtomicBool,
+    /// The lease's state was written at stop (`close`): the drop after it
+    /// must not write it again.
+    lease_finished: AtomicBool,
     /// The guest's hot set (pinned chunks and the boot profile's) and the
     /// pinned part of it.
     hot: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
@@ -320,6 +323,7 @@ impl TieredStore {
             },
             remote_wait: opts.remote_wait,
             profile_closed: AtomicBool::new(false),
+            lease_finished: AtomicBool::new(false),
             hot: Default::default(),
             pinned: Default::default(),
             promoting: AtomicBool::new(false),

@@ -15,7 +15,6 @@ use tokio::sync::Semaphore;
 
 use super::fetch::Source;
 use super::{closing, Inner, SegmentResult, SharedError};
-use crate::format::{IoMode, IoVec};
 use crate::remote::priority;
 use crate::tier::boot::{
     delta_plan, for_each_chunk_part, learned, BootProfileMode, Planned, Recorded, Replay, NEW_SHARE,
@@ -23,6 +22,7 @@ use crate::tier::boot::{
 use crate::tier::single_flight::{Flight, Urgency};
 use crate::tier::ssd::{is_dirty, PARTIAL};
 use crate::tier::stats::Counters;
+use crate::tier::{IoMode, IoVec};
 use crate::volume::profile::{self, PendingProfile, ProfileBuilder};
 use crate::volume::{VolumeError, VolumeResult};
 

@@ -112,6 +112,11 @@ impl Inner {
     /// the lease stands until this cache uploads it.
     pub(super) async fn finish_lease(self: Arc<Self>, left: u64) {
         let Some(holder) = self.lease.lock().clone() else { return };
+        // Once: a second round at drop would be up to 5 s more of a stop
+        // on a remote that hangs.
+        if self.lease_finished.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let conflict = self.writeback.as_ref().is_some_and(|w| w.status().conflict.is_some());
         let g = self.vol.generation();
         let r = if left == 0 && !conflict { holder.release(g).await } else { holder.renew(g, left).await };
