@@ -175,6 +175,7 @@ impl Qcow2Disk {
         }
         table.touch(self.next_tick());
         m.l2.insert(l1i, table);
+        m.checked(l1i);
         Ok(())
     }
 

@@ -205,7 +205,7 @@ impl Qcow2Disk {
         let l2_deferred =
             storage.prefetch_metadata(&l2_ranges).map_err(|e| DiskError::io("prefetch metadata", 0, e))?;
 
-        let mut meta = Meta { l1, l1_offset, l1_dirty: false, l2: Default::default(), refs, metadata_clusters };
+        let mut meta = Meta::new(l1, l1_offset, refs, metadata_clusters);
         if let Some(r) = meta.refs.as_mut() {
             for i in 0..r.table.len() {
                 let off = r.table[i];
@@ -256,6 +256,17 @@ impl Qcow2Disk {
                     meta.l2.insert(i, t);
                 }
             }
+        }
+        // The tables left to load on demand are checked then, against the
+        // refcounts as they were here (see `Meta::allocated`).
+        if meta.refs.is_some() {
+            meta.unchecked = (0..meta.l1.len())
+                .filter(|&i| {
+                    meta.l1[i] & OFFSET_MASK != 0
+                        && (i as u64 * lay.l2_entries * cs) < size
+                        && !meta.l2.contains_key(&i)
+                })
+                .collect();
         }
 
         let backing = match &header.backing_file {
