@@ -93,10 +93,15 @@ impl Meta {
     /// Allocates a host cluster, never one that held metadata at open
     /// (whatever the refcounts say). Read-only images have no refcounts.
     pub fn alloc_cluster(&mut self) -> DiskResult<u64> {
-        let Meta { refs, metadata_clusters, .. } = self;
-        let off = refs.as_mut().ok_or(DiskError::ReadOnly)?.alloc_cluster(metadata_clusters)?;
-        if !self.unchecked.is_empty() {
-            self.allocated.insert(off);
+        let Meta { refs, metadata_clusters, unchecked, allocated, .. } = self;
+        let refs = refs.as_mut().ok_or(DiskError::ReadOnly)?;
+        let off = refs.alloc_cluster(metadata_clusters);
+        // Refcount blocks and tables it placed count as allocated too.
+        let created = std::mem::take(&mut refs.created);
+        let off = off?;
+        if !unchecked.is_empty() {
+            allocated.extend(created);
+            allocated.insert(off);
         }
         Ok(off)
     }
