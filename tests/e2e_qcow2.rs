@@ -343,3 +343,85 @@ fn discard_keeps_clusters_a_snapshot_still_holds() {
     let snap = qemu_raw(&img, &["-f", "qcow2", "-l", "snapshot.name=s1"]);
     assert!(snap[..24 << 20].iter().all(|&b| b == 7), "the snapshot lost its data");
 }
+
+/// A damaged image whose refcounts call a data cluster free is refused
+/// for writing when its L2 tables load at open ("refcount 0"). With tables
+/// loaded on demand (`--metadata-cache`, or a cold volume fetching them in
+/// the background) the check ran when the table loaded, against refcounts
+/// that had changed meanwhile: the allocator had handed the "free" cluster
+/// out as a new L2 table, the check saw refcount 1 and passed, and the
+/// guest read that L2 table as its data (and its writes there would have
+/// overwritten it). Now the read fails, and the new data stays intact.
+#[test]
+fn a_cluster_free_by_its_refcount_is_never_shared_with_a_table_loaded_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    let sock = dir.path().join("sock");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img.to_str().unwrap(), "16M"]);
+    // One 4 KiB cluster in each of six L2 tables (one per 2 MiB).
+    qemu_io(&img, &(0..6).map(|i| format!("write -P {} {} 4k", i + 1, i << 21)).collect::<Vec<_>>());
+    let mut b = std::fs::read(&img).unwrap();
+    let be64 = |b: &[u8], off: usize| u64::from_be_bytes(b[off..off + 8].try_into().unwrap());
+    let mask = 0x00ff_ffff_ffff_fe00;
+    let (l1, rt) = (be64(&b, 40) as usize, be64(&b, 48) as usize);
+    let l2 = (be64(&b, l1 + 5 * 8) & mask) as usize;
+    let data = (be64(&b, l2) & mask) as usize;
+    let block = (be64(&b, rt) & mask) as usize;
+    // The sixth table's data cluster: refcount 0 (16-bit refcounts).
+    b[block + 2 * (data / 4096)..block + 2 * (data / 4096) + 2].fill(0);
+    std::fs::write(&img, &b).unwrap();
+
+    // 4 tables of the 6 in memory: they load on demand.
+    let d = Daemon::start(&sock, &["--image", img.to_str().unwrap(), "--format", "qcow2", "--metadata-cache", "16K"]);
+    let mut c = Client::connect(&sock, 1);
+    // A write to a range with no L2 table yet: the new table and its data
+    // take the lowest free clusters, the "free" one first.
+    let new = vec![0xabu8; 4096];
+    c.write(14 << 20, &new).unwrap();
+    c.flush().unwrap();
+    let got = c.read(10 << 20, 4096);
+    assert!(got.is_err(), "the damaged table was served: {:?}..", got.map(|v| v[..16].to_vec()));
+    assert!(c.read(14 << 20, 4096).unwrap() == new);
+    drop(c);
+    assert!(d.stop().success());
+}
+
+/// The same when the "free" cluster is taken for a new refcount block:
+/// 512-byte clusters, the refcount table's entry for the block counting
+/// clusters 256..511 lost, and an L2 entry naming cluster 256. Once the
+/// clusters below are used, the allocator puts a new block there, and the
+/// guest was served that block as its data.
+#[test]
+fn a_cluster_free_by_its_refcount_is_never_a_new_refcount_block_served_as_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    let sock = dir.path().join("sock");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img.to_str().unwrap(), "4M"]);
+    qemu_io(&img, &["write -P 1 0 256k".to_string()]);
+    let mut b = std::fs::read(&img).unwrap();
+    let be64 = |b: &[u8], off: usize| u64::from_be_bytes(b[off..off + 8].try_into().unwrap());
+    let mask = 0x00ff_ffff_ffff_fe00;
+    let (l1, rt) = (be64(&b, 40) as usize, be64(&b, 48) as usize);
+    // 16-bit refcounts: a block counts 256 clusters. Cluster 256, the
+    // first block 1 counts, holds data (not an L2 table).
+    let first = 256 * 512u64;
+    assert!((0..8).all(|i| be64(&b, l1 + 8 * i) & mask != first), "cluster 256 is an L2 table");
+    b[rt + 8..rt + 16].fill(0);
+    // Guest sector 1 now maps to that cluster.
+    let l2 = (be64(&b, l1) & mask) as usize;
+    b[l2 + 8..l2 + 16].copy_from_slice(&(first | 1 << 63).to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+
+    let d = Daemon::start(&sock, &["--image", img.to_str().unwrap(), "--format", "qcow2", "--metadata-cache", "2K"]);
+    let mut c = Client::connect(&sock, 1);
+    // A write past the data: clusters 0..255 are all in use, so the next
+    // ones come from range 1, whose new block goes to its first cluster.
+    let new = vec![0xabu8; 4096];
+    c.write(2 << 20, &new).unwrap();
+    c.flush().unwrap();
+    let got = c.read(512, 512);
+    assert!(got.is_err(), "the damaged table was served: {:?}..", got.map(|v| v[..16].to_vec()));
+    assert!(c.read(2 << 20, 4096).unwrap() == new);
+    drop(c);
+    assert!(d.stop().success());
+}

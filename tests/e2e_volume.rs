@@ -191,6 +191,40 @@ fn a_header_naming_a_host_file_as_base_is_refused() {
     assert!(err.contains("symbolic link") && err.contains(&base_url), "{err}");
 }
 
+/// A volume holds one image file, so a qcow2 overlay's backing data is not
+/// in it. `import --format qcow2` uploaded an overlay anyway and `serve`
+/// then failed with "no backing opener was given"; now the import refuses
+/// it before anything is uploaded, and a serve of one imported without
+/// `--format` says what to do too: flatten it with `qemu-img convert`.
+#[test]
+fn a_qcow2_overlay_is_refused_at_import_and_serve_says_how_to_flatten() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top.to_str().unwrap(), "16M"]);
+    let remote = dir.path().join("remote");
+    std::fs::create_dir(&remote).unwrap();
+    let url = format!("dir:{}/vol", remote.display());
+    let out = Command::new(bin()).args(["import", "--format", "qcow2", top.to_str().unwrap(), &url]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an overlay was imported");
+    assert!(
+        err.contains("overlay") && err.contains("qemu-img convert") && err.contains("nothing was uploaded"),
+        "{err}"
+    );
+    assert!(!remote.join("vol").exists(), "the import touched the remote");
+    // Imported as plain bytes, then served as a qcow2.
+    run_ok(&["import", "--quiet", top.to_str().unwrap(), &url]);
+    let cache = dir.path().join("cache");
+    let args = ["--volume", &url, "--format", "qcow2", "--cache-dir", cache.to_str().unwrap(), "--boot-profile", "off"];
+    let err = common::serve_fails(&dir.path().join("sock"), &args);
+    assert!(err.contains("overlay on the backing file \"base.qcow2\"") && err.contains("qemu-img convert"), "{err}");
+    // Said once, as what it is (it was an I/O error "at image offset 0",
+    // its text printed twice).
+    assert!(err.matches("overlay on").count() == 1 && err.contains("not supported: "), "{err}");
+}
+
 /// An export is the guest's disk in clear: 0600 whatever the umask, and
 /// written through no symbolic link planted at its temporary name.
 #[test]

@@ -2,6 +2,7 @@
 //! open with a clear error, or fail only the affected request; never panic,
 //! hang or allocate without bound.
 
+mod common;
 mod qcow2_common;
 
 use std::path::{Path, PathBuf};
@@ -263,6 +264,98 @@ fn bad_table_entries_fail_cleanly() {
     let (r_o, r_w) = open_patched(d, "refcount_zero", &b);
     r_o.unwrap();
     assert!(r_w.unwrap_err().contains("refcount 0"));
+}
+
+/// A writable open holds every refcount block in memory: a refcount table
+/// naming blocks that count only clusters past the end of the file (each
+/// block itself a distinct cluster of a sparse file, so a 2 TiB file costs
+/// nothing to make) had us read them all; now the image is refused, for
+/// writing only, naming the table. The daemon says the same.
+#[test]
+fn refcount_blocks_past_the_end_of_the_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_, good) = base_image(d, "cluster_size=65536");
+    let rt = be64(&good, 48) as usize;
+    // 64 KiB clusters, 16-bit refcounts: block i counts from i * 2 GiB.
+    let mut b = good.clone();
+    let end = b.len().next_multiple_of(65536);
+    b.resize(end + 16 * 65536, 0);
+    for i in 1..=16 {
+        put64(&mut b, rt + 8 * i, (end + (i - 1) * 65536) as u64);
+    }
+    let (r_o, r_w) = open_patched(d, "refblocks_past_eof", &b);
+    r_o.unwrap();
+    let e = r_w.unwrap_err();
+    assert!(e.contains("refcount block 1 ") && e.contains("past the end of the file"), "{e}");
+    let img = d.join("refblocks_past_eof");
+    std::fs::write(&img, &b).unwrap();
+    let err = common::serve_fails(&d.join("sock"), &["--image", img.to_str().unwrap(), "--format", "qcow2"]);
+    assert!(err.contains("past the end of the file"), "{err}");
+    // A block that counts the cluster at the end of the file (where the
+    // next allocation goes: QEMU can leave such a block when it crashes
+    // before the data it allocated is written) is fine: the file ends at
+    // 2 GiB, where block 1 starts counting.
+    let mut b = good.clone();
+    let end = b.len().next_multiple_of(65536);
+    b.resize(end + 65536, 0);
+    put64(&mut b, rt + 8, end as u64);
+    let p = d.join("refblock_at_eof");
+    std::fs::write(&p, &b).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(2 << 30).unwrap();
+    let disk = try_open(&p, rw()).unwrap();
+    let mut w = vec![9u8; 65536];
+    disk.write(MIB, &IoVec::from_slice(&mut w), IoMode::Blocking).unwrap();
+    disk.flush(IoMode::Blocking).unwrap();
+}
+
+/// A writable open reads every internal snapshot's L1 table: 9 snapshots
+/// each naming its own 32 MiB table in a sparse file had us read 288 MiB
+/// into memory (65536 of them, 2 TiB). Past 256 MiB in all the writable
+/// open is refused, saying what to do; read-only still serves.
+#[test]
+fn snapshot_l1_tables_past_the_memory_bound_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (p, _) = base_image(d, "cluster_size=65536");
+    qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]);
+    let mut b = std::fs::read(&p).unwrap();
+    let (nb, table) = (u32::from_be_bytes(b[60..64].try_into().unwrap()), be64(&b, 64) as usize);
+    assert_eq!(nb, 1);
+    let h = &b[table..table + 40];
+    let extra = u32::from_be_bytes(h[36..40].try_into().unwrap()) as usize;
+    let (id, name) = (u16::from_be_bytes([h[12], h[13]]) as usize, u16::from_be_bytes([h[14], h[15]]) as usize);
+    let entry_len = (40 + extra + id + name).next_multiple_of(8);
+    // (the file may end before the last entry's padding)
+    let mut entry = b[table..(table + entry_len).min(b.len())].to_vec();
+    entry.resize(entry_len, 0);
+    let l1_bytes: u64 = 32 << 20;
+    let new_table = b.len().next_multiple_of(65536);
+    let first_l1 = (new_table + 65536) as u64;
+    let n = 9;
+    b.resize(new_table, 0);
+    for k in 0..n {
+        let mut e = entry.clone();
+        e[0..8].copy_from_slice(&(first_l1 + k * l1_bytes).to_be_bytes());
+        e[8..12].copy_from_slice(&((l1_bytes / 8) as u32).to_be_bytes());
+        b.extend_from_slice(&e);
+    }
+    put32(&mut b, 60, n as u32);
+    put64(&mut b, 64, new_table as u64);
+    let img = d.join("snapshot_l1s");
+    let write = || {
+        std::fs::write(&img, &b).unwrap();
+        // The tables: a hole of 288 MiB.
+        std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(first_l1 + n * l1_bytes).unwrap();
+    };
+    write();
+    let e = try_open(&img, rw()).err().expect("the writable open should be refused").to_string();
+    assert!(e.contains("snapshots' L1 tables add up to") && e.contains("read-only"), "{e}");
+    write();
+    let disk = try_open(&img, ro()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    disk.read(0, &IoVec::from_slice(&mut buf), IoMode::Blocking).unwrap();
+    assert_eq!(buf[0], 1);
 }
 
 /// Images QEMU marked corrupt open read-only only.

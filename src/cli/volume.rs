@@ -211,6 +211,9 @@ fn print_info(i: &VolumeInfo) {
 }
 
 pub fn import(a: ImportArgs) -> anyhow::Result<()> {
+    if a.format == Some(crate::format::ImageFormat::Qcow2) {
+        check_qcow2_servable(&a.image)?;
+    }
     let opts = ImportOptions {
         chunk_size: a.chunk_size,
         progress: !a.quiet,
@@ -224,6 +227,25 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
     let info = volume::import(&a.image, &a.url, &opts).with_context(|| format!("import of {}", a.image.display()))?;
     eprintln!("imported {} in {:.1} s", a.image.display(), t0.elapsed().as_secs_f64());
     print_info(&info);
+    Ok(())
+}
+
+/// Refuses, before anything is uploaded, a qcow2 a volume could never
+/// serve: one whose header the engine refuses, or an overlay (a volume
+/// holds one file; the backing file's data would not be in it).
+fn check_qcow2_servable(image: &std::path::Path) -> anyhow::Result<()> {
+    let file = crate::tier::LocalFile::open(image, true).with_context(|| format!("cannot open {}", image.display()))?;
+    let info = crate::format::qcow2::info(&file)
+        .with_context(|| format!("{} cannot be served as a qcow2; nothing was uploaded", image.display()))?;
+    if let Some(b) = info.backing_file {
+        bail!(
+            "{} is a qcow2 overlay on the backing file {b:?}, and a volume holds one image file: flatten it first \
+             (`qemu-img convert -O qcow2 {} flat.qcow2` copies the backing file's data in) and import that; \
+             nothing was uploaded",
+            image.display(),
+            image.display()
+        );
+    }
     Ok(())
 }
 

@@ -16,10 +16,10 @@ pub enum DiskError {
     /// A write to a read-only disk.
     #[error("disk is read-only")]
     ReadOnly,
-    /// The operation is not supported by this image (e.g. discard on a format
-    /// that cannot express it).
+    /// A feature of the image (or a request) that is not supported; the
+    /// message says which, and what to do instead.
     #[error("not supported: {0}")]
-    Unsupported(&'static str),
+    Unsupported(String),
     /// The image's metadata is inconsistent; the affected request fails, the
     /// rest of the disk keeps working.
     #[error("corrupt image: {0}")]

@@ -28,7 +28,11 @@ pub struct NoBacking;
 
 impl BackingOpener for NoBacking {
     fn open_backing(&self, name: &str, _format: Option<ImageFormat>) -> DiskResult<Arc<dyn Disk>> {
-        Err(unsupported(format!("image has backing file {name:?} but no backing opener was given")))
+        Err(unsupported(format!(
+            "the image is a qcow2 overlay on the backing file {name:?}, which cannot be opened here: \
+             use a flattened copy (`qemu-img convert -O qcow2 OVERLAY flat.qcow2` copies the backing \
+             file's data in)"
+        )))
     }
 }
 

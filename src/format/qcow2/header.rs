@@ -38,6 +38,11 @@ pub const OFF_AUTOCLEAR: u64 = 88;
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65536;
+/// Most bytes of snapshot L1 tables a writable open reads in all (each is
+/// at most [`MAX_L1_BYTES`]): without it 65536 snapshots, each naming its
+/// own 32 MiB table in a sparse file, would have us read 2 TiB into memory.
+/// A 2 TiB disk with 64 KiB clusters has 32 KiB L1 tables: 8192 snapshots.
+pub const MAX_SNAPSHOT_L1_BYTES: u64 = 256 << 20;
 const MAX_BACKING_NAME: u32 = 1023;
 
 /// Highest host offset an L1/L2/refcount entry can express (bits 9..55).

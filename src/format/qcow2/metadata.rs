@@ -66,14 +66,51 @@ pub struct Meta {
     pub refs: Option<Refcounts>,
     /// Clusters that held metadata at open: data must never point into them.
     pub metadata_clusters: HashSet<u64>,
+    /// Writable images: L1 indexes whose L2 table has not been loaded (and
+    /// so not checked) since open, because its load was left for later.
+    pub unchecked: HashSet<usize>,
+    /// Clusters handed out since open, kept while `unchecked` is not empty:
+    /// an unchecked table naming one pointed at it while its refcount said
+    /// free (the check at load would now see the new count and pass).
+    pub allocated: HashSet<u64>,
 }
 
 impl Meta {
+    /// A new `Meta` with nothing loaded or allocated yet.
+    pub fn new(l1: Vec<u64>, l1_offset: u64, refs: Option<Refcounts>, metadata_clusters: HashSet<u64>) -> Self {
+        Self {
+            l1,
+            l1_offset,
+            l1_dirty: false,
+            l2: Default::default(),
+            refs,
+            metadata_clusters,
+            unchecked: HashSet::new(),
+            allocated: HashSet::new(),
+        }
+    }
+
     /// Allocates a host cluster, never one that held metadata at open
     /// (whatever the refcounts say). Read-only images have no refcounts.
     pub fn alloc_cluster(&mut self) -> DiskResult<u64> {
-        let Meta { refs, metadata_clusters, .. } = self;
-        refs.as_mut().ok_or(DiskError::ReadOnly)?.alloc_cluster(metadata_clusters)
+        let Meta { refs, metadata_clusters, unchecked, allocated, .. } = self;
+        let refs = refs.as_mut().ok_or(DiskError::ReadOnly)?;
+        let off = refs.alloc_cluster(metadata_clusters);
+        // Refcount blocks and tables it placed count as allocated too.
+        let created = std::mem::take(&mut refs.created);
+        let off = off?;
+        if !unchecked.is_empty() {
+            allocated.extend(created);
+            allocated.insert(off);
+        }
+        Ok(off)
+    }
+
+    /// Table `l1i` was loaded and checked: nothing to remember for it.
+    pub fn checked(&mut self, l1i: usize) {
+        if self.unchecked.remove(&l1i) && self.unchecked.is_empty() {
+            self.allocated = HashSet::new();
+        }
     }
 
     /// The L2 entry for a guest cluster, `Ok(None)` when its L1 entry is
@@ -185,7 +222,9 @@ pub fn read_l2(storage: &dyn Storage, lay: &Layout, meta: &Meta, l1i: usize, fil
                 if meta.metadata_clusters.contains(&c) {
                     return Err(corrupt(format!("guest {guest:#x}: data cluster {c:#x} overlaps image metadata")));
                 }
-                if c >= MAX_HOST_OFFSET || refs.get(c / cs) == 0 {
+                // Handed out since open: its refcount was 0 then.
+                let free_at_open = meta.unchecked.contains(&l1i) && meta.allocated.contains(&c);
+                if c >= MAX_HOST_OFFSET || refs.get(c / cs) == 0 || free_at_open {
                     return Err(corrupt(format!(
                         "guest {guest:#x}: data cluster {c:#x} is in use but has refcount 0 (run `qemu-img check -r all`)"
                     )));

@@ -25,8 +25,6 @@ mod refcount;
 mod repair;
 mod snapshot;
 
-use std::io;
-
 use crate::format::{DiskError, DiskResult};
 use crate::tier::Storage;
 
@@ -110,6 +108,9 @@ pub(crate) fn corrupt(msg: String) -> DiskError {
 }
 
 /// A feature of this image we do not implement; the message says which.
+/// Not an I/O error: its text would be printed twice in an error chain
+/// (once in the error, once as its source), after an "image offset 0"
+/// that means nothing here.
 pub(crate) fn unsupported(msg: String) -> DiskError {
-    DiskError::Io { op: "open qcow2 image", offset: 0, source: io::Error::new(io::ErrorKind::Unsupported, msg) }
+    DiskError::Unsupported(msg)
 }

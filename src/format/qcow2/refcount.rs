@@ -36,6 +36,9 @@ pub struct Refcounts {
     /// Tables replaced by a bigger one: (offset, clusters). The engine frees
     /// them once the header pointing at the new table is durable.
     pub retired_tables: Vec<(u64, u64)>,
+    /// Clusters taken by new refcount blocks and tables since the engine
+    /// last looked (it keeps them with the clusters it allocated).
+    pub created: Vec<u64>,
 }
 
 impl Refcounts {
@@ -52,6 +55,7 @@ impl Refcounts {
             header_dirty: false,
             free_hint: 0,
             retired_tables: Vec::new(),
+            created: Vec::new(),
         }
     }
 
@@ -182,6 +186,7 @@ impl Refcounts {
         self.table[bi] = off;
         self.blocks[bi] = Some(RefBlock { data: vec![0u8; self.cluster_size() as usize].into(), dirty: true });
         self.table_dirty = true;
+        self.created.push(off);
         self.set_existing(first, 1)
     }
 
@@ -238,6 +243,7 @@ impl Refcounts {
         }
         for c in start..start + t + b {
             self.set_existing(c, 1)?;
+            self.created.push(c * cs);
         }
         self.table_offset = start * cs;
         self.table_clusters = t;

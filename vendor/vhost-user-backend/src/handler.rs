@@ -449,6 +449,18 @@ where
             );
             return Err(VhostUserError::InvalidParam);
         }
+        // driveblk patch: a split ring's size is a power of two (virtio 2.7).
+        // virtio-queue ignores any other size with a log line only, and the
+        // queue would then walk its old size's ring over the guest's, reading
+        // descriptors the guest never wrote and writing used entries past its
+        // ring: refused here, naming the problem.
+        if !num.is_power_of_two() {
+            log::error!(
+                "vring {index}: the frontend asked for queue size {num}, not a power of two \
+                 (a split virtqueue's size must be one): refused"
+            );
+            return Err(VhostUserError::InvalidParam);
+        }
         vring.set_queue_size(num as u16);
         Ok(())
     }

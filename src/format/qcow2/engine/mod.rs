@@ -19,7 +19,7 @@ mod write;
 
 use super::backing::BackingOpener;
 use super::compressed::decompress;
-use super::header::{Header, MAX_L1_BYTES, OFF_AUTOCLEAR, OFF_REFCOUNT_TABLE};
+use super::header::{Header, MAX_L1_BYTES, MAX_SNAPSHOT_L1_BYTES, OFF_AUTOCLEAR, OFF_REFCOUNT_TABLE};
 use super::l2::{
     bit_range, compressed_clusters, ClusterKind, Geometry, L2Entry, L2Table, SubState, BITMAP_ALL_ALLOC,
     BITMAP_ALL_ZERO, COPIED, OFFSET_MASK, ZERO,
@@ -175,6 +175,7 @@ impl Qcow2Disk {
         }
         table.touch(self.next_tick());
         m.l2.insert(l1i, table);
+        m.checked(l1i);
         Ok(())
     }
 

@@ -94,6 +94,16 @@ impl Qcow2Disk {
             for c in 0..table_bytes.div_ceil(cs) {
                 metadata_clusters.insert(header.snapshots_offset + c * cs);
             }
+            let total: u64 = snapshots.iter().map(|s| u64::from(s.l1_size) * 8).sum();
+            if total > MAX_SNAPSHOT_L1_BYTES {
+                return Err(unsupported(format!(
+                    "the {} internal snapshots' L1 tables add up to {total} bytes, more than the {} MiB a \
+                     writable open reads into memory: serve the image read-only, or delete snapshots \
+                     (`qemu-img snapshot -d`)",
+                    snapshots.len(),
+                    MAX_SNAPSHOT_L1_BYTES >> 20
+                )));
+            }
             for s in &snapshots {
                 let bytes = u64::from(s.l1_size) * 8;
                 if bytes > MAX_L1_BYTES {
@@ -141,9 +151,22 @@ impl Qcow2Disk {
         }
         let mut l2_count = 0usize;
         if let Some(r) = &refs {
+            // Every refcount block is held in memory. The blocks the file
+            // needs cover it up to its end (where the next allocation goes);
+            // one that counts only clusters beyond would be read for nothing,
+            // and a hostile table naming a million of them in a sparse file
+            // would have us read the whole file into memory.
+            let covered = file_len.div_ceil(cs) / r.per_block();
             for (i, &e) in r.table.iter().enumerate() {
                 if e == 0 {
                     continue;
+                }
+                if i as u64 > covered {
+                    return Err(corrupt(format!(
+                        "refcount block {i} at {e:#x} counts only clusters past the end of the file \
+                         ({file_len} bytes): the refcount table is damaged; serve the image read-only, \
+                         or copy it with `qemu-img convert`"
+                    )));
                 }
                 claim_cluster("refcount block", i, e, cs, file_len, &mut metadata_clusters)?;
                 budget.offer(e..e + cs, &mut ranges, &mut unpinned);
@@ -182,7 +205,7 @@ impl Qcow2Disk {
         let l2_deferred =
             storage.prefetch_metadata(&l2_ranges).map_err(|e| DiskError::io("prefetch metadata", 0, e))?;
 
-        let mut meta = Meta { l1, l1_offset, l1_dirty: false, l2: Default::default(), refs, metadata_clusters };
+        let mut meta = Meta::new(l1, l1_offset, refs, metadata_clusters);
         if let Some(r) = meta.refs.as_mut() {
             for i in 0..r.table.len() {
                 let off = r.table[i];
@@ -233,6 +256,17 @@ impl Qcow2Disk {
                     meta.l2.insert(i, t);
                 }
             }
+        }
+        // The tables left to load on demand are checked then, against the
+        // refcounts as they were here (see `Meta::allocated`).
+        if meta.refs.is_some() {
+            meta.unchecked = (0..meta.l1.len())
+                .filter(|&i| {
+                    meta.l1[i] & OFFSET_MASK != 0
+                        && (i as u64 * lay.l2_entries * cs) < size
+                        && !meta.l2.contains_key(&i)
+                })
+                .collect();
         }
 
         let backing = match &header.backing_file {
