@@ -88,3 +88,52 @@ fn a_copied_cache_directory_is_another_cache() {
     let d = tempfile::tempdir().unwrap();
     lease_support::copied_cache_is_another_cache(d.path(), &url(&d.path().join("remote/vol")), &[]);
 }
+
+/// The laptop is refused while the desktop runs (the lease is held), the
+/// desktop stops, and the laptop goes offline (here: the remote's folder
+/// is gone). Its hydrated cache must still serve the whole disk: the
+/// refused start had caught the cache up to the desktop's generation, and
+/// the copy of the manifest kept for offline starts must have followed.
+/// A copy that could not follow (put back here by hand) makes the offline
+/// start refuse, nothing changed, instead of forgetting the cache.
+#[test]
+fn a_start_refused_for_the_lease_keeps_the_cache_usable_offline() {
+    let d = tempfile::tempdir().unwrap();
+    let folder = d.path().join("remote/vol");
+    let v = url(&folder);
+    let a = lease_support::Host::new(d.path(), "desktop", &[], &[]);
+    let b = lease_support::Host::new(d.path(), "laptop", &[], &[]);
+    let want = lease_support::import(&a, &v);
+    let cache = b.cache.to_str().unwrap().to_string();
+    b.cli_ok(&["hydrate", "--quiet", &v, "--cache-dir", &cache]);
+    let old_copy = std::fs::read(b.cache.join("manifest")).unwrap();
+    // The desktop takes the lease (a generation); the laptop is refused.
+    let da = a.serve(&v, &[]);
+    let e = b.serve_refused(&v, &[]);
+    assert!(e.contains("held by desktop"), "{e}");
+    assert!(da.stop().success());
+    // On the train.
+    let away = d.path().join("remote/vol-away");
+    std::fs::rename(&folder, &away).unwrap();
+    let db = b.serve(&v, &["--remote-wait", "2"]);
+    let mut c = lease_support::connect(&db);
+    let got = c.read(0, c.capacity as usize);
+    drop(c);
+    assert!(db.stop().success());
+    let log = std::fs::read_to_string(b.log()).unwrap();
+    assert!(got.is_ok_and(|g| g == want), "the offline laptop lost its cache: {log}");
+    // A copy older than the cache's state (its save failed): refused
+    // offline, saying why and what to do...
+    std::fs::write(b.cache.join("manifest"), &old_copy).unwrap();
+    let e = b.serve_refused(&v, &["--remote-wait", "2"]);
+    assert!(e.contains("cannot be served offline") && e.contains("once the remote answers"), "{e}");
+    // ...and the cache is whole when the remote is back: nothing fetched.
+    std::fs::rename(&away, &folder).unwrap();
+    let db = b.serve(&v, &[]);
+    let mut c = lease_support::connect(&db);
+    assert!(lease_support::read_all(&mut c) == want);
+    drop(c);
+    assert!(db.stop().success());
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(b.cache.join("status.json")).unwrap()).unwrap();
+    assert_eq!(s["remote"]["fetches"], 0, "the refused offline start dropped cached chunks: {s}");
+}

@@ -1176,12 +1176,31 @@ impl Inner {
     /// those already uploaded become clean. Changes made on top of a
     /// generation someone else has since replaced are refused, never mixed
     /// into theirs, and never thrown away.
+    ///
+    /// Opened offline, the cache's copy of the manifest stands in for the
+    /// remote: it is only served when it names the cache's own generation
+    /// (the copy is saved before the state that names a newer one). One
+    /// that does not cannot tell which cached chunks still hold its bytes,
+    /// so the start is refused with nothing changed, rather than forgetting
+    /// everything cached while no remote can give it back.
     pub(super) async fn catch_up_generation(self: Arc<Self>) -> VolumeResult<()> {
         let (g, m) = (self.ssd.generation(), self.vol.generation());
         if g == m {
             return Ok(());
         }
         let dirty = self.ssd.dirty_chunks();
+        if self.vol.offline {
+            return Err(VolumeError::Cache {
+                dir: self.ssd.dir().to_path_buf(),
+                reason: format!(
+                    "holds generation {g} of the volume, but the copy of its manifest kept for starts without the \
+                     remote is of generation {m} (it could not be saved when the cache moved on), and the remote \
+                     is unreachable: it cannot be served offline without forgetting what it holds; nothing was \
+                     changed ({dirty} chunks of changes not yet uploaded are kept) — start it again once the \
+                     remote answers"
+                ),
+            });
+        }
         let refuse = |why: String| VolumeError::Diverged {
             dir: self.ssd.dir().to_path_buf(),
             reason: format!(
@@ -1225,6 +1244,13 @@ impl Inner {
                 .map_err(VolumeError::task("reconciling the cache with the volume"))?;
         }
         self.ssd.set_generation(m);
+        // The offline copy first, then the state that names its generation
+        // (as `install_generation`): a start refused after this (the lease
+        // held by another host) must not leave the state ahead of the copy
+        // a later start without the remote serves.
+        if let Err(e) = self.vol.save_copies(self.ssd.dir()) {
+            tracing::warn!(error = %e, "could not keep an offline copy of the volume's manifest");
+        }
         self.ssd.persist().map_err(|e| VolumeError::io("persisting cache state in", self.ssd.dir(), e))
     }
 }
