@@ -2,7 +2,9 @@
 //! processes: two hosts alternating (a second writer refused with who and
 //! what, a reader not), a forced takeover whose loser is fenced and forks,
 //! a holder killed with changes pending keeping its lease, expiry by the
-//! remote's clock with host clocks an hour apart, and discard-local.
+//! remote's clock with host clocks an hour apart, and discard-local; and
+//! the offline laptop: a cache caught up by a refused start serves
+//! offline, and changes made offline on a volume that moved on fork.
 
 mod common;
 #[path = "lease_support/mod.rs"]
@@ -136,4 +138,53 @@ fn a_start_refused_for_the_lease_keeps_the_cache_usable_offline() {
     assert!(db.stop().success());
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(b.cache.join("status.json")).unwrap()).unwrap();
     assert_eq!(s["remote"]["fetches"], 0, "the refused offline start dropped cached chunks: {s}");
+}
+
+/// A laptop started offline (from its cache's copy of the volume) writes;
+/// meanwhile the desktop serves, writes and stops. Back online, the
+/// laptop's changes meet the volume that moved on: `sync` and the status
+/// say so and name the way out (fork or discard-local), not "start
+/// again"; its stop exits 78; the remote holds the desktop's disk.
+#[test]
+fn an_offline_laptop_back_online_after_another_host_committed_is_told_to_fork() {
+    let d = tempfile::tempdir().unwrap();
+    let folder = d.path().join("remote/vol");
+    let v = url(&folder);
+    let a = lease_support::Host::new(d.path(), "desktop", &[], &[]);
+    let b = lease_support::Host::new(d.path(), "laptop", &[], &[]);
+    let base = lease_support::import(&a, &v);
+    let cache = b.cache.to_str().unwrap().to_string();
+    b.cli_ok(&["hydrate", "--quiet", &v, "--cache-dir", &cache]);
+    let away = d.path().join("remote/vol-away");
+    std::fs::rename(&folder, &away).unwrap();
+    let db = b.serve(&v, &[]);
+    std::fs::rename(&away, &folder).unwrap();
+    // The desktop, online, writes and stops (commits, releases).
+    let mut want_a = base.clone();
+    let da = a.serve(&v, &[]);
+    let mut c = lease_support::connect(&da);
+    lease_support::write(&mut c, 0, &common::pattern(11, 8192), &mut want_a);
+    drop(c);
+    assert!(da.stop().success());
+    // The laptop writes, then asks for an upload.
+    let mut want_b = base.clone();
+    let mut c = lease_support::connect(&db);
+    lease_support::write(&mut c, 1 << 20, &common::pattern(12, 4096), &mut want_b);
+    drop(c);
+    let o = b.cli(&["sync", &v, "--cache-dir", &cache, "--timeout", "60"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("moved on") && !e.contains("start again"), "{e}");
+    assert!(e.contains(&format!("driveblk fork {v} NEWURL")) && e.contains("discard-local"), "{e}");
+    let st = b.cli_ok(&["status", "--cache-dir", &cache]);
+    assert!(st.contains("CONFLICT") && st.contains("driveblk fork"), "{st}");
+    let status = db.stop();
+    let log = std::fs::read_to_string(b.log()).unwrap();
+    assert_eq!(status.code(), Some(78), "{log}");
+    let reader = lease_support::Host::new(d.path(), "reader", &[], &[]);
+    let dr = reader.serve(&v, &["--read-only"]);
+    let mut rc = common::Client::connect_with(&dr.socket, 1, true);
+    assert!(lease_support::read_all(&mut rc) == want_a, "the remote is not the desktop's disk");
+    drop(rc);
+    assert!(dr.stop().success());
 }

@@ -337,7 +337,7 @@ impl TieredStore {
                      took it meanwhile, the changes made here are kept and fork)"
                 ),
                 m => {
-                    rt.block_on(inner.clone().take_lease(m == LeaseMode::Force))?;
+                    rt.block_on(inner.clone().take_lease(m == LeaseMode::Force, false))?;
                 }
             }
         }

@@ -192,10 +192,13 @@ pub fn two_hosts_alternate(root: &Path, url: &str, flags: &[String]) {
     write(&mut c, 300 << 10, &crate::common::pattern(1, 8192), &mut want);
     drop(c);
     wait_pending(&b, url, "desktop");
-    // B is refused, and told by whom, since when, how much waits there.
+    // B is refused, and told by whom, since when, how much waits there,
+    // and that A still runs: stopping it there (or syncing) is the way,
+    // not starting it again.
     let e = b.serve_refused(url, &[]);
     assert!(e.contains(&format!("held by desktop (pid {pid}) since ")), "{e}");
-    assert!(e.contains("not yet uploaded") && e.contains("start it there and let it sync"), "{e}");
+    assert!(e.contains("not yet uploaded") && e.contains("it is running there"), "{e}");
+    assert!(e.contains(&format!("`driveblk sync {url}` there")) && !e.contains("start it there"), "{e}");
     assert!(e.contains("--force-takeover"), "{e}");
     // `status URL` from B's side shows the same.
     let st = b.cli_ok(&["status", url, "--cache-dir", b.dir.join("none").to_str().unwrap()]);
@@ -329,6 +332,8 @@ pub fn killed_holder_and_expiry(root: &Path, url: &str, flags: &[String]) {
     std::thread::sleep(Duration::from_millis(2500));
     let e = b.serve_refused(url, &[]);
     assert!(e.contains(&format!("held by desktop (pid {pid})")) && e.contains("not yet uploaded"), "{e}");
+    // Silent: not running there any more, so starting it again is the way.
+    assert!(e.contains("start it there and let it sync") && !e.contains("it is running there"), "{e}");
     // A restarts on its cache: re-takes its own lease and uploads.
     let da = a.serve(url, &[]);
     let mut c = connect(&da);

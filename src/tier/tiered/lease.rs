@@ -21,8 +21,9 @@ impl Inner {
 
     /// Takes the lease (a generation committed through the fence on top
     /// of the one served), serves that generation, and starts the
-    /// heartbeat. `force` breaks another host's lease.
-    pub(super) async fn take_lease(self: Arc<Self>, force: bool) -> VolumeResult<Arc<LeaseHolder>> {
+    /// heartbeat. `force` breaks another host's lease; `committing`: taken
+    /// for a commit, not at the start (`Claim::committing`).
+    pub(super) async fn take_lease(self: Arc<Self>, force: bool, committing: bool) -> VolumeResult<Arc<LeaseHolder>> {
         let wb = self.writeback.as_ref().expect("only a writable store takes the lease");
         let claim = Claim {
             cache_id: self.ssd.cache_id().to_string(),
@@ -30,6 +31,7 @@ impl Inner {
             force,
             copy_of: self.ssd.copy_of().map(str::to_string),
             ttl: lease::ttl(),
+            committing,
         };
         let taken = lease::acquire(&self.vol, &claim, wb.opts.commit.clone()).await?;
         let g = taken.manifest.generation;
@@ -50,12 +52,12 @@ impl Inner {
         Ok(holder)
     }
 
-    /// The lease, taken now if this store does not hold it yet.
+    /// The lease, taken now (to commit) if this store does not hold it yet.
     pub(super) async fn ensure_lease(self: Arc<Self>) -> VolumeResult<Arc<LeaseHolder>> {
         if let Some(h) = self.lease.lock().clone() {
             return Ok(h);
         }
-        self.take_lease(false).await
+        self.take_lease(false, true).await
     }
 
     /// Renews the heartbeat every quarter ttl, and at once when the cache
