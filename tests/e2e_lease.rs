@@ -188,3 +188,9 @@ fn an_offline_laptop_back_online_after_another_host_committed_is_told_to_fork() 
     drop(rc);
     assert!(dr.stop().success());
 }
+
+#[test]
+fn a_running_holder_taken_over_by_force_learns_it_at_its_next_heartbeat() {
+    let d = tempfile::tempdir().unwrap();
+    lease_support::running_holder_learns_it_was_taken_over(d.path(), &url(&d.path().join("remote/vol")), &[]);
+}
