@@ -175,6 +175,8 @@ fn an_offline_laptop_back_online_after_another_host_committed_is_told_to_fork() 
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!o.status.success(), "{e}");
     assert!(e.contains("moved on") && !e.contains("start again"), "{e}");
+    // It was the desktop, a moment ago: not "another writer long ago", nor gc.
+    assert!(e.contains("committed by desktop (pid ") && !e.contains("gc had retired"), "{e}");
     assert!(e.contains(&format!("driveblk fork {v} NEWURL")) && e.contains("discard-local"), "{e}");
     let st = b.cli_ok(&["status", "--cache-dir", &cache]);
     assert!(st.contains("CONFLICT") && st.contains("driveblk fork"), "{st}");
