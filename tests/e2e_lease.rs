@@ -2,7 +2,9 @@
 //! processes: two hosts alternating (a second writer refused with who and
 //! what, a reader not), a forced takeover whose loser is fenced and forks,
 //! a holder killed with changes pending keeping its lease, expiry by the
-//! remote's clock with host clocks an hour apart, and discard-local.
+//! remote's clock with host clocks an hour apart, and discard-local; and
+//! the offline laptop: a cache caught up by a refused start serves
+//! offline, and changes made offline on a volume that moved on fork.
 
 mod common;
 #[path = "lease_support/mod.rs"]
@@ -87,4 +89,110 @@ fn gc_judges_ages_by_the_remote_clock_only() {
 fn a_copied_cache_directory_is_another_cache() {
     let d = tempfile::tempdir().unwrap();
     lease_support::copied_cache_is_another_cache(d.path(), &url(&d.path().join("remote/vol")), &[]);
+}
+
+/// The laptop is refused while the desktop runs (the lease is held), the
+/// desktop stops, and the laptop goes offline (here: the remote's folder
+/// is gone). Its hydrated cache must still serve the whole disk: the
+/// refused start had caught the cache up to the desktop's generation, and
+/// the copy of the manifest kept for offline starts must have followed.
+/// A copy that could not follow (put back here by hand) makes the offline
+/// start refuse, nothing changed, instead of forgetting the cache.
+#[test]
+fn a_start_refused_for_the_lease_keeps_the_cache_usable_offline() {
+    let d = tempfile::tempdir().unwrap();
+    let folder = d.path().join("remote/vol");
+    let v = url(&folder);
+    let a = lease_support::Host::new(d.path(), "desktop", &[], &[]);
+    let b = lease_support::Host::new(d.path(), "laptop", &[], &[]);
+    let want = lease_support::import(&a, &v);
+    let cache = b.cache.to_str().unwrap().to_string();
+    b.cli_ok(&["hydrate", "--quiet", &v, "--cache-dir", &cache]);
+    let old_copy = std::fs::read(b.cache.join("manifest")).unwrap();
+    // The desktop takes the lease (a generation); the laptop is refused.
+    let da = a.serve(&v, &[]);
+    let e = b.serve_refused(&v, &[]);
+    assert!(e.contains("held by desktop"), "{e}");
+    assert!(da.stop().success());
+    // On the train.
+    let away = d.path().join("remote/vol-away");
+    std::fs::rename(&folder, &away).unwrap();
+    let db = b.serve(&v, &["--remote-wait", "2"]);
+    let mut c = lease_support::connect(&db);
+    let got = c.read(0, c.capacity as usize);
+    drop(c);
+    assert!(db.stop().success());
+    let log = std::fs::read_to_string(b.log()).unwrap();
+    assert!(got.is_ok_and(|g| g == want), "the offline laptop lost its cache: {log}");
+    // A copy older than the cache's state (its save failed): refused
+    // offline, saying why and what to do...
+    std::fs::write(b.cache.join("manifest"), &old_copy).unwrap();
+    let e = b.serve_refused(&v, &["--remote-wait", "2"]);
+    assert!(e.contains("cannot be served offline") && e.contains("once the remote answers"), "{e}");
+    // ...and the cache is whole when the remote is back: nothing fetched.
+    std::fs::rename(&away, &folder).unwrap();
+    let db = b.serve(&v, &[]);
+    let mut c = lease_support::connect(&db);
+    assert!(lease_support::read_all(&mut c) == want);
+    drop(c);
+    assert!(db.stop().success());
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(b.cache.join("status.json")).unwrap()).unwrap();
+    assert_eq!(s["remote"]["fetches"], 0, "the refused offline start dropped cached chunks: {s}");
+}
+
+/// A laptop started offline (from its cache's copy of the volume) writes;
+/// meanwhile the desktop serves, writes and stops. Back online, the
+/// laptop's changes meet the volume that moved on: `sync` and the status
+/// say so and name the way out (fork or discard-local), not "start
+/// again"; its stop exits 78; the remote holds the desktop's disk.
+#[test]
+fn an_offline_laptop_back_online_after_another_host_committed_is_told_to_fork() {
+    let d = tempfile::tempdir().unwrap();
+    let folder = d.path().join("remote/vol");
+    let v = url(&folder);
+    let a = lease_support::Host::new(d.path(), "desktop", &[], &[]);
+    let b = lease_support::Host::new(d.path(), "laptop", &[], &[]);
+    let base = lease_support::import(&a, &v);
+    let cache = b.cache.to_str().unwrap().to_string();
+    b.cli_ok(&["hydrate", "--quiet", &v, "--cache-dir", &cache]);
+    let away = d.path().join("remote/vol-away");
+    std::fs::rename(&folder, &away).unwrap();
+    let db = b.serve(&v, &[]);
+    std::fs::rename(&away, &folder).unwrap();
+    // The desktop, online, writes and stops (commits, releases).
+    let mut want_a = base.clone();
+    let da = a.serve(&v, &[]);
+    let mut c = lease_support::connect(&da);
+    lease_support::write(&mut c, 0, &common::pattern(11, 8192), &mut want_a);
+    drop(c);
+    assert!(da.stop().success());
+    // The laptop writes, then asks for an upload.
+    let mut want_b = base.clone();
+    let mut c = lease_support::connect(&db);
+    lease_support::write(&mut c, 1 << 20, &common::pattern(12, 4096), &mut want_b);
+    drop(c);
+    let o = b.cli(&["sync", &v, "--cache-dir", &cache, "--timeout", "60"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("moved on") && !e.contains("start again"), "{e}");
+    // It was the desktop, a moment ago: not "another writer long ago", nor gc.
+    assert!(e.contains("committed by desktop (pid ") && !e.contains("gc had retired"), "{e}");
+    assert!(e.contains(&format!("driveblk fork {v} NEWURL")) && e.contains("discard-local"), "{e}");
+    let st = b.cli_ok(&["status", "--cache-dir", &cache]);
+    assert!(st.contains("CONFLICT") && st.contains("driveblk fork"), "{st}");
+    let status = db.stop();
+    let log = std::fs::read_to_string(b.log()).unwrap();
+    assert_eq!(status.code(), Some(78), "{log}");
+    let reader = lease_support::Host::new(d.path(), "reader", &[], &[]);
+    let dr = reader.serve(&v, &["--read-only"]);
+    let mut rc = common::Client::connect_with(&dr.socket, 1, true);
+    assert!(lease_support::read_all(&mut rc) == want_a, "the remote is not the desktop's disk");
+    drop(rc);
+    assert!(dr.stop().success());
+}
+
+#[test]
+fn a_running_holder_taken_over_by_force_learns_it_at_its_next_heartbeat() {
+    let d = tempfile::tempdir().unwrap();
+    lease_support::running_holder_learns_it_was_taken_over(d.path(), &url(&d.path().join("remote/vol")), &[]);
 }

@@ -52,6 +52,12 @@ fn gdrive_a_holder_that_slept_through_its_lease_is_fenced_at_its_next_commit() {
 }
 
 #[test]
+fn gdrive_a_running_holder_taken_over_by_force_learns_it_at_its_next_heartbeat() {
+    let (env, flags) = drive();
+    lease_support::running_holder_learns_it_was_taken_over(env.dir.path(), "gdrive:/lease/vol", &flags);
+}
+
+#[test]
 fn gdrive_a_copied_cache_directory_is_another_cache() {
     let (env, flags) = drive();
     lease_support::copied_cache_is_another_cache(env.dir.path(), "gdrive:/lease/vol", &flags);

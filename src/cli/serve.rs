@@ -646,9 +646,14 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             st.add_section(
                 "lease",
                 Box::new(move || {
+                    // A lease lost to another host says so (and why), not
+                    // that this host holds none.
                     leased
                         .upgrade()
-                        .and_then(|s| serde_json::to_value(s.lease()).ok())
+                        .and_then(|s| match s.lease_lost() {
+                            Some(why) => Some(serde_json::json!({ "lost": why })),
+                            None => serde_json::to_value(s.lease()).ok(),
+                        })
                         .unwrap_or(serde_json::Value::Null)
                 }),
             );

@@ -257,6 +257,8 @@ pub fn summary(v: &Value) -> String {
         }
         if let Some(c) = v.pointer("/sync/conflict").and_then(Value::as_str) {
             s += &format!("; CONFLICT: {c}");
+        } else if v.pointer("/lease/lost").is_some_and(Value::is_string) {
+            s += "; LEASE LOST to another host (its guest's writes here fork)";
         } else if let Some(e) = v.pointer("/sync/last_error").and_then(Value::as_str) {
             s += &format!("; sync error: {e}");
         }
@@ -474,7 +476,9 @@ pub fn render(v: &Value) -> String {
             }
         }
         out += &format!("write-back  {line}\n");
-        if let Some(l) = v.get("lease").filter(|l| !l.is_null()) {
+        if let Some(lost) = v.pointer("/lease/lost").and_then(Value::as_str) {
+            out += &format!("lease       LOST: {lost}\n");
+        } else if let Some(l) = v.get("lease").filter(|l| !l.is_null()) {
             let state = if l.get("released").and_then(Value::as_bool).unwrap_or(false) { "released" } else { "held" };
             out += &format!(
                 "lease       {state} by this host since generation {}\n",

@@ -167,6 +167,9 @@ struct Inner {
     writeback: Option<Writeback>,
     /// The writer lease, once taken.
     lease: parking_lot::Mutex<Option<Arc<crate::volume::lease::LeaseHolder>>>,
+    /// Why this store no longer holds the lease it took: another host
+    /// committed past the generation it serves (`lease::lease_loop`).
+    lease_lost: parking_lot::Mutex<Option<String>>,
     /// How long guest requests wait on the remote.
     remote_wait: RemoteWait,
     /// `close` has saved (or given up on) the boot profile.
@@ -331,6 +334,7 @@ impl TieredStore {
             metadata_pending: Default::default(),
             vol,
             lease: parking_lot::Mutex::new(None),
+            lease_lost: parking_lot::Mutex::new(None),
         });
         rt.block_on(inner.clone().catch_up_generation())?;
         if inner.writeback.is_some() {
@@ -341,7 +345,7 @@ impl TieredStore {
                      took it meanwhile, the changes made here are kept and fork)"
                 ),
                 m => {
-                    rt.block_on(inner.clone().take_lease(m == LeaseMode::Force))?;
+                    rt.block_on(inner.clone().take_lease(m == LeaseMode::Force, false))?;
                 }
             }
         }
@@ -607,6 +611,12 @@ impl TieredStore {
     /// The writer lease this store holds (None: read-only, or not taken).
     pub fn lease(&self) -> Option<crate::volume::format::LeaseRecord> {
         self.inner.lease.lock().as_ref().map(|h| h.record())
+    }
+
+    /// Why this store lost the writer lease it held (another host took it
+    /// and committed), if it did.
+    pub fn lease_lost(&self) -> Option<String> {
+        self.inner.lease_lost.lock().clone()
     }
 
     /// Drops the clean data of the RAM and SSD tiers (local changes and

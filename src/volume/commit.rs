@@ -700,18 +700,15 @@ impl GenerationBuilder {
             Some((l, at)) if at.elapsed().is_ok_and(|e| e < LISTING_FRESH) => l,
             _ => self.remote.list_after(GEN_PREFIX, &key).await,
         };
-        self.check_not_in_a_gap(g, listed)?;
+        self.check_not_in_a_gap(g, &key, listed).await?;
         self.check_reused_still_spared().await?;
         let tag = content_tag(&bytes);
         match self.remote.create(&key, self.parent.next_slot.as_ref(), &tag, PutBody::from_bytes(bytes)).await {
             Ok(_) => Ok((resolved, self.stats)),
             Err(e) => match e.root() {
                 RemoteError::AlreadyExists { .. } => {
-                    let by = match self.remote.get_created(&key, self.parent.next_slot.as_ref()).await {
-                        Ok(b) => Manifest::from_bytes(&b, &self.header, g)
-                            .ok()
-                            .and_then(|m| m.writer)
-                            .map_or_else(|| "another writer".to_string(), |w| format!("{} (pid {})", w.host, w.pid)),
+                    let by = match self.committed_by(g, &key).await {
+                        Ok(by) => by,
                         // Taken, yet unreadable: on Drive, a generation
                         // moved to the trash in the web UI, which every
                         // reader now skips (the newest they see is older).
@@ -728,6 +725,16 @@ impl GenerationBuilder {
                 _ => Err(VolumeError::remote(format!("committing {}/{key}", self.url), e)),
             },
         }
+    }
+
+    /// Who committed generation `g` (at `key`, the slot the parent
+    /// reserved), as conflicts name them.
+    async fn committed_by(&self, g: u64, key: &str) -> RemoteResult<String> {
+        let b = self.remote.get_created(key, self.parent.next_slot.as_ref()).await?;
+        Ok(Manifest::from_bytes(&b, &self.header, g)
+            .ok()
+            .and_then(|m| m.writer)
+            .map_or_else(|| "another writer".to_string(), |w| format!("{} (pid {})", w.host, w.pid)))
     }
 }
 
@@ -781,7 +788,11 @@ impl GenerationBuilder {
     /// listing made before the create must show no newer generation (one
     /// listed then cannot be built on this one); else the commit is a
     /// conflict, nothing is created, and the local changes are kept.
-    fn check_not_in_a_gap(&self, g: u64, listed: RemoteResult<Vec<ObjectMeta>>) -> VolumeResult<()> {
+    ///
+    /// Usually `g` is still there, committed by a host that went on past
+    /// it (an offline laptop back after another wrote): the conflict names
+    /// that host. Only a `g` that is gone is gc's gap.
+    async fn check_not_in_a_gap(&self, g: u64, key: &str, listed: RemoteResult<Vec<ObjectMeta>>) -> VolumeResult<()> {
         // Unchecked, the create could land in a gap no reader sees, and
         // the chunks would be marked clean: the commit fails (and is
         // retried, its packs reused) instead.
@@ -791,12 +802,15 @@ impl GenerationBuilder {
         let Some(newer) = listed.iter().filter_map(|m| parse_gen_key(&m.key)).filter(|&n| n > g).max() else {
             return Ok(());
         };
-        tracing::warn!(url = %self.url, generation = g, newest = newer, "generation {g} is free again only because gc retired it: the volume moved on long ago");
-        Err(VolumeError::Conflict {
-            url: self.url.clone(),
-            generation: g,
-            by: format!("another writer long ago (the volume is at generation {newer}; gc had retired {g})"),
-        })
+        let by = match self.committed_by(g, key).await {
+            Ok(by) => format!("{by} (the volume is at generation {newer} now)"),
+            Err(e) if e.is_not_found() => {
+                tracing::warn!(url = %self.url, generation = g, newest = newer, "generation {g} is free again only because gc retired it: the volume moved on long ago");
+                format!("another writer long ago (the volume is at generation {newer}; gc had retired {g})")
+            }
+            Err(_) => format!("another writer (the volume is at generation {newer})"),
+        };
+        Err(VolumeError::Conflict { url: self.url.clone(), generation: g, by })
     }
 }
 

@@ -120,15 +120,20 @@ impl LeaseView {
         }
     }
 
-    /// The refusal a second writer gets: who holds it and what to do.
-    pub fn refusal(&self) -> String {
-        self.refusal_to(None)
+    /// True when the holder wrote its heartbeat within its ttl: its daemon
+    /// is most likely running there now.
+    fn holder_alive(&self) -> bool {
+        match (&self.holder, self.silent_ms) {
+            (Some(h), Some(s)) => s <= h.ttl_ms,
+            _ => false,
+        }
     }
 
-    /// [`refusal`](Self::refusal) for the cache that is a copy of cache
-    /// `copy_of` (a directory copied, restored or moved, `ssd/place.rs`):
-    /// when that cache holds the lease, the refusal says so.
-    pub fn refusal_to(&self, copy_of: Option<&str>) -> String {
+    /// The refusal a second writer of volume `url` gets: who holds it and
+    /// what to do. `copy_of`: the cache this one is a copy of (a directory
+    /// copied, restored or moved, `ssd/place.rs`): when that cache holds
+    /// the lease, the refusal says so.
+    pub fn refusal_to(&self, url: &str, copy_of: Option<&str>) -> String {
         let d = self.describe();
         match &self.holder {
             Some(h) if copy_of == Some(h.cache_id.as_str()) => format!(
@@ -142,9 +147,19 @@ impl LeaseView {
                     "stop the original (a clean stop releases the lease)"
                 }
             ),
-            Some(h) if h.pending_bytes > 0 => {
-                format!("{d} — start it there and let it sync, or `--force-takeover` to fork")
-            }
+            // Still running there (the user forgot to stop it): starting it
+            // again is not the way. `sync` waits as long as the uplink needs
+            // (a stop gives up after --sync-timeout), then a clean stop
+            // releases.
+            Some(h) if h.pending_bytes > 0 && self.holder_alive() => format!(
+                "{d} — it is running there: run `driveblk sync {url}` there (it waits until they are uploaded), \
+                 then stop it there (a clean stop releases the lease) and start here; or `--force-takeover` to fork \
+                 them"
+            ),
+            Some(h) if h.pending_bytes > 0 => format!(
+                "{d} — start it there and let it sync (or run `driveblk sync {url}` there), or `--force-takeover` to \
+                 fork them"
+            ),
             Some(h) => format!(
                 "{d} — stop it there (a clean stop releases the lease), wait until it has been silent for {} s, \
                  or use `--force-takeover`",
@@ -355,6 +370,11 @@ pub struct Claim {
     /// The cache this one was found to be a copy of (for the refusal).
     pub copy_of: Option<String>,
     pub ttl: Duration,
+    /// Taken to commit changes made on the generation served (a store
+    /// opened offline, or one that uploads a stopped daemon's changes), not
+    /// at a start: a volume that moved on past that generation is a
+    /// conflict those changes fork from, not a start to try again.
+    pub committing: bool,
 }
 
 /// A lease taken: the generation that took it, and the handle that keeps
@@ -379,7 +399,7 @@ pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -
         if !claim.force {
             return Err(VolumeError::LeaseHeld {
                 url: vol.url.clone(),
-                holder: view.refusal_to(claim.copy_of.as_deref()),
+                holder: view.refusal_to(&vol.url, claim.copy_of.as_deref()),
             });
         }
         let h = view.holder.clone().expect("a held lease has a holder");
@@ -429,6 +449,10 @@ pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -
     }
     let manifest = match b.commit(writer_record(&claim.cache_id)).await {
         Ok((m, _)) => m,
+        // The changes waiting here were made on `parent`, and the volume
+        // moved on without them: whoever holds the lease now, they fork
+        // (the caller adopts generations that turn out to be its own).
+        Err(e @ VolumeError::Conflict { .. }) if claim.committing => return Err(e),
         Err(VolumeError::Conflict { .. }) => {
             // Someone committed first: most likely another host taking the
             // lease at the same moment.
@@ -437,7 +461,7 @@ pub async fn acquire(vol: &VolumeReader, claim: &Claim, commit: CommitOptions) -
             let holder = if v.may_take() {
                 format!("the volume moved on to generation {} while starting; start again", newest.generation)
             } else {
-                v.refusal_to(claim.copy_of.as_deref())
+                v.refusal_to(&vol.url, claim.copy_of.as_deref())
             };
             return Err(VolumeError::LeaseHeld { url: vol.url.clone(), holder });
         }

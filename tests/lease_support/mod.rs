@@ -192,10 +192,13 @@ pub fn two_hosts_alternate(root: &Path, url: &str, flags: &[String]) {
     write(&mut c, 300 << 10, &crate::common::pattern(1, 8192), &mut want);
     drop(c);
     wait_pending(&b, url, "desktop");
-    // B is refused, and told by whom, since when, how much waits there.
+    // B is refused, and told by whom, since when, how much waits there,
+    // and that A still runs: stopping it there (or syncing) is the way,
+    // not starting it again.
     let e = b.serve_refused(url, &[]);
     assert!(e.contains(&format!("held by desktop (pid {pid}) since ")), "{e}");
-    assert!(e.contains("not yet uploaded") && e.contains("start it there and let it sync"), "{e}");
+    assert!(e.contains("not yet uploaded") && e.contains("it is running there"), "{e}");
+    assert!(e.contains(&format!("`driveblk sync {url}` there")) && !e.contains("start it there"), "{e}");
     assert!(e.contains("--force-takeover"), "{e}");
     // `status URL` from B's side shows the same.
     let st = b.cli_ok(&["status", url, "--cache-dir", b.dir.join("none").to_str().unwrap()]);
@@ -329,6 +332,8 @@ pub fn killed_holder_and_expiry(root: &Path, url: &str, flags: &[String]) {
     std::thread::sleep(Duration::from_millis(2500));
     let e = b.serve_refused(url, &[]);
     assert!(e.contains(&format!("held by desktop (pid {pid})")) && e.contains("not yet uploaded"), "{e}");
+    // Silent: not running there any more, so starting it again is the way.
+    assert!(e.contains("start it there and let it sync") && !e.contains("it is running there"), "{e}");
     // A restarts on its cache: re-takes its own lease and uploads.
     let da = a.serve(url, &[]);
     let mut c = connect(&da);
@@ -655,4 +660,49 @@ pub fn copied_cache_is_another_cache(root: &Path, url: &str, flags: &[String]) {
     drop(rc);
     assert!(dr.stop().success());
     assert_eq!(cache_id_of(&a.cache), a_id, "the original's restart changed its cache id");
+}
+
+/// The desktop still runs, idle (nothing pending), when the laptop takes
+/// the lease by force. The desktop learns it at its next heartbeat: its
+/// status says the lease is lost and to whom (not "held by this host");
+/// a write its guest makes then meets the fence, and `sync` names fork;
+/// its stop exits 78 and does not claim to release a lease it lost.
+pub fn running_holder_learns_it_was_taken_over(root: &Path, url: &str, flags: &[String]) {
+    let a = Host::new(root, "desktop", flags, &[("DRIVEBLK_LEASE_TTL_MS", "2000")]);
+    let b = Host::new(root, "laptop", flags, &[]);
+    let base = import(&a, url);
+    let cache = a.cache.to_str().unwrap().to_string();
+    let da = a.serve(url, &[]);
+    let db = b.serve(url, &["--force-takeover"]);
+    let t0 = Instant::now();
+    loop {
+        let o = a.cli(&["status", "--cache-dir", &cache, "--json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v["lease"]["lost"].as_str().is_some_and(|s| s.contains("laptop (pid ")) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the desktop never noticed the takeover: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = a.cli_ok(&["status", "--cache-dir", &cache]);
+    assert!(st.contains("lease       LOST: laptop") && !st.contains("held by this host"), "{st}");
+    let mut want = base.clone();
+    let mut c = connect(&da);
+    write(&mut c, 4096, &crate::common::pattern(13, 4096), &mut want);
+    drop(c);
+    let o = a.cli(&["sync", url, "--cache-dir", &cache, "--timeout", "60"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && e.contains("moved on") && e.contains("driveblk fork"), "{e}");
+    assert!(db.stop().success());
+    let status = da.stop();
+    let log = std::fs::read_to_string(a.log()).unwrap();
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(!log.contains("released the writer lease"), "the desktop released a lease it had lost: {log}");
+    assert_eq!(b.lease(url)["standing"], "released");
+    let reader = Host::new(root, "reader", flags, &[]);
+    let dr = reader.serve(url, &["--read-only"]);
+    let mut rc = Client::connect_with(&dr.socket, 1, true);
+    assert!(read_all(&mut rc) == base, "the desktop's write reached the remote");
+    drop(rc);
+    assert!(dr.stop().success());
 }

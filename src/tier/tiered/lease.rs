@@ -1,6 +1,7 @@
 //! The store's side of the writer lease (`volume::lease`): taken at open
 //! (or before the first commit), renewed by a heartbeat task that reports
-//! the bytes still pending, released at a clean stop with nothing left.
+//! the bytes still pending and notices another host taking it over,
+//! released at a clean stop with nothing left.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -8,7 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Inner;
+use crate::volume::format::Writer;
+use crate::volume::gc::REPACK_WRITER;
 use crate::volume::lease::{self, Claim, LeaseHolder};
+use crate::volume::reader::read_object;
 use crate::volume::{VolumeError, VolumeResult};
 
 impl Inner {
@@ -21,8 +25,9 @@ impl Inner {
 
     /// Takes the lease (a generation committed through the fence on top
     /// of the one served), serves that generation, and starts the
-    /// heartbeat. `force` breaks another host's lease.
-    pub(super) async fn take_lease(self: Arc<Self>, force: bool) -> VolumeResult<Arc<LeaseHolder>> {
+    /// heartbeat. `force` breaks another host's lease; `committing`: taken
+    /// for a commit, not at the start (`Claim::committing`).
+    pub(super) async fn take_lease(self: Arc<Self>, force: bool, committing: bool) -> VolumeResult<Arc<LeaseHolder>> {
         let wb = self.writeback.as_ref().expect("only a writable store takes the lease");
         let claim = Claim {
             cache_id: self.ssd.cache_id().to_string(),
@@ -30,6 +35,7 @@ impl Inner {
             force,
             copy_of: self.ssd.copy_of().map(str::to_string),
             ttl: lease::ttl(),
+            committing,
         };
         let taken = lease::acquire(&self.vol, &claim, wb.opts.commit.clone()).await?;
         let g = taken.manifest.generation;
@@ -50,12 +56,12 @@ impl Inner {
         Ok(holder)
     }
 
-    /// The lease, taken now if this store does not hold it yet.
+    /// The lease, taken now (to commit) if this store does not hold it yet.
     pub(super) async fn ensure_lease(self: Arc<Self>) -> VolumeResult<Arc<LeaseHolder>> {
         if let Some(h) = self.lease.lock().clone() {
             return Ok(h);
         }
-        self.take_lease(false).await
+        self.take_lease(false, true).await
     }
 
     /// Renews the heartbeat every quarter ttl, and at once when the cache
@@ -94,6 +100,10 @@ impl Inner {
                     }
                     failing = false;
                     retry = Duration::ZERO;
+                    if let Some(w) = self.taken_over_by().await {
+                        self.lose_lease(&w);
+                        return;
+                    }
                 }
                 Err(e) => {
                     if !failing {
@@ -105,6 +115,47 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Who committed past the generation this store serves, if that is
+    /// neither this cache (a commit of ours lands there before it is
+    /// installed) nor gc's repack (same content: the next commit builds on
+    /// it): a host that took the lease by force, or after this one went
+    /// silent (asleep, or its network gone). Read by the identity the
+    /// served manifest reserved for it, which no listing lag hides; an
+    /// error answers None, and the next renewal looks again.
+    async fn taken_over_by(&self) -> Option<Writer> {
+        let m = self.vol.manifest();
+        let g = m.generation + 1;
+        let next =
+            read_object(&self.vol.remote, &self.vol.url, &self.vol.header, g, m.next_slot.as_ref()).await.ok()?;
+        let w = next.writer.unwrap_or_else(|| Writer {
+            host: "another writer".into(),
+            pid: 0,
+            cache_id: String::new(),
+            unix_ms: 0,
+        });
+        (w.cache_id != self.ssd.cache_id() && w.cache_id != REPACK_WRITER).then_some(w)
+    }
+
+    /// Another host holds the lease now: this store stops renewing it and
+    /// no longer claims it (status, gc, the release at stop). What its guest
+    /// wrote or writes on the generation it serves cannot go up: its next
+    /// commit meets the fence, a conflict that names fork and discard-local.
+    fn lose_lease(&self, w: &Writer) {
+        let served = self.vol.generation();
+        let why = format!(
+            "{} (pid {}) committed generation {} on top of generation {served}, which this host serves: it holds the \
+             writer lease now (taken by force, or after this host went silent); what the guest writes here stays \
+             in this cache and forks — stop the VM here, then `driveblk status {}` says who holds it",
+            w.host,
+            w.pid,
+            served + 1,
+            self.vol.url
+        );
+        tracing::warn!(url = %self.vol.url, "lost the writer lease: {why}");
+        *self.lease.lock() = None;
+        *self.lease_lost.lock() = Some(why);
     }
 
     /// At close: releases the lease when nothing is left to upload (the

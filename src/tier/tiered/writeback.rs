@@ -745,7 +745,7 @@ impl Inner {
                         st.failed_attempts += 1;
                         st.paused = pause;
                         if matches!(e, VolumeError::Conflict { .. } | VolumeError::LeaseHeld { .. }) {
-                            st.conflict = Some(e.to_string());
+                            st.conflict = Some(self.conflict_text(&e));
                             Next::Stop
                         } else {
                             Next::Retry(if pause { Duration::from_secs(60) } else { backoff })
@@ -782,6 +782,21 @@ impl Inner {
                 }
             }
             wb.changed.notify_all();
+        }
+    }
+
+    /// What status, `sync` and a writethrough FLUSH say of a conflict:
+    /// the fence's refusal and, as long as the guest keeps writing here,
+    /// the way out (restarting does not upload them).
+    fn conflict_text(&self, e: &VolumeError) -> String {
+        match e {
+            VolumeError::Conflict { url, .. } => format!(
+                "{e}; they never go up as they are, nor what the guest writes here from now on: stop the VM here, \
+                 then keep them as a new volume with `driveblk fork {url} NEWURL --cache-dir {dir}` or drop them \
+                 with `driveblk discard-local {url} --cache-dir {dir}`",
+                dir = self.ssd.dir().display()
+            ),
+            _ => e.to_string(),
         }
     }
 
@@ -882,8 +897,15 @@ impl Inner {
     async fn upload_and_commit(self: Arc<Self>, cut: Arc<Cut>) -> VolumeResult<Option<String>> {
         let wb = self.writeback.as_ref().expect("write-back is on");
         // Only the lease holder commits (a store opened offline, or for a
-        // stopped daemon's sync, takes it now).
-        let holder = self.clone().ensure_lease().await?;
+        // stopped daemon's sync, takes it now: the volume may have moved on
+        // meanwhile, which the take finds as the fence would).
+        let holder = match self.clone().ensure_lease().await {
+            Ok(h) => h,
+            Err(VolumeError::Conflict { url, generation, by }) => {
+                return self.after_conflict(cut, url, generation, by).await
+            }
+            Err(e) => return Err(e),
+        };
         let parent = self.vol.manifest();
         let mut b = GenerationBuilder::new(
             self.vol.remote.clone(),
@@ -947,18 +969,7 @@ impl Inner {
         let (manifest, stats) = match b.commit(writer_record(self.ssd.cache_id())).await {
             Ok(r) => r,
             Err(VolumeError::Conflict { url, generation, by }) => {
-                // Maybe our own earlier attempt landed and its reply was lost
-                // beyond the retries: then adopt it, nothing forked.
-                if let Some(saved) = self.clone().adopt_own_generations().await? {
-                    // As below: adopted and served, so never committed again.
-                    return Ok(saved.err().map(|e| unsaved(self.vol.generation(), &e)));
-                }
-                // `driveblk gc` repacked the volume (same bytes, new packs):
-                // build this cut again on top of that, nothing forked.
-                if self.clone().adopt_repacks().await? {
-                    return Box::pin(self.upload_and_commit(cut)).await;
-                }
-                return Err(VolumeError::Conflict { url, generation, by });
+                return self.after_conflict(cut, url, generation, by).await
             }
             Err(e) => return Err(e),
         };
@@ -988,6 +999,29 @@ impl Inner {
         // commit the same changes again, and again, while the state cannot
         // be saved. A restart recognises the generation as this cache's.
         Ok(saved.err().map(|e| unsaved(g, &e)))
+    }
+
+    /// The fence refused the commit of `cut` (or the lease taken for it):
+    /// generation `generation` exists. Maybe our own earlier attempt landed
+    /// and its reply was lost beyond the retries: then it is adopted,
+    /// nothing forked. Or `driveblk gc` repacked the volume (same bytes, new
+    /// packs): the cut is built again on top of that. Anything else is the
+    /// conflict, returned as such.
+    async fn after_conflict(
+        self: Arc<Self>,
+        cut: Arc<Cut>,
+        url: String,
+        generation: u64,
+        by: String,
+    ) -> VolumeResult<Option<String>> {
+        if let Some(saved) = self.clone().adopt_own_generations().await? {
+            // As a commit: adopted and served, so never committed again.
+            return Ok(saved.err().map(|e| unsaved(self.vol.generation(), &e)));
+        }
+        if self.clone().adopt_repacks().await? {
+            return Box::pin(self.upload_and_commit(cut)).await;
+        }
+        Err(VolumeError::Conflict { url, generation, by })
     }
 
     /// Serves `manifest` from now on and marks the committed chunks clean
@@ -1176,12 +1210,31 @@ impl Inner {
     /// those already uploaded become clean. Changes made on top of a
     /// generation someone else has since replaced are refused, never mixed
     /// into theirs, and never thrown away.
+    ///
+    /// Opened offline, the cache's copy of the manifest stands in for the
+    /// remote: it is only served when it names the cache's own generation
+    /// (the copy is saved before the state that names a newer one). One
+    /// that does not cannot tell which cached chunks still hold its bytes,
+    /// so the start is refused with nothing changed, rather than forgetting
+    /// everything cached while no remote can give it back.
     pub(super) async fn catch_up_generation(self: Arc<Self>) -> VolumeResult<()> {
         let (g, m) = (self.ssd.generation(), self.vol.generation());
         if g == m {
             return Ok(());
         }
         let dirty = self.ssd.dirty_chunks();
+        if self.vol.offline {
+            return Err(VolumeError::Cache {
+                dir: self.ssd.dir().to_path_buf(),
+                reason: format!(
+                    "holds generation {g} of the volume, but the copy of its manifest kept for starts without the \
+                     remote is of generation {m} (it could not be saved when the cache moved on), and the remote \
+                     is unreachable: it cannot be served offline without forgetting what it holds; nothing was \
+                     changed ({dirty} chunks of changes not yet uploaded are kept) — start it again once the \
+                     remote answers"
+                ),
+            });
+        }
         let refuse = |why: String| VolumeError::Diverged {
             dir: self.ssd.dir().to_path_buf(),
             reason: format!(
@@ -1225,6 +1278,13 @@ impl Inner {
                 .map_err(VolumeError::task("reconciling the cache with the volume"))?;
         }
         self.ssd.set_generation(m);
+        // The offline copy first, then the state that names its generation
+        // (as `install_generation`): a start refused after this (the lease
+        // held by another host) must not leave the state ahead of the copy
+        // a later start without the remote serves.
+        if let Err(e) = self.vol.save_copies(self.ssd.dir()) {
+            tracing::warn!(error = %e, "could not keep an offline copy of the volume's manifest");
+        }
         self.ssd.persist().map_err(|e| VolumeError::io("persisting cache state in", self.ssd.dir(), e))
     }
 }
