@@ -102,6 +102,8 @@ pub struct ObjStoreRemote {
     cfg: ObjStoreConfig,
     fence: tokio::sync::OnceCell<Fence>,
     warned_unfenced: AtomicBool,
+    /// A listing showed the bucket exists ([`check_bucket`](Self::check_bucket)).
+    bucket_seen: AtomicBool,
 }
 
 impl std::fmt::Debug for ObjStoreRemote {
@@ -118,6 +120,19 @@ impl std::fmt::Debug for ObjStoreRemote {
 /// read.
 fn request_deadline(cfg: &ObjStoreConfig, bytes: u64) -> std::time::Duration {
     cfg.request_timeout + std::time::Duration::from_secs(bytes / MIN_UPLOAD_RATE)
+}
+
+/// The largest object S3 stores (5 TiB): the part size of an upload this
+/// large is the largest [`part_size`] ever picks.
+const MAX_OBJECT: u64 = 5 << 40;
+
+/// The part size of a multipart upload of `len` bytes: the configured one,
+/// or larger (in whole MiB) when the body would need more than
+/// `max_parts` parts — S3 refuses part 10,001, so a 100 GB base copied in
+/// 8 MiB parts would fail after 80 GB were sent.
+fn part_size(cfg: &ObjStoreConfig, len: Option<u64>) -> u64 {
+    let fit = len.map_or(0, |n| n.div_ceil(cfg.max_parts.max(1)).next_multiple_of(1 << 20));
+    cfg.part_size.max(fit).max(1)
 }
 
 /// A request that got no answer within its deadline.
@@ -173,9 +188,10 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
     use object_store::{BackoffConfig, RetryConfig};
     // Deadlines go in as config keys, over what the environment set (a
     // whole ClientOptions would drop e.g. AWS_ALLOW_HTTP).
-    // Each request gets its own deadline by its size (`request_deadline`);
-    // the client's own total timeout is only a backstop for the largest.
-    let largest = cfg.part_size.max(cfg.read_part_size).max(cfg.multipart_threshold);
+    // Each request gets its own deadline by its size (`request_deadline`,
+    // through `within`); the client's own total timeout is only a backstop
+    // for the largest, a part of the largest object.
+    let largest = part_size(cfg, Some(MAX_OBJECT)).max(cfg.read_part_size).max(cfg.multipart_threshold);
     let timeouts = [
         (K::Timeout, format!("{}ms", request_deadline(cfg, largest).as_millis())),
         (K::ConnectTimeout, format!("{}ms", cfg.connect_timeout.as_millis())),
@@ -194,6 +210,7 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
             if let Some(c) = paced {
                 b = b.with_http_connector(c);
             }
+            plain_http_allowed(&b)?;
             Arc::new(b.build()?)
         }
         StoreKind::Gcs => {
@@ -219,6 +236,31 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
             Arc::new(b.build()?)
         }
     })
+}
+
+/// Refuses a plain `http://` endpoint without `AWS_ALLOW_HTTP=true` up
+/// front: the client would refuse every request with only "builder
+/// error", retried as if the store were down.
+fn plain_http_allowed(b: &object_store::aws::AmazonS3Builder) -> object_store::Result<()> {
+    use object_store::aws::AmazonS3ConfigKey as K;
+    let endpoint = b.get_config_value(&K::Endpoint).unwrap_or_default();
+    let allowed = b.get_config_value(&K::Client(ClientConfigKey::AllowHttp)).is_some_and(|v| truthy(&v));
+    if endpoint.to_ascii_lowercase().starts_with("http://") && !allowed {
+        return Err(object_store::Error::Generic {
+            store: "S3",
+            source: format!(
+                "the endpoint {endpoint} (AWS_ENDPOINT) is plain HTTP, which the client refuses unless \
+                 AWS_ALLOW_HTTP=true is set: set it, or give an https:// endpoint"
+            )
+            .into(),
+        });
+    }
+    Ok(())
+}
+
+/// A flag's value as object_store reads one.
+fn truthy(v: &str) -> bool {
+    matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "on" | "yes" | "y")
 }
 
 /// `--bwlimit` on object stores: object_store hands its client whole
@@ -251,8 +293,7 @@ fn duration(v: &str) -> Result<std::time::Duration, String> {
 fn client_like(o: &ClientOptions) -> Result<reqwest::Client, String> {
     use ClientConfigKey as K;
     let get = |k: K| o.get_config_value(&k);
-    let flag =
-        |k: K| get(k).is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "on" | "yes" | "y"));
+    let flag = |k: K| get(k).is_some_and(|v| truthy(&v));
     let e = |e: reqwest::Error| e.to_string();
     let ua = get(K::UserAgent).unwrap_or_else(|| concat!("driveblk/", env!("CARGO_PKG_VERSION")).to_string());
     let mut b = reqwest::ClientBuilder::new().user_agent(ua);
@@ -389,10 +430,44 @@ fn http_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
     None
 }
 
+/// `e`'s text and the causes it leaves out: object_store's ends at "error
+/// sending request" or "builder error", while the refused connection,
+/// the TLS or DNS failure is further down the chain.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out = format!("{out}: {t}");
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// Whether the store said the bucket (Azure: container) itself is missing.
+/// S3 answers 404 for an absent key and an absent bucket alike; only the
+/// error code in the body tells them apart.
+fn bucket_missing(e: &(dyn std::error::Error + 'static)) -> bool {
+    let t = with_causes(e);
+    t.contains("NoSuchBucket") || t.contains("ContainerNotFound")
+}
+
+/// Whether a refusal is the store being full: a bucket quota (Garage and
+/// Ceph answer 403 naming it) or no space left (507, MinIO).
+fn store_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    match http_status(e) {
+        Some(507) => true,
+        Some(403) => with_causes(e).to_ascii_lowercase().contains("quota"),
+        _ => false,
+    }
+}
+
 /// Answers worth asking again: timeouts, throttling, server errors (but
 /// not "not implemented").
 fn retried_status(s: u16) -> bool {
-    matches!(s, 408 | 429) || (s >= 500 && s != 501)
+    matches!(s, 408 | 429) || (s >= 500 && s != 501 && s != 507)
 }
 
 impl ObjStoreRemote {
@@ -415,6 +490,7 @@ impl ObjStoreRemote {
             cfg: cfg.clone(),
             fence: tokio::sync::OnceCell::new(),
             warned_unfenced: AtomicBool::new(false),
+            bucket_seen: AtomicBool::new(false),
         }
     }
 
@@ -509,30 +585,77 @@ impl ObjStoreRemote {
         use object_store::Error as E;
         let (remote, key) = (self.name(), key.to_string());
         if timed_out(&e) {
-            let source = std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string());
+            let source = std::io::Error::new(std::io::ErrorKind::TimedOut, with_causes(&e));
             return RemoteError::Io { remote, op, key, source };
         }
+        if bucket_missing(&e) {
+            return RemoteError::Fatal { remote, op, key, message: self.no_bucket() };
+        }
+        if store_full(&e) {
+            return RemoteError::Quota { remote, op, key, message: with_causes(&e) };
+        }
+        let message = with_causes(&e);
         match e {
             E::NotFound { .. } => RemoteError::NotFound { remote, key },
             E::AlreadyExists { .. } => RemoteError::AlreadyExists { remote, key, tag: None },
-            E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
-                RemoteError::Auth { remote, op, key, message: e.to_string() }
-            }
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } => RemoteError::Auth { remote, op, key, message },
             // A request the store refused as such (400 bad argument or
             // expired token, 405, 411, 413, 501 not implemented): asking
             // again gets the same answer.
             E::Generic { .. } if matches!(http_status(&e), Some(401 | 403)) => {
-                RemoteError::Auth { remote, op, key, message: e.to_string() }
+                RemoteError::Auth { remote, op, key, message }
+            }
+            E::Generic { .. }
+                if http_status(&e) == Some(400) && self.kind == StoreKind::S3 && !message.contains("<Code>") =>
+            {
+                // A HEAD's answer has no body to say why.
+                let message = format!(
+                    "{message} (the store gave no reason; a 400 without one is most often a signing region, \
+                     AWS_REGION, other than the store's)"
+                );
+                RemoteError::Fatal { remote, op, key, message }
             }
             E::Generic { .. } if http_status(&e).is_some_and(|s| (400..600).contains(&s) && !retried_status(s)) => {
-                RemoteError::Fatal { remote, op, key, message: e.to_string() }
+                RemoteError::Fatal { remote, op, key, message }
             }
             E::Generic { .. } | E::JoinError { .. } => {
                 // Network failures and 5xx answers object_store gave up on.
-                RemoteError::Transient { remote, op, key, message: e.to_string(), retry_after: None }
+                RemoteError::Transient { remote, op, key, message, retry_after: None }
             }
-            _ => RemoteError::Fatal { remote, op, key, message: e.to_string() },
+            _ => RemoteError::Fatal { remote, op, key, message },
         }
+    }
+
+    /// The error of a store that says the bucket does not exist.
+    fn no_bucket(&self) -> String {
+        let (what, vars) = match self.kind {
+            StoreKind::S3 => ("bucket", " and the endpoint, AWS_ENDPOINT"),
+            StoreKind::Gcs => ("bucket", ""),
+            StoreKind::Azure => ("container", " and the account, AZURE_STORAGE_ACCOUNT_NAME"),
+        };
+        format!(
+            "the store has no {what} {:?}: check the {what} name in the URL{vars}, or create the {what}",
+            self.bucket
+        )
+    }
+
+    /// A HEAD answered 404: is it the key or the whole bucket? The answer
+    /// has no body to say, so the first such answer on this remote lists
+    /// one page of its prefix to tell (a missing bucket would otherwise
+    /// read as "no volume here: import one"). A listing that fails for
+    /// another reason (no list permission, an outage) leaves the 404 as is.
+    async fn check_bucket(&self, store: &Arc<dyn ObjectStore>, op: &'static str, key: &str) -> RemoteResult<()> {
+        if self.bucket_seen.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let root = if self.root.is_empty() { None } else { Some(OsPath::from(self.root.as_str())) };
+        let mut listing = store.list(root.as_ref());
+        match within(&self.cfg, 0, async { listing.next().await.transpose() }).await {
+            Ok(_) => self.bucket_seen.store(true, Ordering::Relaxed),
+            Err(e) if bucket_missing(&e) => return Err(self.err(op, key, e)),
+            Err(_) => {}
+        }
+        Ok(())
     }
 
     fn meta(&self, key: &str, m: &object_store::ObjectMeta) -> ObjectMeta {
@@ -558,7 +681,8 @@ impl ObjStoreRemote {
         let path = self.path("fence probe", &key)?;
         let store = self.store("fence probe", &key)?;
         let create = PutOptions { mode: PutMode::Create, ..Default::default() };
-        let first = store.put_opts(&path, PutPayload::from_static(b"first"), create.clone()).await;
+        let first =
+            within(&self.cfg, 0, store.put_opts(&path, PutPayload::from_static(b"first"), create.clone())).await;
         let res = match first {
             Err(object_store::Error::NotImplemented | object_store::Error::NotSupported { .. }) => Ok(Fence::Ignored),
             // A store that does not implement the condition (S3 before
@@ -566,13 +690,15 @@ impl ObjStoreRemote {
             // that is not implemented").
             Err(e) if http_status(&e) == Some(501) => Ok(Fence::Ignored),
             Err(e) => Err(self.err("fence probe", &key, e)),
-            Ok(_) => match store.put_opts(&path, PutPayload::from_static(b"second"), create).await {
-                Ok(_) => Ok(Fence::Ignored),
-                Err(object_store::Error::AlreadyExists { .. }) => Ok(Fence::Holds),
-                Err(e) => Err(self.err("fence probe", &key, e)),
-            },
+            Ok(_) => {
+                match within(&self.cfg, 0, store.put_opts(&path, PutPayload::from_static(b"second"), create)).await {
+                    Ok(_) => Ok(Fence::Ignored),
+                    Err(object_store::Error::AlreadyExists { .. }) => Ok(Fence::Holds),
+                    Err(e) => Err(self.err("fence probe", &key, e)),
+                }
+            }
         };
-        let _ = store.delete(&path).await;
+        let _ = within(&self.cfg, 0, store.delete(&path)).await;
         if let Ok(f) = &res {
             tracing::info!(remote = %self.name(), fence = ?f, "tested the store's create-if-absent");
         }
@@ -636,10 +762,10 @@ impl ObjStoreRemote {
         done
     }
 
-    /// Cuts `body` into parts of `part_size` and sends them, at most
+    /// Cuts `body` into parts of [`part_size`] and sends them, at most
     /// `parallel_parts` at once.
     async fn send_parts(&self, upload: &mut Box<dyn MultipartUpload>, key: &str, body: &PutBody) -> RemoteResult<()> {
-        let part = (self.cfg.part_size as usize).max(1);
+        let part = part_size(&self.cfg, body.len()) as usize;
         let mut in_flight = FuturesUnordered::new();
         let mut buf: Vec<u8> = Vec::with_capacity(part);
         let mut parts = 0usize;
@@ -776,8 +902,14 @@ impl ObjStoreRemote {
     async fn head_once(&self, key: &str) -> RemoteResult<ObjectMeta> {
         let path = self.path("head", key)?;
         let store = self.store("head", key)?;
-        let m = within(&self.cfg, 0, store.head(&path)).await.map_err(|e| self.err("head", key, e))?;
-        Ok(self.meta(key, &m))
+        match within(&self.cfg, 0, store.head(&path)).await {
+            Ok(m) => Ok(self.meta(key, &m)),
+            Err(e @ object_store::Error::NotFound { .. }) => {
+                self.check_bucket(&store, "head", key).await?;
+                Err(self.err("head", key, e))
+            }
+            Err(e) => Err(self.err("head", key, e)),
+        }
     }
 
     /// The objects under `prefix`, past `after` when given (S3 and GCS
@@ -789,8 +921,15 @@ impl ObjStoreRemote {
             Some(a) => store.list_with_offset(root.as_ref(), &self.path("list", a)?),
             None => store.list(root.as_ref()),
         };
-        let all: Vec<object_store::ObjectMeta> =
-            listing.try_collect().await.map_err(|e| self.err("list", prefix, e))?;
+        // Each page is a request of its own, with its own deadline.
+        let mut listing = listing;
+        let mut all: Vec<object_store::ObjectMeta> = Vec::new();
+        while let Some(m) = within(&self.cfg, 0, async { listing.next().await.transpose() })
+            .await
+            .map_err(|e| self.err("list", prefix, e))?
+        {
+            all.push(m);
+        }
         let skip = if self.root.is_empty() { 0 } else { self.root.len() + 1 };
         let mut out: Vec<ObjectMeta> = all
             .iter()
@@ -805,7 +944,7 @@ impl ObjStoreRemote {
 
     async fn delete_once(&self, key: &str) -> RemoteResult<()> {
         let path = self.path("delete", key)?;
-        match self.store("delete", key)?.delete(&path).await {
+        match within(&self.cfg, 0, self.store("delete", key)?.delete(&path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("delete", key, e)),
         }
@@ -846,7 +985,7 @@ impl ObjStoreRemote {
                     super::config::ENV_OBJSTORE_UNFENCED
                 );
             }
-            match store.head(&path).await {
+            match within(&self.cfg, 0, store.head(&path)).await {
                 Ok(_) => return Err(self.refused_create(key).await),
                 Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.err("create", key, e)),
