@@ -6,8 +6,10 @@
 //! store's, an endpoint nobody answers at, and a bucket quota each get a
 //! message that says what is wrong, once; and an upload too large for
 //! 10,000 parts of the configured size grows its parts instead of failing
-//! at part 10,001. Each test sets the store's variables of its own process
-//! (nextest runs each test in its own, as `garage_support` assumes).
+//! at part 10,001. Also, without a store: a `gs://` service-account key
+//! file open to other users is named with the fix, as a Drive one is. Each
+//! test sets the store's variables of its own process (nextest runs each
+//! test in its own, as `garage_support` assumes).
 
 #[path = "garage_support/mod.rs"]
 mod garage_support;
@@ -132,4 +134,24 @@ async fn s3_a_large_upload_grows_its_parts_to_stay_within_the_part_limit() {
     let etag = m.version.clone().unwrap_or_default();
     assert!(etag.trim_matches('"').ends_with("-3"), "not 3 parts: {etag}");
     assert!(r.get("pack-big").await.unwrap() == body, "the object reads back different");
+}
+
+/// A GCS service-account key file others can read gives them the account:
+/// named with the fix, as a Drive credentials file is (no store needed:
+/// the warning comes as the client is made); a 0600 one is not.
+#[test]
+fn gs_a_key_file_open_to_others_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let key = d.path().join("sa.json");
+    std::fs::write(&key, br#"{"type":"service_account","client_email":"x@y","private_key":"none"}"#).unwrap();
+    let run = |mode| {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let o = driveblk(&["info", "gs://b/vol"], &[("GOOGLE_SERVICE_ACCOUNT", Some(key.to_str().unwrap()))]);
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = run(0o644);
+    assert!(e.contains(&format!("chmod 600 {}", key.display())) && e.contains("GOOGLE_SERVICE_ACCOUNT"), "{e}");
+    let e = run(0o600);
+    assert!(!e.contains("chmod 600"), "{e}");
 }

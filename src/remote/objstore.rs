@@ -238,6 +238,20 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
     })
 }
 
+/// Warns (once per file) when the service-account key file the GCS
+/// client reads is open to other users, as for a Drive credentials file.
+fn warn_exposed_gcs_key() {
+    for var in ["GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_APPLICATION_CREDENTIALS"] {
+        if let Some(p) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            super::private::warn_if_exposed(
+                std::path::Path::new(&p),
+                &format!("GCS credentials file ({var})"),
+                "use the service account",
+            );
+        }
+    }
+}
+
 /// Refuses a plain `http://` endpoint without `AWS_ALLOW_HTTP=true` up
 /// front: the client would refuse every request with only "builder
 /// error", retried as if the store were down.
@@ -475,6 +489,9 @@ impl ObjStoreRemote {
     /// client that cannot be configured (no region, no credentials) makes
     /// a remote whose every request fails with the reason.
     pub fn new(kind: StoreKind, bucket: &str, root: &str, cfg: &ObjStoreConfig) -> Self {
+        if kind == StoreKind::Gcs {
+            warn_exposed_gcs_key();
+        }
         let store = build_store(kind, bucket, cfg).map_err(|e| e.to_string());
         Self { rebuildable: true, ..Self::with_store(store, kind, bucket, root, cfg) }
     }
