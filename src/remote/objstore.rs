@@ -679,6 +679,9 @@ impl ObjStoreRemote {
         let ms = u64::try_from(m.last_modified.timestamp_millis()).ok();
         ObjectMeta {
             version: m.e_tag.clone().or_else(|| m.version.clone()),
+            // The content revision `attach` pins a base to: a new upload
+            // to the key gets a new ETag (see `get_range_revision`).
+            revision: m.e_tag.clone(),
             // Objects are never modified in place: the store's
             // last-modified time is the creation time, by its clock.
             created_ms: ms,
@@ -842,10 +845,24 @@ impl ObjStoreRemote {
         path: &OsPath,
         key: &str,
         range: Range<u64>,
+        if_match: Option<&str>,
     ) -> RemoteResult<Bytes> {
-        match within(&self.cfg, range.end - range.start, store.get_range(path, range.clone())).await {
+        let opts = object_store::GetOptions {
+            range: Some(range.clone().into()),
+            if_match: if_match.map(str::to_string),
+            ..Default::default()
+        };
+        let got = async { store.get_opts(path, opts).await?.bytes().await };
+        match within(&self.cfg, range.end - range.start, got).await {
             Ok(b) => Ok(b),
             Err(e @ object_store::Error::NotFound { .. }) => Err(self.err("get_range", key, e)),
+            Err(object_store::Error::Precondition { .. }) => Err(RemoteError::NotFound {
+                remote: self.name(),
+                key: format!(
+                    "{key} revision {} (the object was replaced since; S3 keeps no old content)",
+                    if_match.unwrap_or("?")
+                ),
+            }),
             // No answer: asking again on this client waits on the same
             // dead connections.
             Err(e) if timed_out(&e) => Err(self.err("get_range", key, e)),
@@ -867,7 +884,7 @@ impl ObjStoreRemote {
     /// Ranges longer than a part are read as parallel ranged GETs (one
     /// connection's throughput is the limit on object stores, not the
     /// request count).
-    async fn get_range_once(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+    async fn get_range_once(&self, key: &str, range: Range<u64>, if_match: Option<&str>) -> RemoteResult<Bytes> {
         let path = self.path("get_range", key)?;
         let store = self.store("get_range", key)?;
         if range.start >= range.end {
@@ -875,12 +892,12 @@ impl ObjStoreRemote {
         }
         let part = self.cfg.read_part_size.max(1);
         if range.end - range.start <= part {
-            return self.get_one(&store, &path, key, range).await;
+            return self.get_one(&store, &path, key, range, if_match).await;
         }
         let parts: Vec<Range<u64>> =
             (range.start..range.end).step_by(part as usize).map(|s| s..(s + part).min(range.end)).collect();
         let got: Vec<Bytes> = futures::stream::iter(parts)
-            .map(|r| self.get_one(&store, &path, key, r))
+            .map(|r| self.get_one(&store, &path, key, r, if_match))
             .buffered(self.cfg.parallel_parts.max(1))
             .try_collect()
             .await?;
@@ -1039,7 +1056,18 @@ impl Remote for ObjStoreRemote {
 
     /// Paced after the bytes arrived (object_store reads bodies whole).
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
-        let r = self.fresh_on_failure("get_range", key, || self.get_range_once(key, range.clone())).await?;
+        let r = self.fresh_on_failure("get_range", key, || self.get_range_once(key, range.clone(), None)).await?;
+        self.cfg.bwlimit.downloaded(r.len() as u64).await;
+        Ok(r)
+    }
+
+    /// A revision is an ETag ([`meta`](Self::meta)): the read is a GET
+    /// `If-Match` it, so a base object replaced since it was attached
+    /// fails the read (NotFound: the revision is gone) instead of mixing
+    /// the new object's bytes into a disk made of the old one's.
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        let r =
+            self.fresh_on_failure("get_range", key, || self.get_range_once(key, range.clone(), Some(revision))).await?;
         self.cfg.bwlimit.downloaded(r.len() as u64).await;
         Ok(r)
     }
