@@ -478,6 +478,14 @@ fn store_full(e: &(dyn std::error::Error + 'static)) -> bool {
     }
 }
 
+/// Whether the store refused the request's date: S3 signs the time, and
+/// refuses one too far from its own (`RequestTimeTooSkewed`; Garage:
+/// "Date is too old"), which says nothing about the credentials.
+fn clock_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let t = with_causes(e);
+    t.contains("RequestTimeTooSkewed") || t.contains("Date is too old")
+}
+
 /// Answers worth asking again: timeouts, throttling, server errors (but
 /// not "not implemented").
 fn retried_status(s: u16) -> bool {
@@ -611,16 +619,26 @@ impl ObjStoreRemote {
         if store_full(&e) {
             return RemoteError::Quota { remote, op, key, message: with_causes(&e) };
         }
+        if clock_refused(&e) {
+            let message = format!(
+                "{}: this host's clock differs from the store's by more than it accepts (S3: 15 minutes); \
+                 set it right (NTP), then try again",
+                with_causes(&e)
+            );
+            return RemoteError::Fatal { remote, op, key, message };
+        }
         let message = with_causes(&e);
         match e {
             E::NotFound { .. } => RemoteError::NotFound { remote, key },
             E::AlreadyExists { .. } => RemoteError::AlreadyExists { remote, key, tag: None },
-            E::PermissionDenied { .. } | E::Unauthenticated { .. } => RemoteError::Auth { remote, op, key, message },
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
+                RemoteError::Auth { remote, op, key, message: self.refusal_hint(message) }
+            }
             // A request the store refused as such (400 bad argument or
             // expired token, 405, 411, 413, 501 not implemented): asking
             // again gets the same answer.
             E::Generic { .. } if matches!(http_status(&e), Some(401 | 403)) => {
-                RemoteError::Auth { remote, op, key, message }
+                RemoteError::Auth { remote, op, key, message: self.refusal_hint(message) }
             }
             E::Generic { .. }
                 if http_status(&e) == Some(400) && self.kind == StoreKind::S3 && !message.contains("<Code>") =>
@@ -641,6 +659,18 @@ impl ObjStoreRemote {
             }
             _ => RemoteError::Fatal { remote, op, key, message },
         }
+    }
+
+    /// A refusal without the store's reason (a HEAD's answer has no body)
+    /// gets the usual ones named.
+    fn refusal_hint(&self, message: String) -> String {
+        if self.kind != StoreKind::S3 || message.contains("<Code>") {
+            return message;
+        }
+        format!(
+            "{message} (the store gave no reason: a key id or secret that is wrong, a permission the key lacks \
+             on this bucket, or this host's clock off by more than 15 minutes)"
+        )
     }
 
     /// The error of a store that says the bucket does not exist.
@@ -1139,6 +1169,11 @@ mod tests {
     /// An S3 endpoint answering every request with `status` and an S3
     /// error body; returns its URL (the client's variables set).
     async fn answering(status: &'static str) -> String {
+        answering_with(status, "<?xml version=\"1.0\"?><Error><Code>X</Code><Message>m</Message></Error>").await
+    }
+
+    /// [`answering`] with the error body `body`.
+    async fn answering_with(status: &'static str, body: &'static str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", l.local_addr().unwrap());
@@ -1147,7 +1182,6 @@ mod tests {
                 tokio::spawn(async move {
                     let mut b = vec![0u8; 1 << 20];
                     let _ = c.read(&mut b).await;
-                    let body = "<?xml version=\"1.0\"?><Error><Code>X</Code><Message>m</Message></Error>";
                     let head = format!(
                         "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
                          Connection: close\r\n\r\n",
@@ -1160,6 +1194,26 @@ mod tests {
         });
         use_endpoint(&endpoint);
         endpoint
+    }
+
+    /// A host whose clock is off: S3 refuses the signature (403
+    /// RequestTimeTooSkewed). That is no credentials problem: the error
+    /// says to set the clock.
+    #[tokio::test]
+    async fn a_skewed_clock_is_named_not_taken_for_bad_credentials() {
+        answering_with(
+            "403 Forbidden",
+            "<?xml version=\"1.0\"?><Error><Code>RequestTimeTooSkewed</Code><Message>The difference between \
+             the request time and the current time is too large.</Message></Error>",
+        )
+        .await;
+        let r = ObjStoreRemote::new(StoreKind::S3, "b", "v", &ObjStoreConfig::default());
+        let e = r.get_range("pack-1", 0..10).await.unwrap_err();
+        assert!(matches!(e, RemoteError::Fatal { .. }) && e.to_string().contains("clock"), "{e}");
+        assert!(!e.to_string().contains("not authorised"), "{e}");
+        // A HEAD's refusal has no body to tell: the clock is among the causes named.
+        let e = r.head("volume.json").await.unwrap_err();
+        assert!(matches!(e, RemoteError::Auth { .. }) && e.to_string().contains("clock"), "{e}");
     }
 
     /// A request the store refuses as such (400: a bad argument, an
