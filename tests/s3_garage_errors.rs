@@ -6,7 +6,7 @@
 //! store's, an endpoint nobody answers at, and a bucket quota each get a
 //! message that says what is wrong, once; and an upload too large for
 //! 10,000 parts of the configured size grows its parts instead of failing
-//! at part 10,001. Also, without a store: a `gs://` service-account key
+//! at part 10,001; listings run past one page. Also, without a store: a `gs://` service-account key
 //! file open to other users is named with the fix, as a Drive one is. Each
 //! test sets the store's variables of its own process (nextest runs each
 //! test in its own, as `garage_support` assumes).
@@ -154,4 +154,33 @@ fn gs_a_key_file_open_to_others_is_named() {
     assert!(e.contains(&format!("chmod 600 {}", key.display())) && e.contains("GOOGLE_SERVICE_ACCOUNT"), "{e}");
     let e = run(0o600);
     assert!(!e.contains("chmod 600"), "{e}");
+}
+
+/// A listing longer than one page (S3 answers 1,000 keys at most a page):
+/// every key, in order, and `list_after` starting past a key of a later
+/// page. A volume served for months lists far more than one page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_listings_run_past_one_page() {
+    use futures::StreamExt;
+    let g = garage_support::garage();
+    let r = ObjStoreRemote::new(
+        StoreKind::S3,
+        &g.bucket,
+        &format!("t{:08x}/vol", rand::random::<u32>()),
+        &g.config(true).objstore,
+    );
+    let keys: Vec<String> = (0..1_003).map(|i| format!("gen-{i:020}")).collect();
+    futures::stream::iter(keys.iter())
+        .map(|k| r.put(k, PutBody::from_bytes(vec![1u8; 3])))
+        .buffer_unordered(32)
+        .for_each(|p| async move {
+            p.unwrap();
+        })
+        .await;
+    r.put("pack-1", PutBody::from_bytes(vec![2u8; 3])).await.unwrap();
+    let listed: Vec<String> = r.list("gen-").await.unwrap().into_iter().map(|m| m.key).collect();
+    assert!(listed == keys, "{} keys listed of {}", listed.len(), keys.len());
+    let after: Vec<String> = r.list_after("gen-", &keys[995]).await.unwrap().into_iter().map(|m| m.key).collect();
+    assert_eq!(after, keys[996..]);
+    assert_eq!(r.list("").await.unwrap().len(), 1_004);
 }
