@@ -14,6 +14,12 @@
 //! create looks before it writes (catches a second writer that starts
 //! later, not one racing in the same instant). See docs/object-stores.md.
 //!
+//! An object's ETag is its content revision: `attach` pins a base object
+//! to it and base reads are GETs `If-Match` it, so a base replaced by a
+//! new upload is never read into a disk made of the old one. Set-up
+//! mistakes (a missing bucket, plain HTTP without `AWS_ALLOW_HTTP`, a
+//! wrong region, a skewed clock, a full bucket) are named in the errors.
+//!
 //! The client is rebuilt (a new connection pool, a new credential cache)
 //! when a request gets no answer in time or the store refuses the
 //! credentials: `object_store` dates its cached tokens by a monotonic clock
