@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     let args = match driveblk::cli::config::expand_args(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("driveblk: error: {e:#}");
+            eprintln!("driveblk: error: {}", message(&e));
             return ExitCode::from(2);
         }
     };
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("driveblk: error: {e:#}");
+            eprintln!("driveblk: error: {}", message(&e));
             let diverged = e.chain().any(|c| matches!(c.downcast_ref(), Some(VolumeError::Diverged { .. })));
             if diverged {
                 ExitCode::from(EXIT_DIVERGED)
@@ -75,4 +75,19 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The error and the causes its own text does not already say: most
+/// errors here end with their source (`{context}: {source}`), which
+/// `{:#}` would print once more (a remote's error twice, or three times
+/// under a retry's "gave up").
+fn message(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for c in e.chain().skip(1) {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out = format!("{out}: {t}");
+        }
+    }
+    out
 }

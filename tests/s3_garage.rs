@@ -5,8 +5,9 @@
 //! the reason; with the single-writer declaration, two hosts alternate
 //! (write-back sync at stop, a second writer refused by the lease, a
 //! reader served); a cold boot streams the boot profile from the bucket;
-//! gc frees objects there. Only the URL (and the store's variables)
-//! differ from `dir:`.
+//! gc frees objects there; a base object replaced while a volume on it is
+//! served is never mixed into the disk. Only the URL (and the store's
+//! variables) differ from `dir:`.
 
 mod common;
 #[path = "garage_support/mod.rs"]
@@ -150,4 +151,43 @@ fn s3_gc_frees_superseded_packs() {
     assert!(read_all(&mut c) == want);
     drop(c);
     assert!(db.stop().success());
+}
+
+/// A base image in the bucket, replaced by another upload while a volume
+/// attached to it is served: S3 keeps no old content, so the volume must
+/// not read the new object's bytes into a disk made of the old one's. The
+/// pin is the object's ETag: a base read is a GET `If-Match` it, and one
+/// replaced since fails (the guest gets an I/O error for it), never mixes;
+/// the next start refuses the volume, saying the base was replaced.
+#[test]
+fn s3_a_base_replaced_while_served_is_never_mixed_into_the_disk() {
+    use driveblk::remote::{PutBody, RemoteUrl};
+    let g = garage_support::garage();
+    declare_single_writer();
+    let url = g.url("vol");
+    let base_url = format!("{}/disk.raw", url.rsplit_once('/').unwrap().0);
+    let d = tempfile::tempdir().unwrap();
+    let a = Host::new(d.path(), "desktop", &[], &[]);
+    let (old, new) = (common::pattern(41, lease_support::SIZE), common::pattern(42, lease_support::SIZE));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upload = |data: &Vec<u8>| {
+        let (r, key) = RemoteUrl::parse(&base_url).unwrap().object_with(&g.config(true));
+        rt.block_on(r.put(&key, PutBody::from_bytes(data.clone()))).unwrap();
+    };
+    upload(&old);
+    a.cli_ok(&["attach", "--format", "raw", "--chunk-size", lease_support::CHUNK, &base_url, &url]);
+    let da = a.serve(&url, &["--read-only", "--readahead-chunks", "0"]);
+    let mut c = Client::connect_with(&da.socket, 1, true);
+    assert!(c.read(0, 4096).unwrap() == old[..4096]);
+    upload(&new);
+    let off = 3 << 20;
+    match c.read(off as u64, 4096) {
+        Ok(got) if got == new[off..off + 4096] => panic!("a read after the base was replaced served the new bytes"),
+        Ok(_) => panic!("a read after the base was replaced returned bytes of neither object"),
+        Err(_) => {}
+    }
+    drop(c);
+    assert!(da.stop().success());
+    let e = a.serve_refused(&url, &["--read-only"]);
+    assert!(e.contains("base image") && e.contains("pinned revision is gone"), "{e}");
 }

@@ -220,8 +220,11 @@ pub struct ObjStoreConfig {
     /// Bodies larger than this (or of unknown size) go up as multipart
     /// uploads.
     pub multipart_threshold: u64,
-    /// Multipart part size (S3: at least 5 MiB except the last).
+    /// Multipart part size (S3: at least 5 MiB except the last); larger
+    /// for a body that would otherwise need more than `max_parts` parts.
     pub part_size: u64,
+    /// Most parts one multipart upload may have (S3 and GCS: 10,000).
+    pub max_parts: u64,
     /// Ranged reads longer than this are split into parallel GETs.
     pub read_part_size: u64,
     /// Parts in flight at once, per upload or per read.
@@ -243,6 +246,7 @@ impl Default for ObjStoreConfig {
         Self {
             multipart_threshold: 16 << 20,
             part_size: 8 << 20,
+            max_parts: 10_000,
             read_part_size: 8 << 20,
             parallel_parts: 4,
             request_timeout: Duration::from_secs(60),

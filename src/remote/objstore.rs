@@ -14,6 +14,12 @@
 //! create looks before it writes (catches a second writer that starts
 //! later, not one racing in the same instant). See docs/object-stores.md.
 //!
+//! An object's ETag is its content revision: `attach` pins a base object
+//! to it and base reads are GETs `If-Match` it, so a base replaced by a
+//! new upload is never read into a disk made of the old one. Set-up
+//! mistakes (a missing bucket, plain HTTP without `AWS_ALLOW_HTTP`, a
+//! wrong region, a skewed clock, a full bucket) are named in the errors.
+//!
 //! The client is rebuilt (a new connection pool, a new credential cache)
 //! when a request gets no answer in time or the store refuses the
 //! credentials: `object_store` dates its cached tokens by a monotonic clock
@@ -102,6 +108,8 @@ pub struct ObjStoreRemote {
     cfg: ObjStoreConfig,
     fence: tokio::sync::OnceCell<Fence>,
     warned_unfenced: AtomicBool,
+    /// A listing showed the bucket exists ([`check_bucket`](Self::check_bucket)).
+    bucket_seen: AtomicBool,
 }
 
 impl std::fmt::Debug for ObjStoreRemote {
@@ -118,6 +126,19 @@ impl std::fmt::Debug for ObjStoreRemote {
 /// read.
 fn request_deadline(cfg: &ObjStoreConfig, bytes: u64) -> std::time::Duration {
     cfg.request_timeout + std::time::Duration::from_secs(bytes / MIN_UPLOAD_RATE)
+}
+
+/// The largest object S3 stores (5 TiB): the part size of an upload this
+/// large is the largest [`part_size`] ever picks.
+const MAX_OBJECT: u64 = 5 << 40;
+
+/// The part size of a multipart upload of `len` bytes: the configured one,
+/// or larger (in whole MiB) when the body would need more than
+/// `max_parts` parts — S3 refuses part 10,001, so a 100 GB base copied in
+/// 8 MiB parts would fail after 80 GB were sent.
+fn part_size(cfg: &ObjStoreConfig, len: Option<u64>) -> u64 {
+    let fit = len.map_or(0, |n| n.div_ceil(cfg.max_parts.max(1)).next_multiple_of(1 << 20));
+    cfg.part_size.max(fit).max(1)
 }
 
 /// A request that got no answer within its deadline.
@@ -173,9 +194,10 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
     use object_store::{BackoffConfig, RetryConfig};
     // Deadlines go in as config keys, over what the environment set (a
     // whole ClientOptions would drop e.g. AWS_ALLOW_HTTP).
-    // Each request gets its own deadline by its size (`request_deadline`);
-    // the client's own total timeout is only a backstop for the largest.
-    let largest = cfg.part_size.max(cfg.read_part_size).max(cfg.multipart_threshold);
+    // Each request gets its own deadline by its size (`request_deadline`,
+    // through `within`); the client's own total timeout is only a backstop
+    // for the largest, a part of the largest object.
+    let largest = part_size(cfg, Some(MAX_OBJECT)).max(cfg.read_part_size).max(cfg.multipart_threshold);
     let timeouts = [
         (K::Timeout, format!("{}ms", request_deadline(cfg, largest).as_millis())),
         (K::ConnectTimeout, format!("{}ms", cfg.connect_timeout.as_millis())),
@@ -194,6 +216,7 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
             if let Some(c) = paced {
                 b = b.with_http_connector(c);
             }
+            plain_http_allowed(&b)?;
             Arc::new(b.build()?)
         }
         StoreKind::Gcs => {
@@ -219,6 +242,45 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
             Arc::new(b.build()?)
         }
     })
+}
+
+/// Warns (once per file) when the service-account key file the GCS
+/// client reads is open to other users, as for a Drive credentials file.
+fn warn_exposed_gcs_key() {
+    for var in ["GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_APPLICATION_CREDENTIALS"] {
+        if let Some(p) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            super::private::warn_if_exposed(
+                std::path::Path::new(&p),
+                &format!("GCS credentials file ({var})"),
+                "use the service account",
+            );
+        }
+    }
+}
+
+/// Refuses a plain `http://` endpoint without `AWS_ALLOW_HTTP=true` up
+/// front: the client would refuse every request with only "builder
+/// error", retried as if the store were down.
+fn plain_http_allowed(b: &object_store::aws::AmazonS3Builder) -> object_store::Result<()> {
+    use object_store::aws::AmazonS3ConfigKey as K;
+    let endpoint = b.get_config_value(&K::Endpoint).unwrap_or_default();
+    let allowed = b.get_config_value(&K::Client(ClientConfigKey::AllowHttp)).is_some_and(|v| truthy(&v));
+    if endpoint.to_ascii_lowercase().starts_with("http://") && !allowed {
+        return Err(object_store::Error::Generic {
+            store: "S3",
+            source: format!(
+                "the endpoint {endpoint} (AWS_ENDPOINT) is plain HTTP, which the client refuses unless \
+                 AWS_ALLOW_HTTP=true is set: set it, or give an https:// endpoint"
+            )
+            .into(),
+        });
+    }
+    Ok(())
+}
+
+/// A flag's value as object_store reads one.
+fn truthy(v: &str) -> bool {
+    matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "on" | "yes" | "y")
 }
 
 /// `--bwlimit` on object stores: object_store hands its client whole
@@ -251,8 +313,7 @@ fn duration(v: &str) -> Result<std::time::Duration, String> {
 fn client_like(o: &ClientOptions) -> Result<reqwest::Client, String> {
     use ClientConfigKey as K;
     let get = |k: K| o.get_config_value(&k);
-    let flag =
-        |k: K| get(k).is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "on" | "yes" | "y"));
+    let flag = |k: K| get(k).is_some_and(|v| truthy(&v));
     let e = |e: reqwest::Error| e.to_string();
     let ua = get(K::UserAgent).unwrap_or_else(|| concat!("driveblk/", env!("CARGO_PKG_VERSION")).to_string());
     let mut b = reqwest::ClientBuilder::new().user_agent(ua);
@@ -389,10 +450,52 @@ fn http_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
     None
 }
 
+/// `e`'s text and the causes it leaves out: object_store's ends at "error
+/// sending request" or "builder error", while the refused connection,
+/// the TLS or DNS failure is further down the chain.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out = format!("{out}: {t}");
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// Whether the store said the bucket (Azure: container) itself is missing.
+/// S3 answers 404 for an absent key and an absent bucket alike; only the
+/// error code in the body tells them apart.
+fn bucket_missing(e: &(dyn std::error::Error + 'static)) -> bool {
+    let t = with_causes(e);
+    t.contains("NoSuchBucket") || t.contains("ContainerNotFound")
+}
+
+/// Whether a refusal is the store being full: a bucket quota (Garage and
+/// Ceph answer 403 naming it) or no space left (507, MinIO).
+fn store_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    match http_status(e) {
+        Some(507) => true,
+        Some(403) => with_causes(e).to_ascii_lowercase().contains("quota"),
+        _ => false,
+    }
+}
+
+/// Whether the store refused the request's date: S3 signs the time, and
+/// refuses one too far from its own (`RequestTimeTooSkewed`; Garage:
+/// "Date is too old"), which says nothing about the credentials.
+fn clock_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let t = with_causes(e);
+    t.contains("RequestTimeTooSkewed") || t.contains("Date is too old")
+}
+
 /// Answers worth asking again: timeouts, throttling, server errors (but
 /// not "not implemented").
 fn retried_status(s: u16) -> bool {
-    matches!(s, 408 | 429) || (s >= 500 && s != 501)
+    matches!(s, 408 | 429) || (s >= 500 && s != 501 && s != 507)
 }
 
 impl ObjStoreRemote {
@@ -400,6 +503,9 @@ impl ObjStoreRemote {
     /// client that cannot be configured (no region, no credentials) makes
     /// a remote whose every request fails with the reason.
     pub fn new(kind: StoreKind, bucket: &str, root: &str, cfg: &ObjStoreConfig) -> Self {
+        if kind == StoreKind::Gcs {
+            warn_exposed_gcs_key();
+        }
         let store = build_store(kind, bucket, cfg).map_err(|e| e.to_string());
         Self { rebuildable: true, ..Self::with_store(store, kind, bucket, root, cfg) }
     }
@@ -415,6 +521,7 @@ impl ObjStoreRemote {
             cfg: cfg.clone(),
             fence: tokio::sync::OnceCell::new(),
             warned_unfenced: AtomicBool::new(false),
+            bucket_seen: AtomicBool::new(false),
         }
     }
 
@@ -509,36 +616,108 @@ impl ObjStoreRemote {
         use object_store::Error as E;
         let (remote, key) = (self.name(), key.to_string());
         if timed_out(&e) {
-            let source = std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string());
+            let source = std::io::Error::new(std::io::ErrorKind::TimedOut, with_causes(&e));
             return RemoteError::Io { remote, op, key, source };
         }
+        if bucket_missing(&e) {
+            return RemoteError::Fatal { remote, op, key, message: self.no_bucket() };
+        }
+        if store_full(&e) {
+            return RemoteError::Quota { remote, op, key, message: with_causes(&e) };
+        }
+        if clock_refused(&e) {
+            let message = format!(
+                "{}: this host's clock differs from the store's by more than it accepts (S3: 15 minutes); \
+                 set it right (NTP), then try again",
+                with_causes(&e)
+            );
+            return RemoteError::Fatal { remote, op, key, message };
+        }
+        let message = with_causes(&e);
         match e {
             E::NotFound { .. } => RemoteError::NotFound { remote, key },
             E::AlreadyExists { .. } => RemoteError::AlreadyExists { remote, key, tag: None },
             E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
-                RemoteError::Auth { remote, op, key, message: e.to_string() }
+                RemoteError::Auth { remote, op, key, message: self.refusal_hint(message) }
             }
             // A request the store refused as such (400 bad argument or
             // expired token, 405, 411, 413, 501 not implemented): asking
             // again gets the same answer.
             E::Generic { .. } if matches!(http_status(&e), Some(401 | 403)) => {
-                RemoteError::Auth { remote, op, key, message: e.to_string() }
+                RemoteError::Auth { remote, op, key, message: self.refusal_hint(message) }
+            }
+            E::Generic { .. }
+                if http_status(&e) == Some(400) && self.kind == StoreKind::S3 && !message.contains("<Code>") =>
+            {
+                // A HEAD's answer has no body to say why.
+                let message = format!(
+                    "{message} (the store gave no reason; a 400 without one is most often a signing region, \
+                     AWS_REGION, other than the store's)"
+                );
+                RemoteError::Fatal { remote, op, key, message }
             }
             E::Generic { .. } if http_status(&e).is_some_and(|s| (400..600).contains(&s) && !retried_status(s)) => {
-                RemoteError::Fatal { remote, op, key, message: e.to_string() }
+                RemoteError::Fatal { remote, op, key, message }
             }
             E::Generic { .. } | E::JoinError { .. } => {
                 // Network failures and 5xx answers object_store gave up on.
-                RemoteError::Transient { remote, op, key, message: e.to_string(), retry_after: None }
+                RemoteError::Transient { remote, op, key, message, retry_after: None }
             }
-            _ => RemoteError::Fatal { remote, op, key, message: e.to_string() },
+            _ => RemoteError::Fatal { remote, op, key, message },
         }
+    }
+
+    /// A refusal without the store's reason (a HEAD's answer has no body)
+    /// gets the usual ones named.
+    fn refusal_hint(&self, message: String) -> String {
+        if self.kind != StoreKind::S3 || message.contains("<Code>") {
+            return message;
+        }
+        format!(
+            "{message} (the store gave no reason: a key id or secret that is wrong, a permission the key lacks \
+             on this bucket, or this host's clock off by more than 15 minutes)"
+        )
+    }
+
+    /// The error of a store that says the bucket does not exist.
+    fn no_bucket(&self) -> String {
+        let (what, vars) = match self.kind {
+            StoreKind::S3 => ("bucket", " and the endpoint, AWS_ENDPOINT"),
+            StoreKind::Gcs => ("bucket", ""),
+            StoreKind::Azure => ("container", " and the account, AZURE_STORAGE_ACCOUNT_NAME"),
+        };
+        format!(
+            "the store has no {what} {:?}: check the {what} name in the URL{vars}, or create the {what}",
+            self.bucket
+        )
+    }
+
+    /// A HEAD answered 404: is it the key or the whole bucket? The answer
+    /// has no body to say, so the first such answer on this remote lists
+    /// one page of its prefix to tell (a missing bucket would otherwise
+    /// read as "no volume here: import one"). A listing that fails for
+    /// another reason (no list permission, an outage) leaves the 404 as is.
+    async fn check_bucket(&self, store: &Arc<dyn ObjectStore>, op: &'static str, key: &str) -> RemoteResult<()> {
+        if self.bucket_seen.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let root = if self.root.is_empty() { None } else { Some(OsPath::from(self.root.as_str())) };
+        let mut listing = store.list(root.as_ref());
+        match within(&self.cfg, 0, async { listing.next().await.transpose() }).await {
+            Ok(_) => self.bucket_seen.store(true, Ordering::Relaxed),
+            Err(e) if bucket_missing(&e) => return Err(self.err(op, key, e)),
+            Err(_) => {}
+        }
+        Ok(())
     }
 
     fn meta(&self, key: &str, m: &object_store::ObjectMeta) -> ObjectMeta {
         let ms = u64::try_from(m.last_modified.timestamp_millis()).ok();
         ObjectMeta {
             version: m.e_tag.clone().or_else(|| m.version.clone()),
+            // The content revision `attach` pins a base to: a new upload
+            // to the key gets a new ETag (see `get_range_revision`).
+            revision: m.e_tag.clone(),
             // Objects are never modified in place: the store's
             // last-modified time is the creation time, by its clock.
             created_ms: ms,
@@ -558,7 +737,8 @@ impl ObjStoreRemote {
         let path = self.path("fence probe", &key)?;
         let store = self.store("fence probe", &key)?;
         let create = PutOptions { mode: PutMode::Create, ..Default::default() };
-        let first = store.put_opts(&path, PutPayload::from_static(b"first"), create.clone()).await;
+        let first =
+            within(&self.cfg, 0, store.put_opts(&path, PutPayload::from_static(b"first"), create.clone())).await;
         let res = match first {
             Err(object_store::Error::NotImplemented | object_store::Error::NotSupported { .. }) => Ok(Fence::Ignored),
             // A store that does not implement the condition (S3 before
@@ -566,13 +746,15 @@ impl ObjStoreRemote {
             // that is not implemented").
             Err(e) if http_status(&e) == Some(501) => Ok(Fence::Ignored),
             Err(e) => Err(self.err("fence probe", &key, e)),
-            Ok(_) => match store.put_opts(&path, PutPayload::from_static(b"second"), create).await {
-                Ok(_) => Ok(Fence::Ignored),
-                Err(object_store::Error::AlreadyExists { .. }) => Ok(Fence::Holds),
-                Err(e) => Err(self.err("fence probe", &key, e)),
-            },
+            Ok(_) => {
+                match within(&self.cfg, 0, store.put_opts(&path, PutPayload::from_static(b"second"), create)).await {
+                    Ok(_) => Ok(Fence::Ignored),
+                    Err(object_store::Error::AlreadyExists { .. }) => Ok(Fence::Holds),
+                    Err(e) => Err(self.err("fence probe", &key, e)),
+                }
+            }
         };
-        let _ = store.delete(&path).await;
+        let _ = within(&self.cfg, 0, store.delete(&path)).await;
         if let Ok(f) = &res {
             tracing::info!(remote = %self.name(), fence = ?f, "tested the store's create-if-absent");
         }
@@ -636,10 +818,10 @@ impl ObjStoreRemote {
         done
     }
 
-    /// Cuts `body` into parts of `part_size` and sends them, at most
+    /// Cuts `body` into parts of [`part_size`] and sends them, at most
     /// `parallel_parts` at once.
     async fn send_parts(&self, upload: &mut Box<dyn MultipartUpload>, key: &str, body: &PutBody) -> RemoteResult<()> {
-        let part = (self.cfg.part_size as usize).max(1);
+        let part = part_size(&self.cfg, body.len()) as usize;
         let mut in_flight = FuturesUnordered::new();
         let mut buf: Vec<u8> = Vec::with_capacity(part);
         let mut parts = 0usize;
@@ -699,10 +881,24 @@ impl ObjStoreRemote {
         path: &OsPath,
         key: &str,
         range: Range<u64>,
+        if_match: Option<&str>,
     ) -> RemoteResult<Bytes> {
-        match within(&self.cfg, range.end - range.start, store.get_range(path, range.clone())).await {
+        let opts = object_store::GetOptions {
+            range: Some(range.clone().into()),
+            if_match: if_match.map(str::to_string),
+            ..Default::default()
+        };
+        let got = async { store.get_opts(path, opts).await?.bytes().await };
+        match within(&self.cfg, range.end - range.start, got).await {
             Ok(b) => Ok(b),
             Err(e @ object_store::Error::NotFound { .. }) => Err(self.err("get_range", key, e)),
+            Err(object_store::Error::Precondition { .. }) => Err(RemoteError::NotFound {
+                remote: self.name(),
+                key: format!(
+                    "{key} revision {} (the object was replaced since; S3 keeps no old content)",
+                    if_match.unwrap_or("?")
+                ),
+            }),
             // No answer: asking again on this client waits on the same
             // dead connections.
             Err(e) if timed_out(&e) => Err(self.err("get_range", key, e)),
@@ -724,7 +920,7 @@ impl ObjStoreRemote {
     /// Ranges longer than a part are read as parallel ranged GETs (one
     /// connection's throughput is the limit on object stores, not the
     /// request count).
-    async fn get_range_once(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+    async fn get_range_once(&self, key: &str, range: Range<u64>, if_match: Option<&str>) -> RemoteResult<Bytes> {
         let path = self.path("get_range", key)?;
         let store = self.store("get_range", key)?;
         if range.start >= range.end {
@@ -732,12 +928,12 @@ impl ObjStoreRemote {
         }
         let part = self.cfg.read_part_size.max(1);
         if range.end - range.start <= part {
-            return self.get_one(&store, &path, key, range).await;
+            return self.get_one(&store, &path, key, range, if_match).await;
         }
         let parts: Vec<Range<u64>> =
             (range.start..range.end).step_by(part as usize).map(|s| s..(s + part).min(range.end)).collect();
         let got: Vec<Bytes> = futures::stream::iter(parts)
-            .map(|r| self.get_one(&store, &path, key, r))
+            .map(|r| self.get_one(&store, &path, key, r, if_match))
             .buffered(self.cfg.parallel_parts.max(1))
             .try_collect()
             .await?;
@@ -776,8 +972,14 @@ impl ObjStoreRemote {
     async fn head_once(&self, key: &str) -> RemoteResult<ObjectMeta> {
         let path = self.path("head", key)?;
         let store = self.store("head", key)?;
-        let m = within(&self.cfg, 0, store.head(&path)).await.map_err(|e| self.err("head", key, e))?;
-        Ok(self.meta(key, &m))
+        match within(&self.cfg, 0, store.head(&path)).await {
+            Ok(m) => Ok(self.meta(key, &m)),
+            Err(e @ object_store::Error::NotFound { .. }) => {
+                self.check_bucket(&store, "head", key).await?;
+                Err(self.err("head", key, e))
+            }
+            Err(e) => Err(self.err("head", key, e)),
+        }
     }
 
     /// The objects under `prefix`, past `after` when given (S3 and GCS
@@ -789,8 +991,15 @@ impl ObjStoreRemote {
             Some(a) => store.list_with_offset(root.as_ref(), &self.path("list", a)?),
             None => store.list(root.as_ref()),
         };
-        let all: Vec<object_store::ObjectMeta> =
-            listing.try_collect().await.map_err(|e| self.err("list", prefix, e))?;
+        // Each page is a request of its own, with its own deadline.
+        let mut listing = listing;
+        let mut all: Vec<object_store::ObjectMeta> = Vec::new();
+        while let Some(m) = within(&self.cfg, 0, async { listing.next().await.transpose() })
+            .await
+            .map_err(|e| self.err("list", prefix, e))?
+        {
+            all.push(m);
+        }
         let skip = if self.root.is_empty() { 0 } else { self.root.len() + 1 };
         let mut out: Vec<ObjectMeta> = all
             .iter()
@@ -805,7 +1014,7 @@ impl ObjStoreRemote {
 
     async fn delete_once(&self, key: &str) -> RemoteResult<()> {
         let path = self.path("delete", key)?;
-        match self.store("delete", key)?.delete(&path).await {
+        match within(&self.cfg, 0, self.store("delete", key)?.delete(&path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("delete", key, e)),
         }
@@ -846,7 +1055,7 @@ impl ObjStoreRemote {
                     super::config::ENV_OBJSTORE_UNFENCED
                 );
             }
-            match store.head(&path).await {
+            match within(&self.cfg, 0, store.head(&path)).await {
                 Ok(_) => return Err(self.refused_create(key).await),
                 Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.err("create", key, e)),
@@ -883,7 +1092,18 @@ impl Remote for ObjStoreRemote {
 
     /// Paced after the bytes arrived (object_store reads bodies whole).
     async fn get_range(&self, key: &str, range: Range<u64>) -> RemoteResult<Bytes> {
-        let r = self.fresh_on_failure("get_range", key, || self.get_range_once(key, range.clone())).await?;
+        let r = self.fresh_on_failure("get_range", key, || self.get_range_once(key, range.clone(), None)).await?;
+        self.cfg.bwlimit.downloaded(r.len() as u64).await;
+        Ok(r)
+    }
+
+    /// A revision is an ETag ([`meta`](Self::meta)): the read is a GET
+    /// `If-Match` it, so a base object replaced since it was attached
+    /// fails the read (NotFound: the revision is gone) instead of mixing
+    /// the new object's bytes into a disk made of the old one's.
+    async fn get_range_revision(&self, key: &str, revision: &str, range: Range<u64>) -> RemoteResult<Bytes> {
+        let r =
+            self.fresh_on_failure("get_range", key, || self.get_range_once(key, range.clone(), Some(revision))).await?;
         self.cfg.bwlimit.downloaded(r.len() as u64).await;
         Ok(r)
     }
@@ -955,6 +1175,11 @@ mod tests {
     /// An S3 endpoint answering every request with `status` and an S3
     /// error body; returns its URL (the client's variables set).
     async fn answering(status: &'static str) -> String {
+        answering_with(status, "<?xml version=\"1.0\"?><Error><Code>X</Code><Message>m</Message></Error>").await
+    }
+
+    /// [`answering`] with the error body `body`.
+    async fn answering_with(status: &'static str, body: &'static str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", l.local_addr().unwrap());
@@ -963,7 +1188,6 @@ mod tests {
                 tokio::spawn(async move {
                     let mut b = vec![0u8; 1 << 20];
                     let _ = c.read(&mut b).await;
-                    let body = "<?xml version=\"1.0\"?><Error><Code>X</Code><Message>m</Message></Error>";
                     let head = format!(
                         "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
                          Connection: close\r\n\r\n",
@@ -976,6 +1200,26 @@ mod tests {
         });
         use_endpoint(&endpoint);
         endpoint
+    }
+
+    /// A host whose clock is off: S3 refuses the signature (403
+    /// RequestTimeTooSkewed). That is no credentials problem: the error
+    /// says to set the clock.
+    #[tokio::test]
+    async fn a_skewed_clock_is_named_not_taken_for_bad_credentials() {
+        answering_with(
+            "403 Forbidden",
+            "<?xml version=\"1.0\"?><Error><Code>RequestTimeTooSkewed</Code><Message>The difference between \
+             the request time and the current time is too large.</Message></Error>",
+        )
+        .await;
+        let r = ObjStoreRemote::new(StoreKind::S3, "b", "v", &ObjStoreConfig::default());
+        let e = r.get_range("pack-1", 0..10).await.unwrap_err();
+        assert!(matches!(e, RemoteError::Fatal { .. }) && e.to_string().contains("clock"), "{e}");
+        assert!(!e.to_string().contains("not authorised"), "{e}");
+        // A HEAD's refusal has no body to tell: the clock is among the causes named.
+        let e = r.head("volume.json").await.unwrap_err();
+        assert!(matches!(e, RemoteError::Auth { .. }) && e.to_string().contains("clock"), "{e}");
     }
 
     /// A request the store refuses as such (400: a bad argument, an
