@@ -421,8 +421,11 @@ fn volume_errors_are_clear() {
 fn an_import_killed_half_way_is_cleared_by_the_next_import() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
-    // Incompressible, at 4 MiB/s up: packs land one at a time.
-    let want = common::make_raw(&src, 64 << 20, 21);
+    // Incompressible, 80 MiB at 4 MiB/s up: a 64 MiB pack and a 16 MiB
+    // one; the first lands about 4 s before the other, and the volume only
+    // after both (one pack alone lands moments before the volume, which a
+    // kill then misses).
+    let want = common::make_raw(&src, 80 << 20, 21);
     let folder = dir.path().join("remote/vol");
     let url = format!("dir:{}", folder.display());
     let packs = || -> Vec<String> {
