@@ -27,6 +27,12 @@ have ss || need_apt+=(iproute2)
 have systemd-analyze || need_apt+=(systemd)
 have virt-xml-validate || need_apt+=(libvirt-clients)
 have xmllint || need_apt+=(libxml2-utils)
+# Loopback file systems the cache directory is tested on (tests/e2e_cache_fs.rs;
+# exFAT through FUSE where the kernel has no driver).
+have mkfs.xfs || need_apt+=(xfsprogs)
+have mkfs.btrfs || need_apt+=(btrfs-progs)
+have mkfs.exfat || need_apt+=(exfatprogs)
+have mount.exfat-fuse || need_apt+=(exfat-fuse)
 
 # Garage: the real S3 store the s3:// tests start (scripts/garage.sh).
 # crates.io ships no binary, so it is built once (several minutes on two

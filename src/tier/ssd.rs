@@ -42,6 +42,7 @@
 
 mod bitmap;
 mod directory;
+mod filesystem;
 mod place;
 mod slots;
 mod state_file;
@@ -370,7 +371,6 @@ impl SsdCache {
             return Ok(None);
         }
         private::create_dir_all(dir).map_err(|e| VolumeError::io("creating cache directory", dir, e))?;
-        private::warn_if_open_dir(dir);
         let lock_path = dir.join("lock");
         let lock = private::options()
             .create(true)
@@ -458,7 +458,16 @@ impl SsdCache {
             Err(Unusable::Damaged(why)) => return Err(cache_err(dir, damaged_reason(dir, &why))),
         };
         let data_path = dir.join("data");
-        if mode == OpenMode::Serve && (states.is_empty() || matches!(opened, Opened::Discarded(_))) {
+        let fresh = states.is_empty() || matches!(opened, Opened::Discarded(_));
+        if mode == OpenMode::Serve {
+            // Before the data file is made: a file system that cannot hold
+            // the cache is refused here, not by a guest write's errno.
+            let held = if fresh { 0 } else { std::fs::metadata(&data_path).map_or(0, |m| m.len()) };
+            filesystem::check(dir, len.max(image_len), held, !sealed.is_empty()).map_err(|why| cache_err(dir, why))?;
+        }
+        // After the check: `chmod` is no way out where it refused.
+        private::warn_if_open_dir(dir);
+        if mode == OpenMode::Serve && fresh {
             // Start clean: stale bytes in the data file are never trusted.
             let f = private::options()
                 .create(true)
@@ -971,6 +980,12 @@ impl SsdCache {
         let before = self.cached_bytes();
         self.evict((self.cap / 10).max(8 * self.chunk_size), holding)?;
         Ok(self.cached_bytes() < before)
+    }
+
+    /// The file system under the cache directory, by name, and whether it
+    /// is held in memory (tmpfs, ramfs).
+    pub fn file_system(&self) -> (String, bool) {
+        (filesystem::name(&self.dir), filesystem::in_memory(&self.dir))
     }
 
     /// Bytes free for this process on the cache's filesystem (None when

@@ -261,6 +261,18 @@ impl TieredStore {
                  (ssd_cache) or free space there"
             );
         }
+        // A FLUSH in write-back is durable in the cache directory, which a
+        // file system in memory keeps only until the host goes down.
+        if opts.writeback.mode == CacheMode::Writeback && !opts.read_only && !opts.ephemeral {
+            if let (fs, true) = ssd.file_system() {
+                tracing::warn!(
+                    dir = %opts.cache_dir.display(),
+                    "the cache directory is on {fs}, in memory: what the guest flushed is kept there until it is \
+                     uploaded, and a reboot or power loss of this host loses it; serve with --cache writethrough \
+                     (a FLUSH waits for the remote), or with a --cache-dir on a disk"
+                );
+            }
+        }
         // Profile packs a crashed process was building (the directory lock
         // is ours now, so nobody else is).
         if let Ok(entries) = std::fs::read_dir(&opts.cache_dir) {

@@ -1,0 +1,285 @@
+//! The cache directory on the file systems users put it on, each a real
+//! loopback file system: XFS, btrfs (and its snapshots), tmpfs, exFAT.
+//! The daemon serves a `dir:` volume with its cache there: writes, reads,
+//! a stop and restart, a kill -9 and restart lose nothing; a file system
+//! that cannot hold the cache (no Unix permissions, no room for a data
+//! file without holes) is refused at start, by name, with the way out.
+//! Needs root (mounts), as CI has; the mkfs tools and exFAT's driver come
+//! from apt-get when missing (a test skips, saying so, only if they cannot
+//! be installed).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{pattern, Client, Daemon};
+
+/// A mounted loopback file system, unmounted (and its loop device let
+/// go) on drop. Declare it before the daemons using it.
+struct Mounted {
+    mnt: PathBuf,
+    fs: String,
+    img: PathBuf,
+    opts: String,
+    /// The loop device a FUSE driver mounts from.
+    loop_dev: Option<String>,
+}
+
+impl Mounted {
+    /// Mounts the image (made already) at `mnt`.
+    fn attach(&self) {
+        let mnt = self.mnt.to_str().unwrap();
+        let with = |o: &str| if self.opts.is_empty() { o.to_string() } else { format!("{o},{}", self.opts) };
+        match &self.loop_dev {
+            Some(dev) => {
+                let o: &[&str] = if self.opts.is_empty() { &[] } else { &["-o", &self.opts] };
+                run("mount.exfat-fuse", &[o, &[dev.as_str(), mnt]].concat());
+            }
+            None => {
+                run("mount", &["-t", &self.fs, "-o", &with("loop"), self.img.to_str().unwrap(), mnt]);
+            }
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        if let Some(d) = &self.loop_dev {
+            let _ = Command::new("losetup").args(["-d", d]).status();
+        }
+    }
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// True once `cmd` is there, installing `pkg` with apt-get if not.
+fn tool(cmd: &str, pkg: &str) -> bool {
+    for update in [false, true] {
+        if have(cmd) {
+            return true;
+        }
+        let apt = |args: &[&str]| {
+            Command::new("apt-get")
+                .args(["-o", "DPkg::Lock::Timeout=300", "-qq"])
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+        };
+        if update {
+            let _ = apt(&["update"]);
+        }
+        let _ = apt(&["install", "-y", pkg]);
+    }
+    if have(cmd) {
+        return true;
+    }
+    eprintln!("SKIPPED: {cmd} is missing and `apt-get install {pkg}` could not install it");
+    false
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// `fs` ("xfs", "btrfs", "tmpfs", "exfat") of `mib` MiB made and mounted
+/// at `dir/fs` with mount options `opts`; None (said why) when its tools
+/// cannot be had.
+fn mount(dir: &Path, fs: &str, mib: u64, opts: &str) -> Option<Mounted> {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts file systems and needs root");
+    let mnt = dir.join(fs);
+    std::fs::create_dir(&mnt).unwrap();
+    let img = dir.join(format!("{fs}.img"));
+    let mut m = Mounted { mnt, fs: fs.into(), img, opts: opts.into(), loop_dev: None };
+    if fs == "tmpfs" {
+        let o = if opts.is_empty() { format!("size={mib}m") } else { format!("size={mib}m,{opts}") };
+        run("mount", &["-t", "tmpfs", "-o", &o, "tmpfs", m.mnt.to_str().unwrap()]);
+        return Some(m);
+    }
+    let (mkfs, pkg) = match fs {
+        "xfs" => ("mkfs.xfs", "xfsprogs"),
+        "btrfs" => ("mkfs.btrfs", "btrfs-progs"),
+        "exfat" => ("mkfs.exfat", "exfatprogs"),
+        _ => unreachable!(),
+    };
+    if !tool(mkfs, pkg) {
+        return None;
+    }
+    std::fs::File::create(&m.img).unwrap().set_len(mib << 20).unwrap();
+    let quiet: &[&str] = if fs == "exfat" { &[] } else { &["-q"] };
+    run(mkfs, &[quiet, &[m.img.to_str().unwrap()]].concat());
+    let kernel = std::fs::read_to_string("/proc/filesystems").unwrap().lines().any(|l| l.ends_with(&format!("\t{fs}")));
+    if fs == "exfat" && !kernel {
+        // No exFAT in this kernel: the FUSE driver, on a loop device.
+        if !tool("mount.exfat-fuse", "exfat-fuse") {
+            return None;
+        }
+        m.loop_dev = Some(run("losetup", &["-f", "--show", m.img.to_str().unwrap()]));
+    }
+    m.attach();
+    Some(m)
+}
+
+const IMAGE: usize = 16 << 20;
+
+/// A 16 MiB raw image (`pattern(seed)`) imported to a `dir:` remote under
+/// `dir` in 256 KiB chunks: its bytes and URL.
+fn volume(dir: &Path, seed: u64) -> (Vec<u8>, String) {
+    let img = dir.join("src.raw");
+    let data = common::make_raw(&img, IMAGE, seed);
+    let url = format!("dir:{}", dir.join("remote/vol").display());
+    common::run_ok(&["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &url]);
+    (data, url)
+}
+
+/// `serve`'s arguments for `url` with its cache in `cache`: changes stay
+/// in the cache until the stop.
+fn args<'a>(url: &'a str, cache: &'a Path) -> Vec<&'a str> {
+    let cache = cache.to_str().unwrap();
+    vec!["--volume", url, "--format", "raw", "--cache-dir", cache, "--sync-interval", "3600", "--boot-profile", "off"]
+}
+
+fn write(c: &mut Client, off: usize, data: &[u8], want: &mut [u8]) {
+    c.write(off as u64, data).unwrap();
+    want[off..off + data.len()].copy_from_slice(data);
+}
+
+fn read_all(c: &mut Client) -> Vec<u8> {
+    let mut v = Vec::with_capacity(IMAGE);
+    for off in (0..IMAGE).step_by(common::BUF_LEN) {
+        v.extend(c.read(off as u64, common::BUF_LEN.min(IMAGE - off)).unwrap());
+    }
+    v
+}
+
+fn kill9(mut d: Daemon) {
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Serves the volume at `url` (whose bytes are `want`) with its cache in
+/// `cache`: writes of whole chunks, a page and part of one, FLUSH, reads;
+/// a stop and a restart; writes, FLUSH and a kill -9; a restart that reads
+/// them all; after its stop the remote holds them (an export). Returns
+/// the first daemon's log.
+fn serve_restart_kill(dir: &Path, url: &str, cache: &Path, mut want: Vec<u8>) -> String {
+    let sock = dir.join("sock");
+    let a = args(url, cache);
+    let log = dir.join("serve.log");
+    let d = Daemon::start_logged(&sock, &a, &[], Some(&log));
+    let mut c = Client::connect(&sock, 1);
+    write(&mut c, 0, &pattern(101, 1 << 20), &mut want);
+    write(&mut c, (5 << 20) + 1024, &pattern(102, 1536), &mut want);
+    write(&mut c, IMAGE - 4096, &pattern(103, 4096), &mut want);
+    c.flush().unwrap();
+    assert!(read_all(&mut c) == want, "the disk read back differs from what was written");
+    drop(c);
+    assert!(d.stop().success(), "the stop failed");
+
+    let d = Daemon::start(&sock, &a);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want, "the writes are not there after a stop and restart");
+    write(&mut c, 9 << 20, &pattern(104, 64 << 10), &mut want);
+    write(&mut c, (12 << 20) + 512, &pattern(105, 512), &mut want);
+    c.flush().unwrap();
+    drop(c);
+    kill9(d);
+
+    let d = Daemon::start(&sock, &a);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want, "flushed writes are not there after a kill -9 and restart");
+    drop(c);
+    assert!(d.stop().success(), "the stop after the kill -9 failed");
+    let out = dir.join("out.raw");
+    common::run_ok(&["export", "--quiet", url, out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == want, "the remote does not hold what the guest flushed");
+    std::fs::read_to_string(&log).unwrap()
+}
+
+/// The round trip with the cache on `fs` mounted with `opts`: the first
+/// daemon's log (None: skipped).
+fn round_trip_on(fs: &str, mib: u64, opts: &str) -> Option<String> {
+    let d = tempfile::tempdir().unwrap();
+    let m = mount(d.path(), fs, mib, opts)?;
+    let (want, url) = volume(d.path(), 7);
+    Some(serve_restart_kill(d.path(), &url, &m.mnt.join("cache"), want))
+}
+
+#[test]
+fn a_cache_on_xfs_keeps_every_flushed_write() {
+    round_trip_on("xfs", 320, "");
+}
+
+#[test]
+fn a_cache_on_btrfs_keeps_every_flushed_write() {
+    round_trip_on("btrfs", 256, "");
+}
+
+#[test]
+fn a_cache_on_btrfs_with_compression_keeps_every_flushed_write() {
+    round_trip_on("btrfs", 256, "compress=zstd");
+}
+
+/// tmpfs (no RWF_NOWAIT) serves as a disk does, and the daemon says that
+/// what is flushed there does not outlive the host.
+#[test]
+fn a_cache_on_tmpfs_keeps_every_flushed_write() {
+    let log = round_trip_on("tmpfs", 64, "").unwrap();
+    assert!(log.contains("in memory") && log.contains("--cache writethrough"), "no word of tmpfs' durability: {log}");
+}
+
+/// exFAT without holes, mounted private to its owner, with room for the
+/// image: served as anywhere, warned that the data file takes the image's
+/// whole length on the disk.
+#[test]
+fn a_cache_on_a_private_exfat_with_room_keeps_every_flushed_write() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "exfat", 96, "umask=077") else { return };
+    let (want, url) = volume(d.path(), 8);
+    let log = serve_restart_kill(d.path(), &url, &m.mnt.join("cache"), want);
+    assert!(log.contains("has no sparse files"), "no word that the data file takes the image's length: {log}");
+}
+
+/// exFAT as a desktop mounts a stick for root, or a FUSE driver does by
+/// default: every file 0777. The cache (the guest's disk) cannot be made
+/// private there: refused at start, naming why and the way out.
+#[test]
+fn a_cache_on_an_exfat_open_to_everyone_is_refused_at_start() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "exfat", 96, "") else { return };
+    let (_, url) = volume(d.path(), 9);
+    let cache = m.mnt.join("cache");
+    let e = common::serve_fails(&d.path().join("sock"), &args(&url, &cache));
+    assert!(
+        e.contains("keeps no Unix permissions") && e.contains("umask=077") && e.contains("--encrypt-cache"),
+        "the refusal does not say why and how out: {e}"
+    );
+    assert!(!cache.join("data").exists(), "a data file was made before the refusal");
+}
+
+/// A 256 MiB image, whose cache on exFAT (no holes) takes 256 MiB, on a
+/// 64 MiB exFAT: refused at start, naming the missing feature and the
+/// space, not failing a guest write with ENOSPC later.
+#[test]
+fn a_cache_on_an_exfat_too_small_for_the_image_is_refused_at_start() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "exfat", 64, "umask=077") else { return };
+    let img = d.path().join("big.raw");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(256 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(3, 1 << 20), 200 << 20).unwrap();
+    let url = format!("dir:{}", d.path().join("remote/big").display());
+    common::run_ok(&["import", "--quiet", img.to_str().unwrap(), &url]);
+    let cache = m.mnt.join("cache");
+    let e = common::serve_fails(&d.path().join("sock"), &args(&url, &cache));
+    assert!(
+        e.contains("has no sparse files") && e.contains("256.0 MiB") && e.contains("--cache-dir on ext4, XFS or btrfs"),
+        "the refusal does not name the missing feature, the room needed and the way out: {e}"
+    );
+}
