@@ -41,6 +41,13 @@ impl Mounted {
             }
         }
     }
+
+    /// Unmounts and mounts it again, as after unplugging a disk or a
+    /// reboot.
+    fn remount(&self) {
+        run("umount", &[self.mnt.to_str().unwrap()]);
+        self.attach();
+    }
 }
 
 impl Drop for Mounted {
@@ -282,4 +289,106 @@ fn a_cache_on_an_exfat_too_small_for_the_image_is_refused_at_start() {
         e.contains("has no sparse files") && e.contains("256.0 MiB") && e.contains("--cache-dir on ext4, XFS or btrfs"),
         "the refusal does not name the missing feature, the room needed and the way out: {e}"
     );
+}
+
+/// The id a cache directory's state file names (its header line).
+fn cache_id_of(cache: &Path) -> String {
+    let b = std::fs::read(cache.join("state")).unwrap();
+    let line = b.split(|&c| c == b'\n').next().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+    v["cache_id"].as_str().unwrap().to_string()
+}
+
+/// A btrfs snapshot of a subvolume keeps every inode number, the cache
+/// directory's too, so it looked like the very cache it was taken of. A
+/// holder killed with changes pending, its home snapshotted (snapper,
+/// Timeshift): the snapshot's cache is another cache, refused while the
+/// original holds the writer lease, never taking it as its own.
+#[test]
+fn a_btrfs_snapshot_of_a_cache_is_another_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "btrfs", 256, "") else { return };
+    let (mut want, url) = volume(d.path(), 10);
+    let home = m.mnt.join("home");
+    run("btrfs", &["-q", "subvolume", "create", home.to_str().unwrap()]);
+    let cache = home.join("cache");
+    let sock = d.path().join("sock");
+    let dm = Daemon::start(&sock, &args(&url, &cache));
+    let mut c = Client::connect(&sock, 1);
+    // The first FLUSH cuts a generation at once; the second write stays
+    // pending in the cache (`--sync-interval 3600`).
+    write(&mut c, 4096, &pattern(11, 8192), &mut want);
+    c.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    write(&mut c, 3 << 20, &pattern(12, 4096), &mut want);
+    c.flush().unwrap();
+    drop(c);
+    kill9(dm);
+    let id = cache_id_of(&cache);
+    let snap = m.mnt.join("home-snapshot");
+    run("btrfs", &["-q", "subvolume", "snapshot", home.to_str().unwrap(), snap.to_str().unwrap()]);
+    let copy = snap.join("cache");
+    let e = common::serve_fails(&sock, &args(&url, &copy));
+    assert!(
+        e.contains(&format!("looks like a copy of cache {id}")) && e.contains("btrfs subvolume"),
+        "the snapshot's cache passed for the cache it was taken of: {e}"
+    );
+    assert_ne!(cache_id_of(&copy), id, "the snapshot kept the original's cache id");
+    // The original is still itself: it serves its changes, and uploads them.
+    let dm = Daemon::start(&sock, &args(&url, &cache));
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want, "the original cache lost its changes");
+    drop(c);
+    assert!(dm.stop().success());
+    assert_eq!(cache_id_of(&cache), id);
+}
+
+/// exFAT makes its inode numbers up at every mount: a cache there, its
+/// holder killed with changes pending, the disk unplugged and plugged in
+/// again (a remount), is still the same cache: it starts, takes its own
+/// writer lease back and uploads the changes, never refused as a copy of
+/// itself.
+#[test]
+fn a_cache_on_exfat_is_itself_after_a_remount() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "exfat", 96, "umask=077") else { return };
+    let (mut want, url) = volume(d.path(), 14);
+    let cache = m.mnt.join("cache");
+    let sock = d.path().join("sock");
+    let dm = Daemon::start(&sock, &args(&url, &cache));
+    // The disk holds other files too, which someone looks at first after
+    // the remount: the numbers handed out at lookup then go to them.
+    let photos = m.mnt.join("photos");
+    for i in 0..8 {
+        std::fs::create_dir_all(photos.join(format!("{i}"))).unwrap();
+    }
+    let mut c = Client::connect(&sock, 1);
+    // The first FLUSH cuts a generation at once; the second write stays
+    // pending in the cache (`--sync-interval 3600`).
+    write(&mut c, 0, &pattern(15, 8192), &mut want);
+    c.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    write(&mut c, 5 << 20, &pattern(16, 4096), &mut want);
+    c.flush().unwrap();
+    drop(c);
+    kill9(dm);
+    let id = cache_id_of(&cache);
+    m.remount();
+    for e in std::fs::read_dir(&photos).unwrap() {
+        std::fs::metadata(e.unwrap().path()).unwrap();
+    }
+    let log = d.path().join("serve.log");
+    let a = args(&url, &cache);
+    let dm = std::panic::catch_unwind(|| Daemon::start_logged(&sock, &a, &[], Some(&log)))
+        .unwrap_or_else(|_| panic!("the remounted cache did not start: {}", std::fs::read_to_string(&log).unwrap()));
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want, "the cache lost flushed writes across the remount");
+    drop(c);
+    assert!(dm.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("looks like a copy"), "the remounted cache was taken for a copy of itself: {text}");
+    assert_eq!(cache_id_of(&cache), id, "the remounted cache changed its id");
+    let out = d.path().join("out.raw");
+    common::run_ok(&["export", "--quiet", &url, out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == want, "the pending changes did not reach the remote");
 }

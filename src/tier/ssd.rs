@@ -236,7 +236,7 @@ fn identify(dir: &Path, h: &StateHeader, here: &Place, dirty: u64, mode: OpenMod
         // Before version 3 a cache had no id.
         return Ident::fresh();
     }
-    let Some(why) = here.moved_from(&h.machine, h.dir_inode) else {
+    let Some(why) = here.moved_from(&h.machine, h.dir_inode, h.dir_subvol) else {
         return Ident { cache_id: h.cache_id.clone(), copy_of: h.copy_of.clone(), key_id: h.key_id.clone() };
     };
     let mut ident = Ident::fresh();
@@ -257,9 +257,9 @@ fn identify(dir: &Path, h: &StateHeader, here: &Place, dirty: u64, mode: OpenMod
         "it holds no changes".to_string()
     };
     tracing::warn!(
-        "cache directory {} looks like a copy of cache {}: {why}, as after a copy, a restore from a backup, or a \
-         move to another machine or file system. {now}, which does not take cache {}'s writer lease or \
-         commits as its own; {changes}",
+        "cache directory {} looks like a copy of cache {}: {why}, as after a copy, a restore from a backup or \
+         a snapshot, or a move to another machine or file system. {now}, which does not take cache {}'s writer \
+         lease or commits as its own; {changes}",
         dir.display(),
         h.cache_id,
         h.cache_id
@@ -1905,6 +1905,7 @@ impl SsdCache {
             sealed: self.sealed.clone(),
             machine: self.place.machine.clone(),
             dir_inode: self.place.inode,
+            dir_subvol: self.place.subvol,
             copy_of: self.copy_of.clone(),
             key_id: self.key_id.clone(),
         };

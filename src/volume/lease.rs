@@ -138,8 +138,8 @@ impl LeaseView {
         match &self.holder {
             Some(h) if copy_of == Some(h.cache_id.as_str()) => format!(
                 "{d} — this cache directory looks like a copy of cache {}, the holder's (copied, restored from a \
-                 backup, or moved from another machine), so the lease is not its own: {}; if the original is gone \
-                 for good, `--force-takeover` takes the lease",
+                 backup or a snapshot, or moved from another machine), so the lease is not its own: {}; if the \
+                 original is gone for good, `--force-takeover` takes the lease",
                 h.cache_id,
                 if h.pending_bytes > 0 {
                     "start the original and let it sync"

@@ -102,8 +102,9 @@ pub fn remove_damaged(dir: &Path, files: &[&str], force: bool) -> VolumeResult<O
         // names that cache, whose lease is not this directory's to release.
         let machine = v.get("machine").and_then(|m| m.as_str()).unwrap_or_default();
         let inode = v.get("dir_inode").and_then(|i| i.as_u64()).unwrap_or(0);
+        let subvol = v.get("dir_subvol").and_then(|i| i.as_u64()).unwrap_or(0);
         let here = Place::here(dir).ok()?;
-        if let Some(why) = here.moved_from(machine, inode) {
+        if let Some(why) = here.moved_from(machine, inode, subvol) {
             tracing::warn!(dir = %dir.display(), "the damaged state names cache {id}, but {why}: a copy of that cache, whose writer lease stays");
             return None;
         }

@@ -40,7 +40,7 @@ pub(super) const STATE_MAGIC: &str = "driveblk-cache";
 /// (`Unusable::Newer`), never as damaged (which points at `discard-local`).
 ///
 /// Where the directory was when the state was written (`machine`,
-/// `dir_inode`) and what it was found to be a copy of (`copy_of`) are
+/// `dir_inode`, `dir_subvol`) and what it was found to be a copy of (`copy_of`) are
 /// optional fields of any version: an older binary ignores them (and
 /// drops them at its next checkpoint), a state without them is taken as
 /// written here and gets them at the next one.
@@ -105,6 +105,10 @@ pub(super) struct StateHeader {
     /// across reboots, a directory's inode does not.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(super) dir_inode: u64,
+    /// The btrfs subvolume of that directory (0: not btrfs, or not
+    /// recorded): a snapshot keeps the directory's inode, not this.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) dir_subvol: u64,
     /// The id of the cache this directory was found to be a copy of, for
     /// the lease's refusal ("" when it is not known to be one).
     #[serde(default, skip_serializing_if = "String::is_empty")]
