@@ -392,3 +392,27 @@ fn a_cache_on_exfat_is_itself_after_a_remount() {
     common::run_ok(&["export", "--quiet", &url, out.to_str().unwrap()]);
     assert!(std::fs::read(&out).unwrap() == want, "the pending changes did not reach the remote");
 }
+
+/// The cache root on exFAT (`DRIVEBLK_CACHE` there, no `--cache-dir`),
+/// which has no symlinks: the volume's cache is recorded all the same,
+/// and `status` finds it again from the URL.
+#[test]
+fn a_cache_root_on_exfat_records_and_finds_its_caches() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "exfat", 96, "umask=077") else { return };
+    let (_, url) = volume(d.path(), 12);
+    let root = m.mnt.join("root");
+    let env = [("DRIVEBLK_CACHE", root.to_str().unwrap())];
+    let sock = d.path().join("sock");
+    let a = ["--volume", &url, "--format", "raw", "--sync-interval", "3600", "--boot-profile", "off"];
+    let dm = Daemon::start_env(&sock, &a, &env);
+    let mut c = Client::connect(&sock, 1);
+    c.write(0, &pattern(13, 4096)).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    assert!(dm.stop().success());
+    let o = Command::new(common::bin()).args(["status", &url, "--json"]).envs(env).output().unwrap();
+    assert!(o.status.success(), "status did not find the cache: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["local"].is_object(), "status shows no local cache: {v}");
+}

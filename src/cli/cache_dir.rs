@@ -6,7 +6,8 @@
 //!
 //! `<root>/<volume id>/` holds the cache; `<root>/by-url/<hash of the
 //! canonical URL>` is a symlink to it, so a later command finds it without
-//! asking the remote (which may be down).
+//! asking the remote (which may be down). On a file system without
+//! symlinks (exFAT, FAT) it is a file holding the link's target.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -87,7 +88,7 @@ pub fn for_url(url: &str, opts: &RemoteOptions, lookup: bool, wait: Duration) ->
     let root = root()?;
     let canonical = canonical_url(url)?;
     let alias = root.join("by-url").join(hash16(&canonical));
-    if let Ok(target) = std::fs::read_link(&alias) {
+    if let Some(target) = recorded(&alias) {
         return Ok(root.join("by-url").join(target));
     }
     // Caches made before caches were keyed by volume id: named by a hash
@@ -111,15 +112,33 @@ pub fn for_url(url: &str, opts: &RemoteOptions, lookup: bool, wait: Duration) ->
     Ok(dir)
 }
 
-/// Records `alias` -> `<root>/<id>` (relative, so the root can move).
+/// Where `alias` points: a symlink's target, or the target written in
+/// the file that stands for one.
+fn recorded(alias: &Path) -> Option<PathBuf> {
+    if let Ok(target) = std::fs::read_link(alias) {
+        return Some(target);
+    }
+    let text = std::fs::read_to_string(alias).ok()?;
+    let target = PathBuf::from(text.trim_end_matches('\n'));
+    // Only what `record` writes: `../<volume id>`.
+    (target.parent() == Some(Path::new("..")) && target.file_name().is_some()).then_some(target)
+}
+
+/// Records `alias` -> `<root>/<id>` (relative, so the root can move): a
+/// symlink, or where the file system has none, a file holding its target.
 fn record(root: &Path, alias: &Path, id: &str) -> anyhow::Result<()> {
     let by_url = root.join("by-url");
     crate::remote::private::create_dir_all(&by_url).with_context(|| format!("cannot create {}", by_url.display()))?;
     let tmp = by_url.join(format!(".{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(Path::new("..").join(id), &tmp)
-        .and_then(|_| std::fs::rename(&tmp, alias))
-        .with_context(|| format!("cannot record {}", alias.display()))
+    let target = Path::new("..").join(id);
+    let made = match std::os::unix::fs::symlink(&target, &tmp) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS | libc::EOPNOTSUPP)) => {
+            crate::remote::private::write(&tmp, format!("{}\n", target.display()).as_bytes())
+        }
+        r => r,
+    };
+    made.and_then(|_| std::fs::rename(&tmp, alias)).with_context(|| format!("cannot record {}", alias.display()))
 }
 
 #[cfg(test)]
