@@ -1,5 +1,6 @@
 //! The cache directory on the file systems users put it on, each a real
-//! loopback file system: XFS, btrfs (and its snapshots), tmpfs, exFAT.
+//! loopback file system: XFS, btrfs (and its snapshots), tmpfs, exFAT,
+//! and an overlayfs as containers have.
 //! The daemon serves a `dir:` volume with its cache there: writes, reads,
 //! a stop and restart, a kill -9 and restart lose nothing; a file system
 //! that cannot hold the cache (no Unix permissions, no room for a data
@@ -94,7 +95,7 @@ fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
-/// `fs` ("xfs", "btrfs", "tmpfs", "exfat") of `mib` MiB made and mounted
+/// `fs` ("xfs", "btrfs", "tmpfs", "exfat", "overlay") of `mib` MiB made and mounted
 /// at `dir/fs` with mount options `opts`; None (said why) when its tools
 /// cannot be had.
 fn mount(dir: &Path, fs: &str, mib: u64, opts: &str) -> Option<Mounted> {
@@ -106,6 +107,17 @@ fn mount(dir: &Path, fs: &str, mib: u64, opts: &str) -> Option<Mounted> {
     if fs == "tmpfs" {
         let o = if opts.is_empty() { format!("size={mib}m") } else { format!("size={mib}m,{opts}") };
         run("mount", &["-t", "tmpfs", "-o", &o, "tmpfs", m.mnt.to_str().unwrap()]);
+        return Some(m);
+    }
+    if fs == "overlay" {
+        // A container's root: a lower layer and an upper one on the host's disk.
+        let layer = |n: &str| {
+            let p = dir.join(format!("overlay-{n}"));
+            std::fs::create_dir(&p).unwrap();
+            p.display().to_string()
+        };
+        let o = format!("lowerdir={},upperdir={},workdir={}", layer("lower"), layer("upper"), layer("work"));
+        run("mount", &["-t", "overlay", "-o", &o, "overlay", m.mnt.to_str().unwrap()]);
         return Some(m);
     }
     let (mkfs, pkg) = match fs {
@@ -233,12 +245,19 @@ fn a_cache_on_btrfs_with_compression_keeps_every_flushed_write() {
     round_trip_on("btrfs", 256, "compress=zstd");
 }
 
-/// tmpfs (no RWF_NOWAIT) serves as a disk does, and the daemon says that
-/// what is flushed there does not outlive the host.
+/// tmpfs (no RWF_NOWAIT; mounted noexec, nosuid, nodev as /tmp often is)
+/// serves as a disk does, and the daemon says that what is flushed there
+/// does not outlive the host.
 #[test]
 fn a_cache_on_tmpfs_keeps_every_flushed_write() {
-    let log = round_trip_on("tmpfs", 64, "").unwrap();
+    let log = round_trip_on("tmpfs", 64, "noexec,nosuid,nodev").unwrap();
     assert!(log.contains("in memory") && log.contains("--cache writethrough"), "no word of tmpfs' durability: {log}");
+}
+
+/// overlayfs (a container's file system; no RWF_NOWAIT either).
+#[test]
+fn a_cache_on_overlayfs_keeps_every_flushed_write() {
+    round_trip_on("overlay", 0, "");
 }
 
 /// exFAT without holes, mounted private to its owner, with room for the
