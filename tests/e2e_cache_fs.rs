@@ -435,3 +435,23 @@ fn a_cache_root_on_exfat_records_and_finds_its_caches() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["local"].is_object(), "status shows no local cache: {v}");
 }
+
+/// A cache directory on a file system mounted read-only (a backup disk, a
+/// read-only snapshot): refused at start naming the mount and the way out.
+#[test]
+fn a_cache_on_a_read_only_mount_is_refused_naming_it() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "tmpfs", 64, "") else { return };
+    let (_, url) = volume(d.path(), 17);
+    let cache = m.mnt.join("cache");
+    let sock = d.path().join("sock");
+    assert!(Daemon::start(&sock, &args(&url, &cache)).stop().success());
+    run("mount", &["-o", "remount,ro", m.mnt.to_str().unwrap()]);
+    for dir in [&cache, &m.mnt.join("new")] {
+        let e = common::serve_fails(&sock, &args(&url, dir));
+        assert!(
+            e.contains("on tmpfs, mounted read-only") && e.contains("remount it read-write"),
+            "the refusal does not name the read-only mount and the way out: {e}"
+        );
+    }
+}

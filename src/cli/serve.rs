@@ -318,8 +318,12 @@ impl CacheArgs {
             Some(d) => d.clone(),
             None => default_cache_dir(url, &remote.options())?,
         };
-        crate::remote::private::create_dir_all(&dir)
-            .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+        crate::remote::private::create_dir_all(&dir).map_err(|e| match e.raw_os_error() {
+            Some(libc::EROFS) => {
+                anyhow::anyhow!("cache directory {}: {}", dir.display(), crate::tier::ssd::on_read_only_mount(&dir))
+            }
+            _ => anyhow::Error::new(e).context(format!("cannot create cache directory {}", dir.display())),
+        })?;
         let mut o = CacheOptions::new(dir);
         o.ram_cache = self.ram_cache;
         o.ssd_cache = self.ssd_cache;

@@ -73,6 +73,7 @@ use bitmap::{popcount, Bitmap};
 pub(crate) use directory::remove_files;
 use directory::{cache_err, damaged_reason, lock_exclusive, lost_state, newer_reason};
 pub use directory::{remove_damaged, RemovedDamaged};
+pub(crate) use filesystem::read_only as on_read_only_mount;
 use place::Place;
 use slots::Slots;
 use state_file::{read_state, Loaded, StateHeader, Unusable, STATE_MAGIC};
@@ -370,14 +371,18 @@ impl SsdCache {
         if mode == OpenMode::Inspect && !dir.join("state").exists() {
             return Ok(None);
         }
-        private::create_dir_all(dir).map_err(|e| VolumeError::io("creating cache directory", dir, e))?;
+        let read_only = |e: io::Error, what, path: &Path| match e.raw_os_error() {
+            Some(libc::EROFS) => cache_err(dir, filesystem::read_only(dir)),
+            _ => VolumeError::io(what, path, e),
+        };
+        private::create_dir_all(dir).map_err(|e| read_only(e, "creating cache directory", dir))?;
         let lock_path = dir.join("lock");
         let lock = private::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| VolumeError::io("opening", &lock_path, e))?;
+            .map_err(|e| read_only(e, "opening", &lock_path))?;
         lock_exclusive(&lock, dir)?;
         let place = Place::here(dir).map_err(|e| VolumeError::io("reading the inode of", dir, e))?;
         let state_path = dir.join("state");

@@ -19,8 +19,20 @@ const FAT_MAX_FILE: u64 = (4 << 30) - 1;
 
 /// The file system under `dir` as `mount` names it ("xfs", "btrfs",
 /// "fuseblk (/dev/sdb1)"), else by its magic number.
+/// `dir` need not exist: its nearest existing parent is asked.
 pub(crate) fn name(dir: &Path) -> String {
+    let dir = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
     from_mountinfo(dir).unwrap_or_else(|| from_magic(dir))
+}
+
+/// Why a cache directory on a read-only mount cannot be used.
+pub(crate) fn read_only(dir: &Path) -> String {
+    format!(
+        "it is on {}, mounted read-only, and driveblk writes in a cache directory it uses (its lock and state, \
+         even to read it): remount it read-write, or copy the directory to a writable file system and pass that \
+         as --cache-dir",
+        name(dir)
+    )
 }
 
 /// The type of the mount whose device is `dir`'s, from
