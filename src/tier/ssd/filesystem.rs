@@ -182,6 +182,22 @@ pub(super) fn check(dir: &Path, image_len: u64, data_len: u64, sealed: bool) -> 
             human(free)
         ));
     }
-    tracing::warn!(dir = %dir.display(), image = %human(image_len), "{holes}");
+    // Write-back's copies of chunks rewritten while they upload (the
+    // `frozen` file, also at their offsets) may take as much again.
+    let frozen = std::fs::metadata(dir.join("frozen")).map_or(0, |m| m.len());
+    let worst = need.saturating_add(image_len.saturating_sub(frozen));
+    if worst > free {
+        tracing::warn!(
+            dir = %dir.display(),
+            image = %human(image_len),
+            free = %human(free),
+            "{holes}; with the copies write-back keeps of chunks rewritten while they upload (as much again, at \
+             worst) it may need {} more, and a guest write fails when the disk is full: free space there, or use a \
+             --cache-dir on ext4, XFS or btrfs",
+            human(worst)
+        );
+    } else {
+        tracing::warn!(dir = %dir.display(), image = %human(image_len), "{holes}");
+    }
     Ok(())
 }
