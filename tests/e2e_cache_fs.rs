@@ -289,6 +289,52 @@ fn a_cache_on_an_exfat_open_to_everyone_is_refused_at_start() {
     assert!(!cache.join("data").exists(), "a data file was made before the refusal");
 }
 
+/// The same exFAT open to everyone holds an encrypted cache (an encrypted
+/// volume served with --encrypt-cache): others can read only ciphertext,
+/// so it serves, with a warning, and nothing the guest wrote is in clear.
+#[test]
+fn an_encrypted_cache_on_an_exfat_open_to_everyone_serves_with_a_warning() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "exfat", 96, "") else { return };
+    let img = d.path().join("src.raw");
+    common::make_raw(&img, 4 << 20, 18);
+    let key = d.path().join("key");
+    std::fs::write(&key, pattern(19, 32)).unwrap();
+    let kf = key.to_str().unwrap();
+    let url = format!("dir:{}", d.path().join("remote/enc").display());
+    common::run_ok(&[
+        "import",
+        "--quiet",
+        "--format",
+        "raw",
+        "--encrypt",
+        "--key-file",
+        kf,
+        img.to_str().unwrap(),
+        &url,
+    ]);
+    let cache = m.mnt.join("cache");
+    let sock = d.path().join("sock");
+    let log = d.path().join("serve.log");
+    let a = [args(&url, &cache), vec!["--key-file", kf, "--encrypt-cache"]].concat();
+    let dm = Daemon::start_logged(&sock, &a, &[], Some(&log));
+    let mut c = Client::connect(&sock, 1);
+    let page = pattern(20, 4096);
+    c.write(8192, &page).unwrap();
+    c.flush().unwrap();
+    assert!(c.read(8192, 4096).unwrap() == page);
+    drop(c);
+    assert!(dm.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("keeps no Unix permissions") && text.contains("only ciphertext"), "no warning: {text}");
+    for e in std::fs::read_dir(&cache).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            assert!(!std::fs::read(&p).unwrap().windows(4096).any(|w| w == page), "{} holds the write", p.display());
+        }
+    }
+}
+
 /// A 256 MiB image, whose cache on exFAT (no holes) takes 256 MiB, on a
 /// 64 MiB exFAT: refused at start, naming the missing feature and the
 /// space, not failing a guest write with ENOSPC later.
