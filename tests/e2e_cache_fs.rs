@@ -501,3 +501,32 @@ fn a_cache_on_a_read_only_mount_is_refused_naming_it() {
         );
     }
 }
+
+/// A fork names its origin's packs `<origin id>:<pack>`, and exFAT takes
+/// no `:` in a file name: the fork's cache there still keeps the packs'
+/// sub-frame indexes it fetched, so a restart does not fetch them again.
+#[test]
+fn a_forks_cache_on_exfat_keeps_its_origins_pack_indexes() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "exfat", 96, "umask=077") else { return };
+    let (want, url) = volume(d.path(), 21);
+    let sock = d.path().join("sock");
+    let first = d.path().join("cache");
+    assert!(Daemon::start(&sock, &args(&url, &first)).stop().success());
+    let fork = format!("dir:{}", d.path().join("remote/fork").display());
+    common::run_ok(&["fork", &url, &fork, "--cache-dir", first.to_str().unwrap()]);
+    let cache = m.mnt.join("cache");
+    let dm = Daemon::start(&sock, &args(&fork, &cache));
+    let mut c = Client::connect(&sock, 1);
+    assert!(c.read(3 << 20, 4096).unwrap() == want[3 << 20..(3 << 20) + 4096]);
+    drop(c);
+    // The indexes are fetched in the background from the start.
+    let indexes = cache.join("indexes");
+    let saved = || std::fs::read_dir(&indexes).map(|r| r.count()).unwrap_or(0);
+    let t0 = std::time::Instant::now();
+    while saved() == 0 && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(dm.stop().success());
+    assert!(saved() > 0, "no sub-frame index of the origin's pack was kept in the fork's cache on exFAT");
+}

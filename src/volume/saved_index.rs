@@ -3,6 +3,8 @@
 //! verified fetch (temp + rename), used only when they match the length and
 //! sha256 the served manifest gives (a damaged or stale one is deleted and
 //! fetched again), sealed like the manifest copy on an encrypted volume.
+//! A fork names its origin's packs `<origin id>:<pack key>`; on disk the
+//! `:` is a `+` (FAT and exFAT refuse `:` in a name, and no key has `+`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,7 +36,7 @@ impl SavedIndexes {
             && key.len() <= 200
             && !key.starts_with('.')
             && key.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_:.".contains(&c));
-        plain.then(|| self.dir.join(key))
+        plain.then(|| self.dir.join(key.replace(':', "+")))
     }
 
     /// Name the seal binds a file's bytes to (a file moved to another
@@ -71,19 +73,20 @@ impl SavedIndexes {
             Some(k) => k.seal_local(&Self::seal_name(key), bytes),
             None => bytes.to_vec(),
         };
-        let tmp = self.dir.join(format!(".{key}.tmp"));
+        let tmp = self.dir.join(format!(".{}.tmp", key.replace(':', "+")));
         crate::remote::private::write(&tmp, &data)?;
         std::fs::rename(&tmp, p)
     }
 
     /// Deletes saved indexes of packs `keep` rejects (no longer named by
-    /// the served generation) and leftover temp files.
+    /// the served generation), leftover temp files, and files named with a
+    /// `:` (kept so before: no longer read).
     pub fn prune(&self, keep: impl Fn(&str) -> bool) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         for e in entries.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with('.') || !keep(&name) {
+            if name.starts_with('.') || name.contains(':') || !keep(&name.replace('+', ":")) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -118,5 +121,10 @@ mod tests {
         s.prune(|k| k == "pack-3");
         assert_eq!(s.load("pack-2", &r(b"two")), None);
         assert!(s.load("pack-3", &r(b"three")).is_some());
+        // A fork's name for its origin's pack: no `:` on disk (exFAT).
+        s.save("0123abcd:pack-4", b"four").unwrap();
+        assert!(d.path().join("indexes/0123abcd+pack-4").exists());
+        s.prune(|k| k == "0123abcd:pack-4");
+        assert!(s.load("0123abcd:pack-4", &r(b"four")).is_some());
     }
 }
