@@ -77,6 +77,11 @@ const SPECS: &[Spec] = &[
     cl("driveblk_reads_total", HITS, ("from", "remote"), "/remote/misses"),
     c("driveblk_ssd_evictions_total", "Chunks evicted from the SSD tier.", "/ssd/evictions"),
     g("driveblk_ssd_disk_free_bytes", "Bytes free on the SSD tier's filesystem.", "/ssd/free_bytes"),
+    g(
+        "driveblk_ssd_min_free_bytes",
+        "Bytes the SSD tier's clean data leaves free on its filesystem (--ssd-min-free).",
+        "/ssd/min_free",
+    ),
     c("driveblk_remote_fetches_total", "Chunks fetched from the remote.", "/remote/fetches"),
     c("driveblk_remote_fetch_bytes_total", "Bytes of chunks fetched.", "/remote/bytes"),
     c("driveblk_remote_fetch_errors_total", "Chunk fetches that failed.", "/remote/errors"),

@@ -203,6 +203,14 @@ pub struct CacheArgs {
     #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
     pub ssd_cache: u64,
 
+    /// Free space the SSD tier's clean data leaves on the cache's
+    /// filesystem, for changes not uploaded yet (this daemon's, or another
+    /// daemon's with its cache on the same disk): past it clean chunks are
+    /// evicted, whatever the cap. Default: a twentieth of the filesystem,
+    /// at most 4G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub ssd_min_free: Option<u64>,
+
     /// Keep the SSD cache encrypted on disk (AES-256-XTS per 4 KiB page,
     /// under a key derived from the volume's data key): nothing the guest
     /// reads or writes is stored there in plaintext. Needs an encrypted
@@ -323,6 +331,7 @@ impl CacheArgs {
         let mut o = CacheOptions::new(dir);
         o.ram_cache = self.ram_cache;
         o.ssd_cache = self.ssd_cache;
+        o.ssd_min_free = self.ssd_min_free;
         o.hydrate = self.hydrate;
         o.first_boot_whole_below = self.first_boot_whole_below;
         o.first_boot_ahead = crate::tier::tiered::FIRST_BOOT_AHEAD;

@@ -1,0 +1,141 @@
+//! Several daemons on one host, one per VM disk (a Windows disk and a
+//! Linux disk, each its own volume): what they share must not let one
+//! starve or block another: a sibling's clean cache never takes the disk
+//! space another daemon's changes not uploaded yet need.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{pattern, run_ok, Client, Daemon};
+use serde_json::Value;
+
+struct Mount(std::path::PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A raw image of `len` pattern bytes imported as the `dir:` volume `name`
+/// under `dir`: its bytes and URL.
+fn raw_volume(dir: &Path, name: &str, len: usize, seed: u64) -> (Vec<u8>, String) {
+    let img = dir.join(format!("{name}.raw"));
+    let data = common::make_raw(&img, len, seed);
+    let url = format!("dir:{}", dir.join("remote").join(name).display());
+    run_ok(&["import", "--quiet", img.to_str().unwrap(), &url]);
+    std::fs::remove_file(&img).unwrap();
+    (data, url)
+}
+
+/// The live status of the daemon whose cache is `cache`.
+fn status(cache: &Path) -> Value {
+    serde_json::from_str(&run_ok(&["status", "--cache-dir", cache.to_str().unwrap(), "--json"])).unwrap()
+}
+
+fn u(v: &Value, p: &str) -> u64 {
+    v.pointer(p).and_then(Value::as_u64).unwrap_or_else(|| panic!("{p} missing in {v}"))
+}
+
+/// A daemon serving the `dir:` volume `url` with its cache in `cache`: the
+/// defaults but for what keeps the test's byte counts exact (no boot
+/// profile nor its first-boot stream, no readahead, no periodic cut).
+fn start(sock: &Path, url: &str, cache: &Path) -> Daemon {
+    let cache = cache.to_str().unwrap();
+    Daemon::start(
+        sock,
+        &[
+            "--volume",
+            url,
+            "--format",
+            "raw",
+            "--cache-dir",
+            cache,
+            "--boot-profile",
+            "off",
+            "--readahead-chunks",
+            "0",
+            "--sync-interval",
+            "3600",
+        ],
+    )
+}
+
+/// Two daemons with their caches on one small disk (a 96 MiB tmpfs): the
+/// "Windows" daemon reads its whole 128 MiB disk, whose clean chunks would
+/// fill the cache disk (its cap, 64G by default, is far above it); the
+/// "Linux" daemon, which holds nothing clean to evict, then writes. Its
+/// writes must land: clean data leaves the disk's reserve free at every
+/// install, and gives back what a sibling's changes took of it, so that
+/// writes of more than the reserve land too, one after another.
+#[test]
+fn a_siblings_clean_cache_leaves_room_for_another_daemons_changes() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
+    let d = tempfile::tempdir().unwrap();
+    let (win, win_url) = raw_volume(d.path(), "win10", 128 << 20, 3);
+    let (_, linux_url) = raw_volume(d.path(), "linux", 16 << 20, 4);
+    let mnt = d.path().join("cachefs");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _m = Mount(mnt.clone());
+    let (win_cache, linux_cache) = (mnt.join("win10"), mnt.join("linux"));
+    let linux = start(&d.path().join("linux.sock"), &linux_url, &linux_cache);
+    let windows = start(&d.path().join("win.sock"), &win_url, &win_cache);
+
+    // The Windows guest reads its whole disk: every read right.
+    let mut wc = Client::connect(&windows.socket, 1);
+    for i in 0..128usize {
+        let got = wc.read((i as u64) << 20, 1 << 20).unwrap_or_else(|e| panic!("windows read of MiB {i}: {e}"));
+        assert!(got == win[i << 20..(i + 1) << 20], "windows read of MiB {i} is wrong");
+    }
+
+    // The Linux guest writes 2 MiB at a time, 5 times: 10 MiB, twice the
+    // disk's reserve (a twentieth of it). The first lands in the reserve
+    // the Windows daemon's installs left free; before each of the others,
+    // the Windows daemon has given back what the last took (its sweep
+    // evicts clean chunks once the disk has less than the reserve free),
+    // or a daemon that never gives way fails the third.
+    let mut lc = Client::connect(&linux.socket, 1);
+    let mut written = Vec::new();
+    for k in 0..5u64 {
+        if k > 0 {
+            let ws = status(&win_cache);
+            let min_free = u(&ws, "/ssd/min_free");
+            assert_eq!(min_free, (96 << 20) / 20, "a twentieth of the disk: {ws}");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let free = u(&status(&win_cache), "/ssd/free_bytes");
+                if free >= min_free {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the windows daemon's clean chunks never gave way: {free} bytes free, reserve {min_free}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        let data = pattern(10 + k, 2 << 20);
+        lc.write(k * (2 << 20), &data).unwrap_or_else(|e| {
+            panic!(
+                "linux write {k} failed ({e}) on a disk the windows daemon's clean data filled: {}",
+                status(&win_cache)["ssd"]
+            )
+        });
+        lc.flush().unwrap_or_else(|e| panic!("linux flush {k} failed ({e})"));
+        written.push(data);
+    }
+    for (k, data) in written.iter().enumerate() {
+        assert!(lc.read(k as u64 * (2 << 20), 2 << 20).unwrap() == *data, "linux write {k} reads back");
+    }
+    // Windows reads go on, from its cache or the remote.
+    for i in [0usize, 64, 127] {
+        assert!(wc.read((i as u64) << 20, 1 << 20).unwrap() == win[i << 20..(i + 1) << 20]);
+    }
+    drop((lc, wc));
+    assert!(linux.stop().success());
+    assert!(windows.stop().success());
+}
