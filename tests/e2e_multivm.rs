@@ -1,7 +1,8 @@
 //! Several daemons on one host, one per VM disk (a Windows disk and a
 //! Linux disk, each its own volume): what they share must not let one
-//! starve or block another: a sibling's clean cache never takes the disk
-//! space another daemon's changes not uploaded yet need.
+//! starve or block another. A sibling's clean cache never takes the disk
+//! space another daemon's changes not uploaded yet need, and a metrics port
+//! already served by a sibling is refused before the volume is opened.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{pattern, run_ok, Client, Daemon};
+use common::{pattern, run_ok, serve_fails, Client, Daemon};
 use serde_json::Value;
 
 struct Mount(std::path::PathBuf);
@@ -138,4 +139,31 @@ fn a_siblings_clean_cache_leaves_room_for_another_daemons_changes() {
     drop((lc, wc));
     assert!(linux.stop().success());
     assert!(windows.stop().success());
+}
+
+/// Two daemons given one metrics port (a config file copied from the
+/// first volume's): the second is refused at once, naming the way out,
+/// before it opens its volume (which takes the writer lease and, on Drive,
+/// may take minutes), instead of failing after it, at every restart.
+#[test]
+fn a_metrics_port_a_sibling_serves_is_refused_before_the_volume_is_opened() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, a_url) = raw_volume(d.path(), "a", 4 << 20, 1);
+    let (_, b_url) = raw_volume(d.path(), "b", 4 << 20, 2);
+    let (a_cache, b_cache) = (d.path().join("cache-a"), d.path().join("cache-b"));
+    let a = Daemon::start(
+        &d.path().join("a.sock"),
+        &["--volume", &a_url, "--format", "raw", "--cache-dir", a_cache.to_str().unwrap(), "--metrics", "127.0.0.1:0"],
+    );
+    let url = status(&a_cache)["metrics_url"].as_str().expect("the metrics URL").to_string();
+    let addr = url.strip_prefix("http://").and_then(|u| u.strip_suffix("/metrics")).unwrap().to_string();
+    let err = serve_fails(
+        &d.path().join("b.sock"),
+        &["--volume", &b_url, "--format", "raw", "--cache-dir", b_cache.to_str().unwrap(), "--metrics", &addr],
+    );
+    assert!(err.contains(&addr) && err.contains("in use by another process"), "{err}");
+    assert!(err.contains("a port of its own") && err.contains("port 0"), "{err}");
+    assert!(!b_cache.join("state").exists(), "the cache was opened before the port was checked: {err}");
+    // The first daemon's endpoint is still its own.
+    assert!(a.stop().success());
 }

@@ -614,6 +614,11 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     if matches!(cfg.source, ImageSource::Volume { .. }) {
         ControlServer::check_free(&cfg.control_socket)?;
     }
+    // So is a metrics port another daemon serves on.
+    let mut metrics_listener = match (cfg.metrics, &cfg.source) {
+        (Some(addr), ImageSource::Volume { .. }) => Some(crate::cli::metrics::bind(addr)?),
+        _ => None,
+    };
     let read_only = cfg.device.read_only;
     let gc_plan = match &cfg.source {
         ImageSource::Volume { cache, .. } if !read_only && !cache.ephemeral => {
@@ -718,8 +723,8 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     if let (Some(st), ImageSource::Volume { cache, .. }) = (&status, &cfg.source) {
         let (listener, path) = ControlServer::bind(&cfg.control_socket, &|p| cfg.socket_perms.apply(p))?;
         control = Some(ControlServer::start(listener, path, st.clone())?);
-        if let Some(addr) = cfg.metrics {
-            metrics_server = Some(MetricsServer::start(addr, st.clone())?);
+        if let Some(listener) = metrics_listener.take() {
+            metrics_server = Some(MetricsServer::start(listener, st.clone())?);
         }
         // systemctl status shows what is pending, updated when it changes.
         let (tick_notify, last) = (notify.clone(), parking_lot::Mutex::new(String::new()));
