@@ -167,3 +167,45 @@ fn a_metrics_port_a_sibling_serves_is_refused_before_the_volume_is_opened() {
     // The first daemon's endpoint is still its own.
     assert!(a.stop().success());
 }
+
+/// One volume started twice on one host (a unit and a hand-started
+/// `serve`, or two configs naming one volume): the second is refused, and
+/// the refusal names the daemon already serving it, whether it would share
+/// that daemon's cache directory (the default one, found from another
+/// spelling of the URL) or use one of its own (then the writer lease
+/// refuses it: never with a takeover as the way, which would fork what the
+/// running daemon writes).
+#[test]
+fn one_volume_served_twice_on_one_host_is_refused_naming_the_daemon_serving_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, url) = raw_volume(d.path(), "win10", 4 << 20, 5);
+    let root = d.path().join("cache-root");
+    let env = [("DRIVEBLK_CACHE", root.to_str().unwrap())];
+    let first = Daemon::start_env(
+        &d.path().join("first.sock"),
+        &["--volume", &url, "--format", "raw", "--metrics", "127.0.0.1:0"],
+        &env,
+    );
+    let pid = first.child.as_ref().unwrap().id();
+    let fails = |sock: &str, extra: &[&str]| -> String {
+        let spelled = url.replace("/remote/win10", "/remote/../remote/win10");
+        let out = Command::new(common::bin())
+            .args(["serve", "--socket", d.path().join(sock).to_str().unwrap(), "--volume", &spelled, "--format", "raw"])
+            .args(extra)
+            .envs(env)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a second serve of {url} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // The default cache directory: the first daemon's.
+    let err = fails("second.sock", &[]);
+    assert!(err.contains("already served on this host") && err.contains(&format!("driveblk pid {pid}")), "{err}");
+    assert!(err.contains("first.sock.ctl") && !err.contains("another --cache-dir"), "{err}");
+    // A cache directory of its own: the lease.
+    let own = d.path().join("own-cache");
+    let err = fails("third.sock", &["--cache-dir", own.to_str().unwrap()]);
+    assert!(err.contains(&format!("that is driveblk pid {pid} on this host")), "{err}");
+    assert!(err.contains("already served here") && !err.contains("or use `--force-takeover`"), "{err}");
+    assert!(first.stop().success());
+}

@@ -556,6 +556,21 @@ fn vm_toml(cfg: &ServeConfig, store: &TieredStore, cache_dir: &Path) -> anyhow::
     Ok(Some(v))
 }
 
+/// The daemon serving from the cache directory `dir` right now, as its
+/// status file names it ("driveblk pid N (control socket PATH)"), if that
+/// process still runs here.
+fn served_from(dir: &Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("status.json")).ok()?).ok()?;
+    let pid = u32::try_from(v.get("pid")?.as_u64()?).ok()?;
+    if v.get("running") != Some(&serde_json::Value::Bool(true)) || !crate::volume::lease::is_local_daemon(pid) {
+        return None;
+    }
+    Some(match v.get("control_socket").and_then(|c| c.as_str()) {
+        Some(c) => format!("driveblk pid {pid} (control socket {c})"),
+        None => format!("driveblk pid {pid}"),
+    })
+}
+
 /// The format to serve a volume as: `--format`, else the one recorded in
 /// the volume at import.
 fn volume_format(flag: Option<ImageFormat>, recorded: Option<&str>, url: &str) -> anyhow::Result<ImageFormat> {
@@ -643,7 +658,19 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             let metrics = Arc::new(RemoteMetrics::default());
             let mut cache = cache.clone();
             cache.remote = cache.remote.clone().with_metrics(metrics.clone());
-            let store: Arc<TieredStore> = tier_layer::open_volume(url, cache.clone())?;
+            let store: Arc<TieredStore> = match tier_layer::open_volume(url, cache.clone()) {
+                Ok(s) => s,
+                Err(e @ crate::volume::VolumeError::Cache { .. }) => match served_from(&cache.cache_dir) {
+                    Some(who) => bail!(
+                        "volume {url} is already served on this host: {who} serves it from cache directory {}. Use \
+                         that daemon (`driveblk status {url}`, `driveblk sync {url}`), or stop it first: one cache \
+                         directory serves one daemon at a time",
+                        std::fs::canonicalize(&cache.cache_dir).unwrap_or_else(|_| cache.cache_dir.clone()).display()
+                    ),
+                    None => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            };
             volume_store = Some(store.clone());
             // Are the newest generation's objects all in the folder? (People
             // trash and move files; a thread of its own, the guest waits not.)
