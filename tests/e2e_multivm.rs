@@ -1,10 +1,13 @@
 //! Several daemons on one host, one per VM disk (a Windows disk and a
 //! Linux disk, each its own volume): what they share must not let one
 //! starve or block another. A sibling's clean cache never takes the disk
-//! space another daemon's changes not uploaded yet need, and a metrics port
-//! already served by a sibling is refused before the volume is opened.
+//! space another daemon's changes not uploaded yet need; a metrics port
+//! already served by a sibling is refused before the volume is opened; one
+//! volume started twice is refused naming the daemon serving it; daemons
+//! sharing one Drive account back off under its request limit.
 
 mod common;
+mod gdrive_support;
 
 use std::path::Path;
 use std::process::Command;
@@ -208,4 +211,72 @@ fn one_volume_served_twice_on_one_host_is_refused_naming_the_daemon_serving_it()
     assert!(err.contains(&format!("that is driveblk pid {pid} on this host")), "{err}");
     assert!(err.contains("already served here") && !err.contains("or use `--force-takeover`"), "{err}");
     assert!(first.stop().success());
+}
+
+/// Three daemons on one Drive account (the emulator's per-user limit, 30
+/// requests/s): each paces only its own requests, from 20/s, so together
+/// they start at twice the limit. They must back off: every guest
+/// read lands, right, and Drive refuses only a share of the requests.
+#[test]
+fn three_daemons_on_one_drive_account_back_off_under_its_request_limit() {
+    const N: usize = 3;
+    let limit = driveemu::RateLimit { per_second: 30.0, burst: 20 };
+    let env = gdrive_support::start(driveemu::Config::default(), gdrive_support::Creds::User);
+    let flags = ["--drive-api-url", &env.emu.base_url(), "--drive-credentials", env.creds_file.to_str().unwrap()];
+    let mut want = Vec::new();
+    for i in 0..N {
+        let img = env.dir.path().join(format!("disk{i}.raw"));
+        want.push(common::make_raw(&img, 12 << 20, 60 + i as u64));
+        let url = format!("gdrive:/vms/disk{i}");
+        let mut a = vec!["import", "--quiet", "--chunk-size", "64K", img.to_str().unwrap(), &url];
+        a.extend_from_slice(&flags);
+        run_ok(&a);
+    }
+    env.emu.faults().set_rate_limit(Some(limit));
+    let mut daemons = Vec::new();
+    for i in 0..N {
+        let (url, cache) = (format!("gdrive:/vms/disk{i}"), env.dir.path().join(format!("cache{i}")));
+        let mut a = vec!["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+        a.extend_from_slice(&["--boot-profile", "off", "--readahead-chunks", "0"]);
+        a.extend_from_slice(&flags);
+        daemons.push(Daemon::start(&env.dir.path().join(format!("sock{i}")), &a));
+    }
+    let before = env.emu.stats();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(N));
+    let readers: Vec<_> = daemons
+        .iter()
+        .zip(want)
+        .map(|(d, want)| {
+            let (sock, barrier) = (d.socket.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&sock, 1);
+                barrier.wait();
+                // 4 KiB reads a chunk apart, 32 in flight: a request each,
+                // in bursts well over the account's limit.
+                let offs: Vec<usize> = (0..want.len()).step_by(64 << 10).collect();
+                for batch in offs.chunks(32) {
+                    for (k, &off) in batch.iter().enumerate() {
+                        let p = unsafe { (c.region.addr as *mut u8).add(k * 4096) };
+                        c.queues[0].read(off as u64, p, 4096, k, blkio::ReqFlags::empty());
+                    }
+                    for (k, ret) in c.wait(0, batch.len()) {
+                        let off = batch[k];
+                        assert_eq!(ret, 0, "read at {off} failed");
+                        assert!(c.buf()[k * 4096..(k + 1) * 4096] == want[off..off + 4096], "read at {off} is wrong");
+                    }
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    let st = env.emu.stats();
+    let refused = st.rate_limited_403 + st.rate_limited_429 - before.rate_limited_403 - before.rate_limited_429;
+    let asked: u64 = st.requests.values().sum::<u64>() - before.requests.values().sum::<u64>();
+    eprintln!("{asked} requests, {refused} refused: {st:?}");
+    assert!(refused * 4 < asked, "{refused} of {asked} requests refused: the daemons did not back off");
+    for d in daemons {
+        assert!(d.stop().success());
+    }
 }
