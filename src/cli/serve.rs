@@ -203,6 +203,14 @@ pub struct CacheArgs {
     #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
     pub ssd_cache: u64,
 
+    /// Free space the SSD tier's clean data leaves on the cache's
+    /// filesystem, for changes not uploaded yet (this daemon's, or another
+    /// daemon's with its cache on the same disk): past it clean chunks are
+    /// evicted, whatever the cap. Default: a twentieth of the filesystem,
+    /// at most 4G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub ssd_min_free: Option<u64>,
+
     /// Keep the SSD cache encrypted on disk (AES-256-XTS per 4 KiB page,
     /// under a key derived from the volume's data key): nothing the guest
     /// reads or writes is stored there in plaintext. Needs an encrypted
@@ -323,6 +331,7 @@ impl CacheArgs {
         let mut o = CacheOptions::new(dir);
         o.ram_cache = self.ram_cache;
         o.ssd_cache = self.ssd_cache;
+        o.ssd_min_free = self.ssd_min_free;
         o.hydrate = self.hydrate;
         o.first_boot_whole_below = self.first_boot_whole_below;
         o.first_boot_ahead = crate::tier::tiered::FIRST_BOOT_AHEAD;
@@ -547,6 +556,21 @@ fn vm_toml(cfg: &ServeConfig, store: &TieredStore, cache_dir: &Path) -> anyhow::
     Ok(Some(v))
 }
 
+/// The daemon serving from the cache directory `dir` right now, as its
+/// status file names it ("driveblk pid N (control socket PATH)"), if that
+/// process still runs here.
+fn served_from(dir: &Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("status.json")).ok()?).ok()?;
+    let pid = u32::try_from(v.get("pid")?.as_u64()?).ok()?;
+    if v.get("running") != Some(&serde_json::Value::Bool(true)) || !crate::volume::lease::is_local_daemon(pid) {
+        return None;
+    }
+    Some(match v.get("control_socket").and_then(|c| c.as_str()) {
+        Some(c) => format!("driveblk pid {pid} (control socket {c})"),
+        None => format!("driveblk pid {pid}"),
+    })
+}
+
 /// The format to serve a volume as: `--format`, else the one recorded in
 /// the volume at import.
 fn volume_format(flag: Option<ImageFormat>, recorded: Option<&str>, url: &str) -> anyhow::Result<ImageFormat> {
@@ -605,6 +629,11 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     if matches!(cfg.source, ImageSource::Volume { .. }) {
         ControlServer::check_free(&cfg.control_socket)?;
     }
+    // So is a metrics port another daemon serves on.
+    let mut metrics_listener = match (cfg.metrics, &cfg.source) {
+        (Some(addr), ImageSource::Volume { .. }) => Some(crate::cli::metrics::bind(addr)?),
+        _ => None,
+    };
     let read_only = cfg.device.read_only;
     let gc_plan = match &cfg.source {
         ImageSource::Volume { cache, .. } if !read_only && !cache.ephemeral => {
@@ -629,7 +658,19 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             let metrics = Arc::new(RemoteMetrics::default());
             let mut cache = cache.clone();
             cache.remote = cache.remote.clone().with_metrics(metrics.clone());
-            let store: Arc<TieredStore> = tier_layer::open_volume(url, cache.clone())?;
+            let store: Arc<TieredStore> = match tier_layer::open_volume(url, cache.clone()) {
+                Ok(s) => s,
+                Err(e @ crate::volume::VolumeError::Cache { .. }) => match served_from(&cache.cache_dir) {
+                    Some(who) => bail!(
+                        "volume {url} is already served on this host: {who} serves it from cache directory {}. Use \
+                         that daemon (`driveblk status {url}`, `driveblk sync {url}`), or stop it first: one cache \
+                         directory serves one daemon at a time",
+                        std::fs::canonicalize(&cache.cache_dir).unwrap_or_else(|_| cache.cache_dir.clone()).display()
+                    ),
+                    None => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            };
             volume_store = Some(store.clone());
             // Are the newest generation's objects all in the folder? (People
             // trash and move files; a thread of its own, the guest waits not.)
@@ -709,8 +750,8 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     if let (Some(st), ImageSource::Volume { cache, .. }) = (&status, &cfg.source) {
         let (listener, path) = ControlServer::bind(&cfg.control_socket, &|p| cfg.socket_perms.apply(p))?;
         control = Some(ControlServer::start(listener, path, st.clone())?);
-        if let Some(addr) = cfg.metrics {
-            metrics_server = Some(MetricsServer::start(addr, st.clone())?);
+        if let Some(listener) = metrics_listener.take() {
+            metrics_server = Some(MetricsServer::start(listener, st.clone())?);
         }
         // systemctl status shows what is pending, updated when it changes.
         let (tick_notify, last) = (notify.clone(), parking_lot::Mutex::new(String::new()));
