@@ -620,7 +620,13 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             notify.status(&format!("opening {}", path.display()));
             let file =
                 LocalFile::open(path, read_only).with_context(|| format!("cannot open image {}", path.display()))?;
-            file.lock(!read_only).with_context(|| format!("image {} is in use by another process", path.display()))?;
+            file.lock(!read_only).with_context(|| {
+                format!(
+                    "image {} is in use by another process: stop the VM (or qemu-storage-daemon, driveblk) using \
+                     it first",
+                    path.display()
+                )
+            })?;
             let format = cfg.format.context("--format is required for --image")?;
             open_format(Arc::new(file), format, &cfg, &LocalBackingOpener::new(path))?
         }

@@ -211,8 +211,19 @@ fn print_info(i: &VolumeInfo) {
 }
 
 pub fn import(a: ImportArgs) -> anyhow::Result<()> {
+    let image = a.image.display().to_string();
+    // Held with QEMU's read lock until the upload is done: a VM writing the
+    // image meanwhile is refused, and cannot start on it until then.
+    let file = crate::tier::LocalFile::open(&a.image, true).with_context(|| format!("cannot open {image}"))?;
+    file.lock(false).with_context(|| {
+        format!(
+            "{image} is in use by a running VM (QEMU, qemu-storage-daemon or driveblk has it open for writing), \
+             and a copy taken while the guest writes is no consistent disk: shut the VM down first; nothing was \
+             uploaded"
+        )
+    })?;
     if a.format == Some(crate::format::ImageFormat::Qcow2) {
-        check_qcow2_servable(&a.image)?;
+        check_qcow2_servable(&image, &file)?;
     }
     let opts = ImportOptions {
         chunk_size: a.chunk_size,
@@ -224,8 +235,9 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let t0 = Instant::now();
-    let info = volume::import(&a.image, &a.url, &opts).with_context(|| format!("import of {}", a.image.display()))?;
-    eprintln!("imported {} in {:.1} s", a.image.display(), t0.elapsed().as_secs_f64());
+    let info = volume::import(&a.image, &a.url, &opts).with_context(|| format!("import of {image}"))?;
+    drop(file);
+    eprintln!("imported {image} in {:.1} s", t0.elapsed().as_secs_f64());
     print_info(&info);
     Ok(())
 }
@@ -233,17 +245,14 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
 /// Refuses, before anything is uploaded, a qcow2 a volume could never
 /// serve: one whose header the engine refuses, or an overlay (a volume
 /// holds one file; the backing file's data would not be in it).
-fn check_qcow2_servable(image: &std::path::Path) -> anyhow::Result<()> {
-    let file = crate::tier::LocalFile::open(image, true).with_context(|| format!("cannot open {}", image.display()))?;
-    let info = crate::format::qcow2::info(&file)
-        .with_context(|| format!("{} cannot be served as a qcow2; nothing was uploaded", image.display()))?;
+fn check_qcow2_servable(image: &str, file: &crate::tier::LocalFile) -> anyhow::Result<()> {
+    let info = crate::format::qcow2::info(file)
+        .with_context(|| format!("{image} cannot be served as a qcow2; nothing was uploaded"))?;
     if let Some(b) = info.backing_file {
         bail!(
-            "{} is a qcow2 overlay on the backing file {b:?}, and a volume holds one image file: flatten it first \
-             (`qemu-img convert -O qcow2 {} flat.qcow2` copies the backing file's data in) and import that; \
-             nothing was uploaded",
-            image.display(),
-            image.display()
+            "{image} is a qcow2 overlay on the backing file {b:?}, and a volume holds one image file: flatten it \
+             first (`qemu-img convert -O qcow2 {image} flat.qcow2` copies the backing file's data in) and import \
+             that; nothing was uploaded"
         );
     }
     Ok(())

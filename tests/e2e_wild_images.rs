@@ -1,0 +1,208 @@
+//! Images as real tools leave them, handed to `import`, `attach` and
+//! `serve`: one a running QEMU (qemu-storage-daemon) still has open, one
+//! driveblk serves while QEMU tries to open it. Each is refused by name
+//! with the way out, or served as qemu-img reads it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, run_ok, serve_fails, Client, Daemon};
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"))
+}
+
+fn must(cmd: &str, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `driveblk ARGS`, which must fail; its stderr.
+fn driveblk_fails(args: &[&str]) -> String {
+    let out = run(bin(), args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "driveblk {args:?} succeeded: {err}");
+    err
+}
+
+/// A 16 MiB qcow2 holding data at a few places, and its guest view.
+fn make_qcow2(dir: &Path, name: &str, opts: &str) -> (PathBuf, Vec<u8>) {
+    let raw = dir.join(format!("{name}.src.raw"));
+    let mut data = vec![0u8; 16 << 20];
+    for (i, off) in [0usize, 3 << 20, (9 << 20) + 4096, (16 << 20) - 65536].into_iter().enumerate() {
+        let n = 65536.min(data.len() - off);
+        data[off..off + n].copy_from_slice(&common::pattern(i as u64 + 1, n));
+    }
+    std::fs::write(&raw, &data).unwrap();
+    let img = dir.join(format!("{name}.qcow2"));
+    must("qemu-img", &["convert", "-q", "-f", "raw", "-O", "qcow2", "-o", opts, p(&raw), p(&img)]);
+    (img, data)
+}
+
+/// The whole disk as the daemon serves it.
+fn read_disk(c: &mut Client) -> Vec<u8> {
+    let mut out = Vec::with_capacity(c.capacity as usize);
+    while (out.len() as u64) < c.capacity {
+        let n = (c.capacity - out.len() as u64).min(4 << 20) as usize;
+        out.extend(c.read(out.len() as u64, n).unwrap());
+    }
+    out
+}
+
+/// A qemu-storage-daemon with the image open, exporting it over NBD
+/// (writable or read-only), as a running VM has it; SIGTERM on drop.
+struct Qsd {
+    child: Child,
+}
+
+impl Qsd {
+    fn start(dir: &Path, img: &Path, writable: bool) -> Qsd {
+        let sock = dir.join(format!("qsd-{}.sock", if writable { "rw" } else { "ro" }));
+        let ro = if writable { "" } else { ",read-only=on" };
+        let child = Command::new("qemu-storage-daemon")
+            .args([
+                "--blockdev",
+                &format!("driver=file,filename={},node-name=f0{ro}", p(img)),
+                "--blockdev",
+                &format!("driver=qcow2,file=f0,node-name=q0{ro}"),
+                "--nbd-server",
+                &format!("addr.type=unix,addr.path={}", p(&sock)),
+                "--export",
+                &format!("type=nbd,id=e0,node-name=q0,writable={}", if writable { "on" } else { "off" }),
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon");
+        let mut q = Qsd { child };
+        // The export (and so its permissions and locks) is up once the
+        // NBD socket accepts.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(q.child.try_wait().unwrap().is_none(), "qemu-storage-daemon exited");
+            assert!(Instant::now() < deadline, "qemu-storage-daemon did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        q
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// A Windows disk still open in a running VM: importing it would copy a
+/// disk the guest is writing (no consistent volume), and serving it next to
+/// QEMU would have two writers corrupt it. QEMU marks its use with OFD
+/// locks (qemu-img refuses such an image: "Failed to get shared "write"
+/// lock"), which driveblk did not look at (it took an `flock` QEMU never
+/// sees). Now import and serve refuse it by QEMU's rules, naming who holds
+/// it, and a VM holding the image read-only does not stop an import.
+#[test]
+fn an_image_a_running_vm_has_open_is_refused_by_import_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, want) = make_qcow2(dir.path(), "win10", "cluster_size=65536");
+    let remote = dir.path().join("remote");
+    let url = format!("dir:{}/vol", p(&remote));
+    let sock = dir.path().join("sock");
+    {
+        let _vm = Qsd::start(dir.path(), &img, true);
+        let formats: [&[&str]; 2] = [&["--format", "qcow2"], &[]];
+        for fmt in formats {
+            let mut args = vec!["import", "--quiet"];
+            args.extend_from_slice(fmt);
+            args.extend_from_slice(&[p(&img), &url]);
+            let err = driveblk_fails(&args);
+            assert!(
+                err.contains("is in use by a running VM")
+                    && err.contains("Failed to get shared \"write\" lock")
+                    && err.contains("qemu-storage")
+                    && err.contains("shut the VM down first")
+                    && err.contains("nothing was uploaded"),
+                "{err}"
+            );
+            assert!(!remote.exists(), "the import touched the remote");
+        }
+        let err = serve_fails(&sock, &["--image", p(&img), "--format", "qcow2"]);
+        assert!(err.contains("in use by another process") && err.contains("Failed to get \"write\" lock"), "{err}");
+        let err = serve_fails(&sock, &["--image", p(&img), "--format", "qcow2", "--read-only"]);
+        assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
+    }
+    // Readers share: a VM with the disk read-only, and the import.
+    let _reader = Qsd::start(dir.path(), &img, false);
+    run_ok(&["import", "--quiet", "--format", "qcow2", p(&img), &url]);
+    let cache = dir.path().join("cache");
+    let d = Daemon::start(&sock, &["--volume", &url, "--cache-dir", p(&cache), "--read-only"]);
+    let mut c = Client::connect_with(&sock, 1, true);
+    assert!(read_disk(&mut c) == want, "the imported volume differs from the image");
+    drop(c);
+    assert!(d.stop().success());
+}
+
+/// The other way round: while driveblk serves a local image, QEMU tools
+/// see it in use as they would see another QEMU (before, `qemu-img info`
+/// read it and a second QEMU opened it for writing under the daemon).
+#[test]
+fn an_image_driveblk_serves_is_in_use_for_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = make_qcow2(dir.path(), "disk", "cluster_size=65536");
+    let sock = dir.path().join("sock");
+    // A QEMU opening the image for writing (it would run on; it must stop
+    // at once, refused).
+    let qsd_fails = || {
+        let mut child = Command::new("qemu-storage-daemon")
+            .args([
+                "--blockdev",
+                &format!("driver=file,filename={},node-name=f0", p(&img)),
+                "--blockdev",
+                "driver=qcow2,file=f0,node-name=q0",
+            ])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let st = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("qemu-storage-daemon opened the image driveblk serves");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!st.success());
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        err
+    };
+    let d = Daemon::start(&sock, &["--image", p(&img), "--format", "qcow2"]);
+    let info = run("qemu-img", &["info", p(&img)]);
+    let err = String::from_utf8_lossy(&info.stderr);
+    assert!(!info.status.success() && err.contains("Failed to get shared \"write\" lock"), "qemu-img info: {err}");
+    // What qemu-img offers for a look at an image in use still works.
+    must("qemu-img", &["info", "-U", p(&img)]);
+    assert!(qsd_fails().contains("Failed to get \"write\" lock"));
+    assert!(d.stop().success());
+    must("qemu-img", &["info", p(&img)]);
+
+    // Served read-only: QEMU may read it, not write it.
+    let d = Daemon::start(&sock, &["--image", p(&img), "--format", "qcow2", "--read-only"]);
+    must("qemu-img", &["info", p(&img)]);
+    assert!(qsd_fails().contains("Failed to get \"write\" lock"));
+    assert!(d.stop().success());
+    must("qemu-img", &["check", p(&img)]);
+}
