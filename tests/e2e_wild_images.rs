@@ -1,7 +1,9 @@
 //! Images as real tools leave them, handed to `import`, `attach` and
 //! `serve`: one a running QEMU (qemu-storage-daemon) still has open, one
-//! driveblk serves while QEMU tries to open it. Each is refused by name
-//! with the way out, or served as qemu-img reads it.
+//! driveblk serves while QEMU tries to open it, disk formats driveblk does
+//! not serve (VMDK, VDI, VHDX, VHD, QED) and compressed images, a qcow2
+//! QEMU marked corrupt or keeping its data in another file. Each is refused
+//! by name with the way out, or served as qemu-img reads it.
 
 mod common;
 
@@ -205,4 +207,128 @@ fn an_image_driveblk_serves_is_in_use_for_qemu() {
     assert!(qsd_fails().contains("Failed to get \"write\" lock"));
     assert!(d.stop().success());
     must("qemu-img", &["check", p(&img)]);
+}
+
+/// A disk converted from VirtualBox, VMware or Hyper-V, or downloaded
+/// compressed, was stored byte for byte and, served as raw, the guest
+/// found the container's header where its boot sector should be (given
+/// `--format qcow2`, only "bad magic"). Now `import` and `attach` say what
+/// the file is and name the command that converts it, before anything is
+/// uploaded; a qcow2 given as raw is refused too, unless `--force-raw`.
+#[test]
+fn other_formats_and_compressed_images_are_refused_naming_the_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, want) = make_qcow2(dir.path(), "src", "cluster_size=65536");
+    let remote = dir.path().join("remote");
+    let url = format!("dir:{}/vol", p(&remote));
+    for (fmt, name) in [("vmdk", "VMDK"), ("vdi", "VDI"), ("vhdx", "VHDX"), ("vpc", "VHD"), ("qed", "QED")] {
+        let img = dir.path().join(format!("disk.{fmt}"));
+        must("qemu-img", &["convert", "-q", "-f", "qcow2", "-O", fmt, p(&q), p(&img)]);
+        let formats: [&[&str]; 3] = [&[], &["--format", "raw"], &["--format", "qcow2"]];
+        for format in formats {
+            let mut args = vec!["import", "--quiet"];
+            args.extend_from_slice(format);
+            args.extend_from_slice(&[p(&img), &url]);
+            let err = driveblk_fails(&args);
+            let convert = format!("qemu-img convert -f {fmt} -O qcow2 {}", p(&img));
+            assert!(
+                err.contains(&format!("is a {name}")) && err.contains(&convert) && err.contains("nothing was uploaded"),
+                "{fmt} {format:?}: {err}"
+            );
+            assert!(!remote.exists(), "the import touched the remote");
+        }
+    }
+    let packers: [(&[&str], &str); 2] = [(&["gzip", "-k"], "gunzip"), (&["xz", "-k", "-T1", "-0"], "unxz")];
+    for (tool, unpack) in packers {
+        let mut args = tool[1..].to_vec();
+        args.push(p(&q));
+        must(tool[0], &args);
+        let packed = dir.path().join(format!("src.qcow2.{}", if tool[0] == "gzip" { "gz" } else { "xz" }));
+        let formats: [&[&str]; 2] = [&[], &["--format", "qcow2"]];
+        for format in formats {
+            let mut args = vec!["import", "--quiet"];
+            args.extend_from_slice(format);
+            args.extend_from_slice(&[p(&packed), &url]);
+            let err = driveblk_fails(&args);
+            assert!(err.contains("not a disk image") && err.contains(&format!("`{unpack} {}`", p(&packed))), "{err}");
+        }
+    }
+    let err = driveblk_fails(&["import", "--quiet", "--format", "raw", p(&q), &url]);
+    assert!(err.contains("is a qcow2 image: import it with --format qcow2") && err.contains("--force-raw"), "{err}");
+    assert!(!remote.exists(), "the import touched the remote");
+
+    // The way out named: convert, import, and the guest sees its disk.
+    let conv = dir.path().join("disk.qcow2");
+    must("qemu-img", &["convert", "-q", "-f", "vmdk", "-O", "qcow2", p(&dir.path().join("disk.vmdk")), p(&conv)]);
+    run_ok(&["import", "--quiet", "--format", "qcow2", p(&conv), &url]);
+    let sock = dir.path().join("sock");
+    let cache = dir.path().join("cache");
+    let d = Daemon::start(&sock, &["--volume", &url, "--cache-dir", p(&cache), "--read-only"]);
+    let mut c = Client::connect_with(&sock, 1, true);
+    assert!(read_disk(&mut c) == want, "the converted disk differs");
+    drop(c);
+    assert!(d.stop().success());
+    // A raw disk whose first sector holds an image (a guest's container).
+    let url2 = format!("dir:{}/vol2", p(&remote));
+    run_ok(&["import", "--quiet", "--format", "raw", "--force-raw", p(&q), &url2]);
+
+    // attach: a VMDK uploaded by hand next to the volume.
+    std::fs::copy(dir.path().join("disk.vmdk"), remote.join("disk.vmdk")).unwrap();
+    let base = format!("dir:{}/disk.vmdk", p(&remote));
+    let att = format!("dir:{}/att", p(&remote));
+    for format in ["raw", "qcow2"] {
+        let err = driveblk_fails(&["attach", "--format", format, &base, &att]);
+        assert!(err.contains("is a VMDK") && err.contains("qemu-img convert -f vmdk -O qcow2"), "{err}");
+        assert!(!remote.join("att").exists(), "the attach wrote a volume");
+    }
+}
+
+/// A qcow2 QEMU marked corrupt was uploaded, and every writable serve of
+/// the volume then failed with "repair it with `qemu-img check -r all`",
+/// which needs the file the user no longer has in hand: the import refuses
+/// it now, naming the repair. One keeping its data in an external file
+/// (`data_file`) is refused naming `qemu-img convert`.
+#[test]
+fn a_qcow2_marked_corrupt_or_with_a_data_file_is_refused_naming_the_way_out() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (img, want) = make_qcow2(dir.path(), "c", "cluster_size=65536");
+    // The corrupt bit: incompatible features (big-endian at 72), bit 1.
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let mut b = [0u8];
+    f.seek(SeekFrom::Start(79)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    f.seek(SeekFrom::Start(79)).unwrap();
+    f.write_all(&[b[0] | 2]).unwrap();
+    drop(f);
+    let remote = dir.path().join("remote");
+    let url = format!("dir:{}/vol", p(&remote));
+    let err = driveblk_fails(&["import", "--quiet", "--format", "qcow2", p(&img), &url]);
+    assert!(
+        err.contains("marked corrupt")
+            && err.contains(&format!("qemu-img check -r all {}", p(&img)))
+            && err.contains("nothing was uploaded"),
+        "{err}"
+    );
+    assert!(!remote.exists(), "the import touched the remote");
+    must("qemu-img", &["check", "-q", "-r", "all", p(&img)]);
+    run_ok(&["import", "--quiet", "--format", "qcow2", p(&img), &url]);
+    let sock = dir.path().join("sock");
+    let cache = dir.path().join("cache");
+    let d = Daemon::start(&sock, &["--volume", &url, "--cache-dir", p(&cache)]);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_disk(&mut c) == want, "the repaired disk differs");
+    c.write(4 << 20, &[7u8; 4096]).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    assert!(d.stop().success());
+
+    let data = dir.path().join("ext.data");
+    let ext = dir.path().join("ext.qcow2");
+    must("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &format!("data_file={}", p(&data)), p(&ext), "16M"]);
+    let url2 = format!("dir:{}/vol2", p(&remote));
+    let err = driveblk_fails(&["import", "--quiet", "--format", "qcow2", p(&ext), &url2]);
+    assert!(err.contains("external data file") && err.contains("qemu-img convert -O qcow2"), "{err}");
+    let err = serve_fails(&sock, &["--image", p(&ext), "--format", "qcow2"]);
+    assert!(err.contains("external data file") && err.contains("qemu-img convert -O qcow2"), "{err}");
 }

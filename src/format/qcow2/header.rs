@@ -18,6 +18,10 @@ pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 
+/// Why an image with an external data file is refused, and the way out.
+const DATA_FILE_UNSUPPORTED: &str = "qcow2 images with an external data file (data-file) are not supported: \
+    copy the data into one file with `qemu-img convert -O qcow2 IMAGE flat.qcow2`";
+
 /// Compatible feature bits.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
@@ -219,7 +223,7 @@ impl Header {
             return Err(unsupported(format!("unknown incompatible features: {}", names.join(", "))));
         }
         if h.incompatible & INCOMPAT_DATA_FILE != 0 {
-            return Err(unsupported("qcow2 images with an external data file are not supported".into()));
+            return Err(unsupported(DATA_FILE_UNSUPPORTED.into()));
         }
 
         if backing_file_offset != 0 {
@@ -283,7 +287,7 @@ impl Header {
                     return Err(unsupported("encrypted qcow2 images (LUKS) are not supported".into()));
                 }
                 EXT_DATA_FILE => {
-                    return Err(unsupported("qcow2 images with an external data file are not supported".into()));
+                    return Err(unsupported(DATA_FILE_UNSUPPORTED.into()));
                 }
                 // Bitmaps and unknown extensions: ignored (bitmaps are
                 // invalidated through their autoclear bit when we write).
