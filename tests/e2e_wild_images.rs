@@ -104,6 +104,38 @@ impl Drop for Qsd {
     }
 }
 
+/// Starts a QEMU (qemu-storage-daemon) opening `img` for writing, which
+/// must be refused at once (else it would run on); its stderr.
+fn qsd_open_fails(img: &Path) -> String {
+    let mut child = Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!("driver=file,filename={},node-name=f0", p(img)),
+            "--blockdev",
+            "driver=qcow2,file=f0,node-name=q0",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("qemu-storage-daemon opened {} for writing", p(img));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!st.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    err
+}
+
 /// A Windows disk still open in a running VM: importing it would copy a
 /// disk the guest is writing (no consistent volume), and serving it next to
 /// QEMU would have two writers corrupt it. QEMU marks its use with OFD
@@ -160,53 +192,41 @@ fn an_image_driveblk_serves_is_in_use_for_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _) = make_qcow2(dir.path(), "disk", "cluster_size=65536");
     let sock = dir.path().join("sock");
-    // A QEMU opening the image for writing (it would run on; it must stop
-    // at once, refused).
-    let qsd_fails = || {
-        let mut child = Command::new("qemu-storage-daemon")
-            .args([
-                "--blockdev",
-                &format!("driver=file,filename={},node-name=f0", p(&img)),
-                "--blockdev",
-                "driver=qcow2,file=f0,node-name=q0",
-            ])
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let st = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("qemu-storage-daemon opened the image driveblk serves");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(!st.success());
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-        err
-    };
     let d = Daemon::start(&sock, &["--image", p(&img), "--format", "qcow2"]);
     let info = run("qemu-img", &["info", p(&img)]);
     let err = String::from_utf8_lossy(&info.stderr);
     assert!(!info.status.success() && err.contains("Failed to get shared \"write\" lock"), "qemu-img info: {err}");
     // What qemu-img offers for a look at an image in use still works.
     must("qemu-img", &["info", "-U", p(&img)]);
-    assert!(qsd_fails().contains("Failed to get \"write\" lock"));
+    assert!(qsd_open_fails(&img).contains("Failed to get \"write\" lock"));
     assert!(d.stop().success());
     must("qemu-img", &["info", p(&img)]);
 
     // Served read-only: QEMU may read it, not write it.
     let d = Daemon::start(&sock, &["--image", p(&img), "--format", "qcow2", "--read-only"]);
     must("qemu-img", &["info", p(&img)]);
-    assert!(qsd_fails().contains("Failed to get \"write\" lock"));
+    assert!(qsd_open_fails(&img).contains("Failed to get \"write\" lock"));
     assert!(d.stop().success());
     must("qemu-img", &["check", p(&img)]);
+}
+
+/// The base of an overlay driveblk serves is held as QEMU holds backing
+/// files: others may read it, nobody may write it under the overlay; and
+/// a base a VM is writing is refused.
+#[test]
+fn the_base_of_a_served_overlay_is_locked_against_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = make_qcow2(dir.path(), "base", "cluster_size=65536");
+    let top = dir.path().join("top.qcow2");
+    must("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", p(&top), "16M"]);
+    let sock = dir.path().join("sock");
+    let d = Daemon::start(&sock, &["--image", p(&top), "--format", "qcow2"]);
+    assert!(qsd_open_fails(&base).contains("Failed to get \"write\" lock"));
+    must("qemu-img", &["info", p(&base)]);
+    assert!(d.stop().success());
+    let _vm = Qsd::start(dir.path(), &base, true);
+    let err = serve_fails(&sock, &["--image", p(&top), "--format", "qcow2"]);
+    assert!(err.contains("lock backing file") && err.contains("Failed to get shared \"write\" lock"), "{err}");
 }
 
 /// A disk converted from VirtualBox, VMware or Hyper-V, or downloaded
