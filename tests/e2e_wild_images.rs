@@ -353,6 +353,38 @@ fn a_qcow2_marked_corrupt_or_with_a_data_file_is_refused_naming_the_way_out() {
     assert!(err.contains("external data file") && err.contains("qemu-img convert -O qcow2"), "{err}");
 }
 
+/// A qcow2 uploaded by hand that a volume could not serve (an overlay
+/// whose base stayed behind, one QEMU marked corrupt) was attached without
+/// a look, and only `serve` said so; `attach --format qcow2` now refuses it
+/// before writing the volume, naming the way out.
+#[test]
+fn attach_refuses_a_qcow2_a_volume_could_not_serve() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let remote = dir.path().join("remote");
+    std::fs::create_dir(&remote).unwrap();
+    let (good, _) = make_qcow2(&remote, "good", "cluster_size=65536");
+    let top = remote.join("top.qcow2");
+    must("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "good.qcow2", "-F", "qcow2", p(&top), "16M"]);
+    let bad = remote.join("bad.qcow2");
+    std::fs::copy(&good, &bad).unwrap();
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&bad).unwrap();
+    let mut b = [0u8];
+    f.seek(SeekFrom::Start(79)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    f.seek(SeekFrom::Start(79)).unwrap();
+    f.write_all(&[b[0] | 2]).unwrap();
+    drop(f);
+    let vol = format!("dir:{}/vol", p(&remote));
+    for (file, says) in [("top.qcow2", "overlay on a backing file"), ("bad.qcow2", "qemu-img check -r all")] {
+        let base = format!("dir:{}/{file}", p(&remote));
+        let err = driveblk_fails(&["attach", "--format", "qcow2", &base, &vol]);
+        assert!(err.contains("cannot be served as a qcow2") && err.contains(says), "{file}: {err}");
+        assert!(!remote.join("vol").exists(), "{file}: the attach wrote a volume");
+    }
+    run_ok(&["attach", "--format", "qcow2", &format!("dir:{}/good.qcow2", p(&remote)), &vol]);
+}
+
 /// Runs qemu-io commands on a qcow2 image.
 fn qemu_io(img: &Path, cmds: &[&str]) -> Output {
     let mut args = vec!["-f", "qcow2"];

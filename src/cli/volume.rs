@@ -318,6 +318,11 @@ pub fn attach(a: AttachArgs) -> anyhow::Result<()> {
     let n = crate::format::probe::PROBE_BYTES as u64;
     let head = volume::base_head(&a.base_url, &a.url, n, &a.remote.options())?;
     check_format(&a.base_url, &head, a.format, a.force_raw)?;
+    if a.format == Some(crate::format::ImageFormat::Qcow2) {
+        if let Some(why) = crate::format::qcow2::refusal_in_head(&head) {
+            bail!("{} cannot be served as a qcow2: {why}; nothing was written", a.base_url);
+        }
+    }
     let opts = AttachOptions {
         chunk_size: a.chunk_size,
         remote: a.remote.options(),

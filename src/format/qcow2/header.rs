@@ -331,6 +331,40 @@ impl Header {
     }
 }
 
+/// Why a qcow2 whose file starts with `head` (its first 104 bytes at
+/// least) could not be served from a volume, from the fixed header alone:
+/// for a file not in hand (`attach` of one already on the remote), before
+/// a volume is made of it. `None`: nothing there says no (the rest of the
+/// header is checked when the volume is opened).
+pub fn refusal_in_head(head: &[u8]) -> Option<String> {
+    if head.len() < 104 || be32(head, 0) != MAGIC {
+        return Some("it is not a qcow2 image (no qcow2 magic); a raw disk: give --format raw".into());
+    }
+    let version = be32(head, 4);
+    if be32(head, 32) != 0 {
+        return Some(
+            "it is an encrypted qcow2, which driveblk does not serve: decrypt a copy with `qemu-img convert` \
+             (its key given with --object secret) and use that"
+                .into(),
+        );
+    }
+    let incompatible = if version >= 3 { be64(head, 72) } else { 0 };
+    if incompatible & INCOMPAT_CORRUPT != 0 {
+        return Some("QEMU marked it corrupt: repair a copy with `qemu-img check -r all IMAGE` and use that".into());
+    }
+    if incompatible & INCOMPAT_DATA_FILE != 0 {
+        return Some(DATA_FILE_UNSUPPORTED.into());
+    }
+    if be64(head, 8) != 0 {
+        return Some(
+            "it is a qcow2 overlay on a backing file, whose data would not be in the volume: flatten it \
+             (`qemu-img convert -O qcow2 OVERLAY flat.qcow2` copies the backing file's data in) and use that"
+                .into(),
+        );
+    }
+    None
+}
+
 /// Checks a metadata table is cluster-aligned and lies within the file.
 pub fn check_table(what: &str, offset: u64, bytes: u64, cluster_size: u64, file_len: u64) -> DiskResult<()> {
     if offset % cluster_size != 0 {
