@@ -54,7 +54,9 @@ pub fn probe(head: &[u8]) -> Probed {
     if at(0, b"WithoutFreeSpace") || at(0, b"WithouFreSpacExt") {
         return foreign("Parallels", "parallels");
     }
-    if at(0, &[0x1f, 0x8b]) {
+    // gzip: its magic, deflate (the only method), no reserved flag bits:
+    // two bytes alone would match one raw disk in 65536.
+    if at(0, &[0x1f, 0x8b, 0x08]) && head.get(3).is_some_and(|f| f & 0xe0 == 0) {
         return packed("gzip", "gunzip");
     }
     if at(0, &[0xfd, b'7', b'z', b'X', b'Z', 0]) {
@@ -94,6 +96,8 @@ mod tests {
         assert!(matches!(probe(&with(0, b"QFI\xfb\0\0\0\x01")), Probed::Foreign { qemu_fmt: "qcow", .. }));
         assert!(matches!(probe(&with(64, &[0x7f, 0x10, 0xda, 0xbe])), Probed::Foreign { qemu_fmt: "vdi", .. }));
         assert!(matches!(probe(&with(257, b"ustar")), Probed::Packed { unpack: "tar xf", .. }));
+        assert!(matches!(probe(&with(0, &[0x1f, 0x8b, 8, 0])), Probed::Packed { unpack: "gunzip", .. }));
+        assert_eq!(probe(&with(0, &[0x1f, 0x8b, 8, 0x80])), Probed::Unknown);
         // A boot sector, a short file, an empty one.
         assert_eq!(probe(&with(510, &[0x55, 0xaa])), Probed::Unknown);
         assert_eq!(probe(b"KDM"), Probed::Unknown);
