@@ -351,6 +351,29 @@ fn a_qcow2_marked_corrupt_or_with_a_data_file_is_refused_naming_the_way_out() {
     assert!(err.contains("external data file") && err.contains("qemu-img convert -O qcow2"), "{err}");
     let err = serve_fails(&sock, &["--image", p(&ext), "--format", "qcow2"]);
     assert!(err.contains("external data file") && err.contains("qemu-img convert -O qcow2"), "{err}");
+
+    // Encrypted (LUKS), as virt-manager can make it: the decrypting copy named.
+    let enc = dir.path().join("enc.qcow2");
+    must(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=s0,data=hunter2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0",
+            p(&enc),
+            "16M",
+        ],
+    );
+    let url3 = format!("dir:{}/vol3", p(&remote));
+    let err = driveblk_fails(&["import", "--quiet", "--format", "qcow2", p(&enc), &url3]);
+    assert!(err.contains("encrypted qcow2") && err.contains("qemu-img convert --object secret"), "{err}");
+    let err = serve_fails(&sock, &["--image", p(&enc), "--format", "qcow2"]);
+    assert!(err.contains("encrypted qcow2") && err.contains("qemu-img convert --object secret"), "{err}");
 }
 
 /// A qcow2 uploaded by hand that a volume could not serve (an overlay

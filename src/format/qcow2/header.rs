@@ -22,6 +22,12 @@ const INCOMPAT_KNOWN: u64 =
 const DATA_FILE_UNSUPPORTED: &str = "qcow2 images with an external data file (data-file) are not supported: \
     copy the data into one file with `qemu-img convert -O qcow2 IMAGE flat.qcow2`";
 
+/// The way out for an encrypted image (driveblk encrypts volumes itself:
+/// `import --encrypt`).
+const DECRYPT: &str = "decrypt a copy with `qemu-img convert --object secret,id=s0,file=KEYFILE --image-opts \
+    driver=qcow2,file.filename=IMAGE,encrypt.key-secret=s0 -O qcow2 plain.qcow2` and use that (`import --encrypt` \
+    encrypts the volume driveblk keeps)";
+
 /// Compatible feature bits.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
@@ -159,7 +165,9 @@ impl Header {
         let size = be64(&fixed, 24);
         let crypt_method = be32(&fixed, 32);
         if crypt_method != 0 {
-            return Err(unsupported(format!("encrypted qcow2 images are not supported (crypt_method {crypt_method})")));
+            return Err(unsupported(format!(
+                "encrypted qcow2 images are not supported (crypt_method {crypt_method}): {DECRYPT}"
+            )));
         }
         let mut h = Header {
             version,
@@ -284,7 +292,7 @@ impl Header {
                     }
                 }
                 EXT_CRYPTO => {
-                    return Err(unsupported("encrypted qcow2 images (LUKS) are not supported".into()));
+                    return Err(unsupported(format!("encrypted qcow2 images (LUKS) are not supported: {DECRYPT}")));
                 }
                 EXT_DATA_FILE => {
                     return Err(unsupported(DATA_FILE_UNSUPPORTED.into()));
@@ -342,11 +350,7 @@ pub fn refusal_in_head(head: &[u8]) -> Option<String> {
     }
     let version = be32(head, 4);
     if be32(head, 32) != 0 {
-        return Some(
-            "it is an encrypted qcow2, which driveblk does not serve: decrypt a copy with `qemu-img convert` \
-             (its key given with --object secret) and use that"
-                .into(),
-        );
+        return Some(format!("it is an encrypted qcow2, which driveblk does not serve: {DECRYPT}"));
     }
     let incompatible = if version >= 3 { be64(head, 72) } else { 0 };
     if incompatible & INCOMPAT_CORRUPT != 0 {
