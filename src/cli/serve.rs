@@ -591,6 +591,26 @@ fn volume_format(flag: Option<ImageFormat>, recorded: Option<&str>, url: &str) -
     }
 }
 
+/// Warns when a file served as raw starts like an image of another format
+/// or a compressed file: the guest would see that file, not its disk. Only
+/// a warning: a guest may keep an image in its raw disk (`import` refuses).
+fn warn_if_not_raw(file: &LocalFile) {
+    use crate::format::probe::{probe, Probed, PROBE_BYTES};
+    let mut head = vec![0u8; PROBE_BYTES.min(file.len() as usize)];
+    if file.read_at(0, &mut head).is_err() {
+        return;
+    }
+    let what = match probe(&head) {
+        Probed::Qcow2 => "a qcow2 image (serve it with --format qcow2)".to_string(),
+        Probed::Foreign { name, qemu_fmt } => {
+            format!("a {name} image (convert it: `qemu-img convert -f {qemu_fmt} -O qcow2 IMAGE disk.qcow2`)")
+        }
+        Probed::Packed { name, unpack } => format!("a {name} file (unpack it: `{unpack}`)"),
+        Probed::Unknown => return,
+    };
+    tracing::warn!(image = %file.path().display(), "served as raw, but the file is {what}: the guest sees that file, not the disk in it");
+}
+
 /// Opens the image's format over its storage.
 fn open_format(
     storage: Arc<dyn Storage>,
@@ -649,8 +669,17 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             notify.status(&format!("opening {}", path.display()));
             let file =
                 LocalFile::open(path, read_only).with_context(|| format!("cannot open image {}", path.display()))?;
-            file.lock(!read_only).with_context(|| format!("image {} is in use by another process", path.display()))?;
+            file.lock(!read_only).with_context(|| {
+                format!(
+                    "image {} is in use by another process: stop the VM (or qemu-storage-daemon, driveblk) using \
+                     it first",
+                    path.display()
+                )
+            })?;
             let format = cfg.format.context("--format is required for --image")?;
+            if format == ImageFormat::Raw {
+                warn_if_not_raw(&file);
+            }
             open_format(Arc::new(file), format, &cfg, &LocalBackingOpener::new(path))?
         }
         ImageSource::Volume { url, cache } => {
