@@ -210,6 +210,42 @@ fn an_image_driveblk_serves_is_in_use_for_qemu() {
     must("qemu-img", &["check", p(&img)]);
 }
 
+/// A driveblk of an earlier version (it locked with `flock`, not QEMU's
+/// locks) still serving an image on this host after an upgrade: the new
+/// one sees it and refuses, for writing and for reading.
+#[test]
+fn an_image_an_earlier_driveblk_serves_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = make_qcow2(dir.path(), "disk", "cluster_size=65536");
+    let sock = dir.path().join("sock");
+    // What an earlier daemon held while serving it writable: `flock -x`.
+    // `cat` holds it until its stdin closes; `-o`: the lock is flock's own.
+    let mut old = std::process::Command::new("flock")
+        .args(["-x", "-o", p(&img), "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let held = std::time::Instant::now();
+    while !String::from_utf8_lossy(&run("cat", &["/proc/locks"]).stdout).contains("FLOCK") {
+        assert!(held.elapsed() < std::time::Duration::from_secs(10), "flock never took its lock");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for ro in [false, true] {
+        let mut args = vec!["--image", p(&img), "--format", "qcow2"];
+        if ro {
+            args.push("--read-only");
+        }
+        let err = serve_fails(&sock, &args);
+        assert!(err.contains("another driveblk (an earlier version"), "read-only {ro}: {err}");
+    }
+    drop(old.stdin.take());
+    assert!(old.wait().unwrap().success());
+    let d = Daemon::start(&sock, &["--image", p(&img), "--format", "qcow2"]);
+    assert!(d.stop().success());
+}
+
 /// The base of an overlay driveblk serves is held as QEMU holds backing
 /// files: others may read it, nobody may write it under the overlay; and
 /// a base a VM is writing is refused.
