@@ -126,6 +126,7 @@ serve_file! {
     cache_dir: String,
     ram_cache: Size,
     ssd_cache: Size,
+    ssd_min_free: Size,
     hydrate: bool,
     first_boot_whole_below: Size,
     encrypt_cache: bool,

@@ -3,7 +3,7 @@
 //! control socket answers at each scrape.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -77,6 +77,11 @@ const SPECS: &[Spec] = &[
     cl("driveblk_reads_total", HITS, ("from", "remote"), "/remote/misses"),
     c("driveblk_ssd_evictions_total", "Chunks evicted from the SSD tier.", "/ssd/evictions"),
     g("driveblk_ssd_disk_free_bytes", "Bytes free on the SSD tier's filesystem.", "/ssd/free_bytes"),
+    g(
+        "driveblk_ssd_min_free_bytes",
+        "Bytes the SSD tier's clean data leaves free on its filesystem (--ssd-min-free).",
+        "/ssd/min_free",
+    ),
     c("driveblk_remote_fetches_total", "Chunks fetched from the remote.", "/remote/fetches"),
     c("driveblk_remote_fetch_bytes_total", "Bytes of chunks fetched.", "/remote/bytes"),
     c("driveblk_remote_fetch_errors_total", "Chunk fetches that failed.", "/remote/errors"),
@@ -175,10 +180,29 @@ pub struct MetricsServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Binds the metrics address. `serve` does this before it opens the volume:
+/// several daemons on one host (one per VM disk) given the same port from a
+/// copied config would otherwise each open their volume, take its writer
+/// lease, and only then fail, at every restart.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "cannot serve metrics on {addr}: the port is in use by another process (another driveblk serving \
+             another volume?): give each daemon a port of its own (`--metrics 127.0.0.1:{}`, `metrics = ...` in \
+             its config file), or port 0 for any free one (`driveblk status` shows it)",
+            addr.port().wrapping_add(1)
+        ),
+        _ => anyhow::anyhow!("cannot serve metrics on {addr}: {e}"),
+    })
+}
+
 impl MetricsServer {
-    pub fn start(addr: SocketAddr, status: Arc<DaemonStatus>) -> anyhow::Result<Self> {
+    /// Serves the metrics on `listener` (from [`bind`]).
+    pub fn start(listener: TcpListener, status: Arc<DaemonStatus>) -> anyhow::Result<Self> {
+        let addr = listener.local_addr().context("the metrics socket has no address")?;
         let server = Arc::new(
-            tiny_http::Server::http(addr).map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?,
+            tiny_http::Server::from_listener(listener, None)
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?,
         );
         // Port 0 asks the kernel for a free port: report the one it chose.
         let bound = server.server_addr().to_ip().unwrap_or(addr);

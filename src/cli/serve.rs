@@ -203,6 +203,14 @@ pub struct CacheArgs {
     #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
     pub ssd_cache: u64,
 
+    /// Free space the SSD tier's clean data leaves on the cache's
+    /// filesystem, for changes not uploaded yet (this daemon's, or another
+    /// daemon's with its cache on the same disk): past it clean chunks are
+    /// evicted, whatever the cap. Default: a twentieth of the filesystem,
+    /// at most 4G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub ssd_min_free: Option<u64>,
+
     /// Keep the SSD cache encrypted on disk (AES-256-XTS per 4 KiB page,
     /// under a key derived from the volume's data key): nothing the guest
     /// reads or writes is stored there in plaintext. Needs an encrypted
@@ -327,6 +335,7 @@ impl CacheArgs {
         let mut o = CacheOptions::new(dir);
         o.ram_cache = self.ram_cache;
         o.ssd_cache = self.ssd_cache;
+        o.ssd_min_free = self.ssd_min_free;
         o.hydrate = self.hydrate;
         o.first_boot_whole_below = self.first_boot_whole_below;
         o.first_boot_ahead = crate::tier::tiered::FIRST_BOOT_AHEAD;
@@ -551,6 +560,21 @@ fn vm_toml(cfg: &ServeConfig, store: &TieredStore, cache_dir: &Path) -> anyhow::
     Ok(Some(v))
 }
 
+/// The daemon serving from the cache directory `dir` right now, as its
+/// status file names it ("driveblk pid N (control socket PATH)"), if that
+/// process still runs here.
+fn served_from(dir: &Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("status.json")).ok()?).ok()?;
+    let pid = u32::try_from(v.get("pid")?.as_u64()?).ok()?;
+    if v.get("running") != Some(&serde_json::Value::Bool(true)) || !crate::volume::lease::is_local_daemon(pid) {
+        return None;
+    }
+    Some(match v.get("control_socket").and_then(|c| c.as_str()) {
+        Some(c) => format!("driveblk pid {pid} (control socket {c})"),
+        None => format!("driveblk pid {pid}"),
+    })
+}
+
 /// The format to serve a volume as: `--format`, else the one recorded in
 /// the volume at import.
 fn volume_format(flag: Option<ImageFormat>, recorded: Option<&str>, url: &str) -> anyhow::Result<ImageFormat> {
@@ -569,6 +593,26 @@ fn volume_format(flag: Option<ImageFormat>, recorded: Option<&str>, url: &str) -
             bail!("volume {url} does not record its image format (imported without --format): give --format raw|qcow2")
         }
     }
+}
+
+/// Warns when a file served as raw starts like an image of another format
+/// or a compressed file: the guest would see that file, not its disk. Only
+/// a warning: a guest may keep an image in its raw disk (`import` refuses).
+fn warn_if_not_raw(file: &LocalFile) {
+    use crate::format::probe::{probe, Probed, PROBE_BYTES};
+    let mut head = vec![0u8; PROBE_BYTES.min(file.len() as usize)];
+    if file.read_at(0, &mut head).is_err() {
+        return;
+    }
+    let what = match probe(&head) {
+        Probed::Qcow2 => "a qcow2 image (serve it with --format qcow2)".to_string(),
+        Probed::Foreign { name, qemu_fmt } => {
+            format!("a {name} image (convert it: `qemu-img convert -f {qemu_fmt} -O qcow2 IMAGE disk.qcow2`)")
+        }
+        Probed::Packed { name, unpack } => format!("a {name} file (unpack it: `{unpack}`)"),
+        Probed::Unknown => return,
+    };
+    tracing::warn!(image = %file.path().display(), "served as raw, but the file is {what}: the guest sees that file, not the disk in it");
 }
 
 /// Opens the image's format over its storage.
@@ -609,6 +653,11 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     if matches!(cfg.source, ImageSource::Volume { .. }) {
         ControlServer::check_free(&cfg.control_socket)?;
     }
+    // So is a metrics port another daemon serves on.
+    let mut metrics_listener = match (cfg.metrics, &cfg.source) {
+        (Some(addr), ImageSource::Volume { .. }) => Some(crate::cli::metrics::bind(addr)?),
+        _ => None,
+    };
     let read_only = cfg.device.read_only;
     let gc_plan = match &cfg.source {
         ImageSource::Volume { cache, .. } if !read_only && !cache.ephemeral => {
@@ -624,8 +673,17 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             notify.status(&format!("opening {}", path.display()));
             let file =
                 LocalFile::open(path, read_only).with_context(|| format!("cannot open image {}", path.display()))?;
-            file.lock(!read_only).with_context(|| format!("image {} is in use by another process", path.display()))?;
+            file.lock(!read_only).with_context(|| {
+                format!(
+                    "image {} is in use by another process: stop the VM (or qemu-storage-daemon, driveblk) using \
+                     it first",
+                    path.display()
+                )
+            })?;
             let format = cfg.format.context("--format is required for --image")?;
+            if format == ImageFormat::Raw {
+                warn_if_not_raw(&file);
+            }
             open_format(Arc::new(file), format, &cfg, &LocalBackingOpener::new(path))?
         }
         ImageSource::Volume { url, cache } => {
@@ -633,7 +691,19 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
             let metrics = Arc::new(RemoteMetrics::default());
             let mut cache = cache.clone();
             cache.remote = cache.remote.clone().with_metrics(metrics.clone());
-            let store: Arc<TieredStore> = tier_layer::open_volume(url, cache.clone())?;
+            let store: Arc<TieredStore> = match tier_layer::open_volume(url, cache.clone()) {
+                Ok(s) => s,
+                Err(e @ crate::volume::VolumeError::Cache { .. }) => match served_from(&cache.cache_dir) {
+                    Some(who) => bail!(
+                        "volume {url} is already served on this host: {who} serves it from cache directory {}. Use \
+                         that daemon (`driveblk status {url}`, `driveblk sync {url}`), or stop it first: one cache \
+                         directory serves one daemon at a time",
+                        std::fs::canonicalize(&cache.cache_dir).unwrap_or_else(|_| cache.cache_dir.clone()).display()
+                    ),
+                    None => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            };
             volume_store = Some(store.clone());
             // Are the newest generation's objects all in the folder? (People
             // trash and move files; a thread of its own, the guest waits not.)
@@ -713,8 +783,8 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
     if let (Some(st), ImageSource::Volume { cache, .. }) = (&status, &cfg.source) {
         let (listener, path) = ControlServer::bind(&cfg.control_socket, &|p| cfg.socket_perms.apply(p))?;
         control = Some(ControlServer::start(listener, path, st.clone())?);
-        if let Some(addr) = cfg.metrics {
-            metrics_server = Some(MetricsServer::start(addr, st.clone())?);
+        if let Some(listener) = metrics_listener.take() {
+            metrics_server = Some(MetricsServer::start(listener, st.clone())?);
         }
         // systemctl status shows what is pending, updated when it changes.
         let (tick_notify, last) = (notify.clone(), parking_lot::Mutex::new(String::new()));

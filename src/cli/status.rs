@@ -212,7 +212,7 @@ pub fn to_json(s: &TierStats, pid: u32, running: bool) -> Value {
         "chunks": { "total": s.chunks_total, "cached": s.chunks_cached, "dirty": s.chunks_dirty,
                     "pinned": s.chunks_pinned, "zero": s.chunks_zero },
         "ram": { "bytes": s.ram_bytes, "cap": s.ram_cap, "hits": s.ram_hits, "promotions": s.ram_promotions },
-        "ssd": { "bytes": s.ssd_bytes, "cap": s.ssd_cap, "free_bytes": s.ssd_free, "hits": s.ssd_hits,
+        "ssd": { "bytes": s.ssd_bytes, "cap": s.ssd_cap, "free_bytes": s.ssd_free, "min_free": s.ssd_min_free, "hits": s.ssd_hits,
                  "evictions": s.ssd_evictions },
         "zero_hits": s.zero_hits,
         "remote": { "misses": s.misses, "guest_wait_ms": s.guest_wait_ms, "fetches": s.remote_fetches, "bytes": s.remote_bytes,
@@ -355,7 +355,12 @@ pub fn render(v: &Value) -> String {
     );
     out += &format!("RAM tier    {} of {}, {} hits\n", human(u("/ram/bytes")), human(u("/ram/cap")), u("/ram/hits"));
     let free = v.pointer("/ssd/free_bytes").and_then(Value::as_u64).map_or(String::new(), |f| {
-        format!(", {} free on its disk{}", human(f), if f < u("/ssd/cap") { " (less than the cap)" } else { "" })
+        format!(
+            ", {} free on its disk{} (clean data keeps {} free)",
+            human(f),
+            if f < u("/ssd/cap") { ", less than the cap" } else { "" },
+            human(u("/ssd/min_free"))
+        )
     });
     out += &format!(
         "SSD tier    {} of {}, {} hits, {} evictions{free}\n",

@@ -35,6 +35,11 @@ pub struct ImportArgs {
     /// from --key-file, --key-env or --passphrase (docs/encryption.md).
     #[arg(long)]
     pub encrypt: bool,
+    /// Import with --format raw although the file starts like another
+    /// image format or a compressed file (a raw disk a guest keeps an
+    /// image in, from its first sector on).
+    #[arg(long)]
+    pub force_raw: bool,
     /// Store each chunk as one zstd frame, as versions before sub-frames
     /// did (misses then fetch whole chunks; for comparisons).
     #[arg(long, hide = true)]
@@ -59,6 +64,10 @@ pub struct AttachArgs {
     /// the base file stays as it is, plaintext.
     #[arg(long)]
     pub encrypt: bool,
+    /// Attach with --format raw although the file starts like another
+    /// image format or a compressed file.
+    #[arg(long)]
+    pub force_raw: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -211,8 +220,23 @@ fn print_info(i: &VolumeInfo) {
 }
 
 pub fn import(a: ImportArgs) -> anyhow::Result<()> {
+    use crate::tier::Storage;
+    let image = a.image.display().to_string();
+    // Held with QEMU's read lock until the upload is done: a VM writing the
+    // image meanwhile is refused, and cannot start on it until then.
+    let file = crate::tier::LocalFile::open(&a.image, true).with_context(|| format!("cannot open {image}"))?;
+    file.lock(false).with_context(|| {
+        format!(
+            "{image} is in use by a running VM (QEMU, qemu-storage-daemon or driveblk has it open for writing), \
+             and a copy taken while the guest writes is no consistent disk: shut the VM down first; nothing was \
+             uploaded"
+        )
+    })?;
+    let mut head = vec![0u8; crate::format::probe::PROBE_BYTES.min(file.len() as usize)];
+    file.read_at(0, &mut head).with_context(|| format!("cannot read {image}"))?;
+    check_format(&image, &head, a.format, a.force_raw)?;
     if a.format == Some(crate::format::ImageFormat::Qcow2) {
-        check_qcow2_servable(&a.image)?;
+        check_qcow2_servable(&image, &file)?;
     }
     let opts = ImportOptions {
         chunk_size: a.chunk_size,
@@ -224,32 +248,81 @@ pub fn import(a: ImportArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let t0 = Instant::now();
-    let info = volume::import(&a.image, &a.url, &opts).with_context(|| format!("import of {}", a.image.display()))?;
-    eprintln!("imported {} in {:.1} s", a.image.display(), t0.elapsed().as_secs_f64());
+    let info = volume::import(&a.image, &a.url, &opts).with_context(|| format!("import of {image}"))?;
+    drop(file);
+    eprintln!("imported {image} in {:.1} s", t0.elapsed().as_secs_f64());
     print_info(&info);
     Ok(())
+}
+
+/// Refuses, before anything is uploaded, a file no format driveblk serves
+/// can read (a VMDK, VDI, VHDX, a gzipped qcow2, ...), and a qcow2 given
+/// as raw: stored as it is and served as a raw disk, the guest would find
+/// the container's bytes where its disk should be.
+fn check_format(
+    image: &str,
+    head: &[u8],
+    format: Option<crate::format::ImageFormat>,
+    force_raw: bool,
+) -> anyhow::Result<()> {
+    use crate::format::probe::{probe, Probed};
+    use crate::format::ImageFormat;
+    let raw = format == Some(ImageFormat::Raw);
+    if force_raw && raw {
+        return Ok(());
+    }
+    let hint = if raw { "; a raw disk that only starts like one: add --force-raw" } else { "" };
+    match probe(head) {
+        Probed::Foreign { name, qemu_fmt } => bail!(
+            "{image} is a {name} image, which driveblk cannot serve (as a raw disk the guest would see the {qemu_fmt} \
+             file, not the disk in it): convert it first, `qemu-img convert -f {qemu_fmt} -O qcow2 {image} \
+             disk.qcow2`, and import disk.qcow2 with --format qcow2; nothing was uploaded{hint}"
+        ),
+        Probed::Packed { name, unpack } => bail!(
+            "{image} is a {name} file, not a disk image: unpack it first (`{unpack} {image}`) and import the image \
+             inside (one in another format than raw or qcow2: `qemu-img convert -O qcow2 IMAGE disk.qcow2`); \
+             nothing was uploaded{hint}"
+        ),
+        Probed::Qcow2 if raw => bail!(
+            "{image} is a qcow2 image: import it with --format qcow2 (as a raw disk the guest would see the qcow2 \
+             file, not the disk in it); nothing was uploaded{hint}"
+        ),
+        Probed::Qcow2 | Probed::Unknown => Ok(()),
+    }
 }
 
 /// Refuses, before anything is uploaded, a qcow2 a volume could never
 /// serve: one whose header the engine refuses, or an overlay (a volume
 /// holds one file; the backing file's data would not be in it).
-fn check_qcow2_servable(image: &std::path::Path) -> anyhow::Result<()> {
-    let file = crate::tier::LocalFile::open(image, true).with_context(|| format!("cannot open {}", image.display()))?;
-    let info = crate::format::qcow2::info(&file)
-        .with_context(|| format!("{} cannot be served as a qcow2; nothing was uploaded", image.display()))?;
+fn check_qcow2_servable(image: &str, file: &crate::tier::LocalFile) -> anyhow::Result<()> {
+    let info = crate::format::qcow2::info(file)
+        .with_context(|| format!("{image} cannot be served as a qcow2; nothing was uploaded"))?;
+    if info.corrupt {
+        // Served, it would be read-only at best: the way out needs the file.
+        bail!(
+            "{image} is marked corrupt (QEMU found its metadata inconsistent and stopped writing it): repair it \
+             first with `qemu-img check -r all {image}`, then import it; nothing was uploaded"
+        );
+    }
     if let Some(b) = info.backing_file {
         bail!(
-            "{} is a qcow2 overlay on the backing file {b:?}, and a volume holds one image file: flatten it first \
-             (`qemu-img convert -O qcow2 {} flat.qcow2` copies the backing file's data in) and import that; \
-             nothing was uploaded",
-            image.display(),
-            image.display()
+            "{image} is a qcow2 overlay on the backing file {b:?}, and a volume holds one image file: flatten it \
+             first (`qemu-img convert -O qcow2 {image} flat.qcow2` copies the backing file's data in) and import \
+             that; nothing was uploaded"
         );
     }
     Ok(())
 }
 
 pub fn attach(a: AttachArgs) -> anyhow::Result<()> {
+    let n = crate::format::probe::PROBE_BYTES as u64;
+    let head = volume::base_head(&a.base_url, &a.url, n, &a.remote.options())?;
+    check_format(&a.base_url, &head, a.format, a.force_raw)?;
+    if a.format == Some(crate::format::ImageFormat::Qcow2) {
+        if let Some(why) = crate::format::qcow2::refusal_in_head(&head) {
+            bail!("{} cannot be served as a qcow2: {why}; nothing was written", a.base_url);
+        }
+    }
     let opts = AttachOptions {
         chunk_size: a.chunk_size,
         remote: a.remote.options(),

@@ -4,6 +4,7 @@
 //! or from the tiered RAM/SSD/remote store alike.
 
 pub mod error;
+pub mod probe;
 pub mod qcow2;
 pub mod raw;
 pub mod read_mostly;

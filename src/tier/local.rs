@@ -69,14 +69,33 @@ impl LocalFile {
         })
     }
 
-    /// Takes an advisory lock on the file (exclusive for a writer, shared for
-    /// readers) so a second driveblk cannot write the same image. Fails at
-    /// once, with `WouldBlock`, if another process holds a conflicting lock.
+    /// Takes QEMU's image locks on the file ([`qemu_lock`](super::qemu_lock)):
+    /// a writer refuses other writers and readers who need the image to
+    /// hold still, a reader refuses writers; QEMU, qemu-img and other
+    /// driveblk processes take and honour the same locks. Fails at once, with
+    /// `ResourceBusy`, if another process holds a conflicting lock. Held until
+    /// the file is closed. Also the `flock` driveblk took before it took
+    /// QEMU's locks, so a daemon of an earlier version still serving the
+    /// image on this host (an upgrade without a restart) is seen too.
     pub fn lock(&self, exclusive: bool) -> io::Result<()> {
+        let access = if exclusive { super::qemu_lock::Access::Write } else { super::qemu_lock::Access::Read };
+        super::qemu_lock::lock(&self.file, &self.path, access)?;
         let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
         // SAFETY: plain syscall on an owned fd.
         if unsafe { libc::flock(self.file.as_raw_fd(), op) } != 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                // Not WouldBlock: to the layers above that means "retry on a
+                // thread that may block".
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "another driveblk (an earlier version, which locks with flock) is using the image {}",
+                        self.path.display()
+                    ),
+                ));
+            }
+            tracing::debug!(path = %self.path.display(), error = %e, "no flock here");
         }
         Ok(())
     }

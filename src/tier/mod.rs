@@ -13,6 +13,7 @@ pub mod journal;
 pub mod local;
 pub mod open;
 pub mod pins;
+pub mod qemu_lock;
 pub mod ram;
 pub mod readahead;
 pub mod single_flight;

@@ -20,6 +20,10 @@ pub struct CacheOptions {
     pub ram_cache: u64,
     /// SSD tier cap in bytes for clean chunks; dirty chunks may exceed it.
     pub ssd_cache: u64,
+    /// Bytes clean chunks leave free on the cache's filesystem, for
+    /// changes not uploaded yet, this daemon's or another's (None: a
+    /// twentieth of the filesystem, at most 4 GiB; `ssd::default_min_free`).
+    pub ssd_min_free: Option<u64>,
     /// Download the whole volume into the SSD tier in the background.
     /// Requires `ssd_cache` >= the image length.
     pub hydrate: bool,
@@ -87,6 +91,7 @@ impl CacheOptions {
             cache_dir: cache_dir.into(),
             ram_cache: 256 << 20,
             ssd_cache: 32 << 30,
+            ssd_min_free: None,
             hydrate: false,
             readahead_chunks: 8,
             fetch_concurrency: 16,

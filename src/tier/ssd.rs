@@ -99,6 +99,22 @@ pub const ZERO_DIRTY: u8 = 5;
 /// Granularity of partial chunks.
 pub const PAGE: u64 = 4096;
 
+/// Most of [`default_min_free`]: on a large disk a few GiB is what a burst
+/// of guest writes needs while the sibling daemons give way.
+pub const MIN_FREE_MAX: u64 = 4 << 30;
+
+/// What clean data leaves free on the filesystem of the cache directory
+/// `dir` unless told otherwise: a twentieth of its size, at most
+/// [`MIN_FREE_MAX`]. Several daemons (one per VM disk) often keep their
+/// caches on one disk, each with its own cap; the free space it leaves is
+/// where any of them writes changes not uploaded yet, which cannot give way.
+pub fn default_min_free(dir: &Path) -> u64 {
+    match rustix::fs::statvfs(dir) {
+        Ok(st) => (st.f_blocks.saturating_mul(st.f_frsize) / 20).min(MIN_FREE_MAX),
+        Err(_) => 0,
+    }
+}
+
 /// True for the states that keep a page bitmap.
 fn has_bitmap(state: u8) -> bool {
     matches!(state, PARTIAL | DIRTY_PARTIAL)
@@ -284,6 +300,10 @@ pub struct SsdCache {
     stripes: Vec<RwLock<()>>,
     len: AtomicU64,
     cap: u64,
+    /// Bytes clean data leaves free on the cache's filesystem
+    /// ([`default_min_free`]): other daemons' caches share that disk, and
+    /// their changes not uploaded yet cannot give way.
+    min_free: AtomicU64,
     /// Whole chunks held (clean + dirty).
     cached: AtomicU64,
     dirty: AtomicU64,
@@ -531,6 +551,7 @@ impl SsdCache {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             len: AtomicU64::new(len),
             cap,
+            min_free: AtomicU64::new(default_min_free(dir)),
             cached: AtomicU64::new(cached),
             dirty: AtomicU64::new(dirty),
             pages: Mutex::new(Pages { maps, gen: 0 }),
@@ -813,17 +834,63 @@ impl SsdCache {
         self.data.read_at(idx * self.chunk_size + off, buf)
     }
 
-    /// Makes room for `need` more bytes under the cap, evicting if it must.
+    /// Makes room for `need` more bytes of clean data under the cap and
+    /// above the disk's [`min_free`](Self::min_free), evicting if it must.
     /// False when that is not possible.
     fn make_room(&self, need: u64, holding: u64) -> io::Result<bool> {
         let over = (self.cached_bytes() + need).saturating_sub(self.cap);
-        if over == 0 {
+        if over > 0 {
+            // Free a tenth of the cap at once so the fsync an eviction costs
+            // is paid rarely.
+            self.evict((self.cap / 10).max(over), holding)?;
+            if self.cached_bytes() + need > self.cap {
+                return Ok(false);
+            }
+        }
+        let short = self.disk_short(need);
+        if short == 0 {
             return Ok(true);
         }
-        // Free a tenth of the cap at once so the fsync an eviction costs
-        // is paid rarely.
-        self.evict((self.cap / 10).max(over), holding)?;
-        Ok(self.cached_bytes() + need <= self.cap)
+        self.evict(short.max(self.eviction_batch()), holding)?;
+        Ok(self.disk_short(need) == 0)
+    }
+
+    /// How far storing `need` more bytes would take the disk's free space
+    /// below [`min_free`](Self::min_free) (0: it would not).
+    fn disk_short(&self, need: u64) -> u64 {
+        let min = self.min_free();
+        match self.disk_free() {
+            Some(free) if min > 0 => (min + need).saturating_sub(free),
+            _ => 0,
+        }
+    }
+
+    /// What a disk-space eviction frees at least, so its fsync is paid rarely.
+    fn eviction_batch(&self) -> u64 {
+        (self.min_free() / 8).max(8 * self.chunk_size)
+    }
+
+    /// Bytes clean data leaves free on the cache's filesystem.
+    pub fn min_free(&self) -> u64 {
+        self.min_free.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`min_free`](Self::min_free) (`serve --ssd-min-free`).
+    pub fn set_min_free(&self, bytes: u64) {
+        self.min_free.store(bytes, Ordering::Relaxed);
+    }
+
+    /// When the cache's filesystem has less than
+    /// [`min_free`](Self::min_free) free — another daemon's changes filled
+    /// it, or anything else did —, evicts clean chunks until it has it
+    /// again (or none are left): changes not uploaded yet, this cache's or
+    /// a sibling's, get the room clean data held. Returns the chunks evicted.
+    pub fn keep_disk_free(&self) -> io::Result<u64> {
+        let short = self.disk_short(0);
+        if short == 0 {
+            return Ok(0);
+        }
+        self.evict_except(short.max(self.eviction_batch()), None)
     }
 
     /// Stores a fetched chunk as clean, evicting older clean chunks if the

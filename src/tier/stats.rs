@@ -156,6 +156,8 @@ pub struct TierStats {
     pub ssd_cap: u64,
     /// Bytes free on the cache's filesystem (None: could not be asked).
     pub ssd_free: Option<u64>,
+    /// Bytes clean data leaves free on that filesystem (`--ssd-min-free`).
+    pub ssd_min_free: u64,
     /// Chunk-parts served from RAM / SSD / known zero.
     pub ram_hits: u64,
     pub ssd_hits: u64,

@@ -248,6 +248,9 @@ impl TieredStore {
         )?
         .ok_or_else(|| VolumeError::Cache { dir: opts.cache_dir.clone(), reason: "could not be opened".into() })?;
         let ssd_sealed = ssd.is_sealed();
+        if let Some(m) = opts.ssd_min_free {
+            ssd.set_min_free(m);
+        }
         // Clean data gives way when the cache's disk fills, but changes not
         // uploaded yet cannot: a disk they fill fails the guest's writes.
         if let Some(free) = ssd.disk_free().filter(|&f| f.saturating_add(ssd.cached_bytes()) < opts.ssd_cache) {
@@ -383,6 +386,18 @@ impl TieredStore {
                     let me = bg.clone();
                     let _ = tokio::task::spawn_blocking(move || me.ssd.persist()).await;
                 }
+                // Another daemon's cache on this disk may be filling it with
+                // changes that cannot give way: clean data here does.
+                let me = bg.clone();
+                match tokio::task::spawn_blocking(move || me.ssd.keep_disk_free()).await {
+                    Ok(Ok(0)) | Err(_) => {}
+                    Ok(Ok(n)) => tracing::info!(
+                        chunks = n,
+                        min_free_mib = bg.ssd.min_free() >> 20,
+                        "the cache's disk is nearly full: evicted clean chunks to keep room for changes not uploaded yet"
+                    ),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not evict clean chunks from a nearly full cache disk"),
+                }
             }
         });
         // A cache hydrated earlier (`driveblk hydrate`) holds everything.
@@ -445,6 +460,7 @@ impl TieredStore {
             ssd_bytes: i.ssd.cached_bytes(),
             ssd_cap: i.ssd.cap(),
             ssd_free: i.ssd.disk_free(),
+            ssd_min_free: i.ssd.min_free(),
             ram_hits: c.ram_hits.get(),
             ssd_hits: c.ssd_hits.get(),
             zero_hits: c.zero_hits.get(),

@@ -318,6 +318,28 @@ pub fn import(image: &Path, url: &str, opts: &ImportOptions) -> VolumeResult<Vol
     Ok(VolumeInfo::from_reader(&r))
 }
 
+/// The first `n` bytes (fewer in a smaller file) of the image file at
+/// `base_url` that [`attach`] would make the base of a volume at
+/// `volume_url`, for a look at its format before anything is written.
+pub fn base_head(base_url: &str, volume_url: &str, n: u64, opts: &RemoteOptions) -> VolumeResult<Vec<u8>> {
+    let vu = RemoteUrl::parse(volume_url)?;
+    let bu = RemoteUrl::parse(base_url)?;
+    let rt = runtime("driveblk-attach")?;
+    rt.block_on(async {
+        let (base_remote, key) = super::reader::base_backend(&vu, &bu.to_string(), opts)?;
+        let meta = base_remote.head(&key).await.map_err(|e| VolumeError::remote(format!("base image {bu}"), e))?;
+        let end = n.min(meta.size);
+        if end == 0 {
+            return Ok(Vec::new());
+        }
+        let b = base_remote
+            .get_range(&key, 0..end)
+            .await
+            .map_err(|e| VolumeError::remote(format!("reading the start of base image {bu}"), e))?;
+        Ok(b.to_vec())
+    })
+}
+
 /// Creates a volume at `volume_url` whose base is the image file at
 /// `base_url` on the remote: every chunk reads from that file until
 /// written. Nothing is uploaded but `volume.json` and an empty `gen-1`.

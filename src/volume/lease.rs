@@ -147,6 +147,15 @@ impl LeaseView {
                     "stop the original (a clean stop releases the lease)"
                 }
             ),
+            // Served right here by another daemon (another --cache-dir): the
+            // way is that daemon, not a takeover that forks what it writes.
+            Some(h) if h.host == host_name() && self.holder_alive() && is_local_daemon(h.pid) => format!(
+                "{d} — that is driveblk pid {} on this host: the volume is already served here. Use that daemon \
+                 (`driveblk status {url}`, `driveblk sync {url}`, with its --cache-dir if it has one), or stop it (a \
+                 clean stop releases the lease) and start this one; one volume is served writable by one daemon \
+                 at a time (`--force-takeover` would fork what that one writes from then on)",
+                h.pid
+            ),
             // Still running there (the user forgot to stop it): starting it
             // again is not the way. `sync` waits as long as the uplink needs
             // (a stop gives up after --sync-timeout), then a clean stop
@@ -168,6 +177,12 @@ impl LeaseView {
             None => d,
         }
     }
+}
+
+/// True when `pid` is another driveblk process running on this host.
+pub fn is_local_daemon(pid: u32) -> bool {
+    pid != std::process::id()
+        && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "driveblk")
 }
 
 fn pending(b: u64) -> String {

@@ -34,7 +34,7 @@ use std::sync::Arc;
 pub use adopt::adopt;
 pub use error::{VolumeError, VolumeResult, EXIT_DIVERGED};
 pub use format::{BaseRef, ChunkRef, Manifest, VolumeHeader, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
-pub use import::{attach, import, AttachOptions, ImportOptions};
+pub use import::{attach, base_head, import, AttachOptions, ImportOptions};
 pub use reader::{Part, VolumeReader};
 
 use crate::remote::{RemoteConfig, RemoteLayer, RemoteUrl, RetryPolicy};

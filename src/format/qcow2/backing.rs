@@ -77,7 +77,10 @@ impl BackingOpener for LocalBackingOpener {
                 "backing file {name:?} has no recorded format; set one with `qemu-img rebase -u -F <fmt>`"
             ))
         })?;
-        let storage: Arc<dyn Storage> = Arc::new(LocalFile::open(&canon, true).map_err(|e| open_err(&canon, e))?);
+        let file = LocalFile::open(&canon, true).map_err(|e| open_err(&canon, e))?;
+        // QEMU's read lock: nobody may write the base under the overlay.
+        file.lock(false).map_err(|source| DiskError::Io { op: "lock backing file", offset: 0, source })?;
+        let storage: Arc<dyn Storage> = Arc::new(file);
         match format {
             ImageFormat::Raw => Ok(Arc::new(RawDisk::new(storage, true)?)),
             ImageFormat::Qcow2 => {

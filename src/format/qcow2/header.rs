@@ -18,6 +18,16 @@ pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 
+/// Why an image with an external data file is refused, and the way out.
+const DATA_FILE_UNSUPPORTED: &str = "qcow2 images with an external data file (data-file) are not supported: \
+    copy the data into one file with `qemu-img convert -O qcow2 IMAGE flat.qcow2`";
+
+/// The way out for an encrypted image (driveblk encrypts volumes itself:
+/// `import --encrypt`).
+const DECRYPT: &str = "decrypt a copy with `qemu-img convert --object secret,id=s0,file=KEYFILE --image-opts \
+    driver=qcow2,file.filename=IMAGE,encrypt.key-secret=s0 -O qcow2 plain.qcow2` and use that (`import --encrypt` \
+    encrypts the volume driveblk keeps)";
+
 /// Compatible feature bits.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
@@ -155,7 +165,9 @@ impl Header {
         let size = be64(&fixed, 24);
         let crypt_method = be32(&fixed, 32);
         if crypt_method != 0 {
-            return Err(unsupported(format!("encrypted qcow2 images are not supported (crypt_method {crypt_method})")));
+            return Err(unsupported(format!(
+                "encrypted qcow2 images are not supported (crypt_method {crypt_method}): {DECRYPT}"
+            )));
         }
         let mut h = Header {
             version,
@@ -219,7 +231,7 @@ impl Header {
             return Err(unsupported(format!("unknown incompatible features: {}", names.join(", "))));
         }
         if h.incompatible & INCOMPAT_DATA_FILE != 0 {
-            return Err(unsupported("qcow2 images with an external data file are not supported".into()));
+            return Err(unsupported(DATA_FILE_UNSUPPORTED.into()));
         }
 
         if backing_file_offset != 0 {
@@ -280,10 +292,10 @@ impl Header {
                     }
                 }
                 EXT_CRYPTO => {
-                    return Err(unsupported("encrypted qcow2 images (LUKS) are not supported".into()));
+                    return Err(unsupported(format!("encrypted qcow2 images (LUKS) are not supported: {DECRYPT}")));
                 }
                 EXT_DATA_FILE => {
-                    return Err(unsupported("qcow2 images with an external data file are not supported".into()));
+                    return Err(unsupported(DATA_FILE_UNSUPPORTED.into()));
                 }
                 // Bitmaps and unknown extensions: ignored (bitmaps are
                 // invalidated through their autoclear bit when we write).
@@ -325,6 +337,36 @@ impl Header {
         }
         Ok(())
     }
+}
+
+/// Why a qcow2 whose file starts with `head` (its first 104 bytes at
+/// least) could not be served from a volume, from the fixed header alone:
+/// for a file not in hand (`attach` of one already on the remote), before
+/// a volume is made of it. `None`: nothing there says no (the rest of the
+/// header is checked when the volume is opened).
+pub fn refusal_in_head(head: &[u8]) -> Option<String> {
+    if head.len() < 104 || be32(head, 0) != MAGIC {
+        return Some("it is not a qcow2 image (no qcow2 magic); a raw disk: give --format raw".into());
+    }
+    let version = be32(head, 4);
+    if be32(head, 32) != 0 {
+        return Some(format!("it is an encrypted qcow2, which driveblk does not serve: {DECRYPT}"));
+    }
+    let incompatible = if version >= 3 { be64(head, 72) } else { 0 };
+    if incompatible & INCOMPAT_CORRUPT != 0 {
+        return Some("QEMU marked it corrupt: repair a copy with `qemu-img check -r all IMAGE` and use that".into());
+    }
+    if incompatible & INCOMPAT_DATA_FILE != 0 {
+        return Some(DATA_FILE_UNSUPPORTED.into());
+    }
+    if be64(head, 8) != 0 {
+        return Some(
+            "it is a qcow2 overlay on a backing file, whose data would not be in the volume: flatten it \
+             (`qemu-img convert -O qcow2 OVERLAY flat.qcow2` copies the backing file's data in) and use that"
+                .into(),
+        );
+    }
+    None
 }
 
 /// Checks a metadata table is cluster-aligned and lies within the file.

@@ -30,7 +30,7 @@ use crate::tier::Storage;
 
 pub use backing::{BackingOpener, LocalBackingOpener, NoBacking, MAX_BACKING_DEPTH};
 pub use engine::Qcow2Disk;
-pub use header::CompressionType;
+pub use header::{refusal_in_head, CompressionType};
 pub use snapshot::Snapshot;
 
 /// How to open an image.

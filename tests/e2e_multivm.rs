@@ -1,0 +1,282 @@
+//! Several daemons on one host, one per VM disk (a Windows disk and a
+//! Linux disk, each its own volume): what they share must not let one
+//! starve or block another. A sibling's clean cache never takes the disk
+//! space another daemon's changes not uploaded yet need; a metrics port
+//! already served by a sibling is refused before the volume is opened; one
+//! volume started twice is refused naming the daemon serving it; daemons
+//! sharing one Drive account back off under its request limit.
+
+mod common;
+mod gdrive_support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{pattern, run_ok, serve_fails, Client, Daemon};
+use serde_json::Value;
+
+struct Mount(std::path::PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A raw image of `len` pattern bytes imported as the `dir:` volume `name`
+/// under `dir`: its bytes and URL.
+fn raw_volume(dir: &Path, name: &str, len: usize, seed: u64) -> (Vec<u8>, String) {
+    let img = dir.join(format!("{name}.raw"));
+    let data = common::make_raw(&img, len, seed);
+    let url = format!("dir:{}", dir.join("remote").join(name).display());
+    run_ok(&["import", "--quiet", img.to_str().unwrap(), &url]);
+    std::fs::remove_file(&img).unwrap();
+    (data, url)
+}
+
+/// The live status of the daemon whose cache is `cache`.
+fn status(cache: &Path) -> Value {
+    serde_json::from_str(&run_ok(&["status", "--cache-dir", cache.to_str().unwrap(), "--json"])).unwrap()
+}
+
+fn u(v: &Value, p: &str) -> u64 {
+    v.pointer(p).and_then(Value::as_u64).unwrap_or_else(|| panic!("{p} missing in {v}"))
+}
+
+/// A daemon serving the `dir:` volume `url` with its cache in `cache`: the
+/// defaults but for what keeps the test's byte counts exact (no boot
+/// profile nor its first-boot stream, no readahead, no periodic cut).
+fn start(sock: &Path, url: &str, cache: &Path) -> Daemon {
+    let cache = cache.to_str().unwrap();
+    Daemon::start(
+        sock,
+        &[
+            "--volume",
+            url,
+            "--format",
+            "raw",
+            "--cache-dir",
+            cache,
+            "--boot-profile",
+            "off",
+            "--readahead-chunks",
+            "0",
+            "--sync-interval",
+            "3600",
+        ],
+    )
+}
+
+/// Two daemons with their caches on one small disk (a 96 MiB tmpfs): the
+/// "Windows" daemon reads its whole 128 MiB disk, whose clean chunks would
+/// fill the cache disk (its cap, 64G by default, is far above it); the
+/// "Linux" daemon, which holds nothing clean to evict, then writes. Its
+/// writes must land: clean data leaves the disk's reserve free at every
+/// install, and gives back what a sibling's changes took of it, so that
+/// writes of more than the reserve land too, one after another.
+#[test]
+fn a_siblings_clean_cache_leaves_room_for_another_daemons_changes() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
+    let d = tempfile::tempdir().unwrap();
+    let (win, win_url) = raw_volume(d.path(), "win10", 128 << 20, 3);
+    let (_, linux_url) = raw_volume(d.path(), "linux", 16 << 20, 4);
+    let mnt = d.path().join("cachefs");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _m = Mount(mnt.clone());
+    let (win_cache, linux_cache) = (mnt.join("win10"), mnt.join("linux"));
+    let linux = start(&d.path().join("linux.sock"), &linux_url, &linux_cache);
+    let windows = start(&d.path().join("win.sock"), &win_url, &win_cache);
+
+    // The Windows guest reads its whole disk: every read right.
+    let mut wc = Client::connect(&windows.socket, 1);
+    for i in 0..128usize {
+        let got = wc.read((i as u64) << 20, 1 << 20).unwrap_or_else(|e| panic!("windows read of MiB {i}: {e}"));
+        assert!(got == win[i << 20..(i + 1) << 20], "windows read of MiB {i} is wrong");
+    }
+
+    // The Linux guest writes 2 MiB at a time, 5 times: 10 MiB, twice the
+    // disk's reserve (a twentieth of it). The first lands in the reserve
+    // the Windows daemon's installs left free; before each of the others,
+    // the Windows daemon has given back what the last took (its sweep
+    // evicts clean chunks once the disk has less than the reserve free),
+    // or a daemon that never gives way fails the third.
+    let mut lc = Client::connect(&linux.socket, 1);
+    let mut written = Vec::new();
+    for k in 0..5u64 {
+        if k > 0 {
+            let ws = status(&win_cache);
+            let min_free = u(&ws, "/ssd/min_free");
+            assert_eq!(min_free, (96 << 20) / 20, "a twentieth of the disk: {ws}");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let free = u(&status(&win_cache), "/ssd/free_bytes");
+                if free >= min_free {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the windows daemon's clean chunks never gave way: {free} bytes free, reserve {min_free}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        let data = pattern(10 + k, 2 << 20);
+        lc.write(k * (2 << 20), &data).unwrap_or_else(|e| {
+            panic!(
+                "linux write {k} failed ({e}) on a disk the windows daemon's clean data filled: {}",
+                status(&win_cache)["ssd"]
+            )
+        });
+        lc.flush().unwrap_or_else(|e| panic!("linux flush {k} failed ({e})"));
+        written.push(data);
+    }
+    for (k, data) in written.iter().enumerate() {
+        assert!(lc.read(k as u64 * (2 << 20), 2 << 20).unwrap() == *data, "linux write {k} reads back");
+    }
+    // Windows reads go on, from its cache or the remote.
+    for i in [0usize, 64, 127] {
+        assert!(wc.read((i as u64) << 20, 1 << 20).unwrap() == win[i << 20..(i + 1) << 20]);
+    }
+    drop((lc, wc));
+    assert!(linux.stop().success());
+    assert!(windows.stop().success());
+}
+
+/// Two daemons given one metrics port (a config file copied from the
+/// first volume's): the second is refused at once, naming the way out,
+/// before it opens its volume (which takes the writer lease and, on Drive,
+/// may take minutes), instead of failing after it, at every restart.
+#[test]
+fn a_metrics_port_a_sibling_serves_is_refused_before_the_volume_is_opened() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, a_url) = raw_volume(d.path(), "a", 4 << 20, 1);
+    let (_, b_url) = raw_volume(d.path(), "b", 4 << 20, 2);
+    let (a_cache, b_cache) = (d.path().join("cache-a"), d.path().join("cache-b"));
+    let a = Daemon::start(
+        &d.path().join("a.sock"),
+        &["--volume", &a_url, "--format", "raw", "--cache-dir", a_cache.to_str().unwrap(), "--metrics", "127.0.0.1:0"],
+    );
+    let url = status(&a_cache)["metrics_url"].as_str().expect("the metrics URL").to_string();
+    let addr = url.strip_prefix("http://").and_then(|u| u.strip_suffix("/metrics")).unwrap().to_string();
+    let err = serve_fails(
+        &d.path().join("b.sock"),
+        &["--volume", &b_url, "--format", "raw", "--cache-dir", b_cache.to_str().unwrap(), "--metrics", &addr],
+    );
+    assert!(err.contains(&addr) && err.contains("in use by another process"), "{err}");
+    assert!(err.contains("a port of its own") && err.contains("port 0"), "{err}");
+    assert!(!b_cache.join("state").exists(), "the cache was opened before the port was checked: {err}");
+    // The first daemon's endpoint is still its own.
+    assert!(a.stop().success());
+}
+
+/// One volume started twice on one host (a unit and a hand-started
+/// `serve`, or two configs naming one volume): the second is refused, and
+/// the refusal names the daemon already serving it, whether it would share
+/// that daemon's cache directory (the default one, found from another
+/// spelling of the URL) or use one of its own (then the writer lease
+/// refuses it: never with a takeover as the way, which would fork what the
+/// running daemon writes).
+#[test]
+fn one_volume_served_twice_on_one_host_is_refused_naming_the_daemon_serving_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, url) = raw_volume(d.path(), "win10", 4 << 20, 5);
+    let root = d.path().join("cache-root");
+    let env = [("DRIVEBLK_CACHE", root.to_str().unwrap())];
+    let first = Daemon::start_env(
+        &d.path().join("first.sock"),
+        &["--volume", &url, "--format", "raw", "--metrics", "127.0.0.1:0"],
+        &env,
+    );
+    let pid = first.child.as_ref().unwrap().id();
+    let fails = |sock: &str, extra: &[&str]| -> String {
+        let spelled = url.replace("/remote/win10", "/remote/../remote/win10");
+        let out = Command::new(common::bin())
+            .args(["serve", "--socket", d.path().join(sock).to_str().unwrap(), "--volume", &spelled, "--format", "raw"])
+            .args(extra)
+            .envs(env)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a second serve of {url} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // The default cache directory: the first daemon's.
+    let err = fails("second.sock", &[]);
+    assert!(err.contains("already served on this host") && err.contains(&format!("driveblk pid {pid}")), "{err}");
+    assert!(err.contains("first.sock.ctl") && !err.contains("another --cache-dir"), "{err}");
+    // A cache directory of its own: the lease.
+    let own = d.path().join("own-cache");
+    let err = fails("third.sock", &["--cache-dir", own.to_str().unwrap()]);
+    assert!(err.contains(&format!("that is driveblk pid {pid} on this host")), "{err}");
+    assert!(err.contains("already served here") && !err.contains("or use `--force-takeover`"), "{err}");
+    assert!(first.stop().success());
+}
+
+/// Three daemons on one Drive account (the emulator's per-user limit, 30
+/// requests/s): each paces only its own requests, from 20/s, so together
+/// they start at twice the limit. They must back off: every guest
+/// read lands, right, and Drive refuses only a share of the requests.
+#[test]
+fn three_daemons_on_one_drive_account_back_off_under_its_request_limit() {
+    const N: usize = 3;
+    let limit = driveemu::RateLimit { per_second: 30.0, burst: 20 };
+    let env = gdrive_support::start(driveemu::Config::default(), gdrive_support::Creds::User);
+    let flags = ["--drive-api-url", &env.emu.base_url(), "--drive-credentials", env.creds_file.to_str().unwrap()];
+    let mut want = Vec::new();
+    for i in 0..N {
+        let img = env.dir.path().join(format!("disk{i}.raw"));
+        want.push(common::make_raw(&img, 12 << 20, 60 + i as u64));
+        let url = format!("gdrive:/vms/disk{i}");
+        let mut a = vec!["import", "--quiet", "--chunk-size", "64K", img.to_str().unwrap(), &url];
+        a.extend_from_slice(&flags);
+        run_ok(&a);
+    }
+    env.emu.faults().set_rate_limit(Some(limit));
+    let mut daemons = Vec::new();
+    for i in 0..N {
+        let (url, cache) = (format!("gdrive:/vms/disk{i}"), env.dir.path().join(format!("cache{i}")));
+        let mut a = vec!["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+        a.extend_from_slice(&["--boot-profile", "off", "--readahead-chunks", "0"]);
+        a.extend_from_slice(&flags);
+        daemons.push(Daemon::start(&env.dir.path().join(format!("sock{i}")), &a));
+    }
+    let before = env.emu.stats();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(N));
+    let readers: Vec<_> = daemons
+        .iter()
+        .zip(want)
+        .map(|(d, want)| {
+            let (sock, barrier) = (d.socket.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&sock, 1);
+                barrier.wait();
+                // 4 KiB reads a chunk apart, 32 in flight: a request each,
+                // in bursts well over the account's limit.
+                let offs: Vec<usize> = (0..want.len()).step_by(64 << 10).collect();
+                for batch in offs.chunks(32) {
+                    for (k, &off) in batch.iter().enumerate() {
+                        let p = unsafe { (c.region.addr as *mut u8).add(k * 4096) };
+                        c.queues[0].read(off as u64, p, 4096, k, blkio::ReqFlags::empty());
+                    }
+                    for (k, ret) in c.wait(0, batch.len()) {
+                        let off = batch[k];
+                        assert_eq!(ret, 0, "read at {off} failed");
+                        assert!(c.buf()[k * 4096..(k + 1) * 4096] == want[off..off + 4096], "read at {off} is wrong");
+                    }
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    let st = env.emu.stats();
+    let refused = st.rate_limited_403 + st.rate_limited_429 - before.rate_limited_403 - before.rate_limited_429;
+    let asked: u64 = st.requests.values().sum::<u64>() - before.requests.values().sum::<u64>();
+    eprintln!("{asked} requests, {refused} refused: {st:?}");
+    assert!(refused * 4 < asked, "{refused} of {asked} requests refused: the daemons did not back off");
+    for d in daemons {
+        assert!(d.stop().success());
+    }
+}
