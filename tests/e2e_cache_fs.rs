@@ -272,6 +272,41 @@ fn a_cache_on_a_private_exfat_with_room_keeps_every_flushed_write() {
     assert!(log.contains("has no sparse files"), "no word that the data file takes the image's length: {log}");
 }
 
+/// A nearly full exFAT with room for the cache: evicting a chunk frees no
+/// space there (no holes), so the free space clean data leaves for
+/// changes not uploaded yet (`--ssd-min-free`) is not kept by evicting —
+/// which, sweep after sweep, would only have emptied the cache.
+#[test]
+fn a_cache_on_a_nearly_full_exfat_is_not_emptied_to_keep_space_free() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "exfat", 96, "umask=077") else { return };
+    let (want, url) = volume(d.path(), 21);
+    // Leave the cache's data file (the image's length) and 2 MiB more:
+    // less than the twentieth of the disk kept free on other file systems.
+    let st = rustix::fs::statvfs(&m.mnt).unwrap();
+    let free = st.f_bavail * st.f_frsize;
+    let filler = free - IMAGE as u64 - (2 << 20);
+    std::fs::write(m.mnt.join("filler"), vec![1u8; filler as usize]).unwrap();
+    let cache = m.mnt.join("cache");
+    let sock = d.path().join("sock");
+    let log = d.path().join("serve.log");
+    let dm = Daemon::start_logged(&sock, &args(&url, &cache), &[], Some(&log));
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want);
+    // Two of the background loop's 2 s sweeps.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let o = Command::new(common::bin())
+        .args(["status", "--cache-dir", cache.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ssd"]["evictions"], 0, "clean chunks were evicted from a cache on a disk without holes: {v}");
+    assert_eq!(v["ssd"]["min_free"], 0, "a reserve is kept by evicting on a disk without holes: {v}");
+    assert!(read_all(&mut c) == want);
+    drop(c);
+    assert!(dm.stop().success());
+}
+
 /// exFAT as a desktop mounts a stick for root, or a FUSE driver does by
 /// default: every file 0777. The cache (the guest's disk) cannot be made
 /// private there: refused at start, naming why and the way out.

@@ -304,6 +304,8 @@ pub struct SsdCache {
     /// ([`default_min_free`]): other daemons' caches share that disk, and
     /// their changes not uploaded yet cannot give way.
     min_free: AtomicU64,
+    /// The file system has holes: evicting a chunk gives its space back.
+    sparse: bool,
     /// Whole chunks held (clean + dirty).
     cached: AtomicU64,
     dirty: AtomicU64,
@@ -484,11 +486,14 @@ impl SsdCache {
         };
         let data_path = dir.join("data");
         let fresh = states.is_empty() || matches!(opened, Opened::Discarded(_));
+        // Not asked outside serving: eviction then frees what it frees.
+        let mut sparse = true;
         if mode == OpenMode::Serve {
             // Before the data file is made: a file system that cannot hold
             // the cache is refused here, not by a guest write's errno.
             let held = if fresh { 0 } else { std::fs::metadata(&data_path).map_or(0, |m| m.len()) };
-            filesystem::check(dir, len.max(image_len), held, !sealed.is_empty()).map_err(|why| cache_err(dir, why))?;
+            sparse = filesystem::check(dir, len.max(image_len), held, !sealed.is_empty())
+                .map_err(|why| cache_err(dir, why))?;
         }
         // After the check: `chmod` is no way out where it refused.
         private::warn_if_open_dir(dir);
@@ -551,7 +556,10 @@ impl SsdCache {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             len: AtomicU64::new(len),
             cap,
-            min_free: AtomicU64::new(default_min_free(dir)),
+            // Without holes evicting frees no disk space: keeping some free
+            // by evicting would only empty the cache, sweep after sweep.
+            min_free: AtomicU64::new(if sparse { default_min_free(dir) } else { 0 }),
+            sparse,
             cached: AtomicU64::new(cached),
             dirty: AtomicU64::new(dirty),
             pages: Mutex::new(Pages { maps, gen: 0 }),
@@ -875,8 +883,17 @@ impl SsdCache {
         self.min_free.load(Ordering::Relaxed)
     }
 
-    /// Sets [`min_free`](Self::min_free) (`serve --ssd-min-free`).
+    /// Sets [`min_free`](Self::min_free) (`serve --ssd-min-free`); none on
+    /// a file system without holes, where evicting frees no space.
     pub fn set_min_free(&self, bytes: u64) {
+        if !self.sparse && bytes > 0 {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                "--ssd-min-free is not kept here: this file system has no sparse files, so evicting clean chunks \
+                 frees no disk space"
+            );
+            return;
+        }
         self.min_free.store(bytes, Ordering::Relaxed);
     }
 

@@ -120,9 +120,10 @@ fn probe(p: &Path, image_len: u64) -> Result<Found, String> {
 
 /// Checks that the file system under `dir` can hold a cache (whose files
 /// are `sealed`, encrypted, or not) of an image `image_len` bytes long
-/// whose data file is `data_len` bytes now. Err: why not, naming the file
-/// system and the way out. The caller holds the directory's lock.
-pub(super) fn check(dir: &Path, image_len: u64, data_len: u64, sealed: bool) -> Result<(), String> {
+/// whose data file is `data_len` bytes now. Ok: whether it has holes (where
+/// it has none, evicting a chunk frees no disk space). Err: why not, naming
+/// the file system and the way out. The caller holds the directory's lock.
+pub(super) fn check(dir: &Path, image_len: u64, data_len: u64, sealed: bool) -> Result<bool, String> {
     let fs = name(dir);
     // Probes a killed process left (the caller holds the directory's lock).
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -158,7 +159,7 @@ pub(super) fn check(dir: &Path, image_len: u64, data_len: u64, sealed: bool) -> 
         ));
     }
     if found.holes {
-        return Ok(());
+        return Ok(true);
     }
     if is_fat(&fs, dir) && image_len > FAT_MAX_FILE {
         return Err(format!(
@@ -199,5 +200,5 @@ pub(super) fn check(dir: &Path, image_len: u64, data_len: u64, sealed: bool) -> 
     } else {
         tracing::warn!(dir = %dir.display(), image = %human(image_len), "{holes}");
     }
-    Ok(())
+    Ok(false)
 }
