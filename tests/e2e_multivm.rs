@@ -280,3 +280,44 @@ fn three_daemons_on_one_drive_account_back_off_under_its_request_limit() {
         assert!(d.stop().success());
     }
 }
+
+/// `hydrate` onto a cache disk that holds the image but not the free space
+/// clean data leaves on it for changes not uploaded yet (`--ssd-min-free`):
+/// earlier chunks are evicted again as later ones land, so "hydrated" —
+/// reads that never go to the remote — would not be true. It says what
+/// happened and the way out instead; with the reserve given up it is true.
+#[test]
+fn a_hydrate_the_cache_disk_cannot_keep_whole_says_so() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
+    let d = tempfile::tempdir().unwrap();
+    let (win, url) = raw_volume(d.path(), "win10", 60 << 20, 5);
+    let mnt = d.path().join("cachefs");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _m = Mount(mnt.clone());
+    let cache = mnt.join("win10");
+    let hydrate = |extra: &[&str]| {
+        let mut args = vec!["hydrate", "--quiet", &url, "--cache-dir", cache.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Command::new(common::bin()).args(&args).output().unwrap()
+    };
+    // 60 MiB of a 64 MiB disk, which keeps a twentieth of itself (3.2 MiB) free.
+    let o = hydrate(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "hydrate claimed a cache it could not keep whole: {err}");
+    assert!(err.contains("could not keep the whole image") && err.contains("--ssd-min-free"), "{err}");
+    let o = hydrate(&["--ssd-min-free", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "hydrate with no reserve: {err}");
+    // Hydrated is true now: every byte reads with the remote gone.
+    std::fs::rename(d.path().join("remote"), d.path().join("remote.away")).unwrap();
+    let dm = start(&d.path().join("win.sock"), &url, &cache);
+    let mut c = Client::connect(&dm.socket, 1);
+    for i in 0..60usize {
+        let got = c.read((i as u64) << 20, 1 << 20).unwrap_or_else(|e| panic!("offline read of MiB {i}: {e}"));
+        assert!(got == win[i << 20..(i + 1) << 20], "offline read of MiB {i} is wrong");
+    }
+    drop(c);
+    assert!(dm.stop().success());
+}

@@ -1556,6 +1556,27 @@ impl Inner {
         }
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || me.ssd.persist()).await;
+        // Every chunk fetched is not every chunk kept: a cache's disk that
+        // cannot hold the whole image (with the free space clean data leaves
+        // on it) evicts earlier ones. "Hydrated" promises reads that never
+        // go to the remote, so it is said only of a cache that holds them
+        // after the sweep that keeps that free space (stores racing near the
+        // end may all have seen room).
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.ssd.keep_disk_free()).await;
+        let left = (0..self.vol.chunk_count()).filter(|&i| !self.ssd.has_chunk(i) && !self.is_zero(i)).count();
+        if !failed && left > 0 {
+            failed = true;
+            let free = self.ssd.disk_free().map_or_else(|| "unknown".into(), crate::volume::lease::human);
+            self.hydrate_error.lock().get_or_insert_with(|| {
+                format!(
+                    "the cache's disk could not keep the whole image: {left} chunks were evicted again to keep {} \
+                     free for changes not uploaded yet ({free} free now); free space there, pass a smaller \
+                     --ssd-min-free, or a --cache-dir on a larger disk",
+                    crate::volume::lease::human(self.ssd.min_free())
+                )
+            });
+        }
         self.counters.hydrate_complete.store(!failed, Ordering::SeqCst);
         self.counters.hydrating.store(false, Ordering::SeqCst);
     }
