@@ -391,11 +391,16 @@ impl TieredStore {
                 let me = bg.clone();
                 match tokio::task::spawn_blocking(move || me.ssd.keep_disk_free()).await {
                     Ok(Ok(0)) | Err(_) => {}
-                    Ok(Ok(n)) => tracing::info!(
-                        chunks = n,
-                        min_free_mib = bg.ssd.min_free() >> 20,
-                        "the cache's disk is nearly full: evicted clean chunks to keep room for changes not uploaded yet"
-                    ),
+                    Ok(Ok(n)) => {
+                        // A hydrated cache no longer holds everything.
+                        bg.counters.hydrate_complete.store(false, Ordering::SeqCst);
+                        tracing::info!(
+                            chunks = n,
+                            min_free_mib = bg.ssd.min_free() >> 20,
+                            "the cache's disk is nearly full: evicted clean chunks to keep room for changes not uploaded \
+                             yet"
+                        )
+                    }
                     Ok(Err(e)) => tracing::warn!(error = %e, "could not evict clean chunks from a nearly full cache disk"),
                 }
             }
