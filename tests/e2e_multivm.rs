@@ -312,12 +312,33 @@ fn a_hydrate_the_cache_disk_cannot_keep_whole_says_so() {
     assert!(o.status.success(), "hydrate with no reserve: {err}");
     // Hydrated is true now: every byte reads with the remote gone.
     std::fs::rename(d.path().join("remote"), d.path().join("remote.away")).unwrap();
-    let dm = start(&d.path().join("win.sock"), &url, &cache);
+    let sock = d.path().join("win.sock");
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+        args.extend_from_slice(&["--boot-profile", "off", "--sync-interval", "3600"]);
+        args.extend_from_slice(extra);
+        Daemon::start(&sock, &args)
+    };
+    let dm = serve(&["--ssd-min-free", "0"]);
     let mut c = Client::connect(&dm.socket, 1);
     for i in 0..60usize {
         let got = c.read((i as u64) << 20, 1 << 20).unwrap_or_else(|e| panic!("offline read of MiB {i}: {e}"));
         assert!(got == win[i << 20..(i + 1) << 20], "offline read of MiB {i} is wrong");
     }
     drop(c);
+    assert!(dm.stop().success());
+    // Served with the reserve: its sweep thins the cache, which then no
+    // longer says it is hydrated.
+    let dm = serve(&[]);
+    let t0 = Instant::now();
+    loop {
+        let v = status(&cache);
+        if u(&v, "/ssd/evictions") > 0 {
+            assert_eq!(v["hydrate"]["complete"], false, "a thinned cache still says it is hydrated: {v}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the sweep never made room: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(dm.stop().success());
 }
