@@ -21,6 +21,7 @@ pub struct SuspendProxy {
     pub addr: std::net::SocketAddr,
     epoch: Arc<AtomicU64>,
     opened: Arc<AtomicU64>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl SuspendProxy {
@@ -29,7 +30,8 @@ impl SuspendProxy {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (epoch, opened) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (e, o, to) = (epoch.clone(), opened.clone(), to.to_string());
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (e, o, d, to) = (epoch.clone(), opened.clone(), delay_ms.clone(), to.to_string());
         tokio::spawn(async move {
             while let Ok((c, _)) = l.accept().await {
                 let Ok(s) = TcpStream::connect(&to).await else { continue };
@@ -37,11 +39,17 @@ impl SuspendProxy {
                 let born = e.load(Ordering::SeqCst);
                 let (cr, cw) = c.into_split();
                 let (sr, sw) = s.into_split();
-                tokio::spawn(pipe(cr, sw, e.clone(), born));
-                tokio::spawn(pipe(sr, cw, e.clone(), born));
+                tokio::spawn(pipe(cr, sw, e.clone(), born, None));
+                tokio::spawn(pipe(sr, cw, e.clone(), born, Some(d.clone())));
             }
         });
-        SuspendProxy { addr, epoch, opened }
+        SuspendProxy { addr, epoch, opened, delay_ms }
+    }
+
+    /// Holds each piece of an answer for `d` before passing it on, so
+    /// requests made at once overlap and each takes its own connection.
+    pub fn set_answer_delay(&self, d: Duration) {
+        self.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// `http://127.0.0.1:PORT`
@@ -67,6 +75,7 @@ async fn pipe(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     epoch: Arc<AtomicU64>,
     born: u64,
+    delay_ms: Option<Arc<AtomicU64>>,
 ) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -74,6 +83,10 @@ async fn pipe(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        let delay = delay_ms.as_ref().map_or(0, |d| d.load(Ordering::SeqCst));
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         if epoch.load(Ordering::SeqCst) != born {
             // Dead: keep both sockets open and silent.
             tokio::time::sleep(Duration::from_secs(3600)).await;
