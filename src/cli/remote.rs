@@ -227,6 +227,9 @@ impl RemoteArgs {
         if let Some(p) = self.drive_pacer {
             d.pacer = p;
         }
+        // Every process of this host on one account shares its request
+        // budget (Drive limits the account, not the process).
+        d.shared_pacer_dir = crate::cli::cache_dir::root().ok().map(|r| r.join("link"));
         c.set_bwlimit(self.bwlimit());
         c
     }

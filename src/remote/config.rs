@@ -177,6 +177,11 @@ pub struct DriveConfig {
     /// other processes here find new folders and objects by id. None:
     /// keep none. The CLI uses `$XDG_CACHE_HOME/driveblk/gdrive-ids.jsonl`.
     pub id_record: Option<PathBuf>,
+    /// Where the host-wide pacer records live, one per account
+    /// (`gdrive/pacer.rs`): every process of this host that uses the
+    /// account shares one request budget through it. None: this process
+    /// paces only its own requests. The CLI uses `<cache root>/link`.
+    pub shared_pacer_dir: Option<PathBuf>,
     /// Merging of ranged reads asked at once (`remote/merge.rs`).
     pub read_merge: super::merge::MergeConfig,
     /// How long opening a volume looks again for a header it does not
@@ -204,6 +209,7 @@ impl Default for DriveConfig {
             upload_attempts: 10,
             upload_backoff: Duration::from_secs(1),
             id_record: None,
+            shared_pacer_dir: None,
             read_merge: super::merge::MergeConfig::default(),
             open_grace: Duration::from_secs(10),
             bwlimit: BwLimit::default(),

@@ -436,6 +436,11 @@ impl DriveApi {
         let http = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(http_client(cfg, false)));
         let base = cfg.api_url.trim_end_matches('/');
         let auth = Auth::with_shared_client(cfg, http.clone()).map_err(|e| e.to_string());
+        // One request budget per account on this host (see `pacer.rs`).
+        let pacer = match (&cfg.shared_pacer_dir, &auth) {
+            (Some(dir), Ok(a)) => Pacer::shared(cfg.pacer, &dir.join(format!("drive-pacer-{}", a.account_key(base)))),
+            _ => Pacer::new(cfg.pacer),
+        };
         let (record, recorded) = IdRecord::open(cfg.id_record.clone(), base);
         let mut known = Recent::new();
         for ((kind, parent, name), id) in recorded.iter() {
@@ -450,7 +455,7 @@ impl DriveApi {
             http_up: arc_swap::ArcSwap::from_pointee(http_client(cfg, true)),
             last_reset: parking_lot::Mutex::new(None),
             auth,
-            pacer: Pacer::new(cfg.pacer),
+            pacer,
             cfg: cfg.clone(),
             ids: parking_lot::Mutex::new(Vec::new()),
             root_id: tokio::sync::OnceCell::new(),

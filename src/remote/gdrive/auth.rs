@@ -257,6 +257,24 @@ impl Auth {
         }
     }
 
+    /// A name for the account these credentials act as at `api_url`,
+    /// stable across processes and restarts and safe to write to disk (a
+    /// hash: of the service account's email, of the login's client id and
+    /// refresh token, of a static token): the key of the account's
+    /// host-wide pacer record.
+    pub fn account_key(&self, api_url: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(api_url.trim_end_matches('/').as_bytes());
+        h.update([0]);
+        match &self.loaded.lock().source {
+            Source::Static(t) => h.update(format!("static\0{t}")),
+            Source::ServiceAccount { key, .. } => h.update(format!("service\0{}", key.client_email)),
+            Source::User { user, .. } => h.update(format!("user\0{}\0{}", user.client_id, user.refresh_token)),
+        }
+        hex::encode(&h.finalize()[..12])
+    }
+
     /// Who these credentials are, for `auth status` and messages (no secret).
     pub fn describe(&self) -> String {
         self.loaded.lock().describe.clone()

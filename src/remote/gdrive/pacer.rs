@@ -14,7 +14,19 @@
 //! requests. After five slots in a row to the others while a speculative
 //! request waits, the oldest goes: a guest that keeps a throttled account
 //! busy alone still leaves a sixth of it to its uploads.
+//!
+//! Drive limits the account, not the process: a pacer made with
+//! [`Pacer::shared`] keeps the slot clock, the rate and what waits in a
+//! host-wide record ([`host`]), so every daemon and command of this host on
+//! one account shares one budget: a refusal one sees slows them all, and a
+//! speculative request in one lets a guest's requests waiting in another
+//! go first. Each process still orders its own callers as above; the one
+//! first in its line asks the record for the slot.
 
+mod host;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -28,6 +40,10 @@ use crate::remote::priority::{self, Speculative};
 pub struct Pacer {
     cfg: PacerConfig,
     state: Mutex<Bucket>,
+    /// The account's host-wide record, when shared.
+    host: Option<host::HostBucket>,
+    /// Set once the record failed: pacing is this process's from then on.
+    host_failed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -58,6 +74,8 @@ struct Bucket {
 #[derive(Debug)]
 struct Waiter {
     seq: u64,
+    /// When it came (host ns; shared pacers only).
+    since: u64,
     /// Speculative while this holds: it goes after every other caller.
     mark: Option<Speculative>,
 }
@@ -94,6 +112,22 @@ impl Bucket {
         };
         let Some(me) = self.waiting.iter().find(|w| w.seq == seq).map(place) else { return 0 };
         self.waiting.iter().filter(|w| w.seq != seq && place(w) < me).count()
+    }
+
+    /// What waits here, for the host-wide record, without caller `except`.
+    fn summary(&self, except: Option<u64>) -> host::Waiting {
+        let mut w = host::Waiting::default();
+        for x in self.waiting.iter().filter(|x| Some(x.seq) != except) {
+            if x.speculative() {
+                w.speculative += 1;
+                if w.oldest_speculative == 0 || x.since < w.oldest_speculative {
+                    w.oldest_speculative = x.since.max(1);
+                }
+            } else {
+                w.urgent += 1;
+            }
+        }
+        w
     }
 
     /// Caller `seq` takes a slot: counts the slots the others took in a
@@ -150,6 +184,11 @@ impl Drop for Ticket<'_> {
             let mut b = self.pacer.state.lock();
             self.pacer.advance(&mut b);
             b.waiting.retain(|w| w.seq != self.seq);
+            if let Some(h) = self.pacer.host() {
+                if let Err(e) = h.publish(b.summary(None)) {
+                    self.pacer.host_error(&e);
+                }
+            }
         }
     }
 }
@@ -181,7 +220,44 @@ impl Pacer {
                 refusals: 0,
                 others_run: 0,
             }),
+            host: None,
+            host_failed: AtomicBool::new(false),
         }
+    }
+
+    /// A pacer whose slot clock and rate every process of this host
+    /// shares through the record at `path` (one per account). A record
+    /// that cannot be opened (a read-only directory) leaves pacing to this
+    /// process, with a warning.
+    pub fn shared(cfg: PacerConfig, path: &Path) -> Self {
+        let mut p = Self::new(cfg);
+        match host::HostBucket::open(path, p.cfg) {
+            Ok(h) => p.host = Some(h),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot open the host-wide Drive pacer record: this process paces its own requests only"
+            ),
+        }
+        p
+    }
+
+    /// The host-wide record, unless there is none or it failed.
+    fn host(&self) -> Option<&host::HostBucket> {
+        self.host.as_ref().filter(|_| !self.host_failed.load(Ordering::Relaxed))
+    }
+
+    /// The host-wide record failed: warns once, and paces locally after.
+    fn host_error(&self, e: &std::io::Error) {
+        if !self.host_failed.swap(true, Ordering::Relaxed) {
+            let path = self.host.as_ref().map(|h| h.path().display().to_string()).unwrap_or_default();
+            tracing::warn!(path, error = %e, "the host-wide Drive pacer record failed: this process paces its own requests only");
+        }
+    }
+
+    /// True while this pacer shares the host-wide record.
+    pub fn is_shared(&self) -> bool {
+        self.host().is_some()
     }
 
     /// The settings in force.
@@ -215,6 +291,28 @@ impl Pacer {
     /// has still to wait at the rate in force, and whether it is speculative.
     fn try_take(&self, seq: u64) -> Option<(Duration, bool)> {
         let mut b = self.state.lock();
+        if let Some(h) = self.host() {
+            // The caller first in this process's line asks the record;
+            // the others wait their turn here.
+            let spec = b.waiting.iter().find(|w| w.seq == seq).is_some_and(Waiter::speculative);
+            let ahead = b.ahead_of(seq);
+            if ahead > 0 {
+                return Some((Duration::from_secs_f64(ahead as f64 / b.rate).max(Duration::from_millis(1)), spec));
+            }
+            match h.try_take(spec, b.summary(None), b.summary(Some(seq))) {
+                Ok((turn, rate)) => {
+                    b.rate = rate;
+                    return match turn {
+                        host::Turn::Took => {
+                            b.took(seq);
+                            None
+                        }
+                        host::Turn::Wait(d) => Some((d, spec)),
+                    };
+                }
+                Err(e) => self.host_error(&e),
+            }
+        }
         self.advance(&mut b);
         let turn = b.taken + b.ahead_of(seq) as f64 + 1.0;
         if b.avail >= turn {
@@ -241,7 +339,8 @@ impl Pacer {
             self.advance(&mut b);
             b.arrived += 1;
             let seq = b.arrived;
-            b.waiting.push(Waiter { seq, mark });
+            let since = if self.host.is_some() { crate::remote::host_state::monotonic_ns() } else { 0 };
+            b.waiting.push(Waiter { seq, since, mark });
             seq
         };
         let mut ticket = Ticket { pacer: self, seq, taken: false };
@@ -255,6 +354,16 @@ impl Pacer {
     /// behind this one do not go in another burst, and halve the rate.
     pub fn throttled(&self) {
         let mut b = self.state.lock();
+        if let Some(h) = self.host() {
+            match h.throttled() {
+                Ok(rate) => {
+                    b.rate = rate;
+                    b.refusals += 1;
+                    return;
+                }
+                Err(e) => self.host_error(&e),
+            }
+        }
         self.advance(&mut b);
         b.refusals += 1;
         b.avail = b.avail.min(b.issued());
@@ -267,12 +376,19 @@ impl Pacer {
 
     /// The rate in force now (requests/s).
     pub fn current_rate(&self) -> f64 {
-        self.state.lock().rate
+        self.stats().rate
     }
 
-    /// Rate in force and refusals so far.
+    /// Rate in force (the host's, when shared) and refusals this process
+    /// saw so far.
     pub fn stats(&self) -> PacerStats {
-        let b = self.state.lock();
+        let mut b = self.state.lock();
+        if let Some(h) = self.host() {
+            match h.rate() {
+                Ok(rate) => b.rate = rate,
+                Err(e) => self.host_error(&e),
+            }
+        }
         PacerStats { rate: b.rate, refusals: b.refusals }
     }
 }
@@ -477,5 +593,109 @@ mod tests {
         let got = queue_for(&p, 32, 10).await;
         assert!((105..=115).contains(&got), "{got} slots in 10 s at 10/s after a burst of 10");
         assert_eq!(p.current_rate(), 10.0);
+    }
+
+    /// Two pacers on one record (two processes on one account) and a
+    /// switch: `shared` false gives each its own clock, as before.
+    fn pair(dir: &Path, cfg: PacerConfig, shared: bool) -> (std::sync::Arc<Pacer>, std::sync::Arc<Pacer>) {
+        let make = |name: &str| {
+            let p = if shared { Pacer::shared(cfg, &dir.join("account")) } else { Pacer::shared(cfg, &dir.join(name)) };
+            assert!(p.is_shared());
+            std::sync::Arc::new(p)
+        };
+        (make("a"), make("b"))
+    }
+
+    /// Slots the callers of each pacer took in `secs` of real time, with
+    /// `n` callers each always waiting (speculative ones if `spec`).
+    async fn race(pacers: &[&std::sync::Arc<Pacer>], n: usize, secs: f64, spec: bool) -> usize {
+        let t0 = std::time::Instant::now();
+        let mut total = 0;
+        let end = Duration::from_secs_f64(secs);
+        let tasks: Vec<_> = pacers
+            .iter()
+            .flat_map(|p| (0..n).map(move |_| (*p).clone()))
+            .map(|p| {
+                tokio::spawn(async move {
+                    let mut got = 0;
+                    while t0.elapsed() < end {
+                        let mark = spec.then(|| Speculative::new(|| false));
+                        let slot = priority::with(mark, p.acquire());
+                        if tokio::time::timeout(end.saturating_sub(t0.elapsed()), slot).await.is_ok() {
+                            got += 1;
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        total
+    }
+
+    /// Two processes on one account share one rate: together they take
+    /// what one pacer gives, not twice that.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gdrive_pacer_shared_by_two_processes_keeps_one_rate() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = pair(d.path(), PacerConfig::fixed(20.0, 1), true);
+        let got = race(&[&a, &b], 4, 2.0, false).await;
+        // 20/s for 2 s: about 41 slots; apart they would take about 82.
+        assert!((30..=50).contains(&got), "{got} slots in 2 s for two pacers sharing 20/s");
+    }
+
+    /// A refusal one process sees halves the rate of the other too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gdrive_pacer_shared_refusal_slows_every_process() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = pair(d.path(), PacerConfig::fixed(20.0, 1), true);
+        a.throttled();
+        let r = b.current_rate();
+        assert!((10.0..10.5).contains(&r), "the other process's rate after a refusal: {r}");
+        assert_eq!((a.stats().refusals, b.stats().refusals), (1, 0));
+    }
+
+    /// Speculative requests in one process let the guest requests waiting
+    /// in another go first, but after five slots in a row to those, the
+    /// oldest speculative one goes: it gets about a sixth, not a half.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gdrive_pacer_shared_serves_another_process_guest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = pair(d.path(), PacerConfig::fixed(20.0, 1), true);
+        let spec = tokio::spawn(async move { race(&[&a], 4, 3.0, true).await });
+        let guest = race(&[&b], 4, 3.0, false).await;
+        let spec = spec.await.unwrap();
+        let share = spec as f64 / (spec + guest) as f64;
+        assert!(share > 0.08 && share < 0.3, "speculative {spec}, guest {guest} slots: share {share:.2}");
+    }
+
+    /// A process killed while its guest requests waited (its slot says
+    /// so, and nobody refreshes it) holds speculative requests back only
+    /// until its mark expires.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gdrive_pacer_shared_marks_of_a_dead_process_expire() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("account");
+        let cfg = PacerConfig::fixed(20.0, 1);
+        let dead = host::HostBucket::open(&path, cfg).unwrap();
+        dead.publish(host::Waiting { urgent: 5, ..Default::default() }).unwrap();
+        drop(dead);
+        let p = Pacer::shared(cfg, &path);
+        let t0 = std::time::Instant::now();
+        priority::speculative(Speculative::new(|| false), p.acquire()).await;
+        let e = t0.elapsed();
+        assert!(e >= Duration::from_millis(1500) && e < host::SLOT_TTL + Duration::from_secs(2), "{e:?}");
+    }
+
+    /// A record that cannot be made leaves pacing to the process.
+    #[tokio::test]
+    async fn gdrive_pacer_shared_falls_back_to_local_pacing() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("file"), b"").unwrap();
+        let p = Pacer::shared(PacerConfig::fixed(1000.0, 10), &d.path().join("file/account"));
+        assert!(!p.is_shared());
+        p.acquire().await;
     }
 }
