@@ -168,3 +168,75 @@ fn gdrive_a_guest_miss_goes_before_another_process_hydration() {
     );
     assert!(refused_apart > 0, "apart, two processes at 10/s each drew no refusal from a 10/s account ({apart:?})");
 }
+
+/// Processes' slots in the pacer records under cache root `root`:
+/// (urgent, speculative) requests each says it has waiting.
+fn waiting_in_records(root: &Path) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root.join("link")).unwrap() {
+        let raw = std::fs::read(e.unwrap().path()).unwrap();
+        // Boot id, 64 bytes of clock and rate, then 40-byte slots: id,
+        // heartbeat, urgent, speculative, oldest.
+        for s in raw[16 + 64..].chunks_exact(40) {
+            let at = |i: usize| u64::from_le_bytes(s[i * 8..i * 8 + 8].try_into().unwrap());
+            if at(0) != 0 {
+                out.push((at(2), at(3)));
+            }
+        }
+    }
+    out
+}
+
+/// A daemon killed with -9 while its guest's reads waited for the shared
+/// budget leaves its mark in the record; the mark expires, and another
+/// process's hydration, which let those reads go first, finishes.
+#[test]
+fn gdrive_a_killed_daemon_does_not_hold_the_account_budget() {
+    let env = start(driveemu::Config { latency: Duration::from_millis(2), ..Default::default() }, Creds::User);
+    let url = "gdrive:/vms/killed";
+    volume(&env, url, 32 << 20);
+    let d = env.dir.path().join("killed");
+    std::fs::create_dir_all(&d).unwrap();
+    let root = d.join("root");
+    let sock = d.join("sock");
+    let cache = d.join("cache-a");
+    let mut a = vec!["--volume", url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+    a.extend_from_slice(&["--boot-profile", "off", "--num-queues", "1", "--drive-pacer", "5,1"]);
+    let flags = drive_flags(&env);
+    a.extend(flags.iter().map(String::as_str));
+    let root_s = root.to_str().unwrap().to_string();
+    let mut daemon = common::Daemon::start_env(&sock, &a, &[("DRIVEBLK_CACHE", &root_s)]);
+    // The guest reads chunk after chunk: one read nearly always waits for
+    // the account's next slot.
+    let mut c = common::Client::connect(&sock, 1);
+    let guest = std::thread::spawn(move || {
+        for i in 0..128u64 {
+            if c.read(((i * 37 + 5) % 128) * (256 << 10), 4096).is_err() {
+                return;
+            }
+        }
+    });
+    let h = hydrate(&env, url, &d.join("cache-b"), &root, "5,1");
+    std::thread::sleep(Duration::from_secs(3));
+    let mut child = daemon.child.take().unwrap();
+    child.kill().unwrap();
+    let t0 = Instant::now();
+    child.wait().unwrap();
+    let marks = waiting_in_records(&root);
+    assert!(marks.iter().any(|m| m.0 > 0), "the killed daemon had no guest read waiting: {marks:?}");
+    // The rest of the hydration: at most 128 requests at 5/s.
+    let mut h = h;
+    while h.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = h.kill();
+            let marks = waiting_in_records(&root);
+            panic!("the hydration did not finish within 60 s of the daemon's death; waiting: {marks:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("the hydration finished {:.1} s after the daemon was killed", t0.elapsed().as_secs_f64());
+    finished(h);
+    // The guest's client would give up on the dead daemon only after its
+    // own time-out: it is left to end with the test.
+    drop(guest);
+}

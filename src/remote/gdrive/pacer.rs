@@ -698,4 +698,20 @@ mod tests {
         assert!(!p.is_shared());
         p.acquire().await;
     }
+
+    /// The shared rate climbs while the processes' requests queue, as one
+    /// pacer's does (a quarter a second before any refusal), and a refusal
+    /// halves it for both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gdrive_pacer_shared_rate_climbs_while_requests_queue() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = pair(d.path(), PacerConfig { rate: 10.0, burst: 1, max_rate: 100.0 }, true);
+        race(&[&a, &b], 2, 3.0, false).await;
+        // 10 * 1.25^3 is about 19.5; a clock that never saw queueing stays at 10.
+        let r = b.current_rate();
+        assert!(r > 15.0 && r < 25.0, "{r}");
+        a.throttled();
+        let half = b.current_rate();
+        assert!((half - r / 2.0).abs() < 1.0, "{r} then {half}");
+    }
 }
