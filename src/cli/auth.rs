@@ -422,6 +422,11 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         }
     };
     println!("credentials: {}", auth.describe());
+    if let Some(dir) = &d.shared_pacer_dir {
+        let base = d.api_url.trim_end_matches('/');
+        let record = crate::remote::gdrive::pacer::Pacer::record_path(dir, &auth.account_key(base));
+        println!("pacer:       shared by this host's processes on this account ({})", record.display());
+    }
     let rt = runtime()?;
     match rt.block_on(auth.token()) {
         Ok(_) => println!("token:       ok (obtained; not shown)"),

@@ -438,7 +438,7 @@ impl DriveApi {
         let auth = Auth::with_shared_client(cfg, http.clone()).map_err(|e| e.to_string());
         // One request budget per account on this host (see `pacer.rs`).
         let pacer = match (&cfg.shared_pacer_dir, &auth) {
-            (Some(dir), Ok(a)) => Pacer::shared(cfg.pacer, &dir.join(format!("drive-pacer-{}", a.account_key(base)))),
+            (Some(dir), Ok(a)) => Pacer::shared(cfg.pacer, &Pacer::record_path(dir, &a.account_key(base))),
             _ => Pacer::new(cfg.pacer),
         };
         let (record, recorded) = IdRecord::open(cfg.id_record.clone(), base);

@@ -242,6 +242,12 @@ impl Pacer {
         p
     }
 
+    /// Where the host-wide record of the account `account_key`
+    /// ([`super::auth::Auth::account_key`]) lives in `dir`.
+    pub fn record_path(dir: &Path, account_key: &str) -> std::path::PathBuf {
+        dir.join(format!("drive-pacer-{account_key}"))
+    }
+
     /// The host-wide record, unless there is none or it failed.
     fn host(&self) -> Option<&host::HostBucket> {
         self.host.as_ref().filter(|_| !self.host_failed.load(Ordering::Relaxed))
