@@ -17,7 +17,7 @@
 //!
 //! Drive limits the account, not the process: a pacer made with
 //! [`Pacer::shared`] keeps the slot clock, the rate and what waits in a
-//! host-wide record ([`host`]), so every daemon and command of this host on
+//! host-wide record (`pacer/host.rs`), so every daemon and command of this host on
 //! one account shares one budget: a refusal one sees slows them all, and a
 //! speculative request in one lets a guest's requests waiting in another
 //! go first. Each process still orders its own callers as above; the one
