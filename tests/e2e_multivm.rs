@@ -342,3 +342,63 @@ fn a_hydrate_the_cache_disk_cannot_keep_whole_says_so() {
     }
     assert!(dm.stop().success());
 }
+
+/// `--bwlimit` is the uplink's, not each process's: a daemon uploading
+/// a guest's changes and an `import` running beside it, each at 1M, take
+/// turns on the host's clock, so moving their 6 MiB takes about 6 s, not
+/// the 3 s each would take alone (with a clock per process, 2 MiB/s went
+/// up in all).
+#[test]
+fn daemons_and_imports_on_one_host_share_its_bwlimit() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, url) = raw_volume(d.path(), "w10", 16 << 20, 1);
+    let link = d.path().join("link");
+    let link_env = [("DRIVEBLK_LINK", link.to_str().unwrap())];
+    let (sock, cache) = (d.path().join("w10.sock"), d.path().join("w10.cache"));
+    let args = [
+        "--volume",
+        &url,
+        "--format",
+        "raw",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--boot-profile",
+        "off",
+        "--sync-interval",
+        "3600",
+        "--bwlimit",
+        "1M:off",
+    ];
+    let _daemon = Daemon::start_env(&sock, &args, &link_env);
+    let mut c = Client::connect(&sock, 1);
+    // 3 MiB of bytes zstd cannot shrink: 3 s at 1 MiB/s.
+    c.write(0, &pattern(7, 3 << 20)).unwrap();
+    c.flush().unwrap();
+    let img = d.path().join("linux.raw");
+    common::make_raw(&img, 3 << 20, 8);
+
+    let timed = |args: Vec<String>, link: &Path| {
+        let link = link.to_path_buf();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let o =
+                Command::new(env!("CARGO_BIN_EXE_driveblk")).args(&args).env("DRIVEBLK_LINK", link).output().unwrap();
+            assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            t0.elapsed()
+        })
+    };
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let sync = timed(s(&["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "120"]), &link);
+    let import_url = format!("dir:{}", d.path().join("remote/linux").display());
+    let import = timed(
+        s(&["import", "--quiet", "--format", "raw", "--bwlimit", "1M:off", img.to_str().unwrap(), &import_url]),
+        &link,
+    );
+    let (t_sync, t_import) = (sync.join().unwrap(), import.join().unwrap());
+    eprintln!("sync {t_sync:?}, import {t_import:?}");
+    assert!(
+        t_sync.max(t_import) >= Duration::from_millis(5200),
+        "6 MiB went up at 1M:off in {:?}: each process kept its own clock",
+        t_sync.max(t_import)
+    );
+}

@@ -33,6 +33,17 @@ pub fn root() -> anyhow::Result<PathBuf> {
     }
 }
 
+/// Where the limits every driveblk process of this host shares live
+/// (`--bwlimit`'s clocks, a Drive account's request budget):
+/// $DRIVEBLK_LINK, else `link` under the cache root. Processes given
+/// different directories keep separate limits (two uplinks).
+pub fn link_dir() -> anyhow::Result<PathBuf> {
+    match std::env::var_os("DRIVEBLK_LINK").filter(|v| !v.is_empty()) {
+        Some(d) => Ok(PathBuf::from(d)),
+        None => Ok(root()?.join("link")),
+    }
+}
+
 /// One spelling per place: `dir:` paths absolute with symlinks resolved,
 /// Drive URLs as the parser writes them back.
 pub fn canonical_url(url: &str) -> anyhow::Result<String> {
