@@ -20,6 +20,11 @@ const SLOTS: usize = 16;
 const SLOT: usize = 24;
 /// A lane: where the clock is free from, then the slots.
 const LANE: usize = 8 + SLOTS * SLOT;
+/// Further ahead than any queue of turns gets (an 8 MiB Drive chunk at
+/// the lowest limit, 16 KiB/s, is 9 minutes): a clock this far ahead is a
+/// damaged record, and starts again from now instead of stopping every
+/// transfer of the host for good.
+const MAX_AHEAD: u64 = 6 * 3600 * 1_000_000_000;
 
 /// A set of `lanes` clocks shared through one host record.
 #[derive(Debug)]
@@ -46,6 +51,9 @@ impl HostClock {
         self.rec.update(|r| {
             let l = &mut r[lane * LANE..(lane + 1) * LANE];
             let now = monotonic_ns();
+            if get_u64(l, 0) > now + MAX_AHEAD {
+                l.fill(0);
+            }
             reap_dead(l, pid, now);
             let dur = dur.as_nanos() as u64;
             let start = get_u64(l, 0).max(now);
@@ -121,6 +129,21 @@ mod tests {
         a.hand_back(0, Duration::from_secs(9)).unwrap();
         let t2 = b.reserve(0, Duration::from_secs(1)).unwrap();
         assert!(t2 - t0 < 3_000_000_000, "{}", t2 - t0);
+    }
+
+    /// Garbage in the record (a damaged file) costs no more than a turn.
+    #[test]
+    fn a_damaged_record_does_not_stop_the_link() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("c");
+        let c = HostClock::open(&path, 1).unwrap();
+        c.reserve(0, Duration::from_millis(1)).unwrap();
+        let mut raw = std::fs::read(&path).unwrap();
+        raw[16..].fill(0xee);
+        std::fs::write(&path, raw).unwrap();
+        let now = monotonic_ns();
+        let t = c.reserve(0, Duration::from_millis(1)).unwrap();
+        assert!(t < now + 1_000_000_000, "the next turn is {} s away", (t - now) / 1_000_000_000);
     }
 
     /// A process killed with a minute of turns ahead: the next to reserve
