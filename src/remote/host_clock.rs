@@ -139,7 +139,7 @@ mod tests {
         let c = HostClock::open(&path, 1).unwrap();
         c.reserve(0, Duration::from_millis(1)).unwrap();
         let mut raw = std::fs::read(&path).unwrap();
-        raw[16..].fill(0xee);
+        raw[16..24].fill(0xee);
         std::fs::write(&path, raw).unwrap();
         let now = monotonic_ns();
         let t = c.reserve(0, Duration::from_millis(1)).unwrap();
