@@ -402,3 +402,61 @@ fn daemons_and_imports_on_one_host_share_its_bwlimit() {
         t_sync.max(t_import)
     );
 }
+
+/// Each daemon's RAM tier is memory on top of its guest's: a start that
+/// takes the daemons' tiers past a quarter of the host's memory says so,
+/// naming the others; a daemon that ended (even by kill -9) no longer
+/// counts.
+#[test]
+fn ram_tiers_that_add_up_past_the_hosts_memory_are_named_at_start() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Each alone under a quarter of the host, two together over it.
+    let each = format!("{}", (kib << 10) / 4 * 6 / 10);
+    let d = tempfile::tempdir().unwrap();
+    let serve = |name: &str, seed: u64| {
+        let (_, url) = raw_volume(d.path(), name, 4 << 20, seed);
+        let sock = d.path().join(format!("{name}.sock"));
+        let log = d.path().join(format!("{name}.log"));
+        let cache = d.path().join(format!("{name}.cache"));
+        let args = [
+            "--volume",
+            &url,
+            "--format",
+            "raw",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--ram-cache",
+            &each,
+            "--boot-profile",
+            "off",
+        ];
+        let daemon = Daemon::start_logged(&sock, &args, &[], Some(&log));
+        (daemon, log)
+    };
+    let warned = |log: &Path| std::fs::read_to_string(log).unwrap().contains("add up to");
+    let (mut a, a_log) = serve("w10", 1);
+    assert!(!warned(&a_log), "one daemon alone was warned: {}", std::fs::read_to_string(&a_log).unwrap());
+    let (b, b_log) = serve("linux", 2);
+    let said = std::fs::read_to_string(&b_log).unwrap();
+    let pid_a = a.child.as_ref().unwrap().id();
+    assert!(
+        warned(&b_log) && said.contains(&format!("pid {pid_a}")),
+        "two daemons over a quarter of the host were not named:\n{said}"
+    );
+    drop(b);
+    // A daemon killed -9 leaves its entry; the next start forgets it.
+    let mut child = a.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (_c, c_log) = serve("data", 3);
+    assert!(!warned(&c_log), "a killed daemon's tier still counted: {}", std::fs::read_to_string(&c_log).unwrap());
+}

@@ -10,7 +10,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use super::host_state::{get_u64, monotonic_ns, put_u64, HostRecord};
+use super::host_state::{alive, get_u64, monotonic_ns, put_u64, HostRecord};
 
 /// Processes whose turns a clock keeps track of; more reserve all the
 /// same, untracked (their turns are kept if they die).
@@ -103,13 +103,6 @@ fn reap_dead(l: &mut [u8], me: u64, now: u64) {
         put_u64(l, 0, get_u64(l, 0).saturating_sub(held).max(now));
         l[s..s + SLOT].fill(0);
     }
-}
-
-/// Whether a process `pid` exists (one of another user's counts).
-fn alive(pid: u64) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
-    // SAFETY: signal 0 checks for the process; nothing is sent.
-    unsafe { libc::kill(pid, 0) == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) }
 }
 
 #[cfg(test)]
