@@ -460,3 +460,43 @@ fn ram_tiers_that_add_up_past_the_hosts_memory_are_named_at_start() {
     let (_c, c_log) = serve("data", 3);
     assert!(!warned(&c_log), "a killed daemon's tier still counted: {}", std::fs::read_to_string(&c_log).unwrap());
 }
+
+/// The same two daemons, but the Linux guest writes 10 MiB at once (five
+/// 2 MiB writes back to back, twice the disk's reserve): a write that
+/// finds the disk full, with nothing clean of its own to evict, waits the
+/// moment the Windows daemon's sweep takes to give room back, instead of
+/// failing with an I/O error because the sweep had not run yet.
+#[test]
+fn a_burst_of_writes_past_the_reserve_lands_on_a_disk_a_siblings_cache_filled() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
+    let d = tempfile::tempdir().unwrap();
+    let (win, win_url) = raw_volume(d.path(), "win10", 128 << 20, 3);
+    let (_, linux_url) = raw_volume(d.path(), "linux", 16 << 20, 4);
+    let mnt = d.path().join("cachefs");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _m = Mount(mnt.clone());
+    let (win_cache, linux_cache) = (mnt.join("win10"), mnt.join("linux"));
+    let linux = start(&d.path().join("linux.sock"), &linux_url, &linux_cache);
+    let windows = start(&d.path().join("win.sock"), &win_url, &win_cache);
+    let mut wc = Client::connect(&windows.socket, 1);
+    for i in 0..128usize {
+        let got = wc.read((i as u64) << 20, 1 << 20).unwrap_or_else(|e| panic!("windows read of MiB {i}: {e}"));
+        assert!(got == win[i << 20..(i + 1) << 20], "windows read of MiB {i} is wrong");
+    }
+    let mut lc = Client::connect(&linux.socket, 1);
+    let written: Vec<Vec<u8>> = (0..5u64).map(|k| pattern(20 + k, 2 << 20)).collect();
+    for (k, data) in written.iter().enumerate() {
+        lc.write(k as u64 * (2 << 20), data).unwrap_or_else(|e| {
+            panic!("linux write {k} of a burst failed ({e}) on a disk the windows daemon's clean data filled")
+        });
+    }
+    lc.flush().unwrap();
+    for (k, data) in written.iter().enumerate() {
+        assert!(lc.read(k as u64 * (2 << 20), 2 << 20).unwrap() == *data, "linux write {k} reads back");
+    }
+    drop((lc, wc));
+    assert!(linux.stop().success());
+    assert!(windows.stop().success());
+}

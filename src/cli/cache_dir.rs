@@ -8,6 +8,8 @@
 //! canonical URL>` is a symlink to it, so a later command finds it without
 //! asking the remote (which may be down). On a file system without
 //! symlinks (exFAT, FAT) it is a file holding the link's target.
+//! `<root>/link/` holds the records every process of the host shares
+//! (`link_dir`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
