@@ -342,3 +342,161 @@ fn a_hydrate_the_cache_disk_cannot_keep_whole_says_so() {
     }
     assert!(dm.stop().success());
 }
+
+/// `--bwlimit` is the uplink's, not each process's: a daemon uploading
+/// a guest's changes and an `import` running beside it, each at 1M, take
+/// turns on the host's clock, so moving their 6 MiB takes about 6 s, not
+/// the 3 s each would take alone (with a clock per process, 2 MiB/s went
+/// up in all).
+#[test]
+fn daemons_and_imports_on_one_host_share_its_bwlimit() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, url) = raw_volume(d.path(), "w10", 16 << 20, 1);
+    let link = d.path().join("link");
+    let link_env = [("DRIVEBLK_LINK", link.to_str().unwrap())];
+    let (sock, cache) = (d.path().join("w10.sock"), d.path().join("w10.cache"));
+    let args = [
+        "--volume",
+        &url,
+        "--format",
+        "raw",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--boot-profile",
+        "off",
+        "--sync-interval",
+        "3600",
+        "--bwlimit",
+        "1M:off",
+    ];
+    let _daemon = Daemon::start_env(&sock, &args, &link_env);
+    let mut c = Client::connect(&sock, 1);
+    // 3 MiB of bytes zstd cannot shrink: 3 s at 1 MiB/s.
+    c.write(0, &pattern(7, 3 << 20)).unwrap();
+    c.flush().unwrap();
+    let img = d.path().join("linux.raw");
+    common::make_raw(&img, 3 << 20, 8);
+
+    let timed = |args: Vec<String>, link: &Path| {
+        let link = link.to_path_buf();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let o =
+                Command::new(env!("CARGO_BIN_EXE_driveblk")).args(&args).env("DRIVEBLK_LINK", link).output().unwrap();
+            assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            t0.elapsed()
+        })
+    };
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let sync = timed(s(&["sync", &url, "--cache-dir", cache.to_str().unwrap(), "--timeout", "120"]), &link);
+    let import_url = format!("dir:{}", d.path().join("remote/linux").display());
+    let import = timed(
+        s(&["import", "--quiet", "--format", "raw", "--bwlimit", "1M:off", img.to_str().unwrap(), &import_url]),
+        &link,
+    );
+    let (t_sync, t_import) = (sync.join().unwrap(), import.join().unwrap());
+    eprintln!("sync {t_sync:?}, import {t_import:?}");
+    assert!(
+        t_sync.max(t_import) >= Duration::from_millis(5200),
+        "6 MiB went up at 1M:off in {:?}: each process kept its own clock",
+        t_sync.max(t_import)
+    );
+}
+
+/// Each daemon's RAM tier is memory on top of its guest's: a start that
+/// takes the daemons' tiers past a quarter of the host's memory says so,
+/// naming the others; a daemon that ended (even by kill -9) no longer
+/// counts.
+#[test]
+fn ram_tiers_that_add_up_past_the_hosts_memory_are_named_at_start() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Each alone under a quarter of the host, two together over it.
+    let each = format!("{}", (kib << 10) / 4 * 6 / 10);
+    let d = tempfile::tempdir().unwrap();
+    let serve = |name: &str, seed: u64| {
+        let (_, url) = raw_volume(d.path(), name, 4 << 20, seed);
+        let sock = d.path().join(format!("{name}.sock"));
+        let log = d.path().join(format!("{name}.log"));
+        let cache = d.path().join(format!("{name}.cache"));
+        let args = [
+            "--volume",
+            &url,
+            "--format",
+            "raw",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--ram-cache",
+            &each,
+            "--boot-profile",
+            "off",
+        ];
+        let daemon = Daemon::start_logged(&sock, &args, &[], Some(&log));
+        (daemon, log)
+    };
+    let warned = |log: &Path| std::fs::read_to_string(log).unwrap().contains("add up to");
+    let (mut a, a_log) = serve("w10", 1);
+    assert!(!warned(&a_log), "one daemon alone was warned: {}", std::fs::read_to_string(&a_log).unwrap());
+    let (b, b_log) = serve("linux", 2);
+    let said = std::fs::read_to_string(&b_log).unwrap();
+    let pid_a = a.child.as_ref().unwrap().id();
+    assert!(
+        warned(&b_log) && said.contains(&format!("pid {pid_a}")),
+        "two daemons over a quarter of the host were not named:\n{said}"
+    );
+    drop(b);
+    // A daemon killed -9 leaves its entry; the next start forgets it.
+    let mut child = a.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (_c, c_log) = serve("data", 3);
+    assert!(!warned(&c_log), "a killed daemon's tier still counted: {}", std::fs::read_to_string(&c_log).unwrap());
+}
+
+/// The same two daemons, but the Linux guest writes 10 MiB at once (five
+/// 2 MiB writes back to back, twice the disk's reserve): a write that
+/// finds the disk full, with nothing clean of its own to evict, waits the
+/// moment the Windows daemon's sweep takes to give room back, instead of
+/// failing with an I/O error because the sweep had not run yet.
+#[test]
+fn a_burst_of_writes_past_the_reserve_lands_on_a_disk_a_siblings_cache_filled() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
+    let d = tempfile::tempdir().unwrap();
+    let (win, win_url) = raw_volume(d.path(), "win10", 128 << 20, 3);
+    let (_, linux_url) = raw_volume(d.path(), "linux", 16 << 20, 4);
+    let mnt = d.path().join("cachefs");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _m = Mount(mnt.clone());
+    let (win_cache, linux_cache) = (mnt.join("win10"), mnt.join("linux"));
+    let linux = start(&d.path().join("linux.sock"), &linux_url, &linux_cache);
+    let windows = start(&d.path().join("win.sock"), &win_url, &win_cache);
+    let mut wc = Client::connect(&windows.socket, 1);
+    for i in 0..128usize {
+        let got = wc.read((i as u64) << 20, 1 << 20).unwrap_or_else(|e| panic!("windows read of MiB {i}: {e}"));
+        assert!(got == win[i << 20..(i + 1) << 20], "windows read of MiB {i} is wrong");
+    }
+    let mut lc = Client::connect(&linux.socket, 1);
+    let written: Vec<Vec<u8>> = (0..5u64).map(|k| pattern(20 + k, 2 << 20)).collect();
+    for (k, data) in written.iter().enumerate() {
+        lc.write(k as u64 * (2 << 20), data).unwrap_or_else(|e| {
+            panic!("linux write {k} of a burst failed ({e}) on a disk the windows daemon's clean data filled")
+        });
+    }
+    lc.flush().unwrap();
+    for (k, data) in written.iter().enumerate() {
+        assert!(lc.read(k as u64 * (2 << 20), 2 << 20).unwrap() == *data, "linux write {k} reads back");
+    }
+    drop((lc, wc));
+    assert!(linux.stop().success());
+    assert!(windows.stop().success());
+}

@@ -436,6 +436,7 @@ fn an_import_killed_half_way_is_cleared_by_the_next_import() {
     };
     let mut child = Command::new(bin())
         .args(["import", "--quiet", "--format", "raw", "--bwlimit", "4M:off", src.to_str().unwrap(), &url])
+        .env("DRIVEBLK_LINK", dir.path().join("link"))
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();

@@ -8,6 +8,8 @@
 //! canonical URL>` is a symlink to it, so a later command finds it without
 //! asking the remote (which may be down). On a file system without
 //! symlinks (exFAT, FAT) it is a file holding the link's target.
+//! `<root>/link/` holds the records every process of the host shares
+//! (`link_dir`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,6 +32,17 @@ pub fn root() -> anyhow::Result<PathBuf> {
         Ok(PathBuf::from(h).join(".cache/driveblk"))
     } else {
         bail!("no cache directory: pass --cache-dir or set DRIVEBLK_CACHE")
+    }
+}
+
+/// Where the limits every driveblk process of this host shares live
+/// (`--bwlimit`'s clocks, a Drive account's request budget):
+/// $DRIVEBLK_LINK, else `link` under the cache root. Processes given
+/// different directories keep separate limits (two uplinks).
+pub fn link_dir() -> anyhow::Result<PathBuf> {
+    match std::env::var_os("DRIVEBLK_LINK").filter(|v| !v.is_empty()) {
+        Some(d) => Ok(PathBuf::from(d)),
+        None => Ok(root()?.join("link")),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cache_dir;
 pub mod config;
 pub mod control;
+pub mod host_ram;
 pub mod maintain;
 pub mod metrics;
 pub mod rekey;

@@ -168,10 +168,22 @@ impl RemoteArgs {
     }
 
     /// The process's `--bwlimit` limiter, made once: every remote of every
-    /// volume this command opens shares its clocks.
+    /// volume this command opens shares its clocks, and so does every
+    /// other driveblk process of this host (`link_dir`).
     fn bwlimit(&self) -> BwLimit {
         static LIMIT: OnceLock<BwLimit> = OnceLock::new();
-        LIMIT.get_or_init(|| self.bwlimit.clone().map(BwLimit::new).unwrap_or_default()).clone()
+        LIMIT
+            .get_or_init(|| {
+                let Some(s) = self.bwlimit.clone() else { return BwLimit::default() };
+                match super::cache_dir::link_dir() {
+                    Ok(d) => BwLimit::host_wide(s, &d.join("bwlimit")),
+                    Err(e) => {
+                        tracing::warn!("--bwlimit holds for this process alone: {e:#}");
+                        BwLimit::new(s)
+                    }
+                }
+            })
+            .clone()
     }
 }
 
@@ -229,7 +241,7 @@ impl RemoteArgs {
         }
         // Every process of this host on one account shares its request
         // budget (Drive limits the account, not the process).
-        d.shared_pacer_dir = crate::cli::cache_dir::root().ok().map(|r| r.join("link"));
+        d.shared_pacer_dir = crate::cli::cache_dir::link_dir().ok();
         c.set_bwlimit(self.bwlimit());
         c
     }

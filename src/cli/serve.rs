@@ -705,6 +705,7 @@ pub fn run(mut cfg: ServeConfig) -> anyhow::Result<()> {
                 Err(e) => return Err(e.into()),
             };
             volume_store = Some(store.clone());
+            crate::cli::host_ram::check_at_start(cache.ram_cache);
             // Are the newest generation's objects all in the folder? (People
             // trash and move files; a thread of its own, the guest waits not.)
             let weak = Arc::downgrade(&store);

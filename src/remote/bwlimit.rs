@@ -4,7 +4,12 @@
 //! long sync leaves a home uplink to the rest of the house (a video call
 //! stays usable). Each transfer reserves its slot on one shared clock per
 //! direction (its bytes at the rate in force), waits for the slot to
-//! start, then sends its body in 64 KiB pieces spread evenly across it;
+//! start, then sends its body in 64 KiB pieces spread evenly across it.
+//! The clocks are the host's ([`BwLimit::host_wide`]): every process
+//! with a limit reserves on the same two clocks (`remote/host_state.rs`),
+//! so three VMs' daemons and an `import` together keep to the uplink's
+//! limit, not to three times it; where their limits differ, each pays
+//! its bytes at its own, so the lowest in force holds for all.
 //! downloads are consumed no faster, so TCP flow control holds the sender
 //! back. The backends take turns here (`RemoteConfig`'s limiter): Drive
 //! and object-store bodies, `dir:` writes, Drive's download streams; other
@@ -16,6 +21,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
+
+use super::host_clock::HostClock;
+use super::host_state;
 
 /// Upload and download limits from one time of day on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +122,28 @@ impl BwLimit {
         Self(Some(Arc::new(Limiter { schedule, up: Arc::default(), down: Arc::default() })))
     }
 
+    /// A limiter for `schedule` whose clocks are the host's, kept in the
+    /// record at `path` that every process given that path shares. A
+    /// record that cannot be opened leaves this process its own clocks
+    /// (with a warning): the limit then holds for this process alone.
+    pub fn host_wide(schedule: BwSchedule, path: &std::path::Path) -> Self {
+        if schedule.is_unlimited() {
+            return Self::default();
+        }
+        let rec = match HostClock::open(path, 2) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                tracing::warn!(
+                    "--bwlimit holds for this process alone: cannot open the host's clock {}: {e}",
+                    path.display()
+                );
+                return Self::new(schedule);
+            }
+        };
+        let pacer = |at| Arc::new(Pacer { free_at: Mutex::default(), host: Some((rec.clone(), at)) });
+        Self(Some(Arc::new(Limiter { schedule, up: pacer(0), down: pacer(1) })))
+    }
+
     /// Whether any limit is set at any time of day.
     pub fn is_limited(&self) -> bool {
         self.0.is_some()
@@ -176,24 +206,61 @@ impl BwLimit {
 }
 
 /// Paces one direction: each transfer reserves its share of the rate on a
-/// shared clock, so many parallel requests together stay under it.
+/// shared clock, so many parallel requests together stay under it. The
+/// clock is this process's, or the host's: a time in nanoseconds of the
+/// host's monotonic clock at an offset of a host record.
 #[derive(Debug, Default)]
 struct Pacer {
     free_at: Mutex<Option<Instant>>,
+    host: Option<(Arc<HostClock>, usize)>,
 }
 
 impl Pacer {
     /// Reserves the next `bytes / rate` of the clock.
     fn reserve(self: &Arc<Self>, bytes: u64, rate: u64) -> Turn {
         let dur = Duration::from_secs_f64(bytes as f64 / rate as f64);
-        let start = {
+        let start = self.reserve_on_host(dur).unwrap_or_else(|| {
             let mut free = self.free_at.lock();
             let now = Instant::now();
             let start = free.map_or(now, |f| f.max(now));
             *free = Some(start + dur);
             start
-        };
+        });
         Turn { clock: Clock { start, dur, len: bytes }, _held: Some(Reservation { pacer: self.clone(), start, dur }) }
+    }
+
+    /// [`reserve`](Self::reserve) on the host's clock; None when this
+    /// pacer has none, or its record failed (this process then paces
+    /// alone, and says so once).
+    fn reserve_on_host(&self, dur: Duration) -> Option<Instant> {
+        let (clock, lane) = self.host.as_ref()?;
+        match clock.reserve(*lane, dur) {
+            Ok(start) => Some(host_state::instant_at(start)),
+            Err(e) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        "--bwlimit holds for this process alone: the host's clock {} failed: {e}",
+                        clock.path().display()
+                    )
+                });
+                None
+            }
+        }
+    }
+
+    /// Hands back `unused` of the clock (a transfer given up).
+    fn hand_back(&self, unused: Duration) {
+        let now = Instant::now();
+        if let Some((clock, lane)) = &self.host {
+            if clock.hand_back(*lane, unused).is_ok() {
+                return;
+            }
+        }
+        let mut free = self.free_at.lock();
+        if let Some(f) = *free {
+            *free = Some(f.checked_sub(unused).unwrap_or(now).max(now));
+        }
     }
 }
 
@@ -215,10 +282,7 @@ impl Drop for Reservation {
         if unused.is_zero() {
             return;
         }
-        let mut free = self.pacer.free_at.lock();
-        if let Some(f) = *free {
-            *free = Some(f.checked_sub(unused).unwrap_or(now).max(now));
-        }
+        self.pacer.hand_back(unused);
     }
 }
 

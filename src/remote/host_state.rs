@@ -116,6 +116,17 @@ pub fn ns_at(t: tokio::time::Instant) -> u64 {
     }
 }
 
+/// Whether process `pid` exists (one of another user's counts): what a
+/// record's per-process entries go by to forget a process that died.
+pub fn alive(pid: u64) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 checks for the process; nothing is sent.
+    unsafe { libc::kill(pid, 0) == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) }
+}
+
 /// A little-endian u64 at `at` in a record.
 pub fn get_u64(rec: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(rec[at..at + 8].try_into().unwrap_or([0; 8]))

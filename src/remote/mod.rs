@@ -10,6 +10,7 @@ pub mod config;
 pub mod dir;
 pub mod error;
 pub mod gdrive;
+pub mod host_clock;
 pub mod host_state;
 pub mod layer;
 pub mod merge;

@@ -56,6 +56,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+use std::time::Duration;
+
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +104,11 @@ pub const PAGE: u64 = 4096;
 /// Most of [`default_min_free`]: on a large disk a few GiB is what a burst
 /// of guest writes needs while the sibling daemons give way.
 pub const MIN_FREE_MAX: u64 = 4 << 30;
+
+/// How long a guest write that finds the cache's disk full, with nothing
+/// clean here to evict, waits for other daemons' caches on that disk to
+/// give way (they look every quarter of a second).
+const SIBLINGS_MAKE_ROOM: Duration = Duration::from_secs(2);
 
 /// What clean data leaves free on the filesystem of the cache directory
 /// `dir` unless told otherwise: a twentieth of its size, at most
@@ -304,6 +311,8 @@ pub struct SsdCache {
     /// ([`default_min_free`]): other daemons' caches share that disk, and
     /// their changes not uploaded yet cannot give way.
     min_free: AtomicU64,
+    /// When a write last waited in vain for the full disk to get room.
+    full_wait_failed: Mutex<Option<std::time::Instant>>,
     /// The file system has holes: evicting a chunk gives its space back.
     sparse: bool,
     /// Whole chunks held (clean + dirty).
@@ -559,6 +568,7 @@ impl SsdCache {
             // Without holes evicting frees no disk space: keeping some free
             // by evicting would only empty the cache, sweep after sweep.
             min_free: AtomicU64::new(if sparse { default_min_free(dir) } else { 0 }),
+            full_wait_failed: Mutex::new(None),
             sparse,
             cached: AtomicU64::new(cached),
             dirty: AtomicU64::new(dirty),
@@ -1052,9 +1062,30 @@ impl SsdCache {
             // by the disk), then the write is tried once more.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                 if self.make_room_on_disk(idx)? {
-                    self.write_once(idx, off, bufs, fill)
-                } else {
-                    Err(e)
+                    return self.write_once(idx, off, bufs, fill);
+                }
+                // Nothing clean here to give way: other daemons' caches on
+                // this disk do within their next sweep (a quarter of a
+                // second, while the disk has less than their reserve free).
+                // A guest waits that long, rather than getting an I/O error.
+                // A disk nobody frees fails at once again for a while, so
+                // a guest's queue of writes does not wait it out each.
+                let now = std::time::Instant::now();
+                if self.full_wait_failed.lock().is_some_and(|t| now.duration_since(t) < SIBLINGS_MAKE_ROOM * 4) {
+                    return Err(e);
+                }
+                let deadline = now + SIBLINGS_MAKE_ROOM;
+                loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    match self.write_once(idx, off, bufs, fill) {
+                        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                            if std::time::Instant::now() >= deadline {
+                                *self.full_wait_failed.lock() = Some(std::time::Instant::now());
+                                return Err(e);
+                            }
+                        }
+                        r => return r,
+                    }
                 }
             }
             r => r,

@@ -193,6 +193,11 @@ struct Inner {
 /// refused by it (see `Inner::promote`).
 const PROMOTE_FULL_RATE: u64 = 64 << 20;
 
+/// How often a daemon looks whether its cache's disk has less than
+/// `--ssd-min-free` free (a statvfs) and evicts clean chunks if so; the
+/// state map is persisted every eighth look (2 s).
+const DISK_SWEEP_EVERY: Duration = Duration::from_millis(250);
+
 /// The least time `close` gives the lease's last record and the sealing
 /// of the boot profile (local work), even after a final sync that used up
 /// its whole timeout.
@@ -380,14 +385,18 @@ impl TieredStore {
         // seconds, so a restart after a crash still finds most of them.
         let bg = inner.clone();
         rt.spawn(async move {
+            let mut ticks = 0u64;
             while !bg.closed.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                if bg.ssd.needs_persist() {
+                tokio::time::sleep(DISK_SWEEP_EVERY).await;
+                ticks += 1;
+                if ticks % 8 == 0 && bg.ssd.needs_persist() {
                     let me = bg.clone();
                     let _ = tokio::task::spawn_blocking(move || me.ssd.persist()).await;
                 }
                 // Another daemon's cache on this disk may be filling it with
-                // changes that cannot give way: clean data here does.
+                // changes that cannot give way: clean data here does, within
+                // a quarter of a second (a guest write there that finds the
+                // disk full waits that long for it, rather than failing).
                 let me = bg.clone();
                 match tokio::task::spawn_blocking(move || me.ssd.keep_disk_free()).await {
                     Ok(Ok(0)) | Err(_) => {}

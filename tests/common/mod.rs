@@ -46,7 +46,13 @@ impl Daemon {
             Some(p) => Stdio::from(std::fs::File::create(p).expect("create the daemon's log")),
             None => Stdio::inherit(),
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_driveblk"));
+        // The host-wide limits (`--bwlimit` clocks) of the test's own
+        // directory: tests running at once are not one host's processes.
+        if !env.iter().any(|(k, _)| *k == "DRIVEBLK_LINK" || *k == "DRIVEBLK_CACHE") {
+            cmd.env("DRIVEBLK_LINK", socket.parent().unwrap_or(Path::new("/tmp")).join("link"));
+        }
+        let child = cmd
             .arg("serve")
             .arg("--socket")
             .arg(socket)
