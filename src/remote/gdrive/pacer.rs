@@ -698,6 +698,32 @@ mod tests {
         assert!(e >= Duration::from_millis(1500) && e < host::SLOT_TTL + Duration::from_secs(2), "{e:?}");
     }
 
+    /// Garbage in the record (a damaged file: a clock days ahead, a
+    /// heartbeat from the future with guest requests waiting) holds no
+    /// request back for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gdrive_pacer_shared_damaged_record_holds_nothing_back() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("account");
+        let cfg = PacerConfig::fixed(20.0, 1);
+        let p = Pacer::shared(cfg, &path);
+        p.acquire().await;
+        let mut raw = std::fs::read(&path).unwrap();
+        // Past the boot id: the clock, then (64 bytes on) the first slot's
+        // id, heartbeat and urgent count.
+        raw[16..24].fill(0x7f);
+        raw[16 + 64..16 + 64 + 8].copy_from_slice(&99u64.to_le_bytes());
+        raw[16 + 72..16 + 80].fill(0x7f);
+        raw[16 + 80..16 + 88].copy_from_slice(&5u64.to_le_bytes());
+        std::fs::write(&path, raw).unwrap();
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            priority::speculative(Speculative::new(|| false), p.acquire()),
+        )
+        .await;
+        assert!(got.is_ok(), "a damaged record held a request back");
+    }
+
     /// A record that cannot be made leaves pacing to the process.
     #[tokio::test]
     async fn gdrive_pacer_shared_falls_back_to_local_pacing() {

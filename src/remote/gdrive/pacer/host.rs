@@ -108,8 +108,16 @@ fn put_slot(rec: &mut [u8], i: usize, s: Slot) {
 }
 
 fn live(s: &Slot, now: u64) -> bool {
-    s.id != 0 && s.beat.saturating_add(SLOT_TTL.as_nanos() as u64) >= now
+    // A heartbeat from the future is a damaged record, not a live process.
+    let ttl = SLOT_TTL.as_nanos() as u64;
+    s.id != 0 && s.beat.saturating_add(ttl) >= now && s.beat <= now.saturating_add(ttl)
 }
+
+/// Further ahead than Drive's slot clock ever runs (a refusal sets it a
+/// burst and a slot ahead, at the slowest rate seconds): a clock this far
+/// ahead is a damaged record, and starts again from now instead of
+/// stopping every request of the account for good.
+const MAX_AHEAD: u64 = 600 * 1_000_000_000;
 
 fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
@@ -216,7 +224,7 @@ impl HostBucket {
                 favoured.is_none() || favoured == mine
             };
             let (t, tau) = self.spacing(rate);
-            let tat = get_u64(rec, TAT);
+            let tat = Some(get_u64(rec, TAT)).filter(|&tat| tat <= now.saturating_add(MAX_AHEAD)).unwrap_or(now);
             let due = tat.saturating_sub(tau);
             if allowed && now >= due {
                 let next = tat.max(now) + t;
