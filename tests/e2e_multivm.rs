@@ -67,6 +67,43 @@ fn start(sock: &Path, url: &str, cache: &Path) -> Daemon {
     )
 }
 
+/// Two daemons with their caches on one small disk (a 96 MiB tmpfs), the
+/// "Windows" one having read its whole 128 MiB disk, whose clean chunks
+/// fill the cache disk; the "Linux" one holds nothing clean to evict.
+struct FullDisk {
+    linux: Daemon,
+    windows: Daemon,
+    /// The Windows guest's connection.
+    wc: Client,
+    /// The Windows disk's bytes.
+    win: Vec<u8>,
+    win_cache: std::path::PathBuf,
+    _mount: Mount,
+    _dir: tempfile::TempDir,
+}
+
+fn full_disk() -> FullDisk {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
+    let d = tempfile::tempdir().unwrap();
+    let (win, win_url) = raw_volume(d.path(), "win10", 128 << 20, 3);
+    let (_, linux_url) = raw_volume(d.path(), "linux", 16 << 20, 4);
+    let mnt = d.path().join("cachefs");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let mount = Mount(mnt.clone());
+    let (win_cache, linux_cache) = (mnt.join("win10"), mnt.join("linux"));
+    let linux = start(&d.path().join("linux.sock"), &linux_url, &linux_cache);
+    let windows = start(&d.path().join("win.sock"), &win_url, &win_cache);
+    // The Windows guest reads its whole disk: every read right.
+    let mut wc = Client::connect(&windows.socket, 1);
+    for i in 0..128usize {
+        let got = wc.read((i as u64) << 20, 1 << 20).unwrap_or_else(|e| panic!("windows read of MiB {i}: {e}"));
+        assert!(got == win[i << 20..(i + 1) << 20], "windows read of MiB {i} is wrong");
+    }
+    FullDisk { linux, windows, wc, win, win_cache, _mount: mount, _dir: d }
+}
+
 /// Two daemons with their caches on one small disk (a 96 MiB tmpfs): the
 /// "Windows" daemon reads its whole 128 MiB disk, whose clean chunks would
 /// fill the cache disk (its cap, 64G by default, is far above it); the
@@ -76,25 +113,8 @@ fn start(sock: &Path, url: &str, cache: &Path) -> Daemon {
 /// writes of more than the reserve land too, one after another.
 #[test]
 fn a_siblings_clean_cache_leaves_room_for_another_daemons_changes() {
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
-    let d = tempfile::tempdir().unwrap();
-    let (win, win_url) = raw_volume(d.path(), "win10", 128 << 20, 3);
-    let (_, linux_url) = raw_volume(d.path(), "linux", 16 << 20, 4);
-    let mnt = d.path().join("cachefs");
-    std::fs::create_dir(&mnt).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"]).arg(&mnt).status().unwrap();
-    assert!(st.success(), "mount tmpfs");
-    let _m = Mount(mnt.clone());
-    let (win_cache, linux_cache) = (mnt.join("win10"), mnt.join("linux"));
-    let linux = start(&d.path().join("linux.sock"), &linux_url, &linux_cache);
-    let windows = start(&d.path().join("win.sock"), &win_url, &win_cache);
-
-    // The Windows guest reads its whole disk: every read right.
-    let mut wc = Client::connect(&windows.socket, 1);
-    for i in 0..128usize {
-        let got = wc.read((i as u64) << 20, 1 << 20).unwrap_or_else(|e| panic!("windows read of MiB {i}: {e}"));
-        assert!(got == win[i << 20..(i + 1) << 20], "windows read of MiB {i} is wrong");
-    }
+    // Dropped last to first: the daemons before the mount, the mount before its directory.
+    let FullDisk { _dir: _d, _mount: _m, linux, windows, mut wc, win, win_cache } = full_disk();
 
     // The Linux guest writes 2 MiB at a time, 5 times: 10 MiB, twice the
     // disk's reserve (a twentieth of it). The first lands in the reserve
@@ -468,23 +488,7 @@ fn ram_tiers_that_add_up_past_the_hosts_memory_are_named_at_start() {
 /// failing with an I/O error because the sweep had not run yet.
 #[test]
 fn a_burst_of_writes_past_the_reserve_lands_on_a_disk_a_siblings_cache_filled() {
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and needs root");
-    let d = tempfile::tempdir().unwrap();
-    let (win, win_url) = raw_volume(d.path(), "win10", 128 << 20, 3);
-    let (_, linux_url) = raw_volume(d.path(), "linux", 16 << 20, 4);
-    let mnt = d.path().join("cachefs");
-    std::fs::create_dir(&mnt).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"]).arg(&mnt).status().unwrap();
-    assert!(st.success(), "mount tmpfs");
-    let _m = Mount(mnt.clone());
-    let (win_cache, linux_cache) = (mnt.join("win10"), mnt.join("linux"));
-    let linux = start(&d.path().join("linux.sock"), &linux_url, &linux_cache);
-    let windows = start(&d.path().join("win.sock"), &win_url, &win_cache);
-    let mut wc = Client::connect(&windows.socket, 1);
-    for i in 0..128usize {
-        let got = wc.read((i as u64) << 20, 1 << 20).unwrap_or_else(|e| panic!("windows read of MiB {i}: {e}"));
-        assert!(got == win[i << 20..(i + 1) << 20], "windows read of MiB {i} is wrong");
-    }
+    let FullDisk { _dir: _d, _mount: _m, linux, windows, wc, .. } = full_disk();
     let mut lc = Client::connect(&linux.socket, 1);
     let written: Vec<Vec<u8>> = (0..5u64).map(|k| pattern(20 + k, 2 << 20)).collect();
     for (k, data) in written.iter().enumerate() {
