@@ -207,8 +207,7 @@ impl BwLimit {
 
 /// Paces one direction: each transfer reserves its share of the rate on a
 /// shared clock, so many parallel requests together stay under it. The
-/// clock is this process's, or the host's: a time in nanoseconds of the
-/// host's monotonic clock at an offset of a host record.
+/// clock is this process's, or a lane of the host's (`host_clock.rs`).
 #[derive(Debug, Default)]
 struct Pacer {
     free_at: Mutex<Option<Instant>>,

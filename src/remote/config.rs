@@ -180,7 +180,8 @@ pub struct DriveConfig {
     /// Where the host-wide pacer records live, one per account
     /// (`gdrive/pacer.rs`): every process of this host that uses the
     /// account shares one request budget through it. None: this process
-    /// paces only its own requests. The CLI uses `<cache root>/link`.
+    /// paces only its own requests. The CLI uses `link_dir` (`$DRIVEBLK_LINK`,
+    /// else `<cache root>/link`).
     pub shared_pacer_dir: Option<PathBuf>,
     /// Merging of ranged reads asked at once (`remote/merge.rs`).
     pub read_merge: super::merge::MergeConfig,
