@@ -1,6 +1,7 @@
 //! The cache directory on the file systems users put it on, each a real
 //! loopback file system: XFS, btrfs (and its snapshots), tmpfs, exFAT,
-//! and an overlayfs as containers have.
+//! and an overlayfs as containers have; and a `dir:` remote on exFAT, the
+//! external disk carried between machines.
 //! The daemon serves a `dir:` volume with its cache there: writes, reads,
 //! a stop and restart, a kill -9 and restart lose nothing; a file system
 //! that cannot hold the cache (no Unix permissions, no room for a data
@@ -564,4 +565,42 @@ fn a_forks_cache_on_exfat_keeps_its_origins_pack_indexes() {
     }
     assert!(dm.stop().success());
     assert!(saved() > 0, "no sub-frame index of the origin's pack was kept in the fork's cache on exFAT");
+}
+
+/// A `dir:` remote on an exFAT disk carried between machines (the kind a
+/// USB stick or an external SSD comes formatted with): it has no hard
+/// links, which a commit's create-if-absent rests on elsewhere. Imported
+/// there, served from one machine's cache (writes, a stop, a kill -9),
+/// the disk unplugged and plugged in again, then served from a second
+/// machine's empty cache: every flushed write is there, and that
+/// machine's changes land too.
+#[test]
+fn a_dir_remote_on_exfat_takes_commits_and_another_machine_reads_them() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount(d.path(), "exfat", 128, "umask=077") else { return };
+    let img = d.path().join("src.raw");
+    let mut want = common::make_raw(&img, IMAGE, 21);
+    let url = format!("dir:{}", m.mnt.join("vm").display());
+    common::run_ok(&["import", "--quiet", "--chunk-size", "256K", img.to_str().unwrap(), &url]);
+    let first = d.path().join("first");
+    std::fs::create_dir(&first).unwrap();
+    let log = serve_restart_kill(&first, &url, &first.join("cache"), want.clone());
+    assert!(!log.contains("ERROR"), "the first machine's daemon logged errors: {log}");
+    let out = std::fs::read(first.join("out.raw")).unwrap();
+    want.copy_from_slice(&out);
+
+    m.remount();
+    let sock = d.path().join("sock2");
+    let cache = d.path().join("second-cache");
+    let a = args(&url, &cache);
+    let dm = Daemon::start(&sock, &a);
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want, "the second machine does not read what the first one flushed");
+    write(&mut c, 3 << 20, &pattern(22, 128 << 10), &mut want);
+    c.flush().unwrap();
+    drop(c);
+    assert!(dm.stop().success(), "the second machine's stop failed");
+    let out = d.path().join("out2.raw");
+    common::run_ok(&["export", "--quiet", &url, out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == want, "the remote does not hold the second machine's writes");
 }

@@ -7,6 +7,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,11 @@ const WRITE_BATCH: usize = 4 << 20;
 
 /// Temp files start with this; `list` skips them and keys may not use it.
 const TMP_PREFIX: &str = ".tmp-";
+
+/// The lock file that serialises exclusive creates in a folder whose file
+/// system has no hard links (exFAT, FAT): a dot name, so no listing shows
+/// it, and not a temp name, so no sweep of leftovers removes it while held.
+const CREATE_LOCK: &str = ".create.lock";
 
 /// Why a remote [refusing symbolic links](DirRemote::refusing_symlinks)
 /// does not read an object.
@@ -55,6 +61,9 @@ pub struct DirRemote {
     /// and its base: whoever can write the folder could otherwise point
     /// an object read without a digest at any file of this host).
     no_symlinks: bool,
+    /// Set once `link(2)` was refused: the folder's file system has no hard
+    /// links, and exclusive creates go by [`CREATE_LOCK`].
+    no_hard_links: Arc<AtomicBool>,
 }
 
 /// A temp file being written: removed when dropped, unless
@@ -96,6 +105,7 @@ impl DirRemote {
             last_stuck_warning: Arc::new(Mutex::new(None)),
             bwlimit: BwLimit::default(),
             no_symlinks: false,
+            no_hard_links: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -326,6 +336,49 @@ impl DirRemote {
     }
 }
 
+/// How [`create_exclusive`] gave the temp file its key's name.
+enum Created {
+    /// A second name: the temp name is still to be removed.
+    Linked,
+    /// The temp name itself: nothing left to remove.
+    Renamed,
+}
+
+/// Gives the fsynced temp file `tmp` the name `key` unless a file has it
+/// (then `AlreadyExists`). `link(2)` is atomic on every file system that
+/// has hard links, NFS included (unlike `O_EXCL` on old servers). exFAT and
+/// FAT have none (the kernel refuses with EPERM, FUSE drivers with EPERM or
+/// ENOTSUP), nor does FUSE pass on `renameat2(RENAME_NOREPLACE)`, so there
+/// the check and a plain `rename(2)` run under an `flock` of the folder's
+/// [`CREATE_LOCK`]: every creator of the folder takes it, and a local disk
+/// has no writers but this host's processes (on NFS and SMB, where such a
+/// lock would be the server's, `link` works).
+fn create_exclusive(root: &Path, tmp: &Path, key: &Path, no_links: &AtomicBool) -> io::Result<Created> {
+    if !no_links.load(Ordering::Relaxed) {
+        match std::fs::hard_link(tmp, key) {
+            Ok(()) => return Ok(Created::Linked),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP | libc::ENOSYS)) => {
+                tracing::info!(
+                    folder = %root.display(),
+                    "the folder's file system has no hard links (exFAT, FAT?): new objects that must not replace \
+                     one are made under the lock file {CREATE_LOCK} there ({e})"
+                );
+                no_links.store(true, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(root.join(CREATE_LOCK))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+    match std::fs::symlink_metadata(key) {
+        Ok(_) => return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the object exists")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::rename(tmp, key)?;
+    Ok(Created::Renamed)
+}
+
 /// The regular files in `root` whose names `want` takes, sorted by name
 /// (a folder not made yet holds none; one removed between the listing and
 /// its stat, a put or gc finishing, is passed over).
@@ -414,17 +467,20 @@ impl Remote for DirRemote {
         res.map_err(|e| self.write_err("put", key, e))
     }
 
-    /// `link(2)` of the fsynced temp file to the key: fails with EEXIST if
-    /// the key exists, atomically, also on NFS (unlike O_EXCL on old
-    /// servers). The existing object's tag is its content's sha256.
+    /// The fsynced temp file gets the key's name only if no object has it
+    /// ([`create_exclusive`]); the existing object's tag is its content's
+    /// sha256.
     async fn create(&self, key: &str, _slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         let path = self.path("create", key)?;
         let tmp = self.write_temp(key, &body).await.map_err(|e| self.write_err("create", key, e))?;
-        let (t2, p2) = (tmp.0.clone(), path.clone());
-        let linked = self.blocking(move || std::fs::hard_link(&t2, &p2)).await;
-        drop(tmp);
-        match linked {
-            Ok(()) => {
+        let (root, t2, p2, no_links) = (self.root.clone(), tmp.0.clone(), path.clone(), self.no_hard_links.clone());
+        let created = self.blocking(move || create_exclusive(&root, &t2, &p2, &no_links)).await;
+        match created {
+            Ok(Created::Renamed) => tmp.renamed(),
+            Ok(Created::Linked) | Err(_) => drop(tmp),
+        }
+        match created {
+            Ok(_) => {
                 self.sync_root().await.map_err(|e| self.io_err("create", key, e))?;
                 let m = self.metadata(&path).await.map_err(|e| self.io_err("create", key, e))?;
                 Ok(ObjectMeta { tag: Some(tag.to_string()), ..meta_of(key, &m) })
@@ -621,6 +677,42 @@ mod tests {
         assert_eq!(&r.get("gen-2").await.unwrap()[..], b"first");
         // Only the object is left (no temp files).
         assert_eq!(std::fs::read_dir(r.root()).unwrap().count(), 1);
+    }
+
+    /// Where the file system has no hard links (exFAT, FAT), creates
+    /// racing for one key under the folder's lock file: one wins, every
+    /// other is told the winner's tag, and the object is the winner's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn without_hard_links_racing_creates_leave_one_winner() {
+        let d = tempfile::tempdir().unwrap();
+        let r = DirRemote::new(d.path().join("vol"));
+        r.create_folder().await.unwrap();
+        r.no_hard_links.store(true, Ordering::Relaxed);
+        let bodies: Vec<Vec<u8>> = (0..8).map(|i| format!("writer {i}").into_bytes()).collect();
+        let races = bodies.iter().map(|b| {
+            let (r, b) = (r.clone(), b.clone());
+            tokio::spawn(async move {
+                let tag = crate::remote::content_tag(&b);
+                r.create("gen-2", None, &tag, PutBody::from_bytes(b)).await
+            })
+        });
+        let results: Vec<_> = futures::future::join_all(races).await.into_iter().map(Result::unwrap).collect();
+        let won: Vec<_> = results.iter().filter_map(|x| x.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "creates that won: {won:?}");
+        let winner = won[0].tag.clone();
+        for x in &results {
+            match x {
+                Ok(_) => {}
+                Err(RemoteError::AlreadyExists { tag, .. }) => assert_eq!(tag, &winner),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let got = r.get("gen-2").await.unwrap();
+        assert_eq!(Some(crate::remote::content_tag(&got)), winner);
+        let mut names: Vec<_> = std::fs::read_dir(r.root()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, [CREATE_LOCK, "gen-2"], "no temp file is left");
+        assert_eq!(r.list("").await.unwrap().len(), 1, "listings do not show the lock file");
     }
 
     /// Writes never make the folder: one that vanished (a share not
