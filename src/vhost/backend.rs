@@ -500,6 +500,10 @@ impl BlockBackend {
                 run_here(req);
             }
             if let Some(h) = helper {
+                // The helper's reads it has not started: here, from the last.
+                while let Some(req) = h.take_back() {
+                    run_here(req);
+                }
                 let mut fin = h.finish();
                 // Not started by the helper yet: quicker here than waiting.
                 for req in fin.take_unrun() {

@@ -1,18 +1,21 @@
 //! A queue's second thread: when one pass pops many reads, the queue
-//! worker runs half of them here, so one busy queue can use two CPUs (a
+//! worker hands half of them here, so one busy queue can use two CPUs (a
 //! cache hit is mostly a 4 KiB copy, and copies on two cores run side by
 //! side). The worker still pops, parses and completes; the helper only
-//! executes the reads it is handed and gives back what it could not finish
-//! without blocking. A batch the helper has not started by the time the
-//! worker is done with its own half goes back to the worker, so a helper
-//! slow to wake never costs more than the worker alone would.
+//! executes the reads it is handed, one at a time, and gives back what it
+//! could not finish without blocking. Once the worker is done with its own
+//! half it takes the helper's remaining reads back one by one from the
+//! end, so it never waits for more than the one read the helper is
+//! running: a helper slow to wake, or sharing the worker's CPU, costs no
+//! more than the worker alone would.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::format::{Disk, DiskError, IoMode};
 use crate::vhost::backend::execute_guarded;
@@ -39,14 +42,15 @@ struct Batch {
     disk: Option<Arc<dyn Disk>>,
     write_through: bool,
     serial: Vec<u8>,
-    /// Reads to run.
-    todo: Vec<Request>,
+    /// Reads to run: the helper takes them from the front, the worker
+    /// takes back what is left from the back.
+    todo: VecDeque<Request>,
     /// (head, used length) of the reads that completed, with any status.
     done: Vec<(u16, u32)>,
     /// Reads that would block: the worker sends them to the I/O pool.
     blocked: Vec<Request>,
     /// Reads the helper never started: the worker runs them itself.
-    unrun: Vec<Request>,
+    unrun: VecDeque<Request>,
     /// Reads that failed, with their error, for the worker to log.
     failed: Vec<(u16, &'static str, String)>,
 }
@@ -140,8 +144,15 @@ impl QueueHelper {
         self.handle.unpark();
     }
 
-    /// Takes back the batch handed over by `start`: what the helper ran,
-    /// and what it had not started (taken back rather than waited for).
+    /// One read of the batch the helper has not started, taken back to
+    /// run on the worker (the last one: the helper works from the front).
+    pub fn take_back(&self) -> Option<Request> {
+        self.inner.batch.lock().todo.pop_back()
+    }
+
+    /// Ends the batch handed over by `start`: what the helper ran, and
+    /// what it had not started (taken back rather than waited for). Waits
+    /// at most for the read the helper is running.
     pub fn finish(&self) -> Finished<'_> {
         if self.inner.state.compare_exchange(POSTED, IDLE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             let mut batch = self.inner.batch.lock();
@@ -213,27 +224,36 @@ fn run(inner: &Inner) {
             }
         }
         {
-            let mut guard = inner.batch.lock();
-            let b = &mut *guard;
+            let mut b = inner.batch.lock();
             match b.disk.take() {
                 // Never posted without a disk; were it, the worker still
                 // gets every read back.
                 None => {
-                    let Batch { todo, unrun, .. } = b;
+                    let Batch { todo, unrun, .. } = &mut *b;
                     unrun.append(todo);
                 }
                 Some(disk) => {
-                    for req in b.todo.drain(..) {
-                        let r = execute_guarded(&req, &*disk, IoMode::NonBlocking, b.write_through, &b.serial);
+                    // Taken out for the batch, put back after: the reads run
+                    // with the lock let go, so the worker can take some back.
+                    let (write_through, serial) = (b.write_through, std::mem::take(&mut b.serial));
+                    while let Some(req) = b.todo.pop_front() {
+                        let r = MutexGuard::unlocked(&mut b, || {
+                            execute_guarded(&req, &*disk, IoMode::NonBlocking, write_through, &serial)
+                        });
                         match r {
-                            Ok(n) => b.done.push((req.head, req.complete(STATUS_OK, n))),
+                            Ok(n) => {
+                                let used = req.complete(STATUS_OK, n);
+                                b.done.push((req.head, used));
+                            }
                             Err(DiskError::WouldBlock) => b.blocked.push(req),
                             Err(e) => {
                                 b.failed.push((req.head, req.op_name(), e.to_string()));
-                                b.done.push((req.head, req.complete(status_for(&e), 0)));
+                                let used = req.complete(status_for(&e), 0);
+                                b.done.push((req.head, used));
                             }
                         }
                     }
+                    b.serial = serial;
                 }
             }
         }
