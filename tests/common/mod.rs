@@ -63,15 +63,20 @@ impl Daemon {
             .spawn()
             .expect("spawn driveblk");
         let mut d = Daemon { child: Some(child), socket: socket.to_path_buf() };
-        d.wait_for_socket();
+        d.wait_for_socket(log);
         d
     }
 
-    fn wait_for_socket(&mut self) {
+    /// Waits for the socket; a daemon that exits first fails the test with
+    /// the end of its log, when it has one (a temp dir's log is gone by
+    /// the time anyone could read it).
+    fn wait_for_socket(&mut self, log: Option<&Path>) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("driveblk exited early: {st}");
+                let text = log.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!("driveblk exited early: {st}\n{}", tail.join("\n"));
             }
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
                 // That probe connection is served and closed like any client.
