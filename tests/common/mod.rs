@@ -75,8 +75,8 @@ impl Daemon {
         while Instant::now() < deadline {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 let text = log.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
-                panic!("driveblk exited early: {st}\n{}", tail.join("\n"));
+                let lines: Vec<&str> = text.lines().collect();
+                panic!("driveblk exited early: {st}\n{}", lines[lines.len().saturating_sub(30)..].join("\n"));
             }
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
                 // That probe connection is served and closed like any client.
