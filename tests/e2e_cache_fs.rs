@@ -1,7 +1,8 @@
 //! The cache directory on the file systems users put it on, each a real
 //! loopback file system: XFS, btrfs (and its snapshots), tmpfs, exFAT,
-//! and an overlayfs as containers have; and a `dir:` remote on exFAT, the
-//! external disk carried between machines.
+//! and an overlayfs as containers have; a `dir:` remote on exFAT, the
+//! external disk carried between machines; and a fleet's shared cache
+//! directory on a mount that hangs.
 //! The daemon serves a `dir:` volume with its cache there: writes, reads,
 //! a stop and restart, a kill -9 and restart lose nothing; a file system
 //! that cannot hold the cache (no Unix permissions, no room for a data
@@ -14,6 +15,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::{pattern, Client, Daemon};
 
@@ -44,6 +46,25 @@ impl Mounted {
         }
     }
 
+    /// The FUSE driver's process (None: a kernel file system).
+    fn fuse_pid(&self) -> Option<i32> {
+        self.loop_dev.as_ref()?;
+        let mnt = self.mnt.to_str().unwrap().as_bytes();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            (args.first()?.ends_with(b"exfat-fuse") && args.contains(&mnt)).then_some(pid)
+        })
+    }
+
+    /// Stops (or resumes) the FUSE driver: while it is stopped every call
+    /// into the mount waits, as on an NFS mount whose server went away.
+    fn freeze(&self, stop: bool) {
+        let pid = self.fuse_pid().expect("the FUSE driver's process");
+        unsafe { libc::kill(pid, if stop { libc::SIGSTOP } else { libc::SIGCONT }) };
+    }
+
     /// Unmounts and mounts it again, as after unplugging a disk or a
     /// reboot.
     fn remount(&self) {
@@ -54,6 +75,9 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
+        if let Some(pid) = self.fuse_pid() {
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         if let Some(d) = &self.loop_dev {
             let _ = Command::new("losetup").args(["-d", d]).status();
@@ -100,6 +124,12 @@ fn run(cmd: &str, args: &[&str]) -> String {
 /// at `dir/fs` with mount options `opts`; None (said why) when its tools
 /// cannot be had.
 fn mount(dir: &Path, fs: &str, mib: u64, opts: &str) -> Option<Mounted> {
+    mount_as(dir, fs, mib, opts, false)
+}
+
+/// [`mount`], exFAT through its FUSE driver (`fuse`) even where the
+/// kernel has exFAT.
+fn mount_as(dir: &Path, fs: &str, mib: u64, opts: &str, fuse: bool) -> Option<Mounted> {
     assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts file systems and needs root");
     let mnt = dir.join(fs);
     std::fs::create_dir(&mnt).unwrap();
@@ -134,7 +164,7 @@ fn mount(dir: &Path, fs: &str, mib: u64, opts: &str) -> Option<Mounted> {
     let quiet: &[&str] = if fs == "exfat" { &[] } else { &["-q"] };
     run(mkfs, &[quiet, &[m.img.to_str().unwrap()]].concat());
     let kernel = std::fs::read_to_string("/proc/filesystems").unwrap().lines().any(|l| l.ends_with(&format!("\t{fs}")));
-    if fs == "exfat" && !kernel {
+    if fs == "exfat" && (fuse || !kernel) {
         // No exFAT in this kernel: the FUSE driver, on a loop device.
         if !tool("mount.exfat-fuse", "exfat-fuse") {
             return None;
@@ -603,4 +633,81 @@ fn a_dir_remote_on_exfat_takes_commits_and_another_machine_reads_them() {
     let out = d.path().join("out2.raw");
     common::run_ok(&["export", "--quiet", &url, out.to_str().unwrap()]);
     assert!(std::fs::read(&out).unwrap() == want, "the remote does not hold the second machine's writes");
+}
+
+/// A `--shared-cache` directory on a mount that stops answering (an exFAT
+/// FUSE mount whose driver is stopped: every call into it waits, as on an
+/// NFS mount whose server went away). A daemon started then starts, and
+/// reads the whole disk from the remote, each read waiting for the
+/// directory at most once; when the mount answers again the directory
+/// serves again; a stop while it hangs ends cleanly.
+#[test]
+fn a_shared_cache_on_a_mount_that_hangs_is_passed_by() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = mount_as(d.path(), "exfat", 96, "umask=077", true) else { return };
+    let (want, url) = volume(d.path(), 61);
+    let shared = m.mnt.join("shared");
+    let sh = shared.to_str().unwrap();
+    let status = |ctl: &Path| -> serde_json::Value {
+        serde_json::from_str(&common::run_ok(&["status", "--control", ctl.to_str().unwrap(), "--json"])).unwrap()
+    };
+    // Host A fills the shared directory.
+    let cache_a = d.path().join("cache-a");
+    let sock = d.path().join("sock-a");
+    let da = Daemon::start(&sock, &[args(&url, &cache_a), vec!["--shared-cache", sh]].concat());
+    let mut c = Client::connect(&sock, 1);
+    assert!(read_all(&mut c) == want);
+    drop(c);
+    assert!(da.stop().success());
+
+    // The mount hangs; host B starts with an empty cache.
+    m.freeze(true);
+    let cache_b = d.path().join("cache-b");
+    let sock = d.path().join("sock-b");
+    let ctl = d.path().join("sock-b.ctl");
+    let log = d.path().join("serve-b.log");
+    let t0 = std::time::Instant::now();
+    let db = Daemon::start_logged(&sock, &[args(&url, &cache_b), vec!["--shared-cache", sh]].concat(), &[], Some(&log));
+    let mut c = Client::connect(&sock, 1);
+    let started = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    let got = read_all(&mut c);
+    let read = t0.elapsed();
+    assert!(got == want, "wrong bytes read past a hung shared directory");
+    let s = status(&ctl);
+    let sc = &s["shared_cache"];
+    assert!(sc["hung"] == true && sc["hangs"] == 1 && sc["hits"] == 0, "{s}");
+    assert!(sc["bypassed"].as_u64().unwrap() >= 64, "{s}");
+    // One wait of 5 s for the directory: at the start, or at the first
+    // read where the kernel still had the directory's attributes; the
+    // reads after it go straight to the remote, on a local disk.
+    assert!(
+        started < Duration::from_secs(15) && read < Duration::from_secs(20),
+        "started in {started:?}, read the disk in {read:?}"
+    );
+
+    // The mount answers again: dropped from the cache, the disk is read
+    // from the directory's entries.
+    m.freeze(false);
+    let t0 = std::time::Instant::now();
+    while status(&ctl)["shared_cache"]["hung"] == true {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the directory never counted as answering again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    common::run_ok(&["drop-cache", "--control", ctl.to_str().unwrap(), "--json"]);
+    assert!(read_all(&mut c) == want);
+    let s = status(&ctl);
+    assert!(s["shared_cache"]["hits"].as_u64().unwrap() >= 64, "the directory serves no more once back: {s}");
+
+    // It hangs again, and the daemon stops cleanly meanwhile.
+    m.freeze(true);
+    common::run_ok(&["drop-cache", "--control", ctl.to_str().unwrap(), "--json"]);
+    assert!(read_all(&mut c) == want);
+    drop(c);
+    let t0 = std::time::Instant::now();
+    let st = db.stop();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(st.success() && t0.elapsed() < Duration::from_secs(20), "stop: {st:?} in {:?}: {logged}", t0.elapsed());
+    assert!(logged.contains("has not answered in 5 s") && logged.contains("answers again"), "{logged}");
+    m.freeze(false);
 }

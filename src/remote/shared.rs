@@ -15,7 +15,9 @@
 //! fetches, the others wait for its entry, at most [`SharedCache::wait`],
 //! then fetch themselves. A directory that cannot be written (read-only
 //! share, full disk) is still read; the daemon then fetches without
-//! sharing and says so once.
+//! sharing and says so once. A directory that stops answering (a hung
+//! mount) is passed by: reads go to the remote until it answers again
+//! ([`FsDeadline`]).
 
 use std::cell::Cell;
 use std::fs::File;
@@ -31,6 +33,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use super::fs_deadline::FsDeadline;
 use super::{DynRemote, RemoteResult};
 
 /// Tells the layer which keys name immutable objects (whose ranges may be
@@ -46,6 +49,8 @@ pub struct SharedCache {
     max_bytes: Option<u64>,
     /// Most time a miss waits for another process fetching the same entry.
     wait: Duration,
+    /// The directory's calls, each with a deadline.
+    fs: Arc<FsDeadline>,
     stats: Counters,
     /// The "cannot write the shared directory" warning was logged.
     warned: AtomicBool,
@@ -64,6 +69,7 @@ struct Counters {
     fetched_bytes: AtomicU64,
     write_errors: AtomicU64,
     evicted: AtomicU64,
+    bypassed: AtomicU64,
 }
 
 /// What the shared directory did for this daemon (status, metrics, tests).
@@ -87,6 +93,14 @@ pub struct SharedStats {
     pub write_errors: u64,
     /// Entries deleted to keep under the size cap.
     pub evicted: u64,
+    /// The directory does not answer now (a hung mount): reads go to the
+    /// remote without it.
+    pub hung: bool,
+    /// Times it stopped answering.
+    pub hangs: u64,
+    /// Reads fetched from the remote without the directory while it did
+    /// not answer.
+    pub bypassed: u64,
 }
 
 tokio::task_local! {
@@ -147,18 +161,39 @@ fn mark_served() {
 /// a guest's disk timeout.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(20);
 
+/// Most time one call into the directory (an entry read, a lock, a store)
+/// may take before the directory counts as hung: a healthy share answers
+/// in milliseconds, and a guest read that misses the local cache waits
+/// at most this long for it once.
+pub const DEFAULT_FS_DEADLINE: Duration = Duration::from_secs(5);
+
 impl SharedCache {
     /// The shared directory `dir` (created if missing), with an optional
     /// size cap.
+    /// One on a mount that does not answer opens all the same (the start
+    /// waits for it at most [`DEFAULT_FS_DEADLINE`]), passed by until it
+    /// answers.
     pub fn open(dir: &Path, max_bytes: Option<u64>) -> io::Result<Arc<Self>> {
-        std::fs::create_dir_all(dir)?;
-        if !dir.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::NotADirectory, format!("{} is not a directory", dir.display())));
+        let fs = FsDeadline::new(format!("the shared cache directory {}", dir.display()), DEFAULT_FS_DEADLINE);
+        let d = dir.to_path_buf();
+        let checked = fs.run_blocking(move || {
+            std::fs::create_dir_all(&d)?;
+            if !d.is_dir() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    format!("{} is not a directory", d.display()),
+                ));
+            }
+            Ok(())
+        });
+        if let Some(r) = checked {
+            r?;
         }
         let me = Arc::new(Self {
             dir: dir.to_path_buf(),
             max_bytes,
             wait: DEFAULT_WAIT,
+            fs,
             stats: Counters::default(),
             warned: AtomicBool::new(false),
             since_trim: AtomicU64::new(0),
@@ -171,6 +206,14 @@ impl SharedCache {
     pub fn with_wait(mut self: Arc<Self>, wait: Duration) -> Arc<Self> {
         if let Some(m) = Arc::get_mut(&mut self) {
             m.wait = wait;
+        }
+        self
+    }
+
+    /// The same directory with another deadline for its calls (tests).
+    pub fn with_fs_deadline(mut self: Arc<Self>, deadline: Duration) -> Arc<Self> {
+        if let Some(m) = Arc::get_mut(&mut self) {
+            m.fs = FsDeadline::new(format!("the shared cache directory {}", m.dir.display()), deadline);
         }
         self
     }
@@ -201,6 +244,9 @@ impl SharedCache {
             refreshed: REFRESHES.load(Ordering::Relaxed),
             write_errors: l(&s.write_errors),
             evicted: l(&s.evicted),
+            hung: self.fs.is_hung(),
+            hangs: self.fs.hangs(),
+            bypassed: l(&s.bypassed),
         }
     }
 
@@ -217,7 +263,8 @@ impl SharedCache {
     }
 
     /// The entry `name` from the directory, or from `fetch` (stored for
-    /// the others), merging concurrent misses across processes.
+    /// the others), merging concurrent misses across processes. While the
+    /// directory does not answer, straight from `fetch`.
     async fn get_or_fetch<F, Fut>(self: &Arc<Self>, name: String, fetch: F) -> RemoteResult<Bytes>
     where
         F: FnOnce() -> Fut,
@@ -226,9 +273,13 @@ impl SharedCache {
         let path = self.entry_path(&name);
         let refresh = refreshing();
         if !refresh {
-            if let Some(b) = read_entry(path.clone()).await {
-                self.hit(&b, false);
-                return Ok(b);
+            match self.read_entry(&path).await {
+                Ok(Some(b)) => {
+                    self.hit(&b, false);
+                    return Ok(b);
+                }
+                Ok(None) => {}
+                Err(Hung) => return self.fetch_unshared(fetch).await,
             }
         }
         let lock_path = path.with_extension("lock");
@@ -237,10 +288,10 @@ impl SharedCache {
         let mut waited = false;
         let held = loop {
             let lp = lock_path.clone();
-            match tokio::task::spawn_blocking(move || try_lock(&lp)).await.unwrap_or_else(|e| Err(io::Error::other(e)))
-            {
-                Ok(Some(lock)) => break Some(lock),
-                Ok(None) => {
+            match self.fs.run(move || try_lock(&lp)).await {
+                None => return self.fetch_unshared(fetch).await,
+                Some(Ok(Some(lock))) => break Some(lock),
+                Some(Ok(None)) => {
                     // Another process fetches it: its entry appears when done.
                     waited = true;
                     if tokio::time::Instant::now() >= deadline {
@@ -250,33 +301,76 @@ impl SharedCache {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(50));
                     if !refresh {
-                        if let Some(b) = read_entry(path.clone()).await {
-                            self.hit(&b, true);
-                            return Ok(b);
+                        match self.read_entry(&path).await {
+                            Ok(Some(b)) => {
+                                self.hit(&b, true);
+                                return Ok(b);
+                            }
+                            Ok(None) => {}
+                            Err(Hung) => return self.fetch_unshared(fetch).await,
                         }
                     }
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     self.warn_once("cannot create a lock file", &e);
                     break None;
                 }
             }
         };
+        // Closing a file on a mount may wait on it too: never here.
+        let unlock = |held: Option<File>| {
+            if let Some(f) = held {
+                tokio::task::spawn_blocking(move || drop(f));
+            }
+        };
         if held.is_some() && !refresh {
             // It may have landed between the first look and the lock.
-            if let Some(b) = read_entry(path.clone()).await {
-                self.hit(&b, waited);
-                return Ok(b);
+            match self.read_entry(&path).await {
+                Ok(Some(b)) => {
+                    unlock(held);
+                    self.hit(&b, waited);
+                    return Ok(b);
+                }
+                Ok(None) => {}
+                Err(Hung) => {
+                    unlock(held);
+                    return self.fetch_unshared(fetch).await;
+                }
             }
         }
-        let b = fetch().await?;
+        let b = match fetch().await {
+            Ok(b) => b,
+            Err(e) => {
+                unlock(held);
+                return Err(e);
+            }
+        };
         self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
         if !b.is_empty() {
             let (me, data) = (self.clone(), b.clone());
-            let _ = tokio::task::spawn_blocking(move || me.store(&path, &data)).await;
+            let _ = self.fs.run(move || me.store(&path, &data)).await;
         }
-        drop(held);
+        unlock(held);
         Ok(b)
+    }
+
+    /// `fetch` without the directory, which does not answer.
+    async fn fetch_unshared<F, Fut>(&self, fetch: F) -> RemoteResult<Bytes>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = RemoteResult<Bytes>>,
+    {
+        let b = fetch().await?;
+        self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+        Ok(b)
+    }
+
+    /// An entry's bytes (`None` if absent or unreadable), unless the
+    /// directory does not answer.
+    async fn read_entry(&self, path: &Path) -> Result<Option<Bytes>, Hung> {
+        let path = path.to_path_buf();
+        self.fs.run(move || read_entry_now(&path)).await.ok_or(Hung)
     }
 
     fn hit(&self, b: &Bytes, waited: bool) {
@@ -354,28 +448,26 @@ fn entry_name(parts: &[&str]) -> String {
     hex::encode(h.finalize())
 }
 
+/// The shared directory did not answer in time.
+struct Hung;
+
 /// An entry's bytes, or `None` if absent or unreadable. A hit refreshes
 /// its mtime, which the trim uses as last use.
-async fn read_entry(path: PathBuf) -> Option<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        let mut f = File::open(&path).ok()?;
-        let mut v = Vec::new();
-        f.read_to_end(&mut v).ok()?;
-        if v.is_empty() {
-            return None;
+fn read_entry_now(path: &Path) -> Option<Bytes> {
+    let mut f = File::open(path).ok()?;
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).ok()?;
+    if v.is_empty() {
+        return None;
+    }
+    let old = f.metadata().ok().and_then(|m| m.modified().ok());
+    if old.is_some_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60)) {
+        // Best effort (a read-only share keeps its times).
+        if let Ok(w) = std::fs::OpenOptions::new().write(true).open(path) {
+            let _ = w.set_modified(SystemTime::now());
         }
-        let old = f.metadata().ok().and_then(|m| m.modified().ok());
-        if old.is_some_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60)) {
-            // Best effort (a read-only share keeps its times).
-            if let Ok(w) = std::fs::OpenOptions::new().write(true).open(&path) {
-                let _ = w.set_modified(SystemTime::now());
-            }
-        }
-        Some(Bytes::from(v))
-    })
-    .await
-    .ok()
-    .flatten()
+    }
+    Some(Bytes::from(v))
 }
 
 /// The entry's lock, if no other process holds it (released when the
@@ -566,6 +658,52 @@ mod tests {
         assert_eq!(a.get_range("pack-1", 0..10).await.unwrap().len(), 10);
         assert_eq!(m.snapshot().gets, 2);
         assert!(c.stats().write_errors >= 1);
+    }
+
+    /// An entry that does not answer (a FIFO: opening it waits for a
+    /// writer, as a call into a hung mount waits for the server): the read
+    /// is served from the remote after the deadline, and the reads after
+    /// it at once, until the stuck call returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_directory_that_hangs_is_passed_by_until_it_answers() {
+        let (d, r, m) = setup();
+        let shared = d.path().join("shared");
+        let c = SharedCache::open(&shared, None).unwrap().with_fs_deadline(Duration::from_millis(300));
+        let a = c.wrap(r.clone(), packs);
+        let want = r.get_range("pack-1", 0..70_000).await.unwrap();
+        let fifo = c.entry_path(&entry_name(&["range", "pack-1", "0", "10"]));
+        std::fs::create_dir_all(fifo.parent().unwrap()).unwrap();
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let t0 = std::time::Instant::now();
+        assert_eq!(a.get_range("pack-1", 0..10).await.unwrap(), want.slice(0..10));
+        let waited = t0.elapsed();
+        assert!(waited < Duration::from_secs(5), "the read waited {waited:?} for a directory that hangs");
+        let st = c.stats();
+        assert!(st.hung && st.hangs == 1 && st.bypassed == 1, "{st:?}");
+        // Passed by at once while it hangs: nothing stored, no wait.
+        let t0 = std::time::Instant::now();
+        for i in 1..5u64 {
+            let range = i * 10_000..(i + 1) * 10_000;
+            assert_eq!(
+                a.get_range("pack-1", range.clone()).await.unwrap(),
+                want.slice(range.start as usize..range.end as usize)
+            );
+        }
+        assert!(t0.elapsed() < Duration::from_millis(300), "reads waited on a hung directory: {:?}", t0.elapsed());
+        assert_eq!((c.stats().bypassed, c.stats().stored), (5, 0));
+        // The stuck call returns: the directory serves and stores again.
+        drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+        let t0 = std::time::Instant::now();
+        while c.stats().hung {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the directory never answered again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(a.get_range("pack-1", 50_000..60_000).await.unwrap(), want.slice(50_000..60_000));
+        assert_eq!(a.get_range("pack-1", 50_000..60_000).await.unwrap(), want.slice(50_000..60_000));
+        let st = c.stats();
+        assert!(st.stored == 1 && st.hits == 1 && !st.hung && st.hangs == 1, "{st:?}");
+        assert_eq!(m.snapshot().gets, 7);
     }
 
     #[test]
