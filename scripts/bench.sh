@@ -153,6 +153,7 @@ LINK_ARGS="--remote-latency-ms $SYNC_LAT --remote-bandwidth-mbit $SYNC_MBIT"
 #                of the whole disk, both daemons) fills its RAM tier. qsd: the qcow2 file.
 #   vol-ssd      driveblk: the same volume served from a cache dir hydrated once (`driveblk
 #                hydrate`), RAM tier 64M, so reads hit the SSD tier. qsd: the qcow2 file.
+#                Before each run of either daemon both files are read into the page cache.
 #   vol-ssd-drop vol-ssd, but the page cache is dropped before each run of either daemon
 #                (only with --drop-caches): both read from the disk, not from memory.
 #   vol-wb       driveblk: the volume written in a cache mode (--cache), from a per-run copy of
@@ -446,6 +447,13 @@ run_one() { # row-index rep daemon key (key names the side in results: A and B m
             fi ;;
     esac
     [[ $kind != vol-ssd-drop ]] || drop_page_cache
+    if [[ $kind == vol-ssd ]]; then
+        # Warm means in the page cache, for both daemons' files. A host may page out a file's
+        # cold pages (the EPYC host's DAMON scheme takes pages untouched for a minute): every
+        # row's qsd run reads the qcow2, but only these rows read the cache's data file.
+        cat "$img" >/dev/null
+        find "$SSD_CACHE" -type f -exec cat {} + >/dev/null
+    fi
     # Start on a settled disk: what the previous run wrote or deleted is on it, so its writeback
     # never lands inside this run (a write+FLUSH row would pay for it).
     sync
