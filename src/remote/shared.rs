@@ -170,11 +170,12 @@ pub const DEFAULT_FS_DEADLINE: Duration = Duration::from_secs(5);
 impl SharedCache {
     /// The shared directory `dir` (created if missing), with an optional
     /// size cap.
+    ///
     /// One on a mount that does not answer opens all the same (the start
     /// waits for it at most [`DEFAULT_FS_DEADLINE`]), passed by until it
     /// answers.
     pub fn open(dir: &Path, max_bytes: Option<u64>) -> io::Result<Arc<Self>> {
-        let fs = FsDeadline::new(format!("the shared cache directory {}", dir.display()), DEFAULT_FS_DEADLINE);
+        let fs = calls_into(dir, DEFAULT_FS_DEADLINE);
         let d = dir.to_path_buf();
         let checked = fs.run_blocking(move || {
             std::fs::create_dir_all(&d)?;
@@ -213,7 +214,7 @@ impl SharedCache {
     /// The same directory with another deadline for its calls (tests).
     pub fn with_fs_deadline(mut self: Arc<Self>, deadline: Duration) -> Arc<Self> {
         if let Some(m) = Arc::get_mut(&mut self) {
-            m.fs = FsDeadline::new(format!("the shared cache directory {}", m.dir.display()), deadline);
+            m.fs = calls_into(&m.dir, deadline);
         }
         self
     }
@@ -273,11 +274,8 @@ impl SharedCache {
         let path = self.entry_path(&name);
         let refresh = refreshing();
         if !refresh {
-            match self.read_entry(&path).await {
-                Ok(Some(b)) => {
-                    self.hit(&b, false);
-                    return Ok(b);
-                }
+            match self.look(&path, false).await {
+                Ok(Some(b)) => return Ok(b),
                 Ok(None) => {}
                 Err(Hung) => return self.fetch_unshared(fetch).await,
             }
@@ -301,11 +299,8 @@ impl SharedCache {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(50));
                     if !refresh {
-                        match self.read_entry(&path).await {
-                            Ok(Some(b)) => {
-                                self.hit(&b, true);
-                                return Ok(b);
-                            }
+                        match self.look(&path, true).await {
+                            Ok(Some(b)) => return Ok(b),
                             Ok(None) => {}
                             Err(Hung) => return self.fetch_unshared(fetch).await,
                         }
@@ -325,10 +320,9 @@ impl SharedCache {
         };
         if held.is_some() && !refresh {
             // It may have landed between the first look and the lock.
-            match self.read_entry(&path).await {
+            match self.look(&path, waited).await {
                 Ok(Some(b)) => {
                     unlock(held);
-                    self.hit(&b, waited);
                     return Ok(b);
                 }
                 Ok(None) => {}
@@ -366,11 +360,15 @@ impl SharedCache {
         Ok(b)
     }
 
-    /// An entry's bytes (`None` if absent or unreadable), unless the
-    /// directory does not answer.
-    async fn read_entry(&self, path: &Path) -> Result<Option<Bytes>, Hung> {
+    /// An entry's bytes, counted as a hit (`None` if absent or
+    /// unreadable), unless the directory does not answer.
+    async fn look(&self, path: &Path, waited: bool) -> Result<Option<Bytes>, Hung> {
         let path = path.to_path_buf();
-        self.fs.run(move || read_entry_now(&path)).await.ok_or(Hung)
+        let b = self.fs.run(move || read_entry_now(&path)).await.ok_or(Hung)?;
+        if let Some(b) = &b {
+            self.hit(b, waited);
+        }
+        Ok(b)
     }
 
     fn hit(&self, b: &Bytes, waited: bool) {
@@ -450,6 +448,11 @@ fn entry_name(parts: &[&str]) -> String {
 
 /// The shared directory did not answer in time.
 struct Hung;
+
+/// The deadlines of calls into the shared directory `dir`.
+fn calls_into(dir: &Path, deadline: Duration) -> Arc<FsDeadline> {
+    FsDeadline::new(format!("the shared cache directory {}", dir.display()), deadline)
+}
 
 /// An entry's bytes, or `None` if absent or unreadable. A hit refreshes
 /// its mtime, which the trim uses as last use.
