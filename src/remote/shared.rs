@@ -288,7 +288,7 @@ impl SharedCache {
             let lp = lock_path.clone();
             match self.fs.run(move || try_lock(&lp)).await {
                 None => return self.fetch_unshared(fetch).await,
-                Some(Ok(Some(lock))) => break Some(lock),
+                Some(Ok(Some(lock))) => break Some(EntryLock(Some(lock))),
                 Some(Ok(None)) => {
                     // Another process fetches it: its entry appears when done.
                     waited = true;
@@ -312,39 +312,21 @@ impl SharedCache {
                 }
             }
         };
-        // Closing a file on a mount may wait on it too: never here.
-        let unlock = |held: Option<File>| {
-            if let Some(f) = held {
-                tokio::task::spawn_blocking(move || drop(f));
-            }
-        };
         if held.is_some() && !refresh {
             // It may have landed between the first look and the lock.
             match self.look(&path, waited).await {
-                Ok(Some(b)) => {
-                    unlock(held);
-                    return Ok(b);
-                }
+                Ok(Some(b)) => return Ok(b),
                 Ok(None) => {}
-                Err(Hung) => {
-                    unlock(held);
-                    return self.fetch_unshared(fetch).await;
-                }
+                Err(Hung) => return self.fetch_unshared(fetch).await,
             }
         }
-        let b = match fetch().await {
-            Ok(b) => b,
-            Err(e) => {
-                unlock(held);
-                return Err(e);
-            }
-        };
+        let b = fetch().await?;
         self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
         if !b.is_empty() {
             let (me, data) = (self.clone(), b.clone());
             let _ = self.fs.run(move || me.store(&path, &data)).await;
         }
-        unlock(held);
+        drop(held);
         Ok(b)
     }
 
@@ -448,6 +430,20 @@ fn entry_name(parts: &[&str]) -> String {
 
 /// The shared directory did not answer in time.
 struct Hung;
+
+/// An entry's lock held. Closing its file may wait on the mount too, so
+/// it is closed on the blocking pool, never on the caller's thread.
+struct EntryLock(Option<File>);
+
+impl Drop for EntryLock {
+    fn drop(&mut self) {
+        let Some(f) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(f))),
+            Err(_) => drop(f),
+        }
+    }
+}
 
 /// The deadlines of calls into the shared directory `dir`.
 fn calls_into(dir: &Path, deadline: Duration) -> Arc<FsDeadline> {
