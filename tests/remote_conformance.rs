@@ -3,7 +3,7 @@
 //! emulator), `s3://` (a real Garage started by `scripts/garage.sh`),
 //! and `az://` (Azurite, Microsoft's Azure Storage emulator).
 //! put/replace, exact and past-the-end ranged reads (parallel on object
-//! stores), a multipart-sized object, listings confined to one folder,
+//! stores), a multipart-sized object, the bytes each put sends counted, listings confined to one folder,
 //! delete, and the commit fence: a second create of one key fails and
 //! names the winner's tag, a retried create of one's own bytes succeeds.
 //!
@@ -42,8 +42,11 @@ async fn conformance(a: DynRemote, b: DynRemote, absent_reads: bool) {
     b.create_folder().await.unwrap();
     // A small object: exact, cut and past-the-end ranges.
     let small = data(1, 1000);
+    let sent = a.bytes_sent().expect("the store counts the bytes it sends");
     let m = a.put("pack-1", PutBody::from_bytes(small.clone())).await.unwrap();
     assert_eq!(m.size, 1000);
+    let sent_small = a.bytes_sent().unwrap() - sent;
+    assert!(sent_small >= 1000, "{sent_small} bytes counted sent for a 1000-byte object");
     assert!(m.created_ms.is_some() && m.modified_ms.is_some() && m.version.is_some(), "{m:?}");
     assert_eq!(&a.get("pack-1").await.unwrap()[..], &small[..]);
     assert_eq!(&a.get_range("pack-1", 10..20).await.unwrap()[..], &small[10..20]);
@@ -69,6 +72,13 @@ async fn conformance(a: DynRemote, b: DynRemote, absent_reads: bool) {
         .await
         .unwrap();
     assert_eq!(m.size, big.len() as u64);
+    let sent_big = a.bytes_sent().unwrap() - sent - sent_small;
+    // Each body counted once (twice at most, a retried part).
+    assert!(
+        sent_big >= big.len() as u64 && sent_big < 2 * big.len() as u64,
+        "{sent_big} bytes counted sent for a {}-byte object",
+        big.len()
+    );
     assert_eq!(a.head("pack-big").await.unwrap().size, big.len() as u64);
     assert!(a.get("pack-big").await.unwrap() == big, "a large object reads back different");
     let r = (3 << 20) + 7..(9 << 20) + 11;

@@ -14,7 +14,9 @@
 //!   bounded profile save, and the changes it could not upload go up at the
 //!   next start;
 //! - a cache holding the volume starts serving within the budget when the
-//!   remote never answers.
+//!   remote never answers;
+//! - a writethrough FLUSH is waited for while its upload moves, however
+//!   slowly, and fails once nothing has moved for `--remote-wait`.
 //!
 //! `SOAK=1` stretches the outage of the hot set to two minutes and holds an
 //! uncached read through a 30 s silence (the figures).
@@ -179,6 +181,49 @@ fn an_outage_shorter_than_the_budget_is_invisible_to_the_guest() {
     let d = serve(&env, &flags, "cache-b", &[]);
     let mut c = common::Client::connect(&d.socket, 1);
     assert!(c.read(0, hot).unwrap() == want[..hot], "another machine sees every write made during the outage");
+}
+
+/// `--cache writethrough`: a FLUSH returns once its data is on Drive. On a
+/// link whose upload outlasts `--remote-wait` it is waited for, since its
+/// bytes keep going; on a silent Drive (connections taken, requests never
+/// answered) it fails once nothing has moved for `--remote-wait`, not at an
+/// upload attempt's own deadline (a minute and more); the data stays in the
+/// cache and goes up once Drive answers, and another machine reads it.
+#[test]
+fn a_writethrough_flush_waits_for_a_slow_drive_and_fails_on_a_silent_one() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let (_, flags) = setup(&env);
+    let d = serve(&env, &flags, "cache", &["--cache", "writethrough", "--remote-wait", "3", "--sync-timeout", "3"]);
+    let mut c = common::Client::connect(&d.socket, 1);
+    // The whole disk rewritten over an 8 Mbit/s link: about 4 s of upload.
+    let mut data = gdrive_support::data(11, LEN);
+    c.write(0, &data).unwrap();
+    env.emu.faults().set_bandwidth(Some(8_000_000));
+    let t0 = Instant::now();
+    c.flush().expect("a writethrough FLUSH whose upload moves is waited for");
+    let took = t0.elapsed();
+    env.emu.faults().set_bandwidth(None);
+    assert!(took > Duration::from_secs(3), "the upload was quicker than the 3 s budget: {took:?}");
+
+    env.emu.faults().set_silent(true);
+    let page = gdrive_support::data(12, 4096);
+    c.write(8192, &page).expect("a write to a cached chunk failed");
+    data[8192..12288].copy_from_slice(&page);
+    let t0 = Instant::now();
+    let r = c.flush_within(Duration::from_secs(60)).expect("the FLUSH was held a minute on a silent Drive");
+    let waited = t0.elapsed();
+    assert_ne!(r, 0, "a FLUSH cannot be durable on a silent Drive");
+    assert!(waited >= Duration::from_millis(2900), "the FLUSH failed before the 3 s budget: {waited:?}");
+    assert!(waited < Duration::from_secs(10), "the FLUSH was held past its budget: {waited:?}");
+    assert_eq!(c.read(0, 65536).unwrap(), data[..65536], "cached data still flows");
+
+    env.emu.faults().set_silent(false);
+    c.flush().expect("once Drive answers, the FLUSH goes through");
+    drop(c);
+    assert!(d.stop().success());
+    let d = serve(&env, &flags, "cache-b", &[]);
+    let mut c = common::Client::connect(&d.socket, 1);
+    assert!(c.read(0, LEN).unwrap() == data, "another machine reads what was flushed");
 }
 
 #[test]
@@ -348,8 +393,10 @@ fn pinned_hot_set_stays_local_through_evictions_and_outages() {
 
 /// A stop when nothing can go up ends promptly instead of holding the
 /// shutdown (`systemctl stop`, a laptop's power-off) for all of
-/// `--sync-timeout`: write-back paused (Drive full) or the network gone
-/// (connections refused past `--remote-wait`). The log says the changes
+/// `--sync-timeout`: write-back paused (Drive full), the network gone
+/// (connections refused past `--remote-wait`), or a silent Drive (nothing
+/// of the upload moved for `--remote-wait`; each attempt alone would wait
+/// a minute and more). The log says the changes
 /// stay in the cache; the next start uploads them.
 #[test]
 fn a_stop_that_cannot_upload_does_not_wait_out_the_sync_timeout() {
@@ -369,7 +416,12 @@ fn a_stop_that_cannot_upload_does_not_wait_out_the_sync_timeout() {
     type Fault<'a> = (&'a str, &'a dyn Fn(bool), &'a str);
     let full = |on: bool| faults.set_storage_quota(on.then_some(1));
     let down = |on: bool| faults.set_down(on);
-    let cases: [Fault; 2] = [("full", &full, "write-back is paused"), ("down", &down, "nothing reached the remote")];
+    let silent = |on: bool| faults.set_silent(on);
+    let cases: [Fault; 3] = [
+        ("full", &full, "write-back is paused"),
+        ("down", &down, "nothing reached the remote"),
+        ("silent", &silent, "nothing reached the remote"),
+    ];
     for (round, (name, fault, why)) in cases.into_iter().enumerate() {
         let log = env.dir.path().join(format!("{name}.log"));
         let mut a: Vec<&str> = vec!["--volume", "gdrive:/vms/disk", "--format", "raw", "--cache-dir", &cache];
@@ -411,5 +463,5 @@ fn a_stop_that_cannot_upload_does_not_wait_out_the_sync_timeout() {
     }
     let d = serve(&env, &flags, "cache-b", &[]);
     let mut c = common::Client::connect(&d.socket, 1);
-    assert_eq!(c.read(0, 2 * CHUNK as usize).unwrap(), want[..2 * CHUNK as usize], "both writes reached the remote");
+    assert_eq!(c.read(0, 3 * CHUNK as usize).unwrap(), want[..3 * CHUNK as usize], "every write reached the remote");
 }

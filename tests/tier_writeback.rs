@@ -481,6 +481,51 @@ fn writethrough_flush_on_a_remote_that_is_down_fails_within_the_budget() {
     assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
 }
 
+/// A writethrough FLUSH on a remote that takes connections and never
+/// answers fails within the guest's remote budget, although no attempt has
+/// failed yet (each has a minute and more of its own deadline): nothing of
+/// the upload moved. The data stays in the cache and goes up once the
+/// remote answers again.
+#[test]
+fn writethrough_flush_on_a_remote_that_never_answers_fails_within_the_budget() {
+    let d = tempfile::tempdir().unwrap();
+    let (vurl, mut expect) = imported(d.path(), 2 << 20, 40);
+    let faults = FaultPlan::new(12);
+    let m = Arc::new(RemoteMetrics::default());
+    let mut o = cache_opts(&d.path().join("a"), counted(m, Some(faults.clone()), Shaping::default()));
+    o.writeback.mode = CacheMode::Writethrough;
+    o.remote_wait.budget = Duration::from_secs(2);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let mut warm = vec![0u8; CS as usize];
+    s.read_vectored_at(0, &IoVec::from_slice(&mut warm), IoMode::Blocking).unwrap();
+    faults.set_hung(true);
+    write(&*s, 11, &[9; 3000], &mut expect);
+    let flush = |s: &Arc<driveblk::tier::tiered::TieredStore>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        let t0 = std::time::Instant::now();
+        std::thread::spawn(move || {
+            let _ = tx.send(s2.flush_point().and_then(|t| s2.wait_durable(t)));
+        });
+        let got =
+            rx.recv_timeout(Duration::from_secs(30)).expect("the FLUSH still waits on a remote that never answers");
+        let e = got.expect_err("a FLUSH cannot be durable on a remote that never answers");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("did not move"), "{e}");
+        t0.elapsed()
+    };
+    let took = flush(&s);
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(10), "{took:?}");
+    // The next FLUSH waits for the same stuck upload, and fails as soon.
+    write(&*s, 8192, &[8; 4096], &mut expect);
+    let took = flush(&s);
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    faults.set_hung(false);
+    assert_eq!(s.close(Duration::from_secs(30)), 0, "the flushed data went up once the remote answered");
+    drop(s);
+    assert_eq!(fresh_view(d.path(), &vurl, "b"), expect);
+}
+
 /// A writethrough FLUSH whose upload takes longer than the remote budget
 /// (a big flush on a slow uplink) but goes on without a failure is waited
 /// for, not failed: the budget runs only while the remote fails.

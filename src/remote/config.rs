@@ -243,9 +243,12 @@ pub struct ObjStoreConfig {
     /// The operator guarantees a single writer ([`ENV_OBJSTORE_UNFENCED`]).
     pub unfenced: bool,
     /// `--bwlimit`: the process's limiter (set through
-    /// [`RemoteConfig::set_bwlimit`]); when it limits, requests go through
-    /// a client that paces their bodies.
+    /// [`RemoteConfig::set_bwlimit`]); when it limits, the client paces
+    /// request bodies.
     pub bwlimit: BwLimit,
+    /// Upload bytes the client took, shared by the stores made from this
+    /// configuration ([`Remote::bytes_sent`](super::Remote::bytes_sent)).
+    pub sent: super::sent::SentBytes,
 }
 
 impl Default for ObjStoreConfig {
@@ -260,6 +263,7 @@ impl Default for ObjStoreConfig {
             connect_timeout: Duration::from_secs(10),
             unfenced: false,
             bwlimit: BwLimit::default(),
+            sent: Default::default(),
         }
     }
 }

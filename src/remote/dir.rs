@@ -7,7 +7,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,8 @@ pub struct DirRemote {
     /// Set once `link(2)` was refused: the folder's file system has no hard
     /// links, and exclusive creates go by [`CREATE_LOCK`].
     no_hard_links: Arc<AtomicBool>,
+    /// Bytes of upload bodies taken so far ([`Remote::bytes_sent`]).
+    sent: Arc<AtomicU64>,
 }
 
 /// A temp file being written: removed when dropped, unless
@@ -106,6 +108,7 @@ impl DirRemote {
             bwlimit: BwLimit::default(),
             no_symlinks: false,
             no_hard_links: Arc::new(AtomicBool::new(false)),
+            sent: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -277,6 +280,7 @@ impl DirRemote {
                 let end = next.is_none();
                 if let Some(b) = next {
                     size += b.len();
+                    self.sent.fetch_add(b.len() as u64, Ordering::Relaxed);
                     gathered.push(b);
                 }
                 if size >= batch || (end && size > 0) {
@@ -561,6 +565,10 @@ impl Remote for DirRemote {
 
     fn describe(&self) -> String {
         self.name()
+    }
+
+    fn bytes_sent(&self) -> Option<u64> {
+        Some(self.sent.load(Ordering::Relaxed))
     }
 }
 

@@ -118,6 +118,10 @@ pub trait Layer: Send + Sync + fmt::Debug {
     fn reset_connections(&self) {
         self.inner().reset_connections()
     }
+
+    fn bytes_sent(&self) -> Option<u64> {
+        self.inner().bytes_sent()
+    }
 }
 
 #[async_trait]
@@ -212,5 +216,9 @@ impl<T: Layer> Remote for T {
 
     fn reset_connections(&self) {
         Layer::reset_connections(self)
+    }
+
+    fn bytes_sent(&self) -> Option<u64> {
+        Layer::bytes_sent(self)
     }
 }

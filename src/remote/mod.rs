@@ -20,6 +20,7 @@ pub mod objstore;
 pub mod priority;
 pub mod private;
 pub mod retry;
+pub mod sent;
 pub mod shaped;
 pub mod shared;
 pub mod url;
@@ -345,6 +346,15 @@ pub trait Remote: Send + Sync + fmt::Debug {
     /// kernel knowing yet. Layers forward it; backends without connections
     /// ignore it.
     fn reset_connections(&self) {}
+
+    /// Bytes of upload bodies this store has handed to the network (or
+    /// written, for `dir`) so far, counted as they go, retries included;
+    /// `None` when the store does not count. Waiters on an upload read it to
+    /// tell one that is slow from one that is stuck: it moves while any
+    /// upload moves.
+    fn bytes_sent(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A shared remote trait object.

@@ -46,6 +46,7 @@ use object_store::{ClientOptions, MultipartUpload, ObjectStore, PutMode, PutOpti
 use super::bwlimit::BwLimit;
 use super::config::ObjStoreConfig;
 use super::retry::MIN_UPLOAD_RATE;
+use super::sent::SentBytes;
 use super::{content_tag, ObjectMeta, PutBody, Remote, RemoteError, RemoteResult, Slot};
 
 /// Which cloud's API a URL speaks.
@@ -205,17 +206,16 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
     // object_store retries each request a little; the volume's retry
     // wrapper sits above and decides when to give up for good.
     let retry = RetryConfig { backoff: BackoffConfig::default(), max_retries: 3, retry_timeout: cfg.request_timeout };
-    // Under `--bwlimit`, requests go through a client that paces bodies.
-    let paced = cfg.bwlimit.is_limited().then(|| PacedConnector(cfg.bwlimit.clone()));
+    // Requests go through a client that counts bodies as they go (and
+    // paces them under `--bwlimit`).
+    let connector = || BodyConnector(cfg.bwlimit.clone(), cfg.sent.clone());
     Ok(match kind {
         StoreKind::S3 => {
             let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
             for (k, v) in &timeouts {
                 b = b.with_config(object_store::aws::AmazonS3ConfigKey::Client(*k), v);
             }
-            if let Some(c) = paced {
-                b = b.with_http_connector(c);
-            }
+            b = b.with_http_connector(connector());
             plain_http_allowed(&b)?;
             Arc::new(b.build()?)
         }
@@ -225,9 +225,7 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
             for (k, v) in &timeouts {
                 b = b.with_config(object_store::gcp::GoogleConfigKey::Client(*k), v);
             }
-            if let Some(c) = paced {
-                b = b.with_http_connector(c);
-            }
+            b = b.with_http_connector(connector());
             Arc::new(b.build()?)
         }
         StoreKind::Azure => {
@@ -236,9 +234,7 @@ pub fn build_store(kind: StoreKind, bucket: &str, cfg: &ObjStoreConfig) -> objec
             for (k, v) in &timeouts {
                 b = b.with_config(object_store::azure::AzureConfigKey::Client(*k), v);
             }
-            if let Some(c) = paced {
-                b = b.with_http_connector(c);
-            }
+            b = b.with_http_connector(connector());
             Arc::new(b.build()?)
         }
     })
@@ -283,22 +279,23 @@ fn truthy(v: &str) -> bool {
     matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "on" | "yes" | "y")
 }
 
-/// `--bwlimit` on object stores: object_store hands its client whole
-/// bodies (`Bytes` or a `PutPayload`, never a stream), so under a limit
-/// its requests go through this connector's client, which sends each body
-/// in paced pieces on the upload clock every transfer of the process
-/// shares. Its reqwest client gets the options object_store would give
-/// its own (deadlines, proxy, HTTP/1, plain HTTP allowed or not); each
-/// request's deadline adds its body's pacing time.
+/// The client of object stores: object_store hands its client whole
+/// bodies (`Bytes` or a `PutPayload`, never a stream), so its requests go
+/// through this connector's client, which sends each body in pieces,
+/// counted as the connection takes them ([`Remote::bytes_sent`]) and,
+/// under `--bwlimit`, paced on the upload clock every transfer of the
+/// process shares. Its reqwest client gets the options object_store would
+/// give its own (deadlines, proxy, HTTP/1, plain HTTP allowed or not);
+/// each request's deadline adds its body's pacing time.
 #[derive(Debug)]
-struct PacedConnector(BwLimit);
+struct BodyConnector(BwLimit, SentBytes);
 
-impl HttpConnector for PacedConnector {
+impl HttpConnector for BodyConnector {
     fn connect(&self, o: &ClientOptions) -> object_store::Result<HttpClient> {
         let bad = |e: String| object_store::Error::Generic { store: "driveblk", source: e.into() };
         let timeout = o.get_config_value(&ClientConfigKey::Timeout).map(|v| duration(&v)).transpose().map_err(bad)?;
         let client = client_like(o).map_err(bad)?;
-        Ok(HttpClient::new(PacedService { client, limit: self.0.clone(), timeout }))
+        Ok(HttpClient::new(BodyService { client, limit: self.0.clone(), sent: self.1.clone(), timeout }))
     }
 }
 
@@ -348,17 +345,18 @@ fn client_like(o: &ClientOptions) -> Result<reqwest::Client, String> {
     b.https_only(!flag(K::AllowHttp)).build().map_err(e)
 }
 
-/// The paced client (see [`PacedConnector`]).
+/// The client that counts, and paces, bodies (see [`BodyConnector`]).
 #[derive(Debug)]
-struct PacedService {
+struct BodyService {
     client: reqwest::Client,
     limit: BwLimit,
+    sent: SentBytes,
     /// The client's deadline of one request, before pacing.
     timeout: Option<std::time::Duration>,
 }
 
 #[async_trait]
-impl HttpService for PacedService {
+impl HttpService for BodyService {
     async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
         use http_body_util::BodyExt;
         let (mut parts, body) = req.into_parts();
@@ -368,8 +366,8 @@ impl HttpService for PacedService {
         let turn = if len > 0 { Some(self.limit.upload(len).await) } else { None };
         let body = match (&turn, body.as_bytes()) {
             (None, _) => reqwest::Body::from(body.as_bytes().cloned().unwrap_or_default()),
-            (Some(t), Some(b)) => t.body(b.clone()),
-            (Some(t), None) => reqwest::Body::wrap_stream(t.pace(body.into_data_stream())),
+            (Some(t), Some(b)) => self.sent.body(t, b.clone()),
+            (Some(t), None) => reqwest::Body::wrap_stream(self.sent.count(t.pace(body.into_data_stream()))),
         };
         if len > 0 {
             // A stream has no length of its own: S3 refuses chunked bodies.
@@ -1143,6 +1141,12 @@ impl Remote for ObjStoreRemote {
     fn reset_connections(&self) {
         let seen = self.store.load_full();
         self.rebuild(&seen, "a request got no answer in time");
+    }
+
+    /// Counted by the client [`build_store`] makes; a client handed in
+    /// ([`with_store`](Self::with_store)) is not counted.
+    fn bytes_sent(&self) -> Option<u64> {
+        self.rebuildable.then(|| self.cfg.sent.get())
     }
 }
 

@@ -32,6 +32,10 @@ pub struct Shaping {
 pub struct FaultPlan {
     /// Every request fails (transiently) while set.
     down: AtomicBool,
+    /// Every request waits, unanswered, while set: a store that accepts
+    /// connections and never answers (its requests end at the caller's
+    /// deadlines).
+    hung: AtomicBool,
     /// The next N requests fail transiently.
     fail_next: AtomicU64,
     /// Each request fails with this probability (parts per million).
@@ -51,6 +55,7 @@ impl FaultPlan {
     pub fn new(seed: u64) -> Arc<Self> {
         Arc::new(Self {
             down: AtomicBool::new(false),
+            hung: AtomicBool::new(false),
             fail_next: AtomicU64::new(0),
             fail_ppm: AtomicU64::new(0),
             lose_put_replies: AtomicU64::new(0),
@@ -63,6 +68,12 @@ impl FaultPlan {
     /// Takes the remote down (every request fails) or brings it back.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Makes the remote hang (requests get no answer while it does) or
+    /// answer again.
+    pub fn set_hung(&self, hung: bool) {
+        self.hung.store(hung, Ordering::SeqCst);
     }
 
     /// Fails the next `n` requests.
@@ -139,10 +150,14 @@ impl ShapedRemote {
         }
     }
 
-    /// Latency, then an injected failure if one is due.
+    /// Latency (for as long as the remote hangs), then an injected failure
+    /// if one is due.
     async fn before(&self, op: &'static str, key: &str) -> RemoteResult<()> {
         if !self.shaping.latency.is_zero() {
             tokio::time::sleep(self.shaping.latency).await;
+        }
+        while self.faults.hung.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if self.faults.should_fail() {
             return Err(self.fault(op, key));
@@ -150,19 +165,52 @@ impl ShapedRemote {
         Ok(())
     }
 
+    /// Takes the next `bytes` of time on the shared link: when the
+    /// transfer starts, and how long it takes (None: no cap).
+    fn take_link(&self, bytes: u64) -> Option<(Instant, Duration)> {
+        let bps = self.shaping.bandwidth_bps.filter(|b| *b > 0)?;
+        let dur = Duration::from_secs_f64(bytes as f64 * 8.0 / bps as f64);
+        let mut free = self.link_free_at.lock();
+        let now = Instant::now();
+        let start = free.map_or(now, |f| f.max(now));
+        *free = Some(start + dur);
+        Some((start, dur))
+    }
+
     /// Holds the caller for as long as `bytes` take on the shared link.
     async fn transfer(&self, bytes: u64) {
-        let Some(bps) = self.shaping.bandwidth_bps.filter(|b| *b > 0) else { return };
-        let dur = Duration::from_secs_f64(bytes as f64 * 8.0 / bps as f64);
-        let done = {
-            let mut free = self.link_free_at.lock();
-            let now = Instant::now();
-            let start = free.map_or(now, |f| f.max(now));
-            let done = start + dur;
-            *free = Some(done);
-            done
-        };
-        tokio::time::sleep_until(done).await;
+        if let Some((start, dur)) = self.take_link(bytes) {
+            tokio::time::sleep_until(start + dur).await;
+        }
+    }
+
+    /// `body` crossing the shared link: its time on the link is taken now,
+    /// and each piece is let out to the store when the link has carried
+    /// it, as a real upload is taken from its sender (so a count of bytes
+    /// sent moves with the link, not all at once).
+    fn upload(&self, body: PutBody) -> PutBody {
+        let Some(len) = body.len() else { return body };
+        let Some((start, dur)) = self.take_link(len) else { return body };
+        PutBody::from_stream_fn(Some(len), move || {
+            use futures::StreamExt;
+            let due = move |sent: u64| start + dur.mul_f64(sent as f64 / len.max(1) as f64);
+            futures::stream::unfold(
+                (body.stream(), Bytes::new(), 0u64),
+                move |(mut s, mut rest, mut sent)| async move {
+                    while rest.is_empty() {
+                        match s.next().await? {
+                            Ok(b) => rest = b,
+                            Err(e) => return Some((Err(e), (s, rest, sent))),
+                        }
+                    }
+                    let piece = rest.split_to(rest.len().min(super::bwlimit::PIECE));
+                    sent += piece.len() as u64;
+                    tokio::time::sleep_until(due(sent)).await;
+                    Some((Ok(piece), (s, rest, sent)))
+                },
+            )
+            .boxed()
+        })
     }
 }
 
@@ -181,10 +229,7 @@ impl super::Layer for ShapedRemote {
 
     async fn put(&self, key: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         self.before("put", key).await?;
-        if let Some(n) = body.len() {
-            self.transfer(n).await;
-        }
-        let m = self.inner.put(key, body).await?;
+        let m = self.inner.put(key, self.upload(body)).await?;
         if FaultPlan::take(&self.faults.lose_put_replies) {
             self.faults.injected.fetch_add(1, Ordering::SeqCst);
             return Err(self.fault("put", key));
@@ -204,10 +249,7 @@ impl super::Layer for ShapedRemote {
 
     async fn create(&self, key: &str, slot: Option<&Slot>, tag: &str, body: PutBody) -> RemoteResult<ObjectMeta> {
         self.before("create", key).await?;
-        if let Some(n) = body.len() {
-            self.transfer(n).await;
-        }
-        let m = self.inner.create(key, slot, tag, body).await?;
+        let m = self.inner.create(key, slot, tag, self.upload(body)).await?;
         if FaultPlan::take(&self.faults.lose_put_replies) || FaultPlan::take(&self.faults.lose_create_replies) {
             self.faults.injected.fetch_add(1, Ordering::SeqCst);
             return Err(self.fault("create", key));

@@ -821,6 +821,7 @@ impl Inner {
         let mut s = self.writeback.as_ref()?.status();
         let now = crate::volume::lease::local_now_ms();
         s.since_commit_secs = self.vol.manifest().writer.as_ref().map(|w| now.saturating_sub(w.unix_ms) / 1000);
+        s.bytes_sent = self.vol.remote.bytes_sent();
         Some(s)
     }
 

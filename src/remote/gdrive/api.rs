@@ -402,6 +402,9 @@ pub struct DriveApi {
     /// Ranged reads asked, requests sent for them, reads merged
     /// (`remote/merge.rs`), for every remote of the account.
     pub read_merge: std::sync::Arc<crate::remote::merge::MergeStats>,
+    /// Bytes of upload bodies the client took, for every remote of the
+    /// account ([`Remote::bytes_sent`](crate::remote::Remote::bytes_sent)).
+    pub(crate) sent: crate::remote::sent::SentBytes,
 }
 
 /// The HTTP client of a Drive account (`up`: the one for bodies going up,
@@ -465,6 +468,7 @@ impl DriveApi {
             record,
             recorded: parking_lot::Mutex::new(recorded),
             read_merge: Default::default(),
+            sent: Default::default(),
         }
     }
 
@@ -753,7 +757,7 @@ impl DriveApi {
                     .timeout(t)
                     .header(CONTENT_TYPE, ctype.as_str())
                     .header(CONTENT_LENGTH, len)
-                    .body(turn.body(body.clone()))
+                    .body(self.sent.body(&turn, body.clone()))
             },
             true,
         )

@@ -884,6 +884,10 @@ impl Remote for GDriveRemote {
     fn reset_connections(&self) {
         self.api.reset_connections()
     }
+
+    fn bytes_sent(&self) -> Option<u64> {
+        Some(self.api.sent.get())
+    }
 }
 
 #[cfg(test)]

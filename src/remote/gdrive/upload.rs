@@ -286,7 +286,7 @@ pub(crate) async fn put_chunk(
                     .timeout(t)
                     .header(CONTENT_RANGE, cr.as_str())
                     .header(CONTENT_LENGTH, data.len())
-                    .body(turn.body(data.clone()))
+                    .body(api.sent.body(&turn, data.clone()))
             },
             accept_chunk,
             true,

@@ -129,15 +129,23 @@ pub struct SyncStatus {
     /// Bytes of the cut being uploaded copied aside in the cache (the
     /// cut-time bytes of chunks the guest rewrote since).
     pub frozen_bytes: u64,
+    /// Chunks this process read into packs.
+    pub chunks_packed: u64,
+    /// The remote's count of the bytes it sent ([`Remote::bytes_sent`]
+    /// (crate::remote::Remote::bytes_sent), None: it keeps none); filled
+    /// in by the store.
+    pub bytes_sent: Option<u64>,
 }
 
 /// Watches a wait for uploads (a stop's, a final sync's) and says when
 /// waiting longer is pointless: write-back paused for a person to act
-/// (quota, credentials), or [`FAILURES_GONE`] attempts in a row failing
-/// with nothing landing for the remote budget (`--remote-wait`: the
-/// network gone). A stop then
-/// ends at once instead of holding a shutdown for all of `--sync-timeout`;
-/// what is left stays in the cache and goes up at the next start.
+/// (quota, credentials); an attempt to upload a cut that has not moved
+/// for the remote budget (`--remote-wait`, see [`Motion`]: a remote that
+/// takes connections and never answers); or
+/// [`FAILURES_GONE`] attempts in a row failing with nothing landing for
+/// that budget (the network gone). A stop then ends at once instead of
+/// holding a shutdown for all of `--sync-timeout`; what is left stays in
+/// the cache and goes up at the next start.
 #[derive(Debug)]
 pub struct UploadWatch {
     budget: Duration,
@@ -148,6 +156,10 @@ pub struct UploadWatch {
     /// The last commit and chunks landed seen, and since when.
     progress: Option<(u64, u64)>,
     since: Instant,
+    /// Whether the attempt uploading a cut moves (restarted between
+    /// attempts: standing still is then a retry's pause, or waiting for
+    /// the guest's next FLUSH).
+    motion: Motion,
 }
 
 /// Failed attempts in a row, with nothing landing, before the network
@@ -157,7 +169,7 @@ const FAILURES_GONE: u64 = 3;
 
 impl UploadWatch {
     pub fn new(budget: Duration) -> Self {
-        Self { budget, failures: None, progress: None, since: Instant::now() }
+        Self { budget, failures: None, progress: None, since: Instant::now(), motion: Motion::new() }
     }
 
     /// Why waiting on is pointless, from the sync state now (None: wait).
@@ -165,14 +177,65 @@ impl UploadWatch {
         if st.paused {
             return Some(format!("write-back is paused: {}", st.last_error.as_deref().unwrap_or("refused")));
         }
+        let gone = |for_secs: u64, error: &str| {
+            format!("nothing reached the remote for {for_secs} s (--remote-wait): {error}")
+        };
+        if st.uploading {
+            let still = self.motion.observe(st.committed_cut, st.chunks_packed, st.bytes_sent);
+            if still.is_some_and(|t| t.elapsed() >= self.budget) {
+                return Some(gone(self.budget.as_secs(), st.last_error.as_deref().unwrap_or("no answer")));
+            }
+        } else {
+            self.motion = Motion::new();
+        }
         let progress = (st.committed_cut, st.uploading_done);
         if self.progress != Some(progress) {
             (self.progress, self.since, self.failures) = (Some(progress), Instant::now(), Some(st.failed_attempts));
         }
         let first = *self.failures.get_or_insert(st.failed_attempts);
         let error = st.last_error.as_deref().filter(|_| st.failed_attempts >= first + FAILURES_GONE)?;
-        (self.since.elapsed() >= self.budget)
-            .then(|| format!("nothing reached the remote for {} s (--remote-wait): {error}", self.budget.as_secs()))
+        (self.since.elapsed() >= self.budget).then(|| gone(self.budget.as_secs(), error))
+    }
+}
+
+/// Bytes an upload handed over are taken to cross the network no slower
+/// than this (1 Mbit/s): the client takes them into the kernel's socket
+/// buffer at once, and they leave it at the speed of the uplink.
+const DRAIN_FLOOR: u64 = 128 << 10;
+/// At most this much of what was handed over still sits in buffers
+/// (Linux's largest send buffer).
+const DRAIN_MOST: u64 = 4 << 20;
+
+/// Whether a writethrough FLUSH's upload moves: a commit, a chunk packed,
+/// or bytes the remote took (then moving for as long as those bytes take
+/// to leave the socket buffer at [`DRAIN_FLOOR`]).
+#[derive(Debug)]
+struct Motion {
+    seen: Option<(u64, u64, u64)>,
+    until: Instant,
+}
+
+impl Motion {
+    fn new() -> Self {
+        Self { seen: None, until: Instant::now() }
+    }
+
+    /// Takes in what the upload shows now (`sent`: the remote's count of
+    /// bytes sent, if it keeps one). Returns since when it has stood still,
+    /// or None when that cannot be told (a store that does not count: a
+    /// big pack would stand still for as long as it takes to go up).
+    fn observe(&mut self, committed: u64, packed: u64, sent: Option<u64>) -> Option<Instant> {
+        let sent = sent?;
+        let now = Instant::now();
+        if let Some((c, p, s)) = self.seen {
+            if (c, p) != (committed, packed) || sent != s {
+                let drain = Duration::from_secs_f64(sent.saturating_sub(s) as f64 / DRAIN_FLOOR as f64);
+                let most = Duration::from_secs_f64(DRAIN_MOST as f64 / DRAIN_FLOOR as f64);
+                self.until = (self.until.max(now) + drain).min(now + most);
+            }
+        }
+        self.seen = Some((committed, packed, sent));
+        Some(self.until)
     }
 }
 
@@ -208,6 +271,9 @@ pub(crate) struct Writeback {
     /// Held to save or forget `uploaded` with its file: a stop's save that
     /// raced a commit must not leave the record of a committed upload.
     uploaded_file: Mutex<()>,
+    /// Chunks read into packs by this process: a writethrough FLUSH counts
+    /// each as its upload moving (see `wait_durable`).
+    packed: AtomicU64,
     /// Writes since the last flush point: while 0, the disk is exactly as
     /// it was at that flush point, so a cut may be taken without one (an
     /// idle guest's last changes still go up within the sync interval).
@@ -276,6 +342,7 @@ impl Writeback {
             wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
             writes_since_flush: AtomicU64::new(0),
+            packed: AtomicU64::new(0),
             requested: AtomicBool::new(false),
             uploaded: Uploaded::default(),
             uploaded_file: Mutex::new(()),
@@ -286,6 +353,7 @@ impl Writeback {
     pub(crate) fn status(&self) -> SyncStatus {
         let mut s = self.status.lock().clone();
         s.frozen_bytes = self.frozen_bytes();
+        s.chunks_packed = self.packed.load(Ordering::Relaxed);
         if s.uploading {
             let up = self.uploaded.summary().map_or(0, |(_, n)| n as u64);
             s.uploading_done = up.min(s.uploading_chunks);
@@ -524,11 +592,15 @@ impl Inner {
 
     /// Blocks until cut `ticket` is committed (writethrough FLUSH), or
     /// fails if write-back cannot commit it. A failed commit keeps its cut
-    /// and retries until the remote is back, which may be never: once the
-    /// remote has been failing for the guest's remote budget the FLUSH
-    /// fails, and the data stays in the cache. An upload that is going (a
-    /// big flush on a slow uplink) is waited for: each of its attempts has
-    /// its own deadline, and one that runs out counts as failing.
+    /// and retries until the remote is back, which may be never. The FLUSH
+    /// fails, and the data stays in the cache, once for the guest's remote
+    /// budget either the remote has kept failing, or the upload has not
+    /// moved ([`Motion`]: no chunk packed, no byte taken by the remote, no
+    /// commit; a remote that takes connections and never answers, whose
+    /// attempts only fail at their own deadlines, minutes for a big pack).
+    /// An upload that moves (a big flush on a slow uplink) is waited for.
+    /// On a store that does not count the bytes it sends, only failures
+    /// count.
     pub(super) fn wait_durable(&self, ticket: u64) -> io::Result<()> {
         let Some(wb) = &self.writeback else { return Ok(()) };
         if ticket == 0 || wb.opts.mode != CacheMode::Writethrough {
@@ -536,6 +608,7 @@ impl Inner {
         }
         let budget = self.remote_wait.budget;
         let mut failing_since: Option<Instant> = None;
+        let mut motion = Motion::new();
         let mut st = wb.status.lock();
         loop {
             if st.committed_cut >= ticket {
@@ -561,10 +634,22 @@ impl Inner {
                 (Some(_), since) => since,
             };
             failing_since = failing;
-            let left = failing.map_or(budget, |t| budget.saturating_sub(t.elapsed()));
-            if left.is_zero() {
+            // Only an attempt in progress can move (between attempts the
+            // failures count, above).
+            let stalled = if st.uploading {
+                let sent = self.vol.remote.bytes_sent();
+                motion.observe(st.committed_cut, wb.packed.load(Ordering::Relaxed), sent)
+            } else {
+                motion = Motion::new();
+                None
+            };
+            let left = [failing, stalled].into_iter().flatten().map(|t| budget.saturating_sub(t.elapsed())).min();
+            if left.is_some_and(|l| l.is_zero()) {
                 crate::tier::stats::Counters::inc(&self.counters.remote_timeouts);
-                let why = st.last_error.as_deref().unwrap_or("no answer");
+                let why = match &st.last_error {
+                    Some(e) => e.as_str(),
+                    None => "the upload did not move (no answer)",
+                };
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
@@ -574,6 +659,7 @@ impl Inner {
                     ),
                 ));
             }
+            let left = left.unwrap_or(budget);
             wb.changed.wait_for(&mut st, left.min(Duration::from_millis(500)));
         }
     }
@@ -947,6 +1033,7 @@ impl Inner {
             }
             data.truncate(chunk_len);
             b.add_chunk(idx, data, cut.pages.get(&idx).map(|p| &p[..])).await?;
+            wb.packed.fetch_add(1, Ordering::Relaxed);
         }
         if b.changes_nothing() {
             // Every chunk holds its parent's bytes again (rewritten as it
@@ -1175,7 +1262,7 @@ impl Inner {
             // Waited for: its uploads go unmarked (see `upload_mark`).
             wb.awaited_cut.fetch_max(target, Ordering::SeqCst);
             loop {
-                let st = wb.status();
+                let st = self.sync_status().unwrap_or_default();
                 if st.committed_cut >= target || st.conflict.is_some() || Instant::now() >= deadline {
                     break;
                 }
@@ -1296,4 +1383,29 @@ impl Inner {
 fn unsaved(generation: u64, e: &VolumeError) -> String {
     tracing::error!(generation, error = %e, "write-back: committed a generation, but could not save this cache's state");
     format!("generation {generation} is committed, but this cache's state could not be saved: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_handed_over_keep_an_upload_moving_while_they_drain() {
+        let mut m = Motion::new();
+        let t0 = Instant::now();
+        assert_eq!(m.observe(0, 0, None), None, "a store that does not count cannot tell");
+        let still = m.observe(0, 0, Some(100)).unwrap();
+        assert!(still <= Instant::now() && still >= t0 - Duration::from_millis(1), "nothing moved yet");
+        assert_eq!(m.observe(0, 0, Some(100)), Some(still), "the same count: standing still");
+        // 1 MiB taken: moving for the 8 s it takes to leave at 1 Mbit/s.
+        let until = m.observe(0, 0, Some(100 + (1 << 20))).unwrap();
+        let ahead = until - Instant::now();
+        assert!(ahead > Duration::from_millis(7900) && ahead <= Duration::from_secs(8), "{ahead:?}");
+        // 64 MiB more: never counted past a full send buffer (32 s).
+        let until = m.observe(0, 0, Some(100 + (65 << 20))).unwrap();
+        let ahead = until - Instant::now();
+        assert!(ahead > Duration::from_millis(31_900) && ahead <= Duration::from_secs(32), "{ahead:?}");
+        // A chunk packed or a commit moves it too, without pushing it on.
+        assert_eq!(m.observe(0, 1, Some(100 + (65 << 20))), Some(until));
+    }
 }

@@ -1,0 +1,92 @@
+//! Upload bytes counted as a backend hands them to the network ([`Remote::bytes_sent`](super::Remote::bytes_sent)).
+//!
+//! A client takes a streamed body piece by piece as its send buffer
+//! drains, so a count of the pieces taken moves with the wire: it stops
+//! when the far end stops reading, and keeps moving, slowly, on a slow
+//! uplink. That is what tells a stuck upload from a slow one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+
+use super::bwlimit::{Turn, PIECE};
+
+/// A shared count of upload bytes sent; clones count into the same total.
+#[derive(Clone, Debug, Default)]
+pub struct SentBytes(Arc<AtomicU64>);
+
+/// A count is not part of what a configuration holding it says: any two
+/// compare equal.
+impl PartialEq for SentBytes {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl SentBytes {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// `s` in pieces of at most [`PIECE`] bytes, each counted when the
+    /// client takes it.
+    pub fn count<S, E>(&self, s: S) -> BoxStream<'static, Result<Bytes, E>>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Send + 'static,
+    {
+        let me = self.clone();
+        futures::stream::unfold((Box::pin(s), Bytes::new()), move |(mut s, mut rest)| {
+            let me = me.clone();
+            async move {
+                while rest.is_empty() {
+                    match s.next().await? {
+                        Ok(b) => rest = b,
+                        Err(e) => return Some((Err(e), (s, rest))),
+                    }
+                }
+                let piece = rest.split_to(rest.len().min(PIECE));
+                me.add(piece.len() as u64);
+                Some((Ok(piece), (s, rest)))
+            }
+        })
+        .boxed()
+    }
+
+    /// `data` as a request body sent in `turn` (paced when it is), counted
+    /// as the client takes it. The caller sets `Content-Length`.
+    pub fn body(&self, turn: &Turn, data: Bytes) -> reqwest::Body {
+        let s = turn.pace(futures::stream::once(async move { Ok::<_, std::io::Error>(data) }));
+        reqwest::Body::wrap_stream(self.count(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pieces_are_counted_as_they_are_taken() {
+        let sent = SentBytes::default();
+        let body = Bytes::from(vec![1u8; 3 * PIECE + 10]);
+        let mut s = sent.count(futures::stream::once(async move { Ok::<_, std::io::Error>(body) }));
+        assert_eq!(sent.get(), 0, "nothing is counted before the client takes it");
+        assert_eq!(s.next().await.unwrap().unwrap().len(), PIECE);
+        assert_eq!(sent.get(), PIECE as u64);
+        let mut n = PIECE;
+        while let Some(p) = s.next().await {
+            n += p.unwrap().len();
+        }
+        assert_eq!((n, sent.get()), (3 * PIECE + 10, (3 * PIECE + 10) as u64));
+        // A clone counts into the same total.
+        sent.clone().add(5);
+        assert_eq!(sent.get(), (3 * PIECE + 15) as u64);
+    }
+}
