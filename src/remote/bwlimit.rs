@@ -80,6 +80,36 @@ fn local_minute() -> u32 {
 /// more than its share.
 pub const PIECE: usize = 64 << 10;
 
+/// `s` cut into pieces of at most [`PIECE`] bytes, each let out once
+/// `before(len, end)` is done (`len`: the piece's bytes; `end`: the body's
+/// bytes up to the piece's end), when the taker asks for it.
+pub fn pieces<S, E, F, Fut>(s: S, before: F) -> futures::stream::BoxStream<'static, Result<Bytes, E>>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: Send + 'static,
+    F: Fn(u64, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    use futures::StreamExt;
+    let before = Arc::new(before);
+    futures::stream::unfold((Box::pin(s), Bytes::new(), 0u64), move |(mut s, mut rest, mut end)| {
+        let before = before.clone();
+        async move {
+            while rest.is_empty() {
+                match s.next().await? {
+                    Ok(b) => rest = b,
+                    Err(e) => return Some((Err(e), (s, rest, end))),
+                }
+            }
+            let piece = rest.split_to(rest.len().min(PIECE));
+            end += piece.len() as u64;
+            before(piece.len() as u64, end).await;
+            Some((Ok(piece), (s, rest, end)))
+        }
+    })
+    .boxed()
+}
+
 /// The process's bandwidth limiter: a cheap handle, cloned into every
 /// backend's configuration, all clones sharing one clock per direction.
 /// The default limits nothing.
@@ -171,26 +201,14 @@ impl BwLimit {
     /// An upload body of unknown shape paced piece by piece, each piece
     /// taking its own turn (`dir:` writes).
     pub fn pace_upload(&self, s: super::ByteStream) -> super::ByteStream {
-        use futures::StreamExt;
         if !self.is_limited() {
             return s;
         }
         let limit = self.clone();
-        Box::pin(futures::stream::unfold((s, Bytes::new()), move |(mut s, mut rest)| {
+        pieces(s, move |n, _| {
             let limit = limit.clone();
-            async move {
-                while rest.is_empty() {
-                    match s.next().await? {
-                        Ok(b) => rest = b,
-                        Err(e) => return Some((Err(e), (s, rest))),
-                    }
-                }
-                let piece = rest.split_to(rest.len().min(PIECE));
-                let n = piece.len() as u64;
-                limit.upload(n).await.until(n).await;
-                Some((Ok(piece), (s, rest)))
-            }
-        }))
+            async move { limit.upload(n).await.until(n).await }
+        })
     }
 
     async fn turn(&self, bytes: u64, up: bool) -> Turn {
@@ -365,19 +383,7 @@ impl Turn {
             return s.boxed();
         }
         let clock = self.clock;
-        futures::stream::unfold((Box::pin(s), Bytes::new(), 0u64), move |(mut s, mut rest, mut sent)| async move {
-            if rest.is_empty() {
-                match s.next().await? {
-                    Ok(b) => rest = b,
-                    Err(e) => return Some((Err(e), (s, rest, sent))),
-                }
-            }
-            let piece = rest.split_to(rest.len().min(PIECE));
-            sent += piece.len() as u64;
-            tokio::time::sleep_until(clock.due(sent)).await;
-            Some((Ok(piece), (s, rest, sent)))
-        })
-        .boxed()
+        pieces(s, move |_, end| tokio::time::sleep_until(clock.due(end)))
     }
 
     /// `data` as a request body: as it is when free, else a stream of

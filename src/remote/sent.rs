@@ -10,9 +10,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use futures::StreamExt;
 
-use super::bwlimit::{Turn, PIECE};
+use super::bwlimit::{pieces, Turn};
 
 /// A shared count of upload bytes sent; clones count into the same total.
 #[derive(Clone, Debug, Default)]
@@ -35,29 +34,18 @@ impl SentBytes {
         self.0.load(Ordering::Relaxed)
     }
 
-    /// `s` in pieces of at most [`PIECE`] bytes, each counted when the
-    /// client takes it.
+    /// `s` in pieces of at most [`PIECE`](super::bwlimit::PIECE) bytes,
+    /// each counted when the client takes it.
     pub fn count<S, E>(&self, s: S) -> BoxStream<'static, Result<Bytes, E>>
     where
         S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Send + 'static,
     {
         let me = self.clone();
-        futures::stream::unfold((Box::pin(s), Bytes::new()), move |(mut s, mut rest)| {
-            let me = me.clone();
-            async move {
-                while rest.is_empty() {
-                    match s.next().await? {
-                        Ok(b) => rest = b,
-                        Err(e) => return Some((Err(e), (s, rest))),
-                    }
-                }
-                let piece = rest.split_to(rest.len().min(PIECE));
-                me.add(piece.len() as u64);
-                Some((Ok(piece), (s, rest)))
-            }
+        pieces(s, move |n, _| {
+            me.add(n);
+            std::future::ready(())
         })
-        .boxed()
     }
 
     /// `data` as a request body sent in `turn` (paced when it is), counted
@@ -71,6 +59,8 @@ impl SentBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::remote::bwlimit::PIECE;
+    use futures::StreamExt;
 
     #[tokio::test]
     async fn pieces_are_counted_as_they_are_taken() {

@@ -192,24 +192,8 @@ impl ShapedRemote {
         let Some(len) = body.len() else { return body };
         let Some((start, dur)) = self.take_link(len) else { return body };
         PutBody::from_stream_fn(Some(len), move || {
-            use futures::StreamExt;
-            let due = move |sent: u64| start + dur.mul_f64(sent as f64 / len.max(1) as f64);
-            futures::stream::unfold(
-                (body.stream(), Bytes::new(), 0u64),
-                move |(mut s, mut rest, mut sent)| async move {
-                    while rest.is_empty() {
-                        match s.next().await? {
-                            Ok(b) => rest = b,
-                            Err(e) => return Some((Err(e), (s, rest, sent))),
-                        }
-                    }
-                    let piece = rest.split_to(rest.len().min(super::bwlimit::PIECE));
-                    sent += piece.len() as u64;
-                    tokio::time::sleep_until(due(sent)).await;
-                    Some((Ok(piece), (s, rest, sent)))
-                },
-            )
-            .boxed()
+            let due = move |end: u64| start + dur.mul_f64(end as f64 / len.max(1) as f64);
+            super::bwlimit::pieces(body.stream(), move |_, end| tokio::time::sleep_until(due(end)))
         })
     }
 }
