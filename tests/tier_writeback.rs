@@ -434,6 +434,41 @@ fn uploads_nobody_waits_for_go_marked_speculative() {
     assert_eq!(fresh_view(d.path(), &vurl, "c"), expect);
 }
 
+type Store = Arc<driveblk::tier::tiered::TieredStore>;
+
+/// A writethrough store with a 2 s remote budget on a fresh 2 MiB volume
+/// behind `faults` (`attempts`: of each remote call, when not the
+/// default), its first chunk cached; the volume's URL and bytes.
+fn writethrough_store(d: &std::path::Path, faults: &Arc<FaultPlan>, attempts: Option<u32>) -> (String, Vec<u8>, Store) {
+    let (vurl, expect) = imported(d, 2 << 20, 36);
+    let m = Arc::new(RemoteMetrics::default());
+    let mut o = cache_opts(&d.join("a"), counted(m, Some(faults.clone()), Shaping::default()));
+    o.writeback.mode = CacheMode::Writethrough;
+    if let Some(n) = attempts {
+        o.remote.retry.max_attempts = n;
+    }
+    o.remote_wait.budget = Duration::from_secs(2);
+    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
+    let mut warm = vec![0u8; CS as usize];
+    s.read_vectored_at(0, &IoVec::from_slice(&mut warm), IoMode::Blocking).unwrap();
+    (vurl, expect, s)
+}
+
+/// A guest FLUSH that must fail with TimedOut, and within 30 s: its error
+/// and how long it took.
+fn flush_timing_out(s: &Store) -> (std::io::Error, Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = s.clone();
+    let t0 = std::time::Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(s2.flush_point().and_then(|t| s2.wait_durable(t)));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(30)).expect("the FLUSH still waits on the remote");
+    let e = got.expect_err("a FLUSH cannot be durable on this remote");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    (e, t0.elapsed())
+}
+
 /// A writethrough FLUSH while the remote is down fails within the guest's
 /// remote budget (an I/O error the guest sees) instead of waiting for the
 /// remote to come back; the data stays in the cache and is committed once
@@ -441,40 +476,16 @@ fn uploads_nobody_waits_for_go_marked_speculative() {
 #[test]
 fn writethrough_flush_on_a_remote_that_is_down_fails_within_the_budget() {
     let d = tempfile::tempdir().unwrap();
-    let (vurl, mut expect) = imported(d.path(), 2 << 20, 36);
     let faults = FaultPlan::new(11);
-    let m = Arc::new(RemoteMetrics::default());
-    let mut o = cache_opts(&d.path().join("a"), counted(m, Some(faults.clone()), Shaping::default()));
-    o.writeback.mode = CacheMode::Writethrough;
-    o.remote.retry.max_attempts = 2;
-    o.remote_wait.budget = Duration::from_secs(2);
-    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
-    let mut warm = vec![0u8; CS as usize];
-    s.read_vectored_at(0, &IoVec::from_slice(&mut warm), IoMode::Blocking).unwrap();
+    let (vurl, mut expect, s) = writethrough_store(d.path(), &faults, Some(2));
     faults.set_down(true);
     write(&*s, 11, &[7; 3000], &mut expect);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let s2 = s.clone();
-    std::thread::spawn(move || {
-        let t = s2.flush_point().unwrap();
-        let _ = tx.send(s2.wait_durable(t));
-    });
-    let got = rx.recv_timeout(Duration::from_secs(30)).expect("the FLUSH still waits on a remote that is down");
-    let e = got.expect_err("a FLUSH cannot be durable on a remote that is down");
-    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    flush_timing_out(&s);
     // The next FLUSH finds the first one's cut still retrying: it fails
     // within the budget too, not waiting for the remote to come back.
     write(&*s, 8192, &[8; 4096], &mut expect);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let s2 = s.clone();
-    let t0 = std::time::Instant::now();
-    std::thread::spawn(move || {
-        let _ = tx.send(s2.flush_point().and_then(|t| s2.wait_durable(t)));
-    });
-    let got = rx.recv_timeout(Duration::from_secs(30)).expect("the second FLUSH waits on a remote that is down");
-    let e = got.expect_err("a FLUSH cannot be durable on a remote that is down");
-    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
-    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let (_, took) = flush_timing_out(&s);
+    assert!(took < Duration::from_secs(10), "{took:?}");
     faults.set_down(false);
     assert_eq!(s.close(Duration::from_secs(30)), 0, "the flushed data went up once the remote was back");
     drop(s);
@@ -489,36 +500,16 @@ fn writethrough_flush_on_a_remote_that_is_down_fails_within_the_budget() {
 #[test]
 fn writethrough_flush_on_a_remote_that_never_answers_fails_within_the_budget() {
     let d = tempfile::tempdir().unwrap();
-    let (vurl, mut expect) = imported(d.path(), 2 << 20, 40);
     let faults = FaultPlan::new(12);
-    let m = Arc::new(RemoteMetrics::default());
-    let mut o = cache_opts(&d.path().join("a"), counted(m, Some(faults.clone()), Shaping::default()));
-    o.writeback.mode = CacheMode::Writethrough;
-    o.remote_wait.budget = Duration::from_secs(2);
-    let s = driveblk::tier::open_volume(&vurl, o).unwrap();
-    let mut warm = vec![0u8; CS as usize];
-    s.read_vectored_at(0, &IoVec::from_slice(&mut warm), IoMode::Blocking).unwrap();
+    let (vurl, mut expect, s) = writethrough_store(d.path(), &faults, None);
     faults.set_hung(true);
     write(&*s, 11, &[9; 3000], &mut expect);
-    let flush = |s: &Arc<driveblk::tier::tiered::TieredStore>| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let s2 = s.clone();
-        let t0 = std::time::Instant::now();
-        std::thread::spawn(move || {
-            let _ = tx.send(s2.flush_point().and_then(|t| s2.wait_durable(t)));
-        });
-        let got =
-            rx.recv_timeout(Duration::from_secs(30)).expect("the FLUSH still waits on a remote that never answers");
-        let e = got.expect_err("a FLUSH cannot be durable on a remote that never answers");
-        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
-        assert!(e.to_string().contains("did not move"), "{e}");
-        t0.elapsed()
-    };
-    let took = flush(&s);
+    let (e, took) = flush_timing_out(&s);
+    assert!(e.to_string().contains("did not move"), "{e}");
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(10), "{took:?}");
     // The next FLUSH waits for the same stuck upload, and fails as soon.
     write(&*s, 8192, &[8; 4096], &mut expect);
-    let took = flush(&s);
+    let (_, took) = flush_timing_out(&s);
     assert!(took < Duration::from_secs(10), "{took:?}");
     faults.set_hung(false);
     assert_eq!(s.close(Duration::from_secs(30)), 0, "the flushed data went up once the remote answered");
