@@ -385,15 +385,6 @@ impl Turn {
         let clock = self.clock;
         pieces(s, move |_, end| tokio::time::sleep_until(clock.due(end)))
     }
-
-    /// `data` as a request body: as it is when free, else a stream of
-    /// paced pieces (the caller sets `Content-Length`).
-    pub fn body(&self, data: Bytes) -> reqwest::Body {
-        if !self.is_paced() {
-            return reqwest::Body::from(data);
-        }
-        reqwest::Body::wrap_stream(self.pace(futures::stream::once(async move { Ok::<_, std::io::Error>(data) })))
-    }
 }
 
 tokio::task_local! {
