@@ -423,6 +423,43 @@ fn daemons_and_imports_on_one_host_share_its_bwlimit() {
     );
 }
 
+/// The host's `--bwlimit` record is held by its processes for
+/// microseconds; one stopped while it held it (here the test, which takes
+/// the lock and keeps it) costs an `import` a second's wait and a warning,
+/// after which it paces on its own clock, instead of waiting for ever.
+#[test]
+fn an_import_goes_on_when_a_stopped_process_holds_the_hosts_bwlimit_record() {
+    let d = tempfile::tempdir().unwrap();
+    let link = d.path().join("link");
+    std::fs::create_dir_all(&link).unwrap();
+    // This test process is the one that holds it and never lets go.
+    let record = std::fs::File::create(link.join("bwlimit")).unwrap();
+    rustix::fs::flock(&record, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let img = d.path().join("linux.raw");
+    common::make_raw(&img, 2 << 20, 9);
+    let url = format!("dir:{}", d.path().join("remote/linux").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_driveblk"))
+        .args(["import", "--quiet", "--format", "raw", "--bwlimit", "4M:off", img.to_str().unwrap(), &url])
+        .env("DRIVEBLK_LINK", &link)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the import still waits for the host's bwlimit record after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("holds for this process alone") && err.contains("locked for over"), "{err}");
+    eprintln!("import took {:?}", t0.elapsed());
+}
+
 /// Each daemon's RAM tier is memory on top of its guest's: a start that
 /// takes the daemons' tiers past a quarter of the host's memory says so,
 /// naming the others; a daemon that ended (even by kill -9) no longer

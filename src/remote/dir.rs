@@ -372,8 +372,12 @@ fn create_exclusive(root: &Path, tmp: &Path, key: &Path, no_links: &AtomicBool) 
             Err(e) => return Err(e),
         }
     }
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(root.join(CREATE_LOCK))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+    let lock_path = root.join(CREATE_LOCK);
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+    // Held for a check and a rename, even on a slow USB stick: a holder
+    // past this is stopped, and the put fails (and is retried) instead of
+    // hanging.
+    super::file_lock::lock_within(&lock, true, Duration::from_secs(10), &lock_path)?;
     match std::fs::symlink_metadata(key) {
         Ok(_) => return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the object exists")),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -9,12 +9,18 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rustix::fs::{flock, FlockOperation};
+use super::file_lock::{lock_within, unlock};
 
 /// Bytes of the boot id at the head of every record.
 const BOOT_ID: usize = 16;
+/// How long an update waits for the lock. Others hold it for
+/// microseconds, so one that keeps it this long is stopped (SIGSTOP, a
+/// debugger, a frozen cgroup), and waiting on would stall this process's
+/// transfers with it: the caller goes on without the record instead.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// One record shared by the processes of this host.
 #[derive(Debug)]
@@ -22,6 +28,9 @@ pub struct HostRecord {
     file: File,
     path: PathBuf,
     len: usize,
+    /// The last wait for the lock ran out: until the lock is free again,
+    /// an update tries once and fails at once instead of waiting again.
+    wedged: AtomicBool,
 }
 
 impl HostRecord {
@@ -33,7 +42,7 @@ impl HostRecord {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         }
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
-        Ok(HostRecord { file, path: path.to_path_buf(), len })
+        Ok(HostRecord { file, path: path.to_path_buf(), len, wedged: AtomicBool::new(false) })
     }
 
     /// Where the record lives.
@@ -43,11 +52,23 @@ impl HostRecord {
 
     /// Runs `f` on the record under the host-wide lock and writes back
     /// what it left there. Other processes wait for the lock meanwhile, so
-    /// `f` only computes.
+    /// `f` only computes. Fails (`TimedOut`) when another process holds
+    /// the lock for longer than [`LOCK_WAIT`].
     pub fn update<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> io::Result<R> {
-        flock(&self.file, FlockOperation::LockExclusive)?;
+        self.lock()?;
         let r = self.update_locked(f);
-        let _ = flock(&self.file, FlockOperation::Unlock);
+        unlock(&self.file);
+        r
+    }
+
+    /// Takes the lock, waiting at most [`LOCK_WAIT`] (not at all while the
+    /// last wait ran out).
+    fn lock(&self) -> io::Result<()> {
+        let wedged = self.wedged.load(Ordering::Relaxed);
+        let r = lock_within(&self.file, true, if wedged { Duration::ZERO } else { LOCK_WAIT }, &self.path);
+        if r.is_ok() == wedged {
+            self.wedged.store(!wedged, Ordering::Relaxed);
+        }
         r
     }
 
@@ -149,6 +170,44 @@ mod tests {
         assert_eq!(a.update(|r| get_u64(r, 0)).unwrap(), 0);
         a.update(|r| put_u64(r, 8, 42)).unwrap();
         assert_eq!(b.update(|r| get_u64(r, 8)).unwrap(), 42);
+    }
+
+    use rustix::fs::{flock, FlockOperation};
+    use std::time::Instant;
+
+    #[test]
+    fn a_holder_that_never_lets_go_costs_a_second_then_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("rec");
+        let rec = std::sync::Arc::new(HostRecord::open(&p, 8).unwrap());
+        // A process stopped while it held the lock: another open of the file.
+        let holder = File::open(&p).unwrap();
+        flock(&holder, FlockOperation::LockExclusive).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r = rec.clone();
+        std::thread::spawn(move || {
+            for _ in 0..2 {
+                let t = Instant::now();
+                let got = r.update(|r| put_u64(r, 0, 7));
+                tx.send((got.map_err(|e| e.kind()), t.elapsed())).unwrap();
+            }
+        });
+        let wait = |what| rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| panic!("{what} still waits"));
+        let (first, took) = wait("the first update");
+        assert_eq!(first, Err(io::ErrorKind::TimedOut));
+        assert!(took >= LOCK_WAIT && took < LOCK_WAIT * 2, "{took:?}");
+        let (second, took) = wait("the second update");
+        assert_eq!(second, Err(io::ErrorKind::TimedOut));
+        assert!(took < Duration::from_millis(100), "the second update waited again: {took:?}");
+        // Let go: updates work again, and wait for a lock held briefly.
+        flock(&holder, FlockOperation::Unlock).unwrap();
+        rec.update(|r| put_u64(r, 0, 8)).unwrap();
+        flock(&holder, FlockOperation::LockExclusive).unwrap();
+        let r = rec.clone();
+        let t = std::thread::spawn(move || r.update(|r| get_u64(r, 0)));
+        std::thread::sleep(Duration::from_millis(100));
+        flock(&holder, FlockOperation::Unlock).unwrap();
+        assert_eq!(t.join().unwrap().unwrap(), 8);
     }
 
     #[test]

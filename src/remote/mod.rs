@@ -9,6 +9,7 @@ pub mod bwlimit;
 pub mod config;
 pub mod dir;
 pub mod error;
+pub mod file_lock;
 pub mod fs_deadline;
 pub mod gdrive;
 pub mod host_clock;

@@ -237,10 +237,11 @@ impl IdRecord {
     }
 }
 
-/// Takes a `flock` on `f` (`rustix`'s safe wrapper).
-fn lock(f: &std::fs::File, exclusive: bool) -> std::io::Result<()> {
-    use rustix::fs::FlockOperation as Op;
-    rustix::fs::flock(f, if exclusive { Op::LockExclusive } else { Op::LockShared }).map_err(std::io::Error::from)
+/// Takes a `flock` on `f`, the record at `p`: others hold it for the
+/// time of an append or a rewrite, and a holder stopped for longer costs
+/// only this lookup cache.
+fn lock(f: &std::fs::File, exclusive: bool, p: &Path) -> std::io::Result<()> {
+    crate::remote::file_lock::lock_within(f, exclusive, std::time::Duration::from_secs(1), p)
 }
 
 /// Whether `f` is still the file at `p` (not one a rewrite renamed away).
@@ -263,7 +264,7 @@ fn append(p: &Path, line: &[u8]) -> std::io::Result<()> {
         // meanwhile; a file a rewrite replaced while we waited is left
         // for the new one.
         let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(p)?;
-        lock(&f, false)?;
+        lock(&f, false, p)?;
         if is_current(&f, p) {
             return f.write_all(line);
         }
@@ -279,7 +280,7 @@ fn compact(p: &Path) -> std::io::Result<(usize, usize)> {
     use std::io::Read;
     let mut f = loop {
         let f = std::fs::File::open(p)?;
-        lock(&f, true)?;
+        lock(&f, true, p)?;
         if is_current(&f, p) {
             break f;
         }

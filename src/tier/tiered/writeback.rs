@@ -180,13 +180,9 @@ impl UploadWatch {
         let gone = |for_secs: u64, error: &str| {
             format!("nothing reached the remote for {for_secs} s (--remote-wait): {error}")
         };
-        if st.uploading {
-            let still = self.motion.observe(st.committed_cut, st.chunks_packed, st.bytes_sent);
-            if still.is_some_and(|t| t.elapsed() >= self.budget) {
-                return Some(gone(self.budget.as_secs(), st.last_error.as_deref().unwrap_or("no answer")));
-            }
-        } else {
-            self.motion = Motion::new();
+        let still = self.motion.watch(st.uploading, st.committed_cut, st.chunks_packed, st.bytes_sent);
+        if still.is_some_and(|t| t.elapsed() >= self.budget) {
+            return Some(gone(self.budget.as_secs(), st.last_error.as_deref().unwrap_or("no answer")));
         }
         let progress = (st.committed_cut, st.uploading_done);
         if self.progress != Some(progress) {
@@ -236,6 +232,18 @@ impl Motion {
         }
         self.seen = Some((committed, packed, sent));
         Some(self.until)
+    }
+
+    /// [`observe`](Self::observe) while an attempt is `uploading`; between
+    /// attempts (a retry's pause, waiting for the guest's next FLUSH)
+    /// nothing can move, so the watch starts again and says nothing.
+    fn watch(&mut self, uploading: bool, committed: u64, packed: u64, sent: Option<u64>) -> Option<Instant> {
+        if uploading {
+            self.observe(committed, packed, sent)
+        } else {
+            *self = Motion::new();
+            None
+        }
     }
 }
 
@@ -634,15 +642,9 @@ impl Inner {
                 (Some(_), since) => since,
             };
             failing_since = failing;
-            // Only an attempt in progress can move (between attempts the
-            // failures count, above).
-            let stalled = if st.uploading {
-                let sent = self.vol.remote.bytes_sent();
-                motion.observe(st.committed_cut, wb.packed.load(Ordering::Relaxed), sent)
-            } else {
-                motion = Motion::new();
-                None
-            };
+            // Between attempts the failures count, above.
+            let packed = wb.packed.load(Ordering::Relaxed);
+            let stalled = motion.watch(st.uploading, st.committed_cut, packed, self.vol.remote.bytes_sent());
             let left = [failing, stalled].into_iter().flatten().map(|t| budget.saturating_sub(t.elapsed())).min();
             if left.is_some_and(|l| l.is_zero()) {
                 crate::tier::stats::Counters::inc(&self.counters.remote_timeouts);
