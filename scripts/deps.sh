@@ -20,8 +20,10 @@ have fio || need_apt+=(fio)
 have zstd || need_apt+=(zstd)
 have xz || need_apt+=(xz-utils)
 have jq || need_apt+=(jq)
-# ss: scripts/garage.sh checks that the server itself holds its ports.
-have ss || need_apt+=(iproute2)
+# ss: scripts/garage.sh checks that the server itself holds its ports; ip
+# and tc shape a test's own network namespace (tests/remote_outage.rs).
+{ have ss && have tc; } || need_apt+=(iproute2)
+have unshare || need_apt+=(util-linux)
 # systemd-analyze verifies the driveblk@.service unit (tests/e2e_service.rs);
 # virt-xml-validate checks `driveblk libvirt-xml` output.
 have systemd-analyze || need_apt+=(systemd)

@@ -226,6 +226,71 @@ fn a_writethrough_flush_waits_for_a_slow_drive_and_fails_on_a_silent_one() {
     assert!(c.read(0, LEN).unwrap() == data, "another machine reads what was flushed");
 }
 
+/// `--cache writethrough` on an uplink slower than 1 Mbit/s: the kernel
+/// takes a megabyte or more of the upload into the socket's send buffer at
+/// once and sends it for many seconds, during which the client takes
+/// nothing more. What the far end acknowledges still moves, and the FLUSH
+/// is waited for (before, it failed once the bytes taken had stood still
+/// for their drain allowance at 1 Mbit/s plus `--remote-wait`). The wire
+/// is made slow for real: the test runs again in a network namespace of
+/// its own whose loopback sends at 0.8 Mbit/s (`tc`'s token bucket).
+#[test]
+fn a_writethrough_flush_on_an_uplink_slower_than_its_socket_buffers_is_waited_for() {
+    const INSIDE: &str = "DRIVEBLK_TEST_IN_NETNS";
+    let ip = |args: &str| {
+        let o = Command::new("ip").args(args.split(' ')).output().unwrap();
+        assert!(o.status.success(), "ip {args}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let shape = |on: bool| {
+        let args = if on {
+            "qdisc add dev lo root tbf rate 800kbit burst 16kb latency 500ms"
+        } else {
+            "qdisc del dev lo root"
+        };
+        let o = Command::new("tc").args(args.split(' ')).output().unwrap();
+        assert!(o.status.success(), "tc {args}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    if std::env::var_os(INSIDE).is_none() {
+        let me = std::env::current_exe().unwrap();
+        let name = "a_writethrough_flush_on_an_uplink_slower_than_its_socket_buffers_is_waited_for";
+        let o = Command::new("unshare")
+            .arg("-n")
+            .arg(me)
+            .args(["--exact", name, "--nocapture"])
+            .env(INSIDE, "1")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && out.contains("1 passed"), "in its network namespace: {out}");
+        eprintln!("{}", out.lines().filter(|l| l.contains("the FLUSH took")).collect::<Vec<_>>().join("\n"));
+        return;
+    }
+    ip("link set lo mtu 1500");
+    ip("link set lo up");
+    let env = start(driveemu::Config::default(), Creds::User);
+    let (_, flags) = setup(&env);
+    let d = serve(&env, &flags, "cache", &["--cache", "writethrough", "--remote-wait", "3", "--sync-timeout", "3"]);
+    let mut c = common::Client::connect(&d.socket, 1);
+    // 2 MiB at 0.8 Mbit/s: about 21 s of upload.
+    let mut data = gdrive_support::data(7, LEN);
+    let new = gdrive_support::data(13, 2 << 20);
+    c.write(0, &new).unwrap();
+    data[..new.len()].copy_from_slice(&new);
+    shape(true);
+    let t0 = Instant::now();
+    let r = c.flush_within(Duration::from_secs(120)).expect("the FLUSH was held two minutes");
+    let took = t0.elapsed();
+    shape(false);
+    assert_eq!(r, 0, "a FLUSH whose upload moves failed after {took:?}");
+    assert!(took > Duration::from_secs(15), "the upload was quicker than the link: {took:?}");
+    eprintln!("the FLUSH took {took:?}");
+    drop(c);
+    assert!(d.stop().success());
+    let d = serve(&env, &flags, "cache-b", &[]);
+    let mut c = common::Client::connect(&d.socket, 1);
+    assert!(c.read(0, LEN).unwrap() == data, "another machine reads what was flushed");
+}
+
 #[test]
 fn a_refusing_remote_is_waited_out_under_wait_and_fails_at_once_under_eio() {
     let env = start(driveemu::Config::default(), Creds::User);

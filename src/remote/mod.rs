@@ -24,6 +24,7 @@ pub mod retry;
 pub mod sent;
 pub mod shaped;
 pub mod shared;
+pub mod tcp_unacked;
 pub mod url;
 
 use std::fmt;
@@ -348,11 +349,12 @@ pub trait Remote: Send + Sync + fmt::Debug {
     /// ignore it.
     fn reset_connections(&self) {}
 
-    /// Bytes of upload bodies this store has handed to the network (or
-    /// written, for `dir`) so far, counted as they go, retries included;
-    /// `None` when the store does not count. Waiters on an upload read it to
-    /// tell one that is slow from one that is stuck: it moves while any
-    /// upload moves.
+    /// Bytes of upload bodies this store has sent so far (taken by its
+    /// client less what the process's sockets hold unacknowledged, or
+    /// written, for `dir`), counted as they go, retries included; never
+    /// less than an earlier answer; `None` when the store does not count.
+    /// Waiters on an upload read it to tell one that is slow from one that
+    /// is stuck: it moves while any upload moves.
     fn bytes_sent(&self) -> Option<u64> {
         None
     }

@@ -1146,7 +1146,7 @@ impl Remote for ObjStoreRemote {
     /// Counted by the client [`build_store`] makes; a client handed in
     /// ([`with_store`](Self::with_store)) is not counted.
     fn bytes_sent(&self) -> Option<u64> {
-        self.rebuildable.then(|| self.cfg.sent.get())
+        self.rebuildable.then(|| self.cfg.sent.delivered())
     }
 }
 

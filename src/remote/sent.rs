@@ -1,9 +1,11 @@
 //! Upload bytes counted as a backend hands them to the network ([`Remote::bytes_sent`](super::Remote::bytes_sent)).
 //!
 //! A client takes a streamed body piece by piece as its send buffer
-//! drains, so a count of the pieces taken moves with the wire: it stops
-//! when the far end stops reading, and keeps moving, slowly, on a slow
-//! uplink. That is what tells a stuck upload from a slow one.
+//! drains, and the kernel holds what the far end has not acknowledged, up
+//! to megabytes (`tcp_unacked`): the pieces taken less those bytes move
+//! with the wire. They stop when the far end stops reading, and keep
+//! moving, slowly, on a slow uplink. That is what tells a stuck upload
+//! from a slow one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +17,15 @@ use super::bwlimit::{pieces, Turn};
 
 /// A shared count of upload bytes sent; clones count into the same total.
 #[derive(Clone, Debug, Default)]
-pub struct SentBytes(Arc<AtomicU64>);
+pub struct SentBytes(Arc<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Bytes the client took.
+    taken: AtomicU64,
+    /// The highest [`SentBytes::delivered`] answered.
+    delivered: AtomicU64,
+}
 
 /// A count is not part of what a configuration holding it says: any two
 /// compare equal.
@@ -27,11 +37,23 @@ impl PartialEq for SentBytes {
 
 impl SentBytes {
     pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        self.0.taken.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Bytes the client took.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.taken.load(Ordering::Relaxed)
+    }
+
+    /// Bytes that crossed the network: those taken, less what the
+    /// process's TCP sockets still hold unacknowledged (on a slow uplink
+    /// the kernel takes megabytes at once and sends them for minutes);
+    /// never less than an earlier answer. Where `/proc` does not say, the
+    /// bytes taken.
+    pub fn delivered(&self) -> u64 {
+        let taken = self.get();
+        let now = taken.saturating_sub(super::tcp_unacked::unacked_bytes().unwrap_or(0));
+        self.0.delivered.fetch_max(now, Ordering::Relaxed).max(now)
     }
 
     /// `s` in pieces of at most [`PIECE`](super::bwlimit::PIECE) bytes,

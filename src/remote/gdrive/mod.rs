@@ -886,7 +886,7 @@ impl Remote for GDriveRemote {
     }
 
     fn bytes_sent(&self) -> Option<u64> {
-        Some(self.api.sent.get())
+        Some(self.api.sent.delivered())
     }
 }
 

@@ -195,8 +195,10 @@ impl UploadWatch {
 }
 
 /// Bytes an upload handed over are taken to cross the network no slower
-/// than this (1 Mbit/s): the client takes them into the kernel's socket
-/// buffer at once, and they leave it at the speed of the uplink.
+/// than this (1 Mbit/s): the remote counts them once its client has taken
+/// them, less what the kernel holds unacknowledged, so some still sit in
+/// the client's own buffers (or, where the kernel's count cannot be read,
+/// in the socket's send buffer) and leave at the speed of the uplink.
 const DRAIN_FLOOR: u64 = 128 << 10;
 /// At most this much of what was handed over still sits in buffers
 /// (Linux's largest send buffer).
