@@ -460,6 +460,45 @@ fn an_import_goes_on_when_a_stopped_process_holds_the_hosts_bwlimit_record() {
     eprintln!("import took {:?}", t0.elapsed());
 }
 
+/// Under a download limit, a guest's miss goes ahead of a hydrate's
+/// downloads (speculative: nobody waits for them): it waits behind at
+/// most a piece of theirs, not behind the megabytes they would reserve on
+/// the clock at once. 16 MiB at `off:2M` hydrate in 8 s; meanwhile a
+/// page read from far in the disk waits for its own 256 KiB and at most
+/// one 64 KiB piece of the hydrate (about 160 ms), not for a whole 1 MiB
+/// chunk of it (before: 600 ms and more).
+#[test]
+fn a_guests_miss_goes_ahead_of_a_hydrate_under_a_download_limit() {
+    let d = tempfile::tempdir().unwrap();
+    let (data, url) = raw_volume(d.path(), "w10", 16 << 20, 3);
+    let link = d.path().join("link");
+    let (sock, cache) = (d.path().join("w10.sock"), d.path().join("w10.cache"));
+    let args = ["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap()];
+    let args = [&args[..], &["--boot-profile", "off", "--bwlimit", "off:2M"]].concat();
+    let _daemon = Daemon::start_env(&sock, &args, &[("DRIVEBLK_LINK", link.to_str().unwrap())]);
+    let mut c = Client::connect(&sock, 1);
+    let hydrate = {
+        let (url, cache) = (url.clone(), cache.to_str().unwrap().to_string());
+        std::thread::spawn(move || run_ok(&["hydrate", &url, "--cache-dir", &cache, "--quiet"]))
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut waits = Vec::new();
+    // One page in each of the last eight chunks, back to front: the
+    // hydrate has not reached them yet.
+    for i in 0..8u64 {
+        let off = (15 - i) * (1 << 20) + 4096 * i;
+        let t0 = Instant::now();
+        let got = c.read(off, 4096).unwrap();
+        waits.push(t0.elapsed());
+        assert!(got == data[off as usize..off as usize + 4096], "page at {off}");
+    }
+    hydrate.join().unwrap();
+    assert_eq!(status(&cache)["hydrate"]["complete"], true);
+    eprintln!("guest misses during the hydrate: {waits:?}");
+    waits.sort();
+    assert!(waits[7] < Duration::from_millis(400), "a guest's miss waited behind the hydrate: {waits:?}");
+}
+
 /// Each daemon's RAM tier is memory on top of its guest's: a start that
 /// takes the daemons' tiers past a quarter of the host's memory says so,
 /// naming the others; a daemon that ended (even by kill -9) no longer

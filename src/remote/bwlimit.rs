@@ -13,7 +13,10 @@
 //! downloads are consumed no faster, so TCP flow control holds the sender
 //! back. The backends take turns here (`RemoteConfig`'s limiter): Drive
 //! and object-store bodies, `dir:` writes, Drive's download streams; other
-//! reads are paced after they arrived.
+//! reads are paced after they arrived. A download nobody waits for (marked
+//! speculative, `remote/priority.rs`) takes its slot a piece at a time,
+//! only once the clock is nearly free (`bwlimit/speculative.rs`), so a
+//! guest's miss goes next instead of behind megabytes of read-ahead.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +27,8 @@ use tokio::time::Instant;
 
 use super::host_clock::HostClock;
 use super::host_state;
+
+mod speculative;
 
 /// Upload and download limits from one time of day on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,6 +221,11 @@ impl BwLimit {
         let e = l.schedule.at(local_minute());
         let rate = e.and_then(|e| if up { e.up } else { e.down }).filter(|r| *r > 0);
         let Some(rate) = rate else { return Turn::free() };
+        if let Some(mark) = super::priority::current().filter(|m| !up && m.holds()) {
+            let turn = speculative::Pieces::turn(l.down.clone(), rate, bytes, mark);
+            note_paced_until(turn.clock.end());
+            return turn;
+        }
         let turn = if up { &l.up } else { &l.down }.reserve(bytes, rate);
         note_paced_until(turn.clock.end());
         tokio::time::sleep_until(turn.clock.start).await;
@@ -235,24 +245,39 @@ struct Pacer {
 impl Pacer {
     /// Reserves the next `bytes / rate` of the clock.
     fn reserve(self: &Arc<Self>, bytes: u64, rate: u64) -> Turn {
+        // Without a bound nothing is refused.
+        self.reserve_within(bytes, rate, None).unwrap_or_else(|_| Turn::free())
+    }
+
+    /// [`reserve`](Self::reserve), but only if the turn would start within
+    /// `within` of now; else nothing is reserved, and the error is when the
+    /// clock is free.
+    fn reserve_within(self: &Arc<Self>, bytes: u64, rate: u64, within: Option<Duration>) -> Result<Turn, Instant> {
         let dur = Duration::from_secs_f64(bytes as f64 / rate as f64);
-        let start = self.reserve_on_host(dur).unwrap_or_else(|| {
-            let mut free = self.free_at.lock();
-            let now = Instant::now();
-            let start = free.map_or(now, |f| f.max(now));
-            *free = Some(start + dur);
-            start
-        });
-        Turn { clock: Clock { start, dur, len: bytes }, _held: Some(Reservation { pacer: self.clone(), start, dur }) }
+        let start = match self.reserve_on_host(dur, within) {
+            Some(r) => r?,
+            None => {
+                let mut free = self.free_at.lock();
+                let now = Instant::now();
+                let start = free.map_or(now, |f| f.max(now));
+                if within.is_some_and(|w| start > now + w) {
+                    return Err(start);
+                }
+                *free = Some(start + dur);
+                start
+            }
+        };
+        let held = Some(Reservation { pacer: self.clone(), start, dur });
+        Ok(Turn { clock: Clock { start, dur, len: bytes }, _held: held, pieces: None })
     }
 
     /// [`reserve`](Self::reserve) on the host's clock; None when this
     /// pacer has none, or its record failed (this process then paces
     /// alone, and says so once).
-    fn reserve_on_host(&self, dur: Duration) -> Option<Instant> {
+    fn reserve_on_host(&self, dur: Duration, within: Option<Duration>) -> Option<Result<Instant, Instant>> {
         let (clock, lane) = self.host.as_ref()?;
-        match clock.reserve(*lane, dur) {
-            Ok(start) => Some(host_state::instant_at(start)),
+        match clock.reserve_within(*lane, dur, within) {
+            Ok(r) => Some(r.map(host_state::instant_at).map_err(host_state::instant_at)),
             Err(e) => {
                 static WARNED: std::sync::Once = std::sync::Once::new();
                 WARNED.call_once(|| {
@@ -331,6 +356,9 @@ impl Clock {
 pub struct Turn {
     clock: Clock,
     _held: Option<Reservation>,
+    /// A speculative download's slot, taken a piece at a time (`clock` is
+    /// then its whole length at the rate, from when it was asked for).
+    pieces: Option<Box<speculative::Pieces>>,
 }
 
 impl std::fmt::Debug for Turn {
@@ -342,17 +370,20 @@ impl std::fmt::Debug for Turn {
 impl Turn {
     /// A turn that paces nothing.
     pub fn free() -> Self {
-        Self { clock: Clock { start: Instant::now(), dur: Duration::ZERO, len: 0 }, _held: None }
+        Self { clock: Clock { start: Instant::now(), dur: Duration::ZERO, len: 0 }, _held: None, pieces: None }
     }
 
     /// Whether this turn paces (a limit is in force).
     pub fn is_paced(&self) -> bool {
-        self._held.is_some()
+        self._held.is_some() || self.pieces.is_some()
     }
 
     /// How long the body takes at the limit: a request's deadline adds it,
     /// so a paced request never times out because of our own pacing.
     pub fn duration(&self) -> Duration {
+        if let Some(p) = &self.pieces {
+            return p.allowance();
+        }
         if self.is_paced() {
             self.clock.dur
         } else {
@@ -363,6 +394,9 @@ impl Turn {
     /// Waits until the bytes before `offset` are due (a download consumes
     /// up to there, then waits before reading on).
     pub async fn until(&self, offset: u64) {
+        if let Some(p) = &self.pieces {
+            return p.until(offset).await;
+        }
         if self.is_paced() {
             tokio::time::sleep_until(self.clock.due(offset)).await;
         }

@@ -47,6 +47,13 @@ impl HostClock {
     /// Reserves the next `dur` of lane `lane`: the host monotonic time (ns)
     /// the turn starts at.
     pub fn reserve(&self, lane: usize, dur: Duration) -> io::Result<u64> {
+        self.reserve_within(lane, dur, None).map(|r| r.unwrap_or_else(|free| free))
+    }
+
+    /// [`reserve`](Self::reserve), but only if the turn would start within
+    /// `within` of now: else nothing is reserved, and the error is when the
+    /// lane is free (ns).
+    pub fn reserve_within(&self, lane: usize, dur: Duration, within: Option<Duration>) -> io::Result<Result<u64, u64>> {
         let pid = self.pid;
         self.rec.update(|r| {
             let l = &mut r[lane * LANE..(lane + 1) * LANE];
@@ -57,6 +64,9 @@ impl HostClock {
             reap_dead(l, pid, now);
             let dur = dur.as_nanos() as u64;
             let start = get_u64(l, 0).max(now);
+            if within.is_some_and(|w| start > now + w.as_nanos() as u64) {
+                return Err(start);
+            }
             put_u64(l, 0, start + dur);
             if let Some(s) = own_slot(l, pid) {
                 let (end, held) = (get_u64(l, s + 8), get_u64(l, s + 16));
@@ -65,7 +75,7 @@ impl HostClock {
                 put_u64(l, s + 8, start + dur);
                 put_u64(l, s + 16, held + dur);
             }
-            start
+            Ok(start)
         })
     }
 

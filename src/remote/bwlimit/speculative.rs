@@ -1,0 +1,169 @@
+//! A speculative download's turn on the download clock (a profile's
+//! stream, read-ahead, hydration: nobody waits for it): its slot is taken
+//! a piece at a time, each only once the clock is free within a moment of
+//! now. A guest's download asked for meanwhile takes the clock next, and
+//! waits at most one piece behind the speculative ones, not behind the
+//! megabytes they would have reserved at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::{note_paced_until, Clock, Pacer, Reservation, Turn};
+use crate::remote::priority::Speculative;
+
+/// Bytes a speculative download reserves at a time: 50 ms at 10 Mbit/s,
+/// what a guest's miss may wait behind one.
+const PIECE: u64 = super::PIECE as u64;
+/// A piece is reserved once the clock is free within this of now.
+const HORIZON: Duration = Duration::from_millis(20);
+/// Longest a download gives way, in all, while others' downloads keep the
+/// clock busy: then its pieces take their turns like any, so speculative
+/// work still moves beside a guest that keeps the link full, and the
+/// request's deadline allows for a bounded wait.
+const MOST_YIELD: Duration = Duration::from_secs(4);
+
+/// The slot of one speculative download of `len` bytes.
+pub(super) struct Pieces {
+    pacer: Arc<Pacer>,
+    rate: u64,
+    len: u64,
+    mark: Speculative,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Bytes before the current piece, and up to its end.
+    base: u64,
+    upto: u64,
+    /// The current piece's slot, held until the next one is taken.
+    clock: Clock,
+    _held: Option<Reservation>,
+    /// Time given way so far.
+    yielded: Duration,
+}
+
+impl Pieces {
+    /// A turn for a speculative download of `len` bytes at `rate`,
+    /// reserving nothing yet.
+    pub(super) fn turn(pacer: Arc<Pacer>, rate: u64, len: u64, mark: Speculative) -> Turn {
+        let now = Instant::now();
+        let dur = Duration::from_secs_f64(len as f64 / rate as f64);
+        let clock = Clock { start: now, dur: Duration::ZERO, len: 0 };
+        let state = State { base: 0, upto: 0, clock, _held: None, yielded: Duration::ZERO };
+        let pieces = Pieces { pacer, rate, len, mark, state: Mutex::new(state) };
+        Turn { clock: Clock { start: now, dur, len }, _held: None, pieces: Some(Box::new(pieces)) }
+    }
+
+    /// The time the body may take: its bytes at the rate, and the time it
+    /// may give way.
+    pub(super) fn allowance(&self) -> Duration {
+        Duration::from_secs_f64(self.len as f64 / self.rate as f64) + MOST_YIELD
+    }
+
+    /// Waits until the bytes before `offset` are due, taking the pieces'
+    /// slots as the download reaches them.
+    pub(super) async fn until(&self, offset: u64) {
+        loop {
+            let (due, next) = {
+                let st = self.state.lock();
+                if offset <= st.upto || st.upto >= self.len {
+                    (st.clock.due(offset.saturating_sub(st.base)), false)
+                } else {
+                    (st.clock.end(), true)
+                }
+            };
+            tokio::time::sleep_until(due).await;
+            if !next {
+                return;
+            }
+            self.take_next().await;
+        }
+    }
+
+    /// Takes the next piece's slot once the clock is free within
+    /// [`HORIZON`] (at once when a guest now waits for this download).
+    async fn take_next(&self) {
+        let (upto, yielded) = {
+            let st = self.state.lock();
+            (st.upto, st.yielded)
+        };
+        let bytes = PIECE.min(self.len - upto);
+        let asked = Instant::now();
+        let give_way_until = asked + MOST_YIELD.saturating_sub(yielded);
+        let turn = loop {
+            if !self.mark.holds() || Instant::now() >= give_way_until {
+                break self.pacer.reserve(bytes, self.rate);
+            }
+            match self.pacer.reserve_within(bytes, self.rate, Some(HORIZON)) {
+                Ok(t) => break t,
+                Err(free) => {
+                    let at = free.checked_sub(HORIZON).unwrap_or(free).min(give_way_until);
+                    tokio::time::sleep_until(at.max(Instant::now() + Duration::from_millis(1))).await;
+                }
+            }
+        };
+        note_paced_until(turn.clock.end());
+        let mut st = self.state.lock();
+        (st.base, st.upto, st.clock, st._held) = (upto, upto + bytes, turn.clock, turn._held);
+        st.yielded += asked.elapsed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{BwLimit, BwSchedule};
+    use super::*;
+    use crate::remote::priority;
+
+    /// A guest's download asked for while a speculative one goes takes
+    /// the clock next: it waits at most a piece, not the 4 s the
+    /// speculative download would have reserved at once. The speculative
+    /// one still ends when its bytes and the guest's have gone at the rate.
+    #[tokio::test(start_paused = true)]
+    async fn a_guests_download_goes_ahead_of_a_speculative_one() {
+        let l = BwLimit::new(BwSchedule::fixed(None, Some(1 << 20)));
+        let t0 = Instant::now();
+        let bg = l.clone();
+        let spec = tokio::spawn(priority::speculative(Speculative::new(|| false), async move {
+            let turn = bg.download(4 << 20).await;
+            assert!(turn.duration() >= Duration::from_secs(4));
+            for off in (64 << 10..=4 << 20).step_by(64 << 10) {
+                turn.until(off).await;
+            }
+            Instant::now()
+        }));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let asked = Instant::now();
+        let turn = l.download(64 << 10).await;
+        turn.until(64 << 10).await;
+        let waited = asked.elapsed();
+        assert!(waited <= Duration::from_millis(63 + 20 + 63), "the guest's 64 KiB waited {waited:?}");
+        let spec_end = spec.await.unwrap() - t0;
+        let all = Duration::from_secs_f64((4.0 * 1024.0 + 64.0) / 1024.0);
+        assert!(spec_end >= all && spec_end < all + Duration::from_millis(100), "{spec_end:?}");
+    }
+
+    /// Given way for long enough, a speculative download takes its turns
+    /// like any: 4 s in all, not per piece.
+    #[tokio::test(start_paused = true)]
+    async fn a_speculative_download_gives_way_for_a_bounded_time() {
+        let l = BwLimit::new(BwSchedule::fixed(None, Some(1 << 20)));
+        // A guest's 8 MiB ahead of it: 8 s of clock.
+        let ahead = l.download(8 << 20).await;
+        let t0 = Instant::now();
+        let bg = l.clone();
+        let spec = priority::speculative(Speculative::new(|| false), async move {
+            let turn = bg.download(256 << 10).await;
+            assert_eq!(turn.duration(), Duration::from_millis(4250));
+            turn.until(256 << 10).await;
+        });
+        spec.await;
+        let el = t0.elapsed();
+        // Gave way 4 s, then queued its pieces behind the 8 s.
+        assert!(el >= Duration::from_millis(8250) && el < Duration::from_millis(8300), "{el:?}");
+        drop(ahead);
+    }
+}
