@@ -448,7 +448,10 @@ run_restart_case() {
         "$BIN" import --quiet --chunk-size 64K "$img" "$VOLUME_URL" >"$LOGDIR/$name.import.log" 2>&1 \
             || die "import into $VOLUME_URL failed (log: $LOGDIR/$name.import.log)"
         rm -f "$img"
-        SERVE_EXTRA=(--remote-latency-ms "$latency")
+        # No whole-volume stream on its first boot (a small volume's
+        # default): the cache would hold everything within seconds, and the
+        # kills would find nothing waiting on the remote.
+        SERVE_EXTRA=(--remote-latency-ms "$latency" --first-boot-whole-below 0)
     else
         sync "$img"
         dd if="$img" iflag=nocache count=0 status=none   # drop it from the page cache
