@@ -64,11 +64,9 @@ impl HostRecord {
     /// Takes the lock, waiting at most [`LOCK_WAIT`] (not at all while the
     /// last wait ran out).
     fn lock(&self) -> io::Result<()> {
-        let wedged = self.wedged.load(Ordering::Relaxed);
-        let r = lock_within(&self.file, true, if wedged { Duration::ZERO } else { LOCK_WAIT }, &self.path);
-        if r.is_ok() == wedged {
-            self.wedged.store(!wedged, Ordering::Relaxed);
-        }
+        let wait = if self.wedged.load(Ordering::Relaxed) { Duration::ZERO } else { LOCK_WAIT };
+        let r = lock_within(&self.file, true, wait, &self.path);
+        self.wedged.store(r.is_err(), Ordering::Relaxed);
         r
     }
 
