@@ -180,7 +180,7 @@ impl UploadWatch {
         let gone = |for_secs: u64, error: &str| {
             format!("nothing reached the remote for {for_secs} s (--remote-wait): {error}")
         };
-        let still = self.motion.watch(st.uploading, st.committed_cut, st.chunks_packed, st.bytes_sent);
+        let still = self.motion.watch(st.uploading, st.committed_cut, st.chunks_packed, || st.bytes_sent);
         if still.is_some_and(|t| t.elapsed() >= self.budget) {
             return Some(gone(self.budget.as_secs(), st.last_error.as_deref().unwrap_or("no answer")));
         }
@@ -239,9 +239,16 @@ impl Motion {
     /// [`observe`](Self::observe) while an attempt is `uploading`; between
     /// attempts (a retry's pause, waiting for the guest's next FLUSH)
     /// nothing can move, so the watch starts again and says nothing.
-    fn watch(&mut self, uploading: bool, committed: u64, packed: u64, sent: Option<u64>) -> Option<Instant> {
+    /// `sent` is asked for only then (it reads the kernel's socket table).
+    fn watch(
+        &mut self,
+        uploading: bool,
+        committed: u64,
+        packed: u64,
+        sent: impl FnOnce() -> Option<u64>,
+    ) -> Option<Instant> {
         if uploading {
-            self.observe(committed, packed, sent)
+            self.observe(committed, packed, sent())
         } else {
             *self = Motion::new();
             None
@@ -646,7 +653,7 @@ impl Inner {
             failing_since = failing;
             // Between attempts the failures count, above.
             let packed = wb.packed.load(Ordering::Relaxed);
-            let stalled = motion.watch(st.uploading, st.committed_cut, packed, self.vol.remote.bytes_sent());
+            let stalled = motion.watch(st.uploading, st.committed_cut, packed, || self.vol.remote.bytes_sent());
             let left = [failing, stalled].into_iter().flatten().map(|t| budget.saturating_sub(t.elapsed())).min();
             if left.is_some_and(|l| l.is_zero()) {
                 crate::tier::stats::Counters::inc(&self.counters.remote_timeouts);
