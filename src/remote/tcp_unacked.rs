@@ -1,23 +1,25 @@
-//! Bytes this process has written to its TCP sockets that the far end has
-//! not yet acknowledged (the kernel's `tx_queue` in `/proc/net/tcp`): what
-//! a count of bytes handed to a client cannot see, up to the 4 MiB a
-//! socket's send buffer holds, minutes of a slow uplink.
+//! Bytes this process has written to its TCP client connections that the
+//! far end has not yet acknowledged (the kernel's `tx_queue` in
+//! `/proc/net/tcp`): what a count of bytes handed to a client cannot see,
+//! up to the 4 MiB a socket's send buffer holds, minutes of a slow uplink.
 
 use std::collections::HashSet;
 
-/// The sum over this process's TCP connections of their bytes written and
-/// not acknowledged; None where `/proc` does not say (another OS, a
-/// sandbox without it).
+/// The sum over this process's TCP client connections of their bytes
+/// written and not acknowledged; None where `/proc` does not say (another
+/// OS, a sandbox without it). Connections this process accepted (its
+/// metrics endpoint's answers, a peer's delayed ACK away from empty) are
+/// not uploads and are left out.
 pub fn unacked_bytes() -> Option<u64> {
     let sockets = own_sockets()?;
-    let mut total = 0;
-    let mut read_any = false;
-    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
-        read_any = true;
-        total += text.lines().skip(1).filter_map(|l| unacked_in(l, &sockets)).sum::<u64>();
+    let tables: Vec<String> =
+        ["/proc/self/net/tcp", "/proc/self/net/tcp6"].iter().filter_map(|t| std::fs::read_to_string(t).ok()).collect();
+    if tables.is_empty() {
+        return None;
     }
-    read_any.then_some(total)
+    let lines = || tables.iter().flat_map(|t| t.lines().skip(1));
+    let served: HashSet<u16> = lines().filter_map(|l| listening_port(l, &sockets)).collect();
+    Some(lines().filter_map(|l| unacked_in(l, &sockets, &served)).sum())
 }
 
 /// The inodes of this process's sockets.
@@ -31,13 +33,26 @@ fn own_sockets() -> Option<HashSet<u64>> {
     Some(inodes)
 }
 
-/// A line of a `/proc/net/tcp` table: its `tx_queue` (write_seq - snd_una)
-/// if the socket is one of `own` and not listening (where the column counts
-/// connections waiting to be accepted).
-fn unacked_in(line: &str, own: &HashSet<u64>) -> Option<u64> {
+/// A line's columns: state, queues, inode and local port.
+fn columns(line: &str) -> Option<(&str, &str, u64, u16)> {
     let cols: Vec<&str> = line.split_whitespace().collect();
-    let (state, queues, inode) = (cols.get(3)?, cols.get(4)?, cols.get(9)?.parse::<u64>().ok()?);
-    if *state == "0A" || !own.contains(&inode) {
+    let port = u16::from_str_radix(cols.get(1)?.rsplit(':').next()?, 16).ok()?;
+    Some((cols.get(3)?, cols.get(4)?, cols.get(9)?.parse::<u64>().ok()?, port))
+}
+
+/// The local port of a line's socket if it is one of `own` and listening.
+fn listening_port(line: &str, own: &HashSet<u64>) -> Option<u16> {
+    let (state, _, inode, port) = columns(line)?;
+    (state == "0A" && own.contains(&inode)).then_some(port)
+}
+
+/// A line of a `/proc/net/tcp` table: its `tx_queue` (write_seq - snd_una)
+/// if the socket is one of `own`, not listening (where the column counts
+/// connections waiting to be accepted) and not accepted on one of the
+/// `served` ports.
+fn unacked_in(line: &str, own: &HashSet<u64>, served: &HashSet<u16>) -> Option<u64> {
+    let (state, queues, inode, port) = columns(line)?;
+    if state == "0A" || !own.contains(&inode) || served.contains(&port) {
         return None;
     }
     u64::from_str_radix(queues.split(':').next()?, 16).ok()
@@ -85,15 +100,22 @@ mod tests {
     }
 
     #[test]
-    fn lines_of_other_processes_and_listeners_are_left_out() {
-        let own: HashSet<u64> = [340, 341].into();
+    fn lines_of_other_processes_listeners_and_accepted_connections_are_left_out() {
+        let own: HashSet<u64> = [340, 341, 343].into();
         let listen =
             "0: 00000000:07E8 00000000:0000 0A 00000005:00000000 00:00000000 00000000 0 0 340 1 0 100 0 0 10 0";
         let mine = "1: 0100007F:A000 0100007F:07E8 01 00001000:00000000 00:00000000 00000000 0 0 341 1 0 100 0 0 10 0";
         let other = "2: 0100007F:A001 0100007F:07E8 01 00002000:00000000 00:00000000 00000000 0 0 342 1 0 100 0 0 10 0";
-        assert_eq!(unacked_in(listen, &own), None);
-        assert_eq!(unacked_in(mine, &own), Some(0x1000));
-        assert_eq!(unacked_in(other, &own), None);
-        assert_eq!(unacked_in("garbage", &own), None);
+        // An answer this process's server sent, not yet acknowledged.
+        let accepted =
+            "3: 0100007F:07E8 0100007F:A002 01 00000228:00000000 00:00000000 00000000 0 0 343 1 0 100 0 0 10 0";
+        let served: HashSet<u16> =
+            [listen, mine, other, accepted].iter().filter_map(|l| listening_port(l, &own)).collect();
+        assert_eq!(served, [0x07E8].into());
+        assert_eq!(unacked_in(listen, &own, &served), None);
+        assert_eq!(unacked_in(mine, &own, &served), Some(0x1000));
+        assert_eq!(unacked_in(other, &own, &served), None);
+        assert_eq!(unacked_in(accepted, &own, &served), None);
+        assert_eq!(unacked_in("garbage", &own, &served), None);
     }
 }
