@@ -4,7 +4,9 @@
 //! space another daemon's changes not uploaded yet need; a metrics port
 //! already served by a sibling is refused before the volume is opened; one
 //! volume started twice is refused naming the daemon serving it; daemons
-//! sharing one Drive account back off under its request limit.
+//! sharing one Drive account back off under its request limit; under a
+//! shared `--bwlimit`, what someone waits for goes ahead of what nobody
+//! does.
 
 mod common;
 mod gdrive_support;
@@ -497,6 +499,53 @@ fn a_guests_miss_goes_ahead_of_a_hydrate_under_a_download_limit() {
     eprintln!("guest misses during the hydrate: {waits:?}");
     waits.sort();
     assert!(waits[7] < Duration::from_millis(400), "a guest's miss waited behind the hydrate: {waits:?}");
+}
+
+/// Under an upload limit shared by two VMs' daemons, one VM's
+/// writethrough FLUSH goes ahead of the other's background upload (its
+/// changes cut in writeback: nobody waits for them): each FLUSH waits
+/// behind at most a piece of the 16 MiB pack going up, not behind the 8 s
+/// that pack would have reserved on the host's clock at once. The pack
+/// still goes up.
+#[test]
+fn a_writethrough_flush_goes_ahead_of_a_siblings_background_upload_under_an_upload_limit() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, win_url) = raw_volume(d.path(), "w10", 32 << 20, 1);
+    let (_, linux_url) = raw_volume(d.path(), "linux", 4 << 20, 2);
+    let link = d.path().join("link");
+    let link_env = [("DRIVEBLK_LINK", link.to_str().unwrap())];
+    let daemon = |name: &str, url: &str, mode: &str| {
+        let (sock, cache) = (d.path().join(format!("{name}.sock")), d.path().join(format!("{name}.cache")));
+        let args = ["--volume", url, "--format", "raw", "--cache-dir", cache.to_str().unwrap(), "--cache", mode];
+        let args = [&args[..], &["--boot-profile", "off", "--sync-interval", "1", "--bwlimit", "2M:off"]].concat();
+        (Daemon::start_env(&sock, &args, &link_env), cache)
+    };
+    let (win, win_cache) = daemon("w10", &win_url, "writeback");
+    let (linux, linux_cache) = daemon("linux", &linux_url, "writethrough");
+    // 16 MiB zstd cannot shrink, cut at the FLUSH: 8 s up at 2 MiB/s.
+    let mut wc = Client::connect(&win.socket, 1);
+    let bytes = pattern(7, 16 << 20);
+    for (i, mib) in bytes.chunks(1 << 20).enumerate() {
+        wc.write((i as u64) << 20, mib).unwrap();
+    }
+    wc.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut lc = Client::connect(&linux.socket, 1);
+    let mut waits = Vec::new();
+    for i in 0..4u64 {
+        lc.write(i << 16, &pattern(10 + i, 64 << 10)).unwrap();
+        let t0 = Instant::now();
+        lc.flush().unwrap();
+        waits.push(t0.elapsed());
+    }
+    let still = status(&win_cache);
+    eprintln!("writethrough FLUSHes during a sibling's background upload: {waits:?}");
+    let worst = waits.iter().max().unwrap();
+    assert!(*worst < Duration::from_millis(1500), "a writethrough FLUSH waited behind the sibling's upload: {waits:?}");
+    assert_eq!(still["sync"]["uploading"], true, "the background upload ended before the FLUSHes: {still}");
+    let ls = status(&linux_cache);
+    assert_eq!(u(&ls, "/sync/dirty_bytes"), 0, "a writethrough FLUSH returned with changes not committed: {ls}");
+    run_ok(&["sync", &win_url, "--cache-dir", win_cache.to_str().unwrap(), "--timeout", "120"]);
 }
 
 /// Each daemon's RAM tier is memory on top of its guest's: a start that

@@ -13,10 +13,11 @@
 //! downloads are consumed no faster, so TCP flow control holds the sender
 //! back. The backends take turns here (`RemoteConfig`'s limiter): Drive
 //! and object-store bodies, `dir:` writes, Drive's download streams; other
-//! reads are paced after they arrived. A download nobody waits for (marked
+//! reads are paced after they arrived. A transfer nobody waits for (marked
 //! speculative, `remote/priority.rs`) takes its slot a piece at a time,
 //! only once the clock is nearly free (`bwlimit/speculative.rs`), so a
-//! guest's miss goes next instead of behind megabytes of read-ahead.
+//! guest's miss goes next instead of behind megabytes of read-ahead, and a
+//! writethrough FLUSH or a sync next instead of behind a background pack.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,6 +126,14 @@ struct Limiter {
     schedule: BwSchedule,
     up: Arc<Pacer>,
     down: Arc<Pacer>,
+    /// This process's speculative transfers in the order they were asked
+    /// for, per direction: each starts once those before it would have
+    /// ended at the rate, so parallel background uploads still land one
+    /// after another (a pack landed is a pack a restart need not send
+    /// again) and a profile's stream arrives in its order, instead of all
+    /// of them ending together at the end.
+    up_queue: Arc<Pacer>,
+    down_queue: Arc<Pacer>,
 }
 
 impl std::fmt::Debug for BwLimit {
@@ -154,7 +163,13 @@ impl BwLimit {
         if schedule.is_unlimited() {
             return Self::default();
         }
-        Self(Some(Arc::new(Limiter { schedule, up: Arc::default(), down: Arc::default() })))
+        Self(Some(Arc::new(Limiter {
+            schedule,
+            up: Arc::default(),
+            down: Arc::default(),
+            up_queue: Arc::default(),
+            down_queue: Arc::default(),
+        })))
     }
 
     /// A limiter for `schedule` whose clocks are the host's, kept in the
@@ -176,7 +191,13 @@ impl BwLimit {
             }
         };
         let pacer = |at| Arc::new(Pacer { free_at: Mutex::default(), host: Some((rec.clone(), at)) });
-        Self(Some(Arc::new(Limiter { schedule, up: pacer(0), down: pacer(1) })))
+        Self(Some(Arc::new(Limiter {
+            schedule,
+            up: pacer(0),
+            down: pacer(1),
+            up_queue: Arc::default(),
+            down_queue: Arc::default(),
+        })))
     }
 
     /// Whether any limit is set at any time of day.
@@ -221,12 +242,14 @@ impl BwLimit {
         let e = l.schedule.at(local_minute());
         let rate = e.and_then(|e| if up { e.up } else { e.down }).filter(|r| *r > 0);
         let Some(rate) = rate else { return Turn::free() };
-        if let Some(mark) = super::priority::current().filter(|m| !up && m.holds()) {
-            let turn = speculative::Pieces::turn(l.down.clone(), rate, bytes, mark);
+        let pacer = if up { &l.up } else { &l.down };
+        if let Some(mark) = super::priority::current().filter(|m| m.holds()) {
+            let queue = if up { &l.up_queue } else { &l.down_queue };
+            let turn = speculative::Pieces::turn(pacer.clone(), queue, rate, bytes, mark).await;
             note_paced_until(turn.clock.end());
             return turn;
         }
-        let turn = if up { &l.up } else { &l.down }.reserve(bytes, rate);
+        let turn = pacer.reserve(bytes, rate);
         note_paced_until(turn.clock.end());
         tokio::time::sleep_until(turn.clock.start).await;
         turn
@@ -356,9 +379,10 @@ impl Clock {
 pub struct Turn {
     clock: Clock,
     _held: Option<Reservation>,
-    /// A speculative download's slot, taken a piece at a time (`clock` is
-    /// then its whole length at the rate, from when it was asked for).
-    pieces: Option<Box<speculative::Pieces>>,
+    /// A speculative transfer's slot, taken a piece at a time (`clock` is
+    /// then its whole length at the rate, from when it was asked for);
+    /// shared with the body it paces.
+    pieces: Option<Arc<speculative::Pieces>>,
 }
 
 impl std::fmt::Debug for Turn {
@@ -413,6 +437,13 @@ impl Turn {
         E: Send + 'static,
     {
         use futures::StreamExt;
+        if let Some(p) = &self.pieces {
+            let p = p.clone();
+            return pieces(s, move |_, end| {
+                let p = p.clone();
+                async move { p.until(end).await }
+            });
+        }
         if !self.is_paced() {
             return s.boxed();
         }

@@ -1,9 +1,13 @@
-//! A speculative download's turn on the download clock (a profile's
-//! stream, read-ahead, hydration: nobody waits for it): its slot is taken
-//! a piece at a time, each only once the clock is free within a moment of
-//! now. A guest's download asked for meanwhile takes the clock next, and
-//! waits at most one piece behind the speculative ones, not behind the
-//! megabytes they would have reserved at once.
+//! A speculative transfer's turn on its direction's clock (nobody waits
+//! for it: a profile's stream, read-ahead, hydration; a background upload
+//! of the guest's changes or of a boot profile): its slot is taken a piece
+//! at a time, each only once the clock is free within a moment of now. A
+//! transfer someone waits for (a guest's miss, a writethrough FLUSH, a
+//! sync) asked for meanwhile takes the clock next, and waits at most one
+//! piece behind the speculative ones, not behind the megabytes they would
+//! have reserved at once. Among themselves a process's speculative
+//! transfers keep the order they were asked in: each starts once those
+//! before it would have ended at the rate.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,24 +18,27 @@ use tokio::time::Instant;
 use super::{note_paced_until, Clock, Pacer, Reservation, Turn};
 use crate::remote::priority::Speculative;
 
-/// Bytes a speculative download reserves at a time: 50 ms at 10 Mbit/s,
-/// what a guest's miss may wait behind one.
+/// Bytes a speculative transfer reserves at a time: 50 ms at 10 Mbit/s,
+/// what an urgent transfer may wait behind one.
 const PIECE: u64 = super::PIECE as u64;
 /// A piece is reserved once the clock is free within this of now.
 const HORIZON: Duration = Duration::from_millis(20);
-/// Longest a download gives way, in all, while others' downloads keep the
-/// clock busy: then its pieces take their turns like any, so speculative
-/// work still moves beside a guest that keeps the link full, and the
-/// request's deadline allows for a bounded wait.
+/// Longest a transfer gives way, in all, while others keep the clock
+/// busy: then its pieces take their turns like any, so speculative work
+/// still moves beside a guest that keeps the link full, and the request's
+/// deadline allows for a bounded wait.
 const MOST_YIELD: Duration = Duration::from_secs(4);
 
-/// The slot of one speculative download of `len` bytes.
+/// The slot of one speculative transfer of `len` bytes.
 pub(super) struct Pieces {
     pacer: Arc<Pacer>,
     rate: u64,
     len: u64,
     mark: Speculative,
     state: Mutex<State>,
+    /// Its place among the process's speculative transfers, handed back
+    /// when it ends early.
+    _queued: Turn,
 }
 
 struct State {
@@ -46,15 +53,21 @@ struct State {
 }
 
 impl Pieces {
-    /// A turn for a speculative download of `len` bytes at `rate`,
-    /// reserving nothing yet.
-    pub(super) fn turn(pacer: Arc<Pacer>, rate: u64, len: u64, mark: Speculative) -> Turn {
+    /// A turn for a speculative transfer of `len` bytes at `rate` on
+    /// `pacer`'s clock, once the process's speculative transfers asked for
+    /// before it would have ended at the rate (their place in `queue`; at
+    /// once when someone waits for it meanwhile), reserving nothing yet.
+    pub(super) async fn turn(pacer: Arc<Pacer>, queue: &Arc<Pacer>, rate: u64, len: u64, mark: Speculative) -> Turn {
+        let queued = queue.reserve(len, rate);
+        while mark.holds() && Instant::now() < queued.clock.start {
+            tokio::time::sleep_until(queued.clock.start.min(Instant::now() + HORIZON)).await;
+        }
         let now = Instant::now();
         let dur = Duration::from_secs_f64(len as f64 / rate as f64);
         let clock = Clock { start: now, dur: Duration::ZERO, len: 0 };
         let state = State { base: 0, upto: 0, clock, _held: None, yielded: Duration::ZERO };
-        let pieces = Pieces { pacer, rate, len, mark, state: Mutex::new(state) };
-        Turn { clock: Clock { start: now, dur, len }, _held: None, pieces: Some(Box::new(pieces)) }
+        let pieces = Pieces { pacer, rate, len, mark, state: Mutex::new(state), _queued: queued };
+        Turn { clock: Clock { start: now, dur, len }, _held: None, pieces: Some(Arc::new(pieces)) }
     }
 
     /// The time the body may take: its bytes at the rate, and the time it
@@ -64,7 +77,7 @@ impl Pieces {
     }
 
     /// Waits until the bytes before `offset` are due, taking the pieces'
-    /// slots as the download reaches them.
+    /// slots as the transfer reaches them.
     pub(super) async fn until(&self, offset: u64) {
         loop {
             let (due, next) = {
@@ -84,7 +97,7 @@ impl Pieces {
     }
 
     /// Takes the next piece's slot once the clock is free within
-    /// [`HORIZON`] (at once when a guest now waits for this download).
+    /// [`HORIZON`] (at once when someone now waits for this transfer).
     async fn take_next(&self) {
         let (upto, yielded) = {
             let st = self.state.lock();
@@ -165,5 +178,66 @@ mod tests {
         // Gave way 4 s, then queued its pieces behind the 8 s.
         assert!(el >= Duration::from_millis(8250) && el < Duration::from_millis(8300), "{el:?}");
         drop(ahead);
+    }
+
+    /// Uploads too: a writethrough FLUSH's upload asked for while a
+    /// background upload's body goes out waits at most a piece of it, not
+    /// the 4 s its 4 MiB would have reserved at once; the background body
+    /// still leaves at the rate.
+    #[tokio::test(start_paused = true)]
+    async fn an_awaited_upload_goes_ahead_of_a_background_one() {
+        use bytes::Bytes;
+        use futures::StreamExt;
+        let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
+        let body = |n: usize| futures::stream::once(async move { Ok::<_, ()>(Bytes::from(vec![7u8; n])) });
+        let t0 = Instant::now();
+        let bg = l.clone();
+        let spec = tokio::spawn(priority::speculative(Speculative::new(|| false), async move {
+            let turn = bg.upload(4 << 20).await;
+            let sent: usize = turn.pace(body(4 << 20)).map(|b| b.unwrap().len()).collect::<Vec<_>>().await.iter().sum();
+            assert_eq!(sent, 4 << 20);
+            Instant::now()
+        }));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let asked = Instant::now();
+        let turn = l.upload(64 << 10).await;
+        let sent: usize = turn.pace(body(64 << 10)).map(|b| b.unwrap().len()).collect::<Vec<_>>().await.iter().sum();
+        assert_eq!(sent, 64 << 10);
+        let waited = asked.elapsed();
+        assert!(waited <= Duration::from_millis(63 + 20 + 63), "the awaited 64 KiB waited {waited:?}");
+        let spec_end = spec.await.unwrap() - t0;
+        let all = Duration::from_secs_f64((4.0 * 1024.0 + 64.0) / 1024.0);
+        assert!(spec_end >= all && spec_end < all + Duration::from_millis(100), "{spec_end:?}");
+    }
+
+    /// Speculative transfers asked for together go one after another, as
+    /// transfers reserving their whole slots did: of two background packs
+    /// the first lands at 1 s, not both at 2 s; one given up early hands
+    /// back its place.
+    #[tokio::test(start_paused = true)]
+    async fn speculative_transfers_keep_their_order() {
+        use bytes::Bytes;
+        use futures::StreamExt;
+        let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
+        let t0 = Instant::now();
+        let pack = |l: BwLimit, n: usize| {
+            tokio::spawn(priority::speculative(Speculative::new(|| false), async move {
+                let turn = l.upload(n as u64).await;
+                let body = futures::stream::once(async move { Ok::<_, ()>(Bytes::from(vec![7u8; n])) });
+                turn.pace(body).for_each(|_| async {}).await;
+                Instant::now() - t0
+            }))
+        };
+        let first = pack(l.clone(), 1 << 20);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let second = pack(l.clone(), 1 << 20);
+        let (first, second) = (first.await.unwrap(), second.await.unwrap());
+        assert!(first < Duration::from_millis(1100), "the first pack landed at {first:?}");
+        assert!(second >= Duration::from_millis(2000) && second < Duration::from_millis(2100), "{second:?}");
+        // One given up at once leaves the next its place.
+        let t1 = Instant::now();
+        drop(priority::speculative(Speculative::new(|| false), l.upload(4 << 20)).await);
+        let next = pack(l.clone(), 64 << 10).await.unwrap() - (t1 - t0);
+        assert!(next < Duration::from_millis(100), "the next waited {next:?} for a transfer given up");
     }
 }
