@@ -59,6 +59,8 @@ impl Pieces {
     /// once when someone waits for it meanwhile), reserving nothing yet.
     pub(super) async fn turn(pacer: Arc<Pacer>, queue: &Arc<Pacer>, rate: u64, len: u64, mark: Speculative) -> Turn {
         let queued = queue.reserve(len, rate);
+        // A request's deadline counts from the end of this wait too.
+        note_paced_until(queued.clock.end());
         while mark.holds() && Instant::now() < queued.clock.start {
             tokio::time::sleep_until(queued.clock.start.min(Instant::now() + HORIZON)).await;
         }
@@ -127,7 +129,7 @@ impl Pieces {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{BwLimit, BwSchedule};
+    use super::super::{past_pacing, BwLimit, BwSchedule};
     use super::*;
     use crate::remote::priority;
 
@@ -239,5 +241,25 @@ mod tests {
         drop(priority::speculative(Speculative::new(|| false), l.upload(4 << 20)).await);
         let next = pack(l.clone(), 64 << 10).await.unwrap() - (t1 - t0);
         assert!(next < Duration::from_millis(100), "the next waited {next:?} for a transfer given up");
+    }
+
+    /// A speculative transfer's wait for those asked before it does not
+    /// count against its request's deadline (four background packs at a
+    /// slow limit: the last waits minutes for its place).
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_leaves_out_the_wait_for_earlier_speculative_transfers() {
+        let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
+        let mark = || Speculative::new(|| false);
+        let ahead = priority::speculative(mark(), l.upload(4 << 20)).await;
+        let paced = priority::speculative(
+            mark(),
+            past_pacing(Duration::from_millis(500), async {
+                let t = l.upload(64 << 10).await;
+                t.until(64 << 10).await;
+            }),
+        )
+        .await;
+        assert!(paced.is_some(), "a speculative transfer timed out waiting for its place");
+        drop(ahead);
     }
 }
