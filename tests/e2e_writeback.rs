@@ -983,6 +983,57 @@ fn raw_volume(dir: &Path, seed: u64, size: usize, extra: &[&str]) -> (Vec<u8>, S
     (orig, url)
 }
 
+/// Under an upload limit a boot profile's upload (it only speeds up the
+/// next cold start) does not hold the guest's changes back: a generation
+/// cut while an 8 MiB profile goes up at `1M:off` is committed in about
+/// the time its own bytes take, before the profile is saved, and the
+/// profile still goes up after it.
+#[test]
+fn a_generation_goes_up_ahead_of_a_boot_profile_under_an_upload_limit() {
+    let d = tempfile::tempdir().unwrap();
+    let (orig, url) = raw_volume(d.path(), 31, 16 << 20, &[]);
+    let (cache, sock) = (d.path().join("cache"), d.path().join("sock"));
+    let args = ["--volume", &url, "--format", "raw", "--cache-dir", cache.to_str().unwrap(), "--sync-interval", "1"];
+    let limits = ["--boot-profile-window", "1", "--first-boot-whole-below", "0", "--bwlimit", "1M:off"];
+    let daemon = Daemon::start(&sock, &[&args[..], &limits].concat());
+    let status = || {
+        let o =
+            Command::new(bin()).args(["status", "--cache-dir", cache.to_str().unwrap(), "--json"]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let wait_for = |what: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
+        let t0 = std::time::Instant::now();
+        loop {
+            let v = status();
+            if done(&v) {
+                return v;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "{what} after 60 s: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut c = Client::connect(&sock, 1);
+    // The boot: 8 MiB of bytes a profile cannot shrink, 8 s up at 1 MiB/s.
+    for i in 0..8u64 {
+        let got = c.read(i << 20, 1 << 20).unwrap();
+        assert!(got == orig[(i as usize) << 20..((i + 1) as usize) << 20], "MiB {i}");
+    }
+    wait_for("the boot is still recorded", &|v| v["boot_profile"]["recording"] == false);
+    std::thread::sleep(Duration::from_millis(500));
+    // The guest's change, cut at its FLUSH while the profile goes up.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(32);
+    c.write(8 << 20, &random_bytes(&mut rng, 512 << 10)).unwrap();
+    c.flush().unwrap();
+    let t0 = std::time::Instant::now();
+    let v = wait_for("no generation committed", &|v| v["sync"]["generations_committed"].as_u64() >= Some(1));
+    let took = t0.elapsed();
+    eprintln!("the generation committed {took:?} after its FLUSH; boot profile: {}", v["boot_profile"]);
+    assert_eq!(v["boot_profile"]["saved"], 0, "the profile went up before the guest's changes");
+    assert!(took < Duration::from_secs(4), "the guest's changes waited {took:?} behind the boot profile");
+    wait_for("the profile is not saved", &|v| v["boot_profile"]["saved"].as_u64() >= Some(1));
+    assert!(daemon.stop().success());
+}
+
 /// Kills the daemon with SIGKILL and reaps it: no shutdown path runs.
 fn kill_9(daemon: &mut Daemon) {
     let mut child = daemon.child.take().unwrap();

@@ -314,6 +314,11 @@ impl Pacer {
         }
     }
 
+    /// When this process's own clock is free (None: never reserved).
+    fn free_at(&self) -> Option<Instant> {
+        *self.free_at.lock()
+    }
+
     /// Hands back `unused` of the clock (a transfer given up).
     fn hand_back(&self, unused: Duration) {
         let now = Instant::now();

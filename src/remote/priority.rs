@@ -12,22 +12,35 @@ tokio::task_local! {
 }
 
 /// The mark of a speculative request: it stays speculative until `raised`
-/// says a guest now waits for it too.
+/// says a guest now waits for it too. A deferred one also waits for the
+/// other speculative work (a boot profile's upload behind the guest's
+/// changes going up).
 #[derive(Clone)]
 pub struct Speculative {
     raised: Arc<dyn Fn() -> bool + Send + Sync>,
+    deferred: bool,
 }
 
 impl std::fmt::Debug for Speculative {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Speculative").field("raised", &(self.raised)()).finish()
+        f.debug_struct("Speculative").field("raised", &(self.raised)()).field("deferred", &self.deferred).finish()
     }
 }
 
 impl Speculative {
     /// A mark that stays until `raised` answers true.
     pub fn new(raised: impl Fn() -> bool + Send + Sync + 'static) -> Self {
-        Self { raised: Arc::new(raised) }
+        Self { raised: Arc::new(raised), deferred: false }
+    }
+
+    /// The mark of work that also waits for the other speculative work.
+    pub fn deferred(self) -> Self {
+        Self { deferred: true, ..self }
+    }
+
+    /// Whether the work waits for the other speculative work too.
+    pub fn is_deferred(&self) -> bool {
+        self.deferred
     }
 
     /// True while no guest waits for the request.
@@ -39,7 +52,8 @@ impl Speculative {
     /// holds only while it holds for every one of them.
     pub fn all(marks: Vec<Option<Speculative>>) -> Option<Speculative> {
         let marks: Vec<Speculative> = marks.into_iter().collect::<Option<_>>()?;
-        Some(Self::new(move || marks.iter().any(|m| !m.holds())))
+        let deferred = marks.iter().all(Speculative::is_deferred);
+        Some(Self { deferred, ..Self::new(move || marks.iter().any(|m| !m.holds())) })
     }
 }
 
@@ -93,5 +107,9 @@ mod tests {
         assert!(Speculative::all(vec![spec(), None]).is_none());
         let raised = Some(Speculative::new(|| true));
         assert!(!Speculative::all(vec![spec(), raised]).expect("all marked").holds());
+        // Deferred only if deferred for all.
+        let deferred = || Some(Speculative::new(|| false).deferred());
+        assert!(Speculative::all(vec![deferred(), deferred()]).expect("all marked").is_deferred());
+        assert!(!Speculative::all(vec![deferred(), spec()]).expect("all marked").is_deferred());
     }
 }

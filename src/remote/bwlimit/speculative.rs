@@ -7,7 +7,8 @@
 //! piece behind the speculative ones, not behind the megabytes they would
 //! have reserved at once. Among themselves a process's speculative
 //! transfers keep the order they were asked in: each starts once those
-//! before it would have ended at the rate.
+//! before it would have ended at the rate; deferred ones (a boot profile's
+//! upload) take pieces only while no other is due to be going.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,10 +36,14 @@ pub(super) struct Pieces {
     rate: u64,
     len: u64,
     mark: Speculative,
+    /// The process's speculative transfers in order (`Limiter`'s queue).
+    queue: Arc<Pacer>,
+    /// How long it may give way in all.
+    budget: Duration,
     state: Mutex<State>,
     /// Its place among the process's speculative transfers, handed back
-    /// when it ends early.
-    _queued: Turn,
+    /// when it ends early; none for deferred work.
+    _queued: Option<Turn>,
 }
 
 struct State {
@@ -58,24 +63,30 @@ impl Pieces {
     /// before it would have ended at the rate (their place in `queue`; at
     /// once when someone waits for it meanwhile), reserving nothing yet.
     pub(super) async fn turn(pacer: Arc<Pacer>, queue: &Arc<Pacer>, rate: u64, len: u64, mark: Speculative) -> Turn {
-        let queued = queue.reserve(len, rate);
-        // A request's deadline counts from the end of this wait too.
-        note_paced_until(queued.clock.end());
-        while mark.holds() && Instant::now() < queued.clock.start {
-            tokio::time::sleep_until(queued.clock.start.min(Instant::now() + HORIZON)).await;
-        }
-        let now = Instant::now();
         let dur = Duration::from_secs_f64(len as f64 / rate as f64);
+        // Deferred work takes no place: its pieces wait for the queue too.
+        let queued = (!mark.is_deferred()).then(|| queue.reserve(len, rate));
+        if let Some(queued) = &queued {
+            // A request's deadline counts from the end of this wait too.
+            note_paced_until(queued.clock.end());
+            while mark.holds() && Instant::now() < queued.clock.start {
+                tokio::time::sleep_until(queued.clock.start.min(Instant::now() + HORIZON)).await;
+            }
+        }
+        // Deferred work may give way for as long as its bytes take again.
+        let budget = if mark.is_deferred() { MOST_YIELD.max(dur) } else { MOST_YIELD };
+        let now = Instant::now();
         let clock = Clock { start: now, dur: Duration::ZERO, len: 0 };
         let state = State { base: 0, upto: 0, clock, _held: None, yielded: Duration::ZERO };
-        let pieces = Pieces { pacer, rate, len, mark, state: Mutex::new(state), _queued: queued };
+        let queue = queue.clone();
+        let pieces = Pieces { pacer, queue, rate, len, mark, budget, state: Mutex::new(state), _queued: queued };
         Turn { clock: Clock { start: now, dur, len }, _held: None, pieces: Some(Arc::new(pieces)) }
     }
 
     /// The time the body may take: its bytes at the rate, and the time it
     /// may give way.
     pub(super) fn allowance(&self) -> Duration {
-        Duration::from_secs_f64(self.len as f64 / self.rate as f64) + MOST_YIELD
+        Duration::from_secs_f64(self.len as f64 / self.rate as f64) + self.budget
     }
 
     /// Waits until the bytes before `offset` are due, taking the pieces'
@@ -107,10 +118,15 @@ impl Pieces {
         };
         let bytes = PIECE.min(self.len - upto);
         let asked = Instant::now();
-        let give_way_until = asked + MOST_YIELD.saturating_sub(yielded);
+        let give_way_until = asked + self.budget.saturating_sub(yielded);
         let turn = loop {
-            if !self.mark.holds() || Instant::now() >= give_way_until {
+            let now = Instant::now();
+            if !self.mark.holds() || now >= give_way_until {
                 break self.pacer.reserve(bytes, self.rate);
+            }
+            if let Some(busy) = self.mark.is_deferred().then(|| self.queue.free_at()).flatten().filter(|b| *b > now) {
+                tokio::time::sleep_until(busy.min(give_way_until).min(now + MOST_YIELD)).await;
+                continue;
             }
             match self.pacer.reserve_within(bytes, self.rate, Some(HORIZON)) {
                 Ok(t) => break t,
@@ -261,5 +277,31 @@ mod tests {
         .await;
         assert!(paced.is_some(), "a speculative transfer timed out waiting for its place");
         drop(ahead);
+    }
+
+    /// A deferred transfer (a boot profile's upload) waits for the other
+    /// speculative ones too: a background pack asked for while a 4 MiB
+    /// profile goes up lands after its own bytes, not after the profile's,
+    /// and the profile still ends when all the bytes have gone at the rate.
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_upload_waits_for_the_other_speculative_ones() {
+        use bytes::Bytes;
+        use futures::StreamExt;
+        let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
+        let t0 = Instant::now();
+        let upload = |l: BwLimit, n: usize, mark: Speculative| {
+            tokio::spawn(priority::speculative(mark, async move {
+                let turn = l.upload(n as u64).await;
+                let body = futures::stream::once(async move { Ok::<_, ()>(Bytes::from(vec![7u8; n])) });
+                turn.pace(body).for_each(|_| async {}).await;
+                Instant::now() - t0
+            }))
+        };
+        let profile = upload(l.clone(), 4 << 20, Speculative::new(|| false).deferred());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pack = upload(l.clone(), 1 << 20, Speculative::new(|| false)).await.unwrap();
+        assert!(pack < Duration::from_millis(1600), "the pack landed at {pack:?}, behind the profile");
+        let profile = profile.await.unwrap();
+        assert!(profile >= Duration::from_secs(5) && profile < Duration::from_millis(5100), "{profile:?}");
     }
 }

@@ -175,15 +175,18 @@ impl Inner {
     }
 
     /// Uploads a sealed profile; on failure it stays sealed in the cache
-    /// directory and the next start tries again. It goes up as speculative
-    /// work (a guest's reads go first at Drive's pacer) until the store
+    /// directory and the next start tries again. It goes up as deferred
+    /// speculative work (a guest's reads go first at Drive's pacer, and
+    /// under `--bwlimit` the guest's changes go up first) until the store
     /// closes and waits for it.
     pub(super) async fn upload_pending(self: Arc<Self>, p: PendingProfile) {
         let t0 = std::time::Instant::now();
         let bytes = p.index.raw_bytes();
         let me = Arc::downgrade(&self);
+        // Deferred: under `--bwlimit` the guest's changes go up first.
         let closing =
-            priority::Speculative::new(move || me.upgrade().is_none_or(|me| me.profile_closed.load(Ordering::SeqCst)));
+            priority::Speculative::new(move || me.upgrade().is_none_or(|me| me.profile_closed.load(Ordering::SeqCst)))
+                .deferred();
         match priority::speculative(closing, p.upload(&self.vol.remote)).await {
             Ok(key) => {
                 Counters::inc(&self.counters.profile_saved);
