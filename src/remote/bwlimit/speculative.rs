@@ -124,9 +124,12 @@ impl Pieces {
             if !self.mark.holds() || now >= give_way_until {
                 break self.pacer.reserve(bytes, self.rate);
             }
-            if let Some(busy) = self.mark.is_deferred().then(|| self.queue.free_at()).flatten().filter(|b| *b > now) {
-                tokio::time::sleep_until(busy.min(give_way_until).min(now + MOST_YIELD)).await;
-                continue;
+            if self.mark.is_deferred() {
+                if let Some(busy) = self.queue.free_at().filter(|b| *b > now) {
+                    // Other speculative work is due: wait, looking at the mark.
+                    tokio::time::sleep_until(busy.min(give_way_until).min(now + HORIZON)).await;
+                    continue;
+                }
             }
             match self.pacer.reserve_within(bytes, self.rate, Some(HORIZON)) {
                 Ok(t) => break t,
@@ -198,32 +201,38 @@ mod tests {
         drop(ahead);
     }
 
+    /// Uploads `n` bytes through `l` in a task of its own marked `mark`
+    /// (none: someone waits for it); answers when its body had gone out,
+    /// counted from `t0`.
+    fn upload(l: &BwLimit, n: usize, mark: Option<Speculative>, t0: Instant) -> tokio::task::JoinHandle<Duration> {
+        use futures::StreamExt;
+        let l = l.clone();
+        tokio::spawn(priority::with(mark, async move {
+            let turn = l.upload(n as u64).await;
+            let body = futures::stream::once(async move { Ok::<_, ()>(bytes::Bytes::from(vec![7u8; n])) });
+            let sent: usize = turn.pace(body).map(|b| b.unwrap().len()).collect::<Vec<_>>().await.iter().sum();
+            assert_eq!(sent, n);
+            Instant::now() - t0
+        }))
+    }
+
+    fn background() -> Option<Speculative> {
+        Some(Speculative::new(|| false))
+    }
+
     /// Uploads too: a writethrough FLUSH's upload asked for while a
     /// background upload's body goes out waits at most a piece of it, not
     /// the 4 s its 4 MiB would have reserved at once; the background body
     /// still leaves at the rate.
     #[tokio::test(start_paused = true)]
     async fn an_awaited_upload_goes_ahead_of_a_background_one() {
-        use bytes::Bytes;
-        use futures::StreamExt;
         let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
-        let body = |n: usize| futures::stream::once(async move { Ok::<_, ()>(Bytes::from(vec![7u8; n])) });
         let t0 = Instant::now();
-        let bg = l.clone();
-        let spec = tokio::spawn(priority::speculative(Speculative::new(|| false), async move {
-            let turn = bg.upload(4 << 20).await;
-            let sent: usize = turn.pace(body(4 << 20)).map(|b| b.unwrap().len()).collect::<Vec<_>>().await.iter().sum();
-            assert_eq!(sent, 4 << 20);
-            Instant::now()
-        }));
+        let spec = upload(&l, 4 << 20, background(), t0);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let asked = Instant::now();
-        let turn = l.upload(64 << 10).await;
-        let sent: usize = turn.pace(body(64 << 10)).map(|b| b.unwrap().len()).collect::<Vec<_>>().await.iter().sum();
-        assert_eq!(sent, 64 << 10);
-        let waited = asked.elapsed();
+        let waited = upload(&l, 64 << 10, None, t0).await.unwrap() - Duration::from_millis(500);
         assert!(waited <= Duration::from_millis(63 + 20 + 63), "the awaited 64 KiB waited {waited:?}");
-        let spec_end = spec.await.unwrap() - t0;
+        let spec_end = spec.await.unwrap();
         let all = Duration::from_secs_f64((4.0 * 1024.0 + 64.0) / 1024.0);
         assert!(spec_end >= all && spec_end < all + Duration::from_millis(100), "{spec_end:?}");
     }
@@ -234,28 +243,18 @@ mod tests {
     /// back its place.
     #[tokio::test(start_paused = true)]
     async fn speculative_transfers_keep_their_order() {
-        use bytes::Bytes;
-        use futures::StreamExt;
         let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
         let t0 = Instant::now();
-        let pack = |l: BwLimit, n: usize| {
-            tokio::spawn(priority::speculative(Speculative::new(|| false), async move {
-                let turn = l.upload(n as u64).await;
-                let body = futures::stream::once(async move { Ok::<_, ()>(Bytes::from(vec![7u8; n])) });
-                turn.pace(body).for_each(|_| async {}).await;
-                Instant::now() - t0
-            }))
-        };
-        let first = pack(l.clone(), 1 << 20);
+        let first = upload(&l, 1 << 20, background(), t0);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let second = pack(l.clone(), 1 << 20);
+        let second = upload(&l, 1 << 20, background(), t0);
         let (first, second) = (first.await.unwrap(), second.await.unwrap());
         assert!(first < Duration::from_millis(1100), "the first pack landed at {first:?}");
         assert!(second >= Duration::from_millis(2000) && second < Duration::from_millis(2100), "{second:?}");
         // One given up at once leaves the next its place.
         let t1 = Instant::now();
         drop(priority::speculative(Speculative::new(|| false), l.upload(4 << 20)).await);
-        let next = pack(l.clone(), 64 << 10).await.unwrap() - (t1 - t0);
+        let next = upload(&l, 64 << 10, background(), t1).await.unwrap();
         assert!(next < Duration::from_millis(100), "the next waited {next:?} for a transfer given up");
     }
 
@@ -285,21 +284,11 @@ mod tests {
     /// and the profile still ends when all the bytes have gone at the rate.
     #[tokio::test(start_paused = true)]
     async fn a_deferred_upload_waits_for_the_other_speculative_ones() {
-        use bytes::Bytes;
-        use futures::StreamExt;
         let l = BwLimit::new(BwSchedule::fixed(Some(1 << 20), None));
         let t0 = Instant::now();
-        let upload = |l: BwLimit, n: usize, mark: Speculative| {
-            tokio::spawn(priority::speculative(mark, async move {
-                let turn = l.upload(n as u64).await;
-                let body = futures::stream::once(async move { Ok::<_, ()>(Bytes::from(vec![7u8; n])) });
-                turn.pace(body).for_each(|_| async {}).await;
-                Instant::now() - t0
-            }))
-        };
-        let profile = upload(l.clone(), 4 << 20, Speculative::new(|| false).deferred());
+        let profile = upload(&l, 4 << 20, Some(Speculative::new(|| false).deferred()), t0);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let pack = upload(l.clone(), 1 << 20, Speculative::new(|| false)).await.unwrap();
+        let pack = upload(&l, 1 << 20, background(), t0).await.unwrap();
         assert!(pack < Duration::from_millis(1600), "the pack landed at {pack:?}, behind the profile");
         let profile = profile.await.unwrap();
         assert!(profile >= Duration::from_secs(5) && profile < Duration::from_millis(5100), "{profile:?}");
