@@ -8,8 +8,8 @@ use std::collections::HashSet;
 /// The sum over this process's TCP client connections of their bytes
 /// written and not acknowledged; None where `/proc` does not say (another
 /// OS, a sandbox without it). Connections this process accepted (its
-/// metrics endpoint's answers, a peer's delayed ACK away from empty) are
-/// not uploads and are left out.
+/// metrics endpoint's answers, held until the peer's delayed ACK) are not
+/// uploads and are left out.
 pub fn unacked_bytes() -> Option<u64> {
     let sockets = own_sockets()?;
     let tables: Vec<String> =
