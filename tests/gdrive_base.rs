@@ -395,3 +395,38 @@ fn gdrive_an_encrypted_volume_never_adopts_a_base_from_another_store() {
     assert!(e.contains("on another store") && e.contains("import --encrypt"), "{e}");
     assert!(env.emu.ui_find("base-").is_empty(), "a copy of the base reached Drive");
 }
+
+/// A file shared with this account to view: attach cannot pin its
+/// revision, and says so with the way out before writing anything; the
+/// copy the user makes in the web UI attaches and reads. A file whose
+/// owner turned downloading off is refused by name, at attach and, for a
+/// volume attached before, when the volume is opened (not at the guest's
+/// first read of it).
+#[test]
+fn gdrive_base_this_account_may_only_view_is_refused_with_the_way_out() {
+    let env = start(driveemu::Config::default(), Creds::User);
+    let image = gdrive_support::data(61, 2 << 20);
+    let root = env.emu.root_folder_id();
+    let ao = AttachOptions { chunk_size: 1 << 20, remote: remote_opts(&env), image_format: None, encrypt: false };
+    let id = env.emu.ui_upload(&root, "golden.img", &image);
+    env.emu.ui_make_read_only(&id);
+    let e = volume::attach(&format!("gdrive:file={id}"), "gdrive:/viewer/vm", &ao).unwrap_err().to_string();
+    assert!(e.contains("may view the file but not keep its revisions") && e.contains("Make a"), "{e}");
+    assert!(env.emu.ui_find("viewer").is_empty(), "nothing written: {:?}", env.emu.ui_find("viewer"));
+    // The user's own copy ("Make a copy": Drive copies it on its side).
+    let copy = env.emu.ui_upload(&root, "Copy of golden.img", &image);
+    volume::attach(&format!("gdrive:file={copy}"), "gdrive:/viewer/vm", &ao).unwrap();
+    assert!(export(&env, "gdrive:/viewer/vm") == image);
+
+    // The owner turns downloading off for viewers and commenters.
+    env.emu.ui_restrict_download(&id);
+    let e = volume::attach(&format!("gdrive:file={id}"), "gdrive:/viewer/vm2", &ao).unwrap_err().to_string();
+    assert!(e.contains("does not let this account download"), "{e}");
+    // A volume attached while this account could: refused when opened.
+    let team = env.emu.ui_upload(&root, "team.img", &image);
+    volume::attach(&format!("gdrive:file={team}"), "gdrive:/viewer/team", &ao).unwrap();
+    env.emu.ui_make_read_only(&team);
+    env.emu.ui_restrict_download(&team);
+    let e = volume::info_with("gdrive:/viewer/team", &remote_opts(&env)).unwrap_err().to_string();
+    assert!(e.contains("does not let this account download"), "{e}");
+}

@@ -1652,6 +1652,17 @@ async fn download(
             )
             .into());
         }
+        // Drive's answer when the owner turned downloading off for readers
+        // (as clients see it; the documented signal is capabilities.canDownload).
+        if !f.may_download() {
+            return Err(ApiError::new(
+                403,
+                "global",
+                "cannotDownloadFile",
+                "This file cannot be downloaded by the user.",
+            )
+            .into());
+        }
         if sh.faults.download_quota_exceeded() {
             return Err(ApiError::download_quota().into());
         }
@@ -1771,6 +1782,13 @@ fn copy(sh: &Shared, id: &str, meta: &Value, params: &HashMap<String, String>, i
     let (src_name, src_parents, src_mime, data, src_app, src_props, src_desc, folder) = {
         let st = sh.store.lock();
         let f = st.get(id, all)?;
+        // A download restriction restricts copying too ("Whether download
+        // and copy is restricted for readers").
+        if !f.may_download() {
+            return Err(
+                ApiError::new(403, "global", "cannotCopyFile", "This file cannot be copied by the user.").into()
+            );
+        }
         (
             f.name.clone(),
             f.parents.clone(),

@@ -402,6 +402,16 @@ impl Emulator {
         }
     }
 
+    /// The owner turns downloading off for viewers and commenters (the
+    /// file's share settings): for a file shared with the user as a reader
+    /// ([`Self::ui_make_read_only`]) `capabilities.canDownload` turns false,
+    /// and its downloads and copies answer 403.
+    pub fn ui_restrict_download(&self, id: &str) {
+        if let Ok(f) = self.shared.store.lock().get_mut(id, true) {
+            f.download_restricted = true;
+        }
+    }
+
     /// Makes an item read-only for the user (as if shared with them as a reader): every
     /// write to it, or into it if a folder, answers 403 insufficientFilePermissions.
     pub fn ui_make_read_only(&self, id: &str) {

@@ -109,6 +109,9 @@ pub(crate) struct FileRec {
     pub abusive: bool,
     /// Shared with the user as a reader only: every write answers 403.
     pub read_only: bool,
+    /// Its owner turned downloading off for readers
+    /// (`downloadRestrictions.itemDownloadRestriction.restrictedForReaders`).
+    pub download_restricted: bool,
 }
 
 impl FileRec {
@@ -137,7 +140,14 @@ impl FileRec {
             is_root: true,
             abusive: false,
             read_only: false,
+            download_restricted: false,
         }
+    }
+
+    /// Whether the user may download or copy it: not when its owner
+    /// restricted that for readers and the user is one.
+    pub fn may_download(&self) -> bool {
+        !(self.read_only && self.download_restricted)
     }
 
     pub fn size(&self) -> u64 {
@@ -167,8 +177,12 @@ impl FileRec {
             "ownedByMe": self.drive_id.is_none(),
             "quotaBytesUsed": self.size().to_string(),
             "isAppAuthorized": true,
+            "downloadRestrictions": {
+                "itemDownloadRestriction": { "restrictedForReaders": self.download_restricted, "restrictedForWriters": false },
+                "effectiveDownloadRestrictionWithContext": { "restrictedForReaders": self.download_restricted, "restrictedForWriters": false },
+            },
             "capabilities": {
-                "canEdit": !self.read_only, "canDownload": true, "canTrash": !self.read_only, "canDelete": !self.read_only,
+                "canEdit": !self.read_only, "canDownload": self.may_download(), "canTrash": !self.read_only, "canDelete": !self.read_only,
                 "canAddChildren": self.mime_type == FOLDER_MIME && !self.read_only, "canRename": !self.read_only,
             },
         });
@@ -437,6 +451,7 @@ impl Store {
             is_root: false,
             abusive: false,
             read_only: false,
+            download_restricted: false,
         };
         self.files.insert(id.clone(), rec);
         // Made in a folder in the trash: trashed with it, not explicitly.

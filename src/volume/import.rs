@@ -355,21 +355,22 @@ pub fn attach(base_url: &str, volume_url: &str, opts: &AttachOptions) -> VolumeR
         // refuse it: away from the volume without --allow-base, or a link.
         let (base_remote, key) = super::reader::base_backend(&vu, &bu.to_string(), &opts.remote)?;
         let meta = base_remote.head(&key).await.map_err(|e| VolumeError::remote(format!("base image {bu}"), e))?;
-        let remote = connect(vu.folder_with(&opts.remote.config), &opts.remote);
-        let url_s = vu.to_string();
-        prepare_new(&remote, &url_s).await?;
-        let mut header = VolumeHeader::new(meta.size, cs, None);
-        let vkey = new_key(opts.encrypt, &url_s, &mut header, &opts.remote)?;
-        let remote = super::crypto::wrap(remote, vkey.as_ref());
         // Pin the content, not the file: its head revision is kept
         // forever, so base chunks stay readable from it even after the
-        // file is replaced (Drive otherwise purges old revisions).
+        // file is replaced (Drive otherwise purges old revisions). First,
+        // so a file this account may not pin leaves no volume behind.
         if let Some(rev) = &meta.revision {
             base_remote
                 .keep_revision(&key, rev)
                 .await
                 .map_err(|e| VolumeError::remote(format!("pinning revision {rev} of base image {bu}"), e))?;
         }
+        let remote = connect(vu.folder_with(&opts.remote.config), &opts.remote);
+        let url_s = vu.to_string();
+        prepare_new(&remote, &url_s).await?;
+        let mut header = VolumeHeader::new(meta.size, cs, None);
+        let vkey = new_key(opts.encrypt, &url_s, &mut header, &opts.remote)?;
+        let remote = super::crypto::wrap(remote, vkey.as_ref());
         let base = BaseRef {
             url: bu.to_string(),
             size: meta.size,

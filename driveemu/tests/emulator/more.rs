@@ -329,6 +329,31 @@ async fn read_only_items_refuse_writes() {
     );
 }
 
+/// The owner turns downloading off for viewers: a reader sees
+/// `canDownload` false, and its downloads and copies are refused; the owner
+/// (an item not read-only) still downloads it.
+#[tokio::test]
+async fn a_download_restricted_for_readers_is_refused_to_a_reader() {
+    let api = Api::new().await;
+    let f = api.upload(json!({"name": "golden.img"}), b"abc").await;
+    let id = f["id"].as_str().expect("id").to_string();
+    api.emu.ui_restrict_download(&id);
+    let caps = format!("/drive/v3/files/{id}?fields=capabilities/canDownload,downloadRestrictions");
+    assert_eq!(api.get(&caps).await.json()["capabilities"], json!({"canDownload": true}));
+    assert_eq!(api.get(&format!("/drive/v3/files/{id}?alt=media")).await.body, b"abc");
+    api.emu.ui_make_read_only(&id);
+    let v = api.get(&caps).await.json();
+    assert_eq!(v["capabilities"], json!({"canDownload": false}));
+    assert_eq!(v["downloadRestrictions"]["itemDownloadRestriction"]["restrictedForReaders"], json!(true));
+    let r = api.get(&format!("/drive/v3/files/{id}?alt=media")).await;
+    assert_eq!((r.code(), r.reason()), (403, "cannotDownloadFile".to_string()));
+    let rev = api.emu.ui_head_revision(&id).expect("a head revision");
+    let r = api.get(&format!("/drive/v3/files/{id}/revisions/{rev}?alt=media")).await;
+    assert_eq!((r.code(), r.reason()), (403, "cannotDownloadFile".to_string()));
+    let r = api.json(Method::POST, &format!("/drive/v3/files/{id}/copy"), json!({})).await;
+    assert_eq!((r.code(), r.reason()), (403, "cannotCopyFile".to_string()));
+}
+
 #[tokio::test]
 async fn hostile_inputs_get_google_errors_not_crashes() {
     let api = Api::new().await;

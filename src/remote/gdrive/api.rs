@@ -22,11 +22,20 @@ use crate::remote::config::DriveConfig;
 
 /// The file fields every metadata call asks for.
 pub const FILE_FIELDS: &str =
-    "id,name,mimeType,size,md5Checksum,sha256Checksum,headRevisionId,version,createdTime,modifiedTime,appProperties,trashed,explicitlyTrashed,parents,driveId";
+    "id,name,mimeType,size,md5Checksum,sha256Checksum,headRevisionId,version,createdTime,modifiedTime,appProperties,trashed,explicitlyTrashed,parents,driveId,capabilities/canDownload";
 /// Drive's folder MIME type.
 pub const FOLDER_MIME: &str = "application/vnd.google-apps.folder";
 /// The appProperty holding a created object's tag.
 pub const TAG_PROPERTY: &str = "driveblkTag";
+/// [`DOWNLOAD_REFUSED`]'s text, for `concat!`.
+macro_rules! download_refused {
+    () => {
+        "Drive does not let this account download the file: its owner turned downloading off for viewers and \
+         commenters, or your organisation's policy forbids it. A copy is refused the same way: ask the owner to \
+         allow downloads"
+    };
+}
+
 /// IDs fetched per `files.generateIds` call (Drive allows up to 1,000).
 const ID_BATCH: u32 = 100;
 
@@ -59,6 +68,19 @@ pub struct DriveFile {
     pub parents: Vec<String>,
     /// Set for items in a shared drive.
     pub drive_id: Option<String>,
+    /// What this account may do with the file (only `canDownload` is asked).
+    pub capabilities: Option<Capabilities>,
+}
+
+/// The part of a file's `capabilities` driveblk asks for.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Capabilities {
+    /// False when this account may not download the file: its owner turned
+    /// downloading off for viewers and commenters, or a policy of the
+    /// organisation forbids it ("Download and export files" asks clients
+    /// to check it before downloading).
+    pub can_download: Option<bool>,
 }
 
 impl DriveFile {
@@ -69,6 +91,11 @@ impl DriveFile {
 
     pub fn is_folder(&self) -> bool {
         self.mime_type == FOLDER_MIME
+    }
+
+    /// Drive says this account may not download the file (absent: may).
+    pub fn download_refused(&self) -> bool {
+        self.capabilities.as_ref().and_then(|c| c.can_download) == Some(false)
     }
 
     /// The tag stored at create time.
@@ -263,6 +290,10 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
     let code = status.as_u16();
     let (kind, advice): (ErrorKind, &str) = match (code, reason.as_str()) {
         (403, "cannotDownloadAbusiveFile") => (ErrorKind::Abusive, ""),
+        // As Drive answers a download its owner turned off for viewers (not
+        // in the "Resolve errors" guide; `capabilities.canDownload`, which
+        // `head` checks, is the documented way to see it coming).
+        (403, "cannotDownloadFile") => (ErrorKind::Fatal, concat!(" (", download_refused!(), ")")),
         (403 | 429, "userRateLimitExceeded") if upload && is_upload_cap(&item_msg, &detail.message) => (
             ErrorKind::Quota,
             " (the daily upload limit of about 750 GB per user is used up; uploads resume by themselves tomorrow)",
@@ -322,6 +353,9 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], upload: bo
     };
     ApiError { kind, status: Some(code), reason, message: format!("{message}{advice}"), retry_after }
 }
+
+/// Why a file this account may see cannot be read, and the way out.
+pub const DOWNLOAD_REFUSED: &str = download_refused!();
 
 /// The daily upload cap answers 403 userRateLimitExceeded like request
 /// throttling does, but with the message "User rate limit exceeded." (as
@@ -1095,6 +1129,11 @@ mod tests {
         assert_eq!(err(403, &google(403, "insufficientPermissions", "x"), false).kind, ErrorKind::Auth);
         assert!(err(403, &google(403, "appNotAuthorizedToFile", "x"), false).message.contains("--scope drive"));
         assert_eq!(err(403, &google(403, "cannotDownloadAbusiveFile", "x"), false).kind, ErrorKind::Abusive);
+        // Downloading turned off by the owner: final, and said as such.
+        let refused =
+            err(403, &google(403, "cannotDownloadFile", "This file cannot be downloaded by the user."), false);
+        assert_eq!(refused.kind, ErrorKind::Fatal);
+        assert!(refused.message.contains("owner turned downloading off"), "{refused}");
         assert_eq!(err(401, &google(401, "authError", "Invalid Credentials"), false).kind, ErrorKind::Auth);
         assert_eq!(err(404, &google(404, "notFound", "File not found: x."), false).kind, ErrorKind::NotFound);
         assert_eq!(err(409, "", true).kind, ErrorKind::Conflict);

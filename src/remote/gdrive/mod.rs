@@ -578,6 +578,12 @@ fn listing_query(folder: &str, prefix: &str) -> String {
 
 /// How long a read waits for an object it knows exists to show up in a
 /// listing (measured lags are seconds; `driveblk selftest` reports it).
+/// Why `attach` cannot pin a file shared with this account to view, and the way out.
+const NOT_PINNABLE: &str = "this account may view the file but not keep its revisions (only its owner and \
+     editors may), and a volume keeps the revision its base is read from, so that the owner replacing the file \
+     never changes your disk. Make a copy you own and attach that: in the Drive web UI, the file's menu, Make a \
+     copy (Drive copies it on its side; nothing is downloaded). Or ask the owner to make you an editor";
+
 const LISTING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[async_trait]
@@ -672,6 +678,11 @@ impl Remote for GDriveRemote {
 
     async fn head(&self, key: &str) -> RemoteResult<ObjectMeta> {
         let f = self.find("head", key).await?;
+        // Said when the file is opened (a base at attach and at every
+        // start), not at the guest's first read of it.
+        if f.download_refused() {
+            return Err(self.fatal("head", key, api::DOWNLOAD_REFUSED));
+        }
         Ok(self.meta(key, &f))
     }
 
@@ -851,7 +862,14 @@ impl Remote for GDriveRemote {
     /// revision (otherwise it may, 30 days after newer content arrives).
     async fn keep_revision(&self, key: &str, revision: &str) -> RemoteResult<()> {
         let id = self.find_id("keep_revision", key).await?;
-        self.api.keep_revision(&id, revision).await.map_err(|e| self.err("keep_revision", key, e))
+        match self.api.keep_revision(&id, revision).await {
+            // A file shared with this account to view or comment on: only
+            // its owner and editors may keep a revision.
+            Err(e) if e.status == Some(403) && e.reason == "insufficientFilePermissions" => {
+                Err(self.fatal("keep_revision", key, NOT_PINNABLE))
+            }
+            r => r.map_err(|e| self.err("keep_revision", key, e)),
+        }
     }
 
     /// revisions.get: size and md5 of one revision; NotFound once Drive
