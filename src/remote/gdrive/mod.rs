@@ -576,14 +576,14 @@ fn listing_query(folder: &str, prefix: &str) -> String {
     }
 }
 
-/// How long a read waits for an object it knows exists to show up in a
-/// listing (measured lags are seconds; `driveblk selftest` reports it).
 /// Why `attach` cannot pin a file shared with this account to view, and the way out.
 const NOT_PINNABLE: &str = "this account may view the file but not keep its revisions (only its owner and \
      editors may), and a volume keeps the revision its base is read from, so that the owner replacing the file \
      never changes your disk. Make a copy you own and attach that: in the Drive web UI, the file's menu, Make a \
      copy (Drive copies it on its side; nothing is downloaded). Or ask the owner to make you an editor";
 
+/// How long a read waits for an object it knows exists to show up in a
+/// listing (measured lags are seconds; `driveblk selftest` reports it).
 const LISTING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[async_trait]
