@@ -735,15 +735,18 @@ cold_experiment() {
     if [[ $COLD_REMOTE == gdrive ]]; then
         # The emulator is the link: its latency per request, one shared bandwidth, and the
         # per-user request limit; driveblk talks to it exactly as to Drive.
+        # Its file bytes go to unlinked files in emu-data (a 40G image's 21 GB would not fit
+        # in RAM), read through the page cache.
+        rm -rf "$WORK/emu-data"
         "$EMU" --latency-ms "$lat" --bandwidth-mbit "$mbit" --rate-limit "$COLD_DRIVE_LIMIT" \
-            --sa-key-out "$WORK/drive-creds.json" >"$WORK/emu.out" 2>"$WORK/emu.log" &
+            --data-dir "$WORK/emu-data" --sa-key-out "$WORK/drive-creds.json" >"$WORK/emu.out" 2>"$WORK/emu.log" &
         EMU_PID=$!
         local i
         for ((i = 0; i < 100; i++)); do grep -q '^base_url=' "$WORK/emu.out" 2>/dev/null && break; sleep 0.1; done
         local base; base=$(sed -n 's/^base_url=//p' "$WORK/emu.out")
         [[ -n $base ]] || die "cold: the Drive emulator did not start (see $WORK/emu.log)"
         link="--drive-api-url $base --drive-credentials $WORK/drive-creds.json"
-        # The emulator keeps its files in memory: imports of an earlier run (BENCH_WORK) are gone.
+        # A new emulator starts empty: imports of an earlier run (BENCH_WORK) are gone.
         rm -f "$WORK"/cold-import-*.done
         [[ ! -f $img.dropped ]] || die "cold: --cold-drop-image removed $img, which a new Drive emulator needs: use a fresh BENCH_WORK"
         remote_note="the Drive emulator (driveemu) at ${lat} ms per request, ${mbit} Mbit/s shared, per-user limit $COLD_DRIVE_LIMIT requests/s/burst; driveblk's real Drive code path (auth, pacer, retries, read merging)"

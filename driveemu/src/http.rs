@@ -1001,7 +1001,8 @@ fn count_upload(sh: &Shared, len: u64) {
     sh.faults.uploaded_bytes.fetch_add(len, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// files.create with optional bytes; returns the masked resource.
+/// files.create with optional bytes (new bytes pass through `Shared::keep` first; a copy's
+/// share its source's); returns the masked resource.
 fn do_create(
     sh: &Shared,
     params: &HashMap<String, String>,
@@ -1242,7 +1243,7 @@ async fn simple_upload(
     count_upload(sh, media.len() as u64);
     match target {
         None => {
-            let v = do_create(sh, params, &meta, Some(media), media_mime.as_deref(), is_sa)?;
+            let v = do_create(sh, params, &meta, Some(sh.keep(media)?), media_mime.as_deref(), is_sa)?;
             Ok(json_resp(sh, 200, &v))
         }
         Some(id) => {
@@ -1262,6 +1263,7 @@ fn do_update_content(
     is_sa: bool,
 ) -> Result<Value, ApiError> {
     let all = flag(params, "supportsAllDrives") || flag(params, "supportsTeamDrives");
+    let media = sh.keep(media)?;
     let mut st = sh.store.lock();
     let f = st.get(id, all)?;
     if f.content.is_none() {
@@ -1596,7 +1598,7 @@ fn finalize(sh: &Shared, upload_id: &str) -> R {
         )
     };
     let res = match &update_of {
-        None => do_create(sh, &params, &meta, Some(data), ctype.as_deref(), is_sa),
+        None => sh.keep(data).and_then(|d| do_create(sh, &params, &meta, Some(d), ctype.as_deref(), is_sa)),
         Some(id) => do_update_content(sh, id, &params, &meta, data, is_sa),
     };
     let mut ss = sh.sessions.lock();

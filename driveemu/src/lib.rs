@@ -3,7 +3,8 @@
 //! It serves the paths of `https://www.googleapis.com` (`/drive/v3/...`, `/upload/drive/v3/...`)
 //! and a stand-in for `https://oauth2.googleapis.com/token` at `{base}/token`, over plain HTTP
 //! on 127.0.0.1, with faults that can be dialled in while it runs. It is written to Google's
-//! documentation, not to any one client. State is in memory.
+//! documentation, not to any one client. State is in memory; file bytes may live on disk
+//! (`Config::data_dir`).
 
 // Errors are the rare path of a test tool; boxing them would only add noise.
 #![allow(clippy::result_large_err)]
@@ -14,11 +15,13 @@ mod faults;
 mod http;
 mod keys;
 mod query;
+mod spill;
 mod store;
 mod util;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +48,9 @@ pub struct Config {
     pub listing_lag: Duration,
     /// Seeds ids, tokens and fault dice.
     pub seed: u64,
+    /// Keep file bytes of 64 KiB and more in unlinked files here instead of in memory, so
+    /// images larger than RAM fit (the kernel's page cache holds what is read).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -57,6 +63,7 @@ impl Default for Config {
             token_lifetime: Duration::from_secs(3600),
             listing_lag: Duration::ZERO,
             seed: 0x5eed_d21e,
+            data_dir: None,
         }
     }
 }
@@ -72,9 +79,19 @@ pub(crate) struct Shared {
     pub auth: auth::Auth,
     pub rng: Mutex<rand::rngs::StdRng>,
     pub base_url: String,
+    /// Where large file bytes go (`Config::data_dir`); None keeps them in memory.
+    pub spill: Option<spill::Spill>,
 }
 
 impl Shared {
+    /// File bytes as the store should keep them: on disk when a data directory is set.
+    pub fn keep(&self, data: Bytes) -> Result<Bytes, error::ApiError> {
+        match &self.spill {
+            Some(s) => s.keep(data),
+            None => Ok(data),
+        }
+    }
+
     pub fn token_uri(&self) -> String {
         format!("{}/token", self.base_url)
     }
@@ -105,9 +122,10 @@ pub struct Emulator {
     runner: Option<Runner>,
 }
 
-fn make_shared(cfg: Config, addr: SocketAddr) -> Arc<Shared> {
+fn make_shared(cfg: Config, addr: SocketAddr) -> std::io::Result<Arc<Shared>> {
     let seed = cfg.seed;
-    Arc::new(Shared {
+    let spill = cfg.data_dir.as_deref().map(spill::Spill::new).transpose()?;
+    Ok(Arc::new(Shared {
         faults: Faults::new(&cfg),
         stats: Default::default(),
         link: faults::Link::new(),
@@ -116,8 +134,9 @@ fn make_shared(cfg: Config, addr: SocketAddr) -> Arc<Shared> {
         auth: auth::Auth::new(rand::rngs::StdRng::seed_from_u64(seed ^ 0xa17)),
         rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed ^ 0xfa17)),
         base_url: format!("http://{addr}"),
+        spill,
         cfg,
-    })
+    }))
 }
 
 impl Emulator {
@@ -130,7 +149,7 @@ impl Emulator {
     pub async fn start_on(addr: SocketAddr, cfg: Config) -> std::io::Result<Emulator> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = make_shared(cfg, addr);
+        let shared = make_shared(cfg, addr)?;
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(http::serve(listener, shared.clone(), rx));
         Ok(Emulator { shared, addr, stop: Some(tx), runner: Some(Runner::Task) })
@@ -142,7 +161,7 @@ impl Emulator {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
-        let shared = make_shared(cfg, addr);
+        let shared = make_shared(cfg, addr)?;
         let (tx, rx) = tokio::sync::watch::channel(false);
         let sh = shared.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

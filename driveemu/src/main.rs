@@ -61,6 +61,10 @@ struct Args {
     /// every half second (benchmarks read requests per run from it).
     #[arg(long)]
     stats_out: Option<std::path::PathBuf>,
+    /// Keep file bytes (64 KiB and more) in unlinked files in this directory
+    /// instead of in memory, for images larger than RAM.
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl TryFrom<&Args> for Config {
@@ -86,6 +90,7 @@ impl TryFrom<&Args> for Config {
             token_lifetime: Duration::from_secs(a.token_lifetime_s),
             listing_lag: Duration::from_millis(a.listing_lag_ms),
             seed: a.seed,
+            data_dir: a.data_dir.clone(),
         })
     }
 }

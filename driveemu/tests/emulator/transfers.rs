@@ -386,3 +386,52 @@ async fn resume_incomplete_without_a_308_when_asked() {
     assert_eq!((r.code(), r.header("x-http-status-code-override")), (200, None));
     assert_eq!(r.json()["size"], total.to_string());
 }
+
+/// Mappings of the emulator's unlinked blob files under `dir` in this process.
+fn mapped_blobs(dir: &std::path::Path) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+    let d = dir.to_str().expect("utf-8 path");
+    maps.lines().filter(|l| l.contains(d) && l.ends_with("(deleted)")).count()
+}
+
+#[tokio::test]
+async fn with_a_data_dir_file_bytes_live_on_disk_and_go_with_the_file() {
+    let dir = std::env::temp_dir().join(format!("driveemu-data-{}", std::process::id()));
+    let api = Api::with(driveemu::Config { data_dir: Some(dir.clone()), ..Default::default() }).await;
+    let data = pattern(1_000_000, 3);
+    let f = api.upload(json!({"name": "img"}), &data).await;
+    let id = f["id"].as_str().expect("id").to_string();
+    assert_eq!(f["md5Checksum"], md5_hex(&data).as_str());
+    // Kept in a file, not in memory, and with no name left in the directory.
+    assert_eq!(mapped_blobs(&dir), 1);
+    assert_eq!(std::fs::read_dir(&dir).expect("data dir").count(), 0);
+    let url = format!("/drive/v3/files/{id}?alt=media");
+    let r = api.send(Method::GET, &url, &[("Range", "bytes=500000-500999")], vec![]).await;
+    assert_eq!((r.code(), &r.body[..]), (206, &data[500_000..501_000]));
+    // A new revision by resumable update is a second blob; a copy shares its source's.
+    let v2 = pattern(3 * KIB256, 4);
+    let r = start_resumable(
+        &api,
+        &format!("/upload/drive/v3/files/{id}?uploadType=resumable"),
+        Method::PATCH,
+        &json!({}),
+        None,
+    )
+    .await;
+    let loc = r.header("location").expect("Location header");
+    let r = put(&api, &loc, &format!("bytes 0-{}/{}", v2.len() - 1, v2.len()), &v2).await;
+    assert_eq!(r.code(), 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(api.get(&url).await.body, v2);
+    let c = api.json(Method::POST, &format!("/drive/v3/files/{id}/copy"), json!({"name": "copy"})).await;
+    assert_eq!(c.code(), 200);
+    assert_eq!(mapped_blobs(&dir), 2);
+    // Small bodies (a manifest) stay in memory.
+    api.upload(json!({"name": "small"}), b"{}").await;
+    assert_eq!(mapped_blobs(&dir), 2);
+    // Deleting the file drops both its revisions' bytes; the copy keeps the one it shares.
+    assert_eq!(api.send(Method::DELETE, &format!("/drive/v3/files/{id}"), &[], vec![]).await.code(), 204);
+    assert_eq!(mapped_blobs(&dir), 1);
+    let cid = c.json()["id"].as_str().expect("id").to_string();
+    assert_eq!(api.get(&format!("/drive/v3/files/{cid}?alt=media")).await.body, v2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
