@@ -21,6 +21,11 @@
 #   profile   driveblk: another "machine" (a fresh, empty cache dir, another host name) on the
 #             same volume, which now has the profile the cold boot recorded (and that boot's
 #             writes, synced at its stop)
+#   With --remote gdrive the cold and profile rows' volume is on the project's Drive emulator
+#   (driveemu) instead: it is the link (the same latency per request and shared bandwidth, and
+#   Drive's per-user request limit, 200/s with bursts of 200, as scripts/bench.sh --cold-remote
+#   gdrive), and driveblk runs its real Drive code (auth, pacer, retries, read merging); each
+#   repetition gets its own volume, imported through the emulator before the first boot.
 #   http      for comparison: qemu-storage-daemon exporting vhost-user-blk from a local qcow2
 #             overlay whose backing file is the image read through QEMU's http driver (curl,
 #             read-only, its default 256 KiB readahead) from a small HTTP server on loopback
@@ -35,7 +40,7 @@
 # hydrate), the daemon's CPU seconds from its start to the guest's power-off (driveblk rows).
 # Targets (issue 11): cold <= 1.2x local, profile <= 1.02x local.
 #
-# Usage: scripts/bench-guest.sh [--reps N] [--rows REGEX] [--link "MS MBIT"] [--smp N]
+# Usage: scripts/bench-guest.sh [--reps N] [--rows REGEX] [--link "MS MBIT"] [--remote dir|gdrive] [--smp N]
 #                               [--mem MIB] [--serve-args STR] [--chunk-size SIZE]
 #                               [--timeout S] [--rep-wrapper CMD] [--record] [--keep]
 #                               [--rebuild] [--build-only] [--append STR] [--smoke]
@@ -43,6 +48,9 @@
 #   --rows REGEX      only rows whose name matches (grep -E; default all: local, file, cold,
 #                     profile, http; profile needs cold)
 #   --link "MS MBIT"  simulated link (default "100 200": 100 ms per request, 200 Mbit/s)
+#   --remote R        where the cold and profile rows' volume is: dir (default; a dir: volume
+#                     behind driveblk's simulated link) or gdrive (the Drive emulator; needs
+#                     `cargo build --release -p driveemu`)
 #   --smp N, --mem MIB  guest vCPUs (default 1: on a 2-core host the other core is left to the
 #                     backend) and memory (default 1024)
 #   --serve-args STR  more `driveblk serve` arguments for the cold and profile rows (e.g.
@@ -73,12 +81,14 @@ log() { echo "bench-guest.sh: $*" >&2; }
 GCACHE=${DRIVEBLK_GUEST_CACHE:-/var/tmp/driveblk-bench-guest}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 REPS=3 ROWS_RE="" LINK="100 200" SMP=1 MEM=1024 TIMEOUT=300 WRAPPER="" RECORD=0 KEEP=0
-REBUILD=0 BUILD_ONLY=0 ONE_REP="" WORK="" APPEND_EXTRA="" SERVE_ARGS="" CHUNK_SIZE=""
+REBUILD=0 BUILD_ONLY=0 ONE_REP="" WORK="" APPEND_EXTRA="" SERVE_ARGS="" CHUNK_SIZE="" REMOTE=dir
+DRIVE_LIMIT=200/200
 while [[ $# -gt 0 ]]; do
     case $1 in
         --reps) REPS=$2; shift 2 ;;
         --rows) ROWS_RE=$2; shift 2 ;;
         --link) LINK=$2; shift 2 ;;
+        --remote) REMOTE=$2; shift 2 ;;
         --smp) SMP=$2; shift 2 ;;
         --mem) MEM=$2; shift 2 ;;
         --timeout) TIMEOUT=$2; shift 2 ;;
@@ -99,7 +109,11 @@ done
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
 read -r LAT MBIT <<<"$LINK"
 [[ $LAT =~ ^[0-9]+$ && $MBIT =~ ^[1-9][0-9]*$ ]] || die "--link wants \"MS MBIT\", e.g. \"100 200\""
+[[ $REMOTE == dir || $REMOTE == gdrive ]] || die "--remote wants dir or gdrive"
+# How serve, info and import reach the volume: through driveblk's simulated link (dir:), or the
+# emulator, which is the link (gdrive:; the arguments are written by the main run, below).
 LINK_ARGS=(--remote-latency-ms "$LAT" --remote-bandwidth-mbit "$MBIT")
+REMOTE_ARGS=("${LINK_ARGS[@]}")
 read -r -a EXTRA_SERVE <<<"$SERVE_ARGS"
 ALL_ROWS=(local file cold profile http)
 ROWS=()
@@ -113,6 +127,10 @@ done
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 DRIVEBLK=${DRIVEBLK_BIN:-$TARGET/release/driveblk}
+EMU=$TARGET/release/driveemu
+vol_url() { # rep: the volume the rep's cold and profile rows boot
+    if [[ $REMOTE == gdrive ]]; then echo "gdrive:/bench/vol-$1"; else echo "dir:$WORK/remote/vol-$1"; fi
+}
 
 # ---- The guest image (built once, cached) --------------------------------------------------------
 # Bump RECIPE when what goes into the image changes; the stamp also names the package versions
@@ -332,7 +350,11 @@ stop_daemon() { # logfile [seconds]: SIGTERM, must exit 0 (the final sync and th
 }
 # CPU seconds (user + system, all threads) a process used so far.
 cpu_secs() { [[ -r /proc/$1/stat ]] && sed 's/.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($12 + $13) / hz}'; }
-has_profile() { "$DRIVEBLK" info --json "$1" 2>/dev/null | jq -e '.boot_profile != null' >/dev/null; }
+has_profile() { # url (dir: read directly, as before; gdrive: needs the emulator's address)
+    local a=()
+    [[ $REMOTE != gdrive ]] || a=("${REMOTE_ARGS[@]}")
+    "$DRIVEBLK" info --json "$1" "${a[@]}" 2>/dev/null | jq -e '.boot_profile != null' >/dev/null
+}
 
 # The http row's server: ranged GETs of one file, each after one round trip (MS), the bytes
 # paced through one link of MBIT shared by all connections; counts requests and bytes.
@@ -411,7 +433,7 @@ vhost_args() { local a; for a in "${VHOST_ARGS[@]}"; do printf '%s\n' "${a//@SOC
 #              profile-waits stop-secs guest-wait-secs daemon-cpu-secs (or "row rep FAIL")
 run_rep() {
     local rep=$1 row res vol url cache st t0 stop args cpu
-    vol=$WORK/remote/vol-$rep url=dir:$WORK/remote/vol-$rep
+    vol=$WORK/remote/vol-$rep url=$(vol_url "$rep")
     for row in "${ROWS[@]}"; do
         log "rep $rep: $row"
         case $row in
@@ -467,14 +489,14 @@ run_rep() {
                 fi
                 ;;
             cold | profile)
-                if [[ $row == cold ]]; then
+                if [[ $row == cold && $REMOTE == dir ]]; then
                     rm -rf "$vol"
                     cp -al "$WORK/remote/base" "$vol"
                 fi
                 cache=$WORK/cache-$rep-$row
                 rm -rf "$cache"
                 if ! start_daemon "$WORK/r$rep-$row.log" "machine-$row" --volume "$url" --cache-dir "$cache" \
-                    "${LINK_ARGS[@]}" "${EXTRA_SERVE[@]}"; then
+                    "${REMOTE_ARGS[@]}" "${EXTRA_SERVE[@]}"; then
                     printf '%s\t%s\tFAIL\n' "$row" "$rep" >>"$WORK/results.tsv"
                     continue
                 fi
@@ -492,7 +514,7 @@ run_rep() {
                 if [[ $row == cold && $res != FAIL ]] && ! has_profile "$url"; then
                     log "rep $rep: the profile's upload outlasted the stop; a restart on the same cache sends it"
                     start_daemon "$WORK/r$rep-$row.resume.log" "machine-$row" --volume "$url" --cache-dir "$cache" \
-                        "${LINK_ARGS[@]}" || res=FAIL
+                        "${REMOTE_ARGS[@]}" || res=FAIL
                     for _ in $(seq 1 1200); do has_profile "$url" && break; sleep 0.5; done
                     stop_daemon "$WORK/r$rep-$row.resume.log" || res=FAIL
                     has_profile "$url" || { log "rep $rep: the cold boot saved no boot profile"; res=FAIL; }
@@ -514,12 +536,13 @@ run_rep() {
         esac
         log "    $(tail -n1 "$WORK/results.tsv")"
     done
-    [[ " ${ROWS[*]} " != *" cold "* ]] || rm -rf "$vol"
+    [[ " ${ROWS[*]} " != *" cold "* || $REMOTE != dir ]] || rm -rf "$vol"
 }
 
 if [[ -n $ONE_REP ]]; then
     # Internal: one repetition inside the work dir the outer run prepared (--rep-wrapper).
     trap 'for p in $DPID $HPID; do kill -KILL "$p" 2>/dev/null || true; done' EXIT
+    [[ $REMOTE != gdrive ]] || mapfile -t REMOTE_ARGS <"$WORK/remote.args"
     [[ " ${ROWS[*]} " != *" http "* ]] || start_http
     run_rep "$ONE_REP"
     exit 0
@@ -535,10 +558,12 @@ if [[ $BUILD_ONLY == 1 ]]; then
 fi
 [[ " ${ROWS[*]} " != *" cold "* ]] || [[ -x $DRIVEBLK ]] ||
     die "$DRIVEBLK is missing: cargo build --release -p driveblk (or DRIVEBLK_BIN=...)"
+[[ $REMOTE != gdrive || -x $EMU ]] || die "$EMU is missing: cargo build --release -p driveemu"
 
 WORK=$(mktemp -d /var/tmp/driveblk-bench-guest-run.XXXXXX)
+EPID=""
 cleanup() {
-    for p in $DPID $HPID; do kill -KILL "$p" 2>/dev/null || true; done
+    for p in $DPID $HPID $EPID; do kill -KILL "$p" 2>/dev/null || true; done
     if [[ $KEEP == 1 ]]; then log "kept work dir $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -546,7 +571,26 @@ trap 'exit 130' INT TERM
 : >"$WORK/results.tsv"
 START_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 STORED=$(du -k "$IMG" | awk '{printf "%.0f", $1 / 1024}')
-if [[ " ${ROWS[*]} " == *" cold "* ]]; then
+REMOTE_NOTE="a dir: volume behind driveblk's simulated link"
+if [[ " ${ROWS[*]} " == *" cold "* && $REMOTE == gdrive ]]; then
+    # The emulator is the link for every request driveblk makes, the imports' included.
+    "$EMU" --latency-ms "$LAT" --bandwidth-mbit "$MBIT" --rate-limit "$DRIVE_LIMIT" --data-dir "$WORK/emu-data" \
+        --sa-key-out "$WORK/drive-creds.json" >"$WORK/emu.out" 2>"$WORK/emu.log" &
+    EPID=$!
+    for ((i = 0; i < 100; i++)); do grep -q '^base_url=' "$WORK/emu.out" 2>/dev/null && break; sleep 0.1; done
+    base=$(sed -n 's/^base_url=//p' "$WORK/emu.out")
+    [[ -n $base ]] || { cat "$WORK/emu.log" >&2; die "the Drive emulator did not start"; }
+    REMOTE_ARGS=(--drive-api-url "$base" --drive-credentials "$WORK/drive-creds.json")
+    printf '%s\n' "${REMOTE_ARGS[@]}" >"$WORK/remote.args"
+    REMOTE_NOTE="a gdrive: volume on the Drive emulator (driveemu), which is the link, per-user limit $DRIVE_LIMIT requests/s/burst; one volume per rep, imported through it"
+    for ((rep = 1; rep <= REPS; rep++)); do
+        log "importing the guest image into $(vol_url "$rep") (through the emulator's link)"
+        t0=$EPOCHREALTIME
+        "$DRIVEBLK" import --format qcow2 --quiet ${CHUNK_SIZE:+--chunk-size "$CHUNK_SIZE"} "$IMG" "$(vol_url "$rep")" \
+            "${REMOTE_ARGS[@]}" >"$WORK/import.log" 2>&1 || { sed 's/^/    /' "$WORK/import.log" >&2; die "import failed"; }
+        log "    imported in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}') s"
+    done
+elif [[ " ${ROWS[*]} " == *" cold "* ]]; then
     log "importing the guest image into a dir: volume (local, no link)"
     mkdir -p "$WORK/remote"
     t0=$EPOCHREALTIME
@@ -569,7 +613,7 @@ REP_LOADS=()
 for ((rep = 1; rep <= REPS; rep++)); do
     if [[ -n $WRAPPER ]]; then
         # shellcheck disable=SC2086 # the wrapper is a word list
-        $WRAPPER "$SELF" --one-rep "$rep" "$WORK" --rows "$ROWS_RE" --link "$LINK" --smp "$SMP" --mem "$MEM" \
+        $WRAPPER "$SELF" --one-rep "$rep" "$WORK" --rows "$ROWS_RE" --link "$LINK" --remote "$REMOTE" --smp "$SMP" --mem "$MEM" \
             --timeout "$TIMEOUT" --append "$APPEND_EXTRA" --serve-args "$SERVE_ARGS" || log "rep $rep: the wrapper failed"
     else
         run_rep "$rep"
@@ -614,7 +658,7 @@ TAB=$WORK/table.md
         fi
     done
 } >"$TAB"
-HEAD="Guest: Debian 12 ($PKGS), ${DISK_SIZE} ext4 qcow2, ${STORED} MiB stored; cloud kernel $(sed -n 's/.*kernel=linux-image-\([^ ]*\) .*/\1/p' "$STAMP" | head -n1); QEMU $(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9.]*\).*/\1/p' | head -n1) -accel tcg -smp $SMP -m $MEM. Volume: chunk size ${CHUNK_SIZE:-1M}${SERVE_ARGS:+, serve $SERVE_ARGS}. Link: $LAT ms per request, $MBIT Mbit/s. Time: QEMU start to the marker (a unit after multi-user.target); guest uptime at the marker alongside. Medians of $REPS reps, rows interleaved per rep; MB by source: means. Load average (1/5/15) at start: $START_LOAD; after each rep: ${REP_LOADS[*]}; at end: $END_LOAD."
+HEAD="Guest: Debian 12 ($PKGS), ${DISK_SIZE} ext4 qcow2, ${STORED} MiB stored; cloud kernel $(sed -n 's/.*kernel=linux-image-\([^ ]*\) .*/\1/p' "$STAMP" | head -n1); QEMU $(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9.]*\).*/\1/p' | head -n1) -accel tcg -smp $SMP -m $MEM. Volume: $REMOTE_NOTE, chunk size ${CHUNK_SIZE:-1M}${SERVE_ARGS:+, serve $SERVE_ARGS}. Link: $LAT ms per request, $MBIT Mbit/s. Time: QEMU start to the marker (a unit after multi-user.target); guest uptime at the marker alongside. Medians of $REPS reps, rows interleaved per rep; MB by source: means. Load average (1/5/15) at start: $START_LOAD; after each rep: ${REP_LOADS[*]}; at end: $END_LOAD."
 echo
 echo "$HEAD"
 echo
