@@ -21,11 +21,6 @@
 #   profile   driveblk: another "machine" (a fresh, empty cache dir, another host name) on the
 #             same volume, which now has the profile the cold boot recorded (and that boot's
 #             writes, synced at its stop)
-#   With --remote gdrive the cold and profile rows' volume is on the project's Drive emulator
-#   (driveemu) instead: it is the link (the same latency per request and shared bandwidth, and
-#   Drive's per-user request limit, 200/s with bursts of 200, as scripts/bench.sh --cold-remote
-#   gdrive), and driveblk runs its real Drive code (auth, pacer, retries, read merging); each
-#   repetition gets its own volume, imported through the emulator before the first boot.
 #   http      for comparison: qemu-storage-daemon exporting vhost-user-blk from a local qcow2
 #             overlay whose backing file is the image read through QEMU's http driver (curl,
 #             read-only, its default 256 KiB readahead) from a small HTTP server on loopback
@@ -33,6 +28,11 @@
 #             qemu-block-extra from bookworm-backports (installed if missing)
 # Each repetition works on its own hard-link copy of the freshly imported volume (so every cold
 # row has no profile) and its own copy of the local image (QEMU writes to it).
+# With --remote gdrive the cold and profile rows' volume is on the project's Drive emulator
+# (driveemu) instead: it is the link (the same latency per request and shared bandwidth, and
+# Drive's per-user request limit, 200/s with bursts of 200, as scripts/bench.sh --cold-remote
+# gdrive), and driveblk runs its real Drive code (auth, pacer, retries, read merging); each
+# repetition gets its own volume, imported through the emulator before the first boot.
 # Columns: time, ratio to local, the wall time during which a guest read waited on the remote
 # (status.json remote.guest_wait_ms), guest misses, misses served by waiting on the profile
 # stream, MB that crossed the link, remote requests (the daemon's

@@ -1001,8 +1001,8 @@ fn count_upload(sh: &Shared, len: u64) {
     sh.faults.uploaded_bytes.fetch_add(len, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// files.create with optional bytes (new bytes pass through `Shared::keep` first; a copy's
-/// share its source's); returns the masked resource.
+/// files.create with optional bytes; returns the masked resource. Callers pass bytes that
+/// arrived with the request through `Shared::keep` first; a copy's bytes are its source's.
 fn do_create(
     sh: &Shared,
     params: &HashMap<String, String>,
