@@ -19,6 +19,8 @@
 # Runs about 5 minutes on the default link. Build first; it builds nothing while measuring.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/loopback.sh
+. "$ROOT/scripts/loopback.sh"
 die() { echo "bench-drive.sh: error: $*" >&2; exit 1; }
 log() { echo "bench-drive.sh: $*" >&2; }
 LINK="100 200" LIMIT=200/200 PACER="" RECORD=0 KEEP=0
@@ -50,13 +52,10 @@ cleanup() {
 trap cleanup EXIT
 
 STATS=$WORK/emu-stats.json
-"$EMU" --latency-ms "$LAT" --bandwidth-mbit "$MBIT" --rate-limit "$LIMIT" \
-    --sa-key-out "$WORK/creds.json" --stats-out "$STATS" >"$WORK/emu.out" 2>"$WORK/emu.log" &
-EMU_PID=$!
-for ((i = 0; i < 100; i++)); do [[ -s $STATS ]] && grep -q '^base_url=' "$WORK/emu.out" && break; sleep 0.1; done
-BASE=$(sed -n 's/^base_url=//p' "$WORK/emu.out")
-[[ -n $BASE ]] || die "the Drive emulator did not start (see $WORK/emu.log)"
-DRIVE=(--drive-api-url "$BASE" --drive-credentials "$WORK/creds.json")
+start_driveemu "$EMU" "$WORK" --latency-ms "$LAT" --bandwidth-mbit "$MBIT" --rate-limit "$LIMIT" \
+    --sa-key-out "$WORK/creds.json" --stats-out "$STATS" \
+    || die "the Drive emulator did not start"
+DRIVE=(--drive-api-url "$EMU_BASE" --drive-credentials "$WORK/creds.json")
 [[ -z $PACER ]] || DRIVE+=(--drive-pacer "$PACER")
 LINK_BPS=$((MBIT * 125000))
 

@@ -23,6 +23,10 @@
 # Runs about 4 minutes with the defaults. Build first (release); it builds nothing while measuring.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/loopback.sh
+. "$ROOT/scripts/loopback.sh"
+# shellcheck source=scripts/record.sh
+. "$ROOT/scripts/record.sh"
 die() { echo "bench-fleet.sh: error: $*" >&2; exit 1; }
 log() { echo "bench-fleet.sh: $*" >&2; }
 LINK="100 200" N=8 SIZE=1G TRACE_BYTES=200m RECORD=0 KEEP=0
@@ -57,13 +61,9 @@ cleanup() {
 trap cleanup EXIT
 
 STATS=$WORK/emu-stats.json
-"$EMU" --latency-ms "$LAT" --bandwidth-mbit "$MBIT" --sa-key-out "$WORK/creds.json" --stats-out "$STATS" \
-    >"$WORK/emu.out" 2>"$WORK/emu.log" &
-EMU_PID=$!
-for ((i = 0; i < 100; i++)); do [[ -s $STATS ]] && grep -q '^base_url=' "$WORK/emu.out" && break; sleep 0.1; done
-BASE=$(sed -n 's/^base_url=//p' "$WORK/emu.out")
-[[ -n $BASE ]] || die "the Drive emulator did not start (see $WORK/emu.log)"
-DRIVE=(--drive-api-url "$BASE" --drive-credentials "$WORK/creds.json")
+start_driveemu "$EMU" "$WORK" --latency-ms "$LAT" --bandwidth-mbit "$MBIT" --sa-key-out "$WORK/creds.json" --stats-out "$STATS" \
+    || die "the Drive emulator did not start"
+DRIVE=(--drive-api-url "$EMU_BASE" --drive-credentials "$WORK/creds.json")
 LINK_BPS=$((MBIT * 125000))
 # Counters of the emulator now (rewritten every 0.5 s: wait for a fresh copy).
 snap() { sleep 0.6; jq -c '{media: (.requests["files.get media"] // 0), out: .bytes_out}' "$STATS"; }
@@ -161,9 +161,6 @@ if [[ $RECORD == 1 ]]; then
         cat "$TAB"
         echo
     } >"$SEC"
-    # The newest sitting goes first under "## Sittings and analyses" (or before "## How to run").
-    awk -v f="$SEC" '/^## Sittings and analyses/ { s = 1 } ((s && /^### /) || /^## How to run/) && !done { while ((getline l < f) > 0) print l; done = 1 } { print }' \
-        "$ROOT/docs/benchmarks.md" >"$WORK/benchmarks.md"
-    cp "$WORK/benchmarks.md" "$ROOT/docs/benchmarks.md"
+    record_sitting "$SEC" "$ROOT/docs/benchmarks.md" || die "could not record in docs/benchmarks.md"
     log "recorded in docs/benchmarks.md"
 fi

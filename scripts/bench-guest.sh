@@ -73,6 +73,10 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/loopback.sh
+. "$ROOT/scripts/loopback.sh"
+# shellcheck source=scripts/record.sh
+. "$ROOT/scripts/record.sh"
 SELF=$ROOT/scripts/bench-guest.sh
 CMDLINE="scripts/bench-guest.sh$(printf ' %q' "$@")"
 die() { echo "bench-guest.sh: error: $*" >&2; exit 1; }
@@ -574,13 +578,10 @@ STORED=$(du -k "$IMG" | awk '{printf "%.0f", $1 / 1024}')
 REMOTE_NOTE="a dir: volume behind driveblk's simulated link"
 if [[ " ${ROWS[*]} " == *" cold "* && $REMOTE == gdrive ]]; then
     # The emulator is the link for every request driveblk makes, the imports' included.
-    "$EMU" --latency-ms "$LAT" --bandwidth-mbit "$MBIT" --rate-limit "$DRIVE_LIMIT" --data-dir "$WORK/emu-data" \
-        --sa-key-out "$WORK/drive-creds.json" >"$WORK/emu.out" 2>"$WORK/emu.log" &
-    EPID=$!
-    for ((i = 0; i < 100; i++)); do grep -q '^base_url=' "$WORK/emu.out" 2>/dev/null && break; sleep 0.1; done
-    base=$(sed -n 's/^base_url=//p' "$WORK/emu.out")
-    [[ -n $base ]] || { cat "$WORK/emu.log" >&2; die "the Drive emulator did not start"; }
-    REMOTE_ARGS=(--drive-api-url "$base" --drive-credentials "$WORK/drive-creds.json")
+    start_driveemu "$EMU" "$WORK" --latency-ms "$LAT" --bandwidth-mbit "$MBIT" --rate-limit "$DRIVE_LIMIT" \
+        --data-dir "$WORK/emu-data" --sa-key-out "$WORK/drive-creds.json" || die "the Drive emulator did not start"
+    EPID=$EMU_PID
+    REMOTE_ARGS=(--drive-api-url "$EMU_BASE" --drive-credentials "$WORK/drive-creds.json")
     printf '%s\n' "${REMOTE_ARGS[@]}" >"$WORK/remote.args"
     REMOTE_NOTE="a gdrive: volume on the Drive emulator (driveemu), which is the link, per-user limit $DRIVE_LIMIT requests/s/burst; one volume per rep, imported through it"
     for ((rep = 1; rep <= REPS; rep++)); do
@@ -678,10 +679,7 @@ if [[ $RECORD == 1 ]]; then
         cat "$TAB"
         echo
     } >"$SEC"
-    # The newest sitting goes first under "## Sittings and analyses" (or before "## How to run").
-    awk -v f="$SEC" '/^## Sittings and analyses/ { s = 1 } ((s && /^### /) || /^## How to run/) && !done { while ((getline l < f) > 0) print l; done = 1 } { print }' \
-        "$ROOT/docs/benchmarks.md" >"$WORK/benchmarks.md"
-    cp "$WORK/benchmarks.md" "$ROOT/docs/benchmarks.md"
+    record_sitting "$SEC" "$ROOT/docs/benchmarks.md" || die "could not record in docs/benchmarks.md"
     log "recorded in docs/benchmarks.md"
 fi
 awk -F'\t' '$3 == "FAIL" {f = 1} END {exit f}' "$WORK/results.tsv" || die "some boots failed (see the messages above)"

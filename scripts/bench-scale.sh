@@ -26,6 +26,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/loopback.sh
+. "$ROOT/scripts/loopback.sh"
 SIZES="40G 400G" ROWS_RE="" RESULTS="" WORK=/var/tmp/driveblk-scale LINK="100 200" TABLE_ONLY=0 RECORD=0
 die() { echo "bench-scale.sh: error: $*" >&2; exit 1; }
 log() { echo "bench-scale.sh: $*" >&2; }
@@ -206,14 +208,10 @@ row_first_read() { # size, dir: remote behind the shaping wrapper
 }
 
 row_drive() { # size, through the Drive emulator shaping the link (latency, one shared bandwidth)
-    local s=$1 base i
-    "$EMU" --latency-ms "$LAT" --bandwidth-mbit "$MBIT" --sa-key-out "$WORK/emu-creds.json" \
-        >"$WORK/emu.out" 2>"$WORK/emu.log" &
-    local emu=$!
-    for ((i = 0; i < 100; i++)); do grep -q '^base_url=' "$WORK/emu.out" 2>/dev/null && break; sleep 0.1; done
-    base=$(sed -n 's/^base_url=//p' "$WORK/emu.out")
-    [[ -n $base ]] || { kill "$emu"; die "driveemu did not start"; }
-    local drive=(--drive-api-url "$base" --drive-credentials "$WORK/emu-creds.json")
+    local s=$1 EMU_PID EMU_BASE
+    start_driveemu "$EMU" "$WORK" --latency-ms "$LAT" --bandwidth-mbit "$MBIT" --sa-key-out "$WORK/emu-creds.json" \
+        || die "driveemu did not start"
+    local emu=$EMU_PID drive=(--drive-api-url "$EMU_BASE" --drive-credentials "$WORK/emu-creds.json")
     # The emulator keeps files in memory, and shapes every transfer: this upload is not timed.
     log "$s: importing into the Drive emulator over the link (not timed)"
     "$DRIVEBLK" import "$WORK/img-$s.qcow2" "gdrive:/bench/vol-$s" --format qcow2 --quiet "${drive[@]}" \

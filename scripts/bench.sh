@@ -84,6 +84,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/loopback.sh
+. "$ROOT/scripts/loopback.sh"
 CMDLINE="scripts/bench.sh$(printf ' %q' "$@")"
 A=${BENCH_A:-driveblk}
 B=${BENCH_B:-qsd}
@@ -738,14 +740,9 @@ cold_experiment() {
         # Its file bytes go to unlinked files in emu-data (a 40G image's 21 GB would not fit
         # in RAM), read through the page cache.
         rm -rf "$WORK/emu-data"
-        "$EMU" --latency-ms "$lat" --bandwidth-mbit "$mbit" --rate-limit "$COLD_DRIVE_LIMIT" \
-            --data-dir "$WORK/emu-data" --sa-key-out "$WORK/drive-creds.json" >"$WORK/emu.out" 2>"$WORK/emu.log" &
-        EMU_PID=$!
-        local i
-        for ((i = 0; i < 100; i++)); do grep -q '^base_url=' "$WORK/emu.out" 2>/dev/null && break; sleep 0.1; done
-        local base; base=$(sed -n 's/^base_url=//p' "$WORK/emu.out")
-        [[ -n $base ]] || die "cold: the Drive emulator did not start (see $WORK/emu.log)"
-        link="--drive-api-url $base --drive-credentials $WORK/drive-creds.json"
+        start_driveemu "$EMU" "$WORK" --latency-ms "$lat" --bandwidth-mbit "$mbit" --rate-limit "$COLD_DRIVE_LIMIT" \
+            --data-dir "$WORK/emu-data" --sa-key-out "$WORK/drive-creds.json" || die "cold: the Drive emulator did not start"
+        link="--drive-api-url $EMU_BASE --drive-credentials $WORK/drive-creds.json"
         # A new emulator starts empty: imports of an earlier run (BENCH_WORK) are gone.
         rm -f "$WORK"/cold-import-*.done
         [[ ! -f $img.dropped ]] || die "cold: --cold-drop-image removed $img, which a new Drive emulator needs: use a fresh BENCH_WORK"

@@ -58,7 +58,8 @@ struct Args {
     #[arg(long)]
     shared_drive: Option<String>,
     /// Keep the request and byte counters in this JSON file, rewritten
-    /// every half second (benchmarks read requests per run from it).
+    /// every half second, first before `base_url=` is printed (benchmarks
+    /// read requests per run from it).
     #[arg(long)]
     stats_out: Option<std::path::PathBuf>,
     /// Keep file bytes (64 KiB and more) in unlinked files in this directory
@@ -133,6 +134,11 @@ async fn main() {
             std::process::exit(1);
         }
     }
+    // The first counters are on disk before the URL is printed: a script that waits for the URL
+    // can read them at once.
+    if let Some(p) = &args.stats_out {
+        write_stats(&emu, p);
+    }
     println!("base_url={}", emu.base_url());
     println!("token_uri={}", emu.token_uri());
     println!("root_folder_id={}", emu.root_folder_id());
@@ -143,17 +149,19 @@ async fn main() {
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     match &args.stats_out {
-        Some(p) => {
-            let tmp = p.with_extension("tmp");
-            loop {
-                let json = serde_json::to_vec_pretty(&emu.stats()).unwrap_or_default();
-                // Renamed into place so a reader never sees half a file.
-                if std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, p)).is_err() {
-                    eprintln!("driveemu: cannot write {}", p.display());
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
+        Some(p) => loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            write_stats(&emu, p);
+        },
         None => std::future::pending::<()>().await,
+    }
+}
+
+/// Writes the emulator's counters to `p`, renamed into place so a reader never sees half a file.
+fn write_stats(emu: &Emulator, p: &std::path::Path) {
+    let tmp = p.with_extension("tmp");
+    let json = serde_json::to_vec_pretty(&emu.stats()).unwrap_or_default();
+    if std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, p)).is_err() {
+        eprintln!("driveemu: cannot write {}", p.display());
     }
 }
