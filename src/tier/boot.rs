@@ -52,6 +52,10 @@ pub const RECORD_CAP: u64 = 2 << 30;
 pub const WRITE_SHARE: f64 = 0.1;
 
 struct Recording {
+    /// The image's length as far as recorded: its length at open, grown by
+    /// writes past it (a qcow2 file grows as the guest allocates clusters,
+    /// and the next boot reads what this one appended).
+    len: u64,
     /// One bit per page of the image: touched already.
     touched: Vec<u64>,
     /// First-touch order; true where a write touched the pages first.
@@ -85,7 +89,6 @@ impl Clock {
 /// Records the first touch of every page the guest reads, for a window of
 /// guest time (not counting remote stalls) after the first read.
 pub struct Recorder {
-    image_len: u64,
     window: Duration,
     state: Mutex<Option<Recording>>,
     /// The first read; set once, read without a lock on the read path.
@@ -109,6 +112,7 @@ impl Recorder {
     pub fn new(image_len: u64, window: Duration) -> Self {
         let pages = image_len.div_ceil(PAGE_SIZE);
         let rec = Recording {
+            len: image_len,
             touched: vec![0; pages.div_ceil(64) as usize],
             extents: Vec::new(),
             bytes: 0,
@@ -116,7 +120,6 @@ impl Recorder {
             reads: 0,
         };
         Self {
-            image_len,
             window,
             state: Mutex::new(Some(rec)),
             started: std::sync::OnceLock::new(),
@@ -163,17 +166,17 @@ impl Recorder {
 
     /// Notes a guest read of `[offset, offset + len)`.
     pub fn observe(&self, offset: u64, len: u64) {
-        if !self.active() || len == 0 || offset >= self.image_len {
+        if !self.active() || len == 0 {
             return;
         }
-        self.started.get_or_init(Instant::now);
         self.touch(offset, len, false);
     }
 
     /// Notes a guest write of `[offset, offset + len)` (once the window
-    /// began: a boot starts with reads).
+    /// began: a boot starts with reads), past the image's end too: the
+    /// store grew to hold it.
     pub fn observe_write(&self, offset: u64, len: u64) {
-        if !self.active() || len == 0 || offset >= self.image_len || self.started.get().is_none() {
+        if !self.active() || len == 0 || self.started.get().is_none() {
             return;
         }
         self.touch(offset, len, true);
@@ -182,10 +185,19 @@ impl Recorder {
     fn touch(&self, offset: u64, len: u64, write: bool) {
         let mut guard = self.state.lock();
         let Some(r) = guard.as_mut() else { return };
+        let end = offset.saturating_add(len);
+        if write && end > r.len {
+            r.len = end;
+            r.touched.resize(end.div_ceil(PAGE_SIZE).div_ceil(64) as usize, 0);
+        }
+        if offset >= r.len {
+            return;
+        }
         if !write {
+            self.started.get_or_init(Instant::now);
             r.reads += 1;
         }
-        let end = (offset + len).min(self.image_len);
+        let end = end.min(r.len);
         for page in offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE) {
             let (w, b) = ((page / 64) as usize, page % 64);
             if r.touched[w] & (1 << b) != 0 {
@@ -193,7 +205,7 @@ impl Recorder {
             }
             r.touched[w] |= 1 << b;
             let start = page * PAGE_SIZE;
-            let plen = PAGE_SIZE.min(self.image_len - start);
+            let plen = PAGE_SIZE.min(r.len - start);
             if write {
                 r.written += plen;
             } else {
@@ -509,6 +521,30 @@ mod tests {
         );
         assert_eq!(rec.bytes, 45 * 4096);
         assert_eq!(rec.reads, 3);
+    }
+
+    /// A qcow2 file grows as the guest allocates clusters: pages written
+    /// past its length at open are recorded like any written page (the next
+    /// boot reads the journal and logs this one appended there), and reads
+    /// of them too, while a read past the grown end still counts nothing.
+    #[test]
+    fn writes_past_the_open_length_are_recorded() {
+        let r = Recorder::new(1 << 20, Duration::from_secs(60));
+        r.observe(0, 40 * 4096);
+        r.observe_write(1 << 20, 2 * 4096); // appended at the old end
+        r.observe(1 << 20, 3 * 4096); // two written already, the third past the grown end
+        r.observe(4 << 20, 4096); // past the grown end: nothing
+        r.observe_write(3 << 20, 4096); // farther out, the table grows again
+        let rec = r.finish();
+        assert_eq!(
+            rec.extents,
+            vec![
+                Extent { offset: 0, len: 40 * 4096 },
+                Extent { offset: 1 << 20, len: 2 * 4096 },
+                Extent { offset: 3 << 20, len: 4096 },
+            ]
+        );
+        assert_eq!(rec.reads, 2, "reads past the end do not count");
     }
 
     #[test]
