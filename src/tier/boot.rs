@@ -525,8 +525,8 @@ mod tests {
 
     /// A qcow2 file grows as the guest allocates clusters: pages written
     /// past its length at open are recorded like any written page (the next
-    /// boot reads the journal and logs this one appended there), and reads
-    /// of them too, while a read past the grown end still counts nothing.
+    /// boot reads what this one appended there), while a read past the
+    /// grown end still counts nothing.
     #[test]
     fn writes_past_the_open_length_are_recorded() {
         let r = Recorder::new(1 << 20, Duration::from_secs(60));
